@@ -1,0 +1,806 @@
+//! The event envelope: the wire format every Floodway service shares.
+//!
+//! An event is a JSON object with four required envelope fields (`id`, `type`, `timestamp` in
+//! milliseconds, `partitionKey`), optional `tags`, and any payload fields, which are carried
+//! through unchanged. This is the format of the Node library `aws-lambda-stream`, so Rust and
+//! Node services can share a hub.
+//!
+//! Decoding reads only the envelope: routing needs nothing else. The payload stays as the
+//! original text until a step asks for it, as a typed value with [`Event::payload`] or as JSON
+//! fields with [`Event::fields`]. An event that no step changed encodes back to the exact bytes
+//! it was decoded from.
+
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::error::{DecodeEventError, Error};
+
+/// The default largest event [`Event::decode`] accepts: 1 MiB.
+pub const DEFAULT_MAX_EVENT_SIZE: usize = 1024 * 1024;
+
+/// The event type reserved for fault events.
+pub const FAULT_EVENT_TYPE: &str = "fault";
+
+const ENVELOPE_FIELDS: [&str; 5] = ["id", "type", "timestamp", "partitionKey", "tags"];
+
+/// An immutable fact, in the envelope of `DESIGN.md` section 2.
+///
+/// ```
+/// use floodway::Event;
+///
+/// let bytes = br#"{"id":"e1","type":"order-submitted","timestamp":1700000000000,
+///                  "partitionKey":"o-1","order":{"id":"o-1","total":42}}"#;
+/// let event = Event::decode(bytes).unwrap();
+/// assert_eq!(event.event_type(), "order-submitted");
+/// assert_eq!(event.partition_key(), "o-1");
+///
+/// #[derive(serde::Deserialize)]
+/// struct Submitted { order: Order }
+/// #[derive(serde::Deserialize)]
+/// struct Order { total: u32 }
+/// assert_eq!(event.payload::<Submitted>().unwrap().order.total, 42);
+///
+/// // Untouched events re-encode to their original bytes.
+/// assert_eq!(event.to_json().as_bytes(), bytes);
+/// ```
+#[derive(Clone)]
+pub struct Event {
+    id: String,
+    ty: String,
+    timestamp: i64,
+    partition_key: String,
+    repr: Repr,
+}
+
+#[derive(Clone)]
+enum Repr {
+    /// Decoded from `text`; tags and payload are parsed from it on first use.
+    Raw {
+        text: Arc<str>,
+        has_tags: bool,
+        tags: OnceLock<Map<String, Value>>,
+        fields: OnceLock<Map<String, Value>>,
+    },
+    /// Built or changed in code.
+    Owned {
+        tags: Option<Map<String, Value>>,
+        fields: Map<String, Value>,
+    },
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Event")
+            .field("id", &self.id)
+            .field("type", &self.ty)
+            .field("timestamp", &self.timestamp)
+            .field("partitionKey", &self.partition_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for Event {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.ty == other.ty
+            && self.timestamp == other.timestamp
+            && self.partition_key == other.partition_key
+            && self.tags() == other.tags()
+            && self.fields() == other.fields()
+    }
+}
+
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(rename = "type", borrow, default)]
+    ty: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    timestamp: Option<&'a RawValue>,
+    #[serde(rename = "partitionKey", borrow, default)]
+    partition_key: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tags: Option<&'a RawValue>,
+}
+
+fn found(raw: &str) -> String {
+    let mut s: String = raw.chars().take(40).collect();
+    if s.len() < raw.len() {
+        s.push('…');
+    }
+    s
+}
+
+fn string_field(
+    raw: Option<&RawValue>,
+    field: &'static str,
+    non_empty: bool,
+) -> Result<String, DecodeEventError> {
+    let raw = raw
+        .map(RawValue::get)
+        .filter(|r| *r != "null")
+        .ok_or(DecodeEventError::MissingField { field })?;
+    let value = if raw.len() >= 2 && raw.starts_with('"') && !raw.contains('\\') {
+        raw[1..raw.len() - 1].to_owned()
+    } else {
+        serde_json::from_str::<String>(raw).map_err(|_| DecodeEventError::InvalidField {
+            field,
+            expected: "a string",
+            found: found(raw),
+        })?
+    };
+    if non_empty && value.is_empty() {
+        return Err(DecodeEventError::InvalidField {
+            field,
+            expected: "a non-empty string",
+            found: "\"\"".into(),
+        });
+    }
+    Ok(value)
+}
+
+fn timestamp_field(raw: Option<&RawValue>) -> Result<i64, DecodeEventError> {
+    let raw = raw
+        .map(RawValue::get)
+        .filter(|r| *r != "null")
+        .ok_or(DecodeEventError::MissingField { field: "timestamp" })?;
+    if let Ok(ms) = raw.parse::<i64>() {
+        return Ok(ms);
+    }
+    // JavaScript writes large integers as floats (`1.7e12`); accept those that are whole.
+    match raw.parse::<f64>() {
+        Ok(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
+        _ => Err(DecodeEventError::InvalidField {
+            field: "timestamp",
+            expected: "an integer number of milliseconds since the Unix epoch",
+            found: found(raw),
+        }),
+    }
+}
+
+fn json_error(err: &serde_json::Error) -> DecodeEventError {
+    let message = err.to_string();
+    let message = match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message,
+    };
+    DecodeEventError::NotJson {
+        line: err.line(),
+        column: err.column(),
+        message,
+    }
+}
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// A stable id from parts: the first 128 bits of SHA-256 over the parts, in hex.
+///
+/// Used wherever an id must be the same every time it is derived (fault ids, derived events),
+/// so that a repeated derivation is stored once.
+pub fn stable_id(parts: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut out = String::with_capacity(32);
+    for byte in &digest[..16] {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+fn random_id() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+impl Event {
+    /// Starts building an event of type `event_type` with ordering key `partition_key`.
+    pub fn builder(
+        event_type: impl Into<String>,
+        partition_key: impl Into<String>,
+    ) -> EventBuilder {
+        EventBuilder {
+            id: None,
+            ty: event_type.into(),
+            timestamp: None,
+            partition_key: partition_key.into(),
+            tags: None,
+            fields: Map::new(),
+        }
+    }
+
+    /// Decodes an event from bytes, with the default size limit of 1 MiB.
+    ///
+    /// # Errors
+    /// Returns a [`DecodeEventError`] naming what is wrong: too large, not UTF-8, not JSON, not
+    /// an object, a missing or mistyped envelope field.
+    pub fn decode(bytes: &[u8]) -> Result<Event, DecodeEventError> {
+        Self::decode_with_limit(bytes, DEFAULT_MAX_EVENT_SIZE)
+    }
+
+    /// Decodes an event from bytes, rejecting records over `max_size` bytes.
+    ///
+    /// # Errors
+    /// As [`Event::decode`].
+    pub fn decode_with_limit(bytes: &[u8], max_size: usize) -> Result<Event, DecodeEventError> {
+        if bytes.len() > max_size {
+            return Err(DecodeEventError::TooLarge {
+                size: bytes.len(),
+                limit: max_size,
+            });
+        }
+        let text = std::str::from_utf8(bytes).map_err(|e| DecodeEventError::NotUtf8 {
+            valid_up_to: e.valid_up_to(),
+        })?;
+        if !text.trim_start().starts_with('{') {
+            return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                Ok(_) => DecodeEventError::NotObject,
+                Err(err) => json_error(&err),
+            });
+        }
+        let env: RawEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
+        let id = string_field(env.id, "id", true)?;
+        let ty = string_field(env.ty, "type", true)?;
+        let partition_key = string_field(env.partition_key, "partitionKey", false)?;
+        let timestamp = timestamp_field(env.timestamp)?;
+        let has_tags = match env.tags.map(RawValue::get) {
+            None | Some("null") => false,
+            Some(t) if t.starts_with('{') => true,
+            Some(t) => {
+                return Err(DecodeEventError::InvalidField {
+                    field: "tags",
+                    expected: "an object",
+                    found: found(t),
+                })
+            }
+        };
+        Ok(Event {
+            id,
+            ty,
+            timestamp,
+            partition_key,
+            repr: Repr::Raw {
+                text: Arc::from(text),
+                has_tags,
+                tags: OnceLock::new(),
+                fields: OnceLock::new(),
+            },
+        })
+    }
+
+    /// Builds an event from a JSON object, checking the envelope as [`Event::decode`] does.
+    ///
+    /// # Errors
+    /// As [`Event::decode`], except size.
+    pub fn from_value(value: Value) -> Result<Event, DecodeEventError> {
+        let Value::Object(mut map) = value else {
+            return Err(DecodeEventError::NotObject);
+        };
+        fn take_str(
+            map: &mut Map<String, Value>,
+            field: &'static str,
+            non_empty: bool,
+        ) -> Result<String, DecodeEventError> {
+            match map.remove(field) {
+                None | Some(Value::Null) => Err(DecodeEventError::MissingField { field }),
+                Some(Value::String(s)) if non_empty && s.is_empty() => {
+                    Err(DecodeEventError::InvalidField {
+                        field,
+                        expected: "a non-empty string",
+                        found: "\"\"".into(),
+                    })
+                }
+                Some(Value::String(s)) => Ok(s),
+                Some(other) => Err(DecodeEventError::InvalidField {
+                    field,
+                    expected: "a string",
+                    found: found(&other.to_string()),
+                }),
+            }
+        }
+        let id = take_str(&mut map, "id", true)?;
+        let ty = take_str(&mut map, "type", true)?;
+        let partition_key = take_str(&mut map, "partitionKey", false)?;
+        let timestamp = match map.remove("timestamp") {
+            None | Some(Value::Null) => {
+                return Err(DecodeEventError::MissingField { field: "timestamp" })
+            }
+            Some(v) => {
+                let raw = v.to_string();
+                let raw_value = RawValue::from_string(raw).map_err(|e| json_error(&e))?;
+                timestamp_field(Some(&raw_value))?
+            }
+        };
+        let tags = match map.remove("tags") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(t)) => Some(t),
+            Some(other) => {
+                return Err(DecodeEventError::InvalidField {
+                    field: "tags",
+                    expected: "an object",
+                    found: found(&other.to_string()),
+                })
+            }
+        };
+        Ok(Event {
+            id,
+            ty,
+            timestamp,
+            partition_key,
+            repr: Repr::Owned { tags, fields: map },
+        })
+    }
+
+    /// The unique id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The kebab-case domain type, e.g. `order-submitted`.
+    pub fn event_type(&self) -> &str {
+        &self.ty
+    }
+
+    /// Event time in milliseconds since the Unix epoch.
+    pub fn timestamp(&self) -> i64 {
+        self.timestamp
+    }
+
+    /// The ordering key: events with the same key are processed in order.
+    pub fn partition_key(&self) -> &str {
+        &self.partition_key
+    }
+
+    /// Whether this is a fault event.
+    pub fn is_fault(&self) -> bool {
+        self.ty == FAULT_EVENT_TYPE
+    }
+
+    /// The tags (`source`, `pipeline`, `skip`, ...), if the event has any.
+    pub fn tags(&self) -> Option<&Map<String, Value>> {
+        match &self.repr {
+            Repr::Raw {
+                text,
+                has_tags,
+                tags,
+                ..
+            } => {
+                if !has_tags {
+                    return None;
+                }
+                Some(tags.get_or_init(|| {
+                    #[derive(Deserialize)]
+                    struct Tags {
+                        #[serde(default)]
+                        tags: Map<String, Value>,
+                    }
+                    serde_json::from_str::<Tags>(text)
+                        .map(|t| t.tags)
+                        .unwrap_or_default()
+                }))
+            }
+            Repr::Owned { tags, .. } => tags.as_ref(),
+        }
+    }
+
+    /// One tag's value as a string, if present and a string.
+    pub fn tag(&self, name: &str) -> Option<&str> {
+        self.tags()?.get(name)?.as_str()
+    }
+
+    /// The payload fields: every field of the object except the envelope.
+    pub fn fields(&self) -> &Map<String, Value> {
+        match &self.repr {
+            Repr::Raw { text, fields, .. } => fields.get_or_init(|| {
+                let mut map: Map<String, Value> = serde_json::from_str(text).unwrap_or_default();
+                for key in ENVELOPE_FIELDS {
+                    map.remove(key);
+                }
+                map
+            }),
+            Repr::Owned { fields, .. } => fields,
+        }
+    }
+
+    /// One payload field.
+    pub fn field(&self, name: &str) -> Option<&Value> {
+        self.fields().get(name)
+    }
+
+    /// Deserializes the event (envelope and payload) into a typed value.
+    ///
+    /// # Errors
+    /// A [poison](crate::ErrorClass::Poison) error named `InvalidPayload` when the event does not
+    /// fit `T`.
+    pub fn payload<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        let result = match &self.repr {
+            Repr::Raw { text, .. } => serde_json::from_str(text),
+            Repr::Owned { .. } => serde_json::to_value(self).and_then(serde_json::from_value),
+        };
+        result.map_err(|e| {
+            Error::poison_msg(
+                "InvalidPayload",
+                format!(
+                    "event {} does not fit {}: {e}",
+                    self.id,
+                    std::any::type_name::<T>()
+                ),
+            )
+        })
+    }
+
+    /// Encodes the event as JSON. An event decoded and not changed encodes to its original text.
+    pub fn to_json(&self) -> String {
+        match &self.repr {
+            Repr::Raw { text, .. } => text.to_string(),
+            Repr::Owned { .. } => serde_json::to_string(self).unwrap_or_default(),
+        }
+    }
+
+    /// The JSON text this event was decoded from, if it was decoded and not changed since.
+    pub fn source_text(&self) -> Option<&str> {
+        match &self.repr {
+            Repr::Raw { text, .. } => Some(text),
+            Repr::Owned { .. } => None,
+        }
+    }
+
+    /// The encoded size in bytes (exact for decoded events, computed otherwise).
+    pub fn encoded_len(&self) -> usize {
+        match &self.repr {
+            Repr::Raw { text, .. } => text.len(),
+            Repr::Owned { .. } => self.to_json().len(),
+        }
+    }
+
+    /// The event as a JSON value.
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    fn owned(&mut self) -> (&mut Option<Map<String, Value>>, &mut Map<String, Value>) {
+        if let Repr::Raw { .. } = self.repr {
+            let tags = self.tags().cloned();
+            let fields = self.fields().clone();
+            self.repr = Repr::Owned { tags, fields };
+        }
+        match &mut self.repr {
+            Repr::Owned { tags, fields } => (tags, fields),
+            Repr::Raw { .. } => unreachable!("converted to owned above"),
+        }
+    }
+
+    /// The payload fields, to change. The event no longer encodes to its source text.
+    pub fn fields_mut(&mut self) -> &mut Map<String, Value> {
+        self.owned().1
+    }
+
+    /// Sets a tag.
+    pub fn set_tag(&mut self, name: impl Into<String>, value: impl Into<Value>) {
+        self.owned()
+            .0
+            .get_or_insert_with(Map::new)
+            .insert(name.into(), value.into());
+    }
+
+    /// Replaces the event type.
+    pub fn set_event_type(&mut self, event_type: impl Into<String>) {
+        self.owned();
+        self.ty = event_type.into();
+    }
+
+    /// Replaces the id.
+    pub fn set_id(&mut self, id: impl Into<String>) {
+        self.owned();
+        self.id = id.into();
+    }
+
+    /// Replaces the partition key.
+    pub fn set_partition_key(&mut self, key: impl Into<String>) {
+        self.owned();
+        self.partition_key = key.into();
+    }
+
+    /// Replaces the timestamp.
+    pub fn set_timestamp(&mut self, millis: i64) {
+        self.owned();
+        self.timestamp = millis;
+    }
+
+    /// Starts a new event derived from this one: its id is a stable hash of this event's id and
+    /// the new type (so deriving twice gives the same id), with the same partition key and time.
+    pub fn derive(&self, event_type: impl Into<String>) -> EventBuilder {
+        let ty = event_type.into();
+        let id = stable_id(&[&self.id, &ty]);
+        Event::builder(ty, self.partition_key.clone())
+            .id(id)
+            .timestamp(self.timestamp)
+    }
+}
+
+impl Serialize for Event {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let fields = self.fields();
+        let tags = self.tags();
+        let mut map =
+            serializer.serialize_map(Some(4 + usize::from(tags.is_some()) + fields.len()))?;
+        map.serialize_entry("id", &self.id)?;
+        map.serialize_entry("type", &self.ty)?;
+        map.serialize_entry("timestamp", &self.timestamp)?;
+        map.serialize_entry("partitionKey", &self.partition_key)?;
+        if let Some(tags) = tags {
+            map.serialize_entry("tags", tags)?;
+        }
+        for (k, v) in fields {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        Event::from_value(value).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Builds an [`Event`] in code.
+///
+/// ```
+/// use floodway::Event;
+/// use serde_json::json;
+///
+/// let event = Event::builder("order-submitted", "o-1")
+///     .id("e1")
+///     .timestamp(1_700_000_000_000)
+///     .tag("source", "web")
+///     .field("order", json!({"id": "o-1", "total": 42}))
+///     .build();
+/// assert_eq!(event.field("order").unwrap()["total"], 42);
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct EventBuilder {
+    id: Option<String>,
+    ty: String,
+    timestamp: Option<i64>,
+    partition_key: String,
+    tags: Option<Map<String, Value>>,
+    fields: Map<String, Value>,
+}
+
+impl EventBuilder {
+    /// Sets the id (default: a random 128-bit hex id).
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Sets the event time in milliseconds (default: now).
+    pub fn timestamp(mut self, millis: i64) -> Self {
+        self.timestamp = Some(millis);
+        self
+    }
+
+    /// Adds a tag.
+    pub fn tag(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.tags
+            .get_or_insert_with(Map::new)
+            .insert(name.into(), value.into());
+        self
+    }
+
+    /// Adds a payload field. Envelope names (`id`, `type`, ...) are ignored here: use the
+    /// builder's own methods for those.
+    pub fn field(mut self, name: impl Into<Cow<'static, str>>, value: impl Into<Value>) -> Self {
+        let name = name.into();
+        if !ENVELOPE_FIELDS.contains(&name.as_ref()) {
+            self.fields.insert(name.into_owned(), value.into());
+        }
+        self
+    }
+
+    /// Adds every field of a serializable value (a struct or a map) to the payload.
+    ///
+    /// # Errors
+    /// A poison error when `value` does not serialize to a JSON object.
+    pub fn payload<T: Serialize>(mut self, value: &T) -> Result<Self, Error> {
+        match serde_json::to_value(value) {
+            Ok(Value::Object(map)) => {
+                for (k, v) in map {
+                    if !ENVELOPE_FIELDS.contains(&k.as_str()) {
+                        self.fields.insert(k, v);
+                    }
+                }
+                Ok(self)
+            }
+            Ok(_) => Err(Error::poison_msg(
+                "InvalidPayload",
+                "a payload must serialize to a JSON object",
+            )),
+            Err(e) => Err(Error::poison(e)),
+        }
+    }
+
+    /// Finishes the event.
+    pub fn build(self) -> Event {
+        Event {
+            id: self.id.unwrap_or_else(random_id),
+            ty: self.ty,
+            timestamp: self.timestamp.unwrap_or_else(now_millis),
+            partition_key: self.partition_key,
+            repr: Repr::Owned {
+                tags: self.tags,
+                fields: self.fields,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const GOOD: &str = r#"{"id":"1","type":"thing-created","timestamp":1600000000000,"partitionKey":"k","tags":{"source":"s"},"thing":{"name":"a\"b","n":[1,2]}}"#;
+
+    #[test]
+    fn decodes_envelope_and_keeps_payload() {
+        let e = Event::decode(GOOD.as_bytes()).unwrap();
+        assert_eq!(e.id(), "1");
+        assert_eq!(e.timestamp(), 1_600_000_000_000);
+        assert_eq!(e.tag("source"), Some("s"));
+        assert_eq!(e.field("thing").unwrap()["name"], "a\"b");
+        assert_eq!(e.fields().len(), 1);
+        assert_eq!(e.to_json(), GOOD);
+    }
+
+    #[test]
+    fn changed_events_round_trip_in_meaning() {
+        let mut e = Event::decode(GOOD.as_bytes()).unwrap();
+        e.set_tag("pipeline", "p1");
+        let back = Event::decode(e.to_json().as_bytes()).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(back.tag("pipeline"), Some("p1"));
+        assert_eq!(back.field("thing"), Some(&json!({"name":"a\"b","n":[1,2]})));
+        let original: Value = serde_json::from_str(GOOD).unwrap();
+        let mut expected = original.clone();
+        expected["tags"]["pipeline"] = json!("p1");
+        assert_eq!(e.to_value(), expected);
+    }
+
+    #[test]
+    fn escaped_strings_are_unescaped() {
+        let e = Event::decode(br#"{"id":"a\u0041","type":"t","timestamp":1,"partitionKey":"k\n"}"#)
+            .unwrap();
+        assert_eq!(e.id(), "aA");
+        assert_eq!(e.partition_key(), "k\n");
+        assert!(e.tags().is_none());
+    }
+
+    #[test]
+    fn bad_input_is_a_precise_error() {
+        let cases: &[(&[u8], DecodeEventError)] = &[
+            (b"\xff\xfe", DecodeEventError::NotUtf8 { valid_up_to: 0 }),
+            (b"[1,2]", DecodeEventError::NotObject),
+            (b"\"x\"", DecodeEventError::NotObject),
+            (
+                br#"{"type":"t","timestamp":1,"partitionKey":"k"}"#,
+                DecodeEventError::MissingField { field: "id" },
+            ),
+            (
+                br#"{"id":"1","type":"t","partitionKey":"k"}"#,
+                DecodeEventError::MissingField { field: "timestamp" },
+            ),
+            (
+                br#"{"id":"1","type":"t","timestamp":1}"#,
+                DecodeEventError::MissingField {
+                    field: "partitionKey",
+                },
+            ),
+            (
+                br#"{"id":7,"type":"t","timestamp":1,"partitionKey":"k"}"#,
+                DecodeEventError::InvalidField {
+                    field: "id",
+                    expected: "a string",
+                    found: "7".into(),
+                },
+            ),
+            (
+                br#"{"id":"1","type":"","timestamp":1,"partitionKey":"k"}"#,
+                DecodeEventError::InvalidField {
+                    field: "type",
+                    expected: "a non-empty string",
+                    found: "\"\"".into(),
+                },
+            ),
+            (
+                br#"{"id":"1","type":"t","timestamp":"yesterday","partitionKey":"k"}"#,
+                DecodeEventError::InvalidField {
+                    field: "timestamp",
+                    expected: "an integer number of milliseconds since the Unix epoch",
+                    found: "\"yesterday\"".into(),
+                },
+            ),
+            (
+                br#"{"id":"1","type":"t","timestamp":1,"partitionKey":"k","tags":[]}"#,
+                DecodeEventError::InvalidField {
+                    field: "tags",
+                    expected: "an object",
+                    found: "[]".into(),
+                },
+            ),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(&Event::decode(input).unwrap_err(), expected, "{input:?}");
+        }
+        match Event::decode(br#"{"id":"1","type""#).unwrap_err() {
+            DecodeEventError::NotJson {
+                line: 1, column, ..
+            } => assert!(column > 10),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            Event::decode_with_limit(GOOD.as_bytes(), 10).unwrap_err(),
+            DecodeEventError::TooLarge {
+                size: GOOD.len(),
+                limit: 10
+            }
+        );
+    }
+
+    #[test]
+    fn float_timestamps_from_javascript_are_accepted_when_whole() {
+        let e = Event::decode(br#"{"id":"1","type":"t","timestamp":1.6e12,"partitionKey":"k"}"#)
+            .unwrap();
+        assert_eq!(e.timestamp(), 1_600_000_000_000);
+        assert!(
+            Event::decode(br#"{"id":"1","type":"t","timestamp":1.5,"partitionKey":"k"}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn builder_and_serde_agree() {
+        let e = Event::builder("a-b", "k")
+            .id("x")
+            .timestamp(5)
+            .field("v", 1)
+            .field("id", "ignored")
+            .build();
+        let text = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            text,
+            r#"{"id":"x","type":"a-b","timestamp":5,"partitionKey":"k","v":1}"#
+        );
+        let back: Event = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn derived_ids_are_stable() {
+        let e = Event::decode(GOOD.as_bytes()).unwrap();
+        let a = e.derive("thing-notified").build();
+        let b = e.derive("thing-notified").build();
+        assert_eq!(a.id(), b.id());
+        assert_ne!(a.id(), e.derive("other").build().id());
+        assert_eq!(a.partition_key(), "k");
+    }
+}

@@ -1,0 +1,276 @@
+//! Fault events: the record of a unit of work that cannot be processed.
+//!
+//! A fault is a normal event of type `fault`, so it travels through the same hub as every other
+//! event and a fault monitor stores it. Its id is a stable hash of where the record came from
+//! and where it failed (source, partition, position, processor, pipeline, step, event id): a
+//! fault raised twice, after a crash and redelivery, is stored once.
+//!
+//! ```json
+//! {
+//!   "id": "9f0c...", "type": "fault", "timestamp": 1700000000000, "partitionKey": "o-1",
+//!   "tags": {"processor": "orders", "pipeline": "materialize", "step": "validate-2",
+//!            "source": "sqlite:hub"},
+//!   "err": {"name": "InvalidPayload", "message": "...", "class": "poison", "attempts": 1},
+//!   "uow": {
+//!     "record": {"source": "sqlite:hub", "partition": "3", "offset": 1042, "attempt": 1,
+//!                "encoding": "utf8", "data": "{\"id\":...}"},
+//!     "event": {"id": "...", "type": "order-submitted", "customer": {"email": "[REDACTED]"}}
+//!   }
+//! }
+//! ```
+//!
+//! `uow.record` is the source record verbatim (UTF-8 text, or base64 when it is not UTF-8), so
+//! that resubmission replays exactly what failed; `uow.event` is the decoded event with the
+//! pipeline's sensitive fields redacted, for people to read.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::error::Error;
+use crate::event::{now_millis, stable_id, Event, FAULT_EVENT_TYPE};
+use crate::uow::Record;
+
+/// Where a fault was raised.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FaultOrigin<'a> {
+    pub(crate) processor: &'a str,
+    pub(crate) pipeline: &'a str,
+    pub(crate) step: &'a str,
+}
+
+/// The pipeline name used for faults raised before any pipeline saw the record (decoding).
+pub const DECODE_PIPELINE: &str = "*";
+
+/// The placeholder for redacted values.
+pub const REDACTED: &str = "[REDACTED]";
+
+fn redact(value: &mut Value, path: &str) {
+    let mut parts = path.split('.').peekable();
+    let mut cur = value;
+    while let Some(part) = parts.next() {
+        let Some(obj) = cur.as_object_mut() else {
+            return;
+        };
+        if parts.peek().is_none() {
+            if let Some(v) = obj.get_mut(part) {
+                *v = Value::String(REDACTED.into());
+            }
+            return;
+        }
+        match obj.get_mut(part) {
+            Some(next) => cur = next,
+            None => return,
+        }
+    }
+}
+
+/// The source record, as a fault event carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultRecord {
+    /// The source.
+    pub source: String,
+    /// The partition.
+    pub partition: String,
+    /// The offset in the partition.
+    pub offset: u64,
+    /// The source's own record id, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<String>,
+    /// The delivery attempt.
+    pub attempt: u32,
+    /// `utf8` or `base64`.
+    pub encoding: String,
+    /// The data, in that encoding.
+    pub data: String,
+}
+
+impl FaultRecord {
+    fn of(record: &Record) -> Self {
+        let (encoding, data) = match std::str::from_utf8(&record.data) {
+            Ok(text) => ("utf8", text.to_owned()),
+            Err(_) => (
+                "base64",
+                base64::engine::general_purpose::STANDARD.encode(&record.data),
+            ),
+        };
+        FaultRecord {
+            source: record.source.to_string(),
+            partition: record.partition.to_string(),
+            offset: record.offset,
+            sequence: record.sequence.as_ref().map(|s| s.to_string()),
+            attempt: record.attempt,
+            encoding: encoding.into(),
+            data,
+        }
+    }
+
+    /// The record's bytes, decoded from their encoding.
+    ///
+    /// # Errors
+    /// When `data` is not valid for `encoding`.
+    pub fn bytes(&self) -> Result<Vec<u8>, Error> {
+        match self.encoding.as_str() {
+            "base64" => base64::engine::general_purpose::STANDARD
+                .decode(&self.data)
+                .map_err(Error::poison),
+            _ => Ok(self.data.clone().into_bytes()),
+        }
+    }
+}
+
+/// The fields of a fault event, typed (read one with [`Event::payload`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FaultDetails {
+    /// The error.
+    pub err: FaultError,
+    /// The unit of work.
+    pub uow: FaultUow,
+}
+
+/// The error of a fault event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultError {
+    /// The error's name.
+    pub name: String,
+    /// The message.
+    pub message: String,
+    /// The error class (`poison`, `transient` when retries ran out while the target was
+    /// otherwise healthy).
+    pub class: String,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+/// The unit of work of a fault event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FaultUow {
+    /// The source record verbatim.
+    pub record: FaultRecord,
+    /// The decoded event, redacted; absent when the record could not be decoded.
+    #[serde(default)]
+    pub event: Option<Value>,
+}
+
+/// Builds the fault event for a record that failed at `origin`.
+pub(crate) fn fault_event(
+    origin: FaultOrigin<'_>,
+    record: &Record,
+    event: Option<&Event>,
+    err: &Error,
+    redacted: &[String],
+) -> Event {
+    let position = record.position();
+    let event_id = event.map(Event::id).unwrap_or_default();
+    let id = stable_id(&[
+        &record.source,
+        &record.partition,
+        &position,
+        origin.processor,
+        origin.pipeline,
+        origin.step,
+        event_id,
+    ]);
+    let event_value = event.map(|e| {
+        let mut value = e.to_value();
+        for path in redacted {
+            redact(&mut value, path);
+        }
+        value
+    });
+    let partition_key = event.map_or_else(
+        || record.partition.to_string(),
+        |e| e.partition_key().to_owned(),
+    );
+    Event::builder(FAULT_EVENT_TYPE, partition_key)
+        .id(id)
+        .timestamp(now_millis())
+        .tag("processor", origin.processor)
+        .tag("pipeline", origin.pipeline)
+        .tag("step", origin.step)
+        .tag("source", record.source.to_string())
+        .field(
+            "err",
+            json!({
+                "name": err.name(),
+                "message": err.message(),
+                "class": err.class().as_str(),
+                "attempts": err.attempts(),
+            }),
+        )
+        .field(
+            "uow",
+            json!({
+                "record": FaultRecord::of(record),
+                "event": event_value,
+            }),
+        )
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_are_deterministic_redacted_and_carry_the_record() {
+        let data = r#"{"id":"e1","type":"t","timestamp":1,"partitionKey":"k","customer":{"email":"a@b","name":"A"}}"#;
+        let record = Record::new("memory", "0", 7, data);
+        let event = Event::decode(data.as_bytes()).unwrap();
+        let origin = FaultOrigin {
+            processor: "p",
+            pipeline: "l",
+            step: "validate-1",
+        };
+        let err = Error::poison_msg("Invalid", "bad");
+        let a = fault_event(
+            origin,
+            &record,
+            Some(&event),
+            &err,
+            &["customer.email".into()],
+        );
+        let b = fault_event(
+            origin,
+            &record,
+            Some(&event),
+            &err,
+            &["customer.email".into()],
+        );
+        assert_eq!(a.id(), b.id());
+        assert_eq!(a.event_type(), "fault");
+        assert_eq!(a.tag("pipeline"), Some("l"));
+        let details: FaultDetails = a.payload().unwrap();
+        assert_eq!(details.err.class, "poison");
+        assert_eq!(details.uow.record.bytes().unwrap(), data.as_bytes());
+        let ev = details.uow.event.unwrap();
+        assert_eq!(ev["customer"]["email"], REDACTED);
+        assert_eq!(ev["customer"]["name"], "A");
+        let other = fault_event(
+            FaultOrigin {
+                step: "map-2",
+                ..origin
+            },
+            &record,
+            Some(&event),
+            &err,
+            &[],
+        );
+        assert_ne!(a.id(), other.id());
+    }
+
+    #[test]
+    fn binary_records_are_base64() {
+        let record = Record::new("memory", "0", 1, vec![0xff, 0x00, 0x01]);
+        let origin = FaultOrigin {
+            processor: "p",
+            pipeline: DECODE_PIPELINE,
+            step: "decode",
+        };
+        let f = fault_event(origin, &record, None, &Error::poison_msg("X", "y"), &[]);
+        let details: FaultDetails = f.payload().unwrap();
+        assert_eq!(details.uow.record.encoding, "base64");
+        assert_eq!(details.uow.record.bytes().unwrap(), vec![0xff, 0x00, 0x01]);
+        assert!(details.uow.event.is_none());
+    }
+}

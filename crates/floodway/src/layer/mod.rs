@@ -1,0 +1,216 @@
+//! Resilience as tower layers: retry, timeout, rate limit, adaptive concurrency, and the stream
+//! circuit breaker.
+//!
+//! Each layer works with any `tower::Service` whose error is [`crate::Error`], so they wrap
+//! Floodway sinks and any client you call from a step. [`Resilience`] stacks them in the order
+//! that makes their guarantees hold:
+//!
+//! ```text
+//! Breaker            judges calls whose retries are spent: poison or outage?
+//!   Retry            retries transient errors with backoff, bounded by attempts, time, budget
+//!     ConcurrencyLimit   calls in flight, fixed or adaptive (AIMD on latency and throttles)
+//!       RateLimit        GCRA; innermost, so the calls that reach the target never exceed it
+//!         Timeout        each attempt's deadline
+//!           sink
+//! ```
+//!
+//! Every layer is always ready and waits inside the call's future instead of in
+//! `poll_ready`: services are cloned per call, and the pipeline's parallelism and the
+//! processor's in-flight limit bound how many calls can wait. A waiting call holds its unit of
+//! work, so a slow or closed gate slows the source down (backpressure) rather than growing a
+//! queue.
+
+pub mod breaker;
+pub mod limit;
+pub mod retry;
+pub mod timeout;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service};
+
+use crate::error::Error;
+use breaker::{BreakerConfig, BreakerLayer, CircuitBreaker};
+use limit::concurrency::{ConcurrencyLimitLayer, ConcurrencyLimiter};
+use limit::rate::{RateLimitLayer, RateLimiter};
+use retry::{RetryLayer, RetryPolicy};
+use timeout::TimeoutLayer;
+
+/// The future type of Floodway's layers.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'static>>;
+
+/// The resilience stack around one sink, in the order of the [module docs](self).
+///
+/// The default has retries ([`RetryPolicy::default`]), a 30 s timeout and a breaker, and no
+/// rate or concurrency limit beyond the pipeline's parallelism.
+///
+/// ```
+/// use std::time::Duration;
+/// use floodway::layer::{Resilience, limit::rate::RateLimiter};
+///
+/// let shared = RateLimiter::per_second(50).unwrap();
+/// let resilience = Resilience::default()
+///     .timeout(Duration::from_secs(5))
+///     .rate_limit(shared.clone())
+///     .adaptive_concurrency(Default::default());
+/// ```
+#[derive(Debug, Clone)]
+pub struct Resilience {
+    retry: Option<RetryPolicy>,
+    timeout: Option<Duration>,
+    rate: Option<RateLimiter>,
+    concurrency: Option<Concurrency>,
+    breaker: Option<BreakerChoice>,
+}
+
+#[derive(Debug, Clone)]
+enum Concurrency {
+    Shared(ConcurrencyLimiter),
+    Adaptive(limit::concurrency::Aimd),
+}
+
+#[derive(Debug, Clone)]
+enum BreakerChoice {
+    Shared(CircuitBreaker),
+    New(BreakerConfig),
+}
+
+impl Default for Resilience {
+    fn default() -> Self {
+        Resilience {
+            retry: Some(RetryPolicy::default()),
+            timeout: Some(Duration::from_secs(30)),
+            rate: None,
+            concurrency: None,
+            breaker: Some(BreakerChoice::New(BreakerConfig::default())),
+        }
+    }
+}
+
+impl Resilience {
+    /// No layers at all: errors reach the pipeline as the sink returns them.
+    pub fn none() -> Self {
+        Resilience {
+            retry: None,
+            timeout: None,
+            rate: None,
+            concurrency: None,
+            breaker: None,
+        }
+    }
+
+    /// Sets the retry policy.
+    #[must_use]
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// No retries.
+    #[must_use]
+    pub fn no_retry(mut self) -> Self {
+        self.retry = None;
+        self
+    }
+
+    /// Sets each attempt's deadline.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// No deadline.
+    #[must_use]
+    pub fn no_timeout(mut self) -> Self {
+        self.timeout = None;
+        self
+    }
+
+    /// Limits the rate of calls; pass clones of one limiter to share it between sinks.
+    #[must_use]
+    pub fn rate_limit(mut self, limiter: RateLimiter) -> Self {
+        self.rate = Some(limiter);
+        self
+    }
+
+    /// Limits concurrent calls with a given (fixed or adaptive, possibly shared) limiter.
+    #[must_use]
+    pub fn concurrency(mut self, limiter: ConcurrencyLimiter) -> Self {
+        self.concurrency = Some(Concurrency::Shared(limiter));
+        self
+    }
+
+    /// Limits concurrent calls with a new adaptive limiter for this sink.
+    #[must_use]
+    pub fn adaptive_concurrency(mut self, aimd: limit::concurrency::Aimd) -> Self {
+        self.concurrency = Some(Concurrency::Adaptive(aimd));
+        self
+    }
+
+    /// Sets the breaker's settings (a new breaker for this sink).
+    #[must_use]
+    pub fn breaker(mut self, config: BreakerConfig) -> Self {
+        self.breaker = Some(BreakerChoice::New(config));
+        self
+    }
+
+    /// Uses a given breaker, e.g. one shared by every pipeline that calls the same target.
+    #[must_use]
+    pub fn shared_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.breaker = Some(BreakerChoice::Shared(breaker));
+        self
+    }
+
+    /// No breaker: a call whose retries are spent is faulted even during an outage.
+    #[must_use]
+    pub fn no_breaker(mut self) -> Self {
+        self.breaker = None;
+        self
+    }
+
+    /// Wraps `service` in the stack; `label` names it in metrics and logs.
+    ///
+    /// # Errors
+    /// When an adaptive concurrency setting is inconsistent.
+    pub fn apply<S, Req, Resp>(
+        &self,
+        label: &str,
+        service: S,
+    ) -> Result<BoxCloneSyncService<Req, Resp, Error>, crate::error::BuildError>
+    where
+        S: Service<Req, Response = Resp, Error = Error> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        Req: Clone + Send + 'static,
+        Resp: Send + 'static,
+    {
+        let mut svc = BoxCloneSyncService::new(service);
+        if let Some(timeout) = self.timeout {
+            svc = BoxCloneSyncService::new(TimeoutLayer::new(timeout).layer(svc));
+        }
+        if let Some(rate) = &self.rate {
+            svc = BoxCloneSyncService::new(RateLimitLayer::new(rate.clone()).layer(svc));
+        }
+        if let Some(concurrency) = &self.concurrency {
+            let limiter = match concurrency {
+                Concurrency::Shared(limiter) => limiter.clone(),
+                Concurrency::Adaptive(aimd) => ConcurrencyLimiter::adaptive(*aimd, label)?,
+            };
+            svc = BoxCloneSyncService::new(ConcurrencyLimitLayer::new(limiter).layer(svc));
+        }
+        if let Some(policy) = &self.retry {
+            svc = BoxCloneSyncService::new(RetryLayer::new(policy.clone(), label).layer(svc));
+        }
+        if let Some(breaker) = &self.breaker {
+            let breaker = match breaker {
+                BreakerChoice::Shared(b) => b.clone(),
+                BreakerChoice::New(config) => CircuitBreaker::new(*config, label),
+            };
+            svc = BoxCloneSyncService::new(BreakerLayer::new(breaker).layer(svc));
+        }
+        Ok(svc)
+    }
+}

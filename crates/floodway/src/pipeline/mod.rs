@@ -1,0 +1,416 @@
+//! Pipelines: a filter, steps and a sink.
+//!
+//! A pipeline sees every event of its processor's source and takes those its filter accepts.
+//! Steps transform what it took: [`map`](PipelineBuilder::map),
+//! [`flat_map`](PipelineBuilder::flat_map) (split), [`validate`](PipelineBuilder::validate),
+//! [`filter`](PipelineBuilder::filter) on content, async [`then`](PipelineBuilder::then)
+//! (enrich), and [`batch`](PipelineBuilder::batch) with optional
+//! [`group_by`](PipelineBuilder::group_by) and [`compact`](PipelineBuilder::compact). The sink
+//! performs the side effect.
+//!
+//! ```
+//! use floodway::{pipeline::Pipeline, sink_fn, Batch, Error};
+//!
+//! let pipeline = Pipeline::builder("notify-shipping")
+//!     .types(["order-submitted", "order-cancelled"])
+//!     .filter(|uow| uow.event().field("order").is_some())
+//!     .map(|mut uow| {
+//!         uow.event_mut().set_tag("pipeline", "notify-shipping");
+//!         Ok(uow)
+//!     })
+//!     .sink(sink_fn(|batch: Batch| async move {
+//!         for event in batch.events() {
+//!             println!("{}", event.id());
+//!         }
+//!         Ok::<_, Error>(())
+//!     }))
+//!     .unwrap();
+//! assert_eq!(pipeline.name(), "notify-shipping");
+//! ```
+
+mod filter;
+pub(crate) mod step;
+
+pub use filter::TypeFilter;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use tower::util::BoxCloneSyncService;
+use tower::Service;
+
+use crate::error::{BuildError, Error};
+use crate::event::Event;
+use crate::layer::Resilience;
+use crate::uow::{Batch, Uow};
+use step::{Step, StepKind};
+
+/// The type-erased sink a pipeline calls.
+pub type BoxSink = BoxCloneSyncService<Batch, (), Error>;
+
+pub(crate) type KeyFn = Arc<dyn Fn(&Uow) -> String + Send + Sync>;
+
+/// How a pipeline gathers units of work into batches before its sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Flush when this many units of work are gathered.
+    pub max_count: usize,
+    /// Flush when the events' encoded size reaches this many bytes.
+    pub max_bytes: usize,
+    /// Flush a batch this long after its first unit of work arrived.
+    pub max_wait: Duration,
+}
+
+impl BatchConfig {
+    /// Batches of up to `max_count`, at most 5 MiB, waiting at most 100 ms.
+    pub fn count(max_count: usize) -> Self {
+        BatchConfig {
+            max_count,
+            max_bytes: 5 * 1024 * 1024,
+            max_wait: Duration::from_millis(100),
+        }
+    }
+
+    /// Sets the byte limit.
+    #[must_use]
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Sets the time window.
+    #[must_use]
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = max_wait;
+        self
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Batching {
+    pub(crate) config: BatchConfig,
+    pub(crate) group: Option<KeyFn>,
+    pub(crate) compact: Option<KeyFn>,
+}
+
+/// What a processor needs of a pipeline while it runs; shared by its units of work.
+pub(crate) struct PipelineCore {
+    pub(crate) name: Arc<str>,
+    pub(crate) steps: Vec<Step>,
+    pub(crate) batching: Option<Batching>,
+    pub(crate) sink: BoxSink,
+    pub(crate) parallelism: usize,
+    pub(crate) redact: Vec<String>,
+}
+
+/// A named, independently enabled flow from a filter through steps to a sink.
+#[derive(Clone)]
+pub struct Pipeline {
+    pub(crate) core: Arc<PipelineCore>,
+    pub(crate) enabled: bool,
+    types: Vec<TypeFilter>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("name", &self.core.name)
+            .field("enabled", &self.enabled)
+            .field("types", &self.types)
+            .field(
+                "steps",
+                &self.core.steps.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    /// Starts a pipeline named `name` (unique within its processor; it tags faults).
+    pub fn builder(name: impl Into<String>) -> PipelineBuilder {
+        PipelineBuilder {
+            name: name.into(),
+            enabled: true,
+            types: Vec::new(),
+            steps: Vec::new(),
+            batching: None,
+            parallelism: 16,
+            redact: Vec::new(),
+            resilience: Resilience::default(),
+            error: None,
+        }
+    }
+
+    /// The pipeline's name.
+    pub fn name(&self) -> &str {
+        &self.core.name
+    }
+
+    /// Whether the pipeline runs.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Whether the pipeline takes this event (its type filters; content filters are steps).
+    pub fn accepts(&self, event: &Event) -> bool {
+        self.types.is_empty() && !event.is_fault()
+            || self.types.iter().any(|t| t.matches(event.event_type()))
+    }
+
+    /// The names of the steps, in order.
+    pub fn step_names(&self) -> impl Iterator<Item = &str> {
+        self.core.steps.iter().map(|s| &*s.name)
+    }
+}
+
+/// Builds a [`Pipeline`]; finish with [`sink`](PipelineBuilder::sink).
+#[must_use]
+pub struct PipelineBuilder {
+    name: String,
+    enabled: bool,
+    types: Vec<TypeFilter>,
+    steps: Vec<Step>,
+    batching: Option<Batching>,
+    parallelism: usize,
+    redact: Vec<String>,
+    resilience: Resilience,
+    error: Option<BuildError>,
+}
+
+impl PipelineBuilder {
+    fn step(mut self, kind: &str, step: StepKind) -> Self {
+        let name = format!("{kind}-{}", self.steps.len() + 1);
+        self.steps.push(Step {
+            name: name.into(),
+            kind: step,
+        });
+        self
+    }
+
+    /// Enables or disables the pipeline (a disabled one sees nothing and holds nothing up).
+    pub fn enabled(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
+        self
+    }
+
+    /// Takes events whose type matches `pattern`: exact, or with `*` wildcards. Call it several
+    /// times to take several patterns. Without any, the pipeline takes every event but faults.
+    pub fn event_type(mut self, pattern: &str) -> Self {
+        match TypeFilter::parse(pattern) {
+            Ok(f) => self.types.push(f),
+            Err(e) => self.error = self.error.or(Some(e)),
+        }
+        self
+    }
+
+    /// Takes events of any of these exact types.
+    pub fn types<I: IntoIterator<Item = S>, S: Into<String>>(mut self, types: I) -> Self {
+        self.types.push(TypeFilter::set(types));
+        self
+    }
+
+    /// Keeps only the units of work for which `predicate` holds (a content filter).
+    pub fn filter<F>(self, predicate: F) -> Self
+    where
+        F: Fn(&Uow) -> bool + Send + Sync + 'static,
+    {
+        self.step("filter", StepKind::Filter(Arc::new(predicate)))
+    }
+
+    /// Transforms each unit of work; an error faults it.
+    pub fn map<F>(self, f: F) -> Self
+    where
+        F: Fn(Uow) -> Result<Uow, Error> + Send + Sync + 'static,
+    {
+        self.step("map", StepKind::Map(Arc::new(f)))
+    }
+
+    /// Replaces each event with the one `f` returns.
+    pub fn map_event<F>(self, f: F) -> Self
+    where
+        F: Fn(&Event) -> Result<Event, Error> + Send + Sync + 'static,
+    {
+        self.step(
+            "map",
+            StepKind::Map(Arc::new(move |mut uow: Uow| {
+                let event = f(uow.event())?;
+                uow.set_event(event);
+                Ok(uow)
+            })),
+        )
+    }
+
+    /// Splits each unit of work into any number (an empty list drops it).
+    pub fn flat_map<F>(self, f: F) -> Self
+    where
+        F: Fn(Uow) -> Result<Vec<Uow>, Error> + Send + Sync + 'static,
+    {
+        self.step("split", StepKind::FlatMap(Arc::new(f)))
+    }
+
+    /// Checks each event; an error (make it poison) faults the unit of work.
+    pub fn validate<F>(self, check: F) -> Self
+    where
+        F: Fn(&Event) -> Result<(), Error> + Send + Sync + 'static,
+    {
+        self.step(
+            "validate",
+            StepKind::Map(Arc::new(move |uow: Uow| {
+                check(uow.event())?;
+                Ok(uow)
+            })),
+        )
+    }
+
+    /// Checks that each event deserializes into `T` and attaches the typed value to the unit of
+    /// work ([`Uow::get::<T>()`](Uow::get)); events that do not fit are faulted.
+    pub fn validate_as<T>(self) -> Self
+    where
+        T: DeserializeOwned + Send + Sync + 'static,
+    {
+        self.step(
+            "validate",
+            StepKind::Map(Arc::new(|mut uow: Uow| {
+                let value: T = uow.event().payload()?;
+                uow.insert(value);
+                Ok(uow)
+            })),
+        )
+    }
+
+    /// An async, fallible step, e.g. enriching from another service.
+    pub fn then<F, Fut>(self, f: F) -> Self
+    where
+        F: Fn(Uow) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Uow, Error>> + Send + 'static,
+    {
+        self.step(
+            "then",
+            StepKind::Async(Arc::new(move |uow| Box::pin(f(uow)))),
+        )
+    }
+
+    /// Renames the last step added (the step named in fault events).
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        match self.steps.last_mut() {
+            Some(step) => step.name = name.into().into(),
+            None => {
+                self.error = self.error.or(Some(BuildError::InvalidSetting {
+                    setting: "named",
+                    problem: "names the last step, and there is none yet".into(),
+                }))
+            }
+        }
+        self
+    }
+
+    /// Gathers units of work into batches for the sink.
+    pub fn batch(mut self, config: BatchConfig) -> Self {
+        if config.max_count == 0 || config.max_bytes == 0 {
+            self.error = self.error.or(Some(BuildError::InvalidSetting {
+                setting: "batch",
+                problem: "needs max_count and max_bytes of at least 1".into(),
+            }));
+        }
+        self.batching = Some(Batching {
+            config,
+            group: self.batching.as_ref().and_then(|b| b.group.clone()),
+            compact: self.batching.as_ref().and_then(|b| b.compact.clone()),
+        });
+        self
+    }
+
+    fn batching_mut(&mut self, what: &'static str) -> Option<&mut Batching> {
+        if self.batching.is_none() {
+            self.error = self.error.take().or(Some(BuildError::InvalidSetting {
+                setting: what,
+                problem: "works on batches: call `.batch(..)` first".into(),
+            }));
+        }
+        self.batching.as_mut()
+    }
+
+    /// Splits each batch into one batch per key, in order of first appearance.
+    pub fn group_by<F>(mut self, key: F) -> Self
+    where
+        F: Fn(&Uow) -> String + Send + Sync + 'static,
+    {
+        if let Some(b) = self.batching_mut("group_by") {
+            b.group = Some(Arc::new(key));
+        }
+        self
+    }
+
+    /// Keeps only the latest unit of work per key in each batch, by `(timestamp, id)`; the
+    /// others are done when it is.
+    pub fn compact<F>(mut self, key: F) -> Self
+    where
+        F: Fn(&Uow) -> String + Send + Sync + 'static,
+    {
+        if let Some(b) = self.batching_mut("compact") {
+            b.compact = Some(Arc::new(key));
+        }
+        self
+    }
+
+    /// How many units of work (or batches) may be in the sink at once (default 16); units with
+    /// the same partition key always run one after another.
+    pub fn parallelism(mut self, parallelism: usize) -> Self {
+        if parallelism == 0 {
+            self.error = self.error.or(Some(BuildError::InvalidSetting {
+                setting: "parallelism",
+                problem: "must be at least 1".into(),
+            }));
+        }
+        self.parallelism = parallelism.max(1);
+        self
+    }
+
+    /// Replaces these fields of the event with `"[REDACTED]"` in fault events. A path is
+    /// dotted: `customer.email`.
+    pub fn redact<I: IntoIterator<Item = S>, S: Into<String>>(mut self, paths: I) -> Self {
+        self.redact.extend(paths.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets the sink's resilience stack (default: [`Resilience::default`]).
+    pub fn resilience(mut self, resilience: Resilience) -> Self {
+        self.resilience = resilience;
+        self
+    }
+
+    /// Finishes the pipeline with its sink, wrapped in the resilience stack.
+    ///
+    /// # Errors
+    /// The first inconsistent setting met while building.
+    pub fn sink<S>(self, sink: S) -> Result<Pipeline, BuildError>
+    where
+        S: Service<Batch, Response = (), Error = Error> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+    {
+        if let Some(err) = self.error {
+            return Err(err);
+        }
+        if self.name.is_empty() {
+            return Err(BuildError::InvalidSetting {
+                setting: "name",
+                problem: "a pipeline needs a name".into(),
+            });
+        }
+        let sink = self.resilience.apply(&self.name, sink)?;
+        Ok(Pipeline {
+            core: Arc::new(PipelineCore {
+                name: self.name.into(),
+                steps: self.steps,
+                batching: self.batching,
+                sink,
+                parallelism: self.parallelism,
+                redact: self.redact,
+            }),
+            enabled: self.enabled,
+            types: self.types,
+        })
+    }
+}

@@ -1,0 +1,466 @@
+//! The run loop: one task that pulls, dispatches, completes and commits.
+//!
+//! Everything that touches run state happens in this one task, so the state needs no locks;
+//! units of work run as futures polled by it (a `FuturesUnordered`), and the source pulls in a
+//! task of its own behind a channel of one batch, so pulling never blocks completions.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::error::{CommitError, Error, RunError, SourceError};
+use crate::event::{now_millis, Event};
+use crate::pipeline::step::run_sync;
+use crate::pipeline::{Pipeline, PipelineCore};
+use crate::runtime::batcher::{Batcher, Flushed};
+use crate::runtime::scheduler::{key_hash, Keys, Scheduler};
+use crate::runtime::unit::{fault_now, scheduled, BoxUnit, UnitCtx, UnitOutput, Work};
+use crate::runtime::{PipelineReport, ProcessorInner, RunReport, Stopped};
+use crate::source::{Checkpoint, Checkpointer, Settlement, Source};
+use crate::uow::{Record, Ticket, Uow};
+
+use super::ledger::Ledger;
+
+struct Pipe {
+    pipeline: Pipeline,
+    core: Arc<PipelineCore>,
+    sched: Scheduler<Work>,
+    batcher: Option<Batcher>,
+    /// Pre-batch work not yet finished: the batcher may still receive its outputs.
+    upstream: usize,
+    report: PipelineReport,
+}
+
+pub(crate) struct Engine<'p, C> {
+    proc: &'p ProcessorInner,
+    ctx: UnitCtx,
+    pipes: Vec<Pipe>,
+    ledger: Ledger,
+    units: FuturesUnordered<BoxUnit>,
+    checkpointer: C,
+    report: RunReport,
+    committed: HashMap<Arc<str>, u64>,
+}
+
+/// Aborts the source task when the run ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn keys_of(members: &[Uow]) -> Keys {
+    let mut keys: Vec<u64> = members
+        .iter()
+        .map(|u| key_hash(u.event().partition_key()))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    if keys.len() == 1 {
+        Keys::One(keys[0])
+    } else {
+        Keys::Many(keys)
+    }
+}
+
+impl<'p, C: Checkpointer> Engine<'p, C> {
+    pub(crate) fn new(proc: &'p ProcessorInner, checkpointer: C) -> Self {
+        let pipes = proc
+            .pipelines
+            .iter()
+            .filter(|p| p.enabled)
+            .map(|p| Pipe {
+                pipeline: p.clone(),
+                core: p.core.clone(),
+                sched: Scheduler::new(p.core.parallelism),
+                batcher: p.core.batching.clone().map(Batcher::new),
+                upstream: 0,
+                report: PipelineReport {
+                    name: p.core.name.to_string(),
+                    ..PipelineReport::default()
+                },
+            })
+            .collect();
+        Engine {
+            proc,
+            ctx: UnitCtx {
+                processor: proc.name.clone(),
+                fault_sink: proc.fault_sink.clone(),
+            },
+            pipes,
+            ledger: Ledger::default(),
+            units: FuturesUnordered::new(),
+            checkpointer,
+            report: RunReport::default(),
+            committed: HashMap::new(),
+        }
+    }
+
+    pub(crate) async fn run<S: Source>(
+        mut self,
+        mut source: S,
+        shutdown: impl Future<Output = ()> + Send,
+        deadline: Option<Instant>,
+    ) -> Result<(RunReport, C), RunError> {
+        let config = self.proc.config;
+        let (tx, mut rx) = mpsc::channel::<Result<Option<Vec<Record>>, SourceError>>(1);
+        let pull = config.pull_batch;
+        let _source_task = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let batch = source.next_batch(pull).await;
+                let more = matches!(batch, Ok(Some(_)));
+                if tx.send(batch).await.is_err() || !more {
+                    break;
+                }
+            }
+        }));
+        tokio::pin!(shutdown);
+        let mut source_done = false;
+        let mut stopping: Option<Instant> = None;
+        let mut next_commit = Instant::now() + config.commit_interval;
+        let far = || Instant::now() + std::time::Duration::from_secs(86_400 * 365);
+
+        let stopped = loop {
+            self.start_ready();
+            if source_done || stopping.is_some() {
+                self.flush_idle_batchers();
+                self.start_ready();
+            }
+            if (source_done || stopping.is_some()) && self.is_idle() {
+                break if source_done {
+                    Stopped::SourceEnded
+                } else {
+                    Stopped::Shutdown
+                };
+            }
+            let can_pull = !source_done
+                && stopping.is_none()
+                && self.ledger.undone() < config.max_in_flight
+                && self.ledger.held() < config.max_in_flight.saturating_mul(4);
+            let batch_deadline = self
+                .pipes
+                .iter()
+                .filter_map(|p| p.batcher.as_ref()?.deadline())
+                .min();
+            metrics::gauge!("floodway_in_flight", "processor" => self.proc.name.to_string())
+                .set(self.ledger.undone() as f64);
+
+            tokio::select! {
+                biased;
+                Some(output) = self.units.next(), if !self.units.is_empty() => {
+                    self.complete(output)?;
+                    // Take every completion that is ready before anything else.
+                    while let Some(Some(output)) = self.units.next().now_or_never() {
+                        self.complete(output)?;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline.unwrap_or_else(far)), if deadline.is_some() => {
+                    break Stopped::Deadline;
+                }
+                () = tokio::time::sleep_until(stopping.unwrap_or_else(far)), if stopping.is_some() => {
+                    break Stopped::DrainTimeout;
+                }
+                () = &mut shutdown, if stopping.is_none() => {
+                    tracing::info!(processor = %self.proc.name, "stopping: draining in-flight work");
+                    stopping = Some(Instant::now() + config.drain_timeout);
+                    rx.close();
+                }
+                () = tokio::time::sleep_until(batch_deadline.unwrap_or_else(far)), if batch_deadline.is_some() => {
+                    self.flush_due_batchers();
+                }
+                () = tokio::time::sleep_until(next_commit) => {
+                    self.commit().await?;
+                    next_commit = Instant::now() + config.commit_interval;
+                }
+                pulled = rx.recv(), if can_pull => match pulled {
+                    Some(Ok(Some(records))) => self.dispatch(records),
+                    Some(Ok(None)) | None => source_done = true,
+                    Some(Err(err)) => {
+                        self.commit().await?;
+                        return Err(RunError::Source(err));
+                    }
+                },
+            }
+        };
+        self.commit().await?;
+        self.report.stopped = stopped;
+        self.report.pipelines = self.pipes.iter().map(|p| p.report.clone()).collect();
+        let mut checkpoints: Vec<Checkpoint> = self
+            .committed
+            .iter()
+            .map(|(partition, offset)| Checkpoint {
+                partition: partition.clone(),
+                offset: *offset,
+            })
+            .collect();
+        checkpoints.sort_by(|a, b| a.partition.cmp(&b.partition));
+        self.report.checkpoints = checkpoints;
+        tracing::info!(
+            processor = %self.proc.name,
+            received = self.report.received,
+            done = self.report.done,
+            faults = self.report.faults(),
+            ?stopped,
+            "run ended"
+        );
+        Ok((self.report, self.checkpointer))
+    }
+
+    fn is_idle(&self) -> bool {
+        self.units.is_empty()
+            && self
+                .pipes
+                .iter()
+                .all(|p| p.sched.is_empty() && p.batcher.as_ref().is_none_or(Batcher::is_empty))
+    }
+
+    async fn commit(&mut self) -> Result<(), RunError> {
+        let moved = self.ledger.take_checkpoints();
+        if moved.is_empty() {
+            return Ok(());
+        }
+        self.checkpointer.commit(&moved).await?;
+        for cp in moved {
+            self.committed.insert(cp.partition, cp.offset);
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, records: Vec<Record>) {
+        let max_size = self.proc.config.max_event_size;
+        let pipelines = self.pipes.len() as u32;
+        self.report.received += records.len() as u64;
+        let mut newest: Option<i64> = None;
+        for record in records {
+            let record = Arc::new(record);
+            let event = match Event::decode_with_limit(&record.data, max_size) {
+                Ok(event) => Arc::new(event),
+                Err(err) => {
+                    let ticket = self.ledger.admit(record.clone(), 1);
+                    self.report.decode_faults += 1;
+                    let failure = (record, None, Arc::from("decode"), Error::from(err));
+                    self.units.push(fault_now(
+                        self.ctx.clone(),
+                        usize::MAX,
+                        None,
+                        failure,
+                        ticket,
+                    ));
+                    continue;
+                }
+            };
+            newest = Some(event.timestamp());
+            let ticket = self.ledger.admit(record.clone(), pipelines);
+            if pipelines == 0 {
+                self.finish(ticket, false);
+                continue;
+            }
+            for index in 0..self.pipes.len() {
+                self.dispatch_to(index, &record, &event, ticket);
+            }
+        }
+        if let Some(ts) = newest {
+            metrics::gauge!("floodway_lag_seconds", "processor" => self.proc.name.to_string())
+                .set((now_millis() - ts).max(0) as f64 / 1000.0);
+        }
+    }
+
+    fn dispatch_to(
+        &mut self,
+        index: usize,
+        record: &Arc<Record>,
+        event: &Arc<Event>,
+        ticket: Ticket,
+    ) {
+        let pipe = &mut self.pipes[index];
+        if !pipe.pipeline.accepts(event) {
+            pipe.report.filtered += 1;
+            self.finish(ticket, false);
+            return;
+        }
+        pipe.report.taken += 1;
+        let uow = Uow::new(record.clone(), event.clone(), ticket);
+        let out = run_sync(&pipe.core.steps, uow, 0);
+        let pieces = (out.ready.len() + out.failed.len()) as u32;
+        if pieces == 0 {
+            pipe.report.filtered += 1;
+            self.finish(ticket, false);
+            return;
+        }
+        self.ledger.add_pieces(ticket, pieces - 1);
+        for failure in out.failed {
+            pipe.report.faults += 1;
+            let item = (
+                failure.uow.record.clone(),
+                Some(failure.uow.event.clone()),
+                failure.step,
+                failure.error,
+            );
+            self.units.push(fault_now(
+                self.ctx.clone(),
+                index,
+                Some(pipe.core.clone()),
+                item,
+                ticket,
+            ));
+        }
+        for (uow, from) in out.ready {
+            Self::route(pipe, uow, from);
+        }
+    }
+
+    /// Sends a unit of work on: to the scheduler, or to the batcher once all steps ran.
+    fn route(pipe: &mut Pipe, uow: Uow, from: usize) {
+        let done_with_steps = from >= pipe.core.steps.len();
+        match &mut pipe.batcher {
+            Some(batcher) if done_with_steps => {
+                for flushed in batcher.push(uow) {
+                    Self::submit_batch(&mut pipe.sched, flushed);
+                }
+            }
+            Some(_) => {
+                pipe.upstream += 1;
+                let key = Keys::One(key_hash(uow.event().partition_key()));
+                pipe.sched.submit(key, Work::Pre { uow, from });
+            }
+            None => {
+                let key = Keys::One(key_hash(uow.event().partition_key()));
+                pipe.sched.submit(key, Work::Single { uow, from });
+            }
+        }
+    }
+
+    fn submit_batch(sched: &mut Scheduler<Work>, flushed: Flushed) {
+        let keys = keys_of(&flushed.members);
+        sched.submit(keys, Work::Batch(flushed));
+    }
+
+    fn flush_due_batchers(&mut self) {
+        let now = Instant::now();
+        for pipe in &mut self.pipes {
+            if let Some(batcher) = &mut pipe.batcher {
+                if batcher.deadline().is_some_and(|d| d <= now) {
+                    for flushed in batcher.flush() {
+                        Self::submit_batch(&mut pipe.sched, flushed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// With no more input coming, a batch waits for nothing but upstream work.
+    fn flush_idle_batchers(&mut self) {
+        for pipe in &mut self.pipes {
+            if pipe.upstream == 0 {
+                if let Some(batcher) = &mut pipe.batcher {
+                    for flushed in batcher.flush() {
+                        Self::submit_batch(&mut pipe.sched, flushed);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_ready(&mut self) {
+        for (index, pipe) in self.pipes.iter_mut().enumerate() {
+            while let Some((id, keys, work)) = pipe.sched.next() {
+                self.units.push(scheduled(
+                    self.ctx.clone(),
+                    index,
+                    pipe.core.clone(),
+                    id,
+                    keys,
+                    work,
+                ));
+            }
+        }
+    }
+
+    fn complete(&mut self, output: UnitOutput) -> Result<(), RunError> {
+        let UnitOutput {
+            pipeline,
+            slot,
+            result,
+        } = output;
+        if let Some((id, keys)) = &slot {
+            self.pipes[pipeline].sched.complete(*id, keys);
+        }
+        let outcome = result?;
+        if let Some(pipe) = self.pipes.get_mut(pipeline) {
+            if outcome.pre {
+                pipe.upstream -= 1;
+            }
+            pipe.report.delivered += outcome.delivered;
+            if slot.is_some() {
+                pipe.report.faults += outcome.faults;
+            }
+            for child in outcome.children {
+                self.ledger.add_pieces(child.ticket, 1);
+                let from = pipe.core.steps.len();
+                Self::route(pipe, child, from);
+            }
+        }
+        for (ticket, faulted) in outcome.finished {
+            self.finish(ticket, faulted);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, ticket: Ticket, faulted: bool) {
+        if let Some(done) = self.ledger.finish(ticket, faulted) {
+            self.report.done += 1;
+            self.checkpointer.settle(&done.record, done.settlement);
+        }
+    }
+}
+
+/// A source over a fixed list of records (batch mode).
+pub(crate) struct VecSource {
+    records: Option<Vec<Record>>,
+}
+
+impl VecSource {
+    pub(crate) fn new(records: Vec<Record>) -> Self {
+        VecSource {
+            records: Some(records),
+        }
+    }
+}
+
+impl Source for VecSource {
+    async fn next_batch(&mut self, _max: usize) -> Result<Option<Vec<Record>>, SourceError> {
+        Ok(self.records.take())
+    }
+}
+
+/// Collects settlements by (partition, offset) (batch mode).
+#[derive(Clone, Default)]
+pub(crate) struct SettlementCollector {
+    settled: Arc<Mutex<HashMap<(Arc<str>, u64), Settlement>>>,
+}
+
+impl SettlementCollector {
+    pub(crate) fn take(&self) -> HashMap<(Arc<str>, u64), Settlement> {
+        std::mem::take(&mut self.settled.lock().unwrap())
+    }
+}
+
+impl Checkpointer for SettlementCollector {
+    async fn commit(&mut self, _checkpoints: &[Checkpoint]) -> Result<(), CommitError> {
+        Ok(())
+    }
+
+    fn settle(&mut self, record: &Record, settlement: Settlement) {
+        self.settled
+            .lock()
+            .unwrap()
+            .insert((record.partition.clone(), record.offset), settlement);
+    }
+}

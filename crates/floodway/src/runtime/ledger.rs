@@ -1,0 +1,221 @@
+//! Accounting of records in flight, and the checkpoint per partition.
+//!
+//! A record is split into *pieces*: one per enabled pipeline at first; a pipeline that splits
+//! it into several units of work adds pieces, one that filters it out removes its piece. When
+//! the last piece is finished (succeeded, filtered, or its fault durably written) the record
+//! is done. Per partition, the checkpoint is the offset of the last record such that it and
+//! every record delivered before it are done: it never passes an unfinished record, whatever
+//! order pieces finish in (invariant 1).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::source::{Checkpoint, Settlement};
+use crate::uow::{Record, Ticket};
+
+struct Slot {
+    /// Dropped when the record is done, so done records cost no memory while they wait for
+    /// earlier ones.
+    record: Option<Arc<Record>>,
+    offset: u64,
+    partition: usize,
+    pending: u32,
+    faulted: bool,
+}
+
+struct Partition {
+    name: Arc<str>,
+    /// Tickets of this partition's records not yet behind the checkpoint, in delivery order.
+    order: VecDeque<Ticket>,
+    checkpoint: Option<u64>,
+    dirty: bool,
+}
+
+/// A record that just finished.
+pub(crate) struct Finished {
+    pub(crate) record: Arc<Record>,
+    pub(crate) settlement: Settlement,
+}
+
+#[derive(Default)]
+pub(crate) struct Ledger {
+    base: Ticket,
+    slots: VecDeque<Slot>,
+    undone: usize,
+    partitions: Vec<Partition>,
+    partition_index: HashMap<Arc<str>, usize>,
+}
+
+impl Ledger {
+    /// Registers a delivered record with `pieces` pieces; returns its ticket.
+    pub(crate) fn admit(&mut self, record: Arc<Record>, pieces: u32) -> Ticket {
+        let partition = match self.partition_index.get(&record.partition) {
+            Some(i) => *i,
+            None => {
+                let i = self.partitions.len();
+                self.partitions.push(Partition {
+                    name: record.partition.clone(),
+                    order: VecDeque::new(),
+                    checkpoint: None,
+                    dirty: false,
+                });
+                self.partition_index.insert(record.partition.clone(), i);
+                i
+            }
+        };
+        let ticket = self.base + self.slots.len() as u64;
+        self.partitions[partition].order.push_back(ticket);
+        self.slots.push_back(Slot {
+            offset: record.offset,
+            record: Some(record),
+            partition,
+            pending: pieces,
+            faulted: false,
+        });
+        self.undone += 1;
+        ticket
+    }
+
+    fn slot(&mut self, ticket: Ticket) -> &mut Slot {
+        let index = (ticket - self.base) as usize;
+        &mut self.slots[index]
+    }
+
+    /// Adds pieces to an unfinished record (a split).
+    pub(crate) fn add_pieces(&mut self, ticket: Ticket, pieces: u32) {
+        self.slot(ticket).pending += pieces;
+    }
+
+    /// Finishes one piece; returns the record if that was its last.
+    pub(crate) fn finish(&mut self, ticket: Ticket, faulted: bool) -> Option<Finished> {
+        let slot = self.slot(ticket);
+        debug_assert!(slot.pending > 0, "piece finished twice");
+        slot.pending -= 1;
+        slot.faulted |= faulted;
+        if slot.pending > 0 {
+            return None;
+        }
+        let record = slot.record.take()?;
+        let settlement = if slot.faulted {
+            Settlement::Faulted
+        } else {
+            Settlement::Done
+        };
+        let partition = slot.partition;
+        self.undone -= 1;
+        self.advance(partition);
+        Some(Finished { record, settlement })
+    }
+
+    fn advance(&mut self, partition: usize) {
+        let base = self.base;
+        let part = &mut self.partitions[partition];
+        while let Some(&front) = part.order.front() {
+            let slot = &self.slots[(front - base) as usize];
+            if slot.record.is_some() {
+                break;
+            }
+            part.order.pop_front();
+            part.checkpoint = Some(slot.offset);
+            part.dirty = true;
+        }
+        // Drop done slots from the front once their partition's checkpoint has passed them.
+        while let Some(front) = self.slots.front() {
+            let behind_checkpoint = self.partitions[front.partition]
+                .order
+                .front()
+                .is_none_or(|t| *t > self.base);
+            if front.record.is_some() || !behind_checkpoint {
+                break;
+            }
+            self.slots.pop_front();
+            self.base += 1;
+        }
+    }
+
+    /// The checkpoints that moved since the last call.
+    pub(crate) fn take_checkpoints(&mut self) -> Vec<Checkpoint> {
+        let mut out = Vec::new();
+        for part in &mut self.partitions {
+            if std::mem::take(&mut part.dirty) {
+                if let Some(offset) = part.checkpoint {
+                    out.push(Checkpoint {
+                        partition: part.name.clone(),
+                        offset,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Records delivered and not done.
+    pub(crate) fn undone(&self) -> usize {
+        self.undone
+    }
+
+    /// Slots held, done or not (bounded so memory stays flat behind a slow record).
+    pub(crate) fn held(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Pieces finish in any order; at every moment each partition's checkpoint is an
+        /// offset whose record and all earlier records of the partition are done.
+        #[test]
+        fn checkpoint_never_passes_an_unfinished_record(
+            partitions in proptest::collection::vec(0u8..3, 1..80),
+            pieces in proptest::collection::vec(1u32..4, 80),
+            picks in proptest::collection::vec(any::<usize>(), 400),
+        ) {
+            let mut ledger = Ledger::default();
+            let mut offsets = [0u64; 3];
+            let mut open: Vec<(Ticket, u8, u64)> = Vec::new();
+            let mut remaining: HashMap<Ticket, u32> = HashMap::new();
+            for (i, p) in partitions.iter().enumerate() {
+                offsets[*p as usize] += 10;
+                let rec = Arc::new(Record::new("t", p.to_string(), offsets[*p as usize], ""));
+                let t = ledger.admit(rec, pieces[i]);
+                for _ in 0..pieces[i] {
+                    open.push((t, *p, offsets[*p as usize]));
+                }
+                remaining.insert(t, pieces[i]);
+            }
+            let mut done: Vec<(u8, u64)> = Vec::new();
+            let mut checkpoints: HashMap<String, u64> = HashMap::new();
+            let mut picks = picks.into_iter().cycle();
+            while !open.is_empty() {
+                let i = picks.next().unwrap() % open.len();
+                let (t, p, off) = open.swap_remove(i);
+                let left = remaining.get_mut(&t).unwrap();
+                *left -= 1;
+                let finished = ledger.finish(t, false);
+                prop_assert_eq!(finished.is_some(), *left == 0);
+                if *left == 0 {
+                    done.push((p, off));
+                }
+                for cp in ledger.take_checkpoints() {
+                    let part: u8 = cp.partition.parse().unwrap();
+                    for o in (10..=cp.offset).step_by(10) {
+                        prop_assert!(done.contains(&(part, o)), "checkpoint {} passed unfinished {}", cp.offset, o);
+                    }
+                    let prev = checkpoints.insert(cp.partition.to_string(), cp.offset);
+                    prop_assert!(prev.is_none_or(|p| p < cp.offset), "checkpoints only move forward");
+                }
+            }
+            prop_assert_eq!(ledger.undone(), 0);
+            prop_assert_eq!(ledger.held(), 0);
+            for (p, max) in offsets.iter().enumerate() {
+                if *max > 0 {
+                    prop_assert_eq!(checkpoints.get(&p.to_string()), Some(max));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Per-key ordering with concurrency across keys.
+//!
+//! Work is submitted in source order with the partition keys it touches (one for a unit of
+//! work, the set of its members' keys for a batch). An item may start when, for each of its
+//! keys, no earlier item with that key is unfinished, and fewer than `parallelism` items run.
+//! A slow key delays only the items that share it, never the others (no head-of-line blocking
+//! across keys, unlike hashing keys onto a fixed number of lanes).
+//!
+//! Keys are 64-bit hashes of the partition keys. Two keys that collide are ordered as if they
+//! were one: that costs a little concurrency, never correctness.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A hash of a partition key.
+pub(crate) type KeyHash = u64;
+
+/// The keys an item touches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Keys {
+    One(KeyHash),
+    Many(Vec<KeyHash>),
+}
+
+impl Keys {
+    fn as_slice(&self) -> &[KeyHash] {
+        match self {
+            Keys::One(k) => std::slice::from_ref(k),
+            Keys::Many(ks) => ks,
+        }
+    }
+}
+
+/// FNV-1a: fast and stable for short keys.
+pub(crate) fn key_hash(key: &str) -> KeyHash {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The keys are hashes already.
+#[derive(Default)]
+pub(crate) struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
+
+struct KeyQueue {
+    /// The item holding the key.
+    head: u64,
+    /// Items waiting for it, in order.
+    rest: VecDeque<u64>,
+}
+
+struct Waiting<T> {
+    item: T,
+    keys: Keys,
+    blockers: usize,
+}
+
+/// Orders items per key and bounds how many run.
+pub(crate) struct Scheduler<T> {
+    parallelism: usize,
+    running: usize,
+    next_id: u64,
+    keys: IdMap<KeyQueue>,
+    waiting: IdMap<Waiting<T>>,
+    ready: VecDeque<(u64, Keys, T)>,
+}
+
+impl<T> Scheduler<T> {
+    pub(crate) fn new(parallelism: usize) -> Self {
+        Scheduler {
+            parallelism: parallelism.max(1),
+            running: 0,
+            next_id: 0,
+            keys: IdMap::default(),
+            waiting: IdMap::default(),
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Submits an item; `keys` must not repeat a key.
+    pub(crate) fn submit(&mut self, keys: Keys, item: T) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut blockers = 0;
+        for key in keys.as_slice() {
+            match self.keys.entry(*key) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(KeyQueue {
+                        head: id,
+                        rest: VecDeque::new(),
+                    });
+                }
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    o.get_mut().rest.push_back(id);
+                    blockers += 1;
+                }
+            }
+        }
+        if blockers == 0 {
+            self.ready.push_back((id, keys, item));
+        } else {
+            self.waiting.insert(
+                id,
+                Waiting {
+                    item,
+                    keys,
+                    blockers,
+                },
+            );
+        }
+    }
+
+    /// The next item that may start, if any; it counts as running until [`Self::complete`].
+    pub(crate) fn next(&mut self) -> Option<(u64, Keys, T)> {
+        if self.running >= self.parallelism {
+            return None;
+        }
+        let next = self.ready.pop_front()?;
+        self.running += 1;
+        Some(next)
+    }
+
+    /// Marks a started item finished, releasing its keys to the items waiting for them.
+    pub(crate) fn complete(&mut self, id: u64, keys: &Keys) {
+        self.running -= 1;
+        for key in keys.as_slice() {
+            let Some(queue) = self.keys.get_mut(key) else {
+                continue;
+            };
+            debug_assert_eq!(queue.head, id, "keys are released by their holder");
+            match queue.rest.pop_front() {
+                None => {
+                    self.keys.remove(key);
+                }
+                Some(next) => {
+                    queue.head = next;
+                    if let Some(w) = self.waiting.get_mut(&next) {
+                        w.blockers -= 1;
+                        if w.blockers == 0 {
+                            let w = self.waiting.remove(&next).expect("present");
+                            self.ready.push_back((next, w.keys, w.item));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Items submitted and not completed (waiting, ready or running).
+    pub(crate) fn len(&self) -> usize {
+        self.running + self.ready.len() + self.waiting.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn same_key_waits_other_keys_run() {
+        let mut s = Scheduler::new(10);
+        s.submit(Keys::One(1), "a1");
+        s.submit(Keys::One(1), "a2");
+        s.submit(Keys::One(2), "b1");
+        let (ida1, ka1, a1) = s.next().unwrap();
+        let (_, _, b1) = s.next().unwrap();
+        assert_eq!((a1, b1), ("a1", "b1"));
+        assert!(s.next().is_none(), "a2 waits for a1");
+        s.complete(ida1, &ka1);
+        assert_eq!(s.next().unwrap().2, "a2");
+    }
+
+    #[test]
+    fn batches_wait_for_every_key() {
+        let mut s = Scheduler::new(10);
+        s.submit(Keys::One(1), "a");
+        s.submit(Keys::One(2), "b");
+        s.submit(Keys::Many(vec![1, 2]), "ab");
+        let (ia, ka, _) = s.next().unwrap();
+        let (ib, kb, _) = s.next().unwrap();
+        assert!(s.next().is_none());
+        s.complete(ia, &ka);
+        assert!(s.next().is_none(), "still blocked on key 2");
+        s.complete(ib, &kb);
+        assert_eq!(s.next().unwrap().2, "ab");
+    }
+
+    proptest! {
+        /// Whatever order running items finish in, items sharing a key start in submission
+        /// order and never overlap, and at most `parallelism` run at once.
+        #[test]
+        fn per_key_order_under_random_completion(
+            keys in proptest::collection::vec(0u64..5, 1..60),
+            picks in proptest::collection::vec(any::<usize>(), 200),
+            parallelism in 1usize..6,
+        ) {
+            let mut s = Scheduler::new(parallelism);
+            for (i, k) in keys.iter().enumerate() {
+                s.submit(Keys::One(*k), i);
+            }
+            let mut running: Vec<(u64, Keys, usize)> = Vec::new();
+            let mut started: Vec<usize> = Vec::new();
+            let mut picks = picks.into_iter().cycle();
+            while !s.is_empty() {
+                while let Some(item) = s.next() {
+                    for r in &running {
+                        prop_assert_ne!(keys[r.2], keys[item.2], "same key overlapped");
+                    }
+                    started.push(item.2);
+                    running.push(item);
+                }
+                prop_assert!(running.len() <= parallelism);
+                let i = picks.next().unwrap() % running.len();
+                let (id, k, _) = running.swap_remove(i);
+                s.complete(id, &k);
+            }
+            for key in 0..5 {
+                let order: Vec<usize> = started.iter().copied().filter(|i| keys[*i] == key).collect();
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                prop_assert_eq!(order, sorted);
+            }
+            prop_assert_eq!(started.len(), keys.len());
+        }
+    }
+}

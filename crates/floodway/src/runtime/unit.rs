@@ -1,0 +1,351 @@
+//! What runs for each scheduled piece of work: steps, the sink call, and faults.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tracing::Instrument;
+
+use crate::error::{Error, ErrorClass, RunError};
+use crate::event::Event;
+use crate::fault::{fault_event, FaultOrigin};
+use crate::layer::retry::Backoff;
+use crate::pipeline::step::{guarded, run_all, StepFailure};
+use crate::pipeline::{BoxSink, PipelineCore};
+use crate::runtime::batcher::Flushed;
+use crate::runtime::scheduler::Keys;
+use crate::runtime::FaultSink;
+use crate::uow::{Batch, Record, Ticket, Uow};
+
+/// Work waiting in a pipeline's scheduler.
+pub(crate) enum Work {
+    /// Remaining steps from `from`, then the sink (a pipeline without batching).
+    Single { uow: Uow, from: usize },
+    /// Remaining steps from `from`; the outputs go on to the batcher.
+    Pre { uow: Uow, from: usize },
+    /// A batch for the sink.
+    Batch(Flushed),
+}
+
+/// What the processor shares with every unit.
+#[derive(Clone)]
+pub(crate) struct UnitCtx {
+    pub(crate) processor: Arc<str>,
+    pub(crate) fault_sink: FaultSink,
+}
+
+/// How a unit ended.
+pub(crate) struct Outcome {
+    /// Pieces to finish, with whether each was faulted.
+    pub(crate) finished: Vec<(Ticket, bool)>,
+    /// Outputs of pre-batch steps, for the batcher.
+    pub(crate) children: Vec<Uow>,
+    /// Units of work the sink accepted.
+    pub(crate) delivered: u64,
+    /// Fault events published.
+    pub(crate) faults: u64,
+    /// Whether this was pre-batch work.
+    pub(crate) pre: bool,
+}
+
+pub(crate) struct UnitOutput {
+    pub(crate) pipeline: usize,
+    pub(crate) slot: Option<(u64, Keys)>,
+    pub(crate) result: Result<Outcome, RunError>,
+}
+
+pub(crate) type BoxUnit = Pin<Box<dyn Future<Output = UnitOutput> + Send>>;
+
+async fn publish_fault(
+    ctx: &UnitCtx,
+    pipeline: &str,
+    step: &str,
+    record: &Record,
+    event: Option<&Event>,
+    err: &Error,
+    redact: &[String],
+) -> Result<(), RunError> {
+    let origin = FaultOrigin {
+        processor: &ctx.processor,
+        pipeline,
+        step,
+    };
+    let fault = fault_event(origin, record, event, err, redact);
+    let fault_id = fault.id().to_owned();
+    tracing::warn!(
+        pipeline,
+        step,
+        partition = %record.partition,
+        offset = record.offset,
+        fault = %fault_id,
+        error = %err,
+        "fault"
+    );
+    metrics::counter!(
+        "floodway_faults_total",
+        "processor" => ctx.processor.to_string(),
+        "pipeline" => pipeline.to_owned(),
+        "class" => err.class().as_str()
+    )
+    .increment(1);
+    match guarded(ctx.fault_sink.clone().oneshot(fault)).await {
+        Ok(()) => Ok(()),
+        Err(cause) => Err(RunError::FaultSink {
+            fault_id,
+            pipeline: pipeline.to_owned(),
+            cause,
+        }),
+    }
+}
+
+/// Publishes the faults of step failures; a fatal step error stops the processor.
+async fn fault_failures(
+    ctx: &UnitCtx,
+    core: &PipelineCore,
+    failures: Vec<StepFailure>,
+) -> Result<u64, RunError> {
+    let mut faults = 0;
+    for f in failures {
+        if f.error.class() == ErrorClass::Fatal {
+            return Err(RunError::Fatal {
+                pipeline: core.name.to_string(),
+                step: f.step.to_string(),
+                cause: f.error,
+            });
+        }
+        publish_fault(
+            ctx,
+            &core.name,
+            &f.step,
+            &f.uow.record,
+            Some(&f.uow.event),
+            &f.error,
+            &core.redact,
+        )
+        .await?;
+        faults += 1;
+    }
+    Ok(faults)
+}
+
+/// Calls the sink until the batch is delivered or its failure is decided. A failing batch of
+/// several is bisected so that a single poison event is faulted alone and the rest delivered.
+/// Returns the units of work that failed for good, with their errors.
+async fn send(core: &PipelineCore, batch: Batch) -> Result<Vec<(Uow, Error)>, RunError> {
+    let mut failed = Vec::new();
+    let mut stack = vec![batch];
+    while let Some(batch) = stack.pop() {
+        let mut outage_wait = 0;
+        loop {
+            let started = Instant::now();
+            let result = guarded(sink_call(&core.sink, batch.clone())).await;
+            metrics::histogram!("floodway_sink_duration_seconds", "pipeline" => core.name.to_string())
+                .record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(()) => {}
+                Err(err) if err.class() == ErrorClass::Fatal => {
+                    return Err(RunError::Fatal {
+                        pipeline: core.name.to_string(),
+                        step: "sink".into(),
+                        cause: err,
+                    })
+                }
+                Err(err) if err.class() == ErrorClass::Outage => {
+                    // The sink says the target is down: hold the batch, never fault it.
+                    let backoff =
+                        Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30));
+                    tokio::time::sleep(backoff.ceiling(outage_wait)).await;
+                    outage_wait += 1;
+                    continue;
+                }
+                Err(err) if batch.len() > 1 => {
+                    tracing::debug!(pipeline = %core.name, size = batch.len(), error = %err, "bisecting failed batch");
+                    let (left, right) = batch.split();
+                    stack.push(right);
+                    stack.push(left);
+                }
+                Err(err) => failed.push((batch.items()[0].clone(), err)),
+            }
+            break;
+        }
+    }
+    Ok(failed)
+}
+
+async fn sink_call(sink: &BoxSink, batch: Batch) -> Result<(), Error> {
+    sink.clone().oneshot(batch).await
+}
+
+async fn run_single(
+    ctx: &UnitCtx,
+    core: &PipelineCore,
+    uow: Uow,
+    from: usize,
+) -> Result<Outcome, RunError> {
+    let ticket = uow.ticket;
+    let out = run_all(&core.steps, uow, from).await;
+    let mut faults = fault_failures(ctx, core, out.failed).await?;
+    let mut delivered = 0;
+    for (uow, _) in out.ready {
+        let failed = send(core, Batch::new(vec![uow])).await?;
+        if failed.is_empty() {
+            delivered += 1;
+        }
+        for (uow, err) in failed {
+            publish_fault(
+                ctx,
+                &core.name,
+                "sink",
+                &uow.record,
+                Some(&uow.event),
+                &err,
+                &core.redact,
+            )
+            .await?;
+            faults += 1;
+        }
+    }
+    Ok(Outcome {
+        finished: vec![(ticket, faults > 0)],
+        children: Vec::new(),
+        delivered,
+        faults,
+        pre: false,
+    })
+}
+
+async fn run_pre(
+    ctx: &UnitCtx,
+    core: &PipelineCore,
+    uow: Uow,
+    from: usize,
+) -> Result<Outcome, RunError> {
+    let ticket = uow.ticket;
+    let out = run_all(&core.steps, uow, from).await;
+    let faults = fault_failures(ctx, core, out.failed).await?;
+    Ok(Outcome {
+        finished: vec![(ticket, faults > 0)],
+        children: out.ready.into_iter().map(|(u, _)| u).collect(),
+        delivered: 0,
+        faults,
+        pre: true,
+    })
+}
+
+async fn run_batch(
+    ctx: &UnitCtx,
+    core: &PipelineCore,
+    flushed: Flushed,
+) -> Result<Outcome, RunError> {
+    let failed = send(core, flushed.items.clone()).await?;
+    let mut faulted: Vec<&Uow> = Vec::with_capacity(failed.len());
+    for (uow, err) in &failed {
+        publish_fault(
+            ctx,
+            &core.name,
+            "sink",
+            &uow.record,
+            Some(&uow.event),
+            err,
+            &core.redact,
+        )
+        .await?;
+        faulted.push(uow);
+    }
+    let is_faulted = |m: &Uow| {
+        faulted
+            .iter()
+            .any(|f| f.ticket == m.ticket && Arc::ptr_eq(&f.event, &m.event))
+    };
+    Ok(Outcome {
+        finished: flushed
+            .members
+            .iter()
+            .map(|m| (m.ticket, !faulted.is_empty() && is_faulted(m)))
+            .collect(),
+        children: Vec::new(),
+        delivered: (flushed.items.len() - failed.len()) as u64,
+        faults: failed.len() as u64,
+        pre: false,
+    })
+}
+
+/// The future of scheduled work.
+pub(crate) fn scheduled(
+    ctx: UnitCtx,
+    pipeline: usize,
+    core: Arc<PipelineCore>,
+    id: u64,
+    keys: Keys,
+    work: Work,
+) -> BoxUnit {
+    let span = match &work {
+        Work::Single { uow, .. } | Work::Pre { uow, .. } => tracing::debug_span!(
+            "uow",
+            pipeline = %core.name,
+            partition = %uow.record.partition,
+            offset = uow.record.offset,
+            event = %uow.event.id(),
+        ),
+        Work::Batch(f) => {
+            tracing::debug_span!("batch", pipeline = %core.name, size = f.items.len())
+        }
+    };
+    Box::pin(
+        async move {
+            let result = match work {
+                Work::Single { uow, from } => run_single(&ctx, &core, uow, from).await,
+                Work::Pre { uow, from } => run_pre(&ctx, &core, uow, from).await,
+                Work::Batch(flushed) => run_batch(&ctx, &core, flushed).await,
+            };
+            UnitOutput {
+                pipeline,
+                slot: Some((id, keys)),
+                result,
+            }
+        }
+        .instrument(span),
+    )
+}
+
+/// The future that faults a record before any scheduled work (decode or sync-step failure).
+pub(crate) fn fault_now(
+    ctx: UnitCtx,
+    pipeline: usize,
+    core: Option<Arc<PipelineCore>>,
+    failure: (Arc<Record>, Option<Arc<Event>>, Arc<str>, Error),
+    ticket: Ticket,
+) -> BoxUnit {
+    Box::pin(async move {
+        let (record, event, step, error) = failure;
+        let (name, redact): (&str, &[String]) = match &core {
+            Some(c) => (&c.name, &c.redact),
+            None => (crate::fault::DECODE_PIPELINE, &[]),
+        };
+        let result = if error.class() == ErrorClass::Fatal {
+            Err(RunError::Fatal {
+                pipeline: name.to_owned(),
+                step: step.to_string(),
+                cause: error,
+            })
+        } else {
+            publish_fault(&ctx, name, &step, &record, event.as_deref(), &error, redact)
+                .await
+                .map(|()| Outcome {
+                    finished: vec![(ticket, true)],
+                    children: Vec::new(),
+                    delivered: 0,
+                    faults: 1,
+                    pre: false,
+                })
+        };
+        UnitOutput {
+            pipeline,
+            slot: None,
+            result,
+        }
+    })
+}

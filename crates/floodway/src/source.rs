@@ -1,0 +1,61 @@
+//! Sources of records and where their progress is committed.
+//!
+//! A long-running source (the embedded log, a JetStream consumer) implements [`Source`] to
+//! deliver records in batches and [`Checkpointer`] to learn what is done. The processor pulls
+//! only when it has room, so a slow pipeline slows the source down.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::error::{CommitError, SourceError};
+use crate::uow::Record;
+
+/// Delivers records.
+pub trait Source: Send + 'static {
+    /// The next records, at most `max`; `Ok(None)` when the source has ended (a bounded input),
+    /// never for a live stream that is merely idle: that one waits.
+    ///
+    /// The processor calls this from a task of its own, so it need not be cancel-safe.
+    fn next_batch(
+        &mut self,
+        max: usize,
+    ) -> impl Future<Output = Result<Option<Vec<Record>>, SourceError>> + Send;
+}
+
+/// The position in a partition through which every record is done.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Checkpoint {
+    /// The partition.
+    pub partition: Arc<str>,
+    /// The offset of the last record such that it and every record before it are done.
+    pub offset: u64,
+}
+
+/// How a record ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Settlement {
+    /// Every pipeline succeeded with it or filtered it out.
+    Done,
+    /// At least one pipeline faulted it (its fault event is stored); the rest are done.
+    Faulted,
+}
+
+/// Learns what is done: per-record settlements as they happen, and checkpoints.
+///
+/// Invariant 1 of the design holds at this boundary: a record is settled, and a checkpoint
+/// passes it, only after every pipeline is done with it.
+pub trait Checkpointer: Send {
+    /// Commits checkpoints (the latest per partition since the last commit).
+    fn commit(
+        &mut self,
+        checkpoints: &[Checkpoint],
+    ) -> impl Future<Output = Result<(), CommitError>> + Send;
+
+    /// Called once per record as soon as it is done, in completion order (which may differ
+    /// from source order across partition keys). Sources with per-record acknowledgement
+    /// (JetStream) ack or terminate here; logs ignore it.
+    fn settle(&mut self, record: &Record, settlement: Settlement) {
+        let _ = (record, settlement);
+    }
+}

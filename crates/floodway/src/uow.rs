@@ -1,0 +1,228 @@
+//! Records, units of work and batches.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::event::Event;
+
+/// One record as a source delivered it: where it came from and its bytes, verbatim.
+///
+/// `offset` orders records within a partition; checkpoints are offsets. Sources whose native
+/// position is not a number (a Kinesis sequence number, an SQS message id) keep it in
+/// `sequence` and number their records in delivery order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Record {
+    /// The source, e.g. `memory`, `sqlite:orders`, `kinesis:orders-stream`.
+    pub source: Arc<str>,
+    /// The partition (shard, subject partition, queue) within the source.
+    pub partition: Arc<str>,
+    /// The position within the partition; increases in delivery order.
+    pub offset: u64,
+    /// The source's own id for the record, when it is not `offset`.
+    pub sequence: Option<Arc<str>>,
+    /// Delivery attempt, 1 for the first delivery.
+    pub attempt: u32,
+    /// The raw bytes.
+    pub data: Bytes,
+}
+
+impl Record {
+    /// A first-delivery record.
+    pub fn new(
+        source: impl Into<Arc<str>>,
+        partition: impl Into<Arc<str>>,
+        offset: u64,
+        data: impl Into<Bytes>,
+    ) -> Self {
+        Record {
+            source: source.into(),
+            partition: partition.into(),
+            offset,
+            sequence: None,
+            attempt: 1,
+            data: data.into(),
+        }
+    }
+
+    /// Sets the source's own record id.
+    #[must_use]
+    pub fn with_sequence(mut self, sequence: impl Into<Arc<str>>) -> Self {
+        self.sequence = Some(sequence.into());
+        self
+    }
+
+    /// Sets the delivery attempt.
+    #[must_use]
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
+    }
+
+    /// The record's position as the source names it: `sequence` if set, else `offset`.
+    pub fn position(&self) -> String {
+        match &self.sequence {
+            Some(s) => s.to_string(),
+            None => self.offset.to_string(),
+        }
+    }
+}
+
+/// The identity of a record inside one processor run, used to account for its pieces.
+pub(crate) type Ticket = u64;
+
+/// A unit of work: one record in flight through one pipeline.
+///
+/// Holds the source record, the decoded event (shared between pipelines until a step changes
+/// it) and whatever the steps attached as typed values ([`Uow::insert`], [`Uow::get`]).
+/// Cloning is cheap.
+#[derive(Clone)]
+pub struct Uow {
+    pub(crate) record: Arc<Record>,
+    pub(crate) event: Arc<Event>,
+    pub(crate) ticket: Ticket,
+    extensions: Option<Arc<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
+}
+
+impl std::fmt::Debug for Uow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uow")
+            .field("partition", &self.record.partition)
+            .field("offset", &self.record.offset)
+            .field("event", &self.event)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Uow {
+    pub(crate) fn new(record: Arc<Record>, event: Arc<Event>, ticket: Ticket) -> Self {
+        Uow {
+            record,
+            event,
+            ticket,
+            extensions: None,
+        }
+    }
+
+    /// A unit of work outside a processor, for tests of single steps.
+    pub fn detached(event: Event) -> Self {
+        let data = event.to_json();
+        Uow::new(
+            Arc::new(Record::new("detached", "0", 0, data)),
+            Arc::new(event),
+            0,
+        )
+    }
+
+    /// The source record.
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// The event.
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+
+    /// The event, to change; it is copied first if other pipelines share it.
+    pub fn event_mut(&mut self) -> &mut Event {
+        Arc::make_mut(&mut self.event)
+    }
+
+    /// Replaces the event (a map step that emits a different event).
+    pub fn set_event(&mut self, event: Event) {
+        self.event = Arc::new(event);
+    }
+
+    /// The same unit of work carrying another event (used by splitting steps).
+    #[must_use]
+    pub fn with_event(&self, event: Event) -> Uow {
+        let mut uow = self.clone();
+        uow.event = Arc::new(event);
+        uow
+    }
+
+    /// Attaches a typed value, e.g. the request a step prepared for the sink.
+    pub fn insert<T: Any + Send + Sync>(&mut self, value: T) {
+        let map = self.extensions.get_or_insert_with(Default::default);
+        Arc::make_mut(map).insert(TypeId::of::<T>(), Arc::new(value));
+    }
+
+    /// A value attached by an earlier step.
+    pub fn get<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.extensions
+            .as_ref()?
+            .get(&TypeId::of::<T>())?
+            .downcast_ref()
+    }
+}
+
+/// What a sink receives: one or more units of work that succeed or fail together.
+///
+/// A pipeline without a batch step hands its sink batches of one. Cloning is cheap.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    items: Arc<[Uow]>,
+}
+
+impl Batch {
+    /// A batch of the given units of work.
+    pub fn new(items: Vec<Uow>) -> Self {
+        Batch {
+            items: items.into(),
+        }
+    }
+
+    /// The units of work.
+    pub fn items(&self) -> &[Uow] {
+        &self.items
+    }
+
+    /// The events, in order.
+    pub fn events(&self) -> impl Iterator<Item = &Event> {
+        self.items.iter().map(|u| u.event())
+    }
+
+    /// How many units of work.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Total encoded size of the events.
+    pub fn encoded_len(&self) -> usize {
+        self.events().map(Event::encoded_len).sum()
+    }
+
+    pub(crate) fn split(&self) -> (Batch, Batch) {
+        let mid = self.items.len() / 2;
+        (
+            Batch::new(self.items[..mid].to_vec()),
+            Batch::new(self.items[mid..].to_vec()),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extensions_are_typed_and_copy_on_write() {
+        let mut a = Uow::detached(Event::builder("t", "k").build());
+        a.insert(5u32);
+        let mut b = a.clone();
+        b.insert(6u32);
+        b.insert("s");
+        assert_eq!(a.get::<u32>(), Some(&5));
+        assert_eq!(b.get::<u32>(), Some(&6));
+        assert_eq!(a.get::<&str>(), None);
+    }
+}
