@@ -1,1 +1,498 @@
-fn main() {}
+//! Core benchmarks: `cargo bench -p floodway --bench core`.
+//!
+//! Prints a table of what was measured on this machine, with the baselines measured in the
+//! same run. Throughput runs on one core (a current-thread runtime). Set
+//! `FLOODWAY_BENCH_EVENTS` to change the number of events per throughput run.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use floodway::layer::limit::concurrency::Aimd;
+use floodway::layer::limit::rate::RateLimiter;
+use floodway::layer::retry::{Backoff, RetryPolicy};
+use floodway::layer::Resilience;
+use floodway::memory::{MemoryFaultSink, MemorySource};
+use floodway::testing::generate;
+use floodway::{sink_fn, Batch, BatchConfig, Error, Event, Pipeline, Processor, Record, Source};
+
+struct Row {
+    name: String,
+    value: String,
+    baseline: String,
+    ratio: String,
+    goal: String,
+}
+
+fn row(name: &str, value: String, baseline: String, ratio: String, goal: &str) -> Row {
+    Row {
+        name: name.into(),
+        value,
+        baseline,
+        ratio,
+        goal: goal.into(),
+    }
+}
+
+fn records_from_lines(lines: &[String]) -> Vec<Record> {
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| Record::new("bench", "0", i as u64 + 1, l.clone()))
+        .collect()
+}
+
+fn order_lines(n: usize) -> Vec<String> {
+    generate::orders(n, 42).iter().map(Event::to_json).collect()
+}
+
+#[derive(Clone)]
+struct OrderRef(#[allow(dead_code)] String);
+
+/// The benchmark processor: one pipeline filters, maps and sinks each event; one batches by
+/// 25 and sinks. Both sinks count.
+fn processor(
+    resilience: &Resilience,
+    counted: Arc<AtomicU64>,
+    faults: MemoryFaultSink,
+) -> Processor {
+    let each = {
+        let counted = counted.clone();
+        sink_fn(move |batch: Batch| {
+            counted.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            std::future::ready(Ok::<_, Error>(()))
+        })
+    };
+    let batched = sink_fn(move |batch: Batch| {
+        counted.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        std::future::ready(Ok::<_, Error>(()))
+    });
+    Processor::builder("bench")
+        .fault_sink(faults)
+        .pipeline(
+            Pipeline::builder("each")
+                .event_type("order-*")
+                .map(|mut uow| {
+                    let order = OrderRef(uow.event().partition_key().to_owned());
+                    uow.insert(order);
+                    Ok(uow)
+                })
+                .resilience(resilience.clone())
+                .sink(each)
+                .unwrap(),
+        )
+        .pipeline(
+            Pipeline::builder("batched")
+                .batch(BatchConfig::count(25))
+                .resilience(resilience.clone())
+                .sink(batched)
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
+}
+
+/// Commits and nothing else: what a log-backed checkpointer does per record.
+#[derive(Default)]
+struct Commits(u64);
+
+impl floodway::Checkpointer for Commits {
+    async fn commit(
+        &mut self,
+        checkpoints: &[floodway::Checkpoint],
+    ) -> Result<(), floodway::error::CommitError> {
+        self.0 += checkpoints.len() as u64;
+        Ok(())
+    }
+}
+
+fn one_core() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Events per second through the processor, best of `runs`.
+fn floodway_rate(records: &[Record], resilience: &Resilience, runs: usize) -> (f64, u64) {
+    let rt = one_core();
+    let mut best = 0.0f64;
+    let mut faults_seen = 0;
+    for _ in 0..runs {
+        let counted = Arc::new(AtomicU64::new(0));
+        let faults = MemoryFaultSink::new();
+        let p = processor(resilience, counted, faults.clone());
+        let source = MemorySource::new(records.to_vec());
+        let started = Instant::now();
+        let report = rt
+            .block_on(p.run(source, Commits::default(), std::future::pending()))
+            .unwrap();
+        let secs = started.elapsed().as_secs_f64();
+        assert_eq!(report.done, records.len() as u64);
+        faults_seen = faults.len() as u64;
+        best = best.max(records.len() as f64 / secs);
+    }
+    (best, faults_seen)
+}
+
+/// The raw cost: decode each record into a JSON DOM and encode it again.
+fn raw_rate(records: &[Record], runs: usize) -> f64 {
+    let mut best = 0.0f64;
+    for _ in 0..runs {
+        let started = Instant::now();
+        let mut bytes = 0usize;
+        for r in records {
+            let v: serde_json::Value = match serde_json::from_slice(&r.data) {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            bytes += serde_json::to_vec(&v).unwrap().len();
+        }
+        std::hint::black_box(bytes);
+        best = best.max(records.len() as f64 / started.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// A source that makes events as it goes, so that memory measures the processor only.
+struct Generated {
+    next: u64,
+    end: u64,
+    template: Vec<String>,
+}
+
+impl Source for Generated {
+    async fn next_batch(
+        &mut self,
+        max: usize,
+    ) -> Result<Option<Vec<Record>>, floodway::error::SourceError> {
+        if self.next >= self.end {
+            return Ok(None);
+        }
+        let n = (max as u64).min(self.end - self.next);
+        let batch = (self.next..self.next + n)
+            .map(|i| {
+                let line = &self.template[(i % self.template.len() as u64) as usize];
+                Record::new("bench", "0", i + 1, line.clone())
+            })
+            .collect();
+        self.next += n;
+        Ok(Some(batch))
+    }
+}
+
+fn rss_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Child process: stream events through a slow sink; print samples of RSS and the peak.
+fn memory_child(total: u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::new(AtomicU64::new(0));
+    let slow = {
+        let (samples, seen) = (samples.clone(), seen.clone());
+        sink_fn(move |batch: Batch| {
+            let n = seen.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64;
+            if n % (total / 10) < batch.len() as u64 {
+                samples.lock().unwrap().push(rss_kib("VmRSS:"));
+            }
+            async move {
+                // A slow target: 5 ms per call (virtual time).
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let p = Processor::builder("memory")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(
+            Pipeline::builder("slow")
+                .parallelism(32)
+                .sink(slow)
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let source = Generated {
+        next: 0,
+        end: total,
+        template: order_lines(1_000),
+    };
+    let report = rt
+        .block_on(p.run(source, Commits::default(), std::future::pending()))
+        .unwrap();
+    assert_eq!(report.done, total);
+    let samples = samples.lock().unwrap();
+    let list: Vec<String> = samples.iter().map(|k| format!("{}", k / 1024)).collect();
+    println!("{} {}", rss_kib("VmHWM:"), list.join(","));
+}
+
+fn memory_row(total: u64) -> Row {
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .env("FLOODWAY_BENCH_CHILD", "memory")
+        .env("FLOODWAY_BENCH_MEMORY_EVENTS", total.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut parts = text.split_whitespace();
+    let peak_kib: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let samples = parts.next().unwrap_or("").to_owned();
+    row(
+        &format!("peak RSS, {total} events through a slow sink (RSS MiB at each 10%)"),
+        format!("{:.1} MiB", peak_kib as f64 / 1024.0),
+        format!("[{samples}]"),
+        "flat".into(),
+        "flat, < 100 MiB",
+    )
+}
+
+fn rate_limit_row() -> Row {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let limit = 2_000u32;
+    let seconds = 3.0;
+    let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let sink = {
+        let calls = calls.clone();
+        sink_fn(move |_b: Batch| {
+            calls.lock().unwrap().push(Instant::now());
+            std::future::ready(Ok::<_, Error>(()))
+        })
+    };
+    // A burst of 10 ms worth of calls absorbs the timer's millisecond resolution.
+    let burst = limit / 100;
+    let limiter = RateLimiter::per_second(limit)
+        .unwrap()
+        .with_burst(burst)
+        .unwrap();
+    let p = Processor::builder("rate")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(
+            Pipeline::builder("limited")
+                .parallelism(64)
+                .resilience(Resilience::default().rate_limit(limiter))
+                .sink(sink)
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let n = (f64::from(limit) * seconds) as usize;
+    let events = generate::orders(n, 9);
+    let started = Instant::now();
+    rt.block_on(p.run(
+        MemorySource::from_events(&events, 1),
+        Commits::default(),
+        std::future::pending(),
+    ))
+    .unwrap();
+    let calls = calls.lock().unwrap();
+    let elapsed = calls.last().unwrap().duration_since(started).as_secs_f64();
+    let achieved = (calls.len() - 1) as f64 / elapsed;
+    let window = Duration::from_secs(1);
+    let mut max_in_window = 0;
+    let mut j = 0;
+    for i in 0..calls.len() {
+        while j < calls.len() && calls[j] - calls[i] < window {
+            j += 1;
+        }
+        max_in_window = max_in_window.max(j - i);
+    }
+    row(
+        &format!("rate limit {limit}/s, burst {burst}: achieved rate; max calls in any 1 s window"),
+        format!("{achieved:.0}/s; {max_in_window}"),
+        format!("{limit}/s; bound {}", limit + burst),
+        format!("{:.3}", achieved / f64::from(limit)),
+        "within 2%, never above",
+    )
+}
+
+/// A target with an unknown capacity of `capacity` concurrent calls answering in 20 ms; calls
+/// above it are throttled (429) at once. Run on tokio's paused clock for 60 virtual seconds.
+fn adaptive_row() -> Row {
+    let capacity = 40usize;
+    let latency = Duration::from_millis(20);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicU64::new(0));
+    let throttled = Arc::new(AtomicU64::new(0));
+    let sink = {
+        let (in_flight, ok, throttled) = (in_flight.clone(), ok.clone(), throttled.clone());
+        sink_fn(move |_b: Batch| {
+            let (in_flight, ok, throttled) = (in_flight.clone(), ok.clone(), throttled.clone());
+            async move {
+                if in_flight.fetch_add(1, Ordering::SeqCst) >= capacity {
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    throttled.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    return Err(Error::throttled_msg("HttpStatus", "429 Too Many Requests"));
+                }
+                tokio::time::sleep(latency).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                ok.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+    };
+    let resilience = Resilience::default()
+        .adaptive_concurrency(Aimd {
+            max: 512,
+            ..Aimd::default()
+        })
+        .retry(
+            RetryPolicy::default()
+                .max_attempts(10)
+                .backoff(Backoff::exponential(
+                    Duration::from_millis(10),
+                    Duration::from_secs(1),
+                )),
+        );
+    let p = Processor::builder("adaptive")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(
+            Pipeline::builder("calls")
+                .parallelism(512)
+                .resilience(resilience)
+                .sink(sink)
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let ideal = capacity as f64 / latency.as_secs_f64();
+    let n = (ideal * 60.0) as usize;
+    let events: Vec<Event> = (0..n)
+        .map(|i| {
+            Event::builder("call-requested", format!("k{}", i % 5_000))
+                .id(i.to_string())
+                .timestamp(i as i64)
+                .build()
+        })
+        .collect();
+    let (secs, report) = rt.block_on(async {
+        let started = tokio::time::Instant::now();
+        let report = p
+            .run(
+                MemorySource::from_events(&events, 1),
+                Commits::default(),
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
+        (started.elapsed().as_secs_f64(), report)
+    });
+    assert_eq!(report.faults(), 0);
+    let goodput = ok.load(Ordering::SeqCst) as f64 / secs;
+    let thr = throttled.load(Ordering::SeqCst) as f64;
+    let share = thr / (thr + ok.load(Ordering::SeqCst) as f64);
+    row(
+        "adaptive concurrency vs hidden capacity (simulated, paused clock): goodput; throttled share",
+        format!("{goodput:.0}/s; {:.2}%", share * 100.0),
+        format!("{ideal:.0}/s"),
+        format!("{:.3}", goodput / ideal),
+        ">= 0.90 of capacity, < 5% throttled",
+    )
+}
+
+fn main() {
+    if std::env::var("FLOODWAY_BENCH_CHILD").as_deref() == Ok("memory") {
+        let total = std::env::var("FLOODWAY_BENCH_MEMORY_EVENTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        memory_child(total);
+        return;
+    }
+    // `cargo bench` passes `--bench`; ignore arguments.
+    let n: usize = std::env::var("FLOODWAY_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let runs = 3;
+    let only_throughput = std::env::var("FLOODWAY_BENCH_ONLY").as_deref() == Ok("throughput");
+    eprintln!("generating {n} events...");
+    let lines = order_lines(n);
+    let avg = lines.iter().map(String::len).sum::<usize>() / lines.len();
+    let clean = records_from_lines(&lines);
+    let mut poisoned_lines = lines.clone();
+    let poisoned = generate::poison_lines(&mut poisoned_lines, 10, 7);
+    let poisoned_records = records_from_lines(&poisoned_lines);
+
+    let mut rows = Vec::new();
+    eprintln!("raw decode + encode...");
+    let raw = raw_rate(&clean, runs);
+    eprintln!("floodway, no resilience layers...");
+    let (bare, _) = floodway_rate(&clean, &Resilience::none(), runs);
+    eprintln!("floodway, default resilience stack...");
+    let (full, _) = floodway_rate(&clean, &Resilience::default(), runs);
+    eprintln!("floodway, 1% poison...");
+    let (poison, faults) = floodway_rate(&poisoned_records, &Resilience::default(), runs);
+    assert_eq!(faults as usize, poisoned);
+    rows.push(row(
+        &format!("raw serde_json decode + encode, {avg}-byte events (baseline)"),
+        format!("{raw:.0} ev/s"),
+        "-".into(),
+        "1.00".into(),
+        "-",
+    ));
+    rows.push(row(
+        "processor, 2 pipelines, sinks without layers",
+        format!("{bare:.0} ev/s"),
+        format!("{raw:.0} ev/s raw"),
+        format!("{:.2}", bare / raw),
+        ">= 500,000 ev/s; > 0.5 of raw",
+    ));
+    rows.push(row(
+        "processor, 2 pipelines, default resilience stack",
+        format!("{full:.0} ev/s"),
+        format!("{raw:.0} ev/s raw"),
+        format!("{:.2}", full / raw),
+        ">= 500,000 ev/s; > 0.5 of raw",
+    ));
+    rows.push(row(
+        &format!("same with 1% poison ({poisoned} faults)"),
+        format!("{poison:.0} ev/s"),
+        format!("{full:.0} ev/s clean"),
+        format!("{:.2}", poison / full),
+        ">= 0.95 of clean",
+    ));
+    if only_throughput {
+        print_table(rows);
+        return;
+    }
+    eprintln!("memory (child process)...");
+    rows.push(memory_row(1_000_000));
+    eprintln!("rate limit (3 s real time)...");
+    rows.push(rate_limit_row());
+    eprintln!("adaptive concurrency (simulated)...");
+    rows.push(adaptive_row());
+    print_table(rows);
+}
+
+fn print_table(rows: Vec<Row>) {
+    println!("| measurement | result | baseline | ratio | goal |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.name, r.value, r.baseline, r.ratio, r.goal
+        );
+    }
+}

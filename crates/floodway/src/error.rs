@@ -59,8 +59,13 @@ impl fmt::Display for ErrorClass {
 /// assert_eq!(err.class(), ErrorClass::Transient);
 /// assert!(err.is_throttle());
 /// ```
+///
+/// An `Error` is one pointer wide, so `Result`s on hot paths stay small.
 #[derive(Debug)]
-pub struct Error {
+pub struct Error(Box<Inner>);
+
+#[derive(Debug)]
+struct Inner {
     class: ErrorClass,
     throttle: bool,
     name: Cow<'static, str>,
@@ -82,7 +87,7 @@ impl Error {
     where
         E: std::error::Error + Send + Sync + 'static,
     {
-        Error {
+        Error(Box::new(Inner {
             class,
             throttle: false,
             name: Cow::Borrowed(short_type_name::<E>()),
@@ -90,7 +95,7 @@ impl Error {
             retry_after: None,
             attempts: 1,
             source: Some(Box::new(cause)),
-        }
+        }))
     }
 
     /// An error of `class` with a name and a message and no cause.
@@ -99,7 +104,7 @@ impl Error {
         name: impl Into<Cow<'static, str>>,
         message: impl Into<String>,
     ) -> Self {
-        Error {
+        Error(Box::new(Inner {
             class,
             throttle: false,
             name: name.into(),
@@ -107,7 +112,7 @@ impl Error {
             retry_after: None,
             attempts: 1,
             source: None,
-        }
+        }))
     }
 
     /// A transient error: retried in place.
@@ -129,7 +134,7 @@ impl Error {
     /// adaptive concurrency to back off.
     pub fn throttled<E: std::error::Error + Send + Sync + 'static>(cause: E) -> Self {
         let mut err = Self::new(ErrorClass::Transient, cause);
-        err.throttle = true;
+        err.0.throttle = true;
         err
     }
 
@@ -146,7 +151,7 @@ impl Error {
     /// A throttle (transient) with a name and a message.
     pub fn throttled_msg(name: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
         let mut err = Self::msg(ErrorClass::Transient, name, message);
-        err.throttle = true;
+        err.0.throttle = true;
         err
     }
 
@@ -158,69 +163,70 @@ impl Error {
     /// Renames the error (the `err.name` of a fault event).
     #[must_use]
     pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
+        self.0.name = name.into();
         self
     }
 
     /// Sets the delay the target asked for before the next attempt (e.g. `Retry-After`).
     #[must_use]
     pub fn with_retry_after(mut self, delay: Duration) -> Self {
-        self.retry_after = Some(delay);
+        self.0.retry_after = Some(delay);
         self
     }
 
     /// Changes the class.
     #[must_use]
     pub fn with_class(mut self, class: ErrorClass) -> Self {
-        self.class = class;
+        self.0.class = class;
         self
     }
 
     pub(crate) fn with_attempts(mut self, attempts: u32) -> Self {
-        self.attempts = attempts;
+        self.0.attempts = attempts;
         self
     }
 
     /// The class that decides what happens next.
     pub fn class(&self) -> ErrorClass {
-        self.class
+        self.0.class
     }
 
     /// Whether the target signalled overload (HTTP 429, a throttling exception).
     pub fn is_throttle(&self) -> bool {
-        self.throttle
+        self.0.throttle
     }
 
     /// The error's name, e.g. `Timeout` or `DecodeEventError`.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.0.name
     }
 
     /// The human-readable message.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     /// The delay the target asked for, if any.
     pub fn retry_after(&self) -> Option<Duration> {
-        self.retry_after
+        self.0.retry_after
     }
 
     /// How many attempts were made before this error was given up on.
     pub fn attempts(&self) -> u32 {
-        self.attempts
+        self.0.attempts
     }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}): {}", self.name, self.class, self.message)
+        write!(f, "{} ({}): {}", self.0.name, self.0.class, self.0.message)
     }
 }
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
+        self.0
+            .source
             .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
     }

@@ -209,8 +209,11 @@ impl Service<Batch> for MemorySink {
 /// durable fault stores do); clones share them.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryFaultSink {
-    faults: Arc<Mutex<(Vec<Event>, HashMap<String, usize>)>>,
+    faults: Arc<Mutex<FaultList>>,
 }
+
+/// Faults in order of arrival, and where each id is in the list.
+type FaultList = (Vec<Event>, HashMap<String, usize>);
 
 impl MemoryFaultSink {
     /// An empty fault sink.

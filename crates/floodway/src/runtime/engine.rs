@@ -140,9 +140,11 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     Stopped::Shutdown
                 };
             }
+            // A pulled batch is dispatched whole, so pull only when it fits.
             let can_pull = !source_done
                 && stopping.is_none()
-                && self.ledger.undone() < config.max_in_flight
+                && self.ledger.undone() + config.pull_batch.min(config.max_in_flight)
+                    <= config.max_in_flight
                 && self.ledger.held() < config.max_in_flight.saturating_mul(4);
             let batch_deadline = self
                 .pipes
@@ -443,11 +445,14 @@ impl Source for VecSource {
 /// Collects settlements by (partition, offset) (batch mode).
 #[derive(Clone, Default)]
 pub(crate) struct SettlementCollector {
-    settled: Arc<Mutex<HashMap<(Arc<str>, u64), Settlement>>>,
+    settled: Arc<Mutex<Settled>>,
 }
 
+/// Settlements by (partition, offset).
+pub(crate) type Settled = HashMap<(Arc<str>, u64), Settlement>;
+
 impl SettlementCollector {
-    pub(crate) fn take(&self) -> HashMap<(Arc<str>, u64), Settlement> {
+    pub(crate) fn take(&self) -> Settled {
         std::mem::take(&mut self.settled.lock().unwrap())
     }
 }

@@ -1,9 +1,16 @@
 //! A GCRA rate limit, shareable between pipelines that call the same target.
 //!
 //! The generic cell rate algorithm keeps one number, the theoretical arrival time (TAT) of the
-//! next call, and admits a call at `max(now, TAT - tolerance)`. Every call reserves its slot
-//! when it arrives and then sleeps until the slot, so callers are served in arrival order and
-//! no window of length `w` ever holds more than `w / interval + burst` calls.
+//! next call, and admits a call at time `now` only if `now >= TAT - tolerance`, then moves TAT
+//! one interval on. Measured at admission, no window of length `w` ever holds more than
+//! `w / interval + burst` calls.
+//!
+//! Callers first *reserve* a slot (a second TAT, advanced at arrival) and sleep until it, so
+//! they wake one by one in arrival order instead of all at once; at wake-up the admission
+//! check runs on the real clock. A late wake-up (timers have millisecond resolution, busy
+//! threads are late) therefore delays a call instead of letting it crowd the next ones. Give
+//! rates above about 1,000/s a burst of a few milliseconds' worth of calls, or the timer's
+//! resolution caps the rate.
 //!
 //! Floodway keeps its own twenty-line GCRA rather than `governor` so that the limiter runs on
 //! tokio's clock: tests and simulations on a paused clock see exact, repeatable timings.
@@ -34,7 +41,23 @@ pub struct RateLimiter {
 struct Gcra {
     interval: Duration,
     tolerance: Duration,
-    tat: Option<Instant>,
+    /// Theoretical arrival time of reservations: when the next caller should wake.
+    reserved: Option<Instant>,
+    /// Theoretical arrival time of admissions, on the real clock: what the limit enforces.
+    admitted: Option<Instant>,
+}
+
+/// Advances `tat` by one call arriving at `now`; returns the earliest time the call conforms.
+fn advance(
+    tat: &mut Option<Instant>,
+    now: Instant,
+    interval: Duration,
+    tolerance: Duration,
+) -> Instant {
+    let t = tat.map_or(now, |t| t.max(now));
+    let allowed = t.checked_sub(tolerance).map_or(now, |a| a.max(now));
+    *tat = Some(t + interval);
+    allowed
 }
 
 impl RateLimiter {
@@ -53,7 +76,8 @@ impl RateLimiter {
             state: Arc::new(Mutex::new(Gcra {
                 interval: period / calls,
                 tolerance: Duration::ZERO,
-                tat: None,
+                reserved: None,
+                admitted: None,
             })),
         })
     }
@@ -89,24 +113,44 @@ impl RateLimiter {
         self.state.lock().unwrap().interval
     }
 
-    /// Reserves the next slot and returns when the call may start.
+    /// Reserves the next slot and returns when the caller should try to start.
     pub fn reserve(&self) -> Instant {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap();
-        let tat = state.tat.map_or(now, |t| t.max(now));
-        let allowed = tat.checked_sub(state.tolerance).map_or(now, |t| t.max(now));
-        state.tat = Some(tat + state.interval);
-        allowed
+        let (interval, tolerance) = (state.interval, state.tolerance);
+        advance(&mut state.reserved, now, interval, tolerance)
     }
 
-    /// Waits for a slot.
-    pub async fn acquire(&self) {
-        let at = self.reserve();
+    /// Admits a call now if that keeps to the limit.
+    ///
+    /// # Errors
+    /// When it would not: the instant at which it would.
+    pub fn try_admit(&self) -> Result<(), Instant> {
         let now = Instant::now();
-        if at > now {
-            metrics::histogram!("floodway_rate_limit_wait_seconds")
-                .record((at - now).as_secs_f64());
+        let mut state = self.state.lock().unwrap();
+        let (interval, tolerance) = (state.interval, state.tolerance);
+        let mut tat = state.admitted;
+        let allowed = advance(&mut tat, now, interval, tolerance);
+        if allowed > now {
+            return Err(allowed);
+        }
+        state.admitted = tat;
+        Ok(())
+    }
+
+    /// Waits until a call may start, and admits it.
+    pub async fn acquire(&self) {
+        let started = Instant::now();
+        let at = self.reserve();
+        if at > started {
             tokio::time::sleep_until(at).await;
+        }
+        while let Err(at) = self.try_admit() {
+            tokio::time::sleep_until(at).await;
+        }
+        let waited = started.elapsed();
+        if !waited.is_zero() {
+            metrics::histogram!("floodway_rate_limit_wait_seconds").record(waited.as_secs_f64());
         }
     }
 }
@@ -177,6 +221,19 @@ mod tests {
         let times: Vec<_> = (0..6).map(|_| limiter.reserve() - start).collect();
         let ms: Vec<u128> = times.iter().map(Duration::as_millis).collect();
         assert_eq!(ms, vec![0, 0, 0, 100, 200, 300]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_holds_on_the_real_clock_even_after_late_wakeups() {
+        let limiter = RateLimiter::per_second(10).unwrap();
+        limiter.acquire().await;
+        // Two calls whose reservations passed long ago (a late thread): only one goes now.
+        limiter.reserve();
+        limiter.reserve();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(limiter.try_admit().is_ok());
+        let next = limiter.try_admit().unwrap_err();
+        assert_eq!(next - Instant::now(), Duration::from_millis(100));
     }
 
     #[test]

@@ -1,0 +1,463 @@
+//! Each failure class end to end on the in-memory runtime, on tokio's paused clock.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use floodway::fault::FaultDetails;
+use floodway::layer::breaker::{BreakerConfig, CircuitBreaker};
+use floodway::layer::Resilience;
+use floodway::memory::{MemoryCheckpointer, MemorySink, MemorySource};
+use floodway::testing::TestKit;
+use floodway::{
+    fault_sink_fn, sink_fn, Batch, BatchConfig, Error, ErrorClass, Event, Pipeline, RunError,
+};
+use tokio::time::Instant;
+
+fn event(i: u32, key: &str) -> Event {
+    Event::builder("thing-happened", key)
+        .id(format!("e-{i}"))
+        .timestamp(1_000 + i64::from(i))
+        .field("n", i)
+        .build()
+}
+
+/// Events `0..n` over `keys` keys, in one partition.
+fn events(n: u32, keys: u32) -> Vec<Event> {
+    (0..n)
+        .map(|i| event(i, &format!("k{}", i % keys)))
+        .collect()
+}
+
+fn ids(events: &[Event]) -> Vec<String> {
+    events.iter().map(|e| e.id().to_owned()).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transient_blip_is_retried_and_succeeds_without_a_fault() {
+    let kit = TestKit::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let delivered = MemorySink::new();
+    let sink = {
+        let calls = calls.clone();
+        let delivered = delivered.clone();
+        sink_fn(move |batch: Batch| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            let mut delivered = delivered.clone();
+            async move {
+                // Calls 3 and 4 fail: a blip.
+                if n == 3 || n == 4 {
+                    return Err(Error::transient_msg("ConnectionReset", "blip"));
+                }
+                tower::Service::call(&mut delivered, batch).await
+            }
+        })
+    };
+    let processor = kit
+        .processor("p")
+        .pipeline(Pipeline::builder("all").parallelism(1).sink(sink).unwrap())
+        .build()
+        .unwrap();
+    let input = events(10, 3);
+    let report = kit
+        .run(&processor, MemorySource::from_events(&input, 1))
+        .await
+        .unwrap();
+    assert!(kit.faults().is_empty());
+    assert_eq!(ids(&delivered.events()), ids(&input));
+    assert_eq!(calls.load(Ordering::SeqCst), 12);
+    assert_eq!(report.pipeline("all").unwrap().delivered, 10);
+    assert_eq!(kit.checkpoint("0"), Some(10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poison_event_becomes_one_fault_and_the_stream_flows_on() {
+    let kit = TestKit::new();
+    let delivered = MemorySink::new();
+    let sink = {
+        let delivered = delivered.clone();
+        sink_fn(move |batch: Batch| {
+            let mut delivered = delivered.clone();
+            async move {
+                if batch.events().any(|e| e.id() == "e-4") {
+                    return Err(Error::poison_msg("HttpStatus", "400 Bad Request"));
+                }
+                tower::Service::call(&mut delivered, batch).await
+            }
+        })
+    };
+    let processor = kit
+        .processor("p")
+        .pipeline(Pipeline::builder("all").sink(sink).unwrap())
+        .build()
+        .unwrap();
+    // e-4 has key k1; e-7 and e-10 share it and come after.
+    let input = events(12, 3);
+    kit.run(&processor, MemorySource::from_events(&input, 1))
+        .await
+        .unwrap();
+
+    let faults = kit.faults();
+    assert_eq!(faults.len(), 1);
+    let fault = &faults[0];
+    assert_eq!(fault.event_type(), "fault");
+    assert_eq!(fault.tag("pipeline"), Some("all"));
+    assert_eq!(fault.tag("step"), Some("sink"));
+    let details: FaultDetails = fault.payload().unwrap();
+    assert_eq!(details.err.name, "HttpStatus");
+    assert_eq!(details.err.class, "poison");
+    assert_eq!(details.err.attempts, 1, "poison is not retried");
+    assert_eq!(
+        details.uow.record.bytes().unwrap(),
+        input[4].to_json().as_bytes()
+    );
+
+    let got = delivered.events();
+    assert_eq!(got.len(), 11);
+    let k1: Vec<_> = got
+        .iter()
+        .filter(|e| e.partition_key() == "k1")
+        .map(|e| e.id().to_owned())
+        .collect();
+    assert_eq!(
+        k1,
+        vec!["e-1", "e-7", "e-10"],
+        "same key flows on, in order"
+    );
+    assert_eq!(kit.checkpoint("0"), Some(12));
+    assert_eq!(
+        kit.checkpointer().settlement("0", 5),
+        Some(floodway::Settlement::Faulted)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_exhausted_while_the_target_is_healthy_fault_that_event_only() {
+    let kit = TestKit::new();
+    let delivered = MemorySink::new();
+    let sink = {
+        let delivered = delivered.clone();
+        sink_fn(move |batch: Batch| {
+            let mut delivered = delivered.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                if batch.events().any(|e| e.id() == "e-2") {
+                    return Err(Error::transient_msg("Timeout", "this one always times out"));
+                }
+                tower::Service::call(&mut delivered, batch).await
+            }
+        })
+    };
+    let processor = kit
+        .processor("p")
+        .pipeline(Pipeline::builder("all").sink(sink).unwrap())
+        .build()
+        .unwrap();
+    kit.run(&processor, MemorySource::from_events(&events(40, 8), 1))
+        .await
+        .unwrap();
+    let faults = kit.faults();
+    assert_eq!(faults.len(), 1, "one fault: {faults:?}");
+    let details: FaultDetails = faults[0].payload().unwrap();
+    assert_eq!(details.err.class, "transient");
+    assert!(details.err.attempts > 1);
+    assert_eq!(delivered.len(), 39);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_outage_opens_the_breaker_faults_nothing_loses_nothing_and_recovers() {
+    let kit = TestKit::new();
+    let delivered = MemorySink::new();
+    let started = Instant::now();
+    let outage = Duration::from_secs(120);
+    let failed_calls = Arc::new(AtomicU64::new(0));
+    let sink = {
+        let delivered = delivered.clone();
+        let failed_calls = failed_calls.clone();
+        sink_fn(move |batch: Batch| {
+            let mut delivered = delivered.clone();
+            let failed_calls = failed_calls.clone();
+            async move {
+                if started.elapsed() < outage {
+                    failed_calls.fetch_add(1, Ordering::SeqCst);
+                    return Err(Error::transient_msg("ConnectionRefused", "target down"));
+                }
+                tower::Service::call(&mut delivered, batch).await
+            }
+        })
+    };
+    let breaker = CircuitBreaker::new(BreakerConfig::default(), "target");
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("all")
+                .resilience(Resilience::default().shared_breaker(breaker.clone()))
+                .sink(sink)
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let input = events(500, 50);
+    let report = kit
+        .run(&processor, MemorySource::from_events(&input, 1))
+        .await
+        .unwrap();
+
+    assert!(kit.faults().is_empty(), "an outage faults nothing");
+    assert!(breaker.opens() >= 1);
+    let mut got = ids(&delivered.events());
+    got.sort();
+    let mut want = ids(&input);
+    want.sort();
+    assert_eq!(got, want, "nothing lost, nothing doubled");
+    assert!(started.elapsed() >= outage);
+    assert_eq!(report.done, 500);
+    assert_eq!(kit.checkpoint("0"), Some(500));
+    // While open, the breaker lets one probe through at a time: the target is not hammered.
+    let failed = failed_calls.load(Ordering::SeqCst);
+    assert!(failed < 200, "{failed} failed calls during a 120 s outage");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_step_becomes_a_fault() {
+    let kit = TestKit::new();
+    let delivered = MemorySink::new();
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("all")
+                .map(|uow| {
+                    if uow.event().id() == "e-3" {
+                        panic!("step bug on {}", uow.event().id());
+                    }
+                    Ok(uow)
+                })
+                .named("enrich")
+                .then(|uow| async move {
+                    if uow.event().id() == "e-5" {
+                        panic!("async bug");
+                    }
+                    Ok(uow)
+                })
+                .sink(delivered.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    kit.run(&processor, MemorySource::from_events(&events(8, 2), 1))
+        .await
+        .unwrap();
+    let faults = kit.faults();
+    assert_eq!(faults.len(), 2);
+    let by_step: Vec<_> = faults
+        .iter()
+        .map(|f| f.tag("step").unwrap().to_owned())
+        .collect();
+    assert!(by_step.contains(&"enrich".to_owned()));
+    assert!(by_step.contains(&"then-2".to_owned()));
+    let details: FaultDetails = faults[0].payload().unwrap();
+    assert_eq!(details.err.name, "Panic");
+    assert_eq!(delivered.len(), 6);
+    assert_eq!(kit.checkpoint("0"), Some(8));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_fault_sink_stops_the_processor_without_advancing_the_checkpoint() {
+    let checkpointer = MemoryCheckpointer::default();
+    let fault_calls = Arc::new(AtomicU32::new(0));
+    let fault_sink = {
+        let fault_calls = fault_calls.clone();
+        fault_sink_fn(move |_fault: Event| {
+            fault_calls.fetch_add(1, Ordering::SeqCst);
+            async { Err(Error::transient_msg("Unavailable", "fault store down")) }
+        })
+    };
+    let delivered = MemorySink::new();
+    let processor = floodway::Processor::builder("p")
+        .fault_sink(fault_sink)
+        .pipeline(
+            Pipeline::builder("all")
+                .parallelism(1)
+                .validate(|e| {
+                    if e.id() == "e-5" {
+                        Err(Error::poison_msg("Invalid", "bad"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .sink(delivered.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let result = processor
+        .run(
+            MemorySource::from_events(&events(20, 1), 1),
+            checkpointer.clone(),
+            std::future::pending(),
+        )
+        .await;
+    match result {
+        Err(RunError::FaultSink {
+            pipeline, cause, ..
+        }) => {
+            assert_eq!(pipeline, "all");
+            assert_eq!(cause.class(), ErrorClass::Transient);
+        }
+        other => panic!("expected a fault sink error, got {other:?}"),
+    }
+    assert!(
+        fault_calls.load(Ordering::SeqCst) > 1,
+        "the fault sink was retried"
+    );
+    // e-5 is at offset 6: the checkpoint stays below it.
+    assert!(checkpointer.checkpoint("0").is_none_or(|c| c < 6));
+    assert_eq!(checkpointer.settlement("0", 6), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn undecodable_records_become_faults_before_any_pipeline() {
+    let kit = TestKit::new();
+    let delivered = MemorySink::new();
+    let processor = kit
+        .processor("p")
+        .max_event_size(2_000)
+        .pipeline(Pipeline::builder("all").sink(delivered.clone()).unwrap())
+        .build()
+        .unwrap();
+    let mut lines: Vec<String> = events(3, 1).iter().map(Event::to_json).collect();
+    lines.insert(1, "{not json".into());
+    lines.insert(2, r#"{"id":"x","type":"t","timestamp":1}"#.into());
+    lines.push(format!(
+        r#"{{"id":"big","type":"t","timestamp":1,"partitionKey":"k","pad":"{}"}}"#,
+        "x".repeat(3_000)
+    ));
+    let report = kit.run_jsonl(&processor, &lines.join("\n")).await.unwrap();
+    assert_eq!(report.decode_faults, 3);
+    assert_eq!(delivered.len(), 3);
+    let faults = kit.faults();
+    let messages: Vec<String> = faults
+        .iter()
+        .map(|f| f.payload::<FaultDetails>().unwrap().err.message)
+        .collect();
+    assert!(messages[0].contains("not valid JSON"), "{messages:?}");
+    assert!(messages[1].contains("partitionKey"), "{messages:?}");
+    assert!(messages[2].contains("over the limit"), "{messages:?}");
+    assert!(faults.iter().all(|f| f.tag("pipeline") == Some("*")));
+    assert_eq!(kit.checkpoint("0"), Some(6));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_batch_is_bisected_so_only_the_poison_event_is_faulted() {
+    let kit = TestKit::new();
+    let delivered = MemorySink::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let sink = {
+        let delivered = delivered.clone();
+        let calls = calls.clone();
+        sink_fn(move |batch: Batch| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut delivered = delivered.clone();
+            async move {
+                if batch.events().any(|e| e.id() == "e-13") {
+                    return Err(Error::poison_msg("Rejected", "one bad entry"));
+                }
+                tower::Service::call(&mut delivered, batch).await
+            }
+        })
+    };
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("batched")
+                .batch(BatchConfig::count(16))
+                .sink(sink)
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    kit.run(&processor, MemorySource::from_events(&events(32, 4), 1))
+        .await
+        .unwrap();
+    assert_eq!(kit.faults().len(), 1);
+    assert_eq!(delivered.len(), 31);
+    // 2 batches + bisection of one batch of 16: 2 + 2 * log2(16) calls.
+    assert_eq!(calls.load(Ordering::SeqCst), 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fatal_step_error_stops_the_run() {
+    let kit = TestKit::new();
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("all")
+                .parallelism(1)
+                .map(|uow| {
+                    if uow.event().id() == "e-2" {
+                        return Err(Error::fatal_msg("Misconfigured", "no credentials"));
+                    }
+                    Ok(uow)
+                })
+                .sink(MemorySink::new())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let err = kit
+        .run(&processor, MemorySource::from_events(&events(5, 1), 1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RunError::Fatal { ref step, .. } if step == "map-1"),
+        "{err}"
+    );
+    assert!(kit.checkpoint("0").is_none_or(|c| c < 3));
+    assert!(kit.faults().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn split_events_are_done_when_every_part_is() {
+    let kit = TestKit::new();
+    let parts = MemorySink::new();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("split")
+                .flat_map(|uow| {
+                    let n = uow.event().field("n").and_then(|v| v.as_u64()).unwrap_or(0);
+                    Ok((0..n % 3)
+                        .map(|i| uow.with_event(uow.event().derive(format!("part-{i}")).build()))
+                        .collect())
+                })
+                .then({
+                    let seen = seen.clone();
+                    move |uow| {
+                        seen.lock()
+                            .unwrap()
+                            .push(uow.event().event_type().to_owned());
+                        async move { Ok(uow) }
+                    }
+                })
+                .batch(BatchConfig::count(4))
+                .sink(parts.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let report = kit
+        .run(&processor, MemorySource::from_events(&events(9, 3), 1))
+        .await
+        .unwrap();
+    // n % 3 parts for n in 0..9: 0+1+2 three times.
+    assert_eq!(parts.len(), 9);
+    assert_eq!(seen.lock().unwrap().len(), 9);
+    assert_eq!(
+        report.pipeline("split").unwrap().filtered,
+        3,
+        "zero parts is filtered"
+    );
+    assert_eq!(report.done, 9);
+    assert_eq!(kit.checkpoint("0"), Some(9));
+}

@@ -1,0 +1,350 @@
+//! Ordering, backpressure, rate limits, shutdown and batch mode, on tokio's paused clock.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use floodway::error::SourceError;
+use floodway::layer::limit::rate::RateLimiter;
+use floodway::layer::Resilience;
+use floodway::memory::{MemoryCheckpointer, MemorySink, MemorySource};
+use floodway::runtime::Stopped;
+use floodway::testing::{generate, TestKit};
+use floodway::{sink_fn, Batch, Error, Event, Pipeline, Record, Settlement, Source};
+use tokio::time::Instant;
+
+fn events(n: u32, keys: u32) -> Vec<Event> {
+    (0..n)
+        .map(|i| {
+            Event::builder("thing-happened", format!("k{}", i % keys))
+                .id(format!("e-{i}"))
+                .timestamp(1_000 + i64::from(i))
+                .build()
+        })
+        .collect()
+}
+
+/// Delivers its records, then (if `live`) waits forever like an idle stream; counts pulls.
+struct CountingSource {
+    records: VecDeque<Record>,
+    live: bool,
+    pulled: Arc<AtomicU64>,
+}
+
+impl Source for CountingSource {
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, SourceError> {
+        if self.records.is_empty() {
+            if self.live {
+                std::future::pending::<()>().await;
+            }
+            return Ok(None);
+        }
+        let n = max.min(self.records.len());
+        self.pulled.fetch_add(n as u64, Ordering::SeqCst);
+        Ok(Some(self.records.drain(..n).collect()))
+    }
+}
+
+fn records(events: &[Event]) -> VecDeque<Record> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Record::new("test", "0", i as u64 + 1, e.to_json()))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn same_key_runs_in_order_while_keys_run_concurrently() {
+    let kit = TestKit::new();
+    let order: Arc<Mutex<HashMap<String, Vec<u64>>>> = Arc::default();
+    let running = Arc::new(AtomicUsize::new(0));
+    let max_running = Arc::new(AtomicUsize::new(0));
+    let per_key_running: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let sink = {
+        let (order, running, max_running, per_key_running) = (
+            order.clone(),
+            running.clone(),
+            max_running.clone(),
+            per_key_running.clone(),
+        );
+        sink_fn(move |batch: Batch| {
+            let (order, running, max_running, per_key_running) = (
+                order.clone(),
+                running.clone(),
+                max_running.clone(),
+                per_key_running.clone(),
+            );
+            async move {
+                let event = batch.events().next().unwrap().clone();
+                let key = event.partition_key().to_owned();
+                {
+                    let mut pk = per_key_running.lock().unwrap();
+                    let n = pk.entry(key.clone()).or_default();
+                    assert_eq!(*n, 0, "two events of key {key} ran at once");
+                    *n += 1;
+                }
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                max_running.fetch_max(now, Ordering::SeqCst);
+                // Varied latency, so later events of other keys overtake earlier ones.
+                let n: u64 = event.id()[2..].parse().unwrap();
+                tokio::time::sleep(Duration::from_millis(1 + (n * 7919) % 13)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                *per_key_running.lock().unwrap().get_mut(&key).unwrap() -= 1;
+                order.lock().unwrap().entry(key).or_default().push(n);
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let processor = kit
+        .processor("p")
+        .pipeline(Pipeline::builder("all").parallelism(8).sink(sink).unwrap())
+        .build()
+        .unwrap();
+    kit.run(&processor, MemorySource::from_events(&events(600, 20), 1))
+        .await
+        .unwrap();
+    let order = order.lock().unwrap();
+    assert_eq!(order.len(), 20);
+    for (key, seq) in order.iter() {
+        let mut sorted = seq.clone();
+        sorted.sort_unstable();
+        assert_eq!(seq, &sorted, "key {key} out of order");
+        assert_eq!(seq.len(), 30);
+    }
+    assert_eq!(
+        max_running.load(Ordering::SeqCst),
+        8,
+        "keys ran concurrently up to parallelism"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_sink_slows_the_source_and_in_flight_work_stays_bounded() {
+    let kit = TestKit::new();
+    let pulled = Arc::new(AtomicU64::new(0));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let max_gap = Arc::new(AtomicU64::new(0));
+    let sink = {
+        let (pulled, delivered, max_gap) = (pulled.clone(), delivered.clone(), max_gap.clone());
+        sink_fn(move |batch: Batch| {
+            let (pulled, delivered, max_gap) = (pulled.clone(), delivered.clone(), max_gap.clone());
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let d = delivered.fetch_add(batch.len() as u64, Ordering::SeqCst);
+                max_gap.fetch_max(pulled.load(Ordering::SeqCst) - d, Ordering::SeqCst);
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let processor = kit
+        .processor("p")
+        .max_in_flight(100)
+        .pull_batch(10)
+        .pipeline(Pipeline::builder("slow").parallelism(4).sink(sink).unwrap())
+        .build()
+        .unwrap();
+    let source = CountingSource {
+        records: records(&events(2_000, 50)),
+        live: false,
+        pulled: pulled.clone(),
+    };
+    let report = processor
+        .run(source, kit.checkpointer().clone(), std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(report.done, 2_000);
+    let gap = max_gap.load(Ordering::SeqCst);
+    // In flight, plus one pulled batch waiting in the channel and one being handed over.
+    assert!(
+        gap <= 100 + 2 * 10,
+        "{gap} records pulled and not delivered"
+    );
+    assert!(gap >= 50, "the limit was reached: {gap}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_rate_limit_is_never_exceeded_in_any_window() {
+    let kit = TestKit::new();
+    let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let sink = {
+        let calls = calls.clone();
+        sink_fn(move |_batch: Batch| {
+            calls.lock().unwrap().push(Instant::now());
+            async move {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    // Two pipelines share one limiter: together they stay under it.
+    let limiter = RateLimiter::per_second(50).unwrap().with_burst(5).unwrap();
+    let resilience = Resilience::default().rate_limit(limiter);
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("a")
+                .parallelism(16)
+                .resilience(resilience.clone())
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .pipeline(
+            Pipeline::builder("b")
+                .parallelism(16)
+                .resilience(resilience)
+                .sink(sink)
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    kit.run(&processor, MemorySource::from_events(&events(300, 100), 1))
+        .await
+        .unwrap();
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.len(), 600);
+    let window = Duration::from_secs(1);
+    for (i, t) in calls.iter().enumerate() {
+        let in_window = calls[i..].iter().take_while(|u| **u - *t < window).count();
+        assert!(
+            in_window <= 50 + 5,
+            "{in_window} calls in a window starting at call {i}"
+        );
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let rate = 600.0 / elapsed;
+    assert!(rate > 48.0 && rate <= 55.0, "achieved {rate:.1}/s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_drains_in_flight_work_and_commits() {
+    let checkpointer = MemoryCheckpointer::default();
+    let pulled = Arc::new(AtomicU64::new(0));
+    let delivered = MemorySink::new();
+    let slow = {
+        let delivered = delivered.clone();
+        sink_fn(move |batch: Batch| {
+            let mut delivered = delivered.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                tower::Service::call(&mut delivered, batch).await
+            }
+        })
+    };
+    let processor = floodway::Processor::builder("p")
+        .fault_sink(floodway::memory::MemoryFaultSink::new())
+        .max_in_flight(100)
+        .pull_batch(20)
+        .pipeline(Pipeline::builder("slow").parallelism(4).sink(slow).unwrap())
+        .build()
+        .unwrap();
+    let source = CountingSource {
+        records: records(&events(1_000, 10)),
+        live: true,
+        pulled: pulled.clone(),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn({
+        let checkpointer = checkpointer.clone();
+        async move {
+            processor
+                .run(source, checkpointer, async {
+                    stopped.await.ok();
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.send(()).unwrap();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.stopped, Stopped::Shutdown);
+    assert!(report.done > 0 && report.done < 1_000);
+    assert_eq!(
+        report.done, report.received,
+        "everything received was drained"
+    );
+    assert_eq!(delivered.len() as u64, report.done);
+    assert_eq!(checkpointer.checkpoint("0"), Some(report.done));
+}
+
+#[tokio::test(start_paused = true)]
+async fn batch_mode_reports_what_did_not_finish_before_the_deadline() {
+    let kit = TestKit::new();
+    let sink = sink_fn(|batch: Batch| async move {
+        if batch.events().any(|e| e.partition_key() == "k1") {
+            // This target never answers for k1.
+            std::future::pending::<()>().await;
+        }
+        if batch.events().any(|e| e.id() == "e-2") {
+            return Err(Error::poison_msg("Invalid", "bad"));
+        }
+        Ok(())
+    });
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("all")
+                .resilience(Resilience::none())
+                .sink(sink)
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let input: Vec<Record> = records(&events(9, 3)).into_iter().collect();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let report = processor.process_batch(input, Some(deadline)).await;
+    assert!(report.fatal.is_none());
+    assert_eq!(report.report.stopped, Stopped::Deadline);
+    let unfinished: Vec<u64> = report.unfinished().map(|r| r.offset).collect();
+    assert_eq!(unfinished, vec![2, 5, 8], "the k1 events");
+    assert_eq!(report.first_unfinished_per_partition()[0].offset, 2);
+    assert_eq!(report.outcomes[2].settlement, Some(Settlement::Faulted));
+    assert_eq!(report.outcomes[0].settlement, Some(Settlement::Done));
+    assert_eq!(kit.faults().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn disabled_pipelines_see_nothing_and_filters_route_by_type() {
+    let kit = TestKit::new();
+    let (paid, shipped, off) = (MemorySink::new(), MemorySink::new(), MemorySink::new());
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("paid")
+                .event_type("order-paid")
+                .sink(paid.clone())
+                .unwrap(),
+        )
+        .pipeline(
+            Pipeline::builder("shipped-or-delivered")
+                .event_type("*-shipped")
+                .event_type("order-delivered")
+                .sink(shipped.clone())
+                .unwrap(),
+        )
+        .pipeline(
+            Pipeline::builder("off")
+                .enabled(false)
+                .sink(off.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let input = generate::orders(2_000, 3);
+    let report = kit
+        .run(&processor, MemorySource::from_events(&input, 4))
+        .await
+        .unwrap();
+    let count = |f: &dyn Fn(&str) -> bool| input.iter().filter(|e| f(e.event_type())).count();
+    assert_eq!(paid.len(), count(&|t| t == "order-paid"));
+    assert_eq!(
+        shipped.len(),
+        count(&|t| t == "order-shipped" || t == "order-delivered")
+    );
+    assert!(off.is_empty());
+    assert_eq!(report.pipelines.len(), 2, "disabled pipelines do not run");
+    assert_eq!(report.done, 2_000);
+    let total: u64 = (0..4).filter_map(|p| kit.checkpoint(&p.to_string())).sum();
+    assert_eq!(total, 2_000, "every partition checkpointed to its end");
+}
