@@ -436,6 +436,17 @@ fn main() {
     let poisoned_records = records_from_lines(&poisoned_lines);
 
     let mut rows = Vec::new();
+    if let Ok(profile) = std::env::var("FLOODWAY_BENCH_PROFILE") {
+        // For profilers: one case only, many times.
+        let (records, resilience) = match profile.as_str() {
+            "poison" => (&poisoned_records, Resilience::default()),
+            "default" => (&clean, Resilience::default()),
+            _ => (&clean, Resilience::none()),
+        };
+        let (rate, _) = floodway_rate(records, &resilience, 10);
+        println!("{profile}: {rate:.0} ev/s");
+        return;
+    }
     eprintln!("raw decode + encode...");
     let raw = raw_rate(&clean, runs);
     eprintln!("floodway, no resilience layers...");

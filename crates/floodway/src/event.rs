@@ -11,7 +11,9 @@
 //! it was decoded from.
 
 use std::borrow::Cow;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
+
+use bytes::Bytes;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
@@ -53,18 +55,26 @@ const ENVELOPE_FIELDS: [&str; 5] = ["id", "type", "timestamp", "partitionKey", "
 /// ```
 #[derive(Clone)]
 pub struct Event {
-    id: String,
-    ty: String,
+    id: Text,
+    ty: Text,
     timestamp: i64,
-    partition_key: String,
+    partition_key: Text,
     repr: Repr,
+}
+
+/// An envelope string: a span of the source bytes when it needed no unescaping (no
+/// allocation), or owned.
+#[derive(Clone)]
+enum Text {
+    Span(u32, u32),
+    Owned(String),
 }
 
 #[derive(Clone)]
 enum Repr {
-    /// Decoded from `text`; tags and payload are parsed from it on first use.
+    /// Decoded from `bytes` (valid UTF-8); tags and payload are parsed from it on first use.
     Raw {
-        text: Arc<str>,
+        bytes: Bytes,
         has_tags: bool,
         tags: OnceLock<Map<String, Value>>,
         fields: OnceLock<Map<String, Value>>,
@@ -79,20 +89,20 @@ enum Repr {
 impl std::fmt::Debug for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Event")
-            .field("id", &self.id)
-            .field("type", &self.ty)
+            .field("id", &self.id())
+            .field("type", &self.event_type())
             .field("timestamp", &self.timestamp)
-            .field("partitionKey", &self.partition_key)
+            .field("partitionKey", &self.partition_key())
             .finish_non_exhaustive()
     }
 }
 
 impl PartialEq for Event {
     fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
-            && self.ty == other.ty
+        self.id() == other.id()
+            && self.event_type() == other.event_type()
             && self.timestamp == other.timestamp
-            && self.partition_key == other.partition_key
+            && self.partition_key() == other.partition_key()
             && self.tags() == other.tags()
             && self.fields() == other.fields()
     }
@@ -121,17 +131,31 @@ fn found(raw: &str) -> String {
 }
 
 fn string_field(
+    text: &str,
     raw: Option<&RawValue>,
     field: &'static str,
     non_empty: bool,
-) -> Result<String, DecodeEventError> {
+) -> Result<Text, DecodeEventError> {
     let raw = raw
         .map(RawValue::get)
         .filter(|r| *r != "null")
         .ok_or(DecodeEventError::MissingField { field })?;
-    let value = if raw.len() >= 2 && raw.starts_with('"') && !raw.contains('\\') {
-        raw[1..raw.len() - 1].to_owned()
-    } else {
+    if raw.len() >= 2 && raw.starts_with('"') && !raw.contains('\\') {
+        if non_empty && raw.len() == 2 {
+            return Err(DecodeEventError::InvalidField {
+                field,
+                expected: "a non-empty string",
+                found: "\"\"".into(),
+            });
+        }
+        // `raw` borrows from `text`: its offset there is the span.
+        let start = raw.as_ptr() as usize - text.as_ptr() as usize + 1;
+        let end = start + raw.len() - 2;
+        if let (Ok(start), Ok(end)) = (u32::try_from(start), u32::try_from(end)) {
+            return Ok(Text::Span(start, end));
+        }
+    }
+    let value = {
         serde_json::from_str::<String>(raw).map_err(|_| DecodeEventError::InvalidField {
             field,
             expected: "a string",
@@ -145,7 +169,12 @@ fn string_field(
             found: "\"\"".into(),
         });
     }
-    Ok(value)
+    Ok(Text::Owned(value))
+}
+
+fn raw_str(bytes: &Bytes) -> &str {
+    // Checked when decoded.
+    std::str::from_utf8(bytes).unwrap_or_default()
 }
 
 fn timestamp_field(raw: Option<&RawValue>) -> Result<i64, DecodeEventError> {
@@ -246,9 +275,25 @@ impl Event {
                 limit: max_size,
             });
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| DecodeEventError::NotUtf8 {
+        Self::decode_bytes(Bytes::copy_from_slice(bytes), max_size)
+    }
+
+    /// Decodes an event from a shared buffer without copying it: the event keeps the buffer
+    /// and reads its envelope strings from it.
+    ///
+    /// # Errors
+    /// As [`Event::decode`].
+    pub fn decode_bytes(bytes: Bytes, max_size: usize) -> Result<Event, DecodeEventError> {
+        if bytes.len() > max_size {
+            return Err(DecodeEventError::TooLarge {
+                size: bytes.len(),
+                limit: max_size,
+            });
+        }
+        let text = std::str::from_utf8(&bytes).map_err(|e| DecodeEventError::NotUtf8 {
             valid_up_to: e.valid_up_to(),
         })?;
+
         if !text.trim_start().starts_with('{') {
             return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
                 Ok(_) => DecodeEventError::NotObject,
@@ -256,9 +301,9 @@ impl Event {
             });
         }
         let env: RawEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
-        let id = string_field(env.id, "id", true)?;
-        let ty = string_field(env.ty, "type", true)?;
-        let partition_key = string_field(env.partition_key, "partitionKey", false)?;
+        let id = string_field(text, env.id, "id", true)?;
+        let ty = string_field(text, env.ty, "type", true)?;
+        let partition_key = string_field(text, env.partition_key, "partitionKey", false)?;
         let timestamp = timestamp_field(env.timestamp)?;
         let has_tags = match env.tags.map(RawValue::get) {
             None | Some("null") => false,
@@ -277,7 +322,7 @@ impl Event {
             timestamp,
             partition_key,
             repr: Repr::Raw {
-                text: Arc::from(text),
+                bytes,
                 has_tags,
                 tags: OnceLock::new(),
                 fields: OnceLock::new(),
@@ -340,22 +385,33 @@ impl Event {
             }
         };
         Ok(Event {
-            id,
-            ty,
+            id: Text::Owned(id),
+            ty: Text::Owned(ty),
             timestamp,
-            partition_key,
+            partition_key: Text::Owned(partition_key),
             repr: Repr::Owned { tags, fields: map },
         })
     }
 
+    fn text<'a>(&'a self, text: &'a Text) -> &'a str {
+        match (text, &self.repr) {
+            (Text::Owned(s), _) => s,
+            (Text::Span(a, b), Repr::Raw { bytes, .. }) => {
+                std::str::from_utf8(&bytes[*a as usize..*b as usize]).unwrap_or_default()
+            }
+            // `owned()` turns spans into owned strings before it drops the bytes.
+            (Text::Span(..), Repr::Owned { .. }) => "",
+        }
+    }
+
     /// The unique id.
     pub fn id(&self) -> &str {
-        &self.id
+        self.text(&self.id)
     }
 
     /// The kebab-case domain type, e.g. `order-submitted`.
     pub fn event_type(&self) -> &str {
-        &self.ty
+        self.text(&self.ty)
     }
 
     /// Event time in milliseconds since the Unix epoch.
@@ -365,19 +421,19 @@ impl Event {
 
     /// The ordering key: events with the same key are processed in order.
     pub fn partition_key(&self) -> &str {
-        &self.partition_key
+        self.text(&self.partition_key)
     }
 
     /// Whether this is a fault event.
     pub fn is_fault(&self) -> bool {
-        self.ty == FAULT_EVENT_TYPE
+        self.event_type() == FAULT_EVENT_TYPE
     }
 
     /// The tags (`source`, `pipeline`, `skip`, ...), if the event has any.
     pub fn tags(&self) -> Option<&Map<String, Value>> {
         match &self.repr {
             Repr::Raw {
-                text,
+                bytes,
                 has_tags,
                 tags,
                 ..
@@ -391,7 +447,7 @@ impl Event {
                         #[serde(default)]
                         tags: Map<String, Value>,
                     }
-                    serde_json::from_str::<Tags>(text)
+                    serde_json::from_str::<Tags>(raw_str(bytes))
                         .map(|t| t.tags)
                         .unwrap_or_default()
                 }))
@@ -408,8 +464,9 @@ impl Event {
     /// The payload fields: every field of the object except the envelope.
     pub fn fields(&self) -> &Map<String, Value> {
         match &self.repr {
-            Repr::Raw { text, fields, .. } => fields.get_or_init(|| {
-                let mut map: Map<String, Value> = serde_json::from_str(text).unwrap_or_default();
+            Repr::Raw { bytes, fields, .. } => fields.get_or_init(|| {
+                let mut map: Map<String, Value> =
+                    serde_json::from_str(raw_str(bytes)).unwrap_or_default();
                 for key in ENVELOPE_FIELDS {
                     map.remove(key);
                 }
@@ -431,7 +488,7 @@ impl Event {
     /// fit `T`.
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, Error> {
         let result = match &self.repr {
-            Repr::Raw { text, .. } => serde_json::from_str(text),
+            Repr::Raw { bytes, .. } => serde_json::from_str(raw_str(bytes)),
             Repr::Owned { .. } => serde_json::to_value(self).and_then(serde_json::from_value),
         };
         result.map_err(|e| {
@@ -439,7 +496,7 @@ impl Event {
                 "InvalidPayload",
                 format!(
                     "event {} does not fit {}: {e}",
-                    self.id,
+                    self.id(),
                     std::any::type_name::<T>()
                 ),
             )
@@ -449,7 +506,7 @@ impl Event {
     /// Encodes the event as JSON. An event decoded and not changed encodes to its original text.
     pub fn to_json(&self) -> String {
         match &self.repr {
-            Repr::Raw { text, .. } => text.to_string(),
+            Repr::Raw { bytes, .. } => raw_str(bytes).to_owned(),
             Repr::Owned { .. } => serde_json::to_string(self).unwrap_or_default(),
         }
     }
@@ -457,7 +514,7 @@ impl Event {
     /// The JSON text this event was decoded from, if it was decoded and not changed since.
     pub fn source_text(&self) -> Option<&str> {
         match &self.repr {
-            Repr::Raw { text, .. } => Some(text),
+            Repr::Raw { bytes, .. } => Some(raw_str(bytes)),
             Repr::Owned { .. } => None,
         }
     }
@@ -465,7 +522,7 @@ impl Event {
     /// The encoded size in bytes (exact for decoded events, computed otherwise).
     pub fn encoded_len(&self) -> usize {
         match &self.repr {
-            Repr::Raw { text, .. } => text.len(),
+            Repr::Raw { bytes, .. } => bytes.len(),
             Repr::Owned { .. } => self.to_json().len(),
         }
     }
@@ -479,6 +536,9 @@ impl Event {
         if let Repr::Raw { .. } = self.repr {
             let tags = self.tags().cloned();
             let fields = self.fields().clone();
+            self.id = Text::Owned(self.id().to_owned());
+            self.ty = Text::Owned(self.event_type().to_owned());
+            self.partition_key = Text::Owned(self.partition_key().to_owned());
             self.repr = Repr::Owned { tags, fields };
         }
         match &mut self.repr {
@@ -503,19 +563,19 @@ impl Event {
     /// Replaces the event type.
     pub fn set_event_type(&mut self, event_type: impl Into<String>) {
         self.owned();
-        self.ty = event_type.into();
+        self.ty = Text::Owned(event_type.into());
     }
 
     /// Replaces the id.
     pub fn set_id(&mut self, id: impl Into<String>) {
         self.owned();
-        self.id = id.into();
+        self.id = Text::Owned(id.into());
     }
 
     /// Replaces the partition key.
     pub fn set_partition_key(&mut self, key: impl Into<String>) {
         self.owned();
-        self.partition_key = key.into();
+        self.partition_key = Text::Owned(key.into());
     }
 
     /// Replaces the timestamp.
@@ -528,8 +588,8 @@ impl Event {
     /// the new type (so deriving twice gives the same id), with the same partition key and time.
     pub fn derive(&self, event_type: impl Into<String>) -> EventBuilder {
         let ty = event_type.into();
-        let id = stable_id(&[&self.id, &ty]);
-        Event::builder(ty, self.partition_key.clone())
+        let id = stable_id(&[self.id(), &ty]);
+        Event::builder(ty, self.partition_key())
             .id(id)
             .timestamp(self.timestamp)
     }
@@ -541,10 +601,10 @@ impl Serialize for Event {
         let tags = self.tags();
         let mut map =
             serializer.serialize_map(Some(4 + usize::from(tags.is_some()) + fields.len()))?;
-        map.serialize_entry("id", &self.id)?;
-        map.serialize_entry("type", &self.ty)?;
+        map.serialize_entry("id", self.id())?;
+        map.serialize_entry("type", self.event_type())?;
         map.serialize_entry("timestamp", &self.timestamp)?;
-        map.serialize_entry("partitionKey", &self.partition_key)?;
+        map.serialize_entry("partitionKey", self.partition_key())?;
         if let Some(tags) = tags {
             map.serialize_entry("tags", tags)?;
         }
@@ -643,10 +703,10 @@ impl EventBuilder {
     /// Finishes the event.
     pub fn build(self) -> Event {
         Event {
-            id: self.id.unwrap_or_else(random_id),
-            ty: self.ty,
+            id: Text::Owned(self.id.unwrap_or_else(random_id)),
+            ty: Text::Owned(self.ty),
             timestamp: self.timestamp.unwrap_or_else(now_millis),
-            partition_key: self.partition_key,
+            partition_key: Text::Owned(self.partition_key),
             repr: Repr::Owned {
                 tags: self.tags,
                 fields: self.fields,

@@ -1,7 +1,6 @@
 //! Records, units of work and batches.
 
 use std::any::{Any, TypeId};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -84,8 +83,11 @@ pub struct Uow {
     pub(crate) record: Arc<Record>,
     pub(crate) event: Arc<Event>,
     pub(crate) ticket: Ticket,
-    extensions: Option<Arc<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
+    extensions: Option<Arc<Extensions>>,
 }
+
+/// Typed values attached by steps: few per unit of work, so a list beats a map.
+type Extensions = Vec<(TypeId, Arc<dyn Any + Send + Sync>)>;
 
 impl std::fmt::Debug for Uow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -147,16 +149,19 @@ impl Uow {
 
     /// Attaches a typed value, e.g. the request a step prepared for the sink.
     pub fn insert<T: Any + Send + Sync>(&mut self, value: T) {
-        let map = self.extensions.get_or_insert_with(Default::default);
-        Arc::make_mut(map).insert(TypeId::of::<T>(), Arc::new(value));
+        let list = Arc::make_mut(self.extensions.get_or_insert_with(Default::default));
+        let value: Arc<dyn Any + Send + Sync> = Arc::new(value);
+        match list.iter_mut().find(|(id, _)| *id == TypeId::of::<T>()) {
+            Some(slot) => slot.1 = value,
+            None => list.push((TypeId::of::<T>(), value)),
+        }
     }
 
     /// A value attached by an earlier step.
     pub fn get<T: Any + Send + Sync>(&self) -> Option<&T> {
-        self.extensions
-            .as_ref()?
-            .get(&TypeId::of::<T>())?
-            .downcast_ref()
+        let list = self.extensions.as_ref()?;
+        let (_, value) = list.iter().find(|(id, _)| *id == TypeId::of::<T>())?;
+        value.downcast_ref()
     }
 }
 
@@ -199,6 +204,12 @@ impl Batch {
     /// Total encoded size of the events.
     pub fn encoded_len(&self) -> usize {
         self.events().map(Event::encoded_len).sum()
+    }
+
+    /// A batch of one unit of work.
+    pub fn one(uow: Uow) -> Self {
+        let items: Arc<[Uow]> = Arc::new([uow]);
+        Batch { items }
     }
 
     pub(crate) fn split(&self) -> (Batch, Batch) {

@@ -16,7 +16,7 @@
 //! During an outage nothing is faulted and nothing is skipped; when the target recovers the
 //! stream resumes by itself.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -88,6 +88,8 @@ struct Shared {
     notify: Notify,
     /// Successes so far; a call compares it with its value at start.
     successes: AtomicU64,
+    /// Mirrors `state.mode == Closed`, so that the common case takes no lock.
+    closed: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -147,6 +149,7 @@ impl CircuitBreaker {
                 }),
                 notify: Notify::new(),
                 successes: AtomicU64::new(0),
+                closed: AtomicBool::new(true),
             }),
         }
     }
@@ -165,11 +168,16 @@ impl CircuitBreaker {
 impl Shared {
     fn set_mode(&self, inner: &mut Inner, mode: BreakerState) {
         inner.mode = mode;
+        self.closed
+            .store(mode == BreakerState::Closed, Ordering::Release);
         metrics::gauge!("floodway_breaker_state", "sink" => self.label.to_string())
             .set(mode.gauge());
     }
 
     async fn admit(&self, held: bool) -> Admission {
+        if self.closed.load(Ordering::Acquire) {
+            return Admission::Normal;
+        }
         let mut waiting = None;
         loop {
             let notified = self.notify.notified();
@@ -211,6 +219,9 @@ impl Shared {
 
     fn on_success(&self, admission: Admission) {
         self.successes.fetch_add(1, Ordering::SeqCst);
+        if admission == Admission::Normal && self.closed.load(Ordering::Acquire) {
+            return;
+        }
         let mut inner = self.state.lock().unwrap();
         if admission == Admission::Probe || inner.mode != BreakerState::Closed {
             if inner.mode != BreakerState::Closed {
@@ -350,7 +361,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
     use tower::service_fn;
 
     #[tokio::test(start_paused = true)]

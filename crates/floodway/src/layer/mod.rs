@@ -187,30 +187,64 @@ impl Resilience {
         Req: Clone + Send + 'static,
         Resp: Send + 'static,
     {
-        let mut svc = BoxCloneSyncService::new(service);
-        if let Some(timeout) = self.timeout {
-            svc = BoxCloneSyncService::new(TimeoutLayer::new(timeout).layer(svc));
+        let svc = Optional::new(self.timeout.map(TimeoutLayer::new), service);
+        let svc = Optional::new(self.rate.clone().map(RateLimitLayer::new), svc);
+        let limiter = match &self.concurrency {
+            None => None,
+            Some(Concurrency::Shared(limiter)) => Some(limiter.clone()),
+            Some(Concurrency::Adaptive(aimd)) => Some(ConcurrencyLimiter::adaptive(*aimd, label)?),
+        };
+        let svc = Optional::new(limiter.map(ConcurrencyLimitLayer::new), svc);
+        let retry = self.retry.clone().map(|p| RetryLayer::new(p, label));
+        let svc = Optional::new(retry, svc);
+        let breaker = self.breaker.as_ref().map(|b| match b {
+            BreakerChoice::Shared(b) => BreakerLayer::new(b.clone()),
+            BreakerChoice::New(config) => BreakerLayer::new(CircuitBreaker::new(*config, label)),
+        });
+        Ok(BoxCloneSyncService::new(Optional::new(breaker, svc)))
+    }
+}
+
+/// A layer that may be switched off, without boxing in between: the stack is one concrete
+/// type, so cloning it per call clones plain structs, not a chain of boxes.
+#[derive(Debug, Clone)]
+enum Optional<T, S> {
+    Layered(T),
+    Bare(S),
+}
+
+impl<T, S> Optional<T, S> {
+    fn new<L: Layer<S, Service = T>>(layer: Option<L>, inner: S) -> Self {
+        match layer {
+            Some(layer) => Optional::Layered(layer.layer(inner)),
+            None => Optional::Bare(inner),
         }
-        if let Some(rate) = &self.rate {
-            svc = BoxCloneSyncService::new(RateLimitLayer::new(rate.clone()).layer(svc));
+    }
+}
+
+impl<T, S, Req> Service<Req> for Optional<T, S>
+where
+    T: Service<Req, Error = Error>,
+    S: Service<Req, Response = T::Response, Error = Error>,
+{
+    type Response = T::Response;
+    type Error = Error;
+    type Future = futures_util::future::Either<T::Future, S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Error>> {
+        match self {
+            Optional::Layered(t) => t.poll_ready(cx),
+            Optional::Bare(s) => s.poll_ready(cx),
         }
-        if let Some(concurrency) = &self.concurrency {
-            let limiter = match concurrency {
-                Concurrency::Shared(limiter) => limiter.clone(),
-                Concurrency::Adaptive(aimd) => ConcurrencyLimiter::adaptive(*aimd, label)?,
-            };
-            svc = BoxCloneSyncService::new(ConcurrencyLimitLayer::new(limiter).layer(svc));
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match self {
+            Optional::Layered(t) => futures_util::future::Either::Left(t.call(req)),
+            Optional::Bare(s) => futures_util::future::Either::Right(s.call(req)),
         }
-        if let Some(policy) = &self.retry {
-            svc = BoxCloneSyncService::new(RetryLayer::new(policy.clone(), label).layer(svc));
-        }
-        if let Some(breaker) = &self.breaker {
-            let breaker = match breaker {
-                BreakerChoice::Shared(b) => b.clone(),
-                BreakerChoice::New(config) => CircuitBreaker::new(*config, label),
-            };
-            svc = BoxCloneSyncService::new(BreakerLayer::new(breaker).layer(svc));
-        }
-        Ok(svc)
     }
 }

@@ -5,6 +5,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use futures_util::FutureExt;
+use smallvec::SmallVec;
 
 use crate::error::Error;
 use crate::layer::BoxFuture;
@@ -58,21 +59,21 @@ pub(crate) async fn guarded<T>(fut: impl Future<Output = Result<T, Error>>) -> R
 /// async step, with the index to resume from) and what failed.
 #[derive(Default)]
 pub(crate) struct StepOutput {
-    pub(crate) ready: Vec<(Uow, usize)>,
+    pub(crate) ready: SmallVec<[(Uow, usize); 1]>,
     pub(crate) failed: Vec<StepFailure>,
 }
 
 /// Applies one synchronous step: the units of work it passes on (none when filtered out).
-fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<Vec<Uow>, Error> {
+fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<SmallVec<[Uow; 1]>, Error> {
     let result = catch_unwind(AssertUnwindSafe(|| match kind {
-        StepKind::Map(f) => f(uow.clone()).map(|u| vec![u]),
-        StepKind::FlatMap(f) => f(uow.clone()),
+        StepKind::Map(f) => f(uow.clone()).map(|u| smallvec::smallvec![u]),
+        StepKind::FlatMap(f) => f(uow.clone()).map(SmallVec::from_vec),
         StepKind::Filter(f) => Ok(if f(uow) {
-            vec![uow.clone()]
+            smallvec::smallvec![uow.clone()]
         } else {
-            Vec::new()
+            SmallVec::new()
         }),
-        StepKind::Async(_) => Ok(vec![uow.clone()]),
+        StepKind::Async(_) => Ok(smallvec::smallvec![uow.clone()]),
     }));
     result.unwrap_or_else(|payload| Err(panic_error(&*payload)))
 }
@@ -82,7 +83,8 @@ fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<Vec<Uow>, Error> {
 /// its index to resume from.
 async fn run(steps: &[Step], uow: Uow, from: usize, run_async: bool) -> StepOutput {
     let mut out = StepOutput::default();
-    let mut stack = vec![(uow, from)];
+    let mut stack: SmallVec<[(Uow, usize); 1]> = SmallVec::new();
+    stack.push((uow, from));
     while let Some((uow, i)) = stack.pop() {
         let Some(step) = steps.get(i) else {
             out.ready.push((uow, i));
@@ -93,7 +95,9 @@ async fn run(steps: &[Step], uow: Uow, from: usize, run_async: bool) -> StepOutp
                 out.ready.push((uow, i));
                 continue;
             }
-            StepKind::Async(f) => guarded(f(uow.clone())).await.map(|u| vec![u]),
+            StepKind::Async(f) => guarded(f(uow.clone()))
+                .await
+                .map(|u| smallvec::smallvec![u]),
             kind => apply_sync(kind, &uow),
         };
         match result {

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
@@ -33,6 +34,7 @@ struct Pipe {
     batcher: Option<Batcher>,
     /// Pre-batch work not yet finished: the batcher may still receive its outputs.
     upstream: usize,
+    sink_seconds: metrics::Histogram,
     report: PipelineReport,
 }
 
@@ -82,6 +84,11 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 sched: Scheduler::new(p.core.parallelism),
                 batcher: p.core.batching.clone().map(Batcher::new),
                 upstream: 0,
+                sink_seconds: metrics::histogram!(
+                    "floodway_sink_duration_seconds",
+                    "processor" => proc.name.to_string(),
+                    "pipeline" => p.core.name.to_string()
+                ),
                 report: PipelineReport {
                     name: p.core.name.to_string(),
                     ..PipelineReport::default()
@@ -128,10 +135,10 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         let far = || Instant::now() + std::time::Duration::from_secs(86_400 * 365);
 
         let stopped = loop {
-            self.start_ready();
+            self.start_ready()?;
             if source_done || stopping.is_some() {
                 self.flush_idle_batchers();
-                self.start_ready();
+                self.start_ready()?;
             }
             if (source_done || stopping.is_some()) && self.is_idle() {
                 break if source_done {
@@ -242,7 +249,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         let mut newest: Option<i64> = None;
         for record in records {
             let record = Arc::new(record);
-            let event = match Event::decode_with_limit(&record.data, max_size) {
+            let event = match Event::decode_bytes(record.data.clone(), max_size) {
                 Ok(event) => Arc::new(event),
                 Err(err) => {
                     let ticket = self.ledger.admit(record.clone(), 1);
@@ -370,19 +377,31 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         }
     }
 
-    fn start_ready(&mut self) {
-        for (index, pipe) in self.pipes.iter_mut().enumerate() {
-            while let Some((id, keys, work)) = pipe.sched.next() {
-                self.units.push(scheduled(
+    /// Starts the work each scheduler lets start. Each unit is polled once right away: one
+    /// that completes at once (a sink answering synchronously) is handled without ever
+    /// entering the set of pending units, and its completion may let more work start.
+    fn start_ready(&mut self) -> Result<(), RunError> {
+        for index in 0..self.pipes.len() {
+            while let Some((id, keys, work)) = self.pipes[index].sched.next() {
+                let pipe = &self.pipes[index];
+                let mut unit = scheduled(
                     self.ctx.clone(),
                     index,
                     pipe.core.clone(),
+                    pipe.sink_seconds.clone(),
                     id,
                     keys,
                     work,
-                ));
+                );
+                let mut cx = Context::from_waker(Waker::noop());
+                match unit.as_mut().poll(&mut cx) {
+                    Poll::Ready(output) => self.complete(output)?,
+                    // Pushed units are polled again with a real waker before anything waits.
+                    Poll::Pending => self.units.push(unit),
+                }
             }
         }
+        Ok(())
     }
 
     fn complete(&mut self, output: UnitOutput) -> Result<(), RunError> {

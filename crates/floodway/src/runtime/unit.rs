@@ -5,6 +5,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use metrics::Histogram;
+use smallvec::{smallvec, SmallVec};
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tracing::Instrument;
@@ -40,7 +42,7 @@ pub(crate) struct UnitCtx {
 /// How a unit ended.
 pub(crate) struct Outcome {
     /// Pieces to finish, with whether each was faulted.
-    pub(crate) finished: Vec<(Ticket, bool)>,
+    pub(crate) finished: SmallVec<[(Ticket, bool); 1]>,
     /// Outputs of pre-batch steps, for the batcher.
     pub(crate) children: Vec<Uow>,
     /// Units of work the sink accepted.
@@ -134,16 +136,31 @@ async fn fault_failures(
 /// Calls the sink until the batch is delivered or its failure is decided. A failing batch of
 /// several is bisected so that a single poison event is faulted alone and the rest delivered.
 /// Returns the units of work that failed for good, with their errors.
-async fn send(core: &PipelineCore, batch: Batch) -> Result<Vec<(Uow, Error)>, RunError> {
+async fn send(
+    core: &PipelineCore,
+    sink_seconds: &Histogram,
+    batch: Batch,
+) -> Result<Vec<(Uow, Error)>, RunError> {
+    let call = |batch: Batch| async move {
+        let started = Instant::now();
+        let result = guarded(sink_call(&core.sink, batch)).await;
+        sink_seconds.record(started.elapsed().as_secs_f64());
+        result
+    };
+    // The common case, without the bookkeeping of bisection.
+    let first = match call(batch.clone()).await {
+        Ok(()) => return Ok(Vec::new()),
+        Err(err) => err,
+    };
     let mut failed = Vec::new();
-    let mut stack = vec![batch];
-    while let Some(batch) = stack.pop() {
+    let mut stack = vec![(batch, Some(first))];
+    while let Some((batch, mut known)) = stack.pop() {
         let mut outage_wait = 0;
         loop {
-            let started = Instant::now();
-            let result = guarded(sink_call(&core.sink, batch.clone())).await;
-            metrics::histogram!("floodway_sink_duration_seconds", "pipeline" => core.name.to_string())
-                .record(started.elapsed().as_secs_f64());
+            let result = match known.take() {
+                Some(err) => Err(err),
+                None => call(batch.clone()).await,
+            };
             match result {
                 Ok(()) => {}
                 Err(err) if err.class() == ErrorClass::Fatal => {
@@ -164,8 +181,8 @@ async fn send(core: &PipelineCore, batch: Batch) -> Result<Vec<(Uow, Error)>, Ru
                 Err(err) if batch.len() > 1 => {
                     tracing::debug!(pipeline = %core.name, size = batch.len(), error = %err, "bisecting failed batch");
                     let (left, right) = batch.split();
-                    stack.push(right);
-                    stack.push(left);
+                    stack.push((right, None));
+                    stack.push((left, None));
                 }
                 Err(err) => failed.push((batch.items()[0].clone(), err)),
             }
@@ -182,6 +199,7 @@ async fn sink_call(sink: &BoxSink, batch: Batch) -> Result<(), Error> {
 async fn run_single(
     ctx: &UnitCtx,
     core: &PipelineCore,
+    sink_seconds: &Histogram,
     uow: Uow,
     from: usize,
 ) -> Result<Outcome, RunError> {
@@ -190,7 +208,7 @@ async fn run_single(
     let mut faults = fault_failures(ctx, core, out.failed).await?;
     let mut delivered = 0;
     for (uow, _) in out.ready {
-        let failed = send(core, Batch::new(vec![uow])).await?;
+        let failed = send(core, sink_seconds, Batch::one(uow)).await?;
         if failed.is_empty() {
             delivered += 1;
         }
@@ -209,7 +227,7 @@ async fn run_single(
         }
     }
     Ok(Outcome {
-        finished: vec![(ticket, faults > 0)],
+        finished: smallvec![(ticket, faults > 0)],
         children: Vec::new(),
         delivered,
         faults,
@@ -227,7 +245,7 @@ async fn run_pre(
     let out = run_all(&core.steps, uow, from).await;
     let faults = fault_failures(ctx, core, out.failed).await?;
     Ok(Outcome {
-        finished: vec![(ticket, faults > 0)],
+        finished: smallvec![(ticket, faults > 0)],
         children: out.ready.into_iter().map(|(u, _)| u).collect(),
         delivered: 0,
         faults,
@@ -238,9 +256,10 @@ async fn run_pre(
 async fn run_batch(
     ctx: &UnitCtx,
     core: &PipelineCore,
+    sink_seconds: &Histogram,
     flushed: Flushed,
 ) -> Result<Outcome, RunError> {
-    let failed = send(core, flushed.items.clone()).await?;
+    let failed = send(core, sink_seconds, flushed.items.clone()).await?;
     let mut faulted: Vec<&Uow> = Vec::with_capacity(failed.len());
     for (uow, err) in &failed {
         publish_fault(
@@ -278,6 +297,7 @@ pub(crate) fn scheduled(
     ctx: UnitCtx,
     pipeline: usize,
     core: Arc<PipelineCore>,
+    sink_seconds: Histogram,
     id: u64,
     keys: Keys,
     work: Work,
@@ -297,9 +317,11 @@ pub(crate) fn scheduled(
     Box::pin(
         async move {
             let result = match work {
-                Work::Single { uow, from } => run_single(&ctx, &core, uow, from).await,
+                Work::Single { uow, from } => {
+                    run_single(&ctx, &core, &sink_seconds, uow, from).await
+                }
                 Work::Pre { uow, from } => run_pre(&ctx, &core, uow, from).await,
-                Work::Batch(flushed) => run_batch(&ctx, &core, flushed).await,
+                Work::Batch(flushed) => run_batch(&ctx, &core, &sink_seconds, flushed).await,
             };
             UnitOutput {
                 pipeline,
@@ -335,7 +357,7 @@ pub(crate) fn fault_now(
             publish_fault(&ctx, name, &step, &record, event.as_deref(), &error, redact)
                 .await
                 .map(|()| Outcome {
-                    finished: vec![(ticket, true)],
+                    finished: smallvec![(ticket, true)],
                     children: Vec::new(),
                     delivered: 0,
                     faults: 1,
