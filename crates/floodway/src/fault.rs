@@ -25,7 +25,8 @@
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use crate::error::Error;
 use crate::event::{now_millis, stable_id, Event, FAULT_EVENT_TYPE};
@@ -86,25 +87,6 @@ pub struct FaultRecord {
 }
 
 impl FaultRecord {
-    fn of(record: &Record) -> Self {
-        let (encoding, data) = match std::str::from_utf8(&record.data) {
-            Ok(text) => ("utf8", text.to_owned()),
-            Err(_) => (
-                "base64",
-                base64::engine::general_purpose::STANDARD.encode(&record.data),
-            ),
-        };
-        FaultRecord {
-            source: record.source.to_string(),
-            partition: record.partition.to_string(),
-            offset: record.offset,
-            sequence: record.sequence.as_ref().map(|s| s.to_string()),
-            attempt: record.attempt,
-            encoding: encoding.into(),
-            data,
-        }
-    }
-
     /// The record's bytes, decoded from their encoding.
     ///
     /// # Errors
@@ -152,6 +134,63 @@ pub struct FaultUow {
     pub event: Option<Value>,
 }
 
+/// A fault event as written: serialized in one pass from borrowed parts, then decoded like any
+/// other event, so that raising a fault builds no JSON tree (it costs a few microseconds).
+#[derive(Serialize)]
+struct FaultOut<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    ty: &'static str,
+    timestamp: i64,
+    #[serde(rename = "partitionKey")]
+    partition_key: &'a str,
+    tags: FaultTagsOut<'a>,
+    err: FaultErrorOut<'a>,
+    uow: FaultUowOut<'a>,
+}
+
+#[derive(Serialize)]
+struct FaultTagsOut<'a> {
+    processor: &'a str,
+    pipeline: &'a str,
+    step: &'a str,
+    source: &'a str,
+}
+
+#[derive(Serialize)]
+struct FaultErrorOut<'a> {
+    name: &'a str,
+    message: &'a str,
+    class: &'static str,
+    attempts: u32,
+}
+
+#[derive(Serialize)]
+struct FaultUowOut<'a> {
+    record: FaultRecordOut<'a>,
+    event: Option<EventOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct FaultRecordOut<'a> {
+    source: &'a str,
+    partition: &'a str,
+    offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sequence: Option<&'a str>,
+    attempt: u32,
+    encoding: &'static str,
+    data: std::borrow::Cow<'a, str>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum EventOut<'a> {
+    /// The event's source text, embedded as is when nothing needs redacting.
+    Raw(&'a RawValue),
+    Value(Value),
+}
+
 /// Builds the fault event for a record that failed at `origin`.
 pub(crate) fn fault_event(
     origin: FaultOrigin<'_>,
@@ -171,41 +210,69 @@ pub(crate) fn fault_event(
         origin.step,
         event_id,
     ]);
-    let event_value = event.map(|e| {
-        let mut value = e.to_value();
-        for path in redacted {
-            redact(&mut value, path);
+    let event_out = event.map(|e| {
+        let raw = e
+            .source_text()
+            .filter(|_| redacted.is_empty())
+            .and_then(|text| serde_json::from_str::<&RawValue>(text).ok());
+        match raw {
+            Some(raw) => EventOut::Raw(raw),
+            None => {
+                let mut value = e.to_value();
+                for path in redacted {
+                    redact(&mut value, path);
+                }
+                EventOut::Value(value)
+            }
         }
-        value
     });
-    let partition_key = event.map_or_else(
-        || record.partition.to_string(),
-        |e| e.partition_key().to_owned(),
-    );
-    Event::builder(FAULT_EVENT_TYPE, partition_key)
-        .id(id)
-        .timestamp(now_millis())
-        .tag("processor", origin.processor)
-        .tag("pipeline", origin.pipeline)
-        .tag("step", origin.step)
-        .tag("source", record.source.to_string())
-        .field(
-            "err",
-            json!({
-                "name": err.name(),
-                "message": err.message(),
-                "class": err.class().as_str(),
-                "attempts": err.attempts(),
-            }),
-        )
-        .field(
-            "uow",
-            json!({
-                "record": FaultRecord::of(record),
-                "event": event_value,
-            }),
-        )
-        .build()
+    let (encoding, data) = match std::str::from_utf8(&record.data) {
+        Ok(text) => ("utf8", std::borrow::Cow::Borrowed(text)),
+        Err(_) => (
+            "base64",
+            std::borrow::Cow::Owned(base64::engine::general_purpose::STANDARD.encode(&record.data)),
+        ),
+    };
+    let out = FaultOut {
+        id: &id,
+        ty: FAULT_EVENT_TYPE,
+        timestamp: now_millis(),
+        partition_key: event.map_or(&record.partition, Event::partition_key),
+        tags: FaultTagsOut {
+            processor: origin.processor,
+            pipeline: origin.pipeline,
+            step: origin.step,
+            source: &record.source,
+        },
+        err: FaultErrorOut {
+            name: err.name(),
+            message: err.message(),
+            class: err.class().as_str(),
+            attempts: err.attempts(),
+        },
+        uow: FaultUowOut {
+            record: FaultRecordOut {
+                source: &record.source,
+                partition: &record.partition,
+                offset: record.offset,
+                sequence: record.sequence.as_deref(),
+                attempt: record.attempt,
+                encoding,
+                data,
+            },
+            event: event_out,
+        },
+    };
+    // One allocation of about the right size: faults may be kept in memory a long time.
+    let estimate = out.uow.record.data.len() * 2 + err.message().len() + 512;
+    let mut bytes = Vec::with_capacity(estimate);
+    serde_json::to_writer(&mut bytes, &out).unwrap_or_default();
+    Event::decode_bytes(bytes.into(), usize::MAX).unwrap_or_else(|_| {
+        // Unreachable: the text was just written with every envelope field.
+        Event::builder(FAULT_EVENT_TYPE, out.partition_key)
+            .id(id.clone())
+            .build()
+    })
 }
 
 #[cfg(test)]

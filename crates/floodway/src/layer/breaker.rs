@@ -137,10 +137,12 @@ impl Drop for ProbeGuard<'_> {
 impl CircuitBreaker {
     /// A closed breaker; `label` names the target in metrics and logs.
     pub fn new(config: BreakerConfig, label: impl Into<Arc<str>>) -> Self {
+        let label = label.into();
+        metrics::gauge!("floodway_breaker_state", "sink" => label.to_string()).set(0.0);
         CircuitBreaker {
             shared: Arc::new(Shared {
                 config,
-                label: label.into(),
+                label,
                 state: Mutex::new(Inner {
                     mode: BreakerState::Closed,
                     reopenings: 0,

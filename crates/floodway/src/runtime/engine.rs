@@ -35,7 +35,59 @@ struct Pipe {
     /// Pre-batch work not yet finished: the batcher may still receive its outputs.
     upstream: usize,
     sink_seconds: metrics::Histogram,
+    tally: Tally,
+}
+
+/// What a pipeline did: the run report, and the same counts as metrics.
+struct Tally {
     report: PipelineReport,
+    taken: metrics::Counter,
+    filtered: metrics::Counter,
+    delivered: metrics::Counter,
+    faulted: metrics::Counter,
+}
+
+impl Tally {
+    fn new(processor: &str, pipeline: &str) -> Self {
+        let counter = |outcome: &'static str| {
+            metrics::counter!(
+                "floodway_events_total",
+                "processor" => processor.to_owned(),
+                "pipeline" => pipeline.to_owned(),
+                "outcome" => outcome
+            )
+        };
+        Tally {
+            report: PipelineReport {
+                name: pipeline.to_owned(),
+                ..PipelineReport::default()
+            },
+            taken: counter("taken"),
+            filtered: counter("filtered"),
+            delivered: counter("delivered"),
+            faulted: counter("faulted"),
+        }
+    }
+
+    fn taken(&mut self) {
+        self.report.taken += 1;
+        self.taken.increment(1);
+    }
+
+    fn filtered(&mut self) {
+        self.report.filtered += 1;
+        self.filtered.increment(1);
+    }
+
+    fn delivered(&mut self, n: u64) {
+        self.report.delivered += n;
+        self.delivered.increment(n);
+    }
+
+    fn faulted(&mut self, n: u64) {
+        self.report.faults += n;
+        self.faulted.increment(n);
+    }
 }
 
 pub(crate) struct Engine<'p, C> {
@@ -44,6 +96,8 @@ pub(crate) struct Engine<'p, C> {
     pipes: Vec<Pipe>,
     ledger: Ledger,
     units: FuturesUnordered<BoxUnit>,
+    /// Fault units raised while dispatching, launched with the ready work.
+    faults_due: Vec<BoxUnit>,
     checkpointer: C,
     report: RunReport,
     committed: HashMap<Arc<str>, u64>,
@@ -89,10 +143,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     "processor" => proc.name.to_string(),
                     "pipeline" => p.core.name.to_string()
                 ),
-                report: PipelineReport {
-                    name: p.core.name.to_string(),
-                    ..PipelineReport::default()
-                },
+                tally: Tally::new(&proc.name, &p.core.name),
             })
             .collect();
         Engine {
@@ -104,6 +155,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             pipes,
             ledger: Ledger::default(),
             units: FuturesUnordered::new(),
+            faults_due: Vec::new(),
             checkpointer,
             report: RunReport::default(),
             committed: HashMap::new(),
@@ -200,7 +252,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         };
         self.commit().await?;
         self.report.stopped = stopped;
-        self.report.pipelines = self.pipes.iter().map(|p| p.report.clone()).collect();
+        self.report.pipelines = self.pipes.iter().map(|p| p.tally.report.clone()).collect();
         let mut checkpoints: Vec<Checkpoint> = self
             .committed
             .iter()
@@ -224,6 +276,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
 
     fn is_idle(&self) -> bool {
         self.units.is_empty()
+            && self.faults_due.is_empty()
             && self
                 .pipes
                 .iter()
@@ -255,7 +308,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     let ticket = self.ledger.admit(record.clone(), 1);
                     self.report.decode_faults += 1;
                     let failure = (record, None, Arc::from("decode"), Error::from(err));
-                    self.units.push(fault_now(
+                    self.faults_due.push(fault_now(
                         self.ctx.clone(),
                         usize::MAX,
                         None,
@@ -290,29 +343,29 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     ) {
         let pipe = &mut self.pipes[index];
         if !pipe.pipeline.accepts(event) {
-            pipe.report.filtered += 1;
+            pipe.tally.filtered();
             self.finish(ticket, false);
             return;
         }
-        pipe.report.taken += 1;
+        pipe.tally.taken();
         let uow = Uow::new(record.clone(), event.clone(), ticket);
         let out = run_sync(&pipe.core.steps, uow, 0);
         let pieces = (out.ready.len() + out.failed.len()) as u32;
         if pieces == 0 {
-            pipe.report.filtered += 1;
+            pipe.tally.filtered();
             self.finish(ticket, false);
             return;
         }
         self.ledger.add_pieces(ticket, pieces - 1);
         for failure in out.failed {
-            pipe.report.faults += 1;
+            pipe.tally.faulted(1);
             let item = (
                 failure.uow.record.clone(),
                 Some(failure.uow.event.clone()),
                 failure.step,
                 failure.error,
             );
-            self.units.push(fault_now(
+            self.faults_due.push(fault_now(
                 self.ctx.clone(),
                 index,
                 Some(pipe.core.clone()),
@@ -384,7 +437,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         for index in 0..self.pipes.len() {
             while let Some((id, keys, work)) = self.pipes[index].sched.next() {
                 let pipe = &self.pipes[index];
-                let mut unit = scheduled(
+                let unit = scheduled(
                     self.ctx.clone(),
                     index,
                     pipe.core.clone(),
@@ -393,15 +446,26 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     keys,
                     work,
                 );
-                let mut cx = Context::from_waker(Waker::noop());
-                match unit.as_mut().poll(&mut cx) {
-                    Poll::Ready(output) => self.complete(output)?,
-                    // Pushed units are polled again with a real waker before anything waits.
-                    Poll::Pending => self.units.push(unit),
-                }
+                self.launch(unit)?;
             }
         }
+        for unit in std::mem::take(&mut self.faults_due) {
+            self.launch(unit)?;
+        }
         Ok(())
+    }
+
+    /// Polls a new unit once; one that is not done at once joins the pending units, which
+    /// poll it again with a real waker before anything waits.
+    fn launch(&mut self, mut unit: BoxUnit) -> Result<(), RunError> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match unit.as_mut().poll(&mut cx) {
+            Poll::Ready(output) => self.complete(output),
+            Poll::Pending => {
+                self.units.push(unit);
+                Ok(())
+            }
+        }
     }
 
     fn complete(&mut self, output: UnitOutput) -> Result<(), RunError> {
@@ -418,9 +482,9 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             if outcome.pre {
                 pipe.upstream -= 1;
             }
-            pipe.report.delivered += outcome.delivered;
+            pipe.tally.delivered(outcome.delivered);
             if slot.is_some() {
-                pipe.report.faults += outcome.faults;
+                pipe.tally.faulted(outcome.faults);
             }
             for child in outcome.children {
                 self.ledger.add_pieces(child.ticket, 1);

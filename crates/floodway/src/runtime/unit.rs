@@ -15,7 +15,7 @@ use crate::error::{Error, ErrorClass, RunError};
 use crate::event::Event;
 use crate::fault::{fault_event, FaultOrigin};
 use crate::layer::retry::Backoff;
-use crate::pipeline::step::{guarded, run_all, StepFailure};
+use crate::pipeline::step::{guarded, run_all, StepFailure, StepOutput};
 use crate::pipeline::{BoxSink, PipelineCore};
 use crate::runtime::batcher::Flushed;
 use crate::runtime::scheduler::Keys;
@@ -192,6 +192,19 @@ async fn send(
     Ok(failed)
 }
 
+/// Runs the remaining steps; the time of those that include an async step is recorded
+/// (synchronous steps run inline at dispatch and cost too little to time one by one).
+async fn steps(core: &PipelineCore, uow: Uow, from: usize) -> StepOutput {
+    if from >= core.steps.len() {
+        return run_all(&core.steps, uow, from).await;
+    }
+    let started = Instant::now();
+    let out = run_all(&core.steps, uow, from).await;
+    metrics::histogram!("floodway_step_duration_seconds", "pipeline" => core.name.to_string())
+        .record(started.elapsed().as_secs_f64());
+    out
+}
+
 async fn sink_call(sink: &BoxSink, batch: Batch) -> Result<(), Error> {
     sink.clone().oneshot(batch).await
 }
@@ -204,7 +217,7 @@ async fn run_single(
     from: usize,
 ) -> Result<Outcome, RunError> {
     let ticket = uow.ticket;
-    let out = run_all(&core.steps, uow, from).await;
+    let out = steps(core, uow, from).await;
     let mut faults = fault_failures(ctx, core, out.failed).await?;
     let mut delivered = 0;
     for (uow, _) in out.ready {
@@ -242,7 +255,7 @@ async fn run_pre(
     from: usize,
 ) -> Result<Outcome, RunError> {
     let ticket = uow.ticket;
-    let out = run_all(&core.steps, uow, from).await;
+    let out = steps(core, uow, from).await;
     let faults = fault_failures(ctx, core, out.failed).await?;
     Ok(Outcome {
         finished: smallvec![(ticket, faults > 0)],
