@@ -219,6 +219,56 @@ async fn a_full_outage_opens_the_breaker_faults_nothing_loses_nothing_and_recove
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_outage_that_begins_mid_stream_behind_a_rate_limit_faults_nothing() {
+    // Calls queue behind a rate limit and a concurrency limit; those already on their way when
+    // the outage begins succeed just after it began, which must not be taken as a sign that the
+    // target is healthy.
+    let kit = TestKit::new();
+    let delivered = MemorySink::new();
+    let started = Instant::now();
+    let down = (Duration::from_secs(1), Duration::from_secs(3));
+    let sink = {
+        let delivered = delivered.clone();
+        sink_fn(move |batch: Batch| {
+            let mut delivered = delivered.clone();
+            async move {
+                let at = started.elapsed();
+                if at >= down.0 && at < down.1 {
+                    return Err(Error::transient_msg("ConnectionRefused", "down"));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                tower::Service::call(&mut delivered, batch).await
+            }
+        })
+    };
+    let resilience = Resilience::default()
+        .rate_limit(
+            floodway::layer::limit::rate::RateLimiter::per_second(400)
+                .unwrap()
+                .with_burst(4)
+                .unwrap(),
+        )
+        .adaptive_concurrency(Default::default());
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("all")
+                .parallelism(128)
+                .resilience(resilience)
+                .sink(sink)
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let input = events(2_000, 500);
+    kit.run(&processor, MemorySource::from_events(&input, 1))
+        .await
+        .unwrap();
+    assert!(kit.faults().is_empty(), "{} faults", kit.faults().len());
+    assert_eq!(delivered.len(), 2_000);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_panicking_step_becomes_a_fault() {
     let kit = TestKit::new();
     let delivered = MemorySink::new();

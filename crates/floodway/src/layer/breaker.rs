@@ -2,16 +2,26 @@
 //!
 //! A call that has exhausted its retries is either poison (the target is fine, this request is
 //! not) or a victim of an outage (the target is down for everybody). The breaker decides with
-//! one observation: **did any other call succeed since this one started?**
+//! one observation: **after this call failed, did a call that started later succeed?** (When
+//! no call has started since, as at the end of a bounded stream: did any call that started
+//! after this one succeed?)
 //!
-//! - Yes: the target is healthy, so the error goes back to the pipeline, which faults the unit
-//!   of work and flows on.
-//! - No: this may be an outage. The call is *held*, never faulted: the breaker opens, new calls
-//!   wait at the gate (so the pipeline stops pulling new work through backpressure), and after
-//!   an open period that grows from [`BreakerConfig::open_base`] to
-//!   [`BreakerConfig::open_max`] one probe goes through. A new call is preferred as the probe, so
-//!   that a held call that fails for reasons of its own is found out as soon as anything else
-//!   succeeds. A successful probe closes the breaker and every held call is tried again.
+//! A call that fails is first *held*, never faulted, and tried again (with its retries) as
+//! soon as the breaker lets it. When it fails again:
+//!
+//! - if a call that started after its first failure has succeeded meanwhile, the target is
+//!   healthy and this request is the problem: the error goes back to the pipeline, which faults
+//!   the unit of work and flows on;
+//! - if not, this looks like an outage: the breaker opens, new calls wait at the gate (so the
+//!   pipeline stops pulling new work, through backpressure), and after an open period that
+//!   grows from [`BreakerConfig::open_base`] to [`BreakerConfig::open_max`] one probe goes
+//!   through. A new call is preferred as the probe, so that a held call that fails for reasons
+//!   of its own is found out as soon as anything else succeeds. A successful probe closes the
+//!   breaker and every held call is tried again.
+//!
+//! Only calls that *started* after the failure count as evidence: calls queued ahead of it
+//! (behind a rate limit, say) may have reached the target before the outage began and succeed
+//! after it, which proves nothing about the target now.
 //!
 //! During an outage nothing is faulted and nothing is skipped; when the target recovers the
 //! stream resumes by itself.
@@ -86,8 +96,10 @@ struct Shared {
     label: Arc<str>,
     state: Mutex<Inner>,
     notify: Notify,
-    /// Successes so far; a call compares it with its value at start.
-    successes: AtomicU64,
+    /// Calls started so far: each call's number orders it against failures.
+    started: AtomicU64,
+    /// The highest number of a call that succeeded (0: none yet).
+    succeeded: AtomicU64,
     /// Mirrors `state.mode == Closed`, so that the common case takes no lock.
     closed: AtomicBool,
 }
@@ -150,7 +162,8 @@ impl CircuitBreaker {
                     opens: 0,
                 }),
                 notify: Notify::new(),
-                successes: AtomicU64::new(0),
+                started: AtomicU64::new(0),
+                succeeded: AtomicU64::new(0),
                 closed: AtomicBool::new(true),
             }),
         }
@@ -219,8 +232,8 @@ impl Shared {
         }
     }
 
-    fn on_success(&self, admission: Admission) {
-        self.successes.fetch_add(1, Ordering::SeqCst);
+    fn on_success(&self, admission: Admission, call: u64) {
+        self.succeeded.fetch_max(call, Ordering::SeqCst);
         if admission == Admission::Normal && self.closed.load(Ordering::Acquire) {
             return;
         }
@@ -256,7 +269,20 @@ impl Shared {
         );
     }
 
-    /// A call failed transiently after its retries, with no success anywhere since it began.
+    /// Whether a call started after `call`'s first failure (numbered `failed_at`) succeeded;
+    /// when no call has started since (the failing call is alone, at the end of a stream), a
+    /// success of any call started after `call` itself.
+    fn healthy_since(&self, call: u64, failed_at: u64) -> bool {
+        let succeeded = self.succeeded.load(Ordering::SeqCst);
+        if self.started.load(Ordering::SeqCst) > failed_at {
+            succeeded > failed_at
+        } else {
+            succeeded > call
+        }
+    }
+
+    /// A held call failed again with no sign of health since its first failure, or a probe
+    /// failed.
     fn on_outage_suspected(&self, admission: Admission) {
         let mut inner = self.state.lock().unwrap();
         match (admission, inner.mode) {
@@ -319,9 +345,11 @@ where
         let inner = self.inner.clone();
         let shared = self.breaker.shared.clone();
         Box::pin(async move {
-            let mut held = false;
-            let mut successes_before = shared.successes.load(Ordering::SeqCst);
+            let call = shared.started.fetch_add(1, Ordering::SeqCst) + 1;
+            // The number of the last call started when this one first failed.
+            let mut failed_at: Option<u64> = None;
             loop {
+                let held = failed_at.is_some();
                 let admission = shared.admit(held).await;
                 let mut guard = ProbeGuard {
                     shared: &shared,
@@ -331,29 +359,34 @@ where
                 guard.armed = false;
                 match result {
                     Ok(response) => {
-                        shared.on_success(admission);
+                        shared.on_success(admission, call);
                         return Ok(response);
                     }
                     // A poison answer still proves the target is up.
                     Err(err) if err.class() == ErrorClass::Poison => {
-                        shared.on_success(admission);
+                        shared.on_success(admission, call);
                         return Err(err);
                     }
                     Err(err) if err.class() != ErrorClass::Transient => return Err(err),
-                    Err(err) => {
-                        if shared.successes.load(Ordering::SeqCst) != successes_before {
-                            // Others get through: this call is the problem, not the target.
+                    Err(err) => match failed_at {
+                        Some(at) if shared.healthy_since(call, at) => {
+                            // Later calls get through: this call is the problem, not the target.
                             return Err(err);
                         }
-                        if !held {
+                        Some(_) => {
+                            tracing::debug!(sink = %shared.label, error = %err, "outage suspected");
+                            shared.on_outage_suspected(admission);
+                        }
+                        None => {
                             metrics::counter!("floodway_breaker_held_total", "sink" => shared.label.to_string())
                                 .increment(1);
+                            tracing::debug!(sink = %shared.label, error = %err, "call held by the breaker");
+                            failed_at = Some(shared.started.load(Ordering::SeqCst));
+                            if admission == Admission::Probe {
+                                shared.on_outage_suspected(admission);
+                            }
                         }
-                        tracing::debug!(sink = %shared.label, error = %err, "call held by the breaker");
-                        shared.on_outage_suspected(admission);
-                        held = true;
-                        successes_before = shared.successes.load(Ordering::SeqCst);
-                    }
+                    },
                 }
             }
         })
