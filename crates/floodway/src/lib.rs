@@ -72,6 +72,11 @@ pub mod source;
 pub mod testing;
 mod uow;
 
+/// The README's examples, compiled as doc tests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub use error::{BoxError, BuildError, DecodeEventError, Error, ErrorClass, ResultExt, RunError};
 pub use event::{Event, EventBuilder};
 pub use pipeline::{BatchConfig, Pipeline};
