@@ -54,7 +54,7 @@
 //! | fault events with deterministic ids and redaction | [`fault`] |
 //! | idempotence and latest-wins rules | [`idempotence`] |
 //! | sources and checkpointers (traits), in-memory implementations | [`source`], [`memory`] |
-//! | testing kit and event generators | [`testing`] |
+//! | testing kit, scripted flaky sink, event generators | [`testing`] |
 //!
 //! Metrics go through the `metrics` facade (install any recorder, e.g. Prometheus); spans and
 //! logs through `tracing`. See `ARCHITECTURE.md` in the repository for how a record flows.

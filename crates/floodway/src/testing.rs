@@ -32,10 +32,20 @@
 //! # });
 //! ```
 
-use crate::error::RunError;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower::Service;
+
+use crate::error::{Error, RunError};
 use crate::event::Event;
-use crate::memory::{MemoryCheckpointer, MemoryFaultSink, MemorySource};
+use crate::layer::BoxFuture;
+use crate::memory::{MemoryCheckpointer, MemoryFaultSink, MemorySink, MemorySource};
 use crate::runtime::{Processor, ProcessorBuilder, RunReport};
+use crate::uow::Batch;
 
 /// Holds a fault sink and a checkpointer for the processors a test builds.
 #[derive(Debug, Clone, Default)]
@@ -99,6 +109,129 @@ impl TestKit {
     /// The committed checkpoint of a partition.
     pub fn checkpoint(&self, partition: &str) -> Option<u64> {
         self.checkpointer.checkpoint(partition)
+    }
+}
+
+/// What a [`ScriptedSink`]'s script sees of a call.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Call<'a> {
+    /// 1 for the first call to the sink (or any of its clones), 2 for the next, ...
+    pub number: u64,
+    /// The batch.
+    pub batch: &'a Batch,
+    /// Time since the sink was created, on tokio's clock.
+    pub elapsed: Duration,
+}
+
+type Script = dyn Fn(&Call<'_>) -> Result<(), Error> + Send + Sync;
+
+/// A sink that answers as a script says: for flaky targets, poison events, outages.
+///
+/// The script sees each call and returns `Ok(())` to accept the batch (it is then kept in
+/// [`delivered`](ScriptedSink::delivered) after the sink's latency) or an error to fail the
+/// call at once. Clones share the script, the counters and the delivered events.
+///
+/// ```
+/// use std::time::Duration;
+/// use floodway::{testing::ScriptedSink, Error};
+///
+/// // Down for the first ten seconds, then answering in 5 ms.
+/// let sink = ScriptedSink::new(|call| {
+///     if call.elapsed < Duration::from_secs(10) {
+///         Err(Error::transient_msg("ConnectionRefused", "down"))
+///     } else {
+///         Ok(())
+///     }
+/// })
+/// .with_latency(Duration::from_millis(5));
+/// ```
+#[derive(Clone)]
+pub struct ScriptedSink {
+    script: Arc<Script>,
+    latency: Duration,
+    created: Instant,
+    calls: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
+    delivered: MemorySink,
+}
+
+impl std::fmt::Debug for ScriptedSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScriptedSink")
+            .field("calls", &self.calls())
+            .field("failures", &self.failures())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScriptedSink {
+    /// A sink answering per `script`, with no latency.
+    pub fn new<F>(script: F) -> Self
+    where
+        F: Fn(&Call<'_>) -> Result<(), Error> + Send + Sync + 'static,
+    {
+        ScriptedSink {
+            script: Arc::new(script),
+            latency: Duration::ZERO,
+            created: Instant::now(),
+            calls: Arc::default(),
+            failures: Arc::default(),
+            delivered: MemorySink::new(),
+        }
+    }
+
+    /// Each accepted call takes this long (on tokio's clock) before it answers.
+    #[must_use]
+    pub fn with_latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// The events of every accepted call.
+    pub fn delivered(&self) -> &MemorySink {
+        &self.delivered
+    }
+
+    /// How many calls were made.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// How many calls the script failed.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::SeqCst)
+    }
+}
+
+impl Service<Batch> for ScriptedSink {
+    type Response = ();
+    type Error = Error;
+    type Future = BoxFuture<()>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, batch: Batch) -> Self::Future {
+        let call = Call {
+            number: self.calls.fetch_add(1, Ordering::SeqCst) + 1,
+            batch: &batch,
+            elapsed: self.created.elapsed(),
+        };
+        let answer = (self.script)(&call);
+        if answer.is_err() {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+        }
+        let latency = self.latency;
+        let mut delivered = self.delivered.clone();
+        Box::pin(async move {
+            answer?;
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            delivered.call(batch).await
+        })
     }
 }
 

@@ -1,6 +1,6 @@
 //! Each failure class end to end on the in-memory runtime, on tokio's paused clock.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -8,10 +8,8 @@ use floodway::fault::FaultDetails;
 use floodway::layer::breaker::{BreakerConfig, CircuitBreaker};
 use floodway::layer::Resilience;
 use floodway::memory::{MemoryCheckpointer, MemorySink, MemorySource};
-use floodway::testing::TestKit;
-use floodway::{
-    fault_sink_fn, sink_fn, Batch, BatchConfig, Error, ErrorClass, Event, Pipeline, RunError,
-};
+use floodway::testing::{ScriptedSink, TestKit};
+use floodway::{fault_sink_fn, BatchConfig, Error, ErrorClass, Event, Pipeline, RunError};
 use tokio::time::Instant;
 
 fn event(i: u32, key: &str) -> Event {
@@ -36,26 +34,19 @@ fn ids(events: &[Event]) -> Vec<String> {
 #[tokio::test(start_paused = true)]
 async fn a_transient_blip_is_retried_and_succeeds_without_a_fault() {
     let kit = TestKit::new();
-    let calls = Arc::new(AtomicU32::new(0));
-    let delivered = MemorySink::new();
-    let sink = {
-        let calls = calls.clone();
-        let delivered = delivered.clone();
-        sink_fn(move |batch: Batch| {
-            let n = calls.fetch_add(1, Ordering::SeqCst);
-            let mut delivered = delivered.clone();
-            async move {
-                // Calls 3 and 4 fail: a blip.
-                if n == 3 || n == 4 {
-                    return Err(Error::transient_msg("ConnectionReset", "blip"));
-                }
-                tower::Service::call(&mut delivered, batch).await
-            }
-        })
-    };
+    // Calls 4 and 5 fail: a blip.
+    let sink = ScriptedSink::new(|call| match call.number {
+        4 | 5 => Err(Error::transient_msg("ConnectionReset", "blip")),
+        _ => Ok(()),
+    });
     let processor = kit
         .processor("p")
-        .pipeline(Pipeline::builder("all").parallelism(1).sink(sink).unwrap())
+        .pipeline(
+            Pipeline::builder("all")
+                .parallelism(1)
+                .sink(sink.clone())
+                .unwrap(),
+        )
         .build()
         .unwrap();
     let input = events(10, 3);
@@ -64,8 +55,8 @@ async fn a_transient_blip_is_retried_and_succeeds_without_a_fault() {
         .await
         .unwrap();
     assert!(kit.faults().is_empty());
-    assert_eq!(ids(&delivered.events()), ids(&input));
-    assert_eq!(calls.load(Ordering::SeqCst), 12);
+    assert_eq!(ids(&sink.delivered().events()), ids(&input));
+    assert_eq!(sink.calls(), 12);
     assert_eq!(report.pipeline("all").unwrap().delivered, 10);
     assert_eq!(kit.checkpoint("0"), Some(10));
 }
@@ -73,19 +64,13 @@ async fn a_transient_blip_is_retried_and_succeeds_without_a_fault() {
 #[tokio::test(start_paused = true)]
 async fn a_poison_event_becomes_one_fault_and_the_stream_flows_on() {
     let kit = TestKit::new();
-    let delivered = MemorySink::new();
-    let sink = {
-        let delivered = delivered.clone();
-        sink_fn(move |batch: Batch| {
-            let mut delivered = delivered.clone();
-            async move {
-                if batch.events().any(|e| e.id() == "e-4") {
-                    return Err(Error::poison_msg("HttpStatus", "400 Bad Request"));
-                }
-                tower::Service::call(&mut delivered, batch).await
-            }
-        })
-    };
+    let sink = ScriptedSink::new(|call| {
+        if call.batch.events().any(|e| e.id() == "e-4") {
+            return Err(Error::poison_msg("HttpStatus", "400 Bad Request"));
+        }
+        Ok(())
+    });
+    let delivered = sink.delivered().clone();
     let processor = kit
         .processor("p")
         .pipeline(Pipeline::builder("all").sink(sink).unwrap())
@@ -134,20 +119,14 @@ async fn a_poison_event_becomes_one_fault_and_the_stream_flows_on() {
 #[tokio::test(start_paused = true)]
 async fn retries_exhausted_while_the_target_is_healthy_fault_that_event_only() {
     let kit = TestKit::new();
-    let delivered = MemorySink::new();
-    let sink = {
-        let delivered = delivered.clone();
-        sink_fn(move |batch: Batch| {
-            let mut delivered = delivered.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                if batch.events().any(|e| e.id() == "e-2") {
-                    return Err(Error::transient_msg("Timeout", "this one always times out"));
-                }
-                tower::Service::call(&mut delivered, batch).await
-            }
-        })
-    };
+    let sink = ScriptedSink::new(|call| {
+        if call.batch.events().any(|e| e.id() == "e-2") {
+            return Err(Error::transient_msg("Timeout", "this one always times out"));
+        }
+        Ok(())
+    })
+    .with_latency(Duration::from_millis(5));
+    let delivered = sink.delivered().clone();
     let processor = kit
         .processor("p")
         .pipeline(Pipeline::builder("all").sink(sink).unwrap())
@@ -167,32 +146,22 @@ async fn retries_exhausted_while_the_target_is_healthy_fault_that_event_only() {
 #[tokio::test(start_paused = true)]
 async fn a_full_outage_opens_the_breaker_faults_nothing_loses_nothing_and_recovers() {
     let kit = TestKit::new();
-    let delivered = MemorySink::new();
     let started = Instant::now();
     let outage = Duration::from_secs(120);
-    let failed_calls = Arc::new(AtomicU64::new(0));
-    let sink = {
-        let delivered = delivered.clone();
-        let failed_calls = failed_calls.clone();
-        sink_fn(move |batch: Batch| {
-            let mut delivered = delivered.clone();
-            let failed_calls = failed_calls.clone();
-            async move {
-                if started.elapsed() < outage {
-                    failed_calls.fetch_add(1, Ordering::SeqCst);
-                    return Err(Error::transient_msg("ConnectionRefused", "target down"));
-                }
-                tower::Service::call(&mut delivered, batch).await
-            }
-        })
-    };
+    let sink = ScriptedSink::new(move |call| {
+        if call.elapsed < outage {
+            return Err(Error::transient_msg("ConnectionRefused", "target down"));
+        }
+        Ok(())
+    });
+    let delivered = sink.delivered().clone();
     let breaker = CircuitBreaker::new(BreakerConfig::default(), "target");
     let processor = kit
         .processor("p")
         .pipeline(
             Pipeline::builder("all")
                 .resilience(Resilience::default().shared_breaker(breaker.clone()))
-                .sink(sink)
+                .sink(sink.clone())
                 .unwrap(),
         )
         .build()
@@ -214,7 +183,7 @@ async fn a_full_outage_opens_the_breaker_faults_nothing_loses_nothing_and_recove
     assert_eq!(report.done, 500);
     assert_eq!(kit.checkpoint("0"), Some(500));
     // While open, the breaker lets one probe through at a time: the target is not hammered.
-    let failed = failed_calls.load(Ordering::SeqCst);
+    let failed = sink.failures();
     assert!(failed < 200, "{failed} failed calls during a 120 s outage");
 }
 
@@ -224,23 +193,15 @@ async fn an_outage_that_begins_mid_stream_behind_a_rate_limit_faults_nothing() {
     // the outage begins succeed just after it began, which must not be taken as a sign that the
     // target is healthy.
     let kit = TestKit::new();
-    let delivered = MemorySink::new();
-    let started = Instant::now();
     let down = (Duration::from_secs(1), Duration::from_secs(3));
-    let sink = {
-        let delivered = delivered.clone();
-        sink_fn(move |batch: Batch| {
-            let mut delivered = delivered.clone();
-            async move {
-                let at = started.elapsed();
-                if at >= down.0 && at < down.1 {
-                    return Err(Error::transient_msg("ConnectionRefused", "down"));
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                tower::Service::call(&mut delivered, batch).await
-            }
-        })
-    };
+    let sink = ScriptedSink::new(move |call| {
+        if call.elapsed >= down.0 && call.elapsed < down.1 {
+            return Err(Error::transient_msg("ConnectionRefused", "down"));
+        }
+        Ok(())
+    })
+    .with_latency(Duration::from_millis(5));
+    let delivered = sink.delivered().clone();
     let resilience = Resilience::default()
         .rate_limit(
             floodway::layer::limit::rate::RateLimiter::per_second(400)
@@ -400,28 +361,19 @@ async fn undecodable_records_become_faults_before_any_pipeline() {
 #[tokio::test(start_paused = true)]
 async fn a_failing_batch_is_bisected_so_only_the_poison_event_is_faulted() {
     let kit = TestKit::new();
-    let delivered = MemorySink::new();
-    let calls = Arc::new(AtomicU32::new(0));
-    let sink = {
-        let delivered = delivered.clone();
-        let calls = calls.clone();
-        sink_fn(move |batch: Batch| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            let mut delivered = delivered.clone();
-            async move {
-                if batch.events().any(|e| e.id() == "e-13") {
-                    return Err(Error::poison_msg("Rejected", "one bad entry"));
-                }
-                tower::Service::call(&mut delivered, batch).await
-            }
-        })
-    };
+    let sink = ScriptedSink::new(|call| {
+        if call.batch.events().any(|e| e.id() == "e-13") {
+            return Err(Error::poison_msg("Rejected", "one bad entry"));
+        }
+        Ok(())
+    });
+    let delivered = sink.delivered().clone();
     let processor = kit
         .processor("p")
         .pipeline(
             Pipeline::builder("batched")
                 .batch(BatchConfig::count(16))
-                .sink(sink)
+                .sink(sink.clone())
                 .unwrap(),
         )
         .build()
@@ -432,7 +384,7 @@ async fn a_failing_batch_is_bisected_so_only_the_poison_event_is_faulted() {
     assert_eq!(kit.faults().len(), 1);
     assert_eq!(delivered.len(), 31);
     // 2 batches + bisection of one batch of 16: 2 + 2 * log2(16) calls.
-    assert_eq!(calls.load(Ordering::SeqCst), 10);
+    assert_eq!(sink.calls(), 10);
 }
 
 #[tokio::test(start_paused = true)]
