@@ -180,24 +180,66 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 }
             }
         }));
+        let stopped = match self.drive(&mut rx, shutdown, deadline).await {
+            Ok(stopped) => stopped,
+            Err(err) => {
+                // Keep what is done: the checkpoint cannot pass the record that failed.
+                if let Err(commit) = self.commit().await {
+                    tracing::warn!(processor = %self.proc.name, error = %commit, "final commit failed");
+                }
+                return Err(err);
+            }
+        };
+        self.commit().await?;
+        self.report.stopped = stopped;
+        self.report.pipelines = self.pipes.iter().map(|p| p.tally.report.clone()).collect();
+        let mut checkpoints: Vec<Checkpoint> = self
+            .committed
+            .iter()
+            .map(|(partition, offset)| Checkpoint {
+                partition: partition.clone(),
+                offset: *offset,
+            })
+            .collect();
+        checkpoints.sort_by(|a, b| a.partition.cmp(&b.partition));
+        self.report.checkpoints = checkpoints;
+        tracing::info!(
+            processor = %self.proc.name,
+            received = self.report.received,
+            done = self.report.done,
+            faults = self.report.faults(),
+            ?stopped,
+            "run ended"
+        );
+        Ok((self.report, self.checkpointer))
+    }
+
+    /// The run loop; returns why it ended, or the error that stopped it.
+    async fn drive(
+        &mut self,
+        rx: &mut mpsc::Receiver<Result<Option<Vec<Record>>, SourceError>>,
+        shutdown: impl Future<Output = ()> + Send,
+        deadline: Option<Instant>,
+    ) -> Result<Stopped, RunError> {
+        let config = self.proc.config;
         tokio::pin!(shutdown);
         let mut source_done = false;
         let mut stopping: Option<Instant> = None;
         let mut next_commit = Instant::now() + config.commit_interval;
         let far = || Instant::now() + std::time::Duration::from_secs(86_400 * 365);
 
-        let stopped = loop {
+        loop {
             self.start_ready()?;
             if source_done || stopping.is_some() {
                 self.flush_idle_batchers();
                 self.start_ready()?;
             }
             if (source_done || stopping.is_some()) && self.is_idle() {
-                break if source_done {
+                return Ok(if source_done {
                     Stopped::SourceEnded
                 } else {
                     Stopped::Shutdown
-                };
+                });
             }
             // A pulled batch is dispatched whole, so pull only when it fits.
             let can_pull = !source_done
@@ -223,10 +265,10 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     }
                 }
                 () = tokio::time::sleep_until(deadline.unwrap_or_else(far)), if deadline.is_some() => {
-                    break Stopped::Deadline;
+                    return Ok(Stopped::Deadline);
                 }
                 () = tokio::time::sleep_until(stopping.unwrap_or_else(far)), if stopping.is_some() => {
-                    break Stopped::DrainTimeout;
+                    return Ok(Stopped::DrainTimeout);
                 }
                 () = &mut shutdown, if stopping.is_none() => {
                     tracing::info!(processor = %self.proc.name, "stopping: draining in-flight work");
@@ -243,35 +285,10 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 pulled = rx.recv(), if can_pull => match pulled {
                     Some(Ok(Some(records))) => self.dispatch(records),
                     Some(Ok(None)) | None => source_done = true,
-                    Some(Err(err)) => {
-                        self.commit().await?;
-                        return Err(RunError::Source(err));
-                    }
+                    Some(Err(err)) => return Err(RunError::Source(err)),
                 },
             }
-        };
-        self.commit().await?;
-        self.report.stopped = stopped;
-        self.report.pipelines = self.pipes.iter().map(|p| p.tally.report.clone()).collect();
-        let mut checkpoints: Vec<Checkpoint> = self
-            .committed
-            .iter()
-            .map(|(partition, offset)| Checkpoint {
-                partition: partition.clone(),
-                offset: *offset,
-            })
-            .collect();
-        checkpoints.sort_by(|a, b| a.partition.cmp(&b.partition));
-        self.report.checkpoints = checkpoints;
-        tracing::info!(
-            processor = %self.proc.name,
-            received = self.report.received,
-            done = self.report.done,
-            faults = self.report.faults(),
-            ?stopped,
-            "run ended"
-        );
-        Ok((self.report, self.checkpointer))
+        }
     }
 
     fn is_idle(&self) -> bool {
