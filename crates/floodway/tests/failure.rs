@@ -27,6 +27,17 @@ fn events(n: u32, keys: u32) -> Vec<Event> {
         .collect()
 }
 
+/// A sink that fails every call carrying event `id` with `error()` and accepts the rest.
+fn failing_on(id: &'static str, error: fn() -> Error) -> ScriptedSink {
+    ScriptedSink::new(move |call| {
+        if call.batch.events().any(|e| e.id() == id) {
+            Err(error())
+        } else {
+            Ok(())
+        }
+    })
+}
+
 fn ids(events: &[Event]) -> Vec<String> {
     events.iter().map(|e| e.id().to_owned()).collect()
 }
@@ -64,12 +75,7 @@ async fn a_transient_blip_is_retried_and_succeeds_without_a_fault() {
 #[tokio::test(start_paused = true)]
 async fn a_poison_event_becomes_one_fault_and_the_stream_flows_on() {
     let kit = TestKit::new();
-    let sink = ScriptedSink::new(|call| {
-        if call.batch.events().any(|e| e.id() == "e-4") {
-            return Err(Error::poison_msg("HttpStatus", "400 Bad Request"));
-        }
-        Ok(())
-    });
+    let sink = failing_on("e-4", || Error::poison_msg("HttpStatus", "400 Bad Request"));
     let delivered = sink.delivered().clone();
     let processor = kit
         .processor("p")
@@ -119,11 +125,8 @@ async fn a_poison_event_becomes_one_fault_and_the_stream_flows_on() {
 #[tokio::test(start_paused = true)]
 async fn retries_exhausted_while_the_target_is_healthy_fault_that_event_only() {
     let kit = TestKit::new();
-    let sink = ScriptedSink::new(|call| {
-        if call.batch.events().any(|e| e.id() == "e-2") {
-            return Err(Error::transient_msg("Timeout", "this one always times out"));
-        }
-        Ok(())
+    let sink = failing_on("e-2", || {
+        Error::transient_msg("Timeout", "this one always times out")
     })
     .with_latency(Duration::from_millis(5));
     let delivered = sink.delivered().clone();
@@ -361,12 +364,7 @@ async fn undecodable_records_become_faults_before_any_pipeline() {
 #[tokio::test(start_paused = true)]
 async fn a_failing_batch_is_bisected_so_only_the_poison_event_is_faulted() {
     let kit = TestKit::new();
-    let sink = ScriptedSink::new(|call| {
-        if call.batch.events().any(|e| e.id() == "e-13") {
-            return Err(Error::poison_msg("Rejected", "one bad entry"));
-        }
-        Ok(())
-    });
+    let sink = failing_on("e-13", || Error::poison_msg("Rejected", "one bad entry"));
     let delivered = sink.delivered().clone();
     let processor = kit
         .processor("p")
