@@ -237,6 +237,28 @@ pub fn stable_id(parts: &[&str]) -> String {
     out
 }
 
+/// A stable 64-bit hash of a partition key (FNV-1a): the same in every process and version,
+/// so that every runtime maps a key to the same partition.
+pub fn key_hash(key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The partition, among `partitions`, of a partition key.
+///
+/// ```
+/// use floodway::event::partition_for;
+/// assert_eq!(partition_for("order-1", 8), partition_for("order-1", 8));
+/// assert!(partition_for("order-1", 8) < 8);
+/// ```
+pub fn partition_for(partition_key: &str, partitions: u32) -> u32 {
+    (key_hash(partition_key) % u64::from(partitions.max(1))) as u32
+}
+
 fn random_id() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }

@@ -8,8 +8,8 @@ use futures_util::future::{ready, Ready};
 use tower::Service;
 
 use crate::error::{CommitError, Error, SourceError};
+use crate::event::partition_for;
 use crate::event::Event;
-use crate::runtime::scheduler::key_hash;
 use crate::source::{Checkpoint, Checkpointer, Settlement, Source};
 use crate::uow::{Batch, Record};
 
@@ -55,7 +55,7 @@ impl MemorySource {
         let records = events
             .into_iter()
             .map(|e| {
-                let p = (key_hash(e.partition_key()) % u64::from(partitions)) as u32;
+                let p = partition_for(e.partition_key(), partitions);
                 let offset = offsets.entry(p).or_default();
                 *offset += 1;
                 Record::new("memory", p.to_string(), *offset, e.to_json())

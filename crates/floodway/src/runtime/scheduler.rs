@@ -31,15 +31,7 @@ impl Keys {
     }
 }
 
-/// FNV-1a: fast and stable for short keys.
-pub(crate) fn key_hash(key: &str) -> KeyHash {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
+pub(crate) use crate::event::key_hash;
 
 /// The keys are hashes already.
 #[derive(Default)]

@@ -1,0 +1,112 @@
+//! Errors of the embedded hub.
+
+use std::path::PathBuf;
+
+use floodway::{Error, ErrorClass};
+
+/// Why a hub file could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The file does not exist and creating it was not asked for.
+    #[error("no hub at {path}: create one with `floodway hub init` or open it with create on")]
+    NotFound {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The file is not an SQLite database, or is damaged.
+    #[error("{path} is not a Floodway hub (not an SQLite database, or a damaged one): {detail}")]
+    NotADatabase {
+        /// The path.
+        path: PathBuf,
+        /// What SQLite said.
+        detail: String,
+    },
+    /// The file is an SQLite database of something else.
+    #[error("{path} is an SQLite database but not a Floodway hub (it has tables of its own); use another file")]
+    Foreign {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The hub was written by a newer Floodway.
+    #[error("{path} has hub format version {found}; this Floodway reads version {supported}: upgrade Floodway")]
+    Version {
+        /// The path.
+        path: PathBuf,
+        /// The version in the file.
+        found: i64,
+        /// The version this build reads.
+        supported: i64,
+    },
+    /// The hub exists with another number of partitions than asked for.
+    #[error("{path} has {found} partitions, not {asked}: a hub's partitions are fixed when it is created")]
+    Partitions {
+        /// The path.
+        path: PathBuf,
+        /// In the file.
+        found: u32,
+        /// Asked for.
+        asked: u32,
+    },
+    /// A setting is out of range.
+    #[error("invalid hub setting: {0}")]
+    Setting(String),
+    /// SQLite failed otherwise.
+    #[error("opening {path}: {source}")]
+    Sqlite {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// An operation on an open hub failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HubError {
+    /// The hub's writer has stopped (the hub is closing).
+    #[error("the hub's writer has stopped")]
+    Closed,
+    /// SQLite failed.
+    #[error("hub storage: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value could not be read back.
+    #[error("hub storage holds an unreadable {what}: {detail}")]
+    Corrupt {
+        /// What was being read.
+        what: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A name or setting is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl HubError {
+    /// The class of this error for the runtime: a busy or locked database is transient,
+    /// everything else fatal (the storage itself is in trouble).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            HubError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) =>
+            {
+                ErrorClass::Transient
+            }
+            HubError::Invalid(_) => ErrorClass::Poison,
+            _ => ErrorClass::Fatal,
+        }
+    }
+}
+
+impl From<HubError> for Error {
+    fn from(err: HubError) -> Self {
+        let class = err.class();
+        Error::new(class, err)
+    }
+}

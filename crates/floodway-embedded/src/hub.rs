@@ -1,0 +1,536 @@
+//! The hub: a partitioned, durable event log in one SQLite file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use floodway::event::{now_millis, partition_for};
+use floodway::Event;
+use rusqlite::{Connection, OptionalExtension};
+use tokio::sync::{oneshot, Notify};
+
+use crate::error::{HubError, OpenError};
+use crate::schema;
+
+/// Partitions of a new hub unless told otherwise.
+pub const DEFAULT_PARTITIONS: u32 = 8;
+
+/// When a publish is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Each commit is synced to disk before `publish` returns (SQLite `synchronous=FULL`): a
+    /// published event survives a power loss.
+    #[default]
+    Immediate,
+    /// Commits survive a crash of the process but may be lost with the machine
+    /// (`synchronous=NORMAL` in WAL mode): several times the write rate on slow disks.
+    Relaxed,
+}
+
+/// How a hub is opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubOptions {
+    /// Create the file if it does not exist (default true).
+    pub create: bool,
+    /// Partitions of a new hub (default 8); an existing hub must have this many if set.
+    pub partitions: Option<u32>,
+    /// When a publish is durable (default [`Durability::Immediate`]).
+    pub durability: Durability,
+    /// How long an idempotency key is remembered (default 10 minutes).
+    pub dedupe_window: Duration,
+    /// Events published in one commit at most (default 10,000): publishers waiting together are
+    /// committed together (group commit), up to this many events.
+    pub max_commit: usize,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        HubOptions {
+            create: true,
+            partitions: None,
+            durability: Durability::Immediate,
+            dedupe_window: Duration::from_secs(600),
+            max_commit: 10_000,
+        }
+    }
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishReceipt {
+    /// Where each stored event went, `(partition, offset)`, in the order given; `None` for an
+    /// event skipped as a duplicate.
+    pub positions: Vec<Option<(u32, u64)>>,
+    /// Events skipped because their id was published within the dedupe window.
+    pub duplicates: usize,
+}
+
+impl PublishReceipt {
+    /// Events stored.
+    pub fn stored(&self) -> usize {
+        self.positions.len() - self.duplicates
+    }
+}
+
+struct Row {
+    partition: u32,
+    id: String,
+    ty: String,
+    time: i64,
+    data: Bytes,
+}
+
+struct WriteRequest {
+    rows: Vec<Row>,
+    dedupe: bool,
+    reply: oneshot::Sender<Result<PublishReceipt, HubError>>,
+}
+
+pub(crate) struct HubInner {
+    pub(crate) path: PathBuf,
+    pub(crate) partitions: u32,
+    pub(crate) options: HubOptions,
+    writer: Mutex<Option<mpsc::Sender<WriteRequest>>>,
+    /// Woken after every commit of this process, so local subscribers read at once.
+    pub(crate) published: Notify,
+}
+
+impl Drop for HubInner {
+    fn drop(&mut self) {
+        // Dropping the sender ends the writer thread after it drains.
+        self.writer.lock().map(|mut w| w.take()).ok();
+    }
+}
+
+/// A handle to a hub file; cheap to clone, shareable between tasks.
+///
+/// Several processes may open the same file: a publisher beside a running processor, say.
+/// Writers take turns (SQLite's write lock), and offsets are assigned inside each commit, so
+/// they stay unique and increasing per partition whoever writes.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use floodway::Event;
+/// use floodway_embedded::{Hub, HubOptions};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let hub = Hub::open(dir.path().join("hub.db"), HubOptions::default()).unwrap();
+/// let event = Event::builder("order-submitted", "o-1").build();
+/// let receipt = hub.publish(&[event]).await.unwrap();
+/// assert_eq!(receipt.stored(), 1);
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct Hub {
+    pub(crate) inner: Arc<HubInner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("path", &self.inner.path)
+            .field("partitions", &self.inner.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// Opens the hub at `path`, creating it if `options.create` allows.
+    ///
+    /// # Errors
+    /// An [`OpenError`] that says what is wrong with the file: missing, not a database, another
+    /// application's database, a newer format, another partition count.
+    pub fn open(path: impl AsRef<Path>, options: HubOptions) -> Result<Hub, OpenError> {
+        let path = path.as_ref().to_owned();
+        if options.max_commit == 0 {
+            return Err(OpenError::Setting("max_commit must be at least 1".into()));
+        }
+        let (conn, partitions) = schema::open(
+            &path,
+            options.create,
+            options.partitions,
+            options.durability,
+        )?;
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::new(HubInner {
+            path,
+            partitions,
+            options,
+            writer: Mutex::new(Some(tx)),
+            published: Notify::new(),
+        });
+        let writer = Writer {
+            conn,
+            requests: rx,
+            inner: Arc::downgrade(&inner),
+            max_commit: inner.options.max_commit,
+            dedupe_window_ms: inner.options.dedupe_window.as_millis() as i64,
+        };
+        std::thread::Builder::new()
+            .name("floodway-hub-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| OpenError::Setting(format!("cannot start the writer thread: {e}")))?;
+        Ok(Hub { inner })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The number of partitions (fixed when the hub was created).
+    pub fn partitions(&self) -> u32 {
+        self.inner.partitions
+    }
+
+    /// The partition of a partition key.
+    pub fn partition_of(&self, partition_key: &str) -> u32 {
+        partition_for(partition_key, self.inner.partitions)
+    }
+
+    /// A new connection to the file, with the hub's settings.
+    pub(crate) fn connect(&self) -> Result<Connection, HubError> {
+        schema::connect(&self.inner.path, self.inner.options.durability).map_err(|e| match e {
+            OpenError::Sqlite { source, .. } => HubError::Sqlite(source),
+            other => HubError::Corrupt {
+                what: "hub file",
+                detail: other.to_string(),
+            },
+        })
+    }
+
+    /// Publishes events; when it returns they are committed (durably, per the hub's
+    /// [`Durability`]). Events are partitioned by `partitionKey`.
+    ///
+    /// # Errors
+    /// When the hub's storage fails.
+    pub async fn publish(&self, events: &[Event]) -> Result<PublishReceipt, HubError> {
+        self.write(events, false).await
+    }
+
+    /// Publishes events, skipping any whose id was published (this way) within the dedupe
+    /// window: the event id is the idempotency key.
+    ///
+    /// # Errors
+    /// When the hub's storage fails.
+    pub async fn publish_idempotent(&self, events: &[Event]) -> Result<PublishReceipt, HubError> {
+        self.write(events, true).await
+    }
+
+    /// Publishes already-encoded records (JSON lines checked by the caller).
+    pub(crate) async fn write(
+        &self,
+        events: &[Event],
+        dedupe: bool,
+    ) -> Result<PublishReceipt, HubError> {
+        if events.is_empty() {
+            return Ok(PublishReceipt::default());
+        }
+        let rows = events
+            .iter()
+            .map(|e| Row {
+                partition: self.partition_of(e.partition_key()),
+                id: e.id().to_owned(),
+                ty: e.event_type().to_owned(),
+                time: e.timestamp(),
+                data: match e.source_text() {
+                    Some(text) => Bytes::copy_from_slice(text.as_bytes()),
+                    None => Bytes::from(e.to_json()),
+                },
+            })
+            .collect();
+        let (reply, answer) = oneshot::channel();
+        let sender = self
+            .inner
+            .writer
+            .lock()
+            .map_err(|_| HubError::Closed)?
+            .clone()
+            .ok_or(HubError::Closed)?;
+        sender
+            .send(WriteRequest {
+                rows,
+                dedupe,
+                reply,
+            })
+            .map_err(|_| HubError::Closed)?;
+        answer.await.map_err(|_| HubError::Closed)?
+    }
+
+    /// Partitions, sizes and subscription lag.
+    ///
+    /// # Errors
+    /// When the hub's storage fails.
+    pub fn stats(&self) -> Result<HubStats, HubError> {
+        let conn = self.connect()?;
+        let mut partitions = Vec::new();
+        {
+            let mut stmt = conn.prepare(
+                "SELECT partition, count(*), min(offset), max(offset), sum(length(data)) \
+                 FROM events GROUP BY partition ORDER BY partition",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(PartitionStats {
+                    partition: r.get(0)?,
+                    events: r.get::<_, i64>(1)? as u64,
+                    first_offset: r.get::<_, i64>(2)? as u64,
+                    last_offset: r.get::<_, i64>(3)? as u64,
+                    bytes: r.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
+                })
+            })?;
+            for row in rows {
+                partitions.push(row?);
+            }
+        }
+        let last: HashMap<u32, u64> = partitions
+            .iter()
+            .map(|p| (p.partition, p.last_offset))
+            .collect();
+        let mut subscriptions: Vec<SubscriptionStats> = Vec::new();
+        {
+            let mut stmt = conn.prepare(
+                "SELECT name, partition, offset FROM subscriptions ORDER BY name, partition",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?;
+            for row in rows {
+                let (name, partition, offset) = row?;
+                if subscriptions.last().is_none_or(|s| s.name != name) {
+                    subscriptions.push(SubscriptionStats {
+                        name: name.clone(),
+                        lag: 0,
+                        partitions: Vec::new(),
+                    });
+                }
+                let lag = last
+                    .get(&partition)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_sub(offset);
+                let s = subscriptions.last_mut().expect("pushed above");
+                s.lag += lag;
+                s.partitions.push((partition, offset));
+            }
+        }
+        let file_bytes = std::fs::metadata(&self.inner.path)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        Ok(HubStats {
+            partitions,
+            subscriptions,
+            file_bytes,
+        })
+    }
+
+    /// Deletes events older than `max_age` and, per partition, the oldest beyond `max_bytes` of
+    /// event data; forgets idempotency keys older than the dedupe window.
+    ///
+    /// # Errors
+    /// When the hub's storage fails.
+    pub fn apply_retention(&self, retention: &Retention) -> Result<RetentionReport, HubError> {
+        let mut conn = self.connect()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut deleted = 0usize;
+        if let Some(age) = retention.max_age {
+            let cutoff = now_millis() - age.as_millis() as i64;
+            deleted += tx.execute("DELETE FROM events WHERE published < ?1", [cutoff])?;
+        }
+        if let Some(max_bytes) = retention.max_bytes_per_partition {
+            for p in 0..self.inner.partitions {
+                // The newest events whose sizes add up to the limit stay.
+                let keep_from: Option<i64> = tx
+                    .query_row(
+                        "SELECT offset FROM (SELECT offset, sum(length(data)) OVER \
+                         (ORDER BY offset DESC) AS total FROM events WHERE partition = ?1) \
+                         WHERE total > ?2 ORDER BY offset DESC LIMIT 1",
+                        (p, max_bytes as i64),
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if let Some(offset) = keep_from {
+                    deleted += tx.execute(
+                        "DELETE FROM events WHERE partition = ?1 AND offset <= ?2",
+                        (p, offset),
+                    )?;
+                }
+            }
+        }
+        let cutoff = now_millis() - self.inner.options.dedupe_window.as_millis() as i64;
+        let forgotten = tx.execute("DELETE FROM dedupe WHERE published < ?1", [cutoff])?;
+        tx.commit()?;
+        Ok(RetentionReport { deleted, forgotten })
+    }
+}
+
+/// What to keep of the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Delete events published longer ago than this.
+    pub max_age: Option<Duration>,
+    /// Per partition, delete the oldest events beyond this many bytes of event data.
+    pub max_bytes_per_partition: Option<u64>,
+}
+
+/// What retention deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Events deleted.
+    pub deleted: usize,
+    /// Idempotency keys forgotten.
+    pub forgotten: usize,
+}
+
+/// One partition of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionStats {
+    /// The partition.
+    pub partition: u32,
+    /// Events held.
+    pub events: u64,
+    /// The oldest offset held.
+    pub first_offset: u64,
+    /// The newest offset.
+    pub last_offset: u64,
+    /// Bytes of event data.
+    pub bytes: u64,
+}
+
+/// One subscription's progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionStats {
+    /// The subscription.
+    pub name: String,
+    /// Events published and not yet done, over all partitions.
+    pub lag: u64,
+    /// `(partition, checkpoint)` pairs.
+    pub partitions: Vec<(u32, u64)>,
+}
+
+/// What [`Hub::stats`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubStats {
+    /// Partitions holding events.
+    pub partitions: Vec<PartitionStats>,
+    /// Subscriptions with a checkpoint.
+    pub subscriptions: Vec<SubscriptionStats>,
+    /// Size of the database file (without its WAL).
+    pub file_bytes: u64,
+}
+
+/// Owns the writing connection; commits what publishers hand it, many at a time.
+struct Writer {
+    conn: Connection,
+    requests: mpsc::Receiver<WriteRequest>,
+    inner: std::sync::Weak<HubInner>,
+    max_commit: usize,
+    dedupe_window_ms: i64,
+}
+
+impl Writer {
+    fn run(mut self) {
+        while let Ok(first) = self.requests.recv() {
+            // Group commit: take everything already waiting, up to the commit size.
+            let mut group = vec![first];
+            let mut events = group[0].rows.len();
+            while events < self.max_commit {
+                match self.requests.try_recv() {
+                    Ok(next) => {
+                        events += next.rows.len();
+                        group.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            match self.commit(&group) {
+                Ok(receipts) => {
+                    for (request, receipt) in group.into_iter().zip(receipts) {
+                        let _ = request.reply.send(Ok(receipt));
+                    }
+                    if let Some(inner) = self.inner.upgrade() {
+                        inner.published.notify_waiters();
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "hub commit failed");
+                    let message = err.to_string();
+                    for request in group {
+                        let _ = request.reply.send(Err(HubError::Corrupt {
+                            what: "commit",
+                            detail: message.clone(),
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self, group: &[WriteRequest]) -> Result<Vec<PublishReceipt>, HubError> {
+        let now = now_millis();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Offsets are read inside the transaction: another process may have written since.
+        let mut next: HashMap<u32, u64> = HashMap::new();
+        let mut receipts = Vec::with_capacity(group.len());
+        {
+            let mut last =
+                tx.prepare_cached("SELECT last_offset FROM partitions WHERE partition = ?1")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO events (partition, offset, id, type, time, published, data) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            let mut dedupe = tx.prepare_cached(
+                "INSERT INTO dedupe (id, published) VALUES (?1, ?2) \
+                 ON CONFLICT (id) DO UPDATE SET published = excluded.published \
+                 WHERE dedupe.published < ?3",
+            )?;
+            for request in group {
+                let mut receipt = PublishReceipt::default();
+                for row in &request.rows {
+                    if request.dedupe {
+                        let changed =
+                            dedupe.execute((&row.id, now, now - self.dedupe_window_ms))?;
+                        if changed == 0 {
+                            receipt.positions.push(None);
+                            receipt.duplicates += 1;
+                            continue;
+                        }
+                    }
+                    let offset = match next.get_mut(&row.partition) {
+                        Some(o) => o,
+                        None => {
+                            let last: i64 = last.query_row([row.partition], |r| r.get(0))?;
+                            next.entry(row.partition).or_insert(last as u64)
+                        }
+                    };
+                    *offset += 1;
+                    insert.execute((
+                        row.partition,
+                        *offset as i64,
+                        &row.id,
+                        &row.ty,
+                        row.time,
+                        now,
+                        &row.data[..],
+                    ))?;
+                    receipt.positions.push(Some((row.partition, *offset)));
+                }
+                receipts.push(receipt);
+            }
+            let mut advance =
+                tx.prepare_cached("UPDATE partitions SET last_offset = ?2 WHERE partition = ?1")?;
+            for (partition, offset) in &next {
+                advance.execute((partition, *offset as i64))?;
+            }
+        }
+        tx.commit()?;
+        Ok(receipts)
+    }
+}

@@ -1,0 +1,355 @@
+//! Subscriptions: named readers of the log with their own checkpoints.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use floodway::error::{CommitError, SourceError};
+use floodway::event::now_millis;
+use floodway::{Checkpoint, Checkpointer, Record, Source};
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::error::HubError;
+use crate::hub::Hub;
+
+/// Where a subscription without a checkpoint starts; one with a checkpoint resumes from it
+/// unless [`StartAt::Reset`] says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartAt {
+    /// From the first event held.
+    #[default]
+    Beginning,
+    /// From events published from now on.
+    End,
+    /// From events published at or after this time (ms since the epoch).
+    Time(i64),
+    /// Ignore a stored checkpoint and start from the given place.
+    Reset(ResetTo),
+}
+
+/// Where [`StartAt::Reset`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The first event held.
+    Beginning,
+    /// Events published from now on.
+    End,
+    /// Events published at or after this time (ms since the epoch).
+    Time(i64),
+}
+
+/// How a subscription reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionOptions {
+    /// Where to start without a checkpoint.
+    pub start: StartAt,
+    /// Wait for new events at the end of the log (a live stream), or end there (a bounded
+    /// read, for replays and tests).
+    pub follow: bool,
+    /// How often to look for events published by other processes when idle (default 50 ms;
+    /// events published through the same `Hub` handle wake the reader at once).
+    pub poll: Duration,
+}
+
+impl Default for SubscriptionOptions {
+    fn default() -> Self {
+        SubscriptionOptions {
+            start: StartAt::Beginning,
+            follow: true,
+            poll: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A named subscription to a hub: a [`Source`] of its records and a [`Checkpointer`] of its
+/// progress (split with [`Subscription::split`] to hand both to a processor).
+#[derive(Debug)]
+pub struct Subscription {
+    reader: SubscriptionReader,
+    checkpointer: SubscriptionCheckpointer,
+}
+
+/// The reading half of a [`Subscription`].
+pub struct SubscriptionReader {
+    hub: Hub,
+    source: Arc<str>,
+    conn: Arc<Mutex<Connection>>,
+    /// Per partition, the offset of the last record delivered.
+    cursors: Vec<u64>,
+    follow: bool,
+    poll: Duration,
+    next_partition: usize,
+}
+
+impl std::fmt::Debug for SubscriptionReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionReader")
+            .field("source", &self.source)
+            .field("cursors", &self.cursors)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The committing half of a [`Subscription`].
+pub struct SubscriptionCheckpointer {
+    name: String,
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for SubscriptionCheckpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionCheckpointer")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_name(name: &str) -> Result<(), HubError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(HubError::Invalid(format!(
+            "subscription name `{name}`: use 1-128 letters, digits, `-`, `_` or `.`"
+        )))
+    }
+}
+
+/// The last offset published before `time` in a partition (0 if none).
+fn offset_before(conn: &Connection, partition: u32, time: i64) -> rusqlite::Result<u64> {
+    // Offsets and publish times grow together: binary search by point lookups.
+    let bounds: Option<(i64, i64)> = conn.query_row(
+        "SELECT min(offset), max(offset) FROM events WHERE partition = ?1",
+        [partition],
+        |r| Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?)),
+    )?;
+    let Some((mut lo, mut hi)) = bounds else {
+        return Ok(0);
+    };
+    let published = |offset: i64| -> rusqlite::Result<Option<i64>> {
+        conn.query_row(
+            "SELECT published FROM events WHERE partition = ?1 AND offset >= ?2 \
+             ORDER BY offset LIMIT 1",
+            (partition, offset),
+            |r| r.get(0),
+        )
+        .optional()
+    };
+    if published(lo)?.is_some_and(|p| p >= time) {
+        return Ok(lo as u64 - 1);
+    }
+    // Invariant: published(lo) < time; find the last such offset.
+    while lo < hi {
+        let mid = lo + (hi - lo + 1) / 2;
+        if published(mid)?.is_some_and(|p| p < time) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Ok(lo as u64)
+}
+
+impl Hub {
+    /// Opens the subscription `name` (creating it on first use).
+    ///
+    /// # Errors
+    /// An invalid name, or a storage failure.
+    pub fn subscribe(
+        &self,
+        name: &str,
+        options: SubscriptionOptions,
+    ) -> Result<Subscription, HubError> {
+        check_name(name)?;
+        let read = self.connect()?;
+        let partitions = self.partitions();
+        let mut cursors = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            let stored: Option<i64> = read
+                .query_row(
+                    "SELECT offset FROM subscriptions WHERE name = ?1 AND partition = ?2",
+                    (name, p),
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let place = match (options.start, stored) {
+                (StartAt::Reset(to), _) => Some(to),
+                (_, Some(offset)) => {
+                    cursors.push(offset as u64);
+                    None
+                }
+                (StartAt::Beginning, None) => Some(ResetTo::Beginning),
+                (StartAt::End, None) => Some(ResetTo::End),
+                (StartAt::Time(t), None) => Some(ResetTo::Time(t)),
+            };
+            let cursor = match place {
+                None => continue,
+                Some(ResetTo::Beginning) => 0,
+                Some(ResetTo::End) => read.query_row(
+                    "SELECT last_offset FROM partitions WHERE partition = ?1",
+                    [p],
+                    |r| r.get::<_, i64>(0),
+                )? as u64,
+                Some(ResetTo::Time(t)) => offset_before(&read, p, t)?,
+            };
+            cursors.push(cursor);
+        }
+        let file = self
+            .path()
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let checkpointer = SubscriptionCheckpointer {
+            name: name.to_owned(),
+            conn: Arc::new(Mutex::new(self.connect()?)),
+        };
+        if matches!(options.start, StartAt::Reset(_)) {
+            // A reset is a decision: store it, so a restart does not go back to the old place.
+            let checkpoints: Vec<Checkpoint> = cursors
+                .iter()
+                .enumerate()
+                .map(|(p, o)| Checkpoint {
+                    partition: p.to_string().into(),
+                    offset: *o,
+                })
+                .collect();
+            checkpointer.write(&checkpoints)?;
+        }
+        Ok(Subscription {
+            reader: SubscriptionReader {
+                hub: self.clone(),
+                source: format!("hub:{file}/{name}").into(),
+                conn: Arc::new(Mutex::new(read)),
+                cursors,
+                follow: options.follow,
+                poll: options.poll,
+                next_partition: 0,
+            },
+            checkpointer,
+        })
+    }
+}
+
+impl Subscription {
+    /// The reader and the checkpointer, for [`floodway::Processor::run`].
+    pub fn split(self) -> (SubscriptionReader, SubscriptionCheckpointer) {
+        (self.reader, self.checkpointer)
+    }
+}
+
+impl SubscriptionReader {
+    /// Per partition, the offset of the last record delivered.
+    pub fn cursors(&self) -> &[u64] {
+        &self.cursors
+    }
+
+    fn read(&mut self, max: usize) -> Result<Vec<Record>, HubError> {
+        let conn = self.conn.lock().map_err(|_| HubError::Closed)?;
+        let partitions = self.cursors.len();
+        let share = max.div_ceil(partitions).max(1);
+        let mut out = Vec::new();
+        let mut stmt = conn.prepare_cached(
+            "SELECT offset, data FROM events WHERE partition = ?1 AND offset > ?2 \
+             ORDER BY offset LIMIT ?3",
+        )?;
+        // A fair share per partition first, from a rotating first partition so none starves
+        // another; then the room left goes to the partitions that had more.
+        let mut more: Vec<usize> = Vec::new();
+        for pass in 0..2 {
+            let order: Vec<usize> = if pass == 0 {
+                (0..partitions)
+                    .map(|i| (self.next_partition + i) % partitions)
+                    .collect()
+            } else {
+                std::mem::take(&mut more)
+            };
+            for p in order {
+                let left = max - out.len();
+                let room = if pass == 0 { left.min(share) } else { left };
+                if room == 0 {
+                    break;
+                }
+                let before = out.len();
+                let rows = stmt
+                    .query_map((p as u32, self.cursors[p] as i64, room as i64), |r| {
+                        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
+                    })?;
+                let partition: Arc<str> = p.to_string().into();
+                for row in rows {
+                    let (offset, data) = row?;
+                    self.cursors[p] = offset;
+                    out.push(Record::new(
+                        self.source.clone(),
+                        partition.clone(),
+                        offset,
+                        data,
+                    ));
+                }
+                if out.len() - before == room {
+                    more.push(p);
+                }
+            }
+        }
+        self.next_partition = (self.next_partition + 1) % partitions;
+        Ok(out)
+    }
+}
+
+impl Source for SubscriptionReader {
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, SourceError> {
+        loop {
+            let hub = self.hub.clone();
+            let published = hub.inner.published.notified();
+            tokio::pin!(published);
+            published.as_mut().enable();
+            let records = crate::blocking(|| self.read(max)).map_err(|e| SourceError {
+                source_name: self.source.to_string(),
+                cause: Box::new(e),
+            })?;
+            if !records.is_empty() {
+                return Ok(Some(records));
+            }
+            if !self.follow {
+                return Ok(None);
+            }
+            tokio::select! {
+                () = &mut published => {}
+                () = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+}
+
+impl SubscriptionCheckpointer {
+    fn write(&self, checkpoints: &[Checkpoint]) -> Result<(), HubError> {
+        let mut conn = self.conn.lock().map_err(|_| HubError::Closed)?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO subscriptions (name, partition, offset, updated) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (name, partition) DO UPDATE SET offset = excluded.offset, \
+                 updated = excluded.updated",
+            )?;
+            for cp in checkpoints {
+                let partition: u32 = cp.partition.parse().map_err(|_| {
+                    HubError::Invalid(format!(
+                        "partition `{}` is not a hub partition",
+                        cp.partition
+                    ))
+                })?;
+                upsert.execute((&self.name, partition, cp.offset as i64, now_millis()))?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+impl Checkpointer for SubscriptionCheckpointer {
+    async fn commit(&mut self, checkpoints: &[Checkpoint]) -> Result<(), CommitError> {
+        crate::blocking(|| self.write(checkpoints)).map_err(|e| CommitError { cause: Box::new(e) })
+    }
+}

@@ -1,0 +1,318 @@
+//! The embedded hub: publishing, partitions, subscriptions, retention, bad files.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use floodway::memory::{MemoryFaultSink, MemorySink};
+use floodway::testing::generate;
+use floodway::{Event, Pipeline, Processor};
+use floodway_embedded::{
+    Hub, HubOptions, OpenError, ResetTo, Retention, StartAt, SubscriptionOptions,
+};
+
+fn bounded() -> SubscriptionOptions {
+    SubscriptionOptions {
+        follow: false,
+        ..Default::default()
+    }
+}
+
+fn open(dir: &tempfile::TempDir) -> Hub {
+    Hub::open(dir.path().join("hub.db"), HubOptions::default()).unwrap()
+}
+
+async fn read_all(
+    hub: &Hub,
+    name: &str,
+    options: SubscriptionOptions,
+) -> Vec<(String, u64, Event)> {
+    use floodway::Source;
+    let (mut reader, _) = hub.subscribe(name, options).unwrap().split();
+    let mut out = Vec::new();
+    while let Some(batch) = reader.next_batch(100).await.unwrap() {
+        for r in batch {
+            out.push((
+                r.partition.to_string(),
+                r.offset,
+                Event::decode(&r.data).unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn events_are_partitioned_by_key_with_increasing_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(&dir);
+    let events = generate::orders(2_000, 1);
+    let receipt = hub.publish(&events).await.unwrap();
+    assert_eq!(receipt.stored(), 2_000);
+    let got = read_all(&hub, "all", bounded()).await;
+    assert_eq!(got.len(), 2_000);
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+    for (partition, offset, event) in &got {
+        assert_eq!(
+            partition,
+            &hub.partition_of(event.partition_key()).to_string()
+        );
+        let prev = last.insert(partition.clone(), *offset).unwrap_or(0);
+        assert_eq!(*offset, prev + 1, "offsets are gapless per partition");
+        by_key
+            .entry(event.partition_key().to_owned())
+            .or_default()
+            .push(event.id().to_owned());
+    }
+    // Per key, the log keeps publish order.
+    let mut want: HashMap<String, Vec<String>> = HashMap::new();
+    for e in &events {
+        want.entry(e.partition_key().to_owned())
+            .or_default()
+            .push(e.id().to_owned());
+    }
+    assert_eq!(by_key, want);
+    // Events round-trip byte for byte.
+    let bytes: HashMap<&str, String> = events.iter().map(|e| (e.id(), e.to_json())).collect();
+    for (_, _, e) in &got {
+        assert_eq!(e.to_json(), bytes[e.id()]);
+    }
+}
+
+#[tokio::test]
+async fn idempotent_publish_stores_a_duplicate_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(&dir);
+    let events = generate::orders(10, 2);
+    let first = hub.publish_idempotent(&events).await.unwrap();
+    assert_eq!((first.stored(), first.duplicates), (10, 0));
+    let again = hub.publish_idempotent(&events[5..]).await.unwrap();
+    assert_eq!((again.stored(), again.duplicates), (0, 5));
+    assert!(again.positions.iter().all(Option::is_none));
+    assert_eq!(read_all(&hub, "s", bounded()).await.len(), 10);
+    // A plain publish does not deduplicate.
+    hub.publish(&events[..1]).await.unwrap();
+    assert_eq!(read_all(&hub, "t", bounded()).await.len(), 11);
+}
+
+#[tokio::test]
+async fn concurrent_publishers_are_group_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(&dir);
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let hub = hub.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                let e = Event::builder("tick", format!("k{t}"))
+                    .id(format!("{t}-{i}"))
+                    .build();
+                hub.publish(&[e]).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let got = read_all(&hub, "all", bounded()).await;
+    assert_eq!(got.len(), 400);
+    // Each publisher's events stay in order within its key's partition.
+    for t in 0..8 {
+        let seq: Vec<u32> = got
+            .iter()
+            .filter(|(_, _, e)| e.partition_key() == format!("k{t}"))
+            .map(|(_, _, e)| e.id().split('-').nth(1).unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(seq, (0..50).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn two_handles_on_one_file_share_it_like_two_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir);
+    let b = Hub::open(dir.path().join("hub.db"), HubOptions::default()).unwrap();
+    let (ea, eb) = (generate::orders(300, 3), generate::orders(300, 4));
+    let (ra, rb) = tokio::join!(a.publish(&ea), b.publish(&eb));
+    assert_eq!(ra.unwrap().stored() + rb.unwrap().stored(), 600);
+    let got = read_all(&b, "all", bounded()).await;
+    assert_eq!(got.len(), 600);
+    let mut seen = std::collections::HashSet::new();
+    for (p, o, _) in &got {
+        assert!(seen.insert((p.clone(), *o)), "offset {p}/{o} used twice");
+    }
+}
+
+#[tokio::test]
+async fn a_subscription_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let hub = open(&dir);
+    hub.publish(&generate::orders(1_000, 5)).await.unwrap();
+    let sink = MemorySink::new();
+    let processor = Processor::builder("p")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(Pipeline::builder("all").sink(sink.clone()).unwrap())
+        .build()
+        .unwrap();
+    let (reader, cp) = hub.subscribe("views", bounded()).unwrap().split();
+    let report = processor
+        .run(reader, cp, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(report.done, 1_000);
+    drop(hub);
+
+    let hub = Hub::open(&path, HubOptions::default()).unwrap();
+    let stats = hub.stats().unwrap();
+    assert_eq!(stats.subscriptions[0].name, "views");
+    assert_eq!(stats.subscriptions[0].lag, 0);
+    hub.publish(&generate::orders(10, 6)).await.unwrap();
+    assert_eq!(hub.stats().unwrap().subscriptions[0].lag, 10);
+    let rest = read_all(&hub, "views", bounded()).await;
+    assert_eq!(rest.len(), 10, "only what came after the checkpoint");
+    // A reset starts over and is remembered.
+    let all = read_all(
+        &hub,
+        "views",
+        SubscriptionOptions {
+            start: StartAt::Reset(ResetTo::Beginning),
+            ..bounded()
+        },
+    )
+    .await;
+    assert_eq!(all.len(), 1_010);
+}
+
+#[tokio::test]
+async fn a_subscription_can_start_at_the_end_or_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(&dir);
+    hub.publish(&generate::orders(100, 7)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cut = floodway::event::now_millis();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    hub.publish(&generate::orders(30, 8)).await.unwrap();
+    let from_time = read_all(
+        &hub,
+        "t",
+        SubscriptionOptions {
+            start: StartAt::Time(cut),
+            ..bounded()
+        },
+    )
+    .await;
+    assert_eq!(from_time.len(), 30);
+    let from_end = read_all(
+        &hub,
+        "e",
+        SubscriptionOptions {
+            start: StartAt::End,
+            ..bounded()
+        },
+    )
+    .await;
+    assert!(from_end.is_empty());
+}
+
+#[tokio::test]
+async fn a_following_reader_wakes_for_new_events() {
+    use floodway::Source;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(&dir);
+    let (mut reader, _) = hub
+        .subscribe(
+            "live",
+            SubscriptionOptions {
+                poll: Duration::from_secs(3600),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .split();
+    let waiting = tokio::spawn(async move { reader.next_batch(10).await.unwrap().unwrap().len() });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiting.is_finished());
+    hub.publish(&generate::orders(3, 9)).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("woken by the publish, not the hour-long poll")
+        .unwrap();
+    assert_eq!(got, 3);
+}
+
+#[tokio::test]
+async fn retention_deletes_by_age_and_by_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::open(
+        dir.path().join("hub.db"),
+        HubOptions {
+            partitions: Some(1),
+            ..HubOptions::default()
+        },
+    )
+    .unwrap();
+    let events = generate::orders(100, 10);
+    hub.publish(&events).await.unwrap();
+    let size: u64 = events.iter().map(|e| e.encoded_len() as u64).sum();
+    let report = hub
+        .apply_retention(&Retention {
+            max_bytes_per_partition: Some(size / 2),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!((45..=55).contains(&report.deleted), "{report:?}");
+    let left = read_all(&hub, "r", bounded()).await;
+    assert_eq!(left.len(), 100 - report.deleted);
+    assert_eq!(left.last().unwrap().1, 100, "the newest stay");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let report = hub
+        .apply_retention(&Retention {
+            max_age: Some(Duration::from_millis(5)),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(report.deleted, left.len());
+    // Offsets keep growing after retention emptied a partition.
+    let r = hub.publish(&generate::orders(1, 11)).await.unwrap();
+    assert_eq!(r.positions[0], Some((0, 101)));
+}
+
+#[test]
+fn bad_files_are_named_not_panicked_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.db");
+    std::fs::write(&garbage, vec![0x42u8; 8192]).unwrap();
+    match Hub::open(&garbage, HubOptions::default()) {
+        Err(OpenError::NotADatabase { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    let foreign = dir.path().join("foreign.db");
+    rusqlite::Connection::open(&foreign)
+        .unwrap()
+        .execute_batch("CREATE TABLE customers (id INTEGER PRIMARY KEY);")
+        .unwrap();
+    let err = Hub::open(&foreign, HubOptions::default()).unwrap_err();
+    assert!(matches!(err, OpenError::Foreign { .. }), "{err:?}");
+    assert!(err.to_string().contains("not a Floodway hub"));
+    let missing = Hub::open(
+        dir.path().join("missing.db"),
+        HubOptions {
+            create: false,
+            ..HubOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(missing, OpenError::NotFound { .. }));
+    let path = dir.path().join("hub.db");
+    drop(Hub::open(&path, HubOptions::default()).unwrap());
+    let err = Hub::open(
+        &path,
+        HubOptions {
+            partitions: Some(3),
+            ..HubOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("has 8 partitions, not 3"), "{err}");
+}
