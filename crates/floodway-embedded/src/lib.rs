@@ -29,16 +29,21 @@
 //! |---|---|
 //! | the log: partitions by `partitionKey`, group commit, durability setting, idempotent publish, retention | [`Hub`] |
 //! | subscriptions with checkpoints per partition, from a checkpoint, the start, the end or a time | [`Subscription`] |
+//! | the fault store: faults by id with first/last seen and counts, filters, resubmission history | [`FaultStore`] |
+//! | latest-wins views with the inbox in the same transaction | [`ViewStore`], [`ViewSink`] |
 //!
 //! Several processes may share the file (WAL mode, a busy timeout, offsets assigned inside
 //! each commit).
 
 mod error;
+mod faults;
 mod hub;
 mod schema;
 mod subscription;
+mod view;
 
 pub use error::{HubError, OpenError};
+pub use faults::{FaultFilter, FaultStatus, FaultStore, Resubmission, Stored, StoredFault};
 pub use hub::{
     Durability, Hub, HubOptions, HubStats, PartitionStats, PublishReceipt, Retention,
     RetentionReport, SubscriptionStats, DEFAULT_PARTITIONS,
@@ -47,6 +52,7 @@ pub use subscription::{
     ResetTo, StartAt, Subscription, SubscriptionCheckpointer, SubscriptionOptions,
     SubscriptionReader,
 };
+pub use view::{Applied, ViewRow, ViewSink, ViewStore, ViewWrite};
 
 /// Runs blocking storage work: in place on a multi-threaded runtime (telling it to move other
 /// tasks away), inline elsewhere (the calls are short).

@@ -1,0 +1,347 @@
+//! The fault store: fault events by id, what people filter them by, and resubmissions.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use floodway::event::now_millis;
+use floodway::fault::FaultDetails;
+use floodway::layer::BoxFuture;
+use floodway::{Error, Event};
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::error::HubError;
+use crate::hub::Hub;
+
+/// Where a fault stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultStatus {
+    /// Not resubmitted, or resubmitted and failed again.
+    Open,
+    /// Resubmitted and processed.
+    Resolved,
+}
+
+impl FaultStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            FaultStatus::Open => "open",
+            FaultStatus::Resolved => "resolved",
+        }
+    }
+
+    fn parse(s: &str) -> FaultStatus {
+        match s {
+            "resolved" => FaultStatus::Resolved,
+            _ => FaultStatus::Open,
+        }
+    }
+}
+
+/// A stored fault.
+#[derive(Debug, Clone)]
+pub struct StoredFault {
+    /// The fault's id (deterministic: the same failure stores once).
+    pub id: String,
+    /// The processor that raised it.
+    pub processor: String,
+    /// The pipeline that failed (`*` for records that could not be decoded).
+    pub pipeline: String,
+    /// The step that failed.
+    pub step: String,
+    /// The error's name.
+    pub name: String,
+    /// The error's class.
+    pub class: String,
+    /// The error's message.
+    pub message: String,
+    /// When it was first stored (ms since the epoch).
+    pub first_seen: i64,
+    /// When it was last stored.
+    pub last_seen: i64,
+    /// How many times it was raised.
+    pub seen: u64,
+    /// Where it stands.
+    pub status: FaultStatus,
+    /// The fault event.
+    pub fault: Event,
+}
+
+impl StoredFault {
+    /// The fault's details: the error and the source record.
+    ///
+    /// # Errors
+    /// When the stored event is not a fault event.
+    pub fn details(&self) -> Result<FaultDetails, Error> {
+        self.fault.payload()
+    }
+}
+
+/// Which faults to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultFilter {
+    /// Only this processor's.
+    pub processor: Option<String>,
+    /// Only this pipeline's.
+    pub pipeline: Option<String>,
+    /// Only errors of this name.
+    pub error: Option<String>,
+    /// Only faults last seen at or after this time (ms).
+    pub since: Option<i64>,
+    /// Only faults last seen before this time (ms).
+    pub until: Option<i64>,
+    /// Only faults with this status.
+    pub status: Option<FaultStatus>,
+    /// At most this many (newest first); all when `None`.
+    pub limit: Option<usize>,
+}
+
+/// How a resubmission ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resubmission {
+    /// When (ms since the epoch).
+    pub at: i64,
+    /// `succeeded`, `failed` or `dry-run`.
+    pub outcome: String,
+    /// What happened.
+    pub detail: String,
+}
+
+/// Fault events by id, in the hub file. Clones share one connection.
+///
+/// It is also a fault sink (`tower::Service<Event>`): give it to a processor to store faults
+/// directly, or run a fault monitor that stores the `fault` events of the hub.
+#[derive(Clone)]
+pub struct FaultStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for FaultStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultStore").finish_non_exhaustive()
+    }
+}
+
+/// Whether a fault was new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// First time this fault was stored.
+    New,
+    /// Stored before: its count and last-seen time moved.
+    Again,
+}
+
+const COLUMNS: &str =
+    "id, processor, pipeline, step, name, class, message, first_seen, last_seen, seen, status, fault";
+
+fn row_to_fault(r: &rusqlite::Row<'_>) -> rusqlite::Result<(StoredFault, String)> {
+    let text: String = r.get(11)?;
+    Ok((
+        StoredFault {
+            id: r.get(0)?,
+            processor: r.get(1)?,
+            pipeline: r.get(2)?,
+            step: r.get(3)?,
+            name: r.get(4)?,
+            class: r.get(5)?,
+            message: r.get(6)?,
+            first_seen: r.get(7)?,
+            last_seen: r.get(8)?,
+            seen: r.get::<_, i64>(9)? as u64,
+            status: FaultStatus::parse(&r.get::<_, String>(10)?),
+            fault: Event::builder("fault", "").build(),
+        },
+        text,
+    ))
+}
+
+fn decode(parts: (StoredFault, String)) -> Result<StoredFault, HubError> {
+    let (mut fault, text) = parts;
+    fault.fault = Event::decode(text.as_bytes()).map_err(|e| HubError::Corrupt {
+        what: "fault event",
+        detail: e.to_string(),
+    })?;
+    Ok(fault)
+}
+
+impl Hub {
+    /// The hub's fault store.
+    ///
+    /// # Errors
+    /// When the hub file cannot be opened again.
+    pub fn fault_store(&self) -> Result<FaultStore, HubError> {
+        Ok(FaultStore {
+            conn: Arc::new(Mutex::new(self.connect()?)),
+        })
+    }
+}
+
+impl FaultStore {
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, HubError> {
+        self.conn.lock().map_err(|_| HubError::Closed)
+    }
+
+    /// Stores a fault event; a fault stored before counts once more.
+    ///
+    /// # Errors
+    /// A poison error when `fault` is not a fault event; a storage failure.
+    pub fn store(&self, fault: &Event) -> Result<Stored, HubError> {
+        if !fault.is_fault() {
+            return Err(HubError::Invalid(format!(
+                "event {} is of type `{}`, not a fault",
+                fault.id(),
+                fault.event_type()
+            )));
+        }
+        let details: FaultDetails = fault
+            .payload()
+            .map_err(|e| HubError::Invalid(format!("fault {} is malformed: {e}", fault.id())))?;
+        let tag = |name: &str| fault.tag(name).unwrap_or("").to_owned();
+        let now = now_millis();
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(
+            "INSERT INTO faults (id, processor, pipeline, step, name, class, message, \
+             first_seen, last_seen, seen, status, fault) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1, 'open', ?9) \
+             ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen, seen = seen + 1, \
+             status = 'open' RETURNING seen",
+        )?;
+        let seen: i64 = stmt.query_row(
+            (
+                fault.id(),
+                tag("processor"),
+                tag("pipeline"),
+                tag("step"),
+                &details.err.name,
+                &details.err.class,
+                &details.err.message,
+                now,
+                fault.to_json(),
+            ),
+            |r| r.get(0),
+        )?;
+        Ok(if seen == 1 {
+            Stored::New
+        } else {
+            Stored::Again
+        })
+    }
+
+    /// One fault.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn get(&self, id: &str) -> Result<Option<StoredFault>, HubError> {
+        let conn = self.conn()?;
+        let row = conn
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM faults WHERE id = ?1"),
+                [id],
+                row_to_fault,
+            )
+            .optional()?;
+        row.map(decode).transpose()
+    }
+
+    /// Faults matching `filter`, newest first.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn list(&self, filter: &FaultFilter) -> Result<Vec<StoredFault>, HubError> {
+        let conn = self.conn()?;
+        let mut sql = format!("SELECT {COLUMNS} FROM faults WHERE 1 = 1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let mut add = |clause: &str, value: rusqlite::types::Value| {
+            args.push(value);
+            sql.push_str(&format!(" AND {clause} ?{}", args.len()));
+        };
+        if let Some(v) = &filter.processor {
+            add("processor =", v.clone().into());
+        }
+        if let Some(v) = &filter.pipeline {
+            add("pipeline =", v.clone().into());
+        }
+        if let Some(v) = &filter.error {
+            add("name =", v.clone().into());
+        }
+        if let Some(v) = filter.since {
+            add("last_seen >=", v.into());
+        }
+        if let Some(v) = filter.until {
+            add("last_seen <", v.into());
+        }
+        if let Some(v) = filter.status {
+            add("status =", v.as_str().to_owned().into());
+        }
+        sql.push_str(" ORDER BY last_seen DESC, id");
+        if let Some(limit) = filter.limit {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        }
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), row_to_fault)?;
+        rows.map(|r| decode(r?)).collect()
+    }
+
+    /// Records a resubmission of a fault and how it ended; a success resolves the fault.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn record_resubmission(
+        &self,
+        id: &str,
+        outcome: &str,
+        detail: &str,
+    ) -> Result<(), HubError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Two resubmissions in one millisecond keep their order.
+        let last: Option<i64> = tx.query_row(
+            "SELECT max(at) FROM resubmissions WHERE fault = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
+        let at = now_millis().max(last.map_or(0, |l| l + 1));
+        tx.execute(
+            "INSERT INTO resubmissions (fault, at, outcome, detail) VALUES (?1, ?2, ?3, ?4)",
+            (id, at, outcome, detail),
+        )?;
+        if outcome == "succeeded" {
+            tx.execute("UPDATE faults SET status = 'resolved' WHERE id = ?1", [id])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A fault's resubmissions, oldest first.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn resubmissions(&self, id: &str) -> Result<Vec<Resubmission>, HubError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT at, outcome, detail FROM resubmissions WHERE fault = ?1 ORDER BY at",
+        )?;
+        let rows = stmt.query_map([id], |r| {
+            Ok(Resubmission {
+                at: r.get(0)?,
+                outcome: r.get(1)?,
+                detail: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+impl tower::Service<Event> for FaultStore {
+    type Response = ();
+    type Error = Error;
+    type Future = BoxFuture<()>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, fault: Event) -> Self::Future {
+        let result = crate::blocking(|| self.store(&fault));
+        Box::pin(async move { result.map(|_| ()).map_err(Error::from) })
+    }
+}

@@ -1,0 +1,278 @@
+//! Latest-wins views: a table per view, written with the inbox in one transaction.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use floodway::idempotence::Version;
+use floodway::layer::BoxFuture;
+use floodway::{Batch, Error, Event};
+use rusqlite::{Connection, OptionalExtension};
+use serde_json::Value;
+
+use crate::error::HubError;
+use crate::hub::Hub;
+
+/// A materialized view in the hub file: rows by key, each remembering the `(timestamp, id)` of
+/// the event that last wrote it. A write applies only if it is newer (ties broken by id), and
+/// the event's id goes into the view's inbox in the same transaction, so a redelivered event
+/// changes nothing. Any order and any duplicates of a set of events give the same rows.
+#[derive(Clone)]
+pub struct ViewStore {
+    name: Arc<str>,
+    table: Arc<str>,
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for ViewStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewStore")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One write to a view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewWrite {
+    /// The row's key.
+    pub key: String,
+    /// The writing event's version.
+    pub version: Version,
+    /// The row's new value.
+    pub value: Value,
+}
+
+/// What a batch of writes did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Rows inserted or updated.
+    pub written: usize,
+    /// Writes older than the row they met: nothing changed.
+    pub stale: usize,
+    /// Events applied before (found in the inbox): nothing changed.
+    pub duplicates: usize,
+}
+
+/// A stored row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewRow {
+    /// The key.
+    pub key: String,
+    /// The version of the event that wrote it.
+    pub version: Version,
+    /// The value.
+    pub value: Value,
+}
+
+fn check_name(name: &str) -> Result<(), HubError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(HubError::Invalid(format!(
+            "view name `{name}`: use 1-64 lowercase letters, digits or `_`"
+        )))
+    }
+}
+
+impl Hub {
+    /// The view `name`, created on first use.
+    ///
+    /// # Errors
+    /// An invalid name, or a storage failure.
+    pub fn view(&self, name: &str) -> Result<ViewStore, HubError> {
+        check_name(name)?;
+        let conn = self.connect()?;
+        let table = format!("view_{name}");
+        conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, time INTEGER NOT NULL, \
+             event TEXT NOT NULL, value TEXT NOT NULL) WITHOUT ROWID;"
+        ))?;
+        Ok(ViewStore {
+            name: name.into(),
+            table: table.into(),
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+}
+
+impl ViewStore {
+    /// The view's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, HubError> {
+        self.conn.lock().map_err(|_| HubError::Closed)
+    }
+
+    /// Applies writes in one transaction, by the latest-wins rule and the inbox.
+    ///
+    /// # Errors
+    /// A storage failure (then nothing was written).
+    pub fn apply(&self, writes: &[ViewWrite]) -> Result<Applied, HubError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut applied = Applied::default();
+        {
+            let mut inbox =
+                tx.prepare_cached("INSERT OR IGNORE INTO inbox (view, event) VALUES (?1, ?2)")?;
+            let table = &self.table;
+            let mut upsert = tx.prepare_cached(&format!(
+                "INSERT INTO {table} (key, time, event, value) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (key) DO UPDATE SET time = excluded.time, event = excluded.event, \
+                 value = excluded.value \
+                 WHERE (excluded.time, excluded.event) > ({table}.time, {table}.event)"
+            ))?;
+            for w in writes {
+                if inbox.execute((&*self.name, &w.version.id))? == 0 {
+                    applied.duplicates += 1;
+                    continue;
+                }
+                let value = w.value.to_string();
+                if upsert.execute((&w.key, w.version.timestamp, &w.version.id, value))? == 0 {
+                    applied.stale += 1;
+                } else {
+                    applied.written += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(applied)
+    }
+
+    /// One row.
+    ///
+    /// # Errors
+    /// A storage failure, or a stored value that is not JSON.
+    pub fn get(&self, key: &str) -> Result<Option<ViewRow>, HubError> {
+        let conn = self.conn()?;
+        let row = conn
+            .query_row(
+                &format!(
+                    "SELECT key, time, event, value FROM {} WHERE key = ?1",
+                    self.table
+                ),
+                [key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?)),
+            )
+            .optional()?;
+        row.map(to_row).transpose()
+    }
+
+    /// Every row, by key.
+    ///
+    /// # Errors
+    /// A storage failure, or a stored value that is not JSON.
+    pub fn rows(&self) -> Result<Vec<ViewRow>, HubError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT key, time, event, value FROM {} ORDER BY key",
+            self.table
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?))
+        })?;
+        rows.map(|r| to_row(r?)).collect()
+    }
+
+    /// Number of rows.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn len(&self) -> Result<u64, HubError> {
+        let conn = self.conn()?;
+        let n: i64 = conn.query_row(&format!("SELECT count(*) FROM {}", self.table), [], |r| {
+            r.get(0)
+        })?;
+        Ok(n as u64)
+    }
+
+    /// Whether the view has no rows.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn is_empty(&self) -> Result<bool, HubError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// A sink that writes each event of a batch into this view, keyed and valued by the given
+    /// functions; a batch is one transaction.
+    pub fn sink<K, V>(&self, key: K, value: V) -> ViewSink
+    where
+        K: Fn(&Event) -> Result<String, Error> + Send + Sync + 'static,
+        V: Fn(&Event) -> Result<Value, Error> + Send + Sync + 'static,
+    {
+        ViewSink {
+            store: self.clone(),
+            key: Arc::new(key),
+            value: Arc::new(value),
+        }
+    }
+}
+
+fn to_row((key, time, event, value): (String, i64, String, String)) -> Result<ViewRow, HubError> {
+    Ok(ViewRow {
+        key,
+        version: Version {
+            timestamp: time,
+            id: event,
+        },
+        value: serde_json::from_str(&value).map_err(|e| HubError::Corrupt {
+            what: "view value",
+            detail: e.to_string(),
+        })?,
+    })
+}
+
+type KeyFn = dyn Fn(&Event) -> Result<String, Error> + Send + Sync;
+type ValueFn = dyn Fn(&Event) -> Result<Value, Error> + Send + Sync;
+
+/// Writes batches of events into a [`ViewStore`]; made by [`ViewStore::sink`].
+#[derive(Clone)]
+pub struct ViewSink {
+    store: ViewStore,
+    key: Arc<KeyFn>,
+    value: Arc<ValueFn>,
+}
+
+impl std::fmt::Debug for ViewSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewSink")
+            .field("view", &self.store.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl tower::Service<Batch> for ViewSink {
+    type Response = ();
+    type Error = Error;
+    type Future = BoxFuture<()>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, batch: Batch) -> Self::Future {
+        let writes: Result<Vec<ViewWrite>, Error> = batch
+            .events()
+            .map(|e| {
+                Ok(ViewWrite {
+                    key: (self.key)(e)?,
+                    version: Version::of(e),
+                    value: (self.value)(e)?,
+                })
+            })
+            .collect();
+        let result = writes.and_then(|w| {
+            crate::blocking(|| self.store.apply(&w))
+                .map(|_| ())
+                .map_err(Error::from)
+        });
+        Box::pin(async move { result })
+    }
+}

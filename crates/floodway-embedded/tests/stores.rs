@@ -1,0 +1,243 @@
+//! The fault store and latest-wins views.
+
+use std::time::Duration;
+
+use floodway::idempotence::{MemoryView, Version};
+use floodway::testing::generate;
+use floodway::{Error, Event, Pipeline, Processor};
+use floodway_embedded::{
+    FaultFilter, FaultStatus, Hub, HubOptions, ResetTo, StartAt, Stored, SubscriptionOptions,
+    ViewWrite,
+};
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+fn open(dir: &tempfile::TempDir) -> Hub {
+    Hub::open(dir.path().join("hub.db"), HubOptions::default()).unwrap()
+}
+
+fn bounded(start: StartAt) -> SubscriptionOptions {
+    SubscriptionOptions {
+        start,
+        follow: false,
+        ..Default::default()
+    }
+}
+
+/// A processor whose `strict` pipeline rejects events with an odd total, faulting into the
+/// hub's fault store, and whose `orders` pipeline keeps the latest order state per order.
+fn processor(hub: &Hub) -> Processor {
+    let view = hub.view("orders").unwrap();
+    Processor::builder("shop")
+        .fault_sink(hub.fault_store().unwrap())
+        .pipeline(
+            Pipeline::builder("strict")
+                .event_type("order-paid")
+                .validate(
+                    |e| match e.field("order").and_then(|o| o["total"].as_u64()) {
+                        Some(t) if t % 2 == 1 => {
+                            Err(Error::poison_msg("OddTotal", format!("total {t}")))
+                        }
+                        _ => Ok(()),
+                    },
+                )
+                .sink(floodway::memory::MemorySink::new())
+                .unwrap(),
+        )
+        .pipeline(
+            Pipeline::builder("orders")
+                .event_type("order-*")
+                .batch(floodway::BatchConfig::count(50))
+                .sink(view.sink(
+                    |e| Ok(e.partition_key().to_owned()),
+                    |e| Ok(e.field("order").cloned().unwrap_or(Value::Null)),
+                ))
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
+}
+
+fn expected_view(events: &[Event]) -> MemoryView<Value> {
+    let mut view = MemoryView::new();
+    for e in events
+        .iter()
+        .filter(|e| e.event_type().starts_with("order-"))
+    {
+        view.apply(
+            e.partition_key(),
+            Version::of(e),
+            e.field("order").cloned().unwrap_or(Value::Null),
+        );
+    }
+    view
+}
+
+fn stored_view(hub: &Hub) -> MemoryView<Value> {
+    let mut view = MemoryView::new();
+    for row in hub.view("orders").unwrap().rows().unwrap() {
+        view.apply(&row.key, row.version, row.value);
+    }
+    view
+}
+
+#[tokio::test]
+async fn faults_are_stored_once_counted_again_and_filtered() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(&dir);
+    let events = generate::orders(2_000, 21);
+    hub.publish(&events).await.unwrap();
+    let odd = events
+        .iter()
+        .filter(|e| e.event_type() == "order-paid")
+        .filter(|e| e.field("order").unwrap()["total"].as_u64().unwrap() % 2 == 1)
+        .count();
+    assert!(odd > 10);
+    let p = processor(&hub);
+    let (reader, cp) = hub
+        .subscribe("shop", bounded(StartAt::Beginning))
+        .unwrap()
+        .split();
+    p.run(reader, cp, std::future::pending()).await.unwrap();
+
+    let store = hub.fault_store().unwrap();
+    let all = store.list(&FaultFilter::default()).unwrap();
+    assert_eq!(all.len(), odd);
+    assert!(all
+        .iter()
+        .all(|f| f.seen == 1 && f.pipeline == "strict" && f.name == "OddTotal"));
+    assert_eq!(
+        stored_view(&hub),
+        expected_view(&events),
+        "the other pipeline is unaffected"
+    );
+
+    // Replaying the same records raises the same faults: stored once, seen twice.
+    let (reader, cp) = hub
+        .subscribe("shop", bounded(StartAt::Reset(ResetTo::Beginning)))
+        .unwrap()
+        .split();
+    p.run(reader, cp, std::future::pending()).await.unwrap();
+    let again = store.list(&FaultFilter::default()).unwrap();
+    assert_eq!(again.len(), odd);
+    assert!(again.iter().all(|f| f.seen == 2));
+    assert_eq!(
+        stored_view(&hub),
+        expected_view(&events),
+        "replay changed no row"
+    );
+
+    let filtered = store
+        .list(&FaultFilter {
+            pipeline: Some("orders".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(filtered.is_empty());
+    let limited = store
+        .list(&FaultFilter {
+            error: Some("OddTotal".into()),
+            limit: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(limited.len(), 3);
+
+    let one = &all[0];
+    let details = one.details().unwrap();
+    let record = Event::decode(&details.uow.record.bytes().unwrap()).unwrap();
+    assert_eq!(record.event_type(), "order-paid");
+    store
+        .record_resubmission(&one.id, "failed", "still odd")
+        .unwrap();
+    store
+        .record_resubmission(&one.id, "succeeded", "fixed")
+        .unwrap();
+    let history = store.resubmissions(&one.id).unwrap();
+    assert_eq!(history.len(), 2);
+    assert!(history[0].at < history[1].at);
+    assert_eq!(
+        store.get(&one.id).unwrap().unwrap().status,
+        FaultStatus::Resolved
+    );
+    let open = store
+        .list(&FaultFilter {
+            status: Some(FaultStatus::Open),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(open.len(), odd - 1);
+    // A fault raised again after it was resolved is open again.
+    assert_eq!(store.store(&one.fault).unwrap(), Stored::Again);
+    assert_eq!(
+        store.get(&one.id).unwrap().unwrap().status,
+        FaultStatus::Open
+    );
+    assert!(store.store(&events[0]).is_err(), "only fault events go in");
+}
+
+#[tokio::test]
+async fn a_view_survives_an_abandoned_run_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(&dir);
+    let events = generate::orders(3_000, 22);
+    hub.publish(&events).await.unwrap();
+    // A run cut off at a random moment, like a crash: nothing more is committed.
+    let p = processor(&hub);
+    let (reader, cp) = hub
+        .subscribe("shop", bounded(StartAt::Beginning))
+        .unwrap()
+        .split();
+    let run = p.run(reader, cp, std::future::pending());
+    let _ = tokio::time::timeout(Duration::from_millis(30), run).await;
+    assert!(hub.stats().unwrap().subscriptions.is_empty(), "cut before its first commit");
+    // The restart redelivers what was not checkpointed; the inbox and latest-wins absorb it.
+    let (reader, cp) = hub
+        .subscribe("shop", bounded(StartAt::Beginning))
+        .unwrap()
+        .split();
+    p.run(reader, cp, std::future::pending()).await.unwrap();
+    assert_eq!(stored_view(&hub), expected_view(&events));
+    assert_eq!(hub.stats().unwrap().subscriptions[0].lag, 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// Any permutation of a set of writes, with duplicates, gives the rows of the sorted,
+    /// de-duplicated set.
+    #[test]
+    fn any_order_with_duplicates_gives_the_same_view(
+        writes in proptest::collection::vec(("[a-c]", 0i64..4, "[a-f]"), 1..30),
+        dups in proptest::collection::vec(any::<usize>(), 0..10),
+        seed in any::<u64>(),
+    ) {
+        // One event per id: its key, time and value are those of its first occurrence.
+        let mut unique: Vec<ViewWrite> = Vec::new();
+        for (key, time, id) in writes {
+            if unique.iter().all(|w| w.version.id != id) {
+                unique.push(ViewWrite {
+                    key,
+                    version: Version { timestamp: time, id: id.clone() },
+                    value: json!({ "by": id }),
+                });
+            }
+        }
+        let mut sorted = unique.clone();
+        sorted.sort_by(|a, b| a.version.cmp(&b.version));
+        let mut delivered = unique.clone();
+        for d in dups {
+            delivered.push(unique[d % unique.len()].clone());
+        }
+        fastrand::Rng::with_seed(seed).shuffle(&mut delivered);
+
+        let dir = tempfile::tempdir().unwrap();
+        let hub = open(&dir);
+        let a = hub.view("a").unwrap();
+        let b = hub.view("b").unwrap();
+        a.apply(&sorted).unwrap();
+        for chunk in delivered.chunks(4) {
+            b.apply(chunk).unwrap();
+        }
+        prop_assert_eq!(a.rows().unwrap(), b.rows().unwrap());
+    }
+}
