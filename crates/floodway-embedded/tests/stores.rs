@@ -190,7 +190,10 @@ async fn a_view_survives_an_abandoned_run_exactly_once() {
         .split();
     let run = p.run(reader, cp, std::future::pending());
     let _ = tokio::time::timeout(Duration::from_millis(30), run).await;
-    assert!(hub.stats().unwrap().subscriptions.is_empty(), "cut before its first commit");
+    assert!(
+        hub.stats().unwrap().subscriptions.is_empty(),
+        "cut before its first commit"
+    );
     // The restart redelivers what was not checkpointed; the inbox and latest-wins absorb it.
     let (reader, cp) = hub
         .subscribe("shop", bounded(StartAt::Beginning))

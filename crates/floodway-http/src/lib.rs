@@ -83,10 +83,12 @@ impl HttpSinkConfig {
     /// # Errors
     /// When `url` is not a valid `http://` URL or the method is not supported.
     pub fn new(url: &str, method: &str) -> Result<Self, HttpConfigError> {
-        let uri: Uri = url.parse().map_err(|e: http::uri::InvalidUri| HttpConfigError::Url {
-            url: url.into(),
-            reason: e.to_string(),
-        })?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| HttpConfigError::Url {
+                url: url.into(),
+                reason: e.to_string(),
+            })?;
         match uri.scheme_str() {
             Some("http") => {}
             Some(other) => {
@@ -230,7 +232,10 @@ impl HttpSink {
         };
         let response = serde_json::from_slice(body)
             .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into()));
-        let derived = event.derive(event_type.clone()).field("response", response).build();
+        let derived = event
+            .derive(event_type.clone())
+            .field("response", response)
+            .build();
         publisher.clone().oneshot(derived).await
     }
 }
@@ -298,16 +303,29 @@ mod tests {
         assert_eq!(class(408), (ErrorClass::Transient, false));
         assert_eq!(class(400), (ErrorClass::Poison, false));
         assert_eq!(class(404), (ErrorClass::Poison, false));
-        let err = classify(StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(2)), b"slow");
+        let err = classify(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(Duration::from_secs(2)),
+            b"slow",
+        );
         assert_eq!(err.retry_after(), Some(Duration::from_secs(2)));
         assert!(err.message().contains("slow"));
     }
 
     #[test]
     fn bad_configuration_is_named() {
-        assert!(HttpSinkConfig::post("ftp://x").unwrap_err().to_string().contains("http://"));
-        assert!(HttpSinkConfig::post("/path").unwrap_err().to_string().contains("scheme"));
+        assert!(HttpSinkConfig::post("ftp://x")
+            .unwrap_err()
+            .to_string()
+            .contains("http://"));
+        assert!(HttpSinkConfig::post("/path")
+            .unwrap_err()
+            .to_string()
+            .contains("scheme"));
         assert!(HttpSinkConfig::new("http://x", "GET").is_err());
-        assert!(HttpSinkConfig::post("http://x").unwrap().header("bad name", "v").is_err());
+        assert!(HttpSinkConfig::post("http://x")
+            .unwrap()
+            .header("bad name", "v")
+            .is_err());
     }
 }

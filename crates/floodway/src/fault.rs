@@ -200,7 +200,11 @@ pub(crate) fn fault_event(
     redacted: &[String],
 ) -> Event {
     let position = record.position();
-    let event_id = event.map(Event::id).unwrap_or_default();
+    // The event's content, not just its id: the parts of a split record may share an id.
+    let event_text = event.map(|e| match e.source_text() {
+        Some(text) => std::borrow::Cow::Borrowed(text),
+        None => std::borrow::Cow::Owned(e.to_json()),
+    });
     let id = stable_id(&[
         &record.source,
         &record.partition,
@@ -208,7 +212,7 @@ pub(crate) fn fault_event(
         origin.processor,
         origin.pipeline,
         origin.step,
-        event_id,
+        event_text.as_deref().unwrap_or_default(),
     ]);
     let event_out = event.map(|e| {
         let raw = e

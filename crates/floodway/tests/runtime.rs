@@ -348,3 +348,89 @@ async fn disabled_pipelines_see_nothing_and_filters_route_by_type() {
     let total: u64 = (0..4).filter_map(|p| kit.checkpoint(&p.to_string())).sum();
     assert_eq!(total, 2_000, "every partition checkpointed to its end");
 }
+
+/// Panics on its second pull.
+struct PanickingSource(u32);
+
+impl Source for PanickingSource {
+    async fn next_batch(&mut self, _max: usize) -> Result<Option<Vec<Record>>, SourceError> {
+        self.0 += 1;
+        assert!(self.0 < 2, "source bug");
+        Ok(Some(records(&events(5, 1)).into_iter().collect()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_that_panics_is_an_error_not_the_end_of_the_stream() {
+    let kit = TestKit::new();
+    let processor = kit
+        .processor("p")
+        .pipeline(Pipeline::builder("all").sink(MemorySink::new()).unwrap())
+        .build()
+        .unwrap();
+    let err = processor
+        .run(
+            PanickingSource(0),
+            kit.checkpointer().clone(),
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("did it panic"), "{err}");
+    assert_eq!(kit.checkpoint("0"), Some(5), "what was done is kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_returning_a_foreign_unit_of_work_cannot_confuse_the_accounting() {
+    let kit = TestKit::new();
+    let sink = MemorySink::new();
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("rewrite")
+                .map(|uow| {
+                    // A new unit of work, not derived from the one given.
+                    let event = uow.event().derive("thing-rewritten").build();
+                    Ok(floodway::Uow::detached(event))
+                })
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let report = kit
+        .run(&processor, MemorySource::from_events(&events(50, 5), 1))
+        .await
+        .unwrap();
+    assert_eq!(report.done, 50);
+    assert_eq!(sink.len(), 50);
+    assert_eq!(kit.checkpoint("0"), Some(50));
+}
+
+#[test]
+fn processors_that_could_never_work_are_refused() {
+    let kit = TestKit::new();
+    let err = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("off")
+                .enabled(false)
+                .sink(MemorySink::new())
+                .unwrap(),
+        )
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("all disabled"), "{err}");
+    let err = kit
+        .processor("p")
+        .max_in_flight(100)
+        .pipeline(
+            Pipeline::builder("big")
+                .batch(floodway::BatchConfig::count(500))
+                .sink(MemorySink::new())
+                .unwrap(),
+        )
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("lower max_count"), "{err}");
+}

@@ -2,14 +2,12 @@
 //!
 //! A call that has exhausted its retries is either poison (the target is fine, this request is
 //! not) or a victim of an outage (the target is down for everybody). The breaker decides with
-//! one observation: **after this call failed, did a call that started later succeed?** (When
-//! no call has started since, as at the end of a bounded stream: did any call that started
-//! after this one succeed?)
+//! one observation: **after this call failed, did a call let through later succeed?**
 //!
 //! A call that fails is first *held*, never faulted, and tried again (with its retries) as
 //! soon as the breaker lets it. When it fails again:
 //!
-//! - if a call that started after its first failure has succeeded meanwhile, the target is
+//! - if a call let through after its first failure has succeeded meanwhile, the target is
 //!   healthy and this request is the problem: the error goes back to the pipeline, which faults
 //!   the unit of work and flows on;
 //! - if not, this looks like an outage: the breaker opens, new calls wait at the gate (so the
@@ -19,9 +17,14 @@
 //!   of its own is found out as soon as anything else succeeds. A successful probe closes the
 //!   breaker and every held call is tried again.
 //!
-//! Only calls that *started* after the failure count as evidence: calls queued ahead of it
-//! (behind a rate limit, say) may have reached the target before the outage began and succeed
-//! after it, which proves nothing about the target now.
+//! Calls are numbered when the breaker lets them through, and only a success numbered after the
+//! failure counts as evidence: a call let through earlier (a slow one, or one queued behind a
+//! rate limit) may have reached the target before the outage began and answer after it, which
+//! proves nothing about the target now.
+//!
+//! The price of never faulting during an outage: a call that always fails transiently, with no
+//! other call let through after it (the last record of a bounded input), cannot be told from an
+//! outage, and is held until something else succeeds.
 //!
 //! During an outage nothing is faulted and nothing is skipped; when the target recovers the
 //! stream resumes by itself.
@@ -96,9 +99,9 @@ struct Shared {
     label: Arc<str>,
     state: Mutex<Inner>,
     notify: Notify,
-    /// Calls started so far: each call's number orders it against failures.
-    started: AtomicU64,
-    /// The highest number of a call that succeeded (0: none yet).
+    /// Calls let through so far: each admission's number orders it against failures.
+    admitted: AtomicU64,
+    /// The highest admission number of a call that succeeded (0: none yet).
     succeeded: AtomicU64,
     /// Mirrors `state.mode == Closed`, so that the common case takes no lock.
     closed: AtomicBool,
@@ -124,10 +127,13 @@ struct Waiting<'a>(&'a Shared);
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.state.lock().unwrap().new_waiters -= 1;
+        // A held call may be waiting for this one to take the probe.
+        self.0.notify.notify_waiters();
     }
 }
 
-/// Gives the probe slot back if a probe is dropped before it finished.
+/// Gives the probe slot back, whatever way a probe ends, unless its outcome already decided the
+/// breaker's state (closed, or open again).
 struct ProbeGuard<'a> {
     shared: &'a Shared,
     armed: bool,
@@ -162,7 +168,7 @@ impl CircuitBreaker {
                     opens: 0,
                 }),
                 notify: Notify::new(),
-                started: AtomicU64::new(0),
+                admitted: AtomicU64::new(0),
                 succeeded: AtomicU64::new(0),
                 closed: AtomicBool::new(true),
             }),
@@ -189,7 +195,13 @@ impl Shared {
             .set(mode.gauge());
     }
 
-    async fn admit(&self, held: bool) -> Admission {
+    /// Waits until the call may go; returns how and its admission number.
+    async fn admit(&self, held: bool) -> (Admission, u64) {
+        let admission = self.gate(held).await;
+        (admission, self.admitted.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    async fn gate(&self, held: bool) -> Admission {
         if self.closed.load(Ordering::Acquire) {
             return Admission::Normal;
         }
@@ -232,11 +244,16 @@ impl Shared {
         }
     }
 
-    fn on_success(&self, admission: Admission, call: u64) {
-        self.succeeded.fetch_max(call, Ordering::SeqCst);
+    fn on_success(&self, admission: Admission, number: u64) {
+        self.succeeded.fetch_max(number, Ordering::SeqCst);
         if admission == Admission::Normal && self.closed.load(Ordering::Acquire) {
             return;
         }
+        self.close(admission);
+    }
+
+    /// Closes the breaker after a success (or proof that the target is healthy).
+    fn close(&self, admission: Admission) {
         let mut inner = self.state.lock().unwrap();
         if admission == Admission::Probe || inner.mode != BreakerState::Closed {
             if inner.mode != BreakerState::Closed {
@@ -269,16 +286,10 @@ impl Shared {
         );
     }
 
-    /// Whether a call started after `call`'s first failure (numbered `failed_at`) succeeded;
-    /// when no call has started since (the failing call is alone, at the end of a stream), a
-    /// success of any call started after `call` itself.
-    fn healthy_since(&self, call: u64, failed_at: u64) -> bool {
-        let succeeded = self.succeeded.load(Ordering::SeqCst);
-        if self.started.load(Ordering::SeqCst) > failed_at {
-            succeeded > failed_at
-        } else {
-            succeeded > call
-        }
+    /// Whether a call let through after a failure that happened at admission number
+    /// `failed_at` has succeeded.
+    fn healthy_since(&self, failed_at: u64) -> bool {
+        self.succeeded.load(Ordering::SeqCst) > failed_at
     }
 
     /// A held call failed again with no sign of health since its first failure, or a probe
@@ -345,48 +356,59 @@ where
         let inner = self.inner.clone();
         let shared = self.breaker.shared.clone();
         Box::pin(async move {
-            let call = shared.started.fetch_add(1, Ordering::SeqCst) + 1;
-            // The number of the last call started when this one first failed.
+            // The last admission number when this call first failed.
             let mut failed_at: Option<u64> = None;
             loop {
                 let held = failed_at.is_some();
-                let admission = shared.admit(held).await;
-                let mut guard = ProbeGuard {
+                let (admission, number) = shared.admit(held).await;
+                let _guard = ProbeGuard {
                     shared: &shared,
                     armed: admission == Admission::Probe,
                 };
-                let result = inner.clone().oneshot(req.clone()).await;
-                guard.armed = false;
-                match result {
+                let err = match inner.clone().oneshot(req.clone()).await {
                     Ok(response) => {
-                        shared.on_success(admission, call);
+                        shared.on_success(admission, number);
                         return Ok(response);
                     }
+                    Err(err) => err,
+                };
+                match err.class() {
                     // A poison answer still proves the target is up.
-                    Err(err) if err.class() == ErrorClass::Poison => {
-                        shared.on_success(admission, call);
+                    ErrorClass::Poison => {
+                        shared.on_success(admission, number);
                         return Err(err);
                     }
-                    Err(err) if err.class() != ErrorClass::Transient => return Err(err),
-                    Err(err) => match failed_at {
-                        Some(at) if shared.healthy_since(call, at) => {
-                            // Later calls get through: this call is the problem, not the target.
-                            return Err(err);
-                        }
-                        Some(_) => {
-                            tracing::debug!(sink = %shared.label, error = %err, "outage suspected");
+                    ErrorClass::Transient => {}
+                    ErrorClass::Outage => {
+                        // The sink says the target is down: a failed probe opens again.
+                        if admission == Admission::Probe {
                             shared.on_outage_suspected(admission);
                         }
-                        None => {
-                            metrics::counter!("floodway_breaker_held_total", "sink" => shared.label.to_string())
-                                .increment(1);
-                            tracing::debug!(sink = %shared.label, error = %err, "call held by the breaker");
-                            failed_at = Some(shared.started.load(Ordering::SeqCst));
-                            if admission == Admission::Probe {
-                                shared.on_outage_suspected(admission);
-                            }
+                        return Err(err);
+                    }
+                    _ => return Err(err),
+                }
+                match failed_at {
+                    Some(at) if shared.healthy_since(at) => {
+                        // Later calls get through: this call is the problem, not the target.
+                        if admission == Admission::Probe {
+                            shared.close(admission);
                         }
-                    },
+                        return Err(err);
+                    }
+                    Some(_) => {
+                        tracing::debug!(sink = %shared.label, error = %err, "outage suspected");
+                        shared.on_outage_suspected(admission);
+                    }
+                    None => {
+                        metrics::counter!("floodway_breaker_held_total", "sink" => shared.label.to_string())
+                            .increment(1);
+                        tracing::debug!(sink = %shared.label, error = %err, "call held by the breaker");
+                        failed_at = Some(shared.admitted.load(Ordering::SeqCst));
+                        if admission == Admission::Probe {
+                            shared.on_outage_suspected(admission);
+                        }
+                    }
                 }
             }
         })
@@ -445,6 +467,99 @@ mod tests {
         assert_eq!(good.await.unwrap().unwrap(), 1);
         let err = bad.await.unwrap().unwrap_err();
         assert_eq!(err.class(), ErrorClass::Transient);
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    /// A target whose answers are decided when they arrive: down between `from` and `to`.
+    fn target(
+        start: Instant,
+        from: Duration,
+        to: Duration,
+        latency: impl Fn(u32) -> Duration + Clone + Send + 'static,
+    ) -> impl Service<u32, Response = u32, Error = Error, Future: Send> + Clone + Send {
+        service_fn(move |x: u32| {
+            let latency = latency.clone();
+            async move {
+                tokio::time::sleep(latency(x)).await;
+                let at = start.elapsed();
+                if at >= from && at < to {
+                    Err(Error::transient_msg("Down", "connection refused"))
+                } else {
+                    Ok(x)
+                }
+            }
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_call_overtaken_by_successes_before_an_outage_is_held_not_faulted() {
+        let start = Instant::now();
+        let svc = target(
+            start,
+            Duration::from_millis(25),
+            Duration::from_secs(5),
+            |x| Duration::from_millis(if x == 1 { 300 } else { 10 }),
+        );
+        let breaker = CircuitBreaker::new(BreakerConfig::default(), "t");
+        let svc = BreakerLayer::new(breaker.clone()).layer(svc);
+        let slow = tokio::spawn(svc.clone().oneshot(1));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let fast: Vec<_> = (2..4)
+            .map(|x| tokio::spawn(svc.clone().oneshot(x)))
+            .collect();
+        for f in fast {
+            f.await.unwrap().unwrap();
+        }
+        // Calls 2 and 3 succeeded after call 1 was let through, but before the outage: that
+        // proves nothing about the target when call 1 failed.
+        assert_eq!(
+            slow.await.unwrap().unwrap(),
+            1,
+            "held through the outage, then done"
+        );
+        assert!(start.elapsed() >= Duration::from_secs(5));
+        assert!(breaker.opens() >= 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_answered_with_an_outage_error_does_not_wedge_the_gate() {
+        let start = Instant::now();
+        let svc = service_fn(move |x: u32| async move {
+            let at = start.elapsed();
+            if at < Duration::from_secs(2) {
+                Err(Error::transient_msg("Timeout", "slow"))
+            } else if at < Duration::from_secs(4) {
+                Err(Error::msg(
+                    ErrorClass::Outage,
+                    "Unavailable",
+                    "down for maintenance",
+                ))
+            } else {
+                Ok(x)
+            }
+        });
+        let breaker = CircuitBreaker::new(BreakerConfig::default(), "t");
+        let svc = BreakerLayer::new(breaker.clone()).layer(svc);
+        // Like the runtime: an outage error is retried after a pause, never faulted.
+        let call = |x: u32| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                loop {
+                    match svc.clone().oneshot(x).await {
+                        Ok(v) => return v,
+                        Err(e) if e.class() == ErrorClass::Outage => {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        };
+        let calls: Vec<_> = (0..4).map(call).collect();
+        for (x, c) in calls.into_iter().enumerate() {
+            let got = tokio::time::timeout(Duration::from_secs(120), c).await;
+            assert_eq!(got.expect("no call hangs").unwrap(), x as u32);
+        }
         assert_eq!(breaker.state(), BreakerState::Closed);
     }
 }

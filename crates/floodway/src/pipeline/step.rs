@@ -101,7 +101,14 @@ async fn run(steps: &[Step], uow: Uow, from: usize, run_async: bool) -> StepOutp
             kind => apply_sync(kind, &uow),
         };
         match result {
-            Ok(next) => stack.extend(next.into_iter().rev().map(|u| (u, i + 1))),
+            Ok(next) => stack.extend(next.into_iter().rev().map(|mut u| {
+                // Whatever a step returns stays accountable to the record it came from.
+                if u.ticket != uow.ticket || !Arc::ptr_eq(&u.record, &uow.record) {
+                    u.ticket = uow.ticket;
+                    u.record = uow.record.clone();
+                }
+                (u, i + 1)
+            })),
             Err(error) => out.failed.push(StepFailure {
                 uow,
                 step: step.name.clone(),

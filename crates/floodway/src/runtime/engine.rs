@@ -16,9 +16,9 @@ use tokio::time::Instant;
 
 use crate::error::{CommitError, Error, RunError, SourceError};
 use crate::event::{now_millis, Event};
-use crate::pipeline::step::run_sync;
+use crate::pipeline::step::{run_sync, StepFailure};
 use crate::pipeline::{Pipeline, PipelineCore};
-use crate::runtime::batcher::{Batcher, Flushed};
+use crate::runtime::batcher::{Batcher, Flush};
 use crate::runtime::scheduler::{key_hash, Keys, Scheduler};
 use crate::runtime::unit::{fault_now, scheduled, BoxUnit, UnitCtx, UnitOutput, Work};
 use crate::runtime::{PipelineReport, ProcessorInner, RunReport, Stopped};
@@ -231,7 +231,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         loop {
             self.start_ready()?;
             if source_done || stopping.is_some() {
-                self.flush_idle_batchers();
+                self.flush_batchers(false);
                 self.start_ready()?;
             }
             if (source_done || stopping.is_some()) && self.is_idle() {
@@ -276,7 +276,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     rx.close();
                 }
                 () = tokio::time::sleep_until(batch_deadline.unwrap_or_else(far)), if batch_deadline.is_some() => {
-                    self.flush_due_batchers();
+                    self.flush_batchers(true);
                 }
                 () = tokio::time::sleep_until(next_commit) => {
                     self.commit().await?;
@@ -284,7 +284,14 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 }
                 pulled = rx.recv(), if can_pull => match pulled {
                     Some(Ok(Some(records))) => self.dispatch(records),
-                    Some(Ok(None)) | None => source_done = true,
+                    Some(Ok(None)) => source_done = true,
+                    None => {
+                        return Err(RunError::Source(SourceError {
+                            source_name: self.proc.name.to_string(),
+                            cause: "the source stopped without ending its stream (did it panic?)"
+                                .into(),
+                        }))
+                    }
                     Some(Err(err)) => return Err(RunError::Source(err)),
                 },
             }
@@ -336,7 +343,8 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 }
             };
             newest = Some(event.timestamp());
-            let ticket = self.ledger.admit(record.clone(), pipelines);
+            // With no pipeline enabled, a record is done as soon as it is seen.
+            let ticket = self.ledger.admit(record.clone(), pipelines.max(1));
             if pipelines == 0 {
                 self.finish(ticket, false);
                 continue;
@@ -374,8 +382,20 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             return;
         }
         self.ledger.add_pieces(ticket, pieces - 1);
-        for failure in out.failed {
+        let mut failed = out.failed;
+        for (uow, from) in out.ready {
+            failed.extend(Self::route(pipe, uow, from));
+        }
+        self.raise(index, failed);
+    }
+
+    /// Faults units of work that failed outside a scheduled unit (a synchronous step, a
+    /// batch's key function): each fault finishes its unit's piece once it is stored.
+    fn raise(&mut self, index: usize, failed: Vec<StepFailure>) {
+        let pipe = &mut self.pipes[index];
+        for failure in failed {
             pipe.tally.faulted(1);
+            let ticket = failure.uow.ticket;
             let item = (
                 failure.uow.record.clone(),
                 Some(failure.uow.event.clone()),
@@ -390,19 +410,16 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 ticket,
             ));
         }
-        for (uow, from) in out.ready {
-            Self::route(pipe, uow, from);
-        }
     }
 
     /// Sends a unit of work on: to the scheduler, or to the batcher once all steps ran.
-    fn route(pipe: &mut Pipe, uow: Uow, from: usize) {
+    /// Returns the units of work a batch flush could not key.
+    fn route(pipe: &mut Pipe, uow: Uow, from: usize) -> Vec<StepFailure> {
         let done_with_steps = from >= pipe.core.steps.len();
         match &mut pipe.batcher {
             Some(batcher) if done_with_steps => {
-                for flushed in batcher.push(uow) {
-                    Self::submit_batch(&mut pipe.sched, flushed);
-                }
+                let flush = batcher.push(uow);
+                return Self::submit(&mut pipe.sched, flush);
             }
             Some(_) => {
                 pipe.upstream += 1;
@@ -414,35 +431,37 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 pipe.sched.submit(key, Work::Single { uow, from });
             }
         }
+        Vec::new()
     }
 
-    fn submit_batch(sched: &mut Scheduler<Work>, flushed: Flushed) {
-        let keys = keys_of(&flushed.members);
-        sched.submit(keys, Work::Batch(flushed));
-    }
-
-    fn flush_due_batchers(&mut self) {
-        let now = Instant::now();
-        for pipe in &mut self.pipes {
-            if let Some(batcher) = &mut pipe.batcher {
-                if batcher.deadline().is_some_and(|d| d <= now) {
-                    for flushed in batcher.flush() {
-                        Self::submit_batch(&mut pipe.sched, flushed);
-                    }
-                }
-            }
+    /// Schedules flushed batches with the keys of their members.
+    fn submit(sched: &mut Scheduler<Work>, flush: Flush) -> Vec<StepFailure> {
+        for flushed in flush.batches {
+            let keys = keys_of(&flushed.members);
+            sched.submit(keys, Work::Batch(flushed));
         }
+        flush.failed
     }
 
-    /// With no more input coming, a batch waits for nothing but upstream work.
-    fn flush_idle_batchers(&mut self) {
-        for pipe in &mut self.pipes {
-            if pipe.upstream == 0 {
-                if let Some(batcher) = &mut pipe.batcher {
-                    for flushed in batcher.flush() {
-                        Self::submit_batch(&mut pipe.sched, flushed);
-                    }
-                }
+    /// Flushes the batchers that must: those past their deadline (`due`), or, with no more
+    /// input coming, those with no upstream work left.
+    fn flush_batchers(&mut self, due: bool) {
+        let now = Instant::now();
+        for index in 0..self.pipes.len() {
+            let pipe = &mut self.pipes[index];
+            let upstream = pipe.upstream;
+            let Some(batcher) = &mut pipe.batcher else {
+                continue;
+            };
+            let flush_now = if due {
+                batcher.deadline().is_some_and(|d| d <= now)
+            } else {
+                upstream == 0
+            };
+            if flush_now {
+                let flush = batcher.flush();
+                let failed = Self::submit(&mut pipe.sched, flush);
+                self.raise(index, failed);
             }
         }
     }
@@ -503,11 +522,13 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             if slot.is_some() {
                 pipe.tally.faulted(outcome.faults);
             }
+            let mut failed = Vec::new();
             for child in outcome.children {
                 self.ledger.add_pieces(child.ticket, 1);
                 let from = pipe.core.steps.len();
-                Self::route(pipe, child, from);
+                failed.extend(Self::route(pipe, child, from));
             }
+            self.raise(pipeline, failed);
         }
         for (ticket, faulted) in outcome.finished {
             self.finish(ticket, faulted);

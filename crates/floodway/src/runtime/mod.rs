@@ -264,6 +264,31 @@ impl ProcessorBuilder {
         if self.config.pull_batch == 0 {
             return Err(zero("pull_batch"));
         }
+        if !self.pipelines.iter().any(Pipeline::is_enabled) {
+            return Err(BuildError::InvalidSetting {
+                setting: "pipelines",
+                problem: format!(
+                    "of processor `{}` are all disabled: enable at least one",
+                    self.name
+                ),
+            });
+        }
+        for p in self.pipelines.iter().filter(|p| p.is_enabled()) {
+            if let Some(b) = &p.core.batching {
+                if b.config.max_count > self.config.max_in_flight {
+                    return Err(BuildError::InvalidSetting {
+                        setting: "batch",
+                        problem: format!(
+                            "of pipeline `{}` waits for {} units of work, but the processor holds \
+                             at most {} records in flight: lower max_count or raise max_in_flight",
+                            p.name(),
+                            b.config.max_count,
+                            self.config.max_in_flight
+                        ),
+                    });
+                }
+            }
+        }
         let sink = self.fault_sink.ok_or_else(|| BuildError::InvalidSetting {
             setting: "fault_sink",
             problem: "is required: faults must be stored durably before a poison record is let \
