@@ -38,6 +38,7 @@
 mod error;
 mod faults;
 mod hub;
+mod publisher;
 mod schema;
 mod subscription;
 mod view;
@@ -48,6 +49,7 @@ pub use hub::{
     Durability, Hub, HubOptions, HubStats, PartitionStats, PublishReceipt, Retention,
     RetentionReport, SubscriptionStats, DEFAULT_PARTITIONS,
 };
+pub use publisher::HubPublisher;
 pub use subscription::{
     ResetTo, StartAt, Subscription, SubscriptionCheckpointer, SubscriptionOptions,
     SubscriptionReader,

@@ -1,0 +1,392 @@
+//! The configuration file: a hub and the processors to run on it.
+//!
+//! ```toml
+//! [hub]
+//! path = "floodway.db"        # created if missing
+//! partitions = 8              # of a new hub
+//! durability = "immediate"    # or "relaxed"
+//!
+//! [[processors]]
+//! kind = "materialize"        # events of chosen types into a latest-wins view
+//! name = "orders-view"        # also the subscription's name
+//! types = ["order-*"]
+//! view = "orders"
+//! key = "partitionKey"        # "partitionKey", "id", or a JSON pointer like "/order/id"
+//! value = "/order"            # a JSON pointer; absent: the whole event
+//!
+//! [[processors]]
+//! kind = "http"               # events to an external API
+//! name = "notify"
+//! types = ["order-paid"]
+//! url = "http://127.0.0.1:9000/notify"
+//! method = "POST"             # or "PUT"
+//! rate_limit = 500            # calls per second, optional
+//! burst = 10
+//! concurrency = "adaptive"    # or a fixed number
+//! timeout_ms = 5000
+//! max_attempts = 5
+//! respond_as = "order-notified"   # publish responses as events of this type, optional
+//!
+//! [[processors]]
+//! kind = "forward"            # events into another hub
+//! name = "archive"
+//! types = ["*"]
+//! to = "archive.db"
+//!
+//! [[processors]]
+//! kind = "fault-monitor"      # fault events into the fault store
+//! name = "faults"
+//! ```
+//!
+//! Unknown keys and bad values are errors that name them.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not fit the format.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and where.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The hub.
+    pub hub: HubConfig,
+    /// The processors to run.
+    #[serde(default)]
+    pub processors: Vec<ProcessorConfig>,
+}
+
+/// The `[hub]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// The hub file, relative to the configuration file.
+    pub path: PathBuf,
+    /// Partitions of a new hub.
+    pub partitions: Option<u32>,
+    /// `immediate` (default) or `relaxed`.
+    #[serde(default)]
+    pub durability: DurabilityConfig,
+}
+
+/// When a publish is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DurabilityConfig {
+    /// Synced to disk at each commit.
+    #[default]
+    Immediate,
+    /// Survives a process crash, not a power loss.
+    Relaxed,
+}
+
+/// Fixed or adaptive concurrency.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ConcurrencyConfig {
+    /// A fixed limit.
+    Fixed(usize),
+    /// `"adaptive"`.
+    Named(String),
+}
+
+/// One `[[processors]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ProcessorConfig {
+    /// Events of chosen types into a latest-wins view.
+    Materialize {
+        /// The processor and its subscription.
+        name: String,
+        /// Event types (exact or `*` patterns).
+        types: Vec<String>,
+        /// The view.
+        view: String,
+        /// `partitionKey` (default), `id`, or a JSON pointer.
+        #[serde(default = "default_key")]
+        key: String,
+        /// A JSON pointer to the value; the whole event when absent.
+        value: Option<String>,
+        /// Rows written per transaction at most (default 100).
+        #[serde(default = "default_batch")]
+        batch: usize,
+    },
+    /// Events to an external HTTP API.
+    Http {
+        /// The processor and its subscription.
+        name: String,
+        /// Event types (exact or `*` patterns).
+        types: Vec<String>,
+        /// `http://` URL.
+        url: String,
+        /// `POST` (default) or `PUT`.
+        #[serde(default = "default_method")]
+        method: String,
+        /// Calls per second at most.
+        rate_limit: Option<u32>,
+        /// Calls allowed at once after a quiet period (default 1).
+        #[serde(default = "default_burst")]
+        burst: u32,
+        /// `"adaptive"` (default) or a fixed number of calls at once.
+        #[serde(default = "default_concurrency")]
+        concurrency: ConcurrencyConfig,
+        /// Each attempt's deadline in milliseconds (default 10,000).
+        #[serde(default = "default_timeout")]
+        timeout_ms: u64,
+        /// Attempts per event at most (default 5).
+        #[serde(default = "default_attempts")]
+        max_attempts: u32,
+        /// Publish each response as an event of this type.
+        respond_as: Option<String>,
+        /// Calls in flight at most (the pipeline's parallelism, default 64).
+        #[serde(default = "default_parallelism")]
+        parallelism: usize,
+    },
+    /// Events into another hub.
+    Forward {
+        /// The processor and its subscription.
+        name: String,
+        /// Event types (exact or `*` patterns).
+        types: Vec<String>,
+        /// The other hub's file, relative to the configuration file.
+        to: PathBuf,
+    },
+    /// Fault events into the fault store.
+    FaultMonitor {
+        /// The processor and its subscription.
+        name: String,
+    },
+}
+
+fn default_key() -> String {
+    "partitionKey".into()
+}
+fn default_batch() -> usize {
+    100
+}
+fn default_method() -> String {
+    "POST".into()
+}
+fn default_burst() -> u32 {
+    1
+}
+fn default_concurrency() -> ConcurrencyConfig {
+    ConcurrencyConfig::Named("adaptive".into())
+}
+fn default_timeout() -> u64 {
+    10_000
+}
+fn default_attempts() -> u32 {
+    5
+}
+fn default_parallelism() -> usize {
+    64
+}
+
+impl ProcessorConfig {
+    /// The processor's name.
+    pub fn name(&self) -> &str {
+        match self {
+            ProcessorConfig::Materialize { name, .. }
+            | ProcessorConfig::Http { name, .. }
+            | ProcessorConfig::Forward { name, .. }
+            | ProcessorConfig::FaultMonitor { name } => name,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a configuration file; relative paths in it are resolved against the
+    /// file's directory.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] that names the file, the key and what is wrong with it.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.hub.path = base.join(&config.hub.path);
+        for p in &mut config.processors {
+            if let ProcessorConfig::Forward { to, .. } = p {
+                *to = base.join(&*to);
+            }
+        }
+        config.check().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses configuration text.
+    ///
+    /// # Errors
+    /// The parser's message: the line, the key, and what was expected.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks what the format cannot: unique names, values in range.
+    ///
+    /// # Errors
+    /// What is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let mut names = std::collections::HashSet::new();
+        for p in &self.processors {
+            let name = p.name();
+            if !names.insert(name) {
+                return Err(format!(
+                    "two processors are named `{name}`: names must be unique"
+                ));
+            }
+            match p {
+                ProcessorConfig::Materialize { batch: 0, .. } => {
+                    return Err(format!("processor `{name}`: batch must be at least 1"));
+                }
+                ProcessorConfig::Http {
+                    concurrency: ConcurrencyConfig::Named(n),
+                    ..
+                } if n != "adaptive" => {
+                    return Err(format!(
+                        "processor `{name}`: concurrency is \"adaptive\" or a number, not \"{n}\""
+                    ));
+                }
+                ProcessorConfig::Http {
+                    concurrency: ConcurrencyConfig::Fixed(0),
+                    ..
+                } => {
+                    return Err(format!(
+                        "processor `{name}`: concurrency must be at least 1"
+                    ));
+                }
+                ProcessorConfig::Http {
+                    max_attempts: 0, ..
+                } => {
+                    return Err(format!(
+                        "processor `{name}`: max_attempts must be at least 1"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+[hub]
+path = "floodway.db"
+partitions = 4
+
+[[processors]]
+kind = "materialize"
+name = "orders-view"
+types = ["order-*"]
+view = "orders"
+value = "/order"
+
+[[processors]]
+kind = "http"
+name = "notify"
+types = ["order-paid"]
+url = "http://127.0.0.1:9000/notify"
+rate_limit = 500
+concurrency = 8
+
+[[processors]]
+kind = "forward"
+name = "archive"
+types = ["*"]
+to = "archive.db"
+
+[[processors]]
+kind = "fault-monitor"
+name = "faults"
+"#;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = Config::parse(FULL).unwrap();
+        assert_eq!(c.hub.partitions, Some(4));
+        assert_eq!(c.processors.len(), 4);
+        assert!(matches!(
+            &c.processors[1],
+            ProcessorConfig::Http {
+                concurrency: ConcurrencyConfig::Fixed(8),
+                rate_limit: Some(500),
+                ..
+            }
+        ));
+        c.check().unwrap();
+        // The example in the module docs parses too.
+        let docs = include_str!("config.rs");
+        let start = docs.find("//! ```toml").unwrap();
+        let end = start + docs[start..].find("//! ```\n").unwrap();
+        let example: String = docs[start..end]
+            .lines()
+            .skip(1)
+            .map(|l| l.trim_start_matches("//!").trim_start_matches(' '))
+            .collect::<Vec<_>>()
+            .join("\n");
+        Config::parse(&example).unwrap().check().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = Config::parse(&FULL.replace("rate_limit = 500", "rate_limt = 500")).unwrap_err();
+        assert!(err.contains("rate_limt"), "{err}");
+        let err =
+            Config::parse(&FULL.replace("partitions = 4", "partitions = \"four\"")).unwrap_err();
+        assert!(err.contains("partitions"), "{err}");
+        let err =
+            Config::parse(&FULL.replace("kind = \"forward\"", "kind = \"teleport\"")).unwrap_err();
+        assert!(err.contains("teleport"), "{err}");
+        let c = Config::parse(&FULL.replace("concurrency = 8", "concurrency = \"lots\"")).unwrap();
+        assert!(c.check().unwrap_err().contains("\"lots\""));
+        let c = Config::parse(&FULL.replace("name = \"archive\"", "name = \"notify\"")).unwrap();
+        assert!(c
+            .check()
+            .unwrap_err()
+            .contains("two processors are named `notify`"));
+    }
+}

@@ -1,0 +1,17 @@
+//! Ready-made Floodway processors, configured in a TOML file or built in Rust:
+//!
+//! | kind | what it does |
+//! |---|---|
+//! | `materialize` | events of chosen types into a latest-wins view ([`processors::materialize`]) |
+//! | `http` | events to an external API, rate-limited, with adaptive or fixed concurrency, timeouts, retries and the breaker; responses optionally published as events ([`processors::http_gateway`]) |
+//! | `forward` | events into another hub ([`processors::forward`]) |
+//! | `fault-monitor` | fault events into the fault store ([`processors::fault_monitor`]) |
+//!
+//! Every processor reads the subscription named after it and sends its faults to the hub as
+//! `fault` events, where the fault monitor stores them. [`config`] describes the file format.
+
+pub mod config;
+pub mod processors;
+
+pub use config::{Config, ConfigError, ProcessorConfig};
+pub use processors::{build_all, from_config, run_all, SetupError};

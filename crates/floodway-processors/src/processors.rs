@@ -1,0 +1,423 @@
+//! The ready-made processors, as library builders.
+
+use std::future::Future;
+use std::time::Duration;
+
+use floodway::layer::limit::concurrency::{Aimd, ConcurrencyLimiter};
+use floodway::layer::limit::rate::RateLimiter;
+use floodway::layer::retry::RetryPolicy;
+use floodway::layer::Resilience;
+use floodway::runtime::RunReport;
+use floodway::{sink_fn, Batch, BuildError, Error, Event, Pipeline, Processor, RunError};
+use floodway_embedded::{FaultStore, Hub, HubError, HubOptions, OpenError, SubscriptionOptions};
+use floodway_http::{HttpConfigError, HttpSink, HttpSinkConfig};
+use serde_json::Value;
+use tower::util::BoxCloneSyncService;
+
+use crate::config::{ConcurrencyConfig, Config, ProcessorConfig};
+
+/// A processor could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// A pipeline or processor setting is invalid.
+    #[error("processor `{name}`: {source}")]
+    Build {
+        /// The processor.
+        name: String,
+        /// Why.
+        #[source]
+        source: BuildError,
+    },
+    /// The HTTP settings are invalid.
+    #[error("processor `{name}`: {source}")]
+    Http {
+        /// The processor.
+        name: String,
+        /// Why.
+        #[source]
+        source: HttpConfigError,
+    },
+    /// A hub could not be opened.
+    #[error("processor `{name}`: {source}")]
+    Open {
+        /// The processor.
+        name: String,
+        /// Why.
+        #[source]
+        source: OpenError,
+    },
+    /// The hub failed.
+    #[error("processor `{name}`: {source}")]
+    Hub {
+        /// The processor.
+        name: String,
+        /// Why.
+        #[source]
+        source: HubError,
+    },
+}
+
+/// Where a materialized row's key comes from.
+fn key_of(spec: &str, event: &Event) -> Result<String, Error> {
+    match spec {
+        "partitionKey" => Ok(event.partition_key().to_owned()),
+        "id" => Ok(event.id().to_owned()),
+        pointer => match event.to_value().pointer(pointer) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            Some(other) => Err(Error::poison_msg(
+                "InvalidKey",
+                format!(
+                    "{pointer} of event {} is {other}, not a string or number",
+                    event.id()
+                ),
+            )),
+            None => Err(Error::poison_msg(
+                "MissingKey",
+                format!("event {} has no {pointer}", event.id()),
+            )),
+        },
+    }
+}
+
+fn value_of(spec: Option<&str>, event: &Event) -> Result<Value, Error> {
+    let whole = event.to_value();
+    match spec {
+        None | Some("") => Ok(whole),
+        Some(pointer) => whole.pointer(pointer).cloned().ok_or_else(|| {
+            Error::poison_msg(
+                "MissingValue",
+                format!("event {} has no {pointer}", event.id()),
+            )
+        }),
+    }
+}
+
+fn with_types(
+    mut builder: floodway::pipeline::PipelineBuilder,
+    types: &[String],
+) -> floodway::pipeline::PipelineBuilder {
+    for t in types {
+        builder = builder.event_type(t);
+    }
+    builder
+}
+
+/// The *materialize* processor: events of `types` into the latest-wins view `view`.
+///
+/// # Errors
+/// An invalid type pattern or view name, or a hub failure.
+pub fn materialize(
+    hub: &Hub,
+    name: &str,
+    types: &[String],
+    view: &str,
+    key: &str,
+    value: Option<&str>,
+    batch: usize,
+) -> Result<Processor, SetupError> {
+    let hub_err = |source| SetupError::Hub {
+        name: name.into(),
+        source,
+    };
+    let build = |source| SetupError::Build {
+        name: name.into(),
+        source,
+    };
+    let store = hub.view(view).map_err(hub_err)?;
+    let (key, value) = (key.to_owned(), value.map(str::to_owned));
+    let sink = store.sink(
+        move |e| key_of(&key, e),
+        move |e| value_of(value.as_deref(), e),
+    );
+    let pipeline = with_types(Pipeline::builder(name), types)
+        .batch(floodway::BatchConfig::count(batch).max_wait(Duration::from_millis(20)))
+        .sink(sink)
+        .map_err(build)?;
+    Processor::builder(name)
+        .fault_sink(hub.publisher())
+        .pipeline(pipeline)
+        .build()
+        .map_err(build)
+}
+
+/// Settings of the *http* processor.
+#[derive(Debug, Clone)]
+pub struct HttpGateway {
+    /// Where to send.
+    pub config: HttpSinkConfig,
+    /// Calls per second at most, and the burst.
+    pub rate_limit: Option<(u32, u32)>,
+    /// A fixed number of calls at once; adaptive when `None`.
+    pub fixed_concurrency: Option<usize>,
+    /// Each attempt's deadline.
+    pub timeout: Duration,
+    /// Attempts per event.
+    pub max_attempts: u32,
+    /// Calls in flight at most.
+    pub parallelism: usize,
+}
+
+/// The *http* processor: events of `types` to an external API.
+///
+/// # Errors
+/// Invalid settings.
+pub fn http_gateway(
+    hub: &Hub,
+    name: &str,
+    types: &[String],
+    gateway: HttpGateway,
+) -> Result<Processor, SetupError> {
+    let build = |source| SetupError::Build {
+        name: name.into(),
+        source,
+    };
+    let mut resilience = Resilience::default()
+        .timeout(gateway.timeout)
+        .retry(RetryPolicy::default().max_attempts(gateway.max_attempts));
+    if let Some((rate, burst)) = gateway.rate_limit {
+        let limiter = RateLimiter::per_second(rate)
+            .and_then(|l| l.with_burst(burst))
+            .map_err(build)?;
+        resilience = resilience.rate_limit(limiter);
+    }
+    resilience = match gateway.fixed_concurrency {
+        Some(n) => resilience.concurrency(ConcurrencyLimiter::fixed(n).map_err(build)?),
+        None => resilience.adaptive_concurrency(Aimd::default()),
+    };
+    let sink = HttpSink::new(gateway.config)
+        .with_response_publisher(BoxCloneSyncService::new(hub.publisher()));
+    let pipeline = with_types(Pipeline::builder(name), types)
+        .parallelism(gateway.parallelism)
+        .resilience(resilience)
+        .sink(sink)
+        .map_err(build)?;
+    Processor::builder(name)
+        .fault_sink(hub.publisher())
+        .pipeline(pipeline)
+        .build()
+        .map_err(build)
+}
+
+/// The *forward* processor: events of `types` into another hub (idempotently: a redelivered
+/// event is stored there once).
+///
+/// # Errors
+/// Invalid types, or the other hub cannot be opened.
+pub fn forward(hub: &Hub, name: &str, types: &[String], to: &Hub) -> Result<Processor, SetupError> {
+    let build = |source| SetupError::Build {
+        name: name.into(),
+        source,
+    };
+    let pipeline = with_types(Pipeline::builder(name), types)
+        .batch(floodway::BatchConfig::count(500).max_wait(Duration::from_millis(20)))
+        .sink(to.publisher())
+        .map_err(build)?;
+    Processor::builder(name)
+        .fault_sink(hub.publisher())
+        .pipeline(pipeline)
+        .build()
+        .map_err(build)
+}
+
+/// The *fault monitor*: `fault` events of the hub into its fault store.
+///
+/// # Errors
+/// A hub failure.
+pub fn fault_monitor(hub: &Hub, name: &str) -> Result<Processor, SetupError> {
+    let build = |source| SetupError::Build {
+        name: name.into(),
+        source,
+    };
+    let store: FaultStore = hub.fault_store().map_err(|source| SetupError::Hub {
+        name: name.into(),
+        source,
+    })?;
+    let sink = {
+        let store = store.clone();
+        sink_fn(move |batch: Batch| {
+            let store = store.clone();
+            async move {
+                for fault in batch.events() {
+                    store.store(fault)?;
+                }
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let pipeline = Pipeline::builder(name)
+        .event_type(floodway::event::FAULT_EVENT_TYPE)
+        .batch(floodway::BatchConfig::count(100).max_wait(Duration::from_millis(20)))
+        .sink(sink)
+        .map_err(build)?;
+    // A fault of the monitor itself (a malformed fault event) goes straight to the store.
+    Processor::builder(name)
+        .fault_sink(store)
+        .pipeline(pipeline)
+        .build()
+        .map_err(build)
+}
+
+/// Builds the processor a configuration entry describes.
+///
+/// # Errors
+/// Invalid settings, or a hub that cannot be opened.
+pub fn from_config(hub: &Hub, config: &ProcessorConfig) -> Result<Processor, SetupError> {
+    match config {
+        ProcessorConfig::Materialize {
+            name,
+            types,
+            view,
+            key,
+            value,
+            batch,
+        } => materialize(hub, name, types, view, key, value.as_deref(), *batch),
+        ProcessorConfig::Http {
+            name,
+            types,
+            url,
+            method,
+            rate_limit,
+            burst,
+            concurrency,
+            timeout_ms,
+            max_attempts,
+            respond_as,
+            parallelism,
+        } => {
+            let http = |source| SetupError::Http {
+                name: name.clone(),
+                source,
+            };
+            let mut sink = HttpSinkConfig::new(url, method).map_err(http)?;
+            if let Some(t) = respond_as {
+                sink = sink.publish_response_as(t.clone());
+            }
+            let gateway = HttpGateway {
+                config: sink,
+                rate_limit: rate_limit.map(|r| (r, *burst)),
+                fixed_concurrency: match concurrency {
+                    ConcurrencyConfig::Fixed(n) => Some(*n),
+                    ConcurrencyConfig::Named(_) => None,
+                },
+                timeout: Duration::from_millis(*timeout_ms),
+                max_attempts: *max_attempts,
+                parallelism: *parallelism,
+            };
+            http_gateway(hub, name, types, gateway)
+        }
+        ProcessorConfig::Forward { name, types, to } => {
+            let other =
+                Hub::open(to, HubOptions::default()).map_err(|source| SetupError::Open {
+                    name: name.clone(),
+                    source,
+                })?;
+            forward(hub, name, types, &other)
+        }
+        ProcessorConfig::FaultMonitor { name } => fault_monitor(hub, name),
+    }
+}
+
+/// Opens the configured hub and builds every configured processor.
+///
+/// # Errors
+/// The first processor that cannot be built, or a hub that cannot be opened.
+pub fn build_all(config: &Config) -> Result<(Hub, Vec<Processor>), SetupError> {
+    let options = HubOptions {
+        partitions: config.hub.partitions,
+        durability: match config.hub.durability {
+            crate::config::DurabilityConfig::Immediate => floodway_embedded::Durability::Immediate,
+            crate::config::DurabilityConfig::Relaxed => floodway_embedded::Durability::Relaxed,
+        },
+        ..HubOptions::default()
+    };
+    let hub = Hub::open(&config.hub.path, options).map_err(|source| SetupError::Open {
+        name: "hub".into(),
+        source,
+    })?;
+    let processors = config
+        .processors
+        .iter()
+        .map(|p| from_config(&hub, p))
+        .collect::<Result<_, _>>()?;
+    Ok((hub, processors))
+}
+
+/// Runs processors on a hub, each over the subscription of its name, until `shutdown`
+/// completes; then each drains and commits.
+///
+/// # Errors
+/// The first processor that stops with an error (the others are asked to stop).
+pub async fn run_all<F>(
+    hub: &Hub,
+    processors: Vec<Processor>,
+    options: SubscriptionOptions,
+    shutdown: F,
+) -> Result<Vec<(String, RunReport)>, (String, RunError)>
+where
+    F: Future<Output = ()> + Send,
+{
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for processor in processors {
+        let name = processor.name().to_owned();
+        let sub = match hub.subscribe(&name, options) {
+            Ok(sub) => sub,
+            Err(e) => {
+                let _ = stop_tx.send(true);
+                return Err((
+                    name,
+                    RunError::Source(floodway::error::SourceError {
+                        source_name: "hub".into(),
+                        cause: Box::new(e),
+                    }),
+                ));
+            }
+        };
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let (reader, checkpointer) = sub.split();
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            let result = processor.run(reader, checkpointer, stopped).await;
+            (name, result)
+        });
+    }
+    tokio::pin!(shutdown);
+    let mut reports = Vec::new();
+    let mut failure = None;
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            () = &mut shutdown, if !stopping => {
+                stopping = true;
+                let _ = stop_tx.send(true);
+            }
+            joined = tasks.join_next() => match joined {
+                None => break,
+                Some(Ok((name, Ok(report)))) => reports.push((name, report)),
+                Some(Ok((name, Err(err)))) => {
+                    tracing::error!(processor = %name, error = %err, "processor stopped");
+                    failure.get_or_insert((name, err));
+                    stopping = true;
+                    let _ = stop_tx.send(true);
+                }
+                Some(Err(join)) => {
+                    let err = RunError::Source(floodway::error::SourceError {
+                        source_name: "processor task".into(),
+                        cause: join.to_string().into(),
+                    });
+                    failure.get_or_insert(("?".into(), err));
+                    stopping = true;
+                    let _ = stop_tx.send(true);
+                }
+            }
+        }
+    }
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(reports),
+    }
+}
