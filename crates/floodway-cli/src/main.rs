@@ -1,12 +1,22 @@
 //! The `floodway` command.
 
 mod demo;
+mod faults_cmd;
+mod hub_cmd;
+mod run_cmd;
+mod util;
 
 use clap::{Parser, Subcommand};
 
 /// Floodway: stream processors that keep working when things go wrong.
+///
+/// Events live in a hub (one SQLite file); processors read it through named subscriptions and
+/// run pipelines over every event. Poison events become faults that you can list, fix and
+/// resubmit; outages are waited out; nothing is lost.
+///
+/// Start with `floodway demo`. Logs go to stderr; set RUST_LOG=debug for more.
 #[derive(Parser)]
-#[command(name = "floodway", version, about, long_about = None)]
+#[command(name = "floodway", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -23,15 +33,52 @@ enum Command {
     /// the view is checked against the events, the cause of the poison events is fixed, and
     /// their faults are resubmitted.
     Demo(demo::DemoArgs),
+    /// Run the processors of a configuration file until stopped (Ctrl-C or SIGTERM drain
+    /// in-flight work and commit).
+    ///
+    /// Example: floodway run floodway.toml --metrics 127.0.0.1:9464
+    Run(run_cmd::RunArgs),
+    /// Publish, read and inspect the hub.
+    #[command(subcommand)]
+    Hub(hub_cmd::HubCommand),
+    /// List, inspect and resubmit faults.
+    #[command(subcommand)]
+    Faults(faults_cmd::FaultsCommand),
+    /// Re-deliver the events published in a time range to one processor, without moving its
+    /// subscription.
+    ///
+    /// Example: floodway replay --config floodway.toml --processor orders-view --from 2h
+    Replay(run_cmd::ReplayArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let cli = Cli::parse();
+    if let Err(err) = run(cli) {
+        // The chain of causes, without a backtrace: this is for people, not debuggers.
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    match cli.command {
-        Command::Demo(args) => runtime.block_on(demo::run(args)),
-    }
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::Run(args) => run_cmd::run(args).await,
+            Command::Hub(command) => hub_cmd::run(command).await,
+            Command::Faults(command) => faults_cmd::run(command).await,
+            Command::Replay(args) => run_cmd::replay(args).await,
+        }
+    })
 }

@@ -9,7 +9,9 @@ use floodway::{Error, ErrorClass};
 #[non_exhaustive]
 pub enum OpenError {
     /// The file does not exist and creating it was not asked for.
-    #[error("no hub at {path}: create one with `floodway hub init` or open it with create on")]
+    #[error(
+        "no hub at {path}: `floodway hub publish` or `floodway run` creates one (check the path)"
+    )]
     NotFound {
         /// The path.
         path: PathBuf,

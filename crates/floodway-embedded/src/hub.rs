@@ -534,3 +534,62 @@ impl Writer {
         Ok(receipts)
     }
 }
+
+impl Hub {
+    /// The newest `n` events that `keep` accepts, oldest first, with their publish times.
+    ///
+    /// # Errors
+    /// When the hub's storage fails.
+    pub fn newest(
+        &self,
+        n: usize,
+        mut keep: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<(i64, Vec<u8>)>, HubError> {
+        let conn = self.connect()?;
+        let mut found: Vec<(i64, u32, i64, Vec<u8>)> = Vec::new();
+        let mut stmt = conn.prepare(
+            "SELECT offset, published, data FROM events WHERE partition = ?1 AND offset < ?2 \
+             ORDER BY offset DESC LIMIT 500",
+        )?;
+        for p in 0..self.inner.partitions {
+            let mut before = i64::MAX;
+            let mut kept = 0;
+            while kept < n {
+                let rows: Vec<(i64, i64, Vec<u8>)> = stmt
+                    .query_map((p, before), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<Result<_, _>>()?;
+                if rows.is_empty() {
+                    break;
+                }
+                for (offset, published, data) in rows {
+                    before = offset;
+                    if kept < n && keep(&data) {
+                        found.push((published, p, offset, data));
+                        kept += 1;
+                    }
+                }
+            }
+        }
+        found.sort_by_key(|(published, p, offset, _)| (*published, *p, *offset));
+        let skip = found.len().saturating_sub(n);
+        Ok(found
+            .into_iter()
+            .skip(skip)
+            .map(|(published, _, _, data)| (published, data))
+            .collect())
+    }
+
+    /// How many events were published in `[from, until]` (ms since the epoch).
+    ///
+    /// # Errors
+    /// When the hub's storage fails.
+    pub fn count_published(&self, from: i64, until: i64) -> Result<u64, HubError> {
+        let conn = self.connect()?;
+        let n: i64 = conn.query_row(
+            "SELECT count(*) FROM events WHERE published >= ?1 AND published <= ?2",
+            (from, until),
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+}

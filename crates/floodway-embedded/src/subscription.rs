@@ -48,6 +48,9 @@ pub struct SubscriptionOptions {
     /// How often to look for events published by other processes when idle (default 50 ms;
     /// events published through the same `Hub` handle wake the reader at once).
     pub poll: Duration,
+    /// Read only events published at or before this time (ms since the epoch), then end: a
+    /// time range, for replays.
+    pub until: Option<i64>,
 }
 
 impl Default for SubscriptionOptions {
@@ -56,6 +59,7 @@ impl Default for SubscriptionOptions {
             start: StartAt::Beginning,
             follow: true,
             poll: Duration::from_millis(50),
+            until: None,
         }
     }
 }
@@ -77,6 +81,7 @@ pub struct SubscriptionReader {
     cursors: Vec<u64>,
     follow: bool,
     poll: Duration,
+    until: i64,
     next_partition: usize,
 }
 
@@ -224,8 +229,9 @@ impl Hub {
                 source: format!("hub:{file}/{name}").into(),
                 conn: Arc::new(Mutex::new(read)),
                 cursors,
-                follow: options.follow,
+                follow: options.follow && options.until.is_none(),
                 poll: options.poll,
+                until: options.until.unwrap_or(i64::MAX),
                 next_partition: 0,
             },
             checkpointer,
@@ -253,7 +259,7 @@ impl SubscriptionReader {
         let mut out = Vec::new();
         let mut stmt = conn.prepare_cached(
             "SELECT offset, data FROM events WHERE partition = ?1 AND offset > ?2 \
-             ORDER BY offset LIMIT ?3",
+             AND published <= ?4 ORDER BY offset LIMIT ?3",
         )?;
         // A fair share per partition first, from a rotating first partition so none starves
         // another; then the room left goes to the partitions that had more.
@@ -273,10 +279,10 @@ impl SubscriptionReader {
                     break;
                 }
                 let before = out.len();
-                let rows = stmt
-                    .query_map((p as u32, self.cursors[p] as i64, room as i64), |r| {
-                        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
-                    })?;
+                let rows = stmt.query_map(
+                    (p as u32, self.cursors[p] as i64, room as i64, self.until),
+                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)),
+                )?;
                 let partition: Arc<str> = p.to_string().into();
                 for row in rows {
                     let (offset, data) = row?;

@@ -77,7 +77,9 @@ async fn publish_fault(
     };
     let fault = fault_event(origin, record, event, err, redact);
     let fault_id = fault.id().to_owned();
-    tracing::warn!(
+    // Debug, not warn: the fault event itself is the record, and a burst of poison events
+    // must not become a burst of log lines.
+    tracing::debug!(
         pipeline,
         step,
         partition = %record.partition,

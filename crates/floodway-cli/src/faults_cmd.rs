@@ -1,0 +1,304 @@
+//! `floodway faults`: list, show, resubmit.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use floodway::layer::limit::rate::RateLimiter;
+use floodway::{Processor, Record, Settlement};
+use floodway_embedded::{FaultFilter, FaultStatus, StoredFault};
+use floodway_processors::{from_config, Config};
+
+use crate::util::{parse_time, progress, show_time, HubArgs};
+
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct FilterArgs {
+    /// Only faults of this processor.
+    #[arg(long)]
+    processor: Option<String>,
+    /// Only faults of this pipeline.
+    #[arg(long)]
+    pipeline: Option<String>,
+    /// Only errors of this name (e.g. HttpStatus, DecodeEventError).
+    #[arg(long)]
+    error: Option<String>,
+    /// Only faults last seen since this time (ms, RFC 3339, or a duration ago like 1h).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Only faults last seen before this time.
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Only `open` or `resolved` faults.
+    #[arg(long, value_parser = ["open", "resolved"])]
+    status: Option<String>,
+}
+
+impl FilterArgs {
+    fn filter(&self, limit: Option<usize>) -> anyhow::Result<FaultFilter> {
+        Ok(FaultFilter {
+            processor: self.processor.clone(),
+            pipeline: self.pipeline.clone(),
+            error: self.error.clone(),
+            since: self.since.as_deref().map(parse_time).transpose()?,
+            until: self.until.as_deref().map(parse_time).transpose()?,
+            status: self.status.as_deref().map(|s| match s {
+                "resolved" => FaultStatus::Resolved,
+                _ => FaultStatus::Open,
+            }),
+            limit,
+        })
+    }
+}
+
+#[derive(clap::Subcommand)]
+pub(crate) enum FaultsCommand {
+    /// List stored faults, newest first.
+    ///
+    /// Example: floodway faults list --pipeline notify --since 1h
+    List {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show one fault: the error, the source record, and its resubmissions.
+    ///
+    /// Example: floodway faults show 9f0c2d...
+    Show {
+        #[command(flatten)]
+        hub: HubArgs,
+        /// The fault's id.
+        id: String,
+    },
+    /// Send the records of faults back to the processor and pipeline that failed them.
+    ///
+    /// Needs the configuration file, to build the processors. Only open faults are
+    /// resubmitted, at most `--rate` per second; each outcome is recorded with the fault, and
+    /// a fault that succeeds is resolved, so running it again does not apply an event twice.
+    ///
+    /// Example: floodway faults resubmit --config floodway.toml --pipeline orders-view --dry-run
+    Resubmit {
+        /// The configuration file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Resubmissions per second at most.
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// Say what would be resubmitted, and do nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+pub(crate) async fn run(command: FaultsCommand) -> anyhow::Result<()> {
+    match command {
+        FaultsCommand::List { hub, filter, limit } => list(hub, filter, limit),
+        FaultsCommand::Show { hub, id } => show(hub, id),
+        FaultsCommand::Resubmit {
+            config,
+            filter,
+            rate,
+            dry_run,
+        } => resubmit(config, filter, rate, dry_run).await,
+    }
+}
+
+fn list(hub: HubArgs, filter: FilterArgs, limit: usize) -> anyhow::Result<()> {
+    let hub = hub.open()?;
+    let faults = hub.fault_store()?.list(&filter.filter(Some(limit))?)?;
+    if faults.is_empty() {
+        println!("no faults match");
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<24} {:>5} {:<9} {:<36} message",
+        "id", "last seen", "seen", "status", "processor/pipeline/step: error"
+    );
+    for f in &faults {
+        let place = format!("{}/{}/{}: {}", f.processor, f.pipeline, f.step, f.name);
+        let message: String = f.message.chars().take(60).collect();
+        println!(
+            "{:<32} {:<24} {:>5} {:<9} {:<36} {}",
+            f.id,
+            show_time(f.last_seen),
+            f.seen,
+            status(f),
+            place,
+            message
+        );
+    }
+    Ok(())
+}
+
+fn status(f: &StoredFault) -> &'static str {
+    match f.status {
+        FaultStatus::Open => "open",
+        FaultStatus::Resolved => "resolved",
+    }
+}
+
+fn show(hub: HubArgs, id: String) -> anyhow::Result<()> {
+    let hub = hub.open()?;
+    let store = hub.fault_store()?;
+    let Some(fault) = store.get(&id)? else {
+        bail!("no fault with id {id}: `floodway faults list` shows the ids");
+    };
+    let details = fault.details()?;
+    println!("fault      {}", fault.id);
+    println!(
+        "status     {} (seen {} times, first {}, last {})",
+        status(&fault),
+        fault.seen,
+        show_time(fault.first_seen),
+        show_time(fault.last_seen)
+    );
+    println!(
+        "where      processor {} / pipeline {} / step {}",
+        fault.processor, fault.pipeline, fault.step
+    );
+    println!(
+        "error      {} ({}, {} attempts): {}",
+        details.err.name, details.err.class, details.err.attempts, details.err.message
+    );
+    let r = &details.uow.record;
+    println!(
+        "record     {} partition {} offset {} attempt {}",
+        r.source, r.partition, r.offset, r.attempt
+    );
+    match r.encoding.as_str() {
+        "utf8" => println!("data       {}", r.data),
+        other => println!("data       ({other}) {}", r.data),
+    }
+    if let Some(event) = &details.uow.event {
+        println!("event      {}", serde_json::to_string_pretty(event)?);
+    }
+    let history = store.resubmissions(&fault.id)?;
+    if history.is_empty() {
+        println!("never resubmitted");
+    }
+    for h in history {
+        println!(
+            "resubmitted {}: {} ({})",
+            show_time(h.at),
+            h.outcome,
+            h.detail
+        );
+    }
+    Ok(())
+}
+
+async fn resubmit(
+    config_path: PathBuf,
+    filter: FilterArgs,
+    rate: u32,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let config = Config::load(&config_path)?;
+    let hub = floodway_embedded::Hub::open(
+        &config.hub.path,
+        floodway_embedded::HubOptions {
+            create: false,
+            ..Default::default()
+        },
+    )?;
+    let store = hub.fault_store()?;
+    let mut filter = filter.filter(None)?;
+    filter.status.get_or_insert(FaultStatus::Open);
+    let faults = store.list(&filter)?;
+    let mut processors: HashMap<String, Processor> = HashMap::new();
+    let mut plan = Vec::new();
+    let mut skipped = 0;
+    for fault in faults {
+        if fault.pipeline == floodway::fault::DECODE_PIPELINE {
+            skipped += 1;
+            continue;
+        }
+        if !processors.contains_key(&fault.processor) {
+            let Some(entry) = config
+                .processors
+                .iter()
+                .find(|p| p.name() == fault.processor)
+            else {
+                eprintln!(
+                    "fault {}: processor `{}` is not in {}; skipped",
+                    fault.id,
+                    fault.processor,
+                    config_path.display()
+                );
+                skipped += 1;
+                continue;
+            };
+            processors.insert(fault.processor.clone(), from_config(&hub, entry)?);
+        }
+        plan.push(fault);
+    }
+    println!(
+        "{} faults to resubmit ({} skipped: undecodable records or unknown processors)",
+        plan.len(),
+        skipped
+    );
+    if dry_run {
+        for f in &plan {
+            println!(
+                "would resubmit {} to {}/{} ({}: {})",
+                f.id, f.processor, f.pipeline, f.name, f.message
+            );
+        }
+        return Ok(());
+    }
+    let limiter = RateLimiter::per_second(rate.max(1))?;
+    let bar = progress(plan.len() as u64, "resubmitting");
+    let (mut ok, mut failed) = (0, 0);
+    for fault in plan {
+        limiter.acquire().await;
+        let r = fault.details()?.uow.record;
+        let data = r.bytes()?;
+        let record = Record::new(r.source.clone(), r.partition.clone(), r.offset, data)
+            .with_attempt(r.attempt + 1);
+        let processor = processors.get(&fault.processor).context("built above")?;
+        // Only the pipeline that failed: ready-made processors have one, named after them.
+        if processor
+            .pipelines()
+            .iter()
+            .all(|p| p.name() != fault.pipeline)
+        {
+            store.record_resubmission(
+                &fault.id,
+                "failed",
+                "the pipeline is no longer configured",
+            )?;
+            failed += 1;
+            bar.inc(1);
+            continue;
+        }
+        let report = processor.process_batch(vec![record], None).await;
+        let outcome = report.outcomes.first().and_then(|o| o.settlement);
+        match (outcome, report.fatal) {
+            (Some(Settlement::Done), _) => {
+                store.record_resubmission(&fault.id, "succeeded", "processed")?;
+                ok += 1;
+            }
+            (_, Some(err)) => {
+                store.record_resubmission(&fault.id, "failed", &err.to_string())?;
+                failed += 1;
+            }
+            _ => {
+                store.record_resubmission(
+                    &fault.id,
+                    "failed",
+                    "faulted again: see the fault's latest error",
+                )?;
+                failed += 1;
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!("resubmitted: {ok} succeeded, {failed} failed");
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! `floodway hub`: publish, tail, stats.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use floodway::pipeline::TypeFilter;
+use floodway::{Event, Source};
+use floodway_embedded::{StartAt, SubscriptionOptions};
+
+use crate::util::{progress, show_time, HubArgs};
+
+#[derive(clap::Subcommand)]
+pub(crate) enum HubCommand {
+    /// Publish events from JSON lines (a file, or standard input with `-`).
+    ///
+    /// Every line must be one event (`id`, `type`, `timestamp`, `partitionKey`, payload).
+    /// Lines that are not are reported with their numbers, and the others are stored, unless
+    /// `--atomic` asks for all or nothing. The event id is the idempotency key: publishing the
+    /// same file twice within the dedupe window stores its events once.
+    ///
+    /// Example: floodway hub publish --hub floodway.db orders.jsonl
+    Publish {
+        #[command(flatten)]
+        hub: HubArgs,
+        /// The file of JSON lines, or `-` for standard input.
+        #[arg(value_name = "FILE")]
+        input: PathBuf,
+        /// Store nothing if any line is bad.
+        #[arg(long)]
+        atomic: bool,
+        /// Store every event even if its id was published recently.
+        #[arg(long)]
+        no_dedupe: bool,
+    },
+    /// Print events as JSON lines: the last few, then new ones with `--follow`.
+    ///
+    /// Example: floodway hub tail --type 'order-*' --follow
+    Tail {
+        #[command(flatten)]
+        hub: HubArgs,
+        /// Only events of this type (exact, or with `*` wildcards).
+        #[arg(long = "type", value_name = "PATTERN")]
+        event_type: Option<String>,
+        /// How many of the newest events to print first.
+        #[arg(long, short = 'n', default_value_t = 10)]
+        lines: usize,
+        /// Keep printing new events until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Print generated order events as JSON lines (for trying things out, and for tests).
+    ///
+    /// Example: floodway hub generate --events 10000 > orders.jsonl
+    Generate {
+        /// How many events.
+        #[arg(long, default_value_t = 1_000)]
+        events: usize,
+        /// Seed of the generator: the same seed gives the same events.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Per mille of lines replaced by malformed ones.
+        #[arg(long, default_value_t = 0)]
+        poison: u32,
+    },
+    /// Partitions, sizes and subscription lag.
+    ///
+    /// Example: floodway hub stats --hub floodway.db
+    Stats {
+        #[command(flatten)]
+        hub: HubArgs,
+    },
+}
+
+pub(crate) async fn run(command: HubCommand) -> anyhow::Result<()> {
+    match command {
+        HubCommand::Publish {
+            hub,
+            input,
+            atomic,
+            no_dedupe,
+        } => publish(hub, input, atomic, no_dedupe).await,
+        HubCommand::Tail {
+            hub,
+            event_type,
+            lines,
+            follow,
+        } => tail(hub, event_type, lines, follow).await,
+        HubCommand::Stats { hub } => stats(hub),
+        HubCommand::Generate {
+            events,
+            seed,
+            poison,
+        } => generate(events, seed, poison),
+    }
+}
+
+async fn publish(
+    args: HubArgs,
+    input: PathBuf,
+    atomic: bool,
+    no_dedupe: bool,
+) -> anyhow::Result<()> {
+    let reader: Box<dyn BufRead> = if input.as_os_str() == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        let file = std::fs::File::open(&input)
+            .with_context(|| format!("cannot read {}", input.display()))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut events = Vec::new();
+    let mut rejected = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("reading line {}", i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match Event::decode(line.as_bytes()) {
+            Ok(event) => events.push(event),
+            Err(err) => rejected.push((i + 1, err)),
+        }
+    }
+    let mut stderr = std::io::stderr();
+    for (line, err) in &rejected {
+        writeln!(stderr, "line {line}: {err}")?;
+    }
+    if atomic && !rejected.is_empty() {
+        bail!(
+            "{} of {} lines are not events; nothing was published (--atomic)",
+            rejected.len(),
+            rejected.len() + events.len()
+        );
+    }
+    let hub = args.open_or_create()?;
+    let bar = progress(events.len() as u64, "publishing");
+    let (mut stored, mut duplicates) = (0, 0);
+    for chunk in events.chunks(1_000) {
+        let receipt = if no_dedupe {
+            hub.publish(chunk).await?
+        } else {
+            hub.publish_idempotent(chunk).await?
+        };
+        stored += receipt.stored();
+        duplicates += receipt.duplicates;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    println!(
+        "published {stored} events to {} ({duplicates} duplicates skipped, {} lines rejected)",
+        hub.path().display(),
+        rejected.len()
+    );
+    if !rejected.is_empty() {
+        bail!("{} lines were rejected (see above)", rejected.len());
+    }
+    Ok(())
+}
+
+async fn tail(
+    args: HubArgs,
+    pattern: Option<String>,
+    lines: usize,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let hub = args.open()?;
+    let filter = pattern.as_deref().map(TypeFilter::parse).transpose()?;
+    let keep = |data: &[u8]| -> Option<String> {
+        let text = std::str::from_utf8(data).ok()?;
+        match &filter {
+            None => Some(text.to_owned()),
+            Some(f) => {
+                let event = Event::decode(data).ok()?;
+                f.matches(event.event_type()).then(|| text.to_owned())
+            }
+        }
+    };
+    let mut stdout = std::io::stdout();
+    for (_, data) in hub.newest(lines, |d| keep(d).is_some())? {
+        if let Some(line) = keep(&data) {
+            writeln!(stdout, "{line}")?;
+        }
+    }
+    stdout.flush()?;
+    if !follow {
+        return Ok(());
+    }
+    let name = format!("tail-{}", std::process::id());
+    let options = SubscriptionOptions {
+        start: StartAt::End,
+        ..SubscriptionOptions::default()
+    };
+    // The reader alone: it never commits, so the tail leaves no subscription behind.
+    let (mut reader, _) = hub.subscribe(&name, options)?.split();
+    loop {
+        let batch = tokio::select! {
+            batch = reader.next_batch(500) => batch?,
+            () = crate::util::shutdown_signal() => return Ok(()),
+        };
+        let Some(records) = batch else { return Ok(()) };
+        for r in records {
+            if let Some(line) = keep(&r.data) {
+                writeln!(stdout, "{line}")?;
+            }
+        }
+        stdout.flush()?;
+    }
+}
+
+fn stats(args: HubArgs) -> anyhow::Result<()> {
+    let hub = args.open()?;
+    let stats = hub.stats()?;
+    println!(
+        "hub {} ({} partitions, {:.1} MiB)",
+        hub.path().display(),
+        hub.partitions(),
+        stats.file_bytes as f64 / (1024.0 * 1024.0)
+    );
+    println!(
+        "{:>9} {:>10} {:>12} {:>12} {:>12}",
+        "partition", "events", "first", "last", "bytes"
+    );
+    for p in &stats.partitions {
+        println!(
+            "{:>9} {:>10} {:>12} {:>12} {:>12}",
+            p.partition, p.events, p.first_offset, p.last_offset, p.bytes
+        );
+    }
+    let total: u64 = stats.partitions.iter().map(|p| p.events).sum();
+    println!("{:>9} {:>10}", "all", total);
+    if stats.subscriptions.is_empty() {
+        println!("no subscriptions yet");
+    } else {
+        println!("\n{:<32} {:>10}  checkpoints", "subscription", "lag");
+        for s in &stats.subscriptions {
+            let cps: Vec<String> = s
+                .partitions
+                .iter()
+                .map(|(p, o)| format!("{p}:{o}"))
+                .collect();
+            println!("{:<32} {:>10}  {}", s.name, s.lag, cps.join(" "));
+        }
+    }
+    if let Some(newest) = hub.newest(1, |_| true)?.first() {
+        println!("\nnewest event published {}", show_time(newest.0));
+    }
+    Ok(())
+}
+
+fn generate(events: usize, seed: u64, poison: u32) -> anyhow::Result<()> {
+    let events = floodway::testing::generate::orders(events, seed);
+    let mut lines: Vec<String> = events.iter().map(Event::to_json).collect();
+    floodway::testing::generate::poison_lines(&mut lines, poison, seed);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for line in lines {
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! `floodway run` and `floodway replay`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use floodway::error::CommitError;
+use floodway::{Checkpoint, Checkpointer, Record, Source};
+use floodway_embedded::{StartAt, SubscriptionOptions, SubscriptionReader};
+use floodway_processors::{build_all, from_config, run_all, Config};
+use indicatif::ProgressBar;
+
+use crate::util::{parse_time, progress, shutdown_signal};
+
+/// Options of `floodway run`.
+#[derive(clap::Args)]
+pub(crate) struct RunArgs {
+    /// The configuration file.
+    #[arg(value_name = "CONFIG")]
+    config: PathBuf,
+    /// Serve Prometheus metrics at this address, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+}
+
+/// Options of `floodway replay`.
+#[derive(clap::Args)]
+pub(crate) struct ReplayArgs {
+    /// The configuration file.
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
+    /// The processor to re-deliver to.
+    #[arg(long)]
+    processor: String,
+    /// Events published from this time (ms, RFC 3339, or a duration ago like 2h).
+    #[arg(long, value_name = "TIME")]
+    from: String,
+    /// Up to this time (default: now).
+    #[arg(long, value_name = "TIME")]
+    to: Option<String>,
+}
+
+pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    if config.processors.is_empty() {
+        bail!(
+            "{} configures no processors: add a [[processors]] entry",
+            args.config.display()
+        );
+    }
+    if let Some(addr) = args.metrics {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("cannot serve metrics at {addr}"))?;
+        eprintln!("metrics at http://{addr}/metrics");
+    }
+    let (hub, processors) = build_all(&config)?;
+    let names: Vec<String> = processors.iter().map(|p| p.name().to_owned()).collect();
+    eprintln!(
+        "running {} on {} (stop with Ctrl-C)",
+        names.join(", "),
+        hub.path().display()
+    );
+    let reports = run_all(
+        &hub,
+        processors,
+        SubscriptionOptions::default(),
+        shutdown_signal(),
+    )
+    .await
+    .map_err(|(name, err)| anyhow::anyhow!("processor `{name}` stopped: {err}"))?;
+    for (name, report) in reports {
+        eprintln!(
+            "{name}: {} records done, {} faults, stopped: {:?}",
+            report.done,
+            report.faults(),
+            report.stopped
+        );
+    }
+    Ok(())
+}
+
+/// Counts what the reader hands out, for the progress bar.
+struct Counted {
+    reader: SubscriptionReader,
+    bar: ProgressBar,
+}
+
+impl Source for Counted {
+    async fn next_batch(
+        &mut self,
+        max: usize,
+    ) -> Result<Option<Vec<Record>>, floodway::error::SourceError> {
+        let batch = self.reader.next_batch(max).await?;
+        if let Some(records) = &batch {
+            self.bar.inc(records.len() as u64);
+        }
+        Ok(batch)
+    }
+}
+
+/// A replay does not move the processor's subscription.
+struct NoCheckpoints;
+
+impl Checkpointer for NoCheckpoints {
+    async fn commit(&mut self, _checkpoints: &[Checkpoint]) -> Result<(), CommitError> {
+        Ok(())
+    }
+}
+
+pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    let Some(entry) = config
+        .processors
+        .iter()
+        .find(|p| p.name() == args.processor)
+    else {
+        let names: Vec<&str> = config.processors.iter().map(|p| p.name()).collect();
+        bail!(
+            "no processor `{}` in {}: it has {}",
+            args.processor,
+            args.config.display(),
+            names.join(", ")
+        );
+    };
+    let from = parse_time(&args.from)?;
+    let to = match &args.to {
+        Some(t) => parse_time(t)?,
+        None => floodway::event::now_millis(),
+    };
+    if to < from {
+        bail!("--to is before --from");
+    }
+    let (hub, _) = build_all(&Config {
+        processors: Vec::new(),
+        ..config.clone()
+    })?;
+    let processor = from_config(&hub, entry)?;
+    let total = hub.count_published(from, to)?;
+    let name = format!("replay-{}-{}", args.processor, std::process::id());
+    let options = SubscriptionOptions {
+        start: StartAt::Time(from),
+        follow: false,
+        until: Some(to),
+        ..SubscriptionOptions::default()
+    };
+    let (reader, _) = hub.subscribe(&name, options)?.split();
+    let bar = progress(total, "replaying");
+    let source = Counted {
+        reader,
+        bar: bar.clone(),
+    };
+    let report = processor
+        .run(source, NoCheckpoints, shutdown_signal())
+        .await?;
+    bar.finish_and_clear();
+    println!(
+        "replayed {} events to `{}`: {} delivered, {} faults",
+        report.received,
+        args.processor,
+        report.pipelines.iter().map(|p| p.delivered).sum::<u64>(),
+        report.faults()
+    );
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! Helpers shared by the commands: where the hub is, times, progress bars, signals.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use floodway_embedded::{Hub, HubOptions};
+use floodway_processors::Config;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Where the hub is: `--hub FILE`, or the `[hub]` of `--config FILE`.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct HubArgs {
+    /// The hub file.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "floodway.db",
+        conflicts_with = "config"
+    )]
+    pub(crate) hub: PathBuf,
+    /// A configuration file whose `[hub]` names the hub.
+    #[arg(long, short, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+}
+
+impl HubArgs {
+    /// Opens the hub; it must exist.
+    pub(crate) fn open(&self) -> anyhow::Result<Hub> {
+        let path = match &self.config {
+            Some(config) => Config::load(config)?.hub.path,
+            None => self.hub.clone(),
+        };
+        let options = HubOptions {
+            create: false,
+            ..HubOptions::default()
+        };
+        Ok(Hub::open(&path, options)?)
+    }
+
+    /// Opens the hub, creating it if it is missing.
+    pub(crate) fn open_or_create(&self) -> anyhow::Result<Hub> {
+        let (path, partitions) = match &self.config {
+            Some(config) => {
+                let c = Config::load(config)?;
+                (c.hub.path, c.hub.partitions)
+            }
+            None => (self.hub.clone(), None),
+        };
+        let options = HubOptions {
+            partitions,
+            ..HubOptions::default()
+        };
+        Ok(Hub::open(&path, options)?)
+    }
+}
+
+/// Milliseconds since the epoch from: a number of milliseconds, an RFC 3339 time
+/// (`2026-11-26T10:00:00Z`), or a duration ago (`15m`, `2h`, `1d`).
+pub(crate) fn parse_time(text: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    if let Ok(time) = humantime::parse_rfc3339_weak(text) {
+        return Ok(millis(time));
+    }
+    if let Ok(ago) = humantime::parse_duration(text) {
+        let time = SystemTime::now()
+            .checked_sub(ago)
+            .context("that duration reaches before 1970")?;
+        return Ok(millis(time));
+    }
+    bail!("`{text}` is not a time: use milliseconds since the epoch, 2026-11-26T10:00:00Z, or a duration ago like 15m")
+}
+
+fn millis(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// A time in milliseconds, for people.
+pub(crate) fn show_time(ms: i64) -> String {
+    let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub(crate) fn progress(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {bar:40.cyan/blue} {pos}/{len} ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(what.to_owned());
+    bar
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_in_three_forms() {
+        assert_eq!(parse_time("1700000000000").unwrap(), 1_700_000_000_000);
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20Z").unwrap(),
+            1_700_000_000_000
+        );
+        let ago = parse_time("1h").unwrap();
+        let now = millis(SystemTime::now());
+        assert!((now - ago - 3_600_000).abs() < 5_000);
+        assert!(parse_time("yesterday")
+            .unwrap_err()
+            .to_string()
+            .contains("15m"));
+    }
+}
