@@ -222,7 +222,11 @@ fn poison_events_become_faults_that_resubmit_after_a_fix() {
     assert!(out.status.success(), "{}", text(&out));
     // 40 orders and the 3 fault events (a fault raised again is published once).
     assert!(text(&out).contains("replayed 43 events"), "{}", text(&out));
-    assert!(text(&out).contains("40 delivered, 0 faults"), "{}", text(&out));
+    assert!(
+        text(&out).contains("40 delivered, 0 faults"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
