@@ -593,3 +593,21 @@ impl Hub {
         Ok(n as u64)
     }
 }
+
+impl Hub {
+    /// Events published and not yet done by the subscription `name`, over all partitions (the
+    /// last offsets minus its checkpoints; every event when it has none).
+    ///
+    /// # Errors
+    /// When the hub's storage fails.
+    pub fn lag(&self, name: &str) -> Result<u64, HubError> {
+        let conn = self.connect()?;
+        let lag: i64 = conn.query_row(
+            "SELECT coalesce(sum(p.last_offset - coalesce(s.offset, 0)), 0) FROM partitions p \
+             LEFT JOIN subscriptions s ON s.partition = p.partition AND s.name = ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        Ok(lag.max(0) as u64)
+    }
+}

@@ -1,0 +1,241 @@
+//! Embedded hub benchmarks: `cargo bench -p floodway-embedded --bench hub`.
+//!
+//! Durable publish throughput against raw SQLite inserts of the same rows, end-to-end
+//! throughput from publish to a materialized view, and consumer lag under a steady load. The
+//! hub file lives in a temporary directory on the same disk as the working directory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use floodway::memory::MemoryFaultSink;
+use floodway::testing::generate;
+use floodway::{BatchConfig, Event, Pipeline, Processor};
+use floodway_embedded::{Hub, HubOptions, SubscriptionOptions};
+use serde_json::Value;
+
+fn row(name: &str, value: String, baseline: String, ratio: String, goal: &str) {
+    println!("| {name} | {value} | {baseline} | {ratio} | {goal} |");
+}
+
+/// The same rows, inserted with a prepared statement, 1,000 per transaction, `synchronous=FULL`.
+fn raw_sqlite(dir: &std::path::Path, events: &[Event]) -> f64 {
+    let conn = rusqlite::Connection::open(dir.join("raw.db")).unwrap();
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+         CREATE TABLE events (partition INTEGER NOT NULL, offset INTEGER NOT NULL, id TEXT NOT NULL,
+           type TEXT NOT NULL, time INTEGER NOT NULL, published INTEGER NOT NULL, data BLOB NOT NULL,
+           PRIMARY KEY (partition, offset));",
+    )
+    .unwrap();
+    let rows: Vec<(u32, String, String, i64, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                floodway::event::partition_for(e.partition_key(), 8),
+                e.id().to_owned(),
+                e.event_type().to_owned(),
+                e.timestamp(),
+                e.to_json(),
+            )
+        })
+        .collect();
+    let mut offsets = [0i64; 8];
+    let started = Instant::now();
+    let mut conn = conn;
+    for chunk in rows.chunks(1_000) {
+        let tx = conn.transaction().unwrap();
+        {
+            let mut stmt = tx
+                .prepare_cached("INSERT INTO events VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+                .unwrap();
+            for (p, id, ty, time, data) in chunk {
+                offsets[*p as usize] += 1;
+                stmt.execute((p, offsets[*p as usize], id, ty, time, 0i64, data.as_bytes()))
+                    .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    rows.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+fn processor(hub: &Hub) -> Processor {
+    let view = hub.view("orders").unwrap();
+    Processor::builder("bench")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(
+            Pipeline::builder("orders")
+                .event_type("order-*")
+                .batch(BatchConfig::count(2_000).max_wait(Duration::from_millis(5)))
+                .sink(view.sink(
+                    |e| Ok(e.partition_key().to_owned()),
+                    |e| Ok(e.field("order").cloned().unwrap_or(Value::Null)),
+                ))
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
+}
+
+fn main() {
+    let n: usize = std::env::var("FLOODWAY_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    eprintln!("generating {n} events...");
+    let events = generate::orders(n, 5);
+    let tmp = tempfile::tempdir_in(".").unwrap();
+    println!("| measurement | result | baseline | ratio | goal |");
+    println!("|---|---|---|---|---|");
+
+    eprintln!("raw SQLite inserts...");
+    let raw = raw_sqlite(tmp.path(), &events);
+    eprintln!("hub publish...");
+    let hub = Hub::open(tmp.path().join("hub.db"), HubOptions::default()).unwrap();
+    let publish = rt.block_on(async {
+        let started = Instant::now();
+        for chunk in events.chunks(1_000) {
+            hub.publish(chunk).await.unwrap();
+        }
+        n as f64 / started.elapsed().as_secs_f64()
+    });
+    row(
+        "raw SQLite insert, same rows, 1,000 per commit, synchronous=FULL (baseline)",
+        format!("{raw:.0} ev/s"),
+        "-".into(),
+        "1.00".into(),
+        "-",
+    );
+    row(
+        "hub durable publish, batches of 1,000, fsync per commit",
+        format!("{publish:.0} ev/s"),
+        format!("{raw:.0} ev/s raw"),
+        format!("{:.2}", publish / raw),
+        "-",
+    );
+
+    eprintln!("materialize what is already published...");
+    let consume = rt.block_on(async {
+        let p = processor(&hub);
+        let options = SubscriptionOptions {
+            follow: false,
+            ..Default::default()
+        };
+        let (reader, cp) = hub.subscribe("orders", options).unwrap().split();
+        let started = Instant::now();
+        p.run(reader, cp, std::future::pending()).await.unwrap();
+        n as f64 / started.elapsed().as_secs_f64()
+    });
+    row(
+        &format!("materialize {n} published events into a view (reads, view and inbox writes, checkpoints)"),
+        format!("{consume:.0} ev/s"),
+        format!("{raw:.0} ev/s raw insert"),
+        format!("{:.2}", consume / raw),
+        "-",
+    );
+    eprintln!("end to end: publish and materialize...");
+    let hub = Hub::open(tmp.path().join("e2e.db"), HubOptions::default()).unwrap();
+    let orders = events
+        .iter()
+        .filter(|e| e.event_type().starts_with("order-"))
+        .count();
+    let e2e = rt.block_on(async {
+        let p = processor(&hub);
+        let (reader, cp) = hub
+            .subscribe("orders", SubscriptionOptions::default())
+            .unwrap()
+            .split();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(async move {
+            p.run(reader, cp, async {
+                stopped.await.ok();
+            })
+            .await
+        });
+        let started = Instant::now();
+        let publisher = {
+            let hub = hub.clone();
+            let events = events.clone();
+            tokio::spawn(async move {
+                for chunk in events.chunks(1_000) {
+                    hub.publish(chunk).await.unwrap();
+                }
+            })
+        };
+        publisher.await.unwrap();
+        // Done when every published event is applied: the view's subscription has no lag.
+        loop {
+            let lag = hub.lag("orders").unwrap();
+            if lag == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let _ = stop.send(());
+        run.await.unwrap().unwrap();
+        n as f64 / secs
+    });
+    let rows = hub.view("orders").unwrap().len().unwrap();
+    assert!(rows > 0 && rows as usize <= orders);
+    row(
+        &format!("end to end: publish {n} events, materialize into a view (checkpointed)"),
+        format!("{e2e:.0} ev/s"),
+        format!("{raw:.0} ev/s raw insert"),
+        format!("{:.2}", e2e / raw),
+        ">= 100,000 ev/s",
+    );
+
+    eprintln!("lag under a steady load...");
+    let hub = Hub::open(tmp.path().join("lag.db"), HubOptions::default()).unwrap();
+    let rate = 20_000usize;
+    let seconds = 5;
+    let (p50, max) = rt.block_on(async {
+        let p = processor(&hub);
+        let (reader, cp) = hub
+            .subscribe("orders", SubscriptionOptions::default())
+            .unwrap()
+            .split();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(async move {
+            p.run(reader, cp, async {
+                stopped.await.ok();
+            })
+            .await
+        });
+        let events = Arc::new(generate::orders(rate * seconds, 6));
+        let publisher = {
+            let hub = hub.clone();
+            let events = events.clone();
+            tokio::spawn(async move {
+                // 100 events every 5 ms.
+                let mut tick = tokio::time::interval(Duration::from_millis(5));
+                for chunk in events.chunks(rate / 200) {
+                    tick.tick().await;
+                    hub.publish(chunk).await.unwrap();
+                }
+            })
+        };
+        let mut samples = Vec::new();
+        while !publisher.is_finished() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            samples.push(hub.lag("orders").unwrap());
+        }
+        let _ = stop.send(());
+        run.await.unwrap().unwrap();
+        samples.sort_unstable();
+        (samples[samples.len() / 2], *samples.last().unwrap())
+    });
+    row(
+        &format!("consumer lag at a steady {rate} ev/s for {seconds} s (checkpoint every 1 s)"),
+        format!("median {p50} events, max {max}"),
+        format!("{rate} events = 1 s"),
+        format!("{:.2} s median", p50 as f64 / rate as f64),
+        "-",
+    );
+}
