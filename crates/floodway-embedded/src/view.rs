@@ -90,7 +90,7 @@ impl Hub {
         let table = format!("view_{name}");
         conn.execute_batch(&format!(
             "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, time INTEGER NOT NULL, \
-             event TEXT NOT NULL, value TEXT NOT NULL) WITHOUT ROWID;"
+             event TEXT NOT NULL, value TEXT NOT NULL);"
         ))?;
         Ok(ViewStore {
             name: name.into(),
