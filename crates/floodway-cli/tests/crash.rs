@@ -65,7 +65,12 @@ fn killed_publishers_and_processors_lose_nothing_and_apply_nothing_twice() {
         let processor = spawn(d, &["run", "floodway.toml"]);
         let p_wait = Duration::from_millis(rng.u64(..300));
         // Across the 1 s commit interval: some runs die before a commit, some after.
-        let r_wait = Duration::from_millis(200 + rng.u64(..2_300));
+        // The first run always outlives a commit.
+        let r_wait = Duration::from_millis(if i == 0 {
+            3_000
+        } else {
+            200 + rng.u64(..2_300)
+        });
         let killer = std::thread::spawn(move || kill_after(publisher, p_wait));
         kill_after(processor, r_wait);
         killer.join().unwrap();

@@ -25,7 +25,7 @@
 //! concurrency = "adaptive"    # or a fixed number
 //! timeout_ms = 5000
 //! max_attempts = 5
-//! respond_as = "order-notified"   # publish responses as events of this type, optional
+//! respond_as = "payment-notified" # publish responses as events of this type, optional
 //!
 //! [[processors]]
 //! kind = "forward"            # events into another hub
