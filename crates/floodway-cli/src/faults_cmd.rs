@@ -206,8 +206,32 @@ async fn resubmit(
             ..Default::default()
         },
     )?;
+    let outcome = resubmit_faults(&hub, &config, filter.filter(None)?, rate, dry_run).await?;
+    if !dry_run {
+        println!(
+            "resubmitted: {} succeeded, {} failed",
+            outcome.succeeded, outcome.failed
+        );
+    }
+    Ok(())
+}
+
+/// How a resubmission went.
+pub(crate) struct Resubmitted {
+    pub(crate) succeeded: u64,
+    pub(crate) failed: u64,
+}
+
+/// Sends the records of the open faults matching `filter` back to the processor and pipeline
+/// that failed them, at most `rate` per second, and records each outcome with its fault.
+pub(crate) async fn resubmit_faults(
+    hub: &floodway_embedded::Hub,
+    config: &Config,
+    mut filter: FaultFilter,
+    rate: u32,
+    dry_run: bool,
+) -> anyhow::Result<Resubmitted> {
     let store = hub.fault_store()?;
-    let mut filter = filter.filter(None)?;
     filter.status.get_or_insert(FaultStatus::Open);
     let faults = store.list(&filter)?;
     let mut processors: HashMap<String, Processor> = HashMap::new();
@@ -225,15 +249,13 @@ async fn resubmit(
                 .find(|p| p.name() == fault.processor)
             else {
                 eprintln!(
-                    "fault {}: processor `{}` is not in {}; skipped",
-                    fault.id,
-                    fault.processor,
-                    config_path.display()
+                    "fault {}: processor `{}` is not configured; skipped",
+                    fault.id, fault.processor
                 );
                 skipped += 1;
                 continue;
             };
-            processors.insert(fault.processor.clone(), from_config(&hub, entry)?);
+            processors.insert(fault.processor.clone(), from_config(hub, entry)?);
         }
         plan.push(fault);
     }
@@ -242,6 +264,10 @@ async fn resubmit(
         plan.len(),
         skipped
     );
+    let mut outcome = Resubmitted {
+        succeeded: 0,
+        failed: 0,
+    };
     if dry_run {
         for f in &plan {
             println!(
@@ -249,11 +275,10 @@ async fn resubmit(
                 f.id, f.processor, f.pipeline, f.name, f.message
             );
         }
-        return Ok(());
+        return Ok(outcome);
     }
     let limiter = RateLimiter::per_second(rate.max(1))?;
     let bar = progress(plan.len() as u64, "resubmitting");
-    let (mut ok, mut failed) = (0, 0);
     for fault in plan {
         limiter.acquire().await;
         let r = fault.details()?.uow.record;
@@ -272,20 +297,20 @@ async fn resubmit(
                 "failed",
                 "the pipeline is no longer configured",
             )?;
-            failed += 1;
+            outcome.failed += 1;
             bar.inc(1);
             continue;
         }
         let report = processor.process_batch(vec![record], None).await;
-        let outcome = report.outcomes.first().and_then(|o| o.settlement);
-        match (outcome, report.fatal) {
+        let settled = report.outcomes.first().and_then(|o| o.settlement);
+        match (settled, report.fatal) {
             (Some(Settlement::Done), _) => {
                 store.record_resubmission(&fault.id, "succeeded", "processed")?;
-                ok += 1;
+                outcome.succeeded += 1;
             }
             (_, Some(err)) => {
                 store.record_resubmission(&fault.id, "failed", &err.to_string())?;
-                failed += 1;
+                outcome.failed += 1;
             }
             _ => {
                 store.record_resubmission(
@@ -293,12 +318,11 @@ async fn resubmit(
                     "failed",
                     "faulted again: see the fault's latest error",
                 )?;
-                failed += 1;
+                outcome.failed += 1;
             }
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
-    println!("resubmitted: {ok} succeeded, {failed} failed");
-    Ok(())
+    Ok(outcome)
 }

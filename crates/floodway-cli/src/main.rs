@@ -25,13 +25,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Watch the failure design work: poison events, throttling, an outage, faults and
-    /// their resubmission, on generated order events, in memory.
+    /// their resubmission, on a fresh hub file with a real HTTP service on 127.0.0.1.
     ///
-    /// Three pipelines run over the events: one keeps a latest-wins view of orders, one calls
-    /// a simulated payment-notification service that throttles above its capacity and goes
-    /// down for a while, and the fault monitor stores what could not be processed. At the end
-    /// the view is checked against the events, the cause of the poison events is fixed, and
-    /// their faults are resubmitted.
+    /// Three processors run: `orders-view` keeps a latest-wins view of orders, `notify` calls a
+    /// payment-notification service that throttles above its capacity and goes down for a
+    /// while, and `faults` stores what could not be processed. At the end the view is checked
+    /// against the events, the cause of the poison events is fixed, and their faults are
+    /// resubmitted.
+    ///
+    /// Example: floodway demo --events 20000 --dir demo
     Demo(demo::DemoArgs),
     /// Run the processors of a configuration file until stopped (Ctrl-C or SIGTERM drain
     /// in-flight work and commit).

@@ -611,3 +611,19 @@ impl Hub {
         Ok(lag.max(0) as u64)
     }
 }
+
+impl Hub {
+    /// Events published so far, over all partitions (including any that retention deleted).
+    ///
+    /// # Errors
+    /// When the hub's storage fails.
+    pub fn published(&self) -> Result<u64, HubError> {
+        let conn = self.connect()?;
+        let n: i64 = conn.query_row(
+            "SELECT coalesce(sum(last_offset), 0) FROM partitions",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+}
