@@ -115,6 +115,21 @@ impl ViewStore {
     /// # Errors
     /// A storage failure (then nothing was written).
     pub fn apply(&self, writes: &[ViewWrite]) -> Result<Applied, HubError> {
+        let rows: Vec<(&str, &Version, String)> = writes
+            .iter()
+            .map(|w| (w.key.as_str(), &w.version, w.value.to_string()))
+            .collect();
+        self.apply_json(&rows)
+    }
+
+    /// Applies writes whose values are JSON text already, as [`ViewStore::apply`] does.
+    ///
+    /// # Errors
+    /// A storage failure (then nothing was written).
+    pub fn apply_json<S: AsRef<str>>(
+        &self,
+        writes: &[(&str, &Version, S)],
+    ) -> Result<Applied, HubError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut applied = Applied::default();
@@ -128,13 +143,12 @@ impl ViewStore {
                  value = excluded.value \
                  WHERE (excluded.time, excluded.event) > ({table}.time, {table}.event)"
             ))?;
-            for w in writes {
-                if inbox.execute((&*self.name, &w.version.id))? == 0 {
+            for (key, version, value) in writes {
+                if inbox.execute((&*self.name, &version.id))? == 0 {
                     applied.duplicates += 1;
                     continue;
                 }
-                let value = w.value.to_string();
-                if upsert.execute((&w.key, w.version.timestamp, &w.version.id, value))? == 0 {
+                if upsert.execute((key, version.timestamp, &version.id, value.as_ref()))? == 0 {
                     applied.stale += 1;
                 } else {
                     applied.written += 1;
@@ -207,6 +221,16 @@ impl ViewStore {
         K: Fn(&Event) -> Result<String, Error> + Send + Sync + 'static,
         V: Fn(&Event) -> Result<Value, Error> + Send + Sync + 'static,
     {
+        self.sink_json(key, move |e| value(e).map(|v| v.to_string()))
+    }
+
+    /// As [`ViewStore::sink`], with values given as JSON text (e.g. from [`Event::json_at`]),
+    /// which spares building and printing a JSON tree per event.
+    pub fn sink_json<K, V>(&self, key: K, value: V) -> ViewSink
+    where
+        K: Fn(&Event) -> Result<String, Error> + Send + Sync + 'static,
+        V: Fn(&Event) -> Result<String, Error> + Send + Sync + 'static,
+    {
         ViewSink {
             store: self.clone(),
             key: Arc::new(key),
@@ -230,7 +254,7 @@ fn to_row((key, time, event, value): (String, i64, String, String)) -> Result<Vi
 }
 
 type KeyFn = dyn Fn(&Event) -> Result<String, Error> + Send + Sync;
-type ValueFn = dyn Fn(&Event) -> Result<Value, Error> + Send + Sync;
+type ValueFn = dyn Fn(&Event) -> Result<String, Error> + Send + Sync;
 
 /// Writes batches of events into a [`ViewStore`]; made by [`ViewStore::sink`].
 #[derive(Clone)]
@@ -258,18 +282,16 @@ impl tower::Service<Batch> for ViewSink {
     }
 
     fn call(&mut self, batch: Batch) -> Self::Future {
-        let writes: Result<Vec<ViewWrite>, Error> = batch
+        let writes: Result<Vec<(String, Version, String)>, Error> = batch
             .events()
-            .map(|e| {
-                Ok(ViewWrite {
-                    key: (self.key)(e)?,
-                    version: Version::of(e),
-                    value: (self.value)(e)?,
-                })
-            })
+            .map(|e| Ok(((self.key)(e)?, Version::of(e), (self.value)(e)?)))
             .collect();
         let result = writes.and_then(|w| {
-            crate::blocking(|| self.store.apply(&w))
+            let rows: Vec<(&str, &Version, &str)> = w
+                .iter()
+                .map(|(k, v, j)| (k.as_str(), v, j.as_str()))
+                .collect();
+            crate::blocking(|| self.store.apply_json(&rows))
                 .map(|_| ())
                 .map_err(Error::from)
         });

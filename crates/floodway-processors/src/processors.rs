@@ -63,16 +63,18 @@ fn key_of(spec: &str, event: &Event) -> Result<String, Error> {
     match spec {
         "partitionKey" => Ok(event.partition_key().to_owned()),
         "id" => Ok(event.id().to_owned()),
-        pointer => match event.to_value().pointer(pointer) {
-            Some(Value::String(s)) => Ok(s.clone()),
-            Some(Value::Number(n)) => Ok(n.to_string()),
-            Some(other) => Err(Error::poison_msg(
-                "InvalidKey",
-                format!(
-                    "{pointer} of event {} is {other}, not a string or number",
-                    event.id()
-                ),
-            )),
+        pointer => match event.json_at(pointer) {
+            Some(text) => match serde_json::from_str::<Value>(&text) {
+                Ok(Value::String(s)) => Ok(s),
+                Ok(Value::Number(n)) => Ok(n.to_string()),
+                _ => Err(Error::poison_msg(
+                    "InvalidKey",
+                    format!(
+                        "{pointer} of event {} is {text}, not a string or number",
+                        event.id()
+                    ),
+                )),
+            },
             None => Err(Error::poison_msg(
                 "MissingKey",
                 format!("event {} has no {pointer}", event.id()),
@@ -81,17 +83,18 @@ fn key_of(spec: &str, event: &Event) -> Result<String, Error> {
     }
 }
 
-fn value_of(spec: Option<&str>, event: &Event) -> Result<Value, Error> {
-    let whole = event.to_value();
-    match spec {
-        None | Some("") => Ok(whole),
-        Some(pointer) => whole.pointer(pointer).cloned().ok_or_else(|| {
+/// The JSON text of a materialized row's value.
+fn value_of(spec: Option<&str>, event: &Event) -> Result<String, Error> {
+    let pointer = spec.unwrap_or("");
+    event
+        .json_at(pointer)
+        .map(|text| text.into_owned())
+        .ok_or_else(|| {
             Error::poison_msg(
                 "MissingValue",
                 format!("event {} has no {pointer}", event.id()),
             )
-        }),
-    }
+        })
 }
 
 fn with_types(
@@ -127,7 +130,7 @@ pub fn materialize(
     };
     let store = hub.view(view).map_err(hub_err)?;
     let (key, value) = (key.to_owned(), value.map(str::to_owned));
-    let sink = store.sink(
+    let sink = store.sink_json(
         move |e| key_of(&key, e),
         move |e| value_of(value.as_deref(), e),
     );

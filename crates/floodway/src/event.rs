@@ -122,6 +122,33 @@ struct RawEnvelope<'a> {
     tags: Option<&'a RawValue>,
 }
 
+/// The members of a JSON object, values left as text.
+struct RawMembers<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawMembers<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = RawMembers<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut members = Vec::new();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    members.push((key, value));
+                }
+                Ok(RawMembers(members))
+            }
+        }
+        deserializer.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
 fn found(raw: &str) -> String {
     let mut s: String = raw.chars().take(40).collect();
     if s.len() < raw.len() {
@@ -503,6 +530,48 @@ impl Event {
     /// One payload field.
     pub fn field(&self, name: &str) -> Option<&Value> {
         self.fields().get(name)
+    }
+
+    /// The JSON text at a JSON pointer (`/order/id`), or `None` when there is nothing there.
+    ///
+    /// A decoded event is not parsed into a tree for this: each level is scanned for the one
+    /// member wanted and the text returned as it is in the source, which is several times
+    /// cheaper than [`Event::fields`] on large payloads.
+    ///
+    /// ```
+    /// use floodway::Event;
+    /// let e = Event::decode(br#"{"id":"1","type":"t","timestamp":1,"partitionKey":"k",
+    ///                           "order":{"id":"o-1","lines":[{"sku":"a"}]}}"#).unwrap();
+    /// assert_eq!(e.json_at("/order/id").as_deref(), Some(r#""o-1""#));
+    /// assert_eq!(e.json_at("/order/lines/0/sku").as_deref(), Some(r#""a""#));
+    /// assert_eq!(e.json_at("/partitionKey").as_deref(), Some(r#""k""#));
+    /// assert!(e.json_at("/order/missing").is_none());
+    /// ```
+    pub fn json_at(&self, pointer: &str) -> Option<Cow<'_, str>> {
+        let Repr::Raw { bytes, .. } = &self.repr else {
+            return self
+                .to_value()
+                .pointer(pointer)
+                .map(|v| Cow::Owned(v.to_string()));
+        };
+        if pointer.is_empty() {
+            return Some(Cow::Borrowed(raw_str(bytes)));
+        }
+        let mut text: &str = raw_str(bytes);
+        for token in pointer.strip_prefix('/')?.split('/') {
+            let token = token.replace("~1", "/").replace("~0", "~");
+            let trimmed = text.trim_start();
+            text = if trimmed.starts_with('[') {
+                let index: usize = token.parse().ok()?;
+                let items: Vec<&RawValue> = serde_json::from_str(trimmed).ok()?;
+                items.get(index)?.get()
+            } else {
+                let members: Vec<(Cow<'_, str>, &RawValue)> =
+                    serde_json::from_str::<RawMembers<'_>>(trimmed).ok()?.0;
+                members.into_iter().find(|(k, _)| *k == token)?.1.get()
+            };
+        }
+        Some(Cow::Borrowed(text))
     }
 
     /// Deserializes the event (envelope and payload) into a typed value.
