@@ -134,6 +134,8 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
             path: hub,
             partitions: Some(8),
             durability: DurabilityConfig::Immediate,
+            retention_max_age: None,
+            retention_max_bytes: None,
         },
         processors: vec![
             ProcessorConfig::Materialize {
@@ -165,7 +167,7 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
 }
 
 fn line(label: &str, value: impl std::fmt::Display) {
-    println!("  {label:<48} {value}");
+    say!("  {label:<48} {value}");
 }
 
 /// The orders view the events call for: the latest order state per order id.
@@ -271,11 +273,11 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let config = config(hub_path.clone(), addr, args.rate, "/order/id");
     let (hub, processors) = build_all(&config)?;
 
-    println!(
+    say!(
         "Floodway demo: hub {} , notification service at http://{addr}",
         hub_path.display()
     );
-    println!(
+    say!(
         "{} events ({} orders without an id, {} published twice); the service takes {} calls at \
          once (429 above), answers in 5 ms, and is down from 1 s to {} s",
         events.len(),
@@ -284,7 +286,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.capacity,
         1 + args.outage
     );
-    println!("processors: orders-view (latest-wins view), notify (HTTP, rate limit {}/s, adaptive concurrency), faults (fault monitor)\n", args.rate);
+    say!("processors: orders-view (latest-wins view), notify (HTTP, rate limit {}/s, adaptive concurrency), faults (fault monitor)\n", args.rate);
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let runner = {
@@ -358,7 +360,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
 
-    println!(
+    say!(
         "\nprocessed {total} published events in {:.1} s",
         elapsed.as_secs_f64()
     );
@@ -433,7 +435,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         bail!("the demo's checks failed (see above)");
     }
 
-    println!("\nthe fix: key the view by the partition key, which every order event has; resubmitting the faults of orders-view...");
+    say!("\nthe fix: key the view by the partition key, which every order event has; resubmitting the faults of orders-view...");
     let fixed = config_with_key(&config, "partitionKey");
     let outcome = crate::faults_cmd::resubmit_faults(
         &hub,
@@ -456,7 +458,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if !view_ok || outcome.failed > 0 {
         bail!("resubmission did not repair the view");
     }
-    println!("\ndone in {:.1} s", started.elapsed().as_secs_f64());
+    say!("\ndone in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -112,17 +112,21 @@ fn list(hub: HubArgs, filter: FilterArgs, limit: usize) -> anyhow::Result<()> {
     let hub = hub.open()?;
     let faults = hub.fault_store()?.list(&filter.filter(Some(limit))?)?;
     if faults.is_empty() {
-        println!("no faults match");
+        say!("no faults match");
         return Ok(());
     }
-    println!(
+    say!(
         "{:<32} {:<24} {:>5} {:<9} {:<36} message",
-        "id", "last seen", "seen", "status", "processor/pipeline/step: error"
+        "id",
+        "last seen",
+        "seen",
+        "status",
+        "processor/pipeline/step: error"
     );
     for f in &faults {
         let place = format!("{}/{}/{}: {}", f.processor, f.pipeline, f.step, f.name);
         let message: String = f.message.chars().take(60).collect();
-        println!(
+        say!(
             "{:<32} {:<24} {:>5} {:<9} {:<36} {}",
             f.id,
             show_time(f.last_seen),
@@ -149,40 +153,48 @@ fn show(hub: HubArgs, id: String) -> anyhow::Result<()> {
         bail!("no fault with id {id}: `floodway faults list` shows the ids");
     };
     let details = fault.details()?;
-    println!("fault      {}", fault.id);
-    println!(
+    say!("fault      {}", fault.id);
+    say!(
         "status     {} (seen {} times, first {}, last {})",
         status(&fault),
         fault.seen,
         show_time(fault.first_seen),
         show_time(fault.last_seen)
     );
-    println!(
+    say!(
         "where      processor {} / pipeline {} / step {}",
-        fault.processor, fault.pipeline, fault.step
+        fault.processor,
+        fault.pipeline,
+        fault.step
     );
-    println!(
+    say!(
         "error      {} ({}, {} attempts): {}",
-        details.err.name, details.err.class, details.err.attempts, details.err.message
+        details.err.name,
+        details.err.class,
+        details.err.attempts,
+        details.err.message
     );
     let r = &details.uow.record;
-    println!(
+    say!(
         "record     {} partition {} offset {} attempt {}",
-        r.source, r.partition, r.offset, r.attempt
+        r.source,
+        r.partition,
+        r.offset,
+        r.attempt
     );
     match r.encoding.as_str() {
-        "utf8" => println!("data       {}", r.data),
-        other => println!("data       ({other}) {}", r.data),
+        "utf8" => say!("data       {}", r.data),
+        other => say!("data       ({other}) {}", r.data),
     }
     if let Some(event) = &details.uow.event {
-        println!("event      {}", serde_json::to_string_pretty(event)?);
+        say!("event      {}", serde_json::to_string_pretty(event)?);
     }
     let history = store.resubmissions(&fault.id)?;
     if history.is_empty() {
-        println!("never resubmitted");
+        say!("never resubmitted");
     }
     for h in history {
-        println!(
+        say!(
             "resubmitted {}: {} ({})",
             show_time(h.at),
             h.outcome,
@@ -208,9 +220,10 @@ async fn resubmit(
     )?;
     let outcome = resubmit_faults(&hub, &config, filter.filter(None)?, rate, dry_run).await?;
     if !dry_run {
-        println!(
+        say!(
             "resubmitted: {} succeeded, {} failed",
-            outcome.succeeded, outcome.failed
+            outcome.succeeded,
+            outcome.failed
         );
     }
     Ok(())
@@ -259,7 +272,7 @@ pub(crate) async fn resubmit_faults(
         }
         plan.push(fault);
     }
-    println!(
+    say!(
         "{} faults to resubmit ({} skipped: undecodable records or unknown processors)",
         plan.len(),
         skipped
@@ -270,9 +283,13 @@ pub(crate) async fn resubmit_faults(
     };
     if dry_run {
         for f in &plan {
-            println!(
+            say!(
                 "would resubmit {} to {}/{} ({}: {})",
-                f.id, f.processor, f.pipeline, f.name, f.message
+                f.id,
+                f.processor,
+                f.pipeline,
+                f.name,
+                f.message
             );
         }
         return Ok(outcome);

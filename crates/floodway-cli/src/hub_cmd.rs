@@ -63,6 +63,20 @@ pub(crate) enum HubCommand {
         #[arg(long, default_value_t = 0)]
         poison: u32,
     },
+    /// Delete old events: those published longer ago than `--max-age`, and per partition the
+    /// oldest beyond `--max-bytes`. Subscriptions behind what is deleted skip it.
+    ///
+    /// Example: floodway hub retain --hub floodway.db --max-age 7d
+    Retain {
+        #[command(flatten)]
+        hub: HubArgs,
+        /// Delete events published longer ago than this (e.g. 7d, 12h).
+        #[arg(long, value_name = "DURATION")]
+        max_age: Option<String>,
+        /// Per partition, keep at most this many bytes of the newest events.
+        #[arg(long, value_name = "BYTES")]
+        max_bytes: Option<u64>,
+    },
     /// Partitions, sizes and subscription lag.
     ///
     /// Example: floodway hub stats --hub floodway.db
@@ -87,6 +101,11 @@ pub(crate) async fn run(command: HubCommand) -> anyhow::Result<()> {
             follow,
         } => tail(hub, event_type, lines, follow).await,
         HubCommand::Stats { hub } => stats(hub),
+        HubCommand::Retain {
+            hub,
+            max_age,
+            max_bytes,
+        } => retain(hub, max_age, max_bytes),
         HubCommand::Generate {
             events,
             seed,
@@ -145,7 +164,7 @@ async fn publish(
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    println!(
+    say!(
         "published {stored} events to {} ({duplicates} duplicates skipped, {} lines rejected)",
         hub.path().display(),
         rejected.len()
@@ -209,39 +228,47 @@ async fn tail(
 fn stats(args: HubArgs) -> anyhow::Result<()> {
     let hub = args.open()?;
     let stats = hub.stats()?;
-    println!(
+    say!(
         "hub {} ({} partitions, {:.1} MiB)",
         hub.path().display(),
         hub.partitions(),
         stats.file_bytes as f64 / (1024.0 * 1024.0)
     );
-    println!(
+    say!(
         "{:>9} {:>10} {:>12} {:>12} {:>12}",
-        "partition", "events", "first", "last", "bytes"
+        "partition",
+        "events",
+        "first",
+        "last",
+        "bytes"
     );
     for p in &stats.partitions {
-        println!(
+        say!(
             "{:>9} {:>10} {:>12} {:>12} {:>12}",
-            p.partition, p.events, p.first_offset, p.last_offset, p.bytes
+            p.partition,
+            p.events,
+            p.first_offset,
+            p.last_offset,
+            p.bytes
         );
     }
     let total: u64 = stats.partitions.iter().map(|p| p.events).sum();
-    println!("{:>9} {:>10}", "all", total);
+    say!("{:>9} {:>10}", "all", total);
     if stats.subscriptions.is_empty() {
-        println!("no subscriptions yet");
+        say!("no subscriptions yet");
     } else {
-        println!("\n{:<32} {:>10}  checkpoints", "subscription", "lag");
+        say!("\n{:<32} {:>10}  checkpoints", "subscription", "lag");
         for s in &stats.subscriptions {
             let cps: Vec<String> = s
                 .partitions
                 .iter()
                 .map(|(p, o)| format!("{p}:{o}"))
                 .collect();
-            println!("{:<32} {:>10}  {}", s.name, s.lag, cps.join(" "));
+            say!("{:<32} {:>10}  {}", s.name, s.lag, cps.join(" "));
         }
     }
     if let Some(newest) = hub.newest(1, |_| true)?.first() {
-        println!("\nnewest event published {}", show_time(newest.0));
+        say!("\nnewest event published {}", show_time(newest.0));
     }
     Ok(())
 }
@@ -255,5 +282,30 @@ fn generate(events: usize, seed: u64, poison: u32) -> anyhow::Result<()> {
         writeln!(out, "{line}")?;
     }
     out.flush()?;
+    Ok(())
+}
+
+fn retain(args: HubArgs, max_age: Option<String>, max_bytes: Option<u64>) -> anyhow::Result<()> {
+    if max_age.is_none() && max_bytes.is_none() {
+        bail!("say what to keep: --max-age (e.g. 7d) and/or --max-bytes");
+    }
+    let max_age = max_age
+        .as_deref()
+        .map(|a| {
+            humantime::parse_duration(a)
+                .with_context(|| format!("--max-age `{a}` is not a duration like 7d or 12h"))
+        })
+        .transpose()?;
+    let hub = args.open()?;
+    let report = hub.apply_retention(&floodway_embedded::Retention {
+        max_age,
+        max_bytes_per_partition: max_bytes,
+    })?;
+    say!(
+        "deleted {} events and forgot {} idempotency keys from {}",
+        report.deleted,
+        report.forgotten,
+        hub.path().display()
+    );
     Ok(())
 }

@@ -1,5 +1,12 @@
 //! The `floodway` command.
 
+/// `println!` that exits quietly when stdout is a closed pipe.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::util::say(format_args!($($arg)*))
+    };
+}
+
 mod demo;
 mod faults_cmd;
 mod hub_cmd;
@@ -56,6 +63,13 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     if let Err(err) = run(cli) {
+        // A reader that closed the pipe (`| head`) has what it wanted.
+        let closed = err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
+        if closed {
+            std::process::exit(0);
+        }
         // The chain of causes, without a backtrace: this is for people, not debuggers.
         eprintln!("error: {err:#}");
         std::process::exit(1);

@@ -56,6 +56,20 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         eprintln!("metrics at http://{addr}/metrics");
     }
     let (hub, processors) = build_all(&config)?;
+    if let Some(retention) = config.hub.retention() {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                match hub.apply_retention(&retention) {
+                    Ok(r) if r.deleted > 0 => tracing::info!(deleted = r.deleted, "retention"),
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(error = %err, "retention failed"),
+                }
+            }
+        });
+    }
     let names: Vec<String> = processors.iter().map(|p| p.name().to_owned()).collect();
     eprintln!(
         "running {} on {} (stop with Ctrl-C)",
@@ -155,7 +169,7 @@ pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         .run(source, NoCheckpoints, shutdown_signal())
         .await?;
     bar.finish_and_clear();
-    println!(
+    say!(
         "replayed {} events to `{}`: {} delivered, {} faults",
         report.received,
         args.processor,

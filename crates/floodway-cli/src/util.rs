@@ -122,6 +122,18 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
+/// Prints a line to stdout; when stdout is a closed pipe (`floodway hub stats | head`), exits
+/// quietly instead of panicking.
+pub(crate) fn say(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(err) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if err.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

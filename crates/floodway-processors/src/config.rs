@@ -5,6 +5,8 @@
 //! path = "floodway.db"        # created if missing
 //! partitions = 8              # of a new hub
 //! durability = "immediate"    # or "relaxed"
+//! retention_max_age = "7d"    # delete older events (optional; `floodway run` applies it)
+//! retention_max_bytes = 1073741824   # per partition (optional)
 //!
 //! [[processors]]
 //! kind = "materialize"        # events of chosen types into a latest-wins view
@@ -97,6 +99,11 @@ pub struct HubConfig {
     /// `immediate` (default) or `relaxed`.
     #[serde(default)]
     pub durability: DurabilityConfig,
+    /// Delete events published longer ago than this (`7d`, `12h`); `floodway run` applies it
+    /// every minute.
+    pub retention_max_age: Option<String>,
+    /// Per partition, delete the oldest events beyond this many bytes.
+    pub retention_max_bytes: Option<u64>,
 }
 
 /// When a publish is durable.
@@ -267,6 +274,11 @@ impl Config {
     /// # Errors
     /// What is wrong.
     pub fn check(&self) -> Result<(), String> {
+        if let Some(age) = &self.hub.retention_max_age {
+            humantime::parse_duration(age).map_err(|e| {
+                format!("[hub] retention_max_age `{age}` is not a duration like 7d or 12h: {e}")
+            })?;
+        }
         let mut names = std::collections::HashSet::new();
         for p in &self.processors {
             let name = p.name();
@@ -306,6 +318,22 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+impl HubConfig {
+    /// The retention this `[hub]` asks for, if any.
+    pub fn retention(&self) -> Option<floodway_embedded::Retention> {
+        let max_age = self
+            .retention_max_age
+            .as_deref()
+            .and_then(|a| humantime::parse_duration(a).ok());
+        (max_age.is_some() || self.retention_max_bytes.is_some()).then_some(
+            floodway_embedded::Retention {
+                max_age,
+                max_bytes_per_partition: self.retention_max_bytes,
+            },
+        )
     }
 }
 
@@ -369,6 +397,25 @@ name = "faults"
             .collect::<Vec<_>>()
             .join("\n");
         Config::parse(&example).unwrap().check().unwrap();
+    }
+
+    #[test]
+    fn retention_is_read_from_the_hub_table() {
+        let c = Config::parse(&FULL.replace(
+            "partitions = 4",
+            "partitions = 4\nretention_max_age = \"7d\"\nretention_max_bytes = 1000",
+        ))
+        .unwrap();
+        let r = c.hub.retention().unwrap();
+        assert_eq!(r.max_age, Some(std::time::Duration::from_secs(7 * 86_400)));
+        assert_eq!(r.max_bytes_per_partition, Some(1000));
+        let bad =
+            Config::parse(&FULL.replace("partitions = 4", "retention_max_age = \"soon\"")).unwrap();
+        assert!(bad
+            .check()
+            .unwrap_err()
+            .contains("retention_max_age `soon`"));
+        assert!(Config::parse(FULL).unwrap().hub.retention().is_none());
     }
 
     #[test]
