@@ -265,3 +265,68 @@ fn mistakes_get_errors_that_say_what_to_do() {
     );
     assert!(!out.status.success());
 }
+
+#[test]
+fn run_serves_prometheus_metrics() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("floodway.toml"), CONFIG).unwrap();
+    let lines: Vec<String> = (0..20)
+        .map(|i| {
+            format!(
+                r#"{{"id":"e-{i}","type":"order-submitted","timestamp":{i},"partitionKey":"o-{i}","order":{{"ref":"r-{i}"}}}}"#
+            )
+        })
+        .collect();
+    std::fs::write(d.join("orders.jsonl"), lines.join("\n")).unwrap();
+    assert!(floodway(
+        d,
+        &[
+            "hub",
+            "publish",
+            "--config",
+            "floodway.toml",
+            "orders.jsonl"
+        ]
+    )
+    .status
+    .success());
+    // A free port: bind, read it, let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_floodway"))
+        .current_dir(d)
+        .args(["run", "floodway.toml", "--metrics", &addr])
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let body = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no metrics served"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let Ok(mut stream) = std::net::TcpStream::connect(&addr) else {
+            continue;
+        };
+        let _ = stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let mut body = String::new();
+        let _ = stream.read_to_string(&mut body);
+        if body.contains("floodway_events_total") && body.contains("outcome=\"delivered\"") {
+            break body;
+        }
+    };
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(body.contains("processor=\"orders-view\""), "{body}");
+    assert!(body.contains("floodway_in_flight"), "{body}");
+}
