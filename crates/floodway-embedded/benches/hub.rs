@@ -80,6 +80,28 @@ fn processor(hub: &Hub) -> Processor {
         .unwrap()
 }
 
+/// Starts the benchmark processor on a following subscription; send on the channel to stop it.
+fn start(
+    hub: &Hub,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<floodway::RunReport, floodway::RunError>>,
+) {
+    let p = processor(hub);
+    let (reader, cp) = hub
+        .subscribe("orders", SubscriptionOptions::default())
+        .unwrap()
+        .split();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(async move {
+        p.run(reader, cp, async {
+            stopped.await.ok();
+        })
+        .await
+    });
+    (stop, run)
+}
+
 fn main() {
     let n: usize = std::env::var("FLOODWAY_BENCH_EVENTS")
         .ok()
@@ -148,18 +170,7 @@ fn main() {
         .filter(|e| e.event_type().starts_with("order-"))
         .count();
     let e2e = rt.block_on(async {
-        let p = processor(&hub);
-        let (reader, cp) = hub
-            .subscribe("orders", SubscriptionOptions::default())
-            .unwrap()
-            .split();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn(async move {
-            p.run(reader, cp, async {
-                stopped.await.ok();
-            })
-            .await
-        });
+        let (stop, run) = start(&hub);
         let started = Instant::now();
         let publisher = {
             let hub = hub.clone();
@@ -199,18 +210,7 @@ fn main() {
     let rate = 20_000usize;
     let seconds = 5;
     let (p50, max) = rt.block_on(async {
-        let p = processor(&hub);
-        let (reader, cp) = hub
-            .subscribe("orders", SubscriptionOptions::default())
-            .unwrap()
-            .split();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn(async move {
-            p.run(reader, cp, async {
-                stopped.await.ok();
-            })
-            .await
-        });
+        let (stop, run) = start(&hub);
         let events = Arc::new(generate::orders(rate * seconds, 6));
         let publisher = {
             let hub = hub.clone();

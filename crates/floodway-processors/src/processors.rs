@@ -107,6 +107,18 @@ fn with_types(
     builder
 }
 
+/// A processor of one pipeline whose faults are published to the hub as `fault` events.
+fn publishing_faults(hub: &Hub, name: &str, pipeline: Pipeline) -> Result<Processor, SetupError> {
+    Processor::builder(name)
+        .fault_sink(hub.publisher())
+        .pipeline(pipeline)
+        .build()
+        .map_err(|source| SetupError::Build {
+            name: name.into(),
+            source,
+        })
+}
+
 /// The *materialize* processor: events of `types` into the latest-wins view `view`.
 ///
 /// # Errors
@@ -138,11 +150,7 @@ pub fn materialize(
         .batch(floodway::BatchConfig::count(batch).max_wait(Duration::from_millis(20)))
         .sink(sink)
         .map_err(build)?;
-    Processor::builder(name)
-        .fault_sink(hub.publisher())
-        .pipeline(pipeline)
-        .build()
-        .map_err(build)
+    publishing_faults(hub, name, pipeline)
 }
 
 /// Settings of the *http* processor.
@@ -196,11 +204,7 @@ pub fn http_gateway(
         .resilience(resilience)
         .sink(sink)
         .map_err(build)?;
-    Processor::builder(name)
-        .fault_sink(hub.publisher())
-        .pipeline(pipeline)
-        .build()
-        .map_err(build)
+    publishing_faults(hub, name, pipeline)
 }
 
 /// The *forward* processor: events of `types` into another hub (idempotently: a redelivered
@@ -217,11 +221,7 @@ pub fn forward(hub: &Hub, name: &str, types: &[String], to: &Hub) -> Result<Proc
         .batch(floodway::BatchConfig::count(500).max_wait(Duration::from_millis(20)))
         .sink(to.publisher())
         .map_err(build)?;
-    Processor::builder(name)
-        .fault_sink(hub.publisher())
-        .pipeline(pipeline)
-        .build()
-        .map_err(build)
+    publishing_faults(hub, name, pipeline)
 }
 
 /// The *fault monitor*: `fault` events of the hub into its fault store.
