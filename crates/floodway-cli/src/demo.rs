@@ -204,6 +204,10 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         bail!("--capacity and --rate must be at least 1");
     }
     let started = Instant::now();
+    // Counts retries, throttles and breaker openings for the report.
+    let tally = crate::tally::Tally::default();
+    metrics::set_global_recorder(tally.clone())
+        .map_err(|e| anyhow::anyhow!("cannot count metrics: {e}"))?;
     let temp;
     let dir = match &args.dir {
         Some(dir) => {
@@ -406,6 +410,18 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     line(
         "notification calls during the outage (502)",
         service.down.load(Ordering::Relaxed),
+    );
+    line(
+        "retries (all pipelines)",
+        tally.total("floodway_retries_total"),
+    );
+    line(
+        "throttles seen by adaptive concurrency",
+        tally.total("floodway_throttles_total"),
+    );
+    line(
+        "breaker openings",
+        tally.total("floodway_breaker_opens_total"),
     );
     line("faults caused by the outage", outage_faults);
     line(

@@ -11,6 +11,7 @@ mod demo;
 mod faults_cmd;
 mod hub_cmd;
 mod run_cmd;
+mod tally;
 mod util;
 
 use clap::{Parser, Subcommand};
