@@ -229,6 +229,9 @@ async fn resubmit(
     Ok(())
 }
 
+/// How long one resubmitted record may take.
+const RESUBMIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How a resubmission went.
 pub(crate) struct Resubmitted {
     pub(crate) succeeded: u64,
@@ -245,7 +248,8 @@ pub(crate) async fn resubmit_faults(
     dry_run: bool,
 ) -> anyhow::Result<Resubmitted> {
     let store = hub.fault_store()?;
-    filter.status.get_or_insert(FaultStatus::Open);
+    // Only open faults: a resolved one was applied already.
+    filter.status = Some(FaultStatus::Open);
     let faults = store.list(&filter)?;
     let mut processors: HashMap<String, Processor> = HashMap::new();
     let mut plan = Vec::new();
@@ -318,7 +322,27 @@ pub(crate) async fn resubmit_faults(
             bar.inc(1);
             continue;
         }
-        let report = processor.process_batch(vec![record], None).await;
+        // The pipeline must still take the event, or "done" would only mean "filtered out".
+        let taken = floodway::Event::decode(&record.data).is_ok_and(|event| {
+            processor
+                .pipelines()
+                .iter()
+                .any(|p| p.name() == fault.pipeline && p.accepts(&event))
+        });
+        if !taken {
+            store.record_resubmission(
+                &fault.id,
+                "failed",
+                "the pipeline no longer takes this event's type",
+            )?;
+            outcome.failed += 1;
+            bar.inc(1);
+            continue;
+        }
+        // A deadline: a call that fails transiently with nothing else in flight would be held
+        // by the breaker as if the target were down.
+        let deadline = tokio::time::Instant::now() + RESUBMIT_DEADLINE;
+        let report = processor.process_batch(vec![record], Some(deadline)).await;
         let settled = report.outcomes.first().and_then(|o| o.settlement);
         match (settled, report.fatal) {
             (Some(Settlement::Done), _) => {
@@ -329,11 +353,19 @@ pub(crate) async fn resubmit_faults(
                 store.record_resubmission(&fault.id, "failed", &err.to_string())?;
                 outcome.failed += 1;
             }
-            _ => {
+            (Some(_), None) => {
                 store.record_resubmission(
                     &fault.id,
                     "failed",
                     "faulted again: see the fault's latest error",
+                )?;
+                outcome.failed += 1;
+            }
+            (None, None) => {
+                store.record_resubmission(
+                    &fault.id,
+                    "unfinished",
+                    "not done within the deadline (the target kept failing transiently)",
                 )?;
                 outcome.failed += 1;
             }

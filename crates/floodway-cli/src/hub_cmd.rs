@@ -204,11 +204,12 @@ async fn tail(
         return Ok(());
     }
     let name = format!("tail-{}", std::process::id());
+    // A transient reader that never commits: the tail leaves no subscription behind.
     let options = SubscriptionOptions {
         start: StartAt::End,
+        transient: true,
         ..SubscriptionOptions::default()
     };
-    // The reader alone: it never commits, so the tail leaves no subscription behind.
     let (mut reader, _) = hub.subscribe(&name, options)?.split();
     loop {
         let batch = tokio::select! {

@@ -62,7 +62,12 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
             loop {
                 every.tick().await;
-                match hub.apply_retention(&retention) {
+                let (hub, retention) = (hub.clone(), retention.clone());
+                let result =
+                    tokio::task::spawn_blocking(move || hub.apply_retention(&retention)).await;
+                match result
+                    .unwrap_or_else(|e| Err(floodway_embedded::HubError::Invalid(e.to_string())))
+                {
                     Ok(r) if r.deleted > 0 => tracing::info!(deleted = r.deleted, "retention"),
                     Ok(_) => {}
                     Err(err) => tracing::warn!(error = %err, "retention failed"),
@@ -157,6 +162,7 @@ pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         start: StartAt::Time(from),
         follow: false,
         until: Some(to),
+        transient: true,
         ..SubscriptionOptions::default()
     };
     let (reader, _) = hub.subscribe(&name, options)?.split();

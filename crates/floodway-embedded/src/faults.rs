@@ -199,11 +199,22 @@ impl FaultStore {
         let now = now_millis();
         let conn = self.conn()?;
         let mut stmt = conn.prepare_cached(
+            // ?10: whether this fault was raised after its last successful resubmission. Then
+            // it is open again, with its latest error; a copy of an older one (a redelivered
+            // fault event) only counts.
             "INSERT INTO faults (id, processor, pipeline, step, name, class, message, \
              first_seen, last_seen, seen, status, fault) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1, 'open', ?9) \
              ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen, seen = seen + 1, \
-             status = 'open' RETURNING seen",
+             status = iif(?10, 'open', status), name = iif(?10, excluded.name, name), \
+             class = iif(?10, excluded.class, class), \
+             message = iif(?10, excluded.message, message), fault = iif(?10, excluded.fault, fault) \
+             RETURNING seen",
+        )?;
+        let resolved: i64 = conn.query_row(
+            "SELECT coalesce(max(at), 0) FROM resubmissions WHERE fault = ?1 AND outcome = 'succeeded'",
+            [fault.id()],
+            |r| r.get(0),
         )?;
         let seen: i64 = stmt.query_row(
             (
@@ -216,6 +227,7 @@ impl FaultStore {
                 &details.err.message,
                 now,
                 fault.to_json(),
+                fault.timestamp() > resolved,
             ),
             |r| r.get(0),
         )?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use floodway::event::{now_millis, partition_for};
 use floodway::Event;
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 use tokio::sync::{oneshot, Notify};
 
 use crate::error::{HubError, OpenError};
@@ -265,29 +265,27 @@ impl Hub {
     /// When the hub's storage fails.
     pub fn stats(&self) -> Result<HubStats, HubError> {
         let conn = self.connect()?;
+        // Point lookups per partition: stats stay cheap however large the log is.
         let mut partitions = Vec::new();
-        {
-            let mut stmt = conn.prepare(
-                "SELECT partition, count(*), min(offset), max(offset), sum(length(data)) \
-                 FROM events GROUP BY partition ORDER BY partition",
+        for p in 0..self.inner.partitions {
+            let (first, last, bytes): (Option<i64>, i64, i64) = conn.query_row(
+                "SELECT (SELECT min(offset) FROM events WHERE partition = ?1), last_offset, bytes \
+                 FROM partitions WHERE partition = ?1",
+                [p],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )?;
-            let rows = stmt.query_map([], |r| {
-                Ok(PartitionStats {
-                    partition: r.get(0)?,
-                    events: r.get::<_, i64>(1)? as u64,
-                    first_offset: r.get::<_, i64>(2)? as u64,
-                    last_offset: r.get::<_, i64>(3)? as u64,
-                    bytes: r.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
-                })
-            })?;
-            for row in rows {
-                partitions.push(row?);
+            let first = first.unwrap_or(last + 1);
+            if last == 0 {
+                continue;
             }
+            partitions.push(PartitionStats {
+                partition: p,
+                events: (last + 1 - first).max(0) as u64,
+                first_offset: first as u64,
+                last_offset: last as u64,
+                bytes: bytes as u64,
+            });
         }
-        let last: HashMap<u32, u64> = partitions
-            .iter()
-            .map(|p| (p.partition, p.last_offset))
-            .collect();
         let mut subscriptions: Vec<SubscriptionStats> = Vec::new();
         {
             let mut stmt = conn.prepare(
@@ -309,15 +307,13 @@ impl Hub {
                         partitions: Vec::new(),
                     });
                 }
-                let lag = last
-                    .get(&partition)
-                    .copied()
-                    .unwrap_or(0)
-                    .saturating_sub(offset);
                 let s = subscriptions.last_mut().expect("pushed above");
-                s.lag += lag;
                 s.partitions.push((partition, offset));
             }
+        }
+        // Lag over every partition, those without a checkpoint included.
+        for s in &mut subscriptions {
+            s.lag = self.lag_on(&conn, &s.name)?;
         }
         let file_bytes = std::fs::metadata(&self.inner.path)
             .map(|m| m.len())
@@ -338,33 +334,58 @@ impl Hub {
         let mut conn = self.connect()?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut deleted = 0usize;
-        if let Some(age) = retention.max_age {
-            let cutoff = now_millis() - age.as_millis() as i64;
-            deleted += tx.execute("DELETE FROM events WHERE published < ?1", [cutoff])?;
-        }
-        if let Some(max_bytes) = retention.max_bytes_per_partition {
-            for p in 0..self.inner.partitions {
-                // The newest events whose sizes add up to the limit stay.
-                let keep_from: Option<i64> = tx
-                    .query_row(
-                        "SELECT offset FROM (SELECT offset, sum(length(data)) OVER \
-                         (ORDER BY offset DESC) AS total FROM events WHERE partition = ?1) \
-                         WHERE total > ?2 ORDER BY offset DESC LIMIT 1",
-                        (p, max_bytes as i64),
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                if let Some(offset) = keep_from {
-                    deleted += tx.execute(
-                        "DELETE FROM events WHERE partition = ?1 AND offset <= ?2",
-                        (p, offset),
+        // Every step reads only the rows it deletes (offsets and publish times grow together),
+        // so retention stays cheap however large the log is.
+        for p in 0..self.inner.partitions {
+            let mut through: Option<i64> = None;
+            if let Some(age) = retention.max_age {
+                let cutoff = now_millis() - age.as_millis() as i64;
+                let before = crate::subscription::offset_before(&tx, p, cutoff)? as i64;
+                through = (before > 0).then_some(before);
+            }
+            if let Some(max_bytes) = retention.max_bytes_per_partition {
+                let held: i64 = tx.query_row(
+                    "SELECT bytes FROM partitions WHERE partition = ?1",
+                    [p],
+                    |r| r.get(0),
+                )?;
+                let mut excess = held - max_bytes as i64;
+                if excess > 0 {
+                    let mut stmt = tx.prepare_cached(
+                        "SELECT offset, length(data) FROM events WHERE partition = ?1 ORDER BY offset",
                     )?;
+                    let mut rows = stmt.query([p])?;
+                    while let Some(row) = rows.next()? {
+                        let (offset, len): (i64, i64) = (row.get(0)?, row.get(1)?);
+                        through = Some(through.map_or(offset, |t| t.max(offset)));
+                        excess -= len;
+                        if excess <= 0 {
+                            break;
+                        }
+                    }
                 }
             }
+            let Some(through) = through else { continue };
+            let freed: i64 = tx.query_row(
+                "SELECT coalesce(sum(length(data)), 0) FROM events WHERE partition = ?1 AND offset <= ?2",
+                (p, through),
+                |r| r.get(0),
+            )?;
+            deleted += tx.execute(
+                "DELETE FROM events WHERE partition = ?1 AND offset <= ?2",
+                (p, through),
+            )?;
+            tx.execute(
+                "UPDATE partitions SET bytes = max(bytes - ?2, 0) WHERE partition = ?1",
+                (p, freed),
+            )?;
         }
         let cutoff = now_millis() - self.inner.options.dedupe_window.as_millis() as i64;
         let forgotten = tx.execute("DELETE FROM dedupe WHERE published < ?1", [cutoff])?;
         tx.commit()?;
+        if deleted > 0 {
+            tracing::info!(deleted, "retention deleted events");
+        }
         Ok(RetentionReport { deleted, forgotten })
     }
 }
@@ -459,12 +480,21 @@ impl Writer {
                 }
                 Err(err) => {
                     tracing::error!(error = %err, "hub commit failed");
-                    let message = err.to_string();
                     for request in group {
-                        let _ = request.reply.send(Err(HubError::Corrupt {
-                            what: "commit",
-                            detail: message.clone(),
-                        }));
+                        // Each publisher gets the error with its class (busy stays transient).
+                        let copy = match &err {
+                            HubError::Sqlite(rusqlite::Error::SqliteFailure(code, message)) => {
+                                HubError::Sqlite(rusqlite::Error::SqliteFailure(
+                                    *code,
+                                    message.clone(),
+                                ))
+                            }
+                            other => HubError::Corrupt {
+                                what: "commit",
+                                detail: other.to_string(),
+                            },
+                        };
+                        let _ = request.reply.send(Err(copy));
                     }
                 }
             }
@@ -478,6 +508,7 @@ impl Writer {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Offsets are read inside the transaction: another process may have written since.
         let mut next: HashMap<u32, u64> = HashMap::new();
+        let mut bytes: HashMap<u32, usize> = HashMap::new();
         let mut receipts = Vec::with_capacity(group.len());
         {
             let mut last =
@@ -511,6 +542,7 @@ impl Writer {
                         }
                     };
                     *offset += 1;
+                    *bytes.entry(row.partition).or_default() += row.data.len();
                     insert.execute((
                         row.partition,
                         *offset as i64,
@@ -524,10 +556,12 @@ impl Writer {
                 }
                 receipts.push(receipt);
             }
-            let mut advance =
-                tx.prepare_cached("UPDATE partitions SET last_offset = ?2 WHERE partition = ?1")?;
+            let mut advance = tx.prepare_cached(
+                "UPDATE partitions SET last_offset = ?2, bytes = bytes + ?3 WHERE partition = ?1",
+            )?;
             for (partition, offset) in &next {
-                advance.execute((partition, *offset as i64))?;
+                let added = bytes.get(partition).copied().unwrap_or(0);
+                advance.execute((partition, *offset as i64, added as i64))?;
             }
         }
         tx.commit()?;
@@ -579,18 +613,19 @@ impl Hub {
             .collect())
     }
 
-    /// How many events were published in `[from, until]` (ms since the epoch).
+    /// How many events held were published in `[from, until]` (ms since the epoch).
     ///
     /// # Errors
     /// When the hub's storage fails.
     pub fn count_published(&self, from: i64, until: i64) -> Result<u64, HubError> {
         let conn = self.connect()?;
-        let n: i64 = conn.query_row(
-            "SELECT count(*) FROM events WHERE published >= ?1 AND published <= ?2",
-            (from, until),
-            |r| r.get(0),
-        )?;
-        Ok(n as u64)
+        let mut n = 0;
+        for p in 0..self.inner.partitions {
+            let last = crate::subscription::offset_before(&conn, p, until.saturating_add(1))?;
+            let first = crate::subscription::offset_before(&conn, p, from)?;
+            n += last.saturating_sub(first);
+        }
+        Ok(n)
     }
 }
 
@@ -601,7 +636,10 @@ impl Hub {
     /// # Errors
     /// When the hub's storage fails.
     pub fn lag(&self, name: &str) -> Result<u64, HubError> {
-        let conn = self.connect()?;
+        self.lag_on(&self.connect()?, name)
+    }
+
+    fn lag_on(&self, conn: &Connection, name: &str) -> Result<u64, HubError> {
         let lag: i64 = conn.query_row(
             "SELECT coalesce(sum(p.last_offset - coalesce(s.offset, 0)), 0) FROM partitions p \
              LEFT JOIN subscriptions s ON s.partition = p.partition AND s.name = ?1",

@@ -28,7 +28,11 @@ CREATE TABLE events (
 );
 -- The last offset given out per partition: it never goes back, even when retention empties
 -- a partition, so checkpoints stay meaningful.
-CREATE TABLE partitions (partition INTEGER PRIMARY KEY, last_offset INTEGER NOT NULL);
+CREATE TABLE partitions (
+    partition INTEGER PRIMARY KEY,
+    last_offset INTEGER NOT NULL,
+    bytes INTEGER NOT NULL DEFAULT 0 -- event data held, kept by publish and retention
+);
 -- Ids of events published with an idempotency key, for the dedupe window.
 CREATE TABLE dedupe (id TEXT PRIMARY KEY, published INTEGER NOT NULL) WITHOUT ROWID;
 -- Per subscription and partition, the offset through which everything is done.

@@ -51,6 +51,10 @@ pub struct SubscriptionOptions {
     /// Read only events published at or before this time (ms since the epoch), then end: a
     /// time range, for replays.
     pub until: Option<i64>,
+    /// A reader that leaves no trace (`hub tail`, a replay): its starting place is not stored.
+    /// Otherwise the place a new subscription starts from is stored at once, so that a restart
+    /// before its first commit starts from the same place (not from a later end of the log).
+    pub transient: bool,
 }
 
 impl Default for SubscriptionOptions {
@@ -60,6 +64,7 @@ impl Default for SubscriptionOptions {
             follow: true,
             poll: Duration::from_millis(50),
             until: None,
+            transient: false,
         }
     }
 }
@@ -75,12 +80,18 @@ pub struct Subscription {
 /// The reading half of a [`Subscription`].
 pub struct SubscriptionReader {
     hub: Hub,
-    source: Arc<str>,
-    conn: Arc<Mutex<Connection>>,
-    /// Per partition, the offset of the last record delivered.
-    cursors: Vec<u64>,
     follow: bool,
     poll: Duration,
+    /// Moved into a blocking task for each read, so that a read in progress never runs on
+    /// the runtime's workers (and never meets a runtime shutting down half-way).
+    state: Arc<Mutex<ReadState>>,
+}
+
+struct ReadState {
+    source: Arc<str>,
+    conn: Connection,
+    /// Per partition, the offset of the last record delivered.
+    cursors: Vec<u64>,
     until: i64,
     next_partition: usize,
 }
@@ -88,8 +99,7 @@ pub struct SubscriptionReader {
 impl std::fmt::Debug for SubscriptionReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SubscriptionReader")
-            .field("source", &self.source)
-            .field("cursors", &self.cursors)
+            .field("cursors", &self.cursors())
             .finish_non_exhaustive()
     }
 }
@@ -123,8 +133,9 @@ fn check_name(name: &str) -> Result<(), HubError> {
     }
 }
 
-/// The last offset published before `time` in a partition (0 if none).
-fn offset_before(conn: &Connection, partition: u32, time: i64) -> rusqlite::Result<u64> {
+/// The last offset published before `time` in a partition (0 if none; just below the first
+/// offset held if every event held is at or after `time`).
+pub(crate) fn offset_before(conn: &Connection, partition: u32, time: i64) -> rusqlite::Result<u64> {
     // Offsets and publish times grow together: binary search by point lookups.
     let bounds: Option<(i64, i64)> = conn.query_row(
         "SELECT min(offset), max(offset) FROM events WHERE partition = ?1",
@@ -211,8 +222,7 @@ impl Hub {
             name: name.to_owned(),
             conn: Arc::new(Mutex::new(self.connect()?)),
         };
-        if matches!(options.start, StartAt::Reset(_)) {
-            // A reset is a decision: store it, so a restart does not go back to the old place.
+        if !options.transient {
             let checkpoints: Vec<Checkpoint> = cursors
                 .iter()
                 .enumerate()
@@ -221,18 +231,23 @@ impl Hub {
                     offset: *o,
                 })
                 .collect();
-            checkpointer.write(&checkpoints)?;
+            // A reset is a decision that replaces what was stored; a first start only fills in
+            // the partitions that have no checkpoint yet.
+            let replace = matches!(options.start, StartAt::Reset(_));
+            checkpointer.store(&checkpoints, replace)?;
         }
         Ok(Subscription {
             reader: SubscriptionReader {
                 hub: self.clone(),
-                source: format!("hub:{file}/{name}").into(),
-                conn: Arc::new(Mutex::new(read)),
-                cursors,
                 follow: options.follow && options.until.is_none(),
                 poll: options.poll,
-                until: options.until.unwrap_or(i64::MAX),
-                next_partition: 0,
+                state: Arc::new(Mutex::new(ReadState {
+                    source: format!("hub:{file}/{name}").into(),
+                    conn: read,
+                    cursors,
+                    until: options.until.unwrap_or(i64::MAX),
+                    next_partition: 0,
+                })),
             },
             checkpointer,
         })
@@ -248,12 +263,17 @@ impl Subscription {
 
 impl SubscriptionReader {
     /// Per partition, the offset of the last record delivered.
-    pub fn cursors(&self) -> &[u64] {
-        &self.cursors
+    pub fn cursors(&self) -> Vec<u64> {
+        self.state
+            .lock()
+            .map(|s| s.cursors.clone())
+            .unwrap_or_default()
     }
+}
 
+impl ReadState {
     fn read(&mut self, max: usize) -> Result<Vec<Record>, HubError> {
-        let conn = self.conn.lock().map_err(|_| HubError::Closed)?;
+        let conn = &self.conn;
         let partitions = self.cursors.len();
         let share = max.div_ceil(partitions).max(1);
         let mut out = Vec::new();
@@ -286,6 +306,13 @@ impl SubscriptionReader {
                 let partition: Arc<str> = p.to_string().into();
                 for row in rows {
                     let (offset, data) = row?;
+                    if offset > self.cursors[p] + 1 && before == out.len() {
+                        // Retention deleted events this reader had not read yet.
+                        let skipped = offset - self.cursors[p] - 1;
+                        tracing::warn!(source = %self.source, partition = p, skipped, "events deleted by retention before they were read");
+                        metrics::counter!("floodway_hub_skipped_total", "source" => self.source.to_string())
+                            .increment(skipped);
+                    }
                     self.cursors[p] = offset;
                     out.push(Record::new(
                         self.source.clone(),
@@ -311,10 +338,22 @@ impl Source for SubscriptionReader {
             let published = hub.inner.published.notified();
             tokio::pin!(published);
             published.as_mut().enable();
-            let records = crate::blocking(|| self.read(max)).map_err(|e| SourceError {
-                source_name: self.source.to_string(),
+            let state = self.state.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let closed = |_| SourceError {
+                    source_name: "hub reader".into(),
+                    cause: Box::new(HubError::Closed),
+                };
+                let mut state = state.lock().map_err(closed)?;
+                state.read(max).map_err(|e| SourceError {
+                    source_name: state.source.to_string(),
+                    cause: Box::new(e),
+                })
+            });
+            let records = read.await.map_err(|e| SourceError {
+                source_name: "hub reader".into(),
                 cause: Box::new(e),
-            })?;
+            })??;
             if !records.is_empty() {
                 return Ok(Some(records));
             }
@@ -330,15 +369,18 @@ impl Source for SubscriptionReader {
 }
 
 impl SubscriptionCheckpointer {
-    fn write(&self, checkpoints: &[Checkpoint]) -> Result<(), HubError> {
+    fn store(&self, checkpoints: &[Checkpoint], replace: bool) -> Result<(), HubError> {
         let mut conn = self.conn.lock().map_err(|_| HubError::Closed)?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
-            let mut upsert = tx.prepare_cached(
+            let mut upsert = tx.prepare_cached(if replace {
                 "INSERT INTO subscriptions (name, partition, offset, updated) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (name, partition) DO UPDATE SET offset = excluded.offset, \
-                 updated = excluded.updated",
-            )?;
+                 updated = excluded.updated"
+            } else {
+                "INSERT OR IGNORE INTO subscriptions (name, partition, offset, updated) \
+                 VALUES (?1, ?2, ?3, ?4)"
+            })?;
             for cp in checkpoints {
                 let partition: u32 = cp.partition.parse().map_err(|_| {
                     HubError::Invalid(format!(
@@ -356,6 +398,7 @@ impl SubscriptionCheckpointer {
 
 impl Checkpointer for SubscriptionCheckpointer {
     async fn commit(&mut self, checkpoints: &[Checkpoint]) -> Result<(), CommitError> {
-        crate::blocking(|| self.write(checkpoints)).map_err(|e| CommitError { cause: Box::new(e) })
+        crate::blocking(|| self.store(checkpoints, true))
+            .map_err(|e| CommitError { cause: Box::new(e) })
     }
 }

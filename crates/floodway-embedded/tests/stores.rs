@@ -167,8 +167,16 @@ async fn faults_are_stored_once_counted_again_and_filtered() {
         })
         .unwrap();
     assert_eq!(open.len(), odd - 1);
-    // A fault raised again after it was resolved is open again.
+    // A copy of the old fault event (a redelivery to the fault monitor) only counts...
+    let seen = store.get(&one.id).unwrap().unwrap().seen;
     assert_eq!(store.store(&one.fault).unwrap(), Stored::Again);
+    let again = store.get(&one.id).unwrap().unwrap();
+    assert_eq!(again.status, FaultStatus::Resolved);
+    assert_eq!(again.seen, seen + 1);
+    // ...while the same failure raised after the resolution opens it again.
+    let mut raised = one.fault.clone();
+    raised.set_timestamp(floodway::event::now_millis() + 1_000);
+    assert_eq!(store.store(&raised).unwrap(), Stored::Again);
     assert_eq!(
         store.get(&one.id).unwrap().unwrap().status,
         FaultStatus::Open
@@ -190,8 +198,12 @@ async fn a_view_survives_an_abandoned_run_exactly_once() {
         .split();
     let run = p.run(reader, cp, std::future::pending());
     let _ = tokio::time::timeout(Duration::from_millis(30), run).await;
+    let stats = hub.stats().unwrap();
     assert!(
-        hub.stats().unwrap().subscriptions.is_empty(),
+        stats.subscriptions[0]
+            .partitions
+            .iter()
+            .all(|(_, offset)| *offset == 0),
         "cut before its first commit"
     );
     // The restart redelivers what was not checkpointed; the inbox and latest-wins absorb it.

@@ -11,6 +11,7 @@
 //! | 429, 503 | throttled: retried, and adaptive concurrency backs off (`Retry-After` is honoured) |
 //! | 408, other 5xx | transient: retried; the breaker tells an outage from a bad request |
 //! | other 4xx | poison: the event is faulted |
+//! | 3xx | fatal: the URL is wrong (the processor stops and says so) |
 //! | connection refused, reset, timed out | transient |
 //! | an unsupported URL | fatal: a configuration error |
 //!
@@ -191,11 +192,18 @@ impl HttpSink {
             Some(text) => Bytes::copy_from_slice(text.as_bytes()),
             None => Bytes::from(event.to_json()),
         };
+        // An id that cannot be a header value (a control character) is this event's problem.
+        let key = HeaderValue::from_str(event.id()).map_err(|_| {
+            Error::poison_msg(
+                "InvalidIdempotencyKey",
+                format!("event id {:?} cannot be sent as a header", event.id()),
+            )
+        })?;
         let mut request = Request::builder()
             .method(self.config.method.clone())
             .uri(self.config.uri.clone())
             .header(header::CONTENT_TYPE, "application/json")
-            .header("idempotency-key", event.id());
+            .header("idempotency-key", key);
         for (name, value) in &self.config.headers {
             request = request.header(name, value);
         }
@@ -213,8 +221,8 @@ impl HttpSink {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body = response
-            .into_body()
+        // At most 1 MiB of answer: a target must not exhaust the processor's memory.
+        let body = http_body_util::Limited::new(response.into_body(), 1024 * 1024)
             .collect()
             .await
             .map_err(|e| Error::transient_msg("ResponseBody", e.to_string()))?
@@ -258,6 +266,8 @@ pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
     let err = match status.as_u16() {
         429 | 503 => Error::throttled_msg("HttpStatus", message),
         408 | 500..=599 => Error::transient_msg("HttpStatus", message),
+        // A redirect for an API call means the URL is wrong: a configuration error.
+        300..=399 => Error::fatal_msg("HttpStatus", format!("{message} (redirected: fix the URL)")),
         _ => Error::poison_msg("HttpStatus", message),
     };
     match retry_after {
@@ -303,6 +313,7 @@ mod tests {
         assert_eq!(class(408), (ErrorClass::Transient, false));
         assert_eq!(class(400), (ErrorClass::Poison, false));
         assert_eq!(class(404), (ErrorClass::Poison, false));
+        assert_eq!(class(301), (ErrorClass::Fatal, false));
         let err = classify(
             StatusCode::TOO_MANY_REQUESTS,
             Some(Duration::from_secs(2)),
