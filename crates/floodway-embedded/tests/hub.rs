@@ -316,3 +316,33 @@ fn bad_files_are_named_not_panicked_on() {
     .unwrap_err();
     assert!(err.to_string().contains("has 8 partitions, not 3"), "{err}");
 }
+
+#[tokio::test]
+async fn a_new_subscription_remembers_where_it_started_even_before_its_first_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(&dir);
+    hub.publish(&generate::orders(50, 12)).await.unwrap();
+    let from_end = SubscriptionOptions {
+        start: StartAt::End,
+        ..bounded()
+    };
+    // Started at the end, then gone before any commit (a crash).
+    drop(hub.subscribe("late", from_end).unwrap());
+    hub.publish(&generate::orders(20, 13)).await.unwrap();
+    // The restart starts where the first start did, not at the new end.
+    assert_eq!(read_all(&hub, "late", from_end).await.len(), 20);
+    // A transient reader leaves nothing behind.
+    let transient = SubscriptionOptions {
+        transient: true,
+        ..bounded()
+    };
+    assert_eq!(read_all(&hub, "peek", transient).await.len(), 70);
+    let names: Vec<String> = hub
+        .stats()
+        .unwrap()
+        .subscriptions
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert!(!names.contains(&"peek".to_owned()), "{names:?}");
+}
