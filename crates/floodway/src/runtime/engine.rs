@@ -20,7 +20,7 @@ use crate::pipeline::step::{run_sync, StepFailure};
 use crate::pipeline::{Pipeline, PipelineCore};
 use crate::runtime::batcher::{Batcher, Flush};
 use crate::runtime::scheduler::{key_hash, Keys, Scheduler};
-use crate::runtime::unit::{fault_now, scheduled, BoxUnit, UnitCtx, UnitOutput, Work};
+use crate::runtime::unit::{fault_now, scheduled, BoxUnit, Timers, UnitCtx, UnitOutput, Work};
 use crate::runtime::{PipelineReport, ProcessorInner, RunReport, Stopped};
 use crate::source::{Checkpoint, Checkpointer, Settlement, Source};
 use crate::uow::{Record, Ticket, Uow};
@@ -35,6 +35,7 @@ struct Pipe {
     /// Pre-batch work not yet finished: the batcher may still receive its outputs.
     upstream: usize,
     sink_seconds: metrics::Histogram,
+    step_seconds: metrics::Histogram,
     tally: Tally,
 }
 
@@ -101,6 +102,9 @@ pub(crate) struct Engine<'p, C> {
     checkpointer: C,
     report: RunReport,
     committed: HashMap<Arc<str>, u64>,
+    /// Registered once per run: the loop sets them at every turn.
+    in_flight: metrics::Gauge,
+    lag_seconds: metrics::Gauge,
 }
 
 /// Aborts the source task when the run ends, however it ends.
@@ -138,6 +142,11 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 sched: Scheduler::new(p.core.parallelism),
                 batcher: p.core.batching.clone().map(Batcher::new),
                 upstream: 0,
+                step_seconds: metrics::histogram!(
+                    "floodway_step_duration_seconds",
+                    "processor" => proc.name.to_string(),
+                    "pipeline" => p.core.name.to_string()
+                ),
                 sink_seconds: metrics::histogram!(
                     "floodway_sink_duration_seconds",
                     "processor" => proc.name.to_string(),
@@ -159,6 +168,8 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             checkpointer,
             report: RunReport::default(),
             committed: HashMap::new(),
+            in_flight: metrics::gauge!("floodway_in_flight", "processor" => proc.name.to_string()),
+            lag_seconds: metrics::gauge!("floodway_lag_seconds", "processor" => proc.name.to_string()),
         }
     }
 
@@ -252,8 +263,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 .iter()
                 .filter_map(|p| p.batcher.as_ref()?.deadline())
                 .min();
-            metrics::gauge!("floodway_in_flight", "processor" => self.proc.name.to_string())
-                .set(self.ledger.undone() as f64);
+            self.in_flight.set(self.ledger.undone() as f64);
 
             tokio::select! {
                 biased;
@@ -354,7 +364,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             }
         }
         if let Some(ts) = newest {
-            metrics::gauge!("floodway_lag_seconds", "processor" => self.proc.name.to_string())
+            self.lag_seconds
                 .set((now_millis() - ts).max(0) as f64 / 1000.0);
         }
     }
@@ -477,7 +487,10 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     self.ctx.clone(),
                     index,
                     pipe.core.clone(),
-                    pipe.sink_seconds.clone(),
+                    Timers {
+                        sink: pipe.sink_seconds.clone(),
+                        steps: pipe.step_seconds.clone(),
+                    },
                     id,
                     keys,
                     work,

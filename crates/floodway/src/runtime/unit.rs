@@ -32,6 +32,13 @@ pub(crate) enum Work {
     Batch(Flushed),
 }
 
+/// The latency histograms of a pipeline, registered once per run.
+#[derive(Clone)]
+pub(crate) struct Timers {
+    pub(crate) sink: Histogram,
+    pub(crate) steps: Histogram,
+}
+
 /// What the processor shares with every unit.
 #[derive(Clone)]
 pub(crate) struct UnitCtx {
@@ -196,14 +203,13 @@ async fn send(
 
 /// Runs the remaining steps; the time of those that include an async step is recorded
 /// (synchronous steps run inline at dispatch and cost too little to time one by one).
-async fn steps(core: &PipelineCore, uow: Uow, from: usize) -> StepOutput {
+async fn steps(core: &PipelineCore, timer: &Histogram, uow: Uow, from: usize) -> StepOutput {
     if from >= core.steps.len() {
         return run_all(&core.steps, uow, from).await;
     }
     let started = Instant::now();
     let out = run_all(&core.steps, uow, from).await;
-    metrics::histogram!("floodway_step_duration_seconds", "pipeline" => core.name.to_string())
-        .record(started.elapsed().as_secs_f64());
+    timer.record(started.elapsed().as_secs_f64());
     out
 }
 
@@ -214,16 +220,16 @@ async fn sink_call(sink: &BoxSink, batch: Batch) -> Result<(), Error> {
 async fn run_single(
     ctx: &UnitCtx,
     core: &PipelineCore,
-    sink_seconds: &Histogram,
+    timers: &Timers,
     uow: Uow,
     from: usize,
 ) -> Result<Outcome, RunError> {
     let ticket = uow.ticket;
-    let out = steps(core, uow, from).await;
+    let out = steps(core, &timers.steps, uow, from).await;
     let mut faults = fault_failures(ctx, core, out.failed).await?;
     let mut delivered = 0;
     for (uow, _) in out.ready {
-        let failed = send(core, sink_seconds, Batch::one(uow)).await?;
+        let failed = send(core, &timers.sink, Batch::one(uow)).await?;
         if failed.is_empty() {
             delivered += 1;
         }
@@ -253,11 +259,12 @@ async fn run_single(
 async fn run_pre(
     ctx: &UnitCtx,
     core: &PipelineCore,
+    timers: &Timers,
     uow: Uow,
     from: usize,
 ) -> Result<Outcome, RunError> {
     let ticket = uow.ticket;
-    let out = steps(core, uow, from).await;
+    let out = steps(core, &timers.steps, uow, from).await;
     let faults = fault_failures(ctx, core, out.failed).await?;
     Ok(Outcome {
         finished: smallvec![(ticket, faults > 0)],
@@ -312,7 +319,7 @@ pub(crate) fn scheduled(
     ctx: UnitCtx,
     pipeline: usize,
     core: Arc<PipelineCore>,
-    sink_seconds: Histogram,
+    timers: Timers,
     id: u64,
     keys: Keys,
     work: Work,
@@ -332,11 +339,9 @@ pub(crate) fn scheduled(
     Box::pin(
         async move {
             let result = match work {
-                Work::Single { uow, from } => {
-                    run_single(&ctx, &core, &sink_seconds, uow, from).await
-                }
-                Work::Pre { uow, from } => run_pre(&ctx, &core, uow, from).await,
-                Work::Batch(flushed) => run_batch(&ctx, &core, &sink_seconds, flushed).await,
+                Work::Single { uow, from } => run_single(&ctx, &core, &timers, uow, from).await,
+                Work::Pre { uow, from } => run_pre(&ctx, &core, &timers, uow, from).await,
+                Work::Batch(flushed) => run_batch(&ctx, &core, &timers.sink, flushed).await,
             };
             UnitOutput {
                 pipeline,

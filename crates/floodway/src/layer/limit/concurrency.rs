@@ -230,6 +230,7 @@ impl Permit {
                     signal = Signal::Overload;
                 }
             }
+            let before = state.limit.floor();
             match signal {
                 Signal::Overload if self.generation == state.generation => {
                     state.limit = (state.limit * aimd.decrease).max(aimd.min as f64);
@@ -242,8 +243,11 @@ impl Permit {
                 }
                 _ => {}
             }
-            metrics::gauge!("floodway_concurrency_limit", "sink" => shared.label.to_string())
-                .set(state.limit.floor());
+            // Reported when it moves, not at every call.
+            if state.limit.floor() != before {
+                metrics::gauge!("floodway_concurrency_limit", "sink" => shared.label.to_string())
+                    .set(state.limit.floor());
+            }
         }
         drop(state);
         shared.notify.notify_waiters();
