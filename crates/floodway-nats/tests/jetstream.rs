@@ -1,0 +1,624 @@
+//! The JetStream hub against real `nats-server` processes on loopback.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use floodway::idempotence::{MemoryView, Version};
+use floodway::memory::{MemoryFaultSink, MemorySink};
+use floodway::runtime::RunReport;
+use floodway::testing::{generate, ScriptedSink};
+use floodway::{sink_fn, Batch, Error, Event, Pipeline, Processor};
+use floodway_nats::testing::{NatsCluster, NatsServer};
+use floodway_nats::{
+    NatsHub, NatsHubOptions, NatsSubscription, Partitions, Sharing, StartAt, SubscriptionOptions,
+};
+
+fn options(urls: Vec<String>) -> NatsHubOptions {
+    NatsHubOptions {
+        servers: urls,
+        stream: "ORDERS".into(),
+        subject: "orders".into(),
+        partitions: Some(4),
+        ..NatsHubOptions::default()
+    }
+}
+
+/// Runs a processor over a subscription until `done` says so (or 60 s pass), then waits for
+/// the subscription to let go of what is left.
+async fn run_until<F>(processor: &Processor, sub: NatsSubscription, done: F) -> RunReport
+where
+    F: Fn() -> bool + Send + 'static,
+{
+    let closed = sub.closed();
+    let (reader, checkpointer) = sub.split();
+    let stop = async move {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        processor.run(reader, checkpointer, stop),
+    )
+    .await
+    .expect("the processor finished within 60 s")
+    .expect("the processor ran");
+    tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("the subscription closed");
+    report
+}
+
+/// Every event of a bounded read of the hub (a transient reader).
+async fn read_all(hub: &NatsHub, partitions: Partitions) -> Vec<Event> {
+    let sink = MemorySink::new();
+    let processor = Processor::builder("reader")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(Pipeline::builder("all").sink(sink.clone()).unwrap())
+        .pipeline(
+            Pipeline::builder("faults")
+                .event_type(floodway::event::FAULT_EVENT_TYPE)
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let sub = hub
+        .subscribe(
+            "reader",
+            SubscriptionOptions {
+                follow: false,
+                transient: true,
+                partitions,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (reader, checkpointer) = sub.split();
+    processor
+        .run(reader, checkpointer, std::future::pending())
+        .await
+        .unwrap();
+    sink.events()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_is_partitioned_and_idempotent() {
+    let server = NatsServer::start();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    let events = generate::orders(400, 1);
+    let first = hub.publish(&events).await.unwrap();
+    assert_eq!((first.stored, first.duplicates), (400, 0));
+    let again = hub.publish(&events[..100]).await.unwrap();
+    assert_eq!((again.stored, again.duplicates), (0, 100));
+
+    let stats = hub.stats().await.unwrap();
+    assert_eq!(stats.messages, 400);
+    assert_eq!(stats.partitions.iter().sum::<u64>(), 400);
+    assert!(stats.partitions.iter().all(|n| *n > 0), "{stats:?}");
+    for (p, count) in stats.partitions.iter().enumerate() {
+        let expected = events
+            .iter()
+            .filter(|e| hub.partition_of(e.partition_key()) == p as u32)
+            .count() as u64;
+        assert_eq!(*count, expected, "partition {p}");
+    }
+    // Every event comes back byte for byte, and each key from one partition only.
+    let read = read_all(&hub, Partitions::All).await;
+    assert_eq!(read.len(), 400);
+    let by_id: HashMap<&str, &Event> = events.iter().map(|e| (e.id(), e)).collect();
+    for e in &read {
+        assert_eq!(e.to_json(), by_id[e.id()].to_json());
+    }
+
+    // A second client agrees on the partitions; a conflicting setting is refused, by name.
+    let mut other = options(vec![server.url()]);
+    other.partitions = None;
+    assert_eq!(NatsHub::connect(&other).await.unwrap().partitions(), 4);
+    other.partitions = Some(6);
+    let err = NatsHub::connect(&other).await.unwrap_err().to_string();
+    assert!(err.contains("has 4 partitions"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_classes_end_to_end() {
+    let server = NatsServer::start();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    let events = generate::orders(300, 2);
+    hub.publish(&events).await.unwrap();
+    // Two messages that are not envelopes at all, from some other client.
+    for (i, body) in ["not json", r#"{"no":"envelope"}"#].iter().enumerate() {
+        hub.client()
+            .publish(format!("orders.{i}"), body.as_bytes().to_vec().into())
+            .await
+            .unwrap();
+    }
+    hub.client().flush().await.unwrap();
+
+    // The sink fails every 7th call transiently (retried in place) and rejects orders with a
+    // total divisible by 10 as poison.
+    let sink = ScriptedSink::new(|call| {
+        if call.number % 7 == 0 {
+            return Err(Error::transient_msg("Unavailable", "try again"));
+        }
+        match call
+            .batch
+            .events()
+            .find_map(|e| e.field("order").and_then(|o| o["total"].as_u64()))
+        {
+            Some(t) if t % 10 == 0 => Err(Error::poison_msg("Rejected", format!("total {t}"))),
+            _ => Ok(()),
+        }
+    });
+    let poison = events
+        .iter()
+        .filter(|e| {
+            e.field("order")
+                .and_then(|o| o["total"].as_u64())
+                .is_some_and(|t| t % 10 == 0)
+        })
+        .count();
+    let processor = Processor::builder("shop")
+        .fault_sink(hub.publisher())
+        .pipeline(Pipeline::builder("notify").sink(sink.clone()).unwrap())
+        .build()
+        .unwrap();
+    let sub = hub
+        .subscribe("shop", SubscriptionOptions::default())
+        .await
+        .unwrap();
+    let delivered = sink.delivered().clone();
+    let expected_ok = events.len() - poison;
+    let report = run_until(&processor, sub, move || delivered.len() >= expected_ok).await;
+    assert!(sink.failures() > 0);
+    assert_eq!(report.faults(), (poison + 2) as u64, "{report:?}");
+
+    // Every fault is on the fault subject: the poison orders and the two foreign messages.
+    let faults = read_all(&hub, Partitions::Faults).await;
+    assert_eq!(faults.len(), poison + 2);
+    assert!(faults.iter().all(Event::is_fault));
+
+    // Everything was acked or terminated: nothing pending, nothing waiting for an ack, and
+    // no message was redelivered (poison is terminated, transient failures retried in place).
+    let stats = hub.stats().await.unwrap();
+    let (_, shop) = stats
+        .subscriptions
+        .iter()
+        .find(|(name, _)| name == "shop")
+        .unwrap();
+    assert_eq!(shop.consumers, 4);
+    assert_eq!(
+        (shop.pending, shop.ack_pending, shop.redelivered),
+        (0, 0, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_records_come_back_after_the_nak_delay_not_the_ack_wait() {
+    let server = NatsServer::start();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    hub.publish(&generate::orders(20, 3)).await.unwrap();
+    let opts = SubscriptionOptions {
+        ack_wait: Duration::from_secs(60),
+        nak_delay: Duration::from_millis(300),
+        ..Default::default()
+    };
+
+    // A sink that never answers: at shutdown nothing is finished.
+    let started = Arc::new(AtomicUsize::new(0));
+    let hanging = {
+        let started = started.clone();
+        sink_fn(move |_batch: Batch| {
+            started.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<(), Error>>()
+        })
+    };
+    let processor = Processor::builder("slow")
+        .fault_sink(hub.publisher())
+        .drain_timeout(Duration::from_millis(100))
+        .pipeline(Pipeline::builder("p").sink(hanging).unwrap())
+        .build()
+        .unwrap();
+    let sub = hub.subscribe("slow", opts.clone()).await.unwrap();
+    let seen = started.clone();
+    let first = run_until(&processor, sub, move || seen.load(Ordering::SeqCst) > 0).await;
+    assert_eq!(first.faults(), 0);
+
+    // The next run gets all 20 again, redelivered (attempt 2), long before the ack wait.
+    let sink = MemorySink::new();
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let processor = {
+        let attempts = attempts.clone();
+        Processor::builder("slow")
+            .fault_sink(hub.publisher())
+            .pipeline(
+                Pipeline::builder("p")
+                    .map(move |uow| {
+                        attempts.lock().unwrap().push(uow.record().attempt);
+                        Ok(uow)
+                    })
+                    .sink(sink.clone())
+                    .unwrap(),
+            )
+            .build()
+            .unwrap()
+    };
+    let began = Instant::now();
+    let sub = hub.subscribe("slow", opts).await.unwrap();
+    let delivered = sink.clone();
+    run_until(&processor, sub, move || delivered.len() >= 20).await;
+    assert!(
+        began.elapsed() < Duration::from_secs(30),
+        "redelivered after {:?}: the nak did not take",
+        began.elapsed()
+    );
+    let attempts = attempts.lock().unwrap();
+    assert!(attempts.iter().any(|a| *a >= 2), "{attempts:?}");
+}
+
+/// Events `seq` 0.. per key, to check order; the processing instance is remembered per event.
+fn sequenced(keys: usize, per_key: usize) -> Vec<Event> {
+    let mut events = Vec::new();
+    for s in 0..per_key {
+        for k in 0..keys {
+            events.push(
+                Event::builder("step", format!("k-{k}"))
+                    .id(format!("k-{k}-{s}"))
+                    .field("seq", s)
+                    .build(),
+            );
+        }
+    }
+    events
+}
+
+type Seen = Arc<Mutex<BTreeMap<String, Vec<(u64, usize)>>>>;
+
+fn recording_processor(hub: &NatsHub, instance: usize, seen: &Seen) -> Processor {
+    let seen = seen.clone();
+    let sink = sink_fn(move |batch: Batch| {
+        let seen = seen.clone();
+        async move {
+            // Take a little time so that work overlaps across keys.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let mut seen = seen.lock().unwrap();
+            for e in batch.events() {
+                let seq = e.field("seq").and_then(|v| v.as_u64()).unwrap();
+                seen.entry(e.partition_key().to_owned())
+                    .or_default()
+                    .push((seq, instance));
+            }
+            Ok::<_, Error>(())
+        }
+    });
+    Processor::builder("steps")
+        .fault_sink(hub.publisher())
+        .pipeline(Pipeline::builder("p").parallelism(16).sink(sink).unwrap())
+        .build()
+        .unwrap()
+}
+
+fn check_order(seen: &Seen, keys: usize, per_key: usize) {
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), keys);
+    for (key, steps) in seen.iter() {
+        let seqs: Vec<u64> = steps.iter().map(|(s, _)| *s).collect();
+        let mut dedup = seqs.clone();
+        dedup.dedup();
+        assert_eq!(
+            dedup,
+            (0..per_key as u64).collect::<Vec<_>>(),
+            "key {key} out of order"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_with_static_assignment_keep_per_key_order() {
+    let server = NatsServer::start();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    let (keys, per_key) = (40, 25);
+    hub.publish(&sequenced(keys, per_key)).await.unwrap();
+    let seen: Seen = Arc::default();
+    let mut runs = Vec::new();
+    for instance in 0..2u32 {
+        let hub = hub.clone();
+        let seen = seen.clone();
+        runs.push(tokio::spawn(async move {
+            let processor = recording_processor(&hub, instance as usize, &seen);
+            let sub = hub
+                .subscribe(
+                    "steps",
+                    SubscriptionOptions {
+                        partitions: Partitions::instance(instance, 2, hub.partitions()),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let done = seen.clone();
+            run_until(&processor, sub, move || {
+                done.lock().unwrap().values().map(Vec::len).sum::<usize>() >= keys * per_key
+            })
+            .await
+        }));
+    }
+    for run in runs {
+        run.await.unwrap();
+    }
+    check_order(&seen, keys, per_key);
+    // Each key was handled by one instance, and both instances worked.
+    let seen = seen.lock().unwrap();
+    let mut instances = HashSet::new();
+    for steps in seen.values() {
+        let owners: HashSet<usize> = steps.iter().map(|(_, i)| *i).collect();
+        assert_eq!(owners.len(), 1);
+        instances.extend(owners);
+    }
+    assert_eq!(instances.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_sharing_fails_over_to_the_standby_instance() {
+    let server = NatsServer::start();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    let (keys, per_key) = (20, 10);
+    let events = sequenced(keys, per_key);
+    let half = events.len() / 2;
+    hub.publish(&events[..half]).await.unwrap();
+    let pinned = SubscriptionOptions {
+        sharing: Sharing::Pinned {
+            ttl: Duration::from_secs(2),
+        },
+        ..Default::default()
+    };
+    let seen: Seen = Arc::default();
+    let count = {
+        let seen = seen.clone();
+        move || seen.lock().unwrap().values().map(Vec::len).sum::<usize>()
+    };
+
+    // Instance 0 takes the pins and the first half, then stops.
+    let first = recording_processor(&hub, 0, &seen);
+    let sub = hub.subscribe("steps", pinned.clone()).await.unwrap();
+    let c = count.clone();
+    run_until(&first, sub, move || c() >= half).await;
+
+    // Instance 1 stood by; once the pins expire it takes over and does the rest.
+    hub.publish(&events[half..]).await.unwrap();
+    let second = recording_processor(&hub, 1, &seen);
+    let sub = hub.subscribe("steps", pinned).await.unwrap();
+    let c = count.clone();
+    run_until(&second, sub, move || c() >= keys * per_key).await;
+    check_order(&seen, keys, per_key);
+}
+
+/// Publishes `events` in batches, retrying a batch until the hub takes it.
+async fn publish_through_faults(hub: &NatsHub, events: &[Event]) {
+    for chunk in events.chunks(100) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match hub.publish(chunk).await {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "publishing never recovered: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+type View = Arc<Mutex<MemoryView<String>>>;
+type Deliveries = Arc<Mutex<HashMap<String, usize>>>;
+
+/// A processor keeping the latest event id per key in a latest-wins view, counting the
+/// deliveries of each event.
+fn view_processor(hub: &NatsHub, view: &View, deliveries: &Deliveries) -> Processor {
+    let (view, deliveries) = (view.clone(), deliveries.clone());
+    let sink = sink_fn(move |batch: Batch| {
+        let (view, deliveries) = (view.clone(), deliveries.clone());
+        async move {
+            let mut view = view.lock().unwrap();
+            let mut deliveries = deliveries.lock().unwrap();
+            for e in batch.events() {
+                view.apply(e.partition_key(), Version::of(e), e.id().to_owned());
+                *deliveries.entry(e.id().to_owned()).or_default() += 1;
+            }
+            Ok::<_, Error>(())
+        }
+    });
+    Processor::builder("view")
+        .fault_sink(hub.publisher())
+        .pipeline(Pipeline::builder("p").sink(sink).unwrap())
+        .build()
+        .unwrap()
+}
+
+fn ticks(n: i64, keys: i64) -> Vec<Event> {
+    (0..n)
+        .map(|i| {
+            Event::builder("tick", format!("k-{}", i % keys))
+                .id(format!("t-{i}"))
+                .timestamp(1_700_000_000_000 + i)
+                .build()
+        })
+        .collect()
+}
+
+/// Nothing lost (every event delivered) and the view is the latest event per key.
+fn check_view(events: &[Event], view: &View, deliveries: &Deliveries) {
+    let deliveries = deliveries.lock().unwrap();
+    assert!(
+        events.iter().all(|e| deliveries.contains_key(e.id())),
+        "every event delivered"
+    );
+    let mut latest: HashMap<&str, &str> = HashMap::new();
+    for e in events {
+        latest.insert(e.partition_key(), e.id());
+    }
+    let view = view.lock().unwrap();
+    assert_eq!(view.len(), latest.len());
+    for (key, id) in latest {
+        assert_eq!(view.get(key).unwrap().1, id, "key {key}");
+    }
+}
+
+/// Runs the view processor while events are published, killing a server in the middle.
+async fn view_through_a_kill(hub: &NatsHub, events: Vec<Event>, kill: impl FnOnce()) {
+    let (view, deliveries): (View, Deliveries) = Default::default();
+    let processor = view_processor(hub, &view, &deliveries);
+    let sub = hub
+        .subscribe(
+            "view",
+            SubscriptionOptions {
+                ack_wait: Duration::from_secs(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let publisher = {
+        let hub = hub.clone();
+        let events = events.clone();
+        tokio::spawn(async move { publish_through_faults(&hub, &events).await })
+    };
+    let done = deliveries.clone();
+    let ids: HashSet<String> = events.iter().map(|e| e.id().to_owned()).collect();
+    let run = tokio::spawn(async move {
+        run_until(&processor, sub, move || {
+            let seen = done.lock().unwrap();
+            ids.iter().all(|id| seen.contains_key(id))
+        })
+        .await
+    });
+    while deliveries.lock().unwrap().len() < events.len() / 6 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    kill();
+    publisher.await.unwrap();
+    run.await.unwrap();
+    check_view(&events, &view, &deliveries);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_stream_loses_nothing() {
+    let server = Arc::new(Mutex::new(NatsServer::start()));
+    let url = server.lock().unwrap().url();
+    let hub = NatsHub::connect(&options(vec![url])).await.unwrap();
+    let events = ticks(3000, 300);
+    let restarted = server.clone();
+    view_through_a_kill(&hub, events, move || {
+        // SIGKILL, then back on the same port and store after half a second.
+        restarted.lock().unwrap().kill();
+        std::thread::sleep(Duration::from_millis(500));
+        restarted.lock().unwrap().restart();
+    })
+    .await;
+    assert_eq!(
+        hub.stats().await.unwrap().messages,
+        3000,
+        "stored once each"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_killed_mid_stream_loses_nothing() {
+    let mut cluster = NatsCluster::start(3);
+    let mut opts = options(cluster.urls());
+    opts.replicas = 3;
+    // The cluster needs a moment to elect its meta leader.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let hub = loop {
+        match NatsHub::connect(&opts).await {
+            Ok(hub) => break hub,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("cluster never came up: {e}"),
+        }
+    };
+    assert_eq!(hub.stats().await.unwrap().replicas, 3);
+    // Kill the first node (the one the client most likely talks to) for good.
+    view_through_a_kill(&hub, ticks(2000, 200), || cluster.nodes[0].kill()).await;
+    assert_eq!(
+        hub.stats().await.unwrap().messages,
+        2000,
+        "stored once each"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_at_the_end_or_a_time() {
+    let server = NatsServer::start();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    let old = generate::orders(40, 4);
+    hub.publish(&old).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cut = floodway::event::now_millis();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let new = generate::orders(40, 5);
+
+    let from_end = hub
+        .subscribe(
+            "late",
+            SubscriptionOptions {
+                start: StartAt::End,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    hub.publish(&new).await.unwrap();
+    let sink = MemorySink::new();
+    let processor = Processor::builder("late")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(Pipeline::builder("p").sink(sink.clone()).unwrap())
+        .build()
+        .unwrap();
+    let delivered = sink.clone();
+    run_until(&processor, from_end, move || delivered.len() >= 40).await;
+    let ids: HashSet<String> = sink.events().iter().map(|e| e.id().to_owned()).collect();
+    assert!(new.iter().all(|e| ids.contains(e.id())));
+    assert_eq!(ids.len(), 40);
+
+    let sink = MemorySink::new();
+    let processor = Processor::builder("timed")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(Pipeline::builder("p").sink(sink.clone()).unwrap())
+        .build()
+        .unwrap();
+    let sub = hub
+        .subscribe(
+            "timed",
+            SubscriptionOptions {
+                start: StartAt::Time(cut),
+                follow: false,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (reader, checkpointer) = sub.split();
+    processor
+        .run(reader, checkpointer, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(sink.len(), 40);
+}
