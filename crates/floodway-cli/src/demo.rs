@@ -136,6 +136,7 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
             durability: DurabilityConfig::Immediate,
             retention_max_age: None,
             retention_max_bytes: None,
+            nats: None,
         },
         processors: vec![
             ProcessorConfig::Materialize {
@@ -275,7 +276,8 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     });
     let addr = serve(service.clone()).await?;
     let config = config(hub_path.clone(), addr, args.rate, "/order/id");
-    let (hub, processors) = build_all(&config)?;
+    let (hubs, processors) = build_all(&config).await?;
+    let hub = hubs.store.clone();
 
     say!(
         "Floodway demo: hub {} , notification service at http://{addr}",
@@ -294,9 +296,9 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let runner = {
-        let hub = hub.clone();
+        let events = hubs.events.clone();
         tokio::spawn(async move {
-            run_all(&hub, processors, SubscriptionOptions::default(), async {
+            run_all(&events, processors, SubscriptionOptions::default(), async {
                 stopped.await.ok();
             })
             .await
@@ -454,7 +456,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     say!("\nthe fix: key the view by the partition key, which every order event has; resubmitting the faults of orders-view...");
     let fixed = config_with_key(&config, "partitionKey");
     let outcome = crate::faults_cmd::resubmit_faults(
-        &hub,
+        &hubs,
         &fixed,
         FaultFilter {
             pipeline: Some("orders-view".into()),

@@ -7,7 +7,7 @@ use anyhow::{bail, Context as _};
 use floodway::layer::limit::rate::RateLimiter;
 use floodway::{Processor, Record, Settlement};
 use floodway_embedded::{FaultFilter, FaultStatus, StoredFault};
-use floodway_processors::{from_config, Config};
+use floodway_processors::{from_config, Config, Hubs};
 
 use crate::util::{parse_time, progress, show_time, HubArgs};
 
@@ -211,14 +211,14 @@ async fn resubmit(
     dry_run: bool,
 ) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
-    let hub = floodway_embedded::Hub::open(
-        &config.hub.path,
-        floodway_embedded::HubOptions {
-            create: false,
-            ..Default::default()
-        },
-    )?;
-    let outcome = resubmit_faults(&hub, &config, filter.filter(None)?, rate, dry_run).await?;
+    if !config.hub.path.exists() {
+        bail!(
+            "{} does not exist: no faults were stored there yet",
+            config.hub.path.display()
+        );
+    }
+    let hubs = Hubs::open(&config.hub).await?;
+    let outcome = resubmit_faults(&hubs, &config, filter.filter(None)?, rate, dry_run).await?;
     if !dry_run {
         say!(
             "resubmitted: {} succeeded, {} failed",
@@ -241,13 +241,13 @@ pub(crate) struct Resubmitted {
 /// Sends the records of the open faults matching `filter` back to the processor and pipeline
 /// that failed them, at most `rate` per second, and records each outcome with its fault.
 pub(crate) async fn resubmit_faults(
-    hub: &floodway_embedded::Hub,
+    hubs: &Hubs,
     config: &Config,
     mut filter: FaultFilter,
     rate: u32,
     dry_run: bool,
 ) -> anyhow::Result<Resubmitted> {
-    let store = hub.fault_store()?;
+    let store = hubs.store.fault_store()?;
     // Only open faults: a resolved one was applied already.
     filter.status = Some(FaultStatus::Open);
     let faults = store.list(&filter)?;
@@ -272,7 +272,7 @@ pub(crate) async fn resubmit_faults(
                 skipped += 1;
                 continue;
             };
-            processors.insert(fault.processor.clone(), from_config(hub, entry)?);
+            processors.insert(fault.processor.clone(), from_config(hubs, entry).await?);
         }
         plan.push(fault);
     }

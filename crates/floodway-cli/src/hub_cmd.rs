@@ -8,7 +8,9 @@ use floodway::pipeline::TypeFilter;
 use floodway::{Event, Source};
 use floodway_embedded::{StartAt, SubscriptionOptions};
 
-use crate::util::{progress, show_time, HubArgs};
+use floodway_processors::hubs::AnyReader;
+
+use crate::util::{progress, show_time, AnyHub, HubArgs};
 
 #[derive(clap::Subcommand)]
 pub(crate) enum HubCommand {
@@ -100,7 +102,7 @@ pub(crate) async fn run(command: HubCommand) -> anyhow::Result<()> {
             lines,
             follow,
         } => tail(hub, event_type, lines, follow).await,
-        HubCommand::Stats { hub } => stats(hub),
+        HubCommand::Stats { hub } => stats(hub).await,
         HubCommand::Retain {
             hub,
             max_age,
@@ -150,23 +152,38 @@ async fn publish(
             rejected.len() + events.len()
         );
     }
-    let hub = args.open_or_create()?;
+    let hub = args.open_events(true).await?;
+    if no_dedupe && matches!(hub, AnyHub::Nats(_)) {
+        bail!("--no-dedupe is not available on NATS: JetStream always skips a repeated event id inside the stream's duplicate window");
+    }
     let bar = progress(events.len() as u64, "publishing");
     let (mut stored, mut duplicates) = (0, 0);
     for chunk in events.chunks(1_000) {
-        let receipt = if no_dedupe {
-            hub.publish(chunk).await?
-        } else {
-            hub.publish_idempotent(chunk).await?
-        };
-        stored += receipt.stored();
-        duplicates += receipt.duplicates;
+        match &hub {
+            AnyHub::Embedded(hub) => {
+                let receipt = if no_dedupe {
+                    hub.publish(chunk).await?
+                } else {
+                    hub.publish_idempotent(chunk).await?
+                };
+                stored += receipt.stored();
+                duplicates += receipt.duplicates;
+            }
+            AnyHub::Nats(hub) => {
+                let receipt = hub.publish(chunk).await?;
+                stored += receipt.stored;
+                duplicates += receipt.duplicates;
+            }
+        }
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
+    let place = match &hub {
+        AnyHub::Embedded(hub) => hub.path().display().to_string(),
+        AnyHub::Nats(hub) => format!("NATS stream {}", hub.stream()),
+    };
     say!(
-        "published {stored} events to {} ({duplicates} duplicates skipped, {} lines rejected)",
-        hub.path().display(),
+        "published {stored} events to {place} ({duplicates} duplicates skipped, {} lines rejected)",
         rejected.len()
     );
     if !rejected.is_empty() {
@@ -181,7 +198,7 @@ async fn tail(
     lines: usize,
     follow: bool,
 ) -> anyhow::Result<()> {
-    let hub = args.open()?;
+    let hub = args.open_events(false).await?;
     let filter = pattern.as_deref().map(TypeFilter::parse).transpose()?;
     let keep = |data: &[u8]| -> Option<String> {
         let text = std::str::from_utf8(data).ok()?;
@@ -194,7 +211,16 @@ async fn tail(
         }
     };
     let mut stdout = std::io::stdout();
-    for (_, data) in hub.newest(lines, |d| keep(d).is_some())? {
+    let newest = match &hub {
+        AnyHub::Embedded(hub) => hub.newest(lines, |d| keep(d).is_some())?,
+        AnyHub::Nats(hub) => hub
+            .newest(lines, |d| keep(d).is_some())
+            .await?
+            .into_iter()
+            .map(|(time, data)| (time, data.to_vec()))
+            .collect(),
+    };
+    for (_, data) in newest {
         if let Some(line) = keep(&data) {
             writeln!(stdout, "{line}")?;
         }
@@ -210,7 +236,17 @@ async fn tail(
         transient: true,
         ..SubscriptionOptions::default()
     };
-    let (mut reader, _) = hub.subscribe(&name, options)?.split();
+    let mut reader = match &hub {
+        AnyHub::Embedded(hub) => AnyReader::Embedded(hub.subscribe(&name, options)?.split().0),
+        AnyHub::Nats(hub) => {
+            let options = floodway_nats::SubscriptionOptions {
+                start: floodway_nats::StartAt::End,
+                transient: true,
+                ..Default::default()
+            };
+            AnyReader::Nats(hub.subscribe(&name, options).await?.split().0)
+        }
+    };
     loop {
         let batch = tokio::select! {
             batch = reader.next_batch(500) => batch?,
@@ -226,8 +262,11 @@ async fn tail(
     }
 }
 
-fn stats(args: HubArgs) -> anyhow::Result<()> {
-    let hub = args.open()?;
+async fn stats(args: HubArgs) -> anyhow::Result<()> {
+    let hub = match args.open_events(false).await? {
+        AnyHub::Embedded(hub) => hub,
+        AnyHub::Nats(hub) => return nats_stats(&hub).await,
+    };
     let stats = hub.stats()?;
     say!(
         "hub {} ({} partitions, {:.1} MiB)",
@@ -274,6 +313,49 @@ fn stats(args: HubArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn nats_stats(hub: &floodway_nats::NatsHub) -> anyhow::Result<()> {
+    let stats = hub.stats().await?;
+    say!(
+        "NATS stream {} at {} ({} partitions, {} replicas, {:.1} MiB, sequences {}..{})",
+        stats.stream,
+        hub.servers(),
+        hub.partitions(),
+        stats.replicas,
+        stats.bytes as f64 / (1024.0 * 1024.0),
+        stats.first_sequence,
+        stats.last_sequence
+    );
+    say!("{:>9} {:>10}", "partition", "events");
+    for (p, count) in stats.partitions.iter().enumerate() {
+        say!("{p:>9} {count:>10}");
+    }
+    say!("{:>9} {:>10}", "faults", stats.faults);
+    say!("{:>9} {:>10}", "all", stats.messages);
+    if stats.subscriptions.is_empty() {
+        say!("no subscriptions yet");
+    } else {
+        say!(
+            "\n{:<32} {:>9} {:>10} {:>12} {:>12}",
+            "subscription",
+            "consumers",
+            "lag",
+            "unacked",
+            "redelivered"
+        );
+        for (name, s) in &stats.subscriptions {
+            say!(
+                "{:<32} {:>9} {:>10} {:>12} {:>12}",
+                name,
+                s.consumers,
+                s.pending,
+                s.ack_pending,
+                s.redelivered
+            );
+        }
+    }
+    Ok(())
+}
+
 fn generate(events: usize, seed: u64, poison: u32) -> anyhow::Result<()> {
     let events = floodway::testing::generate::orders(events, seed);
     let mut lines: Vec<String> = events.iter().map(Event::to_json).collect();
@@ -297,6 +379,9 @@ fn retain(args: HubArgs, max_age: Option<String>, max_bytes: Option<u64>) -> any
                 .with_context(|| format!("--max-age `{a}` is not a duration like 7d or 12h"))
         })
         .transpose()?;
+    if args.nats()?.is_some() {
+        bail!("on NATS the stream applies retention itself: set retention_max_age / retention_max_bytes in [hub] and restart `floodway run` (or use `nats stream edit`)");
+    }
     let hub = args.open()?;
     let report = hub.apply_retention(&floodway_embedded::Retention {
         max_age,

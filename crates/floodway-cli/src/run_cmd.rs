@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use floodway::error::CommitError;
 use floodway::{Checkpoint, Checkpointer, Record, Source};
-use floodway_embedded::{StartAt, SubscriptionOptions, SubscriptionReader};
-use floodway_processors::{build_all, from_config, run_all, Config};
+use floodway_embedded::{StartAt, SubscriptionOptions};
+use floodway_processors::hubs::AnyReader;
+use floodway_processors::{build_all, from_config, run_all, Config, EventHub};
 use indicatif::ProgressBar;
 
 use crate::util::{parse_time, progress, shutdown_signal};
@@ -55,8 +56,11 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot serve metrics at {addr}"))?;
         eprintln!("metrics at http://{addr}/metrics");
     }
-    let (hub, processors) = build_all(&config)?;
-    if let Some(retention) = config.hub.retention() {
+    let (hubs, processors) = build_all(&config).await?;
+    // On NATS the stream's own limits apply retention.
+    let embedded = matches!(hubs.events, EventHub::Embedded(_));
+    if let (Some(retention), true) = (config.hub.retention(), embedded) {
+        let hub = hubs.store.clone();
         let hub = hub.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
@@ -79,10 +83,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     eprintln!(
         "running {} on {} (stop with Ctrl-C)",
         names.join(", "),
-        hub.path().display()
+        hubs.events.describe()
     );
     let reports = run_all(
-        &hub,
+        &hubs.events,
         processors,
         SubscriptionOptions::default(),
         shutdown_signal(),
@@ -102,7 +106,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// Counts what the reader hands out, for the progress bar.
 struct Counted {
-    reader: SubscriptionReader,
+    reader: AnyReader,
     bar: ProgressBar,
 }
 
@@ -151,12 +155,17 @@ pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     if to < from {
         bail!("--to is before --from");
     }
-    let (hub, _) = build_all(&Config {
+    let (hubs, _) = build_all(&Config {
         processors: Vec::new(),
         ..config.clone()
-    })?;
-    let processor = from_config(&hub, entry)?;
-    let total = hub.count_published(from, to)?;
+    })
+    .await?;
+    let processor = from_config(&hubs, entry).await?;
+    let total = match &hubs.events {
+        EventHub::Embedded(hub) => hub.count_published(from, to)?,
+        // JetStream does not count by time; the bar shows progress without a total.
+        EventHub::Nats(..) => 0,
+    };
     let name = format!("replay-{}-{}", args.processor, std::process::id());
     let options = SubscriptionOptions {
         start: StartAt::Time(from),
@@ -165,7 +174,15 @@ pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         transient: true,
         ..SubscriptionOptions::default()
     };
-    let (reader, _) = hub.subscribe(&name, options)?.split();
+    let reads_faults = processor.pipelines().iter().any(|p| {
+        p.accepts(&floodway::Event::builder(floodway::event::FAULT_EVENT_TYPE, "probe").build())
+    });
+    let sub = hubs
+        .events
+        .subscribe(&name, options, reads_faults)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let reader = sub.reader;
     let bar = progress(total, "replaying");
     let source = Counted {
         reader,

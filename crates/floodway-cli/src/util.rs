@@ -8,7 +8,7 @@ use floodway_embedded::{Hub, HubOptions};
 use floodway_processors::Config;
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Where the hub is: `--hub FILE`, or the `[hub]` of `--config FILE`.
+/// Where the hub is: `--hub FILE`, `--nats URL`, or the `[hub]` of `--config FILE`.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct HubArgs {
     /// The hub file.
@@ -22,10 +22,71 @@ pub(crate) struct HubArgs {
     /// A configuration file whose `[hub]` names the hub.
     #[arg(long, short, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
+    /// A NATS server: the hub is a JetStream stream there (see --stream, --subject).
+    #[arg(long, value_name = "URL", conflicts_with = "config")]
+    pub(crate) nats: Option<String>,
+    /// The JetStream stream, with --nats.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "FLOODWAY",
+        requires = "nats"
+    )]
+    pub(crate) stream: String,
+    /// The subject prefix of the stream, with --nats.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "floodway",
+        requires = "nats"
+    )]
+    pub(crate) subject: String,
+}
+
+/// A hub opened for `floodway hub ...`.
+pub(crate) enum AnyHub {
+    Embedded(Hub),
+    Nats(floodway_nats::NatsHub),
 }
 
 impl HubArgs {
-    /// Opens the hub; it must exist.
+    /// The NATS settings, when the hub is on NATS.
+    pub(crate) fn nats(&self) -> anyhow::Result<Option<floodway_nats::NatsHubOptions>> {
+        if let Some(url) = &self.nats {
+            return Ok(Some(floodway_nats::NatsHubOptions {
+                servers: vec![url.clone()],
+                stream: self.stream.clone(),
+                subject: self.subject.clone(),
+                ..Default::default()
+            }));
+        }
+        if let Some(config) = &self.config {
+            let c = Config::load(config)?;
+            if let Some(nats) = &c.hub.nats {
+                return Ok(Some(
+                    nats.hub_options(Some(&c.hub))
+                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                ));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Opens the event hub: the embedded file (it must exist unless `create`), or NATS.
+    pub(crate) async fn open_events(&self, create: bool) -> anyhow::Result<AnyHub> {
+        if let Some(options) = self.nats()? {
+            return Ok(AnyHub::Nats(
+                floodway_nats::NatsHub::connect(&options).await?,
+            ));
+        }
+        Ok(AnyHub::Embedded(if create {
+            self.open_or_create()?
+        } else {
+            self.open()?
+        }))
+    }
+
+    /// Opens the hub file (with NATS, the store of views and faults); it must exist.
     pub(crate) fn open(&self) -> anyhow::Result<Hub> {
         let path = match &self.config {
             Some(config) => Config::load(config)?.hub.path,

@@ -77,6 +77,11 @@ pub struct PublishReceipt {
 /// A connection to the JetStream hub. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct NatsHub {
+    pub(crate) inner: std::sync::Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
     pub(crate) stream: String,
@@ -135,48 +140,50 @@ impl NatsHub {
         js.set_timeout(options.request_timeout);
         let partitions = ensure_stream(&js, options).await?;
         Ok(NatsHub {
-            client,
-            js,
-            stream: options.stream.clone(),
-            subject: options.subject.clone(),
-            partitions,
-            servers,
+            inner: std::sync::Arc::new(Inner {
+                client,
+                js,
+                stream: options.stream.clone(),
+                subject: options.subject.clone(),
+                partitions,
+                servers,
+            }),
         })
     }
 
     /// The stream's name.
     pub fn stream(&self) -> &str {
-        &self.stream
+        &self.inner.stream
     }
 
     /// The number of partitions.
     pub fn partitions(&self) -> u32 {
-        self.partitions
+        self.inner.partitions
     }
 
     /// The servers this hub connects to.
     pub fn servers(&self) -> &str {
-        &self.servers
+        &self.inner.servers
     }
 
     /// The partition of a partition key.
     pub fn partition_of(&self, partition_key: &str) -> u32 {
-        partition_for(partition_key, self.partitions)
+        partition_for(partition_key, self.inner.partitions)
     }
 
     /// The subject of a partition.
     pub fn partition_subject(&self, partition: u32) -> String {
-        format!("{}.{partition}", self.subject)
+        format!("{}.{partition}", self.inner.subject)
     }
 
     /// The subject of fault events.
     pub fn fault_subject(&self) -> String {
-        format!("{}.faults", self.subject)
+        format!("{}.faults", self.inner.subject)
     }
 
     /// The underlying client, for what Floodway does not wrap.
     pub fn client(&self) -> &async_nats::Client {
-        &self.client
+        &self.inner.client
     }
 
     /// The subject an event goes to: its partition's, or the fault subject for `fault` events.
@@ -227,10 +234,53 @@ impl NatsHub {
     ) -> Result<jetstream::context::PublishAckFuture, NatsError> {
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
-        self.js
+        self.inner
+            .js
             .publish_with_headers(subject, headers, payload)
             .await
             .map_err(|e| NatsError::js("publish", e))
+    }
+
+    /// The newest messages that `keep` accepts, oldest first, with their publish times (ms):
+    /// at most `limit`, looking back through at most `limit * 20` messages.
+    ///
+    /// # Errors
+    /// When the server does not answer.
+    pub async fn newest(
+        &self,
+        limit: usize,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Result<Vec<(i64, Bytes)>, NatsError> {
+        let mut stream = self
+            .inner
+            .js
+            .get_stream(&self.inner.stream)
+            .await
+            .map_err(|e| NatsError::js("stream info", e))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| NatsError::js("stream info", e))?
+            .state
+            .clone();
+        let mut found = Vec::new();
+        let mut sequence = state.last_sequence;
+        let mut looked = 0;
+        while found.len() < limit && sequence >= state.first_sequence.max(1) && looked < limit * 20
+        {
+            looked += 1;
+            match stream.get_raw_message(sequence).await {
+                Ok(message) if keep(&message.payload) => {
+                    let ms = message.time.unix_timestamp_nanos() / 1_000_000;
+                    found.push((i64::try_from(ms).unwrap_or(i64::MAX), message.payload));
+                }
+                // Deleted by a limit, or filtered out.
+                Ok(_) | Err(_) => {}
+            }
+            sequence -= 1;
+        }
+        found.reverse();
+        Ok(found)
     }
 
     /// Messages and bytes per partition, and every subscription's lag.
@@ -239,12 +289,13 @@ impl NatsHub {
     /// When the server does not answer.
     pub async fn stats(&self) -> Result<NatsStats, NatsError> {
         let stream = self
+            .inner
             .js
-            .get_stream(&self.stream)
+            .get_stream(&self.inner.stream)
             .await
             .map_err(|e| NatsError::js("stream info", e))?;
         let mut per_subject = stream
-            .info_with_subjects(format!("{}.*", self.subject))
+            .info_with_subjects(format!("{}.*", self.inner.subject))
             .await
             .map_err(|e| NatsError::js("stream info", e))?;
         let info = per_subject.info.clone();
@@ -253,7 +304,7 @@ impl NatsHub {
             let (subject, count) = entry.map_err(|e| NatsError::js("stream info", e))?;
             counts.insert(subject, count as u64);
         }
-        let partitions = (0..self.partitions)
+        let partitions = (0..self.inner.partitions)
             .map(|p| counts.get(&self.partition_subject(p)).copied().unwrap_or(0))
             .collect();
         let faults = counts.get(&self.fault_subject()).copied().unwrap_or(0);
@@ -274,7 +325,7 @@ impl NatsHub {
             entry.redelivered += consumer.num_redelivered as u64;
         }
         Ok(NatsStats {
-            stream: self.stream.clone(),
+            stream: self.inner.stream.clone(),
             messages: info.state.messages,
             bytes: info.state.bytes,
             first_sequence: info.state.first_sequence,

@@ -227,14 +227,14 @@ impl NatsHub {
     ) -> Result<NatsSubscription, NatsError> {
         check_name("subscription", name)?;
         let partitions: Vec<(String, String)> = match &options.partitions {
-            Partitions::All => (0..self.partitions)
+            Partitions::All => (0..self.inner.partitions)
                 .map(|p| (p.to_string(), self.partition_subject(p)))
                 .collect(),
             Partitions::Only(list) => {
-                if let Some(p) = list.iter().find(|p| **p >= self.partitions) {
+                if let Some(p) = list.iter().find(|p| **p >= self.inner.partitions) {
                     return Err(NatsError::Config(format!(
                         "partition {p} does not exist: stream `{}` has {}",
-                        self.stream, self.partitions
+                        self.inner.stream, self.inner.partitions
                     )));
                 }
                 list.iter()
@@ -244,11 +244,12 @@ impl NatsHub {
             Partitions::Faults => vec![("faults".into(), self.fault_subject())],
         };
         let stream = self
+            .inner
             .js
-            .get_stream(&self.stream)
+            .get_stream(&self.inner.stream)
             .await
             .map_err(|e| NatsError::js("stream info", e))?;
-        let source = format!("nats:{}", self.stream);
+        let source = format!("nats:{}", self.inner.stream);
         let outstanding: Outstanding = Arc::new(Mutex::new(Some(HashMap::new())));
         let (tx, rx) = mpsc::channel(options.fetch.max(1));
         let mut tasks = JoinSet::new();
@@ -275,7 +276,7 @@ impl NatsHub {
         let (ops, ops_rx) = mpsc::unbounded_channel();
         let (closed_tx, closed) = watch::channel(false);
         tokio::spawn(acker(
-            self.client.clone(),
+            self.inner.client.clone(),
             ops_rx,
             outstanding,
             options,

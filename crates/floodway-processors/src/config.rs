@@ -40,6 +40,31 @@
 //! name = "faults"
 //! ```
 //!
+//! With a `[hub.nats]` table the hub is a NATS JetStream stream instead, and `[hub] path` is
+//! the local store of views and faults (`partitions` and the retention settings then apply to
+//! the stream):
+//!
+//! ```toml
+//! [hub]
+//! path = "stores.db"
+//! partitions = 8
+//!
+//! [hub.nats]
+//! servers = ["nats://127.0.0.1:4222"]
+//! stream = "ORDERS"           # created if missing (default FLOODWAY)
+//! subject = "orders"          # events on orders.<partition>, faults on orders.faults
+//! replicas = 1                # 3 on a cluster
+//! duplicate_window = "2m"     # a re-publish of an event id inside it is stored once
+//! instance = "0/2"            # static assignment: this process reads partitions p % 2 == 0
+//! sharing = "exclusive"       # or "pinned": all instances pull, the server pins one per partition
+//! pinned_ttl = "10s"          # how long a silent pinned instance keeps its partitions
+//! ack_wait = "30s"
+//! max_ack_pending = 1000      # per partition
+//! ```
+//!
+//! A *forward* processor writes to another embedded hub (`to = "other.db"`) or to a NATS
+//! stream (`to_nats = { servers = [...], stream = "ARCHIVE", subject = "archive" }`).
+//!
 //! Unknown keys and bad values are errors that name them.
 
 use std::path::{Path, PathBuf};
@@ -102,8 +127,131 @@ pub struct HubConfig {
     /// Delete events published longer ago than this (`7d`, `12h`); `floodway run` applies it
     /// every minute.
     pub retention_max_age: Option<String>,
-    /// Per partition, delete the oldest events beyond this many bytes.
+    /// Per partition, delete the oldest events beyond this many bytes (on NATS: in the whole
+    /// stream).
     pub retention_max_bytes: Option<u64>,
+    /// The hub is a NATS JetStream stream; `path` is then the local store of views and faults.
+    pub nats: Option<NatsConfig>,
+}
+
+/// A NATS JetStream hub: `[hub.nats]`, or a forward processor's `to_nats`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URLs.
+    #[serde(default = "default_servers")]
+    pub servers: Vec<String>,
+    /// The stream (default `FLOODWAY`).
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// The subject prefix (default `floodway`).
+    #[serde(default = "default_subject")]
+    pub subject: String,
+    /// Partitions of a new stream (a forward target; the hub's come from `[hub] partitions`).
+    pub partitions: Option<u32>,
+    /// Replicas of the stream (default 1).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// A re-publish of an event id inside this window is stored once (default `2m`).
+    #[serde(default = "default_duplicate_window")]
+    pub duplicate_window: String,
+    /// `i/n`: this process reads the partitions `p` with `p % n == i`.
+    pub instance: Option<String>,
+    /// `exclusive` (default) or `pinned`.
+    #[serde(default)]
+    pub sharing: SharingConfig,
+    /// How long a silent pinned instance keeps its partitions (default `10s`).
+    #[serde(default = "default_pinned_ttl")]
+    pub pinned_ttl: String,
+    /// How long JetStream waits for an ack before redelivering (default `30s`).
+    #[serde(default = "default_ack_wait")]
+    pub ack_wait: String,
+    /// Per partition, records delivered and not acked at most (default 1000).
+    #[serde(default = "default_max_ack_pending")]
+    pub max_ack_pending: i64,
+}
+
+/// How instances share partitions on NATS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SharingConfig {
+    /// Each partition read by one instance (static assignment with `instance`).
+    #[default]
+    Exclusive,
+    /// Consumer priority groups with a pinned client per partition.
+    Pinned,
+}
+
+fn default_servers() -> Vec<String> {
+    vec!["nats://127.0.0.1:4222".into()]
+}
+fn default_stream() -> String {
+    "FLOODWAY".into()
+}
+fn default_subject() -> String {
+    "floodway".into()
+}
+fn default_replicas() -> usize {
+    1
+}
+fn default_duplicate_window() -> String {
+    "2m".into()
+}
+fn default_pinned_ttl() -> String {
+    "10s".into()
+}
+fn default_ack_wait() -> String {
+    "30s".into()
+}
+fn default_max_ack_pending() -> i64 {
+    1000
+}
+
+fn duration(what: &str, text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{what} `{text}` is not a duration like 30s or 2m: {e}"))
+}
+
+impl NatsConfig {
+    /// The instance share `(index, count)`, if set.
+    ///
+    /// # Errors
+    /// A value that is not `i/n` with `i < n`.
+    pub fn instance(&self) -> Result<Option<(u32, u32)>, String> {
+        let Some(text) = &self.instance else {
+            return Ok(None);
+        };
+        let parsed = text
+            .split_once('/')
+            .and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
+        match parsed {
+            Some((i, n)) if i < n => Ok(Some((i, n))),
+            _ => Err(format!(
+                "[hub.nats] instance `{text}` is not `i/n` with i < n (like 0/2)"
+            )),
+        }
+    }
+
+    /// Checks every value.
+    ///
+    /// # Errors
+    /// The first bad one, named.
+    pub fn check(&self, table: &str) -> Result<(), String> {
+        if self.servers.is_empty() {
+            return Err(format!("{table} servers is empty: give at least one URL"));
+        }
+        duration(&format!("{table} duplicate_window"), &self.duplicate_window)?;
+        duration(&format!("{table} pinned_ttl"), &self.pinned_ttl)?;
+        duration(&format!("{table} ack_wait"), &self.ack_wait)?;
+        self.instance()?;
+        if self.max_ack_pending < 1 {
+            return Err(format!("{table} max_ack_pending must be at least 1"));
+        }
+        if self.replicas < 1 {
+            return Err(format!("{table} replicas must be at least 1"));
+        }
+        Ok(())
+    }
 }
 
 /// When a publish is durable.
@@ -185,8 +333,10 @@ pub enum ProcessorConfig {
         name: String,
         /// Event types (exact or `*` patterns).
         types: Vec<String>,
-        /// The other hub's file, relative to the configuration file.
-        to: PathBuf,
+        /// Another embedded hub's file, relative to the configuration file.
+        to: Option<PathBuf>,
+        /// A NATS JetStream stream.
+        to_nats: Option<NatsConfig>,
     },
     /// Fault events into the fault store.
     FaultMonitor {
@@ -250,7 +400,7 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         config.hub.path = base.join(&config.hub.path);
         for p in &mut config.processors {
-            if let ProcessorConfig::Forward { to, .. } = p {
+            if let ProcessorConfig::Forward { to: Some(to), .. } = p {
                 *to = base.join(&*to);
             }
         }
@@ -279,6 +429,9 @@ impl Config {
                 format!("[hub] retention_max_age `{age}` is not a duration like 7d or 12h: {e}")
             })?;
         }
+        if let Some(nats) = &self.hub.nats {
+            nats.check("[hub.nats]")?;
+        }
         let mut names = std::collections::HashSet::new();
         for p in &self.processors {
             let name = p.name();
@@ -288,6 +441,15 @@ impl Config {
                 ));
             }
             match p {
+                ProcessorConfig::Forward { to, to_nats, .. } => match (to, to_nats) {
+                    (Some(_), None) => {}
+                    (None, Some(nats)) => nats.check(&format!("processor `{name}`: to_nats"))?,
+                    _ => {
+                        return Err(format!(
+                            "processor `{name}`: give either `to` (a hub file) or `to_nats`"
+                        ))
+                    }
+                },
                 ProcessorConfig::Materialize { batch: 0, .. } => {
                     return Err(format!("processor `{name}`: batch must be at least 1"));
                 }

@@ -8,10 +8,14 @@
 //! | `fault-monitor` | fault events into the fault store ([`processors::fault_monitor`]) |
 //!
 //! Every processor reads the subscription named after it and sends its faults to the hub as
-//! `fault` events, where the fault monitor stores them. [`config`] describes the file format.
+//! `fault` events, where the fault monitor stores them. The hub is the embedded SQLite file or
+//! a NATS JetStream stream ([`hubs`]); views and faults are kept in the SQLite file either way.
+//! [`config`] describes the file format.
 
 pub mod config;
+pub mod hubs;
 pub mod processors;
 
 pub use config::{Config, ConfigError, ProcessorConfig};
+pub use hubs::{EventHub, Hubs};
 pub use processors::{build_all, from_config, run_all, SetupError};

@@ -11,10 +11,12 @@ use floodway::runtime::RunReport;
 use floodway::{sink_fn, Batch, BuildError, Error, Event, Pipeline, Processor, RunError};
 use floodway_embedded::{FaultStore, Hub, HubError, HubOptions, OpenError, SubscriptionOptions};
 use floodway_http::{HttpConfigError, HttpSink, HttpSinkConfig};
+use floodway_nats::NatsHub;
 use serde_json::Value;
 use tower::util::BoxCloneSyncService;
 
 use crate::config::{ConcurrencyConfig, Config, ProcessorConfig};
+use crate::hubs::{EventHub, Hubs, HubsError, NatsRead};
 
 /// A processor could not be built from its configuration.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,15 @@ pub enum SetupError {
         /// Why.
         #[source]
         source: OpenError,
+    },
+    /// A NATS hub could not be reached or does not fit.
+    #[error("processor `{name}`: {source}")]
+    Nats {
+        /// The processor.
+        name: String,
+        /// Why.
+        #[source]
+        source: HubsError,
     },
     /// The hub failed.
     #[error("processor `{name}`: {source}")]
@@ -108,9 +119,9 @@ fn with_types(
 }
 
 /// A processor of one pipeline whose faults are published to the hub as `fault` events.
-fn publishing_faults(hub: &Hub, name: &str, pipeline: Pipeline) -> Result<Processor, SetupError> {
+fn publishing_faults(hubs: &Hubs, name: &str, pipeline: Pipeline) -> Result<Processor, SetupError> {
     Processor::builder(name)
-        .fault_sink(hub.publisher())
+        .fault_sink(hubs.events.publisher())
         .pipeline(pipeline)
         .build()
         .map_err(|source| SetupError::Build {
@@ -124,7 +135,7 @@ fn publishing_faults(hub: &Hub, name: &str, pipeline: Pipeline) -> Result<Proces
 /// # Errors
 /// An invalid type pattern or view name, or a hub failure.
 pub fn materialize(
-    hub: &Hub,
+    hubs: &Hubs,
     name: &str,
     types: &[String],
     view: &str,
@@ -140,7 +151,7 @@ pub fn materialize(
         name: name.into(),
         source,
     };
-    let store = hub.view(view).map_err(hub_err)?;
+    let store = hubs.store.view(view).map_err(hub_err)?;
     let (key, value) = (key.to_owned(), value.map(str::to_owned));
     let sink = store.sink_json(
         move |e| key_of(&key, e),
@@ -150,7 +161,7 @@ pub fn materialize(
         .batch(floodway::BatchConfig::count(batch).max_wait(Duration::from_millis(20)))
         .sink(sink)
         .map_err(build)?;
-    publishing_faults(hub, name, pipeline)
+    publishing_faults(hubs, name, pipeline)
 }
 
 /// Settings of the *http* processor.
@@ -175,7 +186,7 @@ pub struct HttpGateway {
 /// # Errors
 /// Invalid settings.
 pub fn http_gateway(
-    hub: &Hub,
+    hubs: &Hubs,
     name: &str,
     types: &[String],
     gateway: HttpGateway,
@@ -198,21 +209,26 @@ pub fn http_gateway(
         None => resilience.adaptive_concurrency(Aimd::default()),
     };
     let sink = HttpSink::new(gateway.config)
-        .with_response_publisher(BoxCloneSyncService::new(hub.publisher()));
+        .with_response_publisher(BoxCloneSyncService::new(hubs.events.publisher()));
     let pipeline = with_types(Pipeline::builder(name), types)
         .parallelism(gateway.parallelism)
         .resilience(resilience)
         .sink(sink)
         .map_err(build)?;
-    publishing_faults(hub, name, pipeline)
+    publishing_faults(hubs, name, pipeline)
 }
 
 /// The *forward* processor: events of `types` into another hub (idempotently: a redelivered
-/// event is stored there once).
+/// event is stored there once): another embedded hub, or a NATS stream.
 ///
 /// # Errors
-/// Invalid types, or the other hub cannot be opened.
-pub fn forward(hub: &Hub, name: &str, types: &[String], to: &Hub) -> Result<Processor, SetupError> {
+/// Invalid types.
+pub fn forward(
+    hubs: &Hubs,
+    name: &str,
+    types: &[String],
+    to: &EventHub,
+) -> Result<Processor, SetupError> {
     let build = |source| SetupError::Build {
         name: name.into(),
         source,
@@ -221,19 +237,19 @@ pub fn forward(hub: &Hub, name: &str, types: &[String], to: &Hub) -> Result<Proc
         .batch(floodway::BatchConfig::count(500).max_wait(Duration::from_millis(20)))
         .sink(to.publisher())
         .map_err(build)?;
-    publishing_faults(hub, name, pipeline)
+    publishing_faults(hubs, name, pipeline)
 }
 
 /// The *fault monitor*: `fault` events of the hub into its fault store.
 ///
 /// # Errors
 /// A hub failure.
-pub fn fault_monitor(hub: &Hub, name: &str) -> Result<Processor, SetupError> {
+pub fn fault_monitor(hubs: &Hubs, name: &str) -> Result<Processor, SetupError> {
     let build = |source| SetupError::Build {
         name: name.into(),
         source,
     };
-    let store: FaultStore = hub.fault_store().map_err(|source| SetupError::Hub {
+    let store: FaultStore = hubs.store.fault_store().map_err(|source| SetupError::Hub {
         name: name.into(),
         source,
     })?;
@@ -266,7 +282,7 @@ pub fn fault_monitor(hub: &Hub, name: &str) -> Result<Processor, SetupError> {
 ///
 /// # Errors
 /// Invalid settings, or a hub that cannot be opened.
-pub fn from_config(hub: &Hub, config: &ProcessorConfig) -> Result<Processor, SetupError> {
+pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Processor, SetupError> {
     match config {
         ProcessorConfig::Materialize {
             name,
@@ -275,7 +291,7 @@ pub fn from_config(hub: &Hub, config: &ProcessorConfig) -> Result<Processor, Set
             key,
             value,
             batch,
-        } => materialize(hub, name, types, view, key, value.as_deref(), *batch),
+        } => materialize(hubs, name, types, view, key, value.as_deref(), *batch),
         ProcessorConfig::Http {
             name,
             types,
@@ -308,43 +324,71 @@ pub fn from_config(hub: &Hub, config: &ProcessorConfig) -> Result<Processor, Set
                 max_attempts: *max_attempts,
                 parallelism: *parallelism,
             };
-            http_gateway(hub, name, types, gateway)
+            http_gateway(hubs, name, types, gateway)
         }
-        ProcessorConfig::Forward { name, types, to } => {
-            let other =
-                Hub::open(to, HubOptions::default()).map_err(|source| SetupError::Open {
-                    name: name.clone(),
-                    source,
-                })?;
-            forward(hub, name, types, &other)
+        ProcessorConfig::Forward {
+            name,
+            types,
+            to,
+            to_nats,
+        } => {
+            let other = match (to, to_nats) {
+                (Some(to), _) => {
+                    EventHub::Embedded(Hub::open(to, HubOptions::default()).map_err(|source| {
+                        SetupError::Open {
+                            name: name.clone(),
+                            source,
+                        }
+                    })?)
+                }
+                (None, Some(nats)) => {
+                    let nats_err = |source| SetupError::Nats {
+                        name: name.clone(),
+                        source,
+                    };
+                    let options = nats
+                        .hub_options(None)
+                        .map_err(|e| nats_err(HubsError::Config(e)))?;
+                    let hub = NatsHub::connect(&options)
+                        .await
+                        .map_err(|e| nats_err(HubsError::Nats(e)))?;
+                    EventHub::Nats(hub, NatsRead::default())
+                }
+                (None, None) => {
+                    return Err(SetupError::Nats {
+                        name: name.clone(),
+                        source: HubsError::Config("give `to` or `to_nats`".into()),
+                    })
+                }
+            };
+            forward(hubs, name, types, &other)
         }
-        ProcessorConfig::FaultMonitor { name } => fault_monitor(hub, name),
+        ProcessorConfig::FaultMonitor { name } => fault_monitor(hubs, name),
     }
 }
 
-/// Opens the configured hub and builds every configured processor.
+/// Opens the configured hubs and builds every configured processor.
 ///
 /// # Errors
 /// The first processor that cannot be built, or a hub that cannot be opened.
-pub fn build_all(config: &Config) -> Result<(Hub, Vec<Processor>), SetupError> {
-    let options = HubOptions {
-        partitions: config.hub.partitions,
-        durability: match config.hub.durability {
-            crate::config::DurabilityConfig::Immediate => floodway_embedded::Durability::Immediate,
-            crate::config::DurabilityConfig::Relaxed => floodway_embedded::Durability::Relaxed,
-        },
-        ..HubOptions::default()
-    };
-    let hub = Hub::open(&config.hub.path, options).map_err(|source| SetupError::Open {
-        name: "hub".into(),
-        source,
-    })?;
-    let processors = config
-        .processors
-        .iter()
-        .map(|p| from_config(&hub, p))
-        .collect::<Result<_, _>>()?;
-    Ok((hub, processors))
+pub async fn build_all(config: &Config) -> Result<(Hubs, Vec<Processor>), SetupError> {
+    let hubs = Hubs::open(&config.hub)
+        .await
+        .map_err(|source| SetupError::Nats {
+            name: "hub".into(),
+            source,
+        })?;
+    let mut processors = Vec::with_capacity(config.processors.len());
+    for p in &config.processors {
+        processors.push(from_config(&hubs, p).await?);
+    }
+    Ok((hubs, processors))
+}
+
+/// Whether a processor takes `fault` events (on NATS it then reads the fault subject).
+fn reads_faults(processor: &Processor) -> bool {
+    let probe = Event::builder(floodway::event::FAULT_EVENT_TYPE, "probe").build();
+    processor.pipelines().iter().any(|p| p.accepts(&probe))
 }
 
 /// Runs processors on a hub, each over the subscription of its name, until `shutdown`
@@ -353,7 +397,7 @@ pub fn build_all(config: &Config) -> Result<(Hub, Vec<Processor>), SetupError> {
 /// # Errors
 /// The first processor that stops with an error (the others are asked to stop).
 pub async fn run_all<F>(
-    hub: &Hub,
+    hub: &EventHub,
     processors: Vec<Processor>,
     options: SubscriptionOptions,
     shutdown: F,
@@ -365,26 +409,32 @@ where
     let mut tasks = tokio::task::JoinSet::new();
     for processor in processors {
         let name = processor.name().to_owned();
-        let sub = match hub.subscribe(&name, options) {
+        let sub = match hub
+            .subscribe(&name, options, reads_faults(&processor))
+            .await
+        {
             Ok(sub) => sub,
-            Err(e) => {
+            Err(cause) => {
                 let _ = stop_tx.send(true);
                 return Err((
                     name,
                     RunError::Source(floodway::error::SourceError {
                         source_name: "hub".into(),
-                        cause: Box::new(e),
+                        cause,
                     }),
                 ));
             }
         };
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
-            let (reader, checkpointer) = sub.split();
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            let result = processor.run(reader, checkpointer, stopped).await;
+            let result = processor.run(sub.reader, sub.checkpointer, stopped).await;
+            if let Some(closed) = sub.closed {
+                // Unfinished records go back to JetStream with their nak delay.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), closed).await;
+            }
             (name, result)
         });
     }

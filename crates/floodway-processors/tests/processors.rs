@@ -137,9 +137,10 @@ to = "archive.db"
     let path = dir.path().join("floodway.toml");
     std::fs::write(&path, config_text).unwrap();
     let config = Config::load(&path).unwrap();
-    let (hub, processors) = build_all(&config).unwrap();
+    let (hubs, processors) = build_all(&config).await.unwrap();
+    let hub = hubs.store.clone();
     hub.publish(&events).await.unwrap();
-    let reports = run_all(&hub, processors, bounded(), std::future::pending())
+    let reports = run_all(&hubs.events, processors, bounded(), std::future::pending())
         .await
         .unwrap();
     assert_eq!(reports.len(), 3);
@@ -191,10 +192,15 @@ to = "archive.db"
     assert_eq!(archived, orders as u64);
 
     // Faults and responses went to the hub as events; the fault monitor stores the faults.
-    let monitor = floodway_processors::processors::fault_monitor(&hub, "faults").unwrap();
-    run_all(&hub, vec![monitor], bounded(), std::future::pending())
-        .await
-        .unwrap();
+    let monitor = floodway_processors::processors::fault_monitor(&hubs, "faults").unwrap();
+    run_all(
+        &hubs.events,
+        vec![monitor],
+        bounded(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
     let faults = hub
         .fault_store()
         .unwrap()
@@ -221,4 +227,170 @@ to = "archive.db"
         n
     };
     assert_eq!(notified, (paid.len() - poisoned) as u64);
+}
+
+/// The same processors on NATS JetStream, fed from an embedded hub by a forward processor
+/// and forwarding back into another embedded hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_processors_run_on_nats_with_forwarding_both_ways() {
+    let server = floodway_nats::testing::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let target = Arc::new(Target::default());
+    let addr = serve(target.clone()).await;
+    let mut events = generate::orders(400, 32);
+    let mut poisoned = 0;
+    for e in events
+        .iter_mut()
+        .filter(|e| e.event_type() == "order-paid")
+        .take(2)
+    {
+        e.fields_mut().get_mut("order").unwrap()["total"] = Value::from(-1);
+        poisoned += 1;
+    }
+    let nats = format!(
+        r#"servers = ["{}"]
+stream = "SHOP"
+subject = "shop""#,
+        server.url()
+    );
+    // The edge: an embedded hub forwarding everything to NATS.
+    let edge = dir.path().join("edge.toml");
+    std::fs::write(
+        &edge,
+        format!(
+            r#"
+[hub]
+path = "edge.db"
+
+[[processors]]
+kind = "forward"
+name = "to-nats"
+types = ["*"]
+to_nats = {{ {}, partitions = 4 }}
+"#,
+            nats.replace('\n', ", ")
+        ),
+    )
+    .unwrap();
+    // The core: processors on NATS, views and faults in a local store, an archive back on an
+    // embedded hub.
+    let core = dir.path().join("core.toml");
+    std::fs::write(
+        &core,
+        format!(
+            r#"
+[hub]
+path = "stores.db"
+partitions = 4
+
+[hub.nats]
+{nats}
+
+[[processors]]
+kind = "materialize"
+name = "orders-view"
+types = ["order-*"]
+view = "orders"
+value = "/order"
+
+[[processors]]
+kind = "http"
+name = "notify"
+types = ["order-paid"]
+url = "http://{addr}/notify"
+respond_as = "payment-notified"
+
+[[processors]]
+kind = "forward"
+name = "archive"
+types = ["order-*"]
+to = "archive.db"
+"#
+        ),
+    )
+    .unwrap();
+
+    let (edge_hubs, edge_processors) = build_all(&Config::load(&edge).unwrap()).await.unwrap();
+    edge_hubs.store.publish(&events).await.unwrap();
+    run_all(
+        &edge_hubs.events,
+        edge_processors,
+        bounded(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+
+    let (hubs, processors) = build_all(&Config::load(&core).unwrap()).await.unwrap();
+    let floodway_processors::EventHub::Nats(nats_hub, _) = &hubs.events else {
+        panic!("the core runs on NATS");
+    };
+    assert_eq!(nats_hub.stats().await.unwrap().messages, 400);
+    run_all(&hubs.events, processors, bounded(), std::future::pending())
+        .await
+        .unwrap();
+
+    let mut want = MemoryView::new();
+    for e in events
+        .iter()
+        .filter(|e| e.event_type().starts_with("order-"))
+    {
+        want.apply(
+            e.partition_key(),
+            Version::of(e),
+            e.field("order").unwrap().clone(),
+        );
+    }
+    let mut got = MemoryView::new();
+    for row in hubs.store.view("orders").unwrap().rows().unwrap() {
+        got.apply(&row.key, row.version, row.value);
+    }
+    assert_eq!(got, want);
+    let paid = events
+        .iter()
+        .filter(|e| e.event_type() == "order-paid")
+        .count();
+    let received = target.received.lock().unwrap().clone();
+    assert_eq!(received.len(), paid - poisoned);
+    assert!(received.values().all(|n| *n == 1));
+
+    let archive = Hub::open(dir.path().join("archive.db"), HubOptions::default()).unwrap();
+    let archived: u64 = archive
+        .stats()
+        .unwrap()
+        .partitions
+        .iter()
+        .map(|p| p.events)
+        .sum();
+    let orders = events
+        .iter()
+        .filter(|e| e.event_type().starts_with("order-"))
+        .count();
+    assert_eq!(archived, orders as u64);
+
+    // Faults went to the fault subject; the monitor stores them in the local store.
+    let monitor = floodway_processors::processors::fault_monitor(&hubs, "faults").unwrap();
+    run_all(
+        &hubs.events,
+        vec![monitor],
+        bounded(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    let faults = hubs
+        .store
+        .fault_store()
+        .unwrap()
+        .list(&FaultFilter::default())
+        .unwrap();
+    assert_eq!(faults.len(), poisoned);
+    assert!(faults.iter().all(|f| f.pipeline == "notify"));
+    let stats = nats_hub.stats().await.unwrap();
+    assert_eq!(stats.faults, poisoned as u64);
+    // Responses were published to NATS as events.
+    assert_eq!(
+        stats.messages,
+        400 + (paid - poisoned) as u64 + poisoned as u64
+    );
 }
