@@ -217,3 +217,121 @@ impl NatsCluster {
         self.nodes.iter().map(NatsServer::url).collect()
     }
 }
+
+/// A TCP proxy on loopback in front of a server, to cut connections (a network drop) and
+/// delay traffic (a slow server) under a client that knows only the proxy's address.
+#[derive(Debug)]
+pub struct Proxy {
+    port: u16,
+    control: std::sync::Arc<ProxyControl>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Default)]
+struct ProxyControl {
+    /// Bumped to cut every open connection.
+    generation: std::sync::atomic::AtomicU64,
+    /// Milliseconds each chunk of traffic waits.
+    delay_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Proxy {
+    /// Starts a proxy to `127.0.0.1:upstream` (inside a tokio runtime).
+    ///
+    /// # Panics
+    /// When no loopback port can be bound.
+    pub async fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let port = listener.local_addr().expect("an address").port();
+        let control = std::sync::Arc::new(ProxyControl::default());
+        let shared = control.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let control = shared.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let generation = control.generation.load(Ordering::SeqCst);
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let up = pipe(cr, sw, control.clone(), generation);
+                    let down = pipe(sr, cw, control.clone(), generation);
+                    tokio::select! {
+                        () = up => {}
+                        () = down => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            control,
+            task,
+        }
+    }
+
+    /// The URL a client uses.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts every open connection (new ones are accepted).
+    pub fn cut(&self) {
+        self.control
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Delays every chunk of traffic by this much (zero: no delay).
+    pub fn set_delay(&self, delay: Duration) {
+        self.control.delay_ms.store(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    control: std::sync::Arc<ProxyControl>,
+    generation: u64,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buf) => read,
+            () = async {
+                while control.generation.load(Ordering::SeqCst) == generation {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            } => return,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let delay = control.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if control.generation.load(Ordering::SeqCst) != generation
+            || to.write_all(&buf[..n]).await.is_err()
+        {
+            return;
+        }
+    }
+}

@@ -622,3 +622,69 @@ async fn starts_at_the_end_or_a_time() {
         .unwrap();
     assert_eq!(sink.len(), 40);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_drops_and_a_slow_server_are_survived() {
+    let server = NatsServer::start();
+    let proxy = floodway_nats::testing::Proxy::start(server.port()).await;
+    let hub = NatsHub::connect(&options(vec![proxy.url()])).await.unwrap();
+    let proxy = Arc::new(proxy);
+    let trouble = proxy.clone();
+    view_through_a_kill(&hub, ticks(3000, 300), move || {
+        // Slow: every chunk of traffic waits 100 ms, for a second.
+        trouble.set_delay(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_secs(1));
+        trouble.set_delay(Duration::ZERO);
+        // Dropped: every connection cut, twice.
+        trouble.cut();
+        std::thread::sleep(Duration::from_millis(300));
+        trouble.cut();
+    })
+    .await;
+    assert_eq!(hub.stats().await.unwrap().messages, 3000, "stored once each");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_holds_records_with_in_progress_acks_and_faults_nothing() {
+    let server = NatsServer::start();
+    let hub = NatsHub::connect(&options(vec![server.url()])).await.unwrap();
+    hub.publish(&generate::orders(200, 6)).await.unwrap();
+    // The target is down for the first 3 s: three times the ack wait.
+    let sink = ScriptedSink::new(|call| {
+        if call.elapsed < Duration::from_secs(3) {
+            Err(Error::transient_msg("ConnectionRefused", "down"))
+        } else {
+            Ok(())
+        }
+    });
+    let processor = Processor::builder("held")
+        .fault_sink(hub.publisher())
+        .pipeline(Pipeline::builder("p").sink(sink.clone()).unwrap())
+        .build()
+        .unwrap();
+    let sub = hub
+        .subscribe(
+            "held",
+            SubscriptionOptions {
+                ack_wait: Duration::from_secs(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let delivered = sink.delivered().clone();
+    let report = run_until(&processor, sub, move || delivered.len() >= 200).await;
+    assert!(sink.failures() > 0, "the outage was met");
+    assert_eq!(report.faults(), 0, "an outage faults nothing");
+    let stats = hub.stats().await.unwrap();
+    let (_, held) = stats
+        .subscriptions
+        .iter()
+        .find(|(name, _)| name == "held")
+        .unwrap();
+    assert_eq!(
+        (held.pending, held.ack_pending, held.redelivered),
+        (0, 0, 0),
+        "nothing redelivered: in-progress acks kept the records"
+    );
+}
