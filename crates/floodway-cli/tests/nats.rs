@@ -52,7 +52,10 @@ name = "faults"
 
 /// The lag of every subscription, once both exist.
 fn lag(dir: &Path) -> Option<u64> {
-    let t = text(&floodway(dir, &["hub", "stats", "--config", "floodway.toml"]));
+    let t = text(&floodway(
+        dir,
+        &["hub", "stats", "--config", "floodway.toml"],
+    ));
     let lags: Vec<u64> = t
         .lines()
         .skip_while(|l| !l.starts_with("subscription"))
@@ -65,7 +68,14 @@ fn lag(dir: &Path) -> Option<u64> {
 fn open_faults(dir: &Path) -> usize {
     let out = floodway(
         dir,
-        &["faults", "list", "--config", "floodway.toml", "--status", "open"],
+        &[
+            "faults",
+            "list",
+            "--config",
+            "floodway.toml",
+            "--status",
+            "open",
+        ],
     );
     text(&out)
         .lines()
@@ -95,7 +105,13 @@ fn the_command_runs_on_nats() {
 
     let out = floodway(
         d,
-        &["hub", "publish", "--config", "floodway.toml", "orders.jsonl"],
+        &[
+            "hub",
+            "publish",
+            "--config",
+            "floodway.toml",
+            "orders.jsonl",
+        ],
     );
     assert!(out.status.success(), "{}", text(&out));
     assert!(
@@ -106,9 +122,19 @@ fn the_command_runs_on_nats() {
     // Publishing again stores nothing: the ids are in the duplicate window.
     let out = floodway(
         d,
-        &["hub", "publish", "--config", "floodway.toml", "orders.jsonl"],
+        &[
+            "hub",
+            "publish",
+            "--config",
+            "floodway.toml",
+            "orders.jsonl",
+        ],
     );
-    assert!(text(&out).contains("(40 duplicates skipped"), "{}", text(&out));
+    assert!(
+        text(&out).contains("(40 duplicates skipped"),
+        "{}",
+        text(&out)
+    );
 
     // Run until everything is consumed and the three poison orders are stored as faults.
     let mut child = Command::new(env!("CARGO_BIN_EXE_floodway"))
@@ -136,7 +162,14 @@ fn the_command_runs_on_nats() {
     let stats = text(&floodway(
         d,
         &[
-            "hub", "stats", "--nats", &url, "--stream", "SHOP", "--subject", "shop",
+            "hub",
+            "stats",
+            "--nats",
+            &url,
+            "--stream",
+            "SHOP",
+            "--subject",
+            "shop",
         ],
     ));
     assert!(stats.contains("NATS stream SHOP"), "{stats}");
@@ -147,7 +180,10 @@ fn the_command_runs_on_nats() {
         &["hub", "tail", "--config", "floodway.toml", "-n", "3"],
     ));
     assert_eq!(tail.lines().count(), 3, "{tail}");
-    assert!(tail.lines().all(|l| l.contains("order-submitted")), "{tail}");
+    assert!(
+        tail.lines().all(|l| l.contains("order-submitted")),
+        "{tail}"
+    );
 
     // Resubmission: fails before the fix, succeeds after, and never twice.
     let out = floodway(d, &["faults", "resubmit", "--config", "floodway.toml"]);
@@ -184,11 +220,7 @@ fn the_command_runs_on_nats() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("replayed 40 events"),
-        "{}",
-        text(&out)
-    );
+    assert!(text(&out).contains("replayed 40 events"), "{}", text(&out));
     assert!(
         text(&out).contains("40 delivered, 0 faults"),
         "{}",
@@ -196,10 +228,7 @@ fn the_command_runs_on_nats() {
     );
 
     // A server that is not there is named, with what to check.
-    let out = floodway(
-        d,
-        &["hub", "stats", "--nats", "nats://127.0.0.1:1"],
-    );
+    let out = floodway(d, &["hub", "stats", "--nats", "nats://127.0.0.1:1"]);
     assert!(!out.status.success());
     assert!(
         text(&out).contains("cannot connect to NATS at nats://127.0.0.1:1"),

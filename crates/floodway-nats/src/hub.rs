@@ -88,6 +88,10 @@ pub(crate) struct Inner {
     pub(crate) subject: String,
     pub(crate) partitions: u32,
     pub(crate) servers: String,
+    /// `{subject}.{partition}`, built once.
+    pub(crate) partition_subjects: Vec<async_nats::Subject>,
+    /// `{subject}.faults`.
+    pub(crate) fault_subject: async_nats::Subject,
 }
 
 /// A name usable as a stream, consumer or subject token.
@@ -147,6 +151,10 @@ impl NatsHub {
                 subject: options.subject.clone(),
                 partitions,
                 servers,
+                partition_subjects: (0..partitions)
+                    .map(|p| format!("{}.{p}", options.subject).into())
+                    .collect(),
+                fault_subject: format!("{}.faults", options.subject).into(),
             }),
         })
     }
@@ -187,11 +195,12 @@ impl NatsHub {
     }
 
     /// The subject an event goes to: its partition's, or the fault subject for `fault` events.
-    fn subject_of(&self, event: &Event) -> String {
+    fn subject_of(&self, event: &Event) -> async_nats::Subject {
         if event.is_fault() {
-            self.fault_subject()
+            self.inner.fault_subject.clone()
         } else {
-            self.partition_subject(self.partition_of(event.partition_key()))
+            let partition = self.partition_of(event.partition_key()) as usize;
+            self.inner.partition_subjects[partition].clone()
         }
     }
 
@@ -204,8 +213,8 @@ impl NatsHub {
     pub async fn publish(&self, events: &[Event]) -> Result<PublishReceipt, NatsError> {
         let mut pending = Vec::with_capacity(events.len());
         for event in events {
-            let payload = match event.source_text() {
-                Some(text) => Bytes::copy_from_slice(text.as_bytes()),
+            let payload = match event.source_bytes() {
+                Some(bytes) => bytes.clone(),
                 None => Bytes::from(event.to_json()),
             };
             pending.push(
@@ -228,7 +237,7 @@ impl NatsHub {
     /// Sends one message with an id; the returned future resolves to the server's ack.
     pub(crate) async fn publish_raw(
         &self,
-        subject: String,
+        subject: async_nats::Subject,
         id: &str,
         payload: Bytes,
     ) -> Result<jetstream::context::PublishAckFuture, NatsError> {

@@ -641,13 +641,19 @@ async fn network_drops_and_a_slow_server_are_survived() {
         trouble.cut();
     })
     .await;
-    assert_eq!(hub.stats().await.unwrap().messages, 3000, "stored once each");
+    assert_eq!(
+        hub.stats().await.unwrap().messages,
+        3000,
+        "stored once each"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_holds_records_with_in_progress_acks_and_faults_nothing() {
     let server = NatsServer::start();
-    let hub = NatsHub::connect(&options(vec![server.url()])).await.unwrap();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
     hub.publish(&generate::orders(200, 6)).await.unwrap();
     // The target is down for the first 3 s: three times the ack wait.
     let sink = ScriptedSink::new(|call| {

@@ -612,6 +612,15 @@ impl Event {
         }
     }
 
+    /// The bytes this event was decoded from, if it was decoded and not changed since: a
+    /// cheap clone of the record's buffer, for publishing it on without copying.
+    pub fn source_bytes(&self) -> Option<&Bytes> {
+        match &self.repr {
+            Repr::Raw { bytes, .. } => Some(bytes),
+            Repr::Owned { .. } => None,
+        }
+    }
+
     /// The encoded size in bytes (exact for decoded events, computed otherwise).
     pub fn encoded_len(&self) -> usize {
         match &self.repr {

@@ -1,0 +1,223 @@
+//! JetStream benchmarks: `cargo bench -p floodway-nats --bench nats`.
+//!
+//! Against a local `nats-server` (file storage, in a temporary directory), in the same run:
+//! - consume: a raw async-nats pull consumer acking every ~400-byte message, against a
+//!   Floodway processor consuming the same messages through one pipeline into a counting sink;
+//! - publish: raw async-nats publishes with `Nats-Msg-Id`, pipelined 1,000 at a time and all
+//!   acked, against Floodway's publisher doing the same.
+//!
+//! `FLOODWAY_BENCH_EVENTS` sets the message count (default 100,000); each measurement runs
+//! three times and the median is reported.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::pull;
+use bytes::Bytes;
+use floodway::memory::MemoryFaultSink;
+use floodway::testing::generate;
+use floodway::{sink_fn, Batch, Error, Event, Pipeline, Processor};
+use floodway_nats::testing::NatsServer;
+use floodway_nats::{NatsHub, NatsHubOptions, Partitions, SubscriptionOptions};
+use futures_util::StreamExt;
+
+const RUNS: usize = 3;
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn row(name: &str, value: f64, baseline: f64, goal: &str) {
+    println!(
+        "| {name} | {value:.0} msg/s | {baseline:.0} msg/s | {:.2} | {goal} |",
+        value / baseline
+    );
+}
+
+async fn hub(server: &NatsServer, stream: &str, partitions: u32) -> NatsHub {
+    NatsHub::connect(&NatsHubOptions {
+        servers: vec![server.url()],
+        stream: stream.into(),
+        subject: stream.to_lowercase(),
+        partitions: Some(partitions),
+        ..NatsHubOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Raw async-nats: one pull consumer over the stream, every message acked.
+async fn raw_consume(hub: &NatsHub, name: &str, n: usize) -> f64 {
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let stream = js.get_stream(hub.stream()).await.unwrap();
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 4000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(200)
+        .messages()
+        .await
+        .unwrap();
+    let mut seen = 0;
+    while let Some(message) = messages.next().await {
+        let message = message.unwrap();
+        std::hint::black_box(&message.payload);
+        message.ack().await.unwrap();
+        seen += 1;
+        if seen == n {
+            break;
+        }
+    }
+    hub.client().flush().await.unwrap();
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A Floodway processor: one pipeline into a counting sink.
+async fn floodway_consume(hub: &NatsHub, name: &str, n: usize) -> f64 {
+    let count = Arc::new(AtomicU64::new(0));
+    let counter = count.clone();
+    let sink = sink_fn(move |batch: Batch| {
+        counter.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        std::future::ready(Ok::<_, Error>(()))
+    });
+    let processor = Processor::builder(name)
+        .fault_sink(MemoryFaultSink::new())
+        .max_in_flight(4000)
+        .pipeline(
+            Pipeline::builder("count")
+                .event_type("*")
+                .batch(floodway::BatchConfig::count(200).max_wait(Duration::from_millis(5)))
+                .sink(sink)
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let sub = hub
+        .subscribe(
+            name,
+            SubscriptionOptions {
+                partitions: Partitions::All,
+                max_ack_pending: 4000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let closed = sub.closed();
+    let (reader, checkpointer) = sub.split();
+    let started = Instant::now();
+    let done = count.clone();
+    let stop = async move {
+        while done.load(Ordering::Relaxed) < n as u64 {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    };
+    processor.run(reader, checkpointer, stop).await.unwrap();
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    closed.await;
+    rate
+}
+
+/// Raw async-nats publishing with ids, 1,000 in flight, every ack awaited.
+async fn raw_publish(hub: &NatsHub, subject: &str, events: &[(String, Bytes)]) -> f64 {
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let started = Instant::now();
+    for chunk in events.chunks(1_000) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for (id, payload) in chunk {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            acks.push(
+                js.publish_with_headers(subject.to_owned(), headers, payload.clone())
+                    .await
+                    .unwrap(),
+            );
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+    events.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn floodway_publish(hub: &NatsHub, events: &[Event]) -> f64 {
+    let started = Instant::now();
+    for chunk in events.chunks(1_000) {
+        hub.publish(chunk).await.unwrap();
+    }
+    events.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let n: usize = std::env::var("FLOODWAY_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = NatsServer::start();
+    runtime.block_on(async {
+        // Decoded from JSON, as a forwarder or `hub publish` holds them.
+        let events: Vec<Event> = generate::orders(n, 7)
+            .iter()
+            .map(|e| Event::decode_bytes(Bytes::from(e.to_json()), 1 << 20).unwrap())
+            .collect();
+        let bytes: usize = events.iter().map(Event::encoded_len).sum();
+        println!(
+            "{n} events of {} bytes on average, nats-server on loopback (file storage), {} runs each, median\n",
+            bytes / n,
+            RUNS
+        );
+        println!("| measurement | Floodway | raw async-nats | ratio | goal |");
+        println!("|---|---|---|---|---|");
+
+        // Publishing: each run into a fresh stream, so ids are never duplicates.
+        let (mut raw, mut ours) = (Vec::new(), Vec::new());
+        for run in 0..RUNS {
+            let raw_hub = hub(&server, &format!("RAWPUB{run}"), 1).await;
+            let payloads: Vec<(String, Bytes)> = events
+                .iter()
+                .map(|e| (e.id().to_owned(), e.source_bytes().unwrap().clone()))
+                .collect();
+            raw.push(raw_publish(&raw_hub, &raw_hub.partition_subject(0), &payloads).await);
+            let our_hub = hub(&server, &format!("PUB{run}"), 4).await;
+            ours.push(floodway_publish(&our_hub, &events).await);
+        }
+        row(
+            "publish, acked, with ids",
+            median(ours),
+            median(raw),
+            "report",
+        );
+
+        // Consuming: the same stored messages, read by fresh consumers each run.
+        for partitions in [1u32, 4] {
+            let source = hub(&server, &format!("CONSUME{partitions}"), partitions).await;
+            floodway_publish(&source, &events).await;
+            let (mut raw, mut ours) = (Vec::new(), Vec::new());
+            for run in 0..RUNS {
+                raw.push(raw_consume(&source, &format!("raw{run}"), n).await);
+                ours.push(floodway_consume(&source, &format!("floodway{run}"), n).await);
+            }
+            row(
+                &format!("consume + ack, {partitions} partition(s), one pipeline"),
+                median(ours),
+                median(raw),
+                "ratio >= 0.70",
+            );
+        }
+    });
+}
