@@ -29,6 +29,9 @@ use tokio::task::JoinSet;
 use crate::error::NatsError;
 use crate::hub::{check_name, NatsHub};
 
+/// How long a pull request waits at the server.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
 /// The priority group name used by pinned sharing.
 const GROUP: &str = "floodway";
 
@@ -418,15 +421,20 @@ impl PartitionReader {
                 return Ok(true);
             }
         }
+        // Short pulls with idle heartbeats: a pull request lost with a server (a restart, a
+        // cluster node going away) is noticed within seconds, not at its expiry.
+        let mut expires = PULL_EXPIRES;
         let mut builder = consumer
             .stream()
             .max_messages_per_batch(self.options.fetch.max(1));
         if let Sharing::Pinned { ttl } = self.options.sharing {
             if !self.options.transient {
-                let expires = (ttl / 3).max(Duration::from_millis(500));
-                builder = builder.group(GROUP).expires(expires).heartbeat(expires / 4);
+                // Pulls well inside the pin's time to live, or the pin is lost between them.
+                expires = (ttl / 3).clamp(Duration::from_millis(500), PULL_EXPIRES);
+                builder = builder.group(GROUP);
             }
         }
+        let builder = builder.expires(expires).heartbeat(expires / 4);
         let mut messages = builder
             .messages()
             .await
