@@ -53,6 +53,17 @@ where
     report
 }
 
+/// A processor of one pipeline that keeps what it gets.
+fn collecting(name: &str) -> (Processor, MemorySink) {
+    let sink = MemorySink::new();
+    let processor = Processor::builder(name)
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(Pipeline::builder("p").sink(sink.clone()).unwrap())
+        .build()
+        .unwrap();
+    (processor, sink)
+}
+
 /// Every event of a bounded read of the hub (a transient reader).
 async fn read_all(hub: &NatsHub, partitions: Partitions) -> Vec<Event> {
     let sink = MemorySink::new();
@@ -585,11 +596,18 @@ async fn a_cluster_node_killed_mid_stream_loses_nothing() {
     assert_eq!(hub.stats().await.unwrap().replicas, 3);
     // Kill the first node (the one the client most likely talks to) for good.
     view_through_a_kill(&hub, ticks(2000, 200), || cluster.nodes[0].kill()).await;
-    assert_eq!(
-        hub.stats().await.unwrap().messages,
-        2000,
-        "stored once each"
-    );
+    // The cluster may still be moving leaders: ask until it answers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stats = loop {
+        match hub.stats().await {
+            Ok(stats) => break stats,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "the cluster never answered: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(stats.messages, 2000, "stored once each");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -616,24 +634,14 @@ async fn starts_at_the_end_or_a_time() {
         .await
         .unwrap();
     hub.publish(&new).await.unwrap();
-    let sink = MemorySink::new();
-    let processor = Processor::builder("late")
-        .fault_sink(MemoryFaultSink::new())
-        .pipeline(Pipeline::builder("p").sink(sink.clone()).unwrap())
-        .build()
-        .unwrap();
+    let (processor, sink) = collecting("late");
     let delivered = sink.clone();
     run_until(&processor, from_end, move || delivered.len() >= 40).await;
     let ids: HashSet<String> = sink.events().iter().map(|e| e.id().to_owned()).collect();
     assert!(new.iter().all(|e| ids.contains(e.id())));
     assert_eq!(ids.len(), 40);
 
-    let sink = MemorySink::new();
-    let processor = Processor::builder("timed")
-        .fault_sink(MemoryFaultSink::new())
-        .pipeline(Pipeline::builder("p").sink(sink.clone()).unwrap())
-        .build()
-        .unwrap();
+    let (processor, sink) = collecting("timed");
     let sub = hub
         .subscribe(
             "timed",

@@ -81,6 +81,6 @@ pub use error::{BoxError, BuildError, DecodeEventError, Error, ErrorClass, Resul
 pub use event::{Event, EventBuilder};
 pub use pipeline::{BatchConfig, Pipeline};
 pub use runtime::{Processor, ProcessorConfig, RunReport};
-pub use sink::{fault_sink_fn, sink_fn};
+pub use sink::{fault_sink_fn, sink_fn, Publish, Publisher};
 pub use source::{Checkpoint, Checkpointer, Settlement, Source};
 pub use uow::{Batch, Record, Uow};
