@@ -1,0 +1,27 @@
+//! Floodway on AWS Lambda.
+//!
+//! - [`Handler`]: an invocation's records (Kinesis, DynamoDB Streams as change data capture,
+//!   SQS, EventBridge) through the same processor and pipelines as the other runtimes,
+//!   answered with `ReportBatchItemFailures`; [`serve`] is a function's `main`.
+//! - [`sources`]: the payloads as records, and the CDC rules.
+//! - [`simulator`]: a deterministic model of Lambda's event-source mappings (batching,
+//!   partial-batch checkpointing, bisect on error, retries, record age, on-failure
+//!   destination, per-shard order; SQS visibility and dead-letter queue), driving handlers in
+//!   this process or real handler binaries through [`runtime_api`], a local Lambda Runtime
+//!   API.
+//!
+//! This crate does not use the AWS SDK, so the `floodway` command can run AWS-shaped
+//! processors locally without compiling it.
+
+pub mod handler;
+pub mod runtime_api;
+pub mod simulator;
+pub mod sources;
+
+pub use handler::{serve, Handler, HandlerError};
+pub use runtime_api::{FunctionProcess, InvokeError, LocalRuntime};
+pub use simulator::{
+    Function, InProcess, QueueMapping, QueueMessage, ShardReport, StreamKind, StreamMapping,
+    StreamRecord,
+};
+pub use sources::CdcOptions;

@@ -1,0 +1,271 @@
+//! A local Lambda Runtime API on 127.0.0.1, to run real handler binaries as Lambda would:
+//! `GET /2018-06-01/runtime/invocation/next`, `POST .../invocation/{id}/response`,
+//! `POST .../invocation/{id}/error` and `POST .../init/error`.
+//!
+//! [`LocalRuntime::invoke`] queues an invocation and waits for the function's answer; a
+//! [`FunctionProcess`] is a handler binary started with `AWS_LAMBDA_RUNTIME_API` pointing
+//! here. One invocation is handed out at a time, as Lambda does with one execution
+//! environment.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
+
+const PREFIX: &str = "/2018-06-01/runtime";
+
+/// An invocation that did not produce an answer.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum InvokeError {
+    /// The function reported an error (its `errorType` and `errorMessage`).
+    #[error("function error: {0}")]
+    Function(String),
+    /// The function did not answer within its timeout.
+    #[error("the function timed out after {0:?}")]
+    Timeout(Duration),
+    /// The function failed to start (`init/error`) or exited.
+    #[error("the function is not running: {0}")]
+    NotRunning(String),
+}
+
+struct Invocation {
+    id: String,
+    payload: Bytes,
+    deadline_ms: u64,
+    answer: oneshot::Sender<Result<Value, InvokeError>>,
+}
+
+#[derive(Default)]
+struct State {
+    waiting: HashMap<String, oneshot::Sender<Result<Value, InvokeError>>>,
+    init_error: Option<String>,
+}
+
+/// The local Runtime API server.
+#[derive(Clone)]
+pub struct LocalRuntime {
+    addr: SocketAddr,
+    queue: mpsc::Sender<Invocation>,
+    state: Arc<Mutex<State>>,
+    next: Arc<AtomicCounter>,
+}
+
+#[derive(Default)]
+struct AtomicCounter(std::sync::atomic::AtomicU64);
+
+impl std::fmt::Debug for LocalRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalRuntime")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalRuntime {
+    /// Starts the server on a free loopback port (inside a tokio runtime).
+    ///
+    /// # Errors
+    /// When no port can be bound.
+    pub async fn start() -> std::io::Result<LocalRuntime> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (queue, pending) = mpsc::channel::<Invocation>(1);
+        let pending = Arc::new(AsyncMutex::new(pending));
+        let state: Arc<Mutex<State>> = Arc::default();
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (pending, state) = (pending.clone(), shared.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let (pending, state) = (pending.clone(), state.clone());
+                        async move { Ok::<_, Infallible>(route(req, pending, state).await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(LocalRuntime {
+            addr,
+            queue,
+            state,
+            next: Arc::default(),
+        })
+    }
+
+    /// `host:port`, the value of `AWS_LAMBDA_RUNTIME_API`.
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Invokes the function with `payload` and waits up to `timeout` for its answer.
+    ///
+    /// # Errors
+    /// A function error, a timeout, or a function that failed to start.
+    pub async fn invoke(&self, payload: &Value, timeout: Duration) -> Result<Value, InvokeError> {
+        if let Some(e) = self.state.lock().ok().and_then(|s| s.init_error.clone()) {
+            return Err(InvokeError::NotRunning(e));
+        }
+        let n = self
+            .next
+            .0
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = format!("invocation-{n}");
+        let (answer, answered) = oneshot::channel();
+        let deadline_ms = u64::try_from(floodway::event::now_millis()).unwrap_or(0)
+            + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let invocation = Invocation {
+            id: id.clone(),
+            payload: Bytes::from(serde_json::to_vec(payload).unwrap_or_default()),
+            deadline_ms,
+            answer,
+        };
+        let sent = tokio::time::timeout(timeout, self.queue.send(invocation)).await;
+        match sent {
+            Err(_) => return Err(InvokeError::Timeout(timeout)),
+            Ok(Err(_)) => return Err(InvokeError::NotRunning("the runtime API stopped".into())),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout(timeout, answered).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(InvokeError::NotRunning("no answer".into())),
+            Err(_) => {
+                if let Ok(mut state) = self.state.lock() {
+                    state.waiting.remove(&id);
+                }
+                Err(InvokeError::Timeout(timeout))
+            }
+        }
+    }
+}
+
+fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+}
+
+async fn route(
+    req: Request<Incoming>,
+    pending: Arc<AsyncMutex<mpsc::Receiver<Invocation>>>,
+    state: Arc<Mutex<State>>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let Some(rest) = path.strip_prefix(PREFIX) else {
+        return reply(StatusCode::NOT_FOUND, "not a runtime API path");
+    };
+    match (req.method(), rest) {
+        (&Method::GET, "/invocation/next") => {
+            let invocation = pending.lock().await.recv().await;
+            let Some(invocation) = invocation else {
+                return reply(StatusCode::GONE, "stopped");
+            };
+            if let Ok(mut s) = state.lock() {
+                s.waiting.insert(invocation.id.clone(), invocation.answer);
+            }
+            let mut response = reply(StatusCode::OK, invocation.payload);
+            let headers = response.headers_mut();
+            let mut set = |name: &'static str, value: String| {
+                if let Ok(v) = http::HeaderValue::from_str(&value) {
+                    headers.insert(name, v);
+                }
+            };
+            set("lambda-runtime-aws-request-id", invocation.id);
+            set(
+                "lambda-runtime-deadline-ms",
+                invocation.deadline_ms.to_string(),
+            );
+            set(
+                "lambda-runtime-invoked-function-arn",
+                "arn:aws:lambda:local:000000000000:function:floodway".into(),
+            );
+            set("lambda-runtime-trace-id", "Root=1-local".into());
+            response
+        }
+        (&Method::POST, "/init/error") => {
+            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+            let text = body
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            if let Ok(mut s) = state.lock() {
+                s.init_error = Some(text);
+            }
+            reply(StatusCode::ACCEPTED, "")
+        }
+        (&Method::POST, rest) if rest.starts_with("/invocation/") => {
+            let mut parts = rest["/invocation/".len()..].splitn(2, '/');
+            let (id, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let body = match req.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return reply(StatusCode::BAD_REQUEST, e.to_string()),
+            };
+            let waiting = state.lock().ok().and_then(|mut s| s.waiting.remove(id));
+            let Some(answer) = waiting else {
+                return reply(StatusCode::BAD_REQUEST, "unknown or finished invocation");
+            };
+            let outcome = match kind {
+                "response" => Ok(serde_json::from_slice(&body).unwrap_or(Value::Null)),
+                "error" => Err(InvokeError::Function(
+                    String::from_utf8_lossy(&body).into_owned(),
+                )),
+                _ => return reply(StatusCode::NOT_FOUND, "unknown endpoint"),
+            };
+            let _ = answer.send(outcome);
+            reply(StatusCode::ACCEPTED, "")
+        }
+        _ => reply(StatusCode::NOT_FOUND, "unknown endpoint"),
+    }
+}
+
+/// A handler binary running against a [`LocalRuntime`]; killed when dropped.
+#[derive(Debug)]
+pub struct FunctionProcess {
+    child: tokio::process::Child,
+}
+
+impl FunctionProcess {
+    /// Starts `binary` with the Lambda environment pointing at `runtime`, plus `env`.
+    ///
+    /// # Errors
+    /// When the binary cannot be started.
+    pub fn spawn(
+        binary: &Path,
+        runtime: &LocalRuntime,
+        env: &[(&str, &str)],
+    ) -> std::io::Result<FunctionProcess> {
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .env("AWS_LAMBDA_RUNTIME_API", runtime.address())
+            .env("AWS_LAMBDA_FUNCTION_NAME", "floodway")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+            .env("AWS_REGION", "local")
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Ok(FunctionProcess {
+            child: command.spawn()?,
+        })
+    }
+
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
