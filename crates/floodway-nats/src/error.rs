@@ -17,6 +17,16 @@ pub enum NatsError {
         /// Why.
         message: String,
     },
+    /// An event larger than the server takes (its `max_payload`).
+    #[error("event {id} is {size} bytes, more than the server takes ({max}): raise max_payload or keep large data elsewhere (a claim check)")]
+    TooLarge {
+        /// The event.
+        id: String,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A JetStream request (stream, consumer, publish, ack) failed; worth trying again.
     #[error("JetStream {action}: {message}")]
     JetStream {
@@ -40,6 +50,7 @@ impl From<NatsError> for Error {
     fn from(error: NatsError) -> Error {
         match error {
             NatsError::Config(_) => Error::fatal(error),
+            NatsError::TooLarge { .. } => Error::poison(error),
             NatsError::Connect { .. } | NatsError::JetStream { .. } => Error::transient(error),
         }
     }

@@ -34,14 +34,16 @@ pub struct NatsHubOptions {
     pub subject: String,
     /// Partitions of a new stream (default 8); must match an existing one when given.
     pub partitions: Option<u32>,
-    /// Replicas of the stream (1, or 3 on a cluster).
-    pub replicas: usize,
-    /// Delete events older than this (none: keep them).
+    /// Replicas of the stream (1, or 3 on a cluster). For this and the limits below, `None`
+    /// leaves an existing stream as it is (a new one gets 1 replica, no limits, a 2 minute
+    /// duplicate window); a value given updates an existing stream to it.
+    pub replicas: Option<usize>,
+    /// Delete events older than this.
     pub max_age: Option<Duration>,
-    /// Delete the oldest events beyond this many bytes in the stream (none: no limit).
+    /// Delete the oldest events beyond this many bytes in the stream.
     pub max_bytes: Option<i64>,
-    /// A publish repeating an event id within this window is stored once (default 2 min).
-    pub duplicate_window: Duration,
+    /// A publish repeating an event id within this window is stored once.
+    pub duplicate_window: Option<Duration>,
     /// Keep the stream in memory instead of files (tests).
     pub memory: bool,
     /// How long a request (publish ack, stream info) may take (default 10 s).
@@ -55,10 +57,10 @@ impl Default for NatsHubOptions {
             stream: "FLOODWAY".into(),
             subject: "floodway".into(),
             partitions: None,
-            replicas: 1,
+            replicas: None,
             max_age: None,
             max_bytes: None,
-            duplicate_window: Duration::from_secs(120),
+            duplicate_window: None,
             memory: false,
             request_timeout: Duration::from_secs(10),
         }
@@ -212,11 +214,30 @@ impl NatsHub {
     /// When an acknowledgement does not come (retrying is safe: duplicates are skipped).
     pub async fn publish(&self, events: &[Event]) -> Result<PublishReceipt, NatsError> {
         let mut pending = Vec::with_capacity(events.len());
+        // Room for the subject and headers below the server's limit.
+        let max = self
+            .inner
+            .client
+            .server_info()
+            .max_payload
+            .saturating_sub(512);
         for event in events {
-            let payload = match event.source_bytes() {
+            let mut payload = match event.source_bytes() {
                 Some(bytes) => bytes.clone(),
                 None => Bytes::from(event.to_json()),
             };
+            if payload.len() > max {
+                if !event.is_fault() {
+                    return Err(NatsError::TooLarge {
+                        id: event.id().to_owned(),
+                        size: payload.len(),
+                        max,
+                    });
+                }
+                // A fault of a large record: stored without the record's bytes and the
+                // decoded event, rather than not at all (which would stop the processor).
+                payload = Bytes::from(trimmed_fault(event, payload.len()).to_json());
+            }
             pending.push(
                 self.publish_raw(self.subject_of(event), event.id(), payload)
                     .await?,
@@ -347,6 +368,20 @@ impl NatsHub {
     }
 }
 
+/// A fault event without the record's bytes and the decoded event, marked `truncated` with
+/// the size it had.
+fn trimmed_fault(fault: &Event, size: usize) -> Event {
+    let mut fault = fault.clone();
+    if let Some(serde_json::Value::Object(uow)) = fault.fields_mut().get_mut("uow") {
+        uow.remove("event");
+        if let Some(serde_json::Value::Object(record)) = uow.get_mut("record") {
+            record.remove("data");
+            record.insert("truncated".into(), size.into());
+        }
+    }
+    fault
+}
+
 /// What [`NatsHub::stats`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatsStats {
@@ -392,10 +427,10 @@ fn stream_config(options: &NatsHubOptions, partitions: u32) -> stream::Config {
         } else {
             stream::StorageType::File
         },
-        num_replicas: options.replicas,
+        num_replicas: options.replicas.unwrap_or(1),
         max_age: options.max_age.unwrap_or_default(),
         max_bytes: options.max_bytes.unwrap_or(-1),
-        duplicate_window: options.duplicate_window,
+        duplicate_window: options.duplicate_window.unwrap_or(Duration::from_secs(120)),
         metadata: HashMap::from([(PARTITIONS_KEY.to_owned(), partitions.to_string())]),
         description: Some("Floodway event hub".into()),
         ..Default::default()
@@ -427,10 +462,26 @@ async fn ensure_stream(
     };
     let Some(current) = existing else {
         let partitions = options.partitions.unwrap_or(DEFAULT_PARTITIONS);
-        js.create_stream(stream_config(options, partitions))
-            .await
-            .map_err(|e| NatsError::js("create stream", e))?;
-        return Ok(partitions);
+        return match js.create_stream(stream_config(options, partitions)).await {
+            Ok(_) => Ok(partitions),
+            Err(e) => match e.kind() {
+                // Another process created it first: check theirs instead.
+                jetstream::context::CreateStreamErrorKind::JetStream(inner)
+                    if inner.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST =>
+                {
+                    Box::pin(ensure_stream(js, options)).await
+                }
+                // The server refused the settings (a subject another stream holds, a
+                // duplicate window longer than the max age, too many replicas).
+                jetstream::context::CreateStreamErrorKind::JetStream(inner) => {
+                    Err(NatsError::Config(format!(
+                        "cannot create stream `{}`: {inner}",
+                        options.stream
+                    )))
+                }
+                _ => Err(NatsError::js("create stream", e)),
+            },
+        };
     };
     let stored = current
         .metadata
@@ -459,19 +510,24 @@ async fn ensure_stream(
             options.stream, current.subjects
         )));
     }
-    let wanted = stream_config(options, stored);
-    let differs = current.num_replicas != wanted.num_replicas
-        || current.max_age != wanted.max_age
-        || current.max_bytes != wanted.max_bytes
-        || current.duplicate_window != wanted.duplicate_window;
-    if differs {
-        let update = stream::Config {
-            storage: current.storage,
-            ..wanted
-        };
-        js.update_stream(&update)
-            .await
-            .map_err(|e| NatsError::js("update stream", e))?;
+    // Only what the settings give changes; everything else stays as the stream has it.
+    let mut update = current.clone();
+    if let Some(replicas) = options.replicas {
+        update.num_replicas = replicas;
+    }
+    if let Some(max_age) = options.max_age {
+        update.max_age = max_age;
+    }
+    if let Some(max_bytes) = options.max_bytes {
+        update.max_bytes = max_bytes;
+    }
+    if let Some(window) = options.duplicate_window {
+        update.duplicate_window = window;
+    }
+    if update != current {
+        js.update_stream(&update).await.map_err(|e| {
+            NatsError::Config(format!("cannot update stream `{}`: {e}", options.stream))
+        })?;
     }
     Ok(stored)
 }

@@ -178,8 +178,9 @@ pub struct NatsSubscription {
 /// The reading half of a [`NatsSubscription`].
 #[derive(Debug)]
 pub struct NatsReader {
-    rx: mpsc::Receiver<Item>,
+    rx: mpsc::UnboundedReceiver<Item>,
     live: usize,
+    follow: bool,
     source: String,
     _tasks: JoinSet<()>,
 }
@@ -218,17 +219,32 @@ impl NatsSubscription {
 }
 
 impl NatsHub {
-    /// Opens the subscription `name`: its consumers are created when missing and resume from
-    /// what they have not seen acked.
+    /// Opens the subscription `name`: its consumers are created when missing (or updated
+    /// when `ack_wait` or `max_ack_pending` changed) and resume from what they have not seen
+    /// acked.
     ///
     /// # Errors
-    /// A name NATS cannot use, a partition the stream does not have, or a server failure.
+    /// A name NATS cannot use, a partition the stream does not have, settings an existing
+    /// consumer cannot take, or a server failure.
     pub async fn subscribe(
         &self,
         name: &str,
         options: SubscriptionOptions,
     ) -> Result<NatsSubscription, NatsError> {
         check_name("subscription", name)?;
+        if !options.transient && options.ack_wait < Duration::from_secs(1) {
+            return Err(NatsError::Config(format!(
+                "ack_wait of {:?} is too short: at least 1 s",
+                options.ack_wait
+            )));
+        }
+        if let Sharing::Pinned { ttl } = options.sharing {
+            if ttl < Duration::from_secs(1) {
+                return Err(NatsError::Config(format!(
+                    "pinned_ttl of {ttl:?} is too short: at least 1 s"
+                )));
+            }
+        }
         let partitions: Vec<(String, String)> = match &options.partitions {
             Partitions::All => (0..self.inner.partitions)
                 .map(|p| (p.to_string(), self.partition_subject(p)))
@@ -253,18 +269,27 @@ impl NatsHub {
             .await
             .map_err(|e| NatsError::js("stream info", e))?;
         let source = format!("nats:{}", self.inner.stream);
-        let outstanding: Outstanding = Arc::new(Mutex::new(Some(HashMap::new())));
-        let (tx, rx) = mpsc::channel(options.fetch.max(1));
-        let mut tasks = JoinSet::new();
-        let live = partitions.len();
         let options = Arc::new(options);
+        // Every consumer first, so that bad settings fail here before anything is pulled, and
+        // a start at the end means the end as of this call.
+        let mut consumers = Vec::with_capacity(partitions.len());
         for (partition, subject) in partitions {
-            let config = consumer_config(name, &partition, subject, &options)?;
-            // Create the consumer now, so that bad settings fail here and a start at the end
-            // means the end as of this call.
-            let consumer = create_consumer(&stream, &config).await?;
+            let config = consumer_config(name, &partition, subject.clone(), &options)?;
+            let consumer = open_consumer(&stream, &config).await?;
+            consumers.push((partition, subject, config, consumer));
+        }
+        let outstanding: Outstanding = Arc::new(Mutex::new(Some(HashMap::new())));
+        // Unbounded on purpose: every message is registered (kept alive with in-progress acks,
+        // nak'd at close) the moment it arrives, and the server's `max_ack_pending` bounds how
+        // many there are, per partition.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut tasks = JoinSet::new();
+        let live = consumers.len();
+        for (partition, subject, config, consumer) in consumers {
             let reader = PartitionReader {
+                client: self.inner.client.clone(),
                 stream: stream.clone(),
+                subject,
                 config,
                 consumer: Some(consumer),
                 partition: partition.into(),
@@ -273,6 +298,7 @@ impl NatsHub {
                 outstanding: outstanding.clone(),
                 tx: tx.clone(),
                 last: 0,
+                target: None,
             };
             tasks.spawn(reader.run());
         }
@@ -282,13 +308,14 @@ impl NatsHub {
             self.inner.client.clone(),
             ops_rx,
             outstanding,
-            options,
+            options.clone(),
             closed_tx,
         ));
         Ok(NatsSubscription {
             reader: NatsReader {
                 rx,
                 live,
+                follow: options.follow,
                 source,
                 _tasks: tasks,
             },
@@ -339,30 +366,100 @@ fn consumer_config(
     Ok(config)
 }
 
+/// A JetStream error code, when the error carries one.
+fn code_of(error: &impl std::fmt::Debug) -> Option<u64> {
+    // The server's error code is in the Debug form of the error: `JetStream(Error { code,
+    // err_code: ErrorCode(n), .. })`.
+    let text = format!("{error:?}");
+    let at = text.find("ErrorCode(")? + "ErrorCode(".len();
+    text[at..].split(')').next()?.parse().ok()
+}
+
+/// Errors that trying again does not fix: the stream is gone, access is denied, or the
+/// request is invalid.
+fn permanent(code: Option<u64>) -> bool {
+    // 10059 stream not found, 10100 / 10101 consumer config invalid / name in use with
+    // another config, 10012 / 10013 consumer setting not allowed, 10148 / 10149 priority
+    // groups.
+    matches!(
+        code,
+        Some(10059 | 10012 | 10013 | 10100 | 10101 | 10148 | 10149 | 10150)
+    )
+}
+
+/// Creates a consumer, or finds a durable one and brings its changeable settings (ack wait,
+/// max ack pending) in line; a setting it cannot change is a configuration error.
+async fn open_consumer(
+    stream: &async_nats::jetstream::stream::Stream,
+    config: &pull::Config,
+) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
+    let Some(name) = &config.durable_name else {
+        return stream.create_consumer(config.clone()).await.map_err(|e| {
+            if permanent(code_of(&e)) {
+                NatsError::Config(format!("cannot create a consumer: {e}"))
+            } else {
+                NatsError::js("create consumer", e)
+            }
+        });
+    };
+    let consumer = stream
+        .get_or_create_consumer(name, config.clone())
+        .await
+        .map_err(|e| {
+            if permanent(code_of(&e)) {
+                NatsError::Config(format!("consumer `{name}`: {e}"))
+            } else {
+                NatsError::js("create consumer", e)
+            }
+        })?;
+    let current = consumer.cached_info().config.clone();
+    if current.priority_policy != config.priority_policy
+        || current.priority_groups != config.priority_groups
+    {
+        let wanted = if config.priority_policy == PriorityPolicy::PinnedClient {
+            "pinned"
+        } else {
+            "exclusive"
+        };
+        return Err(NatsError::Config(format!(
+            "consumer `{name}` exists with another sharing than `{wanted}` (or the server is \
+             older than 2.11 and has no priority groups): delete it (`nats consumer rm`) or \
+             use another subscription name"
+        )));
+    }
+    if current.ack_wait != config.ack_wait
+        || current.max_ack_pending != config.max_ack_pending
+        || current.priority_timeout != config.priority_timeout
+    {
+        // Only the changeable settings move; where it starts stays the server's.
+        let update = pull::Config {
+            deliver_policy: current.deliver_policy,
+            ..config.clone()
+        };
+        return stream
+            .update_consumer(update)
+            .await
+            .map_err(|e| NatsError::Config(format!("cannot update consumer `{name}`: {e}")));
+    }
+    Ok(consumer)
+}
+
 /// Pulls one partition's consumer into the subscription's channel.
 struct PartitionReader {
+    client: async_nats::Client,
     stream: async_nats::jetstream::stream::Stream,
+    subject: String,
     config: pull::Config,
     consumer: Option<async_nats::jetstream::consumer::Consumer<pull::Config>>,
     partition: Arc<str>,
     source: Arc<str>,
     options: Arc<SubscriptionOptions>,
     outstanding: Outstanding,
-    tx: mpsc::Sender<Item>,
+    tx: mpsc::UnboundedSender<Item>,
     /// The stream sequence of the last record read.
     last: u64,
-}
-
-/// Creates (or finds, for a durable one) a consumer.
-async fn create_consumer(
-    stream: &async_nats::jetstream::stream::Stream,
-    config: &pull::Config,
-) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
-    match &config.durable_name {
-        Some(name) => stream.get_or_create_consumer(name, config.clone()).await,
-        None => stream.create_consumer(config.clone()).await,
-    }
-    .map_err(|e| NatsError::js("create consumer", e))
+    /// For a bounded read: the last sequence of the partition when the read began.
+    target: Option<u64>,
 }
 
 impl PartitionReader {
@@ -371,12 +468,12 @@ impl PartitionReader {
         loop {
             match self.pull().await {
                 Ok(true) => {
-                    let _ = self.tx.send(Item::End).await;
+                    let _ = self.tx.send(Item::End);
                     return;
                 }
                 Ok(false) => failures = 0,
                 Err(e) if is_fatal(&e) => {
-                    let _ = self.tx.send(Item::Failed(e)).await;
+                    let _ = self.tx.send(Item::Failed(e));
                     return;
                 }
                 Err(e) => {
@@ -397,9 +494,28 @@ impl PartitionReader {
         }
     }
 
+    /// For a bounded read, the partition's last sequence now (`None`: it is empty).
+    async fn last_sequence(&self) -> Result<Option<u64>, NatsError> {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&self.subject)
+            .await
+        {
+            Ok(message) => Ok(Some(message.sequence)),
+            Err(e) if format!("{:?}", e.kind()).contains("NotFound") => Ok(None),
+            Err(e) => Err(NatsError::js("last message", e)),
+        }
+    }
+
     /// Pulls until the stream of messages ends; `Ok(true)` when a bounded read is complete.
     async fn pull(&mut self) -> Result<bool, NatsError> {
-        let consumer = match self.consumer.take() {
+        if !self.options.follow && self.target.is_none() {
+            match self.last_sequence().await? {
+                Some(last) => self.target = Some(last),
+                None => return Ok(true),
+            }
+        }
+        let mut consumer = match self.consumer.take() {
             Some(c) => c,
             None => {
                 if self.config.durable_name.is_none() && self.last > 0 {
@@ -408,16 +524,18 @@ impl PartitionReader {
                         start_sequence: self.last + 1,
                     };
                 }
-                create_consumer(&self.stream, &self.config).await?
+                open_consumer(&self.stream, &self.config).await?
             }
         };
-        if !self.options.follow {
-            let mut consumer = consumer.clone();
+        if let Some(target) = self.target {
             let info = consumer
                 .info()
                 .await
                 .map_err(|e| NatsError::js("consumer info", e))?;
-            if info.num_pending == 0 {
+            // Everything up to the target is acked (or, unacked, delivered nowhere else).
+            let settled = info.ack_floor.stream_sequence >= target
+                || (self.config.durable_name.is_none() && self.last >= target);
+            if settled || (info.num_pending == 0 && info.num_ack_pending == 0) {
                 return Ok(true);
             }
         }
@@ -439,55 +557,68 @@ impl PartitionReader {
             .messages()
             .await
             .map_err(|e| NatsError::js("pull", e))?;
+        // Polled without pause: the channel is unbounded, so pulls (and a pin) keep flowing
+        // while the processor is slow, and every message is registered as it arrives.
         while let Some(message) = messages.next().await {
             let message = match message {
                 Ok(m) => m,
                 Err(e) => {
                     use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
-                    match e.kind() {
+                    return Err(match e.kind() {
                         K::MissingHeartbeat => {
-                            tracing::debug!(partition = %self.partition, "missed heartbeat");
-                            continue;
+                            NatsError::js("pull", "missed heartbeats; pulling again")
                         }
-                        K::ConsumerDeleted => {
-                            return Err(NatsError::js("pull", "consumer deleted; recreating"))
-                        }
-                        _ => return Err(NatsError::js("pull", e)),
-                    }
+                        K::ConsumerDeleted => NatsError::js("pull", "consumer deleted; recreating"),
+                        _ => NatsError::js("pull", e),
+                    });
                 }
             };
             let info = message
                 .info()
                 .map_err(|e| NatsError::js("message info", e))?;
-            let (sequence, delivered, remaining) = (
+            let (sequence, delivered) = (
                 info.stream_sequence,
                 u32::try_from(info.delivered).unwrap_or(u32::MAX),
-                info.pending,
             );
-            if let Some(until) = self.options.until {
+            let past_until = self.options.until.is_some_and(|until| {
                 let published = i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
                     .unwrap_or(i64::MAX);
-                if published > until {
+                published > until
+            });
+            let past_target = self.target.is_some_and(|t| sequence > t);
+            if past_until || past_target {
+                // Not ours to read: give it back at once for the next reader.
+                if let (false, Some(reply)) = (self.options.transient, message.reply.clone()) {
+                    send(&self.client, reply, AckKind::Nak(None)).await;
+                }
+                if past_until {
                     return Ok(true);
                 }
+                continue;
             }
             if !self.options.transient {
                 let Some(reply) = message.reply.clone() else {
                     continue;
                 };
-                match self.outstanding.lock().ok().as_deref_mut() {
+                let registered = match self.outstanding.lock().ok().as_deref_mut() {
                     Some(Some(map)) => {
                         map.insert(
                             sequence,
                             Pending {
-                                reply,
+                                reply: reply.clone(),
                                 partition: self.partition.clone(),
                                 delivered,
                             },
                         );
+                        true
                     }
-                    // Closed: the record goes back to JetStream after its ack wait.
-                    _ => return Ok(false),
+                    _ => false,
+                };
+                if !registered {
+                    // The subscription has closed: give it back with its delay.
+                    let delay = self.options.nak_delay_for(delivered);
+                    send(&self.client, reply, AckKind::Nak(Some(delay))).await;
+                    return Ok(false);
                 }
             }
             self.last = sequence;
@@ -498,10 +629,13 @@ impl PartitionReader {
                 message.message.payload.clone(),
             )
             .with_attempt(delivered.max(1));
-            if self.tx.send(Item::Record(record)).await.is_err() {
+            if self.tx.send(Item::Record(record)).is_err() {
                 return Ok(false);
             }
-            if !self.options.follow && remaining == 0 {
+            if self.target.is_some_and(|t| sequence >= t) {
+                // A bounded read ends at the partition's last record as of its start;
+                // records redelivered later (of an earlier, interrupted run) wait for the
+                // next read.
                 return Ok(true);
             }
         }
@@ -516,6 +650,11 @@ fn is_fatal(error: &NatsError) -> bool {
 
 impl Source for NatsReader {
     async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, SourceError> {
+        if self.live == 0 && self.follow {
+            // No partitions to read (an instance beyond the partition count, a fault
+            // subject read elsewhere): idle until the processor stops.
+            std::future::pending::<()>().await;
+        }
         let mut batch = Vec::new();
         while self.live > 0 && batch.len() < max.max(1) {
             let item = if batch.is_empty() {

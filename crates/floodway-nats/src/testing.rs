@@ -299,6 +299,8 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+        // And every open connection.
+        self.cut();
     }
 }
 

@@ -580,7 +580,7 @@ async fn server_killed_mid_stream_loses_nothing() {
 async fn a_cluster_node_killed_mid_stream_loses_nothing() {
     let mut cluster = NatsCluster::start(3);
     let mut opts = options(cluster.urls());
-    opts.replicas = 3;
+    opts.replicas = Some(3);
     // The cluster needs a moment to elect its meta leader.
     let deadline = Instant::now() + Duration::from_secs(30);
     let hub = loop {
@@ -803,4 +803,58 @@ async fn a_fatal_stop_acks_nothing_unfinished_and_a_restart_resumes() {
     .await;
     assert_eq!(faults.faults().len(), 1);
     assert_eq!(faults.faults()[0].tag("pipeline"), Some("p"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_cannot_work_are_refused_by_name() {
+    let server = NatsServer::start();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+
+    // An event over the server's max_payload is poison, named with the limit.
+    let huge = Event::builder("blob", "k")
+        .field("data", "x".repeat(2 << 20))
+        .build();
+    let err = hub.publish(&[huge]).await.unwrap_err();
+    assert!(
+        err.to_string().contains("more than the server takes"),
+        "{err}"
+    );
+    assert_eq!(Error::from(err).class(), floodway::ErrorClass::Poison);
+
+    // A consumer cannot switch between exclusive and pinned sharing in place.
+    drop(
+        hub.subscribe("shared", SubscriptionOptions::default())
+            .await
+            .unwrap(),
+    );
+    let pinned = SubscriptionOptions {
+        sharing: Sharing::Pinned {
+            ttl: Duration::from_secs(5),
+        },
+        ..Default::default()
+    };
+    let err = hub.subscribe("shared", pinned).await.unwrap_err();
+    assert!(err.to_string().contains("another sharing"), "{err}");
+
+    // Looking at a stream with default options changes nothing about it.
+    let mut strict = options(vec![server.url()]);
+    strict.stream = "STRICT".into();
+    strict.subject = "strict".into();
+    strict.max_age = Some(Duration::from_secs(3600));
+    NatsHub::connect(&strict).await.unwrap();
+    let looker = NatsHubOptions {
+        servers: vec![server.url()],
+        stream: "STRICT".into(),
+        subject: "strict".into(),
+        ..NatsHubOptions::default()
+    };
+    NatsHub::connect(&looker).await.unwrap();
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let mut stream = js.get_stream("STRICT").await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().config.max_age,
+        Duration::from_secs(3600)
+    );
 }

@@ -53,7 +53,7 @@
 //! servers = ["nats://127.0.0.1:4222"]
 //! stream = "ORDERS"           # created if missing (default FLOODWAY)
 //! subject = "orders"          # events on orders.<partition>, faults on orders.faults
-//! replicas = 1                # 3 on a cluster
+//! replicas = 1                # 3 on a cluster (given, an existing stream is updated)
 //! duplicate_window = "2m"     # a re-publish of an event id inside it is stored once
 //! instance = "0/2"            # static assignment: this process reads partitions p % 2 == 0
 //! sharing = "exclusive"       # or "pinned": all instances pull, the server pins one per partition
@@ -149,12 +149,11 @@ pub struct NatsConfig {
     pub subject: String,
     /// Partitions of a new stream (a forward target; the hub's come from `[hub] partitions`).
     pub partitions: Option<u32>,
-    /// Replicas of the stream (default 1).
-    #[serde(default = "default_replicas")]
-    pub replicas: usize,
-    /// A re-publish of an event id inside this window is stored once (default `2m`).
-    #[serde(default = "default_duplicate_window")]
-    pub duplicate_window: String,
+    /// Replicas of the stream (a new one: 1); given, an existing stream is updated to it.
+    pub replicas: Option<usize>,
+    /// A re-publish of an event id inside this window is stored once (a new stream: `2m`);
+    /// given, an existing stream is updated to it.
+    pub duplicate_window: Option<String>,
     /// `i/n`: this process reads the partitions `p` with `p % n == i`.
     pub instance: Option<String>,
     /// `exclusive` (default) or `pinned`.
@@ -190,12 +189,6 @@ fn default_stream() -> String {
 }
 fn default_subject() -> String {
     "floodway".into()
-}
-fn default_replicas() -> usize {
-    1
-}
-fn default_duplicate_window() -> String {
-    "2m".into()
 }
 fn default_pinned_ttl() -> String {
     "10s".into()
@@ -240,14 +233,26 @@ impl NatsConfig {
         if self.servers.is_empty() {
             return Err(format!("{table} servers is empty: give at least one URL"));
         }
-        duration(&format!("{table} duplicate_window"), &self.duplicate_window)?;
+        if let Some(window) = &self.duplicate_window {
+            duration(&format!("{table} duplicate_window"), window)?;
+        }
         duration(&format!("{table} pinned_ttl"), &self.pinned_ttl)?;
         duration(&format!("{table} ack_wait"), &self.ack_wait)?;
         self.instance()?;
+        if duration(&format!("{table} ack_wait"), &self.ack_wait)?
+            < std::time::Duration::from_secs(1)
+        {
+            return Err(format!("{table} ack_wait must be at least 1s"));
+        }
+        if duration(&format!("{table} pinned_ttl"), &self.pinned_ttl)?
+            < std::time::Duration::from_secs(1)
+        {
+            return Err(format!("{table} pinned_ttl must be at least 1s"));
+        }
         if self.max_ack_pending < 1 {
             return Err(format!("{table} max_ack_pending must be at least 1"));
         }
-        if self.replicas < 1 {
+        if self.replicas == Some(0) {
             return Err(format!("{table} replicas must be at least 1"));
         }
         Ok(())

@@ -27,7 +27,7 @@ pub enum EventHub {
 }
 
 /// How this process reads a NATS hub.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NatsRead {
     /// Partitions of this instance.
     pub partitions: Partitions,
@@ -37,6 +37,9 @@ pub struct NatsRead {
     pub ack_wait: Option<Duration>,
     /// Max ack pending per partition.
     pub max_ack_pending: Option<i64>,
+    /// Whether this instance reads the fault subject (the first instance does; the others
+    /// would scatter faults across their stores).
+    pub reads_faults: bool,
 }
 
 /// The hubs processors work with: the event hub and the local store of views and faults
@@ -47,6 +50,18 @@ pub struct Hubs {
     pub events: EventHub,
     /// Where views and faults are stored.
     pub store: Hub,
+}
+
+impl Default for NatsRead {
+    fn default() -> Self {
+        NatsRead {
+            partitions: Partitions::All,
+            sharing: Sharing::Exclusive,
+            ack_wait: None,
+            max_ack_pending: None,
+            reads_faults: true,
+        }
+    }
 }
 
 impl From<Hub> for Hubs {
@@ -74,7 +89,11 @@ impl NatsConfig {
             subject: self.subject.clone(),
             partitions: self.partitions,
             replicas: self.replicas,
-            duplicate_window: parse("duplicate_window", &self.duplicate_window)?,
+            duplicate_window: self
+                .duplicate_window
+                .as_deref()
+                .map(|w| parse("duplicate_window", w))
+                .transpose()?,
             ..NatsHubOptions::default()
         };
         if let Some(hub) = hub {
@@ -99,11 +118,13 @@ impl NatsConfig {
         let parse = |what: &str, text: &str| {
             humantime::parse_duration(text).map_err(|e| format!("{what} `{text}`: {e}"))
         };
+        let instance = self.instance()?;
         Ok(NatsRead {
-            partitions: match self.instance()? {
+            partitions: match instance {
                 Some((i, n)) => Partitions::instance(i, n, partitions),
                 None => Partitions::All,
             },
+            reads_faults: instance.is_none_or(|(i, _)| i == 0),
             sharing: match self.sharing {
                 SharingConfig::Exclusive => Sharing::Exclusive,
                 SharingConfig::Pinned => Sharing::Pinned {
@@ -166,10 +187,11 @@ impl EventHub {
                     follow: options.follow,
                     until: options.until,
                     transient: options.transient,
-                    partitions: if faults {
-                        Partitions::Faults
-                    } else {
-                        read.partitions.clone()
+                    partitions: match (faults, read.reads_faults) {
+                        (true, true) => Partitions::Faults,
+                        // The fault monitor of instance 0 stores them all.
+                        (true, false) => Partitions::Only(Vec::new()),
+                        (false, _) => read.partitions.clone(),
                     },
                     sharing: read.sharing,
                     ack_wait: read.ack_wait.unwrap_or(defaults.ack_wait),
