@@ -10,6 +10,7 @@ macro_rules! say {
 mod demo;
 mod faults_cmd;
 mod hub_cmd;
+mod lambda_cmd;
 mod run_cmd;
 mod tally;
 mod util;
@@ -54,6 +55,10 @@ enum Command {
     /// List, inspect and resubmit faults.
     #[command(subcommand)]
     Faults(faults_cmd::FaultsCommand),
+    /// Run a processor as an AWS Lambda function: for real (`handler`), or locally against the
+    /// embedded hub through a simulated event-source mapping (`run`).
+    #[command(subcommand)]
+    Lambda(lambda_cmd::LambdaCommand),
     /// Re-deliver the events published in a time range to one processor, without moving its
     /// subscription.
     ///
@@ -96,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Hub(command) => hub_cmd::run(command).await,
             Command::Faults(command) => faults_cmd::run(command).await,
             Command::Replay(args) => run_cmd::replay(args).await,
+            Command::Lambda(command) => lambda_cmd::run(command).await,
         }
     })
 }

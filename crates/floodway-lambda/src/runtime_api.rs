@@ -239,17 +239,20 @@ pub struct FunctionProcess {
 }
 
 impl FunctionProcess {
-    /// Starts `binary` with the Lambda environment pointing at `runtime`, plus `env`.
+    /// Starts `binary` with `args` and the Lambda environment pointing at `runtime`, plus
+    /// `env`.
     ///
     /// # Errors
     /// When the binary cannot be started.
     pub fn spawn(
         binary: &Path,
+        args: &[&str],
         runtime: &LocalRuntime,
         env: &[(&str, &str)],
     ) -> std::io::Result<FunctionProcess> {
         let mut command = tokio::process::Command::new(binary);
         command
+            .args(args)
             .env("AWS_LAMBDA_RUNTIME_API", runtime.address())
             .env("AWS_LAMBDA_FUNCTION_NAME", "floodway")
             .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
