@@ -166,7 +166,14 @@ async fn simulate(
         let config_arg = config_path.display().to_string();
         let spawned = FunctionProcess::spawn(
             &exe,
-            &["lambda", "handler", "--config", &config_arg, "--processor", name],
+            &[
+                "lambda",
+                "handler",
+                "--config",
+                &config_arg,
+                "--processor",
+                name,
+            ],
             &runtime,
             &[("RUST_LOG", "warn")],
         )?;
@@ -178,7 +185,11 @@ async fn simulate(
         let shard = format!("shardId-{partition:0>12}");
         let report = match &mut local {
             Some(runtime) => mapping.run_shard(&kind, &shard, records, runtime).await,
-            None => mapping.run_shard(&kind, &shard, records, &mut in_proc).await,
+            None => {
+                mapping
+                    .run_shard(&kind, &shard, records, &mut in_proc)
+                    .await
+            }
         };
         for i in &report.invocations {
             invocations += 1;

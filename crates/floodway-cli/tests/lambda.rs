@@ -60,7 +60,13 @@ fn a_processor_runs_as_a_lambda_function_against_the_embedded_hub() {
     std::fs::write(d.join("orders.jsonl"), lines.join("\n")).unwrap();
     let out = floodway(
         d,
-        &["hub", "publish", "--config", "floodway.toml", "orders.jsonl"],
+        &[
+            "hub",
+            "publish",
+            "--config",
+            "floodway.toml",
+            "orders.jsonl",
+        ],
     );
     assert!(out.status.success(), "{}", text(&out));
 

@@ -109,7 +109,7 @@ impl Handler {
     /// A Kinesis batch.
     pub async fn kinesis(
         &self,
-        event: &KinesisEvent,
+        event: KinesisEvent,
         deadline_ms: Option<u64>,
     ) -> KinesisEventResponse {
         let report = self.run(sources::kinesis_records(event), deadline_ms).await;
@@ -181,34 +181,46 @@ impl Handler {
         payload: Value,
         deadline_ms: Option<u64>,
     ) -> Result<Value, HandlerError> {
-        let source = payload
-            .pointer("/Records/0/eventSource")
-            .or_else(|| payload.pointer("/Records/0/EventSource"))
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let bytes =
+            serde_json::to_vec(&payload).map_err(|e| HandlerError::Unrecognized(e.to_string()))?;
+        self.handle_bytes(&bytes, deadline_ms).await
+    }
+
+    /// Any of the four from the invocation's bytes, parsed once into its own type (no JSON
+    /// tree in between); the answer as JSON.
+    ///
+    /// # Errors
+    /// A payload of another kind, or an unfinished EventBridge event.
+    pub async fn handle_bytes(
+        &self,
+        payload: &[u8],
+        deadline_ms: Option<u64>,
+    ) -> Result<Value, HandlerError> {
         let bad = |e: serde_json::Error| HandlerError::Unrecognized(e.to_string());
+        let probe: Probe = serde_json::from_slice(payload).map_err(bad)?;
+        let source = probe
+            .records
+            .and_then(|r| r.into_iter().next())
+            .and_then(|r| r.event_source);
+        let answer = |r: Result<Value, serde_json::Error>| r.map_err(bad);
         match source.as_deref() {
             Some("aws:kinesis") => {
-                let event: KinesisEvent = serde_json::from_value(payload).map_err(bad)?;
-                Ok(
-                    serde_json::to_value(self.kinesis(&event, deadline_ms).await)
-                        .unwrap_or_default(),
-                )
+                let event: KinesisEvent = serde_json::from_slice(payload).map_err(bad)?;
+                answer(serde_json::to_value(self.kinesis(event, deadline_ms).await))
             }
             Some("aws:dynamodb") => {
-                let event: dynamodb::Event = serde_json::from_value(payload).map_err(bad)?;
-                Ok(
-                    serde_json::to_value(self.dynamodb(&event, deadline_ms).await)
-                        .unwrap_or_default(),
-                )
+                let event: dynamodb::Event = serde_json::from_slice(payload).map_err(bad)?;
+                answer(serde_json::to_value(
+                    self.dynamodb(&event, deadline_ms).await,
+                ))
             }
             Some("aws:sqs") => {
-                let event: SqsEvent = serde_json::from_value(payload).map_err(bad)?;
-                Ok(serde_json::to_value(self.sqs(&event, deadline_ms).await).unwrap_or_default())
+                let event: SqsEvent = serde_json::from_slice(payload).map_err(bad)?;
+                answer(serde_json::to_value(self.sqs(&event, deadline_ms).await))
             }
-            _ if payload.get("detail-type").is_some() => {
+            _ if probe.detail_type.is_some() => {
                 let event: EventBridgeEvent<Value> =
-                    serde_json::from_value(payload).map_err(bad)?;
+                    serde_json::from_slice(payload).map_err(bad)?;
                 self.eventbridge(&event, deadline_ms).await?;
                 Ok(Value::Null)
             }
@@ -219,6 +231,21 @@ impl Handler {
     }
 }
 
+/// Just enough of an invocation to tell its kind (the rest is skipped, not built).
+#[derive(serde::Deserialize)]
+struct Probe {
+    #[serde(rename = "Records")]
+    records: Option<Vec<ProbeRecord>>,
+    #[serde(rename = "detail-type")]
+    detail_type: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(serde::Deserialize)]
+struct ProbeRecord {
+    #[serde(rename = "eventSource", alias = "EventSource")]
+    event_source: Option<String>,
+}
+
 /// Serves `handler` through the Lambda Runtime API (`AWS_LAMBDA_RUNTIME_API`): the `main` of
 /// a function.
 ///
@@ -227,12 +254,12 @@ impl Handler {
 pub async fn serve(handler: Handler) -> Result<(), lambda_runtime::Error> {
     let handler = Arc::new(handler);
     lambda_runtime::run(lambda_runtime::service_fn(
-        move |event: lambda_runtime::LambdaEvent<Value>| {
+        move |event: lambda_runtime::LambdaEvent<Box<serde_json::value::RawValue>>| {
             let handler = handler.clone();
             async move {
                 let deadline = Some(event.context.deadline);
                 handler
-                    .handle(event.payload, deadline)
+                    .handle_bytes(event.payload.get().as_bytes(), deadline)
                     .await
                     .map_err(lambda_runtime::Error::from)
             }

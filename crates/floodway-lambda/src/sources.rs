@@ -16,10 +16,10 @@ fn arn_name(arn: Option<&str>) -> &str {
 
 /// Kinesis records, one partition per shard (the shard id from `eventID`), in the order given,
 /// with the sequence number as the record's position.
-pub fn kinesis_records(event: &KinesisEvent) -> Vec<Record> {
+pub fn kinesis_records(event: KinesisEvent) -> Vec<Record> {
     event
         .records
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, r)| {
             let shard = r
@@ -31,7 +31,7 @@ pub fn kinesis_records(event: &KinesisEvent) -> Vec<Record> {
                 format!("kinesis:{}", arn_name(r.event_source_arn.as_deref())),
                 shard.to_owned(),
                 i as u64,
-                Bytes::from(r.kinesis.data.0.clone()),
+                Bytes::from(r.kinesis.data.0),
             )
             .with_sequence(r.kinesis.sequence_number.clone())
         })
