@@ -3,7 +3,7 @@
 //! simulator (`run`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use floodway::{Checkpoint, Checkpointer, Source};
@@ -88,7 +88,7 @@ pub(crate) async fn run(command: LambdaCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn build(config_path: &PathBuf, name: &str) -> anyhow::Result<Handler> {
+async fn build(config_path: &Path, name: &str) -> anyhow::Result<Handler> {
     let config = Config::load(config_path)?;
     let Some(entry) = config.processors.iter().find(|p| p.name() == name) else {
         let names: Vec<&str> = config.processors.iter().map(|p| p.name()).collect();
@@ -103,7 +103,7 @@ async fn build(config_path: &PathBuf, name: &str) -> anyhow::Result<Handler> {
 }
 
 async fn simulate(
-    config_path: &PathBuf,
+    config_path: &Path,
     name: &str,
     mapping: StreamMapping,
     in_process: bool,
