@@ -198,6 +198,26 @@ impl Handler {
     ) -> Result<Value, HandlerError> {
         let bad = |e: serde_json::Error| HandlerError::Unrecognized(e.to_string());
         let probe: Probe = serde_json::from_slice(payload).map_err(bad)?;
+        if let Some(resubmission) = &probe.floodway {
+            // A resubmitted fault: only the pipeline that failed it runs.
+            let only = self.processor.only(&resubmission.pipeline).ok_or_else(|| {
+                HandlerError::Unrecognized(format!(
+                    "resubmission to pipeline `{}`, which processor `{}` does not have",
+                    resubmission.pipeline,
+                    self.processor.name()
+                ))
+            })?;
+            let scoped = Handler {
+                processor: Arc::new(only),
+                ..self.clone()
+            };
+            let mut payload: Value = serde_json::from_slice(payload).map_err(bad)?;
+            if let Value::Object(map) = &mut payload {
+                map.remove("floodway");
+            }
+            let bytes = serde_json::to_vec(&payload).map_err(bad)?;
+            return Box::pin(scoped.handle_bytes(&bytes, deadline_ms)).await;
+        }
         let source = probe
             .records
             .and_then(|r| r.into_iter().next())
@@ -234,10 +254,17 @@ impl Handler {
 /// Just enough of an invocation to tell its kind (the rest is skipped, not built).
 #[derive(serde::Deserialize)]
 struct Probe {
+    /// Set on a resubmission: the pipeline to run.
+    floodway: Option<Resubmission>,
     #[serde(rename = "Records")]
     records: Option<Vec<ProbeRecord>>,
     #[serde(rename = "detail-type")]
     detail_type: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(serde::Deserialize)]
+struct Resubmission {
+    pipeline: String,
 }
 
 #[derive(serde::Deserialize)]

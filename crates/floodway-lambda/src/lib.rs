@@ -14,11 +14,13 @@
 //! processors locally without compiling it.
 
 pub mod handler;
+pub mod resubmit;
 pub mod runtime_api;
 pub mod simulator;
 pub mod sources;
 
 pub use handler::{serve, Handler, HandlerError};
+pub use resubmit::resubmission_payload;
 pub use runtime_api::{FunctionProcess, InvokeError, LocalRuntime};
 pub use simulator::{
     Function, InProcess, QueueMapping, QueueMessage, ShardReport, StreamKind, StreamMapping,

@@ -58,6 +58,12 @@ struct State {
 #[derive(Clone)]
 pub struct LocalRuntime {
     addr: SocketAddr,
+    invoker: Invoker,
+}
+
+/// Queues invocations and waits for their answers.
+#[derive(Clone)]
+struct Invoker {
     queue: mpsc::Sender<Invocation>,
     state: Arc<Mutex<State>>,
     next: Arc<AtomicCounter>,
@@ -85,14 +91,19 @@ impl LocalRuntime {
         let (queue, pending) = mpsc::channel::<Invocation>(1);
         let pending = Arc::new(AsyncMutex::new(pending));
         let state: Arc<Mutex<State>> = Arc::default();
-        let shared = state.clone();
+        let invoker = Invoker {
+            queue,
+            state: state.clone(),
+            next: Arc::default(),
+        };
+        let shared = invoker.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (pending, state) = (pending.clone(), shared.clone());
+                let (pending, invoker) = (pending.clone(), shared.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
-                        let (pending, state) = (pending.clone(), state.clone());
-                        async move { Ok::<_, Infallible>(route(req, pending, state).await) }
+                        let (pending, invoker) = (pending.clone(), invoker.clone());
+                        async move { Ok::<_, Infallible>(route(req, pending, invoker).await) }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -100,12 +111,7 @@ impl LocalRuntime {
                 });
             }
         });
-        Ok(LocalRuntime {
-            addr,
-            queue,
-            state,
-            next: Arc::default(),
-        })
+        Ok(LocalRuntime { addr, invoker })
     }
 
     /// `host:port`, the value of `AWS_LAMBDA_RUNTIME_API`.
@@ -113,11 +119,28 @@ impl LocalRuntime {
         self.addr.to_string()
     }
 
+    /// `http://host:port`: also a Lambda API endpoint for an SDK client, whose `Invoke`
+    /// (`POST /2015-03-31/functions/{name}/invocations`) invokes the function here.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// Invokes the function with `payload` and waits up to `timeout` for its answer.
     ///
     /// # Errors
     /// A function error, a timeout, or a function that failed to start.
     pub async fn invoke(&self, payload: &Value, timeout: Duration) -> Result<Value, InvokeError> {
+        self.invoker
+            .invoke(
+                Bytes::from(serde_json::to_vec(payload).unwrap_or_default()),
+                timeout,
+            )
+            .await
+    }
+}
+
+impl Invoker {
+    async fn invoke(&self, payload: Bytes, timeout: Duration) -> Result<Value, InvokeError> {
         if let Some(e) = self.state.lock().ok().and_then(|s| s.init_error.clone()) {
             return Err(InvokeError::NotRunning(e));
         }
@@ -131,7 +154,7 @@ impl LocalRuntime {
             + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let invocation = Invocation {
             id: id.clone(),
-            payload: Bytes::from(serde_json::to_vec(payload).unwrap_or_default()),
+            payload,
             deadline_ms,
             answer,
         };
@@ -163,9 +186,35 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 async fn route(
     req: Request<Incoming>,
     pending: Arc<AsyncMutex<mpsc::Receiver<Invocation>>>,
-    state: Arc<Mutex<State>>,
+    invoker: Invoker,
 ) -> Response<Full<Bytes>> {
+    let state = invoker.state.clone();
     let path = req.uri().path().to_owned();
+    if path.starts_with("/2015-03-31/functions/") && path.ends_with("/invocations") {
+        // The Lambda API's Invoke, as an SDK client calls it (synchronous).
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return reply(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+        return match invoker.invoke(body, Duration::from_secs(900)).await {
+            Ok(answer) => reply(
+                StatusCode::OK,
+                serde_json::to_vec(&answer).unwrap_or_default(),
+            ),
+            Err(e) => {
+                let mut response = reply(
+                    StatusCode::OK,
+                    serde_json::to_vec(&serde_json::json!({ "errorMessage": e.to_string() }))
+                        .unwrap_or_default(),
+                );
+                response.headers_mut().insert(
+                    "x-amz-function-error",
+                    http::HeaderValue::from_static("Unhandled"),
+                );
+                response
+            }
+        };
+    }
     let Some(rest) = path.strip_prefix(PREFIX) else {
         return reply(StatusCode::NOT_FOUND, "not a runtime API path");
     };

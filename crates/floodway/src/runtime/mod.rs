@@ -111,6 +111,33 @@ impl Processor {
         &self.inner.pipelines
     }
 
+    /// This processor with only the pipeline `name` enabled (same fault sink and settings):
+    /// what a resubmitted fault runs through, so that the pipelines that succeeded with the
+    /// record do not see it again. `None` if there is no such pipeline.
+    pub fn only(&self, name: &str) -> Option<Processor> {
+        if !self.inner.pipelines.iter().any(|p| p.name() == name) {
+            return None;
+        }
+        let pipelines = self
+            .inner
+            .pipelines
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                p.enabled = p.enabled && p.name() == name;
+                p
+            })
+            .collect();
+        Some(Processor {
+            inner: Arc::new(ProcessorInner {
+                name: self.inner.name.clone(),
+                pipelines,
+                fault_sink: self.inner.fault_sink.clone(),
+                config: self.inner.config,
+            }),
+        })
+    }
+
     /// The settings.
     pub fn config(&self) -> &ProcessorConfig {
         &self.inner.config

@@ -1,0 +1,84 @@
+//! AWS errors in Floodway's failure classes.
+
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use floodway::Error;
+
+/// Error codes that mean "slow down".
+const THROTTLES: &[&str] = &[
+    "ThrottlingException",
+    "Throttling",
+    "ThrottledException",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "SlowDown",
+    "LimitExceededException",
+    "KMSThrottlingException",
+];
+
+/// Error codes that a retry may fix.
+const TRANSIENT: &[&str] = &[
+    "InternalFailure",
+    "InternalError",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "ServiceUnavailableException",
+    "InternalServiceError",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "TransactionInProgressException",
+];
+
+/// Error codes that mean the configuration is wrong (a missing resource, no permission).
+const FATAL: &[&str] = &[
+    "ResourceNotFoundException",
+    "NoSuchBucket",
+    "AccessDenied",
+    "AccessDeniedException",
+    "UnrecognizedClientException",
+    "InvalidClientTokenId",
+    "AWS.SimpleQueueService.NonExistentQueue",
+    "QueueDoesNotExist",
+    "ExpiredTokenException",
+    "InvalidSignatureException",
+];
+
+/// The class of an error code returned by a service, for entries of a batch call.
+pub(crate) fn classify_code(code: &str, message: &str) -> Error {
+    let text = format!("{code}: {message}");
+    if THROTTLES.contains(&code) {
+        Error::throttled_msg("AwsThrottled", text)
+    } else if TRANSIENT.contains(&code) || code.starts_with("Internal") {
+        Error::transient_msg("AwsUnavailable", text)
+    } else if FATAL.contains(&code) {
+        Error::fatal_msg("AwsConfiguration", text)
+    } else {
+        Error::poison_msg("AwsRejected", text)
+    }
+}
+
+/// Classifies an SDK error: service errors by code (throttles, 5xx and internal errors
+/// transient, missing resources and permissions fatal, the rest poison: the request's
+/// content was rejected), network failures and timeouts transient, a request that could not
+/// be built poison.
+pub fn classify<E, R>(error: SdkError<E, R>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match &error {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("Unknown").to_owned();
+            let message = service.err().message().unwrap_or_default().to_owned();
+            let status = format!("{:?}", service.raw());
+            if code == "Unknown" && status.contains("StatusCode(5") {
+                return Error::transient_msg("AwsUnavailable", status);
+            }
+            classify_code(&code, &message)
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            Error::transient_msg("AwsUnreachable", format!("{error:?}"))
+        }
+        _ => Error::poison_msg("AwsRequest", format!("{error:?}")),
+    }
+}

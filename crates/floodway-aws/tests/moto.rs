@@ -1,0 +1,857 @@
+//! The AWS sinks against `moto` in server mode on loopback (PyPI `moto[server]`, installed by
+//! `scripts/test`), and the Lambda side against real stream records: a Kinesis stream and a
+//! DynamoDB table's stream read into the event-source-mapping simulator, through the handler in
+//! this process and a real handler binary behind the local Runtime API.
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_config::SdkConfig;
+use bytes::Bytes;
+use floodway::memory::{MemoryFaultSink, MemorySink};
+use floodway::testing::generate;
+use floodway::Uow;
+use floodway::{Batch, Error, Event, Pipeline, Processor, Record};
+use floodway_aws::{
+    ClaimCheck, DynamoDbFaults, DynamoDbView, EventBridgeSink, KinesisSink, Resubmitted, S3Faults,
+    S3Lake, SqsSink,
+};
+use floodway_lambda::{
+    FunctionProcess, Handler, InProcess, LocalRuntime, StreamKind, StreamMapping, StreamRecord,
+};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+/// `moto_server` on a free loopback port; killed when dropped.
+struct Moto {
+    child: Child,
+    url: String,
+}
+
+fn moto_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("FLOODWAY_MOTO_SERVER") {
+        return PathBuf::from(path);
+    }
+    let mut dir = std::env::current_dir().unwrap();
+    loop {
+        let candidate = dir.join("target/test-venv/bin/moto_server");
+        if candidate.is_file() {
+            return candidate;
+        }
+        assert!(
+            dir.pop(),
+            "moto_server not found: run scripts/test (it installs PyPI moto[server] into \
+             target/test-venv), or set FLOODWAY_MOTO_SERVER"
+        );
+    }
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(moto_binary())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server starts");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Moto {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    async fn config(&self) -> SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(&self.url)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "testing", "testing", None, None, "moto",
+            ))
+            .load()
+            .await
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn batch(events: &[Event]) -> Batch {
+    Batch::new(events.iter().cloned().map(Uow::detached).collect())
+}
+
+async fn send<S>(sink: S, events: &[Event]) -> Result<(), Error>
+where
+    S: tower::Service<Batch, Response = (), Error = Error>,
+{
+    sink.oneshot(batch(events)).await
+}
+
+/// Every record of a Kinesis stream's shards, as the simulator's shard records.
+async fn read_kinesis(config: &SdkConfig, stream: &str) -> Vec<(String, Vec<StreamRecord>)> {
+    let client = aws_sdk_kinesis::Client::new(config);
+    let shards = client
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for shard in shards.shards() {
+        let mut iterator = client
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(shard.shard_id())
+            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap()
+            .shard_iterator()
+            .map(str::to_owned);
+        let mut records = Vec::new();
+        while let Some(it) = iterator {
+            let page = client
+                .get_records()
+                .shard_iterator(it)
+                .send()
+                .await
+                .unwrap();
+            if page.records().is_empty() {
+                break;
+            }
+            for r in page.records() {
+                records.push(StreamRecord {
+                    sequence: r.sequence_number().parse().unwrap(),
+                    partition_key: r.partition_key().unwrap_or_default().to_owned(),
+                    data: Bytes::copy_from_slice(r.data().as_ref()),
+                    arrived: tokio::time::Instant::now(),
+                });
+            }
+            iterator = page.next_shard_iterator().map(str::to_owned);
+        }
+        out.push((shard.shard_id().to_owned(), records));
+    }
+    out
+}
+
+fn example_handler() -> PathBuf {
+    // Built by the floodway-lambda package; the workspace's target directory holds it.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join("floodway-example-handler");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build -p floodway-lambda --bins`",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_sink_and_stream_through_the_simulator_and_a_real_handler() {
+    let moto = Moto::start();
+    let config = moto.config().await;
+    let kinesis = aws_sdk_kinesis::Client::new(&config);
+    kinesis
+        .create_stream()
+        .stream_name("orders")
+        .shard_count(2)
+        .send()
+        .await
+        .unwrap();
+    // 600 events: two calls (500 + 100).
+    let events = generate::orders(600, 21);
+    send(KinesisSink::new(&config, "orders"), &events)
+        .await
+        .unwrap();
+
+    let shards = read_kinesis(&config, "orders").await;
+    assert_eq!(shards.iter().map(|(_, r)| r.len()).sum::<usize>(), 600);
+    // Per-key order survives: a key lives in one shard, in publish order.
+    let kind = StreamKind::Kinesis {
+        stream: "orders".into(),
+    };
+    let sink = MemorySink::new();
+    let processor = Processor::builder("orders")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(
+            Pipeline::builder("all")
+                .event_type("*")
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let mapping = StreamMapping {
+        batch_size: 100,
+        ..StreamMapping::default()
+    };
+    let mut function = InProcess(Handler::new(processor));
+    for (shard, records) in &shards {
+        let report = mapping
+            .run_shard(&kind, shard, records, &mut function)
+            .await;
+        assert!(report.given_up.is_empty());
+        assert_eq!(report.checkpoint, records.last().map(|r| r.sequence));
+    }
+    let got = sink.events();
+    assert_eq!(got.len(), 600);
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for e in &got {
+        let previous = last.insert(e.partition_key().to_owned(), e.timestamp());
+        assert!(
+            previous.is_none_or(|p| p <= e.timestamp()),
+            "order of {}",
+            e.partition_key()
+        );
+    }
+
+    // The same records through a real handler binary and the local Runtime API.
+    let mut runtime = LocalRuntime::start().await.unwrap();
+    let _function = FunctionProcess::spawn(&example_handler(), &[], &runtime, &[]).unwrap();
+    let mut invocations = 0;
+    for (shard, records) in &shards {
+        let report = mapping.run_shard(&kind, shard, records, &mut runtime).await;
+        assert!(report.given_up.is_empty(), "{report:?}");
+        invocations += report.invocations.len();
+    }
+    assert_eq!(
+        invocations,
+        shards
+            .iter()
+            .map(|(_, r)| r.len().div_ceil(100))
+            .sum::<usize>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventbridge_and_sqs_sinks_deliver_every_event() {
+    let moto = Moto::start();
+    let config = moto.config().await;
+    let sqs = aws_sdk_sqs::Client::new(&config);
+    let queue = sqs
+        .create_queue()
+        .queue_name("orders")
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    let events = generate::orders(25, 22);
+    send(SqsSink::new(&config, &queue), &events).await.unwrap();
+    let mut bodies = HashSet::new();
+    for _ in 0..10 {
+        let out = sqs
+            .receive_message()
+            .queue_url(&queue)
+            .max_number_of_messages(10)
+            .send()
+            .await
+            .unwrap();
+        for m in out.messages() {
+            bodies.insert(m.body().unwrap().to_owned());
+        }
+        if bodies.len() == 25 {
+            break;
+        }
+    }
+    let sent: HashSet<String> = events.iter().map(Event::to_json).collect();
+    assert_eq!(bodies, sent);
+
+    // EventBridge to a queue through a rule: every event arrives as an entry's detail.
+    let events_client = aws_sdk_eventbridge::Client::new(&config);
+    let target_queue = sqs
+        .create_queue()
+        .queue_name("from-bus")
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    let arn = sqs
+        .get_queue_attributes()
+        .queue_url(&target_queue)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
+        .clone();
+    events_client
+        .create_event_bus()
+        .name("floodway")
+        .send()
+        .await
+        .unwrap();
+    events_client
+        .put_rule()
+        .name("all")
+        .event_bus_name("floodway")
+        .event_pattern(json!({ "source": ["orders"] }).to_string())
+        .send()
+        .await
+        .unwrap();
+    events_client
+        .put_targets()
+        .rule("all")
+        .event_bus_name("floodway")
+        .targets(
+            aws_sdk_eventbridge::types::Target::builder()
+                .id("queue")
+                .arn(arn)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    // 25 events: three calls of at most 10 entries.
+    send(EventBridgeSink::new(&config, "floodway", "orders"), &events)
+        .await
+        .unwrap();
+    let mut ids = HashSet::new();
+    for _ in 0..10 {
+        let out = sqs
+            .receive_message()
+            .queue_url(&target_queue)
+            .max_number_of_messages(10)
+            .send()
+            .await
+            .unwrap();
+        for m in out.messages() {
+            let envelope: Value = serde_json::from_str(m.body().unwrap()).unwrap();
+            assert_eq!(envelope["source"], "orders");
+            ids.insert(envelope["detail"]["id"].as_str().unwrap().to_owned());
+        }
+        if ids.len() == 25 {
+            break;
+        }
+    }
+    assert_eq!(ids.len(), 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_view_is_latest_wins() {
+    let moto = Moto::start();
+    let config = moto.config().await;
+    let dynamo = aws_sdk_dynamodb::Client::new(&config);
+    table_with_stream(&dynamo, "orders").await;
+    let view = DynamoDbView::new(
+        &config,
+        "orders",
+        |e: &Event| Ok(e.partition_key().to_owned()),
+        |e: &Event| Ok(e.field("order").cloned().unwrap_or(Value::Null)),
+    )
+    .discriminator("order");
+    let events = generate::orders(80, 23);
+    // Newest first, then everything again: older events and duplicates change nothing.
+    let mut shuffled: Vec<Event> = events
+        .iter()
+        .filter(|e| e.event_type().starts_with("order-"))
+        .cloned()
+        .collect();
+    shuffled.reverse();
+    send(view.clone(), &shuffled).await.unwrap();
+    send(view.clone(), &shuffled).await.unwrap();
+    let mut latest: HashMap<String, &Event> = HashMap::new();
+    for e in events
+        .iter()
+        .filter(|e| e.event_type().starts_with("order-"))
+    {
+        latest.insert(e.partition_key().to_owned(), e);
+    }
+    for (key, e) in &latest {
+        let item = dynamo
+            .get_item()
+            .table_name("orders")
+            .key(
+                "pk",
+                aws_sdk_dynamodb::types::AttributeValue::S(key.clone()),
+            )
+            .send()
+            .await
+            .unwrap();
+        let item = item.item().unwrap();
+        assert_eq!(item["eventId"].as_s().unwrap(), e.id(), "key {key}");
+    }
+}
+
+/// A table with a stream; its partition key is `pk`.
+async fn table_with_stream(dynamo: &aws_sdk_dynamodb::Client, name: &str) -> String {
+    let created = dynamo
+        .create_table()
+        .table_name(name)
+        .attribute_definitions(
+            aws_sdk_dynamodb::types::AttributeDefinition::builder()
+                .attribute_name("pk")
+                .attribute_type(aws_sdk_dynamodb::types::ScalarAttributeType::S)
+                .build()
+                .unwrap(),
+        )
+        .key_schema(
+            aws_sdk_dynamodb::types::KeySchemaElement::builder()
+                .attribute_name("pk")
+                .key_type(aws_sdk_dynamodb::types::KeyType::Hash)
+                .build()
+                .unwrap(),
+        )
+        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
+        .stream_specification(
+            aws_sdk_dynamodb::types::StreamSpecification::builder()
+                .stream_enabled(true)
+                .stream_view_type(aws_sdk_dynamodb::types::StreamViewType::NewAndOldImages)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    created
+        .table_description()
+        .unwrap()
+        .latest_stream_arn()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_dynamodb_stream_records_become_change_events() {
+    use aws_sdk_dynamodb::types::AttributeValue as A;
+    let moto = Moto::start();
+    let config = moto.config().await;
+    let dynamo = aws_sdk_dynamodb::Client::new(&config);
+    let stream_arn = table_with_stream(&dynamo, "things").await;
+    let put = |name: &str, ts: i64, deleted: Option<bool>| {
+        let mut item = HashMap::from([
+            ("pk".to_owned(), A::S("thing-1".into())),
+            ("discriminator".to_owned(), A::S("thing".into())),
+            ("name".to_owned(), A::S(name.into())),
+            ("timestamp".to_owned(), A::N(ts.to_string())),
+        ]);
+        if let Some(d) = deleted {
+            item.insert("deleted".into(), A::Bool(d));
+        }
+        dynamo
+            .put_item()
+            .table_name("things")
+            .set_item(Some(item))
+            .send()
+    };
+    put("a", 1_700_000_000_001, None).await.unwrap();
+    put("b", 1_700_000_000_002, None).await.unwrap();
+    put("b", 1_700_000_000_003, Some(true)).await.unwrap();
+    put("b", 1_700_000_000_004, Some(false)).await.unwrap();
+    dynamo
+        .delete_item()
+        .table_name("things")
+        .key("pk", A::S("thing-1".into()))
+        .send()
+        .await
+        .unwrap();
+
+    // The stream, as Lambda would deliver it.
+    let streams = aws_sdk_dynamodbstreams::Client::new(&config);
+    let description = streams
+        .describe_stream()
+        .stream_arn(&stream_arn)
+        .send()
+        .await
+        .unwrap();
+    let mut records = Vec::new();
+    for shard in description.stream_description().unwrap().shards() {
+        let mut iterator = streams
+            .get_shard_iterator()
+            .stream_arn(&stream_arn)
+            .shard_id(shard.shard_id().unwrap())
+            .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap()
+            .shard_iterator()
+            .map(str::to_owned);
+        while let Some(it) = iterator {
+            let page = streams
+                .get_records()
+                .shard_iterator(it)
+                .send()
+                .await
+                .unwrap();
+            if page.records().is_empty() {
+                break;
+            }
+            for r in page.records() {
+                records.push(stream_record_json(r, &stream_arn));
+            }
+            iterator = page.next_shard_iterator().map(str::to_owned);
+        }
+    }
+    assert_eq!(records.len(), 5);
+    let stream: Vec<StreamRecord> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| StreamRecord {
+            sequence: i as u64 + 1,
+            partition_key: String::new(),
+            data: Bytes::from(serde_json::to_vec(r).unwrap()),
+            arrived: tokio::time::Instant::now(),
+        })
+        .collect();
+    let sink = MemorySink::new();
+    let processor = Processor::builder("cdc")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(
+            Pipeline::builder("things")
+                .event_type("thing-*")
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let report = StreamMapping::default()
+        .run_shard(
+            &StreamKind::DynamoDb,
+            "shard",
+            &renumber(stream),
+            &mut InProcess(Handler::new(processor)),
+        )
+        .await;
+    assert!(report.given_up.is_empty());
+    let got = sink.events();
+    let types: Vec<&str> = got.iter().map(Event::event_type).collect();
+    assert_eq!(
+        types,
+        [
+            "thing-created",
+            "thing-updated",
+            "thing-deleted",
+            "thing-undeleted",
+            "thing-deleted"
+        ]
+    );
+    assert_eq!(got[0].partition_key(), "thing-1");
+    assert_eq!(got[0].timestamp(), 1_700_000_000_001, "the row's timestamp");
+    assert_eq!(got[1].field("raw").unwrap()["old"]["name"], "a");
+    assert_eq!(got[1].field("raw").unwrap()["new"]["name"], "b");
+    assert_eq!(got[4].field("raw").unwrap()["new"], Value::Null);
+}
+
+/// Gives each DynamoDB stream record the simulator's sequence number.
+fn renumber(records: Vec<StreamRecord>) -> Vec<StreamRecord> {
+    records
+        .into_iter()
+        .map(|mut r| {
+            let mut value: Value = serde_json::from_slice(&r.data).unwrap();
+            value["dynamodb"]["SequenceNumber"] = json!(r.sequence.to_string());
+            r.data = Bytes::from(serde_json::to_vec(&value).unwrap());
+            r
+        })
+        .collect()
+}
+
+/// A DynamoDB Streams record in the JSON shape Lambda delivers.
+fn stream_record_json(r: &aws_sdk_dynamodbstreams::types::Record, arn: &str) -> Value {
+    use aws_sdk_dynamodbstreams::types::AttributeValue as A;
+    fn attr(v: &A) -> Value {
+        match v {
+            A::S(s) => json!({ "S": s }),
+            A::N(n) => json!({ "N": n }),
+            A::Bool(b) => json!({ "BOOL": b }),
+            A::Null(_) => json!({ "NULL": true }),
+            A::M(m) => {
+                json!({ "M": m.iter().map(|(k, v)| (k.clone(), attr(v))).collect::<serde_json::Map<_, _>>() })
+            }
+            A::L(l) => json!({ "L": l.iter().map(attr).collect::<Vec<_>>() }),
+            _ => json!({ "NULL": true }),
+        }
+    }
+    let image = |m: Option<&HashMap<String, A>>| -> Value {
+        m.map(|m| Value::Object(m.iter().map(|(k, v)| (k.clone(), attr(v))).collect()))
+            .unwrap_or(Value::Null)
+    };
+    let d = r.dynamodb().unwrap();
+    let mut change = json!({
+        "ApproximateCreationDateTime": d.approximate_creation_date_time().map_or(0.0, |t| t.as_secs_f64()),
+        "Keys": image(d.keys()),
+        "SequenceNumber": d.sequence_number().unwrap_or_default(),
+        "SizeBytes": d.size_bytes().unwrap_or_default(),
+        "StreamViewType": "NEW_AND_OLD_IMAGES",
+    });
+    if d.new_image().is_some() {
+        change["NewImage"] = image(d.new_image());
+    }
+    if d.old_image().is_some() {
+        change["OldImage"] = image(d.old_image());
+    }
+    json!({
+        "eventID": r.event_id().unwrap_or_default(),
+        "eventName": r.event_name().map(|n| n.as_str().to_owned()).unwrap_or_default(),
+        "eventVersion": "1.1",
+        "eventSource": "aws:dynamodb",
+        "awsRegion": "us-east-1",
+        "dynamodb": change,
+        "eventSourceARN": arn,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_lake_claim_checks_and_fault_stores() {
+    let moto = Moto::start();
+    let config = moto.config().await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&config)
+            .force_path_style(true)
+            .build(),
+    );
+    s3.create_bucket().bucket("lake").send().await.unwrap();
+    let events = generate::orders(12, 24);
+    send(S3Lake::new(&config, "lake", "events"), &events)
+        .await
+        .unwrap();
+    let listed = s3
+        .list_objects_v2()
+        .bucket("lake")
+        .prefix("events/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.contents().len(), 12);
+    let key = S3Lake::new(&config, "lake", "events").key_of(&events[0]);
+    assert!(key.contains("/2023/11/14/"), "{key}");
+
+    // A large event becomes a claim and comes back whole.
+    let checks = ClaimCheck::new(&config, "lake", "claims", 1_000);
+    let big = Event::builder("document-stored", "d-1")
+        .field("text", "x".repeat(5_000))
+        .build();
+    let claim = checks.store(big.clone()).await.unwrap();
+    assert!(claim.to_json().len() < 500);
+    assert!(claim.field("s3").is_some());
+    let redeemed = checks.redeem(claim).await.unwrap();
+    assert_eq!(redeemed.to_json(), big.to_json());
+    let small = checks.store(events[1].clone()).await.unwrap();
+    assert_eq!(small.to_json(), events[1].to_json());
+
+    // Fault stores: a fault stored twice is one row (raised twice) and one object.
+    let faults = MemoryFaultSink::new();
+    let processor = Processor::builder("shop")
+        .fault_sink(faults.clone())
+        .pipeline(
+            Pipeline::builder("strict")
+                .event_type("*")
+                .validate(|_| Err(Error::poison_msg("Rejected", "no")))
+                .sink(MemorySink::new())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let record =
+        Record::new("kinesis:orders", "shardId-0", 0, events[0].to_json()).with_sequence("4960001");
+    processor.process_batch(vec![record], None).await;
+    let fault = faults.faults().pop().unwrap();
+    let dynamo = aws_sdk_dynamodb::Client::new(&config);
+    dynamo
+        .create_table()
+        .table_name("faults")
+        .attribute_definitions(
+            aws_sdk_dynamodb::types::AttributeDefinition::builder()
+                .attribute_name("pk")
+                .attribute_type(aws_sdk_dynamodb::types::ScalarAttributeType::S)
+                .build()
+                .unwrap(),
+        )
+        .key_schema(
+            aws_sdk_dynamodb::types::KeySchemaElement::builder()
+                .attribute_name("pk")
+                .key_type(aws_sdk_dynamodb::types::KeyType::Hash)
+                .build()
+                .unwrap(),
+        )
+        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
+        .send()
+        .await
+        .unwrap();
+    let store = DynamoDbFaults::new(&config, "faults");
+    send(store.clone(), std::slice::from_ref(&fault))
+        .await
+        .unwrap();
+    send(store, std::slice::from_ref(&fault)).await.unwrap();
+    let rows = dynamo.scan().table_name("faults").send().await.unwrap();
+    assert_eq!(rows.items().len(), 1);
+    let row = &rows.items()[0];
+    assert_eq!(row["raised"].as_n().unwrap(), "2");
+    assert_eq!(row["pipeline"].as_s().unwrap(), "strict");
+    assert_eq!(row["errorName"].as_s().unwrap(), "Rejected");
+    send(
+        S3Faults::new(&config, "lake", "faults"),
+        &[fault.clone(), fault.clone()],
+    )
+    .await
+    .unwrap();
+    let listed = s3
+        .list_objects_v2()
+        .bucket("lake")
+        .prefix("faults/shop/strict/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.contents().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubmission_invokes_the_function_with_only_the_failing_pipeline() {
+    // The function: two pipelines; `strict` rejects orders until the fix is in.
+    let fixed = Arc::new(Mutex::new(false));
+    let each = MemorySink::new();
+    let strict = MemorySink::new();
+    let faults = MemoryFaultSink::new();
+    let gate = fixed.clone();
+    let processor = Processor::builder("shop")
+        .fault_sink(faults.clone())
+        .pipeline(Pipeline::builder("each").sink(each.clone()).unwrap())
+        .pipeline(
+            Pipeline::builder("strict")
+                .validate(move |_| {
+                    if *gate.lock().unwrap() {
+                        Ok(())
+                    } else {
+                        Err(Error::poison_msg("Rejected", "not yet"))
+                    }
+                })
+                .sink(strict.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let handler = Handler::new(processor);
+    let events = generate::orders(1, 25);
+    let record =
+        Record::new("kinesis:orders", "shardId-0", 0, events[0].to_json()).with_sequence("4960002");
+    handler.processor().process_batch(vec![record], None).await;
+    assert_eq!((each.len(), strict.len()), (1, 0));
+    let fault = faults.faults().pop().unwrap();
+
+    // The function behind a local Lambda API; the SDK's Invoke reaches it.
+    let runtime = LocalRuntime::start().await.unwrap();
+    let serving = {
+        let runtime = runtime.clone();
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let mut function = InProcess(handler);
+            // Answer invocations queued by the Invoke endpoint, as a function process would.
+            serve_local(&runtime, &mut function).await;
+        })
+    };
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(runtime.endpoint())
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "testing", "testing", None, None, "local",
+        ))
+        .load()
+        .await;
+    let lambda = aws_sdk_lambda::Client::new(&config);
+    *fixed.lock().unwrap() = true;
+    let outcome = floodway_aws::resubmit(&lambda, "shop", &fault)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Resubmitted::Succeeded);
+    // Only the failing pipeline saw the record again.
+    assert_eq!((each.len(), strict.len()), (1, 1));
+    serving.abort();
+}
+
+/// Takes invocations from the local runtime's queue and answers them with `function`, the
+/// way a function process polls `invocation/next`.
+async fn serve_local(runtime: &LocalRuntime, function: &mut InProcess) {
+    let client = reqwest_like::Client::new(runtime.address());
+    loop {
+        let Some((id, payload)) = client.next().await else {
+            return;
+        };
+        let answer =
+            floodway_lambda::Function::invoke(function, payload, Duration::from_secs(30)).await;
+        client.respond(&id, answer).await;
+    }
+}
+
+/// A minimal HTTP client for the runtime API (what `lambda_runtime` does in a function).
+mod reqwest_like {
+    use serde_json::Value;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    pub(crate) struct Client {
+        addr: String,
+    }
+
+    impl Client {
+        pub(crate) fn new(addr: String) -> Self {
+            Client { addr }
+        }
+
+        async fn request(
+            &self,
+            method: &str,
+            path: &str,
+            body: &[u8],
+        ) -> Option<(String, Vec<u8>)> {
+            let mut stream = tokio::net::TcpStream::connect(&self.addr).await.ok()?;
+            let head = format!(
+                "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                self.addr,
+                body.len()
+            );
+            stream.write_all(head.as_bytes()).await.ok()?;
+            stream.write_all(body).await.ok()?;
+            let mut out = Vec::new();
+            stream.read_to_end(&mut out).await.ok()?;
+            let split = out.windows(4).position(|w| w == b"\r\n\r\n")?;
+            let headers = String::from_utf8_lossy(&out[..split]).into_owned();
+            Some((headers, out[split + 4..].to_vec()))
+        }
+
+        pub(crate) async fn next(&self) -> Option<(String, Value)> {
+            let (headers, body) = self
+                .request("GET", "/2018-06-01/runtime/invocation/next", b"")
+                .await?;
+            let id = headers
+                .lines()
+                .find_map(|l| l.strip_prefix("lambda-runtime-aws-request-id: "))?
+                .trim()
+                .to_owned();
+            Some((id, serde_json::from_slice(&body).ok()?))
+        }
+
+        pub(crate) async fn respond(
+            &self,
+            id: &str,
+            answer: Result<Value, floodway_lambda::InvokeError>,
+        ) {
+            let (kind, body) = match answer {
+                Ok(v) => ("response", serde_json::to_vec(&v).unwrap_or_default()),
+                Err(e) => ("error", e.to_string().into_bytes()),
+            };
+            let path = format!("/2018-06-01/runtime/invocation/{id}/{kind}");
+            let _ = self.request("POST", &path, &body).await;
+        }
+    }
+}

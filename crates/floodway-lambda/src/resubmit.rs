@@ -1,0 +1,77 @@
+//! Resubmission payloads: a fault's record sent back to the function that failed it, shaped
+//! like the source it came from and limited to the pipeline that failed.
+//!
+//! A payload carries `"floodway": {"pipeline": "<name>"}` beside the source's fields; the
+//! [`Handler`](crate::Handler) then runs only that pipeline. Records from Kinesis come back
+//! as a Kinesis event and from SQS as an SQS event; others (DynamoDB change events,
+//! EventBridge) as an EventBridge event whose detail is the event the pipeline saw.
+
+use base64::Engine as _;
+use floodway::fault::FaultDetails;
+use floodway::{Error, Event};
+use serde_json::{json, Value};
+
+/// The invocation payload that resubmits `fault`.
+///
+/// # Errors
+/// A fault event without its details or its record's bytes (a truncated fault).
+pub fn resubmission_payload(fault: &Event) -> Result<Value, Error> {
+    let details: FaultDetails = fault.payload()?;
+    let pipeline = fault.tag("pipeline").unwrap_or_default().to_owned();
+    let record = &details.uow.record;
+    let data = record.bytes()?;
+    let marker = json!({ "pipeline": pipeline });
+    let (kind, name) = record
+        .source
+        .split_once(':')
+        .unwrap_or((record.source.as_str(), ""));
+    let position = record
+        .sequence
+        .clone()
+        .unwrap_or_else(|| record.offset.to_string());
+    Ok(match kind {
+        "kinesis" => json!({
+            "floodway": marker,
+            "Records": [{
+                "kinesis": {
+                    "kinesisSchemaVersion": "1.0",
+                    "partitionKey": "resubmitted",
+                    "sequenceNumber": position,
+                    "data": base64::engine::general_purpose::STANDARD.encode(&data),
+                    "approximateArrivalTimestamp": floodway::event::now_millis() as f64 / 1000.0,
+                },
+                "eventSource": "aws:kinesis",
+                "eventVersion": "1.0",
+                "eventID": format!("{}:{position}", record.partition),
+                "eventName": "aws:kinesis:record",
+                "eventSourceARN": format!("arn:aws:kinesis:::stream/{name}"),
+            }],
+        }),
+        "sqs" => json!({
+            "floodway": marker,
+            "Records": [{
+                "messageId": position,
+                "body": String::from_utf8_lossy(&data),
+                "attributes": { "ApproximateReceiveCount": (record.attempt + 1).to_string() },
+                "messageAttributes": {},
+                "eventSource": "aws:sqs",
+                "eventSourceARN": format!("arn:aws:sqs:::{name}"),
+            }],
+        }),
+        _ => {
+            let detail: Value = serde_json::from_slice(&data)
+                .map_err(|e| Error::poison_msg("UndecodableRecord", e.to_string()))?;
+            let event_type = detail.get("type").cloned().unwrap_or(Value::Null);
+            json!({
+                "floodway": marker,
+                "version": "0",
+                "id": format!("resubmit-{}", fault.id()),
+                "detail-type": event_type,
+                "source": record.source,
+                "time": "1970-01-01T00:00:00Z",
+                "resources": [],
+                "detail": detail,
+            })
+        }
+    })
+}
