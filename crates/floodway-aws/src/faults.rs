@@ -64,8 +64,144 @@ impl DynamoDbFaults {
             .send()
             .await
             .map_err(classify)?;
+        // When it was raised (the fault event's time), kept at its latest: a redelivered copy
+        // of an old fault event does not reopen a fault resolved since.
+        let raised = AttributeValue::N(fault.timestamp().to_string());
+        let later = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(fault.id().to_owned()))
+            .update_expression("SET lastRaised = :t")
+            .condition_expression("attribute_not_exists(lastRaised) OR lastRaised < :t")
+            .expression_attribute_values(":t", raised)
+            .send()
+            .await;
+        match later {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    /// Every stored fault (a scan), newest raised first.
+    ///
+    /// # Errors
+    /// When DynamoDB fails.
+    pub async fn list(&self) -> Result<Vec<StoredFault>, Error> {
+        let mut out = Vec::new();
+        let mut start = None;
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(classify)?;
+            for item in page.items() {
+                let text = |k: &str| {
+                    item.get(k)
+                        .and_then(|v| v.as_s().ok())
+                        .cloned()
+                        .unwrap_or_default()
+                };
+                let number = |k: &str| {
+                    item.get(k)
+                        .and_then(|v| v.as_n().ok())
+                        .and_then(|n| n.parse::<i64>().ok())
+                        .unwrap_or(0)
+                };
+                let fault = match Event::decode(text("fault").as_bytes()) {
+                    Ok(f) => f,
+                    Err(_) => continue,
+                };
+                let resolved = number("resolvedAt");
+                out.push(StoredFault {
+                    id: text("pk"),
+                    processor: text("processor"),
+                    pipeline: text("pipeline"),
+                    error: text("errorName"),
+                    message: text("message"),
+                    raised: number("raised") as u64,
+                    last_raised: number("lastRaised"),
+                    open: resolved == 0 || number("lastRaised") > resolved,
+                    resubmissions: item
+                        .get("resubmissions")
+                        .and_then(|v| v.as_l().ok())
+                        .map(|l| l.iter().filter_map(|v| v.as_s().ok().cloned()).collect())
+                        .unwrap_or_default(),
+                    fault,
+                });
+            }
+            start = page.last_evaluated_key().cloned();
+            if start.is_none() {
+                break;
+            }
+        }
+        out.sort_by_key(|f| std::cmp::Reverse(f.last_raised));
+        Ok(out)
+    }
+
+    /// Records a resubmission's outcome with the fault; a success resolves it.
+    ///
+    /// # Errors
+    /// When DynamoDB fails.
+    pub async fn record_resubmission(&self, id: &str, outcome: &Resubmitted) -> Result<(), Error> {
+        let now = floodway::event::now_millis();
+        let entry = format!("{now}: {outcome:?}");
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(id.to_owned()))
+            .expression_attribute_values(":e", AttributeValue::L(vec![AttributeValue::S(entry)]))
+            .expression_attribute_values(":empty", AttributeValue::L(Vec::new()));
+        update = if *outcome == Resubmitted::Succeeded {
+            update
+                .update_expression(
+                    "SET resubmissions = list_append(if_not_exists(resubmissions, :empty), :e), resolvedAt = :now",
+                )
+                .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
+        } else {
+            update.update_expression(
+                "SET resubmissions = list_append(if_not_exists(resubmissions, :empty), :e)",
+            )
+        };
+        update.send().await.map_err(classify)?;
         Ok(())
     }
+}
+
+/// A fault as [`DynamoDbFaults`] keeps it.
+#[derive(Debug, Clone)]
+pub struct StoredFault {
+    /// The fault id.
+    pub id: String,
+    /// The processor.
+    pub processor: String,
+    /// The pipeline.
+    pub pipeline: String,
+    /// The error's name.
+    pub error: String,
+    /// The error's message.
+    pub message: String,
+    /// Times stored.
+    pub raised: u64,
+    /// When it was last raised (ms).
+    pub last_raised: i64,
+    /// Not resolved, or raised again after its last successful resubmission.
+    pub open: bool,
+    /// Resubmissions and their outcomes.
+    pub resubmissions: Vec<String>,
+    /// The fault event.
+    pub fault: Event,
 }
 
 /// Stores fault events as S3 objects `{prefix}/{processor}/{pipeline}/{id}.json` (a fault
@@ -151,6 +287,8 @@ pub enum Resubmitted {
     Succeeded,
     /// The function answered that the record is unfinished (it failed transiently again).
     Unfinished,
+    /// The pipeline faulted the record again (a new fault event tells why).
+    FaultedAgain,
     /// The function failed: its error.
     Failed(String),
 }
@@ -186,7 +324,10 @@ pub async fn resubmit(
     let unfinished = answer["batchItemFailures"]
         .as_array()
         .is_some_and(|f| !f.is_empty());
-    Ok(if unfinished {
+    let faulted = answer["floodway"]["faulted"].as_u64().unwrap_or(0) > 0;
+    Ok(if faulted {
+        Resubmitted::FaultedAgain
+    } else if unfinished {
         Resubmitted::Unfinished
     } else {
         Resubmitted::Succeeded

@@ -33,7 +33,7 @@ pub use claim::ClaimCheck;
 pub use classify::classify;
 pub use dynamodb::DynamoDbView;
 pub use eventbridge::EventBridgeSink;
-pub use faults::{resubmit, DynamoDbFaults, Resubmitted, S3Faults};
+pub use faults::{resubmit, DynamoDbFaults, Resubmitted, S3Faults, StoredFault};
 pub use kinesis::KinesisSink;
 pub use s3::S3Lake;
 pub use sqs::SqsSink;

@@ -770,6 +770,10 @@ async fn resubmission_invokes_the_function_with_only_the_failing_pipeline() {
         .load()
         .await;
     let lambda = aws_sdk_lambda::Client::new(&config);
+    let outcome = floodway_aws::resubmit(&lambda, "shop", &fault)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Resubmitted::FaultedAgain, "not fixed yet");
     *fixed.lock().unwrap() = true;
     let outcome = floodway_aws::resubmit(&lambda, "shop", &fault)
         .await
@@ -777,7 +781,91 @@ async fn resubmission_invokes_the_function_with_only_the_failing_pipeline() {
     assert_eq!(outcome, Resubmitted::Succeeded);
     // Only the failing pipeline saw the record again.
     assert_eq!((each.len(), strict.len()), (1, 1));
+
+    // The same through `floodway-aws faults`, with the fault stored in DynamoDB (moto).
+    *fixed.lock().unwrap() = false;
+    let moto = Moto::start();
+    let aws = moto.config().await;
+    create_table(&aws, "faults").await;
+    send(
+        DynamoDbFaults::new(&aws, "faults"),
+        std::slice::from_ref(&fault),
+    )
+    .await
+    .unwrap();
+    let command = |args: Vec<String>| {
+        let mut all: Vec<String> = ["--region", "us-east-1", "--endpoint", moto.url.as_str()]
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+        all.extend(args);
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_floodway-aws"))
+                .args(&all)
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing")
+                .output()
+                .await
+                .unwrap();
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        }
+    };
+    let args = |list: &[&str]| list.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+    let listed = command(args(&["faults", "list", "--table", "faults"])).await;
+    assert!(
+        listed.contains(fault.id()) && listed.contains("open"),
+        "{listed}"
+    );
+    let endpoint = runtime.endpoint();
+    let resubmit = args(&[
+        "--lambda-endpoint",
+        endpoint.as_str(),
+        "faults",
+        "resubmit",
+        "--table",
+        "faults",
+        "--function",
+        "shop",
+    ]);
+    let said = command(resubmit.clone()).await;
+    assert!(said.contains("0 succeeded, 1 failed"), "{said}");
+    *fixed.lock().unwrap() = true;
+    let said = command(resubmit.clone()).await;
+    assert!(said.contains("1 succeeded, 0 failed"), "{said}");
+    assert_eq!(strict.len(), 2);
+    let said = command(resubmit).await;
+    assert!(said.contains("0 open faults"), "{said}");
+    let listed = command(args(&["faults", "list", "--table", "faults", "--all"])).await;
+    assert!(listed.contains("resolved, 2 resubmissions"), "{listed}");
     serving.abort();
+}
+
+async fn create_table(config: &SdkConfig, name: &str) {
+    aws_sdk_dynamodb::Client::new(config)
+        .create_table()
+        .table_name(name)
+        .attribute_definitions(
+            aws_sdk_dynamodb::types::AttributeDefinition::builder()
+                .attribute_name("pk")
+                .attribute_type(aws_sdk_dynamodb::types::ScalarAttributeType::S)
+                .build()
+                .unwrap(),
+        )
+        .key_schema(
+            aws_sdk_dynamodb::types::KeySchemaElement::builder()
+                .attribute_name("pk")
+                .key_type(aws_sdk_dynamodb::types::KeyType::Hash)
+                .build()
+                .unwrap(),
+        )
+        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
+        .send()
+        .await
+        .unwrap();
 }
 
 /// Takes invocations from the local runtime's queue and answers them with `function`, the

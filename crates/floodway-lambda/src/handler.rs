@@ -46,6 +46,8 @@ pub struct Handler {
     processor: Arc<Processor>,
     margin: Duration,
     cdc: CdcOptions,
+    /// Faults raised by this handler's invocations (a resubmission reports its own).
+    faulted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Handler {
@@ -55,6 +57,7 @@ impl Handler {
         Handler {
             processor: Arc::new(processor),
             margin: Duration::from_millis(1_000),
+            faulted: Arc::default(),
             cdc: CdcOptions::default(),
         }
     }
@@ -94,6 +97,8 @@ impl Handler {
         if let Some(fatal) = &report.fatal {
             tracing::error!(error = %fatal, "the processor stopped; unfinished records are reported for retry");
         }
+        self.faulted
+            .fetch_add(report.report.faults(), std::sync::atomic::Ordering::Relaxed);
         report
     }
 
@@ -209,6 +214,7 @@ impl Handler {
             })?;
             let scoped = Handler {
                 processor: Arc::new(only),
+                faulted: Arc::default(),
                 ..self.clone()
             };
             let mut payload: Value = serde_json::from_slice(payload).map_err(bad)?;
@@ -216,7 +222,15 @@ impl Handler {
                 map.remove("floodway");
             }
             let bytes = serde_json::to_vec(&payload).map_err(bad)?;
-            return Box::pin(scoped.handle_bytes(&bytes, deadline_ms)).await;
+            let mut answer = Box::pin(scoped.handle_bytes(&bytes, deadline_ms)).await?;
+            // The resubmitter is told whether the record faulted again (the answer of a
+            // direct invocation is ours to shape).
+            let faulted = scoped.faulted.load(std::sync::atomic::Ordering::Relaxed);
+            if !answer.is_object() {
+                answer = serde_json::json!({});
+            }
+            answer["floodway"] = serde_json::json!({ "faulted": faulted });
+            return Ok(answer);
         }
         let source = probe
             .records
