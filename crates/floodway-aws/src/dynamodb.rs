@@ -2,12 +2,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
-use floodway::layer::BoxFuture;
-use floodway::{Batch, Error, Event};
+use floodway::{Error, Event};
 use serde_json::Value;
 
 use crate::classify::classify;
@@ -128,26 +126,14 @@ impl DynamoDbView {
             Err(e) => Err(classify(e)),
         }
     }
-}
 
-impl tower::Service<Batch> for DynamoDbView {
-    type Response = ();
-    type Error = Error;
-    type Future = BoxFuture<()>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, batch: Batch) -> Self::Future {
-        let view = self.clone();
-        let events: Vec<Event> = batch.events().cloned().collect();
-        Box::pin(async move {
-            let writes = events.into_iter().map(|e| view.write(e));
-            for result in futures_util::future::join_all(writes).await {
-                result?;
-            }
-            Ok(())
-        })
+    async fn write_all(&self, events: Vec<Event>) -> Result<(), Error> {
+        let writes = events.into_iter().map(|e| self.write(e));
+        for result in futures_util::future::join_all(writes).await {
+            result?;
+        }
+        Ok(())
     }
 }
+
+crate::batch_sink!(DynamoDbView, write_all);

@@ -1,11 +1,8 @@
 //! EventBridge `PutEvents`: events as entries (detail-type = event type, detail = the event).
 
-use std::task::{Context, Poll};
-
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use aws_sdk_eventbridge::Client;
-use floodway::layer::BoxFuture;
-use floodway::{Batch, Error, Event};
+use floodway::{Error, Event};
 
 use crate::classify::{classify, classify_code};
 use crate::{chunks, first_error, send_failed_again};
@@ -57,7 +54,7 @@ impl EventBridgeSink {
             .build()
     }
 
-    async fn put(&self, events: Vec<Event>) -> Result<(), Error> {
+    async fn write(&self, events: Vec<Event>) -> Result<(), Error> {
         let entries: Vec<PutEventsRequestEntry> = events.iter().map(|e| self.entry(e)).collect();
         let size = |e: &PutEventsRequestEntry| {
             e.detail().map_or(0, str::len)
@@ -106,33 +103,5 @@ impl EventBridgeSink {
     }
 }
 
-impl tower::Service<Batch> for EventBridgeSink {
-    type Response = ();
-    type Error = Error;
-    type Future = BoxFuture<()>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, batch: Batch) -> Self::Future {
-        let sink = self.clone();
-        let events: Vec<Event> = batch.events().cloned().collect();
-        Box::pin(async move { sink.put(events).await })
-    }
-}
-
-impl tower::Service<Event> for EventBridgeSink {
-    type Response = ();
-    type Error = Error;
-    type Future = BoxFuture<()>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, event: Event) -> Self::Future {
-        let sink = self.clone();
-        Box::pin(async move { sink.put(vec![event]).await })
-    }
-}
+crate::batch_sink!(EventBridgeSink);
+crate::event_sink!(EventBridgeSink);

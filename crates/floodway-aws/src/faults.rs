@@ -1,13 +1,10 @@
 //! Faults on AWS: stores for a fault monitor (DynamoDB, S3), and resubmission by invoking
 //! the function that failed a fault again.
 
-use std::task::{Context, Poll};
-
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_s3::primitives::ByteStream;
-use floodway::layer::BoxFuture;
-use floodway::{Batch, Error, Event};
+use floodway::{Error, Event};
 use serde_json::Value;
 
 use crate::classify::classify;
@@ -252,33 +249,26 @@ impl S3Faults {
     }
 }
 
-macro_rules! fault_store_service {
-    ($store:ty) => {
-        impl tower::Service<Batch> for $store {
-            type Response = ();
-            type Error = Error;
-            type Future = BoxFuture<()>;
-
-            fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-                Poll::Ready(Ok(()))
-            }
-
-            fn call(&mut self, batch: Batch) -> Self::Future {
-                let store = self.clone();
-                let faults: Vec<Event> = batch.events().cloned().collect();
-                Box::pin(async move {
-                    for fault in &faults {
-                        store.store(fault).await?;
-                    }
-                    Ok(())
-                })
-            }
+impl DynamoDbFaults {
+    async fn store_all(&self, faults: Vec<Event>) -> Result<(), Error> {
+        for fault in &faults {
+            self.store(fault).await?;
         }
-    };
+        Ok(())
+    }
 }
 
-fault_store_service!(DynamoDbFaults);
-fault_store_service!(S3Faults);
+impl S3Faults {
+    async fn store_all(&self, faults: Vec<Event>) -> Result<(), Error> {
+        for fault in &faults {
+            self.store(fault).await?;
+        }
+        Ok(())
+    }
+}
+
+crate::batch_sink!(DynamoDbFaults, store_all);
+crate::batch_sink!(S3Faults, store_all);
 
 /// How a resubmission went.
 #[derive(Debug, Clone, PartialEq, Eq)]

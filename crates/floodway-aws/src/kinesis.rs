@@ -1,12 +1,9 @@
 //! Kinesis `PutRecords`: events as records keyed by their partition key.
 
-use std::task::{Context, Poll};
-
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
-use floodway::layer::BoxFuture;
-use floodway::{Batch, Error, Event};
+use floodway::{Error, Event};
 
 use crate::classify::{classify, classify_code};
 use crate::{chunks, first_error, send_failed_again};
@@ -46,7 +43,7 @@ impl KinesisSink {
         self
     }
 
-    async fn put(&self, events: Vec<Event>) -> Result<(), Error> {
+    async fn write(&self, events: Vec<Event>) -> Result<(), Error> {
         let mut entries = Vec::with_capacity(events.len());
         for e in &events {
             let data = match e.source_bytes() {
@@ -114,33 +111,5 @@ impl KinesisSink {
     }
 }
 
-impl tower::Service<Batch> for KinesisSink {
-    type Response = ();
-    type Error = Error;
-    type Future = BoxFuture<()>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, batch: Batch) -> Self::Future {
-        let sink = self.clone();
-        let events: Vec<Event> = batch.events().cloned().collect();
-        Box::pin(async move { sink.put(events).await })
-    }
-}
-
-impl tower::Service<Event> for KinesisSink {
-    type Response = ();
-    type Error = Error;
-    type Future = BoxFuture<()>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, event: Event) -> Self::Future {
-        let sink = self.clone();
-        Box::pin(async move { sink.put(vec![event]).await })
-    }
-}
+crate::batch_sink!(KinesisSink);
+crate::event_sink!(KinesisSink);

@@ -21,6 +21,59 @@
 //! This crate alone compiles the AWS SDK, so the other crates build quickly.
 
 mod claim;
+/// A `tower::Service<Batch>` from a sink's `async fn write(&self, Vec<Event>)` (or the named
+/// method).
+macro_rules! batch_sink {
+    ($sink:ty) => {
+        $crate::batch_sink!($sink, write);
+    };
+    ($sink:ty, $write:ident) => {
+        impl tower::Service<floodway::Batch> for $sink {
+            type Response = ();
+            type Error = floodway::Error;
+            type Future = floodway::layer::BoxFuture<()>;
+
+            fn poll_ready(
+                &mut self,
+                _cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), floodway::Error>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, batch: floodway::Batch) -> Self::Future {
+                let sink = self.clone();
+                let events: Vec<floodway::Event> = batch.events().cloned().collect();
+                Box::pin(async move { sink.$write(events).await })
+            }
+        }
+    };
+}
+
+/// A fault sink (`tower::Service<Event>`) from a sink's `async fn write(&self, Vec<Event>)`.
+macro_rules! event_sink {
+    ($sink:ty) => {
+        impl tower::Service<floodway::Event> for $sink {
+            type Response = ();
+            type Error = floodway::Error;
+            type Future = floodway::layer::BoxFuture<()>;
+
+            fn poll_ready(
+                &mut self,
+                _cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), floodway::Error>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, event: floodway::Event) -> Self::Future {
+                let sink = self.clone();
+                Box::pin(async move { sink.write(vec![event]).await })
+            }
+        }
+    };
+}
+
+pub(crate) use {batch_sink, event_sink};
+
 mod classify;
 mod dynamodb;
 mod eventbridge;

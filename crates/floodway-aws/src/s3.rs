@@ -1,11 +1,8 @@
 //! The event lake: events as S3 objects.
 
-use std::task::{Context, Poll};
-
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
-use floodway::layer::BoxFuture;
-use floodway::{Batch, Error, Event};
+use floodway::{Error, Event};
 
 use crate::classify::classify;
 
@@ -76,29 +73,17 @@ impl S3Lake {
             .map_err(classify)?;
         Ok(())
     }
-}
 
-impl tower::Service<Batch> for S3Lake {
-    type Response = ();
-    type Error = Error;
-    type Future = BoxFuture<()>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, batch: Batch) -> Self::Future {
-        let lake = self.clone();
-        let events: Vec<Event> = batch.events().cloned().collect();
-        Box::pin(async move {
-            let puts = events.iter().map(|e| lake.put(e));
-            for result in futures_util::future::join_all(puts).await {
-                result?;
-            }
-            Ok(())
-        })
+    async fn write(&self, events: Vec<Event>) -> Result<(), Error> {
+        let puts = events.iter().map(|e| self.put(e));
+        for result in futures_util::future::join_all(puts).await {
+            result?;
+        }
+        Ok(())
     }
 }
+
+crate::batch_sink!(S3Lake);
 
 #[cfg(test)]
 mod tests {

@@ -1,11 +1,8 @@
 //! SQS `SendMessageBatch`: events as message bodies.
 
-use std::task::{Context, Poll};
-
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use aws_sdk_sqs::Client;
-use floodway::layer::BoxFuture;
-use floodway::{Batch, Error, Event};
+use floodway::{Error, Event};
 
 use crate::classify::{classify, classify_code};
 use crate::{chunks, first_error, send_failed_again};
@@ -39,7 +36,7 @@ impl SqsSink {
         }
     }
 
-    async fn send(&self, events: Vec<Event>) -> Result<(), Error> {
+    async fn write(&self, events: Vec<Event>) -> Result<(), Error> {
         let mut entries = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
             let body = e.to_json();
@@ -105,18 +102,4 @@ impl SqsSink {
     }
 }
 
-impl tower::Service<Batch> for SqsSink {
-    type Response = ();
-    type Error = Error;
-    type Future = BoxFuture<()>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, batch: Batch) -> Self::Future {
-        let sink = self.clone();
-        let events: Vec<Event> = batch.events().cloned().collect();
-        Box::pin(async move { sink.send(events).await })
-    }
-}
+crate::batch_sink!(SqsSink);
