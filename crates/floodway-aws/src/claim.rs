@@ -31,11 +31,7 @@ impl ClaimCheck {
         threshold: usize,
     ) -> Self {
         ClaimCheck {
-            client: Client::from_conf(
-                aws_sdk_s3::config::Builder::from(config)
-                    .force_path_style(true)
-                    .build(),
-            ),
+            client: crate::s3_client(config),
             bucket: bucket.into(),
             prefix: prefix.into().trim_end_matches('/').to_owned(),
             threshold,

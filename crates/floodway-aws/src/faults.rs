@@ -218,11 +218,7 @@ impl S3Faults {
         prefix: impl Into<String>,
     ) -> Self {
         S3Faults {
-            client: aws_sdk_s3::Client::from_conf(
-                aws_sdk_s3::config::Builder::from(config)
-                    .force_path_style(true)
-                    .build(),
-            ),
+            client: crate::s3_client(config),
             bucket: bucket.into(),
             prefix: prefix.into().trim_end_matches('/').to_owned(),
         }

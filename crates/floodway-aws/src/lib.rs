@@ -104,6 +104,15 @@ pub async fn sdk_config(region: Option<&str>, endpoint: Option<&str>) -> aws_con
     loader.load().await
 }
 
+/// An S3 client with path-style addressing (which every endpoint, emulators included, takes).
+pub(crate) fn s3_client(config: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(config)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
 /// Sends `attempts` rounds of a batch call, each round with only the entries the previous one
 /// reported failed, waiting a little longer between rounds. Returns the entries still failing
 /// after the last round, with the error of each.

@@ -40,11 +40,7 @@ impl S3Lake {
         prefix: impl Into<String>,
     ) -> Self {
         S3Lake {
-            client: aws_sdk_s3::Client::from_conf(
-                aws_sdk_s3::config::Builder::from(config)
-                    .force_path_style(true)
-                    .build(),
-            ),
+            client: crate::s3_client(config),
             bucket: bucket.into(),
             prefix: prefix.into().trim_end_matches('/').to_owned(),
         }

@@ -669,27 +669,7 @@ async fn s3_lake_claim_checks_and_fault_stores() {
     processor.process_batch(vec![record], None).await;
     let fault = faults.faults().pop().unwrap();
     let dynamo = aws_sdk_dynamodb::Client::new(&config);
-    dynamo
-        .create_table()
-        .table_name("faults")
-        .attribute_definitions(
-            aws_sdk_dynamodb::types::AttributeDefinition::builder()
-                .attribute_name("pk")
-                .attribute_type(aws_sdk_dynamodb::types::ScalarAttributeType::S)
-                .build()
-                .unwrap(),
-        )
-        .key_schema(
-            aws_sdk_dynamodb::types::KeySchemaElement::builder()
-                .attribute_name("pk")
-                .key_type(aws_sdk_dynamodb::types::KeyType::Hash)
-                .build()
-                .unwrap(),
-        )
-        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
-        .send()
-        .await
-        .unwrap();
+    create_table(&config, "faults").await;
     let store = DynamoDbFaults::new(&config, "faults");
     send(store.clone(), std::slice::from_ref(&fault))
         .await
