@@ -69,7 +69,8 @@ impl ClaimCheck {
         Ok(claim.build())
     }
 
-    /// The full event of a claim; any other event as it is.
+    /// The full event of a claim this claim check made (its bucket, under its prefix); any
+    /// other event as it is, even one with an `s3` field of its own.
     ///
     /// # Errors
     /// When S3 fails, or the object is not an event (poison).
@@ -80,6 +81,9 @@ impl ClaimCheck {
         let (Some(bucket), Some(key)) = (claim["bucket"].as_str(), claim["key"].as_str()) else {
             return Ok(event);
         };
+        if bucket != self.bucket || !key.starts_with(&format!("{}/", self.prefix)) {
+            return Ok(event);
+        }
         let object = self
             .client
             .get_object()

@@ -41,16 +41,27 @@ const FATAL: &[&str] = &[
     "QueueDoesNotExist",
     "ExpiredTokenException",
     "InvalidSignatureException",
+    "KMSAccessDeniedException",
+    "KMSDisabledException",
+    "KMSNotFoundException",
+    "KMSInvalidStateException",
+    "KMSOptInRequired",
+    "KmsException",
+    "KMS.AccessDeniedException",
+    "KMS.DisabledException",
+    "KMS.NotFoundException",
+    "KMS.InvalidStateException",
+    "NotAuthorized",
 ];
 
 /// The class of an error code returned by a service, for entries of a batch call.
 pub(crate) fn classify_code(code: &str, message: &str) -> Error {
     let text = format!("{code}: {message}");
-    if THROTTLES.contains(&code) {
+    if THROTTLES.contains(&code) || code.contains("Throttl") {
         Error::throttled_msg("AwsThrottled", text)
     } else if TRANSIENT.contains(&code) || code.starts_with("Internal") {
         Error::transient_msg("AwsUnavailable", text)
-    } else if FATAL.contains(&code) {
+    } else if FATAL.contains(&code) || code.starts_with("KMS") || code.contains("AccessDenied") {
         Error::fatal_msg("AwsConfiguration", text)
     } else {
         Error::poison_msg("AwsRejected", text)
@@ -61,20 +72,28 @@ pub(crate) fn classify_code(code: &str, message: &str) -> Error {
 /// transient, missing resources and permissions fatal, the rest poison: the request's
 /// content was rejected), network failures and timeouts transient, a request that could not
 /// be built poison.
-pub fn classify<E, R>(error: SdkError<E, R>) -> Error
+pub fn classify<E>(error: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
 {
     match &error {
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or("Unknown").to_owned();
             let message = service.err().message().unwrap_or_default().to_owned();
-            let status = format!("{:?}", service.raw());
-            if code == "Unknown" && status.contains("StatusCode(5") {
-                return Error::transient_msg("AwsUnavailable", status);
+            let status = service.raw().status().as_u16();
+            let by_code = classify_code(&code, &message);
+            // An unknown code is classified by the HTTP status: 429 slow down, 5xx retry,
+            // 401/403 configuration.
+            if by_code.class() == floodway::ErrorClass::Poison {
+                let text = format!("{code} (HTTP {status}): {message}");
+                match status {
+                    429 => return Error::throttled_msg("AwsThrottled", text),
+                    500..=599 => return Error::transient_msg("AwsUnavailable", text),
+                    401 | 403 => return Error::fatal_msg("AwsConfiguration", text),
+                    _ => {}
+                }
             }
-            classify_code(&code, &message)
+            by_code
         }
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             Error::transient_msg("AwsUnreachable", format!("{error:?}"))

@@ -61,16 +61,17 @@ impl EventBridgeSink {
                 + e.detail_type().map_or(0, str::len)
                 + e.source().map_or(0, str::len)
         };
-        for chunk in chunks(entries, MAX_ENTRIES, MAX_BYTES, size) {
-            if let Some(big) = chunk.iter().find(|e| size(e) > MAX_BYTES) {
-                return Err(Error::poison_msg(
-                    "EntryTooLarge",
-                    format!(
-                        "an EventBridge entry of {} bytes exceeds 256 KiB: use a claim check",
-                        size(big)
-                    ),
-                ));
-            }
+        // Every entry checked before anything is sent (a partly sent batch would be resent).
+        if let Some(big) = entries.iter().find(|e| size(e) >= MAX_BYTES) {
+            return Err(Error::poison_msg(
+                "EntryTooLarge",
+                format!(
+                    "an EventBridge entry of {} bytes is not under 256 KiB: use a claim check",
+                    size(big)
+                ),
+            ));
+        }
+        for chunk in chunks(entries, MAX_ENTRIES, MAX_BYTES - 1, size) {
             let client = self.client.clone();
             let failed = send_failed_again(chunk, self.attempts, |entries| {
                 let client = client.clone();
@@ -104,4 +105,4 @@ impl EventBridgeSink {
 }
 
 crate::batch_sink!(EventBridgeSink);
-crate::event_sink!(EventBridgeSink);
+crate::event_sink!(EventBridgeSink, MAX_BYTES - 1024);

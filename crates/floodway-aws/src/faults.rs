@@ -33,6 +33,8 @@ impl DynamoDbFaults {
     }
 
     async fn store(&self, fault: &Event) -> Result<(), Error> {
+        // An item holds 400 KB at most.
+        let fault = &floodway::fault::fit(fault, 350 * 1024);
         let err = fault.field("err").cloned().unwrap_or(Value::Null);
         let now = AttributeValue::N(floodway::event::now_millis().to_string());
         self.client
@@ -305,6 +307,10 @@ pub async fn resubmit(
         .and_then(|p| serde_json::from_slice(p.as_ref()).ok())
         .unwrap_or(Value::Null);
     if out.function_error().is_some() {
+        // An EventBridge-shaped record that did not finish comes back as an error.
+        if answer.to_string().contains("not finished") {
+            return Ok(Resubmitted::Unfinished);
+        }
         return Ok(Resubmitted::Failed(answer.to_string()));
     }
     let unfinished = answer["batchItemFailures"]

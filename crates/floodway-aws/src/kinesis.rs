@@ -17,7 +17,8 @@ const MAX_RECORD: usize = 1024 * 1024;
 
 /// Publishes events to a stream, 500 records and 5 MiB per call, each with the event's
 /// partition key (so a key keeps its order within its shard); records the service failed
-/// (throughput exceeded, internal) are sent again, alone, a few times before the batch fails.
+/// (throughput exceeded, internal) are sent again a few times before the batch fails, each
+/// with the records of its key that came after it (so the key's order holds).
 /// Also a fault sink.
 #[derive(Debug, Clone)]
 pub struct KinesisSink {
@@ -82,6 +83,10 @@ impl KinesisSink {
             let failed = send_failed_again(chunk, self.attempts, |records| {
                 let (client, stream) = (client.clone(), stream.clone());
                 async move {
+                    let keys: Vec<String> = records
+                        .iter()
+                        .map(|r| r.partition_key().unwrap_or_default().to_owned())
+                        .collect();
                     let out = client
                         .put_records()
                         .stream_name(stream)
@@ -89,7 +94,7 @@ impl KinesisSink {
                         .send()
                         .await
                         .map_err(classify)?;
-                    Ok(out
+                    let failed: Vec<(usize, Error)> = out
                         .records()
                         .iter()
                         .enumerate()
@@ -101,7 +106,8 @@ impl KinesisSink {
                                 )
                             })
                         })
-                        .collect())
+                        .collect();
+                    Ok(with_later_of_same_key(failed, &keys))
                 }
             })
             .await?;
@@ -111,5 +117,43 @@ impl KinesisSink {
     }
 }
 
+/// The failed records and every later record of a failed record's key: sent again together,
+/// in order, so a key's records keep their order in the shard (the later ones are stored
+/// twice; readers are idempotent).
+fn with_later_of_same_key(failed: Vec<(usize, Error)>, keys: &[String]) -> Vec<(usize, Error)> {
+    let mut out: Vec<(usize, Error)> = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let cause = failed
+            .iter()
+            .find(|(j, _)| *j == i)
+            .or_else(|| failed.iter().find(|(j, _)| *j < i && keys[*j] == *key));
+        if let Some((_, e)) = cause {
+            let again =
+                Error::transient_msg(e.name().to_owned(), e.to_string()).with_class(e.class());
+            out.push((i, again));
+        }
+    }
+    out
+}
+
 crate::batch_sink!(KinesisSink);
-crate::event_sink!(KinesisSink);
+crate::event_sink!(KinesisSink, MAX_RECORD - 1024);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_record_takes_the_later_records_of_its_key_along() {
+        let keys: Vec<String> = ["a", "b", "a", "c", "a", "b"]
+            .iter()
+            .map(|k| (*k).to_owned())
+            .collect();
+        let failed = vec![(2, Error::throttled_msg("T", "slow"))];
+        let again: Vec<usize> = with_later_of_same_key(failed, &keys)
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(again, vec![2, 4]);
+    }
+}

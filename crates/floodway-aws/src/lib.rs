@@ -49,9 +49,10 @@ macro_rules! batch_sink {
     };
 }
 
-/// A fault sink (`tower::Service<Event>`) from a sink's `async fn write(&self, Vec<Event>)`.
+/// A fault sink (`tower::Service<Event>`) from a sink's `async fn write(&self, Vec<Event>)`;
+/// a fault over `$max` bytes is stored trimmed ([`floodway::fault::fit`]).
 macro_rules! event_sink {
-    ($sink:ty) => {
+    ($sink:ty, $max:expr) => {
         impl tower::Service<floodway::Event> for $sink {
             type Response = ();
             type Error = floodway::Error;
@@ -66,6 +67,7 @@ macro_rules! event_sink {
 
             fn call(&mut self, event: floodway::Event) -> Self::Future {
                 let sink = self.clone();
+                let event = floodway::fault::fit(&event, $max);
                 Box::pin(async move { sink.write(vec![event]).await })
             }
         }

@@ -85,10 +85,15 @@ impl SqsSink {
                         .filter_map(|f| {
                             let i = ids.iter().position(|id| id == f.id())?;
                             let message = f.message().unwrap_or_default();
-                            let error = if f.sender_fault() {
+                            // The code first: a sender fault such as a KMS key it cannot use is
+                            // the configuration's, not the message's.
+                            let by_code = classify_code(f.code(), message);
+                            let error = if f.sender_fault()
+                                && by_code.class() == floodway::ErrorClass::Transient
+                            {
                                 Error::poison_msg("AwsRejected", format!("{}: {message}", f.code()))
                             } else {
-                                classify_code(f.code(), message)
+                                by_code
                             };
                             Some((i, error))
                         })

@@ -206,7 +206,18 @@ async fn simulate(
                 g.shard, g.first, g.last, g.reason
             );
         }
-        if let Some(offset) = report.checkpoint {
+        // The checkpoint stays before the first record given up: locally there is no
+        // on-failure destination, and moving past it would lose it.
+        let stop = report.given_up.iter().map(|g| g.first).min();
+        let checkpoint = match stop {
+            Some(first) => records
+                .iter()
+                .map(|r| r.sequence)
+                .filter(|s| *s < first)
+                .max(),
+            None => report.checkpoint,
+        };
+        if let Some(offset) = checkpoint {
             checkpointer
                 .commit(&[Checkpoint {
                     partition: partition.as_str().into(),
@@ -219,5 +230,10 @@ async fn simulate(
     say!(
         "{total} records, {invocations} invocations ({partial} with batch item failures, {errors} function errors), {given_up} records given up"
     );
+    if given_up > 0 {
+        bail!(
+            "{given_up} records were given up; subscription {subscription} stays before them, so a run after the fix takes them again"
+        );
+    }
     Ok(())
 }

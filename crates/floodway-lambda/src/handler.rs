@@ -86,7 +86,10 @@ impl Handler {
         let deadline_ms = deadline_ms?;
         let now_ms = u64::try_from(floodway::event::now_millis()).unwrap_or(0);
         let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms));
-        Some(tokio::time::Instant::now() + left.saturating_sub(self.margin))
+        // The margin, but never more than a tenth of the time left: a short timeout must
+        // still leave time for work.
+        let margin = self.margin.min(left / 10);
+        Some(tokio::time::Instant::now() + left.saturating_sub(margin))
     }
 
     async fn run(&self, records: Vec<Record>, deadline_ms: Option<u64>) -> BatchReport {
@@ -147,14 +150,22 @@ impl Handler {
         response
     }
 
-    /// An SQS batch: every unfinished message is reported.
+    /// An SQS batch: every unfinished message is reported, and on a FIFO queue every later
+    /// message of its group too (a later message must not overtake it).
     pub async fn sqs(&self, event: &SqsEvent, deadline_ms: Option<u64>) -> SqsEventResponse {
         let report = self.run(sources::sqs_records(event), deadline_ms).await;
         let mut response = SqsEventResponse::default();
-        for record in report.unfinished() {
-            let mut failure = SqsBatchItemFailure::default();
-            failure.item_identifier = Some(record.position());
-            response.batch_item_failures.push(failure);
+        let mut held: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
+        for outcome in &report.outcomes {
+            // A standard queue's messages are each their own partition; a FIFO queue's share
+            // their group's.
+            let partition = &outcome.record.partition;
+            if outcome.settlement.is_none() || held.contains(partition) {
+                held.insert(partition.clone());
+                let mut failure = SqsBatchItemFailure::default();
+                failure.item_identifier = Some(outcome.record.position());
+                response.batch_item_failures.push(failure);
+            }
         }
         response
     }

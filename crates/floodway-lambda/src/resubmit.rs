@@ -18,6 +18,12 @@ use serde_json::{json, Value};
 pub fn resubmission_payload(fault: &Event) -> Result<Value, Error> {
     let details: FaultDetails = fault.payload()?;
     let pipeline = fault.tag("pipeline").unwrap_or_default().to_owned();
+    if pipeline == floodway::fault::DECODE_PIPELINE {
+        return Err(Error::poison_msg(
+            "Undecodable",
+            "the record is not an event: no pipeline can take it; fix its producer and publish it again",
+        ));
+    }
     let record = &details.uow.record;
     let data = record.bytes()?;
     let marker = json!({ "pipeline": pipeline });

@@ -164,16 +164,30 @@ impl Invoker {
             Ok(Err(_)) => return Err(InvokeError::NotRunning("the runtime API stopped".into())),
             Ok(Ok(())) => {}
         }
-        match tokio::time::timeout(timeout, answered).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(InvokeError::NotRunning("no answer".into())),
-            Err(_) => {
-                if let Ok(mut state) = self.state.lock() {
-                    state.waiting.remove(&id);
+        // Waits for the answer, the timeout, or the function process going away (an
+        // invocation still queued when it died would otherwise wait out its timeout).
+        let gone = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Some(why) = self.state.lock().ok().and_then(|s| s.init_error.clone()) {
+                    return why;
                 }
-                Err(InvokeError::Timeout(timeout))
+            }
+        };
+        let outcome = tokio::select! {
+            answer = tokio::time::timeout(timeout, answered) => match answer {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err(InvokeError::NotRunning("no answer".into())),
+                Err(_) => Err(InvokeError::Timeout(timeout)),
+            },
+            why = gone => Err(InvokeError::NotRunning(why)),
+        };
+        if outcome.is_err() {
+            if let Ok(mut state) = self.state.lock() {
+                state.waiting.remove(&id);
             }
         }
+        outcome
     }
 }
 
@@ -281,10 +295,14 @@ async fn route(
     }
 }
 
-/// A handler binary running against a [`LocalRuntime`]; killed when dropped.
+/// A handler binary running against a [`LocalRuntime`]; killed when dropped. When it exits
+/// on its own (a crash), the invocations waiting on it fail at once with
+/// [`InvokeError::NotRunning`], as do later ones, instead of waiting out their timeouts.
 #[derive(Debug)]
 pub struct FunctionProcess {
-    child: tokio::process::Child,
+    pid: Option<u32>,
+    kill: Option<oneshot::Sender<()>>,
+    exited: tokio::sync::watch::Receiver<bool>,
 }
 
 impl FunctionProcess {
@@ -311,18 +329,67 @@ impl FunctionProcess {
         for (k, v) in env {
             command.env(k, v);
         }
+        let mut child = command.spawn()?;
+        let pid = child.id();
+        if let Ok(mut state) = runtime.invoker.state.lock() {
+            state.init_error = None;
+        }
+        let (kill, killed) = oneshot::channel::<()>();
+        let (exited_tx, exited) = tokio::sync::watch::channel(false);
+        let invoker = runtime.invoker.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                status = child.wait() => {
+                    let why = match status {
+                        Ok(s) => format!("the function process exited ({s})"),
+                        Err(e) => format!("the function process is gone: {e}"),
+                    };
+                    invoker.stopped(why).await;
+                }
+                _ = killed => {
+                    let _ = child.kill().await;
+                }
+            }
+            let _ = exited_tx.send(true);
+        });
         Ok(FunctionProcess {
-            child: command.spawn()?,
+            pid,
+            kill: Some(kill),
+            exited,
         })
     }
 
     /// The process id.
     pub fn id(&self) -> Option<u32> {
-        self.child.id()
+        self.pid
     }
 
     /// Whether the process still runs.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+    pub fn is_running(&self) -> bool {
+        !*self.exited.borrow()
+    }
+}
+
+impl Drop for FunctionProcess {
+    fn drop(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+    }
+}
+
+impl Invoker {
+    /// The function process is gone: fail what waits on it, and what comes later.
+    async fn stopped(&self, why: String) {
+        let waiting: Vec<oneshot::Sender<Result<Value, InvokeError>>> = match self.state.lock() {
+            Ok(mut state) => {
+                state.init_error = Some(why.clone());
+                state.waiting.drain().map(|(_, answer)| answer).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for answer in waiting {
+            let _ = answer.send(Err(InvokeError::NotRunning(why.clone())));
+        }
     }
 }

@@ -11,13 +11,16 @@
 //! 3. a function error or timeout retries the batch, split in two halves first when
 //!    `bisect_on_error` is on;
 //! 4. every retry of a batch counts; past `maximum_retry_attempts` the batch's records go to
-//!    the on-failure destination and the checkpoint moves past them.
+//!    the on-failure destination and the checkpoint moves past them;
+//! 5. a record older than the stream's `retention` is gone (given up as `RecordExpired`), so
+//!    even unbounded retries end.
 //!
 //! **Queues** (SQS standard): batches of up to `batch_size` visible messages; each delivery
 //! increments the receive count; a message reported in `batchItemFailures` (or all of them on
 //! a function error) becomes visible again after `visibility_timeout`, the others are deleted;
 //! a message received `max_receive_count` times and failing again moves to the dead-letter
-//! queue.
+//! queue; an identifier not in the batch fails all of it; messages older than the queue's
+//! retention are dropped.
 //!
 //! Time is tokio's: on a paused clock retries, timeouts and record ages cost no real time.
 
@@ -106,8 +109,11 @@ pub struct StreamMapping {
     pub report_batch_item_failures: bool,
     /// The function's timeout (default 60 s).
     pub function_timeout: Duration,
-    /// The pause before a retry (default 1 s).
+    /// The pause before a retry (default 1 s; at least 1 ms, so that time moves).
     pub retry_delay: Duration,
+    /// How long the stream keeps a record (default 24 h, Kinesis' default): a record older
+    /// than this is gone, given up as `RecordExpired`, whatever the other settings say.
+    pub retention: Duration,
 }
 
 impl Default for StreamMapping {
@@ -120,6 +126,7 @@ impl Default for StreamMapping {
             report_batch_item_failures: true,
             function_timeout: Duration::from_secs(60),
             retry_delay: Duration::from_secs(1),
+            retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -254,20 +261,21 @@ impl StreamMapping {
                 ),
                 None => break,
             };
-            // Records too old go to the destination without an invocation.
+            // Records too old go to the destination without an invocation; records past the
+            // stream's retention are gone.
             let mut start = start;
-            if let Some(max_age) = self.maximum_record_age {
+            let (max_age, reason) = match self.maximum_record_age {
+                Some(age) if age < self.retention => (age, "RecordAgeExceeded"),
+                _ => (self.retention, "RecordExpired"),
+            };
+            {
                 let now = Instant::now();
                 let old = records[start..end]
                     .iter()
                     .take_while(|r| now.duration_since(r.arrived) > max_age)
                     .count();
                 if old > 0 {
-                    give_up(
-                        &mut report,
-                        &records[start..start + old],
-                        "RecordAgeExceeded",
-                    );
+                    give_up(&mut report, &records[start..start + old], reason);
                     start += old;
                     report.checkpoint = Some(records[start - 1].sequence);
                     position = position.max(start);
@@ -324,7 +332,7 @@ impl StreamMapping {
                 position = position.max(end);
                 continue;
             }
-            tokio::time::sleep(self.retry_delay).await;
+            tokio::time::sleep(self.retry_delay.max(Duration::from_millis(1))).await;
             if answer.is_err() && self.bisect_on_error && end - done > 1 {
                 let mid = done + (end - done) / 2;
                 spans.push_front((mid, end, retries + 1));
@@ -359,6 +367,9 @@ pub struct QueueMapping {
     pub report_batch_item_failures: bool,
     /// The function's timeout (default 30 s).
     pub function_timeout: Duration,
+    /// How long the queue keeps a message (default 4 days, SQS' default): an older one is
+    /// dropped, reported in [`QueueReport::expired`].
+    pub message_retention: Duration,
 }
 
 impl Default for QueueMapping {
@@ -369,6 +380,7 @@ impl Default for QueueMapping {
             max_receive_count: Some(5),
             report_batch_item_failures: true,
             function_timeout: Duration::from_secs(30),
+            message_retention: Duration::from_secs(4 * 24 * 3600),
         }
     }
 }
@@ -382,6 +394,8 @@ pub struct QueueReport {
     pub deleted: Vec<String>,
     /// Message ids moved to the dead-letter queue, with their receive counts.
     pub dead_letters: Vec<(String, u32)>,
+    /// Message ids dropped at the end of the queue's retention.
+    pub expired: Vec<String>,
 }
 
 impl QueueMapping {
@@ -394,12 +408,15 @@ impl QueueMapping {
     ) -> QueueReport {
         let mut report = QueueReport::default();
         // (message, receives, visible at)
-        let mut queue: Vec<(QueueMessage, u32, Instant)> = messages
-            .into_iter()
-            .map(|m| (m, 0, Instant::now()))
-            .collect();
+        let sent = Instant::now();
+        let mut queue: Vec<(QueueMessage, u32, Instant)> =
+            messages.into_iter().map(|m| (m, 0, sent)).collect();
         while !queue.is_empty() {
             let now = Instant::now();
+            if now.duration_since(sent) > self.message_retention {
+                report.expired.extend(queue.drain(..).map(|(m, _, _)| m.id));
+                break;
+            }
             let visible: Vec<usize> = (0..queue.len())
                 .filter(|i| queue[*i].2 <= now)
                 .take(self.batch_size.max(1))
@@ -431,16 +448,26 @@ impl QueueMapping {
                 .await;
             let failed: Vec<String> = match &answer {
                 Err(_) => visible.iter().map(|i| queue[*i].0.id.clone()).collect(),
-                Ok(a) if self.report_batch_item_failures => a
-                    .get("batchItemFailures")
-                    .and_then(Value::as_array)
-                    .map(|f| {
-                        f.iter()
-                            .filter_map(|x| x.get("itemIdentifier").and_then(Value::as_str))
-                            .map(str::to_owned)
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                Ok(a) if self.report_batch_item_failures => {
+                    let reported: Vec<String> = a
+                        .get("batchItemFailures")
+                        .and_then(Value::as_array)
+                        .map(|f| {
+                            f.iter()
+                                .filter_map(|x| x.get("itemIdentifier").and_then(Value::as_str))
+                                .map(str::to_owned)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let in_batch: Vec<String> =
+                        visible.iter().map(|i| queue[*i].0.id.clone()).collect();
+                    // An identifier not in the batch fails all of it, as Lambda does.
+                    if reported.iter().any(|id| !in_batch.contains(id)) {
+                        in_batch
+                    } else {
+                        reported
+                    }
+                }
                 Ok(_) => Vec::new(),
             };
             let mut keep = Vec::with_capacity(queue.len());

@@ -91,16 +91,21 @@ pub fn eventbridge_record(event: &EventBridgeEvent<Value>) -> Record {
 /// How DynamoDB stream records become events.
 #[derive(Debug, Clone)]
 pub struct CdcOptions {
-    /// The attribute naming the kind of row (`discriminator`): the event type is
-    /// `{discriminator}-{created|updated|deleted|undeleted}`.
+    /// The attribute naming the kind of row (`discriminator`; `sk` when absent): the event
+    /// type is `{discriminator}-{created|updated|deleted|undeleted}`.
     pub discriminator: String,
-    /// The attribute with the row's time in ms, used as the event time when present.
+    /// The key attribute whose value is the partition key (`pk`); all key attributes joined by
+    /// `|` when the keys lack it.
+    pub partition_key: String,
+    /// The attribute with the row's time in ms (`timestamp`): a created or updated row's new
+    /// image gives the event time; otherwise (a removal) the stream record's time does.
     pub timestamp: String,
-    /// The attribute marking a soft delete (`deleted`): set to true it makes an update a
-    /// `-deleted` event, cleared an `-undeleted` one.
+    /// The attribute marking a soft delete (`deleted`): a row written with it true is a
+    /// `-deleted` event, one written with it cleared after it was set an `-undeleted` one.
     pub deleted: String,
-    /// This function's region: records replicated from another region of a global table
-    /// (whose `aws:rep:updateregion` differs) are skipped. `None`: `AWS_REGION`.
+    /// This function's region: records a global table replicated from another region (by
+    /// `aws:rep:updateregion`, or an `awsregion` attribute the writer sets) are skipped.
+    /// `None`: `AWS_REGION`.
     pub region: Option<String>,
     /// Keep removals by TTL expiry (skipped by default: nobody deleted anything).
     pub keep_ttl_deletes: bool,
@@ -110,6 +115,7 @@ impl Default for CdcOptions {
     fn default() -> Self {
         CdcOptions {
             discriminator: "discriminator".into(),
+            partition_key: "pk".into(),
             timestamp: "timestamp".into(),
             deleted: "deleted".into(),
             region: None,
@@ -138,12 +144,17 @@ fn truthy(value: Option<&Value>) -> bool {
     matches!(value, Some(Value::Bool(true)))
 }
 
-/// DynamoDB stream records as change events, the way users of `aws-lambda-stream` know them:
-/// type `{discriminator}-created|updated|deleted|undeleted` (a soft delete sets the `deleted`
-/// attribute; clearing it undeletes), the old and new images under `raw`, the row's key as the
-/// partition key, its `timestamp` as the event time when present (else the stream record's
-/// time), and the stream's event id as the id. Replica and TTL records are skipped and
-/// returned beside the records (their position still counts for checkpointing).
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// DynamoDB stream records as change events, the way users of `aws-lambda-stream` know them
+/// (see [`CdcOptions`]): the old and new images under `raw`, the keys under `keys`, the
+/// stream's event id as the id. Replica and TTL records are skipped and returned beside the
+/// records.
 pub fn dynamodb_records(
     event: &dynamodb::Event,
     options: &CdcOptions,
@@ -159,11 +170,14 @@ pub fn dynamodb_records(
         let new = image(&r.change.new_image);
         let old = image(&r.change.old_image);
         if let Some(region) = &region {
-            let writer = new
-                .get("aws:rep:updateregion")
-                .or_else(|| old.get("aws:rep:updateregion"))
-                .and_then(Value::as_str);
-            if writer.is_some_and(|w| w != region) {
+            let written_in = |row: &Value| {
+                row.get("aws:rep:updateregion")
+                    .or_else(|| row.get("awsregion"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            };
+            let writer = written_in(&new).or_else(|| written_in(&old));
+            if writer.is_some_and(|w| w != *region) {
                 skipped.push((sequence, Skipped::Replica(r.event_id.clone())));
                 continue;
             }
@@ -177,48 +191,41 @@ pub fn dynamodb_records(
             continue;
         }
         let row = if new.is_null() { &old } else { &new };
+        let now_deleted = truthy(new.get(&options.deleted));
+        let was_deleted = truthy(old.get(&options.deleted));
         let suffix = match r.event_name.as_str() {
-            "INSERT" => "created",
             "REMOVE" => "deleted",
-            _ => {
-                let now_deleted = truthy(new.get(&options.deleted));
-                let was_deleted = truthy(old.get(&options.deleted));
-                if now_deleted && !was_deleted {
-                    "deleted"
-                } else if was_deleted && !now_deleted {
-                    "undeleted"
-                } else {
-                    "updated"
-                }
-            }
+            _ if now_deleted => "deleted",
+            _ if was_deleted => "undeleted",
+            "INSERT" => "created",
+            _ => "updated",
         };
         let discriminator = row
             .get(&options.discriminator)
-            .and_then(Value::as_str)
-            .unwrap_or("row");
+            .or_else(|| row.get("sk"))
+            .map(text)
+            .unwrap_or_else(|| "row".into())
+            .to_lowercase();
         let keys = image(&r.change.keys);
-        let partition_key = match &keys {
-            Value::Object(map) => {
-                let mut parts: Vec<(&String, String)> = map
-                    .iter()
-                    .map(|(k, v)| {
-                        let text = match v {
-                            Value::String(s) => s.clone(),
-                            other => other.to_string(),
-                        };
-                        (k, text)
-                    })
-                    .collect();
-                parts.sort();
-                parts
-                    .into_iter()
-                    .map(|(_, v)| v)
-                    .collect::<Vec<_>>()
-                    .join("|")
-            }
-            _ => r.event_id.clone(),
+        let partition_key = match keys.get(&options.partition_key) {
+            Some(pk) => text(pk),
+            None => match &keys {
+                Value::Object(map) => {
+                    let mut parts: Vec<(&String, String)> =
+                        map.iter().map(|(k, v)| (k, text(v))).collect();
+                    parts.sort();
+                    parts
+                        .into_iter()
+                        .map(|(_, v)| v)
+                        .collect::<Vec<_>>()
+                        .join("|")
+                }
+                _ => r.event_id.clone(),
+            },
         };
-        let timestamp = row
+        // A removal has no new image: its time is the stream record's, not the last write's
+        // (which would tie with that write's event in a latest-wins view).
+        let timestamp = new
             .get(&options.timestamp)
             .and_then(Value::as_i64)
             .unwrap_or_else(|| r.change.approximate_creation_date_time.timestamp_millis());

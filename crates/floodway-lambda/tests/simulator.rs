@@ -425,7 +425,7 @@ async fn dynamodb_changes_become_events_by_the_cdc_rules() {
     );
     let first = &events[0];
     assert_eq!(first.id(), "ev-1");
-    assert_eq!(first.partition_key(), "thing-1|A");
+    assert_eq!(first.partition_key(), "thing-1");
     assert_eq!(first.timestamp(), 1_700_000_000_500, "the row's timestamp");
     assert_eq!(
         events[1].timestamp(),
@@ -483,4 +483,69 @@ async fn eventbridge_events_succeed_fault_or_fail_for_a_retry() {
         1,
         "a transient failure is not faulted"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn unbounded_retries_end_when_the_stream_drops_the_record() {
+    let events = orders(3);
+    let mapping = StreamMapping {
+        maximum_retry_attempts: None,
+        maximum_record_age: None,
+        retry_delay: Duration::from_secs(60),
+        retention: Duration::from_secs(3600),
+        ..StreamMapping::default()
+    };
+    let report = mapping
+        .run_shard(
+            &StreamKind::Kinesis {
+                stream: "orders".into(),
+            },
+            "s",
+            &shard(&events),
+            &mut AlwaysCrashing,
+        )
+        .await;
+    // Bisection split the batch; every part ended as the stream dropped it.
+    assert!(report.given_up.iter().all(|g| g.reason == "RecordExpired"));
+    assert_eq!(report.given_up.iter().map(|g| g.records).sum::<usize>(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_a_fifo_queue_later_messages_of_a_group_wait_for_an_unfinished_one() {
+    // e-1's call takes an hour, longer than the invocation; e-2 shares its message group but
+    // not its key.
+    let sink = sink_fn(|batch: Batch| async move {
+        if batch.events().any(|e| e.id() == "e-1") {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Ok::<_, Error>(())
+    });
+    let processor = Processor::builder("fifo")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(Pipeline::builder("p").sink(sink).unwrap())
+        .build()
+        .unwrap();
+    let handler = Handler::new(processor);
+    let events = orders(4);
+    let message = |i: usize, group: &str| {
+        json!({
+            "messageId": format!("m-{i}"),
+            "body": events[i].to_json(),
+            "attributes": { "ApproximateReceiveCount": "1", "MessageGroupId": group },
+            "messageAttributes": {},
+            "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:local:000000000000:orders.fifo",
+        })
+    };
+    let payload =
+        json!({ "Records": [message(0, "a"), message(1, "g"), message(2, "g"), message(3, "b")] });
+    let deadline = Some(u64::try_from(floodway::event::now_millis()).unwrap() + 5_000);
+    let answer = handler.handle(payload, deadline).await.unwrap();
+    let reported: Vec<&str> = answer["batchItemFailures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["itemIdentifier"].as_str().unwrap())
+        .collect();
+    assert_eq!(reported, ["m-1", "m-2"]);
 }

@@ -236,7 +236,7 @@ impl NatsHub {
                 }
                 // A fault of a large record: stored without the record's bytes and the
                 // decoded event, rather than not at all (which would stop the processor).
-                payload = Bytes::from(trimmed_fault(event, payload.len()).to_json());
+                payload = Bytes::from(floodway::fault::fit(event, max).to_json());
             }
             pending.push(
                 self.publish_raw(self.subject_of(event), event.id(), payload)
@@ -366,20 +366,6 @@ impl NatsHub {
             subscriptions: subscriptions.into_iter().collect(),
         })
     }
-}
-
-/// A fault event without the record's bytes and the decoded event, marked `truncated` with
-/// the size it had.
-fn trimmed_fault(fault: &Event, size: usize) -> Event {
-    let mut fault = fault.clone();
-    if let Some(serde_json::Value::Object(uow)) = fault.fields_mut().get_mut("uow") {
-        uow.remove("event");
-        if let Some(serde_json::Value::Object(record)) = uow.get_mut("record") {
-            record.remove("data");
-            record.insert("truncated".into(), size.into());
-        }
-    }
-    fault
 }
 
 /// What [`NatsHub::stats`] reports.

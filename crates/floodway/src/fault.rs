@@ -86,6 +86,27 @@ pub struct FaultRecord {
     pub data: String,
 }
 
+/// A fault event that fits in `max_bytes` when encoded: unchanged if it fits, else without
+/// the decoded event and the record's bytes (`uow.record.truncated` holds the size the fault
+/// had). For stores with a size limit (a message, an item, an entry): storing a trimmed fault
+/// beats not storing it, which would stop the processor. A trimmed fault cannot be
+/// resubmitted from itself; its source still holds the record (source, partition, position).
+pub fn fit(fault: &Event, max_bytes: usize) -> Event {
+    let size = fault.encoded_len();
+    if size <= max_bytes {
+        return fault.clone();
+    }
+    let mut fault = fault.clone();
+    if let Some(Value::Object(uow)) = fault.fields_mut().get_mut("uow") {
+        uow.remove("event");
+        if let Some(Value::Object(record)) = uow.get_mut("record") {
+            record.remove("data");
+            record.insert("truncated".into(), size.into());
+        }
+    }
+    fault
+}
+
 impl FaultRecord {
     /// The record's bytes, decoded from their encoding.
     ///
