@@ -516,6 +516,7 @@ async fn real_dynamodb_stream_records_become_change_events() {
             arrived: tokio::time::Instant::now(),
         })
         .collect();
+    let stream_again = stream.clone();
     let sink = MemorySink::new();
     let processor = Processor::builder("cdc")
         .fault_sink(MemoryFaultSink::new())
@@ -553,6 +554,24 @@ async fn real_dynamodb_stream_records_become_change_events() {
     assert_eq!(got[1].field("raw").unwrap()["old"]["name"], "a");
     assert_eq!(got[1].field("raw").unwrap()["new"]["name"], "b");
     assert_eq!(got[4].field("raw").unwrap()["new"], Value::Null);
+
+    // The same stream records through a real handler binary behind the local Runtime API.
+    let mut runtime = LocalRuntime::start().await.unwrap();
+    let _function = FunctionProcess::spawn(&example_handler(), &[], &runtime, &[]).unwrap();
+    let report = StreamMapping::default()
+        .run_shard(
+            &StreamKind::DynamoDb,
+            "shard",
+            &renumber(stream_again),
+            &mut runtime,
+        )
+        .await;
+    assert!(report.given_up.is_empty(), "{report:?}");
+    assert_eq!(report.checkpoint, Some(5));
+    assert!(report
+        .invocations
+        .iter()
+        .all(|i| i.outcome == floodway_lambda::simulator::Outcome::Success));
 }
 
 /// Gives each DynamoDB stream record the simulator's sequence number.
