@@ -355,7 +355,7 @@ async fn dynamodb_view_is_latest_wins() {
     let moto = Moto::start();
     let config = moto.config().await;
     let dynamo = aws_sdk_dynamodb::Client::new(&config);
-    table_with_stream(&dynamo, "orders").await;
+    table(&dynamo, "orders", true).await;
     let view = DynamoDbView::new(
         &config,
         "orders",
@@ -396,9 +396,10 @@ async fn dynamodb_view_is_latest_wins() {
     }
 }
 
-/// A table with a stream; its partition key is `pk`.
-async fn table_with_stream(dynamo: &aws_sdk_dynamodb::Client, name: &str) -> String {
-    let created = dynamo
+/// A table keyed by `pk` (a string), with a stream of new and old images if asked; the
+/// stream's ARN.
+async fn table(dynamo: &aws_sdk_dynamodb::Client, name: &str, stream: bool) -> Option<String> {
+    let mut request = dynamo
         .create_table()
         .table_name(name)
         .attribute_definitions(
@@ -415,23 +416,21 @@ async fn table_with_stream(dynamo: &aws_sdk_dynamodb::Client, name: &str) -> Str
                 .build()
                 .unwrap(),
         )
-        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
-        .stream_specification(
+        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest);
+    if stream {
+        request = request.stream_specification(
             aws_sdk_dynamodb::types::StreamSpecification::builder()
                 .stream_enabled(true)
                 .stream_view_type(aws_sdk_dynamodb::types::StreamViewType::NewAndOldImages)
                 .build()
                 .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
+        );
+    }
+    let created = request.send().await.unwrap();
     created
         .table_description()
-        .unwrap()
-        .latest_stream_arn()
-        .unwrap()
-        .to_owned()
+        .and_then(|t| t.latest_stream_arn())
+        .map(str::to_owned)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,7 +439,7 @@ async fn real_dynamodb_stream_records_become_change_events() {
     let moto = Moto::start();
     let config = moto.config().await;
     let dynamo = aws_sdk_dynamodb::Client::new(&config);
-    let stream_arn = table_with_stream(&dynamo, "things").await;
+    let stream_arn = table(&dynamo, "things", true).await.unwrap();
     let put = |name: &str, ts: i64, deleted: Option<bool>| {
         let mut item = HashMap::from([
             ("pk".to_owned(), A::S("thing-1".into())),
@@ -688,7 +687,7 @@ async fn s3_lake_claim_checks_and_fault_stores() {
     processor.process_batch(vec![record], None).await;
     let fault = faults.faults().pop().unwrap();
     let dynamo = aws_sdk_dynamodb::Client::new(&config);
-    create_table(&config, "faults").await;
+    table(&dynamo, "faults", false).await;
     let store = DynamoDbFaults::new(&config, "faults");
     send(store.clone(), std::slice::from_ref(&fault))
         .await
@@ -785,7 +784,7 @@ async fn resubmission_invokes_the_function_with_only_the_failing_pipeline() {
     *fixed.lock().unwrap() = false;
     let moto = Moto::start();
     let aws = moto.config().await;
-    create_table(&aws, "faults").await;
+    table(&aws_sdk_dynamodb::Client::new(&aws), "faults", false).await;
     send(
         DynamoDbFaults::new(&aws, "faults"),
         std::slice::from_ref(&fault),
@@ -841,30 +840,6 @@ async fn resubmission_invokes_the_function_with_only_the_failing_pipeline() {
     let listed = command(args(&["faults", "list", "--table", "faults", "--all"])).await;
     assert!(listed.contains("resolved, 2 resubmissions"), "{listed}");
     serving.abort();
-}
-
-async fn create_table(config: &SdkConfig, name: &str) {
-    aws_sdk_dynamodb::Client::new(config)
-        .create_table()
-        .table_name(name)
-        .attribute_definitions(
-            aws_sdk_dynamodb::types::AttributeDefinition::builder()
-                .attribute_name("pk")
-                .attribute_type(aws_sdk_dynamodb::types::ScalarAttributeType::S)
-                .build()
-                .unwrap(),
-        )
-        .key_schema(
-            aws_sdk_dynamodb::types::KeySchemaElement::builder()
-                .attribute_name("pk")
-                .key_type(aws_sdk_dynamodb::types::KeyType::Hash)
-                .build()
-                .unwrap(),
-        )
-        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
-        .send()
-        .await
-        .unwrap();
 }
 
 /// Takes invocations from the local runtime's queue and answers them with `function`, the
