@@ -190,9 +190,14 @@ impl Hub {
         partition_for(partition_key, self.inner.partitions)
     }
 
-    /// A new connection to the file, with the hub's settings.
+    /// A new connection to the file for everything but publishing: views, the inbox, faults,
+    /// checkpoints, reads. Its commits are not synced one by one (`synchronous=NORMAL`): in WAL
+    /// mode commits reach the log in order, the publisher's synced commits sync everything
+    /// before them, and a power loss keeps a prefix of the log, so a checkpoint never survives
+    /// the view writes it covers (the records after the surviving checkpoint are processed
+    /// again, and the view and inbox make that harmless). Only `publish` promises durability.
     pub(crate) fn connect(&self) -> Result<Connection, HubError> {
-        schema::connect(&self.inner.path, self.inner.options.durability).map_err(|e| match e {
+        schema::connect(&self.inner.path, Durability::Relaxed).map_err(|e| match e {
             OpenError::Sqlite { source, .. } => HubError::Sqlite(source),
             other => HubError::Corrupt {
                 what: "hub file",
