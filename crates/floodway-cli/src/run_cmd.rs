@@ -8,6 +8,7 @@ use floodway::error::CommitError;
 use floodway::{Checkpoint, Checkpointer, Record, Source};
 use floodway_embedded::{StartAt, SubscriptionOptions};
 use floodway_processors::hubs::AnyReader;
+use floodway_processors::processors::reads_faults;
 use floodway_processors::{build_all, from_config, run_all, Config, EventHub};
 use indicatif::ProgressBar;
 
@@ -174,12 +175,9 @@ pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         transient: true,
         ..SubscriptionOptions::default()
     };
-    let reads_faults = processor.pipelines().iter().any(|p| {
-        p.accepts(&floodway::Event::builder(floodway::event::FAULT_EVENT_TYPE, "probe").build())
-    });
     let sub = hubs
         .events
-        .subscribe(&name, options, reads_faults)
+        .subscribe(&name, options, reads_faults(&processor))
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let reader = sub.reader;

@@ -1,24 +1,11 @@
 //! The `floodway` command on a real hub file: publish, run, faults, resubmit, replay.
 
 use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-fn floodway(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_floodway"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("the floodway binary runs")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+mod common;
+use common::{floodway, text};
 
 /// Starts `floodway run` and stops it (SIGTERM) once `done` says the work is done.
 fn run_until(dir: &Path, config: &str, done: impl Fn() -> bool) {

@@ -2,26 +2,10 @@
 //! event-source-mapping simulator and a real `floodway lambda handler` process behind a local
 //! Lambda Runtime API.
 
-use std::path::Path;
-use std::process::{Command, Output};
-
 use floodway_embedded::{Hub, HubOptions};
 
-fn floodway(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_floodway"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("the floodway binary runs")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+mod common;
+use common::{floodway, text};
 
 const CONFIG: &str = r#"
 [hub]

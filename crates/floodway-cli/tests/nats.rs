@@ -2,26 +2,13 @@
 //! run, stats, tail, faults and their resubmission, replay.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use floodway_nats::testing::NatsServer;
 
-fn floodway(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_floodway"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("the floodway binary runs")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+mod common;
+use common::{floodway, text};
 
 fn config(url: &str, key: &str) -> String {
     format!(

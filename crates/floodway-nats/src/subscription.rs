@@ -366,13 +366,12 @@ fn consumer_config(
     Ok(config)
 }
 
-/// A JetStream error code, when the error carries one.
-fn code_of(error: &impl std::fmt::Debug) -> Option<u64> {
-    // The server's error code is in the Debug form of the error: `JetStream(Error { code,
-    // err_code: ErrorCode(n), .. })`.
-    let text = format!("{error:?}");
-    let at = text.find("ErrorCode(")? + "ErrorCode(".len();
-    text[at..].split(')').next()?.parse().ok()
+/// The JetStream error code of a consumer request's failure, when the server gave one.
+fn code_of(error: &async_nats::jetstream::stream::ConsumerError) -> Option<u64> {
+    match error.kind() {
+        async_nats::jetstream::stream::ConsumerErrorKind::JetStream(e) => Some(e.error_code().0),
+        _ => None,
+    }
 }
 
 /// Errors that trying again does not fix: the stream is gone, access is denied, or the
@@ -502,7 +501,12 @@ impl PartitionReader {
             .await
         {
             Ok(message) => Ok(Some(message.sequence)),
-            Err(e) if format!("{:?}", e.kind()).contains("NotFound") => Ok(None),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(NatsError::js("last message", e)),
         }
     }

@@ -53,6 +53,15 @@ where
     report
 }
 
+/// Runs a processor over a bounded subscription until it ends.
+async fn run_to_end(processor: &Processor, sub: NatsSubscription) {
+    let (reader, checkpointer) = sub.split();
+    processor
+        .run(reader, checkpointer, std::future::pending())
+        .await
+        .unwrap();
+}
+
 /// A processor of one pipeline that keeps what it gets.
 fn collecting(name: &str) -> (Processor, MemorySink) {
     let sink = MemorySink::new();
@@ -90,11 +99,7 @@ async fn read_all(hub: &NatsHub, partitions: Partitions) -> Vec<Event> {
         )
         .await
         .unwrap();
-    let (reader, checkpointer) = sub.split();
-    processor
-        .run(reader, checkpointer, std::future::pending())
-        .await
-        .unwrap();
+    run_to_end(&processor, sub).await;
     sink.events()
 }
 
@@ -653,11 +658,7 @@ async fn starts_at_the_end_or_a_time() {
         )
         .await
         .unwrap();
-    let (reader, checkpointer) = sub.split();
-    processor
-        .run(reader, checkpointer, std::future::pending())
-        .await
-        .unwrap();
+    run_to_end(&processor, sub).await;
     assert_eq!(sink.len(), 40);
 }
 

@@ -386,7 +386,7 @@ pub async fn build_all(config: &Config) -> Result<(Hubs, Vec<Processor>), SetupE
 }
 
 /// Whether a processor takes `fault` events (on NATS it then reads the fault subject).
-fn reads_faults(processor: &Processor) -> bool {
+pub fn reads_faults(processor: &Processor) -> bool {
     let probe = Event::builder(floodway::event::FAULT_EVENT_TYPE, "probe").build();
     processor.pipelines().iter().any(|p| p.accepts(&probe))
 }
