@@ -30,8 +30,8 @@ pub enum OpenError {
         /// The path.
         path: PathBuf,
     },
-    /// The hub was written by a newer Floodway.
-    #[error("{path} has hub format version {found}; this Floodway reads version {supported}: upgrade Floodway")]
+    /// The hub was written by another version of Floodway.
+    #[error("{path} has hub format version {found}; this Floodway reads version {supported}: {}", upgrade_advice(*.found, *.supported))]
     Version {
         /// The path.
         path: PathBuf,
@@ -110,5 +110,14 @@ impl From<HubError> for Error {
     fn from(err: HubError) -> Self {
         let class = err.class();
         Error::new(class, err)
+    }
+}
+
+fn upgrade_advice(found: i64, supported: i64) -> &'static str {
+    if found > supported {
+        "upgrade Floodway"
+    } else {
+        "it was written by an older Floodway: keep using that version for it, or publish its \
+         events into a new hub"
     }
 }

@@ -10,7 +10,7 @@ use floodway::{Error, Event};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::HubError;
-use crate::hub::Hub;
+use crate::hub::{Hub, WriteGate};
 
 /// Where a fault stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +113,7 @@ pub struct Resubmission {
 #[derive(Clone)]
 pub struct FaultStore {
     conn: Arc<Mutex<Connection>>,
+    gate: WriteGate,
 }
 
 impl std::fmt::Debug for FaultStore {
@@ -171,6 +172,7 @@ impl Hub {
     pub fn fault_store(&self) -> Result<FaultStore, HubError> {
         Ok(FaultStore {
             conn: Arc::new(Mutex::new(self.connect()?)),
+            gate: self.inner.gate.clone(),
         })
     }
 }
@@ -198,6 +200,7 @@ impl FaultStore {
         let tag = |name: &str| fault.tag(name).unwrap_or("").to_owned();
         let now = now_millis();
         let conn = self.conn()?;
+        let _turn = self.gate.enter();
         let mut stmt = conn.prepare_cached(
             // ?10: whether this fault was raised after its last successful resubmission. Then
             // it is open again, with its latest error; a copy of an older one (a redelivered
@@ -304,6 +307,7 @@ impl FaultStore {
         detail: &str,
     ) -> Result<(), HubError> {
         let mut conn = self.conn()?;
+        let _turn = self.gate.enter();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Two resubmissions in one millisecond keep their order.
         let last: Option<i64> = tx.query_row(

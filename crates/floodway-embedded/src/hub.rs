@@ -1,5 +1,6 @@
 //! The hub: a partitioned, durable event log in one SQLite file.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
@@ -13,6 +14,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::error::{HubError, OpenError};
 use crate::schema;
+use crate::segment::{Filling, Segment};
 
 /// Partitions of a new hub unless told otherwise.
 pub const DEFAULT_PARTITIONS: u32 = 8;
@@ -77,8 +79,6 @@ impl PublishReceipt {
 struct Row {
     partition: u32,
     id: String,
-    ty: String,
-    time: i64,
     data: Bytes,
 }
 
@@ -88,8 +88,30 @@ struct WriteRequest {
     reply: oneshot::Sender<Result<PublishReceipt, HubError>>,
 }
 
+/// Takes turns among this process's write transactions on one hub file.
+///
+/// SQLite lets one writer at a time into a file and makes the others wait in its busy
+/// handler, which sleeps 1, 2, 5, 10... ms between tries: with commits a few milliseconds
+/// apart, a writer kept waiting loses several commits' worth of time each time. Writers of one
+/// process (the publisher, views, checkpoints, the fault store) therefore queue on this lock
+/// instead and go in as soon as the previous one commits; other processes still meet the busy
+/// handler.
+#[derive(Clone, Default)]
+pub(crate) struct WriteGate(Arc<Mutex<()>>);
+
+impl WriteGate {
+    /// Waits for this process's turn to write; the turn ends when the guard is dropped.
+    pub(crate) fn enter(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 pub(crate) struct HubInner {
     pub(crate) path: PathBuf,
+    pub(crate) gate: WriteGate,
+    checkpoints: schema::WalCheckpoints,
     pub(crate) partitions: u32,
     pub(crate) options: HubOptions,
     writer: Mutex<Option<mpsc::Sender<WriteRequest>>>,
@@ -147,7 +169,7 @@ impl Hub {
         if options.max_commit == 0 {
             return Err(OpenError::Setting("max_commit must be at least 1".into()));
         }
-        let (conn, partitions) = schema::open(
+        let (conn, partitions, checkpoints) = schema::open(
             &path,
             options.create,
             options.partitions,
@@ -158,11 +180,14 @@ impl Hub {
             path,
             partitions,
             options,
+            gate: WriteGate::default(),
+            checkpoints,
             writer: Mutex::new(Some(tx)),
             published: Notify::new(),
         });
         let writer = Writer {
             conn,
+            gate: inner.gate.clone(),
             requests: rx,
             inner: Arc::downgrade(&inner),
             max_commit: inner.options.max_commit,
@@ -197,7 +222,12 @@ impl Hub {
     /// the view writes it covers (the records after the surviving checkpoint are processed
     /// again, and the view and inbox make that harmless). Only `publish` promises durability.
     pub(crate) fn connect(&self) -> Result<Connection, HubError> {
-        schema::connect(&self.inner.path, Durability::Relaxed).map_err(|e| match e {
+        schema::connect(
+            &self.inner.path,
+            Durability::Relaxed,
+            &self.inner.checkpoints,
+        )
+        .map_err(|e| match e {
             OpenError::Sqlite { source, .. } => HubError::Sqlite(source),
             other => HubError::Corrupt {
                 what: "hub file",
@@ -237,11 +267,14 @@ impl Hub {
             .iter()
             .map(|e| Row {
                 partition: self.partition_of(e.partition_key()),
-                id: e.id().to_owned(),
-                ty: e.event_type().to_owned(),
-                time: e.timestamp(),
-                data: match e.source_text() {
-                    Some(text) => Bytes::copy_from_slice(text.as_bytes()),
+                // The id is needed only to remember it as an idempotency key.
+                id: if dedupe {
+                    e.id().to_owned()
+                } else {
+                    String::new()
+                },
+                data: match e.source_bytes() {
+                    Some(bytes) => bytes.clone(),
                     None => Bytes::from(e.to_json()),
                 },
             })
@@ -337,6 +370,7 @@ impl Hub {
     /// When the hub's storage fails.
     pub fn apply_retention(&self, retention: &Retention) -> Result<RetentionReport, HubError> {
         let mut conn = self.connect()?;
+        let _turn = self.inner.gate.enter();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut deleted = 0usize;
         // Every step reads only the rows it deletes (offsets and publish times grow together),
@@ -356,13 +390,14 @@ impl Hub {
                 )?;
                 let mut excess = held - max_bytes as i64;
                 if excess > 0 {
+                    // Whole segments, oldest first.
                     let mut stmt = tx.prepare_cached(
-                        "SELECT offset, length(data) FROM events WHERE partition = ?1 ORDER BY offset",
+                        "SELECT last, length(data) FROM events WHERE partition = ?1 ORDER BY offset",
                     )?;
                     let mut rows = stmt.query([p])?;
                     while let Some(row) = rows.next()? {
-                        let (offset, len): (i64, i64) = (row.get(0)?, row.get(1)?);
-                        through = Some(through.map_or(offset, |t| t.max(offset)));
+                        let (last, len): (i64, i64) = (row.get(0)?, row.get(1)?);
+                        through = Some(through.map_or(last, |t| t.max(last)));
                         excess -= len;
                         if excess <= 0 {
                             break;
@@ -370,16 +405,20 @@ impl Hub {
                     }
                 }
             }
+            // `through` is the last event of a segment: the segments starting at or before it
+            // end at or before it.
             let Some(through) = through else { continue };
-            let freed: i64 = tx.query_row(
-                "SELECT coalesce(sum(length(data)), 0) FROM events WHERE partition = ?1 AND offset <= ?2",
+            let (freed, events): (i64, i64) = tx.query_row(
+                "SELECT coalesce(sum(length(data)), 0), coalesce(sum(last - offset + 1), 0) \
+                 FROM events WHERE partition = ?1 AND offset <= ?2",
                 (p, through),
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            deleted += tx.execute(
+            tx.execute(
                 "DELETE FROM events WHERE partition = ?1 AND offset <= ?2",
                 (p, through),
             )?;
+            deleted += events as usize;
             tx.execute(
                 "UPDATE partitions SET bytes = max(bytes - ?2, 0) WHERE partition = ?1",
                 (p, freed),
@@ -453,6 +492,7 @@ pub struct HubStats {
 /// Owns the writing connection; commits what publishers hand it, many at a time.
 struct Writer {
     conn: Connection,
+    gate: WriteGate,
     requests: mpsc::Receiver<WriteRequest>,
     inner: std::sync::Weak<HubInner>,
     max_commit: usize,
@@ -508,20 +548,26 @@ impl Writer {
 
     fn commit(&mut self, group: &[WriteRequest]) -> Result<Vec<PublishReceipt>, HubError> {
         let now = now_millis();
+        let _turn = self.gate.enter();
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Offsets are read inside the transaction: another process may have written since.
-        let mut next: HashMap<u32, u64> = HashMap::new();
-        let mut bytes: HashMap<u32, usize> = HashMap::new();
+        let mut filling: HashMap<u32, Filling> = HashMap::new();
         let mut receipts = Vec::with_capacity(group.len());
         {
             let mut last =
                 tx.prepare_cached("SELECT last_offset FROM partitions WHERE partition = ?1")?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO events (partition, offset, id, type, time, published, data) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO events (partition, offset, last, published, data) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
+            let mut write = |partition: u32, segment: &mut Filling| -> rusqlite::Result<()> {
+                if let Some((first, last, data)) = segment.take() {
+                    insert.execute((partition, first as i64, last as i64, now, data))?;
+                }
+                Ok(())
+            };
             let mut dedupe = tx.prepare_cached(
                 "INSERT INTO dedupe (id, published) VALUES (?1, ?2) \
                  ON CONFLICT (id) DO UPDATE SET published = excluded.published \
@@ -539,34 +585,27 @@ impl Writer {
                             continue;
                         }
                     }
-                    let offset = match next.get_mut(&row.partition) {
-                        Some(o) => o,
-                        None => {
+                    let segment = match filling.entry(row.partition) {
+                        Entry::Occupied(o) => o.into_mut(),
+                        Entry::Vacant(v) => {
                             let last: i64 = last.query_row([row.partition], |r| r.get(0))?;
-                            next.entry(row.partition).or_insert(last as u64)
+                            v.insert(Filling::after(last as u64))
                         }
                     };
-                    *offset += 1;
-                    *bytes.entry(row.partition).or_default() += row.data.len();
-                    insert.execute((
-                        row.partition,
-                        *offset as i64,
-                        &row.id,
-                        &row.ty,
-                        row.time,
-                        now,
-                        &row.data[..],
-                    ))?;
-                    receipt.positions.push(Some((row.partition, *offset)));
+                    if segment.full_for(row.data.len()) {
+                        write(row.partition, segment)?;
+                    }
+                    let offset = segment.push(&row.data);
+                    receipt.positions.push(Some((row.partition, offset)));
                 }
                 receipts.push(receipt);
             }
             let mut advance = tx.prepare_cached(
                 "UPDATE partitions SET last_offset = ?2, bytes = bytes + ?3 WHERE partition = ?1",
             )?;
-            for (partition, offset) in &next {
-                let added = bytes.get(partition).copied().unwrap_or(0);
-                advance.execute((partition, *offset as i64, added as i64))?;
+            for (partition, segment) in &mut filling {
+                write(*partition, segment)?;
+                advance.execute((partition, segment.last() as i64, segment.written as i64))?;
             }
         }
         tx.commit()?;
@@ -587,24 +626,29 @@ impl Hub {
         let conn = self.connect()?;
         let mut found: Vec<(i64, u32, i64, Vec<u8>)> = Vec::new();
         let mut stmt = conn.prepare(
-            "SELECT offset, published, data FROM events WHERE partition = ?1 AND offset < ?2 \
-             ORDER BY offset DESC LIMIT 500",
+            "SELECT offset, last, published, data FROM events WHERE partition = ?1 AND offset < ?2 \
+             ORDER BY offset DESC LIMIT 8",
         )?;
         for p in 0..self.inner.partitions {
             let mut before = i64::MAX;
             let mut kept = 0;
             while kept < n {
-                let rows: Vec<(i64, i64, Vec<u8>)> = stmt
-                    .query_map((p, before), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                let rows: Vec<(i64, i64, i64, Vec<u8>)> = stmt
+                    .query_map((p, before), |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?
                     .collect::<Result<_, _>>()?;
                 if rows.is_empty() {
                     break;
                 }
-                for (offset, published, data) in rows {
-                    before = offset;
-                    if kept < n && keep(&data) {
-                        found.push((published, p, offset, data));
-                        kept += 1;
+                for (first, last, published, data) in rows {
+                    before = first;
+                    let events = Segment::new(first as u64, last as u64, data.into()).events()?;
+                    for (offset, event) in events.into_iter().rev() {
+                        if kept < n && keep(&event) {
+                            found.push((published, p, offset as i64, event.to_vec()));
+                            kept += 1;
+                        }
                     }
                 }
             }

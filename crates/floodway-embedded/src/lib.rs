@@ -40,6 +40,7 @@ mod faults;
 mod hub;
 mod publisher;
 mod schema;
+mod segment;
 mod subscription;
 mod view;
 

@@ -1,6 +1,7 @@
 //! The hub file: opening it, its tables, and its format version.
 
 use std::path::Path;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
@@ -11,17 +12,18 @@ use crate::hub::Durability;
 /// What a hub file says it is.
 pub(crate) const FORMAT: &str = "floodway-hub";
 /// The version of the tables this build reads and writes.
-pub(crate) const VERSION: i64 = 1;
+/// Version 2 stores the log in segments (`crate::segment`); version 1 had a row per event.
+pub(crate) const VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE floodway_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
--- The log: one row per event, ordered per partition by offset (from 1).
+-- The log, in segments: a row holds the events `offset..=last` of a partition (offsets from
+-- 1), all published in one commit; `data` is each event's length (4 bytes, little-endian) and
+-- JSON text.
 CREATE TABLE events (
     partition INTEGER NOT NULL,
     offset INTEGER NOT NULL,
-    id TEXT NOT NULL,
-    type TEXT NOT NULL,
-    time INTEGER NOT NULL,
+    last INTEGER NOT NULL,
     published INTEGER NOT NULL,
     data BLOB NOT NULL,
     PRIMARY KEY (partition, offset)
@@ -91,15 +93,75 @@ fn sqlite_error(path: &Path, source: rusqlite::Error) -> OpenError {
     }
 }
 
+/// WAL pages after which a commit asks for a checkpoint (32 MiB of 4 KiB pages).
+pub(crate) const CHECKPOINT_PAGES: i32 = 8192;
+
 /// Opens a connection to an existing hub file, with the settings every connection uses.
-pub(crate) fn connect(path: &Path, durability: Durability) -> Result<Connection, OpenError> {
+pub(crate) fn connect(
+    path: &Path,
+    durability: Durability,
+    checkpoints: &WalCheckpoints,
+) -> Result<Connection, OpenError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(path, e))?;
-    configure(&conn, durability).map_err(|e| sqlite_error(path, e))?;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(path, e))?;
+    configure(&mut conn, durability, Some(checkpoints)).map_err(|e| sqlite_error(path, e))?;
     Ok(conn)
 }
 
-fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> {
+/// Copies the WAL back into the database file on a thread of its own, so that no writer does
+/// it while the others wait for their turn (SQLite's automatic checkpoint runs inside the commit
+/// that crosses the threshold). Commits on this process's connections wake it once the WAL
+/// holds [`CHECKPOINT_PAGES`]; it runs a passive checkpoint, which never blocks readers or
+/// writers. Every process that writes to the hub has one; SQLite lets one checkpoint run at a
+/// time, and one that finds another running simply skips.
+#[derive(Clone)]
+pub(crate) struct WalCheckpoints {
+    wake: mpsc::SyncSender<()>,
+}
+
+impl WalCheckpoints {
+    /// Starts the checkpointing thread for the hub file at `path`; it ends when the last
+    /// connection holding a handle is gone.
+    pub(crate) fn start(path: &Path) -> Result<WalCheckpoints, OpenError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn =
+            Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(path, e))?;
+        configure(&mut conn, Durability::Immediate, None).map_err(|e| sqlite_error(path, e))?;
+        let (wake, woken) = mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("floodway-hub-checkpoint".into())
+            .spawn(move || {
+                while woken.recv().is_ok() {
+                    if let Err(err) =
+                        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %err, "hub WAL checkpoint failed");
+                    }
+                }
+            })
+            .map_err(|e| OpenError::Setting(format!("cannot start the checkpoint thread: {e}")))?;
+        Ok(WalCheckpoints { wake })
+    }
+
+    fn install(&self, conn: &mut Connection) -> rusqlite::Result<()> {
+        let wake = self.wake.clone();
+        conn.wal_hook(Some(
+            move |_: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
+                if pages >= CHECKPOINT_PAGES {
+                    // Full means a checkpoint is already asked for.
+                    let _ = wake.try_send(());
+                }
+                Ok(())
+            },
+        ))
+    }
+}
+
+fn configure(
+    conn: &mut Connection,
+    durability: Durability,
+    checkpoints: Option<&WalCheckpoints>,
+) -> rusqlite::Result<()> {
     // Several processes share the file: wait for each other's write locks.
     conn.busy_timeout(Duration::from_secs(10))?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
@@ -115,11 +177,18 @@ fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> 
     // 32 MiB of page cache per connection (SQLite's default is 2 MiB): views and the inbox are
     // written in key order, not insertion order, and must not go to disk for every row. The WAL
     // is checkpointed every 32 MiB rather than every 4 MiB, so a page written many times in a
-    // burst is copied to the database once, and trimmed back to 64 MiB afterwards.
+    // burst is copied to the database once, and trimmed back to 64 MiB afterwards; the
+    // checkpoints run on their own thread (`WalCheckpoints`), not in a writer's commit.
     conn.execute_batch(&format!(
         "PRAGMA synchronous = {sync}; PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY; \
-         PRAGMA wal_autocheckpoint = 8192; PRAGMA journal_size_limit = 67108864;"
+         PRAGMA journal_size_limit = 67108864;"
     ))?;
+    // The hook replaces SQLite's automatic checkpoint; a connection without one (the
+    // checkpointing thread's own) checkpoints nothing by itself.
+    match checkpoints {
+        Some(checkpoints) => checkpoints.install(conn)?,
+        None => conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")?,
+    }
     conn.set_prepared_statement_cache_capacity(64);
     Ok(())
 }
@@ -130,7 +199,7 @@ pub(crate) fn open(
     create: bool,
     partitions: Option<u32>,
     durability: Durability,
-) -> Result<(Connection, u32), OpenError> {
+) -> Result<(Connection, u32, WalCheckpoints), OpenError> {
     if !path.exists() && !create {
         return Err(OpenError::NotFound {
             path: path.to_owned(),
@@ -141,7 +210,7 @@ pub(crate) fn open(
         flags |= OpenFlags::SQLITE_OPEN_CREATE;
     }
     let mut conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(path, e))?;
-    configure(&conn, durability).map_err(|e| sqlite_error(path, e))?;
+    configure(&mut conn, durability, None).map_err(|e| sqlite_error(path, e))?;
     let err = |e| sqlite_error(path, e);
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -238,7 +307,10 @@ pub(crate) fn open(
         count
     };
     tx.commit().map_err(err)?;
-    Ok((conn, found))
+    // The file is a hub: start checkpointing it, and let the writing connection take part.
+    let checkpoints = WalCheckpoints::start(path)?;
+    checkpoints.install(&mut conn).map_err(err)?;
+    Ok((conn, found, checkpoints))
 }
 
 #[cfg(test)]
@@ -249,9 +321,9 @@ mod tests {
     fn durability_sets_the_sync_mode() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
-        drop(open(&path, true, None, Durability::Immediate).unwrap());
+        let (_, _, checkpoints) = open(&path, true, None, Durability::Immediate).unwrap();
         for (durability, expected) in [(Durability::Immediate, 2), (Durability::Relaxed, 1)] {
-            let conn = connect(&path, durability).unwrap();
+            let conn = connect(&path, durability, &checkpoints).unwrap();
             let mode: i64 = conn
                 .query_row("PRAGMA synchronous", [], |r| r.get(0))
                 .unwrap();

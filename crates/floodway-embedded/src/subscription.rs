@@ -9,7 +9,8 @@ use floodway::{Checkpoint, Checkpointer, Record, Source};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::HubError;
-use crate::hub::Hub;
+use crate::hub::{Hub, WriteGate};
+use crate::segment::Segment;
 
 /// Where a subscription without a checkpoint starts; one with a checkpoint resumes from it
 /// unless [`StartAt::Reset`] says otherwise.
@@ -94,6 +95,9 @@ struct ReadState {
     cursors: Vec<u64>,
     until: i64,
     next_partition: usize,
+    /// Per partition, the segment read part-way, so the next read goes on where this one
+    /// stopped without reading it again.
+    open: Vec<Option<Segment>>,
 }
 
 impl std::fmt::Debug for SubscriptionReader {
@@ -108,6 +112,7 @@ impl std::fmt::Debug for SubscriptionReader {
 pub struct SubscriptionCheckpointer {
     name: String,
     conn: Arc<Mutex<Connection>>,
+    gate: WriteGate,
 }
 
 impl std::fmt::Debug for SubscriptionCheckpointer {
@@ -136,7 +141,8 @@ fn check_name(name: &str) -> Result<(), HubError> {
 /// The last offset published before `time` in a partition (0 if none; just below the first
 /// offset held if every event held is at or after `time`).
 pub(crate) fn offset_before(conn: &Connection, partition: u32, time: i64) -> rusqlite::Result<u64> {
-    // Offsets and publish times grow together: binary search by point lookups.
+    // Segments are published in offset order and every event of one shares its publish time:
+    // binary search over the segments' first offsets, by point lookups.
     let bounds: Option<(i64, i64)> = conn.query_row(
         "SELECT min(offset), max(offset) FROM events WHERE partition = ?1",
         [partition],
@@ -145,28 +151,29 @@ pub(crate) fn offset_before(conn: &Connection, partition: u32, time: i64) -> rus
     let Some((mut lo, mut hi)) = bounds else {
         return Ok(0);
     };
-    let published = |offset: i64| -> rusqlite::Result<Option<i64>> {
+    // The first segment starting at or after `offset`: (its first offset, last offset, time).
+    let segment = |offset: i64| -> rusqlite::Result<Option<(i64, i64, i64)>> {
         conn.query_row(
-            "SELECT published FROM events WHERE partition = ?1 AND offset >= ?2 \
+            "SELECT offset, last, published FROM events WHERE partition = ?1 AND offset >= ?2 \
              ORDER BY offset LIMIT 1",
             (partition, offset),
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()
     };
-    if published(lo)?.is_some_and(|p| p >= time) {
-        return Ok(lo as u64 - 1);
+    match segment(lo)? {
+        Some((_, _, published)) if published < time => {}
+        _ => return Ok(lo as u64 - 1),
     }
-    // Invariant: published(lo) < time; find the last such offset.
+    // Invariant: the segment starting at `lo` was published before `time`; find the last such.
     while lo < hi {
         let mid = lo + (hi - lo + 1) / 2;
-        if published(mid)?.is_some_and(|p| p < time) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
+        match segment(mid)? {
+            Some((first, _, published)) if published < time => lo = first,
+            _ => hi = mid - 1,
         }
     }
-    Ok(lo as u64)
+    Ok(segment(lo)?.map_or(lo as u64, |(_, last, _)| last as u64))
 }
 
 impl Hub {
@@ -221,6 +228,7 @@ impl Hub {
         let checkpointer = SubscriptionCheckpointer {
             name: name.to_owned(),
             conn: Arc::new(Mutex::new(self.connect()?)),
+            gate: self.inner.gate.clone(),
         };
         if !options.transient {
             let checkpoints: Vec<Checkpoint> = cursors
@@ -247,6 +255,7 @@ impl Hub {
                     cursors,
                     until: options.until.unwrap_or(i64::MAX),
                     next_partition: 0,
+                    open: (0..partitions).map(|_| None).collect(),
                 })),
             },
             checkpointer,
@@ -273,14 +282,9 @@ impl SubscriptionReader {
 
 impl ReadState {
     fn read(&mut self, max: usize) -> Result<Vec<Record>, HubError> {
-        let conn = &self.conn;
         let partitions = self.cursors.len();
         let share = max.div_ceil(partitions).max(1);
         let mut out = Vec::new();
-        let mut stmt = conn.prepare_cached(
-            "SELECT offset, data FROM events WHERE partition = ?1 AND offset > ?2 \
-             AND published <= ?4 ORDER BY offset LIMIT ?3",
-        )?;
         // A fair share per partition first, from a rotating first partition so none starves
         // another; then the room left goes to the partitions that had more.
         let mut more: Vec<usize> = Vec::new();
@@ -298,36 +302,86 @@ impl ReadState {
                 if room == 0 {
                     break;
                 }
-                let before = out.len();
-                let rows = stmt.query_map(
-                    (p as u32, self.cursors[p] as i64, room as i64, self.until),
-                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)),
-                )?;
-                let partition: Arc<str> = p.to_string().into();
-                for row in rows {
-                    let (offset, data) = row?;
-                    if offset > self.cursors[p] + 1 && before == out.len() {
-                        // Retention deleted events this reader had not read yet.
-                        let skipped = offset - self.cursors[p] - 1;
-                        tracing::warn!(source = %self.source, partition = p, skipped, "events deleted by retention before they were read");
-                        metrics::counter!("floodway_hub_skipped_total", "source" => self.source.to_string())
-                            .increment(skipped);
-                    }
-                    self.cursors[p] = offset;
-                    out.push(Record::new(
-                        self.source.clone(),
-                        partition.clone(),
-                        offset,
-                        data,
-                    ));
-                }
-                if out.len() - before == room {
+                if self.read_partition(p, room, &mut out)? {
                     more.push(p);
                 }
             }
         }
         self.next_partition = (self.next_partition + 1) % partitions;
         Ok(out)
+    }
+
+    /// Reads up to `room` records of partition `p` into `out`; true if it had more.
+    fn read_partition(
+        &mut self,
+        p: usize,
+        room: usize,
+        out: &mut Vec<Record>,
+    ) -> Result<bool, HubError> {
+        let partition: Arc<str> = p.to_string().into();
+        let mut taken = 0;
+        loop {
+            let segment = match self.open[p].take() {
+                Some(segment) => segment,
+                None => match self.next_segment(p)? {
+                    Some(segment) => segment,
+                    None => return Ok(false),
+                },
+            };
+            let mut segment = segment;
+            while taken < room {
+                let Some((offset, data)) = segment.next_event()? else {
+                    break;
+                };
+                if offset <= self.cursors[p] {
+                    continue;
+                }
+                if offset > self.cursors[p] + 1 {
+                    // Retention deleted events this reader had not read yet.
+                    let skipped = offset - self.cursors[p] - 1;
+                    tracing::warn!(source = %self.source, partition = p, skipped, "events deleted by retention before they were read");
+                    metrics::counter!("floodway_hub_skipped_total", "source" => self.source.to_string())
+                        .increment(skipped);
+                }
+                self.cursors[p] = offset;
+                out.push(Record::new(
+                    self.source.clone(),
+                    partition.clone(),
+                    offset,
+                    data,
+                ));
+                taken += 1;
+            }
+            if !segment.is_done() {
+                self.open[p] = Some(segment);
+                return Ok(true);
+            }
+            if taken == room {
+                // Filled its room: it may have more.
+                return Ok(true);
+            }
+        }
+    }
+
+    /// The stored segment holding the event after partition `p`'s cursor, or the first one
+    /// after it, if published by the end of a bounded read.
+    fn next_segment(&self, p: usize) -> Result<Option<Segment>, HubError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT offset, last, data FROM events WHERE partition = ?1 \
+             AND offset >= (SELECT coalesce(max(offset), 0) FROM events \
+                            WHERE partition = ?1 AND offset <= ?2 + 1) \
+             AND last > ?2 AND published <= ?3 ORDER BY offset LIMIT 1",
+        )?;
+        let found = stmt
+            .query_row((p as u32, self.cursors[p] as i64, self.until), |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })
+            .optional()?;
+        Ok(found.map(|(first, last, data)| Segment::new(first as u64, last as u64, data.into())))
     }
 }
 
@@ -371,6 +425,7 @@ impl Source for SubscriptionReader {
 impl SubscriptionCheckpointer {
     fn store(&self, checkpoints: &[Checkpoint], replace: bool) -> Result<(), HubError> {
         let mut conn = self.conn.lock().map_err(|_| HubError::Closed)?;
+        let _turn = self.gate.enter();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut upsert = tx.prepare_cached(if replace {

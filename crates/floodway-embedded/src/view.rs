@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension};
 use serde_json::Value;
 
 use crate::error::HubError;
-use crate::hub::Hub;
+use crate::hub::{Hub, WriteGate};
 
 /// A materialized view in the hub file: rows by key, each remembering the `(timestamp, id)` of
 /// the event that last wrote it. A write applies only if it is newer (ties broken by id), and
@@ -21,6 +21,7 @@ pub struct ViewStore {
     name: Arc<str>,
     table: Arc<str>,
     conn: Arc<Mutex<Connection>>,
+    gate: WriteGate,
 }
 
 impl std::fmt::Debug for ViewStore {
@@ -90,12 +91,13 @@ impl Hub {
         let table = format!("view_{name}");
         conn.execute_batch(&format!(
             "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, time INTEGER NOT NULL, \
-             event TEXT NOT NULL, value TEXT NOT NULL);"
+             event TEXT NOT NULL, value TEXT NOT NULL) WITHOUT ROWID;"
         ))?;
         Ok(ViewStore {
             name: name.into(),
             table: table.into(),
             conn: Arc::new(Mutex::new(conn)),
+            gate: self.inner.gate.clone(),
         })
     }
 }
@@ -131,6 +133,7 @@ impl ViewStore {
         writes: &[(&str, &Version, S)],
     ) -> Result<Applied, HubError> {
         let mut conn = self.conn()?;
+        let _turn = self.gate.enter();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut applied = Applied::default();
         {
@@ -286,15 +289,28 @@ impl tower::Service<Batch> for ViewSink {
             .events()
             .map(|e| Ok(((self.key)(e)?, Version::of(e), (self.value)(e)?)))
             .collect();
-        let result = writes.and_then(|w| {
-            let rows: Vec<(&str, &Version, &str)> = w
-                .iter()
-                .map(|(k, v, j)| (k.as_str(), v, j.as_str()))
-                .collect();
-            crate::blocking(|| self.store.apply_json(&rows))
-                .map(|_| ())
-                .map_err(Error::from)
-        });
-        Box::pin(async move { result })
+        let store = self.store.clone();
+        Box::pin(async move {
+            let writes = writes?;
+            // On a blocking thread, so the processor reads and batches the next events while
+            // this batch is written.
+            let apply = move || {
+                let rows: Vec<(&str, &Version, &str)> = writes
+                    .iter()
+                    .map(|(k, v, j)| (k.as_str(), v, j.as_str()))
+                    .collect();
+                store.apply_json(&rows)
+            };
+            let applied = match tokio::runtime::Handle::try_current() {
+                Ok(_) => match tokio::task::spawn_blocking(apply).await {
+                    Ok(applied) => applied,
+                    // A panic goes on as the sink's own, as if the write had run here.
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(e) => return Err(Error::transient(e)),
+                },
+                Err(_) => apply(),
+            };
+            applied.map(|_| ()).map_err(Error::from)
+        })
     }
 }
