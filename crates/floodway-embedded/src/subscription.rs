@@ -321,14 +321,13 @@ impl ReadState {
         let partition: Arc<str> = p.to_string().into();
         let mut taken = 0;
         loop {
-            let segment = match self.open[p].take() {
+            let mut segment = match self.open[p].take() {
                 Some(segment) => segment,
                 None => match self.next_segment(p)? {
                     Some(segment) => segment,
                     None => return Ok(false),
                 },
             };
-            let mut segment = segment;
             while taken < room {
                 let Some((offset, data)) = segment.next_event()? else {
                     break;
