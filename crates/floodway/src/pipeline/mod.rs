@@ -182,10 +182,7 @@ pub struct PipelineBuilder {
 impl PipelineBuilder {
     fn step(mut self, kind: &str, step: StepKind) -> Self {
         let name = format!("{kind}-{}", self.steps.len() + 1);
-        self.steps.push(Step {
-            name: name.into(),
-            kind: step,
-        });
+        self.steps.push(Step::new(name.into(), step));
         self
     }
 
@@ -281,6 +278,16 @@ impl PipelineBuilder {
     }
 
     /// An async, fallible step, e.g. enriching from another service.
+    ///
+    /// Its calls get the failure design of a sink: they go through a resilience stack
+    /// ([`Resilience::default`] unless set with [`step_resilience`](Self::step_resilience)),
+    /// so a transient error is retried in place, a throttle slows the calls down, an outage
+    /// is held by the step's circuit breaker (nothing faulted, nothing skipped) and only a
+    /// poison error, or retries spent while the service otherwise answers, faults the unit
+    /// of work. A fatal error stops the processor.
+    ///
+    /// Synchronous steps ([`map`](Self::map), [`validate`](Self::validate), ...) run bare;
+    /// one that returns a transient or outage error is handed to its stack the same way.
     pub fn then<F, Fut>(self, f: F) -> Self
     where
         F: Fn(Uow) -> Fut + Send + Sync + 'static,
@@ -290,6 +297,38 @@ impl PipelineBuilder {
             "then",
             StepKind::Async(Arc::new(move |uow| Box::pin(f(uow)))),
         )
+    }
+
+    /// A step that is a `tower::Service` taking and returning the unit of work (a client
+    /// built with tower layers of its own, say); it runs through the step's resilience stack
+    /// like [`then`](Self::then).
+    pub fn call<S>(self, service: S) -> Self
+    where
+        S: Service<Uow, Response = Uow, Error = Error> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+    {
+        self.step(
+            "call",
+            StepKind::Async(Arc::new(move |uow| {
+                Box::pin(tower::ServiceExt::oneshot(service.clone(), uow))
+            })),
+        )
+    }
+
+    /// Sets the resilience stack of the last step added (default: [`Resilience::default`]:
+    /// retries, a 30 s timeout and a circuit breaker of its own). Give steps that call the
+    /// same service as a sink the same shared limiter or breaker to treat them as one target.
+    pub fn step_resilience(mut self, resilience: Resilience) -> Self {
+        match self.steps.last_mut() {
+            Some(step) => step.resilience = resilience,
+            None => {
+                self.error = self.error.or(Some(BuildError::InvalidSetting {
+                    setting: "step_resilience",
+                    problem: "sets the last step's stack, and there is none yet".into(),
+                }))
+            }
+        }
+        self
     }
 
     /// Renames the last step added (the step named in fault events).
@@ -400,10 +439,14 @@ impl PipelineBuilder {
             });
         }
         let sink = self.resilience.apply(&self.name, sink)?;
+        let mut steps = self.steps;
+        for step in &mut steps {
+            step.build_guard(&self.name)?;
+        }
         Ok(Pipeline {
             core: Arc::new(PipelineCore {
                 name: self.name.into(),
-                steps: self.steps,
+                steps,
                 batching: self.batching,
                 sink,
                 parallelism: self.parallelism,

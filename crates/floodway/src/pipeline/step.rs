@@ -3,12 +3,17 @@
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use smallvec::SmallVec;
+use tower::util::BoxCloneSyncService;
+use tower::ServiceExt;
 
-use crate::error::Error;
-use crate::layer::BoxFuture;
+use crate::error::{BuildError, Error, ErrorClass};
+use crate::layer::breaker::CircuitBreaker;
+use crate::layer::retry::Backoff;
+use crate::layer::{BoxFuture, Resilience};
 use crate::uow::Uow;
 
 pub(crate) type MapFn = Arc<dyn Fn(Uow) -> Result<Uow, Error> + Send + Sync>;
@@ -24,10 +29,100 @@ pub(crate) enum StepKind {
     Async(AsyncFn),
 }
 
+/// What a step passes on: none (filtered out), one, or several (split).
+pub(crate) type Outputs = SmallVec<[Uow; 1]>;
+
+/// A step's call wrapped in its resilience stack.
+type Guarded = BoxCloneSyncService<Uow, Outputs, Error>;
+
 #[derive(Clone)]
 pub(crate) struct Step {
     pub(crate) name: Arc<str>,
     pub(crate) kind: StepKind,
+    /// The stack the step's calls go through (set when the pipeline is built).
+    pub(crate) resilience: Resilience,
+    guard: Option<Guard>,
+}
+
+/// A step's resilience: the guarded call, and the breaker that judges it (told of successes
+/// on the fast path of synchronous steps, so that it can tell poison from an outage).
+#[derive(Clone)]
+struct Guard {
+    call: Guarded,
+    breaker: Option<CircuitBreaker>,
+}
+
+impl Step {
+    pub(crate) fn new(name: Arc<str>, kind: StepKind) -> Self {
+        Step {
+            name,
+            kind,
+            resilience: Resilience::default(),
+            guard: None,
+        }
+    }
+
+    /// Wraps the step's call in its resilience stack; `pipeline` labels it in metrics.
+    pub(crate) fn build_guard(&mut self, pipeline: &str) -> Result<(), BuildError> {
+        let label = format!("{pipeline}/{}", self.name);
+        let (resilience, breaker) = self.resilience.with_own_breaker(&label);
+        let kind = self.kind.clone();
+        let call = tower::service_fn(move |uow: Uow| -> BoxFuture<Outputs> {
+            match &kind {
+                StepKind::Async(f) => {
+                    let fut = f(uow);
+                    Box::pin(async move { fut.await.map(|u| smallvec::smallvec![u]) })
+                }
+                sync => {
+                    let result = apply_sync(sync, &uow);
+                    Box::pin(async move { result })
+                }
+            }
+        });
+        self.guard = Some(Guard {
+            call: resilience.apply(&label, call)?,
+            breaker,
+        });
+        Ok(())
+    }
+
+    /// Runs the step through its resilience stack until it succeeds or its failure is
+    /// decided. An outage the stack passes on is held here, never faulted.
+    async fn call_guarded(&self, uow: Uow) -> Result<Outputs, Error> {
+        let Some(guard) = &self.guard else {
+            // Steps are always guarded once built; a bare call keeps the step's own answer.
+            return match &self.kind {
+                StepKind::Async(f) => guarded(f(uow)).await.map(|u| smallvec::smallvec![u]),
+                sync => apply_sync(sync, &uow),
+            };
+        };
+        let mut waits = 0;
+        loop {
+            match guarded(guard.call.clone().oneshot(uow.clone())).await {
+                Err(err) if err.class() == ErrorClass::Outage => {
+                    let backoff =
+                        Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30));
+                    tokio::time::sleep(backoff.ceiling(waits)).await;
+                    waits += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Tells the breaker that a call outside the stack succeeded (a synchronous step's fast
+    /// path); it matters only while the breaker holds a failed call.
+    fn note_success(&self) {
+        if let Some(breaker) = self.guard.as_ref().and_then(|g| g.breaker.as_ref()) {
+            breaker.note_success();
+        }
+    }
+}
+
+/// Whether a synchronous step's error goes to its resilience stack rather than straight to
+/// a fault: transient errors are retried and outages held, as for any call.
+fn escalates(err: &Error) -> bool {
+    matches!(err.class(), ErrorClass::Transient | ErrorClass::Outage)
 }
 
 /// A failure of one unit of work at one step.
@@ -64,7 +159,7 @@ pub(crate) struct StepOutput {
 }
 
 /// Applies one synchronous step: the units of work it passes on (none when filtered out).
-fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<SmallVec<[Uow; 1]>, Error> {
+fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<Outputs, Error> {
     let result = catch_unwind(AssertUnwindSafe(|| match kind {
         StepKind::Map(f) => f(uow.clone()).map(|u| smallvec::smallvec![u]),
         StepKind::FlatMap(f) => f(uow.clone()).map(SmallVec::from_vec),
@@ -79,8 +174,9 @@ fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<SmallVec<[Uow; 1]>, Error> {
 }
 
 /// Runs steps from `from` over `uow`, depth first so outputs keep source order. With
-/// `run_async` false it stops each unit of work at the first async step, which is returned with
-/// its index to resume from.
+/// `run_async` false it stops each unit of work at the first async step, or at a synchronous
+/// step that failed transiently, which is returned with its index to resume from (its retries
+/// wait, so they run as scheduled work).
 async fn run(steps: &[Step], uow: Uow, from: usize, run_async: bool) -> StepOutput {
     let mut out = StepOutput::default();
     let mut stack: SmallVec<[(Uow, usize); 1]> = SmallVec::new();
@@ -95,10 +191,19 @@ async fn run(steps: &[Step], uow: Uow, from: usize, run_async: bool) -> StepOutp
                 out.ready.push((uow, i));
                 continue;
             }
-            StepKind::Async(f) => guarded(f(uow.clone()))
-                .await
-                .map(|u| smallvec::smallvec![u]),
-            kind => apply_sync(kind, &uow),
+            StepKind::Async(_) => step.call_guarded(uow.clone()).await,
+            kind => match apply_sync(kind, &uow) {
+                Ok(next) => {
+                    step.note_success();
+                    Ok(next)
+                }
+                Err(err) if escalates(&err) && !run_async => {
+                    out.ready.push((uow, i));
+                    continue;
+                }
+                Err(err) if escalates(&err) => step.call_guarded(uow.clone()).await,
+                Err(err) => Err(err),
+            },
         };
         match result {
             Ok(next) => stack.extend(next.into_iter().rev().map(|mut u| {

@@ -258,6 +258,13 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 && self.ledger.undone() + config.pull_batch.min(config.max_in_flight)
                     <= config.max_in_flight
                 && self.ledger.held() < config.max_in_flight.saturating_mul(4);
+            if !can_pull && !source_done && stopping.is_none() && self.is_idle_but_batches() {
+                // Pulling stopped at the in-flight bound and nothing runs that could make room:
+                // the open batches hold every record in flight. Send them now rather than wait
+                // for a time limit that may be long, or none.
+                self.flush_batchers(false);
+                self.start_ready()?;
+            }
             let batch_deadline = self
                 .pipes
                 .iter()
@@ -315,6 +322,17 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 .pipes
                 .iter()
                 .all(|p| p.sched.is_empty() && p.batcher.as_ref().is_none_or(Batcher::is_empty))
+    }
+
+    /// Whether nothing runs or waits to run, while some batcher may hold an open batch.
+    fn is_idle_but_batches(&self) -> bool {
+        self.units.is_empty()
+            && self.faults_due.is_empty()
+            && self.pipes.iter().all(|p| p.sched.is_empty())
+            && self
+                .pipes
+                .iter()
+                .any(|p| p.batcher.as_ref().is_some_and(|b| !b.is_empty()))
     }
 
     async fn commit(&mut self) -> Result<(), RunError> {

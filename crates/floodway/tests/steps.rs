@@ -1,0 +1,361 @@
+//! Steps that do I/O get the failure design of a sink, on tokio's paused clock: transient
+//! errors retried in place, an outage held by the step's breaker (nothing faulted, nothing
+//! skipped), poison faulted, fatal stops. And batches without a time limit never hang.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use floodway::layer::breaker::BreakerConfig;
+use floodway::layer::retry::RetryPolicy;
+use floodway::layer::Resilience;
+use floodway::memory::{MemorySink, MemorySource};
+use floodway::testing::TestKit;
+use floodway::{BatchConfig, Error, ErrorClass, Event, Pipeline, RunError, Uow};
+use tokio::time::Instant;
+
+/// Events `0..n` over `keys` keys, with a small jitter-free payload.
+fn events(n: u32, keys: u32) -> Vec<Event> {
+    (0..n)
+        .map(|i| {
+            Event::builder("thing-happened", format!("k{}", i % keys))
+                .id(format!("e-{i}"))
+                .timestamp(1_000 + i64::from(i))
+                .field("n", i)
+                .build()
+        })
+        .collect()
+}
+
+/// Per key, the ids in the order the sink saw them.
+fn per_key(events: &[Event]) -> HashMap<String, Vec<String>> {
+    let mut map: HashMap<String, Vec<String>> = HashMap::new();
+    for e in events {
+        map.entry(e.partition_key().to_owned())
+            .or_default()
+            .push(e.id().to_owned());
+    }
+    map
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_then_step_failing_transiently_twice_then_succeeding_faults_nothing() {
+    let kit = TestKit::new();
+    let calls_for_e3 = Arc::new(AtomicU32::new(0));
+    let sink = MemorySink::new();
+    let counter = calls_for_e3.clone();
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("enrich")
+                .then(move |uow: Uow| {
+                    let counter = counter.clone();
+                    async move {
+                        if uow.event().id() == "e-3" && counter.fetch_add(1, Ordering::SeqCst) < 2 {
+                            return Err(Error::transient_msg("ConnectionReset", "blip"));
+                        }
+                        Ok(uow)
+                    }
+                })
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let input = events(10, 3);
+    let report = kit
+        .run(&processor, MemorySource::from_events(&input, 1))
+        .await
+        .unwrap();
+    assert!(kit.faults().is_empty(), "faults: {:?}", kit.faults());
+    assert_eq!(calls_for_e3.load(Ordering::SeqCst), 3);
+    assert_eq!(report.pipeline("enrich").unwrap().delivered, 10);
+    assert_eq!(kit.checkpoint("0"), Some(10));
+}
+
+/// A service that refuses every call until `up_at`, counting calls.
+#[derive(Clone)]
+struct FlakyService {
+    up_at: Arc<Mutex<Option<Instant>>>,
+    refuse_first: u32,
+    calls: Arc<AtomicU32>,
+}
+
+impl FlakyService {
+    fn down_until(at: Instant) -> Self {
+        FlakyService {
+            up_at: Arc::new(Mutex::new(Some(at))),
+            refuse_first: 0,
+            calls: Arc::default(),
+        }
+    }
+
+    fn down_for_calls(n: u32) -> Self {
+        FlakyService {
+            up_at: Arc::new(Mutex::new(None)),
+            refuse_first: n,
+            calls: Arc::default(),
+        }
+    }
+
+    async fn call(&self, uow: Uow) -> Result<Uow, Error> {
+        // Every call takes a little time, as a real one does.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        let down_by_time = self
+            .up_at
+            .lock()
+            .unwrap()
+            .is_some_and(|t| Instant::now() < t);
+        if down_by_time || n < self.refuse_first {
+            return Err(Error::transient_msg("ConnectionRefused", "service down"));
+        }
+        Ok(uow)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_whose_service_is_down_for_three_breaker_periods_faults_nothing() {
+    let kit = TestKit::new();
+    let period = Duration::from_secs(10);
+    let service = FlakyService::down_until(Instant::now() + period * 3);
+    let sink = MemorySink::new();
+    let svc = service.clone();
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("enrich")
+                .then(move |uow| {
+                    let svc = svc.clone();
+                    async move { svc.call(uow).await }
+                })
+                .step_resilience(Resilience::default().breaker(BreakerConfig {
+                    open_base: period,
+                    open_max: period,
+                }))
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let input = events(1_000, 10);
+    let started = Instant::now();
+    let report = kit
+        .run(&processor, MemorySource::from_events(&input, 1))
+        .await
+        .unwrap();
+    assert!(kit.faults().is_empty(), "{} faults", kit.faults().len());
+    assert_eq!(report.pipeline("enrich").unwrap().delivered, 1_000);
+    assert!(started.elapsed() >= period * 3, "the outage was waited out");
+    // Nothing skipped, and every key still in order.
+    assert_eq!(per_key(&sink.events()), per_key(&input));
+    assert_eq!(kit.checkpoint("0"), Some(1_000));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_down_for_its_first_200_calls_faults_nothing() {
+    let kit = TestKit::new();
+    let service = FlakyService::down_for_calls(200);
+    let sink = MemorySink::new();
+    let svc = service.clone();
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("enrich")
+                .then(move |uow| {
+                    let svc = svc.clone();
+                    async move { svc.call(uow).await }
+                })
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let input = events(1_000, 16);
+    let report = kit
+        .run(&processor, MemorySource::from_events(&input, 1))
+        .await
+        .unwrap();
+    assert!(kit.faults().is_empty(), "{} faults", kit.faults().len());
+    assert_eq!(report.pipeline("enrich").unwrap().delivered, 1_000);
+    assert_eq!(per_key(&sink.events()), per_key(&input));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_failing_on_one_event_only_faults_that_event_after_its_retries() {
+    // A synchronous step that fails transiently for one event, always: its retries are spent
+    // while the step succeeds for the events that keep coming, so it is poison, not an
+    // outage. (The sink's latency and the in-flight bound spread the stream over time, as a
+    // live stream is.)
+    let kit = TestKit::new();
+    let sink =
+        floodway::testing::ScriptedSink::new(|_| Ok(())).with_latency(Duration::from_millis(50));
+    let processor = kit
+        .processor("p")
+        .max_in_flight(50)
+        .pull_batch(10)
+        .pipeline(
+            Pipeline::builder("lookup")
+                .map(|uow| {
+                    if uow.event().id() == "e-7" {
+                        Err(Error::transient_msg("LookupFailed", "no answer for e-7"))
+                    } else {
+                        Ok(uow)
+                    }
+                })
+                .step_resilience(
+                    Resilience::default().retry(RetryPolicy::default().max_attempts(3)),
+                )
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let input = events(1_000, 10);
+    let report = kit
+        .run(&processor, MemorySource::from_events(&input, 1))
+        .await
+        .unwrap();
+    let faults = kit.faults();
+    assert_eq!(faults.len(), 1);
+    let details: floodway::fault::FaultDetails = faults[0].payload().unwrap();
+    assert_eq!(details.err.class, "transient");
+    assert_eq!(details.err.attempts, 3);
+    assert_eq!(faults[0].tag("step"), Some("map-1"));
+    assert_eq!(report.pipeline("lookup").unwrap().delivered, 999);
+    assert_eq!(sink.delivered().len(), 999);
+    assert_eq!(kit.checkpoint("0"), Some(1_000));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poison_error_from_a_step_is_faulted_at_once_and_a_fatal_one_stops() {
+    let kit = TestKit::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = calls.clone();
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("enrich")
+                .then(move |uow: Uow| {
+                    let counter = counter.clone();
+                    async move {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        match uow.event().id() {
+                            "e-2" => Err(Error::poison_msg("NotFound", "404")),
+                            _ => Ok(uow),
+                        }
+                    }
+                })
+                .sink(MemorySink::new())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    kit.run(&processor, MemorySource::from_events(&events(5, 5), 1))
+        .await
+        .unwrap();
+    assert_eq!(kit.faults().len(), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 5, "poison is not retried");
+
+    let kit = TestKit::new();
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("enrich")
+                .then(|uow: Uow| async move {
+                    match uow.event().id() {
+                        "e-2" => Err(Error::fatal_msg("BadConfig", "no credentials")),
+                        _ => Ok(uow),
+                    }
+                })
+                .sink(MemorySink::new())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let err = kit
+        .run(&processor, MemorySource::from_events(&events(5, 5), 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RunError::Fatal { .. }), "{err}");
+    assert!(kit.faults().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_that_is_a_tower_service_gets_the_same_failure_design() {
+    let kit = TestKit::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = calls.clone();
+    let service = tower::service_fn(move |uow: Uow| {
+        let counter = counter.clone();
+        async move {
+            if counter.fetch_add(1, Ordering::SeqCst) < 3 {
+                return Err(Error::throttled_msg("HttpStatus", "429 Too Many Requests")
+                    .with_retry_after(Duration::from_millis(200)));
+            }
+            Ok::<_, Error>(uow)
+        }
+    });
+    let sink = MemorySink::new();
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("lookup")
+                .call(service)
+                .named("lookup-customer")
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    kit.run(&processor, MemorySource::from_events(&events(20, 4), 1))
+        .await
+        .unwrap();
+    assert!(kit.faults().is_empty());
+    assert_eq!(sink.len(), 20);
+    assert_eq!(calls.load(Ordering::SeqCst), 23);
+    assert_eq!(
+        processor.pipelines()[0].step_names().collect::<Vec<_>>(),
+        ["lookup-customer"]
+    );
+}
+
+#[test]
+fn step_resilience_needs_a_step() {
+    let err = Pipeline::builder("p")
+        .step_resilience(Resilience::none())
+        .sink(MemorySink::new())
+        .unwrap_err();
+    assert!(err.to_string().contains("step_resilience"), "{err}");
+    let _ = ErrorClass::Poison;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_without_a_time_limit_is_sent_when_pulling_stops() {
+    // 100 in flight at most, pulled 30 at a time: after 90 the next pull does not fit, and the
+    // open batch of 90 would wait forever for its 100th unit of work.
+    let kit = TestKit::new();
+    let sink = MemorySink::new();
+    let processor = kit
+        .processor("p")
+        .max_in_flight(100)
+        .pull_batch(30)
+        .pipeline(
+            Pipeline::builder("archive")
+                .batch(BatchConfig::count(100).max_wait(Duration::MAX))
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let input = events(1_000, 7);
+    let run = kit.run(&processor, MemorySource::from_events(&input, 1));
+    let report = tokio::time::timeout(Duration::from_secs(3_600), run)
+        .await
+        .expect("the run hung with a batch held open")
+        .unwrap();
+    assert_eq!(report.pipeline("archive").unwrap().delivered, 1_000);
+    assert_eq!(sink.len(), 1_000);
+    assert!(sink.batches().iter().all(|b| b.len() <= 100));
+}
