@@ -207,13 +207,20 @@ impl NatsHub {
     }
 
     /// Publishes events with their ids as `Nats-Msg-Id`: a repeat inside the duplicate window
-    /// is stored once. The publishes are pipelined; when this returns, the server has
-    /// acknowledged every one (stored on the stream's replicas).
+    /// is stored once. When this returns, the server has acknowledged every one (stored on
+    /// the stream's replicas).
+    ///
+    /// Publishes are pipelined in waves that keep each partition key's order in the stream:
+    /// the first event of every key, then (once those are acknowledged) the second of every
+    /// key, and so on. A later event of a key is sent only after the earlier one is stored, so
+    /// a message lost on the way (its ack never comes) cannot be overtaken by the next one of
+    /// its key; the retry then stores it, and what follows, in order. A batch of distinct
+    /// keys is one wave: as fast as fully pipelined publishing.
     ///
     /// # Errors
-    /// When an acknowledgement does not come (retrying is safe: duplicates are skipped).
+    /// When an acknowledgement does not come (retrying is safe: duplicates are skipped, and
+    /// nothing after the first failure of a key was sent).
     pub async fn publish(&self, events: &[Event]) -> Result<PublishReceipt, NatsError> {
-        let mut pending = Vec::with_capacity(events.len());
         // Room for the subject and headers below the server's limit.
         let max = self
             .inner
@@ -221,6 +228,7 @@ impl NatsHub {
             .server_info()
             .max_payload
             .saturating_sub(512);
+        let mut payloads = Vec::with_capacity(events.len());
         for event in events {
             let mut payload = match event.source_bytes() {
                 Some(bytes) => bytes.clone(),
@@ -238,18 +246,25 @@ impl NatsHub {
                 // decoded event, rather than not at all (which would stop the processor).
                 payload = Bytes::from(floodway::fault::fit(event, max).to_json());
             }
-            pending.push(
-                self.publish_raw(self.subject_of(event), event.id(), payload)
-                    .await?,
-            );
+            payloads.push(payload);
         }
         let mut receipt = PublishReceipt::default();
-        for ack in pending {
-            let ack = ack.await.map_err(|e| NatsError::js("publish", e))?;
-            if ack.duplicate {
-                receipt.duplicates += 1;
-            } else {
-                receipt.stored += 1;
+        for wave in waves(events) {
+            let mut pending = Vec::with_capacity(wave.len());
+            for i in wave {
+                let event = &events[i];
+                pending.push(
+                    self.publish_raw(self.subject_of(event), event.id(), payloads[i].clone())
+                        .await?,
+                );
+            }
+            for ack in pending {
+                let ack = ack.await.map_err(|e| NatsError::js("publish", e))?;
+                if ack.duplicate {
+                    receipt.duplicates += 1;
+                } else {
+                    receipt.stored += 1;
+                }
             }
         }
         Ok(receipt)
@@ -311,6 +326,31 @@ impl NatsHub {
         }
         found.reverse();
         Ok(found)
+    }
+
+    /// The message stored at stream sequence `sequence` (a record's offset on this hub);
+    /// `None` when a limit has deleted it. Resubmission reads a fault's record back this way
+    /// when the fault does not carry it (its pipeline redacts fields).
+    ///
+    /// # Errors
+    /// When the server does not answer.
+    pub async fn record_at(&self, sequence: u64) -> Result<Option<Bytes>, NatsError> {
+        let stream = self
+            .inner
+            .js
+            .get_stream(&self.inner.stream)
+            .await
+            .map_err(|e| NatsError::js("stream info", e))?;
+        match stream.get_raw_message(sequence).await {
+            Ok(message) => Ok(Some(message.payload)),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(NatsError::js("get message", e)),
+        }
     }
 
     /// Messages and bytes per partition, and every subscription's lag.
@@ -516,4 +556,34 @@ async fn ensure_stream(
         })?;
     }
     Ok(stored)
+}
+
+/// The indices of `events` in waves: wave `n` holds the `n`-th event of every partition key,
+/// in the order of the batch.
+fn waves(events: &[Event]) -> Vec<Vec<usize>> {
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut waves: Vec<Vec<usize>> = Vec::new();
+    for (i, event) in events.iter().enumerate() {
+        let n = seen.entry(event.partition_key()).or_insert(0);
+        if waves.len() <= *n {
+            waves.push(Vec::new());
+        }
+        waves[*n].push(i);
+        *n += 1;
+    }
+    waves
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waves_hold_each_key_once_in_batch_order() {
+        let events: Vec<Event> = ["a", "b", "a", "c", "a", "b"]
+            .iter()
+            .map(|k| Event::builder("t", *k).build())
+            .collect();
+        assert_eq!(waves(&events), [vec![0, 1, 3], vec![2, 5], vec![4]]);
+    }
 }

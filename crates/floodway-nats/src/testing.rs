@@ -233,6 +233,10 @@ struct ProxyControl {
     generation: std::sync::atomic::AtomicU64,
     /// Milliseconds each chunk of traffic waits.
     delay_ms: std::sync::atomic::AtomicU64,
+    /// Drop the next message a client publishes whose payload holds these bytes (once).
+    drop_marker: std::sync::Mutex<Option<Vec<u8>>>,
+    /// Messages dropped so far.
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 impl Proxy {
@@ -259,7 +263,7 @@ impl Proxy {
                     let generation = control.generation.load(Ordering::SeqCst);
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    let up = pipe(cr, sw, control.clone(), generation);
+                    let up = pipe_publishes(cr, sw, control.clone(), generation);
                     let down = pipe(sr, cw, control.clone(), generation);
                     tokio::select! {
                         () = up => {}
@@ -285,6 +289,20 @@ impl Proxy {
         self.control
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Drops, once, the next message a client publishes whose payload contains `marker`:
+    /// the server never sees it, so its publisher waits for an ack that does not come (a
+    /// message lost on the way).
+    pub fn drop_next_publish_containing(&self, marker: &[u8]) {
+        *self.control.drop_marker.lock().unwrap() = Some(marker.to_vec());
+    }
+
+    /// How many published messages the proxy has dropped.
+    pub fn dropped(&self) -> u64 {
+        self.control
+            .dropped
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Delays every chunk of traffic by this much (zero: no delay).
@@ -336,4 +354,79 @@ async fn pipe(
             return;
         }
     }
+}
+
+/// Client to server: forwards whole protocol operations, dropping a publish (`PUB`/`HPUB`)
+/// whose payload holds the armed marker; otherwise as [`pipe`].
+async fn pipe_publishes(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    control: std::sync::Arc<ProxyControl>,
+    generation: u64,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buf) => read,
+            () = async {
+                while control.generation.load(Ordering::SeqCst) == generation {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            } => return,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        let mut out = Vec::with_capacity(pending.len());
+        let mut used = 0;
+        while let Some(len) = operation_len(&pending[used..]) {
+            let op = &pending[used..used + len];
+            let armed = control.drop_marker.lock().unwrap().clone();
+            let drop = armed.is_some_and(|marker| {
+                (op.starts_with(b"PUB ") || op.starts_with(b"HPUB "))
+                    && op.windows(marker.len()).any(|w| w == marker.as_slice())
+            });
+            if drop {
+                *control.drop_marker.lock().unwrap() = None;
+                control.dropped.fetch_add(1, Ordering::SeqCst);
+            } else {
+                out.extend_from_slice(op);
+            }
+            used += len;
+        }
+        pending.drain(..used);
+        let delay = control.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if control.generation.load(Ordering::SeqCst) != generation
+            || to.write_all(&out).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The length of the first whole client operation in `bytes` (its line, and for a publish
+/// its payload), or `None` if it is not all there yet.
+fn operation_len(bytes: &[u8]) -> Option<usize> {
+    let line_end = bytes.windows(2).position(|w| w == b"\r\n")? + 2;
+    let line = &bytes[..line_end - 2];
+    if !(line.starts_with(b"PUB ") || line.starts_with(b"HPUB ")) {
+        return Some(line_end);
+    }
+    // The last field is the payload's size (headers included for HPUB).
+    let size: usize = std::str::from_utf8(line)
+        .ok()?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()?;
+    let total = line_end + size + 2;
+    (bytes.len() >= total).then_some(total)
 }

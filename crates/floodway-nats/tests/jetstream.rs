@@ -859,3 +859,44 @@ async fn settings_that_cannot_work_are_refused_by_name() {
         Duration::from_secs(3600)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_lost_on_the_way_is_retried_without_breaking_its_keys_order() {
+    let server = NatsServer::start();
+    let proxy = floodway_nats::testing::Proxy::start(server.port()).await;
+    let hub = NatsHub::connect(&options(vec![proxy.url()])).await.unwrap();
+    // Four events of key k among events of other keys, published in one pipelined batch; the
+    // proxy loses the second of k on its way to the server.
+    let mut batch = Vec::new();
+    for i in 1..=4 {
+        batch.push(
+            Event::builder("thing-happened", "k")
+                .id(format!("k-e{i}"))
+                .field("n", i)
+                .build(),
+        );
+        batch.push(
+            Event::builder("thing-happened", format!("other-{i}"))
+                .id(format!("other-e{i}"))
+                .build(),
+        );
+    }
+    proxy.drop_next_publish_containing(b"\"k-e2\"");
+    let first = hub.publish(&batch).await;
+    assert_eq!(proxy.dropped(), 1);
+    assert!(first.is_err(), "the lost message's ack never came");
+    // The retry a sink makes: the whole batch again.
+    hub.publish(&batch).await.unwrap();
+    let stored = read_all(&hub, Partitions::All).await;
+    let k: Vec<&str> = stored
+        .iter()
+        .filter(|e| e.partition_key() == "k")
+        .map(Event::id)
+        .collect();
+    assert_eq!(
+        k,
+        ["k-e1", "k-e2", "k-e3", "k-e4"],
+        "k's order in the stream"
+    );
+    assert_eq!(stored.len(), 8, "each stored once");
+}
