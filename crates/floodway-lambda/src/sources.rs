@@ -48,24 +48,26 @@ pub fn sqs_records(event: &SqsEvent) -> Vec<Record> {
         .enumerate()
         .map(|(i, m)| {
             let id = m.message_id.clone().unwrap_or_else(|| i.to_string());
-            let partition = m
-                .attributes
-                .get("MessageGroupId")
-                .cloned()
-                .unwrap_or_else(|| id.clone());
+            let group = m.attributes.get("MessageGroupId").cloned();
+            let partition = group.clone().unwrap_or_else(|| id.clone());
             let attempt = m
                 .attributes
                 .get("ApproximateReceiveCount")
                 .and_then(|c| c.parse().ok())
                 .unwrap_or(1);
-            Record::new(
+            let record = Record::new(
                 format!("sqs:{}", sqs_queue(m.event_source_arn.as_deref())),
                 partition,
                 i as u64,
                 Bytes::from(m.body.clone().unwrap_or_default()),
             )
             .with_sequence(id)
-            .with_attempt(attempt)
+            .with_attempt(attempt);
+            // A FIFO queue orders by message group, whatever the events' partition keys.
+            match group {
+                Some(group) => record.with_order_key(group),
+                None => record,
+            }
         })
         .collect()
 }

@@ -549,3 +549,47 @@ async fn on_a_fifo_queue_later_messages_of_a_group_wait_for_an_unfinished_one() 
         .collect();
     assert_eq!(reported, ["m-1", "m-2"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_fifo_queue_processes_a_message_group_in_order_whatever_the_partition_keys() {
+    // One message group, five events of five different partition keys: the first call is the
+    // slowest, so anything run concurrently would finish out of order.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let sink = sink_fn(move |batch: Batch| {
+        let log = log.clone();
+        async move {
+            let id = batch.events().next().unwrap().id().to_owned();
+            let n: u64 = id.trim_start_matches("e-").parse().unwrap();
+            tokio::time::sleep(Duration::from_millis(100 - n * 10)).await;
+            log.lock().unwrap().push(id);
+            Ok::<_, Error>(())
+        }
+    });
+    let processor = Processor::builder("fifo")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(Pipeline::builder("p").parallelism(8).sink(sink).unwrap())
+        .build()
+        .unwrap();
+    let handler = Handler::new(processor);
+    let events = orders(5);
+    let records: Vec<Value> = (0..5)
+        .map(|i| {
+            json!({
+                "messageId": format!("m-{i}"),
+                "body": events[i].to_json(),
+                "attributes": { "ApproximateReceiveCount": "1", "MessageGroupId": "g" },
+                "messageAttributes": {},
+                "eventSource": "aws:sqs",
+                "eventSourceARN": "arn:aws:sqs:local:000000000000:orders.fifo",
+            })
+        })
+        .collect();
+    let deadline = Some(u64::try_from(floodway::event::now_millis()).unwrap() + 5_000);
+    let answer = handler
+        .handle(json!({ "Records": records }), deadline)
+        .await
+        .unwrap();
+    assert!(answer["batchItemFailures"].as_array().unwrap().is_empty());
+    assert_eq!(*seen.lock().unwrap(), ["e-0", "e-1", "e-2", "e-3", "e-4"]);
+}

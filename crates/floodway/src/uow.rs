@@ -27,6 +27,10 @@ pub struct Record {
     pub attempt: u32,
     /// The raw bytes.
     pub data: Bytes,
+    /// The key the source orders by, when it is not the event's `partitionKey`: records with
+    /// the same order key run one after another in each pipeline (an SQS FIFO queue's message
+    /// group). `None`: the event's partition key.
+    pub order_key: Option<Arc<str>>,
 }
 
 impl Record {
@@ -44,7 +48,15 @@ impl Record {
             sequence: None,
             attempt: 1,
             data: data.into(),
+            order_key: None,
         }
+    }
+
+    /// Sets the key the source orders by (see [`Record::order_key`]).
+    #[must_use]
+    pub fn with_order_key(mut self, key: impl Into<Arc<str>>) -> Self {
+        self.order_key = Some(key.into());
+        self
     }
 
     /// Sets the source's own record id.

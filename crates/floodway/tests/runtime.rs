@@ -434,3 +434,101 @@ fn processors_that_could_never_work_are_refused() {
         .unwrap_err();
     assert!(err.to_string().contains("lower max_count"), "{err}");
 }
+
+/// A live stream: each record becomes available at its own instant (on tokio's clock), and a
+/// pull returns what has arrived, waiting for the next arrival when nothing has.
+struct PacedSource {
+    records: VecDeque<(Instant, Record)>,
+}
+
+impl Source for PacedSource {
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, SourceError> {
+        let Some((first, _)) = self.records.front() else {
+            return Ok(None);
+        };
+        tokio::time::sleep_until(*first).await;
+        let now = Instant::now();
+        let mut out = Vec::new();
+        while out.len() < max && self.records.front().is_some_and(|(at, _)| *at <= now) {
+            out.push(self.records.pop_front().unwrap().1);
+        }
+        Ok(Some(out))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_slow_key_delays_only_its_own_events() {
+    // 200 events a second for 10 s; every fourth is of the hot key, whose calls take 100 ms,
+    // so its backlog grows by 40 events a second, far past the 100 records in flight. The
+    // cold keys' calls take 1 ms.
+    let start = Instant::now();
+    let arrivals: Vec<Instant> = (0..2_000u64)
+        .map(|i| start + Duration::from_millis(i * 5))
+        .collect();
+    let input: Vec<Event> = (0..2_000u32)
+        .map(|i| {
+            let key = if i % 4 == 0 {
+                "hot".to_owned()
+            } else {
+                format!("cold-{}", i % 50)
+            };
+            Event::builder("thing-happened", key)
+                .id(format!("e-{i}"))
+                .timestamp(i64::from(i))
+                .build()
+        })
+        .collect();
+    let source = PacedSource {
+        records: arrivals
+            .iter()
+            .zip(records(&input))
+            .map(|(at, r)| (*at, r))
+            .collect(),
+    };
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let sink = {
+        let latencies = latencies.clone();
+        sink_fn(move |batch: Batch| {
+            let latencies = latencies.clone();
+            async move {
+                let event = batch.events().next().unwrap().clone();
+                let hot = event.partition_key() == "hot";
+                let pause = if hot { 100 } else { 1 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                if !hot {
+                    let arrived = start + Duration::from_millis(event.timestamp() as u64 * 5);
+                    latencies.lock().unwrap().push(arrived.elapsed());
+                }
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let kit = TestKit::new();
+    let processor = kit
+        .processor("p")
+        .max_in_flight(100)
+        .max_buffered(4_000)
+        .pull_batch(10)
+        .pipeline(
+            Pipeline::builder("calls")
+                .parallelism(16)
+                .sink(sink)
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let report = processor
+        .run(source, kit.checkpointer().clone(), std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(report.done, 2_000);
+    let mut cold = latencies.lock().unwrap().clone();
+    assert_eq!(cold.len(), 1_500);
+    cold.sort();
+    let p99 = cold[cold.len() * 99 / 100];
+    assert!(
+        p99 < Duration::from_millis(50),
+        "cold keys waited for the hot one: p99 {p99:?}, max {:?}",
+        cold.last().unwrap()
+    );
+}

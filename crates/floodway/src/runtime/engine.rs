@@ -116,11 +116,17 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The key a unit of work is ordered by: its record's order key, else its event's
+/// partition key.
+fn order_key(uow: &Uow) -> &str {
+    uow.record
+        .order_key
+        .as_deref()
+        .unwrap_or_else(|| uow.event().partition_key())
+}
+
 fn keys_of(members: &[Uow]) -> Keys {
-    let mut keys: Vec<u64> = members
-        .iter()
-        .map(|u| key_hash(u.event().partition_key()))
-        .collect();
+    let mut keys: Vec<u64> = members.iter().map(|u| key_hash(order_key(u))).collect();
     keys.sort_unstable();
     keys.dedup();
     if keys.len() == 1 {
@@ -252,12 +258,26 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     Stopped::Shutdown
                 });
             }
-            // A pulled batch is dispatched whole, so pull only when it fits.
+            // A pulled batch is dispatched whole, so pull only when it fits. While no
+            // pipeline is at its parallelism, records parked behind a busy key do not count
+            // as in flight: a slow key delays only its own records, up to the memory bound
+            // (every record held). A target that is slow for every key still slows the
+            // source down: its pipeline fills its slots and its parked records count again.
+            let parked = if self.pipes.iter().any(|p| p.sched.saturated()) {
+                0
+            } else {
+                self.pipes
+                    .iter()
+                    .map(|p| p.sched.parked())
+                    .max()
+                    .unwrap_or(0)
+            };
+            let active = self.ledger.undone().saturating_sub(parked);
+            let pull = config.pull_batch.min(config.max_in_flight);
             let can_pull = !source_done
                 && stopping.is_none()
-                && self.ledger.undone() + config.pull_batch.min(config.max_in_flight)
-                    <= config.max_in_flight
-                && self.ledger.held() < config.max_in_flight.saturating_mul(4);
+                && active + pull <= config.max_in_flight
+                && self.ledger.held() + pull <= config.max_buffered;
             if !can_pull && !source_done && stopping.is_none() && self.is_idle_but_batches() {
                 // Pulling stopped at the in-flight bound and nothing runs that could make room:
                 // the open batches hold every record in flight. Send them now rather than wait
@@ -451,11 +471,11 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             }
             Some(_) => {
                 pipe.upstream += 1;
-                let key = Keys::One(key_hash(uow.event().partition_key()));
+                let key = Keys::One(key_hash(order_key(&uow)));
                 pipe.sched.submit(key, Work::Pre { uow, from });
             }
             None => {
-                let key = Keys::One(key_hash(uow.event().partition_key()));
+                let key = Keys::One(key_hash(order_key(&uow)));
                 pipe.sched.submit(key, Work::Single { uow, from });
             }
         }

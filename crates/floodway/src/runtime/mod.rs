@@ -28,9 +28,16 @@ pub type FaultSink = BoxCloneSyncService<Event, (), Error>;
 /// Limits and intervals of a processor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcessorConfig {
-    /// Records delivered and not yet done, at most (default 4096). This bounds memory: when
-    /// it is reached the processor stops pulling.
+    /// Records being worked on, at most (default 4096): delivered, not done, and not parked
+    /// behind an earlier record of the same key. When it is reached the processor stops
+    /// pulling.
     pub max_in_flight: usize,
+    /// Records held in memory in any state, at most (default 16,384): in flight, parked
+    /// behind a slow key, or done and waiting for an earlier record of their partition before
+    /// the checkpoint can pass them. This is the memory bound: a slow key delays only the
+    /// records that share it until the records held reach it; then the processor stops
+    /// pulling.
+    pub max_buffered: usize,
     /// Records asked of the source per pull (default 512).
     pub pull_batch: usize,
     /// How often moved checkpoints are committed (default 1 s); also on stop.
@@ -45,6 +52,7 @@ impl Default for ProcessorConfig {
     fn default() -> Self {
         ProcessorConfig {
             max_in_flight: 4096,
+            max_buffered: 16_384,
             pull_batch: 512,
             commit_interval: Duration::from_secs(1),
             max_event_size: DEFAULT_MAX_EVENT_SIZE,
@@ -237,6 +245,12 @@ impl ProcessorBuilder {
         self
     }
 
+    /// Sets [`ProcessorConfig::max_buffered`].
+    pub fn max_buffered(mut self, records: usize) -> Self {
+        self.config.max_buffered = records;
+        self
+    }
+
     /// Sets [`ProcessorConfig::max_in_flight`].
     pub fn max_in_flight(mut self, records: usize) -> Self {
         self.config.max_in_flight = records;
@@ -290,6 +304,16 @@ impl ProcessorBuilder {
         }
         if self.config.pull_batch == 0 {
             return Err(zero("pull_batch"));
+        }
+        if self.config.max_buffered < self.config.max_in_flight {
+            return Err(BuildError::InvalidSetting {
+                setting: "max_buffered",
+                problem: format!(
+                    "({}) must be at least max_in_flight ({}): it bounds every record held, \
+                     those in flight included",
+                    self.config.max_buffered, self.config.max_in_flight
+                ),
+            });
         }
         if !self.pipelines.iter().any(Pipeline::is_enabled) {
             return Err(BuildError::InvalidSetting {

@@ -157,6 +157,17 @@ impl<T> Scheduler<T> {
         }
     }
 
+    /// Items waiting for an earlier item of one of their keys (parked behind a busy key).
+    pub(crate) fn parked(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Whether items that could start wait for a slot: the target, not key order, is what
+    /// holds the work up.
+    pub(crate) fn saturated(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
     /// Items submitted and not completed (waiting, ready or running).
     pub(crate) fn len(&self) -> usize {
         self.running + self.ready.len() + self.waiting.len()
