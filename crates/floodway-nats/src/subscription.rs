@@ -275,7 +275,10 @@ impl NatsHub {
         let mut consumers = Vec::with_capacity(partitions.len());
         for (partition, subject) in partitions {
             let config = consumer_config(name, &partition, subject.clone(), &options)?;
-            let consumer = open_consumer(&stream, &config).await?;
+            let mut consumer = open_consumer(&stream, &config).await?;
+            if !options.transient && options.sharing == Sharing::Exclusive {
+                consumer = restart_at_ack_floor(&stream, consumer, &config).await?;
+            }
             consumers.push((partition, subject, config, consumer));
         }
         let outstanding: Outstanding = Arc::new(Mutex::new(Some(HashMap::new())));
@@ -286,6 +289,13 @@ impl NatsHub {
         let mut tasks = JoinSet::new();
         let live = consumers.len();
         for (partition, subject, config, consumer) in consumers {
+            // Where this consumer stands: what it holds is below its ack floor, so a consumer
+            // recreated later (after someone deleted it) goes on from there.
+            let last = if config.durable_name.is_some() {
+                consumer.cached_info().ack_floor.stream_sequence
+            } else {
+                0
+            };
             let reader = PartitionReader {
                 client: self.inner.client.clone(),
                 stream: stream.clone(),
@@ -297,7 +307,7 @@ impl NatsHub {
                 options: options.clone(),
                 outstanding: outstanding.clone(),
                 tx: tx.clone(),
-                last: 0,
+                last,
                 target: None,
             };
             tasks.spawn(reader.run());
@@ -443,6 +453,49 @@ async fn open_consumer(
     Ok(consumer)
 }
 
+/// Starts a durable consumer over from its ack floor when it holds messages delivered and
+/// not acknowledged: an earlier owner stopped (its naks carry a delay) or died (its messages
+/// wait out the ack wait), and JetStream would deliver newer messages of the same keys to
+/// the new owner before those. Made again at the first unacknowledged sequence, the consumer
+/// delivers in stream order; messages acknowledged one by one above the floor come again, as
+/// duplicates, which at-least-once processing and idempotent sinks absorb. Only for
+/// exclusive sharing: a partition has one reader, so no live reader loses its consumer.
+async fn restart_at_ack_floor(
+    stream: &async_nats::jetstream::stream::Stream,
+    mut consumer: async_nats::jetstream::consumer::Consumer<pull::Config>,
+    config: &pull::Config,
+) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
+    let Some(name) = &config.durable_name else {
+        return Ok(consumer);
+    };
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| NatsError::js("consumer info", e))?
+        .clone();
+    if info.num_ack_pending == 0 {
+        return Ok(consumer);
+    }
+    let start = info.ack_floor.stream_sequence + 1;
+    tracing::info!(
+        consumer = %name,
+        unacked = info.num_ack_pending,
+        start,
+        "restarting the consumer at its first unacknowledged message, to keep per-key order"
+    );
+    stream
+        .delete_consumer(name)
+        .await
+        .map_err(|e| NatsError::js("delete consumer", e))?;
+    let config = pull::Config {
+        deliver_policy: DeliverPolicy::ByStartSequence {
+            start_sequence: start,
+        },
+        ..config.clone()
+    };
+    open_consumer(stream, &config).await
+}
+
 /// Pulls one partition's consumer into the subscription's channel.
 struct PartitionReader {
     client: async_nats::Client,
@@ -522,8 +575,11 @@ impl PartitionReader {
         let mut consumer = match self.consumer.take() {
             Some(c) => c,
             None => {
-                if self.config.durable_name.is_none() && self.last > 0 {
-                    // A new ephemeral consumer goes on after the last record read.
+                if self.config.durable_name.is_some() || self.last > 0 {
+                    // A consumer made again (ephemeral, or a durable one someone deleted) goes
+                    // on after the last record read or settled, not from its first start: a
+                    // start at the end would skip what was published meanwhile. What this
+                    // process holds it finishes itself.
                     self.config.deliver_policy = DeliverPolicy::ByStartSequence {
                         start_sequence: self.last + 1,
                     };
