@@ -40,7 +40,10 @@ impl DynamoDbFaults {
         self.client
             .update_item()
             .table_name(&self.table)
-            .key("pk", AttributeValue::S(fault.id().to_owned()))
+            .key(
+                "pk",
+                AttributeValue::S(floodway::fault::fault_id(fault).to_owned()),
+            )
             .update_expression(
                 "SET processor = :p, pipeline = :pl, step = :s, errorName = :n, \
                  message = :m, fault = :f, lastSeen = :now, \
@@ -70,7 +73,10 @@ impl DynamoDbFaults {
             .client
             .update_item()
             .table_name(&self.table)
-            .key("pk", AttributeValue::S(fault.id().to_owned()))
+            .key(
+                "pk",
+                AttributeValue::S(floodway::fault::fault_id(fault).to_owned()),
+            )
             .update_expression("SET lastRaised = :t")
             .condition_expression("attribute_not_exists(lastRaised) OR lastRaised < :t")
             .expression_attribute_values(":t", raised)
@@ -232,7 +238,7 @@ impl S3Faults {
             self.prefix,
             tag(fault, "processor"),
             tag(fault, "pipeline"),
-            fault.id()
+            floodway::fault::fault_id(fault)
         );
         self.client
             .put_object()

@@ -136,6 +136,9 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
             durability: DurabilityConfig::Immediate,
             retention_max_age: None,
             retention_max_bytes: None,
+            retention_keep_unread: true,
+            lease: None,
+            lease_wait: None,
             nats: None,
         },
         processors: vec![
@@ -146,6 +149,7 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
                 key: key.into(),
                 value: Some("/order".into()),
                 batch: 500,
+                redact: Vec::new(),
             },
             ProcessorConfig::Http {
                 name: "notify".into(),
@@ -159,6 +163,7 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
                 max_attempts: 5,
                 respond_as: None,
                 parallelism: 128,
+                redact: Vec::new(),
             },
             ProcessorConfig::FaultMonitor {
                 name: "faults".into(),

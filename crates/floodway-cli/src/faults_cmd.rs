@@ -183,6 +183,7 @@ fn show(hub: HubArgs, id: String) -> anyhow::Result<()> {
         r.attempt
     );
     match r.encoding.as_str() {
+        _ if r.redacted => say!("data       (not kept: the pipeline redacts fields; resubmission reads the record from the hub)"),
         "utf8" => say!("data       {}", r.data),
         other => say!("data       ({other}) {}", r.data),
     }
@@ -303,7 +304,30 @@ pub(crate) async fn resubmit_faults(
     for fault in plan {
         limiter.acquire().await;
         let r = fault.details()?.uow.record;
-        let data = r.bytes()?;
+        let data = if r.redacted {
+            // The fault does not carry the record: read it back from the hub by position.
+            match hubs
+                .events
+                .record_at(&r.partition, r.offset)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?
+            {
+                Some(data) => data,
+                None => {
+                    store.record_resubmission(
+                        &fault.id,
+                        "failed",
+                        "the record is redacted from the fault and no longer in the hub \
+                         (retention deleted it)",
+                    )?;
+                    outcome.failed += 1;
+                    bar.inc(1);
+                    continue;
+                }
+            }
+        } else {
+            r.bytes()?
+        };
         let record = Record::new(r.source.clone(), r.partition.clone(), r.offset, data)
             .with_attempt(r.attempt + 1);
         let processor = processors.get(&fault.processor).context("built above")?;

@@ -66,7 +66,9 @@ pub(crate) enum HubCommand {
         poison: u32,
     },
     /// Delete old events: those published longer ago than `--max-age`, and per partition the
-    /// oldest beyond `--max-bytes`. Subscriptions behind what is deleted skip it.
+    /// oldest beyond `--max-bytes`, except those a subscription has not read yet (unless
+    /// `--delete-unread`): the hub then stays over the limits, and the subscriptions behind are
+    /// named. It deletes in short transactions, so processors running beside it barely wait.
     ///
     /// Example: floodway hub retain --hub floodway.db --max-age 7d
     Retain {
@@ -78,6 +80,20 @@ pub(crate) enum HubCommand {
         /// Per partition, keep at most this many bytes of the newest events.
         #[arg(long, value_name = "BYTES")]
         max_bytes: Option<u64>,
+        /// Delete by the limits even what a subscription has not read (it skips what is gone).
+        #[arg(long)]
+        delete_unread: bool,
+    },
+    /// Remove a subscription: its checkpoints (and so what it holds back from retention).
+    /// Refused while a process owns it. Opened again, it starts anew.
+    ///
+    /// Example: floodway hub unsubscribe --hub floodway.db old-processor
+    Unsubscribe {
+        #[command(flatten)]
+        hub: HubArgs,
+        /// The subscription (a processor's name).
+        #[arg(value_name = "NAME")]
+        name: String,
     },
     /// Partitions, sizes and subscription lag.
     ///
@@ -107,7 +123,9 @@ pub(crate) async fn run(command: HubCommand) -> anyhow::Result<()> {
             hub,
             max_age,
             max_bytes,
-        } => retain(hub, max_age, max_bytes),
+            delete_unread,
+        } => retain(hub, max_age, max_bytes, delete_unread),
+        HubCommand::Unsubscribe { hub, name } => unsubscribe(hub, &name),
         HubCommand::Generate {
             events,
             seed,
@@ -305,6 +323,13 @@ async fn stats(args: HubArgs) -> anyhow::Result<()> {
                 .map(|(p, o)| format!("{p}:{o}"))
                 .collect();
             say!("{:<32} {:>10}  {}", s.name, s.lag, cps.join(" "));
+            if let Some(holder) = &s.holder {
+                say!(
+                    "{:<32} owned by {holder} since {}",
+                    "",
+                    show_time(holder.acquired)
+                );
+            }
         }
     }
     if let Some(newest) = hub.newest(1, |_| true)?.first() {
@@ -368,7 +393,12 @@ fn generate(events: usize, seed: u64, poison: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn retain(args: HubArgs, max_age: Option<String>, max_bytes: Option<u64>) -> anyhow::Result<()> {
+fn retain(
+    args: HubArgs,
+    max_age: Option<String>,
+    max_bytes: Option<u64>,
+    delete_unread: bool,
+) -> anyhow::Result<()> {
     if max_age.is_none() && max_bytes.is_none() {
         bail!("say what to keep: --max-age (e.g. 7d) and/or --max-bytes");
     }
@@ -386,6 +416,7 @@ fn retain(args: HubArgs, max_age: Option<String>, max_bytes: Option<u64>) -> any
     let report = hub.apply_retention(&floodway_embedded::Retention {
         max_age,
         max_bytes_per_partition: max_bytes,
+        keep_unread: !delete_unread,
     })?;
     say!(
         "deleted {} events and forgot {} idempotency keys from {}",
@@ -393,5 +424,29 @@ fn retain(args: HubArgs, max_age: Option<String>, max_bytes: Option<u64>) -> any
         report.forgotten,
         hub.path().display()
     );
+    if report.kept_unread > 0 {
+        say!(
+            "kept {} events over the limits: subscriptions {} have not read them (remove one that \
+             is no longer used with `floodway hub unsubscribe`, or pass --delete-unread)",
+            report.kept_unread,
+            report.behind.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn unsubscribe(args: HubArgs, name: &str) -> anyhow::Result<()> {
+    if args.nats()?.is_some() {
+        bail!("on NATS a subscription is a set of durable consumers: remove them with `nats consumer rm`");
+    }
+    let hub = args.open()?;
+    if hub.unsubscribe(name)? {
+        say!(
+            "removed subscription `{name}` from {}",
+            hub.path().display()
+        );
+    } else {
+        bail!("{} has no subscription `{name}`", hub.path().display());
+    }
     Ok(())
 }

@@ -140,13 +140,20 @@ fn poison_events_become_faults_that_resubmit_after_a_fix() {
     assert!(shown.contains("has no /order/ref"), "{shown}");
     assert!(shown.contains("never resubmitted"), "{shown}");
 
-    // Resubmitting before the fix fails again and says so.
+    // Resubmitting before the fix fails again and says so; the fault store counts the raise.
     let out = floodway(d, &["faults", "resubmit", "--config", "floodway.toml"]);
     assert!(
         text(&out).contains("0 succeeded, 3 failed"),
         "{}",
         text(&out)
     );
+    run_until(d, "floodway.toml", || {
+        text(&floodway(
+            d,
+            &["faults", "show", "--config", "floodway.toml", &id],
+        ))
+        .contains("seen 2 times")
+    });
 
     // The fix: key the view by the order id. A dry run changes nothing.
     std::fs::write(
@@ -207,13 +214,188 @@ fn poison_events_become_faults_that_resubmit_after_a_fix() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
-    // 40 orders and the 3 fault events (a fault raised again is published once).
-    assert!(text(&out).contains("replayed 43 events"), "{}", text(&out));
+    // 40 orders, the 3 fault events, and the 3 raised again by the failed resubmission
+    // (every raise is published, whatever the dedupe window).
+    assert!(text(&out).contains("replayed 46 events"), "{}", text(&out));
     assert!(
         text(&out).contains("40 delivered, 0 faults"),
         "{}",
         text(&out)
     );
+}
+
+#[test]
+fn a_fault_raised_again_after_its_resolution_is_open_again_within_the_dedupe_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("floodway.toml"), CONFIG).unwrap();
+    let lines: Vec<String> = (0..5)
+        .map(|i| {
+            let order = if i == 2 {
+                format!(r#"{{"id":"o-{i}"}}"#)
+            } else {
+                format!(r#"{{"id":"o-{i}","ref":"r-{i}"}}"#)
+            };
+            format!(
+                r#"{{"id":"e-{i}","type":"order-submitted","timestamp":{i},"partitionKey":"o-{i}","order":{order}}}"#
+            )
+        })
+        .collect();
+    std::fs::write(d.join("orders.jsonl"), lines.join("\n")).unwrap();
+    let out = floodway(
+        d,
+        &[
+            "hub",
+            "publish",
+            "--config",
+            "floodway.toml",
+            "orders.jsonl",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    run_until(d, "floodway.toml", || {
+        lag(d) == Some(0) && open_faults(d) == 1
+    });
+    let list = text(&floodway(
+        d,
+        &["faults", "list", "--config", "floodway.toml"],
+    ));
+    let id = list
+        .lines()
+        .find(|l| l.contains("MissingKey"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let show = || {
+        text(&floodway(
+            d,
+            &["faults", "show", "--config", "floodway.toml", &id],
+        ))
+    };
+
+    // A fix that resolves it...
+    let fixed = CONFIG.replace(r#"key = "/order/ref""#, r#"key = "/order/id""#);
+    std::fs::write(d.join("floodway.toml"), &fixed).unwrap();
+    let out = floodway(d, &["faults", "resubmit", "--config", "floodway.toml"]);
+    assert!(
+        text(&out).contains("1 succeeded, 0 failed"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        show().contains("status     resolved (seen 1 times"),
+        "{}",
+        show()
+    );
+
+    // ...then the old code again, and a replay of the record seconds later: well inside the
+    // hub's dedupe window, the fault is raised again, reaches the store and is open again.
+    std::fs::write(d.join("floodway.toml"), CONFIG).unwrap();
+    let out = floodway(
+        d,
+        &[
+            "replay",
+            "--config",
+            "floodway.toml",
+            "--processor",
+            "orders-view",
+            "--from",
+            "1d",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    run_until(d, "floodway.toml", || open_faults(d) == 1);
+    let shown = show();
+    assert!(shown.contains("status     open (seen 2 times"), "{shown}");
+}
+
+#[test]
+fn a_redacted_field_appears_nowhere_in_a_fault_and_resubmission_still_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = CONFIG.replace(
+        r#"value = "/order""#,
+        "value = \"/order\"\nredact = [\"customer.email\"]",
+    );
+    std::fs::write(d.join("floodway.toml"), &config).unwrap();
+    let email = "ann.lee@example.com";
+    let lines: Vec<String> = (0..4)
+        .map(|i| {
+            let order = if i == 1 {
+                format!(r#"{{"id":"o-{i}"}}"#)
+            } else {
+                format!(r#"{{"id":"o-{i}","ref":"r-{i}"}}"#)
+            };
+            format!(
+                r#"{{"id":"e-{i}","type":"order-submitted","timestamp":{i},"partitionKey":"o-{i}","customer":{{"email":"{email}","name":"Ann"}},"order":{order}}}"#
+            )
+        })
+        .collect();
+    std::fs::write(d.join("orders.jsonl"), lines.join("\n")).unwrap();
+    let out = floodway(
+        d,
+        &[
+            "hub",
+            "publish",
+            "--config",
+            "floodway.toml",
+            "orders.jsonl",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    run_until(d, "floodway.toml", || {
+        lag(d) == Some(0) && open_faults(d) == 1
+    });
+
+    // Neither the stored fault nor the fault event in the hub holds the address.
+    let hub =
+        floodway_embedded::Hub::open(d.join("hub.db"), floodway_embedded::HubOptions::default())
+            .unwrap();
+    let stored = hub
+        .fault_store()
+        .unwrap()
+        .list(&floodway_embedded::FaultFilter::default())
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    let fault_text = stored[0].fault.to_json();
+    assert!(!fault_text.contains(email), "{fault_text}");
+    assert!(fault_text.contains("[REDACTED]"), "{fault_text}");
+    let published = hub
+        .newest(100, |bytes| {
+            floodway::Event::decode(bytes).is_ok_and(|e| e.is_fault())
+        })
+        .unwrap();
+    assert_eq!(published.len(), 1);
+    assert!(!String::from_utf8_lossy(&published[0].1).contains(email));
+    drop(hub);
+    let id = stored[0].id.clone();
+    let shown = text(&floodway(
+        d,
+        &["faults", "show", "--config", "floodway.toml", &id],
+    ));
+    assert!(!shown.contains(email), "{shown}");
+    assert!(
+        shown.contains("not kept: the pipeline redacts fields"),
+        "{shown}"
+    );
+
+    // After the fix, resubmission reads the record back from the hub by position.
+    std::fs::write(
+        d.join("floodway.toml"),
+        config.replace(r#"key = "/order/ref""#, r#"key = "/order/id""#),
+    )
+    .unwrap();
+    let out = floodway(d, &["faults", "resubmit", "--config", "floodway.toml"]);
+    assert!(
+        text(&out).contains("1 succeeded, 0 failed"),
+        "{}",
+        text(&out)
+    );
+    let hub =
+        floodway_embedded::Hub::open(d.join("hub.db"), floodway_embedded::HubOptions::default())
+            .unwrap();
+    let row = hub.view("orders").unwrap().get("o-1").unwrap();
+    assert!(row.is_some(), "the resubmitted order is in the view");
 }
 
 #[test]

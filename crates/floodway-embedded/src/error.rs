@@ -85,9 +85,46 @@ pub enum HubError {
     /// A name or setting is not acceptable.
     #[error("{0}")]
     Invalid(String),
+    /// Another process (or another subscription object of this one) owns the subscription:
+    /// a subscription has one owner at a time.
+    #[error(
+        "subscription `{subscription}` is in use by {holder} (its lease is renewed while it \
+         runs; unrenewed, it would expire in {expires_in:.1?}): a subscription has one owner at \
+         a time; stop that process, or give this one another name"
+    )]
+    Held {
+        /// The subscription.
+        subscription: String,
+        /// Who holds it.
+        holder: Box<crate::lease::LeaseHolder>,
+        /// How long its lease lasts unless renewed.
+        expires_in: std::time::Duration,
+    },
+    /// This process no longer owns the subscription: another process took it over (after this
+    /// one failed to renew its lease), or it was removed. Nothing more is read or committed
+    /// through it.
+    #[error("subscription `{subscription}` is no longer owned by this process: {reason}")]
+    LeaseLost {
+        /// The subscription.
+        subscription: String,
+        /// What happened.
+        reason: String,
+    },
 }
 
 impl HubError {
+    /// Whether the hub file was locked by another writer for longer than the busy timeout.
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            HubError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                )
+        )
+    }
+
     /// The class of this error for the runtime: a busy or locked database is transient,
     /// everything else fatal (the storage itself is in trouble).
     pub fn class(&self) -> ErrorClass {

@@ -114,6 +114,7 @@ pub struct Resubmission {
 pub struct FaultStore {
     conn: Arc<Mutex<Connection>>,
     gate: WriteGate,
+    busy_retry: std::time::Duration,
 }
 
 impl std::fmt::Debug for FaultStore {
@@ -122,14 +123,26 @@ impl std::fmt::Debug for FaultStore {
     }
 }
 
-/// Whether a fault was new.
+/// What storing a fault event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Stored {
     /// First time this fault was stored.
     New,
-    /// Stored before: its count and last-seen time moved.
+    /// The fault was stored before and is raised again: its count and last-seen time moved.
     Again,
+    /// This very raise was stored before (the same fault event): nothing changed.
+    Repeated,
 }
+
+/// How long the store remembers the raises it counted (ms).
+const RAISE_MEMORY_MS: i64 = 24 * 3_600 * 1_000;
+
+/// The table of counted raises, made when a store is opened (files of this format written
+/// before it existed get it then).
+const RAISES_TABLE: &str = "CREATE TABLE IF NOT EXISTS fault_raises (\
+    raise_id TEXT PRIMARY KEY, fault TEXT NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;\
+    CREATE INDEX IF NOT EXISTS fault_raises_at ON fault_raises (at);";
 
 const COLUMNS: &str =
     "id, processor, pipeline, step, name, class, message, first_seen, last_seen, seen, status, fault";
@@ -170,10 +183,48 @@ impl Hub {
     /// # Errors
     /// When the hub file cannot be opened again.
     pub fn fault_store(&self) -> Result<FaultStore, HubError> {
+        let conn = self.connect()?;
+        {
+            let _turn = self.inner.gate.enter();
+            conn.execute_batch(RAISES_TABLE)?;
+        }
         Ok(FaultStore {
-            conn: Arc::new(Mutex::new(self.connect()?)),
+            conn: Arc::new(Mutex::new(conn)),
             gate: self.inner.gate.clone(),
+            busy_retry: self.inner.options.busy_retry,
         })
+    }
+}
+
+impl Hub {
+    /// The record at `offset` of `partition`, as published; `None` when retention has deleted
+    /// it or it was never published. Resubmission reads a fault's record back this way when
+    /// the fault does not carry it (its pipeline redacts fields).
+    ///
+    /// # Errors
+    /// When the hub's storage fails or the segment holding it is damaged.
+    pub fn record_at(&self, partition: u32, offset: u64) -> Result<Option<Vec<u8>>, HubError> {
+        let conn = self.connect()?;
+        let segment: Option<(i64, i64, Vec<u8>)> = conn
+            .query_row(
+                "SELECT offset, last, data FROM events WHERE partition = ?1 AND offset <= ?2 \
+                 ORDER BY offset DESC LIMIT 1",
+                (partition, offset as i64),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((first, last, data)) = segment else {
+            return Ok(None);
+        };
+        if (last as u64) < offset {
+            return Ok(None);
+        }
+        let events =
+            crate::segment::Segment::new(first as u64, last as u64, data.into()).events()?;
+        Ok(events
+            .into_iter()
+            .find(|(o, _)| *o == offset)
+            .map(|(_, bytes)| bytes.to_vec()))
     }
 }
 
@@ -182,63 +233,115 @@ impl FaultStore {
         self.conn.lock().map_err(|_| HubError::Closed)
     }
 
-    /// Stores a fault event; a fault stored before counts once more.
+    /// Stores a fault event; a fault stored before counts once more (see
+    /// [`store_all`](Self::store_all)).
     ///
     /// # Errors
     /// A poison error when `fault` is not a fault event; a storage failure.
     pub fn store(&self, fault: &Event) -> Result<Stored, HubError> {
-        if !fault.is_fault() {
-            return Err(HubError::Invalid(format!(
-                "event {} is of type `{}`, not a fault",
-                fault.id(),
-                fault.event_type()
-            )));
+        Ok(self.store_all(std::slice::from_ref(fault))?[0])
+    }
+
+    /// Stores fault events in one transaction, each by its
+    /// [fault id](floodway::fault::fault_id): the first raise of a fault adds it, a later
+    /// raise counts once more, moves its last-seen time and, if it was raised after its last
+    /// successful resubmission, opens it again with its latest error. A raise is counted once
+    /// however often it is stored (a fault monitor that stores a batch again after a failure,
+    /// a fault event delivered twice): raises are remembered by their event id for a day.
+    ///
+    /// # Errors
+    /// A poison error when an event is not a fault event (nothing is stored); a storage
+    /// failure.
+    pub fn store_all(&self, faults: &[Event]) -> Result<Vec<Stored>, HubError> {
+        let mut rows = Vec::with_capacity(faults.len());
+        for fault in faults {
+            if !fault.is_fault() {
+                return Err(HubError::Invalid(format!(
+                    "event {} is of type `{}`, not a fault",
+                    fault.id(),
+                    fault.event_type()
+                )));
+            }
+            let details: FaultDetails = fault.payload().map_err(|e| {
+                HubError::Invalid(format!("fault {} is malformed: {e}", fault.id()))
+            })?;
+            rows.push((fault, details));
         }
-        let details: FaultDetails = fault
-            .payload()
-            .map_err(|e| HubError::Invalid(format!("fault {} is malformed: {e}", fault.id())))?;
-        let tag = |name: &str| fault.tag(name).unwrap_or("").to_owned();
         let now = now_millis();
-        let conn = self.conn()?;
-        let _turn = self.gate.enter();
-        let mut stmt = conn.prepare_cached(
-            // ?10: whether this fault was raised after its last successful resubmission. Then
-            // it is open again, with its latest error; a copy of an older one (a redelivered
-            // fault event) only counts.
-            "INSERT INTO faults (id, processor, pipeline, step, name, class, message, \
-             first_seen, last_seen, seen, status, fault) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1, 'open', ?9) \
-             ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen, seen = seen + 1, \
-             status = iif(?10, 'open', status), name = iif(?10, excluded.name, name), \
-             class = iif(?10, excluded.class, class), \
-             message = iif(?10, excluded.message, message), fault = iif(?10, excluded.fault, fault) \
-             RETURNING seen",
-        )?;
-        let resolved: i64 = conn.query_row(
-            "SELECT coalesce(max(at), 0) FROM resubmissions WHERE fault = ?1 AND outcome = 'succeeded'",
-            [fault.id()],
-            |r| r.get(0),
-        )?;
-        let seen: i64 = stmt.query_row(
-            (
-                fault.id(),
-                tag("processor"),
-                tag("pipeline"),
-                tag("step"),
-                &details.err.name,
-                &details.err.class,
-                &details.err.message,
-                now,
-                fault.to_json(),
-                fault.timestamp() > resolved,
-            ),
-            |r| r.get(0),
-        )?;
-        Ok(if seen == 1 {
-            Stored::New
-        } else {
-            Stored::Again
+        let mut conn = self.conn()?;
+        // The turn is taken per try, so this process's other writers go on between tries.
+        crate::busy::retry("fault store", self.busy_retry, || {
+            let _turn = self.gate.enter();
+            Self::store_rows(&mut conn, &rows, now)
         })
+    }
+
+    /// The transaction of [`store_all`](Self::store_all).
+    fn store_rows(
+        conn: &mut Connection,
+        rows: &[(&Event, FaultDetails)],
+        now: i64,
+    ) -> Result<Vec<Stored>, HubError> {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut stored = Vec::with_capacity(rows.len());
+        {
+            let mut raise = tx.prepare_cached(
+                "INSERT INTO fault_raises (raise_id, fault, at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (raise_id) DO NOTHING",
+            )?;
+            let mut resolved = tx.prepare_cached(
+                "SELECT coalesce(max(at), 0) FROM resubmissions \
+                 WHERE fault = ?1 AND outcome = 'succeeded'",
+            )?;
+            let mut upsert = tx.prepare_cached(
+                // ?10: whether this fault was raised after its last successful resubmission.
+                // Then it is open again, with its latest error; a copy of an older one only
+                // counts.
+                "INSERT INTO faults (id, processor, pipeline, step, name, class, message, \
+                 first_seen, last_seen, seen, status, fault) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1, 'open', ?9) \
+                 ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen, seen = seen + 1, \
+                 status = iif(?10, 'open', status), name = iif(?10, excluded.name, name), \
+                 class = iif(?10, excluded.class, class), \
+                 message = iif(?10, excluded.message, message), \
+                 fault = iif(?10, excluded.fault, fault) \
+                 RETURNING seen",
+            )?;
+            for (fault, details) in rows {
+                let id = floodway::fault::fault_id(fault);
+                if raise.execute((fault.id(), id, now))? == 0 {
+                    stored.push(Stored::Repeated);
+                    continue;
+                }
+                let tag = |name: &str| fault.tag(name).unwrap_or("").to_owned();
+                let resolved_at: i64 = resolved.query_row([id], |r| r.get(0))?;
+                let seen: i64 = upsert.query_row(
+                    (
+                        id,
+                        tag("processor"),
+                        tag("pipeline"),
+                        tag("step"),
+                        &details.err.name,
+                        &details.err.class,
+                        &details.err.message,
+                        now,
+                        fault.to_json(),
+                        fault.timestamp() > resolved_at,
+                    ),
+                    |r| r.get(0),
+                )?;
+                stored.push(if seen == 1 {
+                    Stored::New
+                } else {
+                    Stored::Again
+                });
+            }
+            // Redeliveries of a raise come within minutes; a day of memory is plenty.
+            tx.prepare_cached("DELETE FROM fault_raises WHERE at < ?1")?
+                .execute([now - RAISE_MEMORY_MS])?;
+        }
+        tx.commit()?;
+        Ok(stored)
     }
 
     /// One fault.
@@ -307,7 +410,19 @@ impl FaultStore {
         detail: &str,
     ) -> Result<(), HubError> {
         let mut conn = self.conn()?;
-        let _turn = self.gate.enter();
+        crate::busy::retry("fault store", self.busy_retry, || {
+            let _turn = self.gate.enter();
+            Self::resubmission_row(&mut conn, id, outcome, detail)
+        })
+    }
+
+    /// The transaction of [`record_resubmission`](Self::record_resubmission).
+    fn resubmission_row(
+        conn: &mut Connection,
+        id: &str,
+        outcome: &str,
+        detail: &str,
+    ) -> Result<(), HubError> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Two resubmissions in one millisecond keep their order.
         let last: Option<i64> = tx.query_row(

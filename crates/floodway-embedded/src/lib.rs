@@ -28,16 +28,37 @@
 //! | part | type |
 //! |---|---|
 //! | the log: partitions by `partitionKey`, group commit, durability setting, idempotent publish, retention | [`Hub`] |
-//! | subscriptions with checkpoints per partition, from a checkpoint, the start, the end or a time | [`Subscription`] |
+//! | subscriptions with checkpoints per partition, from a checkpoint, the start, the end or a time; one owner at a time (a lease) | [`Subscription`] |
 //! | the fault store: faults by id with first/last seen and counts, filters, resubmission history | [`FaultStore`] |
 //! | latest-wins views with the inbox in the same transaction | [`ViewStore`], [`ViewSink`] |
 //!
-//! Several processes may share the file (WAL mode, a busy timeout, offsets assigned inside
-//! each commit).
+//! Several processes may share the file (WAL mode, offsets assigned inside each commit). How
+//! they get along:
+//!
+//! - **A subscription has one owner at a time.** Opening one takes its lease, a row in the
+//!   file naming the process; the holder renews it every third of
+//!   [`HubOptions::lease`] (10 s) and releases it when the subscription is dropped. Another
+//!   opener is refused with [`HubError::Held`], which names the holder's host and process id
+//!   ([`Hub::subscribe_waiting`] waits [`HubOptions::lease_wait`] for it first), and takes the
+//!   subscription over once the lease has expired, or at once if the holder was a process of
+//!   this machine that is gone. A holder that finds another owner stops with
+//!   [`HubError::LeaseLost`]; checkpoints are written only by the owner and never move
+//!   backward (but for an explicit [`StartAt::Reset`]).
+//! - **A locked file is waited out.** A write that finds another process holding the write
+//!   lock past [`HubOptions::busy_timeout`] is tried again with backoff, a warning each time,
+//!   for up to [`HubOptions::busy_retry`] (2 minutes); retention deletes in short
+//!   transactions, so it holds the lock briefly.
+//! - **Nothing grows without bound by itself.** Idempotency keys are forgotten after the
+//!   dedupe window, and a view's inbox rows after one to two of [`HubOptions::inbox_window`],
+//!   by the writes themselves (a bounded batch per transaction, larger than what the
+//!   transaction adds), retention or not. The log grows until [`Retention`] deletes from it, which by default
+//!   keeps what a subscription has not read ([`Retention::keep_unread`]).
 
+mod busy;
 mod error;
 mod faults;
 mod hub;
+mod lease;
 mod publisher;
 mod schema;
 mod segment;
@@ -50,6 +71,7 @@ pub use hub::{
     Durability, Hub, HubOptions, HubStats, PartitionStats, PublishReceipt, Retention,
     RetentionReport, SubscriptionStats, DEFAULT_PARTITIONS,
 };
+pub use lease::LeaseHolder;
 pub use publisher::HubPublisher;
 pub use subscription::{
     ResetTo, StartAt, Subscription, SubscriptionCheckpointer, SubscriptionOptions,

@@ -35,7 +35,8 @@ CREATE TABLE partitions (
     last_offset INTEGER NOT NULL,
     bytes INTEGER NOT NULL DEFAULT 0 -- event data held, kept by publish and retention
 );
--- Ids of events published with an idempotency key, for the dedupe window.
+-- Ids of events published with an idempotency key, for the dedupe window (pruned by time:
+-- `dedupe_by_time`).
 CREATE TABLE dedupe (id TEXT PRIMARY KEY, published INTEGER NOT NULL) WITHOUT ROWID;
 -- Per subscription and partition, the offset through which everything is done.
 CREATE TABLE subscriptions (
@@ -69,9 +70,58 @@ CREATE TABLE resubmissions (
     detail TEXT NOT NULL,
     PRIMARY KEY (fault, at)
 ) WITHOUT ROWID;
--- Events applied to each view (the inbox), written in the view's transaction.
-CREATE TABLE inbox (view TEXT NOT NULL, event TEXT NOT NULL, PRIMARY KEY (view, event)) WITHOUT ROWID;
+-- Events applied to each view (the inbox), written in the view's transaction: `crate::view`.
 ";
+
+/// The inbox, by the start (ms since the epoch) of the inbox window each event was applied in,
+/// so that the oldest windows are a prefix of the table, deleted in key order.
+const INBOX: &str = "
+CREATE TABLE inbox (
+    bucket INTEGER NOT NULL DEFAULT 0,
+    view TEXT NOT NULL,
+    event TEXT NOT NULL,
+    PRIMARY KEY (bucket, view, event)
+) WITHOUT ROWID;
+";
+
+/// Tables and indexes added to the format after its first files were written: created when a
+/// file without them is opened (an older build of the same format ignores them).
+const ADDED: &str = "
+-- Who owns each subscription (`crate::lease`).
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,   -- host/pid/random, one per opened subscription
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    process TEXT NOT NULL,  -- pid namespace and start time: tells a process gone from a live one
+    acquired INTEGER NOT NULL,
+    expires INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedupe_by_time ON dedupe (published);
+";
+
+/// Brings a hub file of this format up to what this build writes.
+fn add_missing(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let inbox: i64 = tx.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'inbox'",
+        [],
+        |r| r.get(0),
+    )?;
+    let bucketed: i64 = tx.query_row(
+        "SELECT count(*) FROM pragma_table_info('inbox') WHERE name = 'bucket'",
+        [],
+        |r| r.get(0),
+    )?;
+    if inbox > 0 && bucketed == 0 {
+        // An inbox without windows, which nothing pruned. Its rows only told a duplicate from a
+        // stale event: the views' latest-wins versions turn both away, so it starts empty.
+        tx.execute_batch("DROP TABLE inbox;")?;
+    }
+    if bucketed == 0 {
+        tx.execute_batch(INBOX)?;
+    }
+    tx.execute_batch(ADDED)
+}
 
 fn sqlite_error(path: &Path, source: rusqlite::Error) -> OpenError {
     match &source {
@@ -100,11 +150,13 @@ pub(crate) const CHECKPOINT_PAGES: i32 = 8192;
 pub(crate) fn connect(
     path: &Path,
     durability: Durability,
+    busy_timeout: Duration,
     checkpoints: &WalCheckpoints,
 ) -> Result<Connection, OpenError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let mut conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(path, e))?;
-    configure(&mut conn, durability, Some(checkpoints)).map_err(|e| sqlite_error(path, e))?;
+    configure(&mut conn, durability, busy_timeout, Some(checkpoints))
+        .map_err(|e| sqlite_error(path, e))?;
     Ok(conn)
 }
 
@@ -126,7 +178,13 @@ impl WalCheckpoints {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut conn =
             Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(path, e))?;
-        configure(&mut conn, Durability::Immediate, None).map_err(|e| sqlite_error(path, e))?;
+        configure(
+            &mut conn,
+            Durability::Immediate,
+            Duration::from_secs(10),
+            None,
+        )
+        .map_err(|e| sqlite_error(path, e))?;
         let (wake, woken) = mpsc::sync_channel::<()>(1);
         std::thread::Builder::new()
             .name("floodway-hub-checkpoint".into())
@@ -160,10 +218,12 @@ impl WalCheckpoints {
 fn configure(
     conn: &mut Connection,
     durability: Durability,
+    busy_timeout: Duration,
     checkpoints: Option<&WalCheckpoints>,
 ) -> rusqlite::Result<()> {
-    // Several processes share the file: wait for each other's write locks.
-    conn.busy_timeout(Duration::from_secs(10))?;
+    // Several processes share the file: wait for each other's write locks (and, past this,
+    // the writes retry: `crate::busy`).
+    conn.busy_timeout(busy_timeout)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(rusqlite::Error::InvalidParameterName(format!(
@@ -199,6 +259,7 @@ pub(crate) fn open(
     create: bool,
     partitions: Option<u32>,
     durability: Durability,
+    busy_timeout: Duration,
 ) -> Result<(Connection, u32, WalCheckpoints), OpenError> {
     if !path.exists() && !create {
         return Err(OpenError::NotFound {
@@ -210,7 +271,7 @@ pub(crate) fn open(
         flags |= OpenFlags::SQLITE_OPEN_CREATE;
     }
     let mut conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(path, e))?;
-    configure(&mut conn, durability, None).map_err(|e| sqlite_error(path, e))?;
+    configure(&mut conn, durability, busy_timeout, None).map_err(|e| sqlite_error(path, e))?;
     let err = |e| sqlite_error(path, e);
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -306,6 +367,7 @@ pub(crate) fn open(
         }
         count
     };
+    add_missing(&tx).map_err(err)?;
     tx.commit().map_err(err)?;
     // The file is a hub: start checkpointing it, and let the writing connection take part.
     let checkpoints = WalCheckpoints::start(path)?;
@@ -318,12 +380,56 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_file_without_the_added_tables_gets_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let busy = Duration::from_secs(10);
+        drop(open(&path, true, None, Durability::Immediate, busy).unwrap());
+        // As a file written before leases and pruning existed.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP TABLE leases; DROP INDEX dedupe_by_time; DROP TABLE inbox; \
+             CREATE TABLE inbox (view TEXT NOT NULL, event TEXT NOT NULL, \
+             PRIMARY KEY (view, event)) WITHOUT ROWID; \
+             INSERT INTO inbox VALUES ('orders', 'e-1');",
+        )
+        .unwrap();
+        drop(conn);
+        let (conn, _, _) = open(&path, false, None, Durability::Immediate, busy).unwrap();
+        let inbox: i64 = conn
+            .query_row("SELECT count(*) FROM inbox", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(inbox, 0, "the unpruned inbox starts over");
+        conn.execute(
+            "INSERT INTO inbox (bucket, view, event) VALUES (1, 'orders', 'e-1')",
+            [],
+        )
+        .unwrap();
+        let added: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name IN ('leases', 'dedupe_by_time')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(added, 2);
+        // Opened again, nothing changes.
+        drop(conn);
+        let (conn, _, _) = open(&path, false, None, Durability::Immediate, busy).unwrap();
+        let inbox: i64 = conn
+            .query_row("SELECT count(*) FROM inbox", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(inbox, 1);
+    }
+
+    #[test]
     fn durability_sets_the_sync_mode() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
-        let (_, _, checkpoints) = open(&path, true, None, Durability::Immediate).unwrap();
+        let busy = Duration::from_secs(10);
+        let (_, _, checkpoints) = open(&path, true, None, Durability::Immediate, busy).unwrap();
         for (durability, expected) in [(Durability::Immediate, 2), (Durability::Relaxed, 1)] {
-            let conn = connect(&path, durability, &checkpoints).unwrap();
+            let conn = connect(&path, durability, busy, &checkpoints).unwrap();
             let mode: i64 = conn
                 .query_row("PRAGMA synchronous", [], |r| r.get(0))
                 .unwrap();

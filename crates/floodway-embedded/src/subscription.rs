@@ -10,6 +10,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::HubError;
 use crate::hub::{Hub, WriteGate};
+use crate::lease::{Lease, Standing};
 use crate::segment::Segment;
 
 /// Where a subscription without a checkpoint starts; one with a checkpoint resumes from it
@@ -52,7 +53,8 @@ pub struct SubscriptionOptions {
     /// Read only events published at or before this time (ms since the epoch), then end: a
     /// time range, for replays.
     pub until: Option<i64>,
-    /// A reader that leaves no trace (`hub tail`, a replay): its starting place is not stored.
+    /// A reader that leaves no trace (`hub tail`, a replay): its starting place is not stored,
+    /// its commits store nothing, and it takes no lease (it does not keep others out).
     /// Otherwise the place a new subscription starts from is stored at once, so that a restart
     /// before its first commit starts from the same place (not from a later end of the log).
     pub transient: bool,
@@ -72,6 +74,10 @@ impl Default for SubscriptionOptions {
 
 /// A named subscription to a hub: a [`Source`] of its records and a [`Checkpointer`] of its
 /// progress (split with [`Subscription::split`] to hand both to a processor).
+///
+/// A subscription has one owner at a time: opening one takes its lease (see
+/// [`HubOptions::lease`](crate::HubOptions::lease)), which is held until both halves are
+/// dropped. A transient subscription takes none.
 #[derive(Debug)]
 pub struct Subscription {
     reader: SubscriptionReader,
@@ -83,6 +89,7 @@ pub struct SubscriptionReader {
     hub: Hub,
     follow: bool,
     poll: Duration,
+    lease: Option<Arc<Lease>>,
     /// Moved into a blocking task for each read, so that a read in progress never runs on
     /// the runtime's workers (and never meets a runtime shutting down half-way).
     state: Arc<Mutex<ReadState>>,
@@ -110,15 +117,33 @@ impl std::fmt::Debug for SubscriptionReader {
 
 /// The committing half of a [`Subscription`].
 pub struct SubscriptionCheckpointer {
+    inner: Arc<CheckpointerInner>,
+}
+
+struct CheckpointerInner {
     name: String,
-    conn: Arc<Mutex<Connection>>,
+    conn: Mutex<Connection>,
     gate: WriteGate,
+    /// `None` for a transient subscription, which stores nothing.
+    lease: Option<Arc<Lease>>,
+    busy_retry: Duration,
+}
+
+/// How a checkpoint is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    /// Where a new subscription starts: only partitions without a checkpoint.
+    Start,
+    /// A reset: replaces what was stored, backward too.
+    Reset,
+    /// A commit: moves a checkpoint forward only.
+    Advance,
 }
 
 impl std::fmt::Debug for SubscriptionCheckpointer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SubscriptionCheckpointer")
-            .field("name", &self.name)
+            .field("name", &self.inner.name)
             .finish_non_exhaustive()
     }
 }
@@ -177,16 +202,25 @@ pub(crate) fn offset_before(conn: &Connection, partition: u32, time: i64) -> rus
 }
 
 impl Hub {
-    /// Opens the subscription `name` (creating it on first use).
+    /// Opens the subscription `name` (creating it on first use), taking its lease unless it is
+    /// transient. Does not wait for a subscription held elsewhere: see
+    /// [`Hub::subscribe_waiting`].
     ///
     /// # Errors
-    /// An invalid name, or a storage failure.
+    /// [`HubError::Held`] (naming the holder) if another process, or another subscription
+    /// object of this one, holds the subscription; an invalid name, or a storage failure.
     pub fn subscribe(
         &self,
         name: &str,
         options: SubscriptionOptions,
     ) -> Result<Subscription, HubError> {
         check_name(name)?;
+        // The lease first: the checkpoints read below are then the last owner's last.
+        let lease = if options.transient {
+            None
+        } else {
+            Some(Arc::new(Lease::acquire(self, name)?))
+        };
         let read = self.connect()?;
         let partitions = self.partitions();
         let mut cursors = Vec::with_capacity(partitions as usize);
@@ -226,9 +260,13 @@ impl Hub {
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
         let checkpointer = SubscriptionCheckpointer {
-            name: name.to_owned(),
-            conn: Arc::new(Mutex::new(self.connect()?)),
-            gate: self.inner.gate.clone(),
+            inner: Arc::new(CheckpointerInner {
+                name: name.to_owned(),
+                conn: Mutex::new(self.connect()?),
+                gate: self.inner.gate.clone(),
+                lease: lease.clone(),
+                busy_retry: self.inner.options.busy_retry,
+            }),
         };
         if !options.transient {
             let checkpoints: Vec<Checkpoint> = cursors
@@ -241,16 +279,22 @@ impl Hub {
                 .collect();
             // A reset is a decision that replaces what was stored; a first start only fills in
             // the partitions that have no checkpoint yet.
-            let replace = matches!(options.start, StartAt::Reset(_));
-            checkpointer.store(&checkpoints, replace)?;
+            let how = match options.start {
+                StartAt::Reset(_) => Store::Reset,
+                _ => Store::Start,
+            };
+            checkpointer.inner.store(&checkpoints, how)?;
         }
         Ok(Subscription {
             reader: SubscriptionReader {
                 hub: self.clone(),
                 follow: options.follow && options.until.is_none(),
                 poll: options.poll,
+                lease,
                 state: Arc::new(Mutex::new(ReadState {
-                    source: format!("hub:{file}/{name}").into(),
+                    // The log, not the reader: a replay through another subscription raises the
+                    // same faults (fault ids hash the source).
+                    source: format!("hub:{file}").into(),
                     conn: read,
                     cursors,
                     until: options.until.unwrap_or(i64::MAX),
@@ -260,6 +304,53 @@ impl Hub {
             },
             checkpointer,
         })
+    }
+}
+
+impl Hub {
+    /// Opens the subscription `name` as [`Hub::subscribe`] does, waiting up to
+    /// [`HubOptions::lease_wait`](crate::HubOptions::lease_wait) while another process holds it.
+    ///
+    /// # Errors
+    /// As [`Hub::subscribe`]; [`HubError::Held`] if the subscription is still held at the end
+    /// of the wait.
+    pub async fn subscribe_waiting(
+        &self,
+        name: &str,
+        options: SubscriptionOptions,
+    ) -> Result<Subscription, HubError> {
+        let wait = self.inner.options.lease_wait;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut told = false;
+        loop {
+            let attempt = {
+                let (hub, name) = (self.clone(), name.to_owned());
+                let open = move || hub.subscribe(&name, options);
+                match tokio::runtime::Handle::try_current() {
+                    Ok(_) => tokio::task::spawn_blocking(open)
+                        .await
+                        .map_err(|e| HubError::Invalid(format!("opening the subscription: {e}")))?,
+                    Err(_) => open(),
+                }
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match attempt {
+                Err(HubError::Held { holder, .. }) if !left.is_zero() => {
+                    if !told {
+                        tracing::warn!(
+                            subscription = name,
+                            holder = %holder,
+                            wait = ?wait,
+                            "the subscription is held by another process: waiting for it to be \
+                             released, or for its lease to expire"
+                        );
+                        told = true;
+                    }
+                    tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+                }
+                other => return other,
+            }
+        }
     }
 }
 
@@ -384,9 +475,35 @@ impl ReadState {
     }
 }
 
+impl SubscriptionReader {
+    /// Whether the lease allows handing out records: `Ok(false)` to wait a moment.
+    fn may_read(&self) -> Result<bool, SourceError> {
+        let Some(lease) = &self.lease else {
+            return Ok(true);
+        };
+        match lease.standing() {
+            Standing::Held => Ok(true),
+            Standing::Unsure => Ok(false),
+            Standing::Lost(reason) => Err(SourceError {
+                source_name: self
+                    .state
+                    .lock()
+                    .map(|s| s.source.to_string())
+                    .unwrap_or_else(|_| "hub reader".into()),
+                cause: Box::new(lease.lost_error(reason)),
+            }),
+        }
+    }
+}
+
 impl Source for SubscriptionReader {
     async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, SourceError> {
         loop {
+            if !self.may_read()? {
+                // Not renewed for a lease time: nothing is handed out until it is again.
+                tokio::time::sleep(self.poll).await;
+                continue;
+            }
             let hub = self.hub.clone();
             let published = hub.inner.published.notified();
             tokio::pin!(published);
@@ -407,6 +524,8 @@ impl Source for SubscriptionReader {
                 source_name: "hub reader".into(),
                 cause: Box::new(e),
             })??;
+            // The lease may have been lost while reading: then nothing read is handed out.
+            self.may_read()?;
             if !records.is_empty() {
                 return Ok(Some(records));
             }
@@ -421,38 +540,70 @@ impl Source for SubscriptionReader {
     }
 }
 
-impl SubscriptionCheckpointer {
-    fn store(&self, checkpoints: &[Checkpoint], replace: bool) -> Result<(), HubError> {
-        let mut conn = self.conn.lock().map_err(|_| HubError::Closed)?;
-        let _turn = self.gate.enter();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        {
-            let mut upsert = tx.prepare_cached(if replace {
-                "INSERT INTO subscriptions (name, partition, offset, updated) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (name, partition) DO UPDATE SET offset = excluded.offset, \
-                 updated = excluded.updated"
-            } else {
-                "INSERT OR IGNORE INTO subscriptions (name, partition, offset, updated) \
-                 VALUES (?1, ?2, ?3, ?4)"
+impl CheckpointerInner {
+    fn store(&self, checkpoints: &[Checkpoint], how: Store) -> Result<(), HubError> {
+        let Some(lease) = &self.lease else {
+            // A transient subscription leaves no trace.
+            return Ok(());
+        };
+        let mut rows = Vec::with_capacity(checkpoints.len());
+        for cp in checkpoints {
+            let partition: u32 = cp.partition.parse().map_err(|_| {
+                HubError::Invalid(format!(
+                    "partition `{}` is not a hub partition",
+                    cp.partition
+                ))
             })?;
-            for cp in checkpoints {
-                let partition: u32 = cp.partition.parse().map_err(|_| {
-                    HubError::Invalid(format!(
-                        "partition `{}` is not a hub partition",
-                        cp.partition
-                    ))
-                })?;
-                upsert.execute((&self.name, partition, cp.offset as i64, now_millis()))?;
-            }
+            rows.push((partition, cp.offset as i64));
         }
-        tx.commit()?;
-        Ok(())
+        crate::busy::retry("checkpoint", self.busy_retry, || {
+            let mut conn = self.conn.lock().map_err(|_| HubError::Closed)?;
+            let _turn = self.gate.enter();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            // Only the owner writes checkpoints, checked in the transaction that writes them.
+            lease.check(&tx)?;
+            {
+                let mut upsert = tx.prepare_cached(match how {
+                    Store::Start => {
+                        "INSERT OR IGNORE INTO subscriptions (name, partition, offset, updated) \
+                         VALUES (?1, ?2, ?3, ?4)"
+                    }
+                    Store::Reset => {
+                        "INSERT INTO subscriptions (name, partition, offset, updated) \
+                         VALUES (?1, ?2, ?3, ?4) ON CONFLICT (name, partition) DO UPDATE SET \
+                         offset = excluded.offset, updated = excluded.updated"
+                    }
+                    // Never backward: a late or repeated commit changes nothing.
+                    Store::Advance => {
+                        "INSERT INTO subscriptions (name, partition, offset, updated) \
+                         VALUES (?1, ?2, ?3, ?4) ON CONFLICT (name, partition) DO UPDATE SET \
+                         offset = excluded.offset, updated = excluded.updated \
+                         WHERE excluded.offset > subscriptions.offset"
+                    }
+                })?;
+                let now = now_millis();
+                for (partition, offset) in &rows {
+                    upsert.execute((&self.name, partition, offset, now))?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
     }
 }
 
 impl Checkpointer for SubscriptionCheckpointer {
     async fn commit(&mut self, checkpoints: &[Checkpoint]) -> Result<(), CommitError> {
-        crate::blocking(|| self.store(checkpoints, true))
-            .map_err(|e| CommitError { cause: Box::new(e) })
+        let inner = self.inner.clone();
+        let checkpoints = checkpoints.to_vec();
+        let store = move || inner.store(&checkpoints, Store::Advance);
+        // On a blocking thread: a commit may wait for another process's write lock.
+        let stored = match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::spawn_blocking(store)
+                .await
+                .unwrap_or_else(|e| Err(HubError::Invalid(format!("commit task: {e}")))),
+            Err(_) => store(),
+        };
+        stored.map_err(|e| CommitError { cause: Box::new(e) })
     }
 }

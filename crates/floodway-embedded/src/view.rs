@@ -1,8 +1,11 @@
 //! Latest-wins views: a table per view, written with the inbox in one transaction.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use floodway::event::now_millis;
 use floodway::idempotence::Version;
 use floodway::layer::BoxFuture;
 use floodway::{Batch, Error, Event};
@@ -10,18 +13,29 @@ use rusqlite::{Connection, OptionalExtension};
 use serde_json::Value;
 
 use crate::error::HubError;
-use crate::hub::{Hub, WriteGate};
+use crate::hub::{Hub, WriteGate, PRUNE_BATCH};
 
 /// A materialized view in the hub file: rows by key, each remembering the `(timestamp, id)` of
 /// the event that last wrote it. A write applies only if it is newer (ties broken by id), and
 /// the event's id goes into the view's inbox in the same transaction, so a redelivered event
 /// changes nothing. Any order and any duplicates of a set of events give the same rows.
+///
+/// The inbox keeps event ids by the window of
+/// [`HubOptions::inbox_window`](crate::HubOptions::inbox_window) they were applied in (windows
+/// start at multiples of it) and remembers an event for one to two windows: the writes delete
+/// the windows before the previous one as they go, a bounded batch per transaction. A
+/// redelivery it remembers counts as a duplicate; a later one meets the row's version, which is
+/// at least the event's own, and counts as stale. Either way nothing changes.
 #[derive(Clone)]
 pub struct ViewStore {
     name: Arc<str>,
     table: Arc<str>,
-    conn: Arc<Mutex<Connection>>,
+    pub(crate) conn: Arc<Mutex<Connection>>,
     gate: WriteGate,
+    inbox_window_ms: i64,
+    busy_retry: Duration,
+    /// When the inbox may next hold windows to delete (ms since the epoch).
+    next_prune: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for ViewStore {
@@ -89,15 +103,31 @@ impl Hub {
         check_name(name)?;
         let conn = self.connect()?;
         let table = format!("view_{name}");
-        conn.execute_batch(&format!(
-            "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, time INTEGER NOT NULL, \
-             event TEXT NOT NULL, value TEXT NOT NULL) WITHOUT ROWID;"
-        ))?;
+        let options = &self.inner.options;
+        let exists: i64 = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [&table],
+            |r| r.get(0),
+        )?;
+        if exists == 0 {
+            crate::busy::retry("view", options.busy_retry, || {
+                let _turn = self.inner.gate.enter();
+                conn.execute_batch(&format!(
+                    "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, \
+                     time INTEGER NOT NULL, event TEXT NOT NULL, value TEXT NOT NULL) \
+                     WITHOUT ROWID;"
+                ))?;
+                Ok(())
+            })?;
+        }
         Ok(ViewStore {
             name: name.into(),
             table: table.into(),
             conn: Arc::new(Mutex::new(conn)),
             gate: self.inner.gate.clone(),
+            inbox_window_ms: options.inbox_window.as_millis() as i64,
+            busy_retry: options.busy_retry,
+            next_prune: Arc::new(AtomicI64::new(0)),
         })
     }
 }
@@ -132,13 +162,28 @@ impl ViewStore {
         &self,
         writes: &[(&str, &Version, S)],
     ) -> Result<Applied, HubError> {
+        crate::busy::retry("view", self.busy_retry, || self.try_apply(writes))
+    }
+
+    fn try_apply<S: AsRef<str>>(
+        &self,
+        writes: &[(&str, &Version, S)],
+    ) -> Result<Applied, HubError> {
         let mut conn = self.conn()?;
         let _turn = self.gate.enter();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now = now_millis();
+        let window = self.inbox_window_ms.max(1);
+        let current = now - now.rem_euclid(window);
+        let previous = current - window;
         let mut applied = Applied::default();
         {
-            let mut inbox =
-                tx.prepare_cached("INSERT OR IGNORE INTO inbox (view, event) VALUES (?1, ?2)")?;
+            let mut inbox = tx.prepare_cached(
+                "INSERT OR IGNORE INTO inbox (bucket, view, event) VALUES (?1, ?2, ?3)",
+            )?;
+            let mut applied_before = tx.prepare_cached(
+                "SELECT 1 FROM inbox WHERE bucket = ?1 AND view = ?2 AND event = ?3",
+            )?;
             let table = &self.table;
             let mut upsert = tx.prepare_cached(&format!(
                 "INSERT INTO {table} (key, time, event, value) VALUES (?1, ?2, ?3, ?4) \
@@ -147,7 +192,9 @@ impl ViewStore {
                  WHERE (excluded.time, excluded.event) > ({table}.time, {table}.event)"
             ))?;
             for (key, version, value) in writes {
-                if inbox.execute((&*self.name, &version.id))? == 0 {
+                if inbox.execute((current, &*self.name, &version.id))? == 0
+                    || applied_before.exists((previous, &*self.name, &version.id))?
+                {
                     applied.duplicates += 1;
                     continue;
                 }
@@ -158,7 +205,28 @@ impl ViewStore {
                 }
             }
         }
+        // The windows before the previous one, once there may be some: a bounded batch in this
+        // transaction, larger than what it added (so the inbox stays bounded), deleted in key
+        // order from the start of the table.
+        let due = self.next_prune.load(Ordering::Relaxed);
+        let mut next = due;
+        if now >= due {
+            let limit = 2 * writes.len() + PRUNE_BATCH;
+            let deleted = tx
+                .prepare_cached(
+                    "DELETE FROM inbox WHERE (bucket, view, event) IN (SELECT bucket, view, \
+                     event FROM inbox WHERE bucket < ?1 ORDER BY bucket, view, event LIMIT ?2)",
+                )?
+                .execute((previous, limit as i64))?;
+            // All gone: the next to go is the previous window, when the next one starts.
+            next = if deleted < limit {
+                current + window
+            } else {
+                now
+            };
+        }
         tx.commit()?;
+        self.next_prune.store(next, Ordering::Relaxed);
         Ok(applied)
     }
 

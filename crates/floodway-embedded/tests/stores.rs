@@ -167,20 +167,51 @@ async fn faults_are_stored_once_counted_again_and_filtered() {
         })
         .unwrap();
     assert_eq!(open.len(), odd - 1);
-    // A copy of the old fault event (a redelivery to the fault monitor) only counts...
+    // The same raise stored again (a fault event delivered twice, a batch stored again after
+    // a failure) counts once...
     let seen = store.get(&one.id).unwrap().unwrap().seen;
-    assert_eq!(store.store(&one.fault).unwrap(), Stored::Again);
+    assert_eq!(store.store(&one.fault).unwrap(), Stored::Repeated);
+    assert_eq!(store.get(&one.id).unwrap().unwrap().seen, seen);
+    // ...a raise from before the resolution, arriving late, counts and leaves it resolved...
+    let mut late = one.fault.clone();
+    late.set_id("late-raise");
+    assert_eq!(store.store(&late).unwrap(), Stored::Again);
     let again = store.get(&one.id).unwrap().unwrap();
     assert_eq!(again.status, FaultStatus::Resolved);
     assert_eq!(again.seen, seen + 1);
     // ...while the same failure raised after the resolution opens it again.
     let mut raised = one.fault.clone();
+    raised.set_id("raise-after-the-fix");
     raised.set_timestamp(floodway::event::now_millis() + 1_000);
     assert_eq!(store.store(&raised).unwrap(), Stored::Again);
+    let reopened = store.get(&one.id).unwrap().unwrap();
+    assert_eq!(reopened.status, FaultStatus::Open);
+    assert_eq!(reopened.seen, seen + 2);
+    // A batch of raises is stored in one transaction, each raise once.
+    let mut batch = Vec::new();
+    for i in 0..3 {
+        let mut f = one.fault.clone();
+        f.set_id(format!("batch-raise-{i}"));
+        batch.push(f);
+    }
+    batch.push(batch[0].clone());
     assert_eq!(
-        store.get(&one.id).unwrap().unwrap().status,
-        FaultStatus::Open
+        store.store_all(&batch).unwrap(),
+        [
+            Stored::Again,
+            Stored::Again,
+            Stored::Again,
+            Stored::Repeated
+        ]
     );
+    assert_eq!(store.get(&one.id).unwrap().unwrap().seen, seen + 5);
+    assert!(
+        store
+            .store_all(&[raised.clone(), events[0].clone()])
+            .is_err(),
+        "a batch with anything but faults stores nothing"
+    );
+    assert_eq!(store.get(&one.id).unwrap().unwrap().seen, seen + 5);
     assert!(store.store(&events[0]).is_err(), "only fault events go in");
 }
 
@@ -207,8 +238,11 @@ async fn a_view_survives_an_abandoned_run_exactly_once() {
         "cut before its first commit"
     );
     // The restart redelivers what was not checkpointed; the inbox and latest-wins absorb it.
+    // (In this process, the cut-off run's reader goes, and releases the subscription, when its
+    // aborted task is dropped: the restart waits for that.)
     let (reader, cp) = hub
-        .subscribe("shop", bounded(StartAt::Beginning))
+        .subscribe_waiting("shop", bounded(StartAt::Beginning))
+        .await
         .unwrap()
         .split();
     p.run(reader, cp, std::future::pending()).await.unwrap();

@@ -71,7 +71,7 @@ pub fn resubmission_payload(fault: &Event) -> Result<Value, Error> {
             json!({
                 "floodway": marker,
                 "version": "0",
-                "id": format!("resubmit-{}", fault.id()),
+                "id": format!("resubmit-{}", floodway::fault::fault_id(fault)),
                 "detail-type": event_type,
                 "source": record.source,
                 "time": "1970-01-01T00:00:00Z",

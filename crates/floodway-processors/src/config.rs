@@ -7,6 +7,9 @@
 //! durability = "immediate"    # or "relaxed"
 //! retention_max_age = "7d"    # delete older events (optional; `floodway run` applies it)
 //! retention_max_bytes = 1073741824   # per partition (optional)
+//! retention_keep_unread = true # never delete what a subscription has not read (default)
+//! lease = "10s"               # a subscription's lease: one process owns it at a time
+//! lease_wait = "15s"          # how long `floodway run` waits for one held by another process
 //!
 //! [[processors]]
 //! kind = "materialize"        # events of chosen types into a latest-wins view
@@ -15,6 +18,7 @@
 //! view = "orders"
 //! key = "partitionKey"        # "partitionKey", "id", or a JSON pointer like "/order/id"
 //! value = "/order"            # a JSON pointer; absent: the whole event
+//! redact = ["customer.email"] # fields that appear nowhere in faults (any processor kind)
 //!
 //! [[processors]]
 //! kind = "http"               # events to an external API
@@ -130,6 +134,17 @@ pub struct HubConfig {
     /// Per partition, delete the oldest events beyond this many bytes (on NATS: in the whole
     /// stream).
     pub retention_max_bytes: Option<u64>,
+    /// Never delete an event a subscription has not checkpointed past (default true; the
+    /// embedded hub only).
+    #[serde(default = "default_true")]
+    pub retention_keep_unread: bool,
+    /// How long a subscription's lease lasts unless renewed (default `10s`): one process owns
+    /// a subscription at a time; one killed loses it after this (at once if it ran on this
+    /// machine).
+    pub lease: Option<String>,
+    /// How long `floodway run` waits for a subscription that another process holds before it
+    /// gives up with an error naming that process (default `15s`).
+    pub lease_wait: Option<String>,
     /// The hub is a NATS JetStream stream; `path` is then the local store of views and faults.
     pub nats: Option<NatsConfig>,
 }
@@ -181,6 +196,9 @@ pub enum SharingConfig {
     Pinned,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_servers() -> Vec<String> {
     vec!["nats://127.0.0.1:4222".into()]
 }
@@ -300,6 +318,11 @@ pub enum ProcessorConfig {
         /// Rows written per transaction at most (default 100).
         #[serde(default = "default_batch")]
         batch: usize,
+        /// Fields (dotted paths, e.g. `customer.email`) that appear nowhere in this
+        /// processor's faults: redacted in the event, left out with the record (resubmission
+        /// reads it back from the hub), scrubbed from error messages.
+        #[serde(default)]
+        redact: Vec<String>,
     },
     /// Events to an external HTTP API.
     Http {
@@ -331,6 +354,11 @@ pub enum ProcessorConfig {
         /// Calls in flight at most (the pipeline's parallelism, default 64).
         #[serde(default = "default_parallelism")]
         parallelism: usize,
+        /// Fields (dotted paths, e.g. `customer.email`) that appear nowhere in this
+        /// processor's faults: redacted in the event, left out with the record (resubmission
+        /// reads it back from the hub), scrubbed from error messages.
+        #[serde(default)]
+        redact: Vec<String>,
     },
     /// Events into another hub.
     Forward {
@@ -342,6 +370,11 @@ pub enum ProcessorConfig {
         to: Option<PathBuf>,
         /// A NATS JetStream stream.
         to_nats: Option<NatsConfig>,
+        /// Fields (dotted paths, e.g. `customer.email`) that appear nowhere in this
+        /// processor's faults: redacted in the event, left out with the record (resubmission
+        /// reads it back from the hub), scrubbed from error messages.
+        #[serde(default)]
+        redact: Vec<String>,
     },
     /// Fault events into the fault store.
     FaultMonitor {
@@ -434,6 +467,7 @@ impl Config {
                 format!("[hub] retention_max_age `{age}` is not a duration like 7d or 12h: {e}")
             })?;
         }
+        self.hub.leases()?;
         if let Some(nats) = &self.hub.nats {
             nats.check("[hub.nats]")?;
         }
@@ -499,8 +533,33 @@ impl HubConfig {
             floodway_embedded::Retention {
                 max_age,
                 max_bytes_per_partition: self.retention_max_bytes,
+                keep_unread: self.retention_keep_unread,
             },
         )
+    }
+
+    /// The lease and the wait for a held subscription, `(lease, lease_wait)`.
+    ///
+    /// # Errors
+    /// A value that is not a duration, or a lease under 100 ms.
+    pub fn leases(&self) -> Result<(std::time::Duration, std::time::Duration), String> {
+        let defaults = floodway_embedded::HubOptions::default();
+        let parse = |key: &str, value: &Option<String>, default| match value {
+            None => Ok(default),
+            Some(text) => humantime::parse_duration(text)
+                .map_err(|e| format!("[hub] {key} `{text}` is not a duration like 10s or 1m: {e}")),
+        };
+        let lease = parse("lease", &self.lease, defaults.lease)?;
+        if lease < std::time::Duration::from_millis(100) {
+            return Err(format!(
+                "[hub] lease `{}` is too short: at least 100ms",
+                self.lease.as_deref().unwrap_or_default()
+            ));
+        }
+        Ok((
+            lease,
+            parse("lease_wait", &self.lease_wait, defaults.lease_wait)?,
+        ))
     }
 }
 
@@ -576,6 +635,13 @@ name = "faults"
         let r = c.hub.retention().unwrap();
         assert_eq!(r.max_age, Some(std::time::Duration::from_secs(7 * 86_400)));
         assert_eq!(r.max_bytes_per_partition, Some(1000));
+        assert!(r.keep_unread, "the default");
+        let c = Config::parse(&FULL.replace(
+            "partitions = 4",
+            "retention_max_bytes = 1000\nretention_keep_unread = false",
+        ))
+        .unwrap();
+        assert!(!c.hub.retention().unwrap().keep_unread);
         let bad =
             Config::parse(&FULL.replace("partitions = 4", "retention_max_age = \"soon\"")).unwrap();
         assert!(bad
@@ -583,6 +649,25 @@ name = "faults"
             .unwrap_err()
             .contains("retention_max_age `soon`"));
         assert!(Config::parse(FULL).unwrap().hub.retention().is_none());
+    }
+
+    #[test]
+    fn leases_are_read_from_the_hub_table() {
+        let c = Config::parse(FULL).unwrap();
+        let defaults = floodway_embedded::HubOptions::default();
+        assert_eq!(
+            c.hub.leases().unwrap(),
+            (defaults.lease, defaults.lease_wait)
+        );
+        let c =
+            Config::parse(&FULL.replace("partitions = 4", "lease = \"2s\"\nlease_wait = \"1m\""))
+                .unwrap();
+        let second = std::time::Duration::from_secs(1);
+        assert_eq!(c.hub.leases().unwrap(), (2 * second, 60 * second));
+        let c = Config::parse(&FULL.replace("partitions = 4", "lease = \"1ms\"")).unwrap();
+        assert!(c.check().unwrap_err().contains("lease `1ms` is too short"));
+        let c = Config::parse(&FULL.replace("partitions = 4", "lease_wait = \"soon\"")).unwrap();
+        assert!(c.check().unwrap_err().contains("lease_wait `soon`"));
     }
 
     #[test]

@@ -156,8 +156,29 @@ impl EventHub {
         }
     }
 
+    /// The record at `offset` of `partition` as a fault names them (`None`: deleted by
+    /// retention, or not a position of this hub). Used to resubmit faults that do not carry
+    /// their record because their pipeline redacts fields.
+    ///
+    /// # Errors
+    /// A hub failure.
+    pub async fn record_at(
+        &self,
+        partition: &str,
+        offset: u64,
+    ) -> Result<Option<Vec<u8>>, Box<dyn std::error::Error + Send + Sync>> {
+        match self {
+            EventHub::Embedded(hub) => match partition.parse::<u32>() {
+                Ok(p) => Ok(hub.record_at(p, offset)?),
+                Err(_) => Ok(None),
+            },
+            EventHub::Nats(hub, _) => Ok(hub.record_at(offset).await?.map(|b| b.to_vec())),
+        }
+    }
+
     /// Opens the subscription `name`. On NATS, `faults` reads the fault subject instead of the
-    /// partitions (the fault monitor).
+    /// partitions (the fault monitor). On the embedded hub, a subscription that another process
+    /// holds is waited for (`[hub] lease_wait`), then refused with an error naming the holder.
     ///
     /// # Errors
     /// A hub failure.
@@ -169,7 +190,7 @@ impl EventHub {
     ) -> Result<AnySubscription, Box<dyn std::error::Error + Send + Sync>> {
         match self {
             EventHub::Embedded(hub) => {
-                let (reader, checkpointer) = hub.subscribe(name, options)?.split();
+                let (reader, checkpointer) = hub.subscribe_waiting(name, options).await?.split();
                 Ok(AnySubscription {
                     reader: AnyReader::Embedded(reader),
                     checkpointer: AnyCheckpointer::Embedded(checkpointer),
@@ -218,7 +239,13 @@ impl Hubs {
     /// # Errors
     /// A file or server that cannot be opened, or a stream that does not fit.
     pub async fn open(config: &HubConfig) -> Result<Hubs, HubsError> {
+        let (lease, lease_wait) = config.leases().map_err(HubsError::Config)?;
         let options = floodway_embedded::HubOptions {
+            lease,
+            lease_wait,
+            // On NATS this file keeps views and faults only, and records are acked to the
+            // server: what precedes an ack is synced.
+            external_acks: config.nats.is_some(),
             partitions: config.partitions,
             durability: match config.durability {
                 crate::config::DurabilityConfig::Immediate => {

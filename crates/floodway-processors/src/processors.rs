@@ -130,6 +130,20 @@ fn publishing_faults(hubs: &Hubs, name: &str, pipeline: Pipeline) -> Result<Proc
         })
 }
 
+/// Where the *materialize* processor writes: the view, how rows are keyed and valued, and
+/// how many rows a transaction writes at most.
+#[derive(Debug, Clone, Copy)]
+pub struct ViewTarget<'a> {
+    /// The view's name.
+    pub view: &'a str,
+    /// `partitionKey`, `id`, or a JSON pointer.
+    pub key: &'a str,
+    /// A JSON pointer to the value; the whole event when `None`.
+    pub value: Option<&'a str>,
+    /// Rows per transaction at most.
+    pub batch: usize,
+}
+
 /// The *materialize* processor: events of `types` into the latest-wins view `view`.
 ///
 /// # Errors
@@ -138,11 +152,15 @@ pub fn materialize(
     hubs: &Hubs,
     name: &str,
     types: &[String],
-    view: &str,
-    key: &str,
-    value: Option<&str>,
-    batch: usize,
+    target: ViewTarget<'_>,
+    redact: &[String],
 ) -> Result<Processor, SetupError> {
+    let ViewTarget {
+        view,
+        key,
+        value,
+        batch,
+    } = target;
     let hub_err = |source| SetupError::Hub {
         name: name.into(),
         source,
@@ -158,6 +176,7 @@ pub fn materialize(
         move |e| value_of(value.as_deref(), e),
     );
     let pipeline = with_types(Pipeline::builder(name), types)
+        .redact(redact.iter().cloned())
         .batch(floodway::BatchConfig::count(batch).max_wait(Duration::from_millis(20)))
         .sink(sink)
         .map_err(build)?;
@@ -190,6 +209,7 @@ pub fn http_gateway(
     name: &str,
     types: &[String],
     gateway: HttpGateway,
+    redact: &[String],
 ) -> Result<Processor, SetupError> {
     let build = |source| SetupError::Build {
         name: name.into(),
@@ -211,6 +231,7 @@ pub fn http_gateway(
     let sink = HttpSink::new(gateway.config)
         .with_response_publisher(BoxCloneSyncService::new(hubs.events.publisher()));
     let pipeline = with_types(Pipeline::builder(name), types)
+        .redact(redact.iter().cloned())
         .parallelism(gateway.parallelism)
         .resilience(resilience)
         .sink(sink)
@@ -228,12 +249,14 @@ pub fn forward(
     name: &str,
     types: &[String],
     to: &EventHub,
+    redact: &[String],
 ) -> Result<Processor, SetupError> {
     let build = |source| SetupError::Build {
         name: name.into(),
         source,
     };
     let pipeline = with_types(Pipeline::builder(name), types)
+        .redact(redact.iter().cloned())
         .batch(floodway::BatchConfig::count(500).max_wait(Duration::from_millis(20)))
         .sink(to.publisher())
         .map_err(build)?;
@@ -258,9 +281,10 @@ pub fn fault_monitor(hubs: &Hubs, name: &str) -> Result<Processor, SetupError> {
         sink_fn(move |batch: Batch| {
             let store = store.clone();
             async move {
-                for fault in batch.events() {
-                    store.store(fault)?;
-                }
+                // One transaction per batch; a batch stored again (bisected after a failure)
+                // counts each raise once.
+                let faults: Vec<Event> = batch.events().cloned().collect();
+                store.store_all(&faults)?;
                 Ok::<_, Error>(())
             }
         })
@@ -291,7 +315,19 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
             key,
             value,
             batch,
-        } => materialize(hubs, name, types, view, key, value.as_deref(), *batch),
+            redact,
+        } => materialize(
+            hubs,
+            name,
+            types,
+            ViewTarget {
+                view,
+                key,
+                value: value.as_deref(),
+                batch: *batch,
+            },
+            redact,
+        ),
         ProcessorConfig::Http {
             name,
             types,
@@ -304,6 +340,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
             max_attempts,
             respond_as,
             parallelism,
+            redact,
         } => {
             let http = |source| SetupError::Http {
                 name: name.clone(),
@@ -324,13 +361,14 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                 max_attempts: *max_attempts,
                 parallelism: *parallelism,
             };
-            http_gateway(hubs, name, types, gateway)
+            http_gateway(hubs, name, types, gateway, redact)
         }
         ProcessorConfig::Forward {
             name,
             types,
             to,
             to_nats,
+            redact,
         } => {
             let other = match (to, to_nats) {
                 (Some(to), _) => {
@@ -361,7 +399,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                     })
                 }
             };
-            forward(hubs, name, types, &other)
+            forward(hubs, name, types, &other, redact)
         }
         ProcessorConfig::FaultMonitor { name } => fault_monitor(hubs, name),
     }

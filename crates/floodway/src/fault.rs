@@ -1,13 +1,21 @@
 //! Fault events: the record of a unit of work that cannot be processed.
 //!
 //! A fault is a normal event of type `fault`, so it travels through the same hub as every other
-//! event and a fault monitor stores it. Its id is a stable hash of where the record came from
-//! and where it failed (source, partition, position, processor, pipeline, step, event id): a
-//! fault raised twice, after a crash and redelivery, is stored once.
+//! event and a fault monitor stores it. Its **fault id** (`faultId`, read it with [`fault_id`])
+//! is a stable hash of where the record came from and where it failed (source, partition,
+//! position, processor, pipeline, step, event content): a fault raised twice, after a crash
+//! and redelivery, or by a replay, is stored as one fault raised twice.
+//!
+//! The event's own `id` names this **raise**: it is new every time the fault is raised. Hubs
+//! publish idempotently by event id within a dedupe window, so a raise published twice (a
+//! retried publish) is stored once, while a fault raised again inside the window still
+//! reaches the fault store, which counts it, updates its last error and reopens it if it was
+//! resolved (aws-lambda-stream gives every fault event a fresh id too).
 //!
 //! ```json
 //! {
-//!   "id": "9f0c...", "type": "fault", "timestamp": 1700000000000, "partitionKey": "o-1",
+//!   "id": "51aa...", "faultId": "9f0c...",
+//!   "type": "fault", "timestamp": 1700000000000, "partitionKey": "o-1",
 //!   "tags": {"processor": "orders", "pipeline": "materialize", "step": "validate-2",
 //!            "source": "sqlite:hub"},
 //!   "err": {"name": "InvalidPayload", "message": "...", "class": "poison", "attempts": 1},
@@ -66,6 +74,44 @@ fn redact(value: &mut Value, path: &str) {
     }
 }
 
+/// The fault id of a fault event: the same for every raise of one failure (see the
+/// [module docs](self)). A fault event without one (written by an older Floodway or by
+/// another library) is its own fault: its event id.
+pub fn fault_id(fault: &Event) -> &str {
+    fault
+        .field("faultId")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| fault.id())
+}
+
+/// `message` with every redacted value of `event` replaced by the placeholder.
+fn scrub<'m>(message: &'m str, event: &Event, paths: &[String]) -> std::borrow::Cow<'m, str> {
+    let mut out = std::borrow::Cow::Borrowed(message);
+    let value = event.to_value();
+    for path in paths {
+        let pointer = format!("/{}", path.replace('.', "/"));
+        let mut found = Vec::new();
+        collect_scalars(value.pointer(&pointer), &mut found);
+        for text in found.iter().filter(|t| !t.is_empty()) {
+            if out.contains(text.as_str()) {
+                out = std::borrow::Cow::Owned(out.replace(text.as_str(), REDACTED));
+            }
+        }
+    }
+    out
+}
+
+/// The texts of the scalars in a value (an object's or array's, recursively).
+fn collect_scalars(value: Option<&Value>, out: &mut Vec<String>) {
+    match value {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => out.push(s.clone()),
+        Some(Value::Array(items)) => items.iter().for_each(|v| collect_scalars(Some(v), out)),
+        Some(Value::Object(map)) => map.values().for_each(|v| collect_scalars(Some(v), out)),
+        Some(other) => out.push(other.to_string()),
+    }
+}
+
 /// The source record, as a fault event carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FaultRecord {
@@ -82,8 +128,14 @@ pub struct FaultRecord {
     pub attempt: u32,
     /// `utf8` or `base64`.
     pub encoding: String,
-    /// The data, in that encoding.
+    /// The data, in that encoding; empty when the record is [redacted](Self::redacted).
+    #[serde(default)]
     pub data: String,
+    /// Whether the record's bytes were left out because the pipeline redacts fields: a
+    /// redacted field appears nowhere in a fault, so the record is read back from its source
+    /// by position when it is resubmitted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redacted: bool,
 }
 
 /// A fault event that fits in `max_bytes` when encoded: unchanged if it fits, else without
@@ -113,6 +165,16 @@ impl FaultRecord {
     /// # Errors
     /// When `data` is not valid for `encoding`.
     pub fn bytes(&self) -> Result<Vec<u8>, Error> {
+        if self.redacted {
+            return Err(Error::poison_msg(
+                "RecordRedacted",
+                format!(
+                    "the fault does not carry the record (its pipeline redacts fields): read it \
+                     from {} partition {} at {}",
+                    self.source, self.partition, self.offset
+                ),
+            ));
+        }
         match self.encoding.as_str() {
             "base64" => base64::engine::general_purpose::STANDARD
                 .decode(&self.data)
@@ -160,6 +222,8 @@ pub struct FaultUow {
 #[derive(Serialize)]
 struct FaultOut<'a> {
     id: &'a str,
+    #[serde(rename = "faultId")]
+    fault_id: &'a str,
     #[serde(rename = "type")]
     ty: &'static str,
     timestamp: i64,
@@ -202,6 +266,8 @@ struct FaultRecordOut<'a> {
     attempt: u32,
     encoding: &'static str,
     data: std::borrow::Cow<'a, str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    redacted: bool,
 }
 
 #[derive(Serialize)]
@@ -235,6 +301,10 @@ pub(crate) fn fault_event(
         origin.step,
         event_text.as_deref().unwrap_or_default(),
     ]);
+    let timestamp = now_millis();
+    // A raise is named by the fault, the time and a random part: two raises in one
+    // millisecond, from two processes, still differ.
+    let raise = stable_id(&[&id, &timestamp.to_string(), &fastrand::u64(..).to_string()]);
     let event_out = event.map(|e| {
         let raw = e
             .source_text()
@@ -251,17 +321,27 @@ pub(crate) fn fault_event(
             }
         }
     });
+    // A redacted field appears nowhere in a fault: not in the record's bytes (left out; the
+    // source keeps them and resubmission reads them back by position) and not in the error's
+    // message (a validation message may quote the value).
+    let redacting = !redacted.is_empty() && event.is_some();
     let (encoding, data) = match std::str::from_utf8(&record.data) {
+        _ if redacting => ("utf8", std::borrow::Cow::Borrowed("")),
         Ok(text) => ("utf8", std::borrow::Cow::Borrowed(text)),
         Err(_) => (
             "base64",
             std::borrow::Cow::Owned(base64::engine::general_purpose::STANDARD.encode(&record.data)),
         ),
     };
+    let message = match event {
+        Some(e) if redacting => scrub(err.message(), e, redacted),
+        _ => std::borrow::Cow::Borrowed(err.message()),
+    };
     let out = FaultOut {
-        id: &id,
+        id: &raise,
+        fault_id: &id,
         ty: FAULT_EVENT_TYPE,
-        timestamp: now_millis(),
+        timestamp,
         partition_key: event.map_or(&record.partition, Event::partition_key),
         tags: FaultTagsOut {
             processor: origin.processor,
@@ -271,7 +351,7 @@ pub(crate) fn fault_event(
         },
         err: FaultErrorOut {
             name: err.name(),
-            message: err.message(),
+            message: &message,
             class: err.class().as_str(),
             attempts: err.attempts(),
         },
@@ -284,18 +364,20 @@ pub(crate) fn fault_event(
                 attempt: record.attempt,
                 encoding,
                 data,
+                redacted: redacting,
             },
             event: event_out,
         },
     };
     // One allocation of about the right size: faults may be kept in memory a long time.
-    let estimate = out.uow.record.data.len() * 2 + err.message().len() + 512;
+    let estimate = out.uow.record.data.len() * 2 + message.len() + 512;
     let mut bytes = Vec::with_capacity(estimate);
     serde_json::to_writer(&mut bytes, &out).unwrap_or_default();
     Event::decode_bytes(bytes.into(), usize::MAX).unwrap_or_else(|_| {
         // Unreachable: the text was just written with every envelope field.
         Event::builder(FAULT_EVENT_TYPE, out.partition_key)
-            .id(id.clone())
+            .id(raise.clone())
+            .field("faultId", id.clone())
             .build()
     })
 }
@@ -329,12 +411,14 @@ mod tests {
             &err,
             &["customer.email".into()],
         );
-        assert_eq!(a.id(), b.id());
+        assert_eq!(fault_id(&a), fault_id(&b));
+        assert_ne!(a.id(), b.id(), "each raise is an event of its own");
         assert_eq!(a.event_type(), "fault");
         assert_eq!(a.tag("pipeline"), Some("l"));
         let details: FaultDetails = a.payload().unwrap();
         assert_eq!(details.err.class, "poison");
-        assert_eq!(details.uow.record.bytes().unwrap(), data.as_bytes());
+        // Redacting: the record is left out (its source keeps it).
+        assert!(details.uow.record.redacted);
         let ev = details.uow.event.unwrap();
         assert_eq!(ev["customer"]["email"], REDACTED);
         assert_eq!(ev["customer"]["name"], "A");
@@ -348,7 +432,39 @@ mod tests {
             &err,
             &[],
         );
-        assert_ne!(a.id(), other.id());
+        assert_ne!(fault_id(&a), fault_id(&other));
+        // Without redaction the record is carried verbatim.
+        let details: FaultDetails = other.payload().unwrap();
+        assert_eq!(details.uow.record.bytes().unwrap(), data.as_bytes());
+    }
+
+    #[test]
+    fn a_redacted_field_appears_nowhere_in_the_fault() {
+        let data = r#"{"id":"e1","type":"t","timestamp":1,"partitionKey":"k","customer":{"email":"ann@example.com","name":"Ann"}}"#;
+        let record = Record::new("memory", "0", 7, data);
+        let event = Event::decode(data.as_bytes()).unwrap();
+        let origin = FaultOrigin {
+            processor: "p",
+            pipeline: "l",
+            step: "validate-1",
+        };
+        let err = Error::poison_msg("InvalidEmail", "ann@example.com is not deliverable");
+        let fault = fault_event(
+            origin,
+            &record,
+            Some(&event),
+            &err,
+            &["customer.email".into()],
+        );
+        let text = fault.to_json();
+        assert!(!text.contains("ann@example.com"), "{text}");
+        let details: FaultDetails = fault.payload().unwrap();
+        assert!(details.uow.record.redacted);
+        assert_eq!(details.uow.record.offset, 7);
+        assert_eq!(details.err.message, "[REDACTED] is not deliverable");
+        let err = details.uow.record.bytes().unwrap_err();
+        assert_eq!(err.name(), "RecordRedacted");
+        assert_eq!(details.uow.event.unwrap()["customer"]["name"], "Ann");
     }
 
     #[test]

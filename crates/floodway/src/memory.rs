@@ -205,8 +205,8 @@ impl Service<Batch> for MemorySink {
     }
 }
 
-/// A fault sink that keeps fault events by id (a fault raised twice is stored once, as the
-/// durable fault stores do); clones share them.
+/// A fault sink that keeps fault events by [fault id](crate::fault::fault_id) (a fault raised
+/// twice is stored once, as the durable fault stores do); clones share them.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryFaultSink {
     faults: Arc<Mutex<FaultList>>,
@@ -249,10 +249,11 @@ impl Service<Event> for MemoryFaultSink {
     fn call(&mut self, fault: Event) -> Self::Future {
         let mut guard = self.faults.lock().unwrap();
         let (list, index) = &mut *guard;
-        match index.get(fault.id()) {
+        let id = crate::fault::fault_id(&fault).to_owned();
+        match index.get(&id) {
             Some(i) => list[*i] = fault,
             None => {
-                index.insert(fault.id().to_owned(), list.len());
+                index.insert(id, list.len());
                 list.push(fault);
             }
         }

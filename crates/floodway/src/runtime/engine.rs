@@ -277,7 +277,10 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             let can_pull = !source_done
                 && stopping.is_none()
                 && active + pull <= config.max_in_flight
-                && self.ledger.held() + pull <= config.max_buffered;
+                && self.ledger.held() + pull
+                    <= config
+                        .max_buffered
+                        .max(config.max_in_flight.saturating_mul(4));
             if !can_pull && !source_done && stopping.is_none() && self.is_idle_but_batches() {
                 // Pulling stopped at the in-flight bound and nothing runs that could make room:
                 // the open batches hold every record in flight. Send them now rather than wait

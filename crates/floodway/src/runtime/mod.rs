@@ -36,7 +36,7 @@ pub struct ProcessorConfig {
     /// behind a slow key, or done and waiting for an earlier record of their partition before
     /// the checkpoint can pass them. This is the memory bound: a slow key delays only the
     /// records that share it until the records held reach it; then the processor stops
-    /// pulling.
+    /// pulling. It is at least four times `max_in_flight` (a lower value counts as that).
     pub max_buffered: usize,
     /// Records asked of the source per pull (default 512).
     pub pull_batch: usize,
@@ -304,16 +304,6 @@ impl ProcessorBuilder {
         }
         if self.config.pull_batch == 0 {
             return Err(zero("pull_batch"));
-        }
-        if self.config.max_buffered < self.config.max_in_flight {
-            return Err(BuildError::InvalidSetting {
-                setting: "max_buffered",
-                problem: format!(
-                    "({}) must be at least max_in_flight ({}): it bounds every record held, \
-                     those in flight included",
-                    self.config.max_buffered, self.config.max_in_flight
-                ),
-            });
         }
         if !self.pipelines.iter().any(Pipeline::is_enabled) {
             return Err(BuildError::InvalidSetting {

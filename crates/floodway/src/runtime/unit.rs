@@ -83,7 +83,7 @@ async fn publish_fault(
         step,
     };
     let fault = fault_event(origin, record, event, err, redact);
-    let fault_id = fault.id().to_owned();
+    let fault_id = crate::fault::fault_id(&fault).to_owned();
     // Debug, not warn: the fault event itself is the record, and a burst of poison events
     // must not become a burst of log lines.
     tracing::debug!(
