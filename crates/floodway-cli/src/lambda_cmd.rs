@@ -98,7 +98,9 @@ async fn build(config_path: &Path, name: &str) -> anyhow::Result<Handler> {
             names.join(", ")
         );
     };
-    let hubs = Hubs::open(&config.hub).await?;
+    // A function acknowledges its batch by its response: what it wrote to the file before
+    // answering must be synced.
+    let hubs = Hubs::open_with(&config.hub, true).await?;
     Ok(Handler::new(from_config(&hubs, entry).await?))
 }
 

@@ -112,7 +112,27 @@ fn gone(holder: &LeaseHolder, process: &str) -> bool {
     if !me.process.starts_with(&format!("{namespace} ")) {
         return false;
     }
-    start_time(holder.pid).is_none_or(|now| now.to_string() != started)
+    match start_time(holder.pid) {
+        Some(now) => now.to_string() != started,
+        // Unreadable: no such process, or one this process may not look at (`hidepid`, another
+        // user's). Only a process that surely does not exist is gone.
+        None => no_such_process(holder.pid),
+    }
+}
+
+/// Whether `kill -0 pid` says there is no such process (an existing process that may not be
+/// signalled is alive).
+fn no_such_process(pid: u32) -> bool {
+    match std::process::Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .output()
+    {
+        Ok(out) if out.status.success() => false,
+        Ok(out) => String::from_utf8_lossy(&out.stderr)
+            .to_ascii_lowercase()
+            .contains("no such process"),
+        Err(_) => false,
+    }
 }
 
 fn random() -> u64 {

@@ -493,7 +493,30 @@ async fn restart_at_ack_floor(
         },
         ..config.clone()
     };
-    open_consumer(stream, &config).await
+    // Made again at once, and tried again while the server fails transiently: between the
+    // delete and the create the consumer's position lives only here.
+    let mut pause = Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        match open_consumer(stream, &config).await {
+            Ok(consumer) => return Ok(consumer),
+            Err(e) if tries < 20 && !matches!(e, NatsError::Config(_)) => {
+                tracing::warn!(consumer = %name, start, error = %e, "making the consumer again failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                tries += 1;
+            }
+            Err(e) => {
+                tracing::error!(
+                    consumer = %name,
+                    start,
+                    "the consumer was deleted to start over at sequence {start} and could not \
+                     be made again: create it starting there before anything reads it"
+                );
+                return Err(e);
+            }
+        }
+    }
 }
 
 /// Pulls one partition's consumer into the subscription's channel.
@@ -577,11 +600,21 @@ impl PartitionReader {
             None => {
                 if self.config.durable_name.is_some() || self.last > 0 {
                     // A consumer made again (ephemeral, or a durable one someone deleted) goes
-                    // on after the last record read or settled, not from its first start: a
-                    // start at the end would skip what was published meanwhile. What this
-                    // process holds it finishes itself.
+                    // on where this reader stood, not from its first start (a start at the end
+                    // would skip what was published meanwhile): at the first record it still
+                    // holds unsettled, whose acks went to the old consumer and would be lost
+                    // with this process, else after the last record read. What it holds comes
+                    // again, as duplicates.
+                    let held = self.outstanding.lock().ok().and_then(|o| {
+                        o.as_ref()?
+                            .iter()
+                            .filter(|(_, p)| p.partition == self.partition)
+                            .map(|(sequence, _)| *sequence)
+                            .min()
+                    });
+                    let start = held.map_or(self.last + 1, |h| h.min(self.last + 1));
                     self.config.deliver_policy = DeliverPolicy::ByStartSequence {
-                        start_sequence: self.last + 1,
+                        start_sequence: start,
                     };
                 }
                 open_consumer(&self.stream, &self.config).await?

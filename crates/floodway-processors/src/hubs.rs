@@ -239,13 +239,23 @@ impl Hubs {
     /// # Errors
     /// A file or server that cannot be opened, or a stream that does not fit.
     pub async fn open(config: &HubConfig) -> Result<Hubs, HubsError> {
+        Self::open_with(config, config.nats.is_some()).await
+    }
+
+    /// As [`open`](Self::open); `external_acks` says that what the processors do against the
+    /// file is acknowledged elsewhere (a JetStream ack, a Lambda response), so the file's
+    /// views, inbox and faults commit synced ([`floodway_embedded::HubOptions::external_acks`]).
+    ///
+    /// # Errors
+    /// A file or server that cannot be opened, or a stream that does not fit.
+    pub async fn open_with(config: &HubConfig, external_acks: bool) -> Result<Hubs, HubsError> {
         let (lease, lease_wait) = config.leases().map_err(HubsError::Config)?;
         let options = floodway_embedded::HubOptions {
             lease,
             lease_wait,
             // On NATS this file keeps views and faults only, and records are acked to the
             // server: what precedes an ack is synced.
-            external_acks: config.nats.is_some(),
+            external_acks,
             partitions: config.partitions,
             durability: match config.durability {
                 crate::config::DurabilityConfig::Immediate => {

@@ -283,8 +283,12 @@ pub fn fault_monitor(hubs: &Hubs, name: &str) -> Result<Processor, SetupError> {
             async move {
                 // One transaction per batch; a batch stored again (bisected after a failure)
                 // counts each raise once.
+                // On a blocking thread: a file locked by another process is waited out there,
+                // not on the processor's task.
                 let faults: Vec<Event> = batch.events().cloned().collect();
-                store.store_all(&faults)?;
+                tokio::task::spawn_blocking(move || store.store_all(&faults))
+                    .await
+                    .map_err(|e| Error::transient_msg("FaultStoreTask", e.to_string()))??;
                 Ok::<_, Error>(())
             }
         })

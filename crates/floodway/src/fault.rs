@@ -324,7 +324,7 @@ pub(crate) fn fault_event(
     // A redacted field appears nowhere in a fault: not in the record's bytes (left out; the
     // source keeps them and resubmission reads them back by position) and not in the error's
     // message (a validation message may quote the value).
-    let redacting = !redacted.is_empty() && event.is_some();
+    let redacting = !redacted.is_empty();
     let (encoding, data) = match std::str::from_utf8(&record.data) {
         _ if redacting => ("utf8", std::borrow::Cow::Borrowed("")),
         Ok(text) => ("utf8", std::borrow::Cow::Borrowed(text)),
@@ -465,6 +465,22 @@ mod tests {
         let err = details.uow.record.bytes().unwrap_err();
         assert_eq!(err.name(), "RecordRedacted");
         assert_eq!(details.uow.event.unwrap()["customer"]["name"], "Ann");
+    }
+
+    #[test]
+    fn an_undecodable_record_is_left_out_when_fields_are_redacted() {
+        let data = r#"{"id":"e1","type":"t","customer":{"email":"ann@example.com"}"#;
+        let record = Record::new("memory", "0", 3, data);
+        let origin = FaultOrigin {
+            processor: "p",
+            pipeline: DECODE_PIPELINE,
+            step: "decode",
+        };
+        let err = Error::poison_msg("DecodeEventError", "not JSON");
+        let fault = fault_event(origin, &record, None, &err, &["customer.email".into()]);
+        assert!(!fault.to_json().contains("ann@example.com"));
+        let details: FaultDetails = fault.payload().unwrap();
+        assert!(details.uow.record.redacted);
     }
 
     #[test]

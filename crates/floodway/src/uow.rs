@@ -131,7 +131,16 @@ impl Uow {
         )
     }
 
-    /// The source record.
+    /// The key this unit of work is ordered by: its record's
+    /// [order key](Record::order_key), else its event's partition key.
+    pub fn order_key(&self) -> &str {
+        self.record
+            .order_key
+            .as_deref()
+            .unwrap_or_else(|| self.event.partition_key())
+    }
+
+    /// The source record this unit of work came from.
     pub fn record(&self) -> &Record {
         &self.record
     }

@@ -29,7 +29,7 @@
 //! During an outage nothing is faulted and nothing is skipped; when the target recovers the
 //! stream resumes by itself.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -105,9 +105,6 @@ struct Shared {
     succeeded: AtomicU64,
     /// Mirrors `state.mode == Closed`, so that the common case takes no lock.
     closed: AtomicBool,
-    /// Calls held after a failure: while there are any, successes outside the breaker's own
-    /// calls ([`CircuitBreaker::note_success`]) are evidence worth recording.
-    holding: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -174,7 +171,6 @@ impl CircuitBreaker {
                 admitted: AtomicU64::new(0),
                 succeeded: AtomicU64::new(0),
                 closed: AtomicBool::new(true),
-                holding: AtomicUsize::new(0),
             }),
         }
     }
@@ -187,27 +183,6 @@ impl CircuitBreaker {
     /// How many times the breaker has opened.
     pub fn opens(&self) -> u64 {
         self.shared.state.lock().unwrap().opens
-    }
-
-    /// Records a call to the same target that succeeded without going through the breaker
-    /// (a step's fast path runs its calls bare and only failures go through the stack). It
-    /// counts as a success admitted now, the evidence that a held call is poison, not a
-    /// victim of an outage. Costs one atomic load while nothing is held.
-    pub fn note_success(&self) {
-        if self.shared.holding.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        let number = self.shared.admitted.fetch_add(1, Ordering::SeqCst) + 1;
-        self.shared.on_success(Admission::Normal, number);
-    }
-}
-
-/// Counts a held call while it is held.
-struct Holding<'a>(&'a Shared);
-
-impl Drop for Holding<'_> {
-    fn drop(&mut self) {
-        self.0.holding.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -383,7 +358,6 @@ where
         Box::pin(async move {
             // The last admission number when this call first failed.
             let mut failed_at: Option<u64> = None;
-            let mut _holding = None;
             loop {
                 let held = failed_at.is_some();
                 let (admission, number) = shared.admit(held).await;
@@ -430,8 +404,6 @@ where
                         metrics::counter!("floodway_breaker_held_total", "sink" => shared.label.to_string())
                             .increment(1);
                         tracing::debug!(sink = %shared.label, error = %err, "call held by the breaker");
-                        shared.holding.fetch_add(1, Ordering::Relaxed);
-                        _holding = Some(Holding(&shared));
                         failed_at = Some(shared.admitted.load(Ordering::SeqCst));
                         if admission == Admission::Probe {
                             shared.on_outage_suspected(admission);

@@ -172,19 +172,6 @@ impl Resilience {
         self
     }
 
-    /// This stack with its breaker made concrete: a new breaker (labelled `label`) when the
-    /// stack asks for one, or the shared one; and that breaker, for callers that must tell it
-    /// of successes outside the stack.
-    pub(crate) fn with_own_breaker(&self, label: &str) -> (Resilience, Option<CircuitBreaker>) {
-        let breaker = self.breaker.as_ref().map(|b| match b {
-            BreakerChoice::Shared(b) => b.clone(),
-            BreakerChoice::New(config) => CircuitBreaker::new(*config, label),
-        });
-        let mut resilience = self.clone();
-        resilience.breaker = breaker.clone().map(BreakerChoice::Shared);
-        (resilience, breaker)
-    }
-
     /// Wraps `service` in the stack; `label` names it in metrics and logs.
     ///
     /// # Errors

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,6 @@ use tower::util::BoxCloneSyncService;
 use tower::ServiceExt;
 
 use crate::error::{BuildError, Error, ErrorClass};
-use crate::layer::breaker::CircuitBreaker;
 use crate::layer::retry::Backoff;
 use crate::layer::{BoxFuture, Resilience};
 use crate::uow::Uow;
@@ -44,12 +44,12 @@ pub(crate) struct Step {
     guard: Option<Guard>,
 }
 
-/// A step's resilience: the guarded call, and the breaker that judges it (told of successes
-/// on the fast path of synchronous steps, so that it can tell poison from an outage).
+/// A step's resilience: the guarded call and, for a synchronous step, how many calls have
+/// succeeded on its fast path.
 #[derive(Clone)]
 struct Guard {
     call: Guarded,
-    breaker: Option<CircuitBreaker>,
+    successes: Arc<AtomicU64>,
 }
 
 impl Step {
@@ -63,9 +63,17 @@ impl Step {
     }
 
     /// Wraps the step's call in its resilience stack; `pipeline` labels it in metrics.
+    ///
+    /// An async step's calls all go through the stack, breaker included. A synchronous step
+    /// runs bare and only its failures reach the stack, so a breaker there would never see
+    /// the successes it needs to tell poison from an outage; its stack has no breaker and
+    /// [`call_guarded`](Self::call_guarded) judges by the fast path's successes instead.
     pub(crate) fn build_guard(&mut self, pipeline: &str) -> Result<(), BuildError> {
         let label = format!("{pipeline}/{}", self.name);
-        let (resilience, breaker) = self.resilience.with_own_breaker(&label);
+        let resilience = match self.kind {
+            StepKind::Async(_) => self.resilience.clone(),
+            _ => self.resilience.clone().no_breaker(),
+        };
         let kind = self.kind.clone();
         let call = tower::service_fn(move |uow: Uow| -> BoxFuture<Outputs> {
             match &kind {
@@ -81,13 +89,16 @@ impl Step {
         });
         self.guard = Some(Guard {
             call: resilience.apply(&label, call)?,
-            breaker,
+            successes: Arc::default(),
         });
         Ok(())
     }
 
     /// Runs the step through its resilience stack until it succeeds or its failure is
-    /// decided. An outage the stack passes on is held here, never faulted.
+    /// decided. An outage the stack passes on is held here, never faulted. For a synchronous
+    /// step whose retries are spent: if the step has succeeded for other units of work since
+    /// this one first failed, the step works and this unit is the problem (the error goes on,
+    /// to be faulted); if not, it is held like an outage and tried again.
     async fn call_guarded(&self, uow: Uow) -> Result<Outputs, Error> {
         let Some(guard) = &self.guard else {
             // Steps are always guarded once built; a bare call keeps the step's own answer.
@@ -96,25 +107,31 @@ impl Step {
                 sync => apply_sync(sync, &uow),
             };
         };
+        let judged = !matches!(self.kind, StepKind::Async(_));
+        let before = guard.successes.load(Ordering::Relaxed);
         let mut waits = 0;
         loop {
             match guarded(guard.call.clone().oneshot(uow.clone())).await {
-                Err(err) if err.class() == ErrorClass::Outage => {
-                    let backoff =
-                        Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30));
-                    tokio::time::sleep(backoff.ceiling(waits)).await;
-                    waits += 1;
+                Err(err) if err.class() == ErrorClass::Outage => {}
+                Err(err) if judged && err.class() == ErrorClass::Transient => {
+                    if guard.successes.load(Ordering::Relaxed) > before {
+                        return Err(err);
+                    }
                 }
                 result => return result,
             }
+            // Held: wait, then try again.
+            let backoff = Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30));
+            tokio::time::sleep(backoff.ceiling(waits)).await;
+            waits += 1;
         }
     }
 
-    /// Tells the breaker that a call outside the stack succeeded (a synchronous step's fast
-    /// path); it matters only while the breaker holds a failed call.
+    /// Counts a success of a synchronous step's fast path: evidence, for a unit of work
+    /// whose retries are spent, that the step works.
     fn note_success(&self) {
-        if let Some(breaker) = self.guard.as_ref().and_then(|g| g.breaker.as_ref()) {
-            breaker.note_success();
+        if let Some(guard) = &self.guard {
+            guard.successes.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -136,7 +136,9 @@ fn group_in_order(keyed: Vec<(String, Uow)>) -> Vec<Vec<Uow>> {
     let mut latest_of_group: HashMap<String, usize> = HashMap::new();
     let mut last_of_partition_key: HashMap<String, usize> = HashMap::new();
     for (group, uow) in keyed {
-        let pk = uow.event().partition_key().to_owned();
+        // The key the source orders by (an SQS FIFO group), which is the partition key for
+        // most sources.
+        let pk = uow.order_key().to_owned();
         let floor = last_of_partition_key.get(&pk).copied();
         let index = match latest_of_group.get(&group) {
             Some(&g) if floor.is_none_or(|f| g >= f) => g,
@@ -177,10 +179,30 @@ mod tests {
     use super::*;
     use crate::event::Event;
     use crate::pipeline::BatchConfig;
+    use crate::uow::Record;
     use std::sync::Arc;
 
     fn uow(key: &str, ts: i64, id: &str) -> Uow {
         Uow::detached(Event::builder("t", key).id(id).timestamp(ts).build())
+    }
+
+    #[test]
+    fn grouping_never_reorders_a_fifo_message_group() {
+        // e1 and e3 in group A, e2 in B; the three have different partition keys but one
+        // order key (an SQS FIFO message group): e2 must not be overtaken by e3.
+        let group = |id: &str| if id == "2" { "B" } else { "A" };
+        let mut b = Batcher::new(Batching {
+            config: BatchConfig::count(100),
+            group: Some(Arc::new(move |u: &Uow| group(u.event().id()).to_owned())),
+            compact: None,
+        });
+        for id in ["1", "2", "3"] {
+            let mut u = uow(&format!("key-{id}"), 1, id);
+            u.record = Arc::new(Record::new("sqs", "g", 0, "").with_order_key("g"));
+            b.push(u);
+        }
+        let order: Vec<Vec<String>> = b.flush().batches.iter().map(ids).collect();
+        assert_eq!(order, vec![vec!["1"], vec!["2"], vec!["3"]]);
     }
 
     fn batching(count: usize) -> Batching {

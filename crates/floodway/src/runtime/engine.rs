@@ -110,23 +110,23 @@ pub(crate) struct Engine<'p, C> {
 /// Aborts the source task when the run ends, however it ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
+impl AbortOnDrop {
+    /// Aborts the task and waits until it is gone, so that the source (and whatever it holds:
+    /// a subscription's lease, a connection) is dropped before the run returns.
+    async fn stop(&mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
+
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
 }
 
-/// The key a unit of work is ordered by: its record's order key, else its event's
-/// partition key.
-fn order_key(uow: &Uow) -> &str {
-    uow.record
-        .order_key
-        .as_deref()
-        .unwrap_or_else(|| uow.event().partition_key())
-}
-
 fn keys_of(members: &[Uow]) -> Keys {
-    let mut keys: Vec<u64> = members.iter().map(|u| key_hash(order_key(u))).collect();
+    let mut keys: Vec<u64> = members.iter().map(|u| key_hash(u.order_key())).collect();
     keys.sort_unstable();
     keys.dedup();
     if keys.len() == 1 {
@@ -166,6 +166,16 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             ctx: UnitCtx {
                 processor: proc.name.clone(),
                 fault_sink: proc.fault_sink.clone(),
+                redact_all: {
+                    let mut all: Vec<String> = proc
+                        .pipelines
+                        .iter()
+                        .flat_map(|p| p.core.redact.iter().cloned())
+                        .collect();
+                    all.sort();
+                    all.dedup();
+                    all.into()
+                },
             },
             pipes,
             ledger: Ledger::default(),
@@ -188,7 +198,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         let config = self.proc.config;
         let (tx, mut rx) = mpsc::channel::<Result<Option<Vec<Record>>, SourceError>>(1);
         let pull = config.pull_batch;
-        let _source_task = AbortOnDrop(tokio::spawn(async move {
+        let mut source_task = AbortOnDrop(tokio::spawn(async move {
             loop {
                 let batch = source.next_batch(pull).await;
                 let more = matches!(batch, Ok(Some(_)));
@@ -204,9 +214,11 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 if let Err(commit) = self.commit().await {
                     tracing::warn!(processor = %self.proc.name, error = %commit, "final commit failed");
                 }
+                source_task.stop().await;
                 return Err(err);
             }
         };
+        source_task.stop().await;
         self.commit().await?;
         self.report.stopped = stopped;
         self.report.pipelines = self.pipes.iter().map(|p| p.tally.report.clone()).collect();
@@ -474,11 +486,11 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             }
             Some(_) => {
                 pipe.upstream += 1;
-                let key = Keys::One(key_hash(order_key(&uow)));
+                let key = Keys::One(key_hash(uow.order_key()));
                 pipe.sched.submit(key, Work::Pre { uow, from });
             }
             None => {
-                let key = Keys::One(key_hash(order_key(&uow)));
+                let key = Keys::One(key_hash(uow.order_key()));
                 pipe.sched.submit(key, Work::Single { uow, from });
             }
         }

@@ -44,6 +44,8 @@ pub(crate) struct Timers {
 pub(crate) struct UnitCtx {
     pub(crate) processor: Arc<str>,
     pub(crate) fault_sink: FaultSink,
+    /// Every field any pipeline redacts: a record that cannot be decoded may hold any of them.
+    pub(crate) redact_all: Arc<[String]>,
 }
 
 /// How a unit ended.
@@ -365,7 +367,7 @@ pub(crate) fn fault_now(
         let (record, event, step, error) = failure;
         let (name, redact): (&str, &[String]) = match &core {
             Some(c) => (&c.name, &c.redact),
-            None => (crate::fault::DECODE_PIPELINE, &[]),
+            None => (crate::fault::DECODE_PIPELINE, &ctx.redact_all),
         };
         let result = if error.class() == ErrorClass::Fatal {
             Err(RunError::Fatal {
