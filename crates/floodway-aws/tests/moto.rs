@@ -815,7 +815,7 @@ async fn resubmission_invokes_the_function_with_only_the_failing_pipeline() {
     let args = |list: &[&str]| list.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
     let listed = command(args(&["faults", "list", "--table", "faults"])).await;
     assert!(
-        listed.contains(fault.id()) && listed.contains("open"),
+        listed.contains(floodway::fault::fault_id(&fault)) && listed.contains("open"),
         "{listed}"
     );
     let endpoint = runtime.endpoint();
