@@ -36,6 +36,9 @@ pub struct ViewStore {
     busy_retry: Duration,
     /// When the inbox may next hold windows to delete (ms since the epoch).
     next_prune: Arc<AtomicI64>,
+    /// The last window found to hold no ids of this view: while it is the previous window,
+    /// looking an event up there is skipped (a window gets no ids once it is past).
+    empty_window: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for ViewStore {
@@ -128,6 +131,7 @@ impl Hub {
             inbox_window_ms: options.inbox_window.as_millis() as i64,
             busy_retry: options.busy_retry,
             next_prune: Arc::new(AtomicI64::new(0)),
+            empty_window: Arc::new(AtomicI64::new(i64::MIN)),
         })
     }
 }
@@ -184,6 +188,18 @@ impl ViewStore {
             let mut applied_before = tx.prepare_cached(
                 "SELECT 1 FROM inbox WHERE bucket = ?1 AND view = ?2 AND event = ?3",
             )?;
+            // Whether the previous window may hold ids of this view: found out once per window.
+            let look_back = self.empty_window.load(Ordering::Relaxed) != previous && {
+                let any: bool = tx
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM inbox WHERE bucket = ?1 AND view = ?2)",
+                    )?
+                    .query_row((previous, &*self.name), |r| r.get(0))?;
+                if !any {
+                    self.empty_window.store(previous, Ordering::Relaxed);
+                }
+                any
+            };
             let table = &self.table;
             let mut upsert = tx.prepare_cached(&format!(
                 "INSERT INTO {table} (key, time, event, value) VALUES (?1, ?2, ?3, ?4) \
@@ -193,7 +209,7 @@ impl ViewStore {
             ))?;
             for (key, version, value) in writes {
                 if inbox.execute((current, &*self.name, &version.id))? == 0
-                    || applied_before.exists((previous, &*self.name, &version.id))?
+                    || (look_back && applied_before.exists((previous, &*self.name, &version.id))?)
                 {
                     applied.duplicates += 1;
                     continue;

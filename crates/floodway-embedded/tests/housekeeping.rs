@@ -7,12 +7,15 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use floodway::idempotence::{MemoryView, Version};
+use floodway::idempotence::Version;
 use floodway::memory::MemoryFaultSink;
 use floodway::testing::generate;
-use floodway::{BatchConfig, Checkpoint, Checkpointer, Event, Pipeline, Processor, Source};
+use floodway::{Checkpoint, Checkpointer, Event, Processor, Source};
 use floodway_embedded::{Hub, HubOptions, Retention, SubscriptionOptions, ViewWrite};
 use serde_json::Value;
+
+mod common;
+use common::{expected_view, stored_view};
 
 fn bounded() -> SubscriptionOptions {
     SubscriptionOptions {
@@ -23,44 +26,11 @@ fn bounded() -> SubscriptionOptions {
 
 /// Keeps the latest order state per order in the view `orders`.
 fn view_processor(hub: &Hub, faults: &MemoryFaultSink) -> Processor {
-    let view = hub.view("orders").unwrap();
     Processor::builder("shop")
         .fault_sink(faults.clone())
-        .pipeline(
-            Pipeline::builder("orders")
-                .event_type("order-*")
-                .batch(BatchConfig::count(50))
-                .sink(view.sink(
-                    |e| Ok(e.partition_key().to_owned()),
-                    |e| Ok(e.field("order").cloned().unwrap_or(Value::Null)),
-                ))
-                .unwrap(),
-        )
+        .pipeline(common::orders_view(hub))
         .build()
         .unwrap()
-}
-
-fn expected_view(events: &[Event]) -> MemoryView<Value> {
-    let mut view = MemoryView::new();
-    for e in events
-        .iter()
-        .filter(|e| e.event_type().starts_with("order-"))
-    {
-        view.apply(
-            e.partition_key(),
-            Version::of(e),
-            e.field("order").cloned().unwrap_or(Value::Null),
-        );
-    }
-    view
-}
-
-fn stored_view(hub: &Hub) -> MemoryView<Value> {
-    let mut view = MemoryView::new();
-    for row in hub.view("orders").unwrap().rows().unwrap() {
-        view.apply(&row.key, row.version, row.value);
-    }
-    view
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

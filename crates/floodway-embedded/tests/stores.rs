@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use floodway::idempotence::{MemoryView, Version};
+use floodway::idempotence::Version;
 use floodway::testing::generate;
 use floodway::{Error, Event, Pipeline, Processor};
 use floodway_embedded::{
@@ -10,7 +10,10 @@ use floodway_embedded::{
     ViewWrite,
 };
 use proptest::prelude::*;
-use serde_json::{json, Value};
+use serde_json::json;
+
+mod common;
+use common::{expected_view, stored_view};
 
 fn open(dir: &tempfile::TempDir) -> Hub {
     Hub::open(dir.path().join("hub.db"), HubOptions::default()).unwrap()
@@ -27,7 +30,6 @@ fn bounded(start: StartAt) -> SubscriptionOptions {
 /// A processor whose `strict` pipeline rejects events with an odd total, faulting into the
 /// hub's fault store, and whose `orders` pipeline keeps the latest order state per order.
 fn processor(hub: &Hub) -> Processor {
-    let view = hub.view("orders").unwrap();
     Processor::builder("shop")
         .fault_sink(hub.fault_store().unwrap())
         .pipeline(
@@ -44,41 +46,9 @@ fn processor(hub: &Hub) -> Processor {
                 .sink(floodway::memory::MemorySink::new())
                 .unwrap(),
         )
-        .pipeline(
-            Pipeline::builder("orders")
-                .event_type("order-*")
-                .batch(floodway::BatchConfig::count(50))
-                .sink(view.sink(
-                    |e| Ok(e.partition_key().to_owned()),
-                    |e| Ok(e.field("order").cloned().unwrap_or(Value::Null)),
-                ))
-                .unwrap(),
-        )
+        .pipeline(common::orders_view(hub))
         .build()
         .unwrap()
-}
-
-fn expected_view(events: &[Event]) -> MemoryView<Value> {
-    let mut view = MemoryView::new();
-    for e in events
-        .iter()
-        .filter(|e| e.event_type().starts_with("order-"))
-    {
-        view.apply(
-            e.partition_key(),
-            Version::of(e),
-            e.field("order").cloned().unwrap_or(Value::Null),
-        );
-    }
-    view
-}
-
-fn stored_view(hub: &Hub) -> MemoryView<Value> {
-    let mut view = MemoryView::new();
-    for row in hub.view("orders").unwrap().rows().unwrap() {
-        view.apply(&row.key, row.version, row.value);
-    }
-    view
 }
 
 #[tokio::test]

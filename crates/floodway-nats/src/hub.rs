@@ -296,12 +296,7 @@ impl NatsHub {
         limit: usize,
         keep: impl Fn(&[u8]) -> bool,
     ) -> Result<Vec<(i64, Bytes)>, NatsError> {
-        let mut stream = self
-            .inner
-            .js
-            .get_stream(&self.inner.stream)
-            .await
-            .map_err(|e| NatsError::js("stream info", e))?;
+        let mut stream = self.stream_handle().await?;
         let state = stream
             .info()
             .await
@@ -328,6 +323,17 @@ impl NatsHub {
         Ok(found)
     }
 
+    /// The stream's handle, fetched from the server.
+    pub(crate) async fn stream_handle(
+        &self,
+    ) -> Result<async_nats::jetstream::stream::Stream, NatsError> {
+        self.inner
+            .js
+            .get_stream(&self.inner.stream)
+            .await
+            .map_err(|e| NatsError::js("stream info", e))
+    }
+
     /// The message stored at stream sequence `sequence` (a record's offset on this hub);
     /// `None` when a limit has deleted it. Resubmission reads a fault's record back this way
     /// when the fault does not carry it (its pipeline redacts fields).
@@ -335,12 +341,7 @@ impl NatsHub {
     /// # Errors
     /// When the server does not answer.
     pub async fn record_at(&self, sequence: u64) -> Result<Option<Bytes>, NatsError> {
-        let stream = self
-            .inner
-            .js
-            .get_stream(&self.inner.stream)
-            .await
-            .map_err(|e| NatsError::js("stream info", e))?;
+        let stream = self.stream_handle().await?;
         match stream.get_raw_message(sequence).await {
             Ok(message) => Ok(Some(message.payload)),
             Err(e)
@@ -358,12 +359,7 @@ impl NatsHub {
     /// # Errors
     /// When the server does not answer.
     pub async fn stats(&self) -> Result<NatsStats, NatsError> {
-        let stream = self
-            .inner
-            .js
-            .get_stream(&self.inner.stream)
-            .await
-            .map_err(|e| NatsError::js("stream info", e))?;
+        let stream = self.stream_handle().await?;
         let mut per_subject = stream
             .info_with_subjects(format!("{}.*", self.inner.subject))
             .await

@@ -262,12 +262,7 @@ impl NatsHub {
             }
             Partitions::Faults => vec![("faults".into(), self.fault_subject())],
         };
-        let stream = self
-            .inner
-            .js
-            .get_stream(&self.inner.stream)
-            .await
-            .map_err(|e| NatsError::js("stream info", e))?;
+        let stream = self.stream_handle().await?;
         let source = format!("nats:{}", self.inner.stream);
         let options = Arc::new(options);
         // Every consumer first, so that bad settings fail here before anything is pulled, and

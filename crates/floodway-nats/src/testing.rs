@@ -263,8 +263,8 @@ impl Proxy {
                     let generation = control.generation.load(Ordering::SeqCst);
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    let up = pipe_publishes(cr, sw, control.clone(), generation);
-                    let down = pipe(sr, cw, control.clone(), generation);
+                    let up = pipe(cr, sw, control.clone(), generation, true);
+                    let down = pipe(sr, cw, control.clone(), generation, false);
                     tokio::select! {
                         () = up => {}
                         () = down => {}
@@ -322,47 +322,15 @@ impl Drop for Proxy {
     }
 }
 
+/// Copies one direction of a connection, with the proxy's delay, until it is cut. From a
+/// client (`client` true) it forwards whole protocol operations, so that it can drop a publish
+/// (`PUB`/`HPUB`) whose payload holds the armed marker.
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     control: std::sync::Arc<ProxyControl>,
     generation: u64,
-) {
-    use std::sync::atomic::Ordering;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let read = tokio::select! {
-            read = from.read(&mut buf) => read,
-            () = async {
-                while control.generation.load(Ordering::SeqCst) == generation {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            } => return,
-        };
-        let n = match read {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let delay = control.delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-        }
-        if control.generation.load(Ordering::SeqCst) != generation
-            || to.write_all(&buf[..n]).await.is_err()
-        {
-            return;
-        }
-    }
-}
-
-/// Client to server: forwards whole protocol operations, dropping a publish (`PUB`/`HPUB`)
-/// whose payload holds the armed marker; otherwise as [`pipe`].
-async fn pipe_publishes(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    control: std::sync::Arc<ProxyControl>,
-    generation: u64,
+    client: bool,
 ) {
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -381,25 +349,12 @@ async fn pipe_publishes(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        pending.extend_from_slice(&buf[..n]);
-        let mut out = Vec::with_capacity(pending.len());
-        let mut used = 0;
-        while let Some(len) = operation_len(&pending[used..]) {
-            let op = &pending[used..used + len];
-            let armed = control.drop_marker.lock().unwrap().clone();
-            let drop = armed.is_some_and(|marker| {
-                (op.starts_with(b"PUB ") || op.starts_with(b"HPUB "))
-                    && op.windows(marker.len()).any(|w| w == marker.as_slice())
-            });
-            if drop {
-                *control.drop_marker.lock().unwrap() = None;
-                control.dropped.fetch_add(1, Ordering::SeqCst);
-            } else {
-                out.extend_from_slice(op);
-            }
-            used += len;
-        }
-        pending.drain(..used);
+        let out = if client {
+            pending.extend_from_slice(&buf[..n]);
+            forward_operations(&mut pending, &control)
+        } else {
+            buf[..n].to_vec()
+        };
         let delay = control.delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -410,6 +365,31 @@ async fn pipe_publishes(
             return;
         }
     }
+}
+
+/// Takes the whole operations off the front of `pending` and returns what to forward: all of
+/// them but a publish holding the armed marker (dropped once).
+fn forward_operations(pending: &mut Vec<u8>, control: &ProxyControl) -> Vec<u8> {
+    use std::sync::atomic::Ordering;
+    let mut out = Vec::with_capacity(pending.len());
+    let mut used = 0;
+    while let Some(len) = operation_len(&pending[used..]) {
+        let op = &pending[used..used + len];
+        let armed = control.drop_marker.lock().unwrap().clone();
+        let drop = armed.is_some_and(|marker| {
+            (op.starts_with(b"PUB ") || op.starts_with(b"HPUB "))
+                && op.windows(marker.len()).any(|w| w == marker.as_slice())
+        });
+        if drop {
+            *control.drop_marker.lock().unwrap() = None;
+            control.dropped.fetch_add(1, Ordering::SeqCst);
+        } else {
+            out.extend_from_slice(op);
+        }
+        used += len;
+    }
+    pending.drain(..used);
+    out
 }
 
 /// The length of the first whole client operation in `bytes` (its line, and for a publish

@@ -1,0 +1,44 @@
+//! Helpers shared by the hub's integration tests: the orders view a test processor keeps, and
+//! what it must hold.
+
+use floodway::idempotence::{MemoryView, Version};
+use floodway::{BatchConfig, Event, Pipeline};
+use floodway_embedded::Hub;
+use serde_json::Value;
+
+/// A pipeline keeping the latest order state per order in the view `orders`, in batches of 50.
+pub(crate) fn orders_view(hub: &Hub) -> floodway::Pipeline {
+    Pipeline::builder("orders")
+        .event_type("order-*")
+        .batch(BatchConfig::count(50))
+        .sink(hub.view("orders").unwrap().sink(
+            |e| Ok(e.partition_key().to_owned()),
+            |e| Ok(e.field("order").cloned().unwrap_or(Value::Null)),
+        ))
+        .unwrap()
+}
+
+/// The orders view `events` call for: latest-wins per order.
+pub(crate) fn expected_view(events: &[Event]) -> MemoryView<Value> {
+    let mut view = MemoryView::new();
+    for e in events
+        .iter()
+        .filter(|e| e.event_type().starts_with("order-"))
+    {
+        view.apply(
+            e.partition_key(),
+            Version::of(e),
+            e.field("order").cloned().unwrap_or(Value::Null),
+        );
+    }
+    view
+}
+
+/// The orders view as the hub holds it.
+pub(crate) fn stored_view(hub: &Hub) -> MemoryView<Value> {
+    let mut view = MemoryView::new();
+    for row in hub.view("orders").unwrap().rows().unwrap() {
+        view.apply(&row.key, row.version, row.value);
+    }
+    view
+}
