@@ -68,6 +68,7 @@ pub struct Error(Box<Inner>);
 struct Inner {
     class: ErrorClass,
     throttle: bool,
+    timeout: bool,
     name: Cow<'static, str>,
     message: String,
     retry_after: Option<Duration>,
@@ -90,6 +91,7 @@ impl Error {
         Error(Box::new(Inner {
             class,
             throttle: false,
+            timeout: false,
             name: Cow::Borrowed(short_type_name::<E>()),
             message: cause.to_string(),
             retry_after: None,
@@ -107,6 +109,7 @@ impl Error {
         Error(Box::new(Inner {
             class,
             throttle: false,
+            timeout: false,
             name: name.into(),
             message: message.into(),
             retry_after: None,
@@ -155,6 +158,18 @@ impl Error {
         err
     }
 
+    /// A transient error saying that a call got no answer within `after`: retried, and (as a
+    /// throttle is) a sign of overload for adaptive concurrency. Named `Timeout`.
+    pub fn timed_out(after: Duration) -> Self {
+        let mut err = Self::msg(
+            ErrorClass::Transient,
+            "Timeout",
+            format!("no answer within {after:?}"),
+        );
+        err.0.timeout = true;
+        err
+    }
+
     /// A fatal error with a name and a message.
     pub fn fatal_msg(name: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
         Self::msg(ErrorClass::Fatal, name, message)
@@ -194,6 +209,11 @@ impl Error {
     /// Whether the target signalled overload (HTTP 429, a throttling exception).
     pub fn is_throttle(&self) -> bool {
         self.0.throttle
+    }
+
+    /// Whether the call got no answer in time ([`Error::timed_out`]): a sign of overload.
+    pub fn is_timeout(&self) -> bool {
+        self.0.timeout
     }
 
     /// The error's name, e.g. `Timeout` or `DecodeEventError`.

@@ -59,10 +59,7 @@ where
         Box::pin(async move {
             match tokio::time::timeout(timeout, call).await {
                 Ok(result) => result,
-                Err(_) => Err(Error::transient_msg(
-                    "Timeout",
-                    format!("no answer within {timeout:?}"),
-                )),
+                Err(_) => Err(Error::timed_out(timeout)),
             }
         })
     }

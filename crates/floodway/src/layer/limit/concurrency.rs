@@ -1,11 +1,18 @@
 //! A concurrency limit, fixed or adaptive (AIMD).
 //!
-//! The adaptive limit works like TCP congestion control: while calls succeed at the target's
-//! usual latency and the limit is in use, it grows by about one per round of calls (additive
-//! increase); when the target throttles, times out, or answers much slower than its best
-//! recent latency, it shrinks by a factor (multiplicative decrease), at most once per round so
-//! that one burst of throttles counts as one signal. Nobody has to know the target's capacity:
-//! the limit finds it and follows it as it changes.
+//! The adaptive limit works like TCP congestion control: while calls succeed and the limit is
+//! in use, it grows by about one per round of calls (additive increase); when the target
+//! throttles or times out, or its latency trends up, it shrinks by a factor (multiplicative
+//! decrease), at most once per round so that one burst of throttles counts as one signal.
+//! Nobody has to know the target's capacity: the limit finds it and follows it as it changes.
+//!
+//! Latency is judged as a trend, never by a single call (real latencies jitter: a log-normal
+//! tail puts one call in twenty at twice the median). As in Vector's adaptive request
+//! concurrency, successes are gathered in windows one mean latency long; at the end of a
+//! window its mean is compared with a moving average of past windows (EWMA) and their mean
+//! deviation: above the average by more than [`Aimd::deviation_scale`] deviations, the target
+//! is slowing down under load and the limit shrinks. The average then takes the window in,
+//! so a target that became slower for good is soon judged against its new self.
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -29,23 +36,27 @@ pub struct Aimd {
     pub max: usize,
     /// Factor applied on an overload signal, in (0, 1).
     pub decrease: f64,
-    /// A success slower than `latency_tolerance` times the best recent latency is an overload
-    /// signal.
-    pub latency_tolerance: f64,
+    /// A window whose mean latency is above the moving average by more than this many mean
+    /// deviations is an overload signal.
+    pub deviation_scale: f64,
 }
 
 impl Default for Aimd {
-    /// From 4, between 1 and 256, shrink by 0.9, tolerate twice the best latency.
+    /// From 4, between 1 and 256, shrink by 0.9, a latency window counts as overload 2.5
+    /// deviations above the average.
     fn default() -> Self {
         Aimd {
             initial: 4,
             min: 1,
             max: 256,
             decrease: 0.9,
-            latency_tolerance: 2.0,
+            deviation_scale: 2.5,
         }
     }
 }
+
+/// Weight of a new window in the moving averages (Vector's choice).
+const EWMA_WEIGHT: f64 = 0.4;
 
 /// A concurrency limit shared by clones: fixed, or adaptive per [`Aimd`].
 #[derive(Debug, Clone)]
@@ -67,8 +78,18 @@ struct State {
     in_flight: usize,
     /// Incremented at every decrease; a call started before it cannot cause another one.
     generation: u64,
-    best_latency: Option<Duration>,
-    best_latency_at: Instant,
+    /// Latency windows: the moving average of their means and of their deviation from it
+    /// (seconds), and the window being gathered.
+    rtt: Option<f64>,
+    rtt_deviation: f64,
+    window: Window,
+}
+
+#[derive(Debug)]
+struct Window {
+    started: Instant,
+    sum: f64,
+    count: u32,
 }
 
 /// How a call ended, as the limiter sees it.
@@ -85,7 +106,7 @@ pub enum Signal {
 impl Signal {
     /// The signal an error gives.
     pub fn of(err: &Error) -> Signal {
-        if err.is_throttle() || err.name() == "Timeout" {
+        if err.is_throttle() || err.is_timeout() {
             Signal::Overload
         } else if err.class() == ErrorClass::Transient {
             Signal::Neutral
@@ -135,8 +156,8 @@ impl ConcurrencyLimiter {
         if !(aimd.decrease > 0.0 && aimd.decrease < 1.0) {
             return Err(bad("decrease must be between 0 and 1"));
         }
-        if aimd.latency_tolerance < 1.0 {
-            return Err(bad("latency_tolerance must be at least 1"));
+        if aimd.deviation_scale.is_nan() || aimd.deviation_scale < 0.0 {
+            return Err(bad("deviation_scale must be at least 0"));
         }
         let initial = aimd.initial.clamp(aimd.min, aimd.max) as f64;
         Ok(Self::build(initial, Some(aimd), label))
@@ -149,8 +170,13 @@ impl ConcurrencyLimiter {
                     limit,
                     in_flight: 0,
                     generation: 0,
-                    best_latency: None,
-                    best_latency_at: Instant::now(),
+                    rtt: None,
+                    rtt_deviation: 0.0,
+                    window: Window {
+                        started: Instant::now(),
+                        sum: 0.0,
+                        count: 0,
+                    },
                 }),
                 notify: Notify::new(),
                 adaptive,
@@ -193,6 +219,38 @@ impl ConcurrencyLimiter {
     }
 }
 
+impl State {
+    /// Adds a success's latency to the window; at the end of a window (one mean latency
+    /// long), whether its mean is above the moving average by more than the allowed number
+    /// of deviations. The averages then take the window in.
+    fn latency_trends_up(&mut self, now: Instant, latency: Duration, aimd: Aimd) -> bool {
+        let latency = latency.as_secs_f64();
+        self.window.sum += latency;
+        self.window.count += 1;
+        let length = self.rtt.unwrap_or(latency).max(0.001);
+        if (now - self.window.started).as_secs_f64() < length {
+            return false;
+        }
+        let mean = self.window.sum / f64::from(self.window.count);
+        self.window = Window {
+            started: now,
+            sum: 0.0,
+            count: 0,
+        };
+        let Some(rtt) = self.rtt else {
+            // The first window: the average starts there, with a deviation of half of it so
+            // that the next windows are not judged against a spread of zero.
+            self.rtt = Some(mean);
+            self.rtt_deviation = mean / 2.0;
+            return false;
+        };
+        let slower = mean > rtt + aimd.deviation_scale * self.rtt_deviation;
+        self.rtt_deviation += EWMA_WEIGHT * ((mean - rtt).abs() - self.rtt_deviation);
+        self.rtt = Some(rtt + EWMA_WEIGHT * (mean - rtt));
+        slower
+    }
+}
+
 impl Permit {
     /// Releases the slot, telling the limiter how the call went.
     pub fn finish(mut self, signal: Signal) {
@@ -214,21 +272,8 @@ impl Permit {
             let now = Instant::now();
             let latency = now - self.started;
             let mut signal = signal;
-            if signal == Signal::Success {
-                // The best latency decays: after 30 s without a new best, start over, so a
-                // target that became slower for good is not judged against its old self.
-                if state.best_latency.is_none_or(|best| latency < best)
-                    || now - state.best_latency_at > Duration::from_secs(30)
-                {
-                    state.best_latency = Some(latency);
-                    state.best_latency_at = now;
-                }
-                let best = state.best_latency.unwrap_or(latency);
-                if latency.as_secs_f64() > best.as_secs_f64() * aimd.latency_tolerance
-                    && latency > Duration::from_millis(1)
-                {
-                    signal = Signal::Overload;
-                }
+            if signal == Signal::Success && state.latency_trends_up(now, latency, aimd) {
+                signal = Signal::Overload;
             }
             let before = state.limit.floor();
             match signal {
@@ -343,6 +388,81 @@ mod tests {
         a.finish(Signal::Success);
         waiter.await.unwrap();
         assert_eq!(limiter.limit(), 2);
+    }
+
+    /// Runs `callers` loops against a simulated service that takes `capacity` calls at once
+    /// (throttling above that after 1 ms) with log-normal latencies (median 20 ms, `sigma`),
+    /// for `seconds` on the paused clock. Returns the mean limit over the second half and the
+    /// goodput as a fraction of what the capacity allows.
+    async fn simulate(capacity: usize, sigma: f64, seconds: u64) -> (f64, f64) {
+        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+        let limiter = ConcurrencyLimiter::adaptive(Aimd::default(), "sim").unwrap();
+        let busy = Arc::new(AtomicUsize::new(0));
+        let ok = Arc::new(AtomicU64::new(0));
+        let latency_sum = Arc::new(AtomicU64::new(0));
+        let end = Instant::now() + Duration::from_secs(seconds);
+        let mut tasks = Vec::new();
+        for seed in 0..(capacity as u64 * 4).max(32) {
+            let (limiter, busy, ok, latency_sum) = (
+                limiter.clone(),
+                busy.clone(),
+                ok.clone(),
+                latency_sum.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(seed);
+                while Instant::now() < end {
+                    let permit = limiter.acquire().await;
+                    if busy.fetch_add(1, Ordering::SeqCst) >= capacity {
+                        busy.fetch_sub(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        permit.finish(Signal::Overload);
+                        continue;
+                    }
+                    // Box-Muller: a standard normal from two uniforms.
+                    let (u1, u2) = (rng.f64().max(1e-12), rng.f64());
+                    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                    let latency = Duration::from_secs_f64(0.020 * (sigma * z).exp());
+                    tokio::time::sleep(latency).await;
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    permit.finish(Signal::Success);
+                    ok.fetch_add(1, Ordering::SeqCst);
+                    latency_sum.fetch_add(latency.as_micros() as u64, Ordering::SeqCst);
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(seconds / 2)).await;
+        let (mut sum, mut samples) = (0.0, 0.0);
+        let ok_half = ok.load(Ordering::SeqCst);
+        while Instant::now() < end {
+            sum += limiter.limit() as f64;
+            samples += 1.0;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let calls = ok.load(Ordering::SeqCst);
+        let mean_latency = latency_sum.load(Ordering::SeqCst) as f64 / 1e6 / calls.max(1) as f64;
+        let goodput = (calls - ok_half) as f64 / (seconds as f64 / 2.0);
+        (sum / samples, goodput / (capacity as f64 / mean_latency))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jittered_latency_does_not_collapse_the_limit() {
+        for capacity in [4usize, 16, 64] {
+            let (limit, goodput) = simulate(capacity, 0.5, 30).await;
+            eprintln!("capacity {capacity}: mean limit {limit:.1}, goodput {goodput:.3}");
+            let c = capacity as f64;
+            assert!(
+                (limit - c).abs() <= c * 0.25 + 0.5,
+                "capacity {capacity}: mean limit {limit:.1}"
+            );
+            assert!(
+                goodput >= 0.85,
+                "capacity {capacity}: goodput {goodput:.2} of capacity"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
