@@ -61,6 +61,39 @@ fn lag(dir: &Path) -> Option<u64> {
     (lags.len() == 2).then(|| lags.iter().sum())
 }
 
+/// Publishes `lines` as `orders.jsonl` and runs until every event is read and `faults`
+/// faults are open.
+fn publish_and_run(d: &Path, lines: &[String], faults: usize) {
+    std::fs::write(d.join("orders.jsonl"), lines.join("\n")).unwrap();
+    let out = floodway(
+        d,
+        &[
+            "hub",
+            "publish",
+            "--config",
+            "floodway.toml",
+            "orders.jsonl",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    run_until(d, "floodway.toml", || {
+        lag(d) == Some(0) && open_faults(d) == faults
+    });
+}
+
+/// The id of the first listed fault whose error is `error`.
+fn fault_id_of(d: &Path, error: &str) -> String {
+    let list = text(&floodway(
+        d,
+        &["faults", "list", "--config", "floodway.toml"],
+    ));
+    list.lines()
+        .find(|l| l.contains(error))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {error} fault in {list}"))
+        .to_owned()
+}
+
 const CONFIG: &str = r#"
 [hub]
 path = "hub.db"
@@ -122,17 +155,7 @@ fn poison_events_become_faults_that_resubmit_after_a_fix() {
     run_until(d, "floodway.toml", || {
         lag(d) == Some(0) && open_faults(d) == 3
     });
-    let list = text(&floodway(
-        d,
-        &["faults", "list", "--config", "floodway.toml"],
-    ));
-    assert!(list.contains("MissingKey"), "{list}");
-    let id = list
-        .lines()
-        .find(|l| l.contains("MissingKey"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap()
-        .to_owned();
+    let id = fault_id_of(d, "MissingKey");
     let shown = text(&floodway(
         d,
         &["faults", "show", "--config", "floodway.toml", &id],
@@ -241,31 +264,8 @@ fn a_fault_raised_again_after_its_resolution_is_open_again_within_the_dedupe_win
             )
         })
         .collect();
-    std::fs::write(d.join("orders.jsonl"), lines.join("\n")).unwrap();
-    let out = floodway(
-        d,
-        &[
-            "hub",
-            "publish",
-            "--config",
-            "floodway.toml",
-            "orders.jsonl",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    run_until(d, "floodway.toml", || {
-        lag(d) == Some(0) && open_faults(d) == 1
-    });
-    let list = text(&floodway(
-        d,
-        &["faults", "list", "--config", "floodway.toml"],
-    ));
-    let id = list
-        .lines()
-        .find(|l| l.contains("MissingKey"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap()
-        .to_owned();
+    publish_and_run(d, &lines, 1);
+    let id = fault_id_of(d, "MissingKey");
     let show = || {
         text(&floodway(
             d,
@@ -331,21 +331,7 @@ fn a_redacted_field_appears_nowhere_in_a_fault_and_resubmission_still_works() {
             )
         })
         .collect();
-    std::fs::write(d.join("orders.jsonl"), lines.join("\n")).unwrap();
-    let out = floodway(
-        d,
-        &[
-            "hub",
-            "publish",
-            "--config",
-            "floodway.toml",
-            "orders.jsonl",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    run_until(d, "floodway.toml", || {
-        lag(d) == Some(0) && open_faults(d) == 1
-    });
+    publish_and_run(d, &lines, 1);
 
     // Neither the stored fault nor the fault event in the hub holds the address.
     let hub =

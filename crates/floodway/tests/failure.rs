@@ -12,20 +12,8 @@ use floodway::testing::{ScriptedSink, TestKit};
 use floodway::{fault_sink_fn, BatchConfig, Error, ErrorClass, Event, Pipeline, RunError};
 use tokio::time::Instant;
 
-fn event(i: u32, key: &str) -> Event {
-    Event::builder("thing-happened", key)
-        .id(format!("e-{i}"))
-        .timestamp(1_000 + i64::from(i))
-        .field("n", i)
-        .build()
-}
-
-/// Events `0..n` over `keys` keys, in one partition.
-fn events(n: u32, keys: u32) -> Vec<Event> {
-    (0..n)
-        .map(|i| event(i, &format!("k{}", i % keys)))
-        .collect()
-}
+mod common;
+use common::events;
 
 /// A sink that fails every call carrying event `id` with `error()` and accepts the rest.
 fn failing_on(id: &'static str, error: fn() -> Error) -> ScriptedSink {

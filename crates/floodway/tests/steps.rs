@@ -15,18 +15,8 @@ use floodway::testing::TestKit;
 use floodway::{BatchConfig, Error, ErrorClass, Event, Pipeline, RunError, Uow};
 use tokio::time::Instant;
 
-/// Events `0..n` over `keys` keys, with a small jitter-free payload.
-fn events(n: u32, keys: u32) -> Vec<Event> {
-    (0..n)
-        .map(|i| {
-            Event::builder("thing-happened", format!("k{}", i % keys))
-                .id(format!("e-{i}"))
-                .timestamp(1_000 + i64::from(i))
-                .field("n", i)
-                .build()
-        })
-        .collect()
-}
+mod common;
+use common::events;
 
 /// Per key, the ids in the order the sink saw them.
 fn per_key(events: &[Event]) -> HashMap<String, Vec<String>> {
