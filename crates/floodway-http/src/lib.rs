@@ -8,7 +8,7 @@
 //! | answer | class |
 //! |---|---|
 //! | 2xx | success (the response can be published as a new event) |
-//! | 429, 503 | throttled: retried, and adaptive concurrency backs off (`Retry-After` is honoured) |
+//! | 429, 503 | throttled: retried, and adaptive concurrency backs off (`Retry-After` in seconds or as an HTTP date is honoured) |
 //! | 408, other 5xx | transient: retried; the breaker tells an outage from a bad request |
 //! | other 4xx | poison: the event is faulted |
 //! | 3xx | fatal: the URL is wrong (the processor stops and says so) |
@@ -219,8 +219,7 @@ impl HttpSink {
             .headers()
             .get(header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| retry_after(v, std::time::SystemTime::now()));
         // At most 1 MiB of answer: a target must not exhaust the processor's memory.
         let body = http_body_util::Limited::new(response.into_body(), 1024 * 1024)
             .collect()
@@ -257,6 +256,17 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// The delay a `Retry-After` header asks for: a number of seconds, or an HTTP date (a date
+/// already past asks for no delay). `None` when it is neither.
+pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// What a non-2xx answer means.
@@ -321,6 +331,22 @@ mod tests {
         );
         assert_eq!(err.retry_after(), Some(Duration::from_secs(2)));
         assert!(err.message().contains("slow"));
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777); // 06 Nov 1994 08:49:37
+        assert_eq!(retry_after(" 120 ", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:49:47 GMT", now),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now),
+            Some(Duration::ZERO),
+            "a date already past"
+        );
+        assert_eq!(retry_after("soon", now), None);
     }
 
     #[test]
