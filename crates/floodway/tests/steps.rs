@@ -12,7 +12,7 @@ use floodway::layer::retry::RetryPolicy;
 use floodway::layer::Resilience;
 use floodway::memory::{MemorySink, MemorySource};
 use floodway::testing::TestKit;
-use floodway::{BatchConfig, Error, ErrorClass, Event, Pipeline, RunError, Uow};
+use floodway::{BatchConfig, Error, Event, Pipeline, RunError, Uow};
 use tokio::time::Instant;
 
 mod common;
@@ -318,7 +318,6 @@ fn step_resilience_needs_a_step() {
         .sink(MemorySink::new())
         .unwrap_err();
     assert!(err.to_string().contains("step_resilience"), "{err}");
-    let _ = ErrorClass::Poison;
 }
 
 #[tokio::test(start_paused = true)]
