@@ -52,8 +52,9 @@ pub(crate) struct DemoArgs {
     seed: u64,
 }
 
-/// A payment-notification service on 127.0.0.1: answers in 5 ms, throttles (429) above its
-/// capacity, answers 502 (Bad Gateway) during its outage, and takes the
+/// A payment-notification service on 127.0.0.1: answers in 5 ms at the median with the jitter
+/// of a real service (log-normal, sigma 0.5: the p99 is about 3x the median), throttles (429)
+/// above its capacity, answers 502 (Bad Gateway) during its outage, and takes the
 /// `Idempotency-Key` header, so a redelivered event is acknowledged without a second
 /// notification.
 struct Service {
@@ -62,6 +63,10 @@ struct Service {
     outage: (Duration, Duration),
     in_flight: AtomicUsize,
     answered: AtomicU64,
+    /// The latencies of answered calls, in microseconds.
+    latency_us: AtomicU64,
+    /// When the last call was answered, in microseconds since `started`.
+    last_answer_us: AtomicU64,
     throttled: AtomicU64,
     down: AtomicU64,
     repeated: AtomicU64,
@@ -79,8 +84,18 @@ impl Service {
             self.repeated.fetch_add(1, Ordering::Relaxed);
         }
         self.answered.fetch_add(1, Ordering::Relaxed);
+        self.last_answer_us
+            .fetch_max(at.as_micros() as u64, Ordering::Relaxed);
         (StatusCode::OK, r#"{"notified":true}"#)
     }
+}
+
+/// A log-normal latency with this median and sigma.
+fn jittered(median: Duration, sigma: f64) -> Duration {
+    // Box-Muller: a standard normal from two uniforms.
+    let (u1, u2) = (fastrand::f64().max(1e-12), fastrand::f64());
+    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+    median.mul_f64((sigma * z).exp())
 }
 
 async fn serve(service: Arc<Service>) -> anyhow::Result<std::net::SocketAddr> {
@@ -110,7 +125,11 @@ async fn serve(service: Arc<Service>) -> anyhow::Result<std::net::SocketAddr> {
                                 service.throttled.fetch_add(1, Ordering::Relaxed);
                                 (StatusCode::TOO_MANY_REQUESTS, "slow down")
                             } else {
-                                tokio::time::sleep(Duration::from_millis(5)).await;
+                                let latency = jittered(Duration::from_millis(5), 0.5);
+                                tokio::time::sleep(latency).await;
+                                service
+                                    .latency_us
+                                    .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
                                 service.answer(key)
                             };
                             service.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -164,6 +183,13 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
                 respond_as: None,
                 parallelism: 128,
                 redact: Vec::new(),
+                headers: Default::default(),
+                body: None,
+                treat_as: Default::default(),
+                ca_file: None,
+                client_cert: None,
+                client_key: None,
+                response_headers: Vec::new(),
             },
             ProcessorConfig::FaultMonitor {
                 name: "faults".into(),
@@ -274,6 +300,8 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         outage: (Duration::from_secs(1), Duration::from_secs(1 + args.outage)),
         in_flight: AtomicUsize::new(0),
         answered: AtomicU64::new(0),
+        latency_us: AtomicU64::new(0),
+        last_answer_us: AtomicU64::new(0),
         throttled: AtomicU64::new(0),
         down: AtomicU64::new(0),
         repeated: AtomicU64::new(0),
@@ -290,7 +318,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     say!(
         "{} events ({} orders without an id, {} published twice); the service takes {} calls at \
-         once (429 above), answers in 5 ms, and is down from 1 s to {} s",
+         once (429 above), answers in 5 ms at the median with jitter (p99 about 15 ms), and is down from 1 s to {} s",
         events.len(),
         missing,
         duplicates,
@@ -439,11 +467,22 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "repeated calls absorbed by the idempotency key",
         service.repeated.load(Ordering::Relaxed),
     );
-    let calls_per_sec = service.answered.load(Ordering::Relaxed) as f64
-        / (elapsed.as_secs_f64() - args.outage as f64).max(0.001);
+    let answered = service.answered.load(Ordering::Relaxed);
+    // Over the time the notifications took: up to the last answer, less the outage.
+    let busy = service.last_answer_us.load(Ordering::Relaxed) as f64 / 1e6;
+    let calls_per_sec = answered as f64 / (busy - args.outage as f64).max(0.001);
+    // What the service can answer per second: its capacity over its mean latency.
+    let mean_latency =
+        service.latency_us.load(Ordering::Relaxed) as f64 / 1e6 / answered.max(1) as f64;
+    let capacity_per_sec = args.capacity as f64 / mean_latency.max(1e-6);
     line(
         "notification calls/s while the service was up",
-        format!("{calls_per_sec:.0} (rate limit {}/s)", args.rate),
+        format!(
+            "{calls_per_sec:.0} (the service's capacity {capacity_per_sec:.0}/s: {} at once, mean latency {:.1} ms; rate limit {}/s)",
+            args.capacity,
+            mean_latency * 1e3,
+            args.rate
+        ),
     );
     let view_ok = stored_view(&hub)? == expected_view(&events, false);
     line(

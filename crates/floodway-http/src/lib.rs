@@ -12,20 +12,49 @@
 //! | 408, other 5xx | transient: retried; the breaker tells an outage from a bad request |
 //! | other 4xx | poison: the event is faulted |
 //! | 3xx | fatal: the URL is wrong (the processor stops and says so) |
-//! | connection refused, reset, timed out | transient |
-//! | an unsupported URL | fatal: a configuration error |
+//! | connection refused, reset, timed out, a TLS handshake cut short | transient |
+//! | a certificate the client does not trust, or the server refuses the client's | fatal: the certificates need fixing |
+//! | a field the URL, a header or the body needs is missing | poison |
 //!
-//! Each event is sent as its JSON with an `Idempotency-Key` header set to the event id, so a
-//! target that honours it applies a redelivered event once.
+//! [`HttpSinkConfig::treat_as`] overrides the class of chosen statuses (a `409 Conflict` that
+//! means "already done" is a success; a `404` that means "no such order" is poison).
+//!
+//! **Requests.** The method is GET, POST, PUT, PATCH or DELETE. The URL and header values are
+//! templates over the event: `https://api.example.com/orders/{/order/id}` puts the value at
+//! that JSON pointer in place (percent-encoded in the URL). The body is the whole event (the
+//! default for POST, PUT and PATCH), the value at a JSON pointer, or nothing (the default for
+//! GET and DELETE). Every request carries `Idempotency-Key: <event id>`, so a target that
+//! honours it applies a redelivered event once.
+//!
+//! **Secrets.** A header can come from the environment or a file
+//! ([`HttpSinkConfig::secret_header`]). Its value is marked sensitive, and is scrubbed from
+//! every error message the sink makes (a server echoing the token in a 400 does not put it
+//! into a fault event, a log line or a metric).
+//!
+//! **Connections.** `http://` and `https://` (rustls with ring's cryptography, no OpenSSL):
+//! the system's root certificates unless [`HttpSinkConfig::ca_file`] names others, a client
+//! certificate for mTLS with [`HttpSinkConfig::client_identity`], HTTP/2 when the server
+//! offers it (ALPN), HTTP/1.1 otherwise. Connections are pooled and reused; at most
+//! [`HttpSinkConfig::max_idle_connections`] idle ones are kept per host, and the concurrency
+//! limit bounds the busy ones.
 //!
 //! ```no_run
-//! use floodway_http::{HttpSink, HttpSinkConfig};
+//! use floodway_http::{Body, HttpSink, HttpSinkConfig, Outcome, Secret};
 //! use floodway::Pipeline;
 //!
-//! let sink = HttpSink::new(HttpSinkConfig::post("http://127.0.0.1:8080/notify").unwrap());
+//! let config = HttpSinkConfig::new("https://api.example.com/orders/{/order/id}", "PATCH")?
+//!     .secret_header("Authorization", Secret::Env("API_TOKEN".into()))?
+//!     .body(Body::Field("/order".into()))
+//!     .treat_as("409", Outcome::Success)?;
+//! let sink = HttpSink::new(config);
 //! let pipeline = Pipeline::builder("notify").event_type("order-paid").sink(sink).unwrap();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod template;
+mod tls;
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,17 +64,21 @@ use floodway::layer::BoxFuture;
 use floodway::{Batch, Error, Event};
 use http::{header, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::util::BoxCloneSyncService;
 use tower::ServiceExt;
 
+use template::{Escape, Template};
+use tls::TlsSettings;
+
 /// A configuration the sink cannot work with.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HttpConfigError {
-    /// The URL does not parse or is not `http://`.
+    /// The URL does not parse or is not `http://` or `https://`.
     #[error("invalid URL `{url}`: {reason}")]
     Url {
         /// The URL.
@@ -53,94 +86,408 @@ pub enum HttpConfigError {
         /// What is wrong.
         reason: String,
     },
-    /// The method is neither POST nor PUT.
-    #[error("method `{0}` is not supported: use POST or PUT")]
+    /// The method is not one of GET, POST, PUT, PATCH, DELETE.
+    #[error("method `{0}` is not supported: use GET, POST, PUT, PATCH or DELETE")]
     Method(String),
     /// A header name or value is invalid.
-    #[error("invalid header `{0}`")]
-    Header(String),
+    #[error("invalid header `{name}`: {reason}")]
+    Header {
+        /// The header.
+        name: String,
+        /// What is wrong (never the value of a secret).
+        reason: String,
+    },
+    /// A secret cannot be read.
+    #[error("secret for header `{name}`: {reason}")]
+    Secret {
+        /// The header.
+        name: String,
+        /// What is wrong (never the value).
+        reason: String,
+    },
+    /// A `treat_as` entry is invalid.
+    #[error("treat_as `{status}`: {reason}")]
+    TreatAs {
+        /// The status pattern.
+        status: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A certificate or key cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// What a request's body is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// The whole event as JSON.
+    Event,
+    /// The JSON value at this pointer (a missing value is poison).
+    Field(String),
+    /// No body.
+    Empty,
+}
+
+/// Where a secret header value comes from. The value is read once, when the configuration is
+/// built; a missing variable or file is a configuration error that names it (never the value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Secret {
+    /// An environment variable.
+    Env(String),
+    /// A file (its content, without a trailing newline).
+    File(PathBuf),
+}
+
+/// What an answer means, for [`HttpSinkConfig::treat_as`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done (published as a response event when responses are).
+    Success,
+    /// The event cannot succeed: faulted.
+    Poison,
+    /// Retried.
+    Transient,
+    /// Retried, and adaptive concurrency backs off.
+    Throttled,
+    /// The processor stops.
+    Fatal,
+}
+
+impl std::str::FromStr for Outcome {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "success" => Outcome::Success,
+            "poison" => Outcome::Poison,
+            "transient" => Outcome::Transient,
+            "throttled" => Outcome::Throttled,
+            "fatal" => Outcome::Fatal,
+            other => {
+                return Err(format!(
+                    "`{other}` is not one of success, poison, transient, throttled, fatal"
+                ))
+            }
+        })
+    }
+}
+
+/// Statuses a `treat_as` entry covers: one (`"409"`) or a hundred (`"4xx"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StatusMatch {
+    Exact(u16),
+    Class(u16),
+}
+
+impl StatusMatch {
+    fn parse(text: &str) -> Option<StatusMatch> {
+        let t = text.trim().to_ascii_lowercase();
+        if let Some(digit) = t.strip_suffix("xx") {
+            let d: u16 = digit.parse().ok()?;
+            return (1..=5).contains(&d).then_some(StatusMatch::Class(d));
+        }
+        let code: u16 = t.parse().ok()?;
+        (100..=599)
+            .contains(&code)
+            .then_some(StatusMatch::Exact(code))
+    }
+
+    fn covers(self, status: u16) -> bool {
+        match self {
+            StatusMatch::Exact(code) => status == code,
+            StatusMatch::Class(d) => status / 100 == d,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum HeaderSource {
+    Template(Template),
+    Secret(HeaderValue),
 }
 
 /// Where and how events are sent.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpSinkConfig {
-    uri: Uri,
+    url_text: String,
+    url: Template,
+    https: bool,
     method: Method,
-    headers: Vec<(HeaderName, HeaderValue)>,
+    headers: Vec<(HeaderName, HeaderSource)>,
+    body: Option<Body>,
     response_type: Option<String>,
+    response_headers: Vec<HeaderName>,
+    treat_as: Vec<(StatusMatch, Outcome)>,
+    tls: TlsSettings,
+    max_idle: usize,
+    secrets: Vec<String>,
+}
+
+impl std::fmt::Debug for HttpSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secret header values are never printed.
+        let headers: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("HttpSinkConfig")
+            .field("method", &self.method)
+            .field("url", &self.url_text)
+            .field("headers", &headers)
+            .field("body", &self.effective_body())
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+fn url_error(url: &str, reason: impl Into<String>) -> HttpConfigError {
+    HttpConfigError::Url {
+        url: url.into(),
+        reason: reason.into(),
+    }
+}
+
+fn header_name(name: &str) -> Result<HeaderName, HttpConfigError> {
+    HeaderName::try_from(name).map_err(|_| HttpConfigError::Header {
+        name: name.into(),
+        reason: "not a valid header name".into(),
+    })
 }
 
 impl HttpSinkConfig {
     /// POST each event to `url`.
     ///
     /// # Errors
-    /// When `url` is not a valid `http://` URL.
+    /// When `url` is not a valid `http://` or `https://` URL template.
     pub fn post(url: &str) -> Result<Self, HttpConfigError> {
         Self::new(url, "POST")
     }
 
-    /// Send each event to `url` with `method` (`POST` or `PUT`).
+    /// Send each event to `url` (a template: `{/json/pointer}` is replaced by the event's
+    /// value there, percent-encoded) with `method`: GET, POST, PUT, PATCH or DELETE.
     ///
     /// # Errors
-    /// When `url` is not a valid `http://` URL or the method is not supported.
+    /// When `url` is not a valid `http://` or `https://` URL template or the method is not
+    /// supported.
     pub fn new(url: &str, method: &str) -> Result<Self, HttpConfigError> {
-        let uri: Uri = url
+        let template = Template::parse(url).map_err(|reason| url_error(url, reason))?;
+        // Fields may fill the path and query, never the scheme or the host.
+        let authority_written = template
+            .prefix()
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.contains(['/', '?']));
+        if !template.is_constant() && !authority_written {
+            return Err(url_error(
+                url,
+                "the scheme and host must be written out, not taken from the event",
+            ));
+        }
+        // The scheme and host are checked with every field filled in by a sample value.
+        let sample: Uri = template
+            .sample("x")
             .parse()
-            .map_err(|e: http::uri::InvalidUri| HttpConfigError::Url {
-                url: url.into(),
-                reason: e.to_string(),
-            })?;
-        match uri.scheme_str() {
-            Some("http") => {}
+            .map_err(|e: http::uri::InvalidUri| url_error(url, e.to_string()))?;
+        let https = match sample.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
             Some(other) => {
-                return Err(HttpConfigError::Url {
-                    url: url.into(),
-                    reason: format!("scheme `{other}` is not supported: use http://"),
-                })
+                return Err(url_error(
+                    url,
+                    format!("scheme `{other}` is not supported: use http:// or https://"),
+                ))
             }
             None => {
-                return Err(HttpConfigError::Url {
-                    url: url.into(),
-                    reason: "it needs a scheme and a host, e.g. http://127.0.0.1:8080/path".into(),
-                })
+                return Err(url_error(
+                    url,
+                    "it needs a scheme and a host, e.g. https://api.example.com/path",
+                ))
             }
-        }
+        };
         let method = match method.to_ascii_uppercase().as_str() {
+            "GET" => Method::GET,
             "POST" => Method::POST,
             "PUT" => Method::PUT,
+            "PATCH" => Method::PATCH,
+            "DELETE" => Method::DELETE,
             other => return Err(HttpConfigError::Method(other.into())),
         };
         Ok(HttpSinkConfig {
-            uri,
+            url_text: url.into(),
+            url: template,
+            https,
             method,
             headers: Vec::new(),
+            body: None,
             response_type: None,
+            response_headers: Vec::new(),
+            treat_as: Vec::new(),
+            tls: TlsSettings::default(),
+            max_idle: 32,
+            secrets: Vec::new(),
         })
     }
 
-    /// Adds a header to every request.
+    /// Adds a header to every request; the value is a template over the event, like the URL
+    /// (without percent-encoding).
     ///
     /// # Errors
-    /// When the name or value is not a valid header.
+    /// When the name or the value is not a valid header.
     pub fn header(mut self, name: &str, value: &str) -> Result<Self, HttpConfigError> {
-        let n = HeaderName::try_from(name).map_err(|_| HttpConfigError::Header(name.into()))?;
-        let v = HeaderValue::try_from(value).map_err(|_| HttpConfigError::Header(name.into()))?;
-        self.headers.push((n, v));
+        let n = header_name(name)?;
+        let invalid = |reason: &str| HttpConfigError::Header {
+            name: name.into(),
+            reason: reason.into(),
+        };
+        let template = Template::parse(value).map_err(|e| invalid(&e))?;
+        HeaderValue::try_from(template.sample("x"))
+            .map_err(|_| invalid("not a valid header value"))?;
+        self.headers.push((n, HeaderSource::Template(template)));
+        Ok(self)
+    }
+
+    /// Adds a header whose value is a secret, read now from the environment or a file. The
+    /// value is never printed: not in `Debug`, not in errors, faults or logs.
+    ///
+    /// # Errors
+    /// When the name is invalid, or the secret is missing, empty or not a valid header value.
+    pub fn secret_header(mut self, name: &str, secret: Secret) -> Result<Self, HttpConfigError> {
+        let n = header_name(name)?;
+        let invalid = |reason: String| HttpConfigError::Secret {
+            name: name.into(),
+            reason,
+        };
+        let value = match &secret {
+            Secret::Env(var) => std::env::var(var)
+                .map_err(|e| invalid(format!("environment variable {var}: {e}")))?,
+            Secret::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| invalid(format!("file {}: {e}", path.display())))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        };
+        if value.trim().is_empty() {
+            return Err(invalid(format!("{secret:?} is empty")));
+        }
+        let mut header = HeaderValue::try_from(value.as_str())
+            .map_err(|_| invalid(format!("{secret:?} is not a valid header value")))?;
+        header.set_sensitive(true);
+        self.secrets.push(value);
+        self.headers.push((n, HeaderSource::Secret(header)));
+        Ok(self)
+    }
+
+    /// What each request's body is: by default the whole event for POST, PUT and PATCH, and
+    /// none for GET and DELETE.
+    #[must_use]
+    pub fn body(mut self, body: Body) -> Self {
+        self.body = Some(body);
+        self
+    }
+
+    /// Treats answers with `status` (`"409"`, or a class like `"4xx"`) as `outcome`, whatever
+    /// their default class. Exact codes win over classes.
+    ///
+    /// # Errors
+    /// When `status` is neither a code (100 to 599) nor a class (`1xx` to `5xx`).
+    pub fn treat_as(mut self, status: &str, outcome: Outcome) -> Result<Self, HttpConfigError> {
+        let matcher = StatusMatch::parse(status).ok_or_else(|| HttpConfigError::TreatAs {
+            status: status.into(),
+            reason: "use a status code like \"409\" or a class like \"4xx\"".into(),
+        })?;
+        self.treat_as.push((matcher, outcome));
+        // Exact codes first, so that "404" = poison and "4xx" = success mean what they say.
+        self.treat_as
+            .sort_by_key(|(m, _)| matches!(m, StatusMatch::Class(_)));
         Ok(self)
     }
 
     /// Publishes each successful response as a new event of `event_type`, derived from the
     /// event sent (same partition key, a stable id), with the response body (JSON, or text) in
-    /// its `response` field.
+    /// its `response` field and the status in `status`.
     #[must_use]
     pub fn publish_response_as(mut self, event_type: impl Into<String>) -> Self {
         self.response_type = Some(event_type.into());
         self
     }
 
-    /// The URL.
-    pub fn uri(&self) -> &Uri {
-        &self.uri
+    /// Response headers copied into a response event's `headers` field (lower-case names).
+    ///
+    /// # Errors
+    /// When a name is not a valid header name.
+    pub fn response_headers<I, S>(mut self, names: I) -> Result<Self, HttpConfigError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        for name in names {
+            self.response_headers.push(header_name(name.as_ref())?);
+        }
+        Ok(self)
+    }
+
+    /// Trusts the PEM certificates in `path` (a private CA) instead of the system's roots.
+    ///
+    /// # Errors
+    /// When the file cannot be read or holds no certificate.
+    pub fn ca_file(mut self, path: impl AsRef<Path>) -> Result<Self, HttpConfigError> {
+        self.tls.set_ca_file(path.as_ref())?;
+        Ok(self)
+    }
+
+    /// Presents the PEM certificate chain in `cert` with the PEM private key in `key` to
+    /// servers that ask for a client certificate (mTLS).
+    ///
+    /// # Errors
+    /// When a file cannot be read, or the key does not match the certificate.
+    pub fn client_identity(
+        mut self,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<Self, HttpConfigError> {
+        self.tls.set_identity(cert.as_ref(), key.as_ref())?;
+        Ok(self)
+    }
+
+    /// Idle connections kept per host for reuse (default 32).
+    #[must_use]
+    pub fn max_idle_connections(mut self, n: usize) -> Self {
+        self.max_idle = n;
+        self
+    }
+
+    /// The URL template, as given.
+    pub fn url(&self) -> &str {
+        &self.url_text
+    }
+
+    /// The method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    fn effective_body(&self) -> Body {
+        self.body.clone().unwrap_or_else(|| {
+            if self.method == Method::GET || self.method == Method::DELETE {
+                Body::Empty
+            } else {
+                Body::Event
+            }
+        })
+    }
+
+    fn outcome(&self, status: StatusCode) -> Option<Outcome> {
+        let code = status.as_u16();
+        self.treat_as
+            .iter()
+            .find(|(m, _)| m.covers(code))
+            .map(|(_, o)| *o)
+    }
+
+    /// `text` with every secret value replaced.
+    fn scrub(&self, text: String) -> String {
+        self.secrets.iter().fold(text, |text, secret| {
+            if text.contains(secret.as_str()) {
+                text.replace(secret.as_str(), "[secret]")
+            } else {
+                text
+            }
+        })
     }
 }
 
@@ -150,8 +497,9 @@ pub type ResponsePublisher = BoxCloneSyncService<Event, (), Error>;
 /// Sends each event of a batch to an HTTP endpoint, in order; see the [crate docs](crate).
 #[derive(Clone)]
 pub struct HttpSink {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     config: Arc<HttpSinkConfig>,
+    body: Body,
     responses: Option<ResponsePublisher>,
 }
 
@@ -159,22 +507,30 @@ impl std::fmt::Debug for HttpSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpSink")
             .field("method", &self.config.method)
-            .field("uri", &self.config.uri)
+            .field("url", &self.config.url_text)
             .finish_non_exhaustive()
     }
 }
 
 impl HttpSink {
-    /// A sink with a pooled HTTP/1.1 client.
+    /// A sink with a pooled client: HTTP/1.1, or HTTP/2 where a TLS server offers it.
     pub fn new(config: HttpSinkConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config.tls.client_config(config.https))
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(config.max_idle)
             .build(connector);
         HttpSink {
             client,
+            body: config.effective_body(),
             config: Arc::new(config),
             responses: None,
         }
@@ -187,10 +543,27 @@ impl HttpSink {
         self
     }
 
-    async fn send(&self, event: &Event) -> Result<(), Error> {
-        let body = match event.source_text() {
-            Some(text) => Bytes::copy_from_slice(text.as_bytes()),
-            None => Bytes::from(event.to_json()),
+    fn request(&self, event: &Event) -> Result<Request<Full<Bytes>>, Error> {
+        let config = &self.config;
+        let url = config.url.render(event, Escape::Url)?;
+        let uri: Uri = url.parse().map_err(|e: http::uri::InvalidUri| {
+            Error::poison_msg("InvalidUrl", format!("{url}: {e}"))
+        })?;
+        let body = match &self.body {
+            Body::Event => match event.source_text() {
+                Some(text) => Bytes::copy_from_slice(text.as_bytes()),
+                None => Bytes::from(event.to_json()),
+            },
+            Body::Field(pointer) => {
+                let value = event.json_at(pointer).ok_or_else(|| {
+                    Error::poison_msg(
+                        "MissingField",
+                        format!("body {pointer} is missing in event {}", event.id()),
+                    )
+                })?;
+                Bytes::copy_from_slice(value.as_bytes())
+            }
+            Body::Empty => Bytes::new(),
         };
         // An id that cannot be a header value (a control character) is this event's problem.
         let key = HeaderValue::from_str(event.id()).map_err(|_| {
@@ -200,19 +573,42 @@ impl HttpSink {
             )
         })?;
         let mut request = Request::builder()
-            .method(self.config.method.clone())
-            .uri(self.config.uri.clone())
-            .header(header::CONTENT_TYPE, "application/json")
+            .method(config.method.clone())
+            .uri(uri)
             .header("idempotency-key", key);
-        for (name, value) in &self.config.headers {
+        if !body.is_empty() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        for (name, source) in &config.headers {
+            let value = match source {
+                HeaderSource::Secret(value) => value.clone(),
+                HeaderSource::Template(t) if t.is_constant() => {
+                    HeaderValue::from_str(&t.render(event, Escape::None)?)
+                        .map_err(|e| Error::fatal_msg("InvalidHeader", e.to_string()))?
+                }
+                HeaderSource::Template(t) => {
+                    let text = t.render(event, Escape::None)?;
+                    HeaderValue::from_str(&text).map_err(|_| {
+                        Error::poison_msg(
+                            "InvalidHeader",
+                            format!("header {name} of event {} is not a valid value", event.id()),
+                        )
+                    })?
+                }
+            };
             request = request.header(name, value);
         }
-        let request = request
+        request
             .body(Full::new(body))
-            .map_err(|e| Error::fatal_msg("InvalidRequest", e.to_string()))?;
+            .map_err(|e| Error::fatal_msg("InvalidRequest", e.to_string()))
+    }
+
+    async fn send(&self, event: &Event) -> Result<(), Error> {
+        let request = self.request(event)?;
+        let uri = request.uri().clone();
         let response = self.client.request(request).await.map_err(|e| {
-            let message = format!("{}: {}", self.config.uri, error_chain(&e));
-            Error::transient_msg("ConnectionError", message)
+            let message = self.config.scrub(format!("{uri}: {}", error_chain(&e)));
+            tls::classify_connect(&e, message)
         })?;
         let status = response.status();
         let retry_after = response
@@ -220,30 +616,69 @@ impl HttpSink {
             .get(header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry_after(v, std::time::SystemTime::now()));
+        let headers = self.chosen_headers(response.headers());
         // At most 1 MiB of answer: a target must not exhaust the processor's memory.
         let body = http_body_util::Limited::new(response.into_body(), 1024 * 1024)
             .collect()
             .await
             .map_err(|e| Error::transient_msg("ResponseBody", e.to_string()))?
             .to_bytes();
-        if status.is_success() {
-            return self.publish_response(event, &body).await;
+        let outcome = self.config.outcome(status);
+        if outcome == Some(Outcome::Success) || (outcome.is_none() && status.is_success()) {
+            return self.publish_response(event, status, headers, &body).await;
         }
-        Err(classify(status, retry_after, &body))
+        // The answer goes into the error's message: without the secrets a server may echo.
+        let body = match self.config.secrets.is_empty() {
+            true => body,
+            false => Bytes::from(self.config.scrub(String::from_utf8_lossy(&body).into())),
+        };
+        Err(match outcome {
+            Some(outcome) => treated(outcome, status, retry_after, &body),
+            None => classify(status, retry_after, &body),
+        })
     }
 
-    async fn publish_response(&self, event: &Event, body: &Bytes) -> Result<(), Error> {
+    fn chosen_headers(&self, headers: &http::HeaderMap) -> Option<serde_json::Value> {
+        if self.config.response_headers.is_empty() {
+            return None;
+        }
+        let map = self
+            .config
+            .response_headers
+            .iter()
+            .filter_map(|name| {
+                let value = headers.get(name)?.to_str().ok()?;
+                Some((name.as_str().to_string(), serde_json::Value::from(value)))
+            })
+            .collect();
+        Some(serde_json::Value::Object(map))
+    }
+
+    async fn publish_response(
+        &self,
+        event: &Event,
+        status: StatusCode,
+        headers: Option<serde_json::Value>,
+        body: &Bytes,
+    ) -> Result<(), Error> {
         let (Some(event_type), Some(publisher)) = (&self.config.response_type, &self.responses)
         else {
             return Ok(());
         };
-        let response = serde_json::from_slice(body)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into()));
-        let derived = event
+        let response = if body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(body)
+                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into()))
+        };
+        let mut derived = event
             .derive(event_type.clone())
             .field("response", response)
-            .build();
-        publisher.clone().oneshot(derived).await
+            .field("status", status.as_u16());
+        if let Some(headers) = headers {
+            derived = derived.field("headers", headers);
+        }
+        publisher.clone().oneshot(derived.build()).await
     }
 }
 
@@ -279,6 +714,27 @@ pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
         // A redirect for an API call means the URL is wrong: a configuration error.
         300..=399 => Error::fatal_msg("HttpStatus", format!("{message} (redirected: fix the URL)")),
         _ => Error::poison_msg("HttpStatus", message),
+    };
+    match retry_after {
+        Some(delay) => err.with_retry_after(delay),
+        None => err,
+    }
+}
+
+/// A non-2xx answer as `treat_as` says (success is handled by the caller).
+fn treated(
+    outcome: Outcome,
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Error {
+    let snippet: String = String::from_utf8_lossy(body).chars().take(200).collect();
+    let message = format!("{status}: {snippet} (treat_as)");
+    let err = match outcome {
+        Outcome::Poison | Outcome::Success => Error::poison_msg("HttpStatus", message),
+        Outcome::Transient => Error::transient_msg("HttpStatus", message),
+        Outcome::Throttled => Error::throttled_msg("HttpStatus", message),
+        Outcome::Fatal => Error::fatal_msg("HttpStatus", message),
     };
     match retry_after {
         Some(delay) => err.with_retry_after(delay),
@@ -359,7 +815,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("scheme"));
-        assert!(HttpSinkConfig::new("http://x", "GET").is_err());
+        assert!(HttpSinkConfig::new("http://x", "CONNECT")
+            .unwrap_err()
+            .to_string()
+            .contains("PATCH"));
+        assert!(HttpSinkConfig::post("{/scheme}://host/x")
+            .unwrap_err()
+            .to_string()
+            .contains("written out"));
+        assert!(HttpSinkConfig::post("https://{/host}/x").is_err());
+        assert!(HttpSinkConfig::post("https://api/{/id").is_err());
         assert!(HttpSinkConfig::post("http://x")
             .unwrap()
             .header("bad name", "v")

@@ -1,60 +1,145 @@
-//! The HTTP sink against a real loopback server.
+//! The HTTP sink against real loopback servers: plain HTTP/1.1, HTTPS with a test CA, mTLS,
+//! HTTP/2; each method, templates, secrets, `treat_as` and response events.
 
 use std::convert::Infallible;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use floodway::{Batch, Event, Uow};
-use floodway_http::{HttpSink, HttpSinkConfig};
-use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use floodway::{Batch, Error, ErrorClass, Event, Uow};
+use floodway_http::{Body, HttpSink, HttpSinkConfig, Outcome, Secret};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tower::ServiceExt;
 
-/// A server that answers its first call with 429 and `Retry-After` as an HTTP date `wait`
-/// ahead, and 200 after that.
-async fn throttling_once(wait: Duration) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+/// What the server saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    uri: String,
+    version: http::Version,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+type Answer = Arc<dyn Fn(&Seen, u64) -> Response<Full<Bytes>> + Send + Sync>;
+
+struct Server {
+    addr: std::net::SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Server {
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn ok() -> Answer {
+    Arc::new(|_, _| Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}"))))
+}
+
+fn status(code: u16, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = StatusCode::from_u16(code).unwrap();
+    response
+}
+
+/// A server on 127.0.0.1 answering with `answer` (given the request and its number), over TLS
+/// (HTTP/1.1 or HTTP/2, as the client chooses) when `tls` is given.
+async fn serve(answer: Answer, tls: Option<rustls::ServerConfig>) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
     let calls = Arc::new(AtomicU64::new(0));
-    let counter = calls.clone();
+    let log = seen.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let counter = counter.clone();
+            let (answer, log, calls, acceptor) =
+                (answer.clone(), log.clone(), calls.clone(), acceptor.clone());
             tokio::spawn(async move {
-                let service = service_fn(move |_req| {
-                    let first = counter.fetch_add(1, Ordering::SeqCst) == 0;
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (answer, log, calls) = (answer.clone(), log.clone(), calls.clone());
                     async move {
-                        let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
-                        if first {
-                            *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-                            let at = httpdate::fmt_http_date(SystemTime::now() + wait);
-                            response
-                                .headers_mut()
-                                .insert("retry-after", at.parse().unwrap());
-                        }
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await.unwrap().to_bytes();
+                        let seen = Seen {
+                            method: parts.method.to_string(),
+                            uri: parts.uri.to_string(),
+                            version: parts.version,
+                            headers: parts.headers,
+                            body: String::from_utf8_lossy(&body).into(),
+                        };
+                        let n = calls.fetch_add(1, Ordering::SeqCst);
+                        let response = answer(&seen, n);
+                        log.lock().unwrap().push(seen);
                         Ok::<_, Infallible>(response)
                     }
                 });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match acceptor {
+                    Some(acceptor) => {
+                        // A refused handshake ends the connection here, as a real server's.
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
+                    None => {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
             });
         }
     });
-    (addr, calls)
+    Server { addr, seen }
+}
+
+fn send(sink: &HttpSink, event: Event) -> impl std::future::Future<Output = Result<(), Error>> {
+    sink.clone().oneshot(Batch::one(Uow::detached(event)))
+}
+
+fn order(id: &str) -> Event {
+    Event::builder("order-paid", id)
+        .id(format!("e-{id}"))
+        .field(
+            "order",
+            serde_json::json!({"id": id, "total": 12.5, "tenant": "acme"}),
+        )
+        .build()
 }
 
 #[tokio::test]
 async fn a_throttle_with_retry_after_as_a_date_asks_for_that_delay() {
-    let (addr, calls) = throttling_once(Duration::from_secs(3)).await;
-    let sink = HttpSink::new(HttpSinkConfig::post(&format!("http://{addr}/orders")).unwrap());
-    let batch = || Batch::one(Uow::detached(Event::builder("order-paid", "o-1").build()));
-    let err = sink.clone().oneshot(batch()).await.unwrap_err();
+    let wait = Duration::from_secs(3);
+    let server = serve(
+        Arc::new(move |_, n| {
+            if n > 0 {
+                return Response::new(Full::new(Bytes::from_static(b"{}")));
+            }
+            let mut response = status(429, String::new());
+            let at = httpdate::fmt_http_date(SystemTime::now() + wait);
+            response
+                .headers_mut()
+                .insert("retry-after", at.parse().unwrap());
+            response
+        }),
+        None,
+    )
+    .await;
+    let sink =
+        HttpSink::new(HttpSinkConfig::post(&format!("http://{}/orders", server.addr)).unwrap());
+    let err = send(&sink, order("o-1")).await.unwrap_err();
     assert!(err.is_throttle(), "{err}");
     let delay = err.retry_after().expect("the date became a delay");
     // An HTTP date has whole seconds: 3 s ahead reads as 2 to 3 s.
@@ -62,6 +147,413 @@ async fn a_throttle_with_retry_after_as_a_date_asks_for_that_delay() {
         delay >= Duration::from_secs(2) && delay <= Duration::from_secs(3),
         "{delay:?}"
     );
-    sink.oneshot(batch()).await.unwrap();
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    send(&sink, order("o-1")).await.unwrap();
+    assert_eq!(server.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn every_method_with_templates_over_the_event() {
+    let server = serve(ok(), None).await;
+    let base = format!("http://{}", server.addr);
+    let url =
+        format!("{base}/tenants/{{/order/tenant}}/orders/{{/order/id}}?total={{/order/total}}");
+    for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+        let config = HttpSinkConfig::new(&url, method)
+            .unwrap()
+            .header("X-Order", "order {/order/id}")
+            .unwrap()
+            .header("X-Static", "fixed")
+            .unwrap();
+        send(&HttpSink::new(config), order("o 1/2")).await.unwrap();
+    }
+    let seen = server.seen();
+    assert_eq!(seen.len(), 5);
+    for (s, method) in seen.iter().zip(["GET", "POST", "PUT", "PATCH", "DELETE"]) {
+        assert_eq!(s.method, method);
+        assert_eq!(s.uri, "/tenants/acme/orders/o%201%2F2?total=12.5");
+        assert_eq!(s.headers["x-order"], "order o 1/2");
+        assert_eq!(s.headers["x-static"], "fixed");
+        assert_eq!(s.headers["idempotency-key"], "e-o 1/2");
+        if method == "GET" || method == "DELETE" {
+            assert_eq!(s.body, "", "{method} sends no body by default");
+            assert!(s.headers.get("content-type").is_none());
+        } else {
+            let sent: serde_json::Value = serde_json::from_str(&s.body).unwrap();
+            assert_eq!(sent["id"], "e-o 1/2", "{method} sends the event");
+            assert_eq!(s.headers["content-type"], "application/json");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_body_is_the_event_a_field_or_nothing() {
+    let server = serve(ok(), None).await;
+    let url = format!("http://{}/x", server.addr);
+    let field = HttpSinkConfig::post(&url)
+        .unwrap()
+        .body(Body::Field("/order".into()));
+    send(&HttpSink::new(field), order("o-1")).await.unwrap();
+    let empty = HttpSinkConfig::new(&url, "PUT").unwrap().body(Body::Empty);
+    send(&HttpSink::new(empty), order("o-1")).await.unwrap();
+    let with_body = HttpSinkConfig::new(&url, "DELETE")
+        .unwrap()
+        .body(Body::Event);
+    send(&HttpSink::new(with_body), order("o-1")).await.unwrap();
+    let seen = server.seen();
+    let order: serde_json::Value = serde_json::from_str(&seen[0].body).unwrap();
+    assert_eq!(
+        order,
+        serde_json::json!({"id": "o-1", "total": 12.5, "tenant": "acme"})
+    );
+    assert_eq!(seen[1].body, "");
+    assert!(seen[2].body.contains("\"order-paid\""));
+}
+
+#[tokio::test]
+async fn a_field_the_request_needs_is_poison_and_nothing_is_sent() {
+    let server = serve(ok(), None).await;
+    let url = format!("http://{}/orders/{{/order/customer}}", server.addr);
+    let sink = HttpSink::new(HttpSinkConfig::post(&url).unwrap());
+    let err = send(&sink, order("o-1")).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Poison);
+    assert_eq!(err.name(), "MissingField");
+    let header = HttpSinkConfig::post(&format!("http://{}/x", server.addr))
+        .unwrap()
+        .header("X-Customer", "{/customer/id}")
+        .unwrap();
+    assert_eq!(
+        send(&HttpSink::new(header), order("o-1"))
+            .await
+            .unwrap_err()
+            .class(),
+        ErrorClass::Poison
+    );
+    let body = HttpSinkConfig::post(&format!("http://{}/x", server.addr))
+        .unwrap()
+        .body(Body::Field("/customer".into()));
+    assert_eq!(
+        send(&HttpSink::new(body), order("o-1"))
+            .await
+            .unwrap_err()
+            .class(),
+        ErrorClass::Poison
+    );
+    assert!(server.seen().is_empty());
+}
+
+#[tokio::test]
+async fn secrets_are_sent_but_never_printed() {
+    // The server echoes the credentials it was given in its refusals, as some do.
+    let server = serve(
+        Arc::new(|seen, _| {
+            let echo = format!(
+                "bad request from {:?} / {:?}",
+                seen.headers.get("authorization"),
+                seen.headers.get("x-api-key")
+            );
+            status(if seen.uri.contains("retry") { 500 } else { 400 }, echo)
+        }),
+        None,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, "file-secret-5f1e\n").unwrap();
+    // SAFETY-free: the variable is unique to this test and set before any thread reads it.
+    std::env::set_var("FLOODWAY_TEST_TOKEN", "Bearer env-secret-9c2a");
+    for path in ["/orders", "/retry"] {
+        let config = HttpSinkConfig::post(&format!("http://{}{path}", server.addr))
+            .unwrap()
+            .secret_header("Authorization", Secret::Env("FLOODWAY_TEST_TOKEN".into()))
+            .unwrap()
+            .secret_header("X-Api-Key", Secret::File(key_file.clone()))
+            .unwrap();
+        let printed = format!("{config:?}");
+        let err = send(&HttpSink::new(config), order("o-1"))
+            .await
+            .unwrap_err();
+        for text in [printed, err.to_string(), format!("{err:?}")] {
+            assert!(!text.contains("env-secret-9c2a"), "{text}");
+            assert!(!text.contains("file-secret-5f1e"), "{text}");
+        }
+        assert!(err.message().contains("[secret]"), "{}", err.message());
+    }
+    let seen = server.seen();
+    assert_eq!(seen[0].headers["authorization"], "Bearer env-secret-9c2a");
+    assert_eq!(seen[0].headers["x-api-key"], "file-secret-5f1e");
+    // A secret that is not there is a configuration error naming where it was looked for.
+    let err = HttpSinkConfig::post("http://127.0.0.1:1/x")
+        .unwrap()
+        .secret_header("Authorization", Secret::Env("FLOODWAY_TEST_ABSENT".into()))
+        .unwrap_err();
+    assert!(err.to_string().contains("FLOODWAY_TEST_ABSENT"), "{err}");
+}
+
+#[tokio::test]
+async fn treat_as_overrides_the_class_of_chosen_statuses() {
+    let server = serve(
+        Arc::new(|seen, _| {
+            let code = seen.uri.trim_start_matches('/').parse().unwrap();
+            status(code, format!("status {code}"))
+        }),
+        None,
+    )
+    .await;
+    let config = |code: u16| {
+        HttpSinkConfig::post(&format!("http://{}/{code}", server.addr))
+            .unwrap()
+            .treat_as("409", Outcome::Success)
+            .unwrap()
+            .treat_as("4xx", Outcome::Transient)
+            .unwrap()
+            .treat_as("404", Outcome::Poison)
+            .unwrap()
+            .treat_as("502", Outcome::Throttled)
+            .unwrap()
+    };
+    let class = |r: Result<(), Error>| r.map_err(|e| (e.class(), e.is_throttle()));
+    assert_eq!(
+        class(send(&HttpSink::new(config(409)), order("o")).await),
+        Ok(())
+    );
+    assert_eq!(
+        class(send(&HttpSink::new(config(404)), order("o")).await),
+        Err((ErrorClass::Poison, false)),
+        "the exact code wins over the class"
+    );
+    assert_eq!(
+        class(send(&HttpSink::new(config(422)), order("o")).await),
+        Err((ErrorClass::Transient, false))
+    );
+    assert_eq!(
+        class(send(&HttpSink::new(config(502)), order("o")).await),
+        Err((ErrorClass::Transient, true))
+    );
+    assert!(HttpSinkConfig::post("http://x/")
+        .unwrap()
+        .treat_as("6xx", Outcome::Success)
+        .is_err());
+    assert!(HttpSinkConfig::post("http://x/")
+        .unwrap()
+        .treat_as("ok", Outcome::Success)
+        .is_err());
+}
+
+#[tokio::test]
+async fn responses_become_events_with_status_and_chosen_headers() {
+    let server = serve(
+        Arc::new(|_, _| {
+            let mut response = status(201, "{\"receipt\":\"r-7\"}".into());
+            response
+                .headers_mut()
+                .insert("etag", "\"v3\"".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("x-internal", "no".parse().unwrap());
+            response
+        }),
+        None,
+    )
+    .await;
+    let published = Arc::new(Mutex::new(Vec::new()));
+    let publisher = {
+        let published = published.clone();
+        tower::util::BoxCloneSyncService::new(tower::service_fn(move |e: Event| {
+            published.lock().unwrap().push(e);
+            std::future::ready(Ok::<_, Error>(()))
+        }))
+    };
+    let config = HttpSinkConfig::post(&format!("http://{}/x", server.addr))
+        .unwrap()
+        .publish_response_as("payment-notified")
+        .response_headers(["ETag", "location"])
+        .unwrap();
+    let sink = HttpSink::new(config).with_response_publisher(publisher);
+    send(&sink, order("o-1")).await.unwrap();
+    let events = published.lock().unwrap().clone();
+    assert_eq!(events.len(), 1);
+    let e = &events[0];
+    assert_eq!(e.event_type(), "payment-notified");
+    assert_eq!(e.partition_key(), "o-1");
+    assert_eq!(e.field("status"), Some(&serde_json::json!(201)));
+    assert_eq!(
+        e.field("response"),
+        Some(&serde_json::json!({"receipt": "r-7"}))
+    );
+    assert_eq!(
+        e.field("headers"),
+        Some(&serde_json::json!({"etag": "\"v3\""}))
+    );
+}
+
+/// A test CA, a server certificate for 127.0.0.1 signed by it, and a client certificate.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Floodway test CA");
+        let ca = params.self_signed(&ca_key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        Pki { dir, ca, ca_key }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `{name}.pem` and `{name}.key` for a leaf signed by the CA.
+    fn issue(&self, name: &str, sans: &[&str], usage: rcgen::ExtendedKeyUsagePurpose) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(sans).unwrap();
+        params.extended_key_usages = vec![usage];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(self.path(&format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+
+    /// The server's TLS configuration (HTTP/2 and HTTP/1.1 offered), requiring a client
+    /// certificate from this CA when `mtls`.
+    fn server_config(&self, mtls: bool) -> rustls::ServerConfig {
+        self.issue(
+            "server",
+            &["127.0.0.1", "localhost"],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = if mtls {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.ca.der().clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
+            .with_single_cert(
+                certs(&self.path("server.pem")),
+                key(&self.path("server.key")),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config
+    }
+}
+
+fn certs(path: &Path) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn key(path: &Path) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::from_pem_file(path).unwrap()
+}
+
+#[tokio::test]
+async fn https_is_refused_without_the_ca_and_accepted_with_it_over_http2() {
+    let pki = Pki::new();
+    let server = serve(ok(), Some(pki.server_config(false))).await;
+    let url = format!("https://{}/orders", server.addr);
+
+    let untrusted = HttpSink::new(HttpSinkConfig::post(&url).unwrap());
+    let err = send(&untrusted, order("o-1")).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Fatal, "{err}");
+    assert_eq!(err.name(), "TlsError");
+    assert!(err.message().contains("certificate"), "{}", err.message());
+
+    let trusted = HttpSink::new(
+        HttpSinkConfig::post(&url)
+            .unwrap()
+            .ca_file(pki.path("ca.pem"))
+            .unwrap(),
+    );
+    for i in 0..3 {
+        send(&trusted, order(&format!("o-{i}"))).await.unwrap();
+    }
+    let seen = server.seen();
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen.iter().all(|s| s.version == http::Version::HTTP_2),
+        "HTTP/2 when the server offers it: {:?}",
+        seen.iter().map(|s| s.version).collect::<Vec<_>>()
+    );
+
+    // A plain-text server on an https URL is a handshake that fails: transient.
+    let plain = serve(ok(), None).await;
+    let url = format!("https://{}/orders", plain.addr);
+    let sink = HttpSink::new(
+        HttpSinkConfig::post(&url)
+            .unwrap()
+            .ca_file(pki.path("ca.pem"))
+            .unwrap(),
+    );
+    let err = send(&sink, order("o-1")).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Transient, "{err}");
+}
+
+#[tokio::test]
+async fn mtls_is_refused_without_a_client_certificate_and_accepted_with_one() {
+    let pki = Pki::new();
+    pki.issue(
+        "client",
+        &["client"],
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let server = serve(ok(), Some(pki.server_config(true))).await;
+    let url = format!("https://{}/orders", server.addr);
+    let config = || {
+        HttpSinkConfig::post(&url)
+            .unwrap()
+            .ca_file(pki.path("ca.pem"))
+            .unwrap()
+    };
+
+    let anonymous = HttpSink::new(config());
+    let err = send(&anonymous, order("o-1")).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Fatal, "{err}");
+    assert!(server.seen().is_empty());
+
+    let identified = HttpSink::new(
+        config()
+            .client_identity(pki.path("client.pem"), pki.path("client.key"))
+            .unwrap(),
+    );
+    send(&identified, order("o-1")).await.unwrap();
+    assert_eq!(server.seen().len(), 1);
+
+    // A key that is not the certificate's is refused when the sink is configured.
+    pki.issue(
+        "other",
+        &["other"],
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let err = config()
+        .client_identity(pki.path("client.pem"), pki.path("other.key"))
+        .unwrap_err();
+    assert!(err.to_string().contains("client_key"), "{err}");
+    let err = config().ca_file(pki.path("missing.pem")).unwrap_err();
+    assert!(err.to_string().contains("missing.pem"), "{err}");
 }

@@ -24,8 +24,16 @@
 //! kind = "http"               # events to an external API
 //! name = "notify"
 //! types = ["order-paid"]
-//! url = "http://127.0.0.1:9000/notify"
-//! method = "POST"             # or "PUT"
+//! url = "https://api.example.com/orders/{/order/id}"  # {/json/pointer}: the event's value
+//! method = "POST"             # GET, POST, PUT, PATCH or DELETE
+//! headers = { Authorization = { env = "API_TOKEN" }, X-Tenant = "{/tenant}" }
+//!                             # a value (a template), or a secret: { env = ".." } or { file = ".." }
+//! body = "event"              # the whole event; "none"; or a JSON pointer like "/order"
+//! treat_as = { "409" = "success", "404" = "poison" }  # or a class: "4xx" = "transient"
+//! ca_file = "ca.pem"          # trust this CA instead of the system's roots (https)
+//! client_cert = "client.pem"  # mTLS: a certificate chain and its key
+//! client_key = "client.key"
+//! response_headers = ["etag"] # copied into response events
 //! rate_limit = 500            # calls per second, optional
 //! burst = 10
 //! concurrency = "adaptive"    # or a fixed number
@@ -71,6 +79,7 @@
 //!
 //! Unknown keys and bad values are errors that name them.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -298,6 +307,25 @@ pub enum ConcurrencyConfig {
     Named(String),
 }
 
+/// A header of the *http* processor: a value, or a secret read from the environment or a
+/// file (never written to logs or faults).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum HeaderConfig {
+    /// A value, a template over the event.
+    Value(String),
+    /// `{ env = "VAR" }`.
+    Env {
+        /// The environment variable.
+        env: String,
+    },
+    /// `{ file = "path" }`, relative to the configuration file.
+    File {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
 /// One `[[processors]]` entry.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
@@ -330,11 +358,30 @@ pub enum ProcessorConfig {
         name: String,
         /// Event types (exact or `*` patterns).
         types: Vec<String>,
-        /// `http://` URL.
+        /// `http://` or `https://` URL, a template over the event (`{/json/pointer}`).
         url: String,
-        /// `POST` (default) or `PUT`.
+        /// `GET`, `POST` (default), `PUT`, `PATCH` or `DELETE`.
         #[serde(default = "default_method")]
         method: String,
+        /// Headers: a value (a template over the event) or a secret.
+        #[serde(default)]
+        headers: BTreeMap<String, HeaderConfig>,
+        /// `"event"` (the default for POST, PUT, PATCH), `"none"` (the default for GET and
+        /// DELETE), or a JSON pointer.
+        body: Option<String>,
+        /// Statuses (`"409"`, `"4xx"`) treated as `success`, `poison`, `transient`,
+        /// `throttled` or `fatal`.
+        #[serde(default)]
+        treat_as: BTreeMap<String, String>,
+        /// PEM certificates trusted instead of the system's roots, relative to the file.
+        ca_file: Option<PathBuf>,
+        /// A PEM client certificate chain for mTLS, relative to the file.
+        client_cert: Option<PathBuf>,
+        /// The client certificate's PEM private key, relative to the file.
+        client_key: Option<PathBuf>,
+        /// Response headers copied into response events.
+        #[serde(default)]
+        response_headers: Vec<String>,
         /// Calls per second at most.
         rate_limit: Option<u32>,
         /// Calls allowed at once after a quiet period (default 1).
@@ -438,8 +485,25 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         config.hub.path = base.join(&config.hub.path);
         for p in &mut config.processors {
-            if let ProcessorConfig::Forward { to: Some(to), .. } = p {
-                *to = base.join(&*to);
+            match p {
+                ProcessorConfig::Forward { to: Some(to), .. } => *to = base.join(&*to),
+                ProcessorConfig::Http {
+                    headers,
+                    ca_file,
+                    client_cert,
+                    client_key,
+                    ..
+                } => {
+                    for path in [ca_file, client_cert, client_key].into_iter().flatten() {
+                        *path = base.join(&*path);
+                    }
+                    for header in headers.values_mut() {
+                        if let HeaderConfig::File { file } = header {
+                            *file = base.join(&*file);
+                        }
+                    }
+                }
+                _ => {}
             }
         }
         config.check().map_err(|message| ConfigError::Invalid {
@@ -508,6 +572,24 @@ impl Config {
                         "processor `{name}`: concurrency must be at least 1"
                     ));
                 }
+                ProcessorConfig::Http { body, treat_as, .. }
+                    if http_body(body.as_deref()).is_err()
+                        || treat_as.iter().any(|(s, o)| http_outcome(s, o).is_err()) =>
+                {
+                    let body = http_body(body.as_deref()).err();
+                    let treat = treat_as.iter().find_map(|(s, o)| http_outcome(s, o).err());
+                    let message = body.or(treat).unwrap_or_default();
+                    return Err(format!("processor `{name}`: {message}"));
+                }
+                ProcessorConfig::Http {
+                    client_cert,
+                    client_key,
+                    ..
+                } if client_cert.is_some() != client_key.is_some() => {
+                    return Err(format!(
+                        "processor `{name}`: give both client_cert and client_key, or neither"
+                    ));
+                }
                 ProcessorConfig::Http {
                     max_attempts: 0, ..
                 } => {
@@ -520,6 +602,35 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The *http* processor's `body`: `None` for the method's default.
+///
+/// # Errors
+/// A value that is not `"event"`, `"none"` or a JSON pointer.
+pub fn http_body(body: Option<&str>) -> Result<Option<floodway_http::Body>, String> {
+    use floodway_http::Body;
+    Ok(match body {
+        None => None,
+        Some("event") => Some(Body::Event),
+        Some("none") => Some(Body::Empty),
+        Some(pointer) if pointer.starts_with('/') => Some(Body::Field(pointer.into())),
+        Some(other) => {
+            return Err(format!(
+                "body is \"event\", \"none\" or a JSON pointer like \"/order\", not \"{other}\""
+            ))
+        }
+    })
+}
+
+/// One `treat_as` entry's outcome.
+///
+/// # Errors
+/// An outcome that is not one of the five.
+pub fn http_outcome(status: &str, outcome: &str) -> Result<floodway_http::Outcome, String> {
+    outcome
+        .parse()
+        .map_err(|message| format!("treat_as `{status}`: {message}"))
 }
 
 impl HubConfig {
@@ -623,6 +734,30 @@ name = "faults"
             .collect::<Vec<_>>()
             .join("\n");
         Config::parse(&example).unwrap().check().unwrap();
+    }
+
+    #[test]
+    fn bad_http_settings_are_named() {
+        let with = |setting: &str| {
+            Config::parse(&FULL.replace("concurrency = 8", setting))
+                .unwrap()
+                .check()
+                .unwrap_err()
+        };
+        assert!(with("body = \"whole\"").contains("body is"));
+        assert!(with("treat_as = { \"409\" = \"fine\" }").contains("treat_as `409`"));
+        assert!(with("client_cert = \"c.pem\"").contains("client_key"));
+        let c = Config::parse(&FULL.replace(
+            "concurrency = 8",
+            "headers = { Authorization = { env = \"T\" }, X-Key = { file = \"k\" }, X-A = \"{/a}\" }",
+        ))
+        .unwrap();
+        let ProcessorConfig::Http { headers, .. } = &c.processors[1] else {
+            unreachable!()
+        };
+        assert_eq!(headers["Authorization"], HeaderConfig::Env { env: "T".into() });
+        assert_eq!(headers["X-Key"], HeaderConfig::File { file: "k".into() });
+        assert_eq!(headers["X-A"], HeaderConfig::Value("{/a}".into()));
     }
 
     #[test]

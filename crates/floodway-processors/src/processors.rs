@@ -10,12 +10,12 @@ use floodway::layer::Resilience;
 use floodway::runtime::RunReport;
 use floodway::{sink_fn, Batch, BuildError, Error, Event, Pipeline, Processor, RunError};
 use floodway_embedded::{FaultStore, Hub, HubError, HubOptions, OpenError, SubscriptionOptions};
-use floodway_http::{HttpConfigError, HttpSink, HttpSinkConfig};
+use floodway_http::{HttpConfigError, HttpSink, HttpSinkConfig, Secret};
 use floodway_nats::NatsHub;
 use serde_json::Value;
 use tower::util::BoxCloneSyncService;
 
-use crate::config::{ConcurrencyConfig, Config, ProcessorConfig};
+use crate::config::{ConcurrencyConfig, Config, HeaderConfig, ProcessorConfig};
 use crate::hubs::{EventHub, Hubs, HubsError, NatsRead};
 
 /// A processor could not be built from its configuration.
@@ -39,6 +39,14 @@ pub enum SetupError {
         /// Why.
         #[source]
         source: HttpConfigError,
+    },
+    /// A setting is invalid.
+    #[error("processor `{name}`: {message}")]
+    Invalid {
+        /// The processor.
+        name: String,
+        /// What is wrong.
+        message: String,
     },
     /// A hub could not be opened.
     #[error("processor `{name}`: {source}")]
@@ -345,12 +353,50 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
             respond_as,
             parallelism,
             redact,
+            headers,
+            body,
+            treat_as,
+            ca_file,
+            client_cert,
+            client_key,
+            response_headers,
         } => {
             let http = |source| SetupError::Http {
                 name: name.clone(),
                 source,
             };
+            let invalid = |message| SetupError::Invalid {
+                name: name.clone(),
+                message,
+            };
             let mut sink = HttpSinkConfig::new(url, method).map_err(http)?;
+            for (header, value) in headers {
+                sink = match value {
+                    HeaderConfig::Value(v) => sink.header(header, v),
+                    HeaderConfig::Env { env } => {
+                        sink.secret_header(header, Secret::Env(env.clone()))
+                    }
+                    HeaderConfig::File { file } => {
+                        sink.secret_header(header, Secret::File(file.clone()))
+                    }
+                }
+                .map_err(http)?;
+            }
+            // Checked when the file was loaded: see `Config::check`.
+            if let Some(body) = crate::config::http_body(body.as_deref()).map_err(invalid)? {
+                sink = sink.body(body);
+            }
+            for (status, outcome) in treat_as {
+                let outcome = crate::config::http_outcome(status, outcome).map_err(invalid)?;
+                sink = sink.treat_as(status, outcome).map_err(http)?;
+            }
+            if let Some(ca) = ca_file {
+                sink = sink.ca_file(ca).map_err(http)?;
+            }
+            if let (Some(cert), Some(key)) = (client_cert, client_key) {
+                sink = sink.client_identity(cert, key).map_err(http)?;
+            }
+            sink = sink.response_headers(response_headers).map_err(http)?;
             if let Some(t) = respond_as {
                 sink = sink.publish_response_as(t.clone());
             }

@@ -394,3 +394,236 @@ to = "archive.db"
         400 + (paid - poisoned) as u64 + poisoned as u64
     );
 }
+
+/// Log lines of every test in this file, for the ones that check what was logged.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let writer = logs.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || CapturedWriter(writer.clone()))
+            .init();
+        logs
+    })
+    .clone()
+}
+
+struct CapturedWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An HTTPS API on a free loopback port, with a self-signed certificate for 127.0.0.1:
+/// `PATCH /tenants/{tenant}/orders/{id}` with the order as the body and a bearer token.
+/// Without the token: 401. A negative total: 400 echoing the token back, as careless APIs
+/// do. An order it has seen: 409. Otherwise 200 with an `ETag`.
+async fn serve_https(
+    cert: &rcgen::CertifiedKey,
+    token: &'static str,
+) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let applied = Arc::new(Mutex::new(Vec::new()));
+    let log = applied.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, log) = (acceptor.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        let auth = req
+                            .headers()
+                            .get("authorization")
+                            .map(|v| v.to_str().unwrap().to_owned())
+                            .unwrap_or_default();
+                        let path = req.uri().path().to_owned();
+                        let method = req.method().clone();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let order: Value = serde_json::from_slice(&body).unwrap();
+                        let mut response = Response::new(Full::new(Bytes::from("{}")));
+                        let status = if auth != format!("Bearer {token}") || method != "PATCH" {
+                            StatusCode::UNAUTHORIZED
+                        } else if order["total"].as_f64().unwrap_or(0.0) < 0.0 {
+                            *response.body_mut() = Full::new(Bytes::from(format!(
+                                "negative total (request authorized by {auth})"
+                            )));
+                            StatusCode::BAD_REQUEST
+                        } else if log.lock().unwrap().contains(&path) {
+                            StatusCode::CONFLICT
+                        } else {
+                            log.lock().unwrap().push(path.clone());
+                            response
+                                .headers_mut()
+                                .insert("etag", "\"v1\"".parse().unwrap());
+                            StatusCode::OK
+                        };
+                        *response.status_mut() = status;
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, applied)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_api_with_a_secret_token_templates_and_treat_as_keeps_the_secret() {
+    const TOKEN: &str = "tok-7b1f93c2e0";
+    let logs = captured_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    std::fs::write(dir.path().join("api-ca.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("api-token"), format!("Bearer {TOKEN}\n")).unwrap();
+    let (addr, applied) = serve_https(&cert, TOKEN).await;
+
+    let mut events: Vec<Event> = generate::orders(300, 77)
+        .into_iter()
+        .filter(|e| e.event_type() == "order-paid")
+        .collect();
+    for e in events.iter_mut().take(2) {
+        e.fields_mut().get_mut("order").unwrap()["total"] = Value::from(-1);
+    }
+    // The same order paid twice: the second call is answered 409, which means done.
+    let mut again = events[5].clone();
+    again.set_id("order-paid-again");
+    events.push(again);
+    for e in &mut events {
+        e.fields_mut()
+            .get_mut("order")
+            .unwrap()
+            .as_object_mut()
+            .unwrap()
+            .insert("tenant".into(), Value::from("acme"));
+    }
+    let config_text = format!(
+        r#"
+[hub]
+path = "hub.db"
+
+[[processors]]
+kind = "http"
+name = "apply"
+types = ["order-paid"]
+url = "https://{addr}/tenants/{{/order/tenant}}/orders/{{/order/id}}"
+method = "PATCH"
+headers = {{ Authorization = {{ file = "api-token" }}, X-Order = "{{/order/id}}" }}
+body = "/order"
+treat_as = {{ "409" = "success" }}
+ca_file = "api-ca.pem"
+respond_as = "order-applied"
+response_headers = ["etag"]
+max_attempts = 2
+
+[[processors]]
+kind = "fault-monitor"
+name = "faults"
+"#
+    );
+    let path = dir.path().join("floodway.toml");
+    std::fs::write(&path, config_text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let (hubs, processors) = build_all(&config).await.unwrap();
+    let hub = hubs.store.clone();
+    hub.publish(&events).await.unwrap();
+    run_all(&hubs.events, processors, bounded(), std::future::pending())
+        .await
+        .unwrap();
+    // The fault events published by the first run, into the store.
+    let monitor = floodway_processors::processors::fault_monitor(&hubs, "faults").unwrap();
+    run_all(
+        &hubs.events,
+        vec![monitor],
+        bounded(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+
+    let orders: std::collections::HashSet<String> = events
+        .iter()
+        .skip(2)
+        .map(|e| e.field("order").unwrap()["id"].as_str().unwrap().to_owned())
+        .collect();
+    let applied = applied.lock().unwrap().clone();
+    assert_eq!(applied.len(), orders.len(), "each valid order once");
+    assert!(applied[0].starts_with("/tenants/acme/orders/"));
+
+    let faults = hub
+        .fault_store()
+        .unwrap()
+        .list(&FaultFilter::default())
+        .unwrap();
+    assert_eq!(faults.len(), 2, "the two negative totals");
+    assert!(faults
+        .iter()
+        .all(|f| f.class == "poison" && f.message.contains("400")));
+    assert!(
+        faults.iter().all(|f| f.message.contains("[secret]")),
+        "{faults:?}"
+    );
+
+    // Responses, including the 409's, are events with their status and ETag.
+    let (mut reader, _) = hub.subscribe("check", bounded()).unwrap().split();
+    let mut statuses = Vec::new();
+    use floodway::Source;
+    while let Some(batch) = reader.next_batch(500).await.unwrap() {
+        for r in batch {
+            let e = Event::decode(&r.data).unwrap();
+            if e.event_type() == "order-applied" {
+                statuses.push(e.field("status").unwrap().as_u64().unwrap());
+                if e.field("status") == Some(&Value::from(200)) {
+                    assert_eq!(e.field("headers").unwrap()["etag"], "\"v1\"");
+                }
+            }
+        }
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses.len(), events.len() - 2);
+    assert_eq!(statuses.last(), Some(&409));
+
+    // The token is nowhere: not in a log line, not in a byte the hub stored (events, fault
+    // events, the fault store, the WAL).
+    drop((hub, hubs));
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("apply"), "the run was logged");
+    assert!(!logs.contains(TOKEN), "a log line holds the token");
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() == "api-token" {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
+            "{} holds the token",
+            path.display()
+        );
+    }
+}
