@@ -67,6 +67,8 @@ struct Service {
     latency_us: AtomicU64,
     /// When the last call was answered, in microseconds since `started`.
     last_answer_us: AtomicU64,
+    /// Calls answered in each second since `started`.
+    per_second: Mutex<Vec<u64>>,
     throttled: AtomicU64,
     down: AtomicU64,
     repeated: AtomicU64,
@@ -86,6 +88,12 @@ impl Service {
         self.answered.fetch_add(1, Ordering::Relaxed);
         self.last_answer_us
             .fetch_max(at.as_micros() as u64, Ordering::Relaxed);
+        let second = at.as_secs() as usize;
+        let mut per_second = self.per_second.lock().unwrap();
+        if per_second.len() <= second {
+            per_second.resize(second + 1, 0);
+        }
+        per_second[second] += 1;
         (StatusCode::OK, r#"{"notified":true}"#)
     }
 }
@@ -302,6 +310,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         answered: AtomicU64::new(0),
         latency_us: AtomicU64::new(0),
         last_answer_us: AtomicU64::new(0),
+        per_second: Mutex::new(Vec::new()),
         throttled: AtomicU64::new(0),
         down: AtomicU64::new(0),
         repeated: AtomicU64::new(0),
@@ -475,12 +484,28 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mean_latency =
         service.latency_us.load(Ordering::Relaxed) as f64 / 1e6 / answered.max(1) as f64;
     let capacity_per_sec = args.capacity as f64 / mean_latency.max(1e-6);
+    // The busiest second shows what adaptive concurrency holds once it has found the
+    // capacity; the mean also pays for the start and the recovery after the outage.
+    let best_second = service
+        .per_second
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0);
+    line(
+        "the service's capacity",
+        format!(
+            "{capacity_per_sec:.0} calls/s ({} at once / mean latency {:.1} ms; time on the wire and in the client not counted)",
+            args.capacity,
+            mean_latency * 1e3
+        ),
+    );
     line(
         "notification calls/s while the service was up",
         format!(
-            "{calls_per_sec:.0} (the service's capacity {capacity_per_sec:.0}/s: {} at once, mean latency {:.1} ms; rate limit {}/s)",
-            args.capacity,
-            mean_latency * 1e3,
+            "{calls_per_sec:.0} on average, {best_second} in the busiest second (rate limit {}/s)",
             args.rate
         ),
     );

@@ -755,7 +755,10 @@ name = "faults"
         let ProcessorConfig::Http { headers, .. } = &c.processors[1] else {
             unreachable!()
         };
-        assert_eq!(headers["Authorization"], HeaderConfig::Env { env: "T".into() });
+        assert_eq!(
+            headers["Authorization"],
+            HeaderConfig::Env { env: "T".into() }
+        );
         assert_eq!(headers["X-Key"], HeaderConfig::File { file: "k".into() });
         assert_eq!(headers["X-A"], HeaderConfig::Value("{/a}".into()));
     }

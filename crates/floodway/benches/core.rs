@@ -2,7 +2,9 @@
 //!
 //! Prints a table of what was measured on this machine, with the baselines measured in the
 //! same run. Throughput runs on one core (a current-thread runtime). Set
-//! `FLOODWAY_BENCH_EVENTS` to change the number of events per throughput run.
+//! `FLOODWAY_BENCH_EVENTS` to change the number of events per throughput run;
+//! `FLOODWAY_BENCH_ONLY=throughput` for the throughput rows only, `=adaptive` for the simulated
+//! adaptive-concurrency row only.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -487,6 +489,10 @@ fn main() {
     let poisoned_records = records_from_lines(&poisoned_lines);
 
     let mut rows = Vec::new();
+    if std::env::var("FLOODWAY_BENCH_ONLY").as_deref() == Ok("adaptive") {
+        print_table(vec![adaptive_row()]);
+        return;
+    }
     if let Ok(profile) = std::env::var("FLOODWAY_BENCH_PROFILE") {
         // For profilers: one case only, many times.
         let (records, resilience) = match profile.as_str() {

@@ -389,6 +389,15 @@ where
                     _ => return Err(err),
                 }
                 match failed_at {
+                    // Throttled while others get through: the target is busy, and would take
+                    // this call another time. Held again, never faulted for it.
+                    Some(at) if shared.healthy_since(at) && err.is_throttle() => {
+                        tracing::debug!(sink = %shared.label, error = %err, "throttled call held again");
+                        failed_at = Some(shared.admitted.load(Ordering::SeqCst));
+                        if admission == Admission::Probe {
+                            shared.close(admission);
+                        }
+                    }
                     Some(at) if shared.healthy_since(at) => {
                         // Later calls get through: this call is the problem, not the target.
                         if admission == Admission::Probe {
@@ -467,6 +476,30 @@ mod tests {
         assert_eq!(good.await.unwrap().unwrap(), 1);
         let err = bad.await.unwrap().unwrap_err();
         assert_eq!(err.class(), ErrorClass::Transient);
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_throttled_while_others_succeed_is_held_not_returned() {
+        // The target throttles call 13 for its first 5 s, then takes it: a busy target, not a
+        // bad request.
+        let start = Instant::now();
+        let svc = service_fn(move |x: u32| async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if x == 13 && start.elapsed() < Duration::from_secs(5) {
+                Err(Error::throttled_msg("HttpStatus", "429 Too Many Requests"))
+            } else {
+                Ok(x)
+            }
+        });
+        let breaker = CircuitBreaker::new(BreakerConfig::default(), "t");
+        let svc = BreakerLayer::new(breaker.clone()).layer(svc);
+        let throttled = tokio::spawn(svc.clone().oneshot(13));
+        for x in 0..100 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(svc.clone().oneshot(x).await.unwrap(), x);
+        }
+        assert_eq!(throttled.await.unwrap().unwrap(), 13, "held until taken");
         assert_eq!(breaker.state(), BreakerState::Closed);
     }
 

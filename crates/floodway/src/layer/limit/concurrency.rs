@@ -6,6 +6,20 @@
 //! decrease), at most once per round so that one burst of throttles counts as one signal.
 //! Nobody has to know the target's capacity: the limit finds it and follows it as it changes.
 //!
+//! Three refinements make it hold a real service's capacity rather than saw around it:
+//!
+//! - **Slow start.** Until the first overload signal the limit doubles every round (one more
+//!   per success), as TCP's does; the first signal halves it, which lands between the last
+//!   round that went through and the one that did not. A limit of 64 is found in five rounds,
+//!   not sixty.
+//! - **A remembered ceiling.** An explicit back-pressure signal (a throttle or a timeout)
+//!   records the limit it happened at. Growing back, the limit stops just below that ceiling
+//!   and probes it only every few rounds: after each probe the target throttles again, the
+//!   wait doubles (up to 64 rounds, and never more than [`MAX_PROBE_WAIT`]). Without this,
+//!   additive increase probes every round, and a target taking 4 calls at once throttles one
+//!   call in four. A probe that goes through forgets the ceiling: the target has grown.
+//! - **Latency as a trend only** (below), and it never sets a ceiling: it is a softer signal.
+//!
 //! Latency is judged as a trend, never by a single call (real latencies jitter: a log-normal
 //! tail puts one call in twenty at twice the median). As in Vector's adaptive request
 //! concurrency, successes are gathered in windows one mean latency long; at the end of a
@@ -58,6 +72,13 @@ impl Default for Aimd {
 /// Weight of a new window in the moving averages (Vector's choice).
 const EWMA_WEIGHT: f64 = 0.4;
 
+/// The most rounds spent just below a known ceiling before probing it again.
+const MAX_PROBE_ROUNDS: f64 = 64.0;
+
+/// The longest wait just below a known ceiling before probing it again, however slow the
+/// rounds: a target that grew is found within about this long.
+pub const MAX_PROBE_WAIT: Duration = Duration::from_secs(2);
+
 /// A concurrency limit shared by clones: fixed, or adaptive per [`Aimd`].
 #[derive(Debug, Clone)]
 pub struct ConcurrencyLimiter {
@@ -83,6 +104,22 @@ struct State {
     rtt: Option<f64>,
     rtt_deviation: f64,
     window: Window,
+    /// Doubling every round until the first overload signal.
+    slow_start: bool,
+    /// The limit at the last explicit back-pressure signal, while it holds.
+    ceiling: Option<Ceiling>,
+}
+
+#[derive(Debug)]
+struct Ceiling {
+    /// The limit that was throttled.
+    at: f64,
+    /// Rounds to wait below it before the next probe.
+    probe_rounds: f64,
+    /// Rounds waited so far (successes divided by the limit).
+    waited: f64,
+    /// When the limit reached it.
+    reached: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -177,6 +214,8 @@ impl ConcurrencyLimiter {
                         sum: 0.0,
                         count: 0,
                     },
+                    slow_start: true,
+                    ceiling: None,
                 }),
                 notify: Notify::new(),
                 adaptive,
@@ -251,6 +290,63 @@ impl State {
     }
 }
 
+impl State {
+    /// One success's worth of growth.
+    fn increase(&mut self, aimd: Aimd, now: Instant) {
+        let max = aimd.max as f64;
+        if self.slow_start {
+            self.limit = (self.limit + 1.0).min(max);
+            return;
+        }
+        let step = 1.0 / self.limit;
+        if let Some(ceiling) = &mut self.ceiling {
+            // Just below the ceiling: wait there, then probe it.
+            let below = ceiling.at.floor() - 1.0;
+            if self.limit + step >= below + 1.0 {
+                let reached = *ceiling.reached.get_or_insert(now);
+                ceiling.waited += step;
+                if ceiling.waited < ceiling.probe_rounds && now - reached < MAX_PROBE_WAIT {
+                    self.limit = self.limit.max(below).min(below + 0.999);
+                    return;
+                }
+                // The probe: one round at the ceiling. Past it, the ceiling is gone.
+                if self.limit + step >= ceiling.at.floor() + 1.0 {
+                    self.ceiling = None;
+                }
+            }
+        }
+        self.limit = (self.limit + step).min(max);
+    }
+
+    /// An overload signal: `explicit` for a throttle or a timeout, not a latency trend.
+    fn decrease(&mut self, aimd: Aimd, explicit: bool) {
+        let at = self.limit;
+        if self.slow_start {
+            // The round before went through at half this limit.
+            self.slow_start = false;
+            self.limit = (at / 2.0).max(aimd.min as f64);
+        } else {
+            self.limit = (at * aimd.decrease).max(aimd.min as f64);
+        }
+        self.generation += 1;
+        if !explicit {
+            return;
+        }
+        let probe_rounds = match &self.ceiling {
+            // The probe at (or above) the ceiling was refused again: wait twice as long.
+            Some(c) if at.floor() >= c.at.floor() => (c.probe_rounds * 2.0).min(MAX_PROBE_ROUNDS),
+            Some(c) => c.probe_rounds,
+            None => 1.0,
+        };
+        self.ceiling = Some(Ceiling {
+            at: at.floor().max(aimd.min as f64 + 1.0),
+            probe_rounds,
+            waited: 0.0,
+            reached: None,
+        });
+    }
+}
+
 impl Permit {
     /// Releases the slot, telling the limiter how the call went.
     pub fn finish(mut self, signal: Signal) {
@@ -271,22 +367,19 @@ impl Permit {
         if let Some(aimd) = shared.adaptive {
             let now = Instant::now();
             let latency = now - self.started;
-            let mut signal = signal;
-            if signal == Signal::Success && state.latency_trends_up(now, latency, aimd) {
-                signal = Signal::Overload;
-            }
+            let trend = signal == Signal::Success && state.latency_trends_up(now, latency, aimd);
             let before = state.limit.floor();
-            match signal {
-                Signal::Overload if self.generation == state.generation => {
-                    state.limit = (state.limit * aimd.decrease).max(aimd.min as f64);
-                    state.generation += 1;
+            let explicit = signal == Signal::Overload;
+            if explicit || trend {
+                // At most one decrease per round: a call that started before the last one
+                // reports on a limit that is gone.
+                if self.generation == state.generation {
+                    state.decrease(aimd, explicit);
                     metrics::counter!("floodway_concurrency_decreases_total", "sink" => shared.label.to_string())
                         .increment(1);
                 }
-                Signal::Success if saturated => {
-                    state.limit = (state.limit + 1.0 / state.limit).min(aimd.max as f64);
-                }
-                _ => {}
+            } else if signal == Signal::Success && saturated {
+                state.increase(aimd, now);
             }
             // Reported when it moves, not at every call.
             if state.limit.floor() != before {
@@ -390,33 +483,55 @@ mod tests {
         assert_eq!(limiter.limit(), 2);
     }
 
-    /// Runs `callers` loops against a simulated service that takes `capacity` calls at once
+    /// What a simulated run measured over its second half.
+    #[derive(Debug)]
+    struct Run {
+        /// The mean limit.
+        limit: f64,
+        /// Successes as a fraction of what the capacity allows (capacity / mean latency).
+        goodput: f64,
+        /// Throttled calls as a share of all calls.
+        throttled: f64,
+    }
+
+    /// Runs callers against a simulated service that takes `capacity` calls at once
     /// (throttling above that after 1 ms) with log-normal latencies (median 20 ms, `sigma`),
-    /// for `seconds` on the paused clock. Returns the mean limit over the second half and the
-    /// goodput as a fraction of what the capacity allows.
-    async fn simulate(capacity: usize, sigma: f64, seconds: u64) -> (f64, f64) {
+    /// for `seconds` on the paused clock; `change` is called every 100 ms with the time
+    /// elapsed and may set a new capacity. Measures the second half.
+    async fn simulate(
+        capacity: usize,
+        sigma: f64,
+        seconds: u64,
+        change: impl Fn(Duration) -> Option<usize>,
+    ) -> Run {
         use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
         let limiter = ConcurrencyLimiter::adaptive(Aimd::default(), "sim").unwrap();
+        let cap = Arc::new(AtomicUsize::new(capacity));
         let busy = Arc::new(AtomicUsize::new(0));
         let ok = Arc::new(AtomicU64::new(0));
+        let throttled = Arc::new(AtomicU64::new(0));
         let latency_sum = Arc::new(AtomicU64::new(0));
-        let end = Instant::now() + Duration::from_secs(seconds);
+        let start = Instant::now();
+        let end = start + Duration::from_secs(seconds);
         let mut tasks = Vec::new();
         for seed in 0..(capacity as u64 * 4).max(32) {
-            let (limiter, busy, ok, latency_sum) = (
+            let (limiter, cap, busy, ok, throttled, latency_sum) = (
                 limiter.clone(),
+                cap.clone(),
                 busy.clone(),
                 ok.clone(),
+                throttled.clone(),
                 latency_sum.clone(),
             );
             tasks.push(tokio::spawn(async move {
                 let mut rng = fastrand::Rng::with_seed(seed);
                 while Instant::now() < end {
                     let permit = limiter.acquire().await;
-                    if busy.fetch_add(1, Ordering::SeqCst) >= capacity {
+                    if busy.fetch_add(1, Ordering::SeqCst) >= cap.load(Ordering::SeqCst) {
                         busy.fetch_sub(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(1)).await;
                         permit.finish(Signal::Overload);
+                        throttled.fetch_add(1, Ordering::SeqCst);
                         continue;
                     }
                     // Box-Muller: a standard normal from two uniforms.
@@ -431,38 +546,133 @@ mod tests {
                 }
             }));
         }
-        tokio::time::sleep(Duration::from_secs(seconds / 2)).await;
-        let (mut sum, mut samples) = (0.0, 0.0);
-        let ok_half = ok.load(Ordering::SeqCst);
+        let half = start + Duration::from_secs(seconds) / 2;
+        let (mut sum, mut samples, mut at_half) = (0.0, 0.0, None);
         while Instant::now() < end {
-            sum += limiter.limit() as f64;
-            samples += 1.0;
+            if let Some(c) = change(Instant::now() - start) {
+                cap.store(c, Ordering::SeqCst);
+            }
+            if Instant::now() >= half {
+                at_half
+                    .get_or_insert((ok.load(Ordering::SeqCst), throttled.load(Ordering::SeqCst)));
+                sum += limiter.limit() as f64;
+                samples += 1.0;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         for t in tasks {
             t.await.unwrap();
         }
+        let (ok_half, throttled_half) = at_half.unwrap();
         let calls = ok.load(Ordering::SeqCst);
         let mean_latency = latency_sum.load(Ordering::SeqCst) as f64 / 1e6 / calls.max(1) as f64;
-        let goodput = (calls - ok_half) as f64 / (seconds as f64 / 2.0);
-        (sum / samples, goodput / (capacity as f64 / mean_latency))
+        let good = (calls - ok_half) as f64;
+        let bad = (throttled.load(Ordering::SeqCst) - throttled_half) as f64;
+        let capacity = cap.load(Ordering::SeqCst) as f64;
+        Run {
+            limit: sum / samples,
+            goodput: good / (seconds as f64 / 2.0) / (capacity / mean_latency),
+            throttled: bad / (good + bad),
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn jittered_latency_does_not_collapse_the_limit() {
         for capacity in [4usize, 16, 64] {
-            let (limit, goodput) = simulate(capacity, 0.5, 30).await;
-            eprintln!("capacity {capacity}: mean limit {limit:.1}, goodput {goodput:.3}");
-            let c = capacity as f64;
-            assert!(
-                (limit - c).abs() <= c * 0.25 + 0.5,
-                "capacity {capacity}: mean limit {limit:.1}"
-            );
-            assert!(
-                goodput >= 0.85,
-                "capacity {capacity}: goodput {goodput:.2} of capacity"
-            );
+            for sigma in [0.25, 0.5] {
+                let run = simulate(capacity, sigma, 30, |_| None).await;
+                eprintln!("capacity {capacity}, sigma {sigma}: {run:?}");
+                let c = capacity as f64;
+                assert!(
+                    (run.limit - c).abs() <= c * 0.25 + 0.5,
+                    "capacity {capacity}: {run:?}"
+                );
+                assert!(run.goodput >= 0.9, "capacity {capacity}: {run:?}");
+                assert!(run.throttled <= 0.03, "capacity {capacity}: {run:?}");
+            }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_follows_a_capacity_halved_then_restored() {
+        // 16, halved at 10 s, restored at 20 s; the second half (15 s to 30 s) spans both.
+        let run = simulate(16, 0.5, 30, |t| match t.as_secs() {
+            10..20 => Some(8),
+            20.. => Some(16),
+            _ => None,
+        })
+        .await;
+        eprintln!("halved and restored: {run:?}");
+        // 5 s at 8 then 10 s at 16: a mean limit of about 13.3 when followed.
+        assert!((run.limit - 13.3).abs() <= 2.0, "{run:?}");
+        assert!(run.throttled <= 0.05, "{run:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_then_a_ceiling_probed_ever_more_rarely() {
+        let limiter = ConcurrencyLimiter::adaptive(Aimd::default(), "t").unwrap();
+        // A round where every call succeeds, or where the calls above `capacity` throttle.
+        async fn round(limiter: &ConcurrencyLimiter, capacity: usize) -> usize {
+            let n = limiter.limit();
+            let permits: Vec<_> =
+                futures_util::future::join_all((0..n).map(|_| limiter.acquire())).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Throttles are reported first, as a target refusing a call answers at once.
+            for (i, p) in permits.into_iter().enumerate().rev() {
+                p.finish(if i < capacity {
+                    Signal::Success
+                } else {
+                    Signal::Overload
+                });
+            }
+            n.saturating_sub(capacity)
+        }
+        // Every success adds one while at least half the limit is busy: when a whole round
+        // ends at once, about half of its successes count: the limit grows by a third or more
+        // per round.
+        let mut limits = vec![limiter.limit()];
+        for _ in 0..9 {
+            round(&limiter, 1000).await;
+            limits.push(limiter.limit());
+        }
+        assert!(limits[9] >= 64, "exponential growth: {limits:?}");
+        // Capacity 40: the first throttles halve the limit (slow start ends).
+        let before = limiter.limit();
+        round(&limiter, 40).await;
+        assert_eq!(limiter.limit(), before / 2);
+        // Growing back, the limit probes 64's ceiling... it is above 40, so: throttles at
+        // 41 and over only; count the rounds with a throttle over the next 400 rounds.
+        let mut throttled_rounds = Vec::new();
+        for r in 0..400 {
+            if round(&limiter, 40).await > 0 {
+                throttled_rounds.push(r);
+            }
+        }
+        let gaps: Vec<usize> = throttled_rounds.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            throttled_rounds.len() <= 20,
+            "probes become rare: {throttled_rounds:?}"
+        );
+        assert!(
+            gaps.iter().rev().take(2).all(|g| *g >= 32),
+            "waits between probes grew: {gaps:?}"
+        );
+        assert!((39..=41).contains(&limiter.limit()), "{}", limiter.limit());
+        // The target grows: the next probe goes through and the ceiling is forgotten.
+        let mut rounds = 0;
+        while limiter.limit() <= 42 && rounds < 100 {
+            round(&limiter, 1000).await;
+            rounds += 1;
+        }
+        // Rounds of 20 ms: the probe comes within MAX_PROBE_WAIT (100 rounds), and a round.
+        assert!(
+            rounds <= 102,
+            "probed within {MAX_PROBE_WAIT:?}: {rounds} rounds"
+        );
+        for _ in 0..100 {
+            round(&limiter, 1000).await;
+        }
+        assert!(limiter.limit() > 60, "{}", limiter.limit());
     }
 
     #[tokio::test(start_paused = true)]
@@ -477,8 +687,29 @@ mod tests {
                 p.finish(Signal::Success);
             }
         }
+        assert_eq!(
+            limiter.limit(),
+            256,
+            "slow start doubled it up to the maximum"
+        );
+        // The first overload ends slow start by halving the limit.
+        let permits: Vec<_> =
+            futures_util::future::join_all((0..256).map(|_| limiter.acquire())).await;
+        for p in permits {
+            p.finish(Signal::Overload);
+        }
+        assert_eq!(limiter.limit(), 128);
+        for _ in 0..80 {
+            let permits: Vec<_> =
+                futures_util::future::join_all((0..limiter.limit()).map(|_| limiter.acquire()))
+                    .await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            for p in permits {
+                p.finish(Signal::Success);
+            }
+        }
         let grown = limiter.limit();
-        assert!(grown > 20, "grew to {grown}");
+        assert!(grown > 128, "grew again to {grown}");
         let permits: Vec<_> =
             futures_util::future::join_all((0..grown).map(|_| limiter.acquire())).await;
         for p in permits {
