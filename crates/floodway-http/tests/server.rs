@@ -33,6 +33,7 @@ type Answer = Arc<dyn Fn(&Seen, u64) -> Response<Full<Bytes>> + Send + Sync>;
 struct Server {
     addr: std::net::SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<AtomicU64>,
 }
 
 impl Server {
@@ -59,9 +60,12 @@ async fn serve(answer: Answer, tls: Option<rustls::ServerConfig>) -> Server {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
     let calls = Arc::new(AtomicU64::new(0));
+    let connections = Arc::new(AtomicU64::new(0));
+    let accepted = connections.clone();
     let log = seen.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
             let (answer, log, calls, acceptor) =
                 (answer.clone(), log.clone(), calls.clone(), acceptor.clone());
             tokio::spawn(async move {
@@ -102,7 +106,11 @@ async fn serve(answer: Answer, tls: Option<rustls::ServerConfig>) -> Server {
             });
         }
     });
-    Server { addr, seen }
+    Server {
+        addr,
+        seen,
+        connections,
+    }
 }
 
 fn send(sink: &HttpSink, event: Event) -> impl std::future::Future<Output = Result<(), Error>> {
@@ -149,6 +157,25 @@ async fn a_throttle_with_retry_after_as_a_date_asks_for_that_delay() {
     );
     send(&sink, order("o-1")).await.unwrap();
     assert_eq!(server.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn connections_are_reused() {
+    let server = serve(ok(), None).await;
+    let sink = HttpSink::new(HttpSinkConfig::post(&format!("http://{}/x", server.addr)).unwrap());
+    for i in 0..20 {
+        send(&sink, order(&format!("o-{i}"))).await.unwrap();
+    }
+    // Four at once need four connections, and keep them for the next four.
+    for round in 0..5 {
+        let calls = (0..4).map(|i| send(&sink, order(&format!("p-{round}-{i}"))));
+        for result in futures_util::future::join_all(calls).await {
+            result.unwrap();
+        }
+    }
+    assert_eq!(server.seen().len(), 40);
+    let connections = server.connections.load(Ordering::SeqCst);
+    assert!(connections <= 4, "{connections} connections for 40 calls");
 }
 
 #[tokio::test]
