@@ -9,7 +9,7 @@ use floodway::idempotence::{MemoryView, Version};
 use floodway::testing::generate;
 use floodway::Event;
 use floodway_embedded::{FaultFilter, Hub, HubOptions, SubscriptionOptions};
-use floodway_processors::{build_all, run_all, Config};
+use floodway_processors::{build_all, run_all, Config, Hubs};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::server::conn::http1;
@@ -82,6 +82,37 @@ async fn serve(target: Arc<Target>) -> std::net::SocketAddr {
     addr
 }
 
+/// Writes `text` as the configuration file in `dir`, publishes `events` to its hub and runs
+/// every configured processor over them once.
+async fn run_config(
+    dir: &std::path::Path,
+    text: &str,
+    events: &[Event],
+) -> (Hubs, Vec<(String, floodway::runtime::RunReport)>) {
+    let path = dir.join("floodway.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let (hubs, processors) = build_all(&config).await.unwrap();
+    hubs.store.publish(events).await.unwrap();
+    let reports = run_all(&hubs.events, processors, bounded(), std::future::pending())
+        .await
+        .unwrap();
+    (hubs, reports)
+}
+
+/// Runs a fault monitor over the hub: the fault events published so far, into the store.
+async fn store_faults(hubs: &Hubs) {
+    let monitor = floodway_processors::processors::fault_monitor(hubs, "faults").unwrap();
+    run_all(
+        &hubs.events,
+        vec![monitor],
+        bounded(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+}
+
 fn bounded() -> SubscriptionOptions {
     SubscriptionOptions {
         follow: false,
@@ -134,15 +165,8 @@ types = ["order-*"]
 to = "archive.db"
 "#
     );
-    let path = dir.path().join("floodway.toml");
-    std::fs::write(&path, config_text).unwrap();
-    let config = Config::load(&path).unwrap();
-    let (hubs, processors) = build_all(&config).await.unwrap();
+    let (hubs, reports) = run_config(dir.path(), &config_text, &events).await;
     let hub = hubs.store.clone();
-    hub.publish(&events).await.unwrap();
-    let reports = run_all(&hubs.events, processors, bounded(), std::future::pending())
-        .await
-        .unwrap();
     assert_eq!(reports.len(), 3);
 
     // The view holds the latest order per order id.
@@ -192,15 +216,7 @@ to = "archive.db"
     assert_eq!(archived, orders as u64);
 
     // Faults and responses went to the hub as events; the fault monitor stores the faults.
-    let monitor = floodway_processors::processors::fault_monitor(&hubs, "faults").unwrap();
-    run_all(
-        &hubs.events,
-        vec![monitor],
-        bounded(),
-        std::future::pending(),
-    )
-    .await
-    .unwrap();
+    store_faults(&hubs).await;
     let faults = hub
         .fault_store()
         .unwrap()
@@ -369,15 +385,7 @@ to = "archive.db"
     assert_eq!(archived, orders as u64);
 
     // Faults went to the fault subject; the monitor stores them in the local store.
-    let monitor = floodway_processors::processors::fault_monitor(&hubs, "faults").unwrap();
-    run_all(
-        &hubs.events,
-        vec![monitor],
-        bounded(),
-        std::future::pending(),
-    )
-    .await
-    .unwrap();
+    store_faults(&hubs).await;
     let faults = hubs
         .store
         .fault_store()
@@ -546,25 +554,10 @@ kind = "fault-monitor"
 name = "faults"
 "#
     );
-    let path = dir.path().join("floodway.toml");
-    std::fs::write(&path, config_text).unwrap();
-    let config = Config::load(&path).unwrap();
-    let (hubs, processors) = build_all(&config).await.unwrap();
+    let (hubs, _) = run_config(dir.path(), &config_text, &events).await;
     let hub = hubs.store.clone();
-    hub.publish(&events).await.unwrap();
-    run_all(&hubs.events, processors, bounded(), std::future::pending())
-        .await
-        .unwrap();
     // The fault events published by the first run, into the store.
-    let monitor = floodway_processors::processors::fault_monitor(&hubs, "faults").unwrap();
-    run_all(
-        &hubs.events,
-        vec![monitor],
-        bounded(),
-        std::future::pending(),
-    )
-    .await
-    .unwrap();
+    store_faults(&hubs).await;
 
     let orders: std::collections::HashSet<String> = events
         .iter()

@@ -608,25 +608,27 @@ mod tests {
         assert!(run.throttled <= 0.05, "{run:?}");
     }
 
+    /// A round of 20 ms at the full limit: calls up to `capacity` succeed, the others throttle.
+    /// Returns how many throttled.
+    async fn round(limiter: &ConcurrencyLimiter, capacity: usize) -> usize {
+        let n = limiter.limit();
+        let permits: Vec<_> =
+            futures_util::future::join_all((0..n).map(|_| limiter.acquire())).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Throttles are reported first, as a target refusing a call answers at once.
+        for (i, p) in permits.into_iter().enumerate().rev() {
+            p.finish(if i < capacity {
+                Signal::Success
+            } else {
+                Signal::Overload
+            });
+        }
+        n.saturating_sub(capacity)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn slow_start_then_a_ceiling_probed_ever_more_rarely() {
         let limiter = ConcurrencyLimiter::adaptive(Aimd::default(), "t").unwrap();
-        // A round where every call succeeds, or where the calls above `capacity` throttle.
-        async fn round(limiter: &ConcurrencyLimiter, capacity: usize) -> usize {
-            let n = limiter.limit();
-            let permits: Vec<_> =
-                futures_util::future::join_all((0..n).map(|_| limiter.acquire())).await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            // Throttles are reported first, as a target refusing a call answers at once.
-            for (i, p) in permits.into_iter().enumerate().rev() {
-                p.finish(if i < capacity {
-                    Signal::Success
-                } else {
-                    Signal::Overload
-                });
-            }
-            n.saturating_sub(capacity)
-        }
         // Every success adds one while at least half the limit is busy: when a whole round
         // ends at once, about half of its successes count: the limit grows by a third or more
         // per round.
@@ -679,13 +681,7 @@ mod tests {
     async fn adaptive_grows_when_saturated_and_shrinks_once_per_round() {
         let limiter = ConcurrencyLimiter::adaptive(Aimd::default(), "t").unwrap();
         for _ in 0..80 {
-            let permits: Vec<_> =
-                futures_util::future::join_all((0..limiter.limit()).map(|_| limiter.acquire()))
-                    .await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            for p in permits {
-                p.finish(Signal::Success);
-            }
+            round(&limiter, usize::MAX).await;
         }
         assert_eq!(
             limiter.limit(),
@@ -693,20 +689,10 @@ mod tests {
             "slow start doubled it up to the maximum"
         );
         // The first overload ends slow start by halving the limit.
-        let permits: Vec<_> =
-            futures_util::future::join_all((0..256).map(|_| limiter.acquire())).await;
-        for p in permits {
-            p.finish(Signal::Overload);
-        }
+        round(&limiter, 0).await;
         assert_eq!(limiter.limit(), 128);
         for _ in 0..80 {
-            let permits: Vec<_> =
-                futures_util::future::join_all((0..limiter.limit()).map(|_| limiter.acquire()))
-                    .await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            for p in permits {
-                p.finish(Signal::Success);
-            }
+            round(&limiter, usize::MAX).await;
         }
         let grown = limiter.limit();
         assert!(grown > 128, "grew again to {grown}");
