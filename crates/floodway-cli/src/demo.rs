@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use floodway::hub::ReadOptions;
 use floodway::idempotence::{MemoryView, Version};
 use floodway::testing::generate;
 use floodway::Event;
-use floodway_embedded::{FaultFilter, Hub, SubscriptionOptions};
+use floodway_embedded::{FaultFilter, Hub};
 use floodway_processors::config::{
     ConcurrencyConfig, Config, DurabilityConfig, HubConfig, ProcessorConfig,
 };
@@ -340,7 +341,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let runner = {
         let events = hubs.events.clone();
         tokio::spawn(async move {
-            run_all(&events, processors, SubscriptionOptions::default(), async {
+            run_all(&events, processors, ReadOptions::default(), async {
                 stopped.await.ok();
             })
             .await

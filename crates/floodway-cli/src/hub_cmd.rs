@@ -4,13 +4,11 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
+use floodway::hub::{ReadOptions, StartAt};
 use floodway::pipeline::TypeFilter;
 use floodway::{Event, Source};
-use floodway_embedded::{StartAt, SubscriptionOptions};
 
-use floodway_processors::hubs::AnyReader;
-
-use crate::util::{progress, show_time, AnyHub, HubArgs};
+use crate::util::{progress, show_time, HubArgs};
 
 #[derive(clap::Subcommand)]
 pub(crate) enum HubCommand {
@@ -171,35 +169,16 @@ async fn publish(
         );
     }
     let hub = args.open_events(true).await?;
-    if no_dedupe && matches!(hub, AnyHub::Nats(_)) {
-        bail!("--no-dedupe is not available on NATS: JetStream always skips a repeated event id inside the stream's duplicate window");
-    }
     let bar = progress(events.len() as u64, "publishing");
     let (mut stored, mut duplicates) = (0, 0);
     for chunk in events.chunks(1_000) {
-        match &hub {
-            AnyHub::Embedded(hub) => {
-                let receipt = if no_dedupe {
-                    hub.publish(chunk).await?
-                } else {
-                    hub.publish_idempotent(chunk).await?
-                };
-                stored += receipt.stored();
-                duplicates += receipt.duplicates;
-            }
-            AnyHub::Nats(hub) => {
-                let receipt = hub.publish(chunk).await?;
-                stored += receipt.stored;
-                duplicates += receipt.duplicates;
-            }
-        }
+        let receipt = hub.publish(chunk, !no_dedupe).await?;
+        stored += receipt.stored;
+        duplicates += receipt.duplicates;
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    let place = match &hub {
-        AnyHub::Embedded(hub) => hub.path().display().to_string(),
-        AnyHub::Nats(hub) => format!("NATS stream {}", hub.stream()),
-    };
+    let place = hub.describe();
     say!(
         "published {stored} events to {place} ({duplicates} duplicates skipped, {} lines rejected)",
         rejected.len()
@@ -229,16 +208,11 @@ async fn tail(
         }
     };
     let mut stdout = std::io::stdout();
-    let newest = match &hub {
-        AnyHub::Embedded(hub) => hub.newest(lines, |d| keep(d).is_some())?,
-        AnyHub::Nats(hub) => hub
-            .newest(lines, |d| keep(d).is_some())
-            .await?
-            .into_iter()
-            .map(|(time, data)| (time, data.to_vec()))
-            .collect(),
-    };
-    for (_, data) in newest {
+    let newest = hub
+        .newest(lines, &|d: &[u8]| keep(d).is_some())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for data in newest {
         if let Some(line) = keep(&data) {
             writeln!(stdout, "{line}")?;
         }
@@ -249,22 +223,16 @@ async fn tail(
     }
     let name = format!("tail-{}", std::process::id());
     // A transient reader that never commits: the tail leaves no subscription behind.
-    let options = SubscriptionOptions {
+    let options = ReadOptions {
         start: StartAt::End,
         transient: true,
-        ..SubscriptionOptions::default()
+        ..ReadOptions::default()
     };
-    let mut reader = match &hub {
-        AnyHub::Embedded(hub) => AnyReader::Embedded(hub.subscribe(&name, options)?.split().0),
-        AnyHub::Nats(hub) => {
-            let options = floodway_nats::SubscriptionOptions {
-                start: floodway_nats::StartAt::End,
-                transient: true,
-                ..Default::default()
-            };
-            AnyReader::Nats(hub.subscribe(&name, options).await?.split().0)
-        }
-    };
+    let mut reader = hub
+        .subscribe(&name, options)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .reader;
     loop {
         let batch = tokio::select! {
             batch = reader.next_batch(500) => batch?,
@@ -281,17 +249,9 @@ async fn tail(
 }
 
 async fn stats(args: HubArgs) -> anyhow::Result<()> {
-    let hub = match args.open_events(false).await? {
-        AnyHub::Embedded(hub) => hub,
-        AnyHub::Nats(hub) => return nats_stats(&hub).await,
-    };
-    let stats = hub.stats()?;
-    say!(
-        "hub {} ({} partitions, {:.1} MiB)",
-        hub.path().display(),
-        hub.partitions(),
-        stats.file_bytes as f64 / (1024.0 * 1024.0)
-    );
+    let hub = args.open_events(false).await?;
+    let stats = hub.stats().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    say!("{}", stats.description);
     say!(
         "{:>9} {:>10} {:>12} {:>12} {:>12}",
         "partition",
@@ -300,83 +260,36 @@ async fn stats(args: HubArgs) -> anyhow::Result<()> {
         "last",
         "bytes"
     );
+    let or_blank = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
     for p in &stats.partitions {
         say!(
             "{:>9} {:>10} {:>12} {:>12} {:>12}",
             p.partition,
             p.events,
-            p.first_offset,
-            p.last_offset,
-            p.bytes
+            or_blank(p.offsets.map(|o| o.0)),
+            or_blank(p.offsets.map(|o| o.1)),
+            or_blank(p.bytes)
         );
     }
-    let total: u64 = stats.partitions.iter().map(|p| p.events).sum();
+    if let Some(faults) = stats.faults {
+        say!("{:>9} {:>10}", "faults", faults);
+    }
+    let total: u64 =
+        stats.partitions.iter().map(|p| p.events).sum::<u64>() + stats.faults.unwrap_or(0);
     say!("{:>9} {:>10}", "all", total);
     if stats.subscriptions.is_empty() {
         say!("no subscriptions yet");
     } else {
-        say!("\n{:<32} {:>10}  checkpoints", "subscription", "lag");
+        say!("\n{:<32} {:>10}  progress", "subscription", "lag");
         for s in &stats.subscriptions {
-            let cps: Vec<String> = s
-                .partitions
-                .iter()
-                .map(|(p, o)| format!("{p}:{o}"))
-                .collect();
-            say!("{:<32} {:>10}  {}", s.name, s.lag, cps.join(" "));
-            if let Some(holder) = &s.holder {
-                say!(
-                    "{:<32} owned by {holder} since {}",
-                    "",
-                    show_time(holder.acquired)
-                );
+            say!("{:<32} {:>10}  {}", s.name, s.lag, s.progress);
+            if let Some((owner, since)) = &s.owner {
+                say!("{:<32} owned by {owner} since {}", "", show_time(*since));
             }
         }
     }
-    if let Some(newest) = hub.newest(1, |_| true)?.first() {
-        say!("\nnewest event published {}", show_time(newest.0));
-    }
-    Ok(())
-}
-
-async fn nats_stats(hub: &floodway_nats::NatsHub) -> anyhow::Result<()> {
-    let stats = hub.stats().await?;
-    say!(
-        "NATS stream {} at {} ({} partitions, {} replicas, {:.1} MiB, sequences {}..{})",
-        stats.stream,
-        hub.servers(),
-        hub.partitions(),
-        stats.replicas,
-        stats.bytes as f64 / (1024.0 * 1024.0),
-        stats.first_sequence,
-        stats.last_sequence
-    );
-    say!("{:>9} {:>10}", "partition", "events");
-    for (p, count) in stats.partitions.iter().enumerate() {
-        say!("{p:>9} {count:>10}");
-    }
-    say!("{:>9} {:>10}", "faults", stats.faults);
-    say!("{:>9} {:>10}", "all", stats.messages);
-    if stats.subscriptions.is_empty() {
-        say!("no subscriptions yet");
-    } else {
-        say!(
-            "\n{:<32} {:>9} {:>10} {:>12} {:>12}",
-            "subscription",
-            "consumers",
-            "lag",
-            "unacked",
-            "redelivered"
-        );
-        for (name, s) in &stats.subscriptions {
-            say!(
-                "{:<32} {:>9} {:>10} {:>12} {:>12}",
-                name,
-                s.consumers,
-                s.pending,
-                s.ack_pending,
-                s.redelivered
-            );
-        }
+    if let Some(newest) = stats.newest_published {
+        say!("\nnewest event published {}", show_time(newest));
     }
     Ok(())
 }

@@ -5,11 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
 use floodway::error::CommitError;
+use floodway::hub::{BoxSource, ReadOptions, StartAt, Stream};
 use floodway::{Checkpoint, Checkpointer, Record, Source};
-use floodway_embedded::{StartAt, SubscriptionOptions};
-use floodway_processors::hubs::AnyReader;
 use floodway_processors::processors::reads_faults;
-use floodway_processors::{build_all, from_config, run_all, Config, EventHub};
+use floodway_processors::{build_all, from_config, run_all, Config};
 use indicatif::ProgressBar;
 
 use crate::util::{parse_time, progress, shutdown_signal};
@@ -59,7 +58,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let (hubs, processors) = build_all(&config).await?;
     // On NATS the stream's own limits apply retention.
-    let embedded = matches!(hubs.events, EventHub::Embedded(_));
+    let embedded = config.hub.nats.is_none();
     if let (Some(retention), true) = (config.hub.retention(), embedded) {
         let hub = hubs.store.clone();
         let hub = hub.clone();
@@ -89,7 +88,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let reports = run_all(
         &hubs.events,
         processors,
-        SubscriptionOptions::default(),
+        ReadOptions::default(),
         shutdown_signal(),
     )
     .await
@@ -107,7 +106,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// Counts what the reader hands out, for the progress bar.
 struct Counted {
-    reader: AnyReader,
+    reader: BoxSource,
     bar: ProgressBar,
 }
 
@@ -162,22 +161,29 @@ pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     })
     .await?;
     let processor = from_config(&hubs, entry).await?;
-    let total = match &hubs.events {
-        EventHub::Embedded(hub) => hub.count_published(from, to)?,
-        // JetStream does not count by time; the bar shows progress without a total.
-        EventHub::Nats(..) => 0,
-    };
+    // A hub that does not count by time (JetStream): the bar shows progress without a total.
+    let total = hubs
+        .events
+        .count_published(from, to)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .unwrap_or(0);
     let name = format!("replay-{}-{}", args.processor, std::process::id());
-    let options = SubscriptionOptions {
+    let options = ReadOptions {
         start: StartAt::Time(from),
         follow: false,
         until: Some(to),
         transient: true,
-        ..SubscriptionOptions::default()
+        stream: if reads_faults(&processor) {
+            Stream::Faults
+        } else {
+            Stream::Events
+        },
+        ..ReadOptions::default()
     };
     let sub = hubs
         .events
-        .subscribe(&name, options, reads_faults(&processor))
+        .subscribe(&name, options)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let reader = sub.reader;

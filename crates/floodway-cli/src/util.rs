@@ -1,5 +1,8 @@
 //! Helpers shared by the commands: where the hub is, times, progress bars, signals.
 
+use std::sync::Arc;
+
+use floodway::hub::SharedHub;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,12 +46,6 @@ pub(crate) struct HubArgs {
     pub(crate) subject: String,
 }
 
-/// A hub opened for `floodway hub ...`.
-pub(crate) enum AnyHub {
-    Embedded(Hub),
-    Nats(floodway_nats::NatsHub),
-}
-
 impl HubArgs {
     /// The NATS settings, when the hub is on NATS.
     pub(crate) fn nats(&self) -> anyhow::Result<Option<floodway_nats::NatsHubOptions>> {
@@ -73,13 +70,15 @@ impl HubArgs {
     }
 
     /// Opens the event hub: the embedded file (it must exist unless `create`), or NATS.
-    pub(crate) async fn open_events(&self, create: bool) -> anyhow::Result<AnyHub> {
+    pub(crate) async fn open_events(&self, create: bool) -> anyhow::Result<SharedHub> {
         if let Some(options) = self.nats()? {
-            return Ok(AnyHub::Nats(
-                floodway_nats::NatsHub::connect(&options).await?,
-            ));
+            let hub = floodway_nats::NatsHub::connect(&options).await?;
+            return Ok(Arc::new(floodway_nats::NatsEventHub::new(
+                hub,
+                Default::default(),
+            )));
         }
-        Ok(AnyHub::Embedded(if create {
+        Ok(Arc::new(if create {
             self.open_or_create()?
         } else {
             self.open()?

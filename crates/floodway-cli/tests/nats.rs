@@ -47,7 +47,7 @@ fn lag(dir: &Path) -> Option<u64> {
         .lines()
         .skip_while(|l| !l.starts_with("subscription"))
         .skip(1)
-        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
         .collect();
     (lags.len() == 2).then(|| lags.iter().sum())
 }

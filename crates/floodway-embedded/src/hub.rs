@@ -17,7 +17,7 @@ use crate::schema;
 use crate::segment::{Filling, Segment};
 
 /// Partitions of a new hub unless told otherwise.
-pub const DEFAULT_PARTITIONS: u32 = 8;
+pub const DEFAULT_PARTITIONS: u32 = floodway::hub::DEFAULT_PARTITIONS;
 
 /// When a publish is durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -56,6 +56,7 @@
 
 mod busy;
 mod error;
+mod event_hub;
 mod faults;
 mod hub;
 mod lease;

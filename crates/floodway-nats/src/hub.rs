@@ -21,7 +21,7 @@ use crate::error::NatsError;
 /// Metadata key holding a stream's partition count.
 const PARTITIONS_KEY: &str = "floodway.partitions";
 /// Partitions of a new stream when the settings do not say.
-pub const DEFAULT_PARTITIONS: u32 = 8;
+pub const DEFAULT_PARTITIONS: u32 = floodway::hub::DEFAULT_PARTITIONS;
 
 /// How to reach the server and what the stream looks like.
 #[derive(Debug, Clone, PartialEq, Eq)]

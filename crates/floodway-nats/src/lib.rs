@@ -30,12 +30,14 @@
 //! ```
 
 mod error;
+mod event_hub;
 mod hub;
 mod publisher;
 mod subscription;
 pub mod testing;
 
 pub use error::NatsError;
+pub use event_hub::{InstanceReads, NatsEventHub};
 pub use hub::{
     NatsHub, NatsHubOptions, NatsStats, PublishReceipt, SubscriptionStats, DEFAULT_PARTITIONS,
 };

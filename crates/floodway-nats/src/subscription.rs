@@ -35,17 +35,8 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// The priority group name used by pinned sharing.
 const GROUP: &str = "floodway";
 
-/// Where a subscription without stored progress starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum StartAt {
-    /// From the first event held.
-    #[default]
-    Beginning,
-    /// From events published from now on.
-    End,
-    /// From events published at or after this time (ms since the epoch).
-    Time(i64),
-}
+/// Where a subscription without stored progress starts: the contract's own type.
+pub use floodway::hub::StartAt;
 
 /// Which subjects a subscription reads.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

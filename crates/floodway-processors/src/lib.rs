@@ -17,5 +17,5 @@ pub mod hubs;
 pub mod processors;
 
 pub use config::{Config, ConfigError, ProcessorConfig};
-pub use hubs::{EventHub, Hubs};
+pub use hubs::Hubs;
 pub use processors::{build_all, from_config, run_all, SetupError};

@@ -1,22 +1,25 @@
 //! The ready-made processors, as library builders.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
+use floodway::hub::{ReadOptions, SharedHub, Stream};
 use floodway::layer::limit::concurrency::{Aimd, ConcurrencyLimiter};
 use floodway::layer::limit::rate::RateLimiter;
 use floodway::layer::retry::RetryPolicy;
 use floodway::layer::Resilience;
 use floodway::runtime::RunReport;
+use floodway::Publisher;
 use floodway::{sink_fn, Batch, BuildError, Error, Event, Pipeline, Processor, RunError};
-use floodway_embedded::{FaultStore, Hub, HubError, HubOptions, OpenError, SubscriptionOptions};
+use floodway_embedded::{FaultStore, Hub, HubError, HubOptions, OpenError};
 use floodway_http::{HttpConfigError, HttpSink, HttpSinkConfig, Secret};
 use floodway_nats::NatsHub;
 use serde_json::Value;
 use tower::util::BoxCloneSyncService;
 
 use crate::config::{ConcurrencyConfig, Config, HeaderConfig, ProcessorConfig};
-use crate::hubs::{EventHub, Hubs, HubsError, NatsRead};
+use crate::hubs::{Hubs, HubsError};
 
 /// A processor could not be built from its configuration.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +132,7 @@ fn with_types(
 /// A processor of one pipeline whose faults are published to the hub as `fault` events.
 fn publishing_faults(hubs: &Hubs, name: &str, pipeline: Pipeline) -> Result<Processor, SetupError> {
     Processor::builder(name)
-        .fault_sink(hubs.events.publisher())
+        .fault_sink(Publisher::new(hubs.events.clone()))
         .pipeline(pipeline)
         .build()
         .map_err(|source| SetupError::Build {
@@ -236,8 +239,9 @@ pub fn http_gateway(
         Some(n) => resilience.concurrency(ConcurrencyLimiter::fixed(n).map_err(build)?),
         None => resilience.adaptive_concurrency(Aimd::default()),
     };
-    let sink = HttpSink::new(gateway.config)
-        .with_response_publisher(BoxCloneSyncService::new(hubs.events.publisher()));
+    let sink = HttpSink::new(gateway.config).with_response_publisher(BoxCloneSyncService::new(
+        Publisher::new(hubs.events.clone()),
+    ));
     let pipeline = with_types(Pipeline::builder(name), types)
         .redact(redact.iter().cloned())
         .parallelism(gateway.parallelism)
@@ -256,7 +260,7 @@ pub fn forward(
     hubs: &Hubs,
     name: &str,
     types: &[String],
-    to: &EventHub,
+    to: &SharedHub,
     redact: &[String],
 ) -> Result<Processor, SetupError> {
     let build = |source| SetupError::Build {
@@ -266,7 +270,7 @@ pub fn forward(
     let pipeline = with_types(Pipeline::builder(name), types)
         .redact(redact.iter().cloned())
         .batch(floodway::BatchConfig::count(500).max_wait(Duration::from_millis(20)))
-        .sink(to.publisher())
+        .sink(Publisher::new(to.clone()))
         .map_err(build)?;
     publishing_faults(hubs, name, pipeline)
 }
@@ -422,12 +426,13 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
         } => {
             let other = match (to, to_nats) {
                 (Some(to), _) => {
-                    EventHub::Embedded(Hub::open(to, HubOptions::default()).map_err(|source| {
+                    let hub = Hub::open(to, HubOptions::default()).map_err(|source| {
                         SetupError::Open {
                             name: name.clone(),
                             source,
                         }
-                    })?)
+                    })?;
+                    Arc::new(hub) as SharedHub
                 }
                 (None, Some(nats)) => {
                     let nats_err = |source| SetupError::Nats {
@@ -440,7 +445,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                     let hub = NatsHub::connect(&options)
                         .await
                         .map_err(|e| nats_err(HubsError::Nats(e)))?;
-                    EventHub::Nats(hub, NatsRead::default())
+                    Arc::new(floodway_nats::NatsEventHub::new(hub, Default::default()))
                 }
                 (None, None) => {
                     return Err(SetupError::Nats {
@@ -485,9 +490,9 @@ pub fn reads_faults(processor: &Processor) -> bool {
 /// # Errors
 /// The first processor that stops with an error (the others are asked to stop).
 pub async fn run_all<F>(
-    hub: &EventHub,
+    hub: &SharedHub,
     processors: Vec<Processor>,
-    options: SubscriptionOptions,
+    options: ReadOptions,
     shutdown: F,
 ) -> Result<Vec<(String, RunReport)>, (String, RunError)>
 where
@@ -497,8 +502,13 @@ where
     let mut tasks = tokio::task::JoinSet::new();
     for processor in processors {
         let name = processor.name().to_owned();
+        let stream = if reads_faults(&processor) {
+            Stream::Faults
+        } else {
+            Stream::Events
+        };
         let sub = match hub
-            .subscribe(&name, options, reads_faults(&processor))
+            .subscribe(&name, ReadOptions { stream, ..options })
             .await
         {
             Ok(sub) => sub,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use floodway::idempotence::{MemoryView, Version};
 use floodway::testing::generate;
 use floodway::Event;
-use floodway_embedded::{FaultFilter, Hub, HubOptions, SubscriptionOptions};
+use floodway_embedded::{FaultFilter, Hub, HubOptions};
 use floodway_processors::{build_all, run_all, Config, Hubs};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -113,11 +113,8 @@ async fn store_faults(hubs: &Hubs) {
     .unwrap();
 }
 
-fn bounded() -> SubscriptionOptions {
-    SubscriptionOptions {
-        follow: false,
-        ..Default::default()
-    }
+fn bounded() -> floodway::ReadOptions {
+    floodway::ReadOptions::default().bounded()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,7 +229,7 @@ to = "archive.db"
         .all(|f| f.pipeline == "notify" && f.message.contains("400")));
     let notified: u64 = {
         let mut n = 0;
-        let (mut reader, _) = hub.subscribe("check", bounded()).unwrap().split();
+        let (mut reader, _) = hub.subscribe("check", bounded().into()).unwrap().split();
         use floodway::Source;
         while let Some(batch) = reader.next_batch(500).await.unwrap() {
             n += batch
@@ -338,10 +335,13 @@ to = "archive.db"
     .unwrap();
 
     let (hubs, processors) = build_all(&Config::load(&core).unwrap()).await.unwrap();
-    let floodway_processors::EventHub::Nats(nats_hub, _) = &hubs.events else {
-        panic!("the core runs on NATS");
-    };
-    assert_eq!(nats_hub.stats().await.unwrap().messages, 400);
+    let stats = hubs.events.stats().await.unwrap();
+    assert!(
+        stats.description.starts_with("NATS stream"),
+        "the core runs on NATS"
+    );
+    let held: u64 = stats.partitions.iter().map(|p| p.events).sum();
+    assert_eq!(held + stats.faults.unwrap_or(0), 400);
     run_all(&hubs.events, processors, bounded(), std::future::pending())
         .await
         .unwrap();
@@ -394,13 +394,11 @@ to = "archive.db"
         .unwrap();
     assert_eq!(faults.len(), poisoned);
     assert!(faults.iter().all(|f| f.pipeline == "notify"));
-    let stats = nats_hub.stats().await.unwrap();
-    assert_eq!(stats.faults, poisoned as u64);
+    let stats = hubs.events.stats().await.unwrap();
+    assert_eq!(stats.faults, Some(poisoned as u64));
     // Responses were published to NATS as events.
-    assert_eq!(
-        stats.messages,
-        400 + (paid - poisoned) as u64 + poisoned as u64
-    );
+    let held: u64 = stats.partitions.iter().map(|p| p.events).sum();
+    assert_eq!(held, 400 + (paid - poisoned) as u64);
 }
 
 /// Log lines of every test in this file, for the ones that check what was logged.
@@ -583,7 +581,7 @@ name = "faults"
     );
 
     // Responses, including the 409's, are events with their status and ETag.
-    let (mut reader, _) = hub.subscribe("check", bounded()).unwrap().split();
+    let (mut reader, _) = hub.subscribe("check", bounded().into()).unwrap().split();
     let mut statuses = Vec::new();
     use floodway::Source;
     while let Some(batch) = reader.next_batch(500).await.unwrap() {

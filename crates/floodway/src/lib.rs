@@ -62,6 +62,7 @@
 pub mod error;
 pub mod event;
 pub mod fault;
+pub mod hub;
 pub mod idempotence;
 pub mod layer;
 pub mod memory;
@@ -79,6 +80,7 @@ pub struct ReadmeDoctests;
 
 pub use error::{BoxError, BuildError, DecodeEventError, Error, ErrorClass, ResultExt, RunError};
 pub use event::{Event, EventBuilder};
+pub use hub::{EventHub, ReadOptions, SharedHub};
 pub use pipeline::{BatchConfig, Pipeline};
 pub use runtime::{Processor, ProcessorConfig, RunReport};
 pub use sink::{fault_sink_fn, sink_fn, Publish, Publisher};

@@ -1,0 +1,151 @@
+//! The embedded hub as an [`EventHub`]: what processors and the command use.
+
+use floodway::hub::{
+    BoxCheckpointer, BoxSource, EventHub, HubFuture, HubStats, HubSubscription, PartitionStats,
+    PublishFuture, PublishReceipt, ReadOptions, SubscriptionStats,
+};
+use floodway::Event;
+
+use crate::hub::Hub;
+use crate::subscription::{ResetTo, StartAt, SubscriptionOptions};
+
+impl From<floodway::hub::StartAt> for StartAt {
+    fn from(start: floodway::hub::StartAt) -> StartAt {
+        match start {
+            floodway::hub::StartAt::Beginning => StartAt::Beginning,
+            floodway::hub::StartAt::End => StartAt::End,
+            floodway::hub::StartAt::Time(t) => StartAt::Time(t),
+        }
+    }
+}
+
+impl From<floodway::hub::StartAt> for ResetTo {
+    fn from(start: floodway::hub::StartAt) -> ResetTo {
+        match start {
+            floodway::hub::StartAt::Beginning => ResetTo::Beginning,
+            floodway::hub::StartAt::End => ResetTo::End,
+            floodway::hub::StartAt::Time(t) => ResetTo::Time(t),
+        }
+    }
+}
+
+impl From<ReadOptions> for SubscriptionOptions {
+    /// Fault events are in the log with the others: `Stream::Faults` reads the log.
+    fn from(options: ReadOptions) -> SubscriptionOptions {
+        SubscriptionOptions {
+            start: if options.reset {
+                StartAt::Reset(options.start.into())
+            } else {
+                options.start.into()
+            },
+            follow: options.follow,
+            until: options.until,
+            transient: options.transient,
+            ..SubscriptionOptions::default()
+        }
+    }
+}
+
+impl EventHub for Hub {
+    fn describe(&self) -> String {
+        self.path().display().to_string()
+    }
+
+    fn publish<'a>(&'a self, events: &'a [Event], dedupe: bool) -> PublishFuture<'a> {
+        Box::pin(async move {
+            let receipt = if dedupe {
+                self.publish_idempotent(events).await?
+            } else {
+                Hub::publish(self, events).await?
+            };
+            Ok(PublishReceipt {
+                stored: receipt.stored(),
+                duplicates: receipt.duplicates,
+            })
+        })
+    }
+
+    /// A subscription that another process holds is waited for (`HubOptions::lease_wait`),
+    /// then refused with an error naming the holder.
+    fn subscribe<'a>(
+        &'a self,
+        name: &'a str,
+        options: ReadOptions,
+    ) -> HubFuture<'a, HubSubscription> {
+        Box::pin(async move {
+            let (reader, checkpointer) =
+                self.subscribe_waiting(name, options.into()).await?.split();
+            Ok(HubSubscription {
+                reader: BoxSource::new(reader),
+                checkpointer: BoxCheckpointer::new(checkpointer),
+                closed: None,
+            })
+        })
+    }
+
+    fn newest<'a>(
+        &'a self,
+        n: usize,
+        keep: &'a (dyn Fn(&[u8]) -> bool + Send + Sync),
+    ) -> HubFuture<'a, Vec<Vec<u8>>> {
+        Box::pin(async move {
+            let newest = Hub::newest(self, n, keep)?;
+            Ok(newest.into_iter().map(|(_, data)| data).collect())
+        })
+    }
+
+    fn record_at<'a>(&'a self, partition: &'a str, offset: u64) -> HubFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move {
+            match partition.parse::<u32>() {
+                Ok(p) => Ok(Hub::record_at(self, p, offset)?),
+                Err(_) => Ok(None),
+            }
+        })
+    }
+
+    fn count_published(&self, from: i64, until: i64) -> HubFuture<'_, Option<u64>> {
+        Box::pin(async move { Ok(Some(Hub::count_published(self, from, until)?)) })
+    }
+
+    fn stats(&self) -> HubFuture<'_, HubStats> {
+        Box::pin(async move {
+            let stats = Hub::stats(self)?;
+            let newest = Hub::newest(self, 1, |_| true)?;
+            Ok(HubStats {
+                description: format!(
+                    "hub {} ({} partitions, {:.1} MiB)",
+                    self.path().display(),
+                    self.partitions(),
+                    stats.file_bytes as f64 / (1024.0 * 1024.0)
+                ),
+                partitions: stats
+                    .partitions
+                    .iter()
+                    .map(|p| PartitionStats {
+                        partition: p.partition.to_string(),
+                        events: p.events,
+                        offsets: Some((p.first_offset, p.last_offset)),
+                        bytes: Some(p.bytes),
+                    })
+                    .collect(),
+                faults: None,
+                subscriptions: stats
+                    .subscriptions
+                    .iter()
+                    .map(|s| SubscriptionStats {
+                        name: s.name.clone(),
+                        lag: s.lag,
+                        progress: s
+                            .partitions
+                            .iter()
+                            .map(|(p, o)| format!("{p}:{o}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        owner: s.holder.as_ref().map(|h| (h.to_string(), h.acquired)),
+                    })
+                    .collect(),
+                newest_published: newest.first().map(|(time, _)| *time),
+            })
+        })
+    }
+}

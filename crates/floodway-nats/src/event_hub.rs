@@ -1,0 +1,200 @@
+//! The JetStream hub as an [`EventHub`]: what processors and the command use.
+
+use std::time::Duration;
+
+use floodway::hub::{
+    BoxCheckpointer, BoxSource, EventHub, HubFuture, HubStats, HubSubscription, PartitionStats,
+    PublishFuture, PublishReceipt, ReadOptions, Stream, SubscriptionStats,
+};
+use floodway::{Error, Event};
+
+use crate::hub::NatsHub;
+use crate::subscription::{Partitions, Sharing, SubscriptionOptions};
+
+/// How this process reads a stream's partitions: which ones, shared how with other
+/// instances, with what acknowledgement settings, and whether it reads the fault subject.
+#[derive(Debug, Clone)]
+pub struct InstanceReads {
+    /// Partitions of this instance.
+    pub partitions: Partitions,
+    /// How instances share them.
+    pub sharing: Sharing,
+    /// Ack wait (the subscription default when `None`).
+    pub ack_wait: Option<Duration>,
+    /// Max ack pending per partition (the subscription default when `None`).
+    pub max_ack_pending: Option<i64>,
+    /// Whether this instance reads the fault subject (the first instance does; the others
+    /// would scatter faults across their stores).
+    pub reads_faults: bool,
+}
+
+impl Default for InstanceReads {
+    /// Every partition, exclusively, with the fault subject.
+    fn default() -> Self {
+        InstanceReads {
+            partitions: Partitions::All,
+            sharing: Sharing::Exclusive,
+            ack_wait: None,
+            max_ack_pending: None,
+            reads_faults: true,
+        }
+    }
+}
+
+/// A JetStream hub read as [`InstanceReads`] says: an [`EventHub`].
+#[derive(Debug, Clone)]
+pub struct NatsEventHub {
+    /// The connection and stream.
+    pub hub: NatsHub,
+    /// How this process reads it.
+    pub reads: InstanceReads,
+}
+
+impl NatsEventHub {
+    /// `hub`, read as `reads` says.
+    pub fn new(hub: NatsHub, reads: InstanceReads) -> Self {
+        NatsEventHub { hub, reads }
+    }
+
+    fn options(&self, options: ReadOptions) -> SubscriptionOptions {
+        let defaults = SubscriptionOptions::default();
+        SubscriptionOptions {
+            start: options.start,
+            follow: options.follow,
+            until: options.until,
+            transient: options.transient,
+            partitions: match (options.stream, self.reads.reads_faults) {
+                (Stream::Faults, true) => Partitions::Faults,
+                // The fault monitor of the first instance stores them all.
+                (Stream::Faults, false) => Partitions::Only(Vec::new()),
+                (Stream::Events, _) => self.reads.partitions.clone(),
+            },
+            sharing: self.reads.sharing,
+            ack_wait: self.reads.ack_wait.unwrap_or(defaults.ack_wait),
+            max_ack_pending: self
+                .reads
+                .max_ack_pending
+                .unwrap_or(defaults.max_ack_pending),
+            ..defaults
+        }
+    }
+}
+
+impl EventHub for NatsEventHub {
+    fn describe(&self) -> String {
+        format!(
+            "NATS stream {} at {}",
+            self.hub.stream(),
+            self.hub.servers()
+        )
+    }
+
+    /// JetStream always skips a repeated id inside the stream's duplicate window: a publish
+    /// without `dedupe` is refused.
+    fn publish<'a>(&'a self, events: &'a [Event], dedupe: bool) -> PublishFuture<'a> {
+        Box::pin(async move {
+            if !dedupe {
+                return Err(Error::fatal_msg(
+                    "DedupeAlways",
+                    "NATS JetStream always skips a repeated event id inside the stream's \
+                     duplicate window: publishing without deduplication is not available",
+                ));
+            }
+            let receipt = self.hub.publish(events).await?;
+            Ok(PublishReceipt {
+                stored: receipt.stored,
+                duplicates: receipt.duplicates,
+            })
+        })
+    }
+
+    /// A reset is refused: a durable consumer's position lives on the server, and moving it
+    /// back is not done behind the operator's back.
+    fn subscribe<'a>(
+        &'a self,
+        name: &'a str,
+        options: ReadOptions,
+    ) -> HubFuture<'a, HubSubscription> {
+        Box::pin(async move {
+            if options.reset && !options.transient {
+                return Err(format!(
+                    "subscription `{name}`: resetting a subscription is not available on NATS \
+                     (its consumers keep their position on the server)"
+                )
+                .into());
+            }
+            let subscription = self.hub.subscribe(name, self.options(options)).await?;
+            let closed = Box::pin(subscription.closed());
+            let (reader, checkpointer) = subscription.split();
+            Ok(HubSubscription {
+                reader: BoxSource::new(reader),
+                checkpointer: BoxCheckpointer::new(checkpointer),
+                closed: Some(closed),
+            })
+        })
+    }
+
+    fn newest<'a>(
+        &'a self,
+        n: usize,
+        keep: &'a (dyn Fn(&[u8]) -> bool + Send + Sync),
+    ) -> HubFuture<'a, Vec<Vec<u8>>> {
+        Box::pin(async move {
+            let newest = self.hub.newest(n, keep).await?;
+            Ok(newest.into_iter().map(|(_, data)| data.to_vec()).collect())
+        })
+    }
+
+    /// A stream sequence names the record on its own; the partition is not needed.
+    fn record_at<'a>(&'a self, _partition: &'a str, offset: u64) -> HubFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move { Ok(self.hub.record_at(offset).await?.map(|b| b.to_vec())) })
+    }
+
+    fn count_published(&self, _from: i64, _until: i64) -> HubFuture<'_, Option<u64>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn stats(&self) -> HubFuture<'_, HubStats> {
+        Box::pin(async move {
+            let stats = self.hub.stats().await?;
+            Ok(HubStats {
+                description: format!(
+                    "NATS stream {} at {} ({} partitions, {} replicas, {:.1} MiB, sequences {}..{})",
+                    stats.stream,
+                    self.hub.servers(),
+                    self.hub.partitions(),
+                    stats.replicas,
+                    stats.bytes as f64 / (1024.0 * 1024.0),
+                    stats.first_sequence,
+                    stats.last_sequence
+                ),
+                partitions: stats
+                    .partitions
+                    .iter()
+                    .enumerate()
+                    .map(|(p, events)| PartitionStats {
+                        partition: p.to_string(),
+                        events: *events,
+                        offsets: None,
+                        bytes: None,
+                    })
+                    .collect(),
+                faults: Some(stats.faults),
+                subscriptions: stats
+                    .subscriptions
+                    .iter()
+                    .map(|(name, s)| SubscriptionStats {
+                        name: name.clone(),
+                        lag: s.pending,
+                        progress: format!(
+                            "{} consumers, {} unacked, {} redelivered",
+                            s.consumers, s.ack_pending, s.redelivered
+                        ),
+                        owner: None,
+                    })
+                    .collect(),
+                newest_published: None,
+            })
+        })
+    }
+}
