@@ -1,5 +1,9 @@
 //! In-memory source, checkpointer and sinks: for tests, examples and benchmarks.
 
+mod hub;
+
+pub use hub::MemoryHub;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};

@@ -32,6 +32,8 @@
 //! # });
 //! ```
 
+pub mod conformance;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};

@@ -1,0 +1,399 @@
+//! The conformance suite of the [`EventHub`] contract: one set of scenarios, written once,
+//! that every hub must pass: the in-memory kit, the embedded hub, NATS JetStream.
+//!
+//! A backend's test file generates one test per scenario with
+//! [`hub_conformance_tests!`](crate::hub_conformance_tests), given an async function that
+//! opens a fresh, empty hub (and whatever must live as long as it: a temporary directory, a
+//! server).
+//!
+//! ```ignore
+//! async fn fresh() -> (floodway::SharedHub, tempfile::TempDir) { ... }
+//! floodway::hub_conformance_tests!(fresh);
+//! ```
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::error::{Error, RunError};
+use crate::event::{now_millis, Event};
+use crate::hub::{HubSubscription, ReadOptions, SharedHub, StartAt, Stream};
+use crate::pipeline::Pipeline;
+use crate::runtime::{Processor, RunReport};
+use crate::sink::{sink_fn, Publisher};
+use crate::source::{Checkpoint, Checkpointer, Source};
+use crate::uow::{Batch, Record};
+
+/// `n` events over `keys` partition keys, ids `{prefix}-{i}`, each with its index in its key's
+/// sequence in field `seq`.
+pub fn events(prefix: &str, n: usize, keys: usize) -> Vec<Event> {
+    let mut seq = vec![0u64; keys.max(1)];
+    (0..n)
+        .map(|i| {
+            let k = i % keys.max(1);
+            seq[k] += 1;
+            Event::builder("order-paid", format!("key-{k}"))
+                .id(format!("{prefix}-{i}"))
+                .field("seq", seq[k])
+                .build()
+        })
+        .collect()
+}
+
+fn ids<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<String> {
+    events.into_iter().map(|e| e.id().to_owned()).collect()
+}
+
+/// Reads a bounded subscription to its end.
+async fn read_all(sub: &mut HubSubscription) -> Vec<Record> {
+    let mut out = Vec::new();
+    while let Some(batch) = sub.reader.next_batch(100).await.expect("read") {
+        out.extend(batch);
+    }
+    out
+}
+
+/// Reads a following subscription until `n` records came (or 20 s passed).
+async fn read_n(sub: &mut HubSubscription, n: usize) -> Vec<Record> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while out.len() < n {
+        let batch = tokio::time::timeout_at(deadline, sub.reader.next_batch(100))
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} records within 20 s", out.len()))
+            .expect("read");
+        out.extend(batch.expect("a following read does not end"));
+    }
+    out
+}
+
+fn decoded(records: &[Record]) -> Vec<Event> {
+    records
+        .iter()
+        .map(|r| Event::decode(&r.data).expect("an event"))
+        .collect()
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// Checks that each key's events came in their `seq` order.
+fn assert_per_key_order(events: &[Event]) {
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for e in events {
+        let seq = e.field("seq").and_then(serde_json::Value::as_u64).unwrap();
+        let before = last.insert(e.partition_key().to_owned(), seq).unwrap_or(0);
+        assert!(
+            seq > before,
+            "key {}: {seq} after {before}",
+            e.partition_key()
+        );
+    }
+}
+
+async fn subscribe(hub: &SharedHub, name: &str, options: ReadOptions) -> HubSubscription {
+    hub.subscribe(name, options)
+        .await
+        .unwrap_or_else(|e| panic!("subscribe {name}: {e}"))
+}
+
+/// Published events read back, each once, in their order per key.
+pub async fn publish_and_read_back(hub: SharedHub) {
+    let input = events("a", 120, 7);
+    let receipt = hub.publish(&input, true).await.unwrap();
+    assert_eq!((receipt.stored, receipt.duplicates), (120, 0));
+    let mut sub = subscribe(&hub, "read-back", ReadOptions::default().bounded()).await;
+    let got = decoded(&read_all(&mut sub).await);
+    assert_eq!(sorted(ids(&got)), sorted(ids(&input)));
+    assert_per_key_order(&got);
+}
+
+/// A repeat of an id is stored once; a publish without dedupe is either stored or refused,
+/// never half done.
+pub async fn publishing_is_idempotent(hub: SharedHub) {
+    let first = events("b", 20, 3);
+    hub.publish(&first, true).await.unwrap();
+    let mut again = first.clone();
+    again.extend(events("c", 5, 3));
+    let receipt = hub.publish(&again, true).await.unwrap();
+    assert_eq!((receipt.stored, receipt.duplicates), (5, 20));
+    let mut sub = subscribe(&hub, "idempotent", ReadOptions::default().bounded()).await;
+    assert_eq!(read_all(&mut sub).await.len(), 25);
+}
+
+/// A subscription resumes after its committed checkpoints: nothing committed is read again,
+/// nothing is skipped.
+pub async fn a_subscription_resumes_from_its_checkpoint(hub: SharedHub) {
+    let input = events("d", 60, 5);
+    hub.publish(&input, true).await.unwrap();
+    let first = {
+        let mut sub = subscribe(&hub, "resume", ReadOptions::default().bounded()).await;
+        let batch = sub.reader.next_batch(25).await.unwrap().unwrap();
+        // Every record read, per partition up to the last one: done.
+        let mut highest: BTreeMap<Arc<str>, u64> = BTreeMap::new();
+        for r in &batch {
+            let h = highest.entry(r.partition.clone()).or_default();
+            *h = (*h).max(r.offset);
+        }
+        let checkpoints: Vec<Checkpoint> = highest
+            .into_iter()
+            .map(|(partition, offset)| Checkpoint { partition, offset })
+            .collect();
+        for r in &batch {
+            sub.checkpointer.settle(r, crate::source::Settlement::Done);
+        }
+        sub.checkpointer.commit(&checkpoints).await.unwrap();
+        if let Some(closed) = sub.closed.take() {
+            drop(sub);
+            closed.await;
+        }
+        decoded(&batch)
+    };
+    let mut sub = subscribe(&hub, "resume", ReadOptions::default().bounded()).await;
+    let rest = decoded(&read_all(&mut sub).await);
+    let first_ids: HashSet<String> = ids(&first).into_iter().collect();
+    assert!(
+        rest.iter().all(|e| !first_ids.contains(e.id())),
+        "a committed event was read again"
+    );
+    let mut all = ids(&first);
+    all.extend(ids(&rest));
+    assert_eq!(sorted(all), sorted(ids(&input)));
+}
+
+/// A new subscription starting at the end reads only what is published after it opened.
+pub async fn a_subscription_can_start_at_the_end(hub: SharedHub) {
+    hub.publish(&events("e", 10, 2), true).await.unwrap();
+    let start = ReadOptions {
+        start: StartAt::End,
+        ..ReadOptions::default()
+    };
+    let mut sub = subscribe(&hub, "at-end", start).await;
+    let later = events("f", 6, 2);
+    hub.publish(&later, true).await.unwrap();
+    let got = decoded(&read_n(&mut sub, 6).await);
+    assert_eq!(sorted(ids(&got)), sorted(ids(&later)));
+}
+
+/// A subscription can start at a time, and a read can end at one (a replay of a range).
+pub async fn reads_start_and_end_at_a_time(hub: SharedHub) {
+    let before = events("g", 10, 2);
+    hub.publish(&before, true).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let from = now_millis();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let middle = events("h", 10, 2);
+    hub.publish(&middle, true).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let until = now_millis();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    hub.publish(&events("i", 10, 2), true).await.unwrap();
+    let range = ReadOptions {
+        start: StartAt::Time(from),
+        until: Some(until),
+        transient: true,
+        ..ReadOptions::default().bounded()
+    };
+    let mut sub = subscribe(&hub, "range", range).await;
+    let got = decoded(&read_all(&mut sub).await);
+    assert_eq!(sorted(ids(&got)), sorted(ids(&middle)));
+}
+
+/// What a sink saw, per event id.
+#[derive(Default, Clone)]
+struct Seen(Arc<Mutex<Vec<Event>>>);
+
+impl Seen {
+    fn events(&self) -> Vec<Event> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A processor over `hub` whose sink records what it gets and answers with `answer`; its
+/// faults go to the hub.
+fn processor(
+    hub: &SharedHub,
+    seen: &Seen,
+    parallelism: usize,
+    answer: impl Fn(&Event) -> Result<(), Error> + Clone + Send + Sync + 'static,
+) -> Processor {
+    let seen = seen.clone();
+    let sink = sink_fn(move |batch: Batch| {
+        let (seen, answer) = (seen.clone(), answer.clone());
+        async move {
+            for e in batch.events() {
+                answer(e)?;
+                // Some calls take longer than others: order must not depend on timing.
+                let pause = e.id().len() as u64 % 3;
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                seen.0.lock().unwrap().push(e.clone());
+            }
+            Ok(())
+        }
+    });
+    Processor::builder("conformance")
+        .fault_sink(Publisher::new(hub.clone()))
+        .pipeline(
+            Pipeline::builder("all")
+                .event_type("order-paid")
+                .parallelism(parallelism)
+                .resilience(
+                    crate::layer::Resilience::default()
+                        .retry(crate::layer::retry::RetryPolicy::default().max_attempts(3)),
+                )
+                .sink(sink)
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
+}
+
+async fn run(hub: &SharedHub, name: &str, processor: &Processor) -> Result<RunReport, RunError> {
+    let HubSubscription {
+        reader,
+        checkpointer,
+        closed,
+    } = subscribe(hub, name, ReadOptions::default().bounded()).await;
+    let result = processor
+        .run(reader, checkpointer, std::future::pending())
+        .await;
+    if let Some(closed) = closed {
+        let _ = tokio::time::timeout(Duration::from_secs(5), closed).await;
+    }
+    result
+}
+
+async fn fault_events(hub: &SharedHub) -> Vec<Event> {
+    let faults = ReadOptions {
+        transient: true,
+        stream: Stream::Faults,
+        ..ReadOptions::default().bounded()
+    };
+    let mut sub = subscribe(hub, "fault-reader", faults).await;
+    decoded(&read_all(&mut sub).await)
+        .into_iter()
+        .filter(Event::is_fault)
+        .collect()
+}
+
+/// Per-key order holds through a processor with many calls in flight, and every event is
+/// delivered once.
+pub async fn per_key_order_holds_under_concurrency(hub: SharedHub) {
+    let input = events("j", 200, 8);
+    hub.publish(&input, true).await.unwrap();
+    let seen = Seen::default();
+    let p = processor(&hub, &seen, 16, |_| Ok(()));
+    let report = run(&hub, "ordered", &p).await.unwrap();
+    assert_eq!(report.faults(), 0);
+    let got = seen.events();
+    assert_eq!(sorted(ids(&got)), sorted(ids(&input)));
+    assert_per_key_order(&got);
+}
+
+/// A poison event becomes one fault event in the hub; the others are delivered; a transient
+/// failure is retried and faults nothing.
+pub async fn poison_becomes_one_fault_and_transient_is_retried(hub: SharedHub) {
+    let input = events("k", 40, 4);
+    hub.publish(&input, true).await.unwrap();
+    let seen = Seen::default();
+    let tries = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let p = processor(&hub, &seen, 4, move |e| {
+        let mut tries = tries.lock().unwrap();
+        let n = tries.entry(e.id().to_owned()).or_default();
+        *n += 1;
+        match e.id() {
+            "k-7" => Err(Error::poison_msg("Invalid", "k-7 is not valid")),
+            "k-9" if *n == 1 => Err(Error::transient_msg("Blip", "once")),
+            _ => Ok(()),
+        }
+    });
+    let report = run(&hub, "poison", &p).await.unwrap();
+    assert_eq!(report.faults(), 1);
+    let got = ids(&seen.events());
+    assert_eq!(got.len(), 39);
+    assert!(!got.contains(&"k-7".to_owned()) && got.contains(&"k-9".to_owned()));
+    let faults = fault_events(&hub).await;
+    assert_eq!(faults.len(), 1, "one fault event in the hub");
+    let details: crate::fault::FaultDetails = faults[0].payload().unwrap();
+    assert_eq!(details.err.name, "Invalid");
+}
+
+/// A fatal error stops the processor without passing the failed event; a run after the fix
+/// resumes from the checkpoint and delivers it.
+pub async fn a_fatal_stop_resumes_after_the_fix(hub: SharedHub) {
+    let input = events("m", 30, 3);
+    hub.publish(&input, true).await.unwrap();
+    let seen = Seen::default();
+    let broken = processor(&hub, &seen, 1, |e| match e.id() {
+        "m-12" => Err(Error::fatal_msg("Misconfigured", "fix me")),
+        _ => Ok(()),
+    });
+    let err = run(&hub, "fatal", &broken).await.unwrap_err();
+    assert!(err.to_string().contains("fix me"), "{err}");
+    assert!(!ids(&seen.events()).contains(&"m-12".to_owned()));
+    let fixed = processor(&hub, &seen, 1, |_| Ok(()));
+    run(&hub, "fatal", &fixed).await.unwrap();
+    let got: HashSet<String> = ids(&seen.events()).into_iter().collect();
+    assert_eq!(
+        got.len(),
+        30,
+        "every event at least once across the two runs"
+    );
+    assert!(
+        fault_events(&hub).await.is_empty(),
+        "a fatal error is not a fault"
+    );
+}
+
+/// The stats count what was published, and a durable subscription appears with its lag.
+pub async fn stats_count_events_and_subscriptions(hub: SharedHub) {
+    hub.publish(&events("n", 30, 3), true).await.unwrap();
+    {
+        let mut sub = subscribe(&hub, "counted", ReadOptions::default().bounded()).await;
+        read_all(&mut sub).await;
+        if let Some(closed) = sub.closed.take() {
+            drop(sub);
+            closed.await;
+        }
+    }
+    let stats = hub.stats().await.unwrap();
+    let held: u64 = stats.partitions.iter().map(|p| p.events).sum();
+    assert_eq!(held, 30, "{stats:?}");
+    let counted = stats
+        .subscriptions
+        .iter()
+        .find(|s| s.name == "counted")
+        .unwrap_or_else(|| panic!("no `counted` in {stats:?}"));
+    assert!(counted.lag <= 30, "{counted:?}");
+    assert!(!hub.describe().is_empty());
+}
+
+/// Generates one `#[tokio::test]` per conformance scenario; `$fresh` is an async function
+/// returning `(SharedHub, guard)`: a fresh, empty hub, and what must live as long as it.
+#[macro_export]
+macro_rules! hub_conformance_tests {
+    ($fresh:path) => {
+        $crate::hub_conformance_tests!(@each $fresh,
+            publish_and_read_back,
+            publishing_is_idempotent,
+            a_subscription_resumes_from_its_checkpoint,
+            a_subscription_can_start_at_the_end,
+            reads_start_and_end_at_a_time,
+            per_key_order_holds_under_concurrency,
+            poison_becomes_one_fault_and_transient_is_retried,
+            a_fatal_stop_resumes_after_the_fix,
+            stats_count_events_and_subscriptions
+        );
+    };
+    (@each $fresh:path, $($scenario:ident),+) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                let (hub, _guard) = $fresh().await;
+                $crate::testing::conformance::$scenario(hub).await;
+            }
+        )+
+    };
+}
