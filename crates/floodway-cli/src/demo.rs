@@ -14,7 +14,7 @@ use floodway::testing::generate;
 use floodway::Event;
 use floodway_embedded::{FaultFilter, Hub};
 use floodway_processors::config::{
-    ConcurrencyConfig, Config, DurabilityConfig, HubConfig, ProcessorConfig,
+    ConcurrencyConfig, Config, DurabilityConfig, HttpMethod, HubConfig, ProcessorConfig,
 };
 use floodway_processors::{build_all, run_all};
 use http_body_util::{BodyExt, Full};
@@ -183,10 +183,10 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
                 name: "notify".into(),
                 types: vec!["order-paid".into()],
                 url: format!("http://{addr}/notify"),
-                method: "POST".into(),
+                method: HttpMethod::Post,
                 rate_limit: Some(rate),
                 burst: (rate / 100).max(1),
-                concurrency: ConcurrencyConfig::Named("adaptive".into()),
+                concurrency: ConcurrencyConfig::Adaptive,
                 timeout_ms: 2_000,
                 max_attempts: 5,
                 respond_as: None,

@@ -60,10 +60,7 @@ impl HubArgs {
         if let Some(config) = &self.config {
             let c = Config::load(config)?;
             if let Some(nats) = &c.hub.nats {
-                return Ok(Some(
-                    nats.hub_options(Some(&c.hub))
-                        .map_err(|e| anyhow::anyhow!("{e}"))?,
-                ));
+                return Ok(Some(nats.hub_options(Some(&c.hub))));
             }
         }
         Ok(None)

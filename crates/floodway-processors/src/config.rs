@@ -79,6 +79,10 @@
 //!
 //! Unknown keys and bad values are errors that name them.
 
+mod values;
+
+pub use values::{ConcurrencyConfig, HttpBody, HttpMethod, HttpOutcome, HumanDuration, Instance};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -139,7 +143,7 @@ pub struct HubConfig {
     pub durability: DurabilityConfig,
     /// Delete events published longer ago than this (`7d`, `12h`); `floodway run` applies it
     /// every minute.
-    pub retention_max_age: Option<String>,
+    pub retention_max_age: Option<HumanDuration>,
     /// Per partition, delete the oldest events beyond this many bytes (on NATS: in the whole
     /// stream).
     pub retention_max_bytes: Option<u64>,
@@ -150,10 +154,10 @@ pub struct HubConfig {
     /// How long a subscription's lease lasts unless renewed (default `10s`): one process owns
     /// a subscription at a time; one killed loses it after this (at once if it ran on this
     /// machine).
-    pub lease: Option<String>,
+    pub lease: Option<HumanDuration>,
     /// How long `floodway run` waits for a subscription that another process holds before it
     /// gives up with an error naming that process (default `15s`).
-    pub lease_wait: Option<String>,
+    pub lease_wait: Option<HumanDuration>,
     /// The hub is a NATS JetStream stream; `path` is then the local store of views and faults.
     pub nats: Option<NatsConfig>,
 }
@@ -177,18 +181,18 @@ pub struct NatsConfig {
     pub replicas: Option<usize>,
     /// A re-publish of an event id inside this window is stored once (a new stream: `2m`);
     /// given, an existing stream is updated to it.
-    pub duplicate_window: Option<String>,
+    pub duplicate_window: Option<HumanDuration>,
     /// `i/n`: this process reads the partitions `p` with `p % n == i`.
-    pub instance: Option<String>,
+    pub instance: Option<Instance>,
     /// `exclusive` (default) or `pinned`.
     #[serde(default)]
     pub sharing: SharingConfig,
     /// How long a silent pinned instance keeps its partitions (default `10s`).
     #[serde(default = "default_pinned_ttl")]
-    pub pinned_ttl: String,
+    pub pinned_ttl: HumanDuration,
     /// How long JetStream waits for an ack before redelivering (default `30s`).
     #[serde(default = "default_ack_wait")]
-    pub ack_wait: String,
+    pub ack_wait: HumanDuration,
     /// Per partition, records delivered and not acked at most (default 1000).
     #[serde(default = "default_max_ack_pending")]
     pub max_ack_pending: i64,
@@ -217,63 +221,29 @@ fn default_stream() -> String {
 fn default_subject() -> String {
     "floodway".into()
 }
-fn default_pinned_ttl() -> String {
-    "10s".into()
+fn default_pinned_ttl() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10))
 }
-fn default_ack_wait() -> String {
-    "30s".into()
+fn default_ack_wait() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(30))
 }
 fn default_max_ack_pending() -> i64 {
     1000
 }
 
-fn duration(what: &str, text: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{what} `{text}` is not a duration like 30s or 2m: {e}"))
-}
-
 impl NatsConfig {
-    /// The instance share `(index, count)`, if set.
+    /// Checks what the format cannot.
     ///
     /// # Errors
-    /// A value that is not `i/n` with `i < n`.
-    pub fn instance(&self) -> Result<Option<(u32, u32)>, String> {
-        let Some(text) = &self.instance else {
-            return Ok(None);
-        };
-        let parsed = text
-            .split_once('/')
-            .and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
-        match parsed {
-            Some((i, n)) if i < n => Ok(Some((i, n))),
-            _ => Err(format!(
-                "[hub.nats] instance `{text}` is not `i/n` with i < n (like 0/2)"
-            )),
-        }
-    }
-
-    /// Checks every value.
-    ///
-    /// # Errors
-    /// The first bad one, named.
+    /// The first bad value, named.
     pub fn check(&self, table: &str) -> Result<(), String> {
         if self.servers.is_empty() {
             return Err(format!("{table} servers is empty: give at least one URL"));
         }
-        if let Some(window) = &self.duplicate_window {
-            duration(&format!("{table} duplicate_window"), window)?;
-        }
-        duration(&format!("{table} pinned_ttl"), &self.pinned_ttl)?;
-        duration(&format!("{table} ack_wait"), &self.ack_wait)?;
-        self.instance()?;
-        if duration(&format!("{table} ack_wait"), &self.ack_wait)?
-            < std::time::Duration::from_secs(1)
-        {
+        if self.ack_wait.get() < std::time::Duration::from_secs(1) {
             return Err(format!("{table} ack_wait must be at least 1s"));
         }
-        if duration(&format!("{table} pinned_ttl"), &self.pinned_ttl)?
-            < std::time::Duration::from_secs(1)
-        {
+        if self.pinned_ttl.get() < std::time::Duration::from_secs(1) {
             return Err(format!("{table} pinned_ttl must be at least 1s"));
         }
         if self.max_ack_pending < 1 {
@@ -295,16 +265,6 @@ pub enum DurabilityConfig {
     Immediate,
     /// Survives a process crash, not a power loss.
     Relaxed,
-}
-
-/// Fixed or adaptive concurrency.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum ConcurrencyConfig {
-    /// A fixed limit.
-    Fixed(usize),
-    /// `"adaptive"`.
-    Named(String),
 }
 
 /// A header of the *http* processor: a value, or a secret read from the environment or a
@@ -361,18 +321,18 @@ pub enum ProcessorConfig {
         /// `http://` or `https://` URL, a template over the event (`{/json/pointer}`).
         url: String,
         /// `GET`, `POST` (default), `PUT`, `PATCH` or `DELETE`.
-        #[serde(default = "default_method")]
-        method: String,
+        #[serde(default)]
+        method: HttpMethod,
         /// Headers: a value (a template over the event) or a secret.
         #[serde(default)]
         headers: BTreeMap<String, HeaderConfig>,
         /// `"event"` (the default for POST, PUT, PATCH), `"none"` (the default for GET and
         /// DELETE), or a JSON pointer.
-        body: Option<String>,
+        body: Option<HttpBody>,
         /// Statuses (`"409"`, `"4xx"`) treated as `success`, `poison`, `transient`,
         /// `throttled` or `fatal`.
         #[serde(default)]
-        treat_as: BTreeMap<String, String>,
+        treat_as: BTreeMap<String, HttpOutcome>,
         /// PEM certificates trusted instead of the system's roots, relative to the file.
         ca_file: Option<PathBuf>,
         /// A PEM client certificate chain for mTLS, relative to the file.
@@ -388,7 +348,7 @@ pub enum ProcessorConfig {
         #[serde(default = "default_burst")]
         burst: u32,
         /// `"adaptive"` (default) or a fixed number of calls at once.
-        #[serde(default = "default_concurrency")]
+        #[serde(default)]
         concurrency: ConcurrencyConfig,
         /// Each attempt's deadline in milliseconds (default 10,000).
         #[serde(default = "default_timeout")]
@@ -436,14 +396,8 @@ fn default_key() -> String {
 fn default_batch() -> usize {
     100
 }
-fn default_method() -> String {
-    "POST".into()
-}
 fn default_burst() -> u32 {
     1
-}
-fn default_concurrency() -> ConcurrencyConfig {
-    ConcurrencyConfig::Named("adaptive".into())
 }
 fn default_timeout() -> u64 {
     10_000
@@ -526,11 +480,6 @@ impl Config {
     /// # Errors
     /// What is wrong.
     pub fn check(&self) -> Result<(), String> {
-        if let Some(age) = &self.hub.retention_max_age {
-            humantime::parse_duration(age).map_err(|e| {
-                format!("[hub] retention_max_age `{age}` is not a duration like 7d or 12h: {e}")
-            })?;
-        }
         self.hub.leases()?;
         if let Some(nats) = &self.hub.nats {
             nats.check("[hub.nats]")?;
@@ -557,31 +506,6 @@ impl Config {
                     return Err(format!("processor `{name}`: batch must be at least 1"));
                 }
                 ProcessorConfig::Http {
-                    concurrency: ConcurrencyConfig::Named(n),
-                    ..
-                } if n != "adaptive" => {
-                    return Err(format!(
-                        "processor `{name}`: concurrency is \"adaptive\" or a number, not \"{n}\""
-                    ));
-                }
-                ProcessorConfig::Http {
-                    concurrency: ConcurrencyConfig::Fixed(0),
-                    ..
-                } => {
-                    return Err(format!(
-                        "processor `{name}`: concurrency must be at least 1"
-                    ));
-                }
-                ProcessorConfig::Http { body, treat_as, .. }
-                    if http_body(body.as_deref()).is_err()
-                        || treat_as.iter().any(|(s, o)| http_outcome(s, o).is_err()) =>
-                {
-                    let body = http_body(body.as_deref()).err();
-                    let treat = treat_as.iter().find_map(|(s, o)| http_outcome(s, o).err());
-                    let message = body.or(treat).unwrap_or_default();
-                    return Err(format!("processor `{name}`: {message}"));
-                }
-                ProcessorConfig::Http {
                     client_cert,
                     client_key,
                     ..
@@ -604,42 +528,10 @@ impl Config {
     }
 }
 
-/// The *http* processor's `body`: `None` for the method's default.
-///
-/// # Errors
-/// A value that is not `"event"`, `"none"` or a JSON pointer.
-pub fn http_body(body: Option<&str>) -> Result<Option<floodway_http::Body>, String> {
-    use floodway_http::Body;
-    Ok(match body {
-        None => None,
-        Some("event") => Some(Body::Event),
-        Some("none") => Some(Body::Empty),
-        Some(pointer) if pointer.starts_with('/') => Some(Body::Field(pointer.into())),
-        Some(other) => {
-            return Err(format!(
-                "body is \"event\", \"none\" or a JSON pointer like \"/order\", not \"{other}\""
-            ))
-        }
-    })
-}
-
-/// One `treat_as` entry's outcome.
-///
-/// # Errors
-/// An outcome that is not one of the five.
-pub fn http_outcome(status: &str, outcome: &str) -> Result<floodway_http::Outcome, String> {
-    outcome
-        .parse()
-        .map_err(|message| format!("treat_as `{status}`: {message}"))
-}
-
 impl HubConfig {
     /// The retention this `[hub]` asks for, if any.
     pub fn retention(&self) -> Option<floodway_embedded::Retention> {
-        let max_age = self
-            .retention_max_age
-            .as_deref()
-            .and_then(|a| humantime::parse_duration(a).ok());
+        let max_age = self.retention_max_age.map(HumanDuration::get);
         (max_age.is_some() || self.retention_max_bytes.is_some()).then_some(
             floodway_embedded::Retention {
                 max_age,
@@ -655,21 +547,16 @@ impl HubConfig {
     /// A value that is not a duration, or a lease under 100 ms.
     pub fn leases(&self) -> Result<(std::time::Duration, std::time::Duration), String> {
         let defaults = floodway_embedded::HubOptions::default();
-        let parse = |key: &str, value: &Option<String>, default| match value {
-            None => Ok(default),
-            Some(text) => humantime::parse_duration(text)
-                .map_err(|e| format!("[hub] {key} `{text}` is not a duration like 10s or 1m: {e}")),
-        };
-        let lease = parse("lease", &self.lease, defaults.lease)?;
+        let lease = self.lease.map_or(defaults.lease, HumanDuration::get);
         if lease < std::time::Duration::from_millis(100) {
             return Err(format!(
-                "[hub] lease `{}` is too short: at least 100ms",
-                self.lease.as_deref().unwrap_or_default()
+                "[hub] lease `{lease:?}` is too short: at least 100ms"
             ));
         }
         Ok((
             lease,
-            parse("lease_wait", &self.lease_wait, defaults.lease_wait)?,
+            self.lease_wait
+                .map_or(defaults.lease_wait, HumanDuration::get),
         ))
     }
 }
@@ -744,8 +631,16 @@ name = "faults"
                 .check()
                 .unwrap_err()
         };
-        assert!(with("body = \"whole\"").contains("body is"));
-        assert!(with("treat_as = { \"409\" = \"fine\" }").contains("treat_as `409`"));
+        let unparsed =
+            |setting: &str| Config::parse(&FULL.replace("concurrency = 8", setting)).unwrap_err();
+        // Values are checked as the file is read: the error names the key and shows the line
+        // of the processor's entry (serde reads a tagged entry whole, so not the key's own).
+        let err = unparsed("body = \"whole\"");
+        assert!(err.contains("line 6") && err.contains("body is"), "{err}");
+        let err = unparsed("treat_as = { \"409\" = \"fine\" }");
+        assert!(err.contains("treat_as") && err.contains("`fine`"), "{err}");
+        let err = unparsed("method = \"FETCH\"");
+        assert!(err.contains("method `FETCH`"), "{err}");
         assert!(with("client_cert = \"c.pem\"").contains("client_key"));
         let c = Config::parse(&FULL.replace(
             "concurrency = 8",
@@ -780,12 +675,12 @@ name = "faults"
         ))
         .unwrap();
         assert!(!c.hub.retention().unwrap().keep_unread);
-        let bad =
-            Config::parse(&FULL.replace("partitions = 4", "retention_max_age = \"soon\"")).unwrap();
-        assert!(bad
-            .check()
-            .unwrap_err()
-            .contains("retention_max_age `soon`"));
+        let err = Config::parse(&FULL.replace("partitions = 4", "retention_max_age = \"soon\""))
+            .unwrap_err();
+        assert!(
+            err.contains("line 4") && err.contains("retention_max_age = \"soon\""),
+            "{err}"
+        );
         assert!(Config::parse(FULL).unwrap().hub.retention().is_none());
     }
 
@@ -804,8 +699,12 @@ name = "faults"
         assert_eq!(c.hub.leases().unwrap(), (2 * second, 60 * second));
         let c = Config::parse(&FULL.replace("partitions = 4", "lease = \"1ms\"")).unwrap();
         assert!(c.check().unwrap_err().contains("lease `1ms` is too short"));
-        let c = Config::parse(&FULL.replace("partitions = 4", "lease_wait = \"soon\"")).unwrap();
-        assert!(c.check().unwrap_err().contains("lease_wait `soon`"));
+        let err =
+            Config::parse(&FULL.replace("partitions = 4", "lease_wait = \"soon\"")).unwrap_err();
+        assert!(
+            err.contains("lease_wait = \"soon\"") && err.contains("not a duration"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -818,8 +717,14 @@ name = "faults"
         let err =
             Config::parse(&FULL.replace("kind = \"forward\"", "kind = \"teleport\"")).unwrap_err();
         assert!(err.contains("teleport"), "{err}");
-        let c = Config::parse(&FULL.replace("concurrency = 8", "concurrency = \"lots\"")).unwrap();
-        assert!(c.check().unwrap_err().contains("\"lots\""));
+        let err =
+            Config::parse(&FULL.replace("concurrency = 8", "concurrency = \"lots\"")).unwrap_err();
+        assert!(
+            err.contains("concurrency") && err.contains("\"lots\""),
+            "{err}"
+        );
+        let err = Config::parse(&FULL.replace("concurrency = 8", "concurrency = 0")).unwrap_err();
+        assert!(err.contains("at least 1"), "{err}");
         let c = Config::parse(&FULL.replace("name = \"archive\"", "name = \"notify\"")).unwrap();
         assert!(c
             .check()

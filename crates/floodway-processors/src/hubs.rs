@@ -9,7 +9,7 @@ use floodway_nats::{
     InstanceReads, NatsError, NatsEventHub, NatsHub, NatsHubOptions, Partitions, Sharing,
 };
 
-use crate::config::{HubConfig, NatsConfig, SharingConfig};
+use crate::config::{HubConfig, HumanDuration, NatsConfig, SharingConfig};
 
 /// The hubs processors work with: the event hub (any backend) and the local store of views
 /// and faults (the same file when the hub is embedded).
@@ -33,64 +33,43 @@ impl From<Hub> for Hubs {
 impl NatsConfig {
     /// The hub options these settings describe; `partitions` and the retention settings come
     /// from `[hub]` when this is the hub itself.
-    ///
-    /// # Errors
-    /// A bad duration.
-    pub fn hub_options(&self, hub: Option<&HubConfig>) -> Result<NatsHubOptions, String> {
-        let parse = |what: &str, text: &str| {
-            humantime::parse_duration(text).map_err(|e| format!("{what} `{text}`: {e}"))
-        };
+    pub fn hub_options(&self, hub: Option<&HubConfig>) -> NatsHubOptions {
         let mut options = NatsHubOptions {
             servers: self.servers.clone(),
             stream: self.stream.clone(),
             subject: self.subject.clone(),
             partitions: self.partitions,
             replicas: self.replicas,
-            duplicate_window: self
-                .duplicate_window
-                .as_deref()
-                .map(|w| parse("duplicate_window", w))
-                .transpose()?,
+            duplicate_window: self.duplicate_window.map(HumanDuration::get),
             ..NatsHubOptions::default()
         };
         if let Some(hub) = hub {
             options.partitions = options.partitions.or(hub.partitions);
-            options.max_age = hub
-                .retention_max_age
-                .as_deref()
-                .map(|a| parse("retention_max_age", a))
-                .transpose()?;
+            options.max_age = hub.retention_max_age.map(HumanDuration::get);
             options.max_bytes = hub
                 .retention_max_bytes
                 .map(|b| i64::try_from(b).unwrap_or(i64::MAX));
         }
-        Ok(options)
+        options
     }
 
-    /// How this process reads the hub's partitions.
-    ///
-    /// # Errors
-    /// A bad duration or instance.
-    pub fn read(&self, partitions: u32) -> Result<InstanceReads, String> {
-        let parse = |what: &str, text: &str| {
-            humantime::parse_duration(text).map_err(|e| format!("{what} `{text}`: {e}"))
-        };
-        let instance = self.instance()?;
-        Ok(InstanceReads {
-            partitions: match instance {
-                Some((i, n)) => Partitions::instance(i, n, partitions),
+    /// How this process reads the hub's `partitions`.
+    pub fn read(&self, partitions: u32) -> InstanceReads {
+        InstanceReads {
+            partitions: match self.instance {
+                Some(i) => Partitions::instance(i.index, i.count, partitions),
                 None => Partitions::All,
             },
-            reads_faults: instance.is_none_or(|(i, _)| i == 0),
+            reads_faults: self.instance.is_none_or(|i| i.index == 0),
             sharing: match self.sharing {
                 SharingConfig::Exclusive => Sharing::Exclusive,
                 SharingConfig::Pinned => Sharing::Pinned {
-                    ttl: parse("pinned_ttl", &self.pinned_ttl)?,
+                    ttl: self.pinned_ttl.get(),
                 },
             },
-            ack_wait: Some(parse("ack_wait", &self.ack_wait)?),
+            ack_wait: Some(self.ack_wait.get()),
             max_ack_pending: Some(self.max_ack_pending),
-        })
+        }
     }
 }
 
@@ -131,9 +110,8 @@ impl Hubs {
         let events: SharedHub = match &config.nats {
             None => Arc::new(store.clone()),
             Some(nats) => {
-                let options = nats.hub_options(Some(config)).map_err(HubsError::Config)?;
-                let hub = NatsHub::connect(&options).await?;
-                let reads = nats.read(hub.partitions()).map_err(HubsError::Config)?;
+                let hub = NatsHub::connect(&nats.hub_options(Some(config))).await?;
+                let reads = nats.read(hub.partitions());
                 Arc::new(NatsEventHub::new(hub, reads))
             }
         };

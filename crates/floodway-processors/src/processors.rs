@@ -43,14 +43,6 @@ pub enum SetupError {
         #[source]
         source: HttpConfigError,
     },
-    /// A setting is invalid.
-    #[error("processor `{name}`: {message}")]
-    Invalid {
-        /// The processor.
-        name: String,
-        /// What is wrong.
-        message: String,
-    },
     /// A hub could not be opened.
     #[error("processor `{name}`: {source}")]
     Open {
@@ -369,11 +361,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                 name: name.clone(),
                 source,
             };
-            let invalid = |message| SetupError::Invalid {
-                name: name.clone(),
-                message,
-            };
-            let mut sink = HttpSinkConfig::new(url, method).map_err(http)?;
+            let mut sink = HttpSinkConfig::new(url, method.as_str()).map_err(http)?;
             for (header, value) in headers {
                 sink = match value {
                     HeaderConfig::Value(v) => sink.header(header, v),
@@ -386,13 +374,11 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                 }
                 .map_err(http)?;
             }
-            // Checked when the file was loaded: see `Config::check`.
-            if let Some(body) = crate::config::http_body(body.as_deref()).map_err(invalid)? {
-                sink = sink.body(body);
+            if let Some(body) = body {
+                sink = sink.body(body.0.clone());
             }
             for (status, outcome) in treat_as {
-                let outcome = crate::config::http_outcome(status, outcome).map_err(invalid)?;
-                sink = sink.treat_as(status, outcome).map_err(http)?;
+                sink = sink.treat_as(status, outcome.0).map_err(http)?;
             }
             if let Some(ca) = ca_file {
                 sink = sink.ca_file(ca).map_err(http)?;
@@ -409,7 +395,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                 rate_limit: rate_limit.map(|r| (r, *burst)),
                 fixed_concurrency: match concurrency {
                     ConcurrencyConfig::Fixed(n) => Some(*n),
-                    ConcurrencyConfig::Named(_) => None,
+                    ConcurrencyConfig::Adaptive => None,
                 },
                 timeout: Duration::from_millis(*timeout_ms),
                 max_attempts: *max_attempts,
@@ -439,9 +425,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                         name: name.clone(),
                         source,
                     };
-                    let options = nats
-                        .hub_options(None)
-                        .map_err(|e| nats_err(HubsError::Config(e)))?;
+                    let options = nats.hub_options(None);
                     let hub = NatsHub::connect(&options)
                         .await
                         .map_err(|e| nats_err(HubsError::Nats(e)))?;
