@@ -31,15 +31,14 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Service, ServiceExt};
 
 use crate::error::{Error, ErrorClass};
-use crate::layer::BoxFuture;
+use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer};
 
 /// Settings of a [`CircuitBreaker`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,55 +305,29 @@ impl Shared {
 }
 
 /// Applies [`Breaker`] with a shared [`CircuitBreaker`].
-#[derive(Debug, Clone)]
-pub struct BreakerLayer {
-    breaker: CircuitBreaker,
-}
-
-impl BreakerLayer {
-    /// Guards calls with `breaker`.
-    pub fn new(breaker: CircuitBreaker) -> Self {
-        BreakerLayer { breaker }
-    }
-}
-
-impl<S> Layer<S> for BreakerLayer {
-    type Service = Breaker<S>;
-    fn layer(&self, inner: S) -> Breaker<S> {
-        Breaker {
-            inner,
-            breaker: self.breaker.clone(),
-        }
-    }
-}
+pub type BreakerLayer = PolicyLayer<CircuitBreaker>;
 
 /// Holds calls during an outage instead of failing them; see the [module docs](self).
 ///
 /// Place it outside the retry layer: it judges calls whose retries are spent.
-#[derive(Debug, Clone)]
-pub struct Breaker<S> {
-    inner: S,
-    breaker: CircuitBreaker,
+pub type Breaker<S> = Guarded<S, CircuitBreaker>;
+
+impl BreakerLayer {
+    /// Guards calls with `breaker`.
+    pub fn new(breaker: CircuitBreaker) -> Self {
+        PolicyLayer::of(breaker)
+    }
 }
 
-impl<S, Req> Service<Req> for Breaker<S>
-where
-    S: Service<Req, Error = Error> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Response: Send + 'static,
-    Req: Clone + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = Error;
-    type Future = BoxFuture<S::Response>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        let inner = self.inner.clone();
-        let shared = self.breaker.shared.clone();
+impl Policy for CircuitBreaker {
+    fn around<S, Req>(&self, inner: S, req: Req) -> BoxFuture<S::Response>
+    where
+        S: Service<Req, Error = Error> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Response: Send + 'static,
+        Req: Clone + Send + 'static,
+    {
+        let shared = self.shared.clone();
         Box::pin(async move {
             // The last admission number when this call first failed.
             let mut failed_at: Option<u64> = None;
@@ -428,6 +401,7 @@ where
 mod tests {
     use super::*;
     use tower::service_fn;
+    use tower::Layer;
 
     #[tokio::test(start_paused = true)]
     async fn holds_during_outage_and_resumes() {

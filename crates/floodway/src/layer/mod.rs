@@ -42,6 +42,74 @@ use timeout::TimeoutLayer;
 /// The future type of Floodway's layers.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'static>>;
 
+/// What a layer does around one call of the service it wraps: wait for a slot, bound the
+/// time, retry, hold during an outage. Every layer is a policy in a [`PolicyLayer`], so they
+/// share one piece of `tower` plumbing ([`Guarded`]): always ready, the service cloned into
+/// each call's future.
+pub trait Policy: Clone + Send + Sync + 'static {
+    /// Calls `inner` with `req` under this policy.
+    fn around<S, Req>(&self, inner: S, req: Req) -> BoxFuture<S::Response>
+    where
+        S: Service<Req, Error = Error> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Response: Send + 'static,
+        Req: Clone + Send + 'static;
+}
+
+/// Applies a [`Policy`] to a service.
+#[derive(Debug, Clone)]
+pub struct PolicyLayer<P> {
+    policy: P,
+}
+
+impl<P: Policy> PolicyLayer<P> {
+    /// A layer applying `policy`.
+    pub fn of(policy: P) -> Self {
+        PolicyLayer { policy }
+    }
+}
+
+impl<S, P: Clone> Layer<S> for PolicyLayer<P> {
+    type Service = Guarded<S, P>;
+    fn layer(&self, inner: S) -> Guarded<S, P> {
+        Guarded {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+/// A service called under a [`Policy`].
+#[derive(Debug, Clone)]
+pub struct Guarded<S, P> {
+    inner: S,
+    policy: P,
+}
+
+impl<S, P, Req> Service<Req> for Guarded<S, P>
+where
+    P: Policy,
+    S: Service<Req, Error = Error> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Response: Send + 'static,
+    Req: Clone + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = Error;
+    type Future = BoxFuture<S::Response>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        self.policy.around(self.inner.clone(), req)
+    }
+}
+
 /// The resilience stack around one sink, in the order of the [module docs](self).
 ///
 /// The default has retries ([`RetryPolicy::default`]), a 30 s timeout and a breaker, and no

@@ -1,61 +1,39 @@
 //! A deadline per call.
 
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tower::{Layer, Service, ServiceExt};
+use tower::{Service, ServiceExt};
 
 use crate::error::Error;
-use crate::layer::BoxFuture;
+use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer};
+
+/// A deadline per call: the policy of [`TimeoutLayer`].
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub Duration);
 
 /// Applies [`Timeout`] to a service.
-#[derive(Debug, Clone, Copy)]
-pub struct TimeoutLayer {
-    timeout: Duration,
-}
+pub type TimeoutLayer = PolicyLayer<Deadline>;
+
+/// Fails a call with a transient `Timeout` error when it takes too long.
+pub type Timeout<S> = Guarded<S, Deadline>;
 
 impl TimeoutLayer {
     /// Fails calls that take longer than `timeout`.
     pub fn new(timeout: Duration) -> Self {
-        TimeoutLayer { timeout }
+        PolicyLayer::of(Deadline(timeout))
     }
 }
 
-impl<S> Layer<S> for TimeoutLayer {
-    type Service = Timeout<S>;
-    fn layer(&self, inner: S) -> Timeout<S> {
-        Timeout {
-            inner,
-            timeout: self.timeout,
-        }
-    }
-}
-
-/// Fails a call with a transient `Timeout` error when it takes too long.
-#[derive(Debug, Clone)]
-pub struct Timeout<S> {
-    inner: S,
-    timeout: Duration,
-}
-
-impl<S, Req> Service<Req> for Timeout<S>
-where
-    S: Service<Req, Error = Error> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Response: Send + 'static,
-    Req: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = Error;
-    type Future = BoxFuture<S::Response>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        let call = self.inner.clone().oneshot(req);
-        let timeout = self.timeout;
+impl Policy for Deadline {
+    fn around<S, Req>(&self, inner: S, req: Req) -> BoxFuture<S::Response>
+    where
+        S: Service<Req, Error = Error> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Response: Send + 'static,
+        Req: Clone + Send + 'static,
+    {
+        let call = inner.oneshot(req);
+        let timeout = self.0;
         Box::pin(async move {
             match tokio::time::timeout(timeout, call).await {
                 Ok(result) => result,
@@ -70,6 +48,7 @@ mod tests {
     use super::*;
     use crate::error::ErrorClass;
     use tower::service_fn;
+    use tower::Layer;
 
     #[tokio::test(start_paused = true)]
     async fn slow_calls_time_out_as_transient() {

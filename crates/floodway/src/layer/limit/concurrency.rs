@@ -29,15 +29,14 @@
 //! so a target that became slower for good is soon judged against its new self.
 
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Service, ServiceExt};
 
 use crate::error::{BuildError, Error, ErrorClass};
-use crate::layer::BoxFuture;
+use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer};
 
 /// Settings of the adaptive limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -399,53 +398,27 @@ impl Drop for Permit {
 }
 
 /// Applies [`ConcurrencyLimit`] with a shared [`ConcurrencyLimiter`].
-#[derive(Debug, Clone)]
-pub struct ConcurrencyLimitLayer {
-    limiter: ConcurrencyLimiter,
-}
+pub type ConcurrencyLimitLayer = PolicyLayer<ConcurrencyLimiter>;
+
+/// Holds calls until the limiter has a slot; reports each call's outcome to it.
+pub type ConcurrencyLimit<S> = Guarded<S, ConcurrencyLimiter>;
 
 impl ConcurrencyLimitLayer {
     /// Limits concurrent calls through `limiter`.
     pub fn new(limiter: ConcurrencyLimiter) -> Self {
-        ConcurrencyLimitLayer { limiter }
+        PolicyLayer::of(limiter)
     }
 }
 
-impl<S> Layer<S> for ConcurrencyLimitLayer {
-    type Service = ConcurrencyLimit<S>;
-    fn layer(&self, inner: S) -> ConcurrencyLimit<S> {
-        ConcurrencyLimit {
-            inner,
-            limiter: self.limiter.clone(),
-        }
-    }
-}
-
-/// Holds calls until the limiter has a slot; reports each call's outcome to it.
-#[derive(Debug, Clone)]
-pub struct ConcurrencyLimit<S> {
-    inner: S,
-    limiter: ConcurrencyLimiter,
-}
-
-impl<S, Req> Service<Req> for ConcurrencyLimit<S>
-where
-    S: Service<Req, Error = Error> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Response: Send + 'static,
-    Req: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = Error;
-    type Future = BoxFuture<S::Response>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        let inner = self.inner.clone();
-        let limiter = self.limiter.clone();
+impl Policy for ConcurrencyLimiter {
+    fn around<S, Req>(&self, inner: S, req: Req) -> BoxFuture<S::Response>
+    where
+        S: Service<Req, Error = Error> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Response: Send + 'static,
+        Req: Clone + Send + 'static,
+    {
+        let limiter = self.clone();
         Box::pin(async move {
             let permit = limiter.acquire().await;
             let result = inner.oneshot(req).await;

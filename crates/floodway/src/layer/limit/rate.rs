@@ -16,14 +16,13 @@
 //! tokio's clock: tests and simulations on a paused clock see exact, repeatable timings.
 
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Service, ServiceExt};
 
 use crate::error::{BuildError, Error};
-use crate::layer::BoxFuture;
+use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer};
 
 /// A rate limit; clones share the same budget of calls.
 ///
@@ -156,53 +155,27 @@ impl RateLimiter {
 }
 
 /// Applies [`RateLimit`] with a shared [`RateLimiter`].
-#[derive(Debug, Clone)]
-pub struct RateLimitLayer {
-    limiter: RateLimiter,
-}
+pub type RateLimitLayer = PolicyLayer<RateLimiter>;
+
+/// Delays calls so that they never exceed the limiter's rate.
+pub type RateLimit<S> = Guarded<S, RateLimiter>;
 
 impl RateLimitLayer {
     /// Limits calls through `limiter`; give the same limiter to several layers to share it.
     pub fn new(limiter: RateLimiter) -> Self {
-        RateLimitLayer { limiter }
+        PolicyLayer::of(limiter)
     }
 }
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit {
-            inner,
-            limiter: self.limiter.clone(),
-        }
-    }
-}
-
-/// Delays calls so that they never exceed the limiter's rate.
-#[derive(Debug, Clone)]
-pub struct RateLimit<S> {
-    inner: S,
-    limiter: RateLimiter,
-}
-
-impl<S, Req> Service<Req> for RateLimit<S>
-where
-    S: Service<Req, Error = Error> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Response: Send + 'static,
-    Req: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = Error;
-    type Future = BoxFuture<S::Response>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        let inner = self.inner.clone();
-        let limiter = self.limiter.clone();
+impl Policy for RateLimiter {
+    fn around<S, Req>(&self, inner: S, req: Req) -> BoxFuture<S::Response>
+    where
+        S: Service<Req, Error = Error> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Response: Send + 'static,
+        Req: Clone + Send + 'static,
+    {
+        let limiter = self.clone();
         Box::pin(async move {
             limiter.acquire().await;
             inner.oneshot(req).await

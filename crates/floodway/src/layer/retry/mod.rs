@@ -10,14 +10,13 @@ pub use backoff::Backoff;
 pub use budget::RetryBudget;
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Service, ServiceExt};
 
 use crate::error::{Error, ErrorClass};
-use crate::layer::BoxFuture;
+use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer};
 
 /// When to retry: attempts, elapsed time, backoff and budget.
 #[derive(Debug, Clone)]
@@ -77,61 +76,39 @@ impl RetryPolicy {
     }
 }
 
-/// Applies [`Retry`] to a service.
+/// A retry policy and the sink it names in metrics: the policy of [`RetryLayer`].
 #[derive(Debug, Clone)]
-pub struct RetryLayer {
+pub struct Retrying {
     policy: Arc<RetryPolicy>,
     label: Arc<str>,
 }
 
-impl RetryLayer {
-    /// Retries with `policy`; `label` names the sink in metrics.
-    pub fn new(policy: RetryPolicy, label: impl Into<Arc<str>>) -> Self {
-        RetryLayer {
-            policy: Arc::new(policy),
-            label: label.into(),
-        }
-    }
-}
-
-impl<S> Layer<S> for RetryLayer {
-    type Service = Retry<S>;
-    fn layer(&self, inner: S) -> Retry<S> {
-        Retry {
-            inner,
-            policy: self.policy.clone(),
-            label: self.label.clone(),
-        }
-    }
-}
+/// Applies [`Retry`] to a service.
+pub type RetryLayer = PolicyLayer<Retrying>;
 
 /// Retries transient errors of the inner service, per [`RetryPolicy`].
 ///
 /// The error finally returned records how many attempts were made.
-#[derive(Debug, Clone)]
-pub struct Retry<S> {
-    inner: S,
-    policy: Arc<RetryPolicy>,
-    label: Arc<str>,
+pub type Retry<S> = Guarded<S, Retrying>;
+
+impl RetryLayer {
+    /// Retries with `policy`; `label` names the sink in metrics.
+    pub fn new(policy: RetryPolicy, label: impl Into<Arc<str>>) -> Self {
+        PolicyLayer::of(Retrying {
+            policy: Arc::new(policy),
+            label: label.into(),
+        })
+    }
 }
 
-impl<S, Req> Service<Req> for Retry<S>
-where
-    S: Service<Req, Error = Error> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Response: Send + 'static,
-    Req: Clone + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = Error;
-    type Future = BoxFuture<S::Response>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        let inner = self.inner.clone();
+impl Policy for Retrying {
+    fn around<S, Req>(&self, inner: S, req: Req) -> BoxFuture<S::Response>
+    where
+        S: Service<Req, Error = Error> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Response: Send + 'static,
+        Req: Clone + Send + 'static,
+    {
         let policy = self.policy.clone();
         let label = self.label.clone();
         Box::pin(async move {
@@ -172,6 +149,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
     use tower::service_fn;
+    use tower::Layer;
 
     fn flaky(
         fail_first: u32,
