@@ -1,65 +1,11 @@
 //! The `floodway` command on a real hub file: publish, run, faults, resubmit, replay.
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{floodway, text};
-
-/// Starts `floodway run` and stops it (SIGTERM) once `done` says the work is done.
-fn run_until(dir: &Path, config: &str, done: impl Fn() -> bool) {
-    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_floodway"))
-        .current_dir(dir)
-        .args(["run", config])
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "run did not finish its work"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "run exits cleanly on SIGTERM: {status}");
-}
-
-fn open_faults(dir: &Path) -> usize {
-    let out = floodway(
-        dir,
-        &[
-            "faults",
-            "list",
-            "--config",
-            "floodway.toml",
-            "--status",
-            "open",
-            "--limit",
-            "1000",
-        ],
-    );
-    text(&out)
-        .lines()
-        .filter(|l| l.contains("orders-view/"))
-        .count()
-}
-
-fn lag(dir: &Path) -> Option<u64> {
-    let out = floodway(dir, &["hub", "stats", "--config", "floodway.toml"]);
-    let t = text(&out);
-    let lags: Vec<u64> = t
-        .lines()
-        .skip_while(|l| !l.starts_with("subscription"))
-        .skip(1)
-        .take_while(|l| !l.is_empty())
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .collect();
-    (lags.len() == 2).then(|| lags.iter().sum())
-}
+use common::{fault_id_of, floodway, lag, open_faults, run_until, text};
 
 /// Publishes `lines` as `orders.jsonl` and runs until every event is read and `faults`
 /// faults are open.
@@ -81,19 +27,6 @@ fn publish_and_run(d: &Path, lines: &[String], faults: usize) {
     });
 }
 
-/// The id of the first listed fault whose error is `error`.
-fn fault_id_of(d: &Path, error: &str) -> String {
-    let list = text(&floodway(
-        d,
-        &["faults", "list", "--config", "floodway.toml"],
-    ));
-    list.lines()
-        .find(|l| l.contains(error))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no {error} fault in {list}"))
-        .to_owned()
-}
-
 const CONFIG: &str = r#"
 [hub]
 path = "hub.db"
@@ -113,138 +46,14 @@ name = "faults"
 "#;
 
 #[test]
-fn poison_events_become_faults_that_resubmit_after_a_fix() {
+fn the_command_publishes_runs_faults_resubmits_and_replays() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    std::fs::write(d.join("floodway.toml"), CONFIG).unwrap();
-    // Orders with a `ref` are fine; three lack it (poison for the view's key), one line is
-    // not an event at all.
-    let mut lines = Vec::new();
-    for i in 0..40 {
-        let order = if i % 13 == 5 {
-            format!(r#"{{"id":"o-{i}","total":{i}}}"#)
-        } else {
-            format!(r#"{{"id":"o-{i}","ref":"r-{i}","total":{i}}}"#)
-        };
-        lines.push(format!(
-            r#"{{"id":"e-{i}","type":"order-submitted","timestamp":{},"partitionKey":"o-{i}","order":{order}}}"#,
-            1_700_000_000_000i64 + i
-        ));
-    }
-    lines.insert(7, "{not an event".into());
-    std::fs::write(d.join("orders.jsonl"), lines.join("\n")).unwrap();
-
-    let out = floodway(
-        d,
-        &[
-            "hub",
-            "publish",
-            "--config",
-            "floodway.toml",
-            "orders.jsonl",
-        ],
-    );
-    assert!(!out.status.success(), "a rejected line fails the command");
-    assert!(
-        text(&out).contains("line 8: event is not valid JSON"),
-        "{}",
-        text(&out)
-    );
-    assert!(text(&out).contains("published 40 events"), "{}", text(&out));
-
-    run_until(d, "floodway.toml", || {
-        lag(d) == Some(0) && open_faults(d) == 3
+    common::publish_run_resubmit_replay(dir.path(), |key| {
+        format!(
+            "[hub]\npath = \"hub.db\"\npartitions = 4\n{}",
+            common::processors(key)
+        )
     });
-    let id = fault_id_of(d, "MissingKey");
-    let shown = text(&floodway(
-        d,
-        &["faults", "show", "--config", "floodway.toml", &id],
-    ));
-    assert!(shown.contains("has no /order/ref"), "{shown}");
-    assert!(shown.contains("never resubmitted"), "{shown}");
-
-    // Resubmitting before the fix fails again and says so; the fault store counts the raise.
-    let out = floodway(d, &["faults", "resubmit", "--config", "floodway.toml"]);
-    assert!(
-        text(&out).contains("0 succeeded, 3 failed"),
-        "{}",
-        text(&out)
-    );
-    run_until(d, "floodway.toml", || {
-        text(&floodway(
-            d,
-            &["faults", "show", "--config", "floodway.toml", &id],
-        ))
-        .contains("seen 2 times")
-    });
-
-    // The fix: key the view by the order id. A dry run changes nothing.
-    std::fs::write(
-        d.join("floodway.toml"),
-        CONFIG.replace(r#"key = "/order/ref""#, r#"key = "/order/id""#),
-    )
-    .unwrap();
-    let out = floodway(
-        d,
-        &[
-            "faults",
-            "resubmit",
-            "--config",
-            "floodway.toml",
-            "--dry-run",
-        ],
-    );
-    assert_eq!(
-        text(&out).matches("would resubmit").count(),
-        3,
-        "{}",
-        text(&out)
-    );
-    let out = floodway(d, &["faults", "resubmit", "--config", "floodway.toml"]);
-    assert!(
-        text(&out).contains("3 succeeded, 0 failed"),
-        "{}",
-        text(&out)
-    );
-    // Resolved faults are not resubmitted again.
-    let out = floodway(d, &["faults", "resubmit", "--config", "floodway.toml"]);
-    assert!(
-        text(&out).contains("0 faults to resubmit"),
-        "{}",
-        text(&out)
-    );
-    let shown = text(&floodway(
-        d,
-        &["faults", "show", "--config", "floodway.toml", &id],
-    ));
-    assert!(shown.contains("status     resolved"), "{shown}");
-    assert!(
-        shown.contains(": failed (") && shown.contains(": succeeded ("),
-        "{shown}"
-    );
-
-    // Replaying the whole log to the view applies nothing twice.
-    let out = floodway(
-        d,
-        &[
-            "replay",
-            "--config",
-            "floodway.toml",
-            "--processor",
-            "orders-view",
-            "--from",
-            "1d",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    // 40 orders, the 3 fault events, and the 3 raised again by the failed resubmission
-    // (every raise is published, whatever the dedupe window).
-    assert!(text(&out).contains("replayed 46 events"), "{}", text(&out));
-    assert!(
-        text(&out).contains("40 delivered, 0 faults"),
-        "{}",
-        text(&out)
-    );
 }
 
 #[test]
