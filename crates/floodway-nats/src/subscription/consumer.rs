@@ -1,0 +1,193 @@
+//! The durable consumers of a subscription: their configuration, creation or update, and a
+//! restart at the ack floor.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PriorityPolicy};
+
+use super::options::{Sharing, StartAt, SubscriptionOptions, GROUP};
+use crate::error::NatsError;
+
+pub(super) fn consumer_config(
+    name: &str,
+    partition: &str,
+    subject: String,
+    options: &SubscriptionOptions,
+) -> Result<pull::Config, NatsError> {
+    let deliver_policy = match options.start {
+        StartAt::Beginning => DeliverPolicy::All,
+        StartAt::End => DeliverPolicy::New,
+        StartAt::Time(ms) => DeliverPolicy::ByStartTime {
+            start_time: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                .map_err(|e| NatsError::Config(format!("start time {ms}: {e}")))?,
+        },
+    };
+    let mut config = pull::Config {
+        filter_subject: subject,
+        deliver_policy,
+        max_batch: 0,
+        ..Default::default()
+    };
+    if options.transient {
+        config.ack_policy = AckPolicy::None;
+        config.inactive_threshold = Duration::from_secs(30);
+        config.memory_storage = true;
+    } else {
+        let consumer = format!("{name}_{partition}");
+        config.durable_name = Some(consumer.clone());
+        config.name = Some(consumer);
+        config.ack_policy = AckPolicy::Explicit;
+        config.ack_wait = options.ack_wait;
+        config.max_ack_pending = options.max_ack_pending;
+        config.max_deliver = -1;
+        if let Sharing::Pinned { ttl } = options.sharing {
+            config.priority_policy = PriorityPolicy::PinnedClient;
+            config.priority_groups = vec![GROUP.into()];
+            config.priority_timeout = ttl;
+        }
+    }
+    Ok(config)
+}
+
+/// The JetStream error code of a consumer request's failure, when the server gave one.
+pub(super) fn code_of(error: &async_nats::jetstream::stream::ConsumerError) -> Option<u64> {
+    match error.kind() {
+        async_nats::jetstream::stream::ConsumerErrorKind::JetStream(e) => Some(e.error_code().0),
+        _ => None,
+    }
+}
+
+/// Errors that trying again does not fix: the stream is gone, access is denied, or the
+/// request is invalid.
+pub(super) fn permanent(code: Option<u64>) -> bool {
+    // 10059 stream not found, 10100 / 10101 consumer config invalid / name in use with
+    // another config, 10012 / 10013 consumer setting not allowed, 10148 / 10149 priority
+    // groups.
+    matches!(
+        code,
+        Some(10059 | 10012 | 10013 | 10100 | 10101 | 10148 | 10149 | 10150)
+    )
+}
+
+/// Creates a consumer, or finds a durable one and brings its changeable settings (ack wait,
+/// max ack pending) in line; a setting it cannot change is a configuration error.
+pub(super) async fn open_consumer(
+    stream: &async_nats::jetstream::stream::Stream,
+    config: &pull::Config,
+) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
+    let Some(name) = &config.durable_name else {
+        return stream.create_consumer(config.clone()).await.map_err(|e| {
+            if permanent(code_of(&e)) {
+                NatsError::Config(format!("cannot create a consumer: {e}"))
+            } else {
+                NatsError::js("create consumer", e)
+            }
+        });
+    };
+    let consumer = stream
+        .get_or_create_consumer(name, config.clone())
+        .await
+        .map_err(|e| {
+            if permanent(code_of(&e)) {
+                NatsError::Config(format!("consumer `{name}`: {e}"))
+            } else {
+                NatsError::js("create consumer", e)
+            }
+        })?;
+    let current = consumer.cached_info().config.clone();
+    if current.priority_policy != config.priority_policy
+        || current.priority_groups != config.priority_groups
+    {
+        let wanted = if config.priority_policy == PriorityPolicy::PinnedClient {
+            "pinned"
+        } else {
+            "exclusive"
+        };
+        return Err(NatsError::Config(format!(
+            "consumer `{name}` exists with another sharing than `{wanted}` (or the server is \
+             older than 2.11 and has no priority groups): delete it (`nats consumer rm`) or \
+             use another subscription name"
+        )));
+    }
+    if current.ack_wait != config.ack_wait
+        || current.max_ack_pending != config.max_ack_pending
+        || current.priority_timeout != config.priority_timeout
+    {
+        // Only the changeable settings move; where it starts stays the server's.
+        let update = pull::Config {
+            deliver_policy: current.deliver_policy,
+            ..config.clone()
+        };
+        return stream
+            .update_consumer(update)
+            .await
+            .map_err(|e| NatsError::Config(format!("cannot update consumer `{name}`: {e}")));
+    }
+    Ok(consumer)
+}
+
+/// Starts a durable consumer over from its ack floor when it holds messages delivered and
+/// not acknowledged: an earlier owner stopped (its naks carry a delay) or died (its messages
+/// wait out the ack wait), and JetStream would deliver newer messages of the same keys to
+/// the new owner before those. Made again at the first unacknowledged sequence, the consumer
+/// delivers in stream order; messages acknowledged one by one above the floor come again, as
+/// duplicates, which at-least-once processing and idempotent sinks absorb. Only for
+/// exclusive sharing: a partition has one reader, so no live reader loses its consumer.
+pub(super) async fn restart_at_ack_floor(
+    stream: &async_nats::jetstream::stream::Stream,
+    mut consumer: async_nats::jetstream::consumer::Consumer<pull::Config>,
+    config: &pull::Config,
+) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
+    let Some(name) = &config.durable_name else {
+        return Ok(consumer);
+    };
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| NatsError::js("consumer info", e))?
+        .clone();
+    if info.num_ack_pending == 0 {
+        return Ok(consumer);
+    }
+    let start = info.ack_floor.stream_sequence + 1;
+    tracing::info!(
+        consumer = %name,
+        unacked = info.num_ack_pending,
+        start,
+        "restarting the consumer at its first unacknowledged message, to keep per-key order"
+    );
+    stream
+        .delete_consumer(name)
+        .await
+        .map_err(|e| NatsError::js("delete consumer", e))?;
+    let config = pull::Config {
+        deliver_policy: DeliverPolicy::ByStartSequence {
+            start_sequence: start,
+        },
+        ..config.clone()
+    };
+    // Made again at once, and tried again while the server fails transiently: between the
+    // delete and the create the consumer's position lives only here.
+    let mut pause = Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        match open_consumer(stream, &config).await {
+            Ok(consumer) => return Ok(consumer),
+            Err(e) if tries < 20 && !matches!(e, NatsError::Config(_)) => {
+                tracing::warn!(consumer = %name, start, error = %e, "making the consumer again failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                tries += 1;
+            }
+            Err(e) => {
+                tracing::error!(
+                    consumer = %name,
+                    start,
+                    "the consumer was deleted to start over at sequence {start} and could not \
+                     be made again: create it starting there before anything reads it"
+                );
+                return Err(e);
+            }
+        }
+    }
+}

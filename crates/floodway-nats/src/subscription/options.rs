@@ -1,0 +1,108 @@
+//! What a subscription reads and how: start, partitions, sharing, acknowledgement settings.
+
+use std::time::Duration;
+
+/// How long a pull request waits at the server.
+pub(super) const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// The priority group name used by pinned sharing.
+pub(super) const GROUP: &str = "floodway";
+
+/// Where a subscription without stored progress starts: the contract's own type.
+pub use floodway::hub::StartAt;
+
+/// Which subjects a subscription reads.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Partitions {
+    /// Every partition.
+    #[default]
+    All,
+    /// These partitions only: static assignment across instances.
+    Only(Vec<u32>),
+    /// The fault subject (the fault monitor).
+    Faults,
+}
+
+impl Partitions {
+    /// The share of instance `index` of `count`: partitions `p` with `p % count == index`.
+    pub fn instance(index: u32, count: u32, partitions: u32) -> Partitions {
+        Partitions::Only(
+            (0..partitions)
+                .filter(|p| count > 0 && p % count == index)
+                .collect(),
+        )
+    }
+}
+
+/// How instances share a partition's consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sharing {
+    /// Each partition is read by one instance by construction (static assignment, or one
+    /// instance in all).
+    #[default]
+    Exclusive,
+    /// Every instance pulls every partition; the server pins one client per partition and
+    /// delivers only to it, moving the pin to another instance when the pinned one has not
+    /// pulled for `ttl` (consumer priority groups, NATS 2.11+).
+    Pinned {
+        /// How long a silent pinned client keeps its pin.
+        ttl: Duration,
+    },
+}
+
+/// How a subscription reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionOptions {
+    /// Where to start without stored progress.
+    pub start: StartAt,
+    /// Wait for new events (a live stream), or end at the last event held (a bounded read).
+    pub follow: bool,
+    /// Read only events published at or before this time (ms since the epoch), then end.
+    pub until: Option<i64>,
+    /// A reader that leaves no trace (`hub tail`, a replay): ephemeral consumers, no acks.
+    pub transient: bool,
+    /// Which partitions.
+    pub partitions: Partitions,
+    /// How instances share them.
+    pub sharing: Sharing,
+    /// Per partition, records delivered and not yet acked at most (backpressure).
+    pub max_ack_pending: i64,
+    /// How long JetStream waits for an ack before redelivering (in-progress acks are sent
+    /// every third of it).
+    pub ack_wait: Duration,
+    /// Records per pull request.
+    pub fetch: usize,
+    /// The delay of a nak after the first delivery; doubles with each delivery up to
+    /// `nak_max_delay`.
+    pub nak_delay: Duration,
+    /// The longest nak delay.
+    pub nak_max_delay: Duration,
+}
+
+impl Default for SubscriptionOptions {
+    fn default() -> Self {
+        SubscriptionOptions {
+            start: StartAt::Beginning,
+            follow: true,
+            until: None,
+            transient: false,
+            partitions: Partitions::All,
+            sharing: Sharing::Exclusive,
+            max_ack_pending: 1000,
+            ack_wait: Duration::from_secs(30),
+            fetch: 200,
+            nak_delay: Duration::from_millis(500),
+            nak_max_delay: Duration::from_secs(60),
+        }
+    }
+}
+
+impl SubscriptionOptions {
+    /// The delay of a nak for a record delivered `delivered` times.
+    pub fn nak_delay_for(&self, delivered: u32) -> Duration {
+        let doublings = delivered.saturating_sub(1).min(20);
+        self.nak_delay
+            .saturating_mul(1 << doublings)
+            .min(self.nak_max_delay)
+    }
+}

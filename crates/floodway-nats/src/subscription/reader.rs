@@ -1,0 +1,277 @@
+//! Reading: a task per partition pulls from its consumer and hands records to the processor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::AckKind;
+use floodway::error::SourceError;
+use floodway::{Record, Source};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::acks::send;
+use super::consumer::open_consumer;
+use super::options::{Sharing, SubscriptionOptions, GROUP, PULL_EXPIRES};
+use super::{Item, NatsReader, Outstanding, Pending};
+use crate::error::NatsError;
+
+/// Pulls one partition's consumer into the subscription's channel.
+pub(super) struct PartitionReader {
+    pub(super) client: async_nats::Client,
+    pub(super) stream: async_nats::jetstream::stream::Stream,
+    pub(super) subject: String,
+    pub(super) config: pull::Config,
+    pub(super) consumer: Option<async_nats::jetstream::consumer::Consumer<pull::Config>>,
+    pub(super) partition: Arc<str>,
+    pub(super) source: Arc<str>,
+    pub(super) options: Arc<SubscriptionOptions>,
+    pub(super) outstanding: Outstanding,
+    pub(super) tx: mpsc::UnboundedSender<Item>,
+    /// The stream sequence of the last record read.
+    pub(super) last: u64,
+    /// For a bounded read: the last sequence of the partition when the read began.
+    pub(super) target: Option<u64>,
+}
+
+impl PartitionReader {
+    pub(super) async fn run(mut self) {
+        let mut failures = 0u32;
+        loop {
+            match self.pull().await {
+                Ok(true) => {
+                    let _ = self.tx.send(Item::End);
+                    return;
+                }
+                Ok(false) => failures = 0,
+                Err(e) if is_fatal(&e) => {
+                    let _ = self.tx.send(Item::Failed(e));
+                    return;
+                }
+                Err(e) => {
+                    failures += 1;
+                    metrics::counter!("floodway_nats_pull_errors_total").increment(1);
+                    tracing::warn!(
+                        partition = %self.partition, error = %e,
+                        "pulling from JetStream failed; trying again"
+                    );
+                }
+            }
+            if self.tx.is_closed() {
+                return;
+            }
+            // A short pause that grows while failures repeat (a server restarting).
+            let pause = Duration::from_millis(100u64 << failures.min(5));
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// For a bounded read, the partition's last sequence now (`None`: it is empty).
+    async fn last_sequence(&self) -> Result<Option<u64>, NatsError> {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&self.subject)
+            .await
+        {
+            Ok(message) => Ok(Some(message.sequence)),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(NatsError::js("last message", e)),
+        }
+    }
+
+    /// Pulls until the stream of messages ends; `Ok(true)` when a bounded read is complete.
+    async fn pull(&mut self) -> Result<bool, NatsError> {
+        if !self.options.follow && self.target.is_none() {
+            match self.last_sequence().await? {
+                Some(last) => self.target = Some(last),
+                None => return Ok(true),
+            }
+        }
+        let mut consumer = match self.consumer.take() {
+            Some(c) => c,
+            None => {
+                if self.config.durable_name.is_some() || self.last > 0 {
+                    // A consumer made again (ephemeral, or a durable one someone deleted) goes
+                    // on where this reader stood, not from its first start (a start at the end
+                    // would skip what was published meanwhile): at the first record it still
+                    // holds unsettled, whose acks went to the old consumer and would be lost
+                    // with this process, else after the last record read. What it holds comes
+                    // again, as duplicates.
+                    let held = self.outstanding.lock().ok().and_then(|o| {
+                        o.as_ref()?
+                            .iter()
+                            .filter(|(_, p)| p.partition == self.partition)
+                            .map(|(sequence, _)| *sequence)
+                            .min()
+                    });
+                    let start = held.map_or(self.last + 1, |h| h.min(self.last + 1));
+                    self.config.deliver_policy = DeliverPolicy::ByStartSequence {
+                        start_sequence: start,
+                    };
+                }
+                open_consumer(&self.stream, &self.config).await?
+            }
+        };
+        if let Some(target) = self.target {
+            let info = consumer
+                .info()
+                .await
+                .map_err(|e| NatsError::js("consumer info", e))?;
+            // Everything up to the target is acked (or, unacked, delivered nowhere else).
+            let settled = info.ack_floor.stream_sequence >= target
+                || (self.config.durable_name.is_none() && self.last >= target);
+            if settled || (info.num_pending == 0 && info.num_ack_pending == 0) {
+                return Ok(true);
+            }
+        }
+        // Short pulls with idle heartbeats: a pull request lost with a server (a restart, a
+        // cluster node going away) is noticed within seconds, not at its expiry.
+        let mut expires = PULL_EXPIRES;
+        let mut builder = consumer
+            .stream()
+            .max_messages_per_batch(self.options.fetch.max(1));
+        if let Sharing::Pinned { ttl } = self.options.sharing {
+            if !self.options.transient {
+                // Pulls well inside the pin's time to live, or the pin is lost between them.
+                expires = (ttl / 3).clamp(Duration::from_millis(500), PULL_EXPIRES);
+                builder = builder.group(GROUP);
+            }
+        }
+        let builder = builder.expires(expires).heartbeat(expires / 4);
+        let mut messages = builder
+            .messages()
+            .await
+            .map_err(|e| NatsError::js("pull", e))?;
+        // Polled without pause: the channel is unbounded, so pulls (and a pin) keep flowing
+        // while the processor is slow, and every message is registered as it arrives.
+        while let Some(message) = messages.next().await {
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
+                    return Err(match e.kind() {
+                        K::MissingHeartbeat => {
+                            NatsError::js("pull", "missed heartbeats; pulling again")
+                        }
+                        K::ConsumerDeleted => NatsError::js("pull", "consumer deleted; recreating"),
+                        _ => NatsError::js("pull", e),
+                    });
+                }
+            };
+            let info = message
+                .info()
+                .map_err(|e| NatsError::js("message info", e))?;
+            let (sequence, delivered) = (
+                info.stream_sequence,
+                u32::try_from(info.delivered).unwrap_or(u32::MAX),
+            );
+            let past_until = self.options.until.is_some_and(|until| {
+                let published = i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
+                    .unwrap_or(i64::MAX);
+                published > until
+            });
+            let past_target = self.target.is_some_and(|t| sequence > t);
+            if past_until || past_target {
+                // Not ours to read: give it back at once for the next reader.
+                if let (false, Some(reply)) = (self.options.transient, message.reply.clone()) {
+                    send(&self.client, reply, AckKind::Nak(None)).await;
+                }
+                if past_until {
+                    return Ok(true);
+                }
+                continue;
+            }
+            if !self.options.transient {
+                let Some(reply) = message.reply.clone() else {
+                    continue;
+                };
+                let registered = match self.outstanding.lock().ok().as_deref_mut() {
+                    Some(Some(map)) => {
+                        map.insert(
+                            sequence,
+                            Pending {
+                                reply: reply.clone(),
+                                partition: self.partition.clone(),
+                                delivered,
+                            },
+                        );
+                        true
+                    }
+                    _ => false,
+                };
+                if !registered {
+                    // The subscription has closed: give it back with its delay.
+                    let delay = self.options.nak_delay_for(delivered);
+                    send(&self.client, reply, AckKind::Nak(Some(delay))).await;
+                    return Ok(false);
+                }
+            }
+            self.last = sequence;
+            let record = Record::new(
+                self.source.clone(),
+                self.partition.clone(),
+                sequence,
+                message.message.payload.clone(),
+            )
+            .with_attempt(delivered.max(1));
+            if self.tx.send(Item::Record(record)).is_err() {
+                return Ok(false);
+            }
+            if self.target.is_some_and(|t| sequence >= t) {
+                // A bounded read ends at the partition's last record as of its start;
+                // records redelivered later (of an earlier, interrupted run) wait for the
+                // next read.
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Errors that trying again does not fix.
+pub(super) fn is_fatal(error: &NatsError) -> bool {
+    matches!(error, NatsError::Config(_))
+}
+
+impl Source for NatsReader {
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, SourceError> {
+        if self.live == 0 && self.follow {
+            // No partitions to read (an instance beyond the partition count, a fault
+            // subject read elsewhere): idle until the processor stops.
+            std::future::pending::<()>().await;
+        }
+        let mut batch = Vec::new();
+        while self.live > 0 && batch.len() < max.max(1) {
+            let item = if batch.is_empty() {
+                match self.rx.recv().await {
+                    Some(item) => item,
+                    None => break,
+                }
+            } else {
+                match self.rx.try_recv() {
+                    Ok(item) => item,
+                    Err(_) => break,
+                }
+            };
+            match item {
+                Item::Record(record) => batch.push(record),
+                Item::End => self.live -= 1,
+                Item::Failed(e) => {
+                    return Err(SourceError {
+                        source_name: self.source.clone(),
+                        cause: Box::new(e),
+                    })
+                }
+            }
+        }
+        if batch.is_empty() && self.live == 0 {
+            return Ok(None);
+        }
+        Ok(Some(batch))
+    }
+}
