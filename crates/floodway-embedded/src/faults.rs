@@ -12,99 +12,9 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::error::HubError;
 use crate::hub::{Hub, WriteGate};
 
-/// Where a fault stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultStatus {
-    /// Not resubmitted, or resubmitted and failed again.
-    Open,
-    /// Resubmitted and processed.
-    Resolved,
-}
-
-impl FaultStatus {
-    fn as_str(self) -> &'static str {
-        match self {
-            FaultStatus::Open => "open",
-            FaultStatus::Resolved => "resolved",
-        }
-    }
-
-    fn parse(s: &str) -> FaultStatus {
-        match s {
-            "resolved" => FaultStatus::Resolved,
-            _ => FaultStatus::Open,
-        }
-    }
-}
-
-/// A stored fault.
-#[derive(Debug, Clone)]
-pub struct StoredFault {
-    /// The fault's id (deterministic: the same failure stores once).
-    pub id: String,
-    /// The processor that raised it.
-    pub processor: String,
-    /// The pipeline that failed (`*` for records that could not be decoded).
-    pub pipeline: String,
-    /// The step that failed.
-    pub step: String,
-    /// The error's name.
-    pub name: String,
-    /// The error's class.
-    pub class: String,
-    /// The error's message.
-    pub message: String,
-    /// When it was first stored (ms since the epoch).
-    pub first_seen: i64,
-    /// When it was last stored.
-    pub last_seen: i64,
-    /// How many times it was raised.
-    pub seen: u64,
-    /// Where it stands.
-    pub status: FaultStatus,
-    /// The fault event.
-    pub fault: Event,
-}
-
-impl StoredFault {
-    /// The fault's details: the error and the source record.
-    ///
-    /// # Errors
-    /// When the stored event is not a fault event.
-    pub fn details(&self) -> Result<FaultDetails, Error> {
-        self.fault.payload()
-    }
-}
-
-/// Which faults to list.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FaultFilter {
-    /// Only this processor's.
-    pub processor: Option<String>,
-    /// Only this pipeline's.
-    pub pipeline: Option<String>,
-    /// Only errors of this name.
-    pub error: Option<String>,
-    /// Only faults last seen at or after this time (ms).
-    pub since: Option<i64>,
-    /// Only faults last seen before this time (ms).
-    pub until: Option<i64>,
-    /// Only faults with this status.
-    pub status: Option<FaultStatus>,
-    /// At most this many (newest first); all when `None`.
-    pub limit: Option<usize>,
-}
-
-/// How a resubmission ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resubmission {
-    /// When (ms since the epoch).
-    pub at: i64,
-    /// `succeeded`, `failed` or `dry-run`.
-    pub outcome: String,
-    /// What happened.
-    pub detail: String,
-}
+use floodway::fault_store::ResubmitOutcome;
+pub use floodway::fault_store::{FaultFilter, FaultStatus, Resubmission, StoredFault};
+use floodway::hub::HubFuture;
 
 /// Fault events by id, in the hub file. Clones share one connection.
 ///
@@ -474,5 +384,40 @@ impl tower::Service<Event> for FaultStore {
     fn call(&mut self, fault: Event) -> Self::Future {
         let result = crate::blocking(|| self.store(&fault));
         Box::pin(async move { result.map(|_| ()).map_err(Error::from) })
+    }
+}
+
+/// The contract, on the hub file: the calls run on a blocking thread's terms (see
+/// `crate::blocking`), as the rest of the hub's storage does.
+impl floodway::fault_store::FaultStore for FaultStore {
+    fn store_faults<'a>(&'a self, faults: &'a [Event]) -> HubFuture<'a, ()> {
+        Box::pin(async move {
+            crate::blocking(|| self.store_all(faults))?;
+            Ok(())
+        })
+    }
+
+    fn list_faults<'a>(&'a self, filter: &'a FaultFilter) -> HubFuture<'a, Vec<StoredFault>> {
+        Box::pin(async move { Ok(crate::blocking(|| self.list(filter))?) })
+    }
+
+    fn fault<'a>(&'a self, id: &'a str) -> HubFuture<'a, Option<StoredFault>> {
+        Box::pin(async move { Ok(crate::blocking(|| self.get(id))?) })
+    }
+
+    fn record_resubmission_of<'a>(
+        &'a self,
+        id: &'a str,
+        outcome: ResubmitOutcome,
+        detail: &'a str,
+    ) -> HubFuture<'a, ()> {
+        Box::pin(async move {
+            crate::blocking(|| self.record_resubmission(id, outcome.as_str(), detail))?;
+            Ok(())
+        })
+    }
+
+    fn resubmissions_of<'a>(&'a self, id: &'a str) -> HubFuture<'a, Vec<Resubmission>> {
+        Box::pin(async move { Ok(crate::blocking(|| self.resubmissions(id))?) })
     }
 }

@@ -1,4 +1,5 @@
-//! The event hub contract's conformance suite on the embedded hub, in a temporary file.
+//! The conformance suites of the event hub and fault store contracts on the embedded hub, in
+//! a temporary file.
 
 use std::sync::Arc;
 
@@ -16,3 +17,16 @@ async fn fresh() -> (SharedHub, tempfile::TempDir) {
 }
 
 floodway::hub_conformance_tests!(fresh);
+
+mod fault_store {
+    use floodway::testing::conformance::SharedFaultStore;
+    use floodway_embedded::{Hub, HubOptions};
+
+    async fn fresh() -> (SharedFaultStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::open(dir.path().join("faults.db"), HubOptions::default()).unwrap();
+        (std::sync::Arc::new(hub.fault_store().unwrap()), dir)
+    }
+
+    floodway::fault_store_conformance_tests!(fresh);
+}

@@ -1,4 +1,4 @@
-//! The event hub contract's conformance suite on the in-memory hub.
+//! The conformance suites of the event hub and fault store contracts, in memory.
 
 use std::sync::Arc;
 
@@ -10,3 +10,14 @@ async fn fresh() -> (SharedHub, ()) {
 }
 
 floodway::hub_conformance_tests!(fresh);
+
+mod fault_store {
+    use floodway::fault_store::MemoryFaultStore;
+    use floodway::testing::conformance::SharedFaultStore;
+
+    async fn fresh() -> (SharedFaultStore, ()) {
+        (std::sync::Arc::new(MemoryFaultStore::new()), ())
+    }
+
+    floodway::fault_store_conformance_tests!(fresh);
+}

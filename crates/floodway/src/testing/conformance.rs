@@ -1,5 +1,7 @@
-//! The conformance suite of the [`EventHub`] contract: one set of scenarios, written once,
-//! that every hub must pass: the in-memory kit, the embedded hub, NATS JetStream.
+//! The conformance suites of the contracts: one set of scenarios, written once, that every
+//! implementation must pass. For [`EventHub`](crate::EventHub): the in-memory kit, the
+//! embedded hub, NATS JetStream. For [`FaultStore`]: the in-memory store and the embedded
+//! hub's.
 //!
 //! A backend's test file generates one test per scenario with
 //! [`hub_conformance_tests!`](crate::hub_conformance_tests), given an async function that
@@ -17,12 +19,16 @@ use std::time::Duration;
 
 use crate::error::{Error, RunError};
 use crate::event::{now_millis, Event};
+use crate::fault_store::{FaultFilter, FaultStatus, FaultStore, ResubmitOutcome};
 use crate::hub::{HubSubscription, ReadOptions, SharedHub, StartAt, Stream};
 use crate::pipeline::Pipeline;
 use crate::runtime::{Processor, RunReport};
 use crate::sink::{sink_fn, Publisher};
 use crate::source::{Checkpoint, Checkpointer, Source};
 use crate::uow::{Batch, Record};
+
+/// A fault store shared by a scenario.
+pub type SharedFaultStore = std::sync::Arc<dyn FaultStore>;
 
 /// `n` events over `keys` partition keys, ids `{prefix}-{i}`, each with its index in its key's
 /// sequence in field `seq`.
@@ -393,6 +399,170 @@ macro_rules! hub_conformance_tests {
             async fn $scenario() {
                 let (hub, _guard) = $fresh().await;
                 $crate::testing::conformance::$scenario(hub).await;
+            }
+        )+
+    };
+}
+
+/// A raise of the failure of record `offset` in `pipeline`, with `message`: each call is a
+/// new fault event of the same fault.
+fn raise(pipeline: &str, offset: u64, err: &Error) -> Event {
+    let data = format!(
+        r#"{{"id":"o-{offset}","type":"order-paid","timestamp":1,"partitionKey":"k-{offset}"}}"#
+    );
+    let record = Record::new("memory", "0", offset, data.clone());
+    let event = Event::decode(data.as_bytes()).unwrap();
+    let origin = crate::fault::FaultOrigin {
+        processor: "conformance",
+        pipeline,
+        step: "sink",
+    };
+    crate::fault::fault_event(origin, &record, Some(&event), err, &[])
+}
+
+fn poison(message: &str) -> Error {
+    Error::poison_msg("Invalid", message.to_owned())
+}
+
+/// A raise counts once however often it is stored; another raise of the same failure counts
+/// again; the store keeps what people look for.
+pub async fn a_fault_store_counts_each_raise_once(store: SharedFaultStore) {
+    let first = raise("notify", 7, &poison("bad total"));
+    store
+        .store_faults(&[first.clone(), first.clone()])
+        .await
+        .unwrap();
+    store
+        .store_faults(std::slice::from_ref(&first))
+        .await
+        .unwrap();
+    let id = crate::fault::fault_id(&first).to_owned();
+    let stored = store.fault(&id).await.unwrap().expect("stored");
+    assert_eq!(stored.seen, 1, "one raise, stored three times");
+    assert_eq!(
+        (
+            stored.processor.as_str(),
+            stored.pipeline.as_str(),
+            stored.name.as_str()
+        ),
+        ("conformance", "notify", "Invalid")
+    );
+    assert_eq!(stored.status, FaultStatus::Open);
+    assert_eq!(stored.details().unwrap().err.message, "bad total");
+    let again = raise("notify", 7, &poison("bad total"));
+    assert_ne!(again.id(), first.id());
+    store.store_faults(&[again]).await.unwrap();
+    assert_eq!(store.fault(&id).await.unwrap().unwrap().seen, 2);
+    assert!(store.fault("no-such-fault").await.unwrap().is_none());
+    assert!(
+        store.store_faults(&events("z", 1, 1)).await.is_err(),
+        "an event that is not a fault is refused"
+    );
+}
+
+/// Filters select by processor, pipeline, error and status; the newest come first.
+pub async fn a_fault_store_filters(store: SharedFaultStore) {
+    for (pipeline, offset) in [("notify", 1), ("notify", 2), ("view", 3)] {
+        store
+            .store_faults(&[raise(pipeline, offset, &poison("bad"))])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let transient = raise("view", 4, &Error::transient_msg("Down", "gone"));
+    store.store_faults(&[transient]).await.unwrap();
+    let all = store.list_faults(&FaultFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 4);
+    assert!(
+        all.windows(2).all(|w| w[0].last_seen >= w[1].last_seen),
+        "newest first"
+    );
+    let of = |filter: FaultFilter| {
+        let store = store.clone();
+        async move { store.list_faults(&filter).await.unwrap().len() }
+    };
+    let pipeline = |p: &str| FaultFilter {
+        pipeline: Some(p.into()),
+        ..FaultFilter::default()
+    };
+    assert_eq!(of(pipeline("notify")).await, 2);
+    assert_eq!(of(pipeline("view")).await, 2);
+    let down = FaultFilter {
+        error: Some("Down".into()),
+        ..FaultFilter::default()
+    };
+    assert_eq!(of(down).await, 1);
+    let limited = FaultFilter {
+        limit: Some(3),
+        ..FaultFilter::default()
+    };
+    assert_eq!(of(limited).await, 3);
+}
+
+/// A failed resubmission is recorded and leaves the fault open; a successful one resolves
+/// it; a raise after that opens it again.
+pub async fn a_fault_store_resolves_and_reopens(store: SharedFaultStore) {
+    let first = raise("notify", 9, &poison("bad"));
+    store
+        .store_faults(std::slice::from_ref(&first))
+        .await
+        .unwrap();
+    let id = crate::fault::fault_id(&first).to_owned();
+    store
+        .record_resubmission_of(&id, ResubmitOutcome::Failed, "still bad")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.fault(&id).await.unwrap().unwrap().status,
+        FaultStatus::Open
+    );
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    store
+        .record_resubmission_of(&id, ResubmitOutcome::Succeeded, "fixed")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.fault(&id).await.unwrap().unwrap().status,
+        FaultStatus::Resolved
+    );
+    let open = FaultFilter {
+        status: Some(FaultStatus::Open),
+        ..FaultFilter::default()
+    };
+    assert!(store.list_faults(&open).await.unwrap().is_empty());
+    let history = store.resubmissions_of(&id).await.unwrap();
+    let outcomes: Vec<&str> = history.iter().map(|r| r.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["failed", "succeeded"]);
+    assert!(history[0].at < history[1].at);
+    // Raised again after the fix: open again, counted.
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    store
+        .store_faults(&[raise("notify", 9, &poison("bad again"))])
+        .await
+        .unwrap();
+    let stored = store.fault(&id).await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.seen), (FaultStatus::Open, 2));
+    assert_eq!(stored.message, "bad again", "with its latest error");
+}
+
+/// Generates one `#[tokio::test]` per fault store scenario; `$fresh` is an async function
+/// returning `(SharedFaultStore, guard)`: a fresh, empty store, and what must live as long
+/// as it.
+#[macro_export]
+macro_rules! fault_store_conformance_tests {
+    ($fresh:path) => {
+        $crate::fault_store_conformance_tests!(@each $fresh,
+            a_fault_store_counts_each_raise_once,
+            a_fault_store_filters,
+            a_fault_store_resolves_and_reopens
+        );
+    };
+    (@each $fresh:path, $($scenario:ident),+) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                let (store, _guard) = $fresh().await;
+                $crate::testing::conformance::$scenario(store).await;
             }
         )+
     };

@@ -1,0 +1,310 @@
+//! The contract of a fault store: where fault events are kept by fault id, listed and
+//! filtered, and where resubmissions are recorded. The embedded hub's SQLite store and the
+//! in-memory store implement it; `floodway::testing::conformance` holds the scenarios every
+//! store passes.
+//!
+//! A fault is one failure (its [fault id](crate::fault::fault_id)); each time it is raised a
+//! fault event with a new event id is published. A store counts each raise once however often
+//! it is stored, moves the last-seen time, and opens a fault again when it is raised after its
+//! last successful resubmission.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use crate::error::Error;
+use crate::event::{now_millis, Event};
+use crate::fault::FaultDetails;
+use crate::hub::HubFuture;
+
+/// Where a fault stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultStatus {
+    /// Not resubmitted, or resubmitted and failed again.
+    Open,
+    /// Resubmitted and processed.
+    Resolved,
+}
+
+impl FaultStatus {
+    /// Its name: `open` or `resolved`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultStatus::Open => "open",
+            FaultStatus::Resolved => "resolved",
+        }
+    }
+
+    /// From its name (anything but `resolved` is open).
+    pub fn parse(s: &str) -> FaultStatus {
+        match s {
+            "resolved" => FaultStatus::Resolved,
+            _ => FaultStatus::Open,
+        }
+    }
+}
+
+/// A stored fault.
+#[derive(Debug, Clone)]
+pub struct StoredFault {
+    /// The fault's id (deterministic: the same failure stores once).
+    pub id: String,
+    /// The processor that raised it.
+    pub processor: String,
+    /// The pipeline that failed (`*` for records that could not be decoded).
+    pub pipeline: String,
+    /// The step that failed.
+    pub step: String,
+    /// The error's name.
+    pub name: String,
+    /// The error's class.
+    pub class: String,
+    /// The error's message.
+    pub message: String,
+    /// When it was first stored (ms since the epoch).
+    pub first_seen: i64,
+    /// When it was last stored.
+    pub last_seen: i64,
+    /// How many times it was raised.
+    pub seen: u64,
+    /// Where it stands.
+    pub status: FaultStatus,
+    /// The fault event.
+    pub fault: Event,
+}
+
+impl StoredFault {
+    /// The fault's details: the error and the source record.
+    ///
+    /// # Errors
+    /// When the stored event is not a fault event.
+    pub fn details(&self) -> Result<FaultDetails, Error> {
+        self.fault.payload()
+    }
+}
+
+/// Which faults to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultFilter {
+    /// Only this processor's.
+    pub processor: Option<String>,
+    /// Only this pipeline's.
+    pub pipeline: Option<String>,
+    /// Only errors of this name.
+    pub error: Option<String>,
+    /// Only faults last seen at or after this time (ms).
+    pub since: Option<i64>,
+    /// Only faults last seen before this time (ms).
+    pub until: Option<i64>,
+    /// Only faults with this status.
+    pub status: Option<FaultStatus>,
+    /// At most this many (newest first); all when `None`.
+    pub limit: Option<usize>,
+}
+
+/// How a resubmission ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resubmission {
+    /// When (ms since the epoch).
+    pub at: i64,
+    /// `succeeded`, `failed` or `dry-run`.
+    pub outcome: String,
+    /// What happened.
+    pub detail: String,
+}
+
+/// How a resubmission ended, as [`FaultStore::record_resubmission`] records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResubmitOutcome {
+    /// The pipeline processed the record: the fault is resolved.
+    Succeeded,
+    /// It failed again.
+    Failed,
+}
+
+impl ResubmitOutcome {
+    /// Its name: `succeeded` or `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResubmitOutcome::Succeeded => "succeeded",
+            ResubmitOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// A fault store; see the [module docs](self).
+pub trait FaultStore: Send + Sync + Debug + 'static {
+    /// Stores fault events (raises); see the [module docs](self) for how raises count.
+    fn store_faults<'a>(&'a self, faults: &'a [Event]) -> HubFuture<'a, ()>;
+
+    /// The faults `filter` selects, newest (last seen) first.
+    fn list_faults<'a>(&'a self, filter: &'a FaultFilter) -> HubFuture<'a, Vec<StoredFault>>;
+
+    /// One fault.
+    fn fault<'a>(&'a self, id: &'a str) -> HubFuture<'a, Option<StoredFault>>;
+
+    /// Records a resubmission of fault `id` and how it ended; a success resolves it.
+    fn record_resubmission_of<'a>(
+        &'a self,
+        id: &'a str,
+        outcome: ResubmitOutcome,
+        detail: &'a str,
+    ) -> HubFuture<'a, ()>;
+
+    /// A fault's resubmissions, oldest first.
+    fn resubmissions_of<'a>(&'a self, id: &'a str) -> HubFuture<'a, Vec<Resubmission>>;
+}
+
+impl FaultFilter {
+    /// Whether `fault` passes this filter (all but `limit`).
+    pub fn admits(&self, fault: &StoredFault) -> bool {
+        let is = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        is(&self.processor, &fault.processor)
+            && is(&self.pipeline, &fault.pipeline)
+            && is(&self.error, &fault.name)
+            && self.since.is_none_or(|t| fault.last_seen >= t)
+            && self.until.is_none_or(|t| fault.last_seen < t)
+            && self.status.is_none_or(|s| s == fault.status)
+    }
+}
+
+/// A fault store in memory: the contract's reference implementation, for tests.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryFaultStore {
+    state: Arc<Mutex<MemoryFaults>>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryFaults {
+    faults: HashMap<String, StoredFault>,
+    raises: HashSet<String>,
+    resubmissions: HashMap<String, Vec<Resubmission>>,
+}
+
+impl MemoryFaultStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl FaultStore for MemoryFaultStore {
+    fn store_faults<'a>(&'a self, faults: &'a [Event]) -> HubFuture<'a, ()> {
+        Box::pin(async move {
+            let mut parsed = Vec::with_capacity(faults.len());
+            for fault in faults {
+                if !fault.is_fault() {
+                    return Err(format!("event {} is not a fault", fault.id()).into());
+                }
+                let details: FaultDetails = fault.payload().map_err(|e: Error| e.to_string())?;
+                parsed.push((fault, details));
+            }
+            let mut state = self.state.lock().unwrap();
+            let now = now_millis();
+            for (fault, details) in parsed {
+                if !state.raises.insert(fault.id().to_owned()) {
+                    continue;
+                }
+                let id = crate::fault::fault_id(fault).to_owned();
+                let resolved_at = state
+                    .resubmissions
+                    .get(&id)
+                    .into_iter()
+                    .flatten()
+                    .filter(|r| r.outcome == "succeeded")
+                    .map(|r| r.at)
+                    .max()
+                    .unwrap_or(0);
+                let tag = |name: &str| fault.tag(name).unwrap_or("").to_owned();
+                let fresh = StoredFault {
+                    id: id.clone(),
+                    processor: tag("processor"),
+                    pipeline: tag("pipeline"),
+                    step: tag("step"),
+                    name: details.err.name.clone(),
+                    class: details.err.class.clone(),
+                    message: details.err.message.clone(),
+                    first_seen: now,
+                    last_seen: now,
+                    seen: 1,
+                    status: FaultStatus::Open,
+                    fault: fault.clone(),
+                };
+                match state.faults.get_mut(&id) {
+                    None => {
+                        state.faults.insert(id, fresh);
+                    }
+                    Some(stored) => {
+                        stored.seen += 1;
+                        stored.last_seen = now;
+                        if fault.timestamp() > resolved_at {
+                            let (first_seen, seen) = (stored.first_seen, stored.seen);
+                            *stored = StoredFault {
+                                first_seen,
+                                seen,
+                                ..fresh
+                            };
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn list_faults<'a>(&'a self, filter: &'a FaultFilter) -> HubFuture<'a, Vec<StoredFault>> {
+        Box::pin(async move {
+            let state = self.state.lock().unwrap();
+            let mut out: Vec<StoredFault> = state
+                .faults
+                .values()
+                .filter(|f| filter.admits(f))
+                .cloned()
+                .collect();
+            out.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.id.cmp(&b.id)));
+            out.truncate(filter.limit.unwrap_or(usize::MAX));
+            Ok(out)
+        })
+    }
+
+    fn fault<'a>(&'a self, id: &'a str) -> HubFuture<'a, Option<StoredFault>> {
+        Box::pin(async move { Ok(self.state.lock().unwrap().faults.get(id).cloned()) })
+    }
+
+    fn record_resubmission_of<'a>(
+        &'a self,
+        id: &'a str,
+        outcome: ResubmitOutcome,
+        detail: &'a str,
+    ) -> HubFuture<'a, ()> {
+        Box::pin(async move {
+            let mut state = self.state.lock().unwrap();
+            let list = state.resubmissions.entry(id.to_owned()).or_default();
+            let at = now_millis().max(list.last().map_or(0, |r| r.at + 1));
+            list.push(Resubmission {
+                at,
+                outcome: outcome.as_str().to_owned(),
+                detail: detail.to_owned(),
+            });
+            if outcome == ResubmitOutcome::Succeeded {
+                if let Some(fault) = state.faults.get_mut(id) {
+                    fault.status = FaultStatus::Resolved;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn resubmissions_of<'a>(&'a self, id: &'a str) -> HubFuture<'a, Vec<Resubmission>> {
+        Box::pin(async move {
+            Ok(self
+                .state
+                .lock()
+                .unwrap()
+                .resubmissions
+                .get(id)
+                .cloned()
+                .unwrap_or_default())
+        })
+    }
+}
