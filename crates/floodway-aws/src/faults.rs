@@ -1,9 +1,15 @@
 //! Faults on AWS: stores for a fault monitor (DynamoDB, S3), and resubmission by invoking
 //! the function that failed a fault again.
 
-use aws_sdk_dynamodb::types::AttributeValue;
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_s3::primitives::ByteStream;
+use floodway::fault_store::{
+    FaultFilter, FaultStatus, FaultStore, Resubmission, ResubmitOutcome, StoredFault,
+};
+use floodway::hub::HubFuture;
 use floodway::{Error, Event};
 use serde_json::Value;
 
@@ -13,14 +19,30 @@ fn tag(fault: &Event, name: &str) -> String {
     fault.tag(name).unwrap_or("unknown").to_owned()
 }
 
-/// Stores fault events in a DynamoDB table (partition key `pk`, a string: the fault id, so a
-/// fault stored again is one row): processor, pipeline, step, error name and message, the
-/// fault event, first and last seen, and how many times it was raised. The sink of a fault
-/// monitor's pipeline.
+/// Stores fault events in a DynamoDB table (partition key `pk`, a string): one item per fault
+/// (its fault id) with processor, pipeline, step, the latest error, the fault event, first and
+/// last seen, how many times it was raised and its resubmissions; and one small item per raise
+/// (`raise#<event id>`, with an `expiresAt` time in seconds for the table's TTL) so that a
+/// raise stored twice counts once. A raise is stored in one transaction with its fault. The
+/// sink of a fault monitor's pipeline, and a [`FaultStore`].
 #[derive(Debug, Clone)]
 pub struct DynamoDbFaults {
     client: aws_sdk_dynamodb::Client,
     table: String,
+}
+
+/// How long a raise is remembered (a redelivered fault event comes within minutes).
+const RAISE_MEMORY_SECS: i64 = 24 * 3600;
+
+/// The key prefix of raise items.
+const RAISE_PREFIX: &str = "raise#";
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: i64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
 }
 
 impl DynamoDbFaults {
@@ -33,56 +55,91 @@ impl DynamoDbFaults {
     }
 
     async fn store(&self, fault: &Event) -> Result<(), Error> {
+        if !fault.is_fault() {
+            return Err(Error::poison_msg(
+                "NotAFault",
+                format!(
+                    "event {} is of type `{}`, not a fault",
+                    fault.id(),
+                    fault.event_type()
+                ),
+            ));
+        }
         // An item holds 400 KB at most.
         let fault = &floodway::fault::fit(fault, 350 * 1024);
-        let err = fault.field("err").cloned().unwrap_or(Value::Null);
-        let now = AttributeValue::N(floodway::event::now_millis().to_string());
-        self.client
-            .update_item()
+        let details: floodway::fault::FaultDetails = fault.payload()?;
+        let id = floodway::fault::fault_id(fault).to_owned();
+        let now = floodway::event::now_millis();
+        let marker = Put::builder()
             .table_name(&self.table)
-            .key(
-                "pk",
-                AttributeValue::S(floodway::fault::fault_id(fault).to_owned()),
-            )
+            .item("pk", s(format!("{RAISE_PREFIX}{}", fault.id())))
+            .item("fault", s(&id))
+            .item("expiresAt", n(now / 1000 + RAISE_MEMORY_SECS))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(|e| Error::fatal_msg("DynamoDbRequest", e.to_string()))?;
+        let count = Update::builder()
+            .table_name(&self.table)
+            .key("pk", s(&id))
             .update_expression(
-                "SET processor = :p, pipeline = :pl, step = :s, errorName = :n, \
-                 message = :m, fault = :f, lastSeen = :now, \
-                 firstSeen = if_not_exists(firstSeen, :now) ADD raised :one",
+                "SET processor = :p, pipeline = :pl, step = :s, lastSeen = :now, \
+                 firstSeen = if_not_exists(firstSeen, :now), \
+                 errorName = if_not_exists(errorName, :n), \
+                 errorClass = if_not_exists(errorClass, :c), \
+                 message = if_not_exists(message, :m), fault = if_not_exists(fault, :f) \
+                 ADD raised :one",
             )
-            .expression_attribute_values(":p", AttributeValue::S(tag(fault, "processor")))
-            .expression_attribute_values(":pl", AttributeValue::S(tag(fault, "pipeline")))
-            .expression_attribute_values(":s", AttributeValue::S(tag(fault, "step")))
-            .expression_attribute_values(
-                ":n",
-                AttributeValue::S(err["name"].as_str().unwrap_or_default().to_owned()),
-            )
-            .expression_attribute_values(
-                ":m",
-                AttributeValue::S(err["message"].as_str().unwrap_or_default().to_owned()),
-            )
-            .expression_attribute_values(":f", AttributeValue::S(fault.to_json()))
-            .expression_attribute_values(":now", now)
-            .expression_attribute_values(":one", AttributeValue::N("1".into()))
+            .expression_attribute_values(":p", s(tag(fault, "processor")))
+            .expression_attribute_values(":pl", s(tag(fault, "pipeline")))
+            .expression_attribute_values(":s", s(tag(fault, "step")))
+            .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":n", s(&details.err.name))
+            .expression_attribute_values(":c", s(&details.err.class))
+            .expression_attribute_values(":m", s(&details.err.message))
+            .expression_attribute_values(":f", s(fault.to_json()))
+            .expression_attribute_values(":one", n(1))
+            .build()
+            .map_err(|e| Error::fatal_msg("DynamoDbRequest", e.to_string()))?;
+        let counted = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(marker).build())
+            .transact_items(TransactWriteItem::builder().update(count).build())
             .send()
-            .await
-            .map_err(classify)?;
-        // When it was raised (the fault event's time), kept at its latest: a redelivered copy
-        // of an old fault event does not reopen a fault resolved since.
-        let raised = AttributeValue::N(fault.timestamp().to_string());
-        let later = self
+            .await;
+        match counted {
+            Ok(_) => {}
+            // The marker exists: this raise was counted before.
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_transaction_canceled_exception()) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(classify(e)),
+        }
+        // Raised after its last successful resubmission (or never resolved): open again,
+        // with this raise's error. A copy of an older raise only counts.
+        let latest = self
             .client
             .update_item()
             .table_name(&self.table)
-            .key(
-                "pk",
-                AttributeValue::S(floodway::fault::fault_id(fault).to_owned()),
+            .key("pk", s(&id))
+            .update_expression(
+                "SET lastRaised = :t, errorName = :n, errorClass = :c, message = :m, fault = :f",
             )
-            .update_expression("SET lastRaised = :t")
-            .condition_expression("attribute_not_exists(lastRaised) OR lastRaised < :t")
-            .expression_attribute_values(":t", raised)
+            .condition_expression(
+                "(attribute_not_exists(resolvedAt) OR resolvedAt < :t) \
+                 AND (attribute_not_exists(lastRaised) OR lastRaised <= :t)",
+            )
+            .expression_attribute_values(":t", n(fault.timestamp()))
+            .expression_attribute_values(":n", s(&details.err.name))
+            .expression_attribute_values(":c", s(&details.err.class))
+            .expression_attribute_values(":m", s(&details.err.message))
+            .expression_attribute_values(":f", s(fault.to_json()))
             .send()
             .await;
-        match later {
+        match latest {
             Ok(_) => Ok(()),
             Err(e)
                 if e.as_service_error()
@@ -94,11 +151,50 @@ impl DynamoDbFaults {
         }
     }
 
-    /// Every stored fault (a scan), newest raised first.
+    fn stored(item: &HashMap<String, AttributeValue>) -> Option<StoredFault> {
+        let text = |k: &str| {
+            item.get(k)
+                .and_then(|v| v.as_s().ok())
+                .cloned()
+                .unwrap_or_default()
+        };
+        let number = |k: &str| {
+            item.get(k)
+                .and_then(|v| v.as_n().ok())
+                .and_then(|n| n.parse::<i64>().ok())
+                .unwrap_or(0)
+        };
+        let fault = Event::decode(text("fault").as_bytes()).ok()?;
+        let resolved = number("resolvedAt");
+        Some(StoredFault {
+            id: text("pk"),
+            processor: text("processor"),
+            pipeline: text("pipeline"),
+            step: text("step"),
+            name: text("errorName"),
+            class: text("errorClass"),
+            message: text("message"),
+            first_seen: number("firstSeen"),
+            last_seen: number("lastSeen"),
+            seen: number("raised") as u64,
+            status: if resolved == 0 || number("lastRaised") > resolved {
+                FaultStatus::Open
+            } else {
+                FaultStatus::Resolved
+            },
+            fault,
+        })
+    }
+
+    /// Every stored fault (a scan), newest first.
     ///
     /// # Errors
     /// When DynamoDB fails.
     pub async fn list(&self) -> Result<Vec<StoredFault>, Error> {
+        self.scan(&FaultFilter::default()).await
+    }
+
+    async fn scan(&self, filter: &FaultFilter) -> Result<Vec<StoredFault>, Error> {
         let mut out = Vec::new();
         let mut start = None;
         loop {
@@ -110,48 +206,33 @@ impl DynamoDbFaults {
                 .send()
                 .await
                 .map_err(classify)?;
-            for item in page.items() {
-                let text = |k: &str| {
-                    item.get(k)
-                        .and_then(|v| v.as_s().ok())
-                        .cloned()
-                        .unwrap_or_default()
-                };
-                let number = |k: &str| {
-                    item.get(k)
-                        .and_then(|v| v.as_n().ok())
-                        .and_then(|n| n.parse::<i64>().ok())
-                        .unwrap_or(0)
-                };
-                let fault = match Event::decode(text("fault").as_bytes()) {
-                    Ok(f) => f,
-                    Err(_) => continue,
-                };
-                let resolved = number("resolvedAt");
-                out.push(StoredFault {
-                    id: text("pk"),
-                    processor: text("processor"),
-                    pipeline: text("pipeline"),
-                    error: text("errorName"),
-                    message: text("message"),
-                    raised: number("raised") as u64,
-                    last_raised: number("lastRaised"),
-                    open: resolved == 0 || number("lastRaised") > resolved,
-                    resubmissions: item
-                        .get("resubmissions")
-                        .and_then(|v| v.as_l().ok())
-                        .map(|l| l.iter().filter_map(|v| v.as_s().ok().cloned()).collect())
-                        .unwrap_or_default(),
-                    fault,
-                });
-            }
+            out.extend(
+                page.items()
+                    .iter()
+                    .filter_map(Self::stored)
+                    .filter(|f| filter.admits(f)),
+            );
             start = page.last_evaluated_key().cloned();
             if start.is_none() {
                 break;
             }
         }
-        out.sort_by_key(|f| std::cmp::Reverse(f.last_raised));
+        out.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.id.cmp(&b.id)));
+        out.truncate(filter.limit.unwrap_or(usize::MAX));
         Ok(out)
+    }
+
+    async fn item(&self, id: &str) -> Result<Option<HashMap<String, AttributeValue>>, Error> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", s(id))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(out.item().cloned())
     }
 
     /// Records a resubmission's outcome with the fault; a success resolves it.
@@ -159,21 +240,35 @@ impl DynamoDbFaults {
     /// # Errors
     /// When DynamoDB fails.
     pub async fn record_resubmission(&self, id: &str, outcome: &Resubmitted) -> Result<(), Error> {
-        let now = floodway::event::now_millis();
-        let entry = format!("{now}: {outcome:?}");
+        let (outcome, detail) = match outcome {
+            Resubmitted::Succeeded => (ResubmitOutcome::Succeeded, String::new()),
+            other => (ResubmitOutcome::Failed, format!("{other:?}")),
+        };
+        self.record(id, outcome, &detail).await
+    }
+
+    async fn record(&self, id: &str, outcome: ResubmitOutcome, detail: &str) -> Result<(), Error> {
+        // Two resubmissions in one millisecond keep their order.
+        let last = self.resubmissions(id).await?.last().map_or(0, |r| r.at + 1);
+        let now = floodway::event::now_millis().max(last);
+        let entry = AttributeValue::M(HashMap::from([
+            ("at".to_owned(), n(now)),
+            ("outcome".to_owned(), s(outcome.as_str())),
+            ("detail".to_owned(), s(detail)),
+        ]));
         let mut update = self
             .client
             .update_item()
             .table_name(&self.table)
-            .key("pk", AttributeValue::S(id.to_owned()))
-            .expression_attribute_values(":e", AttributeValue::L(vec![AttributeValue::S(entry)]))
+            .key("pk", s(id))
+            .expression_attribute_values(":e", AttributeValue::L(vec![entry]))
             .expression_attribute_values(":empty", AttributeValue::L(Vec::new()));
-        update = if *outcome == Resubmitted::Succeeded {
+        update = if outcome == ResubmitOutcome::Succeeded {
             update
                 .update_expression(
                     "SET resubmissions = list_append(if_not_exists(resubmissions, :empty), :e), resolvedAt = :now",
                 )
-                .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
+                .expression_attribute_values(":now", n(now))
         } else {
             update.update_expression(
                 "SET resubmissions = list_append(if_not_exists(resubmissions, :empty), :e)",
@@ -182,31 +277,61 @@ impl DynamoDbFaults {
         update.send().await.map_err(classify)?;
         Ok(())
     }
+
+    async fn resubmissions(&self, id: &str) -> Result<Vec<Resubmission>, Error> {
+        let Some(item) = self.item(id).await? else {
+            return Ok(Vec::new());
+        };
+        let entries = item
+            .get("resubmissions")
+            .and_then(|v| v.as_l().ok())
+            .cloned()
+            .unwrap_or_default();
+        Ok(entries
+            .iter()
+            .filter_map(|e| {
+                let m = e.as_m().ok()?;
+                let get = |k: &str| m.get(k).and_then(|v| v.as_s().ok()).cloned();
+                Some(Resubmission {
+                    at: m.get("at")?.as_n().ok()?.parse().ok()?,
+                    outcome: get("outcome")?,
+                    detail: get("detail").unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
 }
 
-/// A fault as [`DynamoDbFaults`] keeps it.
-#[derive(Debug, Clone)]
-pub struct StoredFault {
-    /// The fault id.
-    pub id: String,
-    /// The processor.
-    pub processor: String,
-    /// The pipeline.
-    pub pipeline: String,
-    /// The error's name.
-    pub error: String,
-    /// The error's message.
-    pub message: String,
-    /// Times stored.
-    pub raised: u64,
-    /// When it was last raised (ms).
-    pub last_raised: i64,
-    /// Not resolved, or raised again after its last successful resubmission.
-    pub open: bool,
-    /// Resubmissions and their outcomes.
-    pub resubmissions: Vec<String>,
-    /// The fault event.
-    pub fault: Event,
+impl FaultStore for DynamoDbFaults {
+    fn store_faults<'a>(&'a self, faults: &'a [Event]) -> HubFuture<'a, ()> {
+        Box::pin(async move {
+            for fault in faults {
+                self.store(fault).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn list_faults<'a>(&'a self, filter: &'a FaultFilter) -> HubFuture<'a, Vec<StoredFault>> {
+        Box::pin(async move { Ok(self.scan(filter).await?) })
+    }
+
+    fn fault<'a>(&'a self, id: &'a str) -> HubFuture<'a, Option<StoredFault>> {
+        Box::pin(async move { Ok(self.item(id).await?.as_ref().and_then(Self::stored)) })
+    }
+
+    fn record_resubmission_of<'a>(
+        &'a self,
+        id: &'a str,
+        outcome: ResubmitOutcome,
+        detail: &'a str,
+    ) -> HubFuture<'a, ()> {
+        Box::pin(async move { Ok(self.record(id, outcome, detail).await?) })
+    }
+
+    fn resubmissions_of<'a>(&'a self, id: &'a str) -> HubFuture<'a, Vec<Resubmission>> {
+        Box::pin(async move { Ok(self.resubmissions(id).await?) })
+    }
 }
 
 /// Stores fault events as S3 objects `{prefix}/{processor}/{pipeline}/{id}.json` (a fault

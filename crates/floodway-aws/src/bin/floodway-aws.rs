@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use floodway_aws::{resubmit, sdk_config, DynamoDbFaults, Resubmitted, StoredFault};
+use floodway::fault_store::{FaultFilter, FaultStatus, FaultStore};
+use floodway_aws::{resubmit, sdk_config, DynamoDbFaults, Resubmitted};
 
 /// Faults of Floodway functions on AWS: list them, and resubmit them after a fix.
 #[derive(Parser)]
@@ -79,10 +79,17 @@ enum Faults {
     },
 }
 
-fn keep(filter: &Filter, f: &StoredFault) -> bool {
-    filter.processor.as_ref().is_none_or(|p| *p == f.processor)
-        && filter.pipeline.as_ref().is_none_or(|p| *p == f.pipeline)
-        && filter.error.as_ref().is_none_or(|e| *e == f.error)
+impl Filter {
+    /// The contract's filter: these fields, and open faults only unless `all`.
+    fn faults(&self, all: bool) -> FaultFilter {
+        FaultFilter {
+            processor: self.processor.clone(),
+            pipeline: self.pipeline.clone(),
+            error: self.error.clone(),
+            status: (!all).then_some(FaultStatus::Open),
+            ..FaultFilter::default()
+        }
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -98,25 +105,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Faults(Faults::List { filter, all }) => {
             let store = DynamoDbFaults::new(&config, &filter.table);
-            let faults = store.list().await.context("cannot read the fault table")?;
-            let shown: Vec<&StoredFault> = faults
-                .iter()
-                .filter(|f| (all || f.open) && keep(&filter, f))
-                .collect();
+            let shown = store
+                .list_faults(&filter.faults(all))
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read the fault table: {e}"))?;
             for f in &shown {
+                let resubmissions = store
+                    .resubmissions_of(&f.id)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .len();
                 println!(
                     "{}  {}/{}  {}: {}  (raised {}x, {}{})",
                     f.id,
                     f.processor,
                     f.pipeline,
-                    f.error,
+                    f.name,
                     f.message,
-                    f.raised,
-                    if f.open { "open" } else { "resolved" },
-                    if f.resubmissions.is_empty() {
+                    f.seen,
+                    f.status.as_str(),
+                    if resubmissions == 0 {
                         String::new()
                     } else {
-                        format!(", {} resubmissions", f.resubmissions.len())
+                        format!(", {resubmissions} resubmissions")
                     }
                 );
             }
@@ -130,17 +141,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dry_run,
         }) => {
             let store = DynamoDbFaults::new(&config, &filter.table);
-            let faults = store.list().await.context("cannot read the fault table")?;
-            let plan: Vec<&StoredFault> = faults
-                .iter()
-                .filter(|f| f.open && keep(&filter, f))
-                .collect();
+            let plan = store
+                .list_faults(&filter.faults(false))
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read the fault table: {e}"))?;
             println!("{} open faults to resubmit to {function}", plan.len());
             if dry_run {
                 for f in &plan {
                     println!(
                         "would resubmit {} ({}/{}: {})",
-                        f.id, f.processor, f.pipeline, f.error
+                        f.id, f.processor, f.pipeline, f.name
                     );
                 }
                 return Ok(());
@@ -152,7 +162,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let lambda = aws_sdk_lambda::Client::from_conf(lambda_config.build());
             let pause = Duration::from_secs(1) / rate.max(1);
             let (mut succeeded, mut failed) = (0, 0);
-            for f in plan {
+            for f in &plan {
                 let outcome = match resubmit(&lambda, &function, &f.fault).await {
                     Ok(outcome) => outcome,
                     Err(e) => Resubmitted::Failed(e.to_string()),
