@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use floodway::layer::limit::rate::RateLimiter;
 use floodway::{Processor, Record, Settlement};
-use floodway_embedded::{FaultFilter, FaultStatus, StoredFault};
+use std::sync::Arc;
+
+use floodway::fault_store::{FaultFilter, FaultStatus, FaultStore, ResubmitOutcome, StoredFault};
 use floodway_processors::{from_config, Config, Hubs};
 
 use crate::util::{parse_time, progress, show_time, HubArgs};
@@ -97,8 +99,8 @@ pub(crate) enum FaultsCommand {
 
 pub(crate) async fn run(command: FaultsCommand) -> anyhow::Result<()> {
     match command {
-        FaultsCommand::List { hub, filter, limit } => list(hub, filter, limit),
-        FaultsCommand::Show { hub, id } => show(hub, id),
+        FaultsCommand::List { hub, filter, limit } => list(hub, filter, limit).await,
+        FaultsCommand::Show { hub, id } => show(hub, id).await,
         FaultsCommand::Resubmit {
             config,
             filter,
@@ -108,9 +110,12 @@ pub(crate) async fn run(command: FaultsCommand) -> anyhow::Result<()> {
     }
 }
 
-fn list(hub: HubArgs, filter: FilterArgs, limit: usize) -> anyhow::Result<()> {
-    let hub = hub.open()?;
-    let faults = hub.fault_store()?.list(&filter.filter(Some(limit))?)?;
+async fn list(hub: HubArgs, filter: FilterArgs, limit: usize) -> anyhow::Result<()> {
+    let store = open_store(&hub)?;
+    let faults = store
+        .list_faults(&filter.filter(Some(limit))?)
+        .await
+        .map_err(anyhow_err)?;
     if faults.is_empty() {
         say!("no faults match");
         return Ok(());
@@ -146,10 +151,9 @@ fn status(f: &StoredFault) -> &'static str {
     }
 }
 
-fn show(hub: HubArgs, id: String) -> anyhow::Result<()> {
-    let hub = hub.open()?;
-    let store = hub.fault_store()?;
-    let Some(fault) = store.get(&id)? else {
+async fn show(hub: HubArgs, id: String) -> anyhow::Result<()> {
+    let store = open_store(&hub)?;
+    let Some(fault) = store.fault(&id).await.map_err(anyhow_err)? else {
         bail!("no fault with id {id}: `floodway faults list` shows the ids");
     };
     let details = fault.details()?;
@@ -190,7 +194,10 @@ fn show(hub: HubArgs, id: String) -> anyhow::Result<()> {
     if let Some(event) = &details.uow.event {
         say!("event      {}", serde_json::to_string_pretty(event)?);
     }
-    let history = store.resubmissions(&fault.id)?;
+    let history = store
+        .resubmissions_of(&fault.id)
+        .await
+        .map_err(anyhow_err)?;
     if history.is_empty() {
         say!("never resubmitted");
     }
@@ -239,6 +246,28 @@ pub(crate) struct Resubmitted {
     pub(crate) failed: u64,
 }
 
+/// The fault store of the hub file these arguments name.
+fn open_store(hub: &HubArgs) -> anyhow::Result<Arc<dyn FaultStore>> {
+    Ok(Arc::new(hub.open()?.fault_store()?))
+}
+
+/// Records a resubmission's outcome with its fault.
+async fn record_outcome(
+    store: &dyn FaultStore,
+    id: &str,
+    outcome: ResubmitOutcome,
+    detail: &str,
+) -> anyhow::Result<()> {
+    store
+        .record_resubmission_of(id, outcome, detail)
+        .await
+        .map_err(anyhow_err)
+}
+
+fn anyhow_err(e: floodway::BoxError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
 /// Sends the records of the open faults matching `filter` back to the processor and pipeline
 /// that failed them, at most `rate` per second, and records each outcome with its fault.
 pub(crate) async fn resubmit_faults(
@@ -248,10 +277,10 @@ pub(crate) async fn resubmit_faults(
     rate: u32,
     dry_run: bool,
 ) -> anyhow::Result<Resubmitted> {
-    let store = hubs.store.fault_store()?;
+    let store: Arc<dyn FaultStore> = Arc::new(hubs.store.fault_store()?);
     // Only open faults: a resolved one was applied already.
     filter.status = Some(FaultStatus::Open);
-    let faults = store.list(&filter)?;
+    let faults = store.list_faults(&filter).await.map_err(anyhow_err)?;
     let mut processors: HashMap<String, Processor> = HashMap::new();
     let mut plan = Vec::new();
     let mut skipped = 0;
@@ -314,12 +343,14 @@ pub(crate) async fn resubmit_faults(
             {
                 Some(data) => data,
                 None => {
-                    store.record_resubmission(
+                    record_outcome(
+                        &*store,
                         &fault.id,
-                        "failed",
+                        ResubmitOutcome::Failed,
                         "the record is redacted from the fault and no longer in the hub \
                          (retention deleted it)",
-                    )?;
+                    )
+                    .await?;
                     outcome.failed += 1;
                     bar.inc(1);
                     continue;
@@ -337,11 +368,13 @@ pub(crate) async fn resubmit_faults(
             .iter()
             .all(|p| p.name() != fault.pipeline)
         {
-            store.record_resubmission(
+            record_outcome(
+                &*store,
                 &fault.id,
-                "failed",
+                ResubmitOutcome::Failed,
                 "the pipeline is no longer configured",
-            )?;
+            )
+            .await?;
             outcome.failed += 1;
             bar.inc(1);
             continue;
@@ -354,11 +387,13 @@ pub(crate) async fn resubmit_faults(
                 .any(|p| p.name() == fault.pipeline && p.accepts(&event))
         });
         if !taken {
-            store.record_resubmission(
+            record_outcome(
+                &*store,
                 &fault.id,
-                "failed",
+                ResubmitOutcome::Failed,
                 "the pipeline no longer takes this event's type",
-            )?;
+            )
+            .await?;
             outcome.failed += 1;
             bar.inc(1);
             continue;
@@ -370,27 +405,37 @@ pub(crate) async fn resubmit_faults(
         let settled = report.outcomes.first().and_then(|o| o.settlement);
         match (settled, report.fatal) {
             (Some(Settlement::Done), _) => {
-                store.record_resubmission(&fault.id, "succeeded", "processed")?;
+                record_outcome(&*store, &fault.id, ResubmitOutcome::Succeeded, "processed").await?;
                 outcome.succeeded += 1;
             }
             (_, Some(err)) => {
-                store.record_resubmission(&fault.id, "failed", &err.to_string())?;
+                record_outcome(
+                    &*store,
+                    &fault.id,
+                    ResubmitOutcome::Failed,
+                    &err.to_string(),
+                )
+                .await?;
                 outcome.failed += 1;
             }
             (Some(_), None) => {
-                store.record_resubmission(
+                record_outcome(
+                    &*store,
                     &fault.id,
-                    "failed",
+                    ResubmitOutcome::Failed,
                     "faulted again: see the fault's latest error",
-                )?;
+                )
+                .await?;
                 outcome.failed += 1;
             }
             (None, None) => {
-                store.record_resubmission(
+                record_outcome(
+                    &*store,
                     &fault.id,
-                    "unfinished",
+                    ResubmitOutcome::Failed,
                     "not done within the deadline (the target kept failing transiently)",
-                )?;
+                )
+                .await?;
                 outcome.failed += 1;
             }
         }
