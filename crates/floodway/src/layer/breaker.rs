@@ -35,10 +35,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tower::{Service, ServiceExt};
+use tower::ServiceExt;
 
-use crate::error::{Error, ErrorClass};
-use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer};
+use crate::error::ErrorClass;
+use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer, Wrappable};
 
 /// Settings of a [`CircuitBreaker`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,13 +320,11 @@ impl BreakerLayer {
 }
 
 impl Policy for CircuitBreaker {
-    fn around<S, Req>(&self, inner: S, req: Req) -> BoxFuture<S::Response>
-    where
-        S: Service<Req, Error = Error> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Response: Send + 'static,
-        Req: Clone + Send + 'static,
-    {
+    fn around<S: Wrappable<Req>, Req: Clone + Send + 'static>(
+        &self,
+        inner: S,
+        req: Req,
+    ) -> BoxFuture<S::Response> {
         let shared = self.shared.clone();
         Box::pin(async move {
             // The last admission number when this call first failed.
@@ -400,8 +398,10 @@ impl Policy for CircuitBreaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use tower::service_fn;
     use tower::Layer;
+    use tower::Service;
 
     #[tokio::test(start_paused = true)]
     async fn holds_during_outage_and_resumes() {

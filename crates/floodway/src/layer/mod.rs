@@ -48,12 +48,23 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + '
 /// each call's future.
 pub trait Policy: Clone + Send + Sync + 'static {
     /// Calls `inner` with `req` under this policy.
-    fn around<S, Req>(&self, inner: S, req: Req) -> BoxFuture<S::Response>
-    where
-        S: Service<Req, Error = Error> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Response: Send + 'static,
-        Req: Clone + Send + 'static;
+    fn around<S: Wrappable<Req>, Req: Clone + Send + 'static>(
+        &self,
+        inner: S,
+        req: Req,
+    ) -> BoxFuture<S::Response>;
+}
+
+/// What a layer can wrap: a cloneable service failing with [`crate::Error`] whose calls can
+/// move to another task.
+pub trait Wrappable<Req>:
+    Service<Req, Error = Error, Future: Send, Response: Send + 'static> + Clone + Send + 'static
+{
+}
+
+impl<T, Req> Wrappable<Req> for T where
+    T: Service<Req, Error = Error, Future: Send, Response: Send + 'static> + Clone + Send + 'static
+{
 }
 
 /// Applies a [`Policy`] to a service.

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use tower::{Service, ServiceExt};
+use tower::ServiceExt;
 
 use crate::error::Error;
-use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer};
+use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer, Wrappable};
 
 /// A deadline per call: the policy of [`TimeoutLayer`].
 #[derive(Debug, Clone, Copy)]
@@ -25,13 +25,11 @@ impl TimeoutLayer {
 }
 
 impl Policy for Deadline {
-    fn around<S, Req>(&self, inner: S, req: Req) -> BoxFuture<S::Response>
-    where
-        S: Service<Req, Error = Error> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Response: Send + 'static,
-        Req: Clone + Send + 'static,
-    {
+    fn around<S: Wrappable<Req>, Req: Clone + Send + 'static>(
+        &self,
+        inner: S,
+        req: Req,
+    ) -> BoxFuture<S::Response> {
         let call = inner.oneshot(req);
         let timeout = self.0;
         Box::pin(async move {

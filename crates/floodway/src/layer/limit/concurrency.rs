@@ -33,10 +33,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tower::{Service, ServiceExt};
+use tower::ServiceExt;
 
 use crate::error::{BuildError, Error, ErrorClass};
-use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer};
+use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer, Wrappable};
 
 /// Settings of the adaptive limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -411,13 +411,11 @@ impl ConcurrencyLimitLayer {
 }
 
 impl Policy for ConcurrencyLimiter {
-    fn around<S, Req>(&self, inner: S, req: Req) -> BoxFuture<S::Response>
-    where
-        S: Service<Req, Error = Error> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Response: Send + 'static,
-        Req: Clone + Send + 'static,
-    {
+    fn around<S: Wrappable<Req>, Req: Clone + Send + 'static>(
+        &self,
+        inner: S,
+        req: Req,
+    ) -> BoxFuture<S::Response> {
         let limiter = self.clone();
         Box::pin(async move {
             let permit = limiter.acquire().await;

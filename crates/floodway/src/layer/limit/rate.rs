@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tower::{Service, ServiceExt};
+use tower::ServiceExt;
 
-use crate::error::{BuildError, Error};
-use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer};
+use crate::error::BuildError;
+use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer, Wrappable};
 
 /// A rate limit; clones share the same budget of calls.
 ///
@@ -168,13 +168,11 @@ impl RateLimitLayer {
 }
 
 impl Policy for RateLimiter {
-    fn around<S, Req>(&self, inner: S, req: Req) -> BoxFuture<S::Response>
-    where
-        S: Service<Req, Error = Error> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Response: Send + 'static,
-        Req: Clone + Send + 'static,
-    {
+    fn around<S: Wrappable<Req>, Req: Clone + Send + 'static>(
+        &self,
+        inner: S,
+        req: Req,
+    ) -> BoxFuture<S::Response> {
         let limiter = self.clone();
         Box::pin(async move {
             limiter.acquire().await;

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tower::{Service, ServiceExt};
+use tower::ServiceExt;
 
-use crate::error::{Error, ErrorClass};
-use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer};
+use crate::error::ErrorClass;
+use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer, Wrappable};
 
 /// When to retry: attempts, elapsed time, backoff and budget.
 #[derive(Debug, Clone)]
@@ -102,13 +102,11 @@ impl RetryLayer {
 }
 
 impl Policy for Retrying {
-    fn around<S, Req>(&self, inner: S, req: Req) -> BoxFuture<S::Response>
-    where
-        S: Service<Req, Error = Error> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Response: Send + 'static,
-        Req: Clone + Send + 'static,
-    {
+    fn around<S: Wrappable<Req>, Req: Clone + Send + 'static>(
+        &self,
+        inner: S,
+        req: Req,
+    ) -> BoxFuture<S::Response> {
         let policy = self.policy.clone();
         let label = self.label.clone();
         Box::pin(async move {
@@ -147,9 +145,11 @@ impl Policy for Retrying {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use std::sync::atomic::{AtomicU32, Ordering};
     use tower::service_fn;
     use tower::Layer;
+    use tower::Service;
 
     fn flaky(
         fail_first: u32,
