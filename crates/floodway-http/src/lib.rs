@@ -202,8 +202,10 @@ impl StatusMatch {
 
 #[derive(Clone)]
 enum HeaderSource {
+    /// A value known when the sink is built: a constant, or a secret (marked sensitive).
+    Fixed(HeaderValue),
+    /// A value filled from each event.
     Template(Template),
-    Secret(HeaderValue),
 }
 
 /// Where and how events are sent.
@@ -336,9 +338,15 @@ impl HttpSinkConfig {
             reason: reason.into(),
         };
         let template = Template::parse(value).map_err(|e| invalid(&e))?;
-        HeaderValue::try_from(template.sample("x"))
+        let sample = HeaderValue::try_from(template.sample("x"))
             .map_err(|_| invalid("not a valid header value"))?;
-        self.headers.push((n, HeaderSource::Template(template)));
+        // A value without fields is parsed once, here, not for every request.
+        let source = if template.is_constant() {
+            HeaderSource::Fixed(sample)
+        } else {
+            HeaderSource::Template(template)
+        };
+        self.headers.push((n, source));
         Ok(self)
     }
 
@@ -368,7 +376,7 @@ impl HttpSinkConfig {
             .map_err(|_| invalid(format!("{secret:?} is not a valid header value")))?;
         header.set_sensitive(true);
         self.secrets.push(value);
-        self.headers.push((n, HeaderSource::Secret(header)));
+        self.headers.push((n, HeaderSource::Fixed(header)));
         Ok(self)
     }
 
@@ -581,11 +589,7 @@ impl HttpSink {
         }
         for (name, source) in &config.headers {
             let value = match source {
-                HeaderSource::Secret(value) => value.clone(),
-                HeaderSource::Template(t) if t.is_constant() => {
-                    HeaderValue::from_str(&t.render(event, Escape::None)?)
-                        .map_err(|e| Error::fatal_msg("InvalidHeader", e.to_string()))?
-                }
+                HeaderSource::Fixed(value) => value.clone(),
                 HeaderSource::Template(t) => {
                     let text = t.render(event, Escape::None)?;
                     HeaderValue::from_str(&text).map_err(|_| {
