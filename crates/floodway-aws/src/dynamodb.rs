@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
-use floodway::{Error, Event};
+use floodway::sink::deliver_each;
+use floodway::{Batch, Delivery, Error, Event};
 use serde_json::Value;
 
 use crate::classify::classify;
@@ -127,13 +128,15 @@ impl DynamoDbView {
         }
     }
 
-    async fn write_all(&self, events: Vec<Event>) -> Result<(), Error> {
-        let writes = events.into_iter().map(|e| self.write(e));
-        for result in futures_util::future::join_all(writes).await {
-            result?;
-        }
-        Ok(())
+    async fn write_all(&self, batch: Batch) -> Result<Delivery, Error> {
+        deliver_each(&batch, CONCURRENCY, |uow| async {
+            self.write(uow.event().clone()).await.map(|_| ())
+        })
+        .await
     }
 }
 
-crate::batch_sink!(DynamoDbView, write_all);
+/// Writes in flight per batch.
+const CONCURRENCY: usize = 32;
+
+floodway::impl_sink!(DynamoDbView, write_all);

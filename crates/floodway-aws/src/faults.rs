@@ -10,7 +10,8 @@ use floodway::fault_store::{
     FaultFilter, FaultStatus, FaultStore, Resubmission, ResubmitOutcome, StoredFault,
 };
 use floodway::hub::HubFuture;
-use floodway::{Error, Event};
+use floodway::sink::deliver_each;
+use floodway::{Batch, Delivery, Error, Event};
 use serde_json::Value;
 
 use crate::classify::classify;
@@ -379,25 +380,19 @@ impl S3Faults {
 }
 
 impl DynamoDbFaults {
-    async fn store_all(&self, faults: Vec<Event>) -> Result<(), Error> {
-        for fault in &faults {
-            self.store(fault).await?;
-        }
-        Ok(())
+    async fn store_all(&self, batch: Batch) -> Result<Delivery, Error> {
+        deliver_each(&batch, 8, |uow| self.store(uow.event())).await
     }
 }
 
 impl S3Faults {
-    async fn store_all(&self, faults: Vec<Event>) -> Result<(), Error> {
-        for fault in &faults {
-            self.store(fault).await?;
-        }
-        Ok(())
+    async fn store_all(&self, batch: Batch) -> Result<Delivery, Error> {
+        deliver_each(&batch, 8, |uow| self.store(uow.event())).await
     }
 }
 
-crate::batch_sink!(DynamoDbFaults, store_all);
-crate::batch_sink!(S3Faults, store_all);
+floodway::impl_sink!(DynamoDbFaults, store_all);
+floodway::impl_sink!(S3Faults, store_all);
 
 /// How a resubmission went.
 #[derive(Debug, Clone, PartialEq, Eq)]

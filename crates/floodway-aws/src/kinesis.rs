@@ -3,10 +3,10 @@
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
-use floodway::{Error, Event};
+use floodway::{Batch, Delivery, Error};
 
 use crate::classify::{classify, classify_code};
-use crate::{chunks, first_error, send_failed_again};
+use crate::deliver_in_chunks;
 
 /// Records per call.
 const MAX_RECORDS: usize = 500;
@@ -16,15 +16,15 @@ const MAX_BYTES: usize = 5 * 1024 * 1024;
 const MAX_RECORD: usize = 1024 * 1024;
 
 /// Publishes events to a stream, 500 records and 5 MiB per call, each with the event's
-/// partition key (so a key keeps its order within its shard); records the service failed
-/// (throughput exceeded, internal) are sent again a few times before the batch fails, each
-/// with the records of its key that came after it (so the key's order holds).
-/// Also a fault sink.
+/// partition key (so a key keeps its order within its shard). The records the service failed
+/// (throughput exceeded, internal) are reported, each with the records of its key that came
+/// after it and the records of later calls, so that only those are sent again and a key's
+/// order holds (a later record may be stored twice; readers are idempotent). A record over
+/// 1 MiB is poison (use a claim check). Also a fault sink.
 #[derive(Debug, Clone)]
 pub struct KinesisSink {
     client: Client,
     stream: String,
-    attempts: u32,
 }
 
 impl KinesisSink {
@@ -33,55 +33,56 @@ impl KinesisSink {
         KinesisSink {
             client: Client::new(config),
             stream: stream.into(),
-            attempts: 3,
         }
     }
 
-    /// Rounds of sending failed records again within one call (default 3).
-    #[must_use]
-    pub fn attempts(mut self, attempts: u32) -> Self {
-        self.attempts = attempts.max(1);
-        self
-    }
-
-    async fn write(&self, events: Vec<Event>) -> Result<(), Error> {
-        let mut entries = Vec::with_capacity(events.len());
-        for e in &events {
+    async fn write(&self, batch: Batch) -> Result<Delivery, Error> {
+        let mut delivery = Delivery::complete();
+        let mut entries = Vec::with_capacity(batch.len());
+        for (i, e) in batch.events().enumerate() {
             let data = match e.source_bytes() {
                 Some(b) => b.to_vec(),
                 None => e.to_json().into_bytes(),
             };
             if data.len() + e.partition_key().len() > MAX_RECORD {
-                return Err(Error::poison_msg(
-                    "RecordTooLarge",
-                    format!(
-                        "event {} is {} bytes, over Kinesis' 1 MiB: use a claim check",
-                        e.id(),
-                        data.len()
+                delivery.fail(
+                    i,
+                    Error::poison_msg(
+                        "RecordTooLarge",
+                        format!(
+                            "event {} is {} bytes, over Kinesis' 1 MiB: use a claim check",
+                            e.id(),
+                            data.len()
+                        ),
                     ),
-                ));
+                );
+                continue;
             }
             let key = if e.partition_key().is_empty() {
                 e.id()
             } else {
                 e.partition_key()
             };
-            entries.push(
-                PutRecordsRequestEntry::builder()
-                    .partition_key(key)
-                    .data(Blob::new(data))
-                    .build()
-                    .map_err(|e| Error::poison_msg("AwsRequest", e.to_string()))?,
-            );
+            let entry = PutRecordsRequestEntry::builder()
+                .partition_key(key)
+                .data(Blob::new(data))
+                .build();
+            match entry {
+                Ok(entry) => entries.push((i, entry)),
+                Err(err) => delivery.fail(i, Error::poison_msg("AwsRequest", err.to_string())),
+            }
         }
         let size = |e: &PutRecordsRequestEntry| {
             e.data().as_ref().len() + e.partition_key().map_or(0, str::len)
         };
-        for chunk in chunks(entries, MAX_RECORDS, MAX_BYTES, size) {
-            let client = self.client.clone();
-            let stream = self.stream.clone();
-            let failed = send_failed_again(chunk, self.attempts, |records| {
-                let (client, stream) = (client.clone(), stream.clone());
+        deliver_in_chunks(
+            delivery,
+            entries,
+            (MAX_RECORDS, MAX_BYTES),
+            size,
+            true,
+            |records| {
+                let (client, stream) = (self.client.clone(), self.stream.clone());
                 async move {
                     let keys: Vec<String> = records
                         .iter()
@@ -99,21 +100,18 @@ impl KinesisSink {
                         .iter()
                         .enumerate()
                         .filter_map(|(i, r)| {
-                            r.error_code().map(|code| {
-                                (
-                                    i,
-                                    classify_code(code, r.error_message().unwrap_or_default()),
-                                )
-                            })
+                            let code = r.error_code()?;
+                            Some((
+                                i,
+                                classify_code(code, r.error_message().unwrap_or_default()),
+                            ))
                         })
                         .collect();
                     Ok(with_later_of_same_key(failed, &keys))
                 }
-            })
-            .await?;
-            first_error(failed)?;
-        }
-        Ok(())
+            },
+        )
+        .await
     }
 }
 
@@ -128,16 +126,14 @@ fn with_later_of_same_key(failed: Vec<(usize, Error)>, keys: &[String]) -> Vec<(
             .find(|(j, _)| *j == i)
             .or_else(|| failed.iter().find(|(j, _)| *j < i && keys[*j] == *key));
         if let Some((_, e)) = cause {
-            let again =
-                Error::transient_msg(e.name().to_owned(), e.to_string()).with_class(e.class());
-            out.push((i, again));
+            out.push((i, e.copied()));
         }
     }
     out
 }
 
-crate::batch_sink!(KinesisSink);
-crate::event_sink!(KinesisSink, MAX_RECORD - 1024);
+floodway::impl_sink!(KinesisSink, write);
+floodway::impl_fault_sink!(KinesisSink, write, MAX_RECORD - 1024);
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,6 @@
 //! Floodway's AWS sinks, each a `tower::Service<Batch>` that takes the core's resilience
-//! layers and, on a partial failure, sends again only what failed:
+//! layers and reports which entries failed, so that the layers retry and the runtime faults
+//! only those:
 //!
 //! | sink | call | per call |
 //! |---|---|---|
@@ -21,60 +22,7 @@
 //! This crate alone compiles the AWS SDK, so the other crates build quickly.
 
 mod claim;
-/// A `tower::Service<Batch>` from a sink's `async fn write(&self, Vec<Event>)` (or the named
-/// method).
-macro_rules! batch_sink {
-    ($sink:ty) => {
-        $crate::batch_sink!($sink, write);
-    };
-    ($sink:ty, $write:ident) => {
-        impl tower::Service<floodway::Batch> for $sink {
-            type Response = ();
-            type Error = floodway::Error;
-            type Future = floodway::layer::BoxFuture<()>;
-
-            fn poll_ready(
-                &mut self,
-                _cx: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<Result<(), floodway::Error>> {
-                std::task::Poll::Ready(Ok(()))
-            }
-
-            fn call(&mut self, batch: floodway::Batch) -> Self::Future {
-                let sink = self.clone();
-                let events: Vec<floodway::Event> = batch.events().cloned().collect();
-                Box::pin(async move { sink.$write(events).await })
-            }
-        }
-    };
-}
-
-/// A fault sink (`tower::Service<Event>`) from a sink's `async fn write(&self, Vec<Event>)`;
-/// a fault over `$max` bytes is stored trimmed ([`floodway::fault::fit`]).
-macro_rules! event_sink {
-    ($sink:ty, $max:expr) => {
-        impl tower::Service<floodway::Event> for $sink {
-            type Response = ();
-            type Error = floodway::Error;
-            type Future = floodway::layer::BoxFuture<()>;
-
-            fn poll_ready(
-                &mut self,
-                _cx: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<Result<(), floodway::Error>> {
-                std::task::Poll::Ready(Ok(()))
-            }
-
-            fn call(&mut self, event: floodway::Event) -> Self::Future {
-                let sink = self.clone();
-                let event = floodway::fault::fit(&event, $max);
-                Box::pin(async move { sink.write(vec![event]).await })
-            }
-        }
-    };
-}
-
-pub(crate) use {batch_sink, event_sink};
+use floodway::Delivery;
 
 mod classify;
 mod dynamodb;
@@ -116,40 +64,74 @@ pub(crate) fn s3_client(config: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
     )
 }
 
-/// Sends `attempts` rounds of a batch call, each round with only the entries the previous one
-/// reported failed, waiting a little longer between rounds. Returns the entries still failing
-/// after the last round, with the error of each.
-pub(crate) async fn send_failed_again<T, F, Fut>(
-    mut entries: Vec<T>,
-    attempts: u32,
+/// Sends a batch's entries (each with its position in the batch) in chunks of at most `count`
+/// entries and `bytes` bytes, one call of `send` per chunk, which answers the entries of the
+/// chunk the service failed. Entries already failed in `delivery` are not given.
+///
+/// A first chunk that fails as a whole fails the call (nothing was delivered: the stack
+/// retries it, or bisects it to find a poison entry), as does a poison or fatal failure of a
+/// later one. A later chunk failing for another reason fails its entries and every entry after
+/// it, which are not sent: the stack sends again only those. With `ordered`, a chunk with any
+/// failed entry also stops the chunks after it, so that no entry overtakes an earlier one of
+/// its key.
+pub(crate) async fn deliver_in_chunks<T, F, Fut>(
+    mut delivery: Delivery,
+    entries: Vec<(usize, T)>,
+    (count, bytes): (usize, usize),
+    size: impl Fn(&T) -> usize,
+    ordered: bool,
     mut send: F,
-) -> Result<Vec<(T, floodway::Error)>, floodway::Error>
+) -> Result<Delivery, floodway::Error>
 where
-    T: Clone,
     F: FnMut(Vec<T>) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<(usize, floodway::Error)>, floodway::Error>>,
 {
-    let mut round = 0;
-    loop {
-        let failed = send(entries.clone()).await?;
-        if failed.is_empty() {
-            return Ok(Vec::new());
+    let mut chunks = chunks(entries, count, bytes, |(_, t)| size(t)).into_iter();
+    let mut sent = false;
+    while let Some(chunk) = chunks.next() {
+        let (positions, items): (Vec<usize>, Vec<T>) = chunk.into_iter().unzip();
+        let failed = match send(items).await {
+            Ok(failed) => failed,
+            Err(e)
+                if !sent
+                    || matches!(
+                        e.class(),
+                        floodway::ErrorClass::Poison | floodway::ErrorClass::Fatal
+                    ) =>
+            {
+                return Err(e)
+            }
+            Err(e) => {
+                let rest = positions
+                    .into_iter()
+                    .chain(chunks.flatten().map(|(p, _)| p));
+                for p in rest {
+                    delivery.fail(p, e.copied());
+                }
+                return Ok(delivery);
+            }
+        };
+        sent = true;
+        let stop = ordered && !failed.is_empty();
+        for (i, e) in failed {
+            if let Some(&p) = positions.get(i) {
+                delivery.fail(p, e);
+            }
         }
-        round += 1;
-        let retry: Vec<(T, floodway::Error)> = failed
-            .into_iter()
-            .filter_map(|(i, e)| entries.get(i).cloned().map(|t| (t, e)))
-            .collect();
-        // Only throttles and transient errors are worth another round.
-        let worth = retry
-            .iter()
-            .all(|(_, e)| e.class() == floodway::ErrorClass::Transient);
-        if round >= attempts || !worth {
-            return Ok(retry);
+        if stop {
+            for (p, _) in chunks.flatten() {
+                delivery.fail(
+                    p,
+                    floodway::Error::transient_msg(
+                        "NotSent",
+                        "an earlier record of the batch failed; sent again after it",
+                    ),
+                );
+            }
+            break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50 << round.min(6))).await;
-        entries = retry.into_iter().map(|(t, _)| t).collect();
     }
+    Ok(delivery)
 }
 
 /// Splits items into chunks of at most `count` items and `bytes` bytes (an item larger than
@@ -178,62 +160,136 @@ pub(crate) fn chunks<T>(
     out
 }
 
-/// The error of the first entry still failing, or success.
-pub(crate) fn first_error<T>(failed: Vec<(T, floodway::Error)>) -> Result<(), floodway::Error> {
-    match failed.into_iter().next() {
-        None => Ok(()),
-        Some((_, e)) => Err(e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use floodway::Error;
 
-    #[tokio::test(start_paused = true)]
-    async fn only_what_failed_is_sent_again() {
-        let calls = std::sync::Mutex::new(Vec::new());
-        let failed = send_failed_again(vec!["a", "b", "c", "d"], 3, |entries: Vec<&str>| {
-            calls.lock().unwrap().push(entries.clone());
-            // "b" is throttled once; "d" always fails for an internal reason.
-            let round = calls.lock().unwrap().len();
-            let failures = entries
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| (**e == "b" && round == 1) || **e == "d")
-                .map(|(i, _)| (i, Error::throttled_msg("Throttled", "slow down")))
-                .collect();
-            async move { Ok(failures) }
-        })
-        .await
-        .unwrap();
-        let calls = calls.into_inner().unwrap();
-        assert_eq!(
-            calls,
-            vec![vec!["a", "b", "c", "d"], vec!["b", "d"], vec!["d"]]
-        );
-        assert_eq!(failed.len(), 1);
-        assert_eq!(failed[0].0, "d");
+    /// Positions 0..n, two entries per chunk.
+    fn entries(n: usize) -> Vec<(usize, usize)> {
+        (0..n).map(|i| (i, i)).collect()
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_rejected_entry_is_not_sent_again() {
+    fn failed_positions(delivery: &Delivery) -> Vec<usize> {
+        let mut p: Vec<usize> = delivery.failed().iter().map(|(p, _)| *p).collect();
+        p.sort_unstable();
+        p
+    }
+
+    #[tokio::test]
+    async fn entries_the_service_failed_are_reported_at_their_batch_positions() {
+        let mut calls = Vec::new();
+        let delivery = deliver_in_chunks(
+            Delivery::complete(),
+            entries(5),
+            (2, usize::MAX),
+            |_| 1,
+            false,
+            |items: Vec<usize>| {
+                calls.push(items.clone());
+                // The second entry of every chunk is throttled.
+                let failed = if items.len() > 1 {
+                    vec![(1, Error::throttled_msg("Throttled", "slow down"))]
+                } else {
+                    Vec::new()
+                };
+                async move { Ok(failed) }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(calls, vec![vec![0, 1], vec![2, 3], vec![4]]);
+        assert_eq!(failed_positions(&delivery), vec![1, 3]);
+        assert!(delivery.failed().iter().all(|(_, e)| e.is_throttle()));
+    }
+
+    #[tokio::test]
+    async fn a_first_chunk_failing_as_a_whole_fails_the_call() {
+        let err = deliver_in_chunks(
+            Delivery::complete(),
+            entries(4),
+            (2, usize::MAX),
+            |_| 1,
+            false,
+            |_: Vec<usize>| async { Err(Error::transient_msg("Unavailable", "503")) },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.name(), "Unavailable");
+    }
+
+    #[tokio::test]
+    async fn a_later_chunk_failing_fails_it_and_what_follows_unsent() {
         let mut calls = 0;
-        let failed = send_failed_again(vec![1, 2], 5, |entries: Vec<i32>| {
-            calls += 1;
-            let failures = entries
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| **e == 2)
-                .map(|(i, _)| (i, Error::poison_msg("Rejected", "bad")))
-                .collect();
-            async move { Ok(failures) }
-        })
+        let delivery = deliver_in_chunks(
+            Delivery::complete(),
+            entries(6),
+            (2, usize::MAX),
+            |_| 1,
+            false,
+            |_: Vec<usize>| {
+                calls += 1;
+                let answer = if calls == 2 {
+                    Err(Error::transient_msg("Unavailable", "503"))
+                } else {
+                    Ok(Vec::new())
+                };
+                async move { answer }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(calls, 2, "the chunk after the failed one is not sent");
+        assert_eq!(failed_positions(&delivery), vec![2, 3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn a_later_poison_chunk_fails_the_call_so_it_is_bisected() {
+        let mut calls = 0;
+        let err = deliver_in_chunks(
+            Delivery::complete(),
+            entries(4),
+            (2, usize::MAX),
+            |_| 1,
+            false,
+            |_: Vec<usize>| {
+                calls += 1;
+                let answer = if calls == 2 {
+                    Err(Error::poison_msg("ValidationException", "bad entry"))
+                } else {
+                    Ok(Vec::new())
+                };
+                async move { answer }
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.class(), floodway::ErrorClass::Poison);
+    }
+
+    #[tokio::test]
+    async fn ordered_chunks_stop_at_the_first_failure() {
+        let mut calls = 0;
+        let delivery = deliver_in_chunks(
+            Delivery::complete(),
+            entries(6),
+            (2, usize::MAX),
+            |_| 1,
+            true,
+            |_: Vec<usize>| {
+                calls += 1;
+                let failed = if calls == 1 {
+                    vec![(0, Error::throttled_msg("Throttled", "slow down"))]
+                } else {
+                    Vec::new()
+                };
+                async move { Ok(failed) }
+            },
+        )
         .await
         .unwrap();
         assert_eq!(calls, 1);
-        assert_eq!(failed[0].1.class(), floodway::ErrorClass::Poison);
+        assert_eq!(failed_positions(&delivery), vec![0, 2, 3, 4, 5]);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
-use floodway::{Error, Event};
+use floodway::sink::deliver_each;
+use floodway::{Batch, Delivery, Error, Event};
 
 use crate::classify::classify;
 
@@ -70,16 +71,12 @@ impl S3Lake {
         Ok(())
     }
 
-    async fn write(&self, events: Vec<Event>) -> Result<(), Error> {
-        let puts = events.iter().map(|e| self.put(e));
-        for result in futures_util::future::join_all(puts).await {
-            result?;
-        }
-        Ok(())
+    async fn write(&self, batch: Batch) -> Result<Delivery, Error> {
+        deliver_each(&batch, 32, |uow| self.put(uow.event())).await
     }
 }
 
-crate::batch_sink!(S3Lake);
+floodway::impl_sink!(S3Lake, write);
 
 #[cfg(test)]
 mod tests {

@@ -2,26 +2,25 @@
 
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use aws_sdk_sqs::Client;
-use floodway::{Error, Event};
+use floodway::{Batch, Delivery, Error};
 
 use crate::classify::{classify, classify_code};
-use crate::{chunks, first_error, send_failed_again};
+use crate::deliver_in_chunks;
 
 /// Messages per call.
 const MAX_MESSAGES: usize = 10;
 /// Bytes per call.
 const MAX_BYTES: usize = 256 * 1024;
 
-/// Sends events to a queue, 10 messages and 256 KiB per call; messages the service failed
-/// through no fault of theirs are sent again, alone, a few times; a message the service
-/// rejects as the sender's fault is poison. On a FIFO queue the partition key is the message
+/// Sends events to a queue, 10 messages and 256 KiB per call, and reports the messages the
+/// service failed: through no fault of theirs, they are retried alone; a message the service
+/// rejects as the sender's fault, or over 256 KiB, is poison. On a FIFO queue the partition key is the message
 /// group and the event id the deduplication id.
 #[derive(Debug, Clone)]
 pub struct SqsSink {
     client: Client,
     queue_url: String,
     fifo: bool,
-    attempts: u32,
 }
 
 impl SqsSink {
@@ -32,23 +31,27 @@ impl SqsSink {
             client: Client::new(config),
             fifo: queue_url.ends_with(".fifo"),
             queue_url,
-            attempts: 3,
         }
     }
 
-    async fn write(&self, events: Vec<Event>) -> Result<(), Error> {
-        let mut entries = Vec::with_capacity(events.len());
-        for (i, e) in events.iter().enumerate() {
+    async fn write(&self, batch: Batch) -> Result<Delivery, Error> {
+        let mut delivery = Delivery::complete();
+        let mut entries = Vec::with_capacity(batch.len());
+        for (i, e) in batch.events().enumerate() {
             let body = e.to_json();
             if body.len() > MAX_BYTES {
-                return Err(Error::poison_msg(
-                    "MessageTooLarge",
-                    format!(
-                        "event {} is {} bytes, over SQS' 256 KiB: use a claim check",
-                        e.id(),
-                        body.len()
+                delivery.fail(
+                    i,
+                    Error::poison_msg(
+                        "MessageTooLarge",
+                        format!(
+                            "event {} is {} bytes, over SQS' 256 KiB: use a claim check",
+                            e.id(),
+                            body.len()
+                        ),
                     ),
-                ));
+                );
+                continue;
             }
             let mut entry = SendMessageBatchRequestEntry::builder()
                 .id(format!("m{i}"))
@@ -58,18 +61,22 @@ impl SqsSink {
                     .message_group_id(e.partition_key())
                     .message_deduplication_id(e.id());
             }
-            entries.push(
-                entry
-                    .build()
-                    .map_err(|e| Error::poison_msg("AwsRequest", e.to_string()))?,
-            );
+            match entry.build() {
+                Ok(entry) => entries.push((i, entry)),
+                Err(err) => delivery.fail(i, Error::poison_msg("AwsRequest", err.to_string())),
+            }
         }
         let size = |e: &SendMessageBatchRequestEntry| e.message_body().len();
-        for chunk in chunks(entries, MAX_MESSAGES, MAX_BYTES, size) {
-            let client = self.client.clone();
-            let url = self.queue_url.clone();
-            let failed = send_failed_again(chunk, self.attempts, |messages| {
-                let (client, url) = (client.clone(), url.clone());
+        // A FIFO queue keeps a group's order only if no message overtakes a failed one.
+        let ordered = self.fifo;
+        deliver_in_chunks(
+            delivery,
+            entries,
+            (MAX_MESSAGES, MAX_BYTES),
+            size,
+            ordered,
+            |messages| {
+                let (client, url) = (self.client.clone(), self.queue_url.clone());
                 async move {
                     let ids: Vec<String> = messages.iter().map(|m| m.id().to_owned()).collect();
                     let out = client
@@ -99,12 +106,10 @@ impl SqsSink {
                         })
                         .collect())
                 }
-            })
-            .await?;
-            first_error(failed)?;
-        }
-        Ok(())
+            },
+        )
+        .await
     }
 }
 
-crate::batch_sink!(SqsSink);
+floodway::impl_sink!(SqsSink, write);

@@ -97,11 +97,13 @@ fn batch(events: &[Event]) -> Batch {
     Batch::new(events.iter().cloned().map(Uow::detached).collect())
 }
 
-async fn send<S>(sink: S, events: &[Event]) -> Result<(), Error>
-where
-    S: tower::Service<Batch, Response = (), Error = Error>,
-{
-    sink.oneshot(batch(events)).await
+/// Sends the events as one batch; the first entry the sink reports failed is the error.
+async fn send<S: floodway::Sink>(sink: S, events: &[Event]) -> Result<(), Error> {
+    let delivery: floodway::Delivery = sink.oneshot(batch(events)).await?.into();
+    match delivery.into_failed().into_iter().next() {
+        None => Ok(()),
+        Some((_, error)) => Err(error),
+    }
 }
 
 /// Every record of a Kinesis stream's shards, as the simulator's shard records.

@@ -85,9 +85,9 @@ fn processor(hub: &Hub, applied: Arc<AtomicUsize>) -> Processor {
         let applied = applied.clone();
         async move {
             let n = batch.len();
-            sink.call(batch).await?;
-            applied.fetch_add(n, Ordering::Relaxed);
-            Ok(())
+            let delivery = sink.call(batch).await?;
+            applied.fetch_add(n - delivery.failed().len(), Ordering::Relaxed);
+            Ok(delivery)
         }
     });
     Processor::builder("bench")

@@ -73,7 +73,6 @@ pub use hub::{
     RetentionReport, SubscriptionStats, DEFAULT_PARTITIONS,
 };
 pub use lease::LeaseHolder;
-pub use publisher::HubPublisher;
 pub use subscription::{
     ResetTo, StartAt, Subscription, SubscriptionCheckpointer, SubscriptionOptions,
     SubscriptionReader,

@@ -2,13 +2,12 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use floodway::event::now_millis;
 use floodway::idempotence::Version;
-use floodway::layer::BoxFuture;
-use floodway::{Batch, Error, Event};
+
+use floodway::{Batch, Delivery, Error, Event};
 use rusqlite::{Connection, OptionalExtension};
 use serde_json::Value;
 
@@ -359,42 +358,41 @@ impl std::fmt::Debug for ViewSink {
     }
 }
 
-impl tower::Service<Batch> for ViewSink {
-    type Response = ();
-    type Error = Error;
-    type Future = BoxFuture<()>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, batch: Batch) -> Self::Future {
-        let writes: Result<Vec<(String, Version, String)>, Error> = batch
-            .events()
-            .map(|e| Ok(((self.key)(e)?, Version::of(e), (self.value)(e)?)))
-            .collect();
+impl ViewSink {
+    /// Applies a batch in one transaction; an event whose key or value cannot be made is
+    /// poison on its own, and the others are applied.
+    async fn write(&self, batch: Batch) -> Result<Delivery, Error> {
+        let mut delivery = Delivery::complete();
+        let mut writes: Vec<(String, Version, String)> = Vec::with_capacity(batch.len());
+        for (i, e) in batch.events().enumerate() {
+            match (self.key)(e).and_then(|k| Ok((k, Version::of(e), (self.value)(e)?))) {
+                Ok(write) => writes.push(write),
+                Err(err) if batch.len() == 1 => return Err(err),
+                Err(err) => delivery.fail(i, err),
+            }
+        }
         let store = self.store.clone();
-        Box::pin(async move {
-            let writes = writes?;
-            // On a blocking thread, so the processor reads and batches the next events while
-            // this batch is written.
-            let apply = move || {
-                let rows: Vec<(&str, &Version, &str)> = writes
-                    .iter()
-                    .map(|(k, v, j)| (k.as_str(), v, j.as_str()))
-                    .collect();
-                store.apply_json(&rows)
-            };
-            let applied = match tokio::runtime::Handle::try_current() {
-                Ok(_) => match tokio::task::spawn_blocking(apply).await {
-                    Ok(applied) => applied,
-                    // A panic goes on as the sink's own, as if the write had run here.
-                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                    Err(e) => return Err(Error::transient(e)),
-                },
-                Err(_) => apply(),
-            };
-            applied.map(|_| ()).map_err(Error::from)
-        })
+        // On a blocking thread, so the processor reads and batches the next events while this
+        // batch is written.
+        let apply = move || {
+            let rows: Vec<(&str, &Version, &str)> = writes
+                .iter()
+                .map(|(k, v, j)| (k.as_str(), v, j.as_str()))
+                .collect();
+            store.apply_json(&rows)
+        };
+        let applied = match tokio::runtime::Handle::try_current() {
+            Ok(_) => match tokio::task::spawn_blocking(apply).await {
+                Ok(applied) => applied,
+                // A panic goes on as the sink's own, as if the write had run here.
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => return Err(Error::transient(e)),
+            },
+            Err(_) => apply(),
+        };
+        applied.map_err(Error::from)?;
+        Ok(delivery)
     }
 }
+
+floodway::impl_sink!(ViewSink, write);

@@ -49,16 +49,15 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use floodway::error::{CommitError, SourceError};
 use floodway::layer::limit::concurrency::{Aimd, ConcurrencyLimiter};
-use floodway::layer::{BoxFuture, Resilience};
+use floodway::layer::Resilience;
 use floodway::{
-    fault_sink_fn, Batch, Checkpoint, Checkpointer, Error, Event, Pipeline, Processor, Record,
-    Source,
+    fault_sink_fn, Batch, Checkpoint, Checkpointer, Delivery, Error, Event, Pipeline, Processor,
+    Record, Source,
 };
 use floodway_http::{HttpSink, HttpSinkConfig};
 use http_body_util::{BodyExt, Full};
@@ -387,29 +386,19 @@ struct Timed {
     recorder: Arc<Recorder>,
 }
 
-impl tower::Service<Batch> for Timed {
-    type Response = ();
-    type Error = Error;
-    type Future = BoxFuture<()>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, batch: Batch) -> Self::Future {
-        let inner = self.inner.clone();
-        let recorder = self.recorder.clone();
-        Box::pin(async move {
-            let started = Instant::now();
-            let result = inner.oneshot(batch).await;
-            if result.is_ok() {
-                let took = started.elapsed().as_secs_f64();
-                recorder.record(|s| s.client.push(took));
-            }
-            result
-        })
+impl Timed {
+    async fn write(&self, batch: Batch) -> Result<Delivery, Error> {
+        let started = Instant::now();
+        let result = self.inner.clone().oneshot(batch).await;
+        if result.is_ok() {
+            let took = started.elapsed().as_secs_f64();
+            self.recorder.record(|s| s.client.push(took));
+        }
+        result
     }
 }
+
+floodway::impl_sink!(Timed, write);
 
 /// A source that never runs dry: one event per record, each with a partition key of its own.
 #[derive(Default)]

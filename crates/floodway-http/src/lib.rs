@@ -56,12 +56,11 @@ mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use floodway::layer::BoxFuture;
-use floodway::{Batch, Error, Event};
+use floodway::sink::deliver_in_order;
+use floodway::{Batch, Delivery, Error, Event};
 use http::{header, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
@@ -746,25 +745,15 @@ fn treated(
     }
 }
 
-impl tower::Service<Batch> for HttpSink {
-    type Response = ();
-    type Error = Error;
-    type Future = BoxFuture<()>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, batch: Batch) -> Self::Future {
-        let sink = self.clone();
-        Box::pin(async move {
-            for event in batch.events() {
-                sink.send(event).await?;
-            }
-            Ok(())
-        })
+impl HttpSink {
+    /// Sends a batch's events one after another, so that a key's events reach the service in
+    /// order; the first that fails stops the batch (see [`deliver_in_order`]).
+    async fn write(&self, batch: Batch) -> Result<Delivery, Error> {
+        deliver_in_order(&batch, |uow| self.send(uow.event())).await
     }
 }
+
+floodway::impl_sink!(HttpSink, write);
 
 #[cfg(test)]
 mod tests {

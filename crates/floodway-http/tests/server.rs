@@ -113,8 +113,12 @@ async fn serve(answer: Answer, tls: Option<rustls::ServerConfig>) -> Server {
     }
 }
 
-fn send(sink: &HttpSink, event: Event) -> impl std::future::Future<Output = Result<(), Error>> {
-    sink.clone().oneshot(Batch::one(Uow::detached(event)))
+async fn send(sink: &HttpSink, event: Event) -> Result<(), Error> {
+    // A batch of one answers as a whole.
+    sink.clone()
+        .oneshot(Batch::one(Uow::detached(event)))
+        .await
+        .map(|_| ())
 }
 
 fn order(id: &str) -> Event {

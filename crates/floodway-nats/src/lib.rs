@@ -14,7 +14,7 @@
 //! - Per-key order across instances: partitions are assigned statically
 //!   ([`Partitions::instance`]) or shared through consumer priority groups with a pinned
 //!   client ([`Sharing::Pinned`]); see ARCHITECTURE.md for the trade-offs.
-//! - [`NatsPublisher`]: a sink and fault sink publishing into the hub.
+//! - [`NatsHub::publisher`]: a sink and fault sink publishing into the hub.
 //!
 //! ```no_run
 //! # async fn run(processor: floodway::Processor) -> Result<(), Box<dyn std::error::Error>> {
@@ -41,7 +41,6 @@ pub use event_hub::{InstanceReads, NatsEventHub};
 pub use hub::{
     NatsHub, NatsHubOptions, NatsStats, PublishReceipt, SubscriptionStats, DEFAULT_PARTITIONS,
 };
-pub use publisher::NatsPublisher;
 pub use subscription::{
     NatsCheckpointer, NatsReader, NatsSubscription, Partitions, Sharing, StartAt,
     SubscriptionOptions,

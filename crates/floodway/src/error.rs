@@ -196,6 +196,28 @@ impl Error {
         self
     }
 
+    /// An error like this one (class, name, throttle, timeout, delay asked for) with another
+    /// message and no cause.
+    pub(crate) fn echo(&self, message: String) -> Self {
+        Error(Box::new(Inner {
+            class: self.0.class,
+            throttle: self.0.throttle,
+            timeout: self.0.timeout,
+            name: self.0.name.clone(),
+            message,
+            retry_after: self.0.retry_after,
+            attempts: self.0.attempts,
+            source: None,
+        }))
+    }
+
+    /// The same error without its cause (whose text the message keeps): for reporting one
+    /// failure against several entries.
+    #[must_use]
+    pub fn copied(&self) -> Self {
+        self.echo(self.0.message.clone())
+    }
+
     pub(crate) fn with_attempts(mut self, attempts: u32) -> Self {
         self.0.attempts = attempts;
         self

@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use crate::error::{BoxError, CommitError, Error, SourceError};
 use crate::event::Event;
-use crate::sink::{Publish, Publisher};
 use crate::source::{Checkpoint, Checkpointer, Settlement, Source};
 use crate::uow::Record;
 
@@ -189,19 +188,6 @@ pub trait EventHub: Send + Sync + Debug + 'static {
 
 /// A hub shared by the processors and the command.
 pub type SharedHub = Arc<dyn EventHub>;
-
-impl Publish for SharedHub {
-    fn publish_events(&self, events: Vec<Event>) -> crate::layer::BoxFuture<()> {
-        let hub = self.clone();
-        Box::pin(async move {
-            hub.publish(&events, true).await?;
-            Ok(())
-        })
-    }
-}
-
-/// Publishes into any hub: a sink of batches and a fault sink.
-pub type HubPublisher = Publisher<SharedHub>;
 
 /// A subscription of any hub, in halves for a processor.
 pub struct HubSubscription {

@@ -74,6 +74,12 @@ pub mod source;
 pub mod testing;
 mod uow;
 
+/// What the sink macros name; not part of the API.
+#[doc(hidden)]
+pub mod reexports {
+    pub use tower;
+}
+
 /// The README's examples, compiled as doc tests.
 #[doc = include_str!("../../../README.md")]
 #[cfg(doctest)]
@@ -84,6 +90,6 @@ pub use event::{Event, EventBuilder};
 pub use hub::{EventHub, ReadOptions, SharedHub};
 pub use pipeline::{BatchConfig, Pipeline};
 pub use runtime::{Processor, ProcessorConfig, RunReport};
-pub use sink::{fault_sink_fn, sink_fn, Publish, Publisher};
+pub use sink::{each_fn, fault_sink_fn, sink_fn, Delivery, Publisher, Sink};
 pub use source::{Checkpoint, Checkpointer, Settlement, Source};
 pub use uow::{Batch, Record, Uow};

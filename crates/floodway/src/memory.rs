@@ -193,21 +193,15 @@ impl MemorySink {
     }
 }
 
-impl Service<Batch> for MemorySink {
-    type Response = ();
-    type Error = Error;
-    type Future = Ready<Result<(), Error>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, batch: Batch) -> Self::Future {
+impl MemorySink {
+    pub(crate) async fn write(&self, batch: Batch) -> Result<(), Error> {
         let events = batch.events().cloned().collect();
         self.batches.lock().unwrap().push(events);
-        ready(Ok(()))
+        Ok(())
     }
 }
+
+crate::impl_sink!(MemorySink, write);
 
 /// A fault sink that keeps fault events by [fault id](crate::fault::fault_id) (a fault raised
 /// twice is stored once, as the durable fault stores do); clones share them.

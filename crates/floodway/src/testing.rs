@@ -36,18 +36,16 @@ pub mod conformance;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tower::Service;
 
 use crate::error::{Error, RunError};
 use crate::event::Event;
-use crate::layer::BoxFuture;
 use crate::memory::{MemoryCheckpointer, MemoryFaultSink, MemorySink, MemorySource};
 use crate::runtime::{Processor, ProcessorBuilder, RunReport};
-use crate::uow::Batch;
+use crate::sink::Delivery;
+use crate::uow::{Batch, Uow};
 
 /// Holds a fault sink and a checkpointer for the processors a test builds.
 #[derive(Debug, Clone, Default)]
@@ -126,13 +124,14 @@ pub struct Call<'a> {
     pub elapsed: Duration,
 }
 
-type Script = dyn Fn(&Call<'_>) -> Result<(), Error> + Send + Sync;
+type Script = dyn Fn(&Call<'_>) -> Result<Delivery, Error> + Send + Sync;
 
 /// A sink that answers as a script says: for flaky targets, poison events, outages.
 ///
 /// The script sees each call and returns `Ok(())` to accept the batch (it is then kept in
-/// [`delivered`](ScriptedSink::delivered) after the sink's latency) or an error to fail the
-/// call at once. Clones share the script, the counters and the delivered events.
+/// [`delivered`](ScriptedSink::delivered) after the sink's latency), a [`Delivery`] naming the
+/// entries that failed (the others are kept), or an error to fail the call at once. Clones
+/// share the script, the counters and the delivered events.
 ///
 /// ```
 /// use std::time::Duration;
@@ -169,12 +168,13 @@ impl std::fmt::Debug for ScriptedSink {
 
 impl ScriptedSink {
     /// A sink answering per `script`, with no latency.
-    pub fn new<F>(script: F) -> Self
+    pub fn new<F, R>(script: F) -> Self
     where
-        F: Fn(&Call<'_>) -> Result<(), Error> + Send + Sync + 'static,
+        F: Fn(&Call<'_>) -> Result<R, Error> + Send + Sync + 'static,
+        R: Into<Delivery>,
     {
         ScriptedSink {
-            script: Arc::new(script),
+            script: Arc::new(move |call: &Call<'_>| script(call).map(Into::into)),
             latency: Duration::ZERO,
             created: Instant::now(),
             calls: Arc::default(),
@@ -206,16 +206,8 @@ impl ScriptedSink {
     }
 }
 
-impl Service<Batch> for ScriptedSink {
-    type Response = ();
-    type Error = Error;
-    type Future = BoxFuture<()>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, batch: Batch) -> Self::Future {
+impl ScriptedSink {
+    async fn write(&self, batch: Batch) -> Result<Delivery, Error> {
         let call = Call {
             number: self.calls.fetch_add(1, Ordering::SeqCst) + 1,
             batch: &batch,
@@ -225,17 +217,25 @@ impl Service<Batch> for ScriptedSink {
         if answer.is_err() {
             self.failures.fetch_add(1, Ordering::SeqCst);
         }
-        let latency = self.latency;
-        let mut delivered = self.delivered.clone();
-        Box::pin(async move {
-            answer?;
-            if !latency.is_zero() {
-                tokio::time::sleep(latency).await;
-            }
-            delivered.call(batch).await
-        })
+        let delivery = answer?;
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        let kept: Vec<Uow> = batch
+            .items()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !delivery.failed().iter().any(|(f, _)| f == i))
+            .map(|(_, u)| u.clone())
+            .collect();
+        if !kept.is_empty() {
+            self.delivered.write(Batch::new(kept)).await?;
+        }
+        Ok(delivery)
     }
 }
+
+crate::impl_sink!(ScriptedSink, write);
 
 /// Generators of realistic events, deterministic for a seed.
 pub mod generate {

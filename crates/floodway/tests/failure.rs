@@ -482,3 +482,160 @@ async fn parts_of_a_split_record_that_fail_get_a_fault_each() {
         "two parts of three records, each its own fault"
     );
 }
+
+/// A sink that reports the entries carrying one of `ids` failed with `error()`, per entry,
+/// for the calls `fails` says, and delivers the rest.
+fn failing_entries(
+    ids: &'static [&'static str],
+    fails: fn(u64) -> bool,
+    error: fn() -> Error,
+) -> ScriptedSink {
+    ScriptedSink::new(move |call| {
+        let failed = call
+            .batch
+            .events()
+            .enumerate()
+            .filter(|(_, e)| fails(call.number) && ids.contains(&e.id()))
+            .map(|(i, _)| (i, error()));
+        Ok::<_, Error>(floodway::Delivery::with_failed(failed))
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn entries_a_sink_reports_throttled_are_retried_alone_and_nothing_is_faulted() {
+    let kit = TestKit::new();
+    let sink = failing_entries(
+        &["e-3", "e-9"],
+        |call| call == 1,
+        || Error::throttled_msg("ProvisionedThroughputExceeded", "slow down"),
+    );
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let seen = sizes.clone();
+    let recorder = floodway::sink_fn(move |batch: floodway::Batch| {
+        seen.lock().unwrap().push(batch.len());
+        let mut sink = sink.clone();
+        async move { tower::Service::call(&mut sink, batch).await }
+    });
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("batched")
+                .batch(BatchConfig::count(16))
+                .sink(recorder)
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    kit.run(&processor, MemorySource::from_events(&events(16, 4), 1))
+        .await
+        .unwrap();
+    assert!(kit.faults().is_empty());
+    assert_eq!(
+        *sizes.lock().unwrap(),
+        vec![16, 2],
+        "only the two failed entries are sent again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_entry_a_sink_reports_poison_is_faulted_alone_without_bisection() {
+    let kit = TestKit::new();
+    let sink = failing_entries(
+        &["e-13"],
+        |_| true,
+        || Error::poison_msg("ValidationException", "bad entry"),
+    );
+    let delivered = sink.delivered().clone();
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("batched")
+                .batch(BatchConfig::count(16))
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    kit.run(&processor, MemorySource::from_events(&events(32, 4), 1))
+        .await
+        .unwrap();
+    let faults = kit.faults();
+    assert_eq!(faults.len(), 1);
+    let details: FaultDetails = faults[0].payload().unwrap();
+    assert_eq!(details.err.name, "ValidationException");
+    assert_eq!(delivered.len(), 31);
+    assert_eq!(sink.calls(), 2, "one call per batch, no bisection");
+    assert_eq!(kit.checkpoint("0"), Some(32));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_entry_failing_transiently_for_good_is_faulted_alone_once_its_retries_are_spent() {
+    let kit = TestKit::new();
+    let sink = failing_entries(
+        &["e-5"],
+        |_| true,
+        || Error::transient_msg("InternalFailure", "try again"),
+    );
+    let delivered = sink.delivered().clone();
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("batched")
+                .batch(BatchConfig::count(8))
+                .resilience(
+                    Resilience::default()
+                        .no_breaker()
+                        .retry(floodway::layer::retry::RetryPolicy::default().max_attempts(3)),
+                )
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    kit.run(&processor, MemorySource::from_events(&events(8, 4), 1))
+        .await
+        .unwrap();
+    assert_eq!(kit.faults().len(), 1);
+    assert_eq!(
+        kit.faults()[0].payload::<FaultDetails>().unwrap().err.name,
+        "InternalFailure",
+        "the entry's own error, not the call's summary"
+    );
+    assert_eq!(delivered.len(), 7);
+    assert_eq!(
+        sink.calls(),
+        3,
+        "the batch once, then the failed entry twice"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_entry_reported_in_an_outage_is_held_until_the_target_is_back() {
+    let kit = TestKit::new();
+    let sink = failing_entries(
+        &["e-2"],
+        |call| call < 6,
+        || Error::msg(ErrorClass::Outage, "Unavailable", "region down"),
+    );
+    let delivered = sink.delivered().clone();
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("batched")
+                .batch(BatchConfig::count(8))
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    kit.run(&processor, MemorySource::from_events(&events(8, 4), 1))
+        .await
+        .unwrap();
+    assert!(kit.faults().is_empty());
+    assert_eq!(delivered.len(), 8);
+    assert!(delivered
+        .batches()
+        .iter()
+        .skip(1)
+        .all(|b| b.len() == 1 && b[0].id() == "e-2"));
+}

@@ -44,11 +44,13 @@ use tower::Service;
 use crate::error::{BuildError, Error};
 use crate::event::Event;
 use crate::layer::Resilience;
-use crate::uow::{Batch, Uow};
+use crate::sink::{Attempt, Entries, Sink};
+use crate::uow::Uow;
 use step::{Step, StepKind};
 
-/// The type-erased sink a pipeline calls.
-pub type BoxSink = BoxCloneSyncService<Batch, (), Error>;
+/// The type-erased sink stack a pipeline calls: the resilience layers around the sink, each
+/// call delivering what is still pending of one batch.
+pub(crate) type BoxSink = BoxCloneSyncService<Attempt, (), Error>;
 
 pub(crate) type KeyFn = Arc<dyn Fn(&Uow) -> String + Send + Sync>;
 
@@ -424,11 +426,7 @@ impl PipelineBuilder {
     ///
     /// # Errors
     /// The first inconsistent setting met while building.
-    pub fn sink<S>(self, sink: S) -> Result<Pipeline, BuildError>
-    where
-        S: Service<Batch, Response = (), Error = Error> + Clone + Send + Sync + 'static,
-        S::Future: Send + 'static,
-    {
+    pub fn sink<S: Sink>(self, sink: S) -> Result<Pipeline, BuildError> {
         if let Some(err) = self.error {
             return Err(err);
         }
@@ -438,7 +436,9 @@ impl PipelineBuilder {
                 problem: "a pipeline needs a name".into(),
             });
         }
-        let sink = self.resilience.apply(&self.name, sink)?;
+        let sink = self
+            .resilience
+            .apply(&self.name, Entries::new(sink, &self.name))?;
         let mut steps = self.steps;
         for step in &mut steps {
             step.build_guard(&self.name)?;

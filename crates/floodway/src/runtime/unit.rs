@@ -16,10 +16,11 @@ use crate::event::Event;
 use crate::fault::{fault_event, FaultOrigin};
 use crate::layer::retry::Backoff;
 use crate::pipeline::step::{guarded, run_all, StepFailure, StepOutput};
-use crate::pipeline::{BoxSink, PipelineCore};
+use crate::pipeline::PipelineCore;
 use crate::runtime::batcher::Flushed;
 use crate::runtime::scheduler::Keys;
 use crate::runtime::FaultSink;
+use crate::sink::{Attempt, Unresolved};
 use crate::uow::{Batch, Record, Ticket, Uow};
 
 /// Work waiting in a pipeline's scheduler.
@@ -144,35 +145,28 @@ async fn fault_failures(
     Ok(faults)
 }
 
-/// Calls the sink until the batch is delivered or its failure is decided. A failing batch of
-/// several is bisected so that a single poison event is faulted alone and the rest delivered.
-/// Returns the units of work that failed for good, with their errors.
+/// Calls the sink until the batch is delivered or its failure is decided. Entries the sink
+/// reports failed are retried (by the stack) and faulted one by one; a batch of several that
+/// fails as a whole is bisected so that a single poison event is faulted alone and the rest
+/// delivered. Returns the units of work that failed for good, with their errors.
 async fn send(
     core: &PipelineCore,
     sink_seconds: &Histogram,
     batch: Batch,
 ) -> Result<Vec<(Uow, Error)>, RunError> {
-    let call = |batch: Batch| async move {
+    let call = |attempt: Attempt| async move {
         let started = Instant::now();
-        let result = guarded(sink_call(&core.sink, batch)).await;
+        let result = guarded(core.sink.clone().oneshot(attempt)).await;
         sink_seconds.record(started.elapsed().as_secs_f64());
         result
     };
-    // The common case, without the bookkeeping of bisection.
-    let first = match call(batch.clone()).await {
-        Ok(()) => return Ok(Vec::new()),
-        Err(err) => err,
-    };
     let mut failed = Vec::new();
-    let mut stack = vec![(batch, Some(first))];
-    while let Some((batch, mut known)) = stack.pop() {
+    let mut stack = vec![batch];
+    while let Some(batch) = stack.pop() {
+        let attempt = Attempt::new(batch);
         let mut outage_wait = 0;
         loop {
-            let result = match known.take() {
-                Some(err) => Err(err),
-                None => call(batch.clone()).await,
-            };
-            match result {
+            match call(attempt.clone()).await {
                 Ok(()) => {}
                 Err(err) if err.class() == ErrorClass::Fatal => {
                     return Err(RunError::Fatal {
@@ -182,23 +176,27 @@ async fn send(
                     })
                 }
                 Err(err) if err.class() == ErrorClass::Outage => {
-                    // The sink says the target is down: hold the batch, never fault it.
+                    // The target is down: hold what is pending, never fault it.
                     let backoff =
                         Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30));
                     tokio::time::sleep(backoff.ceiling(outage_wait)).await;
                     outage_wait += 1;
                     continue;
                 }
-                Err(err) if batch.len() > 1 => {
-                    tracing::debug!(pipeline = %core.name, size = batch.len(), error = %err, "bisecting failed batch");
-                    let (left, right) = batch.split();
-                    stack.push((right, None));
-                    stack.push((left, None));
-                }
-                Err(err) => failed.push((batch.items()[0].clone(), err)),
+                Err(err) => match attempt.unresolved() {
+                    Unresolved::Entries(entries) => failed.extend(entries),
+                    Unresolved::Whole(batch) if batch.len() > 1 => {
+                        tracing::debug!(pipeline = %core.name, size = batch.len(), error = %err, "bisecting failed batch");
+                        let (left, right) = batch.split();
+                        stack.push(right);
+                        stack.push(left);
+                    }
+                    Unresolved::Whole(batch) => failed.push((batch.items()[0].clone(), err)),
+                },
             }
             break;
         }
+        failed.extend(attempt.settled());
     }
     Ok(failed)
 }
@@ -213,10 +211,6 @@ async fn steps(core: &PipelineCore, timer: &Histogram, uow: Uow, from: usize) ->
     let out = run_all(&core.steps, uow, from).await;
     timer.record(started.elapsed().as_secs_f64());
     out
-}
-
-async fn sink_call(sink: &BoxSink, batch: Batch) -> Result<(), Error> {
-    sink.clone().oneshot(batch).await
 }
 
 async fn run_single(
