@@ -109,6 +109,15 @@ fn processor(
     .unwrap()
 }
 
+/// Processor `name` of the one `pipeline`, its faults kept in memory.
+fn single(name: &str, pipeline: Pipeline) -> Processor {
+    Processor::builder(name)
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(pipeline)
+        .build()
+        .unwrap()
+}
+
 /// Commits and nothing else: what a log-backed checkpointer does per record.
 #[derive(Default)]
 struct Commits(u64);
@@ -267,16 +276,11 @@ fn memory_child(total: u64) {
             }
         })
     };
-    let p = Processor::builder("memory")
-        .fault_sink(MemoryFaultSink::new())
-        .pipeline(
-            Pipeline::builder("slow")
-                .parallelism(32)
-                .sink(slow)
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("slow")
+        .parallelism(32)
+        .sink(slow)
         .unwrap();
+    let p = single("memory", pipeline);
     let source = Generated {
         next: 0,
         end: total,
@@ -333,17 +337,12 @@ fn rate_limit_row() -> Row {
         .unwrap()
         .with_burst(burst)
         .unwrap();
-    let p = Processor::builder("rate")
-        .fault_sink(MemoryFaultSink::new())
-        .pipeline(
-            Pipeline::builder("limited")
-                .parallelism(64)
-                .resilience(Resilience::default().rate_limit(limiter))
-                .sink(sink)
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("limited")
+        .parallelism(64)
+        .resilience(Resilience::default().rate_limit(limiter))
+        .sink(sink)
         .unwrap();
+    let p = single("rate", pipeline);
     let n = (f64::from(limit) * seconds) as usize;
     let events = generate::orders(n, 9);
     let started = Instant::now();
@@ -418,17 +417,12 @@ fn adaptive_row() -> Row {
                     Duration::from_secs(1),
                 )),
         );
-    let p = Processor::builder("adaptive")
-        .fault_sink(MemoryFaultSink::new())
-        .pipeline(
-            Pipeline::builder("calls")
-                .parallelism(512)
-                .resilience(resilience)
-                .sink(sink)
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("calls")
+        .parallelism(512)
+        .resilience(resilience)
+        .sink(sink)
         .unwrap();
+    let p = single("adaptive", pipeline);
     let ideal = capacity as f64 / latency.as_secs_f64();
     let n = (ideal * 60.0) as usize;
     let events: Vec<Event> = (0..n)

@@ -13,7 +13,7 @@ use floodway::{fault_sink_fn, BatchConfig, Error, ErrorClass, Event, Pipeline, R
 use tokio::time::Instant;
 
 mod common;
-use common::events;
+use common::{batched, build, events, ids, run_pipeline};
 
 /// A sink that fails every call carrying event `id` with `error()` and accepts the rest.
 fn failing_on(id: &'static str, error: fn() -> Error) -> ScriptedSink {
@@ -26,10 +26,6 @@ fn failing_on(id: &'static str, error: fn() -> Error) -> ScriptedSink {
     })
 }
 
-fn ids(events: &[Event]) -> Vec<String> {
-    events.iter().map(|e| e.id().to_owned()).collect()
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_transient_blip_is_retried_and_succeeds_without_a_fault() {
     let kit = TestKit::new();
@@ -38,21 +34,12 @@ async fn a_transient_blip_is_retried_and_succeeds_without_a_fault() {
         4 | 5 => Err(Error::transient_msg("ConnectionReset", "blip")),
         _ => Ok(()),
     });
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("all")
-                .parallelism(1)
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
     let input = events(10, 3);
-    let report = kit
-        .run(&processor, MemorySource::from_events(&input, 1))
-        .await
+    let pipeline = Pipeline::builder("all")
+        .parallelism(1)
+        .sink(sink.clone())
         .unwrap();
+    let report = run_pipeline(&kit, pipeline, &input).await.unwrap();
     assert!(kit.faults().is_empty());
     assert_eq!(ids(&sink.delivered().events()), ids(&input));
     assert_eq!(sink.calls(), 12);
@@ -65,16 +52,10 @@ async fn a_poison_event_becomes_one_fault_and_the_stream_flows_on() {
     let kit = TestKit::new();
     let sink = failing_on("e-4", || Error::poison_msg("HttpStatus", "400 Bad Request"));
     let delivered = sink.delivered().clone();
-    let processor = kit
-        .processor("p")
-        .pipeline(Pipeline::builder("all").sink(sink).unwrap())
-        .build()
-        .unwrap();
     // e-4 has key k1; e-7 and e-10 share it and come after.
     let input = events(12, 3);
-    kit.run(&processor, MemorySource::from_events(&input, 1))
-        .await
-        .unwrap();
+    let pipeline = Pipeline::builder("all").sink(sink).unwrap();
+    run_pipeline(&kit, pipeline, &input).await.unwrap();
 
     let faults = kit.faults();
     assert_eq!(faults.len(), 1);
@@ -120,14 +101,8 @@ async fn retries_exhausted_while_the_target_is_healthy_fault_that_event_only() {
     })
     .with_latency(Duration::from_millis(50));
     let delivered = sink.delivered().clone();
-    let processor = kit
-        .processor("p")
-        .pipeline(Pipeline::builder("all").parallelism(4).sink(sink).unwrap())
-        .build()
-        .unwrap();
-    kit.run(&processor, MemorySource::from_events(&events(400, 8), 1))
-        .await
-        .unwrap();
+    let pipeline = Pipeline::builder("all").parallelism(4).sink(sink).unwrap();
+    run_pipeline(&kit, pipeline, &events(400, 8)).await.unwrap();
     let faults = kit.faults();
     assert_eq!(faults.len(), 1, "one fault: {faults:?}");
     let details: FaultDetails = faults[0].payload().unwrap();
@@ -149,21 +124,12 @@ async fn a_full_outage_opens_the_breaker_faults_nothing_loses_nothing_and_recove
     });
     let delivered = sink.delivered().clone();
     let breaker = CircuitBreaker::new(BreakerConfig::default(), "target");
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("all")
-                .resilience(Resilience::default().shared_breaker(breaker.clone()))
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("all")
+        .resilience(Resilience::default().shared_breaker(breaker.clone()))
+        .sink(sink.clone())
         .unwrap();
     let input = events(500, 50);
-    let report = kit
-        .run(&processor, MemorySource::from_events(&input, 1))
-        .await
-        .unwrap();
+    let report = run_pipeline(&kit, pipeline, &input).await.unwrap();
 
     assert!(kit.faults().is_empty(), "an outage faults nothing");
     assert!(breaker.opens() >= 1);
@@ -203,19 +169,12 @@ async fn an_outage_that_begins_mid_stream_behind_a_rate_limit_faults_nothing() {
                 .unwrap(),
         )
         .adaptive_concurrency(Default::default());
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("all")
-                .parallelism(128)
-                .resilience(resilience)
-                .sink(sink)
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("all")
+        .parallelism(128)
+        .resilience(resilience)
+        .sink(sink)
         .unwrap();
-    let input = events(2_000, 500);
-    kit.run(&processor, MemorySource::from_events(&input, 1))
+    run_pipeline(&kit, pipeline, &events(2_000, 500))
         .await
         .unwrap();
     assert!(kit.faults().is_empty(), "{} faults", kit.faults().len());
@@ -226,31 +185,23 @@ async fn an_outage_that_begins_mid_stream_behind_a_rate_limit_faults_nothing() {
 async fn a_panicking_step_becomes_a_fault() {
     let kit = TestKit::new();
     let delivered = MemorySink::new();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("all")
-                .map(|uow| {
-                    if uow.event().id() == "e-3" {
-                        panic!("step bug on {}", uow.event().id());
-                    }
-                    Ok(uow)
-                })
-                .named("enrich")
-                .then(|uow| async move {
-                    if uow.event().id() == "e-5" {
-                        panic!("async bug");
-                    }
-                    Ok(uow)
-                })
-                .sink(delivered.clone())
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("all")
+        .map(|uow| {
+            if uow.event().id() == "e-3" {
+                panic!("step bug on {}", uow.event().id());
+            }
+            Ok(uow)
+        })
+        .named("enrich")
+        .then(|uow| async move {
+            if uow.event().id() == "e-5" {
+                panic!("async bug");
+            }
+            Ok(uow)
+        })
+        .sink(delivered.clone())
         .unwrap();
-    kit.run(&processor, MemorySource::from_events(&events(8, 2), 1))
-        .await
-        .unwrap();
+    run_pipeline(&kit, pipeline, &events(8, 2)).await.unwrap();
     let faults = kit.faults();
     assert_eq!(faults.len(), 2);
     let by_step: Vec<_> = faults
@@ -277,23 +228,21 @@ async fn a_failing_fault_sink_stops_the_processor_without_advancing_the_checkpoi
         })
     };
     let delivered = MemorySink::new();
-    let processor = floodway::Processor::builder("p")
-        .fault_sink(fault_sink)
-        .pipeline(
-            Pipeline::builder("all")
-                .parallelism(1)
-                .validate(|e| {
-                    if e.id() == "e-5" {
-                        Err(Error::poison_msg("Invalid", "bad"))
-                    } else {
-                        Ok(())
-                    }
-                })
-                .sink(delivered.clone())
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("all")
+        .parallelism(1)
+        .validate(|e| {
+            if e.id() == "e-5" {
+                Err(Error::poison_msg("Invalid", "bad"))
+            } else {
+                Ok(())
+            }
+        })
+        .sink(delivered.clone())
         .unwrap();
+    let processor = build(
+        floodway::Processor::builder("p").fault_sink(fault_sink),
+        pipeline,
+    );
     let result = processor
         .run(
             MemorySource::from_events(&events(20, 1), 1),
@@ -323,12 +272,8 @@ async fn a_failing_fault_sink_stops_the_processor_without_advancing_the_checkpoi
 async fn undecodable_records_become_faults_before_any_pipeline() {
     let kit = TestKit::new();
     let delivered = MemorySink::new();
-    let processor = kit
-        .processor("p")
-        .max_event_size(2_000)
-        .pipeline(Pipeline::builder("all").sink(delivered.clone()).unwrap())
-        .build()
-        .unwrap();
+    let pipeline = Pipeline::builder("all").sink(delivered.clone()).unwrap();
+    let processor = build(kit.processor("p").max_event_size(2_000), pipeline);
     let mut lines: Vec<String> = events(3, 1).iter().map(Event::to_json).collect();
     lines.insert(1, "{not json".into());
     lines.insert(2, r#"{"id":"x","type":"t","timestamp":1}"#.into());
@@ -353,22 +298,9 @@ async fn undecodable_records_become_faults_before_any_pipeline() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failing_batch_is_bisected_so_only_the_poison_event_is_faulted() {
-    let kit = TestKit::new();
     let sink = failing_on("e-13", || Error::poison_msg("Rejected", "one bad entry"));
-    let delivered = sink.delivered().clone();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("batched")
-                .batch(BatchConfig::count(16))
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    kit.run(&processor, MemorySource::from_events(&events(32, 4), 1))
-        .await
-        .unwrap();
+    let kit = run_batched(16, &sink, 32).await;
+    let delivered = sink.delivered();
     assert_eq!(kit.faults().len(), 1);
     assert_eq!(delivered.len(), 31);
     // 2 batches + bisection of one batch of 16: 2 + 2 * log2(16) calls.
@@ -378,24 +310,17 @@ async fn a_failing_batch_is_bisected_so_only_the_poison_event_is_faulted() {
 #[tokio::test(start_paused = true)]
 async fn a_fatal_step_error_stops_the_run() {
     let kit = TestKit::new();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("all")
-                .parallelism(1)
-                .map(|uow| {
-                    if uow.event().id() == "e-2" {
-                        return Err(Error::fatal_msg("Misconfigured", "no credentials"));
-                    }
-                    Ok(uow)
-                })
-                .sink(MemorySink::new())
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("all")
+        .parallelism(1)
+        .map(|uow| {
+            if uow.event().id() == "e-2" {
+                return Err(Error::fatal_msg("Misconfigured", "no credentials"));
+            }
+            Ok(uow)
+        })
+        .sink(MemorySink::new())
         .unwrap();
-    let err = kit
-        .run(&processor, MemorySource::from_events(&events(5, 1), 1))
+    let err = run_pipeline(&kit, pipeline, &events(5, 1))
         .await
         .unwrap_err();
     assert!(
@@ -411,35 +336,26 @@ async fn split_events_are_done_when_every_part_is() {
     let kit = TestKit::new();
     let parts = MemorySink::new();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("split")
-                .flat_map(|uow| {
-                    let n = uow.event().field("n").and_then(|v| v.as_u64()).unwrap_or(0);
-                    Ok((0..n % 3)
-                        .map(|i| uow.with_event(uow.event().derive(format!("part-{i}")).build()))
-                        .collect())
-                })
-                .then({
-                    let seen = seen.clone();
-                    move |uow| {
-                        seen.lock()
-                            .unwrap()
-                            .push(uow.event().event_type().to_owned());
-                        async move { Ok(uow) }
-                    }
-                })
-                .batch(BatchConfig::count(4))
-                .sink(parts.clone())
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("split")
+        .flat_map(|uow| {
+            let n = uow.event().field("n").and_then(|v| v.as_u64()).unwrap_or(0);
+            Ok((0..n % 3)
+                .map(|i| uow.with_event(uow.event().derive(format!("part-{i}")).build()))
+                .collect())
+        })
+        .then({
+            let seen = seen.clone();
+            move |uow| {
+                seen.lock()
+                    .unwrap()
+                    .push(uow.event().event_type().to_owned());
+                async move { Ok(uow) }
+            }
+        })
+        .batch(BatchConfig::count(4))
+        .sink(parts.clone())
         .unwrap();
-    let report = kit
-        .run(&processor, MemorySource::from_events(&events(9, 3), 1))
-        .await
-        .unwrap();
+    let report = run_pipeline(&kit, pipeline, &events(9, 3)).await.unwrap();
     // n % 3 parts for n in 0..9: 0+1+2 three times.
     assert_eq!(parts.len(), 9);
     assert_eq!(seen.lock().unwrap().len(), 9);
@@ -455,32 +371,31 @@ async fn split_events_are_done_when_every_part_is() {
 #[tokio::test(start_paused = true)]
 async fn parts_of_a_split_record_that_fail_get_a_fault_each() {
     let kit = TestKit::new();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("reject-lines")
-                .flat_map(|uow| {
-                    // Two line items with the same derived id but different content.
-                    Ok((0..2)
-                        .map(|i| {
-                            uow.with_event(uow.event().derive("line-item").field("line", i).build())
-                        })
-                        .collect())
-                })
-                .validate(|_| Err(Error::poison_msg("Rejected", "no line items today")))
-                .sink(floodway::memory::MemorySink::new())
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("reject-lines")
+        .flat_map(|uow| {
+            // Two line items with the same derived id but different content.
+            Ok((0..2)
+                .map(|i| uow.with_event(uow.event().derive("line-item").field("line", i).build()))
+                .collect())
+        })
+        .validate(|_| Err(Error::poison_msg("Rejected", "no line items today")))
+        .sink(MemorySink::new())
         .unwrap();
-    kit.run(&processor, MemorySource::from_events(&events(3, 1), 1))
-        .await
-        .unwrap();
+    run_pipeline(&kit, pipeline, &events(3, 1)).await.unwrap();
     assert_eq!(
         kit.faults().len(),
         6,
         "two parts of three records, each its own fault"
     );
+}
+
+/// Runs batches of `batch` into `sink` over `events(n, 4)` with a fresh kit, which it returns.
+async fn run_batched(batch: usize, sink: &ScriptedSink, n: u32) -> TestKit {
+    let kit = TestKit::new();
+    run_pipeline(&kit, batched(batch, sink.clone()), &events(n, 4))
+        .await
+        .unwrap();
+    kit
 }
 
 /// A sink that reports the entries carrying one of `ids` failed with `error()`, per entry,
@@ -516,17 +431,7 @@ async fn entries_a_sink_reports_throttled_are_retried_alone_and_nothing_is_fault
         let mut sink = sink.clone();
         async move { tower::Service::call(&mut sink, batch).await }
     });
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("batched")
-                .batch(BatchConfig::count(16))
-                .sink(recorder)
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    kit.run(&processor, MemorySource::from_events(&events(16, 4), 1))
+    run_pipeline(&kit, batched(16, recorder), &events(16, 4))
         .await
         .unwrap();
     assert!(kit.faults().is_empty());
@@ -539,26 +444,13 @@ async fn entries_a_sink_reports_throttled_are_retried_alone_and_nothing_is_fault
 
 #[tokio::test(start_paused = true)]
 async fn an_entry_a_sink_reports_poison_is_faulted_alone_without_bisection() {
-    let kit = TestKit::new();
     let sink = failing_entries(
         &["e-13"],
         |_| true,
         || Error::poison_msg("ValidationException", "bad entry"),
     );
-    let delivered = sink.delivered().clone();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("batched")
-                .batch(BatchConfig::count(16))
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    kit.run(&processor, MemorySource::from_events(&events(32, 4), 1))
-        .await
-        .unwrap();
+    let kit = run_batched(16, &sink, 32).await;
+    let delivered = sink.delivered();
     let faults = kit.faults();
     assert_eq!(faults.len(), 1);
     let details: FaultDetails = faults[0].payload().unwrap();
@@ -577,24 +469,16 @@ async fn an_entry_failing_transiently_for_good_is_faulted_alone_once_its_retries
         || Error::transient_msg("InternalFailure", "try again"),
     );
     let delivered = sink.delivered().clone();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("batched")
-                .batch(BatchConfig::count(8))
-                .resilience(
-                    Resilience::default()
-                        .no_breaker()
-                        .retry(floodway::layer::retry::RetryPolicy::default().max_attempts(3)),
-                )
-                .sink(sink.clone())
-                .unwrap(),
+    let pipeline = Pipeline::builder("batched")
+        .batch(BatchConfig::count(8))
+        .resilience(
+            Resilience::default()
+                .no_breaker()
+                .retry(floodway::layer::retry::RetryPolicy::default().max_attempts(3)),
         )
-        .build()
+        .sink(sink.clone())
         .unwrap();
-    kit.run(&processor, MemorySource::from_events(&events(8, 4), 1))
-        .await
-        .unwrap();
+    run_pipeline(&kit, pipeline, &events(8, 4)).await.unwrap();
     assert_eq!(kit.faults().len(), 1);
     assert_eq!(
         kit.faults()[0].payload::<FaultDetails>().unwrap().err.name,
@@ -611,26 +495,13 @@ async fn an_entry_failing_transiently_for_good_is_faulted_alone_once_its_retries
 
 #[tokio::test(start_paused = true)]
 async fn an_entry_reported_in_an_outage_is_held_until_the_target_is_back() {
-    let kit = TestKit::new();
     let sink = failing_entries(
         &["e-2"],
         |call| call < 6,
         || Error::msg(ErrorClass::Outage, "Unavailable", "region down"),
     );
-    let delivered = sink.delivered().clone();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("batched")
-                .batch(BatchConfig::count(8))
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    kit.run(&processor, MemorySource::from_events(&events(8, 4), 1))
-        .await
-        .unwrap();
+    let kit = run_batched(8, &sink, 8).await;
+    let delivered = sink.delivered();
     assert!(kit.faults().is_empty());
     assert_eq!(delivered.len(), 8);
     assert!(delivered

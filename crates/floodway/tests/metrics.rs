@@ -6,11 +6,13 @@ use std::sync::{Arc, Mutex};
 
 use floodway::memory::{MemorySink, MemorySource};
 use floodway::testing::TestKit;
-use floodway::{Error, Event, Pipeline};
+use floodway::{Error, Pipeline};
 use metrics::{
     Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
     SharedString, Unit,
 };
+
+mod common;
 
 /// Keeps every metric by name and sorted labels.
 #[derive(Default, Clone)]
@@ -116,13 +118,7 @@ fn events_faults_and_latencies_are_counted() {
         )
         .build()
         .unwrap();
-    let events: Vec<Event> = (0..10)
-        .map(|i| {
-            Event::builder("thing", format!("k{i}"))
-                .id(format!("e-{i}"))
-                .build()
-        })
-        .collect();
+    let events = common::events(10, 10);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -11,18 +11,24 @@ use floodway::layer::Resilience;
 use floodway::memory::{MemoryCheckpointer, MemorySink, MemorySource};
 use floodway::runtime::Stopped;
 use floodway::testing::{generate, TestKit};
-use floodway::{sink_fn, Batch, Error, Event, Pipeline, Record, Settlement, Source};
+use floodway::{
+    sink_fn, Batch, Error, Event, Pipeline, Processor, Record, RunError, RunReport, Settlement,
+    Source,
+};
 use tokio::time::Instant;
 
-fn events(n: u32, keys: u32) -> Vec<Event> {
-    (0..n)
-        .map(|i| {
-            Event::builder("thing-happened", format!("k{}", i % keys))
-                .id(format!("e-{i}"))
-                .timestamp(1_000 + i64::from(i))
-                .build()
-        })
-        .collect()
+mod common;
+use common::{build, events, processor, run, run_pipeline};
+
+/// Runs `processor` over `source` to its end, committing to the kit's checkpointer.
+async fn run_source(
+    kit: &TestKit,
+    processor: &Processor,
+    source: impl Source,
+) -> Result<RunReport, RunError> {
+    processor
+        .run(source, kit.checkpointer().clone(), std::future::pending())
+        .await
 }
 
 /// Delivers its records, then (if `live`) waits forever like an idle stream; counts pulls.
@@ -46,11 +52,21 @@ impl Source for CountingSource {
     }
 }
 
+impl CountingSource {
+    fn new(events: &[Event], live: bool, pulled: &Arc<AtomicU64>) -> Self {
+        CountingSource {
+            records: records(events),
+            live,
+            pulled: pulled.clone(),
+        }
+    }
+}
+
+/// `events` as the records of partition `0`, at offsets from 1.
 fn records(events: &[Event]) -> VecDeque<Record> {
-    events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| Record::new("test", "0", i as u64 + 1, e.to_json()))
+    (1..)
+        .zip(events)
+        .map(|(offset, e)| Record::new("test", "0", offset, e.to_json()))
         .collect()
 }
 
@@ -96,12 +112,8 @@ async fn same_key_runs_in_order_while_keys_run_concurrently() {
             }
         })
     };
-    let processor = kit
-        .processor("p")
-        .pipeline(Pipeline::builder("all").parallelism(8).sink(sink).unwrap())
-        .build()
-        .unwrap();
-    kit.run(&processor, MemorySource::from_events(&events(600, 20), 1))
+    let pipeline = Pipeline::builder("all").parallelism(8).sink(sink).unwrap();
+    run_pipeline(&kit, pipeline, &events(600, 20))
         .await
         .unwrap();
     let order = order.lock().unwrap();
@@ -123,10 +135,10 @@ async fn same_key_runs_in_order_while_keys_run_concurrently() {
 async fn a_slow_sink_slows_the_source_and_in_flight_work_stays_bounded() {
     let kit = TestKit::new();
     let pulled = Arc::new(AtomicU64::new(0));
-    let delivered = Arc::new(AtomicU64::new(0));
     let max_gap = Arc::new(AtomicU64::new(0));
     let sink = {
-        let (pulled, delivered, max_gap) = (pulled.clone(), delivered.clone(), max_gap.clone());
+        let (pulled, max_gap) = (pulled.clone(), max_gap.clone());
+        let delivered = Arc::new(AtomicU64::new(0));
         sink_fn(move |batch: Batch| {
             let (pulled, delivered, max_gap) = (pulled.clone(), delivered.clone(), max_gap.clone());
             async move {
@@ -137,22 +149,13 @@ async fn a_slow_sink_slows_the_source_and_in_flight_work_stays_bounded() {
             }
         })
     };
-    let processor = kit
-        .processor("p")
-        .max_in_flight(100)
-        .pull_batch(10)
-        .pipeline(Pipeline::builder("slow").parallelism(4).sink(sink).unwrap())
-        .build()
-        .unwrap();
-    let source = CountingSource {
-        records: records(&events(2_000, 50)),
-        live: false,
-        pulled: pulled.clone(),
-    };
-    let report = processor
-        .run(source, kit.checkpointer().clone(), std::future::pending())
-        .await
-        .unwrap();
+    let pipeline = Pipeline::builder("slow").parallelism(4).sink(sink).unwrap();
+    let processor = build(
+        kit.processor("p").max_in_flight(100).pull_batch(10),
+        pipeline,
+    );
+    let source = CountingSource::new(&events(2_000, 50), false, &pulled);
+    let report = run_source(&kit, &processor, source).await.unwrap();
     assert_eq!(report.done, 2_000);
     let gap = max_gap.load(Ordering::SeqCst);
     // In flight, plus one pulled batch waiting in the channel and one being handed over.
@@ -180,28 +183,21 @@ async fn the_rate_limit_is_never_exceeded_in_any_window() {
     // Two pipelines share one limiter: together they stay under it.
     let limiter = RateLimiter::per_second(50).unwrap().with_burst(5).unwrap();
     let resilience = Resilience::default().rate_limit(limiter);
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("a")
-                .parallelism(16)
-                .resilience(resilience.clone())
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .pipeline(
-            Pipeline::builder("b")
-                .parallelism(16)
-                .resilience(resilience)
-                .sink(sink)
-                .unwrap(),
-        )
+    let processor = ["a", "b"]
+        .into_iter()
+        .fold(kit.processor("p"), |builder, name| {
+            builder.pipeline(
+                Pipeline::builder(name)
+                    .parallelism(16)
+                    .resilience(resilience.clone())
+                    .sink(sink.clone())
+                    .unwrap(),
+            )
+        })
         .build()
         .unwrap();
     let started = Instant::now();
-    kit.run(&processor, MemorySource::from_events(&events(300, 100), 1))
-        .await
-        .unwrap();
+    run(&kit, &processor, &events(300, 100)).await.unwrap();
     let calls = calls.lock().unwrap();
     assert_eq!(calls.len(), 600);
     let window = Duration::from_secs(1);
@@ -232,18 +228,14 @@ async fn shutdown_drains_in_flight_work_and_commits() {
             }
         })
     };
-    let processor = floodway::Processor::builder("p")
-        .fault_sink(floodway::memory::MemoryFaultSink::new())
-        .max_in_flight(100)
-        .pull_batch(20)
-        .pipeline(Pipeline::builder("slow").parallelism(4).sink(slow).unwrap())
-        .build()
-        .unwrap();
-    let source = CountingSource {
-        records: records(&events(1_000, 10)),
-        live: true,
-        pulled: pulled.clone(),
-    };
+    let processor = build(
+        Processor::builder("p")
+            .fault_sink(floodway::memory::MemoryFaultSink::new())
+            .max_in_flight(100)
+            .pull_batch(20),
+        Pipeline::builder("slow").parallelism(4).sink(slow).unwrap(),
+    );
+    let source = CountingSource::new(&events(1_000, 10), true, &pulled);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn({
         let checkpointer = checkpointer.clone();
@@ -281,16 +273,13 @@ async fn batch_mode_reports_what_did_not_finish_before_the_deadline() {
         }
         Ok(())
     });
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("all")
-                .resilience(Resilience::none())
-                .sink(sink)
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
+    let processor = processor(
+        &kit,
+        Pipeline::builder("all")
+            .resilience(Resilience::none())
+            .sink(sink)
+            .unwrap(),
+    );
     let input: Vec<Record> = records(&events(9, 3)).into_iter().collect();
     let deadline = Instant::now() + Duration::from_secs(3);
     let report = processor.process_batch(input, Some(deadline)).await;
@@ -363,17 +352,11 @@ impl Source for PanickingSource {
 #[tokio::test(start_paused = true)]
 async fn a_source_that_panics_is_an_error_not_the_end_of_the_stream() {
     let kit = TestKit::new();
-    let processor = kit
-        .processor("p")
-        .pipeline(Pipeline::builder("all").sink(MemorySink::new()).unwrap())
-        .build()
-        .unwrap();
-    let err = processor
-        .run(
-            PanickingSource(0),
-            kit.checkpointer().clone(),
-            std::future::pending(),
-        )
+    let processor = processor(
+        &kit,
+        Pipeline::builder("all").sink(MemorySink::new()).unwrap(),
+    );
+    let err = run_source(&kit, &processor, PanickingSource(0))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("did it panic"), "{err}");
@@ -384,24 +367,15 @@ async fn a_source_that_panics_is_an_error_not_the_end_of_the_stream() {
 async fn a_step_returning_a_foreign_unit_of_work_cannot_confuse_the_accounting() {
     let kit = TestKit::new();
     let sink = MemorySink::new();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("rewrite")
-                .map(|uow| {
-                    // A new unit of work, not derived from the one given.
-                    let event = uow.event().derive("thing-rewritten").build();
-                    Ok(floodway::Uow::detached(event))
-                })
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("rewrite")
+        .map(|uow| {
+            // A new unit of work, not derived from the one given.
+            let event = uow.event().derive("thing-rewritten").build();
+            Ok(floodway::Uow::detached(event))
+        })
+        .sink(sink.clone())
         .unwrap();
-    let report = kit
-        .run(&processor, MemorySource::from_events(&events(50, 5), 1))
-        .await
-        .unwrap();
+    let report = run_pipeline(&kit, pipeline, &events(50, 5)).await.unwrap();
     assert_eq!(report.done, 50);
     assert_eq!(sink.len(), 50);
     assert_eq!(kit.checkpoint("0"), Some(50));
@@ -410,29 +384,25 @@ async fn a_step_returning_a_foreign_unit_of_work_cannot_confuse_the_accounting()
 #[test]
 fn processors_that_could_never_work_are_refused() {
     let kit = TestKit::new();
-    let err = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("off")
-                .enabled(false)
-                .sink(MemorySink::new())
-                .unwrap(),
-        )
-        .build()
-        .unwrap_err();
-    assert!(err.to_string().contains("all disabled"), "{err}");
-    let err = kit
-        .processor("p")
-        .max_in_flight(100)
-        .pipeline(
-            Pipeline::builder("big")
-                .batch(floodway::BatchConfig::count(500))
-                .sink(MemorySink::new())
-                .unwrap(),
-        )
-        .build()
-        .unwrap_err();
-    assert!(err.to_string().contains("lower max_count"), "{err}");
+    let cases = [
+        (
+            kit.processor("p"),
+            Pipeline::builder("off").enabled(false),
+            "all disabled",
+        ),
+        (
+            kit.processor("p").max_in_flight(100),
+            Pipeline::builder("big").batch(floodway::BatchConfig::count(500)),
+            "lower max_count",
+        ),
+    ];
+    for (processor, pipeline, refusal) in cases {
+        let err = processor
+            .pipeline(pipeline.sink(MemorySink::new()).unwrap())
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains(refusal), "{err}");
+    }
 }
 
 /// A live stream: each record becomes available at its own instant (on tokio's clock), and a
@@ -504,23 +474,17 @@ async fn one_slow_key_delays_only_its_own_events() {
         })
     };
     let kit = TestKit::new();
-    let processor = kit
-        .processor("p")
-        .max_in_flight(100)
-        .max_buffered(4_000)
-        .pull_batch(10)
-        .pipeline(
-            Pipeline::builder("calls")
-                .parallelism(16)
-                .sink(sink)
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    let report = processor
-        .run(source, kit.checkpointer().clone(), std::future::pending())
-        .await
-        .unwrap();
+    let processor = build(
+        kit.processor("p")
+            .max_in_flight(100)
+            .max_buffered(4_000)
+            .pull_batch(10),
+        Pipeline::builder("calls")
+            .parallelism(16)
+            .sink(sink)
+            .unwrap(),
+    );
+    let report = run_source(&kit, &processor, source).await.unwrap();
     assert_eq!(report.done, 2_000);
     let mut cold = latencies.lock().unwrap().clone();
     assert_eq!(cold.len(), 1_500);

@@ -10,13 +10,13 @@ use std::time::Duration;
 use floodway::layer::breaker::BreakerConfig;
 use floodway::layer::retry::RetryPolicy;
 use floodway::layer::Resilience;
-use floodway::memory::{MemorySink, MemorySource};
+use floodway::memory::MemorySink;
 use floodway::testing::TestKit;
 use floodway::{BatchConfig, Error, Event, Pipeline, RunError, Uow};
 use tokio::time::Instant;
 
 mod common;
-use common::events;
+use common::{build, events, processor, run, run_pipeline};
 
 /// Per key, the ids in the order the sink saw them.
 fn per_key(events: &[Event]) -> HashMap<String, Vec<String>> {
@@ -35,29 +35,19 @@ async fn a_then_step_failing_transiently_twice_then_succeeding_faults_nothing() 
     let calls_for_e3 = Arc::new(AtomicU32::new(0));
     let sink = MemorySink::new();
     let counter = calls_for_e3.clone();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("enrich")
-                .then(move |uow: Uow| {
-                    let counter = counter.clone();
-                    async move {
-                        if uow.event().id() == "e-3" && counter.fetch_add(1, Ordering::SeqCst) < 2 {
-                            return Err(Error::transient_msg("ConnectionReset", "blip"));
-                        }
-                        Ok(uow)
-                    }
-                })
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("enrich")
+        .then(move |uow: Uow| {
+            let counter = counter.clone();
+            async move {
+                if uow.event().id() == "e-3" && counter.fetch_add(1, Ordering::SeqCst) < 2 {
+                    return Err(Error::transient_msg("ConnectionReset", "blip"));
+                }
+                Ok(uow)
+            }
+        })
+        .sink(sink.clone())
         .unwrap();
-    let input = events(10, 3);
-    let report = kit
-        .run(&processor, MemorySource::from_events(&input, 1))
-        .await
-        .unwrap();
+    let report = run_pipeline(&kit, pipeline, &events(10, 3)).await.unwrap();
     assert!(kit.faults().is_empty(), "faults: {:?}", kit.faults());
     assert_eq!(calls_for_e3.load(Ordering::SeqCst), 3);
     assert_eq!(report.pipeline("enrich").unwrap().delivered, 10);
@@ -103,6 +93,38 @@ impl FlakyService {
         }
         Ok(uow)
     }
+
+    /// Pipeline `enrich` calling this service in a `then` step, with `resilience` for the
+    /// step (the default when `None`), into `sink`.
+    fn enrich(&self, resilience: Option<Resilience>, sink: &MemorySink) -> Pipeline {
+        let svc = self.clone();
+        let builder = Pipeline::builder("enrich").then(move |uow| {
+            let svc = svc.clone();
+            async move { svc.call(uow).await }
+        });
+        match resilience {
+            Some(resilience) => builder.step_resilience(resilience),
+            None => builder,
+        }
+        .sink(sink.clone())
+        .unwrap()
+    }
+}
+
+/// Runs `pipeline` (named `enrich`) over 1,000 events of `keys` keys, and asserts that every
+/// event was delivered, none faulted, and each key kept its order.
+async fn assert_all_delivered_in_order(
+    kit: &TestKit,
+    pipeline: Pipeline,
+    sink: &MemorySink,
+    keys: u32,
+) {
+    let input = events(1_000, keys);
+    let report = run_pipeline(kit, pipeline, &input).await.unwrap();
+    assert!(kit.faults().is_empty(), "{} faults", kit.faults().len());
+    assert_eq!(report.pipeline("enrich").unwrap().delivered, 1_000);
+    // Nothing skipped, and every key still in order.
+    assert_eq!(per_key(&sink.events()), per_key(&input));
 }
 
 #[tokio::test(start_paused = true)]
@@ -111,35 +133,14 @@ async fn a_step_whose_service_is_down_for_three_breaker_periods_faults_nothing()
     let period = Duration::from_secs(10);
     let service = FlakyService::down_until(Instant::now() + period * 3);
     let sink = MemorySink::new();
-    let svc = service.clone();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("enrich")
-                .then(move |uow| {
-                    let svc = svc.clone();
-                    async move { svc.call(uow).await }
-                })
-                .step_resilience(Resilience::default().breaker(BreakerConfig {
-                    open_base: period,
-                    open_max: period,
-                }))
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    let input = events(1_000, 10);
+    let breaker = BreakerConfig {
+        open_base: period,
+        open_max: period,
+    };
+    let pipeline = service.enrich(Some(Resilience::default().breaker(breaker)), &sink);
     let started = Instant::now();
-    let report = kit
-        .run(&processor, MemorySource::from_events(&input, 1))
-        .await
-        .unwrap();
-    assert!(kit.faults().is_empty(), "{} faults", kit.faults().len());
-    assert_eq!(report.pipeline("enrich").unwrap().delivered, 1_000);
+    assert_all_delivered_in_order(&kit, pipeline, &sink, 10).await;
     assert!(started.elapsed() >= period * 3, "the outage was waited out");
-    // Nothing skipped, and every key still in order.
-    assert_eq!(per_key(&sink.events()), per_key(&input));
     assert_eq!(kit.checkpoint("0"), Some(1_000));
 }
 
@@ -148,28 +149,8 @@ async fn a_step_down_for_its_first_200_calls_faults_nothing() {
     let kit = TestKit::new();
     let service = FlakyService::down_for_calls(200);
     let sink = MemorySink::new();
-    let svc = service.clone();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("enrich")
-                .then(move |uow| {
-                    let svc = svc.clone();
-                    async move { svc.call(uow).await }
-                })
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    let input = events(1_000, 16);
-    let report = kit
-        .run(&processor, MemorySource::from_events(&input, 1))
-        .await
-        .unwrap();
-    assert!(kit.faults().is_empty(), "{} faults", kit.faults().len());
-    assert_eq!(report.pipeline("enrich").unwrap().delivered, 1_000);
-    assert_eq!(per_key(&sink.events()), per_key(&input));
+    let pipeline = service.enrich(None, &sink);
+    assert_all_delivered_in_order(&kit, pipeline, &sink, 16).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -181,32 +162,22 @@ async fn a_step_failing_on_one_event_only_faults_that_event_after_its_retries() 
     let kit = TestKit::new();
     let sink =
         floodway::testing::ScriptedSink::new(|_| Ok(())).with_latency(Duration::from_millis(50));
-    let processor = kit
-        .processor("p")
-        .max_in_flight(50)
-        .pull_batch(10)
-        .pipeline(
-            Pipeline::builder("lookup")
-                .map(|uow| {
-                    if uow.event().id() == "e-7" {
-                        Err(Error::transient_msg("LookupFailed", "no answer for e-7"))
-                    } else {
-                        Ok(uow)
-                    }
-                })
-                .step_resilience(
-                    Resilience::default().retry(RetryPolicy::default().max_attempts(3)),
-                )
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("lookup")
+        .map(|uow| {
+            if uow.event().id() == "e-7" {
+                Err(Error::transient_msg("LookupFailed", "no answer for e-7"))
+            } else {
+                Ok(uow)
+            }
+        })
+        .step_resilience(Resilience::default().retry(RetryPolicy::default().max_attempts(3)))
+        .sink(sink.clone())
         .unwrap();
-    let input = events(1_000, 10);
-    let report = kit
-        .run(&processor, MemorySource::from_events(&input, 1))
-        .await
-        .unwrap();
+    let processor = build(
+        kit.processor("p").max_in_flight(50).pull_batch(10),
+        pipeline,
+    );
+    let report = run(&kit, &processor, &events(1_000, 10)).await.unwrap();
     let faults = kit.faults();
     assert_eq!(faults.len(), 1);
     let details: floodway::fault::FaultDetails = faults[0].payload().unwrap();
@@ -222,50 +193,32 @@ async fn a_step_failing_on_one_event_only_faults_that_event_after_its_retries() 
 async fn a_poison_error_from_a_step_is_faulted_at_once_and_a_fatal_one_stops() {
     let kit = TestKit::new();
     let calls = Arc::new(AtomicU32::new(0));
-    let counter = calls.clone();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("enrich")
-                .then(move |uow: Uow| {
-                    let counter = counter.clone();
-                    async move {
-                        counter.fetch_add(1, Ordering::SeqCst);
-                        match uow.event().id() {
-                            "e-2" => Err(Error::poison_msg("NotFound", "404")),
-                            _ => Ok(uow),
-                        }
+    /// Pipeline `enrich` whose step counts its calls in `calls` and fails `e-2` with `error()`.
+    fn failing_e2(calls: &Arc<AtomicU32>, error: fn() -> Error) -> Pipeline {
+        let counter = calls.clone();
+        Pipeline::builder("enrich")
+            .then(move |uow: Uow| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    match uow.event().id() {
+                        "e-2" => Err(error()),
+                        _ => Ok(uow),
                     }
-                })
-                .sink(MemorySink::new())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    kit.run(&processor, MemorySource::from_events(&events(5, 5), 1))
-        .await
-        .unwrap();
+                }
+            })
+            .sink(MemorySink::new())
+            .unwrap()
+    }
+
+    let pipeline = failing_e2(&calls, || Error::poison_msg("NotFound", "404"));
+    run_pipeline(&kit, pipeline, &events(5, 5)).await.unwrap();
     assert_eq!(kit.faults().len(), 1);
     assert_eq!(calls.load(Ordering::SeqCst), 5, "poison is not retried");
 
     let kit = TestKit::new();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("enrich")
-                .then(|uow: Uow| async move {
-                    match uow.event().id() {
-                        "e-2" => Err(Error::fatal_msg("BadConfig", "no credentials")),
-                        _ => Ok(uow),
-                    }
-                })
-                .sink(MemorySink::new())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    let err = kit
-        .run(&processor, MemorySource::from_events(&events(5, 5), 1))
+    let pipeline = failing_e2(&calls, || Error::fatal_msg("BadConfig", "no credentials"));
+    let err = run_pipeline(&kit, pipeline, &events(5, 5))
         .await
         .unwrap_err();
     assert!(matches!(err, RunError::Fatal { .. }), "{err}");
@@ -288,20 +241,15 @@ async fn a_step_that_is_a_tower_service_gets_the_same_failure_design() {
         }
     });
     let sink = MemorySink::new();
-    let processor = kit
-        .processor("p")
-        .pipeline(
-            Pipeline::builder("lookup")
-                .call(service)
-                .named("lookup-customer")
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    kit.run(&processor, MemorySource::from_events(&events(20, 4), 1))
-        .await
-        .unwrap();
+    let processor = processor(
+        &kit,
+        Pipeline::builder("lookup")
+            .call(service)
+            .named("lookup-customer")
+            .sink(sink.clone())
+            .unwrap(),
+    );
+    run(&kit, &processor, &events(20, 4)).await.unwrap();
     assert!(kit.faults().is_empty());
     assert_eq!(sink.len(), 20);
     assert_eq!(calls.load(Ordering::SeqCst), 23);
@@ -326,21 +274,16 @@ async fn a_batch_without_a_time_limit_is_sent_when_pulling_stops() {
     // open batch of 90 would wait forever for its 100th unit of work.
     let kit = TestKit::new();
     let sink = MemorySink::new();
-    let processor = kit
-        .processor("p")
-        .max_in_flight(100)
-        .pull_batch(30)
-        .pipeline(
-            Pipeline::builder("archive")
-                .batch(BatchConfig::count(100).max_wait(Duration::MAX))
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("archive")
+        .batch(BatchConfig::count(100).max_wait(Duration::MAX))
+        .sink(sink.clone())
         .unwrap();
+    let processor = build(
+        kit.processor("p").max_in_flight(100).pull_batch(30),
+        pipeline,
+    );
     let input = events(1_000, 7);
-    let run = kit.run(&processor, MemorySource::from_events(&input, 1));
-    let report = tokio::time::timeout(Duration::from_secs(3_600), run)
+    let report = tokio::time::timeout(Duration::from_secs(3_600), run(&kit, &processor, &input))
         .await
         .expect("the run hung with a batch held open")
         .unwrap();
