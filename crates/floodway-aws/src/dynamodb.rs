@@ -5,8 +5,13 @@ use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
+use floodway::event::now_millis;
+use floodway::hub::HubFuture;
+use floodway::idempotence::Version;
 use floodway::sink::deliver_each;
-use floodway::{Batch, Delivery, Error, Event};
+use floodway::state::{Applied, KeyedState, Scan, StateRow, StateWrite};
+use floodway::{Batch, BoxError, Delivery, Error, Event};
+use futures_util::stream::{self, StreamExt};
 use serde_json::Value;
 
 use crate::classify::classify;
@@ -21,17 +26,15 @@ type ValueFn = Arc<dyn Fn(&Event) -> Result<Value, Error> + Send + Sync>;
 /// DynamoDB map), `timestamp`, `eventId` and optionally a `discriminator`.
 #[derive(Clone)]
 pub struct DynamoDbView {
-    client: Client,
-    table: String,
+    state: DynamoDbState,
     key: KeyFn,
     value: ValueFn,
-    discriminator: Option<String>,
 }
 
 impl std::fmt::Debug for DynamoDbView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DynamoDbView")
-            .field("table", &self.table)
+            .field("table", &self.state.table)
             .finish_non_exhaustive()
     }
 }
@@ -52,6 +55,276 @@ pub(crate) fn attribute(value: &Value) -> AttributeValue {
     }
 }
 
+/// A DynamoDB attribute as a JSON value (numbers that fit neither `i64` nor `f64` become
+/// strings; binary and sets become arrays).
+pub(crate) fn json_of(attribute: &AttributeValue) -> Value {
+    match attribute {
+        AttributeValue::S(s) => Value::String(s.clone()),
+        AttributeValue::N(n) => n
+            .parse::<i64>()
+            .map(Value::from)
+            .or_else(|_| n.parse::<f64>().map(Value::from))
+            .unwrap_or_else(|_| Value::String(n.clone())),
+        AttributeValue::Bool(b) => Value::Bool(*b),
+        AttributeValue::L(items) => Value::Array(items.iter().map(json_of).collect()),
+        AttributeValue::M(map) => {
+            Value::Object(map.iter().map(|(k, v)| (k.clone(), json_of(v))).collect())
+        }
+        AttributeValue::Ss(items) => items.iter().cloned().map(Value::String).collect(),
+        AttributeValue::Ns(items) => items
+            .iter()
+            .map(|n| json_of(&AttributeValue::N(n.clone())))
+            .collect(),
+        _ => Value::Null,
+    }
+}
+
+/// Keyed state in a DynamoDB table (partition key `pk`, a string): the [`KeyedState`]
+/// contract. A write is an `UpdateItem` conditional on the row's stored `(timestamp, id)`
+/// being older than the event's, so an older or redelivered event changes nothing (and counts
+/// as stale: the row's version is the inbox). Writes run concurrently. Rows hold `pk`,
+/// `value` (the value as a DynamoDB map), `timestamp`, `eventId`, optionally a
+/// `discriminator`, and for an expiring row `expires` (ms) and `ttl` (seconds, for the
+/// table's time to live, which deletes within a day or two; reads skip expired rows at once).
+/// A scan reads the whole table (DynamoDB has no order over partition keys): for the command
+/// and the console, not for a pipeline's hot path.
+#[derive(Debug, Clone)]
+pub struct DynamoDbState {
+    client: Client,
+    table: String,
+    discriminator: Option<String>,
+}
+
+impl DynamoDbState {
+    /// The state in `table`.
+    pub fn new(config: &aws_config::SdkConfig, table: impl Into<String>) -> Self {
+        DynamoDbState {
+            client: Client::new(config),
+            table: table.into(),
+            discriminator: None,
+        }
+    }
+
+    /// Writes a `discriminator` attribute with this value on every row: the kind of row, from
+    /// which change data capture names its events (`{discriminator}-created`, ...).
+    #[must_use]
+    pub fn discriminator(mut self, discriminator: impl Into<String>) -> Self {
+        self.discriminator = Some(discriminator.into());
+        self
+    }
+
+    /// Writes one row; `false` when the row held this version or a newer one.
+    async fn write(&self, w: &StateWrite) -> Result<bool, Error> {
+        let mut set = vec!["#v = :v", "#ts = :ts", "#id = :id"];
+        let mut request = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(w.key.clone()))
+            .condition_expression(
+                "attribute_not_exists(#ts) OR #ts < :ts OR (#ts = :ts AND #id < :id)",
+            )
+            .expression_attribute_names("#v", "value")
+            .expression_attribute_names("#ts", "timestamp")
+            .expression_attribute_names("#id", "eventId")
+            .expression_attribute_values(":v", attribute(&w.value))
+            .expression_attribute_values(":ts", AttributeValue::N(w.version.timestamp.to_string()))
+            .expression_attribute_values(":id", AttributeValue::S(w.version.id.clone()));
+        if let Some(d) = &self.discriminator {
+            set.push("#d = :d");
+            request = request
+                .expression_attribute_names("#d", "discriminator")
+                .expression_attribute_values(":d", AttributeValue::S(d.clone()));
+        }
+        let mut remove = "";
+        request = match w.expires_at {
+            Some(at) => {
+                set.push("#x = :x");
+                set.push("#ttl = :ttl");
+                request
+                    .expression_attribute_names("#x", "expires")
+                    .expression_attribute_names("#ttl", "ttl")
+                    .expression_attribute_values(":x", AttributeValue::N(at.to_string()))
+                    .expression_attribute_values(
+                        ":ttl",
+                        AttributeValue::N(at.div_euclid(1000).to_string()),
+                    )
+            }
+            None => {
+                remove = " REMOVE #x, #ttl";
+                request
+                    .expression_attribute_names("#x", "expires")
+                    .expression_attribute_names("#ttl", "ttl")
+            }
+        };
+        let expression = format!("SET {}{remove}", set.join(", "));
+        match request.update_expression(expression).send().await {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+            {
+                // An older or the same event: latest-wins says nothing changes.
+                Ok(false)
+            }
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    /// Every row the scan's filter admits, all pages.
+    async fn scan_all(&self, scan: &Scan) -> Result<Vec<StateRow>, Error> {
+        let now = now_millis();
+        let mut rows = Vec::new();
+        let mut start = None;
+        loop {
+            let mut request = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .set_exclusive_start_key(start);
+            if !scan.prefix.is_empty() {
+                request = request
+                    .filter_expression("begins_with(pk, :p)")
+                    .expression_attribute_values(":p", AttributeValue::S(scan.prefix.clone()));
+            }
+            let page = request.send().await.map_err(classify)?;
+            rows.extend(
+                page.items()
+                    .iter()
+                    .filter_map(row_of)
+                    .filter(|r| scan.admits(&r.key) && !r.expired(now)),
+            );
+            match page.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => break,
+            }
+        }
+        rows.sort_by(|a, b| a.key.cmp(&b.key));
+        rows.truncate(scan.limit);
+        Ok(rows)
+    }
+}
+
+/// A stored item as a row; `None` for an item without the row's attributes.
+fn row_of(item: &HashMap<String, AttributeValue>) -> Option<StateRow> {
+    let text = |name: &str| match item.get(name) {
+        Some(AttributeValue::S(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let number = |name: &str| match item.get(name) {
+        Some(AttributeValue::N(n)) => n.parse::<i64>().ok(),
+        _ => None,
+    };
+    Some(StateRow {
+        key: text("pk")?,
+        version: Version {
+            timestamp: number("timestamp")?,
+            id: text("eventId")?,
+        },
+        value: item.get("value").map_or(Value::Null, json_of),
+        expires_at: number("expires"),
+    })
+}
+
+fn boxed(e: Error) -> BoxError {
+    Box::new(e)
+}
+
+impl KeyedState for DynamoDbState {
+    fn name(&self) -> &str {
+        &self.table
+    }
+
+    fn apply<'a>(&'a self, writes: &'a [StateWrite]) -> HubFuture<'a, Applied> {
+        Box::pin(async move {
+            let calls: Vec<_> = writes.iter().map(|w| self.write(w)).collect();
+            let results: Vec<Result<bool, Error>> = stream::iter(calls)
+                .buffer_unordered(CONCURRENCY)
+                .collect()
+                .await;
+            let mut applied = Applied::default();
+            for result in results {
+                if result.map_err(boxed)? {
+                    applied.written += 1;
+                } else {
+                    applied.stale += 1;
+                }
+            }
+            Ok(applied)
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> HubFuture<'a, Option<StateRow>> {
+        Box::pin(async move {
+            let out = self
+                .client
+                .get_item()
+                .table_name(&self.table)
+                .key("pk", AttributeValue::S(key.to_owned()))
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| boxed(classify(e)))?;
+            let now = now_millis();
+            Ok(out.item().and_then(row_of).filter(|r| !r.expired(now)))
+        })
+    }
+
+    fn scan<'a>(&'a self, scan: &'a Scan) -> HubFuture<'a, Vec<StateRow>> {
+        Box::pin(async move { self.scan_all(scan).await.map_err(boxed) })
+    }
+
+    fn expire(&self, now: i64) -> HubFuture<'_, u64> {
+        Box::pin(async move {
+            let all = Scan::prefix("", usize::MAX);
+            let mut expired = 0;
+            let mut start = None;
+            loop {
+                let page = self
+                    .client
+                    .scan()
+                    .table_name(&self.table)
+                    .filter_expression("#x <= :now")
+                    .expression_attribute_names("#x", "expires")
+                    .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
+                    .set_exclusive_start_key(start)
+                    .send()
+                    .await
+                    .map_err(|e| boxed(classify(e)))?;
+                for row in page.items().iter().filter_map(row_of) {
+                    if !all.admits(&row.key) {
+                        continue;
+                    }
+                    let deleted = self
+                        .client
+                        .delete_item()
+                        .table_name(&self.table)
+                        .key("pk", AttributeValue::S(row.key.clone()))
+                        .condition_expression("#x <= :now")
+                        .expression_attribute_names("#x", "expires")
+                        .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
+                        .send()
+                        .await;
+                    match deleted {
+                        Ok(_) => expired += 1,
+                        // Written again meanwhile: no longer expired.
+                        Err(e)
+                            if e.as_service_error()
+                                .is_some_and(|s| s.is_conditional_check_failed_exception()) => {}
+                        Err(e) => return Err(boxed(classify(e))),
+                    }
+                }
+                match page.last_evaluated_key() {
+                    Some(key) if !key.is_empty() => start = Some(key.clone()),
+                    _ => break,
+                }
+            }
+            Ok(expired)
+        })
+    }
+}
+
 impl DynamoDbView {
     /// A view in `table` (partition key `pk`, a string), keyed and valued by the functions.
     pub fn new<K, V>(
@@ -65,11 +338,9 @@ impl DynamoDbView {
         V: Fn(&Event) -> Result<Value, Error> + Send + Sync + 'static,
     {
         DynamoDbView {
-            client: Client::new(config),
-            table: table.into(),
+            state: DynamoDbState::new(config, table),
             key: Arc::new(key),
             value: Arc::new(value),
-            discriminator: None,
         }
     }
 
@@ -77,60 +348,21 @@ impl DynamoDbView {
     /// which change data capture names its events (`{discriminator}-created`, ...).
     #[must_use]
     pub fn discriminator(mut self, discriminator: impl Into<String>) -> Self {
-        self.discriminator = Some(discriminator.into());
+        self.state = self.state.discriminator(discriminator);
         self
     }
 
-    async fn write(&self, event: Event) -> Result<bool, Error> {
-        let key = (self.key)(&event)?;
-        let value = (self.value)(&event)?;
-        let (expression, discriminator) = match &self.discriminator {
-            Some(d) => (
-                "SET #v = :v, #ts = :ts, #id = :id, #d = :d",
-                AttributeValue::S(d.clone()),
-            ),
-            None => (
-                "SET #v = :v, #ts = :ts, #id = :id",
-                AttributeValue::Null(true),
-            ),
-        };
-        let mut request = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", AttributeValue::S(key))
-            .update_expression(expression)
-            .condition_expression(
-                "attribute_not_exists(#ts) OR #ts < :ts OR (#ts = :ts AND #id < :id)",
-            )
-            .expression_attribute_names("#v", "value")
-            .expression_attribute_names("#ts", "timestamp")
-            .expression_attribute_names("#id", "eventId")
-            .expression_attribute_values(":v", attribute(&value))
-            .expression_attribute_values(":ts", AttributeValue::N(event.timestamp().to_string()))
-            .expression_attribute_values(":id", AttributeValue::S(event.id().to_owned()));
-        if self.discriminator.is_some() {
-            request = request
-                .expression_attribute_names("#d", "discriminator")
-                .expression_attribute_values(":d", discriminator);
-        }
-        let result = request.send().await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-            {
-                // An older or the same event: latest-wins says nothing changes.
-                Ok(false)
-            }
-            Err(e) => Err(classify(e)),
-        }
+    /// The keyed state the view writes.
+    pub fn state(&self) -> &DynamoDbState {
+        &self.state
     }
 
     async fn write_all(&self, batch: Batch) -> Result<Delivery, Error> {
         deliver_each(&batch, CONCURRENCY, |uow| async {
-            self.write(uow.event().clone()).await.map(|_| ())
+            let event = uow.event();
+            let write =
+                StateWrite::new((self.key)(event)?, Version::of(event), (self.value)(event)?);
+            self.state.write(&write).await.map(|_| ())
         })
         .await
     }

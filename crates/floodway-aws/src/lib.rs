@@ -34,7 +34,7 @@ mod sqs;
 
 pub use claim::ClaimCheck;
 pub use classify::classify;
-pub use dynamodb::DynamoDbView;
+pub use dynamodb::{DynamoDbState, DynamoDbView};
 pub use eventbridge::EventBridgeSink;
 pub use faults::{resubmit, DynamoDbFaults, Resubmitted, S3Faults};
 pub use floodway::fault_store::StoredFault;

@@ -941,3 +941,18 @@ mod fault_store {
 
     floodway::fault_store_conformance_tests!(fresh);
 }
+
+mod keyed_state {
+    use floodway::state::SharedState;
+
+    async fn fresh() -> (SharedState, super::Moto) {
+        let moto = super::Moto::start();
+        let config = moto.config().await;
+        let dynamo = aws_sdk_dynamodb::Client::new(&config);
+        super::table(&dynamo, "state", false).await;
+        let state = floodway_aws::DynamoDbState::new(&config, "state");
+        (std::sync::Arc::new(state), moto)
+    }
+
+    floodway::keyed_state_conformance_tests!(fresh);
+}

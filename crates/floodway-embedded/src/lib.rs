@@ -68,6 +68,7 @@ mod view;
 
 pub use error::{HubError, OpenError};
 pub use faults::{FaultFilter, FaultStatus, FaultStore, Resubmission, Stored, StoredFault};
+pub use floodway::state::Applied;
 pub use hub::{
     Durability, Hub, HubOptions, HubStats, PartitionStats, PublishReceipt, Retention,
     RetentionReport, SubscriptionStats, DEFAULT_PARTITIONS,
@@ -77,7 +78,7 @@ pub use subscription::{
     ResetTo, StartAt, Subscription, SubscriptionCheckpointer, SubscriptionOptions,
     SubscriptionReader,
 };
-pub use view::{Applied, ViewRow, ViewSink, ViewStore, ViewWrite};
+pub use view::{ViewRow, ViewSink, ViewStore, ViewWrite};
 
 /// Runs blocking storage work: in place on a multi-threaded runtime (telling it to move other
 /// tasks away), inline elsewhere (the calls are short).

@@ -7,6 +7,8 @@ use std::time::Duration;
 use floodway::event::now_millis;
 use floodway::idempotence::Version;
 
+use floodway::hub::HubFuture;
+use floodway::state::{Applied, KeyedState, Scan, SharedState, StateRow, StateStore, StateWrite};
 use floodway::{Batch, Delivery, Error, Event};
 use rusqlite::{Connection, OptionalExtension};
 use serde_json::Value;
@@ -48,38 +50,11 @@ impl std::fmt::Debug for ViewStore {
     }
 }
 
-/// One write to a view.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ViewWrite {
-    /// The row's key.
-    pub key: String,
-    /// The writing event's version.
-    pub version: Version,
-    /// The row's new value.
-    pub value: Value,
-}
+/// One write to a view: the contract's [`StateWrite`].
+pub type ViewWrite = StateWrite;
 
-/// What a batch of writes did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Applied {
-    /// Rows inserted or updated.
-    pub written: usize,
-    /// Writes older than the row they met: nothing changed.
-    pub stale: usize,
-    /// Events applied before (found in the inbox): nothing changed.
-    pub duplicates: usize,
-}
-
-/// A stored row.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ViewRow {
-    /// The key.
-    pub key: String,
-    /// The version of the event that wrote it.
-    pub version: Version,
-    /// The value.
-    pub value: Value,
-}
+/// A stored row: the contract's [`StateRow`].
+pub type ViewRow = StateRow;
 
 fn check_name(name: &str) -> Result<(), HubError> {
     let ok = !name.is_empty()
@@ -111,14 +86,28 @@ impl Hub {
             [&table],
             |r| r.get(0),
         )?;
-        if exists == 0 {
+        // `expires` came later: a view made before gets the column on first use.
+        let expires: i64 = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = 'expires'",
+            [&table],
+            |r| r.get(0),
+        )?;
+        if exists == 0 || expires == 0 {
             crate::busy::retry("view", options.busy_retry, || {
                 let _turn = self.inner.gate.enter();
                 conn.execute_batch(&format!(
                     "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, \
-                     time INTEGER NOT NULL, event TEXT NOT NULL, value TEXT NOT NULL) \
-                     WITHOUT ROWID;"
+                     time INTEGER NOT NULL, event TEXT NOT NULL, value TEXT NOT NULL, \
+                     expires INTEGER) WITHOUT ROWID;"
                 ))?;
+                let has: i64 = conn.query_row(
+                    "SELECT count(*) FROM pragma_table_info(?1) WHERE name = 'expires'",
+                    [&table],
+                    |r| r.get(0),
+                )?;
+                if has == 0 {
+                    conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN expires INTEGER"))?;
+                }
                 Ok(())
             })?;
         }
@@ -150,11 +139,18 @@ impl ViewStore {
     /// # Errors
     /// A storage failure (then nothing was written).
     pub fn apply(&self, writes: &[ViewWrite]) -> Result<Applied, HubError> {
-        let rows: Vec<(&str, &Version, String)> = writes
+        let values: Vec<String> = writes.iter().map(|w| w.value.to_string()).collect();
+        let rows: Vec<JsonWrite<'_>> = writes
             .iter()
-            .map(|w| (w.key.as_str(), &w.version, w.value.to_string()))
+            .zip(&values)
+            .map(|(w, value)| JsonWrite {
+                key: &w.key,
+                version: &w.version,
+                value,
+                expires_at: w.expires_at,
+            })
             .collect();
-        self.apply_json(&rows)
+        crate::busy::retry("view", self.busy_retry, || self.try_apply(&rows))
     }
 
     /// Applies writes whose values are JSON text already, as [`ViewStore::apply`] does.
@@ -165,13 +161,19 @@ impl ViewStore {
         &self,
         writes: &[(&str, &Version, S)],
     ) -> Result<Applied, HubError> {
-        crate::busy::retry("view", self.busy_retry, || self.try_apply(writes))
+        let rows: Vec<JsonWrite<'_>> = writes
+            .iter()
+            .map(|(key, version, value)| JsonWrite {
+                key,
+                version,
+                value: value.as_ref(),
+                expires_at: None,
+            })
+            .collect();
+        crate::busy::retry("view", self.busy_retry, || self.try_apply(&rows))
     }
 
-    fn try_apply<S: AsRef<str>>(
-        &self,
-        writes: &[(&str, &Version, S)],
-    ) -> Result<Applied, HubError> {
+    fn try_apply(&self, writes: &[JsonWrite<'_>]) -> Result<Applied, HubError> {
         let mut conn = self.conn()?;
         let _turn = self.gate.enter();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -201,19 +203,22 @@ impl ViewStore {
             };
             let table = &self.table;
             let mut upsert = tx.prepare_cached(&format!(
-                "INSERT INTO {table} (key, time, event, value) VALUES (?1, ?2, ?3, ?4) \
+                "INSERT INTO {table} (key, time, event, value, expires) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
                  ON CONFLICT (key) DO UPDATE SET time = excluded.time, event = excluded.event, \
-                 value = excluded.value \
+                 value = excluded.value, expires = excluded.expires \
                  WHERE (excluded.time, excluded.event) > ({table}.time, {table}.event)"
             ))?;
-            for (key, version, value) in writes {
-                if inbox.execute((current, &*self.name, &version.id))? == 0
-                    || (look_back && applied_before.exists((previous, &*self.name, &version.id))?)
+            for w in writes {
+                let id = &w.version.id;
+                if inbox.execute((current, &*self.name, id))? == 0
+                    || (look_back && applied_before.exists((previous, &*self.name, id))?)
                 {
                     applied.duplicates += 1;
                     continue;
                 }
-                if upsert.execute((key, version.timestamp, &version.id, value.as_ref()))? == 0 {
+                let row = (w.key, w.version.timestamp, id, w.value, w.expires_at);
+                if upsert.execute(row)? == 0 {
                     applied.stale += 1;
                 } else {
                     applied.written += 1;
@@ -254,11 +259,12 @@ impl ViewStore {
         let row = conn
             .query_row(
                 &format!(
-                    "SELECT key, time, event, value FROM {} WHERE key = ?1",
+                    "SELECT key, time, event, value, expires FROM {} WHERE key = ?1 \
+                     AND (expires IS NULL OR expires > ?2)",
                     self.table
                 ),
-                [key],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?)),
+                (key, now_millis()),
+                read_row,
             )
             .optional()?;
         row.map(to_row).transpose()
@@ -269,15 +275,40 @@ impl ViewStore {
     /// # Errors
     /// A storage failure, or a stored value that is not JSON.
     pub fn rows(&self) -> Result<Vec<ViewRow>, HubError> {
+        self.scan_rows(&Scan::prefix("", usize::MAX))
+    }
+
+    /// The rows `scan` selects, in key order, without expired ones.
+    ///
+    /// # Errors
+    /// A storage failure, or a stored value that is not JSON.
+    pub fn scan_rows(&self, scan: &Scan) -> Result<Vec<ViewRow>, HubError> {
         let conn = self.conn()?;
-        let mut stmt = conn.prepare(&format!(
-            "SELECT key, time, event, value FROM {} ORDER BY key",
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT key, time, event, value, expires FROM {} \
+             WHERE key >= ?1 AND substr(key, 1, length(?1)) = ?1 AND (?2 IS NULL OR key > ?2) \
+             AND (expires IS NULL OR expires > ?3) ORDER BY key LIMIT ?4",
             self.table
         ))?;
-        let rows = stmt.query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?))
-        })?;
+        let limit = i64::try_from(scan.limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map((&scan.prefix, &scan.after, now_millis(), limit), read_row)?;
         rows.map(|r| to_row(r?)).collect()
+    }
+
+    /// Deletes the rows expired at `now` (ms since the epoch); returns how many.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn expire(&self, now: i64) -> Result<u64, HubError> {
+        crate::busy::retry("view", self.busy_retry, || {
+            let conn = self.conn()?;
+            let _turn = self.gate.enter();
+            let deleted = conn.execute(
+                &format!("DELETE FROM {} WHERE expires <= ?1", self.table),
+                [now],
+            )?;
+            Ok(deleted as u64)
+        })
     }
 
     /// Number of rows.
@@ -325,7 +356,21 @@ impl ViewStore {
     }
 }
 
-fn to_row((key, time, event, value): (String, i64, String, String)) -> Result<ViewRow, HubError> {
+/// A write whose value is JSON text.
+struct JsonWrite<'a> {
+    key: &'a str,
+    version: &'a Version,
+    value: &'a str,
+    expires_at: Option<i64>,
+}
+
+type RawRow = (String, i64, String, String, Option<i64>);
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+fn to_row((key, time, event, value, expires_at): RawRow) -> Result<ViewRow, HubError> {
     Ok(ViewRow {
         key,
         version: Version {
@@ -336,7 +381,59 @@ fn to_row((key, time, event, value): (String, i64, String, String)) -> Result<Vi
             what: "view value",
             detail: e.to_string(),
         })?,
+        expires_at,
     })
+}
+
+/// Runs a store call on a blocking thread (SQLite waits on the disk and the write lock), so
+/// the runtime's threads go on with other work.
+async fn blocking<T, F>(store: &ViewStore, f: F) -> Result<T, floodway::BoxError>
+where
+    T: Send + 'static,
+    F: FnOnce(ViewStore) -> Result<T, HubError> + Send + 'static,
+{
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || f(store)).await {
+        Ok(result) => Ok(result?),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(Box::new(e)),
+    }
+}
+
+impl KeyedState for ViewStore {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn apply<'a>(&'a self, writes: &'a [StateWrite]) -> HubFuture<'a, Applied> {
+        let writes = writes.to_vec();
+        Box::pin(blocking(self, move |s| s.apply(&writes)))
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> HubFuture<'a, Option<StateRow>> {
+        let key = key.to_owned();
+        Box::pin(blocking(self, move |s| s.get(&key)))
+    }
+
+    fn scan<'a>(&'a self, scan: &'a Scan) -> HubFuture<'a, Vec<StateRow>> {
+        let scan = scan.clone();
+        Box::pin(blocking(self, move |s| s.scan_rows(&scan)))
+    }
+
+    fn expire(&self, now: i64) -> HubFuture<'_, u64> {
+        Box::pin(blocking(self, move |s| ViewStore::expire(&s, now)))
+    }
+}
+
+impl StateStore for Hub {
+    fn open<'a>(&'a self, name: &'a str) -> HubFuture<'a, SharedState> {
+        let hub = self.clone();
+        let name = name.to_owned();
+        Box::pin(async move {
+            let view = tokio::task::spawn_blocking(move || hub.view(&name)).await??;
+            Ok(std::sync::Arc::new(view) as SharedState)
+        })
+    }
 }
 
 type KeyFn = dyn Fn(&Event) -> Result<String, Error> + Send + Sync;
@@ -396,3 +493,37 @@ impl ViewSink {
 }
 
 floodway::impl_sink!(ViewSink, write);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::HubOptions;
+
+    #[test]
+    fn a_view_made_before_expiry_gets_the_column_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::open(dir.path().join("hub.db"), HubOptions::default()).unwrap();
+        hub.connect()
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE view_old (key TEXT PRIMARY KEY, time INTEGER NOT NULL, \
+                 event TEXT NOT NULL, value TEXT NOT NULL) WITHOUT ROWID; \
+                 INSERT INTO view_old VALUES ('k', 5, 'e1', '{\"n\":1}');",
+            )
+            .unwrap();
+        let view = hub.view("old").unwrap();
+        let row = view.get("k").unwrap().unwrap();
+        assert_eq!((row.value["n"].as_i64(), row.expires_at), (Some(1), None));
+        let write = ViewWrite::new(
+            "k",
+            Version {
+                timestamp: 6,
+                id: "e2".into(),
+            },
+            2.into(),
+        )
+        .expiring_at(1);
+        assert_eq!(view.apply(&[write]).unwrap().written, 1);
+        assert!(view.get("k").unwrap().is_none(), "expired");
+    }
+}

@@ -1,5 +1,5 @@
-//! The conformance suites of the event hub and fault store contracts on the embedded hub, in
-//! a temporary file.
+//! The conformance suites of the event hub, fault store and keyed state contracts on the
+//! embedded hub, in a temporary file.
 
 use std::sync::Arc;
 
@@ -29,4 +29,17 @@ mod fault_store {
     }
 
     floodway::fault_store_conformance_tests!(fresh);
+}
+
+mod keyed_state {
+    use floodway::state::{SharedState, StateStore};
+    use floodway_embedded::{Hub, HubOptions};
+
+    async fn fresh() -> (SharedState, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::open(dir.path().join("state.db"), HubOptions::default()).unwrap();
+        (hub.open("conformance").await.unwrap(), dir)
+    }
+
+    floodway::keyed_state_conformance_tests!(fresh);
 }

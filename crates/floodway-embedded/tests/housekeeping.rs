@@ -92,11 +92,7 @@ async fn a_write_lock_held_past_the_busy_timeout_delays_processors_but_does_not_
 fn writes_of(events: &[Event]) -> Vec<ViewWrite> {
     events
         .iter()
-        .map(|e| ViewWrite {
-            key: e.partition_key().to_owned(),
-            version: Version::of(e),
-            value: Value::Null,
-        })
+        .map(|e| ViewWrite::new(e.partition_key(), Version::of(e), Value::Null))
         .collect()
 }
 

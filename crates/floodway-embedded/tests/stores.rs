@@ -234,11 +234,8 @@ proptest! {
         let mut unique: Vec<ViewWrite> = Vec::new();
         for (key, time, id) in writes {
             if unique.iter().all(|w| w.version.id != id) {
-                unique.push(ViewWrite {
-                    key,
-                    version: Version { timestamp: time, id: id.clone() },
-                    value: json!({ "by": id }),
-                });
+                let version = Version { timestamp: time, id: id.clone() };
+                unique.push(ViewWrite::new(key, version, json!({ "by": id })));
             }
         }
         let mut sorted = unique.clone();

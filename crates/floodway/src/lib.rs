@@ -71,6 +71,7 @@ pub mod pipeline;
 pub mod runtime;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod testing;
 mod uow;
 

@@ -21,3 +21,13 @@ mod fault_store {
 
     floodway::fault_store_conformance_tests!(fresh);
 }
+
+mod keyed_state {
+    use floodway::state::{MemoryState, SharedState};
+
+    async fn fresh() -> (SharedState, ()) {
+        (std::sync::Arc::new(MemoryState::new("conformance")), ())
+    }
+
+    floodway::keyed_state_conformance_tests!(fresh);
+}

@@ -1,7 +1,8 @@
 //! The conformance suites of the contracts: one set of scenarios, written once, that every
 //! implementation must pass. For [`EventHub`](crate::EventHub): the in-memory kit, the
-//! embedded hub, NATS JetStream. For [`FaultStore`]: the in-memory store and the embedded
-//! hub's.
+//! embedded hub, NATS JetStream. For [`FaultStore`]: the in-memory store, the embedded hub's
+//! and DynamoDB. For [`KeyedState`](crate::state::KeyedState): the in-memory state, the
+//! embedded hub's views and DynamoDB.
 //!
 //! A backend's test file generates one test per scenario with
 //! [`hub_conformance_tests!`](crate::hub_conformance_tests), given an async function that
@@ -21,10 +22,12 @@ use crate::error::{Error, RunError};
 use crate::event::{now_millis, Event};
 use crate::fault_store::{FaultFilter, FaultStatus, FaultStore, ResubmitOutcome};
 use crate::hub::{HubSubscription, ReadOptions, SharedHub, StartAt, Stream};
+use crate::idempotence::Version;
 use crate::pipeline::Pipeline;
 use crate::runtime::{Processor, RunReport};
 use crate::sink::{sink_fn, Publisher};
 use crate::source::{Checkpoint, Checkpointer, Source};
+use crate::state::{Applied, Scan, SharedState, StateRow, StateWrite};
 use crate::uow::{Batch, Record};
 
 /// A fault store shared by a scenario.
@@ -563,6 +566,132 @@ macro_rules! fault_store_conformance_tests {
             async fn $scenario() {
                 let (store, _guard) = $fresh().await;
                 $crate::testing::conformance::$scenario(store).await;
+            }
+        )+
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keyed state
+
+fn write(key: &str, timestamp: i64, id: &str) -> StateWrite {
+    StateWrite::new(
+        key,
+        Version {
+            timestamp,
+            id: id.to_owned(),
+        },
+        serde_json::json!({ "by": id, "at": timestamp }),
+    )
+}
+
+/// Writes in any order and in any batches give the newest row per key; a write counts once.
+pub async fn keyed_state_is_latest_wins_in_any_order(state: SharedState) {
+    // Three keys, five versions each, one tie on timestamp broken by id.
+    let mut writes: Vec<StateWrite> = (0..15)
+        .map(|i| {
+            write(
+                &format!("k{}", i % 3),
+                100 + (i / 3) as i64,
+                &format!("e{i:02}"),
+            )
+        })
+        .collect();
+    writes.push(write("k0", 104, "e99"));
+    let mut shuffled = writes.clone();
+    shuffled.reverse();
+    shuffled.swap(1, 7);
+    let mut total = Applied::default();
+    for chunk in shuffled.chunks(4) {
+        let applied = state.apply(chunk).await.unwrap();
+        total.written += applied.written;
+        total.stale += applied.stale;
+        total.duplicates += applied.duplicates;
+    }
+    assert_eq!(total.written + total.stale + total.duplicates, writes.len());
+    assert_eq!(total.duplicates, 0, "no write was repeated");
+    for (key, by) in [("k0", "e99"), ("k1", "e13"), ("k2", "e14")] {
+        let row = state.get(key).await.unwrap().expect("a row");
+        assert_eq!(row.value["by"], by, "{key}");
+        assert_eq!(row.version.id, by);
+    }
+    assert!(state.get("absent").await.unwrap().is_none());
+}
+
+/// A batch applied again changes nothing, and says so.
+pub async fn keyed_state_applies_an_event_once(state: SharedState) {
+    let writes = [write("a", 10, "x1"), write("b", 10, "x2")];
+    assert_eq!(state.apply(&writes).await.unwrap().written, 2);
+    let again = state.apply(&writes).await.unwrap();
+    assert_eq!(again.written, 0);
+    assert_eq!(again.stale + again.duplicates, 2);
+    // An older event of another id arriving late changes nothing either.
+    let late = state.apply(&[write("a", 5, "x0")]).await.unwrap();
+    assert_eq!((late.written, late.stale), (0, 1));
+    assert_eq!(state.get("a").await.unwrap().unwrap().version.id, "x1");
+}
+
+/// A scan reads a prefix in key order, page by page.
+pub async fn keyed_state_scans_a_prefix_in_key_order(state: SharedState) {
+    let writes: Vec<StateWrite> = ["order#3", "order#1", "customer#1", "order#2", "order#4"]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| write(k, 1, &format!("s{i}")))
+        .collect();
+    state.apply(&writes).await.unwrap();
+    let keys = |rows: Vec<StateRow>| rows.into_iter().map(|r| r.key).collect::<Vec<_>>();
+    let first = state.scan(&Scan::prefix("order#", 2)).await.unwrap();
+    assert_eq!(keys(first), ["order#1", "order#2"]);
+    let next = state
+        .scan(&Scan::prefix("order#", 2).after("order#2"))
+        .await
+        .unwrap();
+    assert_eq!(keys(next), ["order#3", "order#4"]);
+    let all = state.scan(&Scan::prefix("", 100)).await.unwrap();
+    assert_eq!(all.len(), 5);
+}
+
+/// An expired row is not read, and expiring removes it.
+pub async fn keyed_state_rows_expire(state: SharedState) {
+    let now = now_millis();
+    state
+        .apply(&[
+            write("gone", 1, "t1").expiring_at(now - 1_000),
+            write("kept", 1, "t2").expiring_at(now + 3_600_000),
+            write("forever", 1, "t3"),
+        ])
+        .await
+        .unwrap();
+    assert!(state.get("gone").await.unwrap().is_none());
+    assert_eq!(
+        state.get("kept").await.unwrap().unwrap().expires_at,
+        Some(now + 3_600_000)
+    );
+    let rows = state.scan(&Scan::prefix("", 10)).await.unwrap();
+    let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(keys, ["forever", "kept"]);
+    assert_eq!(state.expire(now).await.unwrap(), 1);
+    assert_eq!(state.expire(now).await.unwrap(), 0);
+}
+
+/// Generates one `#[tokio::test]` per keyed state scenario; `$fresh` is an async function
+/// returning `(SharedState, guard)`: fresh, empty state, and what must live as long as it.
+#[macro_export]
+macro_rules! keyed_state_conformance_tests {
+    ($fresh:path) => {
+        $crate::keyed_state_conformance_tests!(@each $fresh,
+            keyed_state_is_latest_wins_in_any_order,
+            keyed_state_applies_an_event_once,
+            keyed_state_scans_a_prefix_in_key_order,
+            keyed_state_rows_expire
+        );
+    };
+    (@each $fresh:path, $($scenario:ident),+) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                let (state, _guard) = $fresh().await;
+                $crate::testing::conformance::$scenario(state).await;
             }
         )+
     };

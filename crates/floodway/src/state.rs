@@ -1,0 +1,316 @@
+//! The contract of keyed state: rows by key, written latest-wins with an inbox, read by key or
+//! by prefix, and expiring. Views are keyed state, as is the state later features keep
+//! (correlation, timers). The embedded hub's SQLite views, DynamoDB and the in-memory store
+//! implement it; `floodway::testing::conformance` holds the scenarios every store passes.
+//!
+//! A write carries the [`Version`] of the event that makes it. It applies only when newer
+//! than the row's version (ties broken by event id), so events in any order give the same
+//! rows; and an event applied once is not applied again (an inbox written in the same
+//! transaction, or the row's own version where that suffices), so a redelivery changes
+//! nothing. A row may expire: from then on it is not read, and [`KeyedState::expire`] (or the
+//! store's own time to live) removes it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+use crate::error::Error;
+use crate::event::{now_millis, Event};
+use crate::hub::HubFuture;
+use crate::idempotence::Version;
+use crate::uow::Batch;
+
+/// One write of keyed state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateWrite {
+    /// The row's key.
+    pub key: String,
+    /// The version of the event that writes it.
+    pub version: Version,
+    /// The row's new value.
+    pub value: Value,
+    /// When the row expires (ms since the epoch), if ever.
+    pub expires_at: Option<i64>,
+}
+
+impl StateWrite {
+    /// A write of `value` at `key` by the event of `version`, never expiring.
+    pub fn new(key: impl Into<String>, version: Version, value: Value) -> Self {
+        StateWrite {
+            key: key.into(),
+            version,
+            value,
+            expires_at: None,
+        }
+    }
+
+    /// The row expires at `at` (ms since the epoch).
+    #[must_use]
+    pub fn expiring_at(mut self, at: i64) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+}
+
+/// A stored row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateRow {
+    /// The key.
+    pub key: String,
+    /// The version of the event that wrote it.
+    pub version: Version,
+    /// The value.
+    pub value: Value,
+    /// When it expires (ms since the epoch), if ever.
+    pub expires_at: Option<i64>,
+}
+
+impl StateRow {
+    /// Whether the row has expired at `now` (ms since the epoch).
+    pub fn expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// What a batch of writes did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Rows inserted or updated.
+    pub written: usize,
+    /// Writes older than the row they met: nothing changed.
+    pub stale: usize,
+    /// Events applied before (found in the inbox): nothing changed. A store whose rows alone
+    /// recognise a repeat (DynamoDB) counts it as stale.
+    pub duplicates: usize,
+}
+
+/// A read of the rows whose keys start with `prefix`, in key order, after `after`, at most
+/// `limit`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Keys start with this.
+    pub prefix: String,
+    /// Keys come after this one (the last key of the previous page).
+    pub after: Option<String>,
+    /// Rows at most.
+    pub limit: usize,
+}
+
+impl Scan {
+    /// Up to `limit` rows whose keys start with `prefix`.
+    pub fn prefix(prefix: impl Into<String>, limit: usize) -> Self {
+        Scan {
+            prefix: prefix.into(),
+            after: None,
+            limit,
+        }
+    }
+
+    /// The page after `key`.
+    #[must_use]
+    pub fn after(mut self, key: impl Into<String>) -> Self {
+        self.after = Some(key.into());
+        self
+    }
+
+    /// Whether `key` is in the range (prefix and after; not the limit).
+    pub fn admits(&self, key: &str) -> bool {
+        key.starts_with(&self.prefix) && self.after.as_deref().is_none_or(|a| key > a)
+    }
+}
+
+/// Keyed state; see the [module docs](self).
+pub trait KeyedState: Send + Sync + Debug + 'static {
+    /// The state's name (a view's name).
+    fn name(&self) -> &str;
+
+    /// Applies writes, latest-wins, each event at most once; all or nothing where the store
+    /// has transactions.
+    fn apply<'a>(&'a self, writes: &'a [StateWrite]) -> HubFuture<'a, Applied>;
+
+    /// The row at `key`, unless absent or expired.
+    fn get<'a>(&'a self, key: &'a str) -> HubFuture<'a, Option<StateRow>>;
+
+    /// The rows `scan` selects, in key order, without expired ones.
+    fn scan<'a>(&'a self, scan: &'a Scan) -> HubFuture<'a, Vec<StateRow>>;
+
+    /// Removes the rows expired at `now` (ms since the epoch); returns how many.
+    fn expire(&self, now: i64) -> HubFuture<'_, u64>;
+}
+
+/// Keyed state shared by the processors and the command.
+pub type SharedState = Arc<dyn KeyedState>;
+
+/// Where keyed state lives: opens it by name.
+pub trait StateStore: Send + Sync + Debug + 'static {
+    /// The state `name`, created on first use.
+    fn open<'a>(&'a self, name: &'a str) -> HubFuture<'a, SharedState>;
+}
+
+/// How a [`StateSink`] makes a row of an event: its key, its value, and when it expires.
+pub type RowFn = Arc<dyn Fn(&Event) -> Result<StateWrite, Error> + Send + Sync>;
+
+/// A sink writing each event of a batch as a row of keyed state, all of a batch in one
+/// [`KeyedState::apply`]; an event whose row cannot be made is poison on its own.
+#[derive(Clone)]
+pub struct StateSink {
+    state: SharedState,
+    row: RowFn,
+}
+
+impl Debug for StateSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateSink")
+            .field("state", &self.state.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StateSink {
+    /// A sink into `state`, with rows made by `row`.
+    pub fn new<F>(state: SharedState, row: F) -> Self
+    where
+        F: Fn(&Event) -> Result<StateWrite, Error> + Send + Sync + 'static,
+    {
+        StateSink {
+            state,
+            row: Arc::new(row),
+        }
+    }
+
+    async fn write(&self, batch: Batch) -> Result<crate::Delivery, Error> {
+        let mut delivery = crate::Delivery::complete();
+        let mut writes = Vec::with_capacity(batch.len());
+        for (i, event) in batch.events().enumerate() {
+            match (self.row)(event) {
+                Ok(write) => writes.push(write),
+                Err(err) if batch.len() == 1 => return Err(err),
+                Err(err) => delivery.fail(i, err),
+            }
+        }
+        self.state
+            .apply(&writes)
+            .await
+            .map_err(|e| Error::transient_msg("StateWrite", e.to_string()))?;
+        Ok(delivery)
+    }
+}
+
+crate::impl_sink!(StateSink, write);
+
+/// Keyed state in memory, for tests: the contract's reference.
+#[derive(Debug, Default)]
+pub struct MemoryState {
+    name: String,
+    inner: Mutex<MemoryRows>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryRows {
+    rows: BTreeMap<String, StateRow>,
+    inbox: HashSet<String>,
+}
+
+impl MemoryState {
+    /// Empty state named `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        MemoryState {
+            name: name.into(),
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryRows> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl KeyedState for MemoryState {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn apply<'a>(&'a self, writes: &'a [StateWrite]) -> HubFuture<'a, Applied> {
+        Box::pin(async move {
+            let mut inner = self.lock();
+            let mut applied = Applied::default();
+            for w in writes {
+                if !inner.inbox.insert(w.version.id.clone()) {
+                    applied.duplicates += 1;
+                    continue;
+                }
+                let newer = inner.rows.get(&w.key).is_none_or(|r| w.version > r.version);
+                if newer {
+                    let row = StateRow {
+                        key: w.key.clone(),
+                        version: w.version.clone(),
+                        value: w.value.clone(),
+                        expires_at: w.expires_at,
+                    };
+                    inner.rows.insert(w.key.clone(), row);
+                    applied.written += 1;
+                } else {
+                    applied.stale += 1;
+                }
+            }
+            Ok(applied)
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> HubFuture<'a, Option<StateRow>> {
+        Box::pin(async move {
+            let now = now_millis();
+            Ok(self
+                .lock()
+                .rows
+                .get(key)
+                .filter(|r| !r.expired(now))
+                .cloned())
+        })
+    }
+
+    fn scan<'a>(&'a self, scan: &'a Scan) -> HubFuture<'a, Vec<StateRow>> {
+        Box::pin(async move {
+            let now = now_millis();
+            Ok(self
+                .lock()
+                .rows
+                .range(scan.prefix.clone()..)
+                .map(|(_, r)| r)
+                .take_while(|r| r.key.starts_with(&scan.prefix))
+                .filter(|r| scan.admits(&r.key) && !r.expired(now))
+                .take(scan.limit)
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn expire(&self, now: i64) -> HubFuture<'_, u64> {
+        Box::pin(async move {
+            let mut inner = self.lock();
+            let before = inner.rows.len();
+            inner.rows.retain(|_, r| !r.expired(now));
+            Ok((before - inner.rows.len()) as u64)
+        })
+    }
+}
+
+/// Keyed state in memory by name, for tests.
+#[derive(Debug, Default)]
+pub struct MemoryStateStore {
+    states: Mutex<BTreeMap<String, SharedState>>,
+}
+
+impl StateStore for MemoryStateStore {
+    fn open<'a>(&'a self, name: &'a str) -> HubFuture<'a, SharedState> {
+        Box::pin(async move {
+            let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+            Ok(states
+                .entry(name.to_owned())
+                .or_insert_with(|| Arc::new(MemoryState::new(name)))
+                .clone())
+        })
+    }
+}
