@@ -1,6 +1,7 @@
 //! The JetStream hub against real `nats-server` processes on loopback.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,10 +10,11 @@ use floodway::idempotence::{MemoryView, Version};
 use floodway::memory::{MemoryFaultSink, MemorySink};
 use floodway::runtime::RunReport;
 use floodway::testing::{generate, ScriptedSink};
-use floodway::{sink_fn, Batch, Error, Event, Pipeline, Processor};
+use floodway::{sink_fn, Batch, Error, Event, Pipeline, Processor, Sink};
 use floodway_nats::testing::{NatsCluster, NatsServer};
 use floodway_nats::{
     NatsHub, NatsHubOptions, NatsSubscription, Partitions, Sharing, StartAt, SubscriptionOptions,
+    SubscriptionStats,
 };
 
 fn options(urls: Vec<String>) -> NatsHubOptions {
@@ -25,6 +27,109 @@ fn options(urls: Vec<String>) -> NatsHubOptions {
         request_timeout: Duration::from_secs(3),
         ..NatsHubOptions::default()
     }
+}
+
+/// A `nats-server` of its own, and a hub on it.
+async fn hub_on_new_server() -> (NatsServer, NatsHub) {
+    let server = NatsServer::start();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    (server, hub)
+}
+
+/// Processor `name` of the one `pipeline`, its faults published to `hub`.
+fn hub_processor(hub: &NatsHub, name: &str, pipeline: Pipeline) -> Processor {
+    Processor::builder(name)
+        .fault_sink(hub.publisher())
+        .pipeline(pipeline)
+        .build()
+        .unwrap()
+}
+
+/// Pipeline `p`, straight into `sink`.
+fn into(sink: impl Sink) -> Pipeline {
+    Pipeline::builder("p").sink(sink).unwrap()
+}
+
+/// Processor `name` whose sink never answers for the batches `hangs` picks (counted in the
+/// returned counter) and delivers the rest; at shutdown it waits 100 ms for what hangs.
+fn hanging_processor(
+    hub: &NatsHub,
+    name: &str,
+    hangs: fn(&Batch) -> bool,
+) -> (Processor, Arc<AtomicUsize>) {
+    let hung = Arc::new(AtomicUsize::new(0));
+    let sink = {
+        let hung = hung.clone();
+        sink_fn(move |batch: Batch| {
+            let hang = hangs(&batch);
+            if hang {
+                hung.fetch_add(1, Ordering::SeqCst);
+            }
+            async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let processor = Processor::builder(name)
+        .fault_sink(hub.publisher())
+        .drain_timeout(Duration::from_millis(100))
+        .pipeline(into(sink))
+        .build()
+        .unwrap();
+    (processor, hung)
+}
+
+/// Subscription `name`, with the given ack wait and otherwise the defaults.
+async fn subscribe_with_ack_wait(
+    hub: &NatsHub,
+    name: &str,
+    ack_wait: Duration,
+) -> NatsSubscription {
+    let options = SubscriptionOptions {
+        ack_wait,
+        ..Default::default()
+    };
+    hub.subscribe(name, options).await.unwrap()
+}
+
+/// The state of subscription `name`.
+async fn subscription_stats(hub: &NatsHub, name: &str) -> SubscriptionStats {
+    let stats = hub.stats().await.unwrap();
+    stats
+        .subscriptions
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap()
+        .1
+}
+
+/// Calls `attempt` every `pause` until it succeeds, for `patience` at the most.
+async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    what: &str,
+    patience: Duration,
+    pause: Duration,
+    mut attempt: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + patience;
+    loop {
+        match attempt().await {
+            Ok(value) => break value,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{what} never recovered: {e}");
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// The ids of `events`, in order.
+fn ids(events: &[Event]) -> Vec<String> {
+    events.iter().map(|e| e.id().to_owned()).collect()
 }
 
 /// Runs a processor over a subscription until `done` says so (or 60 s pass), then waits for
@@ -67,7 +172,7 @@ fn collecting(name: &str) -> (Processor, MemorySink) {
     let sink = MemorySink::new();
     let processor = Processor::builder(name)
         .fault_sink(MemoryFaultSink::new())
-        .pipeline(Pipeline::builder("p").sink(sink.clone()).unwrap())
+        .pipeline(into(sink.clone()))
         .build()
         .unwrap();
     (processor, sink)
@@ -105,10 +210,7 @@ async fn read_all(hub: &NatsHub, partitions: Partitions) -> Vec<Event> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_is_partitioned_and_idempotent() {
-    let server = NatsServer::start();
-    let hub = NatsHub::connect(&options(vec![server.url()]))
-        .await
-        .unwrap();
+    let (server, hub) = hub_on_new_server().await;
     let events = generate::orders(400, 1);
     let first = hub.publish(&events).await.unwrap();
     assert_eq!((first.stored, first.duplicates), (400, 0));
@@ -145,10 +247,7 @@ async fn publishing_is_partitioned_and_idempotent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_classes_end_to_end() {
-    let server = NatsServer::start();
-    let hub = NatsHub::connect(&options(vec![server.url()]))
-        .await
-        .unwrap();
+    let (_server, hub) = hub_on_new_server().await;
     let events = generate::orders(300, 2);
     hub.publish(&events).await.unwrap();
     // Two messages that are not envelopes at all, from some other client.
@@ -183,11 +282,11 @@ async fn failure_classes_end_to_end() {
                 .is_some_and(|t| t % 10 == 0)
         })
         .count();
-    let processor = Processor::builder("shop")
-        .fault_sink(hub.publisher())
-        .pipeline(Pipeline::builder("notify").sink(sink.clone()).unwrap())
-        .build()
-        .unwrap();
+    let processor = hub_processor(
+        &hub,
+        "shop",
+        Pipeline::builder("notify").sink(sink.clone()).unwrap(),
+    );
     let sub = hub
         .subscribe("shop", SubscriptionOptions::default())
         .await
@@ -205,12 +304,7 @@ async fn failure_classes_end_to_end() {
 
     // Everything was acked or terminated: nothing pending, nothing waiting for an ack, and
     // no message was redelivered (poison is terminated, transient failures retried in place).
-    let stats = hub.stats().await.unwrap();
-    let (_, shop) = stats
-        .subscriptions
-        .iter()
-        .find(|(name, _)| name == "shop")
-        .unwrap();
+    let shop = subscription_stats(&hub, "shop").await;
     assert_eq!(shop.consumers, 4);
     assert_eq!(
         (shop.pending, shop.ack_pending, shop.redelivered),
@@ -220,10 +314,7 @@ async fn failure_classes_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_records_come_back_at_once_not_after_the_ack_wait() {
-    let server = NatsServer::start();
-    let hub = NatsHub::connect(&options(vec![server.url()]))
-        .await
-        .unwrap();
+    let (_server, hub) = hub_on_new_server().await;
     hub.publish(&generate::orders(20, 3)).await.unwrap();
     let opts = SubscriptionOptions {
         ack_wait: Duration::from_secs(60),
@@ -232,44 +323,25 @@ async fn unfinished_records_come_back_at_once_not_after_the_ack_wait() {
     };
 
     // A sink that never answers: at shutdown nothing is finished.
-    let started = Arc::new(AtomicUsize::new(0));
-    let hanging = {
-        let started = started.clone();
-        sink_fn(move |_batch: Batch| {
-            started.fetch_add(1, Ordering::SeqCst);
-            std::future::pending::<Result<(), Error>>()
-        })
-    };
-    let processor = Processor::builder("slow")
-        .fault_sink(hub.publisher())
-        .drain_timeout(Duration::from_millis(100))
-        .pipeline(Pipeline::builder("p").sink(hanging).unwrap())
-        .build()
-        .unwrap();
+    let (processor, started) = hanging_processor(&hub, "slow", |_| true);
     let sub = hub.subscribe("slow", opts.clone()).await.unwrap();
-    let seen = started.clone();
-    let first = run_until(&processor, sub, move || seen.load(Ordering::SeqCst) > 0).await;
+    let first = run_until(&processor, sub, move || started.load(Ordering::SeqCst) > 0).await;
     assert_eq!(first.faults(), 0);
 
     // The next run gets all 20 again, long before the ack wait.
     let sink = MemorySink::new();
     let attempts = Arc::new(Mutex::new(Vec::new()));
-    let processor = {
+    let pipeline = {
         let attempts = attempts.clone();
-        Processor::builder("slow")
-            .fault_sink(hub.publisher())
-            .pipeline(
-                Pipeline::builder("p")
-                    .map(move |uow| {
-                        attempts.lock().unwrap().push(uow.record().attempt);
-                        Ok(uow)
-                    })
-                    .sink(sink.clone())
-                    .unwrap(),
-            )
-            .build()
+        Pipeline::builder("p")
+            .map(move |uow| {
+                attempts.lock().unwrap().push(uow.record().attempt);
+                Ok(uow)
+            })
+            .sink(sink.clone())
             .unwrap()
     };
+    let processor = hub_processor(&hub, "slow", pipeline);
     let began = Instant::now();
     let sub = hub.subscribe("slow", opts).await.unwrap();
     let delivered = sink.clone();
@@ -319,11 +391,11 @@ fn recording_processor(hub: &NatsHub, instance: usize, seen: &Seen) -> Processor
             Ok::<_, Error>(())
         }
     });
-    Processor::builder("steps")
-        .fault_sink(hub.publisher())
-        .pipeline(Pipeline::builder("p").parallelism(16).sink(sink).unwrap())
-        .build()
-        .unwrap()
+    hub_processor(
+        hub,
+        "steps",
+        Pipeline::builder("p").parallelism(16).sink(sink).unwrap(),
+    )
 }
 
 fn check_order(seen: &Seen, keys: usize, per_key: usize) {
@@ -343,10 +415,7 @@ fn check_order(seen: &Seen, keys: usize, per_key: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_with_static_assignment_keep_per_key_order() {
-    let server = NatsServer::start();
-    let hub = NatsHub::connect(&options(vec![server.url()]))
-        .await
-        .unwrap();
+    let (_server, hub) = hub_on_new_server().await;
     let (keys, per_key) = (40, 25);
     hub.publish(&sequenced(keys, per_key)).await.unwrap();
     let seen: Seen = Arc::default();
@@ -390,10 +459,7 @@ async fn two_instances_with_static_assignment_keep_per_key_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_sharing_fails_over_to_the_standby_instance() {
-    let server = NatsServer::start();
-    let hub = NatsHub::connect(&options(vec![server.url()]))
-        .await
-        .unwrap();
+    let (_server, hub) = hub_on_new_server().await;
     let (keys, per_key) = (20, 10);
     let events = sequenced(keys, per_key);
     let half = events.len() / 2;
@@ -456,16 +522,8 @@ fn complete(seen: &Seen, keys: usize, per_key: usize) -> bool {
 /// Publishes `events` in batches, retrying a batch until the hub takes it.
 async fn publish_through_faults(hub: &NatsHub, events: &[Event]) {
     for chunk in events.chunks(100) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match hub.publish(chunk).await {
-                Ok(_) => break,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "publishing never recovered: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+        let (patience, pause) = (Duration::from_secs(60), Duration::from_millis(100));
+        retry("publishing", patience, pause, || hub.publish(chunk)).await;
     }
 }
 
@@ -488,11 +546,7 @@ fn view_processor(hub: &NatsHub, view: &View, deliveries: &Deliveries) -> Proces
             Ok::<_, Error>(())
         }
     });
-    Processor::builder("view")
-        .fault_sink(hub.publisher())
-        .pipeline(Pipeline::builder("p").sink(sink).unwrap())
-        .build()
-        .unwrap()
+    hub_processor(hub, "view", into(sink))
 }
 
 fn ticks(n: i64, keys: i64) -> Vec<Event> {
@@ -524,20 +578,16 @@ fn check_view(events: &[Event], view: &View, deliveries: &Deliveries) {
     }
 }
 
+/// The hub's stream holds `n` messages: each event stored once.
+async fn assert_stored_once_each(hub: &NatsHub, n: u64) {
+    assert_eq!(hub.stats().await.unwrap().messages, n, "stored once each");
+}
+
 /// Runs the view processor while events are published, killing a server in the middle.
 async fn view_through_a_kill(hub: &NatsHub, events: Vec<Event>, kill: impl FnOnce()) {
     let (view, deliveries): (View, Deliveries) = Default::default();
     let processor = view_processor(hub, &view, &deliveries);
-    let sub = hub
-        .subscribe(
-            "view",
-            SubscriptionOptions {
-                ack_wait: Duration::from_secs(2),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let sub = subscribe_with_ack_wait(hub, "view", Duration::from_secs(2)).await;
     let publisher = {
         let hub = hub.clone();
         let events = events.clone();
@@ -575,11 +625,7 @@ async fn server_killed_mid_stream_loses_nothing() {
         restarted.lock().unwrap().restart();
     })
     .await;
-    assert_eq!(
-        hub.stats().await.unwrap().messages,
-        3000,
-        "stored once each"
-    );
+    assert_stored_once_each(&hub, 3000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -588,40 +634,19 @@ async fn a_cluster_node_killed_mid_stream_loses_nothing() {
     let mut opts = options(cluster.urls());
     opts.replicas = Some(3);
     // The cluster needs a moment to elect its meta leader.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let hub = loop {
-        match NatsHub::connect(&opts).await {
-            Ok(hub) => break hub,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("cluster never came up: {e}"),
-        }
-    };
+    let (patience, pause) = (Duration::from_secs(30), Duration::from_millis(200));
+    let hub = retry("the cluster", patience, pause, || NatsHub::connect(&opts)).await;
     assert_eq!(hub.stats().await.unwrap().replicas, 3);
     // Kill the first node (the one the client most likely talks to) for good.
     view_through_a_kill(&hub, ticks(2000, 200), || cluster.nodes[0].kill()).await;
     // The cluster may still be moving leaders: ask until it answers.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stats = loop {
-        match hub.stats().await {
-            Ok(stats) => break stats,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "the cluster never answered: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
+    let stats = retry("the cluster", patience, pause, || hub.stats()).await;
     assert_eq!(stats.messages, 2000, "stored once each");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_at_the_end_or_a_time() {
-    let server = NatsServer::start();
-    let hub = NatsHub::connect(&options(vec![server.url()]))
-        .await
-        .unwrap();
+    let (_server, hub) = hub_on_new_server().await;
     let old = generate::orders(40, 4);
     hub.publish(&old).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -643,7 +668,7 @@ async fn starts_at_the_end_or_a_time() {
     let (processor, sink) = collecting("late");
     let delivered = sink.clone();
     run_until(&processor, from_end, move || delivered.len() >= 40).await;
-    let ids: HashSet<String> = sink.events().iter().map(|e| e.id().to_owned()).collect();
+    let ids: HashSet<String> = ids(&sink.events()).into_iter().collect();
     assert!(new.iter().all(|e| ids.contains(e.id())));
     assert_eq!(ids.len(), 40);
 
@@ -681,19 +706,12 @@ async fn network_drops_and_a_slow_server_are_survived() {
         trouble.cut();
     })
     .await;
-    assert_eq!(
-        hub.stats().await.unwrap().messages,
-        3000,
-        "stored once each"
-    );
+    assert_stored_once_each(&hub, 3000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_holds_records_with_in_progress_acks_and_faults_nothing() {
-    let server = NatsServer::start();
-    let hub = NatsHub::connect(&options(vec![server.url()]))
-        .await
-        .unwrap();
+    let (_server, hub) = hub_on_new_server().await;
     hub.publish(&generate::orders(200, 6)).await.unwrap();
     // The target is down for the first 3 s: three times the ack wait.
     let sink = ScriptedSink::new(|call| {
@@ -703,31 +721,13 @@ async fn an_outage_holds_records_with_in_progress_acks_and_faults_nothing() {
             Ok(())
         }
     });
-    let processor = Processor::builder("held")
-        .fault_sink(hub.publisher())
-        .pipeline(Pipeline::builder("p").sink(sink.clone()).unwrap())
-        .build()
-        .unwrap();
-    let sub = hub
-        .subscribe(
-            "held",
-            SubscriptionOptions {
-                ack_wait: Duration::from_secs(1),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let processor = hub_processor(&hub, "held", into(sink.clone()));
+    let sub = subscribe_with_ack_wait(&hub, "held", Duration::from_secs(1)).await;
     let delivered = sink.delivered().clone();
     let report = run_until(&processor, sub, move || delivered.len() >= 200).await;
     assert!(sink.failures() > 0, "the outage was met");
     assert_eq!(report.faults(), 0, "an outage faults nothing");
-    let stats = hub.stats().await.unwrap();
-    let (_, held) = stats
-        .subscriptions
-        .iter()
-        .find(|(name, _)| name == "held")
-        .unwrap();
+    let held = subscription_stats(&hub, "held").await;
     assert_eq!(
         (held.pending, held.ack_pending, held.redelivered),
         (0, 0, 0),
@@ -737,10 +737,7 @@ async fn an_outage_holds_records_with_in_progress_acks_and_faults_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fatal_stop_acks_nothing_unfinished_and_a_restart_resumes() {
-    let server = NatsServer::start();
-    let hub = NatsHub::connect(&options(vec![server.url()]))
-        .await
-        .unwrap();
+    let (_server, hub) = hub_on_new_server().await;
     let mut events = sequenced(4, 5);
     // One event the pipeline rejects: its fault must be stored before it is let go.
     events[7].fields_mut().insert("bad".into(), true.into());
@@ -794,10 +791,8 @@ async fn a_fatal_stop_acks_nothing_unfinished_and_a_restart_resumes() {
     let (done, seen) = (sink.clone(), faults.clone());
     run_until(&processor, sub, move || {
         seen.faults().len() == 1
-            && done
-                .events()
-                .iter()
-                .map(|e| e.id().to_owned())
+            && ids(&done.events())
+                .into_iter()
                 .collect::<HashSet<_>>()
                 .len()
                 == 19
@@ -809,10 +804,7 @@ async fn a_fatal_stop_acks_nothing_unfinished_and_a_restart_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_that_cannot_work_are_refused_by_name() {
-    let server = NatsServer::start();
-    let hub = NatsHub::connect(&options(vec![server.url()]))
-        .await
-        .unwrap();
+    let (server, hub) = hub_on_new_server().await;
 
     // An event over the server's max_payload is poison, named with the limit.
     let huge = Event::builder("blob", "k")
@@ -904,10 +896,7 @@ async fn a_publish_lost_on_the_way_is_retried_without_breaking_its_keys_order() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_instance_keeps_per_key_order_for_what_its_predecessor_left_unfinished() {
-    let server = NatsServer::start();
-    let hub = NatsHub::connect(&options(vec![server.url()]))
-        .await
-        .unwrap();
+    let (_server, hub) = hub_on_new_server().await;
     let step = |i: u32| {
         Event::builder("step", "k")
             .id(format!("k-e{i}"))
@@ -920,55 +909,32 @@ async fn a_restarted_instance_keeps_per_key_order_for_what_its_predecessor_left_
         ..Default::default()
     };
     // The first instance's sink hangs on e2: at its stop, e2 and e3 are unfinished.
-    let blocked = Arc::new(AtomicUsize::new(0));
-    let hanging = {
-        let blocked = blocked.clone();
-        sink_fn(move |batch: Batch| {
-            let blocked = blocked.clone();
-            let hang = batch.events().any(|e| e.id() == "k-e2");
-            async move {
-                if hang {
-                    blocked.fetch_add(1, Ordering::SeqCst);
-                    std::future::pending::<()>().await;
-                }
-                Ok::<_, Error>(())
-            }
-        })
-    };
-    let processor = Processor::builder("steps")
-        .fault_sink(hub.publisher())
-        .drain_timeout(Duration::from_millis(100))
-        .pipeline(Pipeline::builder("p").sink(hanging).unwrap())
-        .build()
-        .unwrap();
+    let (processor, blocked) = hanging_processor(&hub, "steps", |batch| {
+        batch.events().any(|e| e.id() == "k-e2")
+    });
     let sub = hub.subscribe("steps", opts.clone()).await.unwrap();
-    let seen = blocked.clone();
-    run_until(&processor, sub, move || seen.load(Ordering::SeqCst) > 0).await;
+    run_until(&processor, sub, move || blocked.load(Ordering::SeqCst) > 0).await;
 
     // A newer event of the key arrives, and a new instance starts at once.
     hub.publish(&[step(4)]).await.unwrap();
     let sink = MemorySink::new();
-    let processor = Processor::builder("steps")
-        .fault_sink(hub.publisher())
-        .pipeline(Pipeline::builder("p").sink(sink.clone()).unwrap())
-        .build()
-        .unwrap();
+    let processor = hub_processor(&hub, "steps", into(sink.clone()));
     let sub = hub.subscribe("steps", opts).await.unwrap();
     let delivered = sink.clone();
     run_until(&processor, sub, move || {
         delivered.events().iter().any(|e| e.id() == "k-e4")
     })
     .await;
-    let ids: Vec<String> = sink.events().iter().map(|e| e.id().to_owned()).collect();
-    assert_eq!(ids, ["k-e2", "k-e3", "k-e4"], "the key's order");
+    assert_eq!(
+        ids(&sink.events()),
+        ["k-e2", "k-e3", "k-e4"],
+        "the key's order"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_deleted_under_a_reader_is_made_again_where_it_stood() {
-    let server = NatsServer::start();
-    let hub = NatsHub::connect(&options(vec![server.url()]))
-        .await
-        .unwrap();
+    let (_server, hub) = hub_on_new_server().await;
     hub.publish(&generate::orders(10, 1)).await.unwrap();
     // A reader that starts at the end: the 10 events before it are not its business.
     let (processor, sink) = collecting("late");
@@ -1000,8 +966,8 @@ async fn a_consumer_deleted_under_a_reader_is_made_again_where_it_stood() {
     let later = generate::orders(20, 2);
     hub2.publish(&later).await.unwrap();
     run.await.unwrap();
-    let mut got: Vec<String> = sink.events().iter().map(|e| e.id().to_owned()).collect();
-    let mut want: Vec<String> = later.iter().map(|e| e.id().to_owned()).collect();
+    let mut got = ids(&sink.events());
+    let mut want = ids(&later);
     got.sort();
     want.sort();
     assert_eq!(got, want, "nothing published meanwhile was skipped");
