@@ -26,6 +26,10 @@ use floodway_lambda::{
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+#[path = "../../floodway-lambda/tests/common/mod.rs"]
+mod lambda;
+use lambda::{dynamodb_shard, handler, run_cdc, CDC_TYPES};
+
 /// `moto_server` on a free loopback port; killed when dropped.
 struct Moto {
     child: Child,
@@ -74,6 +78,13 @@ impl Moto {
         }
     }
 
+    /// A server of its own, and the configuration of clients that reach it.
+    async fn configured() -> (Moto, SdkConfig) {
+        let moto = Moto::start();
+        let config = moto.config().await;
+        (moto, config)
+    }
+
     async fn config(&self) -> SdkConfig {
         aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new("us-east-1"))
@@ -106,6 +117,39 @@ async fn send<S: floodway::Sink>(sink: S, events: &[Event]) -> Result<(), Error>
     }
 }
 
+/// Every record of one shard from its trim horizon, each made into `$record`. Kinesis and
+/// DynamoDB Streams share this API but not its types: `$client` is either's client,
+/// `$iterator_type` its `ShardIteratorType`, and `$locate($stream)` names the stream.
+macro_rules! read_shard {
+    ($client:expr, $iterator_type:ty, $shard:expr, $locate:ident($stream:expr), |$r:ident| $record:expr) => {{
+        let mut iterator = $client
+            .get_shard_iterator()
+            .$locate($stream)
+            .shard_id($shard)
+            .shard_iterator_type(<$iterator_type>::TrimHorizon)
+            .send()
+            .await
+            .unwrap()
+            .shard_iterator()
+            .map(str::to_owned);
+        let mut records = Vec::new();
+        while let Some(it) = iterator {
+            let page = $client
+                .get_records()
+                .shard_iterator(it)
+                .send()
+                .await
+                .unwrap();
+            if page.records().is_empty() {
+                break;
+            }
+            records.extend(page.records().iter().map(|$r| $record));
+            iterator = page.next_shard_iterator().map(str::to_owned);
+        }
+        records
+    }};
+}
+
 /// Every record of a Kinesis stream's shards, as the simulator's shard records.
 async fn read_kinesis(config: &SdkConfig, stream: &str) -> Vec<(String, Vec<StreamRecord>)> {
     let client = aws_sdk_kinesis::Client::new(config);
@@ -117,37 +161,18 @@ async fn read_kinesis(config: &SdkConfig, stream: &str) -> Vec<(String, Vec<Stre
         .unwrap();
     let mut out = Vec::new();
     for shard in shards.shards() {
-        let mut iterator = client
-            .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(shard.shard_id())
-            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
-            .send()
-            .await
-            .unwrap()
-            .shard_iterator()
-            .map(str::to_owned);
-        let mut records = Vec::new();
-        while let Some(it) = iterator {
-            let page = client
-                .get_records()
-                .shard_iterator(it)
-                .send()
-                .await
-                .unwrap();
-            if page.records().is_empty() {
-                break;
+        let records = read_shard!(
+            client,
+            aws_sdk_kinesis::types::ShardIteratorType,
+            shard.shard_id(),
+            stream_name(stream),
+            |r| StreamRecord {
+                sequence: r.sequence_number().parse().unwrap(),
+                partition_key: r.partition_key().unwrap_or_default().to_owned(),
+                data: Bytes::copy_from_slice(r.data().as_ref()),
+                arrived: tokio::time::Instant::now(),
             }
-            for r in page.records() {
-                records.push(StreamRecord {
-                    sequence: r.sequence_number().parse().unwrap(),
-                    partition_key: r.partition_key().unwrap_or_default().to_owned(),
-                    data: Bytes::copy_from_slice(r.data().as_ref()),
-                    arrived: tokio::time::Instant::now(),
-                });
-            }
-            iterator = page.next_shard_iterator().map(str::to_owned);
-        }
+        );
         out.push((shard.shard_id().to_owned(), records));
     }
     out
@@ -168,8 +193,7 @@ fn example_handler() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kinesis_sink_and_stream_through_the_simulator_and_a_real_handler() {
-    let moto = Moto::start();
-    let config = moto.config().await;
+    let (_moto, config) = Moto::configured().await;
     let kinesis = aws_sdk_kinesis::Client::new(&config);
     kinesis
         .create_stream()
@@ -191,21 +215,15 @@ async fn kinesis_sink_and_stream_through_the_simulator_and_a_real_handler() {
         stream: "orders".into(),
     };
     let sink = MemorySink::new();
-    let processor = Processor::builder("orders")
-        .fault_sink(MemoryFaultSink::new())
-        .pipeline(
-            Pipeline::builder("all")
-                .event_type("*")
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
+    let pipeline = Pipeline::builder("all")
+        .event_type("*")
+        .sink(sink.clone())
         .unwrap();
     let mapping = StreamMapping {
         batch_size: 100,
         ..StreamMapping::default()
     };
-    let mut function = InProcess(Handler::new(processor));
+    let mut function = InProcess(handler("orders", pipeline));
     for (shard, records) in &shards {
         let report = mapping
             .run_shard(&kind, shard, records, &mut function)
@@ -243,52 +261,51 @@ async fn kinesis_sink_and_stream_through_the_simulator_and_a_real_handler() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eventbridge_and_sqs_sinks_deliver_every_event() {
-    let moto = Moto::start();
-    let config = moto.config().await;
-    let sqs = aws_sdk_sqs::Client::new(&config);
-    let queue = sqs
-        .create_queue()
-        .queue_name("orders")
-        .send()
-        .await
-        .unwrap()
-        .queue_url()
-        .unwrap()
-        .to_owned();
-    let events = generate::orders(25, 22);
-    send(SqsSink::new(&config, &queue), &events).await.unwrap();
-    let mut bodies = HashSet::new();
+/// Creates queue `name`; its URL.
+async fn create_queue(sqs: &aws_sdk_sqs::Client, name: &str) -> String {
+    let created = sqs.create_queue().queue_name(name).send().await.unwrap();
+    created.queue_url().unwrap().to_owned()
+}
+
+/// What `read` makes of the bodies of the messages on `queue`, received until there are
+/// `n` different ones (or ten receives have been made).
+async fn receive(
+    sqs: &aws_sdk_sqs::Client,
+    queue: &str,
+    n: usize,
+    read: impl Fn(&str) -> String,
+) -> HashSet<String> {
+    let mut got = HashSet::new();
     for _ in 0..10 {
         let out = sqs
             .receive_message()
-            .queue_url(&queue)
+            .queue_url(queue)
             .max_number_of_messages(10)
             .send()
             .await
             .unwrap();
-        for m in out.messages() {
-            bodies.insert(m.body().unwrap().to_owned());
-        }
-        if bodies.len() == 25 {
+        got.extend(out.messages().iter().map(|m| read(m.body().unwrap())));
+        if got.len() == n {
             break;
         }
     }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventbridge_and_sqs_sinks_deliver_every_event() {
+    let (_moto, config) = Moto::configured().await;
+    let sqs = aws_sdk_sqs::Client::new(&config);
+    let queue = create_queue(&sqs, "orders").await;
+    let events = generate::orders(25, 22);
+    send(SqsSink::new(&config, &queue), &events).await.unwrap();
+    let bodies = receive(&sqs, &queue, 25, str::to_owned).await;
     let sent: HashSet<String> = events.iter().map(Event::to_json).collect();
     assert_eq!(bodies, sent);
 
     // EventBridge to a queue through a rule: every event arrives as an entry's detail.
     let events_client = aws_sdk_eventbridge::Client::new(&config);
-    let target_queue = sqs
-        .create_queue()
-        .queue_name("from-bus")
-        .send()
-        .await
-        .unwrap()
-        .queue_url()
-        .unwrap()
-        .to_owned();
+    let target_queue = create_queue(&sqs, "from-bus").await;
     let arn = sqs
         .get_queue_attributes()
         .queue_url(&target_queue)
@@ -331,31 +348,18 @@ async fn eventbridge_and_sqs_sinks_deliver_every_event() {
     send(EventBridgeSink::new(&config, "floodway", "orders"), &events)
         .await
         .unwrap();
-    let mut ids = HashSet::new();
-    for _ in 0..10 {
-        let out = sqs
-            .receive_message()
-            .queue_url(&target_queue)
-            .max_number_of_messages(10)
-            .send()
-            .await
-            .unwrap();
-        for m in out.messages() {
-            let envelope: Value = serde_json::from_str(m.body().unwrap()).unwrap();
-            assert_eq!(envelope["source"], "orders");
-            ids.insert(envelope["detail"]["id"].as_str().unwrap().to_owned());
-        }
-        if ids.len() == 25 {
-            break;
-        }
-    }
+    let ids = receive(&sqs, &target_queue, 25, |body| {
+        let envelope: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(envelope["source"], "orders");
+        envelope["detail"]["id"].as_str().unwrap().to_owned()
+    })
+    .await;
     assert_eq!(ids.len(), 25);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamodb_view_is_latest_wins() {
-    let moto = Moto::start();
-    let config = moto.config().await;
+    let (_moto, config) = Moto::configured().await;
     let dynamo = aws_sdk_dynamodb::Client::new(&config);
     table(&dynamo, "orders", true).await;
     let view = DynamoDbView::new(
@@ -398,35 +402,37 @@ async fn dynamodb_view_is_latest_wins() {
     }
 }
 
+/// A `moto_server` of its own, its configuration, and a table `name` in it (see [`table`]).
+async fn moto_with_table(name: &str) -> (Moto, SdkConfig) {
+    let (moto, config) = Moto::configured().await;
+    table(&aws_sdk_dynamodb::Client::new(&config), name, false).await;
+    (moto, config)
+}
+
 /// A table keyed by `pk` (a string), with a stream of new and old images if asked; the
 /// stream's ARN.
 async fn table(dynamo: &aws_sdk_dynamodb::Client, name: &str, stream: bool) -> Option<String> {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+        StreamSpecification, StreamViewType,
+    };
+    let pk = AttributeDefinition::builder()
+        .attribute_name("pk")
+        .attribute_type(ScalarAttributeType::S);
+    let hash = KeySchemaElement::builder()
+        .attribute_name("pk")
+        .key_type(KeyType::Hash);
     let mut request = dynamo
         .create_table()
         .table_name(name)
-        .attribute_definitions(
-            aws_sdk_dynamodb::types::AttributeDefinition::builder()
-                .attribute_name("pk")
-                .attribute_type(aws_sdk_dynamodb::types::ScalarAttributeType::S)
-                .build()
-                .unwrap(),
-        )
-        .key_schema(
-            aws_sdk_dynamodb::types::KeySchemaElement::builder()
-                .attribute_name("pk")
-                .key_type(aws_sdk_dynamodb::types::KeyType::Hash)
-                .build()
-                .unwrap(),
-        )
-        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest);
+        .attribute_definitions(pk.build().unwrap())
+        .key_schema(hash.build().unwrap())
+        .billing_mode(BillingMode::PayPerRequest);
     if stream {
-        request = request.stream_specification(
-            aws_sdk_dynamodb::types::StreamSpecification::builder()
-                .stream_enabled(true)
-                .stream_view_type(aws_sdk_dynamodb::types::StreamViewType::NewAndOldImages)
-                .build()
-                .unwrap(),
-        );
+        let images = StreamSpecification::builder()
+            .stream_enabled(true)
+            .stream_view_type(StreamViewType::NewAndOldImages);
+        request = request.stream_specification(images.build().unwrap());
     }
     let created = request.send().await.unwrap();
     created
@@ -438,8 +444,7 @@ async fn table(dynamo: &aws_sdk_dynamodb::Client, name: &str, stream: bool) -> O
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_dynamodb_stream_records_become_change_events() {
     use aws_sdk_dynamodb::types::AttributeValue as A;
-    let moto = Moto::start();
-    let config = moto.config().await;
+    let (_moto, config) = Moto::configured().await;
     let dynamo = aws_sdk_dynamodb::Client::new(&config);
     let stream_arn = table(&dynamo, "things", true).await.unwrap();
     let put = |name: &str, ts: i64, deleted: Option<bool>| {
@@ -480,76 +485,19 @@ async fn real_dynamodb_stream_records_become_change_events() {
         .unwrap();
     let mut records = Vec::new();
     for shard in description.stream_description().unwrap().shards() {
-        let mut iterator = streams
-            .get_shard_iterator()
-            .stream_arn(&stream_arn)
-            .shard_id(shard.shard_id().unwrap())
-            .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::TrimHorizon)
-            .send()
-            .await
-            .unwrap()
-            .shard_iterator()
-            .map(str::to_owned);
-        while let Some(it) = iterator {
-            let page = streams
-                .get_records()
-                .shard_iterator(it)
-                .send()
-                .await
-                .unwrap();
-            if page.records().is_empty() {
-                break;
-            }
-            for r in page.records() {
-                records.push(stream_record_json(r, &stream_arn));
-            }
-            iterator = page.next_shard_iterator().map(str::to_owned);
-        }
+        records.extend(read_shard!(
+            streams,
+            aws_sdk_dynamodbstreams::types::ShardIteratorType,
+            shard.shard_id().unwrap(),
+            stream_arn(&stream_arn),
+            |r| stream_record_json(r, &stream_arn)
+        ));
     }
     assert_eq!(records.len(), 5);
-    let stream: Vec<StreamRecord> = records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| StreamRecord {
-            sequence: i as u64 + 1,
-            partition_key: String::new(),
-            data: Bytes::from(serde_json::to_vec(r).unwrap()),
-            arrived: tokio::time::Instant::now(),
-        })
-        .collect();
-    let stream_again = stream.clone();
-    let sink = MemorySink::new();
-    let processor = Processor::builder("cdc")
-        .fault_sink(MemoryFaultSink::new())
-        .pipeline(
-            Pipeline::builder("things")
-                .event_type("thing-*")
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    let report = StreamMapping::default()
-        .run_shard(
-            &StreamKind::DynamoDb,
-            "shard",
-            &renumber(stream),
-            &mut InProcess(Handler::new(processor)),
-        )
-        .await;
-    assert!(report.given_up.is_empty());
-    let got = sink.events();
+    let stream = dynamodb_shard(&records);
+    let (got, _) = run_cdc(&renumber(stream.clone())).await;
     let types: Vec<&str> = got.iter().map(Event::event_type).collect();
-    assert_eq!(
-        types,
-        [
-            "thing-created",
-            "thing-updated",
-            "thing-deleted",
-            "thing-undeleted",
-            "thing-deleted"
-        ]
-    );
+    assert_eq!(types, CDC_TYPES);
     assert_eq!(got[0].partition_key(), "thing-1");
     assert_eq!(got[0].timestamp(), 1_700_000_000_001, "the row's timestamp");
     assert_eq!(got[1].field("raw").unwrap()["old"]["name"], "a");
@@ -563,7 +511,7 @@ async fn real_dynamodb_stream_records_become_change_events() {
         .run_shard(
             &StreamKind::DynamoDb,
             "shard",
-            &renumber(stream_again),
+            &renumber(stream),
             &mut runtime,
         )
         .await;
@@ -633,10 +581,35 @@ fn stream_record_json(r: &aws_sdk_dynamodbstreams::types::Record, arn: &str) -> 
     })
 }
 
+/// How many objects bucket `lake` holds under `prefix`.
+async fn objects_in_lake(s3: &aws_sdk_s3::Client, prefix: &str) -> usize {
+    let listed = s3
+        .list_objects_v2()
+        .bucket("lake")
+        .prefix(prefix)
+        .send()
+        .await
+        .unwrap();
+    listed.contents().len()
+}
+
+/// The last fault `processor` raises (into `faults`) for `event`, met as a Kinesis record
+/// with sequence number `sequence`.
+async fn fault_of(
+    processor: &Processor,
+    faults: &MemoryFaultSink,
+    event: &Event,
+    sequence: &str,
+) -> Event {
+    let record =
+        Record::new("kinesis:orders", "shardId-0", 0, event.to_json()).with_sequence(sequence);
+    processor.process_batch(vec![record], None).await;
+    faults.faults().pop().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_lake_claim_checks_and_fault_stores() {
-    let moto = Moto::start();
-    let config = moto.config().await;
+    let (_moto, config) = Moto::configured().await;
     let s3 = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&config)
             .force_path_style(true)
@@ -647,14 +620,7 @@ async fn s3_lake_claim_checks_and_fault_stores() {
     send(S3Lake::new(&config, "lake", "events"), &events)
         .await
         .unwrap();
-    let listed = s3
-        .list_objects_v2()
-        .bucket("lake")
-        .prefix("events/")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(listed.contents().len(), 12);
+    assert_eq!(objects_in_lake(&s3, "events/").await, 12);
     let key = S3Lake::new(&config, "lake", "events").key_of(&events[0]);
     assert!(key.contains("/2023/11/14/"), "{key}");
 
@@ -684,10 +650,7 @@ async fn s3_lake_claim_checks_and_fault_stores() {
         )
         .build()
         .unwrap();
-    let record =
-        Record::new("kinesis:orders", "shardId-0", 0, events[0].to_json()).with_sequence("4960001");
-    processor.process_batch(vec![record], None).await;
-    let fault = faults.faults().pop().unwrap();
+    let fault = fault_of(&processor, &faults, &events[0], "4960001").await;
     let dynamo = aws_sdk_dynamodb::Client::new(&config);
     table(&dynamo, "faults", false).await;
     let store = DynamoDbFaults::new(&config, "faults");
@@ -712,14 +675,7 @@ async fn s3_lake_claim_checks_and_fault_stores() {
     )
     .await
     .unwrap();
-    let listed = s3
-        .list_objects_v2()
-        .bucket("lake")
-        .prefix("faults/shop/strict/")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(listed.contents().len(), 1);
+    assert_eq!(objects_in_lake(&s3, "faults/shop/strict/").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -749,11 +705,8 @@ async fn resubmission_invokes_the_function_with_only_the_failing_pipeline() {
         .unwrap();
     let handler = Handler::new(processor);
     let events = generate::orders(1, 25);
-    let record =
-        Record::new("kinesis:orders", "shardId-0", 0, events[0].to_json()).with_sequence("4960002");
-    handler.processor().process_batch(vec![record], None).await;
+    let fault = fault_of(handler.processor(), &faults, &events[0], "4960002").await;
     assert_eq!((each.len(), strict.len()), (1, 0));
-    let fault = faults.faults().pop().unwrap();
 
     // The function behind a local Lambda API; the SDK's Invoke reaches it.
     let runtime = LocalRuntime::start().await.unwrap();
@@ -789,9 +742,7 @@ async fn resubmission_invokes_the_function_with_only_the_failing_pipeline() {
 
     // The same through `floodway-aws faults`, with the fault stored in DynamoDB (moto).
     *fixed.lock().unwrap() = false;
-    let moto = Moto::start();
-    let aws = moto.config().await;
-    table(&aws_sdk_dynamodb::Client::new(&aws), "faults", false).await;
+    let (moto, aws) = moto_with_table("faults").await;
     send(
         DynamoDbFaults::new(&aws, "faults"),
         std::slice::from_ref(&fault),
@@ -925,34 +876,33 @@ mod reqwest_like {
     }
 }
 
-/// The fault store contract's conformance scenarios on DynamoDB (moto): a server and a table
-/// of their own per scenario.
-mod fault_store {
-    use floodway::testing::conformance::SharedFaultStore;
+/// A contract's conformance scenarios on DynamoDB (moto), each with a server and a table of
+/// its own: `$store::new(config, table)` is the implementation under test.
+macro_rules! conformance_on_dynamodb {
+    ($module:ident, $($suite:ident)::+, $shared:ty, $store:ty, $table:literal) => {
+        mod $module {
+            async fn fresh() -> ($shared, super::Moto) {
+                let (moto, config) = super::moto_with_table($table).await;
+                (std::sync::Arc::new(<$store>::new(&config, $table)), moto)
+            }
 
-    async fn fresh() -> (SharedFaultStore, super::Moto) {
-        let moto = super::Moto::start();
-        let config = moto.config().await;
-        let dynamo = aws_sdk_dynamodb::Client::new(&config);
-        super::table(&dynamo, "faults", false).await;
-        let store = floodway_aws::DynamoDbFaults::new(&config, "faults");
-        (std::sync::Arc::new(store), moto)
-    }
-
-    floodway::fault_store_conformance_tests!(fresh);
+            $($suite)::+!(fresh);
+        }
+    };
 }
 
-mod keyed_state {
-    use floodway::state::SharedState;
+conformance_on_dynamodb!(
+    fault_store,
+    floodway::fault_store_conformance_tests,
+    floodway::testing::conformance::SharedFaultStore,
+    floodway_aws::DynamoDbFaults,
+    "faults"
+);
 
-    async fn fresh() -> (SharedState, super::Moto) {
-        let moto = super::Moto::start();
-        let config = moto.config().await;
-        let dynamo = aws_sdk_dynamodb::Client::new(&config);
-        super::table(&dynamo, "state", false).await;
-        let state = floodway_aws::DynamoDbState::new(&config, "state");
-        (std::sync::Arc::new(state), moto)
-    }
-
-    floodway::keyed_state_conformance_tests!(fresh);
-}
+conformance_on_dynamodb!(
+    keyed_state,
+    floodway::keyed_state_conformance_tests,
+    floodway::state::SharedState,
+    floodway_aws::DynamoDbState,
+    "state"
+);

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use floodway::memory::{MemoryFaultSink, MemorySink};
+use floodway::memory::MemoryFaultSink;
 use floodway::{sink_fn, Batch, Error, Event, Pipeline, Processor};
 use floodway_lambda::simulator::{GivenUp, Outcome};
 use floodway_lambda::{
@@ -16,6 +16,9 @@ use floodway_lambda::{
 };
 use serde_json::{json, Value};
 use tokio::time::Instant;
+
+mod common;
+use common::{dynamodb_shard, handler, run_cdc, CDC_TYPES};
 
 fn orders(n: u64) -> Vec<Event> {
     (0..n)
@@ -75,26 +78,52 @@ fn processor(deliveries: &Deliveries, faults: &MemoryFaultSink, down_until: Inst
         .unwrap()
 }
 
+/// A handler around [`processor`], with delivery counts and a fault sink of its own.
+fn handler_down_until(down_until: Instant) -> (Handler, Deliveries, MemoryFaultSink) {
+    let deliveries: Deliveries = Arc::default();
+    let faults = MemoryFaultSink::new();
+    let handler = Handler::new(processor(&deliveries, &faults, down_until));
+    (handler, deliveries, faults)
+}
+
+/// A deadline 5 s from now, in epoch milliseconds, as Lambda gives it.
+fn deadline() -> Option<u64> {
+    Some(u64::try_from(floodway::event::now_millis()).unwrap() + 5_000)
+}
+
+/// An SQS record of a FIFO queue carrying `event`, in message group `group`.
+fn fifo_message(i: usize, event: &Event, group: &str) -> Value {
+    json!({
+        "messageId": format!("m-{i}"),
+        "body": event.to_json(),
+        "attributes": { "ApproximateReceiveCount": "1", "MessageGroupId": group },
+        "messageAttributes": {},
+        "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:local:000000000000:orders.fifo",
+    })
+}
+
+fn kinesis() -> StreamKind {
+    StreamKind::Kinesis {
+        stream: "orders".into(),
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn poison_is_faulted_and_transient_is_reported_from_the_failing_record() {
     let events = orders(50);
-    let deliveries: Deliveries = Arc::default();
-    let faults = MemoryFaultSink::new();
     // The target is down for 25 s: longer than a 10 s invocation.
-    let down_until = Instant::now() + Duration::from_secs(25);
-    let handler = Handler::new(processor(&deliveries, &faults, down_until));
+    let (handler, deliveries, faults) =
+        handler_down_until(Instant::now() + Duration::from_secs(25));
     let mapping = StreamMapping {
         batch_size: 25,
         function_timeout: Duration::from_secs(10),
         maximum_retry_attempts: None,
         ..StreamMapping::default()
     };
-    let kind = StreamKind::Kinesis {
-        stream: "orders".into(),
-    };
     let report = mapping
         .run_shard(
-            &kind,
+            &kinesis(),
             "shardId-000000000000",
             &shard(&events),
             &mut InProcess(handler),
@@ -169,9 +198,7 @@ async fn bisection_isolates_a_crashing_record_and_retries_give_up_on_it() {
         maximum_retry_attempts: Some(4),
         ..StreamMapping::default()
     };
-    let kind = StreamKind::Kinesis {
-        stream: "orders".into(),
-    };
+    let kind = kinesis();
     let report = mapping
         .run_shard(&kind, "shard-1", &shard(&events), &mut Crashing)
         .await;
@@ -213,14 +240,7 @@ async fn records_older_than_the_maximum_age_are_given_up_unread() {
         ..StreamMapping::default()
     };
     let report = mapping
-        .run_shard(
-            &StreamKind::Kinesis {
-                stream: "orders".into(),
-            },
-            "s",
-            &records,
-            &mut Crashing,
-        )
+        .run_shard(&kinesis(), "s", &records, &mut Crashing)
         .await;
     assert!(report.invocations.is_empty());
     assert_eq!(report.given_up[0].reason, "RecordAgeExceeded");
@@ -230,10 +250,8 @@ async fn records_older_than_the_maximum_age_are_given_up_unread() {
 #[tokio::test(start_paused = true)]
 async fn sqs_redelivers_what_failed_and_dead_letters_what_keeps_failing() {
     let events = orders(30);
-    let deliveries: Deliveries = Arc::default();
-    let faults = MemoryFaultSink::new();
-    let down_until = Instant::now() + Duration::from_secs(45);
-    let handler = Handler::new(processor(&deliveries, &faults, down_until));
+    let (handler, deliveries, faults) =
+        handler_down_until(Instant::now() + Duration::from_secs(45));
     let messages: Vec<QueueMessage> = events
         .iter()
         .map(|e| QueueMessage {
@@ -381,48 +399,10 @@ async fn dynamodb_changes_become_events_by_the_cdc_rules() {
             json!({ "userIdentity": { "type": "Service", "principalId": "dynamodb.amazonaws.com" } }),
         ),
     ];
-    let stream: Vec<StreamRecord> = records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| StreamRecord {
-            sequence: i as u64 + 1,
-            partition_key: String::new(),
-            data: Bytes::from(serde_json::to_vec(r).unwrap()),
-            arrived: Instant::now(),
-        })
-        .collect();
-    let sink = MemorySink::new();
-    let processor = Processor::builder("cdc")
-        .fault_sink(MemoryFaultSink::new())
-        .pipeline(
-            Pipeline::builder("all")
-                .event_type("thing-*")
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    let report = StreamMapping::default()
-        .run_shard(
-            &StreamKind::DynamoDb,
-            "s",
-            &stream,
-            &mut InProcess(Handler::new(processor)),
-        )
-        .await;
-    assert_eq!(report.checkpoint, Some(7));
-    let events = sink.events();
+    let (events, checkpoint) = run_cdc(&dynamodb_shard(&records)).await;
+    assert_eq!(checkpoint, Some(7));
     let types: Vec<&str> = events.iter().map(Event::event_type).collect();
-    assert_eq!(
-        types,
-        [
-            "thing-created",
-            "thing-updated",
-            "thing-deleted",
-            "thing-undeleted",
-            "thing-deleted"
-        ]
-    );
+    assert_eq!(types, CDC_TYPES);
     let first = &events[0];
     assert_eq!(first.id(), "ev-1");
     assert_eq!(first.partition_key(), "thing-1");
@@ -449,10 +429,7 @@ async fn eventbridge_events_succeed_fault_or_fail_for_a_retry() {
         })
     };
     let events = orders(4);
-    let deadline = || Some(u64::try_from(floodway::event::now_millis()).unwrap() + 5_000);
-    let deliveries: Deliveries = Arc::default();
-    let faults = MemoryFaultSink::new();
-    let handler = Handler::new(processor(&deliveries, &faults, Instant::now()));
+    let (handler, deliveries, faults) = handler_down_until(Instant::now());
     assert!(handler
         .handle(envelope(&events[1]), deadline())
         .await
@@ -496,14 +473,7 @@ async fn unbounded_retries_end_when_the_stream_drops_the_record() {
         ..StreamMapping::default()
     };
     let report = mapping
-        .run_shard(
-            &StreamKind::Kinesis {
-                stream: "orders".into(),
-            },
-            "s",
-            &shard(&events),
-            &mut AlwaysCrashing,
-        )
+        .run_shard(&kinesis(), "s", &shard(&events), &mut AlwaysCrashing)
         .await;
     // Bisection split the batch; every part ended as the stream dropped it.
     assert!(report.given_up.iter().all(|g| g.reason == "RecordExpired"));
@@ -520,27 +490,15 @@ async fn on_a_fifo_queue_later_messages_of_a_group_wait_for_an_unfinished_one() 
         }
         Ok::<_, Error>(())
     });
-    let processor = Processor::builder("fifo")
-        .fault_sink(MemoryFaultSink::new())
-        .pipeline(Pipeline::builder("p").sink(sink).unwrap())
-        .build()
-        .unwrap();
-    let handler = Handler::new(processor);
+    let handler = handler("fifo", Pipeline::builder("p").sink(sink).unwrap());
     let events = orders(4);
-    let message = |i: usize, group: &str| {
-        json!({
-            "messageId": format!("m-{i}"),
-            "body": events[i].to_json(),
-            "attributes": { "ApproximateReceiveCount": "1", "MessageGroupId": group },
-            "messageAttributes": {},
-            "eventSource": "aws:sqs",
-            "eventSourceARN": "arn:aws:sqs:local:000000000000:orders.fifo",
-        })
-    };
-    let payload =
-        json!({ "Records": [message(0, "a"), message(1, "g"), message(2, "g"), message(3, "b")] });
-    let deadline = Some(u64::try_from(floodway::event::now_millis()).unwrap() + 5_000);
-    let answer = handler.handle(payload, deadline).await.unwrap();
+    let records: Vec<Value> = ["a", "g", "g", "b"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, group)| fifo_message(i, &events[i], group))
+        .collect();
+    let payload = json!({ "Records": records });
+    let answer = handler.handle(payload, deadline()).await.unwrap();
     let reported: Vec<&str> = answer["batchItemFailures"]
         .as_array()
         .unwrap()
@@ -566,28 +524,14 @@ async fn a_fifo_queue_processes_a_message_group_in_order_whatever_the_partition_
             Ok::<_, Error>(())
         }
     });
-    let processor = Processor::builder("fifo")
-        .fault_sink(MemoryFaultSink::new())
-        .pipeline(Pipeline::builder("p").parallelism(8).sink(sink).unwrap())
-        .build()
-        .unwrap();
-    let handler = Handler::new(processor);
+    let handler = handler(
+        "fifo",
+        Pipeline::builder("p").parallelism(8).sink(sink).unwrap(),
+    );
     let events = orders(5);
-    let records: Vec<Value> = (0..5)
-        .map(|i| {
-            json!({
-                "messageId": format!("m-{i}"),
-                "body": events[i].to_json(),
-                "attributes": { "ApproximateReceiveCount": "1", "MessageGroupId": "g" },
-                "messageAttributes": {},
-                "eventSource": "aws:sqs",
-                "eventSourceARN": "arn:aws:sqs:local:000000000000:orders.fifo",
-            })
-        })
-        .collect();
-    let deadline = Some(u64::try_from(floodway::event::now_millis()).unwrap() + 5_000);
+    let records: Vec<Value> = (0..5).map(|i| fifo_message(i, &events[i], "g")).collect();
     let answer = handler
-        .handle(json!({ "Records": records }), deadline)
+        .handle(json!({ "Records": records }), deadline())
         .await
         .unwrap();
     assert!(answer["batchItemFailures"].as_array().unwrap().is_empty());
