@@ -1,79 +1,74 @@
 //! The `floodway` command on a real hub file: publish, run, faults, resubmit, replay.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{fault_id_of, floodway, lag, open_faults, run_until, text};
+use common::{
+    fault_events, fault_id_of, floodway, lag, open_faults, open_hub, order_line, publish, replay,
+    run_until, says, start, stop, text,
+};
+
+/// The scenario's configuration: an embedded hub of 4 partitions, the orders view keyed by
+/// `key`, and the fault monitor.
+fn config(key: &str) -> String {
+    common::embedded(4, "", &common::processors(key))
+}
+
+/// Writes the configuration of a view keyed by `/order/ref`, changed by `edit`.
+fn configure(d: &Path, edit: impl Fn(String) -> String) -> String {
+    let config = edit(config("/order/ref"));
+    std::fs::write(d.join("floodway.toml"), &config).unwrap();
+    config
+}
+
+/// `n` order lines, with `fields` in each; order `missing` lacks its `ref`.
+fn orders(n: u32, missing: u32, fields: &str) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let order = if i == missing {
+                format!(r#"{{"id":"o-{i}"}}"#)
+            } else {
+                format!(r#"{{"id":"o-{i}","ref":"r-{i}"}}"#)
+            };
+            order_line(i, "submitted", i.into(), i, fields, &order)
+        })
+        .collect()
+}
 
 /// Publishes `lines` as `orders.jsonl` and runs until every event is read and `faults`
 /// faults are open.
 fn publish_and_run(d: &Path, lines: &[String], faults: usize) {
-    std::fs::write(d.join("orders.jsonl"), lines.join("\n")).unwrap();
-    let out = floodway(
-        d,
-        &[
-            "hub",
-            "publish",
-            "--config",
-            "floodway.toml",
-            "orders.jsonl",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    publish(d, "orders.jsonl", lines);
     run_until(d, "floodway.toml", || {
         lag(d) == Some(0) && open_faults(d) == faults
     });
 }
 
-const CONFIG: &str = r#"
-[hub]
-path = "hub.db"
-partitions = 4
+/// Resubmits the open faults; the command must say `said`.
+fn resubmit(d: &Path, said: &str) {
+    let out = floodway(d, &["faults", "resubmit", "--config", "floodway.toml"]);
+    says(&out, said);
+}
 
-[[processors]]
-kind = "materialize"
-name = "orders-view"
-types = ["order-*"]
-view = "orders"
-key = "/order/ref"
-value = "/order"
-
-[[processors]]
-kind = "fault-monitor"
-name = "faults"
-"#;
+/// The view keyed by the order id: the fix of a view keyed by a ref that some orders lack.
+fn fixed(config: &str) -> String {
+    config.replace(r#"key = "/order/ref""#, r#"key = "/order/id""#)
+}
 
 #[test]
 fn the_command_publishes_runs_faults_resubmits_and_replays() {
     let dir = tempfile::tempdir().unwrap();
-    common::publish_run_resubmit_replay(dir.path(), |key| {
-        format!(
-            "[hub]\npath = \"hub.db\"\npartitions = 4\n{}",
-            common::processors(key)
-        )
-    });
+    common::publish_run_resubmit_replay(dir.path(), config);
 }
 
 #[test]
 fn a_fault_raised_again_after_its_resolution_is_open_again_within_the_dedupe_window() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("floodway.toml"), CONFIG).unwrap();
-    let lines: Vec<String> = (0..5)
-        .map(|i| {
-            let order = if i == 2 {
-                format!(r#"{{"id":"o-{i}"}}"#)
-            } else {
-                format!(r#"{{"id":"o-{i}","ref":"r-{i}"}}"#)
-            };
-            format!(
-                r#"{{"id":"e-{i}","type":"order-submitted","timestamp":{i},"partitionKey":"o-{i}","order":{order}}}"#
-            )
-        })
-        .collect();
-    publish_and_run(d, &lines, 1);
+    let config = configure(d, |c| c);
+    publish_and_run(d, &orders(5, 2, ""), 1);
     let id = fault_id_of(d, "MissingKey");
     let show = || {
         text(&floodway(
@@ -83,14 +78,8 @@ fn a_fault_raised_again_after_its_resolution_is_open_again_within_the_dedupe_win
     };
 
     // A fix that resolves it...
-    let fixed = CONFIG.replace(r#"key = "/order/ref""#, r#"key = "/order/id""#);
-    std::fs::write(d.join("floodway.toml"), &fixed).unwrap();
-    let out = floodway(d, &["faults", "resubmit", "--config", "floodway.toml"]);
-    assert!(
-        text(&out).contains("1 succeeded, 0 failed"),
-        "{}",
-        text(&out)
-    );
+    std::fs::write(d.join("floodway.toml"), fixed(&config)).unwrap();
+    resubmit(d, "1 succeeded, 0 failed");
     assert!(
         show().contains("status     resolved (seen 1 times"),
         "{}",
@@ -99,20 +88,8 @@ fn a_fault_raised_again_after_its_resolution_is_open_again_within_the_dedupe_win
 
     // ...then the old code again, and a replay of the record seconds later: well inside the
     // hub's dedupe window, the fault is raised again, reaches the store and is open again.
-    std::fs::write(d.join("floodway.toml"), CONFIG).unwrap();
-    let out = floodway(
-        d,
-        &[
-            "replay",
-            "--config",
-            "floodway.toml",
-            "--processor",
-            "orders-view",
-            "--from",
-            "1d",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    std::fs::write(d.join("floodway.toml"), &config).unwrap();
+    replay(d);
     run_until(d, "floodway.toml", || open_faults(d) == 1);
     let shown = show();
     assert!(shown.contains("status     open (seen 2 times"), "{shown}");
@@ -122,30 +99,18 @@ fn a_fault_raised_again_after_its_resolution_is_open_again_within_the_dedupe_win
 fn a_redacted_field_appears_nowhere_in_a_fault_and_resubmission_still_works() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let config = CONFIG.replace(
-        r#"value = "/order""#,
-        "value = \"/order\"\nredact = [\"customer.email\"]",
-    );
-    std::fs::write(d.join("floodway.toml"), &config).unwrap();
+    let config = configure(d, |c| {
+        c.replace(
+            r#"value = "/order""#,
+            "value = \"/order\"\nredact = [\"customer.email\"]",
+        )
+    });
     let email = "ann.lee@example.com";
-    let lines: Vec<String> = (0..4)
-        .map(|i| {
-            let order = if i == 1 {
-                format!(r#"{{"id":"o-{i}"}}"#)
-            } else {
-                format!(r#"{{"id":"o-{i}","ref":"r-{i}"}}"#)
-            };
-            format!(
-                r#"{{"id":"e-{i}","type":"order-submitted","timestamp":{i},"partitionKey":"o-{i}","customer":{{"email":"{email}","name":"Ann"}},"order":{order}}}"#
-            )
-        })
-        .collect();
-    publish_and_run(d, &lines, 1);
+    let customer = format!(r#""customer":{{"email":"{email}","name":"Ann"}},"#);
+    publish_and_run(d, &orders(4, 1, &customer), 1);
 
     // Neither the stored fault nor the fault event in the hub holds the address.
-    let hub =
-        floodway_embedded::Hub::open(d.join("hub.db"), floodway_embedded::HubOptions::default())
-            .unwrap();
+    let hub = open_hub(d);
     let stored = hub
         .fault_store()
         .unwrap()
@@ -155,11 +120,7 @@ fn a_redacted_field_appears_nowhere_in_a_fault_and_resubmission_still_works() {
     let fault_text = stored[0].fault.to_json();
     assert!(!fault_text.contains(email), "{fault_text}");
     assert!(fault_text.contains("[REDACTED]"), "{fault_text}");
-    let published = hub
-        .newest(100, |bytes| {
-            floodway::Event::decode(bytes).is_ok_and(|e| e.is_fault())
-        })
-        .unwrap();
+    let published = fault_events(&hub, 100);
     assert_eq!(published.len(), 1);
     assert!(!String::from_utf8_lossy(&published[0].1).contains(email));
     drop(hub);
@@ -175,20 +136,9 @@ fn a_redacted_field_appears_nowhere_in_a_fault_and_resubmission_still_works() {
     );
 
     // After the fix, resubmission reads the record back from the hub by position.
-    std::fs::write(
-        d.join("floodway.toml"),
-        config.replace(r#"key = "/order/ref""#, r#"key = "/order/id""#),
-    )
-    .unwrap();
-    let out = floodway(d, &["faults", "resubmit", "--config", "floodway.toml"]);
-    assert!(
-        text(&out).contains("1 succeeded, 0 failed"),
-        "{}",
-        text(&out)
-    );
-    let hub =
-        floodway_embedded::Hub::open(d.join("hub.db"), floodway_embedded::HubOptions::default())
-            .unwrap();
+    std::fs::write(d.join("floodway.toml"), fixed(&config)).unwrap();
+    resubmit(d, "1 succeeded, 0 failed");
+    let hub = open_hub(d);
     let row = hub.view("orders").unwrap().get("o-1").unwrap();
     assert!(row.is_some(), "the resubmitted order is in the view");
 }
@@ -199,30 +149,19 @@ fn mistakes_get_errors_that_say_what_to_do() {
     let d = dir.path();
     let out = floodway(d, &["hub", "stats", "--hub", "missing.db"]);
     assert!(!out.status.success());
-    assert!(
-        text(&out).contains("no hub at missing.db"),
-        "{}",
-        text(&out)
-    );
+    says(&out, "no hub at missing.db");
     assert!(!text(&out).contains("backtrace"), "{}", text(&out));
-    std::fs::write(d.join("bad.toml"), CONFIG.replace("view = ", "veiw = ")).unwrap();
+    let bad = config("/order/ref").replace("view = ", "veiw = ");
+    std::fs::write(d.join("bad.toml"), bad).unwrap();
     let out = floodway(d, &["run", "bad.toml"]);
-    assert!(
-        text(&out).contains("unknown field `veiw`"),
-        "{}",
-        text(&out)
-    );
+    says(&out, "unknown field `veiw`");
     std::fs::write(
         d.join("foreign.db"),
         b"this is not a database at all, not even close",
     )
     .unwrap();
     let out = floodway(d, &["hub", "tail", "--hub", "foreign.db"]);
-    assert!(
-        text(&out).contains("is not a Floodway hub"),
-        "{}",
-        text(&out)
-    );
+    says(&out, "is not a Floodway hub");
     let out = floodway(
         d,
         &["faults", "list", "--hub", "x.db", "--since", "last tuesday"],
@@ -235,27 +174,11 @@ fn run_serves_prometheus_metrics() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("floodway.toml"), CONFIG).unwrap();
+    configure(d, |c| c);
     let lines: Vec<String> = (0..20)
-        .map(|i| {
-            format!(
-                r#"{{"id":"e-{i}","type":"order-submitted","timestamp":{i},"partitionKey":"o-{i}","order":{{"ref":"r-{i}"}}}}"#
-            )
-        })
+        .map(|i| order_line(i, "submitted", i, i, "", &format!(r#"{{"ref":"r-{i}"}}"#)))
         .collect();
-    std::fs::write(d.join("orders.jsonl"), lines.join("\n")).unwrap();
-    assert!(floodway(
-        d,
-        &[
-            "hub",
-            "publish",
-            "--config",
-            "floodway.toml",
-            "orders.jsonl"
-        ]
-    )
-    .status
-    .success());
+    publish(d, "orders.jsonl", &lines);
     // A free port: bind, read it, let it go.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -263,11 +186,8 @@ fn run_serves_prometheus_metrics() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_floodway"))
-        .current_dir(d)
-        .args(["run", "floodway.toml", "--metrics", &addr])
-        .spawn()
-        .unwrap();
+    let run = ["run", "floodway.toml", "--metrics", &addr];
+    let child = start(d, &run, Stdio::inherit(), Stdio::inherit());
     let started = Instant::now();
     let body = loop {
         assert!(
@@ -286,11 +206,7 @@ fn run_serves_prometheus_metrics() {
             break body;
         }
     };
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    stop(child);
     assert!(body.contains("processor=\"orders-view\""), "{body}");
     assert!(body.contains("floodway_in_flight"), "{body}");
 }

@@ -8,35 +8,21 @@ use std::time::{Duration, Instant};
 
 use floodway::idempotence::{MemoryView, Version};
 use floodway::Event;
-use floodway_embedded::{FaultFilter, Hub, HubOptions};
+use floodway_embedded::FaultFilter;
 use serde_json::Value;
 
-const CONFIG: &str = r#"
-[hub]
-path = "hub.db"
-partitions = 4
+mod common;
+use common::{fault_events, open_hub, start};
 
-[[processors]]
-kind = "materialize"
-name = "orders-view"
-types = ["order-*", "customer-*"]
-view = "orders"
-key = "/order/id"
-value = "/order"
+/// The view keyed by order id takes customer events too, which have none: each is a fault.
+fn config() -> String {
+    let view = common::orders_view(r#"["order-*", "customer-*"]"#, "/order/id");
+    common::embedded(4, "", &(view + common::FAULT_MONITOR))
+}
 
-[[processors]]
-kind = "fault-monitor"
-name = "faults"
-"#;
-
+/// Starts the `floodway` binary in `dir`, its output discarded.
 fn spawn(dir: &Path, args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_floodway"))
-        .current_dir(dir)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the floodway binary runs")
+    start(dir, args, Stdio::null(), Stdio::null())
 }
 
 fn kill_after(mut child: Child, after: Duration) {
@@ -49,7 +35,7 @@ fn kill_after(mut child: Child, after: Duration) {
 fn killed_publishers_and_processors_lose_nothing_and_apply_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("floodway.toml"), CONFIG).unwrap();
+    std::fs::write(d.join("floodway.toml"), config()).unwrap();
     let events = floodway::testing::generate::orders(12_000, 77);
     let chunks: Vec<&[Event]> = events.chunks(1_500).collect();
     for (i, chunk) in chunks.iter().enumerate() {
@@ -83,14 +69,7 @@ fn killed_publishers_and_processors_lose_nothing_and_apply_nothing_twice() {
         assert!(status.success(), "chunk {i} publishes in full");
     }
     // A last run, to the end.
-    let hub = Hub::open(
-        d.join("hub.db"),
-        HubOptions {
-            create: false,
-            ..HubOptions::default()
-        },
-    )
-    .unwrap();
+    let hub = open_hub(d);
     let before = hub.stats().unwrap();
     assert!(
         before
@@ -100,12 +79,12 @@ fn killed_publishers_and_processors_lose_nothing_and_apply_nothing_twice() {
         "killed runs had committed progress"
     );
     // This run's errors, if any, are shown.
-    let mut last = Command::new(env!("CARGO_BIN_EXE_floodway"))
-        .current_dir(d)
-        .args(["run", "floodway.toml"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let last = start(
+        d,
+        &["run", "floodway.toml"],
+        Stdio::null(),
+        Stdio::inherit(),
+    );
     let started = Instant::now();
     loop {
         let stats = hub.stats().unwrap();
@@ -122,11 +101,7 @@ fn killed_publishers_and_processors_lose_nothing_and_apply_nothing_twice() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    Command::new("kill")
-        .args(["-TERM", &last.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(last.wait().unwrap().success());
+    common::stop(last);
 
     // Every event was published once.
     let stored: u64 = hub
@@ -142,11 +117,7 @@ fn killed_publishers_and_processors_lose_nothing_and_apply_nothing_twice() {
         .count();
     // Fault events: a record processed again after a kill raises its fault again (a raise is
     // an event of its own), but every raise names the one fault of its poison event.
-    let raises = hub
-        .newest(usize::MAX, |bytes| {
-            floodway::Event::decode(bytes).is_ok_and(|e| e.is_fault())
-        })
-        .unwrap();
+    let raises = fault_events(&hub, usize::MAX);
     let fault_ids: std::collections::HashSet<String> = raises
         .iter()
         .map(|(_, bytes)| {

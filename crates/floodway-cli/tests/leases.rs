@@ -4,74 +4,50 @@
 //! lease expires, and stops with an error when it wakes.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use floodway::Event;
-use floodway_embedded::{Hub, HubOptions};
 
 mod common;
-use common::{floodway, text};
+use common::{floodway, open_hub, signal, start, stop, text};
 
-fn config(lease: &str, wait: &str) -> String {
-    format!(
-        r#"
-[hub]
-path = "hub.db"
-partitions = 4
-lease = "{lease}"
-lease_wait = "{wait}"
-
-[[processors]]
-kind = "materialize"
-name = "orders-view"
-types = ["order-*"]
-view = "orders"
-key = "/order/id"
-value = "/order"
-"#
-    )
-}
-
+/// Publishes `n` generated orders (of `seed`) to the configured hub.
 fn publish(dir: &Path, n: usize, seed: u64) {
     let lines: Vec<String> = floodway::testing::generate::orders(n, seed)
         .iter()
         .map(Event::to_json)
         .collect();
-    let file = format!("events-{seed}.jsonl");
-    std::fs::write(dir.join(&file), lines.join("\n")).unwrap();
-    let out = floodway(dir, &["hub", "publish", "--config", "floodway.toml", &file]);
-    assert!(out.status.success(), "{}", text(&out));
+    common::publish(dir, &format!("events-{seed}.jsonl"), &lines);
 }
 
+/// Starts `floodway run`; its errors can be read from its stderr.
 fn run(dir: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_floodway"))
-        .current_dir(dir)
-        .args(["run", "floodway.toml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the floodway binary runs")
+    start(
+        dir,
+        &["run", "floodway.toml"],
+        Stdio::null(),
+        Stdio::piped(),
+    )
 }
 
-fn signal(child: &Child, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+/// In a new directory: a hub with the given lease settings, the orders view, 200 orders of
+/// `seed` published, and a run that has read them all.
+fn first_run(lease: &str, wait: &str, seed: u64) -> (tempfile::TempDir, Child) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let leases = format!("lease = \"{lease}\"\nlease_wait = \"{wait}\"\n");
+    let view = common::orders_view(r#"["order-*"]"#, "/order/id");
+    std::fs::write(d.join("floodway.toml"), common::embedded(4, &leases, &view)).unwrap();
+    publish(d, 200, seed);
+    let first = run(d);
+    caught_up(d, Duration::from_secs(30));
+    (dir, first)
 }
 
 /// Waits until the subscription has read everything published.
 fn caught_up(dir: &Path, within: Duration) -> Duration {
-    let hub = Hub::open(
-        dir.join("hub.db"),
-        HubOptions {
-            create: false,
-            ..HubOptions::default()
-        },
-    )
-    .unwrap();
+    let hub = open_hub(dir);
     let started = Instant::now();
     loop {
         let stats = hub.stats().unwrap();
@@ -87,20 +63,10 @@ fn caught_up(dir: &Path, within: Duration) -> Duration {
     }
 }
 
-fn stop(mut child: Child) {
-    signal(&child, "-TERM");
-    let status = child.wait().unwrap();
-    assert!(status.success(), "exits cleanly on SIGTERM: {status}");
-}
-
 #[test]
 fn a_second_run_waits_then_refuses_naming_the_process_that_holds_the_subscription() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, first) = first_run("10s", "2s", 1);
     let d = dir.path();
-    std::fs::write(d.join("floodway.toml"), config("10s", "2s")).unwrap();
-    publish(d, 200, 1);
-    let first = run(d);
-    caught_up(d, Duration::from_secs(30));
     let stats = text(&floodway(d, &["hub", "stats", "--config", "floodway.toml"]));
     assert!(
         stats.contains(&format!("owned by process {} on host", first.id())),
@@ -138,13 +104,9 @@ fn a_second_run_waits_then_refuses_naming_the_process_that_holds_the_subscriptio
 
 #[test]
 fn a_run_killed_with_sigkill_is_taken_over_by_the_next_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
     // A lease far longer than the test: only seeing the holder gone explains a takeover.
-    std::fs::write(d.join("floodway.toml"), config("60s", "120s")).unwrap();
-    publish(d, 200, 3);
-    let mut first = run(d);
-    caught_up(d, Duration::from_secs(30));
+    let (dir, mut first) = first_run("60s", "120s", 3);
+    let d = dir.path();
     first.kill().unwrap(); // SIGKILL: nothing released
     first.wait().unwrap();
     publish(d, 200, 4);
@@ -156,12 +118,8 @@ fn a_run_killed_with_sigkill_is_taken_over_by_the_next_at_once() {
 
 #[test]
 fn a_frozen_run_is_taken_over_when_its_lease_expires_and_stops_when_it_wakes() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, first) = first_run("1s", "30s", 5);
     let d = dir.path();
-    std::fs::write(d.join("floodway.toml"), config("1s", "30s")).unwrap();
-    publish(d, 200, 5);
-    let first = run(d);
-    caught_up(d, Duration::from_secs(30));
     signal(&first, "-STOP");
     let frozen = Instant::now();
     let second = run(d);

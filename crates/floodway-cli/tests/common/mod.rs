@@ -1,7 +1,10 @@
 //! Helpers shared by the command's tests.
+#![allow(dead_code)]
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+
+use floodway_embedded::{Hub, HubOptions};
 
 /// Runs the `floodway` binary in `dir` and waits for it.
 pub(crate) fn floodway(dir: &Path, args: &[&str]) -> Output {
@@ -21,14 +24,41 @@ pub(crate) fn text(out: &Output) -> String {
     )
 }
 
-/// Starts `floodway run` and stops it (SIGTERM) once `done` says the work is done.
-#[allow(dead_code)]
-pub(crate) fn run_until(dir: &Path, config: &str, done: impl Fn() -> bool) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_floodway"))
+/// Asserts that a run printed `what`.
+pub(crate) fn says(out: &Output, what: &str) {
+    assert!(text(out).contains(what), "{}", text(out));
+}
+
+/// Starts the `floodway` binary in `dir`, its output going where `stdout` and `stderr` say.
+pub(crate) fn start(dir: &Path, args: &[&str], stdout: Stdio, stderr: Stdio) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_floodway"))
         .current_dir(dir)
-        .args(["run", config])
+        .args(args)
+        .stdout(stdout)
+        .stderr(stderr)
         .spawn()
+        .expect("the floodway binary runs")
+}
+
+/// Sends `signal` (`-TERM`, `-STOP`, ...) to `child`.
+pub(crate) fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
         .unwrap();
+    assert!(status.success());
+}
+
+/// Stops `child` with SIGTERM; it must exit cleanly.
+pub(crate) fn stop(mut child: Child) {
+    signal(&child, "-TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exits cleanly on SIGTERM: {status}");
+}
+
+/// Starts `floodway run` and stops it (SIGTERM) once `done` says the work is done.
+pub(crate) fn run_until(dir: &Path, config: &str, done: impl Fn() -> bool) {
+    let child = start(dir, &["run", config], Stdio::inherit(), Stdio::inherit());
     let started = std::time::Instant::now();
     while !done() {
         assert!(
@@ -37,14 +67,95 @@ pub(crate) fn run_until(dir: &Path, config: &str, done: impl Fn() -> bool) {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "run exits cleanly on SIGTERM: {status}");
+    stop(child);
 }
 
+/// Writes `lines` to `file` in `dir` and publishes it to the configured hub.
+pub(crate) fn publish(dir: &Path, file: &str, lines: &[String]) {
+    std::fs::write(dir.join(file), lines.join("\n")).unwrap();
+    let out = floodway(dir, &["hub", "publish", "--config", "floodway.toml", file]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// An order event's JSON line: `e-{i}` of type `order-{kind}` at `timestamp`, partition key
+/// `o-{key}`, with `fields` (JSON members, each followed by a comma) before the order.
+pub(crate) fn order_line(
+    i: impl std::fmt::Display,
+    kind: &str,
+    timestamp: i64,
+    key: impl std::fmt::Display,
+    fields: &str,
+    order: &str,
+) -> String {
+    format!(
+        r#"{{"id":"e-{i}","type":"order-{kind}","timestamp":{timestamp},"partitionKey":"o-{key}",{fields}"order":{order}}}"#
+    )
+}
+
+/// Replays the whole log of the configured hub to `orders-view`.
+pub(crate) fn replay(dir: &Path) -> Output {
+    let out = floodway(
+        dir,
+        &[
+            "replay",
+            "--config",
+            "floodway.toml",
+            "--processor",
+            "orders-view",
+            "--from",
+            "1d",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    out
+}
+
+/// The hub `hub.db` in `dir`, which must exist.
+pub(crate) fn open_hub(dir: &Path) -> Hub {
+    let options = HubOptions {
+        create: false,
+        ..HubOptions::default()
+    };
+    Hub::open(dir.join("hub.db"), options).unwrap()
+}
+
+/// The newest `n` fault events the hub holds.
+pub(crate) fn fault_events(hub: &Hub, n: usize) -> Vec<(i64, Vec<u8>)> {
+    hub.newest(n, |bytes| {
+        floodway::Event::decode(bytes).is_ok_and(|e| e.is_fault())
+    })
+    .unwrap()
+}
+
+/// The `[hub]` table of the embedded hub `hub.db` with `partitions` partitions and `extra`
+/// settings (lines), then `processors`.
+pub(crate) fn embedded(partitions: u32, extra: &str, processors: &str) -> String {
+    format!("[hub]\npath = \"hub.db\"\npartitions = {partitions}\n{extra}{processors}")
+}
+
+/// The processor `orders-view`: events of `types` into the view `orders`, keyed by `key`.
+pub(crate) fn orders_view(types: &str, key: &str) -> String {
+    format!(
+        r#"
+[[processors]]
+kind = "materialize"
+name = "orders-view"
+types = {types}
+view = "orders"
+key = "{key}"
+value = "/order"
+"#
+    )
+}
+
+/// The fault monitor `faults`.
+pub(crate) const FAULT_MONITOR: &str = r#"
+[[processors]]
+kind = "fault-monitor"
+name = "faults"
+"#;
+
 /// The open faults of `orders-view`.
-#[allow(dead_code)]
 pub(crate) fn open_faults(dir: &Path) -> usize {
     let out = floodway(
         dir,
@@ -66,7 +177,6 @@ pub(crate) fn open_faults(dir: &Path) -> usize {
 }
 
 /// The lag of every subscription summed, once both of the test's two exist.
-#[allow(dead_code)]
 pub(crate) fn lag(dir: &Path) -> Option<u64> {
     let out = floodway(dir, &["hub", "stats", "--config", "floodway.toml"]);
     let t = text(&out);
@@ -81,7 +191,6 @@ pub(crate) fn lag(dir: &Path) -> Option<u64> {
 }
 
 /// The id of the first listed fault whose error is `error`.
-#[allow(dead_code)]
 pub(crate) fn fault_id_of(d: &Path, error: &str) -> String {
     let list = text(&floodway(
         d,
@@ -96,23 +205,8 @@ pub(crate) fn fault_id_of(d: &Path, error: &str) -> String {
 
 /// The processors of the command's end-to-end scenario, after the `[hub]` table: a view
 /// keyed by `key` and the fault monitor.
-#[allow(dead_code)]
 pub(crate) fn processors(key: &str) -> String {
-    format!(
-        r#"
-[[processors]]
-kind = "materialize"
-name = "orders-view"
-types = ["order-*"]
-view = "orders"
-key = "{key}"
-value = "/order"
-
-[[processors]]
-kind = "fault-monitor"
-name = "faults"
-"#
-    )
+    orders_view(r#"["order-*"]"#, key) + FAULT_MONITOR
 }
 
 /// The command end to end, the same on every hub: publish (one line is not an event, a
@@ -120,7 +214,6 @@ name = "faults"
 /// show one, resubmit before the fix (fails, and the raise is counted) and after it
 /// (succeeds, once), tail, and replay the whole log to the view with nothing applied twice.
 /// `config(key)` writes the configuration for a view keyed by `key`.
-#[allow(dead_code)]
 pub(crate) fn publish_run_resubmit_replay(d: &Path, config: impl Fn(&str) -> String) {
     std::fs::write(d.join("floodway.toml"), config("/order/ref")).unwrap();
     let mut lines = Vec::new();
@@ -130,9 +223,13 @@ pub(crate) fn publish_run_resubmit_replay(d: &Path, config: impl Fn(&str) -> Str
         } else {
             format!(r#"{{"id":"o-{i}","ref":"r-{i}","total":{i}}}"#)
         };
-        lines.push(format!(
-            r#"{{"id":"e-{i}","type":"order-submitted","timestamp":{},"partitionKey":"o-{i}","order":{order}}}"#,
-            1_700_000_000_000i64 + i
+        lines.push(order_line(
+            i,
+            "submitted",
+            1_700_000_000_000 + i,
+            i,
+            "",
+            &order,
         ));
     }
     lines.insert(7, "{not an event".into());
@@ -146,12 +243,8 @@ pub(crate) fn publish_run_resubmit_replay(d: &Path, config: impl Fn(&str) -> Str
     ];
     let out = floodway(d, &publish);
     assert!(!out.status.success(), "a rejected line fails the command");
-    assert!(
-        text(&out).contains("line 8: event is not valid JSON"),
-        "{}",
-        text(&out)
-    );
-    assert!(text(&out).contains("published 40 events"), "{}", text(&out));
+    says(&out, "line 8: event is not valid JSON");
+    says(&out, "published 40 events");
     // Publishing again stores nothing: the ids are in the dedupe window.
     let out = floodway(d, &publish);
     assert!(
@@ -172,11 +265,7 @@ pub(crate) fn publish_run_resubmit_replay(d: &Path, config: impl Fn(&str) -> Str
     // Resubmitting before the fix fails again and says so; the fault store counts the raise.
     let resubmit = ["faults", "resubmit", "--config", "floodway.toml"];
     let out = floodway(d, &resubmit);
-    assert!(
-        text(&out).contains("0 succeeded, 3 failed"),
-        "{}",
-        text(&out)
-    );
+    says(&out, "0 succeeded, 3 failed");
     run_until(d, "floodway.toml", || {
         text(&floodway(d, &show)).contains("seen 2 times")
     });
@@ -191,18 +280,10 @@ pub(crate) fn publish_run_resubmit_replay(d: &Path, config: impl Fn(&str) -> Str
         text(&out)
     );
     let out = floodway(d, &resubmit);
-    assert!(
-        text(&out).contains("3 succeeded, 0 failed"),
-        "{}",
-        text(&out)
-    );
+    says(&out, "3 succeeded, 0 failed");
     // Resolved faults are not resubmitted again.
     let out = floodway(d, &resubmit);
-    assert!(
-        text(&out).contains("0 faults to resubmit"),
-        "{}",
-        text(&out)
-    );
+    says(&out, "0 faults to resubmit");
     let shown = text(&floodway(d, &show));
     assert!(shown.contains("status     resolved"), "{shown}");
     assert!(
@@ -231,22 +312,6 @@ pub(crate) fn publish_run_resubmit_replay(d: &Path, config: impl Fn(&str) -> Str
 
     // Replaying the whole log to the view applies nothing twice (a hub that keeps fault
     // events with the others replays them too; the view does not take them).
-    let out = floodway(
-        d,
-        &[
-            "replay",
-            "--config",
-            "floodway.toml",
-            "--processor",
-            "orders-view",
-            "--from",
-            "1d",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("40 delivered, 0 faults"),
-        "{}",
-        text(&out)
-    );
+    let out = replay(d);
+    says(&out, "40 delivered, 0 faults");
 }
