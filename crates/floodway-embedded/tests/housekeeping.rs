@@ -11,18 +11,11 @@ use floodway::idempotence::Version;
 use floodway::memory::MemoryFaultSink;
 use floodway::testing::generate;
 use floodway::{Checkpoint, Checkpointer, Event, Processor, Source};
-use floodway_embedded::{Hub, HubOptions, Retention, SubscriptionOptions, ViewWrite};
+use floodway_embedded::{Hub, HubOptions, Retention, ViewWrite};
 use serde_json::Value;
 
 mod common;
-use common::{expected_view, stored_view};
-
-fn bounded() -> SubscriptionOptions {
-    SubscriptionOptions {
-        follow: false,
-        ..Default::default()
-    }
-}
+use common::{bounded, expected_view, open_with, partitions, stored_view};
 
 /// Keeps the latest order state per order in the view `orders`.
 fn view_processor(hub: &Hub, faults: &MemoryFaultSink) -> Processor {
@@ -38,17 +31,13 @@ async fn a_write_lock_held_past_the_busy_timeout_delays_processors_but_does_not_
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hub.db");
     let hold = Duration::from_millis(1_500);
-    let hub = Hub::open(
-        &path,
-        HubOptions {
-            partitions: Some(2),
-            // The lock below is held fifteen times as long.
-            busy_timeout: Duration::from_millis(100),
-            busy_retry: Duration::from_secs(30),
-            ..HubOptions::default()
-        },
-    )
-    .unwrap();
+    let options = HubOptions {
+        // The lock below is held fifteen times as long.
+        busy_timeout: Duration::from_millis(100),
+        busy_retry: Duration::from_secs(30),
+        ..partitions(2)
+    };
+    let hub = open_with(dir.path(), options);
     let events = generate::orders(4_000, 31);
     hub.publish(&events[..3_000]).await.unwrap();
 
@@ -110,17 +99,13 @@ async fn the_dedupe_table_and_the_inbox_stay_bounded_without_retention() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hub.db");
     let window = Duration::from_millis(200);
-    let hub = Hub::open(
-        &path,
-        HubOptions {
-            partitions: Some(2),
-            dedupe_window: window,
-            inbox_window: window,
-            durability: floodway_embedded::Durability::Relaxed,
-            ..HubOptions::default()
-        },
-    )
-    .unwrap();
+    let options = HubOptions {
+        dedupe_window: window,
+        inbox_window: window,
+        durability: floodway_embedded::Durability::Relaxed,
+        ..partitions(2)
+    };
+    let hub = open_with(dir.path(), options);
     let view = hub.view("orders").unwrap();
     // As a forward processor publishes into its target hub (idempotently, by event id) and a
     // materialize processor applies them to a view, with no retention configured.
@@ -215,14 +200,7 @@ impl Captured {
 
 /// One partition of ten segments of ten events (offsets 1-100).
 async fn ten_segments(dir: &tempfile::TempDir) -> (Hub, u64) {
-    let hub = Hub::open(
-        dir.path().join("hub.db"),
-        HubOptions {
-            partitions: Some(1),
-            ..HubOptions::default()
-        },
-    )
-    .unwrap();
+    let hub = open_with(dir.path(), partitions(1));
     let events = generate::orders(100, 51);
     for chunk in events.chunks(10) {
         hub.publish(chunk).await.unwrap();

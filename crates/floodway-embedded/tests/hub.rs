@@ -10,16 +10,8 @@ use floodway_embedded::{
     Hub, HubOptions, OpenError, ResetTo, Retention, StartAt, SubscriptionOptions,
 };
 
-fn bounded() -> SubscriptionOptions {
-    SubscriptionOptions {
-        follow: false,
-        ..Default::default()
-    }
-}
-
-fn open(dir: &tempfile::TempDir) -> Hub {
-    Hub::open(dir.path().join("hub.db"), HubOptions::default()).unwrap()
-}
+mod common;
+use common::{bounded, open, open_with, partitions};
 
 async fn read_all(
     hub: &Hub,
@@ -188,14 +180,7 @@ async fn a_subscription_resumes_from_its_checkpoint() {
 async fn reads_and_checkpoints_fall_inside_segments() {
     use floodway::{Checkpoint, Checkpointer, Source};
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::open(
-        dir.path().join("hub.db"),
-        HubOptions {
-            partitions: Some(1),
-            ..HubOptions::default()
-        },
-    )
-    .unwrap();
+    let hub = open_with(dir.path(), partitions(1));
     // One commit of 2,500 events: three segments (1,000 events each at most).
     hub.publish(&generate::orders(2_500, 12)).await.unwrap();
     let (mut reader, mut cp) = hub.subscribe("s", bounded()).unwrap().split();
@@ -288,14 +273,7 @@ async fn a_following_reader_wakes_for_new_events() {
 #[tokio::test]
 async fn retention_deletes_by_age_and_by_size() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::open(
-        dir.path().join("hub.db"),
-        HubOptions {
-            partitions: Some(1),
-            ..HubOptions::default()
-        },
-    )
-    .unwrap();
+    let hub = open_with(dir.path(), partitions(1));
     let events = generate::orders(100, 10);
     // Ten commits, ten segments: retention deletes whole segments.
     for chunk in events.chunks(10) {
@@ -350,25 +328,15 @@ fn bad_files_are_named_not_panicked_on() {
     let err = Hub::open(&foreign, HubOptions::default()).unwrap_err();
     assert!(matches!(err, OpenError::Foreign { .. }), "{err:?}");
     assert!(err.to_string().contains("not a Floodway hub"));
-    let missing = Hub::open(
-        dir.path().join("missing.db"),
-        HubOptions {
-            create: false,
-            ..HubOptions::default()
-        },
-    )
-    .unwrap_err();
+    let existing = HubOptions {
+        create: false,
+        ..HubOptions::default()
+    };
+    let missing = Hub::open(dir.path().join("missing.db"), existing).unwrap_err();
     assert!(matches!(missing, OpenError::NotFound { .. }));
     let path = dir.path().join("hub.db");
     drop(Hub::open(&path, HubOptions::default()).unwrap());
-    let err = Hub::open(
-        &path,
-        HubOptions {
-            partitions: Some(3),
-            ..HubOptions::default()
-        },
-    )
-    .unwrap_err();
+    let err = Hub::open(&path, partitions(3)).unwrap_err();
     assert!(err.to_string().contains("has 8 partitions, not 3"), "{err}");
 }
 

@@ -16,12 +16,8 @@ use floodway_embedded::{Hub, HubError, HubOptions, ResetTo, StartAt, Subscriptio
 const CHILD_HUB: &str = "FLOODWAY_TEST_LEASE_HUB";
 const CHILD_LEASE_MS: &str = "FLOODWAY_TEST_LEASE_MS";
 
-fn bounded() -> SubscriptionOptions {
-    SubscriptionOptions {
-        follow: false,
-        ..Default::default()
-    }
-}
+mod common;
+use common::{bounded, open_with, partitions};
 
 fn options(lease: Duration, wait: Duration) -> HubOptions {
     HubOptions {
@@ -319,14 +315,7 @@ fn wait_for(child: &mut Child, limit: Duration) -> Option<i32> {
 #[tokio::test]
 async fn a_checkpoint_never_moves_backward() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::open(
-        dir.path().join("hub.db"),
-        HubOptions {
-            partitions: Some(2),
-            ..HubOptions::default()
-        },
-    )
-    .unwrap();
+    let hub = open_with(dir.path(), partitions(2));
     hub.publish(&generate::orders(200, 3)).await.unwrap();
     let (_reader, mut checkpointer) = hub.subscribe("orders", bounded()).unwrap().split();
     checkpointer

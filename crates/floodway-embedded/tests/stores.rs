@@ -6,18 +6,13 @@ use floodway::idempotence::Version;
 use floodway::testing::generate;
 use floodway::{Error, Event, Pipeline, Processor};
 use floodway_embedded::{
-    FaultFilter, FaultStatus, Hub, HubOptions, ResetTo, StartAt, Stored, SubscriptionOptions,
-    ViewWrite,
+    FaultFilter, FaultStatus, Hub, ResetTo, StartAt, Stored, SubscriptionOptions, ViewWrite,
 };
 use proptest::prelude::*;
 use serde_json::json;
 
 mod common;
-use common::{expected_view, stored_view};
-
-fn open(dir: &tempfile::TempDir) -> Hub {
-    Hub::open(dir.path().join("hub.db"), HubOptions::default()).unwrap()
-}
+use common::{expected_view, open, stored_view};
 
 fn bounded(start: StartAt) -> SubscriptionOptions {
     SubscriptionOptions {

@@ -19,7 +19,6 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 /// The orders view helpers of the hub's own tests.
-#[allow(dead_code)]
 #[path = "../../floodway-embedded/tests/common/mod.rs"]
 mod hub;
 use hub::{expected_view, stored_view};

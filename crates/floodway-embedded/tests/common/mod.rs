@@ -1,10 +1,39 @@
-//! Helpers shared by the hub's integration tests: the orders view a test processor keeps, and
-//! what it must hold.
+//! Helpers shared by the hub's integration tests: opening a hub, reading it, and the orders
+//! view a test processor keeps and what it must hold.
+#![allow(dead_code)]
+
+use std::path::Path;
 
 use floodway::idempotence::{MemoryView, Version};
 use floodway::{BatchConfig, Event, Pipeline};
-use floodway_embedded::Hub;
+use floodway_embedded::{Hub, HubOptions, SubscriptionOptions};
 use serde_json::Value;
+
+/// The hub `hub.db` in `dir`, opened with the defaults.
+pub(crate) fn open(dir: &tempfile::TempDir) -> Hub {
+    open_with(dir.path(), HubOptions::default())
+}
+
+/// The hub `hub.db` in `dir`, opened with `options`.
+pub(crate) fn open_with(dir: &Path, options: HubOptions) -> Hub {
+    Hub::open(dir.join("hub.db"), options).unwrap()
+}
+
+/// The defaults, but for `partitions` partitions.
+pub(crate) fn partitions(partitions: u32) -> HubOptions {
+    HubOptions {
+        partitions: Some(partitions),
+        ..HubOptions::default()
+    }
+}
+
+/// A subscription that reads what there is and ends.
+pub(crate) fn bounded() -> SubscriptionOptions {
+    SubscriptionOptions {
+        follow: false,
+        ..Default::default()
+    }
+}
 
 /// A pipeline keeping the latest order state per order in the view `orders`, in batches of 50.
 pub(crate) fn orders_view(hub: &Hub) -> floodway::Pipeline {
