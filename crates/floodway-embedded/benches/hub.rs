@@ -14,8 +14,23 @@ use floodway::{BatchConfig, Event, Pipeline, Processor};
 use floodway_embedded::{Hub, HubOptions, SubscriptionOptions};
 use tower::Service;
 
+#[path = "../../floodway/benches/common/mod.rs"]
+mod common;
+
 fn row(name: &str, value: String, baseline: String, ratio: String, goal: &str) {
     println!("| {name} | {value} | {baseline} | {ratio} | {goal} |");
+}
+
+/// A row of `value` events per second against `baseline` (`of` says what it is), with their
+/// ratio.
+fn compared(name: &str, value: f64, baseline: f64, of: &str, goal: &str) {
+    row(
+        name,
+        format!("{value:.0} ev/s"),
+        format!("{baseline:.0} ev/s {of}"),
+        format!("{:.2}", value / baseline),
+        goal,
+    );
 }
 
 /// The same rows, inserted with a prepared statement, 1,000 per transaction, `synchronous=FULL`.
@@ -131,16 +146,31 @@ fn start(
     (stop, run)
 }
 
+/// Publishes `events` in batches of 1,000; events per second.
+async fn publish_all(hub: &Hub, events: &[Event]) -> f64 {
+    let started = Instant::now();
+    for chunk in events.chunks(1_000) {
+        hub.publish(chunk).await.unwrap();
+    }
+    events.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Runs the materializing processor over the `n` events already published; events per second.
+async fn materialize(hub: &Hub, n: usize) -> f64 {
+    let p = processor(hub, Arc::default());
+    let options = SubscriptionOptions {
+        follow: false,
+        ..Default::default()
+    };
+    let (reader, cp) = hub.subscribe("orders", options).unwrap().split();
+    let started = Instant::now();
+    p.run(reader, cp, std::future::pending()).await.unwrap();
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
 fn main() {
-    let n: usize = std::env::var("FLOODWAY_BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let n = common::events_wanted(200_000);
+    let rt = common::two_workers();
     eprintln!("generating {n} events...");
     let events = decoded_orders(n, 5);
     let tmp = tempfile::tempdir_in(".").unwrap();
@@ -151,13 +181,7 @@ fn main() {
     let raw = raw_sqlite(tmp.path(), &events);
     eprintln!("hub publish...");
     let hub = Hub::open(tmp.path().join("hub.db"), HubOptions::default()).unwrap();
-    let publish = rt.block_on(async {
-        let started = Instant::now();
-        for chunk in events.chunks(1_000) {
-            hub.publish(chunk).await.unwrap();
-        }
-        n as f64 / started.elapsed().as_secs_f64()
-    });
+    let publish = rt.block_on(publish_all(&hub, &events));
     row(
         "raw SQLite insert, same rows, 1,000 per commit, synchronous=FULL (baseline)",
         format!("{raw:.0} ev/s"),
@@ -165,64 +189,35 @@ fn main() {
         "1.00".into(),
         "-",
     );
-    row(
+    compared(
         "hub durable publish, batches of 1,000, fsync per commit",
-        format!("{publish:.0} ev/s"),
-        format!("{raw:.0} ev/s raw"),
-        format!("{:.2}", publish / raw),
+        publish,
+        raw,
+        "raw",
         "-",
     );
 
     eprintln!("materialize what is already published...");
-    let consume = rt.block_on(async {
-        let p = processor(&hub, Arc::default());
-        let options = SubscriptionOptions {
-            follow: false,
-            ..Default::default()
-        };
-        let (reader, cp) = hub.subscribe("orders", options).unwrap().split();
-        let started = Instant::now();
-        p.run(reader, cp, std::future::pending()).await.unwrap();
-        n as f64 / started.elapsed().as_secs_f64()
-    });
-    row(
-        &format!("materialize {n} published events into a view (reads, view and inbox writes, checkpoints)"),
-        format!("{consume:.0} ev/s"),
-        format!("{raw:.0} ev/s raw insert"),
-        format!("{:.2}", consume / raw),
-        "-",
-    );
+    let consume = rt.block_on(materialize(&hub, n));
+    compared(&format!("materialize {n} published events into a view (reads, view and inbox writes, checkpoints)"), consume, raw, "raw insert", "-");
     eprintln!("materialize with every store commit synced...");
     // As a NATS hub's local file does: its views, inbox and faults are synced before the
     // JetStream ack that follows (HubOptions::external_acks).
-    let synced = Hub::open(
-        tmp.path().join("synced.db"),
-        HubOptions {
-            external_acks: true,
-            ..HubOptions::default()
-        },
-    )
-    .unwrap();
+    let external_acks = HubOptions {
+        external_acks: true,
+        ..HubOptions::default()
+    };
+    let synced = Hub::open(tmp.path().join("synced.db"), external_acks).unwrap();
     let consume_synced = rt.block_on(async {
-        for chunk in events.chunks(1_000) {
-            synced.publish(chunk).await.unwrap();
-        }
-        let p = processor(&synced, Arc::default());
-        let options = SubscriptionOptions {
-            follow: false,
-            ..Default::default()
-        };
-        let (reader, cp) = synced.subscribe("orders", options).unwrap().split();
-        let started = Instant::now();
-        p.run(reader, cp, std::future::pending()).await.unwrap();
-        n as f64 / started.elapsed().as_secs_f64()
+        publish_all(&synced, &events).await;
+        materialize(&synced, n).await
     });
     drop(synced);
-    row(
+    compared(
         "same, store commits synced (external acks: a NATS hub's local file)",
-        format!("{consume_synced:.0} ev/s"),
-        format!("{consume:.0} ev/s unsynced"),
-        format!("{:.2}", consume_synced / consume),
+        consume_synced,
+        consume,
+        "unsynced",
         "-",
     );
     eprintln!("end to end: publish and materialize...");
@@ -238,11 +233,7 @@ fn main() {
         let publisher = {
             let hub = hub.clone();
             let events = events.clone();
-            tokio::spawn(async move {
-                for chunk in events.chunks(1_000) {
-                    hub.publish(chunk).await.unwrap();
-                }
-            })
+            tokio::spawn(async move { publish_all(&hub, &events).await })
         };
         publisher.await.unwrap();
         // Done when every order event is in the view (its transaction committed).
@@ -256,11 +247,11 @@ fn main() {
     });
     let rows = hub.view("orders").unwrap().len().unwrap();
     assert!(rows > 0 && rows as usize <= orders);
-    row(
+    compared(
         &format!("end to end: publish {n} events, each applied to a view"),
-        format!("{e2e:.0} ev/s"),
-        format!("{raw:.0} ev/s raw insert"),
-        format!("{:.2}", e2e / raw),
+        e2e,
+        raw,
+        "raw insert",
         ">= 100,000 ev/s",
     );
 

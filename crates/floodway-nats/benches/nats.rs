@@ -22,6 +22,9 @@ use floodway_nats::testing::NatsServer;
 use floodway_nats::{NatsHub, NatsHubOptions, Partitions, SubscriptionOptions};
 use futures_util::StreamExt;
 
+#[path = "../../floodway/benches/common/mod.rs"]
+mod common;
+
 const RUNS: usize = 3;
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -159,15 +162,8 @@ async fn floodway_publish(hub: &NatsHub, events: &[Event]) -> f64 {
 }
 
 fn main() {
-    let n: usize = std::env::var("FLOODWAY_BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let n = common::events_wanted(100_000);
+    let runtime = common::two_workers();
     let server = NatsServer::start();
     runtime.block_on(async {
         // Decoded from JSON, as a forwarder or `hub publish` holds them.

@@ -18,6 +18,8 @@ use floodway::memory::{MemoryFaultSink, MemorySource};
 use floodway::testing::generate;
 use floodway::{sink_fn, Batch, BatchConfig, Error, Event, Pipeline, Processor, Record, Source};
 
+mod common;
+
 struct Row {
     name: String,
     value: String,
@@ -316,11 +318,7 @@ fn memory_row(total: u64) -> Row {
 }
 
 fn rate_limit_row() -> Row {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::two_workers();
     let limit = 2_000u32;
     let seconds = 3.0;
     let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
@@ -468,10 +466,7 @@ fn main() {
         return;
     }
     // `cargo bench` passes `--bench`; ignore arguments.
-    let n: usize = std::env::var("FLOODWAY_BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(500_000);
+    let n = common::events_wanted(500_000);
     let runs = 7;
     let only_throughput = std::env::var("FLOODWAY_BENCH_ONLY").as_deref() == Ok("throughput");
     eprintln!("generating {n} events...");
