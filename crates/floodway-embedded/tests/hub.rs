@@ -11,7 +11,7 @@ use floodway_embedded::{
 };
 
 mod common;
-use common::{bounded, open, open_with, partitions};
+use common::{bounded, open, open_with, partitions, with_orders};
 
 async fn read_all(
     hub: &Hub,
@@ -215,9 +215,7 @@ async fn reads_and_checkpoints_fall_inside_segments() {
 
 #[tokio::test]
 async fn a_subscription_can_start_at_the_end_or_at_a_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = open(&dir);
-    hub.publish(&generate::orders(100, 7)).await.unwrap();
+    let (_dir, hub, _) = with_orders(100, 7).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let cut = floodway::event::now_millis();
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -342,9 +340,7 @@ fn bad_files_are_named_not_panicked_on() {
 
 #[tokio::test]
 async fn a_new_subscription_remembers_where_it_started_even_before_its_first_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = open(&dir);
-    hub.publish(&generate::orders(50, 12)).await.unwrap();
+    let (_dir, hub, _) = with_orders(50, 12).await;
     let from_end = SubscriptionOptions {
         start: StartAt::End,
         ..bounded()

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use floodway::idempotence::Version;
-use floodway::testing::generate;
 use floodway::{Error, Event, Pipeline, Processor};
 use floodway_embedded::{
     FaultFilter, FaultStatus, Hub, ResetTo, StartAt, Stored, SubscriptionOptions, ViewWrite,
@@ -12,7 +11,7 @@ use proptest::prelude::*;
 use serde_json::json;
 
 mod common;
-use common::{expected_view, open, stored_view};
+use common::{expected_view, open, stored_view, with_orders};
 
 fn bounded(start: StartAt) -> SubscriptionOptions {
     SubscriptionOptions {
@@ -48,10 +47,7 @@ fn processor(hub: &Hub) -> Processor {
 
 #[tokio::test]
 async fn faults_are_stored_once_counted_again_and_filtered() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = open(&dir);
-    let events = generate::orders(2_000, 21);
-    hub.publish(&events).await.unwrap();
+    let (_dir, hub, events) = with_orders(2_000, 21).await;
     let odd = events
         .iter()
         .filter(|e| e.event_type() == "order-paid")
@@ -182,10 +178,7 @@ async fn faults_are_stored_once_counted_again_and_filtered() {
 
 #[tokio::test]
 async fn a_view_survives_an_abandoned_run_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = open(&dir);
-    let events = generate::orders(3_000, 22);
-    hub.publish(&events).await.unwrap();
+    let (_dir, hub, events) = with_orders(3_000, 22).await;
     // A run cut off at a random moment, like a crash: nothing more is committed.
     let p = processor(&hub);
     let (reader, cp) = hub

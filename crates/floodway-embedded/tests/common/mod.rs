@@ -14,6 +14,16 @@ pub(crate) fn open(dir: &tempfile::TempDir) -> Hub {
     open_with(dir.path(), HubOptions::default())
 }
 
+/// A hub of its own (in the returned directory), with `n` generated orders of `seed`
+/// published to it.
+pub(crate) async fn with_orders(n: usize, seed: u64) -> (tempfile::TempDir, Hub, Vec<Event>) {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(&dir);
+    let events = floodway::testing::generate::orders(n, seed);
+    hub.publish(&events).await.unwrap();
+    (dir, hub, events)
+}
+
 /// The hub `hub.db` in `dir`, opened with `options`.
 pub(crate) fn open_with(dir: &Path, options: HubOptions) -> Hub {
     Hub::open(dir.join("hub.db"), options).unwrap()
