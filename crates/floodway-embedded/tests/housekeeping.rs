@@ -15,7 +15,7 @@ use floodway_embedded::{Hub, HubOptions, Retention, ViewWrite};
 use serde_json::Value;
 
 mod common;
-use common::{bounded, expected_view, open_with, partitions, stored_view};
+use common::{bounded, expected_view, open_file, open_with, partitions, stored_view};
 
 /// Keeps the latest order state per order in the view `orders`.
 fn view_processor(hub: &Hub, faults: &MemoryFaultSink) -> Processor {
@@ -29,7 +29,6 @@ fn view_processor(hub: &Hub, faults: &MemoryFaultSink) -> Processor {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_lock_held_past_the_busy_timeout_delays_processors_but_does_not_stop_them() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("hub.db");
     let hold = Duration::from_millis(1_500);
     let options = HubOptions {
         // The lock below is held fifteen times as long.
@@ -37,7 +36,7 @@ async fn a_write_lock_held_past_the_busy_timeout_delays_processors_but_does_not_
         busy_retry: Duration::from_secs(30),
         ..partitions(2)
     };
-    let hub = open_with(dir.path(), options);
+    let (hub, path) = open_file(dir.path(), options);
     let events = generate::orders(4_000, 31);
     hub.publish(&events[..3_000]).await.unwrap();
 
@@ -97,7 +96,6 @@ fn rows(path: &std::path::Path, table: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dedupe_table_and_the_inbox_stay_bounded_without_retention() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("hub.db");
     let window = Duration::from_millis(200);
     let options = HubOptions {
         dedupe_window: window,
@@ -105,7 +103,7 @@ async fn the_dedupe_table_and_the_inbox_stay_bounded_without_retention() {
         durability: floodway_embedded::Durability::Relaxed,
         ..partitions(2)
     };
-    let hub = open_with(dir.path(), options);
+    let (hub, path) = open_file(dir.path(), options);
     let view = hub.view("orders").unwrap();
     // As a forward processor publishes into its target hub (idempotently, by event id) and a
     // materialize processor applies them to a view, with no retention configured.

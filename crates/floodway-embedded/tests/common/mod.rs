@@ -2,7 +2,7 @@
 //! view a test processor keeps and what it must hold.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use floodway::idempotence::{MemoryView, Version};
 use floodway::{BatchConfig, Event, Pipeline};
@@ -27,6 +27,12 @@ pub(crate) async fn with_orders(n: usize, seed: u64) -> (tempfile::TempDir, Hub,
 /// The hub `hub.db` in `dir`, opened with `options`.
 pub(crate) fn open_with(dir: &Path, options: HubOptions) -> Hub {
     Hub::open(dir.join("hub.db"), options).unwrap()
+}
+
+/// The hub `hub.db` in `dir`, opened with `options`, and the path of its file (for a look
+/// at it with SQLite itself).
+pub(crate) fn open_file(dir: &Path, options: HubOptions) -> (Hub, PathBuf) {
+    (open_with(dir, options), dir.join("hub.db"))
 }
 
 /// The defaults, but for `partitions` partitions.
