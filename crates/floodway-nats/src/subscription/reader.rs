@@ -149,7 +149,22 @@ impl PartitionReader {
             .map_err(|e| NatsError::js("pull", e))?;
         // Polled without pause: the channel is unbounded, so pulls (and a pin) keep flowing
         // while the processor is slow, and every message is registered as it arrives.
-        while let Some(message) = messages.next().await {
+        loop {
+            let next = if self.target.is_some() {
+                match tokio::time::timeout(expires, messages.next()).await {
+                    Ok(next) => next,
+                    // Nothing for a while: see whether the read is complete (another reader
+                    // of the subscription may have taken the rest).
+                    Err(_) => {
+                        drop(messages);
+                        self.consumer = Some(consumer);
+                        return Ok(false);
+                    }
+                }
+            } else {
+                messages.next().await
+            };
+            let Some(message) = next else { break };
             let message = match message {
                 Ok(m) => m,
                 Err(e) => {

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -42,7 +43,26 @@ struct Inner {
     partitions: u32,
     state: Mutex<State>,
     published: Notify,
+    /// Signalled when a reader lets its subscription go.
+    released: Notify,
 }
+
+/// A subscription held by one reader, let go when both halves of it are dropped.
+#[derive(Debug)]
+struct Hold {
+    hub: MemoryHub,
+    name: String,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.hub.inner.state.lock().unwrap().held.remove(&self.name);
+        self.hub.inner.released.notify_waiters();
+    }
+}
+
+/// How long a reader waits for a subscription another reader holds before it is refused.
+const HOLD_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
 struct State {
@@ -51,6 +71,8 @@ struct State {
     ids: HashSet<String>,
     /// Per subscription, the checkpoint of each partition.
     checkpoints: HashMap<String, Vec<u64>>,
+    /// Subscriptions a reader holds: one reader at a time, as a lease gives it.
+    held: HashSet<String>,
 }
 
 impl MemoryHub {
@@ -65,6 +87,7 @@ impl MemoryHub {
                     ..State::default()
                 }),
                 published: Notify::new(),
+                released: Notify::new(),
             }),
         }
     }
@@ -133,6 +156,35 @@ impl EventHub for MemoryHub {
         options: ReadOptions,
     ) -> HubFuture<'a, HubSubscription> {
         Box::pin(async move {
+            // One reader at a time per durable subscription: a second one waits for the first
+            // to let go, then starts where it stopped.
+            let hold = if options.transient {
+                None
+            } else {
+                let deadline = tokio::time::Instant::now() + HOLD_WAIT;
+                loop {
+                    let released = self.inner.released.notified();
+                    if self
+                        .inner
+                        .state
+                        .lock()
+                        .unwrap()
+                        .held
+                        .insert(name.to_owned())
+                    {
+                        break;
+                    }
+                    if tokio::time::timeout_at(deadline, released).await.is_err() {
+                        return Err(
+                            format!("subscription `{name}` is held by another reader").into()
+                        );
+                    }
+                }
+                Some(Arc::new(Hold {
+                    hub: self.clone(),
+                    name: name.to_owned(),
+                }))
+            };
             let cursors = self.inner.state.lock().unwrap().start(name, &options);
             let reader = Reader {
                 hub: self.clone(),
@@ -143,11 +195,13 @@ impl EventHub for MemoryHub {
                 next: 0,
                 follow: options.follow,
                 until: options.until.unwrap_or(i64::MAX),
+                _hold: hold.clone(),
             };
             let checkpointer = Committer {
                 hub: self.clone(),
                 name: name.to_owned(),
                 transient: options.transient,
+                _hold: hold,
             };
             Ok(HubSubscription {
                 reader: BoxSource::new(reader),
@@ -256,6 +310,7 @@ struct Reader {
     next: usize,
     follow: bool,
     until: i64,
+    _hold: Option<Arc<Hold>>,
 }
 
 impl Reader {
@@ -312,6 +367,7 @@ struct Committer {
     hub: MemoryHub,
     name: String,
     transient: bool,
+    _hold: Option<Arc<Hold>>,
 }
 
 impl Checkpointer for Committer {

@@ -287,6 +287,55 @@ async fn fault_events(hub: &SharedHub) -> Vec<Event> {
         .collect()
 }
 
+/// Two readers of one subscription at once (two processes of one service) deliver each event
+/// once between them: the hub shares the subscription out (JetStream) or lets one reader
+/// hold it while the other waits, and takes over where it stopped (a lease). A reader the
+/// hub refuses says so; nothing is delivered twice.
+pub async fn two_readers_of_one_subscription_deliver_each_event_once(hub: SharedHub) {
+    let input = events("w", 120, 6);
+    hub.publish(&input, true).await.unwrap();
+    let seen = Seen::default();
+    let reader = || async {
+        let p = processor(&hub, &seen, 4, |_| Ok(()));
+        match hub
+            .subscribe("shared", ReadOptions::default().bounded())
+            .await
+        {
+            Ok(HubSubscription {
+                reader,
+                checkpointer,
+                closed,
+            }) => {
+                let report = p.run(reader, checkpointer, std::future::pending()).await;
+                if let Some(closed) = closed {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), closed).await;
+                }
+                report.map(|r| r.faults()).map_err(|e| e.to_string())
+            }
+            Err(refused) => Err(refused.to_string()),
+        }
+    };
+    let (a, b) = tokio::join!(reader(), reader());
+    for outcome in [&a, &b] {
+        if let Err(why) = outcome {
+            assert!(
+                why.contains("shared"),
+                "a refusal names the subscription: {why}"
+            );
+        }
+    }
+    assert!(
+        a.is_ok() || b.is_ok(),
+        "one reader at least runs: {a:?} {b:?}"
+    );
+    let got = seen.events();
+    assert_eq!(
+        sorted(ids(&got)),
+        sorted(ids(&input)),
+        "every event delivered, none twice"
+    );
+}
+
 /// Per-key order holds through a processor with many calls in flight, and every event is
 /// delivered once.
 pub async fn per_key_order_holds_under_concurrency(hub: SharedHub) {
@@ -391,6 +440,7 @@ macro_rules! hub_conformance_tests {
             a_subscription_can_start_at_the_end,
             reads_start_and_end_at_a_time,
             per_key_order_holds_under_concurrency,
+            two_readers_of_one_subscription_deliver_each_event_once,
             poison_becomes_one_fault_and_transient_is_retried,
             a_fatal_stop_resumes_after_the_fix,
             stats_count_events_and_subscriptions
