@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
 use floodway::layer::limit::rate::RateLimiter;
-use floodway::{Processor, Record, Settlement};
+use floodway::Processor;
 use std::sync::Arc;
 
 use floodway::fault_store::{FaultFilter, FaultStatus, FaultStore, ResubmitOutcome, StoredFault};
@@ -251,19 +251,6 @@ fn open_store(hub: &HubArgs) -> anyhow::Result<Arc<dyn FaultStore>> {
     Ok(Arc::new(hub.open()?.fault_store()?))
 }
 
-/// Records a resubmission's outcome with its fault.
-async fn record_outcome(
-    store: &dyn FaultStore,
-    id: &str,
-    outcome: ResubmitOutcome,
-    detail: &str,
-) -> anyhow::Result<()> {
-    store
-        .record_resubmission_of(id, outcome, detail)
-        .await
-        .map_err(anyhow_err)
-}
-
 fn anyhow_err(e: floodway::BoxError) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
@@ -332,112 +319,19 @@ pub(crate) async fn resubmit_faults(
     let bar = progress(plan.len() as u64, "resubmitting");
     for fault in plan {
         limiter.acquire().await;
-        let r = fault.details()?.uow.record;
-        let data = if r.redacted {
-            // The fault does not carry the record: read it back from the hub by position.
-            match hubs
-                .events
-                .record_at(&r.partition, r.offset)
-                .await
-                .map_err(|e| anyhow::anyhow!(e))?
-            {
-                Some(data) => data,
-                None => {
-                    record_outcome(
-                        &*store,
-                        &fault.id,
-                        ResubmitOutcome::Failed,
-                        "the record is redacted from the fault and no longer in the hub \
-                         (retention deleted it)",
-                    )
-                    .await?;
-                    outcome.failed += 1;
-                    bar.inc(1);
-                    continue;
-                }
-            }
-        } else {
-            r.bytes()?
-        };
-        let record = Record::new(r.source.clone(), r.partition.clone(), r.offset, data)
-            .with_attempt(r.attempt + 1);
         let processor = processors.get(&fault.processor).context("built above")?;
-        // Only the pipeline that failed: ready-made processors have one, named after them.
-        if processor
-            .pipelines()
-            .iter()
-            .all(|p| p.name() != fault.pipeline)
-        {
-            record_outcome(
-                &*store,
-                &fault.id,
-                ResubmitOutcome::Failed,
-                "the pipeline is no longer configured",
-            )
-            .await?;
-            outcome.failed += 1;
-            bar.inc(1);
-            continue;
-        }
-        // The pipeline must still take the event, or "done" would only mean "filtered out".
-        let taken = floodway::Event::decode(&record.data).is_ok_and(|event| {
-            processor
-                .pipelines()
-                .iter()
-                .any(|p| p.name() == fault.pipeline && p.accepts(&event))
-        });
-        if !taken {
-            record_outcome(
-                &*store,
-                &fault.id,
-                ResubmitOutcome::Failed,
-                "the pipeline no longer takes this event's type",
-            )
-            .await?;
-            outcome.failed += 1;
-            bar.inc(1);
-            continue;
-        }
-        // A deadline: a call that fails transiently with nothing else in flight would be held
-        // by the breaker as if the target were down.
-        let deadline = tokio::time::Instant::now() + RESUBMIT_DEADLINE;
-        let report = processor.process_batch(vec![record], Some(deadline)).await;
-        let settled = report.outcomes.first().and_then(|o| o.settlement);
-        match (settled, report.fatal) {
-            (Some(Settlement::Done), _) => {
-                record_outcome(&*store, &fault.id, ResubmitOutcome::Succeeded, "processed").await?;
-                outcome.succeeded += 1;
-            }
-            (_, Some(err)) => {
-                record_outcome(
-                    &*store,
-                    &fault.id,
-                    ResubmitOutcome::Failed,
-                    &err.to_string(),
-                )
-                .await?;
-                outcome.failed += 1;
-            }
-            (Some(_), None) => {
-                record_outcome(
-                    &*store,
-                    &fault.id,
-                    ResubmitOutcome::Failed,
-                    "faulted again: see the fault's latest error",
-                )
-                .await?;
-                outcome.failed += 1;
-            }
-            (None, None) => {
-                record_outcome(
-                    &*store,
-                    &fault.id,
-                    ResubmitOutcome::Failed,
-                    "not done within the deadline (the target kept failing transiently)",
-                )
-                .await?;
-                outcome.failed += 1;
-            }
+        let (result, _) = floodway::fault_store::resubmit(
+            &*store,
+            &*hubs.events,
+            processor,
+            &fault,
+            RESUBMIT_DEADLINE,
+        )
+        .await
+        .map_err(anyhow_err)?;
+        match result {
+            ResubmitOutcome::Succeeded => outcome.succeeded += 1,
+            ResubmitOutcome::Failed => outcome.failed += 1,
         }
         bar.inc(1);
     }

@@ -308,3 +308,78 @@ impl FaultStore for MemoryFaultStore {
         })
     }
 }
+
+/// Sends a fault's record through the pipeline that failed it, once, and records the outcome
+/// with the fault: `Succeeded` resolves it. The record comes from the fault, or from `hub` by
+/// its position when the fault's pipeline redacts fields. `processor` is the one that failed
+/// it (its other pipelines do not see the record); `within` bounds the call, so that a target
+/// failing transiently is reported rather than waited out as an outage.
+///
+/// # Errors
+/// Only when the outcome cannot be recorded (the store failed); every failure of the record
+/// itself is an outcome, with what went wrong as its detail.
+pub async fn resubmit(
+    store: &dyn FaultStore,
+    hub: &dyn crate::hub::EventHub,
+    processor: &crate::runtime::Processor,
+    fault: &StoredFault,
+    within: std::time::Duration,
+) -> Result<(ResubmitOutcome, String), crate::BoxError> {
+    let (outcome, detail) = match attempt(hub, processor, fault, within).await {
+        Ok(()) => (ResubmitOutcome::Succeeded, "processed".to_owned()),
+        Err(why) => (ResubmitOutcome::Failed, why),
+    };
+    store
+        .record_resubmission_of(&fault.id, outcome, &detail)
+        .await?;
+    Ok((outcome, detail))
+}
+
+/// Runs a fault's record through its pipeline once; the reason when it is not done.
+async fn attempt(
+    hub: &dyn crate::hub::EventHub,
+    processor: &crate::runtime::Processor,
+    fault: &StoredFault,
+    within: std::time::Duration,
+) -> Result<(), String> {
+    if fault.pipeline == crate::fault::DECODE_PIPELINE {
+        return Err("the record could not be decoded: no pipeline can take it".into());
+    }
+    let r = fault.details().map_err(|e| e.to_string())?.uow.record;
+    let data = if r.redacted {
+        // The fault does not carry the record: read it back from the hub by position.
+        hub.record_at(&r.partition, r.offset)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the record is redacted from the fault and no longer in the hub (retention deleted it)")?
+    } else {
+        r.bytes().map_err(|e| e.to_string())?
+    };
+    let record = crate::uow::Record::new(r.source.clone(), r.partition.clone(), r.offset, data)
+        .with_attempt(r.attempt + 1);
+    let Some(only) = processor.only(&fault.pipeline) else {
+        return Err("the pipeline is no longer configured".into());
+    };
+    // The pipeline must still take the event, or "done" would only mean "filtered out".
+    let taken = Event::decode(&record.data).is_ok_and(|event| {
+        only.pipelines()
+            .iter()
+            .any(|p| p.name() == fault.pipeline && p.accepts(&event))
+    });
+    if !taken {
+        return Err("the pipeline no longer takes this event's type".into());
+    }
+    let deadline = tokio::time::Instant::now() + within;
+    let report = only.process_batch(vec![record], Some(deadline)).await;
+    match (
+        report.outcomes.first().and_then(|o| o.settlement),
+        report.fatal,
+    ) {
+        (Some(crate::source::Settlement::Done), _) => Ok(()),
+        (_, Some(err)) => Err(err.to_string()),
+        (Some(_), None) => Err("faulted again: see the fault's latest error".into()),
+        (None, None) => {
+            Err("not done within the deadline (the target kept failing transiently)".into())
+        }
+    }
+}

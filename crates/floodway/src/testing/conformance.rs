@@ -228,6 +228,26 @@ fn processor(
     parallelism: usize,
     answer: impl Fn(&Event) -> Result<(), Error> + Clone + Send + Sync + 'static,
 ) -> Processor {
+    processor_with(hub, seen, parallelism, answer, &[])
+}
+
+/// [`processor`] with one call at a time and these fields redacted in its faults.
+fn processor_redacting(
+    hub: &SharedHub,
+    seen: &Seen,
+    answer: impl Fn(&Event) -> Result<(), Error> + Clone + Send + Sync + 'static,
+    redact: &[&str],
+) -> Processor {
+    processor_with(hub, seen, 1, answer, redact)
+}
+
+fn processor_with(
+    hub: &SharedHub,
+    seen: &Seen,
+    parallelism: usize,
+    answer: impl Fn(&Event) -> Result<(), Error> + Clone + Send + Sync + 'static,
+    redact: &[&str],
+) -> Processor {
     let seen = seen.clone();
     let sink = sink_fn(move |batch: Batch| {
         let (seen, answer) = (seen.clone(), answer.clone());
@@ -248,6 +268,7 @@ fn processor(
             Pipeline::builder("all")
                 .event_type("order-paid")
                 .parallelism(parallelism)
+                .redact(redact.iter().copied())
                 .resilience(
                     crate::layer::Resilience::default()
                         .retry(crate::layer::retry::RetryPolicy::default().max_attempts(3)),
@@ -334,6 +355,56 @@ pub async fn two_readers_of_one_subscription_deliver_each_event_once(hub: Shared
         sorted(ids(&input)),
         "every event delivered, none twice"
     );
+}
+
+/// A fault is resubmitted once after the fix: its record, read back from the hub by position
+/// (the pipeline redacts a field, so the fault does not carry it), goes through the pipeline
+/// that failed it and is delivered once; the fault is resolved and not resubmitted again.
+pub async fn a_fault_is_resubmitted_once_after_the_fix(hub: SharedHub) {
+    let input = events("r", 12, 3);
+    hub.publish(&input, true).await.unwrap();
+    let seen = Seen::default();
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let answer = {
+        let broken = broken.clone();
+        move |e: &Event| {
+            if e.id() == "r-5" && broken.load(std::sync::atomic::Ordering::SeqCst) {
+                Err(Error::poison_msg("Invalid", "r-5 is not valid yet"))
+            } else {
+                Ok(())
+            }
+        }
+    };
+    let p = processor_redacting(&hub, &seen, answer, &["seq"]);
+    assert_eq!(run(&hub, "resubmitted", &p).await.unwrap().faults(), 1);
+    // What a fault monitor does: the hub's fault events into a store.
+    let store = crate::fault_store::MemoryFaultStore::new();
+    store.store_faults(&fault_events(&hub).await).await.unwrap();
+    let open = FaultFilter {
+        status: Some(FaultStatus::Open),
+        ..FaultFilter::default()
+    };
+    let faults = store.list_faults(&open).await.unwrap();
+    assert_eq!(faults.len(), 1);
+    assert!(faults[0].details().unwrap().uow.record.redacted);
+    broken.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (outcome, detail) =
+        crate::fault_store::resubmit(&store, &*hub, &p, &faults[0], Duration::from_secs(10))
+            .await
+            .unwrap();
+    assert_eq!(outcome, ResubmitOutcome::Succeeded, "{detail}");
+    assert!(
+        store.list_faults(&open).await.unwrap().is_empty(),
+        "resolved"
+    );
+    let delivered = ids(&seen.events());
+    assert_eq!(delivered.iter().filter(|id| *id == "r-5").count(), 1);
+    assert_eq!(
+        delivered.len(),
+        input.len(),
+        "the others were not sent again"
+    );
+    assert_eq!(fault_events(&hub).await.len(), 1, "no new fault");
 }
 
 /// Per-key order holds through a processor with many calls in flight, and every event is
@@ -441,6 +512,7 @@ macro_rules! hub_conformance_tests {
             reads_start_and_end_at_a_time,
             per_key_order_holds_under_concurrency,
             two_readers_of_one_subscription_deliver_each_event_once,
+            a_fault_is_resubmitted_once_after_the_fix,
             poison_becomes_one_fault_and_transient_is_retried,
             a_fatal_stop_resumes_after_the_fix,
             stats_count_events_and_subscriptions
