@@ -472,7 +472,7 @@ impl Config {
     /// # Errors
     /// The parser's message: the line, the key, and what was expected.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| name_the_key(text, &e).unwrap_or_else(|| e.to_string()))
     }
 
     /// Checks what the format cannot: unique names, values in range.
@@ -561,6 +561,56 @@ impl HubConfig {
     }
 }
 
+/// For an error inside a `[[processors]]` entry: the message with the key at fault and its
+/// line. serde reads a tagged entry whole before it looks at its fields, so the parser can
+/// point only at the entry's header and, for a bad value, cannot name the key. The key is
+/// found by taking each one out of the entry in turn: without the culprit the entry reads, or
+/// reads but for that very key missing.
+fn name_the_key(text: &str, err: &toml::de::Error) -> Option<String> {
+    let span = err.span()?;
+    let at = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+    if !text[at..].trim_start().starts_with("[[processors]]") {
+        return None;
+    }
+    let doc: toml::Table = text.parse().ok()?;
+    let entries = doc.get("processors")?.as_array()?;
+    let reads =
+        |entry: &toml::Table| toml::Value::Table(entry.clone()).try_into::<ProcessorConfig>();
+    // The entry at fault: the first that does not read on its own.
+    let (index, entry) = entries
+        .iter()
+        .filter_map(toml::Value::as_table)
+        .enumerate()
+        .find(|(_, entry)| reads(entry).is_err())?;
+    let culprit = entry.keys().filter(|k| *k != "kind").find(|key| {
+        let mut without = entry.clone();
+        without.remove(*key);
+        match reads(&without) {
+            Ok(_) => true,
+            Err(e) => e.message().contains(&format!("missing field `{key}`")),
+        }
+    })?;
+    // The key's own line: the first after the entry's header that sets it.
+    let header = text.match_indices("[[processors]]").nth(index)?.0;
+    let line = text[header..]
+        .lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(culprit.as_str())
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| text[..header].lines().count() + i + 1)?;
+    let name = entry
+        .get("name")
+        .and_then(toml::Value::as_str)
+        .unwrap_or("?");
+    Some(format!(
+        "line {line}: `{culprit}` of processor `{name}`: {}\n  |\n{line:>3} | {}",
+        err.message(),
+        text.lines().nth(line - 1).unwrap_or_default().trim_end()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -633,10 +683,25 @@ name = "faults"
         };
         let unparsed =
             |setting: &str| Config::parse(&FULL.replace("concurrency = 8", setting)).unwrap_err();
-        // Values are checked as the file is read: the error names the key and shows the line
-        // of the processor's entry (serde reads a tagged entry whole, so not the key's own).
+        // Values are checked as the file is read: the error names the key and its line.
         let err = unparsed("body = \"whole\"");
-        assert!(err.contains("line 6") && err.contains("body is"), "{err}");
+        assert!(
+            err.contains("line 19: `body`") && err.contains("body is"),
+            "{err}"
+        );
+        let err = unparsed("concurrency = \"many\"");
+        assert!(
+            err.contains("line 19: `concurrency` of processor `notify`"),
+            "{err}"
+        );
+        let err = unparsed("timeout_ms = \"soon\"");
+        assert!(err.contains("line 19: `timeout_ms`"), "{err}");
+        assert!(err.contains(" 19 | timeout_ms = \"soon\""), "{err}");
+        let err = unparsed("timeout = 5");
+        assert!(
+            err.contains("line 19: `timeout`") && err.contains("unknown field"),
+            "{err}"
+        );
         let err = unparsed("treat_as = { \"409\" = \"fine\" }");
         assert!(err.contains("treat_as") && err.contains("`fine`"), "{err}");
         let err = unparsed("method = \"FETCH\"");
