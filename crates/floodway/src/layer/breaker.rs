@@ -37,8 +37,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+pub use super::{Breaker, BreakerLayer};
 use crate::error::ErrorClass;
-use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer, Wrappable};
+use crate::layer::{BoxFuture, Policy, Request, Wrappable};
 
 /// Settings of a [`CircuitBreaker`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,27 +305,8 @@ impl Shared {
     }
 }
 
-/// Applies [`Breaker`] with a shared [`CircuitBreaker`].
-pub type BreakerLayer = PolicyLayer<CircuitBreaker>;
-
-/// Holds calls during an outage instead of failing them; see the [module docs](self).
-///
-/// Place it outside the retry layer: it judges calls whose retries are spent.
-pub type Breaker<S> = Guarded<S, CircuitBreaker>;
-
-impl BreakerLayer {
-    /// Guards calls with `breaker`.
-    pub fn new(breaker: CircuitBreaker) -> Self {
-        PolicyLayer::of(breaker)
-    }
-}
-
 impl Policy for CircuitBreaker {
-    fn around<S: Wrappable<Req>, Req: Clone + Send + 'static>(
-        &self,
-        inner: S,
-        req: Req,
-    ) -> BoxFuture<S::Response> {
+    fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response> {
         let shared = self.shared.clone();
         Box::pin(async move {
             // The last admission number when this call first failed.

@@ -33,11 +33,10 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service};
 
 use crate::error::Error;
-use breaker::{BreakerConfig, BreakerLayer, CircuitBreaker};
-use limit::concurrency::{ConcurrencyLimitLayer, ConcurrencyLimiter};
-use limit::rate::{RateLimitLayer, RateLimiter};
-use retry::{RetryLayer, RetryPolicy};
-use timeout::TimeoutLayer;
+use breaker::{BreakerConfig, CircuitBreaker};
+use limit::concurrency::ConcurrencyLimiter;
+use limit::rate::RateLimiter;
+use retry::RetryPolicy;
 
 /// The future type of Floodway's layers.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'static>>;
@@ -48,12 +47,13 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + '
 /// each call's future.
 pub trait Policy: Clone + Send + Sync + 'static {
     /// Calls `inner` with `req` under this policy.
-    fn around<S: Wrappable<Req>, Req: Clone + Send + 'static>(
-        &self,
-        inner: S,
-        req: Req,
-    ) -> BoxFuture<S::Response>;
+    fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response>;
 }
+
+/// What a layer can pass to its service: cloned for each attempt, moved between tasks.
+pub trait Request: Clone + Send + 'static {}
+
+impl<T: Clone + Send + 'static> Request for T {}
 
 /// What a layer can wrap: a cloneable service failing with [`crate::Error`] whose calls can
 /// move to another task.
@@ -74,11 +74,49 @@ pub struct PolicyLayer<P> {
 }
 
 impl<P: Policy> PolicyLayer<P> {
-    /// A layer applying `policy`.
-    pub fn of(policy: P) -> Self {
-        PolicyLayer { policy }
+    /// A layer applying `policy`: `TimeoutLayer::new(Duration::from_secs(5))`,
+    /// `RateLimitLayer::new(limiter.clone())`, ...
+    pub fn new(policy: impl Into<P>) -> Self {
+        PolicyLayer {
+            policy: policy.into(),
+        }
     }
 }
+
+/// Applies [`Breaker`] with a shared [`CircuitBreaker`].
+pub type BreakerLayer = PolicyLayer<CircuitBreaker>;
+
+/// Holds calls during an outage instead of failing them; see the [breaker docs](breaker).
+///
+/// Place it outside the retry layer: it judges calls whose retries are spent.
+pub type Breaker<S> = Guarded<S, CircuitBreaker>;
+
+/// Applies [`ConcurrencyLimit`] with a shared [`ConcurrencyLimiter`].
+pub type ConcurrencyLimitLayer = PolicyLayer<ConcurrencyLimiter>;
+
+/// Holds calls until the limiter has a slot; reports each call's outcome to it.
+pub type ConcurrencyLimit<S> = Guarded<S, ConcurrencyLimiter>;
+
+/// Applies [`RateLimit`] with a shared [`RateLimiter`]; give clones of one limiter to several
+/// layers to share it.
+pub type RateLimitLayer = PolicyLayer<RateLimiter>;
+
+/// Delays calls so that they never exceed the limiter's rate.
+pub type RateLimit<S> = Guarded<S, RateLimiter>;
+
+/// Applies [`Timeout`] to a service (from a `Duration`).
+pub type TimeoutLayer = PolicyLayer<timeout::Deadline>;
+
+/// Fails a call with a transient `Timeout` error when it takes too long.
+pub type Timeout<S> = Guarded<S, timeout::Deadline>;
+
+/// Applies [`Retry`] to a service (from [`retry::Retrying`]).
+pub type RetryLayer = PolicyLayer<retry::Retrying>;
+
+/// Retries transient errors of the inner service, per [`RetryPolicy`].
+///
+/// The error finally returned records how many attempts were made.
+pub type Retry<S> = Guarded<S, retry::Retrying>;
 
 impl<S, P: Clone> Layer<S> for PolicyLayer<P> {
     type Service = Guarded<S, P>;
@@ -100,10 +138,8 @@ pub struct Guarded<S, P> {
 impl<S, P, Req> Service<Req> for Guarded<S, P>
 where
     P: Policy,
-    S: Service<Req, Error = Error> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Response: Send + 'static,
-    Req: Clone + Send + 'static,
+    S: Wrappable<Req>,
+    Req: Request,
 {
     type Response = S::Response;
     type Error = Error;
@@ -274,7 +310,10 @@ impl Resilience {
             Some(Concurrency::Adaptive(aimd)) => Some(ConcurrencyLimiter::adaptive(*aimd, label)?),
         };
         let svc = Optional::new(limiter.map(ConcurrencyLimitLayer::new), svc);
-        let retry = self.retry.clone().map(|p| RetryLayer::new(p, label));
+        let retry = self
+            .retry
+            .clone()
+            .map(|p| RetryLayer::new(retry::Retrying::new(p, label)));
         let svc = Optional::new(retry, svc);
         let breaker = self.breaker.as_ref().map(|b| match b {
             BreakerChoice::Shared(b) => BreakerLayer::new(b.clone()),

@@ -4,32 +4,22 @@ use std::time::Duration;
 
 use tower::ServiceExt;
 
+pub use super::{Timeout, TimeoutLayer};
 use crate::error::Error;
-use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer, Wrappable};
+use crate::layer::{BoxFuture, Policy, Request, Wrappable};
 
 /// A deadline per call: the policy of [`TimeoutLayer`].
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(pub Duration);
 
-/// Applies [`Timeout`] to a service.
-pub type TimeoutLayer = PolicyLayer<Deadline>;
-
-/// Fails a call with a transient `Timeout` error when it takes too long.
-pub type Timeout<S> = Guarded<S, Deadline>;
-
-impl TimeoutLayer {
-    /// Fails calls that take longer than `timeout`.
-    pub fn new(timeout: Duration) -> Self {
-        PolicyLayer::of(Deadline(timeout))
+impl From<Duration> for Deadline {
+    fn from(timeout: Duration) -> Self {
+        Deadline(timeout)
     }
 }
 
 impl Policy for Deadline {
-    fn around<S: Wrappable<Req>, Req: Clone + Send + 'static>(
-        &self,
-        inner: S,
-        req: Req,
-    ) -> BoxFuture<S::Response> {
+    fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response> {
         let call = inner.oneshot(req);
         let timeout = self.0;
         Box::pin(async move {

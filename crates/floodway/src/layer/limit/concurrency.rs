@@ -36,7 +36,8 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::error::{BuildError, Error, ErrorClass};
-use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer, Wrappable};
+use crate::layer::{BoxFuture, Policy, Request, Wrappable};
+pub use crate::layer::{ConcurrencyLimit, ConcurrencyLimitLayer};
 
 /// Settings of the adaptive limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -397,25 +398,8 @@ impl Drop for Permit {
     }
 }
 
-/// Applies [`ConcurrencyLimit`] with a shared [`ConcurrencyLimiter`].
-pub type ConcurrencyLimitLayer = PolicyLayer<ConcurrencyLimiter>;
-
-/// Holds calls until the limiter has a slot; reports each call's outcome to it.
-pub type ConcurrencyLimit<S> = Guarded<S, ConcurrencyLimiter>;
-
-impl ConcurrencyLimitLayer {
-    /// Limits concurrent calls through `limiter`.
-    pub fn new(limiter: ConcurrencyLimiter) -> Self {
-        PolicyLayer::of(limiter)
-    }
-}
-
 impl Policy for ConcurrencyLimiter {
-    fn around<S: Wrappable<Req>, Req: Clone + Send + 'static>(
-        &self,
-        inner: S,
-        req: Req,
-    ) -> BoxFuture<S::Response> {
+    fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response> {
         let limiter = self.clone();
         Box::pin(async move {
             let permit = limiter.acquire().await;

@@ -22,7 +22,8 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::error::BuildError;
-use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer, Wrappable};
+use crate::layer::{BoxFuture, Policy, Request, Wrappable};
+pub use crate::layer::{RateLimit, RateLimitLayer};
 
 /// A rate limit; clones share the same budget of calls.
 ///
@@ -154,25 +155,8 @@ impl RateLimiter {
     }
 }
 
-/// Applies [`RateLimit`] with a shared [`RateLimiter`].
-pub type RateLimitLayer = PolicyLayer<RateLimiter>;
-
-/// Delays calls so that they never exceed the limiter's rate.
-pub type RateLimit<S> = Guarded<S, RateLimiter>;
-
-impl RateLimitLayer {
-    /// Limits calls through `limiter`; give the same limiter to several layers to share it.
-    pub fn new(limiter: RateLimiter) -> Self {
-        PolicyLayer::of(limiter)
-    }
-}
-
 impl Policy for RateLimiter {
-    fn around<S: Wrappable<Req>, Req: Clone + Send + 'static>(
-        &self,
-        inner: S,
-        req: Req,
-    ) -> BoxFuture<S::Response> {
+    fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response> {
         let limiter = self.clone();
         Box::pin(async move {
             limiter.acquire().await;

@@ -15,8 +15,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+pub use super::{Retry, RetryLayer};
 use crate::error::ErrorClass;
-use crate::layer::{BoxFuture, Guarded, Policy, PolicyLayer, Wrappable};
+use crate::layer::{BoxFuture, Policy, Request, Wrappable};
 
 /// When to retry: attempts, elapsed time, backoff and budget.
 #[derive(Debug, Clone)]
@@ -83,30 +84,18 @@ pub struct Retrying {
     label: Arc<str>,
 }
 
-/// Applies [`Retry`] to a service.
-pub type RetryLayer = PolicyLayer<Retrying>;
-
-/// Retries transient errors of the inner service, per [`RetryPolicy`].
-///
-/// The error finally returned records how many attempts were made.
-pub type Retry<S> = Guarded<S, Retrying>;
-
-impl RetryLayer {
+impl Retrying {
     /// Retries with `policy`; `label` names the sink in metrics.
     pub fn new(policy: RetryPolicy, label: impl Into<Arc<str>>) -> Self {
-        PolicyLayer::of(Retrying {
+        Retrying {
             policy: Arc::new(policy),
             label: label.into(),
-        })
+        }
     }
 }
 
 impl Policy for Retrying {
-    fn around<S: Wrappable<Req>, Req: Clone + Send + 'static>(
-        &self,
-        inner: S,
-        req: Req,
-    ) -> BoxFuture<S::Response> {
+    fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response> {
         let policy = self.policy.clone();
         let label = self.label.clone();
         Box::pin(async move {
@@ -176,7 +165,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_transient_until_success() {
         let (calls, svc) = flaky(3, ErrorClass::Transient);
-        let svc = RetryLayer::new(RetryPolicy::default(), "t").layer(svc);
+        let svc = RetryLayer::new(Retrying::new(RetryPolicy::default(), "t")).layer(svc);
         assert_eq!(svc.oneshot(7).await.unwrap(), 7);
         assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
@@ -185,7 +174,7 @@ mod tests {
     async fn gives_up_after_max_attempts_and_says_how_many() {
         let (calls, svc) = flaky(100, ErrorClass::Transient);
         let policy = RetryPolicy::default().max_attempts(3);
-        let err = RetryLayer::new(policy, "t")
+        let err = RetryLayer::new(Retrying::new(policy, "t"))
             .layer(svc)
             .oneshot(1)
             .await
@@ -197,7 +186,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn does_not_retry_poison() {
         let (calls, svc) = flaky(100, ErrorClass::Poison);
-        let err = RetryLayer::new(RetryPolicy::default(), "t")
+        let err = RetryLayer::new(Retrying::new(RetryPolicy::default(), "t"))
             .layer(svc)
             .oneshot(1)
             .await
@@ -218,7 +207,7 @@ mod tests {
             ))
             .max_elapsed(Duration::from_secs(10));
         let started = Instant::now();
-        RetryLayer::new(policy, "t")
+        RetryLayer::new(Retrying::new(policy, "t"))
             .layer(svc)
             .oneshot(1)
             .await
@@ -234,7 +223,7 @@ mod tests {
     async fn budget_caps_retries_across_calls() {
         let (calls, svc) = flaky(u32::MAX, ErrorClass::Transient);
         let policy = RetryPolicy::default().budget(RetryBudget::new(0.0, 1.0));
-        let svc = RetryLayer::new(policy, "t").layer(svc);
+        let svc = RetryLayer::new(Retrying::new(policy, "t")).layer(svc);
         for _ in 0..10 {
             svc.clone().oneshot(1).await.unwrap_err();
         }
