@@ -174,32 +174,22 @@ impl DynamoDbState {
     /// Every row the scan's filter admits, all pages.
     async fn scan_all(&self, scan: &Scan) -> Result<Vec<StateRow>, Error> {
         let now = now_millis();
-        let mut rows = Vec::new();
-        let mut start = None;
-        loop {
-            let mut request = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .set_exclusive_start_key(start);
-            if !scan.prefix.is_empty() {
-                request = request
-                    .filter_expression("begins_with(pk, :p)")
-                    .expression_attribute_values(":p", AttributeValue::S(scan.prefix.clone()));
-            }
-            let page = request.send().await.map_err(classify)?;
-            rows.extend(
-                page.items()
-                    .iter()
-                    .filter_map(row_of)
-                    .filter(|r| scan.admits(&r.key) && !r.expired(now)),
-            );
-            match page.last_evaluated_key() {
-                Some(key) if !key.is_empty() => start = Some(key.clone()),
-                _ => break,
-            }
+        let mut request = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .consistent_read(true);
+        if !scan.prefix.is_empty() {
+            request = request
+                .filter_expression("begins_with(pk, :p)")
+                .expression_attribute_values(":p", AttributeValue::S(scan.prefix.clone()));
         }
+        let mut rows: Vec<StateRow> = crate::scan_items(request)
+            .await?
+            .iter()
+            .filter_map(row_of)
+            .filter(|r| scan.admits(&r.key) && !r.expired(now))
+            .collect();
         rows.sort_by(|a, b| a.key.cmp(&b.key));
         rows.truncate(scan.limit);
         Ok(rows)
@@ -245,11 +235,7 @@ impl KeyedState for DynamoDbState {
                 .await;
             let mut applied = Applied::default();
             for result in results {
-                if result.map_err(boxed)? {
-                    applied.written += 1;
-                } else {
-                    applied.stale += 1;
-                }
+                applied.count(result.map_err(boxed)?);
             }
             Ok(applied)
         })
@@ -277,47 +263,37 @@ impl KeyedState for DynamoDbState {
 
     fn expire(&self, now: i64) -> HubFuture<'_, u64> {
         Box::pin(async move {
-            let all = Scan::prefix("", usize::MAX);
+            let request = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .filter_expression("#x <= :now")
+                .expression_attribute_names("#x", "expires")
+                .expression_attribute_values(":now", AttributeValue::N(now.to_string()));
             let mut expired = 0;
-            let mut start = None;
-            loop {
-                let page = self
+            for row in crate::scan_items(request)
+                .await
+                .map_err(boxed)?
+                .iter()
+                .filter_map(row_of)
+            {
+                let deleted = self
                     .client
-                    .scan()
+                    .delete_item()
                     .table_name(&self.table)
-                    .filter_expression("#x <= :now")
+                    .key("pk", AttributeValue::S(row.key))
+                    .condition_expression("#x <= :now")
                     .expression_attribute_names("#x", "expires")
                     .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
-                    .set_exclusive_start_key(start)
                     .send()
-                    .await
-                    .map_err(|e| boxed(classify(e)))?;
-                for row in page.items().iter().filter_map(row_of) {
-                    if !all.admits(&row.key) {
-                        continue;
-                    }
-                    let deleted = self
-                        .client
-                        .delete_item()
-                        .table_name(&self.table)
-                        .key("pk", AttributeValue::S(row.key.clone()))
-                        .condition_expression("#x <= :now")
-                        .expression_attribute_names("#x", "expires")
-                        .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
-                        .send()
-                        .await;
-                    match deleted {
-                        Ok(_) => expired += 1,
-                        // Written again meanwhile: no longer expired.
-                        Err(e)
-                            if e.as_service_error()
-                                .is_some_and(|s| s.is_conditional_check_failed_exception()) => {}
-                        Err(e) => return Err(boxed(classify(e))),
-                    }
-                }
-                match page.last_evaluated_key() {
-                    Some(key) if !key.is_empty() => start = Some(key.clone()),
-                    _ => break,
+                    .await;
+                match deleted {
+                    Ok(_) => expired += 1,
+                    // Written again meanwhile: no longer expired.
+                    Err(e)
+                        if e.as_service_error()
+                            .is_some_and(|s| s.is_conditional_check_failed_exception()) => {}
+                    Err(e) => return Err(boxed(classify(e))),
                 }
             }
             Ok(expired)

@@ -196,28 +196,13 @@ impl DynamoDbFaults {
     }
 
     async fn scan(&self, filter: &FaultFilter) -> Result<Vec<StoredFault>, Error> {
-        let mut out = Vec::new();
-        let mut start = None;
-        loop {
-            let page = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(classify)?;
-            out.extend(
-                page.items()
-                    .iter()
-                    .filter_map(Self::stored)
-                    .filter(|f| filter.admits(f)),
-            );
-            start = page.last_evaluated_key().cloned();
-            if start.is_none() {
-                break;
-            }
-        }
+        let request = self.client.scan().table_name(&self.table);
+        let mut out: Vec<StoredFault> = crate::scan_items(request)
+            .await?
+            .iter()
+            .filter_map(Self::stored)
+            .filter(|f| filter.admits(f))
+            .collect();
         out.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.id.cmp(&b.id)));
         out.truncate(filter.limit.unwrap_or(usize::MAX));
         Ok(out)

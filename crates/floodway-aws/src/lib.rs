@@ -134,6 +134,22 @@ where
     Ok(delivery)
 }
 
+/// Every item a DynamoDB scan returns, all pages.
+pub(crate) async fn scan_items(
+    request: aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder,
+) -> Result<
+    Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>,
+    floodway::Error,
+> {
+    request
+        .into_paginator()
+        .items()
+        .send()
+        .try_collect()
+        .await
+        .map_err(classify::classify)
+}
+
 /// Splits items into chunks of at most `count` items and `bytes` bytes (an item larger than
 /// `bytes` goes alone).
 pub(crate) fn chunks<T>(

@@ -1,8 +1,8 @@
 //! The embedded hub as an [`EventHub`]: what processors and the command use.
 
 use floodway::hub::{
-    BoxCheckpointer, BoxSource, EventHub, HubFuture, HubStats, HubSubscription, PartitionStats,
-    PublishFuture, PublishReceipt, ReadOptions, SubscriptionStats,
+    EventHub, HubFuture, HubStats, HubSubscription, PartitionStats, PublishFuture, PublishReceipt,
+    ReadOptions, SubscriptionStats,
 };
 use floodway::Event;
 
@@ -75,11 +75,7 @@ impl EventHub for Hub {
         Box::pin(async move {
             let (reader, checkpointer) =
                 self.subscribe_waiting(name, options.into()).await?.split();
-            Ok(HubSubscription {
-                reader: BoxSource::new(reader),
-                checkpointer: BoxCheckpointer::new(checkpointer),
-                closed: None,
-            })
+            Ok(HubSubscription::new(reader, checkpointer))
         })
     }
 

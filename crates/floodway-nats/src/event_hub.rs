@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use floodway::hub::{
-    BoxCheckpointer, BoxSource, EventHub, HubFuture, HubStats, HubSubscription, PartitionStats,
-    PublishFuture, PublishReceipt, ReadOptions, Stream, SubscriptionStats,
+    EventHub, HubFuture, HubStats, HubSubscription, PartitionStats, PublishFuture, PublishReceipt,
+    ReadOptions, Stream, SubscriptionStats,
 };
 use floodway::{Error, Event};
 
@@ -124,13 +124,9 @@ impl EventHub for NatsEventHub {
                 .into());
             }
             let subscription = self.hub.subscribe(name, self.options(options)).await?;
-            let closed = Box::pin(subscription.closed());
+            let closed = subscription.closed();
             let (reader, checkpointer) = subscription.split();
-            Ok(HubSubscription {
-                reader: BoxSource::new(reader),
-                checkpointer: BoxCheckpointer::new(checkpointer),
-                closed: Some(closed),
-            })
+            Ok(HubSubscription::new(reader, checkpointer).closing(closed))
         })
     }
 

@@ -200,6 +200,24 @@ pub struct HubSubscription {
     pub closed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
+impl HubSubscription {
+    /// A subscription of a log: its reader and checkpointer, boxed.
+    pub fn new(reader: impl Source, checkpointer: impl Checkpointer + 'static) -> Self {
+        HubSubscription {
+            reader: BoxSource::new(reader),
+            checkpointer: BoxCheckpointer::new(checkpointer),
+            closed: None,
+        }
+    }
+
+    /// With a future that resolves when unfinished records are handed back.
+    #[must_use]
+    pub fn closing(mut self, closed: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.closed = Some(Box::pin(closed));
+        self
+    }
+}
+
 impl Debug for HubSubscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HubSubscription").finish_non_exhaustive()

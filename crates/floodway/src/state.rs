@@ -67,6 +67,18 @@ pub struct StateRow {
     pub expires_at: Option<i64>,
 }
 
+impl From<&StateWrite> for StateRow {
+    /// The row a write leaves.
+    fn from(w: &StateWrite) -> Self {
+        StateRow {
+            key: w.key.clone(),
+            version: w.version.clone(),
+            value: w.value.clone(),
+            expires_at: w.expires_at,
+        }
+    }
+}
+
 impl StateRow {
     /// Whether the row has expired at `now` (ms since the epoch).
     pub fn expired(&self, now: i64) -> bool {
@@ -84,6 +96,17 @@ pub struct Applied {
     /// Events applied before (found in the inbox): nothing changed. A store whose rows alone
     /// recognise a repeat (DynamoDB) counts it as stale.
     pub duplicates: usize,
+}
+
+impl Applied {
+    /// Counts one write that met no inbox entry: written, or stale.
+    pub fn count(&mut self, written: bool) {
+        if written {
+            self.written += 1;
+        } else {
+            self.stale += 1;
+        }
+    }
 }
 
 /// A read of the rows whose keys start with `prefix`, in key order, after `after`, at most
@@ -243,17 +266,9 @@ impl KeyedState for MemoryState {
                 }
                 let newer = inner.rows.get(&w.key).is_none_or(|r| w.version > r.version);
                 if newer {
-                    let row = StateRow {
-                        key: w.key.clone(),
-                        version: w.version.clone(),
-                        value: w.value.clone(),
-                        expires_at: w.expires_at,
-                    };
-                    inner.rows.insert(w.key.clone(), row);
-                    applied.written += 1;
-                } else {
-                    applied.stale += 1;
+                    inner.rows.insert(w.key.clone(), StateRow::from(w));
                 }
+                applied.count(newer);
             }
             Ok(applied)
         })

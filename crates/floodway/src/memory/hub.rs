@@ -9,8 +9,8 @@ use tokio::sync::Notify;
 use crate::error::{CommitError, SourceError};
 use crate::event::{now_millis, partition_for, Event};
 use crate::hub::{
-    BoxCheckpointer, BoxSource, EventHub, HubFuture, HubStats, HubSubscription, PartitionStats,
-    PublishFuture, PublishReceipt, ReadOptions, StartAt, SubscriptionStats,
+    EventHub, HubFuture, HubStats, HubSubscription, PartitionStats, PublishFuture, PublishReceipt,
+    ReadOptions, StartAt, SubscriptionStats,
 };
 use crate::source::{Checkpoint, Checkpointer, Source};
 use crate::uow::Record;
@@ -203,11 +203,7 @@ impl EventHub for MemoryHub {
                 transient: options.transient,
                 _hold: hold,
             };
-            Ok(HubSubscription {
-                reader: BoxSource::new(reader),
-                checkpointer: BoxCheckpointer::new(checkpointer),
-                closed: None,
-            })
+            Ok(HubSubscription::new(reader, checkpointer))
         })
     }
 

@@ -213,73 +213,48 @@ async fn steps(core: &PipelineCore, timer: &Histogram, uow: Uow, from: usize) ->
     out
 }
 
-async fn run_single(
+/// Runs the remaining steps of a unit of work; then, for a pipeline without batching, sends
+/// each output to the sink, or (`pre`) hands the outputs on to the batcher.
+async fn run_steps(
     ctx: &UnitCtx,
     core: &PipelineCore,
     timers: &Timers,
-    uow: Uow,
-    from: usize,
+    (uow, from): (Uow, usize),
+    pre: bool,
 ) -> Result<Outcome, RunError> {
     let ticket = uow.ticket;
     let out = steps(core, &timers.steps, uow, from).await;
     let mut faults = fault_failures(ctx, core, out.failed).await?;
-    let mut delivered = 0;
-    for (uow, _) in out.ready {
-        let failed = send(core, &timers.sink, Batch::one(uow)).await?;
-        if failed.is_empty() {
-            delivered += 1;
-        }
-        for (uow, err) in failed {
-            publish_fault(
-                ctx,
-                &core.name,
-                "sink",
-                &uow.record,
-                Some(&uow.event),
-                &err,
-                &core.redact,
-            )
-            .await?;
-            faults += 1;
+    let mut outcome = Outcome {
+        finished: SmallVec::new(),
+        children: Vec::new(),
+        delivered: 0,
+        faults: 0,
+        pre,
+    };
+    if pre {
+        outcome.children = out.ready.into_iter().map(|(u, _)| u).collect();
+    } else {
+        for (uow, _) in out.ready {
+            let failed = send(core, &timers.sink, Batch::one(uow)).await?;
+            if failed.is_empty() {
+                outcome.delivered += 1;
+            }
+            faults += fault_sink_failures(ctx, core, &failed).await?;
         }
     }
-    Ok(Outcome {
-        finished: smallvec![(ticket, faults > 0)],
-        children: Vec::new(),
-        delivered,
-        faults,
-        pre: false,
-    })
+    outcome.finished = smallvec![(ticket, faults > 0)];
+    outcome.faults = faults;
+    Ok(outcome)
 }
 
-async fn run_pre(
+/// Publishes the faults of units of work the sink failed for good.
+async fn fault_sink_failures(
     ctx: &UnitCtx,
     core: &PipelineCore,
-    timers: &Timers,
-    uow: Uow,
-    from: usize,
-) -> Result<Outcome, RunError> {
-    let ticket = uow.ticket;
-    let out = steps(core, &timers.steps, uow, from).await;
-    let faults = fault_failures(ctx, core, out.failed).await?;
-    Ok(Outcome {
-        finished: smallvec![(ticket, faults > 0)],
-        children: out.ready.into_iter().map(|(u, _)| u).collect(),
-        delivered: 0,
-        faults,
-        pre: true,
-    })
-}
-
-async fn run_batch(
-    ctx: &UnitCtx,
-    core: &PipelineCore,
-    sink_seconds: &Histogram,
-    flushed: Flushed,
-) -> Result<Outcome, RunError> {
-    let failed = send(core, sink_seconds, flushed.items.clone()).await?;
-    let mut faulted: Vec<&Uow> = Vec::with_capacity(failed.len());
-    for (uow, err) in &failed {
+    failed: &[(Uow, Error)],
+) -> Result<u64, RunError> {
+    for (uow, err) in failed {
         publish_fault(
             ctx,
             &core.name,
@@ -290,18 +265,28 @@ async fn run_batch(
             &core.redact,
         )
         .await?;
-        faulted.push(uow);
     }
+    Ok(failed.len() as u64)
+}
+
+async fn run_batch(
+    ctx: &UnitCtx,
+    core: &PipelineCore,
+    sink_seconds: &Histogram,
+    flushed: Flushed,
+) -> Result<Outcome, RunError> {
+    let failed = send(core, sink_seconds, flushed.items.clone()).await?;
+    fault_sink_failures(ctx, core, &failed).await?;
     let is_faulted = |m: &Uow| {
-        faulted
+        failed
             .iter()
-            .any(|f| f.ticket == m.ticket && Arc::ptr_eq(&f.event, &m.event))
+            .any(|(f, _)| f.ticket == m.ticket && Arc::ptr_eq(&f.event, &m.event))
     };
     Ok(Outcome {
         finished: flushed
             .members
             .iter()
-            .map(|m| (m.ticket, !faulted.is_empty() && is_faulted(m)))
+            .map(|m| (m.ticket, !failed.is_empty() && is_faulted(m)))
             .collect(),
         children: Vec::new(),
         delivered: (flushed.items.len() - failed.len()) as u64,
@@ -335,8 +320,8 @@ pub(crate) fn scheduled(
     Box::pin(
         async move {
             let result = match work {
-                Work::Single { uow, from } => run_single(&ctx, &core, &timers, uow, from).await,
-                Work::Pre { uow, from } => run_pre(&ctx, &core, &timers, uow, from).await,
+                Work::Single { uow, from } => run_steps(&ctx, &core, &timers, (uow, from), false).await,
+                Work::Pre { uow, from } => run_steps(&ctx, &core, &timers, (uow, from), true).await,
                 Work::Batch(flushed) => run_batch(&ctx, &core, &timers.sink, flushed).await,
             };
             UnitOutput {

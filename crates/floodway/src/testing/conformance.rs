@@ -504,7 +504,8 @@ pub async fn stats_count_events_and_subscriptions(hub: SharedHub) {
 #[macro_export]
 macro_rules! hub_conformance_tests {
     ($fresh:path) => {
-        $crate::hub_conformance_tests!(@each $fresh,
+        $crate::conformance_scenarios!(
+            $fresh,
             publish_and_read_back,
             publishing_is_idempotent,
             a_subscription_resumes_from_its_checkpoint,
@@ -517,15 +518,6 @@ macro_rules! hub_conformance_tests {
             a_fatal_stop_resumes_after_the_fix,
             stats_count_events_and_subscriptions
         );
-    };
-    (@each $fresh:path, $($scenario:ident),+) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $scenario() {
-                let (hub, _guard) = $fresh().await;
-                $crate::testing::conformance::$scenario(hub).await;
-            }
-        )+
     };
 }
 
@@ -676,20 +668,12 @@ pub async fn a_fault_store_resolves_and_reopens(store: SharedFaultStore) {
 #[macro_export]
 macro_rules! fault_store_conformance_tests {
     ($fresh:path) => {
-        $crate::fault_store_conformance_tests!(@each $fresh,
+        $crate::conformance_scenarios!(
+            $fresh,
             a_fault_store_counts_each_raise_once,
             a_fault_store_filters,
             a_fault_store_resolves_and_reopens
         );
-    };
-    (@each $fresh:path, $($scenario:ident),+) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $scenario() {
-                let (store, _guard) = $fresh().await;
-                $crate::testing::conformance::$scenario(store).await;
-            }
-        )+
     };
 }
 
@@ -801,19 +785,27 @@ pub async fn keyed_state_rows_expire(state: SharedState) {
 #[macro_export]
 macro_rules! keyed_state_conformance_tests {
     ($fresh:path) => {
-        $crate::keyed_state_conformance_tests!(@each $fresh,
+        $crate::conformance_scenarios!(
+            $fresh,
             keyed_state_is_latest_wins_in_any_order,
             keyed_state_applies_an_event_once,
             keyed_state_scans_a_prefix_in_key_order,
             keyed_state_rows_expire
         );
     };
-    (@each $fresh:path, $($scenario:ident),+) => {
+}
+
+/// One `#[tokio::test]` per scenario, each given what `$fresh().await` opens (the rest of its
+/// answer lives as long as the test): what the suites above expand to.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! conformance_scenarios {
+    ($fresh:path, $($scenario:ident),+) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $scenario() {
-                let (state, _guard) = $fresh().await;
-                $crate::testing::conformance::$scenario(state).await;
+                let (opened, _guard) = $fresh().await;
+                $crate::testing::conformance::$scenario(opened).await;
             }
         )+
     };
