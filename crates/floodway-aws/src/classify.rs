@@ -101,3 +101,15 @@ where
         _ => Error::poison_msg("AwsRequest", format!("{error:?}")),
     }
 }
+
+/// The entries of a batch answer that carry an error code, by position, classified.
+pub(crate) fn failed_entries<'a>(
+    answers: impl Iterator<Item = (Option<&'a str>, Option<&'a str>)>,
+) -> Vec<(usize, Error)> {
+    answers
+        .enumerate()
+        .filter_map(|(i, (code, message))| {
+            Some((i, classify_code(code?, message.unwrap_or_default())))
+        })
+        .collect()
+}

@@ -4,7 +4,7 @@ use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use aws_sdk_eventbridge::Client;
 use floodway::{Batch, Delivery, Error, Event};
 
-use crate::classify::{classify, classify_code};
+use crate::classify::{classify, failed_entries};
 use crate::deliver_in_chunks;
 
 /// Entries per call.
@@ -80,18 +80,11 @@ impl EventBridgeSink {
                     .send()
                     .await
                     .map_err(classify)?;
-                Ok(out
-                    .entries()
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, r)| {
-                        let code = r.error_code()?;
-                        Some((
-                            i,
-                            classify_code(code, r.error_message().unwrap_or_default()),
-                        ))
-                    })
-                    .collect())
+                Ok(failed_entries(
+                    out.entries()
+                        .iter()
+                        .map(|r| (r.error_code(), r.error_message())),
+                ))
             }
         })
         .await

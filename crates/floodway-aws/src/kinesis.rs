@@ -5,7 +5,7 @@ use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
 use floodway::{Batch, Delivery, Error};
 
-use crate::classify::{classify, classify_code};
+use crate::classify::{classify, failed_entries};
 use crate::deliver_in_chunks;
 
 /// Records per call.
@@ -95,18 +95,11 @@ impl KinesisSink {
                         .send()
                         .await
                         .map_err(classify)?;
-                    let failed: Vec<(usize, Error)> = out
-                        .records()
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(i, r)| {
-                            let code = r.error_code()?;
-                            Some((
-                                i,
-                                classify_code(code, r.error_message().unwrap_or_default()),
-                            ))
-                        })
-                        .collect();
+                    let failed = failed_entries(
+                        out.records()
+                            .iter()
+                            .map(|r| (r.error_code(), r.error_message())),
+                    );
                     Ok(with_later_of_same_key(failed, &keys))
                 }
             },

@@ -181,9 +181,31 @@ mod tests {
     use super::*;
     use floodway::Error;
 
-    /// Positions 0..n, two entries per chunk.
-    fn entries(n: usize) -> Vec<(usize, usize)> {
-        (0..n).map(|i| (i, i)).collect()
+    type Answer = Result<Vec<(usize, Error)>, Error>;
+
+    /// Delivers entries 0..n in chunks of two, each call answered by `script(call number,
+    /// entries)`; returns the outcome and the entries of each call.
+    async fn deliver(
+        n: usize,
+        ordered: bool,
+        script: impl Fn(usize, &[usize]) -> Answer,
+    ) -> (Result<Delivery, Error>, Vec<Vec<usize>>) {
+        let mut calls = Vec::new();
+        let entries = (0..n).map(|i| (i, i)).collect();
+        let outcome = deliver_in_chunks(
+            Delivery::complete(),
+            entries,
+            (2, usize::MAX),
+            |_| 1,
+            ordered,
+            |items: Vec<usize>| {
+                calls.push(items.clone());
+                let answer = script(calls.len(), &items);
+                async move { answer }
+            },
+        )
+        .await;
+        (outcome, calls)
     }
 
     fn failed_positions(delivery: &Delivery) -> Vec<usize> {
@@ -192,28 +214,22 @@ mod tests {
         p
     }
 
+    fn unavailable() -> Error {
+        Error::transient_msg("Unavailable", "503")
+    }
+
     #[tokio::test]
     async fn entries_the_service_failed_are_reported_at_their_batch_positions() {
-        let mut calls = Vec::new();
-        let delivery = deliver_in_chunks(
-            Delivery::complete(),
-            entries(5),
-            (2, usize::MAX),
-            |_| 1,
-            false,
-            |items: Vec<usize>| {
-                calls.push(items.clone());
-                // The second entry of every chunk is throttled.
-                let failed = if items.len() > 1 {
-                    vec![(1, Error::throttled_msg("Throttled", "slow down"))]
-                } else {
-                    Vec::new()
-                };
-                async move { Ok(failed) }
-            },
-        )
-        .await
-        .unwrap();
+        // The second entry of every chunk is throttled.
+        let (delivery, calls) = deliver(5, false, |_, items| {
+            Ok(if items.len() > 1 {
+                vec![(1, Error::throttled_msg("Throttled", "slow down"))]
+            } else {
+                Vec::new()
+            })
+        })
+        .await;
+        let delivery = delivery.unwrap();
         assert_eq!(calls, vec![vec![0, 1], vec![2, 3], vec![4]]);
         assert_eq!(failed_positions(&delivery), vec![1, 3]);
         assert!(delivery.failed().iter().all(|(_, e)| e.is_throttle()));
@@ -221,91 +237,40 @@ mod tests {
 
     #[tokio::test]
     async fn a_first_chunk_failing_as_a_whole_fails_the_call() {
-        let err = deliver_in_chunks(
-            Delivery::complete(),
-            entries(4),
-            (2, usize::MAX),
-            |_| 1,
-            false,
-            |_: Vec<usize>| async { Err(Error::transient_msg("Unavailable", "503")) },
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(err.name(), "Unavailable");
+        let (outcome, _) = deliver(4, false, |_, _| Err(unavailable())).await;
+        assert_eq!(outcome.unwrap_err().name(), "Unavailable");
     }
 
     #[tokio::test]
     async fn a_later_chunk_failing_fails_it_and_what_follows_unsent() {
-        let mut calls = 0;
-        let delivery = deliver_in_chunks(
-            Delivery::complete(),
-            entries(6),
-            (2, usize::MAX),
-            |_| 1,
-            false,
-            |_: Vec<usize>| {
-                calls += 1;
-                let answer = if calls == 2 {
-                    Err(Error::transient_msg("Unavailable", "503"))
-                } else {
-                    Ok(Vec::new())
-                };
-                async move { answer }
-            },
-        )
-        .await
-        .unwrap();
-        assert_eq!(calls, 2, "the chunk after the failed one is not sent");
-        assert_eq!(failed_positions(&delivery), vec![2, 3, 4, 5]);
+        let (delivery, calls) = deliver(6, false, |call, _| match call {
+            2 => Err(unavailable()),
+            _ => Ok(Vec::new()),
+        })
+        .await;
+        assert_eq!(calls.len(), 2, "the chunk after the failed one is not sent");
+        assert_eq!(failed_positions(&delivery.unwrap()), vec![2, 3, 4, 5]);
     }
 
     #[tokio::test]
     async fn a_later_poison_chunk_fails_the_call_so_it_is_bisected() {
-        let mut calls = 0;
-        let err = deliver_in_chunks(
-            Delivery::complete(),
-            entries(4),
-            (2, usize::MAX),
-            |_| 1,
-            false,
-            |_: Vec<usize>| {
-                calls += 1;
-                let answer = if calls == 2 {
-                    Err(Error::poison_msg("ValidationException", "bad entry"))
-                } else {
-                    Ok(Vec::new())
-                };
-                async move { answer }
-            },
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(err.class(), floodway::ErrorClass::Poison);
+        let (outcome, _) = deliver(4, false, |call, _| match call {
+            2 => Err(Error::poison_msg("ValidationException", "bad entry")),
+            _ => Ok(Vec::new()),
+        })
+        .await;
+        assert_eq!(outcome.unwrap_err().class(), floodway::ErrorClass::Poison);
     }
 
     #[tokio::test]
     async fn ordered_chunks_stop_at_the_first_failure() {
-        let mut calls = 0;
-        let delivery = deliver_in_chunks(
-            Delivery::complete(),
-            entries(6),
-            (2, usize::MAX),
-            |_| 1,
-            true,
-            |_: Vec<usize>| {
-                calls += 1;
-                let failed = if calls == 1 {
-                    vec![(0, Error::throttled_msg("Throttled", "slow down"))]
-                } else {
-                    Vec::new()
-                };
-                async move { Ok(failed) }
-            },
-        )
-        .await
-        .unwrap();
-        assert_eq!(calls, 1);
-        assert_eq!(failed_positions(&delivery), vec![0, 2, 3, 4, 5]);
+        let (delivery, calls) = deliver(6, true, |call, _| match call {
+            1 => Ok(vec![(0, Error::throttled_msg("Throttled", "slow down"))]),
+            _ => Ok(Vec::new()),
+        })
+        .await;
+        assert_eq!(calls.len(), 1);
+        assert_eq!(failed_positions(&delivery.unwrap()), vec![0, 2, 3, 4, 5]);
     }
 
     #[test]

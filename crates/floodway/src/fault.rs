@@ -386,31 +386,33 @@ pub(crate) fn fault_event(
 mod tests {
     use super::*;
 
+    const ORIGIN: FaultOrigin<'static> = FaultOrigin {
+        processor: "p",
+        pipeline: "l",
+        step: "validate-1",
+    };
+
+    /// The fault of record 7 holding `data`, raised with `err`, `customer.email` redacted.
+    fn redacted_fault(data: &str, err: &Error) -> (Record, Event) {
+        let record = Record::new("memory", "0", 7, data.to_owned());
+        let event = Event::decode(data.as_bytes()).unwrap();
+        let fault = fault_event(
+            ORIGIN,
+            &record,
+            Some(&event),
+            err,
+            &["customer.email".into()],
+        );
+        (record, fault)
+    }
+
     #[test]
     fn faults_are_deterministic_redacted_and_carry_the_record() {
         let data = r#"{"id":"e1","type":"t","timestamp":1,"partitionKey":"k","customer":{"email":"a@b","name":"A"}}"#;
-        let record = Record::new("memory", "0", 7, data);
-        let event = Event::decode(data.as_bytes()).unwrap();
-        let origin = FaultOrigin {
-            processor: "p",
-            pipeline: "l",
-            step: "validate-1",
-        };
         let err = Error::poison_msg("Invalid", "bad");
-        let a = fault_event(
-            origin,
-            &record,
-            Some(&event),
-            &err,
-            &["customer.email".into()],
-        );
-        let b = fault_event(
-            origin,
-            &record,
-            Some(&event),
-            &err,
-            &["customer.email".into()],
-        );
+        let (record, a) = redacted_fault(data, &err);
+        let (_, b) = redacted_fault(data, &err);
+        let event = Event::decode(data.as_bytes()).unwrap();
         assert_eq!(fault_id(&a), fault_id(&b));
         assert_ne!(a.id(), b.id(), "each raise is an event of its own");
         assert_eq!(a.event_type(), "fault");
@@ -425,7 +427,7 @@ mod tests {
         let other = fault_event(
             FaultOrigin {
                 step: "map-2",
-                ..origin
+                ..ORIGIN
             },
             &record,
             Some(&event),
@@ -441,21 +443,8 @@ mod tests {
     #[test]
     fn a_redacted_field_appears_nowhere_in_the_fault() {
         let data = r#"{"id":"e1","type":"t","timestamp":1,"partitionKey":"k","customer":{"email":"ann@example.com","name":"Ann"}}"#;
-        let record = Record::new("memory", "0", 7, data);
-        let event = Event::decode(data.as_bytes()).unwrap();
-        let origin = FaultOrigin {
-            processor: "p",
-            pipeline: "l",
-            step: "validate-1",
-        };
         let err = Error::poison_msg("InvalidEmail", "ann@example.com is not deliverable");
-        let fault = fault_event(
-            origin,
-            &record,
-            Some(&event),
-            &err,
-            &["customer.email".into()],
-        );
+        let (_, fault) = redacted_fault(data, &err);
         let text = fault.to_json();
         assert!(!text.contains("ann@example.com"), "{text}");
         let details: FaultDetails = fault.payload().unwrap();

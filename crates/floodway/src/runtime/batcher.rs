@@ -186,16 +186,21 @@ mod tests {
         Uow::detached(Event::builder("t", key).id(id).timestamp(ts).build())
     }
 
+    /// Grouped by event id: `2` in group B, every other in group A.
+    fn two_groups() -> Batcher {
+        let group = |id: &str| if id == "2" { "B" } else { "A" };
+        Batcher::new(Batching {
+            config: BatchConfig::count(100),
+            group: Some(Arc::new(move |u: &Uow| group(u.event().id()).to_owned())),
+            compact: None,
+        })
+    }
+
     #[test]
     fn grouping_never_reorders_a_fifo_message_group() {
         // e1 and e3 in group A, e2 in B; the three have different partition keys but one
         // order key (an SQS FIFO message group): e2 must not be overtaken by e3.
-        let group = |id: &str| if id == "2" { "B" } else { "A" };
-        let mut b = Batcher::new(Batching {
-            config: BatchConfig::count(100),
-            group: Some(Arc::new(move |u: &Uow| group(u.event().id()).to_owned())),
-            compact: None,
-        });
+        let mut b = two_groups();
         for id in ["1", "2", "3"] {
             let mut u = uow(&format!("key-{id}"), 1, id);
             u.record = Arc::new(Record::new("sqs", "g", 0, "").with_order_key("g"));
@@ -267,12 +272,7 @@ mod tests {
     fn grouping_never_reorders_a_partition_key() {
         // Grouped by a field that is not the partition key: e1 and e3 share group A, e2 is in
         // B, and all three share partition key k. Running A then B would send e3 before e2.
-        let group = |id: &str| if id == "2" { "B" } else { "A" };
-        let mut b = Batcher::new(Batching {
-            config: BatchConfig::count(100),
-            group: Some(Arc::new(move |u: &Uow| group(u.event().id()).to_owned())),
-            compact: None,
-        });
+        let mut b = two_groups();
         for id in ["1", "2", "3"] {
             b.push(uow("k", 1, id));
         }

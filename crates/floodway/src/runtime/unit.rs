@@ -320,7 +320,9 @@ pub(crate) fn scheduled(
     Box::pin(
         async move {
             let result = match work {
-                Work::Single { uow, from } => run_steps(&ctx, &core, &timers, (uow, from), false).await,
+                Work::Single { uow, from } => {
+                    run_steps(&ctx, &core, &timers, (uow, from), false).await
+                }
                 Work::Pre { uow, from } => run_steps(&ctx, &core, &timers, (uow, from), true).await,
                 Work::Batch(flushed) => run_batch(&ctx, &core, &timers.sink, flushed).await,
             };
