@@ -96,7 +96,7 @@ pub enum HubError {
         /// The subscription.
         subscription: String,
         /// Who holds it.
-        holder: Box<crate::lease::LeaseHolder>,
+        holder: Box<LeaseHolder>,
         /// How long its lease lasts unless renewed.
         expires_in: std::time::Duration,
     },
@@ -156,5 +156,26 @@ fn upgrade_advice(found: i64, supported: i64) -> &'static str {
     } else {
         "it was written by an older Floodway: keep using that version for it, or publish its \
          events into a new hub"
+    }
+}
+
+/// The process holding a subscription's lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    /// The holder's id: host, process id and a random part (one per opened subscription).
+    pub id: String,
+    /// The host name of the holding process.
+    pub host: String,
+    /// Its process id.
+    pub pid: u32,
+    /// When it took the lease (ms since the epoch).
+    pub acquired: i64,
+    /// When its lease expires unless renewed (ms since the epoch).
+    pub expires: i64,
+}
+
+impl std::fmt::Display for LeaseHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "process {} on host {}", self.pid, self.host)
     }
 }

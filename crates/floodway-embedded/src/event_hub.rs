@@ -8,6 +8,7 @@ use floodway::Event;
 
 use crate::hub::Hub;
 use crate::subscription::{ResetTo, StartAt, SubscriptionOptions};
+use floodway::state::{SharedState, StateStore};
 
 impl From<floodway::hub::StartAt> for StartAt {
     fn from(start: floodway::hub::StartAt) -> StartAt {
@@ -142,6 +143,17 @@ impl EventHub for Hub {
                     .collect(),
                 newest_published: newest.first().map(|(time, _)| *time),
             })
+        })
+    }
+}
+
+impl StateStore for Hub {
+    fn open<'a>(&'a self, name: &'a str) -> HubFuture<'a, SharedState> {
+        let hub = self.clone();
+        let name = name.to_owned();
+        Box::pin(async move {
+            let view = tokio::task::spawn_blocking(move || hub.view(&name)).await??;
+            Ok(std::sync::Arc::new(view) as SharedState)
         })
     }
 }

@@ -10,7 +10,7 @@ use floodway::{Error, Event};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::HubError;
-use crate::hub::{Hub, WriteGate};
+use crate::store::{Store, WriteGate};
 
 use floodway::fault_store::ResubmitOutcome;
 pub use floodway::fault_store::{FaultFilter, FaultStatus, Resubmission, StoredFault};
@@ -87,54 +87,19 @@ fn decode(parts: (StoredFault, String)) -> Result<StoredFault, HubError> {
     Ok(fault)
 }
 
-impl Hub {
-    /// The hub's fault store.
-    ///
-    /// # Errors
-    /// When the hub file cannot be opened again.
-    pub fn fault_store(&self) -> Result<FaultStore, HubError> {
-        let conn = self.connect()?;
+impl FaultStore {
+    /// The fault store in the hub file, its table made on first use.
+    pub(crate) fn open(store: &Store) -> Result<FaultStore, HubError> {
+        let conn = store.connect()?;
         {
-            let _turn = self.inner.gate.enter();
+            let _turn = store.gate.enter();
             conn.execute_batch(RAISES_TABLE)?;
         }
         Ok(FaultStore {
             conn: Arc::new(Mutex::new(conn)),
-            gate: self.inner.gate.clone(),
-            busy_retry: self.inner.options.busy_retry,
+            gate: store.gate.clone(),
+            busy_retry: store.options.busy_retry,
         })
-    }
-}
-
-impl Hub {
-    /// The record at `offset` of `partition`, as published; `None` when retention has deleted
-    /// it or it was never published. Resubmission reads a fault's record back this way when
-    /// the fault does not carry it (its pipeline redacts fields).
-    ///
-    /// # Errors
-    /// When the hub's storage fails or the segment holding it is damaged.
-    pub fn record_at(&self, partition: u32, offset: u64) -> Result<Option<Vec<u8>>, HubError> {
-        let conn = self.connect()?;
-        let segment: Option<(i64, i64, Vec<u8>)> = conn
-            .query_row(
-                "SELECT offset, last, data FROM events WHERE partition = ?1 AND offset <= ?2 \
-                 ORDER BY offset DESC LIMIT 1",
-                (partition, offset as i64),
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        let Some((first, last, data)) = segment else {
-            return Ok(None);
-        };
-        if (last as u64) < offset {
-            return Ok(None);
-        }
-        let events =
-            crate::segment::Segment::new(first as u64, last as u64, data.into()).events()?;
-        Ok(events
-            .into_iter()
-            .find(|(o, _)| *o == offset)
-            .map(|(_, bytes)| bytes.to_vec()))
     }
 }
 

@@ -1,8 +1,6 @@
 //! The hub: a partitioned, durable event log in one SQLite file.
 
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -13,142 +11,23 @@ use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{oneshot, Notify};
 
 use crate::error::{HubError, OpenError};
+use crate::faults::FaultStore;
+use crate::log::{
+    delete_step, prune_dedupe, retention_cut, Row, WriteRequest, Writer, RETENTION_SEGMENTS,
+};
+pub use crate::log::{PublishReceipt, RetentionReport};
+pub use crate::options::{Durability, HubOptions, Retention, DEFAULT_PARTITIONS};
 use crate::schema;
-use crate::segment::{Filling, Segment};
-
-/// Partitions of a new hub unless told otherwise.
-pub const DEFAULT_PARTITIONS: u32 = floodway::hub::DEFAULT_PARTITIONS;
-
-/// When a publish is durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Durability {
-    /// Each commit is synced to disk before `publish` returns (SQLite `synchronous=FULL`): a
-    /// published event survives a power loss.
-    #[default]
-    Immediate,
-    /// Commits survive a crash of the process but may be lost with the machine
-    /// (`synchronous=NORMAL` in WAL mode): several times the write rate on slow disks.
-    Relaxed,
-}
-
-/// How a hub is opened.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HubOptions {
-    /// Create the file if it does not exist (default true).
-    pub create: bool,
-    /// Partitions of a new hub (default 8); an existing hub must have this many if set.
-    pub partitions: Option<u32>,
-    /// When a publish is durable (default [`Durability::Immediate`]).
-    pub durability: Durability,
-    /// How long an idempotency key is remembered (default 10 minutes).
-    pub dedupe_window: Duration,
-    /// Events published in one commit at most (default 10,000): publishers waiting together are
-    /// committed together (group commit), up to this many events.
-    pub max_commit: usize,
-    /// How long a connection waits for another process's write lock inside SQLite before a
-    /// write finds the file busy (default 10 s).
-    pub busy_timeout: Duration,
-    /// How long a write that found the file busy is tried again, with backoff and a warning
-    /// per try, before it fails (default 2 minutes): publish commits, checkpoint commits, view
-    /// writes, leases and retention. A lock held that long is not a passing contention.
-    pub busy_retry: Duration,
-    /// How long a subscription's lease lasts unless renewed (default 10 s): its holder renews
-    /// it every third of this; another process takes the subscription over only once it has
-    /// expired (or at once if its holder is a process of this machine that is gone).
-    pub lease: Duration,
-    /// How long [`Hub::subscribe_waiting`] waits for a subscription held by another process
-    /// (default 15 s: longer than a [`lease`](Self::lease), so a holder that died where this
-    /// process cannot see it, in another container, has lost its lease by then).
-    pub lease_wait: Duration,
-    /// How long a view's inbox remembers the ids of the events applied: one to two of these
-    /// windows (default 10 minutes). An event delivered again later is still applied once:
-    /// the view row's latest-wins version turns it away.
-    pub inbox_window: Duration,
-    /// Whether the records processed against this file are acknowledged somewhere else (a
-    /// JetStream ack, a Lambda response) rather than by a checkpoint in this file (default
-    /// false). Then views, the inbox and faults commit synced (`synchronous=FULL`): an
-    /// external ack follows right after a commit, and a power loss must not take back a view
-    /// write whose record will never be delivered again. With checkpoints in the file, WAL
-    /// order makes unsynced commits safe (see [`Hub::connect`](Hub)).
-    pub external_acks: bool,
-}
-
-impl Default for HubOptions {
-    fn default() -> Self {
-        HubOptions {
-            create: true,
-            partitions: None,
-            durability: Durability::Immediate,
-            dedupe_window: Duration::from_secs(600),
-            max_commit: 10_000,
-            busy_timeout: Duration::from_secs(10),
-            busy_retry: Duration::from_secs(120),
-            lease: Duration::from_secs(10),
-            lease_wait: Duration::from_secs(15),
-            inbox_window: Duration::from_secs(600),
-            external_acks: false,
-        }
-    }
-}
-
-/// What a publish did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PublishReceipt {
-    /// Where each stored event went, `(partition, offset)`, in the order given; `None` for an
-    /// event skipped as a duplicate.
-    pub positions: Vec<Option<(u32, u64)>>,
-    /// Events skipped because their id was published within the dedupe window.
-    pub duplicates: usize,
-}
-
-impl PublishReceipt {
-    /// Events stored.
-    pub fn stored(&self) -> usize {
-        self.positions.len() - self.duplicates
-    }
-}
-
-struct Row {
-    partition: u32,
-    id: String,
-    data: Bytes,
-}
-
-struct WriteRequest {
-    rows: Vec<Row>,
-    dedupe: bool,
-    reply: oneshot::Sender<Result<PublishReceipt, HubError>>,
-}
-
-/// Takes turns among this process's write transactions on one hub file.
-///
-/// SQLite lets one writer at a time into a file and makes the others wait in its busy
-/// handler, which sleeps 1, 2, 5, 10... ms between tries: with commits a few milliseconds
-/// apart, a writer kept waiting loses several commits' worth of time each time. Writers of one
-/// process (the publisher, views, checkpoints, the fault store) therefore queue on this lock
-/// instead and go in as soon as the previous one commits; other processes still meet the busy
-/// handler.
-#[derive(Clone, Default)]
-pub(crate) struct WriteGate(Arc<Mutex<()>>);
-
-impl WriteGate {
-    /// Waits for this process's turn to write; the turn ends when the guard is dropped.
-    pub(crate) fn enter(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
+use crate::segment::Segment;
+use crate::store::Store;
+use crate::view::ViewStore;
 
 pub(crate) struct HubInner {
-    pub(crate) path: PathBuf,
-    pub(crate) gate: WriteGate,
-    checkpoints: schema::WalCheckpoints,
+    pub(crate) store: Store,
     pub(crate) partitions: u32,
-    pub(crate) options: HubOptions,
     writer: Mutex<Option<mpsc::Sender<WriteRequest>>>,
     /// Woken after every commit of this process, so local subscribers read at once.
-    pub(crate) published: Notify,
+    pub(crate) published: Arc<Notify>,
 }
 
 impl Drop for HubInner {
@@ -184,7 +63,7 @@ pub struct Hub {
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
-            .field("path", &self.inner.path)
+            .field("path", &self.inner.store.path)
             .field("partitions", &self.inner.partitions)
             .finish_non_exhaustive()
     }
@@ -216,22 +95,19 @@ impl Hub {
         )?;
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(HubInner {
-            path,
+            store: Store::new(path, options, checkpoints),
             partitions,
-            options,
-            gate: WriteGate::default(),
-            checkpoints,
             writer: Mutex::new(Some(tx)),
-            published: Notify::new(),
+            published: Arc::new(Notify::new()),
         });
         let writer = Writer {
             conn,
-            gate: inner.gate.clone(),
+            gate: inner.store.gate.clone(),
             requests: rx,
-            inner: Arc::downgrade(&inner),
-            max_commit: inner.options.max_commit,
-            dedupe_window_ms: inner.options.dedupe_window.as_millis() as i64,
-            busy_retry: inner.options.busy_retry,
+            published: inner.published.clone(),
+            max_commit: inner.store.options.max_commit,
+            dedupe_window_ms: inner.store.options.dedupe_window.as_millis() as i64,
+            busy_retry: inner.store.options.busy_retry,
             next_prune: 0,
         };
         std::thread::Builder::new()
@@ -243,7 +119,7 @@ impl Hub {
 
     /// The file.
     pub fn path(&self) -> &Path {
-        &self.inner.path
+        &self.inner.store.path
     }
 
     /// The number of partitions (fixed when the hub was created).
@@ -256,36 +132,14 @@ impl Hub {
         partition_for(partition_key, self.inner.partitions)
     }
 
-    /// A new connection to the file for everything but publishing: views, the inbox, faults,
-    /// checkpoints, reads. Its commits are not synced one by one (`synchronous=NORMAL`): in WAL
-    /// mode commits reach the log in order, the publisher's synced commits sync everything
-    /// before them, and a power loss keeps a prefix of the log, so a checkpoint never survives
-    /// the view writes it covers (the records after the surviving checkpoint are processed
-    /// again, and the view and inbox make that harmless). Only `publish` promises durability.
-    ///
-    /// That argument needs the checkpoint in this file. When records are acknowledged
-    /// elsewhere ([`HubOptions::external_acks`]: a NATS hub keeps its views and faults here)
-    /// every commit is synced (`synchronous=FULL`) before the ack that follows it. The view
-    /// sink commits a batch at a time, so the syncs are grouped by batch.
+    /// A new connection to the file for everything but publishing (see [`Store::connect`]).
     pub(crate) fn connect(&self) -> Result<Connection, HubError> {
-        let durability = if self.inner.options.external_acks {
-            Durability::Immediate
-        } else {
-            Durability::Relaxed
-        };
-        schema::connect(
-            &self.inner.path,
-            durability,
-            self.inner.options.busy_timeout,
-            &self.inner.checkpoints,
-        )
-        .map_err(|e| match e {
-            OpenError::Sqlite { source, .. } => HubError::Sqlite(source),
-            other => HubError::Corrupt {
-                what: "hub file",
-                detail: other.to_string(),
-            },
-        })
+        self.inner.store.connect()
+    }
+
+    /// The file as the stores beside the log use it.
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
     }
 
     /// Publishes events; when it returns they are committed (durably, per the hub's
@@ -410,7 +264,7 @@ impl Hub {
                 .filter(|(h, process)| crate::lease::in_force(h, process, now))
                 .map(|(h, _)| h);
         }
-        let file_bytes = std::fs::metadata(&self.inner.path)
+        let file_bytes = std::fs::metadata(&self.inner.store.path)
             .map(|m| m.len())
             .unwrap_or(0);
         Ok(HubStats {
@@ -442,7 +296,7 @@ impl Hub {
         segments: usize,
     ) -> Result<(RetentionReport, usize), HubError> {
         let mut conn = self.connect()?;
-        let limit = self.inner.options.busy_retry;
+        let limit = self.inner.store.options.busy_retry;
         let mut report = RetentionReport::default();
         let mut behind = std::collections::BTreeSet::new();
         let mut transactions = 0;
@@ -453,7 +307,7 @@ impl Hub {
             };
             loop {
                 let step = crate::busy::retry("retention", limit, || {
-                    let _turn = self.inner.gate.enter();
+                    let _turn = self.inner.store.gate.enter();
                     let tx =
                         conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                     let step = delete_step(&tx, p, wanted, retention.keep_unread, segments)?;
@@ -480,10 +334,10 @@ impl Hub {
             }
         }
         // Idempotency keys past the window (publishing forgets them too, as it goes).
-        let window = self.inner.options.dedupe_window.as_millis() as i64;
+        let window = self.inner.store.options.dedupe_window.as_millis() as i64;
         loop {
             let (forgotten, _) = crate::busy::retry("retention", limit, || {
-                let _turn = self.inner.gate.enter();
+                let _turn = self.inner.store.gate.enter();
                 let tx =
                     conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let now = now_millis();
@@ -513,181 +367,6 @@ impl Hub {
         }
         Ok((report, transactions))
     }
-}
-
-/// Segments deleted by retention in one transaction at most, and their bytes.
-const RETENTION_SEGMENTS: usize = 256;
-const RETENTION_BYTES: i64 = 32 << 20;
-
-/// The last offset of partition `p` that `retention`'s limits ask to delete (the last event
-/// of a segment), if any. Reads only what it deletes: offsets and publish times grow together.
-fn retention_cut(
-    conn: &Connection,
-    p: u32,
-    retention: &Retention,
-) -> Result<Option<i64>, HubError> {
-    let mut through: Option<i64> = None;
-    if let Some(age) = retention.max_age {
-        let cutoff = now_millis() - age.as_millis() as i64;
-        let before = crate::subscription::offset_before(conn, p, cutoff)? as i64;
-        through = (before > 0).then_some(before);
-    }
-    if let Some(max_bytes) = retention.max_bytes_per_partition {
-        let held: i64 = conn.query_row(
-            "SELECT bytes FROM partitions WHERE partition = ?1",
-            [p],
-            |r| r.get(0),
-        )?;
-        let mut excess = held - max_bytes as i64;
-        if excess > 0 {
-            // Whole segments, oldest first.
-            let mut stmt = conn.prepare_cached(
-                "SELECT last, length(data) FROM events WHERE partition = ?1 ORDER BY offset",
-            )?;
-            let mut rows = stmt.query([p])?;
-            while let Some(row) = rows.next()? {
-                let (last, len): (i64, i64) = (row.get(0)?, row.get(1)?);
-                through = Some(through.map_or(last, |t| t.max(last)));
-                excess -= len;
-                if excess <= 0 {
-                    break;
-                }
-            }
-        }
-    }
-    Ok(through)
-}
-
-/// What one deleting transaction of retention did.
-struct Step {
-    deleted: i64,
-    /// Whether there may be more to delete.
-    more: bool,
-    /// The last offset it may delete through (the limits' cut, held back for unread events).
-    through: i64,
-    /// Subscriptions behind the limits' cut.
-    behind: Vec<String>,
-}
-
-/// Deletes the oldest segments of partition `p` ending at or before `wanted` (and, with
-/// `keep_unread`, at or before every subscription's checkpoint, read in this transaction):
-/// `segments` at most, and [`RETENTION_BYTES`] unless a single segment is larger.
-fn delete_step(
-    tx: &Connection,
-    p: u32,
-    wanted: i64,
-    keep_unread: bool,
-    segments: usize,
-) -> rusqlite::Result<Step> {
-    let mut through = wanted;
-    let mut behind = Vec::new();
-    if keep_unread {
-        let read: Option<i64> = tx.query_row(
-            "SELECT min(offset) FROM subscriptions WHERE partition = ?1",
-            [p],
-            |r| r.get(0),
-        )?;
-        if let Some(read) = read.filter(|r| *r < wanted) {
-            let mut names = tx.prepare_cached(
-                "SELECT name FROM subscriptions WHERE partition = ?1 AND offset < ?2",
-            )?;
-            behind = names
-                .query_map((p, wanted), |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            // Whole segments only: the one holding the first unread event stays.
-            let holding: Option<(i64, i64)> = tx
-                .query_row(
-                    "SELECT offset, last FROM events WHERE partition = ?1 AND offset <= ?2 \
-                     ORDER BY offset DESC LIMIT 1",
-                    (p, read),
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            through = match holding {
-                Some((_, last)) if last <= read => last,
-                Some((first, _)) => first - 1,
-                None => read,
-            };
-        }
-    }
-    let mut stmt = tx.prepare_cached(
-        "SELECT offset, last, length(data) FROM events WHERE partition = ?1 AND offset <= ?2 \
-         ORDER BY offset LIMIT ?3",
-    )?;
-    let rows: Vec<(i64, i64, i64)> = stmt
-        .query_map((p, through, segments as i64), |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?
-        .collect::<Result<_, _>>()?;
-    let (mut cut, mut deleted, mut freed, mut taken) = (None, 0, 0, 0);
-    for (offset, last, len) in &rows {
-        if taken > 0 && freed + len > RETENTION_BYTES {
-            break;
-        }
-        cut = Some(*offset);
-        deleted += last - offset + 1;
-        freed += len;
-        taken += 1;
-    }
-    let Some(cut) = cut else {
-        return Ok(Step {
-            deleted: 0,
-            more: false,
-            through,
-            behind,
-        });
-    };
-    tx.execute(
-        "DELETE FROM events WHERE partition = ?1 AND offset <= ?2",
-        (p, cut),
-    )?;
-    tx.execute(
-        "UPDATE partitions SET bytes = max(bytes - ?2, 0) WHERE partition = ?1",
-        (p, freed),
-    )?;
-    Ok(Step {
-        deleted,
-        more: taken == segments || taken < rows.len(),
-        through,
-        behind,
-    })
-}
-
-/// What to keep of the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Retention {
-    /// Delete events published longer ago than this.
-    pub max_age: Option<Duration>,
-    /// Per partition, delete the oldest events beyond this many bytes of event data.
-    pub max_bytes_per_partition: Option<u64>,
-    /// Never delete an event that a subscription has not checkpointed past (default true):
-    /// the limits then wait for the slowest subscription, and retention warns that the hub is
-    /// over them and names the subscriptions behind. False deletes by the limits alone; a
-    /// reader that finds events gone logs a warning and counts them.
-    pub keep_unread: bool,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention {
-            max_age: None,
-            max_bytes_per_partition: None,
-            keep_unread: true,
-        }
-    }
-}
-
-/// What retention deleted.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RetentionReport {
-    /// Events deleted.
-    pub deleted: usize,
-    /// Idempotency keys forgotten.
-    pub forgotten: usize,
-    /// Events the limits would have deleted, kept because a subscription has not read them.
-    pub kept_unread: u64,
-    /// The subscriptions that have not read them.
-    pub behind: Vec<String>,
 }
 
 /// One partition of the log.
@@ -727,181 +406,6 @@ pub struct HubStats {
     pub subscriptions: Vec<SubscriptionStats>,
     /// Size of the database file (without its WAL).
     pub file_bytes: u64,
-}
-
-/// Owns the writing connection; commits what publishers hand it, many at a time.
-struct Writer {
-    conn: Connection,
-    gate: WriteGate,
-    requests: mpsc::Receiver<WriteRequest>,
-    inner: std::sync::Weak<HubInner>,
-    max_commit: usize,
-    dedupe_window_ms: i64,
-    busy_retry: Duration,
-    /// When the dedupe table may next hold keys older than the window (ms since the epoch).
-    next_prune: i64,
-}
-
-/// Rows deleted by one prune of the dedupe table or the inbox, besides twice the rows the same
-/// transaction added: pruning outpaces adding, so the table stays bounded.
-pub(crate) const PRUNE_BATCH: usize = 1_000;
-
-/// Deletes up to `limit` idempotency keys published before `cutoff`, in a transaction of the
-/// caller's; returns the keys deleted and when the oldest key left expires (`now + window` if
-/// none is left), or `now` if there may be more to delete.
-pub(crate) fn prune_dedupe(
-    tx: &Connection,
-    cutoff: i64,
-    limit: usize,
-    window_ms: i64,
-    now: i64,
-) -> rusqlite::Result<(usize, i64)> {
-    let deleted = tx
-        .prepare_cached(
-            "DELETE FROM dedupe WHERE id IN \
-             (SELECT id FROM dedupe WHERE published < ?1 ORDER BY published LIMIT ?2)",
-        )?
-        .execute((cutoff, limit as i64))?;
-    if deleted == limit {
-        return Ok((deleted, now));
-    }
-    let oldest: Option<i64> = tx
-        .prepare_cached("SELECT min(published) FROM dedupe")?
-        .query_row([], |r| r.get(0))?;
-    Ok((deleted, oldest.map_or(now, |t| t.max(cutoff)) + window_ms))
-}
-
-impl Writer {
-    fn run(mut self) {
-        while let Ok(first) = self.requests.recv() {
-            // Group commit: take everything already waiting, up to the commit size.
-            let mut group = vec![first];
-            let mut events = group[0].rows.len();
-            while events < self.max_commit {
-                match self.requests.try_recv() {
-                    Ok(next) => {
-                        events += next.rows.len();
-                        group.push(next);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let limit = self.busy_retry;
-            match crate::busy::retry("publish", limit, || self.commit(&group)) {
-                Ok(receipts) => {
-                    for (request, receipt) in group.into_iter().zip(receipts) {
-                        let _ = request.reply.send(Ok(receipt));
-                    }
-                    if let Some(inner) = self.inner.upgrade() {
-                        inner.published.notify_waiters();
-                    }
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "hub commit failed");
-                    for request in group {
-                        // Each publisher gets the error with its class (busy stays transient).
-                        let copy = match &err {
-                            HubError::Sqlite(rusqlite::Error::SqliteFailure(code, message)) => {
-                                HubError::Sqlite(rusqlite::Error::SqliteFailure(
-                                    *code,
-                                    message.clone(),
-                                ))
-                            }
-                            other => HubError::Corrupt {
-                                what: "commit",
-                                detail: other.to_string(),
-                            },
-                        };
-                        let _ = request.reply.send(Err(copy));
-                    }
-                }
-            }
-        }
-    }
-
-    fn commit(&mut self, group: &[WriteRequest]) -> Result<Vec<PublishReceipt>, HubError> {
-        let now = now_millis();
-        let _turn = self.gate.enter();
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // Offsets are read inside the transaction: another process may have written since.
-        let mut filling: HashMap<u32, Filling> = HashMap::new();
-        let mut receipts = Vec::with_capacity(group.len());
-        {
-            let mut last =
-                tx.prepare_cached("SELECT last_offset FROM partitions WHERE partition = ?1")?;
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO events (partition, offset, last, published, data) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            let mut write = |partition: u32, segment: &mut Filling| -> rusqlite::Result<()> {
-                if let Some((first, last, data)) = segment.take() {
-                    insert.execute((partition, first as i64, last as i64, now, data))?;
-                }
-                Ok(())
-            };
-            let mut dedupe = tx.prepare_cached(
-                "INSERT INTO dedupe (id, published) VALUES (?1, ?2) \
-                 ON CONFLICT (id) DO UPDATE SET published = excluded.published \
-                 WHERE dedupe.published < ?3",
-            )?;
-            for request in group {
-                let mut receipt = PublishReceipt::default();
-                for row in &request.rows {
-                    if request.dedupe {
-                        let changed =
-                            dedupe.execute((&row.id, now, now - self.dedupe_window_ms))?;
-                        if changed == 0 {
-                            receipt.positions.push(None);
-                            receipt.duplicates += 1;
-                            continue;
-                        }
-                    }
-                    let segment = match filling.entry(row.partition) {
-                        Entry::Occupied(o) => o.into_mut(),
-                        Entry::Vacant(v) => {
-                            let last: i64 = last.query_row([row.partition], |r| r.get(0))?;
-                            v.insert(Filling::after(last as u64))
-                        }
-                    };
-                    if segment.full_for(row.data.len()) {
-                        write(row.partition, segment)?;
-                    }
-                    let offset = segment.push(&row.data);
-                    receipt.positions.push(Some((row.partition, offset)));
-                }
-                receipts.push(receipt);
-            }
-            let mut advance = tx.prepare_cached(
-                "UPDATE partitions SET last_offset = ?2, bytes = bytes + ?3 WHERE partition = ?1",
-            )?;
-            for (partition, segment) in &mut filling {
-                write(*partition, segment)?;
-                advance.execute((partition, segment.last() as i64, segment.written as i64))?;
-            }
-        }
-        // Idempotency keys older than the window, whether or not retention runs: a bounded
-        // batch in the publishing transaction, when some may have expired.
-        let mut next_prune = self.next_prune;
-        if now >= self.next_prune {
-            let added: usize = group
-                .iter()
-                .filter(|r| r.dedupe)
-                .map(|r| r.rows.len())
-                .sum();
-            (_, next_prune) = prune_dedupe(
-                &tx,
-                now - self.dedupe_window_ms,
-                2 * added + PRUNE_BATCH,
-                self.dedupe_window_ms,
-                now,
-            )?;
-        }
-        tx.commit()?;
-        self.next_prune = next_prune;
-        Ok(receipts)
-    }
 }
 
 impl Hub {
@@ -961,8 +465,8 @@ impl Hub {
         let conn = self.connect()?;
         let mut n = 0;
         for p in 0..self.inner.partitions {
-            let last = crate::subscription::offset_before(&conn, p, until.saturating_add(1))?;
-            let first = crate::subscription::offset_before(&conn, p, from)?;
+            let last = crate::log::offset_before(&conn, p, until.saturating_add(1))?;
+            let first = crate::log::offset_before(&conn, p, from)?;
             n += last.saturating_sub(first);
         }
         Ok(n)
@@ -999,8 +503,8 @@ impl Hub {
     /// [`HubError::Held`] while a process owns it; a storage failure.
     pub fn unsubscribe(&self, name: &str) -> Result<bool, HubError> {
         let mut conn = self.connect()?;
-        crate::busy::retry("unsubscribe", self.inner.options.busy_retry, || {
-            let _turn = self.inner.gate.enter();
+        crate::busy::retry("unsubscribe", self.inner.store.options.busy_retry, || {
+            let _turn = self.inner.store.gate.enter();
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let now = now_millis();
             if let Some((h, process)) = crate::lease::holder(&tx, name)? {
@@ -1029,6 +533,55 @@ impl Hub {
             |r| r.get(0),
         )?;
         Ok(n as u64)
+    }
+}
+
+impl Hub {
+    /// The hub's fault store.
+    ///
+    /// # Errors
+    /// When the hub file cannot be opened again.
+    pub fn fault_store(&self) -> Result<FaultStore, HubError> {
+        FaultStore::open(self.store())
+    }
+
+    /// The view `name`, created on first use.
+    ///
+    /// # Errors
+    /// An invalid name, or a storage failure.
+    pub fn view(&self, name: &str) -> Result<ViewStore, HubError> {
+        ViewStore::open(self.store(), name)
+    }
+}
+
+impl Hub {
+    /// The record at `offset` of `partition`, as published; `None` when retention has deleted
+    /// it or it was never published. Resubmission reads a fault's record back this way when
+    /// the fault does not carry it (its pipeline redacts fields).
+    ///
+    /// # Errors
+    /// When the hub's storage fails or the segment holding it is damaged.
+    pub fn record_at(&self, partition: u32, offset: u64) -> Result<Option<Vec<u8>>, HubError> {
+        let conn = self.connect()?;
+        let segment: Option<(i64, i64, Vec<u8>)> = conn
+            .query_row(
+                "SELECT offset, last, data FROM events WHERE partition = ?1 AND offset <= ?2 \
+                 ORDER BY offset DESC LIMIT 1",
+                (partition, offset as i64),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((first, last, data)) = segment else {
+            return Ok(None);
+        };
+        if (last as u64) < offset {
+            return Ok(None);
+        }
+        let events = Segment::new(first as u64, last as u64, data.into()).events()?;
+        Ok(events
+            .into_iter()
+            .find(|(o, _)| *o == offset)
+            .map(|(_, bytes)| bytes.to_vec()))
     }
 }
 

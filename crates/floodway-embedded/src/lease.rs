@@ -22,28 +22,8 @@ use floodway::event::now_millis;
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::HubError;
-use crate::hub::{Hub, WriteGate};
-
-/// The process holding a subscription's lease.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseHolder {
-    /// The holder's id: host, process id and a random part (one per opened subscription).
-    pub id: String,
-    /// The host name of the holding process.
-    pub host: String,
-    /// Its process id.
-    pub pid: u32,
-    /// When it took the lease (ms since the epoch).
-    pub acquired: i64,
-    /// When its lease expires unless renewed (ms since the epoch).
-    pub expires: i64,
-}
-
-impl std::fmt::Display for LeaseHolder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "process {} on host {}", self.pid, self.host)
-    }
-}
+pub use crate::error::LeaseHolder;
+use crate::store::{Store, WriteGate};
 
 /// This process, as its leases name it.
 struct Me {
@@ -232,10 +212,10 @@ impl std::fmt::Debug for Lease {
 
 impl Lease {
     /// Takes the lease of subscription `name`, or says who holds it.
-    pub(crate) fn acquire(hub: &Hub, name: &str) -> Result<Lease, HubError> {
-        let options = &hub.inner.options;
+    pub(crate) fn acquire(store: &Store, name: &str) -> Result<Lease, HubError> {
+        let options = &store.options;
         let lease = options.lease;
-        let mut conn = hub.connect()?;
+        let mut conn = store.connect()?;
         let me = me();
         let id = format!("{}/{}/{:016x}", me.host, me.pid, random());
         let started = Instant::now();
@@ -247,7 +227,7 @@ impl Lease {
                     return Ok(Err(held(name, h, now)));
                 }
             }
-            let _turn = hub.inner.gate.enter();
+            let _turn = store.gate.enter();
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let now = now_millis();
             if let Some((h, process)) = holder(&tx, name)? {
@@ -286,7 +266,7 @@ impl Lease {
             id,
             lease,
             conn: Mutex::new(conn),
-            gate: hub.inner.gate.clone(),
+            gate: store.gate.clone(),
             state: Mutex::new(State {
                 renewed: started,
                 lost: None,

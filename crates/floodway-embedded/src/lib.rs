@@ -60,9 +60,12 @@ mod event_hub;
 mod faults;
 mod hub;
 mod lease;
+mod log;
+mod options;
 mod publisher;
 mod schema;
 mod segment;
+mod store;
 mod subscription;
 mod view;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use crate::error::OpenError;
-use crate::hub::Durability;
+use crate::options::Durability;
 
 /// What a hub file says it is.
 pub(crate) const FORMAT: &str = "floodway-hub";
@@ -340,7 +340,7 @@ pub(crate) fn open(
                 path: path.to_owned(),
             });
         }
-        let count = partitions.unwrap_or(crate::hub::DEFAULT_PARTITIONS);
+        let count = partitions.unwrap_or(crate::options::DEFAULT_PARTITIONS);
         if count == 0 || count > 4096 {
             return Err(OpenError::Setting(format!(
                 "partitions must be between 1 and 4096, not {count}"

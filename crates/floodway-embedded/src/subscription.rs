@@ -9,9 +9,10 @@ use floodway::{Checkpoint, Checkpointer, Record, Source};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::HubError;
-use crate::hub::{Hub, WriteGate};
+use crate::hub::Hub;
 use crate::lease::{Lease, Standing};
 use crate::segment::Segment;
+use crate::store::WriteGate;
 
 /// Where a subscription without a checkpoint starts; one with a checkpoint resumes from it
 /// unless [`StartAt::Reset`] says otherwise.
@@ -163,44 +164,6 @@ fn check_name(name: &str) -> Result<(), HubError> {
     }
 }
 
-/// The last offset published before `time` in a partition (0 if none; just below the first
-/// offset held if every event held is at or after `time`).
-pub(crate) fn offset_before(conn: &Connection, partition: u32, time: i64) -> rusqlite::Result<u64> {
-    // Segments are published in offset order and every event of one shares its publish time:
-    // binary search over the segments' first offsets, by point lookups.
-    let bounds: Option<(i64, i64)> = conn.query_row(
-        "SELECT min(offset), max(offset) FROM events WHERE partition = ?1",
-        [partition],
-        |r| Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?)),
-    )?;
-    let Some((mut lo, mut hi)) = bounds else {
-        return Ok(0);
-    };
-    // The first segment starting at or after `offset`: (its first offset, last offset, time).
-    let segment = |offset: i64| -> rusqlite::Result<Option<(i64, i64, i64)>> {
-        conn.query_row(
-            "SELECT offset, last, published FROM events WHERE partition = ?1 AND offset >= ?2 \
-             ORDER BY offset LIMIT 1",
-            (partition, offset),
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()
-    };
-    match segment(lo)? {
-        Some((_, _, published)) if published < time => {}
-        _ => return Ok(lo as u64 - 1),
-    }
-    // Invariant: the segment starting at `lo` was published before `time`; find the last such.
-    while lo < hi {
-        let mid = lo + (hi - lo + 1) / 2;
-        match segment(mid)? {
-            Some((first, _, published)) if published < time => lo = first,
-            _ => hi = mid - 1,
-        }
-    }
-    Ok(segment(lo)?.map_or(lo as u64, |(_, last, _)| last as u64))
-}
-
 impl Hub {
     /// Opens the subscription `name` (creating it on first use), taking its lease unless it is
     /// transient. Does not wait for a subscription held elsewhere: see
@@ -219,7 +182,7 @@ impl Hub {
         let lease = if options.transient {
             None
         } else {
-            Some(Arc::new(Lease::acquire(self, name)?))
+            Some(Arc::new(Lease::acquire(self.store(), name)?))
         };
         let read = self.connect()?;
         let partitions = self.partitions();
@@ -250,7 +213,7 @@ impl Hub {
                     [p],
                     |r| r.get::<_, i64>(0),
                 )? as u64,
-                Some(ResetTo::Time(t)) => offset_before(&read, p, t)?,
+                Some(ResetTo::Time(t)) => crate::log::offset_before(&read, p, t)?,
             };
             cursors.push(cursor);
         }
@@ -263,9 +226,9 @@ impl Hub {
             inner: Arc::new(CheckpointerInner {
                 name: name.to_owned(),
                 conn: Mutex::new(self.connect()?),
-                gate: self.inner.gate.clone(),
+                gate: self.inner.store.gate.clone(),
                 lease: lease.clone(),
-                busy_retry: self.inner.options.busy_retry,
+                busy_retry: self.inner.store.options.busy_retry,
             }),
         };
         if !options.transient {
@@ -319,7 +282,7 @@ impl Hub {
         name: &str,
         options: SubscriptionOptions,
     ) -> Result<Subscription, HubError> {
-        let wait = self.inner.options.lease_wait;
+        let wait = self.inner.store.options.lease_wait;
         let deadline = tokio::time::Instant::now() + wait;
         let mut told = false;
         loop {

@@ -8,13 +8,13 @@ use floodway::event::now_millis;
 use floodway::idempotence::Version;
 
 use floodway::hub::HubFuture;
-use floodway::state::{Applied, KeyedState, Scan, SharedState, StateRow, StateStore, StateWrite};
+use floodway::state::{Applied, KeyedState, Scan, StateRow, StateWrite};
 use floodway::{Batch, Delivery, Error, Event};
 use rusqlite::{Connection, OptionalExtension};
 use serde_json::Value;
 
 use crate::error::HubError;
-use crate::hub::{Hub, WriteGate, PRUNE_BATCH};
+use crate::store::{Store, WriteGate, PRUNE_BATCH};
 
 /// A materialized view in the hub file: rows by key, each remembering the `(timestamp, id)` of
 /// the event that last wrote it. A write applies only if it is newer (ties broken by id), and
@@ -71,16 +71,13 @@ fn check_name(name: &str) -> Result<(), HubError> {
     }
 }
 
-impl Hub {
-    /// The view `name`, created on first use.
-    ///
-    /// # Errors
-    /// An invalid name, or a storage failure.
-    pub fn view(&self, name: &str) -> Result<ViewStore, HubError> {
+impl ViewStore {
+    /// The view `name` in the hub file, its table made on first use.
+    pub(crate) fn open(store: &Store, name: &str) -> Result<ViewStore, HubError> {
         check_name(name)?;
-        let conn = self.connect()?;
+        let conn = store.connect()?;
         let table = format!("view_{name}");
-        let options = &self.inner.options;
+        let options = &store.options;
         let exists: i64 = conn.query_row(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
             [&table],
@@ -94,7 +91,7 @@ impl Hub {
         )?;
         if exists == 0 || expires == 0 {
             crate::busy::retry("view", options.busy_retry, || {
-                let _turn = self.inner.gate.enter();
+                let _turn = store.gate.enter();
                 conn.execute_batch(&format!(
                     "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, \
                      time INTEGER NOT NULL, event TEXT NOT NULL, value TEXT NOT NULL, \
@@ -115,7 +112,7 @@ impl Hub {
             name: name.into(),
             table: table.into(),
             conn: Arc::new(Mutex::new(conn)),
-            gate: self.inner.gate.clone(),
+            gate: store.gate.clone(),
             inbox_window_ms: options.inbox_window.as_millis() as i64,
             busy_retry: options.busy_retry,
             next_prune: Arc::new(AtomicI64::new(0)),
@@ -425,17 +422,6 @@ impl KeyedState for ViewStore {
     }
 }
 
-impl StateStore for Hub {
-    fn open<'a>(&'a self, name: &'a str) -> HubFuture<'a, SharedState> {
-        let hub = self.clone();
-        let name = name.to_owned();
-        Box::pin(async move {
-            let view = tokio::task::spawn_blocking(move || hub.view(&name)).await??;
-            Ok(std::sync::Arc::new(view) as SharedState)
-        })
-    }
-}
-
 type KeyFn = dyn Fn(&Event) -> Result<String, Error> + Send + Sync;
 type ValueFn = dyn Fn(&Event) -> Result<String, Error> + Send + Sync;
 
@@ -497,7 +483,7 @@ floodway::impl_sink!(ViewSink, write);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::HubOptions;
+    use crate::{Hub, HubOptions};
 
     #[test]
     fn a_view_made_before_expiry_gets_the_column_and_keeps_its_rows() {

@@ -1,0 +1,92 @@
+//! The hub file as the stores beside the log use it (views, faults, leases, checkpoints): a
+//! connection, this process's turn to write, and the settings. The hub hands each store a
+//! [`Store`]; no store reaches into the hub.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::Connection;
+
+use crate::error::{HubError, OpenError};
+use crate::options::{Durability, HubOptions};
+use crate::schema;
+
+/// Takes turns among this process's write transactions on one hub file.
+///
+/// SQLite lets one writer at a time into a file and makes the others wait in its busy
+/// handler, which sleeps 1, 2, 5, 10... ms between tries: with commits a few milliseconds
+/// apart, a writer kept waiting loses several commits' worth of time each time. Writers of one
+/// process (the publisher, views, checkpoints, the fault store) therefore queue on this lock
+/// instead and go in as soon as the previous one commits; other processes still meet the busy
+/// handler.
+#[derive(Clone, Default)]
+pub(crate) struct WriteGate(Arc<Mutex<()>>);
+
+impl WriteGate {
+    /// Waits for this process's turn to write; the turn ends when the guard is dropped.
+    pub(crate) fn enter(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The hub file for the stores: cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Store {
+    pub(crate) path: PathBuf,
+    pub(crate) gate: WriteGate,
+    pub(crate) options: HubOptions,
+    checkpoints: Arc<schema::WalCheckpoints>,
+}
+
+impl Store {
+    pub(crate) fn new(
+        path: PathBuf,
+        options: HubOptions,
+        checkpoints: schema::WalCheckpoints,
+    ) -> Self {
+        Store {
+            path,
+            gate: WriteGate::default(),
+            options,
+            checkpoints: Arc::new(checkpoints),
+        }
+    }
+
+    /// A new connection to the file for everything but publishing: views, the inbox, faults,
+    /// checkpoints, reads. Its commits are not synced one by one (`synchronous=NORMAL`): in WAL
+    /// mode commits reach the log in order, the publisher's synced commits sync everything
+    /// before them, and a power loss keeps a prefix of the log, so a checkpoint never survives
+    /// the view writes it covers (the records after the surviving checkpoint are processed
+    /// again, and the view and inbox make that harmless). Only `publish` promises durability.
+    ///
+    /// That argument needs the checkpoint in this file. When records are acknowledged
+    /// elsewhere ([`HubOptions::external_acks`]: a NATS hub keeps its views and faults here)
+    /// every commit is synced (`synchronous=FULL`) before the ack that follows it. The view
+    /// sink commits a batch at a time, so the syncs are grouped by batch.
+    pub(crate) fn connect(&self) -> Result<Connection, HubError> {
+        let durability = if self.options.external_acks {
+            Durability::Immediate
+        } else {
+            Durability::Relaxed
+        };
+        schema::connect(
+            &self.path,
+            durability,
+            self.options.busy_timeout,
+            &self.checkpoints,
+        )
+        .map_err(|e| match e {
+            OpenError::Sqlite { source, .. } => HubError::Sqlite(source),
+            other => HubError::Corrupt {
+                what: "hub file",
+                detail: other.to_string(),
+            },
+        })
+    }
+}
+
+/// Rows deleted by one prune of the dedupe table or the inbox, besides twice the rows the same
+/// transaction added: pruning outpaces adding, so the table stays bounded.
+pub(crate) const PRUNE_BATCH: usize = 1_000;
