@@ -23,6 +23,7 @@
 //! `Service<Event>`, with [`impl_fault_sink!`](crate::impl_fault_sink)).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -385,23 +386,31 @@ crate::impl_fault_sink!(Publisher, publish, usize::MAX);
 
 /// One delivery of a batch through a pipeline's resilience stack: the batch and, shared by
 /// every attempt of it, which entries are still to deliver. Each attempt sends only those, so
-/// retries, their budget and the metrics count the failed entries, not the batch.
+/// retries, their budget and the metrics count the failed entries, not the batch. Until a sink
+/// answers entry by entry, nothing but two flags is touched.
 #[derive(Clone)]
 pub(crate) struct Attempt {
     batch: Batch,
-    progress: Arc<std::sync::Mutex<Progress>>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Whether the last call failed as a whole (or never answered).
+    whole: AtomicBool,
+    /// Whether a sink answered entry by entry: then `progress` says what is left.
+    partial: AtomicBool,
+    progress: std::sync::Mutex<Progress>,
 }
 
 #[derive(Default)]
 struct Progress {
-    /// Positions still to deliver; `None` while that is the whole batch.
-    pending: Option<Vec<usize>>,
+    /// Positions still to deliver.
+    pending: Vec<usize>,
     /// Entries that failed for good (poison), with their errors.
     settled: Vec<(usize, Error)>,
-    /// The error of each pending entry, from the last call when it answered entry by entry.
+    /// The error of each pending entry, from the last call that answered entry by entry.
     last: Vec<(usize, Error)>,
-    /// Whether the last call failed as a whole (or never answered).
-    whole: bool,
 }
 
 /// What an attempt left undelivered once the stack gave up on it.
@@ -416,48 +425,54 @@ impl Attempt {
     pub(crate) fn new(batch: Batch) -> Self {
         Attempt {
             batch,
-            progress: Arc::default(),
+            shared: Arc::default(),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
-        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn partial(&self) -> bool {
+        self.shared.partial.load(Ordering::Acquire)
+    }
+
+    fn pick(&self, positions: &[usize]) -> Batch {
+        Batch::new(
+            positions
+                .iter()
+                .map(|&p| self.batch.items()[p].clone())
+                .collect(),
+        )
     }
 
     /// The entries to send, and their positions (`None`: the whole batch).
     fn to_send(&self) -> (Batch, Option<Vec<usize>>) {
-        let mut progress = self.lock();
-        progress.whole = true;
-        match &progress.pending {
-            None => (self.batch.clone(), None),
-            Some(positions) => (
-                Batch::new(
-                    positions
-                        .iter()
-                        .map(|&p| self.batch.items()[p].clone())
-                        .collect(),
-                ),
-                Some(positions.clone()),
-            ),
+        self.shared.whole.store(true, Ordering::Release);
+        if !self.partial() {
+            return (self.batch.clone(), None);
         }
+        let pending = self.lock().pending.clone();
+        (self.pick(&pending), Some(pending))
     }
 
     /// Takes in a sink's answer: entries delivered are done, poison ones settled, the rest
     /// stay pending and the call fails with the most telling of their errors (an outage, else
     /// a throttle, else the first) so that the layers above act on it.
-    fn record(
-        &self,
-        sent: usize,
-        positions: Option<Vec<usize>>,
-        delivery: Delivery,
-        pipeline: &str,
-    ) -> Result<(), Error> {
-        let position = |i: usize| match &positions {
+    fn record(&self, sent: Sent, delivery: Delivery) -> Result<(), Error> {
+        self.shared.whole.store(false, Ordering::Release);
+        if delivery.is_complete() && !self.partial() {
+            return Ok(());
+        }
+        let position = |i: usize| match &sent.positions {
             None => (i < self.batch.len()).then_some(i),
             Some(p) => p.get(i).copied(),
         };
         let mut progress = self.lock();
-        progress.whole = false;
+        self.shared.partial.store(true, Ordering::Release);
         let mut pending = Vec::new();
         let mut last = Vec::new();
         for (i, error) in delivery.into_failed() {
@@ -479,19 +494,20 @@ impl Attempt {
             .or_else(|| last.first())
             .map(|(_, e)| {
                 e.echo(format!(
-                    "{} of {sent} entries failed; the first: {}",
+                    "{} of {} entries failed; the first: {}",
                     last.len(),
+                    sent.count,
                     e.message()
                 ))
             });
-        progress.pending = Some(pending);
+        progress.pending = pending;
         progress.last = last;
         match telling {
             None => Ok(()),
             Some(error) => {
                 metrics::counter!(
                     "floodway_sink_entries_failed_total",
-                    "pipeline" => pipeline.to_owned(),
+                    "pipeline" => sent.pipeline.to_string(),
                     "class" => error.class().as_str()
                 )
                 .increment(progress.last.len() as u64);
@@ -502,6 +518,9 @@ impl Attempt {
 
     /// The entries that failed for good, with their errors.
     pub(crate) fn settled(&self) -> Vec<(Uow, Error)> {
+        if !self.partial() {
+            return Vec::new();
+        }
         let settled = std::mem::take(&mut self.lock().settled);
         settled
             .into_iter()
@@ -511,12 +530,13 @@ impl Attempt {
 
     /// What is still undelivered after the stack gave up.
     pub(crate) fn unresolved(&self) -> Unresolved {
+        let whole = self.shared.whole.load(Ordering::Acquire);
+        if !self.partial() {
+            return Unresolved::Whole(self.batch.clone());
+        }
         let mut progress = self.lock();
-        if progress.whole {
-            return Unresolved::Whole(match &progress.pending {
-                None => self.batch.clone(),
-                Some(p) => Batch::new(p.iter().map(|&p| self.batch.items()[p].clone()).collect()),
-            });
+        if whole {
+            return Unresolved::Whole(self.pick(&progress.pending));
         }
         let last = std::mem::take(&mut progress.last);
         Unresolved::Entries(
@@ -525,6 +545,13 @@ impl Attempt {
                 .collect(),
         )
     }
+}
+
+/// What one call sent: how many entries, where they sit in the batch, for which pipeline.
+struct Sent {
+    count: usize,
+    positions: Option<Vec<usize>>,
+    pipeline: Arc<str>,
 }
 
 /// Calls a sink with the pending entries of an [`Attempt`]: the innermost piece of a
@@ -548,31 +575,57 @@ impl<S> Entries<S> {
 impl<S: Sink> Service<Attempt> for Entries<S> {
     type Response = ();
     type Error = Error;
-    type Future = BoxFuture<()>;
+    type Future = EntriesFuture<tower::util::Oneshot<S, Batch>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, attempt: Attempt) -> Self::Future {
-        let sink = self.sink.clone();
-        let pipeline = self.pipeline.clone();
-        Box::pin(async move {
-            let (batch, positions) = attempt.to_send();
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let sent = batch.len();
-            let delivery: Delivery = tower::ServiceExt::oneshot(sink, batch).await?.into();
-            if delivery.is_complete() {
-                let mut progress = attempt.lock();
-                progress.whole = false;
-                progress.pending = Some(Vec::new());
-                progress.last.clear();
-                return Ok(());
-            }
-            attempt.record(sent, positions, delivery, &pipeline)
-        })
+        let (batch, positions) = attempt.to_send();
+        let sent = Sent {
+            count: batch.len(),
+            positions,
+            pipeline: self.pipeline.clone(),
+        };
+        let call =
+            (!batch.is_empty()).then(|| tower::ServiceExt::oneshot(self.sink.clone(), batch));
+        EntriesFuture {
+            call,
+            attempt,
+            sent: Some(sent),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Entries`]: the sink's call, then its answer taken in.
+    pub(crate) struct EntriesFuture<F> {
+        #[pin]
+        call: Option<F>,
+        attempt: Attempt,
+        sent: Option<Sent>,
+    }
+}
+
+impl<F, R> Future for EntriesFuture<F>
+where
+    F: Future<Output = Result<R, Error>>,
+    R: Into<Delivery>,
+{
+    type Output = Result<(), Error>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(call) = this.call.as_pin_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let delivery: Delivery = match std::task::ready!(call.poll(cx)) {
+            Ok(answer) => answer.into(),
+            Err(err) => return Poll::Ready(Err(err)),
+        };
+        let sent = this.sent.take().expect("polled after completion");
+        Poll::Ready(this.attempt.record(sent, delivery))
     }
 }
 

@@ -161,8 +161,10 @@ async fn send(
         result
     };
     let mut failed = Vec::new();
-    let mut stack = vec![batch];
-    while let Some(batch) = stack.pop() {
+    // The halves of bisected batches wait here; the common case never allocates it.
+    let mut stack = Vec::new();
+    let mut next = Some(batch);
+    while let Some(batch) = next.take().or_else(|| stack.pop()) {
         let attempt = Attempt::new(batch);
         let mut outage_wait = 0;
         loop {
