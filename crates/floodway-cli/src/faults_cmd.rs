@@ -8,10 +8,10 @@ use floodway::layer::limit::rate::RateLimiter;
 use floodway::Processor;
 use std::sync::Arc;
 
-use floodway::fault_store::{FaultFilter, FaultStatus, FaultStore, ResubmitOutcome, StoredFault};
+use floodway::fault_store::{FaultFilter, FaultStatus, FaultStore, ResubmitOutcome};
 use floodway_processors::{from_config, Config, Hubs};
 
-use crate::util::{parse_time, progress, show_time, HubArgs};
+use crate::util::{parse_time, progress, HubArgs};
 
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct FilterArgs {
@@ -116,39 +116,8 @@ async fn list(hub: HubArgs, filter: FilterArgs, limit: usize) -> anyhow::Result<
         .list_faults(&filter.filter(Some(limit))?)
         .await
         .map_err(anyhow_err)?;
-    if faults.is_empty() {
-        say!("no faults match");
-        return Ok(());
-    }
-    say!(
-        "{:<32} {:<24} {:>5} {:<9} {:<36} message",
-        "id",
-        "last seen",
-        "seen",
-        "status",
-        "processor/pipeline/step: error"
-    );
-    for f in &faults {
-        let place = format!("{}/{}/{}: {}", f.processor, f.pipeline, f.step, f.name);
-        let message: String = f.message.chars().take(60).collect();
-        say!(
-            "{:<32} {:<24} {:>5} {:<9} {:<36} {}",
-            f.id,
-            show_time(f.last_seen),
-            f.seen,
-            status(f),
-            place,
-            message
-        );
-    }
+    say!("{}", floodway::fault_report::table(&faults).trim_end());
     Ok(())
-}
-
-fn status(f: &StoredFault) -> &'static str {
-    match f.status {
-        FaultStatus::Open => "open",
-        FaultStatus::Resolved => "resolved",
-    }
 }
 
 async fn show(hub: HubArgs, id: String) -> anyhow::Result<()> {
@@ -156,59 +125,14 @@ async fn show(hub: HubArgs, id: String) -> anyhow::Result<()> {
     let Some(fault) = store.fault(&id).await.map_err(anyhow_err)? else {
         bail!("no fault with id {id}: `floodway faults list` shows the ids");
     };
-    let details = fault.details()?;
-    say!("fault      {}", fault.id);
-    say!(
-        "status     {} (seen {} times, first {}, last {})",
-        status(&fault),
-        fault.seen,
-        show_time(fault.first_seen),
-        show_time(fault.last_seen)
-    );
-    say!(
-        "where      processor {} / pipeline {} / step {}",
-        fault.processor,
-        fault.pipeline,
-        fault.step
-    );
-    say!(
-        "error      {} ({}, {} attempts): {}",
-        details.err.name,
-        details.err.class,
-        details.err.attempts,
-        details.err.message
-    );
-    let r = &details.uow.record;
-    say!(
-        "record     {} partition {} offset {} attempt {}",
-        r.source,
-        r.partition,
-        r.offset,
-        r.attempt
-    );
-    match r.encoding.as_str() {
-        _ if r.redacted => say!("data       (not kept: the pipeline redacts fields; resubmission reads the record from the hub)"),
-        "utf8" => say!("data       {}", r.data),
-        other => say!("data       ({other}) {}", r.data),
-    }
-    if let Some(event) = &details.uow.event {
-        say!("event      {}", serde_json::to_string_pretty(event)?);
-    }
     let history = store
         .resubmissions_of(&fault.id)
         .await
         .map_err(anyhow_err)?;
-    if history.is_empty() {
-        say!("never resubmitted");
-    }
-    for h in history {
-        say!(
-            "resubmitted {}: {} ({})",
-            show_time(h.at),
-            h.outcome,
-            h.detail
-        );
-    }
+    say!(
+        "{}",
+        floodway::fault_report::page(&fault, &history)?.trim_end()
+    );
     Ok(())
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use floodway::hub::SharedHub;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use floodway_embedded::{Hub, HubOptions};
@@ -138,8 +138,7 @@ fn millis(time: SystemTime) -> i64 {
 
 /// A time in milliseconds, for people.
 pub(crate) fn show_time(ms: i64) -> String {
-    let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(time).to_string()
+    floodway::fault_report::time(ms)
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).

@@ -62,6 +62,7 @@
 pub mod error;
 pub mod event;
 pub mod fault;
+pub mod fault_report;
 pub mod fault_store;
 pub mod hub;
 pub mod idempotence;

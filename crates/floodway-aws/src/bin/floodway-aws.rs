@@ -60,6 +60,16 @@ enum Faults {
         #[arg(long)]
         all: bool,
     },
+    /// Show one fault: its error, record, event and resubmissions.
+    ///
+    /// Example: floodway-aws faults show --table orders-faults 3f2a...
+    Show {
+        /// The DynamoDB table of the fault monitor (`DynamoDbFaults`).
+        #[arg(long)]
+        table: String,
+        /// The fault's id.
+        id: String,
+    },
     /// Invoke the function that failed each open fault again, with the fault's record, for
     /// the one pipeline that failed it; record the outcome (a success resolves the fault).
     ///
@@ -109,29 +119,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .list_faults(&filter.faults(all))
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot read the fault table: {e}"))?;
-            for f in &shown {
-                let resubmissions = store
-                    .resubmissions_of(&f.id)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?
-                    .len();
-                println!(
-                    "{}  {}/{}  {}: {}  (raised {}x, {}{})",
-                    f.id,
-                    f.processor,
-                    f.pipeline,
-                    f.name,
-                    f.message,
-                    f.seen,
-                    f.status.as_str(),
-                    if resubmissions == 0 {
-                        String::new()
-                    } else {
-                        format!(", {resubmissions} resubmissions")
-                    }
-                );
-            }
-            println!("{} faults", shown.len());
+            print!("{}", floodway::fault_report::table(&shown));
+            Ok(())
+        }
+        Command::Faults(Faults::Show { table, id }) => {
+            let store = DynamoDbFaults::new(&config, &table);
+            let read = |e: floodway::BoxError| anyhow::anyhow!("cannot read the fault table: {e}");
+            let Some(fault) = store.fault(&id).await.map_err(read)? else {
+                anyhow::bail!("no fault with id {id}: `floodway-aws faults list` shows the ids");
+            };
+            let history = store.resubmissions_of(&id).await.map_err(read)?;
+            print!("{}", floodway::fault_report::page(&fault, &history)?);
             Ok(())
         }
         Command::Faults(Faults::Resubmit {
