@@ -24,7 +24,7 @@ use crate::fault_store::{FaultFilter, FaultStatus, FaultStore, ResubmitOutcome};
 use crate::hub::{HubSubscription, ReadOptions, SharedHub, StartAt, Stream};
 use crate::idempotence::Version;
 use crate::pipeline::Pipeline;
-use crate::runtime::{Processor, RunReport};
+use crate::runtime::{FaultSink, Processor, RunReport};
 use crate::sink::{sink_fn, Publisher};
 use crate::source::{Checkpoint, Checkpointer, Source};
 use crate::state::{Applied, Scan, SharedState, StateRow, StateWrite};
@@ -228,7 +228,12 @@ fn processor(
     parallelism: usize,
     answer: impl Fn(&Event) -> Result<(), Error> + Clone + Send + Sync + 'static,
 ) -> Processor {
-    processor_with(hub, seen, parallelism, answer, &[])
+    processor_with(hub_faults(hub), seen, parallelism, answer, &[])
+}
+
+/// Faults into the hub, where a fault monitor reads them.
+fn hub_faults(hub: &SharedHub) -> FaultSink {
+    FaultSink::new(Publisher::new(hub.clone()))
 }
 
 /// [`processor`] with one call at a time and these fields redacted in its faults.
@@ -238,11 +243,11 @@ fn processor_redacting(
     answer: impl Fn(&Event) -> Result<(), Error> + Clone + Send + Sync + 'static,
     redact: &[&str],
 ) -> Processor {
-    processor_with(hub, seen, 1, answer, redact)
+    processor_with(hub_faults(hub), seen, 1, answer, redact)
 }
 
 fn processor_with(
-    hub: &SharedHub,
+    faults: FaultSink,
     seen: &Seen,
     parallelism: usize,
     answer: impl Fn(&Event) -> Result<(), Error> + Clone + Send + Sync + 'static,
@@ -263,7 +268,7 @@ fn processor_with(
         }
     });
     Processor::builder("conformance")
-        .fault_sink(Publisher::new(hub.clone()))
+        .fault_sink(faults)
         .pipeline(
             Pipeline::builder("all")
                 .event_type("order-paid")
@@ -410,43 +415,13 @@ pub async fn a_fault_is_resubmitted_once_after_the_fix(hub: SharedHub) {
 /// Per-key order holds through a processor with many calls in flight, and every event is
 /// delivered once.
 pub async fn per_key_order_holds_under_concurrency(hub: SharedHub) {
-    let input = events("j", 200, 8);
-    hub.publish(&input, true).await.unwrap();
-    let seen = Seen::default();
-    let p = processor(&hub, &seen, 16, |_| Ok(()));
-    let report = run(&hub, "ordered", &p).await.unwrap();
-    assert_eq!(report.faults(), 0);
-    let got = seen.events();
-    assert_eq!(sorted(ids(&got)), sorted(ids(&input)));
-    assert_per_key_order(&got);
+    per_key_order_holds_through(Box::new(HubRunner::new(hub, "ordered"))).await;
 }
 
 /// A poison event becomes one fault event in the hub; the others are delivered; a transient
 /// failure is retried and faults nothing.
 pub async fn poison_becomes_one_fault_and_transient_is_retried(hub: SharedHub) {
-    let input = events("k", 40, 4);
-    hub.publish(&input, true).await.unwrap();
-    let seen = Seen::default();
-    let tries = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
-    let p = processor(&hub, &seen, 4, move |e| {
-        let mut tries = tries.lock().unwrap();
-        let n = tries.entry(e.id().to_owned()).or_default();
-        *n += 1;
-        match e.id() {
-            "k-7" => Err(Error::poison_msg("Invalid", "k-7 is not valid")),
-            "k-9" if *n == 1 => Err(Error::transient_msg("Blip", "once")),
-            _ => Ok(()),
-        }
-    });
-    let report = run(&hub, "poison", &p).await.unwrap();
-    assert_eq!(report.faults(), 1);
-    let got = ids(&seen.events());
-    assert_eq!(got.len(), 39);
-    assert!(!got.contains(&"k-7".to_owned()) && got.contains(&"k-9".to_owned()));
-    let faults = fault_events(&hub).await;
-    assert_eq!(faults.len(), 1, "one fault event in the hub");
-    let details: crate::fault::FaultDetails = faults[0].payload().unwrap();
-    assert_eq!(details.err.name, "Invalid");
+    poison_becomes_one_fault_through(Box::new(HubRunner::new(hub, "poison"))).await;
 }
 
 /// A fatal error stops the processor without passing the failed event; a run after the fix
@@ -808,5 +783,122 @@ macro_rules! conformance_scenarios {
                 $crate::testing::conformance::$scenario(opened).await;
             }
         )+
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processing, whatever delivers the records
+
+/// How records reach a processor in a processing scenario: a hub's subscription
+/// ([`HubRunner`]), or a Lambda event-source mapping (`floodway-lambda`'s simulator).
+pub trait Runner: Send + Sync {
+    /// Where the processor's faults go.
+    fn fault_sink(&self) -> FaultSink;
+
+    /// Delivers `events` to `processor` until every one is done; the error says why not.
+    fn deliver<'a>(
+        &'a self,
+        events: &'a [Event],
+        processor: &'a Processor,
+    ) -> crate::hub::HubFuture<'a, ()>;
+
+    /// The fault events raised so far.
+    fn faults(&self) -> crate::hub::HubFuture<'_, Vec<Event>>;
+}
+
+/// Records through a hub: published, then read by a subscription of their own.
+#[derive(Debug)]
+pub struct HubRunner {
+    hub: SharedHub,
+    subscription: String,
+}
+
+impl HubRunner {
+    /// Delivers through `hub`, reading with `subscription`.
+    pub fn new(hub: SharedHub, subscription: &str) -> Self {
+        HubRunner {
+            hub,
+            subscription: subscription.to_owned(),
+        }
+    }
+}
+
+impl Runner for HubRunner {
+    fn fault_sink(&self) -> FaultSink {
+        hub_faults(&self.hub)
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        events: &'a [Event],
+        processor: &'a Processor,
+    ) -> crate::hub::HubFuture<'a, ()> {
+        Box::pin(async move {
+            self.hub.publish(events, true).await?;
+            run(&self.hub, &self.subscription, processor).await?;
+            Ok(())
+        })
+    }
+
+    fn faults(&self) -> crate::hub::HubFuture<'_, Vec<Event>> {
+        Box::pin(async move { Ok(fault_events(&self.hub).await) })
+    }
+}
+
+/// A poison event becomes one fault event; the others are delivered once; a transient
+/// failure is retried and faults nothing.
+pub async fn poison_becomes_one_fault_through(runner: Box<dyn Runner>) {
+    let input = events("k", 40, 4);
+    let seen = Seen::default();
+    let tries = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let p = processor_with(
+        runner.fault_sink(),
+        &seen,
+        4,
+        move |e| {
+            let mut tries = tries.lock().unwrap();
+            let n = tries.entry(e.id().to_owned()).or_default();
+            *n += 1;
+            match e.id() {
+                "k-7" => Err(Error::poison_msg("Invalid", "k-7 is not valid")),
+                "k-9" if *n == 1 => Err(Error::transient_msg("Blip", "once")),
+                _ => Ok(()),
+            }
+        },
+        &[],
+    );
+    runner.deliver(&input, &p).await.unwrap();
+    let got = ids(&seen.events());
+    assert_eq!(sorted(got.clone()).len(), 39, "{got:?}");
+    assert!(!got.contains(&"k-7".to_owned()) && got.contains(&"k-9".to_owned()));
+    let faults = runner.faults().await.unwrap();
+    assert_eq!(faults.len(), 1, "one fault event");
+    let details: crate::fault::FaultDetails = faults[0].payload().unwrap();
+    assert_eq!(details.err.name, "Invalid");
+}
+
+/// Per-key order holds through a processor with many calls in flight, and every event is
+/// delivered once.
+pub async fn per_key_order_holds_through(runner: Box<dyn Runner>) {
+    let input = events("j", 200, 8);
+    let seen = Seen::default();
+    let p = processor_with(runner.fault_sink(), &seen, 16, |_| Ok(()), &[]);
+    runner.deliver(&input, &p).await.unwrap();
+    assert!(runner.faults().await.unwrap().is_empty());
+    let got = seen.events();
+    assert_eq!(sorted(ids(&got)), sorted(ids(&input)));
+    assert_per_key_order(&got);
+}
+
+/// Generates one `#[tokio::test]` per processing scenario; `$fresh` is an async function
+/// returning `(runner, guard)`, the runner a `Box<dyn Runner>`.
+#[macro_export]
+macro_rules! processing_conformance_tests {
+    ($fresh:path) => {
+        $crate::conformance_scenarios!(
+            $fresh,
+            poison_becomes_one_fault_through,
+            per_key_order_holds_through
+        );
     };
 }
