@@ -122,8 +122,8 @@ pub(crate) async fn run(command: HubCommand) -> anyhow::Result<()> {
             max_age,
             max_bytes,
             delete_unread,
-        } => retain(hub, max_age, max_bytes, delete_unread),
-        HubCommand::Unsubscribe { hub, name } => unsubscribe(hub, &name),
+        } => retain(hub, max_age, max_bytes, delete_unread).await,
+        HubCommand::Unsubscribe { hub, name } => unsubscribe(hub, &name).await,
         HubCommand::Generate {
             events,
             seed,
@@ -306,7 +306,7 @@ fn generate(events: usize, seed: u64, poison: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn retain(
+async fn retain(
     args: HubArgs,
     max_age: Option<String>,
     max_bytes: Option<u64>,
@@ -322,20 +322,21 @@ fn retain(
                 .with_context(|| format!("--max-age `{a}` is not a duration like 7d or 12h"))
         })
         .transpose()?;
-    if args.nats()?.is_some() {
-        bail!("on NATS the stream applies retention itself: set retention_max_age / retention_max_bytes in [hub] and restart `floodway run` (or use `nats stream edit`)");
-    }
-    let hub = args.open()?;
-    let report = hub.apply_retention(&floodway_embedded::Retention {
+    let hub = args.open_events(false).await?;
+    let retention = floodway::hub::Retention {
         max_age,
         max_bytes_per_partition: max_bytes,
         keep_unread: !delete_unread,
-    })?;
+    };
+    let report = hub
+        .apply_retention(&retention)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     say!(
         "deleted {} events and forgot {} idempotency keys from {}",
         report.deleted,
         report.forgotten,
-        hub.path().display()
+        hub.describe()
     );
     if report.kept_unread > 0 {
         say!(
@@ -348,18 +349,15 @@ fn retain(
     Ok(())
 }
 
-fn unsubscribe(args: HubArgs, name: &str) -> anyhow::Result<()> {
-    if args.nats()?.is_some() {
-        bail!("on NATS a subscription is a set of durable consumers: remove them with `nats consumer rm`");
+async fn unsubscribe(args: HubArgs, name: &str) -> anyhow::Result<()> {
+    let hub = args.open_events(false).await?;
+    let removed = hub
+        .unsubscribe(name)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !removed {
+        bail!("{} has no subscription `{name}`", hub.describe());
     }
-    let hub = args.open()?;
-    if hub.unsubscribe(name)? {
-        say!(
-            "removed subscription `{name}` from {}",
-            hub.path().display()
-        );
-    } else {
-        bail!("{} has no subscription `{name}`", hub.path().display());
-    }
+    say!("removed subscription `{name}` from {}", hub.describe());
     Ok(())
 }

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use floodway::{Checkpoint, Checkpointer, Source};
-use floodway_embedded::{StartAt, SubscriptionOptions};
 use floodway_lambda::simulator::Outcome;
 use floodway_lambda::{
     FunctionProcess, Handler, InProcess, LocalRuntime, StreamKind, StreamMapping, StreamRecord,
@@ -111,21 +110,18 @@ async fn simulate(
     in_process: bool,
 ) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    if config.hub.nats.is_some() {
-        bail!("`floodway lambda run` reads the embedded hub; this configuration's hub is NATS");
-    }
     let handler = build(config_path, name).await?;
     let hubs = Hubs::open(&config.hub).await?;
     let subscription = format!("lambda-{name}");
-    let sub = hubs.store.subscribe(
-        &subscription,
-        SubscriptionOptions {
-            start: StartAt::Beginning,
-            follow: false,
-            ..SubscriptionOptions::default()
-        },
-    )?;
-    let (mut reader, mut checkpointer) = sub.split();
+    let floodway::hub::HubSubscription {
+        mut reader,
+        mut checkpointer,
+        ..
+    } = hubs
+        .events
+        .subscribe(&subscription, floodway::ReadOptions::default().bounded())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the hub: {e}"))?;
     // The records after the subscription's checkpoint, as shards.
     let mut shards: BTreeMap<String, Vec<StreamRecord>> = BTreeMap::new();
     let now = tokio::time::Instant::now();
@@ -151,12 +147,7 @@ async fn simulate(
         shards.len()
     );
     let kind = StreamKind::Kinesis {
-        stream: config
-            .hub
-            .path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "hub".into()),
+        stream: subscription.clone(),
     };
     let (mut invocations, mut partial, mut errors, mut given_up) = (0, 0, 0, 0);
     // A function process through the local Runtime API, or the handler in this process.

@@ -57,23 +57,20 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         eprintln!("metrics at http://{addr}/metrics");
     }
     let (hubs, processors) = build_all(&config).await?;
-    // On NATS the stream's own limits apply retention.
-    let embedded = config.hub.nats.is_none();
-    if let (Some(retention), true) = (config.hub.retention(), embedded) {
-        let hub = hubs.store.clone();
-        let hub = hub.clone();
+    if let Some(retention) = config.hub.retention() {
+        let hub = hubs.events.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
             loop {
                 every.tick().await;
-                let (hub, retention) = (hub.clone(), retention.clone());
-                let result =
-                    tokio::task::spawn_blocking(move || hub.apply_retention(&retention)).await;
-                match result
-                    .unwrap_or_else(|e| Err(floodway_embedded::HubError::Invalid(e.to_string())))
-                {
+                match hub.apply_retention(&retention).await {
                     Ok(r) if r.deleted > 0 => tracing::info!(deleted = r.deleted, "retention"),
                     Ok(_) => {}
+                    // The hub applies the limits itself (a JetStream stream's).
+                    Err(err) if err.is::<floodway::hub::Unsupported>() => {
+                        tracing::debug!(error = %err, "retention");
+                        break;
+                    }
                     Err(err) => tracing::warn!(error = %err, "retention failed"),
                 }
             }

@@ -2,7 +2,7 @@
 
 use floodway::hub::{
     EventHub, HubFuture, HubStats, HubSubscription, PartitionStats, PublishFuture, PublishReceipt,
-    ReadOptions, SubscriptionStats,
+    ReadOptions, Retention, RetentionReport, SubscriptionStats,
 };
 use floodway::Event;
 
@@ -144,6 +144,20 @@ impl EventHub for Hub {
                 newest_published: newest.first().map(|(time, _)| *time),
             })
         })
+    }
+
+    fn apply_retention<'a>(&'a self, retention: &'a Retention) -> HubFuture<'a, RetentionReport> {
+        let (hub, retention) = (self.clone(), retention.clone());
+        Box::pin(async move {
+            Ok(tokio::task::spawn_blocking(move || hub.apply_retention(&retention)).await??)
+        })
+    }
+
+    fn unsubscribe<'a>(&'a self, name: &'a str) -> HubFuture<'a, bool> {
+        let (hub, name) = (self.clone(), name.to_owned());
+        Box::pin(
+            async move { Ok(tokio::task::spawn_blocking(move || hub.unsubscribe(&name)).await??) },
+        )
     }
 }
 

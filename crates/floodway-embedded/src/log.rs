@@ -16,6 +16,7 @@ use crate::error::HubError;
 use crate::options::Retention;
 use crate::segment::Filling;
 use crate::store::{WriteGate, PRUNE_BATCH};
+pub use floodway::hub::RetentionReport;
 
 /// What a publish did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -182,19 +183,6 @@ pub(crate) fn delete_step(
         through,
         behind,
     })
-}
-
-/// What retention deleted.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RetentionReport {
-    /// Events deleted.
-    pub deleted: usize,
-    /// Idempotency keys forgotten.
-    pub forgotten: usize,
-    /// Events the limits would have deleted, kept because a subscription has not read them.
-    pub kept_unread: u64,
-    /// The subscriptions that have not read them.
-    pub behind: Vec<String>,
 }
 
 /// Owns the writing connection; commits what publishers hand it, many at a time.

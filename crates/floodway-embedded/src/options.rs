@@ -77,26 +77,4 @@ impl Default for HubOptions {
     }
 }
 
-/// What to keep of the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Retention {
-    /// Delete events published longer ago than this.
-    pub max_age: Option<Duration>,
-    /// Per partition, delete the oldest events beyond this many bytes of event data.
-    pub max_bytes_per_partition: Option<u64>,
-    /// Never delete an event that a subscription has not checkpointed past (default true):
-    /// the limits then wait for the slowest subscription, and retention warns that the hub is
-    /// over them and names the subscriptions behind. False deletes by the limits alone; a
-    /// reader that finds events gone logs a warning and counts them.
-    pub keep_unread: bool,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention {
-            max_age: None,
-            max_bytes_per_partition: None,
-            keep_unread: true,
-        }
-    }
-}
+pub use floodway::hub::Retention;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use floodway::hub::{
     EventHub, HubFuture, HubStats, HubSubscription, PartitionStats, PublishFuture, PublishReceipt,
-    ReadOptions, Stream, SubscriptionStats,
+    ReadOptions, Retention, RetentionReport, Stream, SubscriptionStats, Unsupported,
 };
 use floodway::{Error, Event};
 
@@ -191,6 +191,23 @@ impl EventHub for NatsEventHub {
                     .collect(),
                 newest_published: None,
             })
+        })
+    }
+
+    fn apply_retention<'a>(&'a self, _: &'a Retention) -> HubFuture<'a, RetentionReport> {
+        Box::pin(async move {
+            let why = "on NATS the stream applies retention itself: set retention_max_age / \
+                       retention_max_bytes in [hub] and restart `floodway run` (or use `nats \
+                       stream edit`)";
+            Err(Unsupported(why.into()).into())
+        })
+    }
+
+    fn unsubscribe<'a>(&'a self, _: &'a str) -> HubFuture<'a, bool> {
+        Box::pin(async move {
+            let why = "on NATS a subscription is a set of durable consumers: remove them with \
+                       `nats consumer rm`";
+            Err(Unsupported(why.into()).into())
         })
     }
 }

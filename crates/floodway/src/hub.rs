@@ -15,6 +15,7 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::{BoxError, CommitError, Error, SourceError};
 use crate::event::Event;
@@ -149,6 +150,50 @@ pub type HubFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + S
 pub type PublishFuture<'a> =
     Pin<Box<dyn Future<Output = Result<PublishReceipt, Error>> + Send + 'a>>;
 
+/// What to keep of a hub's log (a hub whose storage keeps its own limits, as a JetStream
+/// stream does, is told them where it is configured).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    /// Delete events published longer ago than this.
+    pub max_age: Option<Duration>,
+    /// Per partition, delete the oldest events beyond this many bytes of event data.
+    pub max_bytes_per_partition: Option<u64>,
+    /// Never delete an event that a subscription has not checkpointed past (default true):
+    /// the limits then wait for the slowest subscription, and retention warns that the hub is
+    /// over them and names the subscriptions behind. False deletes by the limits alone; a
+    /// reader that finds events gone logs a warning and counts them.
+    pub keep_unread: bool,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: None,
+            max_bytes_per_partition: None,
+            keep_unread: true,
+        }
+    }
+}
+
+/// What retention deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Events deleted.
+    pub deleted: usize,
+    /// Idempotency keys forgotten.
+    pub forgotten: usize,
+    /// Events the limits would have deleted, kept because a subscription has not read them.
+    pub kept_unread: u64,
+    /// The subscriptions that have not read them.
+    pub behind: Vec<String>,
+}
+
+/// What a hub refuses because it does it another way (a JetStream stream keeps its own
+/// retention limits and its subscriptions as consumers): the message says which way.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unsupported(pub String);
+
 /// An event hub; see the [module docs](self).
 pub trait EventHub: Send + Sync + Debug + 'static {
     /// A line naming the hub, for people (a file, a stream and its servers).
@@ -184,6 +229,31 @@ pub trait EventHub: Send + Sync + Debug + 'static {
 
     /// What the hub holds and how far its subscriptions are.
     fn stats(&self) -> HubFuture<'_, HubStats>;
+
+    /// Deletes now what `retention` lets go. A hub that keeps its own limits refuses, saying
+    /// where they are set.
+    fn apply_retention<'a>(&'a self, retention: &'a Retention) -> HubFuture<'a, RetentionReport> {
+        let _ = retention;
+        Box::pin(async move {
+            Err(Unsupported(format!(
+                "{} keeps its own retention limits",
+                self.describe()
+            ))
+            .into())
+        })
+    }
+
+    /// Removes the subscription `name` and its progress; `false` if there was none. A hub
+    /// that keeps subscriptions elsewhere refuses, saying how to remove one.
+    fn unsubscribe<'a>(&'a self, name: &'a str) -> HubFuture<'a, bool> {
+        Box::pin(async move {
+            let why = format!(
+                "{}: subscription `{name}` cannot be removed here",
+                self.describe()
+            );
+            Err(Unsupported(why).into())
+        })
+    }
 }
 
 /// A hub shared by the processors and the command.

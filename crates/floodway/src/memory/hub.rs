@@ -296,6 +296,19 @@ impl EventHub for MemoryHub {
             })
         })
     }
+
+    fn unsubscribe<'a>(&'a self, name: &'a str) -> HubFuture<'a, bool> {
+        Box::pin(async move {
+            Ok(self
+                .inner
+                .state
+                .lock()
+                .unwrap()
+                .checkpoints
+                .remove(name)
+                .is_some())
+        })
+    }
 }
 
 /// A subscription's reading half: partitions taken in turn.

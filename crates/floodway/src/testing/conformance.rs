@@ -412,6 +412,33 @@ pub async fn a_fault_is_resubmitted_once_after_the_fix(hub: SharedHub) {
     assert_eq!(fault_events(&hub).await.len(), 1, "no new fault");
 }
 
+/// A subscription removed starts again from its start; a hub that keeps subscriptions another
+/// way refuses with [`Unsupported`](crate::hub::Unsupported), saying how.
+pub async fn a_removed_subscription_starts_again(hub: SharedHub) {
+    let input = events("u", 12, 3);
+    let seen = Seen::default();
+    let p = processor(&hub, &seen, 4, |_| Ok(()));
+    hub.publish(&input, true).await.unwrap();
+    run(&hub, "removed", &p).await.unwrap();
+    assert_eq!(seen.events().len(), input.len());
+    match hub.unsubscribe("removed").await {
+        Ok(removed) => {
+            assert!(removed, "the subscription existed");
+            run(&hub, "removed", &p).await.unwrap();
+            assert_eq!(
+                seen.events().len(),
+                2 * input.len(),
+                "read again from the start"
+            );
+            assert!(!hub.unsubscribe("never-made").await.unwrap());
+        }
+        Err(refused) => {
+            let why = refused.downcast_ref::<crate::hub::Unsupported>();
+            assert!(why.is_some_and(|w| !w.0.is_empty()), "{refused}");
+        }
+    }
+}
+
 /// Per-key order holds through a processor with many calls in flight, and every event is
 /// delivered once.
 pub async fn per_key_order_holds_under_concurrency(hub: SharedHub) {
@@ -488,6 +515,7 @@ macro_rules! hub_conformance_tests {
             reads_start_and_end_at_a_time,
             per_key_order_holds_under_concurrency,
             two_readers_of_one_subscription_deliver_each_event_once,
+            a_removed_subscription_starts_again,
             a_fault_is_resubmitted_once_after_the_fix,
             poison_becomes_one_fault_and_transient_is_retried,
             a_fatal_stop_resumes_after_the_fix,
