@@ -7,22 +7,6 @@ use floodway::{Batch, Delivery, Error, Event};
 
 use crate::classify::classify;
 
-/// `(year, month, day)` of a time in ms since the epoch (UTC).
-pub(crate) fn date_of(millis: i64) -> (i64, u32, u32) {
-    // Howard Hinnant's days-to-civil.
-    let days = millis.div_euclid(86_400_000);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 /// Stores every event as an object `{prefix}/{type}/{yyyy}/{mm}/{dd}/{id}.json` (by the
 /// event's time): the event lake, to replay or query later. Writing an event again writes the
 /// same object, so redelivery is harmless.
@@ -49,7 +33,7 @@ impl S3Lake {
 
     /// The object key of an event.
     pub fn key_of(&self, event: &Event) -> String {
-        let (y, m, d) = date_of(event.timestamp());
+        let (y, m, d) = floodway::event::civil_date(event.timestamp());
         format!(
             "{}/{}/{y:04}/{m:02}/{d:02}/{}.json",
             self.prefix,
@@ -82,8 +66,11 @@ floodway::impl_sink!(S3Lake, write);
 mod tests {
     #[test]
     fn dates_are_civil() {
-        assert_eq!(super::date_of(0), (1970, 1, 1));
-        assert_eq!(super::date_of(1_700_000_000_000), (2023, 11, 14));
-        assert_eq!(super::date_of(951_782_400_000), (2000, 2, 29));
+        assert_eq!(floodway::event::civil_date(0), (1970, 1, 1));
+        assert_eq!(
+            floodway::event::civil_date(1_700_000_000_000),
+            (2023, 11, 14)
+        );
+        assert_eq!(floodway::event::civil_date(951_782_400_000), (2000, 2, 29));
     }
 }

@@ -122,11 +122,10 @@ impl Handler {
     ) -> KinesisEventResponse {
         let report = self.run(sources::kinesis_records(event), deadline_ms).await;
         let mut response = KinesisEventResponse::default();
-        for id in Self::stream_failures(&report) {
-            let mut failure = KinesisBatchItemFailure::default();
-            failure.item_identifier = Some(id);
-            response.batch_item_failures.push(failure);
-        }
+        response.batch_item_failures =
+            item_failures(&report, |f: &mut KinesisBatchItemFailure, id| {
+                f.item_identifier = Some(id);
+            });
         response
     }
 
@@ -142,11 +141,10 @@ impl Handler {
         }
         let report = self.run(records, deadline_ms).await;
         let mut response = DynamoDbEventResponse::default();
-        for id in Self::stream_failures(&report) {
-            let mut failure = DynamoDbBatchItemFailure::default();
-            failure.item_identifier = Some(id);
-            response.batch_item_failures.push(failure);
-        }
+        response.batch_item_failures =
+            item_failures(&report, |f: &mut DynamoDbBatchItemFailure, id| {
+                f.item_identifier = Some(id);
+            });
         response
     }
 
@@ -296,6 +294,18 @@ struct Resubmission {
 struct ProbeRecord {
     #[serde(rename = "eventSource", alias = "EventSource")]
     event_source: Option<String>,
+}
+
+/// The `batchItemFailures` of a stream batch, in the response type of its source.
+fn item_failures<T: Default>(report: &BatchReport, set: impl Fn(&mut T, String)) -> Vec<T> {
+    Handler::stream_failures(report)
+        .into_iter()
+        .map(|id| {
+            let mut failure = T::default();
+            set(&mut failure, id);
+            failure
+        })
+        .collect()
 }
 
 /// Serves `handler` through the Lambda Runtime API (`AWS_LAMBDA_RUNTIME_API`): the `main` of

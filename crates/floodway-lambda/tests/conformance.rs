@@ -2,15 +2,15 @@
 //! to the handler by the simulated event-source mapping (batches, `batchItemFailures`,
 //! retries, bisection), faults into memory.
 
-use bytes::Bytes;
 use floodway::hub::HubFuture;
 use floodway::memory::MemoryFaultSink;
 use floodway::runtime::FaultSink;
 use floodway::testing::conformance::Runner;
 use floodway::{Event, Processor};
-use floodway_lambda::simulator::{InProcess, StreamKind, StreamMapping, StreamRecord};
+use floodway_lambda::simulator::{InProcess, StreamKind, StreamMapping};
 use floodway_lambda::Handler;
-use tokio::time::Instant;
+
+mod common;
 
 /// One Kinesis shard, read by a mapping with its default settings.
 struct LambdaRunner {
@@ -24,17 +24,7 @@ impl Runner for LambdaRunner {
 
     fn deliver<'a>(&'a self, events: &'a [Event], processor: &'a Processor) -> HubFuture<'a, ()> {
         Box::pin(async move {
-            let now = Instant::now();
-            let records: Vec<StreamRecord> = events
-                .iter()
-                .enumerate()
-                .map(|(i, e)| StreamRecord {
-                    sequence: 1 + i as u64,
-                    partition_key: e.partition_key().to_owned(),
-                    data: Bytes::from(e.to_json()),
-                    arrived: now,
-                })
-                .collect();
+            let records = common::shard_from(1, events);
             let kind = StreamKind::Kinesis {
                 stream: "conformance".into(),
             };

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use floodway::memory::MemoryFaultSink;
 use floodway::{sink_fn, Batch, Error, Event, Pipeline, Processor};
 use floodway_lambda::simulator::{GivenUp, Outcome};
@@ -33,17 +32,7 @@ fn orders(n: u64) -> Vec<Event> {
 }
 
 fn shard(events: &[Event]) -> Vec<StreamRecord> {
-    let now = Instant::now();
-    events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| StreamRecord {
-            sequence: 1000 + i as u64,
-            partition_key: e.partition_key().to_owned(),
-            data: Bytes::from(e.to_json()),
-            arrived: now,
-        })
-        .collect()
+    common::shard_from(1000, events)
 }
 
 type Deliveries = Arc<Mutex<HashMap<String, u32>>>;

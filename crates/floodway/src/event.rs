@@ -244,6 +244,21 @@ pub fn now_millis() -> i64 {
         .unwrap_or_default()
 }
 
+/// The civil date `(year, month, day)` in UTC of a time in ms since the epoch.
+pub fn civil_date(ms: i64) -> (i64, u32, u32) {
+    // Howard Hinnant's days-to-civil.
+    let days = ms.div_euclid(86_400_000);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
 /// A stable id from parts: the first 128 bits of SHA-256 over the parts, in hex.
 ///
 /// Used wherever an id must be the same every time it is derived (fault ids, derived events),

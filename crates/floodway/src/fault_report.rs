@@ -9,18 +9,8 @@ use crate::fault_store::{Resubmission, StoredFault};
 
 /// A time (ms since the epoch) as RFC 3339 in UTC, to the millisecond.
 pub fn time(ms: i64) -> String {
-    // Howard Hinnant's days-to-civil.
-    let days = ms.div_euclid(86_400_000);
+    let (year, month, day) = crate::event::civil_date(ms);
     let of_day = ms.rem_euclid(86_400_000);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
         of_day / 3_600_000,

@@ -248,6 +248,11 @@ impl MemoryState {
     fn lock(&self) -> std::sync::MutexGuard<'_, MemoryRows> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Reads the rows, given the time now.
+    fn read<T>(&self, f: impl FnOnce(&BTreeMap<String, StateRow>, i64) -> T) -> T {
+        f(&self.lock().rows, now_millis())
+    }
 }
 
 impl KeyedState for MemoryState {
@@ -275,31 +280,21 @@ impl KeyedState for MemoryState {
     }
 
     fn get<'a>(&'a self, key: &'a str) -> HubFuture<'a, Option<StateRow>> {
-        Box::pin(async move {
-            let now = now_millis();
-            Ok(self
-                .lock()
-                .rows
-                .get(key)
-                .filter(|r| !r.expired(now))
-                .cloned())
-        })
+        let row = self.read(|rows, now| rows.get(key).filter(|r| !r.expired(now)).cloned());
+        Box::pin(async move { Ok(row) })
     }
 
     fn scan<'a>(&'a self, scan: &'a Scan) -> HubFuture<'a, Vec<StateRow>> {
-        Box::pin(async move {
-            let now = now_millis();
-            Ok(self
-                .lock()
-                .rows
-                .range(scan.prefix.clone()..)
+        let rows = self.read(|rows, now| {
+            rows.range(scan.prefix.clone()..)
                 .map(|(_, r)| r)
                 .take_while(|r| r.key.starts_with(&scan.prefix))
                 .filter(|r| scan.admits(&r.key) && !r.expired(now))
                 .take(scan.limit)
                 .cloned()
-                .collect())
-        })
+                .collect()
+        });
+        Box::pin(async move { Ok(rows) })
     }
 
     fn expire(&self, now: i64) -> HubFuture<'_, u64> {

@@ -17,6 +17,20 @@ pub(crate) const CDC_TYPES: [&str; 5] = [
     "thing-deleted",
 ];
 
+/// Events as one Kinesis shard's records, numbered from `first`, arrived now.
+pub(crate) fn shard_from(first: u64, events: &[Event]) -> Vec<StreamRecord> {
+    let now = tokio::time::Instant::now();
+    (first..)
+        .zip(events)
+        .map(|(sequence, e)| StreamRecord {
+            sequence,
+            partition_key: e.partition_key().to_owned(),
+            data: Bytes::from(e.to_json()),
+            arrived: now,
+        })
+        .collect()
+}
+
 /// DynamoDB stream records, in the JSON shape Lambda delivers, as one shard's records
 /// numbered from 1.
 pub(crate) fn dynamodb_shard(records: &[Value]) -> Vec<StreamRecord> {

@@ -373,27 +373,29 @@ impl PipelineBuilder {
         self.batching.as_mut()
     }
 
-    /// Splits each batch into one batch per key, in order of first appearance.
-    pub fn group_by<F>(mut self, key: F) -> Self
-    where
-        F: Fn(&Uow) -> String + Send + Sync + 'static,
-    {
-        if let Some(b) = self.batching_mut("group_by") {
-            b.group = Some(Arc::new(key));
+    /// Sets a batching setting; without `.batch(..)` first, the build fails naming `what`.
+    fn with_batching(mut self, what: &'static str, set: impl FnOnce(&mut Batching)) -> Self {
+        if let Some(b) = self.batching_mut(what) {
+            set(b);
         }
         self
     }
 
-    /// Keeps only the latest unit of work per key in each batch, by `(timestamp, id)`; the
-    /// others are done when it is.
-    pub fn compact<F>(mut self, key: F) -> Self
+    /// Splits each batch into one batch per key, in order of first appearance.
+    pub fn group_by<F>(self, key: F) -> Self
     where
         F: Fn(&Uow) -> String + Send + Sync + 'static,
     {
-        if let Some(b) = self.batching_mut("compact") {
-            b.compact = Some(Arc::new(key));
-        }
-        self
+        self.with_batching("group_by", |b| b.group = Some(Arc::new(key)))
+    }
+
+    /// Keeps only the latest unit of work per key in each batch, by `(timestamp, id)`; the
+    /// others are done when it is.
+    pub fn compact<F>(self, key: F) -> Self
+    where
+        F: Fn(&Uow) -> String + Send + Sync + 'static,
+    {
+        self.with_batching("compact", |b| b.compact = Some(Arc::new(key)))
     }
 
     /// How many units of work (or batches) may be in the sink at once (default 16); units with
