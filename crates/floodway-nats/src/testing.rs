@@ -110,6 +110,12 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
+        self.start();
+        wait_for_port(self.port);
+    }
+
+    /// Starts the server process, its output discarded.
+    fn start(&mut self) {
         let child = Command::new(&self.binary)
             .args(&self.args)
             .stdin(Stdio::null())
@@ -118,7 +124,6 @@ impl NatsServer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
         self.child = Some(child);
-        wait_for_port(self.port);
     }
 }
 
@@ -197,14 +202,7 @@ impl NatsCluster {
             })
             .collect();
         for node in &mut nodes {
-            let child = Command::new(&node.binary)
-                .args(&node.args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", node.binary.display()));
-            node.child = Some(child);
+            node.start();
         }
         for node in &nodes {
             wait_for_port(node.port);

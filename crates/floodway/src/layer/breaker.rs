@@ -385,6 +385,13 @@ mod tests {
     use tower::Layer;
     use tower::Service;
 
+    /// `svc` behind a breaker of the default settings, and the breaker.
+    fn guarded<S>(svc: S) -> (CircuitBreaker, Breaker<S>) {
+        let breaker = CircuitBreaker::new(BreakerConfig::default(), "t");
+        let svc = BreakerLayer::new(breaker.clone()).layer(svc);
+        (breaker, svc)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn holds_during_outage_and_resumes() {
         let up = Arc::new(AtomicBool::new(false));
@@ -399,8 +406,7 @@ mod tests {
                 }
             }
         });
-        let breaker = CircuitBreaker::new(BreakerConfig::default(), "t");
-        let svc = BreakerLayer::new(breaker.clone()).layer(svc);
+        let (breaker, svc) = guarded(svc);
         let call = tokio::spawn(svc.clone().oneshot(1));
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!call.is_finished(), "held, not failed");
@@ -422,8 +428,7 @@ mod tests {
                 Ok(x)
             }
         });
-        let breaker = CircuitBreaker::new(BreakerConfig::default(), "t");
-        let svc = BreakerLayer::new(breaker.clone()).layer(svc);
+        let (breaker, svc) = guarded(svc);
         let bad = tokio::spawn(svc.clone().oneshot(13));
         // The bad call is held, the breaker opens; a new call probes and succeeds, which
         // proves the target healthy: the held call then fails for good on its next try.
@@ -448,8 +453,7 @@ mod tests {
                 Ok(x)
             }
         });
-        let breaker = CircuitBreaker::new(BreakerConfig::default(), "t");
-        let svc = BreakerLayer::new(breaker.clone()).layer(svc);
+        let (breaker, svc) = guarded(svc);
         let throttled = tokio::spawn(svc.clone().oneshot(13));
         for x in 0..100 {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -489,8 +493,7 @@ mod tests {
             Duration::from_secs(5),
             |x| Duration::from_millis(if x == 1 { 300 } else { 10 }),
         );
-        let breaker = CircuitBreaker::new(BreakerConfig::default(), "t");
-        let svc = BreakerLayer::new(breaker.clone()).layer(svc);
+        let (breaker, svc) = guarded(svc);
         let slow = tokio::spawn(svc.clone().oneshot(1));
         tokio::time::sleep(Duration::from_millis(1)).await;
         let fast: Vec<_> = (2..4)
@@ -527,8 +530,7 @@ mod tests {
                 Ok(x)
             }
         });
-        let breaker = CircuitBreaker::new(BreakerConfig::default(), "t");
-        let svc = BreakerLayer::new(breaker.clone()).layer(svc);
+        let (breaker, svc) = guarded(svc);
         // Like the runtime: an outage error is retried after a pause, never faulted.
         let call = |x: u32| {
             let svc = svc.clone();

@@ -524,6 +524,20 @@ macro_rules! hub_conformance_tests {
     };
 }
 
+/// Records a resubmission of fault `id`; the fault's status after it.
+async fn resubmitted(
+    store: &dyn FaultStore,
+    id: &str,
+    outcome: ResubmitOutcome,
+    detail: &str,
+) -> FaultStatus {
+    store
+        .record_resubmission_of(id, outcome, detail)
+        .await
+        .unwrap();
+    store.fault(id).await.unwrap().unwrap().status
+}
+
 /// A raise of the failure of record `offset` in `pipeline`, with `message`: each call is a
 /// new fault event of the same fault.
 fn raise(pipeline: &str, offset: u64, err: &Error) -> Event {
@@ -628,23 +642,11 @@ pub async fn a_fault_store_resolves_and_reopens(store: SharedFaultStore) {
         .await
         .unwrap();
     let id = crate::fault::fault_id(&first).to_owned();
-    store
-        .record_resubmission_of(&id, ResubmitOutcome::Failed, "still bad")
-        .await
-        .unwrap();
-    assert_eq!(
-        store.fault(&id).await.unwrap().unwrap().status,
-        FaultStatus::Open
-    );
+    let status = resubmitted(&*store, &id, ResubmitOutcome::Failed, "still bad").await;
+    assert_eq!(status, FaultStatus::Open);
     tokio::time::sleep(Duration::from_millis(3)).await;
-    store
-        .record_resubmission_of(&id, ResubmitOutcome::Succeeded, "fixed")
-        .await
-        .unwrap();
-    assert_eq!(
-        store.fault(&id).await.unwrap().unwrap().status,
-        FaultStatus::Resolved
-    );
+    let status = resubmitted(&*store, &id, ResubmitOutcome::Succeeded, "fixed").await;
+    assert_eq!(status, FaultStatus::Resolved);
     let open = FaultFilter {
         status: Some(FaultStatus::Open),
         ..FaultFilter::default()
