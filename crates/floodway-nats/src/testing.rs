@@ -110,12 +110,12 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
-        self.start();
+        self.launch();
         wait_for_port(self.port);
     }
 
     /// Starts the server process, its output discarded.
-    fn start(&mut self) {
+    fn launch(&mut self) {
         let child = Command::new(&self.binary)
             .args(&self.args)
             .stdin(Stdio::null())
@@ -202,7 +202,7 @@ impl NatsCluster {
             })
             .collect();
         for node in &mut nodes {
-            node.start();
+            node.launch();
         }
         for node in &nodes {
             wait_for_port(node.port);
