@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use floodway::hub::{
-    EventHub, HubFuture, HubStats, HubSubscription, PartitionStats, PublishFuture, PublishReceipt,
-    ReadOptions, Retention, RetentionReport, Stream, SubscriptionStats, Unsupported,
+    EventHub, HubFuture, HubStats, HubSubscription, PartitionStats, PublishFuture, ReadOptions,
+    Retention, RetentionReport, Stream, SubscriptionStats, Unsupported,
 };
 use floodway::{Error, Event};
 
@@ -100,11 +100,7 @@ impl EventHub for NatsEventHub {
                      duplicate window: publishing without deduplication is not available",
                 ));
             }
-            let receipt = self.hub.publish(events).await?;
-            Ok(PublishReceipt {
-                stored: receipt.stored,
-                duplicates: receipt.duplicates,
-            })
+            Ok(self.hub.publish(events).await?)
         })
     }
 

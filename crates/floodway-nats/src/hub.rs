@@ -67,14 +67,8 @@ impl Default for NatsHubOptions {
     }
 }
 
-/// What a publish stored.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PublishReceipt {
-    /// Events stored.
-    pub stored: usize,
-    /// Events skipped as repeats of an id inside the duplicate window.
-    pub duplicates: usize,
-}
+/// What a publish stored: the contract's receipt.
+pub use floodway::hub::PublishReceipt;
 
 /// A connection to the JetStream hub. Cheap to clone.
 #[derive(Debug, Clone)]
