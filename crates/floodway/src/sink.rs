@@ -302,23 +302,9 @@ where
 #[macro_export]
 macro_rules! impl_sink {
     ($sink:ty, $method:ident) => {
-        impl $crate::reexports::tower::Service<$crate::Batch> for $sink {
-            type Response = $crate::sink::Delivery;
-            type Error = $crate::Error;
-            type Future = $crate::layer::BoxFuture<$crate::sink::Delivery>;
-
-            fn poll_ready(
-                &mut self,
-                _cx: &mut ::std::task::Context<'_>,
-            ) -> ::std::task::Poll<::std::result::Result<(), $crate::Error>> {
-                ::std::task::Poll::Ready(Ok(()))
-            }
-
-            fn call(&mut self, batch: $crate::Batch) -> Self::Future {
-                let sink = ::std::clone::Clone::clone(self);
-                ::std::boxed::Box::pin(async move { sink.$method(batch).await.map(Into::into) })
-            }
-        }
+        $crate::__ready_service!($sink, $crate::Batch => $crate::sink::Delivery, |sink, batch| {
+            ::std::boxed::Box::pin(async move { sink.$method(batch).await.map(Into::into) })
+        });
     };
 }
 
@@ -328,10 +314,30 @@ macro_rules! impl_sink {
 #[macro_export]
 macro_rules! impl_fault_sink {
     ($sink:ty, $method:ident, $max:expr) => {
-        impl $crate::reexports::tower::Service<$crate::Event> for $sink {
-            type Response = ();
+        $crate::__ready_service!($sink, $crate::Event => (), |sink, event| {
+            let fault = $crate::fault::fit(&event, $max);
+            let batch = $crate::Batch::one($crate::Uow::detached(fault));
+            ::std::boxed::Box::pin(async move {
+                let delivery: $crate::sink::Delivery = sink.$method(batch).await?.into();
+                match delivery.into_failed().into_iter().next() {
+                    None => Ok(()),
+                    Some((_, error)) => Err(error),
+                }
+            })
+        });
+    };
+}
+
+/// A `tower::Service` that is always ready and runs `$body` on a clone of itself (`$this`)
+/// with the request (`$req`): what the sink macros expand to.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __ready_service {
+    ($sink:ty, $request:ty => $response:ty, |$this:ident, $req:ident| $body:block) => {
+        impl $crate::reexports::tower::Service<$request> for $sink {
+            type Response = $response;
             type Error = $crate::Error;
-            type Future = $crate::layer::BoxFuture<()>;
+            type Future = $crate::layer::BoxFuture<$response>;
 
             fn poll_ready(
                 &mut self,
@@ -340,17 +346,9 @@ macro_rules! impl_fault_sink {
                 ::std::task::Poll::Ready(Ok(()))
             }
 
-            fn call(&mut self, event: $crate::Event) -> Self::Future {
-                let sink = ::std::clone::Clone::clone(self);
-                let batch =
-                    $crate::Batch::one($crate::Uow::detached($crate::fault::fit(&event, $max)));
-                ::std::boxed::Box::pin(async move {
-                    let delivery: $crate::sink::Delivery = sink.$method(batch).await?.into();
-                    match delivery.into_failed().into_iter().next() {
-                        None => Ok(()),
-                        Some((_, error)) => Err(error),
-                    }
-                })
+            fn call(&mut self, $req: $request) -> Self::Future {
+                let $this = ::std::clone::Clone::clone(self);
+                $body
             }
         }
     };
