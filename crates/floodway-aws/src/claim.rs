@@ -1,12 +1,11 @@
 //! Claim checks: events too large for a hub or a queue travel as a small event pointing at
 //! an S3 object, and are redeemed on the reading side.
 
-use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::Client;
 use floodway::{Error, Event};
 use serde_json::json;
 
 use crate::classify::classify;
+use crate::s3::S3Objects;
 
 /// Moves large events to S3 and brings them back.
 ///
@@ -16,9 +15,7 @@ use crate::classify::classify;
 /// [`ClaimCheck::redeem`] before its other steps.
 #[derive(Debug, Clone)]
 pub struct ClaimCheck {
-    client: Client,
-    bucket: String,
-    prefix: String,
+    objects: S3Objects,
     threshold: usize,
 }
 
@@ -31,9 +28,7 @@ impl ClaimCheck {
         threshold: usize,
     ) -> Self {
         ClaimCheck {
-            client: crate::s3_client(config),
-            bucket: bucket.into(),
-            prefix: prefix.into().trim_end_matches('/').to_owned(),
+            objects: S3Objects::new(config, bucket, prefix),
             threshold,
         }
     }
@@ -47,20 +42,12 @@ impl ClaimCheck {
         if body.len() <= self.threshold {
             return Ok(event);
         }
-        let key = format!("{}/{}.json", self.prefix, event.id());
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .content_type("application/json")
-            .body(ByteStream::from(body.into_bytes()))
-            .send()
-            .await
-            .map_err(classify)?;
+        let key = self.objects.key(&format!("{}.json", event.id()));
+        self.objects.put(&key, body).await?;
         let mut claim = Event::builder(event.event_type(), event.partition_key())
             .id(event.id())
             .timestamp(event.timestamp())
-            .field("s3", json!({ "bucket": self.bucket, "key": key }));
+            .field("s3", json!({ "bucket": self.objects.bucket, "key": key }));
         if let Some(tags) = event.tags() {
             for (k, v) in tags {
                 claim = claim.tag(k.clone(), v.clone());
@@ -81,10 +68,11 @@ impl ClaimCheck {
         let (Some(bucket), Some(key)) = (claim["bucket"].as_str(), claim["key"].as_str()) else {
             return Ok(event);
         };
-        if bucket != self.bucket || !key.starts_with(&format!("{}/", self.prefix)) {
+        if bucket != self.objects.bucket || !key.starts_with(&self.objects.key("")) {
             return Ok(event);
         }
         let object = self
+            .objects
             .client
             .get_object()
             .bucket(bucket)

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use aws_sdk_lambda::primitives::Blob;
-use aws_sdk_s3::primitives::ByteStream;
 use floodway::fault_store::{
     FaultFilter, FaultStatus, FaultStore, Resubmission, ResubmitOutcome, StoredFault,
 };
@@ -324,9 +323,7 @@ impl FaultStore for DynamoDbFaults {
 /// stored again overwrites its object). The sink of a fault monitor's pipeline.
 #[derive(Debug, Clone)]
 pub struct S3Faults {
-    client: aws_sdk_s3::Client,
-    bucket: String,
-    prefix: String,
+    objects: crate::s3::S3Objects,
 }
 
 impl S3Faults {
@@ -337,30 +334,20 @@ impl S3Faults {
         prefix: impl Into<String>,
     ) -> Self {
         S3Faults {
-            client: crate::s3_client(config),
-            bucket: bucket.into(),
-            prefix: prefix.into().trim_end_matches('/').to_owned(),
+            objects: crate::s3::S3Objects::new(config, bucket, prefix),
         }
     }
 
     async fn store(&self, fault: &Event) -> Result<(), Error> {
-        let key = format!(
-            "{}/{}/{}/{}.json",
-            self.prefix,
+        let name = format!(
+            "{}/{}/{}.json",
             tag(fault, "processor"),
             tag(fault, "pipeline"),
             floodway::fault::fault_id(fault)
         );
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .content_type("application/json")
-            .body(ByteStream::from(fault.to_json().into_bytes()))
-            .send()
+        self.objects
+            .put(&self.objects.key(&name), fault.to_json())
             .await
-            .map_err(classify)?;
-        Ok(())
     }
 }
 

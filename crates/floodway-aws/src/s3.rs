@@ -12,9 +12,49 @@ use crate::classify::classify;
 /// same object, so redelivery is harmless.
 #[derive(Debug, Clone)]
 pub struct S3Lake {
-    client: Client,
-    bucket: String,
-    prefix: String,
+    objects: S3Objects,
+}
+
+/// JSON objects under a prefix of a bucket: where the lake, the S3 fault store and claim
+/// checks keep events.
+#[derive(Debug, Clone)]
+pub(crate) struct S3Objects {
+    pub(crate) client: Client,
+    pub(crate) bucket: String,
+    pub(crate) prefix: String,
+}
+
+impl S3Objects {
+    pub(crate) fn new(
+        config: &aws_config::SdkConfig,
+        bucket: impl Into<String>,
+        prefix: impl Into<String>,
+    ) -> Self {
+        S3Objects {
+            client: crate::s3_client(config),
+            bucket: bucket.into(),
+            prefix: prefix.into().trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// The key of `name` under the prefix.
+    pub(crate) fn key(&self, name: &str) -> String {
+        format!("{}/{name}", self.prefix)
+    }
+
+    /// Writes `json` as the object `key`.
+    pub(crate) async fn put(&self, key: &str, json: String) -> Result<(), Error> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("application/json")
+            .body(ByteStream::from(json.into_bytes()))
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
 }
 
 impl S3Lake {
@@ -25,34 +65,23 @@ impl S3Lake {
         prefix: impl Into<String>,
     ) -> Self {
         S3Lake {
-            client: crate::s3_client(config),
-            bucket: bucket.into(),
-            prefix: prefix.into().trim_end_matches('/').to_owned(),
+            objects: S3Objects::new(config, bucket, prefix),
         }
     }
 
     /// The object key of an event.
     pub fn key_of(&self, event: &Event) -> String {
         let (y, m, d) = floodway::event::civil_date(event.timestamp());
-        format!(
-            "{}/{}/{y:04}/{m:02}/{d:02}/{}.json",
-            self.prefix,
+        let name = format!(
+            "{}/{y:04}/{m:02}/{d:02}/{}.json",
             event.event_type(),
             event.id()
-        )
+        );
+        self.objects.key(&name)
     }
 
     async fn put(&self, event: &Event) -> Result<(), Error> {
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.key_of(event))
-            .content_type("application/json")
-            .body(ByteStream::from(event.to_json().into_bytes()))
-            .send()
-            .await
-            .map_err(classify)?;
-        Ok(())
+        self.objects.put(&self.key_of(event), event.to_json()).await
     }
 
     async fn write(&self, batch: Batch) -> Result<Delivery, Error> {
