@@ -90,3 +90,21 @@ impl Store {
 /// Rows deleted by one prune of the dedupe table or the inbox, besides twice the rows the same
 /// transaction added: pruning outpaces adding, so the table stays bounded.
 pub(crate) const PRUNE_BATCH: usize = 1_000;
+
+/// Checks a name used in the file (a subscription, a view): 1 to `max` characters that
+/// `allowed` accepts; the error names `what` and says the `rule`.
+pub(crate) fn check_name(
+    what: &str,
+    name: &str,
+    max: usize,
+    allowed: impl Fn(char) -> bool,
+    rule: &str,
+) -> Result<(), HubError> {
+    if !name.is_empty() && name.len() <= max && name.chars().all(allowed) {
+        Ok(())
+    } else {
+        Err(HubError::Invalid(format!(
+            "{what} name `{name}`: use {rule}"
+        )))
+    }
+}

@@ -150,18 +150,9 @@ impl std::fmt::Debug for SubscriptionCheckpointer {
 }
 
 fn check_name(name: &str) -> Result<(), HubError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(HubError::Invalid(format!(
-            "subscription name `{name}`: use 1-128 letters, digits, `-`, `_` or `.`"
-        )))
-    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let rule = "1-128 letters, digits, `-`, `_` or `.`";
+    crate::store::check_name("subscription", name, 128, allowed, rule)
 }
 
 impl Hub {

@@ -57,18 +57,9 @@ pub type ViewWrite = StateWrite;
 pub type ViewRow = StateRow;
 
 fn check_name(name: &str) -> Result<(), HubError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(HubError::Invalid(format!(
-            "view name `{name}`: use 1-64 lowercase letters, digits or `_`"
-        )))
-    }
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+    let rule = "1-64 lowercase letters, digits or `_`";
+    crate::store::check_name("view", name, 64, allowed, rule)
 }
 
 impl ViewStore {
