@@ -7,38 +7,15 @@ use floodway::hub::{
 use floodway::Event;
 
 use crate::hub::Hub;
-use crate::subscription::{ResetTo, StartAt, SubscriptionOptions};
+use crate::subscription::SubscriptionOptions;
 use floodway::state::{SharedState, StateStore};
-
-impl From<floodway::hub::StartAt> for StartAt {
-    fn from(start: floodway::hub::StartAt) -> StartAt {
-        match start {
-            floodway::hub::StartAt::Beginning => StartAt::Beginning,
-            floodway::hub::StartAt::End => StartAt::End,
-            floodway::hub::StartAt::Time(t) => StartAt::Time(t),
-        }
-    }
-}
-
-impl From<floodway::hub::StartAt> for ResetTo {
-    fn from(start: floodway::hub::StartAt) -> ResetTo {
-        match start {
-            floodway::hub::StartAt::Beginning => ResetTo::Beginning,
-            floodway::hub::StartAt::End => ResetTo::End,
-            floodway::hub::StartAt::Time(t) => ResetTo::Time(t),
-        }
-    }
-}
 
 impl From<ReadOptions> for SubscriptionOptions {
     /// Fault events are in the log with the others: `Stream::Faults` reads the log.
     fn from(options: ReadOptions) -> SubscriptionOptions {
         SubscriptionOptions {
-            start: if options.reset {
-                StartAt::Reset(options.start.into())
-            } else {
-                options.start.into()
-            },
+            start: options.start,
+            reset: options.reset,
             follow: options.follow,
             until: options.until,
             transient: options.transient,

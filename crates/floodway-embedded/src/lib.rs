@@ -43,7 +43,7 @@
 //!   subscription over once the lease has expired, or at once if the holder was a process of
 //!   this machine that is gone. A holder that finds another owner stops with
 //!   [`HubError::LeaseLost`]; checkpoints are written only by the owner and never move
-//!   backward (but for an explicit [`StartAt::Reset`]).
+//!   backward (but for an explicit [`SubscriptionOptions::reset`]).
 //! - **A locked file is waited out.** A write that finds another process holding the write
 //!   lock past [`HubOptions::busy_timeout`] is tried again with backoff, a warning each time,
 //!   for up to [`HubOptions::busy_retry`] (2 minutes); retention deletes in short
@@ -78,8 +78,7 @@ pub use hub::{
 };
 pub use lease::LeaseHolder;
 pub use subscription::{
-    ResetTo, StartAt, Subscription, SubscriptionCheckpointer, SubscriptionOptions,
-    SubscriptionReader,
+    StartAt, Subscription, SubscriptionCheckpointer, SubscriptionOptions, SubscriptionReader,
 };
 pub use view::{ViewRow, ViewSink, ViewStore, ViewWrite};
 

@@ -14,37 +14,17 @@ use crate::lease::{Lease, Standing};
 use crate::segment::Segment;
 use crate::store::WriteGate;
 
-/// Where a subscription without a checkpoint starts; one with a checkpoint resumes from it
-/// unless [`StartAt::Reset`] says otherwise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum StartAt {
-    /// From the first event held.
-    #[default]
-    Beginning,
-    /// From events published from now on.
-    End,
-    /// From events published at or after this time (ms since the epoch).
-    Time(i64),
-    /// Ignore a stored checkpoint and start from the given place.
-    Reset(ResetTo),
-}
-
-/// Where [`StartAt::Reset`] starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResetTo {
-    /// The first event held.
-    Beginning,
-    /// Events published from now on.
-    End,
-    /// Events published at or after this time (ms since the epoch).
-    Time(i64),
-}
+/// Where a subscription without a checkpoint starts (one with a checkpoint resumes from it
+/// unless [`SubscriptionOptions::reset`]): the contract's start positions.
+pub use floodway::hub::StartAt;
 
 /// How a subscription reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubscriptionOptions {
     /// Where to start without a checkpoint.
     pub start: StartAt,
+    /// Ignore a stored checkpoint and start at `start` (a reset of the subscription).
+    pub reset: bool,
     /// Wait for new events at the end of the log (a live stream), or end there (a bounded
     /// read, for replays and tests).
     pub follow: bool,
@@ -65,6 +45,7 @@ impl Default for SubscriptionOptions {
     fn default() -> Self {
         SubscriptionOptions {
             start: StartAt::Beginning,
+            reset: false,
             follow: true,
             poll: Duration::from_millis(50),
             until: None,
@@ -186,25 +167,17 @@ impl Hub {
                     |r| r.get(0),
                 )
                 .optional()?;
-            let place = match (options.start, stored) {
-                (StartAt::Reset(to), _) => Some(to),
-                (_, Some(offset)) => {
-                    cursors.push(offset as u64);
-                    None
-                }
-                (StartAt::Beginning, None) => Some(ResetTo::Beginning),
-                (StartAt::End, None) => Some(ResetTo::End),
-                (StartAt::Time(t), None) => Some(ResetTo::Time(t)),
-            };
-            let cursor = match place {
-                None => continue,
-                Some(ResetTo::Beginning) => 0,
-                Some(ResetTo::End) => read.query_row(
-                    "SELECT last_offset FROM partitions WHERE partition = ?1",
-                    [p],
-                    |r| r.get::<_, i64>(0),
-                )? as u64,
-                Some(ResetTo::Time(t)) => crate::log::offset_before(&read, p, t)?,
+            let cursor = match (options.reset, stored) {
+                (false, Some(offset)) => offset as u64,
+                _ => match options.start {
+                    StartAt::Beginning => 0,
+                    StartAt::End => read.query_row(
+                        "SELECT last_offset FROM partitions WHERE partition = ?1",
+                        [p],
+                        |r| r.get::<_, i64>(0),
+                    )? as u64,
+                    StartAt::Time(t) => crate::log::offset_before(&read, p, t)?,
+                },
             };
             cursors.push(cursor);
         }
@@ -233,9 +206,10 @@ impl Hub {
                 .collect();
             // A reset is a decision that replaces what was stored; a first start only fills in
             // the partitions that have no checkpoint yet.
-            let how = match options.start {
-                StartAt::Reset(_) => Store::Reset,
-                _ => Store::Start,
+            let how = if options.reset {
+                Store::Reset
+            } else {
+                Store::Start
             };
             checkpointer.inner.store(&checkpoints, how)?;
         }

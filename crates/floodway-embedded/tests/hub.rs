@@ -6,9 +6,7 @@ use std::time::Duration;
 use floodway::memory::{MemoryFaultSink, MemorySink};
 use floodway::testing::generate;
 use floodway::{Event, Pipeline, Processor};
-use floodway_embedded::{
-    Hub, HubOptions, OpenError, ResetTo, Retention, StartAt, SubscriptionOptions,
-};
+use floodway_embedded::{Hub, HubOptions, OpenError, Retention, StartAt, SubscriptionOptions};
 
 mod common;
 use common::{bounded, open, open_with, partitions, with_orders};
@@ -168,7 +166,7 @@ async fn a_subscription_resumes_from_its_checkpoint() {
         &hub,
         "views",
         SubscriptionOptions {
-            start: StartAt::Reset(ResetTo::Beginning),
+            reset: true,
             ..bounded()
         },
     )

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use floodway::testing::generate;
 use floodway::{Checkpoint, Checkpointer, Source};
-use floodway_embedded::{Hub, HubError, HubOptions, ResetTo, StartAt, SubscriptionOptions};
+use floodway_embedded::{Hub, HubError, HubOptions, SubscriptionOptions};
 
 const CHILD_HUB: &str = "FLOODWAY_TEST_LEASE_HUB";
 const CHILD_LEASE_MS: &str = "FLOODWAY_TEST_LEASE_MS";
@@ -332,7 +332,7 @@ async fn a_checkpoint_never_moves_backward() {
     drop((_reader, checkpointer));
     // ...while a reset, a decision to read again, moves it back on purpose.
     let reset = SubscriptionOptions {
-        start: StartAt::Reset(ResetTo::Beginning),
+        reset: true,
         ..bounded()
     };
     drop(hub.subscribe("orders", reset).unwrap());

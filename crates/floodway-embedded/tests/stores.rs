@@ -5,7 +5,7 @@ use std::time::Duration;
 use floodway::idempotence::Version;
 use floodway::{Error, Event, Pipeline, Processor};
 use floodway_embedded::{
-    FaultFilter, FaultStatus, Hub, ResetTo, StartAt, Stored, SubscriptionOptions, ViewWrite,
+    FaultFilter, FaultStatus, Hub, StartAt, Stored, SubscriptionOptions, ViewWrite,
 };
 use proptest::prelude::*;
 use serde_json::json;
@@ -75,7 +75,13 @@ async fn faults_are_stored_once_counted_again_and_filtered() {
 
     // Replaying the same records raises the same faults: stored once, seen twice.
     let (reader, cp) = hub
-        .subscribe("shop", bounded(StartAt::Reset(ResetTo::Beginning)))
+        .subscribe(
+            "shop",
+            SubscriptionOptions {
+                reset: true,
+                ..bounded(StartAt::Beginning)
+            },
+        )
         .unwrap()
         .split();
     p.run(reader, cp, std::future::pending()).await.unwrap();
