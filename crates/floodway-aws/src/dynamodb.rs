@@ -82,7 +82,8 @@ pub(crate) fn json_of(attribute: &AttributeValue) -> Value {
 /// Keyed state in a DynamoDB table (partition key `pk`, a string): the [`KeyedState`]
 /// contract. A write is an `UpdateItem` conditional on the row's stored `(timestamp, id)`
 /// being older than the event's, so an older or redelivered event changes nothing (and counts
-/// as stale: the row's version is the inbox). Writes run concurrently. Rows hold `pk`,
+/// as stale: the row's version is the inbox). Keys are written concurrently, the writes of one
+/// key one after another. Rows hold `pk`,
 /// `value` (the value as a DynamoDB map), `timestamp`, `eventId`, optionally a
 /// `discriminator`, and for an expiring row `expires` (ms) and `ttl` (seconds, for the
 /// table's time to live, which deletes within a day or two; reads skip expired rows at once).
@@ -228,14 +229,36 @@ impl KeyedState for DynamoDbState {
 
     fn apply<'a>(&'a self, writes: &'a [StateWrite]) -> HubFuture<'a, Applied> {
         Box::pin(async move {
-            let calls: Vec<_> = writes.iter().map(|w| self.write(w)).collect();
-            let results: Vec<Result<bool, Error>> = stream::iter(calls)
+            // Keys concurrently, the writes of one key one after another: a row is never
+            // written twice at once, so the stored version only grows.
+            let mut index: HashMap<&str, usize> = HashMap::new();
+            let mut by_key: Vec<Vec<&StateWrite>> = Vec::new();
+            for w in writes {
+                let at = *index.entry(&w.key).or_insert_with(|| {
+                    by_key.push(Vec::new());
+                    by_key.len() - 1
+                });
+                by_key[at].push(w);
+            }
+            let keys: Vec<_> = by_key
+                .into_iter()
+                .map(|list| async move {
+                    let mut applied = Applied::default();
+                    for w in list {
+                        applied.count(self.write(w).await?);
+                    }
+                    Ok::<_, Error>(applied)
+                })
+                .collect();
+            let results: Vec<Result<Applied, Error>> = stream::iter(keys)
                 .buffer_unordered(CONCURRENCY)
                 .collect()
                 .await;
             let mut applied = Applied::default();
             for result in results {
-                applied.count(result.map_err(boxed)?);
+                let one = result.map_err(boxed)?;
+                applied.written += one.written;
+                applied.stale += one.stale;
             }
             Ok(applied)
         })

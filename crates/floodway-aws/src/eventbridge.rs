@@ -5,12 +5,7 @@ use aws_sdk_eventbridge::Client;
 use floodway::{Batch, Delivery, Error, Event};
 
 use crate::classify::{classify, failed_entries};
-use crate::deliver_in_chunks;
-
-/// Entries per call.
-const MAX_ENTRIES: usize = 10;
-/// Bytes per call (EventBridge counts each entry's detail, detail-type and source).
-const MAX_BYTES: usize = 256 * 1024;
+use crate::{deliver_in_chunks, EVENTBRIDGE};
 
 /// Publishes events to an event bus, 10 entries and 256 KiB per call, and reports the entries
 /// the service failed (throttled, internal) so that only those are retried; an entry of
@@ -55,7 +50,7 @@ impl EventBridgeSink {
         let mut entries = Vec::with_capacity(batch.len());
         for (i, event) in batch.events().enumerate() {
             let entry = self.entry(event);
-            if size(&entry) >= MAX_BYTES {
+            if size(&entry) >= EVENTBRIDGE.entry {
                 delivery.fail(
                     i,
                     Error::poison_msg(
@@ -70,7 +65,7 @@ impl EventBridgeSink {
                 entries.push((i, entry));
             }
         }
-        let limits = (MAX_ENTRIES, MAX_BYTES - 1);
+        let limits = (EVENTBRIDGE.entries, EVENTBRIDGE.bytes - 1);
         deliver_in_chunks(delivery, entries, limits, size, false, |entries| {
             let client = self.client.clone();
             async move {
@@ -92,4 +87,4 @@ impl EventBridgeSink {
 }
 
 floodway::impl_sink!(EventBridgeSink, write);
-floodway::impl_fault_sink!(EventBridgeSink, write, MAX_BYTES - 1024);
+floodway::impl_fault_sink!(EventBridgeSink, write, EVENTBRIDGE.entry - 1024);

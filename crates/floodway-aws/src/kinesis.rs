@@ -6,14 +6,7 @@ use aws_sdk_kinesis::Client;
 use floodway::{Batch, Delivery, Error};
 
 use crate::classify::{classify, failed_entries};
-use crate::deliver_in_chunks;
-
-/// Records per call.
-const MAX_RECORDS: usize = 500;
-/// Bytes per call (data and partition keys).
-const MAX_BYTES: usize = 5 * 1024 * 1024;
-/// Bytes per record.
-const MAX_RECORD: usize = 1024 * 1024;
+use crate::{deliver_in_chunks, KINESIS};
 
 /// Publishes events to a stream, 500 records and 5 MiB per call, each with the event's
 /// partition key (so a key keeps its order within its shard). The records the service failed
@@ -44,7 +37,7 @@ impl KinesisSink {
                 Some(b) => b.to_vec(),
                 None => e.to_json().into_bytes(),
             };
-            if data.len() + e.partition_key().len() > MAX_RECORD {
+            if data.len() + e.partition_key().len() > KINESIS.entry {
                 delivery.fail(
                     i,
                     Error::poison_msg(
@@ -78,7 +71,7 @@ impl KinesisSink {
         deliver_in_chunks(
             delivery,
             entries,
-            (MAX_RECORDS, MAX_BYTES),
+            (KINESIS.entries, KINESIS.bytes),
             size,
             true,
             |records| {
@@ -126,7 +119,7 @@ fn with_later_of_same_key(failed: Vec<(usize, Error)>, keys: &[String]) -> Vec<(
 }
 
 floodway::impl_sink!(KinesisSink, write);
-floodway::impl_fault_sink!(KinesisSink, write, MAX_RECORD - 1024);
+floodway::impl_fault_sink!(KinesisSink, write, KINESIS.entry - 1024);
 
 #[cfg(test)]
 mod tests {

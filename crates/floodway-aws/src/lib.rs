@@ -64,6 +64,36 @@ pub(crate) fn s3_client(config: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
     )
 }
 
+/// What one batch call of a service takes at most: entries, their bytes together, and one
+/// entry's bytes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallLimits {
+    pub(crate) entries: usize,
+    pub(crate) bytes: usize,
+    pub(crate) entry: usize,
+}
+
+/// `PutEvents`: EventBridge counts each entry's detail, detail-type and source.
+pub(crate) const EVENTBRIDGE: CallLimits = CallLimits {
+    entries: 10,
+    bytes: 256 * 1024,
+    entry: 256 * 1024,
+};
+
+/// `PutRecords`: data and partition keys.
+pub(crate) const KINESIS: CallLimits = CallLimits {
+    entries: 500,
+    bytes: 5 * 1024 * 1024,
+    entry: 1024 * 1024,
+};
+
+/// `SendMessageBatch`: message bodies.
+pub(crate) const SQS: CallLimits = CallLimits {
+    entries: 10,
+    bytes: 256 * 1024,
+    entry: 256 * 1024,
+};
+
 /// Sends a batch's entries (each with its position in the batch) in chunks of at most `count`
 /// entries and `bytes` bytes, one call of `send` per chunk, which answers the entries of the
 /// chunk the service failed. Entries already failed in `delivery` are not given.

@@ -5,17 +5,12 @@ use aws_sdk_sqs::Client;
 use floodway::{Batch, Delivery, Error};
 
 use crate::classify::{classify, classify_code};
-use crate::deliver_in_chunks;
-
-/// Messages per call.
-const MAX_MESSAGES: usize = 10;
-/// Bytes per call.
-const MAX_BYTES: usize = 256 * 1024;
+use crate::{deliver_in_chunks, SQS};
 
 /// Sends events to a queue, 10 messages and 256 KiB per call, and reports the messages the
 /// service failed: through no fault of theirs, they are retried alone; a message the service
-/// rejects as the sender's fault, or over 256 KiB, is poison. On a FIFO queue the partition key is the message
-/// group and the event id the deduplication id.
+/// rejects as the sender's fault, or over 256 KiB, is poison. On a FIFO queue the partition
+/// key is the message group and the event id the deduplication id.
 #[derive(Debug, Clone)]
 pub struct SqsSink {
     client: Client,
@@ -39,7 +34,7 @@ impl SqsSink {
         let mut entries = Vec::with_capacity(batch.len());
         for (i, e) in batch.events().enumerate() {
             let body = e.to_json();
-            if body.len() > MAX_BYTES {
+            if body.len() > SQS.entry {
                 delivery.fail(
                     i,
                     Error::poison_msg(
@@ -72,7 +67,7 @@ impl SqsSink {
         deliver_in_chunks(
             delivery,
             entries,
-            (MAX_MESSAGES, MAX_BYTES),
+            (SQS.entries, SQS.bytes),
             size,
             ordered,
             |messages| {
