@@ -220,18 +220,6 @@ impl DynamoDbFaults {
         Ok(out.item().cloned())
     }
 
-    /// Records a resubmission's outcome with the fault; a success resolves it.
-    ///
-    /// # Errors
-    /// When DynamoDB fails.
-    pub async fn record_resubmission(&self, id: &str, outcome: &Resubmitted) -> Result<(), Error> {
-        let (outcome, detail) = match outcome {
-            Resubmitted::Succeeded => (ResubmitOutcome::Succeeded, String::new()),
-            other => (ResubmitOutcome::Failed, format!("{other:?}")),
-        };
-        self.record(id, outcome, &detail).await
-    }
-
     async fn record(&self, id: &str, outcome: ResubmitOutcome, detail: &str) -> Result<(), Error> {
         // Two resubmissions in one millisecond keep their order.
         let last = self.resubmissions(id).await?.last().map_or(0, |r| r.at + 1);
@@ -377,6 +365,81 @@ pub enum Resubmitted {
     FaultedAgain,
     /// The function failed: its error.
     Failed(String),
+}
+
+impl Resubmitted {
+    /// The outcome a fault store records, and its detail.
+    pub fn outcome(&self) -> (ResubmitOutcome, String) {
+        match self {
+            Resubmitted::Succeeded => (ResubmitOutcome::Succeeded, "processed".to_owned()),
+            Resubmitted::Unfinished => (
+                ResubmitOutcome::Failed,
+                "unfinished: the function failed the record transiently again".to_owned(),
+            ),
+            Resubmitted::FaultedAgain => (
+                ResubmitOutcome::Failed,
+                "faulted again: see the fault's latest error".to_owned(),
+            ),
+            Resubmitted::Failed(why) => (
+                ResubmitOutcome::Failed,
+                format!("the function failed: {why}"),
+            ),
+        }
+    }
+}
+
+/// Resubmits faults to the Lambda function that failed them, and records each outcome with
+/// its fault; what `floodway faults resubmit --dynamodb-table` does for each fault, the
+/// counterpart of `floodway::fault_store::resubmit` for processors that run on Lambda.
+#[derive(Debug, Clone)]
+pub struct LambdaResubmitter {
+    lambda: aws_sdk_lambda::Client,
+    function: String,
+}
+
+impl LambdaResubmitter {
+    /// Invokes `function` (a name or ARN) through `config`'s Lambda endpoint, or `endpoint`
+    /// when given (a local Runtime API such as `floodway_lambda::LocalRuntime`).
+    pub fn new(
+        config: &aws_config::SdkConfig,
+        endpoint: Option<&str>,
+        function: impl Into<String>,
+    ) -> Self {
+        let mut lambda = aws_sdk_lambda::config::Builder::from(config);
+        if let Some(url) = endpoint {
+            lambda = lambda.endpoint_url(url);
+        }
+        LambdaResubmitter {
+            lambda: aws_sdk_lambda::Client::from_conf(lambda.build()),
+            function: function.into(),
+        }
+    }
+
+    /// The function resubmitted to.
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+
+    /// Invokes the function with the fault's record (see [`resubmit`]) and records the
+    /// outcome in `store`; a success resolves the fault. An invocation that fails is an
+    /// outcome too, with its error as the detail.
+    ///
+    /// # Errors
+    /// Only when the outcome cannot be recorded.
+    pub async fn resubmit(
+        &self,
+        store: &dyn FaultStore,
+        fault: &StoredFault,
+    ) -> Result<(ResubmitOutcome, String), floodway::BoxError> {
+        let answer = resubmit(&self.lambda, &self.function, &fault.fault)
+            .await
+            .unwrap_or_else(|e| Resubmitted::Failed(e.to_string()));
+        let (outcome, detail) = answer.outcome();
+        store
+            .record_resubmission_of(&fault.id, outcome, &detail)
+            .await?;
+        Ok((outcome, detail))
+    }
 }
 
 /// Invokes `function` synchronously with the fault's record, shaped like its source and

@@ -13,7 +13,9 @@
 //! [`EventBridgeSink`] and [`KinesisSink`] are also fault sinks (`Service<Event>`);
 //! [`DynamoDbFaults`] and [`S3Faults`] store fault events for a fault monitor; [`ClaimCheck`]
 //! moves large events to S3 and redeems them on the reading side; [`resubmit`] invokes the
-//! function that failed a fault again, with a payload limited to the failing pipeline.
+//! function that failed a fault again, with a payload limited to the failing pipeline, and
+//! [`LambdaResubmitter`] records how it went (what `floodway faults resubmit
+//! --dynamodb-table` runs). [`testing`] starts a real `moto_server` for tests.
 //!
 //! Errors are classified for the core: throttling is a throttle, 5xx and network failures are
 //! transient, a request the service rejects for its content is poison, and missing resources
@@ -31,12 +33,14 @@ mod faults;
 mod kinesis;
 mod s3;
 mod sqs;
+pub mod testing;
 
+pub use aws_config::SdkConfig;
 pub use claim::ClaimCheck;
 pub use classify::classify;
 pub use dynamodb::{DynamoDbState, DynamoDbView};
 pub use eventbridge::EventBridgeSink;
-pub use faults::{resubmit, DynamoDbFaults, Resubmitted, S3Faults};
+pub use faults::{resubmit, DynamoDbFaults, LambdaResubmitter, Resubmitted, S3Faults};
 pub use floodway::fault_store::StoredFault;
 pub use kinesis::KinesisSink;
 pub use s3::S3Lake;

@@ -4,21 +4,21 @@
 //! this process and a real handler binary behind the local Runtime API.
 
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_config::SdkConfig;
 use bytes::Bytes;
+use floodway::fault_store::{FaultFilter, FaultStatus, FaultStore as _, ResubmitOutcome};
 use floodway::memory::{MemoryFaultSink, MemorySink};
 use floodway::testing::generate;
 use floodway::Uow;
 use floodway::{Batch, Error, Event, Pipeline, Processor, Record};
+use floodway_aws::testing::{table, Moto};
 use floodway_aws::{
-    ClaimCheck, DynamoDbFaults, DynamoDbView, EventBridgeSink, KinesisSink, Resubmitted, S3Faults,
-    S3Lake, SqsSink,
+    ClaimCheck, DynamoDbFaults, DynamoDbView, EventBridgeSink, KinesisSink, LambdaResubmitter,
+    Resubmitted, S3Faults, S3Lake, SqsSink,
 };
 use floodway_lambda::{
     FunctionProcess, Handler, InProcess, LocalRuntime, StreamKind, StreamMapping, StreamRecord,
@@ -29,80 +29,6 @@ use tower::ServiceExt;
 #[path = "../../floodway-lambda/tests/common/mod.rs"]
 mod lambda;
 use lambda::{dynamodb_shard, handler, run_cdc, CDC_TYPES};
-
-/// `moto_server` on a free loopback port; killed when dropped.
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-fn moto_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("FLOODWAY_MOTO_SERVER") {
-        return PathBuf::from(path);
-    }
-    let mut dir = std::env::current_dir().unwrap();
-    loop {
-        let candidate = dir.join("target/test-venv/bin/moto_server");
-        if candidate.is_file() {
-            return candidate;
-        }
-        assert!(
-            dir.pop(),
-            "moto_server not found: run scripts/test (it installs PyPI moto[server] into \
-             target/test-venv), or set FLOODWAY_MOTO_SERVER"
-        );
-    }
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(moto_binary())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server starts");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Moto {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    /// A server of its own, and the configuration of clients that reach it.
-    async fn configured() -> (Moto, SdkConfig) {
-        let moto = Moto::start();
-        let config = moto.config().await;
-        (moto, config)
-    }
-
-    async fn config(&self) -> SdkConfig {
-        aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(&self.url)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                "testing", "testing", None, None, "moto",
-            ))
-            .load()
-            .await
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn batch(events: &[Event]) -> Batch {
     Batch::new(events.iter().cloned().map(Uow::detached).collect())
@@ -361,7 +287,7 @@ async fn eventbridge_and_sqs_sinks_deliver_every_event() {
 async fn dynamodb_view_is_latest_wins() {
     let (_moto, config) = Moto::configured().await;
     let dynamo = aws_sdk_dynamodb::Client::new(&config);
-    table(&dynamo, "orders", true).await;
+    table(&config, "orders", true).await;
     let view = DynamoDbView::new(
         &config,
         "orders",
@@ -405,40 +331,8 @@ async fn dynamodb_view_is_latest_wins() {
 /// A `moto_server` of its own, its configuration, and a table `name` in it (see [`table`]).
 async fn moto_with_table(name: &str) -> (Moto, SdkConfig) {
     let (moto, config) = Moto::configured().await;
-    table(&aws_sdk_dynamodb::Client::new(&config), name, false).await;
+    table(&config, name, false).await;
     (moto, config)
-}
-
-/// A table keyed by `pk` (a string), with a stream of new and old images if asked; the
-/// stream's ARN.
-async fn table(dynamo: &aws_sdk_dynamodb::Client, name: &str, stream: bool) -> Option<String> {
-    use aws_sdk_dynamodb::types::{
-        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-        StreamSpecification, StreamViewType,
-    };
-    let pk = AttributeDefinition::builder()
-        .attribute_name("pk")
-        .attribute_type(ScalarAttributeType::S);
-    let hash = KeySchemaElement::builder()
-        .attribute_name("pk")
-        .key_type(KeyType::Hash);
-    let mut request = dynamo
-        .create_table()
-        .table_name(name)
-        .attribute_definitions(pk.build().unwrap())
-        .key_schema(hash.build().unwrap())
-        .billing_mode(BillingMode::PayPerRequest);
-    if stream {
-        let images = StreamSpecification::builder()
-            .stream_enabled(true)
-            .stream_view_type(StreamViewType::NewAndOldImages);
-        request = request.stream_specification(images.build().unwrap());
-    }
-    let created = request.send().await.unwrap();
-    created
-        .table_description()
-        .and_then(|t| t.latest_stream_arn())
-        .map(str::to_owned)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,7 +340,7 @@ async fn real_dynamodb_stream_records_become_change_events() {
     use aws_sdk_dynamodb::types::AttributeValue as A;
     let (_moto, config) = Moto::configured().await;
     let dynamo = aws_sdk_dynamodb::Client::new(&config);
-    let stream_arn = table(&dynamo, "things", true).await.unwrap();
+    let stream_arn = table(&config, "things", true).await.unwrap();
     let put = |name: &str, ts: i64, deleted: Option<bool>| {
         let mut item = HashMap::from([
             ("pk".to_owned(), A::S("thing-1".into())),
@@ -652,7 +546,7 @@ async fn s3_lake_claim_checks_and_fault_stores() {
         .unwrap();
     let fault = fault_of(&processor, &faults, &events[0], "4960001").await;
     let dynamo = aws_sdk_dynamodb::Client::new(&config);
-    table(&dynamo, "faults", false).await;
+    table(&config, "faults", false).await;
     let store = DynamoDbFaults::new(&config, "faults");
     send(store.clone(), std::slice::from_ref(&fault))
         .await
@@ -740,71 +634,35 @@ async fn resubmission_invokes_the_function_with_only_the_failing_pipeline() {
     // Only the failing pipeline saw the record again.
     assert_eq!((each.len(), strict.len()), (1, 1));
 
-    // The same through `floodway-aws faults`, with the fault stored in DynamoDB (moto).
+    // The same through a `LambdaResubmitter`, with the fault stored in DynamoDB (moto): each
+    // outcome is recorded with the fault, and the success resolves it.
     *fixed.lock().unwrap() = false;
-    let (moto, aws) = moto_with_table("faults").await;
-    send(
-        DynamoDbFaults::new(&aws, "faults"),
-        std::slice::from_ref(&fault),
-    )
-    .await
-    .unwrap();
-    let command = |args: Vec<String>| {
-        let mut all: Vec<String> = ["--region", "us-east-1", "--endpoint", moto.url.as_str()]
-            .iter()
-            .map(|a| (*a).to_owned())
-            .collect();
-        all.extend(args);
-        async move {
-            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_floodway-aws"))
-                .args(&all)
-                .env("AWS_ACCESS_KEY_ID", "testing")
-                .env("AWS_SECRET_ACCESS_KEY", "testing")
-                .output()
-                .await
-                .unwrap();
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        }
-    };
-    let args = |list: &[&str]| list.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
-    let listed = command(args(&["faults", "list", "--table", "faults"])).await;
-    assert!(
-        listed.contains(floodway::fault::fault_id(&fault)) && listed.contains("open"),
-        "{listed}"
-    );
-    let endpoint = runtime.endpoint();
-    let resubmit = args(&[
-        "--lambda-endpoint",
-        endpoint.as_str(),
-        "faults",
-        "resubmit",
-        "--table",
-        "faults",
-        "--function",
-        "shop",
-    ]);
-    let said = command(resubmit.clone()).await;
-    assert!(said.contains("0 succeeded, 1 failed"), "{said}");
+    let (_moto, aws) = moto_with_table("faults").await;
+    let store = DynamoDbFaults::new(&aws, "faults");
+    send(store.clone(), std::slice::from_ref(&fault))
+        .await
+        .unwrap();
+    let stored = store
+        .fault(floodway::fault::fault_id(&fault))
+        .await
+        .unwrap()
+        .unwrap();
+    let resubmitter = LambdaResubmitter::new(&config, None, "shop");
+    let (outcome, detail) = resubmitter.resubmit(&store, &stored).await.unwrap();
+    assert_eq!(outcome, ResubmitOutcome::Failed);
+    assert!(detail.starts_with("faulted again"), "{detail}");
     *fixed.lock().unwrap() = true;
-    let said = command(resubmit.clone()).await;
-    assert!(said.contains("1 succeeded, 0 failed"), "{said}");
+    let (outcome, _) = resubmitter.resubmit(&store, &stored).await.unwrap();
+    assert_eq!(outcome, ResubmitOutcome::Succeeded);
     assert_eq!(strict.len(), 2);
-    let said = command(resubmit).await;
-    assert!(said.contains("0 open faults"), "{said}");
-    let listed = command(args(&["faults", "list", "--table", "faults", "--all"])).await;
-    assert!(listed.contains("resolved"), "{listed}");
-    let id = floodway::fault::fault_id(&fault);
-    let shown = command(args(&["faults", "show", "--table", "faults", id])).await;
-    assert!(shown.contains("status     resolved"), "{shown}");
-    assert_eq!(shown.matches("resubmitted ").count(), 2, "{shown}");
-    assert!(
-        shown.contains(": failed (") && shown.contains(": succeeded ("),
-        "{shown}"
-    );
+    let history = store.resubmissions_of(&stored.id).await.unwrap();
+    let outcomes: Vec<&str> = history.iter().map(|r| r.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["failed", "succeeded"]);
+    let open = FaultFilter {
+        status: Some(FaultStatus::Open),
+        ..FaultFilter::default()
+    };
+    assert!(store.list_faults(&open).await.unwrap().is_empty());
     serving.abort();
 }
 

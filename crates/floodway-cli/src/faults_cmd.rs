@@ -1,18 +1,23 @@
-//! `floodway faults`: list, show, resubmit.
+//! `floodway faults`: list, show, resubmit; for every fault store. The faults are in the
+//! hub's store (`--hub`, `--config`, `--nats`: the embedded file, also the store of a NATS
+//! hub), or in the DynamoDB table of Lambda functions' fault monitor (`--dynamodb-table`,
+//! when built with the `aws` feature). Listing and showing go through the `FaultStore`
+//! contract alone; resubmission runs the processors locally for a hub, and invokes the
+//! function that failed each fault for Lambda.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
-
-use anyhow::{bail, Context as _};
-use floodway::layer::limit::rate::RateLimiter;
-use floodway::Processor;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use floodway::fault_store::{FaultFilter, FaultStatus, FaultStore, ResubmitOutcome};
+use anyhow::{bail, Context as _};
+use floodway::fault_store::{FaultFilter, FaultStatus, FaultStore, ResubmitOutcome, StoredFault};
+use floodway::layer::limit::rate::RateLimiter;
+use floodway::Processor;
 use floodway_processors::{from_config, Config, Hubs};
 
 use crate::util::{parse_time, progress, HubArgs};
-
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct FilterArgs {
     /// Only faults of this processor.
@@ -52,14 +57,34 @@ impl FilterArgs {
     }
 }
 
+/// Where faults stored by Lambda functions are: a DynamoDB table.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct AwsArgs {
+    /// The DynamoDB table of a Lambda fault monitor (`DynamoDbFaults`), instead of the hub's
+    /// store. Credentials come from the environment, as for the AWS CLI.
+    #[arg(long, value_name = "TABLE")]
+    dynamodb_table: Option<String>,
+    /// The AWS region, with --dynamodb-table (default: from the environment).
+    #[arg(long, requires = "dynamodb_table")]
+    region: Option<String>,
+    /// Another endpoint for every AWS service (a local emulator), with --dynamodb-table.
+    #[arg(long, value_name = "URL", requires = "dynamodb_table")]
+    aws_endpoint: Option<String>,
+}
+
 #[derive(clap::Subcommand)]
 pub(crate) enum FaultsCommand {
     /// List stored faults, newest first.
     ///
     /// Example: floodway faults list --pipeline notify --since 1h
+    ///
+    /// Example: floodway faults list --dynamodb-table orders-faults --status open
+    #[command(group(clap::ArgGroup::new("store").args(["config", "nats", "dynamodb_table"])))]
     List {
         #[command(flatten)]
         hub: HubArgs,
+        #[command(flatten)]
+        aws: AwsArgs,
         #[command(flatten)]
         filter: FilterArgs,
         /// At most this many.
@@ -69,28 +94,48 @@ pub(crate) enum FaultsCommand {
     /// Show one fault: the error, the source record, and its resubmissions.
     ///
     /// Example: floodway faults show 9f0c2d...
+    #[command(group(clap::ArgGroup::new("store").args(["config", "nats", "dynamodb_table"])))]
     Show {
         #[command(flatten)]
         hub: HubArgs,
+        #[command(flatten)]
+        aws: AwsArgs,
         /// The fault's id.
         id: String,
     },
     /// Send the records of faults back to the processor and pipeline that failed them.
     ///
-    /// Needs the configuration file, to build the processors. Only open faults are
-    /// resubmitted, at most `--rate` per second; each outcome is recorded with the fault, and
-    /// a fault that succeeds is resolved, so running it again does not apply an event twice.
+    /// For a hub (`--config`), the configured processors are built here and each record runs
+    /// through the one pipeline that failed it. For Lambda (`--dynamodb-table` and
+    /// `--function`), the function is invoked with the record, shaped like its source and
+    /// limited to that pipeline. Only open faults are resubmitted, at most `--rate` per
+    /// second; each outcome is recorded with the fault, and a fault that succeeds is
+    /// resolved, so running it again does not apply an event twice.
     ///
     /// Example: floodway faults resubmit --config floodway.toml --pipeline orders-view --dry-run
+    ///
+    /// Example: floodway faults resubmit --dynamodb-table orders-faults --function orders
+    #[command(group(
+        clap::ArgGroup::new("target").args(["config", "dynamodb_table"]).required(true)
+    ))]
     Resubmit {
-        /// The configuration file.
+        /// The configuration file of the processors (faults in the store of its hub).
         #[arg(long, short, value_name = "FILE")]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        aws: AwsArgs,
+        /// The Lambda function (name or ARN) that failed the faults, with --dynamodb-table.
+        #[arg(long, value_name = "NAME", requires = "dynamodb_table")]
+        function: Option<String>,
+        /// Another endpoint for Lambda only (such as a local Runtime API), with --function.
+        #[arg(long, value_name = "URL", requires = "function")]
+        lambda_endpoint: Option<String>,
         #[command(flatten)]
         filter: FilterArgs,
-        /// Resubmissions per second at most.
-        #[arg(long, default_value_t = 100)]
-        rate: u32,
+        /// Resubmissions per second at most [default: 100 for a hub, 5 for Lambda, where
+        /// each is an invocation].
+        #[arg(long)]
+        rate: Option<u32>,
         /// Say what would be resubmitted, and do nothing.
         #[arg(long)]
         dry_run: bool,
@@ -99,36 +144,76 @@ pub(crate) enum FaultsCommand {
 
 pub(crate) async fn run(command: FaultsCommand) -> anyhow::Result<()> {
     match command {
-        FaultsCommand::List { hub, filter, limit } => list(hub, filter, limit).await,
-        FaultsCommand::Show { hub, id } => show(hub, id).await,
+        FaultsCommand::List {
+            hub,
+            aws,
+            filter,
+            limit,
+        } => list(&open_store(&hub, &aws).await?, filter, limit).await,
+        FaultsCommand::Show { hub, aws, id } => show(&open_store(&hub, &aws).await?, id).await,
         FaultsCommand::Resubmit {
             config,
+            aws,
+            function,
+            lambda_endpoint,
             filter,
             rate,
             dry_run,
-        } => resubmit(config, filter, rate, dry_run).await,
+        } => {
+            let filter = filter.filter(None)?;
+            let outcome = match (config, function) {
+                (Some(config), _) => {
+                    resubmit_configured(config, filter, rate.unwrap_or(100), dry_run).await?
+                }
+                (None, Some(function)) => {
+                    let to = Lambda {
+                        aws,
+                        function,
+                        endpoint: lambda_endpoint,
+                    };
+                    resubmit_to_lambda(to, filter, rate.unwrap_or(5), dry_run).await?
+                }
+                (None, None) => {
+                    bail!("--dynamodb-table needs --function: the Lambda function to resubmit to")
+                }
+            };
+            if !dry_run {
+                say!(
+                    "resubmitted: {} succeeded, {} failed",
+                    outcome.succeeded,
+                    outcome.failed
+                );
+            }
+            Ok(())
+        }
     }
 }
 
-async fn list(hub: HubArgs, filter: FilterArgs, limit: usize) -> anyhow::Result<()> {
-    let store = open_store(&hub)?;
+/// The fault store these arguments name.
+async fn open_store(hub: &HubArgs, aws: &AwsArgs) -> anyhow::Result<Arc<dyn FaultStore>> {
+    match &aws.dynamodb_table {
+        Some(table) => dynamodb_store(aws, table).await,
+        None => Ok(Arc::new(hub.open()?.fault_store()?)),
+    }
+}
+
+async fn list(store: &Arc<dyn FaultStore>, filter: FilterArgs, limit: usize) -> anyhow::Result<()> {
     let faults = store
         .list_faults(&filter.filter(Some(limit))?)
         .await
-        .map_err(anyhow_err)?;
+        .map_err(unreadable)?;
     say!("{}", floodway::fault_report::table(&faults).trim_end());
     Ok(())
 }
 
-async fn show(hub: HubArgs, id: String) -> anyhow::Result<()> {
-    let store = open_store(&hub)?;
-    let Some(fault) = store.fault(&id).await.map_err(anyhow_err)? else {
+async fn show(store: &Arc<dyn FaultStore>, id: String) -> anyhow::Result<()> {
+    let Some(fault) = store.fault(&id).await.map_err(unreadable)? else {
         bail!("no fault with id {id}: `floodway faults list` shows the ids");
     };
     let history = store
         .resubmissions_of(&fault.id)
         .await
-        .map_err(anyhow_err)?;
+        .map_err(unreadable)?;
     say!(
         "{}",
         floodway::fault_report::page(&fault, &history)?.trim_end()
@@ -136,12 +221,16 @@ async fn show(hub: HubArgs, id: String) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn resubmit(
+fn unreadable(e: floodway::BoxError) -> anyhow::Error {
+    anyhow::anyhow!("cannot read the fault store: {e}")
+}
+
+async fn resubmit_configured(
     config_path: PathBuf,
-    filter: FilterArgs,
+    filter: FaultFilter,
     rate: u32,
     dry_run: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Resubmitted> {
     let config = Config::load(&config_path)?;
     if !config.hub.path.exists() {
         bail!(
@@ -150,15 +239,77 @@ async fn resubmit(
         );
     }
     let hubs = Hubs::open(&config.hub).await?;
-    let outcome = resubmit_faults(&hubs, &config, filter.filter(None)?, rate, dry_run).await?;
-    if !dry_run {
-        say!(
-            "resubmitted: {} succeeded, {} failed",
-            outcome.succeeded,
-            outcome.failed
-        );
+    resubmit_faults(&hubs, &config, filter, rate, dry_run).await
+}
+
+/// A Lambda function to resubmit to, and the table of its faults.
+#[cfg_attr(not(feature = "aws"), allow(dead_code))]
+struct Lambda {
+    aws: AwsArgs,
+    function: String,
+    endpoint: Option<String>,
+}
+
+#[cfg(feature = "aws")]
+impl AwsArgs {
+    async fn sdk_config(&self) -> floodway_aws::SdkConfig {
+        floodway_aws::sdk_config(self.region.as_deref(), self.aws_endpoint.as_deref()).await
     }
-    Ok(())
+}
+
+#[cfg(feature = "aws")]
+async fn dynamodb_store(aws: &AwsArgs, table: &str) -> anyhow::Result<Arc<dyn FaultStore>> {
+    Ok(Arc::new(floodway_aws::DynamoDbFaults::new(
+        &aws.sdk_config().await,
+        table,
+    )))
+}
+
+#[cfg(feature = "aws")]
+async fn resubmit_to_lambda(
+    to: Lambda,
+    mut filter: FaultFilter,
+    rate: u32,
+    dry_run: bool,
+) -> anyhow::Result<Resubmitted> {
+    let table = to
+        .aws
+        .dynamodb_table
+        .as_deref()
+        .context("--function needs --dynamodb-table")?;
+    let config = to.aws.sdk_config().await;
+    let store = floodway_aws::DynamoDbFaults::new(&config, table);
+    filter.status = Some(FaultStatus::Open);
+    let plan = store.list_faults(&filter).await.map_err(unreadable)?;
+    say!("{} open faults to resubmit to {}", plan.len(), to.function);
+    let lambda = floodway_aws::LambdaResubmitter::new(&config, to.endpoint.as_deref(), to.function);
+    resubmit_plan(&plan, rate, dry_run, |fault| {
+        Box::pin(lambda.resubmit(&store, fault))
+    })
+    .await
+}
+
+#[cfg(not(feature = "aws"))]
+async fn dynamodb_store(_: &AwsArgs, _: &str) -> anyhow::Result<Arc<dyn FaultStore>> {
+    Err(without_aws())
+}
+
+#[cfg(not(feature = "aws"))]
+async fn resubmit_to_lambda(
+    _: Lambda,
+    _: FaultFilter,
+    _: u32,
+    _: bool,
+) -> anyhow::Result<Resubmitted> {
+    Err(without_aws())
+}
+
+#[cfg(not(feature = "aws"))]
+fn without_aws() -> anyhow::Error {
+    anyhow::anyhow!(
+        "this floodway was built without AWS support: build it with the `aws` feature \
+         (cargo install --path crates/floodway-cli --features aws)"
+    )
 }
 
 /// How long one resubmitted record may take.
@@ -170,14 +321,10 @@ pub(crate) struct Resubmitted {
     pub(crate) failed: u64,
 }
 
-/// The fault store of the hub file these arguments name.
-fn open_store(hub: &HubArgs) -> anyhow::Result<Arc<dyn FaultStore>> {
-    Ok(Arc::new(hub.open()?.fault_store()?))
-}
-
-fn anyhow_err(e: floodway::BoxError) -> anyhow::Error {
-    anyhow::anyhow!("{e}")
-}
+/// Resubmits one fault and records how it went; the outcome and its detail.
+type Resubmit<'a> = Pin<
+    Box<dyn Future<Output = Result<(ResubmitOutcome, String), floodway::BoxError>> + Send + 'a>,
+>;
 
 /// Sends the records of the open faults matching `filter` back to the processor and pipeline
 /// that failed them, at most `rate` per second, and records each outcome with its fault.
@@ -191,7 +338,7 @@ pub(crate) async fn resubmit_faults(
     let store: Arc<dyn FaultStore> = Arc::new(hubs.store.fault_store()?);
     // Only open faults: a resolved one was applied already.
     filter.status = Some(FaultStatus::Open);
-    let faults = store.list_faults(&filter).await.map_err(anyhow_err)?;
+    let faults = store.list_faults(&filter).await.map_err(unreadable)?;
     let mut processors: HashMap<String, Processor> = HashMap::new();
     let mut plan = Vec::new();
     let mut skipped = 0;
@@ -222,12 +369,33 @@ pub(crate) async fn resubmit_faults(
         plan.len(),
         skipped
     );
+    let (store, events, processors) = (&*store, &*hubs.events, &processors);
+    resubmit_plan(&plan, rate, dry_run, |fault| {
+        Box::pin(async move {
+            let processor = processors.get(&fault.processor).context("built above")?;
+            let (outcome, detail) =
+                floodway::fault_store::resubmit(store, events, processor, fault, RESUBMIT_DEADLINE)
+                    .await?;
+            Ok((outcome, detail))
+        })
+    })
+    .await
+}
+
+/// Resubmits each fault of `plan` with `resubmit`, at most `rate` per second, with progress;
+/// or, for a dry run, says what it would resubmit.
+async fn resubmit_plan<'a>(
+    plan: &'a [StoredFault],
+    rate: u32,
+    dry_run: bool,
+    resubmit: impl Fn(&'a StoredFault) -> Resubmit<'a>,
+) -> anyhow::Result<Resubmitted> {
     let mut outcome = Resubmitted {
         succeeded: 0,
         failed: 0,
     };
     if dry_run {
-        for f in &plan {
+        for f in plan {
             say!(
                 "would resubmit {} to {}/{} ({}: {})",
                 f.id,
@@ -243,19 +411,15 @@ pub(crate) async fn resubmit_faults(
     let bar = progress(plan.len() as u64, "resubmitting");
     for fault in plan {
         limiter.acquire().await;
-        let processor = processors.get(&fault.processor).context("built above")?;
-        let (result, _) = floodway::fault_store::resubmit(
-            &*store,
-            &*hubs.events,
-            processor,
-            &fault,
-            RESUBMIT_DEADLINE,
-        )
-        .await
-        .map_err(anyhow_err)?;
+        let (result, detail) = resubmit(fault)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot record a resubmission of {}: {e}", fault.id))?;
         match result {
             ResubmitOutcome::Succeeded => outcome.succeeded += 1,
-            ResubmitOutcome::Failed => outcome.failed += 1,
+            ResubmitOutcome::Failed => {
+                outcome.failed += 1;
+                bar.suspend(|| eprintln!("fault {}: {detail}", fault.id));
+            }
         }
         bar.inc(1);
     }

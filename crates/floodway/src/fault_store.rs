@@ -107,13 +107,13 @@ pub struct FaultFilter {
 pub struct Resubmission {
     /// When (ms since the epoch).
     pub at: i64,
-    /// `succeeded`, `failed` or `dry-run`.
+    /// `succeeded` or `failed` ([`ResubmitOutcome::as_str`]).
     pub outcome: String,
     /// What happened.
     pub detail: String,
 }
 
-/// How a resubmission ended, as [`FaultStore::record_resubmission`] records it.
+/// How a resubmission ended, as [`FaultStore::record_resubmission_of`] records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResubmitOutcome {
     /// The pipeline processed the record: the fault is resolved.

@@ -1,0 +1,163 @@
+//! `floodway faults` on faults that Lambda functions stored in DynamoDB (a real `moto_server`):
+//! listed, shown and resubmitted by invoking a real `floodway lambda handler` process behind a
+//! local Lambda Runtime API, before and after the fix. Needs the `aws` feature.
+#![cfg(feature = "aws")]
+
+use std::path::Path;
+
+use floodway::fault_store::FaultStore as _;
+use floodway::Event;
+use floodway_aws::testing::{table, Moto};
+use floodway_aws::DynamoDbFaults;
+use floodway_lambda::{FunctionProcess, LocalRuntime};
+
+mod common;
+use common::{embedded, fault_events, floodway, open_hub, order_line, orders_view, publish, text};
+
+/// Runs `floodway faults` with `args` against the table `faults` on `moto`; whether it
+/// succeeded, and what it said.
+async fn faults(dir: &Path, moto: &Moto, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_floodway"))
+        .current_dir(dir)
+        .arg("faults")
+        .args(args)
+        .args(["--dynamodb-table", "faults", "--region", "us-east-1"])
+        .args(["--aws-endpoint", moto.url()])
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .output()
+        .await
+        .unwrap();
+    (out.status.success(), text(&out))
+}
+
+/// The function `orders-view` of `dir`'s configuration, deployed: a handler process behind a
+/// Lambda API of its own.
+async fn deploy(dir: &Path) -> (LocalRuntime, FunctionProcess) {
+    let runtime = LocalRuntime::start().await.unwrap();
+    let config = dir.join("floodway.toml");
+    let args = [
+        "lambda",
+        "handler",
+        "--config",
+        config.to_str().unwrap(),
+        "--processor",
+        "orders-view",
+    ];
+    let binary = Path::new(env!("CARGO_BIN_EXE_floodway"));
+    let function = FunctionProcess::spawn(binary, &args, &runtime, &[]).unwrap();
+    (runtime, function)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_stored_by_lambda_functions_are_listed_shown_and_resubmitted_by_invoking_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A view keyed by each order's ref; every tenth order has none: poison for this version.
+    let config = |key: &str| embedded(2, "", &orders_view(r#"["order-*"]"#, key));
+    std::fs::write(d.join("floodway.toml"), config("/order/ref")).unwrap();
+    let lines: Vec<String> = (0..30)
+        .map(|i| {
+            let order = if i % 10 == 3 {
+                format!(r#"{{"id":"o-{i}","total":{i}}}"#)
+            } else {
+                format!(r#"{{"id":"o-{i}","ref":"r-{i}","total":{i}}}"#)
+            };
+            order_line(i, "paid", 1_700_000_000_000 + i, i, "", &order)
+        })
+        .collect();
+    publish(d, "orders.jsonl", &lines);
+    let out = floodway(
+        d,
+        &[
+            "lambda",
+            "run",
+            "--config",
+            "floodway.toml",
+            "--processor",
+            "orders-view",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The function's fault events, stored in DynamoDB as a Lambda fault monitor stores them.
+    let raised: Vec<Event> = fault_events(&open_hub(d), 100)
+        .iter()
+        .map(|(_, bytes)| Event::decode(bytes).unwrap())
+        .collect();
+    assert_eq!(raised.len(), 3);
+    let (moto, aws) = Moto::configured().await;
+    table(&aws, "faults", false).await;
+    DynamoDbFaults::new(&aws, "faults")
+        .store_faults(&raised)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = raised.iter().map(floodway::fault::fault_id).collect();
+
+    let (ok, listed) = faults(d, &moto, &["list", "--status", "open"]).await;
+    assert!(ok, "{listed}");
+    for id in &ids {
+        assert!(listed.contains(id), "{listed}");
+    }
+    let (ok, planned) = faults(
+        d,
+        &moto,
+        &["resubmit", "--function", "orders-view", "--dry-run"],
+    )
+    .await;
+    assert!(
+        ok && planned.matches("would resubmit ").count() == 3,
+        "{planned}"
+    );
+
+    // Resubmitted to the function that failed them: it fails them again until fixed.
+    let (runtime, function) = deploy(d).await;
+    let endpoint = runtime.endpoint();
+    let resubmit = [
+        "resubmit",
+        "--function",
+        "orders-view",
+        "--lambda-endpoint",
+        &endpoint,
+    ];
+    let (ok, said) = faults(d, &moto, &resubmit).await;
+    assert!(ok && said.contains("0 succeeded, 3 failed"), "{said}");
+    assert!(said.contains("faulted again"), "{said}");
+    drop(function);
+
+    // The fix, deployed: the view is keyed by the order's id.
+    std::fs::write(d.join("floodway.toml"), config("/order/id")).unwrap();
+    let (runtime, _function) = deploy(d).await;
+    let endpoint = runtime.endpoint();
+    let resubmit = [
+        "resubmit",
+        "--function",
+        "orders-view",
+        "--lambda-endpoint",
+        &endpoint,
+    ];
+    let (ok, said) = faults(d, &moto, &resubmit).await;
+    assert!(ok && said.contains("3 succeeded, 0 failed"), "{said}");
+    let (ok, said) = faults(d, &moto, &resubmit).await;
+    assert!(ok && said.contains("0 open faults"), "{said}");
+    let rows = open_hub(d).view("orders").unwrap().rows().unwrap();
+    for i in [3, 13, 23] {
+        assert!(rows.iter().any(|r| r.key == format!("o-{i}")), "o-{i}");
+    }
+
+    // Each fault shows its two resubmissions, and is resolved.
+    let (ok, listed) = faults(d, &moto, &["list", "--status", "resolved"]).await;
+    assert!(ok && ids.iter().all(|id| listed.contains(id)), "{listed}");
+    let (ok, shown) = faults(d, &moto, &["show", ids[0]]).await;
+    assert!(ok && shown.contains("status     resolved"), "{shown}");
+    assert_eq!(shown.matches("resubmitted ").count(), 2, "{shown}");
+    assert!(
+        shown.contains(": failed (") && shown.contains(": succeeded ("),
+        "{shown}"
+    );
+    let (ok, said) = faults(d, &moto, &["show", "no-such-fault"]).await;
+    assert!(
+        !ok && said.contains("no fault with id no-such-fault"),
+        "{said}"
+    );
+}
