@@ -1,43 +1,72 @@
 //! Handlers: one invocation's records through a processor, answered with
 //! `ReportBatchItemFailures`.
 //!
-//! | outcome of a record | Kinesis, DynamoDB Streams | SQS | EventBridge |
+//! | outcome of a record | Kinesis, DynamoDB Streams | SQS | SNS, EventBridge |
 //! |---|---|---|---|
 //! | done (or filtered out) | not reported | not reported | success |
-//! | poison: its fault event is stored | not reported | not reported | success |
+//! | poison, or a record that cannot be read: its fault event is stored | not reported | not reported | success |
 //! | unfinished: transient until the deadline, or a fatal error | the first per shard is reported (Lambda retries from it) | reported | an error (Lambda retries the event) |
 //!
-//! A poison record never blocks a shard and a transient one is never faulted. The handler
+//! A poison record never blocks a shard and a transient one is never faulted. Records are read
+//! one by one and tolerantly ([`sources`](crate::sources)): only an invocation of no known
+//! source fails as a whole, with the `errorType` `UnrecognizedEvent`. The handler
 //! stops `margin` before the invocation's deadline and reports what is left instead of timing
 //! out (a timeout would retry the whole batch).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_lambda_events::event::dynamodb;
-use aws_lambda_events::event::eventbridge::EventBridgeEvent;
-use aws_lambda_events::event::kinesis::KinesisEvent;
-use aws_lambda_events::event::sqs::SqsEvent;
-use aws_lambda_events::event::streams::{
-    DynamoDbBatchItemFailure, DynamoDbEventResponse, KinesisBatchItemFailure, KinesisEventResponse,
-    SqsBatchItemFailure, SqsEventResponse,
-};
 use floodway::runtime::BatchReport;
 use floodway::{Processor, Record};
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use crate::sources::{self, CdcOptions};
+use crate::sources::{self, CdcOptions, SourceKind};
 
-/// An invocation that could not be handled.
+/// An invocation that could not be handled; Lambda sees [`HandlerError::error_type`] as the
+/// `errorType` and the message as the `errorMessage`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HandlerError {
-    /// The payload is not an event this handler knows.
+    /// The payload is no event source this handler knows.
     #[error("unrecognized event: {0}")]
     Unrecognized(String),
-    /// The EventBridge event was not finished: Lambda retries it.
+    /// An SNS or EventBridge event was not finished: Lambda retries it.
     #[error("event not finished before the deadline ({0})")]
     Unfinished(String),
+    /// A resubmission names a pipeline this processor does not have.
+    #[error("resubmission to pipeline `{pipeline}`, which processor `{processor}` does not have")]
+    UnknownPipeline {
+        /// The pipeline named.
+        pipeline: String,
+        /// This processor.
+        processor: String,
+    },
+}
+
+impl HandlerError {
+    /// The error's type as Lambda reports it: `UnrecognizedEvent`, `EventNotFinished` or
+    /// `UnknownPipeline`.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            HandlerError::Unrecognized(_) => "UnrecognizedEvent",
+            HandlerError::Unfinished(_) => "EventNotFinished",
+            HandlerError::UnknownPipeline { .. } => "UnknownPipeline",
+        }
+    }
+
+    /// The body a function posts for this error (`errorType`, `errorMessage`).
+    pub fn to_json(&self) -> Value {
+        json!({ "errorType": self.error_type(), "errorMessage": self.to_string() })
+    }
+}
+
+impl From<HandlerError> for lambda_runtime::Diagnostic {
+    fn from(e: HandlerError) -> Self {
+        lambda_runtime::Diagnostic {
+            error_type: e.error_type().to_owned(),
+            error_message: e.to_string(),
+        }
+    }
 }
 
 /// Runs a processor's pipelines over each invocation's records.
@@ -46,8 +75,6 @@ pub struct Handler {
     processor: Arc<Processor>,
     margin: Duration,
     cdc: CdcOptions,
-    /// Faults raised by this handler's invocations (a resubmission reports its own).
-    faulted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Handler {
@@ -57,7 +84,6 @@ impl Handler {
         Handler {
             processor: Arc::new(processor),
             margin: Duration::from_millis(1_000),
-            faulted: Arc::default(),
             cdc: CdcOptions::default(),
         }
     }
@@ -92,104 +118,25 @@ impl Handler {
         Some(tokio::time::Instant::now() + left.saturating_sub(margin))
     }
 
-    async fn run(&self, records: Vec<Record>, deadline_ms: Option<u64>) -> BatchReport {
-        let report = self
-            .processor
+    async fn run(
+        &self,
+        processor: &Processor,
+        records: Vec<Record>,
+        deadline_ms: Option<u64>,
+    ) -> BatchReport {
+        let report = processor
             .process_batch(records, self.stop_at(deadline_ms))
             .await;
         if let Some(fatal) = &report.fatal {
             tracing::error!(error = %fatal, "the processor stopped; unfinished records are reported for retry");
         }
-        self.faulted
-            .fetch_add(report.report.faults(), std::sync::atomic::Ordering::Relaxed);
         report
     }
 
-    /// The first unfinished record's sequence per shard.
-    fn stream_failures(report: &BatchReport) -> Vec<String> {
-        report
-            .first_unfinished_per_partition()
-            .iter()
-            .map(|r| r.position())
-            .collect()
-    }
-
-    /// A Kinesis batch.
-    pub async fn kinesis(
-        &self,
-        event: KinesisEvent,
-        deadline_ms: Option<u64>,
-    ) -> KinesisEventResponse {
-        let report = self.run(sources::kinesis_records(event), deadline_ms).await;
-        let mut response = KinesisEventResponse::default();
-        response.batch_item_failures =
-            item_failures(&report, |f: &mut KinesisBatchItemFailure, id| {
-                f.item_identifier = Some(id);
-            });
-        response
-    }
-
-    /// A DynamoDB Streams batch, as change events (see [`sources::dynamodb_records`]).
-    pub async fn dynamodb(
-        &self,
-        event: &dynamodb::Event,
-        deadline_ms: Option<u64>,
-    ) -> DynamoDbEventResponse {
-        let (records, skipped) = sources::dynamodb_records(event, &self.cdc);
-        if !skipped.is_empty() {
-            tracing::debug!(skipped = skipped.len(), "replica and TTL records skipped");
-        }
-        let report = self.run(records, deadline_ms).await;
-        let mut response = DynamoDbEventResponse::default();
-        response.batch_item_failures =
-            item_failures(&report, |f: &mut DynamoDbBatchItemFailure, id| {
-                f.item_identifier = Some(id);
-            });
-        response
-    }
-
-    /// An SQS batch: every unfinished message is reported, and on a FIFO queue every later
-    /// message of its group too (a later message must not overtake it).
-    pub async fn sqs(&self, event: &SqsEvent, deadline_ms: Option<u64>) -> SqsEventResponse {
-        let report = self.run(sources::sqs_records(event), deadline_ms).await;
-        let mut response = SqsEventResponse::default();
-        let mut held: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
-        for outcome in &report.outcomes {
-            // A standard queue's messages are each their own partition; a FIFO queue's share
-            // their group's.
-            let partition = &outcome.record.partition;
-            if outcome.settlement.is_none() || held.contains(partition) {
-                held.insert(partition.clone());
-                let mut failure = SqsBatchItemFailure::default();
-                failure.item_identifier = Some(outcome.record.position());
-                response.batch_item_failures.push(failure);
-            }
-        }
-        response
-    }
-
-    /// One EventBridge event.
+    /// An invocation as JSON; the answer as JSON (see [`Handler::handle_bytes`]).
     ///
     /// # Errors
-    /// When it did not finish, so that Lambda retries it.
-    pub async fn eventbridge(
-        &self,
-        event: &EventBridgeEvent<Value>,
-        deadline_ms: Option<u64>,
-    ) -> Result<(), HandlerError> {
-        let record = sources::eventbridge_record(event);
-        let report = self.run(vec![record], deadline_ms).await;
-        let unfinished = report.unfinished().next().map(|r| r.position());
-        match unfinished {
-            None => Ok(()),
-            Some(position) => Err(HandlerError::Unfinished(position)),
-        }
-    }
-
-    /// Any of the four, recognized by its shape; the answer as JSON.
-    ///
-    /// # Errors
-    /// A payload of another kind, or an unfinished EventBridge event.
+    /// As [`Handler::handle_bytes`].
     pub async fn handle(
         &self,
         payload: Value,
@@ -200,112 +147,96 @@ impl Handler {
         self.handle_bytes(&bytes, deadline_ms).await
     }
 
-    /// Any of the four from the invocation's bytes, parsed once into its own type (no JSON
-    /// tree in between); the answer as JSON.
+    /// An invocation from its bytes, of any source [`sources::read`] knows; the answer as
+    /// JSON:
+    ///
+    /// - Kinesis, DynamoDB Streams: `batchItemFailures` with the first unfinished record of
+    ///   each shard (Lambda retries from it);
+    /// - SQS: every unfinished message, and on a FIFO queue every later message of its group
+    ///   too (a later message must not overtake it);
+    /// - SNS, EventBridge: `null`, or an error when a record is unfinished (Lambda retries the
+    ///   invocation).
+    ///
+    /// A resubmission (see [`crate::resubmission_payload`]) runs only the pipeline it names,
+    /// and its answer tells how many faults it raised (`floodway.faulted`).
     ///
     /// # Errors
-    /// A payload of another kind, or an unfinished EventBridge event.
+    /// A payload of no known source, an unfinished SNS or EventBridge event, or a
+    /// resubmission to a pipeline this processor lacks.
     pub async fn handle_bytes(
         &self,
         payload: &[u8],
         deadline_ms: Option<u64>,
     ) -> Result<Value, HandlerError> {
-        let bad = |e: serde_json::Error| HandlerError::Unrecognized(e.to_string());
-        let probe: Probe = serde_json::from_slice(payload).map_err(bad)?;
-        if let Some(resubmission) = &probe.floodway {
-            // A resubmitted fault: only the pipeline that failed it runs.
-            let only = self.processor.only(&resubmission.pipeline).ok_or_else(|| {
-                HandlerError::Unrecognized(format!(
-                    "resubmission to pipeline `{}`, which processor `{}` does not have",
-                    resubmission.pipeline,
-                    self.processor.name()
-                ))
+        let invocation =
+            sources::read(payload, &self.cdc).map_err(|e| HandlerError::Unrecognized(e.0))?;
+        if !invocation.skipped.is_empty() {
+            tracing::debug!(
+                skipped = invocation.skipped.len(),
+                "replica and TTL records skipped"
+            );
+        }
+        let kind = invocation.kind;
+        let Some(pipeline) = invocation.resubmit_to else {
+            let report = self
+                .run(&self.processor, invocation.records, deadline_ms)
+                .await;
+            return answer(kind, &report);
+        };
+        // A resubmitted fault: only the pipeline that failed it runs, and the resubmitter is
+        // told whether the record faulted again (the answer of a direct invocation is ours
+        // to shape).
+        let only = self
+            .processor
+            .only(&pipeline)
+            .ok_or_else(|| HandlerError::UnknownPipeline {
+                pipeline,
+                processor: self.processor.name().to_owned(),
             })?;
-            let scoped = Handler {
-                processor: Arc::new(only),
-                faulted: Arc::default(),
-                ..self.clone()
-            };
-            let mut payload: Value = serde_json::from_slice(payload).map_err(bad)?;
-            if let Value::Object(map) = &mut payload {
-                map.remove("floodway");
-            }
-            let bytes = serde_json::to_vec(&payload).map_err(bad)?;
-            let mut answer = Box::pin(scoped.handle_bytes(&bytes, deadline_ms)).await?;
-            // The resubmitter is told whether the record faulted again (the answer of a
-            // direct invocation is ours to shape).
-            let faulted = scoped.faulted.load(std::sync::atomic::Ordering::Relaxed);
-            if !answer.is_object() {
-                answer = serde_json::json!({});
-            }
-            answer["floodway"] = serde_json::json!({ "faulted": faulted });
-            return Ok(answer);
+        let report = self.run(&only, invocation.records, deadline_ms).await;
+        let mut answer = answer(kind, &report)?;
+        if !answer.is_object() {
+            answer = json!({});
         }
-        let source = probe
-            .records
-            .and_then(|r| r.into_iter().next())
-            .and_then(|r| r.event_source);
-        let answer = |r: Result<Value, serde_json::Error>| r.map_err(bad);
-        match source.as_deref() {
-            Some("aws:kinesis") => {
-                let event: KinesisEvent = serde_json::from_slice(payload).map_err(bad)?;
-                answer(serde_json::to_value(self.kinesis(event, deadline_ms).await))
-            }
-            Some("aws:dynamodb") => {
-                let event: dynamodb::Event = serde_json::from_slice(payload).map_err(bad)?;
-                answer(serde_json::to_value(
-                    self.dynamodb(&event, deadline_ms).await,
-                ))
-            }
-            Some("aws:sqs") => {
-                let event: SqsEvent = serde_json::from_slice(payload).map_err(bad)?;
-                answer(serde_json::to_value(self.sqs(&event, deadline_ms).await))
-            }
-            _ if probe.detail_type.is_some() => {
-                let event: EventBridgeEvent<Value> =
-                    serde_json::from_slice(payload).map_err(bad)?;
-                self.eventbridge(&event, deadline_ms).await?;
-                Ok(Value::Null)
-            }
-            _ => Err(HandlerError::Unrecognized(
-                "not a Kinesis, DynamoDB Streams, SQS or EventBridge event".into(),
-            )),
-        }
+        answer["floodway"] = json!({ "faulted": report.report.faults() });
+        Ok(answer)
     }
 }
 
-/// Just enough of an invocation to tell its kind (the rest is skipped, not built).
-#[derive(serde::Deserialize)]
-struct Probe {
-    /// Set on a resubmission: the pipeline to run.
-    floodway: Option<Resubmission>,
-    #[serde(rename = "Records")]
-    records: Option<Vec<ProbeRecord>>,
-    #[serde(rename = "detail-type")]
-    detail_type: Option<serde::de::IgnoredAny>,
-}
-
-#[derive(serde::Deserialize)]
-struct Resubmission {
-    pipeline: String,
-}
-
-#[derive(serde::Deserialize)]
-struct ProbeRecord {
-    #[serde(rename = "eventSource", alias = "EventSource")]
-    event_source: Option<String>,
-}
-
-/// The `batchItemFailures` of a stream batch, in the response type of its source.
-fn item_failures<T: Default>(report: &BatchReport, set: impl Fn(&mut T, String)) -> Vec<T> {
-    Handler::stream_failures(report)
+/// The answer to an invocation of `kind` whose records ended as `report` says.
+fn answer(kind: SourceKind, report: &BatchReport) -> Result<Value, HandlerError> {
+    let failures: Vec<String> = match kind {
+        SourceKind::Kinesis | SourceKind::DynamoDb => report
+            .first_unfinished_per_partition()
+            .iter()
+            .map(|r| r.position())
+            .collect(),
+        SourceKind::Sqs => {
+            let mut held: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
+            let mut failed = Vec::new();
+            for outcome in &report.outcomes {
+                // A standard queue's messages are each their own partition; a FIFO queue's
+                // share their group's.
+                let partition = &outcome.record.partition;
+                if outcome.settlement.is_none() || held.contains(partition) {
+                    held.insert(partition.clone());
+                    failed.push(outcome.record.position());
+                }
+            }
+            failed
+        }
+        SourceKind::Sns | SourceKind::EventBridge => {
+            return match report.unfinished().next() {
+                None => Ok(Value::Null),
+                Some(record) => Err(HandlerError::Unfinished(record.position())),
+            };
+        }
+    };
+    let failures: Vec<Value> = failures
         .into_iter()
-        .map(|id| {
-            let mut failure = T::default();
-            set(&mut failure, id);
-            failure
-        })
-        .collect()
+        .map(|id| json!({ "itemIdentifier": id }))
+        .collect();
+    Ok(json!({ "batchItemFailures": failures }))
 }
 
 /// Serves `handler` through the Lambda Runtime API (`AWS_LAMBDA_RUNTIME_API`): the `main` of
@@ -323,7 +254,6 @@ pub async fn serve(handler: Handler) -> Result<(), lambda_runtime::Error> {
                 handler
                     .handle_bytes(event.payload.get().as_bytes(), deadline)
                     .await
-                    .map_err(lambda_runtime::Error::from)
             }
         },
     ))

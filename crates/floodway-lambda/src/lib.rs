@@ -1,9 +1,10 @@
 //! Floodway on AWS Lambda.
 //!
 //! - [`Handler`]: an invocation's records (Kinesis, DynamoDB Streams as change data capture,
-//!   SQS, EventBridge) through the same processor and pipelines as the other runtimes,
+//!   SQS, SNS, SQS carrying SNS, EventBridge) through the same processor and pipelines as the other runtimes,
 //!   answered with `ReportBatchItemFailures`; [`serve`] is a function's `main`.
-//! - [`sources`]: the payloads as records, and the CDC rules.
+//! - [`sources`]: the payloads as records, read tolerantly (a record that cannot be read is
+//!   faulted alone), and the CDC rules.
 //! - [`simulator`]: a deterministic model of Lambda's event-source mappings (batching,
 //!   partial-batch checkpointing, bisect on error, retries, record age, on-failure
 //!   destination, per-shard order; SQS visibility and dead-letter queue), driving handlers in

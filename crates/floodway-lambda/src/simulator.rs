@@ -56,7 +56,8 @@ impl Function for InProcess {
             + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         match tokio::time::timeout(timeout, self.0.handle(payload, Some(deadline_ms))).await {
             Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(e)) => Err(InvokeError::Function(e.to_string())),
+            // The body a function process posts, as the Runtime API would report it.
+            Ok(Err(e)) => Err(InvokeError::Function(e.to_json().to_string())),
             Err(_) => Err(InvokeError::Timeout(timeout)),
         }
     }

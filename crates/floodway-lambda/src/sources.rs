@@ -1,93 +1,414 @@
-//! Lambda event payloads into Floodway records: Kinesis, SQS, EventBridge, and DynamoDB
-//! Streams as change data capture.
+//! Lambda invocations into Floodway records: Kinesis, DynamoDB Streams (as change data
+//! capture), SQS, SNS, SQS carrying SNS notifications, and EventBridge.
+//!
+//! The readers are tolerant: they decode only what Floodway needs, take metadata that is
+//! absent or loosely typed (a timestamp as a number or a string, no `eventSourceARN`), and
+//! read each record on its own. A record that cannot be read (no data, data that is not
+//! base64, a malformed image) becomes a record marked [`Record::with_malformed`]: it is faulted
+//! by itself, with an error that says what is wrong, and never fails the invocation. Only an
+//! invocation that is no known source at all is refused ([`Unrecognized`]).
 
-use aws_lambda_events::event::dynamodb;
-use aws_lambda_events::event::eventbridge::EventBridgeEvent;
-use aws_lambda_events::event::kinesis::KinesisEvent;
-use aws_lambda_events::event::sqs::SqsEvent;
+use std::borrow::Cow;
+
+use base64::Engine as _;
 use bytes::Bytes;
 use floodway::{Event, Record};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-/// The name after the last `/` of an ARN (`arn:aws:kinesis:...:stream/orders` → `orders`).
+/// The source of an invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// Kinesis Data Streams.
+    Kinesis,
+    /// DynamoDB Streams, as change events.
+    DynamoDb,
+    /// SQS (a message's body is the event, or an SNS notification carrying it).
+    Sqs,
+    /// SNS (a notification's message is the event).
+    Sns,
+    /// EventBridge (the detail is the event).
+    EventBridge,
+}
+
+impl SourceKind {
+    /// Whether the source takes `ReportBatchItemFailures` (streams and SQS); SNS and
+    /// EventBridge invoke asynchronously and retry a failed invocation instead.
+    pub fn reports_items(self) -> bool {
+        matches!(
+            self,
+            SourceKind::Kinesis | SourceKind::DynamoDb | SourceKind::Sqs
+        )
+    }
+}
+
+/// An invocation that is no known source: not JSON, or neither `Records` of a known
+/// `eventSource` nor an EventBridge event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unrecognized(pub String);
+
+/// An invocation read into records, in the order given.
+#[derive(Debug)]
+pub struct Invocation {
+    /// Where it came from.
+    pub kind: SourceKind,
+    /// Its records; those that could not be read are marked malformed.
+    pub records: Vec<Record>,
+    /// DynamoDB records change data capture skipped (replicas, TTL removals), by sequence.
+    pub skipped: Vec<(String, Skipped)>,
+    /// The one pipeline to run, when the invocation resubmits a fault.
+    pub resubmit_to: Option<String>,
+}
+
+/// The top of an invocation: just enough to tell its kind (records are read one by one).
+#[derive(Deserialize)]
+struct Payload<'a> {
+    #[serde(rename = "Records", borrow, default)]
+    records: Option<Vec<&'a RawValue>>,
+    #[serde(rename = "detail-type", default)]
+    detail_type: Option<serde::de::IgnoredAny>,
+    /// Set on a resubmission (see [`crate::resubmission_payload`]).
+    #[serde(default)]
+    floodway: Option<Resubmission>,
+}
+
+#[derive(Deserialize)]
+struct Resubmission {
+    pipeline: String,
+}
+
+#[derive(Deserialize)]
+struct Sniff<'a> {
+    #[serde(rename = "eventSource", alias = "EventSource", borrow, default)]
+    source: Option<Cow<'a, str>>,
+}
+
+/// Reads an invocation's payload (see the [module docs](self)).
+///
+/// # Errors
+/// An invocation that is no known source.
+pub fn read(payload: &[u8], cdc: &CdcOptions) -> Result<Invocation, Unrecognized> {
+    let top: Payload<'_> = serde_json::from_slice(payload)
+        .map_err(|e| Unrecognized(format!("the invocation is not a JSON object: {e}")))?;
+    let resubmit_to = top.floodway.map(|r| r.pipeline);
+    if let Some(records) = top.records {
+        let kind = records.iter().find_map(|r| {
+            match serde_json::from_str::<Sniff<'_>>(r.get())
+                .ok()?
+                .source?
+                .as_ref()
+            {
+                "aws:kinesis" => Some(SourceKind::Kinesis),
+                "aws:dynamodb" => Some(SourceKind::DynamoDb),
+                "aws:sqs" => Some(SourceKind::Sqs),
+                "aws:sns" => Some(SourceKind::Sns),
+                _ => None,
+            }
+        });
+        let Some(kind) = kind else {
+            if records.is_empty() {
+                // Nothing to do, whatever the source: an empty answer suits every one.
+                return Ok(Invocation {
+                    kind: SourceKind::Kinesis,
+                    records: Vec::new(),
+                    skipped: Vec::new(),
+                    resubmit_to,
+                });
+            }
+            return Err(Unrecognized(
+                "Records of no known eventSource (aws:kinesis, aws:dynamodb, aws:sqs, aws:sns)"
+                    .into(),
+            ));
+        };
+        let mut invocation = Invocation {
+            kind,
+            records: Vec::with_capacity(records.len()),
+            skipped: Vec::new(),
+            resubmit_to,
+        };
+        let region = cdc
+            .region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok());
+        for (i, raw) in records.iter().enumerate() {
+            let i = i as u64;
+            let record = match kind {
+                SourceKind::Kinesis => kinesis(i, raw),
+                SourceKind::Sqs => sqs(i, raw),
+                SourceKind::Sns => sns(i, raw),
+                SourceKind::DynamoDb => match dynamodb(i, raw, cdc, region.as_deref()) {
+                    Ok(record) => record,
+                    Err(skipped) => {
+                        invocation.skipped.push(skipped);
+                        continue;
+                    }
+                },
+                SourceKind::EventBridge => unreachable!("not a Records source"),
+            };
+            invocation.records.push(record);
+        }
+        return Ok(invocation);
+    }
+    if top.detail_type.is_some() {
+        return Ok(Invocation {
+            kind: SourceKind::EventBridge,
+            records: vec![eventbridge(payload)],
+            skipped: Vec::new(),
+            resubmit_to,
+        });
+    }
+    Err(Unrecognized(
+        "neither `Records` (Kinesis, DynamoDB Streams, SQS, SNS) nor an EventBridge event (`detail-type`)"
+            .into(),
+    ))
+}
+
+/// A record that could not be read: its JSON as it came, faulted with `name` and `why`.
+fn malformed(source: String, i: u64, raw: &RawValue, name: &str, why: String) -> Record {
+    Record::new(
+        source,
+        "malformed",
+        i,
+        Bytes::copy_from_slice(raw.get().as_bytes()),
+    )
+    .with_malformed(name, why)
+}
+
+/// A string, number or boolean as text (`"5"` and `5` alike); `None` for null or absent.
+fn loose(raw: Option<&RawValue>) -> Option<String> {
+    let text = raw?.get();
+    if text.starts_with('"') {
+        serde_json::from_str::<String>(text).ok()
+    } else if text == "null" || text.starts_with('{') || text.starts_with('[') {
+        None
+    } else {
+        Some(text.to_owned())
+    }
+}
+
+/// The name after the first `/` of an ARN (`arn:aws:kinesis:...:stream/orders` → `orders`).
 fn arn_name(arn: Option<&str>) -> &str {
     arn.and_then(|a| a.split('/').nth(1)).unwrap_or("unknown")
 }
 
-/// Kinesis records, one partition per shard (the shard id from `eventID`), in the order given,
-/// with the sequence number as the record's position.
-pub fn kinesis_records(event: KinesisEvent) -> Vec<Record> {
-    event
-        .records
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let shard = r
-                .event_id
-                .as_deref()
-                .and_then(|id| id.split(':').next())
-                .unwrap_or("shard");
-            Record::new(
-                format!("kinesis:{}", arn_name(r.event_source_arn.as_deref())),
-                shard.to_owned(),
-                i as u64,
-                Bytes::from(r.kinesis.data.0),
-            )
-            .with_sequence(r.kinesis.sequence_number.clone())
-        })
-        .collect()
+#[derive(Deserialize)]
+struct KinesisRecord<'a> {
+    #[serde(rename = "eventID", borrow, default)]
+    event_id: Option<Cow<'a, str>>,
+    #[serde(rename = "eventSourceARN", borrow, default)]
+    arn: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    kinesis: KinesisData<'a>,
 }
 
-/// SQS messages: the body is the record; a FIFO queue's message group is the partition
-/// (standard queues have no order: each message is its own partition); the receive count is
-/// the attempt.
-pub fn sqs_records(event: &SqsEvent) -> Vec<Record> {
-    event
-        .records
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let id = m.message_id.clone().unwrap_or_else(|| i.to_string());
-            let group = m.attributes.get("MessageGroupId").cloned();
-            let partition = group.clone().unwrap_or_else(|| id.clone());
-            let attempt = m
-                .attributes
-                .get("ApproximateReceiveCount")
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(1);
-            let record = Record::new(
-                format!("sqs:{}", sqs_queue(m.event_source_arn.as_deref())),
-                partition,
-                i as u64,
-                Bytes::from(m.body.clone().unwrap_or_default()),
-            )
-            .with_sequence(id)
-            .with_attempt(attempt);
-            // A FIFO queue orders by message group, whatever the events' partition keys.
-            match group {
-                Some(group) => record.with_order_key(group),
-                None => record,
+#[derive(Deserialize)]
+struct KinesisData<'a> {
+    #[serde(borrow)]
+    data: Cow<'a, str>,
+    #[serde(rename = "sequenceNumber", borrow, default)]
+    sequence: Option<&'a RawValue>,
+}
+
+/// A Kinesis record: the shard (from `eventID`) is the partition, the sequence number the
+/// position.
+fn kinesis(i: u64, raw: &RawValue) -> Record {
+    let record: KinesisRecord<'_> = match serde_json::from_str(raw.get()) {
+        Ok(r) => r,
+        Err(e) => {
+            let why = format!("not a Kinesis record: {e}");
+            return malformed(
+                "kinesis:unknown".into(),
+                i,
+                raw,
+                "MalformedKinesisRecord",
+                why,
+            );
+        }
+    };
+    let source = format!("kinesis:{}", arn_name(record.arn.as_deref()));
+    let data =
+        match base64::engine::general_purpose::STANDARD.decode(record.kinesis.data.as_bytes()) {
+            Ok(data) => data,
+            Err(e) => {
+                let why = format!("kinesis.data is not base64: {e}");
+                return malformed(source, i, raw, "MalformedKinesisRecord", why);
             }
-        })
-        .collect()
+        };
+    let shard = record
+        .event_id
+        .as_deref()
+        .and_then(|id| id.split(':').next())
+        .unwrap_or("shardId-unknown");
+    let out = Record::new(source, shard.to_owned(), i, Bytes::from(data));
+    match loose(record.kinesis.sequence) {
+        Some(sequence) => out.with_sequence(sequence),
+        None => out,
+    }
 }
 
-fn sqs_queue(arn: Option<&str>) -> &str {
-    arn.and_then(|a| a.rsplit(':').next()).unwrap_or("unknown")
+#[derive(Deserialize)]
+struct SqsMessage<'a> {
+    #[serde(rename = "messageId", borrow, default)]
+    message_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    body: Cow<'a, str>,
+    #[serde(borrow, default)]
+    attributes: Option<SqsAttributes<'a>>,
+    #[serde(rename = "eventSourceARN", borrow, default)]
+    arn: Option<Cow<'a, str>>,
 }
 
-/// An EventBridge event: its `detail` is the Floodway event (as `aws-lambda-stream` publishes
-/// it, with the event type as `detail-type`).
-pub fn eventbridge_record(event: &EventBridgeEvent<Value>) -> Record {
-    let data = serde_json::to_vec(&event.detail).unwrap_or_default();
-    let id = event.id.clone().unwrap_or_default();
-    Record::new(
-        format!("eventbridge:{}", event.source),
-        event.source.clone(),
-        0,
-        Bytes::from(data),
+#[derive(Deserialize)]
+struct SqsAttributes<'a> {
+    #[serde(rename = "MessageGroupId", borrow, default)]
+    group: Option<&'a RawValue>,
+    #[serde(rename = "ApproximateReceiveCount", borrow, default)]
+    receive_count: Option<&'a RawValue>,
+}
+
+/// An SNS notification as SQS delivers it without raw message delivery.
+#[derive(Deserialize)]
+struct Notification<'a> {
+    #[serde(rename = "Type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(rename = "Message", borrow)]
+    message: Cow<'a, str>,
+    #[serde(rename = "TopicArn", borrow, default)]
+    _topic: Option<Cow<'a, str>>,
+}
+
+/// The event an SQS body carries: the body, or the message of the SNS notification it is.
+fn unwrap_notification(body: &str) -> Cow<'_, str> {
+    if body.starts_with('{') && body.contains("\"TopicArn\"") {
+        if let Ok(n) = serde_json::from_str::<Notification<'_>>(body) {
+            if n.kind == "Notification" {
+                return Cow::Owned(n.message.into_owned());
+            }
+        }
+    }
+    Cow::Borrowed(body)
+}
+
+/// An SQS message: the body (or the SNS notification's message in it) is the record; a FIFO
+/// queue's message group is the partition and the order key (a standard queue has no order:
+/// each message is its own partition); the receive count is the attempt.
+fn sqs(i: u64, raw: &RawValue) -> Record {
+    let m: SqsMessage<'_> = match serde_json::from_str(raw.get()) {
+        Ok(m) => m,
+        Err(e) => {
+            let why = format!("not an SQS message: {e}");
+            return malformed("sqs:unknown".into(), i, raw, "MalformedSqsMessage", why);
+        }
+    };
+    let queue = m
+        .arn
+        .as_deref()
+        .and_then(|a| a.rsplit(':').next())
+        .unwrap_or("unknown");
+    let id = loose(m.message_id).unwrap_or_else(|| i.to_string());
+    let attributes = m.attributes.as_ref();
+    let group = attributes.and_then(|a| loose(a.group));
+    let attempt = attributes
+        .and_then(|a| loose(a.receive_count))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(1);
+    let data = Bytes::from(unwrap_notification(&m.body).into_owned());
+    let record = Record::new(
+        format!("sqs:{queue}"),
+        group.clone().unwrap_or_else(|| id.clone()),
+        i,
+        data,
     )
     .with_sequence(id)
+    .with_attempt(attempt);
+    match group {
+        Some(group) => record.with_order_key(group),
+        None => record,
+    }
+}
+
+#[derive(Deserialize)]
+struct SnsRecord<'a> {
+    #[serde(rename = "Sns", borrow)]
+    sns: SnsMessage<'a>,
+}
+
+#[derive(Deserialize)]
+struct SnsMessage<'a> {
+    #[serde(rename = "Message", borrow)]
+    message: Cow<'a, str>,
+    #[serde(rename = "MessageId", borrow, default)]
+    message_id: Option<&'a RawValue>,
+    #[serde(rename = "TopicArn", borrow, default)]
+    topic: Option<Cow<'a, str>>,
+}
+
+/// An SNS notification: its message is the record; each is its own partition (SNS to Lambda
+/// keeps no order).
+fn sns(i: u64, raw: &RawValue) -> Record {
+    let r: SnsRecord<'_> = match serde_json::from_str(raw.get()) {
+        Ok(r) => r,
+        Err(e) => {
+            let why = format!("not an SNS notification: {e}");
+            return malformed(
+                "sns:unknown".into(),
+                i,
+                raw,
+                "MalformedSnsNotification",
+                why,
+            );
+        }
+    };
+    let topic = r
+        .sns
+        .topic
+        .as_deref()
+        .and_then(|a| a.rsplit(':').next())
+        .unwrap_or("unknown");
+    let id = loose(r.sns.message_id).unwrap_or_else(|| i.to_string());
+    Record::new(
+        format!("sns:{topic}"),
+        id.clone(),
+        i,
+        Bytes::from(r.sns.message.into_owned()),
+    )
+    .with_sequence(id)
+}
+
+#[derive(Deserialize)]
+struct EventBridgeEnvelope<'a> {
+    #[serde(borrow)]
+    detail: &'a RawValue,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    source: Option<Cow<'a, str>>,
+}
+
+/// An EventBridge event: its `detail` is the Floodway event (as `aws-lambda-stream`
+/// publishes it, with the event type as `detail-type`).
+fn eventbridge(payload: &[u8]) -> Record {
+    match serde_json::from_slice::<EventBridgeEnvelope<'_>>(payload) {
+        Ok(e) if e.detail.get().starts_with('{') => {
+            let source = e.source.as_deref().unwrap_or("unknown");
+            Record::new(
+                format!("eventbridge:{source}"),
+                source.to_owned(),
+                0,
+                Bytes::copy_from_slice(e.detail.get().as_bytes()),
+            )
+            .with_sequence(loose(e.id).unwrap_or_default())
+        }
+        Ok(_) => Record::new("eventbridge:unknown", "malformed", 0, payload.to_vec())
+            .with_malformed("MalformedEventBridgeEvent", "detail is not a JSON object"),
+        Err(e) => Record::new("eventbridge:unknown", "malformed", 0, payload.to_vec())
+            .with_malformed(
+                "MalformedEventBridgeEvent",
+                format!("not an EventBridge event: {e}"),
+            ),
+    }
 }
 
 /// How DynamoDB stream records become events.
@@ -135,11 +456,131 @@ pub enum Skipped {
     TtlDelete(String),
 }
 
-fn image(item: &serde_dynamo::Item) -> Value {
-    if item.is_empty() {
-        return Value::Null;
+#[derive(Deserialize)]
+struct DynamoRecord<'a> {
+    #[serde(rename = "eventID", borrow, default)]
+    event_id: Option<&'a RawValue>,
+    #[serde(rename = "eventName", borrow)]
+    event_name: Cow<'a, str>,
+    #[serde(rename = "awsRegion", borrow, default)]
+    region: Option<Cow<'a, str>>,
+    #[serde(rename = "eventSourceARN", borrow, default)]
+    arn: Option<Cow<'a, str>>,
+    #[serde(rename = "userIdentity", default)]
+    user_identity: Option<UserIdentity>,
+    dynamodb: Change,
+}
+
+#[derive(Deserialize)]
+struct UserIdentity {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(rename = "principalId", default)]
+    principal: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Change {
+    #[serde(rename = "ApproximateCreationDateTime", default)]
+    created: Option<Box<RawValue>>,
+    #[serde(rename = "Keys", default)]
+    keys: Option<Value>,
+    #[serde(rename = "NewImage", default)]
+    new: Option<Value>,
+    #[serde(rename = "OldImage", default)]
+    old: Option<Value>,
+    #[serde(rename = "SequenceNumber", default)]
+    sequence: Option<Box<RawValue>>,
+}
+
+/// A DynamoDB item (attribute name to typed value, as streams deliver it) as plain JSON, the
+/// way `@aws-sdk/util-dynamodb`'s `unmarshall` reads it: numbers as numbers (an integer too
+/// large for 64 bits as its text, where `unmarshall` refuses it, rather than rounded), sets and
+/// lists as arrays, binary as base64 text.
+///
+/// # Errors
+/// What is not a typed value, by its path.
+pub fn unmarshall(item: &Value) -> Result<Value, String> {
+    fn attribute(path: &str, value: &Value) -> Result<Value, String> {
+        let Value::Object(typed) = value else {
+            return Err(format!("{path} is not a typed value"));
+        };
+        let mut entries = typed.iter();
+        let (Some((kind, inner)), None) = (entries.next(), entries.next()) else {
+            return Err(format!("{path} must have exactly one type"));
+        };
+        let number = |n: &Value| -> Result<Value, String> {
+            let text = n
+                .as_str()
+                .ok_or_else(|| format!("{path}: N must be a string"))?;
+            if let Ok(n) = text.parse::<i64>() {
+                return Ok(Value::from(n));
+            }
+            if let Ok(n) = text.parse::<u64>() {
+                return Ok(Value::from(n));
+            }
+            let integer = text.bytes().all(|b| b.is_ascii_digit() || b == b'-');
+            Ok(text
+                .parse::<f64>()
+                .ok()
+                .filter(|_| !integer)
+                .and_then(serde_json::Number::from_f64)
+                .map_or_else(|| Value::String(text.to_owned()), Value::Number))
+        };
+        let list = || -> Result<&Vec<Value>, String> {
+            inner
+                .as_array()
+                .ok_or_else(|| format!("{path}: {kind} must be an array"))
+        };
+        match kind.as_str() {
+            "S" | "B" => match inner {
+                Value::String(_) => Ok(inner.clone()),
+                _ => Err(format!("{path}: {kind} must be a string")),
+            },
+            "N" => number(inner),
+            "BOOL" => match inner {
+                Value::Bool(_) => Ok(inner.clone()),
+                _ => Err(format!("{path}: BOOL must be true or false")),
+            },
+            "NULL" => Ok(Value::Null),
+            "SS" | "BS" => Ok(Value::Array(list()?.clone())),
+            "NS" => list()?
+                .iter()
+                .map(number)
+                .collect::<Result<Vec<_>, _>>()
+                .map(Value::Array),
+            "L" => list()?
+                .iter()
+                .enumerate()
+                .map(|(i, v)| attribute(&format!("{path}[{i}]"), v))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Value::Array),
+            "M" => map(path, inner),
+            other => Err(format!("{path}: unknown type {other}")),
+        }
     }
-    serde_dynamo::from_item::<_, Value>(item.clone()).unwrap_or(Value::Null)
+    fn map(path: &str, value: &Value) -> Result<Value, String> {
+        let Value::Object(attributes) = value else {
+            return Err(if path.is_empty() {
+                "not a map of attributes".to_owned()
+            } else {
+                format!("{path} is not a map of attributes")
+            });
+        };
+        attributes
+            .iter()
+            .map(|(name, v)| {
+                let at = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}.{name}")
+                };
+                Ok((name.clone(), attribute(&at, v)?))
+            })
+            .collect::<Result<Map<String, Value>, String>>()
+            .map(Value::Object)
+    }
+    map("", item)
 }
 
 fn truthy(value: Option<&Value>) -> bool {
@@ -153,110 +594,171 @@ fn text(value: &Value) -> String {
     }
 }
 
-/// DynamoDB stream records as change events, the way users of `aws-lambda-stream` know them
-/// (see [`CdcOptions`]): the old and new images under `raw`, the keys under `keys`, the
-/// stream's event id as the id. Replica and TTL records are skipped and returned beside the
-/// records.
-pub fn dynamodb_records(
-    event: &dynamodb::Event,
+/// A DynamoDB stream record as a change event, the way users of `aws-lambda-stream` know them
+/// (see [`CdcOptions`]): the old and new images under `raw` (`new`, `old`, each left out when
+/// the record lacks it), the keys under `keys`, the stream's event id as the id. A replica's or TTL record is skipped (`Err`).
+fn dynamodb(
+    i: u64,
+    raw: &RawValue,
     options: &CdcOptions,
-) -> (Vec<Record>, Vec<(String, Skipped)>) {
-    let region = options
-        .region
-        .clone()
-        .or_else(|| std::env::var("AWS_REGION").ok());
-    let mut records = Vec::new();
-    let mut skipped = Vec::new();
-    for (i, r) in event.records.iter().enumerate() {
-        let sequence = r.change.sequence_number.clone().unwrap_or_default();
-        let new = image(&r.change.new_image);
-        let old = image(&r.change.old_image);
-        if let Some(region) = &region {
-            let written_in = |row: &Value| {
-                row.get("aws:rep:updateregion")
-                    .or_else(|| row.get("awsregion"))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            };
-            let writer = written_in(&new).or_else(|| written_in(&old));
-            if writer.is_some_and(|w| w != *region) {
-                skipped.push((sequence, Skipped::Replica(r.event_id.clone())));
-                continue;
-            }
+    region: Option<&str>,
+) -> Result<Record, (String, Skipped)> {
+    let name = "MalformedDynamoDbRecord";
+    let r: DynamoRecord<'_> = match serde_json::from_str(raw.get()) {
+        Ok(r) => r,
+        Err(e) => {
+            let why = format!("not a DynamoDB stream record: {e}");
+            return Ok(malformed("dynamodb:unknown".into(), i, raw, name, why));
         }
-        let ttl = r
-            .user_identity
-            .as_ref()
-            .is_some_and(|u| u.type_ == "Service" && u.principal_id == "dynamodb.amazonaws.com");
-        if ttl && !options.keep_ttl_deletes {
-            skipped.push((sequence, Skipped::TtlDelete(r.event_id.clone())));
-            continue;
+    };
+    let table = arn_name(r.arn.as_deref()).to_owned();
+    let source = format!("dynamodb:{table}");
+    let event_id = loose(r.event_id).unwrap_or_else(|| format!("{table}-{i}"));
+    let sequence = loose(r.dynamodb.sequence.as_deref()).unwrap_or_else(|| i.to_string());
+    let image = |which: &str, item: &Option<Value>| match item {
+        None => Ok(Value::Null),
+        Some(item) => unmarshall(item).map_err(|e| format!("dynamodb.{which}: {e}")),
+    };
+    let images = (|| {
+        Ok::<_, String>((
+            image("NewImage", &r.dynamodb.new)?,
+            image("OldImage", &r.dynamodb.old)?,
+            image("Keys", &r.dynamodb.keys)?,
+        ))
+    })();
+    let (new, old, keys) = match images {
+        Ok(images) => images,
+        Err(why) => return Ok(malformed(source, i, raw, name, why)),
+    };
+    let empty = |v: &Value| v.as_object().is_none_or(Map::is_empty);
+    let (new, old) = (
+        if empty(&new) { Value::Null } else { new },
+        if empty(&old) { Value::Null } else { old },
+    );
+    if let Some(region) = region {
+        let written_in = |row: &Value| {
+            row.get("aws:rep:updateregion")
+                .or_else(|| row.get("awsregion"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let writer = written_in(&new).or_else(|| written_in(&old));
+        if writer.is_some_and(|w| w != region) {
+            return Err((sequence, Skipped::Replica(event_id)));
         }
-        let row = if new.is_null() { &old } else { &new };
-        let now_deleted = truthy(new.get(&options.deleted));
-        let was_deleted = truthy(old.get(&options.deleted));
-        let suffix = match r.event_name.as_str() {
-            "REMOVE" => "deleted",
-            _ if now_deleted => "deleted",
-            _ if was_deleted => "undeleted",
-            "INSERT" => "created",
-            _ => "updated",
-        };
-        let discriminator = row
-            .get(&options.discriminator)
-            .or_else(|| row.get("sk"))
-            .map(text)
-            .unwrap_or_else(|| "row".into())
-            .to_lowercase();
-        let keys = image(&r.change.keys);
-        let partition_key = match keys.get(&options.partition_key) {
-            Some(pk) => text(pk),
-            None => match &keys {
-                Value::Object(map) => {
-                    let mut parts: Vec<(&String, String)> =
-                        map.iter().map(|(k, v)| (k, text(v))).collect();
-                    parts.sort();
-                    parts
-                        .into_iter()
-                        .map(|(_, v)| v)
-                        .collect::<Vec<_>>()
-                        .join("|")
-                }
-                _ => r.event_id.clone(),
-            },
-        };
-        // A removal has no new image: its time is the stream record's, not the last write's
-        // (which would tie with that write's event in a latest-wins view).
-        let timestamp = new
-            .get(&options.timestamp)
-            .and_then(Value::as_i64)
-            .unwrap_or_else(|| r.change.approximate_creation_date_time.timestamp_millis());
-        let mut raw = Map::new();
-        raw.insert("new".into(), new.clone());
-        raw.insert("old".into(), old.clone());
-        let event = Event::builder(format!("{discriminator}-{suffix}"), partition_key)
-            .id(r.event_id.clone())
-            .timestamp(timestamp)
-            .tag("source", format!("dynamodb:{}", arn_table(r)))
-            .tag("region", r.aws_region.clone())
-            .field("raw", Value::Object(raw))
-            .field("keys", keys)
-            .build();
-        records.push(
-            Record::new(
-                format!("dynamodb:{}", arn_table(r)),
-                "stream",
-                i as u64,
-                Bytes::from(event.to_json()),
-            )
-            .with_sequence(sequence),
-        );
     }
-    (records, skipped)
+    let ttl = r.user_identity.as_ref().is_some_and(|u| {
+        u.kind.as_deref() == Some("Service")
+            && u.principal.as_deref() == Some("dynamodb.amazonaws.com")
+    });
+    if ttl && !options.keep_ttl_deletes {
+        return Err((sequence, Skipped::TtlDelete(event_id)));
+    }
+    let row = if new.is_null() { &old } else { &new };
+    let now_deleted = truthy(new.get(&options.deleted));
+    let was_deleted = truthy(old.get(&options.deleted));
+    let suffix = match r.event_name.as_ref() {
+        "REMOVE" => "deleted",
+        _ if now_deleted => "deleted",
+        _ if was_deleted => "undeleted",
+        "INSERT" => "created",
+        "MODIFY" => "updated",
+        other => {
+            let why = format!("eventName {other:?} is none of INSERT, MODIFY, REMOVE");
+            return Ok(malformed(source, i, raw, name, why));
+        }
+    };
+    let discriminator = row
+        .get(&options.discriminator)
+        .or_else(|| row.get("sk"))
+        .map(text)
+        .unwrap_or_else(|| "row".into())
+        .to_lowercase();
+    let partition_key = match keys.get(&options.partition_key) {
+        Some(pk) => text(pk),
+        None => match &keys {
+            Value::Object(map) if !map.is_empty() => {
+                let mut parts: Vec<(&String, String)> =
+                    map.iter().map(|(k, v)| (k, text(v))).collect();
+                parts.sort();
+                parts
+                    .into_iter()
+                    .map(|(_, v)| v)
+                    .collect::<Vec<_>>()
+                    .join("|")
+            }
+            _ => event_id.clone(),
+        },
+    };
+    // A removal has no new image: its time is the stream record's, not the last write's
+    // (which would tie with that write's event in a latest-wins view). The stream's time is
+    // in seconds, as a number or text.
+    let stream_time = loose(r.dynamodb.created.as_deref())
+        .and_then(|t| t.parse::<f64>().ok())
+        .map_or_else(floodway::event::now_millis, |s| (s * 1000.0).round() as i64);
+    let timestamp = new
+        .get(&options.timestamp)
+        .and_then(Value::as_i64)
+        .unwrap_or(stream_time);
+    // As aws-lambda-stream has them: an image the record lacks is left out.
+    let mut raw_images = Map::new();
+    for (name, image) in [("new", new), ("old", old)] {
+        if !image.is_null() {
+            raw_images.insert(name.into(), image);
+        }
+    }
+    let mut event = Event::builder(format!("{discriminator}-{suffix}"), partition_key)
+        .id(event_id)
+        .timestamp(timestamp)
+        .tag("source", source.clone());
+    if let Some(region) = r.region.as_deref() {
+        event = event.tag("region", region);
+    }
+    let event = event
+        .field("raw", Value::Object(raw_images))
+        .field("keys", keys)
+        .build();
+    Ok(Record::new(source, "stream", i, Bytes::from(event.to_json())).with_sequence(sequence))
 }
 
-fn arn_table(r: &dynamodb::EventRecord) -> &str {
-    r.table_name
-        .as_deref()
-        .unwrap_or_else(|| arn_name(r.event_source_arn.as_deref()))
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn items_unmarshall_as_util_dynamodb_reads_them() {
+        let item = json!({
+            "pk": {"S": "a"}, "n": {"N": "5"}, "f": {"N": "1.5"}, "big": {"N": "123456789012345678901234567890"},
+            "ok": {"BOOL": true}, "none": {"NULL": true}, "ss": {"SS": ["x", "y"]}, "ns": {"NS": ["1", "2"]},
+            "l": {"L": [{"S": "v"}, {"N": "3"}]}, "m": {"M": {"inner": {"S": "w"}}}, "b": {"B": "AAE="}
+        });
+        assert_eq!(
+            unmarshall(&item).unwrap(),
+            json!({
+                "pk": "a", "n": 5, "f": 1.5, "big": "123456789012345678901234567890", "ok": true, "none": null,
+                "ss": ["x", "y"], "ns": [1, 2], "l": ["v", 3], "m": {"inner": "w"}, "b": "AAE="
+            })
+        );
+    }
+
+    #[test]
+    fn a_malformed_attribute_is_named_by_its_path() {
+        let err = unmarshall(&json!({"m": {"M": {"x": {"N": 5}}}})).unwrap_err();
+        assert_eq!(err, "m.x: N must be a string");
+        let err = unmarshall(&json!({"a": {"S": "x", "N": "1"}})).unwrap_err();
+        assert_eq!(err, "a must have exactly one type");
+        let err = unmarshall(&json!({"a": {"Q": "x"}})).unwrap_err();
+        assert_eq!(err, "a: unknown type Q");
+    }
+
+    #[test]
+    fn loose_fields_take_numbers_and_text() {
+        let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
+        assert_eq!(loose(Some(&raw("\"12\""))).as_deref(), Some("12"));
+        assert_eq!(loose(Some(&raw("12"))).as_deref(), Some("12"));
+        assert_eq!(loose(Some(&raw("null"))), None);
+        assert_eq!(loose(Some(&raw("{}"))), None);
+        assert_eq!(loose(None), None);
+    }
 }

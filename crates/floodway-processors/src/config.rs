@@ -46,6 +46,7 @@
 //! name = "archive"
 //! types = ["*"]
 //! to = "archive.db"
+//! compress_over = 10240       # fields over 10 KiB gzipped as aws-lambda-stream does (optional)
 //!
 //! [[processors]]
 //! kind = "fault-monitor"      # fault events into the fault store
@@ -382,6 +383,9 @@ pub enum ProcessorConfig {
         /// reads it back from the hub), scrubbed from error messages.
         #[serde(default)]
         redact: Vec<String>,
+        /// Compress payload fields over this many bytes as aws-lambda-stream does (its
+        /// default is 10240), for Node services reading the other hub; off when absent.
+        compress_over: Option<usize>,
     },
     /// Fault events into the fault store.
     FaultMonitor {

@@ -244,7 +244,8 @@ pub fn http_gateway(
 }
 
 /// The *forward* processor: events of `types` into another hub (idempotently: a redelivered
-/// event is stored there once): another embedded hub, or a NATS stream.
+/// event is stored there once): another embedded hub, or a NATS stream; with `compress_over`,
+/// payload fields over that many bytes are compressed as aws-lambda-stream does.
 ///
 /// # Errors
 /// Invalid types.
@@ -254,13 +255,17 @@ pub fn forward(
     types: &[String],
     to: &SharedHub,
     redact: &[String],
+    compress_over: Option<usize>,
 ) -> Result<Processor, SetupError> {
     let build = |source| SetupError::Build {
         name: name.into(),
         source,
     };
-    let pipeline = with_types(Pipeline::builder(name), types)
-        .redact(redact.iter().cloned())
+    let mut pipeline = with_types(Pipeline::builder(name), types).redact(redact.iter().cloned());
+    if let Some(threshold) = compress_over {
+        pipeline = pipeline.compress_over(threshold);
+    }
+    let pipeline = pipeline
         .batch(floodway::BatchConfig::count(500).max_wait(Duration::from_millis(20)))
         .sink(Publisher::new(to.clone()))
         .map_err(build)?;
@@ -409,6 +414,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
             to,
             to_nats,
             redact,
+            compress_over,
         } => {
             let other = match (to, to_nats) {
                 (Some(to), _) => {
@@ -438,7 +444,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                     })
                 }
             };
-            forward(hubs, name, types, &other, redact)
+            forward(hubs, name, types, &other, redact, *compress_over)
         }
         ProcessorConfig::FaultMonitor { name } => fault_monitor(hubs, name),
     }

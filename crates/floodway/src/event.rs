@@ -76,6 +76,8 @@ enum Repr {
     Raw {
         bytes: Bytes,
         has_tags: bool,
+        /// The text holds compressed values ([`crate::compression`]), revived on first use.
+        compressed: bool,
         tags: OnceLock<Map<String, Value>>,
         fields: OnceLock<Map<String, Value>>,
     },
@@ -388,6 +390,7 @@ impl Event {
             timestamp,
             partition_key,
             repr: Repr::Raw {
+                compressed: crate::compression::may_hold(&bytes),
                 bytes,
                 has_tags,
                 tags: OnceLock::new(),
@@ -501,6 +504,7 @@ impl Event {
             Repr::Raw {
                 bytes,
                 has_tags,
+                compressed,
                 tags,
                 ..
             } => {
@@ -513,9 +517,16 @@ impl Event {
                         #[serde(default)]
                         tags: Map<String, Value>,
                     }
-                    serde_json::from_str::<Tags>(raw_str(bytes))
+                    let mut tags = serde_json::from_str::<Tags>(raw_str(bytes))
                         .map(|t| t.tags)
-                        .unwrap_or_default()
+                        .unwrap_or_default();
+                    if *compressed {
+                        // A value that cannot be revived stays as it is (see `payload`).
+                        for tag in tags.values_mut() {
+                            crate::compression::revive_all("tags", tag);
+                        }
+                    }
+                    tags
                 }))
             }
             Repr::Owned { tags, .. } => tags.as_ref(),
@@ -527,14 +538,26 @@ impl Event {
         self.tags()?.get(name)?.as_str()
     }
 
-    /// The payload fields: every field of the object except the envelope.
+    /// The payload fields: every field of the object except the envelope, with compressed
+    /// values revived ([`crate::compression`]).
     pub fn fields(&self) -> &Map<String, Value> {
         match &self.repr {
-            Repr::Raw { bytes, fields, .. } => fields.get_or_init(|| {
+            Repr::Raw {
+                bytes,
+                fields,
+                compressed,
+                ..
+            } => fields.get_or_init(|| {
                 let mut map: Map<String, Value> =
                     serde_json::from_str(raw_str(bytes)).unwrap_or_default();
                 for key in ENVELOPE_FIELDS {
                     map.remove(key);
+                }
+                if *compressed {
+                    // A value that cannot be revived stays as it is: `payload` reports it.
+                    for member in map.values_mut() {
+                        crate::compression::revive_all("", member);
+                    }
                 }
                 map
             }),
@@ -563,7 +586,12 @@ impl Event {
     /// assert!(e.json_at("/order/missing").is_none());
     /// ```
     pub fn json_at(&self, pointer: &str) -> Option<Cow<'_, str>> {
-        let Repr::Raw { bytes, .. } = &self.repr else {
+        let Repr::Raw {
+            bytes,
+            compressed: false,
+            ..
+        } = &self.repr
+        else {
             return self
                 .to_value()
                 .pointer(pointer)
@@ -596,7 +624,26 @@ impl Event {
     /// fit `T`.
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, Error> {
         let result = match &self.repr {
-            Repr::Raw { bytes, .. } => serde_json::from_str(raw_str(bytes)),
+            Repr::Raw {
+                bytes,
+                compressed: false,
+                ..
+            } => serde_json::from_str(raw_str(bytes)),
+            Repr::Raw { bytes, .. } => {
+                let mut value: Value = serde_json::from_str(raw_str(bytes)).unwrap_or_default();
+                let failed = crate::compression::revive_all("", &mut value);
+                // A value that cannot be revived stays as it is: it is the error only when it
+                // keeps the event from fitting `T` (a fault event carries other events, which
+                // may hold anything).
+                let typed = serde_json::from_value(value);
+                if let (Err(_), Some(bad)) = (&typed, failed.first()) {
+                    return Err(Error::poison_msg(
+                        "CompressedFieldError",
+                        format!("event {}: {bad}", self.id()),
+                    ));
+                }
+                typed
+            }
             Repr::Owned { .. } => serde_json::to_value(self).and_then(serde_json::from_value),
         };
         result.map_err(|e| {
@@ -662,6 +709,22 @@ impl Event {
             Repr::Owned { tags, fields } => (tags, fields),
             Repr::Raw { .. } => unreachable!("converted to owned above"),
         }
+    }
+
+    /// Compresses each payload field (at any depth) over `threshold` bytes, as
+    /// aws-lambda-stream does when it publishes ([`crate::compression`]), but not members
+    /// named in `ignore`; how many it compressed. An event no larger than `threshold` is left
+    /// untouched (and keeps its source text).
+    pub fn compress_fields(&mut self, threshold: usize, ignore: &[&str]) -> usize {
+        if self.encoded_len() <= threshold {
+            return 0;
+        }
+        let mut fields = self.fields().clone();
+        let compressed = crate::compression::compress_members(&mut fields, threshold, ignore);
+        if compressed > 0 {
+            *self.owned().1 = fields;
+        }
+        compressed
     }
 
     /// The payload fields, to change. The event no longer encodes to its source text.

@@ -59,6 +59,7 @@
 //! Metrics go through the `metrics` facade (install any recorder, e.g. Prometheus); spans and
 //! logs through `tracing`. See `ARCHITECTURE.md` in the repository for how a record flows.
 
+pub mod compression;
 pub mod error;
 pub mod event;
 pub mod fault;
@@ -94,4 +95,4 @@ pub use pipeline::{BatchConfig, Pipeline};
 pub use runtime::{Processor, ProcessorConfig, RunReport};
 pub use sink::{each_fn, fault_sink_fn, sink_fn, Delivery, Publisher, Sink};
 pub use source::{Checkpoint, Checkpointer, Settlement, Source};
-pub use uow::{Batch, Record, Uow};
+pub use uow::{Batch, Malformed, Record, Uow};

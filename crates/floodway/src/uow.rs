@@ -31,6 +31,19 @@ pub struct Record {
     /// the same order key run one after another in each pipeline (an SQS FIFO queue's message
     /// group). `None`: the event's partition key.
     pub order_key: Option<Arc<str>>,
+    /// What is wrong with the record, when its source could not read it (a Lambda record
+    /// missing its data, data that is not base64): such a record is faulted as it is, with
+    /// this error, before any pipeline sees it, and never fails its batch.
+    pub malformed: Option<Arc<Malformed>>,
+}
+
+/// What is wrong with a record its source could not read; see [`Record::malformed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed {
+    /// The error's name, e.g. `MalformedKinesisRecord`.
+    pub name: String,
+    /// What is wrong, precisely.
+    pub message: String,
 }
 
 impl Record {
@@ -49,7 +62,19 @@ impl Record {
             attempt: 1,
             data: data.into(),
             order_key: None,
+            malformed: None,
         }
+    }
+
+    /// Marks the record as one its source could not read: it is faulted as it is (a poison
+    /// error named `name`, saying `message`), before any pipeline sees it.
+    #[must_use]
+    pub fn with_malformed(mut self, name: impl Into<String>, message: impl Into<String>) -> Self {
+        self.malformed = Some(Arc::new(Malformed {
+            name: name.into(),
+            message: message.into(),
+        }));
+        self
     }
 
     /// Sets the key the source orders by (see [`Record::order_key`]).

@@ -241,6 +241,23 @@ impl PipelineBuilder {
         )
     }
 
+    /// Compresses each event's payload fields over `threshold` bytes as aws-lambda-stream
+    /// does when it publishes ([`crate::compression`]; its default threshold is
+    /// [`crate::compression::DEFAULT_THRESHOLD`]), for Node services that read what this
+    /// pipeline publishes. Steps after it see the revived values; an event no larger than
+    /// `threshold` passes untouched.
+    pub fn compress_over(self, threshold: usize) -> Self {
+        self.step(
+            "compress",
+            StepKind::Map(Arc::new(move |mut uow: Uow| {
+                if uow.event().encoded_len() > threshold {
+                    uow.event_mut().compress_fields(threshold, &[]);
+                }
+                Ok(uow)
+            })),
+        )
+    }
+
     /// Splits each unit of work into any number (an empty list drops it).
     pub fn flat_map<F>(self, f: F) -> Self
     where

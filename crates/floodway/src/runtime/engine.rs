@@ -389,12 +389,16 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         let mut newest: Option<i64> = None;
         for record in records {
             let record = Arc::new(record);
-            let event = match Event::decode_bytes(record.data.clone(), max_size) {
+            let decoded = match &record.malformed {
+                Some(m) => Err(Error::poison_msg(m.name.clone(), m.message.clone())),
+                None => Event::decode_bytes(record.data.clone(), max_size).map_err(Error::from),
+            };
+            let event = match decoded {
                 Ok(event) => Arc::new(event),
                 Err(err) => {
                     let ticket = self.ledger.admit(record.clone(), 1);
                     self.report.decode_faults += 1;
-                    let failure = (record, None, Arc::from("decode"), Error::from(err));
+                    let failure = (record, None, Arc::from("decode"), err);
                     self.faults_due.push(fault_now(
                         self.ctx.clone(),
                         usize::MAX,

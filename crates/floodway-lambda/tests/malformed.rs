@@ -1,0 +1,394 @@
+//! A catalogue of malformed records, each beside a good one in the same invocation: the good
+//! record is delivered, the malformed one becomes exactly one fault that says what is wrong,
+//! and the answer reports nothing for it (a reported record would be retried until it
+//! expires, blocking its shard). Only an invocation of no known source fails as a whole,
+//! with a readable error type.
+
+use base64::Engine as _;
+use floodway::fault::FaultDetails;
+use floodway::memory::{MemoryFaultSink, MemorySink};
+use floodway::{Pipeline, Processor};
+use floodway_lambda::{Handler, HandlerError};
+use serde_json::{json, Value};
+
+const GOOD: &str =
+    r#"{"id":"good","type":"thing-created","timestamp":1,"partitionKey":"k","thing":{"a":1}}"#;
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn kinesis(i: usize, data: Value) -> Value {
+    json!({
+        "eventSource": "aws:kinesis",
+        "eventID": format!("shardId-000000000000:{i}"),
+        "kinesis": { "sequenceNumber": i.to_string(), "data": data },
+    })
+}
+
+fn sqs(i: usize, body: Value) -> Value {
+    json!({ "eventSource": "aws:sqs", "messageId": format!("m-{i}"), "body": body })
+}
+
+fn dynamodb(i: usize, name: &str, change: Value) -> Value {
+    json!({ "eventSource": "aws:dynamodb", "eventID": format!("d-{i}"), "eventName": name, "dynamodb": change })
+}
+
+fn good_row() -> Value {
+    json!({
+        "Keys": { "pk": { "S": "1" } },
+        "NewImage": { "pk": { "S": "1" }, "discriminator": { "S": "thing" } },
+        "SequenceNumber": "1",
+    })
+}
+
+/// `bad` after a good record of the same source.
+fn with_good(bad: Value) -> Value {
+    let source = bad["eventSource"]
+        .as_str()
+        .or_else(|| bad["EventSource"].as_str())
+        .unwrap_or("aws:kinesis");
+    let good = match source {
+        "aws:sqs" => sqs(0, json!(GOOD)),
+        "aws:dynamodb" => dynamodb(0, "INSERT", good_row()),
+        "aws:sns" => {
+            json!({ "EventSource": "aws:sns", "Sns": { "MessageId": "n-0", "Message": GOOD } })
+        }
+        _ => kinesis(0, json!(b64(GOOD.as_bytes()))),
+    };
+    json!({ "Records": [good, bad] })
+}
+
+/// Runs `invocation`; the answer, what was delivered, and the faults' error names and
+/// messages.
+async fn run(invocation: Value) -> (Value, usize, Vec<(String, String)>) {
+    let (sink, faults) = (MemorySink::new(), MemoryFaultSink::new());
+    let processor = Processor::builder("catalogue")
+        .fault_sink(faults.clone())
+        .pipeline(Pipeline::builder("all").sink(sink.clone()).unwrap())
+        .build()
+        .unwrap();
+    let answer = Handler::new(processor)
+        .handle(invocation, None)
+        .await
+        .unwrap();
+    let faults = faults
+        .faults()
+        .iter()
+        .map(|f| {
+            let details: FaultDetails = f.payload().unwrap();
+            (details.err.name, details.err.message)
+        })
+        .collect();
+    (answer, sink.events().len(), faults)
+}
+
+#[tokio::test]
+async fn each_malformed_record_is_one_precise_fault_and_never_fails_the_invocation() {
+    let long = format!(
+        r#"{{"id":"big","type":"t","timestamp":1,"partitionKey":"k","blob":"{}"}}"#,
+        "x".repeat(1 << 20)
+    );
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        (
+            "kinesis data is truncated base64",
+            with_good(kinesis(1, json!("eyJpZCI"))),
+            "MalformedKinesisRecord",
+            "kinesis.data is not base64",
+        ),
+        (
+            "kinesis data is not base64",
+            with_good(kinesis(1, json!("!!not base64!!"))),
+            "MalformedKinesisRecord",
+            "kinesis.data is not base64",
+        ),
+        (
+            "kinesis data is not JSON",
+            with_good(kinesis(1, json!(b64(b"hello")))),
+            "DecodeEventError",
+            "not valid JSON",
+        ),
+        (
+            "kinesis data is truncated JSON",
+            with_good(kinesis(1, json!(b64(&GOOD.as_bytes()[..30])))),
+            "DecodeEventError",
+            "not valid JSON",
+        ),
+        (
+            "an event that is a JSON array",
+            with_good(kinesis(1, json!(b64(b"[1,2]")))),
+            "DecodeEventError",
+            "not an object",
+        ),
+        (
+            "an event without a type",
+            with_good(kinesis(
+                1,
+                json!(b64(br#"{"id":"x","timestamp":1,"partitionKey":"k"}"#)),
+            )),
+            "DecodeEventError",
+            "lacks the required field `type`",
+        ),
+        (
+            "an event without an id",
+            with_good(kinesis(
+                1,
+                json!(b64(br#"{"type":"t","timestamp":1,"partitionKey":"k"}"#)),
+            )),
+            "DecodeEventError",
+            "lacks the required field `id`",
+        ),
+        (
+            "a timestamp of the wrong type",
+            with_good(kinesis(
+                1,
+                json!(b64(
+                    br#"{"id":"x","type":"t","timestamp":"yesterday","partitionKey":"k"}"#
+                )),
+            )),
+            "DecodeEventError",
+            "field `timestamp` must be",
+        ),
+        (
+            "data that is not UTF-8",
+            with_good(kinesis(1, json!(b64(&[0x7b, 0xff, 0xfe, 0x7d])))),
+            "DecodeEventError",
+            "not valid UTF-8",
+        ),
+        (
+            "a record over the size limit",
+            with_good(kinesis(1, json!(b64(long.as_bytes())))),
+            "DecodeEventError",
+            "over the limit",
+        ),
+        (
+            "a Kinesis record without its kinesis part",
+            with_good(json!({ "eventSource": "aws:kinesis", "eventID": "shardId-0:1" })),
+            "MalformedKinesisRecord",
+            "missing field `kinesis`",
+        ),
+        (
+            "kinesis data that is a number",
+            with_good(kinesis(1, json!(42))),
+            "MalformedKinesisRecord",
+            "invalid type: integer `42`",
+        ),
+        (
+            "a record that is not an object",
+            json!({ "Records": [kinesis(0, json!(b64(GOOD.as_bytes()))), "just text"] }),
+            "MalformedKinesisRecord",
+            "not a Kinesis record",
+        ),
+        (
+            "an SQS message without a body",
+            with_good(json!({ "eventSource": "aws:sqs", "messageId": "m-1" })),
+            "MalformedSqsMessage",
+            "missing field `body`",
+        ),
+        (
+            "an SQS body that is null",
+            with_good(sqs(1, Value::Null)),
+            "MalformedSqsMessage",
+            "invalid type: null",
+        ),
+        (
+            "an SQS body that is not JSON",
+            with_good(sqs(1, json!("<xml/>"))),
+            "DecodeEventError",
+            "not valid JSON",
+        ),
+        (
+            "an SNS notification in SQS whose message is not an event",
+            with_good(sqs(
+                1,
+                json!(
+                    r#"{"Type":"Notification","TopicArn":"arn:aws:sns:r:1:t","Message":"plain words"}"#
+                ),
+            )),
+            "DecodeEventError",
+            "not valid JSON",
+        ),
+        (
+            "a DynamoDB record without its change",
+            with_good(
+                json!({ "eventSource": "aws:dynamodb", "eventID": "d-1", "eventName": "INSERT" }),
+            ),
+            "MalformedDynamoDbRecord",
+            "missing field `dynamodb`",
+        ),
+        (
+            "a DynamoDB image with a number that is not text",
+            with_good(dynamodb(
+                1,
+                "INSERT",
+                json!({ "Keys": { "pk": { "S": "1" } }, "NewImage": { "n": { "N": 5 } } }),
+            )),
+            "MalformedDynamoDbRecord",
+            "dynamodb.NewImage: n: N must be a string",
+        ),
+        (
+            "a DynamoDB record of an unknown event name",
+            with_good(dynamodb(1, "UPSERT", good_row())),
+            "MalformedDynamoDbRecord",
+            "eventName \"UPSERT\" is none of INSERT, MODIFY, REMOVE",
+        ),
+        (
+            "DynamoDB keys that are not a map",
+            with_good(dynamodb(1, "INSERT", json!({ "Keys": "pk" }))),
+            "MalformedDynamoDbRecord",
+            "dynamodb.Keys: not a map of attributes",
+        ),
+        (
+            "an SNS notification without a message",
+            with_good(json!({ "EventSource": "aws:sns", "Sns": { "MessageId": "n-1" } })),
+            "MalformedSnsNotification",
+            "missing field `Message`",
+        ),
+    ];
+    assert!(cases.len() >= 20);
+    for (case, invocation, name, message) in cases {
+        let (answer, delivered, faults) = run(invocation).await;
+        // Streams and SQS report no item; SNS succeeds (`null`).
+        assert!(
+            answer.is_null() || answer["batchItemFailures"] == json!([]),
+            "{case}: reports nothing: {answer}"
+        );
+        assert_eq!(delivered, 1, "{case}: the good record is delivered");
+        assert_eq!(faults.len(), 1, "{case}: one fault: {faults:?}");
+        let (got_name, got_message) = &faults[0];
+        assert_eq!(got_name, name, "{case}: {got_message}");
+        assert!(
+            got_message.contains(message),
+            "{case}: `{got_message}` does not say `{message}`"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_eventbridge_event_is_faulted_and_the_invocation_succeeds() {
+    for (invocation, message) in [
+        (
+            json!({ "detail-type": "thing-created", "source": "s", "detail": "text" }),
+            "detail is not a JSON object",
+        ),
+        (
+            json!({ "detail-type": "thing-created", "source": "s" }),
+            "missing field `detail`",
+        ),
+    ] {
+        let (answer, delivered, faults) = run(invocation).await;
+        assert_eq!(answer, Value::Null);
+        assert_eq!(delivered, 0);
+        assert_eq!(faults.len(), 1);
+        assert_eq!(faults[0].0, "MalformedEventBridgeEvent");
+        assert!(faults[0].1.contains(message), "{faults:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_invocation_of_no_known_source_fails_with_a_readable_error_type() {
+    let processor = Processor::builder("p")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(Pipeline::builder("all").sink(MemorySink::new()).unwrap())
+        .build()
+        .unwrap();
+    let handler = Handler::new(processor);
+    for (invocation, says) in [
+        (
+            json!({ "Records": [{ "eventSource": "aws:s3", "s3": {} }] }),
+            "Records of no known eventSource",
+        ),
+        (json!({ "hello": "world" }), "neither `Records`"),
+        (json!([1, 2, 3]), "not a JSON object"),
+    ] {
+        let err = handler.handle(invocation, None).await.unwrap_err();
+        assert!(matches!(err, HandlerError::Unrecognized(_)));
+        assert_eq!(err.error_type(), "UnrecognizedEvent");
+        assert!(err.to_string().contains(says), "{err}");
+        // What the function posts to Lambda.
+        let message = err.to_string();
+        let diagnostic = lambda_runtime::Diagnostic::from(err);
+        assert_eq!(diagnostic.error_type, "UnrecognizedEvent");
+        assert_eq!(diagnostic.error_message, message);
+    }
+    // An empty batch is no error, whatever its source.
+    let answer = handler
+        .handle(json!({ "Records": [] }), None)
+        .await
+        .unwrap();
+    assert_eq!(answer, json!({ "batchItemFailures": [] }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_process_reports_the_readable_error_type_to_lambda() {
+    let runtime = floodway_lambda::LocalRuntime::start().await.unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_floodway-example-handler"));
+    let _function = floodway_lambda::FunctionProcess::spawn(binary, &[], &runtime, &[]).unwrap();
+    let timeout = std::time::Duration::from_secs(30);
+    let err = runtime
+        .invoke(&json!({ "hello": "world" }), timeout)
+        .await
+        .unwrap_err();
+    let floodway_lambda::InvokeError::Function(body) = err else {
+        panic!("{err:?}");
+    };
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["errorType"], "UnrecognizedEvent", "{body}");
+    assert!(
+        body["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("neither `Records`"),
+        "{body}"
+    );
+    // A malformed record in a real Kinesis batch is faulted, and the batch succeeds.
+    let answer = runtime
+        .invoke(&with_good(kinesis(1, json!("!!"))), timeout)
+        .await
+        .unwrap();
+    assert_eq!(answer["batchItemFailures"], json!([]), "{answer}");
+}
+
+#[tokio::test]
+async fn a_bad_compressed_field_is_one_precise_fault_for_a_pipeline_that_reads_it() {
+    let bad = r#"{"id":"bad","type":"thing-created","timestamp":1,"partitionKey":"k","thing":"COMPRESSEDnot-gzip"}"#;
+    let invocation = with_good(kinesis(1, json!(b64(bad.as_bytes()))));
+    let (sink, faults) = (MemorySink::new(), MemoryFaultSink::new());
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        #[allow(dead_code)]
+        thing: serde_json::Map<String, Value>,
+    }
+    let processor = Processor::builder("reader")
+        .fault_sink(faults.clone())
+        .pipeline(
+            Pipeline::builder("typed")
+                .validate_as::<Typed>()
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let answer = Handler::new(processor)
+        .handle(invocation.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!(answer["batchItemFailures"], json!([]));
+    assert_eq!(sink.events().len(), 1);
+    let faults = faults.faults();
+    assert_eq!(faults.len(), 1);
+    let details: FaultDetails = faults[0].payload().unwrap();
+    assert_eq!(details.err.name, "CompressedFieldError");
+    assert!(
+        details
+            .err
+            .message
+            .contains("`thing` is marked COMPRESSED but is not base64"),
+        "{}",
+        details.err.message
+    );
+    // A pipeline that only passes events on forwards it as it came, unread.
+    let (answer, delivered, faults) = run(invocation).await;
+    assert_eq!(answer["batchItemFailures"], json!([]));
+    assert_eq!((delivered, faults.len()), (2, 0));
+}
