@@ -66,7 +66,7 @@ impl DynamoDbFaults {
             ));
         }
         // An item holds 400 KB at most.
-        let fault = &floodway::fault::fit(fault, 350 * 1024);
+        let fault = &floodway::fault::fit(&floodway::fault::normalized(fault), 350 * 1024);
         let details: floodway::fault::FaultDetails = fault.payload()?;
         let id = floodway::fault::fault_id(fault).to_owned();
         let now = floodway::event::now_millis();
@@ -327,6 +327,7 @@ impl S3Faults {
     }
 
     async fn store(&self, fault: &Event) -> Result<(), Error> {
+        let fault = &floodway::fault::normalized(fault);
         let name = format!(
             "{}/{}/{}.json",
             tag(fault, "processor"),

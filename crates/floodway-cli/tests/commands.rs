@@ -210,3 +210,72 @@ fn run_serves_prometheus_metrics() {
     assert!(body.contains("processor=\"orders-view\""), "{body}");
     assert!(body.contains("floodway_in_flight"), "{body}");
 }
+
+#[test]
+fn faults_raised_by_aws_lambda_stream_are_stored_and_shown_beside_floodways() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    configure(d, |c| c);
+    // Fault events as an aws-lambda-stream function publishes them (run by Node), in the
+    // same hub as Floodway's own.
+    let events = serde_json::json!({ "events": [
+        { "id": "e1", "type": "thing-created", "timestamp": 1, "partitionKey": "k1", "thing": { "n": 1 } },
+        { "id": "e2", "type": "thing-created", "timestamp": 2, "partitionKey": "k2", "thing": { "n": 2 } },
+    ] });
+    let als = floodway_lambda::testing::run_script("faults.js", &events);
+    let raised: Vec<String> = als["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+    assert_eq!(raised.len(), 2);
+    publish(d, "als-faults.jsonl", &raised);
+    let als_faults = || {
+        let listed = text(&floodway(
+            d,
+            &["faults", "list", "--config", "floodway.toml"],
+        ));
+        listed
+            .lines()
+            .filter(|l| l.contains("svc-a-dev-listener/p1") && l.contains("open"))
+            .count()
+    };
+    // One Floodway fault, and the two of aws-lambda-stream.
+    publish(d, "orders.jsonl", &orders(5, 2, ""));
+    run_until(d, "floodway.toml", || {
+        lag(d) == Some(0) && open_faults(d) == 1 && als_faults() == 2
+    });
+
+    let listed = text(&floodway(
+        d,
+        &["faults", "list", "--config", "floodway.toml"],
+    ));
+    assert!(listed.contains("svc-a-dev-listener"), "{listed}");
+    assert!(listed.contains("orders-view"), "{listed}");
+    let id = fault_id_of(d, "svc-a-dev-listener");
+    let shown = text(&floodway(
+        d,
+        &["faults", "show", "--config", "floodway.toml", &id],
+    ));
+    // The error, the pipeline, and the record as the function read it (the Kinesis data,
+    // decoded).
+    assert!(shown.contains("boom e"), "{shown}");
+    assert!(shown.contains("p1"), "{shown}");
+    assert!(shown.contains("kinesis:unknown"), "{shown}");
+    assert!(shown.contains(r#""type":"thing-created""#), "{shown}");
+    // Raised again (the records retried and failed again), they are the same faults, seen
+    // twice.
+    let again: Vec<String> = raised
+        .iter()
+        .map(|f| f.replacen(r#""id":""#, r#""id":"again-"#, 1))
+        .collect();
+    publish(d, "again.jsonl", &again);
+    run_until(d, "floodway.toml", || lag(d) == Some(0));
+    assert_eq!(als_faults(), 2);
+    let shown = text(&floodway(
+        d,
+        &["faults", "show", "--config", "floodway.toml", &id],
+    ));
+    assert!(shown.contains("seen 2 times"), "{shown}");
+}

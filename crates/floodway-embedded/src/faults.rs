@@ -137,11 +137,16 @@ impl FaultStore {
                     fault.event_type()
                 )));
             }
+            let fault = floodway::fault::normalized(fault);
             let details: FaultDetails = fault.payload().map_err(|e| {
                 HubError::Invalid(format!("fault {} is malformed: {e}", fault.id()))
             })?;
             rows.push((fault, details));
         }
+        let rows: Vec<(&Event, FaultDetails)> = rows
+            .iter()
+            .map(|(fault, details)| (&**fault, details.clone()))
+            .collect();
         let now = now_millis();
         let mut conn = self.conn()?;
         // The turn is taken per try, so this process's other writers go on between tries.

@@ -19,6 +19,7 @@ pub mod resubmit;
 pub mod runtime_api;
 pub mod simulator;
 pub mod sources;
+pub mod testing;
 
 pub use handler::{serve, Handler, HandlerError};
 pub use resubmit::resubmission_payload;

@@ -5,10 +5,6 @@
 //!
 //! Without Node or the installed packages these tests fail and say what is missing.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-
 use base64::Engine as _;
 
 use floodway::memory::{MemoryFaultSink, MemorySink};
@@ -16,53 +12,9 @@ use floodway::{Pipeline, Processor};
 use floodway_lambda::Handler;
 use serde_json::{json, Value};
 
-/// The repository's root.
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// `node_modules` with aws-lambda-stream: `$FLOODWAY_ALS_DIR`, else `target/als`.
-fn node_modules() -> PathBuf {
-    let dir = std::env::var_os("FLOODWAY_ALS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/als"));
-    let modules = dir.join("node_modules");
-    assert!(
-        modules.join("aws-lambda-stream").is_dir(),
-        "aws-lambda-stream is not installed in {}: run scripts/test (it installs the npm \
-         packages pinned in interop/als), or set FLOODWAY_ALS_DIR",
-        dir.display()
-    );
-    modules
-}
-
-/// Runs `interop/als/<script>` with Node, `input` on its stdin; its output as JSON.
+/// Runs `interop/als/<script>` with Node and aws-lambda-stream.
 fn node(script: &str, input: &Value) -> Value {
-    let modules = node_modules();
-    let mut child = Command::new(std::env::var("FLOODWAY_NODE").unwrap_or_else(|_| "node".into()))
-        .arg(root().join("interop/als").join(script))
-        .env("NODE_PATH", &modules)
-        .env("AWS_REGION", "us-west-2")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("node does not run ({e}): install Node.js (or set FLOODWAY_NODE)")
-        });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{script} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    floodway_lambda::testing::run_script(script, input)
 }
 
 /// A handler whose one pipeline keeps every event; its sink and fault sink.

@@ -138,6 +138,164 @@ pub struct FaultRecord {
     pub redacted: bool,
 }
 
+/// A fault event in Floodway's shape: a Floodway fault as it is, and a fault event
+/// aws-lambda-stream raised rewritten, so that fault stores keep both side by side and
+/// `faults list` and `show` read both.
+///
+/// An aws-lambda-stream fault has no `faultId`, names its function in `tags.functionname`,
+/// and keeps the Lambda record it failed verbatim in `uow.record`. The rewrite keeps its id,
+/// time, tags, error and event, and adds what Floodway's faults carry: the function as the
+/// processor, a fault id that is the same for every raise of one record in one pipeline, the
+/// class `poison` (aws-lambda-stream faults what it does not retry), and the record in
+/// Floodway's form (Kinesis data decoded, an SQS body, an SNS message, an EventBridge detail,
+/// a DynamoDB record's change event), so that it can be resubmitted.
+pub fn normalized(fault: &Event) -> std::borrow::Cow<'_, Event> {
+    use std::borrow::Cow;
+    if fault.field("faultId").is_some() {
+        return Cow::Borrowed(fault);
+    }
+    let Some(uow) = fault.field("uow") else {
+        return Cow::Borrowed(fault);
+    };
+    let record = &uow["record"];
+    if !record.is_object() || record.get("encoding").is_some() {
+        return Cow::Borrowed(fault);
+    }
+    let err = fault.field("err").cloned().unwrap_or(Value::Null);
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    let pipeline = uow["pipeline"]
+        .as_str()
+        .or_else(|| fault.tag("pipeline"))
+        .unwrap_or("unknown")
+        .to_owned();
+    let processor = fault.tag("functionname").unwrap_or("unknown").to_owned();
+    let record = lambda_record(record, uow.get("event"));
+    let id = stable_id(&[
+        "aws-lambda-stream",
+        &record.source,
+        &record.partition,
+        record.sequence.as_deref().unwrap_or_default(),
+        &processor,
+        &pipeline,
+    ]);
+    let mut tags = fault.tags().cloned().unwrap_or_default();
+    tags.insert("processor".into(), Value::String(processor));
+    tags.insert("pipeline".into(), Value::String(pipeline));
+    tags.insert("step".into(), Value::String("unknown".into()));
+    tags.entry("source")
+        .or_insert_with(|| Value::String(record.source.clone()));
+    let rewritten = serde_json::json!({
+        "id": fault.id(),
+        "faultId": id,
+        "type": FAULT_EVENT_TYPE,
+        "timestamp": fault.timestamp(),
+        "partitionKey": fault.partition_key(),
+        "tags": tags,
+        "err": {
+            "name": text(&err["name"]),
+            "message": text(&err["message"]),
+            "class": "poison",
+            "attempts": 1,
+            "stack": err.get("stack").cloned().unwrap_or(Value::Null),
+        },
+        "uow": { "record": record, "event": uow.get("event").cloned().unwrap_or(Value::Null) },
+    });
+    match Event::from_value(rewritten) {
+        Ok(event) => Cow::Owned(event),
+        Err(_) => Cow::Borrowed(fault),
+    }
+}
+
+/// A Lambda record (Kinesis, SQS, SNS, DynamoDB Streams, or an EventBridge event) in the form
+/// of a Floodway fault's record: the bytes a Floodway handler would have read from it.
+fn lambda_record(record: &Value, event: Option<&Value>) -> FaultRecord {
+    let at = |pointer: &str| record.pointer(pointer).and_then(Value::as_str);
+    let name_in = |arn: Option<&str>, sep: char| {
+        arn.and_then(|a| match sep {
+            '/' => a.split('/').nth(1),
+            _ => a.rsplit(sep).next(),
+        })
+        .unwrap_or("unknown")
+        .to_owned()
+    };
+    let json = |v: Option<&Value>| v.map(Value::to_string).unwrap_or_default().into_bytes();
+    let source = at("/eventSource").or_else(|| at("/EventSource"));
+    let (source, partition, sequence, data): (String, String, Option<String>, Vec<u8>) =
+        match source {
+            Some("aws:kinesis") => (
+                format!("kinesis:{}", name_in(at("/eventSourceARN"), '/')),
+                at("/eventID")
+                    .and_then(|id| id.split(':').next())
+                    .unwrap_or("shardId-unknown")
+                    .to_owned(),
+                at("/kinesis/sequenceNumber").map(str::to_owned),
+                at("/kinesis/data")
+                    .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok())
+                    .unwrap_or_default(),
+            ),
+            Some("aws:sqs") => {
+                let id = at("/messageId").unwrap_or("unknown").to_owned();
+                (
+                    format!("sqs:{}", name_in(at("/eventSourceARN"), ':')),
+                    at("/attributes/MessageGroupId").map_or_else(|| id.clone(), str::to_owned),
+                    Some(id),
+                    at("/body").unwrap_or_default().as_bytes().to_vec(),
+                )
+            }
+            Some("aws:sns") => {
+                let id = at("/Sns/MessageId").unwrap_or("unknown").to_owned();
+                (
+                    format!("sns:{}", name_in(at("/Sns/TopicArn"), ':')),
+                    id.clone(),
+                    Some(id),
+                    at("/Sns/Message").unwrap_or_default().as_bytes().to_vec(),
+                )
+            }
+            Some("aws:dynamodb") => (
+                format!("dynamodb:{}", name_in(at("/eventSourceARN"), '/')),
+                "stream".to_owned(),
+                at("/dynamodb/SequenceNumber").map(str::to_owned),
+                // What a Floodway handler reads from a stream record: its change event.
+                match event {
+                    Some(e) if e.is_object() => json(Some(e)),
+                    _ => json(Some(record)),
+                },
+            ),
+            _ if record.get("detail-type").is_some() => {
+                let from = at("/source").unwrap_or("unknown").to_owned();
+                (
+                    format!("eventbridge:{from}"),
+                    from,
+                    at("/id").map(str::to_owned),
+                    json(record.get("detail")),
+                )
+            }
+            _ => (
+                "unknown".to_owned(),
+                "unknown".to_owned(),
+                None,
+                json(Some(record)),
+            ),
+        };
+    let (encoding, data) = match String::from_utf8(data) {
+        Ok(text) => ("utf8", text),
+        Err(e) => (
+            "base64",
+            base64::engine::general_purpose::STANDARD.encode(e.as_bytes()),
+        ),
+    };
+    FaultRecord {
+        source,
+        partition,
+        offset: 0,
+        sequence,
+        attempt: 1,
+        encoding: encoding.to_owned(),
+        data,
+        redacted: false,
+    }
+}
+
 /// A fault event that fits in `max_bytes` when encoded: unchanged if it fits, else without
 /// the decoded event and the record's bytes (`uow.record.truncated` holds the size the fault
 /// had). For stores with a size limit (a message, an item, an entry): storing a trimmed fault
@@ -485,5 +643,79 @@ mod tests {
         assert_eq!(details.uow.record.encoding, "base64");
         assert_eq!(details.uow.record.bytes().unwrap(), vec![0xff, 0x00, 0x01]);
         assert!(details.uow.event.is_none());
+    }
+
+    /// A fault event as aws-lambda-stream raises it, for `record`.
+    fn als_fault(record: serde_json::Value, event: serde_json::Value) -> Event {
+        Event::from_value(serde_json::json!({
+            "id": "59aebfd0-ec41-11f1-b113-f74da297fe34",
+            "partitionKey": "3c4ae2eb-6f8c-4604-bc73-c248fb5dfaea",
+            "type": "fault",
+            "timestamp": 1_795_990_084_685_i64,
+            "tags": { "functionname": "svc-a-dev-listener", "pipeline": "p1", "region": "us-west-2" },
+            "err": { "name": "Error", "message": "boom", "stack": "Error: boom\n    at ..." },
+            "uow": { "pipeline": "p1", "record": record, "event": event },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn faults_aws_lambda_stream_raised_take_floodways_shape_with_their_record_read() {
+        let event =
+            serde_json::json!({ "id": "e1", "type": "t", "timestamp": 1, "partitionKey": "k" });
+        let text = event.to_string();
+        let cases = [
+            (
+                serde_json::json!({ "eventSource": "aws:sqs", "messageId": "m-1", "body": text,
+                      "eventSourceARN": "arn:aws:sqs:us-west-2:1:orders" }),
+                ("sqs:orders", "m-1", Some("m-1"), text.clone()),
+            ),
+            (
+                serde_json::json!({ "EventSource": "aws:sns", "Sns": { "MessageId": "n-1", "Message": text,
+                      "TopicArn": "arn:aws:sns:us-west-2:1:topic" } }),
+                ("sns:topic", "n-1", Some("n-1"), text.clone()),
+            ),
+            (
+                serde_json::json!({ "version": "0", "id": "eb-1", "detail-type": "t", "source": "svc", "detail": event }),
+                ("eventbridge:svc", "svc", Some("eb-1"), text.clone()),
+            ),
+            (
+                serde_json::json!({ "eventSource": "aws:dynamodb", "eventID": "d-1", "eventName": "INSERT",
+                      "dynamodb": { "SequenceNumber": "7", "Keys": { "pk": { "S": "1" } } } }),
+                ("dynamodb:unknown", "stream", Some("7"), text.clone()),
+            ),
+        ];
+        for (record, (source, partition, sequence, data)) in cases {
+            let fault = als_fault(record, event.clone());
+            let normal = normalized(&fault);
+            let details: FaultDetails = normal.payload().unwrap();
+            let r = &details.uow.record;
+            assert_eq!(
+                (
+                    r.source.as_str(),
+                    r.partition.as_str(),
+                    r.sequence.as_deref()
+                ),
+                (source, partition, sequence)
+            );
+            assert_eq!(r.bytes().unwrap(), data.as_bytes());
+            assert_eq!(details.err.name, "Error");
+            assert_eq!(details.err.class, "poison");
+            assert_eq!(normal.tag("processor"), Some("svc-a-dev-listener"));
+            assert_eq!(normal.tag("pipeline"), Some("p1"));
+            assert_eq!(normal.id(), fault.id(), "the raise keeps its id");
+            // Every raise of one record in one pipeline is one fault.
+            let again = als_fault(fault.field("uow").unwrap()["record"].clone(), event.clone());
+            assert_eq!(fault_id(&normalized(&again)), fault_id(&normal));
+        }
+        // A Floodway fault is left as it is.
+        let record = Record::new("memory", "0", 1, text.clone());
+        let origin = FaultOrigin {
+            processor: "p",
+            pipeline: "x",
+            step: "s",
+        };
+        let own = fault_event(origin, &record, None, &Error::poison_msg("X", "y"), &[]);
+        assert!(matches!(normalized(&own), std::borrow::Cow::Borrowed(_)));
     }
 }

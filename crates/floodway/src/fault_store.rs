@@ -196,6 +196,7 @@ impl FaultStore for MemoryFaultStore {
                 if !fault.is_fault() {
                     return Err(format!("event {} is not a fault", fault.id()).into());
                 }
+                let fault = crate::fault::normalized(fault);
                 let details: FaultDetails = fault.payload().map_err(|e: Error| e.to_string())?;
                 parsed.push((fault, details));
             }
@@ -205,7 +206,7 @@ impl FaultStore for MemoryFaultStore {
                 if !state.raises.insert(fault.id().to_owned()) {
                     continue;
                 }
-                let id = crate::fault::fault_id(fault).to_owned();
+                let id = crate::fault::fault_id(&fault).to_owned();
                 let resolved_at = state
                     .resubmissions
                     .get(&id)
@@ -228,7 +229,7 @@ impl FaultStore for MemoryFaultStore {
                     last_seen: now,
                     seen: 1,
                     status: FaultStatus::Open,
-                    fault: fault.clone(),
+                    fault: (*fault).clone(),
                 };
                 match state.faults.get_mut(&id) {
                     None => {

@@ -58,13 +58,15 @@ pub(crate) fn stop(mut child: Child) {
 
 /// Starts `floodway run` and stops it (SIGTERM) once `done` says the work is done.
 pub(crate) fn run_until(dir: &Path, config: &str, done: impl Fn() -> bool) {
-    let child = start(dir, &["run", config], Stdio::inherit(), Stdio::inherit());
+    let mut child = start(dir, &["run", config], Stdio::inherit(), Stdio::inherit());
     let started = std::time::Instant::now();
     while !done() {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(60),
-            "run did not finish its work"
-        );
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            // Nothing outlives the test.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("run did not finish its work");
+        }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     stop(child);
