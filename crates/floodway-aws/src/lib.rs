@@ -15,7 +15,8 @@
 //! moves large events to S3 and redeems them on the reading side; [`resubmit`] invokes the
 //! function that failed a fault again, with a payload limited to the failing pipeline, and
 //! [`LambdaResubmitter`] records how it went (what `floodway faults resubmit
-//! --dynamodb-table` runs). [`testing`] starts a real `moto_server` for tests.
+//! --dynamodb-table` runs). [`KmsKeys`] gives data keys from AWS KMS for envelope encryption
+//! (`floodway::encryption`, as aws-kms-ee). [`testing`] starts a real `moto_server` for tests.
 //!
 //! Errors are classified for the core: throttling is a throttle, 5xx and network failures are
 //! transient, a request the service rejects for its content is poison, and missing resources
@@ -31,6 +32,7 @@ mod dynamodb;
 mod eventbridge;
 mod faults;
 mod kinesis;
+mod kms;
 mod s3;
 mod sqs;
 pub mod testing;
@@ -43,6 +45,7 @@ pub use eventbridge::EventBridgeSink;
 pub use faults::{resubmit, DynamoDbFaults, LambdaResubmitter, Resubmitted, S3Faults};
 pub use floodway::fault_store::StoredFault;
 pub use kinesis::KinesisSink;
+pub use kms::KmsKeys;
 pub use s3::S3Lake;
 pub use sqs::SqsSink;
 

@@ -772,3 +772,77 @@ conformance_on_dynamodb!(
     floodway_aws::DynamoDbState,
     "state"
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_encrypted_with_kms_read_both_ways_with_aws_lambda_stream() {
+    use floodway::encryption::{decrypt_event, encrypt_event};
+    let moto = Moto::start();
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-west-2"))
+        .endpoint_url(moto.url())
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "testing", "testing", None, None, "moto",
+        ))
+        .load()
+        .await;
+    let kms = aws_sdk_kms::Client::new(&config);
+    let key = kms.create_key().send().await.unwrap();
+    let key_id = key.key_metadata().unwrap().key_id().to_owned();
+    kms.create_alias()
+        .alias_name("alias/floodway")
+        .target_key_id(&key_id)
+        .send()
+        .await
+        .unwrap();
+    let env = [
+        ("AWS_ENDPOINT_URL_KMS", moto.url()),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ];
+    let event = json!({
+        "id": "e1", "type": "customer-created", "timestamp": 1_548_967_022_000_i64,
+        "partitionKey": "c-1", "tags": { "source": "svc-a" },
+        "customer": { "id": "c-1", "name": "Ann", "email": "ann@example.com",
+                      "address": { "city": "Lisbon", "zip": 1000 } },
+    });
+    let fields = ["email".to_owned(), "address".to_owned()];
+    let keys = floodway_aws::KmsKeys::new(&config, "alias/floodway", &[]);
+
+    // Floodway encrypts with KMS; aws-lambda-stream's decryptEvent reads it.
+    let sealed = encrypt_event(&keys, &Event::from_value(event.clone()).unwrap(), &fields)
+        .await
+        .unwrap();
+    let wire = sealed.to_json();
+    assert!(
+        !wire.contains("ann@example.com") && !wire.contains("Lisbon"),
+        "{wire}"
+    );
+    assert_eq!(
+        sealed.field("eem").unwrap()["masterKeyAlias"],
+        "alias/floodway"
+    );
+    let theirs = floodway_lambda::testing::run_script_with(
+        "encryption.js",
+        &json!({ "decrypt": { "event": sealed.to_value() } }),
+        &env,
+    );
+    assert_eq!(theirs, event);
+
+    // aws-lambda-stream's encryptEvent encrypts with KMS; Floodway reads it, with a reader
+    // of its own (no cached key).
+    let theirs = floodway_lambda::testing::run_script_with(
+        "encryption.js",
+        &json!({ "encrypt": { "event": event, "fields": fields, "masterKeyAlias": "alias/floodway" } }),
+        &env,
+    );
+    assert!(theirs["customer"]["email"]
+        .as_str()
+        .unwrap()
+        .starts_with("U2FsdGVkX1"));
+    let reader = floodway_aws::KmsKeys::new(&config, "alias/floodway", &[]);
+    let ours = decrypt_event(&reader, &Event::from_value(theirs).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(ours.event.to_value(), event);
+    assert!(ours.secrets.contains(&"ann@example.com".to_owned()));
+}

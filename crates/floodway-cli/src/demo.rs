@@ -169,6 +169,7 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
             lease_wait: None,
             nats: None,
         },
+        encryption: None,
         processors: vec![
             ProcessorConfig::Materialize {
                 name: "orders-view".into(),
@@ -178,6 +179,7 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
                 value: Some("/order".into()),
                 batch: 500,
                 redact: Vec::new(),
+                decrypt: false,
             },
             ProcessorConfig::Http {
                 name: "notify".into(),
@@ -192,6 +194,7 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
                 respond_as: None,
                 parallelism: 128,
                 redact: Vec::new(),
+                decrypt: false,
                 headers: Default::default(),
                 body: None,
                 treat_as: Default::default(),

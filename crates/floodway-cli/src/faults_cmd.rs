@@ -238,7 +238,7 @@ async fn resubmit_configured(
             config.hub.path.display()
         );
     }
-    let hubs = Hubs::open(&config.hub).await?;
+    let hubs = Hubs::for_config(&config).await?;
     resubmit_faults(&hubs, &config, filter, rate, dry_run).await
 }
 

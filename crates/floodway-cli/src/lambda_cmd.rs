@@ -99,7 +99,8 @@ async fn build(config_path: &Path, name: &str) -> anyhow::Result<Handler> {
     };
     // A function acknowledges its batch by its response: what it wrote to the file before
     // answering must be synced.
-    let hubs = Hubs::open_with(&config.hub, true).await?;
+    let mut hubs = Hubs::open_with(&config.hub, true).await?;
+    hubs.keys = Hubs::keys(&config)?;
     Ok(Handler::new(from_config(&hubs, entry).await?))
 }
 

@@ -279,3 +279,85 @@ fn faults_raised_by_aws_lambda_stream_are_stored_and_shown_beside_floodways() {
     ));
     assert!(shown.contains("seen 2 times"), "{shown}");
 }
+
+#[test]
+fn fields_are_encrypted_on_the_way_to_another_hub_and_decrypted_into_a_view_there() {
+    use floodway_embedded::{Hub, HubOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("floodway.key"),
+        "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n",
+    )
+    .unwrap();
+    let encryption = "[encryption]\nkey_file = \"floodway.key\"\n";
+    std::fs::write(
+        d.join("floodway.toml"),
+        format!(
+            "[hub]\npath = \"hub.db\"\npartitions = 2\n{encryption}\n[[processors]]\nkind = \"forward\"\nname = \"archive\"\ntypes = [\"customer-*\"]\nto = \"archive.db\"\nencrypt = [\"email\"]\n"
+        ),
+    )
+    .unwrap();
+    let lines: Vec<String> = (0..6)
+        .map(|i| {
+            format!(
+                r#"{{"id":"c-{i}","type":"customer-created","timestamp":{i},"partitionKey":"c-{i}","customer":{{"name":"N{i}","email":"n{i}@example.com"}}}}"#
+            )
+        })
+        .collect();
+    publish(d, "customers.jsonl", &lines);
+    let archive = || {
+        Hub::open(
+            d.join("archive.db"),
+            HubOptions {
+                create: false,
+                ..HubOptions::default()
+            },
+        )
+        .ok()
+    };
+    let archived = || {
+        archive().map_or(Vec::new(), |hub| {
+            hub.newest(100, |_| true)
+                .unwrap()
+                .into_iter()
+                .map(|(_, bytes)| String::from_utf8(bytes).unwrap())
+                .collect()
+        })
+    };
+    run_until(d, "floodway.toml", || archived().len() == 6);
+    for event in archived() {
+        assert!(!event.contains("@example.com"), "{event}");
+        assert!(event.contains(r#""eem":{"#), "{event}");
+    }
+
+    // The archive's own processors read the fields in the clear with the same key.
+    let view = "[[processors]]\nkind = \"materialize\"\nname = \"customers\"\ntypes = [\"customer-*\"]\nview = \"customers\"\nvalue = \"/customer\"\ndecrypt = true\n";
+    std::fs::write(
+        d.join("archive.toml"),
+        format!("[hub]\npath = \"archive.db\"\n{encryption}\n{view}"),
+    )
+    .unwrap();
+    let rows = || {
+        archive()
+            .and_then(|hub| hub.view("customers").ok())
+            .and_then(|v| v.rows().ok())
+            .unwrap_or_default()
+    };
+    run_until(d, "archive.toml", || rows().len() == 6);
+    let emails: Vec<String> = rows()
+        .iter()
+        .map(|r| r.value["email"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(emails.contains(&"n3@example.com".to_owned()), "{emails:?}");
+
+    // Without keys, decryption is refused at start, and says what to add.
+    std::fs::write(
+        d.join("nokeys.toml"),
+        format!("[hub]\npath = \"archive.db\"\n{view}"),
+    )
+    .unwrap();
+    let out = floodway(d, &["run", "nokeys.toml"]);
+    assert!(!out.status.success());
+    says(&out, "`decrypt` needs keys: add `[encryption] key_file");
+}

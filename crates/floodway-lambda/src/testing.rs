@@ -41,12 +41,21 @@ pub fn node_modules() -> PathBuf {
 /// # Panics
 /// When Node or aws-lambda-stream is missing, or the script fails.
 pub fn run_script(script: &str, input: &Value) -> Value {
+    run_script_with(script, input, &[])
+}
+
+/// [`run_script`] with more environment variables (an AWS endpoint, credentials).
+///
+/// # Panics
+/// As [`run_script`].
+pub fn run_script_with(script: &str, input: &Value, env: &[(&str, &str)]) -> Value {
     let modules = node_modules();
     let node = std::env::var("FLOODWAY_NODE").unwrap_or_else(|_| "node".into());
     let mut child = Command::new(&node)
         .arg(scripts().join(script))
         .env("NODE_PATH", &modules)
         .env("AWS_REGION", "us-west-2")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -126,9 +126,20 @@ pub enum ConfigError {
 pub struct Config {
     /// The hub.
     pub hub: HubConfig,
+    /// Envelope encryption: where data keys come from.
+    pub encryption: Option<EncryptionConfig>,
     /// The processors to run.
     #[serde(default)]
     pub processors: Vec<ProcessorConfig>,
+}
+
+/// The `[encryption]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// A master key file (32 bytes, or their base64), relative to the configuration file:
+    /// it wraps the data keys that encrypt fields (`floodway::encryption::KeyFile`).
+    pub key_file: PathBuf,
 }
 
 /// The `[hub]` table.
@@ -312,6 +323,10 @@ pub enum ProcessorConfig {
         /// reads it back from the hub), scrubbed from error messages.
         #[serde(default)]
         redact: Vec<String>,
+        /// Decrypt events that carry encryption metadata (`eem`, as aws-lambda-stream
+        /// services write them) before the first step; needs `[encryption]`.
+        #[serde(default)]
+        decrypt: bool,
     },
     /// Events to an external HTTP API.
     Http {
@@ -367,6 +382,10 @@ pub enum ProcessorConfig {
         /// reads it back from the hub), scrubbed from error messages.
         #[serde(default)]
         redact: Vec<String>,
+        /// Decrypt events that carry encryption metadata (`eem`, as aws-lambda-stream
+        /// services write them) before the first step; needs `[encryption]`.
+        #[serde(default)]
+        decrypt: bool,
     },
     /// Events into another hub.
     Forward {
@@ -383,6 +402,14 @@ pub enum ProcessorConfig {
         /// reads it back from the hub), scrubbed from error messages.
         #[serde(default)]
         redact: Vec<String>,
+        /// Decrypt events that carry encryption metadata (`eem`, as aws-lambda-stream
+        /// services write them) before the first step; needs `[encryption]`.
+        #[serde(default)]
+        decrypt: bool,
+        /// Encrypt the members of these names (at any depth, as aws-kms-ee does) before
+        /// publishing, for readers holding the same keys; needs `[encryption]`.
+        #[serde(default)]
+        encrypt: Vec<String>,
         /// Compress payload fields over this many bytes as aws-lambda-stream does (its
         /// default is 10240), for Node services reading the other hub; off when absent.
         compress_over: Option<usize>,
@@ -442,6 +469,9 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.hub.path = base.join(&config.hub.path);
+        if let Some(encryption) = &mut config.encryption {
+            encryption.key_file = base.join(&encryption.key_file);
+        }
         for p in &mut config.processors {
             match p {
                 ProcessorConfig::Forward { to: Some(to), .. } => *to = base.join(&*to),

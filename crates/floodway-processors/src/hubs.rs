@@ -19,6 +19,8 @@ pub struct Hubs {
     pub events: SharedHub,
     /// Where views and faults are stored.
     pub store: Hub,
+    /// The data keys of envelope encryption, when `[encryption]` gives them.
+    pub keys: Option<Arc<dyn floodway::encryption::KeyProvider>>,
 }
 
 impl From<Hub> for Hubs {
@@ -26,6 +28,7 @@ impl From<Hub> for Hubs {
         Hubs {
             events: Arc::new(hub.clone()),
             store: hub,
+            keys: None,
         }
     }
 }
@@ -83,6 +86,32 @@ impl Hubs {
         Self::open_with(config, config.nats.is_some()).await
     }
 
+    /// Opens the hubs of a configuration file: its `[hub]` as [`open`](Self::open) does,
+    /// and the keys of its `[encryption]`.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open), or a key file that cannot be read.
+    pub async fn for_config(config: &crate::config::Config) -> Result<Hubs, HubsError> {
+        let mut hubs = Self::open(&config.hub).await?;
+        hubs.keys = Self::keys(config)?;
+        Ok(hubs)
+    }
+
+    /// The keys `[encryption]` names, if any.
+    ///
+    /// # Errors
+    /// A key file that cannot be read or holds no key.
+    pub fn keys(
+        config: &crate::config::Config,
+    ) -> Result<Option<Arc<dyn floodway::encryption::KeyProvider>>, HubsError> {
+        let Some(encryption) = &config.encryption else {
+            return Ok(None);
+        };
+        let keys = floodway::encryption::KeyFile::open(&encryption.key_file)
+            .map_err(|e| HubsError::Config(format!("[encryption] key_file: {e}")))?;
+        Ok(Some(Arc::new(keys)))
+    }
+
     /// As [`open`](Self::open); `external_acks` says that what the processors do against the
     /// file is acknowledged elsewhere (a JetStream ack, a Lambda response), so the file's
     /// views, inbox and faults commit synced ([`floodway_embedded::HubOptions::external_acks`]).
@@ -115,7 +144,11 @@ impl Hubs {
                 Arc::new(NatsEventHub::new(hub, reads))
             }
         };
-        Ok(Hubs { events, store })
+        Ok(Hubs {
+            events,
+            store,
+            keys: None,
+        })
     }
 }
 

@@ -70,6 +70,14 @@ pub enum SetupError {
         #[source]
         source: HubError,
     },
+    /// A setting needs another.
+    #[error("processor `{name}`: {message}")]
+    Config {
+        /// The processor.
+        name: String,
+        /// What is missing.
+        message: String,
+    },
 }
 
 /// Where a materialized row's key comes from.
@@ -121,6 +129,46 @@ fn with_types(
     builder
 }
 
+/// How a processor treats sensitive fields.
+#[derive(Debug, Clone, Default)]
+pub struct Protect {
+    /// Fields (dotted paths) that appear nowhere in its faults.
+    pub redact: Vec<String>,
+    /// Decrypt events that carry encryption metadata (`eem`) first, with the hub's keys.
+    pub decrypt: bool,
+    /// Encrypt the members of these names before publishing (a forward processor).
+    pub encrypt: Vec<String>,
+}
+
+/// The start of a processor's pipeline: its types, what it redacts, and its decryption.
+fn start(
+    hubs: &Hubs,
+    name: &str,
+    types: &[String],
+    protect: &Protect,
+) -> Result<floodway::pipeline::PipelineBuilder, SetupError> {
+    let mut pipeline =
+        with_types(Pipeline::builder(name), types).redact(protect.redact.iter().cloned());
+    if protect.decrypt {
+        pipeline = pipeline.decrypt(keys_of(hubs, name, "decrypt")?);
+    }
+    Ok(pipeline)
+}
+
+/// The hub's data keys, which `setting` of processor `name` needs.
+fn keys_of(
+    hubs: &Hubs,
+    name: &str,
+    setting: &str,
+) -> Result<Arc<dyn floodway::encryption::KeyProvider>, SetupError> {
+    hubs.keys.clone().ok_or_else(|| SetupError::Config {
+        name: name.into(),
+        message: format!(
+            "`{setting}` needs keys: add `[encryption] key_file = \"<file of 32 bytes or their base64>\"`"
+        ),
+    })
+}
+
 /// A processor of one pipeline whose faults are published to the hub as `fault` events.
 fn publishing_faults(hubs: &Hubs, name: &str, pipeline: Pipeline) -> Result<Processor, SetupError> {
     Processor::builder(name)
@@ -156,7 +204,7 @@ pub fn materialize(
     name: &str,
     types: &[String],
     target: ViewTarget<'_>,
-    redact: &[String],
+    protect: &Protect,
 ) -> Result<Processor, SetupError> {
     let ViewTarget {
         view,
@@ -178,8 +226,7 @@ pub fn materialize(
         move |e| key_of(&key, e),
         move |e| value_of(value.as_deref(), e),
     );
-    let pipeline = with_types(Pipeline::builder(name), types)
-        .redact(redact.iter().cloned())
+    let pipeline = start(hubs, name, types, protect)?
         .batch(floodway::BatchConfig::count(batch).max_wait(Duration::from_millis(20)))
         .sink(sink)
         .map_err(build)?;
@@ -212,7 +259,7 @@ pub fn http_gateway(
     name: &str,
     types: &[String],
     gateway: HttpGateway,
-    redact: &[String],
+    protect: &Protect,
 ) -> Result<Processor, SetupError> {
     let build = |source| SetupError::Build {
         name: name.into(),
@@ -234,8 +281,7 @@ pub fn http_gateway(
     let sink = HttpSink::new(gateway.config).with_response_publisher(BoxCloneSyncService::new(
         Publisher::new(hubs.events.clone()),
     ));
-    let pipeline = with_types(Pipeline::builder(name), types)
-        .redact(redact.iter().cloned())
+    let pipeline = start(hubs, name, types, protect)?
         .parallelism(gateway.parallelism)
         .resilience(resilience)
         .sink(sink)
@@ -254,14 +300,20 @@ pub fn forward(
     name: &str,
     types: &[String],
     to: &SharedHub,
-    redact: &[String],
+    protect: &Protect,
     compress_over: Option<usize>,
 ) -> Result<Processor, SetupError> {
     let build = |source| SetupError::Build {
         name: name.into(),
         source,
     };
-    let mut pipeline = with_types(Pipeline::builder(name), types).redact(redact.iter().cloned());
+    let mut pipeline = start(hubs, name, types, protect)?;
+    if !protect.encrypt.is_empty() {
+        pipeline = pipeline.encrypt(
+            keys_of(hubs, name, "encrypt")?,
+            protect.encrypt.iter().cloned(),
+        );
+    }
     if let Some(threshold) = compress_over {
         pipeline = pipeline.compress_over(threshold);
     }
@@ -329,6 +381,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
             value,
             batch,
             redact,
+            decrypt,
         } => materialize(
             hubs,
             name,
@@ -339,7 +392,11 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                 value: value.as_deref(),
                 batch: *batch,
             },
-            redact,
+            &Protect {
+                redact: redact.clone(),
+                decrypt: *decrypt,
+                ..Protect::default()
+            },
         ),
         ProcessorConfig::Http {
             name,
@@ -354,6 +411,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
             respond_as,
             parallelism,
             redact,
+            decrypt,
             headers,
             body,
             treat_as,
@@ -406,7 +464,12 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                 max_attempts: *max_attempts,
                 parallelism: *parallelism,
             };
-            http_gateway(hubs, name, types, gateway, redact)
+            let protect = Protect {
+                redact: redact.clone(),
+                decrypt: *decrypt,
+                ..Protect::default()
+            };
+            http_gateway(hubs, name, types, gateway, &protect)
         }
         ProcessorConfig::Forward {
             name,
@@ -414,6 +477,8 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
             to,
             to_nats,
             redact,
+            decrypt,
+            encrypt,
             compress_over,
         } => {
             let other = match (to, to_nats) {
@@ -444,7 +509,12 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                     })
                 }
             };
-            forward(hubs, name, types, &other, redact, *compress_over)
+            let protect = Protect {
+                redact: redact.clone(),
+                decrypt: *decrypt,
+                encrypt: encrypt.clone(),
+            };
+            forward(hubs, name, types, &other, &protect, *compress_over)
         }
         ProcessorConfig::FaultMonitor { name } => fault_monitor(hubs, name),
     }
@@ -455,7 +525,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
 /// # Errors
 /// The first processor that cannot be built, or a hub that cannot be opened.
 pub async fn build_all(config: &Config) -> Result<(Hubs, Vec<Processor>), SetupError> {
-    let hubs = Hubs::open(&config.hub)
+    let hubs = Hubs::for_config(config)
         .await
         .map_err(|source| SetupError::Nats {
             name: "hub".into(),

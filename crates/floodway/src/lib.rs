@@ -60,6 +60,7 @@
 //! logs through `tracing`. See `ARCHITECTURE.md` in the repository for how a record flows.
 
 pub mod compression;
+pub mod encryption;
 pub mod error;
 pub mod event;
 pub mod fault;

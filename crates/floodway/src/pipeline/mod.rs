@@ -318,6 +318,53 @@ impl PipelineBuilder {
         )
     }
 
+    /// Decrypts the fields of each event that carries encryption metadata (`eem`), as
+    /// aws-lambda-stream's `decryptEvent` does, with data keys from `keys` (AWS KMS, a key
+    /// file; see [`crate::encryption`]); events without it pass as they are. Runs through
+    /// the step's resilience stack (a key service that is down is waited out). A fault of
+    /// this unit of work shows the event as it was before decryption, and its message has
+    /// the decrypted values scrubbed.
+    pub fn decrypt(self, keys: Arc<dyn crate::encryption::KeyProvider>) -> Self {
+        self.then(move |mut uow: Uow| {
+            let keys = keys.clone();
+            async move {
+                if uow.event().field(crate::encryption::EEM_FIELD).is_none() {
+                    return Ok(uow);
+                }
+                let clear = crate::encryption::decrypt_event(&*keys, uow.event()).await?;
+                let before = crate::encryption::Undecrypted {
+                    event: uow.event().clone(),
+                    secrets: clear.secrets,
+                };
+                uow.insert(before);
+                uow.set_event(clear.event);
+                Ok(uow)
+            }
+        })
+        .named("decrypt")
+    }
+
+    /// Encrypts the members of each event named by `fields` (names, matched at any depth
+    /// as aws-kms-ee matches them: `customer.email` names every member `email`) with a data
+    /// key from `keys`, and adds the metadata Node and Rust readers decrypt it with (`eem`).
+    /// Put it last, after the steps that read those fields.
+    pub fn encrypt<I, S>(self, keys: Arc<dyn crate::encryption::KeyProvider>, fields: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let fields: Arc<[String]> = fields.into_iter().map(Into::into).collect();
+        self.then(move |mut uow: Uow| {
+            let (keys, fields) = (keys.clone(), fields.clone());
+            async move {
+                let sealed = crate::encryption::encrypt_event(&*keys, uow.event(), &fields).await?;
+                uow.set_event(sealed);
+                Ok(uow)
+            }
+        })
+        .named("encrypt")
+    }
+
     /// A step that is a `tower::Service` taking and returning the unit of work (a client
     /// built with tower layers of its own, say); it runs through the step's resilience stack
     /// like [`then`](Self::then).

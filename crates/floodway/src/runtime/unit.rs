@@ -115,6 +115,22 @@ async fn publish_fault(
     }
 }
 
+/// The event and error a fault of `uow` shows: the event as it was before a step decrypted
+/// it, and the error with the decrypted values scrubbed from its message (`None`: the error
+/// as it is).
+fn as_faulted<'a>(uow: &'a Uow, err: &Error) -> (&'a Event, Option<Error>) {
+    let Some(before) = uow.get::<crate::encryption::Undecrypted>() else {
+        return (&uow.event, None);
+    };
+    let mut message = err.message().to_owned();
+    for secret in &before.secrets {
+        if message.contains(secret.as_str()) {
+            message = message.replace(secret.as_str(), crate::fault::REDACTED);
+        }
+    }
+    (&before.event, Some(err.echo(message)))
+}
+
 /// Publishes the faults of step failures; a fatal step error stops the processor.
 async fn fault_failures(
     ctx: &UnitCtx,
@@ -130,13 +146,14 @@ async fn fault_failures(
                 cause: f.error,
             });
         }
+        let (event, error) = as_faulted(&f.uow, &f.error);
         publish_fault(
             ctx,
             &core.name,
             &f.step,
             &f.uow.record,
-            Some(&f.uow.event),
-            &f.error,
+            Some(event),
+            error.as_ref().unwrap_or(&f.error),
             &core.redact,
         )
         .await?;
@@ -257,13 +274,14 @@ async fn fault_sink_failures(
     failed: &[(Uow, Error)],
 ) -> Result<u64, RunError> {
     for (uow, err) in failed {
+        let (event, error) = as_faulted(uow, err);
         publish_fault(
             ctx,
             &core.name,
             "sink",
             &uow.record,
-            Some(&uow.event),
-            err,
+            Some(event),
+            error.as_ref().unwrap_or(err),
             &core.redact,
         )
         .await?;
