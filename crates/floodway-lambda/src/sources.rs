@@ -414,8 +414,8 @@ fn eventbridge(payload: &[u8]) -> Record {
 /// How DynamoDB stream records become events.
 #[derive(Debug, Clone)]
 pub struct CdcOptions {
-    /// The attribute naming the kind of row (`discriminator`; `sk` when absent): the event
-    /// type is `{discriminator}-{created|updated|deleted|undeleted}`.
+    /// The attribute naming the kind of row (`discriminator`; `sort_key` when absent): the
+    /// event type is `{discriminator}-{created|updated|deleted|undeleted}`.
     pub discriminator: String,
     /// The key attribute whose value is the partition key (`pk`); all key attributes joined by
     /// `|` when the keys lack it.
@@ -432,6 +432,18 @@ pub struct CdcOptions {
     pub region: Option<String>,
     /// Keep removals by TTL expiry (skipped by default: nobody deleted anything).
     pub keep_ttl_deletes: bool,
+    /// The event type's prefix instead of the discriminator (aws-lambda-stream's
+    /// `eventTypePrefix`): `{prefix}-created`, ...
+    pub event_type_prefix: Option<String>,
+    /// The attribute naming the kind of row when `discriminator` is absent (`sk`;
+    /// aws-lambda-stream's `skFn`).
+    pub sort_key: String,
+    /// Skip rows marked `latched: true` (aws-lambda-stream's `outLatched`: a row a listener
+    /// wrote from an event must not become an event again). On by default.
+    pub skip_latched: bool,
+    /// Skip `MODIFY` records whose new image is the old one (a write that changed nothing).
+    /// On by default.
+    pub skip_unchanged: bool,
 }
 
 impl Default for CdcOptions {
@@ -443,6 +455,10 @@ impl Default for CdcOptions {
             deleted: "deleted".into(),
             region: None,
             keep_ttl_deletes: false,
+            event_type_prefix: None,
+            sort_key: "sk".into(),
+            skip_latched: true,
+            skip_unchanged: true,
         }
     }
 }
@@ -454,6 +470,11 @@ pub enum Skipped {
     Replica(String),
     /// Removed by TTL expiry.
     TtlDelete(String),
+    /// Marked `latched` by the listener that wrote it.
+    Latched(String),
+    /// A `MODIFY` that changed nothing, or a global table's own bookkeeping write (the
+    /// replica region attribute added to a row that had none).
+    Unchanged(String),
 }
 
 #[derive(Deserialize)]
@@ -655,6 +676,20 @@ fn dynamodb(
         return Err((sequence, Skipped::TtlDelete(event_id)));
     }
     let row = if new.is_null() { &old } else { &new };
+    if options.skip_latched && truthy(row.get("latched")) {
+        return Err((sequence, Skipped::Latched(event_id)));
+    }
+    if r.event_name == "MODIFY" && options.skip_unchanged {
+        let marked = |row: &Value| {
+            row.get("awsregion").is_some() || row.get("aws:rep:updateregion").is_some()
+        };
+        // aws-lambda-stream's `outGlobalTableExtraModify`: the replica marker written after
+        // the row.
+        let bookkeeping = marked(&new) && !old.is_null() && !marked(&old);
+        if new == old || bookkeeping {
+            return Err((sequence, Skipped::Unchanged(event_id)));
+        }
+    }
     let now_deleted = truthy(new.get(&options.deleted));
     let was_deleted = truthy(old.get(&options.deleted));
     let suffix = match r.event_name.as_ref() {
@@ -668,12 +703,15 @@ fn dynamodb(
             return Ok(malformed(source, i, raw, name, why));
         }
     };
-    let discriminator = row
-        .get(&options.discriminator)
-        .or_else(|| row.get("sk"))
-        .map(text)
-        .unwrap_or_else(|| "row".into())
-        .to_lowercase();
+    let discriminator = match &options.event_type_prefix {
+        Some(prefix) => prefix.clone(),
+        None => row
+            .get(&options.discriminator)
+            .or_else(|| row.get(&options.sort_key))
+            .map(text)
+            .unwrap_or_else(|| "row".into())
+            .to_lowercase(),
+    };
     let partition_key = match keys.get(&options.partition_key) {
         Some(pk) => text(pk),
         None => match &keys {
@@ -760,5 +798,74 @@ mod tests {
         assert_eq!(loose(Some(&raw("null"))), None);
         assert_eq!(loose(Some(&raw("{}"))), None);
         assert_eq!(loose(None), None);
+    }
+
+    fn change(name: &str, new: Option<Value>, old: Option<Value>) -> Value {
+        let mut change = json!({ "Keys": { "pk": { "S": "1" } }, "SequenceNumber": "1" });
+        if let Some(new) = new {
+            change["NewImage"] = new;
+        }
+        if let Some(old) = old {
+            change["OldImage"] = old;
+        }
+        json!({ "eventSource": "aws:dynamodb", "eventID": "d-1", "eventName": name, "dynamodb": change })
+    }
+
+    fn row(extra: Value) -> Value {
+        let mut row = json!({ "pk": { "S": "1" }, "sk": { "S": "Thing" }, "name": { "S": "n" } });
+        for (k, v) in extra.as_object().unwrap() {
+            row[k] = v.clone();
+        }
+        row
+    }
+
+    fn types(records: Vec<Value>, options: &CdcOptions) -> (Vec<String>, usize) {
+        let payload = serde_json::to_vec(&json!({ "Records": records })).unwrap();
+        let invocation = read(&payload, options).unwrap();
+        let types = invocation
+            .records
+            .iter()
+            .map(|r| Event::decode(&r.data).unwrap().event_type().to_owned())
+            .collect();
+        (types, invocation.skipped.len())
+    }
+
+    #[test]
+    fn change_data_capture_takes_aws_lambda_stream_options() {
+        let options = CdcOptions {
+            region: Some("us-west-2".into()),
+            ..CdcOptions::default()
+        };
+        let latched = json!({ "latched": { "BOOL": true } });
+        let records = vec![
+            change("INSERT", Some(row(json!({}))), None),
+            change("INSERT", Some(row(latched.clone())), None),
+            change("MODIFY", Some(row(json!({}))), Some(row(json!({})))),
+            change(
+                "MODIFY",
+                Some(row(json!({ "awsregion": { "S": "us-west-2" } }))),
+                Some(row(json!({}))),
+            ),
+            change(
+                "MODIFY",
+                Some(row(json!({ "name": { "S": "m" } }))),
+                Some(row(json!({}))),
+            ),
+        ];
+        // The sort key names the type when there is no discriminator; a latched row, a write
+        // that changed nothing and a global table's bookkeeping write are skipped.
+        assert_eq!(
+            types(records.clone(), &options),
+            (vec!["thing-created".into(), "thing-updated".into()], 3)
+        );
+        let keep_all = CdcOptions {
+            skip_latched: false,
+            skip_unchanged: false,
+            event_type_prefix: Some("widget".into()),
+            ..options
+        };
+        let (all, skipped) = types(records, &keep_all);
+        assert_eq!((all.len(), skipped), (5, 0));
+        assert!(all.iter().all(|t| t.starts_with("widget-")), "{all:?}");
     }
 }

@@ -318,6 +318,59 @@ impl PipelineBuilder {
         )
     }
 
+    /// Adds aws-lambda-stream's standard tags to each event (`account`, `region`, `stage`,
+    /// `source`, `functionname`, and `pipeline`: this pipeline's name), as its publishers
+    /// do; a tag the event has already is kept, and a value `tags` lacks is left out (where
+    /// aws-lambda-stream writes `"undefined"`). Put it before a sink that publishes.
+    pub fn standard_tags(self, tags: StandardTags) -> Self {
+        let pipeline = self.name.clone();
+        self.step(
+            "tags",
+            StepKind::Map(Arc::new(move |mut uow: Uow| {
+                let wanted = [
+                    ("account", tags.account.as_deref()),
+                    ("region", tags.region.as_deref()),
+                    ("stage", tags.stage.as_deref()),
+                    ("source", tags.source.as_deref()),
+                    ("functionname", tags.function_name.as_deref()),
+                    ("pipeline", Some(pipeline.as_str())),
+                ];
+                let missing: Vec<(&str, &str)> = wanted
+                    .iter()
+                    .filter_map(|(k, v)| Some((*k, (*v)?)))
+                    .filter(|(k, _)| uow.event().tags().is_none_or(|t| !t.contains_key(*k)))
+                    .collect();
+                if !missing.is_empty() {
+                    let event = uow.event_mut();
+                    for (k, v) in missing {
+                        event.set_tag(k, v);
+                    }
+                }
+                Ok(uow)
+            })),
+        )
+    }
+
+    /// Drops events tagged `skip: true` (aws-lambda-stream's `outSkip`: a service under test
+    /// tags what it publishes so that others leave it alone).
+    pub fn out_skip(self) -> Self {
+        self.filter(|uow| {
+            !uow.event().tags().is_some_and(|t| {
+                t.get("skip")
+                    .is_some_and(|v| v == &serde_json::Value::Bool(true))
+            })
+        })
+        .named("out-skip")
+    }
+
+    /// Drops events whose `source` tag is `source` (aws-lambda-stream's `outSourceIsSelf`:
+    /// a service does not materialize what it published itself).
+    pub fn out_source(self, source: impl Into<String>) -> Self {
+        let source = source.into();
+        self.filter(move |uow| uow.event().tag("source") != Some(source.as_str()))
+            .named("out-source")
+    }
+
     /// Decrypts the fields of each event that carries encryption metadata (`eem`), as
     /// aws-lambda-stream's `decryptEvent` does, with data keys from `keys` (AWS KMS, a key
     /// file; see [`crate::encryption`]); events without it pass as they are. Runs through
@@ -521,5 +574,94 @@ impl PipelineBuilder {
             enabled: self.enabled,
             types: self.types,
         })
+    }
+}
+
+/// aws-lambda-stream's standard tags; see [`PipelineBuilder::standard_tags`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StandardTags {
+    /// `account`: the account's name.
+    pub account: Option<String>,
+    /// `region`.
+    pub region: Option<String>,
+    /// `stage`.
+    pub stage: Option<String>,
+    /// `source`: the publishing service.
+    pub source: Option<String>,
+    /// `functionname`.
+    pub function_name: Option<String>,
+}
+
+impl StandardTags {
+    /// From the environment, as aws-lambda-stream reads it: `ACCOUNT_NAME`, `AWS_REGION`,
+    /// `STAGE` (or `SERVERLESS_STAGE`), `SERVICE` (or `PROJECT`, `SERVERLESS_PROJECT`),
+    /// `AWS_LAMBDA_FUNCTION_NAME`.
+    pub fn from_env() -> StandardTags {
+        let var = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok());
+        StandardTags {
+            account: var(&["ACCOUNT_NAME"]),
+            region: var(&["AWS_REGION"]),
+            stage: var(&["STAGE", "SERVERLESS_STAGE"]),
+            source: var(&["SERVICE", "PROJECT", "SERVERLESS_PROJECT"]),
+            function_name: var(&["AWS_LAMBDA_FUNCTION_NAME"]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{MemoryFaultSink, MemorySink};
+    use crate::{Processor, Record};
+
+    async fn through(pipeline: PipelineBuilder, events: &[&str]) -> Vec<Event> {
+        let sink = MemorySink::new();
+        let processor = Processor::builder("p")
+            .fault_sink(MemoryFaultSink::new())
+            .pipeline(pipeline.sink(sink.clone()).unwrap())
+            .build()
+            .unwrap();
+        let records = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Record::new("memory", "0", i as u64, e.to_string()))
+            .collect();
+        processor.process_batch(records, None).await;
+        sink.events()
+    }
+
+    #[tokio::test]
+    async fn aws_lambda_stream_tags_and_filters() {
+        let tags = StandardTags {
+            account: Some("dev".into()),
+            region: Some("us-west-2".into()),
+            stage: None,
+            source: Some("svc-a".into()),
+            function_name: Some("svc-a-dev-listener".into()),
+        };
+        let plain = r#"{"id":"1","type":"t","timestamp":1,"partitionKey":"k"}"#;
+        let own = r#"{"id":"2","type":"t","timestamp":1,"partitionKey":"k","tags":{"source":"svc-b","region":"eu-west-1"}}"#;
+        let out = through(
+            Pipeline::builder("publish").standard_tags(tags),
+            &[plain, own],
+        )
+        .await;
+        let tags_of = |e: &Event| serde_json::Value::Object(e.tags().cloned().unwrap_or_default());
+        assert_eq!(
+            tags_of(&out[0]),
+            serde_json::json!({ "account": "dev", "region": "us-west-2", "source": "svc-a",
+                                "functionname": "svc-a-dev-listener", "pipeline": "publish" })
+        );
+        // The event's own tags win.
+        assert_eq!(out[1].tag("source"), Some("svc-b"));
+        assert_eq!(out[1].tag("region"), Some("eu-west-1"));
+        assert_eq!(out[1].tag("account"), Some("dev"));
+
+        let skipped =
+            r#"{"id":"3","type":"t","timestamp":1,"partitionKey":"k","tags":{"skip":true}}"#;
+        let out = through(Pipeline::builder("listen").out_skip(), &[plain, skipped]).await;
+        assert_eq!(out.iter().map(Event::id).collect::<Vec<_>>(), ["1"]);
+        let out = through(Pipeline::builder("view").out_source("svc-b"), &[plain, own]).await;
+        assert_eq!(out.iter().map(Event::id).collect::<Vec<_>>(), ["1"]);
     }
 }
