@@ -392,3 +392,50 @@ async fn a_bad_compressed_field_is_one_precise_fault_for_a_pipeline_that_reads_i
     assert_eq!(answer["batchItemFailures"], json!([]));
     assert_eq!((delivered, faults.len()), (2, 0));
 }
+
+#[tokio::test]
+async fn a_bad_ciphertext_is_one_precise_fault_for_a_pipeline_that_decrypts() {
+    use floodway::encryption::{encrypt_event, KeyFile, KeyProvider};
+    let keys: std::sync::Arc<dyn KeyProvider> =
+        std::sync::Arc::new(KeyFile::new("k", &[3; 32]).unwrap());
+    let clear = floodway::Event::decode(
+        br#"{"id":"sealed","type":"thing-created","timestamp":1,"partitionKey":"k","thing":{"email":"a@example.com"}}"#,
+    )
+    .unwrap();
+    let sealed = encrypt_event(&*keys, &clear, &["email".to_owned()])
+        .await
+        .unwrap();
+    // The ciphertext of `email` cut short, as a bad copy would leave it.
+    let mut value = sealed.to_value();
+    let cipher = value["thing"]["email"].as_str().unwrap().to_owned();
+    value["thing"]["email"] = json!(cipher[..cipher.len() - 8]);
+    let bad = value.to_string();
+    let invocation = with_good(kinesis(1, json!(b64(bad.as_bytes()))));
+    let (sink, faults) = (MemorySink::new(), MemoryFaultSink::new());
+    let processor = Processor::builder("reader")
+        .fault_sink(faults.clone())
+        .pipeline(
+            Pipeline::builder("clear")
+                .decrypt(keys)
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let answer = Handler::new(processor)
+        .handle(invocation, None)
+        .await
+        .unwrap();
+    assert_eq!(answer["batchItemFailures"], json!([]));
+    assert_eq!(sink.events().len(), 1, "the good record");
+    let faults = faults.faults();
+    assert_eq!(faults.len(), 1);
+    let details: FaultDetails = faults[0].payload().unwrap();
+    assert_eq!(details.err.name, "DecryptionError");
+    assert!(
+        details.err.message.contains("not an encrypted value")
+            || details.err.message.contains("not base64"),
+        "{}",
+        details.err.message
+    );
+}
