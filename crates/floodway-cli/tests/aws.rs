@@ -12,7 +12,9 @@ use floodway_aws::DynamoDbFaults;
 use floodway_lambda::{FunctionProcess, LocalRuntime};
 
 mod common;
-use common::{embedded, fault_events, floodway, open_hub, order_line, orders_view, publish, text};
+use common::{
+    embedded, fault_events, lambda_run, open_hub, order_line, orders_view, publish, text,
+};
 
 /// Runs `floodway faults` with `args` against the table `faults` on `moto`; whether it
 /// succeeded, and what it said.
@@ -49,6 +51,22 @@ async fn deploy(dir: &Path) -> (LocalRuntime, FunctionProcess) {
     (runtime, function)
 }
 
+/// `floodway faults resubmit` of the table's faults to the function behind `runtime`; what it
+/// said (it must succeed).
+async fn resubmit(dir: &Path, moto: &Moto, runtime: &LocalRuntime) -> String {
+    let endpoint = runtime.endpoint();
+    let args = [
+        "resubmit",
+        "--function",
+        "orders-view",
+        "--lambda-endpoint",
+        &endpoint,
+    ];
+    let (ok, said) = faults(dir, moto, &args).await;
+    assert!(ok, "{said}");
+    said
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_stored_by_lambda_functions_are_listed_shown_and_resubmitted_by_invoking_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -67,18 +85,7 @@ async fn faults_stored_by_lambda_functions_are_listed_shown_and_resubmitted_by_i
         })
         .collect();
     publish(d, "orders.jsonl", &lines);
-    let out = floodway(
-        d,
-        &[
-            "lambda",
-            "run",
-            "--config",
-            "floodway.toml",
-            "--processor",
-            "orders-view",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    lambda_run(d, &[]);
 
     // The function's fault events, stored in DynamoDB as a Lambda fault monitor stores them.
     let raised: Vec<Event> = fault_events(&open_hub(d), 100)
@@ -112,34 +119,18 @@ async fn faults_stored_by_lambda_functions_are_listed_shown_and_resubmitted_by_i
 
     // Resubmitted to the function that failed them: it fails them again until fixed.
     let (runtime, function) = deploy(d).await;
-    let endpoint = runtime.endpoint();
-    let resubmit = [
-        "resubmit",
-        "--function",
-        "orders-view",
-        "--lambda-endpoint",
-        &endpoint,
-    ];
-    let (ok, said) = faults(d, &moto, &resubmit).await;
-    assert!(ok && said.contains("0 succeeded, 3 failed"), "{said}");
+    let said = resubmit(d, &moto, &runtime).await;
+    assert!(said.contains("0 succeeded, 3 failed"), "{said}");
     assert!(said.contains("faulted again"), "{said}");
     drop(function);
 
     // The fix, deployed: the view is keyed by the order's id.
     std::fs::write(d.join("floodway.toml"), config("/order/id")).unwrap();
     let (runtime, _function) = deploy(d).await;
-    let endpoint = runtime.endpoint();
-    let resubmit = [
-        "resubmit",
-        "--function",
-        "orders-view",
-        "--lambda-endpoint",
-        &endpoint,
-    ];
-    let (ok, said) = faults(d, &moto, &resubmit).await;
-    assert!(ok && said.contains("3 succeeded, 0 failed"), "{said}");
-    let (ok, said) = faults(d, &moto, &resubmit).await;
-    assert!(ok && said.contains("0 open faults"), "{said}");
+    let said = resubmit(d, &moto, &runtime).await;
+    assert!(said.contains("3 succeeded, 0 failed"), "{said}");
+    let said = resubmit(d, &moto, &runtime).await;
+    assert!(said.contains("0 open faults"), "{said}");
     let rows = open_hub(d).view("orders").unwrap().rows().unwrap();
     for i in [3, 13, 23] {
         assert!(rows.iter().any(|r| r.key == format!("o-{i}")), "o-{i}");

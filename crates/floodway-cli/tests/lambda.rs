@@ -2,25 +2,8 @@
 //! event-source-mapping simulator and a real `floodway lambda handler` process behind a local
 //! Lambda Runtime API.
 
-use std::path::Path;
-
 mod common;
-use common::{fault_events, floodway, open_hub, order_line, publish, text};
-
-/// Runs `orders-view` with `floodway lambda run` and `options`; what it said.
-fn lambda_run(d: &Path, options: &[&str]) -> String {
-    let run = [
-        "lambda",
-        "run",
-        "--config",
-        "floodway.toml",
-        "--processor",
-        "orders-view",
-    ];
-    let out = floodway(d, &[&run[..], options].concat());
-    assert!(out.status.success(), "{}", text(&out));
-    text(&out)
-}
+use common::{fault_events, lambda_run, open_hub, order_line, publish};
 
 #[test]
 fn a_processor_runs_as_a_lambda_function_against_the_embedded_hub() {

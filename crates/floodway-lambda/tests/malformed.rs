@@ -59,13 +59,21 @@ fn with_good(bad: Value) -> Value {
     json!({ "Records": [good, bad] })
 }
 
-/// Runs `invocation`; the answer, what was delivered, and the faults' error names and
-/// messages.
+/// Runs `invocation` through a pipeline that passes every event on; the answer, what was
+/// delivered, and the faults' error names and messages.
 async fn run(invocation: Value) -> (Value, usize, Vec<(String, String)>) {
+    run_through(Pipeline::builder("all"), invocation).await
+}
+
+/// [`run`] through `pipeline`.
+async fn run_through(
+    pipeline: floodway::pipeline::PipelineBuilder,
+    invocation: Value,
+) -> (Value, usize, Vec<(String, String)>) {
     let (sink, faults) = (MemorySink::new(), MemoryFaultSink::new());
     let processor = Processor::builder("catalogue")
         .fault_sink(faults.clone())
-        .pipeline(Pipeline::builder("all").sink(sink.clone()).unwrap())
+        .pipeline(pipeline.sink(sink.clone()).unwrap())
         .build()
         .unwrap();
     let answer = Handler::new(processor)
@@ -353,39 +361,22 @@ async fn a_function_process_reports_the_readable_error_type_to_lambda() {
 async fn a_bad_compressed_field_is_one_precise_fault_for_a_pipeline_that_reads_it() {
     let bad = r#"{"id":"bad","type":"thing-created","timestamp":1,"partitionKey":"k","thing":"COMPRESSEDnot-gzip"}"#;
     let invocation = with_good(kinesis(1, json!(b64(bad.as_bytes()))));
-    let (sink, faults) = (MemorySink::new(), MemoryFaultSink::new());
     #[derive(serde::Deserialize)]
     struct Typed {
         #[allow(dead_code)]
         thing: serde_json::Map<String, Value>,
     }
-    let processor = Processor::builder("reader")
-        .fault_sink(faults.clone())
-        .pipeline(
-            Pipeline::builder("typed")
-                .validate_as::<Typed>()
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    let answer = Handler::new(processor)
-        .handle(invocation.clone(), None)
-        .await
-        .unwrap();
+    let typed = Pipeline::builder("typed").validate_as::<Typed>();
+    let (answer, delivered, faults) = run_through(typed, invocation.clone()).await;
     assert_eq!(answer["batchItemFailures"], json!([]));
-    assert_eq!(sink.events().len(), 1);
-    let faults = faults.faults();
-    assert_eq!(faults.len(), 1);
-    let details: FaultDetails = faults[0].payload().unwrap();
-    assert_eq!(details.err.name, "CompressedFieldError");
+    assert_eq!((delivered, faults.len()), (1, 1));
+    assert_eq!(faults[0].0, "CompressedFieldError");
     assert!(
-        details
-            .err
-            .message
+        faults[0]
+            .1
             .contains("`thing` is marked COMPRESSED but is not base64"),
         "{}",
-        details.err.message
+        faults[0].1
     );
     // A pipeline that only passes events on forwards it as it came, unread.
     let (answer, delivered, faults) = run(invocation).await;
@@ -411,31 +402,18 @@ async fn a_bad_ciphertext_is_one_precise_fault_for_a_pipeline_that_decrypts() {
     value["thing"]["email"] = json!(cipher[..cipher.len() - 8]);
     let bad = value.to_string();
     let invocation = with_good(kinesis(1, json!(b64(bad.as_bytes()))));
-    let (sink, faults) = (MemorySink::new(), MemoryFaultSink::new());
-    let processor = Processor::builder("reader")
-        .fault_sink(faults.clone())
-        .pipeline(
-            Pipeline::builder("clear")
-                .decrypt(keys)
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    let answer = Handler::new(processor)
-        .handle(invocation, None)
-        .await
-        .unwrap();
+    let clear = Pipeline::builder("clear").decrypt(keys);
+    let (answer, delivered, faults) = run_through(clear, invocation).await;
     assert_eq!(answer["batchItemFailures"], json!([]));
-    assert_eq!(sink.events().len(), 1, "the good record");
-    let faults = faults.faults();
-    assert_eq!(faults.len(), 1);
-    let details: FaultDetails = faults[0].payload().unwrap();
-    assert_eq!(details.err.name, "DecryptionError");
+    assert_eq!(
+        (delivered, faults.len()),
+        (1, 1),
+        "the good record, one fault"
+    );
+    assert_eq!(faults[0].0, "DecryptionError");
     assert!(
-        details.err.message.contains("not an encrypted value")
-            || details.err.message.contains("not base64"),
+        faults[0].1.contains("not an encrypted value") || faults[0].1.contains("not base64"),
         "{}",
-        details.err.message
+        faults[0].1
     );
 }

@@ -317,3 +317,18 @@ pub(crate) fn publish_run_resubmit_replay(d: &Path, config: impl Fn(&str) -> Str
     let out = replay(d);
     says(&out, "40 delivered, 0 faults");
 }
+
+/// Runs `orders-view` with `floodway lambda run` and `options`; what it said.
+pub(crate) fn lambda_run(d: &Path, options: &[&str]) -> String {
+    let run = [
+        "lambda",
+        "run",
+        "--config",
+        "floodway.toml",
+        "--processor",
+        "orders-view",
+    ];
+    let out = floodway(d, &[&run[..], options].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    text(&out)
+}
