@@ -228,20 +228,27 @@ fn kinesis(i: u64, raw: &RawValue) -> Record {
         }
     };
     let source = format!("kinesis:{}", arn_name(record.arn.as_deref()));
-    let data =
-        match base64::engine::general_purpose::STANDARD.decode(record.kinesis.data.as_bytes()) {
-            Ok(data) => data,
-            Err(e) => {
-                let why = format!("kinesis.data is not base64: {e}");
-                return malformed(source, i, raw, "MalformedKinesisRecord", why);
-            }
-        };
     let shard = record
         .event_id
         .as_deref()
         .and_then(|id| id.split(':').next())
         .unwrap_or("shardId-unknown");
-    let out = Record::new(source, shard.to_owned(), i, Bytes::from(data));
+    let decoded = base64::engine::general_purpose::STANDARD.decode(record.kinesis.data.as_bytes());
+    let out = match decoded {
+        Ok(data) => Record::new(source, shard.to_owned(), i, Bytes::from(data)),
+        // Faulted as it came, with its shard and sequence number: were its fault not stored,
+        // it would be reported by them.
+        Err(e) => Record::new(
+            source,
+            shard.to_owned(),
+            i,
+            Bytes::copy_from_slice(raw.get().as_bytes()),
+        )
+        .with_malformed(
+            "MalformedKinesisRecord",
+            format!("kinesis.data is not base64: {e}"),
+        ),
+    };
     match loose(record.kinesis.sequence) {
         Some(sequence) => out.with_sequence(sequence),
         None => out,
