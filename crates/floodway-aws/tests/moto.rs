@@ -845,4 +845,48 @@ async fn fields_encrypted_with_kms_read_both_ways_with_aws_lambda_stream() {
         .unwrap();
     assert_eq!(ours.event.to_value(), event);
     assert!(ours.secrets.contains(&"ann@example.com".to_owned()));
+
+    // Two regions, each with its key under the alias: the data key is wrapped for both, and
+    // a reader in the other region (Floodway's, and aws-lambda-stream's) unwraps it there.
+    let east = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(moto.url())
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "testing", "testing", None, None, "moto",
+        ))
+        .load()
+        .await;
+    let kms_east = aws_sdk_kms::Client::new(&east);
+    let key_east = kms_east.create_key().send().await.unwrap();
+    kms_east
+        .create_alias()
+        .alias_name("alias/floodway")
+        .target_key_id(key_east.key_metadata().unwrap().key_id())
+        .send()
+        .await
+        .unwrap();
+    let writer = floodway_aws::KmsKeys::new(&config, "alias/floodway", &["us-east-1".to_owned()]);
+    let sealed = encrypt_event(&writer, &Event::from_value(event.clone()).unwrap(), &fields)
+        .await
+        .unwrap();
+    let data_keys = &sealed.field("eem").unwrap()["dataKeys"];
+    assert!(
+        data_keys["us-west-2"].is_string() && data_keys["us-east-1"].is_string(),
+        "{data_keys}"
+    );
+    let reader = floodway_aws::KmsKeys::new(&east, "alias/floodway", &[]);
+    let ours = decrypt_event(&reader, &sealed).await.unwrap();
+    assert_eq!(ours.event.to_value(), event);
+    let in_east = [
+        ("AWS_ENDPOINT_URL_KMS", moto.url()),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let theirs = floodway_lambda::testing::run_script_with(
+        "encryption.js",
+        &json!({ "decrypt": { "event": sealed.to_value() } }),
+        &in_east,
+    );
+    assert_eq!(theirs, event);
 }
