@@ -96,8 +96,13 @@ impl Moto {
     /// The configuration of clients that reach this server (region `us-east-1`, test
     /// credentials).
     pub async fn config(&self) -> SdkConfig {
+        self.config_in("us-east-1").await
+    }
+
+    /// [`config`](Self::config) in `region` (the server keeps each region's resources apart).
+    pub async fn config_in(&self, region: &str) -> SdkConfig {
         aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
+            .region(aws_config::Region::new(region.to_owned()))
             .endpoint_url(&self.url)
             .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
                 "testing", "testing", None, None, "moto",

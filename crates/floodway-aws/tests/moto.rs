@@ -773,27 +773,24 @@ conformance_on_dynamodb!(
     "state"
 );
 
+/// A KMS key under `alias/floodway` in `config`'s region.
+async fn master_key(config: &SdkConfig) {
+    let kms = aws_sdk_kms::Client::new(config);
+    let key = kms.create_key().send().await.unwrap();
+    kms.create_alias()
+        .alias_name("alias/floodway")
+        .target_key_id(key.key_metadata().unwrap().key_id())
+        .send()
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fields_encrypted_with_kms_read_both_ways_with_aws_lambda_stream() {
     use floodway::encryption::{decrypt_event, encrypt_event};
     let moto = Moto::start();
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-west-2"))
-        .endpoint_url(moto.url())
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            "testing", "testing", None, None, "moto",
-        ))
-        .load()
-        .await;
-    let kms = aws_sdk_kms::Client::new(&config);
-    let key = kms.create_key().send().await.unwrap();
-    let key_id = key.key_metadata().unwrap().key_id().to_owned();
-    kms.create_alias()
-        .alias_name("alias/floodway")
-        .target_key_id(&key_id)
-        .send()
-        .await
-        .unwrap();
+    let config = moto.config_in("us-west-2").await;
+    master_key(&config).await;
     let env = [
         ("AWS_ENDPOINT_URL_KMS", moto.url()),
         ("AWS_ACCESS_KEY_ID", "testing"),
@@ -848,23 +845,8 @@ async fn fields_encrypted_with_kms_read_both_ways_with_aws_lambda_stream() {
 
     // Two regions, each with its key under the alias: the data key is wrapped for both, and
     // a reader in the other region (Floodway's, and aws-lambda-stream's) unwraps it there.
-    let east = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(moto.url())
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            "testing", "testing", None, None, "moto",
-        ))
-        .load()
-        .await;
-    let kms_east = aws_sdk_kms::Client::new(&east);
-    let key_east = kms_east.create_key().send().await.unwrap();
-    kms_east
-        .create_alias()
-        .alias_name("alias/floodway")
-        .target_key_id(key_east.key_metadata().unwrap().key_id())
-        .send()
-        .await
-        .unwrap();
+    let east = moto.config_in("us-east-1").await;
+    master_key(&east).await;
     let writer = floodway_aws::KmsKeys::new(&config, "alias/floodway", &["us-east-1".to_owned()]);
     let sealed = encrypt_event(&writer, &Event::from_value(event.clone()).unwrap(), &fields)
         .await
