@@ -55,34 +55,9 @@ fn unzip(packed: &str) -> Result<Value, String> {
     serde_json::from_slice(&json).map_err(|e| format!("does not hold JSON ({e})"))
 }
 
-/// Revives every compressed value in `value`, at any depth. `path` names `value` in errors.
-///
-/// # Errors
-/// The first value that is marked but cannot be revived; the values before it are revived.
-pub fn revive(path: &str, value: &mut Value) -> Result<(), ReviveError> {
-    match value {
-        Value::String(s) if s.starts_with(MARKER) => {
-            let mut inner = unzip(&s[MARKER.len()..]).map_err(|why| ReviveError {
-                path: path.to_owned(),
-                why,
-            })?;
-            revive(path, &mut inner)?;
-            *value = inner;
-            Ok(())
-        }
-        Value::Object(map) => revive_members(path, map),
-        Value::Array(items) => {
-            for (i, item) in items.iter_mut().enumerate() {
-                revive(&format!("{path}[{i}]"), item)?;
-            }
-            Ok(())
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Revives every compressed value in `value` that can be, leaving the others as they are;
-/// what could not be revived. `path` names `value` in errors.
+/// Revives every compressed value in `value`, at any depth (again when what it holds is
+/// compressed too), leaving those that cannot be revived as they are; what could not be
+/// revived, in document order. `path` names `value` in the errors.
 pub fn revive_all(path: &str, value: &mut Value) -> Vec<ReviveError> {
     let mut failed = Vec::new();
     revive_into(path, value, &mut failed);
@@ -121,17 +96,6 @@ fn join(path: &str, name: &str) -> String {
     } else {
         format!("{path}.{name}")
     }
-}
-
-/// [`revive`] for each member of `map`; `path` names the map (empty for an event).
-///
-/// # Errors
-/// As [`revive`].
-pub fn revive_members(path: &str, map: &mut Map<String, Value>) -> Result<(), ReviveError> {
-    for (name, member) in map.iter_mut() {
-        revive(&join(path, name), member)?;
-    }
-    Ok(())
 }
 
 /// The size `object-sizeof` gives a value, which aws-lambda-stream compares to its threshold.
@@ -211,7 +175,7 @@ mod tests {
             "thing": "COMPRESSEDH4sIAAAAAAAAA6tWykvMTVWyUspIzcnJV8AglWoBWze8TyIAAAA=",
             "list": ["COMPRESSEDH4sIAAAAAAAAA6tWykvMTVWyUspIzcnJV8AglWoBWze8TyIAAAA="],
         });
-        revive("", &mut value).unwrap();
+        assert!(revive_all("", &mut value).is_empty());
         let thing = json!({ "name": "hello hello hello hello" });
         assert_eq!(value, json!({ "thing": thing, "list": [thing] }));
     }
@@ -245,7 +209,7 @@ mod tests {
         // Compressing again changes nothing.
         assert_eq!(compress_members(&mut map, 100, &["keep", "list"]), 0);
         let mut after = Value::Object(map);
-        revive("", &mut after).unwrap();
+        assert!(revive_all("", &mut after).is_empty());
         assert_eq!(after, before);
     }
 
@@ -270,11 +234,11 @@ mod tests {
     #[test]
     fn a_bad_compressed_value_is_named_by_its_path() {
         let mut value = json!({ "order": { "lines": "COMPRESSED!!!" } });
-        let err = revive("", &mut value).unwrap_err();
+        let err = revive_all("", &mut value).remove(0);
         assert_eq!(err.path, "order.lines");
         assert!(err.to_string().contains("is not base64"), "{err}");
         let mut value = json!({ "a": format!("{MARKER}{}", base64::engine::general_purpose::STANDARD.encode(b"plain")) });
-        assert!(revive("", &mut value).unwrap_err().why.contains("not gzip"));
+        assert!(revive_all("", &mut value)[0].why.contains("not gzip"));
     }
 
     #[test]

@@ -522,8 +522,8 @@ impl Event {
                         .unwrap_or_default();
                     if *compressed {
                         // A value that cannot be revived stays as it is (see `payload`).
-                        for tag in tags.values_mut() {
-                            crate::compression::revive_all("tags", tag);
+                        for (name, tag) in tags.iter_mut() {
+                            crate::compression::revive_all(&format!("tags.{name}"), tag);
                         }
                     }
                     tags
