@@ -33,10 +33,7 @@ impl KinesisSink {
         let mut delivery = Delivery::complete();
         let mut entries = Vec::with_capacity(batch.len());
         for (i, e) in batch.events().enumerate() {
-            let data = match e.source_bytes() {
-                Some(b) => b.to_vec(),
-                None => e.to_json().into_bytes(),
-            };
+            let data = e.to_bytes();
             if data.len() + e.partition_key().len() > KINESIS.entry {
                 delivery.fail(
                     i,

@@ -179,10 +179,7 @@ impl Hub {
                 } else {
                     String::new()
                 },
-                data: match e.source_bytes() {
-                    Some(bytes) => bytes.clone(),
-                    None => Bytes::from(e.to_json()),
-                },
+                data: e.to_bytes(),
             })
             .collect();
         let (reply, answer) = oneshot::channel();

@@ -557,10 +557,7 @@ impl HttpSink {
             Error::poison_msg("InvalidUrl", format!("{url}: {e}"))
         })?;
         let body = match &self.body {
-            Body::Event => match event.source_text() {
-                Some(text) => Bytes::copy_from_slice(text.as_bytes()),
-                None => Bytes::from(event.to_json()),
-            },
+            Body::Event => event.to_bytes(),
             Body::Field(pointer) => {
                 let value = event.json_at(pointer).ok_or_else(|| {
                     Error::poison_msg(

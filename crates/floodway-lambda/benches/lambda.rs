@@ -1,14 +1,25 @@
 //! Lambda benchmarks: `cargo bench -p floodway-lambda --bench lambda`.
 //!
-//! - handler throughput on a 10,000-record Kinesis batch (the invocation's JSON parsed, records
-//!   decoded, two pipelines shaped like the core benchmark's, the answer built), against the
-//!   raw cost of base64-decoding and parsing and re-encoding the same records with serde_json,
-//!   measured in the same run, on one core;
-//! - peak memory of this process (VmHWM) after those runs;
-//! - cold start: from starting the example handler binary to its first answered invocation
-//!   through the local Lambda Runtime API (median of 5);
-//! - the example handler's release binary size, as built and stripped.
+//! The workload, the same for every contender: 100,000 Kinesis records of generated order
+//! events (300-500 bytes) in invocations of 10,000, once clean and once with 1% poison; two
+//! pipelines, each taking one event type, mapping it to a new event and batching (10, 25) into
+//! a counting sink. The invocations are generated once, here, and written under
+//! `target/bench/lambda/` so the Node library reads the very same bytes.
+//!
+//! - **Floodway**: a handler written with the public API (`Handler::handle_bytes`,
+//!   `map_event`, `Event::derive`), on one core (a current-thread runtime);
+//! - **the limit**: the same work in plain Rust with no framework: the invocation parsed into
+//!   borrowed types, each record base64-decoded, parsed into a typed struct, the new event
+//!   built and serialized, batched and counted;
+//! - **aws-lambda-stream** (`interop/als/bench.js`, run by Node on the same files) when it is
+//!   installed (`scripts/test` or `scripts/bench` install it into `target/als`);
+//! - peak memory of a function process (this benchmark started again as a Lambda function
+//!   behind the local Runtime API) over one 10,000-record invocation, against its size;
+//! - cold start and the example handler's binary size.
+//!
+//! Every throughput is the median of `RUNS` runs, the contenders taking turns in each run.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,33 +28,75 @@ use base64::Engine as _;
 use floodway::testing::generate;
 use floodway::{fault_sink_fn, sink_fn, Batch, BatchConfig, Error, Event, Pipeline, Processor};
 use floodway_lambda::{FunctionProcess, Handler, LocalRuntime};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-const RECORDS: usize = 10_000;
-const RUNS: usize = 7;
+const INVOCATIONS: usize = 10;
+const PER_INVOCATION: usize = 10_000;
+const RUNS: usize = 5;
+const POISON_PER_MILLE: u32 = 10;
+/// Set in the environment of this benchmark started again as a Lambda function.
+const FUNCTION_ROLE: &str = "FLOODWAY_BENCH_FUNCTION";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-fn payload(events: &[Event]) -> Vec<u8> {
+/// The events: generated orders, and in the poison variant about 1% replaced by an event of a
+/// type a pipeline takes but without the `order` its map step reads.
+fn events(poison: bool) -> Vec<Event> {
+    let mut events = generate::orders(INVOCATIONS * PER_INVOCATION, 11);
+    // Sizes spread over 300-500 bytes: each event padded with a note to a size drawn for it.
+    let mut sizes = fastrand::Rng::with_seed(13);
+    for e in &mut events {
+        let target = sizes.usize(300..=500);
+        let len = e.encoded_len();
+        if len + 12 < target {
+            e.fields_mut()
+                .insert("note".into(), "n".repeat(target - len - 11).into());
+        }
+    }
+    if poison {
+        let mut rng = fastrand::Rng::with_seed(12);
+        for (i, e) in events.iter_mut().enumerate() {
+            if rng.u32(..1000) < POISON_PER_MILLE {
+                let ty = if i % 2 == 0 {
+                    "order-submitted"
+                } else {
+                    "order-paid"
+                };
+                *e = Event::builder(ty, e.partition_key())
+                    .id(format!("poison-{i}"))
+                    .timestamp(e.timestamp())
+                    .tag("source", "web")
+                    .field("note", "this order event lost its order")
+                    .build();
+            }
+        }
+    }
+    events
+}
+
+/// One Kinesis invocation of `events`, shaped as Lambda delivers it.
+fn invocation(events: &[Event], first: usize) -> Vec<u8> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let records: Vec<Value> = events
         .iter()
         .enumerate()
         .map(|(i, e)| {
+            let seq = format!("4959{:020}", first + i);
             json!({
                 "kinesis": {
                     "kinesisSchemaVersion": "1.0",
                     "partitionKey": e.partition_key(),
-                    "sequenceNumber": format!("4959{:020}", i),
+                    "sequenceNumber": seq,
                     "data": b64.encode(e.to_json()),
                     "approximateArrivalTimestamp": 1_700_000_000.5,
                 },
                 "eventSource": "aws:kinesis",
                 "eventVersion": "1.0",
-                "eventID": format!("shardId-000000000000:4959{:020}", i),
+                "eventID": format!("shardId-000000000000:{seq}"),
                 "eventName": "aws:kinesis:record",
                 "invokeIdentityArn": "arn:aws:iam::000000000000:role/bench",
                 "awsRegion": "eu-west-1",
@@ -54,138 +107,462 @@ fn payload(events: &[Event]) -> Vec<u8> {
     serde_json::to_vec(&json!({ "Records": records })).unwrap()
 }
 
-fn processor(counted: &Arc<AtomicU64>) -> Processor {
-    let sink = |counted: Arc<AtomicU64>| {
-        sink_fn(move |batch: Batch| {
-            counted.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            std::future::ready(Ok::<_, Error>(()))
-        })
+fn invocations(events: &[Event]) -> Vec<Vec<u8>> {
+    events
+        .chunks(PER_INVOCATION)
+        .enumerate()
+        .map(|(i, chunk)| invocation(chunk, i * PER_INVOCATION))
+        .collect()
+}
+
+// ---- Floodway, through the public API ----
+
+#[derive(Deserialize)]
+struct Submitted {
+    order: OrderIn,
+}
+
+#[derive(Deserialize)]
+struct OrderIn {
+    id: String,
+    #[serde(rename = "customerId")]
+    customer_id: String,
+    total: u64,
+}
+
+/// The map step of both pipelines: the new event carries the order's id, customer and total.
+fn confirm(event: &Event, new_type: &str) -> Result<Event, Error> {
+    let Submitted { order } = event.payload()?;
+    Ok(event
+        .derive(new_type)
+        .field(
+            "order",
+            json!({ "id": order.id, "customerId": order.customer_id, "total": order.total }),
+        )
+        .build())
+}
+
+#[derive(Default)]
+struct Counts {
+    accepted: AtomicU64,
+    confirmed: AtomicU64,
+    faults: AtomicU64,
+}
+
+fn processor(counts: &Arc<Counts>) -> Processor {
+    let pipeline = |name: &str, from: &'static str, to: &'static str, batch: usize| {
+        let counts = counts.clone();
+        Pipeline::builder(name)
+            .event_type(from)
+            .map_event(move |e| confirm(e, to))
+            .batch(BatchConfig::count(batch))
+            .sink(sink_fn(move |batch: Batch| {
+                let counter = if to == "order-accepted" {
+                    &counts.accepted
+                } else {
+                    &counts.confirmed
+                };
+                counter.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                std::future::ready(Ok::<_, Error>(()))
+            }))
+            .unwrap()
     };
+    let faults = counts.clone();
     Processor::builder("bench")
-        .fault_sink(fault_sink_fn(|_f: Event| {
+        .fault_sink(fault_sink_fn(move |_f: Event| {
+            faults.faults.fetch_add(1, Ordering::Relaxed);
             std::future::ready(Ok::<_, Error>(()))
         }))
-        .pipeline(
-            Pipeline::builder("each")
-                .event_type("order-*")
-                .sink(sink(counted.clone()))
-                .unwrap(),
-        )
-        .pipeline(
-            Pipeline::builder("batched")
-                .batch(BatchConfig::count(25))
-                .sink(sink(counted.clone()))
-                .unwrap(),
-        )
+        .pipeline(pipeline(
+            "accepted",
+            "order-submitted",
+            "order-accepted",
+            10,
+        ))
+        .pipeline(pipeline("confirmed", "order-paid", "order-confirmed", 25))
         .build()
         .unwrap()
 }
 
-/// The raw cost: parse the invocation, and per record base64-decode, parse and re-encode.
-fn raw(bytes: &[u8]) -> f64 {
+/// Records per second of the Floodway handler over every invocation.
+fn floodway(
+    rt: &tokio::runtime::Runtime,
+    handler: &Handler,
+    invocations: &[Vec<u8>],
+    records: usize,
+) -> f64 {
     let started = Instant::now();
-    let value: Value = serde_json::from_slice(bytes).unwrap();
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let mut out = 0usize;
-    for r in value["Records"].as_array().unwrap() {
-        let data = b64.decode(r["kinesis"]["data"].as_str().unwrap()).unwrap();
-        let event: Value = serde_json::from_slice(&data).unwrap();
-        out += serde_json::to_vec(&event).unwrap().len();
-    }
-    std::hint::black_box(out);
-    RECORDS as f64 / started.elapsed().as_secs_f64()
+    rt.block_on(async {
+        for bytes in invocations {
+            let answer = handler.handle_bytes(bytes, None).await.unwrap();
+            assert_eq!(
+                answer["batchItemFailures"].as_array().map(Vec::len),
+                Some(0)
+            );
+        }
+    });
+    records as f64 / started.elapsed().as_secs_f64()
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
+// ---- the limit: the same work in plain Rust ----
+
+#[derive(Deserialize)]
+struct KinesisEvent<'a> {
+    #[serde(rename = "Records", borrow)]
+    records: Vec<KinesisRecord<'a>>,
+}
+
+#[derive(Deserialize)]
+struct KinesisRecord<'a> {
+    #[serde(borrow)]
+    kinesis: KinesisData<'a>,
+}
+
+#[derive(Deserialize)]
+struct KinesisData<'a> {
+    data: &'a str,
+}
+
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    ty: &'a str,
+    timestamp: i64,
+    #[serde(rename = "partitionKey")]
+    partition_key: &'a str,
+    #[serde(borrow)]
+    order: Option<OrderRef<'a>>,
+}
+
+#[derive(Deserialize, Serialize)]
+struct OrderRef<'a> {
+    id: &'a str,
+    #[serde(rename = "customerId")]
+    customer_id: &'a str,
+    total: u64,
+}
+
+#[derive(Serialize)]
+struct Outgoing<'a> {
+    id: String,
+    #[serde(rename = "type")]
+    ty: &'a str,
+    timestamp: i64,
+    #[serde(rename = "partitionKey")]
+    partition_key: &'a str,
+    order: OrderRef<'a>,
+}
+
+/// The plain-Rust limit: per record, base64 into a reused buffer, a typed borrowed parse, the
+/// new event (with the same stable id) serialized, batches counted; poison counted.
+fn limit(invocations: &[Vec<u8>], records: usize) -> (f64, [u64; 3]) {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let started = Instant::now();
+    let mut counts = [0u64; 3];
+    let mut data = Vec::with_capacity(1024);
+    for bytes in invocations {
+        let invocation: KinesisEvent<'_> = serde_json::from_slice(bytes).unwrap();
+        let mut batches: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
+        for record in &invocation.records {
+            data.clear();
+            b64.decode_vec(record.kinesis.data, &mut data).unwrap();
+            let Ok(event) = serde_json::from_slice::<Incoming<'_>>(&data) else {
+                counts[2] += 1;
+                continue;
+            };
+            let (slot, to, size) = match event.ty {
+                "order-submitted" => (0, "order-accepted", 10),
+                "order-paid" => (1, "order-confirmed", 25),
+                _ => continue,
+            };
+            let Some(order) = event.order else {
+                counts[2] += 1;
+                continue;
+            };
+            let out = Outgoing {
+                id: floodway::event::stable_id(&[event.id, to]),
+                ty: to,
+                timestamp: event.timestamp,
+                partition_key: event.partition_key,
+                order,
+            };
+            batches[slot].push(serde_json::to_vec(&out).unwrap());
+            if batches[slot].len() == size {
+                counts[slot] += size as u64;
+                batches[slot].clear();
+            }
+        }
+        for (slot, batch) in batches.iter().enumerate() {
+            counts[slot] += batch.len() as u64;
+        }
+        std::hint::black_box(br#"{"batchItemFailures":[]}"#.to_vec());
+    }
+    (records as f64 / started.elapsed().as_secs_f64(), counts)
+}
+
+// ---- the Node library ----
+
+/// The `node_modules` holding aws-lambda-stream, if installed.
+fn als_modules() -> Option<PathBuf> {
+    let dir = std::env::var_os("FLOODWAY_ALS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/als"));
+    let modules = dir.join("node_modules");
+    modules
+        .join("aws-lambda-stream")
+        .is_dir()
+        .then_some(modules)
+}
+
+/// aws-lambda-stream over the files, `runs` times: its report (records_per_s, runs_s, ...).
+fn node(files: &[PathBuf], runs: usize) -> Option<Value> {
+    let modules = als_modules()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../interop/als/bench.js");
+    let out = std::process::Command::new(std::env::var("FLOODWAY_NODE").unwrap_or("node".into()))
+        .arg(script)
+        .arg("--runs")
+        .arg(runs.to_string())
+        .args(files)
+        .env("NODE_PATH", modules)
+        .env("AWS_REGION", "us-west-2")
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("bench.js failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+// ---- memory ----
+
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
 }
 
-fn main() {
+/// This benchmark as a Lambda function: the workload's handler served through the Runtime API.
+fn function_main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let events = generate::orders(RECORDS, 11);
-    let bytes = payload(&events);
-    let counted = Arc::new(AtomicU64::new(0));
-    let handler = Handler::new(processor(&counted));
-    let (mut ours, mut base) = (Vec::new(), Vec::new());
-    for _ in 0..RUNS {
-        base.push(raw(&bytes));
-        let started = Instant::now();
-        let answer = rt.block_on(async { handler.handle_bytes(&bytes, None).await.unwrap() });
-        ours.push(RECORDS as f64 / started.elapsed().as_secs_f64());
-        assert_eq!(
-            answer["batchItemFailures"].as_array().map(Vec::len),
-            Some(0)
-        );
-    }
-    let (ours, base) = (median(ours), median(base));
-    println!(
-        "{RECORDS}-record Kinesis batch ({:.1} MiB invocation), one core, median of {RUNS}\n",
-        bytes.len() as f64 / (1 << 20) as f64
-    );
-    println!("| measurement | result | baseline | ratio |");
-    println!("|---|---|---|---|");
-    println!(
-        "| handler throughput, 10,000-record Kinesis batch | {ours:.0} records/s | {base:.0} records/s raw serde | {:.2} |",
-        ours / base
-    );
+    let counts = Arc::new(Counts::default());
+    rt.block_on(floodway_lambda::serve(Handler::new(processor(&counts))))
+        .unwrap();
+}
 
-    // Cold start through the local Runtime API.
-    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_floodway-example-handler"));
-    let mut starts = Vec::new();
-    let one = serde_json::from_slice::<Value>(&payload(&events[..1])).unwrap();
+struct Row {
+    name: String,
+    result: String,
+    reference: String,
+    ratio: String,
+}
+
+fn main() {
+    if std::env::var_os(FUNCTION_ROLE).is_some() {
+        function_main();
+        return;
+    }
+    // `FLOODWAY_BENCH_PROFILE=N`: only the Floodway handler, N times over the clean input (to
+    // run under a profiler).
+    if let Some(n) = std::env::var("FLOODWAY_BENCH_PROFILE")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // The files the last full run wrote, else generated now.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/lambda");
+        let invocations = (0..INVOCATIONS)
+            .map(|i| std::fs::read(dir.join(format!("kinesis-clean-{i}.json"))))
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap_or_else(|_| invocations(&events(false)));
+        let handler = Handler::new(processor(&Arc::new(Counts::default())));
+        if std::env::var_os("FLOODWAY_BENCH_LIMIT").is_some() {
+            for _ in 0..n {
+                let started = Instant::now();
+                for bytes in &invocations {
+                    let parsed: KinesisEvent<'_> = serde_json::from_slice(bytes).unwrap();
+                    std::hint::black_box(parsed.records.len());
+                }
+                let parse = started.elapsed();
+                let (rate, _) = limit(&invocations, INVOCATIONS * PER_INVOCATION);
+                eprintln!("limit {rate:.0} records/s; invocation parse alone {parse:?}");
+            }
+            return;
+        }
+        for _ in 0..n {
+            let rate = floodway(&rt, &handler, &invocations, INVOCATIONS * PER_INVOCATION);
+            eprintln!("{rate:.0} records/s");
+        }
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/lambda");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let records = INVOCATIONS * PER_INVOCATION;
+    let mut rows = Vec::new();
+    let mut sizes = Vec::new();
+    for poison in [false, true] {
+        let events = events(poison);
+        sizes = events.iter().map(|e| e.to_json().len()).collect::<Vec<_>>();
+        let invocations = invocations(&events);
+        let variant = if poison { "poison" } else { "clean" };
+        let files: Vec<PathBuf> = invocations
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| {
+                let path = dir.join(format!("kinesis-{variant}-{i}.json"));
+                std::fs::write(&path, bytes).unwrap();
+                path
+            })
+            .collect();
+        let counts = Arc::new(Counts::default());
+        let handler = Handler::new(processor(&counts));
+        let (mut ours, mut plain) = (Vec::new(), Vec::new());
+        let mut limit_counts = [0; 3];
+        for _ in 0..RUNS {
+            let (rate, counted) = limit(&invocations, records);
+            plain.push(rate);
+            limit_counts = counted;
+            ours.push(floodway(&rt, &handler, &invocations, records));
+        }
+        // Both did the same work.
+        let per_run = |c: &AtomicU64| c.load(Ordering::Relaxed) / RUNS as u64;
+        assert_eq!(per_run(&counts.accepted), limit_counts[0]);
+        assert_eq!(per_run(&counts.confirmed), limit_counts[1]);
+        assert_eq!(per_run(&counts.faults), limit_counts[2]);
+        let (ours, plain) = (median(ours), median(plain));
+        let node = node(&files, RUNS);
+        if let Some(node) = &node {
+            assert_eq!(node["faults"].as_u64(), Some(limit_counts[2]), "{node}");
+            assert_eq!(
+                node["counted"]["accepted"].as_u64(),
+                Some(limit_counts[0]),
+                "{node}"
+            );
+        }
+        let label = if poison {
+            format!("with 1% poison ({} faults)", limit_counts[2])
+        } else {
+            "clean".to_owned()
+        };
+        rows.push(Row {
+            name: format!("plain Rust, the limit, {label}"),
+            result: format!("{plain:.0} records/s"),
+            reference: "-".into(),
+            ratio: "1.00".into(),
+        });
+        rows.push(Row {
+            name: format!("Floodway handler, {label}"),
+            result: format!("{ours:.0} records/s"),
+            reference: format!("{plain:.0} records/s plain Rust"),
+            ratio: format!("{:.2}", ours / plain),
+        });
+        match &node {
+            Some(node) => {
+                let rate = node["records_per_s"].as_f64().unwrap_or(0.0);
+                rows.push(Row {
+                    name: format!(
+                        "aws-lambda-stream {} (Node {}), {label}",
+                        node["als"].as_str().unwrap_or("?"),
+                        node["node"].as_str().unwrap_or("?")
+                    ),
+                    result: format!(
+                        "{rate:.0} records/s, peak {:.0} MiB",
+                        node["peak_rss_mib"].as_f64().unwrap_or(0.0)
+                    ),
+                    reference: format!("{ours:.0} records/s Floodway"),
+                    ratio: format!("Floodway {:.1}x", ours / rate),
+                });
+            }
+            None => rows.push(Row {
+                name: format!("aws-lambda-stream, {label}"),
+                result: "not installed (run scripts/bench)".into(),
+                reference: "-".into(),
+                ratio: "-".into(),
+            }),
+        }
+    }
+    sizes.sort_unstable();
+
+    // Peak memory of a function process over one invocation.
     let rt_multi = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
+    let clean = invocations(&events(false)[..PER_INVOCATION]);
+    let one: Value = serde_json::from_slice(&clean[0]).unwrap();
+    let myself = std::env::current_exe().unwrap();
+    let (peak, idle) = rt_multi.block_on(async {
+        let runtime = LocalRuntime::start().await.unwrap();
+        let process =
+            FunctionProcess::spawn(&myself, &[], &runtime, &[(FUNCTION_ROLE, "1")]).unwrap();
+        let pid = process.id().unwrap();
+        let small: Value = serde_json::from_slice(&invocation(&events(false)[..1], 0)).unwrap();
+        runtime
+            .invoke(&small, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let idle = status_kib(pid, "VmHWM:");
+        let answer = runtime.invoke(&one, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(
+            answer["batchItemFailures"].as_array().map(Vec::len),
+            Some(0)
+        );
+        (status_kib(pid, "VmHWM:"), idle)
+    });
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let size_mib = clean[0].len() as f64 / (1 << 20) as f64;
+    rows.push(Row {
+        name: format!(
+            "peak memory of the function process, one {PER_INVOCATION}-record invocation"
+        ),
+        result: format!("{:.1} MiB", mib(peak)),
+        reference: format!(
+            "{size_mib:.1} MiB invocation; {:.1} MiB after a 1-record one",
+            mib(idle)
+        ),
+        ratio: format!("{:.2}x the invocation", mib(peak) / size_mib),
+    });
+
+    // Cold start through the local Runtime API.
+    let binary = Path::new(env!("CARGO_BIN_EXE_floodway-example-handler"));
+    let mut starts = Vec::new();
+    let small: Value = serde_json::from_slice(&invocation(&events(false)[..1], 0)).unwrap();
     for _ in 0..5 {
         let took = rt_multi.block_on(async {
             let runtime = LocalRuntime::start().await.unwrap();
             let started = Instant::now();
             let _process = FunctionProcess::spawn(binary, &[], &runtime, &[]).unwrap();
-            let answer = runtime.invoke(&one, Duration::from_secs(30)).await.unwrap();
-            assert_eq!(
-                answer["batchItemFailures"].as_array().map(Vec::len),
-                Some(0)
-            );
+            runtime
+                .invoke(&small, Duration::from_secs(30))
+                .await
+                .unwrap();
             started.elapsed()
         });
         starts.push(took.as_secs_f64() * 1000.0);
     }
-    println!(
-        "| cold start: process start to first answered invocation (local Runtime API) | {:.1} ms | - | - |",
-        median(starts)
-    );
-    // Peak memory of the function process over a 10,000-record invocation.
-    let (peak, idle) = rt_multi.block_on(async {
-        let runtime = LocalRuntime::start().await.unwrap();
-        let process = FunctionProcess::spawn(binary, &[], &runtime, &[]).unwrap();
-        let pid = process.id().unwrap();
-        runtime.invoke(&one, Duration::from_secs(30)).await.unwrap();
-        let idle = peak_rss_kib(pid);
-        let all: Value = serde_json::from_slice(&bytes).unwrap();
-        let answer = runtime.invoke(&all, Duration::from_secs(60)).await.unwrap();
-        assert_eq!(
-            answer["batchItemFailures"].as_array().map(Vec::len),
-            Some(0)
-        );
-        (peak_rss_kib(pid), idle)
+    rows.push(Row {
+        name: "cold start: process start to first answered invocation (local Runtime API)".into(),
+        result: format!("{:.1} ms", median(starts)),
+        reference: "-".into(),
+        ratio: "-".into(),
     });
-    println!(
-        "| peak memory of the function process over the 10,000-record invocation | {:.1} MiB | {:.1} MiB after a 1-record invocation | - |",
-        peak as f64 / 1024.0,
-        idle as f64 / 1024.0
-    );
     let size = std::fs::metadata(binary).map(|m| m.len()).unwrap_or(0);
     let stripped = std::env::temp_dir().join("floodway-example-handler.stripped");
     let stripped_size = std::fs::copy(binary, &stripped)
@@ -199,11 +576,29 @@ fn main() {
         .and_then(|_| std::fs::metadata(&stripped).ok())
         .map(|m| m.len());
     let _ = std::fs::remove_file(&stripped);
-    println!(
-        "| example handler binary, release | {:.1} MiB as built (debug line tables) | {} | - |",
-        size as f64 / (1 << 20) as f64,
-        stripped_size
+    rows.push(Row {
+        name: "example handler binary, release".into(),
+        result: format!("{:.1} MiB as built", size as f64 / (1 << 20) as f64),
+        reference: stripped_size
             .map(|s| format!("{:.1} MiB stripped", s as f64 / (1 << 20) as f64))
-            .unwrap_or_else(|| "strip not available".into())
+            .unwrap_or_else(|| "strip not available".into()),
+        ratio: "-".into(),
+    });
+
+    println!(
+        "{INVOCATIONS} Kinesis invocations of {PER_INVOCATION} records ({:.1} MiB each), events of \
+         {}-{} bytes (median {}), one core, median of {RUNS} runs\n",
+        size_mib,
+        sizes[0],
+        sizes[sizes.len() - 1],
+        sizes[sizes.len() / 2]
     );
+    println!("| measurement | result | reference | ratio |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.name, r.result, r.reference, r.ratio
+        );
+    }
 }

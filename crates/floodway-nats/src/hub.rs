@@ -224,10 +224,7 @@ impl NatsHub {
             .saturating_sub(512);
         let mut payloads = Vec::with_capacity(events.len());
         for event in events {
-            let mut payload = match event.source_bytes() {
-                Some(bytes) => bytes.clone(),
-                None => Bytes::from(event.to_json()),
-            };
+            let mut payload = event.to_bytes();
             if payload.len() > max {
                 if !event.is_fault() {
                     return Err(NatsError::TooLarge {

@@ -85,6 +85,9 @@ enum Repr {
     Owned {
         tags: Option<Map<String, Value>>,
         fields: Map<String, Value>,
+        /// The JSON encoding, made on first use (a batch's byte count, a sink) and kept until
+        /// the event changes: an event built by a step is encoded once, however many look.
+        encoded: OnceLock<Bytes>,
     },
 }
 
@@ -458,7 +461,11 @@ impl Event {
             ty: Text::Owned(ty),
             timestamp,
             partition_key: Text::Owned(partition_key),
-            repr: Repr::Owned { tags, fields: map },
+            repr: Repr::Owned {
+                tags,
+                fields: map,
+                encoded: OnceLock::new(),
+            },
         })
     }
 
@@ -660,9 +667,18 @@ impl Event {
 
     /// Encodes the event as JSON. An event decoded and not changed encodes to its original text.
     pub fn to_json(&self) -> String {
+        raw_str(&self.to_bytes()).to_owned()
+    }
+
+    /// The event's JSON as a shared buffer: the bytes it was decoded from when unchanged (no
+    /// copy), else its encoding, made once and kept until the event changes. What sinks that
+    /// publish events send.
+    pub fn to_bytes(&self) -> Bytes {
         match &self.repr {
-            Repr::Raw { bytes, .. } => raw_str(bytes).to_owned(),
-            Repr::Owned { .. } => serde_json::to_string(self).unwrap_or_default(),
+            Repr::Raw { bytes, .. } => bytes.clone(),
+            Repr::Owned { encoded, .. } => encoded
+                .get_or_init(|| Bytes::from(serde_json::to_vec(self).unwrap_or_default()))
+                .clone(),
         }
     }
 
@@ -687,7 +703,7 @@ impl Event {
     pub fn encoded_len(&self) -> usize {
         match &self.repr {
             Repr::Raw { bytes, .. } => bytes.len(),
-            Repr::Owned { .. } => self.to_json().len(),
+            Repr::Owned { .. } => self.to_bytes().len(),
         }
     }
 
@@ -703,10 +719,22 @@ impl Event {
             self.id = Text::Owned(self.id().to_owned());
             self.ty = Text::Owned(self.event_type().to_owned());
             self.partition_key = Text::Owned(self.partition_key().to_owned());
-            self.repr = Repr::Owned { tags, fields };
+            self.repr = Repr::Owned {
+                tags,
+                fields,
+                encoded: OnceLock::new(),
+            };
         }
         match &mut self.repr {
-            Repr::Owned { tags, fields } => (tags, fields),
+            Repr::Owned {
+                tags,
+                fields,
+                encoded,
+            } => {
+                // About to change: the kept encoding no longer holds.
+                encoded.take();
+                (tags, fields)
+            }
             Repr::Raw { .. } => unreachable!("converted to owned above"),
         }
     }
@@ -890,6 +918,7 @@ impl EventBuilder {
             repr: Repr::Owned {
                 tags: self.tags,
                 fields: self.fields,
+                encoded: OnceLock::new(),
             },
         }
     }

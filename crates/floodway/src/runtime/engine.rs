@@ -19,7 +19,7 @@ use crate::event::{now_millis, Event};
 use crate::pipeline::step::{run_sync, StepFailure};
 use crate::pipeline::{Pipeline, PipelineCore};
 use crate::runtime::batcher::{Batcher, Flush};
-use crate::runtime::scheduler::{key_hash, Keys, Scheduler};
+use crate::runtime::scheduler::{key_hash, FxMap, Keys, Scheduler};
 use crate::runtime::unit::{fault_now, scheduled, BoxUnit, Timers, UnitCtx, UnitOutput, Work};
 use crate::runtime::{PipelineReport, ProcessorInner, RunReport, Stopped};
 use crate::source::{Checkpoint, Checkpointer, Settlement, Source};
@@ -640,9 +640,18 @@ pub(crate) struct SettlementCollector {
 }
 
 /// Settlements by (partition, offset).
-pub(crate) type Settled = HashMap<(Arc<str>, u64), Settlement>;
+pub(crate) type Settled = FxMap<(Arc<str>, u64), Settlement>;
 
 impl SettlementCollector {
+    /// A collector with room for `records` settlements.
+    pub(crate) fn with_capacity(records: usize) -> Self {
+        let mut settled = Settled::default();
+        settled.reserve(records);
+        SettlementCollector {
+            settled: Arc::new(Mutex::new(settled)),
+        }
+    }
+
     pub(crate) fn take(&self) -> Settled {
         std::mem::take(&mut self.settled.lock().unwrap())
     }

@@ -7,8 +7,10 @@
 //! every record delivered before it are done: it never passes an unfinished record, whatever
 //! order pieces finish in (invariant 1).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
+
+use super::scheduler::FxMap;
 
 use crate::source::{Checkpoint, Settlement};
 use crate::uow::{Record, Ticket};
@@ -43,7 +45,7 @@ pub(crate) struct Ledger {
     slots: VecDeque<Slot>,
     undone: usize,
     partitions: Vec<Partition>,
-    partition_index: HashMap<Arc<str>, usize>,
+    partition_index: FxMap<Arc<str>, usize>,
 }
 
 impl Ledger {
@@ -163,6 +165,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
     use proptest::prelude::*;
 
     proptest! {

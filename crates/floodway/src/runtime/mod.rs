@@ -183,7 +183,7 @@ impl Processor {
         deadline: Option<Instant>,
     ) -> BatchReport {
         let records: Vec<Arc<Record>> = records.into_iter().map(Arc::new).collect();
-        let collector = engine::SettlementCollector::default();
+        let collector = engine::SettlementCollector::with_capacity(records.len());
         let source = engine::VecSource::new(records.iter().map(|r| (**r).clone()).collect());
         let result = engine::Engine::new(&self.inner, collector.clone())
             .run(source, std::future::pending(), deadline)
