@@ -8,7 +8,7 @@ use floodway::hub::{ReadOptions, StartAt};
 use floodway::pipeline::TypeFilter;
 use floodway::{Event, Source};
 
-use crate::util::{progress, show_time, HubArgs};
+use crate::util::{show_time, HubArgs};
 
 #[derive(clap::Subcommand)]
 pub(crate) enum HubCommand {
@@ -132,61 +132,163 @@ pub(crate) async fn run(command: HubCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Events published per call: a hub commit each.
+const PUBLISH_CHUNK: usize = 1_000;
+
+/// Publishes a file of JSON lines as it reads it: memory stays flat whatever the file's size
+/// (one chunk of events at a time), and a bar shows the bytes read. Bad lines are reported as
+/// they are met. With `--atomic`, every line is checked in a first pass before anything is
+/// stored (standard input is first copied to a temporary file for that).
 async fn publish(
     args: HubArgs,
     input: PathBuf,
     atomic: bool,
     no_dedupe: bool,
 ) -> anyhow::Result<()> {
-    let reader: Box<dyn BufRead> = if input.as_os_str() == "-" {
-        Box::new(std::io::BufReader::new(std::io::stdin()))
+    let mut spool = None;
+    let path = if input.as_os_str() != "-" {
+        Some(input.clone())
+    } else if atomic {
+        // All or nothing needs two passes: keep standard input on disk, not in memory.
+        let mut file = tempfile::NamedTempFile::new().context("cannot create a spool file")?;
+        std::io::copy(&mut std::io::stdin().lock(), &mut file).context("reading standard input")?;
+        spool.insert(file).path().to_owned().into()
     } else {
-        let file = std::fs::File::open(&input)
-            .with_context(|| format!("cannot read {}", input.display()))?;
-        Box::new(std::io::BufReader::new(file))
+        None
     };
-    let mut events = Vec::new();
-    let mut rejected = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.with_context(|| format!("reading line {}", i + 1))?;
-        if line.trim().is_empty() {
-            continue;
+    if atomic {
+        let mut lines = Lines::open(path.as_deref(), &input, "checking")?;
+        while lines.next_event()?.is_some() {}
+        lines.bar.finish_and_clear();
+        if lines.rejected > 0 {
+            bail!(
+                "{} of {} lines are not events; nothing was published (--atomic)",
+                lines.rejected,
+                lines.rejected + lines.events
+            );
         }
-        match Event::decode(line.as_bytes()) {
-            Ok(event) => events.push(event),
-            Err(err) => rejected.push((i + 1, err)),
-        }
-    }
-    let mut stderr = std::io::stderr();
-    for (line, err) in &rejected {
-        writeln!(stderr, "line {line}: {err}")?;
-    }
-    if atomic && !rejected.is_empty() {
-        bail!(
-            "{} of {} lines are not events; nothing was published (--atomic)",
-            rejected.len(),
-            rejected.len() + events.len()
-        );
     }
     let hub = args.open_events(true).await?;
-    let bar = progress(events.len() as u64, "publishing");
+    let mut lines = Lines::open(path.as_deref(), &input, "publishing")?;
     let (mut stored, mut duplicates) = (0, 0);
-    for chunk in events.chunks(1_000) {
-        let receipt = hub.publish(chunk, !no_dedupe).await?;
-        stored += receipt.stored;
-        duplicates += receipt.duplicates;
-        bar.inc(chunk.len() as u64);
+    let mut chunk = Vec::with_capacity(PUBLISH_CHUNK);
+    loop {
+        let event = lines.next_event()?;
+        let end = event.is_none();
+        chunk.extend(event);
+        if chunk.len() == PUBLISH_CHUNK || (end && !chunk.is_empty()) {
+            let receipt = hub.publish(&chunk, !no_dedupe).await?;
+            stored += receipt.stored;
+            duplicates += receipt.duplicates;
+            chunk.clear();
+            lines.bar.set_message(format!("{stored} events stored"));
+        }
+        if end {
+            break;
+        }
     }
-    bar.finish_and_clear();
+    lines.bar.finish_and_clear();
     let place = hub.describe();
+    let rejected = lines.rejected;
     say!(
-        "published {stored} events to {place} ({duplicates} duplicates skipped, {} lines rejected)",
-        rejected.len()
+        "published {stored} events to {place} ({duplicates} duplicates skipped, {rejected} lines rejected)"
     );
-    if !rejected.is_empty() {
-        bail!("{} lines were rejected (see above)", rejected.len());
+    if rejected > 0 {
+        bail!("{rejected} lines were rejected (see above)");
     }
     Ok(())
+}
+
+/// The events of a JSON-lines input, read one line at a time into one buffer.
+struct Lines {
+    reader: Box<dyn BufRead>,
+    line: String,
+    number: usize,
+    events: u64,
+    rejected: u64,
+    bar: indicatif::ProgressBar,
+}
+
+impl Lines {
+    /// `path`, or standard input when `None`; `shown` names it in errors.
+    fn open(
+        path: Option<&std::path::Path>,
+        shown: &std::path::Path,
+        what: &str,
+    ) -> anyhow::Result<Lines> {
+        let (reader, size): (Box<dyn BufRead>, Option<u64>) = match path {
+            None => (Box::new(std::io::stdin().lock()), None),
+            Some(path) => {
+                let file = std::fs::File::open(path)
+                    .with_context(|| format!("cannot read {}", shown.display()))?;
+                let size = file.metadata().ok().map(|m| m.len());
+                (
+                    Box::new(std::io::BufReader::with_capacity(1 << 16, file)),
+                    size,
+                )
+            }
+        };
+        Ok(Lines {
+            reader,
+            line: String::new(),
+            number: 0,
+            events: 0,
+            rejected: 0,
+            bar: bytes_progress(size, what),
+        })
+    }
+
+    /// The next event, or `None` at the end; a line that is no event is reported on standard
+    /// error and counted.
+    fn next_event(&mut self) -> anyhow::Result<Option<Event>> {
+        loop {
+            self.line.clear();
+            let read = self
+                .reader
+                .read_line(&mut self.line)
+                .with_context(|| format!("reading line {}", self.number + 1))?;
+            if read == 0 {
+                return Ok(None);
+            }
+            self.number += 1;
+            self.bar.inc(read as u64);
+            let text = self.line.trim_end_matches(['\n', '\r']);
+            if text.trim().is_empty() {
+                continue;
+            }
+            match Event::decode(text.as_bytes()) {
+                Ok(event) => {
+                    self.events += 1;
+                    return Ok(Some(event));
+                }
+                Err(err) => {
+                    self.rejected += 1;
+                    self.bar
+                        .suspend(|| eprintln!("line {}: {err}", self.number));
+                }
+            }
+        }
+    }
+}
+
+/// A bar of bytes read (a spinner when the size is unknown, as for standard input).
+fn bytes_progress(size: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    let (bar, template) = match size {
+        Some(size) => (
+            indicatif::ProgressBar::new(size),
+            "{prefix} [{elapsed_precise}] {bar:40.cyan/blue} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta}) {msg}",
+        ),
+        None => (
+            indicatif::ProgressBar::new_spinner(),
+            "{prefix} [{elapsed_precise}] {spinner} {binary_bytes} ({binary_bytes_per_sec}) {msg}",
+        ),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(what.to_owned());
+    bar
 }
 
 async fn tail(

@@ -361,3 +361,68 @@ fn fields_are_encrypted_on_the_way_to_another_hub_and_decrypted_into_a_view_ther
     assert!(!out.status.success());
     says(&out, "`decrypt` needs keys: add `[encryption] key_file");
 }
+
+/// `hub publish` streams its input: a file of several chunks is stored whole, a bad line is
+/// reported by its number; `--atomic` stores nothing when a line is bad, from a file or from
+/// standard input.
+#[test]
+fn publish_streams_its_input_and_atomic_is_all_or_nothing_from_a_file_or_standard_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut lines: Vec<String> = (0..2_500u32)
+        .map(|i| {
+            order_line(
+                i,
+                "submitted",
+                i.into(),
+                i,
+                "",
+                &format!(r#"{{"id":"o-{i}"}}"#),
+            )
+        })
+        .collect();
+    lines[2_399] = "{not an event".into();
+    std::fs::write(d.join("orders.jsonl"), lines.join("\n")).unwrap();
+    let count = |d: &Path| {
+        let out = floodway(d, &["hub", "stats", "--hub", "hub.db"]);
+        text(&out)
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("all")?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+
+    let out = floodway(
+        d,
+        &[
+            "hub",
+            "publish",
+            "--hub",
+            "hub.db",
+            "--atomic",
+            "orders.jsonl",
+        ],
+    );
+    assert!(!out.status.success());
+    says(&out, "line 2400: event is not valid JSON");
+    says(
+        &out,
+        "1 of 2500 lines are not events; nothing was published",
+    );
+    assert_eq!(count(d), 0, "nothing stored from the file");
+
+    let stdin = std::process::Command::new(env!("CARGO_BIN_EXE_floodway"))
+        .current_dir(d)
+        .args(["hub", "publish", "--hub", "hub.db", "--atomic", "-"])
+        .stdin(std::fs::File::open(d.join("orders.jsonl")).unwrap())
+        .output()
+        .unwrap();
+    assert!(!stdin.status.success());
+    says(&stdin, "nothing was published");
+    assert_eq!(count(d), 0, "nothing stored from standard input");
+
+    let out = floodway(d, &["hub", "publish", "--hub", "hub.db", "orders.jsonl"]);
+    assert!(!out.status.success(), "a rejected line fails the command");
+    says(&out, "line 2400: event is not valid JSON");
+    says(&out, "published 2499 events");
+    assert_eq!(count(d), 2_499);
+}

@@ -4,7 +4,6 @@ use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use floodway::event::{now_millis, partition_for};
 use floodway::Event;
 use rusqlite::{Connection, OptionalExtension};

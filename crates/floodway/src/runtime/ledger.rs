@@ -165,8 +165,8 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
     use proptest::prelude::*;
+    use std::collections::HashMap;
 
     proptest! {
         /// Pieces finish in any order; at every moment each partition's checkpoint is an
