@@ -31,6 +31,10 @@ use floodway_lambda::{FunctionProcess, Handler, LocalRuntime};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+/// As a function built for speed would: see docs/lambda.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const INVOCATIONS: usize = 10;
 const PER_INVOCATION: usize = 10_000;
 const RUNS: usize = 5;

@@ -30,7 +30,10 @@ pub const DEFAULT_THRESHOLD: usize = 10 * 1024;
 
 /// Whether JSON text may hold a compressed value (a string starting with the marker).
 pub fn may_hold(text: &[u8]) -> bool {
-    memchr::memmem::find(text, b"\"COMPRESSED").is_some()
+    // Built once: building a searcher costs more than searching an event.
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"COMPRESSED"));
+    FINDER.find(text).is_some()
 }
 
 /// A compressed value that could not be revived.

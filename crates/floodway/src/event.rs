@@ -1072,4 +1072,26 @@ mod tests {
         assert_ne!(a.id(), e.derive("other").build().id());
         assert_eq!(a.partition_key(), "k");
     }
+
+    #[test]
+    fn a_built_event_is_encoded_once_and_again_after_each_change() {
+        let mut e = Event::builder("t", "k")
+            .id("e1")
+            .timestamp(1)
+            .field("n", 1)
+            .build();
+        let first = e.to_bytes();
+        // Kept: the same buffer, not a second encoding.
+        assert_eq!(first.as_ptr(), e.to_bytes().as_ptr());
+        assert_eq!(e.encoded_len(), first.len());
+        e.fields_mut().insert("n".into(), 2.into());
+        assert_eq!(e.field("n"), Some(&Value::from(2)));
+        assert!(e.to_json().contains(r#""n":2"#), "{}", e.to_json());
+        e.set_event_type("u");
+        assert!(e.to_json().contains(r#""type":"u""#));
+        assert_eq!(Event::decode(&e.to_bytes()).unwrap(), e);
+        // A decoded event hands out its source bytes.
+        let decoded = Event::decode_bytes(first.clone(), 1 << 20).unwrap();
+        assert_eq!(decoded.to_bytes().as_ptr(), first.as_ptr());
+    }
 }

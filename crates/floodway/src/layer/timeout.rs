@@ -1,5 +1,7 @@
 //! A deadline per call.
 
+use std::future::Future as _;
+use std::task::Poll;
 use std::time::Duration;
 
 use tower::ServiceExt;
@@ -20,9 +22,15 @@ impl From<Duration> for Deadline {
 
 impl Policy for Deadline {
     fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response> {
-        let call = inner.oneshot(req);
+        let mut call = Box::pin(inner.oneshot(req));
         let timeout = self.0;
         Box::pin(async move {
+            // A call that is done at once (an in-process sink, a buffered write) needs no
+            // timer: registering one and removing it costs more than many such calls.
+            let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+            if let Poll::Ready(result) = first {
+                return result;
+            }
             match tokio::time::timeout(timeout, call).await {
                 Ok(result) => result,
                 Err(_) => Err(Error::timed_out(timeout)),
