@@ -170,23 +170,37 @@ async fn publish(
     }
     let hub = args.open_events(true).await?;
     let mut lines = Lines::open(path.as_deref(), &input, "publishing")?;
+    let bar = lines.bar.clone();
+    // Lines are read and decoded on a thread of their own while the previous chunk is being
+    // committed; the channel holds two chunks, so memory stays flat.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Vec<Event>>>(2);
+    let reader = std::thread::spawn(move || loop {
+        let mut chunk = Vec::with_capacity(PUBLISH_CHUNK);
+        while chunk.len() < PUBLISH_CHUNK {
+            match lines.next_event() {
+                Ok(Some(event)) => chunk.push(event),
+                Ok(None) => break,
+                Err(err) => {
+                    let _ = tx.blocking_send(Err(err));
+                    return lines;
+                }
+            }
+        }
+        let last = chunk.len() < PUBLISH_CHUNK;
+        if (!chunk.is_empty() && tx.blocking_send(Ok(chunk)).is_err()) || last {
+            return lines;
+        }
+    });
     let (mut stored, mut duplicates) = (0, 0);
-    let mut chunk = Vec::with_capacity(PUBLISH_CHUNK);
-    loop {
-        let event = lines.next_event()?;
-        let end = event.is_none();
-        chunk.extend(event);
-        if chunk.len() == PUBLISH_CHUNK || (end && !chunk.is_empty()) {
-            let receipt = hub.publish(&chunk, !no_dedupe).await?;
-            stored += receipt.stored;
-            duplicates += receipt.duplicates;
-            chunk.clear();
-            lines.bar.set_message(format!("{stored} events stored"));
-        }
-        if end {
-            break;
-        }
+    while let Some(chunk) = rx.recv().await {
+        let receipt = hub.publish(&chunk?, !no_dedupe).await?;
+        stored += receipt.stored;
+        duplicates += receipt.duplicates;
+        bar.set_message(format!("{stored} events stored"));
     }
+    let lines = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reading thread failed"))?;
     lines.bar.finish_and_clear();
     let place = hub.describe();
     let rejected = lines.rejected;
@@ -201,7 +215,7 @@ async fn publish(
 
 /// The events of a JSON-lines input, read one line at a time into one buffer.
 struct Lines {
-    reader: Box<dyn BufRead>,
+    reader: Box<dyn BufRead + Send>,
     line: String,
     number: usize,
     events: u64,
@@ -216,8 +230,8 @@ impl Lines {
         shown: &std::path::Path,
         what: &str,
     ) -> anyhow::Result<Lines> {
-        let (reader, size): (Box<dyn BufRead>, Option<u64>) = match path {
-            None => (Box::new(std::io::stdin().lock()), None),
+        let (reader, size): (Box<dyn BufRead + Send>, Option<u64>) = match path {
+            None => (Box::new(std::io::BufReader::new(std::io::stdin())), None),
             Some(path) => {
                 let file = std::fs::File::open(path)
                     .with_context(|| format!("cannot read {}", shown.display()))?;

@@ -171,7 +171,22 @@ fn keys_of(
 
 /// A processor of one pipeline whose faults are published to the hub as `fault` events.
 fn publishing_faults(hubs: &Hubs, name: &str, pipeline: Pipeline) -> Result<Processor, SetupError> {
-    Processor::builder(name)
+    publishing_faults_holding(hubs, name, pipeline, None)
+}
+
+/// [`publishing_faults`], holding up to `in_flight` records when set (the default otherwise).
+fn publishing_faults_holding(
+    hubs: &Hubs,
+    name: &str,
+    pipeline: Pipeline,
+    in_flight: Option<usize>,
+) -> Result<Processor, SetupError> {
+    let builder = Processor::builder(name);
+    let builder = match in_flight {
+        Some(n) => builder.max_in_flight(n),
+        None => builder,
+    };
+    builder
         .fault_sink(Publisher::new(hubs.events.clone()))
         .pipeline(pipeline)
         .build()
@@ -230,7 +245,9 @@ pub fn materialize(
         .batch(floodway::BatchConfig::count(batch).max_wait(Duration::from_millis(20)))
         .sink(sink)
         .map_err(build)?;
-    publishing_faults(hubs, name, pipeline)
+    // Room for two full transactions: one being written while the next fills.
+    let in_flight = (2 * batch).max(floodway::runtime::ProcessorConfig::default().max_in_flight);
+    publishing_faults_holding(hubs, name, pipeline, Some(in_flight))
 }
 
 /// Settings of the *http* processor.

@@ -127,30 +127,105 @@ struct RawEnvelope<'a> {
     tags: Option<&'a RawValue>,
 }
 
-/// The members of a JSON object, values left as text.
-struct RawMembers<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+/// The text at a JSON pointer's `tokens`, found in one pass over a value: at each level the
+/// member or element named is descended into and the rest skipped, with nothing collected.
+struct At<'t> {
+    tokens: &'t [Cow<'t, str>],
+}
 
-impl<'de: 'a, 'a> Deserialize<'de> for RawMembers<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
-            type Value = RawMembers<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<M: serde::de::MapAccess<'de>>(
-                self,
-                mut map: M,
-            ) -> Result<Self::Value, M::Error> {
-                let mut members = Vec::new();
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    let value: &'de RawValue = map.next_value()?;
-                    members.push((key, value));
-                }
-                Ok(RawMembers(members))
+impl<'de, 't> serde::de::DeserializeSeed<'de> for At<'t> {
+    type Value = Option<&'de RawValue>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        match self.tokens.split_first() {
+            None => <&'de RawValue>::deserialize(d).map(Some),
+            Some((token, rest)) => d.deserialize_any(AtVisitor { token, rest }),
+        }
+    }
+}
+
+struct AtVisitor<'t> {
+    token: &'t str,
+    rest: &'t [Cow<'t, str>],
+}
+
+/// Whether a member's name is the one wanted (compared without copying it).
+struct KeyIs<'t>(&'t str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for KeyIs<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for AtVisitor<'_> {
+    type Value = Option<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let mut found = None;
+        while let Some(hit) = map.next_key_seed(KeyIs(self.token))? {
+            // The first of duplicate names, as a lookup in the parsed object would give.
+            if hit && found.is_none() {
+                found = map.next_value_seed(At { tokens: self.rest })?;
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
             }
         }
-        deserializer.deserialize_map(Visit(std::marker::PhantomData))
+        Ok(found)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let wanted: Option<usize> = self.token.parse().ok();
+        let mut found = None;
+        for i in 0.. {
+            if Some(i) == wanted {
+                match seq.next_element_seed(At { tokens: self.rest })? {
+                    Some(value) => found = value,
+                    None => break,
+                }
+            } else if seq.next_element::<serde::de::IgnoredAny>()?.is_none() {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    // A scalar has no members.
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
     }
 }
 
@@ -607,21 +682,21 @@ impl Event {
         if pointer.is_empty() {
             return Some(Cow::Borrowed(raw_str(bytes)));
         }
-        let mut text: &str = raw_str(bytes);
-        for token in pointer.strip_prefix('/')?.split('/') {
-            let token = token.replace("~1", "/").replace("~0", "~");
-            let trimmed = text.trim_start();
-            text = if trimmed.starts_with('[') {
-                let index: usize = token.parse().ok()?;
-                let items: Vec<&RawValue> = serde_json::from_str(trimmed).ok()?;
-                items.get(index)?.get()
-            } else {
-                let members: Vec<(Cow<'_, str>, &RawValue)> =
-                    serde_json::from_str::<RawMembers<'_>>(trimmed).ok()?.0;
-                members.into_iter().find(|(k, _)| *k == token)?.1.get()
-            };
-        }
-        Some(Cow::Borrowed(text))
+        let tokens: Vec<Cow<'_, str>> = pointer
+            .strip_prefix('/')?
+            .split('/')
+            .map(|t| {
+                if t.contains('~') {
+                    Cow::Owned(t.replace("~1", "/").replace("~0", "~"))
+                } else {
+                    Cow::Borrowed(t)
+                }
+            })
+            .collect();
+        let mut de = serde_json::Deserializer::from_str(raw_str(bytes));
+        let found =
+            serde::de::DeserializeSeed::deserialize(At { tokens: &tokens }, &mut de).ok()??;
+        Some(Cow::Borrowed(found.get()))
     }
 
     /// Deserializes the event (envelope and payload) into a typed value.
@@ -1093,5 +1168,41 @@ mod tests {
         // A decoded event hands out its source bytes.
         let decoded = Event::decode_bytes(first.clone(), 1 << 20).unwrap();
         assert_eq!(decoded.to_bytes().as_ptr(), first.as_ptr());
+    }
+
+    #[test]
+    fn json_at_agrees_with_a_lookup_in_the_parsed_event() {
+        let text = r#"{"id":"1","type":"t","timestamp":1,"partitionKey":"k",
+            "order":{"id":"o-1","lines":[{"sku":"a","n":[1,2,{"x":null}]},{"sku":"b"}],
+                     "a/b":{"c~d":"slash and tilde"},"esc\"aped":"\u00e9t\u00e9","empty":{}},
+            "n":3.5,"flag":true}"#;
+        let event = Event::decode(text.as_bytes()).unwrap();
+        let parsed: Value = serde_json::from_str(text).unwrap();
+        for pointer in [
+            "",
+            "/order",
+            "/order/id",
+            "/order/lines/0/sku",
+            "/order/lines/1/sku",
+            "/order/lines/0/n/2/x",
+            "/order/lines/0/n/1",
+            "/order/lines/2",
+            "/order/lines/x",
+            "/order/a~1b/c~0d",
+            "/order/esc\"aped",
+            "/order/empty",
+            "/order/empty/x",
+            "/order/id/deeper",
+            "/n",
+            "/n/0",
+            "/flag",
+            "/missing",
+            "/partitionKey",
+        ] {
+            let ours = event
+                .json_at(pointer)
+                .map(|t| serde_json::from_str::<Value>(&t).unwrap());
+            assert_eq!(ours.as_ref(), parsed.pointer(pointer), "{pointer}");
+        }
     }
 }

@@ -1,0 +1,270 @@
+//! The embedded hub through the command: `cargo bench -p floodway-cli --bench command`.
+//!
+//! The same work done twice in one run, through the library and through the `floodway`
+//! binary, so the ratio is what the command adds:
+//!
+//! - **publish**: a file of generated order events (JSON lines) into a fresh hub: the library's
+//!   `Hub::publish` in chunks of 1,000 (the events decoded beforehand) against
+//!   `floodway hub publish FILE`, which reads, decodes and publishes as it goes; with the
+//!   command's peak memory, for this file and for one five times larger;
+//! - **materialize**: the published events into a view, with one configuration file: the
+//!   library builds and runs its processors (`build_all`, `run_all`) over a bounded read,
+//!   against `floodway run CONFIG`, timed from starting the process until its metrics say every
+//!   order event is in the view.
+
+use std::io::{Read as _, Write as _};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use floodway::hub::ReadOptions;
+use floodway::testing::generate;
+use floodway::Event;
+use floodway_embedded::{Hub, HubOptions};
+use floodway_processors::config::Config;
+
+const RUNS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn floodway() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_floodway"))
+}
+
+/// The configuration: the hub file `hub` and one view of every order event.
+fn config(hub: &str) -> String {
+    format!(
+        r#"[hub]
+path = "{hub}"
+partitions = 8
+
+[[processors]]
+kind = "materialize"
+name = "orders-view"
+types = ["order-*"]
+view = "orders"
+key = "/order/id"
+value = "/order"
+"#
+    )
+}
+
+/// Runs `command` to its end; its wall time and peak memory (VmHWM, sampled every 5 ms).
+fn timed(mut command: Command) -> (Duration, u64) {
+    let started = Instant::now();
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut peak = 0;
+    loop {
+        peak = peak.max(peak_kib(child.id()));
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).ok();
+            assert!(status.success(), "{err}");
+            return (started.elapsed(), peak);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn peak_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The sum of `floodway_events_total{outcome="delivered"}` at a Prometheus endpoint.
+fn delivered(addr: &str) -> Option<u64> {
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    Some(
+        body.lines()
+            .filter(|l| {
+                l.starts_with("floodway_events_total") && l.contains("outcome=\"delivered\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64,
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `floodway run` in `dir` until `expected` events are delivered; seconds from the start.
+fn command_run(dir: &Path, expected: u64) -> f64 {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let mut child = floodway()
+        .current_dir(dir)
+        .args(["run", "floodway.toml", "--metrics", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let took = loop {
+        if delivered(&addr).is_some_and(|n| n >= expected) {
+            break started.elapsed();
+        }
+        assert!(child.try_wait().unwrap().is_none(), "floodway run exited");
+        assert!(started.elapsed() < Duration::from_secs(300), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+    took.as_secs_f64()
+}
+
+/// The library over the same configuration in `dir`: events delivered and seconds.
+fn library_run(rt: &tokio::runtime::Runtime, dir: &Path) -> (u64, f64) {
+    let text = std::fs::read_to_string(dir.join("floodway.toml")).unwrap();
+    let hub = dir.join("hub.db");
+    let config = Config::parse(&text.replace("\"hub.db\"", &format!("{hub:?}"))).unwrap();
+    rt.block_on(async {
+        let started = Instant::now();
+        let (hubs, processors) = floodway_processors::build_all(&config).await.unwrap();
+        let options = ReadOptions {
+            follow: false,
+            ..ReadOptions::default()
+        };
+        let reports =
+            floodway_processors::run_all(&hubs.events, processors, options, std::future::pending())
+                .await
+                .unwrap();
+        let took = started.elapsed().as_secs_f64();
+        let delivered = reports
+            .iter()
+            .flat_map(|(_, r)| r.pipelines.iter())
+            .map(|p| p.delivered)
+            .sum();
+        (delivered, took)
+    })
+}
+
+fn main() {
+    let n = std::env::var("FLOODWAY_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000usize);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let tmp = tempfile::tempdir_in(".").unwrap();
+    eprintln!("generating {n} events...");
+    let events = generate::orders(n, 5);
+    let orders = events
+        .iter()
+        .filter(|e| e.event_type().starts_with("order-"))
+        .count() as u64;
+    let file = tmp.path().join("events.jsonl");
+    std::fs::write(&file, generate::to_jsonl(&events)).unwrap();
+    let big = tmp.path().join("big.jsonl");
+    std::fs::write(&big, generate::to_jsonl(&generate::orders(5 * n, 6))).unwrap();
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len() as f64 / (1 << 20) as f64;
+    let decoded: Vec<Event> = events
+        .iter()
+        .map(|e| Event::decode(e.to_json().as_bytes()).unwrap())
+        .collect();
+
+    let mut rows = Vec::new();
+    let (mut lib_pub, mut cmd_pub, mut lib_run, mut cmd_run) = (vec![], vec![], vec![], vec![]);
+    let mut publish_peak = 0;
+    for run in 0..RUNS {
+        eprintln!("run {} of {RUNS}...", run + 1);
+        let lib = tmp.path().join(format!("lib{run}"));
+        let cmd = tmp.path().join(format!("cmd{run}"));
+        for dir in [&lib, &cmd] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(dir.join("floodway.toml"), config("hub.db")).unwrap();
+        }
+        // Publish: the library, then the command, into fresh hubs.
+        let hub = Hub::open(lib.join("hub.db"), HubOptions::default()).unwrap();
+        let started = Instant::now();
+        rt.block_on(async {
+            for chunk in decoded.chunks(1_000) {
+                hub.publish(chunk).await.unwrap();
+            }
+        });
+        lib_pub.push(n as f64 / started.elapsed().as_secs_f64());
+        drop(hub);
+        let mut publish = floodway();
+        publish
+            .current_dir(&cmd)
+            .args(["hub", "publish", "--hub", "hub.db"])
+            .arg(&file);
+        let (took, peak) = timed(publish);
+        cmd_pub.push(n as f64 / took.as_secs_f64());
+        publish_peak = publish_peak.max(peak);
+        // Materialize: the library, then the command, each over its own copy.
+        let (done, took) = library_run(&rt, &lib);
+        assert_eq!(done, orders, "the library delivered every order event");
+        lib_run.push(orders as f64 / took);
+        cmd_run.push(orders as f64 / command_run(&cmd, orders));
+    }
+    let mut big_publish = floodway();
+    let big_dir = tmp.path().join("big");
+    std::fs::create_dir_all(&big_dir).unwrap();
+    big_publish
+        .current_dir(&big_dir)
+        .args(["hub", "publish", "--hub", "hub.db"])
+        .arg(&big);
+    let (_, big_peak) = timed(big_publish);
+
+    let (lib_pub, cmd_pub, lib_run, cmd_run) = (
+        median(lib_pub),
+        median(cmd_pub),
+        median(lib_run),
+        median(cmd_run),
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    rows.push(format!(
+        "| publish {n} events: library `Hub::publish`, chunks of 1,000 (reference) | {lib_pub:.0} ev/s | - | 1.00 | - |"
+    ));
+    rows.push(format!(
+        "| publish {n} events: `floodway hub publish` of a {:.0} MiB file | {cmd_pub:.0} ev/s | {lib_pub:.0} ev/s library | {:.2} | - |",
+        size(&file),
+        cmd_pub / lib_pub
+    ));
+    rows.push(format!(
+        "| peak memory of `floodway hub publish`: {:.0} MiB file; {:.0} MiB file | {:.1} MiB; {:.1} MiB | - | - | <= 64 MiB whatever the size |",
+        size(&file),
+        size(&big),
+        mib(publish_peak),
+        mib(big_peak)
+    ));
+    rows.push(format!(
+        "| materialize {orders} order events: library, the configuration's processors (reference) | {lib_run:.0} ev/s | - | 1.00 | - |"
+    ));
+    rows.push(format!(
+        "| materialize {orders} order events: `floodway run`, from the process's start | {cmd_run:.0} ev/s | {lib_run:.0} ev/s library | {:.2} | >= 0.90 of the library |",
+        cmd_run / lib_run
+    ));
+    println!("{n} generated events, embedded hub of 8 partitions, median of {RUNS} runs\n");
+    println!("| measurement | result | reference | ratio | goal |");
+    println!("|---|---|---|---|---|");
+    for row in rows {
+        println!("{row}");
+    }
+}
