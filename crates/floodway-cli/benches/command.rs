@@ -12,6 +12,10 @@
 //!   against `floodway run CONFIG`, timed from starting the process until its metrics say every
 //!   order event is in the view.
 
+#[path = "../../floodway/benches/common/mod.rs"]
+#[macro_use]
+mod common;
+
 use std::io::{Read as _, Write as _};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -261,10 +265,32 @@ fn main() {
         "| materialize {orders} order events: `floodway run`, from the process's start | {cmd_run:.0} ev/s | {lib_run:.0} ev/s library | {:.2} | >= 0.90 of the library |",
         cmd_run / lib_run
     ));
-    println!("{n} generated events, embedded hub of 8 partitions, median of {RUNS} runs\n");
-    println!("| measurement | result | reference | ratio | goal |");
-    println!("|---|---|---|---|---|");
+    out!("{n} generated events, embedded hub of 8 partitions, median of {RUNS} runs\n");
+    out!("| measurement | result | reference | ratio | goal |");
+    out!("|---|---|---|---|---|");
     for row in rows {
-        println!("{row}");
+        out!("{row}");
     }
+    common::chart::save_table("command");
+    common::chart::bars(
+        "command",
+        "Embedded hub: the floodway command beside the library, same work",
+        "events per second",
+        &[
+            common::chart::Group {
+                label: "publish a file".into(),
+                bars: vec![
+                    ("floodway command".into(), cmd_pub),
+                    ("library".into(), lib_pub),
+                ],
+            },
+            common::chart::Group {
+                label: "materialize into a view".into(),
+                bars: vec![
+                    ("floodway command".into(), cmd_run),
+                    ("library".into(), lib_run),
+                ],
+            },
+        ],
+    );
 }

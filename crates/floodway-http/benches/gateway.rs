@@ -44,6 +44,10 @@
 //! Prints two markdown tables (steady scenarios, capacity change) with the goals beside the
 //! results; progress goes to stderr.
 
+#[path = "../../floodway/benches/common/mod.rs"]
+#[macro_use]
+mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -624,7 +628,7 @@ fn steady(
 }
 
 fn print_steady(rows: &[SteadyRow], warmup: Duration, measure: Duration) {
-    println!(
+    out!(
         "## Steady capacity\n\n\
          Warm-up {:.1} s, then {:.1} s measured. Goodput: 2xx/s at the server. Capacity \
          throughput: capacity / mean service latency (as the server measured it). Throttled: \
@@ -636,11 +640,11 @@ fn print_steady(rows: &[SteadyRow], warmup: Duration, measure: Duration) {
         warmup.as_secs_f64(),
         measure.as_secs_f64()
     );
-    println!(
+    out!(
         "| scenario | limiter | goodput | capacity throughput | of capacity | throttled | \
          client p50 / p99 | service p50 / p99 | mean limit | faults | goal | met |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    out!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let ms = |s: f64| s * 1000.0;
     for r in rows {
         let goal = match r.goal {
@@ -651,7 +655,7 @@ fn print_steady(rows: &[SteadyRow], warmup: Duration, measure: Duration) {
             ),
             (least, None) => format!(">= {:.0}%", least * 100.0),
         };
-        println!(
+        out!(
             "| {} | {} | {:.0}/s | {:.0}/s | {:.1}% | {:.2}% | {:.1} / {:.1} ms | {:.1} / {:.1} ms \
              | {:.1} | {} | {} | {} |",
             r.scenario,
@@ -670,7 +674,7 @@ fn print_steady(rows: &[SteadyRow], warmup: Duration, measure: Duration) {
             if r.met() { "met" } else { "**missed**" },
         );
     }
-    println!();
+    out!();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -737,6 +741,16 @@ fn capacity_change(rt: &tokio::runtime::Runtime, phase: Duration, limiter: Limit
         .position(|w| w.ok as f64 / window_secs >= target)
         .map(|i| (i + 1) as f64 * window_secs);
 
+    if matches!(limiter, Limiter::Adaptive) {
+        chart_change(
+            &run.slots,
+            &phases,
+            [full, half, full],
+            service,
+            window_secs,
+        );
+    }
+
     let per_phase = |f: &dyn Fn(&Totals, usize) -> f64| {
         let caps = [full, half, full];
         [0, 1, 2].map(|i| f(&Totals::of(&run.slots, phases[i].clone()), caps[i]))
@@ -753,8 +767,61 @@ fn capacity_change(rt: &tokio::runtime::Runtime, phase: Duration, limiter: Limit
     }
 }
 
+/// Charts of the adaptive limiter through the capacity change, in 500 ms windows: its limit
+/// against the capacity, and its goodput against the capacity's throughput.
+fn chart_change(
+    slots: &[Slot],
+    phases: &[Range<usize>; 3],
+    caps: [usize; 3],
+    service: f64,
+    window_secs: f64,
+) {
+    use common::chart::{lines, Series};
+    let (mut limit, mut goodput, mut capacity, mut capacity_rate) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut t = 0.0;
+    for (phase, cap) in phases.iter().zip(caps) {
+        capacity.push((t, cap as f64));
+        capacity_rate.push((t, cap as f64 / service));
+        for w in windows(slots, phase.clone()) {
+            t += window_secs;
+            if !w.limits.is_empty() {
+                limit.push((t, w.mean_limit()));
+            }
+            goodput.push((t, w.ok as f64 / window_secs));
+        }
+        capacity.push((t, cap as f64));
+        capacity_rate.push((t, cap as f64 / service));
+    }
+    let series = |name: &str, points: Vec<(f64, f64)>, dashed: bool| Series {
+        name: name.into(),
+        points,
+        dashed,
+    };
+    lines(
+        "adaptive-limit",
+        "Adaptive concurrency through a capacity change (16, 8, 16; log-normal latency)",
+        "seconds",
+        "concurrent calls",
+        &[
+            series("limit (mean per 500 ms)", limit, false),
+            series("service capacity", capacity, true),
+        ],
+    );
+    lines(
+        "adaptive-goodput",
+        "Goodput through the same capacity change",
+        "seconds",
+        "successful calls per second",
+        &[
+            series("goodput (per 500 ms)", goodput, false),
+            series("capacity throughput", capacity_rate, true),
+        ],
+    );
+}
+
 fn print_change(rows: &[ChangeRow], phase: Duration) {
-    println!(
+    out!(
         "## Capacity change\n\n\
          Capacity 16, log-normal sigma 0.5: {p:.1} s at 16, {p:.1} s at 8, {p:.1} s at 16 again. \
          Follows the halving: the time from the change until, in 500 ms windows, the throttled \
@@ -766,11 +833,11 @@ fn print_change(rows: &[ChangeRow], phase: Duration) {
          halving (it over-throttles until the restoration).\n",
         p = phase.as_secs_f64()
     );
-    println!(
+    out!(
         "| limiter | follows halving | follows restoration | mean limit (16 / 8 / 16) | \
          of capacity (16 / 8 / 16) | throttled (16 / 8 / 16) | faults | goal | met |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    out!("|---|---|---|---|---|---|---|---|---|");
     let secs = |t: Option<f64>| match t {
         Some(t) => format!("{t:.1} s"),
         None => format!("not within {:.1} s", phase.as_secs_f64()),
@@ -787,7 +854,7 @@ fn print_change(rows: &[ChangeRow], phase: Duration) {
             (true, false) => "**missed** (restoration)".into(),
             (false, false) => "**missed** (both)".into(),
         };
-        println!(
+        out!(
             "| {} | {} | {} | {} | {}% | {}% | {} | halving <= {HALVING_GOAL:.0} s, \
              restoration <= {RESTORE_GOAL:.0} s | {} |",
             r.limiter,
@@ -800,7 +867,7 @@ fn print_change(rows: &[ChangeRow], phase: Duration) {
             met,
         );
     }
-    println!();
+    out!();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -865,5 +932,8 @@ fn main() {
     }
     if !change_rows.is_empty() {
         print_change(&change_rows, phase);
+    }
+    if only.is_empty() {
+        common::chart::save_table("gateway");
     }
 }

@@ -19,6 +19,10 @@
 //!
 //! Every throughput is the median of `RUNS` runs, the contenders taking turns in each run.
 
+#[path = "../../floodway/benches/common/mod.rs"]
+#[macro_use]
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -420,6 +424,7 @@ fn main() {
     let records = INVOCATIONS * PER_INVOCATION;
     let mut rows = Vec::new();
     let mut sizes = Vec::new();
+    let mut groups = Vec::new();
     for poison in [false, true] {
         let events = events(poison);
         sizes = events.iter().map(|e| e.to_json().len()).collect::<Vec<_>>();
@@ -475,6 +480,20 @@ fn main() {
             result: format!("{ours:.0} records/s"),
             reference: format!("{plain:.0} records/s plain Rust"),
             ratio: format!("{:.2}", ours / plain),
+        });
+        let mut bars = vec![
+            ("Floodway".to_owned(), ours),
+            ("plain Rust (limit)".to_owned(), plain),
+        ];
+        if let Some(node) = &node {
+            bars.push((
+                "aws-lambda-stream".into(),
+                node["records_per_s"].as_f64().unwrap_or(0.0),
+            ));
+        }
+        groups.push(common::chart::Group {
+            label: if poison { "1% poison" } else { "clean" }.into(),
+            bars,
         });
         match &node {
             Some(node) => {
@@ -589,7 +608,7 @@ fn main() {
         ratio: "-".into(),
     });
 
-    println!(
+    out!(
         "{INVOCATIONS} Kinesis invocations of {PER_INVOCATION} records ({:.1} MiB each), events of \
          {}-{} bytes (median {}), one core, median of {RUNS} runs\n",
         size_mib,
@@ -597,12 +616,22 @@ fn main() {
         sizes[sizes.len() - 1],
         sizes[sizes.len() / 2]
     );
-    println!("| measurement | result | reference | ratio |");
-    println!("|---|---|---|---|");
+    out!("| measurement | result | reference | ratio |");
+    out!("|---|---|---|---|");
     for r in rows {
-        println!(
+        out!(
             "| {} | {} | {} | {} |",
-            r.name, r.result, r.reference, r.ratio
+            r.name,
+            r.result,
+            r.reference,
+            r.ratio
         );
     }
+    common::chart::save_table("lambda");
+    common::chart::bars(
+        "lambda",
+        "Lambda handler, 100,000 Kinesis records, one core",
+        "records per second",
+        &groups,
+    );
 }

@@ -23,6 +23,7 @@ use floodway_nats::{NatsHub, NatsHubOptions, Partitions, SubscriptionOptions};
 use futures_util::StreamExt;
 
 #[path = "../../floodway/benches/common/mod.rs"]
+#[macro_use]
 mod common;
 
 const RUNS: usize = 3;
@@ -33,7 +34,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn row(name: &str, value: f64, baseline: f64, goal: &str) {
-    println!(
+    out!(
         "| {name} | {value:.0} msg/s | {baseline:.0} msg/s | {:.2} | {goal} |",
         value / baseline
     );
@@ -172,13 +173,13 @@ fn main() {
             .map(|e| Event::decode_bytes(Bytes::from(e.to_json()), 1 << 20).unwrap())
             .collect();
         let bytes: usize = events.iter().map(Event::encoded_len).sum();
-        println!(
+        out!(
             "{n} events of {} bytes on average, nats-server on loopback (file storage), {} runs each, median\n",
             bytes / n,
             RUNS
         );
-        println!("| measurement | Floodway | raw async-nats | ratio | goal |");
-        println!("|---|---|---|---|---|");
+        out!("| measurement | Floodway | raw async-nats | ratio | goal |");
+        out!("|---|---|---|---|---|");
 
         // For each partition count: publishing, each run into fresh streams so ids are never
         // duplicates; then consuming the same stored messages with fresh consumers each run.
@@ -186,6 +187,7 @@ fn main() {
             .iter()
             .map(|e| (e.id().to_owned(), e.source_bytes().unwrap().clone()))
             .collect();
+        let mut groups = Vec::new();
         for partitions in [1u32, 4, 16] {
             let (mut raw, mut ours) = (Vec::new(), Vec::new());
             for run in 0..RUNS {
@@ -194,12 +196,17 @@ fn main() {
                 let our_hub = hub(&server, &format!("PUB{partitions}x{run}"), partitions).await;
                 ours.push(floodway_publish(&our_hub, &events).await);
             }
+            let (ours, raw) = (median(ours), median(raw));
             row(
                 &format!("publish, acked, with ids, {partitions} partition(s)"),
-                median(ours),
-                median(raw),
+                ours,
+                raw,
                 "ratio >= 1.0",
             );
+            groups.push(common::chart::Group {
+                label: format!("publish, {partitions} partition(s)"),
+                bars: vec![("Floodway".into(), ours), ("raw async-nats".into(), raw)],
+            });
             let source = hub(&server, &format!("CONSUME{partitions}"), partitions).await;
             floodway_publish(&source, &events).await;
             let (mut raw, mut ours) = (Vec::new(), Vec::new());
@@ -207,12 +214,24 @@ fn main() {
                 raw.push(raw_consume(&source, &format!("raw{run}"), n).await);
                 ours.push(floodway_consume(&source, &format!("floodway{run}"), n).await);
             }
+            let (ours, raw) = (median(ours), median(raw));
             row(
                 &format!("consume + ack, {partitions} partition(s), one pipeline"),
-                median(ours),
-                median(raw),
+                ours,
+                raw,
                 "ratio >= 1.0",
             );
+            groups.push(common::chart::Group {
+                label: format!("consume, {partitions} partition(s)"),
+                bars: vec![("Floodway".into(), ours), ("raw async-nats".into(), raw)],
+            });
         }
+        common::chart::save_table("nats");
+        common::chart::bars(
+            "nats",
+            "NATS JetStream on loopback: Floodway beside raw async-nats",
+            "messages per second",
+            &groups,
+        );
     });
 }

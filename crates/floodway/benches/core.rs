@@ -22,6 +22,7 @@ use floodway::{sink_fn, Batch, BatchConfig, Error, Event, Pipeline, Processor, R
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[macro_use]
 mod common;
 
 struct Row {
@@ -344,7 +345,7 @@ fn memory_child(total: u64) {
         let (samples, seen) = (samples.clone(), seen.clone());
         sink_fn(move |batch: Batch| {
             let n = seen.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64;
-            if n % (total / 10) < batch.len() as u64 {
+            if n % (total / 50) < batch.len() as u64 {
                 samples.lock().unwrap().push(rss_kib("VmRSS:"));
             }
             async move {
@@ -369,7 +370,7 @@ fn memory_child(total: u64) {
         .unwrap();
     assert_eq!(report.done, total);
     let samples = samples.lock().unwrap();
-    let list: Vec<String> = samples.iter().map(|k| format!("{}", k / 1024)).collect();
+    let list: Vec<String> = samples.iter().map(u64::to_string).collect();
     println!("{} {}", rss_kib("VmHWM:"), list.join(","));
 }
 
@@ -383,11 +384,46 @@ fn memory_row(total: u64) -> Row {
     let text = String::from_utf8_lossy(&out.stdout);
     let mut parts = text.split_whitespace();
     let peak_kib: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let samples = parts.next().unwrap_or("").to_owned();
+    // RSS in KiB at every 2% of the stream.
+    let samples: Vec<u64> = parts
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    common::chart::lines(
+        "memory",
+        &format!("Processor memory over a {total}-event run (slow sink, 4,096 in flight)"),
+        "events processed",
+        "RSS (MiB)",
+        &[
+            common::chart::Series {
+                name: "RSS".into(),
+                points: samples
+                    .iter()
+                    .enumerate()
+                    .map(|(i, kib)| ((i + 1) as f64 * total as f64 / 50.0, mib(*kib)))
+                    .collect(),
+                dashed: false,
+            },
+            common::chart::Series {
+                name: "peak".into(),
+                points: vec![(0.0, mib(peak_kib)), (total as f64, mib(peak_kib))],
+                dashed: true,
+            },
+        ],
+    );
+    let tenths: Vec<String> = samples
+        .iter()
+        .skip(4)
+        .step_by(5)
+        .map(|k| format!("{}", k / 1024))
+        .collect();
     row(
         &format!("peak RSS, {total} events through a slow sink (RSS MiB at each 10%)"),
-        format!("{:.1} MiB", peak_kib as f64 / 1024.0),
-        format!("[{samples}]"),
+        format!("{:.1} MiB", mib(peak_kib)),
+        format!("[{}]", tenths.join(",")),
         "flat".into(),
         "flat, < 100 MiB",
     )
@@ -567,7 +603,7 @@ fn main() {
         };
         let (rates, _) = rounds(&[Case::Floodway(records, &resilience)], 10);
         let rate = best(&rates[0]);
-        println!("{profile}: {rate:.0} ev/s");
+        out!("{profile}: {rate:.0} ev/s");
         return;
     }
     eprintln!(
@@ -628,8 +664,28 @@ fn main() {
         ratio_note(3, 2),
         ">= 0.97 of clean",
     ));
+    common::chart::bars(
+        "core",
+        "Core processor, one core: Floodway beside a plain tokio pipeline",
+        "events per second",
+        &[
+            common::chart::Group {
+                label: "default resilience stack".into(),
+                bars: vec![("Floodway".into(), full), ("plain tokio".into(), plain)],
+            },
+            common::chart::Group {
+                label: "no layers".into(),
+                bars: vec![("Floodway".into(), bare), ("plain tokio".into(), plain)],
+            },
+            common::chart::Group {
+                label: "default stack, 1% poison".into(),
+                bars: vec![("Floodway".into(), poison)],
+            },
+        ],
+    );
     if only_throughput {
         print_table(rows);
+        common::chart::save_table("core-throughput");
         return;
     }
     eprintln!("memory (child process)...");
@@ -639,19 +695,24 @@ fn main() {
     eprintln!("adaptive concurrency (simulated)...");
     rows.push(adaptive_row());
     print_table(rows);
+    common::chart::save_table("core");
 }
 
 fn print_table(rows: Vec<Row>) {
-    println!(
+    out!(
         "throughput: best of the rounds, one core; ratio: median over rounds of the ratio \
          within a round\n"
     );
-    println!("| measurement | result | baseline | ratio | goal |");
-    println!("|---|---|---|---|---|");
+    out!("| measurement | result | baseline | ratio | goal |");
+    out!("|---|---|---|---|---|");
     for r in rows {
-        println!(
+        out!(
             "| {} | {} | {} | {} | {} |",
-            r.name, r.value, r.baseline, r.ratio, r.goal
+            r.name,
+            r.value,
+            r.baseline,
+            r.ratio,
+            r.goal
         );
     }
 }

@@ -17,3 +17,15 @@ pub(crate) fn two_workers() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+pub(crate) mod chart;
+
+/// Prints a line of the benchmark's report and keeps it for [`chart::save_table`].
+macro_rules! out {
+    () => {
+        common::chart::emit(String::new())
+    };
+    ($($t:tt)*) => {
+        common::chart::emit(format!($($t)*))
+    };
+}
