@@ -130,7 +130,12 @@ struct Submitted {
     order: OrderIn,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize)]
+struct Confirmed {
+    order: OrderIn,
+}
+
+#[derive(Deserialize, Serialize)]
 struct OrderIn {
     id: String,
     #[serde(rename = "customerId")]
@@ -143,10 +148,7 @@ fn confirm(event: &Event, new_type: &str) -> Result<Event, Error> {
     let Submitted { order } = event.payload()?;
     Ok(event
         .derive(new_type)
-        .field(
-            "order",
-            json!({ "id": order.id, "customerId": order.customer_id, "total": order.total }),
-        )
+        .payload(&Confirmed { order })?
         .build())
 }
 

@@ -168,8 +168,35 @@ impl Handler {
         payload: &[u8],
         deadline_ms: Option<u64>,
     ) -> Result<Value, HandlerError> {
-        let invocation =
-            sources::read(payload, &self.cdc).map_err(|e| HandlerError::Unrecognized(e.0))?;
+        let invocation = self.read(payload)?;
+        self.run_invocation(invocation, deadline_ms).await
+    }
+
+    /// [`Handler::handle_bytes`] on a payload it owns: the payload is dropped as soon as its
+    /// records are read, before they run, so the invocation's text and the work on its records
+    /// are never in memory together. What [`serve`] does.
+    ///
+    /// # Errors
+    /// As [`Handler::handle_bytes`].
+    pub async fn handle_owned<P: AsRef<[u8]>>(
+        &self,
+        payload: P,
+        deadline_ms: Option<u64>,
+    ) -> Result<Value, HandlerError> {
+        let invocation = self.read(payload.as_ref())?;
+        drop(payload);
+        self.run_invocation(invocation, deadline_ms).await
+    }
+
+    fn read(&self, payload: &[u8]) -> Result<sources::Invocation, HandlerError> {
+        sources::read(payload, &self.cdc).map_err(|e| HandlerError::Unrecognized(e.0))
+    }
+
+    async fn run_invocation(
+        &self,
+        invocation: sources::Invocation,
+        deadline_ms: Option<u64>,
+    ) -> Result<Value, HandlerError> {
         if !invocation.skipped.is_empty() {
             tracing::debug!(
                 skipped = invocation.skipped.len(),
@@ -252,7 +279,7 @@ pub async fn serve(handler: Handler) -> Result<(), lambda_runtime::Error> {
             async move {
                 let deadline = Some(event.context.deadline);
                 handler
-                    .handle_bytes(event.payload.get().as_bytes(), deadline)
+                    .handle_owned(Box::<str>::from(event.payload).into_boxed_bytes(), deadline)
                     .await
             }
         },

@@ -190,7 +190,8 @@ fn plain_rate(rt: &tokio::runtime::Runtime, records: &[Record]) -> f64 {
         counted.fetch_add(n as u64, Ordering::Relaxed);
         std::future::ready(()).await;
     }
-    let mut records = records.to_vec();
+    // Taken from the front as `MemorySource` does: a deque, not a vector shifted each time.
+    let mut records: std::collections::VecDeque<Record> = records.to_vec().into();
     let total = records.len();
     let started = Instant::now();
     let (counted, faults, committed) = rt.block_on(async move {
