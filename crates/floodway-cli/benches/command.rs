@@ -29,11 +29,6 @@ use floodway_processors::config::Config;
 
 const RUNS: usize = 3;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn floodway() -> Command {
     Command::new(env!("CARGO_BIN_EXE_floodway"))
 }
@@ -66,7 +61,7 @@ fn timed(mut command: Command) -> (Duration, u64) {
         .unwrap();
     let mut peak = 0;
     loop {
-        peak = peak.max(peak_kib(child.id()));
+        peak = peak.max(common::status_kib(child.id(), "VmHWM:"));
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
             child.stderr.take().unwrap().read_to_string(&mut err).ok();
@@ -75,17 +70,6 @@ fn timed(mut command: Command) -> (Duration, u64) {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-fn peak_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// The sum of `floodway_events_total{outcome="delivered"}` at a Prometheus endpoint.
@@ -237,10 +221,10 @@ fn main() {
     let (_, big_peak) = timed(big_publish);
 
     let (lib_pub, cmd_pub, lib_run, cmd_run) = (
-        median(lib_pub),
-        median(cmd_pub),
-        median(lib_run),
-        median(cmd_run),
+        common::median(lib_pub),
+        common::median(cmd_pub),
+        common::median(lib_run),
+        common::median(cmd_run),
     );
     let mib = |kib: u64| kib as f64 / 1024.0;
     rows.push(format!(

@@ -46,11 +46,6 @@ const POISON_PER_MILLE: u32 = 10;
 /// Set in the environment of this benchmark started again as a Lambda function.
 const FUNCTION_ROLE: &str = "FLOODWAY_BENCH_FUNCTION";
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// The events: generated orders, and in the poison variant about 1% replaced by an event of a
 /// type a pipeline takes but without the `order` its map step reads.
 fn events(poison: bool) -> Vec<Event> {
@@ -347,17 +342,6 @@ fn node(files: &[PathBuf], runs: usize) -> Option<Value> {
 
 // ---- memory ----
 
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// This benchmark as a Lambda function: the workload's handler served through the Runtime API.
 fn function_main() {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -456,7 +440,7 @@ fn main() {
         assert_eq!(per_run(&counts.accepted), limit_counts[0]);
         assert_eq!(per_run(&counts.confirmed), limit_counts[1]);
         assert_eq!(per_run(&counts.faults), limit_counts[2]);
-        let (ours, plain) = (median(ours), median(plain));
+        let (ours, plain) = (common::median(ours), common::median(plain));
         let node = node(&files, RUNS);
         if let Some(node) = &node {
             assert_eq!(node["faults"].as_u64(), Some(limit_counts[2]), "{node}");
@@ -543,13 +527,13 @@ fn main() {
             .invoke(&small, Duration::from_secs(30))
             .await
             .unwrap();
-        let idle = status_kib(pid, "VmHWM:");
+        let idle = common::status_kib(pid, "VmHWM:");
         let answer = runtime.invoke(&one, Duration::from_secs(60)).await.unwrap();
         assert_eq!(
             answer["batchItemFailures"].as_array().map(Vec::len),
             Some(0)
         );
-        (status_kib(pid, "VmHWM:"), idle)
+        (common::status_kib(pid, "VmHWM:"), idle)
     });
     let mib = |kib: u64| kib as f64 / 1024.0;
     let size_mib = clean[0].len() as f64 / (1 << 20) as f64;
@@ -584,7 +568,7 @@ fn main() {
     }
     rows.push(Row {
         name: "cold start: process start to first answered invocation (local Runtime API)".into(),
-        result: format!("{:.1} ms", median(starts)),
+        result: format!("{:.1} ms", common::median(starts)),
         reference: "-".into(),
         ratio: "-".into(),
     });

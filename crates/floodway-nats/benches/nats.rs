@@ -28,11 +28,6 @@ mod common;
 
 const RUNS: usize = 3;
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 fn row(name: &str, value: f64, baseline: f64, goal: &str) {
     out!(
         "| {name} | {value:.0} msg/s | {baseline:.0} msg/s | {:.2} | {goal} |",
@@ -218,7 +213,7 @@ fn main() {
                 let our_hub = hub(&server, &format!("PUB{partitions}x{run}"), partitions).await;
                 ours.push(floodway_publish(&our_hub, &events).await);
             }
-            let (ours, raw) = (median(ours), median(raw));
+            let (ours, raw) = (common::median(ours), common::median(raw));
             row(
                 &format!("publish, acked, with ids, {partitions} partition(s)"),
                 ours,
@@ -242,7 +237,7 @@ fn main() {
                 );
                 ours.push(floodway_consume(&source, &format!("floodway{run}"), n).await);
             }
-            let (ours, raw, per_partition) = (median(ours), median(raw), median(per_partition));
+            let (ours, raw, per_partition) = (common::median(ours), common::median(raw), common::median(per_partition));
             row(
                 &format!("consume + ack, {partitions} partition(s), one pipeline"),
                 ours,

@@ -20,6 +20,24 @@ pub(crate) fn two_workers() -> tokio::runtime::Runtime {
 
 pub(crate) mod chart;
 
+/// The median of some measurements.
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// A field of a process's `/proc/<pid>/status` in KiB (`VmHWM:`, `VmRSS:`); 0 when unknown.
+pub(crate) fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Prints a line of the benchmark's report and keeps it for [`chart::save_table`].
 macro_rules! out {
     () => {
