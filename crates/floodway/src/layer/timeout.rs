@@ -22,9 +22,10 @@ impl From<Duration> for Deadline {
 
 impl Policy for Deadline {
     fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response> {
-        let mut call = Box::pin(inner.oneshot(req));
+        let call = inner.oneshot(req);
         let timeout = self.0;
         Box::pin(async move {
+            let mut call = std::pin::pin!(call);
             // A call that is done at once (an in-process sink, a buffered write) needs no
             // timer: registering one and removing it costs more than many such calls.
             let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
