@@ -143,10 +143,6 @@ impl FaultStore {
             })?;
             rows.push((fault, details));
         }
-        let rows: Vec<(&Event, FaultDetails)> = rows
-            .iter()
-            .map(|(fault, details)| (&**fault, details.clone()))
-            .collect();
         let now = now_millis();
         let mut conn = self.conn()?;
         // The turn is taken per try, so this process's other writers go on between tries.
@@ -159,7 +155,7 @@ impl FaultStore {
     /// The transaction of [`store_all`](Self::store_all).
     fn store_rows(
         conn: &mut Connection,
-        rows: &[(&Event, FaultDetails)],
+        rows: &[(std::borrow::Cow<'_, Event>, FaultDetails)],
         now: i64,
     ) -> Result<Vec<Stored>, HubError> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;

@@ -169,6 +169,26 @@ pub fn read(payload: &[u8], cdc: &CdcOptions) -> Result<Invocation, Unrecognized
     ))
 }
 
+/// A record of `raw` as a `T` (`what` it should be, for the error), or the malformed record
+/// of source `source` (`<source>:unknown`) that says why it is not one.
+fn parse<'a, T: Deserialize<'a>>(
+    raw: &'a RawValue,
+    i: u64,
+    source: &str,
+    name: &str,
+    what: &str,
+) -> Result<T, Record> {
+    serde_json::from_str(raw.get()).map_err(|e| {
+        malformed(
+            format!("{source}:unknown"),
+            i,
+            raw,
+            name,
+            format!("not {what}: {e}"),
+        )
+    })
+}
+
 /// A record that could not be read: its JSON as it came, faulted with `name` and `why`.
 fn malformed(source: String, i: u64, raw: &RawValue, name: &str, why: String) -> Record {
     Record::new(
@@ -195,6 +215,11 @@ fn loose(raw: Option<&RawValue>) -> Option<String> {
 /// The name after the first `/` of an ARN (`arn:aws:kinesis:...:stream/orders` → `orders`).
 fn arn_name(arn: Option<&str>) -> &str {
     arn.and_then(|a| a.split('/').nth(1)).unwrap_or("unknown")
+}
+
+/// The name after the last `:` of an ARN (`arn:aws:sqs:...:orders` → `orders`).
+fn arn_tail(arn: Option<&str>) -> &str {
+    arn.and_then(|a| a.rsplit(':').next()).unwrap_or("unknown")
 }
 
 /// A Kinesis invocation in one pass: every record well formed, as Lambda sends them.
@@ -298,18 +323,15 @@ struct KinesisData<'a> {
 /// A Kinesis record: the shard (from `eventID`) is the partition, the sequence number the
 /// position.
 fn kinesis(i: u64, raw: &RawValue, names: &mut Names) -> Record {
-    let record: KinesisRecord<'_> = match serde_json::from_str(raw.get()) {
+    let record: KinesisRecord<'_> = match parse(
+        raw,
+        i,
+        "kinesis",
+        "MalformedKinesisRecord",
+        "a Kinesis record",
+    ) {
         Ok(r) => r,
-        Err(e) => {
-            let why = format!("not a Kinesis record: {e}");
-            return malformed(
-                "kinesis:unknown".into(),
-                i,
-                raw,
-                "MalformedKinesisRecord",
-                why,
-            );
-        }
+        Err(bad) => return bad,
     };
     match base64::engine::general_purpose::STANDARD.decode(record.kinesis.data.as_bytes()) {
         Ok(data) => names.kinesis(i, &record, Bytes::from(data)),
@@ -351,38 +373,29 @@ struct Notification<'a> {
     kind: Cow<'a, str>,
     #[serde(rename = "Message", borrow)]
     message: Cow<'a, str>,
-    #[serde(rename = "TopicArn", borrow, default)]
-    _topic: Option<Cow<'a, str>>,
 }
 
 /// The event an SQS body carries: the body, or the message of the SNS notification it is.
-fn unwrap_notification(body: &str) -> Cow<'_, str> {
+fn unwrap_notification(body: &str) -> String {
     if body.starts_with('{') && body.contains("\"TopicArn\"") {
         if let Ok(n) = serde_json::from_str::<Notification<'_>>(body) {
             if n.kind == "Notification" {
-                return Cow::Owned(n.message.into_owned());
+                return n.message.into_owned();
             }
         }
     }
-    Cow::Borrowed(body)
+    body.to_owned()
 }
 
 /// An SQS message: the body (or the SNS notification's message in it) is the record; a FIFO
 /// queue's message group is the partition and the order key (a standard queue has no order:
 /// each message is its own partition); the receive count is the attempt.
 fn sqs(i: u64, raw: &RawValue) -> Record {
-    let m: SqsMessage<'_> = match serde_json::from_str(raw.get()) {
+    let m: SqsMessage<'_> = match parse(raw, i, "sqs", "MalformedSqsMessage", "an SQS message") {
         Ok(m) => m,
-        Err(e) => {
-            let why = format!("not an SQS message: {e}");
-            return malformed("sqs:unknown".into(), i, raw, "MalformedSqsMessage", why);
-        }
+        Err(bad) => return bad,
     };
-    let queue = m
-        .arn
-        .as_deref()
-        .and_then(|a| a.rsplit(':').next())
-        .unwrap_or("unknown");
+    let queue = arn_tail(m.arn.as_deref());
     let id = loose(m.message_id).unwrap_or_else(|| i.to_string());
     let attributes = m.attributes.as_ref();
     let group = attributes.and_then(|a| loose(a.group));
@@ -390,7 +403,7 @@ fn sqs(i: u64, raw: &RawValue) -> Record {
         .and_then(|a| loose(a.receive_count))
         .and_then(|c| c.parse().ok())
         .unwrap_or(1);
-    let data = Bytes::from(unwrap_notification(&m.body).into_owned());
+    let data = Bytes::from(unwrap_notification(&m.body));
     let record = Record::new(
         format!("sqs:{queue}"),
         group.clone().unwrap_or_else(|| id.clone()),
@@ -424,25 +437,17 @@ struct SnsMessage<'a> {
 /// An SNS notification: its message is the record; each is its own partition (SNS to Lambda
 /// keeps no order).
 fn sns(i: u64, raw: &RawValue) -> Record {
-    let r: SnsRecord<'_> = match serde_json::from_str(raw.get()) {
+    let r: SnsRecord<'_> = match parse(
+        raw,
+        i,
+        "sns",
+        "MalformedSnsNotification",
+        "an SNS notification",
+    ) {
         Ok(r) => r,
-        Err(e) => {
-            let why = format!("not an SNS notification: {e}");
-            return malformed(
-                "sns:unknown".into(),
-                i,
-                raw,
-                "MalformedSnsNotification",
-                why,
-            );
-        }
+        Err(bad) => return bad,
     };
-    let topic = r
-        .sns
-        .topic
-        .as_deref()
-        .and_then(|a| a.rsplit(':').next())
-        .unwrap_or("unknown");
+    let topic = arn_tail(r.sns.topic.as_deref());
     let id = loose(r.sns.message_id).unwrap_or_else(|| i.to_string());
     Record::new(
         format!("sns:{topic}"),
@@ -701,12 +706,9 @@ fn dynamodb(
     region: Option<&str>,
 ) -> Result<Record, (String, Skipped)> {
     let name = "MalformedDynamoDbRecord";
-    let r: DynamoRecord<'_> = match serde_json::from_str(raw.get()) {
+    let r: DynamoRecord<'_> = match parse(raw, i, "dynamodb", name, "a DynamoDB stream record") {
         Ok(r) => r,
-        Err(e) => {
-            let why = format!("not a DynamoDB stream record: {e}");
-            return Ok(malformed("dynamodb:unknown".into(), i, raw, name, why));
-        }
+        Err(bad) => return Ok(bad),
     };
     let table = arn_name(r.arn.as_deref()).to_owned();
     let source = format!("dynamodb:{table}");

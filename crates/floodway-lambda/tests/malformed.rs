@@ -411,8 +411,9 @@ async fn a_bad_ciphertext_is_one_precise_fault_for_a_pipeline_that_decrypts() {
         "the good record, one fault"
     );
     assert_eq!(faults[0].0, "DecryptionError");
+    // Eight base64 characters short is still base64, of a ciphertext cut mid-block.
     assert!(
-        faults[0].1.contains("not an encrypted value") || faults[0].1.contains("not base64"),
+        faults[0].1.contains("not an encrypted value"),
         "{}",
         faults[0].1
     );

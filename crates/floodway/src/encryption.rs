@@ -283,7 +283,9 @@ pub async fn decrypt_event(keys: &dyn KeyProvider, event: &Event) -> Result<Decr
             ));
         };
         let clear = decrypt_value(&key, text)?;
-        collect_texts(&clear, &mut secrets);
+        // Worth scrubbing from messages: not `true` or `false` (nor empty: the scrub skips those).
+        crate::fault::collect_scalars(Some(&clear), &mut secrets);
+        secrets.retain(|t| !matches!(t.as_str(), "true" | "false"));
         *v = clear;
         Ok(())
     };
@@ -291,17 +293,6 @@ pub async fn decrypt_event(keys: &dyn KeyProvider, event: &Event) -> Result<Decr
     let event = Event::from_value(value)
         .map_err(|e| Error::poison_msg("DecryptionError", e.to_string()))?;
     Ok(Decrypted { event, secrets })
-}
-
-/// The texts of a value's scalars worth scrubbing (not empty, not `true`/`false`/`null`).
-fn collect_texts(value: &Value, out: &mut Vec<String>) {
-    match value {
-        Value::String(s) if !s.is_empty() => out.push(s.clone()),
-        Value::Number(n) => out.push(n.to_string()),
-        Value::Array(items) => items.iter().for_each(|v| collect_texts(v, out)),
-        Value::Object(map) => map.values().for_each(|v| collect_texts(v, out)),
-        _ => {}
-    }
 }
 
 fn provider_error(e: crate::BoxError) -> Error {
@@ -314,7 +305,8 @@ fn provider_error(e: crate::BoxError) -> Error {
 /// The event a unit of work had before a step decrypted it, kept for its faults.
 #[derive(Debug, Clone)]
 pub(crate) struct Undecrypted {
-    pub(crate) event: Event,
+    /// Shared with the unit of work it came from: keeping it copies nothing.
+    pub(crate) event: std::sync::Arc<Event>,
     pub(crate) secrets: Vec<String>,
 }
 

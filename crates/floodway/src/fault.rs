@@ -92,17 +92,26 @@ fn scrub<'m>(message: &'m str, event: &Event, paths: &[String]) -> std::borrow::
         let pointer = format!("/{}", path.replace('.', "/"));
         let mut found = Vec::new();
         collect_scalars(value.pointer(&pointer), &mut found);
-        for text in found.iter().filter(|t| !t.is_empty()) {
-            if out.contains(text.as_str()) {
-                out = std::borrow::Cow::Owned(out.replace(text.as_str(), REDACTED));
-            }
+        if let std::borrow::Cow::Owned(scrubbed) = scrub_texts(&out, &found) {
+            out = std::borrow::Cow::Owned(scrubbed);
+        }
+    }
+    out
+}
+
+/// `message` with every one of `texts` (but empty ones) replaced by the placeholder.
+pub(crate) fn scrub_texts<'m>(message: &'m str, texts: &[String]) -> std::borrow::Cow<'m, str> {
+    let mut out = std::borrow::Cow::Borrowed(message);
+    for text in texts.iter().filter(|t| !t.is_empty()) {
+        if out.contains(text.as_str()) {
+            out = std::borrow::Cow::Owned(out.replace(text.as_str(), REDACTED));
         }
     }
     out
 }
 
 /// The texts of the scalars in a value (an object's or array's, recursively).
-fn collect_scalars(value: Option<&Value>, out: &mut Vec<String>) {
+pub(crate) fn collect_scalars(value: Option<&Value>, out: &mut Vec<String>) {
     match value {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) => out.push(s.clone()),
@@ -704,8 +713,15 @@ mod tests {
             assert_eq!(normal.tag("processor"), Some("svc-a-dev-listener"));
             assert_eq!(normal.tag("pipeline"), Some("p1"));
             assert_eq!(normal.id(), fault.id(), "the raise keeps its id");
-            // Every raise of one record in one pipeline is one fault.
-            let again = als_fault(fault.field("uow").unwrap()["record"].clone(), event.clone());
+            // Every raise of one record in one pipeline is one fault: a later raise (another
+            // id, time and message) has the same fault id.
+            let mut again =
+                als_fault(fault.field("uow").unwrap()["record"].clone(), event.clone()).to_value();
+            again["id"] = serde_json::json!("6b1f0c2e-ec41-11f1-b113-f74da297fe34");
+            again["timestamp"] = serde_json::json!(1_795_990_999_000_i64);
+            again["err"]["message"] = serde_json::json!("boom again");
+            let again = Event::from_value(again).unwrap();
+            assert_ne!(again.id(), fault.id());
             assert_eq!(fault_id(&normalized(&again)), fault_id(&normal));
         }
         // A Floodway fault is left as it is.

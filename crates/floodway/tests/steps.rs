@@ -291,3 +291,42 @@ async fn a_batch_without_a_time_limit_is_sent_when_pulling_stops() {
     assert_eq!(sink.len(), 1_000);
     assert!(sink.batches().iter().all(|b| b.len() <= 100));
 }
+
+/// `Pipeline::compress_over`: fields over the threshold leave compressed as aws-lambda-stream
+/// compresses them (and read back as they were); an event under it leaves as it came.
+#[tokio::test]
+async fn a_pipeline_compresses_what_it_sends_over_its_threshold_and_nothing_else() {
+    let kit = TestKit::new();
+    let sink = MemorySink::new();
+    let processor = kit
+        .processor("p")
+        .pipeline(
+            Pipeline::builder("out")
+                .compress_over(200)
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let big = serde_json::json!({ "notes": "n".repeat(400), "id": "o-1" });
+    let lines = [
+        serde_json::json!({ "id": "e1", "type": "t", "timestamp": 1, "partitionKey": "k", "order": big }),
+        serde_json::json!({ "id": "e2", "type": "t", "timestamp": 2, "partitionKey": "k", "order": { "id": "o-2" } }),
+    ]
+    .map(|v| v.to_string())
+    .join("\n");
+    kit.run_jsonl(&processor, &lines).await.unwrap();
+    let sent = sink.events();
+    assert_eq!(sent.len(), 2);
+    let (large, small) = (sent[0].to_json(), sent[1].to_json());
+    assert!(large.contains("\"COMPRESSED"), "{large}");
+    assert!(!large.contains(&"n".repeat(400)), "{large}");
+    assert_eq!(
+        small,
+        lines.lines().nth(1).unwrap(),
+        "under the threshold: as it came"
+    );
+    // What was sent reads back as it was.
+    let back = Event::decode(large.as_bytes()).unwrap();
+    assert_eq!(back.field("order"), Some(&big));
+}

@@ -386,7 +386,7 @@ impl PipelineBuilder {
                 }
                 let clear = crate::encryption::decrypt_event(&*keys, uow.event()).await?;
                 let before = crate::encryption::Undecrypted {
-                    event: uow.event().clone(),
+                    event: uow.event.clone(),
                     secrets: clear.secrets,
                 };
                 uow.insert(before);

@@ -122,12 +122,7 @@ fn as_faulted<'a>(uow: &'a Uow, err: &Error) -> (&'a Event, Option<Error>) {
     let Some(before) = uow.get::<crate::encryption::Undecrypted>() else {
         return (&uow.event, None);
     };
-    let mut message = err.message().to_owned();
-    for secret in &before.secrets {
-        if message.contains(secret.as_str()) {
-            message = message.replace(secret.as_str(), crate::fault::REDACTED);
-        }
-    }
+    let message = crate::fault::scrub_texts(err.message(), &before.secrets).into_owned();
     (&before.event, Some(err.echo(message)))
 }
 
