@@ -63,7 +63,7 @@ pub(crate) struct AwsArgs {
     /// The DynamoDB table of a Lambda fault monitor (`DynamoDbFaults`), instead of the hub's
     /// store. Credentials come from the environment, as for the AWS CLI.
     #[arg(long, value_name = "TABLE")]
-    dynamodb_table: Option<String>,
+    pub(crate) dynamodb_table: Option<String>,
     /// The AWS region, with --dynamodb-table (default: from the environment).
     #[arg(long, requires = "dynamodb_table")]
     region: Option<String>,
@@ -252,7 +252,7 @@ struct Lambda {
 
 #[cfg(feature = "aws")]
 impl AwsArgs {
-    async fn sdk_config(&self) -> floodway_aws::SdkConfig {
+    pub(crate) async fn sdk_config(&self) -> floodway_aws::SdkConfig {
         floodway_aws::sdk_config(self.region.as_deref(), self.aws_endpoint.as_deref()).await
     }
 }
@@ -305,7 +305,7 @@ async fn resubmit_to_lambda(
 }
 
 #[cfg(not(feature = "aws"))]
-fn without_aws() -> anyhow::Error {
+pub(crate) fn without_aws() -> anyhow::Error {
     anyhow::anyhow!(
         "this floodway was built without AWS support: build it with the `aws` feature \
          (cargo install --path crates/floodway-cli --features aws)"
@@ -339,47 +339,91 @@ pub(crate) async fn resubmit_faults(
     // Only open faults: a resolved one was applied already.
     filter.status = Some(FaultStatus::Open);
     let faults = store.list_faults(&filter).await.map_err(unreadable)?;
-    let mut processors: HashMap<String, Processor> = HashMap::new();
-    let mut plan = Vec::new();
-    let mut skipped = 0;
-    for fault in faults {
-        if fault.pipeline == floodway::fault::DECODE_PIPELINE {
-            skipped += 1;
-            continue;
-        }
-        if !processors.contains_key(&fault.processor) {
-            let Some(entry) = config
-                .processors
-                .iter()
-                .find(|p| p.name() == fault.processor)
-            else {
-                eprintln!(
-                    "fault {}: processor `{}` is not configured; skipped",
-                    fault.id, fault.processor
-                );
-                skipped += 1;
-                continue;
-            };
-            processors.insert(fault.processor.clone(), from_config(hubs, entry).await?);
-        }
-        plan.push(fault);
+    let planned = Planned::of(config, faults);
+    for (fault, why) in &planned.skipped {
+        eprintln!("fault {}: {why}; skipped", fault.id);
     }
     say!(
         "{} faults to resubmit ({} skipped: undecodable records or unknown processors)",
-        plan.len(),
-        skipped
+        planned.faults.len(),
+        planned.skipped.len()
     );
+    let processors = planned.processors(hubs, config).await?;
     let (store, events, processors) = (&*store, &*hubs.events, &processors);
-    resubmit_plan(&plan, rate, dry_run, |fault| {
-        Box::pin(async move {
-            let processor = processors.get(&fault.processor).context("built above")?;
-            let (outcome, detail) =
-                floodway::fault_store::resubmit(store, events, processor, fault, RESUBMIT_DEADLINE)
-                    .await?;
-            Ok((outcome, detail))
-        })
+    resubmit_plan(&planned.faults, rate, dry_run, |fault| {
+        Box::pin(resubmit_one(store, events, processors, fault))
     })
     .await
+}
+
+/// Which faults a resubmission to configured processors sends, and which it cannot.
+pub(crate) struct Planned {
+    /// The open faults whose processor is configured, in the order given.
+    pub(crate) faults: Vec<StoredFault>,
+    /// Those it cannot send, and why.
+    pub(crate) skipped: Vec<(StoredFault, String)>,
+}
+
+impl Planned {
+    /// Sorts `faults` into what can be resubmitted to `config`'s processors and what cannot.
+    pub(crate) fn of(config: &Config, faults: Vec<StoredFault>) -> Planned {
+        let mut planned = Planned {
+            faults: Vec::new(),
+            skipped: Vec::new(),
+        };
+        for fault in faults {
+            let why = if fault.status == FaultStatus::Resolved {
+                "resolved already".to_owned()
+            } else if fault.pipeline == floodway::fault::DECODE_PIPELINE {
+                "the record could not be decoded: no pipeline can take it".to_owned()
+            } else if !config
+                .processors
+                .iter()
+                .any(|p| p.name() == fault.processor)
+            {
+                format!("processor `{}` is not configured", fault.processor)
+            } else {
+                planned.faults.push(fault);
+                continue;
+            };
+            planned.skipped.push((fault, why));
+        }
+        planned
+    }
+
+    /// The processors the planned faults go to, built from `config`.
+    pub(crate) async fn processors(
+        &self,
+        hubs: &Hubs,
+        config: &Config,
+    ) -> anyhow::Result<HashMap<String, Processor>> {
+        let mut processors = HashMap::new();
+        for fault in &self.faults {
+            if processors.contains_key(&fault.processor) {
+                continue;
+            }
+            let entry = config
+                .processors
+                .iter()
+                .find(|p| p.name() == fault.processor)
+                .context("planned faults have configured processors")?;
+            processors.insert(fault.processor.clone(), from_config(hubs, entry).await?);
+        }
+        Ok(processors)
+    }
+}
+
+/// Resubmits `fault` to its processor among `processors` and records how it went.
+pub(crate) async fn resubmit_one(
+    store: &dyn FaultStore,
+    events: &dyn floodway::hub::EventHub,
+    processors: &HashMap<String, Processor>,
+    fault: &StoredFault,
+) -> Result<(ResubmitOutcome, String), floodway::BoxError> {
+    let processor = processors
+        .get(&fault.processor)
+        .ok_or_else(|| format!("processor `{}` is not built", fault.processor))?;
+    floodway::fault_store::resubmit(store, events, processor, fault, RESUBMIT_DEADLINE).await
 }
 
 /// Resubmits each fault of `plan` with `resubmit`, at most `rate` per second, with progress;

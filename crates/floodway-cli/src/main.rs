@@ -7,6 +7,7 @@ macro_rules! say {
     };
 }
 
+mod console;
 mod demo;
 mod faults_cmd;
 mod hub_cmd;
@@ -70,6 +71,13 @@ enum Command {
     ///
     /// Example: floodway replay --config floodway.toml --processor orders-view --from 2h
     Replay(run_cmd::ReplayArgs),
+    /// Serve the web console of a configuration's hub and faults: the flow (lag per
+    /// subscription and partition; live rates with --metrics-url), the faults grouped by
+    /// cause, resubmission and replay. `floodway run --console` serves it beside the
+    /// processors, with their live rates and pause/resume.
+    ///
+    /// Example: floodway console --config floodway.toml --metrics-url http://127.0.0.1:9464/metrics
+    Console(console::ConsoleArgs),
 }
 
 fn main() {
@@ -108,6 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Faults(command) => faults_cmd::run(command).await,
             Command::Replay(args) => run_cmd::replay(args).await,
             Command::Lambda(command) => lambda_cmd::run(command).await,
+            Command::Console(args) => console::run(args).await,
         }
     })
 }

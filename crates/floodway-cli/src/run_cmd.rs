@@ -6,10 +6,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use floodway::error::CommitError;
 use floodway::hub::{BoxSource, ReadOptions, StartAt, Stream};
+use floodway::runtime::RunReport;
 use floodway::{Checkpoint, Checkpointer, Record, Source};
 use floodway_processors::processors::reads_faults;
-use floodway_processors::{build_all, from_config, run_all, Config};
-use indicatif::ProgressBar;
+use floodway_processors::{
+    build_all, from_config, run_all_pausable, Config, Hubs, Pauses, ProcessorConfig,
+};
+use std::future::Future;
 
 use crate::util::{parse_time, progress, shutdown_signal};
 
@@ -22,6 +25,12 @@ pub(crate) struct RunArgs {
     /// Serve Prometheus metrics at this address, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Serve the web console at this address, e.g. 127.0.0.1:7878: the processors' live
+    /// flow, their faults, resubmission, replay, pause and resume.
+    #[arg(long, value_name = "ADDR")]
+    console: Option<SocketAddr>,
+    #[command(flatten)]
+    access: crate::console::AccessArgs,
 }
 
 /// Options of `floodway replay`.
@@ -49,14 +58,59 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.config.display()
         );
     }
-    if let Some(addr) = args.metrics {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("cannot serve metrics at {addr}"))?;
-        eprintln!("metrics at http://{addr}/metrics");
+    if args.console.is_none() && (args.access.token_file.is_some() || args.access.read_only) {
+        bail!("--token-file and --read-only are settings of the console: add --console ADDR");
     }
+    // One recorder for both: the console reads what /metrics serves.
+    let metrics = match (args.metrics, args.console) {
+        (None, None) => None,
+        (addr, _) => {
+            let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+            if let Some(addr) = addr {
+                builder = builder.with_http_listener(addr);
+            }
+            let (recorder, exporter) = builder
+                .build()
+                .with_context(|| format!("cannot serve metrics at {addr:?}"))?;
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder)
+                .map_err(|e| anyhow::anyhow!("cannot record metrics: {e}"))?;
+            if let Some(addr) = addr {
+                tokio::spawn(async move {
+                    if let Err(err) = exporter.await {
+                        tracing::error!(error = ?err, "the metrics endpoint stopped");
+                    }
+                });
+                eprintln!("metrics at http://{addr}/metrics");
+            }
+            Some(handle)
+        }
+    };
     let (hubs, processors) = build_all(&config).await?;
+    let pauses = Pauses::default();
+    let console = match args.console {
+        Some(listen) => {
+            let faults: std::sync::Arc<dyn floodway::fault_store::FaultStore> =
+                std::sync::Arc::new(hubs.store.fault_store()?);
+            let scope = crate::console::Scope::Hub {
+                hubs: hubs.clone(),
+                config: Box::new(config.clone()),
+            };
+            let console = crate::console::Console::new(
+                scope,
+                faults,
+                metrics.map_or(
+                    crate::console::Metrics::None,
+                    crate::console::Metrics::InProcess,
+                ),
+                Some(pauses.clone()),
+                &args.access,
+                listen,
+            )?;
+            Some(crate::console::serve(console, listen).await?)
+        }
+        None => None,
+    };
     if let Some(retention) = config.hub.retention() {
         let hub = hubs.events.clone();
         tokio::spawn(async move {
@@ -82,14 +136,18 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         names.join(", "),
         hubs.events.describe()
     );
-    let reports = run_all(
+    let reports = run_all_pausable(
         &hubs.events,
         processors,
         ReadOptions::default(),
         shutdown_signal(),
+        &pauses,
     )
     .await
     .map_err(|(name, err)| anyhow::anyhow!("processor `{name}` stopped: {err}"))?;
+    if let Some(console) = console {
+        console.abort();
+    }
     for (name, report) in reports {
         eprintln!(
             "{name}: {} records done, {} faults, stopped: {:?}",
@@ -101,20 +159,20 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Counts what the reader hands out, for the progress bar.
-struct Counted {
+/// Counts what the reader hands out, for progress.
+struct Counted<F> {
     reader: BoxSource,
-    bar: ProgressBar,
+    counted: F,
 }
 
-impl Source for Counted {
+impl<F: Fn(u64) + Send + 'static> Source for Counted<F> {
     async fn next_batch(
         &mut self,
         max: usize,
     ) -> Result<Option<Vec<Record>>, floodway::error::SourceError> {
         let batch = self.reader.next_batch(max).await?;
         if let Some(records) = &batch {
-            self.bar.inc(records.len() as u64);
+            (self.counted)(records.len() as u64);
         }
         Ok(batch)
     }
@@ -157,7 +215,6 @@ pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         ..config.clone()
     })
     .await?;
-    let processor = from_config(&hubs, entry).await?;
     // A hub that does not count by time (JetStream): the bar shows progress without a total.
     let total = hubs
         .events
@@ -165,7 +222,44 @@ pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .unwrap_or(0);
-    let name = format!("replay-{}-{}", args.processor, std::process::id());
+    let bar = progress(total, "replaying");
+    let counted = bar.clone();
+    let report = replay_range(
+        &hubs,
+        entry,
+        (from, to),
+        move |n| counted.inc(n),
+        shutdown_signal(),
+    )
+    .await?;
+    bar.finish_and_clear();
+    say!(
+        "replayed {} events to `{}`: {} delivered, {} faults",
+        report.received,
+        args.processor,
+        report.pipelines.iter().map(|p| p.delivered).sum::<u64>(),
+        report.faults()
+    );
+    Ok(())
+}
+
+/// Re-delivers the events published in `(from, to)` to the processor `entry` configures,
+/// through a transient subscription that moves no checkpoint, calling `counted` with the
+/// records of each batch read.
+pub(crate) async fn replay_range(
+    hubs: &Hubs,
+    entry: &ProcessorConfig,
+    (from, to): (i64, i64),
+    counted: impl Fn(u64) + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<RunReport> {
+    let processor = from_config(hubs, entry).await?;
+    let name = format!(
+        "replay-{}-{}-{}",
+        entry.name(),
+        std::process::id(),
+        fastrand::u32(..)
+    );
     let options = ReadOptions {
         start: StartAt::Time(from),
         follow: false,
@@ -183,22 +277,9 @@ pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         .subscribe(&name, options)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let reader = sub.reader;
-    let bar = progress(total, "replaying");
     let source = Counted {
-        reader,
-        bar: bar.clone(),
+        reader: sub.reader,
+        counted,
     };
-    let report = processor
-        .run(source, NoCheckpoints, shutdown_signal())
-        .await?;
-    bar.finish_and_clear();
-    say!(
-        "replayed {} events to `{}`: {} delivered, {} faults",
-        report.received,
-        args.processor,
-        report.pipelines.iter().map(|p| p.delivered).sum::<u64>(),
-        report.faults()
-    );
-    Ok(())
+    Ok(processor.run(source, NoCheckpoints, shutdown).await?)
 }

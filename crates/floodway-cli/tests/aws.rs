@@ -12,6 +12,8 @@ use floodway_aws::DynamoDbFaults;
 use floodway_lambda::{FunctionProcess, LocalRuntime};
 
 mod common;
+#[path = "common/console.rs"]
+mod console;
 use common::{
     embedded, fault_events, lambda_run, open_hub, order_line, orders_view, publish, text,
 };
@@ -127,8 +129,7 @@ async fn faults_stored_by_lambda_functions_are_listed_shown_and_resubmitted_by_i
     // The fix, deployed: the view is keyed by the order's id.
     std::fs::write(d.join("floodway.toml"), config("/order/id")).unwrap();
     let (runtime, _function) = deploy(d).await;
-    let said = resubmit(d, &moto, &runtime).await;
-    assert!(said.contains("3 succeeded, 0 failed"), "{said}");
+    resubmit_from_the_console(d, &moto, &runtime, &ids).await;
     let said = resubmit(d, &moto, &runtime).await;
     assert!(said.contains("0 open faults"), "{said}");
     let rows = open_hub(d).view("orders").unwrap().rows().unwrap();
@@ -151,4 +152,76 @@ async fn faults_stored_by_lambda_functions_are_listed_shown_and_resubmitted_by_i
         !ok && said.contains("no fault with id no-such-fault"),
         "{said}"
     );
+}
+
+/// The console of the table's faults: one group of three, resubmitted from it to the function
+/// behind `runtime` after the fix, each a success.
+async fn resubmit_from_the_console(d: &Path, moto: &Moto, runtime: &LocalRuntime, ids: &[&str]) {
+    use serde_json::json;
+    let port = console::free_port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_floodway"))
+        .current_dir(d)
+        .args(["console", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--dynamodb-table", "faults", "--region", "us-east-1"])
+        .args(["--aws-endpoint", moto.url()])
+        .args([
+            "--function",
+            "orders-view",
+            "--lambda-endpoint",
+            &runtime.endpoint(),
+        ])
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .spawn()
+        .unwrap();
+    let served = console::Served::started(child, port).await;
+    let (_, session) = console::http(port, "GET", "/api/session", &[], None).await;
+    assert_eq!(
+        session["resubmits_to"],
+        json!("the Lambda function orders-view"),
+        "{session}"
+    );
+    assert_eq!(session["can_replay"], json!(false), "{session}");
+    let csrf = session["csrf"].as_str().unwrap().to_owned();
+    let (_, groups) = console::http(port, "GET", "/api/faults/groups", &[], None).await;
+    let group = &groups["groups"][0];
+    assert_eq!(group["open"], json!(3), "{groups}");
+    let (status, plan) = console::http(
+        port,
+        "POST",
+        "/api/resubmit",
+        &[("x-floodway-csrf", &csrf)],
+        Some(json!({ "cause": group["cause"] })),
+    )
+    .await;
+    assert_eq!(status, 200, "{plan}");
+    let mut planned: Vec<&str> = plan["send"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap())
+        .collect();
+    planned.sort_unstable();
+    let mut expected = ids.to_vec();
+    expected.sort_unstable();
+    assert_eq!(planned, expected);
+    let (_, job) = console::http(
+        port,
+        "POST",
+        "/api/resubmit",
+        &[("x-floodway-csrf", &csrf)],
+        Some(json!({ "confirm": plan["plan"] })),
+    )
+    .await;
+    let done = console::poll(port, "/api/actions", &[], |a| {
+        a["jobs"][0]["id"] == job["job"] && a["jobs"][0]["state"] != json!("running")
+    })
+    .await;
+    let job = &done["jobs"][0];
+    assert_eq!(
+        (job["state"].clone(), job["succeeded"].clone()),
+        (json!("done"), json!(3)),
+        "{job}"
+    );
+    served.stop();
 }

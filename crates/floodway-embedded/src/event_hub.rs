@@ -109,6 +109,18 @@ impl EventHub for Hub {
                     .map(|s| SubscriptionStats {
                         name: s.name.clone(),
                         lag: s.lag,
+                        partitions: stats
+                            .partitions
+                            .iter()
+                            .map(|p| {
+                                let done = s
+                                    .partitions
+                                    .iter()
+                                    .find(|(q, _)| *q == p.partition)
+                                    .map_or(0, |(_, o)| *o);
+                                (p.partition.to_string(), p.last_offset.saturating_sub(done))
+                            })
+                            .collect(),
                         progress: s
                             .partitions
                             .iter()

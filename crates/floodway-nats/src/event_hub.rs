@@ -178,6 +178,7 @@ impl EventHub for NatsEventHub {
                     .map(|(name, s)| SubscriptionStats {
                         name: name.clone(),
                         lag: s.pending,
+                        partitions: s.partitions.clone(),
                         progress: format!(
                             "{} consumers, {} unacked, {} redelivered",
                             s.consumers, s.ack_pending, s.redelivered

@@ -372,7 +372,7 @@ impl NatsHub {
             if consumer.config.durable_name.is_none() {
                 continue;
             }
-            let Some((name, _)) = consumer.name.rsplit_once('_') else {
+            let Some((name, partition)) = consumer.name.rsplit_once('_') else {
                 continue;
             };
             let entry = subscriptions.entry(name.to_owned()).or_default();
@@ -380,6 +380,9 @@ impl NatsHub {
             entry.pending += consumer.num_pending;
             entry.ack_pending += consumer.num_ack_pending as u64;
             entry.redelivered += consumer.num_redelivered as u64;
+            entry
+                .partitions
+                .push((partition.to_owned(), consumer.num_pending));
         }
         Ok(NatsStats {
             stream: self.inner.stream.clone(),
@@ -429,6 +432,8 @@ pub struct SubscriptionStats {
     pub ack_pending: u64,
     /// Delivered more than once.
     pub redelivered: u64,
+    /// `(partition, pending)` per consumer.
+    pub partitions: Vec<(String, u64)>,
 }
 
 fn stream_config(options: &NatsHubOptions, partitions: u32) -> stream::Config {

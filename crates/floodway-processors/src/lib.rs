@@ -18,4 +18,4 @@ pub mod processors;
 
 pub use config::{Config, ConfigError, ProcessorConfig};
 pub use hubs::Hubs;
-pub use processors::{build_all, from_config, run_all, SetupError};
+pub use processors::{build_all, from_config, run_all, run_all_pausable, Pauses, SetupError};

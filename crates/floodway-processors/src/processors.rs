@@ -575,10 +575,94 @@ pub async fn run_all<F>(
 where
     F: Future<Output = ()> + Send,
 {
+    run_all_pausable(hub, processors, options, shutdown, &Pauses::default()).await
+}
+
+/// Pauses and resumes processors while [`run_all_pausable`] runs them (the console's pause
+/// button). A paused processor takes no new records from its subscription: what it holds
+/// finishes and commits, its subscription stays its own (lease, consumers) and its lag grows
+/// until it is resumed. Clones share the switches.
+#[derive(Debug, Clone, Default)]
+pub struct Pauses {
+    switches:
+        Arc<std::sync::Mutex<std::collections::BTreeMap<String, tokio::sync::watch::Sender<bool>>>>,
+}
+
+impl Pauses {
+    /// Pauses (`true`) or resumes processor `name`; false when no such processor runs.
+    pub fn set(&self, name: &str, paused: bool) -> bool {
+        match self.switches.lock().unwrap().get(name) {
+            Some(switch) => {
+                switch.send_replace(paused);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether processor `name` is paused; `None` when no such processor runs.
+    pub fn is_paused(&self, name: &str) -> Option<bool> {
+        self.switches.lock().unwrap().get(name).map(|s| *s.borrow())
+    }
+
+    /// The processors that run, and whether each is paused.
+    pub fn states(&self) -> Vec<(String, bool)> {
+        let switches = self.switches.lock().unwrap();
+        switches
+            .iter()
+            .map(|(n, s)| (n.clone(), *s.borrow()))
+            .collect()
+    }
+
+    /// The switch of processor `name`, made running when it is new.
+    fn switch(&self, name: &str) -> tokio::sync::watch::Receiver<bool> {
+        let mut switches = self.switches.lock().unwrap();
+        switches
+            .entry(name.to_owned())
+            .or_insert_with(|| tokio::sync::watch::channel(false).0)
+            .subscribe()
+    }
+}
+
+/// A source that hands out nothing while its processor is paused.
+struct Pausable<S> {
+    source: S,
+    paused: tokio::sync::watch::Receiver<bool>,
+}
+
+impl<S: floodway::Source> floodway::Source for Pausable<S> {
+    async fn next_batch(
+        &mut self,
+        max: usize,
+    ) -> Result<Option<Vec<floodway::Record>>, floodway::error::SourceError> {
+        // The sender lives as long as the `Pauses`; without it, run on.
+        let _ = self.paused.wait_for(|paused| !*paused).await;
+        let batch = self.source.next_batch(max).await;
+        // Paused while this waited for records: they are held, not handed on, until resumed.
+        let _ = self.paused.wait_for(|paused| !*paused).await;
+        batch
+    }
+}
+
+/// [`run_all`], with processors that `pauses` can pause and resume.
+///
+/// # Errors
+/// As [`run_all`].
+pub async fn run_all_pausable<F>(
+    hub: &SharedHub,
+    processors: Vec<Processor>,
+    options: ReadOptions,
+    shutdown: F,
+    pauses: &Pauses,
+) -> Result<Vec<(String, RunReport)>, (String, RunError)>
+where
+    F: Future<Output = ()> + Send,
+{
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     for processor in processors {
         let name = processor.name().to_owned();
+        let paused = pauses.switch(&name);
         let stream = if reads_faults(&processor) {
             Stream::Faults
         } else {
@@ -605,7 +689,11 @@ where
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            let result = processor.run(sub.reader, sub.checkpointer, stopped).await;
+            let reader = Pausable {
+                source: sub.reader,
+                paused,
+            };
+            let result = processor.run(reader, sub.checkpointer, stopped).await;
             if let Some(closed) = sub.closed {
                 // Unfinished records go back to JetStream with their nak delay.
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(5), closed).await;

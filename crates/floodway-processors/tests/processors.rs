@@ -539,3 +539,70 @@ name = "faults"
         );
     }
 }
+
+/// A paused processor takes nothing new, even a batch its reader was already waiting for;
+/// resumed, it takes everything; its subscription stays its own throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_processor_takes_nothing_until_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("floodway.toml");
+    let text = format!(
+        "[hub]\npath = \"hub.db\"\npartitions = 2\n{}",
+        processor("materialize", "orders-view", "order-*", "view = \"orders\"")
+    );
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let (hubs, processors) = build_all(&config).await.unwrap();
+    let pauses = floodway_processors::Pauses::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = {
+        let (hub, pauses) = (hubs.events.clone(), pauses.clone());
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stopped.await;
+            };
+            floodway_processors::run_all_pausable(
+                &hub,
+                processors,
+                floodway::ReadOptions::default(),
+                stopped,
+                &pauses,
+            )
+            .await
+        })
+    };
+    let view = || hubs.store.view("orders").unwrap().rows().unwrap().len();
+    let within = |what: &'static str| {
+        let started = std::time::Instant::now();
+        move || {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "{what}"
+            )
+        }
+    };
+    let waited = within("the processor to start");
+    while pauses.is_paused("orders-view").is_none() {
+        waited();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(pauses.set("orders-view", true));
+    assert!(!pauses.set("no-such-processor", true));
+    assert_eq!(pauses.states(), vec![("orders-view".to_owned(), true)]);
+    let events: Vec<Event> = (0..40)
+        .map(|i| Event::builder("order-paid", format!("o-{i}")).build())
+        .collect();
+    hubs.store.publish(&events).await.unwrap();
+    // Nothing is taken while paused: the reader's pending batch is held, not handed on.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(view(), 0, "a paused processor applied events");
+    assert!(pauses.set("orders-view", false));
+    let waited = within("the resumed processor to apply every event");
+    while view() < 40 {
+        waited();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.send(()).unwrap();
+    let reports = running.await.unwrap().unwrap();
+    assert_eq!(reports[0].1.done, 40);
+}

@@ -135,6 +135,9 @@ pub struct SubscriptionStats {
     pub name: String,
     /// Events published and not yet done.
     pub lag: u64,
+    /// The lag per partition, `(partition, lag)`, where the hub tells them apart (empty on
+    /// one that does not).
+    pub partitions: Vec<(String, u64)>,
     /// Where it is, in the hub's own terms (checkpoints per partition; consumers, unacked,
     /// redelivered).
     pub progress: String,

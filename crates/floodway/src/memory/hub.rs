@@ -267,6 +267,14 @@ impl EventHub for MemoryHub {
                         .zip(&state.logs)
                         .map(|(cp, log)| (log.len() as u64).saturating_sub(*cp))
                         .sum(),
+                    partitions: cps
+                        .iter()
+                        .zip(&state.logs)
+                        .enumerate()
+                        .map(|(p, (cp, log))| {
+                            (p.to_string(), (log.len() as u64).saturating_sub(*cp))
+                        })
+                        .collect(),
                     progress: cps
                         .iter()
                         .enumerate()

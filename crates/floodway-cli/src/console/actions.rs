@@ -1,0 +1,319 @@
+//! What the console does, not only shows: resubmit faults, replay a time range, pause and
+//! resume a processor. Each is asked for twice: a dry run says what would happen and returns a
+//! plan; only a confirmation naming that plan acts. Long actions run as jobs whose progress
+//! and outcomes stream to the pages; every action is recorded with who asked and when.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use floodway::event::now_millis;
+use floodway::fault_store::{ResubmitOutcome, StoredFault};
+use floodway::layer::limit::rate::RateLimiter;
+use serde::Serialize;
+
+use super::{Console, Scope};
+use crate::faults_cmd::resubmit_one;
+
+/// How long a dry run's plan waits for its confirmation.
+const PLAN_LIFETIME: Duration = Duration::from_secs(600);
+
+/// Outcomes kept per job for the page (the counts cover all of them).
+const OUTCOMES_KEPT: usize = 500;
+
+/// What a confirmed plan does.
+pub(crate) enum Plan {
+    /// Resubmit these faults.
+    Resubmit(Vec<StoredFault>),
+    /// Replay `(from, to)` to a processor.
+    Replay {
+        processor: String,
+        from: i64,
+        to: i64,
+        events: Option<u64>,
+    },
+}
+
+/// Plans waiting for their confirmation.
+#[derive(Default)]
+pub(crate) struct Plans {
+    plans: HashMap<String, (Instant, Plan)>,
+}
+
+impl Plans {
+    /// Keeps `plan` under a new id, which the confirmation must name.
+    pub(crate) fn keep(&mut self, plan: Plan) -> String {
+        self.plans.retain(|_, (at, _)| at.elapsed() < PLAN_LIFETIME);
+        let id = super::random_hex(8);
+        self.plans.insert(id.clone(), (Instant::now(), plan));
+        id
+    }
+
+    /// The plan `id`, once: a plan is confirmed at most once.
+    pub(crate) fn take(&mut self, id: &str) -> Option<Plan> {
+        let (at, plan) = self.plans.remove(id)?;
+        (at.elapsed() < PLAN_LIFETIME).then_some(plan)
+    }
+}
+
+/// One action, as the audit log records it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Recorded {
+    pub(crate) at: i64,
+    pub(crate) who: String,
+    pub(crate) action: String,
+    pub(crate) detail: String,
+}
+
+/// How one resubmitted fault ended.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Outcome {
+    pub(crate) fault: String,
+    pub(crate) outcome: &'static str,
+    pub(crate) detail: String,
+}
+
+/// A long action and how far it is.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Job {
+    pub(crate) id: String,
+    pub(crate) kind: &'static str,
+    pub(crate) title: String,
+    pub(crate) who: String,
+    pub(crate) started: i64,
+    pub(crate) finished: Option<i64>,
+    /// `running`, `done` or `failed`.
+    pub(crate) state: &'static str,
+    /// What it will go through, when known.
+    pub(crate) total: Option<u64>,
+    pub(crate) done: u64,
+    pub(crate) succeeded: u64,
+    pub(crate) failed: u64,
+    /// Why it stopped, when it failed.
+    pub(crate) error: Option<String>,
+    /// The latest outcomes, oldest first.
+    pub(crate) outcomes: Vec<Outcome>,
+}
+
+/// The jobs of this console, newest last.
+#[derive(Default)]
+pub(crate) struct Jobs {
+    pub(crate) jobs: Vec<Arc<Mutex<Job>>>,
+}
+
+impl Console {
+    /// Records an action: kept for the page, told to everyone watching, and logged.
+    pub(crate) fn record(&self, who: &str, action: &str, detail: String) {
+        let entry = Recorded {
+            at: now_millis(),
+            who: who.to_owned(),
+            action: action.to_owned(),
+            detail,
+        };
+        eprintln!(
+            "console: {} {}: {} ({})",
+            entry.who,
+            entry.action,
+            entry.detail,
+            crate::util::show_time(entry.at)
+        );
+        self.publish("audit", &entry);
+        self.audit.lock().unwrap().push(entry);
+    }
+
+    /// Starts a job of `kind` for `who`; its handle.
+    fn start_job(
+        &self,
+        kind: &'static str,
+        title: String,
+        who: &str,
+        total: Option<u64>,
+    ) -> Arc<Mutex<Job>> {
+        let job = Arc::new(Mutex::new(Job {
+            id: super::random_hex(6),
+            kind,
+            title,
+            who: who.to_owned(),
+            started: now_millis(),
+            finished: None,
+            state: "running",
+            total,
+            done: 0,
+            succeeded: 0,
+            failed: 0,
+            error: None,
+            outcomes: Vec::new(),
+        }));
+        self.jobs.lock().unwrap().jobs.push(job.clone());
+        self.publish("job", &*job.lock().unwrap());
+        job
+    }
+
+    /// Tells the pages where `job` is.
+    fn tell(&self, job: &Mutex<Job>) {
+        let snapshot = job.lock().unwrap().clone();
+        self.publish("job", &snapshot);
+    }
+
+    /// Carries out a confirmed plan as a job; the job's id.
+    pub(crate) fn carry_out(self: &Arc<Self>, plan: Plan, who: &str) -> String {
+        match plan {
+            Plan::Resubmit(faults) => {
+                let title = format!("resubmit {} faults", faults.len());
+                self.record(
+                    who,
+                    "resubmit",
+                    format!(
+                        "{} faults: {}",
+                        faults.len(),
+                        faults
+                            .iter()
+                            .take(20)
+                            .map(|f| f.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+                let job = self.start_job("resubmit", title, who, Some(faults.len() as u64));
+                let id = job.lock().unwrap().id.clone();
+                let console = self.clone();
+                tokio::spawn(async move {
+                    let result = console.resubmit(&faults, &job).await;
+                    console.finish(&job, result);
+                });
+                id
+            }
+            Plan::Replay {
+                processor,
+                from,
+                to,
+                events,
+            } => {
+                let title = format!("replay {} to {processor}", super::range_text(from, to));
+                self.record(who, "replay", title.clone());
+                let job = self.start_job("replay", title, who, events);
+                let id = job.lock().unwrap().id.clone();
+                let console = self.clone();
+                tokio::spawn(async move {
+                    let result = console.replay(&processor, (from, to), &job).await;
+                    console.finish(&job, result);
+                });
+                id
+            }
+        }
+    }
+
+    fn finish(&self, job: &Mutex<Job>, result: anyhow::Result<()>) {
+        {
+            let mut job = job.lock().unwrap();
+            job.finished = Some(now_millis());
+            match result {
+                Ok(()) => job.state = "done",
+                Err(e) => {
+                    job.state = "failed";
+                    job.error = Some(format!("{e:#}"));
+                }
+            }
+        }
+        self.tell(job);
+    }
+
+    /// Resubmits `faults` to the configured processors, at most 100 a second.
+    async fn resubmit(&self, faults: &[StoredFault], job: &Mutex<Job>) -> anyhow::Result<()> {
+        let planned = self.plan(faults.to_vec());
+        {
+            let mut j = job.lock().unwrap();
+            for (fault, why) in &planned.skipped {
+                j.done += 1;
+                j.failed += 1;
+                j.outcomes.push(Outcome {
+                    fault: fault.id.clone(),
+                    outcome: "skipped",
+                    detail: why.clone(),
+                });
+            }
+        }
+        // Each resubmission to Lambda is an invocation: 5 a second, as the command's default.
+        let (processors, rate) = match &self.scope {
+            Scope::Hub { hubs, config } => (planned.processors(hubs, config).await?, 100),
+            Scope::Lambda { .. } => (HashMap::new(), 5),
+        };
+        let limiter = RateLimiter::per_second(rate)?;
+        let mut told = Instant::now();
+        for fault in &planned.faults {
+            limiter.acquire().await;
+            let done = match &self.scope {
+                Scope::Hub { hubs, .. } => {
+                    resubmit_one(&*self.faults, &*hubs.events, &processors, fault).await
+                }
+                Scope::Lambda { function, .. } => match function {
+                    Some((_, invoke)) => invoke(&*self.faults, fault).await,
+                    None => Err("no function to resubmit to".into()),
+                },
+            };
+            let (outcome, detail) = match done {
+                Ok(done) => done,
+                Err(e) => (ResubmitOutcome::Failed, format!("not recorded: {e}")),
+            };
+            {
+                let mut j = job.lock().unwrap();
+                j.done += 1;
+                match outcome {
+                    ResubmitOutcome::Succeeded => j.succeeded += 1,
+                    ResubmitOutcome::Failed => j.failed += 1,
+                }
+                if j.outcomes.len() == OUTCOMES_KEPT {
+                    j.outcomes.remove(0);
+                }
+                j.outcomes.push(Outcome {
+                    fault: fault.id.clone(),
+                    outcome: outcome.as_str(),
+                    detail,
+                });
+            }
+            // At most ten updates a second to the pages.
+            if told.elapsed() >= Duration::from_millis(100) {
+                self.tell(job);
+                told = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    /// Replays `(from, to)` to `processor`.
+    async fn replay(
+        &self,
+        processor: &str,
+        range: (i64, i64),
+        job: &Mutex<Job>,
+    ) -> anyhow::Result<()> {
+        let (hubs, config) = self
+            .hub()
+            .ok_or_else(|| anyhow::anyhow!("no hub to replay from"))?;
+        let entry = config
+            .processors
+            .iter()
+            .find(|p| p.name() == processor)
+            .ok_or_else(|| anyhow::anyhow!("no processor `{processor}`"))?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        let counted = move |n: u64| {
+            let _ = tx.send(n);
+        };
+        let replay =
+            crate::run_cmd::replay_range(hubs, entry, range, counted, std::future::pending());
+        tokio::pin!(replay);
+        let mut every = tokio::time::interval(Duration::from_millis(250));
+        let report = loop {
+            tokio::select! {
+                report = &mut replay => break report?,
+                Some(n) = rx.recv() => job.lock().unwrap().done += n,
+                _ = every.tick() => self.tell(job),
+            }
+        };
+        let mut j = job.lock().unwrap();
+        j.done = report.received;
+        j.succeeded = report.pipelines.iter().map(|p| p.delivered).sum();
+        j.failed = report.faults();
+        Ok(())
+    }
+}
