@@ -58,8 +58,14 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.config.display()
         );
     }
-    if args.console.is_none() && (args.access.token_file.is_some() || args.access.read_only) {
-        bail!("--token-file and --read-only are settings of the console: add --console ADDR");
+    let access = &args.access;
+    if args.console.is_none()
+        && (access.token_file.is_some() || access.read_only || access.audit_log.is_some())
+    {
+        bail!(
+            "--token-file, --read-only and --audit-log are settings of the console: add \
+             --console ADDR"
+        );
     }
     // One recorder for both: the console reads what /metrics serves.
     let metrics = match (args.metrics, args.console) {

@@ -5,6 +5,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
+#[path = "common/console.rs"]
+mod console;
 use common::{
     fault_events, fault_id_of, floodway, lag, open_faults, open_hub, order_line, publish, replay,
     run_until, says, start, stop, text,
@@ -134,6 +136,25 @@ fn a_redacted_field_appears_nowhere_in_a_fault_and_resubmission_still_works() {
         shown.contains("not kept: the pipeline redacts fields"),
         "{shown}"
     );
+    // Nor does the console's page of it.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let port = console::free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let served = console::Served::start(
+            d,
+            &["console", "--config", "floodway.toml", "--listen", &listen],
+            port,
+        )
+        .await;
+        let (status, page) =
+            console::http(port, "GET", &format!("/api/faults/{id}"), &[], None).await;
+        assert_eq!(status, 200, "{page}");
+        let page = page.to_string();
+        assert!(!page.contains(email), "{page}");
+        assert!(page.contains("[REDACTED]"), "{page}");
+        assert!(page.contains(r#""redacted":true"#), "{page}");
+        served.stop();
+    });
 
     // After the fix, resubmission reads the record back from the hub by position.
     std::fs::write(d.join("floodway.toml"), fixed(&config)).unwrap();

@@ -181,6 +181,8 @@ async fn the_console_shows_the_flow_live_pauses_filters_faults_and_resubmits_a_g
         .await;
     assert!(event.as_str().unwrap().contains(r#""id": "o-"#), "{event}");
     browser.screenshot("fault").await;
+    // Away from the page before its server stops, so that its stream is not cut.
+    browser.goto("about:blank").await;
     run.stop();
 
     // The fix: the view keyed by the order's id. Deployed, then the group resubmitted.
@@ -244,7 +246,50 @@ async fn the_console_shows_the_flow_live_pauses_filters_faults_and_resubmits_a_g
         )
         .await;
     assert!(audit.as_str().unwrap().contains("resubmit"), "{audit}");
+    // A replay of the whole log to the fixed view, from the page: every order delivered,
+    // none faulted.
+    browser.type_into("#replay input[name=from]", "1d").await;
+    browser.click("#replay button[type=submit]").await;
+    let planned = browser
+        .wait_for(
+            "document.querySelector('[data-testid=dry-run]')?.textContent",
+            "the replay's dry run",
+        )
+        .await;
+    assert!(
+        planned.as_str().unwrap().contains("to orders-view"),
+        "{planned}"
+    );
+    browser.click("#modal-confirm").await;
+    browser
+        .wait_for(
+            &format!("{summary}?.dataset.state === 'done'"),
+            "the replay to finish",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval(&format!(
+                "[{summary}.dataset.succeeded, {summary}.dataset.failed]"
+            ))
+            .await,
+        json!(["3300", "0"])
+    );
+    browser.click("#modal-buttons [data-close]").await;
+    // The audit log, newest first, with the first run's actions: it outlives the process.
+    let actions = "[...document.querySelectorAll('[data-testid=audit] td:nth-child(3)')].map(td => td.textContent).join(' ')";
+    browser
+        .wait_for(
+            &format!("{actions} === 'replay resubmit resume pause'"),
+            "every action in the audit log",
+        )
+        .await;
     browser.screenshot("actions").await;
+    assert!(
+        browser.errors().is_empty(),
+        "the pages reported errors: {:?}",
+        browser.errors()
+    );
     run.stop();
     let hub = common::open_hub(d);
     for i in (0..3300).filter(|i| missing_ref(*i)) {
@@ -469,6 +514,16 @@ async fn the_console_api_guards_and_records_every_action() {
         answer["error"].as_str().unwrap().contains("read-only"),
         "{answer}"
     );
+    // The audit log outlives the console that wrote it.
+    let (_, actions) = http(port, "GET", "/api/actions", &[], None).await;
+    let done: Vec<&str> = actions["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(done, ["resubmit", "replay"], "{actions}");
+    assert!(d.join("hub.db.console.jsonl").exists());
     served.stop();
 }
 
@@ -517,6 +572,21 @@ async fn a_console_off_loopback_is_refused_without_a_token() {
     let bearer = [("authorization", "Bearer 0123456789abcdef-alice")];
     let (status, session) = http(port, "GET", "/api/session", &bearer, None).await;
     assert_eq!((status, session["user"].clone()), (200, json!("alice")));
+    // An action is recorded under the token's name.
+    let csrf = session["csrf"].as_str().unwrap();
+    let acting = [bearer[0], ("x-floodway-csrf", csrf)];
+    let group = json!({ "filter": { "status": "open" } });
+    let (status, plan) = http(port, "POST", "/api/resubmit", &acting, Some(group)).await;
+    assert_eq!(status, 200, "{plan}");
+    let confirm = json!({ "confirm": plan["plan"] });
+    let (status, _) = http(port, "POST", "/api/resubmit", &acting, Some(confirm)).await;
+    assert_eq!(status, 200);
+    let done = poll(port, "/api/actions", &bearer, |a| {
+        a["jobs"][0]["state"] == json!("done")
+    })
+    .await;
+    assert_eq!(done["audit"][0]["who"], json!("alice"), "{done}");
+    assert_eq!(done["jobs"][0]["failed"], json!(faults_among(40)), "{done}");
 
     // In the browser: the sign-in form; a wrong token is refused; the right one opens it.
     let mut browser = Browser::start().await;

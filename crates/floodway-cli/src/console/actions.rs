@@ -4,6 +4,7 @@
 //! and outcomes stream to the pages; every action is recorded with who asked and when.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,12 +58,50 @@ impl Plans {
 }
 
 /// One action, as the audit log records it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub(crate) struct Recorded {
     pub(crate) at: i64,
     pub(crate) who: String,
     pub(crate) action: String,
     pub(crate) detail: String,
+}
+
+/// The audit log's entries shown at most (the file keeps them all).
+const AUDIT_SHOWN: usize = 1000;
+
+impl Recorded {
+    /// The last entries of the audit log at `path` (none when it does not exist yet).
+    pub(crate) fn read(path: &Path) -> anyhow::Result<Vec<Recorded>> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "cannot read the audit log {}: {e}",
+                    path.display()
+                ))
+            }
+        };
+        let mut entries: Vec<Recorded> = text
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect();
+        let skip = entries.len().saturating_sub(AUDIT_SHOWN);
+        entries.drain(..skip);
+        Ok(entries)
+    }
+
+    /// Appends this entry to the audit log at `path`.
+    fn append(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut line = serde_json::to_vec(self)?;
+        line.push(b'\n');
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?
+            .write_all(&line)
+    }
 }
 
 /// How one resubmitted fault ended.
@@ -117,8 +156,17 @@ impl Console {
             entry.detail,
             crate::util::show_time(entry.at)
         );
+        if let Some(path) = &self.audit_log {
+            if let Err(e) = entry.append(path) {
+                tracing::error!(error = %e, path = %path.display(), "cannot write the audit log");
+            }
+        }
         self.publish("audit", &entry);
-        self.audit.lock().unwrap().push(entry);
+        let mut audit = self.audit.lock().unwrap();
+        if audit.len() == AUDIT_SHOWN {
+            audit.remove(0);
+        }
+        audit.push(entry);
     }
 
     /// Starts a job of `kind` for `who`; its handle.

@@ -77,6 +77,11 @@ pub(crate) struct AccessArgs {
     /// Show everything and change nothing: no resubmission, replay or pause.
     #[arg(long)]
     pub(crate) read_only: bool,
+    /// Where the console records who did what, one JSON object per line, kept across
+    /// restarts [default: beside the hub file, `<hub>.console.jsonl`; none for a DynamoDB
+    /// table unless given].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) audit_log: Option<PathBuf>,
 }
 
 /// Resubmits one fault to a Lambda function and records the outcome.
@@ -132,6 +137,7 @@ pub(crate) struct Console {
     plans: Mutex<actions::Plans>,
     jobs: Mutex<actions::Jobs>,
     audit: Mutex<Vec<actions::Recorded>>,
+    audit_log: Option<PathBuf>,
 }
 
 /// `floodway console`: serves the console for a configuration until stopped.
@@ -237,6 +243,18 @@ impl Console {
                  --token-file FILE (lines of NAME:TOKEN), or listen on 127.0.0.1"
             );
         }
+        let audit_log = access.audit_log.clone().or_else(|| match &scope {
+            Scope::Hub { config, .. } => {
+                let mut path = config.hub.path.clone().into_os_string();
+                path.push(".console.jsonl");
+                Some(path.into())
+            }
+            Scope::Lambda { .. } => None,
+        });
+        let audit = match &audit_log {
+            Some(path) => actions::Recorded::read(path)?,
+            None => Vec::new(),
+        };
         let port = listen.port();
         let hosts = ["127.0.0.1", "localhost", "[::1]"]
             .iter()
@@ -257,7 +275,8 @@ impl Console {
             updates: tokio::sync::broadcast::channel(256).0,
             plans: Mutex::default(),
             jobs: Mutex::default(),
-            audit: Mutex::default(),
+            audit: Mutex::new(audit),
+            audit_log,
         }))
     }
 
@@ -406,7 +425,8 @@ fn asset(kind: &'static str, body: &'static str) -> Response {
             (header::CACHE_CONTROL, "no-cache"),
             (
                 header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
+                 frame-ancestors 'none'",
             ),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],

@@ -25,6 +25,8 @@ pub(crate) struct Browser {
     socket: Socket,
     session: String,
     next: u64,
+    /// What the page reported as errors: exceptions, console errors, refused content.
+    errors: Vec<String>,
 }
 
 fn chromium() -> PathBuf {
@@ -97,6 +99,7 @@ impl Browser {
             socket,
             session: String::new(),
             next: 0,
+            errors: Vec::new(),
         };
         let target = browser
             .call("Target.createTarget", json!({ "url": "about:blank" }))
@@ -110,6 +113,7 @@ impl Browser {
         browser.session = attached["sessionId"].as_str().unwrap().to_owned();
         browser.call("Page.enable", json!({})).await;
         browser.call("Runtime.enable", json!({})).await;
+        browser.call("Log.enable", json!({})).await;
         browser
             .call(
                 "Emulation.setDeviceMetricsOverride",
@@ -139,6 +143,20 @@ impl Browser {
                 .expect("DevTools answers");
             let Message::Text(text) = reply else { continue };
             let reply: Value = serde_json::from_str(&text).unwrap();
+            match reply["method"].as_str() {
+                Some("Runtime.exceptionThrown") => {
+                    self.errors
+                        .push(reply["params"]["exceptionDetails"].to_string());
+                }
+                Some("Log.entryAdded") if reply["params"]["entry"]["level"] == "error" => {
+                    self.errors
+                        .push(reply["params"]["entry"]["text"].to_string());
+                }
+                Some("Runtime.consoleAPICalled") if reply["params"]["type"] == "error" => {
+                    self.errors.push(reply["params"]["args"].to_string());
+                }
+                _ => {}
+            }
             if reply["id"] == json!(id) {
                 if let Some(error) = reply.get("error") {
                     panic!("{method}: {error}");
@@ -146,6 +164,12 @@ impl Browser {
                 return reply["result"].clone();
             }
         }
+    }
+
+    /// What the page reported as errors so far (exceptions, console errors, content the
+    /// security policy refused, failed requests).
+    pub(crate) fn errors(&self) -> &[String] {
+        &self.errors
     }
 
     /// Evaluates `js` in the page (awaiting a promise) and returns its value.
