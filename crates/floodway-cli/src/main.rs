@@ -12,6 +12,7 @@ mod demo;
 mod faults_cmd;
 mod hub_cmd;
 mod lambda_cmd;
+mod replay_cmd;
 mod run_cmd;
 mod tally;
 mod util;
@@ -70,7 +71,7 @@ enum Command {
     /// subscription.
     ///
     /// Example: floodway replay --config floodway.toml --processor orders-view --from 2h
-    Replay(run_cmd::ReplayArgs),
+    Replay(replay_cmd::ReplayArgs),
     /// Serve the web console of a configuration's hub and faults: the flow (lag per
     /// subscription and partition; live rates with --metrics-url), the faults grouped by
     /// cause, resubmission and replay. `floodway run --console` serves it beside the
@@ -114,7 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Run(args) => run_cmd::run(args).await,
             Command::Hub(command) => hub_cmd::run(command).await,
             Command::Faults(command) => faults_cmd::run(command).await,
-            Command::Replay(args) => run_cmd::replay(args).await,
+            Command::Replay(args) => replay_cmd::replay(args).await,
             Command::Lambda(command) => lambda_cmd::run(command).await,
             Command::Console(args) => console::run(args).await,
         }

@@ -213,11 +213,7 @@ async fn resubmit_from_the_console(d: &Path, moto: &Moto, runtime: &LocalRuntime
         Some(json!({ "confirm": plan["plan"] })),
     )
     .await;
-    let done = console::poll(port, "/api/actions", &[], |a| {
-        a["jobs"][0]["id"] == job["job"] && a["jobs"][0]["state"] != json!("running")
-    })
-    .await;
-    let job = &done["jobs"][0];
+    let job = &console::finished(port, &[], &job["job"]).await;
     assert_eq!(
         (job["state"].clone(), job["succeeded"].clone()),
         (json!("done"), json!(3)),

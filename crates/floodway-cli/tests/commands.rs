@@ -138,14 +138,8 @@ fn a_redacted_field_appears_nowhere_in_a_fault_and_resubmission_still_works() {
     );
     // Nor does the console's page of it.
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let port = console::free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let served = console::Served::start(
-            d,
-            &["console", "--config", "floodway.toml", "--listen", &listen],
-            port,
-        )
-        .await;
+        let served = console::Served::console(d, &[]).await;
+        let port = served.port;
         let (status, page) =
             console::http(port, "GET", &format!("/api/faults/{id}"), &[], None).await;
         assert_eq!(status, 200, "{page}");

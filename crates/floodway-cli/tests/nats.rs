@@ -42,14 +42,8 @@ fn the_command_runs_on_nats() {
     // The console of a NATS hub: lag per partition from the consumers, faults from the
     // store, through the same contracts as the embedded hub.
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let port = console::free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let served = console::Served::start(
-            d,
-            &["console", "--config", "floodway.toml", "--listen", &listen],
-            port,
-        )
-        .await;
+        let served = console::Served::console(d, &[]).await;
+        let port = served.port;
         let (_, session) = console::http(port, "GET", "/api/session", &[], None).await;
         assert!(
             session["hub"]

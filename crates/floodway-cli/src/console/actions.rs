@@ -3,13 +3,13 @@
 //! plan; only a confirmation naming that plan acts. Long actions run as jobs whose progress
 //! and outcomes stream to the pages; every action is recorded with who asked and when.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use floodway::event::now_millis;
-use floodway::fault_store::{ResubmitOutcome, StoredFault};
+use floodway::fault_store::{FaultStatus, ResubmitOutcome, StoredFault};
 use floodway::layer::limit::rate::RateLimiter;
 use serde::Serialize;
 
@@ -35,6 +35,19 @@ pub(crate) enum Plan {
     },
 }
 
+/// Plans kept waiting for their confirmation at most; the oldest goes first.
+const PLANS_KEPT: usize = 32;
+
+impl Plan {
+    /// The action it is (`resubmit` or `replay`): a plan is confirmed only as that action.
+    pub(crate) fn action(&self) -> &'static str {
+        match self {
+            Plan::Resubmit(_) => "resubmit",
+            Plan::Replay { .. } => "replay",
+        }
+    }
+}
+
 /// Plans waiting for their confirmation.
 #[derive(Default)]
 pub(crate) struct Plans {
@@ -45,13 +58,26 @@ impl Plans {
     /// Keeps `plan` under a new id, which the confirmation must name.
     pub(crate) fn keep(&mut self, plan: Plan) -> String {
         self.plans.retain(|_, (at, _)| at.elapsed() < PLAN_LIFETIME);
+        if self.plans.len() >= PLANS_KEPT {
+            let oldest = self
+                .plans
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(id, _)| id.clone());
+            if let Some(oldest) = oldest {
+                self.plans.remove(&oldest);
+            }
+        }
         let id = super::random_hex(8);
         self.plans.insert(id.clone(), (Instant::now(), plan));
         id
     }
 
-    /// The plan `id`, once: a plan is confirmed at most once.
-    pub(crate) fn take(&mut self, id: &str) -> Option<Plan> {
+    /// The plan `id` of `action`, once: a plan is confirmed at most once.
+    pub(crate) fn take(&mut self, id: &str, action: &str) -> Option<Plan> {
+        if self.plans.get(id)?.1.action() != action {
+            return None;
+        }
         let (at, plan) = self.plans.remove(id)?;
         (at.elapsed() < PLAN_LIFETIME).then_some(plan)
     }
@@ -128,6 +154,8 @@ pub(crate) struct Job {
     pub(crate) done: u64,
     pub(crate) succeeded: u64,
     pub(crate) failed: u64,
+    /// Not sent: resolved meanwhile, sent by another job, or not sendable.
+    pub(crate) skipped: u64,
     /// Why it stopped, when it failed.
     pub(crate) error: Option<String>,
     /// The latest outcomes, oldest first.
@@ -189,6 +217,7 @@ impl Console {
             done: 0,
             succeeded: 0,
             failed: 0,
+            skipped: 0,
             error: None,
             outcomes: Vec::new(),
         }));
@@ -269,17 +298,8 @@ impl Console {
     /// Resubmits `faults` to the configured processors, at most 100 a second.
     async fn resubmit(&self, faults: &[StoredFault], job: &Mutex<Job>) -> anyhow::Result<()> {
         let planned = self.plan(faults.to_vec());
-        {
-            let mut j = job.lock().unwrap();
-            for (fault, why) in &planned.skipped {
-                j.done += 1;
-                j.failed += 1;
-                j.outcomes.push(Outcome {
-                    fault: fault.id.clone(),
-                    outcome: "skipped",
-                    detail: why.clone(),
-                });
-            }
+        for (fault, why) in &planned.skipped {
+            skip(job, &fault.id, why.clone());
         }
         // Each resubmission to Lambda is an invocation: 5 a second, as the command's default.
         let (processors, rate) = match &self.scope {
@@ -288,8 +308,35 @@ impl Console {
         };
         let limiter = RateLimiter::per_second(rate)?;
         let mut told = Instant::now();
-        for fault in &planned.faults {
+        for planned in &planned.faults {
             limiter.acquire().await;
+            // The fault as it is now: another job or the command may have resolved it since
+            // the dry run, and a resolved fault is not applied again.
+            let fault = match self.faults.fault(&planned.id).await {
+                Ok(Some(f)) if f.status == FaultStatus::Open => f,
+                Ok(Some(_)) => {
+                    skip(job, &planned.id, "resolved since the dry run".into());
+                    continue;
+                }
+                Ok(None) => {
+                    skip(job, &planned.id, "no longer in the store".into());
+                    continue;
+                }
+                Err(e) => {
+                    skip(
+                        job,
+                        &planned.id,
+                        format!("cannot read the fault store: {e}"),
+                    );
+                    continue;
+                }
+            };
+            // Nor sent by two jobs at once.
+            let Some(_sending) = Sending::claim(&self.sending, &fault.id) else {
+                skip(job, &fault.id, "being resubmitted by another job".into());
+                continue;
+            };
+            let fault = &fault;
             let done = match &self.scope {
                 Scope::Hub { hubs, .. } => {
                     resubmit_one(&*self.faults, &*hubs.events, &processors, fault).await
@@ -327,7 +374,46 @@ impl Console {
         }
         Ok(())
     }
+}
 
+/// Counts `fault` as skipped in `job`, with why.
+fn skip(job: &Mutex<Job>, fault: &str, why: String) {
+    let mut j = job.lock().unwrap();
+    j.done += 1;
+    j.skipped += 1;
+    if j.outcomes.len() == OUTCOMES_KEPT {
+        j.outcomes.remove(0);
+    }
+    j.outcomes.push(Outcome {
+        fault: fault.to_owned(),
+        outcome: "skipped",
+        detail: why,
+    });
+}
+
+/// A fault being resubmitted, released when dropped.
+struct Sending<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl<'a> Sending<'a> {
+    /// Claims fault `id`; `None` while another job holds it.
+    fn claim(set: &'a Mutex<HashSet<String>>, id: &str) -> Option<Sending<'a>> {
+        set.lock().unwrap().insert(id.to_owned()).then(|| Sending {
+            set,
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        self.set.lock().unwrap().remove(&self.id);
+    }
+}
+
+impl Console {
     /// Replays `(from, to)` to `processor`.
     async fn replay(
         &self,
@@ -348,7 +434,7 @@ impl Console {
             let _ = tx.send(n);
         };
         let replay =
-            crate::run_cmd::replay_range(hubs, entry, range, counted, std::future::pending());
+            crate::replay_cmd::replay_range(hubs, entry, range, counted, std::future::pending());
         tokio::pin!(replay);
         let mut every = tokio::time::interval(Duration::from_millis(250));
         let report = loop {
@@ -360,8 +446,8 @@ impl Console {
         };
         let mut j = job.lock().unwrap();
         j.done = report.received;
-        j.succeeded = report.pipelines.iter().map(|p| p.delivered).sum();
         j.failed = report.faults();
+        j.succeeded = report.received.saturating_sub(j.failed);
         Ok(())
     }
 }

@@ -259,6 +259,7 @@ impl History {
         hub: Result<floodway::hub::HubStats, String>,
     ) -> &Sample {
         let mut problems = Vec::new();
+        let unread = metrics.is_err();
         let lines = match metrics {
             Ok(text) => parse(text.as_deref().unwrap_or("")),
             Err(e) => {
@@ -315,7 +316,7 @@ impl History {
                 _ => {}
             }
         }
-        let pipelines = totals
+        let mut pipelines: Vec<PipelineFlow> = totals
             .into_iter()
             .map(|((processor, pipeline), total)| {
                 // New since the sample before: it counted from zero; in the first sample,
@@ -339,7 +340,7 @@ impl History {
             let delta = if now >= then { now - then } else { now };
             (delta / seconds * 10.0).round() / 10.0
         };
-        let sinks = sinks
+        let mut sinks: Vec<SinkFlow> = sinks
             .into_values()
             .map(|mut s| {
                 let then = before.and_then(|b| b.sinks.iter().find(|t| t.sink == s.sink));
@@ -348,6 +349,30 @@ impl History {
                 s
             })
             .collect();
+        if unread {
+            // The metrics could not be read: the totals stand as they were, at no rate, so
+            // that the next sample read measures its rates from them and not from zero.
+            if let Some(b) = before {
+                pipelines = b
+                    .pipelines
+                    .iter()
+                    .map(|p| PipelineFlow {
+                        rate: Counts::default(),
+                        ..p.clone()
+                    })
+                    .collect();
+                sinks = b
+                    .sinks
+                    .iter()
+                    .map(|s| SinkFlow {
+                        throttles: 0.0,
+                        retries: 0.0,
+                        ..s.clone()
+                    })
+                    .collect();
+                waits = b.waits;
+            }
+        }
         let (then_count, then_sum) = before.map_or(waits, |b| b.waits);
         let new_waits = waits.0 - then_count;
         let rate_limit_wait_ms = (new_waits > 0.0)
@@ -471,12 +496,19 @@ mod tests {
         // The metrics' process restarted: its counters start again from zero.
         let s = history.next(4_000, procs(), Ok(Some(metrics(50, 0, 0, (0, 0.0)))), hub());
         assert_eq!(s.pipelines[0].rate.taken, 50.0);
-        // An unreachable endpoint is a problem on the page, not an error.
+        // An unreachable endpoint is a problem on the page, not an error; the totals stand,
+        // and the rates after it are measured from them.
         let s = history.next(5_000, procs(), Err("refused".into()), Err("gone".into()));
         assert_eq!(s.problems, vec!["metrics: refused", "hub: gone"]);
-        assert!(s.pipelines.is_empty());
+        assert_eq!(
+            (s.pipelines[0].rate.taken, s.pipelines[0].total.taken),
+            (0.0, 50.0)
+        );
+        let s = history.next(6_000, procs(), Ok(Some(metrics(60, 0, 0, (0, 0.0)))), hub());
+        assert_eq!(s.pipelines[0].rate.taken, 10.0);
+        assert_eq!(s.rate_limit_waits, 0.0);
         for t in 0..KEPT as i64 {
-            history.next(6_000 + t * 1000, procs(), Ok(None), hub());
+            history.next(7_000 + t * 1000, procs(), Ok(None), hub());
         }
         assert_eq!(history.samples.len(), KEPT);
     }

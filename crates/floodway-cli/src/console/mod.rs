@@ -130,8 +130,16 @@ pub(crate) struct Console {
     csrf: String,
     /// Who acts when there are no tokens.
     local_user: String,
-    /// The hosts the console answers to, against DNS rebinding when it has no tokens.
-    hosts: Vec<String>,
+    /// The hosts the console answers to, against DNS rebinding when it has no tokens; known
+    /// once it listens.
+    hosts: std::sync::OnceLock<Vec<String>>,
+    /// Signed-in pages: session id (the cookie's value) to the token's name.
+    sessions: Mutex<HashMap<String, String>>,
+    /// The cookie of this console's sessions: named by its port, as cookies are shared
+    /// between the ports of a host.
+    cookie: std::sync::OnceLock<String>,
+    /// Faults being resubmitted now, so that two jobs do not send one fault at once.
+    sending: Mutex<std::collections::HashSet<String>>,
     history: Mutex<flow::History>,
     updates: tokio::sync::broadcast::Sender<(&'static str, String)>,
     plans: Mutex<actions::Plans>,
@@ -205,6 +213,18 @@ pub(crate) async fn serve(
         .await
         .with_context(|| format!("cannot serve the console at {listen}"))?;
     let bound = listener.local_addr()?;
+    let port = bound.port();
+    let mut hosts: Vec<String> = ["127.0.0.1", "localhost", "[::1]"]
+        .iter()
+        .map(|h| format!("{h}:{port}"))
+        .chain([bound.to_string()])
+        .collect();
+    if port == 80 {
+        // Browsers leave the default port out of the Host header.
+        hosts.extend(["127.0.0.1", "localhost", "[::1]"].map(str::to_owned));
+    }
+    let _ = console.hosts.set(hosts);
+    let _ = console.cookie.set(format!("floodway_session_{port}"));
     eprintln!(
         "console at http://{bound}/{}",
         if console.read_only {
@@ -255,12 +275,6 @@ impl Console {
             Some(path) => actions::Recorded::read(path)?,
             None => Vec::new(),
         };
-        let port = listen.port();
-        let hosts = ["127.0.0.1", "localhost", "[::1]"]
-            .iter()
-            .map(|h| format!("{h}:{port}"))
-            .chain([listen.to_string()])
-            .collect();
         Ok(Arc::new(Console {
             scope,
             faults,
@@ -270,7 +284,10 @@ impl Console {
             tokens,
             csrf: random_hex(16),
             local_user: local_user(),
-            hosts,
+            hosts: std::sync::OnceLock::new(),
+            sessions: Mutex::default(),
+            cookie: std::sync::OnceLock::new(),
+            sending: Mutex::default(),
             history: Mutex::new(flow::History::default()),
             updates: tokio::sync::broadcast::channel(256).0,
             plans: Mutex::default(),
@@ -480,22 +497,31 @@ impl Console {
             .unwrap_or("");
         let who = match &self.tokens {
             None => {
-                if !self.hosts.iter().any(|h| h == host) {
+                let hosts = self.hosts.get().map(Vec::as_slice).unwrap_or_default();
+                if !hosts.iter().any(|h| h == host) {
                     return Err(refused(
                         StatusCode::MISDIRECTED_REQUEST,
-                        format!("this console answers to {} only", self.hosts[0]),
+                        format!(
+                            "this console answers to {} only",
+                            hosts.first().map_or("loopback", String::as_str)
+                        ),
                     ));
                 }
                 self.local_user.clone()
             }
             Some(tokens) => {
-                let given = bearer(headers).or_else(|| cookie(headers, COOKIE));
-                match given.and_then(|g| {
+                let by_token = bearer(headers).and_then(|given| {
                     tokens
                         .iter()
-                        .find(|(_, t)| same(t.as_bytes(), g.as_bytes()))
-                }) {
-                    Some((name, _)) => name.clone(),
+                        .find(|(_, t)| same(t.as_bytes(), given.as_bytes()))
+                        .map(|(name, _)| name.clone())
+                });
+                let by_session = || {
+                    let sid = cookie(headers, self.cookie.get()?)?;
+                    self.sessions.lock().unwrap().get(&sid).cloned()
+                };
+                match by_token.or_else(by_session) {
+                    Some(name) => name,
                     None => {
                         return Err(refused(
                             StatusCode::UNAUTHORIZED,
@@ -534,9 +560,6 @@ impl Console {
         Ok(who)
     }
 }
-
-/// The cookie that carries a token after the login form.
-const COOKIE: &str = "floodway_token";
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -578,6 +601,16 @@ fn read_tokens(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
             path.display()
         );
     }
+    // A token travels in an Authorization header: visible ASCII only.
+    if let Some((name, _)) = tokens
+        .iter()
+        .find(|(_, t)| !t.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        bail!(
+            "{}: the token of `{name}` holds a space or a character that is not ASCII",
+            path.display()
+        );
+    }
     if tokens.is_empty() {
         bail!("{} holds no tokens", path.display());
     }
@@ -614,22 +647,33 @@ struct Login {
     token: String,
 }
 
-/// The login form: a valid token becomes a cookie for this console's pages only.
+/// The login form: a valid token opens a session, whose random id is the cookie (the token
+/// itself never is), for this console's port only.
 async fn login(State(console): State<Arc<Console>>, Json(login): Json<Login>) -> Response {
     let Some(tokens) = &console.tokens else {
         return Json(json!({ "ok": true })).into_response();
     };
     let token = login.token.trim();
-    if !tokens
+    let Some((name, _)) = tokens
         .iter()
-        .any(|(_, t)| same(t.as_bytes(), token.as_bytes()))
-    {
+        .find(|(_, t)| same(t.as_bytes(), token.as_bytes()))
+    else {
         return refused(StatusCode::UNAUTHORIZED, "unknown token").into_response();
-    }
+    };
+    let sid = random_hex(24);
+    console
+        .sessions
+        .lock()
+        .unwrap()
+        .insert(sid.clone(), name.clone());
+    let cookie = console
+        .cookie
+        .get()
+        .map_or("floodway_session", String::as_str);
     (
         [(
             header::SET_COOKIE,
-            format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"),
+            format!("{cookie}={sid}; HttpOnly; SameSite=Strict; Path=/"),
         )],
         Json(json!({ "ok": true })),
     )
@@ -915,11 +959,12 @@ async fn resubmit(
     Json(request): Json<ResubmitRequest>,
 ) -> Result<Json<Value>, Refused> {
     if let Some(plan) = request.confirm {
-        return console.confirm(&plan, &who);
+        return console.confirm(&plan, "resubmit", &who);
     }
     let faults = if !request.ids.is_empty() {
         let mut faults = Vec::new();
-        for id in &request.ids {
+        let mut seen = std::collections::HashSet::new();
+        for id in request.ids.iter().filter(|id| seen.insert(id.as_str())) {
             match console.faults.fault(id).await.map_err(failed)? {
                 Some(f) => faults.push(f),
                 None => return Err(refused(StatusCode::NOT_FOUND, format!("no fault {id}"))),
@@ -973,13 +1018,23 @@ async fn resubmit(
 }
 
 impl Console {
-    fn confirm(self: &Arc<Self>, plan: &str, who: &str) -> Result<Json<Value>, Refused> {
-        let plan = self.plans.lock().unwrap().take(plan).ok_or_else(|| {
-            refused(
-                StatusCode::CONFLICT,
-                "no such plan: it was carried out already or expired; run the dry run again",
-            )
-        })?;
+    fn confirm(
+        self: &Arc<Self>,
+        plan: &str,
+        action: &str,
+        who: &str,
+    ) -> Result<Json<Value>, Refused> {
+        let plan = self
+            .plans
+            .lock()
+            .unwrap()
+            .take(plan, action)
+            .ok_or_else(|| {
+                refused(
+                    StatusCode::CONFLICT,
+                    "no such plan: it was carried out already or expired; run the dry run again",
+                )
+            })?;
         Ok(Json(json!({ "job": self.carry_out(plan, who) })))
     }
 }
@@ -998,10 +1053,10 @@ async fn replay(
     Json(request): Json<ReplayRequest>,
 ) -> Result<Json<Value>, Refused> {
     if let Some(plan) = request.confirm {
-        return console.confirm(&plan, &who);
+        return console.confirm(&plan, "replay", &who);
     }
     let bad = |why: String| refused(StatusCode::BAD_REQUEST, why);
-    let Some((hubs, _)) = console.hub() else {
+    let Some((hubs, config)) = console.hub() else {
         return Err(refused(
             StatusCode::CONFLICT,
             "a console of Lambda faults has no hub to replay from",
@@ -1020,11 +1075,15 @@ async fn replay(
     if to < from {
         return Err(bad("`to` is before `from`".into()));
     }
-    let events = hubs
-        .events
-        .count_published(from, to)
-        .await
-        .map_err(failed)?;
+    // The fault monitor reads the fault events, which the hub does not count by time.
+    let events = match config.processors.iter().find(|p| p.name() == processor) {
+        Some(floodway_processors::ProcessorConfig::FaultMonitor { .. }) => None,
+        _ => hubs
+            .events
+            .count_published(from, to)
+            .await
+            .map_err(failed)?,
+    };
     let plan = console.plans.lock().unwrap().keep(actions::Plan::Replay {
         processor: processor.clone(),
         from,
@@ -1173,10 +1232,13 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(
             header::COOKIE,
-            "a=1; floodway_token=xyz; b=2".parse().unwrap(),
+            "a=1; floodway_session_7878=xyz; b=2".parse().unwrap(),
         );
         headers.insert(header::AUTHORIZATION, "Bearer  t0k ".parse().unwrap());
-        assert_eq!(cookie(&headers, COOKIE).as_deref(), Some("xyz"));
+        assert_eq!(
+            cookie(&headers, "floodway_session_7878").as_deref(),
+            Some("xyz")
+        );
         assert_eq!(bearer(&headers).as_deref(), Some("t0k"));
         assert!(same(b"abc", b"abc"));
         assert!(!same(b"abc", b"abd"));

@@ -33,6 +33,16 @@ impl Served {
         Served::started(child, port).await
     }
 
+    /// `floodway console --config floodway.toml` in `dir`, on a free loopback port, with
+    /// `args` besides.
+    pub(crate) async fn console(dir: &Path, args: &[&str]) -> Served {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = vec!["console", "--config", "floodway.toml", "--listen", &listen];
+        all.extend_from_slice(args);
+        Served::start(dir, &all, port).await
+    }
+
     /// Waits until the console of `child` answers at `port`.
     pub(crate) async fn started(child: Child, port: u16) -> Served {
         let served = Served {
@@ -124,4 +134,18 @@ pub(crate) async fn poll(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until job `id` of the console at `port` is no longer running; the job.
+pub(crate) async fn finished(port: u16, headers: &[(&str, &str)], id: &Value) -> Value {
+    let actions = poll(port, "/api/actions", headers, |a| {
+        a["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| &j["id"] == id && j["state"] != "running")
+    })
+    .await;
+    let jobs = actions["jobs"].as_array().unwrap();
+    jobs.iter().find(|j| &j["id"] == id).unwrap().clone()
 }

@@ -81,24 +81,61 @@ function spark(series, { height = 56, label = "" } = {}) {
 
 function connect() {
   const source = new EventSource("/api/stream");
-  source.onopen = () => $("#live").classList.add("on");
+  let opened = false;
+  source.onopen = () => {
+    $("#live").classList.add("on");
+    // Back after a break: what was missed meanwhile (a job's end, say) is read again.
+    if (opened) refresh();
+    opened = true;
+  };
   source.onerror = () => $("#live").classList.remove("on");
   source.addEventListener("flow", (e) => {
     state.samples.push(JSON.parse(e.data));
     if (state.samples.length > KEPT) state.samples.shift();
-    if (route().page === "flow") renderFlow();
+    if (route().page === "flow") flowChanged();
   });
   source.addEventListener("job", (e) => {
     const job = JSON.parse(e.data);
     state.jobs.set(job.id, job);
     if (state.watching === job.id) showJob(job);
-    if (route().page === "actions") renderActions();
+    if (route().page === "actions") updateActions();
   });
   source.addEventListener("audit", (e) => {
     state.audit.push(JSON.parse(e.data));
-    if (route().page === "actions") renderActions();
+    if (route().page === "actions") updateActions();
   });
 }
+
+// The flow, the jobs and the audit log read again (after the stream was broken).
+async function refresh() {
+  try {
+    const [{ samples }, actions] = await Promise.all([api("/api/flow"), api("/api/actions")]);
+    state.samples = samples;
+    for (const j of actions.jobs) state.jobs.set(j.id, j);
+    state.audit = actions.audit;
+  } catch (_) {
+    return;
+  }
+  if (state.watching && state.jobs.has(state.watching)) showJob(state.jobs.get(state.watching));
+  const page = route().page;
+  if (page === "flow") flowChanged();
+  if (page === "actions") updateActions();
+}
+
+// The flow page is drawn anew each second, but not under a pressed mouse button: a click
+// whose press and release fell on either side of a redraw would be lost.
+function flowChanged() {
+  if (state.pressed) state.stale = true;
+  else renderFlow();
+}
+document.addEventListener("mousedown", () => { state.pressed = true; });
+document.addEventListener("mouseup", () => {
+  state.pressed = false;
+  if (state.stale) {
+    state.stale = false;
+    setTimeout(() => { if (route().page === "flow") renderFlow(); }, 0);
+  }
+});
 
 // ---------- routing ----------
 
@@ -248,8 +285,14 @@ function filtersForm(params) {
     <label>since<input name="since" value="${esc(params.since)}" placeholder="e.g. 1h" size="8"></label>
     <label>until<input name="until" value="${esc(params.until)}" placeholder="now" size="8"></label>
     <input type="hidden" name="view" value="${esc(params.view || "groups")}">
+    ${params.step ? `<input type="hidden" name="step" value="${esc(params.step)}">` : ""}
     <button class="primary" type="submit">Filter</button>
   </form>`;
+}
+
+// The filters that select one cause's faults.
+function causeFilter(c) {
+  return { processor: c.processor, pipeline: c.pipeline, step: c.step, error: c.name, class: c.class };
 }
 
 async function renderFaults(params) {
@@ -275,10 +318,11 @@ async function renderFaults(params) {
           <td><b>${esc(g.cause.name)}</b></td><td><span class="badge ${g.cause.class === "poison" ? "bad" : "warn"}">${esc(g.cause.class)}</span></td>
           <td class="num">${num(g.faults)}</td><td class="num">${num(g.open)}</td><td class="num">${num(g.raised)}</td>
           <td>${time(g.first_seen)}</td><td>${time(g.last_seen)}</td><td class="msg" title="${esc(g.message)}">${esc(g.message)}</td>
-          <td><a href="#/faults${query({ ...filters, processor: g.cause.processor, pipeline: g.cause.pipeline, error: g.cause.name, class: g.cause.class, view: "all" })}">list</a>
+          <td><a href="#/faults${query({ ...filters, ...causeFilter(g.cause), view: "all" })}">list</a>
           ${state.session.read_only || !g.open ? "" : `<button data-resubmit-group="${i}">Resubmit group</button>`}</td>
         </tr>`).join("")}</tbody></table>` : `<p class="muted" data-testid="no-faults">No faults match.</p>`;
       box.groups = groups;
+      box.filters = filters;
     } else {
       const { faults, total } = await api(`/api/faults${query({ ...filters, limit: 500 })}`);
       state.selected.clear();
@@ -333,10 +377,10 @@ async function renderFault(id) {
 // A resubmission: the dry run in the dialog, then the job's progress there.
 async function planResubmission(request) {
   let plan;
-  try { plan = await api("/api/resubmit", request); } catch (e) { return alertDialog("Cannot resubmit", e.message); }
+  try { plan = await api("/api/resubmit", request); } catch (e) { return alertText("Cannot resubmit", e.message); }
   const skipped = plan.skipped.length ? `<h3>Not sent (${plan.skipped.length})</h3><table>${plan.skipped.slice(0, 50).map((s) =>
     `<tr><td><code>${esc(s.id.slice(0, 12))}</code></td><td>${esc(s.why)}</td></tr>`).join("")}</table>` : "";
-  if (!plan.plan) return alertDialog("Nothing to resubmit", `<p>No open fault here can be resubmitted.</p>${skipped}`);
+  if (!plan.plan) return alertHtml("Nothing to resubmit", `<p>No open fault here can be resubmitted.</p>${skipped}`);
   const targets = {};
   for (const f of plan.send) targets[`${f.processor} / ${f.pipeline}`] = (targets[`${f.processor} / ${f.pipeline}`] || 0) + 1;
   confirmDialog(`Resubmit ${plan.send.length} faults?`,
@@ -357,13 +401,12 @@ function jobRow(j) {
   return `<tr data-testid="job" data-state="${j.state}"><td>${time(j.started)}</td><td>${esc(j.who)}</td><td>${esc(j.title)}</td>
     <td><span class="badge ${j.state === "done" ? "ok" : j.state === "failed" ? "bad" : "warn"}">${j.state}</span></td>
     <td style="min-width:160px"><div class="progress"><i style="width:${pct}%"></i></div>${num(j.done)}${j.total !== null ? ` / ${num(j.total)}` : ""}</td>
-    <td class="num">${num(j.succeeded)}</td><td class="num">${num(j.failed)}</td><td>${esc(j.error)}</td></tr>`;
+    <td class="num">${num(j.succeeded)}</td><td class="num">${num(j.failed)}</td><td class="num">${num(j.skipped)}</td><td>${esc(j.error)}</td></tr>`;
 }
 
 function renderActions() {
   const main = $("#main");
   const s = state.session;
-  const jobs = [...state.jobs.values()].sort((a, b) => b.started - a.started);
   const opt = (p) => `<option>${esc(p)}</option>`;
   main.innerHTML = `<h1>Actions</h1>
     ${s.read_only ? `<p class="muted">This console is read-only.</p>` : !s.can_replay ? "" : `<section class="card"><h2>Replay a time range</h2>
@@ -371,20 +414,36 @@ function renderActions() {
     <form class="filters" id="replay"><label>processor<select name="processor">${s.processors.map(opt).join("")}</select></label>
     <label>from<input name="from" placeholder="e.g. 2h or 2026-11-30T10:00:00Z" size="24" required></label>
     <label>to<input name="to" placeholder="now" size="24"></label><button class="primary" type="submit">Dry run</button></form></section>`}
-    <h3>Jobs</h3>${jobs.length ? `<table><tr><th>started</th><th>who</th><th>what</th><th>state</th><th>progress</th>
-      <th class="num">succeeded</th><th class="num">failed</th><th></th></tr>${jobs.map(jobRow).join("")}</table>` : `<p class="muted">No jobs yet.</p>`}
-    <h3>Audit log</h3>${state.audit.length ? `<table><tr><th>when</th><th>who</th><th>action</th><th>detail</th></tr>
-      ${[...state.audit].reverse().map((a) => `<tr data-testid="audit"><td>${time(a.at)}</td><td>${esc(a.who)}</td><td>${esc(a.action)}</td><td class="msg" title="${esc(a.detail)}">${esc(a.detail)}</td></tr>`).join("")}</table>`
-      : `<p class="muted">Nothing done from this console yet.</p>`}`;
+    <h3>Jobs</h3><div id="jobs"></div><h3>Audit log</h3><div id="audit"></div>`;
   const form = $("#replay");
   if (form && state.replayForm) for (const [k, v] of Object.entries(state.replayForm)) form.elements[k].value = v;
+  updateActions();
 }
+
+// The jobs and the audit log, drawn again as they change; the form above them is left alone.
+function updateActions() {
+  const jobs = [...state.jobs.values()].sort((a, b) => b.started - a.started);
+  const box = $("#jobs");
+  if (!box) return;
+  box.innerHTML = jobs.length ? `<table><tr><th>started</th><th>who</th><th>what</th><th>state</th><th>progress</th>
+      <th class="num">succeeded</th><th class="num">failed</th><th class="num">skipped</th><th></th></tr>${jobs.map(jobRow).join("")}</table>`
+    : `<p class="muted">No jobs yet.</p>`;
+  $("#audit").innerHTML = state.audit.length ? `<table><tr><th>when</th><th>who</th><th>action</th><th>detail</th></tr>
+      ${[...state.audit].reverse().map((a) => `<tr data-testid="audit"><td>${time(a.at)}</td><td>${esc(a.who)}</td><td>${esc(a.action)}</td><td class="msg" title="${esc(a.detail)}">${esc(a.detail)}</td></tr>`).join("")}</table>`
+    : `<p class="muted">Nothing done from this console yet.</p>`;
+}
+
+// What is typed into the replay form outlives a redraw of the page.
+document.addEventListener("input", (e) => {
+  const form = e.target.form;
+  if (form && form.id === "replay") state.replayForm = Object.fromEntries(new FormData(form));
+});
 
 async function planReplay(form) {
   const body = Object.fromEntries(new FormData(form));
   state.replayForm = body;
   let plan;
-  try { plan = await api("/api/replay", body); } catch (e) { return alertDialog("Cannot replay", e.message); }
+  try { plan = await api("/api/replay", body); } catch (e) { return alertText("Cannot replay", e.message); }
   confirmDialog(`Replay to ${plan.processor}?`,
     `<p data-testid="dry-run">Re-deliver <b>${plan.events === null ? "the" : num(plan.events)}</b> events published ${esc(plan.range)} to <b>${esc(plan.processor)}</b>.</p>`,
     "Replay", async () => {
@@ -401,18 +460,24 @@ function openDialog(title, body, buttons) {
   $("#modal-buttons").innerHTML = buttons;
   $("#modal").hidden = false;
 }
-function closeDialog() {
+// Closes the dialog; the page is drawn again (a job may have changed it) unless `keep`
+// (a cancelled dry run leaves the page, and its selection, as they were).
+function closeDialog(keep = false) {
   $("#modal").hidden = true;
   state.watching = null;
   state.confirm = null;
-  render();
+  if (!keep) render();
 }
-function alertDialog(title, body) {
-  openDialog(title, body.startsWith("<") ? body : `<p class="error">${esc(body)}</p>`, `<button data-close>Close</button>`);
+// A message: text (escaped), or HTML the page built itself.
+function alertText(title, text) {
+  alertHtml(title, `<p class="error">${esc(text)}</p>`);
+}
+function alertHtml(title, html) {
+  openDialog(title, html, `<button data-close>Close</button>`);
 }
 function confirmDialog(title, body, verb, act) {
   state.confirm = act;
-  openDialog(title, body, `<button data-close>Cancel</button><button class="primary" id="modal-confirm">${esc(verb)}</button>`);
+  openDialog(title, body, `<button data-close data-keep>Cancel</button><button class="primary" id="modal-confirm">${esc(verb)}</button>`);
 }
 function watch(jobId) {
   state.watching = jobId;
@@ -420,10 +485,10 @@ function watch(jobId) {
 }
 function showJob(j) {
   const pct = j.total ? Math.min(100, Math.round((j.done / j.total) * 100)) : (j.state === "running" ? 0 : 100);
-  openDialog(j.title, `<div id="job-summary" data-state="${j.state}" data-succeeded="${j.succeeded}" data-failed="${j.failed}">
+  openDialog(j.title, `<div id="job-summary" data-state="${j.state}" data-done="${j.done}" data-succeeded="${j.succeeded}" data-failed="${j.failed}" data-skipped="${j.skipped || 0}">
     <div class="progress"><i style="width:${pct}%"></i></div>
     <p><span class="badge ${j.state === "done" ? "ok" : j.state === "failed" ? "bad" : "warn"}">${j.state}</span>
-    ${num(j.done)}${j.total !== null ? ` of ${num(j.total)}` : ""} · <b>${num(j.succeeded)}</b> succeeded · <b>${num(j.failed)}</b> failed</p>
+    ${num(j.done)}${j.total !== null ? ` of ${num(j.total)}` : ""} · <b>${num(j.succeeded)}</b> succeeded · <b>${num(j.failed)}</b> failed${j.skipped ? ` · <b>${num(j.skipped)}</b> skipped` : ""}</p>
     ${j.error ? `<p class="error">${esc(j.error)}</p>` : ""}</div>
     ${j.outcomes && j.outcomes.length ? `<table><tr><th>fault</th><th>outcome</th><th>detail</th></tr>${j.outcomes.slice(-100).reverse().map((o) =>
       `<tr data-testid="outcome" data-outcome="${esc(o.outcome)}"><td><a href="#/faults/${encodeURIComponent(o.fault)}" data-close>${esc(o.fault.slice(0, 12))}</a></td>
@@ -436,11 +501,15 @@ function showJob(j) {
 document.addEventListener("click", async (e) => {
   const t = e.target.closest("button, a, tr, input");
   if (!t) return;
-  if (t.hasAttribute("data-close")) { if (t.tagName === "BUTTON") e.preventDefault(); closeDialog(); return; }
+  if (t.hasAttribute("data-close")) {
+    if (t.tagName === "BUTTON") e.preventDefault();
+    closeDialog(t.hasAttribute("data-keep"));
+    return;
+  }
   if (t.id === "modal-confirm") {
     const act = state.confirm;
     t.disabled = true;
-    try { await act(); } catch (err) { alertDialog("It did not work", err.message); }
+    try { await act(); } catch (err) { alertText("It did not work", err.message); }
     return;
   }
   if (t.dataset.pause) return pauseOrResume(t.dataset.pause, t.dataset.paused === "true");
@@ -450,8 +519,10 @@ document.addEventListener("click", async (e) => {
     return;
   }
   if (t.dataset.resubmitGroup !== undefined) {
-    const g = $("#fault-view").groups[Number(t.dataset.resubmitGroup)];
-    return planResubmission({ cause: g.cause });
+    // The group's open faults within the page's other filters (its time range), as counted.
+    const box = $("#fault-view");
+    const g = box.groups[Number(t.dataset.resubmitGroup)];
+    return planResubmission({ filter: { ...box.filters, ...causeFilter(g.cause), status: "open" } });
   }
   if (t.dataset.resubmitOne) return planResubmission({ ids: [t.dataset.resubmitOne] });
   if (t.id === "resubmit-selected") return planResubmission({ ids: [...state.selected] });
@@ -484,7 +555,7 @@ document.addEventListener("submit", (e) => {
   }
 });
 
-document.addEventListener("keydown", (e) => { if (e.key === "Escape" && !$("#modal").hidden) closeDialog(); });
+document.addEventListener("keydown", (e) => { if (e.key === "Escape" && !$("#modal").hidden) closeDialog(!!state.confirm); });
 
 // ---------- start ----------
 
