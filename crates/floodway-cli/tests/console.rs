@@ -567,5 +567,17 @@ async fn a_console_off_loopback_is_refused_without_a_token() {
             "the faults, once signed in",
         )
         .await;
+    // Signing out: the sign-in page again, and nothing answers until one signs in again.
+    browser.click("#sign-out").await;
+    browser
+        .wait_for(
+            "document.querySelector('#login-token')",
+            "the sign-in form again",
+        )
+        .await;
+    let refused: Value = browser
+        .eval("fetch('/api/faults').then(r => r.status)")
+        .await;
+    assert_eq!(refused, json!(401));
     served.stop();
 }

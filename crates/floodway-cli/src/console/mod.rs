@@ -427,6 +427,7 @@ fn router(console: Arc<Console>) -> Router {
             get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
         )
         .route("/api/login", post(login))
+        .route("/api/logout", post(logout))
         .merge(api)
         .with_state(console)
 }
@@ -680,6 +681,35 @@ async fn login(State(console): State<Arc<Console>>, Json(login): Json<Login>) ->
         .into_response()
 }
 
+/// Signing out: the session named by the cookie ends, and the cookie is cleared. It needs
+/// the page's CSRF header (so that another site cannot sign a page out) and nothing else,
+/// read-only or not.
+async fn logout(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    let csrf = headers.get("x-floodway-csrf").and_then(|v| v.to_str().ok());
+    if !csrf.is_some_and(|c| same(c.as_bytes(), console.csrf.as_bytes())) {
+        return refused(
+            StatusCode::FORBIDDEN,
+            "missing or wrong x-floodway-csrf header",
+        )
+        .into_response();
+    }
+    let name = console
+        .cookie
+        .get()
+        .map_or("floodway_session", String::as_str);
+    if let Some(sid) = cookie(&headers, name) {
+        console.sessions.lock().unwrap().remove(&sid);
+    }
+    (
+        [(
+            header::SET_COOKIE,
+            format!("{name}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
+        )],
+        Json(json!({ "ok": true })),
+    )
+        .into_response()
+}
+
 async fn session(
     State(console): State<Arc<Console>>,
     axum::Extension(Who(who)): axum::Extension<Who>,
@@ -689,6 +719,7 @@ async fn session(
         "read_only": console.read_only,
         "csrf": console.csrf,
         "can_pause": console.pauses.is_some(),
+        "signed_in": console.tokens.is_some(),
         "can_replay": console.hub().is_some(),
         "has_hub": console.hub().is_some(),
         "resubmits_to": console.resubmits_to(),

@@ -506,6 +506,11 @@ document.addEventListener("click", async (e) => {
     closeDialog(t.hasAttribute("data-keep"));
     return;
   }
+  if (t.id === "sign-out") {
+    await api("/api/logout", {});
+    location.reload();
+    return;
+  }
   if (t.id === "modal-confirm") {
     const act = state.confirm;
     t.disabled = true;
@@ -584,6 +589,7 @@ async function start() {
   }
   $("#hub").textContent = state.session.hub;
   $("#who").textContent = state.session.user + (state.session.read_only ? " · read-only" : "");
+  $("#sign-out").hidden = !state.session.signed_in;
   const [{ samples }, actions] = await Promise.all([api("/api/flow"), api("/api/actions")]);
   state.samples = samples;
   for (const j of actions.jobs) state.jobs.set(j.id, j);
