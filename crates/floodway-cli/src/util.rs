@@ -66,8 +66,9 @@ impl HubArgs {
         Ok(None)
     }
 
-    /// Opens the event hub: the embedded file (it must exist unless `create`), or NATS.
-    pub(crate) async fn open_events(&self, create: bool) -> anyhow::Result<SharedHub> {
+    /// Opens the event hub: the embedded file (it must exist unless `to_publish`: see
+    /// [`open_to_publish`](Self::open_to_publish)), or NATS.
+    pub(crate) async fn open_events(&self, to_publish: bool) -> anyhow::Result<SharedHub> {
         if let Some(options) = self.nats()? {
             let hub = floodway_nats::NatsHub::connect(&options).await?;
             return Ok(Arc::new(floodway_nats::NatsEventHub::new(
@@ -75,8 +76,8 @@ impl HubArgs {
                 Default::default(),
             )));
         }
-        Ok(Arc::new(if create {
-            self.open_or_create()?
+        Ok(Arc::new(if to_publish {
+            self.open_to_publish()?
         } else {
             self.open()?
         }))
@@ -95,8 +96,10 @@ impl HubArgs {
         Ok(Hub::open(&path, options)?)
     }
 
-    /// Opens the hub, creating it if it is missing.
-    pub(crate) fn open_or_create(&self) -> anyhow::Result<Hub> {
+    /// Opens the hub to publish to, creating it if it is missing, with a small page cache:
+    /// appending to the log needs little, and publishing a large file stays under 64 MiB
+    /// (BENCHMARKS.md).
+    pub(crate) fn open_to_publish(&self) -> anyhow::Result<Hub> {
         let (path, partitions) = match &self.config {
             Some(config) => {
                 let c = Config::load(config)?;
@@ -106,6 +109,7 @@ impl HubArgs {
         };
         let options = HubOptions {
             partitions,
+            page_cache_kib: 4 * 1024,
             ..HubOptions::default()
         };
         Ok(Hub::open(&path, options)?)

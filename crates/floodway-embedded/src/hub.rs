@@ -91,6 +91,7 @@ impl Hub {
             options.partitions,
             options.durability,
             options.busy_timeout,
+            options.page_cache_kib,
         )?;
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(HubInner {

@@ -57,6 +57,11 @@ pub struct HubOptions {
     /// write whose record will never be delivered again. With checkpoints in the file, WAL
     /// order makes unsynced commits safe (see [`Hub::connect`](Hub)).
     pub external_acks: bool,
+    /// SQLite's page cache per connection, in KiB (default 32 MiB). Views and the inbox are
+    /// written in key order, not insertion order, and must not go to disk for every row; a
+    /// process that only appends to the log (`floodway hub publish`) needs little, and sets
+    /// less to hold its memory down.
+    pub page_cache_kib: u32,
 }
 
 impl Default for HubOptions {
@@ -73,6 +78,7 @@ impl Default for HubOptions {
             lease_wait: Duration::from_secs(15),
             inbox_window: Duration::from_secs(600),
             external_acks: false,
+            page_cache_kib: 32 * 1024,
         }
     }
 }

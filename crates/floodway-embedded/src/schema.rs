@@ -151,12 +151,19 @@ pub(crate) fn connect(
     path: &Path,
     durability: Durability,
     busy_timeout: Duration,
+    page_cache_kib: u32,
     checkpoints: &WalCheckpoints,
 ) -> Result<Connection, OpenError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let mut conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(path, e))?;
-    configure(&mut conn, durability, busy_timeout, Some(checkpoints))
-        .map_err(|e| sqlite_error(path, e))?;
+    configure(
+        &mut conn,
+        durability,
+        busy_timeout,
+        page_cache_kib,
+        Some(checkpoints),
+    )
+    .map_err(|e| sqlite_error(path, e))?;
     Ok(conn)
 }
 
@@ -178,10 +185,12 @@ impl WalCheckpoints {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut conn =
             Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(path, e))?;
+        // A checkpoint copies WAL frames into the file: it needs no page cache of its own.
         configure(
             &mut conn,
             Durability::Immediate,
             Duration::from_secs(10),
+            2 * 1024,
             None,
         )
         .map_err(|e| sqlite_error(path, e))?;
@@ -219,6 +228,7 @@ fn configure(
     conn: &mut Connection,
     durability: Durability,
     busy_timeout: Duration,
+    page_cache_kib: u32,
     checkpoints: Option<&WalCheckpoints>,
 ) -> rusqlite::Result<()> {
     // Several processes share the file: wait for each other's write locks (and, past this,
@@ -234,14 +244,15 @@ fn configure(
         Durability::Immediate => "FULL",
         Durability::Relaxed => "NORMAL",
     };
-    // 32 MiB of page cache per connection (SQLite's default is 2 MiB): views and the inbox are
-    // written in key order, not insertion order, and must not go to disk for every row. The WAL
+    // 32 MiB of page cache per connection by default (SQLite's is 2 MiB): views and the inbox
+    // are written in key order, not insertion order, and must not go to disk for every row
+    // (`HubOptions::page_cache_kib`). The WAL
     // is checkpointed every 32 MiB rather than every 4 MiB, so a page written many times in a
     // burst is copied to the database once, and trimmed back to 64 MiB afterwards; the
     // checkpoints run on their own thread (`WalCheckpoints`), not in a writer's commit.
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync}; PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY; \
-         PRAGMA journal_size_limit = 67108864;"
+        "PRAGMA synchronous = {sync}; PRAGMA cache_size = -{page_cache_kib}; \
+         PRAGMA temp_store = MEMORY; PRAGMA journal_size_limit = 67108864;"
     ))?;
     // The hook replaces SQLite's automatic checkpoint; a connection without one (the
     // checkpointing thread's own) checkpoints nothing by itself.
@@ -260,6 +271,7 @@ pub(crate) fn open(
     partitions: Option<u32>,
     durability: Durability,
     busy_timeout: Duration,
+    page_cache_kib: u32,
 ) -> Result<(Connection, u32, WalCheckpoints), OpenError> {
     if !path.exists() && !create {
         return Err(OpenError::NotFound {
@@ -271,7 +283,8 @@ pub(crate) fn open(
         flags |= OpenFlags::SQLITE_OPEN_CREATE;
     }
     let mut conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(path, e))?;
-    configure(&mut conn, durability, busy_timeout, None).map_err(|e| sqlite_error(path, e))?;
+    configure(&mut conn, durability, busy_timeout, page_cache_kib, None)
+        .map_err(|e| sqlite_error(path, e))?;
     let err = |e| sqlite_error(path, e);
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -384,7 +397,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
         let busy = Duration::from_secs(10);
-        drop(open(&path, true, None, Durability::Immediate, busy).unwrap());
+        drop(open(&path, true, None, Durability::Immediate, busy, 2048).unwrap());
         // As a file written before leases and pruning existed.
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
@@ -395,7 +408,7 @@ mod tests {
         )
         .unwrap();
         drop(conn);
-        let (conn, _, _) = open(&path, false, None, Durability::Immediate, busy).unwrap();
+        let (conn, _, _) = open(&path, false, None, Durability::Immediate, busy, 2048).unwrap();
         let inbox: i64 = conn
             .query_row("SELECT count(*) FROM inbox", [], |r| r.get(0))
             .unwrap();
@@ -415,7 +428,7 @@ mod tests {
         assert_eq!(added, 2);
         // Opened again, nothing changes.
         drop(conn);
-        let (conn, _, _) = open(&path, false, None, Durability::Immediate, busy).unwrap();
+        let (conn, _, _) = open(&path, false, None, Durability::Immediate, busy, 2048).unwrap();
         let inbox: i64 = conn
             .query_row("SELECT count(*) FROM inbox", [], |r| r.get(0))
             .unwrap();
@@ -423,13 +436,14 @@ mod tests {
     }
 
     #[test]
-    fn durability_sets_the_sync_mode() {
+    fn durability_sets_the_sync_mode_and_the_page_cache_its_size() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
         let busy = Duration::from_secs(10);
-        let (_, _, checkpoints) = open(&path, true, None, Durability::Immediate, busy).unwrap();
+        let (_, _, checkpoints) =
+            open(&path, true, None, Durability::Immediate, busy, 2048).unwrap();
         for (durability, expected) in [(Durability::Immediate, 2), (Durability::Relaxed, 1)] {
-            let conn = connect(&path, durability, busy, &checkpoints).unwrap();
+            let conn = connect(&path, durability, busy, 2048, &checkpoints).unwrap();
             let mode: i64 = conn
                 .query_row("PRAGMA synchronous", [], |r| r.get(0))
                 .unwrap();
@@ -438,6 +452,10 @@ mod tests {
                 .query_row("PRAGMA journal_mode", [], |r| r.get(0))
                 .unwrap();
             assert_eq!(journal, "wal");
+            let cache: i64 = conn
+                .query_row("PRAGMA cache_size", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(cache, -2048, "the page cache in KiB");
         }
     }
 }

@@ -75,6 +75,7 @@ impl Store {
             &self.path,
             durability,
             self.options.busy_timeout,
+            self.options.page_cache_kib,
             &self.checkpoints,
         )
         .map_err(|e| match e {
