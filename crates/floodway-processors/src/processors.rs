@@ -579,9 +579,10 @@ where
 }
 
 /// Pauses and resumes processors while [`run_all_pausable`] runs them (the console's pause
-/// button). A paused processor takes no new records from its subscription: what it holds
-/// finishes and commits, its subscription stays its own (lease, consumers) and its lag grows
-/// until it is resumed. Clones share the switches.
+/// button). A paused processor reads no new records from its subscription: what it holds
+/// finishes and commits (the runtime reads one batch ahead, so a batch already read is still
+/// processed), its subscription stays its own (lease, consumers) and its lag grows until it
+/// is resumed. Clones share the switches.
 #[derive(Debug, Clone, Default)]
 pub struct Pauses {
     switches:
