@@ -473,6 +473,7 @@ function alertText(title, text) {
   alertHtml(title, `<p class="error">${esc(text)}</p>`);
 }
 function alertHtml(title, html) {
+  state.confirm = null;
   openDialog(title, html, `<button data-close>Close</button>`);
 }
 function confirmDialog(title, body, verb, act) {
@@ -480,6 +481,7 @@ function confirmDialog(title, body, verb, act) {
   openDialog(title, body, `<button data-close data-keep>Cancel</button><button class="primary" id="modal-confirm">${esc(verb)}</button>`);
 }
 function watch(jobId) {
+  state.confirm = null;
   state.watching = jobId;
   showJob(state.jobs.get(jobId) || { id: jobId, title: "starting", state: "running", done: 0, total: null, succeeded: 0, failed: 0, outcomes: [] });
 }
