@@ -16,6 +16,7 @@ mod replay_cmd;
 mod run_cmd;
 mod tally;
 mod util;
+mod view_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -63,6 +64,9 @@ enum Command {
     /// List, inspect and resubmit faults.
     #[command(subcommand)]
     Faults(faults_cmd::FaultsCommand),
+    /// Read the views in the hub's store: list them, get a row, query rows by key prefix.
+    #[command(subcommand)]
+    View(view_cmd::ViewCommand),
     /// Run a processor as an AWS Lambda function: for real (`handler`), or locally against the
     /// embedded hub through a simulated event-source mapping (`run`).
     #[command(subcommand)]
@@ -115,6 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Run(args) => run_cmd::run(args).await,
             Command::Hub(command) => hub_cmd::run(command).await,
             Command::Faults(command) => faults_cmd::run(command).await,
+            Command::View(command) => view_cmd::run(command).await,
             Command::Replay(args) => replay_cmd::replay(args).await,
             Command::Lambda(command) => lambda_cmd::run(command).await,
             Command::Console(args) => console::run(args).await,

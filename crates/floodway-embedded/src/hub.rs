@@ -549,6 +549,20 @@ impl Hub {
     pub fn view(&self, name: &str) -> Result<ViewStore, HubError> {
         ViewStore::open(self.store(), name)
     }
+
+    /// The names of the views in the file, in order.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn views(&self) -> Result<Vec<String>, HubError> {
+        let conn = self.connect()?;
+        let mut stmt = conn.prepare(
+            "SELECT substr(name, 6) FROM sqlite_master WHERE type = 'table' \
+             AND name LIKE 'view\\_%' ESCAPE '\\' ORDER BY name",
+        )?;
+        let names = stmt.query_map([], |r| r.get(0))?;
+        Ok(names.collect::<Result<_, _>>()?)
+    }
 }
 
 impl Hub {

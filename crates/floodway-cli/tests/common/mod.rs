@@ -316,6 +316,47 @@ pub(crate) fn publish_run_resubmit_replay(d: &Path, config: impl Fn(&str) -> Str
     // events with the others replays them too; the view does not take them).
     let out = replay(d);
     says(&out, "40 delivered, 0 faults");
+
+    // The view, read: listed, a row (the one resubmitted, keyed by the order id after the
+    // fix), rows by prefix a page at a time, and a view that is not there named with those
+    // that are.
+    let view = |args: &[&str]| {
+        let mut all = vec!["view"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--config", "floodway.toml"]);
+        floodway(d, &all)
+    };
+    let out = view(&["list"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "orders");
+    let out = view(&["get", "orders", "o-5"]);
+    says(&out, "key      o-5");
+    says(&out, "event e-5");
+    says(&out, r#""id": "o-5""#);
+    let out = view(&["query", "orders", "--prefix", "r-1", "--limit", "3"]);
+    let page = String::from_utf8_lossy(&out.stdout).into_owned();
+    let keys: Vec<&str> = page.lines().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(keys, ["r-1", "r-10", "r-11"], "{page}");
+    says(&out, "the next page: --after 'r-11'");
+    let out = view(&[
+        "query", "orders", "--prefix", "r-1", "--after", "r-11", "--json",
+    ]);
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let keys: Vec<&str> = rows.iter().map(|r| r["key"].as_str().unwrap()).collect();
+    // r-1 and r-10..r-19 but the orders without a ref (i % 13 == 5: 18).
+    assert_eq!(
+        keys,
+        ["r-12", "r-13", "r-14", "r-15", "r-16", "r-17", "r-19"]
+    );
+    assert_eq!(rows[0]["value"]["id"], "o-12");
+    let out = view(&["get", "orders", "nope"]);
+    assert!(!out.status.success());
+    says(&out, "view `orders` has no row `nope`");
+    let out = view(&["get", "order", "o-5"]);
+    assert!(!out.status.success());
+    says(&out, "it has orders");
 }
 
 /// Runs `orders-view` with `floodway lambda run` and `options`; what it said.

@@ -1,0 +1,159 @@
+//! `floodway view`: the views in the hub's store, read through the keyed-state contract.
+
+use anyhow::bail;
+use floodway::state::{Scan, StateRow, StateStore as _};
+
+use crate::util::{show_time, HubArgs};
+
+#[derive(clap::Subcommand)]
+pub(crate) enum ViewCommand {
+    /// The views in the hub's store (the embedded file; with NATS, its local store).
+    ///
+    /// Example: floodway view list --config floodway.toml
+    List {
+        #[command(flatten)]
+        hub: HubArgs,
+    },
+    /// One row of a view: its key, the version that wrote it (event time and id), when it
+    /// expires, and its value.
+    ///
+    /// Example: floodway view get --config floodway.toml orders o-1
+    Get {
+        #[command(flatten)]
+        hub: HubArgs,
+        /// The view.
+        view: String,
+        /// The row's key.
+        key: String,
+    },
+    /// Rows of a view in key order: those whose key starts with `--prefix`, a page at a time
+    /// (`--after` the last key shown for the next page).
+    ///
+    /// Example: floodway view query --config floodway.toml orders --prefix o-1 --limit 20
+    Query {
+        #[command(flatten)]
+        hub: HubArgs,
+        /// The view.
+        view: String,
+        /// Only keys that start with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Only keys after this one (the last key of the page before).
+        #[arg(long, value_name = "KEY")]
+        after: Option<String>,
+        /// Rows at most.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// One JSON object per row (key, version, expires, value) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) async fn run(command: ViewCommand) -> anyhow::Result<()> {
+    match command {
+        ViewCommand::List { hub } => {
+            let hub = hub.open()?;
+            let views = hub.views()?;
+            if views.is_empty() {
+                say!("no views yet: a materialize processor makes its view on first use");
+            }
+            for view in views {
+                say!("{view}");
+            }
+            Ok(())
+        }
+        ViewCommand::Get { hub, view, key } => {
+            let state = open(&hub, &view).await?;
+            let Some(row) = state.get(&key).await.map_err(unreadable)? else {
+                bail!("view `{view}` has no row `{key}`: `floodway view query` lists its keys");
+            };
+            say!("key      {}", row.key);
+            say!(
+                "version  {} ({}), event {}",
+                row.version.timestamp,
+                show_time(row.version.timestamp),
+                row.version.id
+            );
+            say!(
+                "expires  {}",
+                row.expires_at.map_or("never".to_owned(), show_time)
+            );
+            say!("{}", serde_json::to_string_pretty(&row.value)?);
+            Ok(())
+        }
+        ViewCommand::Query {
+            hub,
+            view,
+            prefix,
+            after,
+            limit,
+            json,
+        } => {
+            let state = open(&hub, &view).await?;
+            let mut scan = Scan::prefix(prefix, limit.max(1));
+            if let Some(after) = after {
+                scan = scan.after(after);
+            }
+            let rows = state.scan(&scan).await.map_err(unreadable)?;
+            for row in &rows {
+                if json {
+                    say!("{}", row_json(row));
+                } else {
+                    say!(
+                        "{:<24} {} {:<20} {}",
+                        row.key,
+                        show_time(row.version.timestamp),
+                        row.version.id,
+                        shortened(&row.value.to_string(), 100)
+                    );
+                }
+            }
+            if rows.len() == scan.limit {
+                let last = rows.last().map_or("", |r| r.key.as_str());
+                eprintln!("{} rows shown; the next page: --after '{last}'", rows.len());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The view `name` of the hub's store; an error naming the views there when it has none of
+/// that name (opening a view would make it).
+async fn open(hub: &HubArgs, name: &str) -> anyhow::Result<floodway::state::SharedState> {
+    let hub = hub.open()?;
+    let views = hub.views()?;
+    if !views.iter().any(|v| v == name) {
+        bail!(
+            "no view `{name}` in {}: {}",
+            hub.path().display(),
+            if views.is_empty() {
+                "it has none yet".to_owned()
+            } else {
+                format!("it has {}", views.join(", "))
+            }
+        );
+    }
+    hub.open(name).await.map_err(unreadable)
+}
+
+fn unreadable(e: floodway::BoxError) -> anyhow::Error {
+    anyhow::anyhow!("cannot read the view: {e}")
+}
+
+fn row_json(row: &StateRow) -> serde_json::Value {
+    serde_json::json!({
+        "key": row.key,
+        "version": { "timestamp": row.version.timestamp, "id": row.version.id },
+        "expires": row.expires_at,
+        "value": row.value,
+    })
+}
+
+/// `text` cut to `max` characters, with an ellipsis when cut.
+fn shortened(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
