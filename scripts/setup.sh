@@ -43,8 +43,8 @@ fi
 # interop/als/package-lock.json, installed with `npm ci` into target/als (again when the pins
 # change).
 ALS_DIR=target/als
+need node "install Node.js 18 or later (the interop tests run aws-lambda-stream with it)"
 if [ ! -d "$ALS_DIR/node_modules/aws-lambda-stream" ] || ! cmp -s interop/als/package-lock.json "$ALS_DIR/package-lock.json"; then
-  need node "install Node.js 18 or later (the interop tests run aws-lambda-stream with it)"
   need npm "install npm (it installs aws-lambda-stream from the npm registry)"
   step "installing aws-lambda-stream and aws-kms-ee (npm, pinned in interop/als) into $ALS_DIR"
   rm -rf "$ALS_DIR" && mkdir -p "$ALS_DIR"
@@ -52,7 +52,6 @@ if [ ! -d "$ALS_DIR/node_modules/aws-lambda-stream" ] || ! cmp -s interop/als/pa
   (cd "$ALS_DIR" && npm ci --no-audit --no-fund --loglevel=error) \
     || { echo "$SCRIPT: cannot install the npm packages of interop/als into $ALS_DIR" >&2; exit 1; }
 fi
-need node "install Node.js 18 or later (the interop tests run aws-lambda-stream with it)"
 export FLOODWAY_ALS_DIR="$PWD/$ALS_DIR"
 export FLOODWAY_NATS_SERVER="$PWD/$VENV/bin/nats-server"
 export FLOODWAY_MOTO_SERVER="$PWD/$VENV/bin/moto_server"

@@ -88,38 +88,42 @@ fn delivered(addr: &str) -> Option<u64> {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A child process, killed if the benchmark fails while it runs.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// `floodway run` in `dir` until `expected` events are delivered; seconds from the start.
 fn command_run(dir: &Path, expected: u64) -> f64 {
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = format!("127.0.0.1:{}", floodway_nats::testing::free_port());
     let started = Instant::now();
-    let mut child = floodway()
-        .current_dir(dir)
-        .args(["run", "floodway.toml", "--metrics", &addr])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Running(
+        floodway()
+            .current_dir(dir)
+            .args(["run", "floodway.toml", "--metrics", &addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let took = loop {
         if delivered(&addr).is_some_and(|n| n >= expected) {
             break started.elapsed();
         }
-        assert!(child.try_wait().unwrap().is_none(), "floodway run exited");
+        assert!(child.0.try_wait().unwrap().is_none(), "floodway run exited");
         assert!(started.elapsed() < Duration::from_secs(300), "no progress");
         std::thread::sleep(Duration::from_millis(5));
     };
     Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
-    child.wait().unwrap();
+    child.0.wait().unwrap();
     took.as_secs_f64()
 }
 
@@ -150,15 +154,8 @@ fn library_run(rt: &tokio::runtime::Runtime, dir: &Path) -> (u64, f64) {
 }
 
 fn main() {
-    let n = std::env::var("FLOODWAY_BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000usize);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let n = common::events_wanted(200_000);
+    let rt = common::two_workers();
     let tmp = tempfile::tempdir_in(".").unwrap();
     eprintln!("generating {n} events...");
     let events = generate::orders(n, 5);

@@ -43,28 +43,40 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
              --console ADDR"
         );
     }
-    // One recorder for both: the console reads what /metrics serves.
+    // One recorder for both: the console reads what /metrics serves. Without --metrics it
+    // is built without a listener (the builder's default would bind 0.0.0.0:9000).
     let metrics = match (args.metrics, args.console) {
         (None, None) => None,
-        (addr, _) => {
-            let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
-            if let Some(addr) = addr {
-                builder = builder.with_http_listener(addr);
-            }
-            let (recorder, exporter) = builder
+        (Some(addr), _) => {
+            let (recorder, exporter) = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
                 .build()
-                .with_context(|| format!("cannot serve metrics at {addr:?}"))?;
+                .with_context(|| format!("cannot serve metrics at {addr}"))?;
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder)
                 .map_err(|e| anyhow::anyhow!("cannot record metrics: {e}"))?;
-            if let Some(addr) = addr {
-                tokio::spawn(async move {
-                    if let Err(err) = exporter.await {
-                        tracing::error!(error = ?err, "the metrics endpoint stopped");
-                    }
-                });
-                eprintln!("metrics at http://{addr}/metrics");
-            }
+            tokio::spawn(async move {
+                if let Err(err) = exporter.await {
+                    tracing::error!(error = ?err, "the metrics endpoint stopped");
+                }
+            });
+            eprintln!("metrics at http://{addr}/metrics");
+            Some(handle)
+        }
+        (None, Some(_)) => {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder)
+                .map_err(|e| anyhow::anyhow!("cannot record metrics: {e}"))?;
+            // What `build` does for an exporter: histograms drained every 5 s.
+            let upkeep = handle.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    every.tick().await;
+                    upkeep.run_upkeep();
+                }
+            });
             Some(handle)
         }
     };

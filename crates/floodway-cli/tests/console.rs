@@ -60,6 +60,9 @@ async fn the_console_shows_the_flow_live_pauses_filters_faults_and_resubmits_a_g
     let d = dir.path();
     configure(d, "/order/ref");
     publish(d, "orders-0.jsonl", &orders(0..300));
+    // Port 9000 taken (here, or already by something else): `run --console` listens where it
+    // is told and nowhere else (the metrics exporter's default would be 0.0.0.0:9000).
+    let _taken = std::net::TcpListener::bind("127.0.0.1:9000");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let run = Served::start(d, &["run", "floodway.toml", "--console", &addr], port).await;

@@ -509,11 +509,7 @@ fn main() {
     sizes.sort_unstable();
 
     // Peak memory of a function process over one invocation.
-    let rt_multi = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt_multi = common::two_workers();
     let clean = invocations(&events(false)[..PER_INVOCATION]);
     let one: Value = serde_json::from_slice(&clean[0]).unwrap();
     let myself = std::env::current_exe().unwrap();

@@ -74,9 +74,13 @@ async fn raw_consume_from(hub: &NatsHub, name: &str, n: usize, subjects: &[Optio
     }
     let seen = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    // The time the last message was acked, taken by the task that acked it: the others may
+    // still be waiting out their 200 ms, which is not the work.
+    let finished = Arc::new(std::sync::Mutex::new(None));
     let mut tasks = tokio::task::JoinSet::new();
     for consumer in consumers {
         let seen = seen.clone();
+        let finished = finished.clone();
         tasks.spawn(async move {
             let mut messages = consumer
                 .stream()
@@ -93,12 +97,18 @@ async fn raw_consume_from(hub: &NatsHub, name: &str, n: usize, subjects: &[Optio
                 let message = message.unwrap();
                 std::hint::black_box(&message.payload);
                 message.ack().await.unwrap();
-                seen.fetch_add(1, Ordering::Relaxed);
+                if seen.fetch_add(1, Ordering::Relaxed) + 1 == n as u64 {
+                    *finished.lock().unwrap() = Some(started.elapsed());
+                }
             }
         });
     }
     while tasks.join_next().await.is_some() {}
-    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let elapsed = finished
+        .lock()
+        .unwrap()
+        .unwrap_or_else(|| started.elapsed());
+    let rate = n as f64 / elapsed.as_secs_f64();
     hub.client().flush().await.unwrap();
     rate
 }

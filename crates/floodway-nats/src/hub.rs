@@ -384,6 +384,11 @@ impl NatsHub {
                 .partitions
                 .push((partition.to_owned(), consumer.num_pending));
         }
+        // In partition order, whatever order the server listed the consumers in.
+        for s in subscriptions.values_mut() {
+            s.partitions
+                .sort_by_key(|(p, _)| (p.parse::<u32>().unwrap_or(u32::MAX), p.clone()));
+        }
         Ok(NatsStats {
             stream: self.inner.stream.clone(),
             messages: info.state.messages,

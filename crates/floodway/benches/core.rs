@@ -323,16 +323,6 @@ impl Source for Generated {
     }
 }
 
-fn rss_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Child process: stream events through a slow sink; print samples of RSS and the peak.
 fn memory_child(total: u64) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -347,7 +337,10 @@ fn memory_child(total: u64) {
         sink_fn(move |batch: Batch| {
             let n = seen.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64;
             if n % (total / 50) < batch.len() as u64 {
-                samples.lock().unwrap().push(rss_kib("VmRSS:"));
+                samples
+                    .lock()
+                    .unwrap()
+                    .push(common::status_kib(std::process::id(), "VmRSS:"));
             }
             async move {
                 // A slow target: 5 ms per call (virtual time).
@@ -372,7 +365,11 @@ fn memory_child(total: u64) {
     assert_eq!(report.done, total);
     let samples = samples.lock().unwrap();
     let list: Vec<String> = samples.iter().map(u64::to_string).collect();
-    println!("{} {}", rss_kib("VmHWM:"), list.join(","));
+    println!(
+        "{} {}",
+        common::status_kib(std::process::id(), "VmHWM:"),
+        list.join(",")
+    );
 }
 
 fn memory_row(total: u64) -> Row {

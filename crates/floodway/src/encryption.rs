@@ -283,13 +283,14 @@ pub async fn decrypt_event(keys: &dyn KeyProvider, event: &Event) -> Result<Decr
             ));
         };
         let clear = decrypt_value(&key, text)?;
-        // Worth scrubbing from messages: not `true` or `false` (nor empty: the scrub skips those).
         crate::fault::collect_scalars(Some(&clear), &mut secrets);
-        secrets.retain(|t| !matches!(t.as_str(), "true" | "false"));
         *v = clear;
         Ok(())
     };
     each_named(&mut value, &eem.fields, &mut decrypt)?;
+    // Worth scrubbing from messages: not `true` or `false`, which would mangle every message
+    // (nor empty texts: the scrub skips those).
+    secrets.retain(|t| !matches!(t.as_str(), "true" | "false"));
     let event = Event::from_value(value)
         .map_err(|e| Error::poison_msg("DecryptionError", e.to_string()))?;
     Ok(Decrypted { event, secrets })

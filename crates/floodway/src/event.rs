@@ -182,8 +182,8 @@ impl<'de> serde::de::Visitor<'de> for AtVisitor<'_> {
     fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
         let mut found = None;
         while let Some(hit) = map.next_key_seed(KeyIs(self.token))? {
-            // The first of duplicate names, as a lookup in the parsed object would give.
-            if hit && found.is_none() {
+            // The last of duplicate names, as in the parsed object (serde_json keeps the last).
+            if hit {
                 found = map.next_value_seed(At { tokens: self.rest })?;
             } else {
                 map.next_value::<serde::de::IgnoredAny>()?;
@@ -193,7 +193,14 @@ impl<'de> serde::de::Visitor<'de> for AtVisitor<'_> {
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let wanted: Option<usize> = self.token.parse().ok();
+        // An index as JSON Pointer writes one (RFC 6901): no sign, no leading zero.
+        let sloppy =
+            self.token.starts_with('+') || (self.token.starts_with('0') && self.token.len() > 1);
+        let wanted: Option<usize> = if sloppy {
+            None
+        } else {
+            self.token.parse().ok()
+        };
         let mut found = None;
         for i in 0.. {
             if Some(i) == wanted {
@@ -1174,7 +1181,8 @@ mod tests {
     fn json_at_agrees_with_a_lookup_in_the_parsed_event() {
         let text = r#"{"id":"1","type":"t","timestamp":1,"partitionKey":"k",
             "order":{"id":"o-1","lines":[{"sku":"a","n":[1,2,{"x":null}]},{"sku":"b"}],
-                     "a/b":{"c~d":"slash and tilde"},"esc\"aped":"\u00e9t\u00e9","empty":{}},
+                     "a/b":{"c~d":"slash and tilde"},"esc\"aped":"\u00e9t\u00e9","empty":{},
+                     "twice":{"x":1},"twice":{"y":2}},
             "n":3.5,"flag":true}"#;
         let event = Event::decode(text.as_bytes()).unwrap();
         let parsed: Value = serde_json::from_str(text).unwrap();
@@ -1186,6 +1194,10 @@ mod tests {
             "/order/lines/1/sku",
             "/order/lines/0/n/2/x",
             "/order/lines/0/n/1",
+            "/order/lines/01",
+            "/order/lines/+1",
+            "/order/twice/x",
+            "/order/twice/y",
             "/order/lines/2",
             "/order/lines/x",
             "/order/a~1b/c~0d",

@@ -10,14 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use serde_json::Value;
 
-/// A free port on loopback.
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub(crate) use floodway_nats::testing::free_port;
 
 /// A `floodway` process serving the console at `port`; killed when dropped.
 pub(crate) struct Served {

@@ -27,7 +27,9 @@ impl Policy for Deadline {
         Box::pin(async move {
             let mut call = std::pin::pin!(call);
             // A call that is done at once (an in-process sink, a buffered write) needs no
-            // timer: registering one and removing it costs more than many such calls.
+            // deadline: it skips reading the clock and making a timer entry. (tokio registers
+            // the entry only when it is polled, so the saving is small; it was measured only
+            // together with another change, BENCHMARKS.md.)
             let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
             if let Poll::Ready(result) = first {
                 return result;

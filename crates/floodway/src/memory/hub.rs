@@ -260,28 +260,27 @@ impl EventHub for MemoryHub {
             let mut subscriptions: Vec<SubscriptionStats> = state
                 .checkpoints
                 .iter()
-                .map(|(name, cps)| SubscriptionStats {
-                    name: name.clone(),
-                    lag: cps
-                        .iter()
-                        .zip(&state.logs)
-                        .map(|(cp, log)| (log.len() as u64).saturating_sub(*cp))
-                        .sum(),
-                    partitions: cps
+                .map(|(name, cps)| {
+                    let partitions: Vec<(String, u64)> = cps
                         .iter()
                         .zip(&state.logs)
                         .enumerate()
                         .map(|(p, (cp, log))| {
                             (p.to_string(), (log.len() as u64).saturating_sub(*cp))
                         })
-                        .collect(),
-                    progress: cps
-                        .iter()
-                        .enumerate()
-                        .map(|(p, cp)| format!("{p}:{cp}"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    owner: None,
+                        .collect();
+                    SubscriptionStats {
+                        name: name.clone(),
+                        lag: partitions.iter().map(|(_, lag)| lag).sum(),
+                        partitions,
+                        progress: cps
+                            .iter()
+                            .enumerate()
+                            .map(|(p, cp)| format!("{p}:{cp}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        owner: None,
+                    }
                 })
                 .collect();
             subscriptions.sort_by(|a, b| a.name.cmp(&b.name));
