@@ -12,6 +12,7 @@ mod demo;
 mod faults_cmd;
 mod hub_cmd;
 mod lambda_cmd;
+mod outbox_cmd;
 mod replay_cmd;
 mod run_cmd;
 mod tally;
@@ -67,6 +68,9 @@ enum Command {
     /// Read the views in the hub's store: list them, get a row, query rows by key prefix.
     #[command(subcommand)]
     View(view_cmd::ViewCommand),
+    /// The transactional outbox: what is pending and what was published.
+    #[command(subcommand)]
+    Outbox(outbox_cmd::OutboxCommand),
     /// Run a processor as an AWS Lambda function: for real (`handler`), or locally against the
     /// embedded hub through a simulated event-source mapping (`run`).
     #[command(subcommand)]
@@ -120,6 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Hub(command) => hub_cmd::run(command).await,
             Command::Faults(command) => faults_cmd::run(command).await,
             Command::View(command) => view_cmd::run(command).await,
+            Command::Outbox(command) => outbox_cmd::run(command).await,
             Command::Replay(args) => replay_cmd::replay(args).await,
             Command::Lambda(command) => lambda_cmd::run(command).await,
             Command::Console(args) => console::run(args).await,

@@ -124,6 +124,24 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
+    // The outbox's relay, when a processor writes to it: stopped after the processors, so
+    // what they wrote last is published before the command ends.
+    let relay = if config.processors.iter().any(|p| {
+        matches!(
+            p,
+            floodway_processors::ProcessorConfig::Materialize { outbox: true, .. }
+        )
+    }) {
+        let relay = floodway_embedded::OutboxRelay::new(&hubs.store)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let to = hubs.events.clone();
+        let task = tokio::spawn(relay.run(to, async move {
+            let _ = stopped.await;
+        }));
+        Some((stop, task))
+    } else {
+        None
+    };
     let names: Vec<String> = processors.iter().map(|p| p.name().to_owned()).collect();
     eprintln!(
         "running {} on {} (stop with Ctrl-C)",
@@ -141,6 +159,16 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     .map_err(|(name, err)| anyhow::anyhow!("processor `{name}` stopped: {err}"))?;
     if let Some(console) = console {
         console.abort();
+    }
+    if let Some((stop, task)) = relay {
+        let _ = stop.send(());
+        let report = task
+            .await?
+            .map_err(|e| anyhow::anyhow!("the outbox relay stopped: {e}"))?;
+        eprintln!(
+            "outbox: {} events published ({} already held by the hub)",
+            report.published, report.duplicates
+        );
     }
     for (name, report) in reports {
         eprintln!(

@@ -15,30 +15,39 @@ pub(crate) enum ViewCommand {
         hub: HubArgs,
     },
     /// One row of a view: its key, the version that wrote it (event time and id), when it
-    /// expires, and its value.
+    /// expires, and its value. A table of rows (a view keyed by `{ pk, sk }`) takes both keys.
     ///
     /// Example: floodway view get --config floodway.toml orders o-1
+    /// Example: floodway view get --config floodway.toml order_rows o-1 order
     Get {
         #[command(flatten)]
         hub: HubArgs,
         /// The view.
         view: String,
-        /// The row's key.
+        /// The row's key (a table of rows: its partition key).
         key: String,
+        /// A table of rows: the row's sort key.
+        sk: Option<String>,
     },
     /// Rows of a view in key order: those whose key starts with `--prefix`, a page at a time
-    /// (`--after` the last key shown for the next page).
+    /// (`--after` the last key shown for the next page). A table of rows: the rows of
+    /// partition `--pk` whose sort key starts with `--prefix`, or without `--pk` every row.
     ///
     /// Example: floodway view query --config floodway.toml orders --prefix o-1 --limit 20
+    /// Example: floodway view query --config floodway.toml order_rows --pk o-1 --prefix item#
     Query {
         #[command(flatten)]
         hub: HubArgs,
         /// The view.
         view: String,
-        /// Only keys that start with this.
+        /// A table of rows: the partition.
+        #[arg(long)]
+        pk: Option<String>,
+        /// Only keys (a table of rows: sort keys) that start with this.
         #[arg(long, default_value = "")]
         prefix: String,
-        /// Only keys after this one (the last key of the page before).
+        /// Only keys after this one (the last key of the page before; a table of rows: a
+        /// sort key with --pk, else `PK/SK`).
         #[arg(long, value_name = "KEY")]
         after: Option<String>,
         /// Rows at most.
@@ -55,15 +64,35 @@ pub(crate) async fn run(command: ViewCommand) -> anyhow::Result<()> {
         ViewCommand::List { hub } => {
             let hub = hub.open()?;
             let views = hub.views()?;
-            if views.is_empty() {
+            let tables = hub.row_tables()?;
+            if views.is_empty() && tables.is_empty() {
                 say!("no views yet: a materialize processor makes its view on first use");
             }
             for view in views {
                 say!("{view}");
             }
+            for table in tables {
+                say!("{table} (rows by pk and sk)");
+            }
             Ok(())
         }
-        ViewCommand::Get { hub, view, key } => {
+        ViewCommand::Get { hub, view, key, sk } => {
+            let opened = hub.open()?;
+            if opened.row_tables()?.contains(&view) {
+                let Some(sk) = sk else {
+                    bail!("`{view}` is a table of rows: give the partition key and the sort key");
+                };
+                let table = opened.rows(&view)?;
+                let row_key = floodway::rows::RowKey::new(key, sk);
+                let Some(row) = table.get(&row_key)? else {
+                    bail!("`{view}` has no row {row_key}: `floodway view query {view} --pk ...` lists them");
+                };
+                say!("{}", serde_json::to_string_pretty(&rows_json(&row))?);
+                return Ok(());
+            }
+            if let Some(sk) = sk {
+                bail!("`{view}` is a view of one value per key: give only the key, not `{sk}`");
+            }
             let state = open(&hub, &view).await?;
             let Some(row) = state.get(&key).await.map_err(unreadable)? else {
                 bail!("view `{view}` has no row `{key}`: `floodway view query` lists its keys");
@@ -85,11 +114,62 @@ pub(crate) async fn run(command: ViewCommand) -> anyhow::Result<()> {
         ViewCommand::Query {
             hub,
             view,
+            pk,
             prefix,
             after,
             limit,
             json,
         } => {
+            let opened = hub.open()?;
+            if opened.row_tables()?.contains(&view) {
+                let table = opened.rows(&view)?;
+                let limit = limit.max(1);
+                let rows = match &pk {
+                    Some(pk) => {
+                        let mut query = floodway::rows::RowQuery::partition(pk.clone(), limit)
+                            .sk_prefix(prefix);
+                        if let Some(after) = after {
+                            query = query.after(after);
+                        }
+                        table.query(&query)?
+                    }
+                    None => {
+                        let after = after.as_deref().map(|a| {
+                            let (pk, sk) = a.split_once('/').unwrap_or((a, ""));
+                            floodway::rows::RowKey::new(pk, sk)
+                        });
+                        table.scan(after.as_ref(), limit)?
+                    }
+                };
+                for row in &rows {
+                    if json {
+                        say!("{}", rows_json(row));
+                    } else {
+                        say!(
+                            "{:<32} {} {:<20} {}",
+                            row.key.to_string(),
+                            show_time(row.version.timestamp),
+                            row.version.id,
+                            shortened(
+                                &serde_json::Value::Object(row.fields.clone()).to_string(),
+                                100
+                            )
+                        );
+                    }
+                }
+                if rows.len() == limit {
+                    let last = rows.last().map(|r| match &pk {
+                        Some(_) => r.key.sk.clone(),
+                        None => r.key.to_string(),
+                    });
+                    eprintln!(
+                        "{} rows shown; the next page: --after '{}'",
+                        rows.len(),
+                        last.unwrap_or_default()
+                    );
+                }
+                return Ok(());
+            }
             let state = open(&hub, &view).await?;
             let mut scan = Scan::prefix(prefix, limit.max(1));
             if let Some(after) = after {
@@ -139,6 +219,18 @@ async fn open(hub: &HubArgs, name: &str) -> anyhow::Result<floodway::state::Shar
 
 fn unreadable(e: floodway::BoxError) -> anyhow::Error {
     anyhow::anyhow!("cannot read the view: {e}")
+}
+
+/// A row of a table of rows: its key, kind, version, expiry and fields.
+fn rows_json(row: &floodway::rows::Row) -> serde_json::Value {
+    serde_json::json!({
+        "pk": row.key.pk,
+        "sk": row.key.sk,
+        "discriminator": row.discriminator,
+        "version": { "timestamp": row.version.timestamp, "id": row.version.id },
+        "expires": row.expires_at,
+        "fields": row.fields,
+    })
 }
 
 fn row_json(row: &StateRow) -> serde_json::Value {

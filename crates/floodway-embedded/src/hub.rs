@@ -550,6 +550,37 @@ impl Hub {
         ViewStore::open(self.store(), name)
     }
 
+    /// The row table `name` ([`floodway::rows`]), created on first use; its changes go to the
+    /// outbox once [`RowTable::with_outbox`] says so.
+    ///
+    /// # Errors
+    /// An invalid name, or a storage failure.
+    pub fn rows(&self, name: &str) -> Result<crate::RowTable, HubError> {
+        crate::rows::RowTable::open(self.store(), name)
+    }
+
+    /// The names of the row tables in the file, in order.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn row_tables(&self) -> Result<Vec<String>, HubError> {
+        let conn = self.connect()?;
+        let mut stmt = conn.prepare(
+            "SELECT substr(name, 6) FROM sqlite_master WHERE type = 'table' \
+             AND name LIKE 'rows\\_%' ESCAPE '\\' ORDER BY name",
+        )?;
+        let names = stmt.query_map([], |r| r.get(0))?;
+        Ok(names.collect::<Result<_, _>>()?)
+    }
+
+    /// The hub file's outbox.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn outbox(&self) -> Result<crate::Outbox, HubError> {
+        crate::outbox::Outbox::open(self.store())
+    }
+
     /// The names of the views in the file, in order.
     ///
     /// # Errors

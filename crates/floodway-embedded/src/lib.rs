@@ -31,6 +31,8 @@
 //! | subscriptions with checkpoints per partition, from a checkpoint, the start, the end or a time; one owner at a time (a lease) | [`Subscription`] |
 //! | the fault store: faults by id with first/last seen and counts, filters, resubmission history | [`FaultStore`] |
 //! | latest-wins views with the inbox in the same transaction | [`ViewStore`], [`ViewSink`] |
+//! | single-table rows by update requests (per-field latest-wins, counters, sets, TTL), the inbox and the outbox in the same transaction | [`RowTable`] |
+//! | the transactional outbox and its relay | [`Outbox`], [`OutboxRelay`] |
 //!
 //! Several processes may share the file (WAL mode, offsets assigned inside each commit). How
 //! they get along:
@@ -59,10 +61,13 @@ mod error;
 mod event_hub;
 mod faults;
 mod hub;
+mod inbox;
 mod lease;
 mod log;
 mod options;
+mod outbox;
 mod publisher;
+mod rows;
 mod schema;
 mod segment;
 mod store;
@@ -77,6 +82,8 @@ pub use hub::{
     RetentionReport, SubscriptionStats, DEFAULT_PARTITIONS,
 };
 pub use lease::LeaseHolder;
+pub use outbox::{Outbox, OutboxRelay, OutboxSource, OutboxStats, Pending, RelayReport};
+pub use rows::{RowTable, RowTx};
 pub use subscription::{
     StartAt, Subscription, SubscriptionCheckpointer, SubscriptionOptions, SubscriptionReader,
 };

@@ -1,6 +1,5 @@
 //! Latest-wins views: a table per view, written with the inbox in one transaction.
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,32 +13,26 @@ use rusqlite::{Connection, OptionalExtension};
 use serde_json::Value;
 
 use crate::error::HubError;
-use crate::store::{Store, WriteGate, PRUNE_BATCH};
+use crate::inbox::Inbox;
+use crate::store::{Store, WriteGate};
 
 /// A materialized view in the hub file: rows by key, each remembering the `(timestamp, id)` of
 /// the event that last wrote it. A write applies only if it is newer (ties broken by id), and
 /// the event's id goes into the view's inbox in the same transaction, so a redelivered event
 /// changes nothing. Any order and any duplicates of a set of events give the same rows.
 ///
-/// The inbox keeps event ids by the window of
-/// [`HubOptions::inbox_window`](crate::HubOptions::inbox_window) they were applied in (windows
-/// start at multiples of it) and remembers an event for one to two windows: the writes delete
-/// the windows before the previous one as they go, a bounded batch per transaction. A
-/// redelivery it remembers counts as a duplicate; a later one meets the row's version, which is
-/// at least the event's own, and counts as stale. Either way nothing changes.
+/// The inbox (`crate::inbox`) remembers an event for one to two windows of
+/// [`HubOptions::inbox_window`](crate::HubOptions::inbox_window). A redelivery it remembers
+/// counts as a duplicate; a later one meets the row's version, which is at least the event's
+/// own, and counts as stale. Either way nothing changes.
 #[derive(Clone)]
 pub struct ViewStore {
     name: Arc<str>,
     table: Arc<str>,
     pub(crate) conn: Arc<Mutex<Connection>>,
     gate: WriteGate,
-    inbox_window_ms: i64,
+    inbox: Inbox,
     busy_retry: Duration,
-    /// When the inbox may next hold windows to delete (ms since the epoch).
-    next_prune: Arc<AtomicI64>,
-    /// The last window found to hold no ids of this view: while it is the previous window,
-    /// looking an event up there is skipped (a window gets no ids once it is past).
-    empty_window: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for ViewStore {
@@ -104,10 +97,8 @@ impl ViewStore {
             table: table.into(),
             conn: Arc::new(Mutex::new(conn)),
             gate: store.gate.clone(),
-            inbox_window_ms: options.inbox_window.as_millis() as i64,
+            inbox: Inbox::new(name, options.inbox_window),
             busy_retry: options.busy_retry,
-            next_prune: Arc::new(AtomicI64::new(0)),
-            empty_window: Arc::new(AtomicI64::new(i64::MIN)),
         })
     }
 }
@@ -165,30 +156,9 @@ impl ViewStore {
         let mut conn = self.conn()?;
         let _turn = self.gate.enter();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let now = now_millis();
-        let window = self.inbox_window_ms.max(1);
-        let current = now - now.rem_euclid(window);
-        let previous = current - window;
         let mut applied = Applied::default();
-        {
-            let mut inbox = tx.prepare_cached(
-                "INSERT OR IGNORE INTO inbox (bucket, view, event) VALUES (?1, ?2, ?3)",
-            )?;
-            let mut applied_before = tx.prepare_cached(
-                "SELECT 1 FROM inbox WHERE bucket = ?1 AND view = ?2 AND event = ?3",
-            )?;
-            // Whether the previous window may hold ids of this view: found out once per window.
-            let look_back = self.empty_window.load(Ordering::Relaxed) != previous && {
-                let any: bool = tx
-                    .prepare_cached(
-                        "SELECT EXISTS (SELECT 1 FROM inbox WHERE bucket = ?1 AND view = ?2)",
-                    )?
-                    .query_row((previous, &*self.name), |r| r.get(0))?;
-                if !any {
-                    self.empty_window.store(previous, Ordering::Relaxed);
-                }
-                any
-            };
+        let pruned = {
+            let mut inbox = self.inbox.begin(&tx, now_millis())?;
             let table = &self.table;
             let mut upsert = tx.prepare_cached(&format!(
                 "INSERT INTO {table} (key, time, event, value, expires) \
@@ -199,9 +169,7 @@ impl ViewStore {
             ))?;
             for w in writes {
                 let id = &w.version.id;
-                if inbox.execute((current, &*self.name, id))? == 0
-                    || (look_back && applied_before.exists((previous, &*self.name, id))?)
-                {
+                if !inbox.first_time(id)? {
                     applied.duplicates += 1;
                     continue;
                 }
@@ -212,29 +180,11 @@ impl ViewStore {
                     applied.written += 1;
                 }
             }
-        }
-        // The windows before the previous one, once there may be some: a bounded batch in this
-        // transaction, larger than what it added (so the inbox stays bounded), deleted in key
-        // order from the start of the table.
-        let due = self.next_prune.load(Ordering::Relaxed);
-        let mut next = due;
-        if now >= due {
-            let limit = 2 * writes.len() + PRUNE_BATCH;
-            let deleted = tx
-                .prepare_cached(
-                    "DELETE FROM inbox WHERE (bucket, view, event) IN (SELECT bucket, view, \
-                     event FROM inbox WHERE bucket < ?1 ORDER BY bucket, view, event LIMIT ?2)",
-                )?
-                .execute((previous, limit as i64))?;
-            // All gone: the next to go is the previous window, when the next one starts.
-            next = if deleted < limit {
-                current + window
-            } else {
-                now
-            };
-        }
+            drop(upsert);
+            inbox.prune(&tx, writes.len())?
+        };
         tx.commit()?;
-        self.next_prune.store(next, Ordering::Relaxed);
+        pruned.commit();
         Ok(applied)
     }
 

@@ -43,3 +43,19 @@ mod keyed_state {
 
     floodway::keyed_state_conformance_tests!(fresh);
 }
+
+mod rows {
+    use floodway::rows::SharedRows;
+    use floodway_embedded::{Hub, HubOptions};
+
+    async fn fresh() -> (SharedRows, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::open(dir.path().join("rows.db"), HubOptions::default()).unwrap();
+        (
+            std::sync::Arc::new(hub.rows("conformance").unwrap().with_outbox()),
+            dir,
+        )
+    }
+
+    floodway::row_store_conformance_tests!(fresh);
+}

@@ -310,9 +310,12 @@ pub enum ProcessorConfig {
         types: Vec<String>,
         /// The view.
         view: String,
-        /// `partitionKey` (default), `id`, or a JSON pointer.
-        #[serde(default = "default_key")]
-        key: String,
+        /// `partitionKey` (default), `id`, or a JSON pointer: a latest-wins view of one value
+        /// per key. A table `{ pk = "/order/id", sk = "order" }` (each a JSON pointer,
+        /// `partitionKey`, `id`, or text): a table of rows written by update requests
+        /// (`set`, `remove`, `add`, `delete`, `ttl`, ...).
+        #[serde(default)]
+        key: ViewKey,
         /// A JSON pointer to the value; the whole event when absent.
         value: Option<String>,
         /// Rows written per transaction at most (default 5,000). A view of many keys changes
@@ -330,6 +333,40 @@ pub enum ProcessorConfig {
         /// services write them) before the first step; needs `[encryption]`.
         #[serde(default)]
         decrypt: bool,
+        /// Rows: fields to set, each from a JSON pointer (`"/order/status"`) or a value
+        /// (`{ value = "paid" }`, a number, true or false). With none of `set`, `remove`, `add`
+        /// and `delete`, the fields of `value` (or of the event) are set.
+        #[serde(default)]
+        set: BTreeMap<String, FieldValue>,
+        /// Rows: fields to remove.
+        #[serde(default)]
+        remove: Vec<String>,
+        /// Rows: numbers to add to counters, or arrays of elements to add to sets.
+        #[serde(default)]
+        add: BTreeMap<String, FieldValue>,
+        /// Rows: arrays of elements to delete from sets.
+        #[serde(default)]
+        delete: BTreeMap<String, FieldValue>,
+        /// Rows: event types (or `*` patterns) that delete the row instead.
+        #[serde(default)]
+        delete_on: Vec<String>,
+        /// Rows: how long a row lives after the event that last wrote it (`"33d"`).
+        ttl: Option<HumanDuration>,
+        /// Rows: the kind of row, named by its change events (`order-created`, ...).
+        discriminator: Option<String>,
+        /// Rows: `"field"` (default: each field is latest-wins on its own) or `"row"` (the
+        /// whole update applies only over an older row).
+        #[serde(default)]
+        latest: floodway::rows::Latest,
+        /// Rows: what an update older than what it meets does: `"drop"` (default) or
+        /// `"fault"`.
+        #[serde(default)]
+        stale: StalePolicy,
+        /// Rows: write each change of a row to the outbox in the same transaction;
+        /// `floodway run` publishes them to the hub as `{discriminator}-created|updated|deleted`
+        /// events.
+        #[serde(default)]
+        outbox: bool,
     },
     /// Events to an external HTTP API.
     Http {
@@ -424,8 +461,62 @@ pub enum ProcessorConfig {
     },
 }
 
-fn default_key() -> String {
-    "partitionKey".into()
+/// The key of a *materialize* processor's view.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ViewKey {
+    /// One value per key: `partitionKey`, `id`, or a JSON pointer.
+    Single(String),
+    /// Rows by update requests: the partition and sort keys, each `partitionKey`, `id`, a
+    /// JSON pointer, or text.
+    Row {
+        /// The partition key.
+        pk: String,
+        /// The sort key.
+        sk: String,
+    },
+}
+
+impl Default for ViewKey {
+    fn default() -> Self {
+        ViewKey::Single("partitionKey".into())
+    }
+}
+
+impl From<&str> for ViewKey {
+    fn from(key: &str) -> Self {
+        ViewKey::Single(key.into())
+    }
+}
+
+/// A field's value in an update: from the event, or given.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum FieldValue {
+    /// A JSON pointer into the event.
+    Pointer(String),
+    /// A whole number.
+    Integer(i64),
+    /// A number.
+    Float(f64),
+    /// True or false.
+    Bool(bool),
+    /// `{ value = ... }`: any value, text included.
+    Value {
+        /// The value.
+        value: serde_json::Value,
+    },
+}
+
+/// What a stale update does, in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StalePolicy {
+    /// Nothing.
+    #[default]
+    Drop,
+    /// A fault.
+    Fault,
 }
 fn default_batch() -> usize {
     5_000
@@ -541,6 +632,57 @@ impl Config {
                 },
                 ProcessorConfig::Materialize { batch: 0, .. } => {
                     return Err(format!("processor `{name}`: batch must be at least 1"));
+                }
+                ProcessorConfig::Materialize {
+                    key: ViewKey::Single(_),
+                    set,
+                    remove,
+                    add,
+                    delete,
+                    delete_on,
+                    ttl,
+                    discriminator,
+                    outbox,
+                    ..
+                } if !set.is_empty()
+                    || !remove.is_empty()
+                    || !add.is_empty()
+                    || !delete.is_empty()
+                    || !delete_on.is_empty()
+                    || ttl.is_some()
+                    || discriminator.is_some()
+                    || *outbox =>
+                {
+                    return Err(format!(
+                        "processor `{name}`: set, remove, add, delete, delete_on, ttl, \
+                         discriminator and outbox are settings of rows: give the key as \
+                         `key = {{ pk = \"...\", sk = \"...\" }}`"
+                    ));
+                }
+                ProcessorConfig::Materialize {
+                    key: ViewKey::Row { .. },
+                    types,
+                    outbox: true,
+                    discriminator,
+                    ..
+                } => {
+                    // Its own change events must not come back to it: a loop.
+                    let prefix = discriminator.as_deref().unwrap_or("row").to_lowercase();
+                    let filters = types
+                        .iter()
+                        .map(|t| floodway::pipeline::TypeFilter::parse(t))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| format!("processor `{name}`: {e}"))?;
+                    if let Some(kind) = ["created", "updated", "deleted"]
+                        .into_iter()
+                        .find(|k| filters.iter().any(|f| f.matches(&format!("{prefix}-{k}"))))
+                    {
+                        return Err(format!(
+                            "processor `{name}`: its outbox publishes `{prefix}-{kind}` events, \
+                             which its types take in again (a loop): narrow `types` or set \
+                             another `discriminator`"
+                        ));
+                    }
                 }
                 ProcessorConfig::Http {
                     client_cert,

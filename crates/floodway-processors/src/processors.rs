@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use floodway::hub::{ReadOptions, SharedHub, Stream};
+use floodway::idempotence::Version;
 use floodway::layer::limit::concurrency::{Aimd, ConcurrencyLimiter};
 use floodway::layer::limit::rate::RateLimiter;
 use floodway::layer::retry::RetryPolicy;
 use floodway::layer::Resilience;
+use floodway::rows::{RowKey, RowSink, Update};
 use floodway::runtime::RunReport;
 use floodway::Publisher;
 use floodway::{sink_fn, Batch, BuildError, Error, Event, Pipeline, Processor, RunError};
@@ -18,7 +20,10 @@ use floodway_nats::NatsHub;
 use serde_json::Value;
 use tower::util::BoxCloneSyncService;
 
-use crate::config::{ConcurrencyConfig, Config, HeaderConfig, ProcessorConfig};
+use crate::config::{
+    ConcurrencyConfig, Config, FieldValue, HeaderConfig, HumanDuration, ProcessorConfig,
+    StalePolicy, ViewKey,
+};
 use crate::hubs::{Hubs, HubsError};
 
 /// A processor could not be built from its configuration.
@@ -250,6 +255,173 @@ pub fn materialize(
     publishing_faults_holding(hubs, name, pipeline, Some(in_flight))
 }
 
+/// How a *materialize* processor with a row key makes each event's update.
+#[derive(Debug, Clone)]
+pub struct RowTarget {
+    /// The table's name.
+    pub table: String,
+    /// The partition and sort keys: `partitionKey`, `id`, a JSON pointer, or text.
+    pub pk: String,
+    /// The sort key, the same way.
+    pub sk: String,
+    /// A JSON pointer to the fields set when no field is named; the whole event when `None`.
+    pub value: Option<String>,
+    /// Fields to set.
+    pub set: Vec<(String, FieldValue)>,
+    /// Fields to remove.
+    pub remove: Vec<String>,
+    /// Counters and sets to add to.
+    pub add: Vec<(String, FieldValue)>,
+    /// Sets to delete elements from.
+    pub delete: Vec<(String, FieldValue)>,
+    /// Event types that delete the row.
+    pub delete_on: Vec<String>,
+    /// How long a row lives after the event that last wrote it.
+    pub ttl: Option<Duration>,
+    /// The kind of row.
+    pub discriminator: Option<String>,
+    /// Per field or per row.
+    pub latest: floodway::rows::Latest,
+    /// A stale update is a fault (else dropped).
+    pub fault_when_stale: bool,
+    /// Write changes to the outbox.
+    pub outbox: bool,
+    /// Updates per transaction at most.
+    pub batch: usize,
+}
+
+/// A part of a row's key: `partitionKey`, `id`, a JSON pointer, or text.
+fn key_part(spec: &str, event: &Event) -> Result<String, Error> {
+    if spec == "partitionKey" || spec == "id" || spec.starts_with('/') {
+        key_of(spec, event)
+    } else {
+        Ok(spec.to_owned())
+    }
+}
+
+/// A field's value: `None` when its pointer finds nothing (then the field is left alone, as
+/// aws-lambda-stream leaves out undefined values).
+fn field_value(value: &FieldValue, event: &Event) -> Result<Option<Value>, Error> {
+    Ok(match value {
+        FieldValue::Pointer(pointer) => match event.json_at(pointer) {
+            Some(text) => Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| Error::poison_msg("InvalidValue", format!("{pointer}: {e}")))?,
+            ),
+            None => None,
+        },
+        FieldValue::Integer(n) => Some((*n).into()),
+        FieldValue::Float(n) => Some((*n).into()),
+        FieldValue::Bool(b) => Some((*b).into()),
+        FieldValue::Value { value } => Some(value.clone()),
+    })
+}
+
+impl RowTarget {
+    /// The update `event` makes.
+    fn update(
+        &self,
+        event: &Event,
+        deletes: &[floodway::pipeline::TypeFilter],
+    ) -> Result<Update, Error> {
+        let key = RowKey::new(key_part(&self.pk, event)?, key_part(&self.sk, event)?);
+        let mut u = Update::new(key, Version::of(event)).latest(self.latest);
+        if deletes.iter().any(|f| f.matches(event.event_type())) {
+            u = u.delete_row();
+        } else if self.set.is_empty()
+            && self.remove.is_empty()
+            && self.add.is_empty()
+            && self.delete.is_empty()
+        {
+            let text = value_of(self.value.as_deref(), event)?;
+            let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&text) else {
+                return Err(Error::poison_msg(
+                    "InvalidValue",
+                    format!(
+                        "{} of event {} is not an object of fields",
+                        self.value.as_deref().unwrap_or("the event"),
+                        event.id()
+                    ),
+                ));
+            };
+            // The row's own names (its key, kind, time) are not fields.
+            u.set = fields
+                .into_iter()
+                .filter(|(f, _)| !floodway::rows::RESERVED.contains(&f.as_str()))
+                .collect();
+        } else {
+            for (field, value) in &self.set {
+                if let Some(v) = field_value(value, event)? {
+                    u = u.set(field, v);
+                }
+            }
+            u.remove.clone_from(&self.remove);
+            for (field, value) in &self.add {
+                if let Some(v) = field_value(value, event)? {
+                    u = u.add(field, v);
+                }
+            }
+            for (field, value) in &self.delete {
+                if let Some(v) = field_value(value, event)? {
+                    u = u.delete(field, v);
+                }
+            }
+        }
+        if let Some(ttl) = self.ttl {
+            u = u.expiring_at(event.timestamp().saturating_add(ttl.as_millis() as i64));
+        }
+        if let Some(d) = &self.discriminator {
+            u = u.discriminator(d);
+        }
+        if self.fault_when_stale {
+            u = u.on_stale(floodway::rows::Stale::Fault);
+        }
+        Ok(u)
+    }
+}
+
+/// The *materialize* processor with a row key: events of `types` as update requests into the
+/// row table `target.table`, with the outbox when asked.
+///
+/// # Errors
+/// An invalid type pattern or table name, or a hub failure.
+pub fn materialize_rows(
+    hubs: &Hubs,
+    name: &str,
+    types: &[String],
+    target: RowTarget,
+    protect: &Protect,
+) -> Result<Processor, SetupError> {
+    let hub_err = |source| SetupError::Hub {
+        name: name.into(),
+        source,
+    };
+    let build = |source| SetupError::Build {
+        name: name.into(),
+        source,
+    };
+    let mut table = hubs.store.rows(&target.table).map_err(hub_err)?;
+    if target.outbox {
+        table = table.with_outbox();
+    }
+    let deletes = target
+        .delete_on
+        .iter()
+        .map(|t| floodway::pipeline::TypeFilter::parse(t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(build)?;
+    let batch = target.batch;
+    let sink = RowSink::new(Arc::new(table), move |e| {
+        Ok(vec![target.update(e, &deletes)?])
+    });
+    let pipeline = start(hubs, name, types, protect)?
+        .batch(floodway::BatchConfig::count(batch).max_wait(Duration::from_millis(20)))
+        .sink(sink)
+        .map_err(build)?;
+    let in_flight = (2 * batch).max(floodway::runtime::ProcessorConfig::default().max_in_flight);
+    publishing_faults_holding(hubs, name, pipeline, Some(in_flight))
+}
+
 /// Settings of the *http* processor.
 #[derive(Debug, Clone)]
 pub struct HttpGateway {
@@ -399,22 +571,60 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
             batch,
             redact,
             decrypt,
-        } => materialize(
-            hubs,
-            name,
-            types,
-            ViewTarget {
-                view,
-                key,
-                value: value.as_deref(),
-                batch: *batch,
-            },
-            &Protect {
+            set,
+            remove,
+            add,
+            delete,
+            delete_on,
+            ttl,
+            discriminator,
+            latest,
+            stale,
+            outbox,
+        } => {
+            let protect = Protect {
                 redact: redact.clone(),
                 decrypt: *decrypt,
                 ..Protect::default()
-            },
-        ),
+            };
+            match key {
+                ViewKey::Single(key) => materialize(
+                    hubs,
+                    name,
+                    types,
+                    ViewTarget {
+                        view,
+                        key,
+                        value: value.as_deref(),
+                        batch: *batch,
+                    },
+                    &protect,
+                ),
+                ViewKey::Row { pk, sk } => {
+                    let pairs = |m: &std::collections::BTreeMap<String, FieldValue>| {
+                        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+                    };
+                    let target = RowTarget {
+                        table: view.clone(),
+                        pk: pk.clone(),
+                        sk: sk.clone(),
+                        value: value.clone(),
+                        set: pairs(set),
+                        remove: remove.clone(),
+                        add: pairs(add),
+                        delete: pairs(delete),
+                        delete_on: delete_on.clone(),
+                        ttl: ttl.map(HumanDuration::get),
+                        discriminator: discriminator.clone(),
+                        latest: *latest,
+                        fault_when_stale: *stale == StalePolicy::Fault,
+                        outbox: *outbox,
+                        batch: *batch,
+                    };
+                    materialize_rows(hubs, name, types, target, &protect)
+                }
+            }
+        }
         ProcessorConfig::Http {
             name,
             types,

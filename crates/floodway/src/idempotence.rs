@@ -17,12 +17,17 @@ use std::collections::{HashMap, HashSet};
 
 use crate::event::Event;
 
-/// The version of a row: the `(timestamp, id)` of the event that wrote it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// The version of a row: the `(timestamp, id)` of the event that wrote it. Stored as
+/// `{"t": timestamp, "i": id}`.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Version {
     /// Event time in milliseconds.
+    #[serde(rename = "t")]
     pub timestamp: i64,
     /// Event id, the tie-breaker.
+    #[serde(rename = "i")]
     pub id: String,
 }
 

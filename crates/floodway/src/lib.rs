@@ -71,6 +71,7 @@ pub mod idempotence;
 pub mod layer;
 pub mod memory;
 pub mod pipeline;
+pub mod rows;
 pub mod runtime;
 pub mod sink;
 pub mod source;

@@ -31,3 +31,13 @@ mod keyed_state {
 
     floodway::keyed_state_conformance_tests!(fresh);
 }
+
+mod rows {
+    use floodway::rows::{MemoryRows, SharedRows};
+
+    async fn fresh() -> (SharedRows, ()) {
+        (std::sync::Arc::new(MemoryRows::new("conformance")), ())
+    }
+
+    floodway::row_store_conformance_tests!(fresh);
+}

@@ -24,11 +24,13 @@ use crate::fault_store::{FaultFilter, FaultStatus, FaultStore, ResubmitOutcome};
 use crate::hub::{HubSubscription, ReadOptions, SharedHub, StartAt, Stream};
 use crate::idempotence::Version;
 use crate::pipeline::Pipeline;
+use crate::rows::{Latest, Outcome, Row, RowKey, RowQuery, SharedRows, Stale, Update};
 use crate::runtime::{FaultSink, Processor, RunReport};
 use crate::sink::{sink_fn, Publisher};
 use crate::source::{Checkpoint, Checkpointer, Source};
 use crate::state::{Applied, Scan, SharedState, StateRow, StateWrite};
 use crate::uow::{Batch, Record};
+use serde_json::Value;
 
 /// A fault store shared by a scenario.
 pub type SharedFaultStore = std::sync::Arc<dyn FaultStore>;
@@ -796,6 +798,214 @@ macro_rules! keyed_state_conformance_tests {
             keyed_state_applies_an_event_once,
             keyed_state_scans_a_prefix_in_key_order,
             keyed_state_rows_expire
+        );
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows by update requests
+
+fn version(timestamp: i64, id: &str) -> Version {
+    Version {
+        timestamp,
+        id: id.to_owned(),
+    }
+}
+
+/// The updates of one order's story in partition `pk`, in version order: created, paid,
+/// an address, items counted and tagged, a tag taken back, a note removed, and a whole-row
+/// line written, deleted and written again.
+fn story(pk: &str) -> Vec<Update> {
+    use serde_json::json;
+    let order = || RowKey::new(pk, "order");
+    let line = || RowKey::new(pk, "line#1");
+    let mut line_fields = serde_json::Map::new();
+    line_fields.insert("sku".into(), json!("a"));
+    let mut line_again = serde_json::Map::new();
+    line_again.insert("sku".into(), json!("b"));
+    vec![
+        Update::new(order(), version(100, "e1"))
+            .set("status", "created")
+            .set("note", "fragile")
+            .discriminator("order")
+            .expiring_at(4_000_000_000_000),
+        Update::new(order(), version(101, "e2")).set("status", "paid"),
+        Update::new(order(), version(101, "e3")).set("address", "Main St"),
+        Update::new(order(), version(102, "e4"))
+            .add("items", 2)
+            .add("tags", json!(["gift", "rush"])),
+        Update::new(order(), version(103, "e5"))
+            .add("items", 1)
+            .delete("tags", json!(["rush"])),
+        Update::new(order(), version(104, "e6")).remove("note"),
+        Update::put(line(), version(100, "e7"), line_fields).discriminator("line"),
+        Update::new(line(), version(105, "e8"))
+            .latest(Latest::Row)
+            .delete_row(),
+        Update::put(line(), version(106, "e9"), line_again).discriminator("line"),
+    ]
+}
+
+async fn partition(rows: &SharedRows, pk: &str) -> Vec<(String, Option<Value>)> {
+    let query = RowQuery::partition(pk, 100);
+    let found = rows.query(&query).await.unwrap();
+    found
+        .into_iter()
+        .map(|r| {
+            let mut image = r.image();
+            // The partitions differ by key only.
+            if let Some(Value::Object(m)) = image.as_mut() {
+                m.remove("pk");
+            }
+            (r.key.sk, image)
+        })
+        .collect()
+}
+
+/// The same updates in any order, in any batches, with repeats, leave the same rows.
+pub async fn rows_land_the_same_in_any_order(rows: SharedRows) {
+    let sorted = story("sorted");
+    let mut outcomes = Vec::new();
+    for u in &sorted {
+        outcomes.extend(rows.update(std::slice::from_ref(u)).await.unwrap());
+    }
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Written { .. })),
+        "{outcomes:?}"
+    );
+    let expected = partition(&rows, "sorted").await;
+    assert_eq!(expected.len(), 2, "{expected:?}");
+    let order = &expected[1].1.as_ref().unwrap();
+    assert_eq!(order["status"], "paid");
+    assert_eq!(order["address"], "Main St");
+    assert_eq!(order["items"], 3);
+    assert_eq!(order["tags"], serde_json::json!(["gift"]));
+    assert!(order.get("note").is_none());
+    assert_eq!(order["discriminator"], "order");
+    assert_eq!(expected[0].1.as_ref().unwrap()["sku"], "b");
+    for (n, batch) in [(0u64, 1usize), (1, 3), (2, 9), (3, 2)] {
+        let pk = format!("shuffled-{n}");
+        let mut updates = story(&pk);
+        let len = updates.len();
+        // A different permutation each time, and repeats of three updates.
+        for i in 0..len {
+            updates.swap(i, (i * 7 + n as usize * 5 + 3) % len);
+        }
+        let repeats: Vec<Update> = updates.iter().take(3).cloned().collect();
+        updates.extend(repeats);
+        let mut duplicates = 0;
+        for chunk in updates.chunks(batch) {
+            let outcomes = rows.update(chunk).await.unwrap();
+            duplicates += outcomes
+                .iter()
+                .filter(|o| **o == Outcome::Duplicate)
+                .count();
+        }
+        assert_eq!(duplicates, 3, "each repeat is recognised");
+        assert_eq!(partition(&rows, &pk).await, expected, "permutation {n}");
+    }
+}
+
+/// Reads by key and by partition: sort-key order, a prefix, pages, and neither deleted nor
+/// expired rows.
+pub async fn rows_are_read_by_key_and_partition(rows: SharedRows) {
+    let mut updates: Vec<Update> = (0..5)
+        .map(|i| {
+            Update::new(
+                RowKey::new("p", format!("item#{i}")),
+                version(1, &format!("i{i}")),
+            )
+            .set("n", i)
+        })
+        .collect();
+    updates.push(Update::new(RowKey::new("p", "order"), version(1, "o")).set("n", 9));
+    updates.push(Update::new(RowKey::new("q", "item#0"), version(1, "q")).set("n", 0));
+    updates.push(
+        Update::new(RowKey::new("p", "item#5"), version(1, "x"))
+            .set("n", 5)
+            .expiring_at(1),
+    );
+    rows.update(&updates).await.unwrap();
+    rows.update(&[Update::new(RowKey::new("p", "item#1"), version(2, "d")).delete_row()])
+        .await
+        .unwrap();
+    let sks = |found: Vec<Row>| found.into_iter().map(|r| r.key.sk).collect::<Vec<_>>();
+    let all = rows.query(&RowQuery::partition("p", 100)).await.unwrap();
+    assert_eq!(sks(all), ["item#0", "item#2", "item#3", "item#4", "order"]);
+    let items = RowQuery::partition("p", 2).sk_prefix("item#");
+    assert_eq!(sks(rows.query(&items).await.unwrap()), ["item#0", "item#2"]);
+    let next = items.after("item#2");
+    assert_eq!(sks(rows.query(&next).await.unwrap()), ["item#3", "item#4"]);
+    let got = rows.get(&RowKey::new("p", "order")).await.unwrap().unwrap();
+    assert_eq!(got.fields["n"], 9);
+    assert!(
+        rows.get(&RowKey::new("p", "item#1"))
+            .await
+            .unwrap()
+            .is_none(),
+        "deleted"
+    );
+    assert!(
+        rows.get(&RowKey::new("p", "item#5"))
+            .await
+            .unwrap()
+            .is_none(),
+        "expired"
+    );
+}
+
+/// A stale update under each policy: dropped, a fault (nothing written), or its fallback.
+pub async fn rows_apply_the_stale_policy(rows: SharedRows) {
+    let key = RowKey::new("p", "order");
+    let newer = Update::new(key.clone(), version(10, "new"))
+        .set("status", "shipped")
+        .latest(Latest::Row);
+    rows.update(std::slice::from_ref(&newer)).await.unwrap();
+    let older = |id: &str| {
+        Update::new(key.clone(), version(5, id))
+            .set("status", "paid")
+            .latest(Latest::Row)
+    };
+    let history = Update::new(RowKey::new("p", "late#f"), version(5, "f")).set("status", "paid");
+    let outcomes = rows
+        .update(&[
+            older("d"),
+            older("e").on_stale(Stale::Fault),
+            older("f").on_stale(Stale::Fallback(Box::new(history))),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(outcomes[0], Outcome::Stale);
+    assert!(matches!(outcomes[1], Outcome::Faulted(_)), "{outcomes:?}");
+    assert_eq!(outcomes[2], Outcome::Stale);
+    let row = rows.get(&key).await.unwrap().unwrap();
+    assert_eq!(row.fields["status"], "shipped");
+    let late = rows
+        .get(&RowKey::new("p", "late#f"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(late.fields["status"], "paid");
+    // A faulted update is not in the inbox: once fixed, it can be applied.
+    let fixed = Update::new(key.clone(), version(11, "e")).set("status", "returned");
+    assert_eq!(
+        rows.update(&[fixed]).await.unwrap(),
+        [Outcome::Written { changed: true }]
+    );
+}
+
+/// Generates one `#[tokio::test]` per row store scenario; `$fresh` is an async function
+/// returning `(SharedRows, guard)`: a fresh, empty store, and what must live as long as it.
+#[macro_export]
+macro_rules! row_store_conformance_tests {
+    ($fresh:path) => {
+        $crate::conformance_scenarios!(
+            $fresh,
+            rows_land_the_same_in_any_order,
+            rows_are_read_by_key_and_partition,
+            rows_apply_the_stale_policy
         );
     };
 }

@@ -1,0 +1,237 @@
+//! Rows written by update requests and the transactional outbox, through the command, with
+//! real processes killed with SIGKILL between the writes and the relay.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use floodway::rows::{RowKey, RowQuery};
+use floodway::Event;
+use serde_json::Value;
+
+mod common;
+use common::{floodway, open_hub, says, start, text};
+
+/// Orders into rows (status, amount of items, a count of events) whose changes go to the
+/// outbox; a second processor counts each change into a row per order downstream.
+fn config() -> String {
+    common::embedded(
+        4,
+        "",
+        r#"
+[[processors]]
+kind = "materialize"
+name = "order-rows"
+types = ["order-*"]
+view = "order_rows"
+key = { pk = "/order/id", sk = "order" }
+set = { status = "/order/status", channel = "/order/channel" }
+add = { events = 1 }
+discriminator = "orderrow"
+ttl = "4000d"
+outbox = true
+
+[[processors]]
+kind = "materialize"
+name = "changes"
+types = ["orderrow-*"]
+view = "changes"
+key = { pk = "partitionKey", sk = "count" }
+add = { changes = 1 }
+set = { last = "/raw/new/events" }
+"#,
+    )
+}
+
+fn kill_after(mut child: Child, after: Duration) {
+    std::thread::sleep(after);
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+}
+
+fn outbox_stats(d: &Path) -> Value {
+    let out = floodway(
+        d,
+        &["outbox", "stats", "--config", "floodway.toml", "--json"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn changes_are_published_once_in_order_through_kills() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("floodway.toml"), config()).unwrap();
+    let events = floodway::testing::generate::orders(6_000, 11);
+    let lines: Vec<String> = events.iter().map(Event::to_json).collect();
+    common::publish(d, "orders.jsonl", &lines);
+    let mut per_order: BTreeMap<String, u64> = BTreeMap::new();
+    for e in events
+        .iter()
+        .filter(|e| e.event_type().starts_with("order-"))
+    {
+        *per_order.entry(e.partition_key().to_owned()).or_default() += 1;
+    }
+
+    // Runs killed at random moments: between a row's transaction and the relay's publish,
+    // between the publish and the outbox's delete, in the middle of the downstream count.
+    let mut rng = fastrand::Rng::with_seed(5);
+    for i in 0..8 {
+        let run = start(d, &["run", "floodway.toml"], Stdio::null(), Stdio::null());
+        let wait = if i == 0 {
+            2_500
+        } else {
+            300 + rng.u64(..1_700)
+        };
+        kill_after(run, Duration::from_millis(wait));
+    }
+    let killed = outbox_stats(d);
+    assert!(
+        killed["published"].as_u64().unwrap() > 0,
+        "killed runs had published: {killed}"
+    );
+
+    // A last run, until everything is through.
+    let hub = open_hub(d);
+    let last = start(
+        d,
+        &["run", "floodway.toml"],
+        Stdio::null(),
+        Stdio::inherit(),
+    );
+    let started = Instant::now();
+    loop {
+        let stats = hub.stats().unwrap();
+        let caught_up =
+            stats.subscriptions.len() == 2 && stats.subscriptions.iter().all(|s| s.lag == 0);
+        let outbox = hub.outbox().unwrap().stats().unwrap();
+        if caught_up && outbox.pending() == 0 && started.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the last run catches up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    common::stop(last);
+
+    // Every order's row counts each of its events once.
+    let rows = hub.rows("order_rows").unwrap();
+    let changes = hub.rows("changes").unwrap();
+    let mut total = 0;
+    for (order, n) in &per_order {
+        let row = rows
+            .get(&RowKey::new(order.clone(), "order"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.fields["events"], *n, "{order}");
+        assert_eq!(row.discriminator.as_deref(), Some("orderrow"));
+        assert!(row.expires_at.is_some());
+        // Downstream, every change counted exactly once, the last one last.
+        let count = changes
+            .get(&RowKey::new(order.clone(), "count"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(count.fields["changes"], *n, "{order}: {count:?}");
+        assert_eq!(count.fields["last"], *n, "{order}");
+        total += n;
+    }
+    // In the log: each change once, and per order in the order the row changed.
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+    let mut published = 0;
+    // (Oldest first, and a partition's events in their order.)
+    let logged = hub
+        .newest(usize::MAX, |bytes| {
+            Event::decode(bytes).is_ok_and(|e| e.event_type().starts_with("orderrow-"))
+        })
+        .unwrap();
+    for (_, bytes) in logged {
+        let e = Event::decode(&bytes).unwrap();
+        published += 1;
+        let n = e.fields()["raw"]["new"]["events"].as_u64().unwrap();
+        let last = seen.entry(e.partition_key().to_owned()).or_default();
+        assert_eq!(
+            n,
+            *last + 1,
+            "{}: changes in order, none twice",
+            e.partition_key()
+        );
+        *last = n;
+        let kind = if n == 1 {
+            "orderrow-created"
+        } else {
+            "orderrow-updated"
+        };
+        assert_eq!(e.event_type(), kind);
+    }
+    assert_eq!(published, total);
+    let stats = outbox_stats(d);
+    assert_eq!(stats["pending"], 0);
+    assert!(stats["published"].as_u64().unwrap() >= total, "{stats}");
+
+    // The command reads the rows.
+    let some = per_order.keys().next().unwrap();
+    let out = floodway(
+        d,
+        &[
+            "view",
+            "get",
+            "--config",
+            "floodway.toml",
+            "order_rows",
+            some,
+            "order",
+        ],
+    );
+    says(&out, "\"discriminator\": \"orderrow\"");
+    let out = floodway(
+        d,
+        &[
+            "view",
+            "query",
+            "--config",
+            "floodway.toml",
+            "changes",
+            "--limit",
+            "3",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    says(&out, "the next page: --after");
+    let out = floodway(d, &["view", "list", "--config", "floodway.toml"]);
+    says(&out, "order_rows (rows by pk and sk)");
+    let q = RowQuery::partition(some.clone(), 10);
+    assert_eq!(rows.query(&q).unwrap().len(), 1);
+}
+
+#[test]
+fn an_outbox_that_feeds_itself_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let looped = config().replace(
+        r#"discriminator = "orderrow""#,
+        r#"discriminator = "order""#,
+    );
+    std::fs::write(d.join("floodway.toml"), looped).unwrap();
+    let out = floodway(d, &["run", "floodway.toml"]);
+    assert!(!out.status.success());
+    says(
+        &out,
+        "its outbox publishes `order-created` events, which its types take in again",
+    );
+    let stray = common::embedded(
+        1,
+        "",
+        "[[processors]]\nkind = \"materialize\"\nname = \"v\"\ntypes = [\"a\"]\nview = \"v\"\noutbox = true\n",
+    );
+    std::fs::write(d.join("floodway.toml"), stray).unwrap();
+    let out = floodway(d, &["run", "floodway.toml"]);
+    says(&out, "are settings of rows");
+    let out = floodway(d, &["outbox", "stats", "--hub", "missing.db"]);
+    assert!(!out.status.success());
+}

@@ -1,0 +1,359 @@
+//! The transactional outbox: events written in the same transaction as the rows they come
+//! from, and the relay that publishes them.
+//!
+//! A [`RowTable`](crate::RowTable) with the outbox on writes each change of what a row shows
+//! (and each event a service emits in its transaction) to the `outbox` table, in the
+//! transaction that changes the row: both land or neither does. The [`OutboxRelay`] reads the
+//! outbox in order, publishes a batch to the hub idempotently (the event's id, derived from the
+//! row and the event that changed it, is the idempotency key), and only then deletes the batch
+//! and counts it as published. A crash between publishing and deleting publishes the batch
+//! again, which the hub's dedupe window and the readers' inboxes absorb: at least once,
+//! exactly once in a view downstream, in order per row (the relay is one sequence, and one
+//! process at a time relays: it holds a lease).
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use floodway::event::now_millis;
+use floodway::{Event, SharedHub};
+use rusqlite::{Connection, Transaction};
+
+use crate::error::HubError;
+use crate::lease::{Lease, Standing};
+use crate::store::Store;
+
+/// Makes the outbox's tables if missing.
+pub(crate) fn create(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, \
+         source TEXT NOT NULL, event TEXT NOT NULL, created INTEGER NOT NULL); \
+         CREATE TABLE IF NOT EXISTS outbox_sources (source TEXT PRIMARY KEY, \
+         published INTEGER NOT NULL, last_published INTEGER) WITHOUT ROWID;",
+    )
+}
+
+/// Adds `events` from `source` to the outbox, in `tx`.
+pub(crate) fn add<'e>(
+    tx: &Transaction<'_>,
+    source: &str,
+    events: impl Iterator<Item = &'e Event>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let mut insert = None;
+    for event in events {
+        let stmt = match &mut insert {
+            Some(stmt) => stmt,
+            None => insert.insert(tx.prepare_cached(
+                "INSERT INTO outbox (source, event, created) VALUES (?1, ?2, ?3)",
+            )?),
+        };
+        stmt.execute((source, event.to_json(), now))?;
+    }
+    Ok(())
+}
+
+/// How far one source's changes are.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OutboxSource {
+    /// The source (`rows:{table}`).
+    pub source: String,
+    /// Written, not yet published.
+    pub pending: u64,
+    /// When the oldest pending one was written (ms since the epoch).
+    pub oldest_pending: Option<i64>,
+    /// Published so far.
+    pub published: u64,
+    /// When the relay last published one (ms since the epoch).
+    pub last_published: Option<i64>,
+}
+
+/// The outbox at a glance (`floodway outbox stats`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OutboxStats {
+    /// Per source, by name.
+    pub sources: Vec<OutboxSource>,
+    /// Who relays, if anyone holds the relay's lease now.
+    pub relay: Option<crate::LeaseHolder>,
+}
+
+impl OutboxStats {
+    /// Pending events over all sources.
+    pub fn pending(&self) -> u64 {
+        self.sources.iter().map(|s| s.pending).sum()
+    }
+
+    /// Published events over all sources.
+    pub fn published(&self) -> u64 {
+        self.sources.iter().map(|s| s.published).sum()
+    }
+}
+
+/// The lease the relay holds (not a valid subscription name, so it cannot clash with one).
+const RELAY_LEASE: &str = "outbox:relay";
+
+/// The hub file's outbox: what is pending and what was published.
+pub struct Outbox {
+    store: Store,
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").finish_non_exhaustive()
+    }
+}
+
+/// One pending event.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// Its place in the outbox.
+    pub seq: i64,
+    /// Its source.
+    pub source: String,
+    /// The event.
+    pub event: Event,
+}
+
+impl Outbox {
+    pub(crate) fn open(store: &Store) -> Result<Outbox, HubError> {
+        let conn = store.connect()?;
+        crate::busy::retry("outbox", store.options.busy_retry, || {
+            let _turn = store.gate.enter();
+            create(&conn)?;
+            Ok(())
+        })?;
+        Ok(Outbox {
+            store: store.clone(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, HubError> {
+        self.conn.lock().map_err(|_| HubError::Closed)
+    }
+
+    /// The oldest pending events, in order, at most `limit`.
+    ///
+    /// # Errors
+    /// A storage failure, or a stored event that does not parse.
+    pub fn pending(&self, limit: usize) -> Result<Vec<Pending>, HubError> {
+        let conn = self.conn()?;
+        let mut stmt =
+            conn.prepare_cached("SELECT seq, source, event FROM outbox ORDER BY seq LIMIT ?1")?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        rows.map(|r| {
+            let (seq, source, text) = r?;
+            let event = Event::decode(text.as_bytes()).map_err(|e| HubError::Corrupt {
+                what: "outbox event",
+                detail: e.to_string(),
+            })?;
+            Ok(Pending { seq, source, event })
+        })
+        .collect()
+    }
+
+    /// Marks `published` (a prefix of what [`Outbox::pending`] gave) as published: deletes it
+    /// and counts it per source, checking `lease` still holds the relay.
+    fn mark(&self, published: &[Pending], lease: Option<&Lease>) -> Result<(), HubError> {
+        let Some(last) = published.last() else {
+            return Ok(());
+        };
+        let mut per_source: std::collections::BTreeMap<&str, u64> = Default::default();
+        for p in published {
+            *per_source.entry(&p.source).or_default() += 1;
+        }
+        crate::busy::retry("outbox", self.store.options.busy_retry, || {
+            let mut conn = self.conn()?;
+            let _turn = self.store.gate.enter();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if let Some(lease) = lease {
+                lease.check(&tx)?;
+            }
+            tx.execute("DELETE FROM outbox WHERE seq <= ?1", [last.seq])?;
+            let now = now_millis();
+            for (source, n) in &per_source {
+                tx.execute(
+                    "INSERT INTO outbox_sources (source, published, last_published) \
+                     VALUES (?1, ?2, ?3) ON CONFLICT (source) DO UPDATE SET \
+                     published = published + excluded.published, \
+                     last_published = excluded.last_published",
+                    (source, *n as i64, now),
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// What is pending and published, per source.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn stats(&self) -> Result<OutboxStats, HubError> {
+        let conn = self.conn()?;
+        let mut sources: std::collections::BTreeMap<String, OutboxSource> = Default::default();
+        let mut pending =
+            conn.prepare("SELECT source, count(*), min(created) FROM outbox GROUP BY source")?;
+        for row in pending.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+            ))
+        })? {
+            let (source, n, oldest) = row?;
+            let s = sources.entry(source.clone()).or_default();
+            s.source = source;
+            s.pending = n as u64;
+            s.oldest_pending = oldest;
+        }
+        let mut published =
+            conn.prepare("SELECT source, published, last_published FROM outbox_sources")?;
+        for row in published.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+            ))
+        })? {
+            let (source, n, last) = row?;
+            let s = sources.entry(source.clone()).or_default();
+            s.source = source;
+            s.published = n as u64;
+            s.last_published = last;
+        }
+        let now = now_millis();
+        let relay = crate::lease::holder(&conn, RELAY_LEASE)?
+            .filter(|(h, process)| crate::lease::in_force(h, process, now))
+            .map(|(h, _)| h);
+        Ok(OutboxStats {
+            sources: sources.into_values().collect(),
+            relay,
+        })
+    }
+}
+
+/// What a relay did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RelayReport {
+    /// Events published.
+    pub published: u64,
+    /// Of those, events the hub already held (a batch published again after a crash).
+    pub duplicates: u64,
+    /// Publishes that failed and were tried again.
+    pub retries: u64,
+}
+
+/// Publishes the outbox to a hub; see the [module docs](self).
+#[derive(Debug)]
+pub struct OutboxRelay {
+    outbox: Outbox,
+    batch: usize,
+    poll: Duration,
+}
+
+impl OutboxRelay {
+    /// A relay of the outbox of `hub` (the hub file), publishing 500 events at a time and
+    /// looking for more every 20 ms when there were none.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn new(hub: &crate::Hub) -> Result<OutboxRelay, HubError> {
+        Ok(OutboxRelay {
+            outbox: hub.outbox()?,
+            batch: 500,
+            poll: Duration::from_millis(20),
+        })
+    }
+
+    /// Events per publish at most.
+    #[must_use]
+    pub fn batch(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+
+    /// How often an empty outbox is looked at again.
+    #[must_use]
+    pub fn poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
+    }
+
+    /// Publishes what is pending to `to` until `stop` completes (then it finishes the batch in
+    /// hand). It first takes the relay's lease, waiting while another process holds it; a
+    /// publish that fails is tried again with backoff (up to 5 s apart), forever: the outbox
+    /// keeps the events meanwhile.
+    ///
+    /// # Errors
+    /// A storage failure of the hub file, or the lease lost to another process.
+    pub async fn run(
+        self,
+        to: SharedHub,
+        stop: impl Future<Output = ()> + Send,
+    ) -> Result<RelayReport, HubError> {
+        let mut stop = std::pin::pin!(stop);
+        let mut report = RelayReport::default();
+        let store = self.outbox.store.clone();
+        let lease = loop {
+            match crate::blocking(|| Lease::acquire(&store, RELAY_LEASE)) {
+                Ok(lease) => break lease,
+                Err(HubError::Held { .. }) => {
+                    tokio::select! {
+                        () = &mut stop => return Ok(report),
+                        () = tokio::time::sleep(store.options.lease / 3) => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if let Standing::Lost(reason) = lease.standing() {
+                return Err(lease.lost_error(reason));
+            }
+            let pending = crate::blocking(|| self.outbox.pending(self.batch))?;
+            if pending.is_empty() {
+                tokio::select! {
+                    () = &mut stop => return Ok(report),
+                    () = tokio::time::sleep(self.poll) => continue,
+                }
+            }
+            let events: Vec<Event> = pending.iter().map(|p| p.event.clone()).collect();
+            match to.publish(&events, true).await {
+                Ok(receipt) => {
+                    crate::blocking(|| self.outbox.mark(&pending, Some(&lease)))?;
+                    report.published += events.len() as u64;
+                    report.duplicates += receipt.duplicates as u64;
+                    metrics::counter!("floodway_outbox_published_total")
+                        .increment(events.len() as u64);
+                    backoff = Duration::from_millis(50);
+                }
+                Err(e) => {
+                    report.retries += 1;
+                    tracing::warn!(error = %e, pending = events.len(), "outbox: publish failed; trying again in {backoff:?}");
+                    tokio::select! {
+                        () = &mut stop => return Ok(report),
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            if std::future::Future::poll(
+                stop.as_mut(),
+                &mut std::task::Context::from_waker(std::task::Waker::noop()),
+            )
+            .is_ready()
+            {
+                return Ok(report);
+            }
+        }
+    }
+}

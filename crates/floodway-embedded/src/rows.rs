@@ -1,0 +1,438 @@
+//! Single-table rows written by update requests ([`floodway::rows`]), with the inbox and,
+//! when asked, the outbox in the same transaction.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use floodway::event::now_millis;
+use floodway::hub::HubFuture;
+use floodway::idempotence::Version;
+use floodway::rows::{merge, Outcome, Row, RowKey, RowMeta, RowQuery, RowStore, Update};
+use floodway::Event;
+use rusqlite::{Connection, OptionalExtension, Transaction};
+
+use crate::error::HubError;
+use crate::inbox::Inbox;
+use crate::outbox;
+use crate::store::{Store, WriteGate};
+
+/// A table of rows in the hub file: by `(pk, sk)`, each with its fields, its kind, the
+/// versions that keep it order-tolerant ([`floodway::rows`]) and its expiry. Updates apply
+/// with the inbox in one transaction; with [`RowTable::with_outbox`], every change of what a
+/// row shows is written, in the same transaction, to the hub's outbox as a change event
+/// (`{discriminator}-created|updated|deleted`), which an [`OutboxRelay`](crate::OutboxRelay)
+/// publishes. A deleted row stays as a tombstone (not read) so an older write cannot bring it
+/// back.
+#[derive(Clone)]
+pub struct RowTable {
+    name: Arc<str>,
+    table: Arc<str>,
+    conn: Arc<Mutex<Connection>>,
+    gate: WriteGate,
+    inbox: Inbox,
+    busy_retry: Duration,
+    outbox: bool,
+}
+
+impl std::fmt::Debug for RowTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowTable")
+            .field("name", &self.name)
+            .field("outbox", &self.outbox)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The prefix of row tables in the file.
+pub(crate) const TABLE_PREFIX: &str = "rows_";
+
+/// What a service writes in one transaction: rows, and events for the outbox.
+#[derive(Debug, Default)]
+pub struct RowTx {
+    updates: Vec<Update>,
+    emits: Vec<Event>,
+}
+
+impl RowTx {
+    /// Applies an update (a put is [`Update::put`]).
+    pub fn update(&mut self, update: Update) -> &mut Self {
+        self.updates.push(update);
+        self
+    }
+
+    /// Writes the whole row `key`: these fields and no others, latest-wins by `version`.
+    pub fn put(
+        &mut self,
+        key: RowKey,
+        version: Version,
+        fields: serde_json::Map<String, serde_json::Value>,
+    ) -> &mut Self {
+        self.update(Update::put(key, version, fields))
+    }
+
+    /// Deletes the row `key`, by `version`.
+    pub fn delete(&mut self, key: RowKey, version: Version) -> &mut Self {
+        self.update(
+            Update::new(key, version)
+                .latest(floodway::rows::Latest::Row)
+                .delete_row(),
+        )
+    }
+
+    /// Publishes `event` through the outbox once the transaction commits.
+    pub fn emit(&mut self, event: Event) -> &mut Self {
+        self.emits.push(event);
+        self
+    }
+}
+
+fn check_name(name: &str) -> Result<(), HubError> {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+    let rule = "1-64 lowercase letters, digits or `_`";
+    crate::store::check_name("row table", name, 64, allowed, rule)
+}
+
+impl RowTable {
+    /// The table `name` in the hub file, made on first use.
+    pub(crate) fn open(store: &Store, name: &str) -> Result<RowTable, HubError> {
+        check_name(name)?;
+        let conn = store.connect()?;
+        let table = format!("{TABLE_PREFIX}{name}");
+        crate::busy::retry("rows", store.options.busy_retry, || {
+            let _turn = store.gate.enter();
+            conn.execute_batch(&format!(
+                "CREATE TABLE IF NOT EXISTS {table} (pk TEXT NOT NULL, sk TEXT NOT NULL, \
+                 disc TEXT, time INTEGER NOT NULL, event TEXT NOT NULL, fields TEXT NOT NULL, \
+                 meta TEXT NOT NULL, expires INTEGER, live INTEGER NOT NULL, \
+                 PRIMARY KEY (pk, sk)) WITHOUT ROWID;"
+            ))?;
+            outbox::create(&conn)?;
+            Ok(())
+        })?;
+        Ok(RowTable {
+            name: name.into(),
+            inbox: Inbox::new(&format!("rows:{name}"), store.options.inbox_window),
+            table: table.into(),
+            conn: Arc::new(Mutex::new(conn)),
+            gate: store.gate.clone(),
+            busy_retry: store.options.busy_retry,
+            outbox: false,
+        })
+    }
+
+    /// The same table, writing its changes to the outbox.
+    #[must_use]
+    pub fn with_outbox(mut self) -> Self {
+        self.outbox = true;
+        self
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The source its change events name (`rows:{name}`).
+    pub fn source(&self) -> String {
+        format!("rows:{}", self.name)
+    }
+
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, HubError> {
+        self.conn.lock().map_err(|_| HubError::Closed)
+    }
+
+    /// Applies updates in one transaction; an outcome per update.
+    ///
+    /// # Errors
+    /// A storage failure (then nothing was written).
+    pub fn apply(&self, updates: &[Update]) -> Result<Vec<Outcome>, HubError> {
+        crate::busy::retry("rows", self.busy_retry, || self.try_apply(updates, &[]))
+    }
+
+    /// Runs `f` to gather writes and events, then applies them all in one transaction: the
+    /// rows, their changes (with the outbox on) and the events go together or not at all.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let hub = floodway_embedded::Hub::open(dir.path().join("h.db"), Default::default()).unwrap();
+    /// use floodway::rows::RowKey;
+    /// use floodway::idempotence::Version;
+    /// let orders = hub.rows("orders").unwrap();
+    /// let version = Version { timestamp: 1, id: "cmd-1".into() };
+    /// let placed = floodway::Event::builder("order-placed", "o1").build();
+    /// orders.transaction(|tx| {
+    ///     let fields = serde_json::json!({"status": "placed"});
+    ///     tx.put(RowKey::new("o1", "order"), version, fields.as_object().unwrap().clone());
+    ///     tx.emit(placed);
+    ///     Ok::<_, floodway::Error>(())
+    /// }).unwrap();
+    /// # assert_eq!(hub.outbox().unwrap().stats().unwrap().pending(), 1);
+    /// ```
+    ///
+    /// # Errors
+    /// `f`'s error (then nothing is written), or a storage failure.
+    pub fn transaction<T, E, F>(&self, f: F) -> Result<(T, Vec<Outcome>), E>
+    where
+        F: FnOnce(&mut RowTx) -> Result<T, E>,
+        E: From<HubError>,
+    {
+        let mut tx = RowTx::default();
+        let value = f(&mut tx)?;
+        let outcomes = crate::busy::retry("rows", self.busy_retry, || {
+            self.try_apply(&tx.updates, &tx.emits)
+        })?;
+        Ok((value, outcomes))
+    }
+
+    fn try_apply(&self, updates: &[Update], emits: &[Event]) -> Result<Vec<Outcome>, HubError> {
+        let mut conn = self.conn()?;
+        let _turn = self.gate.enter();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now = now_millis();
+        let source = self.source();
+        let mut outcomes = Vec::with_capacity(updates.len());
+        let pruned = {
+            let mut inbox = self.inbox.begin(&tx, now)?;
+            let mut writer = Writer::new(&tx, &self.table)?;
+            let mut changes = Vec::new();
+            for u in updates {
+                let mut merged = merge(writer.read(&u.key)?.as_ref(), u, now);
+                let outcome = merged.outcome.clone();
+                if matches!(outcome, Outcome::Faulted(_)) {
+                    outcomes.push(outcome);
+                    continue;
+                }
+                if !inbox.first_time(&u.inbox_id())? {
+                    outcomes.push(Outcome::Duplicate);
+                    continue;
+                }
+                loop {
+                    if let Some(row) = &merged.row {
+                        writer.write(row)?;
+                    }
+                    if let Some(change) = merged.change.take() {
+                        if self.outbox {
+                            changes.push(change.to_event(&source));
+                        }
+                    }
+                    match merged.fallback.take() {
+                        Some(f) => merged = merge(writer.read(&f.key)?.as_ref(), &f, now),
+                        None => break,
+                    }
+                }
+                outcomes.push(outcome);
+            }
+            drop(writer);
+            outbox::add(&tx, &source, changes.iter().chain(emits), now)?;
+            inbox.prune(&tx, updates.len())?
+        };
+        tx.commit()?;
+        pruned.commit();
+        Ok(outcomes)
+    }
+
+    /// The row at `key`, unless absent, deleted or expired.
+    ///
+    /// # Errors
+    /// A storage failure, or a stored row that is not JSON.
+    pub fn get(&self, key: &RowKey) -> Result<Option<Row>, HubError> {
+        let conn = self.conn()?;
+        let row = conn
+            .query_row(
+                &format!(
+                    "SELECT {COLUMNS} FROM {} WHERE pk = ?1 AND sk = ?2 AND live = 1 \
+                     AND (expires IS NULL OR expires > ?3)",
+                    self.table
+                ),
+                (&key.pk, &key.sk, now_millis()),
+                read_raw,
+            )
+            .optional()?;
+        row.map(to_row).transpose()
+    }
+
+    /// The rows `query` selects, in sort-key order, live and unexpired.
+    ///
+    /// # Errors
+    /// A storage failure, or a stored row that is not JSON.
+    pub fn query(&self, query: &RowQuery) -> Result<Vec<Row>, HubError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM {} WHERE pk = ?1 AND sk >= ?2 \
+             AND substr(sk, 1, length(?2)) = ?2 AND (?3 IS NULL OR sk > ?3) AND live = 1 \
+             AND (expires IS NULL OR expires > ?4) ORDER BY sk LIMIT ?5",
+            self.table
+        ))?;
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(
+            (
+                &query.pk,
+                &query.sk_prefix,
+                &query.after,
+                now_millis(),
+                limit,
+            ),
+            read_raw,
+        )?;
+        rows.map(|r| to_row(r?)).collect()
+    }
+
+    /// Every live row, by key, from the one after `after` on, at most `limit`.
+    ///
+    /// # Errors
+    /// A storage failure, or a stored row that is not JSON.
+    pub fn scan(&self, after: Option<&RowKey>, limit: usize) -> Result<Vec<Row>, HubError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM {} WHERE (?1 IS NULL OR (pk, sk) > (?1, ?2)) AND live = 1 \
+             AND (expires IS NULL OR expires > ?3) ORDER BY pk, sk LIMIT ?4",
+            self.table
+        ))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (pk, sk) = (after.map(|k| &k.pk), after.map(|k| &k.sk));
+        let rows = stmt.query_map((pk, sk, now_millis(), limit), read_raw)?;
+        rows.map(|r| to_row(r?)).collect()
+    }
+
+    /// Deletes the rows expired at `now` (ms since the epoch); returns how many.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn expire(&self, now: i64) -> Result<u64, HubError> {
+        crate::busy::retry("rows", self.busy_retry, || {
+            let conn = self.conn()?;
+            let _turn = self.gate.enter();
+            let deleted = conn.execute(
+                &format!("DELETE FROM {} WHERE expires <= ?1", self.table),
+                [now],
+            )?;
+            Ok(deleted as u64)
+        })
+    }
+}
+
+const COLUMNS: &str = "pk, sk, disc, time, event, fields, meta, expires, live";
+
+type RawRow = (
+    String,
+    String,
+    Option<String>,
+    i64,
+    String,
+    String,
+    String,
+    Option<i64>,
+);
+
+fn read_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+    ))
+}
+
+fn to_row((pk, sk, disc, time, event, fields, meta, expires): RawRow) -> Result<Row, HubError> {
+    let corrupt = |what: &'static str| {
+        move |e: serde_json::Error| HubError::Corrupt {
+            what,
+            detail: e.to_string(),
+        }
+    };
+    Ok(Row {
+        key: RowKey { pk, sk },
+        discriminator: disc,
+        fields: serde_json::from_str(&fields).map_err(corrupt("row fields"))?,
+        version: Version {
+            timestamp: time,
+            id: event,
+        },
+        expires_at: expires,
+        meta: serde_json::from_str::<RowMeta>(&meta).map_err(corrupt("row versions"))?,
+    })
+}
+
+/// Reads and writes rows inside one transaction, with statements prepared once.
+struct Writer<'tx> {
+    read: rusqlite::CachedStatement<'tx>,
+    write: rusqlite::CachedStatement<'tx>,
+}
+
+impl<'tx> Writer<'tx> {
+    fn new(tx: &'tx Transaction<'_>, table: &str) -> rusqlite::Result<Self> {
+        Ok(Writer {
+            read: tx.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM {table} WHERE pk = ?1 AND sk = ?2"
+            ))?,
+            write: tx.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO {table} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+            ))?,
+        })
+    }
+
+    fn read(&mut self, key: &RowKey) -> Result<Option<Row>, HubError> {
+        let raw = self
+            .read
+            .query_row((&key.pk, &key.sk), read_raw)
+            .optional()?;
+        raw.map(to_row).transpose()
+    }
+
+    fn write(&mut self, row: &Row) -> Result<(), HubError> {
+        let fields = serde_json::Value::Object(row.fields.clone()).to_string();
+        let meta =
+            serde_json::to_string(&row.meta).map_err(|e| HubError::Invalid(e.to_string()))?;
+        self.write.execute((
+            &row.key.pk,
+            &row.key.sk,
+            &row.discriminator,
+            row.version.timestamp,
+            &row.version.id,
+            fields,
+            meta,
+            row.expires_at,
+            row.live(),
+        ))?;
+        Ok(())
+    }
+}
+
+/// Runs a table call on a blocking thread (SQLite waits on the disk and the write lock).
+async fn blocking<T, F>(table: &RowTable, f: F) -> Result<T, floodway::BoxError>
+where
+    T: Send + 'static,
+    F: FnOnce(RowTable) -> Result<T, HubError> + Send + 'static,
+{
+    let table = table.clone();
+    match tokio::task::spawn_blocking(move || f(table)).await {
+        Ok(result) => Ok(result?),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(Box::new(e)),
+    }
+}
+
+impl RowStore for RowTable {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn update<'a>(&'a self, updates: &'a [Update]) -> HubFuture<'a, Vec<Outcome>> {
+        let updates = updates.to_vec();
+        Box::pin(blocking(self, move |t| t.apply(&updates)))
+    }
+
+    fn get<'a>(&'a self, key: &'a RowKey) -> HubFuture<'a, Option<Row>> {
+        let key = key.clone();
+        Box::pin(blocking(self, move |t| t.get(&key)))
+    }
+
+    fn query<'a>(&'a self, query: &'a RowQuery) -> HubFuture<'a, Vec<Row>> {
+        let query = query.clone();
+        Box::pin(blocking(self, move |t| t.query(&query)))
+    }
+}

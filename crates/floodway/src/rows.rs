@@ -1,0 +1,1176 @@
+//! Single-table rows written by update requests: the contract of the views real services keep.
+//!
+//! A row has a key of a partition key and a sort key ([`RowKey`]), so one partition holds
+//! several kinds of row (an order and its items), told apart by a discriminator. An
+//! [`Update`] sets fields, removes fields, adds to counters and to sets, deletes elements of
+//! sets, deletes the row, and sets the row's time to live, as DynamoDB's update expressions do.
+//!
+//! # Order and repetition
+//!
+//! Every update carries the [`Version`] `(timestamp, id)` of the event that makes it, and
+//! [`merge`] applies it by one of two rules ([`Latest`]):
+//!
+//! - **per field** (the default): each field remembers the version that last wrote it, and a
+//!   write of a field applies only when newer. Events that write different fields (the status
+//!   from one, the address from another) all land whatever their order; removed fields and
+//!   deleted rows leave their version behind, so an older write does not bring them back.
+//!   Adds to a number are commutative and apply once per event; an element added to or deleted
+//!   from a set is latest-wins on its own.
+//! - **per row**: the whole request applies only when newer than the row (aws-lambda-stream's
+//!   `timestamp` condition).
+//!
+//! An update none of whose writes applies is *stale*, and its [`Stale`] policy says what
+//! happens: nothing (drop), a fault, or another request instead (a fallback, e.g. into a
+//! history row). A store applies each event's update at most once: an inbox, written in the
+//! same transaction as the row, recognises a redelivery.
+//!
+//! With this, any permutation and duplication of a set of updates leaves the same rows,
+//! provided a field is written by `set`/`remove` or by numeric `add` but not both (a counter
+//! and a value do not commute), and a counter is not in a row also deleted. The property tests
+//! below and every store's conformance test hold it.
+//!
+//! # Changes
+//!
+//! Every update that changes what a row shows yields a [`Change`]: the row's image before and
+//! after, as Floodway's DynamoDB change events carry them (`raw.old`, `raw.new`). A store with
+//! an outbox writes the change event in the same transaction as the row.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::Error;
+use crate::event::{now_millis, Event};
+use crate::hub::HubFuture;
+use crate::idempotence::Version;
+use crate::uow::Batch;
+
+/// A row's key: the partition key and the sort key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RowKey {
+    /// The partition key.
+    pub pk: String,
+    /// The sort key.
+    pub sk: String,
+}
+
+impl RowKey {
+    /// The key `pk`, `sk`.
+    pub fn new(pk: impl Into<String>, sk: impl Into<String>) -> Self {
+        RowKey {
+            pk: pk.into(),
+            sk: sk.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for RowKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.pk, self.sk)
+    }
+}
+
+/// Which writes are compared by version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Latest {
+    /// Each field keeps the version that wrote it.
+    #[default]
+    Field,
+    /// The whole request applies only over an older row.
+    Row,
+}
+
+/// What a stale update does.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Stale {
+    /// Nothing (adds to counters still apply: they do not depend on order).
+    #[default]
+    Drop,
+    /// The event becomes a fault (poison): someone should look.
+    Fault,
+    /// This request applies instead (its own staleness drops it).
+    Fallback(Box<Update>),
+}
+
+/// A request to change one row; see the [module docs](self).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    /// The row.
+    pub key: RowKey,
+    /// The version of the event that makes it.
+    pub version: Version,
+    /// Fields to set.
+    pub set: Vec<(String, Value)>,
+    /// Fields to remove.
+    pub remove: Vec<String>,
+    /// Numbers to add to counters, or arrays of elements to add to sets.
+    pub add: Vec<(String, Value)>,
+    /// Arrays of elements to delete from sets.
+    pub delete: Vec<(String, Value)>,
+    /// Remove every field not set by this request (a whole-row put).
+    pub replace: bool,
+    /// Delete the row.
+    pub delete_row: bool,
+    /// When the row expires (ms since the epoch).
+    pub expires_at: Option<i64>,
+    /// The kind of row (the change events' type is `{discriminator}-created`, ...).
+    pub discriminator: Option<String>,
+    /// Per field or per row.
+    pub latest: Latest,
+    /// When stale.
+    pub stale: Stale,
+}
+
+impl Update {
+    /// An update of `key` by the event of `version` that changes nothing yet.
+    pub fn new(key: RowKey, version: Version) -> Self {
+        Update {
+            key,
+            version,
+            set: Vec::new(),
+            remove: Vec::new(),
+            add: Vec::new(),
+            delete: Vec::new(),
+            replace: false,
+            delete_row: false,
+            expires_at: None,
+            discriminator: None,
+            latest: Latest::Field,
+            stale: Stale::Drop,
+        }
+    }
+
+    /// A whole-row write: these fields and no others, latest-wins per row.
+    pub fn put(key: RowKey, version: Version, fields: Map<String, Value>) -> Self {
+        let mut update = Update::new(key, version).latest(Latest::Row);
+        update.set = fields.into_iter().collect();
+        update.replace = true;
+        update
+    }
+
+    /// Sets `field` to `value`.
+    #[must_use]
+    pub fn set(mut self, field: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.set.push((field.into(), value.into()));
+        self
+    }
+
+    /// Removes `field`.
+    #[must_use]
+    pub fn remove(mut self, field: impl Into<String>) -> Self {
+        self.remove.push(field.into());
+        self
+    }
+
+    /// Adds a number to a counter, or an array's elements to a set.
+    #[must_use]
+    pub fn add(mut self, field: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.add.push((field.into(), value.into()));
+        self
+    }
+
+    /// Deletes an array's elements from a set.
+    #[must_use]
+    pub fn delete(mut self, field: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.delete.push((field.into(), value.into()));
+        self
+    }
+
+    /// Deletes the row.
+    #[must_use]
+    pub fn delete_row(mut self) -> Self {
+        self.delete_row = true;
+        self
+    }
+
+    /// The row expires at `at` (ms since the epoch).
+    #[must_use]
+    pub fn expiring_at(mut self, at: i64) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// The kind of row.
+    #[must_use]
+    pub fn discriminator(mut self, discriminator: impl Into<String>) -> Self {
+        self.discriminator = Some(discriminator.into());
+        self
+    }
+
+    /// Per field or per row.
+    #[must_use]
+    pub fn latest(mut self, latest: Latest) -> Self {
+        self.latest = latest;
+        self
+    }
+
+    /// What a stale update does.
+    #[must_use]
+    pub fn on_stale(mut self, stale: Stale) -> Self {
+        self.stale = stale;
+        self
+    }
+
+    /// The inbox's name for this update: its event and its row, so one event may update
+    /// several rows.
+    pub fn inbox_id(&self) -> String {
+        format!(
+            "{}\u{1f}{}\u{1f}{}",
+            self.version.id, self.key.pk, self.key.sk
+        )
+    }
+
+    /// Checks what the stores cannot hold: an add or delete that is neither a number nor an
+    /// array, a field named twice, reserved names.
+    ///
+    /// # Errors
+    /// Poison, naming the field.
+    pub fn check(&self) -> Result<(), Error> {
+        let bad = |why: String| Err(Error::poison_msg("InvalidUpdate", why));
+        let mut seen = std::collections::HashSet::new();
+        let names = self.set.iter().map(|(f, _)| f).chain(&self.remove);
+        for field in names.chain(self.add.iter().map(|(f, _)| f)) {
+            if RESERVED.contains(&field.as_str()) {
+                return bad(format!("{field} is the row's own; it cannot be written"));
+            }
+            if !seen.insert(field) {
+                return bad(format!("{field} is written twice by one update"));
+            }
+        }
+        for (field, value) in &self.add {
+            if !(value.is_number() || value.is_array()) {
+                return bad(format!(
+                    "add to {field}: {value} is neither a number nor a set"
+                ));
+            }
+        }
+        for (field, value) in &self.delete {
+            if !value.is_array() {
+                return bad(format!("delete from {field}: {value} is not a set"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Names a row's image uses for itself.
+pub const RESERVED: [&str; 5] = ["pk", "sk", "discriminator", "timestamp", "ttl"];
+
+/// The versions a row keeps: per field (removed ones too), per element of a set, and of its
+/// deletion.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RowMeta {
+    /// The version that last wrote each field.
+    #[serde(default, rename = "f", skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, Version>,
+    /// Per set field, the version that last added or deleted each element (by its JSON text),
+    /// and whether it is in.
+    #[serde(default, rename = "e", skip_serializing_if = "BTreeMap::is_empty")]
+    pub elements: BTreeMap<String, BTreeMap<String, (Version, bool)>>,
+    /// The version that deleted the row, if one did.
+    #[serde(default, rename = "d", skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<Version>,
+}
+
+/// A stored row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// Its key.
+    pub key: RowKey,
+    /// Its kind.
+    pub discriminator: Option<String>,
+    /// Its fields.
+    pub fields: Map<String, Value>,
+    /// The newest version applied to it.
+    pub version: Version,
+    /// When it expires (ms since the epoch).
+    pub expires_at: Option<i64>,
+    /// The versions it keeps to stay order-tolerant.
+    pub meta: RowMeta,
+}
+
+impl Row {
+    fn empty(key: RowKey) -> Row {
+        Row {
+            key,
+            discriminator: None,
+            fields: Map::new(),
+            version: Version {
+                timestamp: i64::MIN,
+                id: String::new(),
+            },
+            expires_at: None,
+            meta: RowMeta::default(),
+        }
+    }
+
+    /// Whether the row shows anything: it has fields, or it was written and not deleted
+    /// since.
+    pub fn live(&self) -> bool {
+        !self.fields.is_empty()
+            || (self.version.timestamp != i64::MIN
+                && self.meta.deleted.as_ref().is_none_or(|d| self.version > *d))
+    }
+
+    /// Whether it has expired at `now` (ms since the epoch).
+    pub fn expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// The row as an item: its fields, with `pk`, `sk`, `discriminator`, `timestamp` (ms) and
+    /// `ttl` (s) as a DynamoDB single table holds them; `None` when it shows nothing.
+    pub fn image(&self) -> Option<Value> {
+        if !self.live() {
+            return None;
+        }
+        let mut item = self.fields.clone();
+        item.insert("pk".into(), self.key.pk.clone().into());
+        item.insert("sk".into(), self.key.sk.clone().into());
+        if let Some(d) = &self.discriminator {
+            item.insert("discriminator".into(), d.clone().into());
+        }
+        item.insert("timestamp".into(), self.version.timestamp.into());
+        if let Some(at) = self.expires_at {
+            item.insert("ttl".into(), at.div_euclid(1000).into());
+        }
+        Some(Value::Object(item))
+    }
+}
+
+/// What an update did to its row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Applied (`changed`: what the row shows changed).
+    Written {
+        /// Whether what the row shows changed.
+        changed: bool,
+    },
+    /// Older than what it met: nothing changed (or its fallback applied).
+    Stale,
+    /// Applied before (the inbox knew it): nothing changed.
+    Duplicate,
+    /// Stale under [`Stale::Fault`], or invalid: nothing changed; the event is poison.
+    Faulted(String),
+}
+
+/// A change of what a row shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The row.
+    pub key: RowKey,
+    /// Its kind.
+    pub discriminator: Option<String>,
+    /// The version of the update that made it.
+    pub version: Version,
+    /// The row's image before, if it showed anything.
+    pub old: Option<Value>,
+    /// After, if it shows anything.
+    pub new: Option<Value>,
+}
+
+impl Change {
+    /// `created`, `updated` or `deleted`.
+    pub fn kind(&self) -> &'static str {
+        match (&self.old, &self.new) {
+            (None, _) => "created",
+            (Some(_), None) => "deleted",
+            (Some(_), Some(_)) => "updated",
+        }
+    }
+
+    /// The change as an event of `{discriminator}-{kind}` (`row-` without one), keyed by the
+    /// row's partition key, with the images under `raw.new` and `raw.old` and the key under
+    /// `keys`, as Floodway's DynamoDB change events are. Its id is derived from the row and
+    /// the update's event, so a change made twice is the same event.
+    pub fn to_event(&self, source: &str) -> Event {
+        let kind = self.kind();
+        let prefix = self
+            .discriminator
+            .as_deref()
+            .unwrap_or("row")
+            .to_lowercase();
+        let id = change_id(source, &self.key, &self.version.id);
+        let mut raw = Map::new();
+        if let Some(new) = &self.new {
+            raw.insert("new".into(), new.clone());
+        }
+        if let Some(old) = &self.old {
+            raw.insert("old".into(), old.clone());
+        }
+        let keys = serde_json::json!({"pk": self.key.pk, "sk": self.key.sk});
+        Event::builder(format!("{prefix}-{kind}"), self.key.pk.clone())
+            .id(id)
+            .timestamp(self.version.timestamp)
+            .tag("source", source.to_owned())
+            .field("raw", Value::Object(raw))
+            .field("keys", keys)
+            .build()
+    }
+}
+
+/// A change's event id: a digest of where it happened and which event made it.
+pub fn change_id(source: &str, key: &RowKey, event_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    for part in [source, &key.pk, &key.sk, event_id] {
+        digest.update(part.len().to_le_bytes());
+        digest.update(part.as_bytes());
+    }
+    let hash = digest.finalize();
+    let hex: String = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// What [`merge`] made of an update and a row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Merged {
+    /// The row to store (`None`: leave it as it was).
+    pub row: Option<Row>,
+    /// What happened.
+    pub outcome: Outcome,
+    /// What the row shows changed, if it did.
+    pub change: Option<Change>,
+    /// A stale update's fallback, for another row: the store applies it next.
+    pub fallback: Option<Update>,
+}
+
+/// Applies `update` to `row` (`None`, or expired at `now`: no row), by the rules of the
+/// [module docs](self). The same function serves every store, so they agree.
+pub fn merge(row: Option<&Row>, update: &Update, now: i64) -> Merged {
+    if let Err(e) = update.check() {
+        return Merged {
+            row: None,
+            outcome: Outcome::Faulted(e.to_string()),
+            change: None,
+            fallback: None,
+        };
+    }
+    let before = row.filter(|r| !r.expired(now));
+    let mut next = before
+        .cloned()
+        .unwrap_or_else(|| Row::empty(update.key.clone()));
+    let applied = apply(&mut next, update);
+    let (next, outcome) = if applied {
+        (next, Outcome::Written { changed: false })
+    } else {
+        match &update.stale {
+            Stale::Drop => {
+                // Counters do not depend on order: they apply all the same.
+                let mut counted = before
+                    .cloned()
+                    .unwrap_or_else(|| Row::empty(update.key.clone()));
+                add_counters(&mut counted, update);
+                (counted, Outcome::Stale)
+            }
+            Stale::Fault => {
+                return Merged {
+                    row: None,
+                    outcome: Outcome::Faulted(format!(
+                        "stale: row {} holds writes newer than event {} ({})",
+                        update.key, update.version.id, update.version.timestamp
+                    )),
+                    change: None,
+                    fallback: None,
+                }
+            }
+            Stale::Fallback(other) => {
+                let mut other = other.as_ref().clone();
+                other.stale = Stale::Drop;
+                if other.key != update.key {
+                    return Merged {
+                        row: None,
+                        outcome: Outcome::Stale,
+                        change: None,
+                        fallback: Some(other),
+                    };
+                }
+                let mut merged = merge(row, &other, now);
+                if matches!(merged.outcome, Outcome::Written { .. }) {
+                    merged.outcome = Outcome::Stale;
+                }
+                return merged;
+            }
+        }
+    };
+    let old = before.and_then(Row::image);
+    let new = next.image();
+    let changed = without_time(old.as_ref()) != without_time(new.as_ref());
+    let change = changed.then(|| Change {
+        key: update.key.clone(),
+        discriminator: next
+            .discriminator
+            .clone()
+            .or_else(|| before.and_then(|b| b.discriminator.clone())),
+        version: update.version.clone(),
+        old,
+        new,
+    });
+    let outcome = match outcome {
+        Outcome::Written { .. } => Outcome::Written { changed },
+        other => other,
+    };
+    let stored = before != Some(&next);
+    Merged {
+        row: stored.then_some(next),
+        outcome,
+        change,
+        fallback: None,
+    }
+}
+
+fn without_time(image: Option<&Value>) -> Option<Value> {
+    image.map(|v| {
+        let mut v = v.clone();
+        if let Some(map) = v.as_object_mut() {
+            map.remove("timestamp");
+        }
+        v
+    })
+}
+
+/// Applies the order-dependent writes; false when none of them applies (stale). A request of
+/// counters only is never stale.
+fn apply(row: &mut Row, u: &Update) -> bool {
+    let v = &u.version;
+    let newer_than_delete = row.meta.deleted.as_ref().is_none_or(|d| v > d);
+    let orders = !u.set.is_empty()
+        || !u.remove.is_empty()
+        || u.discriminator.is_some()
+        || u.expires_at.is_some()
+        || u.replace
+        || u.delete_row
+        || !u.delete.is_empty()
+        || u.add.iter().any(|(_, a)| a.is_array());
+    if u.latest == Latest::Row {
+        let newer = row.version.timestamp == i64::MIN || *v > row.version;
+        if !(newer && newer_than_delete) {
+            return !orders && {
+                add_counters(row, u);
+                true
+            };
+        }
+    } else if !newer_than_delete {
+        return !orders;
+    }
+    let mut any = !orders;
+    if u.delete_row {
+        // Everything written before goes; what was written after stays (per field).
+        let keep = |fv: Option<&Version>| u.latest == Latest::Field && fv.is_some_and(|fv| fv > v);
+        let fields = std::mem::take(&mut row.fields);
+        for (name, value) in fields {
+            if keep(row.meta.fields.get(&name)) {
+                row.fields.insert(name, value);
+            }
+        }
+        row.meta.fields.retain(|_, fv| &*fv > v);
+        if !row.meta.fields.contains_key("discriminator") {
+            row.discriminator = None;
+        }
+        if !row.meta.fields.contains_key("ttl") {
+            row.expires_at = None;
+        }
+        for elements in row.meta.elements.values_mut() {
+            elements.retain(|_, (ev, _)| &*ev > v);
+        }
+        row.meta.elements.retain(|_, e| !e.is_empty());
+        for field in row.meta.elements.keys() {
+            set_field_from_elements(&mut row.fields, field, &row.meta.elements[field]);
+        }
+        row.meta.deleted = Some(v.clone());
+        bump(row, v);
+        return true;
+    }
+    let mut write = |row: &mut Row, field: &str, value: Option<&Value>| {
+        let current = row.meta.fields.get(field);
+        if u.latest == Latest::Field && current.is_some_and(|c| c >= v) {
+            return;
+        }
+        match value {
+            Some(value) => row.fields.insert(field.to_owned(), value.clone()),
+            None => row.fields.remove(field),
+        };
+        row.meta.fields.insert(field.to_owned(), v.clone());
+        any = true;
+    };
+    for (field, value) in &u.set {
+        write(row, field, Some(value));
+    }
+    for field in &u.remove {
+        write(row, field, None);
+    }
+    if u.replace {
+        let set: std::collections::HashSet<&str> = u.set.iter().map(|(f, _)| f.as_str()).collect();
+        let others: Vec<String> = row
+            .fields
+            .keys()
+            .filter(|f| !set.contains(f.as_str()))
+            .cloned()
+            .collect();
+        for field in others {
+            write(row, &field, None);
+        }
+    }
+    for (field, value, present) in u
+        .add
+        .iter()
+        .filter_map(|(f, a)| a.as_array().map(|a| (f, a, true)))
+        .chain(
+            u.delete
+                .iter()
+                .filter_map(|(f, d)| d.as_array().map(|d| (f, d, false))),
+        )
+    {
+        let elements = row.meta.elements.entry(field.clone()).or_default();
+        for element in value {
+            let text = element.to_string();
+            if elements.get(&text).is_some_and(|(ev, _)| ev >= v) {
+                continue;
+            }
+            elements.insert(text, (v.clone(), present));
+            any = true;
+        }
+        let elements = row.meta.elements[field].clone();
+        set_field_from_elements(&mut row.fields, field, &elements);
+    }
+    // The kind and the time to live are latest-wins too, each by the version that set it.
+    for (name, given) in [
+        ("discriminator", u.discriminator.is_some()),
+        ("ttl", u.expires_at.is_some()),
+    ] {
+        let newer = given && row.meta.fields.get(name).is_none_or(|at| v > at);
+        if newer {
+            row.meta.fields.insert(name.to_owned(), v.clone());
+            if name == "ttl" {
+                row.expires_at = u.expires_at;
+            } else {
+                row.discriminator.clone_from(&u.discriminator);
+            }
+            any = true;
+        }
+    }
+    if !any {
+        return false;
+    }
+    add_counters(row, u);
+    bump(row, v);
+    true
+}
+
+fn set_field_from_elements(
+    fields: &mut Map<String, Value>,
+    field: &str,
+    elements: &BTreeMap<String, (Version, bool)>,
+) {
+    let members: Vec<Value> = elements
+        .iter()
+        .filter(|(_, (_, present))| *present)
+        .filter_map(|(text, _)| serde_json::from_str(text).ok())
+        .collect();
+    if members.is_empty() {
+        fields.remove(field);
+    } else {
+        fields.insert(field.to_owned(), Value::Array(members));
+    }
+}
+
+/// Adds the numeric adds (once per event: the inbox sees to that).
+fn add_counters(row: &mut Row, u: &Update) {
+    let mut any = false;
+    for (field, n) in u.add.iter().filter(|(_, n)| n.is_number()) {
+        let sum = match (row.fields.get(field), n) {
+            (Some(Value::Number(a)), b) => add_numbers(a, b.as_number()),
+            (_, b) => b.clone(),
+        };
+        row.fields.insert(field.clone(), sum);
+        let fv = row
+            .meta
+            .fields
+            .entry(field.clone())
+            .or_insert(u.version.clone());
+        if u.version > *fv {
+            *fv = u.version.clone();
+        }
+        any = true;
+    }
+    if any {
+        if row.discriminator.is_none() {
+            row.discriminator.clone_from(&u.discriminator);
+        }
+        bump(row, &u.version);
+    }
+}
+
+fn add_numbers(a: &serde_json::Number, b: Option<&serde_json::Number>) -> Value {
+    let Some(b) = b else {
+        return Value::Number(a.clone());
+    };
+    match (a.as_i64(), b.as_i64()) {
+        (Some(x), Some(y)) if x.checked_add(y).is_some() => Value::from(x + y),
+        _ => serde_json::Number::from_f64(a.as_f64().unwrap_or(0.0) + b.as_f64().unwrap_or(0.0))
+            .map_or(Value::Null, Value::Number),
+    }
+}
+
+fn bump(row: &mut Row, v: &Version) {
+    if row.version.timestamp == i64::MIN || *v > row.version {
+        row.version = v.clone();
+    }
+}
+
+/// A read of one partition's rows, in sort-key order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowQuery {
+    /// The partition key.
+    pub pk: String,
+    /// Sort keys start with this.
+    pub sk_prefix: String,
+    /// Sort keys come after this (the last of the previous page).
+    pub after: Option<String>,
+    /// Rows at most.
+    pub limit: usize,
+}
+
+impl RowQuery {
+    /// Up to `limit` rows of partition `pk`.
+    pub fn partition(pk: impl Into<String>, limit: usize) -> Self {
+        RowQuery {
+            pk: pk.into(),
+            sk_prefix: String::new(),
+            after: None,
+            limit,
+        }
+    }
+
+    /// Only sort keys starting with `prefix`.
+    #[must_use]
+    pub fn sk_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.sk_prefix = prefix.into();
+        self
+    }
+
+    /// The page after sort key `sk`.
+    #[must_use]
+    pub fn after(mut self, sk: impl Into<String>) -> Self {
+        self.after = Some(sk.into());
+        self
+    }
+
+    /// Whether `key` is in the range (not the limit).
+    pub fn admits(&self, key: &RowKey) -> bool {
+        key.pk == self.pk
+            && key.sk.starts_with(&self.sk_prefix)
+            && self.after.as_deref().is_none_or(|a| key.sk.as_str() > a)
+    }
+}
+
+/// Rows written by update requests; see the [module docs](self).
+pub trait RowStore: Send + Sync + Debug + 'static {
+    /// The store's name.
+    fn name(&self) -> &str;
+
+    /// Applies updates in order, each event's update at most once, all in one transaction
+    /// where the store has them; an outcome per update.
+    fn update<'a>(&'a self, updates: &'a [Update]) -> HubFuture<'a, Vec<Outcome>>;
+
+    /// The row at `key`, unless absent, deleted or expired.
+    fn get<'a>(&'a self, key: &'a RowKey) -> HubFuture<'a, Option<Row>>;
+
+    /// The rows `query` selects, in sort-key order, live and unexpired.
+    fn query<'a>(&'a self, query: &'a RowQuery) -> HubFuture<'a, Vec<Row>>;
+}
+
+/// A row store shared by processors and services.
+pub type SharedRows = Arc<dyn RowStore>;
+
+/// How a [`RowSink`] makes an event's updates (none, one, or several rows).
+pub type UpdateFn = Arc<dyn Fn(&Event) -> Result<Vec<Update>, Error> + Send + Sync>;
+
+/// A sink applying each event's updates, all of a batch in one [`RowStore::update`]; an event
+/// whose updates cannot be made, or that is stale under [`Stale::Fault`], is poison on its own.
+#[derive(Clone)]
+pub struct RowSink {
+    rows: SharedRows,
+    updates: UpdateFn,
+}
+
+impl Debug for RowSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowSink")
+            .field("rows", &self.rows.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RowSink {
+    /// A sink into `rows`, with updates made by `updates`.
+    pub fn new<F>(rows: SharedRows, updates: F) -> Self
+    where
+        F: Fn(&Event) -> Result<Vec<Update>, Error> + Send + Sync + 'static,
+    {
+        RowSink {
+            rows,
+            updates: Arc::new(updates),
+        }
+    }
+
+    async fn write(&self, batch: Batch) -> Result<crate::Delivery, Error> {
+        let mut delivery = crate::Delivery::complete();
+        let mut updates = Vec::with_capacity(batch.len());
+        let mut owners = Vec::with_capacity(batch.len());
+        for (i, event) in batch.events().enumerate() {
+            match (self.updates)(event).and_then(|us| {
+                us.iter().try_for_each(Update::check)?;
+                Ok(us)
+            }) {
+                Ok(us) => {
+                    owners.extend(std::iter::repeat_n(i, us.len()));
+                    updates.extend(us);
+                }
+                Err(err) if batch.len() == 1 => return Err(err),
+                Err(err) => delivery.fail(i, err),
+            }
+        }
+        let outcomes = self
+            .rows
+            .update(&updates)
+            .await
+            .map_err(|e| Error::transient_msg("RowUpdate", e.to_string()))?;
+        let mut failed = std::collections::HashSet::new();
+        for (outcome, i) in outcomes.into_iter().zip(owners) {
+            if let Outcome::Faulted(why) = outcome {
+                if batch.len() == 1 {
+                    return Err(Error::poison_msg("StaleEvent", why));
+                }
+                if failed.insert(i) {
+                    delivery.fail(i, Error::poison_msg("StaleEvent", why));
+                }
+            }
+        }
+        Ok(delivery)
+    }
+}
+
+crate::impl_sink!(RowSink, write);
+
+/// Rows in memory, for tests: the contract's reference. With `outbox`, the changes it made,
+/// in order.
+#[derive(Debug, Default)]
+pub struct MemoryRows {
+    name: String,
+    inner: Mutex<MemoryInner>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    rows: BTreeMap<RowKey, Row>,
+    inbox: std::collections::HashSet<String>,
+    changes: Vec<Change>,
+}
+
+impl MemoryRows {
+    /// An empty store named `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        MemoryRows {
+            name: name.into(),
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The changes made so far, in order.
+    pub fn changes(&self) -> Vec<Change> {
+        self.lock().changes.clone()
+    }
+
+    /// Every stored row, tombstones too, by key.
+    pub fn stored(&self) -> Vec<Row> {
+        self.lock().rows.values().cloned().collect()
+    }
+}
+
+impl RowStore for MemoryRows {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn update<'a>(&'a self, updates: &'a [Update]) -> HubFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            let mut inner = self.lock();
+            let now = now_millis();
+            let mut outcomes = Vec::with_capacity(updates.len());
+            for u in updates {
+                let id = u.inbox_id();
+                if inner.inbox.contains(&id) {
+                    outcomes.push(Outcome::Duplicate);
+                    continue;
+                }
+                let mut merged = merge(inner.rows.get(&u.key), u, now);
+                if !matches!(merged.outcome, Outcome::Faulted(_)) {
+                    inner.inbox.insert(id);
+                }
+                let outcome = merged.outcome.clone();
+                loop {
+                    if let Some(row) = merged.row {
+                        inner.rows.insert(row.key.clone(), row);
+                    }
+                    if let Some(change) = merged.change {
+                        inner.changes.push(change);
+                    }
+                    match merged.fallback {
+                        Some(f) => merged = merge(inner.rows.get(&f.key), &f, now),
+                        None => break,
+                    }
+                }
+                outcomes.push(outcome);
+            }
+            Ok(outcomes)
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a RowKey) -> HubFuture<'a, Option<Row>> {
+        let now = now_millis();
+        let row = self
+            .lock()
+            .rows
+            .get(key)
+            .filter(|r| r.live() && !r.expired(now))
+            .cloned();
+        Box::pin(async move { Ok(row) })
+    }
+
+    fn query<'a>(&'a self, query: &'a RowQuery) -> HubFuture<'a, Vec<Row>> {
+        let now = now_millis();
+        let from = RowKey::new(query.pk.clone(), query.sk_prefix.clone());
+        let rows = self
+            .lock()
+            .rows
+            .range(from..)
+            .map(|(_, r)| r)
+            .take_while(|r| r.key.pk == query.pk && r.key.sk.starts_with(&query.sk_prefix))
+            .filter(|r| query.admits(&r.key) && r.live() && !r.expired(now))
+            .take(query.limit)
+            .cloned()
+            .collect();
+        Box::pin(async move { Ok(rows) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn v(t: i64, id: &str) -> Version {
+        Version {
+            timestamp: t,
+            id: id.into(),
+        }
+    }
+
+    fn key() -> RowKey {
+        RowKey::new("o1", "order")
+    }
+
+    fn fields(row: &Row) -> Value {
+        Value::Object(row.fields.clone())
+    }
+
+    fn run(updates: &[Update]) -> Option<Row> {
+        let mut row: Option<Row> = None;
+        for u in updates {
+            if let Some(r) = merge(row.as_ref(), u, 0).row {
+                row = Some(r);
+            }
+        }
+        row
+    }
+
+    #[test]
+    fn fields_written_by_different_events_all_land_in_any_order() {
+        let status = Update::new(key(), v(2, "b")).set("status", "paid");
+        let address = Update::new(key(), v(1, "a")).set("address", "here");
+        for order in [[&status, &address], [&address, &status]] {
+            let row = run(&order.map(Clone::clone)).unwrap();
+            assert_eq!(fields(&row), json!({"status": "paid", "address": "here"}));
+            assert_eq!(row.version, v(2, "b"));
+        }
+    }
+
+    #[test]
+    fn per_row_an_older_request_is_stale_and_its_policy_decides() {
+        let newer = Update::new(key(), v(2, "b"))
+            .set("status", "paid")
+            .latest(Latest::Row);
+        let older = Update::new(key(), v(1, "a"))
+            .set("address", "here")
+            .latest(Latest::Row);
+        let row = run(std::slice::from_ref(&newer)).unwrap();
+        let dropped = merge(Some(&row), &older, 0);
+        assert_eq!((dropped.outcome, dropped.row), (Outcome::Stale, None));
+        let faulted = merge(Some(&row), &older.clone().on_stale(Stale::Fault), 0);
+        assert!(matches!(faulted.outcome, Outcome::Faulted(ref why) if why.contains("stale")));
+        let history = Update::new(RowKey::new("o1", "history#a"), v(1, "a")).set("late", true);
+        let fallback = merge(
+            Some(&row),
+            &older.on_stale(Stale::Fallback(Box::new(history.clone()))),
+            0,
+        );
+        assert_eq!((fallback.outcome, fallback.row), (Outcome::Stale, None));
+        assert_eq!(fallback.fallback, Some(history));
+    }
+
+    #[test]
+    fn a_deleted_row_stays_deleted_for_older_writes_and_changes_say_so() {
+        let create = Update::new(key(), v(1, "a"))
+            .set("status", "new")
+            .discriminator("order");
+        let delete = Update::new(key(), v(3, "c")).delete_row();
+        let late = Update::new(key(), v(2, "b")).set("status", "paid");
+        let row = run(std::slice::from_ref(&create)).unwrap();
+        let merged = merge(Some(&row), &delete, 0);
+        let change = merged.change.unwrap();
+        assert_eq!(change.kind(), "deleted");
+        assert_eq!(change.to_event("t").event_type(), "order-deleted");
+        let deleted = merged.row.unwrap();
+        assert!(!deleted.live());
+        let after = merge(Some(&deleted), &late, 0);
+        assert_eq!((after.outcome, after.change), (Outcome::Stale, None));
+        let first = merge(None, &create, 0).change.unwrap();
+        assert_eq!(first.kind(), "created");
+        assert_eq!(first.new.unwrap()["discriminator"], "order");
+    }
+
+    #[test]
+    fn expiry_counts_sets_and_an_unchanged_write() {
+        let u = Update::new(key(), v(1000, "a"))
+            .add("n", 2)
+            .add("tags", json!(["x", "y"]))
+            .expiring_at(5000);
+        let row = run(&[u]).unwrap();
+        assert_eq!(row.image().unwrap()["ttl"], 5);
+        let u2 = Update::new(key(), v(900, "b"))
+            .add("n", 1)
+            .delete("tags", json!(["x"]));
+        let merged = merge(Some(&row), &u2, 0);
+        assert_eq!(
+            merged.outcome,
+            Outcome::Stale,
+            "deleting x at 900 is older than adding it at 1000"
+        );
+        assert_eq!(
+            fields(merged.row.as_ref().unwrap()),
+            json!({"n": 3, "tags": ["x", "y"]}),
+            "the counter counts all the same"
+        );
+        assert!(merge(Some(&row), &u2, 6000)
+            .row
+            .unwrap()
+            .expires_at
+            .is_none());
+        let same = Update::new(key(), v(2000, "c")).add("tags", json!(["y"]));
+        let merged = merge(Some(&row), &same, 0);
+        assert_eq!(merged.outcome, Outcome::Written { changed: false });
+        assert!(merged.change.is_none());
+    }
+
+    #[test]
+    fn invalid_updates_are_faults() {
+        for u in [
+            Update::new(key(), v(1, "a")).set("pk", 1),
+            Update::new(key(), v(1, "a")).add("n", "x"),
+            Update::new(key(), v(1, "a")).set("n", 1).remove("n"),
+        ] {
+            assert!(matches!(merge(None, &u, 0).outcome, Outcome::Faulted(_)));
+        }
+    }
+
+    #[test]
+    fn change_ids_are_stable_and_distinct() {
+        let a = change_id("s", &key(), "e1");
+        assert_eq!(a, change_id("s", &key(), "e1"));
+        assert_ne!(a, change_id("s", &RowKey::new("o1", "orderx"), "e1"));
+        assert_eq!(a.len(), 36);
+    }
+
+    /// Updates of every kind over three rows, within the rules of the module docs: row `r0`
+    /// per field (sets, removes, set elements, deletions), row `r1` per row (whole-row puts and
+    /// deletions), row `r2` per field with counters beside values.
+    fn updates() -> impl Strategy<Value = Vec<Update>> {
+        let one = (0..3usize, 0..4i64, 0..3usize, 0..3i64, 0..5u8);
+        prop::collection::vec(one, 1..14).prop_map(|ops| {
+            ops.into_iter()
+                .enumerate()
+                .map(|(i, (row, t, field, n, op))| {
+                    let key = RowKey::new("p", format!("r{row}"));
+                    let version = v(t, &format!("e{i}"));
+                    let u = Update::new(key.clone(), version.clone());
+                    let f = format!("f{field}");
+                    match (row, op) {
+                        (0, 0) => u.set(f, n).discriminator(format!("d{n}")),
+                        (0, 1) => u.remove(f).expiring_at(4_000_000_000_000 + n * 1000),
+                        (0, 2) => u.add("tags", json!([n])),
+                        (0, 3) => u.delete("tags", json!([n])),
+                        (0, _) => u.delete_row(),
+                        (1, 4) => u.delete_row().latest(Latest::Row),
+                        (1, _) => {
+                            let mut fields = Map::new();
+                            fields.insert(f, n.into());
+                            Update::put(key, version, fields)
+                        }
+                        (_, 0 | 1) => u.add("count", n),
+                        _ => u.set(f, n),
+                    }
+                })
+                .collect()
+        })
+    }
+
+    fn apply_all(updates: &[Update]) -> Vec<(RowKey, Value, Option<Value>)> {
+        let store = MemoryRows::new("t");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(store.update(updates)).unwrap();
+        store
+            .stored()
+            .into_iter()
+            .map(|r| (r.key.clone(), fields(&r), r.image()))
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn any_order_and_repetition_give_the_same_rows(
+            (updates, order, dups) in updates().prop_flat_map(|us| {
+                let n = us.len();
+                (Just(us), Just((0..n).collect::<Vec<_>>()).prop_shuffle(), prop::collection::vec(0..n, 0..5))
+            })
+        ) {
+            let sorted = {
+                let mut s = updates.clone();
+                s.sort_by(|a, b| a.version.cmp(&b.version));
+                s
+            };
+            let mut shuffled: Vec<Update> = order.iter().map(|&i| updates[i].clone()).collect();
+            for d in dups {
+                shuffled.push(updates[d].clone());
+            }
+            prop_assert_eq!(apply_all(&shuffled), apply_all(&sorted));
+        }
+    }
+}
