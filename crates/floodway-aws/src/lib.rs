@@ -33,6 +33,7 @@ mod eventbridge;
 mod faults;
 mod kinesis;
 mod kms;
+mod rows;
 mod s3;
 mod sqs;
 pub mod testing;
@@ -46,6 +47,7 @@ pub use faults::{resubmit, DynamoDbFaults, LambdaResubmitter, Resubmitted, S3Fau
 pub use floodway::fault_store::StoredFault;
 pub use kinesis::KinesisSink;
 pub use kms::KmsKeys;
+pub use rows::DynamoDbRows;
 pub use s3::S3Lake;
 pub use sqs::SqsSink;
 

@@ -126,6 +126,20 @@ impl Drop for Moto {
 /// # Panics
 /// When the table cannot be created.
 pub async fn table(config: &SdkConfig, name: &str, stream: bool) -> Option<String> {
+    create_table(config, name, false, stream).await
+}
+
+/// Creates a single table keyed by `pk` and `sk` (strings), the shape of
+/// [`crate::DynamoDbRows`] tables, with a stream of new and old images if asked; the stream's
+/// ARN.
+///
+/// # Panics
+/// When the table cannot be created.
+pub async fn single_table(config: &SdkConfig, name: &str, stream: bool) -> Option<String> {
+    create_table(config, name, true, stream).await
+}
+
+async fn create_table(config: &SdkConfig, name: &str, sk: bool, stream: bool) -> Option<String> {
     use aws_sdk_dynamodb::types::{
         AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
         StreamSpecification, StreamViewType,
@@ -147,6 +161,19 @@ pub async fn table(config: &SdkConfig, name: &str, stream: bool) -> Option<Strin
         .attribute_definitions(pk)
         .key_schema(hash)
         .billing_mode(BillingMode::PayPerRequest);
+    if sk {
+        let definition = AttributeDefinition::builder()
+            .attribute_name("sk")
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .expect("attribute");
+        let range = KeySchemaElement::builder()
+            .attribute_name("sk")
+            .key_type(KeyType::Range)
+            .build()
+            .expect("key");
+        request = request.attribute_definitions(definition).key_schema(range);
+    }
     if stream {
         let images = StreamSpecification::builder()
             .stream_enabled(true)

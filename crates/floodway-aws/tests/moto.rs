@@ -872,3 +872,94 @@ async fn fields_encrypted_with_kms_read_both_ways_with_aws_lambda_stream() {
     );
     assert_eq!(theirs, event);
 }
+
+mod rows {
+    async fn fresh() -> (floodway::rows::SharedRows, super::Moto) {
+        let (moto, config) = super::Moto::configured().await;
+        floodway_aws::testing::single_table(&config, "rows", false).await;
+        (
+            std::sync::Arc::new(floodway_aws::DynamoDbRows::new(&config, "rows")),
+            moto,
+        )
+    }
+
+    floodway::row_store_conformance_tests!(fresh);
+}
+
+/// On Lambda the table's stream is the outbox: rows written by update requests come out of
+/// change data capture as `-created`, `-updated` and `-deleted` events without the store's
+/// own attribute, while a listener's latched rows and the inbox's items stay out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_tables_stream_is_its_outbox() {
+    use floodway::idempotence::Version;
+    use floodway::rows::{Latest, RowKey, RowStore as _, Update};
+    let (_moto, config) = Moto::configured().await;
+    let stream_arn = floodway_aws::testing::single_table(&config, "shop", true)
+        .await
+        .unwrap();
+    let version = |t: i64, id: &str| Version {
+        timestamp: t,
+        id: id.into(),
+    };
+    let key = || RowKey::new("thing-1", "thing");
+    let service = floodway_aws::DynamoDbRows::new(&config, "shop");
+    for u in [
+        Update::new(key(), version(1_700_000_000_001, "c1"))
+            .set("name", "a")
+            .discriminator("thing"),
+        Update::new(key(), version(1_700_000_000_002, "c2"))
+            .set("name", "b")
+            .add("views", 1),
+        // A repeat: changes nothing, writes nothing.
+        Update::new(key(), version(1_700_000_000_002, "c2"))
+            .set("name", "b")
+            .add("views", 1),
+        Update::new(key(), version(1_700_000_000_003, "c3"))
+            .latest(Latest::Row)
+            .delete_row(),
+    ] {
+        service.update(&[u]).await.unwrap();
+    }
+    let listener = floodway_aws::DynamoDbRows::new(&config, "shop").latched(true);
+    listener
+        .update(&[
+            Update::new(RowKey::new("thing-2", "thing"), version(5, "l1"))
+                .set("name", "from an event")
+                .add("seen", 1)
+                .discriminator("thing"),
+        ])
+        .await
+        .unwrap();
+
+    let streams = aws_sdk_dynamodbstreams::Client::new(&config);
+    let description = streams
+        .describe_stream()
+        .stream_arn(&stream_arn)
+        .send()
+        .await
+        .unwrap();
+    let mut records = Vec::new();
+    for shard in description.stream_description().unwrap().shards() {
+        records.extend(read_shard!(
+            streams,
+            aws_sdk_dynamodbstreams::types::ShardIteratorType,
+            shard.shard_id().unwrap(),
+            stream_arn(&stream_arn),
+            |r| stream_record_json(r, &stream_arn)
+        ));
+    }
+    // Three writes of thing-1, two inbox items (its counter, the listener's), the listener's row.
+    assert_eq!(records.len(), 6, "{records:#?}");
+    let (got, checkpoint) = run_cdc(&renumber(dynamodb_shard(&records))).await;
+    assert_eq!(checkpoint, Some(6));
+    let types: Vec<&str> = got.iter().map(Event::event_type).collect();
+    assert_eq!(types, ["thing-created", "thing-updated", "thing-deleted"]);
+    let raw = got[1].field("raw").unwrap();
+    assert_eq!(raw["new"]["name"], "b");
+    assert_eq!(raw["new"]["views"], 1);
+    assert_eq!(raw["old"]["name"], "a");
+    assert_eq!(raw["new"]["awsregion"], "us-east-1");
+    assert!(raw["new"].get("floodway").is_none(), "{raw}");
+    assert_eq!(got[1].timestamp(), 1_700_000_000_002);
+    assert!(got.iter().all(|e| e.partition_key() == "thing-1"));
+}

@@ -79,3 +79,76 @@ fn the_command_runs_on_nats() {
     assert!(!out.status.success());
     says(&out, "cannot connect to NATS at nats://127.0.0.1:1");
 }
+
+/// Rows and the outbox on NATS: the rows and the outbox live in the local store, the relay
+/// publishes the changes to the stream, and a second processor counts them from there.
+#[test]
+fn the_outbox_publishes_to_nats() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let url = server.url();
+    let config = format!(
+        "[hub]\npath = \"stores.db\"\npartitions = 4\n\n[hub.nats]\nservers = [\"{url}\"]\nstream = \"ROWS\"\nsubject = \"rows\"\n{}",
+        r#"
+[[processors]]
+kind = "materialize"
+name = "order-rows"
+types = ["order-*"]
+view = "order_rows"
+key = { pk = "/order/id", sk = "order" }
+set = { status = "/order/status" }
+add = { events = 1 }
+discriminator = "orderrow"
+outbox = true
+
+[[processors]]
+kind = "materialize"
+name = "changes"
+types = ["orderrow-*"]
+view = "changes"
+key = { pk = "partitionKey", sk = "count" }
+add = { changes = 1 }
+"#
+    );
+    std::fs::write(d.join("floodway.toml"), config).unwrap();
+    let events = floodway::testing::generate::orders(2_000, 3);
+    let lines: Vec<String> = events.iter().map(floodway::Event::to_json).collect();
+    common::publish(d, "orders.jsonl", &lines);
+    let mut per_order = std::collections::BTreeMap::<String, u64>::new();
+    for e in events
+        .iter()
+        .filter(|e| e.event_type().starts_with("order-"))
+    {
+        *per_order.entry(e.partition_key().to_owned()).or_default() += 1;
+    }
+    let store = || {
+        let options = floodway_embedded::HubOptions {
+            create: false,
+            ..Default::default()
+        };
+        floodway_embedded::Hub::open(d.join("stores.db"), options)
+    };
+    let counted = |hub: &floodway_embedded::Hub| -> Option<u64> {
+        let changes = hub.rows("changes").ok()?;
+        let mut total = 0;
+        for (order, n) in &per_order {
+            let key = floodway::rows::RowKey::new(order.clone(), "count");
+            let row = changes.get(&key).ok()??;
+            if row.fields["changes"] != *n {
+                return None;
+            }
+            total += n;
+        }
+        Some(total)
+    };
+    common::run_until(d, "floodway.toml", || {
+        store().ok().as_ref().and_then(counted).is_some()
+    });
+    let hub = store().unwrap();
+    let total = counted(&hub).unwrap();
+    let stats = hub.outbox().unwrap().stats().unwrap();
+    assert_eq!((stats.pending(), stats.published()), (0, total));
+    let out = floodway(d, &["outbox", "stats", "--config", "floodway.toml"]);
+    says(&out, "rows:order_rows");
+}

@@ -730,6 +730,13 @@ fn dynamodb(
         Err(why) => return Ok(malformed(source, i, raw, name, why)),
     };
     let empty = |v: &Value| v.as_object().is_none_or(Map::is_empty);
+    // What a Floodway row store keeps for order tolerance is not the row's.
+    let (mut new, mut old) = (new, old);
+    for image in [&mut new, &mut old] {
+        if let Some(map) = image.as_object_mut() {
+            map.remove(floodway::rows::STORE_ATTRIBUTE);
+        }
+    }
     let (new, old) = (
         if empty(&new) { Value::Null } else { new },
         if empty(&old) { Value::Null } else { old },

@@ -257,6 +257,10 @@ impl Update {
     }
 }
 
+/// The attribute in which a store without columns of its own (a DynamoDB item) keeps what
+/// makes a row order-tolerant; change data capture leaves it out of the images.
+pub const STORE_ATTRIBUTE: &str = "floodway";
+
 /// Names a row's image uses for itself.
 pub const RESERVED: [&str; 5] = ["pk", "sk", "discriminator", "timestamp", "ttl"];
 

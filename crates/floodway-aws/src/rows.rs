@@ -1,0 +1,434 @@
+//! Rows by update requests ([`floodway::rows`]) in a DynamoDB single table.
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
+use aws_sdk_dynamodb::Client;
+use floodway::event::now_millis;
+use floodway::hub::HubFuture;
+use floodway::idempotence::Version;
+use floodway::rows::{merge, Outcome, Row, RowKey, RowMeta, RowQuery, RowStore, Update};
+use floodway::{BoxError, Error};
+use futures_util::stream::{self, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::classify::classify;
+use crate::dynamodb::{attribute, json_of};
+
+/// The attribute holding what keeps a row order-tolerant (its versions), as JSON text.
+const META: &str = floodway::rows::STORE_ATTRIBUTE;
+
+/// How long the inbox remembers an event that added to a counter.
+const INBOX_TTL_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Attempts of an update that meets a concurrent write of its row.
+const ATTEMPTS: usize = 10;
+
+/// Updates in flight per batch (rows of different keys).
+const CONCURRENCY: usize = 32;
+
+/// Rows in a DynamoDB single table (partition key `pk`, sort key `sk`, both strings): the
+/// [`RowStore`] contract, by the same merge rule as every other store.
+///
+/// An update reads its row (consistently), merges, and puts the result on the condition that
+/// the row is as it was read (its `floodway` attribute, or absent), retrying on a concurrent
+/// write: the per-field rule needs the versions the row keeps, which an update expression
+/// cannot compare field by field. An update that adds to a counter, the one write a repeat
+/// would apply twice, also puts an inbox item (`pk = inbox#{pk}`, `sk = {sk}#{event id}`,
+/// expiring after 7 days) in the same transaction; every other write is idempotent by the
+/// versions alone.
+///
+/// Items carry what DynamoDB Streams change data capture needs, so the table's stream is its
+/// outbox ([`floodway_lambda`'s `CdcOptions`]): `discriminator`, `timestamp` (ms), `ttl`
+/// (seconds, for the table's time to live), `awsregion` (so a global table's replicas are
+/// skipped), `deleted: true` on a deleted row (kept as a tombstone, so an older write cannot
+/// bring it back; change data capture names it `-deleted`), and `latched: true` when the
+/// writer is a listener whose rows must not become events again (aws-lambda-stream's
+/// convention). Inbox items are always latched.
+#[derive(Debug, Clone)]
+pub struct DynamoDbRows {
+    client: Client,
+    table: String,
+    region: Option<String>,
+    latched: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    /// The row's version.
+    v: Version,
+    /// Its per-field versions.
+    m: RowMeta,
+    /// When it expires (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    x: Option<i64>,
+}
+
+impl DynamoDbRows {
+    /// The rows of `table`, written with `awsregion` set to `config`'s region.
+    pub fn new(config: &aws_config::SdkConfig, table: impl Into<String>) -> Self {
+        DynamoDbRows {
+            client: Client::new(config),
+            table: table.into(),
+            region: config.region().map(ToString::to_string),
+            latched: false,
+        }
+    }
+
+    /// Marks every row written `latched: true`: a listener's rows, which change data capture
+    /// on this table skips.
+    #[must_use]
+    pub fn latched(mut self, latched: bool) -> Self {
+        self.latched = latched;
+        self
+    }
+
+    fn key(key: &RowKey) -> HashMap<String, AttributeValue> {
+        HashMap::from([
+            ("pk".to_owned(), AttributeValue::S(key.pk.clone())),
+            ("sk".to_owned(), AttributeValue::S(key.sk.clone())),
+        ])
+    }
+
+    /// The row at `key` as stored (tombstones and expired rows too), and its `floodway`
+    /// attribute as read.
+    async fn read(&self, key: &RowKey) -> Result<(Option<Row>, Option<String>), Error> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(key)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(classify)?;
+        let Some(item) = out.item() else {
+            return Ok((None, None));
+        };
+        let meta = match item.get(META) {
+            Some(AttributeValue::S(s)) => Some(s.clone()),
+            _ => None,
+        };
+        Ok((row_of(item), meta))
+    }
+
+    fn item(&self, row: &Row) -> Result<HashMap<String, AttributeValue>, Error> {
+        let mut item: HashMap<String, AttributeValue> = row
+            .fields
+            .iter()
+            .map(|(k, v)| (k.clone(), attribute(v)))
+            .collect();
+        item.extend(Self::key(&row.key));
+        if let Some(d) = &row.discriminator {
+            item.insert("discriminator".into(), AttributeValue::S(d.clone()));
+        }
+        item.insert(
+            "timestamp".into(),
+            AttributeValue::N(row.version.timestamp.to_string()),
+        );
+        if let Some(at) = row.expires_at {
+            item.insert(
+                "ttl".into(),
+                AttributeValue::N(at.div_euclid(1000).to_string()),
+            );
+        }
+        if let Some(region) = &self.region {
+            item.insert("awsregion".into(), AttributeValue::S(region.clone()));
+        }
+        if self.latched {
+            item.insert("latched".into(), AttributeValue::Bool(true));
+        }
+        if !row.live() {
+            item.insert("deleted".into(), AttributeValue::Bool(true));
+        }
+        let stored = Stored {
+            v: row.version.clone(),
+            m: row.meta.clone(),
+            x: row.expires_at,
+        };
+        let text = serde_json::to_string(&stored)
+            .map_err(|e| Error::poison_msg("InvalidRow", e.to_string()))?;
+        item.insert(META.into(), AttributeValue::S(text));
+        Ok(item)
+    }
+
+    /// Applies one update (and its fallback), retrying when the row changes under it.
+    async fn apply_one(&self, u: &Update) -> Result<Outcome, Error> {
+        let mut update = u.clone();
+        let mut first: Option<Outcome> = None;
+        'next: loop {
+            for _ in 0..ATTEMPTS {
+                let (row, seen) = self.read(&update.key).await?;
+                let merged = merge(row.as_ref(), &update, now_millis());
+                let outcome = merged.outcome.clone();
+                if matches!(outcome, Outcome::Faulted(_)) {
+                    return Ok(first.unwrap_or(outcome));
+                }
+                if let Some(next) = &merged.row {
+                    match self.put(&update, next, seen.as_deref()).await? {
+                        Put2::Done => {}
+                        Put2::Duplicate => return Ok(first.unwrap_or(Outcome::Duplicate)),
+                        Put2::Conflict => continue,
+                    }
+                }
+                let outcome = first.get_or_insert(outcome).clone();
+                match merged.fallback {
+                    Some(fallback) => {
+                        update = fallback;
+                        continue 'next;
+                    }
+                    None => return Ok(outcome),
+                }
+            }
+            return Err(Error::transient_msg(
+                "RowContention",
+                format!(
+                    "row {} changed under {ATTEMPTS} attempts to update it",
+                    update.key
+                ),
+            ));
+        }
+    }
+
+    async fn put(&self, u: &Update, row: &Row, seen: Option<&str>) -> Result<Put2, Error> {
+        let item = self.item(row)?;
+        let mut put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .expression_attribute_names("#m", META);
+        put = match seen {
+            Some(meta) => put
+                .condition_expression("#m = :m")
+                .expression_attribute_values(":m", AttributeValue::S(meta.to_owned())),
+            None => put.condition_expression("attribute_not_exists(#m)"),
+        };
+        let put = put
+            .build()
+            .map_err(|e| Error::poison_msg("InvalidRow", e.to_string()))?;
+        let counts = u.add.iter().any(|(_, v)| v.is_number());
+        if !counts {
+            let request = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(put.item().clone()))
+                .set_condition_expression(Some(
+                    put.condition_expression().unwrap_or_default().to_owned(),
+                ))
+                .set_expression_attribute_names(put.expression_attribute_names().cloned())
+                .set_expression_attribute_values(put.expression_attribute_values().cloned());
+            return match request.send().await {
+                Ok(_) => Ok(Put2::Done),
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+                {
+                    Ok(Put2::Conflict)
+                }
+                Err(e) => Err(classify(e)),
+            };
+        }
+        let now = now_millis();
+        let inbox = Put::builder()
+            .table_name(&self.table)
+            .item("pk", AttributeValue::S(format!("inbox#{}", u.key.pk)))
+            .item(
+                "sk",
+                AttributeValue::S(format!("{}#{}", u.key.sk, u.version.id)),
+            )
+            .item("discriminator", AttributeValue::S("inbox".into()))
+            .item("latched", AttributeValue::Bool(true))
+            .item(
+                "ttl",
+                AttributeValue::N(((now + INBOX_TTL_MS) / 1000).to_string()),
+            )
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(|e| Error::poison_msg("InvalidRow", e.to_string()))?;
+        let sent = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(put).build())
+            .transact_items(TransactWriteItem::builder().put(inbox).build())
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(Put2::Done),
+            Err(e) => {
+                let reasons: Vec<Option<String>> = e
+                    .as_service_error()
+                    .and_then(|s| match s {
+                        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => Some(c),
+                        _ => None,
+                    })
+                    .map(|c| {
+                        c.cancellation_reasons()
+                            .iter()
+                            .map(|r| r.code().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let failed = |i: usize| {
+                    reasons
+                        .get(i)
+                        .and_then(Option::as_deref)
+                        .is_some_and(|c| c == "ConditionalCheckFailed")
+                };
+                if failed(1) {
+                    Ok(Put2::Duplicate)
+                } else if failed(0) {
+                    Ok(Put2::Conflict)
+                } else {
+                    Err(classify(e))
+                }
+            }
+        }
+    }
+}
+
+enum Put2 {
+    Done,
+    Duplicate,
+    Conflict,
+}
+
+/// A stored item as a row (tombstones included); `None` for an item that is not one.
+fn row_of(item: &HashMap<String, AttributeValue>) -> Option<Row> {
+    let text = |name: &str| match item.get(name) {
+        Some(AttributeValue::S(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let stored: Stored = serde_json::from_str(&text(META)?).ok()?;
+    const OWN: [&str; 8] = [
+        "pk",
+        "sk",
+        "discriminator",
+        "timestamp",
+        "ttl",
+        "awsregion",
+        "latched",
+        "deleted",
+    ];
+    let fields: Map<String, Value> = item
+        .iter()
+        .filter(|(k, _)| k.as_str() != META && !OWN.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), json_of(v)))
+        .collect();
+    Some(Row {
+        key: RowKey::new(text("pk")?, text("sk")?),
+        discriminator: text("discriminator"),
+        fields,
+        version: stored.v,
+        expires_at: stored.x,
+        meta: stored.m,
+    })
+}
+
+fn boxed(e: Error) -> BoxError {
+    Box::new(e)
+}
+
+impl RowStore for DynamoDbRows {
+    fn name(&self) -> &str {
+        &self.table
+    }
+
+    fn update<'a>(&'a self, updates: &'a [Update]) -> HubFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            // Rows concurrently, the updates of one row one after another, in order.
+            let mut index: HashMap<&RowKey, usize> = HashMap::new();
+            let mut by_row: Vec<Vec<usize>> = Vec::new();
+            for (i, u) in updates.iter().enumerate() {
+                let at = *index.entry(&u.key).or_insert_with(|| {
+                    by_row.push(Vec::new());
+                    by_row.len() - 1
+                });
+                by_row[at].push(i);
+            }
+            let rows = by_row.into_iter().map(|list| async move {
+                let mut done = Vec::with_capacity(list.len());
+                for i in list {
+                    done.push((i, self.apply_one(&updates[i]).await?));
+                }
+                Ok::<_, Error>(done)
+            });
+            let results: Vec<Result<Vec<(usize, Outcome)>, Error>> = stream::iter(rows)
+                .buffer_unordered(CONCURRENCY)
+                .collect()
+                .await;
+            let mut outcomes = vec![Outcome::Duplicate; updates.len()];
+            for result in results {
+                for (i, outcome) in result.map_err(boxed)? {
+                    outcomes[i] = outcome;
+                }
+            }
+            Ok(outcomes)
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a RowKey) -> HubFuture<'a, Option<Row>> {
+        Box::pin(async move {
+            let (row, _) = self.read(key).await.map_err(boxed)?;
+            let now = now_millis();
+            Ok(row.filter(|r| r.live() && !r.expired(now)))
+        })
+    }
+
+    fn query<'a>(&'a self, query: &'a RowQuery) -> HubFuture<'a, Vec<Row>> {
+        Box::pin(async move {
+            let now = now_millis();
+            let mut request = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .expression_attribute_names("#pk", "pk")
+                .expression_attribute_values(":pk", AttributeValue::S(query.pk.clone()));
+            request = match &query.after {
+                Some(after) if after.as_str() >= query.sk_prefix.as_str() => request
+                    .key_condition_expression("#pk = :pk AND #sk > :after")
+                    .expression_attribute_names("#sk", "sk")
+                    .expression_attribute_values(":after", AttributeValue::S(after.clone())),
+                _ if query.sk_prefix.is_empty() => request.key_condition_expression("#pk = :pk"),
+                _ => request
+                    .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
+                    .expression_attribute_names("#sk", "sk")
+                    .expression_attribute_values(
+                        ":prefix",
+                        AttributeValue::S(query.sk_prefix.clone()),
+                    ),
+            };
+            let mut rows = Vec::new();
+            let mut start = None;
+            'pages: loop {
+                let page = request
+                    .clone()
+                    .set_exclusive_start_key(start)
+                    .send()
+                    .await
+                    .map_err(|e| boxed(classify(e)))?;
+                for item in page.items() {
+                    let Some(row) = row_of(item) else { continue };
+                    if !row.key.sk.starts_with(&query.sk_prefix) {
+                        if row.key.sk.as_str() > query.sk_prefix.as_str() {
+                            break 'pages;
+                        }
+                        continue;
+                    }
+                    if query.admits(&row.key) && row.live() && !row.expired(now) {
+                        rows.push(row);
+                        if rows.len() == query.limit {
+                            break 'pages;
+                        }
+                    }
+                }
+                match page.last_evaluated_key() {
+                    Some(key) => start = Some(key.clone()),
+                    None => break,
+                }
+            }
+            Ok(rows)
+        })
+    }
+}
