@@ -202,6 +202,7 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
                 timeout_ms: 2_000,
                 max_attempts: 5,
                 respond_as: None,
+                enrich: Vec::new(),
                 parallelism: 128,
                 redact: Vec::new(),
                 decrypt: false,

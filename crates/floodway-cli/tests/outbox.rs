@@ -235,3 +235,79 @@ fn an_outbox_that_feeds_itself_is_refused() {
     let out = floodway(d, &["outbox", "stats", "--hub", "missing.db"]);
     assert!(!out.status.success());
 }
+
+/// A forward processor reads each order's customer row into the event on the way.
+#[test]
+fn forwarded_events_are_enriched_with_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let customers = r#"
+[[processors]]
+kind = "materialize"
+name = "customer-rows"
+types = ["customer-*"]
+view = "customers"
+key = { pk = "/customer/id", sk = "customer" }
+set = { tier = "/customer/tier", city = "/customer/city" }
+"#;
+    std::fs::write(d.join("floodway.toml"), common::embedded(2, "", customers)).unwrap();
+    let events = floodway::testing::generate::orders(3_000, 21);
+    let (people, orders): (Vec<&Event>, Vec<&Event>) = events
+        .iter()
+        .partition(|e| e.event_type().starts_with("customer-"));
+    let lines: Vec<String> = people.iter().map(|e| e.to_json()).collect();
+    common::publish(d, "customers.jsonl", &lines);
+    let hub = open_hub(d);
+    let started = Instant::now();
+    common::run_until(d, "floodway.toml", || {
+        let subscriptions = hub.stats().unwrap().subscriptions;
+        // Up long enough to take SIGTERM cleanly.
+        started.elapsed() > Duration::from_secs(1)
+            && subscriptions.len() == 1
+            && subscriptions[0].lag == 0
+    });
+
+    let forward = r#"
+[[processors]]
+kind = "forward"
+name = "archive"
+types = ["order-*"]
+to = "archive.db"
+enrich = [{ view = "customers", pk = "/order/customerId", sk = "customer", into = "customer" }]
+"#;
+    let config = common::embedded(2, "", &format!("{customers}{forward}"));
+    std::fs::write(d.join("floodway.toml"), config).unwrap();
+    let lines: Vec<String> = orders.iter().map(|e| e.to_json()).collect();
+    common::publish(d, "orders.jsonl", &lines);
+    let archive = || {
+        let options = floodway_embedded::HubOptions {
+            create: false,
+            ..Default::default()
+        };
+        floodway_embedded::Hub::open(d.join("archive.db"), options).ok()
+    };
+    common::run_until(d, "floodway.toml", || {
+        archive().is_some_and(|a| a.published().unwrap() as usize == orders.len())
+    });
+    let table = hub.rows("customers").unwrap();
+    let forwarded = archive().unwrap().newest(usize::MAX, |_| true).unwrap();
+    let mut enriched = 0;
+    for (_, bytes) in forwarded {
+        let e = Event::decode(&bytes).unwrap();
+        let id = e.fields()["order"]["customerId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let row = table.get(&RowKey::new(id, "customer")).unwrap();
+        let got = e.field("customer").unwrap();
+        match row {
+            Some(row) => {
+                assert_eq!(got["tier"], row.fields["tier"]);
+                assert_eq!(got["sk"], "customer");
+                enriched += 1;
+            }
+            None => assert_eq!(*got, Value::Null),
+        }
+    }
+    assert!(enriched > 0);
+}

@@ -414,6 +414,10 @@ pub enum ProcessorConfig {
         max_attempts: u32,
         /// Publish each response as an event of this type.
         respond_as: Option<String>,
+        /// Rows read into each event before the call, e.g.
+        /// `[{ view = "customers", pk = "/order/customerId", sk = "customer", into = "customer" }]`.
+        #[serde(default)]
+        enrich: Vec<EnrichConfig>,
         /// Calls in flight at most (the pipeline's parallelism, default 64).
         #[serde(default = "default_parallelism")]
         parallelism: usize,
@@ -453,6 +457,9 @@ pub enum ProcessorConfig {
         /// Compress payload fields over this many bytes as aws-lambda-stream does (its
         /// default is 10240), for Node services reading the other hub; off when absent.
         compress_over: Option<usize>,
+        /// Rows read into each event before it is forwarded (as for *http*).
+        #[serde(default)]
+        enrich: Vec<EnrichConfig>,
     },
     /// Fault events into the fault store.
     FaultMonitor {
@@ -506,6 +513,21 @@ pub enum FieldValue {
         /// The value.
         value: serde_json::Value,
     },
+}
+
+/// A row (or a partition's rows) of a table of rows, read into a field of each event; reads
+/// of one key within a second share one read of the store.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichConfig {
+    /// The table (a *materialize* processor's view with `key = { pk, sk }`).
+    pub view: String,
+    /// The partition key: `partitionKey`, `id`, a JSON pointer, or text.
+    pub pk: String,
+    /// The sort key, the same way; absent: every row of the partition, as an array.
+    pub sk: Option<String>,
+    /// The event's field to set (the row's image, or `null` when there is none).
+    pub into: String,
 }
 
 /// What a stale update does, in the file.

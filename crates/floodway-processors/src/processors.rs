@@ -10,7 +10,7 @@ use floodway::layer::limit::concurrency::{Aimd, ConcurrencyLimiter};
 use floodway::layer::limit::rate::RateLimiter;
 use floodway::layer::retry::RetryPolicy;
 use floodway::layer::Resilience;
-use floodway::rows::{RowKey, RowSink, Update};
+use floodway::rows::{Lookup, RowKey, RowSink, Update};
 use floodway::runtime::RunReport;
 use floodway::Publisher;
 use floodway::{sink_fn, Batch, BuildError, Error, Event, Pipeline, Processor, RunError};
@@ -21,8 +21,8 @@ use serde_json::Value;
 use tower::util::BoxCloneSyncService;
 
 use crate::config::{
-    ConcurrencyConfig, Config, FieldValue, HeaderConfig, HumanDuration, ProcessorConfig,
-    StalePolicy, ViewKey,
+    ConcurrencyConfig, Config, EnrichConfig, FieldValue, HeaderConfig, HumanDuration,
+    ProcessorConfig, StalePolicy, ViewKey,
 };
 use crate::hubs::{Hubs, HubsError};
 
@@ -143,9 +143,12 @@ pub struct Protect {
     pub decrypt: bool,
     /// Encrypt the members of these names before publishing (a forward processor).
     pub encrypt: Vec<String>,
+    /// Rows read into each event after decryption (an *http* or *forward* processor).
+    pub enrich: Vec<EnrichConfig>,
 }
 
-/// The start of a processor's pipeline: its types, what it redacts, and its decryption.
+/// The start of a processor's pipeline: its types, what it redacts, its decryption and its
+/// enrichments.
 fn start(
     hubs: &Hubs,
     name: &str,
@@ -156,6 +159,24 @@ fn start(
         with_types(Pipeline::builder(name), types).redact(protect.redact.iter().cloned());
     if protect.decrypt {
         pipeline = pipeline.decrypt(keys_of(hubs, name, "decrypt")?);
+    }
+    for enrich in &protect.enrich {
+        let table = hubs
+            .store
+            .rows(&enrich.view)
+            .map_err(|source| SetupError::Hub {
+                name: name.into(),
+                source,
+            })?;
+        let (pk, sk) = (enrich.pk.clone(), enrich.sk.clone());
+        let step = Lookup::new(Arc::new(table)).enrich(
+            move |e: &Event| {
+                let sk = sk.as_deref().map(|sk| key_part(sk, e)).transpose()?;
+                Ok((key_part(&pk, e)?, sk))
+            },
+            enrich.into.clone(),
+        );
+        pipeline = pipeline.then(step).named("enrich");
     }
     Ok(pipeline)
 }
@@ -646,6 +667,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
             client_cert,
             client_key,
             response_headers,
+            enrich,
         } => {
             let http = |source| SetupError::Http {
                 name: name.clone(),
@@ -694,6 +716,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
             let protect = Protect {
                 redact: redact.clone(),
                 decrypt: *decrypt,
+                enrich: enrich.clone(),
                 ..Protect::default()
             };
             http_gateway(hubs, name, types, gateway, &protect)
@@ -707,6 +730,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
             decrypt,
             encrypt,
             compress_over,
+            enrich,
         } => {
             let other = match (to, to_nats) {
                 (Some(to), _) => {
@@ -740,6 +764,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                 redact: redact.clone(),
                 decrypt: *decrypt,
                 encrypt: encrypt.clone(),
+                enrich: enrich.clone(),
             };
             forward(hubs, name, types, &other, &protect, *compress_over)
         }

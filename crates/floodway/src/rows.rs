@@ -867,6 +867,163 @@ impl RowSink {
 
 crate::impl_sink!(RowSink, write);
 
+/// Reads rows for steps (an event enriched with related rows, as aws-lambda-stream's `update`
+/// flavor queries them), with a cache of what a batch reads: reads of one key (or partition)
+/// at the same time, or within the cache's lifetime (1 s by default), share one read of the
+/// store. A failed read is not kept: the next one tries again.
+#[derive(Clone)]
+pub struct Lookup {
+    rows: SharedRows,
+    lifetime: std::time::Duration,
+    capacity: usize,
+    cache: Arc<Mutex<std::collections::HashMap<CacheKey, Cached>>>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum CacheKey {
+    Get(RowKey),
+    Query(String, String),
+}
+
+type Cached = (
+    tokio::time::Instant,
+    Arc<tokio::sync::OnceCell<Arc<Vec<Row>>>>,
+);
+
+impl Debug for Lookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lookup")
+            .field("rows", &self.rows.name())
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rows a partition query of [`Lookup`] reads at most.
+pub const LOOKUP_QUERY_LIMIT: usize = 1_000;
+
+impl Lookup {
+    /// Reads of `rows`, cached for 1 s, 10,000 keys at most.
+    pub fn new(rows: SharedRows) -> Self {
+        Lookup {
+            rows,
+            lifetime: std::time::Duration::from_secs(1),
+            capacity: 10_000,
+            cache: Arc::default(),
+        }
+    }
+
+    /// How long a read is reused (zero: only reads at the same time share).
+    #[must_use]
+    pub fn lifetime(mut self, lifetime: std::time::Duration) -> Self {
+        self.lifetime = lifetime;
+        self
+    }
+
+    async fn cached<F, Fut>(&self, key: CacheKey, read: F) -> Result<Arc<Vec<Row>>, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<Row>, crate::BoxError>>,
+    {
+        let now = tokio::time::Instant::now();
+        let cell = {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let fresh = |at: &tokio::time::Instant, cell: &tokio::sync::OnceCell<_>| {
+                !cell.initialized() || now.duration_since(*at) <= self.lifetime
+            };
+            if cache.len() >= self.capacity {
+                cache.retain(|_, (at, cell)| fresh(at, cell));
+                if cache.len() >= self.capacity {
+                    cache.clear();
+                }
+            }
+            match cache.get(&key) {
+                Some((at, cell)) if fresh(at, cell) => cell.clone(),
+                _ => {
+                    let cell = Arc::new(tokio::sync::OnceCell::new());
+                    cache.insert(key, (now, cell.clone()));
+                    cell
+                }
+            }
+        };
+        cell.get_or_try_init(|| async {
+            read()
+                .await
+                .map(Arc::new)
+                .map_err(|e| Error::transient_msg("RowRead", e.to_string()))
+        })
+        .await
+        .cloned()
+    }
+
+    /// The row at `key`, unless absent.
+    ///
+    /// # Errors
+    /// A failed read, transient.
+    pub async fn get(&self, key: &RowKey) -> Result<Option<Row>, Error> {
+        let rows = self
+            .cached(CacheKey::Get(key.clone()), || async {
+                Ok(self.rows.get(key).await?.into_iter().collect())
+            })
+            .await?;
+        Ok(rows.first().cloned())
+    }
+
+    /// The rows of partition `pk` whose sort keys start with `sk_prefix`, in order (at most
+    /// [`LOOKUP_QUERY_LIMIT`]).
+    ///
+    /// # Errors
+    /// A failed read, transient.
+    pub async fn query(&self, pk: &str, sk_prefix: &str) -> Result<Arc<Vec<Row>>, Error> {
+        let key = CacheKey::Query(pk.to_owned(), sk_prefix.to_owned());
+        self.cached(key, || async {
+            let query = RowQuery::partition(pk, LOOKUP_QUERY_LIMIT).sk_prefix(sk_prefix);
+            self.rows.query(&query).await
+        })
+        .await
+    }
+
+    /// A step (for [`PipelineBuilder::then`](crate::pipeline::PipelineBuilder::then)) that
+    /// sets the event's field `into` to the image of the row `key` gives (`null` when there
+    /// is none), or with `sk` `None` to the images of the partition's rows.
+    pub fn enrich<K>(
+        self,
+        key: K,
+        into: impl Into<String>,
+    ) -> impl Fn(crate::Uow) -> futures_util::future::BoxFuture<'static, Result<crate::Uow, Error>>
+           + Send
+           + Sync
+           + 'static
+    where
+        K: Fn(&Event) -> Result<(String, Option<String>), Error> + Send + Sync + 'static,
+    {
+        let into: Arc<str> = into.into().into();
+        let key = Arc::new(key);
+        move |mut uow| {
+            let (lookup, key, into) = (self.clone(), key.clone(), into.clone());
+            Box::pin(async move {
+                let value = match key(uow.event())? {
+                    (pk, Some(sk)) => lookup
+                        .get(&RowKey::new(pk, sk))
+                        .await?
+                        .and_then(|r| r.image())
+                        .unwrap_or(Value::Null),
+                    (pk, None) => Value::Array(
+                        lookup
+                            .query(&pk, "")
+                            .await?
+                            .iter()
+                            .filter_map(Row::image)
+                            .collect(),
+                    ),
+                };
+                uow.event_mut().fields_mut().insert(into.to_string(), value);
+                Ok(uow)
+            })
+        }
+    }
+}
+
 /// Rows in memory, for tests: the contract's reference. With `outbox`, the changes it made,
 /// in order.
 #[derive(Debug, Default)]
@@ -1101,6 +1258,77 @@ mod tests {
         ] {
             assert!(matches!(merge(None, &u, 0).outcome, Outcome::Faulted(_)));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lookups_share_a_read_and_forget_it_after_their_lifetime() {
+        #[derive(Debug)]
+        struct Counting(MemoryRows, std::sync::atomic::AtomicUsize);
+        impl RowStore for Counting {
+            fn name(&self) -> &str {
+                "counting"
+            }
+            fn update<'a>(&'a self, u: &'a [Update]) -> HubFuture<'a, Vec<Outcome>> {
+                self.0.update(u)
+            }
+            fn get<'a>(&'a self, key: &'a RowKey) -> HubFuture<'a, Option<Row>> {
+                self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Box::pin(async move {
+                    // A read that takes a while, as a real store's does.
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    self.0.get(key).await
+                })
+            }
+            fn query<'a>(&'a self, q: &'a RowQuery) -> HubFuture<'a, Vec<Row>> {
+                self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.0.query(q)
+            }
+        }
+        let store = Arc::new(Counting(MemoryRows::new("c"), Default::default()));
+        store
+            .update(&[Update::new(RowKey::new("c1", "customer"), v(1, "a")).set("tier", "gold")])
+            .await
+            .unwrap();
+        let lookup = Lookup::new(store.clone());
+        let step = lookup.clone().enrich(
+            |e: &Event| Ok((e.partition_key().to_owned(), Some("customer".to_owned()))),
+            "customer",
+        );
+        let uows: Vec<crate::Uow> = (0..8)
+            .map(|i| {
+                crate::Uow::detached(
+                    Event::builder("order-paid", "c1")
+                        .id(format!("e{i}"))
+                        .build(),
+                )
+            })
+            .collect();
+        let enriched = futures_util::future::join_all(uows.into_iter().map(&step)).await;
+        for uow in enriched {
+            assert_eq!(
+                uow.unwrap().event().field("customer").unwrap()["tier"],
+                "gold"
+            );
+        }
+        assert_eq!(
+            store.1.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one read for all"
+        );
+        tokio::time::advance(std::time::Duration::from_millis(1500)).await;
+        let missing = step(crate::Uow::detached(
+            Event::builder("order-paid", "c2").build(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(missing.event().field("customer"), Some(&Value::Null));
+        lookup.get(&RowKey::new("c1", "customer")).await.unwrap();
+        assert_eq!(
+            store.1.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "read again later"
+        );
+        assert_eq!(lookup.query("c1", "").await.unwrap().len(), 1);
     }
 
     #[test]
