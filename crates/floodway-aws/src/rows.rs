@@ -7,7 +7,7 @@ use aws_sdk_dynamodb::Client;
 use floodway::event::now_millis;
 use floodway::hub::HubFuture;
 use floodway::idempotence::Version;
-use floodway::rows::{merge, Outcome, Row, RowKey, RowMeta, RowQuery, RowStore, Update};
+use floodway::rows::{merge_with, Outcome, Row, RowKey, RowMeta, RowQuery, RowStore, Update};
 use floodway::{BoxError, Error};
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -144,7 +144,7 @@ impl DynamoDbRows {
         }
         let stored = Stored {
             v: row.version.clone(),
-            m: row.meta.clone(),
+            m: row.stored_meta(),
             x: row.expires_at,
         };
         let text = serde_json::to_string(&stored)
@@ -160,7 +160,7 @@ impl DynamoDbRows {
         'next: loop {
             for _ in 0..ATTEMPTS {
                 let (row, seen) = self.read(&update.key).await?;
-                let merged = merge(row.as_ref(), &update, now_millis());
+                let merged = merge_with(row.as_ref(), &update, now_millis(), false);
                 let outcome = merged.outcome.clone();
                 if matches!(outcome, Outcome::Faulted(_)) {
                     return Ok(first.unwrap_or(outcome));
@@ -315,14 +315,16 @@ fn row_of(item: &HashMap<String, AttributeValue>) -> Option<Row> {
         .filter(|(k, _)| k.as_str() != META && !OWN.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), json_of(v)))
         .collect();
-    Some(Row {
+    let mut row = Row {
         key: RowKey::new(text("pk")?, text("sk")?),
         discriminator: text("discriminator"),
         fields,
         version: stored.v,
         expires_at: stored.x,
         meta: stored.m,
-    })
+    };
+    row.restore_meta();
+    Some(row)
 }
 
 fn boxed(e: Error) -> BoxError {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use floodway::event::now_millis;
 use floodway::hub::HubFuture;
 use floodway::idempotence::Version;
-use floodway::rows::{merge, Outcome, Row, RowKey, RowMeta, RowQuery, RowStore, Update};
+use floodway::rows::{merge_with, Outcome, Row, RowKey, RowMeta, RowQuery, RowStore, Update};
 use floodway::Event;
 use rusqlite::{Connection, OptionalExtension, Transaction};
 
@@ -196,7 +196,7 @@ impl RowTable {
             let mut writer = Writer::new(&tx, &self.table)?;
             let mut changes = Vec::new();
             for u in updates {
-                let mut merged = merge(writer.read(&u.key)?.as_ref(), u, now);
+                let mut merged = merge_with(writer.read(&u.key)?.as_ref(), u, now, self.outbox);
                 let outcome = merged.outcome.clone();
                 if matches!(outcome, Outcome::Faulted(_)) {
                     outcomes.push(outcome);
@@ -216,7 +216,10 @@ impl RowTable {
                         }
                     }
                     match merged.fallback.take() {
-                        Some(f) => merged = merge(writer.read(&f.key)?.as_ref(), &f, now),
+                        Some(f) => {
+                            merged =
+                                merge_with(writer.read(&f.key)?.as_ref(), &f, now, self.outbox);
+                        }
                         None => break,
                     }
                 }
@@ -344,7 +347,7 @@ fn to_row((pk, sk, disc, time, event, fields, meta, expires): RawRow) -> Result<
             detail: e.to_string(),
         }
     };
-    Ok(Row {
+    let mut row = Row {
         key: RowKey { pk, sk },
         discriminator: disc,
         fields: serde_json::from_str(&fields).map_err(corrupt("row fields"))?,
@@ -354,7 +357,9 @@ fn to_row((pk, sk, disc, time, event, fields, meta, expires): RawRow) -> Result<
         },
         expires_at: expires,
         meta: serde_json::from_str::<RowMeta>(&meta).map_err(corrupt("row versions"))?,
-    })
+    };
+    row.restore_meta();
+    Ok(row)
 }
 
 /// Reads and writes rows inside one transaction, with statements prepared once.
@@ -370,7 +375,10 @@ impl<'tx> Writer<'tx> {
                 "SELECT {COLUMNS} FROM {table} WHERE pk = ?1 AND sk = ?2"
             ))?,
             write: tx.prepare_cached(&format!(
-                "INSERT OR REPLACE INTO {table} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                "INSERT INTO {table} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (pk, sk) DO UPDATE SET disc = excluded.disc, time = excluded.time, \
+                 event = excluded.event, fields = excluded.fields, meta = excluded.meta, \
+                 expires = excluded.expires, live = excluded.live"
             ))?,
         })
     }
@@ -385,8 +393,8 @@ impl<'tx> Writer<'tx> {
 
     fn write(&mut self, row: &Row) -> Result<(), HubError> {
         let fields = serde_json::Value::Object(row.fields.clone()).to_string();
-        let meta =
-            serde_json::to_string(&row.meta).map_err(|e| HubError::Invalid(e.to_string()))?;
+        let meta = serde_json::to_string(&row.stored_meta())
+            .map_err(|e| HubError::Invalid(e.to_string()))?;
         self.write.execute((
             &row.key.pk,
             &row.key.sk,

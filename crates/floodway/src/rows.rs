@@ -298,6 +298,39 @@ pub struct Row {
 }
 
 impl Row {
+    /// The versions to store: those equal to the row's own version are left out for what
+    /// the row holds (most fields were written by its latest event), and
+    /// [`Row::restore_meta`] puts them back. A tombstone's versions are always kept.
+    pub fn stored_meta(&self) -> RowMeta {
+        let mut meta = self.meta.clone();
+        let held = |name: &str| match name {
+            "discriminator" => self.discriminator.is_some(),
+            "ttl" => self.expires_at.is_some(),
+            field => self.fields.contains_key(field),
+        };
+        meta.fields
+            .retain(|name, v| *v != self.version || !held(name));
+        meta
+    }
+
+    /// Puts back the versions [`Row::stored_meta`] left out.
+    pub fn restore_meta(&mut self) {
+        let version = &self.version;
+        let meta = &mut self.meta;
+        let names = self
+            .fields
+            .keys()
+            .filter(|f| !meta.elements.contains_key(*f))
+            .map(String::as_str)
+            .chain(self.discriminator.is_some().then_some("discriminator"))
+            .chain(self.expires_at.is_some().then_some("ttl"));
+        for name in names {
+            if !meta.fields.contains_key(name) {
+                meta.fields.insert(name.to_owned(), version.clone());
+            }
+        }
+    }
+
     fn empty(key: RowKey) -> Row {
         Row {
             key,
@@ -452,6 +485,12 @@ pub struct Merged {
 /// Applies `update` to `row` (`None`, or expired at `now`: no row), by the rules of the
 /// [module docs](self). The same function serves every store, so they agree.
 pub fn merge(row: Option<&Row>, update: &Update, now: i64) -> Merged {
+    merge_with(row, update, now, true)
+}
+
+/// [`merge`], making the [`Change`] only when `changes` asks (a store without an outbox has
+/// no use for the images).
+pub fn merge_with(row: Option<&Row>, update: &Update, now: i64, changes: bool) -> Merged {
     if let Err(e) = update.check() {
         return Merged {
             row: None,
@@ -499,7 +538,7 @@ pub fn merge(row: Option<&Row>, update: &Update, now: i64) -> Merged {
                         fallback: Some(other),
                     };
                 }
-                let mut merged = merge(row, &other, now);
+                let mut merged = merge_with(row, &other, now, changes);
                 if matches!(merged.outcome, Outcome::Written { .. }) {
                     merged.outcome = Outcome::Stale;
                 }
@@ -507,24 +546,39 @@ pub fn merge(row: Option<&Row>, update: &Update, now: i64) -> Merged {
             }
         }
     };
-    let old = before.and_then(Row::image);
-    let new = next.image();
-    let changed = without_time(old.as_ref()) != without_time(new.as_ref());
-    let change = changed.then(|| Change {
+    // What the row shows: compared without building images, which only a change needs.
+    let shows = |r: Option<&Row>| {
+        r.filter(|r| r.live())
+            .map(|r| (r.fields.clone(), r.discriminator.clone(), r.expires_at))
+    };
+    let changed = match (before, outcome == Outcome::Stale && !counted(update)) {
+        // A stale request without counters leaves the row as it was.
+        (_, true) => false,
+        (Some(b), _) if b.live() && next.live() => {
+            b.fields != next.fields
+                || b.discriminator != next.discriminator
+                || b.expires_at != next.expires_at
+        }
+        _ => shows(before).is_some() || shows(Some(&next)).is_some(),
+    };
+    let change = (changed && changes).then(|| Change {
         key: update.key.clone(),
         discriminator: next
             .discriminator
             .clone()
             .or_else(|| before.and_then(|b| b.discriminator.clone())),
         version: update.version.clone(),
-        old,
-        new,
+        old: before.and_then(Row::image),
+        new: next.image(),
     });
+    let stored = match outcome {
+        Outcome::Stale => before != Some(&next),
+        _ => true,
+    };
     let outcome = match outcome {
         Outcome::Written { .. } => Outcome::Written { changed },
         other => other,
     };
-    let stored = before != Some(&next);
     Merged {
         row: stored.then_some(next),
         outcome,
@@ -533,14 +587,9 @@ pub fn merge(row: Option<&Row>, update: &Update, now: i64) -> Merged {
     }
 }
 
-fn without_time(image: Option<&Value>) -> Option<Value> {
-    image.map(|v| {
-        let mut v = v.clone();
-        if let Some(map) = v.as_object_mut() {
-            map.remove("timestamp");
-        }
-        v
-    })
+/// Whether a request adds to a counter.
+fn counted(u: &Update) -> bool {
+    u.add.iter().any(|(_, n)| n.is_number())
 }
 
 /// Applies the order-dependent writes; false when none of them applies (stale). A request of
@@ -708,8 +757,12 @@ fn add_counters(row: &mut Row, u: &Update) {
         any = true;
     }
     if any {
-        if row.discriminator.is_none() {
+        if row.discriminator.is_none() && u.discriminator.is_some() {
             row.discriminator.clone_from(&u.discriminator);
+            row.meta
+                .fields
+                .entry("discriminator".into())
+                .or_insert_with(|| u.version.clone());
         }
         bump(row, &u.version);
     }
@@ -1378,8 +1431,15 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(store.update(updates)).unwrap();
-        store
-            .stored()
+        let stored = store.stored();
+        for row in &stored {
+            // What a store writes of the versions gives them all back.
+            let mut read = row.clone();
+            read.meta = row.stored_meta();
+            read.restore_meta();
+            assert_eq!(read.meta, row.meta);
+        }
+        stored
             .into_iter()
             .map(|r| (r.key.clone(), fields(&r), r.image()))
             .collect()
