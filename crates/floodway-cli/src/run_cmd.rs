@@ -124,6 +124,45 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
+    // Rows past their time to live are not read; once a minute they are deleted (as
+    // DynamoDB's TTL does, without a change event).
+    let expiring: Vec<String> = config
+        .processors
+        .iter()
+        .filter_map(|p| match p {
+            floodway_processors::ProcessorConfig::Materialize {
+                view,
+                key: floodway_processors::config::ViewKey::Row { .. },
+                ttl: Some(_),
+                ..
+            } => Some(view.clone()),
+            _ => None,
+        })
+        .collect();
+    if !expiring.is_empty() {
+        let store = hubs.store.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                for name in &expiring {
+                    let (store, name) = (store.clone(), name.clone());
+                    let expired = tokio::task::spawn_blocking(move || {
+                        store.rows(&name)?.expire(floodway::event::now_millis())
+                    })
+                    .await;
+                    match expired {
+                        Ok(Ok(n)) if n > 0 => tracing::info!(rows = n, "expired rows deleted"),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(err)) => {
+                            tracing::warn!(error = %err, "deleting expired rows failed")
+                        }
+                        Err(err) => tracing::warn!(error = %err, "deleting expired rows failed"),
+                    }
+                }
+            }
+        });
+    }
     // The outbox's relay, when a processor writes to it: stopped after the processors, so
     // what they wrote last is published before the command ends.
     let relay = if config.processors.iter().any(|p| {

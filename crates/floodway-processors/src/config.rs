@@ -21,6 +21,22 @@
 //! redact = ["customer.email"] # fields that appear nowhere in faults (any processor kind)
 //!
 //! [[processors]]
+//! kind = "materialize"        # with key = { pk, sk }: rows by update requests (docs/rows.md)
+//! name = "order-rows"
+//! types = ["order-submitted", "order-paid", "order-cancelled"]  # not its own order-* changes
+//! view = "order_rows"
+//! key = { pk = "/order/id", sk = "order" }   # each a JSON pointer, partitionKey, id, or text
+//! set = { status = "/order/status", source = { value = "web" } }
+//! remove = ["draft"]
+//! add = { events = 1 }        # a number to a counter, an array's elements to a set
+//! delete_on = ["order-cancelled"]
+//! ttl = "33d"
+//! discriminator = "order"
+//! latest = "field"            # or "row"
+//! stale = "drop"              # or "fault"
+//! outbox = true               # `floodway run` publishes order-created|updated|deleted
+//!
+//! [[processors]]
 //! kind = "http"               # events to an external API
 //! name = "notify"
 //! types = ["order-paid"]
@@ -40,6 +56,8 @@
 //! timeout_ms = 5000
 //! max_attempts = 5
 //! respond_as = "payment-notified" # publish responses as events of this type, optional
+//! enrich = [{ view = "customers", pk = "/order/customerId", sk = "customer", into = "customer" }]
+//!                             # rows read into the event first (also on forward processors)
 //!
 //! [[processors]]
 //! kind = "forward"            # events into another hub

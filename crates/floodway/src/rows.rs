@@ -616,7 +616,8 @@ fn apply(row: &mut Row, u: &Update) -> bool {
     } else if !newer_than_delete {
         return !orders;
     }
-    let mut any = !orders;
+    // A put (a whole row, maybe of no fields) applies by itself once it is newer.
+    let mut any = !orders || (u.replace && u.latest == Latest::Row);
     if u.delete_row {
         // Everything written before goes; what was written after stays (per field).
         let keep = |fv: Option<&Version>| u.latest == Latest::Field && fv.is_some_and(|fv| fv > v);

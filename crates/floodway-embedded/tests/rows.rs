@@ -1,0 +1,139 @@
+//! Rows in the hub file: any permutation and repetition of a set of update requests leaves
+//! the same rows (a property test through SQLite), and the outbox holds one change per change
+//! of a row, written with it.
+
+use floodway::idempotence::Version;
+use floodway::rows::{Latest, Outcome, RowKey, RowQuery, Update};
+use floodway_embedded::{Hub, HubOptions};
+use proptest::prelude::*;
+use serde_json::{json, Map};
+
+fn version(t: i64, i: usize) -> Version {
+    Version {
+        timestamp: t,
+        id: format!("e{i}"),
+    }
+}
+
+/// Requests of every kind over three rows of partition `pk`: `a` per field (sets, removes, set
+/// elements, deletions), `b` per row (whole-row puts and deletions), `c` counters beside
+/// values.
+fn requests(pk: &str, ops: &[(u8, i64, u8, i64, u8)]) -> Vec<Update> {
+    ops.iter()
+        .enumerate()
+        .map(|(i, &(row, t, field, n, op))| {
+            let sk = ["a", "b", "c"][row as usize];
+            let key = RowKey::new(pk, sk);
+            let u = Update::new(key.clone(), version(t, i));
+            let f = format!("f{field}");
+            match (row, op) {
+                (0, 0) => u.set(f, n).discriminator(format!("d{n}")),
+                (0, 1) => u.remove(f),
+                (0, 2) => u.add("tags", json!([n])),
+                (0, 3) => u.delete("tags", json!([n])),
+                (0, _) => u.delete_row(),
+                (1, 4) => u.delete_row().latest(Latest::Row),
+                (1, _) => {
+                    let mut fields = Map::new();
+                    fields.insert(f, n.into());
+                    Update::put(key, version(t, i), fields)
+                }
+                (_, 0 | 1) => u.add("count", n),
+                _ => u.set(f, n),
+            }
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn any_order_and_repetition_give_the_same_rows(
+        ops in prop::collection::vec((0..3u8, 0..4i64, 0..3u8, 0..3i64, 0..5u8), 1..16),
+        seed in any::<u64>(),
+        batch in 1..6usize,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::open(dir.path().join("rows.db"), HubOptions::default()).unwrap();
+        let table = hub.rows("t").unwrap();
+        let mut sorted = requests("sorted", &ops);
+        sorted.sort_by(|a, b| a.version.cmp(&b.version));
+        for u in &sorted {
+            table.apply(std::slice::from_ref(u)).unwrap();
+        }
+        let mut shuffled = requests("shuffled", &ops);
+        let mut rng = fastrand::Rng::with_seed(seed);
+        rng.shuffle(&mut shuffled);
+        let repeats: Vec<Update> = (0..3).map(|_| shuffled[rng.usize(..shuffled.len())].clone()).collect();
+        shuffled.extend(repeats);
+        for chunk in shuffled.chunks(batch) {
+            let outcomes = table.apply(chunk).unwrap();
+            prop_assert!(outcomes.iter().all(|o| !matches!(o, Outcome::Faulted(_))));
+        }
+        let rows = |pk: &str| -> Vec<_> {
+            table
+                .query(&RowQuery::partition(pk, 10))
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.key.sk.clone(), r.fields, r.discriminator, r.version))
+                .collect()
+        };
+        prop_assert_eq!(rows("shuffled"), rows("sorted"));
+    }
+}
+
+#[test]
+fn the_outbox_holds_each_change_with_its_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::open(dir.path().join("rows.db"), HubOptions::default()).unwrap();
+    let table = hub.rows("orders").unwrap().with_outbox();
+    let key = || RowKey::new("o1", "order");
+    let outcomes = table
+        .apply(&[
+            Update::new(key(), version(1, 1))
+                .set("status", "placed")
+                .discriminator("order"),
+            Update::new(key(), version(2, 2)).set("status", "paid"),
+            // The same value again: the row's time moves, what it shows does not.
+            Update::new(key(), version(3, 3)).set("status", "paid"),
+            Update::new(key(), version(4, 4)).delete_row(),
+        ])
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            Outcome::Written { changed: true },
+            Outcome::Written { changed: true },
+            Outcome::Written { changed: false },
+            Outcome::Written { changed: true },
+        ]
+    );
+    let pending = hub.outbox().unwrap().pending(10).unwrap();
+    let types: Vec<&str> = pending.iter().map(|p| p.event.event_type()).collect();
+    assert_eq!(types, ["order-created", "order-updated", "order-deleted"]);
+    let updated = &pending[1].event;
+    assert_eq!(updated.partition_key(), "o1");
+    assert_eq!(updated.fields()["raw"]["old"]["status"], "placed");
+    assert_eq!(updated.fields()["raw"]["new"]["status"], "paid");
+    assert_eq!(updated.fields()["keys"], json!({"pk": "o1", "sk": "order"}));
+    assert!(pending[2].event.fields()["raw"].get("new").is_none());
+    // A service's transaction: a row and an event of its own, together.
+    let placed = floodway::Event::builder("order-placed", "o2").build();
+    let (_, outcomes) = table
+        .transaction(|tx| {
+            tx.put(RowKey::new("o2", "order"), version(5, 5), Map::new())
+                .emit(placed.clone());
+            Ok::<_, floodway_embedded::HubError>(())
+        })
+        .unwrap();
+    assert_eq!(outcomes, [Outcome::Written { changed: true }]);
+    let stats = hub.outbox().unwrap().stats().unwrap();
+    assert_eq!(stats.pending(), 5);
+    // A transaction that fails writes nothing.
+    let failed: Result<((), _), floodway_embedded::HubError> = table.transaction(|tx| {
+        tx.emit(placed.clone());
+        Err(floodway_embedded::HubError::Invalid("no".into()))
+    });
+    assert!(failed.is_err());
+    assert_eq!(hub.outbox().unwrap().stats().unwrap().pending(), 5);
+}
