@@ -63,6 +63,11 @@ struct Stored {
     /// When it expires (ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     x: Option<i64>,
+    /// A revision every put changes, which the next put's condition names: a write that
+    /// changes neither the row's version nor its fields' (an older event's count) still
+    /// conflicts with a concurrent one.
+    #[serde(default)]
+    r: u64,
 }
 
 impl DynamoDbRows {
@@ -110,10 +115,21 @@ impl DynamoDbRows {
             Some(AttributeValue::S(s)) => Some(s.clone()),
             _ => None,
         };
-        Ok((row_of(item), meta))
+        match row_of(item) {
+            Some(row) => Ok((Some(row), meta)),
+            // An item this store did not write (or cannot read): never overwritten.
+            None => Err(Error::poison_msg(
+                "ForeignItem",
+                format!(
+                    "item {key} of {} has no readable `{META}` attribute: it was not written \
+                     as a row of update requests",
+                    self.table
+                ),
+            )),
+        }
     }
 
-    fn item(&self, row: &Row) -> Result<HashMap<String, AttributeValue>, Error> {
+    fn item(&self, row: &Row, revision: u64) -> Result<HashMap<String, AttributeValue>, Error> {
         let mut item: HashMap<String, AttributeValue> = row
             .fields
             .iter()
@@ -146,6 +162,7 @@ impl DynamoDbRows {
             v: row.version.clone(),
             m: row.stored_meta(),
             x: row.expires_at,
+            r: revision,
         };
         let text = serde_json::to_string(&stored)
             .map_err(|e| Error::poison_msg("InvalidRow", e.to_string()))?;
@@ -162,13 +179,15 @@ impl DynamoDbRows {
                 let (row, seen) = self.read(&update.key).await?;
                 let merged = merge_with(row.as_ref(), &update, now_millis(), false);
                 let outcome = merged.outcome.clone();
-                if matches!(outcome, Outcome::Faulted(_)) {
-                    return Ok(first.unwrap_or(outcome));
+                // A fault, or a repeat (of the update, or of the fallback it wrote before),
+                // is what the update did, whichever row said so.
+                if matches!(outcome, Outcome::Faulted(_) | Outcome::Duplicate) {
+                    return Ok(outcome);
                 }
                 if let Some(next) = &merged.row {
                     match self.put(&update, next, seen.as_deref()).await? {
                         Put2::Done => {}
-                        Put2::Duplicate => return Ok(first.unwrap_or(Outcome::Duplicate)),
+                        Put2::Duplicate => return Ok(Outcome::Duplicate),
                         Put2::Conflict => continue,
                     }
                 }
@@ -192,7 +211,10 @@ impl DynamoDbRows {
     }
 
     async fn put(&self, u: &Update, row: &Row, seen: Option<&str>) -> Result<Put2, Error> {
-        let item = self.item(row)?;
+        let revision = seen
+            .and_then(|m| serde_json::from_str::<Stored>(m).ok())
+            .map_or(0, |s| s.r.wrapping_add(1));
+        let item = self.item(row, revision)?;
         let mut put = Put::builder()
             .table_name(&self.table)
             .set_item(Some(item))
@@ -206,7 +228,11 @@ impl DynamoDbRows {
         let put = put
             .build()
             .map_err(|e| Error::poison_msg("InvalidRow", e.to_string()))?;
-        let counts = u.add.iter().any(|(_, v)| v.is_number());
+        // The versions recognise a repeat of anything but a count, and of an update since
+        // overtaken (stale): those whose repeat must not count twice, fault again or write
+        // their fallback again take an inbox item.
+        let counts = u.add.iter().any(|(_, v)| v.is_number())
+            || !matches!(u.stale, floodway::rows::Stale::Drop);
         if !counts {
             let request = self
                 .client
@@ -269,15 +295,16 @@ impl DynamoDbRows {
                             .collect()
                     })
                     .unwrap_or_default();
-                let failed = |i: usize| {
-                    reasons
-                        .get(i)
-                        .and_then(Option::as_deref)
-                        .is_some_and(|c| c == "ConditionalCheckFailed")
-                };
-                if failed(1) {
+                let reason = |i: usize| reasons.get(i).and_then(Option::as_deref);
+                let conflict = e
+                    .as_service_error()
+                    .is_some_and(|s| s.is_transaction_in_progress_exception());
+                if reason(1) == Some("ConditionalCheckFailed") {
                     Ok(Put2::Duplicate)
-                } else if failed(0) {
+                } else if conflict
+                    || reason(0) == Some("ConditionalCheckFailed")
+                    || reasons.iter().flatten().any(|c| c == "TransactionConflict")
+                {
                     Ok(Put2::Conflict)
                 } else {
                     Err(classify(e))

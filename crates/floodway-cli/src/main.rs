@@ -7,6 +7,7 @@ macro_rules! say {
     };
 }
 
+mod cep_cmd;
 mod console;
 mod demo;
 mod faults_cmd;
@@ -71,6 +72,9 @@ enum Command {
     /// The transactional outbox: what is pending and what was published.
     #[command(subcommand)]
     Outbox(outbox_cmd::OutboxCommand),
+    /// Complex event processing: a correlation key's events, timers and emitted events.
+    #[command(subcommand)]
+    Cep(cep_cmd::CepCommand),
     /// Run a processor as an AWS Lambda function: for real (`handler`), or locally against the
     /// embedded hub through a simulated event-source mapping (`run`).
     #[command(subcommand)]
@@ -125,6 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Faults(command) => faults_cmd::run(command).await,
             Command::View(command) => view_cmd::run(command).await,
             Command::Outbox(command) => outbox_cmd::run(command).await,
+            Command::Cep(command) => cep_cmd::run(command).await,
             Command::Replay(args) => replay_cmd::replay(args).await,
             Command::Lambda(command) => lambda_cmd::run(command).await,
             Command::Console(args) => console::run(args).await,

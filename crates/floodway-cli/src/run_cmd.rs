@@ -124,8 +124,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
-    // Rows past their time to live are not read; once a minute they are deleted (as
-    // DynamoDB's TTL does, without a change event).
+    // Rows past their time to live are not read; once a minute they are deleted, without a
+    // change event (DynamoDB's TTL deletions are stream records, which change data capture
+    // skips by default).
     let expiring: Vec<String> = config
         .processors
         .iter()
@@ -163,24 +164,59 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
-    // The outbox's relay, when a processor writes to it: stopped after the processors, so
-    // what they wrote last is published before the command ends.
+    // The outbox's relay, when a processor writes to it: stopped after the processors, once
+    // the outbox is empty or after 5 s (what is left waits for the next run).
     let relay = if config.processors.iter().any(|p| {
         matches!(
             p,
             floodway_processors::ProcessorConfig::Materialize { outbox: true, .. }
+                | floodway_processors::ProcessorConfig::Cep { .. }
         )
     }) {
         let relay = floodway_embedded::OutboxRelay::new(&hubs.store)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let to = hubs.events.clone();
-        let task = tokio::spawn(relay.run(to, async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(async move {
+            let report = relay
+                .run(to, async move {
+                    let _ = stopped.await;
+                })
+                .await;
+            // Said at once, not only when the command stops.
+            if let Err(err) = &report {
+                tracing::error!(error = %err, "the outbox relay stopped; changes wait in the outbox");
+            }
+            report
+        });
         Some((stop, task))
     } else {
         None
     };
+    // The CEP processors' timers, each under its lease, stopped with the processors; and
+    // their events past the time to live deleted once a minute.
+    let mut timers = Vec::new();
+    for (name, cep) in floodway_processors::cep_timers(&hubs, &config)? {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(cep.run(async move {
+            let _ = stopped.await;
+        }));
+        timers.push((name.clone(), stop, task));
+        let store = hubs.store.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                let (store, name) = (store.clone(), name.clone());
+                let expired = tokio::task::spawn_blocking(move || {
+                    store.cep(&name)?.expire(floodway::event::now_millis())
+                })
+                .await;
+                if let Ok(Err(err)) = expired {
+                    tracing::warn!(error = %err, "deleting expired CEP events failed");
+                }
+            }
+        });
+    }
     let names: Vec<String> = processors.iter().map(|p| p.name().to_owned()).collect();
     eprintln!(
         "running {} on {} (stop with Ctrl-C)",
@@ -199,7 +235,22 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(console) = console {
         console.abort();
     }
+    for (name, stop, task) in timers {
+        let _ = stop.send(());
+        let report = task
+            .await?
+            .map_err(|e| anyhow::anyhow!("the timers of `{name}` stopped: {e}"))?;
+        eprintln!("{name}: {} timers fired", report.timers_fired);
+    }
     if let Some((stop, task)) = relay {
+        let outbox = hubs.store.outbox()?;
+        let drained = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !task.is_finished()
+            && std::time::Instant::now() < drained
+            && !outbox.pending(1)?.is_empty()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let _ = stop.send(());
         let report = task
             .await?

@@ -133,6 +133,9 @@ pub(crate) async fn run(command: ViewCommand) -> anyhow::Result<()> {
                         }
                         table.query(&query)?
                     }
+                    None if !prefix.is_empty() => {
+                        bail!("--prefix selects sort keys of one partition: give --pk too")
+                    }
                     None => {
                         let after = after.as_deref().map(|a| {
                             let (pk, sk) = a.split_once('/').unwrap_or((a, ""));

@@ -573,6 +573,23 @@ impl Hub {
         Ok(names.collect::<Result<_, _>>()?)
     }
 
+    /// The state of the CEP processor `processor` (its collected events, timers and emitted
+    /// ids), made on first use.
+    ///
+    /// # Errors
+    /// A name that makes no table name, or a storage failure.
+    pub fn cep(&self, processor: &str) -> Result<crate::CepTable, HubError> {
+        crate::cep::CepTable::open(self.store(), &crate::cep::table_name(processor))
+    }
+
+    /// Whether the file holds state of the CEP processor `processor`.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn has_cep(&self, processor: &str) -> Result<bool, HubError> {
+        crate::cep::exists(&self.connect()?, &crate::cep::table_name(processor))
+    }
+
     /// The hub file's outbox.
     ///
     /// # Errors

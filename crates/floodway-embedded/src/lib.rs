@@ -33,6 +33,7 @@
 //! | latest-wins views with the inbox in the same transaction | [`ViewStore`], [`ViewSink`] |
 //! | single-table rows by update requests (per-field latest-wins, counters, sets, TTL), the inbox and the outbox in the same transaction | [`RowTable`] |
 //! | the transactional outbox and its relay | [`Outbox`], [`OutboxRelay`] |
+//! | complex event processing: collected events by correlation key, timers by due time, emitted events through the outbox | [`CepTable`], [`CepTimers`] |
 //!
 //! Several processes may share the file (WAL mode, offsets assigned inside each commit). How
 //! they get along:
@@ -57,6 +58,7 @@
 //!   keeps what a subscription has not read ([`Retention::keep_unread`]).
 
 mod busy;
+mod cep;
 mod error;
 mod event_hub;
 mod faults;
@@ -74,6 +76,7 @@ mod store;
 mod subscription;
 mod view;
 
+pub use cep::{CepKey, CepReport, CepTable, CepTimers};
 pub use error::{HubError, OpenError};
 pub use faults::{FaultFilter, FaultStatus, FaultStore, Resubmission, Stored, StoredFault};
 pub use floodway::state::Applied;

@@ -104,7 +104,9 @@ impl RowTable {
                 "CREATE TABLE IF NOT EXISTS {table} (pk TEXT NOT NULL, sk TEXT NOT NULL, \
                  disc TEXT, time INTEGER NOT NULL, event TEXT NOT NULL, fields TEXT NOT NULL, \
                  meta TEXT NOT NULL, expires INTEGER, live INTEGER NOT NULL, \
-                 PRIMARY KEY (pk, sk)) WITHOUT ROWID;"
+                 PRIMARY KEY (pk, sk)) WITHOUT ROWID; \
+                 CREATE INDEX IF NOT EXISTS {table}_expires ON {table} (expires) \
+                 WHERE expires IS NOT NULL;"
             ))?;
             outbox::create(&conn)?;
             Ok(())
@@ -146,7 +148,9 @@ impl RowTable {
     /// # Errors
     /// A storage failure (then nothing was written).
     pub fn apply(&self, updates: &[Update]) -> Result<Vec<Outcome>, HubError> {
-        crate::busy::retry("rows", self.busy_retry, || self.try_apply(updates, &[]))
+        crate::busy::retry("rows", self.busy_retry, || {
+            self.try_apply(updates, &[], false)
+        })
     }
 
     /// Runs `f` to gather writes and events, then applies them all in one transaction: the
@@ -170,7 +174,9 @@ impl RowTable {
     /// ```
     ///
     /// # Errors
-    /// `f`'s error (then nothing is written), or a storage failure.
+    /// `f`'s error, an update that would fault (invalid, or stale under
+    /// [`Stale::Fault`](floodway::rows::Stale::Fault)), or a storage failure; then nothing is
+    /// written.
     pub fn transaction<T, E, F>(&self, f: F) -> Result<(T, Vec<Outcome>), E>
     where
         F: FnOnce(&mut RowTx) -> Result<T, E>,
@@ -179,12 +185,30 @@ impl RowTable {
         let mut tx = RowTx::default();
         let value = f(&mut tx)?;
         let outcomes = crate::busy::retry("rows", self.busy_retry, || {
-            self.try_apply(&tx.updates, &tx.emits)
+            self.try_apply(&tx.updates, &tx.emits, true)
         })?;
         Ok((value, outcomes))
     }
 
-    fn try_apply(&self, updates: &[Update], emits: &[Event]) -> Result<Vec<Outcome>, HubError> {
+    /// Refuses a transaction that would fault an update: all or nothing.
+    fn refuse_faults(outcomes: &[Outcome]) -> Result<(), HubError> {
+        match outcomes.iter().find_map(|o| match o {
+            Outcome::Faulted(why) => Some(why),
+            _ => None,
+        }) {
+            Some(why) => Err(HubError::Invalid(format!(
+                "the transaction writes nothing: an update is refused: {why}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn try_apply(
+        &self,
+        updates: &[Update],
+        emits: &[Event],
+        all_or_nothing: bool,
+    ) -> Result<Vec<Outcome>, HubError> {
         let mut conn = self.conn()?;
         let _turn = self.gate.enter();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -226,6 +250,10 @@ impl RowTable {
                 outcomes.push(outcome);
             }
             drop(writer);
+            if all_or_nothing {
+                // A service's transaction: refused whole (rolled back when `tx` drops).
+                Self::refuse_faults(&outcomes)?;
+            }
             outbox::add(&tx, &source, changes.iter().chain(emits), now)?;
             inbox.prune(&tx, updates.len())?
         };
@@ -297,20 +325,31 @@ impl RowTable {
         rows.map(|r| to_row(r?)).collect()
     }
 
-    /// Deletes the rows expired at `now` (ms since the epoch); returns how many.
+    /// Deletes the rows expired at `now` (ms since the epoch), 1,000 per transaction so that
+    /// writers wait little; returns how many.
     ///
     /// # Errors
     /// A storage failure.
     pub fn expire(&self, now: i64) -> Result<u64, HubError> {
-        crate::busy::retry("rows", self.busy_retry, || {
-            let conn = self.conn()?;
-            let _turn = self.gate.enter();
-            let deleted = conn.execute(
-                &format!("DELETE FROM {} WHERE expires <= ?1", self.table),
-                [now],
-            )?;
-            Ok(deleted as u64)
-        })
+        let mut total = 0;
+        loop {
+            let deleted = crate::busy::retry("rows", self.busy_retry, || {
+                let conn = self.conn()?;
+                let _turn = self.gate.enter();
+                let table = &self.table;
+                Ok(conn.execute(
+                    &format!(
+                        "DELETE FROM {table} WHERE (pk, sk) IN (SELECT pk, sk FROM {table} \
+                         WHERE expires <= ?1 LIMIT 1000)"
+                    ),
+                    [now],
+                )?)
+            })?;
+            total += deleted as u64;
+            if deleted < 1_000 {
+                return Ok(total);
+            }
+        }
     }
 }
 
@@ -418,7 +457,9 @@ where
 {
     let table = table.clone();
     match tokio::task::spawn_blocking(move || f(table)).await {
-        Ok(result) => Ok(result?),
+        // As the contract's error, with its class (a storage failure is transient, an invalid
+        // request poison).
+        Ok(result) => Ok(result.map_err(floodway::Error::from)?),
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => Err(Box::new(e)),
     }

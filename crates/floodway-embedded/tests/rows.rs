@@ -136,4 +136,15 @@ fn the_outbox_holds_each_change_with_its_row() {
     });
     assert!(failed.is_err());
     assert_eq!(hub.outbox().unwrap().stats().unwrap().pending(), 5);
+    // So does one with an update the store refuses: its event is not emitted either.
+    let mut bad = Map::new();
+    bad.insert("timestamp".into(), json!(1));
+    let refused = table.transaction(|tx| {
+        tx.put(RowKey::new("o3", "order"), version(6, 6), bad.clone())
+            .emit(placed.clone());
+        Ok::<_, floodway_embedded::HubError>(())
+    });
+    assert!(refused.is_err());
+    assert_eq!(hub.outbox().unwrap().stats().unwrap().pending(), 5);
+    assert!(table.get(&RowKey::new("o3", "order")).unwrap().is_none());
 }

@@ -479,12 +479,43 @@ pub enum ProcessorConfig {
         #[serde(default)]
         enrich: Vec<EnrichConfig>,
     },
+    /// Complex event processing: events of chosen types collected per correlation key, rules
+    /// evaluated over each key's set, timers for what must (or must not) happen in time; what
+    /// the rules emit goes through the outbox to the hub.
+    Cep {
+        /// The processor and its subscription.
+        name: String,
+        /// Event types collected (exact or `*` patterns).
+        types: Vec<String>,
+        /// The correlation keys an event joins: `[{ key = "/order/id" }]` (a JSON pointer,
+        /// `partitionKey` or `id`), with an optional `suffix` so one event joins several sets.
+        /// Default: the partition key.
+        #[serde(default)]
+        correlate: Vec<CorrelateConfig>,
+        /// How long an event stays in its sets after its own time (default 1 day); at least
+        /// every rule's window.
+        ttl: Option<HumanDuration>,
+        /// The rules.
+        rules: Vec<RuleConfig>,
+        /// Events per transaction at most (default 1,000).
+        #[serde(default = "default_cep_batch")]
+        batch: usize,
+        /// Fields (dotted paths) that appear nowhere in this processor's faults.
+        #[serde(default)]
+        redact: Vec<String>,
+        /// Decrypt events that carry encryption metadata first; needs `[encryption]`.
+        #[serde(default)]
+        decrypt: bool,
+    },
     /// Fault events into the fault store.
     FaultMonitor {
         /// The processor and its subscription.
         name: String,
     },
 }
+
+/// How long a *cep* processor keeps events by default.
+pub const DEFAULT_CEP_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// The key of a *materialize* processor's view.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -546,6 +577,98 @@ pub struct EnrichConfig {
     pub sk: Option<String>,
     /// The event's field to set (the row's image, or `null` when there is none).
     pub into: String,
+    /// The table is written by another configuration's processor (not checked here).
+    #[serde(default)]
+    pub external: bool,
+}
+
+/// A correlation key of a *cep* processor.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorrelateConfig {
+    /// A JSON pointer, `partitionKey` or `id`.
+    pub key: String,
+    /// Appended to the key (`{key}.{suffix}`), so one event can join several sets.
+    pub suffix: Option<String>,
+}
+
+/// A rule of a *cep* processor.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// The rule's name, unique in its processor.
+    pub name: String,
+    /// `all` (every one of `types`), `sequence` (`first` then `then` within `within`),
+    /// `threshold` (`count` of `type` within `within`) or `absence` (`first` not followed by
+    /// `then` within `within`; without `then`, an expiry `within` after `first`).
+    pub kind: String,
+    /// `all`: the types.
+    #[serde(default)]
+    pub types: Vec<String>,
+    /// `sequence`, `absence`: the first type.
+    pub first: Option<String>,
+    /// `sequence`, `absence`: the type that follows.
+    pub then: Option<String>,
+    /// `threshold`: the type counted.
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    /// `threshold`: how many.
+    pub count: Option<usize>,
+    /// `sequence`, `threshold`, `absence`: the window.
+    pub within: Option<HumanDuration>,
+    /// The type of the event it emits.
+    pub emit: String,
+    /// Conditions on the events it counts: `{ "/order/amount" = 100 }`.
+    #[serde(default, rename = "where")]
+    pub conditions: BTreeMap<String, serde_json::Value>,
+}
+
+impl RuleConfig {
+    /// The rule, or what is wrong with it.
+    ///
+    /// # Errors
+    /// A setting missing for its kind, or an unknown kind.
+    pub fn rule(&self) -> Result<floodway::cep::KindRule, String> {
+        use floodway::cep::RuleKind;
+        let name = &self.name;
+        let need = |what: &str| format!("rule `{name}` ({}) needs `{what}`", self.kind);
+        let within = || {
+            self.within
+                .map(|w| w.get().as_millis() as i64)
+                .ok_or_else(|| need("within"))
+        };
+        let kind = match self.kind.as_str() {
+            "all" if !self.types.is_empty() => RuleKind::All {
+                types: self.types.clone(),
+            },
+            "all" => return Err(need("types")),
+            "sequence" => RuleKind::Sequence {
+                first: self.first.clone().ok_or_else(|| need("first"))?,
+                then: self.then.clone().ok_or_else(|| need("then"))?,
+                within: within()?,
+            },
+            "threshold" => RuleKind::Threshold {
+                event_type: self.event_type.clone().ok_or_else(|| need("type"))?,
+                count: self.count.filter(|c| *c > 0).ok_or_else(|| need("count"))?,
+                within: within()?,
+            },
+            "absence" => RuleKind::Absence {
+                first: self.first.clone().ok_or_else(|| need("first"))?,
+                then: self.then.clone(),
+                within: within()?,
+            },
+            other => {
+                return Err(format!(
+                    "rule `{name}`: kind `{other}` is none of all, sequence, threshold, absence"
+                ))
+            }
+        };
+        let mut rule = floodway::cep::KindRule::new(name.clone(), kind, self.emit.clone());
+        for (pointer, value) in &self.conditions {
+            rule = rule.when(pointer.clone(), value.clone());
+        }
+        Ok(rule)
+    }
 }
 
 /// What a stale update does, in the file.
@@ -560,6 +683,9 @@ pub enum StalePolicy {
 }
 fn default_batch() -> usize {
     5_000
+}
+fn default_cep_batch() -> usize {
+    1_000
 }
 fn default_burst() -> u32 {
     1
@@ -581,6 +707,7 @@ impl ProcessorConfig {
             ProcessorConfig::Materialize { name, .. }
             | ProcessorConfig::Http { name, .. }
             | ProcessorConfig::Forward { name, .. }
+            | ProcessorConfig::Cep { name, .. }
             | ProcessorConfig::FaultMonitor { name } => name,
         }
     }
@@ -660,6 +787,26 @@ impl Config {
                     "two processors are named `{name}`: names must be unique"
                 ));
             }
+            let enrich = match p {
+                ProcessorConfig::Http { enrich, .. } | ProcessorConfig::Forward { enrich, .. } => {
+                    enrich.as_slice()
+                }
+                _ => &[],
+            };
+            for e in enrich {
+                let known = self.processors.iter().any(|q| {
+                    matches!(q, ProcessorConfig::Materialize { view, key: ViewKey::Row { .. }, .. }
+                        if *view == e.view)
+                });
+                if !known && !e.external {
+                    return Err(format!(
+                        "processor `{name}`: enrich reads `{}`, which no materialize processor \
+                         with `key = {{ pk, sk }}` here writes (a table another configuration \
+                         writes: add `external = true`)",
+                        e.view
+                    ));
+                }
+            }
             match p {
                 ProcessorConfig::Forward { to, to_nats, .. } => match (to, to_nats) {
                     (Some(_), None) => {}
@@ -670,8 +817,47 @@ impl Config {
                         ))
                     }
                 },
-                ProcessorConfig::Materialize { batch: 0, .. } => {
+                ProcessorConfig::Materialize { batch: 0, .. }
+                | ProcessorConfig::Cep { batch: 0, .. } => {
                     return Err(format!("processor `{name}`: batch must be at least 1"));
+                }
+                ProcessorConfig::Cep {
+                    types, rules, ttl, ..
+                } => {
+                    let ttl = ttl.map_or(DEFAULT_CEP_TTL, HumanDuration::get);
+                    let filters = types
+                        .iter()
+                        .map(|t| floodway::pipeline::TypeFilter::parse(t))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| format!("processor `{name}`: {e}"))?;
+                    let mut seen = std::collections::HashSet::new();
+                    for r in rules {
+                        r.rule().map_err(|e| format!("processor `{name}`: {e}"))?;
+                        if !seen.insert(&r.name) {
+                            return Err(format!(
+                                "processor `{name}`: two rules are named `{}`",
+                                r.name
+                            ));
+                        }
+                        if r.within.is_some_and(|w| w.get() > ttl) {
+                            return Err(format!(
+                                "processor `{name}`: rule `{}` looks {:?} back, longer than \
+                                 the ttl ({ttl:?}) keeps events: raise `ttl`",
+                                r.name,
+                                r.within.map(HumanDuration::get).unwrap_or_default()
+                            ));
+                        }
+                        if filters.iter().any(|f| f.matches(&r.emit)) {
+                            return Err(format!(
+                                "processor `{name}`: rule `{}` emits `{}`, which its types \
+                                 take in again (a loop)",
+                                r.name, r.emit
+                            ));
+                        }
+                    }
+                    if rules.is_empty() {
+                        return Err(format!("processor `{name}`: give at least one rule"));
+                    }
                 }
                 ProcessorConfig::Materialize {
                     key: ViewKey::Single(_),
@@ -707,6 +893,12 @@ impl Config {
                     ..
                 } => {
                     // Its own change events must not come back to it: a loop.
+                    if types.is_empty() {
+                        return Err(format!(
+                            "processor `{name}`: with `outbox = true` give `types`: without \
+                             them it takes every event, its own changes included (a loop)"
+                        ));
+                    }
                     let prefix = discriminator.as_deref().unwrap_or("row").to_lowercase();
                     let filters = types
                         .iter()

@@ -18,4 +18,6 @@ pub mod processors;
 
 pub use config::{Config, ConfigError, ProcessorConfig};
 pub use hubs::Hubs;
-pub use processors::{build_all, from_config, run_all, run_all_pausable, Pauses, SetupError};
+pub use processors::{
+    build_all, cep_timers, from_config, run_all, run_all_pausable, Pauses, SetupError,
+};

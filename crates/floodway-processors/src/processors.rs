@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use floodway::cep::SharedRule;
 use floodway::hub::{ReadOptions, SharedHub, Stream};
 use floodway::idempotence::Version;
 use floodway::layer::limit::concurrency::{Aimd, ConcurrencyLimiter};
@@ -14,7 +15,7 @@ use floodway::rows::{Lookup, RowKey, RowSink, Update};
 use floodway::runtime::RunReport;
 use floodway::Publisher;
 use floodway::{sink_fn, Batch, BuildError, Error, Event, Pipeline, Processor, RunError};
-use floodway_embedded::{FaultStore, Hub, HubError, HubOptions, OpenError};
+use floodway_embedded::{CepTimers, FaultStore, Hub, HubError, HubOptions, OpenError};
 use floodway_http::{HttpConfigError, HttpSink, HttpSinkConfig, Secret};
 use floodway_nats::NatsHub;
 use serde_json::Value;
@@ -22,7 +23,7 @@ use tower::util::BoxCloneSyncService;
 
 use crate::config::{
     ConcurrencyConfig, Config, EnrichConfig, FieldValue, HeaderConfig, HumanDuration,
-    ProcessorConfig, StalePolicy, ViewKey,
+    ProcessorConfig, RuleConfig, StalePolicy, ViewKey, DEFAULT_CEP_TTL,
 };
 use crate::hubs::{Hubs, HubsError};
 
@@ -443,6 +444,135 @@ pub fn materialize_rows(
     publishing_faults_holding(hubs, name, pipeline, Some(in_flight))
 }
 
+/// Settings of the *cep* processor.
+#[derive(Debug, Clone)]
+pub struct CepSettings {
+    /// The correlation keys: a JSON pointer, `partitionKey` or `id`, each with an optional
+    /// suffix.
+    pub correlate: Vec<(String, Option<String>)>,
+    /// The rules.
+    pub rules: Vec<SharedRule>,
+    /// How long events stay in their sets.
+    pub ttl: Duration,
+    /// Events per transaction at most.
+    pub batch: usize,
+}
+
+/// The correlation keys of `event`.
+fn correlation_keys(
+    correlate: &[(String, Option<String>)],
+    event: &Event,
+) -> Result<Vec<String>, Error> {
+    if correlate.is_empty() {
+        return Ok(vec![event.partition_key().to_owned()]);
+    }
+    correlate
+        .iter()
+        .map(|(key, suffix)| {
+            let value = key_of(key, event)?;
+            Ok(match suffix {
+                Some(s) => format!("{value}.{s}"),
+                None => value,
+            })
+        })
+        .collect()
+}
+
+/// The *cep* processor: events of `types` collected per correlation key, its rules evaluated
+/// over each key's set, what they emit written to the outbox in the same transaction (the
+/// outbox's relay publishes it). Its timers fire by [`cep_timers`].
+///
+/// # Errors
+/// An invalid type pattern, or a hub failure.
+pub fn cep(
+    hubs: &Hubs,
+    name: &str,
+    types: &[String],
+    settings: CepSettings,
+    protect: &Protect,
+) -> Result<Processor, SetupError> {
+    let build = |source| SetupError::Build {
+        name: name.into(),
+        source,
+    };
+    let table = hubs.store.cep(name).map_err(|source| SetupError::Hub {
+        name: name.into(),
+        source,
+    })?;
+    let CepSettings {
+        correlate,
+        rules,
+        ttl,
+        batch,
+    } = settings;
+    let (correlate, rules) = (Arc::new(correlate), Arc::new(rules));
+    let sink = sink_fn(move |batch: Batch| {
+        let (table, correlate, rules) = (table.clone(), correlate.clone(), rules.clone());
+        async move {
+            let mut delivery = floodway::Delivery::complete();
+            let mut entries = Vec::with_capacity(batch.len());
+            for (i, event) in batch.events().enumerate() {
+                match correlation_keys(&correlate, event) {
+                    Ok(keys) => entries.push((keys, event.clone())),
+                    Err(err) if batch.len() == 1 => return Err(err),
+                    Err(err) => delivery.fail(i, err),
+                }
+            }
+            tokio::task::spawn_blocking(move || table.collect(&entries, &rules, Some(ttl)))
+                .await
+                .map_err(|e| Error::transient_msg("CepTask", e.to_string()))?
+                .map_err(Error::from)?;
+            Ok::<_, Error>(delivery)
+        }
+    });
+    let pipeline = start(hubs, name, types, protect)?
+        .batch(floodway::BatchConfig::count(batch).max_wait(Duration::from_millis(20)))
+        .sink(sink)
+        .map_err(build)?;
+    let in_flight = (2 * batch).max(floodway::runtime::ProcessorConfig::default().max_in_flight);
+    publishing_faults_holding(hubs, name, pipeline, Some(in_flight))
+}
+
+/// The timers of the configuration's *cep* processors, each to run beside its processor.
+///
+/// # Errors
+/// A hub failure, or a rule that does not build.
+pub fn cep_timers(hubs: &Hubs, config: &Config) -> Result<Vec<(String, CepTimers)>, SetupError> {
+    let mut timers = Vec::new();
+    for p in &config.processors {
+        if let ProcessorConfig::Cep {
+            name, rules, ttl, ..
+        } = p
+        {
+            let table = hubs.store.cep(name).map_err(|source| SetupError::Hub {
+                name: name.clone(),
+                source,
+            })?;
+            let rules = rules_of(name, rules)?;
+            let ttl = ttl.map_or(DEFAULT_CEP_TTL, HumanDuration::get);
+            timers.push((
+                name.clone(),
+                CepTimers::new(&hubs.store, table, rules, Some(ttl)),
+            ));
+        }
+    }
+    Ok(timers)
+}
+
+fn rules_of(name: &str, rules: &[RuleConfig]) -> Result<Vec<SharedRule>, SetupError> {
+    rules
+        .iter()
+        .map(|r| {
+            r.rule()
+                .map(|rule| Arc::new(rule) as SharedRule)
+                .map_err(|message| SetupError::Config {
+                    name: name.into(),
+                    message,
+                })
+        })
+        .collect()
+}
+
 /// Settings of the *http* processor.
 #[derive(Debug, Clone)]
 pub struct HttpGateway {
@@ -767,6 +897,32 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                 enrich: enrich.clone(),
             };
             forward(hubs, name, types, &other, &protect, *compress_over)
+        }
+        ProcessorConfig::Cep {
+            name,
+            types,
+            correlate,
+            ttl,
+            rules,
+            batch,
+            redact,
+            decrypt,
+        } => {
+            let settings = CepSettings {
+                correlate: correlate
+                    .iter()
+                    .map(|c| (c.key.clone(), c.suffix.clone()))
+                    .collect(),
+                rules: rules_of(name, rules)?,
+                ttl: ttl.map_or(DEFAULT_CEP_TTL, HumanDuration::get),
+                batch: *batch,
+            };
+            let protect = Protect {
+                redact: redact.clone(),
+                decrypt: *decrypt,
+                ..Protect::default()
+            };
+            cep(hubs, name, types, settings, &protect)
         }
         ProcessorConfig::FaultMonitor { name } => fault_monitor(hubs, name),
     }

@@ -59,6 +59,7 @@
 //! Metrics go through the `metrics` facade (install any recorder, e.g. Prometheus); spans and
 //! logs through `tracing`. See `ARCHITECTURE.md` in the repository for how a record flows.
 
+pub mod cep;
 pub mod compression;
 pub mod encryption;
 pub mod error;

@@ -234,6 +234,9 @@ impl Update {
         let mut seen = std::collections::HashSet::new();
         let names = self.set.iter().map(|(f, _)| f).chain(&self.remove);
         for field in names.chain(self.add.iter().map(|(f, _)| f)) {
+            if field.is_empty() {
+                return bad("a field has no name".into());
+            }
             if RESERVED.contains(&field.as_str()) {
                 return bad(format!("{field} is the row's own; it cannot be written"));
             }
@@ -249,6 +252,9 @@ impl Update {
             }
         }
         for (field, value) in &self.delete {
+            if RESERVED.contains(&field.as_str()) {
+                return bad(format!("{field} is the row's own; it cannot be written"));
+            }
             if !value.is_array() {
                 return bad(format!("delete from {field}: {value} is not a set"));
             }
@@ -262,7 +268,17 @@ impl Update {
 pub const STORE_ATTRIBUTE: &str = "floodway";
 
 /// Names a row's image uses for itself.
-pub const RESERVED: [&str; 5] = ["pk", "sk", "discriminator", "timestamp", "ttl"];
+pub const RESERVED: [&str; 9] = [
+    "pk",
+    "sk",
+    "discriminator",
+    "timestamp",
+    "ttl",
+    STORE_ATTRIBUTE,
+    "awsregion",
+    "latched",
+    "deleted",
+];
 
 /// The versions a row keeps: per field (removed ones too), per element of a set, and of its
 /// deletion.
@@ -407,12 +423,16 @@ pub struct Change {
     pub old: Option<Value>,
     /// After, if it shows anything.
     pub new: Option<Value>,
+    /// The row was deleted before (a write over its tombstone).
+    pub undeleted: bool,
 }
 
 impl Change {
-    /// `created`, `updated` or `deleted`.
+    /// `created`, `updated`, `deleted`, or `undeleted` (written again after a deletion, as
+    /// DynamoDB change data capture names a write over a tombstone).
     pub fn kind(&self) -> &'static str {
         match (&self.old, &self.new) {
+            (None, _) if self.undeleted => "undeleted",
             (None, _) => "created",
             (Some(_), None) => "deleted",
             (Some(_), Some(_)) => "updated",
@@ -504,6 +524,15 @@ pub fn merge_with(row: Option<&Row>, update: &Update, now: i64, changes: bool) -
         .cloned()
         .unwrap_or_else(|| Row::empty(update.key.clone()));
     let applied = apply(&mut next, update);
+    if !applied && before.is_some_and(|b| wrote(b, update)) {
+        // This very event wrote the row before: a repeat, not a stale event.
+        return Merged {
+            row: None,
+            outcome: Outcome::Duplicate,
+            change: None,
+            fallback: None,
+        };
+    }
     let (next, outcome) = if applied {
         (next, Outcome::Written { changed: false })
     } else {
@@ -530,6 +559,14 @@ pub fn merge_with(row: Option<&Row>, update: &Update, now: i64, changes: bool) -
             Stale::Fallback(other) => {
                 let mut other = other.as_ref().clone();
                 other.stale = Stale::Drop;
+                if let Err(e) = other.check() {
+                    return Merged {
+                        row: None,
+                        outcome: Outcome::Faulted(format!("its fallback: {e}")),
+                        change: None,
+                        fallback: None,
+                    };
+                }
                 if other.key != update.key {
                     return Merged {
                         row: None,
@@ -570,6 +607,7 @@ pub fn merge_with(row: Option<&Row>, update: &Update, now: i64, changes: bool) -
         version: update.version.clone(),
         old: before.and_then(Row::image),
         new: next.image(),
+        undeleted: before.is_some_and(|b| !b.live() && b.meta.deleted.is_some()),
     });
     let stored = match outcome {
         Outcome::Stale => before != Some(&next),
@@ -585,6 +623,26 @@ pub fn merge_with(row: Option<&Row>, update: &Update, now: i64, changes: bool) -
         change,
         fallback: None,
     }
+}
+
+/// Whether the row holds a write of this very update (the version is the event's): what the
+/// versions alone say of a repeat, without an inbox.
+fn wrote(row: &Row, u: &Update) -> bool {
+    let v = &u.version;
+    row.version == *v
+        || row.meta.deleted.as_ref() == Some(v)
+        || u.set
+            .iter()
+            .map(|(f, _)| f)
+            .chain(&u.remove)
+            .chain(u.add.iter().map(|(f, _)| f))
+            .any(|f| row.meta.fields.get(f) == Some(v))
+        || u.add.iter().chain(&u.delete).any(|(f, _)| {
+            row.meta
+                .elements
+                .get(f)
+                .is_some_and(|e| e.values().any(|(ev, _)| ev == v))
+        })
 }
 
 /// Whether a request adds to a counter.
@@ -899,11 +957,16 @@ impl RowSink {
                 Err(err) => delivery.fail(i, err),
             }
         }
-        let outcomes = self
-            .rows
-            .update(&updates)
-            .await
-            .map_err(|e| Error::transient_msg("RowUpdate", e.to_string()))?;
+        // A store's own error keeps its class (a DynamoDB validation error is poison, not
+        // something to retry); any other failure of the store is transient.
+        let outcomes =
+            self.rows
+                .update(&updates)
+                .await
+                .map_err(|e| match e.downcast::<Error>() {
+                    Ok(e) => *e,
+                    Err(e) => Error::transient_msg("RowUpdate", e.to_string()),
+                })?;
         let mut failed = std::collections::HashSet::new();
         for (outcome, i) in outcomes.into_iter().zip(owners) {
             if let Outcome::Faulted(why) = outcome {
@@ -1304,11 +1367,35 @@ mod tests {
     }
 
     #[test]
+    fn a_repeat_is_known_by_the_versions_it_left() {
+        let u = Update::new(key(), v(5, "a"))
+            .set("status", "paid")
+            .on_stale(Stale::Fault);
+        let row = run(std::slice::from_ref(&u)).unwrap();
+        assert_eq!(merge(Some(&row), &u, 0).outcome, Outcome::Duplicate);
+        let newer = Update::new(key(), v(9, "b")).set("note", "x");
+        let row = merge(Some(&row), &newer, 0).row.unwrap();
+        assert_eq!(
+            merge(Some(&row), &u, 0).outcome,
+            Outcome::Duplicate,
+            "its field still holds its version"
+        );
+        let gone = Update::new(key(), v(10, "c")).set("status", "shipped");
+        let row = merge(Some(&row), &gone, 0).row.unwrap();
+        assert!(
+            matches!(merge(Some(&row), &u, 0).outcome, Outcome::Faulted(_)),
+            "overtaken: stale, and its policy says so"
+        );
+    }
+
+    #[test]
     fn invalid_updates_are_faults() {
         for u in [
             Update::new(key(), v(1, "a")).set("pk", 1),
             Update::new(key(), v(1, "a")).add("n", "x"),
             Update::new(key(), v(1, "a")).set("n", 1).remove("n"),
+            Update::new(key(), v(1, "a")).set("latched", true),
+            Update::new(key(), v(1, "a")).delete("deleted", json!([1])),
         ] {
             assert!(matches!(merge(None, &u, 0).outcome, Outcome::Faulted(_)));
         }

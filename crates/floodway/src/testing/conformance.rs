@@ -991,6 +991,16 @@ pub async fn rows_apply_the_stale_policy(rows: SharedRows) {
         .unwrap()
         .unwrap();
     assert_eq!(late.fields["status"], "paid");
+    // A repeat of the update whose fallback applied applies nothing again.
+    let again = Update::new(RowKey::new("p", "late#f"), version(5, "f")).set("status", "x");
+    let repeat = older("f").on_stale(Stale::Fallback(Box::new(again)));
+    assert_eq!(rows.update(&[repeat]).await.unwrap(), [Outcome::Duplicate]);
+    let late = rows
+        .get(&RowKey::new("p", "late#f"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(late.fields["status"], "paid");
     // A faulted update is not in the inbox: once fixed, it can be applied.
     let fixed = Update::new(key.clone(), version(11, "e")).set("status", "returned");
     assert_eq!(

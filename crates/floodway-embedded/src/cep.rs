@@ -1,0 +1,519 @@
+//! Complex event processing in the hub file: each processor's collected events by correlation
+//! key, its timers by due time, and what it emitted, written with the emitted events (into the
+//! outbox) in one transaction.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use floodway::cep::{in_time_order, Collected, Firing, SharedRule, Timer};
+use floodway::event::now_millis;
+use floodway::Event;
+use rusqlite::{Connection, OptionalExtension, Transaction};
+
+use crate::error::HubError;
+use crate::outbox;
+use crate::store::{Store, WriteGate};
+
+/// One processor's collected events, timers and emitted events in the hub file:
+///
+/// - `cep_{name}_events`: each event under each of its correlation keys, once (by id), until
+///   its time to live (from its own time) has passed;
+/// - `cep_{name}_timers`: by due time, so the due ones are a range at the start of the index
+///   however many are pending;
+/// - `cep_{name}_fired`: the ids of the events emitted per key, so a set evaluated again emits
+///   nothing twice (until the key's events expire).
+///
+/// Emitted events go to the hub's outbox in the transaction that collects the event or fires
+/// the timer that made them, and the outbox's relay publishes them: a crash loses none and
+/// repeats none (their ids are stable, and the hub dedupes).
+#[derive(Clone)]
+pub struct CepTable {
+    name: Arc<str>,
+    conn: Arc<Mutex<Connection>>,
+    gate: WriteGate,
+    busy_retry: Duration,
+}
+
+impl std::fmt::Debug for CepTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CepTable")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CepReport {
+    /// Events collected (an event under two keys counts twice).
+    pub collected: usize,
+    /// Events met again (collected before): nothing done.
+    pub duplicates: usize,
+    /// Events emitted (into the outbox).
+    pub emitted: usize,
+    /// Timers set.
+    pub timers_set: usize,
+    /// Timers fired.
+    pub timers_fired: usize,
+}
+
+/// A key's state, for people (`floodway cep show`).
+#[derive(Debug, Clone, Default)]
+pub struct CepKey {
+    /// Its events, in time order.
+    pub events: Vec<Collected>,
+    /// Its pending timers, by due time.
+    pub timers: Vec<Timer>,
+    /// The ids of the events emitted for it.
+    pub fired: Vec<String>,
+}
+
+fn check_name(name: &str) -> Result<(), HubError> {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+    let rule = "1-48 lowercase letters, digits or `_`";
+    crate::store::check_name("cep processor table", name, 48, allowed, rule)
+}
+
+/// The table names of processor `name`'s state.
+pub(crate) fn table_name(processor: &str) -> String {
+    processor
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl CepTable {
+    /// The state of the processor whose tables are named `name`, made on first use.
+    pub(crate) fn open(store: &Store, name: &str) -> Result<CepTable, HubError> {
+        check_name(name)?;
+        let conn = store.connect()?;
+        crate::busy::retry("cep", store.options.busy_retry, || {
+            let _turn = store.gate.enter();
+            conn.execute_batch(&format!(
+                "CREATE TABLE IF NOT EXISTS cep_{name}_events (key TEXT NOT NULL, \
+                 time INTEGER NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL, \
+                 event TEXT NOT NULL, expires INTEGER, PRIMARY KEY (key, time, id)) WITHOUT ROWID; \
+                 CREATE INDEX IF NOT EXISTS cep_{name}_events_by_id ON cep_{name}_events (key, id); \
+                 CREATE TABLE IF NOT EXISTS cep_{name}_timers (due INTEGER NOT NULL, \
+                 key TEXT NOT NULL, rule TEXT NOT NULL, trigger TEXT NOT NULL, \
+                 PRIMARY KEY (due, key, rule, trigger)) WITHOUT ROWID; \
+                 CREATE TABLE IF NOT EXISTS cep_{name}_fired (key TEXT NOT NULL, \
+                 id TEXT NOT NULL, expires INTEGER, PRIMARY KEY (key, id)) WITHOUT ROWID;"
+            ))?;
+            outbox::create(&conn)?;
+            Ok(())
+        })?;
+        Ok(CepTable {
+            name: name.into(),
+            conn: Arc::new(Mutex::new(conn)),
+            gate: store.gate.clone(),
+            busy_retry: store.options.busy_retry,
+        })
+    }
+
+    /// The source its emitted events name (`cep:{name}`).
+    pub fn source(&self) -> String {
+        format!("cep:{}", self.name)
+    }
+
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, HubError> {
+        self.conn.lock().map_err(|_| HubError::Closed)
+    }
+
+    /// Collects each event under each of its keys, evaluates `rules` over each key's set as
+    /// the event joins it, sets the timers the rules ask for, and writes what they emit to
+    /// the outbox: one transaction. An event collected before under a key is skipped there.
+    /// `ttl`: how long an event stays in its sets after its own time.
+    ///
+    /// # Errors
+    /// A storage failure (then nothing was written).
+    pub fn collect(
+        &self,
+        entries: &[(Vec<String>, Event)],
+        rules: &[SharedRule],
+        ttl: Option<Duration>,
+    ) -> Result<CepReport, HubError> {
+        crate::busy::retry("cep", self.busy_retry, || {
+            self.try_collect(entries, rules, ttl)
+        })
+    }
+
+    fn try_collect(
+        &self,
+        entries: &[(Vec<String>, Event)],
+        rules: &[SharedRule],
+        ttl: Option<Duration>,
+    ) -> Result<CepReport, HubError> {
+        let mut conn = self.conn()?;
+        let _turn = self.gate.enter();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now = now_millis();
+        let name = &self.name;
+        let mut report = CepReport::default();
+        let mut emitted = Vec::new();
+        {
+            let mut insert = tx.prepare_cached(&format!(
+                "INSERT OR IGNORE INTO cep_{name}_events (key, time, id, type, event, expires) \
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS \
+                 (SELECT 1 FROM cep_{name}_events WHERE key = ?1 AND id = ?3)"
+            ))?;
+            let mut timer = tx.prepare_cached(&format!(
+                "INSERT OR IGNORE INTO cep_{name}_timers (due, key, rule, trigger) \
+                 VALUES (?1, ?2, ?3, ?4)"
+            ))?;
+            let mut sets: HashMap<&str, Vec<Collected>> = HashMap::new();
+            for (keys, event) in entries {
+                let expires = ttl.map(|t| event.timestamp().saturating_add(t.as_millis() as i64));
+                if expires.is_some_and(|at| at <= now) {
+                    // Past its time to live already: it would join no set.
+                    continue;
+                }
+                let added = Collected::of(event);
+                let text = event.to_json();
+                for key in keys {
+                    let fresh = insert.execute((
+                        key,
+                        event.timestamp(),
+                        event.id(),
+                        event.event_type(),
+                        &text,
+                        expires,
+                    ))? == 1;
+                    if !fresh {
+                        report.duplicates += 1;
+                        continue;
+                    }
+                    report.collected += 1;
+                    let set = match sets.get_mut(key.as_str()) {
+                        Some(set) => {
+                            set.push(added.clone());
+                            in_time_order(set);
+                            set
+                        }
+                        None => sets
+                            .entry(key.as_str())
+                            .or_insert(read_set(&tx, name, key, now)?),
+                    };
+                    for rule in rules {
+                        for firing in rule.evaluate(set, &added) {
+                            emitted.push((key.clone(), firing, expires));
+                        }
+                        for t in rule.timers(&added) {
+                            report.timers_set +=
+                                timer.execute((t.due, key, &t.rule, &t.trigger))?;
+                        }
+                    }
+                }
+            }
+        }
+        report.emitted = self.emit(&tx, emitted, now)?;
+        tx.commit()?;
+        Ok(report)
+    }
+
+    /// Writes what fired to the outbox, each event once per key; returns how many.
+    fn emit(
+        &self,
+        tx: &Transaction<'_>,
+        firings: Vec<(String, Firing, Option<i64>)>,
+        now: i64,
+    ) -> Result<usize, HubError> {
+        let name = &self.name;
+        let source = self.source();
+        let mut fired = tx.prepare_cached(&format!(
+            "INSERT OR IGNORE INTO cep_{name}_fired (key, id, expires) VALUES (?1, ?2, ?3)"
+        ))?;
+        let mut events = Vec::new();
+        for (key, firing, expires) in firings {
+            let event = firing.to_event(&source, &key);
+            if fired.execute((&key, event.id(), expires))? == 1 {
+                events.push(event);
+            }
+        }
+        outbox::add(tx, &source, events.iter(), now)?;
+        Ok(events.len())
+    }
+
+    /// Fires the timers due at `now` (at most `limit`, the earliest first): each rule makes
+    /// what it will of its key's set, the timer is deleted, and what fired goes to the
+    /// outbox, in one transaction. A timer of a rule no longer configured is dropped.
+    ///
+    /// # Errors
+    /// A storage failure (then nothing was written).
+    pub fn fire_due(
+        &self,
+        now: i64,
+        rules: &[SharedRule],
+        ttl: Option<Duration>,
+        limit: usize,
+    ) -> Result<CepReport, HubError> {
+        crate::busy::retry("cep", self.busy_retry, || {
+            let mut conn = self.conn()?;
+            let _turn = self.gate.enter();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let name = &self.name;
+            let due: Vec<(String, Timer)> = {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "SELECT due, key, rule, trigger FROM cep_{name}_timers WHERE due <= ?1 \
+                     ORDER BY due LIMIT ?2"
+                ))?;
+                let rows = stmt.query_map((now, limit as i64), |r| {
+                    Ok((
+                        r.get::<_, String>(1)?,
+                        Timer {
+                            due: r.get(0)?,
+                            rule: r.get(2)?,
+                            trigger: r.get(3)?,
+                        },
+                    ))
+                })?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut report = CepReport::default();
+            let mut firings = Vec::new();
+            let mut sets: HashMap<String, Vec<Collected>> = HashMap::new();
+            {
+                let mut delete = tx.prepare_cached(&format!(
+                    "DELETE FROM cep_{name}_timers WHERE due = ?1 AND key = ?2 AND rule = ?3 \
+                     AND trigger = ?4"
+                ))?;
+                for (key, timer) in due {
+                    delete.execute((timer.due, &key, &timer.rule, &timer.trigger))?;
+                    report.timers_fired += 1;
+                    let Some(rule) = rules.iter().find(|r| r.name() == timer.rule) else {
+                        tracing::warn!(rule = %timer.rule, key, "a timer of a rule no longer configured: dropped");
+                        continue;
+                    };
+                    if !sets.contains_key(&key) {
+                        // Its trigger may be past its own time to live: a timer still sees it.
+                        let set = read_set(&tx, name, &key, i64::MIN)?;
+                        sets.insert(key.clone(), set);
+                    }
+                    for firing in rule.fire(&sets[&key], &timer) {
+                        let expires =
+                            ttl.map(|t| firing.timestamp.saturating_add(t.as_millis() as i64));
+                        firings.push((key.clone(), firing, expires));
+                    }
+                }
+            }
+            report.emitted = self.emit(&tx, firings, now)?;
+            tx.commit()?;
+            Ok(report)
+        })
+    }
+
+    /// When the earliest pending timer is due, if any is pending.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn next_due(&self) -> Result<Option<i64>, HubError> {
+        let conn = self.conn()?;
+        Ok(conn.query_row(
+            &format!("SELECT min(due) FROM cep_{}_timers", self.name),
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// How many timers are pending.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn pending_timers(&self) -> Result<u64, HubError> {
+        let conn = self.conn()?;
+        let n: i64 = conn.query_row(
+            &format!("SELECT count(*) FROM cep_{}_timers", self.name),
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
+    /// The state of `key`: its events, pending timers and what it emitted.
+    ///
+    /// # Errors
+    /// A storage failure, or a stored event that does not parse.
+    pub fn show(&self, key: &str) -> Result<CepKey, HubError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let name = &self.name;
+        let events = read_set(&tx, name, key, now_millis())?;
+        let mut timers = Vec::new();
+        {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT due, rule, trigger FROM cep_{name}_timers WHERE key = ?1 ORDER BY due"
+            ))?;
+            for row in stmt.query_map([key], |r| {
+                Ok(Timer {
+                    due: r.get(0)?,
+                    rule: r.get(1)?,
+                    trigger: r.get(2)?,
+                })
+            })? {
+                timers.push(row?);
+            }
+        }
+        let fired = {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT id FROM cep_{name}_fired WHERE key = ?1 ORDER BY id"
+            ))?;
+            let ids = stmt.query_map([key], |r| r.get::<_, String>(0))?;
+            ids.collect::<Result<Vec<_>, _>>()?
+        };
+        Ok(CepKey {
+            events,
+            timers,
+            fired,
+        })
+    }
+
+    /// Deletes the events and emitted ids past their time to live at `now`; returns how many.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn expire(&self, now: i64) -> Result<u64, HubError> {
+        crate::busy::retry("cep", self.busy_retry, || {
+            let conn = self.conn()?;
+            let _turn = self.gate.enter();
+            let mut n = 0;
+            for table in ["events", "fired"] {
+                n += conn.execute(
+                    &format!("DELETE FROM cep_{}_{table} WHERE expires <= ?1", self.name),
+                    [now],
+                )?;
+            }
+            Ok(n as u64)
+        })
+    }
+}
+
+/// The set of `key`: its events unexpired at `now`, in time order.
+fn read_set(
+    tx: &Transaction<'_>,
+    name: &str,
+    key: &str,
+    now: i64,
+) -> Result<Vec<Collected>, HubError> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT event FROM cep_{name}_events WHERE key = ?1 \
+         AND (expires IS NULL OR expires > ?2) ORDER BY time, id"
+    ))?;
+    let rows = stmt.query_map((key, now), |r| r.get::<_, String>(0))?;
+    rows.map(|text| {
+        let event = Event::decode(text?.as_bytes()).map_err(|e| HubError::Corrupt {
+            what: "collected event",
+            detail: e.to_string(),
+        })?;
+        Ok(Collected::of(&event))
+    })
+    .collect()
+}
+
+/// Whether a hub file holds a CEP processor's tables named `name`.
+pub(crate) fn exists(conn: &Connection, name: &str) -> Result<bool, HubError> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [format!("cep_{name}_events")],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// Fires a CEP processor's timers as they fall due, under a lease: one process at a time
+/// (the one that runs the processor). A timer due while no process ran fires at the next
+/// start; a timer whose emitted event cannot be published yet (the hub is down) waits in the
+/// outbox, not here.
+pub struct CepTimers {
+    table: CepTable,
+    store: Store,
+    rules: Vec<SharedRule>,
+    ttl: Option<Duration>,
+    poll: Duration,
+}
+
+impl std::fmt::Debug for CepTimers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CepTimers")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CepTimers {
+    /// The timers of `table`, for `rules`, looked at every 100 ms at most.
+    pub fn new(
+        hub: &crate::Hub,
+        table: CepTable,
+        rules: Vec<SharedRule>,
+        ttl: Option<Duration>,
+    ) -> Self {
+        CepTimers {
+            table,
+            store: hub.store().clone(),
+            rules,
+            ttl,
+            poll: Duration::from_millis(100),
+        }
+    }
+
+    /// Fires due timers until `stop` completes. It first takes the processor's timer lease,
+    /// waiting while another process holds it.
+    ///
+    /// # Errors
+    /// A storage failure, or the lease lost to another process.
+    pub async fn run(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<CepReport, HubError> {
+        let mut stop = std::pin::pin!(stop);
+        let mut total = CepReport::default();
+        let name = format!("cep:{}", self.table.name);
+        let lease = loop {
+            match crate::blocking(|| crate::lease::Lease::acquire(&self.store, &name)) {
+                Ok(lease) => break lease,
+                Err(HubError::Held { .. }) => {
+                    tokio::select! {
+                        () = &mut stop => return Ok(total),
+                        () = tokio::time::sleep(self.store.options.lease / 3) => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        loop {
+            if let crate::lease::Standing::Lost(reason) = lease.standing() {
+                return Err(lease.lost_error(reason));
+            }
+            let now = now_millis();
+            let table = self.table.clone();
+            let rules = self.rules.clone();
+            let ttl = self.ttl;
+            let report =
+                tokio::task::spawn_blocking(move || table.fire_due(now, &rules, ttl, 1_000))
+                    .await
+                    .map_err(|e| HubError::Invalid(format!("the timer task failed: {e}")))??;
+            total.timers_fired += report.timers_fired;
+            total.emitted += report.emitted;
+            if report.timers_fired == 1_000 {
+                continue; // more are due
+            }
+            let next = crate::blocking(|| self.table.next_due())?;
+            let wait = next.map_or(self.poll, |at| {
+                Duration::from_millis(u64::try_from(at - now_millis()).unwrap_or(0)).min(self.poll)
+            });
+            tokio::select! {
+                () = &mut stop => return Ok(total),
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Complex event processing in the hub file: sets in event-time order whatever the arrival
+//! order, each emitted event once through repeats, timers that fire once, late or not, and
+//! emitted events written to the outbox with what made them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use floodway::cep::{KindRule, RuleKind, SharedRule};
+use floodway::Event;
+use floodway_embedded::{Hub, HubOptions};
+
+fn rules() -> Vec<SharedRule> {
+    vec![
+        Arc::new(KindRule::new(
+            "ready",
+            RuleKind::All {
+                types: vec!["order-submitted".into(), "payment-captured".into()],
+            },
+            "order-ready",
+        )),
+        Arc::new(KindRule::new(
+            "expired",
+            RuleKind::Absence {
+                first: "order-submitted".into(),
+                then: Some("payment-captured".into()),
+                within: 15 * 60_000,
+            },
+            "order-expired",
+        )),
+    ]
+}
+
+fn event(id: &str, ty: &str, order: &str, t: i64) -> (Vec<String>, Event) {
+    let e = Event::builder(ty, order).id(id).timestamp(t).build();
+    (vec![order.to_owned()], e)
+}
+
+fn emitted(hub: &Hub) -> Vec<(String, String)> {
+    hub.outbox()
+        .unwrap()
+        .pending(1_000)
+        .unwrap()
+        .into_iter()
+        .map(|p| {
+            (
+                p.event.event_type().to_owned(),
+                p.event.partition_key().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn out_of_order_and_repeated_events_emit_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::open(dir.path().join("cep.db"), HubOptions::default()).unwrap();
+    let table = hub.cep("orders-cep").unwrap();
+    let now = floodway::event::now_millis();
+    let ttl = Some(Duration::from_secs(3600));
+    // The payment arrives first, then the order, then both again (a redelivery).
+    let paid = event("p1", "payment-captured", "o1", now - 1_000);
+    let placed = event("s1", "order-submitted", "o1", now - 2_000);
+    let first = table.collect(std::slice::from_ref(&paid), &rules(), ttl).unwrap();
+    assert_eq!((first.collected, first.emitted), (1, 0));
+    let second = table.collect(std::slice::from_ref(&placed), &rules(), ttl).unwrap();
+    assert_eq!(
+        (second.collected, second.emitted, second.timers_set),
+        (1, 1, 1)
+    );
+    let again = table.collect(&[placed, paid], &rules(), ttl).unwrap();
+    assert_eq!((again.duplicates, again.emitted), (2, 0));
+    assert_eq!(emitted(&hub), [("order-ready".into(), "o1".into())]);
+    let ready = &hub.outbox().unwrap().pending(1).unwrap()[0].event;
+    let triggers = ready.field("triggers").unwrap();
+    assert_eq!(triggers[0]["id"], "s1", "in event-time order");
+    assert_eq!(ready.timestamp(), now - 1_000, "the last trigger's time");
+
+    // Its timer fires after its time and finds the payment: nothing more.
+    assert_eq!(table.pending_timers().unwrap(), 1);
+    let due = now - 2_000 + 15 * 60_000;
+    let early = table.fire_due(due - 1, &rules(), ttl, 100).unwrap();
+    assert_eq!(early.timers_fired, 0);
+    let fired = table.fire_due(due, &rules(), ttl, 100).unwrap();
+    assert_eq!((fired.timers_fired, fired.emitted), (1, 0));
+    assert_eq!(table.pending_timers().unwrap(), 0);
+    let state = table.show("o1").unwrap();
+    assert_eq!(state.events.len(), 2);
+    assert_eq!(state.fired.len(), 1);
+}
+
+#[test]
+fn a_timer_due_while_nothing_ran_fires_once_at_the_next_look() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cep.db");
+    let now = floodway::event::now_millis();
+    let ttl = Some(Duration::from_secs(3600));
+    {
+        let hub = Hub::open(&path, HubOptions::default()).unwrap();
+        let table = hub.cep("orders-cep").unwrap();
+        let orders: Vec<_> = (0..50)
+            .map(|i| {
+                event(
+                    &format!("s{i}"),
+                    "order-submitted",
+                    &format!("o{i}"),
+                    now - 20 * 60_000,
+                )
+            })
+            .collect();
+        let report = table.collect(&orders, &rules(), ttl).unwrap();
+        assert_eq!((report.collected, report.timers_set), (50, 50));
+        // One order is paid in time.
+        let paid = event("p7", "payment-captured", "o7", now - 19 * 60_000);
+        table.collect(&[paid], &rules(), ttl).unwrap();
+    }
+    // The process was down past every timer's time; the next one fires them, once.
+    let hub = Hub::open(&path, HubOptions::default()).unwrap();
+    let table = hub.cep("orders-cep").unwrap();
+    assert_eq!(table.next_due().unwrap(), Some(now - 5 * 60_000));
+    let fired = table.fire_due(now, &rules(), ttl, 30).unwrap();
+    assert_eq!(fired.timers_fired, 30, "at most the limit at a time");
+    let rest = table.fire_due(now, &rules(), ttl, 1_000).unwrap();
+    assert_eq!(rest.timers_fired, 20);
+    assert_eq!(
+        fired.emitted + rest.emitted,
+        49,
+        "all but the paid order expire"
+    );
+    assert!(
+        table
+            .fire_due(now, &rules(), ttl, 1_000)
+            .unwrap()
+            .timers_fired
+            == 0
+    );
+    let kinds = emitted(&hub);
+    assert_eq!(
+        kinds.iter().filter(|(t, _)| t == "order-expired").count(),
+        49
+    );
+    assert!(!kinds.contains(&("order-expired".into(), "o7".into())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timer_task_fires_within_its_poll_of_the_due_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::open(dir.path().join("cep.db"), HubOptions::default()).unwrap();
+    let table = hub.cep("fast").unwrap();
+    let rule: Vec<SharedRule> = vec![Arc::new(KindRule::new(
+        "soon",
+        RuleKind::Absence {
+            first: "a".into(),
+            then: None,
+            within: 300,
+        },
+        "a-expired",
+    ))];
+    let now = floodway::event::now_millis();
+    table
+        .collect(&[event("a1", "a", "k", now)], &rule, None)
+        .unwrap();
+    let timers = floodway_embedded::CepTimers::new(&hub, table.clone(), rule, None);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(timers.run(async move {
+        let _ = stopped.await;
+    }));
+    let outbox = hub.outbox().unwrap();
+    let started = std::time::Instant::now();
+    while outbox.pending(1).unwrap().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(5), "fires");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let late = floodway::event::now_millis() - (now + 300);
+    assert!((0..1_000).contains(&late), "fired {late} ms after its time");
+    let _ = stop.send(());
+    assert_eq!(task.await.unwrap().unwrap().timers_fired, 1);
+}
