@@ -56,7 +56,7 @@
 //! timeout_ms = 5000
 //! max_attempts = 5
 //! respond_as = "payment-notified" # publish responses as events of this type, optional
-//! enrich = [{ view = "customers", pk = "/order/customerId", sk = "customer", into = "customer" }]
+//! enrich = [{ view = "customers", pk = "/order/customerId", sk = "customer", into = "customer", external = true }]
 //!                             # rows read into the event first (also on forward processors)
 //!
 //! [[processors]]
