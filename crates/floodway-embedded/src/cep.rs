@@ -18,7 +18,8 @@ use crate::store::{Store, WriteGate};
 /// One processor's collected events, timers and emitted events in the hub file:
 ///
 /// - `cep_{name}_events`: each event under each of its correlation keys, once (by id), until
-///   its time to live (from its own time) has passed;
+///   its time to live (from its own time) has passed; a set is read by key and put in
+///   event-time order as it is read;
 /// - `cep_{name}_timers`: by due time, so the due ones are a range at the start of the index
 ///   however many are pending;
 /// - `cep_{name}_fired`: the ids of the events emitted per key, so a set evaluated again emits
@@ -98,9 +99,8 @@ impl CepTable {
             let _turn = store.gate.enter();
             conn.execute_batch(&format!(
                 "CREATE TABLE IF NOT EXISTS cep_{name}_events (key TEXT NOT NULL, \
-                 time INTEGER NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL, \
-                 event TEXT NOT NULL, expires INTEGER, PRIMARY KEY (key, time, id)) WITHOUT ROWID; \
-                 CREATE INDEX IF NOT EXISTS cep_{name}_events_by_id ON cep_{name}_events (key, id); \
+                 id TEXT NOT NULL, time INTEGER NOT NULL, type TEXT NOT NULL, \
+                 event TEXT NOT NULL, expires INTEGER, PRIMARY KEY (key, id)) WITHOUT ROWID; \
                  CREATE TABLE IF NOT EXISTS cep_{name}_timers (due INTEGER NOT NULL, \
                  key TEXT NOT NULL, rule TEXT NOT NULL, trigger TEXT NOT NULL, \
                  PRIMARY KEY (due, key, rule, trigger)) WITHOUT ROWID; \
@@ -161,8 +161,7 @@ impl CepTable {
         {
             let mut insert = tx.prepare_cached(&format!(
                 "INSERT OR IGNORE INTO cep_{name}_events (key, time, id, type, event, expires) \
-                 SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS \
-                 (SELECT 1 FROM cep_{name}_events WHERE key = ?1 AND id = ?3)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
             ))?;
             let mut timer = tx.prepare_cached(&format!(
                 "INSERT OR IGNORE INTO cep_{name}_timers (due, key, rule, trigger) \
@@ -401,19 +400,23 @@ fn read_set(
     key: &str,
     now: i64,
 ) -> Result<Vec<Collected>, HubError> {
+    // A set is small: sorted here rather than kept in time order by a second index.
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT event FROM cep_{name}_events WHERE key = ?1 \
-         AND (expires IS NULL OR expires > ?2) ORDER BY time, id"
+         AND (expires IS NULL OR expires > ?2)"
     ))?;
     let rows = stmt.query_map((key, now), |r| r.get::<_, String>(0))?;
-    rows.map(|text| {
-        let event = Event::decode(text?.as_bytes()).map_err(|e| HubError::Corrupt {
-            what: "collected event",
-            detail: e.to_string(),
-        })?;
-        Ok(Collected::of(&event))
-    })
-    .collect()
+    let mut set = rows
+        .map(|text| {
+            let event = Event::decode(text?.as_bytes()).map_err(|e| HubError::Corrupt {
+                what: "collected event",
+                detail: e.to_string(),
+            })?;
+            Ok(Collected::of(&event))
+        })
+        .collect::<Result<Vec<_>, HubError>>()?;
+    in_time_order(&mut set);
+    Ok(set)
 }
 
 /// Whether a hub file holds a CEP processor's tables named `name`.
