@@ -89,7 +89,11 @@ fn orders_are_ready_or_expire_once_through_kills() {
     let mut rng = fastrand::Rng::with_seed(3);
     for i in 0..5 {
         let run = start(d, &["run", "floodway.toml"], Stdio::null(), Stdio::null());
-        let wait = if i == 0 { 1_500 } else { 300 + rng.u64(..1_500) };
+        let wait = if i == 0 {
+            1_500
+        } else {
+            300 + rng.u64(..1_500)
+        };
         kill_after(run, Duration::from_millis(wait));
     }
     let hub = open_hub(d);
@@ -104,7 +108,12 @@ fn orders_are_ready_or_expire_once_through_kills() {
 
     // A last run until every order has its outcome.
     let outcomes = hub.rows("outcomes").ok();
-    let last = start(d, &["run", "floodway.toml"], Stdio::null(), Stdio::inherit());
+    let last = start(
+        d,
+        &["run", "floodway.toml"],
+        Stdio::null(),
+        Stdio::inherit(),
+    );
     let started = Instant::now();
     let done = || {
         let Ok(table) = hub.rows("outcomes") else {
@@ -136,7 +145,11 @@ fn orders_are_ready_or_expire_once_through_kills() {
             .get(&RowKey::new(format!("o-{i}"), "outcome"))
             .unwrap()
             .unwrap();
-        let want = if i % 2 == 0 { "order-ready" } else { "order-expired" };
+        let want = if i % 2 == 0 {
+            "order-ready"
+        } else {
+            "order-expired"
+        };
         assert_eq!(row.fields["type"], want, "o-{i}");
         assert_eq!(row.fields["n"], 1, "o-{i}: one outcome, applied once");
     }
@@ -144,7 +157,9 @@ fn orders_are_ready_or_expire_once_through_kills() {
     let mut logged: BTreeMap<String, usize> = BTreeMap::new();
     for (_, bytes) in hub
         .newest(usize::MAX, |b| {
-            Event::decode(b).is_ok_and(|e| e.event_type().starts_with("order-") && e.event_type() != "order-submitted")
+            Event::decode(b).is_ok_and(|e| {
+                e.event_type().starts_with("order-") && e.event_type() != "order-submitted"
+            })
         })
         .unwrap()
     {
@@ -153,7 +168,10 @@ fn orders_are_ready_or_expire_once_through_kills() {
         if e.event_type() == "order-expired" {
             let late = e.timestamp() - now;
             assert_eq!(late, 4_000, "an expiry is timed at its timer");
-            assert_eq!(e.field("triggers").unwrap()[0]["id"], format!("s-{}", &e.partition_key()[2..]));
+            assert_eq!(
+                e.field("triggers").unwrap()[0]["id"],
+                format!("s-{}", &e.partition_key()[2..])
+            );
         }
     }
     assert_eq!(logged.len(), n);

@@ -152,3 +152,93 @@ add = { changes = 1 }
     let out = floodway(d, &["outbox", "stats", "--config", "floodway.toml"]);
     says(&out, "rows:order_rows");
 }
+
+/// A cep processor on NATS: its sets and timers in the local store, what it emits published
+/// to the stream by the relay and read back from there.
+#[test]
+fn control_services_run_on_nats() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let url = server.url();
+    let config = format!(
+        "[hub]\npath = \"stores.db\"\npartitions = 2\n\n[hub.nats]\nservers = [\"{url}\"]\nstream = \"CEP\"\nsubject = \"cep\"\n{}",
+        r#"
+[[processors]]
+kind = "cep"
+name = "orders-cep"
+types = ["order-submitted", "payment-captured"]
+ttl = "1h"
+
+[[processors.rules]]
+name = "ready"
+kind = "all"
+types = ["order-submitted", "payment-captured"]
+emit = "order-ready"
+
+[[processors.rules]]
+name = "expired"
+kind = "absence"
+first = "order-submitted"
+then = "payment-captured"
+within = "2s"
+emit = "order-expired"
+
+[[processors]]
+kind = "materialize"
+name = "outcomes"
+types = ["order-ready", "order-expired"]
+view = "outcomes"
+key = { pk = "partitionKey", sk = "outcome" }
+set = { type = "/type" }
+add = { n = 1 }
+"#
+    );
+    std::fs::write(d.join("floodway.toml"), config).unwrap();
+    let now = floodway::event::now_millis();
+    let n = 40;
+    let mut lines = Vec::new();
+    for i in 0..n {
+        let e = |ty: &str, id: String, t: i64| {
+            floodway::Event::builder(ty, format!("o-{i}"))
+                .id(id)
+                .timestamp(t)
+                .build()
+                .to_json()
+        };
+        lines.push(e("order-submitted", format!("s-{i}"), now));
+        if i % 2 == 0 {
+            lines.push(e("payment-captured", format!("p-{i}"), now + 100));
+        }
+    }
+    common::publish(d, "orders.jsonl", &lines);
+    let store = || {
+        let options = floodway_embedded::HubOptions {
+            create: false,
+            ..Default::default()
+        };
+        floodway_embedded::Hub::open(d.join("stores.db"), options)
+    };
+    let outcome = |hub: &floodway_embedded::Hub, i: usize| {
+        hub.rows("outcomes")
+            .ok()?
+            .get(&floodway::rows::RowKey::new(format!("o-{i}"), "outcome"))
+            .ok()?
+    };
+    common::run_until(d, "floodway.toml", || {
+        store()
+            .ok()
+            .is_some_and(|hub| (0..n).all(|i| outcome(&hub, i).is_some()))
+    });
+    let hub = store().unwrap();
+    for i in 0..n {
+        let row = outcome(&hub, i).unwrap();
+        let want = if i % 2 == 0 {
+            "order-ready"
+        } else {
+            "order-expired"
+        };
+        assert_eq!(row.fields["type"], want, "o-{i}");
+        assert_eq!(row.fields["n"], 1, "o-{i}");
+    }
+}

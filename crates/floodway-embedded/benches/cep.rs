@@ -23,7 +23,11 @@ fn orders(n: usize, at: i64) -> Vec<(Vec<String>, Event)> {
     (0..n)
         .map(|i| {
             let order = format!("o-{}", i / 2);
-            let ty = if i % 2 == 0 { "order-submitted" } else { "payment-captured" };
+            let ty = if i % 2 == 0 {
+                "order-submitted"
+            } else {
+                "payment-captured"
+            };
             let e = Event::builder(ty, order.clone())
                 .id(format!("e-{i}"))
                 .timestamp(at + i as i64)
@@ -100,15 +104,25 @@ fn main() {
     let (mut raw, mut cep) = (vec![], vec![]);
     for run in 0..3 {
         eprintln!("run {}: raw SQLite...", run + 1);
-        raw.push(raw_sqlite(&tmp.path().join(format!("raw-{run}.db")), &events));
+        raw.push(raw_sqlite(
+            &tmp.path().join(format!("raw-{run}.db")),
+            &events,
+        ));
         eprintln!("run {}: collect, correlate, one rule...", run + 1);
-        let hub = Hub::open(tmp.path().join(format!("cep-{run}.db")), HubOptions::default()).unwrap();
+        let hub = Hub::open(
+            tmp.path().join(format!("cep-{run}.db")),
+            HubOptions::default(),
+        )
+        .unwrap();
         let table = hub.cep("orders").unwrap();
         let rules = ready();
         let started = Instant::now();
         let mut emitted = 0;
         for chunk in events.chunks(1_000) {
-            emitted += table.collect(chunk, &rules, Some(Duration::from_secs(3600))).unwrap().emitted;
+            emitted += table
+                .collect(chunk, &rules, Some(Duration::from_secs(3600)))
+                .unwrap()
+                .emitted;
         }
         cep.push(n as f64 / started.elapsed().as_secs_f64());
         assert_eq!(emitted, n / 2, "every order ready once");
@@ -137,7 +151,10 @@ fn main() {
             } else {
                 base + 3_600_000 + i as i64
             };
-            let e = Event::builder("a", format!("k-{i}")).id(format!("a-{i}")).timestamp(t).build();
+            let e = Event::builder("a", format!("k-{i}"))
+                .id(format!("a-{i}"))
+                .timestamp(t)
+                .build();
             (vec![format!("k-{i}")], e)
         })
         .collect();
@@ -149,7 +166,10 @@ fn main() {
     assert_eq!(table.pending_timers().unwrap(), pending as u64);
     let first_due = base + lead;
     let wait = first_due - floodway::event::now_millis();
-    assert!(wait > 0, "setting the timers took longer than the lead: raise it");
+    assert!(
+        wait > 0,
+        "setting the timers took longer than the lead: raise it"
+    );
     eprintln!("firing {soon} timers due over 10 s, {pending} pending...");
     rt.block_on(async {
         let timers = CepTimers::new(&hub, table.clone(), expiry(0), None);
@@ -189,7 +209,10 @@ fn main() {
     let past = floodway::event::now_millis() - 60_000;
     let events: Vec<(Vec<String>, Event)> = (0..backlog)
         .map(|i| {
-            let e = Event::builder("a", format!("k-{i}")).id(format!("a-{i}")).timestamp(past).build();
+            let e = Event::builder("a", format!("k-{i}"))
+                .id(format!("a-{i}"))
+                .timestamp(past)
+                .build();
             (vec![format!("k-{i}")], e)
         })
         .collect();

@@ -60,9 +60,13 @@ fn out_of_order_and_repeated_events_emit_once() {
     // The payment arrives first, then the order, then both again (a redelivery).
     let paid = event("p1", "payment-captured", "o1", now - 1_000);
     let placed = event("s1", "order-submitted", "o1", now - 2_000);
-    let first = table.collect(std::slice::from_ref(&paid), &rules(), ttl).unwrap();
+    let first = table
+        .collect(std::slice::from_ref(&paid), &rules(), ttl)
+        .unwrap();
     assert_eq!((first.collected, first.emitted), (1, 0));
-    let second = table.collect(std::slice::from_ref(&placed), &rules(), ttl).unwrap();
+    let second = table
+        .collect(std::slice::from_ref(&placed), &rules(), ttl)
+        .unwrap();
     assert_eq!(
         (second.collected, second.emitted, second.timers_set),
         (1, 1, 1)
