@@ -12,37 +12,13 @@ use floodway::Event;
 mod common;
 use common::{floodway, open_hub, says, start, text};
 
-const CONFIG: &str = r#"
-[[processors]]
-kind = "cep"
-name = "orders-cep"
-types = ["order-submitted", "payment-captured"]
-correlate = [{ key = "/order/id" }]
-ttl = "1h"
-
-[[processors.rules]]
-name = "ready"
-kind = "all"
-types = ["order-submitted", "payment-captured"]
-emit = "order-ready"
-
-[[processors.rules]]
-name = "expired"
-kind = "absence"
-first = "order-submitted"
-then = "payment-captured"
-within = "4s"
-emit = "order-expired"
-
-[[processors]]
-kind = "materialize"
-name = "outcomes"
-types = ["order-ready", "order-expired"]
-view = "outcomes"
-key = { pk = "partitionKey", sk = "outcome" }
-set = { type = "/type" }
-add = { n = 1 }
-"#;
+/// The order story with its correlation key in the order, not the partition key.
+fn config() -> String {
+    common::order_outcomes("4s").replace(
+        "ttl = \"1h\"",
+        "correlate = [{ key = \"/order/id\" }]\nttl = \"1h\"",
+    )
+}
 
 fn kill_after(mut child: Child, after: Duration) {
     std::thread::sleep(after);
@@ -54,7 +30,7 @@ fn kill_after(mut child: Child, after: Duration) {
 fn orders_are_ready_or_expire_once_through_kills() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("floodway.toml"), common::embedded(4, "", CONFIG)).unwrap();
+    std::fs::write(d.join("floodway.toml"), common::embedded(4, "", &config())).unwrap();
     let now = floodway::event::now_millis();
     let n = 120;
     let mut lines = Vec::new();
@@ -191,15 +167,15 @@ fn bad_rules_are_named() {
     let d = dir.path();
     for (bad, says_what) in [
         (
-            CONFIG.replace("within = \"4s\"", "within = \"2h\""),
+            config().replace("within = \"4s\"", "within = \"2h\""),
             "looks 7200s back, longer than the ttl",
         ),
         (
-            CONFIG.replace("emit = \"order-ready\"", "emit = \"order-submitted\""),
+            config().replace("emit = \"order-ready\"", "emit = \"order-submitted\""),
             "emits `order-submitted`, which its types take in again",
         ),
         (
-            CONFIG.replace("kind = \"absence\"", "kind = \"never\""),
+            config().replace("kind = \"absence\"", "kind = \"never\""),
             "kind `never` is none of all, sequence, threshold, absence",
         ),
     ] {

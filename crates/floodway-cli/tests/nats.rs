@@ -90,26 +90,7 @@ fn the_outbox_publishes_to_nats() {
     let url = server.url();
     let config = format!(
         "[hub]\npath = \"stores.db\"\npartitions = 4\n\n[hub.nats]\nservers = [\"{url}\"]\nstream = \"ROWS\"\nsubject = \"rows\"\n{}",
-        r#"
-[[processors]]
-kind = "materialize"
-name = "order-rows"
-types = ["order-*"]
-view = "order_rows"
-key = { pk = "/order/id", sk = "order" }
-set = { status = "/order/status" }
-add = { events = 1 }
-discriminator = "orderrow"
-outbox = true
-
-[[processors]]
-kind = "materialize"
-name = "changes"
-types = ["orderrow-*"]
-view = "changes"
-key = { pk = "partitionKey", sk = "count" }
-add = { changes = 1 }
-"#
+        common::ORDER_ROWS_AND_CHANGES
     );
     std::fs::write(d.join("floodway.toml"), config).unwrap();
     let events = floodway::testing::generate::orders(2_000, 3);
@@ -163,36 +144,7 @@ fn control_services_run_on_nats() {
     let url = server.url();
     let config = format!(
         "[hub]\npath = \"stores.db\"\npartitions = 2\n\n[hub.nats]\nservers = [\"{url}\"]\nstream = \"CEP\"\nsubject = \"cep\"\n{}",
-        r#"
-[[processors]]
-kind = "cep"
-name = "orders-cep"
-types = ["order-submitted", "payment-captured"]
-ttl = "1h"
-
-[[processors.rules]]
-name = "ready"
-kind = "all"
-types = ["order-submitted", "payment-captured"]
-emit = "order-ready"
-
-[[processors.rules]]
-name = "expired"
-kind = "absence"
-first = "order-submitted"
-then = "payment-captured"
-within = "2s"
-emit = "order-expired"
-
-[[processors]]
-kind = "materialize"
-name = "outcomes"
-types = ["order-ready", "order-expired"]
-view = "outcomes"
-key = { pk = "partitionKey", sk = "outcome" }
-set = { type = "/type" }
-add = { n = 1 }
-"#
+        common::order_outcomes("2s")
     );
     std::fs::write(d.join("floodway.toml"), config).unwrap();
     let now = floodway::event::now_millis();

@@ -13,35 +13,8 @@ use serde_json::Value;
 mod common;
 use common::{floodway, open_hub, says, start, text};
 
-/// Orders into rows (status, amount of items, a count of events) whose changes go to the
-/// outbox; a second processor counts each change into a row per order downstream.
 fn config() -> String {
-    common::embedded(
-        4,
-        "",
-        r#"
-[[processors]]
-kind = "materialize"
-name = "order-rows"
-types = ["order-*"]
-view = "order_rows"
-key = { pk = "/order/id", sk = "order" }
-set = { status = "/order/status", channel = "/order/channel" }
-add = { events = 1 }
-discriminator = "orderrow"
-ttl = "4000d"
-outbox = true
-
-[[processors]]
-kind = "materialize"
-name = "changes"
-types = ["orderrow-*"]
-view = "changes"
-key = { pk = "partitionKey", sk = "count" }
-add = { changes = 1 }
-set = { last = "/raw/new/events" }
-"#,
-    )
+    common::embedded(4, "", common::ORDER_ROWS_AND_CHANGES)
 }
 
 fn kill_after(mut child: Child, after: Duration) {

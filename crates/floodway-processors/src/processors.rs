@@ -258,21 +258,32 @@ pub fn materialize(
         name: name.into(),
         source,
     };
-    let build = |source| SetupError::Build {
-        name: name.into(),
-        source,
-    };
     let store = hubs.store.view(view).map_err(hub_err)?;
     let (key, value) = (key.to_owned(), value.map(str::to_owned));
     let sink = store.sink_json(
         move |e| key_of(&key, e),
         move |e| value_of(value.as_deref(), e),
     );
+    batched(hubs, name, types, protect, batch, sink)
+}
+
+/// A processor whose sink writes transactions of up to `batch` events (written after 20 ms
+/// under light load), with room for two in flight: one being written while the next fills.
+fn batched<S: floodway::Sink>(
+    hubs: &Hubs,
+    name: &str,
+    types: &[String],
+    protect: &Protect,
+    batch: usize,
+    sink: S,
+) -> Result<Processor, SetupError> {
     let pipeline = start(hubs, name, types, protect)?
         .batch(floodway::BatchConfig::count(batch).max_wait(Duration::from_millis(20)))
         .sink(sink)
-        .map_err(build)?;
-    // Room for two full transactions: one being written while the next fills.
+        .map_err(|source| SetupError::Build {
+            name: name.into(),
+            source,
+        })?;
     let in_flight = (2 * batch).max(floodway::runtime::ProcessorConfig::default().max_in_flight);
     publishing_faults_holding(hubs, name, pipeline, Some(in_flight))
 }
@@ -436,12 +447,7 @@ pub fn materialize_rows(
     let sink = RowSink::new(Arc::new(table), move |e| {
         Ok(vec![target.update(e, &deletes)?])
     });
-    let pipeline = start(hubs, name, types, protect)?
-        .batch(floodway::BatchConfig::count(batch).max_wait(Duration::from_millis(20)))
-        .sink(sink)
-        .map_err(build)?;
-    let in_flight = (2 * batch).max(floodway::runtime::ProcessorConfig::default().max_in_flight);
-    publishing_faults_holding(hubs, name, pipeline, Some(in_flight))
+    batched(hubs, name, types, protect, batch, sink)
 }
 
 /// Settings of the *cep* processor.
@@ -491,10 +497,6 @@ pub fn cep(
     settings: CepSettings,
     protect: &Protect,
 ) -> Result<Processor, SetupError> {
-    let build = |source| SetupError::Build {
-        name: name.into(),
-        source,
-    };
     let table = hubs.store.cep(name).map_err(|source| SetupError::Hub {
         name: name.into(),
         source,
@@ -525,12 +527,7 @@ pub fn cep(
             Ok::<_, Error>(delivery)
         }
     });
-    let pipeline = start(hubs, name, types, protect)?
-        .batch(floodway::BatchConfig::count(batch).max_wait(Duration::from_millis(20)))
-        .sink(sink)
-        .map_err(build)?;
-    let in_flight = (2 * batch).max(floodway::runtime::ProcessorConfig::default().max_in_flight);
-    publishing_faults_holding(hubs, name, pipeline, Some(in_flight))
+    batched(hubs, name, types, protect, batch, sink)
 }
 
 /// The timers of the configuration's *cep* processors, each to run beside its processor.

@@ -373,3 +373,66 @@ pub(crate) fn lambda_run(d: &Path, options: &[&str]) -> String {
     assert!(out.status.success(), "{}", text(&out));
     text(&out)
 }
+
+/// Orders into rows (status, channel, a count of events) whose changes go to the outbox as
+/// `orderrow-*` events; a second processor counts each change into a row per order
+/// downstream (`changes`, with the count of the last change seen).
+pub(crate) const ORDER_ROWS_AND_CHANGES: &str = r#"
+[[processors]]
+kind = "materialize"
+name = "order-rows"
+types = ["order-*"]
+view = "order_rows"
+key = { pk = "/order/id", sk = "order" }
+set = { status = "/order/status", channel = "/order/channel" }
+add = { events = 1 }
+discriminator = "orderrow"
+ttl = "4000d"
+outbox = true
+
+[[processors]]
+kind = "materialize"
+name = "changes"
+types = ["orderrow-*"]
+view = "changes"
+key = { pk = "partitionKey", sk = "count" }
+add = { changes = 1 }
+set = { last = "/raw/new/events" }
+"#;
+
+/// A cep processor of orders (ready when paid, expired when not paid `within`) and a
+/// materialize processor counting each order's outcomes in the rows table `outcomes`.
+pub(crate) fn order_outcomes(within: &str) -> String {
+    format!(
+        r#"
+[[processors]]
+kind = "cep"
+name = "orders-cep"
+types = ["order-submitted", "payment-captured"]
+ttl = "1h"
+
+[[processors.rules]]
+name = "ready"
+kind = "all"
+types = ["order-submitted", "payment-captured"]
+emit = "order-ready"
+
+[[processors.rules]]
+name = "expired"
+kind = "absence"
+first = "order-submitted"
+then = "payment-captured"
+within = "{within}"
+emit = "order-expired"
+
+[[processors]]
+kind = "materialize"
+name = "outcomes"
+types = ["order-ready", "order-expired"]
+view = "outcomes"
+key = {{ pk = "partitionKey", sk = "outcome" }}
+set = {{ type = "/type" }}
+add = {{ n = 1 }}
+"#
+    )
+}
