@@ -22,14 +22,24 @@ pub(crate) enum CepCommand {
         #[arg(long)]
         key: String,
     },
+    /// Watch control services work on the real clock: orders submitted over a few seconds,
+    /// most paid within the window (some payments before their order, some twice), the others
+    /// never; each paid order becomes ready, each unpaid one expires when its timer fires, and
+    /// every order ends with exactly one outcome.
+    ///
+    /// Example: floodway cep demo --orders 2000 --window 5s
+    Demo(crate::cep_demo::CepDemoArgs),
 }
 
 pub(crate) async fn run(command: CepCommand) -> anyhow::Result<()> {
-    let CepCommand::Show {
-        config: path,
-        processor,
-        key,
-    } = command;
+    let (path, processor, key) = match command {
+        CepCommand::Show {
+            config,
+            processor,
+            key,
+        } => (config, processor, key),
+        CepCommand::Demo(args) => return crate::cep_demo::run(args).await,
+    };
     let config = Config::load(&path)?;
     let ceps: Vec<&str> = config
         .processors

@@ -8,6 +8,7 @@ macro_rules! say {
 }
 
 mod cep_cmd;
+mod cep_demo;
 mod console;
 mod demo;
 mod faults_cmd;
@@ -72,7 +73,8 @@ enum Command {
     /// The transactional outbox: what is pending and what was published.
     #[command(subcommand)]
     Outbox(outbox_cmd::OutboxCommand),
-    /// Complex event processing: a correlation key's events, timers and emitted events.
+    /// Complex event processing: a correlation key's events, timers and emitted events; a
+    /// demo of control services on the real clock.
     #[command(subcommand)]
     Cep(cep_cmd::CepCommand),
     /// Run a processor as an AWS Lambda function: for real (`handler`), or locally against the

@@ -49,3 +49,30 @@ fn bad_arguments_say_what_is_wrong() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--events must be at least 1"), "{stderr}");
 }
+
+/// The control-services demo on the real clock: every order one outcome, expiries on time.
+#[test]
+fn the_control_services_demo_ends_with_one_outcome_per_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_floodway"))
+        .current_dir(dir.path())
+        .args([
+            "cep", "demo", "--orders", "300", "--over", "1", "--window", "1s",
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("an order with more than one outcome: 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("every order has exactly one outcome, and every expiry came within a second"),
+        "{text}"
+    );
+}
