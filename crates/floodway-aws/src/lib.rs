@@ -27,6 +27,7 @@
 mod claim;
 use floodway::Delivery;
 
+mod cep;
 mod classify;
 mod dynamodb;
 mod eventbridge;
@@ -39,6 +40,7 @@ mod sqs;
 pub mod testing;
 
 pub use aws_config::SdkConfig;
+pub use cep::DynamoDbCep;
 pub use claim::ClaimCheck;
 pub use classify::classify;
 pub use dynamodb::{DynamoDbState, DynamoDbView};

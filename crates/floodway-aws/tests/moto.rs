@@ -963,3 +963,173 @@ async fn a_row_tables_stream_is_its_outbox() {
     assert_eq!(got[1].timestamp(), 1_700_000_000_002);
     assert!(got.iter().all(|e| e.partition_key() == "thing-1"));
 }
+
+/// Control services on Lambda: sets in aws-lambda-stream's correlation-store layout (a set a
+/// Node `correlate` wrote is read as well), each emitted event once across repeats, and a
+/// timer fired from the `REMOVE` record of its item on the table's stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_services_keep_their_sets_in_the_correlation_store() {
+    use aws_sdk_dynamodb::types::AttributeValue as A;
+    use floodway::cep::{KindRule, RuleKind, SharedRule};
+    let (_moto, config) = Moto::configured().await;
+    let stream_arn = floodway_aws::testing::single_table(&config, "events", true)
+        .await
+        .unwrap();
+    let rules: Vec<SharedRule> = vec![
+        Arc::new(KindRule::new(
+            "ready",
+            RuleKind::All {
+                types: vec!["order-submitted".into(), "payment-captured".into()],
+            },
+            "order-ready",
+        )),
+        Arc::new(KindRule::new(
+            "expired",
+            RuleKind::Absence {
+                first: "order-submitted".into(),
+                then: Some("payment-captured".into()),
+                within: 900_000,
+            },
+            "order-expired",
+        )),
+    ];
+    let ttl = Duration::from_secs(3600);
+    let cep = floodway_aws::DynamoDbCep::new(&config, "events", "orders-cep");
+    let e = |ty: &str, id: &str, order: &str, t: i64| {
+        (
+            vec![order.to_owned()],
+            Event::builder(ty, order).id(id).timestamp(t).build(),
+        )
+    };
+    let t0 = 1_700_000_000_000;
+    // o-1 paid (the payment first), o-2 not paid; o-3's order a Node correlate wrote.
+    let entries = [
+        e("payment-captured", "p1", "o-1", t0 + 10),
+        e("order-submitted", "s1", "o-1", t0),
+        e("order-submitted", "s2", "o-2", t0),
+    ];
+    let emitted = cep.collect(&entries, &rules, ttl).await.unwrap();
+    let types: Vec<(&str, &str)> = emitted
+        .iter()
+        .map(|(k, e)| (k.as_str(), e.event_type()))
+        .collect();
+    assert_eq!(types, [("o-1", "order-ready")]);
+    assert_eq!(emitted[0].1.field("triggers").unwrap()[0]["id"], "s1");
+    // Not yet marked: a repeat emits it again (at least once); marked, never again.
+    assert_eq!(
+        cep.collect(&entries[..1], &rules, ttl).await.unwrap().len(),
+        1
+    );
+    cep.mark_emitted(&emitted, ttl).await.unwrap();
+    assert!(cep.collect(&entries, &rules, ttl).await.unwrap().is_empty());
+
+    let dynamo = aws_sdk_dynamodb::Client::new(&config);
+    let node_event =
+        json!({"id": "s3", "type": "order-submitted", "timestamp": t0, "partitionKey": "o-3"});
+    dynamo
+        .put_item()
+        .table_name("events")
+        .item("pk", A::S("o-3".into()))
+        .item("sk", A::S("s3".into()))
+        .item("discriminator", A::S("CORREL".into()))
+        .item("timestamp", A::N(t0.to_string()))
+        .item("ttl", A::N("1800000000".into()))
+        .item("ruleId", A::S("node-correlate".into()))
+        .item("event", floodway_aws_attribute(&node_event))
+        .send()
+        .await
+        .unwrap();
+    let paid = cep
+        .collect(&[e("payment-captured", "p3", "o-3", t0 + 5)], &rules, ttl)
+        .await
+        .unwrap();
+    assert_eq!(paid.len(), 1, "o-3's set holds the Node-written order");
+    let item = dynamo
+        .get_item()
+        .table_name("events")
+        .key("pk", A::S("o-1".into()))
+        .key("sk", A::S("s1".into()))
+        .send()
+        .await
+        .unwrap();
+    let item = item.item().unwrap();
+    assert_eq!(item["discriminator"], A::S("CORREL".into()));
+    assert_eq!(item["ruleId"], A::S("orders-cep".into()));
+    assert!(matches!(&item["event"], A::M(m) if m["id"] == A::S("s1".into())));
+
+    // The table's time to live removes the due timers; their REMOVE records fire them.
+    for (order, trigger) in [("o-1", "s1"), ("o-2", "s2")] {
+        dynamo
+            .delete_item()
+            .table_name("events")
+            .key("pk", A::S(format!("timer#{order}")))
+            .key("sk", A::S(format!("expired#{trigger}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    let streams = aws_sdk_dynamodbstreams::Client::new(&config);
+    let description = streams
+        .describe_stream()
+        .stream_arn(&stream_arn)
+        .send()
+        .await
+        .unwrap();
+    let mut records = Vec::new();
+    for shard in description.stream_description().unwrap().shards() {
+        records.extend(read_shard!(
+            streams,
+            aws_sdk_dynamodbstreams::types::ShardIteratorType,
+            shard.shard_id().unwrap(),
+            stream_arn(&stream_arn),
+            |r| stream_record_json(r, &stream_arn)
+        ));
+    }
+    let sink = MemorySink::new();
+    let pipeline = Pipeline::builder("timers")
+        .event_type("timer-deleted")
+        .sink(sink.clone())
+        .unwrap();
+    let report = StreamMapping::default()
+        .run_shard(
+            &StreamKind::DynamoDb,
+            "shard",
+            &renumber(dynamodb_shard(&records)),
+            &mut floodway_lambda::InProcess(handler("cdc", pipeline)),
+        )
+        .await;
+    assert!(report.given_up.is_empty(), "{report:?}");
+    let removed = sink.events();
+    assert_eq!(removed.len(), 2);
+    let mut expired = Vec::new();
+    for r in &removed {
+        expired.extend(
+            cep.fire_removed(&r.field("raw").unwrap()["old"], &rules)
+                .await
+                .unwrap(),
+        );
+    }
+    let fired: Vec<(&str, &str)> = expired
+        .iter()
+        .map(|(k, e)| (k.as_str(), e.event_type()))
+        .collect();
+    assert_eq!(fired, [("o-2", "order-expired")], "o-1 was paid in time");
+    assert_eq!(expired[0].1.timestamp(), t0 + 900_000);
+}
+
+/// A JSON value as a DynamoDB attribute, as the Node library's marshall writes it.
+fn floodway_aws_attribute(value: &Value) -> aws_sdk_dynamodb::types::AttributeValue {
+    use aws_sdk_dynamodb::types::AttributeValue as A;
+    match value {
+        Value::String(s) => A::S(s.clone()),
+        Value::Number(n) => A::N(n.to_string()),
+        Value::Bool(b) => A::Bool(*b),
+        Value::Object(m) => A::M(
+            m.iter()
+                .map(|(k, v)| (k.clone(), floodway_aws_attribute(v)))
+                .collect(),
+        ),
+        Value::Array(l) => A::L(l.iter().map(floodway_aws_attribute).collect()),
+        Value::Null => A::Null(true),
+    }
+}
