@@ -127,6 +127,59 @@ pub trait Rule: Send + Sync + Debug {
 /// A rule shared by processors.
 pub type SharedRule = Arc<dyn Rule>;
 
+/// A rule made of a closure over the set and the event that joined it, for what the
+/// configuration's kinds do not say (it sets no timers).
+///
+/// ```
+/// use floodway::cep::{rule_fn, Firing};
+/// // Two payments for one order: a refund is due.
+/// let twice = rule_fn("paid-twice", |set, added| {
+///     let paid: Vec<_> = set.iter().filter(|c| c.event_type == "payment-captured").collect();
+///     if paid.len() == 2 && added.event_type == "payment-captured" {
+///         vec![Firing {
+///             rule: "paid-twice".into(),
+///             event_type: "refund-due".into(),
+///             timestamp: added.timestamp,
+///             triggers: paid.into_iter().cloned().collect(),
+///         }]
+///     } else {
+///         Vec::new()
+///     }
+/// });
+/// # let _ = twice;
+/// ```
+pub fn rule_fn<F>(name: impl Into<String>, evaluate: F) -> SharedRule
+where
+    F: Fn(&[Collected], &Collected) -> Vec<Firing> + Send + Sync + 'static,
+{
+    struct FnRule<F> {
+        name: String,
+        evaluate: F,
+    }
+    impl<F> Debug for FnRule<F> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("FnRule")
+                .field("name", &self.name)
+                .finish_non_exhaustive()
+        }
+    }
+    impl<F> Rule for FnRule<F>
+    where
+        F: Fn(&[Collected], &Collected) -> Vec<Firing> + Send + Sync,
+    {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn evaluate(&self, set: &[Collected], added: &Collected) -> Vec<Firing> {
+            (self.evaluate)(set, added)
+        }
+    }
+    Arc::new(FnRule {
+        name: name.into(),
+        evaluate,
+    })
+}
+
 /// The kinds of rules the configuration file writes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RuleKind {
