@@ -9,7 +9,7 @@ use floodway::hub::HubFuture;
 use floodway::idempotence::Version;
 use floodway::rows::{merge_with, Outcome, Row, RowKey, RowMeta, RowQuery, RowStore, Update};
 use floodway::Event;
-use rusqlite::{Connection, OptionalExtension, Transaction};
+use rusqlite::{Connection, Transaction};
 
 use crate::error::HubError;
 use crate::inbox::Inbox;
@@ -268,18 +268,14 @@ impl RowTable {
     /// A storage failure, or a stored row that is not JSON.
     pub fn get(&self, key: &RowKey) -> Result<Option<Row>, HubError> {
         let conn = self.conn()?;
-        let row = conn
-            .query_row(
-                &format!(
-                    "SELECT {COLUMNS} FROM {} WHERE pk = ?1 AND sk = ?2 AND live = 1 \
-                     AND (expires IS NULL OR expires > ?3)",
-                    self.table
-                ),
-                (&key.pk, &key.sk, now_millis()),
-                read_raw,
-            )
-            .optional()?;
-        row.map(to_row).transpose()
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM {} WHERE pk = ?1 AND sk = ?2 AND live = 1 \
+             AND (expires IS NULL OR expires > ?3)",
+            self.table
+        ))?;
+        let mut rows = stmt.query((&key.pk, &key.sk, now_millis()))?;
+        let row = rows.next()?.map(parse_row).transpose();
+        row
     }
 
     /// The rows `query` selects, in sort-key order, live and unexpired.
@@ -295,17 +291,14 @@ impl RowTable {
             self.table
         ))?;
         let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
-        let rows = stmt.query_map(
-            (
-                &query.pk,
-                &query.sk_prefix,
-                &query.after,
-                now_millis(),
-                limit,
-            ),
-            read_raw,
-        )?;
-        rows.map(|r| to_row(r?)).collect()
+        let rows = parse_rows(stmt.query((
+            &query.pk,
+            &query.sk_prefix,
+            &query.after,
+            now_millis(),
+            limit,
+        ))?);
+        rows
     }
 
     /// Every live row, by key, from the one after `after` on, at most `limit`.
@@ -321,8 +314,8 @@ impl RowTable {
         ))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let (pk, sk) = (after.map(|k| &k.pk), after.map(|k| &k.sk));
-        let rows = stmt.query_map((pk, sk, now_millis(), limit), read_raw)?;
-        rows.map(|r| to_row(r?)).collect()
+        let rows = parse_rows(stmt.query((pk, sk, now_millis(), limit))?);
+        rows
     }
 
     /// Deletes the rows expired at `now` (ms since the epoch), 1,000 per transaction so that
@@ -355,31 +348,12 @@ impl RowTable {
 
 const COLUMNS: &str = "pk, sk, disc, time, event, fields, meta, expires, live";
 
-type RawRow = (
-    String,
-    String,
-    Option<String>,
-    i64,
-    String,
-    String,
-    String,
-    Option<i64>,
-);
-
-fn read_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-    ))
-}
-
-fn to_row((pk, sk, disc, time, event, fields, meta, expires): RawRow) -> Result<Row, HubError> {
+/// A row as selected by [`COLUMNS`], its JSON parsed from the text SQLite holds without
+/// copying it first.
+fn parse_row(r: &rusqlite::Row<'_>) -> Result<Row, HubError> {
+    let text = |i: usize| -> Result<&str, HubError> {
+        Ok(r.get_ref(i)?.as_str().map_err(rusqlite::Error::from)?)
+    };
     let corrupt = |what: &'static str| {
         move |e: serde_json::Error| HubError::Corrupt {
             what,
@@ -387,18 +361,30 @@ fn to_row((pk, sk, disc, time, event, fields, meta, expires): RawRow) -> Result<
         }
     };
     let mut row = Row {
-        key: RowKey { pk, sk },
-        discriminator: disc,
-        fields: serde_json::from_str(&fields).map_err(corrupt("row fields"))?,
-        version: Version {
-            timestamp: time,
-            id: event,
+        key: RowKey {
+            pk: r.get(0)?,
+            sk: r.get(1)?,
         },
-        expires_at: expires,
-        meta: serde_json::from_str::<RowMeta>(&meta).map_err(corrupt("row versions"))?,
+        discriminator: r.get(2)?,
+        fields: serde_json::from_str(text(5)?).map_err(corrupt("row fields"))?,
+        version: Version {
+            timestamp: r.get(3)?,
+            id: r.get(4)?,
+        },
+        expires_at: r.get(7)?,
+        meta: serde_json::from_str::<RowMeta>(text(6)?).map_err(corrupt("row versions"))?,
     };
     row.restore_meta();
     Ok(row)
+}
+
+/// Every row a statement gives.
+fn parse_rows(mut rows: rusqlite::Rows<'_>) -> Result<Vec<Row>, HubError> {
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(parse_row(r)?);
+    }
+    Ok(out)
 }
 
 /// Reads and writes rows inside one transaction, with statements prepared once.
@@ -422,16 +408,15 @@ impl<'tx> Writer<'tx> {
         })
     }
 
+    /// The row at `key` as stored (tombstones too).
     fn read(&mut self, key: &RowKey) -> Result<Option<Row>, HubError> {
-        let raw = self
-            .read
-            .query_row((&key.pk, &key.sk), read_raw)
-            .optional()?;
-        raw.map(to_row).transpose()
+        let mut rows = self.read.query((&key.pk, &key.sk))?;
+        rows.next()?.map(parse_row).transpose()
     }
 
     fn write(&mut self, row: &Row) -> Result<(), HubError> {
-        let fields = serde_json::Value::Object(row.fields.clone()).to_string();
+        let fields = serde_json::to_string(&row.fields)
+            .map_err(|e| HubError::Invalid(e.to_string()))?;
         let meta = serde_json::to_string(&row.stored_meta())
             .map_err(|e| HubError::Invalid(e.to_string()))?;
         self.write.execute((
