@@ -415,8 +415,8 @@ impl<'tx> Writer<'tx> {
     }
 
     fn write(&mut self, row: &Row) -> Result<(), HubError> {
-        let fields = serde_json::to_string(&row.fields)
-            .map_err(|e| HubError::Invalid(e.to_string()))?;
+        let fields =
+            serde_json::to_string(&row.fields).map_err(|e| HubError::Invalid(e.to_string()))?;
         let meta = serde_json::to_string(&row.stored_meta())
             .map_err(|e| HubError::Invalid(e.to_string()))?;
         self.write.execute((

@@ -318,15 +318,23 @@ impl Row {
     /// the row holds (most fields were written by its latest event), and
     /// [`Row::restore_meta`] puts them back. A tombstone's versions are always kept.
     pub fn stored_meta(&self) -> RowMeta {
-        let mut meta = self.meta.clone();
         let held = |name: &str| match name {
             "discriminator" => self.discriminator.is_some(),
             "ttl" => self.expires_at.is_some(),
-            field => self.fields.contains_key(field),
+            // A field holding set elements gets no version back: it keeps its own.
+            field => self.fields.contains_key(field) && !self.meta.elements.contains_key(field),
         };
-        meta.fields
-            .retain(|name, v| *v != self.version || !held(name));
-        meta
+        RowMeta {
+            fields: self
+                .meta
+                .fields
+                .iter()
+                .filter(|(name, v)| **v != self.version || !held(name))
+                .map(|(name, v)| (name.clone(), v.clone()))
+                .collect(),
+            elements: self.meta.elements.clone(),
+            deleted: self.meta.deleted.clone(),
+        }
     }
 
     /// Puts back the versions [`Row::stored_meta`] left out.
