@@ -197,9 +197,19 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut timers = Vec::new();
     for (name, cep) in floodway_processors::cep_timers(&hubs, &config)? {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(cep.run(async move {
-            let _ = stopped.await;
-        }));
+        let timers_of = name.clone();
+        let task = tokio::spawn(async move {
+            let report = cep
+                .run(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+            // Said at once: due timers wait in the hub file until a run fires them.
+            if let Err(err) = &report {
+                tracing::error!(processor = %timers_of, error = %err, "the timers stopped");
+            }
+            report
+        });
         timers.push((name.clone(), stop, task));
         let store = hubs.store.clone();
         tokio::spawn(async move {

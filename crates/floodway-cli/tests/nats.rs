@@ -194,3 +194,106 @@ fn control_services_run_on_nats() {
         assert_eq!(row.fields["n"], 1, "o-{i}");
     }
 }
+
+/// A timer that falls due while its target is down: what it emits waits in the outbox, the
+/// relay tries again, and once the server is back the expiry is published, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_due_during_an_outage_of_the_target_is_published_once_it_is_back() {
+    use floodway::cep::{KindRule, RuleKind, SharedRule};
+    use floodway::hub::ReadOptions;
+    use floodway::Source as _;
+    use std::sync::Arc;
+    use std::time::Duration;
+    let mut server = NatsServer::start();
+    let options = floodway_nats::NatsHubOptions {
+        servers: vec![server.url()],
+        stream: "TIMERS".into(),
+        subject: "timers".into(),
+        partitions: Some(1),
+        ..Default::default()
+    };
+    let nats = floodway_nats::NatsHub::connect(&options).await.unwrap();
+    let target: floodway::SharedHub =
+        Arc::new(floodway_nats::NatsEventHub::new(nats, Default::default()));
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        floodway_embedded::Hub::open(dir.path().join("stores.db"), Default::default()).unwrap();
+    let table = store.cep("orders-cep").unwrap();
+    let rules: Vec<SharedRule> = vec![Arc::new(KindRule::new(
+        "expired",
+        RuleKind::Absence {
+            first: "order-submitted".into(),
+            then: None,
+            within: 500,
+        },
+        "order-expired",
+    ))];
+    let now = floodway::event::now_millis();
+    let placed = floodway::Event::builder("order-submitted", "o-1")
+        .id("s-1")
+        .timestamp(now)
+        .build();
+    table
+        .collect(&[(vec!["o-1".to_owned()], placed)], &rules, None)
+        .unwrap();
+    // The target goes down before the timer is due.
+    server.kill();
+    let timers = floodway_embedded::CepTimers::new(&store, table.clone(), rules, None);
+    let relay = floodway_embedded::OutboxRelay::new(&store).unwrap();
+    let (stop_timers, timers_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
+    let timers = tokio::spawn(timers.run(async move {
+        let _ = timers_stopped.await;
+    }));
+    let relay = tokio::spawn(relay.run(target.clone(), async move {
+        let _ = relay_stopped.await;
+    }));
+    let outbox = store.outbox().unwrap();
+    // The timer fires into the outbox; the relay cannot publish it.
+    let started = std::time::Instant::now();
+    while outbox.pending(1).unwrap().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the timer fires"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        outbox.stats().unwrap().pending(),
+        1,
+        "waits while the target is down"
+    );
+    server.restart();
+    while !outbox.pending(1).unwrap().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "published once back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop_timers.send(());
+    let _ = stop_relay.send(());
+    assert_eq!(timers.await.unwrap().unwrap().timers_fired, 1);
+    // (While the server was down its publish failed and was tried again, or waited for the
+    // client to reconnect: either way it is published once.)
+    let report = relay.await.unwrap().unwrap();
+    assert_eq!(report.published, 1, "{report:?}");
+    let read = ReadOptions {
+        transient: true,
+        ..ReadOptions::default()
+    }
+    .bounded();
+    let mut sub = target.subscribe("check", read).await.unwrap();
+    let mut expired = 0;
+    while let Some(batch) = sub.reader.next_batch(100).await.unwrap() {
+        for r in batch {
+            let e = floodway::Event::decode(&r.data).unwrap();
+            if e.event_type() == "order-expired" {
+                expired += 1;
+                assert_eq!(e.timestamp(), now + 500);
+            }
+        }
+    }
+    assert_eq!(expired, 1);
+}
