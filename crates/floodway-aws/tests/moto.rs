@@ -370,23 +370,7 @@ async fn real_dynamodb_stream_records_become_change_events() {
         .unwrap();
 
     // The stream, as Lambda would deliver it.
-    let streams = aws_sdk_dynamodbstreams::Client::new(&config);
-    let description = streams
-        .describe_stream()
-        .stream_arn(&stream_arn)
-        .send()
-        .await
-        .unwrap();
-    let mut records = Vec::new();
-    for shard in description.stream_description().unwrap().shards() {
-        records.extend(read_shard!(
-            streams,
-            aws_sdk_dynamodbstreams::types::ShardIteratorType,
-            shard.shard_id().unwrap(),
-            stream_arn(&stream_arn),
-            |r| stream_record_json(r, &stream_arn)
-        ));
-    }
+    let records = dynamodb_stream(&config, &stream_arn).await;
     assert_eq!(records.len(), 5);
     let stream = dynamodb_shard(&records);
     let (got, _) = run_cdc(&renumber(stream.clone())).await;
@@ -415,6 +399,29 @@ async fn real_dynamodb_stream_records_become_change_events() {
         .invocations
         .iter()
         .all(|i| i.outcome == floodway_lambda::simulator::Outcome::Success));
+}
+
+/// Every record of a table's stream, from each shard's trim horizon, in the JSON shape Lambda
+/// delivers.
+async fn dynamodb_stream(config: &SdkConfig, stream_arn: &str) -> Vec<Value> {
+    let streams = aws_sdk_dynamodbstreams::Client::new(config);
+    let description = streams
+        .describe_stream()
+        .stream_arn(stream_arn)
+        .send()
+        .await
+        .unwrap();
+    let mut records = Vec::new();
+    for shard in description.stream_description().unwrap().shards() {
+        records.extend(read_shard!(
+            streams,
+            aws_sdk_dynamodbstreams::types::ShardIteratorType,
+            shard.shard_id().unwrap(),
+            stream_arn(stream_arn),
+            |r| stream_record_json(r, stream_arn)
+        ));
+    }
+    records
 }
 
 /// Gives each DynamoDB stream record the simulator's sequence number.
@@ -931,23 +938,7 @@ async fn a_row_tables_stream_is_its_outbox() {
         .await
         .unwrap();
 
-    let streams = aws_sdk_dynamodbstreams::Client::new(&config);
-    let description = streams
-        .describe_stream()
-        .stream_arn(&stream_arn)
-        .send()
-        .await
-        .unwrap();
-    let mut records = Vec::new();
-    for shard in description.stream_description().unwrap().shards() {
-        records.extend(read_shard!(
-            streams,
-            aws_sdk_dynamodbstreams::types::ShardIteratorType,
-            shard.shard_id().unwrap(),
-            stream_arn(&stream_arn),
-            |r| stream_record_json(r, &stream_arn)
-        ));
-    }
+    let records = dynamodb_stream(&config, &stream_arn).await;
     // Three writes of thing-1, two inbox items (its counter, the listener's), the listener's row.
     assert_eq!(records.len(), 6, "{records:#?}");
     let (got, checkpoint) = run_cdc(&renumber(dynamodb_shard(&records))).await;
@@ -1068,23 +1059,7 @@ async fn control_services_keep_their_sets_in_the_correlation_store() {
             .await
             .unwrap();
     }
-    let streams = aws_sdk_dynamodbstreams::Client::new(&config);
-    let description = streams
-        .describe_stream()
-        .stream_arn(&stream_arn)
-        .send()
-        .await
-        .unwrap();
-    let mut records = Vec::new();
-    for shard in description.stream_description().unwrap().shards() {
-        records.extend(read_shard!(
-            streams,
-            aws_sdk_dynamodbstreams::types::ShardIteratorType,
-            shard.shard_id().unwrap(),
-            stream_arn(&stream_arn),
-            |r| stream_record_json(r, &stream_arn)
-        ));
-    }
+    let records = dynamodb_stream(&config, &stream_arn).await;
     let sink = MemorySink::new();
     let pipeline = Pipeline::builder("timers")
         .event_type("timer-deleted")

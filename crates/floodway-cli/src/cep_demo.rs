@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use floodway::hub::ReadOptions;
 use floodway::rows::RowKey;
 use floodway::Event;
@@ -101,25 +101,7 @@ pub(crate) async fn run(args: CepDemoArgs) -> anyhow::Result<()> {
     if window < Duration::from_millis(100) {
         bail!("--window must be at least 100ms");
     }
-    let temp;
-    let dir = match &args.dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            dir.clone()
-        }
-        None => {
-            temp = tempfile::tempdir()?;
-            temp.path().to_owned()
-        }
-    };
-    let hub_path = dir.join("control.db");
-    if hub_path.exists() {
-        bail!(
-            "{} exists: the demo starts from a fresh hub; remove it or pick another --dir",
-            hub_path.display()
-        );
-    }
+    let (_temp, hub_path) = crate::util::fresh_demo_hub(args.dir.as_deref(), "control.db")?;
     let config = config(&hub_path, window)?;
     let (hubs, processors) = build_all(&config).await?;
     let hub = hubs.store.clone();

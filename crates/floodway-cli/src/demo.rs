@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use floodway::hub::ReadOptions;
 use floodway::idempotence::{MemoryView, Version};
 use floodway::testing::generate;
@@ -263,25 +263,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let tally = crate::tally::Tally::default();
     metrics::set_global_recorder(tally.clone())
         .map_err(|e| anyhow::anyhow!("cannot count metrics: {e}"))?;
-    let temp;
-    let dir = match &args.dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            dir.clone()
-        }
-        None => {
-            temp = tempfile_dir()?;
-            temp.path().to_owned()
-        }
-    };
-    let hub_path = dir.join("demo.db");
-    if hub_path.exists() {
-        bail!(
-            "{} exists: the demo starts from a fresh hub; remove it or pick another --dir",
-            hub_path.display()
-        );
-    }
+    let (_temp, hub_path) = crate::util::fresh_demo_hub(args.dir.as_deref(), "demo.db")?;
 
     // The events: some order events lack their order id (a producer's bug), some are published
     // twice (a producer's retry).
@@ -572,8 +554,4 @@ fn config_with_key(config: &Config, new_key: &str) -> Config {
         }
     }
     fixed
-}
-
-fn tempfile_dir() -> anyhow::Result<tempfile::TempDir> {
-    Ok(tempfile::tempdir()?)
 }

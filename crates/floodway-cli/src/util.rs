@@ -194,6 +194,36 @@ pub(crate) fn say(args: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Where a demo keeps its hub `file`: in `dir` (made if missing) or in a temporary directory
+/// (returned, to live as long as the demo); an error if the hub is there already, for a demo
+/// starts from a fresh hub.
+pub(crate) fn fresh_demo_hub(
+    dir: Option<&std::path::Path>,
+    file: &str,
+) -> anyhow::Result<(Option<tempfile::TempDir>, std::path::PathBuf)> {
+    use anyhow::Context as _;
+    let (temp, dir) = match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            (None, dir.to_owned())
+        }
+        None => {
+            let temp = tempfile::tempdir()?;
+            let dir = temp.path().to_owned();
+            (Some(temp), dir)
+        }
+    };
+    let hub = dir.join(file);
+    if hub.exists() {
+        anyhow::bail!(
+            "{} exists: the demo starts from a fresh hub; remove it or pick another --dir",
+            hub.display()
+        );
+    }
+    Ok((temp, hub))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
