@@ -12,7 +12,7 @@ use anyhow::bail;
 use floodway::hub::ReadOptions;
 use floodway::rows::RowKey;
 use floodway::Event;
-use floodway_processors::{build_all, cep_timers, run_all, Config};
+use floodway_processors::{build_all, run_all, start_background, Config};
 
 /// Options of `floodway cep demo`.
 #[derive(clap::Args)]
@@ -115,23 +115,7 @@ pub(crate) async fn run(args: CepDemoArgs) -> anyhow::Result<()> {
     );
 
     // The relay and the timers, as `floodway run` has them.
-    let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
-    let relay = tokio::spawn(floodway_embedded::OutboxRelay::new(&hub)?.run(
-        hubs.events.clone(),
-        async move {
-            let _ = relay_stopped.await;
-        },
-    ));
-    let mut timers = Vec::new();
-    for (_, t) in cep_timers(&hubs, &config)? {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        timers.push((
-            stop,
-            tokio::spawn(t.run(async move {
-                let _ = stopped.await;
-            })),
-        ));
-    }
+    let background = start_background(&hubs, &config)?;
     let (stop_processors, processors_stopped) = tokio::sync::oneshot::channel::<()>();
     let events = hubs.events.clone();
     let running = tokio::spawn(async move {
@@ -242,12 +226,10 @@ pub(crate) async fn run(args: CepDemoArgs) -> anyhow::Result<()> {
     running
         .await?
         .map_err(|(name, e)| anyhow::anyhow!("processor `{name}` stopped: {e}"))?;
-    for (stop, task) in timers {
-        let _ = stop.send(());
-        task.await??;
-    }
-    let _ = stop_relay.send(());
-    relay.await??;
+    background
+        .stop()
+        .await
+        .map_err(|(what, e)| anyhow::anyhow!("{what} stopped: {e}"))?;
 
     // How late the expiries came: their publication against their time.
     let mut late: Vec<i64> = hub

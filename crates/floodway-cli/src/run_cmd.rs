@@ -124,109 +124,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
-    // Rows past their time to live are not read; once a minute they are deleted, without a
-    // change event (DynamoDB's TTL deletions are stream records, which change data capture
-    // skips by default).
-    let expiring: Vec<String> = config
-        .processors
-        .iter()
-        .filter_map(|p| match p {
-            floodway_processors::ProcessorConfig::Materialize {
-                view,
-                key: floodway_processors::config::ViewKey::Row { .. },
-                ttl: Some(_),
-                ..
-            } => Some(view.clone()),
-            _ => None,
-        })
-        .collect();
-    if !expiring.is_empty() {
-        let store = hubs.store.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
-            loop {
-                every.tick().await;
-                for name in &expiring {
-                    let (store, name) = (store.clone(), name.clone());
-                    let expired = tokio::task::spawn_blocking(move || {
-                        store.rows(&name)?.expire(floodway::event::now_millis())
-                    })
-                    .await;
-                    match expired {
-                        Ok(Ok(n)) if n > 0 => tracing::info!(rows = n, "expired rows deleted"),
-                        Ok(Ok(_)) => {}
-                        Ok(Err(err)) => {
-                            tracing::warn!(error = %err, "deleting expired rows failed")
-                        }
-                        Err(err) => tracing::warn!(error = %err, "deleting expired rows failed"),
-                    }
-                }
-            }
-        });
-    }
-    // The outbox's relay, when a processor writes to it: stopped after the processors, once
-    // the outbox is empty or after 5 s (what is left waits for the next run).
-    let relay = if config.processors.iter().any(|p| {
-        matches!(
-            p,
-            floodway_processors::ProcessorConfig::Materialize { outbox: true, .. }
-                | floodway_processors::ProcessorConfig::Cep { .. }
-        )
-    }) {
-        let relay = floodway_embedded::OutboxRelay::new(&hubs.store)?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let to = hubs.events.clone();
-        let task = tokio::spawn(async move {
-            let report = relay
-                .run(to, async move {
-                    let _ = stopped.await;
-                })
-                .await;
-            // Said at once, not only when the command stops.
-            if let Err(err) = &report {
-                tracing::error!(error = %err, "the outbox relay stopped; changes wait in the outbox");
-            }
-            report
-        });
-        Some((stop, task))
-    } else {
-        None
-    };
-    // The CEP processors' timers, each under its lease, stopped with the processors; and
-    // their events past the time to live deleted once a minute.
-    let mut timers = Vec::new();
-    for (name, cep) in floodway_processors::cep_timers(&hubs, &config)? {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let timers_of = name.clone();
-        let task = tokio::spawn(async move {
-            let report = cep
-                .run(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-            // Said at once: due timers wait in the hub file until a run fires them.
-            if let Err(err) = &report {
-                tracing::error!(processor = %timers_of, error = %err, "the timers stopped");
-            }
-            report
-        });
-        timers.push((name.clone(), stop, task));
-        let store = hubs.store.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
-            loop {
-                every.tick().await;
-                let (store, name) = (store.clone(), name.clone());
-                let expired = tokio::task::spawn_blocking(move || {
-                    store.cep(&name)?.expire(floodway::event::now_millis())
-                })
-                .await;
-                if let Ok(Err(err)) = expired {
-                    tracing::warn!(error = %err, "deleting expired CEP events failed");
-                }
-            }
-        });
-    }
+    // The outbox's relay, the CEP timers and the expiry of rows, stopped after the
+    // processors.
+    let background = floodway_processors::start_background(&hubs, &config)?;
     let names: Vec<String> = processors.iter().map(|p| p.name().to_owned()).collect();
     eprintln!(
         "running {} on {} (stop with Ctrl-C)",
@@ -245,29 +145,17 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(console) = console {
         console.abort();
     }
-    for (name, stop, task) in timers {
-        let _ = stop.send(());
-        let report = task
-            .await?
-            .map_err(|e| anyhow::anyhow!("the timers of `{name}` stopped: {e}"))?;
-        eprintln!("{name}: {} timers fired", report.timers_fired);
+    let done = background
+        .stop()
+        .await
+        .map_err(|(what, e)| anyhow::anyhow!("{what} stopped: {e}"))?;
+    for (name, fired) in &done.timers {
+        eprintln!("{name}: {} timers fired", fired.timers_fired);
     }
-    if let Some((stop, task)) = relay {
-        let outbox = hubs.store.outbox()?;
-        let drained = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !task.is_finished()
-            && std::time::Instant::now() < drained
-            && !outbox.pending(1)?.is_empty()
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        let _ = stop.send(());
-        let report = task
-            .await?
-            .map_err(|e| anyhow::anyhow!("the outbox relay stopped: {e}"))?;
+    if let Some(relay) = done.relay {
         eprintln!(
             "outbox: {} events published ({} already held by the hub)",
-            report.published, report.duplicates
+            relay.published, relay.duplicates
         );
     }
     for (name, report) in reports {

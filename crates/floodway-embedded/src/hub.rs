@@ -564,13 +564,7 @@ impl Hub {
     /// # Errors
     /// A storage failure.
     pub fn row_tables(&self) -> Result<Vec<String>, HubError> {
-        let conn = self.connect()?;
-        let mut stmt = conn.prepare(
-            "SELECT substr(name, 6) FROM sqlite_master WHERE type = 'table' \
-             AND name LIKE 'rows\\_%' ESCAPE '\\' ORDER BY name",
-        )?;
-        let names = stmt.query_map([], |r| r.get(0))?;
-        Ok(names.collect::<Result<_, _>>()?)
+        self.tables_named(crate::rows::TABLE_PREFIX)
     }
 
     /// The state of the CEP processor `processor` (its collected events, timers and emitted
@@ -603,12 +597,17 @@ impl Hub {
     /// # Errors
     /// A storage failure.
     pub fn views(&self) -> Result<Vec<String>, HubError> {
+        self.tables_named("view_")
+    }
+
+    /// The names (without `prefix`) of the tables whose names start with `prefix`, in order.
+    fn tables_named(&self, prefix: &str) -> Result<Vec<String>, HubError> {
         let conn = self.connect()?;
         let mut stmt = conn.prepare(
-            "SELECT substr(name, 6) FROM sqlite_master WHERE type = 'table' \
-             AND name LIKE 'view\\_%' ESCAPE '\\' ORDER BY name",
+            "SELECT substr(name, length(?1) + 1) FROM sqlite_master WHERE type = 'table' \
+             AND substr(name, 1, length(?1)) = ?1 ORDER BY name",
         )?;
-        let names = stmt.query_map([], |r| r.get(0))?;
+        let names = stmt.query_map([prefix], |r| r.get(0))?;
         Ok(names.collect::<Result<_, _>>()?)
     }
 }

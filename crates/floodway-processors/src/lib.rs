@@ -12,10 +12,12 @@
 //! a NATS JetStream stream ([`hubs`]); views and faults are kept in the SQLite file either way.
 //! [`config`] describes the file format.
 
+pub mod background;
 pub mod config;
 pub mod hubs;
 pub mod processors;
 
+pub use background::{start_background, Background, BackgroundReport};
 pub use config::{Config, ConfigError, ProcessorConfig};
 pub use hubs::Hubs;
 pub use processors::{

@@ -231,16 +231,23 @@ impl Update {
     /// Poison, naming the field.
     pub fn check(&self) -> Result<(), Error> {
         let bad = |why: String| Err(Error::poison_msg("InvalidUpdate", why));
-        let mut seen = std::collections::HashSet::new();
-        let names = self.set.iter().map(|(f, _)| f).chain(&self.remove);
-        for field in names.chain(self.add.iter().map(|(f, _)| f)) {
+        // Every update is checked on its way to a store: a few names, compared without
+        // allocating.
+        let names = || {
+            self.set
+                .iter()
+                .map(|(f, _)| f)
+                .chain(&self.remove)
+                .chain(self.add.iter().map(|(f, _)| f))
+        };
+        for (i, field) in names().enumerate() {
             if field.is_empty() {
                 return bad("a field has no name".into());
             }
             if RESERVED.contains(&field.as_str()) {
                 return bad(format!("{field} is the row's own; it cannot be written"));
             }
-            if !seen.insert(field) {
+            if names().take(i).any(|f| f == field) {
                 return bad(format!("{field} is written twice by one update"));
             }
         }
