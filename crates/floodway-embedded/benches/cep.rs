@@ -14,6 +14,10 @@ use floodway::cep::{KindRule, RuleKind, SharedRule};
 use floodway::Event;
 use floodway_embedded::{CepTimers, Hub, HubOptions};
 
+/// The allocator the `floodway` command uses (and BENCHMARKS.md recommends for services).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../../floodway/benches/common/mod.rs"]
 #[macro_use]
 mod common;

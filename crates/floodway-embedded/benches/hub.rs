@@ -14,6 +14,10 @@ use floodway::{BatchConfig, Event, Pipeline, Processor};
 use floodway_embedded::{Hub, HubOptions, SubscriptionOptions};
 use tower::Service;
 
+/// The allocator the `floodway` command uses (and BENCHMARKS.md recommends for services).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../../floodway/benches/common/mod.rs"]
 #[macro_use]
 mod common;

@@ -15,6 +15,10 @@ use floodway::Event;
 use floodway_embedded::{Hub, HubOptions, OutboxRelay};
 use serde_json::{Map, Value};
 
+/// The allocator the `floodway` command uses (and BENCHMARKS.md recommends for services).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../../floodway/benches/common/mod.rs"]
 #[macro_use]
 mod common;
