@@ -2,12 +2,15 @@
 //! aws-lambda-stream's correlation store, so Node and Rust rules can share one table.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
 use floodway::cep::{in_time_order, Collected, SharedRule, Timer};
-use floodway::{Error, Event};
+use floodway::layer::BoxFuture;
+use floodway::sink::Delivery;
+use floodway::{Batch, Error, Event, Sink, Uow};
 use serde_json::Value;
 
 use crate::classify::classify;
@@ -30,8 +33,8 @@ pub(crate) const TIMER: &str = "TIMER";
 ///   (ms) and `ttl` (its due time in seconds), so the table's time to live deletes it once
 ///   due and the deletion (a `REMOVE` record on the table's stream, `timer-deleted` from change
 ///   data capture with `keep_ttl_deletes`) fires it through [`DynamoDbCep::fire_removed`]
-///   (within the minutes to hours DynamoDB takes: for tighter timers, call
-///   [`DynamoDbCep::fire`] from a schedule);
+///   (within the minutes to hours DynamoDB takes: for tighter timers, add
+///   [`TimerSchedules`], which also schedules each timer on EventBridge Scheduler);
 /// - what was emitted: `pk = fired#{key}`, `sk` the emitted event's id, with the set's `ttl`.
 ///
 /// Emission is at least once with stable ids: [`DynamoDbCep::collect`] returns the events to
@@ -43,6 +46,156 @@ pub struct DynamoDbCep {
     table: String,
     processor: String,
     region: Option<String>,
+    schedules: Option<TimerSchedules>,
+}
+
+/// The type of the event a timer's schedule delivers (the `detail-type` of its EventBridge
+/// envelope, and the type of the event in its `detail`).
+pub const TIMER_DUE: &str = "timer-due";
+
+/// Timers on EventBridge Scheduler, for when the minutes to hours DynamoDB's time to live
+/// takes to delete a due item are too coarse: each timer also gets a one-time schedule
+/// (`at(...)`, UTC, no flexible window, deleted after it runs) that invokes `target` (the
+/// function, through `role`) with an EventBridge event of type [`TIMER_DUE`] whose detail
+/// names the timer. The function fires it with [`DynamoDbCep::fire_scheduled`] (or a
+/// [`CepSink::timers`] sink taking `timer-due` events); whichever comes first, the schedule
+/// or the item's removal, fires it, and the other finds nothing new to emit.
+#[derive(Debug, Clone)]
+pub struct TimerSchedules {
+    client: aws_sdk_scheduler::Client,
+    group: Option<String>,
+    target: String,
+    role: String,
+}
+
+impl TimerSchedules {
+    /// Schedules invoking `target` (an ARN: the function) with `role` (an IAM role's ARN that
+    /// may invoke it), in the default group.
+    pub fn new(
+        config: &aws_config::SdkConfig,
+        target: impl Into<String>,
+        role: impl Into<String>,
+    ) -> Self {
+        TimerSchedules {
+            client: aws_sdk_scheduler::Client::new(config),
+            group: None,
+            target: target.into(),
+            role: role.into(),
+        }
+    }
+
+    /// The schedule group to create them in.
+    #[must_use]
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// The name of a timer's schedule: stable, so a repeat finds the schedule made before.
+    pub fn name(processor: &str, key: &str, timer: &Timer) -> String {
+        let id = floodway::rows::change_id(
+            processor,
+            &floodway::rows::RowKey::new(key, &timer.rule),
+            &timer.trigger,
+        );
+        format!("floodway-{id}")
+    }
+
+    /// The schedule expression of a time (ms since the epoch): `at(...)` in UTC, to the next
+    /// whole second.
+    pub fn expression(due: i64) -> String {
+        let seconds = u64::try_from(due.max(0)).unwrap_or(0).div_ceil(1000);
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(seconds);
+        let text = humantime::format_rfc3339_seconds(at).to_string();
+        format!("at({})", text.trim_end_matches('Z'))
+    }
+
+    async fn create(&self, processor: &str, key: &str, timer: &Timer) -> Result<(), Error> {
+        use aws_sdk_scheduler::types::{
+            ActionAfterCompletion, FlexibleTimeWindow, FlexibleTimeWindowMode, Target,
+        };
+        let name = Self::name(processor, key, timer);
+        let detail = serde_json::json!({
+            "id": name,
+            "type": TIMER_DUE,
+            "partitionKey": key,
+            "timestamp": timer.due,
+            "tags": { "source": format!("cep:{processor}") },
+            "timer": {
+                "processor": processor,
+                "key": key,
+                "rule": timer.rule,
+                "trigger": timer.trigger,
+                "due": timer.due,
+            },
+        });
+        let input = serde_json::json!({
+            "version": "0",
+            "id": name,
+            "detail-type": TIMER_DUE,
+            "source": format!("cep:{processor}"),
+            "detail": detail,
+        });
+        let invalid = |e: aws_sdk_scheduler::error::BuildError| {
+            Error::poison_msg("InvalidSchedule", e.to_string())
+        };
+        let result = self
+            .client
+            .create_schedule()
+            .name(&name)
+            .set_group_name(self.group.clone())
+            .schedule_expression(Self::expression(timer.due))
+            .schedule_expression_timezone("UTC")
+            .flexible_time_window(
+                FlexibleTimeWindow::builder()
+                    .mode(FlexibleTimeWindowMode::Off)
+                    .build()
+                    .map_err(invalid)?,
+            )
+            .target(
+                Target::builder()
+                    .arn(&self.target)
+                    .role_arn(&self.role)
+                    .input(input.to_string())
+                    .build()
+                    .map_err(invalid)?,
+            )
+            .action_after_completion(ActionAfterCompletion::Delete)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // Made before, by the first attempt of this very timer.
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_conflict_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn delete(&self, processor: &str, key: &str, timer: &Timer) -> Result<(), Error> {
+        let result = self
+            .client
+            .delete_schedule()
+            .name(Self::name(processor, key, timer))
+            .set_group_name(self.group.clone())
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // Ran and deleted itself, or deleted by an earlier firing.
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_resource_not_found_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(classify(e)),
+        }
+    }
 }
 
 impl DynamoDbCep {
@@ -57,7 +210,20 @@ impl DynamoDbCep {
             table: table.into(),
             processor: processor.into(),
             region: config.region().map(ToString::to_string),
+            schedules: None,
         }
+    }
+
+    /// The same, each timer also scheduled on EventBridge Scheduler.
+    #[must_use]
+    pub fn with_schedules(mut self, schedules: TimerSchedules) -> Self {
+        self.schedules = Some(schedules);
+        self
+    }
+
+    /// The processor's name.
+    pub fn processor(&self) -> &str {
+        &self.processor
     }
 
     fn source(&self) -> String {
@@ -165,7 +331,46 @@ impl DynamoDbCep {
             .send()
             .await
             .map_err(classify)?;
+        if let Some(schedules) = &self.schedules {
+            schedules.delete(&self.processor, key, timer).await?;
+        }
         self.unmarked(out).await
+    }
+
+    /// Fires the timer a schedule delivered: `event` is the [`TIMER_DUE`] event of its
+    /// EventBridge invocation (see [`TimerSchedules`]). Returns what its rule emits and was
+    /// not emitted before; nothing for another processor's timer.
+    ///
+    /// # Errors
+    /// A DynamoDB failure, classified; a poison error for an event that names no timer.
+    pub async fn fire_scheduled(
+        &self,
+        event: &Event,
+        rules: &[SharedRule],
+    ) -> Result<Vec<(String, Event)>, Error> {
+        let timer = event.field("timer").unwrap_or(&Value::Null);
+        let text = |name: &str| timer.get(name).and_then(Value::as_str);
+        let (Some(processor), Some(key), Some(rule), Some(trigger), Some(due)) = (
+            text("processor"),
+            text("key"),
+            text("rule"),
+            text("trigger"),
+            timer.get("due").and_then(Value::as_i64),
+        ) else {
+            return Err(Error::poison_msg(
+                "MalformedTimer",
+                format!("a {TIMER_DUE} event without its timer: {}", event.to_json()),
+            ));
+        };
+        if processor != self.processor {
+            return Ok(Vec::new());
+        }
+        let timer = Timer {
+            due,
+            rule: rule.to_owned(),
+            trigger: trigger.to_owned(),
+        };
+        self.fire(key, &timer, rules).await
     }
 
     /// Marks events as emitted (published), so the same set evaluated again does not emit
@@ -296,6 +501,9 @@ impl DynamoDbCep {
             .send()
             .await
             .map_err(classify)?;
+        if let Some(schedules) = &self.schedules {
+            schedules.create(&self.processor, key, timer).await?;
+        }
         Ok(())
     }
 
@@ -322,4 +530,166 @@ impl DynamoDbCep {
         }
         Ok(out)
     }
+}
+
+/// How a batch of events is published (the sink emitted events go to), type-erased.
+type PublishFn = Arc<dyn Fn(Batch) -> BoxFuture<Delivery> + Send + Sync>;
+
+/// How an event's correlation keys are found.
+type CorrelateFn = Arc<dyn Fn(&Event) -> Result<Vec<String>, Error> + Send + Sync>;
+
+/// A CEP processor on Lambda as the sinks of a Floodway processor, over a [`DynamoDbCep`]:
+///
+/// - [`CepSink::collector`] collects a batch's events (under their partition key, or the keys
+///   [`CepSink::correlate`] finds), evaluates the rules, publishes what they emit through the
+///   publishing sink (an [`EventBridgeSink`](crate::EventBridgeSink), a
+///   [`KinesisSink`](crate::KinesisSink)...) and then marks it emitted;
+/// - [`CepSink::timers`] fires timers: the `timer-deleted` change events of the table's stream
+///   (its time to live removed a due timer: [`DynamoDbCep::fire_removed`]) and the
+///   [`TIMER_DUE`] events of EventBridge Scheduler ([`DynamoDbCep::fire_scheduled`]), and
+///   publishes and marks what fires.
+///
+/// A publish that fails fails the batch: the pipeline's retries and faults take it, and a
+/// repeat publishes again only what was not marked emitted (at least once, stable ids).
+///
+/// ```no_run
+/// # async fn f(config: aws_config::SdkConfig, rules: Vec<floodway::cep::SharedRule>) -> Result<(), Box<dyn std::error::Error>> {
+/// use floodway::{Pipeline, Processor};
+/// use floodway_aws::{CepSink, DynamoDbCep, EventBridgeSink};
+/// use std::time::Duration;
+/// let cep = DynamoDbCep::new(&config, "events", "orders-cep");
+/// let publish = EventBridgeSink::new(&config, "bus", "orders-cep");
+/// let ttl = Duration::from_secs(86_400);
+/// let processor = Processor::builder("orders-cep")
+///     .pipeline(
+///         Pipeline::builder("collect")
+///             .event_type("order-submitted")
+///             .event_type("payment-captured")
+///             .sink(CepSink::collector(cep.clone(), rules.clone(), ttl, publish.clone()))?,
+///     )
+///     .pipeline(
+///         Pipeline::builder("timers")
+///             .event_type("timer-deleted")
+///             .event_type(floodway_aws::TIMER_DUE)
+///             .sink(CepSink::timers(cep, rules, ttl, publish))?,
+///     )
+///     .build()?;
+/// let handler = floodway_lambda::Handler::new(processor);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct CepSink {
+    cep: DynamoDbCep,
+    rules: Arc<Vec<SharedRule>>,
+    ttl: Duration,
+    publish: PublishFn,
+    correlate: CorrelateFn,
+    timers: bool,
+}
+
+impl std::fmt::Debug for CepSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CepSink")
+            .field("processor", &self.cep.processor)
+            .field("timers", &self.timers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CepSink {
+    /// Collects into `cep`'s sets and evaluates `rules`; emitted events go to `publish`.
+    /// `ttl`: how long an event stays in its sets after its own time.
+    pub fn collector<P: Sink>(
+        cep: DynamoDbCep,
+        rules: Vec<SharedRule>,
+        ttl: Duration,
+        publish: P,
+    ) -> Self {
+        CepSink {
+            cep,
+            rules: Arc::new(rules),
+            ttl,
+            publish: erase(publish),
+            correlate: Arc::new(|e: &Event| Ok(vec![e.partition_key().to_owned()])),
+            timers: false,
+        }
+    }
+
+    /// Fires `cep`'s timers (`timer-deleted` change events and [`TIMER_DUE`] events); what
+    /// fires goes to `publish`. Other events are left alone.
+    pub fn timers<P: Sink>(
+        cep: DynamoDbCep,
+        rules: Vec<SharedRule>,
+        ttl: Duration,
+        publish: P,
+    ) -> Self {
+        CepSink {
+            timers: true,
+            ..CepSink::collector(cep, rules, ttl, publish)
+        }
+    }
+
+    /// The correlation keys of an event (the default: its partition key); an error faults
+    /// the event.
+    #[must_use]
+    pub fn correlate<F>(mut self, keys: F) -> Self
+    where
+        F: Fn(&Event) -> Result<Vec<String>, Error> + Send + Sync + 'static,
+    {
+        self.correlate = Arc::new(keys);
+        self
+    }
+
+    async fn write(&self, batch: Batch) -> Result<Delivery, Error> {
+        let mut delivery = Delivery::complete();
+        let emitted = if self.timers {
+            let mut emitted = Vec::new();
+            for event in batch.events() {
+                if event.event_type() == TIMER_DUE {
+                    emitted.extend(self.cep.fire_scheduled(event, &self.rules).await?);
+                } else if let Some(old) = event.field("raw").and_then(|r| r.get("old")) {
+                    emitted.extend(self.cep.fire_removed(old, &self.rules).await?);
+                }
+            }
+            emitted
+        } else {
+            let mut entries = Vec::with_capacity(batch.len());
+            for (i, event) in batch.events().enumerate() {
+                match (self.correlate)(event) {
+                    Ok(keys) => entries.push((keys, event.clone())),
+                    Err(err) if batch.len() == 1 => return Err(err),
+                    Err(err) => delivery.fail(i, err),
+                }
+            }
+            self.cep.collect(&entries, &self.rules, self.ttl).await?
+        };
+        if !emitted.is_empty() {
+            let out = Batch::new(
+                emitted
+                    .iter()
+                    .map(|(_, e)| Uow::detached(e.clone()))
+                    .collect(),
+            );
+            let published = (self.publish)(out).await?;
+            if let Some((_, error)) = published.into_failed().into_iter().next() {
+                // Nothing marked: the retry publishes them all again, with the same ids.
+                return Err(error);
+            }
+            self.cep.mark_emitted(&emitted, self.ttl).await?;
+        }
+        Ok(delivery)
+    }
+}
+
+floodway::impl_sink!(CepSink, write);
+
+fn erase<P: Sink>(publish: P) -> PublishFn {
+    Arc::new(move |batch| {
+        let publish = publish.clone();
+        Box::pin(async move {
+            tower::ServiceExt::oneshot(publish, batch)
+                .await
+                .map(Into::into)
+        })
+    })
 }

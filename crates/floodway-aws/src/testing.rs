@@ -126,7 +126,7 @@ impl Drop for Moto {
 /// # Panics
 /// When the table cannot be created.
 pub async fn table(config: &SdkConfig, name: &str, stream: bool) -> Option<String> {
-    create_table(config, name, false, stream).await
+    create_table(config, name, false, stream, false).await
 }
 
 /// Creates a single table keyed by `pk` and `sk` (strings), the shape of
@@ -136,13 +136,31 @@ pub async fn table(config: &SdkConfig, name: &str, stream: bool) -> Option<Strin
 /// # Panics
 /// When the table cannot be created.
 pub async fn single_table(config: &SdkConfig, name: &str, stream: bool) -> Option<String> {
-    create_table(config, name, true, stream).await
+    create_table(config, name, true, stream, false).await
 }
 
-async fn create_table(config: &SdkConfig, name: &str, sk: bool, stream: bool) -> Option<String> {
+/// Creates aws-lambda-stream's micro event store: a single table keyed by `pk` and `sk` with
+/// its `DataIndex` (`data`, `sk`), where its `collect` flavor's items are found by
+/// correlation key, and a stream of new and old images; the stream's ARN.
+///
+/// # Panics
+/// When the table cannot be created.
+pub async fn event_store(config: &SdkConfig, name: &str) -> String {
+    create_table(config, name, true, true, true)
+        .await
+        .expect("a stream")
+}
+
+async fn create_table(
+    config: &SdkConfig,
+    name: &str,
+    sk: bool,
+    stream: bool,
+    data_index: bool,
+) -> Option<String> {
     use aws_sdk_dynamodb::types::{
-        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-        StreamSpecification, StreamViewType,
+        AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
+        Projection, ProjectionType, ScalarAttributeType, StreamSpecification, StreamViewType,
     };
     let dynamo = aws_sdk_dynamodb::Client::new(config);
     let pk = AttributeDefinition::builder()
@@ -173,6 +191,34 @@ async fn create_table(config: &SdkConfig, name: &str, sk: bool, stream: bool) ->
             .build()
             .expect("key");
         request = request.attribute_definitions(definition).key_schema(range);
+    }
+    if data_index {
+        let key = |name: &str, kind| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(kind)
+                .build()
+                .expect("key")
+        };
+        let data = AttributeDefinition::builder()
+            .attribute_name("data")
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .expect("attribute");
+        let index = GlobalSecondaryIndex::builder()
+            .index_name("DataIndex")
+            .key_schema(key("data", KeyType::Hash))
+            .key_schema(key("sk", KeyType::Range))
+            .projection(
+                Projection::builder()
+                    .projection_type(ProjectionType::All)
+                    .build(),
+            )
+            .build()
+            .expect("index");
+        request = request
+            .attribute_definitions(data)
+            .global_secondary_indexes(index);
     }
     if stream {
         let images = StreamSpecification::builder()

@@ -1108,3 +1108,305 @@ fn floodway_aws_attribute(value: &Value) -> aws_sdk_dynamodb::types::AttributeVa
         Value::Null => A::Null(true),
     }
 }
+
+/// The rule both sides run: an order is ready once its set holds the order and its payment.
+fn ready_rule() -> floodway::cep::SharedRule {
+    Arc::new(floodway::cep::KindRule::new(
+        "ready",
+        floodway::cep::RuleKind::All {
+            types: vec!["order-submitted".into(), "payment-captured".into()],
+        },
+        "order-ready",
+    ))
+}
+
+/// aws-lambda-stream (from npm, run by Node) and Floodway on one correlation store: the
+/// Node `collect` and `correlate` flavors put a payment in an order's set, Floodway's
+/// ready-made Lambda sink (through a real handler) collects the order into the same set and
+/// its rule sees the payment; then the Node `evaluate` flavor, fed the table's real stream,
+/// reads the set Floodway wrote into and fires on Floodway's item too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_lambda_stream_and_floodway_share_one_correlation_store() {
+    let (moto, config) = Moto::configured().await;
+    let stream_arn = floodway_aws::testing::event_store(&config, "events").await;
+    let env = [
+        ("AWS_ENDPOINT_URL_DYNAMODB", moto.url()),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let node = |step: &str, body: Value| {
+        let mut input = json!({ "step": step, "table": "events" });
+        input
+            .as_object_mut()
+            .unwrap()
+            .extend(body.as_object().unwrap().clone());
+        let out = floodway_lambda::testing::run_script_with("cep.js", &input, &env);
+        assert_eq!(out["faults"], json!([]), "{step}: {out}");
+        out["emitted"].as_array().unwrap().clone()
+    };
+    let t0 = floodway::event::now_millis() - 60_000;
+
+    // Node: the payment collected (an EVENT item), then correlated from the table's stream.
+    let payment = json!({"id": "p1", "type": "payment-captured", "timestamp": t0 + 10,
+                         "partitionKey": "o-1", "tags": {"source": "payments"}});
+    node("collect", json!({ "events": [payment] }));
+    node(
+        "correlate",
+        json!({ "records": dynamodb_stream(&config, &stream_arn).await }),
+    );
+
+    // Floodway: the orders, through a handler whose sink is the ready-made collector.
+    let cep = floodway_aws::DynamoDbCep::new(&config, "events", "orders-cep");
+    let published = MemorySink::new();
+    let collector = floodway_aws::CepSink::collector(
+        cep.clone(),
+        vec![ready_rule()],
+        Duration::from_secs(86_400),
+        published.clone(),
+    );
+    let pipeline = Pipeline::builder("collect")
+        .event_type("order-submitted")
+        .event_type("payment-captured")
+        .sink(collector)
+        .unwrap();
+    let orders = [
+        Event::builder("order-submitted", "o-1")
+            .id("s1")
+            .timestamp(t0)
+            .build(),
+        Event::builder("order-submitted", "o-2")
+            .id("s2")
+            .timestamp(t0)
+            .build(),
+    ];
+    let report = StreamMapping::default()
+        .run_shard(
+            &StreamKind::Kinesis {
+                stream: "orders".into(),
+            },
+            "shard",
+            &lambda::shard_from(1, &orders),
+            &mut InProcess(handler("orders-cep", pipeline)),
+        )
+        .await;
+    assert!(report.given_up.is_empty(), "{report:?}");
+    let ready = published.events();
+    assert_eq!(ready.len(), 1, "{ready:?}");
+    assert_eq!(
+        (ready[0].event_type(), ready[0].partition_key()),
+        ("order-ready", "o-1")
+    );
+    let triggers: Vec<&str> = ready[0]
+        .field("triggers")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        triggers,
+        ["s1", "p1"],
+        "the set holds the Node-correlated payment"
+    );
+    let set: Vec<String> = cep
+        .set("o-1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(set, ["s1", "p1"], "in event-time order");
+
+    // Node: evaluate over the table's stream, Floodway's items among the records.
+    let records = dynamodb_stream(&config, &stream_arn).await;
+    let floodway_item = records
+        .iter()
+        .find(|r| {
+            r["eventName"] == "INSERT"
+                && r["dynamodb"]["NewImage"]["discriminator"]["S"] == "CORREL"
+                && r["dynamodb"]["NewImage"]["sk"]["S"] == "s1"
+        })
+        .expect("Floodway's correlated item on the stream");
+    let emitted = node("evaluate", json!({ "records": records }));
+    assert!(!emitted.is_empty());
+    for e in &emitted {
+        assert_eq!(
+            (e["type"].as_str(), e["partitionKey"].as_str()),
+            (Some("order-ready"), Some("o-1")),
+            "{e}"
+        );
+        let mut ids: Vec<&str> = e["triggers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["p1", "s1"], "{e}");
+    }
+    let fired_on_ours = format!("{}.ready", floodway_item["eventID"].as_str().unwrap());
+    assert!(
+        emitted.iter().any(|e| e["id"] == fired_on_ours.as_str()),
+        "Node evaluated Floodway's item: {emitted:?}"
+    );
+}
+
+/// Timers on EventBridge Scheduler: each timer a rule sets gets a one-time schedule whose
+/// input is an EventBridge event for the function; delivered to a real handler, the timer
+/// fires through the ready-made timer sink, its schedule and item go, and a second delivery
+/// (the scheduler retries) publishes nothing new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_fire_from_eventbridge_scheduler() {
+    use floodway::cep::{KindRule, RuleKind, SharedRule, Timer};
+    use floodway_aws::{CepSink, DynamoDbCep, TimerSchedules};
+    let (_moto, config) = Moto::configured().await;
+    floodway_aws::testing::single_table(&config, "events", false).await;
+    let (function, role) = (
+        "arn:aws:lambda:us-east-1:123456789012:function:orders-cep",
+        "arn:aws:iam::123456789012:role/scheduler-invokes-orders-cep",
+    );
+    let cep = DynamoDbCep::new(&config, "events", "orders-cep")
+        .with_schedules(TimerSchedules::new(&config, function, role));
+    let rules: Vec<SharedRule> = vec![Arc::new(KindRule::new(
+        "expired",
+        RuleKind::Absence {
+            first: "order-submitted".into(),
+            then: Some("payment-captured".into()),
+            within: 900_000,
+        },
+        "order-expired",
+    ))];
+    let ttl = Duration::from_secs(86_400);
+    let published = MemorySink::new();
+    let processor = Processor::builder("orders-cep")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(
+            Pipeline::builder("collect")
+                .event_type("order-submitted")
+                .event_type("payment-captured")
+                .sink(CepSink::collector(
+                    cep.clone(),
+                    rules.clone(),
+                    ttl,
+                    published.clone(),
+                ))
+                .unwrap(),
+        )
+        .pipeline(
+            Pipeline::builder("timers")
+                .event_type(floodway_aws::TIMER_DUE)
+                .event_type("timer-deleted")
+                .sink(CepSink::timers(
+                    cep.clone(),
+                    rules.clone(),
+                    ttl,
+                    published.clone(),
+                ))
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let handler = Handler::new(processor);
+    let t0 = floodway::event::now_millis();
+    let events = [
+        Event::builder("order-submitted", "o-1")
+            .id("s1")
+            .timestamp(t0)
+            .build(),
+        Event::builder("order-submitted", "o-2")
+            .id("s2")
+            .timestamp(t0)
+            .build(),
+        Event::builder("payment-captured", "o-2")
+            .id("p2")
+            .timestamp(t0 + 10)
+            .build(),
+    ];
+    let report = StreamMapping::default()
+        .run_shard(
+            &StreamKind::Kinesis {
+                stream: "orders".into(),
+            },
+            "shard",
+            &lambda::shard_from(1, &events),
+            &mut InProcess(handler.clone()),
+        )
+        .await;
+    assert!(report.given_up.is_empty(), "{report:?}");
+    assert!(published.events().is_empty());
+
+    // Each timer's schedule, as EventBridge Scheduler holds it.
+    let scheduler = aws_sdk_scheduler::Client::new(&config);
+    let mut inputs = Vec::new();
+    for (order, trigger) in [("o-1", "s1"), ("o-2", "s2")] {
+        let timer = Timer {
+            due: t0 + 900_000,
+            rule: "expired".into(),
+            trigger: trigger.into(),
+        };
+        let schedule = scheduler
+            .get_schedule()
+            .name(TimerSchedules::name("orders-cep", order, &timer))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            schedule.schedule_expression(),
+            Some(TimerSchedules::expression(t0 + 900_000).as_str())
+        );
+        assert_eq!(schedule.schedule_expression_timezone(), Some("UTC"));
+        assert_eq!(
+            schedule.action_after_completion(),
+            Some(&aws_sdk_scheduler::types::ActionAfterCompletion::Delete)
+        );
+        let target = schedule.target().unwrap();
+        assert_eq!((target.arn(), target.role_arn()), (function, role));
+        inputs.push(target.input().unwrap().to_owned());
+    }
+
+    // The scheduler invokes the function with each input, once due.
+    for input in &inputs {
+        handler.handle_bytes(input.as_bytes(), None).await.unwrap();
+    }
+    let fired = published.events();
+    let fired: Vec<(&str, &str, i64)> = fired
+        .iter()
+        .map(|e| (e.event_type(), e.partition_key(), e.timestamp()))
+        .collect();
+    assert_eq!(
+        fired,
+        [("order-expired", "o-1", t0 + 900_000)],
+        "o-2 was paid in time"
+    );
+    for (order, trigger) in [("o-1", "s1"), ("o-2", "s2")] {
+        let timer = Timer {
+            due: t0 + 900_000,
+            rule: "expired".into(),
+            trigger: trigger.into(),
+        };
+        let gone = scheduler
+            .get_schedule()
+            .name(TimerSchedules::name("orders-cep", order, &timer))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(
+            gone.as_service_error()
+                .is_some_and(|e| e.is_resource_not_found_exception()),
+            "{gone:?}"
+        );
+    }
+    // A second delivery finds the expiry emitted already.
+    handler
+        .handle_bytes(inputs[0].as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(published.events().len(), 1);
+    assert_eq!(
+        TimerSchedules::expression(1_700_000_000_001),
+        "at(2023-11-14T22:13:21)",
+        "UTC, to the next whole second"
+    );
+}
