@@ -50,8 +50,8 @@ pub struct DynamoDbCep {
 }
 
 /// The type of the event a timer's schedule delivers (the `detail-type` of its EventBridge
-/// envelope, and the type of the event in its `detail`).
-pub const TIMER_DUE: &str = "timer-due";
+/// envelope, and the type of the event in its `detail`: [`Timer::to_event`]).
+pub use floodway::cep::TIMER_DUE;
 
 /// Timers on EventBridge Scheduler, for when the minutes to hours DynamoDB's time to live
 /// takes to delete a due item are too coarse: each timer also gets a one-time schedule
@@ -115,20 +115,7 @@ impl TimerSchedules {
             ActionAfterCompletion, FlexibleTimeWindow, FlexibleTimeWindowMode, Target,
         };
         let name = Self::name(processor, key, timer);
-        let detail = serde_json::json!({
-            "id": name,
-            "type": TIMER_DUE,
-            "partitionKey": key,
-            "timestamp": timer.due,
-            "tags": { "source": format!("cep:{processor}") },
-            "timer": {
-                "processor": processor,
-                "key": key,
-                "rule": timer.rule,
-                "trigger": timer.trigger,
-                "due": timer.due,
-            },
-        });
+        let detail = timer.to_event(processor, key).to_value();
         let input = serde_json::json!({
             "version": "0",
             "id": name,
@@ -348,15 +335,7 @@ impl DynamoDbCep {
         event: &Event,
         rules: &[SharedRule],
     ) -> Result<Vec<(String, Event)>, Error> {
-        let timer = event.field("timer").unwrap_or(&Value::Null);
-        let text = |name: &str| timer.get(name).and_then(Value::as_str);
-        let (Some(processor), Some(key), Some(rule), Some(trigger), Some(due)) = (
-            text("processor"),
-            text("key"),
-            text("rule"),
-            text("trigger"),
-            timer.get("due").and_then(Value::as_i64),
-        ) else {
+        let Some((processor, key, timer)) = Timer::of_event(event) else {
             return Err(Error::poison_msg(
                 "MalformedTimer",
                 format!("a {TIMER_DUE} event without its timer: {}", event.to_json()),
@@ -365,12 +344,7 @@ impl DynamoDbCep {
         if processor != self.processor {
             return Ok(Vec::new());
         }
-        let timer = Timer {
-            due,
-            rule: rule.to_owned(),
-            trigger: trigger.to_owned(),
-        };
-        self.fire(key, &timer, rules).await
+        self.fire(&key, &timer, rules).await
     }
 
     /// Marks events as emitted (published), so the same set evaluated again does not emit

@@ -297,3 +297,214 @@ async fn a_timer_due_during_an_outage_of_the_target_is_published_once_it_is_back
     }
     assert_eq!(expired, 1);
 }
+
+/// Every `order-ready` and `order-expired` event in the stream, by order: the distinct ids
+/// and types of each, and each id's timestamp.
+async fn outcomes_in(
+    url: &str,
+    stream: &str,
+    subject: &str,
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, (String, i64)>> {
+    use floodway::hub::ReadOptions;
+    use floodway::Source as _;
+    let options = floodway_nats::NatsHubOptions {
+        servers: vec![url.to_owned()],
+        stream: stream.into(),
+        subject: subject.into(),
+        ..Default::default()
+    };
+    let nats = floodway_nats::NatsHub::connect(&options).await.unwrap();
+    let hub = floodway_nats::NatsEventHub::new(nats, Default::default());
+    let read = ReadOptions {
+        transient: true,
+        ..ReadOptions::default()
+    }
+    .bounded();
+    let mut sub = floodway::hub::EventHub::subscribe(&hub, "check", read)
+        .await
+        .unwrap();
+    let mut out: std::collections::BTreeMap<_, std::collections::BTreeMap<_, _>> =
+        Default::default();
+    while let Some(batch) = sub.reader.next_batch(500).await.unwrap() {
+        for r in batch {
+            let e = floodway::Event::decode(&r.data).unwrap();
+            if matches!(e.event_type(), "order-ready" | "order-expired") {
+                out.entry(e.partition_key().to_owned()).or_default().insert(
+                    e.id().to_owned(),
+                    (e.event_type().to_owned(), e.timestamp()),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// A cep processor on NATS keeps working through a failover: two `floodway run` instances
+/// share the partitions (pinned), the one holding them is killed with SIGKILL while timers
+/// are pending and before some payments arrive, and the standby takes over. It catches up on
+/// the sets from the stream, the timers (kept by the stream) fire there, and every order gets
+/// exactly one outcome: ready when paid (before the kill or after), expired when not, at its
+/// time.
+#[test]
+fn control_services_fail_over_on_nats_with_pending_timers() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let url = server.url();
+    let window_ms = 8_000;
+    for instance in ["a", "b"] {
+        let config = format!(
+            r#"[hub]
+path = "{instance}.db"
+partitions = 2
+
+[hub.nats]
+servers = ["{url}"]
+stream = "FAILOVER"
+subject = "failover"
+sharing = "pinned"
+pinned_ttl = "2s"
+
+[[processors]]
+kind = "cep"
+name = "orders-cep"
+types = ["order-submitted", "payment-captured"]
+ttl = "1h"
+
+[[processors.rules]]
+name = "ready"
+kind = "all"
+types = ["order-submitted", "payment-captured"]
+emit = "order-ready"
+
+[[processors.rules]]
+name = "expired"
+kind = "absence"
+first = "order-submitted"
+then = "payment-captured"
+within = "{window_ms}ms"
+emit = "order-expired"
+"#
+        );
+        std::fs::write(d.join(format!("{instance}.toml")), &config).unwrap();
+        if instance == "a" {
+            std::fs::write(d.join("floodway.toml"), &config).unwrap();
+        }
+    }
+    let quiet = || std::process::Stdio::null();
+    // A pins both partitions; B waits as the standby.
+    let mut a = common::start(
+        d,
+        &["run", "a.toml"],
+        quiet(),
+        std::process::Stdio::inherit(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+    let b = common::start(
+        d,
+        &["run", "b.toml"],
+        quiet(),
+        std::process::Stdio::inherit(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    let n = 40;
+    let now = floodway::event::now_millis();
+    let line = |ty: &str, id: String, key: usize, t: i64| {
+        floodway::Event::builder(ty, format!("o-{key}"))
+            .id(id)
+            .timestamp(t)
+            .build()
+            .to_json()
+    };
+    // Every order, and the payments of a quarter of them, before the kill.
+    let mut lines: Vec<String> = (0..n)
+        .map(|i| line("order-submitted", format!("s-{i}"), i, now))
+        .collect();
+    lines.extend(
+        (0..n)
+            .filter(|i| i % 4 == 0)
+            .map(|i| line("payment-captured", format!("p-{i}"), i, now + 100)),
+    );
+    common::publish(d, "before.jsonl", &lines);
+    // Killed once it has collected them all (and acknowledged them: nothing waits for an ack
+    // wait to come back).
+    let collected = || {
+        let options = floodway_embedded::HubOptions {
+            create: false,
+            ..Default::default()
+        };
+        let Ok(hub) = floodway_embedded::Hub::open(d.join("a.db"), options) else {
+            return false;
+        };
+        let Ok(table) = hub.cep("orders-cep") else {
+            return false;
+        };
+        (0..n).all(|i| {
+            table.show(&format!("o-{i}")).is_ok_and(|k| {
+                let want = if i % 4 == 0 { 2 } else { 1 };
+                k.events.len() == want && k.timers.len() == 1
+            })
+        })
+    };
+    let started = std::time::Instant::now();
+    while !collected() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "instance a collects the orders"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    a.kill().unwrap(); // SIGKILL
+    a.wait().unwrap();
+    // Another quarter paid after the kill, within the window: only B sees these.
+    let late: Vec<String> = (0..n)
+        .filter(|i| i % 4 == 2)
+        .map(|i| line("payment-captured", format!("p-{i}"), i, now + 200))
+        .collect();
+    common::publish(d, "after.jsonl", &late);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let outcomes = loop {
+        let outcomes = rt.block_on(outcomes_in(&url, "FAILOVER", "failover"));
+        if outcomes.len() == n || std::time::Instant::now() > deadline {
+            break outcomes;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    // A little longer: nothing more may come (a second outcome, a timer fired twice).
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+    let outcomes_after = rt.block_on(outcomes_in(&url, "FAILOVER", "failover"));
+    common::stop(b);
+    assert_eq!(outcomes, outcomes_after, "nothing after the last outcome");
+    assert_eq!(
+        outcomes.len(),
+        n,
+        "every order has an outcome: {outcomes:?}"
+    );
+    for i in 0..n {
+        let of = &outcomes[&format!("o-{i}")];
+        assert_eq!(of.len(), 1, "o-{i} has one outcome: {of:?}");
+        let (ty, at) = of.values().next().unwrap();
+        if i % 2 == 0 {
+            assert_eq!(ty, "order-ready", "o-{i}");
+        } else {
+            assert_eq!(ty, "order-expired", "o-{i}");
+            assert_eq!(*at, now + window_ms, "o-{i} expired at its time");
+        }
+    }
+    // B caught up from the stream: it holds the sets A collected.
+    let b_store = floodway_embedded::Hub::open(
+        d.join("b.db"),
+        floodway_embedded::HubOptions {
+            create: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let set = b_store.cep("orders-cep").unwrap().show("o-2").unwrap();
+    let ids: Vec<&str> = set.events.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["s-2", "p-2"]);
+}

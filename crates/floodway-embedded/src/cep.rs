@@ -34,6 +34,7 @@ pub struct CepTable {
     conn: Arc<Mutex<Connection>>,
     gate: WriteGate,
     busy_retry: Duration,
+    hub_timers: bool,
 }
 
 impl std::fmt::Debug for CepTable {
@@ -105,7 +106,12 @@ impl CepTable {
                  key TEXT NOT NULL, rule TEXT NOT NULL, trigger TEXT NOT NULL, \
                  PRIMARY KEY (due, key, rule, trigger)) WITHOUT ROWID; \
                  CREATE TABLE IF NOT EXISTS cep_{name}_fired (key TEXT NOT NULL, \
-                 id TEXT NOT NULL, expires INTEGER, PRIMARY KEY (key, id)) WITHOUT ROWID;"
+                 id TEXT NOT NULL, expires INTEGER, PRIMARY KEY (key, id)) WITHOUT ROWID; \
+                 CREATE TABLE IF NOT EXISTS cep_{name}_schedule (key TEXT NOT NULL, \
+                 rule TEXT NOT NULL, trigger TEXT NOT NULL, due INTEGER NOT NULL, \
+                 PRIMARY KEY (key, rule, trigger)) WITHOUT ROWID; \
+                 CREATE TABLE IF NOT EXISTS cep_{name}_progress (partition TEXT PRIMARY KEY, \
+                 position INTEGER NOT NULL) WITHOUT ROWID;"
             ))?;
             outbox::create(&conn)?;
             Ok(())
@@ -115,7 +121,20 @@ impl CepTable {
             conn: Arc::new(Mutex::new(conn)),
             gate: store.gate.clone(),
             busy_retry: store.options.busy_retry,
+            hub_timers: false,
         })
+    }
+
+    /// The same table, its timers kept by the event hub ([`EventHub::schedule`]): each timer
+    /// a rule sets is also written to a list of timers to hand to the hub
+    /// ([`CepTable::pending_schedules`], [`CepTable::scheduled`]), and fires when the hub
+    /// delivers it ([`CepTable::fire_timer`]) rather than by [`CepTimers`].
+    ///
+    /// [`EventHub::schedule`]: floodway::hub::EventHub::schedule
+    #[must_use]
+    pub fn with_hub_timers(mut self) -> Self {
+        self.hub_timers = true;
+        self
     }
 
     /// The source its emitted events name (`cep:{name}`).
@@ -140,23 +159,250 @@ impl CepTable {
         rules: &[SharedRule],
         ttl: Option<Duration>,
     ) -> Result<CepReport, HubError> {
-        crate::busy::retry("cep", self.busy_retry, || {
-            self.try_collect(entries, rules, ttl)
-        })
+        self.collect_at(entries, rules, ttl, &[])
     }
 
-    fn try_collect(
+    /// [`CepTable::collect`], recording in the same transaction how far each partition has
+    /// been read here (`(partition, position)`: the highest is kept), which
+    /// [`CepTable::positions`] gives back to find what another instance read meanwhile.
+    ///
+    /// # Errors
+    /// A storage failure (then nothing was written).
+    pub fn collect_at(
         &self,
         entries: &[(Vec<String>, Event)],
         rules: &[SharedRule],
         ttl: Option<Duration>,
+        progress: &[(String, u64)],
     ) -> Result<CepReport, HubError> {
-        let mut conn = self.conn()?;
-        let _turn = self.gate.enter();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let now = now_millis();
+        crate::busy::retry("cep", self.busy_retry, || {
+            let mut conn = self.conn()?;
+            let _turn = self.gate.enter();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let now = now_millis();
+            let mut report = CepReport::default();
+            let emitted = self.collect_in(&tx, entries, rules, ttl, now, &mut report)?;
+            report.emitted = self.emit(&tx, emitted, now)?;
+            self.record_progress(&tx, progress)?;
+            tx.commit()?;
+            Ok(report)
+        })
+    }
+
+    /// Catches up on what another instance read from a partition before this one: `missed`
+    /// are those records' events in log order (with the correlation keys of those to collect;
+    /// none for the others), `progress` the partition's position after them. Events this
+    /// processor emitted are marked emitted (so they are not emitted again), timers it fired
+    /// (their [`TIMER_DUE`](floodway::cep::TIMER_DUE) events) are not set again, and the rest
+    /// are collected and evaluated as [`CepTable::collect`] does, emitting what was not
+    /// emitted (an instance that died before its outbox was relayed loses nothing) and
+    /// setting their timers: one transaction.
+    ///
+    /// # Errors
+    /// A storage failure (then nothing was written).
+    pub fn restore(
+        &self,
+        missed: &[(Vec<String>, Event)],
+        rules: &[SharedRule],
+        ttl: Option<Duration>,
+        progress: &[(String, u64)],
+    ) -> Result<CepReport, HubError> {
+        let source = self.source();
+        crate::busy::retry("cep", self.busy_retry, || {
+            let mut conn = self.conn()?;
+            let _turn = self.gate.enter();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let now = now_millis();
+            let name = &self.name;
+            let mut fired_timers = Vec::new();
+            {
+                let mut fired = tx.prepare_cached(&format!(
+                    "INSERT OR IGNORE INTO cep_{name}_fired (key, id, expires) VALUES (?1, ?2, ?3)"
+                ))?;
+                for (_, event) in missed {
+                    if let Some((processor, key, timer)) = floodway::cep::Timer::of_event(event) {
+                        if table_name(&processor) == *self.name {
+                            fired_timers.push((key, timer));
+                        }
+                    } else if event.tag("source") == Some(source.as_str()) {
+                        let expires =
+                            ttl.map(|t| event.timestamp().saturating_add(t.as_millis() as i64));
+                        fired.execute((event.partition_key(), event.id(), expires))?;
+                    }
+                }
+            }
+            let collect: Vec<(Vec<String>, Event)> = missed
+                .iter()
+                .filter(|(keys, _)| !keys.is_empty())
+                .cloned()
+                .collect();
+            let mut report = CepReport::default();
+            let emitted = self.collect_in(&tx, &collect, rules, ttl, now, &mut report)?;
+            report.emitted = self.emit(&tx, emitted, now)?;
+            for (key, timer) in &fired_timers {
+                report.timers_set -= self.drop_timer(&tx, key, timer)?.min(report.timers_set);
+            }
+            self.record_progress(&tx, progress)?;
+            tx.commit()?;
+            Ok(report)
+        })
+    }
+
+    /// How far each partition has been read here, as recorded by [`CepTable::collect_at`].
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn positions(&self) -> Result<HashMap<String, u64>, HubError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT partition, position FROM cep_{}_progress",
+            self.name
+        ))?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        rows.map(|r| {
+            let (p, position) = r?;
+            Ok((p, u64::try_from(position).unwrap_or(0)))
+        })
+        .collect()
+    }
+
+    fn record_progress(
+        &self,
+        tx: &Transaction<'_>,
+        progress: &[(String, u64)],
+    ) -> Result<(), HubError> {
+        let mut stmt = tx.prepare_cached(&format!(
+            "INSERT INTO cep_{}_progress (partition, position) VALUES (?1, ?2) \
+             ON CONFLICT (partition) DO UPDATE SET position = max(position, excluded.position)",
+            self.name
+        ))?;
+        for (partition, position) in progress {
+            stmt.execute((partition, i64::try_from(*position).unwrap_or(i64::MAX)))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a timer (and its entry for the hub); how many rows of the timers it deleted.
+    fn drop_timer(
+        &self,
+        tx: &Transaction<'_>,
+        key: &str,
+        timer: &Timer,
+    ) -> Result<usize, HubError> {
         let name = &self.name;
-        let mut report = CepReport::default();
+        let deleted = tx
+            .prepare_cached(&format!(
+                "DELETE FROM cep_{name}_timers WHERE due = ?1 AND key = ?2 AND rule = ?3 \
+                 AND trigger = ?4"
+            ))?
+            .execute((timer.due, key, &timer.rule, &timer.trigger))?;
+        tx.prepare_cached(&format!(
+            "DELETE FROM cep_{name}_schedule WHERE key = ?1 AND rule = ?2 AND trigger = ?3"
+        ))?
+        .execute((key, &timer.rule, &timer.trigger))?;
+        Ok(deleted)
+    }
+
+    /// Fires `timer` of `key` now, as the hub delivered it: its rule makes what it will of
+    /// the key's set, the timer is deleted, and what fired goes to the outbox (once: a timer
+    /// delivered twice emits nothing new), in one transaction.
+    ///
+    /// # Errors
+    /// A storage failure (then nothing was written).
+    pub fn fire_timer(
+        &self,
+        key: &str,
+        timer: &Timer,
+        rules: &[SharedRule],
+        ttl: Option<Duration>,
+    ) -> Result<CepReport, HubError> {
+        crate::busy::retry("cep", self.busy_retry, || {
+            let mut conn = self.conn()?;
+            let _turn = self.gate.enter();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let now = now_millis();
+            let mut report = CepReport::default();
+            self.drop_timer(&tx, key, timer)?;
+            report.timers_fired = 1;
+            let Some(rule) = rules.iter().find(|r| r.name() == timer.rule) else {
+                tracing::warn!(rule = %timer.rule, key, "a timer of a rule no longer configured: dropped");
+                tx.commit()?;
+                return Ok(report);
+            };
+            // Its trigger may be past its own time to live: a timer still sees it.
+            let set = read_set(&tx, &self.name, key, i64::MIN)?;
+            let firings = rule
+                .fire(&set, timer)
+                .into_iter()
+                .map(|firing| {
+                    let expires =
+                        ttl.map(|t| firing.timestamp.saturating_add(t.as_millis() as i64));
+                    (key.to_owned(), firing, expires)
+                })
+                .collect();
+            report.emitted = self.emit(&tx, firings, now)?;
+            tx.commit()?;
+            Ok(report)
+        })
+    }
+
+    /// Timers set and not yet handed to the hub (with hub timers), at most `limit`.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn pending_schedules(&self, limit: usize) -> Result<Vec<(String, Timer)>, HubError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT key, rule, trigger, due FROM cep_{}_schedule LIMIT ?1",
+            self.name
+        ))?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Timer {
+                    rule: r.get(1)?,
+                    trigger: r.get(2)?,
+                    due: r.get(3)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets timers the hub now keeps.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn scheduled(&self, timers: &[(String, Timer)]) -> Result<(), HubError> {
+        crate::busy::retry("cep", self.busy_retry, || {
+            let mut conn = self.conn()?;
+            let _turn = self.gate.enter();
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "DELETE FROM cep_{}_schedule WHERE key = ?1 AND rule = ?2 AND trigger = ?3",
+                    self.name
+                ))?;
+                for (key, timer) in timers {
+                    stmt.execute((key, &timer.rule, &timer.trigger))?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Collects `entries` in `tx` (see [`CepTable::collect`]); what fired, to emit.
+    fn collect_in(
+        &self,
+        tx: &Transaction<'_>,
+        entries: &[(Vec<String>, Event)],
+        rules: &[SharedRule],
+        ttl: Option<Duration>,
+        now: i64,
+        report: &mut CepReport,
+    ) -> Result<Vec<(String, Firing, Option<i64>)>, HubError> {
+        let name = &self.name;
         let mut emitted = Vec::new();
         {
             let mut insert = tx.prepare_cached(&format!(
@@ -165,6 +411,10 @@ impl CepTable {
             ))?;
             let mut timer = tx.prepare_cached(&format!(
                 "INSERT OR IGNORE INTO cep_{name}_timers (due, key, rule, trigger) \
+                 VALUES (?1, ?2, ?3, ?4)"
+            ))?;
+            let mut schedule = tx.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO cep_{name}_schedule (key, rule, trigger, due) \
                  VALUES (?1, ?2, ?3, ?4)"
             ))?;
             let mut sets: HashMap<&str, Vec<Collected>> = HashMap::new();
@@ -198,23 +448,24 @@ impl CepTable {
                         }
                         None => sets
                             .entry(key.as_str())
-                            .or_insert(read_set(&tx, name, key, now)?),
+                            .or_insert(read_set(tx, name, key, now)?),
                     };
                     for rule in rules {
                         for firing in rule.evaluate(set, &added) {
                             emitted.push((key.clone(), firing, expires));
                         }
                         for t in rule.timers(&added) {
-                            report.timers_set +=
-                                timer.execute((t.due, key, &t.rule, &t.trigger))?;
+                            let set = timer.execute((t.due, key, &t.rule, &t.trigger))?;
+                            report.timers_set += set;
+                            if set == 1 && self.hub_timers {
+                                schedule.execute((key, &t.rule, &t.trigger, t.due))?;
+                            }
                         }
                     }
                 }
             }
         }
-        report.emitted = self.emit(&tx, emitted, now)?;
-        tx.commit()?;
-        Ok(report)
+        Ok(emitted)
     }
 
     /// Writes what fired to the outbox, each event once per key; returns how many.

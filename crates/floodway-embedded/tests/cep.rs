@@ -179,3 +179,137 @@ async fn the_timer_task_fires_within_its_poll_of_the_due_time() {
     let _ = stop.send(());
     assert_eq!(task.await.unwrap().unwrap().timers_fired, 1);
 }
+
+/// With the hub keeping the timers (NATS): the timers a batch sets wait to be handed over,
+/// fire when delivered (once, however often), and how far each partition was read is kept
+/// with the sets.
+#[test]
+fn hub_kept_timers_are_handed_over_and_fire_once_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::open(dir.path().join("cep.db"), HubOptions::default()).unwrap();
+    let table = hub.cep("orders-cep").unwrap().with_hub_timers();
+    let now = floodway::event::now_millis();
+    let ttl = Some(Duration::from_secs(3600));
+    let report = table
+        .collect_at(
+            &[event("s1", "order-submitted", "o-1", now)],
+            &rules(),
+            ttl,
+            &[("0".into(), 7), ("1".into(), 3)],
+        )
+        .unwrap();
+    assert_eq!(report.timers_set, 1);
+    table
+        .collect_at(&[], &rules(), ttl, &[("0".into(), 5)])
+        .unwrap();
+    let positions = table.positions().unwrap();
+    assert_eq!(
+        (positions["0"], positions["1"]),
+        (7, 3),
+        "the furthest is kept"
+    );
+    let pending = table.pending_schedules(10).unwrap();
+    assert_eq!(pending.len(), 1);
+    let (key, timer) = pending[0].clone();
+    assert_eq!((key.as_str(), timer.due), ("o-1", now + 15 * 60_000));
+    table.scheduled(&pending).unwrap();
+    assert!(table.pending_schedules(10).unwrap().is_empty());
+    // Delivered by the hub, twice: one expiry.
+    for _ in 0..2 {
+        table.fire_timer(&key, &timer, &rules(), ttl).unwrap();
+    }
+    assert_eq!(emitted(&hub), [("order-expired".into(), "o-1".into())]);
+    assert!(table.show("o-1").unwrap().timers.is_empty());
+}
+
+/// Another instance read part of a partition: the one taking over catches up from the log.
+/// What the other emitted is not emitted again, a timer it fired is not set again, what it
+/// emitted and never published (its outbox died with it) is emitted, and the sets are whole
+/// again for what comes next.
+#[test]
+fn an_instance_taking_over_catches_up_on_what_another_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = floodway::event::now_millis() - 20 * 60_000;
+    let ttl = Some(Duration::from_secs(3600));
+    // The first instance: o-1 paid (ready), o-2 not (its timer fired: expired), o-3 paid
+    // but its ready event never left the outbox.
+    let first = Hub::open(dir.path().join("first.db"), HubOptions::default()).unwrap();
+    let old = first.cep("orders-cep").unwrap().with_hub_timers();
+    let read = [
+        event("s1", "order-submitted", "o-1", now),
+        event("p1", "payment-captured", "o-1", now + 10),
+        event("s2", "order-submitted", "o-2", now),
+        event("s3", "order-submitted", "o-3", now),
+        event("p3", "payment-captured", "o-3", now + 10),
+        event("s4", "order-submitted", "o-4", now),
+    ];
+    old.collect(&read, &rules(), ttl).unwrap();
+    let (_, o2_timer) = old
+        .pending_schedules(10)
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == "o-2")
+        .unwrap();
+    old.fire_timer("o-2", &o2_timer, &rules(), ttl).unwrap();
+    let out: Vec<Event> = first
+        .outbox()
+        .unwrap()
+        .pending(100)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.event)
+        .collect();
+    let published = |order: &str| {
+        out.iter()
+            .find(|e| e.partition_key() == order)
+            .unwrap()
+            .clone()
+    };
+
+    // The log of the partition as the next instance reads it: the inputs, what the first
+    // published (not o-3's ready), and the timer the hub delivered for o-2.
+    let mut log: Vec<(Vec<String>, Event)> = read.to_vec();
+    log.push((vec![], published("o-1")));
+    log.push((vec![], published("o-2")));
+    log.push((vec![], o2_timer.to_event("orders-cep", "o-2")));
+
+    let second = Hub::open(dir.path().join("second.db"), HubOptions::default()).unwrap();
+    let new = second.cep("orders-cep").unwrap().with_hub_timers();
+    let report = new
+        .restore(&log, &rules(), ttl, &[("0".into(), 42)])
+        .unwrap();
+    assert_eq!(report.collected, 6);
+    assert_eq!(
+        emitted(&second),
+        [("order-ready".into(), "o-3".into())],
+        "only what the first never published"
+    );
+    assert_eq!(new.positions().unwrap()["0"], 42);
+    // o-2's timer fired already; o-1's, o-3's and o-4's are to be kept by the hub.
+    let mut timers: Vec<String> = new
+        .pending_schedules(10)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    timers.sort();
+    assert_eq!(timers, ["o-1", "o-3", "o-4"]);
+    // The sets are whole: a payment for o-4 now makes it ready with its order.
+    new.collect(
+        &[event("p4", "payment-captured", "o-4", now + 20)],
+        &rules(),
+        ttl,
+    )
+    .unwrap();
+    let ready = second
+        .outbox()
+        .unwrap()
+        .pending(100)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.event)
+        .find(|e| e.partition_key() == "o-4")
+        .unwrap();
+    assert_eq!(ready.event_type(), "order-ready");
+    assert_eq!(ready.field("triggers").unwrap()[0]["id"], "s4");
+}

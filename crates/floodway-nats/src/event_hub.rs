@@ -142,6 +142,44 @@ impl EventHub for NatsEventHub {
         Box::pin(async move { Ok(self.hub.record_at(offset).await?.map(|b| b.to_vec())) })
     }
 
+    fn schedules(&self) -> bool {
+        self.hub.keeps_timers()
+    }
+
+    fn schedule<'a>(&'a self, event: &'a Event, at: i64) -> HubFuture<'a, ()> {
+        Box::pin(async move {
+            if !self.hub.keeps_timers() {
+                let why = format!(
+                    "{} keeps no timers: message schedules need NATS 2.12 or newer",
+                    self.describe()
+                );
+                return Err(floodway::hub::Unsupported(why).into());
+            }
+            let partition = self.hub.partition_of(event.partition_key());
+            let payload = bytes::Bytes::from(event.to_json());
+            Ok(self
+                .hub
+                .schedule(event.id(), partition, payload, at)
+                .await?)
+        })
+    }
+
+    fn missed<'a>(
+        &'a self,
+        partition: &'a str,
+        after: Option<u64>,
+        before: u64,
+        since: i64,
+    ) -> HubFuture<'a, Vec<(u64, Vec<u8>)>> {
+        Box::pin(async move {
+            let Ok(partition) = partition.parse::<u32>() else {
+                return Ok(Vec::new());
+            };
+            let found = self.hub.missed(partition, after, before, since).await?;
+            Ok(found.into_iter().map(|(s, b)| (s, b.to_vec())).collect())
+        })
+    }
+
     fn count_published(&self, _from: i64, _until: i64) -> HubFuture<'_, Option<u64>> {
         Box::pin(async { Ok(None) })
     }

@@ -83,6 +83,8 @@ pub(crate) struct Inner {
     pub(crate) stream: String,
     pub(crate) subject: String,
     pub(crate) partitions: u32,
+    /// Whether the stream takes message schedules (NATS 2.12 or newer).
+    pub(crate) schedules: bool,
     pub(crate) servers: String,
     /// `{subject}.{partition}`, built once.
     pub(crate) partition_subjects: Vec<async_nats::Subject>,
@@ -138,7 +140,7 @@ impl NatsHub {
             })?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(options.request_timeout);
-        let partitions = ensure_stream(&js, options).await?;
+        let (partitions, schedules) = ensure_stream(&js, options).await?;
         Ok(NatsHub {
             inner: std::sync::Arc::new(Inner {
                 client,
@@ -146,6 +148,7 @@ impl NatsHub {
                 stream: options.stream.clone(),
                 subject: options.subject.clone(),
                 partitions,
+                schedules,
                 servers,
                 partition_subjects: (0..partitions)
                     .map(|p| format!("{}.{p}", options.subject).into())
@@ -163,6 +166,12 @@ impl NatsHub {
     /// The number of partitions.
     pub fn partitions(&self) -> u32 {
         self.inner.partitions
+    }
+
+    /// Whether the stream keeps timers ([`NatsHub::schedule`]): its server is NATS 2.12 or
+    /// newer, which takes message schedules.
+    pub fn keeps_timers(&self) -> bool {
+        self.inner.schedules
     }
 
     /// The servers this hub connects to.
@@ -345,6 +354,133 @@ impl NatsHub {
         }
     }
 
+    /// Publishes `payload` into `partition` once, at `at` (ms since the epoch), through a
+    /// JetStream message schedule (NATS 2.12 or newer) named by `id`: the schedule's own
+    /// message is stored under `{subject}.schedule-{id}` (one per subject: scheduling `id`
+    /// again replaces it), and at its time the server publishes the payload to the
+    /// partition, where whichever instance reads the partition then receives it.
+    ///
+    /// # Errors
+    /// When the server does not take it (a server older than 2.12 has no schedules).
+    pub async fn schedule(
+        &self,
+        id: &str,
+        partition: u32,
+        payload: Bytes,
+        at: i64,
+    ) -> Result<(), NatsError> {
+        let token: String = id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let when = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000)
+            .map_err(|e| NatsError::Config(format!("schedule time {at}: {e}")))?
+            .format(&time::format_description::well_known::Rfc3339)
+            .map_err(|e| NatsError::Config(format!("schedule time {at}: {e}")))?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Schedule", format!("@at {when}").as_str());
+        headers.insert(
+            "Nats-Schedule-Target",
+            self.partition_subject(partition).as_str(),
+        );
+        let subject = format!("{}.schedule-{token}", self.inner.subject);
+        self.inner
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| NatsError::js("schedule", e))?
+            .await
+            .map_err(|e| NatsError::js("schedule", e))?;
+        Ok(())
+    }
+
+    /// The messages of `partition` after stream sequence `after` (from `since`, ms since the
+    /// epoch, when `None`) and before `before`, with their sequences: one request when there
+    /// are none, else an ordered consumer read to `before`.
+    ///
+    /// # Errors
+    /// When the server does not answer.
+    pub async fn missed(
+        &self,
+        partition: u32,
+        after: Option<u64>,
+        before: u64,
+        since: i64,
+    ) -> Result<Vec<(u64, Bytes)>, NatsError> {
+        use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+        use futures_util::StreamExt as _;
+        let stream = self.stream_handle().await?;
+        let subject = self.partition_subject(partition);
+        let deliver_policy = match after {
+            Some(after) => {
+                let next = stream
+                    .raw_message_builder()
+                    .sequence(after + 1)
+                    .next_by_subject(subject.clone())
+                    .send()
+                    .await;
+                match next {
+                    Ok(m) if m.sequence < before => DeliverPolicy::ByStartSequence {
+                        start_sequence: m.sequence,
+                    },
+                    Ok(_) => return Ok(Vec::new()),
+                    Err(e)
+                        if e.kind()
+                            == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+                    {
+                        return Ok(Vec::new())
+                    }
+                    Err(e) => return Err(NatsError::js("get message", e)),
+                }
+            }
+            None => DeliverPolicy::ByStartTime {
+                start_time: time::OffsetDateTime::from_unix_timestamp_nanos(
+                    i128::from(since.max(0)) * 1_000_000,
+                )
+                .map_err(|e| NatsError::Config(format!("start time {since}: {e}")))?,
+            },
+        };
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: subject,
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| NatsError::js("create consumer", e))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| NatsError::js("pull", e))?;
+        let mut out = Vec::new();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
+            let message = match next {
+                Ok(Some(message)) => message.map_err(|e| NatsError::js("pull", e))?,
+                // Nothing more: what is before `before` is gone (a limit deleted it).
+                Ok(None) | Err(_) => break,
+            };
+            let info = message
+                .info()
+                .map_err(|e| NatsError::js("message info", e))?;
+            let (sequence, pending) = (info.stream_sequence, info.pending);
+            if sequence >= before {
+                break;
+            }
+            out.push((sequence, message.message.payload.clone()));
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// Messages and bytes per partition, and every subscription's lag.
     ///
     /// # Errors
@@ -456,15 +592,18 @@ fn stream_config(options: &NatsHubOptions, partitions: u32) -> stream::Config {
         duplicate_window: options.duplicate_window.unwrap_or(Duration::from_secs(120)),
         metadata: HashMap::from([(PARTITIONS_KEY.to_owned(), partitions.to_string())]),
         description: Some("Floodway event hub".into()),
+        // Timers kept by the hub (`schedule`): NATS 2.12 or newer.
+        allow_message_schedules: true,
         ..Default::default()
     }
 }
 
-/// Creates the stream or checks the existing one; returns its partition count.
+/// Creates the stream or checks the existing one; returns its partition count and whether
+/// it takes message schedules (a server older than 2.12 leaves the setting out).
 async fn ensure_stream(
     js: &jetstream::Context,
     options: &NatsHubOptions,
-) -> Result<u32, NatsError> {
+) -> Result<(u32, bool), NatsError> {
     let existing = match js.get_stream(&options.stream).await {
         Ok(mut stream) => Some(
             stream
@@ -486,7 +625,10 @@ async fn ensure_stream(
     let Some(current) = existing else {
         let partitions = options.partitions.unwrap_or(DEFAULT_PARTITIONS);
         return match js.create_stream(stream_config(options, partitions)).await {
-            Ok(_) => Ok(partitions),
+            Ok(stream) => Ok((
+                partitions,
+                stream.cached_info().config.allow_message_schedules,
+            )),
             Err(e) => match e.kind() {
                 // Another process created it first: check theirs instead.
                 jetstream::context::CreateStreamErrorKind::JetStream(inner)
@@ -547,12 +689,15 @@ async fn ensure_stream(
     if let Some(window) = options.duplicate_window {
         update.duplicate_window = window;
     }
+    update.allow_message_schedules = true;
+    let mut schedules = current.allow_message_schedules;
     if update != current {
-        js.update_stream(&update).await.map_err(|e| {
+        let info = js.update_stream(&update).await.map_err(|e| {
             NatsError::Config(format!("cannot update stream `{}`: {e}", options.stream))
         })?;
+        schedules = info.config.allow_message_schedules;
     }
-    Ok(stored)
+    Ok((stored, schedules))
 }
 
 /// The indices of `events` in waves: wave `n` holds the `n`-th event of every partition key,

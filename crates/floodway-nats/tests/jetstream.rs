@@ -972,3 +972,84 @@ async fn a_consumer_deleted_under_a_reader_is_made_again_where_it_stood() {
     want.sort();
     assert_eq!(got, want, "nothing published meanwhile was skipped");
 }
+
+/// What the hub gives a processor taking over a partition: the messages another instance
+/// read (`missed`, one request when there are none), and timers the stream keeps (JetStream
+/// message schedules) delivered into the key's partition once, at their time, a timer
+/// scheduled again replacing the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_keeps_timers_and_gives_what_a_partition_missed() {
+    let (_server, hub) = hub_on_new_server().await;
+    let events: Vec<Event> = (0..5)
+        .map(|i| {
+            Event::builder("order-submitted", "k")
+                .id(format!("e{i}"))
+                .build()
+        })
+        .collect();
+    hub.publish(&events).await.unwrap();
+    let p = hub.partition_of("k");
+    let all = hub.missed(p, None, u64::MAX, 0).await.unwrap();
+    let ids: Vec<String> = all
+        .iter()
+        .map(|(_, b)| Event::decode(b).unwrap().id().to_owned())
+        .collect();
+    assert_eq!(ids, ["e0", "e1", "e2", "e3", "e4"]);
+    let seq: Vec<u64> = all.iter().map(|(s, _)| *s).collect();
+    let between = hub.missed(p, Some(seq[1]), seq[4], 0).await.unwrap();
+    assert_eq!(
+        between.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [seq[2], seq[3]]
+    );
+    assert!(hub
+        .missed(p, Some(seq[3]), seq[4], 0)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(hub
+        .missed(p, Some(seq[4]), seq[4] + 100, 0)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A timer scheduled twice (the second replaces the first), due in 1.5 s.
+    let timer = floodway::cep::Timer {
+        due: floodway::event::now_millis() + 1_500,
+        rule: "expired".into(),
+        trigger: "e0".into(),
+    };
+    let due = timer.to_event("orders-cep", "k");
+    let shared: floodway::SharedHub = Arc::new(floodway_nats::NatsEventHub::new(
+        hub.clone(),
+        Default::default(),
+    ));
+    assert!(shared.schedules());
+    shared.schedule(&due, timer.due + 60_000).await.unwrap();
+    shared.schedule(&due, timer.due).await.unwrap();
+    let found = loop {
+        let found = hub.missed(p, Some(seq[4]), u64::MAX, 0).await.unwrap();
+        if !found.is_empty() || floodway::event::now_millis() > timer.due + 5_000 {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(found.len(), 1, "delivered once");
+    let delivered = Event::decode(&found[0].1).unwrap();
+    assert_eq!(
+        floodway::cep::Timer::of_event(&delivered),
+        Some(("orders-cep".into(), "k".into(), timer.clone()))
+    );
+    let stored = hub.record_at(found[0].0).await.unwrap();
+    assert!(stored.is_some());
+    let late = floodway::event::now_millis() - timer.due;
+    assert!((0..1_000).contains(&late), "found {late} ms after its time");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        hub.missed(p, Some(seq[4]), u64::MAX, 0)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "once, and the replaced schedule never"
+    );
+}

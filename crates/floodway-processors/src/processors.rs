@@ -486,10 +486,20 @@ fn correlation_keys(
 
 /// The *cep* processor: events of `types` collected per correlation key, its rules evaluated
 /// over each key's set, what they emit written to the outbox in the same transaction (the
-/// outbox's relay publishes it). Its timers fire by [`cep_timers`].
+/// outbox's relay publishes it). Its timers fire by [`cep_timers`] on the embedded hub.
+///
+/// On a hub that keeps timers and whose partitions move between instances (NATS), the
+/// processor takes its state along: each batch first asks the hub what another instance
+/// read from the batch's partitions since this one last did ([`EventHub::missed`]) and
+/// catches up on it ([`CepTable::restore`](floodway_embedded::CepTable::restore)); its timers
+/// are handed to the hub ([`EventHub::schedule`]) before the batch is acknowledged, and fire
+/// when the hub delivers them to whichever instance reads the key's partition then.
 ///
 /// # Errors
 /// An invalid type pattern, or a hub failure.
+///
+/// [`EventHub::missed`]: floodway::hub::EventHub::missed
+/// [`EventHub::schedule`]: floodway::hub::EventHub::schedule
 pub fn cep(
     hubs: &Hubs,
     name: &str,
@@ -497,45 +507,216 @@ pub fn cep(
     settings: CepSettings,
     protect: &Protect,
 ) -> Result<Processor, SetupError> {
-    let table = hubs.store.cep(name).map_err(|source| SetupError::Hub {
+    let mut table = hubs.store.cep(name).map_err(|source| SetupError::Hub {
         name: name.into(),
         source,
     })?;
+    let hub_timers = hubs.events.schedules();
+    let filters = types
+        .iter()
+        .map(|t| floodway::pipeline::TypeFilter::parse(t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| SetupError::Build {
+            name: name.into(),
+            source,
+        })?;
     let CepSettings {
         correlate,
         rules,
         ttl,
         batch,
     } = settings;
-    let (correlate, rules) = (Arc::new(correlate), Arc::new(rules));
-    let sink = sink_fn(move |batch: Batch| {
-        let (table, correlate, rules) = (table.clone(), correlate.clone(), rules.clone());
-        async move {
-            let mut delivery = floodway::Delivery::complete();
-            let mut entries = Vec::with_capacity(batch.len());
-            for (i, event) in batch.events().enumerate() {
-                match correlation_keys(&correlate, event) {
-                    Ok(keys) => entries.push((keys, event.clone())),
-                    Err(err) if batch.len() == 1 => return Err(err),
-                    Err(err) => delivery.fail(i, err),
-                }
-            }
-            tokio::task::spawn_blocking(move || table.collect(&entries, &rules, Some(ttl)))
-                .await
-                .map_err(|e| Error::transient_msg("CepTask", e.to_string()))?
-                .map_err(Error::from)?;
-            Ok::<_, Error>(delivery)
-        }
+    // Where partitions move between instances, every record of a partition comes to the
+    // sink (which collects those of `types`), so that how far a partition was read here is
+    // exact, and a gap means another instance read it.
+    let read: Vec<String> = if hub_timers {
+        table = table.with_hub_timers();
+        vec!["*".to_owned()]
+    } else {
+        types.to_vec()
+    };
+    let state = Arc::new(CepState {
+        name: name.to_owned(),
+        table,
+        hub: hubs.events.clone(),
+        correlate,
+        filters,
+        rules,
+        ttl,
     });
-    batched(hubs, name, types, protect, batch, sink)
+    let sink = sink_fn(move |batch: Batch| {
+        let state = state.clone();
+        async move { state.write(batch).await }
+    });
+    batched(hubs, name, &read, protect, batch, sink)
 }
 
-/// The timers of the configuration's *cep* processors, each to run beside its processor.
+/// What a *cep* processor's sink works with.
+struct CepState {
+    name: String,
+    table: floodway_embedded::CepTable,
+    hub: floodway::SharedHub,
+    correlate: Vec<(String, Option<String>)>,
+    filters: Vec<floodway::pipeline::TypeFilter>,
+    rules: Vec<SharedRule>,
+    ttl: Duration,
+}
+
+impl CepState {
+    /// Runs a table call on a blocking thread.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(floodway_embedded::CepTable, Vec<SharedRule>) -> Result<T, HubError>
+            + Send
+            + 'static,
+    {
+        let (table, rules) = (self.table.clone(), self.rules.clone());
+        tokio::task::spawn_blocking(move || f(table, rules))
+            .await
+            .map_err(|e| Error::transient_msg("CepTask", e.to_string()))?
+            .map_err(Error::from)
+    }
+
+    /// Whether this processor collects events of type `ty`.
+    fn collects(&self, ty: &str) -> bool {
+        ty != floodway::cep::TIMER_DUE && self.filters.iter().any(|f| f.matches(ty))
+    }
+
+    async fn write(&self, batch: Batch) -> Result<floodway::Delivery, Error> {
+        let mut delivery = floodway::Delivery::complete();
+        // Where the batch starts and ends in each partition it holds.
+        let mut spans: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+        for uow in batch.items() {
+            let record = uow.record();
+            let span = spans
+                .entry(record.partition.to_string())
+                .or_insert((record.offset, record.offset));
+            span.0 = span.0.min(record.offset);
+            span.1 = span.1.max(record.offset);
+        }
+        self.catch_up(&spans).await?;
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut timers = Vec::new();
+        for (i, event) in batch.events().enumerate() {
+            if let Some((processor, key, timer)) = floodway::cep::Timer::of_event(event) {
+                if processor == self.name {
+                    timers.push((key, timer));
+                }
+                continue;
+            }
+            if !self.collects(event.event_type()) {
+                continue;
+            }
+            match correlation_keys(&self.correlate, event) {
+                Ok(keys) => entries.push((keys, event.clone())),
+                Err(err) if batch.len() == 1 => return Err(err),
+                Err(err) => delivery.fail(i, err),
+            }
+        }
+        let progress: Vec<(String, u64)> = spans.iter().map(|(p, s)| (p.clone(), s.1)).collect();
+        let ttl = self.ttl;
+        self.blocking(move |table, rules| {
+            table.collect_at(&entries, &rules, Some(ttl), &progress)?;
+            for (key, timer) in &timers {
+                table.fire_timer(key, timer, &rules, Some(ttl))?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.hand_timers_to_the_hub().await?;
+        Ok(delivery)
+    }
+
+    /// Catches up on what another instance read from these partitions since this one last
+    /// did (nothing, at once, on a hub whose partitions do not move).
+    async fn catch_up(
+        &self,
+        spans: &std::collections::BTreeMap<String, (u64, u64)>,
+    ) -> Result<(), Error> {
+        let positions = self.blocking(|table, _| table.positions()).await?;
+        let since = floodway::event::now_millis() - self.ttl.as_millis() as i64;
+        for (partition, (first, _)) in spans {
+            let after = positions.get(partition).copied();
+            if after.is_some_and(|a| a.saturating_add(1) >= *first) {
+                continue; // read on from where this instance stopped
+            }
+            let missed = self
+                .hub
+                .missed(partition, after, *first, since)
+                .await
+                .map_err(|e| Error::transient_msg("CepCatchUp", e.to_string()))?;
+            let Some(last) = missed.last().map(|(s, _)| *s) else {
+                continue;
+            };
+            let mut entries = Vec::with_capacity(missed.len());
+            for (_, bytes) in &missed {
+                let Ok(event) = Event::decode(bytes) else {
+                    continue; // not an event: its fault was raised where it was read
+                };
+                let keys = if self.collects(event.event_type()) {
+                    correlation_keys(&self.correlate, &event).unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                entries.push((keys, event));
+            }
+            tracing::info!(
+                processor = %self.name,
+                partition = %partition,
+                records = missed.len(),
+                "catching up on what another instance read from the partition"
+            );
+            let progress = vec![(partition.clone(), last)];
+            let ttl = self.ttl;
+            self.blocking(move |table, rules| {
+                table.restore(&entries, &rules, Some(ttl), &progress)
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Hands the timers set so far to the hub, before the batch that set them is
+    /// acknowledged: a process that dies after that loses none.
+    async fn hand_timers_to_the_hub(&self) -> Result<(), Error> {
+        if !self.hub.schedules() {
+            return Ok(());
+        }
+        loop {
+            let pending = self
+                .blocking(|table, _| table.pending_schedules(500))
+                .await?;
+            if pending.is_empty() {
+                return Ok(());
+            }
+            for (key, timer) in &pending {
+                let event = timer.to_event(&self.name, key);
+                self.hub
+                    .schedule(&event, timer.due)
+                    .await
+                    .map_err(|e| Error::transient_msg("CepSchedule", e.to_string()))?;
+            }
+            let done = pending.len();
+            self.blocking(move |table, _| table.scheduled(&pending))
+                .await?;
+            if done < 500 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The timers of the configuration's *cep* processors, each to run beside its processor;
+/// none on a hub that keeps timers itself (they come back as events: [`cep`]).
 ///
 /// # Errors
 /// A hub failure, or a rule that does not build.
 pub fn cep_timers(hubs: &Hubs, config: &Config) -> Result<Vec<(String, CepTimers)>, SetupError> {
     let mut timers = Vec::new();
+    if hubs.events.schedules() {
+        return Ok(timers);
+    }
     for p in &config.processors {
         if let ProcessorConfig::Cep {
             name, rules, ttl, ..

@@ -104,6 +104,57 @@ pub struct Timer {
     pub trigger: String,
 }
 
+/// The type of the event a hub delivers when a timer it keeps is due (a JetStream message
+/// schedule, an EventBridge Scheduler schedule): [`Timer::to_event`].
+pub const TIMER_DUE: &str = "timer-due";
+
+impl Timer {
+    /// The event that says this timer of `key` is due, for the processor `processor`: type
+    /// [`TIMER_DUE`], keyed by `key` (so it reaches the key's partition), timed at the due
+    /// time, with the timer under `timer`. Its id is stable: the same timer gives the same
+    /// event.
+    pub fn to_event(&self, processor: &str, key: &str) -> Event {
+        let id = crate::rows::change_id(
+            &format!("timer:{processor}"),
+            &crate::rows::RowKey::new(key, &self.rule),
+            &self.trigger,
+        );
+        Event::builder(TIMER_DUE, key.to_owned())
+            .id(id)
+            .timestamp(self.due)
+            .tag("source", format!("cep:{processor}"))
+            .field(
+                "timer",
+                json!({
+                    "processor": processor,
+                    "key": key,
+                    "rule": self.rule,
+                    "trigger": self.trigger,
+                    "due": self.due,
+                }),
+            )
+            .build()
+    }
+
+    /// The processor, key and timer a [`TIMER_DUE`] event names; `None` for any other event.
+    pub fn of_event(event: &Event) -> Option<(String, String, Timer)> {
+        if event.event_type() != TIMER_DUE {
+            return None;
+        }
+        let timer = event.field("timer")?;
+        let text = |name: &str| timer.get(name).and_then(Value::as_str).map(str::to_owned);
+        Some((
+            text("processor")?,
+            text("key")?,
+            Timer {
+                due: timer.get("due").and_then(Value::as_i64)?,
+                rule: text("rule")?,
+                trigger: text("trigger")?,
+            },
+        ))
+    }
+}
+
 /// A rule over a correlated set.
 pub trait Rule: Send + Sync + Debug {
     /// Its name (unique within its processor).

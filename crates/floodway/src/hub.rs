@@ -246,6 +246,38 @@ pub trait EventHub: Send + Sync + Debug + 'static {
         })
     }
 
+    /// Whether the hub keeps timers ([`EventHub::schedule`]).
+    fn schedules(&self) -> bool {
+        false
+    }
+
+    /// Publishes `event` once, at `at` (ms since the epoch), into its partition: a timer the
+    /// hub keeps, so it survives the process that set it and is delivered to whichever
+    /// instance reads the partition when it is due. Scheduling an event id again replaces
+    /// its schedule. A hub without timers refuses ([`EventHub::schedules`]).
+    fn schedule<'a>(&'a self, event: &'a Event, at: i64) -> HubFuture<'a, ()> {
+        let _ = (event, at);
+        Box::pin(
+            async move { Err(Unsupported(format!("{} keeps no timers", self.describe())).into()) },
+        )
+    }
+
+    /// The records of `partition` after position `after` and before position `before`, in
+    /// order (from `since`, ms since the epoch, when `after` is `None`): what another
+    /// instance took from a partition before this one read it, for a processor whose state is
+    /// built from what it reads to catch up on after a failover. A hub whose partitions are
+    /// read by one process's state (the embedded hub: one file) has none to give.
+    fn missed<'a>(
+        &'a self,
+        partition: &'a str,
+        after: Option<u64>,
+        before: u64,
+        since: i64,
+    ) -> HubFuture<'a, Vec<(u64, Vec<u8>)>> {
+        let _ = (partition, after, before, since);
+        Box::pin(async move { Ok(Vec::new()) })
+    }
+
     /// Removes the subscription `name` and its progress; `false` if there was none. A hub
     /// that keeps subscriptions elsewhere refuses, saying how to remove one.
     fn unsubscribe<'a>(&'a self, name: &'a str) -> HubFuture<'a, bool> {
