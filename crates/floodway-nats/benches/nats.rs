@@ -189,6 +189,92 @@ async fn floodway_publish(hub: &NatsHub, events: &[Event]) -> f64 {
     events.len() as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Timers kept by the stream: `pending` scheduled an hour ahead, then `due` more spread over
+/// the 5 s that follow, all through the hub contract in batches of 1,000 (as the *cep*
+/// processor hands them over); a consumer per partition notes how late each due one
+/// arrives. Returns the scheduling rate, the same payloads published plainly (the
+/// reference), and the lateness of each due timer in ms.
+async fn timers(server: &NatsServer, pending: usize, due: usize) -> (f64, f64, Vec<i64>) {
+    use floodway::hub::EventHub as _;
+    let partitions = 4;
+    let hub = hub(server, "TIMERS", partitions).await;
+    let shared = floodway_nats::NatsEventHub::new(hub.clone(), Default::default());
+    assert!(shared.schedules(), "the server keeps message schedules");
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let stream = js.get_stream(hub.stream()).await.unwrap();
+    let mut readers = Vec::new();
+    for p in 0..partitions {
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: hub.partition_subject(p),
+                deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        readers.push(consumer.messages().await.unwrap());
+    }
+    let timer = |i: usize, at: i64| {
+        let t = floodway::cep::Timer {
+            due: at,
+            rule: "expired".into(),
+            trigger: format!("e-{i}"),
+        };
+        (t.to_event("orders-cep", &format!("o-{i}")), at)
+    };
+    let now = floodway::event::now_millis();
+    let mut all: Vec<(Event, i64)> = (0..pending).map(|i| timer(i, now + 3_600_000)).collect();
+    let started = Instant::now();
+    for chunk in all.chunks(1_000) {
+        shared.schedule(chunk).await.unwrap();
+    }
+    // The due ones, spread over the 5 s after the last is scheduled.
+    let soon = floodway::event::now_millis() + 2_000;
+    let due_timers: Vec<(Event, i64)> = (0..due)
+        .map(|i| timer(pending + i, soon + (i as i64 * 5_000) / due as i64))
+        .collect();
+    for chunk in due_timers.chunks(1_000) {
+        shared.schedule(chunk).await.unwrap();
+    }
+    let rate = (pending + due) as f64 / started.elapsed().as_secs_f64();
+    all.extend(due_timers);
+    let reference_hub = self::hub(server, "PLAINTIMERS", 1).await;
+    let payloads: Vec<(String, Bytes)> = all
+        .iter()
+        .map(|(e, _)| (e.id().to_owned(), Bytes::from(e.to_json())))
+        .collect();
+    let reference = raw_publish(
+        &reference_hub,
+        &reference_hub.partition_subject(0),
+        &payloads,
+    )
+    .await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for mut reader in readers {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = reader.next().await {
+                let at = floodway::event::now_millis();
+                let event = Event::decode(&message.payload).unwrap();
+                if tx.send(at - event.timestamp()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let mut late = Vec::with_capacity(due);
+    while late.len() < due {
+        match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+            Ok(Some(l)) => late.push(l),
+            _ => panic!("{} of {due} timers arrived", late.len()),
+        }
+    }
+    // None of the pending ones, nor a due one twice.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rx.try_recv().is_err(), "a timer came twice or early");
+    (rate, reference, late)
+}
+
 fn main() {
     let n = common::events_wanted(100_000);
     let runtime = common::two_workers();
@@ -272,6 +358,21 @@ fn main() {
                 ],
             });
         }
+        let (pending, due) = (common::events_wanted(100_000), 10_000);
+        let (rate, reference, mut late) = timers(&server, pending, due).await;
+        late.sort_unstable();
+        let at = |q: f64| late[((late.len() - 1) as f64 * q) as usize];
+        out!(
+            "| schedule {} timers kept by the stream (JetStream message schedules), batches of 1,000 | {rate:.0} timers/s | {reference:.0} msg/s, the same payloads published | {:.2} | - |",
+            pending + due,
+            rate / reference
+        );
+        out!(
+            "| {due} of them due over 5 s, {pending} pending an hour ahead: how late each arrives in its partition | p50 {} ms, p99 {} ms, max {} ms | - | - | within 1 s |",
+            at(0.5),
+            at(0.99),
+            late[late.len() - 1]
+        );
         common::chart::save_table("nats");
         common::chart::bars(
             "nats",

@@ -146,7 +146,7 @@ impl EventHub for NatsEventHub {
         self.hub.keeps_timers()
     }
 
-    fn schedule<'a>(&'a self, event: &'a Event, at: i64) -> HubFuture<'a, ()> {
+    fn schedule<'a>(&'a self, timers: &'a [(Event, i64)]) -> HubFuture<'a, ()> {
         Box::pin(async move {
             if !self.hub.keeps_timers() {
                 let why = format!(
@@ -155,12 +155,18 @@ impl EventHub for NatsEventHub {
                 );
                 return Err(floodway::hub::Unsupported(why).into());
             }
-            let partition = self.hub.partition_of(event.partition_key());
-            let payload = bytes::Bytes::from(event.to_json());
-            Ok(self
-                .hub
-                .schedule(event.id(), partition, payload, at)
-                .await?)
+            let timers: Vec<(String, u32, bytes::Bytes, i64)> = timers
+                .iter()
+                .map(|(event, at)| {
+                    (
+                        event.id().to_owned(),
+                        self.hub.partition_of(event.partition_key()),
+                        bytes::Bytes::from(event.to_json()),
+                        *at,
+                    )
+                })
+                .collect();
+            Ok(self.hub.schedule(&timers).await?)
         })
     }
 

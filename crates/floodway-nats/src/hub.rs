@@ -354,49 +354,50 @@ impl NatsHub {
         }
     }
 
-    /// Publishes `payload` into `partition` once, at `at` (ms since the epoch), through a
-    /// JetStream message schedule (NATS 2.12 or newer) named by `id`: the schedule's own
-    /// message is stored under `{subject}.schedule-{id}` (one per subject: scheduling `id`
-    /// again replaces it), and at its time the server publishes the payload to the
-    /// partition, where whichever instance reads the partition then receives it.
+    /// Publishes each `(id, partition, payload, at)` into its partition once, at `at` (ms
+    /// since the epoch), through a JetStream message schedule (NATS 2.12 or newer) named by
+    /// `id`: the schedule's own message is stored under `{subject}.schedule-{id}` (one per
+    /// subject: scheduling `id` again replaces it), and at its time the server publishes the
+    /// payload to the partition, where whichever instance reads the partition then receives
+    /// it. All are sent before any acknowledgement is awaited.
     ///
     /// # Errors
-    /// When the server does not take it (a server older than 2.12 has no schedules).
-    pub async fn schedule(
-        &self,
-        id: &str,
-        partition: u32,
-        payload: Bytes,
-        at: i64,
-    ) -> Result<(), NatsError> {
-        let token: String = id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let when = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000)
-            .map_err(|e| NatsError::Config(format!("schedule time {at}: {e}")))?
-            .format(&time::format_description::well_known::Rfc3339)
-            .map_err(|e| NatsError::Config(format!("schedule time {at}: {e}")))?;
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Schedule", format!("@at {when}").as_str());
-        headers.insert(
-            "Nats-Schedule-Target",
-            self.partition_subject(partition).as_str(),
-        );
-        let subject = format!("{}.schedule-{token}", self.inner.subject);
-        self.inner
-            .js
-            .publish_with_headers(subject, headers, payload)
-            .await
-            .map_err(|e| NatsError::js("schedule", e))?
-            .await
-            .map_err(|e| NatsError::js("schedule", e))?;
+    /// When the server does not take one (a server older than 2.12 has no schedules).
+    pub async fn schedule(&self, timers: &[(String, u32, Bytes, i64)]) -> Result<(), NatsError> {
+        let mut acks = Vec::with_capacity(timers.len());
+        for (id, partition, payload, at) in timers {
+            let token: String = id
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let when = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(*at) * 1_000_000)
+                .map_err(|e| NatsError::Config(format!("schedule time {at}: {e}")))?
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(|e| NatsError::Config(format!("schedule time {at}: {e}")))?;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Schedule", format!("@at {when}").as_str());
+            headers.insert(
+                "Nats-Schedule-Target",
+                self.partition_subject(*partition).as_str(),
+            );
+            let subject = format!("{}.schedule-{token}", self.inner.subject);
+            acks.push(
+                self.inner
+                    .js
+                    .publish_with_headers(subject, headers, payload.clone())
+                    .await
+                    .map_err(|e| NatsError::js("schedule", e))?,
+            );
+        }
+        for ack in acks {
+            ack.await.map_err(|e| NatsError::js("schedule", e))?;
+        }
         Ok(())
     }
 

@@ -1024,8 +1024,11 @@ async fn the_stream_keeps_timers_and_gives_what_a_partition_missed() {
         Default::default(),
     ));
     assert!(shared.schedules());
-    shared.schedule(&due, timer.due + 60_000).await.unwrap();
-    shared.schedule(&due, timer.due).await.unwrap();
+    shared
+        .schedule(&[(due.clone(), timer.due + 60_000)])
+        .await
+        .unwrap();
+    shared.schedule(&[(due, timer.due)]).await.unwrap();
     let found = loop {
         let found = hub.missed(p, Some(seq[4]), u64::MAX, 0).await.unwrap();
         if !found.is_empty() || floodway::event::now_millis() > timer.due + 5_000 {

@@ -690,13 +690,14 @@ impl CepState {
             if pending.is_empty() {
                 return Ok(());
             }
-            for (key, timer) in &pending {
-                let event = timer.to_event(&self.name, key);
-                self.hub
-                    .schedule(&event, timer.due)
-                    .await
-                    .map_err(|e| Error::transient_msg("CepSchedule", e.to_string()))?;
-            }
+            let timers: Vec<(Event, i64)> = pending
+                .iter()
+                .map(|(key, timer)| (timer.to_event(&self.name, key), timer.due))
+                .collect();
+            self.hub
+                .schedule(&timers)
+                .await
+                .map_err(|e| Error::transient_msg("CepSchedule", e.to_string()))?;
             let done = pending.len();
             self.blocking(move |table, _| table.scheduled(&pending))
                 .await?;

@@ -251,12 +251,12 @@ pub trait EventHub: Send + Sync + Debug + 'static {
         false
     }
 
-    /// Publishes `event` once, at `at` (ms since the epoch), into its partition: a timer the
-    /// hub keeps, so it survives the process that set it and is delivered to whichever
-    /// instance reads the partition when it is due. Scheduling an event id again replaces
-    /// its schedule. A hub without timers refuses ([`EventHub::schedules`]).
-    fn schedule<'a>(&'a self, event: &'a Event, at: i64) -> HubFuture<'a, ()> {
-        let _ = (event, at);
+    /// Publishes each event once, at its time (ms since the epoch), into its partition:
+    /// timers the hub keeps, so they survive the process that set them and are delivered to
+    /// whichever instance reads the partition when they are due. Scheduling an event id
+    /// again replaces its schedule. A hub without timers refuses ([`EventHub::schedules`]).
+    fn schedule<'a>(&'a self, timers: &'a [(Event, i64)]) -> HubFuture<'a, ()> {
+        let _ = timers;
         Box::pin(
             async move { Err(Unsupported(format!("{} keeps no timers", self.describe())).into()) },
         )
