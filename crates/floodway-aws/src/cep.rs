@@ -618,11 +618,21 @@ impl CepSink {
         let mut delivery = Delivery::complete();
         let emitted = if self.timers {
             let mut emitted = Vec::new();
-            for event in batch.events() {
-                if event.event_type() == TIMER_DUE {
-                    emitted.extend(self.cep.fire_scheduled(event, &self.rules).await?);
+            for (i, event) in batch.events().enumerate() {
+                let fired = if event.event_type() == TIMER_DUE {
+                    self.cep.fire_scheduled(event, &self.rules).await
                 } else if let Some(old) = event.field("raw").and_then(|r| r.get("old")) {
-                    emitted.extend(self.cep.fire_removed(old, &self.rules).await?);
+                    self.cep.fire_removed(old, &self.rules).await
+                } else {
+                    continue;
+                };
+                match fired {
+                    Ok(fired) => emitted.extend(fired),
+                    // A malformed timer is that entry's fault, not the batch's.
+                    Err(err) if err.class() == floodway::ErrorClass::Poison && batch.len() > 1 => {
+                        delivery.fail(i, err);
+                    }
+                    Err(err) => return Err(err),
                 }
             }
             emitted

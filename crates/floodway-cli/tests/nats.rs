@@ -298,13 +298,13 @@ async fn a_timer_due_during_an_outage_of_the_target_is_published_once_it_is_back
     assert_eq!(expired, 1);
 }
 
-/// Every `order-ready` and `order-expired` event in the stream, by order: the distinct ids
-/// and types of each, and each id's timestamp.
+/// Every `order-ready` and `order-expired` event in the stream, by order: for each distinct
+/// id, its type, timestamp and how many times the stream holds it.
 async fn outcomes_in(
     url: &str,
     stream: &str,
     subject: &str,
-) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, (String, i64)>> {
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, (String, i64, usize)>> {
     use floodway::hub::ReadOptions;
     use floodway::Source as _;
     let options = floodway_nats::NatsHubOptions {
@@ -329,10 +329,11 @@ async fn outcomes_in(
         for r in batch {
             let e = floodway::Event::decode(&r.data).unwrap();
             if matches!(e.event_type(), "order-ready" | "order-expired") {
-                out.entry(e.partition_key().to_owned()).or_default().insert(
-                    e.id().to_owned(),
-                    (e.event_type().to_owned(), e.timestamp()),
-                );
+                out.entry(e.partition_key().to_owned())
+                    .or_default()
+                    .entry(e.id().to_owned())
+                    .or_insert((e.event_type().to_owned(), e.timestamp(), 0))
+                    .2 += 1;
             }
         }
     }
@@ -487,7 +488,8 @@ emit = "order-expired"
     for i in 0..n {
         let of = &outcomes[&format!("o-{i}")];
         assert_eq!(of.len(), 1, "o-{i} has one outcome: {of:?}");
-        let (ty, at) = of.values().next().unwrap();
+        let (ty, at, copies) = of.values().next().unwrap();
+        assert_eq!(*copies, 1, "o-{i}'s outcome is in the stream once");
         if i % 2 == 0 {
             assert_eq!(ty, "order-ready", "o-{i}");
         } else {

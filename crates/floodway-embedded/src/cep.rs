@@ -60,6 +60,25 @@ pub struct CepReport {
     pub timers_fired: usize,
 }
 
+/// A timer to hand to the hub ([`CepTable::pending_schedules`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingTimer {
+    /// The correlation key whose set it is about.
+    pub key: String,
+    /// The timer.
+    pub timer: Timer,
+    /// The partition key of the event that set it.
+    pub partition_key: String,
+}
+
+impl PendingTimer {
+    /// The event the hub delivers when it is due, for processor `processor`.
+    pub fn to_event(&self, processor: &str) -> Event {
+        self.timer
+            .to_event_in(processor, &self.key, &self.partition_key)
+    }
+}
+
 /// A key's state, for people (`floodway cep show`).
 #[derive(Debug, Clone, Default)]
 pub struct CepKey {
@@ -109,7 +128,7 @@ impl CepTable {
                  id TEXT NOT NULL, expires INTEGER, PRIMARY KEY (key, id)) WITHOUT ROWID; \
                  CREATE TABLE IF NOT EXISTS cep_{name}_schedule (key TEXT NOT NULL, \
                  rule TEXT NOT NULL, trigger TEXT NOT NULL, due INTEGER NOT NULL, \
-                 PRIMARY KEY (key, rule, trigger)) WITHOUT ROWID; \
+                 partition_key TEXT NOT NULL, PRIMARY KEY (key, rule, trigger)) WITHOUT ROWID; \
                  CREATE TABLE IF NOT EXISTS cep_{name}_progress (partition TEXT PRIMARY KEY, \
                  position INTEGER NOT NULL) WITHOUT ROWID;"
             ))?;
@@ -131,10 +150,50 @@ impl CepTable {
     /// delivers it ([`CepTable::fire_timer`]) rather than by [`CepTimers`].
     ///
     /// [`EventHub::schedule`]: floodway::hub::EventHub::schedule
-    #[must_use]
-    pub fn with_hub_timers(mut self) -> Self {
+    ///
+    /// The first time a table is used this way, the timers pending in it (set while it fired
+    /// its own) are queued for the hub too.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn with_hub_timers(mut self) -> Result<Self, HubError> {
+        crate::busy::retry("cep", self.busy_retry, || {
+            let mut conn = self.conn()?;
+            let _turn = self.gate.enter();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let name = &self.name;
+            tx.execute_batch(&format!(
+                "CREATE TABLE IF NOT EXISTS cep_{name}_hub_timers (since INTEGER NOT NULL)"
+            ))?;
+            let since: Option<i64> = tx
+                .query_row(
+                    &format!("SELECT since FROM cep_{name}_hub_timers"),
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if since.is_none() {
+                tx.execute(
+                    &format!(
+                        "INSERT OR IGNORE INTO cep_{name}_schedule \
+                         (key, rule, trigger, due, partition_key) \
+                         SELECT t.key, t.rule, t.trigger, t.due, coalesce((SELECT \
+                         json_extract(e.event, '$.partitionKey') FROM cep_{name}_events e \
+                         WHERE e.key = t.key AND e.id = t.trigger), t.key) \
+                         FROM cep_{name}_timers t"
+                    ),
+                    [],
+                )?;
+                tx.execute(
+                    &format!("INSERT INTO cep_{name}_hub_timers (since) VALUES (?1)"),
+                    [now_millis()],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })?;
         self.hub_timers = true;
-        self
+        Ok(self)
     }
 
     /// The source its emitted events name (`cep:{name}`).
@@ -237,11 +296,15 @@ impl CepTable {
                 .cloned()
                 .collect();
             let mut report = CepReport::default();
-            let emitted = self.collect_in(&tx, &collect, rules, ttl, now, &mut report)?;
-            report.emitted = self.emit(&tx, emitted, now)?;
+            let mut emitted = self.collect_in(&tx, &collect, rules, ttl, now, &mut report)?;
+            // The timers the other instance fired, fired again here: what they emitted may
+            // have died in its outbox (what it published is marked, and not emitted twice).
             for (key, timer) in &fired_timers {
                 report.timers_set -= self.drop_timer(&tx, key, timer)?.min(report.timers_set);
+                emitted.extend(self.fire_in(&tx, key, timer, rules, ttl)?);
+                report.timers_fired += 1;
             }
+            report.emitted = self.emit(&tx, emitted, now)?;
             self.record_progress(&tx, progress)?;
             tx.commit()?;
             Ok(report)
@@ -324,47 +387,60 @@ impl CepTable {
             let mut report = CepReport::default();
             self.drop_timer(&tx, key, timer)?;
             report.timers_fired = 1;
-            let Some(rule) = rules.iter().find(|r| r.name() == timer.rule) else {
-                tracing::warn!(rule = %timer.rule, key, "a timer of a rule no longer configured: dropped");
-                tx.commit()?;
-                return Ok(report);
-            };
-            // Its trigger may be past its own time to live: a timer still sees it.
-            let set = read_set(&tx, &self.name, key, i64::MIN)?;
-            let firings = rule
-                .fire(&set, timer)
-                .into_iter()
-                .map(|firing| {
-                    let expires =
-                        ttl.map(|t| firing.timestamp.saturating_add(t.as_millis() as i64));
-                    (key.to_owned(), firing, expires)
-                })
-                .collect();
+            let firings = self.fire_in(&tx, key, timer, rules, ttl)?;
             report.emitted = self.emit(&tx, firings, now)?;
             tx.commit()?;
             Ok(report)
         })
     }
 
-    /// Timers set and not yet handed to the hub (with hub timers), at most `limit`.
+    /// What `timer` of `key` makes of the key's set now, to emit.
+    fn fire_in(
+        &self,
+        tx: &Transaction<'_>,
+        key: &str,
+        timer: &Timer,
+        rules: &[SharedRule],
+        ttl: Option<Duration>,
+    ) -> Result<Vec<(String, Firing, Option<i64>)>, HubError> {
+        let Some(rule) = rules.iter().find(|r| r.name() == timer.rule) else {
+            tracing::warn!(rule = %timer.rule, key, "a timer of a rule no longer configured: dropped");
+            return Ok(Vec::new());
+        };
+        // Its trigger may be past its own time to live: a timer still sees it.
+        let set = read_set(tx, &self.name, key, i64::MIN)?;
+        Ok(rule
+            .fire(&set, timer)
+            .into_iter()
+            .map(|firing| {
+                let expires = ttl.map(|t| firing.timestamp.saturating_add(t.as_millis() as i64));
+                (key.to_owned(), firing, expires)
+            })
+            .collect())
+    }
+
+    /// Timers set and not yet handed to the hub (with hub timers), at most `limit`: each
+    /// with its key and the partition key of the event that set it (where the hub is to
+    /// deliver it: [`Timer::to_event_in`](floodway::cep::Timer::to_event_in)).
     ///
     /// # Errors
     /// A storage failure.
-    pub fn pending_schedules(&self, limit: usize) -> Result<Vec<(String, Timer)>, HubError> {
+    pub fn pending_schedules(&self, limit: usize) -> Result<Vec<PendingTimer>, HubError> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT key, rule, trigger, due FROM cep_{}_schedule LIMIT ?1",
+            "SELECT key, rule, trigger, due, partition_key FROM cep_{}_schedule LIMIT ?1",
             self.name
         ))?;
         let rows = stmt.query_map([limit as i64], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                Timer {
+            Ok(PendingTimer {
+                key: r.get(0)?,
+                timer: Timer {
                     rule: r.get(1)?,
                     trigger: r.get(2)?,
                     due: r.get(3)?,
                 },
-            ))
+                partition_key: r.get(4)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -373,7 +449,7 @@ impl CepTable {
     ///
     /// # Errors
     /// A storage failure.
-    pub fn scheduled(&self, timers: &[(String, Timer)]) -> Result<(), HubError> {
+    pub fn scheduled(&self, timers: &[PendingTimer]) -> Result<(), HubError> {
         crate::busy::retry("cep", self.busy_retry, || {
             let mut conn = self.conn()?;
             let _turn = self.gate.enter();
@@ -383,8 +459,8 @@ impl CepTable {
                     "DELETE FROM cep_{}_schedule WHERE key = ?1 AND rule = ?2 AND trigger = ?3",
                     self.name
                 ))?;
-                for (key, timer) in timers {
-                    stmt.execute((key, &timer.rule, &timer.trigger))?;
+                for t in timers {
+                    stmt.execute((&t.key, &t.timer.rule, &t.timer.trigger))?;
                 }
             }
             tx.commit()?;
@@ -414,8 +490,8 @@ impl CepTable {
                  VALUES (?1, ?2, ?3, ?4)"
             ))?;
             let mut schedule = tx.prepare_cached(&format!(
-                "INSERT OR REPLACE INTO cep_{name}_schedule (key, rule, trigger, due) \
-                 VALUES (?1, ?2, ?3, ?4)"
+                "INSERT OR REPLACE INTO cep_{name}_schedule \
+                 (key, rule, trigger, due, partition_key) VALUES (?1, ?2, ?3, ?4, ?5)"
             ))?;
             let mut sets: HashMap<&str, Vec<Collected>> = HashMap::new();
             for (keys, event) in entries {
@@ -458,7 +534,13 @@ impl CepTable {
                             let set = timer.execute((t.due, key, &t.rule, &t.trigger))?;
                             report.timers_set += set;
                             if set == 1 && self.hub_timers {
-                                schedule.execute((key, &t.rule, &t.trigger, t.due))?;
+                                schedule.execute((
+                                    key,
+                                    &t.rule,
+                                    &t.trigger,
+                                    t.due,
+                                    event.partition_key(),
+                                ))?;
                             }
                         }
                     }

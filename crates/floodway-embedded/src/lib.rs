@@ -76,7 +76,7 @@ mod store;
 mod subscription;
 mod view;
 
-pub use cep::{CepKey, CepReport, CepTable, CepTimers};
+pub use cep::{CepKey, CepReport, CepTable, CepTimers, PendingTimer};
 pub use error::{HubError, OpenError};
 pub use faults::{FaultFilter, FaultStatus, FaultStore, Resubmission, Stored, StoredFault};
 pub use floodway::state::Applied;

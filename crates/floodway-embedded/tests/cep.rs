@@ -187,7 +187,7 @@ async fn the_timer_task_fires_within_its_poll_of_the_due_time() {
 fn hub_kept_timers_are_handed_over_and_fire_once_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let hub = Hub::open(dir.path().join("cep.db"), HubOptions::default()).unwrap();
-    let table = hub.cep("orders-cep").unwrap().with_hub_timers();
+    let table = hub.cep("orders-cep").unwrap().with_hub_timers().unwrap();
     let now = floodway::event::now_millis();
     let ttl = Some(Duration::from_secs(3600));
     let report = table
@@ -210,8 +210,16 @@ fn hub_kept_timers_are_handed_over_and_fire_once_delivered() {
     );
     let pending = table.pending_schedules(10).unwrap();
     assert_eq!(pending.len(), 1);
-    let (key, timer) = pending[0].clone();
+    let floodway_embedded::PendingTimer {
+        key,
+        timer,
+        partition_key,
+    } = pending[0].clone();
     assert_eq!((key.as_str(), timer.due), ("o-1", now + 15 * 60_000));
+    assert_eq!(
+        partition_key, "o-1",
+        "delivered to the partition of its trigger"
+    );
     table.scheduled(&pending).unwrap();
     assert!(table.pending_schedules(10).unwrap().is_empty());
     // Delivered by the hub, twice: one expiry.
@@ -224,17 +232,18 @@ fn hub_kept_timers_are_handed_over_and_fire_once_delivered() {
 
 /// Another instance read part of a partition: the one taking over catches up from the log.
 /// What the other emitted is not emitted again, a timer it fired is not set again, what it
-/// emitted and never published (its outbox died with it) is emitted, and the sets are whole
-/// again for what comes next.
+/// emitted and never published (its outbox died with it: o-3's ready, o-5's expiry) is
+/// emitted, and the sets are whole again for what comes next.
 #[test]
 fn an_instance_taking_over_catches_up_on_what_another_read() {
     let dir = tempfile::tempdir().unwrap();
     let now = floodway::event::now_millis() - 20 * 60_000;
     let ttl = Some(Duration::from_secs(3600));
     // The first instance: o-1 paid (ready), o-2 not (its timer fired: expired), o-3 paid
-    // but its ready event never left the outbox.
+    // but its ready event never left the outbox, o-5's timer fired but its expiry never left
+    // the outbox either.
     let first = Hub::open(dir.path().join("first.db"), HubOptions::default()).unwrap();
-    let old = first.cep("orders-cep").unwrap().with_hub_timers();
+    let old = first.cep("orders-cep").unwrap().with_hub_timers().unwrap();
     let read = [
         event("s1", "order-submitted", "o-1", now),
         event("p1", "payment-captured", "o-1", now + 10),
@@ -242,15 +251,25 @@ fn an_instance_taking_over_catches_up_on_what_another_read() {
         event("s3", "order-submitted", "o-3", now),
         event("p3", "payment-captured", "o-3", now + 10),
         event("s4", "order-submitted", "o-4", now),
+        event("s5", "order-submitted", "o-5", now),
     ];
     old.collect(&read, &rules(), ttl).unwrap();
-    let (_, o2_timer) = old
+    let o2_timer = old
         .pending_schedules(10)
         .unwrap()
         .into_iter()
-        .find(|(k, _)| k == "o-2")
-        .unwrap();
+        .find(|t| t.key == "o-2")
+        .unwrap()
+        .timer;
     old.fire_timer("o-2", &o2_timer, &rules(), ttl).unwrap();
+    let o5_timer = old
+        .pending_schedules(10)
+        .unwrap()
+        .into_iter()
+        .find(|t| t.key == "o-5")
+        .unwrap()
+        .timer;
+    old.fire_timer("o-5", &o5_timer, &rules(), ttl).unwrap();
     let out: Vec<Event> = first
         .outbox()
         .unwrap()
@@ -272,25 +291,29 @@ fn an_instance_taking_over_catches_up_on_what_another_read() {
     log.push((vec![], published("o-1")));
     log.push((vec![], published("o-2")));
     log.push((vec![], o2_timer.to_event("orders-cep", "o-2")));
+    log.push((vec![], o5_timer.to_event("orders-cep", "o-5")));
 
     let second = Hub::open(dir.path().join("second.db"), HubOptions::default()).unwrap();
-    let new = second.cep("orders-cep").unwrap().with_hub_timers();
+    let new = second.cep("orders-cep").unwrap().with_hub_timers().unwrap();
     let report = new
         .restore(&log, &rules(), ttl, &[("0".into(), 42)])
         .unwrap();
-    assert_eq!(report.collected, 6);
+    assert_eq!(report.collected, 7);
     assert_eq!(
         emitted(&second),
-        [("order-ready".into(), "o-3".into())],
+        [
+            ("order-ready".into(), "o-3".into()),
+            ("order-expired".into(), "o-5".into())
+        ],
         "only what the first never published"
     );
     assert_eq!(new.positions().unwrap()["0"], 42);
-    // o-2's timer fired already; o-1's, o-3's and o-4's are to be kept by the hub.
+    // o-2's and o-5's timers fired already; o-1's, o-3's and o-4's are to be kept by the hub.
     let mut timers: Vec<String> = new
         .pending_schedules(10)
         .unwrap()
         .into_iter()
-        .map(|(k, _)| k)
+        .map(|t| t.key)
         .collect();
     timers.sort();
     assert_eq!(timers, ["o-1", "o-3", "o-4"]);
@@ -312,4 +335,36 @@ fn an_instance_taking_over_catches_up_on_what_another_read() {
         .unwrap();
     assert_eq!(ready.event_type(), "order-ready");
     assert_eq!(ready.field("triggers").unwrap()[0]["id"], "s4");
+}
+
+/// A table that fired its own timers, then kept by the hub: the timers pending in it are
+/// handed over too, each to the partition of the event that set it.
+#[test]
+fn timers_pending_before_the_hub_kept_them_are_handed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::open(dir.path().join("cep.db"), HubOptions::default()).unwrap();
+    let now = floodway::event::now_millis();
+    let ttl = Some(Duration::from_secs(3600));
+    let table = hub.cep("orders-cep").unwrap();
+    let placed = Event::builder("order-submitted", "shop-7")
+        .id("s1")
+        .timestamp(now)
+        .field("order", serde_json::json!({"id": "o-1"}))
+        .build();
+    table
+        .collect(&[(vec!["o-1".to_owned()], placed)], &rules(), ttl)
+        .unwrap();
+    assert!(table.pending_schedules(10).unwrap().is_empty());
+    let table = table.with_hub_timers().unwrap();
+    let pending = table.pending_schedules(10).unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0].key.as_str(), pending[0].partition_key.as_str()),
+        ("o-1", "shop-7")
+    );
+    assert_eq!(pending[0].to_event("orders-cep").partition_key(), "shop-7");
+    table.scheduled(&pending).unwrap();
+    // Once: opened again, nothing is queued twice.
+    let again = hub.cep("orders-cep").unwrap().with_hub_timers().unwrap();
+    assert!(again.pending_schedules(10).unwrap().is_empty());
 }

@@ -140,7 +140,10 @@ impl NatsHub {
             })?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(options.request_timeout);
-        let (partitions, schedules) = ensure_stream(&js, options).await?;
+        // Message schedules (timers kept by the stream) need NATS 2.12: an older server is
+        // not asked for them.
+        let schedules = at_least(&client.server_info().version, (2, 12));
+        let (partitions, schedules) = ensure_stream(&js, options, schedules).await?;
         Ok(NatsHub {
             inner: std::sync::Arc::new(Inner {
                 client,
@@ -310,7 +313,14 @@ impl NatsHub {
         {
             looked += 1;
             match stream.get_raw_message(sequence).await {
-                Ok(message) if keep(&message.payload) => {
+                // Published events only, not the schedules of timers.
+                Ok(message)
+                    if !message
+                        .subject
+                        .as_str()
+                        .starts_with(&format!("{}.schedule-", self.inner.subject))
+                        && keep(&message.payload) =>
+                {
                     let ms = message.time.unix_timestamp_nanos() / 1_000_000;
                     found.push((i64::try_from(ms).unwrap_or(i64::MAX), message.payload));
                 }
@@ -464,8 +474,17 @@ impl NatsHub {
             let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
             let message = match next {
                 Ok(Some(message)) => message.map_err(|e| NatsError::js("pull", e))?,
-                // Nothing more: what is before `before` is gone (a limit deleted it).
-                Ok(None) | Err(_) => break,
+                // Stalled before reaching `before`: not all of it was read.
+                Ok(None) | Err(_) => {
+                    return Err(NatsError::JetStream {
+                        action: "read a partition's missed records",
+                        message: format!(
+                            "partition {partition} stopped after {} records, before sequence \
+                             {before}",
+                            out.len()
+                        ),
+                    })
+                }
             };
             let info = message
                 .info()
@@ -476,7 +495,7 @@ impl NatsHub {
             }
             out.push((sequence, message.message.payload.clone()));
             if pending == 0 {
-                break;
+                break; // the partition's last (what was at `before` went meanwhile)
             }
         }
         Ok(out)
@@ -488,16 +507,26 @@ impl NatsHub {
     /// When the server does not answer.
     pub async fn stats(&self) -> Result<NatsStats, NatsError> {
         let stream = self.stream_handle().await?;
-        let mut per_subject = stream
-            .info_with_subjects(format!("{}.*", self.inner.subject))
-            .await
-            .map_err(|e| NatsError::js("stream info", e))?;
-        let info = per_subject.info.clone();
+        // Subject by subject: the stream's other subjects (a schedule each for pending
+        // timers, perhaps a million) are not listed.
+        let subjects: Vec<String> = (0..self.inner.partitions)
+            .map(|p| self.partition_subject(p))
+            .chain([self.fault_subject().to_string()])
+            .collect();
+        let mut info = None;
         let mut counts: HashMap<String, u64> = HashMap::new();
-        while let Some(entry) = per_subject.next().await {
-            let (subject, count) = entry.map_err(|e| NatsError::js("stream info", e))?;
-            counts.insert(subject, count as u64);
+        for subject in subjects {
+            let mut per_subject = stream
+                .info_with_subjects(subject)
+                .await
+                .map_err(|e| NatsError::js("stream info", e))?;
+            info.get_or_insert_with(|| per_subject.info.clone());
+            while let Some(entry) = per_subject.next().await {
+                let (subject, count) = entry.map_err(|e| NatsError::js("stream info", e))?;
+                counts.insert(subject, count as u64);
+            }
         }
+        let info = info.ok_or_else(|| NatsError::Config("a stream without subjects".into()))?;
         let partitions = (0..self.inner.partitions)
             .map(|p| counts.get(&self.partition_subject(p)).copied().unwrap_or(0))
             .collect();
@@ -578,7 +607,17 @@ pub struct SubscriptionStats {
     pub partitions: Vec<(String, u64)>,
 }
 
-fn stream_config(options: &NatsHubOptions, partitions: u32) -> stream::Config {
+/// Whether a server's version (`2.12.1`, `2.14.0-beta`) is at least `wanted`.
+fn at_least(version: &str, wanted: (u64, u64)) -> bool {
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= wanted
+}
+
+fn stream_config(options: &NatsHubOptions, partitions: u32, schedules: bool) -> stream::Config {
     stream::Config {
         name: options.stream.clone(),
         subjects: vec![format!("{}.*", options.subject)],
@@ -594,7 +633,7 @@ fn stream_config(options: &NatsHubOptions, partitions: u32) -> stream::Config {
         metadata: HashMap::from([(PARTITIONS_KEY.to_owned(), partitions.to_string())]),
         description: Some("Floodway event hub".into()),
         // Timers kept by the hub (`schedule`): NATS 2.12 or newer.
-        allow_message_schedules: true,
+        allow_message_schedules: schedules,
         ..Default::default()
     }
 }
@@ -604,6 +643,7 @@ fn stream_config(options: &NatsHubOptions, partitions: u32) -> stream::Config {
 async fn ensure_stream(
     js: &jetstream::Context,
     options: &NatsHubOptions,
+    schedules: bool,
 ) -> Result<(u32, bool), NatsError> {
     let existing = match js.get_stream(&options.stream).await {
         Ok(mut stream) => Some(
@@ -625,7 +665,10 @@ async fn ensure_stream(
     };
     let Some(current) = existing else {
         let partitions = options.partitions.unwrap_or(DEFAULT_PARTITIONS);
-        return match js.create_stream(stream_config(options, partitions)).await {
+        return match js
+            .create_stream(stream_config(options, partitions, schedules))
+            .await
+        {
             Ok(stream) => Ok((
                 partitions,
                 stream.cached_info().config.allow_message_schedules,
@@ -635,7 +678,7 @@ async fn ensure_stream(
                 jetstream::context::CreateStreamErrorKind::JetStream(inner)
                     if inner.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST =>
                 {
-                    Box::pin(ensure_stream(js, options)).await
+                    Box::pin(ensure_stream(js, options, schedules)).await
                 }
                 // The server refused the settings (a subject another stream holds, a
                 // duplicate window longer than the max age, too many replicas).
@@ -690,15 +733,30 @@ async fn ensure_stream(
     if let Some(window) = options.duplicate_window {
         update.duplicate_window = window;
     }
-    update.allow_message_schedules = true;
-    let mut schedules = current.allow_message_schedules;
+    let mut has_schedules = current.allow_message_schedules;
     if update != current {
         let info = js.update_stream(&update).await.map_err(|e| {
             NatsError::Config(format!("cannot update stream `{}`: {e}", options.stream))
         })?;
-        schedules = info.config.allow_message_schedules;
+        has_schedules = info.config.allow_message_schedules;
     }
-    Ok((stored, schedules))
+    if schedules && !has_schedules {
+        // A stream made before timers were kept in it: they are allowed now. Refused (no
+        // right to change the stream), timers stay in each instance's store.
+        let enabled = stream::Config {
+            allow_message_schedules: true,
+            ..update
+        };
+        match js.update_stream(&enabled).await {
+            Ok(info) => has_schedules = info.config.allow_message_schedules,
+            Err(e) => tracing::warn!(
+                stream = %options.stream,
+                error = %e,
+                "the stream cannot take message schedules: timers stay in each instance's store"
+            ),
+        }
+    }
+    Ok((stored, has_schedules))
 }
 
 /// The indices of `events` in waves: wave `n` holds the `n`-th event of every partition key,
@@ -720,6 +778,16 @@ fn waves(events: &[Event]) -> Vec<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_versions_are_compared_by_major_and_minor() {
+        assert!(at_least("2.12.0", (2, 12)));
+        assert!(at_least("2.15.1", (2, 12)));
+        assert!(at_least("3.0.0", (2, 12)));
+        assert!(at_least("2.14.0-beta.2", (2, 12)));
+        assert!(!at_least("2.11.9", (2, 12)));
+        assert!(!at_least("", (2, 12)));
+    }
 
     #[test]
     fn waves_hold_each_key_once_in_batch_order() {

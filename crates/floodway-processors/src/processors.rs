@@ -530,10 +530,17 @@ pub fn cep(
     // sink (which collects those of `types`), so that how far a partition was read here is
     // exact, and a gap means another instance read it.
     let read: Vec<String> = if hub_timers {
-        table = table.with_hub_timers();
+        table = table.with_hub_timers().map_err(|source| SetupError::Hub {
+            name: name.into(),
+            source,
+        })?;
         vec!["*".to_owned()]
     } else {
         types.to_vec()
+    };
+    let decrypt = match protect.decrypt {
+        true => Some(keys_of(hubs, name, "decrypt")?),
+        false => None,
     };
     let state = Arc::new(CepState {
         name: name.to_owned(),
@@ -543,6 +550,8 @@ pub fn cep(
         filters,
         rules,
         ttl,
+        decrypt,
+        read: std::sync::Mutex::default(),
     });
     let sink = sink_fn(move |batch: Batch| {
         let state = state.clone();
@@ -560,6 +569,11 @@ struct CepState {
     filters: Vec<floodway::pipeline::TypeFilter>,
     rules: Vec<SharedRule>,
     ttl: Duration,
+    /// The keys of the pipeline's decryption, for what catching up reads.
+    decrypt: Option<Arc<dyn floodway::encryption::KeyProvider>>,
+    /// How far this process has read each partition (caught up on, or in a batch being
+    /// written): a batch after another of the same partition still in flight is no gap.
+    read: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl CepState {
@@ -629,31 +643,57 @@ impl CepState {
     }
 
     /// Catches up on what another instance read from these partitions since this one last
-    /// did (nothing, at once, on a hub whose partitions do not move).
+    /// did: only where partitions move between instances (a hub that keeps timers), one
+    /// request per partition when nothing was missed, the partitions asked at once.
     async fn catch_up(
         &self,
         spans: &std::collections::BTreeMap<String, (u64, u64)>,
     ) -> Result<(), Error> {
-        let positions = self.blocking(|table, _| table.positions()).await?;
+        if !self.hub.schedules() {
+            return Ok(());
+        }
+        let stored = self.blocking(|table, _| table.positions()).await?;
         let since = floodway::event::now_millis() - self.ttl.as_millis() as i64;
-        for (partition, (first, _)) in spans {
-            let after = positions.get(partition).copied();
-            if after.is_some_and(|a| a.saturating_add(1) >= *first) {
-                continue; // read on from where this instance stopped
+        let mut asks = tokio::task::JoinSet::new();
+        {
+            let read = self
+                .read
+                .lock()
+                .map_err(|_| Error::fatal_msg("CepState", "poisoned"))?;
+            for (partition, (first, _)) in spans {
+                let after = match (stored.get(partition), read.get(partition)) {
+                    (Some(a), Some(b)) => Some(*a.max(b)),
+                    (a, b) => a.or(b).copied(),
+                };
+                if after.is_some_and(|a| a >= *first) {
+                    continue; // a redelivery of what this instance read
+                }
+                let (hub, partition, first) = (self.hub.clone(), partition.clone(), *first);
+                asks.spawn(async move {
+                    let missed = hub.missed(&partition, after, first, since).await;
+                    (partition, missed)
+                });
             }
-            let missed = self
-                .hub
-                .missed(partition, after, *first, since)
-                .await
-                .map_err(|e| Error::transient_msg("CepCatchUp", e.to_string()))?;
+        }
+        while let Some(asked) = asks.join_next().await {
+            let (partition, missed) =
+                asked.map_err(|e| Error::transient_msg("CepCatchUp", e.to_string()))?;
+            let missed = missed.map_err(|e| Error::transient_msg("CepCatchUp", e.to_string()))?;
             let Some(last) = missed.last().map(|(s, _)| *s) else {
                 continue;
             };
             let mut entries = Vec::with_capacity(missed.len());
             for (_, bytes) in &missed {
-                let Ok(event) = Event::decode(bytes) else {
+                let Ok(mut event) = Event::decode(bytes) else {
                     continue; // not an event: its fault was raised where it was read
                 };
+                if let Some(keys) = &self.decrypt {
+                    match floodway::encryption::decrypt_event(&**keys, &event).await {
+                        Ok(clear) => event = clear.event,
+                        Err(e) if e.class() == floodway::ErrorClass::Poison => continue, // faulted where it was read
+                        Err(e) => return Err(e),
+                    }
+                }
                 let keys = if self.collects(event.event_type()) {
                     correlation_keys(&self.correlate, &event).unwrap_or_default()
                 } else {
@@ -674,6 +714,14 @@ impl CepState {
             })
             .await?;
         }
+        let mut read = self
+            .read
+            .lock()
+            .map_err(|_| Error::fatal_msg("CepState", "poisoned"))?;
+        for (partition, (_, last)) in spans {
+            let at = read.entry(partition.clone()).or_insert(*last);
+            *at = (*at).max(*last);
+        }
         Ok(())
     }
 
@@ -692,7 +740,7 @@ impl CepState {
             }
             let timers: Vec<(Event, i64)> = pending
                 .iter()
-                .map(|(key, timer)| (timer.to_event(&self.name, key), timer.due))
+                .map(|t| (t.to_event(&self.name), t.timer.due))
                 .collect();
             self.hub
                 .schedule(&timers)

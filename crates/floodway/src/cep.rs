@@ -110,16 +110,22 @@ pub const TIMER_DUE: &str = "timer-due";
 
 impl Timer {
     /// The event that says this timer of `key` is due, for the processor `processor`: type
-    /// [`TIMER_DUE`], keyed by `key` (so it reaches the key's partition), timed at the due
-    /// time, with the timer under `timer`. Its id is stable: the same timer gives the same
-    /// event.
+    /// [`TIMER_DUE`], keyed by `key`, timed at the due time, with the timer under `timer`. Its
+    /// id is stable: the same timer gives the same event.
     pub fn to_event(&self, processor: &str, key: &str) -> Event {
+        self.to_event_in(processor, key, key)
+    }
+
+    /// [`Timer::to_event`] with `partition_key` as the event's partition key: that of the
+    /// event that set the timer, so that it reaches the partition whose reader holds the
+    /// set (a correlation key with a suffix, or other than the partition key, is not it).
+    pub fn to_event_in(&self, processor: &str, key: &str, partition_key: &str) -> Event {
         let id = crate::rows::change_id(
             &format!("timer:{processor}"),
             &crate::rows::RowKey::new(key, &self.rule),
             &self.trigger,
         );
-        Event::builder(TIMER_DUE, key.to_owned())
+        Event::builder(TIMER_DUE, partition_key.to_owned())
             .id(id)
             .timestamp(self.due)
             .tag("source", format!("cep:{processor}"))
