@@ -1339,19 +1339,20 @@ async fn timers_fire_from_eventbridge_scheduler() {
 
     // Each timer's schedule, as EventBridge Scheduler holds it.
     let scheduler = aws_sdk_scheduler::Client::new(&config);
-    let mut inputs = Vec::new();
-    for (order, trigger) in [("o-1", "s1"), ("o-2", "s2")] {
+    let schedule_of = |order: &str, trigger: &str| {
         let timer = Timer {
             due: t0 + 900_000,
             rule: "expired".into(),
             trigger: trigger.into(),
         };
-        let schedule = scheduler
+        scheduler
             .get_schedule()
             .name(TimerSchedules::name("orders-cep", order, &timer))
             .send()
-            .await
-            .unwrap();
+    };
+    let mut inputs = Vec::new();
+    for (order, trigger) in [("o-1", "s1"), ("o-2", "s2")] {
+        let schedule = schedule_of(order, trigger).await.unwrap();
         assert_eq!(
             schedule.schedule_expression(),
             Some(TimerSchedules::expression(t0 + 900_000).as_str())
@@ -1381,17 +1382,7 @@ async fn timers_fire_from_eventbridge_scheduler() {
         "o-2 was paid in time"
     );
     for (order, trigger) in [("o-1", "s1"), ("o-2", "s2")] {
-        let timer = Timer {
-            due: t0 + 900_000,
-            rule: "expired".into(),
-            trigger: trigger.into(),
-        };
-        let gone = scheduler
-            .get_schedule()
-            .name(TimerSchedules::name("orders-cep", order, &timer))
-            .send()
-            .await
-            .unwrap_err();
+        let gone = schedule_of(order, trigger).await.unwrap_err();
         assert!(
             gone.as_service_error()
                 .is_some_and(|e| e.is_resource_not_found_exception()),

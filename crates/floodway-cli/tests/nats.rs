@@ -365,27 +365,8 @@ stream = "FAILOVER"
 subject = "failover"
 sharing = "pinned"
 pinned_ttl = "2s"
-
-[[processors]]
-kind = "cep"
-name = "orders-cep"
-types = ["order-submitted", "payment-captured"]
-ttl = "1h"
-
-[[processors.rules]]
-name = "ready"
-kind = "all"
-types = ["order-submitted", "payment-captured"]
-emit = "order-ready"
-
-[[processors.rules]]
-name = "expired"
-kind = "absence"
-first = "order-submitted"
-then = "payment-captured"
-within = "{window_ms}ms"
-emit = "order-expired"
-"#
+{}"#,
+            common::order_cep(&format!("{window_ms}ms"))
         );
         std::fs::write(d.join(format!("{instance}.toml")), &config).unwrap();
         if instance == "a" {

@@ -400,9 +400,8 @@ add = { changes = 1 }
 set = { last = "/raw/new/events" }
 "#;
 
-/// A cep processor of orders (ready when paid, expired when not paid `within`) and a
-/// materialize processor counting each order's outcomes in the rows table `outcomes`.
-pub(crate) fn order_outcomes(within: &str) -> String {
+/// A cep processor of orders: ready when paid, expired when not paid `within`.
+pub(crate) fn order_cep(within: &str) -> String {
     format!(
         r#"
 [[processors]]
@@ -424,7 +423,15 @@ first = "order-submitted"
 then = "payment-captured"
 within = "{within}"
 emit = "order-expired"
+"#
+    )
+}
 
+/// [`order_cep`] and a materialize processor counting each order's outcomes in the rows
+/// table `outcomes`.
+pub(crate) fn order_outcomes(within: &str) -> String {
+    format!(
+        r#"{}
 [[processors]]
 kind = "materialize"
 name = "outcomes"
@@ -433,6 +440,7 @@ view = "outcomes"
 key = {{ pk = "partitionKey", sk = "outcome" }}
 set = {{ type = "/type" }}
 add = {{ n = 1 }}
-"#
+"#,
+        order_cep(within)
     )
 }
