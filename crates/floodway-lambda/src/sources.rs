@@ -177,15 +177,15 @@ fn parse<'a, T: Deserialize<'a>>(
     source: &str,
     name: &str,
     what: &str,
-) -> Result<T, Record> {
+) -> Result<T, Box<Record>> {
     serde_json::from_str(raw.get()).map_err(|e| {
-        malformed(
+        Box::new(malformed(
             format!("{source}:unknown"),
             i,
             raw,
             name,
             format!("not {what}: {e}"),
-        )
+        ))
     })
 }
 
@@ -331,7 +331,7 @@ fn kinesis(i: u64, raw: &RawValue, names: &mut Names) -> Record {
         "a Kinesis record",
     ) {
         Ok(r) => r,
-        Err(bad) => return bad,
+        Err(bad) => return *bad,
     };
     match base64::engine::general_purpose::STANDARD.decode(record.kinesis.data.as_bytes()) {
         Ok(data) => names.kinesis(i, &record, Bytes::from(data)),
@@ -393,7 +393,7 @@ fn unwrap_notification(body: &str) -> String {
 fn sqs(i: u64, raw: &RawValue) -> Record {
     let m: SqsMessage<'_> = match parse(raw, i, "sqs", "MalformedSqsMessage", "an SQS message") {
         Ok(m) => m,
-        Err(bad) => return bad,
+        Err(bad) => return *bad,
     };
     let queue = arn_tail(m.arn.as_deref());
     let id = loose(m.message_id).unwrap_or_else(|| i.to_string());
@@ -445,7 +445,7 @@ fn sns(i: u64, raw: &RawValue) -> Record {
         "an SNS notification",
     ) {
         Ok(r) => r,
-        Err(bad) => return bad,
+        Err(bad) => return *bad,
     };
     let topic = arn_tail(r.sns.topic.as_deref());
     let id = loose(r.sns.message_id).unwrap_or_else(|| i.to_string());
@@ -708,7 +708,7 @@ fn dynamodb(
     let name = "MalformedDynamoDbRecord";
     let r: DynamoRecord<'_> = match parse(raw, i, "dynamodb", name, "a DynamoDB stream record") {
         Ok(r) => r,
-        Err(bad) => return Ok(bad),
+        Err(bad) => return Ok(*bad),
     };
     let table = arn_name(r.arn.as_deref()).to_owned();
     let source = format!("dynamodb:{table}");

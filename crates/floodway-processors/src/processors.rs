@@ -552,6 +552,7 @@ pub fn cep(
         ttl,
         decrypt,
         read: std::sync::Mutex::default(),
+        delivered: std::sync::Mutex::default(),
     });
     let sink = sink_fn(move |batch: Batch| {
         let state = state.clone();
@@ -574,6 +575,37 @@ struct CepState {
     /// How far this process has read each partition (caught up on, or in a batch being
     /// written): a batch after another of the same partition still in flight is no gap.
     read: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// The last delivery this process saw of each partition ([`Record::delivery`]).
+    ///
+    /// [`Record::delivery`]: floodway::Record::delivery
+    delivered: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// Where a batch starts and ends in one partition: positions, and deliveries when the source
+/// counts them.
+struct Span {
+    first: u64,
+    last: u64,
+    first_delivery: Option<u64>,
+    last_delivery: Option<u64>,
+}
+
+impl Span {
+    fn of(record: &floodway::Record) -> Span {
+        Span {
+            first: record.offset,
+            last: record.offset,
+            first_delivery: record.delivery,
+            last_delivery: record.delivery,
+        }
+    }
+
+    fn add(&mut self, record: &floodway::Record) {
+        self.first = self.first.min(record.offset);
+        self.last = self.last.max(record.offset);
+        self.first_delivery = self.first_delivery.min(record.delivery);
+        self.last_delivery = self.last_delivery.max(record.delivery);
+    }
 }
 
 impl CepState {
@@ -600,14 +632,13 @@ impl CepState {
     async fn write(&self, batch: Batch) -> Result<floodway::Delivery, Error> {
         let mut delivery = floodway::Delivery::complete();
         // Where the batch starts and ends in each partition it holds.
-        let mut spans: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+        let mut spans: std::collections::BTreeMap<String, Span> = Default::default();
         for uow in batch.items() {
             let record = uow.record();
-            let span = spans
+            spans
                 .entry(record.partition.to_string())
-                .or_insert((record.offset, record.offset));
-            span.0 = span.0.min(record.offset);
-            span.1 = span.1.max(record.offset);
+                .or_insert_with(|| Span::of(record))
+                .add(record);
         }
         self.catch_up(&spans).await?;
         let mut entries = Vec::with_capacity(batch.len());
@@ -628,7 +659,7 @@ impl CepState {
                 Err(err) => delivery.fail(i, err),
             }
         }
-        let progress: Vec<(String, u64)> = spans.iter().map(|(p, s)| (p.clone(), s.1)).collect();
+        let progress: Vec<(String, u64)> = spans.iter().map(|(p, s)| (p.clone(), s.last)).collect();
         let ttl = self.ttl;
         self.blocking(move |table, rules| {
             table.collect_at(&entries, &rules, Some(ttl), &progress)?;
@@ -647,7 +678,7 @@ impl CepState {
     /// request per partition when nothing was missed, the partitions asked at once.
     async fn catch_up(
         &self,
-        spans: &std::collections::BTreeMap<String, (u64, u64)>,
+        spans: &std::collections::BTreeMap<String, Span>,
     ) -> Result<(), Error> {
         if !self.hub.schedules() {
             return Ok(());
@@ -660,15 +691,25 @@ impl CepState {
                 .read
                 .lock()
                 .map_err(|_| Error::fatal_msg("CepState", "poisoned"))?;
-            for (partition, (first, _)) in spans {
+            let delivered = self
+                .delivered
+                .lock()
+                .map_err(|_| Error::fatal_msg("CepState", "poisoned"))?;
+            for (partition, span) in spans {
                 let after = match (stored.get(partition), read.get(partition)) {
                     (Some(a), Some(b)) => Some(*a.max(b)),
                     (a, b) => a.or(b).copied(),
                 };
-                if after.is_some_and(|a| a >= *first) {
+                if after.is_some_and(|a| a >= span.first) {
                     continue; // a redelivery of what this instance read
                 }
-                let (hub, partition, first) = (self.hub.clone(), partition.clone(), *first);
+                let next = delivered.get(partition).map(|d| d + 1);
+                if after.is_some() && span.first_delivery.is_some() && span.first_delivery == next {
+                    // Delivered right after the last this instance saw: no other reader had
+                    // anything from the partition in between.
+                    continue;
+                }
+                let (hub, partition, first) = (self.hub.clone(), partition.clone(), span.first);
                 asks.spawn(async move {
                     let missed = hub.missed(&partition, after, first, since).await;
                     (partition, missed)
@@ -718,9 +759,20 @@ impl CepState {
             .read
             .lock()
             .map_err(|_| Error::fatal_msg("CepState", "poisoned"))?;
-        for (partition, (_, last)) in spans {
-            let at = read.entry(partition.clone()).or_insert(*last);
-            *at = (*at).max(*last);
+        for (partition, span) in spans {
+            let at = read.entry(partition.clone()).or_insert(span.last);
+            *at = (*at).max(span.last);
+        }
+        drop(read);
+        let mut delivered = self
+            .delivered
+            .lock()
+            .map_err(|_| Error::fatal_msg("CepState", "poisoned"))?;
+        for (partition, span) in spans {
+            if let Some(last) = span.last_delivery {
+                let at = delivered.entry(partition.clone()).or_insert(last);
+                *at = (*at).max(last);
+            }
         }
         Ok(())
     }

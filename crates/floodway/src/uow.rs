@@ -25,6 +25,11 @@ pub struct Record {
     pub sequence: Option<Arc<str>>,
     /// Delivery attempt, 1 for the first delivery.
     pub attempt: u32,
+    /// The source's count of deliveries in this partition when it counts them for every
+    /// reader of the partition together (JetStream's consumer sequence): a record delivered
+    /// right after the last one a reader saw (`+ 1`) had no delivery to another reader
+    /// before it. `None` where the source keeps no such count.
+    pub delivery: Option<u64>,
     /// The raw bytes.
     pub data: Bytes,
     /// The key the source orders by, when it is not the event's `partitionKey`: records with
@@ -60,6 +65,7 @@ impl Record {
             offset,
             sequence: None,
             attempt: 1,
+            delivery: None,
             data: data.into(),
             order_key: None,
             malformed: None,
@@ -95,6 +101,13 @@ impl Record {
     #[must_use]
     pub fn with_attempt(mut self, attempt: u32) -> Self {
         self.attempt = attempt;
+        self
+    }
+
+    /// Sets the source's count of deliveries in the partition (see [`Record::delivery`]).
+    #[must_use]
+    pub fn with_delivery(mut self, delivery: u64) -> Self {
+        self.delivery = Some(delivery);
         self
     }
 

@@ -181,9 +181,10 @@ impl PartitionReader {
             let info = message
                 .info()
                 .map_err(|e| NatsError::js("message info", e))?;
-            let (sequence, delivered) = (
+            let (sequence, delivered, delivery) = (
                 info.stream_sequence,
                 u32::try_from(info.delivered).unwrap_or(u32::MAX),
+                info.consumer_sequence,
             );
             let past_until = self.options.until.is_some_and(|until| {
                 let published = i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
@@ -234,6 +235,11 @@ impl PartitionReader {
                 message.message.payload.clone(),
             )
             .with_attempt(delivered.max(1));
+            // A durable consumer counts its deliveries for every reader of the partition.
+            let record = match self.config.durable_name {
+                Some(_) => record.with_delivery(delivery),
+                None => record,
+            };
             if self.tx.send(Item::Record(record)).is_err() {
                 return Ok(false);
             }
