@@ -588,6 +588,7 @@ struct Span {
     last: u64,
     first_delivery: Option<u64>,
     last_delivery: Option<u64>,
+    records: u64,
 }
 
 impl Span {
@@ -597,6 +598,18 @@ impl Span {
             last: record.offset,
             first_delivery: record.delivery,
             last_delivery: record.delivery,
+            records: 0,
+        }
+    }
+
+    /// Whether its deliveries are consecutive and follow `previous`: no other reader had a
+    /// delivery of the partition since then.
+    fn follows(&self, previous: Option<u64>) -> bool {
+        match (previous, self.first_delivery, self.last_delivery) {
+            (Some(previous), Some(first), Some(last)) => {
+                first == previous + 1 && last - first + 1 == self.records
+            }
+            _ => false,
         }
     }
 
@@ -605,6 +618,7 @@ impl Span {
         self.last = self.last.max(record.offset);
         self.first_delivery = self.first_delivery.min(record.delivery);
         self.last_delivery = self.last_delivery.max(record.delivery);
+        self.records += 1;
     }
 }
 
@@ -703,10 +717,9 @@ impl CepState {
                 if after.is_some_and(|a| a >= span.first) {
                     continue; // a redelivery of what this instance read
                 }
-                let next = delivered.get(partition).map(|d| d + 1);
-                if after.is_some() && span.first_delivery.is_some() && span.first_delivery == next {
-                    // Delivered right after the last this instance saw: no other reader had
-                    // anything from the partition in between.
+                if after.is_some() && span.follows(delivered.get(partition).copied()) {
+                    // Delivered right after the last this instance saw, one after another:
+                    // no other reader had anything from the partition in between.
                     continue;
                 }
                 let (hub, partition, first) = (self.hub.clone(), partition.clone(), span.first);
@@ -1406,5 +1419,30 @@ where
     match failure {
         Some(f) => Err(f),
         None => Ok(reports),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Span;
+
+    fn span(deliveries: &[u64]) -> Span {
+        let record = |d: u64| floodway::Record::new("nats:S", "0", 100 + d, "{}").with_delivery(d);
+        let mut span = Span::of(&record(deliveries[0]));
+        for d in deliveries {
+            span.add(&record(*d));
+        }
+        span
+    }
+
+    #[test]
+    fn a_batch_follows_on_only_from_consecutive_deliveries() {
+        assert!(span(&[8, 9, 10]).follows(Some(7)));
+        assert!(span(&[10, 8, 9]).follows(Some(7)), "in any order");
+        assert!(!span(&[9, 10]).follows(Some(7)), "8 went to another reader");
+        assert!(!span(&[8, 10]).follows(Some(7)), "9 went to another reader");
+        assert!(!span(&[8, 9]).follows(None), "nothing seen yet");
+        let unnumbered = Span::of(&floodway::Record::new("s", "0", 1, "{}"));
+        assert!(!unnumbered.follows(Some(0)), "a source that does not count");
     }
 }
