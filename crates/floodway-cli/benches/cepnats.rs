@@ -13,6 +13,9 @@
 #[macro_use]
 mod common;
 
+#[path = "../tests/common/mod.rs"]
+mod cli;
+
 use std::time::Instant;
 
 use floodway::hub::ReadOptions;
@@ -53,31 +56,10 @@ fn events(orders: usize) -> Vec<Event> {
     out
 }
 
-/// The processor, on the hub the `[hub]` table gives.
+/// The processor (the command's tests' orders, not paid within an hour: expired), on the
+/// hub the `[hub]` table gives.
 fn config(hub: &str) -> String {
-    format!(
-        r#"{hub}
-[[processors]]
-kind = "cep"
-name = "orders-cep"
-types = ["order-submitted", "payment-captured"]
-ttl = "1d"
-
-[[processors.rules]]
-name = "ready"
-kind = "all"
-types = ["order-submitted", "payment-captured"]
-emit = "order-ready"
-
-[[processors.rules]]
-name = "expired"
-kind = "absence"
-first = "order-submitted"
-then = "payment-captured"
-within = "1h"
-emit = "order-expired"
-"#
-    )
+    format!("{hub}{}", cli::order_cep("1h"))
 }
 
 /// Builds and runs `config` over what its hub holds; events per second, and the orders the
