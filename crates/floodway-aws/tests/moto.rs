@@ -28,7 +28,7 @@ use tower::ServiceExt;
 
 #[path = "../../floodway-lambda/tests/common/mod.rs"]
 mod lambda;
-use lambda::{dynamodb_shard, handler, run_cdc, CDC_TYPES};
+use lambda::{dynamodb_shard, handler, run_cdc, run_cdc_keeping, CDC_TYPES};
 
 fn batch(events: &[Event]) -> Batch {
     Batch::new(events.iter().cloned().map(Uow::detached).collect())
@@ -1060,21 +1060,7 @@ async fn control_services_keep_their_sets_in_the_correlation_store() {
             .unwrap();
     }
     let records = dynamodb_stream(&config, &stream_arn).await;
-    let sink = MemorySink::new();
-    let pipeline = Pipeline::builder("timers")
-        .event_type("timer-deleted")
-        .sink(sink.clone())
-        .unwrap();
-    let report = StreamMapping::default()
-        .run_shard(
-            &StreamKind::DynamoDb,
-            "shard",
-            &renumber(dynamodb_shard(&records)),
-            &mut floodway_lambda::InProcess(handler("cdc", pipeline)),
-        )
-        .await;
-    assert!(report.given_up.is_empty(), "{report:?}");
-    let removed = sink.events();
+    let (removed, _) = run_cdc_keeping(&renumber(dynamodb_shard(&records)), "timer-deleted").await;
     assert_eq!(removed.len(), 2);
     let mut expired = Vec::new();
     for r in &removed {

@@ -254,22 +254,19 @@ fn an_instance_taking_over_catches_up_on_what_another_read() {
         event("s5", "order-submitted", "o-5", now),
     ];
     old.collect(&read, &rules(), ttl).unwrap();
-    let o2_timer = old
-        .pending_schedules(10)
-        .unwrap()
-        .into_iter()
-        .find(|t| t.key == "o-2")
-        .unwrap()
-        .timer;
-    old.fire_timer("o-2", &o2_timer, &rules(), ttl).unwrap();
-    let o5_timer = old
-        .pending_schedules(10)
-        .unwrap()
-        .into_iter()
-        .find(|t| t.key == "o-5")
-        .unwrap()
-        .timer;
-    old.fire_timer("o-5", &o5_timer, &rules(), ttl).unwrap();
+    // Fires `order`'s timer on the first instance; the timer.
+    let fire = |order: &str| {
+        let timer = old
+            .pending_schedules(10)
+            .unwrap()
+            .into_iter()
+            .find(|t| t.key == order)
+            .unwrap()
+            .timer;
+        old.fire_timer(order, &timer, &rules(), ttl).unwrap();
+        timer
+    };
+    let (o2_timer, o5_timer) = (fire("o-2"), fire("o-5"));
     let out: Vec<Event> = first
         .outbox()
         .unwrap()

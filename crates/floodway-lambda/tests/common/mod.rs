@@ -48,9 +48,17 @@ pub(crate) fn dynamodb_shard(records: &[Value]) -> Vec<StreamRecord> {
 /// Runs `records` of a DynamoDB stream through a handler whose pipeline keeps the `thing-*`
 /// events; asserts nothing was given up and returns the events kept and the checkpoint.
 pub(crate) async fn run_cdc(records: &[StreamRecord]) -> (Vec<Event>, Option<u64>) {
+    run_cdc_keeping(records, "thing-*").await
+}
+
+/// [`run_cdc`], keeping the events of types `pattern`.
+pub(crate) async fn run_cdc_keeping(
+    records: &[StreamRecord],
+    pattern: &str,
+) -> (Vec<Event>, Option<u64>) {
     let sink = MemorySink::new();
-    let pipeline = Pipeline::builder("things")
-        .event_type("thing-*")
+    let pipeline = Pipeline::builder("changes")
+        .event_type(pattern)
         .sink(sink.clone())
         .unwrap();
     let report = StreamMapping::default()
