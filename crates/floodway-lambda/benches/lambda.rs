@@ -353,6 +353,46 @@ fn function_main() {
         .unwrap();
 }
 
+/// Peak memory of this benchmark started as a Lambda function over one 10,000-record
+/// invocation, and the invocation's size in MiB.
+fn function_memory(rt_multi: &tokio::runtime::Runtime) -> (Row, f64) {
+    let clean = invocations(&events(false)[..PER_INVOCATION]);
+    let one: Value = serde_json::from_slice(&clean[0]).unwrap();
+    let myself = std::env::current_exe().unwrap();
+    let (peak, idle) = rt_multi.block_on(async {
+        let runtime = LocalRuntime::start().await.unwrap();
+        let process =
+            FunctionProcess::spawn(&myself, &[], &runtime, &[(FUNCTION_ROLE, "1")]).unwrap();
+        let pid = process.id().unwrap();
+        let small: Value = serde_json::from_slice(&invocation(&events(false)[..1], 0)).unwrap();
+        runtime
+            .invoke(&small, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let idle = common::status_kib(pid, "VmHWM:");
+        let answer = runtime.invoke(&one, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(
+            answer["batchItemFailures"].as_array().map(Vec::len),
+            Some(0)
+        );
+        (common::status_kib(pid, "VmHWM:"), idle)
+    });
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let size_mib = clean[0].len() as f64 / (1 << 20) as f64;
+    let row = Row {
+        name: format!(
+            "peak memory of the function process, one {PER_INVOCATION}-record invocation"
+        ),
+        result: format!("{:.1} MiB", mib(peak)),
+        reference: format!(
+            "{size_mib:.1} MiB invocation; {:.1} MiB after a 1-record one",
+            mib(idle)
+        ),
+        ratio: format!("{:.2}x the invocation", mib(peak) / size_mib),
+    };
+    (row, size_mib)
+}
+
 struct Row {
     name: String,
     result: String,
@@ -363,6 +403,15 @@ struct Row {
 fn main() {
     if std::env::var_os(FUNCTION_ROLE).is_some() {
         function_main();
+        return;
+    }
+    // `FLOODWAY_BENCH_MEMORY=1`: only the function's peak memory.
+    if std::env::var_os("FLOODWAY_BENCH_MEMORY").is_some() {
+        let (row, _) = function_memory(&common::two_workers());
+        eprintln!(
+            "{}: {} ({}; {})",
+            row.name, row.result, row.reference, row.ratio
+        );
         return;
     }
     // `FLOODWAY_BENCH_PROFILE=N`: only the Floodway handler, N times over the clean input (to
@@ -510,40 +559,8 @@ fn main() {
 
     // Peak memory of a function process over one invocation.
     let rt_multi = common::two_workers();
-    let clean = invocations(&events(false)[..PER_INVOCATION]);
-    let one: Value = serde_json::from_slice(&clean[0]).unwrap();
-    let myself = std::env::current_exe().unwrap();
-    let (peak, idle) = rt_multi.block_on(async {
-        let runtime = LocalRuntime::start().await.unwrap();
-        let process =
-            FunctionProcess::spawn(&myself, &[], &runtime, &[(FUNCTION_ROLE, "1")]).unwrap();
-        let pid = process.id().unwrap();
-        let small: Value = serde_json::from_slice(&invocation(&events(false)[..1], 0)).unwrap();
-        runtime
-            .invoke(&small, Duration::from_secs(30))
-            .await
-            .unwrap();
-        let idle = common::status_kib(pid, "VmHWM:");
-        let answer = runtime.invoke(&one, Duration::from_secs(60)).await.unwrap();
-        assert_eq!(
-            answer["batchItemFailures"].as_array().map(Vec::len),
-            Some(0)
-        );
-        (common::status_kib(pid, "VmHWM:"), idle)
-    });
-    let mib = |kib: u64| kib as f64 / 1024.0;
-    let size_mib = clean[0].len() as f64 / (1 << 20) as f64;
-    rows.push(Row {
-        name: format!(
-            "peak memory of the function process, one {PER_INVOCATION}-record invocation"
-        ),
-        result: format!("{:.1} MiB", mib(peak)),
-        reference: format!(
-            "{size_mib:.1} MiB invocation; {:.1} MiB after a 1-record one",
-            mib(idle)
-        ),
-        ratio: format!("{:.2}x the invocation", mib(peak) / size_mib),
-    });
+    let (memory, size_mib) = function_memory(&rt_multi);
+    rows.push(memory);
 
     // Cold start through the local Runtime API.
     let binary = Path::new(env!("CARGO_BIN_EXE_floodway-example-handler"));

@@ -60,15 +60,6 @@ impl HandlerError {
     }
 }
 
-impl From<HandlerError> for lambda_runtime::Diagnostic {
-    fn from(e: HandlerError) -> Self {
-        lambda_runtime::Diagnostic {
-            error_type: e.error_type().to_owned(),
-            error_message: e.to_string(),
-        }
-    }
-}
-
 /// Runs a processor's pipelines over each invocation's records.
 #[derive(Debug, Clone)]
 pub struct Handler {
@@ -264,25 +255,4 @@ fn answer(kind: SourceKind, report: &BatchReport) -> Result<Value, HandlerError>
         .map(|id| json!({ "itemIdentifier": id }))
         .collect();
     Ok(json!({ "batchItemFailures": failures }))
-}
-
-/// Serves `handler` through the Lambda Runtime API (`AWS_LAMBDA_RUNTIME_API`): the `main` of
-/// a function.
-///
-/// # Errors
-/// When the runtime API cannot be reached.
-pub async fn serve(handler: Handler) -> Result<(), lambda_runtime::Error> {
-    let handler = Arc::new(handler);
-    lambda_runtime::run(lambda_runtime::service_fn(
-        move |event: lambda_runtime::LambdaEvent<Box<serde_json::value::RawValue>>| {
-            let handler = handler.clone();
-            async move {
-                let deadline = Some(event.context.deadline);
-                handler
-                    .handle_owned(Box::<str>::from(event.payload).into_boxed_bytes(), deadline)
-                    .await
-            }
-        },
-    ))
-    .await
 }

@@ -17,13 +17,15 @@
 pub mod handler;
 pub mod resubmit;
 pub mod runtime_api;
+mod serve;
 pub mod simulator;
 pub mod sources;
 pub mod testing;
 
-pub use handler::{serve, Handler, HandlerError};
+pub use handler::{Handler, HandlerError};
 pub use resubmit::resubmission_payload;
 pub use runtime_api::{FunctionProcess, InvokeError, LocalRuntime};
+pub use serve::{serve, ServeError};
 pub use simulator::{
     Function, InProcess, QueueMapping, QueueMessage, ShardReport, StreamKind, StreamMapping,
     StreamRecord,

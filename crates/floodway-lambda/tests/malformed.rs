@@ -315,9 +315,10 @@ async fn an_invocation_of_no_known_source_fails_with_a_readable_error_type() {
         assert!(err.to_string().contains(says), "{err}");
         // What the function posts to Lambda.
         let message = err.to_string();
-        let diagnostic = lambda_runtime::Diagnostic::from(err);
-        assert_eq!(diagnostic.error_type, "UnrecognizedEvent");
-        assert_eq!(diagnostic.error_message, message);
+        assert_eq!(
+            err.to_json(),
+            json!({ "errorType": "UnrecognizedEvent", "errorMessage": message })
+        );
     }
     // An empty batch is no error, whatever its source.
     let answer = handler

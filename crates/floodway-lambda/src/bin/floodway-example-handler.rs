@@ -21,7 +21,7 @@ fn counting(
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), lambda_runtime::Error> {
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let counted = Arc::new(AtomicU64::new(0));
     let faults = Arc::new(AtomicU64::new(0));
     let processor = Processor::builder("example")
@@ -36,16 +36,14 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         .pipeline(
             Pipeline::builder("each")
                 .event_type("order-*")
-                .sink(sink_fn(counting(&counted)))
-                .map_err(|e| lambda_runtime::Error::from(e.to_string()))?,
+                .sink(sink_fn(counting(&counted)))?,
         )
         .pipeline(
             Pipeline::builder("batched")
                 .batch(BatchConfig::count(25))
-                .sink(sink_fn(counting(&counted)))
-                .map_err(|e| lambda_runtime::Error::from(e.to_string()))?,
+                .sink(sink_fn(counting(&counted)))?,
         )
-        .build()
-        .map_err(|e| lambda_runtime::Error::from(e.to_string()))?;
-    floodway_lambda::serve(floodway_lambda::Handler::new(processor)).await
+        .build()?;
+    floodway_lambda::serve(floodway_lambda::Handler::new(processor)).await?;
+    Ok(())
 }
