@@ -616,20 +616,26 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
 
 /// A source over a fixed list of records (batch mode).
 pub(crate) struct VecSource {
-    records: Option<Vec<Record>>,
+    records: std::vec::IntoIter<Record>,
 }
 
 impl VecSource {
     pub(crate) fn new(records: Vec<Record>) -> Self {
         VecSource {
-            records: Some(records),
+            records: records.into_iter(),
         }
     }
 }
 
 impl Source for VecSource {
-    async fn next_batch(&mut self, _max: usize) -> Result<Option<Vec<Record>>, SourceError> {
-        Ok(self.records.take())
+    /// The records `max` at a time, as any source gives them: a batch of 10,000 records is
+    /// worked on `max_in_flight` at a time, not all at once, which bounds the memory of a
+    /// Lambda invocation and keeps what is worked on in the processor's caches.
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, SourceError> {
+        if self.records.len() == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.records.by_ref().take(max.max(1)).collect()))
     }
 }
 

@@ -182,9 +182,8 @@ impl Processor {
         records: Vec<Record>,
         deadline: Option<Instant>,
     ) -> BatchReport {
-        let records: Vec<Arc<Record>> = records.into_iter().map(Arc::new).collect();
         let collector = engine::SettlementCollector::with_capacity(records.len());
-        let source = engine::VecSource::new(records.iter().map(|r| (**r).clone()).collect());
+        let source = engine::VecSource::new(records.clone());
         let result = engine::Engine::new(&self.inner, collector.clone())
             .run(source, std::future::pending(), deadline)
             .await;
@@ -413,7 +412,7 @@ impl RunReport {
 #[derive(Debug, Clone)]
 pub struct RecordOutcome {
     /// The record.
-    pub record: Arc<Record>,
+    pub record: Record,
     /// How it settled; `None` if it was not finished (deadline or fatal error).
     pub settlement: Option<Settlement>,
 }
@@ -431,7 +430,7 @@ pub struct BatchReport {
 
 impl BatchReport {
     /// The records that did not finish.
-    pub fn unfinished(&self) -> impl Iterator<Item = &Arc<Record>> {
+    pub fn unfinished(&self) -> impl Iterator<Item = &Record> {
         self.outcomes
             .iter()
             .filter(|o| o.settlement.is_none())
@@ -440,7 +439,7 @@ impl BatchReport {
 
     /// Per partition, the first record (in the order given) that did not finish: what a stream
     /// source must redeliver from.
-    pub fn first_unfinished_per_partition(&self) -> Vec<Arc<Record>> {
+    pub fn first_unfinished_per_partition(&self) -> Vec<Record> {
         let mut seen = std::collections::HashSet::new();
         self.unfinished()
             .filter(|r| seen.insert(r.partition.clone()))
