@@ -616,14 +616,14 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
 
 /// A source over a fixed list of records (batch mode).
 pub(crate) struct VecSource {
-    records: std::vec::IntoIter<Record>,
+    records: Arc<Vec<Record>>,
+    next: usize,
 }
 
 impl VecSource {
-    pub(crate) fn new(records: Vec<Record>) -> Self {
-        VecSource {
-            records: records.into_iter(),
-        }
+    /// The records, shared with the caller, who reports on them afterwards.
+    pub(crate) fn new(records: Arc<Vec<Record>>) -> Self {
+        VecSource { records, next: 0 }
     }
 }
 
@@ -632,10 +632,13 @@ impl Source for VecSource {
     /// worked on `max_in_flight` at a time, not all at once, which bounds the memory of a
     /// Lambda invocation and keeps what is worked on in the processor's caches.
     async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, SourceError> {
-        if self.records.len() == 0 {
+        let rest = self.records.get(self.next..).unwrap_or_default();
+        if rest.is_empty() {
             return Ok(None);
         }
-        Ok(Some(self.records.by_ref().take(max.max(1)).collect()))
+        let batch = rest[..max.clamp(1, rest.len())].to_vec();
+        self.next += batch.len();
+        Ok(Some(batch))
     }
 }
 

@@ -183,10 +183,13 @@ impl Processor {
         deadline: Option<Instant>,
     ) -> BatchReport {
         let collector = engine::SettlementCollector::with_capacity(records.len());
+        let records = Arc::new(records);
         let source = engine::VecSource::new(records.clone());
         let result = engine::Engine::new(&self.inner, collector.clone())
             .run(source, std::future::pending(), deadline)
             .await;
+        // The source has ended with the run: the records are the caller's again.
+        let records = Arc::try_unwrap(records).unwrap_or_else(|shared| (*shared).clone());
         let settled = collector.take();
         let outcomes = records
             .into_iter()
