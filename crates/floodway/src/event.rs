@@ -405,6 +405,7 @@ impl Event {
             partition_key: partition_key.into(),
             tags: None,
             fields: Map::new(),
+            payload: None,
         }
     }
 
@@ -935,6 +936,9 @@ pub struct EventBuilder {
     partition_key: String,
     tags: Option<Map<String, Value>>,
     fields: Map<String, Value>,
+    /// A payload's JSON object, serialized straight from its type, while it is the only
+    /// source of fields: the event is then written as text without a `Value` tree.
+    payload: Option<Vec<u8>>,
 }
 
 impl EventBuilder {
@@ -963,6 +967,7 @@ impl EventBuilder {
     pub fn field(mut self, name: impl Into<Cow<'static, str>>, value: impl Into<Value>) -> Self {
         let name = name.into();
         if !ENVELOPE_FIELDS.contains(&name.as_ref()) {
+            self.payload_into_fields();
             self.fields.insert(name.into_owned(), value.into());
         }
         self
@@ -970,38 +975,143 @@ impl EventBuilder {
 
     /// Adds every field of a serializable value (a struct or a map) to the payload.
     ///
+    /// The value is serialized straight to JSON. When it is the only source of fields (no
+    /// [`field`](Self::field) before or after it, no envelope name among its members), the
+    /// event is written from that text as it is built, with no `serde_json::Value` in between:
+    /// the way a step deriving an event is fastest.
+    ///
     /// # Errors
     /// A poison error when `value` does not serialize to a JSON object.
     pub fn payload<T: Serialize>(mut self, value: &T) -> Result<Self, Error> {
-        match serde_json::to_value(value) {
-            Ok(Value::Object(map)) => {
-                for (k, v) in map {
-                    if !ENVELOPE_FIELDS.contains(&k.as_str()) {
-                        self.fields.insert(k, v);
-                    }
-                }
-                Ok(self)
-            }
-            Ok(_) => Err(Error::poison_msg(
+        let json = serde_json::to_vec(value).map_err(Error::poison)?;
+        let not_object = || {
+            Error::poison_msg(
                 "InvalidPayload",
                 "a payload must serialize to a JSON object",
-            )),
-            Err(e) => Err(Error::poison(e)),
+            )
+        };
+        if self.fields.is_empty() && self.payload.is_none() {
+            match serde_json::from_slice::<PlainObject>(&json) {
+                Ok(PlainObject(true)) => {
+                    self.payload = Some(json);
+                    return Ok(self);
+                }
+                Ok(PlainObject(false)) => {}
+                Err(_) => return Err(not_object()),
+            }
+        }
+        self.payload_into_fields();
+        let Ok(map) = serde_json::from_slice::<Map<String, Value>>(&json) else {
+            return Err(not_object());
+        };
+        for (k, v) in map {
+            if !ENVELOPE_FIELDS.contains(&k.as_str()) {
+                self.fields.insert(k, v);
+            }
+        }
+        Ok(self)
+    }
+
+    /// Moves a payload kept as text into the fields, before another field is set.
+    fn payload_into_fields(&mut self) {
+        if let Some(json) = self.payload.take() {
+            let map: Map<String, Value> = serde_json::from_slice(&json).unwrap_or_default();
+            self.fields.extend(map);
         }
     }
 
     /// Finishes the event.
     pub fn build(self) -> Event {
-        Event {
-            id: Text::Owned(self.id.unwrap_or_else(random_id)),
-            ty: Text::Owned(self.ty),
-            timestamp: self.timestamp.unwrap_or_else(now_millis),
-            partition_key: Text::Owned(self.partition_key),
-            repr: Repr::Owned {
+        let id = self.id.unwrap_or_else(random_id);
+        let timestamp = self.timestamp.unwrap_or_else(now_millis);
+        let repr = match self.payload {
+            Some(payload) => {
+                // `{envelope, payload members}`, written once: the event's text from the start.
+                let mut out = Vec::with_capacity(payload.len() + id.len() + 96);
+                let mut write = |name: &str, value: &dyn erased::Json| {
+                    out.push(if out.is_empty() { b'{' } else { b',' });
+                    out.push(b'"');
+                    out.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(b"\":");
+                    value.write(&mut out);
+                };
+                write("id", &id.as_str());
+                write("type", &self.ty.as_str());
+                write("timestamp", &timestamp);
+                write("partitionKey", &self.partition_key.as_str());
+                if let Some(tags) = &self.tags {
+                    write("tags", tags);
+                }
+                if payload.len() > 2 {
+                    out.push(b',');
+                    out.extend_from_slice(&payload[1..payload.len() - 1]);
+                }
+                out.push(b'}');
+                Repr::Raw {
+                    bytes: Bytes::from(out),
+                    has_tags: self.tags.is_some(),
+                    // Values set in code are never taken for compressed ones.
+                    compressed: false,
+                    tags: self.tags.map(OnceLock::from).unwrap_or_default(),
+                    fields: OnceLock::new(),
+                }
+            }
+            None => Repr::Owned {
                 tags: self.tags,
                 fields: self.fields,
                 encoded: OnceLock::new(),
             },
+        };
+        Event {
+            id: Text::Owned(id),
+            ty: Text::Owned(self.ty),
+            timestamp,
+            partition_key: Text::Owned(self.partition_key),
+            repr,
+        }
+    }
+}
+
+/// Whether a JSON text is an object none of whose members has an envelope name (`false`
+/// when one has); an error when it is no object.
+struct PlainObject(bool);
+
+impl<'de> Deserialize<'de> for PlainObject {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = PlainObject;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<PlainObject, A::Error> {
+                let mut plain = true;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    plain &= !ENVELOPE_FIELDS.contains(&key.as_ref());
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+                Ok(PlainObject(plain))
+            }
+        }
+        deserializer.deserialize_map(Members)
+    }
+}
+
+/// Values written as JSON into a buffer, behind one `dyn` type.
+mod erased {
+    pub(super) trait Json {
+        fn write(&self, out: &mut Vec<u8>);
+    }
+
+    impl<T: serde::Serialize + ?Sized> Json for T {
+        fn write(&self, out: &mut Vec<u8>) {
+            // Writing into a Vec fails only for values JSON cannot hold, which these are not.
+            let _ = serde_json::to_writer(out, self);
         }
     }
 }
@@ -1012,6 +1122,110 @@ mod tests {
     use serde_json::json;
 
     const GOOD: &str = r#"{"id":"1","type":"thing-created","timestamp":1600000000000,"partitionKey":"k","tags":{"source":"s"},"thing":{"name":"a\"b","n":[1,2]}}"#;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Confirmed {
+        order: String,
+        total: u64,
+        note: String,
+    }
+
+    #[test]
+    fn a_payload_alone_is_written_as_the_events_text() {
+        let confirmed = Confirmed {
+            order: "o-1".into(),
+            total: 42,
+            note: format!("{}xyz \"quoted\"", crate::compression::MARKER),
+        };
+        let e = Event::builder("order-confirmed", "o-1")
+            .id("e1")
+            .timestamp(7)
+            .tag("source", "web")
+            .payload(&confirmed)
+            .unwrap()
+            .build();
+        let text = e.to_json();
+        assert!(
+            text.starts_with(r#"{"id":"e1","type":"order-confirmed","timestamp":7,"partitionKey":"o-1","tags":{"source":"web"},"order":"o-1""#),
+            "{text}"
+        );
+        assert_eq!(e.source_text(), Some(text.as_str()));
+        assert_eq!(e.encoded_len(), text.len());
+        assert_eq!(e.tag("source"), Some("web"));
+        assert_eq!(e.field("total"), Some(&json!(42)));
+        // A value set in code that looks compressed is taken as it is.
+        assert_eq!(e.payload::<Confirmed>().unwrap(), confirmed);
+        assert_eq!(e.field("note").unwrap(), &json!(confirmed.note));
+        // The same event as a tree of fields encodes to the same members.
+        let tree = Event::builder("order-confirmed", "o-1")
+            .id("e1")
+            .timestamp(7)
+            .tag("source", "web")
+            .field("order", "o-1")
+            .field("total", 42)
+            .field("note", confirmed.note.clone())
+            .build();
+        assert_eq!(e.to_value(), tree.to_value());
+        let decoded = Event::decode(text.as_bytes()).unwrap();
+        assert_eq!(decoded.to_value(), tree.to_value());
+        // An empty payload.
+        let empty = Event::builder("t", "k")
+            .id("x")
+            .timestamp(1)
+            .payload(&json!({}))
+            .unwrap()
+            .build();
+        assert_eq!(
+            empty.to_json(),
+            r#"{"id":"x","type":"t","timestamp":1,"partitionKey":"k"}"#
+        );
+    }
+
+    #[test]
+    fn a_payload_mixed_with_fields_or_envelope_names_keeps_the_rules() {
+        // Envelope names in a payload are ignored.
+        let e = Event::builder("t", "k")
+            .id("real")
+            .payload(&json!({ "id": "fake", "type": "fake", "a": 1 }))
+            .unwrap()
+            .build();
+        assert_eq!((e.id(), e.event_type()), ("real", "t"));
+        assert_eq!(e.fields(), json!({ "a": 1 }).as_object().unwrap());
+        // A field after the payload joins it, and wins over a member of the same name.
+        let e = Event::builder("t", "k")
+            .payload(&json!({ "a": 1, "b": 2 }))
+            .unwrap()
+            .field("b", 3)
+            .field("c", 4)
+            .build();
+        assert_eq!(
+            e.fields(),
+            json!({ "a": 1, "b": 3, "c": 4 }).as_object().unwrap()
+        );
+        // A payload after a field joins it, and wins.
+        let e = Event::builder("t", "k")
+            .field("b", 3)
+            .payload(&json!({ "a": 1, "b": 2 }))
+            .unwrap()
+            .build();
+        assert_eq!(e.fields(), json!({ "a": 1, "b": 2 }).as_object().unwrap());
+        // Two payloads.
+        let e = Event::builder("t", "k")
+            .payload(&json!({ "a": 1 }))
+            .unwrap()
+            .payload(&json!({ "b": 2 }))
+            .unwrap()
+            .build();
+        assert_eq!(e.fields(), json!({ "a": 1, "b": 2 }).as_object().unwrap());
+        // What is no object is refused, before or after other fields.
+        for builder in [
+            Event::builder("t", "k"),
+            Event::builder("t", "k").field("a", 1),
+        ] {
+            let err = builder.payload(&5).unwrap_err();
+            assert!(err.to_string().contains("JSON object"), "{err}");
+        }
+    }
 
     #[test]
     fn decodes_envelope_and_keeps_payload() {
