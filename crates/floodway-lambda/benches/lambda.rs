@@ -388,7 +388,11 @@ fn function_memory(rt_multi: &tokio::runtime::Runtime) -> (Row, f64) {
             "{size_mib:.1} MiB invocation; {:.1} MiB after a 1-record one",
             mib(idle)
         ),
-        ratio: format!("{:.2}x the invocation", mib(peak) / size_mib),
+        ratio: format!(
+            "{:.2}x the invocation; {:.2}x above the idle process",
+            mib(peak) / size_mib,
+            mib(peak.saturating_sub(idle)) / size_mib
+        ),
     };
     (row, size_mib)
 }
