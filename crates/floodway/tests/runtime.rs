@@ -496,3 +496,42 @@ async fn one_slow_key_delays_only_its_own_events() {
         cold.last().unwrap()
     );
 }
+
+/// A batch larger than `max_in_flight` (a Lambda invocation of 10,000 records on a processor
+/// allowed 512) runs through without waiting on any timer: each pull is taken as soon as the
+/// records before it are done, whatever the bound and the pipelines' batch sizes.
+#[tokio::test(start_paused = true)]
+async fn batch_mode_runs_a_batch_larger_than_the_in_flight_bound_without_waiting() {
+    for (max_in_flight, pull_batch) in [(512, 512), (256, 512), (100, 30), (4096, 512)] {
+        let counted = Arc::new(AtomicUsize::new(0));
+        let pipeline = |name: &str, batch: usize| {
+            let counted = counted.clone();
+            Pipeline::builder(name)
+                .map_event(|e: &Event| Ok(e.derive("copied").build()))
+                .batch(floodway::BatchConfig::count(batch))
+                .sink(sink_fn(move |batch: Batch| {
+                    counted.fetch_add(batch.len(), Ordering::Relaxed);
+                    std::future::ready(Ok::<_, Error>(()))
+                }))
+                .unwrap()
+        };
+        let processor = Processor::builder("big")
+            .max_in_flight(max_in_flight)
+            .pull_batch(pull_batch)
+            .fault_sink(floodway::memory::MemoryFaultSink::new())
+            .pipeline(pipeline("tens", 10))
+            .pipeline(pipeline("twenty-fives", 25))
+            .build()
+            .unwrap();
+        let input: Vec<Record> = records(&events(2_000, 7)).into_iter().collect();
+        let started = Instant::now();
+        let report = processor.process_batch(input, None).await;
+        assert_eq!(report.report.done, 2_000, "{max_in_flight}/{pull_batch}");
+        assert_eq!(counted.load(Ordering::Relaxed), 4_000);
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "{max_in_flight} in flight, pulls of {pull_batch}: no timer waited on"
+        );
+    }
+}

@@ -299,6 +299,12 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 // for a time limit that may be long, or none.
                 self.flush_batchers(false);
                 self.start_ready()?;
+                if !self.is_idle_but_batches() {
+                    // The batches went out, and may have finished at once (a sink answering
+                    // synchronously): look again at what can be pulled, rather than wait
+                    // with pulling off for the next timer (the commit's, a second away).
+                    continue;
+                }
             }
             let batch_deadline = self
                 .pipes
