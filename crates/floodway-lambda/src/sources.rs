@@ -202,13 +202,22 @@ fn malformed(source: String, i: u64, raw: &RawValue, name: &str, why: String) ->
 
 /// A string, number or boolean as text (`"5"` and `5` alike); `None` for null or absent.
 fn loose(raw: Option<&RawValue>) -> Option<String> {
+    loose_str(raw).map(Cow::into_owned)
+}
+
+/// [`loose`], borrowed from the payload when the text has no escapes (a sequence number
+/// always).
+fn loose_str(raw: Option<&RawValue>) -> Option<Cow<'_, str>> {
     let text = raw?.get();
-    if text.starts_with('"') {
-        serde_json::from_str::<String>(text).ok()
+    if let Some(quoted) = text.strip_prefix('"') {
+        match quoted.strip_suffix('"') {
+            Some(plain) if !plain.contains('\\') => Some(Cow::Borrowed(plain)),
+            _ => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
+        }
     } else if text == "null" || text.starts_with('{') || text.starts_with('[') {
         None
     } else {
-        Some(text.to_owned())
+        Some(Cow::Borrowed(text))
     }
 }
 
@@ -308,8 +317,8 @@ impl Names {
             .and_then(|id| id.split(':').next())
             .unwrap_or("shardId-unknown");
         let out = Record::new(source, Self::intern(&mut self.shard, shard), i, data);
-        match loose(record.kinesis.sequence) {
-            Some(sequence) => out.with_sequence(sequence),
+        match loose_str(record.kinesis.sequence) {
+            Some(sequence) => out.with_sequence(&*sequence),
             None => out,
         }
     }
@@ -965,6 +974,8 @@ mod tests {
         assert_eq!(loose(Some(&raw("null"))), None);
         assert_eq!(loose(Some(&raw("{}"))), None);
         assert_eq!(loose(None), None);
+        assert_eq!(loose(Some(&raw(r#""a\"b""#))).as_deref(), Some("a\"b"));
+        assert_eq!(loose_str(Some(&raw("\"12\""))), Some(Cow::Borrowed("12")));
     }
 
     fn change(name: &str, new: Option<Value>, old: Option<Value>) -> Value {
