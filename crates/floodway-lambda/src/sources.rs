@@ -232,12 +232,72 @@ fn arn_tail(arn: Option<&str>) -> &str {
 }
 
 /// A Kinesis invocation in one pass: every record well formed, as Lambda sends them.
-#[derive(Deserialize)]
 struct KinesisPayload<'a> {
-    #[serde(rename = "Records", borrow)]
     records: Vec<KinesisRecord<'a>>,
-    #[serde(default)]
     floodway: Option<Resubmission>,
+}
+
+/// A [`KinesisPayload`] whose records are read into a vector of the given capacity.
+struct SizedPayload(usize);
+
+impl<'de> serde::de::DeserializeSeed<'de> for SizedPayload {
+    type Value = KinesisPayload<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for SizedPayload {
+    type Value = KinesisPayload<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a Kinesis invocation")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut top = KinesisPayload {
+            records: Vec::new(),
+            floodway: None,
+        };
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "Records" => top.records = map.next_value_seed(SizedRecords(self.0))?,
+                "floodway" => top.floodway = map.next_value()?,
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(top)
+    }
+}
+
+/// The records of a [`SizedPayload`].
+struct SizedRecords(usize);
+
+impl<'de> serde::de::DeserializeSeed<'de> for SizedRecords {
+    type Value = Vec<KinesisRecord<'de>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for SizedRecords {
+    type Value = Vec<KinesisRecord<'de>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Kinesis records")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut records = Vec::with_capacity(self.0);
+        while let Some(record) = seq.next_element()? {
+            records.push(record);
+        }
+        Ok(records)
+    }
 }
 
 /// The fast path for the commonest invocation: a Kinesis batch parsed straight into typed
@@ -245,7 +305,15 @@ struct KinesisPayload<'a> {
 /// when anything is unusual (another source, a record missing its data, data that is not
 /// base64): the tolerant reader then reads the records one by one.
 fn kinesis_whole(payload: &[u8]) -> Option<Invocation> {
-    let top: KinesisPayload<'_> = serde_json::from_slice(payload).ok()?;
+    // Room for the records as Lambda sends them (each well over 768 bytes of the payload),
+    // rather than a vector doubling its way there.
+    let mut deserializer = serde_json::Deserializer::from_slice(payload);
+    let top = serde::de::DeserializeSeed::deserialize(
+        SizedPayload(payload.len() / 768 + 1),
+        &mut deserializer,
+    )
+    .ok()?;
+    deserializer.end().ok()?;
     if top.records.is_empty()
         || top
             .records
