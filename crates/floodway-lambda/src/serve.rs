@@ -89,11 +89,11 @@ where
         }
         // Spawned, so that a panic answers this invocation instead of ending the function.
         let running = tokio::spawn(run(next.body, next.deadline_ms).instrument(span.clone()));
-        let (kind, body, error) = match running.await {
-            Ok(Ok(answer)) => ("response", answer, false),
+        let answer = match running.await {
+            Ok(Ok(answer)) => Ok(answer),
             Ok(Err(e)) => {
                 tracing::error!(parent: &span, error = %e, "invocation failed");
-                ("error", e.to_json(), true)
+                Err(e.to_json())
             }
             Err(join) => {
                 let message = match join.try_into_panic() {
@@ -101,11 +101,10 @@ where
                     Err(e) => e.to_string(),
                 };
                 tracing::error!(parent: &span, panic = %message, "the handler panicked");
-                let body = json!({ "errorType": "Panic", "errorMessage": message });
-                ("error", body, true)
+                Err(json!({ "errorType": "Panic", "errorMessage": message }))
             }
         };
-        api.answer(&next.id, kind, &body, error).await?;
+        api.answer(&next.id, answer).await?;
     }
 }
 
@@ -234,14 +233,12 @@ impl Api {
         })
     }
 
-    /// Posts an invocation's answer (`kind` is `response` or `error`).
-    async fn answer(
-        &mut self,
-        id: &str,
-        kind: &str,
-        body: &Value,
-        error: bool,
-    ) -> Result<(), ServeError> {
+    /// Posts an invocation's answer: its response, or the error (`errorType`, `errorMessage`).
+    async fn answer(&mut self, id: &str, answer: Result<Value, Value>) -> Result<(), ServeError> {
+        let (kind, body) = match &answer {
+            Ok(response) => ("response", response),
+            Err(error) => ("error", error),
+        };
         let bytes = serde_json::to_vec(body).map_err(|e| self.error(e))?;
         let mut request = self.request(
             Method::POST,
@@ -252,7 +249,7 @@ impl Api {
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
         );
-        if error {
+        if answer.is_err() {
             request.headers_mut().insert(
                 "lambda-runtime-function-error-type",
                 http::HeaderValue::from_static("Unhandled"),
