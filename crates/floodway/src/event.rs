@@ -72,7 +72,8 @@ enum Text {
 
 #[derive(Clone)]
 enum Repr {
-    /// Decoded from `bytes` (valid UTF-8); tags and payload are parsed from it on first use.
+    /// Decoded from `bytes` (valid UTF-8), or built from one payload written straight into
+    /// them; tags and payload are parsed from them on first use.
     Raw {
         bytes: Bytes,
         has_tags: bool,
@@ -81,7 +82,7 @@ enum Repr {
         tags: OnceLock<Map<String, Value>>,
         fields: OnceLock<Map<String, Value>>,
     },
-    /// Built or changed in code.
+    /// Built field by field, or changed in code.
     Owned {
         tags: Option<Map<String, Value>>,
         fields: Map<String, Value>,
@@ -765,7 +766,8 @@ impl Event {
         }
     }
 
-    /// The JSON text this event was decoded from, if it was decoded and not changed since.
+    /// The JSON text this event was decoded from (or written as, when built from one
+    /// payload), if it was not changed since.
     pub fn source_text(&self) -> Option<&str> {
         match &self.repr {
             Repr::Raw { bytes, .. } => Some(raw_str(bytes)),
@@ -773,8 +775,9 @@ impl Event {
         }
     }
 
-    /// The bytes this event was decoded from, if it was decoded and not changed since: a
-    /// cheap clone of the record's buffer, for publishing it on without copying.
+    /// The bytes this event was decoded from (or written as, when built from one payload), if
+    /// it was not changed since: a cheap clone of the buffer, for publishing it on without
+    /// copying.
     pub fn source_bytes(&self) -> Option<&Bytes> {
         match &self.repr {
             Repr::Raw { bytes, .. } => Some(bytes),
