@@ -157,10 +157,7 @@ impl CepTable {
     /// # Errors
     /// A storage failure.
     pub fn with_hub_timers(mut self) -> Result<Self, HubError> {
-        crate::busy::retry("cep", self.busy_retry, || {
-            let mut conn = self.conn()?;
-            let _turn = self.gate.enter();
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.write(|tx| {
             let name = &self.name;
             tx.execute_batch(&format!(
                 "CREATE TABLE IF NOT EXISTS cep_{name}_hub_timers (since INTEGER NOT NULL)"
@@ -189,7 +186,6 @@ impl CepTable {
                     [now_millis()],
                 )?;
             }
-            tx.commit()?;
             Ok(())
         })?;
         self.hub_timers = true;
@@ -203,6 +199,22 @@ impl CepTable {
 
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, HubError> {
         self.conn.lock().map_err(|_| HubError::Closed)
+    }
+
+    /// Runs `work` in one write transaction, taken at once and in turn with the store's other
+    /// writers, tried again while another process holds the file; commits what it wrote.
+    fn write<T>(
+        &self,
+        mut work: impl FnMut(&Transaction<'_>) -> Result<T, HubError>,
+    ) -> Result<T, HubError> {
+        crate::busy::retry("cep", self.busy_retry, || {
+            let mut conn = self.conn()?;
+            let _turn = self.gate.enter();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let out = work(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
     }
 
     /// Collects each event under each of its keys, evaluates `rules` over each key's set as
@@ -234,16 +246,12 @@ impl CepTable {
         ttl: Option<Duration>,
         progress: &[(String, u64)],
     ) -> Result<CepReport, HubError> {
-        crate::busy::retry("cep", self.busy_retry, || {
-            let mut conn = self.conn()?;
-            let _turn = self.gate.enter();
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.write(|tx| {
             let now = now_millis();
             let mut report = CepReport::default();
-            let emitted = self.collect_in(&tx, entries, rules, ttl, now, &mut report)?;
-            report.emitted = self.emit(&tx, emitted, now)?;
-            self.record_progress(&tx, progress)?;
-            tx.commit()?;
+            let emitted = self.collect_in(tx, entries, rules, ttl, now, &mut report)?;
+            report.emitted = self.emit(tx, emitted, now)?;
+            self.record_progress(tx, progress)?;
             Ok(report)
         })
     }
@@ -267,10 +275,7 @@ impl CepTable {
         progress: &[(String, u64)],
     ) -> Result<CepReport, HubError> {
         let source = self.source();
-        crate::busy::retry("cep", self.busy_retry, || {
-            let mut conn = self.conn()?;
-            let _turn = self.gate.enter();
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.write(|tx| {
             let now = now_millis();
             let name = &self.name;
             let mut fired_timers = Vec::new();
@@ -296,17 +301,16 @@ impl CepTable {
                 .cloned()
                 .collect();
             let mut report = CepReport::default();
-            let mut emitted = self.collect_in(&tx, &collect, rules, ttl, now, &mut report)?;
+            let mut emitted = self.collect_in(tx, &collect, rules, ttl, now, &mut report)?;
             // The timers the other instance fired, fired again here: what they emitted may
             // have died in its outbox (what it published is marked, and not emitted twice).
             for (key, timer) in &fired_timers {
-                report.timers_set -= self.drop_timer(&tx, key, timer)?.min(report.timers_set);
-                emitted.extend(self.fire_in(&tx, key, timer, rules, ttl)?);
+                report.timers_set -= self.drop_timer(tx, key, timer)?.min(report.timers_set);
+                emitted.extend(self.fire_in(tx, key, timer, rules, ttl)?);
                 report.timers_fired += 1;
             }
-            report.emitted = self.emit(&tx, emitted, now)?;
-            self.record_progress(&tx, progress)?;
-            tx.commit()?;
+            report.emitted = self.emit(tx, emitted, now)?;
+            self.record_progress(tx, progress)?;
             Ok(report)
         })
     }
@@ -379,17 +383,13 @@ impl CepTable {
         rules: &[SharedRule],
         ttl: Option<Duration>,
     ) -> Result<CepReport, HubError> {
-        crate::busy::retry("cep", self.busy_retry, || {
-            let mut conn = self.conn()?;
-            let _turn = self.gate.enter();
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.write(|tx| {
             let now = now_millis();
             let mut report = CepReport::default();
-            self.drop_timer(&tx, key, timer)?;
+            self.drop_timer(tx, key, timer)?;
             report.timers_fired = 1;
-            let firings = self.fire_in(&tx, key, timer, rules, ttl)?;
-            report.emitted = self.emit(&tx, firings, now)?;
-            tx.commit()?;
+            let firings = self.fire_in(tx, key, timer, rules, ttl)?;
+            report.emitted = self.emit(tx, firings, now)?;
             Ok(report)
         })
     }
@@ -403,20 +403,12 @@ impl CepTable {
         rules: &[SharedRule],
         ttl: Option<Duration>,
     ) -> Result<Vec<(String, Firing, Option<i64>)>, HubError> {
-        let Some(rule) = rules.iter().find(|r| r.name() == timer.rule) else {
-            tracing::warn!(rule = %timer.rule, key, "a timer of a rule no longer configured: dropped");
+        let Some(rule) = timer_rule(rules, key, timer) else {
             return Ok(Vec::new());
         };
         // Its trigger may be past its own time to live: a timer still sees it.
         let set = read_set(tx, &self.name, key, i64::MIN)?;
-        Ok(rule
-            .fire(&set, timer)
-            .into_iter()
-            .map(|firing| {
-                let expires = ttl.map(|t| firing.timestamp.saturating_add(t.as_millis() as i64));
-                (key.to_owned(), firing, expires)
-            })
-            .collect())
+        Ok(firings(rule, &set, key, timer, ttl))
     }
 
     /// Timers set and not yet handed to the hub (with hub timers), at most `limit`: each
@@ -586,10 +578,7 @@ impl CepTable {
         ttl: Option<Duration>,
         limit: usize,
     ) -> Result<CepReport, HubError> {
-        crate::busy::retry("cep", self.busy_retry, || {
-            let mut conn = self.conn()?;
-            let _turn = self.gate.enter();
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.write(|tx| {
             let name = &self.name;
             let due: Vec<(String, Timer)> = {
                 let mut stmt = tx.prepare_cached(&format!(
@@ -609,7 +598,7 @@ impl CepTable {
                 rows.collect::<Result<_, _>>()?
             };
             let mut report = CepReport::default();
-            let mut firings = Vec::new();
+            let mut emissions = Vec::new();
             let mut sets: HashMap<String, Vec<Collected>> = HashMap::new();
             {
                 let mut delete = tx.prepare_cached(&format!(
@@ -619,24 +608,18 @@ impl CepTable {
                 for (key, timer) in due {
                     delete.execute((timer.due, &key, &timer.rule, &timer.trigger))?;
                     report.timers_fired += 1;
-                    let Some(rule) = rules.iter().find(|r| r.name() == timer.rule) else {
-                        tracing::warn!(rule = %timer.rule, key, "a timer of a rule no longer configured: dropped");
+                    let Some(rule) = timer_rule(rules, &key, &timer) else {
                         continue;
                     };
                     if !sets.contains_key(&key) {
                         // Its trigger may be past its own time to live: a timer still sees it.
-                        let set = read_set(&tx, name, &key, i64::MIN)?;
+                        let set = read_set(tx, name, &key, i64::MIN)?;
                         sets.insert(key.clone(), set);
                     }
-                    for firing in rule.fire(&sets[&key], &timer) {
-                        let expires =
-                            ttl.map(|t| firing.timestamp.saturating_add(t.as_millis() as i64));
-                        firings.push((key.clone(), firing, expires));
-                    }
+                    emissions.extend(firings(rule, &sets[&key], &key, &timer, ttl));
                 }
             }
-            report.emitted = self.emit(&tx, firings, now)?;
-            tx.commit()?;
+            report.emitted = self.emit(tx, emissions, now)?;
             Ok(report)
         })
     }
@@ -724,6 +707,33 @@ impl CepTable {
             Ok(n as u64)
         })
     }
+}
+
+/// The rule `timer` belongs to, if it is still configured (a timer of a rule since removed is
+/// dropped, with a warning).
+fn timer_rule<'r>(rules: &'r [SharedRule], key: &str, timer: &Timer) -> Option<&'r SharedRule> {
+    let rule = rules.iter().find(|r| r.name() == timer.rule);
+    if rule.is_none() {
+        tracing::warn!(rule = %timer.rule, key, "a timer of a rule no longer configured: dropped");
+    }
+    rule
+}
+
+/// What `rule` makes of `set` as `timer` of `key` fires: each emission with its expiry.
+fn firings(
+    rule: &SharedRule,
+    set: &[Collected],
+    key: &str,
+    timer: &Timer,
+    ttl: Option<Duration>,
+) -> Vec<(String, Firing, Option<i64>)> {
+    rule.fire(set, timer)
+        .into_iter()
+        .map(|firing| {
+            let expires = ttl.map(|t| firing.timestamp.saturating_add(t.as_millis() as i64));
+            (key.to_owned(), firing, expires)
+        })
+        .collect()
 }
 
 /// The set of `key`: its events unexpired at `now`, in time order.
