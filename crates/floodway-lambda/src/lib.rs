@@ -24,7 +24,7 @@ pub mod testing;
 
 pub use handler::{Handler, HandlerError};
 pub use resubmit::resubmission_payload;
-pub use runtime_api::{FunctionProcess, InvokeError, LocalRuntime};
+pub use runtime_api::{FunctionProcess, InvokeError, LocalRuntime, RuntimeRequest};
 pub use serve::{serve, ServeError};
 pub use simulator::{
     Function, InProcess, QueueMapping, QueueMessage, ShardReport, StreamKind, StreamMapping,

@@ -52,6 +52,31 @@ struct Invocation {
 struct State {
     waiting: HashMap<String, oneshot::Sender<Result<Value, InvokeError>>>,
     init_error: Option<String>,
+    requests: Vec<RuntimeRequest>,
+}
+
+/// A request the function made to the Runtime API, as [`LocalRuntime::requests`] gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RuntimeRequest {
+    /// `GET` or `POST`.
+    pub method: String,
+    /// The path, e.g. `/2018-06-01/runtime/invocation/invocation-0/response`.
+    pub path: String,
+    /// The headers, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl RuntimeRequest {
+    /// The value of header `name` (lower case), if sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// The local Runtime API server.
@@ -117,6 +142,16 @@ impl LocalRuntime {
     /// `host:port`, the value of `AWS_LAMBDA_RUNTIME_API`.
     pub fn address(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// The requests the function made to the Runtime API so far, in order: to check what a
+    /// function posts (its answers, their headers) as Lambda would receive them.
+    pub fn requests(&self) -> Vec<RuntimeRequest> {
+        self.invoker
+            .state
+            .lock()
+            .map(|s| s.requests.clone())
+            .unwrap_or_default()
     }
 
     /// `http://host:port`: also a Lambda API endpoint for an SDK client, whose `Invoke`
@@ -203,13 +238,14 @@ async fn route(
     invoker: Invoker,
 ) -> Response<Full<Bytes>> {
     let state = invoker.state.clone();
-    let path = req.uri().path().to_owned();
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return reply(StatusCode::BAD_REQUEST, e.to_string()),
+    };
     if path.starts_with("/2015-03-31/functions/") && path.ends_with("/invocations") {
         // The Lambda API's Invoke, as an SDK client calls it (synchronous).
-        let body = match req.into_body().collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return reply(StatusCode::BAD_REQUEST, e.to_string()),
-        };
         return match invoker.invoke(body, Duration::from_secs(900)).await {
             Ok(answer) => reply(
                 StatusCode::OK,
@@ -232,7 +268,24 @@ async fn route(
     let Some(rest) = path.strip_prefix(PREFIX) else {
         return reply(StatusCode::NOT_FOUND, "not a runtime API path");
     };
-    match (req.method(), rest) {
+    if let Ok(mut s) = state.lock() {
+        s.requests.push(RuntimeRequest {
+            method: parts.method.to_string(),
+            path: path.clone(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: body.clone(),
+        });
+    }
+    match (&parts.method, rest) {
         (&Method::GET, "/invocation/next") => {
             let invocation = pending.lock().await.recv().await;
             let Some(invocation) = invocation else {
@@ -258,13 +311,12 @@ async fn route(
                 "arn:aws:lambda:local:000000000000:function:floodway".into(),
             );
             set("lambda-runtime-trace-id", "Root=1-local".into());
+            // As Lambda sends it: AWS's own runtime client cannot do without it.
+            set("content-type", "application/json".into());
             response
         }
         (&Method::POST, "/init/error") => {
-            let body = req.into_body().collect().await.map(|b| b.to_bytes());
-            let text = body
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&body).into_owned();
             if let Ok(mut s) = state.lock() {
                 s.init_error = Some(text);
             }
@@ -273,10 +325,6 @@ async fn route(
         (&Method::POST, rest) if rest.starts_with("/invocation/") => {
             let mut parts = rest["/invocation/".len()..].splitn(2, '/');
             let (id, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let body = match req.into_body().collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return reply(StatusCode::BAD_REQUEST, e.to_string()),
-            };
             let waiting = state.lock().ok().and_then(|mut s| s.waiting.remove(id));
             let Some(answer) = waiting else {
                 return reply(StatusCode::BAD_REQUEST, "unknown or finished invocation");
