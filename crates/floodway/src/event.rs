@@ -986,26 +986,29 @@ impl EventBuilder {
     /// # Errors
     /// A poison error when `value` does not serialize to a JSON object.
     pub fn payload<T: Serialize>(mut self, value: &T) -> Result<Self, Error> {
-        let json = serde_json::to_vec(value).map_err(Error::poison)?;
         let not_object = || {
             Error::poison_msg(
                 "InvalidPayload",
                 "a payload must serialize to a JSON object",
             )
         };
-        if self.fields.is_empty() && self.payload.is_none() {
+        let map = if self.fields.is_empty() && self.payload.is_none() {
+            let json = serde_json::to_vec(value).map_err(Error::poison)?;
             match serde_json::from_slice::<PlainObject>(&json) {
                 Ok(PlainObject(true)) => {
                     self.payload = Some(json);
                     return Ok(self);
                 }
-                Ok(PlainObject(false)) => {}
+                // Envelope names among its members: they are dropped below.
+                Ok(PlainObject(false)) => serde_json::from_slice(&json).map_err(Error::poison)?,
                 Err(_) => return Err(not_object()),
             }
-        }
-        self.payload_into_fields();
-        let Ok(map) = serde_json::from_slice::<Map<String, Value>>(&json) else {
-            return Err(not_object());
+        } else {
+            self.payload_into_fields();
+            match serde_json::to_value(value).map_err(Error::poison)? {
+                Value::Object(map) => map,
+                _ => return Err(not_object()),
+            }
         };
         for (k, v) in map {
             if !ENVELOPE_FIELDS.contains(&k.as_str()) {
