@@ -35,11 +35,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tower::ServiceExt;
 
 pub use super::{Breaker, BreakerLayer};
-use crate::error::ErrorClass;
-use crate::layer::{BoxFuture, Policy, Request, Wrappable};
+use crate::error::{Error, ErrorClass};
+use crate::layer::{Call, Policy};
 
 /// Settings of a [`CircuitBreaker`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,74 +305,72 @@ impl Shared {
 }
 
 impl Policy for CircuitBreaker {
-    fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response> {
-        let shared = self.shared.clone();
-        Box::pin(async move {
-            // The last admission number when this call first failed.
-            let mut failed_at: Option<u64> = None;
-            loop {
-                let held = failed_at.is_some();
-                let (admission, number) = shared.admit(held).await;
-                let _guard = ProbeGuard {
-                    shared: &shared,
-                    armed: admission == Admission::Probe,
-                };
-                let err = match inner.clone().oneshot(req.clone()).await {
-                    Ok(response) => {
-                        shared.on_success(admission, number);
-                        return Ok(response);
-                    }
-                    Err(err) => err,
-                };
-                match err.class() {
-                    // A poison answer still proves the target is up.
-                    ErrorClass::Poison => {
-                        shared.on_success(admission, number);
-                        return Err(err);
-                    }
-                    ErrorClass::Transient => {}
-                    ErrorClass::Outage => {
-                        // The sink says the target is down: a failed probe opens again.
-                        if admission == Admission::Probe {
-                            shared.on_outage_suspected(admission);
-                        }
-                        return Err(err);
-                    }
-                    _ => return Err(err),
+    async fn run<T: Send, C: Call<T>>(&self, inner: &mut C) -> Result<T, Error> {
+        let shared = &self.shared;
+        // The last admission number when this call first failed.
+        let mut failed_at: Option<u64> = None;
+        loop {
+            let held = failed_at.is_some();
+            let (admission, number) = shared.admit(held).await;
+            let _guard = ProbeGuard {
+                shared,
+                armed: admission == Admission::Probe,
+            };
+            let err = match inner.call().await {
+                Ok(response) => {
+                    shared.on_success(admission, number);
+                    return Ok(response);
                 }
-                match failed_at {
-                    // Throttled while others get through: the target is busy, and would take
-                    // this call another time. Held again, never faulted for it.
-                    Some(at) if shared.healthy_since(at) && err.is_throttle() => {
-                        tracing::debug!(sink = %shared.label, error = %err, "throttled call held again");
-                        failed_at = Some(shared.admitted.load(Ordering::SeqCst));
-                        if admission == Admission::Probe {
-                            shared.close(admission);
-                        }
-                    }
-                    Some(at) if shared.healthy_since(at) => {
-                        // Later calls get through: this call is the problem, not the target.
-                        if admission == Admission::Probe {
-                            shared.close(admission);
-                        }
-                        return Err(err);
-                    }
-                    Some(_) => {
-                        tracing::debug!(sink = %shared.label, error = %err, "outage suspected");
+                Err(err) => err,
+            };
+            match err.class() {
+                // A poison answer still proves the target is up.
+                ErrorClass::Poison => {
+                    shared.on_success(admission, number);
+                    return Err(err);
+                }
+                ErrorClass::Transient => {}
+                ErrorClass::Outage => {
+                    // The sink says the target is down: a failed probe opens again.
+                    if admission == Admission::Probe {
                         shared.on_outage_suspected(admission);
                     }
-                    None => {
-                        metrics::counter!("floodway_breaker_held_total", "sink" => shared.label.to_string())
-                            .increment(1);
-                        tracing::debug!(sink = %shared.label, error = %err, "call held by the breaker");
-                        failed_at = Some(shared.admitted.load(Ordering::SeqCst));
-                        if admission == Admission::Probe {
-                            shared.on_outage_suspected(admission);
-                        }
+                    return Err(err);
+                }
+                _ => return Err(err),
+            }
+            match failed_at {
+                // Throttled while others get through: the target is busy, and would take
+                // this call another time. Held again, never faulted for it.
+                Some(at) if shared.healthy_since(at) && err.is_throttle() => {
+                    tracing::debug!(sink = %shared.label, error = %err, "throttled call held again");
+                    failed_at = Some(shared.admitted.load(Ordering::SeqCst));
+                    if admission == Admission::Probe {
+                        shared.close(admission);
+                    }
+                }
+                Some(at) if shared.healthy_since(at) => {
+                    // Later calls get through: this call is the problem, not the target.
+                    if admission == Admission::Probe {
+                        shared.close(admission);
+                    }
+                    return Err(err);
+                }
+                Some(_) => {
+                    tracing::debug!(sink = %shared.label, error = %err, "outage suspected");
+                    shared.on_outage_suspected(admission);
+                }
+                None => {
+                    metrics::counter!("floodway_breaker_held_total", "sink" => shared.label.to_string())
+                        .increment(1);
+                    tracing::debug!(sink = %shared.label, error = %err, "call held by the breaker");
+                    failed_at = Some(shared.admitted.load(Ordering::SeqCst));
+                    if admission == Admission::Probe {
+                        shared.on_outage_suspected(admission);
                     }
                 }
             }
-        })
+        }
     }
 }
 
@@ -384,6 +381,7 @@ mod tests {
     use tower::service_fn;
     use tower::Layer;
     use tower::Service;
+    use tower::ServiceExt;
 
     /// `svc` behind a breaker of the default settings, and the breaker.
     fn guarded<S>(svc: S) -> (CircuitBreaker, Breaker<S>) {

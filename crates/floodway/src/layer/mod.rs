@@ -15,7 +15,7 @@
 //! ```
 //!
 //! Every layer is always ready and waits inside the call's future instead of in
-//! `poll_ready`: services are cloned per call, and the pipeline's parallelism and the
+//! `poll_ready`: the stack is shared by concurrent calls, and the pipeline's parallelism and the
 //! processor's in-flight limit bound how many calls can wait. A waiting call holds its unit of
 //! work, so a slow or closed gate slows the source down (backpressure) rather than growing a
 //! queue.
@@ -41,13 +41,53 @@ use retry::RetryPolicy;
 /// The future type of Floodway's layers.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'static>>;
 
-/// What a layer does around one call of the service it wraps: wait for a slot, bound the
-/// time, retry, hold during an outage. Every layer is a policy in a [`PolicyLayer`], so they
-/// share one piece of `tower` plumbing ([`Guarded`]): always ready, the service cloned into
-/// each call's future.
+/// What a layer does around the calls of what it wraps: wait for a slot, bound the time,
+/// retry, hold during an outage.
+///
+/// A policy makes the calls of `inner` it decides on (one, or more when it retries or probes),
+/// each awaited before the next; the inner calls are the next policy's, down to the service.
+/// A pipeline's stack ([`Resilience`]) nests the policies in one future per call, with
+/// nothing cloned or boxed between them; [`PolicyLayer`] applies one policy to any `tower`
+/// service ([`Guarded`]).
 pub trait Policy: Clone + Send + Sync + 'static {
-    /// Calls `inner` with `req` under this policy.
-    fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response>;
+    /// Makes `inner`'s calls under this policy; its answer is the call's.
+    fn run<T: Send, C: Call<T>>(
+        &self,
+        inner: &mut C,
+    ) -> impl Future<Output = Result<T, Error>> + Send;
+}
+
+/// The calls a [`Policy`] makes: each makes one attempt at the request below it.
+pub trait Call<T>: Send {
+    /// One attempt.
+    fn call(&mut self) -> impl Future<Output = Result<T, Error>> + Send;
+}
+
+/// The policy `policy` (none: the calls go straight through) around `inner`'s calls.
+struct Nested<'p, P, C> {
+    policy: Option<&'p P>,
+    inner: C,
+}
+
+impl<T: Send, P: Policy, C: Call<T>> Call<T> for Nested<'_, P, C> {
+    async fn call(&mut self) -> Result<T, Error> {
+        match self.policy {
+            Some(policy) => policy.run(&mut self.inner).await,
+            None => self.inner.call().await,
+        }
+    }
+}
+
+/// The service at the bottom of a stack, called with a clone of the request each attempt.
+struct Bottom<S, R> {
+    service: S,
+    req: R,
+}
+
+impl<S: Wrappable<R>, R: Request> Call<S::Response> for Bottom<S, R> {
+    async fn call(&mut self) -> Result<S::Response, Error> {
+        call(&mut self.service, self.req.clone()).await
+    }
 }
 
 /// What a layer can pass to its service: cloned for each attempt, moved between tasks.
@@ -65,6 +105,15 @@ pub trait Wrappable<Req>:
 impl<T, Req> Wrappable<Req> for T where
     T: Service<Req, Error = Error, Future: Send, Response: Send + 'static> + Clone + Send + 'static
 {
+}
+
+/// One call of a service: it waits until the service is ready, then calls it.
+async fn call<S: Service<R, Error = Error>, R>(
+    inner: &mut S,
+    req: R,
+) -> Result<S::Response, Error> {
+    use tower::ServiceExt;
+    inner.ready().await?.call(req).await
 }
 
 /// Applies a [`Policy`] to a service.
@@ -153,7 +202,9 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        self.policy.around(self.inner.clone(), req)
+        let policy = self.policy.clone();
+        let service = self.inner.clone();
+        Box::pin(async move { policy.run(&mut Bottom { service, req }).await })
     }
 }
 
@@ -302,67 +353,116 @@ impl Resilience {
         Req: Clone + Send + 'static,
         Resp: Send + 'static,
     {
-        let svc = Optional::new(self.timeout.map(TimeoutLayer::new), service);
-        let svc = Optional::new(self.rate.clone().map(RateLimitLayer::new), svc);
-        let limiter = match &self.concurrency {
+        Ok(BoxCloneSyncService::new(self.stack(label, service)?))
+    }
+
+    /// The stack around `service`, as one service whose clones share it.
+    pub(crate) fn stack<S>(
+        &self,
+        label: &str,
+        service: S,
+    ) -> Result<Resilient<S>, crate::error::BuildError> {
+        let concurrency = match &self.concurrency {
             None => None,
             Some(Concurrency::Shared(limiter)) => Some(limiter.clone()),
             Some(Concurrency::Adaptive(aimd)) => Some(ConcurrencyLimiter::adaptive(*aimd, label)?),
         };
-        let svc = Optional::new(limiter.map(ConcurrencyLimitLayer::new), svc);
-        let retry = self
-            .retry
-            .clone()
-            .map(|p| RetryLayer::new(retry::Retrying::new(p, label)));
-        let svc = Optional::new(retry, svc);
-        let breaker = self.breaker.as_ref().map(|b| match b {
-            BreakerChoice::Shared(b) => BreakerLayer::new(b.clone()),
-            BreakerChoice::New(config) => BreakerLayer::new(CircuitBreaker::new(*config, label)),
-        });
-        Ok(BoxCloneSyncService::new(Optional::new(breaker, svc)))
+        Ok(Resilient {
+            stack: std::sync::Arc::new(Stack {
+                breaker: self.breaker.as_ref().map(|b| match b {
+                    BreakerChoice::Shared(b) => b.clone(),
+                    BreakerChoice::New(config) => CircuitBreaker::new(*config, label),
+                }),
+                retry: self.retry.clone().map(|p| retry::Retrying::new(p, label)),
+                concurrency,
+                rate: self.rate.clone(),
+                timeout: self.timeout.map(timeout::Deadline),
+                service,
+            }),
+        })
     }
 }
 
-/// A layer that may be switched off, without boxing in between: the stack is one concrete
-/// type, so cloning it per call clones plain structs, not a chain of boxes.
-#[derive(Debug, Clone)]
-enum Optional<T, S> {
-    Layered(T),
-    Bare(S),
+/// A service under a [`Resilience`] stack. The policies and the service are shared by every
+/// clone; a call is one future that runs the policies nested, in the order of the
+/// [module docs](self), cloning the service once.
+pub(crate) struct Resilient<S> {
+    stack: std::sync::Arc<Stack<S>>,
 }
 
-impl<T, S> Optional<T, S> {
-    fn new<L: Layer<S, Service = T>>(layer: Option<L>, inner: S) -> Self {
-        match layer {
-            Some(layer) => Optional::Layered(layer.layer(inner)),
-            None => Optional::Bare(inner),
+struct Stack<S> {
+    breaker: Option<CircuitBreaker>,
+    retry: Option<retry::Retrying>,
+    concurrency: Option<ConcurrencyLimiter>,
+    rate: Option<RateLimiter>,
+    timeout: Option<timeout::Deadline>,
+    service: S,
+}
+
+impl<S> Clone for Resilient<S> {
+    fn clone(&self) -> Self {
+        Resilient {
+            stack: self.stack.clone(),
         }
     }
 }
 
-impl<T, S, Req> Service<Req> for Optional<T, S>
+impl<S> Resilient<S> {
+    /// Calls the stack: `Service::call` without the `&mut`.
+    pub(crate) fn call_shared<Req>(&self, req: Req) -> BoxFuture<S::Response>
+    where
+        S: Wrappable<Req> + Sync,
+        Req: Request,
+    {
+        let stack = self.stack.clone();
+        Box::pin(async move {
+            let s = &*stack;
+            let bottom = Bottom {
+                service: s.service.clone(),
+                req,
+            };
+            let timed = Nested {
+                policy: s.timeout.as_ref(),
+                inner: bottom,
+            };
+            let rated = Nested {
+                policy: s.rate.as_ref(),
+                inner: timed,
+            };
+            let limited = Nested {
+                policy: s.concurrency.as_ref(),
+                inner: rated,
+            };
+            let retried = Nested {
+                policy: s.retry.as_ref(),
+                inner: limited,
+            };
+            let mut held = Nested {
+                policy: s.breaker.as_ref(),
+                inner: retried,
+            };
+            held.call().await
+        })
+    }
+}
+
+impl<S, Req> Service<Req> for Resilient<S>
 where
-    T: Service<Req, Error = Error>,
-    S: Service<Req, Response = T::Response, Error = Error>,
+    S: Wrappable<Req> + Sync,
+    Req: Request,
 {
-    type Response = T::Response;
+    type Response = S::Response;
     type Error = Error;
-    type Future = futures_util::future::Either<T::Future, S::Future>;
+    type Future = BoxFuture<S::Response>;
 
     fn poll_ready(
         &mut self,
-        cx: &mut std::task::Context<'_>,
+        _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Error>> {
-        match self {
-            Optional::Layered(t) => t.poll_ready(cx),
-            Optional::Bare(s) => s.poll_ready(cx),
-        }
+        std::task::Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        match self {
-            Optional::Layered(t) => futures_util::future::Either::Left(t.call(req)),
-            Optional::Bare(s) => futures_util::future::Either::Right(s.call(req)),
-        }
+        self.call_shared(req)
     }
 }

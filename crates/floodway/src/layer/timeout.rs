@@ -4,11 +4,9 @@ use std::future::Future as _;
 use std::task::Poll;
 use std::time::Duration;
 
-use tower::ServiceExt;
-
 pub use super::{Timeout, TimeoutLayer};
 use crate::error::Error;
-use crate::layer::{BoxFuture, Policy, Request, Wrappable};
+use crate::layer::{Call, Policy};
 
 /// A deadline per call: the policy of [`TimeoutLayer`].
 #[derive(Debug, Clone, Copy)]
@@ -21,24 +19,21 @@ impl From<Duration> for Deadline {
 }
 
 impl Policy for Deadline {
-    fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response> {
-        let call = inner.oneshot(req);
+    async fn run<T: Send, C: Call<T>>(&self, inner: &mut C) -> Result<T, Error> {
         let timeout = self.0;
-        Box::pin(async move {
-            let mut call = std::pin::pin!(call);
-            // A call that is done at once (an in-process sink, a buffered write) needs no
-            // deadline: it skips reading the clock and making a timer entry. (tokio registers
-            // the entry only when it is polled, so the saving is small; it was measured only
-            // together with another change, BENCHMARKS.md.)
-            let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
-            if let Poll::Ready(result) = first {
-                return result;
-            }
-            match tokio::time::timeout(timeout, call).await {
-                Ok(result) => result,
-                Err(_) => Err(Error::timed_out(timeout)),
-            }
-        })
+        let mut call = std::pin::pin!(inner.call());
+        // A call that is done at once (an in-process sink, a buffered write) needs no
+        // deadline: it skips reading the clock and making a timer entry. (tokio registers
+        // the entry only when it is polled, so the saving is small; it was measured only
+        // together with another change, BENCHMARKS.md.)
+        let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+        if let Poll::Ready(result) = first {
+            return result;
+        }
+        match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::timed_out(timeout)),
+        }
     }
 }
 
@@ -48,6 +43,7 @@ mod tests {
     use crate::error::ErrorClass;
     use tower::service_fn;
     use tower::Layer;
+    use tower::ServiceExt;
 
     #[tokio::test(start_paused = true)]
     async fn slow_calls_time_out_as_transient() {

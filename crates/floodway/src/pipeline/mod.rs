@@ -38,19 +38,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use tower::util::BoxCloneSyncService;
 use tower::Service;
 
 use crate::error::{BuildError, Error};
 use crate::event::Event;
-use crate::layer::Resilience;
+use crate::layer::{BoxFuture, Resilience};
 use crate::sink::{Attempt, Entries, Sink};
 use crate::uow::Uow;
 use step::{Step, StepKind};
 
 /// The type-erased sink stack a pipeline calls: the resilience layers around the sink, each
-/// call delivering what is still pending of one batch.
-pub(crate) type BoxSink = BoxCloneSyncService<Attempt, (), Error>;
+/// call delivering what is still pending of one batch. Called through a shared reference:
+/// a call clones one `Arc` and boxes one future.
+pub(crate) type BoxSink = Arc<dyn Fn(Attempt) -> BoxFuture<()> + Send + Sync>;
 
 pub(crate) type KeyFn = Arc<dyn Fn(&Uow) -> String + Send + Sync>;
 
@@ -555,9 +555,10 @@ impl PipelineBuilder {
                 problem: "a pipeline needs a name".into(),
             });
         }
-        let sink = self
+        let stack = self
             .resilience
-            .apply(&self.name, Entries::new(sink, &self.name))?;
+            .stack(&self.name, Entries::new(sink, &self.name))?;
+        let sink: BoxSink = Arc::new(move |attempt| stack.call_shared(attempt));
         let mut steps = self.steps;
         for step in &mut steps {
             step.build_guard(&self.name)?;

@@ -34,8 +34,8 @@ struct Pipe {
     batcher: Option<Batcher>,
     /// Pre-batch work not yet finished: the batcher may still receive its outputs.
     upstream: usize,
-    sink_seconds: metrics::Histogram,
-    step_seconds: metrics::Histogram,
+    /// Shared with every unit of the pipeline: one reference to clone per unit.
+    timers: Arc<Timers>,
     tally: Tally,
 }
 
@@ -93,7 +93,8 @@ impl Tally {
 
 pub(crate) struct Engine<'p, C> {
     proc: &'p ProcessorInner,
-    ctx: UnitCtx,
+    /// Shared with every unit: one reference to clone per unit.
+    ctx: Arc<UnitCtx>,
     pipes: Vec<Pipe>,
     ledger: Ledger,
     units: FuturesUnordered<BoxUnit>,
@@ -148,22 +149,24 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 sched: Scheduler::new(p.core.parallelism),
                 batcher: p.core.batching.clone().map(Batcher::new),
                 upstream: 0,
-                step_seconds: metrics::histogram!(
-                    "floodway_step_duration_seconds",
-                    "processor" => proc.name.to_string(),
-                    "pipeline" => p.core.name.to_string()
-                ),
-                sink_seconds: metrics::histogram!(
-                    "floodway_sink_duration_seconds",
-                    "processor" => proc.name.to_string(),
-                    "pipeline" => p.core.name.to_string()
-                ),
+                timers: Arc::new(Timers {
+                    steps: metrics::histogram!(
+                        "floodway_step_duration_seconds",
+                        "processor" => proc.name.to_string(),
+                        "pipeline" => p.core.name.to_string()
+                    ),
+                    sink: metrics::histogram!(
+                        "floodway_sink_duration_seconds",
+                        "processor" => proc.name.to_string(),
+                        "pipeline" => p.core.name.to_string()
+                    ),
+                }),
                 tally: Tally::new(&proc.name, &p.core.name),
             })
             .collect();
         Engine {
             proc,
-            ctx: UnitCtx {
+            ctx: Arc::new(UnitCtx {
                 processor: proc.name.clone(),
                 fault_sink: proc.fault_sink.clone(),
                 redact_all: {
@@ -176,7 +179,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     all.dedup();
                     all.into()
                 },
-            },
+            }),
             pipes,
             ledger: Ledger::default(),
             units: FuturesUnordered::new(),
@@ -550,10 +553,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     self.ctx.clone(),
                     index,
                     pipe.core.clone(),
-                    Timers {
-                        sink: pipe.sink_seconds.clone(),
-                        steps: pipe.step_seconds.clone(),
-                    },
+                    pipe.timers.clone(),
                     id,
                     keys,
                     work,

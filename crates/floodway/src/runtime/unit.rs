@@ -34,14 +34,12 @@ pub(crate) enum Work {
 }
 
 /// The latency histograms of a pipeline, registered once per run.
-#[derive(Clone)]
 pub(crate) struct Timers {
     pub(crate) sink: Histogram,
     pub(crate) steps: Histogram,
 }
 
 /// What the processor shares with every unit.
-#[derive(Clone)]
 pub(crate) struct UnitCtx {
     pub(crate) processor: Arc<str>,
     pub(crate) fault_sink: FaultSink,
@@ -168,7 +166,7 @@ async fn send(
 ) -> Result<Vec<(Uow, Error)>, RunError> {
     let call = |attempt: Attempt| async move {
         let started = Instant::now();
-        let result = guarded(core.sink.clone().oneshot(attempt)).await;
+        let result = guarded((core.sink)(attempt)).await;
         sink_seconds.record(started.elapsed().as_secs_f64());
         result
     };
@@ -312,10 +310,10 @@ async fn run_batch(
 
 /// The future of scheduled work.
 pub(crate) fn scheduled(
-    ctx: UnitCtx,
+    ctx: Arc<UnitCtx>,
     pipeline: usize,
     core: Arc<PipelineCore>,
-    timers: Timers,
+    timers: Arc<Timers>,
     id: u64,
     keys: Keys,
     work: Work,
@@ -353,7 +351,7 @@ pub(crate) fn scheduled(
 
 /// The future that faults a record before any scheduled work (decode or sync-step failure).
 pub(crate) fn fault_now(
-    ctx: UnitCtx,
+    ctx: Arc<UnitCtx>,
     pipeline: usize,
     core: Option<Arc<PipelineCore>>,
     failure: (Arc<Record>, Option<Arc<Event>>, Arc<str>, Error),

@@ -33,10 +33,9 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tower::ServiceExt;
 
 use crate::error::{BuildError, Error, ErrorClass};
-use crate::layer::{BoxFuture, Policy, Request, Wrappable};
+use crate::layer::{Call, Policy};
 pub use crate::layer::{ConcurrencyLimit, ConcurrencyLimitLayer};
 
 /// Settings of the adaptive limit.
@@ -399,22 +398,19 @@ impl Drop for Permit {
 }
 
 impl Policy for ConcurrencyLimiter {
-    fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response> {
-        let limiter = self.clone();
-        Box::pin(async move {
-            let permit = limiter.acquire().await;
-            let result = inner.oneshot(req).await;
-            let signal = match &result {
-                Ok(_) => Signal::Success,
-                Err(err) => Signal::of(err),
-            };
-            if signal == Signal::Overload && result.as_ref().is_err_and(Error::is_throttle) {
-                metrics::counter!("floodway_throttles_total", "sink" => limiter.shared.label.to_string())
-                    .increment(1);
-            }
-            permit.finish(signal);
-            result
-        })
+    async fn run<T: Send, C: Call<T>>(&self, inner: &mut C) -> Result<T, Error> {
+        let permit = self.acquire().await;
+        let result = inner.call().await;
+        let signal = match &result {
+            Ok(_) => Signal::Success,
+            Err(err) => Signal::of(err),
+        };
+        if signal == Signal::Overload && result.as_ref().is_err_and(Error::is_throttle) {
+            metrics::counter!("floodway_throttles_total", "sink" => self.shared.label.to_string())
+                .increment(1);
+        }
+        permit.finish(signal);
+        result
     }
 }
 

@@ -19,10 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tower::ServiceExt;
 
-use crate::error::BuildError;
-use crate::layer::{BoxFuture, Policy, Request, Wrappable};
+use crate::error::{BuildError, Error};
+use crate::layer::{Call, Policy};
 pub use crate::layer::{RateLimit, RateLimitLayer};
 
 /// A rate limit; clones share the same budget of calls.
@@ -156,12 +155,9 @@ impl RateLimiter {
 }
 
 impl Policy for RateLimiter {
-    fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response> {
-        let limiter = self.clone();
-        Box::pin(async move {
-            limiter.acquire().await;
-            inner.oneshot(req).await
-        })
+    async fn run<T: Send, C: Call<T>>(&self, inner: &mut C) -> Result<T, Error> {
+        self.acquire().await;
+        inner.call().await
     }
 }
 

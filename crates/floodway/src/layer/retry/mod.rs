@@ -13,11 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tower::ServiceExt;
 
 pub use super::{Retry, RetryLayer};
-use crate::error::ErrorClass;
-use crate::layer::{BoxFuture, Policy, Request, Wrappable};
+use crate::error::{Error, ErrorClass};
+use crate::layer::{Call, Policy};
 
 /// When to retry: attempts, elapsed time, backoff and budget.
 #[derive(Debug, Clone)]
@@ -95,39 +94,36 @@ impl Retrying {
 }
 
 impl Policy for Retrying {
-    fn around<S: Wrappable<R>, R: Request>(&self, inner: S, req: R) -> BoxFuture<S::Response> {
-        let policy = self.policy.clone();
-        let label = self.label.clone();
-        Box::pin(async move {
-            if let Some(budget) = &policy.budget {
-                budget.deposit();
+    async fn run<T: Send, C: Call<T>>(&self, inner: &mut C) -> Result<T, Error> {
+        let (policy, label) = (&self.policy, &self.label);
+        if let Some(budget) = &policy.budget {
+            budget.deposit();
+        }
+        let started = Instant::now();
+        let mut attempt = 1;
+        loop {
+            // The future owns its service: every attempt calls it, none clones it.
+            let err = match inner.call().await {
+                Ok(response) => return Ok(response),
+                Err(err) => err,
+            };
+            if err.class() != ErrorClass::Transient || attempt >= policy.max_attempts {
+                return Err(err.with_attempts(attempt));
             }
-            let started = Instant::now();
-            let mut attempt = 1;
-            loop {
-                let err = match inner.clone().oneshot(req.clone()).await {
-                    Ok(response) => return Ok(response),
-                    Err(err) => err,
-                };
-                if err.class() != ErrorClass::Transient || attempt >= policy.max_attempts {
-                    return Err(err.with_attempts(attempt));
-                }
-                let delay = policy
-                    .backoff
-                    .delay(attempt - 1)
-                    .max(err.retry_after().unwrap_or_default());
-                if started.elapsed() + delay > policy.max_elapsed
-                    || !policy.budget.as_ref().is_none_or(RetryBudget::withdraw)
-                {
-                    return Err(err.with_attempts(attempt));
-                }
-                metrics::counter!("floodway_retries_total", "sink" => label.to_string())
-                    .increment(1);
-                tracing::debug!(sink = %label, attempt, ?delay, error = %err, "retrying");
-                tokio::time::sleep(delay).await;
-                attempt += 1;
+            let delay = policy
+                .backoff
+                .delay(attempt - 1)
+                .max(err.retry_after().unwrap_or_default());
+            if started.elapsed() + delay > policy.max_elapsed
+                || !policy.budget.as_ref().is_none_or(RetryBudget::withdraw)
+            {
+                return Err(err.with_attempts(attempt));
             }
-        })
+            metrics::counter!("floodway_retries_total", "sink" => label.to_string()).increment(1);
+            tracing::debug!(sink = %label, attempt, ?delay, error = %err, "retrying");
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
     }
 }
 
@@ -139,6 +135,7 @@ mod tests {
     use tower::service_fn;
     use tower::Layer;
     use tower::Service;
+    use tower::ServiceExt;
 
     fn flaky(
         fail_first: u32,
