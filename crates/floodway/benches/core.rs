@@ -77,43 +77,32 @@ fn processor(
         counted.fetch_add(batch.len() as u64, Ordering::Relaxed);
         std::future::ready(Ok::<_, Error>(()))
     });
-    let b = Processor::builder("bench");
-    let b = if std::env::var("NULLF").is_ok() {
-        b.fault_sink(floodway::fault_sink_fn(|_e: Event| {
-            std::future::ready(Ok::<_, Error>(()))
-        }))
-    } else {
-        b.fault_sink(floodway::fault_sink_fn(move |_fault: Event| {
+    Processor::builder("bench")
+        .fault_sink(floodway::fault_sink_fn(move |_fault: Event| {
             faults.fetch_add(1, Ordering::Relaxed);
             std::future::ready(Ok::<_, Error>(()))
         }))
-    };
-    let b = if std::env::var("NORES").is_ok() {
-        b.fault_resilience(Resilience::none())
-    } else {
-        b
-    };
-    b.pipeline(
-        Pipeline::builder("each")
-            .event_type("order-*")
-            .map(|mut uow| {
-                let order = OrderRef(uow.event().partition_key().to_owned());
-                uow.insert(order);
-                Ok(uow)
-            })
-            .resilience(resilience.clone())
-            .sink(each)
-            .unwrap(),
-    )
-    .pipeline(
-        Pipeline::builder("batched")
-            .batch(BatchConfig::count(25))
-            .resilience(resilience.clone())
-            .sink(batched)
-            .unwrap(),
-    )
-    .build()
-    .unwrap()
+        .pipeline(
+            Pipeline::builder("each")
+                .event_type("order-*")
+                .map(|mut uow| {
+                    let order = OrderRef(uow.event().partition_key().to_owned());
+                    uow.insert(order);
+                    Ok(uow)
+                })
+                .resilience(resilience.clone())
+                .sink(each)
+                .unwrap(),
+        )
+        .pipeline(
+            Pipeline::builder("batched")
+                .batch(BatchConfig::count(25))
+                .resilience(resilience.clone())
+                .sink(batched)
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
 }
 
 /// Processor `name` of the one `pipeline`, its faults kept in memory.

@@ -247,12 +247,11 @@ fn found(raw: &str) -> String {
 
 fn string_field(
     text: &str,
-    raw: Option<&RawValue>,
+    raw: Option<&str>,
     field: &'static str,
     non_empty: bool,
 ) -> Result<Text, DecodeEventError> {
     let raw = raw
-        .map(RawValue::get)
         .filter(|r| *r != "null")
         .ok_or(DecodeEventError::MissingField { field })?;
     if raw.len() >= 2 && raw.starts_with('"') && !raw.contains('\\') {
@@ -292,9 +291,8 @@ fn raw_str(bytes: &Bytes) -> &str {
     std::str::from_utf8(bytes).unwrap_or_default()
 }
 
-fn timestamp_field(raw: Option<&RawValue>) -> Result<i64, DecodeEventError> {
+fn timestamp_field(raw: Option<&str>) -> Result<i64, DecodeEventError> {
     let raw = raw
-        .map(RawValue::get)
         .filter(|r| *r != "null")
         .ok_or(DecodeEventError::MissingField { field: "timestamp" })?;
     if let Ok(ms) = raw.parse::<i64>() {
@@ -455,12 +453,30 @@ impl Event {
                 Err(err) => json_error(&err),
             });
         }
-        let env: RawEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
+        // The scanner answers for the events it accepts outright; serde_json decides the rest
+        // and words the errors.
+        let env = match crate::envelope::scan(text) {
+            Some(env) => env,
+            None => {
+                let env: RawEnvelope<'_> =
+                    serde_json::from_str(text).map_err(|e| json_error(&e))?;
+                fn get(raw: Option<&RawValue>) -> Option<&str> {
+                    raw.map(RawValue::get)
+                }
+                crate::envelope::Envelope {
+                    id: get(env.id),
+                    ty: get(env.ty),
+                    timestamp: get(env.timestamp),
+                    partition_key: get(env.partition_key),
+                    tags: get(env.tags),
+                }
+            }
+        };
         let id = string_field(text, env.id, "id", true)?;
         let ty = string_field(text, env.ty, "type", true)?;
         let partition_key = string_field(text, env.partition_key, "partitionKey", false)?;
         let timestamp = timestamp_field(env.timestamp)?;
-        let has_tags = match env.tags.map(RawValue::get) {
+        let has_tags = match env.tags {
             None | Some("null") => false,
             Some(t) if t.starts_with('{') => true,
             Some(t) => {
@@ -526,7 +542,7 @@ impl Event {
             Some(v) => {
                 let raw = v.to_string();
                 let raw_value = RawValue::from_string(raw).map_err(|e| json_error(&e))?;
-                timestamp_field(Some(&raw_value))?
+                timestamp_field(Some(raw_value.get()))?
             }
         };
         let tags = match map.remove("tags") {

@@ -62,6 +62,7 @@
 pub mod cep;
 pub mod compression;
 pub mod encryption;
+mod envelope;
 pub mod error;
 pub mod event;
 pub mod fault;
