@@ -40,6 +40,42 @@ pub(crate) fn start(dir: &Path, args: &[&str], stdout: Stdio, stderr: Stdio) -> 
         .expect("the floodway binary runs")
 }
 
+/// A `floodway` process that is killed if the test ends without stopping it, so that a failed
+/// assertion leaves nothing running.
+pub(crate) struct Process {
+    child: Option<Child>,
+}
+
+impl Process {
+    /// Starts the `floodway` binary in `dir`, as [`start`] does.
+    pub(crate) fn start(dir: &Path, args: &[&str], stdout: Stdio, stderr: Stdio) -> Process {
+        Process {
+            child: Some(start(dir, args, stdout, stderr)),
+        }
+    }
+
+    /// Kills it (SIGKILL) and waits for it.
+    pub(crate) fn kill(mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Stops it with SIGTERM; it must exit cleanly.
+    pub(crate) fn stop(mut self) {
+        stop(self.child.take().expect("running"));
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Sends `signal` (`-TERM`, `-STOP`, ...) to `child`.
 pub(crate) fn signal(child: &Child, signal: &str) {
     let status = Command::new("kill")
