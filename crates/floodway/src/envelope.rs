@@ -2,18 +2,18 @@
 //!
 //! Decoding an event needs five top-level members (`id`, `type`, `timestamp`,
 //! `partitionKey`, `tags`) and the assurance that the whole text is one JSON object. serde_json
-//! gives both, but through its general machinery: a visitor per member, a field identifier
-//! per key, a `RawValue` per field, and a byte at a time through everything it skips. This
-//! scanner does only that work: strings are skipped eight bytes at a time (the word-at-a-time
-//! search serde_json's own string reader uses), everything else by a small loop, and no
-//! allocation is made.
+//! gives both through its general machinery: a visitor per member, a field identifier per key,
+//! a `RawValue` per field. This scanner does only what decoding needs: strings are skipped
+//! eight bytes at a time (the word-at-a-time search serde_json's own string reader uses),
+//! everything else by a small loop, and nothing is allocated.
 //!
 //! It is a fast path, not a second parser to trust: it answers `None` for anything it does not
 //! accept outright (an escape in a top-level key, a repeated envelope member, any syntax error,
-//! deep nesting), and the caller then decodes with serde_json, which gives the same result or
-//! the precise error. So the one property that matters is: **when the scanner answers, serde_json
+//! deep nesting), and [`read`] then decodes with serde_json, which gives the same result or the
+//! precise error. So the one property that matters is: **when the scanner answers, serde_json
 //! accepts the text and finds the same members.** A property test checks it against serde_json
-//! on generated and mutated events.
+//! on generated and damaged events.
+use serde_json::value::RawValue;
 
 /// The raw text of each envelope member present (the JSON value, `null` included), as
 /// serde_json's `RawValue` would give it: without the surrounding whitespace.
@@ -24,6 +24,40 @@ pub(crate) struct Envelope<'a> {
     pub(crate) timestamp: Option<&'a str>,
     pub(crate) partition_key: Option<&'a str>,
     pub(crate) tags: Option<&'a str>,
+}
+
+/// The envelope of `text`: from the scanner when it answers, else from serde_json, which
+/// decides and words the error.
+pub(crate) fn read(text: &str) -> serde_json::Result<Envelope<'_>> {
+    match scan(text) {
+        Some(env) => Ok(env),
+        None => with_serde(text),
+    }
+}
+
+/// What serde_json finds: the members as `RawValue`s (a `null` one as absent).
+fn with_serde(text: &str) -> serde_json::Result<Envelope<'_>> {
+    #[derive(serde::Deserialize)]
+    struct Members<'a> {
+        #[serde(borrow, default)]
+        id: Option<&'a RawValue>,
+        #[serde(rename = "type", borrow, default)]
+        ty: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        timestamp: Option<&'a RawValue>,
+        #[serde(rename = "partitionKey", borrow, default)]
+        partition_key: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        tags: Option<&'a RawValue>,
+    }
+    let m: Members<'_> = serde_json::from_str(text)?;
+    Ok(Envelope {
+        id: m.id.map(RawValue::get),
+        ty: m.ty.map(RawValue::get),
+        timestamp: m.timestamp.map(RawValue::get),
+        partition_key: m.partition_key.map(RawValue::get),
+        tags: m.tags.map(RawValue::get),
+    })
 }
 
 /// Containers nested deeper than this send the text to serde_json.
@@ -244,34 +278,10 @@ fn literal(b: &[u8], i: usize, word: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use serde_json::value::RawValue;
 
-    /// What serde_json finds, as `Event::decode` asks it.
-    #[derive(serde::Deserialize)]
-    struct Serde<'a> {
-        #[serde(borrow, default)]
-        id: Option<&'a RawValue>,
-        #[serde(rename = "type", borrow, default)]
-        ty: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        timestamp: Option<&'a RawValue>,
-        #[serde(rename = "partitionKey", borrow, default)]
-        partition_key: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        tags: Option<&'a RawValue>,
-    }
-
-    /// serde_json's answer, with `null` members as absent (as the decoder reads both).
-    fn serde<'a>(text: &'a str) -> Option<Envelope<'a>> {
-        let s: Serde<'a> = serde_json::from_str(text).ok()?;
-        let get = |r: Option<&'a RawValue>| r.map(RawValue::get);
-        Some(Envelope {
-            id: get(s.id),
-            ty: get(s.ty),
-            timestamp: get(s.timestamp),
-            partition_key: get(s.partition_key),
-            tags: get(s.tags),
-        })
+    /// serde_json's answer, as the decoder falls back to it.
+    fn serde(text: &str) -> Option<Envelope<'_>> {
+        with_serde(text).ok()
     }
 
     fn without_nulls<'a>(env: Envelope<'a>) -> Envelope<'a> {

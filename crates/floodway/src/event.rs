@@ -114,20 +114,6 @@ impl PartialEq for Event {
     }
 }
 
-#[derive(Deserialize)]
-struct RawEnvelope<'a> {
-    #[serde(borrow, default)]
-    id: Option<&'a RawValue>,
-    #[serde(rename = "type", borrow, default)]
-    ty: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    timestamp: Option<&'a RawValue>,
-    #[serde(rename = "partitionKey", borrow, default)]
-    partition_key: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    tags: Option<&'a RawValue>,
-}
-
 /// The text at a JSON pointer's `tokens`, found in one pass over a value: at each level the
 /// member or element named is descended into and the rest skipped, with nothing collected.
 struct At<'t> {
@@ -455,23 +441,7 @@ impl Event {
         }
         // The scanner answers for the events it accepts outright; serde_json decides the rest
         // and words the errors.
-        let env = match crate::envelope::scan(text) {
-            Some(env) => env,
-            None => {
-                let env: RawEnvelope<'_> =
-                    serde_json::from_str(text).map_err(|e| json_error(&e))?;
-                fn get(raw: Option<&RawValue>) -> Option<&str> {
-                    raw.map(RawValue::get)
-                }
-                crate::envelope::Envelope {
-                    id: get(env.id),
-                    ty: get(env.ty),
-                    timestamp: get(env.timestamp),
-                    partition_key: get(env.partition_key),
-                    tags: get(env.tags),
-                }
-            }
-        };
+        let env = crate::envelope::read(text).map_err(|e| json_error(&e))?;
         let id = string_field(text, env.id, "id", true)?;
         let ty = string_field(text, env.ty, "type", true)?;
         let partition_key = string_field(text, env.partition_key, "partitionKey", false)?;

@@ -69,6 +69,15 @@ struct Nested<'p, P, C> {
     inner: C,
 }
 
+impl<'p, P, C> Nested<'p, P, C> {
+    fn new(policy: &'p Option<P>, inner: C) -> Self {
+        Nested {
+            policy: policy.as_ref(),
+            inner,
+        }
+    }
+}
+
 impl<T: Send, P: Policy, C: Call<T>> Call<T> for Nested<'_, P, C> {
     async fn call(&mut self) -> Result<T, Error> {
         match self.policy {
@@ -417,31 +426,15 @@ impl<S> Resilient<S> {
         let stack = self.stack.clone();
         Box::pin(async move {
             let s = &*stack;
-            let bottom = Bottom {
+            let call = Bottom {
                 service: s.service.clone(),
                 req,
             };
-            let timed = Nested {
-                policy: s.timeout.as_ref(),
-                inner: bottom,
-            };
-            let rated = Nested {
-                policy: s.rate.as_ref(),
-                inner: timed,
-            };
-            let limited = Nested {
-                policy: s.concurrency.as_ref(),
-                inner: rated,
-            };
-            let retried = Nested {
-                policy: s.retry.as_ref(),
-                inner: limited,
-            };
-            let mut held = Nested {
-                policy: s.breaker.as_ref(),
-                inner: retried,
-            };
-            held.call().await
+            let call = Nested::new(&s.timeout, call);
+            let call = Nested::new(&s.rate, call);
+            let call = Nested::new(&s.concurrency, call);
+            let call = Nested::new(&s.retry, call);
+            Nested::new(&s.breaker, call).call().await
         })
     }
 }
