@@ -202,13 +202,13 @@ fn malformed(source: String, i: u64, raw: &RawValue, name: &str, why: String) ->
 
 /// A string, number or boolean as text (`"5"` and `5` alike); `None` for null or absent.
 fn loose(raw: Option<&RawValue>) -> Option<String> {
-    loose_str(raw).map(Cow::into_owned)
+    loose_str(raw.map(RawValue::get)).map(Cow::into_owned)
 }
 
 /// [`loose`], borrowed from the payload when the text has no escapes (a sequence number
 /// always).
-fn loose_str(raw: Option<&RawValue>) -> Option<Cow<'_, str>> {
-    let text = raw?.get();
+fn loose_str(raw: Option<&str>) -> Option<Cow<'_, str>> {
+    let text = raw?;
     if let Some(quoted) = text.strip_prefix('"') {
         match quoted.strip_suffix('"') {
             Some(plain) if !plain.contains('\\') => Some(Cow::Borrowed(plain)),
@@ -307,13 +307,14 @@ impl<'de> serde::de::Visitor<'de> for SizedRecords {
 fn kinesis_whole(payload: &[u8]) -> Option<Invocation> {
     // Room for the records as Lambda sends them (each well over 768 bytes of the payload),
     // rather than a vector doubling its way there.
-    let mut deserializer = serde_json::Deserializer::from_slice(payload);
-    let top = serde::de::DeserializeSeed::deserialize(
-        SizedPayload(payload.len() / 768 + 1),
-        &mut deserializer,
-    )
-    .ok()?;
-    deserializer.end().ok()?;
+    let capacity = payload.len() / 768 + 1;
+    let top = match kinesis_scanned(payload, capacity) {
+        Some(records) => KinesisPayload {
+            records,
+            floodway: None,
+        },
+        None => kinesis_serde(payload, capacity)?,
+    };
     if top.records.is_empty()
         || top
             .records
@@ -351,6 +352,106 @@ fn kinesis_whole(payload: &[u8]) -> Option<Invocation> {
         skipped: Vec::new(),
         resubmit_to: top.floodway.map(|r| r.pipeline),
     })
+}
+
+/// A Kinesis invocation read by serde_json into typed records borrowed from it.
+fn kinesis_serde(payload: &[u8], capacity: usize) -> Option<KinesisPayload<'_>> {
+    let mut deserializer = serde_json::Deserializer::from_slice(payload);
+    let top =
+        serde::de::DeserializeSeed::deserialize(SizedPayload(capacity), &mut deserializer).ok()?;
+    deserializer.end().ok()?;
+    Some(top)
+}
+
+/// The records of a Kinesis invocation found by Floodway's JSON scanner (`floodway::scan`),
+/// as [`kinesis_serde`] reads them: one pass that notes the few members a record needs and
+/// checks the rest is JSON, with the data's end found by a vectorized search. `None` for
+/// anything it does not accept outright (an escape in a name, a string or the data, a
+/// repeated member, a resubmission's `floodway` member, any syntax error): serde_json then
+/// reads the invocation. A property test holds the two to the same records.
+fn kinesis_scanned(payload: &[u8], capacity: usize) -> Option<Vec<KinesisRecord<'_>>> {
+    use floodway::scan;
+    let b = payload;
+    let mut records = None;
+    let end = scan::object(b, scan::ws(b, 0), |key, at| match key {
+        b"Records" if records.is_none() => {
+            let mut list = Vec::with_capacity(capacity);
+            let end = scan::array(b, at, |at| {
+                let (record, end) = kinesis_record_scanned(b, at)?;
+                list.push(record);
+                Some(end)
+            })?;
+            records = Some(list);
+            Some(end)
+        }
+        b"Records" | b"floodway" => None,
+        _ => scan::skip_value(b, at),
+    })?;
+    if scan::ws(b, end) != b.len() {
+        return None;
+    }
+    records
+}
+
+/// One record of [`kinesis_scanned`] at `at`, and the position after it.
+fn kinesis_record_scanned(b: &[u8], at: usize) -> Option<(KinesisRecord<'_>, usize)> {
+    use floodway::scan;
+    // Each member once (`Some`), its value `None` for null; a repeat sends the invocation to
+    // serde_json.
+    let mut source = None;
+    let mut event_id = None;
+    let mut arn = None;
+    let mut kinesis = false;
+    let mut data = None;
+    let mut sequence = None;
+    let end = scan::object(b, at, |key, at| {
+        let slot = match key {
+            b"eventSource" | b"EventSource" => &mut source,
+            b"eventID" => &mut event_id,
+            b"eventSourceARN" => &mut arn,
+            b"kinesis" if !kinesis => {
+                kinesis = true;
+                return scan::object(b, at, |key, at| match key {
+                    b"data" if data.is_none() => {
+                        let (text, end) = scan::unescaped_string(b, at)?;
+                        data = Some(text);
+                        Some(end)
+                    }
+                    b"sequenceNumber" if sequence.is_none() => {
+                        let end = scan::skip_value(b, at)?;
+                        sequence = Some(std::str::from_utf8(&b[at..end]).ok()?);
+                        Some(end)
+                    }
+                    b"data" | b"sequenceNumber" => None,
+                    _ => scan::skip_value(b, at),
+                });
+            }
+            b"kinesis" => return None,
+            _ => return scan::skip_value(b, at),
+        };
+        if slot.is_some() {
+            return None;
+        }
+        let (value, end) = match b.get(at..at + 4) {
+            Some(b"null") => (None, at + 4),
+            _ => {
+                let (text, end) = scan::plain_string(b, at)?;
+                (Some(Cow::Borrowed(std::str::from_utf8(text).ok()?)), end)
+            }
+        };
+        *slot = Some(value);
+        Some(end)
+    })?;
+    let record = KinesisRecord {
+        source: source.flatten(),
+        event_id: event_id.flatten(),
+        arn: arn.flatten(),
+        kinesis: KinesisData {
+            data: Base64Text(Cow::Borrowed(data?)),
+            sequence: sequence.filter(|raw| *raw != "null"),
+        },
+    };
+    Some((record, end))
 }
 
 /// The source and shard names of the records read so far: the records of one invocation
@@ -408,8 +509,19 @@ struct KinesisRecord<'a> {
 struct KinesisData<'a> {
     #[serde(borrow)]
     data: Base64Text<'a>,
-    #[serde(rename = "sequenceNumber", borrow, default)]
-    sequence: Option<&'a RawValue>,
+    /// The JSON text of the sequence number.
+    #[serde(
+        rename = "sequenceNumber",
+        borrow,
+        default,
+        deserialize_with = "raw_text"
+    )]
+    sequence: Option<&'a str>,
+}
+
+/// A value's JSON text (`None` for null).
+fn raw_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de str>, D::Error> {
+    Ok(Option::<&'de RawValue>::deserialize(d)?.map(RawValue::get))
 }
 
 /// Base64 text read as the bytes of a JSON string. The longest string of a Kinesis record is
@@ -1043,7 +1155,7 @@ mod tests {
         assert_eq!(loose(Some(&raw("{}"))), None);
         assert_eq!(loose(None), None);
         assert_eq!(loose(Some(&raw(r#""a\"b""#))).as_deref(), Some("a\"b"));
-        assert_eq!(loose_str(Some(&raw("\"12\""))), Some(Cow::Borrowed("12")));
+        assert_eq!(loose_str(Some("\"12\"")), Some(Cow::Borrowed("12")));
     }
 
     fn change(name: &str, new: Option<Value>, old: Option<Value>) -> Value {
@@ -1113,5 +1225,209 @@ mod tests {
         let (all, skipped) = types(records, &keep_all);
         assert_eq!((all.len(), skipped), (5, 0));
         assert!(all.iter().all(|t| t.starts_with("widget-")), "{all:?}");
+    }
+
+    /// The scanned fast path against serde_json's, on generated and damaged invocations.
+    mod scanned {
+        use super::*;
+        use proptest::prelude::*;
+
+        type Seen = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Vec<u8>,
+            Option<String>,
+        );
+
+        fn seen(records: &[KinesisRecord<'_>]) -> Vec<Seen> {
+            records
+                .iter()
+                .map(|r| {
+                    (
+                        r.source.as_deref().map(str::to_owned),
+                        r.event_id.as_deref().map(str::to_owned),
+                        r.arn.as_deref().map(str::to_owned),
+                        r.kinesis.data.as_bytes().to_vec(),
+                        r.kinesis.sequence.map(str::to_owned),
+                    )
+                })
+                .collect()
+        }
+
+        /// Whenever the scanner answers, serde_json reads the same records.
+        fn agrees(text: &str) {
+            if let Some(records) = kinesis_scanned(text.as_bytes(), 1) {
+                let top = kinesis_serde(text.as_bytes(), 1).unwrap_or_else(|| {
+                    panic!("serde_json refused what the scanner read: {text:?}")
+                });
+                assert!(top.floodway.is_none());
+                assert_eq!(seen(&records), seen(&top.records), "{text:?}");
+            }
+        }
+
+        /// The JSON text of a string member: plain, escaped, null or not a string.
+        fn text_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => "[a-zA-Z0-9:/._-]{0,20}".prop_map(|s| format!("\"{s}\"")),
+                1 => any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+                1 => Just("null".to_owned()),
+                1 => Just("5".to_owned()),
+            ]
+        }
+
+        fn data_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                6 => prop::collection::vec(any::<u8>(), 0..40).prop_map(|bytes| {
+                    format!("\"{}\"", base64::engine::general_purpose::STANDARD.encode(bytes))
+                }),
+                1 => prop::collection::vec(any::<u8>(), 0..40).prop_map(|bytes| {
+                    let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+                    format!("\"{}\"", text.replace('/', "\\/"))
+                }),
+                1 => Just("null".to_owned()),
+                1 => Just("\"not base64!\"".to_owned()),
+            ]
+        }
+
+        fn sequence_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[0-9]{1,30}".prop_map(|s| format!("\"{s}\"")),
+                "[1-9][0-9]{0,15}",
+                Just("null".to_owned()),
+                Just("{\"n\": 1}".to_owned()),
+            ]
+        }
+
+        fn join(mut members: Vec<(String, String)>, shuffle: &[usize], space: &str) -> String {
+            for (i, &j) in shuffle.iter().enumerate() {
+                let (a, b) = (i % members.len().max(1), j % members.len().max(1));
+                if a < members.len() && b < members.len() {
+                    members.swap(a, b);
+                }
+            }
+            let members: Vec<String> = members
+                .into_iter()
+                .map(|(k, v)| format!("{space}\"{k}\"{space}:{space}{v}"))
+                .collect();
+            format!("{{{}{space}}}", members.join(","))
+        }
+
+        fn record() -> impl Strategy<Value = String> {
+            let kinesis = (
+                data_value(),
+                prop::option::of(sequence_value()),
+                any::<bool>(),
+                prop::collection::vec(0usize..4, 0..4),
+            )
+                .prop_map(|(data, sequence, extra, shuffle)| {
+                    let mut members = vec![("data".to_owned(), data)];
+                    if let Some(sequence) = sequence {
+                        members.push(("sequenceNumber".into(), sequence));
+                    }
+                    if extra {
+                        members.push(("partitionKey".into(), "\"o-1\"".into()));
+                        members.push(("approximateArrivalTimestamp".into(), "1.7e9".into()));
+                    }
+                    join(members, &shuffle, "")
+                });
+            (
+                prop::sample::select(vec!["eventSource", "EventSource"]),
+                text_value(),
+                prop::option::of(text_value()),
+                prop::option::of(text_value()),
+                prop::option::of(kinesis),
+                any::<bool>(),
+                prop::collection::vec(0usize..8, 0..6),
+                prop::sample::select(vec!["", " ", "\n  "]),
+            )
+                .prop_map(|(name, source, id, arn, kinesis, twice, shuffle, space)| {
+                    let mut members = vec![(name.to_owned(), source)];
+                    if let Some(id) = id {
+                        members.push(("eventID".into(), id));
+                    }
+                    if let Some(arn) = arn {
+                        members.push(("eventSourceARN".into(), arn));
+                    }
+                    if let Some(kinesis) = kinesis {
+                        members.push(("kinesis".into(), kinesis));
+                    }
+                    members.push(("eventVersion".into(), "\"1.0\"".into()));
+                    if twice {
+                        members.push(("eventID".into(), "\"again\"".into()));
+                    }
+                    join(members, &shuffle, space)
+                })
+        }
+
+        fn invocation() -> impl Strategy<Value = String> {
+            (
+                prop::collection::vec(record(), 0..4),
+                prop::sample::select(vec![
+                    "",
+                    "\"floodway\":{\"pipeline\":\"p\"},",
+                    "\"x\":[1,{}],",
+                ]),
+            )
+                .prop_map(|(records, before)| {
+                    format!("{{{before}\"Records\":[{}]}}", records.join(","))
+                })
+        }
+
+        #[test]
+        fn reads_an_invocation_as_serde_json_does() {
+            let text = r#"{"Records":[{"kinesis":{"kinesisSchemaVersion":"1.0","partitionKey":"o-1","sequenceNumber":"4959","data":"Pz4/","approximateArrivalTimestamp":1.7e9},"eventSource":"aws:kinesis","eventVersion":"1.0","eventID":"shardId-000:4959","eventName":"aws:kinesis:record","awsRegion":"us-east-1","eventSourceARN":"arn:aws:kinesis:us-east-1:1:stream/orders"}]}"#;
+            let records = kinesis_scanned(text.as_bytes(), 1).expect("read by the scanner");
+            assert_eq!(records[0].kinesis.data.as_bytes(), b"Pz4/");
+            assert_eq!(records[0].kinesis.sequence, Some("\"4959\""));
+            agrees(text);
+            // Left to serde_json: an escaped slash in the data, a resubmission, a repeat.
+            for other in [
+                text.replace("Pz4/", r"Pz4\/"),
+                text.replace(
+                    "{\"Records\"",
+                    "{\"floodway\":{\"pipeline\":\"p\"},\"Records\"",
+                ),
+                text.replace("\"eventVersion\"", "\"eventID\":\"x\",\"eventVersion\""),
+            ] {
+                assert!(kinesis_scanned(other.as_bytes(), 1).is_none(), "{other}");
+                agrees(&other);
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn agrees_with_serde_json(text in invocation()) {
+                agrees(&text);
+                if !text.contains('\\') && !text.contains("floodway") && !text.contains("again") {
+                    if let Some(top) = kinesis_serde(text.as_bytes(), 1) {
+                        let counts = |name: &str| text.matches(&format!("\"{name}\"")).count();
+                        let repeated = counts("eventSource") + counts("EventSource") > top.records.len();
+                        prop_assert!(repeated || kinesis_scanned(text.as_bytes(), 1).is_some(), "gave up on {text:?}");
+                    }
+                }
+            }
+
+            #[test]
+            fn agrees_with_serde_json_on_damaged_invocations(
+                text in invocation(),
+                cut in any::<prop::sample::Index>(),
+                insert in any::<prop::sample::Index>(),
+                byte in prop::sample::select(b"{}[]\",:\\ 0-.eEtfnu\x01x".to_vec()),
+            ) {
+                let mut at = cut.index(text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                agrees(&text[..at]);
+                let mut at = insert.index(text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                let mut damaged = text.clone();
+                damaged.insert(at, char::from(byte));
+                agrees(&damaged);
+            }
+        }
     }
 }

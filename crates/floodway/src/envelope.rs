@@ -15,6 +15,8 @@
 //! on generated and damaged events.
 use serde_json::value::RawValue;
 
+use crate::scan;
+
 /// The raw text of each envelope member present (the JSON value, `null` included), as
 /// serde_json's `RawValue` would give it: without the surrounding whitespace.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -60,218 +62,27 @@ fn with_serde(text: &str) -> serde_json::Result<Envelope<'_>> {
     })
 }
 
-/// Containers nested deeper than this send the text to serde_json.
-const MAX_DEPTH: u32 = 128;
-
-/// The envelope of `text`, when it is a JSON object this scanner accepts (see the module docs).
+/// The envelope of `text`, when it is a JSON object the scanner accepts (see the module docs).
 pub(crate) fn scan(text: &str) -> Option<Envelope<'_>> {
     let b = text.as_bytes();
     let mut env = Envelope::default();
-    let mut i = ws(b, 0);
-    if b.get(i) != Some(&b'{') {
-        return None;
-    }
-    i = ws(b, i + 1);
-    if b.get(i) == Some(&b'}') {
-        return (ws(b, i + 1) == b.len()).then_some(env);
-    }
-    loop {
-        if b.get(i) != Some(&b'"') {
-            return None;
-        }
-        let key_start = i + 1;
-        let key_end = plain_string_end(b, key_start)?;
-        i = ws(b, key_end + 1);
-        if b.get(i) != Some(&b':') {
-            return None;
-        }
-        let value_start = ws(b, i + 1);
-        let value_end = skip_value(b, value_start)?;
-        let value = &text[value_start..value_end];
-        let slot = match &b[key_start..key_end] {
-            b"id" => Some(&mut env.id),
-            b"type" => Some(&mut env.ty),
-            b"timestamp" => Some(&mut env.timestamp),
-            b"partitionKey" => Some(&mut env.partition_key),
-            b"tags" => Some(&mut env.tags),
-            _ => None,
+    let end = scan::object(b, scan::ws(b, 0), |key, start| {
+        let end = scan::skip_value(b, start)?;
+        let slot = match key {
+            b"id" => &mut env.id,
+            b"type" => &mut env.ty,
+            b"timestamp" => &mut env.timestamp,
+            b"partitionKey" => &mut env.partition_key,
+            b"tags" => &mut env.tags,
+            _ => return Some(end),
         };
-        if let Some(slot) = slot {
-            // serde_json rejects a repeated field; let it say so.
-            if slot.replace(value).is_some() {
-                return None;
-            }
+        // serde_json rejects a repeated field; let it say so.
+        match slot.replace(&text[start..end]) {
+            Some(_) => None,
+            None => Some(end),
         }
-        i = ws(b, value_end);
-        match b.get(i) {
-            Some(b',') => i = ws(b, i + 1),
-            Some(b'}') => return (ws(b, i + 1) == b.len()).then_some(env),
-            _ => return None,
-        }
-    }
-}
-
-/// The position of the first byte at or after `i` that is not JSON whitespace.
-fn ws(b: &[u8], mut i: usize) -> usize {
-    while let Some(b' ' | b'\n' | b'\r' | b'\t') = b.get(i) {
-        i += 1;
-    }
-    i
-}
-
-const ONES: u64 = 0x0101_0101_0101_0101;
-const HIGH: u64 = 0x8080_8080_8080_8080;
-
-/// The position of the first `"`, `\` or control character at or after `i`, or `b.len()`.
-///
-/// Eight bytes at a time: a byte equal to `"` or `\` becomes zero after an XOR, and the
-/// classic zero-byte test flags it; a byte below 0x20 borrows in the subtraction. A flag can
-/// be false only above a true one, so the lowest flag is exact.
-fn special(b: &[u8], mut i: usize) -> usize {
-    while let Some(chunk) = b.get(i..i + 8) {
-        let v = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
-        let quote = v ^ (ONES * u64::from(b'"'));
-        let slash = v ^ (ONES * u64::from(b'\\'));
-        let found = (quote.wrapping_sub(ONES) & !quote
-            | slash.wrapping_sub(ONES) & !slash
-            | v.wrapping_sub(ONES * 0x20) & !v)
-            & HIGH;
-        if found != 0 {
-            return i + (found.trailing_zeros() / 8) as usize;
-        }
-        i += 8;
-    }
-    while let Some(&c) = b.get(i) {
-        if c == b'"' || c == b'\\' || c < 0x20 {
-            return i;
-        }
-        i += 1;
-    }
-    i
-}
-
-/// The position of the closing quote of a string whose content starts at `i` and has no
-/// escape (a key the envelope compares as it is written).
-fn plain_string_end(b: &[u8], i: usize) -> Option<usize> {
-    let end = special(b, i);
-    (b.get(end) == Some(&b'"')).then_some(end)
-}
-
-/// The position after a string whose content starts at `i`.
-fn skip_string(b: &[u8], mut i: usize) -> Option<usize> {
-    loop {
-        i = special(b, i);
-        match *b.get(i)? {
-            b'"' => return Some(i + 1),
-            b'\\' => match *b.get(i + 1)? {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
-                b'u' if b.get(i + 2..i + 6)?.iter().all(u8::is_ascii_hexdigit) => i += 6,
-                _ => return None,
-            },
-            _ => return None,
-        }
-    }
-}
-
-/// The position after a number starting at `i` (JSON's grammar: no leading zeros, digits on
-/// both sides of a point, an optional signed exponent).
-fn skip_number(b: &[u8], mut i: usize) -> Option<usize> {
-    let digits = |b: &[u8], mut i: usize| {
-        let start = i;
-        while let Some(b'0'..=b'9') = b.get(i) {
-            i += 1;
-        }
-        (i > start).then_some(i)
-    };
-    if b.get(i) == Some(&b'-') {
-        i += 1;
-    }
-    i = match *b.get(i)? {
-        b'0' => i + 1,
-        b'1'..=b'9' => digits(b, i)?,
-        _ => return None,
-    };
-    if b.get(i) == Some(&b'.') {
-        i = digits(b, i + 1)?;
-    }
-    if let Some(b'e' | b'E') = b.get(i) {
-        i += 1;
-        if let Some(b'+' | b'-') = b.get(i) {
-            i += 1;
-        }
-        i = digits(b, i)?;
-    }
-    Some(i)
-}
-
-/// The position after the value starting at `i`; containers are walked without recursion,
-/// their kinds kept as bits (1: object) of `open`.
-fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
-    let mut open: u128 = 0;
-    let mut depth = 0u32;
-    loop {
-        // At the start of a value.
-        match *b.get(i)? {
-            b'"' => i = skip_string(b, i + 1)?,
-            c @ (b'{' | b'[') => {
-                let close = if c == b'{' { b'}' } else { b']' };
-                i = ws(b, i + 1);
-                if b.get(i) == Some(&close) {
-                    i += 1;
-                } else {
-                    if depth == MAX_DEPTH {
-                        return None;
-                    }
-                    open = open << 1 | u128::from(c == b'{');
-                    depth += 1;
-                    if c == b'{' {
-                        i = member_value(b, i)?;
-                    }
-                    continue;
-                }
-            }
-            b't' => i = literal(b, i, b"true")?,
-            b'f' => i = literal(b, i, b"false")?,
-            b'n' => i = literal(b, i, b"null")?,
-            _ => i = skip_number(b, i)?,
-        }
-        // After a value: close what ends here, then go on to the next value.
-        loop {
-            if depth == 0 {
-                return Some(i);
-            }
-            i = ws(b, i);
-            let object = open & 1 == 1;
-            match *b.get(i)? {
-                b',' => {
-                    i = ws(b, i + 1);
-                    if object {
-                        i = member_value(b, i)?;
-                    }
-                    break;
-                }
-                b'}' if object => {}
-                b']' if !object => {}
-                _ => return None,
-            }
-            i += 1;
-            open >>= 1;
-            depth -= 1;
-        }
-    }
-}
-
-/// From a member's key at `i`, the position of its value.
-fn member_value(b: &[u8], i: usize) -> Option<usize> {
-    if b.get(i) != Some(&b'"') {
-        return None;
-    }
-    let i = ws(b, skip_string(b, i + 1)?);
-    (b.get(i) == Some(&b':')).then(|| ws(b, i + 1))
-}
-
-fn literal(b: &[u8], i: usize, word: &[u8]) -> Option<usize> {
-    (b.get(i..i + word.len())? == word).then_some(i + word.len())
+    })?;
+    (scan::ws(b, end) == b.len()).then_some(env)
 }
 
 #[cfg(test)]

@@ -75,6 +75,7 @@ pub mod memory;
 pub mod pipeline;
 pub mod rows;
 pub mod runtime;
+pub mod scan;
 pub mod sink;
 pub mod source;
 pub mod state;
