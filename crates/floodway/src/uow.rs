@@ -133,11 +133,13 @@ pub struct Uow {
     pub(crate) record: Arc<Record>,
     pub(crate) event: Arc<Event>,
     pub(crate) ticket: Ticket,
-    extensions: Option<Arc<Extensions>>,
+    extensions: Option<Extensions>,
 }
 
-/// Typed values attached by steps: few per unit of work, so a list beats a map.
-type Extensions = Vec<(TypeId, Arc<dyn Any + Send + Sync>)>;
+/// Typed values attached by steps: few per unit of work, so a list beats a map. Shared by
+/// the clones of a unit of work and copied when one of them inserts (one allocation for the
+/// list, one for the value).
+type Extensions = Arc<[(TypeId, Arc<dyn Any + Send + Sync>)]>;
 
 impl std::fmt::Debug for Uow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -208,12 +210,21 @@ impl Uow {
 
     /// Attaches a typed value, e.g. the request a step prepared for the sink.
     pub fn insert<T: Any + Send + Sync>(&mut self, value: T) {
-        let list = Arc::make_mut(self.extensions.get_or_insert_with(Default::default));
         let value: Arc<dyn Any + Send + Sync> = Arc::new(value);
-        match list.iter_mut().find(|(id, _)| *id == TypeId::of::<T>()) {
-            Some(slot) => slot.1 = value,
-            None => list.push((TypeId::of::<T>(), value)),
-        }
+        let id = TypeId::of::<T>();
+        let old = self.extensions.as_deref().unwrap_or_default();
+        // Collected from iterators of known length: straight into one allocation.
+        let list: Extensions = if old.iter().any(|(kept, _)| *kept == id) {
+            old.iter()
+                .map(|(kept, v)| (*kept, (if *kept == id { &value } else { v }).clone()))
+                .collect()
+        } else {
+            old.iter()
+                .cloned()
+                .chain(std::iter::once((id, value)))
+                .collect()
+        };
+        self.extensions = Some(list);
     }
 
     /// A value attached by an earlier step.
