@@ -94,6 +94,7 @@ pub fn unescaped_string(b: &[u8], i: usize) -> Option<(&[u8], usize)> {
 }
 
 /// The position of the first byte at or after `i` that is not JSON whitespace.
+#[inline(always)]
 pub fn ws(b: &[u8], mut i: usize) -> usize {
     while let Some(b' ' | b'\n' | b'\r' | b'\t') = b.get(i) {
         i += 1;
@@ -109,6 +110,7 @@ const HIGH: u64 = 0x8080_8080_8080_8080;
 /// Eight bytes at a time: a byte equal to `"` or `\` becomes zero after an XOR, and the
 /// classic zero-byte test flags it; a byte below 0x20 borrows in the subtraction. A flag can
 /// be false only above a true one, so the lowest flag is exact.
+#[inline(always)]
 fn special(b: &[u8], mut i: usize) -> usize {
     while let Some(chunk) = b.get(i..i + 8) {
         let v = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
@@ -134,12 +136,14 @@ fn special(b: &[u8], mut i: usize) -> usize {
 
 /// The position of the closing quote of a string whose content starts at `i` and has no
 /// escape (a key the envelope compares as it is written).
+#[inline(always)]
 fn plain_string_end(b: &[u8], i: usize) -> Option<usize> {
     let end = special(b, i);
     (b.get(end) == Some(&b'"')).then_some(end)
 }
 
 /// The position after a string whose content starts at `i`.
+#[inline(always)]
 fn skip_string(b: &[u8], mut i: usize) -> Option<usize> {
     loop {
         i = special(b, i);
@@ -157,6 +161,7 @@ fn skip_string(b: &[u8], mut i: usize) -> Option<usize> {
 
 /// The position after a number starting at `i` (JSON's grammar: no leading zeros, digits on
 /// both sides of a point, an optional signed exponent).
+#[inline(always)]
 fn skip_number(b: &[u8], mut i: usize) -> Option<usize> {
     let digits = |b: &[u8], mut i: usize| {
         let start = i;
@@ -244,6 +249,7 @@ pub fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
 }
 
 /// From a member's key at `i`, the position of its value.
+#[inline(always)]
 fn member_value(b: &[u8], i: usize) -> Option<usize> {
     if b.get(i) != Some(&b'"') {
         return None;
@@ -252,6 +258,7 @@ fn member_value(b: &[u8], i: usize) -> Option<usize> {
     (b.get(i) == Some(&b':')).then(|| ws(b, i + 1))
 }
 
+#[inline(always)]
 fn literal(b: &[u8], i: usize, word: &[u8]) -> Option<usize> {
     (b.get(i..i + word.len())? == word).then_some(i + word.len())
 }
