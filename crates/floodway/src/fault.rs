@@ -78,6 +78,14 @@ fn redact(value: &mut Value, path: &str) {
 /// [module docs](self)). A fault event without one (written by an older Floodway or by
 /// another library) is its own fault: its event id.
 pub fn fault_id(fault: &Event) -> &str {
+    // Read where it is written, without parsing the fault's other fields (the failed event
+    // and record among them): a plain string borrowed from the fault's text.
+    if let Some(std::borrow::Cow::Borrowed(text)) = fault.json_at("/faultId") {
+        let plain = text.strip_prefix('"').and_then(|t| t.strip_suffix('"'));
+        if let Some(id) = plain.filter(|id| !id.contains('\\')) {
+            return id;
+        }
+    }
     fault
         .field("faultId")
         .and_then(Value::as_str)
