@@ -1415,7 +1415,7 @@ mod tests {
                 insert in any::<usize>(),
                 byte in prop::sample::select(b"{}[]\",:\\ 0-.eEtfnu\x01x".to_vec()),
             ) {
-                for damaged in floodway::testing::damaged(&text, cut, insert, byte) {
+                for damaged in floodway::scan::damaged(&text, cut, insert, byte) {
                     agrees(&damaged);
                 }
             }

@@ -257,7 +257,7 @@ mod tests {
             insert in any::<usize>(),
             byte in prop::sample::select(b"{}[]\",:\\ 0-.eE+tfnu\x01x".to_vec()),
         ) {
-            for damaged in crate::testing::damaged(&text, cut, insert, byte) {
+            for damaged in scan::damaged(&text, cut, insert, byte) {
                 agrees(&damaged);
             }
         }

@@ -262,3 +262,25 @@ fn member_value(b: &[u8], i: usize) -> Option<usize> {
 fn literal(b: &[u8], i: usize, word: &[u8]) -> Option<usize> {
     (b.get(i..i + word.len())? == word).then_some(i + word.len())
 }
+
+/// Two damaged copies of `text`, for testing a reader built on the scanner against malformed
+/// input: the text cut short at `cut`, and the text with `byte` inserted at `insert`.
+/// Positions are taken modulo the text's length plus one and moved back to a character
+/// boundary, so any two numbers (a property test's) will do.
+///
+/// ```
+/// let [cut, inserted] = floodway::scan::damaged(r#"{"a":1}"#, 3, 7, b'x');
+/// assert_eq!((cut.as_str(), inserted.as_str()), (r#"{"a"#, r#"{"a":1}x"#));
+/// ```
+pub fn damaged(text: &str, cut: usize, insert: usize, byte: u8) -> [String; 2] {
+    let boundary = |at: usize| {
+        let mut at = at % (text.len() + 1);
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        at
+    };
+    let mut inserted = text.to_owned();
+    inserted.insert(boundary(insert), char::from(byte));
+    [text[..boundary(cut)].to_owned(), inserted]
+}

@@ -47,28 +47,6 @@ use crate::runtime::{Processor, ProcessorBuilder, RunReport};
 use crate::sink::Delivery;
 use crate::uow::{Batch, Uow};
 
-/// Two damaged copies of `text`, for testing a reader against malformed input: the text cut
-/// short at `cut`, and the text with `byte` inserted at `insert`. Positions are taken modulo
-/// the text's length plus one and moved back to a character boundary, so any two numbers (a
-/// property test's) will do.
-///
-/// ```
-/// let [cut, inserted] = floodway::testing::damaged(r#"{"a":1}"#, 3, 7, b'x');
-/// assert_eq!((cut.as_str(), inserted.as_str()), (r#"{"a"#, r#"{"a":1}x"#));
-/// ```
-pub fn damaged(text: &str, cut: usize, insert: usize, byte: u8) -> [String; 2] {
-    let boundary = |at: usize| {
-        let mut at = at % (text.len() + 1);
-        while !text.is_char_boundary(at) {
-            at -= 1;
-        }
-        at
-    };
-    let mut inserted = text.to_owned();
-    inserted.insert(boundary(insert), char::from(byte));
-    [text[..boundary(cut)].to_owned(), inserted]
-}
-
 /// Holds a fault sink and a checkpointer for the processors a test builds.
 #[derive(Debug, Clone, Default)]
 pub struct TestKit {
