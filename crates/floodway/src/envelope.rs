@@ -1,11 +1,10 @@
-//! One pass over an event's text that finds the envelope's fields and checks the rest is JSON.
+//! An event's envelope, found in one pass over its text by Floodway's JSON scanner
+//! ([`crate::scan`]), which also checks the rest is JSON.
 //!
 //! Decoding an event needs five top-level members (`id`, `type`, `timestamp`,
 //! `partitionKey`, `tags`) and the assurance that the whole text is one JSON object. serde_json
 //! gives both through its general machinery: a visitor per member, a field identifier per key,
-//! a `RawValue` per field. This scanner does only what decoding needs: strings are skipped
-//! eight bytes at a time (the word-at-a-time search serde_json's own string reader uses),
-//! everything else by a small loop, and nothing is allocated.
+//! a `RawValue` per field. The scanner does only what decoding needs.
 //!
 //! It is a fast path, not a second parser to trust: it answers `None` for anything it does not
 //! accept outright (an escape in a top-level key, a repeated envelope member, any syntax error,
@@ -17,8 +16,9 @@ use serde_json::value::RawValue;
 
 use crate::scan;
 
-/// The raw text of each envelope member present (the JSON value, `null` included), as
-/// serde_json's `RawValue` would give it: without the surrounding whitespace.
+/// The raw text of each envelope member present, as serde_json's `RawValue` would give it:
+/// without the surrounding whitespace. A `null` member is absent from serde_json and `"null"`
+/// from the scanner; the decoder reads both as missing.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Envelope<'a> {
     pub(crate) id: Option<&'a str>,
@@ -31,7 +31,7 @@ pub(crate) struct Envelope<'a> {
 /// The envelope of `text`: from the scanner when it answers, else from serde_json, which
 /// decides and words the error.
 pub(crate) fn read(text: &str) -> serde_json::Result<Envelope<'_>> {
-    match scan(text) {
+    match by_scanner(text) {
         Some(env) => Ok(env),
         None => with_serde(text),
     }
@@ -63,7 +63,7 @@ fn with_serde(text: &str) -> serde_json::Result<Envelope<'_>> {
 }
 
 /// The envelope of `text`, when it is a JSON object the scanner accepts (see the module docs).
-pub(crate) fn scan(text: &str) -> Option<Envelope<'_>> {
+fn by_scanner(text: &str) -> Option<Envelope<'_>> {
     let b = text.as_bytes();
     let mut env = Envelope::default();
     let end = scan::object(b, scan::ws(b, 0), |key, start| {
@@ -108,7 +108,7 @@ mod tests {
 
     /// The property: whatever the scanner answers, serde_json answers the same.
     fn agrees(text: &str) {
-        if let Some(env) = scan(text) {
+        if let Some(env) = by_scanner(text) {
             let theirs = serde(text);
             assert_eq!(
                 Some(without_nulls(env)),
@@ -123,7 +123,7 @@ mod tests {
         let text = r#" { "id" : "e1", "type":"order-placed","timestamp":1700000000000,
             "partitionKey":"o-1","tags":{"source":"shop","n":[1,2.5,-3e4,true,false,null]},
             "order":{"lines":[{"sku":"a\"b\\c\u00e9","qty":2}],"note":"héllo"}}"#;
-        let env = scan(text).unwrap();
+        let env = by_scanner(text).unwrap();
         assert_eq!(env.id, Some(r#""e1""#));
         assert_eq!(env.ty, Some(r#""order-placed""#));
         assert_eq!(env.timestamp, Some("1700000000000"));
@@ -161,12 +161,12 @@ mod tests {
             r#"{"a":"unterminated}"#, // a string without its end
             r#"{"a":1"#,              // a truncated object
         ] {
-            assert_eq!(scan(text), None, "{text:?}");
+            assert_eq!(by_scanner(text), None, "{text:?}");
         }
         let deep = format!(r#"{{"a":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
-        assert_eq!(scan(&deep), None);
+        assert_eq!(by_scanner(&deep), None);
         let fine = format!(r#"{{"a":{}1{}}}"#, "[".repeat(100), "]".repeat(100));
-        assert!(scan(&fine).is_some());
+        assert!(by_scanner(&fine).is_some());
         agrees(&fine);
     }
 
@@ -181,7 +181,7 @@ mod tests {
             r#"{"id":null,"type":"t"}"#,
             "{\"a\":\"\u{7f}\u{e9}\u{1F600}\"}",
         ] {
-            assert!(scan(text).is_some(), "{text:?}");
+            assert!(by_scanner(text).is_some(), "{text:?}");
             agrees(text);
         }
     }
@@ -246,7 +246,7 @@ mod tests {
                 // Without escapes or repeated members, the fast path must not give up.
                 let names = ["\"id\"", "\"type\"", "\"timestamp\"", "\"partitionKey\"", "\"tags\""];
                 let repeated = names.iter().any(|n| text.matches(&format!("{n} :")).count() > 1);
-                prop_assert!(repeated || scan(&text).is_some(), "gave up on {text:?}");
+                prop_assert!(repeated || by_scanner(&text).is_some(), "gave up on {text:?}");
             }
         }
 

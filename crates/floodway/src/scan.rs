@@ -3,15 +3,17 @@
 //!
 //! A reader that needs a few members of a large JSON text (an event's envelope, the records of
 //! a Lambda invocation) can find them with these functions in one pass, checking the rest is
-//! JSON on the way. They read bytes: a caller that needs text slices a `&str` at the
-//! positions they answer, which are always at ASCII punctuation. Strings are skipped eight bytes at a time (a word-at-a-time test for `"`,
-//! `\\` and control characters, as serde_json's own string reader does); nothing is allocated.
+//! JSON on the way. They read bytes: a caller that needs text slices a `&str` at the positions
+//! they answer, which are always at ASCII punctuation. Strings are skipped eight bytes at a
+//! time (a word-at-a-time test for `"`, `\` and control characters, as serde_json's own
+//! string reader does); nothing is allocated.
 //!
 //! Every function answers `None` for anything it does not accept outright: a syntax error,
 //! nesting deeper than 128, and, for [`object`], a key with an escape. The scanner is meant as
 //! a fast path beside serde_json, which then decides the text and words the error; it accepts
-//! only JSON that serde_json accepts (the property test of Floodway's envelope reader holds it
-//! to that). Positions are byte offsets into the text.
+//! only JSON that serde_json accepts (property tests of the envelope and Kinesis readers hold
+//! it to that), but for [`unescaped_string`], which leaves control characters to the caller.
+//! Positions are byte offsets into the text.
 
 /// Containers nested deeper than this send the text to serde_json.
 const MAX_DEPTH: u32 = 128;
