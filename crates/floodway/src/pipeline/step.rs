@@ -190,11 +190,60 @@ fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<Outputs, Error> {
     result.unwrap_or_else(|payload| Err(panic_error(&*payload)))
 }
 
-/// Runs steps from `from` over `uow`, depth first so outputs keep source order. With
-/// `run_async` false it stops each unit of work at the first async step, or at a synchronous
-/// step that failed transiently, which is returned with its index to resume from (its retries
-/// wait, so they run as scheduled work).
-async fn run(steps: &[Step], uow: Uow, from: usize, run_async: bool) -> StepOutput {
+/// What a step does with a unit of work without awaiting anything.
+enum Applied {
+    /// Its outputs, or its error.
+    Done(Result<Outputs, Error>),
+    /// The step must be called through its resilience stack: an async step, or a synchronous
+    /// one that failed transiently (its retries wait).
+    Guarded,
+}
+
+/// Applies a step synchronously where it can.
+fn apply(step: &Step, uow: &Uow) -> Applied {
+    match &step.kind {
+        StepKind::Async(_) => Applied::Guarded,
+        kind => match apply_sync(kind, uow) {
+            Ok(next) => {
+                step.note_success();
+                Applied::Done(Ok(next))
+            }
+            Err(err) if escalates(&err) => Applied::Guarded,
+            Err(err) => Applied::Done(Err(err)),
+        },
+    }
+}
+
+/// Goes on after step `i` gave `result` for `uow`: its outputs onto the stack (depth first,
+/// so outputs keep source order), or its failure into `out`.
+fn follow(
+    out: &mut StepOutput,
+    stack: &mut SmallVec<[(Uow, usize); 1]>,
+    step: &Step,
+    (uow, i): (Uow, usize),
+    result: Result<Outputs, Error>,
+) {
+    match result {
+        Ok(next) => stack.extend(next.into_iter().rev().map(|mut u| {
+            // Whatever a step returns stays accountable to the record it came from.
+            if u.ticket != uow.ticket || !Arc::ptr_eq(&u.record, &uow.record) {
+                u.ticket = uow.ticket;
+                u.record = uow.record.clone();
+            }
+            (u, i + 1)
+        })),
+        Err(error) => out.failed.push(StepFailure {
+            uow,
+            step: step.name.clone(),
+            error,
+        }),
+    }
+}
+
+/// Runs the synchronous steps from `from` until the end, the first async step, or a
+/// synchronous step that failed transiently: those units of work are returned with the index
+/// to resume from, to run as scheduled work. Nothing here awaits, so nothing here is a future.
+pub(crate) fn run_sync(steps: &[Step], uow: Uow, from: usize) -> StepOutput {
     let mut out = StepOutput::default();
     let mut stack: SmallVec<[(Uow, usize); 1]> = SmallVec::new();
     stack.push((uow, from));
@@ -203,53 +252,29 @@ async fn run(steps: &[Step], uow: Uow, from: usize, run_async: bool) -> StepOutp
             out.ready.push((uow, i));
             continue;
         };
-        let result = match &step.kind {
-            StepKind::Async(_) if !run_async => {
-                out.ready.push((uow, i));
-                continue;
-            }
-            StepKind::Async(_) => step.call_guarded(uow.clone()).await,
-            kind => match apply_sync(kind, &uow) {
-                Ok(next) => {
-                    step.note_success();
-                    Ok(next)
-                }
-                Err(err) if escalates(&err) && !run_async => {
-                    out.ready.push((uow, i));
-                    continue;
-                }
-                Err(err) if escalates(&err) => step.call_guarded(uow.clone()).await,
-                Err(err) => Err(err),
-            },
-        };
-        match result {
-            Ok(next) => stack.extend(next.into_iter().rev().map(|mut u| {
-                // Whatever a step returns stays accountable to the record it came from.
-                if u.ticket != uow.ticket || !Arc::ptr_eq(&u.record, &uow.record) {
-                    u.ticket = uow.ticket;
-                    u.record = uow.record.clone();
-                }
-                (u, i + 1)
-            })),
-            Err(error) => out.failed.push(StepFailure {
-                uow,
-                step: step.name.clone(),
-                error,
-            }),
+        match apply(step, &uow) {
+            Applied::Done(result) => follow(&mut out, &mut stack, step, (uow, i), result),
+            Applied::Guarded => out.ready.push((uow, i)),
         }
     }
     out
 }
 
-/// Runs the synchronous steps from `from` until the end or the first async step.
-pub(crate) fn run_sync(steps: &[Step], uow: Uow, from: usize) -> StepOutput {
-    // No async step is awaited, so the future completes on its first poll.
-    run(steps, uow, from, false)
-        .now_or_never()
-        .unwrap_or_default()
-}
-
 /// Runs every step from `from`, async ones included, to the end.
 pub(crate) async fn run_all(steps: &[Step], uow: Uow, from: usize) -> StepOutput {
-    run(steps, uow, from, true).await
+    let mut out = StepOutput::default();
+    let mut stack: SmallVec<[(Uow, usize); 1]> = SmallVec::new();
+    stack.push((uow, from));
+    while let Some((uow, i)) = stack.pop() {
+        let Some(step) = steps.get(i) else {
+            out.ready.push((uow, i));
+            continue;
+        };
+        let result = match apply(step, &uow) {
+            Applied::Done(result) => result,
+            Applied::Guarded => step.call_guarded(uow.clone()).await,
+        };
+        follow(&mut out, &mut stack, step, (uow, i), result);
+    }
+    out
 }

@@ -191,7 +191,7 @@ async fn send(
                     // The target is down: hold what is pending, never fault it.
                     let backoff =
                         Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30));
-                    tokio::time::sleep(backoff.ceiling(outage_wait)).await;
+                    Box::pin(tokio::time::sleep(backoff.ceiling(outage_wait))).await;
                     outage_wait += 1;
                     continue;
                 }
@@ -217,10 +217,15 @@ async fn send(
 /// (synchronous steps run inline at dispatch and cost too little to time one by one).
 async fn steps(core: &PipelineCore, timer: &Histogram, uow: Uow, from: usize) -> StepOutput {
     if from >= core.steps.len() {
-        return run_all(&core.steps, uow, from).await;
+        // Every step ran at dispatch: the common case of synchronous steps.
+        return StepOutput {
+            ready: smallvec![(uow, from)],
+            failed: Vec::new(),
+        };
     }
     let started = Instant::now();
-    let out = run_all(&core.steps, uow, from).await;
+    // Boxed: most units have no step left, and their future need not hold room for these.
+    let out = Box::pin(run_all(&core.steps, uow, from)).await;
     timer.record(started.elapsed().as_secs_f64());
     out
 }
@@ -236,7 +241,13 @@ async fn run_steps(
 ) -> Result<Outcome, RunError> {
     let ticket = uow.ticket;
     let out = steps(core, &timers.steps, uow, from).await;
-    let mut faults = fault_failures(ctx, core, out.failed).await?;
+    // Faults are rare: their futures are boxed, to keep every unit's future small (it is
+    // moved onto the heap once per unit).
+    let mut faults = if out.failed.is_empty() {
+        0
+    } else {
+        Box::pin(fault_failures(ctx, core, out.failed)).await?
+    };
     let mut outcome = Outcome {
         finished: SmallVec::new(),
         children: Vec::new(),
@@ -251,8 +262,9 @@ async fn run_steps(
             let failed = send(core, &timers.sink, Batch::one(uow)).await?;
             if failed.is_empty() {
                 outcome.delivered += 1;
+            } else {
+                faults += Box::pin(fault_sink_failures(ctx, core, &failed)).await?;
             }
-            faults += fault_sink_failures(ctx, core, &failed).await?;
         }
     }
     outcome.finished = smallvec![(ticket, faults > 0)];
@@ -289,7 +301,9 @@ async fn run_batch(
     flushed: Flushed,
 ) -> Result<Outcome, RunError> {
     let failed = send(core, sink_seconds, flushed.items.clone()).await?;
-    fault_sink_failures(ctx, core, &failed).await?;
+    if !failed.is_empty() {
+        Box::pin(fault_sink_failures(ctx, core, &failed)).await?;
+    }
     let is_faulted = |m: &Uow| {
         failed
             .iter()
@@ -330,23 +344,19 @@ pub(crate) fn scheduled(
             tracing::debug_span!("batch", pipeline = %core.name, size = f.items.len())
         }
     };
-    Box::pin(
-        async move {
-            let result = match work {
-                Work::Single { uow, from } => {
-                    run_steps(&ctx, &core, &timers, (uow, from), false).await
-                }
-                Work::Pre { uow, from } => run_steps(&ctx, &core, &timers, (uow, from), true).await,
-                Work::Batch(flushed) => run_batch(&ctx, &core, &timers.sink, flushed).await,
-            };
-            UnitOutput {
-                pipeline,
-                slot: Some((id, keys)),
-                result,
-            }
+    let unit = async move {
+        let result = match work {
+            Work::Single { uow, from } => run_steps(&ctx, &core, &timers, (uow, from), false).await,
+            Work::Pre { uow, from } => run_steps(&ctx, &core, &timers, (uow, from), true).await,
+            Work::Batch(flushed) => run_batch(&ctx, &core, &timers.sink, flushed).await,
+        };
+        UnitOutput {
+            pipeline,
+            slot: Some((id, keys)),
+            result,
         }
-        .instrument(span),
-    )
+    };
+    Box::pin(unit.instrument(span))
 }
 
 /// The future that faults a record before any scheduled work (decode or sync-step failure).
