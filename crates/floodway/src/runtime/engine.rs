@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -648,27 +649,68 @@ impl Source for VecSource {
     }
 }
 
-/// Collects settlements by (partition, offset) (batch mode).
-#[derive(Clone, Default)]
+/// Collects the settlements of a batch's records (batch mode).
+///
+/// A record whose offset is its position in the batch (every Lambda source numbers its
+/// records so) is settled in a slot of its own: no lock and no hash per record. Any other goes
+/// to a map by (partition, offset).
+#[derive(Clone)]
 pub(crate) struct SettlementCollector {
-    settled: Arc<Mutex<Settled>>,
+    records: Arc<Vec<Record>>,
+    slots: Arc<[AtomicU8]>,
+    others: Arc<Mutex<BySource>>,
 }
 
 /// Settlements by (partition, offset).
-pub(crate) type Settled = FxMap<(Arc<str>, u64), Settlement>;
+type BySource = FxMap<(Arc<str>, u64), Settlement>;
+
+const UNSETTLED: u8 = 0;
+
+fn settlement_code(settlement: Settlement) -> u8 {
+    match settlement {
+        Settlement::Done => 1,
+        Settlement::Faulted => 2,
+    }
+}
 
 impl SettlementCollector {
-    /// A collector with room for `records` settlements.
-    pub(crate) fn with_capacity(records: usize) -> Self {
-        let mut settled = Settled::default();
-        settled.reserve(records);
+    /// A collector for `records`, which the run reads.
+    pub(crate) fn new(records: Arc<Vec<Record>>) -> Self {
+        let slots = (0..records.len())
+            .map(|_| AtomicU8::new(UNSETTLED))
+            .collect();
         SettlementCollector {
-            settled: Arc::new(Mutex::new(settled)),
+            records,
+            slots,
+            others: Arc::default(),
         }
     }
 
-    pub(crate) fn take(&self) -> Settled {
-        std::mem::take(&mut self.settled.lock().unwrap())
+    /// The slot of the record with this partition and offset, when it has one.
+    fn slot(&self, partition: &Arc<str>, offset: u64) -> Option<&AtomicU8> {
+        let index = usize::try_from(offset).ok()?;
+        let at = self.records.get(index)?;
+        let same = at.offset == offset
+            && (Arc::ptr_eq(&at.partition, partition) || at.partition == *partition);
+        same.then(|| &self.slots[index])
+    }
+
+    /// How the record at each position of the batch was settled (`None`: it was not).
+    pub(crate) fn take(&self) -> Vec<Option<Settlement>> {
+        let others = std::mem::take(&mut *self.others.lock().unwrap_or_else(|p| p.into_inner()));
+        self.records
+            .iter()
+            .map(|record| match self.slot(&record.partition, record.offset) {
+                Some(slot) => match slot.load(Ordering::Relaxed) {
+                    1 => Some(Settlement::Done),
+                    2 => Some(Settlement::Faulted),
+                    _ => None,
+                },
+                None => others
+                    .get(&(record.partition.clone(), record.offset))
+                    .copied(),
+            })
+            .collect()
     }
 }
 
@@ -678,9 +720,56 @@ impl Checkpointer for SettlementCollector {
     }
 
     fn settle(&mut self, record: &Record, settlement: Settlement) {
-        self.settled
-            .lock()
-            .unwrap()
-            .insert((record.partition.clone(), record.offset), settlement);
+        match self.slot(&record.partition, record.offset) {
+            Some(slot) => slot.store(settlement_code(settlement), Ordering::Relaxed),
+            None => {
+                self.others
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert((record.partition.clone(), record.offset), settlement);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(partition: &str, offset: u64) -> Record {
+        Record::new("test", partition, offset, "{}")
+    }
+
+    #[test]
+    fn settlements_come_back_by_position_whatever_the_offsets() {
+        // Positional offsets (as Lambda numbers records), then two that are not: an offset
+        // beyond the batch, and one naming another record's position in another partition.
+        let records = Arc::new(vec![
+            record("a", 0),
+            record("a", 1),
+            record("b", 2),
+            record("b", 70),
+            record("c", 1),
+            record("a", 5),
+        ]);
+        let mut collector = SettlementCollector::new(records.clone());
+        let settle = |c: &mut SettlementCollector, i: usize, s| c.settle(&records[i].clone(), s);
+        settle(&mut collector, 0, Settlement::Done);
+        settle(&mut collector, 2, Settlement::Faulted);
+        settle(&mut collector, 3, Settlement::Done);
+        settle(&mut collector, 4, Settlement::Faulted);
+        // A copy of a record (another allocation of its partition's name) finds its slot.
+        collector.settle(&record("a", 5), Settlement::Done);
+        assert_eq!(
+            collector.take(),
+            vec![
+                Some(Settlement::Done),
+                None,
+                Some(Settlement::Faulted),
+                Some(Settlement::Done),
+                Some(Settlement::Faulted),
+                Some(Settlement::Done),
+            ]
+        );
     }
 }

@@ -182,26 +182,25 @@ impl Processor {
         records: Vec<Record>,
         deadline: Option<Instant>,
     ) -> BatchReport {
-        let collector = engine::SettlementCollector::with_capacity(records.len());
         let records = Arc::new(records);
+        let collector = engine::SettlementCollector::new(records.clone());
         let source = engine::VecSource::new(records.clone());
         let result = engine::Engine::new(&self.inner, collector.clone())
             .run(source, std::future::pending(), deadline)
-            .await;
-        // The source has ended with the run: the records are the caller's again.
-        let records = Arc::try_unwrap(records).unwrap_or_else(|shared| (*shared).clone());
+            .await
+            .map(|(report, _)| report);
         let settled = collector.take();
+        drop(collector);
+        // The source and the collector have ended with the run: the records are the caller's
+        // again.
+        let records = Arc::try_unwrap(records).unwrap_or_else(|shared| (*shared).clone());
         let outcomes = records
             .into_iter()
-            .map(|record| {
-                let settlement = settled
-                    .get(&(record.partition.clone(), record.offset))
-                    .copied();
-                RecordOutcome { record, settlement }
-            })
+            .zip(settled)
+            .map(|(record, settlement)| RecordOutcome { record, settlement })
             .collect();
         match result {
-            Ok((report, _)) => BatchReport {
+            Ok(report) => BatchReport {
                 outcomes,
                 report,
                 fatal: None,
