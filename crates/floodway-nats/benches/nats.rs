@@ -7,7 +7,8 @@
 //!   acked, against Floodway's publisher doing the same.
 //!
 //! `FLOODWAY_BENCH_EVENTS` sets the message count (default 100,000); each measurement runs
-//! three times and the median is reported.
+//! three times and the median is reported. For profilers, `FLOODWAY_BENCH_PROFILE=consume`
+//! (or `=raw`) runs only Floodway's (or raw async-nats's) consuming, on 4 partitions, ten times.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +22,11 @@ use floodway::{sink_fn, Batch, Error, Event, Pipeline, Processor};
 use floodway_nats::testing::NatsServer;
 use floodway_nats::{NatsHub, NatsHubOptions, Partitions, SubscriptionOptions};
 use futures_util::StreamExt;
+
+/// The allocator the `floodway` command uses (and BENCHMARKS.md recommends for services); raw
+/// async-nats runs with it too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "../../floodway/benches/common/mod.rs"]
 #[macro_use]
@@ -291,6 +297,18 @@ fn main() {
             bytes / n,
             RUNS
         );
+        if let Ok(profile) = std::env::var("FLOODWAY_BENCH_PROFILE") {
+            let source = hub(&server, "PROFILE", 4).await;
+            floodway_publish(&source, &events).await;
+            for run in 0..10 {
+                let rate = match profile.as_str() {
+                    "raw" => raw_consume(&source, &format!("raw{run}"), n).await,
+                    _ => floodway_consume(&source, &format!("floodway{run}"), n).await,
+                };
+                out!("{profile}: {rate:.0} msg/s");
+            }
+            return;
+        }
         out!("| measurement | Floodway | raw async-nats | ratio | goal |");
         out!("|---|---|---|---|---|");
 
@@ -303,11 +321,20 @@ fn main() {
         let mut groups = Vec::new();
         for partitions in [1u32, 4, 16] {
             let (mut raw, mut ours) = (Vec::new(), Vec::new());
+            // The cases take turns going first: the server's state (its page cache, the
+            // streams made so far) must not favour one of them.
             for run in 0..RUNS {
                 let raw_hub = hub(&server, &format!("RAWPUB{partitions}x{run}"), 1).await;
-                raw.push(raw_publish(&raw_hub, &raw_hub.partition_subject(0), &payloads).await);
                 let our_hub = hub(&server, &format!("PUB{partitions}x{run}"), partitions).await;
-                ours.push(floodway_publish(&our_hub, &events).await);
+                for case in 0..2 {
+                    if (case + run) % 2 == 0 {
+                        raw.push(
+                            raw_publish(&raw_hub, &raw_hub.partition_subject(0), &payloads).await,
+                        );
+                    } else {
+                        ours.push(floodway_publish(&our_hub, &events).await);
+                    }
+                }
             }
             let (ours, raw) = (common::median(ours), common::median(raw));
             row(
@@ -327,11 +354,15 @@ fn main() {
                 .collect();
             let (mut raw, mut per_partition, mut ours) = (Vec::new(), Vec::new(), Vec::new());
             for run in 0..RUNS {
-                raw.push(raw_consume(&source, &format!("raw{run}"), n).await);
-                per_partition.push(
-                    raw_consume_from(&source, &format!("rawp{run}"), n, &subjects).await,
-                );
-                ours.push(floodway_consume(&source, &format!("floodway{run}"), n).await);
+                for case in 0..3 {
+                    match (case + run) % 3 {
+                        0 => raw.push(raw_consume(&source, &format!("raw{run}"), n).await),
+                        1 => per_partition.push(
+                            raw_consume_from(&source, &format!("rawp{run}"), n, &subjects).await,
+                        ),
+                        _ => ours.push(floodway_consume(&source, &format!("floodway{run}"), n).await),
+                    }
+                }
             }
             let (ours, raw, per_partition) = (common::median(ours), common::median(raw), common::median(per_partition));
             row(
