@@ -259,10 +259,11 @@ struct Outgoing<'a> {
     order: OrderRef<'a>,
 }
 
-/// The plain-Rust limit: per record, base64 into a reused buffer, a typed borrowed parse, the
+/// The plain-Rust limit: per record, base64 (SIMD) into a reused buffer, a typed borrowed parse, the
 /// new event (with the same stable id) serialized, batches counted; poison counted.
 fn limit(invocations: &[Vec<u8>], records: usize) -> (f64, [u64; 3]) {
-    let b64 = base64::engine::general_purpose::STANDARD;
+    // The fastest decoder there is (SIMD), as the handler uses.
+    let b64 = base64_simd::STANDARD;
     let started = Instant::now();
     let mut counts = [0u64; 3];
     let mut data = Vec::with_capacity(1024);
@@ -271,7 +272,7 @@ fn limit(invocations: &[Vec<u8>], records: usize) -> (f64, [u64; 3]) {
         let mut batches: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
         for record in &invocation.records {
             data.clear();
-            b64.decode_vec(record.kinesis.data, &mut data).unwrap();
+            b64.decode_append(record.kinesis.data, &mut data).unwrap();
             let Ok(event) = serde_json::from_slice::<Incoming<'_>>(&data) else {
                 counts[2] += 1;
                 continue;

@@ -333,9 +333,7 @@ fn kinesis_whole(payload: &[u8]) -> Option<Invocation> {
     let mut buffer = Vec::with_capacity(decoded);
     let mut ends = Vec::with_capacity(top.records.len());
     for record in &top.records {
-        base64::engine::general_purpose::STANDARD
-            .decode_vec(record.kinesis.data.as_bytes(), &mut buffer)
-            .ok()?;
+        decode_base64(record.kinesis.data.as_bytes(), &mut buffer).ok()?;
         ends.push(buffer.len());
     }
     let buffer = Bytes::from(buffer);
@@ -352,6 +350,14 @@ fn kinesis_whole(payload: &[u8]) -> Option<Invocation> {
         skipped: Vec::new(),
         resubmit_to: top.floodway.map(|r| r.pipeline),
     })
+}
+
+/// Standard base64 (padded, canonical), decoded onto the end of `out` with SIMD where the
+/// processor has it: several times the speed of a scalar decoder on a record's few hundred
+/// bytes. Accepts exactly what `base64`'s `STANDARD` engine accepts (a property test holds
+/// them together); on an error, `out` is as it was.
+fn decode_base64(text: &[u8], out: &mut Vec<u8>) -> Result<(), base64_simd::Error> {
+    base64_simd::STANDARD.decode_append(text, out)
 }
 
 /// A Kinesis invocation read by serde_json into typed records borrowed from it.
@@ -1228,6 +1234,59 @@ mod tests {
     }
 
     /// The scanned fast path against serde_json's, on generated and damaged invocations.
+    mod base64_decoding {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// The SIMD decoder answers as the `base64` crate's standard engine does, appending
+        /// to what the buffer holds, and leaves the buffer as it was on an error.
+        fn agrees(text: &[u8]) {
+            let expected = base64::engine::general_purpose::STANDARD.decode(text);
+            let mut out = b"kept".to_vec();
+            let got = decode_base64(text, &mut out);
+            match expected {
+                Ok(bytes) => {
+                    assert!(got.is_ok(), "{:?} refused", String::from_utf8_lossy(text));
+                    assert_eq!(&out[..4], b"kept");
+                    assert_eq!(out[4..], bytes[..]);
+                }
+                Err(_) => {
+                    assert!(got.is_err(), "{:?} accepted", String::from_utf8_lossy(text));
+                    assert_eq!(out, b"kept");
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4000))]
+
+            #[test]
+            fn encoded_bytes(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+                agrees(base64::engine::general_purpose::STANDARD.encode(bytes).as_bytes());
+            }
+
+            /// Encoded text with one byte replaced, inserted or cut: padding in the middle,
+            /// trailing bits that are not zero, lengths that are not a multiple of four,
+            /// characters outside the alphabet.
+            #[test]
+            fn damaged_text(
+                bytes in prop::collection::vec(any::<u8>(), 0..200),
+                at in any::<prop::sample::Index>(),
+                byte in prop::sample::select(b"AQgw+/=-_ \n\"\0\xff".to_vec()),
+                how in 0..3u8,
+            ) {
+                let mut text = base64::engine::general_purpose::STANDARD.encode(bytes).into_bytes();
+                let i = at.index(text.len() + 1);
+                match how {
+                    0 if i < text.len() => text[i] = byte,
+                    1 => text.insert(i, byte),
+                    _ => text.truncate(i),
+                }
+                agrees(&text);
+            }
+        }
+    }
+
     mod scanned {
         use super::*;
         use proptest::prelude::*;
