@@ -214,29 +214,59 @@ fn apply(step: &Step, uow: &Uow) -> Applied {
     }
 }
 
-/// Goes on after step `i` gave `result` for `uow`: its outputs onto the stack (depth first,
-/// so outputs keep source order), or its failure into `out`.
-fn follow(
-    out: &mut StepOutput,
-    stack: &mut SmallVec<[(Uow, usize); 1]>,
-    step: &Step,
-    (uow, i): (Uow, usize),
-    result: Result<Outputs, Error>,
-) {
-    match result {
-        Ok(next) => stack.extend(next.into_iter().rev().map(|mut u| {
-            // Whatever a step returns stays accountable to the record it came from.
-            if u.ticket != uow.ticket || !Arc::ptr_eq(&u.record, &uow.record) {
-                u.ticket = uow.ticket;
-                u.record = uow.record.clone();
+/// A depth-first walk of units of work through steps: outputs go on the stack in reverse, so
+/// they keep source order.
+struct Walk<'s> {
+    steps: &'s [Step],
+    out: StepOutput,
+    stack: SmallVec<[(Uow, usize); 1]>,
+}
+
+impl<'s> Walk<'s> {
+    fn new(steps: &'s [Step], uow: Uow, from: usize) -> Self {
+        let mut stack = SmallVec::new();
+        stack.push((uow, from));
+        Walk {
+            steps,
+            out: StepOutput::default(),
+            stack,
+        }
+    }
+
+    /// The next unit of work and the step it is at; those past the last step are ready.
+    fn next(&mut self) -> Option<(Uow, usize, &'s Step)> {
+        while let Some((uow, i)) = self.stack.pop() {
+            match self.steps.get(i) {
+                Some(step) => return Some((uow, i, step)),
+                None => self.out.ready.push((uow, i)),
             }
-            (u, i + 1)
-        })),
-        Err(error) => out.failed.push(StepFailure {
-            uow,
-            step: step.name.clone(),
-            error,
-        }),
+        }
+        None
+    }
+
+    /// Stops `uow` at step `i`, to resume from there.
+    fn park(&mut self, uow: Uow, i: usize) {
+        self.out.ready.push((uow, i));
+    }
+
+    /// Goes on after step `i` gave `result` for `uow`: its outputs onto the stack, or its
+    /// failure into the output.
+    fn follow(&mut self, (uow, i, step): (Uow, usize, &Step), result: Result<Outputs, Error>) {
+        match result {
+            Ok(next) => self.stack.extend(next.into_iter().rev().map(|mut u| {
+                // Whatever a step returns stays accountable to the record it came from.
+                if u.ticket != uow.ticket || !Arc::ptr_eq(&u.record, &uow.record) {
+                    u.ticket = uow.ticket;
+                    u.record = uow.record.clone();
+                }
+                (u, i + 1)
+            })),
+            Err(error) => self.out.failed.push(StepFailure {
+                uow,
+                step: step.name.clone(),
+                error,
+            }),
+        }
     }
 }
 
@@ -244,37 +274,25 @@ fn follow(
 /// synchronous step that failed transiently: those units of work are returned with the index
 /// to resume from, to run as scheduled work. Nothing here awaits, so nothing here is a future.
 pub(crate) fn run_sync(steps: &[Step], uow: Uow, from: usize) -> StepOutput {
-    let mut out = StepOutput::default();
-    let mut stack: SmallVec<[(Uow, usize); 1]> = SmallVec::new();
-    stack.push((uow, from));
-    while let Some((uow, i)) = stack.pop() {
-        let Some(step) = steps.get(i) else {
-            out.ready.push((uow, i));
-            continue;
-        };
+    let mut walk = Walk::new(steps, uow, from);
+    while let Some((uow, i, step)) = walk.next() {
         match apply(step, &uow) {
-            Applied::Done(result) => follow(&mut out, &mut stack, step, (uow, i), result),
-            Applied::Guarded => out.ready.push((uow, i)),
+            Applied::Done(result) => walk.follow((uow, i, step), result),
+            Applied::Guarded => walk.park(uow, i),
         }
     }
-    out
+    walk.out
 }
 
 /// Runs every step from `from`, async ones included, to the end.
 pub(crate) async fn run_all(steps: &[Step], uow: Uow, from: usize) -> StepOutput {
-    let mut out = StepOutput::default();
-    let mut stack: SmallVec<[(Uow, usize); 1]> = SmallVec::new();
-    stack.push((uow, from));
-    while let Some((uow, i)) = stack.pop() {
-        let Some(step) = steps.get(i) else {
-            out.ready.push((uow, i));
-            continue;
-        };
+    let mut walk = Walk::new(steps, uow, from);
+    while let Some((uow, i, step)) = walk.next() {
         let result = match apply(step, &uow) {
             Applied::Done(result) => result,
             Applied::Guarded => step.call_guarded(uow.clone()).await,
         };
-        follow(&mut out, &mut stack, step, (uow, i), result);
+        walk.follow((uow, i, step), result);
     }
-    out
+    walk.out
 }
