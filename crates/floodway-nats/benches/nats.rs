@@ -8,7 +8,8 @@
 //!
 //! `FLOODWAY_BENCH_EVENTS` sets the message count (default 100,000); each measurement runs
 //! three times and the median is reported. For profilers, `FLOODWAY_BENCH_PROFILE=consume`
-//! (or `=raw`) runs only Floodway's (or raw async-nats's) consuming, on 4 partitions, ten times.
+//! (or `=raw`) runs only Floodway's (or raw async-nats's) consuming, on 4 partitions, ten times;
+//! `=publish`, raw and Floodway publishing (4 partitions) taking turns, ten times each.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -297,6 +298,20 @@ fn main() {
             bytes / n,
             RUNS
         );
+        if std::env::var("FLOODWAY_BENCH_PROFILE").as_deref() == Ok("publish") {
+            let payloads: Vec<(String, Bytes)> = events
+                .iter()
+                .map(|e| (e.id().to_owned(), e.source_bytes().unwrap().clone()))
+                .collect();
+            for run in 0..10 {
+                let raw_hub = hub(&server, &format!("RAWPUBP{run}"), 1).await;
+                let raw = raw_publish(&raw_hub, &raw_hub.partition_subject(0), &payloads).await;
+                let our_hub = hub(&server, &format!("PUBP{run}"), 4).await;
+                let ours = floodway_publish(&our_hub, &events).await;
+                out!("publish: raw {raw:.0} msg/s, Floodway {ours:.0} msg/s");
+            }
+            return;
+        }
         if let Ok(profile) = std::env::var("FLOODWAY_BENCH_PROFILE") {
             let source = hub(&server, "PROFILE", 4).await;
             floodway_publish(&source, &events).await;

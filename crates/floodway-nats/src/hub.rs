@@ -216,12 +216,14 @@ impl NatsHub {
     /// is stored once. When this returns, the server has acknowledged every one (stored on
     /// the stream's replicas).
     ///
-    /// Publishes are pipelined in waves that keep each partition key's order in the stream:
-    /// the first event of every key, then (once those are acknowledged) the second of every
-    /// key, and so on. A later event of a key is sent only after the earlier one is stored, so
-    /// a message lost on the way (its ack never comes) cannot be overtaken by the next one of
-    /// its key; the retry then stores it, and what follows, in order. A batch of distinct
-    /// keys is one wave: as fast as fully pipelined publishing.
+    /// Publishes are pipelined in a way that keeps each partition key's order in the stream:
+    /// the first event of every key is sent at once (those of keys with more events first),
+    /// and each later event of a key as soon as the one before it is acknowledged. A later
+    /// event of a key is sent only after the earlier one is stored, so a message lost on the
+    /// way (its ack never comes) cannot be overtaken by the next one of its key; the retry
+    /// then stores it, and what follows, in order. A batch of distinct keys is fully
+    /// pipelined; the later events of a key ride along while the rest of the batch is
+    /// acknowledged.
     ///
     /// # Errors
     /// When an acknowledgement does not come (retrying is safe: duplicates are skipped, and
@@ -251,23 +253,27 @@ impl NatsHub {
             }
             payloads.push(payload);
         }
+        let send = |i: usize| {
+            let event = &events[i];
+            self.publish_raw(self.subject_of(event), event.id(), payloads[i].clone())
+        };
+        let (next, first) = chains(events);
+        // Acks are awaited in the order sent, so the keys with more events to come are
+        // acknowledged first and their next events sent early, while the rest is in flight.
+        let mut pending = std::collections::VecDeque::with_capacity(first.len());
+        for i in first {
+            pending.push_back((i, send(i).await?));
+        }
         let mut receipt = PublishReceipt::default();
-        for wave in waves(events) {
-            let mut pending = Vec::with_capacity(wave.len());
-            for i in wave {
-                let event = &events[i];
-                pending.push(
-                    self.publish_raw(self.subject_of(event), event.id(), payloads[i].clone())
-                        .await?,
-                );
+        while let Some((i, ack)) = pending.pop_front() {
+            let ack = ack.await.map_err(|e| NatsError::js("publish", e))?;
+            if ack.duplicate {
+                receipt.duplicates += 1;
+            } else {
+                receipt.stored += 1;
             }
-            for ack in pending {
-                let ack = ack.await.map_err(|e| NatsError::js("publish", e))?;
-                if ack.duplicate {
-                    receipt.duplicates += 1;
-                } else {
-                    receipt.stored += 1;
-                }
+            if let Some(j) = next[i] {
+                pending.push_back((j, send(j).await?));
             }
         }
         Ok(receipt)
@@ -759,20 +765,23 @@ async fn ensure_stream(
     Ok((stored, has_schedules))
 }
 
-/// The indices of `events` in waves: wave `n` holds the `n`-th event of every partition key,
-/// in the order of the batch.
-fn waves(events: &[Event]) -> Vec<Vec<usize>> {
-    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    let mut waves: Vec<Vec<usize>> = Vec::new();
+/// Each key's events as a chain: for every event, the index of the next event of its partition
+/// key in the batch; and the first event of every key, those of keys with more events first,
+/// each group in batch order.
+fn chains(events: &[Event]) -> (Vec<Option<usize>>, Vec<usize>) {
+    let mut last: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut next = vec![None; events.len()];
+    let mut later = vec![false; events.len()];
     for (i, event) in events.iter().enumerate() {
-        let n = seen.entry(event.partition_key()).or_insert(0);
-        if waves.len() <= *n {
-            waves.push(Vec::new());
+        if let Some(before) = last.insert(event.partition_key(), i) {
+            next[before] = Some(i);
+            later[i] = true;
         }
-        waves[*n].push(i);
-        *n += 1;
     }
-    waves
+    let heads = (0..events.len()).filter(|&i| !later[i]);
+    let (mut first, alone): (Vec<usize>, Vec<usize>) = heads.partition(|&i| next[i].is_some());
+    first.extend(alone);
+    (next, first)
 }
 
 #[cfg(test)]
@@ -790,11 +799,17 @@ mod tests {
     }
 
     #[test]
-    fn waves_hold_each_key_once_in_batch_order() {
-        let events: Vec<Event> = ["a", "b", "a", "c", "a", "b"]
+    fn chains_link_each_key_in_batch_order_and_start_with_keys_that_go_on() {
+        let events: Vec<Event> = ["a", "b", "a", "c", "a", "b", "d"]
             .iter()
             .map(|k| Event::builder("t", *k).build())
             .collect();
-        assert_eq!(waves(&events), [vec![0, 1, 3], vec![2, 5], vec![4]]);
+        let (next, first) = chains(&events);
+        assert_eq!(
+            next,
+            [Some(2), Some(5), Some(4), None, None, None, None],
+            "a: 0 -> 2 -> 4; b: 1 -> 5"
+        );
+        assert_eq!(first, [0, 1, 3, 6], "a and b go on, so they go first");
     }
 }
