@@ -664,21 +664,25 @@ pub(crate) struct SettlementCollector {
 /// Settlements by (partition, offset).
 type BySource = FxMap<(Arc<str>, u64), Settlement>;
 
-const UNSETTLED: u8 = 0;
-
-fn settlement_code(settlement: Settlement) -> u8 {
+/// A settlement as a slot holds it; 0 is a record not settled.
+fn slot_code(settlement: Settlement) -> u8 {
     match settlement {
         Settlement::Done => 1,
         Settlement::Faulted => 2,
     }
 }
 
+/// The settlement a slot holds, if any.
+fn slot_settlement(code: u8) -> Option<Settlement> {
+    [Settlement::Done, Settlement::Faulted]
+        .into_iter()
+        .find(|s| slot_code(*s) == code)
+}
+
 impl SettlementCollector {
     /// A collector for `records`, which the run reads.
     pub(crate) fn new(records: Arc<Vec<Record>>) -> Self {
-        let slots = (0..records.len())
-            .map(|_| AtomicU8::new(UNSETTLED))
-            .collect();
+        let slots = (0..records.len()).map(|_| AtomicU8::new(0)).collect();
         SettlementCollector {
             records,
             slots,
@@ -701,11 +705,7 @@ impl SettlementCollector {
         self.records
             .iter()
             .map(|record| match self.slot(&record.partition, record.offset) {
-                Some(slot) => match slot.load(Ordering::Relaxed) {
-                    1 => Some(Settlement::Done),
-                    2 => Some(Settlement::Faulted),
-                    _ => None,
-                },
+                Some(slot) => slot_settlement(slot.load(Ordering::Relaxed)),
                 None => others
                     .get(&(record.partition.clone(), record.offset))
                     .copied(),
@@ -721,7 +721,7 @@ impl Checkpointer for SettlementCollector {
 
     fn settle(&mut self, record: &Record, settlement: Settlement) {
         match self.slot(&record.partition, record.offset) {
-            Some(slot) => slot.store(settlement_code(settlement), Ordering::Relaxed),
+            Some(slot) => slot.store(slot_code(settlement), Ordering::Relaxed),
             None => {
                 self.others
                     .lock()
@@ -753,7 +753,7 @@ mod tests {
             record("a", 5),
         ]);
         let mut collector = SettlementCollector::new(records.clone());
-        let settle = |c: &mut SettlementCollector, i: usize, s| c.settle(&records[i].clone(), s);
+        let settle = |c: &mut SettlementCollector, i: usize, s| c.settle(&records[i], s);
         settle(&mut collector, 0, Settlement::Done);
         settle(&mut collector, 2, Settlement::Faulted);
         settle(&mut collector, 3, Settlement::Done);
