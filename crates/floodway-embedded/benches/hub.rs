@@ -2,7 +2,10 @@
 //!
 //! Durable publish throughput against raw SQLite inserts of the same rows, end-to-end
 //! throughput from publish to a materialized view, and consumer lag under a steady load. The
-//! hub file lives in a temporary directory on the same disk as the working directory.
+//! hub file lives in a temporary directory on the same disk as the working directory. Each
+//! throughput runs three times, in new files each time; the report gives medians, and each
+//! ratio is the median over runs of the ratio within a run. For profilers,
+//! `FLOODWAY_BENCH_PROFILE=materialize` (or `=e2e`) runs only that case, ten times.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,18 +27,6 @@ mod common;
 
 fn row(name: &str, value: String, baseline: String, ratio: String, goal: &str) {
     out!("| {name} | {value} | {baseline} | {ratio} | {goal} |");
-}
-
-/// A row of `value` events per second against `baseline` (`of` says what it is), with their
-/// ratio.
-fn compared(name: &str, value: f64, baseline: f64, of: &str, goal: &str) {
-    row(
-        name,
-        format!("{value:.0} ev/s"),
-        format!("{baseline:.0} ev/s {of}"),
-        format!("{:.2}", value / baseline),
-        goal,
-    );
 }
 
 /// The same rows, inserted with a prepared statement, 1,000 per transaction, `synchronous=FULL`.
@@ -173,91 +164,174 @@ async fn materialize(hub: &Hub, n: usize) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-fn main() {
-    let n = common::events_wanted(200_000);
-    let rt = common::two_workers();
-    eprintln!("generating {n} events...");
-    let events = decoded_orders(n, 5);
-    let tmp = tempfile::tempdir_in(".").unwrap();
-    out!("| measurement | result | baseline | ratio | goal |");
-    out!("|---|---|---|---|---|");
+/// Runs of each throughput measurement; the report gives medians.
+const RUNS: usize = 3;
 
-    eprintln!("raw SQLite inserts...");
-    let raw = raw_sqlite(tmp.path(), &events);
-    eprintln!("hub publish...");
-    let hub = Hub::open(tmp.path().join("hub.db"), HubOptions::default()).unwrap();
-    let publish = rt.block_on(publish_all(&hub, &events));
-    row(
-        "raw SQLite insert, same rows, 1,000 per commit, synchronous=FULL (baseline)",
-        format!("{raw:.0} ev/s"),
-        "-".into(),
-        "1.00".into(),
-        "-",
-    );
-    compared(
-        "hub durable publish, batches of 1,000, fsync per commit",
-        publish,
-        raw,
-        "raw",
-        "-",
-    );
+/// One run's throughputs, events per second.
+struct Run {
+    raw: f64,
+    publish: f64,
+    materialize: f64,
+    synced: f64,
+    end_to_end: f64,
+}
 
-    eprintln!("materialize what is already published...");
-    let consume = rt.block_on(materialize(&hub, n));
-    compared(&format!("materialize {n} published events into a view (reads, view and inbox writes, checkpoints)"), consume, raw, "raw insert", "-");
-    eprintln!("materialize with every store commit synced...");
-    // As a NATS hub's local file does: its views, inbox and faults are synced before the
-    // JetStream ack that follows (HubOptions::external_acks).
-    let external_acks = HubOptions {
-        external_acks: true,
-        ..HubOptions::default()
-    };
-    let synced = Hub::open(tmp.path().join("synced.db"), external_acks).unwrap();
-    let consume_synced = rt.block_on(async {
-        publish_all(&synced, &events).await;
-        materialize(&synced, n).await
-    });
-    drop(synced);
-    compared(
-        "same, store commits synced (external acks: a NATS hub's local file)",
-        consume_synced,
-        consume,
-        "unsynced",
-        "-",
-    );
-    eprintln!("end to end: publish and materialize...");
-    let hub = Hub::open(tmp.path().join("e2e.db"), HubOptions::default()).unwrap();
+/// Publishes `events` into a new hub at `path` while the benchmark processor follows it, until
+/// every order event is in the view (its transaction committed); events per second.
+fn end_to_end(rt: &tokio::runtime::Runtime, path: &std::path::Path, events: &[Event]) -> f64 {
+    let hub = Hub::open(path, HubOptions::default()).unwrap();
     let orders = events
         .iter()
         .filter(|e| e.event_type().starts_with("order-"))
         .count();
-    let e2e = rt.block_on(async {
+    let rate = rt.block_on(async {
         let applied = Arc::new(AtomicUsize::new(0));
         let (stop, run) = start(&hub, applied.clone());
         let started = Instant::now();
         let publisher = {
             let hub = hub.clone();
-            let events = events.clone();
+            let events = events.to_vec();
             tokio::spawn(async move { publish_all(&hub, &events).await })
         };
         publisher.await.unwrap();
-        // Done when every order event is in the view (its transaction committed).
         while applied.load(Ordering::Relaxed) < orders {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let secs = started.elapsed().as_secs_f64();
         let _ = stop.send(());
         run.await.unwrap().unwrap();
-        n as f64 / secs
+        events.len() as f64 / secs
     });
     let rows = hub.view("orders").unwrap().len().unwrap();
     assert!(rows > 0 && rows as usize <= orders);
+    rate
+}
+
+/// Every throughput measurement once, each in new files under `dir`.
+fn one_run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, events: &[Event]) -> Run {
+    let n = events.len();
+    eprintln!("raw SQLite inserts...");
+    let raw = raw_sqlite(dir, events);
+    eprintln!("hub publish...");
+    let hub = Hub::open(dir.join("hub.db"), HubOptions::default()).unwrap();
+    let publish = rt.block_on(publish_all(&hub, events));
+    eprintln!("materialize what is already published...");
+    let materialize = rt.block_on(materialize(&hub, n));
+    drop(hub);
+    eprintln!("materialize with every store commit synced...");
+    // As a NATS hub's local file does: its views and faults are synced before the JetStream
+    // ack that follows (HubOptions::external_acks).
+    let external_acks = HubOptions {
+        external_acks: true,
+        ..HubOptions::default()
+    };
+    let hub = Hub::open(dir.join("synced.db"), external_acks).unwrap();
+    let synced = rt.block_on(async {
+        publish_all(&hub, events).await;
+        self::materialize(&hub, n).await
+    });
+    drop(hub);
+    eprintln!("end to end: publish and materialize...");
+    let end_to_end = end_to_end(rt, &dir.join("e2e.db"), events);
+    Run {
+        raw,
+        publish,
+        materialize,
+        synced,
+        end_to_end,
+    }
+}
+
+/// A row of the median of `ours` against the median of `reference` (`of` says what it is),
+/// with the median over runs of the ratio within a run.
+fn compared(name: &str, ours: &[f64], reference: &[f64], of: &str, goal: &str) {
+    row(
+        name,
+        format!("{:.0} ev/s", common::median(ours.to_vec())),
+        format!("{:.0} ev/s {of}", common::median(reference.to_vec())),
+        format!("{:.2}", common::median_ratio(ours, reference)),
+        goal,
+    );
+}
+
+fn main() {
+    let n = common::events_wanted(200_000);
+    let rt = common::two_workers();
+    eprintln!("generating {n} events...");
+    let events = decoded_orders(n, 5);
+    let tmp = tempfile::tempdir_in(".").unwrap();
+    if let Ok(profile) = std::env::var("FLOODWAY_BENCH_PROFILE") {
+        // One case alone, ten times, for profilers: `materialize` or `e2e`.
+        for run in 0..10 {
+            let dir = tmp.path().join(format!("profile{run}"));
+            std::fs::create_dir(&dir).unwrap();
+            let rate = if profile == "materialize" {
+                let hub = Hub::open(dir.join("hub.db"), HubOptions::default()).unwrap();
+                rt.block_on(publish_all(&hub, &events));
+                rt.block_on(materialize(&hub, n))
+            } else {
+                end_to_end(&rt, &dir.join("e2e.db"), &events)
+            };
+            out!("{profile}: {rate:.0} ev/s");
+        }
+        return;
+    }
+    let runs: Vec<Run> = (0..RUNS)
+        .map(|run| {
+            eprintln!("run {} of {RUNS}", run + 1);
+            let dir = tmp.path().join(format!("run{run}"));
+            std::fs::create_dir(&dir).unwrap();
+            one_run(&rt, &dir, &events)
+        })
+        .collect();
+    let of = |f: fn(&Run) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+    let raw = of(|r| r.raw);
+    let publish = of(|r| r.publish);
+    let consume = of(|r| r.materialize);
+    let e2e = of(|r| r.end_to_end);
+    out!("{n} generated order events, 8 partitions, median of {RUNS} runs\n");
+    out!("| measurement | result | baseline | ratio | goal |");
+    out!("|---|---|---|---|---|");
+    row(
+        "raw SQLite insert, same rows, 1,000 per commit, synchronous=FULL (baseline)",
+        format!("{:.0} ev/s", common::median(raw.clone())),
+        "-".into(),
+        "1.00".into(),
+        "-",
+    );
+    compared(
+        "hub durable publish, batches of 1,000, fsync per commit",
+        &publish,
+        &raw,
+        "raw",
+        "-",
+    );
+    compared(
+        &format!("materialize {n} published events into a view (reads, view writes, checkpoints)"),
+        &consume,
+        &raw,
+        "raw insert",
+        "-",
+    );
+    compared(
+        "same, store commits synced (external acks: a NATS hub's local file)",
+        &of(|r| r.synced),
+        &consume,
+        "unsynced",
+        "-",
+    );
     compared(
         &format!("end to end: publish {n} events, each applied to a view"),
-        e2e,
-        raw,
+        &e2e,
+        &raw,
         "raw insert",
         ">= 200,000 ev/s",
+    );
+    let (raw, publish, consume, e2e) = (
+        common::median(raw),
+        common::median(publish),
+        common::median(consume),
+        common::median(e2e),
     );
 
     eprintln!("lag under a steady load...");

@@ -38,12 +38,11 @@ const RUNS: usize = 5;
 /// A row: the medians of the two sides' runs, and the median over runs of the ratio within a
 /// run (the two sides of a run see the same machine state; this shared machine drifts).
 fn row(name: &str, ours: &[f64], reference: &[f64], goal: &str) {
-    let ratios = ours.iter().zip(reference).map(|(o, r)| o / r).collect();
     out!(
         "| {name} | {:.0} msg/s | {:.0} msg/s | {:.2} | {goal} |",
         common::median(ours.to_vec()),
         common::median(reference.to_vec()),
-        common::median(ratios)
+        common::median_ratio(ours, reference)
     );
 }
 

@@ -263,13 +263,6 @@ fn best(rates: &[f64]) -> f64 {
     rates.iter().copied().fold(0.0, f64::max)
 }
 
-/// The median over rounds of `a / b`.
-fn median_ratio(a: &[f64], b: &[f64]) -> f64 {
-    let mut ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
-    ratios.sort_by(f64::total_cmp);
-    ratios[ratios.len() / 2]
-}
-
 /// The raw cost: decode each record into a JSON DOM and encode it again; events per second.
 fn raw_rate(records: &[Record]) -> f64 {
     let started = Instant::now();
@@ -622,7 +615,8 @@ fn main() {
         "1.00".into(),
         "-",
     ));
-    let ratio_note = |a: usize, b: usize| format!("{:.2}", median_ratio(&rates[a], &rates[b]));
+    let ratio_note =
+        |a: usize, b: usize| format!("{:.2}", common::median_ratio(&rates[a], &rates[b]));
     rows.push(row(
         "plain tokio pipeline, the same filter/map/batch work, no framework (reference)",
         format!("{plain:.0} ev/s"),

@@ -26,6 +26,12 @@ pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
+/// The median over runs of the ratio of `ours` to `reference` within each run: the two sides
+/// of a run see the same machine state, and this shared machine drifts between runs.
+pub(crate) fn median_ratio(ours: &[f64], reference: &[f64]) -> f64 {
+    median(ours.iter().zip(reference).map(|(o, r)| o / r).collect())
+}
+
 /// A field of a process's `/proc/<pid>/status` in KiB (`VmHWM:`, `VmRSS:`); 0 when unknown.
 pub(crate) fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
