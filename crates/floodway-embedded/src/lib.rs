@@ -30,7 +30,7 @@
 //! | the log: partitions by `partitionKey`, group commit, durability setting, idempotent publish, retention | [`Hub`] |
 //! | subscriptions with checkpoints per partition, from a checkpoint, the start, the end or a time; one owner at a time (a lease) | [`Subscription`] |
 //! | the fault store: faults by id with first/last seen and counts, filters, resubmission history | [`FaultStore`] |
-//! | latest-wins views with the inbox in the same transaction | [`ViewStore`], [`ViewSink`] |
+//! | latest-wins views, whose rows' versions turn redeliveries away | [`ViewStore`], [`ViewSink`] |
 //! | single-table rows by update requests (per-field latest-wins, counters, sets, TTL), the inbox and the outbox in the same transaction | [`RowTable`] |
 //! | the transactional outbox and its relay | [`Outbox`], [`OutboxRelay`] |
 //! | complex event processing: collected events by correlation key, timers by due time, emitted events through the outbox | [`CepTable`], [`CepTimers`] |
@@ -52,10 +52,11 @@
 //!   for up to [`HubOptions::busy_retry`] (2 minutes); retention deletes in short
 //!   transactions, so it holds the lock briefly.
 //! - **Nothing grows without bound by itself.** Idempotency keys are forgotten after the
-//!   dedupe window, and a view's inbox rows after one to two of [`HubOptions::inbox_window`],
-//!   by the writes themselves (a bounded batch per transaction, larger than what the
-//!   transaction adds), retention or not. The log grows until [`Retention`] deletes from it, which by default
-//!   keeps what a subscription has not read ([`Retention::keep_unread`]).
+//!   dedupe window, and a row table's inbox rows after one to two of
+//!   [`HubOptions::inbox_window`], by the writes themselves (a bounded batch per transaction,
+//!   larger than what the transaction adds), retention or not. The log grows until
+//!   [`Retention`] deletes from it, which by default keeps what a subscription has not read
+//!   ([`Retention::keep_unread`]).
 
 mod busy;
 mod cep;

@@ -46,21 +46,22 @@ pub struct HubOptions {
     /// (default 15 s: longer than a [`lease`](Self::lease), so a holder that died where this
     /// process cannot see it, in another container, has lost its lease by then).
     pub lease_wait: Duration,
-    /// How long a view's inbox remembers the ids of the events applied: one to two of these
-    /// windows (default 10 minutes). An event delivered again later is still applied once:
-    /// the view row's latest-wins version turns it away.
+    /// How long a row table's inbox remembers the ids of the events applied: one to two of
+    /// these windows (default 10 minutes). An event delivered again later is still applied
+    /// once where its updates are latest-wins; an addition or an append would be applied
+    /// again. Views keep no inbox: their rows' versions turn every redelivery away.
     pub inbox_window: Duration,
     /// Whether the records processed against this file are acknowledged somewhere else (a
     /// JetStream ack, a Lambda response) rather than by a checkpoint in this file (default
-    /// false). Then views, the inbox and faults commit synced (`synchronous=FULL`): an
+    /// false). Then views, row tables and faults commit synced (`synchronous=FULL`): an
     /// external ack follows right after a commit, and a power loss must not take back a view
     /// write whose record will never be delivered again. With checkpoints in the file, WAL
     /// order makes unsynced commits safe (see [`Hub::connect`](Hub)).
     pub external_acks: bool,
-    /// SQLite's page cache per connection, in KiB (default 32 MiB). Views and the inbox are
-    /// written in key order, not insertion order, and must not go to disk for every row; a
-    /// process that only appends to the log (`floodway hub publish`) needs little, and sets
-    /// less to hold its memory down.
+    /// SQLite's page cache per connection, in KiB (default 32 MiB). Views, row tables and
+    /// the inbox are written in key order, not insertion order, and must not go to disk for
+    /// every row; a process that only appends to the log (`floodway hub publish`) needs
+    /// little, and sets less to hold its memory down.
     pub page_cache_kib: u32,
 }
 

@@ -70,7 +70,7 @@ CREATE TABLE resubmissions (
     detail TEXT NOT NULL,
     PRIMARY KEY (fault, at)
 ) WITHOUT ROWID;
--- Events applied to each view (the inbox), written in the view's transaction: `crate::view`.
+-- Events applied to each row table (the inbox), written in its transaction: `crate::rows`.
 ";
 
 /// The inbox, by the start (ms since the epoch) of the inbox window each event was applied in,
@@ -119,6 +119,19 @@ fn add_missing(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     }
     if bucketed == 0 {
         tx.execute_batch(INBOX)?;
+    }
+    // Views kept inbox rows too, until their rows' versions took that work over. What they
+    // left is deleted once (the row tables' entries are named `rows:<table>`).
+    let cleared: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM floodway_meta WHERE key = 'views_inbox')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !cleared {
+        tx.execute_batch(
+            "DELETE FROM inbox WHERE view NOT LIKE 'rows:%'; \
+             INSERT INTO floodway_meta (key, value) VALUES ('views_inbox', 'none');",
+        )?;
     }
     tx.execute_batch(ADDED)
 }
@@ -244,8 +257,8 @@ fn configure(
         Durability::Immediate => "FULL",
         Durability::Relaxed => "NORMAL",
     };
-    // 32 MiB of page cache per connection by default (SQLite's is 2 MiB): views and the inbox
-    // are written in key order, not insertion order, and must not go to disk for every row
+    // 32 MiB of page cache per connection by default (SQLite's is 2 MiB): views, row tables and
+    // the inbox are written in key order, not insertion order, and must not go to disk for every row
     // (`HubOptions::page_cache_kib`). The WAL
     // is checkpointed every 32 MiB rather than every 4 MiB, so a page written many times in a
     // burst is copied to the database once, and trimmed back to 64 MiB afterwards; the
@@ -433,6 +446,39 @@ mod tests {
             .query_row("SELECT count(*) FROM inbox", [], |r| r.get(0))
             .unwrap();
         assert_eq!(inbox, 1);
+    }
+
+    #[test]
+    fn what_views_left_in_the_inbox_is_deleted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let busy = Duration::from_secs(10);
+        drop(open(&path, true, None, Durability::Immediate, busy, 2048).unwrap());
+        // As a file a build whose views kept an inbox wrote.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DELETE FROM floodway_meta WHERE key = 'views_inbox'; \
+             INSERT INTO inbox (bucket, view, event) VALUES \
+             (1, 'orders', 'e-1'), (1, 'rows:carts', 'e-2'), (2, 'orders', 'e-3');",
+        )
+        .unwrap();
+        drop(conn);
+        let left = |conn: &Connection| -> Vec<String> {
+            let mut stmt = conn.prepare("SELECT view FROM inbox").unwrap();
+            let views = stmt.query_map([], |r| r.get(0)).unwrap();
+            views.map(Result::unwrap).collect()
+        };
+        let (conn, _, _) = open(&path, false, None, Durability::Immediate, busy, 2048).unwrap();
+        assert_eq!(left(&conn), ["rows:carts"], "the row table's entry stays");
+        // Once only: an entry named like a view afterwards is not looked for again.
+        conn.execute(
+            "INSERT INTO inbox (bucket, view, event) VALUES (3, 'orders', 'e-4')",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let (conn, _, _) = open(&path, false, None, Durability::Immediate, busy, 2048).unwrap();
+        assert_eq!(left(&conn).len(), 2);
     }
 
     #[test]

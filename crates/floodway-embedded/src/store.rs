@@ -54,12 +54,13 @@ impl Store {
         }
     }
 
-    /// A new connection to the file for everything but publishing: views, the inbox, faults,
+    /// A new connection to the file for everything but publishing: views, row tables, faults,
     /// checkpoints, reads. Its commits are not synced one by one (`synchronous=NORMAL`): in WAL
     /// mode commits reach the log in order, the publisher's synced commits sync everything
     /// before them, and a power loss keeps a prefix of the log, so a checkpoint never survives
     /// the view writes it covers (the records after the surviving checkpoint are processed
-    /// again, and the view and inbox make that harmless). Only `publish` promises durability.
+    /// again, and the views' versions and the row tables' inbox make that harmless). Only
+    /// `publish` promises durability.
     ///
     /// That argument needs the checkpoint in this file. When records are acknowledged
     /// elsewhere ([`HubOptions::external_acks`]: a NATS hub keeps its views and faults here)

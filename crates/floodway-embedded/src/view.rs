@@ -1,4 +1,5 @@
-//! Latest-wins views: a table per view, written with the inbox in one transaction.
+//! Latest-wins views: a table per view, each row remembering the version of the event that
+//! wrote it, which turns redeliveries away.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,25 +14,25 @@ use rusqlite::{Connection, OptionalExtension};
 use serde_json::Value;
 
 use crate::error::HubError;
-use crate::inbox::Inbox;
 use crate::store::{Store, WriteGate};
 
 /// A materialized view in the hub file: rows by key, each remembering the `(timestamp, id)` of
-/// the event that last wrote it. A write applies only if it is newer (ties broken by id), and
-/// the event's id goes into the view's inbox in the same transaction, so a redelivered event
-/// changes nothing. Any order and any duplicates of a set of events give the same rows.
+/// the event that last wrote it. A write applies only if it is newer (ties broken by id), so a
+/// redelivered event changes nothing. Any order and any duplicates of a set of events give the
+/// same rows.
 ///
-/// The inbox (`crate::inbox`) remembers an event for one to two windows of
-/// [`HubOptions::inbox_window`](crate::HubOptions::inbox_window). A redelivery it remembers
-/// counts as a duplicate; a later one meets the row's version, which is at least the event's
-/// own, and counts as stale. Either way nothing changes.
+/// The row's version is the view's inbox: it is written in the same statement as the value,
+/// and a redelivery always meets a version at least its own (an expiring row is deleted only
+/// once its event's expiry has passed, and a redelivery would write it expired). A redelivery
+/// that meets its own event's version counts as a duplicate; one that meets a later event's
+/// counts as stale. The row tables (`crate::rows`), whose updates add and append, keep an
+/// inbox of event ids as well.
 #[derive(Clone)]
 pub struct ViewStore {
     name: Arc<str>,
     table: Arc<str>,
     pub(crate) conn: Arc<Mutex<Connection>>,
     gate: WriteGate,
-    inbox: Inbox,
     busy_retry: Duration,
 }
 
@@ -97,7 +98,6 @@ impl ViewStore {
             table: table.into(),
             conn: Arc::new(Mutex::new(conn)),
             gate: store.gate.clone(),
-            inbox: Inbox::new(name, options.inbox_window),
             busy_retry: options.busy_retry,
         })
     }
@@ -113,7 +113,7 @@ impl ViewStore {
         self.conn.lock().map_err(|_| HubError::Closed)
     }
 
-    /// Applies writes in one transaction, by the latest-wins rule and the inbox.
+    /// Applies writes in one transaction, by the latest-wins rule.
     ///
     /// # Errors
     /// A storage failure (then nothing was written).
@@ -129,7 +129,7 @@ impl ViewStore {
                 expires_at: w.expires_at,
             })
             .collect();
-        crate::busy::retry("view", self.busy_retry, || self.try_apply(&rows))
+        self.apply_rows(&rows)
     }
 
     /// Applies writes whose values are JSON text already, as [`ViewStore::apply`] does.
@@ -149,16 +149,27 @@ impl ViewStore {
                 expires_at: None,
             })
             .collect();
-        crate::busy::retry("view", self.busy_retry, || self.try_apply(&rows))
+        self.apply_rows(&rows)
     }
 
-    fn try_apply(&self, writes: &[JsonWrite<'_>]) -> Result<Applied, HubError> {
+    /// Applies the newest write of each key, in key order: the sorting is done before the
+    /// transaction, so the write lock is held for the upserts alone.
+    fn apply_rows(&self, writes: &[JsonWrite<'_>]) -> Result<Applied, HubError> {
+        let (newest, superseded) = newest_per_key(writes);
+        let applied = crate::busy::retry("view", self.busy_retry, || self.try_apply(&newest))?;
+        Ok(Applied {
+            written: applied.written,
+            stale: applied.stale + superseded.stale,
+            duplicates: applied.duplicates + superseded.duplicates,
+        })
+    }
+
+    fn try_apply(&self, writes: &[&JsonWrite<'_>]) -> Result<Applied, HubError> {
         let mut conn = self.conn()?;
         let _turn = self.gate.enter();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut applied = Applied::default();
-        let pruned = {
-            let mut inbox = self.inbox.begin(&tx, now_millis())?;
+        {
             let table = &self.table;
             let mut upsert = tx.prepare_cached(&format!(
                 "INSERT INTO {table} (key, time, event, value, expires) \
@@ -167,24 +178,29 @@ impl ViewStore {
                  value = excluded.value, expires = excluded.expires \
                  WHERE (excluded.time, excluded.event) > ({table}.time, {table}.event)"
             ))?;
+            let mut version =
+                tx.prepare_cached(&format!("SELECT time, event FROM {table} WHERE key = ?1"))?;
             for w in writes {
-                let id = &w.version.id;
-                if !inbox.first_time(id)? {
-                    applied.duplicates += 1;
+                let (timestamp, id) = (w.version.timestamp, &w.version.id);
+                if upsert.execute((w.key, timestamp, id, w.value, w.expires_at))? != 0 {
+                    applied.written += 1;
                     continue;
                 }
-                let row = (w.key, w.version.timestamp, id, w.value, w.expires_at);
-                if upsert.execute(row)? == 0 {
-                    applied.stale += 1;
+                // Not newer than the row: the row's own event again is a duplicate.
+                let again = version
+                    .query_row([w.key], |r| {
+                        Ok(r.get::<_, i64>(0)? == timestamp && r.get_ref(1)?.as_str()? == id)
+                    })
+                    .optional()?
+                    .unwrap_or(false);
+                if again {
+                    applied.duplicates += 1;
                 } else {
-                    applied.written += 1;
+                    applied.stale += 1;
                 }
             }
-            drop(upsert);
-            inbox.prune(&tx, writes.len())?
-        };
+        }
         tx.commit()?;
-        pruned.commit();
         Ok(applied)
     }
 
@@ -292,6 +308,26 @@ impl ViewStore {
             value: Arc::new(value),
         }
     }
+}
+
+/// The newest write of each key, in key order, and what the others count as. A write that a
+/// newer one of its key in the same batch supersedes is stale, as it would be after that
+/// write; one of the same version is a duplicate. Latest-wins makes the rows the same as
+/// writing every write in turn, with one upsert per key instead of one per write; and in key
+/// order, consecutive upserts go to the same or neighbouring pages of the view's b-tree.
+fn newest_per_key<'w, 'a>(writes: &'w [JsonWrite<'a>]) -> (Vec<&'w JsonWrite<'a>>, Applied) {
+    let mut sorted: Vec<&JsonWrite<'a>> = writes.iter().collect();
+    sorted.sort_unstable_by(|a, b| a.key.cmp(b.key).then_with(|| b.version.cmp(a.version)));
+    let mut superseded = Applied::default();
+    let mut newest: Vec<&JsonWrite<'a>> = Vec::with_capacity(sorted.len());
+    for w in sorted {
+        match newest.last() {
+            Some(n) if n.key == w.key && n.version == w.version => superseded.duplicates += 1,
+            Some(n) if n.key == w.key => superseded.stale += 1,
+            _ => newest.push(w),
+        }
+    }
+    (newest, superseded)
 }
 
 /// A write whose value is JSON text.
@@ -452,5 +488,42 @@ mod tests {
         .expiring_at(1);
         assert_eq!(view.apply(&[write]).unwrap().written, 1);
         assert!(view.get("k").unwrap().is_none(), "expired");
+    }
+
+    #[test]
+    fn a_repeat_is_a_duplicate_against_its_own_version_and_stale_against_a_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::open(dir.path().join("hub.db"), HubOptions::default()).unwrap();
+        let view = hub.view("orders").unwrap();
+        let write = |timestamp: i64, id: &str| {
+            let version = Version {
+                timestamp,
+                id: id.into(),
+            };
+            ViewWrite::new("k", version, timestamp.into())
+        };
+        let applied = view.apply(&[write(1, "a"), write(1, "a")]).unwrap();
+        let expected = Applied {
+            written: 1,
+            duplicates: 1,
+            stale: 0,
+        };
+        assert_eq!(applied, expected);
+        let applied = view
+            .apply(&[write(2, "b"), write(1, "a"), write(2, "b"), write(2, "a")])
+            .unwrap();
+        let expected = Applied {
+            written: 1,
+            duplicates: 1,
+            stale: 2,
+        };
+        assert_eq!(applied, expected);
+        assert_eq!(view.get("k").unwrap().unwrap().version.id, "b");
+        let inbox: i64 = hub
+            .connect()
+            .unwrap()
+            .query_row("SELECT count(*) FROM inbox", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(inbox, 0, "the rows' versions are the view's inbox");
     }
 }

@@ -1,5 +1,5 @@
 //! What keeps a hub healthy over time: a write lock held by another process delays the
-//! processors but does not stop them; the dedupe table and the views' inbox stay bounded
+//! processors but does not stop them; the dedupe table and the row tables' inbox stay bounded
 //! without any retention; retention does not delete what a subscription has not read unless
 //! told to.
 
@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use floodway::idempotence::Version;
 use floodway::memory::MemoryFaultSink;
+use floodway::rows::{Outcome, RowKey, Update};
 use floodway::testing::generate;
 use floodway::{Checkpoint, Checkpointer, Event, Processor, Source};
-use floodway_embedded::{Hub, HubOptions, Retention, ViewWrite};
-use serde_json::Value;
+use floodway_embedded::{Hub, HubOptions, Retention};
 
 mod common;
 use common::{bounded, expected_view, open_file, open_with, partitions, stored_view};
@@ -77,10 +77,14 @@ async fn a_write_lock_held_past_the_busy_timeout_delays_processors_but_does_not_
     assert_eq!(hub.lag("shop").unwrap(), 0);
 }
 
-fn writes_of(events: &[Event]) -> Vec<ViewWrite> {
+/// An update per event: the order's row counts its events.
+fn updates_of(events: &[Event]) -> Vec<Update> {
     events
         .iter()
-        .map(|e| ViewWrite::new(e.partition_key(), Version::of(e), Value::Null))
+        .map(|e| {
+            let key = RowKey::new(e.partition_key(), "order");
+            Update::new(key, Version::of(e)).add("events", 1)
+        })
         .collect()
 }
 
@@ -104,9 +108,9 @@ async fn the_dedupe_table_and_the_inbox_stay_bounded_without_retention() {
         ..partitions(2)
     };
     let (hub, path) = open_file(dir.path(), options);
-    let view = hub.view("orders").unwrap();
+    let table = hub.rows("orders").unwrap();
     // As a forward processor publishes into its target hub (idempotently, by event id) and a
-    // materialize processor applies them to a view, with no retention configured.
+    // row processor counts them in a row table, with no retention configured.
     let total = total();
     let chunk = 2_000;
     let chunks = total / chunk;
@@ -116,8 +120,8 @@ async fn the_dedupe_table_and_the_inbox_stay_bounded_without_retention() {
         let events = generate::orders(chunk, 10_000 + i as u64);
         let receipt = hub.publish_idempotent(&events).await.unwrap();
         assert_eq!(receipt.stored(), chunk);
-        let applied = view.apply(&writes_of(&events)).unwrap();
-        assert_eq!(applied.duplicates, 0);
+        let outcomes = table.apply(&updates_of(&events)).unwrap();
+        assert!(!outcomes.contains(&Outcome::Duplicate));
         if i % 5 == 4 || i + 1 == chunks {
             largest.0 = largest.0.max(rows(&path, "dedupe"));
             largest.1 = largest.1.max(rows(&path, "inbox"));
@@ -147,7 +151,7 @@ async fn the_dedupe_table_and_the_inbox_stay_bounded_without_retention() {
     for round in 0..rounds {
         let events = generate::orders(10, 1 + round);
         hub.publish_idempotent(&events).await.unwrap();
-        view.apply(&writes_of(&events)).unwrap();
+        table.apply(&updates_of(&events)).unwrap();
         last = events;
     }
     // What is left is these small writes' own rows at most.
@@ -160,11 +164,15 @@ async fn the_dedupe_table_and_the_inbox_stay_bounded_without_retention() {
         inbox <= 10 * rounds,
         "{inbox} inbox rows after {rounds} small writes"
     );
-    let writes = writes_of(&last);
+    let updates = updates_of(&last);
     // Within the window, a duplicate is still known as one.
     let again = hub.publish_idempotent(&last).await.unwrap();
     assert_eq!(again.duplicates, 10);
-    assert_eq!(view.apply(&writes).unwrap().duplicates, 10);
+    let outcomes = table.apply(&updates).unwrap();
+    assert!(
+        outcomes.iter().all(|o| *o == Outcome::Duplicate),
+        "{outcomes:?}"
+    );
 }
 
 /// Events of the bounded-tables test: 100,000 (about 5 s in a debug build), or

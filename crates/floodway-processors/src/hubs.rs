@@ -114,7 +114,7 @@ impl Hubs {
 
     /// As [`open`](Self::open); `external_acks` says that what the processors do against the
     /// file is acknowledged elsewhere (a JetStream ack, a Lambda response), so the file's
-    /// views, inbox and faults commit synced ([`floodway_embedded::HubOptions::external_acks`]).
+    /// views, row tables and faults commit synced ([`floodway_embedded::HubOptions::external_acks`]).
     ///
     /// # Errors
     /// A file or server that cannot be opened, or a stream that does not fit.

@@ -91,10 +91,13 @@ impl StateRow {
 pub struct Applied {
     /// Rows inserted or updated.
     pub written: usize,
-    /// Writes older than the row they met: nothing changed.
+    /// Writes older than the row they met, or than a newer write of their key in the same
+    /// batch (a store may apply only the newest write of each key, as the embedded views do):
+    /// nothing changed.
     pub stale: usize,
-    /// Events applied before (found in the inbox): nothing changed. A store whose rows alone
-    /// recognise a repeat (DynamoDB) counts it as stale.
+    /// Events applied before (found in the inbox, or meeting the row's version of their own
+    /// event): nothing changed. A store that cannot tell a repeat from an older event
+    /// (DynamoDB's conditional write) counts it as stale.
     pub duplicates: usize,
 }
 
