@@ -9,7 +9,7 @@ use floodway::event::now_millis;
 use floodway::hub::HubFuture;
 use floodway::idempotence::Version;
 use floodway::sink::deliver_each;
-use floodway::state::{Applied, KeyedState, Scan, StateRow, StateWrite};
+use floodway::state::{newest_per_key, Applied, KeyedState, Scan, StateRow, StateWrite};
 use floodway::{Batch, BoxError, Delivery, Error, Event};
 use futures_util::stream::{self, StreamExt};
 use serde_json::Value;
@@ -82,8 +82,8 @@ pub(crate) fn json_of(attribute: &AttributeValue) -> Value {
 /// Keyed state in a DynamoDB table (partition key `pk`, a string): the [`KeyedState`]
 /// contract. A write is an `UpdateItem` conditional on the row's stored `(timestamp, id)`
 /// being older than the event's, so an older or redelivered event changes nothing (and counts
-/// as stale: the row's version is the inbox). Keys are written concurrently, the writes of one
-/// key one after another. Rows hold `pk`, `value` (the value as a DynamoDB map), `timestamp`,
+/// as stale: the row's version is the inbox). A batch of writes sends the newest write of each
+/// key alone ([`newest_per_key`]), the keys concurrently. Rows hold `pk`, `value` (the value as a DynamoDB map), `timestamp`,
 /// `eventId`, optionally a `discriminator`, and for an expiring row `expires` (ms) and `ttl`
 /// (seconds, for the table's time to live, which deletes within a day or two; reads skip
 /// expired rows at once).
@@ -229,36 +229,17 @@ impl KeyedState for DynamoDbState {
 
     fn apply<'a>(&'a self, writes: &'a [StateWrite]) -> HubFuture<'a, Applied> {
         Box::pin(async move {
-            // Keys concurrently, the writes of one key one after another: a row is never
+            // The newest write of each key alone, the keys concurrently: a row is never
             // written twice at once, so the stored version only grows.
-            let mut index: HashMap<&str, usize> = HashMap::new();
-            let mut by_key: Vec<Vec<&StateWrite>> = Vec::new();
-            for w in writes {
-                let at = *index.entry(&w.key).or_insert_with(|| {
-                    by_key.push(Vec::new());
-                    by_key.len() - 1
-                });
-                by_key[at].push(w);
-            }
-            let keys: Vec<_> = by_key
-                .into_iter()
-                .map(|list| async move {
-                    let mut applied = Applied::default();
-                    for w in list {
-                        applied.count(self.write(w).await?);
-                    }
-                    Ok::<_, Error>(applied)
-                })
-                .collect();
-            let results: Vec<Result<Applied, Error>> = stream::iter(keys)
+            let (newest, superseded) = newest_per_key(writes, |w| &w.key, |w| &w.version);
+            let sends: Vec<_> = newest.into_iter().map(|w| self.write(w)).collect();
+            let results: Vec<Result<bool, Error>> = stream::iter(sends)
                 .buffer_unordered(CONCURRENCY)
                 .collect()
                 .await;
-            let mut applied = Applied::default();
+            let mut applied = superseded;
             for result in results {
-                let one = result.map_err(boxed)?;
-                applied.written += one.written;
-                applied.stale += one.stale;
+                applied.count(result.map_err(boxed)?);
             }
             Ok(applied)
         })

@@ -8,7 +8,7 @@ use floodway::event::now_millis;
 use floodway::idempotence::Version;
 
 use floodway::hub::HubFuture;
-use floodway::state::{Applied, KeyedState, Scan, StateRow, StateWrite};
+use floodway::state::{newest_per_key, Applied, KeyedState, Scan, StateRow, StateWrite};
 use floodway::{Batch, Delivery, Error, Event};
 use rusqlite::{Connection, OptionalExtension};
 use serde_json::Value;
@@ -152,16 +152,13 @@ impl ViewStore {
         self.apply_rows(&rows)
     }
 
-    /// Applies the newest write of each key, in key order: the sorting is done before the
-    /// transaction, so the write lock is held for the upserts alone.
+    /// Applies the newest write of each key, in key order ([`newest_per_key`]): one upsert per
+    /// key, consecutive upserts on the same or neighbouring pages of the view's b-tree, and the
+    /// sorting done before the transaction, so the write lock is held for the upserts alone.
     fn apply_rows(&self, writes: &[JsonWrite<'_>]) -> Result<Applied, HubError> {
-        let (newest, superseded) = newest_per_key(writes);
+        let (newest, superseded) = newest_per_key(writes, |w| w.key, |w| w.version);
         let applied = crate::busy::retry("view", self.busy_retry, || self.try_apply(&newest))?;
-        Ok(Applied {
-            written: applied.written,
-            stale: applied.stale + superseded.stale,
-            duplicates: applied.duplicates + superseded.duplicates,
-        })
+        Ok(applied + superseded)
     }
 
     fn try_apply(&self, writes: &[&JsonWrite<'_>]) -> Result<Applied, HubError> {
@@ -308,26 +305,6 @@ impl ViewStore {
             value: Arc::new(value),
         }
     }
-}
-
-/// The newest write of each key, in key order, and what the others count as. A write that a
-/// newer one of its key in the same batch supersedes is stale, as it would be after that
-/// write; one of the same version is a duplicate. Latest-wins makes the rows the same as
-/// writing every write in turn, with one upsert per key instead of one per write; and in key
-/// order, consecutive upserts go to the same or neighbouring pages of the view's b-tree.
-fn newest_per_key<'w, 'a>(writes: &'w [JsonWrite<'a>]) -> (Vec<&'w JsonWrite<'a>>, Applied) {
-    let mut sorted: Vec<&JsonWrite<'a>> = writes.iter().collect();
-    sorted.sort_unstable_by(|a, b| a.key.cmp(b.key).then_with(|| b.version.cmp(a.version)));
-    let mut superseded = Applied::default();
-    let mut newest: Vec<&JsonWrite<'a>> = Vec::with_capacity(sorted.len());
-    for w in sorted {
-        match newest.last() {
-            Some(n) if n.key == w.key && n.version == w.version => superseded.duplicates += 1,
-            Some(n) if n.key == w.key => superseded.stale += 1,
-            _ => newest.push(w),
-        }
-    }
-    (newest, superseded)
 }
 
 /// A write whose value is JSON text.

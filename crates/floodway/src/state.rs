@@ -92,13 +92,53 @@ pub struct Applied {
     /// Rows inserted or updated.
     pub written: usize,
     /// Writes older than the row they met, or than a newer write of their key in the same
-    /// batch (a store may apply only the newest write of each key, as the embedded views do):
-    /// nothing changed.
+    /// batch (a store may apply only the newest write of each key, [`newest_per_key`], as the
+    /// embedded views and DynamoDB do): nothing changed.
     pub stale: usize,
-    /// Events applied before (found in the inbox, or meeting the row's version of their own
-    /// event): nothing changed. A store that cannot tell a repeat from an older event
-    /// (DynamoDB's conditional write) counts it as stale.
+    /// Events applied before (found in the inbox, meeting the row's version of their own
+    /// event, or twice in one batch): nothing changed. A store that cannot tell a repeat from
+    /// an older event (DynamoDB's conditional write) counts a repeat across batches as stale.
     pub duplicates: usize,
+}
+
+impl std::ops::Add for Applied {
+    type Output = Applied;
+
+    fn add(self, other: Applied) -> Applied {
+        Applied {
+            written: self.written + other.written,
+            stale: self.stale + other.stale,
+            duplicates: self.duplicates + other.duplicates,
+        }
+    }
+}
+
+/// The newest of each key's writes in a batch, in key order, and what the others count as: a
+/// write that a newer one of its key in the batch supersedes is stale, as it would be once
+/// that one is written; one of the same version (the same event again) is a duplicate.
+///
+/// Latest-wins makes the rows the same as writing every write in turn, so a store may write
+/// these alone: one write per key instead of one per event (a view of orders meets each order
+/// several times in a batch), in key order (neighbouring rows one after another).
+pub fn newest_per_key<T>(
+    writes: &[T],
+    key: impl Fn(&T) -> &str,
+    version: impl Fn(&T) -> &Version,
+) -> (Vec<&T>, Applied) {
+    let mut sorted: Vec<&T> = writes.iter().collect();
+    sorted.sort_unstable_by(|a, b| key(a).cmp(key(b)).then_with(|| version(b).cmp(version(a))));
+    let mut superseded = Applied::default();
+    let mut newest: Vec<&T> = Vec::with_capacity(sorted.len());
+    for w in sorted {
+        match newest.last() {
+            Some(&n) if key(n) == key(w) && version(n) == version(w) => {
+                superseded.duplicates += 1;
+            }
+            Some(&n) if key(n) == key(w) => superseded.stale += 1,
+            _ => newest.push(w),
+        }
+    }
+    (newest, superseded)
 }
 
 impl Applied {
@@ -325,5 +365,47 @@ impl StateStore for MemoryStateStore {
                 .or_insert_with(|| Arc::new(MemoryState::new(name)))
                 .clone())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The newest write of each key gives the rows of every write applied in turn, in key
+        /// order, and every write is counted once: written there, or superseded here.
+        #[test]
+        fn the_newest_write_of_each_key_gives_the_rows_of_all_of_them(
+            writes in proptest::collection::vec(("[a-c]", 0i64..4, "[a-e]"), 0..30),
+        ) {
+            let writes: Vec<StateWrite> = writes
+                .into_iter()
+                .map(|(key, timestamp, id)| {
+                    StateWrite::new(key, Version { timestamp, id }, Value::Null)
+                })
+                .collect();
+            fn rows<'w>(writes: &[&'w StateWrite]) -> (BTreeMap<&'w str, &'w Version>, usize) {
+                let mut rows: BTreeMap<&str, &Version> = BTreeMap::new();
+                let mut written = 0;
+                for w in writes {
+                    if rows.get(w.key.as_str()).is_none_or(|v| w.version > **v) {
+                        rows.insert(&w.key, &w.version);
+                        written += 1;
+                    }
+                }
+                (rows, written)
+            }
+            let (newest, superseded) = newest_per_key(&writes, |w| &w.key, |w| &w.version);
+            let all: Vec<&StateWrite> = writes.iter().collect();
+            let (expected, _) = rows(&all);
+            let (got, written) = rows(&newest);
+            prop_assert_eq!(got, expected);
+            prop_assert_eq!(written, newest.len(), "one write per key, each newer than none");
+            prop_assert!(newest.windows(2).all(|p| p[0].key < p[1].key), "in key order");
+            prop_assert_eq!(newest.len() + superseded.stale + superseded.duplicates, writes.len());
+            prop_assert_eq!(superseded.written, 0);
+        }
     }
 }
