@@ -1,13 +1,15 @@
 //! JetStream benchmarks: `cargo bench -p floodway-nats --bench nats`.
 //!
 //! Against a local `nats-server` (file storage, in a temporary directory), in the same run:
-//! - consume: a raw async-nats pull consumer acking every ~400-byte message, against a
-//!   Floodway processor consuming the same messages through one pipeline into a counting sink;
+//! - consume: a raw async-nats pull consumer acking every ~400-byte message (and raw consumers
+//!   one per partition, as Floodway reads), against a Floodway processor consuming the same
+//!   messages through one pipeline into a counting sink;
 //! - publish: raw async-nats publishes with `Nats-Msg-Id`, pipelined 1,000 at a time and all
-//!   acked, against Floodway's publisher doing the same.
+//!   acked, to one subject (and to each event's partition subject of a stream of as many
+//!   partitions, as Floodway publishes), against Floodway's publisher doing the same.
 //!
 //! `FLOODWAY_BENCH_EVENTS` sets the message count (default 100,000); each measurement runs
-//! three times and the median is reported. For profilers, `FLOODWAY_BENCH_PROFILE=consume`
+//! five times and the median is reported. For profilers, `FLOODWAY_BENCH_PROFILE=consume`
 //! (or `=raw`) runs only Floodway's (or raw async-nats's) consuming, on 4 partitions, ten times;
 //! `=publish`, raw and Floodway publishing (4 partitions) taking turns, ten times each.
 
@@ -172,15 +174,21 @@ async fn floodway_consume(hub: &NatsHub, name: &str, n: usize) -> f64 {
 
 /// Raw async-nats publishing with ids, 1,000 in flight, every ack awaited.
 async fn raw_publish(hub: &NatsHub, subject: &str, events: &[(String, Bytes)]) -> f64 {
+    let subjects = vec![subject.to_owned(); events.len()];
+    raw_publish_to(hub, &subjects, events).await
+}
+
+/// The same, each message to its own subject (`subjects[i]` for `events[i]`).
+async fn raw_publish_to(hub: &NatsHub, subjects: &[String], events: &[(String, Bytes)]) -> f64 {
     let js = async_nats::jetstream::new(hub.client().clone());
     let started = Instant::now();
-    for chunk in events.chunks(1_000) {
+    for (chunk, subjects) in events.chunks(1_000).zip(subjects.chunks(1_000)) {
         let mut acks = Vec::with_capacity(chunk.len());
-        for (id, payload) in chunk {
+        for ((id, payload), subject) in chunk.iter().zip(subjects) {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
             acks.push(
-                js.publish_with_headers(subject.to_owned(), headers, payload.clone())
+                js.publish_with_headers(subject.clone(), headers, payload.clone())
                     .await
                     .unwrap(),
             );
@@ -341,19 +349,27 @@ fn main() {
             .collect();
         let mut groups = Vec::new();
         for partitions in [1u32, 4, 16] {
-            let (mut raw, mut ours) = (Vec::new(), Vec::new());
+            let (mut raw, mut per_partition, mut ours) = (Vec::new(), Vec::new(), Vec::new());
             // The cases take turns going first: the server's state (its page cache, the
             // streams made so far) must not favour one of them.
             for run in 0..RUNS {
                 let raw_hub = hub(&server, &format!("RAWPUB{partitions}x{run}"), 1).await;
+                let raw_split = hub(&server, &format!("RAWPUBP{partitions}x{run}"), partitions).await;
                 let our_hub = hub(&server, &format!("PUB{partitions}x{run}"), partitions).await;
-                for case in 0..2 {
-                    if (case + run) % 2 == 0 {
-                        raw.push(
+                // What Floodway's publishing does, by hand: each event to its partition's
+                // subject of a stream of as many partitions.
+                let subjects: Vec<String> = events
+                    .iter()
+                    .map(|e| raw_split.partition_subject(raw_split.partition_of(e.partition_key())))
+                    .collect();
+                for case in 0..3 {
+                    match (case + run) % 3 {
+                        0 => raw.push(
                             raw_publish(&raw_hub, &raw_hub.partition_subject(0), &payloads).await,
-                        );
-                    } else {
-                        ours.push(floodway_publish(&our_hub, &events).await);
+                        ),
+                        1 => per_partition
+                            .push(raw_publish_to(&raw_split, &subjects, &payloads).await),
+                        _ => ours.push(floodway_publish(&our_hub, &events).await),
                     }
                 }
             }
@@ -363,11 +379,24 @@ fn main() {
                 &raw,
                 "ratio >= 1.0",
             );
+            row(
+                &format!(
+                    "same, against raw async-nats publishing to the partition subjects as Floodway \
+                     ({partitions})"
+                ),
+                &ours,
+                &per_partition,
+                "ratio >= 1.0",
+            );
             groups.push(common::chart::Group {
                 label: format!("publish, {partitions} partition(s)"),
                 bars: vec![
                     ("Floodway".into(), common::median(ours)),
                     ("raw async-nats".into(), common::median(raw)),
+                    (
+                        "raw, to the partition subjects".into(),
+                        common::median(per_partition),
+                    ),
                 ],
             });
             let source = hub(&server, &format!("CONSUME{partitions}"), partitions).await;
