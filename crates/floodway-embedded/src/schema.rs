@@ -405,23 +405,33 @@ pub(crate) fn open(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_file_without_the_added_tables_gets_them() {
+    /// A new hub file changed by `sql` into one an earlier build wrote.
+    fn earlier_file(sql: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
+        drop(reopen(&path, true));
+        Connection::open(&path).unwrap().execute_batch(sql).unwrap();
+        (dir, path)
+    }
+
+    /// The connection `open` gives for the file at `path`.
+    fn reopen(path: &Path, create: bool) -> Connection {
         let busy = Duration::from_secs(10);
-        drop(open(&path, true, None, Durability::Immediate, busy, 2048).unwrap());
+        open(path, create, None, Durability::Immediate, busy, 2048)
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn a_file_without_the_added_tables_gets_them() {
         // As a file written before leases and pruning existed.
-        let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(
+        let (_dir, path) = earlier_file(
             "DROP TABLE leases; DROP INDEX dedupe_by_time; DROP TABLE inbox; \
              CREATE TABLE inbox (view TEXT NOT NULL, event TEXT NOT NULL, \
              PRIMARY KEY (view, event)) WITHOUT ROWID; \
              INSERT INTO inbox VALUES ('orders', 'e-1');",
-        )
-        .unwrap();
-        drop(conn);
-        let (conn, _, _) = open(&path, false, None, Durability::Immediate, busy, 2048).unwrap();
+        );
+        let conn = reopen(&path, false);
         let inbox: i64 = conn
             .query_row("SELECT count(*) FROM inbox", [], |r| r.get(0))
             .unwrap();
@@ -441,7 +451,7 @@ mod tests {
         assert_eq!(added, 2);
         // Opened again, nothing changes.
         drop(conn);
-        let (conn, _, _) = open(&path, false, None, Durability::Immediate, busy, 2048).unwrap();
+        let conn = reopen(&path, false);
         let inbox: i64 = conn
             .query_row("SELECT count(*) FROM inbox", [], |r| r.get(0))
             .unwrap();
@@ -450,25 +460,18 @@ mod tests {
 
     #[test]
     fn what_views_left_in_the_inbox_is_deleted_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hub.db");
-        let busy = Duration::from_secs(10);
-        drop(open(&path, true, None, Durability::Immediate, busy, 2048).unwrap());
         // As a file a build whose views kept an inbox wrote.
-        let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(
+        let (_dir, path) = earlier_file(
             "DELETE FROM floodway_meta WHERE key = 'views_inbox'; \
              INSERT INTO inbox (bucket, view, event) VALUES \
              (1, 'orders', 'e-1'), (1, 'rows:carts', 'e-2'), (2, 'orders', 'e-3');",
-        )
-        .unwrap();
-        drop(conn);
+        );
         let left = |conn: &Connection| -> Vec<String> {
             let mut stmt = conn.prepare("SELECT view FROM inbox").unwrap();
             let views = stmt.query_map([], |r| r.get(0)).unwrap();
             views.map(Result::unwrap).collect()
         };
-        let (conn, _, _) = open(&path, false, None, Durability::Immediate, busy, 2048).unwrap();
+        let conn = reopen(&path, false);
         assert_eq!(left(&conn), ["rows:carts"], "the row table's entry stays");
         // Once only: an entry named like a view afterwards is not looked for again.
         conn.execute(
@@ -477,7 +480,7 @@ mod tests {
         )
         .unwrap();
         drop(conn);
-        let (conn, _, _) = open(&path, false, None, Durability::Immediate, busy, 2048).unwrap();
+        let conn = reopen(&path, false);
         assert_eq!(left(&conn).len(), 2);
     }
 

@@ -399,36 +399,35 @@ impl ViewSink {
     /// Applies a batch in one transaction; an event whose key or value cannot be made is
     /// poison on its own, and the others are applied.
     async fn write(&self, batch: Batch) -> Result<Delivery, Error> {
-        let mut delivery = Delivery::complete();
-        let mut writes: Vec<(String, Version, String)> = Vec::with_capacity(batch.len());
-        for (i, e) in batch.events().enumerate() {
-            match (self.key)(e).and_then(|k| Ok((k, Version::of(e), (self.value)(e)?))) {
-                Ok(write) => writes.push(write),
-                Err(err) if batch.len() == 1 => return Err(err),
-                Err(err) => delivery.fail(i, err),
+        let (store, key, value) = (self.store.clone(), self.key.clone(), self.value.clone());
+        // On a blocking thread, the rows made there too, so the processor reads and batches
+        // the next events while this batch is made into rows and written.
+        let write = move || {
+            let mut delivery = Delivery::complete();
+            let mut writes: Vec<(String, Version, String)> = Vec::with_capacity(batch.len());
+            for (i, e) in batch.events().enumerate() {
+                match key(e).and_then(|k| Ok((k, Version::of(e), value(e)?))) {
+                    Ok(write) => writes.push(write),
+                    Err(err) if batch.len() == 1 => return Err(err),
+                    Err(err) => delivery.fail(i, err),
+                }
             }
-        }
-        let store = self.store.clone();
-        // On a blocking thread, so the processor reads and batches the next events while this
-        // batch is written.
-        let apply = move || {
             let rows: Vec<(&str, &Version, &str)> = writes
                 .iter()
                 .map(|(k, v, j)| (k.as_str(), v, j.as_str()))
                 .collect();
-            store.apply_json(&rows)
+            store.apply_json(&rows).map_err(Error::from)?;
+            Ok(delivery)
         };
-        let applied = match tokio::runtime::Handle::try_current() {
-            Ok(_) => match tokio::task::spawn_blocking(apply).await {
-                Ok(applied) => applied,
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => match tokio::task::spawn_blocking(write).await {
+                Ok(written) => written,
                 // A panic goes on as the sink's own, as if the write had run here.
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => return Err(Error::transient(e)),
+                Err(e) => Err(Error::transient(e)),
             },
-            Err(_) => apply(),
-        };
-        applied.map_err(Error::from)?;
-        Ok(delivery)
+            Err(_) => write(),
+        }
     }
 }
 
