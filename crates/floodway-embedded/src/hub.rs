@@ -551,7 +551,7 @@ impl Hub {
     }
 
     /// The row table `name` ([`floodway::rows`]), created on first use; its changes go to the
-    /// outbox once [`RowTable::with_outbox`] says so.
+    /// outbox once [`RowTable::with_outbox`](crate::RowTable::with_outbox) says so.
     ///
     /// # Errors
     /// An invalid name, or a storage failure.

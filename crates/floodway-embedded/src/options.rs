@@ -42,7 +42,7 @@ pub struct HubOptions {
     /// it every third of this; another process takes the subscription over only once it has
     /// expired (or at once if its holder is a process of this machine that is gone).
     pub lease: Duration,
-    /// How long [`Hub::subscribe_waiting`] waits for a subscription held by another process
+    /// How long [`Hub::subscribe_waiting`](crate::Hub::subscribe_waiting) waits for a subscription held by another process
     /// (default 15 s: longer than a [`lease`](Self::lease), so a holder that died where this
     /// process cannot see it, in another container, has lost its lease by then).
     pub lease_wait: Duration,
@@ -56,7 +56,7 @@ pub struct HubOptions {
     /// false). Then views, row tables and faults commit synced (`synchronous=FULL`): an
     /// external ack follows right after a commit, and a power loss must not take back a view
     /// write whose record will never be delivered again. With checkpoints in the file, WAL
-    /// order makes unsynced commits safe (see [`Hub::connect`](Hub)).
+    /// order makes unsynced commits safe (see [`Hub::connect`](crate::Hub)).
     pub external_acks: bool,
     /// SQLite's page cache per connection, in KiB (default 32 MiB). Views, row tables and
     /// the inbox are written in key order, not insertion order, and must not go to disk for

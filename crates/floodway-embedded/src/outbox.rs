@@ -7,7 +7,8 @@
 //! outbox in order, publishes a batch to the hub idempotently (the event's id, derived from the
 //! row and the event that changed it, is the idempotency key), and only then deletes the batch
 //! and counts it as published. A crash between publishing and deleting publishes the batch
-//! again, which the hub's dedupe window and the readers' inboxes absorb: at least once,
+//! again, which the hub's dedupe window and the readers (the views' versions, the row tables'
+//! inboxes) absorb: at least once,
 //! exactly once in a view downstream, in order per row (the relay is one sequence, and one
 //! process at a time relays: it holds a lease).
 
@@ -251,7 +252,9 @@ pub struct RelayReport {
     pub retries: u64,
 }
 
-/// Publishes the outbox to a hub; see the [module docs](self).
+/// Publishes the outbox to a hub: in order, a batch at a time, idempotently by event id, and
+/// deletes a batch only once it is published (at least once, in order per row); one process
+/// at a time relays, holding a lease.
 #[derive(Debug)]
 pub struct OutboxRelay {
     outbox: Outbox,

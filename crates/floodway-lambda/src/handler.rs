@@ -8,7 +8,7 @@
 //! | unfinished: transient until the deadline, or a fatal error | the first per shard is reported (Lambda retries from it) | reported | an error (Lambda retries the event) |
 //!
 //! A poison record never blocks a shard and a transient one is never faulted. Records are read
-//! one by one and tolerantly ([`sources`](crate::sources)): only an invocation of no known
+//! one by one and tolerantly ([`sources`]): only an invocation of no known
 //! source fails as a whole, with the `errorType` `UnrecognizedEvent`. The handler
 //! stops `margin` before the invocation's deadline and reports what is left instead of timing
 //! out (a timeout would retry the whole batch).
@@ -165,7 +165,7 @@ impl Handler {
 
     /// [`Handler::handle_bytes`] on a payload it owns: the payload is dropped as soon as its
     /// records are read, before they run, so the invocation's text and the work on its records
-    /// are never in memory together. What [`serve`] does.
+    /// are never in memory together. What [`serve`](crate::serve) does.
     ///
     /// # Errors
     /// As [`Handler::handle_bytes`].

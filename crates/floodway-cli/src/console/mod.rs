@@ -78,8 +78,8 @@ pub(crate) struct AccessArgs {
     #[arg(long)]
     pub(crate) read_only: bool,
     /// Where the console records who did what, one JSON object per line, kept across
-    /// restarts [default: beside the hub file, `<hub>.console.jsonl`; none for a DynamoDB
-    /// table unless given].
+    /// restarts (default: beside the hub file, `<hub>.console.jsonl`; none for a DynamoDB
+    /// table unless given).
     #[arg(long, value_name = "FILE")]
     pub(crate) audit_log: Option<PathBuf>,
 }

@@ -1,6 +1,6 @@
 //! Retries of transient errors, with backoff, attempt and time bounds, and a budget.
 //!
-//! Only [`ErrorClass::Transient`](crate::ErrorClass::Transient) errors are retried: the
+//! Only [`ErrorClass::Transient`] errors are retried: the
 //! connector decides *whether* an error is worth retrying, this layer decides *when*.
 
 mod backoff;
