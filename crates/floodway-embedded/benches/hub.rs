@@ -216,7 +216,7 @@ fn one_run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, events: &[Event]
     let hub = Hub::open(dir.join("hub.db"), HubOptions::default()).unwrap();
     let publish = rt.block_on(publish_all(&hub, events));
     eprintln!("materialize what is already published...");
-    let materialize = rt.block_on(materialize(&hub, n));
+    let materialized = rt.block_on(materialize(&hub, n));
     drop(hub);
     eprintln!("materialize with every store commit synced...");
     // As a NATS hub's local file does: its views and faults are synced before the JetStream
@@ -228,7 +228,7 @@ fn one_run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, events: &[Event]
     let hub = Hub::open(dir.join("synced.db"), external_acks).unwrap();
     let synced = rt.block_on(async {
         publish_all(&hub, events).await;
-        self::materialize(&hub, n).await
+        materialize(&hub, n).await
     });
     drop(hub);
     eprintln!("end to end: publish and materialize...");
@@ -236,7 +236,7 @@ fn one_run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, events: &[Event]
     Run {
         raw,
         publish,
-        materialize,
+        materialize: materialized,
         synced,
         end_to_end,
     }
