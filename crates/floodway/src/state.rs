@@ -126,7 +126,9 @@ pub fn newest_per_key<T>(
     version: impl Fn(&T) -> &Version,
 ) -> (Vec<&T>, Applied) {
     let mut sorted: Vec<&T> = writes.iter().collect();
-    sorted.sort_unstable_by(|a, b| key(a).cmp(key(b)).then_with(|| version(b).cmp(version(a))));
+    // Stable: of two writes of one version (one event writing a key twice), the first in the
+    // batch stays first and is kept, as writing them in turn would keep it.
+    sorted.sort_by(|a, b| key(a).cmp(key(b)).then_with(|| version(b).cmp(version(a))));
     let mut superseded = Applied::default();
     let mut newest: Vec<&T> = Vec::with_capacity(sorted.len());
     for w in sorted {
@@ -380,18 +382,22 @@ mod tests {
         fn the_newest_write_of_each_key_gives_the_rows_of_all_of_them(
             writes in proptest::collection::vec(("[a-c]", 0i64..4, "[a-e]"), 0..30),
         ) {
+            // Each write's value is its place in the batch, so that of two writes of one
+            // version (an event writing a key twice) the one kept shows.
             let writes: Vec<StateWrite> = writes
                 .into_iter()
-                .map(|(key, timestamp, id)| {
-                    StateWrite::new(key, Version { timestamp, id }, Value::Null)
+                .enumerate()
+                .map(|(i, (key, timestamp, id))| {
+                    StateWrite::new(key, Version { timestamp, id }, Value::from(i))
                 })
                 .collect();
-            fn rows<'w>(writes: &[&'w StateWrite]) -> (BTreeMap<&'w str, &'w Version>, usize) {
-                let mut rows: BTreeMap<&str, &Version> = BTreeMap::new();
+            type Rows<'w> = BTreeMap<&'w str, (&'w Version, &'w Value)>;
+            fn rows<'w>(writes: &[&'w StateWrite]) -> (Rows<'w>, usize) {
+                let mut rows = Rows::new();
                 let mut written = 0;
                 for w in writes {
-                    if rows.get(w.key.as_str()).is_none_or(|v| w.version > **v) {
-                        rows.insert(&w.key, &w.version);
+                    if rows.get(w.key.as_str()).is_none_or(|(v, _)| w.version > **v) {
+                        rows.insert(&w.key, (&w.version, &w.value));
                         written += 1;
                     }
                 }
