@@ -274,7 +274,14 @@ fn string_field(
 
 fn raw_str(bytes: &Bytes) -> &str {
     // Checked when decoded.
-    std::str::from_utf8(bytes).unwrap_or_default()
+    checked_utf8(bytes)
+}
+
+/// The text of bytes found to be UTF-8 when the event was decoded. Safe Rust checks them again
+/// each time; `simdutf8` checks 32 bytes at a time, several times faster than
+/// `std::str::from_utf8` on an event's mostly ASCII text.
+fn checked_utf8(bytes: &[u8]) -> &str {
+    simdutf8::basic::from_utf8(bytes).unwrap_or_default()
 }
 
 fn timestamp_field(raw: Option<&str>) -> Result<i64, DecodeEventError> {
@@ -429,9 +436,13 @@ impl Event {
                 limit: max_size,
             });
         }
-        let text = std::str::from_utf8(&bytes).map_err(|e| DecodeEventError::NotUtf8 {
-            valid_up_to: e.valid_up_to(),
-        })?;
+        let Ok(text) = simdutf8::basic::from_utf8(&bytes) else {
+            // The fast check says only whether; the standard one says where.
+            let valid_up_to = std::str::from_utf8(&bytes)
+                .err()
+                .map_or(0, |e| e.valid_up_to());
+            return Err(DecodeEventError::NotUtf8 { valid_up_to });
+        };
 
         if !text.trim_start().starts_with('{') {
             return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
@@ -543,7 +554,7 @@ impl Event {
         match (text, &self.repr) {
             (Text::Owned(s), _) => s,
             (Text::Span(a, b), Repr::Raw { bytes, .. }) => {
-                std::str::from_utf8(&bytes[*a as usize..*b as usize]).unwrap_or_default()
+                checked_utf8(&bytes[*a as usize..*b as usize])
             }
             // `owned()` turns spans into owned strings before it drops the bytes.
             (Text::Span(..), Repr::Owned { .. }) => "",
@@ -1257,6 +1268,10 @@ mod tests {
     fn bad_input_is_a_precise_error() {
         let cases: &[(&[u8], DecodeEventError)] = &[
             (b"\xff\xfe", DecodeEventError::NotUtf8 { valid_up_to: 0 }),
+            (
+                b"{\"id\":\"a\xc3\"}",
+                DecodeEventError::NotUtf8 { valid_up_to: 8 },
+            ),
             (b"[1,2]", DecodeEventError::NotObject),
             (b"\"x\"", DecodeEventError::NotObject),
             (
