@@ -83,10 +83,10 @@ pub(crate) fn json_of(attribute: &AttributeValue) -> Value {
 /// contract. A write is an `UpdateItem` conditional on the row's stored `(timestamp, id)`
 /// being older than the event's, so an older or redelivered event changes nothing (and counts
 /// as stale: the row's version is the inbox). A batch of writes sends the newest write of each
-/// key alone ([`newest_per_key`]), the keys concurrently. Rows hold `pk`, `value` (the value as a DynamoDB map), `timestamp`,
-/// `eventId`, optionally a `discriminator`, and for an expiring row `expires` (ms) and `ttl`
-/// (seconds, for the table's time to live, which deletes within a day or two; reads skip
-/// expired rows at once).
+/// key alone ([`newest_per_key`]), the keys concurrently. Rows hold `pk`, `value` (the value
+/// as a DynamoDB map), `timestamp`, `eventId`, optionally a `discriminator`, and for an
+/// expiring row `expires` (ms) and `ttl` (seconds, for the table's time to live, which deletes
+/// within a day or two; reads skip expired rows at once).
 /// A scan reads the whole table (DynamoDB has no order over partition keys): for the command
 /// and the console, not for a pipeline's hot path.
 #[derive(Debug, Clone)]

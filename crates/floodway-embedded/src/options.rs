@@ -42,9 +42,10 @@ pub struct HubOptions {
     /// it every third of this; another process takes the subscription over only once it has
     /// expired (or at once if its holder is a process of this machine that is gone).
     pub lease: Duration,
-    /// How long [`Hub::subscribe_waiting`](crate::Hub::subscribe_waiting) waits for a subscription held by another process
-    /// (default 15 s: longer than a [`lease`](Self::lease), so a holder that died where this
-    /// process cannot see it, in another container, has lost its lease by then).
+    /// How long [`Hub::subscribe_waiting`](crate::Hub::subscribe_waiting) waits for a
+    /// subscription held by another process (default 15 s: longer than a
+    /// [`lease`](Self::lease), so a holder that died where this process cannot see it, in
+    /// another container, has lost its lease by then).
     pub lease_wait: Duration,
     /// How long a row table's inbox remembers the ids of the events applied: one to two of
     /// these windows (default 10 minutes). An event delivered again later is still applied

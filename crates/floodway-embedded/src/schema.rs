@@ -258,11 +258,11 @@ fn configure(
         Durability::Relaxed => "NORMAL",
     };
     // 32 MiB of page cache per connection by default (SQLite's is 2 MiB): views, row tables and
-    // the inbox are written in key order, not insertion order, and must not go to disk for every row
-    // (`HubOptions::page_cache_kib`). The WAL
-    // is checkpointed every 32 MiB rather than every 4 MiB, so a page written many times in a
-    // burst is copied to the database once, and trimmed back to 64 MiB afterwards; the
-    // checkpoints run on their own thread (`WalCheckpoints`), not in a writer's commit.
+    // the inbox are written in key order, not insertion order, and must not go to disk for
+    // every row (`HubOptions::page_cache_kib`). The WAL is checkpointed every 32 MiB rather
+    // than every 4 MiB, so a page written many times in a burst is copied to the database
+    // once, and trimmed back to 64 MiB afterwards; the checkpoints run on their own thread
+    // (`WalCheckpoints`), not in a writer's commit.
     conn.execute_batch(&format!(
         "PRAGMA synchronous = {sync}; PRAGMA cache_size = -{page_cache_kib}; \
          PRAGMA temp_store = MEMORY; PRAGMA journal_size_limit = 67108864;"
