@@ -412,11 +412,16 @@ impl ViewSink {
                     Err(err) => delivery.fail(i, err),
                 }
             }
-            let rows: Vec<(&str, &Version, &str)> = writes
+            let rows: Vec<JsonWrite<'_>> = writes
                 .iter()
-                .map(|(k, v, j)| (k.as_str(), v, j.as_str()))
+                .map(|(key, version, value)| JsonWrite {
+                    key,
+                    version,
+                    value,
+                    expires_at: None,
+                })
                 .collect();
-            store.apply_json(&rows).map_err(Error::from)?;
+            store.apply_rows(&rows).map_err(Error::from)?;
             Ok(delivery)
         };
         match tokio::runtime::Handle::try_current() {
