@@ -131,6 +131,93 @@ async fn same_key_runs_in_order_while_keys_run_concurrently() {
     );
 }
 
+/// A sink that answers some calls at once and makes the others wait, recording the order in
+/// which each key's events were delivered and failing the run if two calls holding one key
+/// overlap.
+#[derive(Clone, Default)]
+struct MixedSink {
+    order: Arc<Mutex<HashMap<String, Vec<u64>>>>,
+    busy: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl MixedSink {
+    fn sink(&self) -> impl floodway::Sink {
+        let this = self.clone();
+        sink_fn(move |batch: Batch| {
+            let this = this.clone();
+            async move {
+                let events: Vec<(String, u64)> = batch
+                    .events()
+                    .map(|e| (e.partition_key().to_owned(), e.id()[2..].parse().unwrap()))
+                    .collect();
+                let mut held: Vec<String> = events.iter().map(|(k, _)| k.clone()).collect();
+                held.sort_unstable();
+                held.dedup();
+                for key in &held {
+                    let mut busy = this.busy.lock().unwrap();
+                    let n = busy.entry(key.clone()).or_default();
+                    assert_eq!(*n, 0, "two calls holding key {key} ran at once");
+                    *n += 1;
+                }
+                // A call whose first event's number is a multiple of 3 answers at once; the
+                // others wait a varied time, so that later work of other keys overtakes them.
+                let first = events[0].1;
+                if !first.is_multiple_of(3) {
+                    tokio::time::sleep(Duration::from_millis(1 + (first * 7919) % 13)).await;
+                }
+                let mut busy = this.busy.lock().unwrap();
+                for key in held {
+                    *busy.get_mut(&key).unwrap() -= 1;
+                }
+                let mut order = this.order.lock().unwrap();
+                for (key, n) in events {
+                    order.entry(key).or_default().push(n);
+                }
+                Ok::<_, Error>(())
+            }
+        })
+    }
+
+    /// Asserts `events` events of `keys` keys were delivered, each once and in its key's
+    /// order.
+    fn assert_in_order(&self, events: usize, keys: usize) {
+        let order = self.order.lock().unwrap();
+        assert_eq!(order.len(), keys);
+        for (key, seq) in order.iter() {
+            let mut sorted = seq.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(seq, &sorted, "key {key} out of order or repeated");
+        }
+        assert_eq!(order.values().map(Vec::len).sum::<usize>(), events);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn order_holds_when_some_calls_answer_at_once() {
+    // Work that may start at once starts as it is dispatched, and takes its keys only when
+    // its call does not answer at once: mix both kinds of calls on few keys, one event at a
+    // time and in batches that share keys.
+    let kit = TestKit::new();
+    let single = MixedSink::default();
+    let pipeline = Pipeline::builder("single")
+        .parallelism(4)
+        .sink(single.sink())
+        .unwrap();
+    run_pipeline(&kit, pipeline, &events(600, 7)).await.unwrap();
+    single.assert_in_order(600, 7);
+
+    let kit = TestKit::new();
+    let batches = MixedSink::default();
+    let pipeline = Pipeline::builder("batched")
+        .parallelism(3)
+        .batch(floodway::BatchConfig::count(4))
+        .sink(batches.sink())
+        .unwrap();
+    run_pipeline(&kit, pipeline, &events(600, 7)).await.unwrap();
+    batches.assert_in_order(600, 7);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_slow_sink_slows_the_source_and_in_flight_work_stays_bounded() {
     let kit = TestKit::new();

@@ -264,7 +264,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         loop {
             self.start_ready()?;
             if source_done || stopping.is_some() {
-                self.flush_batchers(false);
+                self.flush_batchers(false)?;
                 self.start_ready()?;
             }
             if (source_done || stopping.is_some()) && self.is_idle() {
@@ -301,7 +301,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 // Pulling stopped at the in-flight bound and nothing runs that could make room:
                 // the open batches hold every record in flight. Send them now rather than wait
                 // for a time limit that may be long, or none.
-                self.flush_batchers(false);
+                self.flush_batchers(false)?;
                 self.start_ready()?;
                 if !self.is_idle_but_batches() {
                     // The batches went out, and may have finished at once (a sink answering
@@ -338,14 +338,14 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     rx.close();
                 }
                 () = tokio::time::sleep_until(batch_deadline.unwrap_or_else(far)), if batch_deadline.is_some() => {
-                    self.flush_batchers(true);
+                    self.flush_batchers(true)?;
                 }
                 () = tokio::time::sleep_until(next_commit) => {
                     self.commit().await?;
                     next_commit = Instant::now() + config.commit_interval;
                 }
                 pulled = rx.recv(), if can_pull => match pulled {
-                    Some(Ok(Some(records))) => self.dispatch(records),
+                    Some(Ok(Some(records))) => self.dispatch(records)?,
                     Some(Ok(None)) => source_done = true,
                     None => {
                         return Err(RunError::Source(SourceError {
@@ -392,7 +392,8 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         Ok(())
     }
 
-    fn dispatch(&mut self, records: Vec<Record>) {
+    /// Decodes and dispatches pulled records; work that can start at once starts here.
+    fn dispatch(&mut self, records: Vec<Record>) -> Result<(), RunError> {
         let max_size = self.proc.config.max_event_size;
         let pipelines = self.pipes.len() as u32;
         self.report.received += records.len() as u64;
@@ -427,13 +428,14 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 continue;
             }
             for index in 0..self.pipes.len() {
-                self.dispatch_to(index, &record, &event, ticket);
+                self.dispatch_to(index, &record, &event, ticket)?;
             }
         }
         if let Some(ts) = newest {
             self.lag_seconds
                 .set((now_millis() - ts).max(0) as f64 / 1000.0);
         }
+        Ok(())
     }
 
     fn dispatch_to(
@@ -442,12 +444,12 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         record: &Arc<Record>,
         event: &Arc<Event>,
         ticket: Ticket,
-    ) {
+    ) -> Result<(), RunError> {
         let pipe = &mut self.pipes[index];
         if !pipe.pipeline.accepts(event) {
             pipe.tally.filtered();
             self.finish(ticket, false);
-            return;
+            return Ok(());
         }
         pipe.tally.taken();
         let uow = Uow::new(record.clone(), event.clone(), ticket);
@@ -456,14 +458,15 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         if pieces == 0 {
             pipe.tally.filtered();
             self.finish(ticket, false);
-            return;
+            return Ok(());
         }
         self.ledger.add_pieces(ticket, pieces - 1);
         let mut failed = out.failed;
         for (uow, from) in out.ready {
-            failed.extend(Self::route(pipe, uow, from));
+            failed.extend(self.route(index, uow, from)?);
         }
         self.raise(index, failed);
+        Ok(())
     }
 
     /// Faults units of work that failed outside a scheduled unit (a synchronous step, a
@@ -489,40 +492,54 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         }
     }
 
-    /// Sends a unit of work on: to the scheduler, or to the batcher once all steps ran.
-    /// Returns the units of work a batch flush could not key.
-    fn route(pipe: &mut Pipe, uow: Uow, from: usize) -> Vec<StepFailure> {
+    /// Sends a unit of work of pipeline `index` on: to its scheduler, or to its batcher once
+    /// all steps ran. Returns the units of work a batch flush could not key.
+    fn route(&mut self, index: usize, uow: Uow, from: usize) -> Result<Vec<StepFailure>, RunError> {
+        let pipe = &mut self.pipes[index];
         let done_with_steps = from >= pipe.core.steps.len();
         match &mut pipe.batcher {
             Some(batcher) if done_with_steps => {
                 let flush = batcher.push(uow);
-                return Self::submit(&mut pipe.sched, flush);
+                return self.submit(index, flush);
             }
             Some(_) => {
                 pipe.upstream += 1;
                 let key = Keys::One(key_hash(uow.order_key()));
-                pipe.sched.submit(key, Work::Pre { uow, from });
+                self.schedule(index, key, Work::Pre { uow, from })?;
             }
             None => {
                 let key = Keys::One(key_hash(uow.order_key()));
-                pipe.sched.submit(key, Work::Single { uow, from });
+                self.schedule(index, key, Work::Single { uow, from })?;
             }
         }
-        Vec::new()
+        Ok(Vec::new())
     }
 
     /// Schedules flushed batches with the keys of their members.
-    fn submit(sched: &mut Scheduler<Work>, flush: Flush) -> Vec<StepFailure> {
+    fn submit(&mut self, index: usize, flush: Flush) -> Result<Vec<StepFailure>, RunError> {
         for flushed in flush.batches {
             let keys = keys_of(&flushed.members);
-            sched.submit(keys, Work::Batch(flushed));
+            self.schedule(index, keys, Work::Batch(flushed))?;
         }
-        flush.failed
+        Ok(flush.failed)
     }
 
+    /// Hands work to pipeline `index`'s scheduler; work that may start at once (a free slot,
+    /// its keys free, nothing ready before it) starts here, and when it is done at once (a
+    /// sink answering synchronously) it never enters the scheduler's queues or key table.
+    fn schedule(&mut self, index: usize, keys: Keys, work: Work) -> Result<(), RunError> {
+        let sched = &mut self.pipes[index].sched;
+        match sched.try_start(&keys) {
+            Some(id) => self.start(index, id, keys, work, true),
+            None => {
+                sched.submit(keys, work);
+                Ok(())
+            }
+        }
+    }
     /// Flushes the batchers that must: those past their deadline (`due`), or, with no more
     /// input coming, those with no upstream work left.
-    fn flush_batchers(&mut self, due: bool) {
+    fn flush_batchers(&mut self, due: bool) -> Result<(), RunError> {
         let now = Instant::now();
         for index in 0..self.pipes.len() {
             let pipe = &mut self.pipes[index];
@@ -537,10 +554,11 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             };
             if flush_now {
                 let flush = batcher.flush();
-                let failed = Self::submit(&mut pipe.sched, flush);
+                let failed = self.submit(index, flush)?;
                 self.raise(index, failed);
             }
         }
+        Ok(())
     }
 
     /// Starts the work each scheduler lets start. Each unit is polled once right away: one
@@ -549,17 +567,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     fn start_ready(&mut self) -> Result<(), RunError> {
         for index in 0..self.pipes.len() {
             while let Some((id, keys, work)) = self.pipes[index].sched.next() {
-                let pipe = &self.pipes[index];
-                let unit = scheduled(
-                    self.ctx.clone(),
-                    index,
-                    pipe.core.clone(),
-                    pipe.timers.clone(),
-                    id,
-                    keys,
-                    work,
-                );
-                self.launch(unit)?;
+                self.start(index, id, keys, work, false)?;
             }
         }
         for unit in std::mem::take(&mut self.faults_due) {
@@ -568,13 +576,65 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         Ok(())
     }
 
-    /// Polls a new unit once; one that is not done at once joins the pending units, which
-    /// poll it again with a real waker before anything waits.
-    fn launch(&mut self, mut unit: BoxUnit) -> Result<(), RunError> {
+    /// Starts work the scheduler of pipeline `index` let start under `id`; `unclaimed`: it
+    /// was started by `try_start`, and takes its keys only if it is not done at once.
+    fn start(
+        &mut self,
+        index: usize,
+        id: u64,
+        keys: Keys,
+        work: Work,
+        unclaimed: bool,
+    ) -> Result<(), RunError> {
+        let pipe = &mut self.pipes[index];
+        if unclaimed {
+            // Cheap to clone: one hash, or a batch's few.
+            let claim = keys.clone();
+            let unit = scheduled(
+                self.ctx.clone(),
+                index,
+                pipe.core.clone(),
+                pipe.timers.clone(),
+                id,
+                keys,
+                work,
+            );
+            return match Self::poll_once(unit) {
+                Ok(output) => self.complete(output),
+                Err(unit) => {
+                    self.pipes[index].sched.claim(id, &claim);
+                    self.units.push(unit);
+                    Ok(())
+                }
+            };
+        }
+        let unit = scheduled(
+            self.ctx.clone(),
+            index,
+            pipe.core.clone(),
+            pipe.timers.clone(),
+            id,
+            keys,
+            work,
+        );
+        self.launch(unit)
+    }
+
+    /// Polls a new unit once: its output if it is done at once, else the unit.
+    fn poll_once(mut unit: BoxUnit) -> Result<UnitOutput, BoxUnit> {
         let mut cx = Context::from_waker(Waker::noop());
         match unit.as_mut().poll(&mut cx) {
-            Poll::Ready(output) => self.complete(output),
-            Poll::Pending => {
+            Poll::Ready(output) => Ok(output),
+            Poll::Pending => Err(unit),
+        }
+    }
+
+    /// Polls a new unit once; one that is not done at once joins the pending units, which
+    /// poll it again with a real waker before anything waits.
+    fn launch(&mut self, unit: BoxUnit) -> Result<(), RunError> {
+        match Self::poll_once(unit) {
+            Ok(output) => self.complete(output),
+            Err(unit) => {
                 self.units.push(unit);
                 Ok(())
             }
@@ -599,11 +659,11 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             if slot.is_some() {
                 pipe.tally.faulted(outcome.faults);
             }
+            let from = pipe.core.steps.len();
             let mut failed = Vec::new();
             for child in outcome.children {
                 self.ledger.add_pieces(child.ticket, 1);
-                let from = pipe.core.steps.len();
-                failed.extend(Self::route(pipe, child, from));
+                failed.extend(self.route(pipeline, child, from)?);
             }
             self.raise(pipeline, failed);
         }

@@ -163,6 +163,40 @@ impl<T> Scheduler<T> {
         }
     }
 
+    /// Starts an item at once, without queueing it, when it may start and nothing is ready
+    /// before it: a slot is free and no unfinished item holds any of `keys`. Answers the id
+    /// it runs under (running until [`Self::complete`]); `None`: submit it.
+    ///
+    /// The keys are not taken: an item that finishes before anything else is submitted (a
+    /// sink answering synchronously) never touches the key table. One that does not finish at
+    /// once must be [`Self::claim`]ed before the next submission.
+    pub(crate) fn try_start(&mut self, keys: &Keys) -> Option<u64> {
+        if self.running >= self.parallelism || !self.ready.is_empty() {
+            return None;
+        }
+        if !self.keys.is_empty() && keys.as_slice().iter().any(|k| self.keys.contains_key(k)) {
+            return None;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.running += 1;
+        Some(id)
+    }
+
+    /// Takes the keys of an item started by [`Self::try_start`] that did not finish at once.
+    pub(crate) fn claim(&mut self, id: u64, keys: &Keys) {
+        for key in keys.as_slice() {
+            let previous = self.keys.insert(
+                *key,
+                KeyQueue {
+                    head: id,
+                    rest: VecDeque::new(),
+                },
+            );
+            debug_assert!(previous.is_none(), "a started item's keys were free");
+        }
+    }
+
     /// The next item that may start, if any; it counts as running until [`Self::complete`].
     pub(crate) fn next(&mut self) -> Option<(u64, Keys, T)> {
         if self.running >= self.parallelism {
@@ -173,7 +207,8 @@ impl<T> Scheduler<T> {
         Some(next)
     }
 
-    /// Marks a started item finished, releasing its keys to the items waiting for them.
+    /// Marks a started item finished, releasing its keys to the items waiting for them (an
+    /// item started by [`Self::try_start`] and never claimed holds none).
     pub(crate) fn complete(&mut self, id: u64, keys: &Keys) {
         self.running -= 1;
         for key in keys.as_slice() {
