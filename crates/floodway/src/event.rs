@@ -77,8 +77,10 @@ enum Repr {
     Raw {
         bytes: Bytes,
         has_tags: bool,
-        /// The text holds compressed values ([`crate::compression`]), revived on first use.
-        compressed: bool,
+        /// Whether the text may hold compressed values ([`crate::compression`]), revived on
+        /// first use: looked for when the payload or tags are first read, not at decoding,
+        /// so an event passed on unread is never searched for them.
+        compressed: OnceLock<bool>,
         tags: OnceLock<Map<String, Value>>,
         fields: OnceLock<Map<String, Value>>,
     },
@@ -270,6 +272,11 @@ fn string_field(
         });
     }
     Ok(Text::Owned(value))
+}
+
+/// Whether an event's text may hold compressed values, searched for once.
+fn holds_compressed(bytes: &Bytes, compressed: &OnceLock<bool>) -> bool {
+    *compressed.get_or_init(|| crate::compression::may_hold(bytes))
 }
 
 fn raw_str(bytes: &Bytes) -> &str {
@@ -474,7 +481,7 @@ impl Event {
             timestamp,
             partition_key,
             repr: Repr::Raw {
-                compressed: crate::compression::may_hold(&bytes),
+                compressed: OnceLock::new(),
                 bytes,
                 has_tags,
                 tags: OnceLock::new(),
@@ -599,6 +606,7 @@ impl Event {
                 if !has_tags {
                     return None;
                 }
+                let compressed = holds_compressed(bytes, compressed);
                 Some(tags.get_or_init(|| {
                     #[derive(Deserialize)]
                     struct Tags {
@@ -608,7 +616,7 @@ impl Event {
                     let mut tags = serde_json::from_str::<Tags>(raw_str(bytes))
                         .map(|t| t.tags)
                         .unwrap_or_default();
-                    if *compressed {
+                    if compressed {
                         // A value that cannot be revived stays as it is (see `payload`).
                         for (name, tag) in tags.iter_mut() {
                             crate::compression::revive_all(&format!("tags.{name}"), tag);
@@ -641,7 +649,7 @@ impl Event {
                 for key in ENVELOPE_FIELDS {
                     map.remove(key);
                 }
-                if *compressed {
+                if holds_compressed(bytes, compressed) {
                     // A value that cannot be revived stays as it is: `payload` reports it.
                     for member in map.values_mut() {
                         crate::compression::revive_all("", member);
@@ -674,16 +682,16 @@ impl Event {
     /// assert!(e.json_at("/order/missing").is_none());
     /// ```
     pub fn json_at(&self, pointer: &str) -> Option<Cow<'_, str>> {
-        let Repr::Raw {
-            bytes,
-            compressed: false,
-            ..
-        } = &self.repr
-        else {
-            return self
-                .to_value()
-                .pointer(pointer)
-                .map(|v| Cow::Owned(v.to_string()));
+        let bytes = match &self.repr {
+            Repr::Raw {
+                bytes, compressed, ..
+            } if !holds_compressed(bytes, compressed) => bytes,
+            _ => {
+                return self
+                    .to_value()
+                    .pointer(pointer)
+                    .map(|v| Cow::Owned(v.to_string()))
+            }
         };
         if pointer.is_empty() {
             return Some(Cow::Borrowed(raw_str(bytes)));
@@ -713,10 +721,8 @@ impl Event {
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, Error> {
         let result = match &self.repr {
             Repr::Raw {
-                bytes,
-                compressed: false,
-                ..
-            } => serde_json::from_str(raw_str(bytes)),
+                bytes, compressed, ..
+            } if !holds_compressed(bytes, compressed) => serde_json::from_str(raw_str(bytes)),
             Repr::Raw { bytes, .. } => {
                 let mut value: Value = serde_json::from_str(raw_str(bytes)).unwrap_or_default();
                 let failed = crate::compression::revive_all("", &mut value);
@@ -1054,7 +1060,7 @@ impl EventBuilder {
                     bytes: Bytes::from(out),
                     has_tags: self.tags.is_some(),
                     // Values set in code are never taken for compressed ones.
-                    compressed: false,
+                    compressed: OnceLock::from(false),
                     tags: self.tags.map(OnceLock::from).unwrap_or_default(),
                     fields: OnceLock::new(),
                 }
