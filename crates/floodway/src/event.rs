@@ -14,6 +14,7 @@ use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
@@ -72,10 +73,10 @@ enum Text {
 
 #[derive(Clone)]
 enum Repr {
-    /// Decoded from `bytes` (valid UTF-8), or built from one payload written straight into
-    /// them; tags and payload are parsed from them on first use.
+    /// Decoded from `text` (checked to be UTF-8 once, as it was decoded), or built from one
+    /// payload written straight into it; tags and payload are parsed from it on first use.
     Raw {
-        bytes: Bytes,
+        text: ByteString,
         has_tags: bool,
         /// Whether the text may hold compressed values ([`crate::compression`]), revived on
         /// first use: looked for when the payload or tags are first read, not at decoding,
@@ -275,20 +276,8 @@ fn string_field(
 }
 
 /// Whether an event's text may hold compressed values, searched for once.
-fn holds_compressed(bytes: &Bytes, compressed: &OnceLock<bool>) -> bool {
-    *compressed.get_or_init(|| crate::compression::may_hold(bytes))
-}
-
-fn raw_str(bytes: &Bytes) -> &str {
-    // Checked when decoded.
-    checked_utf8(bytes)
-}
-
-/// The text of bytes found to be UTF-8 when the event was decoded. Safe Rust checks them again
-/// each time; `simdutf8` checks 32 bytes at a time, several times faster than
-/// `std::str::from_utf8` on an event's mostly ASCII text.
-fn checked_utf8(bytes: &[u8]) -> &str {
-    simdutf8::basic::from_utf8(bytes).unwrap_or_default()
+fn holds_compressed(text: &str, compressed: &OnceLock<bool>) -> bool {
+    *compressed.get_or_init(|| crate::compression::may_hold(text.as_bytes()))
 }
 
 fn timestamp_field(raw: Option<&str>) -> Result<i64, DecodeEventError> {
@@ -443,13 +432,12 @@ impl Event {
                 limit: max_size,
             });
         }
-        let Ok(text) = simdutf8::basic::from_utf8(&bytes) else {
-            // The fast check says only whether; the standard one says where.
-            let valid_up_to = std::str::from_utf8(&bytes)
-                .err()
-                .map_or(0, |e| e.valid_up_to());
-            return Err(DecodeEventError::NotUtf8 { valid_up_to });
-        };
+        // Checked once: the event keeps its text as text, and reading it (the envelope
+        // strings, the payload) never checks it again.
+        let source = ByteString::try_from(bytes).map_err(|e| DecodeEventError::NotUtf8 {
+            valid_up_to: e.valid_up_to(),
+        })?;
+        let text: &str = &source;
 
         if !text.trim_start().starts_with('{') {
             return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
@@ -482,7 +470,7 @@ impl Event {
             partition_key,
             repr: Repr::Raw {
                 compressed: OnceLock::new(),
-                bytes,
+                text: source,
                 has_tags,
                 tags: OnceLock::new(),
                 fields: OnceLock::new(),
@@ -560,8 +548,8 @@ impl Event {
     fn text<'a>(&'a self, text: &'a Text) -> &'a str {
         match (text, &self.repr) {
             (Text::Owned(s), _) => s,
-            (Text::Span(a, b), Repr::Raw { bytes, .. }) => {
-                checked_utf8(&bytes[*a as usize..*b as usize])
+            (Text::Span(a, b), Repr::Raw { text, .. }) => {
+                text.get(*a as usize..*b as usize).unwrap_or_default()
             }
             // `owned()` turns spans into owned strings before it drops the bytes.
             (Text::Span(..), Repr::Owned { .. }) => "",
@@ -597,7 +585,7 @@ impl Event {
     pub fn tags(&self) -> Option<&Map<String, Value>> {
         match &self.repr {
             Repr::Raw {
-                bytes,
+                text,
                 has_tags,
                 compressed,
                 tags,
@@ -606,14 +594,14 @@ impl Event {
                 if !has_tags {
                     return None;
                 }
-                let compressed = holds_compressed(bytes, compressed);
+                let compressed = holds_compressed(text, compressed);
                 Some(tags.get_or_init(|| {
                     #[derive(Deserialize)]
                     struct Tags {
                         #[serde(default)]
                         tags: Map<String, Value>,
                     }
-                    let mut tags = serde_json::from_str::<Tags>(raw_str(bytes))
+                    let mut tags = serde_json::from_str::<Tags>(text)
                         .map(|t| t.tags)
                         .unwrap_or_default();
                     if compressed {
@@ -639,17 +627,16 @@ impl Event {
     pub fn fields(&self) -> &Map<String, Value> {
         match &self.repr {
             Repr::Raw {
-                bytes,
+                text,
                 fields,
                 compressed,
                 ..
             } => fields.get_or_init(|| {
-                let mut map: Map<String, Value> =
-                    serde_json::from_str(raw_str(bytes)).unwrap_or_default();
+                let mut map: Map<String, Value> = serde_json::from_str(text).unwrap_or_default();
                 for key in ENVELOPE_FIELDS {
                     map.remove(key);
                 }
-                if holds_compressed(bytes, compressed) {
+                if holds_compressed(text, compressed) {
                     // A value that cannot be revived stays as it is: `payload` reports it.
                     for member in map.values_mut() {
                         crate::compression::revive_all("", member);
@@ -682,10 +669,10 @@ impl Event {
     /// assert!(e.json_at("/order/missing").is_none());
     /// ```
     pub fn json_at(&self, pointer: &str) -> Option<Cow<'_, str>> {
-        let bytes = match &self.repr {
+        let text: &str = match &self.repr {
             Repr::Raw {
-                bytes, compressed, ..
-            } if !holds_compressed(bytes, compressed) => bytes,
+                text, compressed, ..
+            } if !holds_compressed(text, compressed) => text,
             _ => {
                 return self
                     .to_value()
@@ -694,7 +681,7 @@ impl Event {
             }
         };
         if pointer.is_empty() {
-            return Some(Cow::Borrowed(raw_str(bytes)));
+            return Some(Cow::Borrowed(text));
         }
         let tokens: Vec<Cow<'_, str>> = pointer
             .strip_prefix('/')?
@@ -707,7 +694,7 @@ impl Event {
                 }
             })
             .collect();
-        let mut de = serde_json::Deserializer::from_str(raw_str(bytes));
+        let mut de = serde_json::Deserializer::from_str(text);
         let found =
             serde::de::DeserializeSeed::deserialize(At { tokens: &tokens }, &mut de).ok()??;
         Some(Cow::Borrowed(found.get()))
@@ -721,10 +708,10 @@ impl Event {
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, Error> {
         let result = match &self.repr {
             Repr::Raw {
-                bytes, compressed, ..
-            } if !holds_compressed(bytes, compressed) => serde_json::from_str(raw_str(bytes)),
-            Repr::Raw { bytes, .. } => {
-                let mut value: Value = serde_json::from_str(raw_str(bytes)).unwrap_or_default();
+                text, compressed, ..
+            } if !holds_compressed(text, compressed) => serde_json::from_str(text),
+            Repr::Raw { text, .. } => {
+                let mut value: Value = serde_json::from_str(text).unwrap_or_default();
                 let failed = crate::compression::revive_all("", &mut value);
                 // A value that cannot be revived stays as it is: it is the error only when it
                 // keeps the event from fitting `T` (a fault event carries other events, which
@@ -754,7 +741,11 @@ impl Event {
 
     /// Encodes the event as JSON. An event decoded and not changed encodes to its original text.
     pub fn to_json(&self) -> String {
-        raw_str(&self.to_bytes()).to_owned()
+        match &self.repr {
+            Repr::Raw { text, .. } => text.to_string(),
+            // serde_json's encoding, which is UTF-8.
+            Repr::Owned { .. } => String::from_utf8(self.to_bytes().to_vec()).unwrap_or_default(),
+        }
     }
 
     /// The event's JSON as a shared buffer: the bytes it was decoded from when unchanged (no
@@ -762,7 +753,7 @@ impl Event {
     /// publish events send.
     pub fn to_bytes(&self) -> Bytes {
         match &self.repr {
-            Repr::Raw { bytes, .. } => bytes.clone(),
+            Repr::Raw { text, .. } => text.as_bytes().clone(),
             Repr::Owned { encoded, .. } => encoded
                 .get_or_init(|| Bytes::from(serde_json::to_vec(self).unwrap_or_default()))
                 .clone(),
@@ -773,7 +764,7 @@ impl Event {
     /// payload), if it was not changed since.
     pub fn source_text(&self) -> Option<&str> {
         match &self.repr {
-            Repr::Raw { bytes, .. } => Some(raw_str(bytes)),
+            Repr::Raw { text, .. } => Some(text),
             Repr::Owned { .. } => None,
         }
     }
@@ -783,7 +774,7 @@ impl Event {
     /// copying.
     pub fn source_bytes(&self) -> Option<&Bytes> {
         match &self.repr {
-            Repr::Raw { bytes, .. } => Some(bytes),
+            Repr::Raw { text, .. } => Some(text.as_bytes()),
             Repr::Owned { .. } => None,
         }
     }
@@ -791,7 +782,7 @@ impl Event {
     /// The encoded size in bytes (exact for decoded events, computed otherwise).
     pub fn encoded_len(&self) -> usize {
         match &self.repr {
-            Repr::Raw { bytes, .. } => bytes.len(),
+            Repr::Raw { text, .. } => text.len(),
             Repr::Owned { .. } => self.to_bytes().len(),
         }
     }
@@ -1057,7 +1048,8 @@ impl EventBuilder {
                 }
                 out.push(b'}');
                 Repr::Raw {
-                    bytes: Bytes::from(out),
+                    // serde_json writes UTF-8, and so does everything else written here.
+                    text: ByteString::try_from(out).unwrap_or_default(),
                     has_tags: self.tags.is_some(),
                     // Values set in code are never taken for compressed ones.
                     compressed: OnceLock::from(false),
