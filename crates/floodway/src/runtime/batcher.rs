@@ -11,8 +11,16 @@ use crate::uow::{Batch, Uow};
 
 /// A batch ready for the sink: `items` go to the sink; every member is done when it is.
 pub(crate) struct Flushed {
-    pub(crate) members: Vec<Uow>,
+    /// The members, when they are not the items (a compacted batch sends fewer).
+    compacted: Option<Vec<Uow>>,
     pub(crate) items: Batch,
+}
+
+impl Flushed {
+    /// The units of work that are done when the batch is.
+    pub(crate) fn members(&self) -> &[Uow] {
+        self.compacted.as_deref().unwrap_or(self.items.items())
+    }
 }
 
 pub(crate) struct Batcher {
@@ -80,17 +88,21 @@ impl Batcher {
             }
         };
         for members in groups {
-            let (members, items) = match &self.batching.compact {
-                None => (members.clone(), members),
+            let (compacted, items) = match &self.batching.compact {
+                None => (None, members),
                 Some(key) => {
                     let keyed = keyed(members, key.as_ref(), "compact", &mut out.failed);
                     let items = compact(&keyed);
-                    (keyed.into_iter().map(|(_, u)| u).collect(), items)
+                    let members: Vec<Uow> = keyed.into_iter().map(|(_, u)| u).collect();
+                    if members.is_empty() {
+                        continue;
+                    }
+                    (Some(members), items)
                 }
             };
-            if !members.is_empty() {
+            if !items.is_empty() {
                 out.batches.push(Flushed {
-                    members,
+                    compacted,
                     items: Batch::new(items),
                 });
             }
@@ -254,7 +266,7 @@ mod tests {
         b.push(uow("a", 5, "4"));
         let out = b.flush().batches;
         assert_eq!(out.len(), 2);
-        assert_eq!(out[0].members.len(), 3);
+        assert_eq!(out[0].members().len(), 3);
         let ids: Vec<_> = out[0].items.events().map(|e| e.id().to_owned()).collect();
         assert_eq!(ids, vec!["4"], "latest by (timestamp, id)");
         assert_eq!(out[1].items.len(), 1);
@@ -262,7 +274,7 @@ mod tests {
 
     fn ids(batch: &Flushed) -> Vec<String> {
         batch
-            .members
+            .members()
             .iter()
             .map(|u| u.event().id().to_owned())
             .collect()

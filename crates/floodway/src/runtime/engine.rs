@@ -518,7 +518,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     /// Schedules flushed batches with the keys of their members.
     fn submit(&mut self, index: usize, flush: Flush) -> Result<Vec<StepFailure>, RunError> {
         for flushed in flush.batches {
-            let keys = keys_of(&flushed.members);
+            let keys = keys_of(flushed.members());
             self.schedule(index, keys, Work::Batch(flushed))?;
         }
         Ok(flush.failed)

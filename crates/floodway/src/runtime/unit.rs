@@ -311,7 +311,7 @@ async fn run_batch(
     };
     Ok(Outcome {
         finished: flushed
-            .members
+            .members()
             .iter()
             .map(|m| (m.ticket, !failed.is_empty() && is_faulted(m)))
             .collect(),
