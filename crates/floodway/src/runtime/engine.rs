@@ -21,7 +21,9 @@ use crate::pipeline::step::{run_sync, StepFailure};
 use crate::pipeline::{Pipeline, PipelineCore};
 use crate::runtime::batcher::{Batcher, Flush};
 use crate::runtime::scheduler::{key_hash, FxMap, Keys, Scheduler};
-use crate::runtime::unit::{fault_now, scheduled, BoxUnit, Timers, UnitCtx, UnitOutput, Work};
+use crate::runtime::unit::{
+    fault_now, scheduled, BoxUnit, PipeEnv, Timers, UnitCtx, UnitOutput, Work,
+};
 use crate::runtime::{PipelineReport, ProcessorInner, RunReport, Stopped};
 use crate::source::{Checkpoint, Checkpointer, Settlement, Source};
 use crate::uow::{Record, Ticket, Uow};
@@ -36,7 +38,7 @@ struct Pipe {
     /// Pre-batch work not yet finished: the batcher may still receive its outputs.
     upstream: usize,
     /// Shared with every unit of the pipeline: one reference to clone per unit.
-    timers: Arc<Timers>,
+    env: Arc<PipeEnv>,
     tally: Tally,
 }
 
@@ -140,47 +142,54 @@ fn keys_of(members: &[Uow]) -> Keys {
 
 impl<'p, C: Checkpointer> Engine<'p, C> {
     pub(crate) fn new(proc: &'p ProcessorInner, checkpointer: C) -> Self {
+        let ctx = Arc::new(UnitCtx {
+            processor: proc.name.clone(),
+            fault_sink: proc.fault_sink.clone(),
+            redact_all: {
+                let mut all: Vec<String> = proc
+                    .pipelines
+                    .iter()
+                    .flat_map(|p| p.core.redact.iter().cloned())
+                    .collect();
+                all.sort();
+                all.dedup();
+                all.into()
+            },
+        });
         let pipes = proc
             .pipelines
             .iter()
             .filter(|p| p.enabled)
-            .map(|p| Pipe {
+            .enumerate()
+            .map(|(index, p)| Pipe {
                 pipeline: p.clone(),
                 core: p.core.clone(),
                 sched: Scheduler::new(p.core.parallelism),
                 batcher: p.core.batching.clone().map(Batcher::new),
                 upstream: 0,
-                timers: Arc::new(Timers {
-                    steps: metrics::histogram!(
-                        "floodway_step_duration_seconds",
-                        "processor" => proc.name.to_string(),
-                        "pipeline" => p.core.name.to_string()
-                    ),
-                    sink: metrics::histogram!(
-                        "floodway_sink_duration_seconds",
-                        "processor" => proc.name.to_string(),
-                        "pipeline" => p.core.name.to_string()
-                    ),
+                env: Arc::new(PipeEnv {
+                    ctx: ctx.clone(),
+                    core: p.core.clone(),
+                    index,
+                    timers: Timers {
+                        steps: metrics::histogram!(
+                            "floodway_step_duration_seconds",
+                            "processor" => proc.name.to_string(),
+                            "pipeline" => p.core.name.to_string()
+                        ),
+                        sink: metrics::histogram!(
+                            "floodway_sink_duration_seconds",
+                            "processor" => proc.name.to_string(),
+                            "pipeline" => p.core.name.to_string()
+                        ),
+                    },
                 }),
                 tally: Tally::new(&proc.name, &p.core.name),
             })
             .collect();
         Engine {
             proc,
-            ctx: Arc::new(UnitCtx {
-                processor: proc.name.clone(),
-                fault_sink: proc.fault_sink.clone(),
-                redact_all: {
-                    let mut all: Vec<String> = proc
-                        .pipelines
-                        .iter()
-                        .flat_map(|p| p.core.redact.iter().cloned())
-                        .collect();
-                    all.sort();
-                    all.dedup();
-                    all.into()
-                },
-            }),
+            ctx,
             pipes,
             ledger: Ledger::default(),
             units: FuturesUnordered::new(),
@@ -586,19 +595,11 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         work: Work,
         unclaimed: bool,
     ) -> Result<(), RunError> {
-        let pipe = &mut self.pipes[index];
+        let env = self.pipes[index].env.clone();
         if unclaimed {
             // Cheap to clone: one hash, or a batch's few.
             let claim = keys.clone();
-            let unit = scheduled(
-                self.ctx.clone(),
-                index,
-                pipe.core.clone(),
-                pipe.timers.clone(),
-                id,
-                keys,
-                work,
-            );
+            let unit = scheduled(env, id, keys, work);
             return match Self::poll_once(unit) {
                 Ok(output) => self.complete(output),
                 Err(unit) => {
@@ -608,16 +609,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 }
             };
         }
-        let unit = scheduled(
-            self.ctx.clone(),
-            index,
-            pipe.core.clone(),
-            pipe.timers.clone(),
-            id,
-            keys,
-            work,
-        );
-        self.launch(unit)
+        self.launch(scheduled(env, id, keys, work))
     }
 
     /// Polls a new unit once: its output if it is done at once, else the unit.

@@ -39,6 +39,15 @@ pub(crate) struct Timers {
     pub(crate) steps: Histogram,
 }
 
+/// What every unit of a pipeline shares, behind one reference counted once per unit.
+pub(crate) struct PipeEnv {
+    pub(crate) ctx: Arc<UnitCtx>,
+    pub(crate) core: Arc<PipelineCore>,
+    /// The pipeline's position among the run's pipelines.
+    pub(crate) index: usize,
+    pub(crate) timers: Timers,
+}
+
 /// What the processor shares with every unit.
 pub(crate) struct UnitCtx {
     pub(crate) processor: Arc<str>,
@@ -323,15 +332,8 @@ async fn run_batch(
 }
 
 /// The future of scheduled work.
-pub(crate) fn scheduled(
-    ctx: Arc<UnitCtx>,
-    pipeline: usize,
-    core: Arc<PipelineCore>,
-    timers: Arc<Timers>,
-    id: u64,
-    keys: Keys,
-    work: Work,
-) -> BoxUnit {
+pub(crate) fn scheduled(env: Arc<PipeEnv>, id: u64, keys: Keys, work: Work) -> BoxUnit {
+    let core = &env.core;
     let span = match &work {
         Work::Single { uow, .. } | Work::Pre { uow, .. } => tracing::debug_span!(
             "uow",
@@ -345,13 +347,14 @@ pub(crate) fn scheduled(
         }
     };
     let unit = async move {
+        let (ctx, core, timers) = (&*env.ctx, &*env.core, &env.timers);
         let result = match work {
-            Work::Single { uow, from } => run_steps(&ctx, &core, &timers, (uow, from), false).await,
-            Work::Pre { uow, from } => run_steps(&ctx, &core, &timers, (uow, from), true).await,
-            Work::Batch(flushed) => run_batch(&ctx, &core, &timers.sink, flushed).await,
+            Work::Single { uow, from } => run_steps(ctx, core, timers, (uow, from), false).await,
+            Work::Pre { uow, from } => run_steps(ctx, core, timers, (uow, from), true).await,
+            Work::Batch(flushed) => run_batch(ctx, core, &timers.sink, flushed).await,
         };
         UnitOutput {
-            pipeline,
+            pipeline: env.index,
             slot: Some((id, keys)),
             result,
         }
