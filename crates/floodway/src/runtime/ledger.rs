@@ -46,24 +46,17 @@ pub(crate) struct Ledger {
     undone: usize,
     partitions: Vec<Partition>,
     partition_index: FxMap<Arc<str>, usize>,
+    /// The partition of the last record admitted: a source's batch is mostly of one
+    /// partition, found by comparing its name rather than hashing it.
+    last: Option<(Arc<str>, usize)>,
 }
 
 impl Ledger {
     /// Registers a delivered record with `pieces` pieces; returns its ticket.
     pub(crate) fn admit(&mut self, record: Arc<Record>, pieces: u32) -> Ticket {
-        let partition = match self.partition_index.get(&record.partition) {
-            Some(i) => *i,
-            None => {
-                let i = self.partitions.len();
-                self.partitions.push(Partition {
-                    name: record.partition.clone(),
-                    order: VecDeque::new(),
-                    checkpoint: None,
-                    dirty: false,
-                });
-                self.partition_index.insert(record.partition.clone(), i);
-                i
-            }
+        let partition = match &self.last {
+            Some((name, i)) if *name == record.partition => *i,
+            _ => self.partition_of(&record.partition),
         };
         let ticket = self.base + self.slots.len() as u64;
         self.partitions[partition].order.push_back(ticket);
@@ -76,6 +69,26 @@ impl Ledger {
         });
         self.undone += 1;
         ticket
+    }
+
+    /// The index of partition `name`, added if new; remembered as the last one seen.
+    fn partition_of(&mut self, name: &Arc<str>) -> usize {
+        let i = match self.partition_index.get(name) {
+            Some(i) => *i,
+            None => {
+                let i = self.partitions.len();
+                self.partitions.push(Partition {
+                    name: name.clone(),
+                    order: VecDeque::new(),
+                    checkpoint: None,
+                    dirty: false,
+                });
+                self.partition_index.insert(name.clone(), i);
+                i
+            }
+        };
+        self.last = Some((name.clone(), i));
+        i
     }
 
     fn slot(&mut self, ticket: Ticket) -> &mut Slot {
