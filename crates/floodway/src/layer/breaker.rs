@@ -383,6 +383,14 @@ mod tests {
     use tower::Service;
     use tower::ServiceExt;
 
+    /// Runs a test's body, failing it if the paused clock passes an hour: a held call that
+    /// never learns the target is healthy would otherwise spin forever instead of failing.
+    async fn bounded(test: impl std::future::Future<Output = ()>) {
+        tokio::time::timeout(Duration::from_secs(3600), test)
+            .await
+            .expect("a call was held for an hour");
+    }
+
     /// `svc` behind a breaker of the default settings, and the breaker.
     fn guarded<S>(svc: S) -> (CircuitBreaker, Breaker<S>) {
         let breaker = CircuitBreaker::new(BreakerConfig::default(), "t");
@@ -392,73 +400,82 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn holds_during_outage_and_resumes() {
-        let up = Arc::new(AtomicBool::new(false));
-        let u = up.clone();
-        let svc = service_fn(move |x: u32| {
-            let up = u.load(Ordering::SeqCst);
-            async move {
-                if up {
-                    Ok(x)
-                } else {
-                    Err(Error::transient_msg("Down", "connection refused"))
+        bounded(async {
+            let up = Arc::new(AtomicBool::new(false));
+            let u = up.clone();
+            let svc = service_fn(move |x: u32| {
+                let up = u.load(Ordering::SeqCst);
+                async move {
+                    if up {
+                        Ok(x)
+                    } else {
+                        Err(Error::transient_msg("Down", "connection refused"))
+                    }
                 }
-            }
-        });
-        let (breaker, svc) = guarded(svc);
-        let call = tokio::spawn(svc.clone().oneshot(1));
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(!call.is_finished(), "held, not failed");
-        assert!(matches!(breaker.state(), BreakerState::Open { .. }));
-        assert!(breaker.opens() >= 4, "probes back off: {}", breaker.opens());
-        up.store(true, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_secs(31)).await;
-        assert_eq!(call.await.unwrap().unwrap(), 1);
-        assert_eq!(breaker.state(), BreakerState::Closed);
+            });
+            let (breaker, svc) = guarded(svc);
+            let call = tokio::spawn(svc.clone().oneshot(1));
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            assert!(!call.is_finished(), "held, not failed");
+            assert!(matches!(breaker.state(), BreakerState::Open { .. }));
+            assert!(breaker.opens() >= 4, "probes back off: {}", breaker.opens());
+            up.store(true, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(31)).await;
+            assert_eq!(call.await.unwrap().unwrap(), 1);
+            assert_eq!(breaker.state(), BreakerState::Closed);
+        })
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_call_failing_while_others_succeed_is_returned() {
-        let svc = service_fn(|x: u32| async move {
-            if x == 13 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                Err(Error::transient_msg("Timeout", "always"))
-            } else {
-                Ok(x)
-            }
-        });
-        let (breaker, svc) = guarded(svc);
-        let bad = tokio::spawn(svc.clone().oneshot(13));
-        // The bad call is held, the breaker opens; a new call probes and succeeds, which
-        // proves the target healthy: the held call then fails for good on its next try.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let good = tokio::spawn(svc.clone().oneshot(1));
-        assert_eq!(good.await.unwrap().unwrap(), 1);
-        let err = bad.await.unwrap().unwrap_err();
-        assert_eq!(err.class(), ErrorClass::Transient);
-        assert_eq!(breaker.state(), BreakerState::Closed);
+        bounded(async {
+            let svc = service_fn(|x: u32| async move {
+                if x == 13 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    Err(Error::transient_msg("Timeout", "always"))
+                } else {
+                    Ok(x)
+                }
+            });
+            let (breaker, svc) = guarded(svc);
+            let bad = tokio::spawn(svc.clone().oneshot(13));
+            // The bad call is held, the breaker opens; a new call probes and succeeds, which
+            // proves the target healthy: the held call then fails for good on its next try.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let good = tokio::spawn(svc.clone().oneshot(1));
+            assert_eq!(good.await.unwrap().unwrap(), 1);
+            let err = bad.await.unwrap().unwrap_err();
+            assert_eq!(err.class(), ErrorClass::Transient);
+            assert_eq!(breaker.state(), BreakerState::Closed);
+        })
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_call_throttled_while_others_succeed_is_held_not_returned() {
-        // The target throttles call 13 for its first 5 s, then takes it: a busy target, not a
-        // bad request.
-        let start = Instant::now();
-        let svc = service_fn(move |x: u32| async move {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            if x == 13 && start.elapsed() < Duration::from_secs(5) {
-                Err(Error::throttled_msg("HttpStatus", "429 Too Many Requests"))
-            } else {
-                Ok(x)
+        bounded(async {
+            // The target throttles call 13 for its first 5 s, then takes it: a busy target, not a
+            // bad request.
+            let start = Instant::now();
+            let svc = service_fn(move |x: u32| async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if x == 13 && start.elapsed() < Duration::from_secs(5) {
+                    Err(Error::throttled_msg("HttpStatus", "429 Too Many Requests"))
+                } else {
+                    Ok(x)
+                }
+            });
+            let (breaker, svc) = guarded(svc);
+            let throttled = tokio::spawn(svc.clone().oneshot(13));
+            for x in 0..100 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                assert_eq!(svc.clone().oneshot(x).await.unwrap(), x);
             }
-        });
-        let (breaker, svc) = guarded(svc);
-        let throttled = tokio::spawn(svc.clone().oneshot(13));
-        for x in 0..100 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            assert_eq!(svc.clone().oneshot(x).await.unwrap(), x);
-        }
-        assert_eq!(throttled.await.unwrap().unwrap(), 13, "held until taken");
-        assert_eq!(breaker.state(), BreakerState::Closed);
+            assert_eq!(throttled.await.unwrap().unwrap(), 13, "held until taken");
+            assert_eq!(breaker.state(), BreakerState::Closed);
+        })
+        .await;
     }
 
     /// A target whose answers are decided when they arrive: down between `from` and `to`.
@@ -484,71 +501,77 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_call_overtaken_by_successes_before_an_outage_is_held_not_faulted() {
-        let start = Instant::now();
-        let svc = target(
-            start,
-            Duration::from_millis(25),
-            Duration::from_secs(5),
-            |x| Duration::from_millis(if x == 1 { 300 } else { 10 }),
-        );
-        let (breaker, svc) = guarded(svc);
-        let slow = tokio::spawn(svc.clone().oneshot(1));
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        let fast: Vec<_> = (2..4)
-            .map(|x| tokio::spawn(svc.clone().oneshot(x)))
-            .collect();
-        for f in fast {
-            f.await.unwrap().unwrap();
-        }
-        // Calls 2 and 3 succeeded after call 1 was let through, but before the outage: that
-        // proves nothing about the target when call 1 failed.
-        assert_eq!(
-            slow.await.unwrap().unwrap(),
-            1,
-            "held through the outage, then done"
-        );
-        assert!(start.elapsed() >= Duration::from_secs(5));
-        assert!(breaker.opens() >= 1);
+        bounded(async {
+            let start = Instant::now();
+            let svc = target(
+                start,
+                Duration::from_millis(25),
+                Duration::from_secs(5),
+                |x| Duration::from_millis(if x == 1 { 300 } else { 10 }),
+            );
+            let (breaker, svc) = guarded(svc);
+            let slow = tokio::spawn(svc.clone().oneshot(1));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let fast: Vec<_> = (2..4)
+                .map(|x| tokio::spawn(svc.clone().oneshot(x)))
+                .collect();
+            for f in fast {
+                f.await.unwrap().unwrap();
+            }
+            // Calls 2 and 3 succeeded after call 1 was let through, but before the outage: that
+            // proves nothing about the target when call 1 failed.
+            assert_eq!(
+                slow.await.unwrap().unwrap(),
+                1,
+                "held through the outage, then done"
+            );
+            assert!(start.elapsed() >= Duration::from_secs(5));
+            assert!(breaker.opens() >= 1);
+        })
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_answered_with_an_outage_error_does_not_wedge_the_gate() {
-        let start = Instant::now();
-        let svc = service_fn(move |x: u32| async move {
-            let at = start.elapsed();
-            if at < Duration::from_secs(2) {
-                Err(Error::transient_msg("Timeout", "slow"))
-            } else if at < Duration::from_secs(4) {
-                Err(Error::msg(
-                    ErrorClass::Outage,
-                    "Unavailable",
-                    "down for maintenance",
-                ))
-            } else {
-                Ok(x)
-            }
-        });
-        let (breaker, svc) = guarded(svc);
-        // Like the runtime: an outage error is retried after a pause, never faulted.
-        let call = |x: u32| {
-            let svc = svc.clone();
-            tokio::spawn(async move {
-                loop {
-                    match svc.clone().oneshot(x).await {
-                        Ok(v) => return v,
-                        Err(e) if e.class() == ErrorClass::Outage => {
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                        }
-                        Err(e) => panic!("{e}"),
-                    }
+        bounded(async {
+            let start = Instant::now();
+            let svc = service_fn(move |x: u32| async move {
+                let at = start.elapsed();
+                if at < Duration::from_secs(2) {
+                    Err(Error::transient_msg("Timeout", "slow"))
+                } else if at < Duration::from_secs(4) {
+                    Err(Error::msg(
+                        ErrorClass::Outage,
+                        "Unavailable",
+                        "down for maintenance",
+                    ))
+                } else {
+                    Ok(x)
                 }
-            })
-        };
-        let calls: Vec<_> = (0..4).map(call).collect();
-        for (x, c) in calls.into_iter().enumerate() {
-            let got = tokio::time::timeout(Duration::from_secs(120), c).await;
-            assert_eq!(got.expect("no call hangs").unwrap(), x as u32);
-        }
-        assert_eq!(breaker.state(), BreakerState::Closed);
+            });
+            let (breaker, svc) = guarded(svc);
+            // Like the runtime: an outage error is retried after a pause, never faulted.
+            let call = |x: u32| {
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match svc.clone().oneshot(x).await {
+                            Ok(v) => return v,
+                            Err(e) if e.class() == ErrorClass::Outage => {
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                })
+            };
+            let calls: Vec<_> = (0..4).map(call).collect();
+            for (x, c) in calls.into_iter().enumerate() {
+                let got = tokio::time::timeout(Duration::from_secs(120), c).await;
+                assert_eq!(got.expect("no call hangs").unwrap(), x as u32);
+            }
+            assert_eq!(breaker.state(), BreakerState::Closed);
+        })
+        .await;
     }
 }
