@@ -580,7 +580,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             }
         }
         for unit in std::mem::take(&mut self.faults_due) {
-            self.launch(unit)?;
+            self.launch(unit, None)?;
         }
         Ok(())
     }
@@ -595,38 +595,27 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         work: Work,
         unclaimed: bool,
     ) -> Result<(), RunError> {
-        let env = self.pipes[index].env.clone();
-        if unclaimed {
-            // Cheap to clone: one hash, or a batch's few.
-            let claim = keys.clone();
-            let unit = scheduled(env, id, keys, work);
-            return match Self::poll_once(unit) {
-                Ok(output) => self.complete(output),
-                Err(unit) => {
-                    self.pipes[index].sched.claim(id, &claim);
-                    self.units.push(unit);
-                    Ok(())
-                }
-            };
-        }
-        self.launch(scheduled(env, id, keys, work))
-    }
-
-    /// Polls a new unit once: its output if it is done at once, else the unit.
-    fn poll_once(mut unit: BoxUnit) -> Result<UnitOutput, BoxUnit> {
-        let mut cx = Context::from_waker(Waker::noop());
-        match unit.as_mut().poll(&mut cx) {
-            Poll::Ready(output) => Ok(output),
-            Poll::Pending => Err(unit),
-        }
+        // Cheap to clone: one hash, or a batch's few.
+        let claim = unclaimed.then(|| (index, id, keys.clone()));
+        let unit = scheduled(self.pipes[index].env.clone(), id, keys, work);
+        self.launch(unit, claim)
     }
 
     /// Polls a new unit once; one that is not done at once joins the pending units, which
-    /// poll it again with a real waker before anything waits.
-    fn launch(&mut self, unit: BoxUnit) -> Result<(), RunError> {
-        match Self::poll_once(unit) {
-            Ok(output) => self.complete(output),
-            Err(unit) => {
+    /// poll it again with a real waker before anything waits, and first takes the keys it
+    /// was started without (`claim`: its pipeline, id and keys).
+    fn launch(
+        &mut self,
+        mut unit: BoxUnit,
+        claim: Option<(usize, u64, Keys)>,
+    ) -> Result<(), RunError> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match unit.as_mut().poll(&mut cx) {
+            Poll::Ready(output) => self.complete(output),
+            Poll::Pending => {
+                if let Some((index, id, keys)) = claim {
+                    self.pipes[index].sched.claim(id, &keys);
+                }
                 self.units.push(unit);
                 Ok(())
             }
