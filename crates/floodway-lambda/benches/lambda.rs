@@ -22,17 +22,19 @@
 #[path = "../../floodway/benches/common/mod.rs"]
 #[macro_use]
 mod common;
+#[path = "../../floodway/benches/common/orders.rs"]
+mod orders;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use floodway::layer::Resilience;
 use floodway::testing::generate;
-use floodway::{fault_sink_fn, sink_fn, Batch, BatchConfig, Error, Event, Pipeline, Processor};
+use floodway::Event;
 use floodway_lambda::{FunctionProcess, Handler, LocalRuntime};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// As a function built for speed would: see docs/lambda.md.
@@ -120,75 +122,6 @@ fn invocations(events: &[Event]) -> Vec<Vec<u8>> {
 
 // ---- Floodway, through the public API ----
 
-#[derive(Deserialize)]
-struct Submitted {
-    order: OrderIn,
-}
-
-#[derive(Serialize)]
-struct Confirmed {
-    order: OrderIn,
-}
-
-#[derive(Deserialize, Serialize)]
-struct OrderIn {
-    id: String,
-    #[serde(rename = "customerId")]
-    customer_id: String,
-    total: u64,
-}
-
-/// The map step of both pipelines: the new event carries the order's id, customer and total.
-fn confirm(event: &Event, new_type: &str) -> Result<Event, Error> {
-    let Submitted { order } = event.payload()?;
-    Ok(event
-        .derive(new_type)
-        .payload(&Confirmed { order })?
-        .build())
-}
-
-#[derive(Default)]
-struct Counts {
-    accepted: AtomicU64,
-    confirmed: AtomicU64,
-    faults: AtomicU64,
-}
-
-fn processor(counts: &Arc<Counts>) -> Processor {
-    let pipeline = |name: &str, from: &'static str, to: &'static str, batch: usize| {
-        let counts = counts.clone();
-        Pipeline::builder(name)
-            .event_type(from)
-            .map_event(move |e| confirm(e, to))
-            .batch(BatchConfig::count(batch))
-            .sink(sink_fn(move |batch: Batch| {
-                let counter = if to == "order-accepted" {
-                    &counts.accepted
-                } else {
-                    &counts.confirmed
-                };
-                counter.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                std::future::ready(Ok::<_, Error>(()))
-            }))
-            .unwrap()
-    };
-    let faults = counts.clone();
-    Processor::builder("bench")
-        .fault_sink(fault_sink_fn(move |_f: Event| {
-            faults.faults.fetch_add(1, Ordering::Relaxed);
-            std::future::ready(Ok::<_, Error>(()))
-        }))
-        .pipeline(pipeline(
-            "accepted",
-            "order-submitted",
-            "order-accepted",
-            10,
-        ))
-        .pipeline(pipeline("confirmed", "order-paid", "order-confirmed", 25))
-        .build()
-        .unwrap()
-}
-
 /// Records per second of the Floodway handler over every invocation.
 fn floodway(
     rt: &tokio::runtime::Runtime,
@@ -228,83 +161,28 @@ struct KinesisData<'a> {
     data: &'a str,
 }
 
-#[derive(Deserialize)]
-struct Incoming<'a> {
-    id: &'a str,
-    #[serde(rename = "type")]
-    ty: &'a str,
-    timestamp: i64,
-    #[serde(rename = "partitionKey")]
-    partition_key: &'a str,
-    #[serde(borrow)]
-    order: Option<OrderRef<'a>>,
-}
-
-#[derive(Deserialize, Serialize)]
-struct OrderRef<'a> {
-    id: &'a str,
-    #[serde(rename = "customerId")]
-    customer_id: &'a str,
-    total: u64,
-}
-
-#[derive(Serialize)]
-struct Outgoing<'a> {
-    id: String,
-    #[serde(rename = "type")]
-    ty: &'a str,
-    timestamp: i64,
-    #[serde(rename = "partitionKey")]
-    partition_key: &'a str,
-    order: OrderRef<'a>,
-}
-
-/// The plain-Rust limit: per record, base64 (SIMD) into a reused buffer, a typed borrowed parse, the
-/// new event (with the same stable id) serialized, batches counted; poison counted.
+/// The plain-Rust limit: per record, base64 (SIMD) into a reused buffer, then the workload's
+/// plain work ([`orders::Plain`]); the batches left flushed at the end of each invocation.
 fn limit(invocations: &[Vec<u8>], records: usize) -> (f64, [u64; 3]) {
     // The fastest decoder there is (SIMD), as the handler uses.
     let b64 = base64_simd::STANDARD;
     let started = Instant::now();
-    let mut counts = [0u64; 3];
+    let mut plain = orders::Plain::default();
     let mut data = Vec::with_capacity(1024);
     for bytes in invocations {
         let invocation: KinesisEvent<'_> = serde_json::from_slice(bytes).unwrap();
-        let mut batches: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
         for record in &invocation.records {
             data.clear();
             b64.decode_append(record.kinesis.data, &mut data).unwrap();
-            let Ok(event) = serde_json::from_slice::<Incoming<'_>>(&data) else {
-                counts[2] += 1;
-                continue;
-            };
-            let (slot, to, size) = match event.ty {
-                "order-submitted" => (0, "order-accepted", 10),
-                "order-paid" => (1, "order-confirmed", 25),
-                _ => continue,
-            };
-            let Some(order) = event.order else {
-                counts[2] += 1;
-                continue;
-            };
-            let out = Outgoing {
-                id: floodway::event::stable_id(&[event.id, to]),
-                ty: to,
-                timestamp: event.timestamp,
-                partition_key: event.partition_key,
-                order,
-            };
-            batches[slot].push(serde_json::to_vec(&out).unwrap());
-            if batches[slot].len() == size {
-                counts[slot] += size as u64;
-                batches[slot].clear();
-            }
+            plain.event(&data);
         }
-        for (slot, batch) in batches.iter().enumerate() {
-            counts[slot] += batch.len() as u64;
-        }
+        plain.flush();
         std::hint::black_box(br#"{"batchItemFailures":[]}"#.to_vec());
     }
-    (records as f64 / started.elapsed().as_secs_f64(), counts)
+    (
+        records as f64 / started.elapsed().as_secs_f64(),
+        plain.counts,
+    )
 }
 
 // ---- the Node library ----
@@ -349,9 +227,12 @@ fn function_main() {
         .enable_all()
         .build()
         .unwrap();
-    let counts = Arc::new(Counts::default());
-    rt.block_on(floodway_lambda::serve(Handler::new(processor(&counts))))
-        .unwrap();
+    let counts = Arc::new(orders::Counts::default());
+    rt.block_on(floodway_lambda::serve(Handler::new(orders::processor(
+        &counts,
+        &Resilience::default(),
+    ))))
+    .unwrap();
 }
 
 /// Peak memory of this benchmark started as a Lambda function over one 10,000-record
@@ -435,7 +316,10 @@ fn main() {
             .map(|i| std::fs::read(dir.join(format!("kinesis-clean-{i}.json"))))
             .collect::<Result<Vec<_>, _>>()
             .unwrap_or_else(|_| invocations(&events(false)));
-        let handler = Handler::new(processor(&Arc::new(Counts::default())));
+        let handler = Handler::new(orders::processor(
+            &Arc::new(orders::Counts::default()),
+            &Resilience::default(),
+        ));
         if std::env::var_os("FLOODWAY_BENCH_LIMIT").is_some() {
             for _ in 0..n {
                 let started = Instant::now();
@@ -479,8 +363,8 @@ fn main() {
                 path
             })
             .collect();
-        let counts = Arc::new(Counts::default());
-        let handler = Handler::new(processor(&counts));
+        let counts = Arc::new(orders::Counts::default());
+        let handler = Handler::new(orders::processor(&counts, &Resilience::default()));
         let (mut ours, mut plain) = (Vec::new(), Vec::new());
         let mut limit_counts = [0; 3];
         for _ in 0..RUNS {
@@ -490,10 +374,7 @@ fn main() {
             ours.push(floodway(&rt, &handler, &invocations, records));
         }
         // Both did the same work.
-        let per_run = |c: &AtomicU64| c.load(Ordering::Relaxed) / RUNS as u64;
-        assert_eq!(per_run(&counts.accepted), limit_counts[0]);
-        assert_eq!(per_run(&counts.confirmed), limit_counts[1]);
-        assert_eq!(per_run(&counts.faults), limit_counts[2]);
+        assert_eq!(counts.get().map(|c| c / RUNS as u64), limit_counts);
         let (ours, plain) = (common::median(ours), common::median(plain));
         let node = node(&files, RUNS);
         if let Some(node) = &node {

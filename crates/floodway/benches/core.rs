@@ -24,6 +24,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[macro_use]
 mod common;
+#[path = "common/orders.rs"]
+mod orders;
 
 struct Row {
     name: String,
@@ -58,10 +60,10 @@ fn order_lines(n: usize) -> Vec<String> {
 #[derive(Clone)]
 struct OrderRef(#[allow(dead_code)] String);
 
-/// The benchmark processor: one pipeline filters, maps and sinks each event; one batches by
-/// 25 and sinks. Both sinks count what they receive, and so does the fault sink: like a sink
-/// that ships events elsewhere, none keeps them in the process.
-fn processor(
+/// The processor of the second shape: one pipeline filters, maps and sinks each event alone;
+/// one batches every event by 25 and sinks. Both sinks count what they receive, and so does the
+/// fault sink: like a sink that ships events elsewhere, none keeps them in the process.
+fn each_processor(
     resilience: &Resilience,
     counted: Arc<AtomicU64>,
     faults: Arc<AtomicU64>,
@@ -135,15 +137,28 @@ fn one_core() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Events per second through the processor in one run, and the faults it raised.
+/// The two workloads: the order workload ([`orders`]), and every `order-*` event sunk alone.
+#[derive(Clone, Copy)]
+enum Shape {
+    Orders,
+    Each,
+}
+
+/// Events per second through the processor of `shape` in one run, and what it counted:
+/// `[first sink, second sink, faults]`.
 fn floodway_run(
     rt: &tokio::runtime::Runtime,
+    shape: Shape,
     records: &[Record],
     resilience: &Resilience,
-) -> (f64, u64) {
+) -> (f64, [u64; 3]) {
+    let orders = Arc::new(orders::Counts::default());
     let counted = Arc::new(AtomicU64::new(0));
     let faults = Arc::new(AtomicU64::new(0));
-    let p = processor(resilience, counted, faults.clone());
+    let p = match shape {
+        Shape::Orders => orders::processor(&orders, resilience),
+        Shape::Each => each_processor(resilience, counted.clone(), faults.clone()),
+    };
     let source = MemorySource::new(records.to_vec());
     let started = Instant::now();
     let report = rt
@@ -151,7 +166,15 @@ fn floodway_run(
         .unwrap();
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(report.done, records.len() as u64);
-    (records.len() as f64 / secs, faults.load(Ordering::Relaxed))
+    let counts = match shape {
+        Shape::Orders => orders.get(),
+        Shape::Each => [
+            counted.load(Ordering::Relaxed),
+            0,
+            faults.load(Ordering::Relaxed),
+        ],
+    };
+    (records.len() as f64 / secs, counts)
 }
 
 /// The envelope as a hand-written pipeline would parse it: borrowed where it can be.
@@ -168,13 +191,13 @@ struct Envelope<'a> {
     partition_key: std::borrow::Cow<'a, str>,
 }
 
-/// The same work as the benchmark processor, written by hand on tokio with no framework: a
+/// The same work as the processor of `shape`, written by hand on tokio with no framework: a
 /// source task sends batches of 512 records over a channel (as the processor's source task
-/// does); the consumer parses each envelope, counts what does not parse, takes `order-*`
-/// events, attaches the same typed value and "sinks" them (an async call that counts), batches
-/// every event by 25 into a second counting sink, and keeps the offset to commit after the
-/// sinks. No retries, timeouts, per-key order, faults or metrics: the limit for this work.
-fn plain_rate(rt: &tokio::runtime::Runtime, records: &[Record]) -> f64 {
+/// does); the consumer does the shape's work on each record, awaits a counting sink for each
+/// batch it fills, and keeps the offset to commit after the sinks. No retries, timeouts,
+/// per-key order, faults or metrics: the limit for this work. Returns events per second and
+/// what it counted, as [`floodway_run`].
+fn plain_rate(rt: &tokio::runtime::Runtime, shape: Shape, records: &[Record]) -> (f64, [u64; 3]) {
     async fn sink(counted: &AtomicU64, n: usize) {
         counted.fetch_add(n as u64, Ordering::Relaxed);
         std::future::ready(()).await;
@@ -183,7 +206,7 @@ fn plain_rate(rt: &tokio::runtime::Runtime, records: &[Record]) -> f64 {
     let mut records: std::collections::VecDeque<Record> = records.to_vec().into();
     let total = records.len();
     let started = Instant::now();
-    let (counted, faults, committed) = rt.block_on(async move {
+    let (counts, committed) = rt.block_on(async move {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Record>>(1);
         let producer = tokio::spawn(async move {
             while !records.is_empty() {
@@ -194,34 +217,57 @@ fn plain_rate(rt: &tokio::runtime::Runtime, records: &[Record]) -> f64 {
             }
         });
         let counted = AtomicU64::new(0);
-        let mut faults = 0u64;
         let mut committed = 0u64;
-        let mut batch: Vec<Record> = Vec::with_capacity(25);
-        while let Some(chunk) = rx.recv().await {
-            for record in chunk {
-                let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(&record.data) else {
-                    faults += 1;
-                    continue;
-                };
-                if envelope.ty.starts_with("order-") {
-                    let order = OrderRef(envelope.partition_key.into_owned());
-                    std::hint::black_box(&order);
-                    sink(&counted, 1).await;
+        let counts = match shape {
+            Shape::Orders => {
+                let mut plain = orders::Plain::default();
+                while let Some(chunk) = rx.recv().await {
+                    for record in chunk {
+                        if let Some(n) = plain.event(&record.data) {
+                            sink(&counted, n).await;
+                        }
+                        committed = record.offset;
+                    }
                 }
-                committed = record.offset;
-                batch.push(record);
-                if batch.len() == 25 {
-                    sink(&counted, batch.len()).await;
-                    batch.clear();
+                for n in plain.flush() {
+                    sink(&counted, n).await;
                 }
+                plain.counts
             }
-        }
-        sink(&counted, batch.len()).await;
+            Shape::Each => {
+                let (mut each, mut faults) = (0u64, 0u64);
+                let mut batch: Vec<Record> = Vec::with_capacity(25);
+                while let Some(chunk) = rx.recv().await {
+                    for record in chunk {
+                        let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(&record.data)
+                        else {
+                            faults += 1;
+                            continue;
+                        };
+                        if envelope.ty.starts_with("order-") {
+                            let order = OrderRef(envelope.partition_key.into_owned());
+                            std::hint::black_box(&order);
+                            sink(&counted, 1).await;
+                            each += 1;
+                        }
+                        committed = record.offset;
+                        batch.push(record);
+                        if batch.len() == 25 {
+                            sink(&counted, batch.len()).await;
+                            batch.clear();
+                        }
+                    }
+                }
+                sink(&counted, batch.len()).await;
+                std::hint::black_box(each);
+                [counted.load(Ordering::Relaxed), 0, faults]
+            }
+        };
         producer.await.unwrap();
-        (counted.into_inner(), faults, committed)
+        (counts, committed)
     });
-    std::hint::black_box((counted, faults, committed));
-    total as f64 / started.elapsed().as_secs_f64()
+    std::hint::black_box(committed);
+    (total as f64 / started.elapsed().as_secs_f64(), counts)
 }
 
 /// One measured case.
@@ -229,34 +275,38 @@ enum Case<'a> {
     /// Decode and re-encode with serde_json.
     Raw(&'a [Record]),
     /// The same work in a plain tokio pipeline.
-    Plain(&'a [Record]),
+    Plain(Shape, &'a [Record]),
     /// Run the benchmark processor.
-    Floodway(&'a [Record], &'a Resilience),
+    Floodway(Shape, &'a [Record], &'a Resilience),
 }
 
 /// Rates of every case in every round: cases take turns within a round, so that a ratio of two
 /// cases in one round compares them on the same machine state (these machines are shared and
-/// noisy). Also returns the faults of each case's last run.
-fn rounds(cases: &[Case<'_>], runs: usize) -> (Vec<Vec<f64>>, Vec<u64>) {
+/// noisy). Also returns what each case counted in its last run.
+fn rounds(cases: &[Case<'_>], runs: usize) -> (Vec<Vec<f64>>, Vec<[u64; 3]>) {
     let rt = one_core();
     let mut rates = vec![Vec::new(); cases.len()];
-    let mut faults = vec![0; cases.len()];
+    let mut counted = vec![[0; 3]; cases.len()];
     for round in 0..runs {
         eprintln!("  round {} of {runs}", round + 1);
         for (i, case) in cases.iter().enumerate() {
             let rate = match case {
                 Case::Raw(records) => raw_rate(records),
-                Case::Plain(records) => plain_rate(&rt, records),
-                Case::Floodway(records, resilience) => {
-                    let (rate, f) = floodway_run(&rt, records, resilience);
-                    faults[i] = f;
+                Case::Plain(shape, records) => {
+                    let (rate, c) = plain_rate(&rt, *shape, records);
+                    counted[i] = c;
+                    rate
+                }
+                Case::Floodway(shape, records, resilience) => {
+                    let (rate, c) = floodway_run(&rt, *shape, records, resilience);
+                    counted[i] = c;
                     rate
                 }
             };
             rates[i].push(rate);
         }
     }
-    (rates, faults)
+    (rates, counted)
 }
 
 fn best(rates: &[f64]) -> f64 {
@@ -576,74 +626,108 @@ fn main() {
     }
     if let Ok(profile) = std::env::var("FLOODWAY_BENCH_PROFILE") {
         // For profilers: one case only, many times.
-        let (records, resilience) = match profile.as_str() {
-            "poison" => (&poisoned_records, Resilience::default()),
-            "default" => (&clean, Resilience::default()),
-            _ => (&clean, Resilience::none()),
+        let (shape, records, resilience) = match profile.as_str() {
+            "poison" => (Shape::Orders, &poisoned_records, Resilience::default()),
+            "default" => (Shape::Orders, &clean, Resilience::default()),
+            "each" => (Shape::Each, &clean, Resilience::default()),
+            _ => (Shape::Orders, &clean, Resilience::none()),
         };
-        let (rates, _) = rounds(&[Case::Floodway(records, &resilience)], 10);
+        let (rates, _) = rounds(&[Case::Floodway(shape, records, &resilience)], 10);
         let rate = best(&rates[0]);
         out!("{profile}: {rate:.0} ev/s");
         return;
     }
     eprintln!(
-        "raw decode + encode; floodway without layers, with default layers, with 1% poison..."
+        "raw decode + encode; the order workload plain, through floodway without layers, with \
+         default layers, with 1% poison; each event sunk alone, plain and through floodway..."
     );
     let (none, default) = (Resilience::none(), Resilience::default());
-    let (rates, faults) = rounds(
+    let (rates, counted) = rounds(
         &[
             Case::Raw(&clean),
-            Case::Floodway(&clean, &none),
-            Case::Floodway(&clean, &default),
-            Case::Floodway(&poisoned_records, &default),
-            Case::Plain(&clean),
+            Case::Plain(Shape::Orders, &clean),
+            Case::Floodway(Shape::Orders, &clean, &none),
+            Case::Floodway(Shape::Orders, &clean, &default),
+            Case::Plain(Shape::Orders, &poisoned_records),
+            Case::Floodway(Shape::Orders, &poisoned_records, &default),
+            Case::Plain(Shape::Each, &clean),
+            Case::Floodway(Shape::Each, &clean, &default),
         ],
         runs,
     );
-    let (raw, bare, full, poison, plain) = (
-        best(&rates[0]),
-        best(&rates[1]),
-        best(&rates[2]),
-        best(&rates[3]),
-        best(&rates[4]),
+    let rate = |i: usize| best(&rates[i]);
+    // Each case did the same work as its plain reference.
+    for (ours, plain) in [(2, 1), (3, 1), (5, 4), (7, 6)] {
+        assert_eq!(
+            counted[ours], counted[plain],
+            "case {ours} against case {plain}"
+        );
+    }
+    assert_eq!(
+        counted[5][2] as usize, poisoned,
+        "one fault per poison record"
     );
-    assert_eq!(faults[3] as usize, poisoned, "one fault per poison record");
+    assert_eq!(counted[7][2], 0);
     rows.push(row(
         &format!("raw serde_json decode + encode, {avg}-byte events (baseline)"),
-        format!("{raw:.0} ev/s"),
+        format!("{:.0} ev/s", rate(0)),
         "-".into(),
         "1.00".into(),
         "-",
     ));
     let ratio_note =
         |a: usize, b: usize| format!("{:.2}", common::median_ratio(&rates[a], &rates[b]));
+    let against = |i: usize, what: &str| format!("{:.0} ev/s {what}", rate(i));
     rows.push(row(
-        "plain tokio pipeline, the same filter/map/batch work, no framework (reference)",
-        format!("{plain:.0} ev/s"),
-        format!("{raw:.0} ev/s raw"),
-        ratio_note(4, 0),
+        "plain tokio pipeline, the order workload, no framework (reference)",
+        format!("{:.0} ev/s", rate(1)),
+        against(0, "raw"),
+        ratio_note(1, 0),
         "-",
     ));
     rows.push(row(
-        "processor, 2 pipelines, sinks without layers",
-        format!("{bare:.0} ev/s"),
-        format!("{plain:.0} ev/s plain"),
-        ratio_note(1, 4),
+        "processor, the order workload, sinks without layers",
+        format!("{:.0} ev/s", rate(2)),
+        against(1, "plain"),
+        ratio_note(2, 1),
         "-",
     ));
     rows.push(row(
-        "processor, 2 pipelines, default resilience stack",
-        format!("{full:.0} ev/s"),
-        format!("{plain:.0} ev/s plain"),
-        ratio_note(2, 4),
+        "processor, the order workload, default resilience stack",
+        format!("{:.0} ev/s", rate(3)),
+        against(1, "plain"),
+        ratio_note(3, 1),
         ">= 800,000 ev/s; >= 0.90 of plain",
     ));
     rows.push(row(
-        &format!("same with 1% poison ({poisoned} faults)"),
-        format!("{poison:.0} ev/s"),
-        format!("{full:.0} ev/s clean"),
-        ratio_note(3, 2),
+        &format!("plain tokio pipeline, the order workload with 1% poison ({poisoned} faults)"),
+        format!("{:.0} ev/s", rate(4)),
+        against(1, "plain clean"),
+        ratio_note(4, 1),
+        "-",
+    ));
+    rows.push(row(
+        &format!("processor, the order workload with 1% poison ({poisoned} faults)"),
+        format!("{:.0} ev/s", rate(5)),
+        against(3, "clean"),
+        ratio_note(5, 3),
         ">= 0.97 of clean",
+    ));
+    rows.push(row(
+        "plain tokio pipeline, each order-* event sunk alone, every event batched by 25 \
+         (reference)",
+        format!("{:.0} ev/s", rate(6)),
+        against(0, "raw"),
+        ratio_note(6, 0),
+        "-",
+    ));
+    rows.push(row(
+        "processor, each order-* event sunk alone, every event batched by 25, default \
+         resilience stack",
+        format!("{:.0} ev/s", rate(7)),
+        against(6, "plain"),
+        ratio_note(7, 6),
+        "-",
     ));
     common::chart::bars(
         "core",
@@ -651,16 +735,32 @@ fn main() {
         "events per second",
         &[
             common::chart::Group {
-                label: "default resilience stack".into(),
-                bars: vec![("Floodway".into(), full), ("plain tokio".into(), plain)],
+                label: "order workload, default stack".into(),
+                bars: vec![
+                    ("Floodway".into(), rate(3)),
+                    ("plain tokio".into(), rate(1)),
+                ],
             },
             common::chart::Group {
-                label: "no layers".into(),
-                bars: vec![("Floodway".into(), bare), ("plain tokio".into(), plain)],
+                label: "order workload, no layers".into(),
+                bars: vec![
+                    ("Floodway".into(), rate(2)),
+                    ("plain tokio".into(), rate(1)),
+                ],
             },
             common::chart::Group {
-                label: "default stack, 1% poison".into(),
-                bars: vec![("Floodway".into(), poison)],
+                label: "order workload, 1% poison".into(),
+                bars: vec![
+                    ("Floodway".into(), rate(5)),
+                    ("plain tokio".into(), rate(4)),
+                ],
+            },
+            common::chart::Group {
+                label: "each event sunk alone".into(),
+                bars: vec![
+                    ("Floodway".into(), rate(7)),
+                    ("plain tokio".into(), rate(6)),
+                ],
             },
         ],
     );
