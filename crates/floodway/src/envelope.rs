@@ -12,6 +12,7 @@
 //! precise error. So the one property that matters is: **when the scanner answers, serde_json
 //! accepts the text and finds the same members.** A property test checks it against serde_json
 //! on generated and damaged events.
+use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::scan;
@@ -28,12 +29,58 @@ pub(crate) struct Envelope<'a> {
     pub(crate) tags: Option<&'a str>,
 }
 
-/// The envelope of `text`: from the scanner when it answers, else from serde_json, which
-/// decides and words the error.
-pub(crate) fn read(text: &str) -> serde_json::Result<Envelope<'_>> {
-    match by_scanner(text) {
-        Some(env) => Ok(env),
-        None => with_serde(text),
+/// The most top-level members whose places an event keeps.
+const MAX_MEMBERS: usize = 12;
+
+/// Where the keys of an event's top-level members start (their opening quotes), noted as the
+/// scanner read the envelope, so that the payload is read without scanning the text again
+/// ([`payload`]). Unknown for a text the scanner did not answer for, one of more than
+/// `MAX_MEMBERS` members, or one longer than 64 KiB (the places are kept small: an event
+/// carries them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Members {
+    starts: [u16; MAX_MEMBERS],
+    /// How many of `starts` hold a place; `UNKNOWN` when they are not known.
+    len: u8,
+}
+
+const UNKNOWN: u8 = u8::MAX;
+
+impl Members {
+    pub(crate) const UNKNOWN: Members = Members {
+        starts: [0; MAX_MEMBERS],
+        len: UNKNOWN,
+    };
+
+    const NONE: Members = Members {
+        starts: [0; MAX_MEMBERS],
+        len: 0,
+    };
+
+    fn push(&mut self, at: usize) {
+        if self.len == UNKNOWN {
+            return;
+        }
+        match u16::try_from(at) {
+            Ok(at) if usize::from(self.len) < MAX_MEMBERS => {
+                self.starts[usize::from(self.len)] = at;
+                self.len += 1;
+            }
+            _ => *self = Members::UNKNOWN,
+        }
+    }
+
+    fn known(&self) -> Option<&[u16]> {
+        (self.len != UNKNOWN).then(|| &self.starts[..usize::from(self.len)])
+    }
+}
+
+/// The envelope of `text`, and where its members are when the scanner answered: from the
+/// scanner when it answers, else from serde_json, which decides and words the error.
+pub(crate) fn read(text: &str) -> serde_json::Result<(Envelope<'_>, Members)> {
+    match indexed(text) {
+        Some(found) => Ok(found),
+        None => with_serde(text).map(|env| (env, Members::UNKNOWN)),
     }
 }
 
@@ -62,11 +109,15 @@ fn with_serde(text: &str) -> serde_json::Result<Envelope<'_>> {
     })
 }
 
-/// The envelope of `text`, when it is a JSON object the scanner accepts (see the module docs).
-fn by_scanner(text: &str) -> Option<Envelope<'_>> {
+/// The envelope of `text` and where its members are, when it is a JSON object the scanner
+/// accepts (see the module docs).
+fn indexed(text: &str) -> Option<(Envelope<'_>, Members)> {
     let b = text.as_bytes();
     let mut env = Envelope::default();
+    let mut members = Members::NONE;
     let end = scan::object(b, scan::ws(b, 0), |key, start| {
+        // The key is a slice of the text just after its opening quote.
+        members.push(key.as_ptr() as usize - b.as_ptr() as usize - 1);
         let end = scan::skip_value(b, start)?;
         let slot = match key {
             b"id" => &mut env.id,
@@ -82,13 +133,146 @@ fn by_scanner(text: &str) -> Option<Envelope<'_>> {
             None => Some(end),
         }
     })?;
-    (scan::ws(b, end) == b.len()).then_some(env)
+    (scan::ws(b, end) == b.len()).then_some((env, members))
+}
+
+/// `T` read from an event's `text` member by member, `members` saying where each starts (the
+/// scanner checked the whole text as it found them): a member `T` does not take is passed over
+/// without a look, and serde_json reads the others where they start. `None` when this does not
+/// give a `T`, for the caller to read the whole text with serde_json, which gives the same `T`
+/// or words the error.
+pub(crate) fn payload<T: DeserializeOwned>(text: &str, members: &Members) -> Option<T> {
+    let starts = members.known()?;
+    T::deserialize(Object { text, starts }).ok()
+}
+
+/// The event's object, read through `starts`.
+struct Object<'t> {
+    text: &'t str,
+    starts: &'t [u16],
+}
+
+impl<'de> Deserializer<'de> for Object<'de> {
+    type Error = serde_json::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        visitor.visit_map(Walk {
+            text: self.text,
+            starts: self.starts.iter(),
+            value: 0,
+        })
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        visitor.visit_some(self)
+    }
+
+    fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        visitor.visit_unit()
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _visitor: V,
+    ) -> serde_json::Result<V::Value> {
+        // serde_json gives some newtypes a meaning of its own (`RawValue`): let it decide.
+        Err(serde::de::Error::custom("read by serde_json"))
+    }
+
+    // Anything but a map fails in its visitor, as it does in serde_json's, and the caller
+    // reads the text again with serde_json to word the error.
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        unit unit_struct seq tuple tuple_struct map struct enum identifier
+    }
+}
+
+/// The members of an [`Object`], in the order of the text.
+struct Walk<'t> {
+    text: &'t str,
+    starts: std::slice::Iter<'t, u16>,
+    /// Where the value of the member last given starts.
+    value: usize,
+}
+
+impl<'de> MapAccess<'de> for Walk<'de> {
+    type Error = serde_json::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> serde_json::Result<Option<K::Value>> {
+        let Some(&at) = self.starts.next() else {
+            return Ok(None);
+        };
+        let b = self.text.as_bytes();
+        let at = usize::from(at);
+        // The scanner took only keys without escapes.
+        let (key, after) =
+            scan::plain_string(b, at).ok_or_else(|| serde::de::Error::custom("not a plain key"))?;
+        let key = &self.text[at + 1..at + 1 + key.len()];
+        self.value = scan::ws(b, scan::ws(b, after) + 1);
+        seed.deserialize(serde::de::value::BorrowedStrDeserializer::new(key))
+            .map(Some)
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> serde_json::Result<V::Value> {
+        seed.deserialize(Member(&self.text[self.value..]))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.starts.len())
+    }
+}
+
+/// A member's value: the text from where it starts (serde_json stops at its end).
+struct Member<'t>(&'t str);
+
+macro_rules! by_serde_json {
+    ($($method:ident($($arg:ident: $ty:ty),*))*) => {$(
+        fn $method<V: Visitor<'de>>(self, $($arg: $ty,)* visitor: V) -> serde_json::Result<V::Value> {
+            (&mut serde_json::Deserializer::from_str(self.0)).$method($($arg,)* visitor)
+        }
+    )*};
+}
+
+impl<'de> Deserializer<'de> for Member<'de> {
+    type Error = serde_json::Error;
+
+    /// A member nobody reads: the scanner has checked it, and nothing is left to do.
+    fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        visitor.visit_unit()
+    }
+
+    by_serde_json! {
+        deserialize_any() deserialize_bool() deserialize_i8() deserialize_i16()
+        deserialize_i32() deserialize_i64() deserialize_i128() deserialize_u8()
+        deserialize_u16() deserialize_u32() deserialize_u64() deserialize_u128()
+        deserialize_f32() deserialize_f64() deserialize_char() deserialize_str()
+        deserialize_string() deserialize_bytes() deserialize_byte_buf() deserialize_option()
+        deserialize_unit() deserialize_seq() deserialize_map() deserialize_identifier()
+        deserialize_unit_struct(name: &'static str)
+        deserialize_newtype_struct(name: &'static str)
+        deserialize_tuple(len: usize)
+        deserialize_tuple_struct(name: &'static str, len: usize)
+        deserialize_struct(name: &'static str, fields: &'static [&'static str])
+        deserialize_enum(name: &'static str, variants: &'static [&'static str])
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The scanner's answer.
+    fn by_scanner(text: &str) -> Option<Envelope<'_>> {
+        indexed(text).map(|(env, _)| env)
+    }
 
     /// serde_json's answer, as the decoder falls back to it.
     fn serde(text: &str) -> Option<Envelope<'_>> {
@@ -238,7 +422,118 @@ mod tests {
         })
     }
 
+    /// Types a payload is read into: a JSON tree, a map, and a struct taking envelope
+    /// members, a member of a fixed type, and anything else.
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Taking {
+        id: Option<serde_json::Value>,
+        tags: Option<serde_json::Value>,
+        a: Option<String>,
+        #[serde(flatten)]
+        rest: std::collections::BTreeMap<String, serde_json::Value>,
+    }
+
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Picky {
+        #[serde(rename = "type")]
+        ty: String,
+        order: Order,
+    }
+
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Order {
+        id: String,
+        total: u64,
+        raw: Raw,
+    }
+
+    /// A member kept as its text.
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(transparent)]
+    struct Raw(Box<RawValue>);
+
+    impl PartialEq for Raw {
+        fn eq(&self, other: &Self) -> bool {
+            self.0.get() == other.0.get()
+        }
+    }
+
+    /// Whatever reading member by member gives, serde_json gives the same from the whole text.
+    fn reads_alike<T: serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(text: &str) {
+        if let Some((_, members)) = indexed(text) {
+            if let Some(ours) = payload::<T>(text, &members) {
+                let theirs = serde_json::from_str::<T>(text).ok();
+                assert_eq!(Some(ours), theirs, "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn reads_a_payload_from_its_members() {
+        let text = r#"{"id":"e1","type":"order-placed","timestamp":1,"partitionKey":"o-1",
+            "tags":{"a":[1,{"b":"}"}]},"order":{"id":"o-1","total":42,"raw":[1, "x"] },"n":1.5}"#;
+        let (_, members) = indexed(text).unwrap();
+        let picky: Picky = payload(text, &members).expect("read member by member");
+        assert_eq!(picky.ty, "order-placed");
+        assert_eq!((picky.order.id.as_str(), picky.order.total), ("o-1", 42));
+        assert_eq!(picky.order.raw.0.get(), r#"[1, "x"]"#);
+        let tree: serde_json::Value = payload(text, &members).unwrap();
+        assert_eq!(
+            tree,
+            serde_json::from_str::<serde_json::Value>(text).unwrap()
+        );
+        reads_alike::<Picky>(text);
+        reads_alike::<Taking>(text);
+        // serde_json decides what this reader does not: the whole text as one raw value, a
+        // text that does not fit the type (to word the error).
+        assert!(payload::<Box<RawValue>>(text, &members).is_none());
+        assert!(payload::<Vec<u8>>(text, &members).is_none());
+        assert!(payload::<Order>(text, &members).is_none());
+    }
+
+    #[test]
+    fn leaves_a_payload_to_serde_when_its_members_are_not_known() {
+        let many = format!(
+            "{{{}}}",
+            (0..13)
+                .map(|i| format!(r#""m{i}":{i}"#))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let (_, members) = indexed(&many).unwrap();
+        assert_eq!(members, Members::UNKNOWN);
+        let long = format!(r#"{{"a":"{}","b":1}}"#, "x".repeat(70_000));
+        let (_, members) = indexed(&long).unwrap();
+        assert_eq!(members, Members::UNKNOWN);
+        assert!(payload::<serde_json::Value>(&long, &members).is_none());
+        let twelve = format!(
+            "{{{}}}",
+            (0..12)
+                .map(|i| format!(r#""m{i}":{i}"#))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let (_, members) = indexed(&twelve).unwrap();
+        assert_eq!(members.known().map(<[u16]>::len), Some(12));
+    }
+
     proptest! {
+        #[test]
+        fn reads_payloads_as_serde_json_does(text in object()) {
+            if let Some((_, members)) = indexed(&text) {
+                // A tree fits any object: reading it member by member must not give up.
+                prop_assert!(
+                    members == Members::UNKNOWN
+                        || payload::<serde_json::Value>(&text, &members).is_some(),
+                    "gave up on {text:?}"
+                );
+            }
+            reads_alike::<serde_json::Value>(&text);
+            reads_alike::<std::collections::HashMap<String, serde_json::Value>>(&text);
+            reads_alike::<Taking>(&text);
+            reads_alike::<Picky>(&text);
+        }
+
         #[test]
         fn agrees_with_serde_json_on_objects(text in object()) {
             agrees(&text);

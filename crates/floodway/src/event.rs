@@ -84,6 +84,9 @@ enum Repr {
         compressed: OnceLock<bool>,
         tags: OnceLock<Map<String, Value>>,
         fields: OnceLock<Map<String, Value>>,
+        /// Where the top-level members are, when decoding found them: [`Event::payload`]
+        /// reads only the members its type takes.
+        members: crate::envelope::Members,
     },
     /// Built field by field, or changed in code.
     Owned {
@@ -447,7 +450,7 @@ impl Event {
         }
         // The scanner answers for the events it accepts outright; serde_json decides the rest
         // and words the errors.
-        let env = crate::envelope::read(text).map_err(|e| json_error(&e))?;
+        let (env, members) = crate::envelope::read(text).map_err(|e| json_error(&e))?;
         let id = string_field(text, env.id, "id", true)?;
         let ty = string_field(text, env.ty, "type", true)?;
         let partition_key = string_field(text, env.partition_key, "partitionKey", false)?;
@@ -474,6 +477,7 @@ impl Event {
                 has_tags,
                 tags: OnceLock::new(),
                 fields: OnceLock::new(),
+                members,
             },
         })
     }
@@ -708,8 +712,16 @@ impl Event {
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, Error> {
         let result = match &self.repr {
             Repr::Raw {
-                text, compressed, ..
-            } if !holds_compressed(text, compressed) => serde_json::from_str(text),
+                text,
+                compressed,
+                members,
+                ..
+            } if !holds_compressed(text, compressed) => {
+                match crate::envelope::payload(text, members) {
+                    Some(value) => Ok(value),
+                    None => serde_json::from_str(text),
+                }
+            }
             Repr::Raw { text, .. } => {
                 let mut value: Value = serde_json::from_str(text).unwrap_or_default();
                 let failed = crate::compression::revive_all("", &mut value);
@@ -1055,6 +1067,7 @@ impl EventBuilder {
                     compressed: OnceLock::from(false),
                     tags: self.tags.map(OnceLock::from).unwrap_or_default(),
                     fields: OnceLock::new(),
+                    members: crate::envelope::Members::UNKNOWN,
                 }
             }
             None => Repr::Owned {
