@@ -999,7 +999,17 @@ impl EventBuilder {
             )
         };
         let map = if self.fields.is_empty() && self.payload.is_none() {
-            let json = serde_json::to_vec(value).map_err(Error::poison)?;
+            let mut json = Vec::with_capacity(128);
+            // A struct says as it is written whether its members are plain; anything else is
+            // written again, and read back.
+            if let Some(plain) = written::structure(value, &mut json) {
+                if plain {
+                    self.payload = Some(json);
+                    return Ok(self);
+                }
+            } else {
+                json = serde_json::to_vec(value).map_err(Error::poison)?;
+            }
             match serde_json::from_slice::<PlainObject>(&json) {
                 Ok(PlainObject(true)) => {
                     self.payload = Some(json);
@@ -1113,6 +1123,199 @@ impl<'de> Deserialize<'de> for PlainObject {
             }
         }
         deserializer.deserialize_map(Members)
+    }
+}
+
+/// A struct written as JSON, telling as it goes whether it is a plain object.
+mod written {
+    use serde::ser::{Impossible, Serialize, SerializeStruct, Serializer};
+
+    type Json<'w> = serde_json::Serializer<&'w mut Vec<u8>>;
+    type Members<'s, 'w> = <&'s mut Json<'w> as Serializer>::SerializeStruct;
+    type Error = serde_json::Error;
+    type Never = Impossible<(), Error>;
+
+    /// Writes `value` into `out` when it serializes as a struct, and answers whether none of
+    /// its members has an envelope name; `None` for anything else (or an error), which the
+    /// caller writes again its own way.
+    pub(super) fn structure<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Option<bool> {
+        let mut json = serde_json::Serializer::new(out);
+        let mut plain = true;
+        value
+            .serialize(Top {
+                json: &mut json,
+                plain: &mut plain,
+            })
+            .ok()?;
+        Some(plain)
+    }
+
+    struct Top<'s, 'w> {
+        json: &'s mut Json<'w>,
+        plain: &'s mut bool,
+    }
+
+    /// What is not a struct.
+    fn other<T>() -> Result<T, Error> {
+        Err(serde::ser::Error::custom("not a struct"))
+    }
+
+    struct Fields<'s, 'w> {
+        members: Members<'s, 'w>,
+        plain: &'s mut bool,
+    }
+
+    impl SerializeStruct for Fields<'_, '_> {
+        type Ok = ();
+        type Error = Error;
+
+        fn serialize_field<T: Serialize + ?Sized>(
+            &mut self,
+            key: &'static str,
+            value: &T,
+        ) -> Result<(), Error> {
+            *self.plain &= !super::ENVELOPE_FIELDS.contains(&key);
+            self.members.serialize_field(key, value)
+        }
+
+        fn skip_field(&mut self, key: &'static str) -> Result<(), Error> {
+            self.members.skip_field(key)
+        }
+
+        fn end(self) -> Result<(), Error> {
+            self.members.end()
+        }
+    }
+
+    impl<'s, 'w> Serializer for Top<'s, 'w> {
+        type Ok = ();
+        type Error = Error;
+        type SerializeSeq = Never;
+        type SerializeTuple = Never;
+        type SerializeTupleStruct = Never;
+        type SerializeTupleVariant = Never;
+        type SerializeMap = Never;
+        type SerializeStruct = Fields<'s, 'w>;
+        type SerializeStructVariant = Never;
+
+        fn serialize_struct(self, name: &'static str, len: usize) -> Result<Fields<'s, 'w>, Error> {
+            Ok(Fields {
+                members: self.json.serialize_struct(name, len)?,
+                plain: self.plain,
+            })
+        }
+
+        // serde_json writes these as what they hold.
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _name: &'static str,
+            value: &T,
+        ) -> Result<(), Error> {
+            value.serialize(self)
+        }
+
+        fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), Error> {
+            value.serialize(self)
+        }
+
+        fn serialize_bool(self, _: bool) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_i8(self, _: i8) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_i16(self, _: i16) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_i32(self, _: i32) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_i64(self, _: i64) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_u8(self, _: u8) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_u16(self, _: u16) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_u32(self, _: u32) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_u64(self, _: u64) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_f32(self, _: f32) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_f64(self, _: f64) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_char(self, _: char) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_str(self, _: &str) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_bytes(self, _: &[u8]) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_none(self) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_unit(self) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_unit_struct(self, _: &'static str) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_unit_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+        ) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_newtype_variant<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: &T,
+        ) -> Result<(), Error> {
+            other()
+        }
+        fn serialize_seq(self, _: Option<usize>) -> Result<Never, Error> {
+            other()
+        }
+        fn serialize_tuple(self, _: usize) -> Result<Never, Error> {
+            other()
+        }
+        fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Never, Error> {
+            other()
+        }
+        fn serialize_tuple_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Never, Error> {
+            other()
+        }
+        fn serialize_map(self, _: Option<usize>) -> Result<Never, Error> {
+            other()
+        }
+        fn serialize_struct_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Never, Error> {
+            other()
+        }
     }
 }
 
@@ -1238,6 +1441,70 @@ mod tests {
         ] {
             let err = builder.payload(&5).unwrap_err();
             assert!(err.to_string().contains("JSON object"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_payload_of_any_shape_gives_the_event_its_tree_gives() {
+        #[derive(Serialize)]
+        struct Plain {
+            a: u32,
+            b: Option<&'static str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            c: Option<u32>,
+        }
+        #[derive(Serialize)]
+        struct Enveloped {
+            id: &'static str,
+            a: u32,
+        }
+        #[derive(Serialize)]
+        struct Newtype(Plain);
+        #[derive(Serialize)]
+        struct Flattened {
+            #[serde(flatten)]
+            inner: Plain,
+            d: u32,
+        }
+        #[derive(Serialize)]
+        enum Variant {
+            V { a: u32 },
+        }
+        let plain = || Plain {
+            a: 1,
+            b: None,
+            c: None,
+        };
+        /// The event from `value`, and from its JSON tree.
+        fn both<T: Serialize>(value: &T) -> (Result<String, Error>, Result<String, Error>) {
+            let event = |e: Result<EventBuilder, Error>| e.map(|b| b.build().to_json());
+            let tree = serde_json::to_value(value).unwrap();
+            (
+                event(Event::builder("t", "k").id("i").timestamp(0).payload(value)),
+                event(Event::builder("t", "k").id("i").timestamp(0).payload(&tree)),
+            )
+        }
+        for (ours, tree) in [
+            both(&plain()),
+            both(&Enveloped { id: "fake", a: 2 }),
+            both(&Newtype(plain())),
+            both(&Some(plain())),
+            both(&Flattened {
+                inner: plain(),
+                d: 4,
+            }),
+            both(&Variant::V { a: 5 }),
+            both(&std::collections::BTreeMap::from([("a", 1), ("type", 2)])),
+        ] {
+            assert_eq!(ours.unwrap(), tree.unwrap());
+        }
+        let (ours, _) = both(&plain());
+        assert_eq!(
+            ours.unwrap(),
+            r#"{"id":"i","type":"t","timestamp":0,"partitionKey":"k","a":1,"b":null}"#
+        );
+        for refused in [both(&None::<Plain>), both(&[1, 2]), both(&"text")] {
+            assert!(refused.0.is_err() && refused.1.is_err());
         }
     }
 
