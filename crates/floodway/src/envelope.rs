@@ -146,6 +146,20 @@ pub(crate) fn payload<T: DeserializeOwned>(text: &str, members: &Members) -> Opt
     T::deserialize(Object { text, starts }).ok()
 }
 
+/// Where the value of the top-level member `name` starts (the last of that name, as serde_json
+/// keeps the last), `Some(None)` when there is none; `None` when the members are not known.
+pub(crate) fn member(text: &str, members: &Members, name: &str) -> Option<Option<usize>> {
+    let b = text.as_bytes();
+    let mut found = None;
+    for &at in members.known()? {
+        let (key, after) = scan::plain_string(b, usize::from(at))?;
+        if key == name.as_bytes() {
+            found = Some(scan::ws(b, scan::ws(b, after) + 1));
+        }
+    }
+    Some(found)
+}
+
 /// The event's object, read through `starts`.
 struct Object<'t> {
     text: &'t str,

@@ -673,10 +673,13 @@ impl Event {
     /// assert!(e.json_at("/order/missing").is_none());
     /// ```
     pub fn json_at(&self, pointer: &str) -> Option<Cow<'_, str>> {
-        let text: &str = match &self.repr {
+        let (text, members): (&str, _) = match &self.repr {
             Repr::Raw {
-                text, compressed, ..
-            } if !holds_compressed(text, compressed) => text,
+                text,
+                compressed,
+                members,
+                ..
+            } if !holds_compressed(text, compressed) => (text, members),
             _ => {
                 return self
                     .to_value()
@@ -698,9 +701,13 @@ impl Event {
                 }
             })
             .collect();
+        // The first step goes straight to its member when decoding noted where they are.
+        let (text, tokens) = match crate::envelope::member(text, members, &tokens[0]) {
+            Some(value) => (&text[value?..], &tokens[1..]),
+            None => (text, &tokens[..]),
+        };
         let mut de = serde_json::Deserializer::from_str(text);
-        let found =
-            serde::de::DeserializeSeed::deserialize(At { tokens: &tokens }, &mut de).ok()??;
+        let found = serde::de::DeserializeSeed::deserialize(At { tokens }, &mut de).ok()??;
         Some(Cow::Borrowed(found.get()))
     }
 
@@ -1682,7 +1689,7 @@ mod tests {
             "order":{"id":"o-1","lines":[{"sku":"a","n":[1,2,{"x":null}]},{"sku":"b"}],
                      "a/b":{"c~d":"slash and tilde"},"esc\"aped":"\u00e9t\u00e9","empty":{},
                      "twice":{"x":1},"twice":{"y":2}},
-            "n":3.5,"flag":true}"#;
+            "n":3.5,"flag":true,"dup":1,"dup":{"z":2},"s/l~":4}"#;
         let event = Event::decode(text.as_bytes()).unwrap();
         let parsed: Value = serde_json::from_str(text).unwrap();
         for pointer in [
@@ -1709,6 +1716,10 @@ mod tests {
             "/flag",
             "/missing",
             "/partitionKey",
+            "/dup",
+            "/dup/z",
+            "/s~1l~0",
+            "/",
         ] {
             let ours = event
                 .json_at(pointer)
