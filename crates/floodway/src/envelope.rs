@@ -507,27 +507,18 @@ mod tests {
 
     #[test]
     fn leaves_a_payload_to_serde_when_its_members_are_not_known() {
-        let many = format!(
-            "{{{}}}",
-            (0..13)
-                .map(|i| format!(r#""m{i}":{i}"#))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        let (_, members) = indexed(&many).unwrap();
+        // An object of `n` members.
+        let members_of = |n: usize| {
+            let members: Vec<String> = (0..n).map(|i| format!(r#""m{i}":{i}"#)).collect();
+            format!("{{{}}}", members.join(","))
+        };
+        let (_, members) = indexed(&members_of(13)).unwrap();
         assert_eq!(members, Members::UNKNOWN);
         let long = format!(r#"{{"a":"{}","b":1}}"#, "x".repeat(70_000));
         let (_, members) = indexed(&long).unwrap();
         assert_eq!(members, Members::UNKNOWN);
         assert!(payload::<serde_json::Value>(&long, &members).is_none());
-        let twelve = format!(
-            "{{{}}}",
-            (0..12)
-                .map(|i| format!(r#""m{i}":{i}"#))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        let (_, members) = indexed(&twelve).unwrap();
+        let (_, members) = indexed(&members_of(12)).unwrap();
         assert_eq!(members.known().map(<[u16]>::len), Some(12));
     }
 

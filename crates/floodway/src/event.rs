@@ -1167,6 +1167,15 @@ mod written {
         Err(serde::ser::Error::custom("not a struct"))
     }
 
+    /// Serializer methods for what is not a struct.
+    macro_rules! not_a_struct {
+        ($($method:ident($($arg:ty),*) -> $ok:ty;)*) => {$(
+            fn $method(self, $(_: $arg),*) -> Result<$ok, Error> {
+                other()
+            }
+        )*};
+    }
+
     struct Fields<'s, 'w> {
         members: Members<'s, 'w>,
         plain: &'s mut bool,
@@ -1225,65 +1234,6 @@ mod written {
             value.serialize(self)
         }
 
-        fn serialize_bool(self, _: bool) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_i8(self, _: i8) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_i16(self, _: i16) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_i32(self, _: i32) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_i64(self, _: i64) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_u8(self, _: u8) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_u16(self, _: u16) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_u32(self, _: u32) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_u64(self, _: u64) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_f32(self, _: f32) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_f64(self, _: f64) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_char(self, _: char) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_str(self, _: &str) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_bytes(self, _: &[u8]) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_none(self) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_unit(self) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_unit_struct(self, _: &'static str) -> Result<(), Error> {
-            other()
-        }
-        fn serialize_unit_variant(
-            self,
-            _: &'static str,
-            _: u32,
-            _: &'static str,
-        ) -> Result<(), Error> {
-            other()
-        }
         fn serialize_newtype_variant<T: Serialize + ?Sized>(
             self,
             _: &'static str,
@@ -1293,35 +1243,32 @@ mod written {
         ) -> Result<(), Error> {
             other()
         }
-        fn serialize_seq(self, _: Option<usize>) -> Result<Never, Error> {
-            other()
-        }
-        fn serialize_tuple(self, _: usize) -> Result<Never, Error> {
-            other()
-        }
-        fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Never, Error> {
-            other()
-        }
-        fn serialize_tuple_variant(
-            self,
-            _: &'static str,
-            _: u32,
-            _: &'static str,
-            _: usize,
-        ) -> Result<Never, Error> {
-            other()
-        }
-        fn serialize_map(self, _: Option<usize>) -> Result<Never, Error> {
-            other()
-        }
-        fn serialize_struct_variant(
-            self,
-            _: &'static str,
-            _: u32,
-            _: &'static str,
-            _: usize,
-        ) -> Result<Never, Error> {
-            other()
+
+        not_a_struct! {
+            serialize_bool(bool) -> ();
+            serialize_i8(i8) -> ();
+            serialize_i16(i16) -> ();
+            serialize_i32(i32) -> ();
+            serialize_i64(i64) -> ();
+            serialize_u8(u8) -> ();
+            serialize_u16(u16) -> ();
+            serialize_u32(u32) -> ();
+            serialize_u64(u64) -> ();
+            serialize_f32(f32) -> ();
+            serialize_f64(f64) -> ();
+            serialize_char(char) -> ();
+            serialize_str(&str) -> ();
+            serialize_bytes(&[u8]) -> ();
+            serialize_none() -> ();
+            serialize_unit() -> ();
+            serialize_unit_struct(&'static str) -> ();
+            serialize_unit_variant(&'static str, u32, &'static str) -> ();
+            serialize_seq(Option<usize>) -> Never;
+            serialize_tuple(usize) -> Never;
+            serialize_tuple_struct(&'static str, usize) -> Never;
+            serialize_tuple_variant(&'static str, u32, &'static str, usize) -> Never;
+            serialize_map(Option<usize>) -> Never;
+            serialize_struct_variant(&'static str, u32, &'static str, usize) -> Never;
         }
     }
 }
