@@ -32,11 +32,18 @@ pub(crate) struct Envelope<'a> {
 /// The most top-level members whose places an event keeps.
 const MAX_MEMBERS: usize = 12;
 
+/// The deepest nesting of containers in a member the scanner answers for. serde_json reads
+/// at most 127 containers deep, and the event's object is one of them: a member read on its
+/// own ([`payload`]) must not get the level the object would have taken. The scanner does not
+/// count an empty innermost container, so one more level is kept in hand. Deeper members send
+/// the text to serde_json (which skips what it does not read at any depth).
+const MEMBER_DEPTH: u32 = 125;
+
 /// Where the keys of an event's top-level members start (their opening quotes), noted as the
 /// scanner read the envelope, so that the payload is read without scanning the text again
 /// ([`payload`]). Unknown for a text the scanner did not answer for, one of more than
-/// `MAX_MEMBERS` members, or one longer than 64 KiB (the places are kept small: an event
-/// carries them).
+/// `MAX_MEMBERS` members, or one with a member starting past its first 64 KiB (the places are
+/// kept small: an event carries them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Members {
     starts: [u16; MAX_MEMBERS],
@@ -118,7 +125,7 @@ fn indexed(text: &str) -> Option<(Envelope<'_>, Members)> {
     let end = scan::object(b, scan::ws(b, 0), |key, start| {
         // The key is a slice of the text just after its opening quote.
         members.push(key.as_ptr() as usize - b.as_ptr() as usize - 1);
-        let end = scan::skip_value(b, start)?;
+        let end = scan::skip_value_within(b, start, MEMBER_DEPTH)?;
         let slot = match key {
             b"id" => &mut env.id,
             b"type" => &mut env.ty,
@@ -146,35 +153,82 @@ pub(crate) fn payload<T: DeserializeOwned>(text: &str, members: &Members) -> Opt
     T::deserialize(Object { text, starts }).ok()
 }
 
-/// Where the value of the top-level member `name` starts (the last of that name, as serde_json
-/// keeps the last), `Some(None)` when there is none; `None` when the members are not known.
+/// Where the value of the top-level member `name` starts, `Some(None)` when there is none;
+/// `None` when the members are not known, or when `name` is there more than once (serde_json
+/// then reads each in turn, and the caller leaves it to do so).
 pub(crate) fn member(text: &str, members: &Members, name: &str) -> Option<Option<usize>> {
     let b = text.as_bytes();
     let mut found = None;
     for &at in members.known()? {
         let (key, after) = scan::plain_string(b, usize::from(at))?;
         if key == name.as_bytes() {
+            if found.is_some() {
+                return None;
+            }
             found = Some(scan::ws(b, scan::ws(b, after) + 1));
         }
     }
     Some(found)
 }
 
-/// The event's object, read through `starts`.
+/// Refused: the caller reads the text with serde_json, which answers or words the error.
+fn refused<T>() -> serde_json::Result<T> {
+    Err(serde::de::Error::custom("left to serde_json"))
+}
+
+/// The event's object, read through `starts`. It answers as serde_json does for an object:
+/// a map for `any`, `map` and `struct`, `Some` for an option; anything else (a newtype, which
+/// serde_json may give a meaning of its own such as `RawValue`, an enum, a sequence) is
+/// refused.
 struct Object<'t> {
     text: &'t str,
     starts: &'t [u16],
+}
+
+impl<'de> Object<'de> {
+    /// Visits the members as a map; refused unless the visitor read every member whole, as
+    /// serde_json expects the object's end once the visitor returns.
+    fn visit<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        let mut walk = Walk {
+            text: self.text,
+            starts: self.starts.iter(),
+            value: None,
+        };
+        let value = visitor.visit_map(&mut walk)?;
+        if walk.starts.len() > 0 || walk.value.is_some() {
+            return refused();
+        }
+        Ok(value)
+    }
+}
+
+macro_rules! refuse {
+    ($($method:ident($($arg:ident: $ty:ty),*))*) => {$(
+        fn $method<V: Visitor<'de>>(self, $($arg: $ty,)* _visitor: V) -> serde_json::Result<V::Value> {
+            $(let _ = $arg;)*
+            refused()
+        }
+    )*};
 }
 
 impl<'de> Deserializer<'de> for Object<'de> {
     type Error = serde_json::Error;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
-        visitor.visit_map(Walk {
-            text: self.text,
-            starts: self.starts.iter(),
-            value: 0,
-        })
+        self.visit(visitor)
+    }
+
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        self.visit(visitor)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> serde_json::Result<V::Value> {
+        self.visit(visitor)
     }
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
@@ -185,20 +239,18 @@ impl<'de> Deserializer<'de> for Object<'de> {
         visitor.visit_unit()
     }
 
-    fn deserialize_newtype_struct<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        _visitor: V,
-    ) -> serde_json::Result<V::Value> {
-        // serde_json gives some newtypes a meaning of its own (`RawValue`): let it decide.
-        Err(serde::de::Error::custom("read by serde_json"))
-    }
-
-    // Anything but a map fails in its visitor, as it does in serde_json's, and the caller
-    // reads the text again with serde_json to word the error.
-    serde::forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-        unit unit_struct seq tuple tuple_struct map struct enum identifier
+    refuse! {
+        deserialize_bool() deserialize_i8() deserialize_i16() deserialize_i32()
+        deserialize_i64() deserialize_i128() deserialize_u8() deserialize_u16()
+        deserialize_u32() deserialize_u64() deserialize_u128() deserialize_f32()
+        deserialize_f64() deserialize_char() deserialize_str() deserialize_string()
+        deserialize_bytes() deserialize_byte_buf() deserialize_unit() deserialize_seq()
+        deserialize_identifier()
+        deserialize_unit_struct(name: &'static str)
+        deserialize_newtype_struct(name: &'static str)
+        deserialize_tuple(len: usize)
+        deserialize_tuple_struct(name: &'static str, len: usize)
+        deserialize_enum(name: &'static str, variants: &'static [&'static str])
     }
 }
 
@@ -206,8 +258,8 @@ impl<'de> Deserializer<'de> for Object<'de> {
 struct Walk<'t> {
     text: &'t str,
     starts: std::slice::Iter<'t, u16>,
-    /// Where the value of the member last given starts.
-    value: usize,
+    /// Where the value of the member whose key was last given starts, until it is read.
+    value: Option<usize>,
 }
 
 impl<'de> MapAccess<'de> for Walk<'de> {
@@ -217,16 +269,20 @@ impl<'de> MapAccess<'de> for Walk<'de> {
         &mut self,
         seed: K,
     ) -> serde_json::Result<Option<K::Value>> {
+        if self.value.is_some() {
+            // A key asked for before the last one's value was read.
+            return refused();
+        }
         let Some(&at) = self.starts.next() else {
             return Ok(None);
         };
         let b = self.text.as_bytes();
         let at = usize::from(at);
         // The scanner took only keys without escapes.
-        let (key, after) =
-            scan::plain_string(b, at).ok_or_else(|| serde::de::Error::custom("not a plain key"))?;
+        let (key, after) = scan::plain_string(b, at)
+            .ok_or_else(|| <serde_json::Error as serde::de::Error>::custom("not a plain key"))?;
         let key = &self.text[at + 1..at + 1 + key.len()];
-        self.value = scan::ws(b, scan::ws(b, after) + 1);
+        self.value = Some(scan::ws(b, scan::ws(b, after) + 1));
         seed.deserialize(serde::de::value::BorrowedStrDeserializer::new(key))
             .map(Some)
     }
@@ -235,7 +291,10 @@ impl<'de> MapAccess<'de> for Walk<'de> {
         &mut self,
         seed: V,
     ) -> serde_json::Result<V::Value> {
-        seed.deserialize(Member(&self.text[self.value..]))
+        let Some(value) = self.value.take() else {
+            return refused();
+        };
+        seed.deserialize(Member(&self.text[value..]))
     }
 
     fn size_hint(&self) -> Option<usize> {
@@ -503,6 +562,92 @@ mod tests {
         assert!(payload::<Box<RawValue>>(text, &members).is_none());
         assert!(payload::<Vec<u8>>(text, &members).is_none());
         assert!(payload::<Order>(text, &members).is_none());
+    }
+
+    /// A type whose visitor reads one member and stops.
+    #[derive(Debug, PartialEq)]
+    struct FirstKey(String);
+
+    impl<'de> serde::Deserialize<'de> for FirstKey {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct First;
+            impl<'de> Visitor<'de> for First {
+                type Value = FirstKey;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a map")
+                }
+                fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<FirstKey, M::Error> {
+                    Ok(FirstKey(map.next_key()?.unwrap_or_default()))
+                }
+            }
+            d.deserialize_map(First)
+        }
+    }
+
+    /// A type that asks for a sequence and would take a map.
+    #[derive(Debug, PartialEq)]
+    struct SeqOfMap;
+
+    impl<'de> serde::Deserialize<'de> for SeqOfMap {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Any;
+            impl<'de> Visitor<'de> for Any {
+                type Value = SeqOfMap;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("anything")
+                }
+                fn visit_map<M: MapAccess<'de>>(self, _map: M) -> Result<SeqOfMap, M::Error> {
+                    Ok(SeqOfMap)
+                }
+            }
+            d.deserialize_seq(Any)
+        }
+    }
+
+    #[test]
+    fn answers_only_where_serde_json_would() {
+        let text = r#"{"id":"e1","type":"t","a":1}"#;
+        let (_, members) = indexed(text).unwrap();
+        // serde_json wants the object's end once the visitor returns, and gives a map only to
+        // `any`, `map`, `struct`.
+        assert!(serde_json::from_str::<FirstKey>(text).is_err());
+        assert_eq!(payload::<FirstKey>(text, &members), None);
+        assert!(serde_json::from_str::<SeqOfMap>(text).is_err());
+        assert_eq!(payload::<SeqOfMap>(text, &members), None);
+        // Nesting: serde_json reads 127 containers deep, the object included.
+        let nested = |k: usize, inner: &str| {
+            let (open, close) = ("[".repeat(k), "]".repeat(k));
+            format!(r#"{{"id":"1","a":{open}{inner}{close}}}"#)
+        };
+        for inner in ["", "1"] {
+            for k in 120..130 {
+                let text = nested(k, inner);
+                let whole = serde_json::from_str::<serde_json::Value>(&text).ok();
+                if let Some((_, members)) = indexed(&text) {
+                    assert_eq!(
+                        payload(&text, &members),
+                        whole,
+                        "{k} levels around {inner:?}"
+                    );
+                }
+            }
+            let (_, members) = indexed(&nested(120, inner)).unwrap();
+            assert!(payload::<serde_json::Value>(&nested(120, inner), &members).is_some());
+        }
+    }
+
+    #[test]
+    fn finds_a_member_named_once() {
+        let text = r#"{"id":"e1","a":{"b":1},"d":1,"d":2}"#;
+        let (_, members) = indexed(text).unwrap();
+        assert_eq!(
+            member(text, &members, "a").map(|at| &text[at.unwrap()..]),
+            Some(r#"{"b":1},"d":1,"d":2}"#)
+        );
+        assert_eq!(member(text, &members, "x"), Some(None));
+        // serde_json reads each of a repeated name in turn: left to it.
+        assert_eq!(member(text, &members, "d"), None);
+        assert_eq!(member(text, &Members::UNKNOWN, "a"), None);
     }
 
     #[test]

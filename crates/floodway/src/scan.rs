@@ -195,7 +195,13 @@ fn skip_number(b: &[u8], mut i: usize) -> Option<usize> {
 
 /// The position after the value starting at `i`; containers are walked without recursion,
 /// their kinds kept as bits (1: object) of `open`.
-pub fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
+pub fn skip_value(b: &[u8], i: usize) -> Option<usize> {
+    skip_value_within(b, i, MAX_DEPTH)
+}
+
+/// [`skip_value`], refusing containers nested deeper than `max_depth` (at most 128).
+pub fn skip_value_within(b: &[u8], mut i: usize, max_depth: u32) -> Option<usize> {
+    let max_depth = max_depth.min(MAX_DEPTH);
     let mut open: u128 = 0;
     let mut depth = 0u32;
     loop {
@@ -208,7 +214,7 @@ pub fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
                 if b.get(i) == Some(&close) {
                     i += 1;
                 } else {
-                    if depth == MAX_DEPTH {
+                    if depth == max_depth {
                         return None;
                     }
                     open = open << 1 | u128::from(c == b'{');
