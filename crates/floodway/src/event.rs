@@ -1687,5 +1687,12 @@ mod tests {
                 .map(|t| serde_json::from_str::<Value>(&t).unwrap());
             assert_eq!(ours.as_ref(), parsed.pointer(pointer), "{pointer}");
         }
+        // A repeated name is walked as serde_json reads the text, each in turn: an earlier one
+        // it cannot read (a key that is a lone surrogate) spoils the answer, as before.
+        let twice = Event::decode(
+            br#"{"id":"1","type":"t","timestamp":1,"partitionKey":"k","w":{"\ud800":1},"w":{"b":2}}"#,
+        )
+        .unwrap();
+        assert_eq!(twice.json_at("/w/b"), None);
     }
 }
