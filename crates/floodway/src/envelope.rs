@@ -584,7 +584,7 @@ mod tests {
         }
     }
 
-    /// A type that asks for a sequence and would take a map.
+    /// A type that asks for a sequence and would take a map, read whole.
     #[derive(Debug, PartialEq)]
     struct SeqOfMap;
 
@@ -596,7 +596,9 @@ mod tests {
                 fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                     f.write_str("anything")
                 }
-                fn visit_map<M: MapAccess<'de>>(self, _map: M) -> Result<SeqOfMap, M::Error> {
+                fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<SeqOfMap, M::Error> {
+                    use serde::de::IgnoredAny;
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
                     Ok(SeqOfMap)
                 }
             }
