@@ -12,6 +12,12 @@
 //! precise error. So the one property that matters is: **when the scanner answers, serde_json
 //! accepts the text and finds the same members.** A property test checks it against serde_json
 //! on generated and damaged events.
+//!
+//! The scanner also notes where each top-level member starts ([`Members`]), so that a typed
+//! read of the event ([`payload`], [`member`]) goes to the members it wants without walking the
+//! text again. The same kind of property holds there: **when the member-by-member read
+//! answers, serde_json reading the whole text gives the same answer**; anything else is left
+//! to serde_json.
 use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
