@@ -40,10 +40,9 @@ const MAX_MEMBERS: usize = 12;
 
 /// The deepest nesting of containers in a member the scanner answers for. serde_json reads
 /// at most 127 containers deep, and the event's object is one of them: a member read on its
-/// own ([`payload`]) must not get the level the object would have taken. The scanner does not
-/// count an empty innermost container, so one more level is kept in hand. Deeper members send
+/// own ([`payload`]) must not get the level the object would have taken. Deeper members send
 /// the text to serde_json (which skips what it does not read at any depth).
-const MEMBER_DEPTH: u32 = 125;
+const MEMBER_DEPTH: u32 = 126;
 
 /// Where the keys of an event's top-level members start (their opening quotes), noted as the
 /// scanner read the envelope, so that the payload is read without scanning the text again

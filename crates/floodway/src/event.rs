@@ -1008,24 +1008,23 @@ impl EventBuilder {
         let map = if self.fields.is_empty() && self.payload.is_none() {
             let mut json = Vec::with_capacity(128);
             // A struct says as it is written whether its members are plain; anything else is
-            // written again, and read back.
-            if let Some(plain) = written::structure(value, &mut json) {
-                if plain {
-                    self.payload = Some(json);
-                    return Ok(self);
+            // written again and read back to tell.
+            let plain = match written::structure(value, &mut json) {
+                Some(plain) => plain,
+                None => {
+                    json = serde_json::to_vec(value).map_err(Error::poison)?;
+                    match serde_json::from_slice::<PlainObject>(&json) {
+                        Ok(PlainObject(plain)) => plain,
+                        Err(_) => return Err(not_object()),
+                    }
                 }
-            } else {
-                json = serde_json::to_vec(value).map_err(Error::poison)?;
+            };
+            if plain {
+                self.payload = Some(json);
+                return Ok(self);
             }
-            match serde_json::from_slice::<PlainObject>(&json) {
-                Ok(PlainObject(true)) => {
-                    self.payload = Some(json);
-                    return Ok(self);
-                }
-                // Envelope names among its members: they are dropped below.
-                Ok(PlainObject(false)) => serde_json::from_slice(&json).map_err(Error::poison)?,
-                Err(_) => return Err(not_object()),
-            }
+            // Envelope names among its members: they are dropped below.
+            serde_json::from_slice(&json).map_err(Error::poison)?
         } else {
             self.payload_into_fields();
             match serde_json::to_value(value).map_err(Error::poison)? {

@@ -199,7 +199,8 @@ pub fn skip_value(b: &[u8], i: usize) -> Option<usize> {
     skip_value_within(b, i, MAX_DEPTH)
 }
 
-/// [`skip_value`], refusing containers nested deeper than `max_depth` (at most 128).
+/// [`skip_value`], refusing containers nested deeper than `max_depth` (at most 128), the
+/// value itself counted when it is one.
 pub fn skip_value_within(b: &[u8], mut i: usize, max_depth: u32) -> Option<usize> {
     let max_depth = max_depth.min(MAX_DEPTH);
     let mut open: u128 = 0;
@@ -209,14 +210,15 @@ pub fn skip_value_within(b: &[u8], mut i: usize, max_depth: u32) -> Option<usize
         match *b.get(i)? {
             b'"' => i = skip_string(b, i + 1)?,
             c @ (b'{' | b'[') => {
+                // Every container counts, an empty one too, as serde_json counts them.
+                if depth == max_depth {
+                    return None;
+                }
                 let close = if c == b'{' { b'}' } else { b']' };
                 i = ws(b, i + 1);
                 if b.get(i) == Some(&close) {
                     i += 1;
                 } else {
-                    if depth == max_depth {
-                        return None;
-                    }
                     open = open << 1 | u128::from(c == b'{');
                     depth += 1;
                     if c == b'{' {
