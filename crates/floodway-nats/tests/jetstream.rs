@@ -829,8 +829,28 @@ async fn settings_that_cannot_work_are_refused_by_name() {
         },
         ..Default::default()
     };
-    let err = hub.subscribe("shared", pinned).await.unwrap_err();
+    let err = hub.subscribe("shared", pinned.clone()).await.unwrap_err();
     assert!(err.to_string().contains("another sharing"), "{err}");
+
+    // Nor can instances share a consumer that acks cumulatively (one made by hand).
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    for p in 0..4 {
+        stream
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some(format!("byhand_{p}")),
+                filter_subject: hub.partition_subject(p),
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::All,
+                priority_policy: async_nats::jetstream::consumer::PriorityPolicy::PinnedClient,
+                priority_groups: vec!["floodway".into()],
+                priority_timeout: Duration::from_secs(5),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let err = hub.subscribe("byhand", pinned).await.unwrap_err();
+    assert!(err.to_string().contains("acks cumulatively"), "{err}");
 
     // Looking at a stream with default options changes nothing about it.
     let mut strict = options(vec![server.url()]);
@@ -971,6 +991,236 @@ async fn a_consumer_deleted_under_a_reader_is_made_again_where_it_stood() {
     got.sort();
     want.sort();
     assert_eq!(got, want, "nothing published meanwhile was skipped");
+}
+
+/// With exclusive sharing, one ack covers a run of settled records of a partition, and moves
+/// the consumer's ack floor past all of them: nothing is left to come again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_are_cumulative_and_leave_nothing_to_come_again() {
+    let (_server, hub) = hub_on_new_server().await;
+    let n = 2000;
+    let events = generate::orders(n, 3);
+    hub.publish(&events).await.unwrap();
+    // Every ack the subscription sends, seen by a plain subscriber of the ack subjects.
+    let acks = Arc::new(AtomicUsize::new(0));
+    let mut watch = hub.client().subscribe("$JS.ACK.ORDERS.>").await.unwrap();
+    let counted = acks.clone();
+    let watcher = tokio::spawn(async move {
+        use futures_util::StreamExt;
+        while watch.next().await.is_some() {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let sink = MemorySink::new();
+    let processor = Processor::builder("cumulative")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(
+            Pipeline::builder("p")
+                .batch(floodway::BatchConfig::count(100).max_wait(Duration::from_millis(5)))
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let sub = hub
+        .subscribe("cumulative", SubscriptionOptions::default())
+        .await
+        .unwrap();
+    let delivered = sink.clone();
+    run_until(&processor, sub, move || delivered.len() >= n).await;
+    hub.client().flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    watcher.abort();
+
+    let mut got = ids(&sink.events());
+    let mut want = ids(&events);
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "every event once");
+    let acks = acks.load(Ordering::SeqCst);
+    assert!(
+        acks > 0 && acks <= n / 4,
+        "{acks} acks for {n} records: one per run of settled records, not one each"
+    );
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    for p in 0..4 {
+        let mut consumer = stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&format!(
+                "cumulative_{p}"
+            ))
+            .await
+            .unwrap();
+        let info = consumer.info().await.unwrap();
+        assert_eq!(
+            info.config.ack_policy,
+            async_nats::jetstream::consumer::AckPolicy::All
+        );
+        assert_eq!(
+            info.num_ack_pending, 0,
+            "partition {p}: nothing left unacked"
+        );
+        assert_eq!(info.num_redelivered, 0, "partition {p}: nothing came again");
+        assert_eq!(
+            info.ack_floor.stream_sequence, info.delivered.stream_sequence,
+            "partition {p}: the floor is at the last record delivered"
+        );
+    }
+}
+
+/// A record held unfinished while the reader finds its consumer again (the server restarted
+/// under it) is still held: the cumulative acks of the records settled after it stop below
+/// it, and the next instance gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_held_through_a_server_restart_is_not_passed_by_an_ack() {
+    let mut server = NatsServer::start();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    let partition = hub.partition_of("held");
+    let of_partition = |from: usize, to: usize| -> Vec<Event> {
+        (from..to)
+            .map(|i| {
+                Event::builder("step", format!("k{i}"))
+                    .id(format!("later-{i}"))
+                    .build()
+            })
+            .filter(|e| hub.partition_of(e.partition_key()) == partition)
+            .collect()
+    };
+    hub.publish(&[Event::builder("step", "held").id("held-1").build()])
+        .await
+        .unwrap();
+    hub.publish(&of_partition(0, 200)).await.unwrap();
+    let options = SubscriptionOptions {
+        partitions: Partitions::Only(vec![partition]),
+        ack_wait: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let (processor, hung) = hanging_processor(&hub, "held", |batch| {
+        batch.events().any(|e| e.id() == "held-1")
+    });
+    let sub = hub.subscribe("held", options.clone()).await.unwrap();
+    let stop = Arc::new(AtomicUsize::new(0));
+    let stopped = stop.clone();
+    let run = tokio::spawn(async move {
+        run_until(&processor, sub, move || stopped.load(Ordering::SeqCst) > 0).await
+    });
+    while hung.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Down long enough for the pull's heartbeats to be missed: the reader pulls anew.
+    server.kill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    server.restart();
+    // More of the partition, settled after the restart.
+    let more = of_partition(200, 400);
+    let (patience, pause) = (Duration::from_secs(30), Duration::from_millis(200));
+    retry("publishing after the restart", patience, pause, || {
+        hub.publish(&more)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(1, Ordering::SeqCst);
+    run.await.unwrap();
+
+    let (processor, sink) = collecting("held");
+    let sub = hub.subscribe("held", options).await.unwrap();
+    let delivered = sink.clone();
+    run_until(&processor, sub, move || {
+        delivered.events().iter().any(|e| e.id() == "held-1")
+    })
+    .await;
+}
+
+/// Consumers made when acks were per record are made again to ack cumulatively: one left by
+/// an instance that died holding records goes on from its ack floor, so the unacked records
+/// come again and nothing before them does; one left with everything acked goes on after
+/// its last delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_acked_per_record_are_made_again_to_ack_cumulatively() {
+    use futures_util::StreamExt;
+    let (_server, hub) = hub_on_new_server().await;
+    let events: Vec<Event> = generate::orders(300, 4)
+        .into_iter()
+        .filter(|e| hub.partition_of(e.partition_key()) < 2)
+        .collect();
+    hub.publish(&events).await.unwrap();
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    // The old instance took ten records of each partition and died, having acked five of
+    // partition 0's and all of partition 1's.
+    let mut acked = HashSet::new();
+    for (p, acks) in [(0u32, 5), (1, 10)] {
+        let old = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some(format!("migrating_{p}")),
+                name: Some(format!("migrating_{p}")),
+                filter_subject: hub.partition_subject(p),
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut messages = old
+            .fetch()
+            .max_messages(10)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .unwrap();
+        let mut taken = Vec::new();
+        while let Some(m) = messages.next().await {
+            taken.push(m.unwrap());
+        }
+        assert_eq!(taken.len(), 10);
+        for m in &taken[..acks] {
+            m.double_ack().await.unwrap();
+            let event = Event::decode_bytes(m.payload.clone(), 1 << 20).unwrap();
+            acked.insert(event.id().to_owned());
+        }
+    }
+    let (processor, sink) = collecting("migrating");
+    let sub = hub
+        .subscribe(
+            "migrating",
+            SubscriptionOptions {
+                partitions: Partitions::Only(vec![0, 1]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut want: Vec<String> = ids(&events)
+        .into_iter()
+        .filter(|id| !acked.contains(id))
+        .collect();
+    let delivered = sink.clone();
+    let total = want.len();
+    run_until(&processor, sub, move || delivered.len() >= total).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut got = ids(&sink.events());
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "everything not acked before, once each");
+    for p in 0..2 {
+        let mut consumer = stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&format!(
+                "migrating_{p}"
+            ))
+            .await
+            .unwrap();
+        let info = consumer.info().await.unwrap();
+        assert_eq!(
+            info.config.ack_policy,
+            async_nats::jetstream::consumer::AckPolicy::All,
+            "partition {p}"
+        );
+        assert_eq!(info.num_ack_pending, 0, "partition {p}");
+    }
 }
 
 /// What the hub gives a processor taking over a partition: the messages another instance

@@ -36,7 +36,13 @@ pub(super) fn consumer_config(
         let consumer = format!("{name}_{partition}");
         config.durable_name = Some(consumer.clone());
         config.name = Some(consumer);
-        config.ack_policy = AckPolicy::Explicit;
+        // One reader per consumer by construction: acks can be cumulative, one per run of
+        // settled records. Instances sharing a pinned consumer ack each record, since one
+        // instance's cumulative ack would cover what another still holds.
+        config.ack_policy = match options.sharing {
+            Sharing::Exclusive => AckPolicy::All,
+            Sharing::Pinned { .. } => AckPolicy::Explicit,
+        };
         config.ack_wait = options.ack_wait;
         config.max_ack_pending = options.max_ack_pending;
         config.max_deliver = -1;
@@ -47,6 +53,13 @@ pub(super) fn consumer_config(
         }
     }
     Ok(config)
+}
+
+/// Whether a consumer takes cumulative acks.
+pub(super) fn cumulative(
+    consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>,
+) -> bool {
+    consumer.cached_info().config.ack_policy == AckPolicy::All
 }
 
 /// The JetStream error code of a consumer request's failure, when the server gave one.
@@ -109,13 +122,23 @@ pub(super) async fn open_consumer(
              use another subscription name"
         )));
     }
+    if current.ack_policy != config.ack_policy && config.ack_policy == AckPolicy::Explicit {
+        // Cumulative acks on a consumer that instances share would let one instance's ack
+        // cover what another still holds.
+        return Err(NatsError::Config(format!(
+            "consumer `{name}` acks cumulatively, which pinned sharing cannot use: delete it \
+             (`nats consumer rm`) or use another subscription name"
+        )));
+    }
     if current.ack_wait != config.ack_wait
         || current.max_ack_pending != config.max_ack_pending
         || current.priority_timeout != config.priority_timeout
     {
-        // Only the changeable settings move; where it starts stays the server's.
+        // Only the changeable settings move; where it starts and how it is acked stay the
+        // server's (a consumer acked per record is made again by `restart_at_ack_floor`).
         let update = pull::Config {
             deliver_policy: current.deliver_policy,
+            ack_policy: current.ack_policy,
             ..config.clone()
         };
         return stream
@@ -130,9 +153,12 @@ pub(super) async fn open_consumer(
 /// not acknowledged: an earlier owner stopped (its naks carry a delay) or died (its messages
 /// wait out the ack wait), and JetStream would deliver newer messages of the same keys to
 /// the new owner before those. Made again at the first unacknowledged sequence, the consumer
-/// delivers in stream order; messages acknowledged one by one above the floor come again, as
-/// duplicates, which at-least-once processing and idempotent sinks absorb. Only for
+/// delivers in stream order; messages a consumer acked per record above its floor come again,
+/// as duplicates, which at-least-once processing and idempotent sinks absorb. Only for
 /// exclusive sharing: a partition has one reader, so no live reader loses its consumer.
+///
+/// A consumer acked per record (made before acks were cumulative) is made again the same way,
+/// since JetStream cannot change a consumer's ack policy in place.
 pub(super) async fn restart_at_ack_floor(
     stream: &async_nats::jetstream::stream::Stream,
     mut consumer: async_nats::jetstream::consumer::Consumer<pull::Config>,
@@ -146,16 +172,37 @@ pub(super) async fn restart_at_ack_floor(
         .await
         .map_err(|e| NatsError::js("consumer info", e))?
         .clone();
-    if info.num_ack_pending == 0 {
+    let policy_changes = info.config.ack_policy != config.ack_policy;
+    if info.num_ack_pending == 0 && !policy_changes {
         return Ok(consumer);
     }
-    let start = info.ack_floor.stream_sequence + 1;
+    let start = if info.num_ack_pending == 0 {
+        // Nothing held: it goes on where it would have delivered next.
+        info.delivered.stream_sequence + 1
+    } else {
+        info.ack_floor.stream_sequence + 1
+    };
     tracing::info!(
         consumer = %name,
         unacked = info.num_ack_pending,
         start,
-        "restarting the consumer at its first unacknowledged message, to keep per-key order"
+        "{}",
+        if policy_changes {
+            "making the consumer again to ack cumulatively"
+        } else {
+            "restarting the consumer at its first unacknowledged message, to keep per-key order"
+        }
     );
+    remake(stream, name, start, config).await
+}
+
+/// Deletes the consumer and makes it again, delivering from `start`.
+async fn remake(
+    stream: &async_nats::jetstream::stream::Stream,
+    name: &str,
+    start: u64,
+    config: &pull::Config,
+) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
     stream
         .delete_consumer(name)
         .await

@@ -1,19 +1,23 @@
-//! Subscriptions: one durable pull consumer per partition, acknowledged per record.
+//! Subscriptions: one durable pull consumer per partition, acknowledged as the core settles.
 //!
 //! A subscription named `orders-view` reading partitions 0..8 owns the consumers
 //! `orders-view_0` .. `orders-view_7`, each filtered on its partition's subject. A task per
 //! partition pulls from its consumer and hands records to the processor through one bounded
 //! channel, so a slow processor stops the pulls (and the server stops at `max_ack_pending`).
 //!
-//! Acknowledgement follows the core's settlements ([`Checkpointer::settle`](floodway::Checkpointer::settle)): a record every
-//! pipeline is done with is acked; a record whose fault event is stored is terminated (`+TERM`),
-//! so JetStream never redelivers a poison event. While records are in the processor (retrying
-//! in place, or held by an open breaker), in-progress acks (`+WPI`) keep JetStream from
-//! redelivering them. Records the processor lets go of unfinished (it stopped: drained,
-//! timed out, or failed) are nak'd with a delay that grows with their delivery count, never
-//! an immediate nak that would burn `max_deliver` in milliseconds.
+//! Acknowledgement follows the core's settlements ([`Checkpointer::settle`](floodway::Checkpointer::settle)).
+//! With exclusive sharing a consumer acks cumulatively (JetStream's `all` policy): when a
+//! record and every record before it in its partition are settled, one ack covers them all,
+//! as a checkpoint does on the embedded hub. With pinned sharing, where instances share a
+//! consumer, each record is acked on its own, and a record whose fault event is stored is
+//! terminated (`+TERM`). Either way JetStream never redelivers a settled record, poison
+//! included. While records are in the processor (retrying in place, or held by an open
+//! breaker), in-progress acks (`+WPI`) keep JetStream from redelivering them. Records the
+//! processor lets go of unfinished (it stopped: drained, timed out, or failed) are nak'd with
+//! a delay that grows with their delivery count, never an immediate nak that would burn
+//! `max_deliver` in milliseconds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,20 +35,111 @@ mod options;
 mod reader;
 
 use acks::acker;
-use consumer::{consumer_config, open_consumer, restart_at_ack_floor};
+use consumer::{consumer_config, cumulative, open_consumer, restart_at_ack_floor};
 pub use options::{Partitions, Sharing, StartAt, SubscriptionOptions};
 use reader::PartitionReader;
 
-/// A record handed to the processor and not yet settled.
+/// A record handed to the processor and not yet acknowledged.
 #[derive(Debug)]
 struct Pending {
     reply: Subject,
-    partition: Arc<str>,
+    /// How many times JetStream has delivered it.
     delivered: u32,
+    /// Its delivery's sequence in the consumer.
+    delivery: u64,
+    /// Settled, and waiting for an earlier record to be (cumulative acks only).
+    settled: bool,
 }
 
-/// Records in the processor, by stream sequence; `None` once the subscription has closed.
-type Outstanding = Arc<Mutex<Option<HashMap<u64, Pending>>>>;
+/// What the subscription holds of one partition's consumer.
+#[derive(Debug, Default)]
+struct Lane {
+    /// The consumer's ack policy is `all`: an ack covers every record before it.
+    cumulative: bool,
+    /// Records delivered and not yet acknowledged, by stream sequence.
+    records: BTreeMap<u64, Pending>,
+    /// How many of `records` are redeliveries, whose delivery sequences are out of stream
+    /// order.
+    redelivered: usize,
+}
+
+impl Lane {
+    fn new(cumulative: bool) -> Lane {
+        Lane {
+            cumulative,
+            ..Lane::default()
+        }
+    }
+
+    /// Holds a record just delivered (in place of an earlier delivery of it).
+    fn hold(&mut self, sequence: u64, pending: Pending) {
+        if pending.delivered > 1 {
+            self.redelivered += 1;
+        }
+        if let Some(earlier) = self.records.insert(sequence, pending) {
+            if earlier.delivered > 1 {
+                self.redelivered -= 1;
+            }
+        }
+    }
+
+    /// Lets go of a record.
+    fn take(&mut self, sequence: u64) -> Option<Pending> {
+        let pending = self.records.remove(&sequence)?;
+        if pending.delivered > 1 {
+            self.redelivered -= 1;
+        }
+        Some(pending)
+    }
+
+    /// Lets go of everything (the consumer was made again and delivers it anew).
+    fn clear(&mut self, cumulative: bool) {
+        *self = Lane::new(cumulative);
+    }
+
+    /// With cumulative acks: lets go of the settled records at the front that one ack can
+    /// cover, and gives the reply subject to send that ack to.
+    ///
+    /// JetStream takes an ack of the `all` policy only above the consumer's ack floor in both
+    /// stream and delivery sequence, and moves the floor to the acked record's. A redelivered
+    /// record has a later delivery sequence than the records after it that were delivered
+    /// once, so acking it would have the server ignore their acks. The ack therefore goes to
+    /// the last settled record whose delivery came before that of every record still held
+    /// after it. Without redeliveries delivery follows stream order, and that is the last
+    /// settled record of the run.
+    fn advance(&mut self) -> Option<Subject> {
+        let run = self.records.values().take_while(|p| p.settled).count();
+        if run == 0 {
+            return None;
+        }
+        let cover = if self.redelivered == 0 {
+            run
+        } else {
+            // Least delivery sequence of the records after each one.
+            let deliveries: Vec<u64> = self.records.values().map(|p| p.delivery).collect();
+            let mut after = u64::MAX;
+            let mut cover = 0;
+            for i in (0..deliveries.len()).rev() {
+                if i < run && deliveries[i] < after {
+                    cover = i + 1;
+                    break;
+                }
+                after = after.min(deliveries[i]);
+            }
+            cover
+        };
+        let mut reply = None;
+        for _ in 0..cover {
+            let (sequence, _) = self.records.first_key_value()?;
+            let sequence = *sequence;
+            reply = self.take(sequence).map(|p| p.reply);
+        }
+        reply
+    }
+}
+
+/// The lanes of the partitions read, by partition; `None` once the subscription has closed.
+type Outstanding = Arc<Mutex<Option<HashMap<Arc<str>, Lane>>>>;
 
 enum Item {
     Record(Record),
@@ -53,8 +148,8 @@ enum Item {
 }
 
 enum AckOp {
-    Ack(u64),
-    Term(u64),
+    Ack(Arc<str>, u64),
+    Term(Arc<str>, u64),
     Flush(oneshot::Sender<()>),
 }
 
@@ -168,7 +263,16 @@ impl NatsHub {
             }
             consumers.push((partition, subject, config, consumer));
         }
-        let outstanding: Outstanding = Arc::new(Mutex::new(Some(HashMap::new())));
+        let lanes = consumers
+            .iter()
+            .map(|(partition, _, _, consumer)| {
+                (
+                    Arc::from(partition.as_str()),
+                    Lane::new(cumulative(consumer)),
+                )
+            })
+            .collect();
+        let outstanding: Outstanding = Arc::new(Mutex::new(Some(lanes)));
         // Unbounded on purpose: every message is registered (kept alive with in-progress acks,
         // nak'd at close) the moment it arrives, and the server's `max_ack_pending` bounds how
         // many there are, per partition.
@@ -188,14 +292,15 @@ impl NatsHub {
                 stream: stream.clone(),
                 subject,
                 config,
-                consumer: Some(consumer),
-                partition: partition.into(),
+                partition: Arc::from(partition.as_str()),
                 source: source.clone().into(),
                 options: options.clone(),
                 outstanding: outstanding.clone(),
                 tx: tx.clone(),
                 last,
                 target: None,
+                made: consumer.cached_info().created,
+                consumer: Some(consumer),
             };
             tasks.spawn(reader.run());
         }
@@ -219,5 +324,171 @@ impl NatsHub {
             checkpointer: NatsCheckpointer { ops: Some(ops) },
             closed,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    use async_nats::jetstream::{stream, AckKind};
+    use futures_util::StreamExt;
+
+    use super::{Lane, Pending};
+    use crate::testing::NatsServer;
+
+    fn pending(reply: &str, delivered: u32, delivery: u64) -> Pending {
+        Pending {
+            reply: reply.into(),
+            delivered,
+            delivery,
+            settled: false,
+        }
+    }
+
+    fn settle(lane: &mut Lane, sequence: u64) {
+        lane.records.get_mut(&sequence).unwrap().settled = true;
+    }
+
+    fn held(lane: &Lane) -> Vec<u64> {
+        lane.records.keys().copied().collect()
+    }
+
+    #[test]
+    fn one_ack_covers_the_settled_records_at_the_front() {
+        let mut lane = Lane::new(true);
+        for s in 1..=5 {
+            lane.hold(s * 10, pending(&format!("r{s}"), 1, s));
+        }
+        assert_eq!(lane.advance(), None, "nothing settled");
+        settle(&mut lane, 20);
+        settle(&mut lane, 40);
+        assert_eq!(lane.advance(), None, "the first record is still open");
+        settle(&mut lane, 10);
+        assert_eq!(lane.advance().as_deref(), Some("r2"));
+        assert_eq!(held(&lane), [30, 40, 50]);
+        settle(&mut lane, 30);
+        assert_eq!(lane.advance().as_deref(), Some("r4"));
+        assert_eq!(held(&lane), [50]);
+        assert_eq!(lane.advance(), None);
+    }
+
+    #[test]
+    fn a_redelivered_record_is_acked_only_with_the_records_delivered_before_it() {
+        let mut lane = Lane::new(true);
+        for s in 1..=5 {
+            lane.hold(s, pending(&format!("r{s}"), 1, s));
+        }
+        // Record 2 comes again, after 3, 4 and 5: delivery 6.
+        lane.hold(2, pending("r2 again", 2, 6));
+        assert_eq!(lane.redelivered, 1);
+        settle(&mut lane, 1);
+        settle(&mut lane, 2);
+        assert_eq!(
+            lane.advance().as_deref(),
+            Some("r1"),
+            "an ack of delivery 6 would have the server ignore those of 3, 4 and 5"
+        );
+        assert_eq!(held(&lane), [2, 3, 4, 5]);
+        settle(&mut lane, 3);
+        settle(&mut lane, 4);
+        assert_eq!(
+            lane.advance().as_deref(),
+            Some("r4"),
+            "delivery 4 is before that of 5, still open: it covers 2 again as well"
+        );
+        assert_eq!(held(&lane), [5]);
+        settle(&mut lane, 5);
+        assert_eq!(lane.advance().as_deref(), Some("r5"));
+        assert!(lane.records.is_empty());
+        assert_eq!(lane.redelivered, 0);
+    }
+
+    /// The rules `Lane::advance` keeps are the server's: a cumulative ack is taken only above
+    /// the ack floor in both stream and delivery sequence.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cumulative_acks_move_the_servers_floor_past_a_redelivery() {
+        let server = NatsServer::start();
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        let stream = js
+            .create_stream(stream::Config {
+                name: "S".into(),
+                subjects: vec!["s".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for i in 1..=5 {
+            js.publish("s", i.to_string().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some("c".into()),
+                ack_policy: AckPolicy::All,
+                ack_wait: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut lane = Lane::new(true);
+        let fetch = |n: usize| {
+            let consumer = consumer.clone();
+            async move {
+                let mut messages = consumer
+                    .fetch()
+                    .max_messages(n)
+                    .expires(Duration::from_secs(5))
+                    .messages()
+                    .await
+                    .unwrap();
+                let mut got = Vec::new();
+                while let Some(m) = messages.next().await {
+                    got.push(m.unwrap());
+                }
+                got
+            }
+        };
+        let first = fetch(5).await;
+        assert_eq!(first.len(), 5);
+        for m in &first {
+            let info = m.info().unwrap();
+            lane.hold(
+                info.stream_sequence,
+                pending(m.reply.as_deref().unwrap(), 1, info.consumer_sequence),
+            );
+        }
+        // Record 2 is given back and comes again, after the others.
+        first[1].ack_with(AckKind::Nak(None)).await.unwrap();
+        let again = fetch(1).await;
+        let info = again[0].info().unwrap();
+        assert_eq!((info.stream_sequence, info.consumer_sequence), (2, 6));
+        lane.hold(2, pending(again[0].reply.as_deref().unwrap(), 2, 6));
+        // Acked and waited for, so the server has taken each before the next.
+        let ack = |reply: async_nats::Subject| {
+            let client = client.clone();
+            async move {
+                client.request(reply, AckKind::Ack.into()).await.unwrap();
+            }
+        };
+        settle(&mut lane, 1);
+        settle(&mut lane, 2);
+        ack(lane.advance().unwrap()).await;
+        for s in 3..=5 {
+            settle(&mut lane, s);
+        }
+        ack(lane.advance().unwrap()).await;
+        assert!(lane.records.is_empty());
+        let info = consumer.clone().info().await.unwrap().clone();
+        assert_eq!(info.ack_floor.stream_sequence, 5);
+        assert_eq!(
+            info.num_ack_pending, 0,
+            "every record acked: none comes again"
+        );
     }
 }

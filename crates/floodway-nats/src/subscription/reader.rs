@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::acks::send;
-use super::consumer::open_consumer;
+use super::consumer::{cumulative, open_consumer};
 use super::options::{Sharing, SubscriptionOptions, GROUP, PULL_EXPIRES};
 use super::{Item, NatsReader, Outstanding, Pending};
 use crate::error::NatsError;
@@ -32,6 +32,9 @@ pub(super) struct PartitionReader {
     pub(super) last: u64,
     /// For a bounded read: the last sequence of the partition when the read began.
     pub(super) target: Option<u64>,
+    /// When the consumer read was made: one made again (someone deleted it) delivers anew
+    /// what this reader holds, and takes acks only for its own deliveries.
+    pub(super) made: time::OffsetDateTime,
 }
 
 impl PartitionReader {
@@ -104,17 +107,32 @@ impl PartitionReader {
                     // again, as duplicates.
                     let held = self.outstanding.lock().ok().and_then(|o| {
                         o.as_ref()?
-                            .iter()
-                            .filter(|(_, p)| p.partition == self.partition)
+                            .get(&self.partition)?
+                            .records
+                            .first_key_value()
                             .map(|(sequence, _)| *sequence)
-                            .min()
                     });
                     let start = held.map_or(self.last + 1, |h| h.min(self.last + 1));
                     self.config.deliver_policy = DeliverPolicy::ByStartSequence {
                         start_sequence: start,
                     };
                 }
-                open_consumer(&self.stream, &self.config).await?
+                let consumer = open_consumer(&self.stream, &self.config).await?;
+                let made = consumer.cached_info().created;
+                if made != self.made {
+                    // What this partition holds was delivered by the consumer that is gone:
+                    // the new one delivers it again, and takes acks only for its own
+                    // deliveries. (The same consumer, found again after a failed pull, still
+                    // takes acks for what it delivered, and a cumulative ack must not pass
+                    // what is held unfinished.)
+                    self.made = made;
+                    if let Some(Some(lanes)) = self.outstanding.lock().ok().as_deref_mut() {
+                        if let Some(lane) = lanes.get_mut(&self.partition) {
+                            lane.clear(cumulative(&consumer));
+                        }
+                    }
+                }
+                consumer
             }
         };
         if let Some(target) = self.target {
@@ -207,17 +225,21 @@ impl PartitionReader {
                     continue;
                 };
                 let registered = match self.outstanding.lock().ok().as_deref_mut() {
-                    Some(Some(map)) => {
-                        map.insert(
-                            sequence,
-                            Pending {
-                                reply: reply.clone(),
-                                partition: self.partition.clone(),
-                                delivered,
-                            },
-                        );
-                        true
-                    }
+                    Some(Some(lanes)) => match lanes.get_mut(&self.partition) {
+                        Some(lane) => {
+                            lane.hold(
+                                sequence,
+                                Pending {
+                                    reply: reply.clone(),
+                                    delivered,
+                                    delivery,
+                                    settled: false,
+                                },
+                            );
+                            true
+                        }
+                        None => false,
+                    },
                     _ => false,
                 };
                 if !registered {
