@@ -2,15 +2,17 @@
 //!
 //! Against a local `nats-server` (file storage, in a temporary directory), in the same run:
 //! - consume: a raw async-nats pull consumer acking every ~400-byte message (and raw consumers
-//!   one per partition, as Floodway reads), against a Floodway processor consuming the same
-//!   messages through one pipeline into a counting sink;
+//!   one per partition, as Floodway reads; and those acking cumulatively, one ack per 100
+//!   messages, as Floodway's exclusive consumers do), against a Floodway processor consuming
+//!   the same messages through one pipeline into a counting sink;
 //! - publish: raw async-nats publishes with `Nats-Msg-Id`, pipelined 1,000 at a time and all
 //!   acked, to one subject (and to each event's partition subject of a stream of as many
 //!   partitions, as Floodway publishes), against Floodway's publisher doing the same.
 //!
 //! `FLOODWAY_BENCH_EVENTS` sets the message count (default 100,000); each measurement runs
 //! five times and the median is reported. For profilers, `FLOODWAY_BENCH_PROFILE=consume`
-//! (or `=raw`) runs only Floodway's (or raw async-nats's) consuming, on 4 partitions, ten times;
+//! (or `=raw`, or `=cumulative` for raw consumers per partition acking cumulatively) runs
+//! only Floodway's (or raw async-nats's) consuming, on 4 partitions, ten times;
 //! `=publish`, raw and Floodway publishing (4 partitions) taking turns, ten times each.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,12 +64,28 @@ async fn hub(server: &NatsServer, stream: &str, partitions: u32) -> NatsHub {
 
 /// Raw async-nats: one pull consumer over the stream, every message acked.
 async fn raw_consume(hub: &NatsHub, name: &str, n: usize) -> f64 {
-    raw_consume_from(hub, name, n, &[None]).await
+    raw_consume_from(hub, name, n, &[None], Acks::Each).await
+}
+
+/// How a raw consumer acks.
+#[derive(Clone, Copy, PartialEq)]
+enum Acks {
+    /// Every message (ack policy `explicit`).
+    Each,
+    /// Every hundredth message, covering those before it (ack policy `all`).
+    Cumulative,
 }
 
 /// Raw consuming with one durable pull consumer per subject filter (`None`: the whole
-/// stream), each in a task of its own, every message acked; messages per second until `n`.
-async fn raw_consume_from(hub: &NatsHub, name: &str, n: usize, subjects: &[Option<String>]) -> f64 {
+/// stream), each in a task of its own; messages per second until `n`.
+async fn raw_consume_from(
+    hub: &NatsHub,
+    name: &str,
+    n: usize,
+    subjects: &[Option<String>],
+    acks: Acks,
+) -> f64 {
+    use async_nats::jetstream::consumer::AckPolicy;
     let js = async_nats::jetstream::new(hub.client().clone());
     let stream = js.get_stream(hub.stream()).await.unwrap();
     let mut consumers = Vec::new();
@@ -76,7 +94,10 @@ async fn raw_consume_from(hub: &NatsHub, name: &str, n: usize, subjects: &[Optio
             stream
                 .create_consumer(pull::Config {
                     durable_name: Some(format!("{name}-{i}")),
-                    ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+                    ack_policy: match acks {
+                        Acks::Each => AckPolicy::Explicit,
+                        Acks::Cumulative => AckPolicy::All,
+                    },
                     max_ack_pending: 4000,
                     filter_subject: subject.clone().unwrap_or_default(),
                     ..Default::default()
@@ -101,6 +122,7 @@ async fn raw_consume_from(hub: &NatsHub, name: &str, n: usize, subjects: &[Optio
                 .messages()
                 .await
                 .unwrap();
+            let mut mine = 0u64;
             while seen.load(Ordering::Relaxed) < n as u64 {
                 let Ok(Some(message)) =
                     tokio::time::timeout(Duration::from_millis(200), messages.next()).await
@@ -109,7 +131,10 @@ async fn raw_consume_from(hub: &NatsHub, name: &str, n: usize, subjects: &[Optio
                 };
                 let message = message.unwrap();
                 std::hint::black_box(&message.payload);
-                message.ack().await.unwrap();
+                mine += 1;
+                if acks == Acks::Each || mine.is_multiple_of(100) {
+                    message.ack().await.unwrap();
+                }
                 if seen.fetch_add(1, Ordering::Relaxed) + 1 == n as u64 {
                     *finished.lock().unwrap() = Some(started.elapsed());
                 }
@@ -332,6 +357,18 @@ fn main() {
             for run in 0..10 {
                 let rate = match profile.as_str() {
                     "raw" => raw_consume(&source, &format!("raw{run}"), n).await,
+                    "cumulative" => {
+                        let subjects: Vec<Option<String>> =
+                            (0..4).map(|p| Some(source.partition_subject(p))).collect();
+                        raw_consume_from(
+                            &source,
+                            &format!("rawc{run}"),
+                            n,
+                            &subjects,
+                            Acks::Cumulative,
+                        )
+                        .await
+                    }
                     _ => floodway_consume(&source, &format!("floodway{run}"), n).await,
                 };
                 out!("{profile}: {rate:.0} msg/s");
@@ -404,13 +441,31 @@ fn main() {
             let subjects: Vec<Option<String>> = (0..partitions)
                 .map(|p| Some(source.partition_subject(p)))
                 .collect();
-            let (mut raw, mut per_partition, mut ours) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut raw, mut per_partition, mut cumulative, mut ours) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for run in 0..RUNS {
-                for case in 0..3 {
-                    match (case + run) % 3 {
+                for case in 0..4 {
+                    match (case + run) % 4 {
                         0 => raw.push(raw_consume(&source, &format!("raw{run}"), n).await),
                         1 => per_partition.push(
-                            raw_consume_from(&source, &format!("rawp{run}"), n, &subjects).await,
+                            raw_consume_from(
+                                &source,
+                                &format!("rawp{run}"),
+                                n,
+                                &subjects,
+                                Acks::Each,
+                            )
+                            .await,
+                        ),
+                        2 => cumulative.push(
+                            raw_consume_from(
+                                &source,
+                                &format!("rawc{run}"),
+                                n,
+                                &subjects,
+                                Acks::Cumulative,
+                            )
+                            .await,
                         ),
                         _ => ours.push(floodway_consume(&source, &format!("floodway{run}"), n).await),
                     }
@@ -431,6 +486,15 @@ fn main() {
                 &per_partition,
                 "ratio >= 1.0",
             );
+            row(
+                &format!(
+                    "same, against raw async-nats with a consumer per partition acking \
+                     cumulatively, one ack per 100 messages ({partitions})"
+                ),
+                &ours,
+                &cumulative,
+                "the limit",
+            );
             groups.push(common::chart::Group {
                 label: format!("consume, {partitions} partition(s)"),
                 bars: vec![
@@ -439,6 +503,10 @@ fn main() {
                     (
                         "raw, a consumer per partition".into(),
                         common::median(per_partition),
+                    ),
+                    (
+                        "raw, per partition, acking cumulatively".into(),
+                        common::median(cumulative),
                     ),
                 ],
             });
