@@ -9,7 +9,7 @@ use floodway::hub::{
 use floodway::{Error, Event};
 
 use crate::hub::NatsHub;
-use crate::subscription::{Partitions, Sharing, SubscriptionOptions};
+use crate::subscription::{Acks, Partitions, Sharing, SubscriptionOptions};
 
 /// How this process reads a stream's partitions: which ones, shared how with other
 /// instances, with what acknowledgement settings, and whether it reads the fault subject.
@@ -19,6 +19,8 @@ pub struct InstanceReads {
     pub partitions: Partitions,
     /// How instances share them.
     pub sharing: Sharing,
+    /// How settled records are acknowledged.
+    pub acks: Acks,
     /// Ack wait (the subscription default when `None`).
     pub ack_wait: Option<Duration>,
     /// Max ack pending per partition (the subscription default when `None`).
@@ -34,6 +36,7 @@ impl Default for InstanceReads {
         InstanceReads {
             partitions: Partitions::All,
             sharing: Sharing::Exclusive,
+            acks: Acks::Each,
             ack_wait: None,
             max_ack_pending: None,
             reads_faults: true,
@@ -70,6 +73,7 @@ impl NatsEventHub {
                 (Stream::Events, _) => self.reads.partitions.clone(),
             },
             sharing: self.reads.sharing,
+            acks: self.reads.acks,
             ack_wait: self.reads.ack_wait.unwrap_or(defaults.ack_wait),
             max_ack_pending: self
                 .reads

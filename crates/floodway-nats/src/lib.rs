@@ -42,6 +42,6 @@ pub use hub::{
     NatsHub, NatsHubOptions, NatsStats, PublishReceipt, SubscriptionStats, DEFAULT_PARTITIONS,
 };
 pub use subscription::{
-    NatsCheckpointer, NatsReader, NatsSubscription, Partitions, Sharing, StartAt,
+    Acks, NatsCheckpointer, NatsReader, NatsSubscription, Partitions, Sharing, StartAt,
     SubscriptionOptions,
 };

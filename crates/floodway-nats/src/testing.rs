@@ -233,6 +233,8 @@ struct ProxyControl {
     delay_ms: std::sync::atomic::AtomicU64,
     /// Drop the next message a client publishes whose payload holds these bytes (once).
     drop_marker: std::sync::Mutex<Option<Vec<u8>>>,
+    /// Drop the next message the server delivers whose payload holds these bytes (once).
+    drop_delivery_marker: std::sync::Mutex<Option<Vec<u8>>>,
     /// Messages dropped so far.
     dropped: std::sync::atomic::AtomicU64,
 }
@@ -296,7 +298,14 @@ impl Proxy {
         *self.control.drop_marker.lock().unwrap() = Some(marker.to_vec());
     }
 
-    /// How many published messages the proxy has dropped.
+    /// Drops, once, the next message the server delivers to a client whose payload contains
+    /// `marker`: the client never sees it, though the server counts it delivered (a
+    /// delivery lost on the way).
+    pub fn drop_next_delivery_containing(&self, marker: &[u8]) {
+        *self.control.drop_delivery_marker.lock().unwrap() = Some(marker.to_vec());
+    }
+
+    /// How many messages, published or delivered, the proxy has dropped.
     pub fn dropped(&self) -> u64 {
         self.control
             .dropped
@@ -320,9 +329,10 @@ impl Drop for Proxy {
     }
 }
 
-/// Copies one direction of a connection, with the proxy's delay, until it is cut. From a
-/// client (`client` true) it forwards whole protocol operations, so that it can drop a publish
-/// (`PUB`/`HPUB`) whose payload holds the armed marker.
+/// Copies one direction of a connection, with the proxy's delay, until it is cut. It forwards
+/// whole protocol operations, so that it can drop a publish (`PUB`/`HPUB`, from a client:
+/// `client` true) or a delivery (`MSG`/`HMSG`, from the server) whose payload holds the
+/// armed marker.
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
@@ -347,12 +357,8 @@ async fn pipe(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let out = if client {
-            pending.extend_from_slice(&buf[..n]);
-            forward_operations(&mut pending, &control)
-        } else {
-            buf[..n].to_vec()
-        };
+        pending.extend_from_slice(&buf[..n]);
+        let out = forward_operations(&mut pending, &control, client);
         let delay = control.delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -366,20 +372,25 @@ async fn pipe(
 }
 
 /// Takes the whole operations off the front of `pending` and returns what to forward: all of
-/// them but a publish holding the armed marker (dropped once).
-fn forward_operations(pending: &mut Vec<u8>, control: &ProxyControl) -> Vec<u8> {
+/// them but a message holding the armed marker of its direction (dropped once).
+fn forward_operations(pending: &mut Vec<u8>, control: &ProxyControl, client: bool) -> Vec<u8> {
     use std::sync::atomic::Ordering;
+    let (marker, kinds): (_, [&[u8]; 2]) = if client {
+        (&control.drop_marker, [b"PUB ", b"HPUB "])
+    } else {
+        (&control.drop_delivery_marker, [b"MSG ", b"HMSG "])
+    };
     let mut out = Vec::with_capacity(pending.len());
     let mut used = 0;
     while let Some(len) = operation_len(&pending[used..]) {
         let op = &pending[used..used + len];
-        let armed = control.drop_marker.lock().unwrap().clone();
+        let armed = marker.lock().unwrap().clone();
         let drop = armed.is_some_and(|marker| {
-            (op.starts_with(b"PUB ") || op.starts_with(b"HPUB "))
+            kinds.iter().any(|kind| op.starts_with(kind))
                 && op.windows(marker.len()).any(|w| w == marker.as_slice())
         });
         if drop {
-            *control.drop_marker.lock().unwrap() = None;
+            *marker.lock().unwrap() = None;
             control.dropped.fetch_add(1, Ordering::SeqCst);
         } else {
             out.extend_from_slice(op);
@@ -390,15 +401,18 @@ fn forward_operations(pending: &mut Vec<u8>, control: &ProxyControl) -> Vec<u8> 
     out
 }
 
-/// The length of the first whole client operation in `bytes` (its line, and for a publish
-/// its payload), or `None` if it is not all there yet.
+/// The length of the first whole operation in `bytes` (its line, and for a message its
+/// payload), or `None` if it is not all there yet.
 fn operation_len(bytes: &[u8]) -> Option<usize> {
     let line_end = bytes.windows(2).position(|w| w == b"\r\n")? + 2;
     let line = &bytes[..line_end - 2];
-    if !(line.starts_with(b"PUB ") || line.starts_with(b"HPUB ")) {
+    let message = [b"PUB ".as_slice(), b"HPUB ", b"MSG ", b"HMSG "]
+        .iter()
+        .any(|kind| line.starts_with(kind));
+    if !message {
         return Some(line_end);
     }
-    // The last field is the payload's size (headers included for HPUB).
+    // The last field is the payload's size (headers included for HPUB and HMSG).
     let size: usize = std::str::from_utf8(line)
         .ok()?
         .split_whitespace()

@@ -13,8 +13,8 @@ use floodway::testing::{generate, ScriptedSink};
 use floodway::{sink_fn, Batch, Error, Event, Pipeline, Processor, Sink};
 use floodway_nats::testing::{NatsCluster, NatsServer};
 use floodway_nats::{
-    NatsHub, NatsHubOptions, NatsSubscription, Partitions, Sharing, StartAt, SubscriptionOptions,
-    SubscriptionStats,
+    Acks, NatsHub, NatsHubOptions, NatsSubscription, Partitions, Sharing, StartAt,
+    SubscriptionOptions, SubscriptionStats,
 };
 
 fn options(urls: Vec<String>) -> NatsHubOptions {
@@ -849,8 +849,15 @@ async fn settings_that_cannot_work_are_refused_by_name() {
             .await
             .unwrap();
     }
-    let err = hub.subscribe("byhand", pinned).await.unwrap_err();
-    assert!(err.to_string().contains("acks cumulatively"), "{err}");
+    let err = hub.subscribe("byhand", pinned.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("another ack policy"), "{err}");
+    // And pinned sharing cannot ack cumulatively at all.
+    let cumulative = SubscriptionOptions {
+        acks: Acks::Cumulative,
+        ..pinned
+    };
+    let err = hub.subscribe("other", cumulative).await.unwrap_err();
+    assert!(err.to_string().contains("need exclusive sharing"), "{err}");
 
     // Looking at a stream with default options changes nothing about it.
     let mut strict = options(vec![server.url()]);
@@ -1023,7 +1030,13 @@ async fn acks_are_cumulative_and_leave_nothing_to_come_again() {
         .build()
         .unwrap();
     let sub = hub
-        .subscribe("cumulative", SubscriptionOptions::default())
+        .subscribe(
+            "cumulative",
+            SubscriptionOptions {
+                acks: Acks::Cumulative,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     let delivered = sink.clone();
@@ -1094,6 +1107,7 @@ async fn a_record_held_through_a_server_restart_is_not_passed_by_an_ack() {
     hub.publish(&of_partition(0, 200)).await.unwrap();
     let options = SubscriptionOptions {
         partitions: Partitions::Only(vec![partition]),
+        acks: Acks::Cumulative,
         ack_wait: Duration::from_secs(60),
         ..Default::default()
     };
@@ -1134,10 +1148,74 @@ async fn a_record_held_through_a_server_restart_is_not_passed_by_an_ack() {
     .await;
 }
 
-/// Consumers made when acks were per record are made again to ack cumulatively: one left by
-/// an instance that died holding records goes on from its ack floor, so the unacked records
-/// come again and nothing before them does; one left with everything acked goes on after
-/// its last delivery.
+/// A delivery lost between the server and the reader (the server counts it delivered) leaves
+/// a gap in the consumer's delivery sequence: the reader makes its consumer again where it
+/// stands, so the cumulative acks of the records after it do not cover it, and it comes
+/// again at once rather than after the ack wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_lost_on_the_way_is_not_covered_by_an_ack() {
+    let server = NatsServer::start();
+    let proxy = floodway_nats::testing::Proxy::start(server.port()).await;
+    let hub = NatsHub::connect(&options(vec![proxy.url()])).await.unwrap();
+    let partition = hub.partition_of("k0");
+    let events: Vec<Event> = (0..400)
+        .map(|i| {
+            Event::builder("step", format!("k{i}"))
+                .id(format!("d-{i:04}"))
+                .build()
+        })
+        .filter(|e| hub.partition_of(e.partition_key()) == partition)
+        .collect();
+    hub.publish(&events).await.unwrap();
+    let lost = events[events.len() / 3].id().to_owned();
+    proxy.drop_next_delivery_containing(lost.as_bytes());
+    let (processor, sink) = collecting("lossy");
+    let sub = hub
+        .subscribe(
+            "lossy",
+            SubscriptionOptions {
+                partitions: Partitions::Only(vec![partition]),
+                acks: Acks::Cumulative,
+                // Long: what comes back comes from the reader's start over, not the ack wait.
+                ack_wait: Duration::from_secs(60),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let closed = sub.closed();
+    let (reader, checkpointer) = sub.split();
+    let delivered = sink.clone();
+    let want: HashSet<String> = ids(&events).into_iter().collect();
+    let stop = async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let got: HashSet<String> = ids(&delivered.events()).into_iter().collect();
+            if want.is_subset(&got) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    processor.run(reader, checkpointer, stop).await.unwrap();
+    closed.await;
+    assert_eq!(
+        proxy.dropped(),
+        1,
+        "the delivery of {lost} was lost on the way"
+    );
+    let got: HashSet<String> = ids(&sink.events()).into_iter().collect();
+    let missing: Vec<String> = ids(&events)
+        .into_iter()
+        .filter(|id| !got.contains(id))
+        .collect();
+    assert!(missing.is_empty(), "never delivered: {missing:?}");
+}
+
+/// Consumers acked per record are made again when the settings switch to cumulative acks:
+/// one left by an instance that died holding records goes on from its ack floor, so the
+/// unacked records come again and nothing before them does; one left with everything acked
+/// goes on after its last delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_acked_per_record_are_made_again_to_ack_cumulatively() {
     use futures_util::StreamExt;
@@ -1189,6 +1267,7 @@ async fn consumers_acked_per_record_are_made_again_to_ack_cumulatively() {
             "migrating",
             SubscriptionOptions {
                 partitions: Partitions::Only(vec![0, 1]),
+                acks: Acks::Cumulative,
                 ..Default::default()
             },
         )

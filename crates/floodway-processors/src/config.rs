@@ -89,6 +89,7 @@
 //! instance = "0/2"            # static assignment: this process reads partitions p % 2 == 0
 //! sharing = "exclusive"       # or "pinned": all instances pull, the server pins one per partition
 //! pinned_ttl = "10s"          # how long a silent pinned instance keeps its partitions
+//! acks = "each"               # or "cumulative": one ack per run of settled records (exclusive only)
 //! ack_wait = "30s"
 //! max_ack_pending = 1000      # per partition
 //! ```
@@ -220,6 +221,9 @@ pub struct NatsConfig {
     /// How long a silent pinned instance keeps its partitions (default `10s`).
     #[serde(default = "default_pinned_ttl")]
     pub pinned_ttl: HumanDuration,
+    /// `each` (default) or `cumulative`.
+    #[serde(default)]
+    pub acks: AcksConfig,
     /// How long JetStream waits for an ack before redelivering (default `30s`).
     #[serde(default = "default_ack_wait")]
     pub ack_wait: HumanDuration,
@@ -237,6 +241,18 @@ pub enum SharingConfig {
     Exclusive,
     /// Consumer priority groups with a pinned client per partition.
     Pinned,
+}
+
+/// How a NATS subscription acknowledges settled records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AcksConfig {
+    /// Each record on its own.
+    #[default]
+    Each,
+    /// One ack per run of settled records of a partition; exclusive sharing only, with one
+    /// reader per partition at a time.
+    Cumulative,
 }
 
 fn default_true() -> bool {
@@ -275,6 +291,12 @@ impl NatsConfig {
         }
         if self.pinned_ttl.get() < std::time::Duration::from_secs(1) {
             return Err(format!("{table} pinned_ttl must be at least 1s"));
+        }
+        if self.acks == AcksConfig::Cumulative && self.sharing == SharingConfig::Pinned {
+            return Err(format!(
+                "{table} acks = \"cumulative\" needs sharing = \"exclusive\": instances \
+                 sharing a pinned consumer would ack what another holds"
+            ));
         }
         if self.max_ack_pending < 1 {
             return Err(format!("{table} max_ack_pending must be at least 1"));
@@ -1082,6 +1104,24 @@ name = "faults"
             .collect::<Vec<_>>()
             .join("\n");
         Config::parse(&example).unwrap().check().unwrap();
+    }
+
+    #[test]
+    fn cumulative_acks_need_exclusive_sharing() {
+        let nats = |extra: &str| format!("[hub]\npath = \"x.db\"\n\n[hub.nats]\n{extra}\n");
+        let config = Config::parse(&nats("acks = \"cumulative\"")).unwrap();
+        assert_eq!(
+            config.hub.nats.as_ref().unwrap().acks,
+            AcksConfig::Cumulative
+        );
+        config.check().unwrap();
+        let err = Config::parse(&nats("acks = \"cumulative\"\nsharing = \"pinned\""))
+            .unwrap()
+            .check()
+            .unwrap_err();
+        assert!(err.contains("needs sharing = \"exclusive\""), "{err}");
+        let err = Config::parse(&nats("acks = \"some\"")).unwrap_err();
+        assert!(err.contains("acks"), "{err}");
     }
 
     #[test]

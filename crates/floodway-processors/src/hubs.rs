@@ -6,10 +6,10 @@ use std::sync::Arc;
 use floodway::hub::SharedHub;
 use floodway_embedded::Hub;
 use floodway_nats::{
-    InstanceReads, NatsError, NatsEventHub, NatsHub, NatsHubOptions, Partitions, Sharing,
+    Acks, InstanceReads, NatsError, NatsEventHub, NatsHub, NatsHubOptions, Partitions, Sharing,
 };
 
-use crate::config::{HubConfig, HumanDuration, NatsConfig, SharingConfig};
+use crate::config::{AcksConfig, HubConfig, HumanDuration, NatsConfig, SharingConfig};
 
 /// The hubs processors work with: the event hub (any backend) and the local store of views
 /// and faults (the same file when the hub is embedded).
@@ -69,6 +69,10 @@ impl NatsConfig {
                 SharingConfig::Pinned => Sharing::Pinned {
                     ttl: self.pinned_ttl.get(),
                 },
+            },
+            acks: match self.acks {
+                AcksConfig::Each => Acks::Each,
+                AcksConfig::Cumulative => Acks::Cumulative,
             },
             ack_wait: Some(self.ack_wait.get()),
             max_ack_pending: Some(self.max_ack_pending),

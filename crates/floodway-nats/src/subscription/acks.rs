@@ -18,7 +18,7 @@ const OPS_AT_ONCE: usize = 1024;
 
 impl Checkpointer for NatsCheckpointer {
     async fn commit(&mut self, _checkpoints: &[Checkpoint]) -> Result<(), CommitError> {
-        // Acks follow settlements; a commit makes sure those settled so far have left.
+        // Acks follow settlements; a commit makes sure those sent so far have left.
         let (done, flushed) = oneshot::channel();
         if let Some(ops) = &self.ops {
             if ops.send(AckOp::Flush(done)).is_ok() {
@@ -65,12 +65,14 @@ pub(super) async fn acker(
                 if n == 0 {
                     break;
                 }
-                let flush = settle(&outstanding, &mut taken, &mut sends);
+                let answers = settle(&outstanding, &mut taken, &mut sends);
                 for (reply, kind) in sends.drain(..) {
                     send(&client, reply, kind).await;
                 }
-                for done in flush {
-                    let _ = client.flush().await;
+                for (done, flush) in answers {
+                    if flush {
+                        let _ = client.flush().await;
+                    }
                     let _ = done.send(());
                 }
             },
@@ -116,14 +118,14 @@ pub(super) async fn acker(
 }
 
 /// Applies settlements taken together: acks and terms to send go to `sends`, a partition's
-/// cumulative ack once for all of them. Returns the flushes asked for, to answer once those
-/// are sent.
+/// cumulative ack once for all of them. Returns the flushes and barriers asked for (with
+/// whether to flush), to answer once those are sent.
 fn settle(
     outstanding: &Outstanding,
     taken: &mut Vec<AckOp>,
     sends: &mut Vec<(Subject, AckKind)>,
-) -> Vec<oneshot::Sender<()>> {
-    let mut flush = Vec::new();
+) -> Vec<(oneshot::Sender<()>, bool)> {
+    let mut answers = Vec::new();
     let mut guard = outstanding.lock().ok();
     let mut lanes = guard.as_deref_mut().and_then(Option::as_mut);
     let mut moved: HashSet<Arc<str>> = HashSet::new();
@@ -132,7 +134,15 @@ fn settle(
             AckOp::Ack(partition, sequence) => (partition, sequence, AckKind::Ack),
             AckOp::Term(partition, sequence) => (partition, sequence, AckKind::Term),
             AckOp::Flush(done) => {
-                flush.push(done);
+                answers.push((done, true));
+                continue;
+            }
+            AckOp::Barrier(done) => {
+                answers.push((done, false));
+                continue;
+            }
+            AckOp::Advance(partition) => {
+                moved.insert(partition);
                 continue;
             }
         };
@@ -156,7 +166,7 @@ fn settle(
             }
         }
     }
-    flush
+    answers
 }
 
 pub(super) async fn send(client: &async_nats::Client, reply: Subject, kind: AckKind) {

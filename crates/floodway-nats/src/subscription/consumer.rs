@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PriorityPolicy};
 
-use super::options::{Sharing, StartAt, SubscriptionOptions, GROUP};
+use super::options::{Acks, Sharing, StartAt, SubscriptionOptions, GROUP};
 use crate::error::NatsError;
 
 pub(super) fn consumer_config(
@@ -36,12 +36,9 @@ pub(super) fn consumer_config(
         let consumer = format!("{name}_{partition}");
         config.durable_name = Some(consumer.clone());
         config.name = Some(consumer);
-        // One reader per consumer by construction: acks can be cumulative, one per run of
-        // settled records. Instances sharing a pinned consumer ack each record, since one
-        // instance's cumulative ack would cover what another still holds.
-        config.ack_policy = match options.sharing {
-            Sharing::Exclusive => AckPolicy::All,
-            Sharing::Pinned { .. } => AckPolicy::Explicit,
+        config.ack_policy = match options.acks {
+            Acks::Each => AckPolicy::Explicit,
+            Acks::Cumulative => AckPolicy::All,
         };
         config.ack_wait = options.ack_wait;
         config.max_ack_pending = options.max_ack_pending;
@@ -122,12 +119,15 @@ pub(super) async fn open_consumer(
              use another subscription name"
         )));
     }
-    if current.ack_policy != config.ack_policy && config.ack_policy == AckPolicy::Explicit {
-        // Cumulative acks on a consumer that instances share would let one instance's ack
-        // cover what another still holds.
+    if current.ack_policy != config.ack_policy
+        && config.priority_policy == PriorityPolicy::PinnedClient
+    {
+        // Exclusive sharing makes such a consumer again (`restart_at_ack_floor`); instances
+        // sharing a pinned one cannot.
         return Err(NatsError::Config(format!(
-            "consumer `{name}` acks cumulatively, which pinned sharing cannot use: delete it \
-             (`nats consumer rm`) or use another subscription name"
+            "consumer `{name}` exists with another ack policy ({:?}) than the settings' \
+             ({:?}): delete it (`nats consumer rm`) or use another subscription name",
+            current.ack_policy, config.ack_policy
         )));
     }
     if current.ack_wait != config.ack_wait
@@ -157,8 +157,8 @@ pub(super) async fn open_consumer(
 /// as duplicates, which at-least-once processing and idempotent sinks absorb. Only for
 /// exclusive sharing: a partition has one reader, so no live reader loses its consumer.
 ///
-/// A consumer acked per record (made before acks were cumulative) is made again the same way,
-/// since JetStream cannot change a consumer's ack policy in place.
+/// A consumer whose ack policy is not the settings' (acks switched between each and
+/// cumulative) is made again the same way, since JetStream cannot change it in place.
 pub(super) async fn restart_at_ack_floor(
     stream: &async_nats::jetstream::stream::Stream,
     mut consumer: async_nats::jetstream::consumer::Consumer<pull::Config>,
@@ -188,7 +188,7 @@ pub(super) async fn restart_at_ack_floor(
         start,
         "{}",
         if policy_changes {
-            "making the consumer again to ack cumulatively"
+            "making the consumer again with the ack policy of the settings"
         } else {
             "restarting the consumer at its first unacknowledged message, to keep per-key order"
         }

@@ -6,16 +6,17 @@
 //! channel, so a slow processor stops the pulls (and the server stops at `max_ack_pending`).
 //!
 //! Acknowledgement follows the core's settlements ([`Checkpointer::settle`](floodway::Checkpointer::settle)).
-//! With exclusive sharing a consumer acks cumulatively (JetStream's `all` policy): when a
-//! record and every record before it in its partition are settled, one ack covers them all,
-//! as a checkpoint does on the embedded hub. With pinned sharing, where instances share a
-//! consumer, each record is acked on its own, and a record whose fault event is stored is
-//! terminated (`+TERM`). Either way JetStream never redelivers a settled record, poison
-//! included. While records are in the processor (retrying in place, or held by an open
-//! breaker), in-progress acks (`+WPI`) keep JetStream from redelivering them. Records the
-//! processor lets go of unfinished (it stopped: drained, timed out, or failed) are nak'd with
-//! a delay that grows with their delivery count, never an immediate nak that would burn
-//! `max_deliver` in milliseconds.
+//! By default each record is acked on its own, and a record whose fault event is stored is
+//! terminated (`+TERM`), so JetStream never redelivers it, poison included. With
+//! [`Acks::Cumulative`] (exclusive sharing only) a consumer acks as a checkpoint moves: when a
+//! record and every record before it in its partition are settled, one ack covers them all;
+//! the reader checks that no delivery went missing on the way, which such an ack would cover.
+//! While records are held (in the processor, retrying in place or held by an open breaker, or
+//! settled behind one that is), in-progress acks (`+WPI`) keep JetStream from redelivering
+//! them. Records the processor lets go of unfinished (it stopped: drained, timed out, or
+//! failed) are nak'd with a delay that grows with their delivery count, never an immediate
+//! nak that would burn `max_deliver` in milliseconds; with cumulative acks, settled records
+//! held behind them are nak'd too, and come again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -36,7 +37,7 @@ mod reader;
 
 use acks::acker;
 use consumer::{consumer_config, cumulative, open_consumer, restart_at_ack_floor};
-pub use options::{Partitions, Sharing, StartAt, SubscriptionOptions};
+pub use options::{Acks, Partitions, Sharing, StartAt, SubscriptionOptions};
 use reader::PartitionReader;
 
 /// A record handed to the processor and not yet acknowledged.
@@ -49,6 +50,8 @@ struct Pending {
     delivery: u64,
     /// Settled, and waiting for an earlier record to be (cumulative acks only).
     settled: bool,
+    /// Delivered after a record that comes after it in the stream (a redelivery).
+    behind: bool,
 }
 
 /// What the subscription holds of one partition's consumer.
@@ -58,9 +61,11 @@ struct Lane {
     cumulative: bool,
     /// Records delivered and not yet acknowledged, by stream sequence.
     records: BTreeMap<u64, Pending>,
-    /// How many of `records` are redeliveries, whose delivery sequences are out of stream
-    /// order.
-    redelivered: usize,
+    /// How many of `records` are `behind`.
+    behind: usize,
+    /// No acks now: the reader is finding its consumer again, and an ack worked out for the
+    /// consumer that was must not reach one made in its place.
+    paused: bool,
 }
 
 impl Lane {
@@ -72,13 +77,17 @@ impl Lane {
     }
 
     /// Holds a record just delivered (in place of an earlier delivery of it).
-    fn hold(&mut self, sequence: u64, pending: Pending) {
-        if pending.delivered > 1 {
-            self.redelivered += 1;
+    fn hold(&mut self, sequence: u64, mut pending: Pending) {
+        pending.behind = self
+            .records
+            .last_key_value()
+            .is_some_and(|(last, _)| *last > sequence);
+        if pending.behind {
+            self.behind += 1;
         }
         if let Some(earlier) = self.records.insert(sequence, pending) {
-            if earlier.delivered > 1 {
-                self.redelivered -= 1;
+            if earlier.behind {
+                self.behind -= 1;
             }
         }
     }
@@ -86,15 +95,18 @@ impl Lane {
     /// Lets go of a record.
     fn take(&mut self, sequence: u64) -> Option<Pending> {
         let pending = self.records.remove(&sequence)?;
-        if pending.delivered > 1 {
-            self.redelivered -= 1;
+        if pending.behind {
+            self.behind -= 1;
         }
         Some(pending)
     }
 
     /// Lets go of everything (the consumer was made again and delivers it anew).
     fn clear(&mut self, cumulative: bool) {
-        *self = Lane::new(cumulative);
+        *self = Lane {
+            paused: self.paused,
+            ..Lane::new(cumulative)
+        };
     }
 
     /// With cumulative acks: lets go of the settled records at the front that one ack can
@@ -102,17 +114,21 @@ impl Lane {
     ///
     /// JetStream takes an ack of the `all` policy only above the consumer's ack floor in both
     /// stream and delivery sequence, and moves the floor to the acked record's. A redelivered
-    /// record has a later delivery sequence than the records after it that were delivered
-    /// once, so acking it would have the server ignore their acks. The ack therefore goes to
-    /// the last settled record whose delivery came before that of every record still held
-    /// after it. Without redeliveries delivery follows stream order, and that is the last
-    /// settled record of the run.
+    /// record has a later delivery sequence than the records after it in the stream that
+    /// were delivered before it, so acking it would have the server ignore their acks. The
+    /// ack therefore goes to the last settled record whose delivery came before that of
+    /// every record still held after it. The reader reads deliveries in order (a gap makes
+    /// it start its consumer over), so while no record is `behind`, delivery follows stream
+    /// order and that is the last settled record of the run.
     fn advance(&mut self) -> Option<Subject> {
+        if self.paused {
+            return None;
+        }
         let run = self.records.values().take_while(|p| p.settled).count();
         if run == 0 {
             return None;
         }
-        let cover = if self.redelivered == 0 {
+        let cover = if self.behind == 0 {
             run
         } else {
             // Least delivery sequence of the records after each one.
@@ -150,7 +166,12 @@ enum Item {
 enum AckOp {
     Ack(Arc<str>, u64),
     Term(Arc<str>, u64),
+    /// Sends what is settled so far and flushes the connection.
     Flush(oneshot::Sender<()>),
+    /// Answers once every ack worked out before it is handed to the connection.
+    Barrier(oneshot::Sender<()>),
+    /// Acks what a partition has settled (its lane was paused).
+    Advance(Arc<str>),
 }
 
 /// A subscription to the JetStream hub: a [`Source`](floodway::Source) and a [`Checkpointer`](floodway::Checkpointer) (split with
@@ -226,6 +247,13 @@ impl NatsHub {
             )));
         }
         if let Sharing::Pinned { ttl } = options.sharing {
+            if options.acks == Acks::Cumulative && !options.transient {
+                return Err(NatsError::Config(
+                    "cumulative acks need exclusive sharing: instances sharing a pinned \
+                     consumer would ack what another holds"
+                        .into(),
+                ));
+            }
             if ttl < Duration::from_secs(1) {
                 return Err(NatsError::Config(format!(
                     "pinned_ttl of {ttl:?} is too short: at least 1 s"
@@ -277,6 +305,7 @@ impl NatsHub {
         // nak'd at close) the moment it arrives, and the server's `max_ack_pending` bounds how
         // many there are, per partition.
         let (tx, rx) = mpsc::unbounded_channel();
+        let (ops, ops_rx) = mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
         let live = consumers.len();
         for (partition, subject, config, consumer) in consumers {
@@ -300,11 +329,14 @@ impl NatsHub {
                 last,
                 target: None,
                 made: consumer.cached_info().created,
+                cumulative: cumulative(&consumer),
+                delivered: consumer.cached_info().delivered.consumer_sequence,
+                remake: false,
+                acks: ops.downgrade(),
                 consumer: Some(consumer),
             };
             tasks.spawn(reader.run());
         }
-        let (ops, ops_rx) = mpsc::unbounded_channel();
         let (closed_tx, closed) = watch::channel(false);
         tokio::spawn(acker(
             self.inner.client.clone(),
@@ -344,6 +376,7 @@ mod tests {
             delivered,
             delivery,
             settled: false,
+            behind: false,
         }
     }
 
@@ -382,7 +415,7 @@ mod tests {
         }
         // Record 2 comes again, after 3, 4 and 5: delivery 6.
         lane.hold(2, pending("r2 again", 2, 6));
-        assert_eq!(lane.redelivered, 1);
+        assert_eq!(lane.behind, 1);
         settle(&mut lane, 1);
         settle(&mut lane, 2);
         assert_eq!(
@@ -402,7 +435,44 @@ mod tests {
         settle(&mut lane, 5);
         assert_eq!(lane.advance().as_deref(), Some("r5"));
         assert!(lane.records.is_empty());
-        assert_eq!(lane.redelivered, 0);
+        assert_eq!(lane.behind, 0);
+    }
+
+    #[test]
+    fn a_record_delivered_after_later_ones_counts_as_behind_whatever_its_delivery_count() {
+        // The server gives back a delivery no pull took with its count lowered again: it comes
+        // once more with count 1, and a later delivery sequence than the records after it.
+        let mut lane = Lane::new(true);
+        for s in 1..=3 {
+            lane.hold(s, pending(&format!("r{s}"), 1, s));
+        }
+        lane.take(1);
+        lane.hold(1, pending("r1 again", 1, 4));
+        assert_eq!(lane.behind, 1);
+        settle(&mut lane, 1);
+        assert_eq!(
+            lane.advance(),
+            None,
+            "delivery 4 is after that of 2 and 3, still open"
+        );
+        settle(&mut lane, 2);
+        settle(&mut lane, 3);
+        assert_eq!(lane.advance().as_deref(), Some("r3"));
+    }
+
+    #[test]
+    fn a_paused_lane_acks_nothing_until_resumed() {
+        let mut lane = Lane::new(true);
+        lane.hold(1, pending("r1", 1, 1));
+        settle(&mut lane, 1);
+        lane.paused = true;
+        lane.clear(true);
+        assert!(lane.paused, "clearing keeps the pause");
+        lane.hold(1, pending("r1 anew", 1, 1));
+        settle(&mut lane, 1);
+        assert_eq!(lane.advance(), None);
+        lane.paused = false;
+        assert_eq!(lane.advance().as_deref(), Some("r1 anew"));
     }
 
     /// The rules `Lane::advance` keeps are the server's: a cumulative ack is taken only above

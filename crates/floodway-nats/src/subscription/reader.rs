@@ -8,12 +8,12 @@ use async_nats::jetstream::AckKind;
 use floodway::error::SourceError;
 use floodway::{Record, Source};
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::acks::send;
-use super::consumer::{cumulative, open_consumer};
+use super::consumer::{code_of, cumulative, open_consumer};
 use super::options::{Sharing, SubscriptionOptions, GROUP, PULL_EXPIRES};
-use super::{Item, NatsReader, Outstanding, Pending};
+use super::{AckOp, Item, NatsReader, Outstanding, Pending};
 use crate::error::NatsError;
 
 /// Pulls one partition's consumer into the subscription's channel.
@@ -35,6 +35,15 @@ pub(super) struct PartitionReader {
     /// When the consumer read was made: one made again (someone deleted it) delivers anew
     /// what this reader holds, and takes acks only for its own deliveries.
     pub(super) made: time::OffsetDateTime,
+    /// The consumer acks cumulatively.
+    pub(super) cumulative: bool,
+    /// With cumulative acks: the consumer sequence of the last delivery read. Every delivery
+    /// of an exclusive consumer comes to this reader, so the next one is the one after.
+    pub(super) delivered: u64,
+    /// The next pull starts by making the consumer again (a delivery was lost).
+    pub(super) remake: bool,
+    /// The acker, to pause and resume the partition's acks.
+    pub(super) acks: mpsc::WeakUnboundedSender<AckOp>,
 }
 
 impl PartitionReader {
@@ -87,6 +96,98 @@ impl PartitionReader {
         }
     }
 
+    /// Finds this partition's consumer again after a failed pull, or makes it again where
+    /// this reader stands when it is gone or lost a delivery.
+    async fn reopen(
+        &mut self,
+    ) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
+        // The partition's acks wait meanwhile: the ack subject names only the consumer, so an
+        // ack worked out for the consumer that was would reach one made in its place, where
+        // its delivery sequence would move the ack floor past the new deliveries'.
+        self.pause(true).await;
+        loop {
+            if self.config.durable_name.is_some() || self.last > 0 {
+                // A consumer made again (ephemeral, or a durable one someone deleted) goes on
+                // where this reader stood, not from its first start (a start at the end would
+                // skip what was published meanwhile): at the first record it still holds
+                // unsettled, whose acks went to the old consumer and would be lost with this
+                // process, else after the last record read. What it holds comes again, as
+                // duplicates.
+                let held = self.outstanding.lock().ok().and_then(|o| {
+                    o.as_ref()?
+                        .get(&self.partition)?
+                        .records
+                        .first_key_value()
+                        .map(|(sequence, _)| *sequence)
+                });
+                let start = held.map_or(self.last + 1, |h| h.min(self.last + 1));
+                self.config.deliver_policy = DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                };
+            }
+            if self.remake {
+                if let Some(name) = &self.config.durable_name {
+                    match self.stream.delete_consumer(name).await {
+                        Ok(_) => {}
+                        // 10014: consumer not found.
+                        Err(e) if code_of(&e) == Some(10014) => {}
+                        Err(e) => return Err(NatsError::js("delete consumer", e)),
+                    }
+                }
+            }
+            let consumer = open_consumer(&self.stream, &self.config).await?;
+            let info = consumer.cached_info();
+            if info.created != self.made {
+                // What this partition holds was delivered by the consumer that is gone: the
+                // new one delivers it again, and takes acks only for its own deliveries.
+                self.made = info.created;
+                self.delivered = info.delivered.consumer_sequence;
+                self.cumulative = cumulative(&consumer);
+                if let Some(Some(lanes)) = self.outstanding.lock().ok().as_deref_mut() {
+                    if let Some(lane) = lanes.get_mut(&self.partition) {
+                        lane.clear(self.cumulative);
+                    }
+                }
+            } else if self.cumulative && info.delivered.consumer_sequence > self.delivered {
+                // The same consumer delivered while this reader was away, and that never
+                // arrived: a cumulative ack of what comes next would cover it.
+                tracing::warn!(
+                    partition = %self.partition,
+                    read = self.delivered,
+                    delivered = info.delivered.consumer_sequence,
+                    "deliveries were lost on the way; making the consumer again where this \
+                     reader stands"
+                );
+                self.remake = true;
+                continue;
+            }
+            self.remake = false;
+            self.pause(false).await;
+            return Ok(consumer);
+        }
+    }
+
+    /// Pauses the partition's acks (and waits until those worked out before are handed to
+    /// the connection), or resumes them.
+    async fn pause(&self, paused: bool) {
+        if let Some(Some(lanes)) = self.outstanding.lock().ok().as_deref_mut() {
+            if let Some(lane) = lanes.get_mut(&self.partition) {
+                lane.paused = paused;
+            }
+        }
+        let Some(acks) = self.acks.upgrade() else {
+            return;
+        };
+        if paused {
+            let (done, barrier) = oneshot::channel();
+            if acks.send(AckOp::Barrier(done)).is_ok() {
+                let _ = barrier.await;
+            }
+        } else {
+            let _ = acks.send(AckOp::Advance(self.partition.clone()));
+        }
+    }
+
     /// Pulls until the stream of messages ends; `Ok(true)` when a bounded read is complete.
     async fn pull(&mut self) -> Result<bool, NatsError> {
         if !self.options.follow && self.target.is_none() {
@@ -97,43 +198,7 @@ impl PartitionReader {
         }
         let mut consumer = match self.consumer.take() {
             Some(c) => c,
-            None => {
-                if self.config.durable_name.is_some() || self.last > 0 {
-                    // A consumer made again (ephemeral, or a durable one someone deleted) goes
-                    // on where this reader stood, not from its first start (a start at the end
-                    // would skip what was published meanwhile): at the first record it still
-                    // holds unsettled, whose acks went to the old consumer and would be lost
-                    // with this process, else after the last record read. What it holds comes
-                    // again, as duplicates.
-                    let held = self.outstanding.lock().ok().and_then(|o| {
-                        o.as_ref()?
-                            .get(&self.partition)?
-                            .records
-                            .first_key_value()
-                            .map(|(sequence, _)| *sequence)
-                    });
-                    let start = held.map_or(self.last + 1, |h| h.min(self.last + 1));
-                    self.config.deliver_policy = DeliverPolicy::ByStartSequence {
-                        start_sequence: start,
-                    };
-                }
-                let consumer = open_consumer(&self.stream, &self.config).await?;
-                let made = consumer.cached_info().created;
-                if made != self.made {
-                    // What this partition holds was delivered by the consumer that is gone:
-                    // the new one delivers it again, and takes acks only for its own
-                    // deliveries. (The same consumer, found again after a failed pull, still
-                    // takes acks for what it delivered, and a cumulative ack must not pass
-                    // what is held unfinished.)
-                    self.made = made;
-                    if let Some(Some(lanes)) = self.outstanding.lock().ok().as_deref_mut() {
-                        if let Some(lane) = lanes.get_mut(&self.partition) {
-                            lane.clear(cumulative(&consumer));
-                        }
-                    }
-                }
-                consumer
-            }
+            None => self.reopen().await?,
         };
         if let Some(target) = self.target {
             let info = consumer
@@ -204,6 +269,24 @@ impl PartitionReader {
                 u32::try_from(info.delivered).unwrap_or(u32::MAX),
                 info.consumer_sequence,
             );
+            if self.cumulative {
+                if delivery != self.delivered + 1 {
+                    // A delivery never reached this reader (lost with a connection, or with a
+                    // pull given up): an ack of this one would cover it. The consumer starts
+                    // over where this reader stands, as an ordered consumer does.
+                    tracing::warn!(
+                        partition = %self.partition,
+                        expected = self.delivered + 1,
+                        got = delivery,
+                        "a delivery was lost on the way; making the consumer again where this \
+                         reader stands"
+                    );
+                    metrics::counter!("floodway_nats_lost_deliveries_total").increment(1);
+                    self.remake = true;
+                    return Err(NatsError::js("pull", "a delivery was lost on the way"));
+                }
+                self.delivered = delivery;
+            }
             let past_until = self.options.until.is_some_and(|until| {
                 let published = i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
                     .unwrap_or(i64::MAX);
@@ -234,6 +317,7 @@ impl PartitionReader {
                                     delivered,
                                     delivery,
                                     settled: false,
+                                    behind: false,
                                 },
                             );
                             true
