@@ -3,16 +3,17 @@
 //! Against a local `nats-server` (file storage, in a temporary directory), in the same run:
 //! - consume: a raw async-nats pull consumer acking every ~400-byte message (and raw consumers
 //!   one per partition, as Floodway reads; and those acking cumulatively, one ack per 100
-//!   messages, as Floodway's exclusive consumers do), against a Floodway processor consuming
-//!   the same messages through one pipeline into a counting sink;
+//!   messages), against a Floodway processor consuming the same messages through one
+//!   pipeline into a counting sink, acking each record (the default) or cumulatively;
 //! - publish: raw async-nats publishes with `Nats-Msg-Id`, pipelined 1,000 at a time and all
 //!   acked, to one subject (and to each event's partition subject of a stream of as many
 //!   partitions, as Floodway publishes), against Floodway's publisher doing the same.
 //!
 //! `FLOODWAY_BENCH_EVENTS` sets the message count (default 100,000); each measurement runs
 //! five times and the median is reported. For profilers, `FLOODWAY_BENCH_PROFILE=consume`
-//! (or `=raw`, or `=cumulative` for raw consumers per partition acking cumulatively) runs
-//! only Floodway's (or raw async-nats's) consuming, on 4 partitions, ten times;
+//! (`=consume-cumulative` with cumulative acks; or `=raw`, or `=cumulative` for raw consumers
+//! per partition acking cumulatively) runs only Floodway's (or raw async-nats's) consuming,
+//! on 4 partitions, ten times;
 //! `=publish`, raw and Floodway publishing (4 partitions) taking turns, ten times each.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +26,7 @@ use floodway::memory::MemoryFaultSink;
 use floodway::testing::generate;
 use floodway::{sink_fn, Batch, Error, Event, Pipeline, Processor};
 use floodway_nats::testing::NatsServer;
-use floodway_nats::{NatsHub, NatsHubOptions, Partitions, SubscriptionOptions};
+use floodway_nats::{Acks, NatsHub, NatsHubOptions, Partitions, SubscriptionOptions};
 use futures_util::StreamExt;
 
 /// The allocator the `floodway` command uses (and BENCHMARKS.md recommends for services); raw
@@ -67,17 +68,10 @@ async fn raw_consume(hub: &NatsHub, name: &str, n: usize) -> f64 {
     raw_consume_from(hub, name, n, &[None], Acks::Each).await
 }
 
-/// How a raw consumer acks.
-#[derive(Clone, Copy, PartialEq)]
-enum Acks {
-    /// Every message (ack policy `explicit`).
-    Each,
-    /// Every hundredth message, covering those before it (ack policy `all`).
-    Cumulative,
-}
-
 /// Raw consuming with one durable pull consumer per subject filter (`None`: the whole
-/// stream), each in a task of its own; messages per second until `n`.
+/// stream), each in a task of its own, acking every message (`Acks::Each`, ack policy
+/// `explicit`) or every hundredth, covering those before it (`Acks::Cumulative`, ack policy
+/// `all`); messages per second until `n`.
 async fn raw_consume_from(
     hub: &NatsHub,
     name: &str,
@@ -151,8 +145,9 @@ async fn raw_consume_from(
     rate
 }
 
-/// A Floodway processor: one pipeline into a counting sink.
-async fn floodway_consume(hub: &NatsHub, name: &str, n: usize) -> f64 {
+/// A Floodway processor: one pipeline into a counting sink, its subscription acking as
+/// `acks` says.
+async fn floodway_consume(hub: &NatsHub, name: &str, n: usize, acks: Acks) -> f64 {
     let count = Arc::new(AtomicU64::new(0));
     let counter = count.clone();
     let sink = sink_fn(move |batch: Batch| {
@@ -177,6 +172,7 @@ async fn floodway_consume(hub: &NatsHub, name: &str, n: usize) -> f64 {
             SubscriptionOptions {
                 partitions: Partitions::All,
                 max_ack_pending: 4000,
+                acks,
                 ..Default::default()
             },
         )
@@ -357,6 +353,10 @@ fn main() {
             for run in 0..10 {
                 let rate = match profile.as_str() {
                     "raw" => raw_consume(&source, &format!("raw{run}"), n).await,
+                    "consume-cumulative" => {
+                        floodway_consume(&source, &format!("floodwayc{run}"), n, Acks::Cumulative)
+                            .await
+                    }
                     "cumulative" => {
                         let subjects: Vec<Option<String>> =
                             (0..4).map(|p| Some(source.partition_subject(p))).collect();
@@ -369,7 +369,7 @@ fn main() {
                         )
                         .await
                     }
-                    _ => floodway_consume(&source, &format!("floodway{run}"), n).await,
+                    _ => floodway_consume(&source, &format!("floodway{run}"), n, Acks::Each).await,
                 };
                 out!("{profile}: {rate:.0} msg/s");
             }
@@ -441,11 +441,11 @@ fn main() {
             let subjects: Vec<Option<String>> = (0..partitions)
                 .map(|p| Some(source.partition_subject(p)))
                 .collect();
-            let (mut raw, mut per_partition, mut cumulative, mut ours) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut raw, mut per_partition, mut cumulative, mut ours, mut ours_cumulative) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for run in 0..RUNS {
-                for case in 0..4 {
-                    match (case + run) % 4 {
+                for case in 0..5 {
+                    match (case + run) % 5 {
                         0 => raw.push(raw_consume(&source, &format!("raw{run}"), n).await),
                         1 => per_partition.push(
                             raw_consume_from(
@@ -467,7 +467,19 @@ fn main() {
                             )
                             .await,
                         ),
-                        _ => ours.push(floodway_consume(&source, &format!("floodway{run}"), n).await),
+                        3 => ours_cumulative.push(
+                            floodway_consume(
+                                &source,
+                                &format!("floodwayc{run}"),
+                                n,
+                                Acks::Cumulative,
+                            )
+                            .await,
+                        ),
+                        _ => ours.push(
+                            floodway_consume(&source, &format!("floodway{run}"), n, Acks::Each)
+                                .await,
+                        ),
                     }
                 }
             }
@@ -488,10 +500,19 @@ fn main() {
             );
             row(
                 &format!(
+                    "consume with cumulative acks (`acks = \"cumulative\"`), {partitions} \
+                     partition(s), against raw async-nats acking every message"
+                ),
+                &ours_cumulative,
+                &raw,
+                "ratio >= 1.0",
+            );
+            row(
+                &format!(
                     "same, against raw async-nats with a consumer per partition acking \
                      cumulatively, one ack per 100 messages ({partitions})"
                 ),
-                &ours,
+                &ours_cumulative,
                 &cumulative,
                 "the limit",
             );
@@ -503,6 +524,10 @@ fn main() {
                     (
                         "raw, a consumer per partition".into(),
                         common::median(per_partition),
+                    ),
+                    (
+                        "Floodway, cumulative acks".into(),
+                        common::median(ours_cumulative),
                     ),
                     (
                         "raw, per partition, acking cumulatively".into(),
