@@ -233,8 +233,9 @@ struct ProxyControl {
     delay_ms: std::sync::atomic::AtomicU64,
     /// Drop the next message a client publishes whose payload holds these bytes (once).
     drop_marker: std::sync::Mutex<Option<Vec<u8>>>,
-    /// Drop the next message the server delivers whose payload holds these bytes (once).
-    drop_delivery_marker: std::sync::Mutex<Option<Vec<u8>>>,
+    /// Deliveries to drop: one whose payload holds these bytes, after letting this many such
+    /// through (each dropped once).
+    drop_deliveries: std::sync::Mutex<Vec<(Vec<u8>, usize)>>,
     /// Messages dropped so far.
     dropped: std::sync::atomic::AtomicU64,
 }
@@ -302,7 +303,17 @@ impl Proxy {
     /// `marker`: the client never sees it, though the server counts it delivered (a
     /// delivery lost on the way).
     pub fn drop_next_delivery_containing(&self, marker: &[u8]) {
-        *self.control.drop_delivery_marker.lock().unwrap() = Some(marker.to_vec());
+        self.drop_delivery_containing(marker, 0);
+    }
+
+    /// Drops, once, the delivery whose payload contains `marker` that comes after `after`
+    /// others containing it (a redelivery lost, say); several can be armed at once.
+    pub fn drop_delivery_containing(&self, marker: &[u8], after: usize) {
+        self.control
+            .drop_deliveries
+            .lock()
+            .unwrap()
+            .push((marker.to_vec(), after));
     }
 
     /// How many messages, published or delivered, the proxy has dropped.
@@ -375,22 +386,38 @@ async fn pipe(
 /// them but a message holding the armed marker of its direction (dropped once).
 fn forward_operations(pending: &mut Vec<u8>, control: &ProxyControl, client: bool) -> Vec<u8> {
     use std::sync::atomic::Ordering;
-    let (marker, kinds): (_, [&[u8]; 2]) = if client {
-        (&control.drop_marker, [b"PUB ", b"HPUB "])
-    } else {
-        (&control.drop_delivery_marker, [b"MSG ", b"HMSG "])
-    };
+    let contains = |op: &[u8], marker: &[u8]| op.windows(marker.len()).any(|w| w == marker);
     let mut out = Vec::with_capacity(pending.len());
     let mut used = 0;
     while let Some(len) = operation_len(&pending[used..]) {
         let op = &pending[used..used + len];
-        let armed = marker.lock().unwrap().clone();
-        let drop = armed.is_some_and(|marker| {
-            kinds.iter().any(|kind| op.starts_with(kind))
-                && op.windows(marker.len()).any(|w| w == marker.as_slice())
-        });
+        let drop = if client {
+            let mut armed = control.drop_marker.lock().unwrap();
+            let drop = (op.starts_with(b"PUB ") || op.starts_with(b"HPUB "))
+                && armed.as_deref().is_some_and(|marker| contains(op, marker));
+            if drop {
+                *armed = None;
+            }
+            drop
+        } else if op.starts_with(b"MSG ") || op.starts_with(b"HMSG ") {
+            let mut armed = control.drop_deliveries.lock().unwrap();
+            let mut drop = false;
+            armed.retain_mut(|(marker, after)| {
+                if drop || !contains(op, marker) {
+                    return true;
+                }
+                if *after > 0 {
+                    *after -= 1;
+                    return true;
+                }
+                drop = true;
+                false
+            });
+            drop
+        } else {
+            false
+        };
         if drop {
-            *marker.lock().unwrap() = None;
             control.dropped.fetch_add(1, Ordering::SeqCst);
         } else {
             out.extend_from_slice(op);
@@ -413,12 +440,13 @@ fn operation_len(bytes: &[u8]) -> Option<usize> {
         return Some(line_end);
     }
     // The last field is the payload's size (headers included for HPUB and HMSG).
-    let size: usize = std::str::from_utf8(line)
-        .ok()?
-        .split_whitespace()
-        .last()?
-        .parse()
-        .ok()?;
+    let size = std::str::from_utf8(line)
+        .ok()
+        .and_then(|line| line.split_whitespace().last()?.parse::<usize>().ok());
+    let Some(size) = size else {
+        // Not a message the proxy can read: passed on as a line, rather than held forever.
+        return Some(line_end);
+    };
     let total = line_end + size + 2;
     (bytes.len() >= total).then_some(total)
 }

@@ -127,6 +127,24 @@ async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     }
 }
 
+/// The consumer `name`'s state once the server has taken every ack sent to it (or after 10 s).
+async fn settled_consumer(hub: &NatsHub, name: &str) -> async_nats::jetstream::consumer::Info {
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let stream = js.get_stream(hub.stream()).await.unwrap();
+    let mut consumer = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(name)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = consumer.info().await.unwrap().clone();
+        if info.num_ack_pending == 0 || Instant::now() > deadline {
+            return info;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The ids of `events`, in order.
 fn ids(events: &[Event]) -> Vec<String> {
     events.iter().map(|e| e.id().to_owned()).collect()
@@ -1041,8 +1059,10 @@ async fn acks_are_cumulative_and_leave_nothing_to_come_again() {
         .unwrap();
     let delivered = sink.clone();
     run_until(&processor, sub, move || delivered.len() >= n).await;
-    hub.client().flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut infos = Vec::new();
+    for p in 0..4 {
+        infos.push(settled_consumer(&hub, &format!("cumulative_{p}")).await);
+    }
     watcher.abort();
 
     let mut got = ids(&sink.events());
@@ -1055,16 +1075,7 @@ async fn acks_are_cumulative_and_leave_nothing_to_come_again() {
         acks > 0 && acks <= n / 4,
         "{acks} acks for {n} records: one per run of settled records, not one each"
     );
-    let js = async_nats::jetstream::new(hub.client().clone());
-    let stream = js.get_stream("ORDERS").await.unwrap();
-    for p in 0..4 {
-        let mut consumer = stream
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&format!(
-                "cumulative_{p}"
-            ))
-            .await
-            .unwrap();
-        let info = consumer.info().await.unwrap();
+    for (p, info) in infos.iter().enumerate() {
         assert_eq!(
             info.config.ack_policy,
             async_nats::jetstream::consumer::AckPolicy::All
@@ -1120,7 +1131,12 @@ async fn a_record_held_through_a_server_restart_is_not_passed_by_an_ack() {
     let run = tokio::spawn(async move {
         run_until(&processor, sub, move || stopped.load(Ordering::SeqCst) > 0).await
     });
+    let deadline = Instant::now() + Duration::from_secs(30);
     while hung.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first record never reached the sink"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1212,6 +1228,77 @@ async fn a_delivery_lost_on_the_way_is_not_covered_by_an_ack() {
     assert!(missing.is_empty(), "never delivered: {missing:?}");
 }
 
+/// A record the processor holds while the consumer is made again twice in a row (two lost
+/// deliveries, the second its own redelivery) is not passed: the second start is where the
+/// first one stood, not after the last record read, so it comes again, and the next instance
+/// gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_record_survives_two_restarts_of_its_consumer_in_a_row() {
+    let server = NatsServer::start();
+    let proxy = floodway_nats::testing::Proxy::start(server.port()).await;
+    let hub = NatsHub::connect(&options(vec![proxy.url()])).await.unwrap();
+    let partition = hub.partition_of("held");
+    let later: Vec<Event> = (0..400)
+        .map(|i| {
+            Event::builder("step", format!("k{i}"))
+                .id(format!("later-{i:04}"))
+                .build()
+        })
+        .filter(|e| hub.partition_of(e.partition_key()) == partition)
+        .collect();
+    hub.publish(&[Event::builder("step", "held").id("held-x").build()])
+        .await
+        .unwrap();
+    hub.publish(&later).await.unwrap();
+    // A later record's delivery is lost, then the held record's redelivery.
+    proxy.drop_next_delivery_containing(later[later.len() / 2].id().as_bytes());
+    proxy.drop_delivery_containing(b"held-x", 1);
+    let options = SubscriptionOptions {
+        partitions: Partitions::Only(vec![partition]),
+        acks: Acks::Cumulative,
+        ack_wait: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let (processor, hung) = hanging_processor(&hub, "twice", |batch| {
+        batch.events().any(|e| e.id() == "held-x")
+    });
+    let sub = hub.subscribe("twice", options.clone()).await.unwrap();
+    let closed = sub.closed();
+    let (reader, checkpointer) = sub.split();
+    let stop = async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while (proxy.dropped() < 2 || hung.load(Ordering::SeqCst) == 0) && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Both losses happened: the consumer is made again twice, and the records after the
+        // held one are delivered, settled and acked meanwhile (its own new copy waits behind
+        // the hung one, its key's order).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    };
+    processor.run(reader, checkpointer, stop).await.unwrap();
+    closed.await;
+    assert_eq!(proxy.dropped(), 2, "two deliveries lost on the way");
+
+    let (processor, sink) = collecting("twice");
+    let sub = hub.subscribe("twice", options).await.unwrap();
+    let closed = sub.closed();
+    let (reader, checkpointer) = sub.split();
+    let delivered = sink.clone();
+    let stop = async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !delivered.events().iter().any(|e| e.id() == "held-x") && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    processor.run(reader, checkpointer, stop).await.unwrap();
+    closed.await;
+    assert!(
+        sink.events().iter().any(|e| e.id() == "held-x"),
+        "the held record came to the next instance"
+    );
+}
+
 /// Consumers acked per record are made again when the settings switch to cumulative acks:
 /// one left by an instance that died holding records goes on from its ack floor, so the
 /// unacked records come again and nothing before them does; one left with everything acked
@@ -1280,19 +1367,12 @@ async fn consumers_acked_per_record_are_made_again_to_ack_cumulatively() {
     let delivered = sink.clone();
     let total = want.len();
     run_until(&processor, sub, move || delivered.len() >= total).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut got = ids(&sink.events());
     got.sort();
     want.sort();
     assert_eq!(got, want, "everything not acked before, once each");
     for p in 0..2 {
-        let mut consumer = stream
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&format!(
-                "migrating_{p}"
-            ))
-            .await
-            .unwrap();
-        let info = consumer.info().await.unwrap();
+        let info = settled_consumer(&hub, &format!("migrating_{p}")).await;
         assert_eq!(
             info.config.ack_policy,
             async_nats::jetstream::consumer::AckPolicy::All,

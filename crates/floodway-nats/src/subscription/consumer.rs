@@ -196,17 +196,19 @@ pub(super) async fn restart_at_ack_floor(
     remake(stream, name, start, config).await
 }
 
-/// Deletes the consumer and makes it again, delivering from `start`.
-async fn remake(
+/// Deletes the consumer (if it is there) and makes it again, delivering from `start`.
+pub(super) async fn remake(
     stream: &async_nats::jetstream::stream::Stream,
     name: &str,
     start: u64,
     config: &pull::Config,
 ) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
-    stream
-        .delete_consumer(name)
-        .await
-        .map_err(|e| NatsError::js("delete consumer", e))?;
+    match stream.delete_consumer(name).await {
+        Ok(_) => {}
+        // 10014: consumer not found.
+        Err(e) if code_of(&e) == Some(10014) => {}
+        Err(e) => return Err(NatsError::js("delete consumer", e)),
+    }
     let config = pull::Config {
         deliver_policy: DeliverPolicy::ByStartSequence {
             start_sequence: start,

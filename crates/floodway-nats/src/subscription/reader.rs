@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::acks::send;
-use super::consumer::{code_of, cumulative, open_consumer};
+use super::consumer::{cumulative, open_consumer, remake};
 use super::options::{Sharing, SubscriptionOptions, GROUP, PULL_EXPIRES};
 use super::{AckOp, Item, NatsReader, Outstanding, Pending};
 use crate::error::NatsError;
@@ -106,6 +106,7 @@ impl PartitionReader {
         // its delivery sequence would move the ack floor past the new deliveries'.
         self.pause(true).await;
         loop {
+            let mut start = None;
             if self.config.durable_name.is_some() || self.last > 0 {
                 // A consumer made again (ephemeral, or a durable one someone deleted) goes on
                 // where this reader stood, not from its first start (a start at the end would
@@ -120,34 +121,47 @@ impl PartitionReader {
                         .first_key_value()
                         .map(|(sequence, _)| *sequence)
                 });
-                let start = held.map_or(self.last + 1, |h| h.min(self.last + 1));
+                let from = held.map_or(self.last + 1, |h| h.min(self.last + 1));
                 self.config.deliver_policy = DeliverPolicy::ByStartSequence {
-                    start_sequence: start,
+                    start_sequence: from,
                 };
+                start = Some(from);
             }
-            if self.remake {
-                if let Some(name) = &self.config.durable_name {
-                    match self.stream.delete_consumer(name).await {
-                        Ok(_) => {}
-                        // 10014: consumer not found.
-                        Err(e) if code_of(&e) == Some(10014) => {}
-                        Err(e) => return Err(NatsError::js("delete consumer", e)),
-                    }
+            let consumer = match (&self.config.durable_name, start) {
+                (Some(name), Some(start)) if self.remake => {
+                    // In a task of its own: between the delete and the create the consumer's
+                    // position lives only here, and dropping the reader must not cut that
+                    // short.
+                    let (stream, name, config) =
+                        (self.stream.clone(), name.clone(), self.config.clone());
+                    tokio::spawn(async move { remake(&stream, &name, start, &config).await })
+                        .await
+                        .map_err(|e| NatsError::js("make the consumer again", e))??
                 }
-            }
-            let consumer = open_consumer(&self.stream, &self.config).await?;
+                _ => open_consumer(&self.stream, &self.config).await?,
+            };
             let info = consumer.cached_info();
             if info.created != self.made {
-                // What this partition holds was delivered by the consumer that is gone: the
-                // new one delivers it again, and takes acks only for its own deliveries.
+                // A consumer made anew (by this reader, or after someone deleted it).
                 self.made = info.created;
                 self.delivered = info.delivered.consumer_sequence;
-                self.cumulative = cumulative(&consumer);
-                if let Some(Some(lanes)) = self.outstanding.lock().ok().as_deref_mut() {
-                    if let Some(lane) = lanes.get_mut(&self.partition) {
-                        lane.clear(self.cumulative);
+                let cumulative = cumulative(&consumer);
+                if cumulative || self.cumulative {
+                    // What this partition holds was delivered by the consumer that is gone:
+                    // the new one delivers it again from `start`, and takes cumulative acks
+                    // only for its own deliveries. The reader stands before `start` now, so
+                    // that a consumer made again once more starts there too (what the
+                    // processor still holds from before has no other way back).
+                    if let Some(Some(lanes)) = self.outstanding.lock().ok().as_deref_mut() {
+                        if let Some(lane) = lanes.get_mut(&self.partition) {
+                            lane.clear(cumulative);
+                        }
+                    }
+                    if let Some(start) = start {
+                        self.last = start - 1;
                     }
                 }
+                self.cumulative = cumulative;
             } else if self.cumulative && info.delivered.consumer_sequence > self.delivered {
                 // The same consumer delivered while this reader was away, and that never
                 // arrived: a cumulative ack of what comes next would cover it.
