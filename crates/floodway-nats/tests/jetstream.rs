@@ -145,6 +145,34 @@ async fn settled_consumer(hub: &NatsHub, name: &str) -> async_nats::jetstream::c
     }
 }
 
+/// Events `{prefix}-NNNN` of keys `k{i}` for `i` in `range`, those that land in `partition`.
+fn of_partition(
+    hub: &NatsHub,
+    partition: u32,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+) -> Vec<Event> {
+    range
+        .map(|i| {
+            Event::builder("step", format!("k{i}"))
+                .id(format!("{prefix}-{i:04}"))
+                .build()
+        })
+        .filter(|e| hub.partition_of(e.partition_key()) == partition)
+        .collect()
+}
+
+/// Cumulative acks on one partition, with an ack wait long enough that nothing comes back by
+/// it during a test: what comes back comes from the subscription's own doing.
+fn cumulative_on(partition: u32) -> SubscriptionOptions {
+    SubscriptionOptions {
+        partitions: Partitions::Only(vec![partition]),
+        acks: Acks::Cumulative,
+        ack_wait: Duration::from_secs(60),
+        ..Default::default()
+    }
+}
+
 /// The ids of `events`, in order.
 fn ids(events: &[Event]) -> Vec<String> {
     events.iter().map(|e| e.id().to_owned()).collect()
@@ -1102,26 +1130,13 @@ async fn a_record_held_through_a_server_restart_is_not_passed_by_an_ack() {
         .await
         .unwrap();
     let partition = hub.partition_of("held");
-    let of_partition = |from: usize, to: usize| -> Vec<Event> {
-        (from..to)
-            .map(|i| {
-                Event::builder("step", format!("k{i}"))
-                    .id(format!("later-{i}"))
-                    .build()
-            })
-            .filter(|e| hub.partition_of(e.partition_key()) == partition)
-            .collect()
-    };
     hub.publish(&[Event::builder("step", "held").id("held-1").build()])
         .await
         .unwrap();
-    hub.publish(&of_partition(0, 200)).await.unwrap();
-    let options = SubscriptionOptions {
-        partitions: Partitions::Only(vec![partition]),
-        acks: Acks::Cumulative,
-        ack_wait: Duration::from_secs(60),
-        ..Default::default()
-    };
+    hub.publish(&of_partition(&hub, partition, "later", 0..200))
+        .await
+        .unwrap();
+    let options = cumulative_on(partition);
     let (processor, hung) = hanging_processor(&hub, "held", |batch| {
         batch.events().any(|e| e.id() == "held-1")
     });
@@ -1145,7 +1160,7 @@ async fn a_record_held_through_a_server_restart_is_not_passed_by_an_ack() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     server.restart();
     // More of the partition, settled after the restart.
-    let more = of_partition(200, 400);
+    let more = of_partition(&hub, partition, "later", 200..400);
     let (patience, pause) = (Duration::from_secs(30), Duration::from_millis(200));
     retry("publishing after the restart", patience, pause, || {
         hub.publish(&more)
@@ -1174,29 +1189,13 @@ async fn a_delivery_lost_on_the_way_is_not_covered_by_an_ack() {
     let proxy = floodway_nats::testing::Proxy::start(server.port()).await;
     let hub = NatsHub::connect(&options(vec![proxy.url()])).await.unwrap();
     let partition = hub.partition_of("k0");
-    let events: Vec<Event> = (0..400)
-        .map(|i| {
-            Event::builder("step", format!("k{i}"))
-                .id(format!("d-{i:04}"))
-                .build()
-        })
-        .filter(|e| hub.partition_of(e.partition_key()) == partition)
-        .collect();
+    let events = of_partition(&hub, partition, "d", 0..400);
     hub.publish(&events).await.unwrap();
     let lost = events[events.len() / 3].id().to_owned();
     proxy.drop_next_delivery_containing(lost.as_bytes());
     let (processor, sink) = collecting("lossy");
     let sub = hub
-        .subscribe(
-            "lossy",
-            SubscriptionOptions {
-                partitions: Partitions::Only(vec![partition]),
-                acks: Acks::Cumulative,
-                // Long: what comes back comes from the reader's start over, not the ack wait.
-                ack_wait: Duration::from_secs(60),
-                ..Default::default()
-            },
-        )
+        .subscribe("lossy", cumulative_on(partition))
         .await
         .unwrap();
     let closed = sub.closed();
@@ -1238,14 +1237,7 @@ async fn a_held_record_survives_two_restarts_of_its_consumer_in_a_row() {
     let proxy = floodway_nats::testing::Proxy::start(server.port()).await;
     let hub = NatsHub::connect(&options(vec![proxy.url()])).await.unwrap();
     let partition = hub.partition_of("held");
-    let later: Vec<Event> = (0..400)
-        .map(|i| {
-            Event::builder("step", format!("k{i}"))
-                .id(format!("later-{i:04}"))
-                .build()
-        })
-        .filter(|e| hub.partition_of(e.partition_key()) == partition)
-        .collect();
+    let later = of_partition(&hub, partition, "later", 0..400);
     hub.publish(&[Event::builder("step", "held").id("held-x").build()])
         .await
         .unwrap();
@@ -1253,12 +1245,7 @@ async fn a_held_record_survives_two_restarts_of_its_consumer_in_a_row() {
     // A later record's delivery is lost, then the held record's redelivery.
     proxy.drop_next_delivery_containing(later[later.len() / 2].id().as_bytes());
     proxy.drop_delivery_containing(b"held-x", 1);
-    let options = SubscriptionOptions {
-        partitions: Partitions::Only(vec![partition]),
-        acks: Acks::Cumulative,
-        ack_wait: Duration::from_secs(60),
-        ..Default::default()
-    };
+    let options = cumulative_on(partition);
     let (processor, hung) = hanging_processor(&hub, "twice", |batch| {
         batch.events().any(|e| e.id() == "held-x")
     });
