@@ -135,7 +135,8 @@ pub(super) async fn open_consumer(
         || current.priority_timeout != config.priority_timeout
     {
         // Only the changeable settings move; where it starts and how it is acked stay the
-        // server's (a consumer acked per record is made again by `restart_at_ack_floor`).
+        // server's (an exclusive consumer with another ack policy is made again by
+        // `restart_at_ack_floor`).
         let update = pull::Config {
             deliver_policy: current.deliver_policy,
             ack_policy: current.ack_policy,
