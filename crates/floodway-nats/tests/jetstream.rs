@@ -630,10 +630,15 @@ async fn assert_stored_once_each(hub: &NatsHub, n: u64) {
 }
 
 /// Runs the view processor while events are published, killing a server in the middle.
-async fn view_through_a_kill(hub: &NatsHub, events: Vec<Event>, kill: impl FnOnce()) {
+async fn view_through_a_kill(hub: &NatsHub, events: Vec<Event>, acks: Acks, kill: impl FnOnce()) {
     let (view, deliveries): (View, Deliveries) = Default::default();
     let processor = view_processor(hub, &view, &deliveries);
-    let sub = subscribe_with_ack_wait(hub, "view", Duration::from_secs(2)).await;
+    let options = SubscriptionOptions {
+        ack_wait: Duration::from_secs(2),
+        acks,
+        ..Default::default()
+    };
+    let sub = hub.subscribe("view", options).await.unwrap();
     let publisher = {
         let hub = hub.clone();
         let events = events.clone();
@@ -657,21 +662,31 @@ async fn view_through_a_kill(hub: &NatsHub, events: Vec<Event>, kill: impl FnOnc
     check_view(&events, &view, &deliveries);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_killed_mid_stream_loses_nothing() {
+/// A server killed (SIGKILL) under a subscription acking `acks`, and back on the same port
+/// and store after half a second: nothing is lost, nothing stored twice.
+async fn server_killed_mid_stream(acks: Acks) {
     let server = Arc::new(Mutex::new(NatsServer::start()));
     let url = server.lock().unwrap().url();
     let hub = NatsHub::connect(&options(vec![url])).await.unwrap();
     let events = ticks(3000, 300);
     let restarted = server.clone();
-    view_through_a_kill(&hub, events, move || {
-        // SIGKILL, then back on the same port and store after half a second.
+    view_through_a_kill(&hub, events, acks, move || {
         restarted.lock().unwrap().kill();
         std::thread::sleep(Duration::from_millis(500));
         restarted.lock().unwrap().restart();
     })
     .await;
     assert_stored_once_each(&hub, 3000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_stream_loses_nothing() {
+    server_killed_mid_stream(Acks::Each).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_stream_loses_nothing_with_cumulative_acks() {
+    server_killed_mid_stream(Acks::Cumulative).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -684,7 +699,10 @@ async fn a_cluster_node_killed_mid_stream_loses_nothing() {
     let hub = retry("the cluster", patience, pause, || NatsHub::connect(&opts)).await;
     assert_eq!(hub.stats().await.unwrap().replicas, 3);
     // Kill the first node (the one the client most likely talks to) for good.
-    view_through_a_kill(&hub, ticks(2000, 200), || cluster.nodes[0].kill()).await;
+    view_through_a_kill(&hub, ticks(2000, 200), Acks::Each, || {
+        cluster.nodes[0].kill();
+    })
+    .await;
     // The cluster may still be moving leaders: ask until it answers.
     let stats = retry("the cluster", patience, pause, || hub.stats()).await;
     assert_eq!(stats.messages, 2000, "stored once each");
@@ -734,14 +752,15 @@ async fn starts_at_the_end_or_a_time() {
     assert_eq!(sink.len(), 40);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn network_drops_and_a_slow_server_are_survived() {
+/// A slow server, then every connection cut twice, under a subscription acking `acks`:
+/// nothing is lost, nothing stored twice.
+async fn network_drops_and_a_slow_server(acks: Acks) {
     let server = NatsServer::start();
     let proxy = floodway_nats::testing::Proxy::start(server.port()).await;
     let hub = NatsHub::connect(&options(vec![proxy.url()])).await.unwrap();
     let proxy = Arc::new(proxy);
     let trouble = proxy.clone();
-    view_through_a_kill(&hub, ticks(3000, 300), move || {
+    view_through_a_kill(&hub, ticks(3000, 300), acks, move || {
         // Slow: every chunk of traffic waits 100 ms, for a second.
         trouble.set_delay(Duration::from_millis(100));
         std::thread::sleep(Duration::from_secs(1));
@@ -753,6 +772,16 @@ async fn network_drops_and_a_slow_server_are_survived() {
     })
     .await;
     assert_stored_once_each(&hub, 3000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_drops_and_a_slow_server_are_survived() {
+    network_drops_and_a_slow_server(Acks::Each).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_drops_and_a_slow_server_are_survived_with_cumulative_acks() {
+    network_drops_and_a_slow_server(Acks::Cumulative).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
