@@ -18,7 +18,16 @@
 //! text again. The same kind of property holds there: **when the member-by-member read
 //! answers, serde_json reading the whole text gives the same answer**; anything else is left
 //! to serde_json.
-use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, MapAccess, Visitor};
+//!
+//! Within a member the text is known to be JSON, so the read walks nested objects and arrays
+//! itself ([`Checked`]): a member the type does not take (an order's items, its address) is
+//! skipped by counting brackets, without being parsed again, and serde_json reads only the
+//! values the type takes. A property test holds this to serde_json on generated values of
+//! nested structs, enums of each representation, flattened and strict structs, with unknown
+//! members put into every object.
+use std::cell::Cell;
+
+use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::scan;
@@ -299,7 +308,11 @@ impl<'de> MapAccess<'de> for Walk<'de> {
         let Some(value) = self.value.take() else {
             return refused();
         };
-        seed.deserialize(Member(&self.text[value..]))
+        seed.deserialize(Checked {
+            text: self.text,
+            at: value,
+            end: None,
+        })
     }
 
     fn size_hint(&self) -> Option<usize> {
@@ -307,38 +320,266 @@ impl<'de> MapAccess<'de> for Walk<'de> {
     }
 }
 
-/// A member's value: the text from where it starts (serde_json stops at its end).
-struct Member<'t>(&'t str);
+/// A value of a text the scanner has accepted, at `at`. Objects and arrays are walked here, so
+/// that a member the type does not take is skipped without being parsed again
+/// ([`scan::skip_checked`]); everything else is read by serde_json, from the value's start
+/// (it stops at the value's end). A walk that finds where its value ends says so in `end`,
+/// which saves the container that holds it from skipping the value again.
+struct Checked<'t, 'e> {
+    text: &'t str,
+    at: usize,
+    end: Option<&'e Cell<Option<usize>>>,
+}
+
+impl<'de> Checked<'de, '_> {
+    fn first(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.at).copied()
+    }
+
+    fn by_serde_json(&self) -> serde_json::Deserializer<serde_json::de::StrRead<'de>> {
+        serde_json::Deserializer::from_str(&self.text[self.at..])
+    }
+
+    /// Walks the object at `at` (its members are given to the visitor in turn), or the array.
+    fn walk<V: Visitor<'de>>(self, visitor: V, object: bool) -> serde_json::Result<V::Value> {
+        let mut walk = Items {
+            text: self.text,
+            at: self.at + 1,
+            close: if object { b'}' } else { b']' },
+            started: false,
+            value: None,
+            end: None,
+        };
+        let value = if object {
+            visitor.visit_map(&mut walk)?
+        } else {
+            visitor.visit_seq(&mut walk)?
+        };
+        // serde_json wants the container's end once the visitor returns.
+        let end = match walk.end {
+            Some(end) => end,
+            None if walk.value.is_none() => {
+                let i = scan::ws(self.text.as_bytes(), walk.at);
+                if self.text.as_bytes().get(i) != Some(&walk.close) {
+                    return refused();
+                }
+                i + 1
+            }
+            None => return refused(),
+        };
+        if let Some(cell) = self.end {
+            cell.set(Some(end));
+        }
+        Ok(value)
+    }
+}
 
 macro_rules! by_serde_json {
     ($($method:ident($($arg:ident: $ty:ty),*))*) => {$(
         fn $method<V: Visitor<'de>>(self, $($arg: $ty,)* visitor: V) -> serde_json::Result<V::Value> {
-            (&mut serde_json::Deserializer::from_str(self.0)).$method($($arg,)* visitor)
+            self.by_serde_json().$method($($arg,)* visitor)
         }
     )*};
 }
 
-impl<'de> Deserializer<'de> for Member<'de> {
+impl<'de> Deserializer<'de> for Checked<'de, '_> {
     type Error = serde_json::Error;
 
-    /// A member nobody reads: the scanner has checked it, and nothing is left to do.
     fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
         visitor.visit_unit()
     }
 
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        match self.first() {
+            Some(b'{') => self.walk(visitor, true),
+            Some(b'[') => self.walk(visitor, false),
+            _ => self.by_serde_json().deserialize_any(visitor),
+        }
+    }
+
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        match self.first() {
+            Some(b'{') => self.walk(visitor, true),
+            _ => self.by_serde_json().deserialize_map(visitor),
+        }
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> serde_json::Result<V::Value> {
+        // serde_json takes a struct from an array too, its fields in order.
+        match self.first() {
+            Some(b'{') => self.walk(visitor, true),
+            Some(b'[') => self.walk(visitor, false),
+            _ => self
+                .by_serde_json()
+                .deserialize_struct(name, fields, visitor),
+        }
+    }
+
+    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        match self.first() {
+            Some(b'[') => self.walk(visitor, false),
+            _ => self.by_serde_json().deserialize_seq(visitor),
+        }
+    }
+
+    fn deserialize_tuple<V: Visitor<'de>>(
+        self,
+        len: usize,
+        visitor: V,
+    ) -> serde_json::Result<V::Value> {
+        match self.first() {
+            Some(b'[') => self.walk(visitor, false),
+            _ => self.by_serde_json().deserialize_tuple(len, visitor),
+        }
+    }
+
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        len: usize,
+        visitor: V,
+    ) -> serde_json::Result<V::Value> {
+        match self.first() {
+            Some(b'[') => self.walk(visitor, false),
+            _ => self
+                .by_serde_json()
+                .deserialize_tuple_struct(name, len, visitor),
+        }
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        match self.first() {
+            Some(b'n') => self.by_serde_json().deserialize_option(visitor),
+            _ => visitor.visit_some(self),
+        }
+    }
+
     by_serde_json! {
-        deserialize_any() deserialize_bool() deserialize_i8() deserialize_i16()
-        deserialize_i32() deserialize_i64() deserialize_i128() deserialize_u8()
-        deserialize_u16() deserialize_u32() deserialize_u64() deserialize_u128()
-        deserialize_f32() deserialize_f64() deserialize_char() deserialize_str()
-        deserialize_string() deserialize_bytes() deserialize_byte_buf() deserialize_option()
-        deserialize_unit() deserialize_seq() deserialize_map() deserialize_identifier()
+        deserialize_bool() deserialize_i8() deserialize_i16() deserialize_i32()
+        deserialize_i64() deserialize_i128() deserialize_u8() deserialize_u16()
+        deserialize_u32() deserialize_u64() deserialize_u128() deserialize_f32()
+        deserialize_f64() deserialize_char() deserialize_str() deserialize_string()
+        deserialize_bytes() deserialize_byte_buf() deserialize_unit() deserialize_identifier()
         deserialize_unit_struct(name: &'static str)
         deserialize_newtype_struct(name: &'static str)
-        deserialize_tuple(len: usize)
-        deserialize_tuple_struct(name: &'static str, len: usize)
-        deserialize_struct(name: &'static str, fields: &'static [&'static str])
         deserialize_enum(name: &'static str, variants: &'static [&'static str])
+    }
+}
+
+/// The members of a checked object, or the elements of a checked array, in turn.
+struct Items<'t> {
+    text: &'t str,
+    /// Where the next member or element is looked for: after the opening bracket, or after
+    /// the last value read.
+    at: usize,
+    close: u8,
+    started: bool,
+    /// The start of the value of the member whose key was read last, until it is read.
+    value: Option<usize>,
+    /// The position after the closing bracket, once found.
+    end: Option<usize>,
+}
+
+impl<'de> Items<'de> {
+    /// The start of the next member or element, `None` at the end.
+    fn next(&mut self) -> serde_json::Result<Option<usize>> {
+        if self.end.is_some() {
+            return Ok(None);
+        }
+        if self.value.is_some() {
+            return refused();
+        }
+        let b = self.text.as_bytes();
+        let i = scan::ws(b, self.at);
+        match b.get(i) {
+            Some(&c) if c == self.close => {
+                self.end = Some(i + 1);
+                Ok(None)
+            }
+            Some(b',') if self.started => Ok(Some(scan::ws(b, i + 1))),
+            Some(_) if !self.started => {
+                self.started = true;
+                Ok(Some(i))
+            }
+            _ => refused(),
+        }
+    }
+
+    /// Reads the value at `at` with `seed`, and moves past it.
+    fn read<S: DeserializeSeed<'de>>(
+        &mut self,
+        seed: S,
+        at: usize,
+    ) -> serde_json::Result<S::Value> {
+        let end = Cell::new(None);
+        let value = seed.deserialize(Checked {
+            text: self.text,
+            at,
+            end: Some(&end),
+        })?;
+        self.at = end
+            .get()
+            .unwrap_or_else(|| scan::skip_checked(self.text.as_bytes(), at));
+        Ok(value)
+    }
+}
+
+impl<'de> MapAccess<'de> for Items<'de> {
+    type Error = serde_json::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> serde_json::Result<Option<K::Value>> {
+        let Some(at) = self.next()? else {
+            return Ok(None);
+        };
+        let b = self.text.as_bytes();
+        let (key, after) = match scan::plain_string(b, at) {
+            Some((key, after)) => (
+                seed.deserialize(serde::de::value::BorrowedStrDeserializer::new(
+                    &self.text[at + 1..at + 1 + key.len()],
+                ))?,
+                after,
+            ),
+            // A key with escapes is read by serde_json.
+            None => (
+                seed.deserialize(&mut serde_json::Deserializer::from_str(&self.text[at..]))?,
+                scan::skip_checked(b, at),
+            ),
+        };
+        // The text is checked: the colon follows.
+        self.value = Some(scan::ws(b, scan::ws(b, after) + 1));
+        Ok(Some(key))
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> serde_json::Result<V::Value> {
+        let Some(at) = self.value.take() else {
+            return refused();
+        };
+        self.read(seed, at)
+    }
+}
+
+impl<'de> SeqAccess<'de> for Items<'de> {
+    type Error = serde_json::Error;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> serde_json::Result<Option<T::Value>> {
+        match self.next()? {
+            Some(at) => self.read(seed, at).map(Some),
+            None => Ok(None),
+        }
     }
 }
 
@@ -621,6 +862,36 @@ mod tests {
         assert_eq!(payload::<FirstKey>(text, &members), None);
         assert!(serde_json::from_str::<SeqOfMap>(text).is_err());
         assert_eq!(payload::<SeqOfMap>(text, &members), None);
+        // The same within a member, walked by the checked reader.
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        struct Within<T> {
+            a: T,
+        }
+        let text = r#"{"id":"e1","a":{"x":1,"y":2}}"#;
+        let (_, members) = indexed(text).unwrap();
+        assert!(serde_json::from_str::<Within<FirstKey>>(text).is_err());
+        assert_eq!(payload::<Within<FirstKey>>(text, &members), None);
+        assert!(serde_json::from_str::<Within<SeqOfMap>>(text).is_err());
+        assert_eq!(payload::<Within<SeqOfMap>>(text, &members), None);
+        let text = r#"{"id":"e1","a":[1,2]}"#;
+        let (_, members) = indexed(text).unwrap();
+        assert!(serde_json::from_str::<Within<(u8,)>>(text).is_err());
+        assert_eq!(payload::<Within<(u8,)>>(text, &members), None);
+        // A key with escapes is read by serde_json; one that is a number too.
+        let text = r#"{"id":"e1","a":{"i\u0064":"x","b\"":1,"7":{"c":[]}}}"#;
+        let (_, members) = indexed(text).unwrap();
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        struct Escaped {
+            id: String,
+            #[serde(rename = "b\"")]
+            b: u8,
+        }
+        let ours = payload::<Within<Escaped>>(text, &members);
+        assert_eq!(ours, serde_json::from_str(text).ok());
+        assert!(ours.is_some());
+        type Numbered = Within<std::collections::BTreeMap<u32, serde_json::Value>>;
+        assert!(serde_json::from_str::<Numbered>(r#"{"a":{"7":1}}"#).is_ok());
+        reads_alike::<Numbered>(r#"{"id":"e1","a":{"7":1}}"#);
         // Nesting: serde_json reads 127 containers deep, the object included.
         let nested = |k: usize, inner: &str| {
             let (open, close) = ("[".repeat(k), "]".repeat(k));
@@ -674,6 +945,186 @@ mod tests {
         assert_eq!(members.known().map(<[u16]>::len), Some(12));
     }
 
+    /// Types whose members are walked by the checked reader: nested structs, sequences,
+    /// options, maps, enums of every representation, flattened and strict structs.
+    mod shapes {
+        use std::collections::BTreeMap;
+
+        use serde::{Deserialize, Serialize};
+        use serde_json::Value;
+
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub(super) struct Holder {
+            pub(super) deep: Deep,
+        }
+
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub(super) struct Deep {
+            pub(super) name: String,
+            pub(super) count: Option<u32>,
+            pub(super) lines: Vec<Line>,
+            pub(super) kind: Kind,
+            pub(super) tagged: Tagged,
+            pub(super) loose: Vec<Loose>,
+            pub(super) pair: (i64, String),
+            pub(super) point: Point,
+            pub(super) extra: BTreeMap<String, Value>,
+            #[serde(default)]
+            pub(super) missing: Option<Line>,
+        }
+
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub(super) struct Line {
+            pub(super) sku: String,
+            pub(super) qty: u32,
+            #[serde(flatten)]
+            pub(super) rest: BTreeMap<String, Value>,
+        }
+
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub(super) struct Point(pub(super) f64, pub(super) f64);
+
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub(super) enum Kind {
+            Unit,
+            New(String),
+            Tuple(u8, u8),
+            Struct { a: bool },
+        }
+
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "t")]
+        pub(super) enum Tagged {
+            A { x: i32 },
+            B { y: String },
+        }
+
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(untagged)]
+        pub(super) enum Loose {
+            N(i64),
+            S(String),
+            L(Vec<u8>),
+        }
+
+        #[derive(Debug, PartialEq, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub(super) struct Strict {
+            pub(super) deep: StrictInner,
+        }
+
+        #[derive(Debug, PartialEq, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub(super) struct StrictInner {
+            pub(super) name: String,
+        }
+    }
+
+    fn deep() -> impl Strategy<Value = shapes::Deep> {
+        use shapes::*;
+        let line = (
+            any::<String>(),
+            any::<u32>(),
+            prop::collection::btree_map(any::<String>(), value(), 0..3),
+        )
+            .prop_map(|(sku, qty, rest)| Line {
+                sku,
+                qty,
+                rest: rest
+                    .into_iter()
+                    .filter(|(k, _)| k != "sku" && k != "qty")
+                    .map(|(k, v)| (k, serde_json::from_str(&v).unwrap()))
+                    .collect(),
+            });
+        let kind = prop_oneof![
+            Just(Kind::Unit),
+            any::<String>().prop_map(Kind::New),
+            (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Kind::Tuple(a, b)),
+            any::<bool>().prop_map(|a| Kind::Struct { a }),
+        ];
+        let tagged = prop_oneof![
+            any::<i32>().prop_map(|x| Tagged::A { x }),
+            any::<String>().prop_map(|y| Tagged::B { y }),
+        ];
+        let loose = prop_oneof![
+            any::<i64>().prop_map(Loose::N),
+            any::<String>().prop_map(Loose::S),
+            prop::collection::vec(any::<u8>(), 0..4).prop_map(Loose::L),
+        ];
+        (
+            (
+                any::<String>(),
+                any::<Option<u32>>(),
+                prop::collection::vec(line, 0..3),
+            ),
+            (kind, tagged, prop::collection::vec(loose, 0..3)),
+            (any::<i64>(), any::<String>(), -1e9..1e9f64, -1e9..1e9f64),
+            prop::collection::btree_map(any::<String>(), value(), 0..3),
+        )
+            .prop_map(
+                |((name, count, lines), (kind, tagged, loose), (n, s, x, y), extra)| Deep {
+                    name,
+                    count,
+                    lines,
+                    kind,
+                    tagged,
+                    loose,
+                    pair: (n, s),
+                    point: Point(x, y),
+                    extra: extra
+                        .into_iter()
+                        .map(|(k, v)| (k, serde_json::from_str(&v).unwrap()))
+                        .collect(),
+                    missing: None,
+                },
+            )
+    }
+
+    /// `value` written as JSON with members no type takes put into each of its objects (after
+    /// the member `after` of them, taken modulo their count), spaced as `space` says.
+    fn with_strangers(
+        value: &serde_json::Value,
+        stranger: &str,
+        after: usize,
+        space: &str,
+    ) -> String {
+        use serde_json::Value;
+        match value {
+            Value::Object(map) => {
+                let mut members: Vec<String> = map
+                    .iter()
+                    .map(|(k, v)| {
+                        let k = serde_json::to_string(k).unwrap();
+                        format!(
+                            "{k}{space}:{space}{}",
+                            with_strangers(v, stranger, after, space)
+                        )
+                    })
+                    .collect();
+                // An object of one member may be an enum's variant, which takes no other.
+                if members.len() != 1 {
+                    let at = after % (members.len() + 1);
+                    members.insert(at, format!(r#""zz-stranger"{space}:{space}{stranger}"#));
+                }
+                format!(
+                    "{{{space}{}{space}}}",
+                    members.join(&format!("{space},{space}"))
+                )
+            }
+            Value::Array(items) => {
+                let items: Vec<String> = items
+                    .iter()
+                    .map(|v| with_strangers(v, stranger, after, space))
+                    .collect();
+                format!(
+                    "[{space}{}{space}]",
+                    items.join(&format!("{space},{space}"))
+                )
+            }
+            other => other.to_string(),
+        }
+    }
+
     proptest! {
         #[test]
         fn reads_payloads_as_serde_json_does(text in object()) {
@@ -689,6 +1140,39 @@ mod tests {
             reads_alike::<std::collections::HashMap<String, serde_json::Value>>(&text);
             reads_alike::<Taking>(&text);
             reads_alike::<Picky>(&text);
+        }
+
+        #[test]
+        fn skips_a_checked_value_where_the_scanner_ends_it(text in value(), tail in "[,}\\] \n]{0,2}") {
+            let text = format!("{text}{tail}");
+            let b = text.as_bytes();
+            if let Some(end) = scan::skip_value(b, 0) {
+                prop_assert_eq!(scan::skip_checked(b, 0), end, "{}", text);
+            }
+        }
+
+        #[test]
+        fn walks_nested_members_as_serde_json_reads_them(
+            deep in deep(),
+            stranger in value(),
+            after in any::<usize>(),
+            spaced in any::<bool>(),
+        ) {
+            let space = if spaced { " \n" } else { "" };
+            let tree = serde_json::to_value(&deep).unwrap();
+            for text in [
+                format!(r#"{{"id":"e1","type":"t","deep":{}}}"#, with_strangers(&tree, &stranger, after, space)),
+                format!(r#"{{"id":"e1","type":"t","deep":{}}}"#, serde_json::to_string(&tree).unwrap()),
+            ] {
+                let (_, members) = indexed(&text).expect("an event the scanner takes");
+                // Strangers are skipped as serde_json skips them; a flattened struct keeps
+                // them, and the checked reader must agree.
+                let theirs = serde_json::from_str::<shapes::Holder>(&text).ok();
+                prop_assert!(theirs.is_some(), "serde_json refused {text:?}");
+                prop_assert_eq!(payload::<shapes::Holder>(&text, &members), theirs, "{}", text);
+                reads_alike::<serde_json::Value>(&text);
+                reads_alike::<shapes::Strict>(&text);
+            }
         }
 
         #[test]

@@ -258,6 +258,62 @@ pub fn skip_value_within(b: &[u8], mut i: usize, max_depth: u32) -> Option<usize
     }
 }
 
+/// The position after the value at `i` of a text the scanner has accepted, found without
+/// checking the value again: a string ends at its first unescaped quote, a container where its
+/// brackets balance (those in strings skipped), anything else at the next `,`, `}`, `]` or
+/// whitespace. On a text the scanner has not accepted it answers some position no further than
+/// the text's end; it never panics.
+pub fn skip_checked(b: &[u8], mut i: usize) -> usize {
+    match b.get(i) {
+        Some(b'"') => return checked_string_end(b, i + 1),
+        Some(b'{' | b'[') => {}
+        Some(_) => {
+            while let Some(&c) = b.get(i) {
+                if matches!(c, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t') {
+                    break;
+                }
+                i += 1;
+            }
+            return i;
+        }
+        None => return i,
+    }
+    let mut depth = 0u32;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'"' => {
+                i = checked_string_end(b, i + 1);
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return i + 1;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    i
+}
+
+/// The position after a checked string whose content starts at `i`: its escapes are skipped
+/// two bytes at a time (a `\u` escape's hex digits cannot hold a quote).
+#[inline(always)]
+fn checked_string_end(b: &[u8], mut i: usize) -> usize {
+    loop {
+        i = special(b, i);
+        match b.get(i) {
+            Some(b'"') => return i + 1,
+            Some(b'\\') => i += 2,
+            Some(_) => i += 1,
+            None => return b.len(),
+        }
+    }
+}
+
 /// From a member's key at `i`, the position of its value.
 #[inline(always)]
 fn member_value(b: &[u8], i: usize) -> Option<usize> {
