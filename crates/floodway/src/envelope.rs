@@ -27,7 +27,7 @@
 //! members put into every object.
 use std::cell::Cell;
 
-use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::scan;
@@ -162,7 +162,7 @@ fn indexed(text: &str) -> Option<(Envelope<'_>, Members)> {
 /// without a look, and serde_json reads the others where they start. `None` when this does not
 /// give a `T`, for the caller to read the whole text with serde_json, which gives the same `T`
 /// or words the error.
-pub(crate) fn payload<T: DeserializeOwned>(text: &str, members: &Members) -> Option<T> {
+pub(crate) fn payload<'t, T: Deserialize<'t>>(text: &'t str, members: &'t Members) -> Option<T> {
     let starts = members.known()?;
     T::deserialize(Object { text, starts }).ok()
 }

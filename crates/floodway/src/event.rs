@@ -17,7 +17,6 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::de::DeserializeOwned;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -713,10 +712,18 @@ impl Event {
 
     /// Deserializes the event (envelope and payload) into a typed value.
     ///
+    /// `T` may borrow from the event: a `Cow<'a, str>` field marked `#[serde(borrow)]` takes
+    /// its string from the event's text without a copy where the string has no escapes, and
+    /// owns it where it has (a plain `&'a str` field cannot hold an unescaped string, so an
+    /// event with one would not fit `T`). A decoded event is read from its text: only the
+    /// members `T` takes are parsed, those it does not take are passed over. An event built
+    /// in code is read from its encoding, made once and kept; one holding compressed values
+    /// from the tree they are revived into, where every string is owned.
+    ///
     /// # Errors
     /// A [poison](crate::ErrorClass::Poison) error named `InvalidPayload` when the event does not
     /// fit `T`.
-    pub fn payload<T: DeserializeOwned>(&self) -> Result<T, Error> {
+    pub fn payload<'a, T: Deserialize<'a>>(&'a self) -> Result<T, Error> {
         let result = match &self.repr {
             Repr::Raw {
                 text,
@@ -724,6 +731,7 @@ impl Event {
                 members,
                 ..
             } if !holds_compressed(text, compressed) => {
+                let text: &'a str = text;
                 match crate::envelope::payload(text, members) {
                     Some(value) => Ok(value),
                     None => serde_json::from_str(text),
@@ -735,7 +743,7 @@ impl Event {
                 // A value that cannot be revived stays as it is: it is the error only when it
                 // keeps the event from fitting `T` (a fault event carries other events, which
                 // may hold anything).
-                let typed = serde_json::from_value(value);
+                let typed = T::deserialize(value);
                 if let (Err(_), Some(bad)) = (&typed, failed.first()) {
                     return Err(Error::poison_msg(
                         "CompressedFieldError",
@@ -744,7 +752,11 @@ impl Event {
                 }
                 typed
             }
-            Repr::Owned { .. } => serde_json::to_value(self).and_then(serde_json::from_value),
+            Repr::Owned { encoded, .. } => {
+                let bytes: &'a Bytes = encoded
+                    .get_or_init(|| Bytes::from(serde_json::to_vec(self).unwrap_or_default()));
+                serde_json::from_slice(bytes)
+            }
         };
         result.map_err(|e| {
             Error::poison_msg(
@@ -1473,6 +1485,64 @@ mod tests {
         ] {
             assert!(refused.0.is_err() && refused.1.is_err());
         }
+    }
+
+    #[test]
+    fn a_typed_read_borrows_strings_from_the_event() {
+        #[derive(Deserialize)]
+        struct Read<'a> {
+            #[serde(borrow)]
+            thing: Thing<'a>,
+        }
+        #[derive(Deserialize)]
+        struct Thing<'a> {
+            #[serde(borrow)]
+            name: Cow<'a, str>,
+            #[serde(borrow)]
+            plain: Cow<'a, str>,
+        }
+        let text = r#"{"id":"1","type":"t","timestamp":1,"partitionKey":"k","thing":{"name":"a\"b","n":[1],"plain":"p"}}"#;
+        let borrowed = |cow: &Cow<'_, str>| matches!(cow, Cow::Borrowed(_));
+        // Decoded: borrowed from the text where there is no escape.
+        let decoded = Event::decode(text.as_bytes()).unwrap();
+        let read: Read<'_> = decoded.payload().unwrap();
+        assert_eq!(
+            (read.thing.name.as_ref(), read.thing.plain.as_ref()),
+            ("a\"b", "p")
+        );
+        assert!(!borrowed(&read.thing.name) && borrowed(&read.thing.plain));
+        // Built in code: borrowed from its encoding, made once.
+        let mut built = decoded.clone();
+        built.set_tag("n", 1);
+        let read: Read<'_> = built.payload().unwrap();
+        assert_eq!(
+            (read.thing.name.as_ref(), read.thing.plain.as_ref()),
+            ("a\"b", "p")
+        );
+        assert!(borrowed(&read.thing.plain));
+        // Compressed: read from the revived tree, owned.
+        let mut compressed = Event::builder("t", "k")
+            .field("thing", json!({"name": "a\"b", "plain": "p".repeat(500)}))
+            .build();
+        assert_eq!(compressed.compress_fields(100, &[]), 1);
+        let compressed = Event::decode(compressed.to_json().as_bytes()).unwrap();
+        let read: Read<'_> = compressed.payload().unwrap();
+        assert_eq!(read.thing.plain, "p".repeat(500));
+        assert!(!borrowed(&read.thing.plain));
+        // A plain `&str` cannot hold an unescaped string: the event does not fit.
+        #[derive(Debug, Deserialize)]
+        struct Strict<'a> {
+            #[allow(dead_code)]
+            #[serde(borrow)]
+            thing: StrictThing<'a>,
+        }
+        #[derive(Debug, Deserialize)]
+        struct StrictThing<'a> {
+            #[allow(dead_code)]
+            name: &'a str,
+        }
+        let err = decoded.payload::<Strict<'_>>().unwrap_err();
+        assert_eq!(err.name(), "InvalidPayload");
     }
 
     #[test]

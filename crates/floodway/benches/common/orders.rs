@@ -3,6 +3,7 @@
 //! by 25) into a counting sink; and the same work per event in plain Rust, their reference.
 #![allow(dead_code)]
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -35,20 +36,24 @@ impl Counts {
 }
 
 #[derive(Deserialize)]
-struct Submitted {
-    order: OrderIn,
+struct Submitted<'a> {
+    #[serde(borrow)]
+    order: OrderIn<'a>,
 }
 
 #[derive(Serialize)]
-struct Confirmed {
-    order: OrderIn,
+struct Confirmed<'a> {
+    order: OrderIn<'a>,
 }
 
+/// The order as the step reads it: its strings borrowed from the event where they have no
+/// escapes, as the plain reference borrows them.
 #[derive(Deserialize, Serialize)]
-struct OrderIn {
-    id: String,
-    #[serde(rename = "customerId")]
-    customer_id: String,
+struct OrderIn<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(rename = "customerId", borrow)]
+    customer_id: Cow<'a, str>,
     total: u64,
 }
 
