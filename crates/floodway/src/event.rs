@@ -714,11 +714,11 @@ impl Event {
     ///
     /// `T` may borrow from the event: a `Cow<'a, str>` field marked `#[serde(borrow)]` takes
     /// its string from the event's text without a copy where the string has no escapes, and
-    /// owns it where it has (a plain `&'a str` field cannot hold an unescaped string, so an
-    /// event with one would not fit `T`). A decoded event is read from its text: only the
-    /// members `T` takes are parsed, those it does not take are passed over. An event built
-    /// in code is read from its encoding, made once and kept; one holding compressed values
-    /// from the tree they are revived into, where every string is owned.
+    /// owns it where it has. A decoded event is read from its text: only the members `T` takes
+    /// are parsed, those it does not take are passed over. An event changed in code, or one
+    /// holding compressed values, is read from its JSON tree, where every string is owned. A
+    /// plain `&'a str` field can hold neither an unescaped string nor an owned one: such an
+    /// event would not fit `T`, so use `Cow`.
     ///
     /// # Errors
     /// A [poison](crate::ErrorClass::Poison) error named `InvalidPayload` when the event does not
@@ -752,11 +752,9 @@ impl Event {
                 }
                 typed
             }
-            Repr::Owned { encoded, .. } => {
-                let bytes: &'a Bytes = encoded
-                    .get_or_init(|| Bytes::from(serde_json::to_vec(self).unwrap_or_default()));
-                serde_json::from_slice(bytes)
-            }
+            // The tree, as serde_json would read the event's encoding but with floats kept to
+            // the bit and a member set in code over an envelope name read once.
+            Repr::Owned { .. } => serde_json::to_value(self).and_then(T::deserialize),
         };
         result.map_err(|e| {
             Error::poison_msg(
@@ -1511,15 +1509,22 @@ mod tests {
             ("a\"b", "p")
         );
         assert!(!borrowed(&read.thing.name) && borrowed(&read.thing.plain));
-        // Built in code: borrowed from its encoding, made once.
-        let mut built = decoded.clone();
-        built.set_tag("n", 1);
-        let read: Read<'_> = built.payload().unwrap();
+        // Changed in code: read from its tree, owned, floats to the bit.
+        let mut changed = decoded.clone();
+        changed.set_tag("n", 1);
+        let read: Read<'_> = changed.payload().unwrap();
         assert_eq!(
             (read.thing.name.as_ref(), read.thing.plain.as_ref()),
             ("a\"b", "p")
         );
-        assert!(borrowed(&read.thing.plain));
+        assert!(!borrowed(&read.thing.plain));
+        let float = 51.248_178_375_505_404_f64;
+        let built = Event::builder("t", "k").field("x", float).build();
+        #[derive(Deserialize)]
+        struct X {
+            x: f64,
+        }
+        assert_eq!(built.payload::<X>().unwrap().x.to_bits(), float.to_bits());
         // Compressed: read from the revived tree, owned.
         let mut compressed = Event::builder("t", "k")
             .field("thing", json!({"name": "a\"b", "plain": "p".repeat(500)}))
