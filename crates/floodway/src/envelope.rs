@@ -863,43 +863,30 @@ mod tests {
         assert!(payload::<Order>(text, &members).is_none());
     }
 
-    /// A type whose visitor reads one member and stops.
+    /// A type whose visitor reads one member and stops: asked for as a map, or as a struct.
     #[derive(Debug, PartialEq)]
-    struct FirstKey(String);
+    struct First<const STRUCT: bool>(String);
 
-    impl<'de> serde::Deserialize<'de> for FirstKey {
+    type FirstKey = First<false>;
+    type FirstField = First<true>;
+
+    impl<'de, const STRUCT: bool> serde::Deserialize<'de> for First<STRUCT> {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct First;
-            impl<'de> Visitor<'de> for First {
-                type Value = FirstKey;
+            struct Reading<const STRUCT: bool>;
+            impl<'de, const STRUCT: bool> Visitor<'de> for Reading<STRUCT> {
+                type Value = First<STRUCT>;
                 fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                     f.write_str("a map")
                 }
-                fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<FirstKey, M::Error> {
-                    Ok(FirstKey(map.next_key()?.unwrap_or_default()))
+                fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                    Ok(First(map.next_key()?.unwrap_or_default()))
                 }
             }
-            d.deserialize_map(First)
-        }
-    }
-
-    /// A struct whose visitor reads one member and stops.
-    #[derive(Debug, PartialEq)]
-    struct FirstField(String);
-
-    impl<'de> serde::Deserialize<'de> for FirstField {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct First;
-            impl<'de> Visitor<'de> for First {
-                type Value = FirstField;
-                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                    f.write_str("a struct")
-                }
-                fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<FirstField, M::Error> {
-                    Ok(FirstField(map.next_key()?.unwrap_or_default()))
-                }
+            if STRUCT {
+                d.deserialize_struct("First", &["x"], Reading::<STRUCT>)
+            } else {
+                d.deserialize_map(Reading::<STRUCT>)
             }
-            d.deserialize_struct("FirstField", &["x"], First)
         }
     }
 
