@@ -717,8 +717,8 @@ impl Event {
     /// owns it where it has. A decoded event is read from its text: only the members `T` takes
     /// are parsed, those it does not take are passed over. An event changed in code, or one
     /// holding compressed values, is read from its JSON tree, where every string is owned. A
-    /// plain `&'a str` field can hold neither an unescaped string nor an owned one: such an
-    /// event would not fit `T`, so use `Cow`.
+    /// plain `&'a str` field can hold neither a string written with escapes nor an owned one:
+    /// such an event would not fit `T`, so use `Cow`.
     ///
     /// # Errors
     /// A [poison](crate::ErrorClass::Poison) error named `InvalidPayload` when the event does not
@@ -1534,7 +1534,7 @@ mod tests {
         let read: Read<'_> = compressed.payload().unwrap();
         assert_eq!(read.thing.plain, "p".repeat(500));
         assert!(!borrowed(&read.thing.plain));
-        // A plain `&str` cannot hold an unescaped string: the event does not fit.
+        // A plain `&str` cannot hold a string written with escapes: the event does not fit.
         #[derive(Debug, Deserialize)]
         struct Strict<'a> {
             #[allow(dead_code)]

@@ -262,7 +262,7 @@ pub fn skip_value_within(b: &[u8], mut i: usize, max_depth: u32) -> Option<usize
 /// checking the value again: a string ends at its first unescaped quote, a container where its
 /// brackets balance (those in strings skipped), anything else at the next `,`, `}`, `]` or
 /// whitespace. On a text the scanner has not accepted it answers some position no further than
-/// the text's end; it never panics.
+/// the text's end (or `i` itself, past the end); it never panics.
 pub fn skip_checked(b: &[u8], mut i: usize) -> usize {
     match b.get(i) {
         Some(b'"') => return checked_string_end(b, i + 1),
