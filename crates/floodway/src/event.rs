@@ -702,6 +702,14 @@ impl Event {
             .collect();
         // The first step goes straight to its member when decoding noted where they are.
         let (text, tokens) = match crate::envelope::member(text, members, &tokens[0]) {
+            // A member wanted whole: decoding checked the text, so its value ends where its
+            // brackets balance, found without reading it again.
+            Some(value) if tokens.len() == 1 => {
+                let value = &text[value?..];
+                return Some(Cow::Borrowed(
+                    &value[..crate::scan::skip_checked(value.as_bytes(), 0)],
+                ));
+            }
             Some(value) => (&text[value?..], &tokens[1..]),
             None => (text, &tokens[..]),
         };
@@ -1768,5 +1776,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(twice.json_at("/w/b"), None);
+    }
+
+    #[test]
+    fn json_at_hands_out_a_members_text_as_written() {
+        // Each within the members decoding notes the places of (twelve at most).
+        for text in [
+            r#"{"id":"1","type":"t","timestamp":1,"partitionKey":"k" ,
+            "s" : "q\"u\\o]}te\u005d" , "n":-1.5e3,"m":0 ,"t":true,"f":false,"z":null,"w":"x"
+            }"#,
+            r#"{"id":"1","type":"t","timestamp":1,"partitionKey":"k",
+            "o":{ "a":[1,{"b":"]}"}] , "c":"{" } ,"a":[ ],"e":{} ,"l":[[],[{}]]}"#,
+        ] {
+            let event = Event::decode(text.as_bytes()).unwrap();
+            assert!(
+                matches!(&event.repr, Repr::Raw { text, members, .. }
+                    if crate::envelope::member(text, members, "id").is_some()),
+                "the places are known"
+            );
+            let written: std::collections::HashMap<String, &RawValue> =
+                serde_json::from_str(text).unwrap();
+            for (name, raw) in &written {
+                assert_eq!(
+                    event.json_at(&format!("/{name}")).as_deref(),
+                    Some(raw.get()),
+                    "{name}"
+                );
+            }
+        }
     }
 }
