@@ -1780,7 +1780,7 @@ mod tests {
 
     #[test]
     fn json_at_hands_out_a_members_text_as_written() {
-        // Each within the members decoding notes the places of (twelve at most).
+        // Each has at most twelve members, so decoding notes where they are.
         for text in [
             r#"{"id":"1","type":"t","timestamp":1,"partitionKey":"k" ,
             "s" : "q\"u\\o]}te\u005d" , "n":-1.5e3,"m":0 ,"t":true,"f":false,"z":null,"w":"x"
