@@ -135,7 +135,7 @@ impl Handler {
     ) -> Result<Value, HandlerError> {
         let bytes =
             serde_json::to_vec(&payload).map_err(|e| HandlerError::Unrecognized(e.to_string()))?;
-        self.handle_bytes(&bytes, deadline_ms).await
+        self.handle_owned(bytes, deadline_ms).await
     }
 
     /// An invocation from its bytes, of any source [`sources::read`] knows; the answer as
@@ -163,19 +163,20 @@ impl Handler {
         self.run_invocation(invocation, deadline_ms).await
     }
 
-    /// [`Handler::handle_bytes`] on a payload it owns: the payload is dropped as soon as its
-    /// records are read, before they run, so the invocation's text and the work on its records
-    /// are never in memory together. What [`serve`](crate::serve) does.
+    /// [`Handler::handle_bytes`] on a payload it owns, what [`serve`](crate::serve) does: a
+    /// Kinesis batch's records are decoded into the payload's own buffer
+    /// ([`sources::read_owned`]), any other payload is dropped as soon as its records are read,
+    /// so the invocation's text and its records' bytes are never in memory side by side.
     ///
     /// # Errors
     /// As [`Handler::handle_bytes`].
-    pub async fn handle_owned<P: AsRef<[u8]>>(
+    pub async fn handle_owned(
         &self,
-        payload: P,
+        payload: Vec<u8>,
         deadline_ms: Option<u64>,
     ) -> Result<Value, HandlerError> {
-        let invocation = self.read(payload.as_ref())?;
-        drop(payload);
+        let invocation =
+            sources::read_owned(payload, &self.cdc).map_err(|e| HandlerError::Unrecognized(e.0))?;
         self.run_invocation(invocation, deadline_ms).await
     }
 

@@ -4,10 +4,11 @@
 //!
 //! Floodway speaks the Runtime API itself rather than through `lambda_runtime`, for the
 //! function's memory: the invocation's body is read into one buffer sized by its
-//! `Content-Length` and handed to the handler, which drops it once its records are read. A
-//! generic runtime collects the body's chunks, copies them into one buffer, then deserializes
-//! the payload into a copy of its own: three copies of a 6 MB invocation, where this keeps
-//! one (BENCHMARKS.md measures the function's peak).
+//! `Content-Length` and handed to the handler, which decodes a Kinesis batch's records into
+//! that buffer itself and drops any other once its records are read. A generic runtime
+//! collects the body's chunks, copies them into one buffer, then deserializes the payload
+//! into a copy of its own: three copies of a 6 MB invocation, where this keeps one
+//! (BENCHMARKS.md measures the function's peak).
 //!
 //! The protocol is small and documented
 //! (<https://docs.aws.amazon.com/lambda/latest/dg/runtimes-api.html>): one keep-alive HTTP/1.1

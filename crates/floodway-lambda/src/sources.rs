@@ -90,9 +90,68 @@ struct Sniff<'a> {
 /// # Errors
 /// An invocation that is no known source.
 pub fn read(payload: &[u8], cdc: &CdcOptions) -> Result<Invocation, Unrecognized> {
-    if let Some(invocation) = kinesis_whole(payload) {
+    if let Some(invocation) = KinesisBatch::read(payload).and_then(KinesisBatch::decoded) {
         return Ok(invocation);
     }
+    read_each(payload, cdc)
+}
+
+/// [`read`] on a payload it owns, as [`serve`](crate::serve) hands it over: a Kinesis batch's
+/// records are decoded where their text was (base64 text is a third longer than its bytes),
+/// so the invocation's text and its records' bytes never take memory side by side. The
+/// records' bytes keep the payload's buffer until the last of them is dropped.
+///
+/// # Errors
+/// As [`read`].
+pub fn read_owned(mut payload: Vec<u8>, cdc: &CdcOptions) -> Result<Invocation, Unrecognized> {
+    let Some(batch) = KinesisBatch::read(&payload) else {
+        return read_each(&payload, cdc);
+    };
+    let Some(texts) = batch.texts_in(&payload) else {
+        // Escaped or malformed base64 somewhere: as `read` does, with the text left whole.
+        if let Some(invocation) = batch.decoded() {
+            return Ok(invocation);
+        }
+        return read_each(&payload, cdc);
+    };
+    let KinesisBatch {
+        records,
+        resubmit_to,
+        ..
+    } = batch;
+    let decoded: Vec<_> = texts
+        .iter()
+        .map(|text| decode_base64_in_place(&mut payload[text.clone()]))
+        .collect();
+    let buffer = Bytes::from(payload);
+    let records = records
+        .into_iter()
+        .zip(texts)
+        .zip(decoded)
+        .map(|((mut record, text), length)| match length {
+            Ok(length) => {
+                record.data = buffer.slice(text.start..text.start + length);
+                record
+            }
+            // Checked base64 decodes; were it to fail all the same, the record is faulted
+            // (without its text, decoded over) rather than the invocation failing.
+            Err(e) => record.with_malformed(
+                "MalformedKinesisRecord",
+                format!("kinesis.data is not base64: {e}"),
+            ),
+        })
+        .collect();
+    Ok(Invocation {
+        kind: SourceKind::Kinesis,
+        records,
+        skipped: Vec::new(),
+        resubmit_to,
+    })
+}
+
+/// The records of an invocation read one by one, each that cannot be read marked malformed
+/// (any source).
+fn read_each(payload: &[u8], cdc: &CdcOptions) -> Result<Invocation, Unrecognized> {
     let top: Payload<'_> = serde_json::from_slice(payload)
         .map_err(|e| Unrecognized(format!("the invocation is not a JSON object: {e}")))?;
     let resubmit_to = top.floodway.map(|r| r.pipeline);
@@ -301,55 +360,93 @@ impl<'de> serde::de::Visitor<'de> for SizedRecords {
 }
 
 /// The fast path for the commonest invocation: a Kinesis batch parsed straight into typed
-/// records borrowed from the payload, without first splitting it into raw records. `None`
-/// when anything is unusual (another source, a record missing its data, data that is not
-/// base64): the tolerant reader then reads the records one by one.
-fn kinesis_whole(payload: &[u8]) -> Option<Invocation> {
-    // Room for the records as Lambda sends them (each well over 768 bytes of the payload),
-    // rather than a vector doubling its way there.
-    let capacity = payload.len() / 768 + 1;
-    let top = match kinesis_scanned(payload, capacity) {
-        Some(records) => KinesisPayload {
+/// records borrowed from the payload, without first splitting it into raw records; each
+/// record read but for its bytes, and the base64 text they are decoded from.
+struct KinesisBatch<'a> {
+    /// Without their bytes (`data` empty).
+    records: Vec<Record>,
+    texts: Vec<Cow<'a, [u8]>>,
+    resubmit_to: Option<String>,
+}
+
+impl<'a> KinesisBatch<'a> {
+    /// `None` when anything is unusual (another source, a record missing its data): the
+    /// tolerant reader then reads the records one by one.
+    fn read(payload: &'a [u8]) -> Option<Self> {
+        // Room for the records as Lambda sends them (each well over 768 bytes of the
+        // payload), rather than a vector doubling its way there.
+        let capacity = payload.len() / 768 + 1;
+        let top = match kinesis_scanned(payload, capacity) {
+            Some(records) => KinesisPayload {
+                records,
+                floodway: None,
+            },
+            None => kinesis_serde(payload, capacity)?,
+        };
+        if top.records.is_empty()
+            || top
+                .records
+                .iter()
+                .any(|r| r.source.as_deref() != Some("aws:kinesis"))
+        {
+            return None;
+        }
+        let mut names = Names::default();
+        let mut records = Vec::with_capacity(top.records.len());
+        let mut texts = Vec::with_capacity(top.records.len());
+        for (i, record) in top.records.into_iter().enumerate() {
+            records.push(names.kinesis(i as u64, &record, Bytes::new()));
+            texts.push(record.kinesis.data.0);
+        }
+        Some(KinesisBatch {
             records,
-            floodway: None,
-        },
-        None => kinesis_serde(payload, capacity)?,
-    };
-    if top.records.is_empty()
-        || top
-            .records
+            texts,
+            resubmit_to: top.floodway.map(|r| r.pipeline),
+        })
+    }
+
+    /// The invocation, every record's data decoded into one buffer, each record holding its
+    /// slice of it: one allocation for the invocation instead of one per record. `None` when
+    /// a record's data is not base64.
+    fn decoded(self) -> Option<Invocation> {
+        let decoded: usize = self.texts.iter().map(|t| t.len().div_ceil(4) * 3).sum();
+        let mut buffer = Vec::with_capacity(decoded);
+        let mut ends = Vec::with_capacity(self.texts.len());
+        for text in &self.texts {
+            decode_base64(text, &mut buffer).ok()?;
+            ends.push(buffer.len());
+        }
+        let buffer = Bytes::from(buffer);
+        let mut records = self.records;
+        let mut start = 0;
+        for (record, end) in records.iter_mut().zip(ends) {
+            record.data = buffer.slice(start..end);
+            start = end;
+        }
+        Some(Invocation {
+            kind: SourceKind::Kinesis,
+            records,
+            skipped: Vec::new(),
+            resubmit_to: self.resubmit_to,
+        })
+    }
+
+    /// Where each record's base64 text lies in `payload`, when every one is there as written
+    /// (no escapes) and is base64.
+    fn texts_in(&self, payload: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
+        let base = payload.as_ptr() as usize;
+        self.texts
             .iter()
-            .any(|r| r.source.as_deref() != Some("aws:kinesis"))
-    {
-        return None;
+            .map(|text| {
+                let Cow::Borrowed(text) = text else {
+                    return None;
+                };
+                base64_simd::STANDARD.check(text).ok()?;
+                let start = (text.as_ptr() as usize).checked_sub(base)?;
+                (start + text.len() <= payload.len()).then_some(start..start + text.len())
+            })
+            .collect()
     }
-    // Every record's data decoded into one buffer, each record holding its slice of it: one
-    // allocation for the invocation instead of one per record.
-    let decoded: usize = top
-        .records
-        .iter()
-        .map(|r| r.kinesis.data.as_bytes().len().div_ceil(4) * 3)
-        .sum();
-    let mut buffer = Vec::with_capacity(decoded);
-    let mut ends = Vec::with_capacity(top.records.len());
-    for record in &top.records {
-        decode_base64(record.kinesis.data.as_bytes(), &mut buffer).ok()?;
-        ends.push(buffer.len());
-    }
-    let buffer = Bytes::from(buffer);
-    let mut names = Names::default();
-    let mut records = Vec::with_capacity(top.records.len());
-    let mut start = 0;
-    for (i, (record, end)) in top.records.iter().zip(ends).enumerate() {
-        records.push(names.kinesis(i as u64, record, buffer.slice(start..end)));
-        start = end;
-    }
-    Some(Invocation {
-        kind: SourceKind::Kinesis,
-        records,
-        skipped: Vec::new(),
-        resubmit_to: top.floodway.map(|r| r.pipeline),
-    })
 }
 
 /// Standard base64 (padded, canonical), decoded onto the end of `out` with SIMD where the
@@ -358,6 +455,13 @@ fn kinesis_whole(payload: &[u8]) -> Option<Invocation> {
 /// accepts (a property test holds them together); on an error, `out` is as it was.
 fn decode_base64(text: &[u8], out: &mut Vec<u8>) -> Result<(), base64_simd::Error> {
     base64_simd::STANDARD.decode_append(text, out)
+}
+
+/// [`decode_base64`] where the text is: the bytes' length (they start where the text did).
+fn decode_base64_in_place(text: &mut [u8]) -> Result<usize, base64_simd::Error> {
+    base64_simd::STANDARD
+        .decode_inplace(text)
+        .map(|bytes| bytes.len())
 }
 
 /// A Kinesis invocation read by serde_json into typed records borrowed from it.
@@ -1123,6 +1227,66 @@ mod tests {
                 malformed.message.contains("not base64"),
                 "{data}: {malformed:?}"
             );
+        }
+    }
+
+    #[test]
+    fn an_owned_payload_reads_as_a_borrowed_one_its_records_decoded_where_their_text_was() {
+        let record = |i: usize, data: &str| {
+            format!(
+                r#"{{"eventSource":"aws:kinesis","eventID":"shardId-{s}:{i}","eventSourceARN":"arn:aws:kinesis:us-west-2:1:stream/orders","kinesis":{{"sequenceNumber":"{i}","data":"{data}"}}}}"#,
+                s = i % 2
+            )
+        };
+        let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+        let good: Vec<String> = (0..5)
+            .map(|i| {
+                record(
+                    i,
+                    &b64(&format!(
+                        r#"{{"id":"{i}","type":"t","n":"{}"}}"#,
+                        "x".repeat(i * 7)
+                    )),
+                )
+            })
+            .collect();
+        let batch = |records: &[String], tail: &str| {
+            format!(r#"{{"Records":[{}]{tail}}}"#, records.join(","))
+        };
+        let with = |at: usize, data: &str| {
+            let mut records = good.clone();
+            records[at] = record(at, data);
+            batch(&records, "")
+        };
+        let cases = [
+            ("well formed", batch(&good, ""), true),
+            (
+                "a resubmission",
+                batch(&good, r#","floodway":{"pipeline":"p"}"#),
+                true,
+            ),
+            ("an escaped slash", with(2, r"Pz4\/"), false),
+            ("data that is not base64", with(3, "!!not base64!!"), false),
+            ("truncated base64", with(4, "eyJpZCI"), false),
+            ("no data", with(1, "").replace(r#","data":"""#, ""), false),
+            (
+                "SQS",
+                r#"{"Records":[{"eventSource":"aws:sqs","messageId":"m","body":"{\"id\":\"1\",\"type\":\"t\"}"}]}"#.to_owned(),
+                false,
+            ),
+        ];
+        for (case, payload, in_place) in cases {
+            let cdc = CdcOptions::default();
+            let borrowed = read(payload.as_bytes(), &cdc).unwrap();
+            let bytes = payload.into_bytes();
+            let text = bytes.as_ptr_range();
+            let (start, end) = (text.start as usize, text.end as usize);
+            let owned = read_owned(bytes, &cdc).unwrap();
+            assert_eq!(owned.records, borrowed.records, "{case}");
+            assert_eq!(owned.kind, borrowed.kind, "{case}");
+            assert_eq!(owned.resubmit_to, borrowed.resubmit_to, "{case}");
+            let within = |r: &Record| (start..end).contains(&(r.data.as_ptr() as usize));
+            assert_eq!(owned.records.iter().all(within), in_place, "{case}");
         }
     }
 
