@@ -108,39 +108,25 @@ pub fn read_owned(mut payload: Vec<u8>, cdc: &CdcOptions) -> Result<Invocation, 
         return read_each(&payload, cdc);
     };
     let Some(texts) = batch.texts_in(&payload) else {
-        // Escaped or malformed base64 somewhere: as `read` does, with the text left whole.
+        // An escaped text somewhere: as `read` does.
         if let Some(invocation) = batch.decoded() {
             return Ok(invocation);
         }
         return read_each(&payload, cdc);
     };
     let KinesisBatch {
-        records,
+        mut records,
         resubmit_to,
         ..
     } = batch;
-    let decoded: Vec<_> = texts
-        .iter()
-        .map(|text| decode_base64_in_place(&mut payload[text.clone()]))
-        .collect();
+    let Some(lengths) = decode_in_place(&mut payload, &texts) else {
+        // A record's data is not base64; the payload is as it came.
+        return read_each(&payload, cdc);
+    };
     let buffer = Bytes::from(payload);
-    let records = records
-        .into_iter()
-        .zip(texts)
-        .zip(decoded)
-        .map(|((mut record, text), length)| match length {
-            Ok(length) => {
-                record.data = buffer.slice(text.start..text.start + length);
-                record
-            }
-            // Checked base64 decodes; were it to fail all the same, the record is faulted
-            // (without its text, decoded over) rather than the invocation failing.
-            Err(e) => record.with_malformed(
-                "MalformedKinesisRecord",
-                format!("kinesis.data is not base64: {e}"),
-            ),
-        })
-        .collect();
+    for ((record, text), length) in records.iter_mut().zip(texts).zip(lengths) {
+        record.data = buffer.slice(text.start..text.start + length);
+    }
     Ok(Invocation {
         kind: SourceKind::Kinesis,
         records,
@@ -432,7 +418,7 @@ impl<'a> KinesisBatch<'a> {
     }
 
     /// Where each record's base64 text lies in `payload`, when every one is there as written
-    /// (no escapes) and is base64.
+    /// (no escapes).
     fn texts_in(&self, payload: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
         let base = payload.as_ptr() as usize;
         self.texts
@@ -441,7 +427,6 @@ impl<'a> KinesisBatch<'a> {
                 let Cow::Borrowed(text) = text else {
                     return None;
                 };
-                base64_simd::STANDARD.check(text).ok()?;
                 let start = (text.as_ptr() as usize).checked_sub(base)?;
                 (start + text.len() <= payload.len()).then_some(start..start + text.len())
             })
@@ -457,11 +442,29 @@ fn decode_base64(text: &[u8], out: &mut Vec<u8>) -> Result<(), base64_simd::Erro
     base64_simd::STANDARD.decode_append(text, out)
 }
 
-/// [`decode_base64`] where the text is: the bytes' length (they start where the text did).
-fn decode_base64_in_place(text: &mut [u8]) -> Result<usize, base64_simd::Error> {
-    base64_simd::STANDARD
-        .decode_inplace(text)
-        .map(|bytes| bytes.len())
+/// Decodes each of `texts`, base64 in `payload`, where it lies (bytes are shorter than their
+/// text): each one's length. Each goes through a small buffer first, so a text that is not
+/// base64 is found before anything is written over it; the ones before it are then encoded
+/// back (the decoder takes canonical base64 only, so each comes back as it was written), and
+/// `payload` is left as it came.
+fn decode_in_place(payload: &mut [u8], texts: &[std::ops::Range<usize>]) -> Option<Vec<usize>> {
+    let mut bytes = Vec::new();
+    let mut lengths = Vec::with_capacity(texts.len());
+    for text in texts {
+        bytes.clear();
+        if decode_base64(&payload[text.clone()], &mut bytes).is_err() {
+            for (text, &length) in texts.iter().zip(&lengths) {
+                bytes.clear();
+                base64_simd::STANDARD
+                    .encode_append(&payload[text.start..text.start + length], &mut bytes);
+                payload[text.clone()].copy_from_slice(&bytes);
+            }
+            return None;
+        }
+        payload[text.start..text.start + bytes.len()].copy_from_slice(&bytes);
+        lengths.push(bytes.len());
+    }
+    Some(lengths)
 }
 
 /// A Kinesis invocation read by serde_json into typed records borrowed from it.
