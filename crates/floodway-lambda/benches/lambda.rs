@@ -122,40 +122,34 @@ fn invocations(events: &[Event]) -> Vec<Vec<u8>> {
 
 // ---- Floodway, through the public API ----
 
-/// Records per second of the Floodway handler over every invocation.
+/// The Floodway handler over `invocations`, records per second: borrowed
+/// (`Handler::handle_bytes`), or with `owned` each handed over as `serve` does
+/// (`Handler::handle_owned`: a Kinesis batch decoded where its text was), copied before the
+/// clock starts.
 fn floodway(
     rt: &tokio::runtime::Runtime,
     handler: &Handler,
     invocations: &[Vec<u8>],
     records: usize,
+    owned: bool,
 ) -> f64 {
+    let copies = if owned {
+        invocations.to_vec()
+    } else {
+        Vec::new()
+    };
     let started = Instant::now();
     rt.block_on(async {
+        let mut copies = copies.into_iter();
         for bytes in invocations {
-            let answer = handler.handle_bytes(bytes, None).await.unwrap();
+            let answer = match copies.next() {
+                Some(copy) => handler.handle_owned(copy, None).await,
+                None => handler.handle_bytes(bytes, None).await,
+            };
             assert_eq!(
-                answer["batchItemFailures"].as_array().map(Vec::len),
-                Some(0)
-            );
-        }
-    });
-    records as f64 / started.elapsed().as_secs_f64()
-}
-
-/// [`floodway`] with each invocation owned by the handler, as [`floodway_lambda::serve`] hands
-/// it over: a Kinesis batch decoded where its text was.
-fn floodway_owned(
-    rt: &tokio::runtime::Runtime,
-    handler: &Handler,
-    invocations: Vec<Vec<u8>>,
-) -> f64 {
-    let records = invocations.len() * PER_INVOCATION;
-    let started = Instant::now();
-    rt.block_on(async {
-        for bytes in invocations {
-            let answer = handler.handle_owned(bytes, None).await.unwrap();
-            assert_eq!(
-                answer["batchItemFailures"].as_array().map(Vec::len),
+                answer.unwrap()["batchItemFailures"]
+                    .as_array()
+                    .map(Vec::len),
                 Some(0)
             );
         }
@@ -357,11 +351,9 @@ fn main() {
         for _ in 0..n {
             // `FLOODWAY_BENCH_OWNED=1`: each invocation handed over as `serve` does
             // (`Handler::handle_owned`), copied before the clock starts.
-            let rate = if std::env::var_os("FLOODWAY_BENCH_OWNED").is_some() {
-                floodway_owned(&rt, &handler, invocations.clone())
-            } else {
-                floodway(&rt, &handler, &invocations, INVOCATIONS * PER_INVOCATION)
-            };
+            let owned = std::env::var_os("FLOODWAY_BENCH_OWNED").is_some();
+            let records = INVOCATIONS * PER_INVOCATION;
+            let rate = floodway(&rt, &handler, &invocations, records, owned);
             eprintln!("{rate:.0} records/s");
         }
         return;
@@ -398,7 +390,7 @@ fn main() {
             let (rate, counted) = limit(&invocations, records);
             plain.push(rate);
             limit_counts = counted;
-            ours.push(floodway(&rt, &handler, &invocations, records));
+            ours.push(floodway(&rt, &handler, &invocations, records, false));
         }
         // Both did the same work.
         assert_eq!(counts.get().map(|c| c / RUNS as u64), limit_counts);
