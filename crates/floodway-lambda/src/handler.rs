@@ -135,6 +135,7 @@ impl Handler {
     ) -> Result<Value, HandlerError> {
         let bytes =
             serde_json::to_vec(&payload).map_err(|e| HandlerError::Unrecognized(e.to_string()))?;
+        drop(payload);
         self.handle_owned(bytes, deadline_ms).await
     }
 
@@ -165,8 +166,8 @@ impl Handler {
 
     /// [`Handler::handle_bytes`] on a payload it owns, what [`serve`](crate::serve) does: a
     /// Kinesis batch's records are decoded into the payload's own buffer
-    /// ([`sources::read_owned`]), any other payload is dropped as soon as its records are read,
-    /// so the invocation's text and its records' bytes are never in memory side by side.
+    /// ([`sources::read_owned`]), so its text and its records' bytes are never in memory side
+    /// by side; any other payload is dropped as soon as its records are read, before they run.
     ///
     /// # Errors
     /// As [`Handler::handle_bytes`].

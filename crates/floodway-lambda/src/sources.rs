@@ -1242,36 +1242,46 @@ mod tests {
             )
         };
         let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
-        let good: Vec<String> = (0..5)
-            .map(|i| {
-                record(
-                    i,
-                    &b64(&format!(
-                        r#"{{"id":"{i}","type":"t","n":"{}"}}"#,
-                        "x".repeat(i * 7)
-                    )),
-                )
+        // Each record's text differs from the others'; the last is empty.
+        let texts: Vec<String> = (0..6)
+            .map(|i| match i {
+                5 => String::new(),
+                _ => b64(&format!(
+                    r#"{{"id":"{i}","type":"t","n":"{}"}}"#,
+                    "x".repeat(i * 7)
+                )),
             })
             .collect();
+        let good: Vec<String> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| record(i, t))
+            .collect();
+        let resubmission = r#","floodway":{"pipeline":"p"}"#;
         let batch = |records: &[String], tail: &str| {
             format!(r#"{{"Records":[{}]{tail}}}"#, records.join(","))
         };
-        let with = |at: usize, data: &str| {
+        let with = |at: usize, data: &str, tail: &str| {
             let mut records = good.clone();
             records[at] = record(at, data);
-            batch(&records, "")
+            batch(&records, tail)
         };
         let cases = [
             ("well formed", batch(&good, ""), true),
+            ("a resubmission", batch(&good, resubmission), true),
+            ("an escaped slash", with(2, r"Pz4\/", ""), false),
+            ("data that is not base64", with(3, "!!not base64!!", ""), false),
+            ("truncated base64", with(4, "eyJpZCI", ""), false),
             (
-                "a resubmission",
-                batch(&good, r#","floodway":{"pipeline":"p"}"#),
-                true,
+                "a resubmission whose data is not base64",
+                with(3, "!!not base64!!", resubmission),
+                false,
             ),
-            ("an escaped slash", with(2, r"Pz4\/"), false),
-            ("data that is not base64", with(3, "!!not base64!!"), false),
-            ("truncated base64", with(4, "eyJpZCI"), false),
-            ("no data", with(1, "").replace(r#","data":"""#, ""), false),
+            (
+                "no data",
+                with(1, "", "").replace(r#","data":"""#, ""),
+                false,
+            ),
             (
                 "SQS",
                 r#"{"Records":[{"eventSource":"aws:sqs","messageId":"m","body":"{\"id\":\"1\",\"type\":\"t\"}"}]}"#.to_owned(),
@@ -1281,6 +1291,11 @@ mod tests {
         for (case, payload, in_place) in cases {
             let cdc = CdcOptions::default();
             let borrowed = read(payload.as_bytes(), &cdc).unwrap();
+            // Where each record's text begins in the payload, when it is one of `texts`.
+            let places: Vec<Option<usize>> = texts
+                .iter()
+                .map(|t| payload.find(&format!(r#""data":"{t}""#)).map(|at| at + 8))
+                .collect();
             let bytes = payload.into_bytes();
             let text = bytes.as_ptr_range();
             let (start, end) = (text.start as usize, text.end as usize);
@@ -1288,8 +1303,18 @@ mod tests {
             assert_eq!(owned.records, borrowed.records, "{case}");
             assert_eq!(owned.kind, borrowed.kind, "{case}");
             assert_eq!(owned.resubmit_to, borrowed.resubmit_to, "{case}");
-            let within = |r: &Record| (start..end).contains(&(r.data.as_ptr() as usize));
-            assert_eq!(owned.records.iter().all(within), in_place, "{case}");
+            for (i, r) in owned.records.iter().enumerate() {
+                if r.data.is_empty() {
+                    continue;
+                }
+                let at = r.data.as_ptr() as usize;
+                if in_place {
+                    // Decoded where its own text began.
+                    assert_eq!(Some(at - start), places[i], "{case}: record {i}");
+                } else {
+                    assert!(!(start..end).contains(&at), "{case}: record {i}");
+                }
+            }
         }
     }
 
