@@ -50,6 +50,14 @@ pub enum OpenError {
         /// Asked for.
         asked: u32,
     },
+    /// The file that holds the hub's views is missing, or is not this hub's.
+    #[error("{path}: {problem}")]
+    ViewsFile {
+        /// The views file's path.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        problem: String,
+    },
     /// A setting is out of range.
     #[error("invalid hub setting: {0}")]
     Setting(String),

@@ -85,7 +85,7 @@ impl Hub {
                 options.lease
             )));
         }
-        let (conn, partitions, checkpoints) = schema::open(
+        let mut opened = schema::open(
             &path,
             options.create,
             options.partitions,
@@ -94,8 +94,10 @@ impl Hub {
             options.page_cache_kib,
         )?;
         let (tx, rx) = mpsc::channel();
+        let store = Store::new(path, options, &mut opened);
+        let (conn, partitions) = (opened.conn, opened.partitions);
         let inner = Arc::new(HubInner {
-            store: Store::new(path, options, checkpoints),
+            store,
             partitions,
             writer: Mutex::new(Some(tx)),
             published: Arc::new(Notify::new()),
@@ -261,9 +263,12 @@ impl Hub {
                 .filter(|(h, process)| crate::lease::in_force(h, process, now))
                 .map(|(h, _)| h);
         }
-        let file_bytes = std::fs::metadata(&self.inner.store.path)
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let size = |path: &Path| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let store = &self.inner.store;
+        let mut file_bytes = size(&store.path);
+        if store.views_path() != store.path {
+            file_bytes += size(store.views_path());
+        }
         Ok(HubStats {
             partitions,
             subscriptions,
@@ -401,7 +406,8 @@ pub struct HubStats {
     pub partitions: Vec<PartitionStats>,
     /// Subscriptions with a checkpoint.
     pub subscriptions: Vec<SubscriptionStats>,
-    /// Size of the database file (without its WAL).
+    /// Size of the database file and of its views file when it has one
+    /// ([`Hub::views_path`]), without their WALs.
     pub file_bytes: u64,
 }
 
@@ -597,19 +603,31 @@ impl Hub {
     /// # Errors
     /// A storage failure.
     pub fn views(&self) -> Result<Vec<String>, HubError> {
-        self.tables_named("view_")
+        tables_named(&self.store().connect_views()?, "view_")
+    }
+
+    /// The file that holds the hub's views: `<file>-views` beside the hub file for a hub made
+    /// by this build (views and publishing then write at once, each in its own file), the hub
+    /// file itself for one made before.
+    pub fn views_path(&self) -> &Path {
+        self.store().views_path()
     }
 
     /// The names (without `prefix`) of the tables whose names start with `prefix`, in order.
     fn tables_named(&self, prefix: &str) -> Result<Vec<String>, HubError> {
-        let conn = self.connect()?;
-        let mut stmt = conn.prepare(
-            "SELECT substr(name, length(?1) + 1) FROM sqlite_master WHERE type = 'table' \
-             AND substr(name, 1, length(?1)) = ?1 ORDER BY name",
-        )?;
-        let names = stmt.query_map([prefix], |r| r.get(0))?;
-        Ok(names.collect::<Result<_, _>>()?)
+        tables_named(&self.connect()?, prefix)
     }
+}
+
+/// The names (without `prefix`) of the tables in `conn`'s file whose names start with
+/// `prefix`, in order.
+fn tables_named(conn: &Connection, prefix: &str) -> Result<Vec<String>, HubError> {
+    let mut stmt = conn.prepare(
+        "SELECT substr(name, length(?1) + 1) FROM sqlite_master WHERE type = 'table' \
+         AND substr(name, 1, length(?1)) = ?1 ORDER BY name",
+    )?;
+    let names = stmt.query_map([prefix], |r| r.get(0))?;
+    Ok(names.collect::<Result<_, _>>()?)
 }
 
 impl Hub {
@@ -670,6 +688,125 @@ mod tests {
         assert_eq!(synchronous(&acked_elsewhere.connect().unwrap()), 2);
         let view = acked_elsewhere.view("orders").unwrap();
         assert_eq!(synchronous(&view.conn.lock().unwrap()), 2);
+    }
+
+    fn tables(path: &Path) -> Vec<String> {
+        let conn = Connection::open(path).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap();
+        let names = stmt.query_map([], |r| r.get(0)).unwrap();
+        names.map(Result::unwrap).collect()
+    }
+
+    fn write(key: &str, timestamp: i64) -> crate::ViewWrite {
+        let version = floodway::idempotence::Version {
+            timestamp,
+            id: format!("e-{timestamp}"),
+        };
+        crate::ViewWrite::new(key, version, timestamp.into())
+    }
+
+    #[tokio::test]
+    async fn a_new_hub_keeps_its_views_in_a_file_of_their_own_and_publishes_beside_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let hub = Hub::open(&path, HubOptions::default()).unwrap();
+        assert_eq!(hub.views_path(), dir.path().join("hub.db-views"));
+        let view = hub.view("orders").unwrap();
+        assert_eq!(view.apply(&[write("o-1", 1)]).unwrap().written, 1);
+        assert_eq!(hub.views().unwrap(), ["orders"]);
+        assert!(!tables(&path).contains(&"view_orders".to_owned()));
+        assert_eq!(tables(hub.views_path()), ["floodway_meta", "view_orders"]);
+        // Synced, since the checkpoints that cover its writes are in the other file.
+        assert_eq!(synchronous(&view.conn.lock().unwrap()), 2);
+
+        // Another process in the middle of a view transaction: publishing goes on.
+        let other = Connection::open(hub.views_path()).unwrap();
+        other
+            .execute_batch(
+                "BEGIN IMMEDIATE; INSERT INTO view_orders (key, time, event, value) \
+                 VALUES ('o-2', 2, 'e-2', '2');",
+            )
+            .unwrap();
+        let events = floodway::testing::generate::orders(10, 1);
+        let published = tokio::time::timeout(Duration::from_secs(5), hub.publish(&events)).await;
+        assert_eq!(published.expect("not held up").unwrap().positions.len(), 10);
+        other.execute_batch("COMMIT").unwrap();
+
+        // Opened again (as another process would), the views are where they were.
+        drop((view, hub));
+        let hub = Hub::open(&path, HubOptions::default()).unwrap();
+        let rows = hub.view("orders").unwrap().rows().unwrap();
+        let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["o-1", "o-2"]);
+    }
+
+    #[test]
+    fn a_hub_made_before_keeps_its_views_in_its_own_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        drop(Hub::open(&path, HubOptions::default()).unwrap());
+        // As a build that kept views in the hub file made it.
+        std::fs::remove_file(dir.path().join("hub.db-views")).unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("DELETE FROM floodway_meta WHERE key = 'views_file'")
+            .unwrap();
+        let hub = Hub::open(&path, HubOptions::default()).unwrap();
+        assert_eq!(hub.views_path(), path);
+        let view = hub.view("orders").unwrap();
+        assert_eq!(view.apply(&[write("o-1", 1)]).unwrap().written, 1);
+        assert!(tables(&path).contains(&"view_orders".to_owned()));
+        assert_eq!(hub.views().unwrap(), ["orders"]);
+        assert!(!dir.path().join("hub.db-views").exists());
+        // NORMAL, as every store on the hub file.
+        assert_eq!(synchronous(&view.conn.lock().unwrap()), 1);
+    }
+
+    #[test]
+    fn a_hub_does_not_open_without_its_own_views_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+        let (a_views, b_views) = (dir.path().join("a.db-views"), dir.path().join("b.db-views"));
+        for path in [&a, &b] {
+            let hub = Hub::open(path, HubOptions::default()).unwrap();
+            hub.view("orders")
+                .unwrap()
+                .apply(&[write("o-1", 1)])
+                .unwrap();
+        }
+        let problem = |path: &Path, create: bool| {
+            let options = HubOptions {
+                create,
+                ..HubOptions::default()
+            };
+            match Hub::open(path, options) {
+                Err(OpenError::ViewsFile { path, problem }) => (path, problem),
+                other => panic!("{other:?}"),
+            }
+        };
+        std::fs::rename(&a_views, dir.path().join("elsewhere")).unwrap();
+        let (at, missing) = problem(&a, false);
+        assert_eq!(at, a_views);
+        assert!(
+            missing.starts_with("missing: the views of the hub"),
+            "{missing}"
+        );
+        // Another hub's views file.
+        std::fs::copy(&b_views, &a_views).unwrap();
+        let (_, foreign) = problem(&a, false);
+        assert!(
+            foreign.starts_with("not the views file of the hub"),
+            "{foreign}"
+        );
+        std::fs::rename(dir.path().join("elsewhere"), &a_views).unwrap();
+        assert!(Hub::open(&a, HubOptions::default()).is_ok());
+        // A new hub where an earlier one left its views file: nothing is overwritten.
+        std::fs::remove_file(&b).unwrap();
+        let (_, left) = problem(&b, true);
+        assert!(left.starts_with("a file is already here"), "{left}");
+        assert_eq!(tables(&b_views), ["floodway_meta", "view_orders"]);
     }
 
     #[tokio::test]

@@ -115,18 +115,6 @@ fn no_such_process(pid: u32) -> bool {
     }
 }
 
-fn random() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default(),
-    );
-    hasher.finish()
-}
-
 /// The holder of `name`'s lease as stored, with its process fingerprint.
 pub(crate) fn holder(
     conn: &Connection,
@@ -217,7 +205,7 @@ impl Lease {
         let lease = options.lease;
         let mut conn = store.connect()?;
         let me = me();
-        let id = format!("{}/{}/{:016x}", me.host, me.pid, random());
+        let id = format!("{}/{}/{:016x}", me.host, me.pid, crate::schema::random());
         let started = Instant::now();
         let taken = crate::busy::retry("lease", options.busy_retry, || {
             // A look first, without the write lock: refusing costs a read.

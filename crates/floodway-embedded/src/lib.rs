@@ -1,5 +1,6 @@
 //! Floodway's embedded event hub: a durable, partitioned event log and the stores of the
-//! failure design, in one SQLite file.
+//! failure design, in one SQLite file, and its views in a second one beside it (`<file>-views`,
+//! [`Hub::views_path`]), so that a view's long transactions and publishing write at once.
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -30,7 +31,7 @@
 //! | the log: partitions by `partitionKey`, group commit, durability setting, idempotent publish, retention | [`Hub`] |
 //! | subscriptions with checkpoints per partition, from a checkpoint, the start, the end or a time; one owner at a time (a lease) | [`Subscription`] |
 //! | the fault store: faults by id with first/last seen and counts, filters, resubmission history | [`FaultStore`] |
-//! | latest-wins views, whose rows' versions turn redeliveries away | [`ViewStore`], [`ViewSink`] |
+//! | latest-wins views, whose rows' versions turn redeliveries away, in their own file | [`ViewStore`], [`ViewSink`] |
 //! | single-table rows by update requests (per-field latest-wins, counters, sets, TTL), the inbox and the outbox in the same transaction | [`RowTable`] |
 //! | the transactional outbox and its relay | [`Outbox`], [`OutboxRelay`] |
 //! | complex event processing: collected events by correlation key, timers by due time, emitted events through the outbox | [`CepTable`], [`CepTimers`] |

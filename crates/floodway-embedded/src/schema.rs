@@ -277,7 +277,20 @@ fn configure(
     Ok(())
 }
 
-/// Opens (creating it if asked) a hub file; returns the connection and the partition count.
+/// A hub file, opened.
+pub(crate) struct Opened {
+    /// The writing connection.
+    pub(crate) conn: Connection,
+    /// The partition count.
+    pub(crate) partitions: u32,
+    /// The file's checkpointing thread.
+    pub(crate) checkpoints: WalCheckpoints,
+    /// The file of the hub's views and its checkpointing thread, for a hub made with one
+    /// ([`views_path`]); `None` for a hub that keeps its views in its own file.
+    pub(crate) views: Option<(std::path::PathBuf, WalCheckpoints)>,
+}
+
+/// Opens (creating it if asked) a hub file, and the file of its views when it has one.
 pub(crate) fn open(
     path: &Path,
     create: bool,
@@ -285,7 +298,7 @@ pub(crate) fn open(
     durability: Durability,
     busy_timeout: Duration,
     page_cache_kib: u32,
-) -> Result<(Connection, u32, WalCheckpoints), OpenError> {
+) -> Result<Opened, OpenError> {
     if !path.exists() && !create {
         return Err(OpenError::NotFound {
             path: path.to_owned(),
@@ -352,7 +365,11 @@ pub(crate) fn open(
                 asked,
             });
         }
-        stored
+        let views = meta(VIEWS_FILE_KEY).map_err(err)?;
+        if let Some(token) = &views {
+            open_views(path, token, false)?;
+        }
+        (stored, views.is_some())
     } else {
         let tables: i64 = tx
             .query_row(
@@ -380,10 +397,15 @@ pub(crate) fn open(
             )
             .map_err(err)?;
         }
+        // The views file is made before the hub's commit, which another process opening the
+        // new hub waits for: whoever sees the hub sees its views file.
+        let token = format!("{:016x}", random());
+        open_views(path, &token, true)?;
         for (key, value) in [
             ("format", FORMAT.to_owned()),
             ("version", VERSION.to_string()),
             ("partitions", count.to_string()),
+            (VIEWS_FILE_KEY, token),
         ] {
             tx.execute(
                 "INSERT INTO floodway_meta (key, value) VALUES (?1, ?2)",
@@ -391,14 +413,144 @@ pub(crate) fn open(
             )
             .map_err(err)?;
         }
-        count
+        (count, true)
     };
+    let (found, own_views) = found;
     add_missing(&tx).map_err(err)?;
     tx.commit().map_err(err)?;
     // The file is a hub: start checkpointing it, and let the writing connection take part.
     let checkpoints = WalCheckpoints::start(path)?;
     checkpoints.install(&mut conn).map_err(err)?;
-    Ok((conn, found, checkpoints))
+    let views = if own_views {
+        let views = views_path(path);
+        let checkpoints = WalCheckpoints::start(&views)?;
+        Some((views, checkpoints))
+    } else {
+        None
+    };
+    Ok(Opened {
+        conn,
+        partitions: found,
+        checkpoints,
+        views,
+    })
+}
+
+/// The meta key of a hub whose views are in a file of their own; its value is the token the
+/// views file carries too, so that a hub never opens another hub's views.
+const VIEWS_FILE_KEY: &str = "views_file";
+
+/// What a views file says it is.
+const VIEWS_FORMAT: &str = "floodway-views";
+
+/// The file beside the hub file `hub` that holds its views (`<hub>-views`, with its own
+/// `-wal` and `-shm`), for hubs made by a build that keeps them apart.
+///
+/// SQLite lets one writer into a file at a time: in the hub's own file a view's transaction
+/// (tens of thousands of upserts, 100-200 ms) held up publishing, and publishing held up the
+/// view. In a file of their own the two write at once, each with its own WAL.
+pub(crate) fn views_path(hub: &Path) -> std::path::PathBuf {
+    let mut name = hub.as_os_str().to_owned();
+    name.push("-views");
+    name.into()
+}
+
+/// Checks (with `create`, makes) the views file of the hub at `hub`, whose token is `token`.
+fn open_views(hub: &Path, token: &str, create: bool) -> Result<(), OpenError> {
+    let path = views_path(hub);
+    let problem = |problem: String| OpenError::ViewsFile {
+        path: path.clone(),
+        problem,
+    };
+    if !create && !path.exists() {
+        return Err(problem(format!(
+            "missing: the views of the hub {} are kept in this file beside it (a hub is both \
+             files, with their -wal files); restore it from where the hub file came from",
+            hub.display()
+        )));
+    }
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let err = |e| sqlite_error(&path, e);
+    let mut conn = Connection::open_with_flags(&path, flags).map_err(err)?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(problem(format!("journal mode {mode}: views need WAL")));
+    }
+    // Checking reads only, and waits for no view's transaction.
+    let behavior = if create {
+        rusqlite::TransactionBehavior::Immediate
+    } else {
+        rusqlite::TransactionBehavior::Deferred
+    };
+    let tx = conn.transaction_with_behavior(behavior).map_err(err)?;
+    let tables: i64 = tx
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(err)?;
+    let stored = |key: &str| -> rusqlite::Result<Option<String>> {
+        tx.query_row(
+            "SELECT value FROM floodway_meta WHERE key = ?1",
+            [key],
+            |r| r.get(0),
+        )
+        .optional()
+    };
+    if tables == 0 && create {
+        tx.execute_batch(
+            "CREATE TABLE floodway_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;",
+        )
+        .map_err(err)?;
+        for (key, value) in [("format", VIEWS_FORMAT), ("hub", token)] {
+            tx.execute(
+                "INSERT INTO floodway_meta (key, value) VALUES (?1, ?2)",
+                (key, value),
+            )
+            .map_err(err)?;
+        }
+        return tx.commit().map_err(err);
+    }
+    let belongs = tables > 0
+        && stored("format").ok().flatten().as_deref() == Some(VIEWS_FORMAT)
+        && stored("hub").ok().flatten().as_deref() == Some(token);
+    if create {
+        return Err(problem(format!(
+            "a file is already here where the new hub {} would keep its views (left by an \
+             earlier hub at that path?): move it away, with its -wal and -shm files, or make \
+             the hub elsewhere",
+            hub.display()
+        )));
+    }
+    if !belongs {
+        return Err(problem(format!(
+            "not the views file of the hub {}: it belongs to another hub, or to none; put \
+             the hub's own views file here",
+            hub.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A random number for tokens and lease holders: the standard library's random hash keys,
+/// mixed with the time.
+pub(crate) fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    hasher.finish()
 }
 
 #[cfg(test)]
@@ -419,7 +571,7 @@ mod tests {
         let busy = Duration::from_secs(10);
         open(path, create, None, Durability::Immediate, busy, 2048)
             .unwrap()
-            .0
+            .conn
     }
 
     #[test]
@@ -489,8 +641,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
         let busy = Duration::from_secs(10);
-        let (_, _, checkpoints) =
-            open(&path, true, None, Durability::Immediate, busy, 2048).unwrap();
+        let checkpoints = open(&path, true, None, Durability::Immediate, busy, 2048)
+            .unwrap()
+            .checkpoints;
         for (durability, expected) in [(Durability::Immediate, 2), (Durability::Relaxed, 1)] {
             let conn = connect(&path, durability, busy, 2048, &checkpoints).unwrap();
             let mode: i64 = conn

@@ -38,19 +38,31 @@ pub(crate) struct Store {
     pub(crate) gate: WriteGate,
     pub(crate) options: HubOptions,
     checkpoints: Arc<schema::WalCheckpoints>,
+    /// The file of the hub's views, when they have their own ([`schema::views_path`]).
+    views: Option<Arc<ViewsFile>>,
+}
+
+/// The views' own file: its path, this process's turn to write it, its checkpointing thread.
+struct ViewsFile {
+    path: PathBuf,
+    gate: WriteGate,
+    checkpoints: schema::WalCheckpoints,
 }
 
 impl Store {
-    pub(crate) fn new(
-        path: PathBuf,
-        options: HubOptions,
-        checkpoints: schema::WalCheckpoints,
-    ) -> Self {
+    pub(crate) fn new(path: PathBuf, options: HubOptions, opened: &mut schema::Opened) -> Self {
         Store {
             path,
             gate: WriteGate::default(),
             options,
-            checkpoints: Arc::new(checkpoints),
+            checkpoints: Arc::new(opened.checkpoints.clone()),
+            views: opened.views.take().map(|(path, checkpoints)| {
+                Arc::new(ViewsFile {
+                    path,
+                    gate: WriteGate::default(),
+                    checkpoints,
+                })
+            }),
         }
     }
 
@@ -72,12 +84,43 @@ impl Store {
         } else {
             Durability::Relaxed
         };
+        self.connect_to(&self.path, durability, &self.checkpoints)
+    }
+
+    /// A new connection for the views: to their own file when the hub has one, whose commits
+    /// are then always synced (`synchronous=FULL`), since the checkpoints that cover them are
+    /// in the hub file and the argument of [`Store::connect`] does not reach across files; to
+    /// the hub file as [`Store::connect`] otherwise. A view commits a batch at a time, so that
+    /// is one sync per batch.
+    pub(crate) fn connect_views(&self) -> Result<Connection, HubError> {
+        match &self.views {
+            Some(views) => self.connect_to(&views.path, Durability::Immediate, &views.checkpoints),
+            None => self.connect(),
+        }
+    }
+
+    /// This process's turn to write the views' file.
+    pub(crate) fn views_gate(&self) -> &WriteGate {
+        self.views.as_ref().map_or(&self.gate, |v| &v.gate)
+    }
+
+    /// The file that holds the views.
+    pub(crate) fn views_path(&self) -> &std::path::Path {
+        self.views.as_ref().map_or(&self.path, |v| &v.path)
+    }
+
+    fn connect_to(
+        &self,
+        path: &std::path::Path,
+        durability: Durability,
+        checkpoints: &schema::WalCheckpoints,
+    ) -> Result<Connection, HubError> {
         schema::connect(
-            &self.path,
+            path,
             durability,
             self.options.busy_timeout,
             self.options.page_cache_kib,
-            &self.checkpoints,
+            checkpoints,
         )
         .map_err(|e| match e {
             OpenError::Sqlite { source, .. } => HubError::Sqlite(source),

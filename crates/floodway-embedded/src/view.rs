@@ -60,7 +60,7 @@ impl ViewStore {
     /// The view `name` in the hub file, its table made on first use.
     pub(crate) fn open(store: &Store, name: &str) -> Result<ViewStore, HubError> {
         check_name(name)?;
-        let conn = store.connect()?;
+        let conn = store.connect_views()?;
         let table = format!("view_{name}");
         let options = &store.options;
         let exists: i64 = conn.query_row(
@@ -76,7 +76,7 @@ impl ViewStore {
         )?;
         if exists == 0 || expires == 0 {
             crate::busy::retry("view", options.busy_retry, || {
-                let _turn = store.gate.enter();
+                let _turn = store.views_gate().enter();
                 conn.execute_batch(&format!(
                     "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, \
                      time INTEGER NOT NULL, event TEXT NOT NULL, value TEXT NOT NULL, \
@@ -97,7 +97,7 @@ impl ViewStore {
             name: name.into(),
             table: table.into(),
             conn: Arc::new(Mutex::new(conn)),
-            gate: store.gate.clone(),
+            gate: store.views_gate().clone(),
             busy_retry: options.busy_retry,
         })
     }
@@ -452,7 +452,8 @@ mod tests {
     fn a_view_made_before_expiry_gets_the_column_and_keeps_its_rows() {
         let dir = tempfile::tempdir().unwrap();
         let hub = Hub::open(dir.path().join("hub.db"), HubOptions::default()).unwrap();
-        hub.connect()
+        hub.store()
+            .connect_views()
             .unwrap()
             .execute_batch(
                 "CREATE TABLE view_old (key TEXT PRIMARY KEY, time INTEGER NOT NULL, \
