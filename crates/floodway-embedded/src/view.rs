@@ -16,10 +16,10 @@ use serde_json::Value;
 use crate::error::HubError;
 use crate::store::{Store, WriteGate};
 
-/// A materialized view in the hub file: rows by key, each remembering the `(timestamp, id)` of
-/// the event that last wrote it. A write applies only if it is newer (ties broken by id), so a
-/// redelivered event changes nothing. Any order and any duplicates of a set of events give the
-/// same rows.
+/// A materialized view in the hub's views file ([`Hub::views_path`](crate::Hub::views_path)):
+/// rows by key, each remembering the `(timestamp, id)` of the event that last wrote it. A write
+/// applies only if it is newer (ties broken by id), so a redelivered event changes nothing. Any
+/// order and any duplicates of a set of events give the same rows.
 ///
 /// The row's version is the view's inbox: it is written in the same statement as the value,
 /// and a redelivery always meets a version at least its own (an expiring row is deleted only
@@ -57,7 +57,7 @@ fn check_name(name: &str) -> Result<(), HubError> {
 }
 
 impl ViewStore {
-    /// The view `name` in the hub file, its table made on first use.
+    /// The view `name` in the views file, its table made on first use.
     pub(crate) fn open(store: &Store, name: &str) -> Result<ViewStore, HubError> {
         check_name(name)?;
         let conn = store.connect_views()?;
