@@ -136,6 +136,52 @@ impl<'de, 't> serde::de::DeserializeSeed<'de> for At<'t> {
     }
 }
 
+/// Where the value at `tokens` inside the value at `i` of a checked text begins and ends, as
+/// [`AtVisitor`] finds it (the last of repeated names; an index written as JSON Pointer writes
+/// one); `Some(None)` when there is nothing there, `None` when the scanner does not take a
+/// level (a key with an escape).
+fn checked_at(b: &[u8], i: usize, tokens: &[Cow<'_, str>]) -> Option<Option<(usize, usize)>> {
+    let Some((token, rest)) = tokens.split_first() else {
+        return Some(Some((i, crate::scan::skip_checked(b, i))));
+    };
+    let mut found = None;
+    let mut taken = true;
+    let mut at = |start: usize| {
+        match checked_at(b, start, rest) {
+            Some(value) => found = value,
+            None => taken = false,
+        }
+        taken.then(|| crate::scan::skip_checked(b, start))
+    };
+    match b.get(i) {
+        Some(b'{') => {
+            crate::scan::object(b, i, |key, start| {
+                if key == token.as_bytes() {
+                    at(start)
+                } else {
+                    Some(crate::scan::skip_checked(b, start))
+                }
+            })?;
+        }
+        Some(b'[') => {
+            let sloppy = token.starts_with('+') || (token.starts_with('0') && token.len() > 1);
+            let wanted: Option<usize> = if sloppy { None } else { token.parse().ok() };
+            let mut index = 0;
+            crate::scan::array(b, i, |start| {
+                index += 1;
+                if Some(index - 1) == wanted {
+                    at(start)
+                } else {
+                    Some(crate::scan::skip_checked(b, start))
+                }
+            })?;
+        }
+        // A string, number or literal has no members.
+        _ => {}
+    }
+    Some(found)
+}
+
 struct AtVisitor<'t> {
     token: &'t str,
     rest: &'t [Cow<'t, str>],
@@ -713,6 +759,13 @@ impl Event {
             Some(value) => (&text[value?..], &tokens[1..]),
             None => (text, &tokens[..]),
         };
+        // Decoding checked the text: the scanner walks each level to the member wanted and
+        // passes the others over by counting brackets. serde_json decides what it does not
+        // take (a key written with an escape).
+        let b = text.as_bytes();
+        if let Some(found) = checked_at(b, crate::scan::ws(b, 0), tokens) {
+            return found.map(|(start, end)| Cow::Borrowed(&text[start..end]));
+        }
         let mut de = serde_json::Deserializer::from_str(text);
         let found = serde::de::DeserializeSeed::deserialize(At { tokens }, &mut de).ok()??;
         Some(Cow::Borrowed(found.get()))
@@ -1776,6 +1829,65 @@ mod tests {
         )
         .unwrap();
         assert_eq!(twice.json_at("/w/b"), None);
+    }
+
+    /// JSON text of some depth whose keys repeat and look like indexes, white space between
+    /// the tokens, a string with escapes among the values.
+    fn nested() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just("null".to_owned()),
+            Just("\"q\\\"u]}\"".to_owned()),
+            (-3i64..30).prop_map(|n| n.to_string()),
+            Just("[ ]".to_owned()),
+            Just("{ }".to_owned()),
+        ];
+        // Mostly plain keys, so that names repeat; now and then one the scanner leaves alone.
+        let key = prop::sample::select(vec![
+            "\"a\"",
+            "\"a\"",
+            "\"0\"",
+            "\"0\"",
+            "\"b\"",
+            "\"a\\u0062\"",
+        ]);
+        leaf.prop_recursive(4, 24, 4, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|items| format!("[ {} ]", items.join(" , "))),
+                prop::collection::vec((key.clone(), inner), 0..4).prop_map(|members| {
+                    let members: Vec<String> = members
+                        .into_iter()
+                        .map(|(k, v)| format!("{k} : {v}"))
+                        .collect();
+                    format!("{{{}}}", members.join(","))
+                }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+        #[test]
+        fn json_at_finds_what_serde_json_finds(
+            body in nested(),
+            tokens in proptest::collection::vec(
+                proptest::sample::select(vec!["a", "b", "0", "1", "01", "+1"]), 1..4),
+        ) {
+            let text = format!(
+                r#"{{"id":"1","type":"t","timestamp":1,"partitionKey":"k","a":{body},"b":[{body}]}}"#
+            );
+            let event = Event::decode(text.as_bytes()).unwrap();
+            let pointer = format!("/{}", tokens.join("/"));
+            let tokens: Vec<Cow<'_, str>> = tokens.iter().map(|t| Cow::Borrowed(*t)).collect();
+            let mut de = serde_json::Deserializer::from_str(&text);
+            let expected = serde::de::DeserializeSeed::deserialize(At { tokens: &tokens }, &mut de)
+                .ok()
+                .flatten()
+                .map(RawValue::get);
+            let found = event.json_at(&pointer);
+            proptest::prop_assert_eq!(found.as_deref(), expected, "{}", pointer);
+        }
     }
 
     #[test]
