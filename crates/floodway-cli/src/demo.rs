@@ -178,6 +178,7 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
                 key: key.into(),
                 value: Some("/order".into()),
                 batch: 500,
+                batch_wait: None,
                 redact: Vec::new(),
                 decrypt: false,
                 set: Default::default(),

@@ -31,9 +31,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Floodway: stream processors that keep working when things go wrong.
 ///
-/// Events live in a hub (one SQLite file); processors read it through named subscriptions and
-/// run pipelines over every event. Poison events become faults that you can list, fix and
-/// resubmit; outages are waited out; nothing is lost.
+/// Events live in a hub (an SQLite file, its views in a second one beside it); processors read
+/// it through named subscriptions and run pipelines over every event. Poison events become
+/// faults that you can list, fix and resubmit; outages are waited out; nothing is lost.
 ///
 /// Start with `floodway demo`. Logs go to stderr; set RUST_LOG=debug for more.
 #[derive(Parser)]

@@ -358,12 +358,16 @@ pub enum ProcessorConfig {
         key: ViewKey,
         /// A JSON pointer to the value; the whole event when absent.
         value: Option<String>,
-        /// Rows written per transaction at most (default 5,000). A view of many keys changes
+        /// Rows written per transaction at most (default 20,000). A view of many keys changes
         /// pages all over its table; large transactions write each changed page once for
-        /// many rows (BENCHMARKS.md, embedded hub). Under light load a transaction is written
-        /// after 20 ms whatever its size.
+        /// many rows (BENCHMARKS.md, embedded hub).
         #[serde(default = "default_batch")]
         batch: usize,
+        /// How long a transaction waits for more rows before it is written, whatever its size
+        /// (default 100 ms): under light load, how far the view may be behind; while catching
+        /// up, what lets transactions grow to `batch`.
+        #[serde(default)]
+        batch_wait: Option<HumanDuration>,
         /// Fields (dotted paths, e.g. `customer.email`) that appear nowhere in this
         /// processor's faults: redacted in the event, left out with the record (resubmission
         /// reads it back from the hub), scrubbed from error messages.
@@ -704,7 +708,7 @@ pub enum StalePolicy {
     Fault,
 }
 fn default_batch() -> usize {
-    5_000
+    20_000
 }
 fn default_cep_batch() -> usize {
     1_000
@@ -1104,6 +1108,29 @@ name = "faults"
             .collect::<Vec<_>>()
             .join("\n");
         Config::parse(&example).unwrap().check().unwrap();
+    }
+
+    #[test]
+    fn a_view_writes_by_the_twenty_thousand_within_a_tenth_of_a_second_unless_told() {
+        let batching = |c: &Config| match &c.processors[0] {
+            ProcessorConfig::Materialize {
+                batch, batch_wait, ..
+            } => (*batch, batch_wait.map(HumanDuration::get)),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(batching(&Config::parse(FULL).unwrap()), (20_000, None));
+        let set = FULL.replace(
+            "value = \"/order\"",
+            "value = \"/order\"\nbatch = 500\nbatch_wait = \"20ms\"",
+        );
+        let wait = Some(std::time::Duration::from_millis(20));
+        assert_eq!(batching(&Config::parse(&set).unwrap()), (500, wait));
+        let err = Config::parse(&FULL.replace(
+            "value = \"/order\"",
+            "value = \"/order\"\nbatch_wait = \"soon\"",
+        ))
+        .unwrap_err();
+        assert!(err.contains("not a duration"), "{err}");
     }
 
     #[test]

@@ -14,7 +14,9 @@ use floodway::layer::Resilience;
 use floodway::rows::{Lookup, RowKey, RowSink, Update};
 use floodway::runtime::RunReport;
 use floodway::Publisher;
-use floodway::{sink_fn, Batch, BuildError, Error, Event, Pipeline, Processor, RunError};
+use floodway::{
+    sink_fn, Batch, BatchConfig, BuildError, Error, Event, Pipeline, Processor, RunError,
+};
 use floodway_embedded::{CepTimers, FaultStore, Hub, HubError, HubOptions, OpenError};
 use floodway_http::{HttpConfigError, HttpSink, HttpSinkConfig, Secret};
 use floodway_nats::NatsHub;
@@ -92,6 +94,10 @@ fn key_of(spec: &str, event: &Event) -> Result<String, Error> {
         "partitionKey" => Ok(event.partition_key().to_owned()),
         "id" => Ok(event.id().to_owned()),
         pointer => match event.json_at(pointer) {
+            // A string written without escapes is its own text between the quotes.
+            Some(text) if text.len() >= 2 && text.starts_with('"') && !text.contains('\\') => {
+                Ok(text[1..text.len() - 1].to_owned())
+            }
             Some(text) => match serde_json::from_str::<Value>(&text) {
                 Ok(Value::String(s)) => Ok(s),
                 Ok(Value::Number(n)) => Ok(n.to_string()),
@@ -235,7 +241,19 @@ pub struct ViewTarget<'a> {
     pub value: Option<&'a str>,
     /// Rows per transaction at most.
     pub batch: usize,
+    /// How long a transaction waits for more rows before it is written.
+    pub wait: Duration,
 }
+
+/// How long a *materialize* processor's transaction waits for more rows, by default: long
+/// enough that a processor catching up writes its rows by the ten thousand (each transaction
+/// writes every page it changed, and pages are shared by many rows), short enough that a view
+/// is at most a tenth of a second behind under light load.
+pub const DEFAULT_BATCH_WAIT: Duration = Duration::from_millis(100);
+
+/// A *materialize* processor's transactions hold up to 64 MiB of events (the count is the
+/// limit that matters; this one keeps a batch of large events in bounds).
+const MATERIALIZE_BATCH_BYTES: usize = 64 << 20;
 
 /// The *materialize* processor: events of `types` into the latest-wins view `view`.
 ///
@@ -253,6 +271,7 @@ pub fn materialize(
         key,
         value,
         batch,
+        wait,
     } = target;
     let hub_err = |source| SetupError::Hub {
         name: name.into(),
@@ -264,21 +283,25 @@ pub fn materialize(
         move |e| key_of(&key, e),
         move |e| value_of(value.as_deref(), e),
     );
-    batched(hubs, name, types, protect, batch, sink)
+    let batching = BatchConfig::count(batch)
+        .max_bytes(MATERIALIZE_BATCH_BYTES)
+        .max_wait(wait);
+    batched(hubs, name, types, protect, batching, sink)
 }
 
-/// A processor whose sink writes transactions of up to `batch` events (written after 20 ms
-/// under light load), with room for two in flight: one being written while the next fills.
+/// A processor whose sink writes transactions as `batching` says, with room for two in
+/// flight: one being written while the next fills.
 fn batched<S: floodway::Sink>(
     hubs: &Hubs,
     name: &str,
     types: &[String],
     protect: &Protect,
-    batch: usize,
+    batching: BatchConfig,
     sink: S,
 ) -> Result<Processor, SetupError> {
+    let batch = batching.max_count;
     let pipeline = start(hubs, name, types, protect)?
-        .batch(floodway::BatchConfig::count(batch).max_wait(Duration::from_millis(20)))
+        .batch(batching)
         .sink(sink)
         .map_err(|source| SetupError::Build {
             name: name.into(),
@@ -321,6 +344,8 @@ pub struct RowTarget {
     pub outbox: bool,
     /// Updates per transaction at most.
     pub batch: usize,
+    /// How long a transaction waits for more updates before it is written.
+    pub wait: Duration,
 }
 
 /// A part of a row's key: `partitionKey`, `id`, a JSON pointer, or text.
@@ -443,11 +468,13 @@ pub fn materialize_rows(
         .map(|t| floodway::pipeline::TypeFilter::parse(t))
         .collect::<Result<Vec<_>, _>>()
         .map_err(build)?;
-    let batch = target.batch;
+    let batching = BatchConfig::count(target.batch)
+        .max_bytes(MATERIALIZE_BATCH_BYTES)
+        .max_wait(target.wait);
     let sink = RowSink::new(Arc::new(table), move |e| {
         Ok(vec![target.update(e, &deletes)?])
     });
-    batched(hubs, name, types, protect, batch, sink)
+    batched(hubs, name, types, protect, batching, sink)
 }
 
 /// Settings of the *cep* processor.
@@ -558,7 +585,9 @@ pub fn cep(
         let state = state.clone();
         async move { state.write(batch).await }
     });
-    batched(hubs, name, &read, protect, batch, sink)
+    // Derived events go out soon after what triggers them.
+    let batching = BatchConfig::count(batch).max_wait(Duration::from_millis(20));
+    batched(hubs, name, &read, protect, batching, sink)
 }
 
 /// What a *cep* processor's sink works with.
@@ -1012,6 +1041,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
             key,
             value,
             batch,
+            batch_wait,
             redact,
             decrypt,
             set,
@@ -1040,6 +1070,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                         key,
                         value: value.as_deref(),
                         batch: *batch,
+                        wait: batch_wait.map_or(DEFAULT_BATCH_WAIT, HumanDuration::get),
                     },
                     &protect,
                 ),
@@ -1063,6 +1094,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                         fault_when_stale: *stale == StalePolicy::Fault,
                         outbox: *outbox,
                         batch: *batch,
+                        wait: batch_wait.map_or(DEFAULT_BATCH_WAIT, HumanDuration::get),
                     };
                     materialize_rows(hubs, name, types, target, &protect)
                 }
@@ -1425,6 +1457,29 @@ where
 #[cfg(test)]
 mod tests {
     use super::Span;
+
+    #[test]
+    fn a_key_is_the_string_or_number_at_its_pointer() {
+        let event = floodway::Event::decode(
+            br#"{"id":"e-1","type":"t","timestamp":1,"partitionKey":"k",
+                "order":{"id":"o-1","esc":"o\u002d2","q":"a\"b","n":12.5,"o":{},"s":""}}"#,
+        )
+        .unwrap();
+        let key = |spec: &str| super::key_of(spec, &event).map_err(|e| e.to_string());
+        assert_eq!(key("/order/id").unwrap(), "o-1");
+        assert_eq!(key("/order/esc").unwrap(), "o-2", "escapes read");
+        assert_eq!(key("/order/q").unwrap(), "a\"b");
+        assert_eq!(key("/order/n").unwrap(), "12.5");
+        assert_eq!(key("/order/s").unwrap(), "");
+        assert_eq!(key("partitionKey").unwrap(), "k");
+        assert_eq!(key("id").unwrap(), "e-1");
+        assert!(key("/order/o")
+            .unwrap_err()
+            .contains("not a string or number"));
+        assert!(key("/order/missing")
+            .unwrap_err()
+            .contains("has no /order/missing"));
+    }
 
     fn span(deliveries: &[u64]) -> Span {
         let record = |d: u64| floodway::Record::new("nats:S", "0", 100 + d, "{}").with_delivery(d);
