@@ -365,7 +365,9 @@ pub enum ProcessorConfig {
         batch: usize,
         /// How long a transaction waits for more rows before it is written, whatever its size
         /// (default 100 ms): under light load, how far the view may be behind; while catching
-        /// up, what lets transactions grow to `batch`.
+        /// up, what lets transactions grow to `batch`. On NATS, where a subscription holds at
+        /// most `max_ack_pending` messages per partition unacknowledged, a `batch` larger than
+        /// that (over the stream's partitions) cannot fill, and the default is 20 ms.
         #[serde(default)]
         batch_wait: Option<HumanDuration>,
         /// Fields (dotted paths, e.g. `customer.email`) that appear nowhere in this

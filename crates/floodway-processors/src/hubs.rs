@@ -21,6 +21,10 @@ pub struct Hubs {
     pub store: Hub,
     /// The data keys of envelope encryption, when `[encryption]` gives them.
     pub keys: Option<Arc<dyn floodway::encryption::KeyProvider>>,
+    /// How many records a subscription of `events` may hold unacknowledged at most, when the
+    /// hub bounds them (NATS: `max_ack_pending` per partition, times the partitions); `None`
+    /// on the embedded hub, where only a processor's own in-flight bound applies.
+    pub unacked: Option<usize>,
 }
 
 impl From<Hub> for Hubs {
@@ -29,6 +33,7 @@ impl From<Hub> for Hubs {
             events: Arc::new(hub.clone()),
             store: hub,
             keys: None,
+            unacked: None,
         }
     }
 }
@@ -140,18 +145,22 @@ impl Hubs {
             ..floodway_embedded::HubOptions::default()
         };
         let store = Hub::open(&config.path, options)?;
-        let events: SharedHub = match &config.nats {
-            None => Arc::new(store.clone()),
+        let (events, unacked): (SharedHub, _) = match &config.nats {
+            None => (Arc::new(store.clone()), None),
             Some(nats) => {
                 let hub = NatsHub::connect(&nats.hub_options(Some(config))).await?;
                 let reads = nats.read(hub.partitions());
-                Arc::new(NatsEventHub::new(hub, reads))
+                let unacked = usize::try_from(nats.max_ack_pending)
+                    .unwrap_or(0)
+                    .saturating_mul(hub.partitions() as usize);
+                (Arc::new(NatsEventHub::new(hub, reads)), Some(unacked))
             }
         };
         Ok(Hubs {
             events,
             store,
             keys: None,
+            unacked,
         })
     }
 }

@@ -251,6 +251,22 @@ pub struct ViewTarget<'a> {
 /// is at most a tenth of a second behind under light load.
 pub const DEFAULT_BATCH_WAIT: Duration = Duration::from_millis(100);
 
+/// The default wait on a hub that lets a subscription hold fewer records unacknowledged than
+/// a batch takes (NATS, `max_ack_pending`): such a batch never fills by count, and every
+/// transaction would wait out the whole window while the server holds the rest back.
+pub const BOUNDED_BATCH_WAIT: Duration = Duration::from_millis(20);
+
+/// The time window of a *materialize* processor writing `batch` rows per transaction on
+/// `hubs`: `asked`, else the default for the hub ([`DEFAULT_BATCH_WAIT`],
+/// [`BOUNDED_BATCH_WAIT`]).
+fn transaction_wait(hubs: &Hubs, batch: usize, asked: Option<HumanDuration>) -> Duration {
+    match asked {
+        Some(wait) => wait.get(),
+        None if hubs.unacked.is_some_and(|held| held < batch) => BOUNDED_BATCH_WAIT,
+        None => DEFAULT_BATCH_WAIT,
+    }
+}
+
 /// A *materialize* processor's transactions hold up to 64 MiB of events (the count is the
 /// limit that matters; this one keeps a batch of large events in bounds).
 const MATERIALIZE_BATCH_BYTES: usize = 64 << 20;
@@ -1070,7 +1086,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                         key,
                         value: value.as_deref(),
                         batch: *batch,
-                        wait: batch_wait.map_or(DEFAULT_BATCH_WAIT, HumanDuration::get),
+                        wait: transaction_wait(hubs, *batch, *batch_wait),
                     },
                     &protect,
                 ),
@@ -1094,7 +1110,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                         fault_when_stale: *stale == StalePolicy::Fault,
                         outbox: *outbox,
                         batch: *batch,
-                        wait: batch_wait.map_or(DEFAULT_BATCH_WAIT, HumanDuration::get),
+                        wait: transaction_wait(hubs, *batch, *batch_wait),
                     };
                     materialize_rows(hubs, name, types, target, &protect)
                 }
@@ -1457,6 +1473,21 @@ where
 #[cfg(test)]
 mod tests {
     use super::Span;
+
+    #[test]
+    fn a_transaction_waits_briefly_where_the_hub_holds_back_a_batchs_worth() {
+        use super::{transaction_wait, BOUNDED_BATCH_WAIT, DEFAULT_BATCH_WAIT};
+        let dir = tempfile::tempdir().unwrap();
+        let hub = floodway_embedded::Hub::open(dir.path().join("hub.db"), Default::default());
+        let mut hubs = super::Hubs::from(hub.unwrap());
+        assert_eq!(transaction_wait(&hubs, 20_000, None), DEFAULT_BATCH_WAIT);
+        // NATS, 8 partitions of 1,000 unacknowledged messages each.
+        hubs.unacked = Some(8_000);
+        assert_eq!(transaction_wait(&hubs, 20_000, None), BOUNDED_BATCH_WAIT);
+        assert_eq!(transaction_wait(&hubs, 5_000, None), DEFAULT_BATCH_WAIT);
+        let asked = std::time::Duration::from_millis(250);
+        assert_eq!(transaction_wait(&hubs, 20_000, Some(asked.into())), asked);
+    }
 
     #[test]
     fn a_key_is_the_string_or_number_at_its_pointer() {
