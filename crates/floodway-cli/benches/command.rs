@@ -165,6 +165,18 @@ fn library_run(
     })
 }
 
+/// Publishes `events` into a new hub in `dir` through the library, 1,000 at a time; seconds.
+fn library_publish(rt: &tokio::runtime::Runtime, dir: &Path, events: &[Event]) -> f64 {
+    let hub = Hub::open(dir.join("hub.db"), HubOptions::default()).unwrap();
+    let started = Instant::now();
+    rt.block_on(async {
+        for chunk in events.chunks(1_000) {
+            hub.publish(chunk).await.unwrap();
+        }
+    });
+    started.elapsed().as_secs_f64()
+}
+
 fn main() {
     let n = common::events_wanted(200_000);
     let rt = common::two_workers();
@@ -201,15 +213,7 @@ fn main() {
             std::fs::write(dir.join("floodway.toml"), config("hub.db")).unwrap();
         }
         // Publish: the library, then the command, into fresh hubs.
-        let hub = Hub::open(lib.join("hub.db"), HubOptions::default()).unwrap();
-        let started = Instant::now();
-        rt.block_on(async {
-            for chunk in decoded.chunks(1_000) {
-                hub.publish(chunk).await.unwrap();
-            }
-        });
-        lib_pub.push(n as f64 / started.elapsed().as_secs_f64());
-        drop(hub);
+        lib_pub.push(n as f64 / library_publish(&rt, &lib, &decoded));
         let mut publish = floodway();
         publish
             .current_dir(&cmd)
@@ -226,13 +230,7 @@ fn main() {
         let cmd = tmp.path().join(format!("run{run}"));
         std::fs::create_dir_all(&cmd).unwrap();
         std::fs::write(cmd.join("floodway.toml"), config("hub.db")).unwrap();
-        let hub = Hub::open(cmd.join("hub.db"), HubOptions::default()).unwrap();
-        rt.block_on(async {
-            for chunk in decoded.chunks(1_000) {
-                hub.publish(chunk).await.unwrap();
-            }
-        });
-        drop(hub);
+        library_publish(&rt, &cmd, &decoded);
         let settle = || assert!(Command::new("sync").status().unwrap().success());
         for first in [run % 2 == 0, run % 2 == 1] {
             settle();
