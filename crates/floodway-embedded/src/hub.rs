@@ -747,11 +747,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
         drop(Hub::open(&path, HubOptions::default()).unwrap());
-        // As a build that kept views in the hub file made it.
+        // As a build that kept views in the hub file made it (format version 2).
         std::fs::remove_file(dir.path().join("hub.db-views")).unwrap();
         Connection::open(&path)
             .unwrap()
-            .execute_batch("DELETE FROM floodway_meta WHERE key = 'views_file'")
+            .execute_batch(
+                "DELETE FROM floodway_meta WHERE key = 'views_file'; \
+                 UPDATE floodway_meta SET value = '2' WHERE key = 'version';",
+            )
             .unwrap();
         let hub = Hub::open(&path, HubOptions::default()).unwrap();
         assert_eq!(hub.views_path(), path);
@@ -805,8 +808,34 @@ mod tests {
         // A new hub where an earlier one left its views file: nothing is overwritten.
         std::fs::remove_file(&b).unwrap();
         let (_, left) = problem(&b, true);
-        assert!(left.starts_with("a file is already here"), "{left}");
+        assert!(left.starts_with("a file holding views"), "{left}");
         assert_eq!(tables(&b_views), ["floodway_meta", "view_orders"]);
+        // One left by a creation that did not finish (the hub file made, nothing committed
+        // in it) is taken over.
+        let c = dir.path().join("c.db");
+        drop(Hub::open(&c, HubOptions::default()).unwrap());
+        for file in ["c.db", "c.db-wal", "c.db-shm"] {
+            let _ = std::fs::remove_file(dir.path().join(file));
+        }
+        std::fs::File::create(&c).unwrap();
+        let hub = Hub::open(&c, HubOptions::default()).unwrap();
+        hub.view("orders")
+            .unwrap()
+            .apply(&[write("o-1", 1)])
+            .unwrap();
+        drop(hub);
+        assert!(Hub::open(&c, HubOptions::default()).is_ok());
+        // A build that reads only format version 2 refuses this hub: it would write views
+        // into the hub file, where this one never reads them.
+        let version: String = Connection::open(&a)
+            .unwrap()
+            .query_row(
+                "SELECT value FROM floodway_meta WHERE key = 'version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(version, "3");
     }
 
     #[tokio::test]

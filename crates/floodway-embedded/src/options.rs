@@ -57,7 +57,8 @@ pub struct HubOptions {
     /// false). Then views, row tables and faults commit synced (`synchronous=FULL`): an
     /// external ack follows right after a commit, and a power loss must not take back a view
     /// write whose record will never be delivered again. With checkpoints in the file, WAL
-    /// order makes unsynced commits safe (see [`Hub::connect`](crate::Hub)).
+    /// order makes unsynced commits safe (see [`Hub::connect`](crate::Hub)); views in a file
+    /// of their own ([`Hub::views_path`](crate::Hub::views_path)) always commit synced.
     pub external_acks: bool,
     /// SQLite's page cache per connection, in KiB (default 32 MiB). Views, row tables and
     /// the inbox are written in key order, not insertion order, and must not go to disk for

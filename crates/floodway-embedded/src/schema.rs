@@ -11,9 +11,15 @@ use crate::options::Durability;
 
 /// What a hub file says it is.
 pub(crate) const FORMAT: &str = "floodway-hub";
-/// The version of the tables this build reads and writes.
-/// Version 2 stores the log in segments (`crate::segment`); version 1 had a row per event.
-pub(crate) const VERSION: i64 = 2;
+/// The version of the tables this build writes.
+/// Version 3 keeps the views in a file of their own ([`views_path`]); version 2 keeps them in
+/// the hub file, and stores the log in segments (`crate::segment`); version 1 had a row per
+/// event. A build that reads only version 2 refuses a version 3 hub rather than write views
+/// where this one would never read them.
+pub(crate) const VERSION: i64 = 3;
+
+/// The oldest version this build reads (and keeps as it is).
+const OLDEST_READ: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE floodway_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -341,7 +347,7 @@ pub(crate) fn open(
             .map_err(err)?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        if version != VERSION {
+        if !(OLDEST_READ..=VERSION).contains(&version) {
             return Err(OpenError::Version {
                 path: path.to_owned(),
                 found: version,
@@ -365,7 +371,16 @@ pub(crate) fn open(
                 asked,
             });
         }
-        let views = meta(VIEWS_FILE_KEY).map_err(err)?;
+        let views = match version {
+            VERSION => meta(VIEWS_FILE_KEY).map_err(err)?,
+            _ => None,
+        };
+        if version == VERSION && views.is_none() {
+            return Err(OpenError::NotADatabase {
+                path: path.to_owned(),
+                detail: "the token of the hub's views file is missing".into(),
+            });
+        }
         if let Some(token) = &views {
             open_views(path, token, false)?;
         }
@@ -504,14 +519,18 @@ fn open_views(hub: &Path, token: &str, create: bool) -> Result<(), OpenError> {
         )
         .optional()
     };
-    if tables == 0 && create {
+    // At creation, a file holding nothing but a views file's meta was left by a creation
+    // that did not finish (the hub's commit comes after this file's): it is taken over.
+    let unused = tables == 1 && stored("format").ok().flatten().as_deref() == Some(VIEWS_FORMAT);
+    if create && (tables == 0 || unused) {
         tx.execute_batch(
-            "CREATE TABLE floodway_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;",
+            "CREATE TABLE IF NOT EXISTS floodway_meta \
+             (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;",
         )
         .map_err(err)?;
         for (key, value) in [("format", VIEWS_FORMAT), ("hub", token)] {
             tx.execute(
-                "INSERT INTO floodway_meta (key, value) VALUES (?1, ?2)",
+                "INSERT OR REPLACE INTO floodway_meta (key, value) VALUES (?1, ?2)",
                 (key, value),
             )
             .map_err(err)?;
@@ -523,9 +542,9 @@ fn open_views(hub: &Path, token: &str, create: bool) -> Result<(), OpenError> {
         && stored("hub").ok().flatten().as_deref() == Some(token);
     if create {
         return Err(problem(format!(
-            "a file is already here where the new hub {} would keep its views (left by an \
-             earlier hub at that path?): move it away, with its -wal and -shm files, or make \
-             the hub elsewhere",
+            "a file holding views or other tables is already here where the new hub {} would \
+             keep its views (left by an earlier hub at that path?): move it away, with its -wal \
+             and -shm files, or make the hub elsewhere",
             hub.display()
         )));
     }

@@ -3,8 +3,8 @@
 //!
 //! Storing a row per event made every event one insert into two b-trees (the table and its
 //! primary key), which bounded publishing near raw SQLite's insert rate and, since the log
-//! shares its file (and SQLite's single writer) with the views, bounded everything written
-//! beside it. A segment costs one insert for up to [`MAX_EVENTS`] events, and reading one hands
+//! shared its file (and SQLite's single writer) with the views then, bounded everything
+//! written beside it. A segment costs one insert for up to [`MAX_EVENTS`] events, and reading one hands
 //! out its events as slices of one buffer, without copying them. Offsets, checkpoints and
 //! receipts stay per event; retention deletes whole segments (like a Kafka log segment).
 //!

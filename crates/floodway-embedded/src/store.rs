@@ -1,6 +1,6 @@
-//! The hub file as the stores beside the log use it (views, faults, leases, checkpoints): a
-//! connection, this process's turn to write, and the settings. The hub hands each store a
-//! [`Store`]; no store reaches into the hub.
+//! The hub file as the stores beside the log use it (faults, leases, checkpoints, row tables;
+//! the views in their own file beside it): a connection, this process's turn to write, and the
+//! settings. The hub hands each store a [`Store`]; no store reaches into the hub.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -16,9 +16,9 @@ use crate::schema;
 /// SQLite lets one writer at a time into a file and makes the others wait in its busy
 /// handler, which sleeps 1, 2, 5, 10... ms between tries: with commits a few milliseconds
 /// apart, a writer kept waiting loses several commits' worth of time each time. Writers of one
-/// process (the publisher, views, checkpoints, the fault store) therefore queue on this lock
-/// instead and go in as soon as the previous one commits; other processes still meet the busy
-/// handler.
+/// process (the publisher, checkpoints, the fault store, row tables; the views on their own
+/// file's) therefore queue on this lock instead and go in as soon as the previous one commits;
+/// other processes still meet the busy handler.
 #[derive(Clone, Default)]
 pub(crate) struct WriteGate(Arc<Mutex<()>>);
 

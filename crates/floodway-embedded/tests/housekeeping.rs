@@ -49,7 +49,8 @@ async fn a_write_lock_held_past_the_busy_timeout_delays_processors_but_does_not_
         locker.execute_batch("COMMIT").unwrap();
     });
 
-    // Publishing, opening a subscription, view writes and checkpoint commits all meet it.
+    // Publishing, opening a subscription and checkpoint commits all meet it (the view writes
+    // go to the views file beside it).
     let publish = {
         let (hub, rest) = (hub.clone(), events[3_000..].to_vec());
         tokio::spawn(async move { hub.publish(&rest).await })
