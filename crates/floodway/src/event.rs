@@ -138,12 +138,18 @@ impl<'de, 't> serde::de::DeserializeSeed<'de> for At<'t> {
 
 /// Where the value at `tokens` inside the value at `i` of a checked text begins and ends, as
 /// [`AtVisitor`] finds it (the last of repeated names; an index written as JSON Pointer writes
-/// one); `Some(None)` when there is nothing there, `None` when the scanner does not take a
-/// level (a key with an escape).
+/// one); `Some(None)` when there is nothing there, `None` when the scanner leaves a level to
+/// serde_json (a key with an escape, a path through a scalar).
 fn checked_at(b: &[u8], i: usize, tokens: &[Cow<'_, str>]) -> Option<Option<(usize, usize)>> {
     let Some((token, rest)) = tokens.split_first() else {
         return Some(Some((i, crate::scan::skip_checked(b, i))));
     };
+    if !matches!(b.get(i), Some(b'{' | b'[')) {
+        // A path through a string, number or literal finds nothing, unless serde_json cannot
+        // read the value at all (a number past f64, a lone surrogate), which spoils the whole
+        // answer: let it decide.
+        return None;
+    }
     let mut found = None;
     let mut taken = true;
     let mut at = |start: usize| {
@@ -153,8 +159,8 @@ fn checked_at(b: &[u8], i: usize, tokens: &[Cow<'_, str>]) -> Option<Option<(usi
         }
         taken.then(|| crate::scan::skip_checked(b, start))
     };
-    match b.get(i) {
-        Some(b'{') => {
+    match b[i] {
+        b'{' => {
             crate::scan::object(b, i, |key, start| {
                 if key == token.as_bytes() {
                     at(start)
@@ -163,7 +169,7 @@ fn checked_at(b: &[u8], i: usize, tokens: &[Cow<'_, str>]) -> Option<Option<(usi
                 }
             })?;
         }
-        Some(b'[') => {
+        _ => {
             let sloppy = token.starts_with('+') || (token.starts_with('0') && token.len() > 1);
             let wanted: Option<usize> = if sloppy { None } else { token.parse().ok() };
             let mut index = 0;
@@ -176,8 +182,6 @@ fn checked_at(b: &[u8], i: usize, tokens: &[Cow<'_, str>]) -> Option<Option<(usi
                 }
             })?;
         }
-        // A string, number or literal has no members.
-        _ => {}
     }
     Some(found)
 }
@@ -762,9 +766,12 @@ impl Event {
         // Decoding checked the text: the scanner walks each level to the member wanted and
         // passes the others over by counting brackets. serde_json decides what it does not
         // take (a key written with an escape).
+        // (A path into containers nested as deep as serde_json's limit is left to it too.)
         let b = text.as_bytes();
-        if let Some(found) = checked_at(b, crate::scan::ws(b, 0), tokens) {
-            return found.map(|(start, end)| Cow::Borrowed(&text[start..end]));
+        if tokens.len() < 100 {
+            if let Some(found) = checked_at(b, crate::scan::ws(b, 0), tokens) {
+                return found.map(|(start, end)| Cow::Borrowed(&text[start..end]));
+            }
         }
         let mut de = serde_json::Deserializer::from_str(text);
         let found = serde::de::DeserializeSeed::deserialize(At { tokens }, &mut de).ok()??;
@@ -1829,6 +1836,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(twice.json_at("/w/b"), None);
+        // A value serde_json cannot read on the path spoils it the same way.
+        for earlier in ["1e400", r#""\ud800""#] {
+            let text = format!(
+                r#"{{"id":"1","type":"t","timestamp":1,"partitionKey":"k","o":{{"a":{earlier},"a":{{"b":1}}}}}}"#
+            );
+            let event = Event::decode(text.as_bytes()).unwrap();
+            assert_eq!(event.json_at("/o/a/b"), None, "{earlier}");
+        }
     }
 
     /// JSON text of some depth whose keys repeat and look like indexes, white space between
