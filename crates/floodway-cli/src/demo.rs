@@ -177,7 +177,7 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
                 view: "orders".into(),
                 key: key.into(),
                 value: Some("/order".into()),
-                batch: 500,
+                batch: Some(500),
                 batch_wait: None,
                 redact: Vec::new(),
                 decrypt: false,

@@ -215,10 +215,13 @@ pub(crate) fn fresh_demo_hub(
         }
     };
     let hub = dir.join(file);
-    if hub.exists() {
+    let views = dir.join(format!("{file}-views"));
+    if hub.exists() || views.exists() {
         anyhow::bail!(
-            "{} exists: the demo starts from a fresh hub; remove it or pick another --dir",
-            hub.display()
+            "{} or {} exists: the demo starts from a fresh hub; remove them (with their -wal \
+             and -shm files) or pick another --dir",
+            hub.display(),
+            views.display()
         );
     }
     Ok((temp, hub))

@@ -358,16 +358,19 @@ pub enum ProcessorConfig {
         key: ViewKey,
         /// A JSON pointer to the value; the whole event when absent.
         value: Option<String>,
-        /// Rows written per transaction at most (default 20,000). A view of many keys changes
-        /// pages all over its table; large transactions write each changed page once for
-        /// many rows (BENCHMARKS.md, embedded hub).
-        #[serde(default = "default_batch")]
-        batch: usize,
+        /// Rows written per transaction at most: default 20,000 for a view, 5,000 for a row
+        /// table (whose transactions hold the hub file's write lock, which publishing waits
+        /// for; a view has a file of its own). A view of many keys changes pages all over its
+        /// table; large transactions write each changed page once for many rows (BENCHMARKS.md,
+        /// embedded hub).
+        #[serde(default)]
+        batch: Option<usize>,
         /// How long a transaction waits for more rows before it is written, whatever its size
-        /// (default 100 ms): under light load, how far the view may be behind; while catching
-        /// up, what lets transactions grow to `batch`. On NATS, where a subscription holds at
-        /// most `max_ack_pending` messages per partition unacknowledged, a `batch` larger than
-        /// that (over the stream's partitions) cannot fill, and the default is 20 ms.
+        /// (default 100 ms for a view, 20 ms for a row table): under light load, how far the
+        /// view may be behind; while catching up, what lets transactions grow to `batch`. On
+        /// NATS, where a subscription holds at most `max_ack_pending` messages per partition
+        /// unacknowledged, a view's `batch` larger than that (over the partitions the instance
+        /// reads) cannot fill, and the default is 20 ms.
         #[serde(default)]
         batch_wait: Option<HumanDuration>,
         /// Fields (dotted paths, e.g. `customer.email`) that appear nowhere in this
@@ -709,9 +712,6 @@ pub enum StalePolicy {
     /// A fault.
     Fault,
 }
-fn default_batch() -> usize {
-    20_000
-}
 fn default_cep_batch() -> usize {
     1_000
 }
@@ -845,7 +845,7 @@ impl Config {
                         ))
                     }
                 },
-                ProcessorConfig::Materialize { batch: 0, .. }
+                ProcessorConfig::Materialize { batch: Some(0), .. }
                 | ProcessorConfig::Cep { batch: 0, .. } => {
                     return Err(format!("processor `{name}`: batch must be at least 1"));
                 }
@@ -1120,13 +1120,13 @@ name = "faults"
             } => (*batch, batch_wait.map(HumanDuration::get)),
             other => panic!("{other:?}"),
         };
-        assert_eq!(batching(&Config::parse(FULL).unwrap()), (20_000, None));
+        assert_eq!(batching(&Config::parse(FULL).unwrap()), (None, None));
         let set = FULL.replace(
             "value = \"/order\"",
             "value = \"/order\"\nbatch = 500\nbatch_wait = \"20ms\"",
         );
         let wait = Some(std::time::Duration::from_millis(20));
-        assert_eq!(batching(&Config::parse(&set).unwrap()), (500, wait));
+        assert_eq!(batching(&Config::parse(&set).unwrap()), (Some(500), wait));
         let err = Config::parse(&FULL.replace(
             "value = \"/order\"",
             "value = \"/order\"\nbatch_wait = \"soon\"",

@@ -22,8 +22,9 @@ pub struct Hubs {
     /// The data keys of envelope encryption, when `[encryption]` gives them.
     pub keys: Option<Arc<dyn floodway::encryption::KeyProvider>>,
     /// How many records a subscription of `events` may hold unacknowledged at most, when the
-    /// hub bounds them (NATS: `max_ack_pending` per partition, times the partitions); `None`
-    /// on the embedded hub, where only a processor's own in-flight bound applies.
+    /// hub bounds them (NATS: `max_ack_pending` per partition, times the partitions this
+    /// instance reads); `None` on the embedded hub, where only a processor's own in-flight
+    /// bound applies.
     pub unacked: Option<usize>,
 }
 
@@ -150,9 +151,14 @@ impl Hubs {
             Some(nats) => {
                 let hub = NatsHub::connect(&nats.hub_options(Some(config))).await?;
                 let reads = nats.read(hub.partitions());
+                // Over the partitions this instance reads.
+                let read = match &reads.partitions {
+                    floodway_nats::Partitions::Only(share) => share.len(),
+                    _ => hub.partitions() as usize,
+                };
                 let unacked = usize::try_from(nats.max_ack_pending)
                     .unwrap_or(0)
-                    .saturating_mul(hub.partitions() as usize);
+                    .saturating_mul(read);
                 (Arc::new(NatsEventHub::new(hub, reads)), Some(unacked))
             }
         };

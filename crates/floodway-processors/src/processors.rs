@@ -256,8 +256,16 @@ pub const DEFAULT_BATCH_WAIT: Duration = Duration::from_millis(100);
 /// transaction would wait out the whole window while the server holds the rest back.
 pub const BOUNDED_BATCH_WAIT: Duration = Duration::from_millis(20);
 
-/// The time window of a *materialize* processor writing `batch` rows per transaction on
-/// `hubs`: `asked`, else the default for the hub ([`DEFAULT_BATCH_WAIT`],
+/// Rows per transaction of a *materialize* processor writing a view, by default.
+pub const DEFAULT_VIEW_BATCH: usize = 20_000;
+
+/// Updates per transaction of a *materialize* processor writing a row table, by default, and
+/// how long one waits for more: row tables are in the hub file, whose write lock publishing
+/// waits for.
+pub const DEFAULT_ROWS_BATCH: (usize, Duration) = (5_000, Duration::from_millis(20));
+
+/// The time window of a *materialize* processor writing `batch` rows per transaction into a
+/// view on `hubs`: `asked`, else the default for the hub ([`DEFAULT_BATCH_WAIT`],
 /// [`BOUNDED_BATCH_WAIT`]).
 fn transaction_wait(hubs: &Hubs, batch: usize, asked: Option<HumanDuration>) -> Duration {
     match asked {
@@ -1085,8 +1093,12 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                         view,
                         key,
                         value: value.as_deref(),
-                        batch: *batch,
-                        wait: transaction_wait(hubs, *batch, *batch_wait),
+                        batch: batch.unwrap_or(DEFAULT_VIEW_BATCH),
+                        wait: transaction_wait(
+                            hubs,
+                            batch.unwrap_or(DEFAULT_VIEW_BATCH),
+                            *batch_wait,
+                        ),
                     },
                     &protect,
                 ),
@@ -1109,8 +1121,8 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                         latest: *latest,
                         fault_when_stale: *stale == StalePolicy::Fault,
                         outbox: *outbox,
-                        batch: *batch,
-                        wait: transaction_wait(hubs, *batch, *batch_wait),
+                        batch: batch.unwrap_or(DEFAULT_ROWS_BATCH.0),
+                        wait: batch_wait.map_or(DEFAULT_ROWS_BATCH.1, HumanDuration::get),
                     };
                     materialize_rows(hubs, name, types, target, &protect)
                 }
