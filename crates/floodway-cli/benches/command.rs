@@ -9,9 +9,10 @@
 //!   command's peak memory, for this file and for one five times larger;
 //! - **materialize**: the published events into a view, with one configuration file, each
 //!   over a hub the library published: the library builds and runs its processors
-//!   (`build_all`, `run_all`), against `floodway run CONFIG`. Both follow the hub as a service does (so the last batch of each waits its time
-//!   limit, as it would in production) and both are timed until their metrics say every order
-//!   event is in the view, polled every 5 ms; the command's time starts with its process.
+//!   (`build_all`, `run_all`), against `floodway run CONFIG`. Both follow the hub as a service
+//!   does (so the last batch of each waits its time limit, as it would in production) and both
+//!   are timed until their metrics say every order event is in the view, polled every 5 ms;
+//!   the command's time starts with its process.
 
 #[path = "../../floodway/benches/common/mod.rs"]
 #[macro_use]

@@ -85,7 +85,12 @@ impl Hub {
                 options.lease
             )));
         }
-        let mut opened = schema::open(
+        let schema::Opened {
+            conn,
+            partitions,
+            checkpoints,
+            views,
+        } = schema::open(
             &path,
             options.create,
             options.partitions,
@@ -94,10 +99,8 @@ impl Hub {
             options.page_cache_kib,
         )?;
         let (tx, rx) = mpsc::channel();
-        let store = Store::new(path, options, &mut opened);
-        let (conn, partitions) = (opened.conn, opened.partitions);
         let inner = Arc::new(HubInner {
-            store,
+            store: Store::new(path, options, checkpoints, views),
             partitions,
             writer: Mutex::new(Some(tx)),
             published: Arc::new(Notify::new()),
@@ -691,12 +694,7 @@ mod tests {
     }
 
     fn tables(path: &Path) -> Vec<String> {
-        let conn = Connection::open(path).unwrap();
-        let mut stmt = conn
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-            .unwrap();
-        let names = stmt.query_map([], |r| r.get(0)).unwrap();
-        names.map(Result::unwrap).collect()
+        tables_named(&Connection::open(path).unwrap(), "").unwrap()
     }
 
     fn write(key: &str, timestamp: i64) -> crate::ViewWrite {

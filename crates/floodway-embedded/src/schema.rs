@@ -329,15 +329,8 @@ pub(crate) fn open(
         )
         .map_err(err)?
         > 0;
-    let found = if has_meta {
-        let meta = |key: &str| -> rusqlite::Result<Option<String>> {
-            tx.query_row(
-                "SELECT value FROM floodway_meta WHERE key = ?1",
-                [key],
-                |r| r.get(0),
-            )
-            .optional()
-        };
+    let (found, own_views) = if has_meta {
+        let meta = |key: &str| meta(&tx, key);
         if meta("format").map_err(err)?.as_deref() != Some(FORMAT) {
             return Err(OpenError::Foreign {
                 path: path.to_owned(),
@@ -371,20 +364,19 @@ pub(crate) fn open(
                 asked,
             });
         }
-        let views = match version {
-            VERSION => meta(VIEWS_FILE_KEY).map_err(err)?,
-            _ => None,
-        };
-        if version == VERSION && views.is_none() {
-            return Err(OpenError::NotADatabase {
-                path: path.to_owned(),
-                detail: "the token of the hub's views file is missing".into(),
-            });
+        // Version 2 keeps its views in this file; version 3 beside it.
+        let own_views = version == VERSION;
+        if own_views {
+            let token =
+                meta(VIEWS_FILE_KEY)
+                    .map_err(err)?
+                    .ok_or_else(|| OpenError::NotADatabase {
+                        path: path.to_owned(),
+                        detail: "the token of the hub's views file is missing".into(),
+                    })?;
+            open_views(path, &token, false, busy_timeout)?;
         }
-        if let Some(token) = &views {
-            open_views(path, token, false)?;
-        }
-        (stored, views.is_some())
+        (stored, own_views)
     } else {
         let tables: i64 = tx
             .query_row(
@@ -415,7 +407,7 @@ pub(crate) fn open(
         // The views file is made before the hub's commit, which another process opening the
         // new hub waits for: whoever sees the hub sees its views file.
         let token = format!("{:016x}", random());
-        open_views(path, &token, true)?;
+        open_views(path, &token, true, busy_timeout)?;
         for (key, value) in [
             ("format", FORMAT.to_owned()),
             ("version", VERSION.to_string()),
@@ -430,7 +422,6 @@ pub(crate) fn open(
         }
         (count, true)
     };
-    let (found, own_views) = found;
     add_missing(&tx).map_err(err)?;
     tx.commit().map_err(err)?;
     // The file is a hub: start checkpointing it, and let the writing connection take part.
@@ -470,8 +461,23 @@ pub(crate) fn views_path(hub: &Path) -> std::path::PathBuf {
     name.into()
 }
 
+/// The value of `key` in a file's `floodway_meta`.
+fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT value FROM floodway_meta WHERE key = ?1",
+        [key],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
 /// Checks (with `create`, makes) the views file of the hub at `hub`, whose token is `token`.
-fn open_views(hub: &Path, token: &str, create: bool) -> Result<(), OpenError> {
+fn open_views(
+    hub: &Path,
+    token: &str,
+    create: bool,
+    busy_timeout: Duration,
+) -> Result<(), OpenError> {
     let path = views_path(hub);
     let problem = |problem: String| OpenError::ViewsFile {
         path: path.clone(),
@@ -490,7 +496,7 @@ fn open_views(hub: &Path, token: &str, create: bool) -> Result<(), OpenError> {
     }
     let err = |e| sqlite_error(&path, e);
     let mut conn = Connection::open_with_flags(&path, flags).map_err(err)?;
-    conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+    conn.busy_timeout(busy_timeout).map_err(err)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(err)?;
@@ -511,17 +517,11 @@ fn open_views(hub: &Path, token: &str, create: bool) -> Result<(), OpenError> {
             |r| r.get(0),
         )
         .map_err(err)?;
-    let stored = |key: &str| -> rusqlite::Result<Option<String>> {
-        tx.query_row(
-            "SELECT value FROM floodway_meta WHERE key = ?1",
-            [key],
-            |r| r.get(0),
-        )
-        .optional()
-    };
+    // A file without the meta table (another application's) answers an error: not ours.
+    let stored = |key: &str| meta(&tx, key).ok().flatten();
     // At creation, a file holding nothing but a views file's meta was left by a creation
     // that did not finish (the hub's commit comes after this file's): it is taken over.
-    let unused = tables == 1 && stored("format").ok().flatten().as_deref() == Some(VIEWS_FORMAT);
+    let unused = tables == 1 && stored("format").as_deref() == Some(VIEWS_FORMAT);
     if create && (tables == 0 || unused) {
         tx.execute_batch(
             "CREATE TABLE IF NOT EXISTS floodway_meta \
@@ -537,9 +537,8 @@ fn open_views(hub: &Path, token: &str, create: bool) -> Result<(), OpenError> {
         }
         return tx.commit().map_err(err);
     }
-    let belongs = tables > 0
-        && stored("format").ok().flatten().as_deref() == Some(VIEWS_FORMAT)
-        && stored("hub").ok().flatten().as_deref() == Some(token);
+    let belongs = stored("format").as_deref() == Some(VIEWS_FORMAT)
+        && stored("hub").as_deref() == Some(token);
     if create {
         return Err(problem(format!(
             "a file holding views or other tables is already here where the new hub {} would \

@@ -50,13 +50,20 @@ struct ViewsFile {
 }
 
 impl Store {
-    pub(crate) fn new(path: PathBuf, options: HubOptions, opened: &mut schema::Opened) -> Self {
+    /// The stores' handle on the hub file at `path`, checkpointed by `checkpoints`, and on the
+    /// views' own file when there is one (its path and checkpointing thread).
+    pub(crate) fn new(
+        path: PathBuf,
+        options: HubOptions,
+        checkpoints: schema::WalCheckpoints,
+        views: Option<(PathBuf, schema::WalCheckpoints)>,
+    ) -> Self {
         Store {
             path,
             gate: WriteGate::default(),
             options,
-            checkpoints: Arc::new(opened.checkpoints.clone()),
-            views: opened.views.take().map(|(path, checkpoints)| {
+            checkpoints: Arc::new(checkpoints),
+            views: views.map(|(path, checkpoints)| {
                 Arc::new(ViewsFile {
                     path,
                     gate: WriteGate::default(),
@@ -66,8 +73,8 @@ impl Store {
         }
     }
 
-    /// A new connection to the file for everything but publishing: views, row tables, faults,
-    /// checkpoints, reads. Its commits are not synced one by one (`synchronous=NORMAL`): in WAL
+    /// A new connection to the hub file for everything but publishing: row tables, faults,
+    /// checkpoints, reads (and the views of a hub that keeps them here). Its commits are not synced one by one (`synchronous=NORMAL`): in WAL
     /// mode commits reach the log in order, the publisher's synced commits sync everything
     /// before them, and a power loss keeps a prefix of the log, so a checkpoint never survives
     /// the view writes it covers (the records after the surviving checkpoint are processed

@@ -251,33 +251,34 @@ pub struct ViewTarget<'a> {
 /// is at most a tenth of a second behind under light load.
 pub const DEFAULT_BATCH_WAIT: Duration = Duration::from_millis(100);
 
-/// The default wait on a hub that lets a subscription hold fewer records unacknowledged than
-/// a batch takes (NATS, `max_ack_pending`): such a batch never fills by count, and every
-/// transaction would wait out the whole window while the server holds the rest back.
-pub const BOUNDED_BATCH_WAIT: Duration = Duration::from_millis(20);
+/// The short window: of processors whose output should follow soon (*cep*, *forward*, the
+/// fault monitor), of row tables (in the hub file, whose write lock publishing waits for), and
+/// of views on a hub that lets a subscription hold fewer records unacknowledged than a batch
+/// takes (NATS, `max_ack_pending`): such a batch never fills by count, and every transaction
+/// would wait out a longer window while the server holds the rest back.
+pub const SHORT_BATCH_WAIT: Duration = Duration::from_millis(20);
 
 /// Rows per transaction of a *materialize* processor writing a view, by default.
 pub const DEFAULT_VIEW_BATCH: usize = 20_000;
 
-/// Updates per transaction of a *materialize* processor writing a row table, by default, and
-/// how long one waits for more: row tables are in the hub file, whose write lock publishing
-/// waits for.
-pub const DEFAULT_ROWS_BATCH: (usize, Duration) = (5_000, Duration::from_millis(20));
+/// Updates per transaction of a *materialize* processor writing a row table, by default
+/// (written after [`SHORT_BATCH_WAIT`] under light load).
+pub const DEFAULT_ROWS_BATCH: usize = 5_000;
 
 /// The time window of a *materialize* processor writing `batch` rows per transaction into a
 /// view on `hubs`: `asked`, else the default for the hub ([`DEFAULT_BATCH_WAIT`],
-/// [`BOUNDED_BATCH_WAIT`]).
+/// [`SHORT_BATCH_WAIT`]).
 fn transaction_wait(hubs: &Hubs, batch: usize, asked: Option<HumanDuration>) -> Duration {
     match asked {
         Some(wait) => wait.get(),
-        None if hubs.unacked.is_some_and(|held| held < batch) => BOUNDED_BATCH_WAIT,
+        None if hubs.unacked.is_some_and(|held| held < batch) => SHORT_BATCH_WAIT,
         None => DEFAULT_BATCH_WAIT,
     }
 }
 
-/// A *materialize* processor's transactions hold up to 64 MiB of events (the count is the
-/// limit that matters; this one keeps a batch of large events in bounds).
-const MATERIALIZE_BATCH_BYTES: usize = 64 << 20;
+/// A view's transactions hold up to 64 MiB of events (the count is the limit that matters;
+/// this one keeps a batch of large events in bounds).
+const VIEW_BATCH_BYTES: usize = 64 << 20;
 
 /// The *materialize* processor: events of `types` into the latest-wins view `view`.
 ///
@@ -308,7 +309,7 @@ pub fn materialize(
         move |e| value_of(value.as_deref(), e),
     );
     let batching = BatchConfig::count(batch)
-        .max_bytes(MATERIALIZE_BATCH_BYTES)
+        .max_bytes(VIEW_BATCH_BYTES)
         .max_wait(wait);
     batched(hubs, name, types, protect, batching, sink)
 }
@@ -492,9 +493,7 @@ pub fn materialize_rows(
         .map(|t| floodway::pipeline::TypeFilter::parse(t))
         .collect::<Result<Vec<_>, _>>()
         .map_err(build)?;
-    let batching = BatchConfig::count(target.batch)
-        .max_bytes(MATERIALIZE_BATCH_BYTES)
-        .max_wait(target.wait);
+    let batching = BatchConfig::count(target.batch).max_wait(target.wait);
     let sink = RowSink::new(Arc::new(table), move |e| {
         Ok(vec![target.update(e, &deletes)?])
     });
@@ -609,8 +608,7 @@ pub fn cep(
         let state = state.clone();
         async move { state.write(batch).await }
     });
-    // Derived events go out soon after what triggers them.
-    let batching = BatchConfig::count(batch).max_wait(Duration::from_millis(20));
+    let batching = BatchConfig::count(batch).max_wait(SHORT_BATCH_WAIT);
     batched(hubs, name, &read, protect, batching, sink)
 }
 
@@ -1003,7 +1001,7 @@ pub fn forward(
         pipeline = pipeline.compress_over(threshold);
     }
     let pipeline = pipeline
-        .batch(floodway::BatchConfig::count(500).max_wait(Duration::from_millis(20)))
+        .batch(BatchConfig::count(500).max_wait(SHORT_BATCH_WAIT))
         .sink(Publisher::new(to.clone()))
         .map_err(build)?;
     publishing_faults(hubs, name, pipeline)
@@ -1041,7 +1039,7 @@ pub fn fault_monitor(hubs: &Hubs, name: &str) -> Result<Processor, SetupError> {
     };
     let pipeline = Pipeline::builder(name)
         .event_type(floodway::event::FAULT_EVENT_TYPE)
-        .batch(floodway::BatchConfig::count(100).max_wait(Duration::from_millis(20)))
+        .batch(BatchConfig::count(100).max_wait(SHORT_BATCH_WAIT))
         .sink(sink)
         .map_err(build)?;
     // A fault of the monitor itself (a malformed fault event) goes straight to the store.
@@ -1121,8 +1119,8 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
                         latest: *latest,
                         fault_when_stale: *stale == StalePolicy::Fault,
                         outbox: *outbox,
-                        batch: batch.unwrap_or(DEFAULT_ROWS_BATCH.0),
-                        wait: batch_wait.map_or(DEFAULT_ROWS_BATCH.1, HumanDuration::get),
+                        batch: batch.unwrap_or(DEFAULT_ROWS_BATCH),
+                        wait: batch_wait.map_or(SHORT_BATCH_WAIT, HumanDuration::get),
                     };
                     materialize_rows(hubs, name, types, target, &protect)
                 }
@@ -1488,14 +1486,14 @@ mod tests {
 
     #[test]
     fn a_transaction_waits_briefly_where_the_hub_holds_back_a_batchs_worth() {
-        use super::{transaction_wait, BOUNDED_BATCH_WAIT, DEFAULT_BATCH_WAIT};
+        use super::{transaction_wait, DEFAULT_BATCH_WAIT, SHORT_BATCH_WAIT};
         let dir = tempfile::tempdir().unwrap();
         let hub = floodway_embedded::Hub::open(dir.path().join("hub.db"), Default::default());
         let mut hubs = super::Hubs::from(hub.unwrap());
         assert_eq!(transaction_wait(&hubs, 20_000, None), DEFAULT_BATCH_WAIT);
         // NATS, 8 partitions of 1,000 unacknowledged messages each.
         hubs.unacked = Some(8_000);
-        assert_eq!(transaction_wait(&hubs, 20_000, None), BOUNDED_BATCH_WAIT);
+        assert_eq!(transaction_wait(&hubs, 20_000, None), SHORT_BATCH_WAIT);
         assert_eq!(transaction_wait(&hubs, 5_000, None), DEFAULT_BATCH_WAIT);
         let asked = std::time::Duration::from_millis(250);
         assert_eq!(transaction_wait(&hubs, 20_000, Some(asked.into())), asked);
