@@ -13,7 +13,7 @@
 //! five times and the median is reported. For profilers, `FLOODWAY_BENCH_PROFILE=consume`
 //! (`=consume-cumulative` with cumulative acks; or `=raw`, or `=cumulative` for raw consumers
 //! per partition acking cumulatively) runs only Floodway's (or raw async-nats's) consuming,
-//! on 4 partitions, ten times;
+//! on 4 partitions (`FLOODWAY_BENCH_PARTITIONS` to change), ten times;
 //! `=publish`, raw and Floodway publishing (4 partitions) taking turns, ten times each.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -348,7 +348,11 @@ fn main() {
             return;
         }
         if let Ok(profile) = std::env::var("FLOODWAY_BENCH_PROFILE") {
-            let source = hub(&server, "PROFILE", 4).await;
+            let partitions = std::env::var("FLOODWAY_BENCH_PARTITIONS")
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(4);
+            let source = hub(&server, "PROFILE", partitions).await;
             floodway_publish(&source, &events).await;
             for run in 0..10 {
                 let rate = match profile.as_str() {
@@ -359,7 +363,7 @@ fn main() {
                     }
                     "cumulative" => {
                         let subjects: Vec<Option<String>> =
-                            (0..4).map(|p| Some(source.partition_subject(p))).collect();
+                            (0..partitions).map(|p| Some(source.partition_subject(p))).collect();
                         raw_consume_from(
                             &source,
                             &format!("rawc{run}"),

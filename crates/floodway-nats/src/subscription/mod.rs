@@ -2,8 +2,10 @@
 //!
 //! A subscription named `orders-view` reading partitions 0..8 owns the consumers
 //! `orders-view_0` .. `orders-view_7`, each filtered on its partition's subject. A task per
-//! partition pulls from its consumer and hands records to the processor through one bounded
-//! channel, so a slow processor stops the pulls (and the server stops at `max_ack_pending`).
+//! partition pulls from its consumer (its own pull requests, counted where their replies are
+//! read: `pull.rs` says why) and hands records to the processor through one channel; what a
+//! slow processor holds is bounded by the server, which stops delivering at
+//! `max_ack_pending`.
 //!
 //! Acknowledgement follows the core's settlements ([`Checkpointer::settle`](floodway::Checkpointer::settle)).
 //! By default each record is acked on its own, and a record whose fault event is stored is
@@ -33,6 +35,7 @@ use crate::hub::{check_name, NatsHub};
 mod acks;
 mod consumer;
 mod options;
+mod pull;
 mod reader;
 
 use acks::acker;

@@ -7,12 +7,12 @@ use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::AckKind;
 use floodway::error::SourceError;
 use floodway::{Record, Source};
-use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::acks::send;
 use super::consumer::{cumulative, open_consumer, remake};
 use super::options::{Sharing, SubscriptionOptions, GROUP, PULL_EXPIRES};
+use super::pull::Pull;
 use super::{AckOp, Item, NatsReader, Outstanding, Pending};
 use crate::error::NatsError;
 
@@ -202,7 +202,8 @@ impl PartitionReader {
         }
     }
 
-    /// Pulls until the stream of messages ends; `Ok(true)` when a bounded read is complete.
+    /// Pulls until the pull ends (an error: missed heartbeats, the consumer deleted) or a
+    /// bounded read has nothing more for a while; `Ok(true)` when a bounded read is complete.
     async fn pull(&mut self) -> Result<bool, NatsError> {
         if !self.options.follow && self.target.is_none() {
             match self.last_sequence().await? {
@@ -229,21 +230,23 @@ impl PartitionReader {
         // Short pulls with idle heartbeats: a pull request lost with a server (a restart, a
         // cluster node going away) is noticed within seconds, not at its expiry.
         let mut expires = PULL_EXPIRES;
-        let mut builder = consumer
-            .stream()
-            .max_messages_per_batch(self.options.fetch.max(1));
+        let mut group = None;
         if let Sharing::Pinned { ttl } = self.options.sharing {
             if !self.options.transient {
                 // Pulls well inside the pin's time to live, or the pin is lost between them.
                 expires = (ttl / 3).clamp(Duration::from_millis(500), PULL_EXPIRES);
-                builder = builder.group(GROUP);
+                group = Some(GROUP);
             }
         }
-        let builder = builder.expires(expires).heartbeat(expires / 4);
-        let mut messages = builder
-            .messages()
-            .await
-            .map_err(|e| NatsError::js("pull", e))?;
+        let mut messages = Pull::start(
+            &self.client,
+            &consumer,
+            self.options.fetch,
+            expires,
+            expires / 4,
+            group,
+        )
+        .await?;
         // Polled without pause: the channel is unbounded, so pulls (and a pin) keep flowing
         // while the processor is slow, and every message is registered as it arrives.
         loop {
@@ -261,20 +264,7 @@ impl PartitionReader {
             } else {
                 messages.next().await
             };
-            let Some(message) = next else { break };
-            let message = match message {
-                Ok(m) => m,
-                Err(e) => {
-                    use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
-                    return Err(match e.kind() {
-                        K::MissingHeartbeat => {
-                            NatsError::js("pull", "missed heartbeats; pulling again")
-                        }
-                        K::ConsumerDeleted => NatsError::js("pull", "consumer deleted; recreating"),
-                        _ => NatsError::js("pull", e),
-                    });
-                }
-            };
+            let message = next?;
             let info = message
                 .info()
                 .map_err(|e| NatsError::js("message info", e))?;
@@ -370,7 +360,6 @@ impl PartitionReader {
                 return Ok(true);
             }
         }
-        Ok(false)
     }
 }
 
