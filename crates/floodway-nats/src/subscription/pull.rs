@@ -15,8 +15,8 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, consumer::Consumer};
-use async_nats::{StatusCode, Subject, Subscriber};
+use async_nats::jetstream::consumer::{pull, Consumer};
+use async_nats::{Message, StatusCode, Subject, Subscriber};
 use futures_util::StreamExt;
 use tokio::time::{Instant, Sleep};
 
@@ -31,7 +31,6 @@ const SILENT_INTERVALS: u32 = 2;
 /// One pull from a consumer: an inbox, the requests sent to it, and what they still owe.
 pub(super) struct Pull {
     client: async_nats::Client,
-    context: jetstream::Context,
     subscriber: Subscriber,
     inbox: Subject,
     /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`.
@@ -75,7 +74,6 @@ impl Pull {
         ));
         Ok(Pull {
             client: client.clone(),
-            context: jetstream::new(client.clone()),
             subscriber,
             inbox,
             subject,
@@ -94,7 +92,7 @@ impl Pull {
     /// The next message. An error ends the pull: missed heartbeats (the server lost the
     /// requests, or the connection), the consumer deleted, or a status the pull cannot go on
     /// from.
-    pub(super) async fn next(&mut self) -> Result<jetstream::Message, NatsError> {
+    pub(super) async fn next(&mut self) -> Result<Message, NatsError> {
         loop {
             if self.owed <= self.batch / 2 {
                 self.request().await?;
@@ -130,10 +128,7 @@ impl Pull {
                             }
                         }
                     }
-                    return Ok(jetstream::Message {
-                        message,
-                        context: self.context.clone(),
-                    });
+                    return Ok(message);
                 }
                 Some(StatusCode::IDLE_HEARTBEAT) => {}
                 Some(
@@ -202,6 +197,78 @@ impl Pull {
     }
 }
 
+/// What a delivery's ack subject says about it (ADR-15): `$JS.ACK.<stream>.<consumer>.
+/// <delivered>.<stream seq>.<consumer seq>.<published ns>.<pending>`, or, from servers that
+/// name the domain and account, `$JS.ACK.<domain>.<account hash>.<stream>.<consumer>.` and the
+/// same five, then tokens this reader does not need. Read here, without async-nats's
+/// `Message::info` (a JetStream message, which clones the client, and a parse of every field),
+/// because it is read for every message: it profiled at 6% of the consuming process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Delivery<'a> {
+    /// How many times the server has delivered the message.
+    pub(super) delivered: u64,
+    pub(super) stream_sequence: u64,
+    pub(super) consumer_sequence: u64,
+    /// When the message was stored, in ns since the epoch (read on demand).
+    published: &'a str,
+}
+
+impl Delivery<'_> {
+    /// Reads a message's ack subject.
+    pub(super) fn of(message: &Message) -> Result<Delivery<'_>, NatsError> {
+        let reply = message.reply.as_deref().unwrap_or_default();
+        Delivery::parse(reply).ok_or_else(|| {
+            NatsError::js(
+                "message info",
+                format!("`{reply}` is not a JetStream ack subject"),
+            )
+        })
+    }
+
+    fn parse(reply: &str) -> Option<Delivery<'_>> {
+        let rest = reply.strip_prefix("$JS.ACK.")?;
+        let mut tokens = [""; 9];
+        let mut count = 0;
+        for token in rest.split('.') {
+            if count == tokens.len() {
+                break;
+            }
+            tokens[count] = token;
+            count += 1;
+        }
+        // Seven tokens in the first form; nine or more in the second.
+        let fields = match count {
+            7 => &tokens[2..7],
+            9 => &tokens[4..9],
+            _ => return None,
+        };
+        Some(Delivery {
+            delivered: number(fields[0])?,
+            stream_sequence: number(fields[1])?,
+            consumer_sequence: number(fields[2])?,
+            published: fields[3],
+        })
+    }
+
+    /// When the message was stored, in ms since the epoch.
+    pub(super) fn published_ms(&self) -> Option<i64> {
+        Some(i64::try_from(number(self.published)? / 1_000_000).unwrap_or(i64::MAX))
+    }
+}
+
+/// A token of decimal digits.
+fn number(token: &str) -> Option<u64> {
+    if token.is_empty() || token.len() > 20 {
+        return None;
+    }
+    token.bytes().try_fold(0u64, |n, b| {
+        let digit = b.wrapping_sub(b'0');
+        (digit < 10)
+            .then_some(())
+            .and(n.checked_mul(10)?.checked_add(u64::from(digit)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -212,8 +279,42 @@ mod tests {
     use async_nats::jetstream::stream;
     use bytes::Bytes;
 
-    use super::Pull;
+    use super::{Delivery, Pull};
     use crate::testing::NatsServer;
+
+    /// Both forms of the ack subject (ADR-15), and what is not one.
+    #[test]
+    fn a_delivery_is_read_from_either_form_of_its_ack_subject() {
+        let first = "$JS.ACK.ORDERS.view_0.3.1042.977.1764600000123456789.12";
+        let second = "$JS.ACK._.ACCHASH.ORDERS.view_0.3.1042.977.1764600000123456789.12.RND";
+        for reply in [
+            first,
+            second,
+            "$JS.ACK.D.H.ORDERS.view_0.3.1042.977.1764600000123456789.12",
+        ] {
+            let delivery = Delivery::parse(reply).unwrap();
+            assert_eq!(
+                (
+                    delivery.delivered,
+                    delivery.stream_sequence,
+                    delivery.consumer_sequence
+                ),
+                (3, 1042, 977),
+                "{reply}"
+            );
+            assert_eq!(delivery.published_ms(), Some(1_764_600_000_123), "{reply}");
+        }
+        for bad in [
+            "_INBOX.x",
+            "$JS.ACK.ORDERS.view_0.3.1042.977.1764600000123456789",
+            "$JS.ACK.ORDERS.view_0.x.1042.977.1764600000123456789.12",
+            "$JS.ACK.ORDERS.view_0.3.-1042.977.1764600000123456789.12",
+            "$JS.ACK.ORDERS.view_0.3.99999999999999999999999.977.1.12",
+            "$JS.ACK.D.H.ORDERS.view_0.3.1042.977.1",
+        ] {
+            assert_eq!(Delivery::parse(bad), None, "{bad}");
+        }
+    }
 
     /// A stream of `n` small messages and a consumer of them that needs no acks.
     async fn stream_of(

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::acks::send;
 use super::consumer::{cumulative, open_consumer, remake};
 use super::options::{Sharing, SubscriptionOptions, GROUP, PULL_EXPIRES};
-use super::pull::Pull;
+use super::pull::{Delivery, Pull};
 use super::{AckOp, Item, NatsReader, Outstanding, Pending};
 use crate::error::NatsError;
 
@@ -265,9 +265,7 @@ impl PartitionReader {
                 messages.next().await
             };
             let message = next?;
-            let info = message
-                .info()
-                .map_err(|e| NatsError::js("message info", e))?;
+            let info = Delivery::of(&message)?;
             let (sequence, delivered, delivery) = (
                 info.stream_sequence,
                 u32::try_from(info.delivered).unwrap_or(u32::MAX),
@@ -291,11 +289,10 @@ impl PartitionReader {
                 }
                 self.delivered = delivery;
             }
-            let past_until = self.options.until.is_some_and(|until| {
-                let published = i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
-                    .unwrap_or(i64::MAX);
-                published > until
-            });
+            let past_until = self
+                .options
+                .until
+                .is_some_and(|until| info.published_ms().unwrap_or(i64::MAX) > until);
             let past_target = self.target.is_some_and(|t| sequence > t);
             if past_until || past_target {
                 // Not ours to read: give it back at once for the next reader.
@@ -342,7 +339,7 @@ impl PartitionReader {
                 self.source.clone(),
                 self.partition.clone(),
                 sequence,
-                message.message.payload.clone(),
+                message.payload.clone(),
             )
             .with_attempt(delivered.max(1));
             // A durable consumer counts its deliveries for every reader of the partition.
