@@ -358,6 +358,74 @@ async fn failure_classes_end_to_end() {
     );
 }
 
+/// When each partition's consumer was made, by partition.
+async fn consumers_made(hub: &NatsHub, name: &str) -> Vec<time::OffsetDateTime> {
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let stream = js.get_stream(hub.stream()).await.unwrap();
+    let mut made = Vec::new();
+    for p in 0..hub.partitions() {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(&format!("{name}_{p}")).await.unwrap();
+        made.push(consumer.info().await.unwrap().created);
+    }
+    made
+}
+
+/// Two instances given the same partitions (exclusive sharing, a rolling deploy) share each
+/// partition's consumer: the second to subscribe finds messages the first holds
+/// unacknowledged and, the first pulling still, leaves the consumer as it is instead of
+/// starting it over at its ack floor, which would take it from under the first and deliver
+/// what the first holds a second time. (Found by the conformance scenario of two readers at
+/// once, which delivered one partition twice in about one run in ten on a busy machine.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_leaves_a_consumer_another_is_reading_as_it_is() {
+    let (_server, hub) = hub_on_new_server().await;
+    hub.publish(&generate::orders(40, 5)).await.unwrap();
+    let (processor, hung) = hanging_processor(&hub, "twin", |_| true);
+    let sub = subscribe_with_ack_wait(&hub, "twin", Duration::from_secs(60)).await;
+    let closed = sub.closed();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(async move {
+        let (reader, checkpointer) = sub.split();
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        processor.run(reader, checkpointer, stopped).await
+    });
+    retry(
+        "the first instance holds records",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || {
+            let hung = hung.load(Ordering::SeqCst);
+            async move {
+                if hung > 0 {
+                    Ok(())
+                } else {
+                    Err("not yet")
+                }
+            }
+        },
+    )
+    .await;
+    let held = subscription_stats(&hub, "twin").await.ack_pending;
+    assert!(held > 0, "the first instance holds records unacknowledged");
+    let made = consumers_made(&hub, "twin").await;
+
+    let second = subscribe_with_ack_wait(&hub, "twin", Duration::from_secs(60)).await;
+    assert_eq!(
+        consumers_made(&hub, "twin").await,
+        made,
+        "no consumer was made again under the first instance"
+    );
+    drop(second);
+    let _ = stop.send(());
+    first.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("the first subscription closed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_records_come_back_at_once_not_after_the_ack_wait() {
     let (_server, hub) = hub_on_new_server().await;

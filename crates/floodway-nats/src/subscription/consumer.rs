@@ -156,7 +156,8 @@ pub(super) async fn open_consumer(
 /// the new owner before those. Made again at the first unacknowledged sequence, the consumer
 /// delivers in stream order; messages a consumer acked per record above its floor come again,
 /// as duplicates, which at-least-once processing and idempotent sinks absorb. Only for
-/// exclusive sharing: a partition has one reader, so no live reader loses its consumer.
+/// exclusive sharing, and only when no live reader pulls from the consumer
+/// ([`read_elsewhere`]): two instances given the same partitions share the consumer instead.
 ///
 /// A consumer whose ack policy is not the settings' (acks switched between each and
 /// cumulative) is made again the same way, since JetStream cannot change it in place.
@@ -175,6 +176,17 @@ pub(super) async fn restart_at_ack_floor(
         .clone();
     let policy_changes = info.config.ack_policy != config.ack_policy;
     if info.num_ack_pending == 0 && !policy_changes {
+        return Ok(consumer);
+    }
+    if !policy_changes && read_elsewhere(&mut consumer, &info).await? {
+        // Its unacknowledged messages are another live reader's (two instances given the
+        // same partitions): starting the consumer over would take it from under that
+        // reader and deliver what it holds a second time.
+        tracing::info!(
+            consumer = %name,
+            unacked = info.num_ack_pending,
+            "another reader is pulling from the consumer; not starting it over"
+        );
         return Ok(consumer);
     }
     let start = if info.num_ack_pending == 0 {
@@ -196,6 +208,31 @@ pub(super) async fn restart_at_ack_floor(
     );
     remake(stream, name, start, config).await
 }
+
+/// Whether a live reader pulls from the consumer: it has pull requests waiting at the server,
+/// or, looked at again after a moment (a busy reader can have none waiting while it works
+/// through what it got), it had some then, or delivered or acked meanwhile. A reader that
+/// died or stopped has none waiting: the server drops a request whose client is gone.
+async fn read_elsewhere(
+    consumer: &mut async_nats::jetstream::consumer::Consumer<pull::Config>,
+    first: &async_nats::jetstream::consumer::Info,
+) -> Result<bool, NatsError> {
+    if first.num_waiting > 0 {
+        return Ok(true);
+    }
+    tokio::time::sleep(LIVE_READER_LOOK).await;
+    let again = consumer
+        .info()
+        .await
+        .map_err(|e| NatsError::js("consumer info", e))?;
+    Ok(again.num_waiting > 0
+        || again.delivered.consumer_sequence != first.delivered.consumer_sequence
+        || again.ack_floor.consumer_sequence != first.ack_floor.consumer_sequence)
+}
+
+/// How long after the first look at a consumer holding unacknowledged messages the second
+/// is taken, to tell a live reader from one that is gone.
+const LIVE_READER_LOOK: Duration = Duration::from_millis(150);
 
 /// Deletes the consumer (if it is there) and makes it again, delivering from `start`.
 pub(super) async fn remake(
