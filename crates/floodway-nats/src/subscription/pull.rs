@@ -10,9 +10,13 @@
 //! heartbeat interval, 2.5 s here). Measured on one partition under load, before this module:
 //! a stall of 2.7 s in about one run of 100,000 messages in eight. Here a request is counted
 //! by the task that reads the replies, right after it is sent and before any reply is read, so
-//! the count cannot fall behind the server's.
+//! the count cannot fall behind the server's. A reconnect (the client's connection count
+//! moves) clears the count, since the server forgets requests with the connection they came
+//! on, and the pull asks again at once; a server that goes silent otherwise ends the pull after
+//! two heartbeat intervals.
 
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, Consumer};
@@ -43,6 +47,10 @@ pub(super) struct Pull {
     pin: Option<String>,
     /// Messages asked for that the server has neither delivered nor given up on.
     owed: usize,
+    /// The client's connection count when `owed` was last counted: requests do not outlive
+    /// the connection they were sent on.
+    connects: u64,
+    statistics: std::sync::Arc<async_nats::Statistics>,
     /// Heartbeat intervals that passed without anything arriving.
     silent: u32,
     /// Something arrived in the current interval.
@@ -83,6 +91,8 @@ impl Pull {
             group,
             pin: None,
             owed: 0,
+            connects: client.statistics().connects.load(Ordering::Relaxed),
+            statistics: client.statistics(),
             silent: 0,
             heard: false,
             interval: Box::pin(tokio::time::sleep(heartbeat)),
@@ -94,6 +104,13 @@ impl Pull {
     /// from.
     pub(super) async fn next(&mut self) -> Result<Message, NatsError> {
         loop {
+            let connects = self.statistics.connects.load(Ordering::Relaxed);
+            if connects != self.connects {
+                // Connected again: what was asked for on the connection before is not owed
+                // any more (asking twice costs nothing but a request).
+                self.connects = connects;
+                self.owed = 0;
+            }
             if self.owed <= self.batch / 2 {
                 self.request().await?;
             }
@@ -101,7 +118,15 @@ impl Pull {
                 biased;
                 message = self.subscriber.next() => message,
                 () = &mut self.interval => {
-                    self.silent = if std::mem::take(&mut self.heard) { 0 } else { self.silent + 1 };
+                    // Silence across a reconnect is the old connection's: the requests are
+                    // made again above.
+                    let reconnected =
+                        self.statistics.connects.load(Ordering::Relaxed) != self.connects;
+                    self.silent = if std::mem::take(&mut self.heard) || reconnected {
+                        0
+                    } else {
+                        self.silent + 1
+                    };
                     if self.silent >= SILENT_INTERVALS {
                         return Err(NatsError::js("pull", "missed heartbeats; pulling again"));
                     }
@@ -422,6 +447,50 @@ mod tests {
             .expect("the message published after five expiries comes")
             .unwrap();
         assert_eq!(message.payload, "late");
+    }
+
+    /// A server restarted forgets the requests it held: the pull asks again as soon as the
+    /// client is connected anew, not when its heartbeats (ten seconds apart here) are missed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pull_asks_again_once_it_is_connected_anew() {
+        let mut server = NatsServer::start();
+        let (client, consumer) = stream_of(&server, 0).await;
+        let mut pull = Pull::start(
+            &client,
+            &consumer,
+            10,
+            Duration::from_secs(30),
+            Duration::from_secs(10),
+            None,
+        )
+        .await
+        .unwrap();
+        // The first request goes out as the pull is first polled.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), pull.next())
+                .await
+                .is_err(),
+            "nothing to read yet"
+        );
+        let connects = client.statistics().connects.load(Ordering::Relaxed);
+        server.restart();
+        let js = async_nats::jetstream::new(client.clone());
+        tokio::spawn(async move {
+            // Once connected again, through the client the pull uses.
+            while js.client().statistics().connects.load(Ordering::Relaxed) == connects {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            js.publish("s", "after".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        });
+        let message = tokio::time::timeout(Duration::from_secs(8), pull.next())
+            .await
+            .expect("asked again once connected, long before a heartbeat is missed")
+            .unwrap();
+        assert_eq!(message.payload, "after");
     }
 
     /// A server that goes silent (killed) ends the pull after two heartbeat intervals
