@@ -178,7 +178,10 @@ pub(super) async fn restart_at_ack_floor(
     if info.num_ack_pending == 0 && !policy_changes {
         return Ok(consumer);
     }
-    if !policy_changes && read_elsewhere(&mut consumer, &info).await? {
+    // With cumulative acks a partition has one reader by the settings' own terms (another's
+    // ack would cover what this one holds): such a consumer is started over as before.
+    let per_record = config.ack_policy == AckPolicy::Explicit;
+    if !policy_changes && per_record && read_elsewhere(&mut consumer, &info).await? {
         // Its unacknowledged messages are another live reader's (two instances given the
         // same partitions): starting the consumer over would take it from under that
         // reader and deliver what it holds a second time.

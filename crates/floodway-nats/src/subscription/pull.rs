@@ -11,9 +11,9 @@
 //! a stall of 2.7 s in about one run of 100,000 messages in eight. Here a request is counted
 //! by the task that reads the replies, right after it is sent and before any reply is read, so
 //! the count cannot fall behind the server's. A reconnect (the client's connection count
-//! moves) clears the count, since the server forgets requests with the connection they came
-//! on, and the pull asks again at once; a server that goes silent otherwise ends the pull after
-//! two heartbeat intervals.
+//! moves, looked at every 250 ms while the pull waits) clears the count, since a restarted
+//! server forgets the requests it held, and the pull asks again; a server that goes silent
+//! otherwise ends the pull after two heartbeat intervals without a word.
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -26,11 +26,14 @@ use tokio::time::{Instant, Sleep};
 
 use crate::error::NatsError;
 
-/// The JetStream API prefix of the hub's context (no domain).
+/// The JetStream API prefix of the hub's context, which names no domain (`NatsHub::connect`).
 const API_PREFIX: &str = "$JS.API";
 
-/// Silent heartbeat intervals in a row after which the pull is given up.
+/// Heartbeat intervals without a word after which the pull is given up (async-nats's rule).
 const SILENT_INTERVALS: u32 = 2;
+
+/// How often a waiting pull looks at the client's connection count and its silence.
+const LOOK_EVERY: Duration = Duration::from_millis(250);
 
 /// One pull from a consumer: an inbox, the requests sent to it, and what they still owe.
 pub(super) struct Pull {
@@ -51,11 +54,12 @@ pub(super) struct Pull {
     /// the connection they were sent on.
     connects: u64,
     statistics: std::sync::Arc<async_nats::Statistics>,
-    /// Heartbeat intervals that passed without anything arriving.
-    silent: u32,
-    /// Something arrived in the current interval.
+    /// How long nothing has arrived, counted in looks.
+    silent: Duration,
+    /// Something arrived since the last look.
     heard: bool,
-    interval: Pin<Box<Sleep>>,
+    look: Duration,
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Pull {
@@ -93,9 +97,10 @@ impl Pull {
             owed: 0,
             connects: client.statistics().connects.load(Ordering::Relaxed),
             statistics: client.statistics(),
-            silent: 0,
+            silent: Duration::ZERO,
             heard: false,
-            interval: Box::pin(tokio::time::sleep(heartbeat)),
+            look: heartbeat.min(LOOK_EVERY),
+            timer: Box::pin(tokio::time::sleep(heartbeat.min(LOOK_EVERY))),
         })
     }
 
@@ -117,21 +122,21 @@ impl Pull {
             let message = tokio::select! {
                 biased;
                 message = self.subscriber.next() => message,
-                () = &mut self.interval => {
-                    // Silence across a reconnect is the old connection's: the requests are
-                    // made again above.
+                () = &mut self.timer => {
+                    // A reconnect is handled above; silence across it was the old
+                    // connection's.
                     let reconnected =
                         self.statistics.connects.load(Ordering::Relaxed) != self.connects;
                     self.silent = if std::mem::take(&mut self.heard) || reconnected {
-                        0
+                        Duration::ZERO
                     } else {
-                        self.silent + 1
+                        self.silent + self.look
                     };
-                    if self.silent >= SILENT_INTERVALS {
+                    if self.silent >= self.heartbeat * SILENT_INTERVALS {
                         return Err(NatsError::js("pull", "missed heartbeats; pulling again"));
                     }
-                    let next = Instant::now() + self.heartbeat;
-                    self.interval.as_mut().reset(next);
+                    let next = Instant::now() + self.look;
+                    self.timer.as_mut().reset(next);
                     continue;
                 }
             };
@@ -276,8 +281,14 @@ impl Delivery<'_> {
     }
 
     /// When the message was stored, in ms since the epoch.
-    pub(super) fn published_ms(&self) -> Option<i64> {
-        Some(i64::try_from(number(self.published)? / 1_000_000).unwrap_or(i64::MAX))
+    pub(super) fn published_ms(&self) -> Result<i64, NatsError> {
+        let ns = number(self.published).ok_or_else(|| {
+            NatsError::js(
+                "message info",
+                format!("`{}` is not a time in ns", self.published),
+            )
+        })?;
+        Ok(i64::try_from(ns / 1_000_000).unwrap_or(i64::MAX))
     }
 }
 
@@ -327,7 +338,11 @@ mod tests {
                 (3, 1042, 977),
                 "{reply}"
             );
-            assert_eq!(delivery.published_ms(), Some(1_764_600_000_123), "{reply}");
+            assert_eq!(
+                delivery.published_ms().unwrap(),
+                1_764_600_000_123,
+                "{reply}"
+            );
         }
         for bad in [
             "_INBOX.x",
@@ -449,8 +464,9 @@ mod tests {
         assert_eq!(message.payload, "late");
     }
 
-    /// A server restarted forgets the requests it held: the pull asks again as soon as the
-    /// client is connected anew, not when its heartbeats (ten seconds apart here) are missed.
+    /// A server restarted forgets the requests it held: the pull, waiting meanwhile, asks
+    /// again once the client is connected anew, not when its heartbeats (ten seconds apart
+    /// here) are missed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pull_asks_again_once_it_is_connected_anew() {
         let mut server = NatsServer::start();
@@ -465,18 +481,15 @@ mod tests {
         )
         .await
         .unwrap();
-        // The first request goes out as the pull is first polled.
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), pull.next())
-                .await
-                .is_err(),
-            "nothing to read yet"
-        );
         let connects = client.statistics().connects.load(Ordering::Relaxed);
-        server.restart();
+        // Restarted while the pull waits (its first request made).
+        let restarted = tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            server.restart();
+            server
+        });
         let js = async_nats::jetstream::new(client.clone());
         tokio::spawn(async move {
-            // Once connected again, through the client the pull uses.
             while js.client().statistics().connects.load(Ordering::Relaxed) == connects {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -491,6 +504,7 @@ mod tests {
             .expect("asked again once connected, long before a heartbeat is missed")
             .unwrap();
         assert_eq!(message.payload, "after");
+        let _server = restarted.await.unwrap();
     }
 
     /// A server that goes silent (killed) ends the pull after two heartbeat intervals

@@ -289,10 +289,10 @@ impl PartitionReader {
                 }
                 self.delivered = delivery;
             }
-            let past_until = self
-                .options
-                .until
-                .is_some_and(|until| info.published_ms().unwrap_or(i64::MAX) > until);
+            let past_until = match self.options.until {
+                Some(until) => info.published_ms()? > until,
+                None => false,
+            };
             let past_target = self.target.is_some_and(|t| sequence > t);
             if past_until || past_target {
                 // Not ours to read: give it back at once for the next reader.
