@@ -138,6 +138,7 @@ impl NatsHub {
                 servers: servers.clone(),
                 message: format!("{e} (is nats-server running with -js?)"),
             })?;
+        // No domain: pull requests are sent to the default API prefix (`subscription/pull.rs`).
         let mut js = jetstream::new(client.clone());
         js.set_timeout(options.request_timeout);
         // Message schedules (timers kept by the stream) need NATS 2.12: an older server is
@@ -419,10 +420,11 @@ impl NatsHub {
 
     /// The messages of `partition` after stream sequence `after` (from `since`, ms since the
     /// epoch, when `None`) and before `before`, with their sequences: one request when there
-    /// are none, else an ordered consumer read to `before`.
+    /// are none, else an ephemeral consumer read to `before`.
     ///
     /// # Errors
-    /// When the server does not answer.
+    /// When the server does not answer, a delivery is lost on the way, or the read stops
+    /// short of `before` for 5 s (the caller tries again).
     pub async fn missed(
         &self,
         partition: u32,
@@ -430,8 +432,7 @@ impl NatsHub {
         before: u64,
         since: i64,
     ) -> Result<Vec<(u64, Bytes)>, NatsError> {
-        use async_nats::jetstream::consumer::{pull, DeliverPolicy};
-        use futures_util::StreamExt as _;
+        use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
         let stream = self.stream_handle().await?;
         let subject = self.partition_subject(partition);
         let deliver_policy = match after {
@@ -463,48 +464,24 @@ impl NatsHub {
                 .map_err(|e| NatsError::Config(format!("start time {since}: {e}")))?,
             },
         };
+        // An ephemeral consumer read with the subscriptions' own pulls (async-nats's pull
+        // stream can stall on its count of what its requests owe: `subscription/pull.rs`),
+        // checked for deliveries lost on the way as an ordered consumer would be.
         let consumer = stream
-            .create_consumer(pull::OrderedConfig {
+            .create_consumer(pull::Config {
                 filter_subject: subject,
                 deliver_policy,
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
                 ..Default::default()
             })
             .await
             .map_err(|e| NatsError::js("create consumer", e))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| NatsError::js("pull", e))?;
-        let mut out = Vec::new();
-        loop {
-            let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
-            let message = match next {
-                Ok(Some(message)) => message.map_err(|e| NatsError::js("pull", e))?,
-                // Stalled before reaching `before`: not all of it was read.
-                Ok(None) | Err(_) => {
-                    return Err(NatsError::JetStream {
-                        action: "read a partition's missed records",
-                        message: format!(
-                            "partition {partition} stopped after {} records, before sequence \
-                             {before}",
-                            out.len()
-                        ),
-                    })
-                }
-            };
-            let info = message
-                .info()
-                .map_err(|e| NatsError::js("message info", e))?;
-            let (sequence, pending) = (info.stream_sequence, info.pending);
-            if sequence >= before {
-                break;
-            }
-            out.push((sequence, message.message.payload.clone()));
-            if pending == 0 {
-                break; // the partition's last (what was at `before` went meanwhile)
-            }
-        }
-        Ok(out)
+        let read = read_to(&self.inner.client, &consumer, partition, before).await;
+        // Gone anyway once idle for the inactive threshold.
+        let _ = stream.delete_consumer(&consumer.cached_info().name).await;
+        read
     }
 
     /// Messages and bytes per partition, and every subscription's lag.
@@ -782,6 +759,55 @@ fn chains(events: &[Event]) -> (Vec<Option<usize>>, Vec<usize>) {
     let (mut first, alone): (Vec<usize>, Vec<usize>) = heads.partition(|&i| next[i].is_some());
     first.extend(alone);
     (next, first)
+}
+
+/// The messages `consumer` delivers before stream sequence `before` (or up to the partition's
+/// last), with their sequences; an error when a delivery went missing on the way or nothing
+/// came for 5 s before reaching `before`.
+async fn read_to(
+    client: &async_nats::Client,
+    consumer: &jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+    partition: u32,
+    before: u64,
+) -> Result<Vec<(u64, Bytes)>, NatsError> {
+    use crate::subscription::pull::{Delivery, Pull};
+    let expires = Duration::from_secs(5);
+    let mut pull = Pull::start(client, consumer, 1_000, expires, expires / 4, None).await?;
+    let mut out = Vec::new();
+    let mut delivered = 0;
+    loop {
+        let stalled = || NatsError::JetStream {
+            action: "read a partition's missed records",
+            message: format!(
+                "partition {partition} stopped after {} records, before sequence {before}",
+                out.len()
+            ),
+        };
+        let message = match tokio::time::timeout(expires, pull.next()).await {
+            Ok(message) => message?,
+            Err(_) => return Err(stalled()),
+        };
+        let info = Delivery::of(&message)?;
+        if info.consumer_sequence != delivered + 1 {
+            return Err(NatsError::JetStream {
+                action: "read a partition's missed records",
+                message: format!(
+                    "partition {partition}: a delivery was lost on the way (expected {}, got {})",
+                    delivered + 1,
+                    info.consumer_sequence
+                ),
+            });
+        }
+        delivered = info.consumer_sequence;
+        if info.stream_sequence >= before {
+            break;
+        }
+        out.push((info.stream_sequence, message.payload.clone()));
+        if info.pending == 0 {
+            break; // the partition's last (what was at `before` went meanwhile)
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

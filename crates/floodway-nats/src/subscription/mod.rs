@@ -35,7 +35,7 @@ use crate::hub::{check_name, NatsHub};
 mod acks;
 mod consumer;
 mod options;
-mod pull;
+pub(crate) mod pull;
 mod reader;
 
 use acks::acker;

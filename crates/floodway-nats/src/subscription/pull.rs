@@ -36,7 +36,7 @@ const SILENT_INTERVALS: u32 = 2;
 const LOOK_EVERY: Duration = Duration::from_millis(250);
 
 /// One pull from a consumer: an inbox, the requests sent to it, and what they still owe.
-pub(super) struct Pull {
+pub(crate) struct Pull {
     client: async_nats::Client,
     subscriber: Subscriber,
     inbox: Subject,
@@ -50,8 +50,8 @@ pub(super) struct Pull {
     pin: Option<String>,
     /// Messages asked for that the server has neither delivered nor given up on.
     owed: usize,
-    /// The client's connection count when `owed` was last counted: requests do not outlive
-    /// the connection they were sent on.
+    /// The client's connection count when `owed` was last counted: a server restarted, or
+    /// another one reached, does not hold the requests sent before.
     connects: u64,
     statistics: std::sync::Arc<async_nats::Statistics>,
     /// How long nothing has arrived, counted in looks.
@@ -66,7 +66,7 @@ impl Pull {
     /// Subscribes an inbox for `consumer`'s deliveries; requests go out as they are needed,
     /// `batch` messages each, waiting at the server up to `expires` with a heartbeat every
     /// `heartbeat` while there is nothing to deliver.
-    pub(super) async fn start(
+    pub(crate) async fn start(
         client: &async_nats::Client,
         consumer: &Consumer<pull::Config>,
         batch: usize,
@@ -80,6 +80,7 @@ impl Pull {
             .await
             .map_err(|e| NatsError::js("pull", e))?;
         let info = consumer.cached_info();
+        let look = heartbeat.clamp(Duration::from_millis(10), LOOK_EVERY);
         let subject = Subject::from(format!(
             "{API_PREFIX}.CONSUMER.MSG.NEXT.{}.{}",
             info.stream_name, info.name
@@ -99,15 +100,15 @@ impl Pull {
             statistics: client.statistics(),
             silent: Duration::ZERO,
             heard: false,
-            look: heartbeat.min(LOOK_EVERY),
-            timer: Box::pin(tokio::time::sleep(heartbeat.min(LOOK_EVERY))),
+            look,
+            timer: Box::pin(tokio::time::sleep(look)),
         })
     }
 
     /// The next message. An error ends the pull: missed heartbeats (the server lost the
     /// requests, or the connection), the consumer deleted, or a status the pull cannot go on
     /// from.
-    pub(super) async fn next(&mut self) -> Result<Message, NatsError> {
+    pub(crate) async fn next(&mut self) -> Result<Message, NatsError> {
         loop {
             let connects = self.statistics.connects.load(Ordering::Relaxed);
             if connects != self.connects {
@@ -234,18 +235,20 @@ impl Pull {
 /// `Message::info` (a JetStream message, which clones the client, and a parse of every field),
 /// because it is read for every message: it profiled at 6% of the consuming process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Delivery<'a> {
+pub(crate) struct Delivery<'a> {
     /// How many times the server has delivered the message.
-    pub(super) delivered: u64,
-    pub(super) stream_sequence: u64,
-    pub(super) consumer_sequence: u64,
+    pub(crate) delivered: u64,
+    pub(crate) stream_sequence: u64,
+    pub(crate) consumer_sequence: u64,
+    /// Messages left for the consumer to deliver after this one.
+    pub(crate) pending: u64,
     /// When the message was stored, in ns since the epoch (read on demand).
     published: &'a str,
 }
 
 impl Delivery<'_> {
     /// Reads a message's ack subject.
-    pub(super) fn of(message: &Message) -> Result<Delivery<'_>, NatsError> {
+    pub(crate) fn of(message: &Message) -> Result<Delivery<'_>, NatsError> {
         let reply = message.reply.as_deref().unwrap_or_default();
         Delivery::parse(reply).ok_or_else(|| {
             NatsError::js(
@@ -277,11 +280,12 @@ impl Delivery<'_> {
             stream_sequence: number(fields[1])?,
             consumer_sequence: number(fields[2])?,
             published: fields[3],
+            pending: number(fields[4])?,
         })
     }
 
     /// When the message was stored, in ms since the epoch.
-    pub(super) fn published_ms(&self) -> Result<i64, NatsError> {
+    pub(crate) fn published_ms(&self) -> Result<i64, NatsError> {
         let ns = number(self.published).ok_or_else(|| {
             NatsError::js(
                 "message info",
@@ -318,6 +322,18 @@ mod tests {
     use super::{Delivery, Pull};
     use crate::testing::NatsServer;
 
+    /// A pull of `consumer` asking for 10 messages at a time.
+    async fn pull_of(
+        client: &async_nats::Client,
+        consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>,
+        expires: Duration,
+        heartbeat: Duration,
+    ) -> Pull {
+        Pull::start(client, consumer, 10, expires, heartbeat, None)
+            .await
+            .unwrap()
+    }
+
     /// Both forms of the ack subject (ADR-15), and what is not one.
     #[test]
     fn a_delivery_is_read_from_either_form_of_its_ack_subject() {
@@ -338,6 +354,7 @@ mod tests {
                 (3, 1042, 977),
                 "{reply}"
             );
+            assert_eq!(delivery.pending, 12, "{reply}");
             assert_eq!(
                 delivery.published_ms().unwrap(),
                 1_764_600_000_123,
@@ -416,16 +433,13 @@ mod tests {
                 })
             })
             .collect();
-        let mut pull = Pull::start(
+        let mut pull = pull_of(
             &client,
             &consumer,
-            10,
             Duration::from_secs(2),
             Duration::from_millis(100),
-            None,
         )
-        .await
-        .unwrap();
+        .await;
         for i in 1..=n {
             let message = pull.next().await.unwrap_or_else(|e| panic!("at {i}: {e}"));
             assert_eq!(message.payload, i.to_string());
@@ -442,16 +456,13 @@ mod tests {
     async fn an_idle_pull_asks_again_as_its_requests_expire() {
         let server = NatsServer::start();
         let (client, consumer) = stream_of(&server, 0).await;
-        let mut pull = Pull::start(
+        let mut pull = pull_of(
             &client,
             &consumer,
-            10,
             Duration::from_millis(300),
             Duration::from_millis(75),
-            None,
         )
-        .await
-        .unwrap();
+        .await;
         let js = async_nats::jetstream::new(client.clone());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -471,16 +482,13 @@ mod tests {
     async fn a_pull_asks_again_once_it_is_connected_anew() {
         let mut server = NatsServer::start();
         let (client, consumer) = stream_of(&server, 0).await;
-        let mut pull = Pull::start(
+        let mut pull = pull_of(
             &client,
             &consumer,
-            10,
             Duration::from_secs(30),
             Duration::from_secs(10),
-            None,
         )
-        .await
-        .unwrap();
+        .await;
         let connects = client.statistics().connects.load(Ordering::Relaxed);
         // Restarted while the pull waits (its first request made).
         let restarted = tokio::task::spawn_blocking(move || {
@@ -513,16 +521,13 @@ mod tests {
     async fn a_pull_ends_when_the_server_goes_silent() {
         let mut server = NatsServer::start();
         let (client, consumer) = stream_of(&server, 0).await;
-        let mut pull = Pull::start(
+        let mut pull = pull_of(
             &client,
             &consumer,
-            10,
             Duration::from_secs(5),
             Duration::from_millis(100),
-            None,
         )
-        .await
-        .unwrap();
+        .await;
         server.kill();
         let error = tokio::time::timeout(Duration::from_secs(10), pull.next())
             .await
