@@ -138,7 +138,7 @@ impl NatsHub {
                 servers: servers.clone(),
                 message: format!("{e} (is nats-server running with -js?)"),
             })?;
-        // No domain: pull requests are sent to the default API prefix (`subscription/pull.rs`).
+        // No domain: pull requests are sent to the default API prefix (`pull.rs`).
         let mut js = jetstream::new(client.clone());
         js.set_timeout(options.request_timeout);
         // Message schedules (timers kept by the stream) need NATS 2.12: an older server is
@@ -465,7 +465,7 @@ impl NatsHub {
             },
         };
         // An ephemeral consumer read with the subscriptions' own pulls (async-nats's pull
-        // stream can stall on its count of what its requests owe: `subscription/pull.rs`),
+        // stream can stall on its count of what its requests owe: `pull.rs`),
         // checked for deliveries lost on the way as an ordered consumer would be.
         let consumer = stream
             .create_consumer(pull::Config {
@@ -770,7 +770,7 @@ async fn read_to(
     partition: u32,
     before: u64,
 ) -> Result<Vec<(u64, Bytes)>, NatsError> {
-    use crate::subscription::pull::{Delivery, Pull};
+    use crate::pull::{Delivery, Pull};
     let expires = Duration::from_secs(5);
     let mut pull = Pull::start(client, consumer, 1_000, expires, expires / 4, None).await?;
     let mut out = Vec::new();

@@ -35,6 +35,7 @@ mod error;
 mod event_hub;
 mod hub;
 mod publisher;
+mod pull;
 mod subscription;
 pub mod testing;
 

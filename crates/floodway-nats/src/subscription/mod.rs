@@ -3,7 +3,7 @@
 //! A subscription named `orders-view` reading partitions 0..8 owns the consumers
 //! `orders-view_0` .. `orders-view_7`, each filtered on its partition's subject. A task per
 //! partition pulls from its consumer (its own pull requests, counted where their replies are
-//! read: `pull.rs` says why) and hands records to the processor through one channel; what a
+//! read: `../pull.rs` says why) and hands records to the processor through one channel; what a
 //! slow processor holds is bounded by the server, which stops delivering at
 //! `max_ack_pending`.
 //!
@@ -35,7 +35,6 @@ use crate::hub::{check_name, NatsHub};
 mod acks;
 mod consumer;
 mod options;
-pub(crate) mod pull;
 mod reader;
 
 use acks::acker;

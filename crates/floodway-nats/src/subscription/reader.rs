@@ -12,9 +12,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::acks::send;
 use super::consumer::{cumulative, open_consumer, remake};
 use super::options::{Sharing, SubscriptionOptions, GROUP, PULL_EXPIRES};
-use super::pull::{Delivery, Pull};
 use super::{AckOp, Item, NatsReader, Outstanding, Pending};
 use crate::error::NatsError;
+use crate::pull::{Delivery, Pull};
 
 /// Pulls one partition's consumer into the subscription's channel.
 pub(super) struct PartitionReader {
