@@ -283,16 +283,25 @@ impl NatsHub {
         let source = format!("nats:{}", self.inner.stream);
         let options = Arc::new(options);
         // Every consumer first, so that bad settings fail here before anything is pulled, and
-        // a start at the end means the end as of this call.
-        let mut consumers = Vec::with_capacity(partitions.len());
-        for (partition, subject) in partitions {
-            let config = consumer_config(name, &partition, subject.clone(), &options)?;
-            let mut consumer = open_consumer(&stream, &config).await?;
-            if !options.transient && options.sharing == Sharing::Exclusive {
-                consumer = restart_at_ack_floor(&stream, consumer, &config).await?;
+        // a start at the end means the end as of this call. The partitions' consumers are
+        // opened at once (a round trip or two each, and a second look where a predecessor
+        // left messages unacknowledged), each to its end: one made again is never cut short
+        // between its delete and its create by another's failure.
+        let opened = partitions.into_iter().map(|(partition, subject)| {
+            let (stream, options) = (&stream, &options);
+            async move {
+                let config = consumer_config(name, &partition, subject.clone(), options)?;
+                let mut consumer = open_consumer(stream, &config).await?;
+                if !options.transient && options.sharing == Sharing::Exclusive {
+                    consumer = restart_at_ack_floor(stream, consumer, &config).await?;
+                }
+                Ok::<_, NatsError>((partition, subject, config, consumer))
             }
-            consumers.push((partition, subject, config, consumer));
-        }
+        });
+        let consumers = futures_util::future::join_all(opened)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
         let lanes = consumers
             .iter()
             .map(|(partition, _, _, consumer)| {
