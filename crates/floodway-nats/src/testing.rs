@@ -42,12 +42,21 @@ pub fn server_binary() -> Result<PathBuf, String> {
     )
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and not handed out before in this process: the
+/// kernel may give a port just released to a test running beside the one that took it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// One `nats-server` with JetStream.
@@ -66,18 +75,25 @@ impl NatsServer {
     /// # Panics
     /// When the binary is missing or the server does not come up (a test cannot go on).
     pub fn start() -> NatsServer {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let port = free_port();
-        let args = base_args(port, dir.path());
-        let mut server = NatsServer {
-            binary: server_binary().unwrap_or_else(|e| panic!("{e}")),
-            args,
-            port,
-            child: None,
-            _dir: Some(dir),
-        };
-        server.spawn();
-        server
+        let binary = server_binary().unwrap_or_else(|e| panic!("{e}"));
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let port = free_port();
+            let args = base_args(port, dir.path());
+            let mut server = NatsServer {
+                binary: binary.clone(),
+                args,
+                port,
+                child: None,
+                _dir: Some(dir),
+            };
+            server.launch();
+            if server.listening() {
+                return server;
+            }
+            // It could not take the port (another process did meanwhile): another port.
+        }
+        panic!("nats-server did not start on any of five loopback ports");
     }
 
     /// The client URL.
@@ -111,7 +127,48 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         self.launch();
-        wait_for_port(self.port);
+        assert!(
+            self.listening(),
+            "nats-server did not start again on 127.0.0.1:{}",
+            self.port
+        );
+    }
+
+    /// Waits until this server, not another process, listens on its port (it writes a file
+    /// named by its pid once listening, `--ports_file_dir`); false when it exited first.
+    fn listening(&mut self) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return false;
+        };
+        let ports_file = format!("_{}.ports", child.id());
+        let dir = self
+            .args
+            .iter()
+            .position(|a| a == "--ports_file_dir")
+            .and_then(|i| self.args.get(i + 1))
+            .map(PathBuf::from);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                self.child = None;
+                return false;
+            }
+            let written = dir.as_ref().is_none_or(|dir| {
+                std::fs::read_dir(dir).is_ok_and(|entries| {
+                    entries
+                        .flatten()
+                        .any(|e| e.file_name().to_string_lossy().ends_with(&ports_file))
+                })
+            });
+            if written && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "nats-server did not listen on 127.0.0.1:{} within 20 s",
+            self.port
+        );
     }
 
     /// Starts the server process, its output discarded.
@@ -141,6 +198,8 @@ fn base_args(port: u16, store: &Path) -> Vec<String> {
         "-p".into(),
         port.to_string(),
         "-sd".into(),
+        store.display().to_string(),
+        "--ports_file_dir".into(),
         store.display().to_string(),
     ]
 }
@@ -449,4 +508,27 @@ fn operation_len(bytes: &[u8]) -> Option<usize> {
     };
     let total = line_end + size + 2;
     (bytes.len() >= total).then_some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{base_args, server_binary, NatsServer};
+
+    /// A server started on a port another one holds exits; it is not taken for listening
+    /// because the other one answers there.
+    #[test]
+    fn a_server_that_cannot_take_its_port_is_not_taken_for_listening() {
+        let first = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let mut second = NatsServer {
+            binary: server_binary().unwrap(),
+            args: base_args(first.port(), dir.path()),
+            port: first.port(),
+            child: None,
+            _dir: None,
+        };
+        second.launch();
+        assert!(!second.listening());
+        assert!(first.is_running());
+    }
 }
