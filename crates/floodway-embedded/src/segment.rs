@@ -4,9 +4,10 @@
 //! Storing a row per event made every event one insert into two b-trees (the table and its
 //! primary key), which bounded publishing near raw SQLite's insert rate and, since the log
 //! shared its file (and SQLite's single writer) with the views then, bounded everything
-//! written beside it. A segment costs one insert for up to [`MAX_EVENTS`] events, and reading one hands
-//! out its events as slices of one buffer, without copying them. Offsets, checkpoints and
-//! receipts stay per event; retention deletes whole segments (like a Kafka log segment).
+//! written beside it. A segment costs one insert for up to [`MAX_EVENTS`] events, and reading
+//! one hands out its events as slices of one buffer, without copying them. Offsets,
+//! checkpoints and receipts stay per event; retention deletes whole segments (like a Kafka log
+//! segment).
 //!
 //! The row's `data` is each event as a 4-byte little-endian length and the event's JSON.
 

@@ -74,9 +74,10 @@ impl Store {
     }
 
     /// A new connection to the hub file for everything but publishing: row tables, faults,
-    /// checkpoints, reads (and the views of a hub that keeps them here). Its commits are not synced one by one (`synchronous=NORMAL`): in WAL
-    /// mode commits reach the log in order, the publisher's synced commits sync everything
-    /// before them, and a power loss keeps a prefix of the log, so a checkpoint never survives
+    /// checkpoints, reads (and the views of a hub that keeps them here). Its commits are not
+    /// synced one by one (`synchronous=NORMAL`): in WAL mode commits reach the log in order,
+    /// the publisher's synced commits sync everything before them, and a power loss keeps a
+    /// prefix of the log, so a checkpoint never survives
     /// the view writes it covers (the records after the surviving checkpoint are processed
     /// again, and the views' versions and the row tables' inbox make that harmless). Only
     /// `publish` promises durability.

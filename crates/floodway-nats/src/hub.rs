@@ -773,30 +773,27 @@ async fn read_to(
     use crate::pull::{Delivery, Pull};
     let expires = Duration::from_secs(5);
     let mut pull = Pull::start(client, consumer, 1_000, expires, expires / 4, None).await?;
+    let failed = |message: String| NatsError::JetStream {
+        action: "read a partition's missed records",
+        message,
+    };
     let mut out = Vec::new();
     let mut delivered = 0;
     loop {
-        let stalled = || NatsError::JetStream {
-            action: "read a partition's missed records",
-            message: format!(
+        let Ok(message) = tokio::time::timeout(expires, pull.next()).await else {
+            return Err(failed(format!(
                 "partition {partition} stopped after {} records, before sequence {before}",
                 out.len()
-            ),
+            )));
         };
-        let message = match tokio::time::timeout(expires, pull.next()).await {
-            Ok(message) => message?,
-            Err(_) => return Err(stalled()),
-        };
+        let message = message?;
         let info = Delivery::of(&message)?;
         if info.consumer_sequence != delivered + 1 {
-            return Err(NatsError::JetStream {
-                action: "read a partition's missed records",
-                message: format!(
-                    "partition {partition}: a delivery was lost on the way (expected {}, got {})",
-                    delivered + 1,
-                    info.consumer_sequence
-                ),
-            });
+            return Err(failed(format!(
+                "partition {partition}: a delivery was lost on the way (expected {}, got {})",
+                delivered + 1,
+                info.consumer_sequence
+            )));
         }
         delivered = info.consumer_sequence;
         if info.stream_sequence >= before {

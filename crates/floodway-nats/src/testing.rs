@@ -146,19 +146,18 @@ impl NatsServer {
             .iter()
             .position(|a| a == "--ports_file_dir")
             .and_then(|i| self.args.get(i + 1))
-            .map(PathBuf::from);
+            .map(PathBuf::from)
+            .expect("the server's arguments name a ports file directory (`base_args`)");
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if !matches!(child.try_wait(), Ok(None)) {
                 self.child = None;
                 return false;
             }
-            let written = dir.as_ref().is_none_or(|dir| {
-                std::fs::read_dir(dir).is_ok_and(|entries| {
-                    entries
-                        .flatten()
-                        .any(|e| e.file_name().to_string_lossy().ends_with(&ports_file))
-                })
+            let written = std::fs::read_dir(&dir).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(&ports_file))
             });
             if written && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return true;

@@ -1467,6 +1467,31 @@ async fn consumers_acked_per_record_are_made_again_to_ack_cumulatively() {
     }
 }
 
+/// A delivery lost on the way while reading what a partition missed is an error (the caller
+/// tries again), not a gap in what it hands back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_lost_while_reading_what_a_partition_missed_is_an_error() {
+    let server = NatsServer::start();
+    let proxy = floodway_nats::testing::Proxy::start(server.port()).await;
+    let hub = NatsHub::connect(&options(vec![proxy.url()])).await.unwrap();
+    let partition = hub.partition_of("k0");
+    let events = of_partition(&hub, partition, "m", 0..200);
+    hub.publish(&events).await.unwrap();
+    let whole = hub.missed(partition, None, u64::MAX, 0).await.unwrap();
+    assert_eq!(whole.len(), events.len());
+    proxy.drop_next_delivery_containing(events[events.len() / 2].id().as_bytes());
+    let err = hub
+        .missed(partition, None, u64::MAX, 0)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("lost on the way"), "{err}");
+    assert_eq!(
+        hub.missed(partition, None, u64::MAX, 0).await.unwrap(),
+        whole
+    );
+}
+
 /// What the hub gives a processor taking over a partition: the messages another instance
 /// read (`missed`, one request when there are none), and timers the stream keeps (JetStream
 /// message schedules) delivered into the key's partition once, at their time, a timer

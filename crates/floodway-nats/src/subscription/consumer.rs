@@ -156,8 +156,8 @@ pub(super) async fn open_consumer(
 /// the new owner before those. Made again at the first unacknowledged sequence, the consumer
 /// delivers in stream order; messages a consumer acked per record above its floor come again,
 /// as duplicates, which at-least-once processing and idempotent sinks absorb. Only for
-/// exclusive sharing, and only when no live reader pulls from the consumer
-/// ([`read_elsewhere`]): two instances given the same partitions share the consumer instead.
+/// exclusive sharing, and, with per-record acks, only when no live reader pulls from the
+/// consumer ([`read_elsewhere`]): two instances given the same partitions share it instead.
 ///
 /// A consumer whose ack policy is not the settings' (acks switched between each and
 /// cumulative) is made again the same way, since JetStream cannot change it in place.
@@ -215,7 +215,8 @@ pub(super) async fn restart_at_ack_floor(
 /// Whether a live reader pulls from the consumer: it has pull requests waiting at the server,
 /// or, looked at again after a moment (a busy reader can have none waiting while it works
 /// through what it got), it had some then, or delivered or acked meanwhile. A reader that
-/// died or stopped has none waiting: the server drops a request whose client is gone.
+/// stopped, or whose process died, has none waiting once the server sees its connection
+/// close (a host that vanished keeps its requests counted until they expire).
 async fn read_elsewhere(
     consumer: &mut async_nats::jetstream::consumer::Consumer<pull::Config>,
     first: &async_nats::jetstream::consumer::Info,
