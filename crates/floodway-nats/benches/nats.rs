@@ -9,6 +9,11 @@
 //!   acked, to one subject (and to each event's partition subject of a stream of as many
 //!   partitions, as Floodway publishes), against Floodway's publisher doing the same.
 //!
+//! A second table gives each case's CPU per message, the client's (this process) and the
+//! server's, and how many cores the two kept busy: the throughput rows say how fast, this one
+//! what each side paid for a message, and whether the two cores were the limit. The profile
+//! modes print the same per run.
+//!
 //! `FLOODWAY_BENCH_EVENTS` sets the message count (default 100,000); each measurement runs
 //! five times and the median is reported. For profilers, `FLOODWAY_BENCH_PROFILE=consume`
 //! (`=consume-cumulative` with cumulative acks; or `=raw`, or `=cumulative` for raw consumers
@@ -16,6 +21,7 @@
 //! on 4 partitions (`FLOODWAY_BENCH_PARTITIONS` to change), ten times;
 //! `=publish`, raw and Floodway publishing (4 partitions) taking turns, ten times each.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,6 +67,53 @@ async fn hub(server: &NatsServer, stream: &str, partitions: u32) -> NatsHub {
     })
     .await
     .unwrap()
+}
+
+/// The CPU spent while one case ran, over its runs: this process's (the client's) and the
+/// server's, with the messages and the time they took.
+#[derive(Clone, Copy, Default)]
+struct Spent {
+    client_ms: u64,
+    server_ms: u64,
+    messages: u64,
+    seconds: f64,
+}
+
+impl Spent {
+    /// Runs `work` (a case's run over `n` messages, answering its rate) and adds what it spent.
+    async fn run(&mut self, server: &NatsServer, n: usize, work: impl Future<Output = f64>) -> f64 {
+        let server = server.pid().expect("the server runs");
+        let client = std::process::id();
+        let (before, served) = (common::cpu_ms(client), common::cpu_ms(server));
+        let rate = work.await;
+        self.client_ms += common::cpu_ms(client).saturating_sub(before);
+        self.server_ms += common::cpu_ms(server).saturating_sub(served);
+        self.messages += n as u64;
+        // The time the messages took, not the wait for the last idle pull to end.
+        self.seconds += n as f64 / rate;
+        rate
+    }
+
+    fn micros(ms: u64, messages: u64) -> f64 {
+        ms as f64 * 1000.0 / messages.max(1) as f64
+    }
+
+    fn cores(&self) -> f64 {
+        (self.client_ms + self.server_ms) as f64 / 1000.0 / self.seconds.max(f64::EPSILON)
+    }
+
+    /// A row of the CPU table: this case (Floodway's) beside `reference`.
+    fn row(&self, case: &str, reference: &Spent, name: &str) -> String {
+        format!(
+            "| {case} | {:.2} µs | {:.2} µs | {:.2} µs | {:.2} µs | {:.2} / {:.2} | {name} |",
+            Self::micros(self.client_ms, self.messages),
+            Self::micros(reference.client_ms, reference.messages),
+            Self::micros(self.server_ms, self.messages),
+            Self::micros(reference.server_ms, reference.messages),
+            self.cores(),
+            reference.cores()
+        )
+    }
 }
 
 /// Raw async-nats: one pull consumer over the stream, every message acked.
@@ -148,10 +201,17 @@ async fn raw_consume_from(
 /// A Floodway processor: one pipeline into a counting sink, its subscription acking as
 /// `acks` says.
 async fn floodway_consume(hub: &NatsHub, name: &str, n: usize, acks: Acks) -> f64 {
-    let count = Arc::new(AtomicU64::new(0));
-    let counter = count.clone();
+    // The sink says when the last message is in: a stop that looked at a counter on a timer
+    // would wake the process thousands of times a second, a cost raw async-nats does not pay.
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let counter = Arc::new(AtomicU64::new(0));
+    let all_in = reached.clone();
     let sink = sink_fn(move |batch: Batch| {
-        counter.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let len = batch.len() as u64;
+        let before = counter.fetch_add(len, Ordering::Relaxed);
+        if before < n as u64 && before + len >= n as u64 {
+            all_in.notify_one();
+        }
         std::future::ready(Ok::<_, Error>(()))
     });
     let processor = Processor::builder(name)
@@ -181,12 +241,7 @@ async fn floodway_consume(hub: &NatsHub, name: &str, n: usize, acks: Acks) -> f6
     let closed = sub.closed();
     let (reader, checkpointer) = sub.split();
     let started = Instant::now();
-    let done = count.clone();
-    let stop = async move {
-        while done.load(Ordering::Relaxed) < n as u64 {
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
-    };
+    let stop = async move { reached.notified().await };
     processor.run(reader, checkpointer, stop).await.unwrap();
     let rate = n as f64 / started.elapsed().as_secs_f64();
     closed.await;
@@ -339,11 +394,27 @@ fn main() {
                 .map(|e| (e.id().to_owned(), e.source_bytes().unwrap().clone()))
                 .collect();
             for run in 0..10 {
+                let (mut theirs, mut mine) = (Spent::default(), Spent::default());
                 let raw_hub = hub(&server, &format!("RAWPUBP{run}"), 1).await;
-                let raw = raw_publish(&raw_hub, &raw_hub.partition_subject(0), &payloads).await;
+                let raw = theirs
+                    .run(
+                        &server,
+                        n,
+                        raw_publish(&raw_hub, &raw_hub.partition_subject(0), &payloads),
+                    )
+                    .await;
                 let our_hub = hub(&server, &format!("PUBP{run}"), 4).await;
-                let ours = floodway_publish(&our_hub, &events).await;
-                out!("publish: raw {raw:.0} msg/s, Floodway {ours:.0} msg/s");
+                let ours = mine
+                    .run(&server, n, floodway_publish(&our_hub, &events))
+                    .await;
+                out!(
+                    "publish: raw {raw:.0} msg/s, Floodway {ours:.0} msg/s; CPU per message: \
+                     client {:.2} µs and {:.2} µs, server {:.2} µs and {:.2} µs",
+                    Spent::micros(theirs.client_ms, theirs.messages),
+                    Spent::micros(mine.client_ms, mine.messages),
+                    Spent::micros(theirs.server_ms, theirs.messages),
+                    Spent::micros(mine.server_ms, mine.messages)
+                );
             }
             return;
         }
@@ -355,7 +426,8 @@ fn main() {
             let source = hub(&server, "PROFILE", partitions).await;
             floodway_publish(&source, &events).await;
             for run in 0..10 {
-                let rate = match profile.as_str() {
+                let mut spent = Spent::default();
+                let rate = spent.run(&server, n, async { match profile.as_str() {
                     "raw" => raw_consume(&source, &format!("raw{run}"), n).await,
                     "consume-cumulative" => {
                         floodway_consume(&source, &format!("floodwayc{run}"), n, Acks::Cumulative)
@@ -374,8 +446,12 @@ fn main() {
                         .await
                     }
                     _ => floodway_consume(&source, &format!("floodway{run}"), n, Acks::Each).await,
-                };
-                out!("{profile}: {rate:.0} msg/s");
+                }}).await;
+                out!(
+                    "{profile}: {rate:.0} msg/s, CPU per message: client {:.2} µs, server {:.2} µs",
+                    Spent::micros(spent.client_ms, spent.messages),
+                    Spent::micros(spent.server_ms, spent.messages)
+                );
             }
             return;
         }
@@ -389,8 +465,10 @@ fn main() {
             .map(|e| (e.id().to_owned(), e.source_bytes().unwrap().clone()))
             .collect();
         let mut groups = Vec::new();
+        let mut cpu = Vec::new();
         for partitions in [1u32, 4, 16] {
-            let (mut raw, mut per_partition, mut ours) = (Vec::new(), Vec::new(), Vec::new());
+            let mut rates: [Vec<f64>; 3] = Default::default();
+            let mut spent = [Spent::default(); 3];
             // The cases take turns going first: the server's state (its page cache, the
             // streams made so far) must not favour one of them.
             for run in 0..RUNS {
@@ -404,16 +482,28 @@ fn main() {
                     .map(|e| raw_split.partition_subject(raw_split.partition_of(e.partition_key())))
                     .collect();
                 for case in 0..3 {
-                    match (case + run) % 3 {
-                        0 => raw.push(
-                            raw_publish(&raw_hub, &raw_hub.partition_subject(0), &payloads).await,
-                        ),
-                        1 => per_partition
-                            .push(raw_publish_to(&raw_split, &subjects, &payloads).await),
-                        _ => ours.push(floodway_publish(&our_hub, &events).await),
-                    }
+                    let k = (case + run) % 3;
+                    let rate = spent[k]
+                        .run(&server, n, async {
+                            match k {
+                                0 => {
+                                    raw_publish(&raw_hub, &raw_hub.partition_subject(0), &payloads)
+                                        .await
+                                }
+                                1 => raw_publish_to(&raw_split, &subjects, &payloads).await,
+                                _ => floodway_publish(&our_hub, &events).await,
+                            }
+                        })
+                        .await;
+                    rates[k].push(rate);
                 }
             }
+            let [raw, per_partition, ours] = rates;
+            cpu.push(spent[2].row(
+                &format!("publish, {partitions} partition(s)"),
+                &spent[1],
+                "raw publishing to the partition subjects",
+            ));
             row(
                 &format!("publish, acked, with ids, {partitions} partition(s)"),
                 &ours,
@@ -445,48 +535,71 @@ fn main() {
             let subjects: Vec<Option<String>> = (0..partitions)
                 .map(|p| Some(source.partition_subject(p)))
                 .collect();
-            let (mut raw, mut per_partition, mut cumulative, mut ours, mut ours_cumulative) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut rates: [Vec<f64>; 5] = Default::default();
+            let mut spent = [Spent::default(); 5];
             for run in 0..RUNS {
                 for case in 0..5 {
-                    match (case + run) % 5 {
-                        0 => raw.push(raw_consume(&source, &format!("raw{run}"), n).await),
-                        1 => per_partition.push(
-                            raw_consume_from(
-                                &source,
-                                &format!("rawp{run}"),
-                                n,
-                                &subjects,
-                                Acks::Each,
-                            )
-                            .await,
-                        ),
-                        2 => cumulative.push(
-                            raw_consume_from(
-                                &source,
-                                &format!("rawc{run}"),
-                                n,
-                                &subjects,
-                                Acks::Cumulative,
-                            )
-                            .await,
-                        ),
-                        3 => ours_cumulative.push(
-                            floodway_consume(
-                                &source,
-                                &format!("floodwayc{run}"),
-                                n,
-                                Acks::Cumulative,
-                            )
-                            .await,
-                        ),
-                        _ => ours.push(
-                            floodway_consume(&source, &format!("floodway{run}"), n, Acks::Each)
-                                .await,
-                        ),
-                    }
+                    let k = (case + run) % 5;
+                    let (source, subjects) = (&source, &subjects);
+                    let rate = spent[k]
+                        .run(&server, n, async move {
+                            match k {
+                                0 => raw_consume(source, &format!("raw{run}"), n).await,
+                                1 => {
+                                    raw_consume_from(
+                                        source,
+                                        &format!("rawp{run}"),
+                                        n,
+                                        subjects,
+                                        Acks::Each,
+                                    )
+                                    .await
+                                }
+                                2 => {
+                                    raw_consume_from(
+                                        source,
+                                        &format!("rawc{run}"),
+                                        n,
+                                        subjects,
+                                        Acks::Cumulative,
+                                    )
+                                    .await
+                                }
+                                3 => {
+                                    floodway_consume(
+                                        source,
+                                        &format!("floodwayc{run}"),
+                                        n,
+                                        Acks::Cumulative,
+                                    )
+                                    .await
+                                }
+                                _ => {
+                                    floodway_consume(
+                                        source,
+                                        &format!("floodway{run}"),
+                                        n,
+                                        Acks::Each,
+                                    )
+                                    .await
+                                }
+                            }
+                        })
+                        .await;
+                    rates[k].push(rate);
                 }
             }
+            let [raw, per_partition, cumulative, ours_cumulative, ours] = rates;
+            cpu.push(spent[4].row(
+                &format!("consume + ack, {partitions} partition(s)"),
+                &spent[1],
+                "raw, a consumer per partition",
+            ));
+            cpu.push(spent[3].row(
+                &format!("consume, cumulative acks, {partitions} partition(s)"),
+                &spent[2],
+                "raw, a consumer per partition acking cumulatively",
+            ));
             row(
                 &format!("consume + ack, {partitions} partition(s), one pipeline"),
                 &ours,
@@ -555,6 +668,22 @@ fn main() {
             at(0.99),
             late[late.len() - 1]
         );
+        out!();
+        out!(
+            "CPU per message over a case's {RUNS} runs: this process's (the client's: Floodway, \
+             or the raw loop) and nats-server's, read from `/proc` (10 ms steps); and the cores \
+             the two kept busy while the case ran, of the machine's {}",
+            std::thread::available_parallelism().map_or(0, usize::from)
+        );
+        out!();
+        out!(
+            "| case | Floodway client | reference client | Floodway server | reference server | \
+             cores busy, Floodway / reference | reference |"
+        );
+        out!("|---|---|---|---|---|---|---|");
+        for line in cpu {
+            out!("{line}");
+        }
         common::chart::save_table("nats");
         common::chart::bars(
             "nats",

@@ -125,6 +125,11 @@ impl NatsServer {
         self.child.is_some()
     }
 
+    /// The server's process id while it runs (benchmarks read its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     fn spawn(&mut self) {
         self.launch();
         assert!(

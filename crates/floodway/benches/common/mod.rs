@@ -44,6 +44,22 @@ pub(crate) fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The CPU time process `pid` has used so far, user and system, its threads that ended
+/// included (`/proc/<pid>/stat`), in ms (10 ms steps); 0 when unknown.
+pub(crate) fn cpu_ms(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // After the command name (in parentheses, which may hold spaces): the state is
+            // field 3, utime and stime fields 14 and 15, in clock ticks of 10 ms.
+            let mut fields = s.get(s.rfind(')')? + 1..)?.split_whitespace().skip(11);
+            let user: u64 = fields.next()?.parse().ok()?;
+            let system: u64 = fields.next()?.parse().ok()?;
+            Some((user + system) * 10)
+        })
+        .unwrap_or(0)
+}
+
 /// Prints a line of the benchmark's report and keeps it for [`chart::save_table`].
 macro_rules! out {
     () => {
