@@ -1,4 +1,5 @@
-//! Writes that find the hub file locked by another process try again.
+//! Writes that find the hub's file (or, for a view's writes, the views file) locked by another
+//! process try again.
 //!
 //! Every connection first waits inside SQLite for up to [`HubOptions::busy_timeout`]. A write
 //! transaction that still finds the file locked (another process's long transaction: a large
@@ -35,7 +36,8 @@ pub(crate) fn retry<T>(
                     write = what,
                     tries,
                     waited_ms = started.elapsed().as_millis() as u64,
-                    "the hub file is locked by another process's write; trying again"
+                    "the hub's file (the views file, for a view's write) is locked by another \
+                     process's write; trying again"
                 );
                 metrics::counter!("floodway_hub_busy_retries_total", "write" => what.to_owned())
                     .increment(1);
@@ -48,7 +50,8 @@ pub(crate) fn retry<T>(
                     write = what,
                     tries,
                     waited_ms = started.elapsed().as_millis() as u64,
-                    "the hub file stayed locked by another process's write; giving up"
+                    "the hub's file (the views file, for a view's write) stayed locked by \
+                     another process's write; giving up"
                 );
                 return Err(err);
             }
