@@ -1,4 +1,4 @@
-//! `floodway hub`: publish, tail, stats.
+//! `floodway hub`: publish, tail, generate, retain, unsubscribe, stats, upgrade.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -100,6 +100,17 @@ pub(crate) enum HubCommand {
         #[command(flatten)]
         hub: HubArgs,
     },
+    /// Bring a hub file made by an earlier Floodway up to this one's format: its views move
+    /// into a file of their own beside it (`<hub>-views`), where a view's writes and
+    /// publishing no longer wait for each other. Stop every process using the hub first (it
+    /// is refused while one owns a subscription). Cut short, the hub opens as before, and
+    /// running it again finishes the move.
+    ///
+    /// Example: floodway hub upgrade --hub floodway.db
+    Upgrade {
+        #[command(flatten)]
+        hub: HubArgs,
+    },
 }
 
 pub(crate) async fn run(command: HubCommand) -> anyhow::Result<()> {
@@ -124,6 +135,7 @@ pub(crate) async fn run(command: HubCommand) -> anyhow::Result<()> {
             delete_unread,
         } => retain(hub, max_age, max_bytes, delete_unread).await,
         HubCommand::Unsubscribe { hub, name } => unsubscribe(hub, &name).await,
+        HubCommand::Upgrade { hub } => upgrade(hub).await,
         HubCommand::Generate {
             events,
             seed,
@@ -475,5 +487,34 @@ async fn unsubscribe(args: HubArgs, name: &str) -> anyhow::Result<()> {
         bail!("{} has no subscription `{name}`", hub.describe());
     }
     say!("removed subscription `{name}` from {}", hub.describe());
+    Ok(())
+}
+
+async fn upgrade(args: HubArgs) -> anyhow::Result<()> {
+    let path = args.path()?;
+    let file = path.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        floodway_embedded::Hub::upgrade(
+            &file,
+            &floodway_embedded::HubOptions::default(),
+            |view, rows| say!("copied view `{view}`: {rows} rows"),
+        )
+    })
+    .await
+    .context("the upgrade stopped")??;
+    match done {
+        floodway_embedded::Upgrade::MovedViews { views_file, views } => say!(
+            "moved {} view(s) of {} into {}: the hub has this Floodway's format",
+            views.len(),
+            path.display(),
+            views_file.display()
+        ),
+        floodway_embedded::Upgrade::Current { views_file } => say!(
+            "{} already has this Floodway's format (its views are in {}): nothing to do",
+            path.display(),
+            views_file.display()
+        ),
+        other => say!("{}: {other:?}", path.display()),
+    }
     Ok(())
 }

@@ -83,12 +83,17 @@ impl HubArgs {
         }))
     }
 
-    /// Opens the hub file (with NATS, the store of views and faults); it must exist.
-    pub(crate) fn open(&self) -> anyhow::Result<Hub> {
-        let path = match &self.config {
+    /// The hub file's path (with NATS, the file of views and faults).
+    pub(crate) fn path(&self) -> anyhow::Result<PathBuf> {
+        Ok(match &self.config {
             Some(config) => Config::load(config)?.hub.path,
             None => self.hub.clone(),
-        };
+        })
+    }
+
+    /// Opens the hub file (with NATS, the store of views and faults); it must exist.
+    pub(crate) fn open(&self) -> anyhow::Result<Hub> {
+        let path = self.path()?;
         let options = HubOptions {
             create: false,
             ..HubOptions::default()

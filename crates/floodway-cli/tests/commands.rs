@@ -441,3 +441,93 @@ fn publish_streams_its_input_and_atomic_is_all_or_nothing_from_a_file_or_standar
     says(&out, "published 2499 events");
     assert_eq!(count(d), 2_499);
 }
+
+/// Turns the hub `hub.db` in `d` back into what an earlier build made (format version 2):
+/// its views in the hub file, no views file.
+fn as_made_before(d: &Path) {
+    let hub = rusqlite::Connection::open(d.join("hub.db")).unwrap();
+    let views = d.join("hub.db-views");
+    hub.execute("ATTACH DATABASE ?1 AS views", [views.to_str().unwrap()])
+        .unwrap();
+    let tables: Vec<(String, String)> = {
+        let mut statement = hub
+            .prepare("SELECT name, sql FROM views.sqlite_master WHERE name LIKE 'view_%'")
+            .unwrap();
+        let rows = statement
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    assert!(!tables.is_empty(), "the run made its view");
+    for (table, create) in tables {
+        hub.execute_batch(&create).unwrap();
+        hub.execute_batch(&format!(
+            "INSERT INTO main.{table} SELECT * FROM views.{table}"
+        ))
+        .unwrap();
+    }
+    hub.execute_batch(
+        "DETACH DATABASE views; \
+         DELETE FROM floodway_meta WHERE key = 'views_file'; \
+         UPDATE floodway_meta SET value = '2' WHERE key = 'version';",
+    )
+    .unwrap();
+    drop(hub);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(d.join(format!("hub.db-views{suffix}")));
+    }
+}
+
+/// The keys in the view `orders`.
+fn order_keys(d: &Path) -> usize {
+    open_hub(d).view("orders").unwrap().rows().unwrap().len()
+}
+
+#[test]
+fn upgrade_moves_an_earlier_hubs_views_into_their_own_file_once_nothing_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    configure(d, |c| fixed(&c));
+    publish_and_run(d, &orders(10, 99, ""), 0);
+    as_made_before(d);
+    assert_eq!(open_hub(d).views_path(), d.join("hub.db"));
+    assert_eq!(order_keys(d), 10);
+
+    // Refused while a processor runs on the hub: it would go on writing into the hub file.
+    // (Once it has materialized what is published after it started, it holds its leases.)
+    let running = start(
+        d,
+        &["run", "floodway.toml"],
+        Stdio::null(),
+        Stdio::inherit(),
+    );
+    publish(d, "more.jsonl", &orders(15, 99, "")[10..]);
+    let started = Instant::now();
+    while order_keys(d) < 15 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the run did not materialize"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let refused = floodway(d, &["hub", "upgrade", "--config", "floodway.toml"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    says(&refused, "stop the processes using the hub");
+    stop(running);
+    assert_eq!(open_hub(d).views_path(), d.join("hub.db"));
+
+    let out = floodway(d, &["hub", "upgrade", "--config", "floodway.toml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    says(&out, "copied view `orders`: 15 rows");
+    says(&out, "moved 1 view(s)");
+    assert_eq!(open_hub(d).views_path(), d.join("hub.db-views"));
+    assert_eq!(order_keys(d), 15);
+
+    // The processors go on from where they were, into the views file.
+    publish(d, "last.jsonl", &orders(20, 99, "")[15..]);
+    run_until(d, "floodway.toml", || {
+        lag(d) == Some(0) && order_keys(d) == 20
+    });
+    let out = floodway(d, &["hub", "upgrade", "--config", "floodway.toml"]);
+    says(&out, "nothing to do");
+}

@@ -58,6 +58,20 @@ pub enum OpenError {
         /// What is wrong, and what to do.
         problem: String,
     },
+    /// A process owns a subscription of the hub, where the change asked for needs every
+    /// process using the hub stopped ([`crate::Hub::upgrade`]).
+    #[error(
+        "{path} is in use: subscription `{subscription}` is owned by {holder}; stop the \
+         processes using the hub, then try again"
+    )]
+    InUse {
+        /// The hub's path.
+        path: PathBuf,
+        /// A subscription whose lease is in force.
+        subscription: String,
+        /// Who holds it.
+        holder: Box<LeaseHolder>,
+    },
     /// A setting is out of range.
     #[error("invalid hub setting: {0}")]
     Setting(String),
@@ -108,6 +122,10 @@ pub enum HubError {
         /// How long its lease lasts unless renewed.
         expires_in: std::time::Duration,
     },
+    /// The hub's format changed after this process opened it (another process upgraded it,
+    /// `floodway hub upgrade`): open the hub again.
+    #[error("{0}")]
+    Changed(String),
     /// This process no longer owns the subscription: another process took it over (after this
     /// one failed to renew its lease), or it was removed. Nothing more is read or committed
     /// through it.

@@ -501,6 +501,27 @@ impl Hub {
 }
 
 impl Hub {
+    /// Brings the hub at `path`, made by an earlier build, up to this build's format: a hub of
+    /// format version 2 keeps its views in the hub file, where a view's transactions and
+    /// publishing wait for each other; its views are moved into a file of their own
+    /// ([`Hub::views_path`]), as a hub made by this build keeps them. `each` hears of every
+    /// view as it is copied (its name and row count). A hub already in this format is left
+    /// as it is. A move cut short (a crash, a full disk) leaves a hub that opens with its
+    /// views where they were; upgrading again finishes it.
+    ///
+    /// # Errors
+    /// [`OpenError::InUse`] while a process owns one of the hub's subscriptions: every process
+    /// using the hub must be stopped first (one that opened it before the move would go on
+    /// writing its views into the hub file); [`OpenError::NotFound`], [`OpenError::Version`],
+    /// [`OpenError::Foreign`], a views file of another hub in the way, or a storage failure.
+    pub fn upgrade(
+        path: impl AsRef<Path>,
+        options: &HubOptions,
+        each: impl FnMut(&str, u64),
+    ) -> Result<crate::Upgrade, OpenError> {
+        crate::upgrade::upgrade(path.as_ref(), options.busy_timeout, each)
+    }
+
     /// Removes the subscription `name`: its checkpoints (and so what it holds back from
     /// retention, see [`Retention::keep_unread`]) and its lease. Opening it again starts it
     /// anew. Returns whether it existed.

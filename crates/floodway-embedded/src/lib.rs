@@ -76,6 +76,7 @@ mod schema;
 mod segment;
 mod store;
 mod subscription;
+mod upgrade;
 mod view;
 
 pub use cep::{CepKey, CepReport, CepTable, CepTimers, PendingTimer};
@@ -92,6 +93,7 @@ pub use rows::{RowTable, RowTx};
 pub use subscription::{
     StartAt, Subscription, SubscriptionCheckpointer, SubscriptionOptions, SubscriptionReader,
 };
+pub use upgrade::Upgrade;
 pub use view::{ViewRow, ViewSink, ViewStore, ViewWrite};
 
 /// Runs blocking storage work: in place on a multi-threaded runtime (telling it to move other

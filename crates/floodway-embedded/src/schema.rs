@@ -366,6 +366,14 @@ pub(crate) fn open(
         }
         // Version 2 keeps its views in this file; version 3 beside it.
         let own_views = version == VERSION;
+        if !own_views {
+            tracing::info!(
+                hub = %path.display(),
+                "this hub keeps its views in the hub file (format version {version}), where \
+                 views and publishing wait for each other; `floodway hub upgrade` moves them \
+                 into a file of their own"
+            );
+        }
         if own_views {
             let token =
                 meta(VIEWS_FILE_KEY)
@@ -444,10 +452,10 @@ pub(crate) fn open(
 
 /// The meta key of a hub whose views are in a file of their own; its value is the token the
 /// views file carries too, so that a hub never opens another hub's views.
-const VIEWS_FILE_KEY: &str = "views_file";
+pub(crate) const VIEWS_FILE_KEY: &str = "views_file";
 
 /// What a views file says it is.
-const VIEWS_FORMAT: &str = "floodway-views";
+pub(crate) const VIEWS_FORMAT: &str = "floodway-views";
 
 /// The file beside the hub file `hub` that holds its views (`<hub>-views`, with its own
 /// `-wal` and `-shm`), for hubs made by a build that keeps them apart.
@@ -462,7 +470,7 @@ pub(crate) fn views_path(hub: &Path) -> std::path::PathBuf {
 }
 
 /// The value of `key` in a file's `floodway_meta`.
-fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+pub(crate) fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
     conn.query_row(
         "SELECT value FROM floodway_meta WHERE key = ?1",
         [key],

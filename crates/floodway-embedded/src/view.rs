@@ -61,6 +61,20 @@ impl ViewStore {
     pub(crate) fn open(store: &Store, name: &str) -> Result<ViewStore, HubError> {
         check_name(name)?;
         let conn = store.connect_views()?;
+        if !store.views_apart() {
+            // Opened as a hub that keeps its views in its own file: unless another process
+            // has since moved them (`floodway hub upgrade`), where writing here would put
+            // them where the hub no longer reads them.
+            let version = crate::schema::meta(&conn, "version")?;
+            if version.as_deref() == Some(&crate::schema::VERSION.to_string()) {
+                return Err(HubError::Changed(format!(
+                    "the views of the hub {} were moved into {} after this process opened \
+                     it: open the hub again",
+                    store.path.display(),
+                    crate::schema::views_path(&store.path).display()
+                )));
+            }
+        }
         let table = format!("view_{name}");
         let options = &store.options;
         let exists: i64 = conn.query_row(
