@@ -102,14 +102,21 @@ pub(crate) enum HubCommand {
     },
     /// Bring a hub file made by an earlier Floodway up to this one's format: its views move
     /// into a file of their own beside it (`<hub>-views`), where a view's writes and
-    /// publishing no longer wait for each other. Stop every process using the hub first (it
-    /// is refused while one owns a subscription). Cut short, the hub opens as before, and
-    /// running it again finishes the move.
+    /// publishing no longer wait for each other. Stop every process using the hub first: it
+    /// is refused while one owns a subscription of the file, but a process that only reads
+    /// views, or whose processors read NATS, leaves no trace there. Publishing waits while
+    /// the views are copied. Cut short, the hub opens as before, and running it again
+    /// finishes the move.
     ///
     /// Example: floodway hub upgrade --hub floodway.db
     Upgrade {
         #[command(flatten)]
         hub: HubArgs,
+        /// Upgrade the file of a NATS hub's views and faults: its processors' subscriptions
+        /// are consumers on the server, so nothing in the file says whether they run; stop
+        /// them first.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -135,7 +142,7 @@ pub(crate) async fn run(command: HubCommand) -> anyhow::Result<()> {
             delete_unread,
         } => retain(hub, max_age, max_bytes, delete_unread).await,
         HubCommand::Unsubscribe { hub, name } => unsubscribe(hub, &name).await,
-        HubCommand::Upgrade { hub } => upgrade(hub).await,
+        HubCommand::Upgrade { hub, force } => upgrade(hub, force).await,
         HubCommand::Generate {
             events,
             seed,
@@ -490,8 +497,16 @@ async fn unsubscribe(args: HubArgs, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn upgrade(args: HubArgs) -> anyhow::Result<()> {
+async fn upgrade(args: HubArgs, force: bool) -> anyhow::Result<()> {
     let path = args.path()?;
+    if args.nats()?.is_some() && !force {
+        bail!(
+            "the hub's events are on NATS, where its processors' subscriptions are consumers on \
+             the server: nothing in {} says whether they run. Stop every process using the hub, \
+             then run `floodway hub upgrade --force`",
+            path.display()
+        );
+    }
     let file = path.clone();
     let done = tokio::task::spawn_blocking(move || {
         floodway_embedded::Hub::upgrade(

@@ -495,7 +495,7 @@ fn upgrade_moves_an_earlier_hubs_views_into_their_own_file_once_nothing_runs() {
 
     // Refused while a processor runs on the hub: it would go on writing into the hub file.
     // (Once it has materialized what is published after it started, it holds its leases.)
-    let running = start(
+    let running = common::Process::start(
         d,
         &["run", "floodway.toml"],
         Stdio::null(),
@@ -513,15 +513,26 @@ fn upgrade_moves_an_earlier_hubs_views_into_their_own_file_once_nothing_runs() {
     let refused = floodway(d, &["hub", "upgrade", "--config", "floodway.toml"]);
     assert!(!refused.status.success(), "{}", text(&refused));
     says(&refused, "stop the processes using the hub");
-    stop(running);
+    running.stop();
     assert_eq!(open_hub(d).views_path(), d.join("hub.db"));
+    let before = open_hub(d).view("orders").unwrap().rows().unwrap();
 
     let out = floodway(d, &["hub", "upgrade", "--config", "floodway.toml"]);
     assert!(out.status.success(), "{}", text(&out));
     says(&out, "copied view `orders`: 15 rows");
     says(&out, "moved 1 view(s)");
     assert_eq!(open_hub(d).views_path(), d.join("hub.db-views"));
-    assert_eq!(order_keys(d), 15);
+    // Every row as it was, its version with it; none left in the hub file.
+    assert_eq!(open_hub(d).view("orders").unwrap().rows().unwrap(), before);
+    let hub = rusqlite::Connection::open(d.join("hub.db")).unwrap();
+    let left: i64 = hub
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name LIKE 'view_%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(left, 0);
 
     // The processors go on from where they were, into the views file.
     publish(d, "last.jsonl", &orders(20, 99, "")[15..]);
@@ -529,5 +540,17 @@ fn upgrade_moves_an_earlier_hubs_views_into_their_own_file_once_nothing_runs() {
         lag(d) == Some(0) && order_keys(d) == 20
     });
     let out = floodway(d, &["hub", "upgrade", "--config", "floodway.toml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    says(&out, "nothing to do");
+
+    // A NATS hub's processors leave no leases in the file: stopped or not, it takes --force.
+    let nats = "[hub]\npath = \"hub.db\"\npartitions = 4\n\n[hub.nats]\nservers = \
+                [\"nats://127.0.0.1:1\"]\n";
+    std::fs::write(d.join("nats.toml"), nats).unwrap();
+    let out = floodway(d, &["hub", "upgrade", "--config", "nats.toml"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    says(&out, "floodway hub upgrade --force");
+    let out = floodway(d, &["hub", "upgrade", "--config", "nats.toml", "--force"]);
+    assert!(out.status.success(), "{}", text(&out));
     says(&out, "nothing to do");
 }

@@ -18,6 +18,10 @@ pub(crate) const FORMAT: &str = "floodway-hub";
 /// where this one would never read them.
 pub(crate) const VERSION: i64 = 3;
 
+/// The version that keeps its views in the hub file, which `floodway hub upgrade` brings to
+/// [`VERSION`] (`crate::upgrade`).
+pub(crate) const VIEWS_IN_HUB: i64 = 2;
+
 /// The oldest version this build reads (and keeps as it is).
 const OLDEST_READ: i64 = 2;
 

@@ -112,12 +112,12 @@ impl Store {
         self.views.as_ref().map_or(&self.gate, |v| &v.gate)
     }
 
-    /// The file that holds the views.
     /// Whether the views have a file of their own (a version 3 hub).
     pub(crate) fn views_apart(&self) -> bool {
         self.views.is_some()
     }
 
+    /// The file that holds the views.
     pub(crate) fn views_path(&self) -> &std::path::Path {
         self.views.as_ref().map_or(&self.path, |v| &v.path)
     }

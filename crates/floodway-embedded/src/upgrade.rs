@@ -160,7 +160,7 @@ fn check(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<bool, OpenError>
     if version == VERSION {
         return Ok(false);
     }
-    if version != VERSION - 1 {
+    if version != schema::VIEWS_IN_HUB {
         return Err(OpenError::Version {
             path: path.to_owned(),
             found: version,
@@ -472,6 +472,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = earlier_hub(dir.path());
         let hub = Hub::open(&path, HubOptions::default()).unwrap();
+        let orders = hub.view("orders").unwrap();
         let subscription = hub
             .subscribe("materializer", SubscriptionOptions::default())
             .unwrap();
@@ -491,9 +492,14 @@ mod tests {
             Ok(Upgrade::MovedViews { .. })
         ));
         // A process that opened the hub before the move does not write views where the hub
-        // no longer reads them.
-        let err = hub.view("orders").unwrap_err();
+        // no longer reads them: neither through a view it had open, nor one it opens now.
+        let err = orders.apply(&[write("o-5", 5)]).unwrap_err();
+        assert!(matches!(err, crate::HubError::Changed(_)), "{err}");
+        let err = hub.view("carts").unwrap_err();
         assert!(err.to_string().contains("open the hub again"), "{err}");
+        assert!(!tables(&path).iter().any(|t| t.starts_with("view_")));
+        let hub = Hub::open(&path, HubOptions::default()).unwrap();
+        assert_eq!(keys(&hub, "orders"), ["o-1", "o-2", "o-3"]);
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct ViewStore {
     pub(crate) conn: Arc<Mutex<Connection>>,
     gate: WriteGate,
     busy_retry: Duration,
+    /// The hub file, when the views are in it (a version 2 hub): every write checks that no
+    /// other process has moved them out since (`crate::upgrade`).
+    in_hub: Option<Arc<std::path::Path>>,
 }
 
 impl std::fmt::Debug for ViewStore {
@@ -60,21 +63,9 @@ impl ViewStore {
     /// The view `name` in the views file, its table made on first use.
     pub(crate) fn open(store: &Store, name: &str) -> Result<ViewStore, HubError> {
         check_name(name)?;
-        let conn = store.connect_views()?;
-        if !store.views_apart() {
-            // Opened as a hub that keeps its views in its own file: unless another process
-            // has since moved them (`floodway hub upgrade`), where writing here would put
-            // them where the hub no longer reads them.
-            let version = crate::schema::meta(&conn, "version")?;
-            if version.as_deref() == Some(&crate::schema::VERSION.to_string()) {
-                return Err(HubError::Changed(format!(
-                    "the views of the hub {} were moved into {} after this process opened \
-                     it: open the hub again",
-                    store.path.display(),
-                    crate::schema::views_path(&store.path).display()
-                )));
-            }
-        }
+        let mut conn = store.connect_views()?;
+        let in_hub: Option<Arc<std::path::Path>> =
+            (!store.views_apart()).then(|| store.path.as_path().into());
         let table = format!("view_{name}");
         let options = &store.options;
         let exists: i64 = conn.query_row(
@@ -88,22 +79,31 @@ impl ViewStore {
             [&table],
             |r| r.get(0),
         )?;
-        if exists == 0 || expires == 0 {
+        // In the hub file, the table is made (or found) under the write lock, after checking
+        // the views are still there: a move that commits between a look and a `CREATE` would
+        // leave the view made again where the hub no longer reads it.
+        if exists == 0 || expires == 0 || in_hub.is_some() {
             crate::busy::retry("view", options.busy_retry, || {
                 let _turn = store.views_gate().enter();
-                conn.execute_batch(&format!(
+                let tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                if let Some(hub) = &in_hub {
+                    still_in_hub(&tx, hub)?;
+                }
+                tx.execute_batch(&format!(
                     "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, \
                      time INTEGER NOT NULL, event TEXT NOT NULL, value TEXT NOT NULL, \
                      expires INTEGER) WITHOUT ROWID;"
                 ))?;
-                let has: i64 = conn.query_row(
+                let has: i64 = tx.query_row(
                     "SELECT count(*) FROM pragma_table_info(?1) WHERE name = 'expires'",
                     [&table],
                     |r| r.get(0),
                 )?;
                 if has == 0 {
-                    conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN expires INTEGER"))?;
+                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN expires INTEGER"))?;
                 }
+                tx.commit()?;
                 Ok(())
             })?;
         }
@@ -113,8 +113,25 @@ impl ViewStore {
             conn: Arc::new(Mutex::new(conn)),
             gate: store.views_gate().clone(),
             busy_retry: options.busy_retry,
+            in_hub,
         })
     }
+}
+
+/// An error unless the hub file `hub` (opened as one that keeps its views in it) still does:
+/// another process may have moved them into their own file since (`floodway hub upgrade`),
+/// where writing here would put them where the hub no longer reads them.
+fn still_in_hub(conn: &Connection, hub: &std::path::Path) -> Result<(), HubError> {
+    let version = crate::schema::meta(conn, "version")?;
+    if version.as_deref() == Some(&crate::schema::VIEWS_IN_HUB.to_string()) {
+        return Ok(());
+    }
+    Err(HubError::Changed(format!(
+        "the views of the hub {} were moved into {} after this process opened it: open the \
+         hub again",
+        hub.display(),
+        crate::schema::views_path(hub).display()
+    )))
 }
 
 impl ViewStore {
@@ -179,6 +196,9 @@ impl ViewStore {
         let mut conn = self.conn()?;
         let _turn = self.gate.enter();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if let Some(hub) = &self.in_hub {
+            still_in_hub(&tx, hub)?;
+        }
         let mut applied = Applied::default();
         {
             let table = &self.table;
