@@ -767,14 +767,7 @@ mod tests {
         let path = dir.path().join("hub.db");
         drop(Hub::open(&path, HubOptions::default()).unwrap());
         // As a build that kept views in the hub file made it (format version 2).
-        std::fs::remove_file(dir.path().join("hub.db-views")).unwrap();
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch(
-                "DELETE FROM floodway_meta WHERE key = 'views_file'; \
-                 UPDATE floodway_meta SET value = '2' WHERE key = 'version';",
-            )
-            .unwrap();
+        crate::schema::as_made_before(&path);
         let hub = Hub::open(&path, HubOptions::default()).unwrap();
         assert_eq!(hub.views_path(), path);
         let view = hub.view("orders").unwrap();

@@ -325,14 +325,7 @@ pub(crate) fn open(
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(err)?;
-    let has_meta: bool = tx
-        .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'floodway_meta'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map_err(err)?
-        > 0;
+    let has_meta = has_table(&tx, "floodway_meta").map_err(err)?;
     let (found, own_views) = if has_meta {
         let meta = |key: &str| meta(&tx, key);
         if meta("format").map_err(err)?.as_deref() != Some(FORMAT) {
@@ -473,6 +466,16 @@ pub(crate) fn views_path(hub: &Path) -> std::path::PathBuf {
     name.into()
 }
 
+/// Whether the file of `conn` has the table `name`.
+pub(crate) fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+}
+
 /// The value of `key` in a file's `floodway_meta`.
 pub(crate) fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
     conn.query_row(
@@ -581,6 +584,20 @@ pub(crate) fn random() -> u64 {
             .unwrap_or_default(),
     );
     hasher.finish()
+}
+
+/// Turns the hub made at `path` into what a build that kept views in the hub file made
+/// (format version 2, no views file), for tests.
+#[cfg(test)]
+pub(crate) fn as_made_before(path: &Path) {
+    std::fs::remove_file(views_path(path)).unwrap();
+    Connection::open(path)
+        .unwrap()
+        .execute_batch(&format!(
+            "DELETE FROM floodway_meta WHERE key = '{VIEWS_FILE_KEY}'; \
+             UPDATE floodway_meta SET value = '{VIEWS_IN_HUB}' WHERE key = 'version';"
+        ))
+        .unwrap();
 }
 
 #[cfg(test)]

@@ -140,15 +140,9 @@ fn check(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<bool, OpenError>
         path: path.to_owned(),
         source,
     };
-    let has_meta: bool = tx
-        .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'floodway_meta'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map_err(err)?
-        > 0;
-    if !has_meta || meta(tx, "format").map_err(err)?.as_deref() != Some(schema::FORMAT) {
+    if !schema::has_table(tx, "floodway_meta").map_err(err)?
+        || meta(tx, "format").map_err(err)?.as_deref() != Some(schema::FORMAT)
+    {
         return Err(OpenError::Foreign {
             path: path.to_owned(),
         });
@@ -167,15 +161,7 @@ fn check(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<bool, OpenError>
             supported: VERSION,
         });
     }
-    let leases: bool = tx
-        .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'leases'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map_err(err)?
-        > 0;
-    if leases {
+    if schema::has_table(tx, "leases").map_err(err)? {
         let names: Vec<String> = {
             let mut statement = tx
                 .prepare("SELECT name FROM leases ORDER BY name")
@@ -346,14 +332,7 @@ mod tests {
     fn earlier_hub(dir: &Path) -> PathBuf {
         let path = dir.join("hub.db");
         drop(Hub::open(&path, HubOptions::default()).unwrap());
-        std::fs::remove_file(schema::views_path(&path)).unwrap();
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch(
-                "DELETE FROM floodway_meta WHERE key = 'views_file'; \
-                 UPDATE floodway_meta SET value = '2' WHERE key = 'version';",
-            )
-            .unwrap();
+        schema::as_made_before(&path);
         let hub = Hub::open(&path, HubOptions::default()).unwrap();
         assert_eq!(hub.views_path(), path);
         let orders = hub.view("orders").unwrap();
