@@ -466,6 +466,21 @@ pub(crate) fn views_path(hub: &Path) -> std::path::PathBuf {
     name.into()
 }
 
+/// Marks the main database of `conn` as the views file of the hub whose token is `token`.
+pub(crate) fn mark_views_file(conn: &Connection, token: &str) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS main.floodway_meta \
+         (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;",
+    )?;
+    for (key, value) in [("format", VIEWS_FORMAT), ("hub", token)] {
+        conn.execute(
+            "INSERT OR REPLACE INTO main.floodway_meta (key, value) VALUES (?1, ?2)",
+            (key, value),
+        )?;
+    }
+    Ok(())
+}
+
 /// Whether the file of `conn` has the table `name`.
 pub(crate) fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     conn.query_row(
@@ -538,18 +553,7 @@ fn open_views(
     // that did not finish (the hub's commit comes after this file's): it is taken over.
     let unused = tables == 1 && stored("format").as_deref() == Some(VIEWS_FORMAT);
     if create && (tables == 0 || unused) {
-        tx.execute_batch(
-            "CREATE TABLE IF NOT EXISTS floodway_meta \
-             (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;",
-        )
-        .map_err(err)?;
-        for (key, value) in [("format", VIEWS_FORMAT), ("hub", token)] {
-            tx.execute(
-                "INSERT OR REPLACE INTO floodway_meta (key, value) VALUES (?1, ?2)",
-                (key, value),
-            )
-            .map_err(err)?;
-        }
+        mark_views_file(&tx, token).map_err(err)?;
         return tx.commit().map_err(err);
     }
     let belongs = stored("format").as_deref() == Some(VIEWS_FORMAT)

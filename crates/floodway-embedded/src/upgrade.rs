@@ -263,18 +263,7 @@ fn copy_views(
                 .map_err(err)?;
         }
     }
-    tx.execute_batch(
-        "CREATE TABLE IF NOT EXISTS main.floodway_meta \
-         (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;",
-    )
-    .map_err(err)?;
-    for (key, value) in [("format", VIEWS_FORMAT), ("hub", token)] {
-        tx.execute(
-            "INSERT OR REPLACE INTO main.floodway_meta (key, value) VALUES (?1, ?2)",
-            (key, value),
-        )
-        .map_err(err)?;
-    }
+    schema::mark_views_file(&tx, token).map_err(err)?;
     let mut moved = Vec::with_capacity(views.len());
     for (table, create) in views {
         // The table as the hub made it (its columns, key and `WITHOUT ROWID`), in this file.
