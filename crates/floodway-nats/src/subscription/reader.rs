@@ -264,7 +264,7 @@ impl PartitionReader {
             } else {
                 messages.next().await
             };
-            let message = next?;
+            let mut message = next?;
             let info = Delivery::of(&message)?;
             let (sequence, delivered, delivery) = (
                 info.stream_sequence,
@@ -296,7 +296,7 @@ impl PartitionReader {
             let past_target = self.target.is_some_and(|t| sequence > t);
             if past_until || past_target {
                 // Not ours to read: give it back at once for the next reader.
-                if let (false, Some(reply)) = (self.options.transient, message.reply.clone()) {
+                if let (false, Some(reply)) = (self.options.transient, message.reply.take()) {
                     send(&self.client, reply, AckKind::Nak(None)).await;
                 }
                 if past_until {
@@ -305,32 +305,32 @@ impl PartitionReader {
                 continue;
             }
             if !self.options.transient {
-                let Some(reply) = message.reply.clone() else {
+                // Moved, not cloned, here and below: the first clone of a received message's
+                // bytes allocates (they become shared).
+                let Some(reply) = message.reply.take() else {
                     continue;
                 };
-                let registered = match self.outstanding.lock().ok().as_deref_mut() {
+                let pending = Pending {
+                    reply,
+                    delivered,
+                    delivery,
+                    settled: false,
+                    behind: false,
+                };
+                let refused = match self.outstanding.lock().ok().as_deref_mut() {
                     Some(Some(lanes)) => match lanes.get_mut(&self.partition) {
                         Some(lane) => {
-                            lane.hold(
-                                sequence,
-                                Pending {
-                                    reply: reply.clone(),
-                                    delivered,
-                                    delivery,
-                                    settled: false,
-                                    behind: false,
-                                },
-                            );
-                            true
+                            lane.hold(sequence, pending);
+                            None
                         }
-                        None => false,
+                        None => Some(pending),
                     },
-                    _ => false,
+                    _ => Some(pending),
                 };
-                if !registered {
+                if let Some(pending) = refused {
                     // The subscription has closed: give it back with its delay.
                     let delay = self.options.nak_delay_for(delivered);
-                    send(&self.client, reply, AckKind::Nak(Some(delay))).await;
+                    send(&self.client, pending.reply, AckKind::Nak(Some(delay))).await;
                     return Ok(false);
                 }
             }
@@ -339,7 +339,7 @@ impl PartitionReader {
                 self.source.clone(),
                 self.partition.clone(),
                 sequence,
-                message.payload.clone(),
+                message.payload,
             )
             .with_attempt(delivered.max(1));
             // A durable consumer counts its deliveries for every reader of the partition.
