@@ -492,6 +492,8 @@ fn upgrade_moves_an_earlier_hubs_views_into_their_own_file_once_nothing_runs() {
     as_made_before(d);
     assert_eq!(open_hub(d).views_path(), d.join("hub.db"));
     assert_eq!(order_keys(d), 10);
+    let stats = floodway(d, &["hub", "stats", "--config", "floodway.toml"]);
+    says(&stats, "`floodway hub upgrade` moves them");
 
     // Refused while a processor runs on the hub: it would go on writing into the hub file.
     // (Once it has materialized what is published after it started, it holds its leases.)
@@ -542,6 +544,8 @@ fn upgrade_moves_an_earlier_hubs_views_into_their_own_file_once_nothing_runs() {
     let out = floodway(d, &["hub", "upgrade", "--config", "floodway.toml"]);
     assert!(out.status.success(), "{}", text(&out));
     says(&out, "nothing to do");
+    let stats = floodway(d, &["hub", "stats", "--config", "floodway.toml"]);
+    assert!(!text(&stats).contains("hub upgrade"), "{}", text(&stats));
 
     // A NATS hub's processors leave no leases in the file: stopped or not, it takes --force.
     let nats = "[hub]\npath = \"hub.db\"\npartitions = 4\n\n[hub.nats]\nservers = \

@@ -87,10 +87,16 @@ impl EventHub for Hub {
             let newest = Hub::newest(self, 1, |_| true)?;
             Ok(HubStats {
                 description: format!(
-                    "hub {} ({} partitions, {:.1} MiB)",
+                    "hub {} ({} partitions, {:.1} MiB){}",
                     self.path().display(),
                     self.partitions(),
-                    stats.file_bytes as f64 / (1024.0 * 1024.0)
+                    stats.file_bytes as f64 / (1024.0 * 1024.0),
+                    if self.views_path() == self.path() {
+                        "; its views are in the hub file, as an earlier build kept them \
+                         (`floodway hub upgrade` moves them into their own)"
+                    } else {
+                        ""
+                    }
                 ),
                 partitions: stats
                     .partitions
