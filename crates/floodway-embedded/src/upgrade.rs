@@ -11,10 +11,12 @@
 //!
 //! Before 3 commits, the hub is version 2 and reads its views from the hub file (a copy left
 //! in the views file is ignored, and replaced by the next try); after, it is version 3 and
-//! reads the copy. The move is refused while a subscription's lease is in force: a process
-//! that opened the hub as version 2 writes its views into the hub file, and must be stopped
-//! first. One that opens a view after the move, on a hub it opened before, is refused too
-//! (`crate::view`).
+//! reads the copy. A process that opened the hub as version 2 writes its views into the hub
+//! file, so every process using the hub must be stopped first; the move is refused while a
+//! subscription's lease is in force, a safety net only (a process that reads views, or a
+//! NATS hub's processors, hold none). Such a process's view opens and writes check, under the
+//! write lock, that the views are still in the hub file, and fail rather than write where the
+//! hub no longer reads them (`crate::view`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
