@@ -316,8 +316,6 @@ mod tests {
     use std::time::Duration;
 
     use async_nats::jetstream::consumer::{pull, AckPolicy};
-    use async_nats::jetstream::stream;
-    use bytes::Bytes;
 
     use super::{Delivery, Pull};
     use crate::testing::NatsServer;
@@ -381,25 +379,7 @@ mod tests {
         async_nats::Client,
         async_nats::jetstream::consumer::Consumer<pull::Config>,
     ) {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client.clone());
-        let stream = js
-            .create_stream(stream::Config {
-                name: "S".into(),
-                subjects: vec!["s".into()],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        for chunk in (1..=n).collect::<Vec<_>>().chunks(1_000) {
-            let mut acks = Vec::new();
-            for i in chunk {
-                acks.push(js.publish("s", Bytes::from(i.to_string())).await.unwrap());
-            }
-            for ack in acks {
-                ack.await.unwrap();
-            }
-        }
+        let (client, stream) = crate::testing::numbered_stream(&server.url(), n).await;
         let consumer = stream
             .create_consumer(pull::Config {
                 durable_name: Some("c".into()),

@@ -9,6 +9,37 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A connection to the server at `url` and a stream `S` on the subject `s` holding `n`
+/// messages, `"1"` to `"n"`, published 1,000 at a time, all acknowledged.
+///
+/// # Panics
+/// When the server does not take them (a test cannot go on).
+pub async fn numbered_stream(
+    url: &str,
+    n: usize,
+) -> (async_nats::Client, async_nats::jetstream::stream::Stream) {
+    let client = async_nats::connect(url).await.expect("connected");
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "S".into(),
+            subjects: vec!["s".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("the stream made");
+    for chunk in (1..=n).collect::<Vec<_>>().chunks(1_000) {
+        let mut acks = Vec::new();
+        for i in chunk {
+            acks.push(js.publish("s", i.to_string().into()).await.expect("sent"));
+        }
+        for ack in acks {
+            ack.await.expect("stored");
+        }
+    }
+    (client, stream)
+}
+
 /// Where the `nats-server` binary is, or why there is none.
 ///
 /// # Errors

@@ -375,7 +375,7 @@ mod tests {
     use std::time::Duration;
 
     use async_nats::jetstream::consumer::{pull, AckPolicy};
-    use async_nats::jetstream::{stream, AckKind};
+    use async_nats::jetstream::AckKind;
     use futures_util::StreamExt;
 
     use super::{Lane, Pending};
@@ -491,23 +491,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cumulative_acks_move_the_servers_floor_past_a_redelivery() {
         let server = NatsServer::start();
-        let client = async_nats::connect(server.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client.clone());
-        let stream = js
-            .create_stream(stream::Config {
-                name: "S".into(),
-                subjects: vec!["s".into()],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        for i in 1..=5 {
-            js.publish("s", i.to_string().into())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
+        let (client, stream) = crate::testing::numbered_stream(&server.url(), 5).await;
         let consumer = stream
             .create_consumer(pull::Config {
                 durable_name: Some("c".into()),
