@@ -298,15 +298,7 @@ impl Delivery<'_> {
 
 /// A token of decimal digits.
 fn number(token: &str) -> Option<u64> {
-    if token.is_empty() || token.len() > 20 {
-        return None;
-    }
-    token.bytes().try_fold(0u64, |n, b| {
-        let digit = b.wrapping_sub(b'0');
-        (digit < 10)
-            .then_some(())
-            .and(n.checked_mul(10)?.checked_add(u64::from(digit)))
-    })
+    token.parse().ok()
 }
 
 #[cfg(test)]
