@@ -788,6 +788,7 @@ async fn read_to(
         };
         let message = message?;
         let info = Delivery::of(&message)?;
+        let (sequence, pending) = (info.stream_sequence, info.pending);
         if info.consumer_sequence != delivered + 1 {
             return Err(failed(format!(
                 "partition {partition}: a delivery was lost on the way (expected {}, got {})",
@@ -796,11 +797,11 @@ async fn read_to(
             )));
         }
         delivered = info.consumer_sequence;
-        if info.stream_sequence >= before {
+        if sequence >= before {
             break;
         }
-        out.push((info.stream_sequence, message.payload.clone()));
-        if info.pending == 0 {
+        out.push((sequence, message.payload));
+        if pending == 0 {
             break; // the partition's last (what was at `before` went meanwhile)
         }
     }
