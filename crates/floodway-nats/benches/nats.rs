@@ -44,13 +44,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[macro_use]
 mod common;
 
-const RUNS: usize = 5;
+const RUNS: usize = 7;
 
 /// A row: the medians of the two sides' runs, and the median over runs of the ratio within a
 /// run (the two sides of a run see the same machine state; this shared machine drifts).
 fn row(name: &str, ours: &[f64], reference: &[f64], goal: &str) {
+    let (least, most) = common::ratio_range(ours, reference);
     out!(
-        "| {name} | {:.0} msg/s | {:.0} msg/s | {:.2} | {goal} |",
+        "| {name} | {:.0} msg/s | {:.0} msg/s | {:.2} ({least:.2}-{most:.2}) | {goal} |",
         common::median(ours.to_vec()),
         common::median(reference.to_vec()),
         common::median_ratio(ours, reference)
@@ -384,7 +385,7 @@ fn main() {
         out!(
             "{n} events of {} bytes on average, nats-server on loopback (file storage), {} runs each, \
              the cases taking turns; medians, and the ratio is the median over runs of the ratio \
-             within a run\n",
+             within a run (in brackets the least and the greatest of those)\n",
             bytes / n,
             RUNS
         );

@@ -32,6 +32,17 @@ pub(crate) fn median_ratio(ours: &[f64], reference: &[f64]) -> f64 {
     median(ours.iter().zip(reference).map(|(o, r)| o / r).collect())
 }
 
+/// The least and the greatest ratio of `ours` to `reference` within a run: how far apart the
+/// runs' verdicts are on this machine.
+pub(crate) fn ratio_range(ours: &[f64], reference: &[f64]) -> (f64, f64) {
+    ours.iter()
+        .zip(reference)
+        .map(|(o, r)| o / r)
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
 /// A field of a process's `/proc/<pid>/status` in KiB (`VmHWM:`, `VmRSS:`); 0 when unknown.
 pub(crate) fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
