@@ -71,13 +71,13 @@ async fn hub(server: &NatsServer, stream: &str, partitions: u32) -> NatsHub {
 }
 
 /// The CPU spent while one case ran, over its runs: this process's (the client's) and the
-/// server's, with the messages and the time they took.
-#[derive(Clone, Copy, Default)]
+/// server's, with the messages, and the cores the two kept busy in each run.
+#[derive(Clone, Default)]
 struct Spent {
     client_ms: u64,
     server_ms: u64,
     messages: u64,
-    seconds: f64,
+    cores: Vec<f64>,
 }
 
 impl Spent {
@@ -87,11 +87,16 @@ impl Spent {
         let client = std::process::id();
         let (before, served) = (common::cpu_ms(client), common::cpu_ms(server));
         let rate = work.await;
-        self.client_ms += common::cpu_ms(client).saturating_sub(before);
-        self.server_ms += common::cpu_ms(server).saturating_sub(served);
+        let client_ms = common::cpu_ms(client).saturating_sub(before);
+        let server_ms = common::cpu_ms(server).saturating_sub(served);
+        self.client_ms += client_ms;
+        self.server_ms += server_ms;
         self.messages += n as u64;
-        // The time the messages took, not the wait for the last idle pull to end.
-        self.seconds += n as f64 / rate;
+        // Over the time the messages took, not the wait for the last idle pull to end; per
+        // run, so that one run that stalled does not speak for the others.
+        let seconds = n as f64 / rate;
+        self.cores
+            .push((client_ms + server_ms) as f64 / 1000.0 / seconds.max(f64::EPSILON));
         rate
     }
 
@@ -99,8 +104,9 @@ impl Spent {
         ms as f64 * 1000.0 / messages.max(1) as f64
     }
 
+    /// The cores kept busy, the median over runs.
     fn cores(&self) -> f64 {
-        (self.client_ms + self.server_ms) as f64 / 1000.0 / self.seconds.max(f64::EPSILON)
+        common::median(self.cores.clone())
     }
 
     /// A row of the CPU table: this case (Floodway's) beside `reference`.
@@ -469,7 +475,7 @@ fn main() {
         let mut cpu = Vec::new();
         for partitions in [1u32, 4, 16] {
             let mut rates: [Vec<f64>; 3] = Default::default();
-            let mut spent = [Spent::default(); 3];
+            let mut spent: [Spent; 3] = Default::default();
             // The cases take turns going first: the server's state (its page cache, the
             // streams made so far) must not favour one of them.
             for run in 0..RUNS {
@@ -537,7 +543,7 @@ fn main() {
                 .map(|p| Some(source.partition_subject(p)))
                 .collect();
             let mut rates: [Vec<f64>; 5] = Default::default();
-            let mut spent = [Spent::default(); 5];
+            let mut spent: [Spent; 5] = Default::default();
             for run in 0..RUNS {
                 for case in 0..5 {
                     let k = (case + run) % 5;
@@ -673,7 +679,7 @@ fn main() {
         out!(
             "CPU per message over a case's {RUNS} runs: this process's (the client's: Floodway, \
              or the raw loop) and nats-server's, read from `/proc` (10 ms steps); and the cores \
-             the two kept busy while the case ran, of the machine's {}",
+             the two kept busy while the case ran (the median of its runs), of the machine's {}",
             std::thread::available_parallelism().map_or(0, usize::from)
         );
         out!();
