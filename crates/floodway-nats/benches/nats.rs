@@ -379,6 +379,10 @@ async fn timers(server: &NatsServer, pending: usize, due: usize) -> (f64, f64, V
 
 fn main() {
     let n = common::events_wanted(100_000);
+    // `FLOODWAY_BENCH_SELF=1`: every Floodway case replaced by the raw reference it is
+    // compared with, run again under its own name: the table then shows how far apart two
+    // runs of the same code come out on this machine.
+    let same = std::env::var("FLOODWAY_BENCH_SELF").as_deref() == Ok("1");
     let runtime = common::two_workers();
     let server = NatsServer::start();
     runtime.block_on(async {
@@ -488,6 +492,10 @@ fn main() {
                     .iter()
                     .map(|e| raw_split.partition_subject(raw_split.partition_of(e.partition_key())))
                     .collect();
+                let ours: Vec<String> = events
+                    .iter()
+                    .map(|e| our_hub.partition_subject(our_hub.partition_of(e.partition_key())))
+                    .collect();
                 for case in 0..3 {
                     let k = (case + run) % 3;
                     let rate = spent[k]
@@ -498,6 +506,7 @@ fn main() {
                                         .await
                                 }
                                 1 => raw_publish_to(&raw_split, &subjects, &payloads).await,
+                                _ if same => raw_publish_to(&our_hub, &ours, &payloads).await,
                                 _ => floodway_publish(&our_hub, &events).await,
                             }
                         })
@@ -572,12 +581,32 @@ fn main() {
                                     )
                                     .await
                                 }
+                                3 if same => {
+                                    raw_consume_from(
+                                        source,
+                                        &format!("samec{run}"),
+                                        n,
+                                        subjects,
+                                        Acks::Cumulative,
+                                    )
+                                    .await
+                                }
                                 3 => {
                                     floodway_consume(
                                         source,
                                         &format!("floodwayc{run}"),
                                         n,
                                         Acks::Cumulative,
+                                    )
+                                    .await
+                                }
+                                _ if same => {
+                                    raw_consume_from(
+                                        source,
+                                        &format!("same{run}"),
+                                        n,
+                                        subjects,
+                                        Acks::Each,
                                     )
                                     .await
                                 }
