@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::options::SubscriptionOptions;
 use super::{AckOp, Lane, NatsCheckpointer, Outstanding};
@@ -54,7 +55,9 @@ pub(super) async fn acker(
     options: Arc<SubscriptionOptions>,
     closed: watch::Sender<bool>,
 ) {
-    let mut progress = tokio::time::interval(options.ack_wait / 3);
+    // A transient read's ack wait is not checked (it takes no acks): kept above zero here.
+    let mut progress =
+        tokio::time::interval((options.ack_wait / 3).max(Duration::from_millis(100)));
     progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     progress.tick().await;
     let mut taken = Vec::with_capacity(OPS_AT_ONCE);

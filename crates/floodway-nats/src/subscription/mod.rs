@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use async_nats::Subject;
 use floodway::Record;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::error::NatsError;
@@ -192,8 +192,16 @@ pub struct NatsReader {
     live: usize,
     follow: bool,
     source: String,
+    /// A transient read's room for records read and not yet taken (see [`Budget`]).
+    budget: Budget,
     _tasks: JoinSet<()>,
 }
+
+/// How many records a transient read's partition readers may hand over that the processor has
+/// not taken: a permit for each, given back as the processor takes them. A durable read needs
+/// none (`None`), since the server stops delivering at `max_ack_pending`; a transient one acks
+/// nothing, and the server bounds nothing for a consumer that takes no acks.
+type Budget = Option<Arc<Semaphore>>;
 
 /// The acknowledging half of a [`NatsSubscription`].
 #[derive(Debug)]
@@ -314,11 +322,16 @@ impl NatsHub {
         let outstanding: Outstanding = Arc::new(Mutex::new(Some(lanes)));
         // Unbounded on purpose: every message is registered (kept alive with in-progress acks,
         // nak'd at close) the moment it arrives, and the server's `max_ack_pending` bounds how
-        // many there are, per partition.
+        // many there are, per partition. A transient read takes no acks, so the server bounds
+        // nothing: its readers wait for room in a budget of as many records instead.
         let (tx, rx) = mpsc::unbounded_channel();
         let (ops, ops_rx) = mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
         let live = consumers.len();
+        let budget: Budget = options.transient.then(|| {
+            let per_partition = usize::try_from(options.max_ack_pending).unwrap_or(0).max(1);
+            Arc::new(Semaphore::new(per_partition.saturating_mul(live.max(1))))
+        });
         for (partition, subject, config, consumer) in consumers {
             // Where this consumer stands: what it holds is below its ack floor, so a consumer
             // recreated later (after someone deleted it) goes on from there.
@@ -344,6 +357,7 @@ impl NatsHub {
                 delivered: consumer.cached_info().delivered.consumer_sequence,
                 remake: false,
                 acks: ops.downgrade(),
+                budget: budget.clone(),
                 consumer: Some(consumer),
             };
             tasks.spawn(reader.run());
@@ -362,6 +376,7 @@ impl NatsHub {
                 live,
                 follow: options.follow,
                 source,
+                budget,
                 _tasks: tasks,
             },
             checkpointer: NatsCheckpointer { ops: Some(ops) },
@@ -378,7 +393,7 @@ mod tests {
     use async_nats::jetstream::AckKind;
     use futures_util::StreamExt;
 
-    use super::{Lane, Pending};
+    use super::{Lane, Pending, SubscriptionOptions};
     use crate::testing::NatsServer;
 
     fn pending(reply: &str, delivered: u32, delivery: u64) -> Pending {
@@ -555,5 +570,72 @@ mod tests {
             info.num_ack_pending, 0,
             "every record acked: none comes again"
         );
+    }
+
+    /// A transient read takes no acks, so the server stops at nothing: its readers hold no
+    /// more records than its budget while the processor takes none, and every record still
+    /// comes, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transient_read_holds_no_more_than_its_budget_while_nothing_takes_from_it() {
+        use floodway::Source;
+
+        let server = NatsServer::start();
+        let hub = crate::NatsHub::connect(&crate::NatsHubOptions {
+            servers: vec![server.url()],
+            stream: "T".into(),
+            subject: "t".into(),
+            partitions: Some(2),
+            ..crate::NatsHubOptions::default()
+        })
+        .await
+        .unwrap();
+        let events = floodway::testing::generate::orders(3_000, 3);
+        hub.publish(&events).await.unwrap();
+        let subscription = hub
+            .subscribe(
+                "peek",
+                SubscriptionOptions {
+                    transient: true,
+                    follow: false,
+                    max_ack_pending: 100,
+                    // Not checked for a read that acks nothing; must not stop the acker.
+                    ack_wait: Duration::ZERO,
+                    ..SubscriptionOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+        let closed = subscription.closed();
+        let (mut reader, checkpointer) = subscription.split();
+        // Time enough for the readers to take everything the server has, were they let.
+        let mut held = 0;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            held = held.max(reader.rx.len());
+        }
+        assert_eq!(
+            held, 200,
+            "two partitions' budgets of 100, filled and no more"
+        );
+        let mut read = Vec::new();
+        while let Some(batch) = reader.next_batch(64).await.unwrap() {
+            assert!(batch.len() <= 64);
+            read.extend(batch);
+            assert!(reader.rx.len() <= 200);
+        }
+        assert_eq!(read.len(), events.len(), "nothing lost by waiting");
+        for partition in ["0", "1"] {
+            let offsets: Vec<u64> = read
+                .iter()
+                .filter(|r| &*r.partition == partition)
+                .map(|r| r.offset)
+                .collect();
+            assert!(!offsets.is_empty());
+            assert!(offsets.windows(2).all(|w| w[0] < w[1]), "in order");
+        }
+        drop((reader, checkpointer));
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("the subscription closes");
     }
 }

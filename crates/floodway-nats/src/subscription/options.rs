@@ -84,7 +84,8 @@ pub struct SubscriptionOptions {
     pub sharing: Sharing,
     /// How settled records are acknowledged.
     pub acks: Acks,
-    /// Per partition, records delivered and not yet acked at most (backpressure).
+    /// Per partition, records delivered and not yet acked at most (backpressure); for a
+    /// transient read, which acks nothing, records read and not yet taken by the processor.
     pub max_ack_pending: i64,
     /// How long JetStream waits for an ack before redelivering (in-progress acks are sent
     /// every third of it).

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::acks::send;
 use super::consumer::{cumulative, open_consumer, remake};
 use super::options::{Sharing, SubscriptionOptions, GROUP, PULL_EXPIRES};
-use super::{AckOp, Item, NatsReader, Outstanding, Pending};
+use super::{AckOp, Budget, Item, NatsReader, Outstanding, Pending};
 use crate::error::NatsError;
 use crate::pull::{Delivery, Pull};
 
@@ -44,6 +44,8 @@ pub(super) struct PartitionReader {
     pub(super) remake: bool,
     /// The acker, to pause and resume the partition's acks.
     pub(super) acks: mpsc::WeakUnboundedSender<AckOp>,
+    /// A transient read's room for records handed over and not yet taken.
+    pub(super) budget: Budget,
 }
 
 impl PartitionReader {
@@ -347,6 +349,14 @@ impl PartitionReader {
                 Some(_) => record.with_delivery(delivery),
                 None => record,
             };
+            if let Some(budget) = &self.budget {
+                // No pull is asked for meanwhile: what the server sends while this waits is
+                // what the last request still owes.
+                match budget.acquire().await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return Ok(false),
+                }
+            }
             if self.tx.send(Item::Record(record)).is_err() {
                 return Ok(false);
             }
@@ -395,6 +405,9 @@ impl Source for NatsReader {
                     })
                 }
             }
+        }
+        if let Some(budget) = &self.budget {
+            budget.add_permits(batch.len());
         }
         if batch.is_empty() && self.live == 0 {
             return Ok(None);
