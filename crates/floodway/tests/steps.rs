@@ -330,3 +330,45 @@ async fn a_pipeline_compresses_what_it_sends_over_its_threshold_and_nothing_else
     let back = Event::decode(large.as_bytes()).unwrap();
     assert_eq!(back.field("order"), Some(&big));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_synchronous_step_retried_before_a_batch_keeps_its_keys_order() {
+    // A map step fails every seventh event until 50 ms after its first call for it (a
+    // blip), so those events wait out retries while the events behind them pass the step at
+    // once: the ones of the same key must still reach the batch, and the sink, after them.
+    let kit = TestKit::new();
+    let sink = MemorySink::new();
+    let blipped: Arc<Mutex<HashMap<String, (Instant, u32)>>> = Arc::default();
+    let seen = blipped.clone();
+    let pipeline = Pipeline::builder("enrich")
+        .map(move |uow| {
+            let id = uow.event().id().to_owned();
+            let n: u32 = id.trim_start_matches("e-").parse().unwrap_or(0);
+            if n.is_multiple_of(7) {
+                let mut seen = seen.lock().unwrap();
+                let (first, calls) = seen.entry(id).or_insert((Instant::now(), 0));
+                *calls += 1;
+                if first.elapsed() < Duration::from_millis(50) {
+                    return Err(Error::transient_msg("Blip", "try again"));
+                }
+            }
+            Ok(uow)
+        })
+        .step_resilience(Resilience::default().retry(RetryPolicy::default().max_attempts(50)))
+        .batch(BatchConfig::count(8).max_wait(Duration::from_millis(20)))
+        .sink(sink.clone())
+        .unwrap();
+    let input = events(1_000, 5);
+    let report = run_pipeline(&kit, pipeline, &input).await.unwrap();
+    assert!(kit.faults().is_empty(), "{} faults", kit.faults().len());
+    let blipped = blipped.lock().unwrap();
+    assert_eq!(blipped.len(), 143);
+    assert!(
+        blipped.values().all(|(_, calls)| *calls >= 2),
+        "each failed and was retried"
+    );
+    drop(blipped);
+    assert_eq!(report.pipeline("enrich").unwrap().delivered, 1_000);
+    assert_eq!(per_key(&sink.events()), per_key(&input));
+    assert_eq!(kit.checkpoint("0"), Some(1_000));
+}

@@ -20,7 +20,7 @@ use crate::event::{now_millis, Event};
 use crate::pipeline::step::{run_sync, StepFailure};
 use crate::pipeline::{Pipeline, PipelineCore};
 use crate::runtime::batcher::{Batcher, Flush};
-use crate::runtime::scheduler::{key_hash, FxMap, Keys, Scheduler};
+use crate::runtime::scheduler::{key_hash, FxMap, IdMap, Keys, Scheduler};
 use crate::runtime::unit::{
     fault_now, scheduled, BoxUnit, PipeEnv, Timers, UnitCtx, UnitOutput, Work,
 };
@@ -37,6 +37,11 @@ struct Pipe {
     batcher: Option<Batcher>,
     /// Pre-batch work not yet finished: the batcher may still receive its outputs.
     upstream: usize,
+    /// The keys of that work, with how much of it each has. A unit of work done with its
+    /// steps whose key has some waits its turn behind it in the scheduler rather than go
+    /// into the batcher ahead of it (a synchronous step's retry makes such work while the
+    /// same key's next events pass the step at once).
+    escalated: IdMap<u32>,
     /// Shared with every unit of the pipeline: one reference to clone per unit.
     env: Arc<PipeEnv>,
     tally: Tally,
@@ -167,6 +172,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 sched: Scheduler::new(p.core.parallelism),
                 batcher: p.core.batching.clone().map(Batcher::new),
                 upstream: 0,
+                escalated: IdMap::default(),
                 env: Arc::new(PipeEnv {
                     ctx: ctx.clone(),
                     core: p.core.clone(),
@@ -472,7 +478,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         self.ledger.add_pieces(ticket, pieces - 1);
         let mut failed = out.failed;
         for (uow, from) in out.ready {
-            failed.extend(self.route(index, uow, from)?);
+            failed.extend(self.route(index, uow, from, false)?);
         }
         self.raise(index, failed);
         Ok(())
@@ -502,19 +508,33 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     }
 
     /// Sends a unit of work of pipeline `index` on: to its scheduler, or to its batcher once
-    /// all steps ran. Returns the units of work a batch flush could not key.
-    fn route(&mut self, index: usize, uow: Uow, from: usize) -> Result<Vec<StepFailure>, RunError> {
+    /// all steps ran and no earlier work of its key is still before the batcher (`turn`: it
+    /// comes out of such work, whose turn it was). Returns the units of work a batch flush
+    /// could not key.
+    fn route(
+        &mut self,
+        index: usize,
+        uow: Uow,
+        from: usize,
+        turn: bool,
+    ) -> Result<Vec<StepFailure>, RunError> {
         let pipe = &mut self.pipes[index];
         let done_with_steps = from >= pipe.core.steps.len();
         match &mut pipe.batcher {
-            Some(batcher) if done_with_steps => {
+            Some(batcher)
+                if done_with_steps
+                    && (turn
+                        || pipe.escalated.is_empty()
+                        || !pipe.escalated.contains_key(&key_hash(uow.order_key()))) =>
+            {
                 let flush = batcher.push(uow);
                 return self.submit(index, flush);
             }
             Some(_) => {
                 pipe.upstream += 1;
-                let key = Keys::One(key_hash(uow.order_key()));
-                self.schedule(index, key, Work::Pre { uow, from })?;
+                let hash = key_hash(uow.order_key());
+                *pipe.escalated.entry(hash).or_default() += 1;
+                self.schedule(index, Keys::One(hash), Work::Pre { uow, from })?;
             }
             None => {
                 let key = Keys::One(key_hash(uow.order_key()));
@@ -635,6 +655,14 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         if let Some(pipe) = self.pipes.get_mut(pipeline) {
             if outcome.pre {
                 pipe.upstream -= 1;
+                for key in slot.iter().flat_map(|(_, keys)| keys.as_slice()) {
+                    if let Some(n) = pipe.escalated.get_mut(key) {
+                        *n -= 1;
+                        if *n == 0 {
+                            pipe.escalated.remove(key);
+                        }
+                    }
+                }
             }
             pipe.tally.delivered(outcome.delivered);
             if slot.is_some() {
@@ -644,7 +672,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             let mut failed = Vec::new();
             for child in outcome.children {
                 self.ledger.add_pieces(child.ticket, 1);
-                failed.extend(self.route(pipeline, child, from)?);
+                failed.extend(self.route(pipeline, child, from, outcome.pre)?);
             }
             self.raise(pipeline, failed);
         }

@@ -23,7 +23,7 @@ pub(crate) enum Keys {
 }
 
 impl Keys {
-    fn as_slice(&self) -> &[KeyHash] {
+    pub(crate) fn as_slice(&self) -> &[KeyHash] {
         match self {
             Keys::One(k) => std::slice::from_ref(k),
             Keys::Many(ks) => ks,
@@ -51,7 +51,7 @@ impl Hasher for IdentityHasher {
     }
 }
 
-type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
+pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
 
 /// A fast hasher for the run loop's small keys (partition names, offsets), after the one in
 /// rustc (`FxHasher`): a multiply and a rotate per word. Not for keys an attacker picks; the run
