@@ -714,6 +714,61 @@ mod tests {
         assert_eq!(synchronous(&view.conn.lock().unwrap()), 2);
     }
 
+    /// A publish kept waiting for the file's write lock (another process writing) is stamped
+    /// with the time it got the lock, not the time it asked: publish times then follow
+    /// offsets, which a start at a time relies on (`log::offset_before` searches by them).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_kept_waiting_for_the_file_is_stamped_when_it_gets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let hub = Hub::open(&path, HubOptions::default()).unwrap();
+        let event = |i: usize| {
+            floodway::Event::builder("thing-happened", "k")
+                .id(format!("e-{i}"))
+                .build()
+        };
+        let first = hub.publish(&[event(0)]).await.unwrap();
+        let (partition, _) = first.positions[0].unwrap();
+        // Another process takes the write lock...
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let waiting = {
+            let hub = hub.clone();
+            tokio::spawn(async move { hub.publish(&(1..=5).map(event).collect::<Vec<_>>()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // ...publishes an event of the same partition, and lets go.
+        other
+            .execute(
+                "INSERT INTO events (partition, offset, last, published, data) \
+                 SELECT partition, offset + 1, last + 1, ?2, data FROM events \
+                 WHERE partition = ?1 AND offset = 1",
+                (partition, floodway::event::now_millis()),
+            )
+            .unwrap();
+        other
+            .execute(
+                "UPDATE partitions SET last_offset = 2 WHERE partition = ?1",
+                [partition],
+            )
+            .unwrap();
+        other.execute_batch("COMMIT").unwrap();
+        waiting.await.unwrap().unwrap();
+        let times: Vec<(i64, i64)> = Connection::open(&path)
+            .unwrap()
+            .prepare("SELECT offset, published FROM events WHERE partition = ?1 ORDER BY offset")
+            .unwrap()
+            .query_map([partition], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(times.len(), 3, "three segments: {times:?}");
+        assert!(
+            times.windows(2).all(|w| w[0].1 <= w[1].1),
+            "publish times follow offsets: {times:?}"
+        );
+    }
+
     fn tables(path: &Path) -> Vec<String> {
         tables_named(&Connection::open(path).unwrap(), "").unwrap()
     }

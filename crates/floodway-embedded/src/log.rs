@@ -273,11 +273,14 @@ impl Writer {
     }
 
     fn commit(&mut self, group: &[WriteRequest]) -> Result<Vec<PublishReceipt>, HubError> {
-        let now = now_millis();
         let _turn = self.gate.enter();
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Read holding the write lock, which may have taken a while to get (another process
+        // writing): publish times then follow offsets across processes, as a start at a time
+        // (`offset_before`) expects.
+        let now = now_millis();
         // Offsets are read inside the transaction: another process may have written since.
         let mut filling: HashMap<u32, Filling> = HashMap::new();
         let mut receipts = Vec::with_capacity(group.len());
