@@ -16,6 +16,13 @@ pub trait Source: Send + 'static {
     /// never for a live stream that is merely idle: that one waits.
     ///
     /// The processor calls this from a task of its own, so it need not be cancel-safe.
+    ///
+    /// Checkpoints assume a partition's records come in increasing offset order: a
+    /// checkpoint is the offset of the last record done with every record delivered before
+    /// it. A source whose records can come again out of order (JetStream's redeliveries)
+    /// acknowledges per record ([`Checkpointer::settle`]) and ignores checkpoints. After an
+    /// error the processor stops and drops the source: a batch the error cut short is not
+    /// read again from the same source.
     fn next_batch(
         &mut self,
         max: usize,

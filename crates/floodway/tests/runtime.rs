@@ -218,8 +218,9 @@ async fn order_holds_when_some_calls_answer_at_once() {
     batches.assert_in_order(600, 7);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_slow_sink_slows_the_source_and_in_flight_work_stays_bounded() {
+/// Runs 2,000 events through a slow sink with these bounds; answers the most records that
+/// were pulled and not yet delivered at any time.
+async fn pulled_not_delivered(max_in_flight: usize, pull_batch: usize) -> u64 {
     let kit = TestKit::new();
     let pulled = Arc::new(AtomicU64::new(0));
     let max_gap = Arc::new(AtomicU64::new(0));
@@ -238,19 +239,34 @@ async fn a_slow_sink_slows_the_source_and_in_flight_work_stays_bounded() {
     };
     let pipeline = Pipeline::builder("slow").parallelism(4).sink(sink).unwrap();
     let processor = build(
-        kit.processor("p").max_in_flight(100).pull_batch(10),
+        kit.processor("p")
+            .max_in_flight(max_in_flight)
+            .pull_batch(pull_batch),
         pipeline,
     );
     let source = CountingSource::new(&events(2_000, 50), false, &pulled);
     let report = run_source(&kit, &processor, source).await.unwrap();
     assert_eq!(report.done, 2_000);
-    let gap = max_gap.load(Ordering::SeqCst);
+    max_gap.load(Ordering::SeqCst)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_sink_slows_the_source_and_in_flight_work_stays_bounded() {
+    let gap = pulled_not_delivered(100, 10).await;
     // In flight, plus one pulled batch waiting in the channel and one being handed over.
     assert!(
         gap <= 100 + 2 * 10,
         "{gap} records pulled and not delivered"
     );
     assert!(gap >= 50, "the limit was reached: {gap}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pull_larger_than_the_work_in_flight_allowed_asks_for_no_more_than_that() {
+    // The default pull of 512 against 50 in flight: each pull asks for 50.
+    let gap = pulled_not_delivered(50, 512).await;
+    assert!(gap <= 50 + 2 * 50, "{gap} records pulled and not delivered");
+    assert!(gap >= 25, "the limit was reached: {gap}");
 }
 
 #[tokio::test(start_paused = true)]

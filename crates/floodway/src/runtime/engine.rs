@@ -216,7 +216,9 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     ) -> Result<(RunReport, C), RunError> {
         let config = self.proc.config;
         let (tx, mut rx) = mpsc::channel::<Result<Option<Vec<Record>>, SourceError>>(1);
-        let pull = config.pull_batch;
+        // A pulled batch is dispatched whole: one larger than the work allowed in flight
+        // would overrun it.
+        let pull = config.pull_batch.min(config.max_in_flight);
         let mut source_task = AbortOnDrop(tokio::spawn(async move {
             loop {
                 let batch = source.next_batch(pull).await;

@@ -38,7 +38,7 @@ pub struct ProcessorConfig {
     /// records that share it until the records held reach it; then the processor stops
     /// pulling. It is at least four times `max_in_flight` (a lower value counts as that).
     pub max_buffered: usize,
-    /// Records asked of the source per pull (default 512).
+    /// Records asked of the source per pull (default 512; at most `max_in_flight`).
     pub pull_batch: usize,
     /// How often moved checkpoints are committed (default 1 s); also on stop.
     pub commit_interval: Duration,
