@@ -452,8 +452,12 @@ impl Source for SubscriptionReader {
                 source_name: "hub reader".into(),
                 cause: Box::new(e),
             })??;
-            // The lease may have been lost while reading: then nothing read is handed out.
-            self.may_read()?;
+            // The lease may have been lost while reading, or not renewed for a lease time (a
+            // process frozen mid-read): nothing read is handed out until it is held again.
+            // The records wait here, since the cursors have passed them.
+            while !self.may_read()? {
+                tokio::time::sleep(self.poll).await;
+            }
             if !records.is_empty() {
                 return Ok(Some(records));
             }
