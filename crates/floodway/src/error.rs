@@ -9,6 +9,9 @@ use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
+/// The longest delay an error can ask for ([`Error::with_retry_after`]).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// A boxed error from user code or a client library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -182,10 +185,13 @@ impl Error {
         self
     }
 
-    /// Sets the delay the target asked for before the next attempt (e.g. `Retry-After`).
+    /// Sets the delay the target asked for before the next attempt (e.g. `Retry-After`), at
+    /// most an hour: a target asking for more is taken at its word for an hour (the retry's
+    /// time bound gives up on it sooner), and a number meant to mean "never" does not
+    /// overflow the arithmetic of the waits.
     #[must_use]
     pub fn with_retry_after(mut self, delay: Duration) -> Self {
-        self.0.retry_after = Some(delay);
+        self.0.retry_after = Some(delay.min(MAX_RETRY_AFTER));
         self
     }
 

@@ -38,7 +38,13 @@ use tokio::time::Instant;
 
 pub use super::{Breaker, BreakerLayer};
 use crate::error::{Error, ErrorClass};
+use crate::layer::retry::Backoff;
 use crate::layer::{Call, Policy};
+
+/// The first wait of a call throttled while others get through; it doubles each time, up to
+/// [`HELD_BACKOFF_MAX`] (full jitter).
+const HELD_BACKOFF: Duration = Duration::from_millis(100);
+const HELD_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Settings of a [`CircuitBreaker`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,6 +315,8 @@ impl Policy for CircuitBreaker {
         let shared = &self.shared;
         // The last admission number when this call first failed.
         let mut failed_at: Option<u64> = None;
+        // Times this call was throttled while others got through.
+        let mut throttled = 0;
         loop {
             let held = failed_at.is_some();
             let (admission, number) = shared.admit(held).await;
@@ -348,6 +356,16 @@ impl Policy for CircuitBreaker {
                     if admission == Admission::Probe {
                         shared.close(admission);
                     }
+                    // Sent again after what the target asked for, or a backoff that grows
+                    // with each time, never at once: the retries below have given up (their
+                    // attempts, time or budget spent), and a call sent again the moment its
+                    // 429 came would keep a busy target busier.
+                    let backoff = Backoff::exponential(HELD_BACKOFF, HELD_BACKOFF_MAX);
+                    let wait = backoff
+                        .delay(throttled)
+                        .max(err.retry_after().unwrap_or_default());
+                    throttled += 1;
+                    tokio::time::sleep(wait).await;
                 }
                 Some(at) if shared.healthy_since(at) => {
                     // Later calls get through: this call is the problem, not the target.
@@ -458,12 +476,20 @@ mod tests {
             // The target throttles call 13 for its first 5 s, then takes it: a busy target, not a
             // bad request.
             let start = Instant::now();
-            let svc = service_fn(move |x: u32| async move {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                if x == 13 && start.elapsed() < Duration::from_secs(5) {
-                    Err(Error::throttled_msg("HttpStatus", "429 Too Many Requests"))
-                } else {
-                    Ok(x)
+            let calls = Arc::new(AtomicU64::new(0));
+            let counted = calls.clone();
+            let svc = service_fn(move |x: u32| {
+                let counted = counted.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if x == 13 {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if x == 13 && start.elapsed() < Duration::from_secs(5) {
+                        Err(Error::throttled_msg("HttpStatus", "429 Too Many Requests"))
+                    } else {
+                        Ok(x)
+                    }
                 }
             });
             let (breaker, svc) = guarded(svc);
@@ -474,6 +500,13 @@ mod tests {
             }
             assert_eq!(throttled.await.unwrap().unwrap(), 13, "held until taken");
             assert_eq!(breaker.state(), BreakerState::Closed);
+            // Sent again after a growing backoff, not the moment each 429 came (which was
+            // about 500 calls in those 5 s).
+            let calls = calls.load(Ordering::SeqCst);
+            assert!(
+                (3..=25).contains(&calls),
+                "{calls} calls of the throttled one"
+            );
         })
         .await;
     }

@@ -114,7 +114,7 @@ impl Policy for Retrying {
                 .backoff
                 .delay(attempt - 1)
                 .max(err.retry_after().unwrap_or_default());
-            if started.elapsed() + delay > policy.max_elapsed
+            if started.elapsed().saturating_add(delay) > policy.max_elapsed
                 || !policy.budget.as_ref().is_none_or(RetryBudget::withdraw)
             {
                 return Err(err.with_attempts(attempt));
@@ -227,5 +227,24 @@ mod tests {
         // 10 first attempts; the budget starts with 10 retries and earns ~1/s meanwhile.
         let total = calls.load(Ordering::SeqCst);
         assert!((20..=32).contains(&total), "{total} calls");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_target_asking_for_a_wait_beyond_any_clock_is_given_up_on_not_a_panic() {
+        // A second into the call, the target answers `Retry-After: 18446744073709551615`.
+        let svc = service_fn(|_: u32| async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Err::<u32, _>(
+                Error::throttled_msg("HttpStatus", "429")
+                    .with_retry_after(Duration::from_secs(u64::MAX)),
+            )
+        });
+        let err = RetryLayer::new(Retrying::new(RetryPolicy::default(), "t"))
+            .layer(svc)
+            .oneshot(1)
+            .await
+            .unwrap_err();
+        assert_eq!(err.attempts(), 1, "not waited for");
+        assert_eq!(err.retry_after(), Some(crate::error::MAX_RETRY_AFTER));
     }
 }
