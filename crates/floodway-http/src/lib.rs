@@ -16,6 +16,10 @@
 //! | a certificate the client does not trust, or the server refuses the client's | fatal: the certificates need fixing |
 //! | a field the URL, a header or the body needs is missing | poison |
 //!
+//! Of an answer's body, 1 MiB at most is read: a longer one is cut and judged by its status
+//! as any other (a 2xx is a success), except that a 2xx too long to publish as a response
+//! event is poison; a body cut short by the connection is transient.
+//!
 //! [`HttpSinkConfig::treat_as`] overrides the class of chosen statuses (a `409 Conflict` that
 //! means "already done" is a success; a `404` that means "no such order" is poison).
 //!
@@ -617,14 +621,24 @@ impl HttpSink {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry_after(v, std::time::SystemTime::now()));
         let headers = self.chosen_headers(response.headers());
-        // At most 1 MiB of answer: a target must not exhaust the processor's memory.
-        let body = http_body_util::Limited::new(response.into_body(), 1024 * 1024)
-            .collect()
+        // At most 1 MiB of answer is kept: a target must not exhaust the processor's memory.
+        // A longer one is cut, not an error: the status says what happened.
+        let (body, whole) = read_at_most(response.into_body(), MAX_RESPONSE_BODY)
             .await
-            .map_err(|e| Error::transient_msg("ResponseBody", e.to_string()))?
-            .to_bytes();
+            .map_err(|e| Error::transient_msg("ResponseBody", e))?;
         let outcome = self.config.outcome(status);
         if outcome == Some(Outcome::Success) || (outcome.is_none() && status.is_success()) {
+            if !whole && self.config.response_type.is_some() {
+                // Taken by the target, and too long to be published as a response event:
+                // sending it again would not change that.
+                return Err(Error::poison_msg(
+                    "ResponseTooLarge",
+                    format!(
+                        "{status}: an answer over {MAX_RESPONSE_BODY} bytes cannot become a \
+                         response event"
+                    ),
+                ));
+            }
             return self.publish_response(event, status, headers, &body).await;
         }
         // The answer goes into the error's message: without the secrets a server may echo.
@@ -680,6 +694,30 @@ impl HttpSink {
         }
         publisher.clone().oneshot(derived.build()).await
     }
+}
+
+/// The most of an answer's body that is read.
+const MAX_RESPONSE_BODY: usize = 1024 * 1024;
+
+/// Reads `body` up to `limit` bytes: the bytes, and whether that was all of it (the rest is
+/// left unread, and the connection closed rather than reused).
+async fn read_at_most<B>(mut body: B, limit: usize) -> Result<(Bytes, bool), String>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut kept = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            if kept.len() + data.len() > limit {
+                kept.extend_from_slice(&data[..limit - kept.len()]);
+                return Ok((kept.freeze(), false));
+            }
+            kept.extend_from_slice(&data);
+        }
+    }
+    Ok((kept.freeze(), true))
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {

@@ -577,3 +577,42 @@ async fn mtls_is_refused_without_a_client_certificate_and_accepted_with_one() {
     let err = config().ca_file(pki.path("missing.pem")).unwrap_err();
     assert!(err.to_string().contains("missing.pem"), "{err}");
 }
+
+#[tokio::test]
+async fn an_answer_over_the_body_limit_is_judged_by_its_status() {
+    // 2 MiB of answer, over the 1 MiB read: a 200 for the first order, a 400 for the next.
+    let big = "x".repeat(2 * 1024 * 1024);
+    let server = serve(
+        Arc::new(move |seen: &Seen, _| {
+            let code = if seen.body.contains("o-bad") {
+                400
+            } else {
+                200
+            };
+            status(code, big.clone())
+        }),
+        None,
+    )
+    .await;
+    let url = format!("http://{}/x", server.addr);
+    let sink = HttpSink::new(HttpSinkConfig::post(&url).unwrap());
+    // Taken: the call did what it was for, whatever the length of what came back.
+    send(&sink, order("o-1")).await.unwrap();
+    // Refused: poison, as a short 400 is, not a transient error to send again.
+    let err = send(&sink, order("o-bad")).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Poison, "{err}");
+    // Taken, but too long to publish as a response event: poison too.
+    let publisher = tower::util::BoxCloneSyncService::new(tower::service_fn(|_: Event| {
+        std::future::ready(Ok::<_, Error>(()))
+    }));
+    let sink = HttpSink::new(
+        HttpSinkConfig::post(&url)
+            .unwrap()
+            .publish_response_as("payment-notified"),
+    )
+    .with_response_publisher(publisher);
+    let err = send(&sink, order("o-2")).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Poison, "{err}");
+    assert!(err.to_string().contains("ResponseTooLarge"), "{err}");
+    assert_eq!(server.seen().len(), 3, "each sent once");
+}
