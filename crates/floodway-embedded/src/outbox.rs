@@ -16,7 +16,7 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use floodway::event::now_millis;
+use floodway::event::{now_millis, DEFAULT_MAX_EVENT_SIZE};
 use floodway::{Event, SharedHub};
 use rusqlite::{Connection, Transaction};
 
@@ -35,21 +35,45 @@ pub(crate) fn create(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Adds `events` from `source` to the outbox, in `tx`.
+///
+/// # Errors
+/// [`HubError::Invalid`] (poison) for an event the relay could not publish: over the 1 MiB an
+/// event may have, or without an id or a type. Refused here, with the transaction that made
+/// it, rather than stored where it would stop the relay, and every event after it, for good.
 pub(crate) fn add<'e>(
     tx: &Transaction<'_>,
     source: &str,
     events: impl Iterator<Item = &'e Event>,
     now: i64,
-) -> rusqlite::Result<()> {
+) -> Result<(), HubError> {
     let mut insert = None;
     for event in events {
+        let text = event.to_json();
+        if text.len() > DEFAULT_MAX_EVENT_SIZE
+            || event.id().is_empty()
+            || event.event_type().is_empty()
+        {
+            return Err(HubError::Invalid(format!(
+                "event `{}` of type `{}` cannot go through the outbox: {}",
+                event.id(),
+                event.event_type(),
+                if text.len() > DEFAULT_MAX_EVENT_SIZE {
+                    format!(
+                        "{} bytes, over the {DEFAULT_MAX_EVENT_SIZE} an event may have",
+                        text.len()
+                    )
+                } else {
+                    "an event needs an id and a type".to_owned()
+                }
+            )));
+        }
         let stmt = match &mut insert {
             Some(stmt) => stmt,
             None => insert.insert(tx.prepare_cached(
                 "INSERT INTO outbox (source, event, created) VALUES (?1, ?2, ?3)",
             )?),
         };
-        stmt.execute((source, event.to_json(), now))?;
+        stmt.execute((source, text, now))?;
     }
     Ok(())
 }

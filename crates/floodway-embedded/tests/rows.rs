@@ -147,4 +147,45 @@ fn the_outbox_holds_each_change_with_its_row() {
     assert!(refused.is_err());
     assert_eq!(hub.outbox().unwrap().stats().unwrap().pending(), 5);
     assert!(table.get(&RowKey::new("o3", "order")).unwrap().is_none());
+    // An event the relay could not publish is refused with its transaction, as poison,
+    // rather than stored where it would stop the relay: one without an id, one over 1 MiB,
+    // and a row's change over 1 MiB (its old and new rows side by side).
+    let nameless = floodway::Event::builder("order-placed", "o4")
+        .id("")
+        .build();
+    let huge = floodway::Event::builder("order-placed", "o4")
+        .field("note", "x".repeat(1024 * 1024))
+        .build();
+    for event in [nameless, huge] {
+        let refused = table.transaction(|tx| {
+            tx.put(RowKey::new("o4", "order"), version(7, 7), Map::new())
+                .emit(event.clone());
+            Ok::<_, floodway_embedded::HubError>(())
+        });
+        let err = refused.unwrap_err();
+        assert!(
+            matches!(err, floodway_embedded::HubError::Invalid(_)),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("cannot go through the outbox"),
+            "{err}"
+        );
+    }
+    let mut big = Map::new();
+    big.insert("note".into(), json!("y".repeat(700 * 1024)));
+    let key = RowKey::new("o5", "order");
+    table
+        .apply(&[Update::new(key.clone(), version(8, 8)).set("note", big["note"].clone())])
+        .unwrap();
+    let refused =
+        table.apply(&[Update::new(key.clone(), version(9, 9)).set("note", "z".repeat(700 * 1024))]);
+    assert!(matches!(
+        refused,
+        Err(floodway_embedded::HubError::Invalid(_))
+    ));
+    assert!(table.get(&RowKey::new("o4", "order")).unwrap().is_none());
+    // What was stored before is all there, each event one the relay can publish.
+    let pending = hub.outbox().unwrap().pending(100).unwrap();
+    assert_eq!(pending.len(), 6, "the five before and o5's creation");
 }
