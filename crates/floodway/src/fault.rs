@@ -463,10 +463,16 @@ pub(crate) fn fault_event(
 ) -> Event {
     let position = record.position();
     // The event's content, not just its id: the parts of a split record may share an id.
-    let event_text = event.map(|e| match e.source_text() {
-        Some(text) => std::borrow::Cow::Borrowed(text),
-        None => std::borrow::Cow::Owned(e.to_json()),
-    });
+    // With no event (the record did not decode), the record's own bytes: records read from
+    // an invocation that could not say where they came from share a source, a partition and
+    // a position (their index in the batch), and must not share a fault.
+    let event_text = match event {
+        Some(e) => match e.source_text() {
+            Some(text) => std::borrow::Cow::Borrowed(text),
+            None => std::borrow::Cow::Owned(e.to_json()),
+        },
+        None => String::from_utf8_lossy(&record.data),
+    };
     let id = stable_id(&[
         &record.source,
         &record.partition,
@@ -474,7 +480,7 @@ pub(crate) fn fault_event(
         origin.processor,
         origin.pipeline,
         origin.step,
-        event_text.as_deref().unwrap_or_default(),
+        &event_text,
     ]);
     let timestamp = now_millis();
     // A raise is named by the fault, the time and a random part: two raises in one
@@ -645,6 +651,24 @@ mod tests {
         assert!(!fault.to_json().contains("ann@example.com"));
         let details: FaultDetails = fault.payload().unwrap();
         assert!(details.uow.record.redacted);
+    }
+
+    #[test]
+    fn records_that_did_not_decode_share_a_fault_only_with_the_same_bytes() {
+        // As a Lambda invocation's unreadable records are named: no shard, no sequence, the
+        // index in the batch for a position.
+        let origin = FaultOrigin {
+            processor: "p",
+            pipeline: DECODE_PIPELINE,
+            step: "decode",
+        };
+        let id = |data: &'static str| {
+            let record = Record::new("eventbridge:unknown", "malformed", 0, data);
+            let fault = fault_event(origin, &record, None, &Error::poison_msg("X", "y"), &[]);
+            fault_id(&fault).to_owned()
+        };
+        assert_ne!(id(r#"{"detail":"a"}"#), id(r#"{"detail":[1]}"#));
+        assert_eq!(id(r#"{"detail":"a"}"#), id(r#"{"detail":"a"}"#));
     }
 
     #[test]
