@@ -34,7 +34,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::error::{BuildError, Error, ErrorClass};
+use crate::error::{BuildError, Error};
 use crate::layer::{Call, Policy};
 pub use crate::layer::{ConcurrencyLimit, ConcurrencyLimitLayer};
 
@@ -135,19 +135,20 @@ pub enum Signal {
     Success,
     /// Throttled or timed out: the target is over capacity.
     Overload,
-    /// Failed in a way that says nothing about load (e.g. a 4xx).
+    /// Failed in a way that says nothing about load (a 500, a 4xx, a refused connection).
     Neutral,
 }
 
 impl Signal {
-    /// The signal an error gives.
+    /// The signal an error gives: a throttle or a timeout is back-pressure; any other error
+    /// is neutral. Not a success: a poison answer's or a refused connection's latency (fast,
+    /// and nothing like the work's) would pull the average down and grow the limit, even
+    /// while the target is down.
     pub fn of(err: &Error) -> Signal {
         if err.is_throttle() || err.is_timeout() {
             Signal::Overload
-        } else if err.class() == ErrorClass::Transient {
-            Signal::Neutral
         } else {
-            Signal::Success
+            Signal::Neutral
         }
     }
 }
@@ -417,6 +418,23 @@ impl Policy for ConcurrencyLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorClass;
+
+    #[test]
+    fn only_throttles_and_timeouts_speak_of_load_and_no_error_counts_as_a_success() {
+        assert_eq!(
+            Signal::of(&Error::throttled_msg("Http", "429")),
+            Signal::Overload
+        );
+        for err in [
+            Error::transient_msg("Http", "500"),
+            Error::poison_msg("Http", "400"),
+            Error::transient_msg("Down", "connection refused").with_class(ErrorClass::Outage),
+            Error::fatal_msg("Http", "301"),
+        ] {
+            assert_eq!(Signal::of(&err), Signal::Neutral, "{err}");
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn fixed_limit_holds_callers() {
