@@ -329,8 +329,16 @@ impl NatsHub {
         let mut tasks = JoinSet::new();
         let live = consumers.len();
         let budget: Budget = options.transient.then(|| {
-            let per_partition = usize::try_from(options.max_ack_pending).unwrap_or(0).max(1);
-            Arc::new(Semaphore::new(per_partition.saturating_mul(live.max(1))))
+            // A setting of no limit (`-1`, as JetStream reads it) takes the default.
+            let per_partition = usize::try_from(options.max_ack_pending)
+                .ok()
+                .filter(|n| *n > 0)
+                .or_else(|| usize::try_from(SubscriptionOptions::default().max_ack_pending).ok())
+                .unwrap_or(1);
+            let permits = per_partition
+                .saturating_mul(live.max(1))
+                .min(Semaphore::MAX_PERMITS);
+            Arc::new(Semaphore::new(permits))
         });
         for (partition, subject, config, consumer) in consumers {
             // Where this consumer stands: what it holds is below its ack floor, so a consumer
