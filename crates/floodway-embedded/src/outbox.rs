@@ -343,8 +343,18 @@ impl OutboxRelay {
         };
         let mut backoff = Duration::from_millis(50);
         loop {
-            if let Standing::Lost(reason) = lease.standing() {
-                return Err(lease.lost_error(reason));
+            match lease.standing() {
+                Standing::Lost(reason) => return Err(lease.lost_error(reason)),
+                Standing::Unsure => {
+                    // Not renewed for a lease time: another process may be relaying by now.
+                    // Nothing is published until the lease is held again, as a subscription's
+                    // reader hands nothing out.
+                    tokio::select! {
+                        () = &mut stop => return Ok(report),
+                        () = tokio::time::sleep(self.poll) => continue,
+                    }
+                }
+                Standing::Held => {}
             }
             let pending = crate::blocking(|| self.outbox.pending(self.batch))?;
             if pending.is_empty() {
