@@ -615,14 +615,15 @@ mod tests {
             .unwrap();
         let closed = subscription.closed();
         let (mut reader, checkpointer) = subscription.split();
-        // Time enough for the readers to take everything the server has, were they let.
-        let mut held = 0;
-        for _ in 0..20 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            held = held.max(reader.rx.len());
+        // The readers fill their budgets, then take no more, however long they are let.
+        let filled = tokio::time::Instant::now() + Duration::from_secs(10);
+        while reader.rx.len() < 200 && tokio::time::Instant::now() < filled {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(
-            held, 200,
+            reader.rx.len(),
+            200,
             "two partitions' budgets of 100, filled and no more"
         );
         let mut read = Vec::new();
