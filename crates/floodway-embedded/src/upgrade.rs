@@ -137,6 +137,13 @@ pub(crate) fn upgrade(
 
 /// Whether the hub in `tx` needs the move: `false` when it has this build's version, an error
 /// when it is no hub of a version this build reads, or a subscription's lease is in force.
+/// The text of the first column of each row `sql` answers.
+fn strings(conn: &Connection, sql: &str) -> rusqlite::Result<Vec<String>> {
+    let mut statement = conn.prepare(sql)?;
+    let rows = statement.query_map([], |r| r.get(0))?;
+    rows.collect()
+}
+
 fn check(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<bool, OpenError> {
     let err = |source| OpenError::Sqlite {
         path: path.to_owned(),
@@ -164,13 +171,7 @@ fn check(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<bool, OpenError>
         });
     }
     if schema::has_table(tx, "leases").map_err(err)? {
-        let names: Vec<String> = {
-            let mut statement = tx
-                .prepare("SELECT name FROM leases ORDER BY name")
-                .map_err(err)?;
-            let rows = statement.query_map([], |r| r.get(0)).map_err(err)?;
-            rows.collect::<Result<_, _>>().map_err(err)?
-        };
+        let names = strings(tx, "SELECT name FROM leases ORDER BY name").map_err(err)?;
         let now = floodway::event::now_millis();
         for name in names {
             if let Some((holder, process)) = crate::lease::holder(tx, &name).map_err(err)? {
@@ -231,13 +232,11 @@ fn copy_views(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Deferred)
         .map_err(err)?;
-    let tables: Vec<String> = {
-        let mut statement = tx
-            .prepare("SELECT name FROM main.sqlite_master WHERE type = 'table' ORDER BY name")
-            .map_err(err)?;
-        let rows = statement.query_map([], |r| r.get(0)).map_err(err)?;
-        rows.collect::<Result<_, _>>().map_err(err)?
-    };
+    let tables = strings(
+        &tx,
+        "SELECT name FROM main.sqlite_master WHERE type = 'table' ORDER BY name",
+    )
+    .map_err(err)?;
     if !tables.is_empty() {
         let stored = |key: &str| {
             tx.query_row(
@@ -300,11 +299,11 @@ mod tests {
 
     fn tables(path: &Path) -> Vec<String> {
         let conn = Connection::open(path).unwrap();
-        let mut statement = conn
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-            .unwrap();
-        let names = statement.query_map([], |r| r.get(0)).unwrap();
-        names.map(Result::unwrap).collect()
+        super::strings(
+            &conn,
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name",
+        )
+        .unwrap()
     }
 
     fn version(path: &Path) -> String {
