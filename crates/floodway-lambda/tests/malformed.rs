@@ -419,3 +419,27 @@ async fn a_bad_ciphertext_is_one_precise_fault_for_a_pipeline_that_decrypts() {
         faults[0].1
     );
 }
+
+#[tokio::test]
+async fn unreadable_records_of_two_invocations_are_two_faults() {
+    // Each is the first record of its invocation, with nothing that says where it came from:
+    // only its bytes tell the two apart.
+    let faults = MemoryFaultSink::new();
+    let processor = Processor::builder("catalogue")
+        .fault_sink(faults.clone())
+        .pipeline(Pipeline::builder("all").sink(MemorySink::new()).unwrap())
+        .build()
+        .unwrap();
+    let handler = Handler::new(processor);
+    for detail in [json!("text"), json!([1])] {
+        let invocation = json!({ "detail-type": "thing-created", "source": "s", "detail": detail });
+        assert_eq!(handler.handle(invocation, None).await.unwrap(), Value::Null);
+    }
+    let ids: Vec<String> = faults
+        .faults()
+        .iter()
+        .map(|f| floodway::fault::fault_id(f).to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[0], ids[1], "two records, two faults");
+}
