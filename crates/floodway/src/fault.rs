@@ -31,6 +31,8 @@
 //! that resubmission replays exactly what failed; `uow.event` is the decoded event with the
 //! pipeline's sensitive fields redacted, for people to read.
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -153,6 +155,11 @@ pub struct FaultRecord {
     /// by position when it is resubmitted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub redacted: bool,
+    /// The size the fault had when its record's bytes were left out to fit a store with a
+    /// size limit ([`fit`]); resubmission then reads the record back from its source by
+    /// position, as for a redacted one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<u64>,
 }
 
 /// A fault event in Floodway's shape: a Floodway fault as it is, and a fault event
@@ -310,43 +317,95 @@ fn lambda_record(record: &Value, event: Option<&Value>) -> FaultRecord {
         encoding: encoding.to_owned(),
         data,
         redacted: false,
+        truncated: None,
     }
 }
 
-/// A fault event that fits in `max_bytes` when encoded: unchanged if it fits, else without
-/// the decoded event and the record's bytes (`uow.record.truncated` holds the size the fault
-/// had). For stores with a size limit (a message, an item, an entry): storing a trimmed fault
-/// beats not storing it, which would stop the processor. A trimmed fault cannot be
-/// resubmitted from itself; its source still holds the record (source, partition, position).
+/// Bytes of an error message a trimmed fault keeps at most.
+const TRIMMED_MESSAGE: usize = 4096;
+
+/// A fault event that fits in `max_bytes` when encoded: unchanged if it fits; else without
+/// the decoded event (the record's bytes hold it); if that is not enough, without the
+/// record's bytes too (`uow.record.truncated` holds the size the fault had); and if even that
+/// is not enough, with the error's message cut to its first 4 KiB. For stores with a size
+/// limit (a message, an item, an entry): storing a trimmed fault beats not storing it, which
+/// would stop the processor. A fault without its record's bytes is resubmitted from its
+/// source, which still holds the record (source, partition, position).
 pub fn fit(fault: &Event, max_bytes: usize) -> Event {
     let size = fault.encoded_len();
     if size <= max_bytes {
         return fault.clone();
     }
     let mut fault = fault.clone();
+    let Some(Value::Object(uow)) = fault.fields_mut().get_mut("uow") else {
+        return fault;
+    };
+    uow.remove("event");
+    if fault.encoded_len() <= max_bytes {
+        return fault;
+    }
     if let Some(Value::Object(uow)) = fault.fields_mut().get_mut("uow") {
-        uow.remove("event");
         if let Some(Value::Object(record)) = uow.get_mut("record") {
             record.remove("data");
             record.insert("truncated".into(), size.into());
         }
     }
+    if fault.encoded_len() <= max_bytes {
+        return fault;
+    }
+    if let Some(Value::Object(err)) = fault.fields_mut().get_mut("err") {
+        if let Some(Value::String(message)) = err.get_mut("message") {
+            if let Cow::Owned(cut) = clipped(message, TRIMMED_MESSAGE) {
+                *message = cut;
+            }
+        }
+    }
     fault
 }
 
+/// `text` if it has at most `max_bytes` bytes, else its first `max_bytes` at most (cut at a
+/// character's start) followed by ` [cut]`: an error message where space is short.
+pub fn clipped(text: &str, max_bytes: usize) -> Cow<'_, str> {
+    if text.len() <= max_bytes {
+        return Cow::Borrowed(text);
+    }
+    let mut at = max_bytes;
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    Cow::Owned(format!("{} [cut]", &text[..at]))
+}
+
 impl FaultRecord {
+    /// Whether the fault carries the record's bytes: not when its pipeline redacts fields,
+    /// nor when it was trimmed to fit a store ([`fit`]).
+    pub fn carried(&self) -> bool {
+        !self.redacted && self.truncated.is_none()
+    }
+
     /// The record's bytes, decoded from their encoding.
     ///
     /// # Errors
     /// When `data` is not valid for `encoding`.
     pub fn bytes(&self) -> Result<Vec<u8>, Error> {
-        if self.redacted {
+        if !self.carried() {
+            let (name, why) = match self.truncated {
+                Some(size) => (
+                    "RecordTrimmed",
+                    format!("the fault was trimmed to fit its store (it had {size} bytes)"),
+                ),
+                None => ("RecordRedacted", "its pipeline redacts fields".to_owned()),
+            };
             return Err(Error::poison_msg(
-                "RecordRedacted",
+                name,
                 format!(
-                    "the fault does not carry the record (its pipeline redacts fields): read it \
-                     from {} partition {} at {}",
-                    self.source, self.partition, self.offset
+                    "the fault does not carry the record ({why}): read it from {} partition {} \
+                     at {}",
+                    self.source,
+                    self.partition,
+                    self.sequence
+                        .clone()
+                        .unwrap_or_else(|| self.offset.to_string())
                 ),
             ));
         }
@@ -619,6 +678,59 @@ mod tests {
         // Without redaction the record is carried verbatim.
         let details: FaultDetails = other.payload().unwrap();
         assert_eq!(details.uow.record.bytes().unwrap(), data.as_bytes());
+    }
+
+    #[test]
+    fn a_fault_is_trimmed_only_as_far_as_its_store_needs() {
+        let big = "x".repeat(100_000);
+        let data =
+            format!(r#"{{"id":"e1","type":"t","timestamp":1,"partitionKey":"k","blob":"{big}"}}"#);
+        let record = Record::new("kinesis:s", "shard-1", 7, data.clone()).with_sequence("4952");
+        let event = Event::decode(data.as_bytes()).unwrap();
+        let fault = fault_event(
+            ORIGIN,
+            &record,
+            Some(&event),
+            &Error::poison_msg("Invalid", "m".repeat(50_000)),
+            &[],
+        );
+        let size = fault.encoded_len();
+        assert!(size > 250_000, "{size}");
+        assert_eq!(
+            fit(&fault, size).to_json(),
+            fault.to_json(),
+            "fits: unchanged"
+        );
+
+        // Without the event it fits: the record's bytes stay, and it can be resubmitted.
+        let lighter = fit(&fault, 200_000);
+        assert!(lighter.encoded_len() <= 200_000);
+        let details: FaultDetails = lighter.payload().unwrap();
+        assert!(details.uow.event.is_none());
+        assert!(details.uow.record.carried());
+        assert_eq!(details.uow.record.bytes().unwrap(), data.as_bytes());
+
+        // Not even then: the bytes go too, and resubmission is told where the record is.
+        let trimmed = fit(&fault, 100_000);
+        assert!(trimmed.encoded_len() <= 100_000);
+        let details: FaultDetails = trimmed.payload().unwrap();
+        assert_eq!(details.uow.record.truncated, Some(size as u64));
+        assert!(!details.uow.record.carried());
+        let err = details.uow.record.bytes().unwrap_err();
+        assert_eq!(err.name(), "RecordTrimmed");
+        assert!(err.to_string().contains("shard-1 at 4952"), "{err}");
+        assert_eq!(
+            details.err.message.len(),
+            50_000,
+            "the message is kept while it fits"
+        );
+
+        // A store smaller than the error's message: the message is cut.
+        let cut = fit(&fault, 10_000);
+        assert!(cut.encoded_len() <= 10_000, "{}", cut.encoded_len());
+        let details: FaultDetails = cut.payload().unwrap();
+        assert!(details.err.message.ends_with(" [cut]"));
+        assert_eq!(fault_id(&cut), fault_id(&fault));
     }
 
     #[test]

@@ -83,6 +83,11 @@ pub fn page(fault: &StoredFault, history: &[Resubmission]) -> Result<String, Err
         _ if r.redacted => "data       (not kept: the pipeline redacts fields; resubmission \
                             reads the record from its source)"
             .to_owned(),
+        _ if r.truncated.is_some() => format!(
+            "data       (not kept: the fault had {} bytes, trimmed to fit its store; \
+             resubmission reads the record from its source)",
+            r.truncated.unwrap_or_default()
+        ),
         "utf8" => format!("data       {}", r.data),
         other => format!("data       ({other}) {}", r.data),
     });

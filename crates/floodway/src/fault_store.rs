@@ -347,12 +347,13 @@ async fn attempt(
         return Err("the record could not be decoded: no pipeline can take it".into());
     }
     let r = fault.details().map_err(|e| e.to_string())?.uow.record;
-    let data = if r.redacted {
-        // The fault does not carry the record: read it back from the hub by position.
+    let data = if !r.carried() {
+        // The fault does not carry the record (redacted, or trimmed to fit its store): read
+        // it back from the hub by position.
         hub.record_at(&r.partition, r.offset)
             .await
             .map_err(|e| e.to_string())?
-            .ok_or("the record is redacted from the fault and no longer in the hub (retention deleted it)")?
+            .ok_or("the fault does not carry the record and the hub no longer holds it (retention deleted it)")?
     } else {
         r.bytes().map_err(|e| e.to_string())?
     };

@@ -954,7 +954,8 @@ async fn show_fault(
         "offset": record.offset,
         "attempt": record.attempt,
         "redacted": record.redacted,
-        "data": if record.redacted {
+        "truncated": record.truncated,
+        "data": if !record.carried() {
             Value::Null
         } else {
             record

@@ -367,6 +367,7 @@ async function renderFault(id) {
       <dt>source</dt><dd>${esc(f.record.source)}</dd><dt>partition</dt><dd>${esc(f.record.partition)}</dd>
       <dt>offset</dt><dd>${esc(f.record.offset)}</dd><dt>attempt</dt><dd>${esc(f.record.attempt)}</dd></dl>
       ${f.record.redacted ? `<p class="muted">The record is left out of the fault (redacted fields); resubmission reads it back from the hub.</p>`
+        : f.record.truncated ? `<p class="muted">The record is left out of the fault (it had ${esc(f.record.truncated)} bytes, trimmed to fit its store); resubmission reads it back from the hub.</p>`
         : `<pre data-testid="fault-record">${json(f.record.data)}</pre>`}</section></div>
     <h3>Event</h3><pre data-testid="fault-event">${f.event === null ? "the record could not be decoded" : json(f.event)}</pre>
     <h3>Resubmissions</h3>${f.resubmissions.length ? `<table><tr><th>when</th><th>outcome</th><th>detail</th></tr>
