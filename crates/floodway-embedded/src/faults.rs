@@ -80,10 +80,13 @@ fn row_to_fault(r: &rusqlite::Row<'_>) -> rusqlite::Result<(StoredFault, String)
 
 fn decode(parts: (StoredFault, String)) -> Result<StoredFault, HubError> {
     let (mut fault, text) = parts;
-    fault.fault = Event::decode(text.as_bytes()).map_err(|e| HubError::Corrupt {
-        what: "fault event",
-        detail: e.to_string(),
-    })?;
+    // Whatever its size: the store takes a fault of any size (a monitor's own fault of a
+    // fault too large to read among them), and one it cannot read would break every list.
+    fault.fault =
+        Event::decode_with_limit(text.as_bytes(), usize::MAX).map_err(|e| HubError::Corrupt {
+            what: "fault event",
+            detail: e.to_string(),
+        })?;
     Ok(fault)
 }
 

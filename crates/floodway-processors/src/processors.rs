@@ -1043,7 +1043,9 @@ pub fn fault_monitor(hubs: &Hubs, name: &str) -> Result<Processor, SetupError> {
         .sink(sink)
         .map_err(build)?;
     // A fault of the monitor itself (a malformed fault event) goes straight to the store.
+    // Faults of any size are read: a hub may hold one larger than events are allowed to be.
     Processor::builder(name)
+        .max_event_size(usize::MAX)
         .fault_sink(store)
         .pipeline(pipeline)
         .build()

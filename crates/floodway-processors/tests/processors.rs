@@ -276,6 +276,39 @@ async fn configured_processors_materialize_call_forward_and_monitor_faults() {
     assert_eq!(notified, received);
 }
 
+/// A fault of a large event (the fault carries the record twice, as bytes and decoded, so it
+/// is larger than events may be) reaches the store as itself: trimmed of the decoded event as
+/// it is published, and still carrying the record, so it can be resubmitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_of_a_large_event_is_stored_as_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let view = processor(
+        "materialize",
+        "orders-view",
+        "order-*",
+        "view = \"orders\"\nvalue = \"/order\"",
+    );
+    // No `order`: the view cannot take it.
+    let big = Event::builder("order-noted", "o-1")
+        .field("note", "x".repeat(600 * 1024))
+        .build();
+    let config_text = format!("[hub]\npath = \"hub.db\"\n{view}");
+    let (hubs, _) = run_config(dir.path(), &config_text, std::slice::from_ref(&big)).await;
+    let faults = stored_faults(&hubs).await;
+    let summary: Vec<String> = faults
+        .iter()
+        .map(|f| format!("{}/{}: {}", f.pipeline, f.name, f.message))
+        .collect();
+    assert_eq!(faults.len(), 1, "{summary:?}");
+    assert_eq!(faults[0].processor, "orders-view", "{summary:?}");
+    let details = faults[0].details().unwrap();
+    assert!(details.uow.event.is_none(), "the decoded event is left out");
+    assert_eq!(
+        details.uow.record.bytes().unwrap(),
+        big.to_json().as_bytes()
+    );
+}
+
 /// The same processors on NATS JetStream, fed from an embedded hub by a forward processor
 /// and forwarding back into another embedded hub.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -380,7 +380,9 @@ impl Publisher {
 }
 
 crate::impl_sink!(Publisher, publish);
-crate::impl_fault_sink!(Publisher, publish, usize::MAX);
+// Trimmed to what a processor reads (a fault monitor among them): a hub may take larger
+// events (the embedded one does), and a fault nobody can read would be lost to its store.
+crate::impl_fault_sink!(Publisher, publish, crate::event::DEFAULT_MAX_EVENT_SIZE);
 
 /// One delivery of a batch through a pipeline's resilience stack: the batch and, shared by
 /// every attempt of it, which entries are still to deliver. Each attempt sends only those, so
