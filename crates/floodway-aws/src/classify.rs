@@ -1,5 +1,6 @@
 //! AWS errors in Floodway's failure classes.
 
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use floodway::Error;
 
@@ -27,6 +28,13 @@ const TRANSIENT: &[&str] = &[
     "RequestTimeout",
     "RequestTimeoutException",
     "TransactionInProgressException",
+    // A write that met another's transaction on the same item; the SDK does not retry it.
+    "TransactionConflictException",
+    "KMSInternalException",
+    "KMS.KMSInternalException",
+    "DependencyTimeoutException",
+    "KeyUnavailableException",
+    "KMS.KeyUnavailableException",
 ];
 
 /// Error codes that mean the configuration is wrong (a missing resource, no permission).
@@ -40,12 +48,17 @@ const FATAL: &[&str] = &[
     "AWS.SimpleQueueService.NonExistentQueue",
     "QueueDoesNotExist",
     "ExpiredTokenException",
+    "ExpiredToken",
     "InvalidSignatureException",
     "KMSAccessDeniedException",
     "KMSDisabledException",
     "KMSNotFoundException",
     "KMSInvalidStateException",
     "KMSOptInRequired",
+    // KMS's own names of a disabled or missing key (other services prefix them with `KMS`).
+    "DisabledException",
+    "NotFoundException",
+    "InvalidKeyUsageException",
     "KmsException",
     "KMS.AccessDeniedException",
     "KMS.DisabledException",
@@ -59,7 +72,7 @@ pub(crate) fn classify_code(code: &str, message: &str) -> Error {
     let text = format!("{code}: {message}");
     if THROTTLES.contains(&code) || code.contains("Throttl") {
         Error::throttled_msg("AwsThrottled", text)
-    } else if TRANSIENT.contains(&code) || code.starts_with("Internal") {
+    } else if TRANSIENT.contains(&code) || code.contains("Internal") {
         Error::transient_msg("AwsUnavailable", text)
     } else if FATAL.contains(&code) || code.starts_with("KMS") || code.contains("AccessDenied") {
         Error::fatal_msg("AwsConfiguration", text)
@@ -102,6 +115,49 @@ where
     }
 }
 
+/// The reasons a DynamoDB transaction was cancelled, one per item in the order given
+/// (`None` or `"None"` for an item that was not the cause); `None` when `error` is not a
+/// cancellation.
+pub(crate) fn cancellation_reasons<R>(
+    error: &SdkError<TransactWriteItemsError, R>,
+) -> Option<Vec<Option<String>>> {
+    match error.as_service_error()? {
+        TransactWriteItemsError::TransactionCanceledException(c) => Some(
+            c.cancellation_reasons()
+                .iter()
+                .map(|r| r.code().map(str::to_owned))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// The class of a DynamoDB transaction cancelled for none of the reasons its caller looks for
+/// (a condition of its own): the cancellation (HTTP 400) says nothing by itself, its reasons
+/// do. A throttled item slows down, a conflict with another transaction is retried, anything
+/// else (a validation error, an item collection over its size) rejects the request.
+pub(crate) fn cancellation(reasons: &[Option<String>]) -> Error {
+    let codes: Vec<&str> = reasons
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .filter(|c| *c != "None")
+        .collect();
+    let text = format!("transaction cancelled: [{}]", codes.join(", "));
+    let any = |wanted: &[&str]| codes.iter().any(|c| wanted.contains(c));
+    if any(&[
+        "ThrottlingError",
+        "ProvisionedThroughputExceeded",
+        "RequestLimitExceeded",
+    ]) {
+        Error::throttled_msg("AwsThrottled", text)
+    } else if codes.is_empty() || any(&["TransactionConflict"]) {
+        Error::transient_msg("AwsUnavailable", text)
+    } else {
+        Error::poison_msg("AwsRejected", text)
+    }
+}
+
 /// The entries of a batch answer that carry an error code, by position, classified.
 pub(crate) fn failed_entries<'a>(
     answers: impl Iterator<Item = (Option<&'a str>, Option<&'a str>)>,
@@ -112,4 +168,62 @@ pub(crate) fn failed_entries<'a>(
             Some((i, classify_code(code?, message.unwrap_or_default())))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use floodway::ErrorClass;
+
+    #[test]
+    fn codes_are_classed_as_the_services_mean_them() {
+        let class = |code: &str| {
+            let e = classify_code(code, "m");
+            (e.class(), e.is_throttle())
+        };
+        let throttle = (ErrorClass::Transient, true);
+        let transient = (ErrorClass::Transient, false);
+        assert_eq!(class("ThrottlingException"), throttle);
+        assert_eq!(class("KMS.ThrottlingException"), throttle);
+        assert_eq!(class("ProvisionedThroughputExceededException"), throttle);
+        // KMS's own 5xx is an outage, not a configuration error, though it starts with KMS.
+        assert_eq!(class("KMSInternalException"), transient);
+        assert_eq!(class("KMS.KMSInternalException"), transient);
+        assert_eq!(class("DependencyTimeoutException"), transient);
+        assert_eq!(class("TransactionConflictException"), transient);
+        assert_eq!(class("InternalServerError"), transient);
+        for fatal in [
+            "DisabledException",
+            "NotFoundException",
+            "KMSDisabledException",
+            "KMS.DisabledException",
+            "KMSInvalidStateException",
+            "ExpiredToken",
+            "AccessDeniedException",
+            "ResourceNotFoundException",
+        ] {
+            assert_eq!(class(fatal).0, ErrorClass::Fatal, "{fatal}");
+        }
+        assert_eq!(class("ValidationException").0, ErrorClass::Poison);
+        assert_eq!(class("InvalidCiphertextException").0, ErrorClass::Poison);
+    }
+
+    #[test]
+    fn a_cancelled_transaction_is_classed_by_its_reasons() {
+        let reasons = |codes: &[&str]| -> Vec<Option<String>> {
+            codes.iter().map(|c| Some((*c).to_owned())).collect()
+        };
+        let throttled = cancellation(&reasons(&["None", "ThrottlingError"]));
+        assert!(throttled.is_throttle(), "{throttled}");
+        let busy = cancellation(&reasons(&["TransactionConflict", "None"]));
+        assert_eq!(busy.class(), ErrorClass::Transient);
+        assert!(!busy.is_throttle());
+        let rejected = cancellation(&reasons(&["ValidationError", "None"]));
+        assert_eq!(rejected.class(), ErrorClass::Poison);
+        assert!(
+            rejected.to_string().contains("ValidationError"),
+            "{rejected}"
+        );
+        assert_eq!(cancellation(&[None, None]).class(), ErrorClass::Transient);
+    }
 }

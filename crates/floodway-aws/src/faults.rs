@@ -13,7 +13,7 @@ use floodway::sink::deliver_each;
 use floodway::{Batch, Delivery, Error, Event};
 use serde_json::Value;
 
-use crate::classify::classify;
+use crate::classify::{cancellation, cancellation_reasons, classify};
 
 fn tag(fault: &Event, name: &str) -> String {
     fault.tag(name).unwrap_or("unknown").to_owned()
@@ -69,6 +69,8 @@ impl DynamoDbFaults {
         let fault = &floodway::fault::fit(&floodway::fault::normalized(fault), 350 * 1024);
         let details: floodway::fault::FaultDetails = fault.payload()?;
         let id = floodway::fault::fault_id(fault).to_owned();
+        // The message again beside the fault, for lists: short, so the two fit in an item.
+        let message = floodway::fault::clipped(&details.err.message, 4096);
         let now = floodway::event::now_millis();
         let marker = Put::builder()
             .table_name(&self.table)
@@ -95,7 +97,7 @@ impl DynamoDbFaults {
             .expression_attribute_values(":now", n(now))
             .expression_attribute_values(":n", s(&details.err.name))
             .expression_attribute_values(":c", s(&details.err.class))
-            .expression_attribute_values(":m", s(&details.err.message))
+            .expression_attribute_values(":m", s(&*message))
             .expression_attribute_values(":f", s(fault.to_json()))
             .expression_attribute_values(":one", n(1))
             .build()
@@ -107,16 +109,17 @@ impl DynamoDbFaults {
             .transact_items(TransactWriteItem::builder().update(count).build())
             .send()
             .await;
-        match counted {
-            Ok(_) => {}
-            // The marker exists: this raise was counted before.
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_transaction_canceled_exception()) =>
-            {
-                return Ok(());
+        if let Err(e) = counted {
+            match cancellation_reasons(&e) {
+                // The marker exists: this raise was counted before. What follows may not have
+                // been done then (the store failed in between), and is idempotent: done again.
+                Some(reasons)
+                    if reasons.first().cloned().flatten().as_deref()
+                        == Some("ConditionalCheckFailed") => {}
+                // Throttled, in conflict with another raise of the fault, or rejected.
+                Some(reasons) => return Err(cancellation(&reasons)),
+                None => return Err(classify(e)),
             }
-            Err(e) => return Err(classify(e)),
         }
         // Raised after its last successful resubmission (or never resolved): open again,
         // with this raise's error. A copy of an older raise only counts.
@@ -135,7 +138,7 @@ impl DynamoDbFaults {
             .expression_attribute_values(":t", n(fault.timestamp()))
             .expression_attribute_values(":n", s(&details.err.name))
             .expression_attribute_values(":c", s(&details.err.class))
-            .expression_attribute_values(":m", s(&details.err.message))
+            .expression_attribute_values(":m", s(&*message))
             .expression_attribute_values(":f", s(fault.to_json()))
             .send()
             .await;

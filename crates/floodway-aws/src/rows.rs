@@ -13,7 +13,7 @@ use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::classify::classify;
+use crate::classify::{cancellation, cancellation_reasons, classify};
 use crate::dynamodb::{attribute, json_of};
 
 /// The attribute holding what keeps a row order-tolerant (its versions), as JSON text.
@@ -282,19 +282,8 @@ impl DynamoDbRows {
         match sent {
             Ok(_) => Ok(Put2::Done),
             Err(e) => {
-                let reasons: Vec<Option<String>> = e
-                    .as_service_error()
-                    .and_then(|s| match s {
-                        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => Some(c),
-                        _ => None,
-                    })
-                    .map(|c| {
-                        c.cancellation_reasons()
-                            .iter()
-                            .map(|r| r.code().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let cancelled = cancellation_reasons(&e);
+                let reasons = cancelled.clone().unwrap_or_default();
                 let reason = |i: usize| reasons.get(i).and_then(Option::as_deref);
                 let conflict = e
                     .as_service_error()
@@ -306,6 +295,9 @@ impl DynamoDbRows {
                     || reasons.iter().flatten().any(|c| c == "TransactionConflict")
                 {
                     Ok(Put2::Conflict)
+                } else if let Some(reasons) = cancelled {
+                    // Throttled, or rejected: the cancellation says which by its reasons.
+                    Err(cancellation(&reasons))
                 } else {
                     Err(classify(e))
                 }

@@ -87,17 +87,7 @@ impl SqsSink {
                         .filter_map(|f| {
                             let i = ids.iter().position(|id| id == f.id())?;
                             let message = f.message().unwrap_or_default();
-                            // The code first: a sender fault such as a KMS key it cannot use is
-                            // the configuration's, not the message's.
-                            let by_code = classify_code(f.code(), message);
-                            let error = if f.sender_fault()
-                                && by_code.class() == floodway::ErrorClass::Transient
-                            {
-                                Error::poison_msg("AwsRejected", format!("{}: {message}", f.code()))
-                            } else {
-                                by_code
-                            };
-                            Some((i, error))
+                            Some((i, entry_error(f.code(), message, f.sender_fault())))
                         })
                         .collect())
                 }
@@ -108,3 +98,35 @@ impl SqsSink {
 }
 
 floodway::impl_sink!(SqsSink, write);
+
+/// The class of an entry SQS did not take: by its code first (a sender fault such as a KMS
+/// key it cannot use is the configuration's, not the message's; a throttle, such as
+/// `KMS.ThrottlingException` on an encrypted queue, is a throttle whoever SQS blames); an
+/// unknown code that SQS calls the sender's fault is the message's (poison).
+fn entry_error(code: &str, message: &str, sender_fault: bool) -> Error {
+    let by_code = classify_code(code, message);
+    if sender_fault && by_code.class() == floodway::ErrorClass::Transient && !by_code.is_throttle()
+    {
+        Error::poison_msg("AwsRejected", format!("{code}: {message}"))
+    } else {
+        by_code
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use floodway::ErrorClass;
+
+    #[test]
+    fn an_entry_throttled_is_a_throttle_whoever_sqs_blames() {
+        let e = entry_error("KMS.ThrottlingException", "slow down", true);
+        assert!(e.is_throttle(), "{e}");
+        let e = entry_error("KMS.DisabledException", "key disabled", true);
+        assert_eq!(e.class(), ErrorClass::Fatal);
+        let e = entry_error("InternalError", "oops", false);
+        assert_eq!(e.class(), ErrorClass::Transient);
+        let e = entry_error("InvalidMessageContents", "bad", true);
+        assert_eq!(e.class(), ErrorClass::Poison);
+    }
+}

@@ -558,7 +558,9 @@ async fn s3_lake_claim_checks_and_fault_stores() {
     send(store.clone(), std::slice::from_ref(&fault))
         .await
         .unwrap();
-    send(store, std::slice::from_ref(&fault)).await.unwrap();
+    send(store.clone(), std::slice::from_ref(&fault))
+        .await
+        .unwrap();
     let rows = dynamo.scan().table_name("faults").send().await.unwrap();
     // The fault and the marker of its one raise: stored twice, counted once.
     assert_eq!(rows.items().len(), 2);
@@ -570,6 +572,43 @@ async fn s3_lake_claim_checks_and_fault_stores() {
     assert_eq!(row["raised"].as_n().unwrap(), "1");
     assert_eq!(row["pipeline"].as_s().unwrap(), "strict");
     assert_eq!(row["errorName"].as_s().unwrap(), "Rejected");
+
+    // Resolved, then raised again: a raise whose marker is already there (its transaction
+    // went through, the update after it did not: a throttle between the two) still opens
+    // the fault again when it is stored once more.
+    let id = floodway::fault::fault_id(&fault).to_owned();
+    store
+        .record_resubmission_of(&id, ResubmitOutcome::Succeeded, "processed")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.fault(&id).await.unwrap().unwrap().status,
+        FaultStatus::Resolved
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let again = fault_of(&processor, &faults, &events[0], "4960001").await;
+    assert_eq!(floodway::fault::fault_id(&again), id);
+    dynamo
+        .put_item()
+        .table_name("faults")
+        .item(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S(format!("raise#{}", again.id())),
+        )
+        .item(
+            "fault",
+            aws_sdk_dynamodb::types::AttributeValue::S(id.clone()),
+        )
+        .send()
+        .await
+        .unwrap();
+    send(store.clone(), std::slice::from_ref(&again))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.fault(&id).await.unwrap().unwrap().status,
+        FaultStatus::Open
+    );
     send(
         S3Faults::new(&config, "lake", "faults"),
         &[fault.clone(), fault.clone()],
