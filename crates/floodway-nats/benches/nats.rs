@@ -15,11 +15,12 @@
 //! modes print the same per run.
 //!
 //! `FLOODWAY_BENCH_EVENTS` sets the message count (default 100,000); each measurement runs
-//! five times and the median is reported. For profilers, `FLOODWAY_BENCH_PROFILE=consume`
-//! (`=consume-cumulative` with cumulative acks; or `=raw`, or `=cumulative` for raw consumers
-//! per partition acking cumulatively) runs only Floodway's (or raw async-nats's) consuming,
-//! on 4 partitions (`FLOODWAY_BENCH_PARTITIONS` to change), ten times;
-//! `=publish`, raw and Floodway publishing (4 partitions) taking turns, ten times each.
+//! seven times ([`RUNS`]) and the median is reported. For profilers,
+//! `FLOODWAY_BENCH_PROFILE=consume` (`=consume-cumulative` with cumulative acks; or `=raw`,
+//! or `=cumulative` for raw consumers per partition acking cumulatively) runs only
+//! Floodway's (or raw async-nats's) consuming, on 4 partitions (`FLOODWAY_BENCH_PARTITIONS`
+//! to change), ten times; `=publish`, raw and Floodway publishing (4 partitions) taking
+//! turns, ten times each.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
