@@ -46,32 +46,50 @@ pub struct ReviveError {
     pub why: String,
 }
 
-/// The value a compressed string holds (without its marker): base64, gzip, JSON.
-fn unzip(packed: &str) -> Result<Value, String> {
+/// Bytes of JSON the compressed values of one event may revive to, all together: gzip packs
+/// a run of one byte a thousand times over, so a 1 MiB event could otherwise hold gigabytes.
+pub const MAX_REVIVED: usize = 64 << 20;
+
+/// The value a compressed string holds (without its marker): base64, gzip, JSON; no more
+/// than `budget` bytes of JSON, taken from it.
+fn unzip(packed: &str, budget: &mut usize) -> Result<Value, String> {
     let gz = base64::engine::general_purpose::STANDARD
         .decode(packed.trim_end())
         .map_err(|e| format!("is not base64 ({e})"))?;
     let mut json = Vec::new();
     flate2::read::GzDecoder::new(gz.as_slice())
+        .take(*budget as u64 + 1)
         .read_to_end(&mut json)
         .map_err(|e| format!("is not gzip ({e})"))?;
+    if json.len() > *budget {
+        return Err(format!(
+            "revives to more than the {MAX_REVIVED} bytes an event's compressed values may hold"
+        ));
+    }
+    *budget -= json.len();
     serde_json::from_slice(&json).map_err(|e| format!("does not hold JSON ({e})"))
 }
 
 /// Revives every compressed value in `value`, at any depth (again when what it holds is
-/// compressed too), leaving those that cannot be revived as they are; what could not be
-/// revived, in document order. `path` names `value` in the errors.
+/// compressed too), leaving those that cannot be revived as they are (among them any past
+/// [`MAX_REVIVED`] bytes in all); what could not be revived, in document order. `path` names
+/// `value` in the errors.
 pub fn revive_all(path: &str, value: &mut Value) -> Vec<ReviveError> {
+    revive_within(path, value, MAX_REVIVED)
+}
+
+/// [`revive_all`] with `budget` bytes of revived JSON in all.
+fn revive_within(path: &str, value: &mut Value, mut budget: usize) -> Vec<ReviveError> {
     let mut failed = Vec::new();
-    revive_into(path, value, &mut failed);
+    revive_into(path, value, &mut budget, &mut failed);
     failed
 }
 
-fn revive_into(path: &str, value: &mut Value, failed: &mut Vec<ReviveError>) {
+fn revive_into(path: &str, value: &mut Value, budget: &mut usize, failed: &mut Vec<ReviveError>) {
     match value {
-        Value::String(s) if s.starts_with(MARKER) => match unzip(&s[MARKER.len()..]) {
+        Value::String(s) if s.starts_with(MARKER) => match unzip(&s[MARKER.len()..], budget) {
             Ok(mut inner) => {
-                revive_into(path, &mut inner, failed);
+                revive_into(path, &mut inner, budget, failed);
                 *value = inner;
             }
             Err(why) => failed.push(ReviveError {
@@ -81,12 +99,12 @@ fn revive_into(path: &str, value: &mut Value, failed: &mut Vec<ReviveError>) {
         },
         Value::Object(map) => {
             for (name, member) in map.iter_mut() {
-                revive_into(&join(path, name), member, failed);
+                revive_into(&join(path, name), member, budget, failed);
             }
         }
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                revive_into(&format!("{path}[{i}]"), item, failed);
+                revive_into(&format!("{path}[{i}]"), item, budget, failed);
             }
         }
         _ => {}
@@ -181,6 +199,21 @@ mod tests {
         assert!(revive_all("", &mut value).is_empty());
         let thing = json!({ "name": "hello hello hello hello" });
         assert_eq!(value, json!({ "thing": thing, "list": [thing] }));
+    }
+
+    #[test]
+    fn compressed_values_revive_to_a_bounded_size_in_all() {
+        // Each packs 600 KiB of JSON into about a kilobyte.
+        let packed = zip(&json!("a".repeat(600 * 1024)));
+        assert!(packed.len() < 4096, "{}", packed.len());
+        let mut value = json!({ "one": packed, "two": packed });
+        let failed = revive_within("", &mut value, 1 << 20);
+        // The first fits the budget; the second would pass it and is left as it was.
+        assert_eq!(value["one"].as_str().map(str::len), Some(600 * 1024));
+        assert!(value["two"].as_str().unwrap().starts_with(MARKER));
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].path, "two");
+        assert!(failed[0].why.contains("more than"), "{}", failed[0]);
     }
 
     #[test]
