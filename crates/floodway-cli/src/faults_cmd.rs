@@ -183,6 +183,15 @@ pub(crate) async fn run(command: FaultsCommand) -> anyhow::Result<()> {
                     outcome.succeeded,
                     outcome.failed
                 );
+                // A script must see that a fix did not take.
+                if outcome.failed > 0 {
+                    bail!(
+                        "{} of {} resubmissions failed: `floodway faults show` gives each \
+                         fault's latest error",
+                        outcome.failed,
+                        outcome.failed + outcome.succeeded
+                    );
+                }
             }
             Ok(())
         }
@@ -281,6 +290,18 @@ async fn resubmit_to_lambda(
     let store = floodway_aws::DynamoDbFaults::new(&config, table);
     filter.status = Some(FaultStatus::Open);
     let plan = store.list_faults(&filter).await.map_err(unreadable)?;
+    // A table may hold the faults of several functions: each goes back to its own.
+    let processors: std::collections::BTreeSet<&str> =
+        plan.iter().map(|f| f.processor.as_str()).collect();
+    if filter.processor.is_none() && processors.len() > 1 {
+        bail!(
+            "the open faults are of {} processors ({}): say which one's faults go to {} with \
+             --processor",
+            processors.len(),
+            processors.into_iter().collect::<Vec<_>>().join(", "),
+            to.function
+        );
+    }
     say!("{} open faults to resubmit to {}", plan.len(), to.function);
     let lambda = floodway_aws::LambdaResubmitter::new(&config, to.endpoint.as_deref(), to.function);
     resubmit_plan(&plan, rate, dry_run, |fault| {

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use floodway::fault_store::FaultStore as _;
+use floodway::fault_store::{FaultStore as _, ResubmitOutcome};
 use floodway::Event;
 use floodway_aws::testing::{table, Moto};
 use floodway_aws::DynamoDbFaults;
@@ -53,20 +53,20 @@ async fn deploy(dir: &Path) -> (LocalRuntime, FunctionProcess) {
     (runtime, function)
 }
 
-/// `floodway faults resubmit` of the table's faults to the function behind `runtime`; what it
-/// said (it must succeed).
-async fn resubmit(dir: &Path, moto: &Moto, runtime: &LocalRuntime) -> String {
+/// `floodway faults resubmit` of the table's faults of `orders-view` to the function behind
+/// `runtime`; whether it succeeded (every resubmission did), and what it said.
+async fn resubmit(dir: &Path, moto: &Moto, runtime: &LocalRuntime) -> (bool, String) {
     let endpoint = runtime.endpoint();
     let args = [
         "resubmit",
         "--function",
         "orders-view",
+        "--processor",
+        "orders-view",
         "--lambda-endpoint",
         &endpoint,
     ];
-    let (ok, said) = faults(dir, moto, &args).await;
-    assert!(ok, "{said}");
-    said
+    faults(dir, moto, &args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,10 +119,41 @@ async fn faults_stored_by_lambda_functions_are_listed_shown_and_resubmitted_by_i
         "{planned}"
     );
 
-    // Resubmitted to the function that failed them: it fails them again until fixed.
+    // A fault of another function in the same table: which function's faults go where must
+    // be said, or one function would be given another's.
+    let mut other = raised[0].clone();
+    other.set_tag("processor", "billing");
+    other.set_id("raise-of-billing");
+    other
+        .fields_mut()
+        .insert("faultId".into(), "fault-of-billing".into());
+    DynamoDbFaults::new(&aws, "faults")
+        .store_faults(std::slice::from_ref(&other))
+        .await
+        .unwrap();
+    let (ok, said) = faults(
+        d,
+        &moto,
+        &["resubmit", "--function", "orders-view", "--dry-run"],
+    )
+    .await;
+    assert!(
+        !ok && said.contains("2 processors (billing, orders-view)") && said.contains("--processor"),
+        "{said}"
+    );
+    // Resolved, so out of the way of what follows.
+    DynamoDbFaults::new(&aws, "faults")
+        .record_resubmission_of("fault-of-billing", ResubmitOutcome::Succeeded, "elsewhere")
+        .await
+        .unwrap();
+
+    // Resubmitted to the function that failed them: it fails them again until fixed, and the
+    // command says so by its exit status.
     let (runtime, function) = deploy(d).await;
-    let said = resubmit(d, &moto, &runtime).await;
+    let (ok, said) = resubmit(d, &moto, &runtime).await;
+    assert!(!ok, "{said}");
     assert!(said.contains("0 succeeded, 3 failed"), "{said}");
+    assert!(said.contains("3 of 3 resubmissions failed"), "{said}");
     assert!(said.contains("faulted again"), "{said}");
     drop(function);
 
@@ -130,8 +161,8 @@ async fn faults_stored_by_lambda_functions_are_listed_shown_and_resubmitted_by_i
     std::fs::write(d.join("floodway.toml"), config("/order/id")).unwrap();
     let (runtime, _function) = deploy(d).await;
     resubmit_from_the_console(d, &moto, &runtime, &ids).await;
-    let said = resubmit(d, &moto, &runtime).await;
-    assert!(said.contains("0 open faults"), "{said}");
+    let (ok, said) = resubmit(d, &moto, &runtime).await;
+    assert!(ok && said.contains("0 open faults"), "{said}");
     let rows = open_hub(d).view("orders").unwrap().rows().unwrap();
     for i in [3, 13, 23] {
         assert!(rows.iter().any(|r| r.key == format!("o-{i}")), "o-{i}");

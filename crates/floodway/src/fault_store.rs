@@ -363,11 +363,13 @@ async fn attempt(
         return Err("the pipeline is no longer configured".into());
     };
     // The pipeline must still take the event, or "done" would only mean "filtered out".
-    let taken = Event::decode(&record.data).is_ok_and(|event| {
-        only.pipelines()
-            .iter()
-            .any(|p| p.name() == fault.pipeline && p.accepts(&event))
-    });
+    let pipeline = only.pipelines().iter().find(|p| p.name() == fault.pipeline);
+    if pipeline.is_some_and(|p| !p.is_enabled()) {
+        // It would take nothing, and the record would count as done.
+        return Err("the pipeline is disabled".into());
+    }
+    let taken =
+        Event::decode(&record.data).is_ok_and(|event| pipeline.is_some_and(|p| p.accepts(&event)));
     if !taken {
         return Err("the pipeline no longer takes this event's type".into());
     }
@@ -383,5 +385,70 @@ async fn attempt(
         (None, None) => {
             Err("not done within the deadline (the target kept failing transiently)".into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::memory::{MemoryFaultSink, MemoryHub, MemorySink};
+    use crate::{Pipeline, Processor, Record};
+
+    /// Processor `p` with pipeline `strict`, enabled or not, failing every event or none (and
+    /// one for other events).
+    fn processor(faults: &MemoryFaultSink, enabled: bool, fail: bool) -> Processor {
+        Processor::builder("p")
+            .fault_sink(faults.clone())
+            .pipeline(
+                Pipeline::builder("strict")
+                    .enabled(enabled)
+                    .validate(move |_| match fail {
+                        true => Err(Error::poison_msg("Rejected", "not yet")),
+                        false => Ok(()),
+                    })
+                    .sink(MemorySink::new())
+                    .unwrap(),
+            )
+            .pipeline(
+                Pipeline::builder("other")
+                    .event_type("other")
+                    .sink(MemorySink::new())
+                    .unwrap(),
+            )
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_disabled_pipeline_takes_no_resubmission() {
+        let faults = MemoryFaultSink::new();
+        let event = Event::builder("thing", "k").id("e1").build();
+        let record = Record::new("memory", "0", 1, event.to_json());
+        processor(&faults, true, true)
+            .process_batch(vec![record], None)
+            .await;
+        let store = MemoryFaultStore::new();
+        store.store_faults(&faults.faults()).await.unwrap();
+        let fault = store
+            .list_faults(&FaultFilter::default())
+            .await
+            .unwrap()
+            .remove(0);
+        let hub = MemoryHub::new(1);
+        let within = Duration::from_secs(5);
+        // Disabled, the pipeline would take nothing and the record count as done.
+        let disabled = processor(&faults, false, false);
+        let (outcome, detail) = resubmit(&store, &hub, &disabled, &fault, within)
+            .await
+            .unwrap();
+        assert_eq!(outcome, ResubmitOutcome::Failed);
+        assert!(detail.contains("disabled"), "{detail}");
+        let fixed = processor(&faults, true, false);
+        let (outcome, detail) = resubmit(&store, &hub, &fixed, &fault, within)
+            .await
+            .unwrap();
+        assert_eq!(outcome, ResubmitOutcome::Succeeded, "{detail}");
     }
 }
