@@ -96,8 +96,9 @@ fn check_name(name: &str) -> Result<(), HubError> {
     crate::store::check_name("cep processor table", name, 48, allowed, rule)
 }
 
-/// The table names of processor `name`'s state.
-pub(crate) fn table_name(processor: &str) -> String {
+/// The name of processor `processor`'s state tables: two processors whose names give the same
+/// one would share their state.
+pub fn table_name(processor: &str) -> String {
     processor
         .chars()
         .map(|c| {

@@ -79,7 +79,7 @@ mod subscription;
 mod upgrade;
 mod view;
 
-pub use cep::{CepKey, CepReport, CepTable, CepTimers, PendingTimer};
+pub use cep::{table_name as cep_table_name, CepKey, CepReport, CepTable, CepTimers, PendingTimer};
 pub use error::{HubError, OpenError};
 pub use faults::{FaultFilter, FaultStatus, FaultStore, Resubmission, Stored, StoredFault};
 pub use floodway::state::Applied;

@@ -808,6 +808,7 @@ impl Config {
             nats.check("[hub.nats]")?;
         }
         let mut names = std::collections::HashSet::new();
+        let mut states = std::collections::HashMap::new();
         for p in &self.processors {
             let name = p.name();
             if !names.insert(name) {
@@ -815,6 +816,17 @@ impl Config {
                     "two processors are named `{name}`: names must be unique"
                 ));
             }
+            if let ProcessorConfig::Cep { .. } = p {
+                let table = floodway_embedded::cep_table_name(name);
+                if let Some(other) = states.insert(table.clone(), name) {
+                    return Err(format!(
+                        "cep processors `{other}` and `{name}` would keep their state in the \
+                         same tables (`{table}`): name them apart by more than case and \
+                         punctuation"
+                    ));
+                }
+            }
+            check_entry(p).map_err(|e| format!("processor `{name}`: {e}"))?;
             let enrich = match p {
                 ProcessorConfig::Http { enrich, .. } | ProcessorConfig::Forward { enrich, .. } => {
                     enrich.as_slice()
@@ -967,6 +979,102 @@ impl Config {
     }
 }
 
+/// Checks of an entry's values that serde cannot make: where the event is read from, and
+/// settings that would do something other than what they seem to.
+fn check_entry(p: &ProcessorConfig) -> Result<(), String> {
+    // A key is `partitionKey`, `id` or a JSON pointer; anything else finds nothing in any
+    // event (every event a fault, or a field never set).
+    let key = |what: &str, spec: &str| -> Result<(), String> {
+        match spec {
+            "partitionKey" | "id" => Ok(()),
+            pointer if pointer.starts_with('/') => Ok(()),
+            other => Err(format!(
+                "{what} `{other}` is neither `partitionKey`, `id` nor a JSON pointer (`/{}`)",
+                other.replace('.', "/")
+            )),
+        }
+    };
+    let pointer = |what: &str, spec: &str| -> Result<(), String> {
+        if spec.starts_with('/') {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} `{spec}` is not a JSON pointer (`/{}`; a text value is written \
+                 `{{ value = \"{spec}\" }}`)",
+                spec.replace('.', "/")
+            ))
+        }
+    };
+    let types = match p {
+        ProcessorConfig::Materialize { types, .. }
+        | ProcessorConfig::Http { types, .. }
+        | ProcessorConfig::Forward { types, .. }
+        | ProcessorConfig::Cep { types, .. } => types.as_slice(),
+        ProcessorConfig::FaultMonitor { .. } => &[],
+    };
+    if types.iter().any(|t| t == floodway::event::FAULT_EVENT_TYPE) && types.len() > 1 {
+        // A processor of faults reads the hub's faults (on NATS, their own subject) and
+        // nothing else.
+        return Err(format!(
+            "types mix `{}` with others: a processor reads either faults or events; give the \
+             faults a processor of their own",
+            floodway::event::FAULT_EVENT_TYPE
+        ));
+    }
+    let filters = || {
+        types
+            .iter()
+            .map(|t| floodway::pipeline::TypeFilter::parse(t))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    match p {
+        ProcessorConfig::Materialize {
+            key: view_key,
+            value,
+            set,
+            add,
+            delete,
+            ..
+        } => {
+            if let ViewKey::Single(spec) = view_key {
+                key("key", spec)?;
+            }
+            if let Some(value) = value {
+                pointer("value", value)?;
+            }
+            for (what, fields) in [("set", set), ("add", add), ("delete", delete)] {
+                for (field, v) in fields {
+                    if let FieldValue::Pointer(spec) = v {
+                        pointer(&format!("{what}.{field}"), spec)?;
+                    }
+                }
+            }
+        }
+        ProcessorConfig::Cep { correlate, .. } => {
+            for c in correlate {
+                key("correlate key", &c.key)?;
+            }
+        }
+        ProcessorConfig::Http { timeout_ms: 0, .. } => {
+            return Err("timeout_ms must be at least 1: every call would time out".into());
+        }
+        ProcessorConfig::Http {
+            respond_as: Some(response),
+            ..
+        } => {
+            let filters = filters().map_err(|e| e.to_string())?;
+            if filters.is_empty() || filters.iter().any(|f| f.matches(response)) {
+                return Err(format!(
+                    "its responses are `{response}` events, which its types take in again \
+                     (a loop): narrow `types` or name the responses otherwise"
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 impl HubConfig {
     /// The retention this `[hub]` asks for, if any.
     pub fn retention(&self) -> Option<floodway_embedded::Retention> {
@@ -992,11 +1100,14 @@ impl HubConfig {
                 "[hub] lease `{lease:?}` is too short: at least 100ms"
             ));
         }
-        Ok((
-            lease,
-            self.lease_wait
-                .map_or(defaults.lease_wait, HumanDuration::get),
-        ))
+        // By default long enough for a lease left by a process that died to run out; a
+        // shorter wait given is kept (a second run then fails fast, and one started after a
+        // crash elsewhere fails until the lease runs out).
+        let wait = self.lease_wait.map_or(
+            defaults.lease_wait.max(lease + lease / 2),
+            HumanDuration::get,
+        );
+        Ok((lease, wait))
     }
 }
 
@@ -1187,6 +1298,17 @@ name = "faults"
         let err = unparsed("method = \"FETCH\"");
         assert!(err.contains("method `FETCH`"), "{err}");
         assert!(with("client_cert = \"c.pem\"").contains("client_key"));
+        assert!(with("timeout_ms = 0").contains("timeout_ms must be at least 1"));
+        // Its responses would come back to it, each calling the API again.
+        let err = with("respond_as = \"order-paid\"");
+        assert!(
+            err.contains("processor `notify`") && err.contains("a loop"),
+            "{err}"
+        );
+        Config::parse(&FULL.replace("concurrency = 8", "respond_as = \"payment-notified\""))
+            .unwrap()
+            .check()
+            .unwrap();
         let c = Config::parse(&FULL.replace(
             "concurrency = 8",
             "headers = { Authorization = { env = \"T\" }, X-Key = { file = \"k\" }, X-A = \"{/a}\" }",
@@ -1201,6 +1323,83 @@ name = "faults"
         );
         assert_eq!(headers["X-Key"], HeaderConfig::File { file: "k".into() });
         assert_eq!(headers["X-A"], HeaderConfig::Value("{/a}".into()));
+    }
+
+    #[test]
+    fn where_an_event_is_read_from_is_checked_as_the_file_is() {
+        let with = |from: &str, to: &str| Config::parse(&FULL.replace(from, to)).unwrap().check();
+        let view = "value = \"/order\"";
+        let err = with(view, "value = \"order\"").unwrap_err();
+        assert!(
+            err.contains("processor `orders-view`: value `order`"),
+            "{err}"
+        );
+        assert!(err.contains("`/order`"), "{err}");
+        let err = with(view, "value = \"/order\"\nkey = \"order.id\"").unwrap_err();
+        assert!(
+            err.contains("key `order.id`") && err.contains("`/order/id`"),
+            "{err}"
+        );
+        with(view, "value = \"/order\"\nkey = \"id\"").unwrap();
+        let rows = "key = { pk = \"/order/id\", sk = \"order\" }";
+        let err = with(view, &format!("{rows}\nset = {{ source = \"web\" }}")).unwrap_err();
+        assert!(
+            err.contains("set.source `web`") && err.contains("{ value = \"web\" }"),
+            "{err}"
+        );
+        with(
+            view,
+            &format!("{rows}\nset = {{ source = {{ value = \"web\" }} }}"),
+        )
+        .unwrap();
+        let err = with("types = [\"*\"]", "types = [\"*\", \"fault\"]").unwrap_err();
+        assert!(
+            err.contains("processor `archive`: types mix `fault`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cep_processors_keep_their_state_apart() {
+        let cep = |name: &str| {
+            format!(
+                "\n[[processors]]\nkind = \"cep\"\nname = \"{name}\"\ntypes = [\"order-*\"]\n\
+                 [[processors.rules]]\nname = \"ready\"\nkind = \"all\"\n\
+                 types = [\"order-paid\"]\nemit = \"ready\"\n"
+            )
+        };
+        let err = Config::parse(&format!("{FULL}{}{}", cep("orders-cep"), cep("orders_cep")))
+            .unwrap()
+            .check()
+            .unwrap_err();
+        assert!(err.contains("`orders-cep` and `orders_cep`"), "{err}");
+        Config::parse(&format!(
+            "{FULL}{}{}",
+            cep("orders-cep"),
+            cep("payments-cep")
+        ))
+        .unwrap()
+        .check()
+        .unwrap();
+    }
+
+    #[test]
+    fn the_lease_wait_outlasts_the_lease_unless_told() {
+        let hub = |extra: &str| {
+            Config::parse(&format!("[hub]\npath = \"x.db\"\n{extra}\n"))
+                .unwrap()
+                .hub
+                .leases()
+        };
+        let s = std::time::Duration::from_secs;
+        assert_eq!(hub("").unwrap(), (s(10), s(15)));
+        assert_eq!(hub("lease = \"30s\"").unwrap(), (s(30), s(45)));
+        assert_eq!(hub("lease = \"2s\"").unwrap(), (s(2), s(15)));
+        assert_eq!(hub("lease_wait = \"1m\"").unwrap(), (s(10), s(60)));
+        assert_eq!(
+            hub("lease = \"30s\"\nlease_wait = \"2s\"").unwrap(),
+            (s(30), s(2))
+        );
     }
 
     #[test]
