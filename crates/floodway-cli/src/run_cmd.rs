@@ -133,11 +133,20 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         names.join(", "),
         hubs.events.describe()
     );
+    // The processors stop on Ctrl-C, or when a task beside them fails: without the relay or
+    // the timers they would go on while their work waits in the hub file, unseen.
+    let failure = background.failure();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            failed = failure => eprintln!("{failed}; stopping the processors"),
+        }
+    };
     let reports = run_all_pausable(
         &hubs.events,
         processors,
         ReadOptions::default(),
-        shutdown_signal(),
+        stop,
         &pauses,
     )
     .await

@@ -209,6 +209,43 @@ fn an_outbox_that_feeds_itself_is_refused() {
     assert!(!out.status.success());
 }
 
+/// A run whose outbox relay fails stops, and says why, rather than go on writing changes
+/// that nothing publishes.
+#[test]
+fn a_run_whose_relay_fails_stops_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("floodway.toml"), config()).unwrap();
+    let run = start(d, &["run", "floodway.toml"], Stdio::null(), Stdio::piped());
+    let file = rusqlite::Connection::open(d.join("hub.db")).unwrap();
+    file.busy_timeout(Duration::from_secs(10)).unwrap();
+    let has_outbox = || {
+        file.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'outbox'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap_or(0)
+            > 0
+    };
+    let started = Instant::now();
+    while !has_outbox() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no outbox made"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The relay's storage fails under it (as a damaged or replaced file would).
+    file.execute_batch("DROP TABLE outbox").unwrap();
+    let stopped = Instant::now();
+    let out = run.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    says(&out, "the outbox relay stopped");
+    says(&out, "stopping the processors");
+    assert!(stopped.elapsed() < Duration::from_secs(30));
+}
+
 /// A forward processor reads each order's customer row into the event on the way.
 #[test]
 fn forwarded_events_are_enriched_with_rows() {

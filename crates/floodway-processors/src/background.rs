@@ -19,6 +19,8 @@ type Task<T> = (oneshot::Sender<()>, JoinHandle<Result<T, HubError>>);
 #[derive(Debug)]
 pub struct Background {
     hubs: Hubs,
+    /// What failed first, once a task has.
+    failed: tokio::sync::watch::Receiver<Option<String>>,
     relay: Option<Task<RelayReport>>,
     timers: Vec<(String, Task<CepReport>)>,
     expiry: Option<JoinHandle<()>>,
@@ -34,8 +36,13 @@ pub struct BackgroundReport {
 }
 
 /// Runs `run` until the sender is used or dropped; a failure is said at once (what it would
-/// have done waits in the hub file for the next run), and returned when stopped.
-fn spawn<T, F, Fut>(what: String, run: F) -> Task<T>
+/// have done waits in the hub file for the next run) and to `failed`, and returned when
+/// stopped.
+fn spawn<T, F, Fut>(
+    what: String,
+    failed: &tokio::sync::watch::Sender<Option<String>>,
+    run: F,
+) -> Task<T>
 where
     T: Send + 'static,
     F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
@@ -45,10 +52,18 @@ where
     let work = run(Box::pin(async move {
         let _ = stopped.await;
     }));
+    let failed = failed.clone();
     let task = tokio::spawn(async move {
         let report = work.await;
         if let Err(err) = &report {
             tracing::error!(error = %err, "{what} stopped; its work waits in the hub file");
+            failed.send_if_modified(|first| {
+                let news = first.is_none();
+                if news {
+                    *first = Some(format!("{what} stopped: {err}"));
+                }
+                news
+            });
         }
         report
     });
@@ -72,11 +87,12 @@ pub fn start_background(hubs: &Hubs, config: &Config) -> Result<Background, Setu
             ProcessorConfig::Materialize { outbox: true, .. } | ProcessorConfig::Cep { .. }
         )
     });
+    let (failing, failed) = tokio::sync::watch::channel(None);
     let relay = match outboxed {
         true => {
             let relay = OutboxRelay::new(&hubs.store).map_err(hub_err)?;
             let to = hubs.events.clone();
-            Some(spawn("the outbox relay".into(), move |stop| {
+            Some(spawn("the outbox relay".into(), &failing, move |stop| {
                 relay.run(to, stop)
             }))
         }
@@ -85,7 +101,7 @@ pub fn start_background(hubs: &Hubs, config: &Config) -> Result<Background, Setu
     let timers = cep_timers(hubs, config)?
         .into_iter()
         .map(|(name, timers)| {
-            let task = spawn(format!("the timers of `{name}`"), move |stop| {
+            let task = spawn(format!("the timers of `{name}`"), &failing, move |stop| {
                 timers.run(stop)
             });
             (name, task)
@@ -139,6 +155,7 @@ pub fn start_background(hubs: &Hubs, config: &Config) -> Result<Background, Setu
     });
     Ok(Background {
         hubs: hubs.clone(),
+        failed,
         relay,
         timers,
         expiry,
@@ -153,6 +170,25 @@ async fn finish<T>((stop, task): Task<T>) -> Result<T, HubError> {
 }
 
 impl Background {
+    /// Resolves once a task has failed (the relay, a processor's timers), with what failed
+    /// and why; pending while they run. The processors would go on without them (events in
+    /// the outbox never published, timers never fired), so `floodway run` stops when this
+    /// resolves, and exits with the error.
+    pub fn failure(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut failed = self.failed.clone();
+        async move {
+            let first = match failed.wait_for(Option::is_some).await {
+                Ok(first) => first.clone(),
+                Err(_) => None,
+            };
+            match first {
+                Some(what) => what,
+                // Every task is gone without failing: nothing more to wait for.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
     /// Stops the timers, then the relay once the outbox is empty or after 5 s (what is left
     /// waits for the next run), and the expiry.
     ///

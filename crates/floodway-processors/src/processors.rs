@@ -1404,6 +1404,9 @@ where
 {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    let mut failure = None;
+    let mut stopping = false;
     for processor in processors {
         let name = processor.name().to_owned();
         let paused = pauses.switch(&name);
@@ -1412,20 +1415,31 @@ where
         } else {
             Stream::Events
         };
-        let sub = match hub
-            .subscribe(&name, ReadOptions { stream, ..options })
-            .await
-        {
-            Ok(sub) => sub,
-            Err(cause) => {
+        // A subscription may wait for another process's lease: a stop asked for meanwhile
+        // is heard, and a failure stops and drains the processors already running, as one
+        // of theirs would.
+        let subscribed = tokio::select! {
+            () = &mut shutdown => None,
+            sub = hub.subscribe(&name, ReadOptions { stream, ..options }) => Some(sub),
+        };
+        let sub = match subscribed {
+            Some(Ok(sub)) => sub,
+            None => {
+                stopping = true;
                 let _ = stop_tx.send(true);
-                return Err((
+                break;
+            }
+            Some(Err(cause)) => {
+                failure = Some((
                     name,
                     RunError::Source(floodway::error::SourceError {
                         source_name: "hub".into(),
                         cause,
                     }),
                 ));
+                stopping = true;
+                let _ = stop_tx.send(true);
+                break;
             }
         };
         let mut stop = stop_rx.clone();
@@ -1445,10 +1459,7 @@ where
             (name, result)
         });
     }
-    tokio::pin!(shutdown);
     let mut reports = Vec::new();
-    let mut failure = None;
-    let mut stopping = false;
     loop {
         tokio::select! {
             () = &mut shutdown, if !stopping => {
