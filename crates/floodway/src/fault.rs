@@ -57,22 +57,26 @@ pub const DECODE_PIPELINE: &str = "*";
 pub const REDACTED: &str = "[REDACTED]";
 
 fn redact(value: &mut Value, path: &str) {
-    let mut parts = path.split('.').peekable();
-    let mut cur = value;
-    while let Some(part) = parts.next() {
-        let Some(obj) = cur.as_object_mut() else {
-            return;
-        };
-        if parts.peek().is_none() {
-            if let Some(v) = obj.get_mut(part) {
-                *v = Value::String(REDACTED.into());
+    let parts: Vec<&str> = path.split('.').collect();
+    at_path(value, &parts, &mut |v| *v = Value::String(REDACTED.into()));
+}
+
+/// Calls `f` with every value at the path `parts` (the names of a dotted path) in `value`,
+/// going into each element of an array met on the way (`lines.card`: the card of every line).
+fn at_path(value: &mut Value, parts: &[&str], f: &mut impl FnMut(&mut Value)) {
+    match (value, parts.split_first()) {
+        (v, None) => f(v),
+        (Value::Array(items), Some(_)) => {
+            for item in items {
+                at_path(item, parts, f);
             }
-            return;
         }
-        match obj.get_mut(part) {
-            Some(next) => cur = next,
-            None => return,
+        (Value::Object(map), Some((first, rest))) => {
+            if let Some(next) = map.get_mut(*first) {
+                at_path(next, rest, f);
+            }
         }
+        _ => {}
     }
 }
 
@@ -97,11 +101,13 @@ pub fn fault_id(fault: &Event) -> &str {
 /// `message` with every redacted value of `event` replaced by the placeholder.
 fn scrub<'m>(message: &'m str, event: &Event, paths: &[String]) -> std::borrow::Cow<'m, str> {
     let mut out = std::borrow::Cow::Borrowed(message);
-    let value = event.to_value();
+    let mut value = event.to_value();
     for path in paths {
-        let pointer = format!("/{}", path.replace('.', "/"));
+        let parts: Vec<&str> = path.split('.').collect();
         let mut found = Vec::new();
-        collect_scalars(value.pointer(&pointer), &mut found);
+        at_path(&mut value, &parts, &mut |v| {
+            collect_scalars(Some(v), &mut found)
+        });
         if let std::borrow::Cow::Owned(scrubbed) = scrub_texts(&out, &found) {
             out = std::borrow::Cow::Owned(scrubbed);
         }
@@ -577,12 +583,22 @@ pub(crate) fn fault_event(
         Some(e) if redacting => scrub(err.message(), e, redacted),
         _ => std::borrow::Cow::Borrowed(err.message()),
     };
+    // The fault goes where its event's key would, unless the key is redacted: then by a hash
+    // of it, which spreads faults as the keys do and says nothing of them.
+    let key = event.map_or(&*record.partition, Event::partition_key);
+    let hidden;
+    let partition_key = if redacted.iter().any(|p| p == "partitionKey") {
+        hidden = stable_id(&[key]);
+        &hidden
+    } else {
+        key
+    };
     let out = FaultOut {
         id: &raise,
         fault_id: &id,
         ty: FAULT_EVENT_TYPE,
         timestamp,
-        partition_key: event.map_or(&record.partition, Event::partition_key),
+        partition_key,
         tags: FaultTagsOut {
             processor: origin.processor,
             pipeline: origin.pipeline,
@@ -747,6 +763,31 @@ mod tests {
         let err = details.uow.record.bytes().unwrap_err();
         assert_eq!(err.name(), "RecordRedacted");
         assert_eq!(details.uow.event.unwrap()["customer"]["name"], "Ann");
+    }
+
+    #[test]
+    fn a_redacted_field_in_an_array_or_the_envelope_appears_nowhere_either() {
+        let data = r#"{"id":"e1","type":"t","timestamp":1,"partitionKey":"cust-ann","lines":[{"card":"4111-1111","n":1},{"card":"5500-0000","n":2}]}"#;
+        let record = Record::new("memory", "0", 7, data.to_owned());
+        let event = Event::decode(data.as_bytes()).unwrap();
+        let err = Error::poison_msg("Declined", "card 5500-0000 of cust-ann was declined");
+        let redacted = ["lines.card".to_owned(), "partitionKey".to_owned()];
+        let fault = fault_event(ORIGIN, &record, Some(&event), &err, &redacted);
+        let text = fault.to_json();
+        for secret in ["4111-1111", "5500-0000", "cust-ann"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        let details: FaultDetails = fault.payload().unwrap();
+        let ev = details.uow.event.unwrap();
+        assert_eq!(ev["lines"][1]["card"], REDACTED);
+        assert_eq!(ev["lines"][1]["n"], 2);
+        assert_eq!(
+            details.err.message,
+            "card [REDACTED] of [REDACTED] was declined"
+        );
+        // Faults of one key still go to one partition.
+        let again = fault_event(ORIGIN, &record, Some(&event), &err, &redacted);
+        assert_eq!(fault.partition_key(), again.partition_key());
     }
 
     #[test]

@@ -529,7 +529,9 @@ impl PipelineBuilder {
     }
 
     /// Replaces these fields of the event with `"[REDACTED]"` in fault events. A path is
-    /// dotted: `customer.email`.
+    /// dotted: `customer.email`; through an array it names the field in every element
+    /// (`lines.card`); `partitionKey` also keeps the key out of the fault's own envelope (the
+    /// fault is keyed by a hash of it).
     pub fn redact<I: IntoIterator<Item = S>, S: Into<String>>(mut self, paths: I) -> Self {
         self.redact.extend(paths.into_iter().map(Into::into));
         self
