@@ -3,8 +3,10 @@
 //! A fault is a normal event of type `fault`, so it travels through the same hub as every other
 //! event and a fault monitor stores it. Its **fault id** (`faultId`, read it with [`fault_id`])
 //! is a stable hash of where the record came from and where it failed (source, partition,
-//! position, processor, pipeline, step, event content): a fault raised twice, after a crash
-//! and redelivery, or by a replay, is stored as one fault raised twice.
+//! position, processor, pipeline, step, the part of a split record, the record's bytes; not
+//! the event as the steps left it, which an enrichment may change from run to run): a fault
+//! raised twice, after a crash and redelivery, or by a replay, is stored as one fault raised
+//! twice.
 //!
 //! The event's own `id` names this **raise**: it is new every time the fault is raised. Hubs
 //! publish idempotently by event id within a dedupe window, so a raise published twice (a
@@ -518,26 +520,23 @@ enum EventOut<'a> {
     Value(Value),
 }
 
-/// Builds the fault event for a record that failed at `origin`.
+/// Builds the fault event for a record that failed at `origin`: the record's event, or part
+/// `part` of it when a step split it ([`Uow::part`](crate::Uow)).
 pub(crate) fn fault_event(
     origin: FaultOrigin<'_>,
     record: &Record,
+    part: u64,
     event: Option<&Event>,
     err: &Error,
     redacted: &[String],
 ) -> Event {
     let position = record.position();
-    // The event's content, not just its id: the parts of a split record may share an id.
-    // With no event (the record did not decode), the record's own bytes: records read from
-    // an invocation that could not say where they came from share a source, a partition and
-    // a position (their index in the batch), and must not share a fault.
-    let event_text = match event {
-        Some(e) => match e.source_text() {
-            Some(text) => std::borrow::Cow::Borrowed(text),
-            None => std::borrow::Cow::Owned(e.to_json()),
-        },
-        None => String::from_utf8_lossy(&record.data),
-    };
+    // The record as it came, not the event as the steps left it (an enrichment that reads
+    // something else the next time must not make a second fault of one failure), and the
+    // part of it, since the parts of a split record may share an id and differ only there.
+    // The bytes also tell apart records read from an invocation that could not say where
+    // they came from, which share a source, a partition and a position (their index in the
+    // batch), and must not share a fault.
     let id = stable_id(&[
         &record.source,
         &record.partition,
@@ -545,7 +544,8 @@ pub(crate) fn fault_event(
         origin.processor,
         origin.pipeline,
         origin.step,
-        &event_text,
+        &part.to_string(),
+        &String::from_utf8_lossy(&record.data),
     ]);
     let timestamp = now_millis();
     // A raise is named by the fault, the time and a random part: two raises in one
@@ -655,6 +655,7 @@ mod tests {
         let fault = fault_event(
             ORIGIN,
             &record,
+            0,
             Some(&event),
             err,
             &["customer.email".into()],
@@ -686,11 +687,20 @@ mod tests {
                 ..ORIGIN
             },
             &record,
+            0,
             Some(&event),
             &err,
             &[],
         );
         assert_ne!(fault_id(&a), fault_id(&other));
+        // The event as the steps left it does not make another fault; another part does.
+        let redact = ["customer.email".to_owned()];
+        let mut enriched = event.clone();
+        enriched.fields_mut().insert("looked_up".into(), 42.into());
+        let c = fault_event(ORIGIN, &record, 0, Some(&enriched), &err, &redact);
+        assert_eq!(fault_id(&a), fault_id(&c));
+        let d = fault_event(ORIGIN, &record, 2, Some(&event), &err, &redact);
+        assert_ne!(fault_id(&a), fault_id(&d));
         // Without redaction the record is carried verbatim.
         let details: FaultDetails = other.payload().unwrap();
         assert_eq!(details.uow.record.bytes().unwrap(), data.as_bytes());
@@ -706,6 +716,7 @@ mod tests {
         let fault = fault_event(
             ORIGIN,
             &record,
+            0,
             Some(&event),
             &Error::poison_msg("Invalid", "m".repeat(50_000)),
             &[],
@@ -772,7 +783,7 @@ mod tests {
         let event = Event::decode(data.as_bytes()).unwrap();
         let err = Error::poison_msg("Declined", "card 5500-0000 of cust-ann was declined");
         let redacted = ["lines.card".to_owned(), "partitionKey".to_owned()];
-        let fault = fault_event(ORIGIN, &record, Some(&event), &err, &redacted);
+        let fault = fault_event(ORIGIN, &record, 0, Some(&event), &err, &redacted);
         let text = fault.to_json();
         for secret in ["4111-1111", "5500-0000", "cust-ann"] {
             assert!(!text.contains(secret), "{secret} in {text}");
@@ -786,7 +797,7 @@ mod tests {
             "card [REDACTED] of [REDACTED] was declined"
         );
         // Faults of one key still go to one partition.
-        let again = fault_event(ORIGIN, &record, Some(&event), &err, &redacted);
+        let again = fault_event(ORIGIN, &record, 0, Some(&event), &err, &redacted);
         assert_eq!(fault.partition_key(), again.partition_key());
     }
 
@@ -800,7 +811,7 @@ mod tests {
             step: "decode",
         };
         let err = Error::poison_msg("DecodeEventError", "not JSON");
-        let fault = fault_event(origin, &record, None, &err, &["customer.email".into()]);
+        let fault = fault_event(origin, &record, 0, None, &err, &["customer.email".into()]);
         assert!(!fault.to_json().contains("ann@example.com"));
         let details: FaultDetails = fault.payload().unwrap();
         assert!(details.uow.record.redacted);
@@ -817,7 +828,7 @@ mod tests {
         };
         let id = |data: &'static str| {
             let record = Record::new("eventbridge:unknown", "malformed", 0, data);
-            let fault = fault_event(origin, &record, None, &Error::poison_msg("X", "y"), &[]);
+            let fault = fault_event(origin, &record, 0, None, &Error::poison_msg("X", "y"), &[]);
             fault_id(&fault).to_owned()
         };
         assert_ne!(id(r#"{"detail":"a"}"#), id(r#"{"detail":[1]}"#));
@@ -832,7 +843,7 @@ mod tests {
             pipeline: DECODE_PIPELINE,
             step: "decode",
         };
-        let f = fault_event(origin, &record, None, &Error::poison_msg("X", "y"), &[]);
+        let f = fault_event(origin, &record, 0, None, &Error::poison_msg("X", "y"), &[]);
         let details: FaultDetails = f.payload().unwrap();
         assert_eq!(details.uow.record.encoding, "base64");
         assert_eq!(details.uow.record.bytes().unwrap(), vec![0xff, 0x00, 0x01]);
@@ -916,7 +927,7 @@ mod tests {
             pipeline: "x",
             step: "s",
         };
-        let own = fault_event(origin, &record, None, &Error::poison_msg("X", "y"), &[]);
+        let own = fault_event(origin, &record, 0, None, &Error::poison_msg("X", "y"), &[]);
         assert!(matches!(normalized(&own), std::borrow::Cow::Borrowed(_)));
     }
 }

@@ -133,6 +133,10 @@ pub struct Uow {
     pub(crate) record: Arc<Record>,
     pub(crate) event: Arc<Event>,
     pub(crate) ticket: Ticket,
+    /// Which part of its record this is: 0 for the record's own event, else set by each split
+    /// (a step passing on several units of work) from the part split and the output's place,
+    /// so that a part's fault is the same fault however often its record runs.
+    pub(crate) part: u64,
     extensions: Option<Extensions>,
 }
 
@@ -157,8 +161,17 @@ impl Uow {
             record,
             event,
             ticket,
+            part: 0,
             extensions: None,
         }
+    }
+
+    /// The part of a split unit of work at `place` among the outputs of splitting this one.
+    pub(crate) fn part_at(&self, place: usize) -> u64 {
+        // FNV-1a's prime: parts of parts stay apart.
+        self.part
+            .wrapping_mul(0x0100_0000_01b3)
+            .wrapping_add(place as u64 + 1)
     }
 
     /// A unit of work outside a processor, for tests of single steps.

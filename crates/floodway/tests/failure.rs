@@ -370,23 +370,48 @@ async fn split_events_are_done_when_every_part_is() {
 
 #[tokio::test(start_paused = true)]
 async fn parts_of_a_split_record_that_fail_get_a_fault_each() {
+    // Each run's enrichment reads something else (a counter here, a changing row in life).
+    let lookups = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let pipeline = || {
+        let lookups = lookups.clone();
+        Pipeline::builder("reject-lines")
+            .flat_map(|uow| {
+                // Two line items with the same id and content: only their place differs.
+                Ok((0..2)
+                    .map(|_| uow.with_event(uow.event().derive("line-item").build()))
+                    .collect())
+            })
+            .map(move |mut uow| {
+                let n = lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                uow.event_mut()
+                    .fields_mut()
+                    .insert("looked_up".into(), n.into());
+                Ok(uow)
+            })
+            .validate(|_| Err(Error::poison_msg("Rejected", "no line items today")))
+            .sink(MemorySink::new())
+            .unwrap()
+    };
+    let fault_ids = |kit: &TestKit| {
+        kit.faults()
+            .iter()
+            .map(|f| floodway::fault::fault_id(f).to_owned())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
     let kit = TestKit::new();
-    let pipeline = Pipeline::builder("reject-lines")
-        .flat_map(|uow| {
-            // Two line items with the same derived id but different content.
-            Ok((0..2)
-                .map(|i| uow.with_event(uow.event().derive("line-item").field("line", i).build()))
-                .collect())
-        })
-        .validate(|_| Err(Error::poison_msg("Rejected", "no line items today")))
-        .sink(MemorySink::new())
-        .unwrap();
-    run_pipeline(&kit, pipeline, &events(3, 1)).await.unwrap();
+    run_pipeline(&kit, pipeline(), &events(3, 1)).await.unwrap();
+    assert_eq!(kit.faults().len(), 6);
+    let first = fault_ids(&kit);
     assert_eq!(
-        kit.faults().len(),
+        first.len(),
         6,
         "two parts of three records, each its own fault"
     );
+    // The same records again (a redelivery, a resubmission): the same faults, though the
+    // enrichment read other values.
+    let kit = TestKit::new();
+    run_pipeline(&kit, pipeline(), &events(3, 1)).await.unwrap();
+    assert_eq!(fault_ids(&kit), first);
 }
 
 /// Runs batches of `batch` into `sink` over `events(n, 4)` with a fresh kit, which it returns.

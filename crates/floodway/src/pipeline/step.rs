@@ -179,7 +179,12 @@ pub(crate) struct StepOutput {
 fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<Outputs, Error> {
     let result = catch_unwind(AssertUnwindSafe(|| match kind {
         StepKind::Map(f) => f(uow.clone()).map(|u| smallvec::smallvec![u]),
-        StepKind::FlatMap(f) => f(uow.clone()).map(SmallVec::from_vec),
+        StepKind::FlatMap(f) => f(uow.clone()).map(|mut parts| {
+            for (place, part) in parts.iter_mut().enumerate() {
+                part.part = uow.part_at(place);
+            }
+            SmallVec::from_vec(parts)
+        }),
         StepKind::Filter(f) => Ok(if f(uow) {
             smallvec::smallvec![uow.clone()]
         } else {

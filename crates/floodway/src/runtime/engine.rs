@@ -426,7 +426,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 Err(err) => {
                     let ticket = self.ledger.admit(record.clone(), 1);
                     self.report.decode_faults += 1;
-                    let failure = (record, None, Arc::from("decode"), err);
+                    let failure = (record, 0, None, Arc::from("decode"), err);
                     self.faults_due.push(fault_now(
                         self.ctx.clone(),
                         usize::MAX,
@@ -495,6 +495,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             let ticket = failure.uow.ticket;
             let item = (
                 failure.uow.record.clone(),
+                failure.uow.part,
                 Some(failure.uow.event.clone()),
                 failure.step,
                 failure.error,

@@ -82,7 +82,7 @@ async fn publish_fault(
     ctx: &UnitCtx,
     pipeline: &str,
     step: &str,
-    record: &Record,
+    (record, part): (&Record, u64),
     event: Option<&Event>,
     err: &Error,
     redact: &[String],
@@ -92,7 +92,7 @@ async fn publish_fault(
         pipeline,
         step,
     };
-    let fault = fault_event(origin, record, event, err, redact);
+    let fault = fault_event(origin, record, part, event, err, redact);
     let fault_id = crate::fault::fault_id(&fault).to_owned();
     // Debug, not warn: the fault event itself is the record, and a burst of poison events
     // must not become a burst of log lines.
@@ -153,7 +153,7 @@ async fn fault_failures(
             ctx,
             &core.name,
             &f.step,
-            &f.uow.record,
+            (&f.uow.record, f.uow.part),
             Some(event),
             error.as_ref().unwrap_or(&f.error),
             &core.redact,
@@ -293,7 +293,7 @@ async fn fault_sink_failures(
             ctx,
             &core.name,
             "sink",
-            &uow.record,
+            (&uow.record, uow.part),
             Some(event),
             error.as_ref().unwrap_or(err),
             &core.redact,
@@ -362,16 +362,17 @@ pub(crate) fn scheduled(env: Arc<PipeEnv>, id: u64, keys: Keys, work: Work) -> B
     Box::pin(unit.instrument(span))
 }
 
-/// The future that faults a record before any scheduled work (decode or sync-step failure).
+/// The future that faults a record (part `part` of it) before any scheduled work (decode or
+/// sync-step failure).
 pub(crate) fn fault_now(
     ctx: Arc<UnitCtx>,
     pipeline: usize,
     core: Option<Arc<PipelineCore>>,
-    failure: (Arc<Record>, Option<Arc<Event>>, Arc<str>, Error),
+    failure: (Arc<Record>, u64, Option<Arc<Event>>, Arc<str>, Error),
     ticket: Ticket,
 ) -> BoxUnit {
     Box::pin(async move {
-        let (record, event, step, error) = failure;
+        let (record, part, event, step, error) = failure;
         let (name, redact): (&str, &[String]) = match &core {
             Some(c) => (&c.name, &c.redact),
             None => (crate::fault::DECODE_PIPELINE, &ctx.redact_all),
@@ -383,15 +384,23 @@ pub(crate) fn fault_now(
                 cause: error,
             })
         } else {
-            publish_fault(&ctx, name, &step, &record, event.as_deref(), &error, redact)
-                .await
-                .map(|()| Outcome {
-                    finished: smallvec![(ticket, true)],
-                    children: Vec::new(),
-                    delivered: 0,
-                    faults: 1,
-                    pre: false,
-                })
+            publish_fault(
+                &ctx,
+                name,
+                &step,
+                (&record, part),
+                event.as_deref(),
+                &error,
+                redact,
+            )
+            .await
+            .map(|()| Outcome {
+                finished: smallvec![(ticket, true)],
+                children: Vec::new(),
+                delivered: 0,
+                faults: 1,
+                pre: false,
+            })
         };
         UnitOutput {
             pipeline,

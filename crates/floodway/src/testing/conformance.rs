@@ -553,7 +553,7 @@ fn raise(pipeline: &str, offset: u64, err: &Error) -> Event {
         pipeline,
         step: "sink",
     };
-    crate::fault::fault_event(origin, &record, Some(&event), err, &[])
+    crate::fault::fault_event(origin, &record, 0, Some(&event), err, &[])
 }
 
 fn poison(message: &str) -> Error {
