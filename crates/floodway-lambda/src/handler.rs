@@ -20,7 +20,7 @@ use floodway::runtime::BatchReport;
 use floodway::{Processor, Record};
 use serde_json::{json, Value};
 
-use crate::sources::{self, CdcOptions, SourceKind};
+use crate::sources::{self, CdcOptions, Resubmission, SourceKind};
 
 /// An invocation that could not be handled; Lambda sees [`HandlerError::error_type`] as the
 /// `errorType` and the message as the `errorMessage`.
@@ -197,7 +197,7 @@ impl Handler {
             );
         }
         let kind = invocation.kind;
-        let Some(pipeline) = invocation.resubmit_to else {
+        let Some(Resubmission { pipeline, fault }) = invocation.resubmit_to else {
             let report = self
                 .run(&self.processor, invocation.records, deadline_ms)
                 .await;
@@ -213,7 +213,15 @@ impl Handler {
                 pipeline,
                 processor: self.processor.name().to_owned(),
             })?;
-        let report = self.run(&only, invocation.records, deadline_ms).await;
+        let mut records = invocation.records;
+        if let Some(fault) = fault {
+            // Failing again, it raises that fault again, not one named by the reshaped record.
+            let fault: Arc<str> = fault.into();
+            for record in &mut records {
+                record.resubmits = Some(fault.clone());
+            }
+        }
+        let report = self.run(&only, records, deadline_ms).await;
         let mut answer = answer(kind, &report)?;
         if !answer.is_object() {
             answer = json!({});

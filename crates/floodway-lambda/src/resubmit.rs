@@ -26,7 +26,7 @@ pub fn resubmission_payload(fault: &Event) -> Result<Value, Error> {
     }
     let record = &details.uow.record;
     let data = record.bytes()?;
-    let marker = json!({ "pipeline": pipeline });
+    let marker = json!({ "pipeline": pipeline, "faultId": floodway::fault::fault_id(fault) });
     let (kind, name) = record
         .source
         .split_once(':')

@@ -58,8 +58,8 @@ pub struct Invocation {
     pub records: Vec<Record>,
     /// DynamoDB records change data capture skipped (replicas, TTL removals), by sequence.
     pub skipped: Vec<(String, Skipped)>,
-    /// The one pipeline to run, when the invocation resubmits a fault.
-    pub resubmit_to: Option<String>,
+    /// The one pipeline to run, and the fault, when the invocation resubmits a fault.
+    pub resubmit_to: Option<Resubmission>,
 }
 
 /// The top of an invocation: just enough to tell its kind (records are read one by one).
@@ -74,9 +74,15 @@ struct Payload<'a> {
     floodway: Option<Resubmission>,
 }
 
-#[derive(Deserialize)]
-struct Resubmission {
-    pipeline: String,
+/// What a resubmission's invocation says of itself (`"floodway": {...}`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Resubmission {
+    /// The one pipeline to run.
+    pub pipeline: String,
+    /// The fault resubmitted: a fault its record raises again is that one (its source,
+    /// position and bytes may read otherwise, reshaped into an invocation).
+    #[serde(default, rename = "faultId")]
+    pub fault: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -140,7 +146,7 @@ pub fn read_owned(mut payload: Vec<u8>, cdc: &CdcOptions) -> Result<Invocation, 
 fn read_each(payload: &[u8], cdc: &CdcOptions) -> Result<Invocation, Unrecognized> {
     let top: Payload<'_> = serde_json::from_slice(payload)
         .map_err(|e| Unrecognized(format!("the invocation is not a JSON object: {e}")))?;
-    let resubmit_to = top.floodway.map(|r| r.pipeline);
+    let resubmit_to = top.floodway;
     if let Some(records) = top.records {
         let kind = records.iter().find_map(|r| {
             match serde_json::from_str::<Sniff<'_>>(r.get())
@@ -352,7 +358,7 @@ struct KinesisBatch<'a> {
     /// Without their bytes (`data` empty).
     records: Vec<Record>,
     texts: Vec<Cow<'a, [u8]>>,
-    resubmit_to: Option<String>,
+    resubmit_to: Option<Resubmission>,
 }
 
 impl<'a> KinesisBatch<'a> {
@@ -387,7 +393,7 @@ impl<'a> KinesisBatch<'a> {
         Some(KinesisBatch {
             records,
             texts,
-            resubmit_to: top.floodway.map(|r| r.pipeline),
+            resubmit_to: top.floodway,
         })
     }
 

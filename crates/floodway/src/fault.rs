@@ -537,16 +537,20 @@ pub(crate) fn fault_event(
     // The bytes also tell apart records read from an invocation that could not say where
     // they came from, which share a source, a partition and a position (their index in the
     // batch), and must not share a fault.
-    let id = stable_id(&[
-        &record.source,
-        &record.partition,
-        &position,
-        origin.processor,
-        origin.pipeline,
-        origin.step,
-        &part.to_string(),
-        &String::from_utf8_lossy(&record.data),
-    ]);
+    // A resubmitted record that fails again raises the fault it was resubmitted for.
+    let id = match &record.resubmits {
+        Some(id) => id.to_string(),
+        None => stable_id(&[
+            &record.source,
+            &record.partition,
+            &position,
+            origin.processor,
+            origin.pipeline,
+            origin.step,
+            &part.to_string(),
+            &String::from_utf8_lossy(&record.data),
+        ]),
+    };
     let timestamp = now_millis();
     // A raise is named by the fault, the time and a random part: two raises in one
     // millisecond, from two processes, still differ.

@@ -358,7 +358,8 @@ async fn attempt(
         r.bytes().map_err(|e| e.to_string())?
     };
     let record = crate::uow::Record::new(r.source.clone(), r.partition.clone(), r.offset, data)
-        .with_attempt(r.attempt + 1);
+        .with_attempt(r.attempt + 1)
+        .resubmitting(fault.id.as_str());
     let Some(only) = processor.only(&fault.pipeline) else {
         return Err("the pipeline is no longer configured".into());
     };

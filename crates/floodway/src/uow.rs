@@ -40,6 +40,10 @@ pub struct Record {
     /// missing its data, data that is not base64): such a record is faulted as it is, with
     /// this error, before any pipeline sees it, and never fails its batch.
     pub malformed: Option<Arc<Malformed>>,
+    /// The fault this record is resubmitted for: a fault it raises is that fault raised
+    /// again, whatever the record's source and position now read (a resubmission rebuilds
+    /// the record, and may reshape it).
+    pub resubmits: Option<Arc<str>>,
 }
 
 /// What is wrong with a record its source could not read; see [`Record::malformed`].
@@ -69,7 +73,15 @@ impl Record {
             data: data.into(),
             order_key: None,
             malformed: None,
+            resubmits: None,
         }
+    }
+
+    /// Marks the record as the resubmission of fault `fault_id` (see [`Record::resubmits`]).
+    #[must_use]
+    pub fn resubmitting(mut self, fault_id: impl Into<Arc<str>>) -> Self {
+        self.resubmits = Some(fault_id.into());
+        self
     }
 
     /// Marks the record as one its source could not read: it is faulted as it is (a poison
