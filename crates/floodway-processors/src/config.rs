@@ -306,6 +306,30 @@ impl NatsConfig {
         }
         Ok(())
     }
+
+    /// Checks that a stream only published to (a forward processor's target) is given no
+    /// settings of reading, which would do nothing there.
+    fn publishing_only(&self, table: &str) -> Result<(), String> {
+        let plain: NatsConfig = toml::from_str("").map_err(|e| e.to_string())?;
+        let reading = [
+            ("instance", self.instance.is_some()),
+            ("sharing", self.sharing != plain.sharing),
+            ("pinned_ttl", self.pinned_ttl != plain.pinned_ttl),
+            ("acks", self.acks != plain.acks),
+            ("ack_wait", self.ack_wait != plain.ack_wait),
+            (
+                "max_ack_pending",
+                self.max_ack_pending != plain.max_ack_pending,
+            ),
+        ];
+        match reading.iter().find(|(_, set)| *set) {
+            Some((setting, _)) => Err(format!(
+                "{table} sets `{setting}`, a setting of reading a stream: a forward processor \
+                 only publishes to it"
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// When a publish is durable.
@@ -668,6 +692,31 @@ impl RuleConfig {
                 .map(|w| w.get().as_millis() as i64)
                 .ok_or_else(|| need("within"))
         };
+        // A setting the kind does not read would seem to count and do nothing.
+        let given = [
+            ("types", !self.types.is_empty()),
+            ("first", self.first.is_some()),
+            ("then", self.then.is_some()),
+            ("type", self.event_type.is_some()),
+            ("count", self.count.is_some()),
+            ("within", self.within.is_some()),
+        ];
+        let takes: &[&str] = match self.kind.as_str() {
+            "all" => &["types"],
+            "sequence" | "absence" => &["first", "then", "within"],
+            "threshold" => &["type", "count", "within"],
+            _ => &[],
+        };
+        if let Some((setting, _)) = given
+            .iter()
+            .find(|(setting, set)| *set && !takes.is_empty() && !takes.contains(setting))
+        {
+            return Err(format!(
+                "rule `{name}` ({}) takes no `{setting}`: it reads {}",
+                self.kind,
+                takes.join(", ")
+            ));
+        }
         let kind = match self.kind.as_str() {
             "all" if !self.types.is_empty() => RuleKind::All {
                 types: self.types.clone(),
@@ -850,7 +899,11 @@ impl Config {
             match p {
                 ProcessorConfig::Forward { to, to_nats, .. } => match (to, to_nats) {
                     (Some(_), None) => {}
-                    (None, Some(nats)) => nats.check(&format!("processor `{name}`: to_nats"))?,
+                    (None, Some(nats)) => {
+                        let table = format!("processor `{name}`: to_nats");
+                        nats.check(&table)?;
+                        nats.publishing_only(&table)?;
+                    }
                     _ => {
                         return Err(format!(
                             "processor `{name}`: give either `to` (a hub file) or `to_nats`"
@@ -909,6 +962,8 @@ impl Config {
                     ttl,
                     discriminator,
                     outbox,
+                    latest,
+                    stale,
                     ..
                 } if !set.is_empty()
                     || !remove.is_empty()
@@ -917,12 +972,32 @@ impl Config {
                     || !delete_on.is_empty()
                     || ttl.is_some()
                     || discriminator.is_some()
-                    || *outbox =>
+                    || *outbox
+                    || *latest != floodway::rows::Latest::default()
+                    || *stale != StalePolicy::default() =>
                 {
                     return Err(format!(
                         "processor `{name}`: set, remove, add, delete, delete_on, ttl, \
-                         discriminator and outbox are settings of rows: give the key as \
-                         `key = {{ pk = \"...\", sk = \"...\" }}`"
+                         discriminator, outbox, latest and stale are settings of rows: give \
+                         the key as `key = {{ pk = \"...\", sk = \"...\" }}`"
+                    ));
+                }
+                ProcessorConfig::Materialize {
+                    key: ViewKey::Row { .. },
+                    value: Some(_),
+                    set,
+                    remove,
+                    add,
+                    delete,
+                    ..
+                } if !set.is_empty()
+                    || !remove.is_empty()
+                    || !add.is_empty()
+                    || !delete.is_empty() =>
+                {
+                    return Err(format!(
+                        "processor `{name}`: `value` gives the fields to set when there is no \
+                         `set`, `remove`, `add` or `delete`; with them it is not read"
                     ));
                 }
                 ProcessorConfig::Materialize {
@@ -1357,6 +1432,39 @@ name = "faults"
             err.contains("processor `archive`: types mix `fault`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn settings_that_would_do_nothing_are_errors() {
+        let with = |from: &str, to: &str| Config::parse(&FULL.replace(from, to)).unwrap().check();
+        let view = "value = \"/order\"";
+        // Settings of rows on a view of one value per key.
+        let err = with(view, "value = \"/order\"\nstale = \"fault\"").unwrap_err();
+        assert!(err.contains("settings of rows"), "{err}");
+        // `value` beside the fields it would give.
+        let rows = "key = { pk = \"/order/id\", sk = \"order\" }\nset = { s = \"/order/status\" }";
+        let err = with("view = \"orders\"", &format!("view = \"orders\"\n{rows}")).unwrap_err();
+        assert!(err.contains("`value` gives the fields to set"), "{err}");
+        // Reading settings on a stream a forward processor only publishes to.
+        let to = "to = \"archive.db\"";
+        let err = with(to, "to_nats = { stream = \"A\", acks = \"cumulative\" }").unwrap_err();
+        assert!(err.contains("sets `acks`, a setting of reading"), "{err}");
+        with(to, "to_nats = { stream = \"A\", subject = \"a\" }").unwrap();
+        // A window on a rule that has none.
+        let rule = RuleConfig {
+            name: "ready".into(),
+            kind: "all".into(),
+            types: vec!["a".into()],
+            first: None,
+            then: None,
+            event_type: None,
+            count: None,
+            within: Some(HumanDuration(std::time::Duration::from_secs(60))),
+            emit: "ready".into(),
+            conditions: BTreeMap::new(),
+        };
+        let err = rule.rule().unwrap_err();
+        assert!(err.contains("(all) takes no `within`"), "{err}");
     }
 
     #[test]
