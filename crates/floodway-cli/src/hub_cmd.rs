@@ -200,6 +200,10 @@ async fn publish(
                 Ok(Some(event)) => chunk.push(event),
                 Ok(None) => break,
                 Err(err) => {
+                    // What was read before the failure is published first.
+                    if !chunk.is_empty() {
+                        let _ = tx.blocking_send(Ok(std::mem::take(&mut chunk)));
+                    }
                     let _ = tx.blocking_send(Err(err));
                     return lines;
                 }
@@ -235,7 +239,9 @@ async fn publish(
 /// The events of a JSON-lines input, read one line at a time into one buffer.
 struct Lines {
     reader: Box<dyn BufRead + Send>,
-    line: String,
+    /// Bytes, not text: a line that is not UTF-8 is a line that is not an event, not a
+    /// failure of the whole input.
+    line: Vec<u8>,
     number: usize,
     events: u64,
     rejected: u64,
@@ -263,7 +269,7 @@ impl Lines {
         };
         Ok(Lines {
             reader,
-            line: String::new(),
+            line: Vec::new(),
             number: 0,
             events: 0,
             rejected: 0,
@@ -278,18 +284,21 @@ impl Lines {
             self.line.clear();
             let read = self
                 .reader
-                .read_line(&mut self.line)
+                .read_until(b'\n', &mut self.line)
                 .with_context(|| format!("reading line {}", self.number + 1))?;
             if read == 0 {
                 return Ok(None);
             }
             self.number += 1;
             self.bar.inc(read as u64);
-            let text = self.line.trim_end_matches(['\n', '\r']);
-            if text.trim().is_empty() {
+            let mut text = self.line.as_slice();
+            while let [rest @ .., b'\n' | b'\r'] = text {
+                text = rest;
+            }
+            if text.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            match Event::decode(text.as_bytes()) {
+            match Event::decode(text) {
                 Ok(event) => {
                     self.events += 1;
                     return Ok(Some(event));

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use anyhow::bail;
 use floodway::error::CommitError;
 use floodway::hub::{BoxSource, ReadOptions, StartAt, Stream};
-use floodway::runtime::RunReport;
+use floodway::runtime::{RunReport, Stopped};
 use floodway::{Checkpoint, Checkpointer, Record, Source};
 use floodway_processors::processors::reads_faults;
 use floodway_processors::{build_all, from_config, Config, Hubs, ProcessorConfig};
 
-use crate::util::{parse_time, progress, shutdown_signal};
+use crate::util::{counter, parse_time, progress, shutdown_signal};
 
 /// Options of `floodway replay`.
 #[derive(clap::Args)]
@@ -86,14 +86,20 @@ pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         ..config.clone()
     })
     .await?;
-    // A hub that does not count by time (JetStream): the bar shows progress without a total.
-    let total = hubs
-        .events
-        .count_published(from, to)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .unwrap_or(0);
-    let bar = progress(total, "replaying");
+    // A hub that does not count by time (JetStream), or a fault monitor (it reads the fault
+    // events, which the count does not cover): a counter without a total.
+    let total = match entry {
+        ProcessorConfig::FaultMonitor { .. } => None,
+        _ => hubs
+            .events
+            .count_published(from, to)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    };
+    let bar = match total {
+        Some(total) => progress(total, "replaying"),
+        None => counter("replaying"),
+    };
     let counted = bar.clone();
     let report = replay_range(
         &hubs,
@@ -104,11 +110,24 @@ pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     )
     .await?;
     bar.finish_and_clear();
+    let delivered = report.pipelines.iter().map(|p| p.delivered).sum::<u64>();
+    if report.stopped != Stopped::SourceEnded {
+        // Cut short (Ctrl-C): a script must not go on as if the range was replayed.
+        bail!(
+            "replay to `{}` stopped ({:?}) before the end of the range: {} events read, {} \
+             delivered, {} faults; run it again for the rest",
+            args.processor,
+            report.stopped,
+            report.received,
+            delivered,
+            report.faults()
+        );
+    }
     say!(
         "replayed {} events to `{}`: {} delivered, {} faults",
         report.received,
         args.processor,
-        report.pipelines.iter().map(|p| p.delivered).sum::<u64>(),
+        delivered,
         report.faults()
     );
     Ok(())

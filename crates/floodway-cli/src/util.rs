@@ -163,6 +163,17 @@ pub(crate) fn progress(total: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// A counter of `what` for work whose total is not known: how many so far, and how fast.
+pub(crate) fn counter(what: &str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {spinner} {pos} ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_prefix(what.to_owned());
+    bar
+}
+
 /// Completes on SIGINT or SIGTERM.
 pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

@@ -397,7 +397,17 @@ fn publish_streams_its_input_and_atomic_is_all_or_nothing_from_a_file_or_standar
         })
         .collect();
     lines[2_399] = "{not an event".into();
-    std::fs::write(d.join("orders.jsonl"), lines.join("\n")).unwrap();
+    // And a line that is not even UTF-8: one more line that is not an event, not the end of
+    // the input (before, it stopped the publish and dropped the lines read with it).
+    let mut file = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        match i {
+            1_499 => file.extend_from_slice(b"{\"id\":\"\xff\"}"),
+            _ => file.extend_from_slice(line.as_bytes()),
+        }
+        file.push(b'\n');
+    }
+    std::fs::write(d.join("orders.jsonl"), file).unwrap();
     let count = |d: &Path| {
         let out = floodway(d, &["hub", "stats", "--hub", "hub.db"]);
         text(&out)
@@ -419,9 +429,10 @@ fn publish_streams_its_input_and_atomic_is_all_or_nothing_from_a_file_or_standar
     );
     assert!(!out.status.success());
     says(&out, "line 2400: event is not valid JSON");
+    says(&out, "line 1500: ");
     says(
         &out,
-        "1 of 2500 lines are not events; nothing was published",
+        "2 of 2500 lines are not events; nothing was published",
     );
     assert_eq!(count(d), 0, "nothing stored from the file");
 
@@ -438,8 +449,10 @@ fn publish_streams_its_input_and_atomic_is_all_or_nothing_from_a_file_or_standar
     let out = floodway(d, &["hub", "publish", "--hub", "hub.db", "orders.jsonl"]);
     assert!(!out.status.success(), "a rejected line fails the command");
     says(&out, "line 2400: event is not valid JSON");
-    says(&out, "published 2499 events");
-    assert_eq!(count(d), 2_499);
+    says(&out, "line 1500: ");
+    says(&out, "published 2498 events");
+    says(&out, "2 lines rejected");
+    assert_eq!(count(d), 2_498);
 }
 
 /// Turns the hub `hub.db` in `d` back into what an earlier build made (format version 2):
