@@ -121,7 +121,13 @@ impl NatsHub {
         if options.partitions == Some(0) {
             return Err(NatsError::Config("partitions must be at least 1".into()));
         }
-        let servers = options.servers.join(",");
+        // As shown in messages, stats and the console: without user names and passwords.
+        let servers = options
+            .servers
+            .iter()
+            .map(|s| without_credentials(s))
+            .collect::<Vec<_>>()
+            .join(",");
         let addrs = options
             .servers
             .iter()
@@ -178,7 +184,7 @@ impl NatsHub {
         self.inner.schedules
     }
 
-    /// The servers this hub connects to.
+    /// The servers this hub connects to, as shown: without user names and passwords.
     pub fn servers(&self) -> &str {
         &self.inner.servers
     }
@@ -808,9 +814,34 @@ async fn read_to(
     Ok(out)
 }
 
+/// `url` with the user name and password it may carry (`nats://user:pass@host`) replaced by
+/// `***`: the servers are shown in messages, stats and the console.
+pub(crate) fn without_credentials(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+        None => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_are_shown_without_their_credentials() {
+        assert_eq!(
+            without_credentials("nats://ann:s3cret@10.0.0.1:4222"),
+            "nats://***@10.0.0.1:4222"
+        );
+        assert_eq!(without_credentials("tls://tok@h/x@y"), "tls://***@h/x@y");
+        assert_eq!(
+            without_credentials("nats://127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
+        assert_eq!(without_credentials("u:p@host:4222"), "***@host:4222");
+    }
 
     #[test]
     fn server_versions_are_compared_by_major_and_minor() {
