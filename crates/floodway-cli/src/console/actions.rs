@@ -310,6 +310,12 @@ impl Console {
         let mut told = Instant::now();
         for planned in &planned.faults {
             limiter.acquire().await;
+            // Not sent by two jobs at once: claimed before the fault is read again, so that a
+            // job which read it open while another was sending it cannot send it after.
+            let Some(_sending) = Sending::claim(&self.sending, &planned.id) else {
+                skip(job, &planned.id, "being resubmitted by another job".into());
+                continue;
+            };
             // The fault as it is now: another job or the command may have resolved it since
             // the dry run, and a resolved fault is not applied again.
             let fault = match self.faults.fault(&planned.id).await {
@@ -330,11 +336,6 @@ impl Console {
                     );
                     continue;
                 }
-            };
-            // Nor sent by two jobs at once.
-            let Some(_sending) = Sending::claim(&self.sending, &fault.id) else {
-                skip(job, &fault.id, "being resubmitted by another job".into());
-                continue;
             };
             let fault = &fault;
             let done = match &self.scope {
