@@ -199,7 +199,8 @@ pub(crate) async fn shutdown_signal() {
 }
 
 /// Prints a line to stdout; when stdout is a closed pipe (`floodway hub stats | head`), exits
-/// quietly instead of panicking.
+/// quietly instead of panicking; when it cannot be written otherwise (a full disk), exits
+/// with the error rather than succeed with part of the output.
 pub(crate) fn say(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -207,6 +208,8 @@ pub(crate) fn say(args: std::fmt::Arguments<'_>) {
         if err.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
+        eprintln!("error: cannot write the output: {err}");
+        std::process::exit(1);
     }
 }
 

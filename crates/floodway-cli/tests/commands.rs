@@ -453,6 +453,16 @@ fn publish_streams_its_input_and_atomic_is_all_or_nothing_from_a_file_or_standar
     says(&out, "published 2498 events");
     says(&out, "2 lines rejected");
     assert_eq!(count(d), 2_498);
+
+    // Output that cannot be written (a full disk) fails the command.
+    let full = std::process::Command::new(env!("CARGO_BIN_EXE_floodway"))
+        .current_dir(d)
+        .args(["hub", "stats", "--hub", "hub.db"])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert!(!full.status.success());
+    says(&full, "cannot write the output");
 }
 
 /// Turns the hub `hub.db` in `d` back into what an earlier build made (format version 2):
