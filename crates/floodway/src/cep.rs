@@ -65,19 +65,29 @@ pub struct Firing {
     pub timestamp: i64,
     /// The events that triggered it, in time order.
     pub triggers: Vec<Collected>,
+    /// What makes the firing one of its own, when not its triggers: its id is then derived
+    /// from this, so that the same set evaluated again after a late event (an earlier
+    /// event arriving after a later one) emits nothing new where the triggers it picks have
+    /// changed. The built-in kinds fire once per key for `all` (`""`), once per `then` event
+    /// for `sequence`, once per window-ending event for `threshold` and once per `first`
+    /// event for `absence`. `None`: by the triggers.
+    pub anchor: Option<String>,
 }
 
 impl Firing {
     /// The event, keyed by `key` (the correlation key's value), its id derived from the
-    /// processor, the rule, the key and the triggers.
+    /// processor, the rule, the key and the anchor or else the triggers.
     pub fn to_event(&self, processor: &str, key: &str) -> Event {
-        let mut ids: Vec<&str> = self.triggers.iter().map(|t| t.id.as_str()).collect();
-        ids.sort_unstable();
-        let id = crate::rows::change_id(
-            processor,
-            &crate::rows::RowKey::new(key, &self.rule),
-            &ids.join(","),
-        );
+        let what = match &self.anchor {
+            Some(anchor) => format!("anchor:{anchor}"),
+            None => {
+                let mut ids: Vec<&str> = self.triggers.iter().map(|t| t.id.as_str()).collect();
+                ids.sort_unstable();
+                ids.join(",")
+            }
+        };
+        let id =
+            crate::rows::change_id(processor, &crate::rows::RowKey::new(key, &self.rule), &what);
         let triggers: Vec<Value> = self
             .triggers
             .iter()
@@ -198,6 +208,7 @@ pub type SharedRule = Arc<dyn Rule>;
 ///             event_type: "refund-due".into(),
 ///             timestamp: added.timestamp,
 ///             triggers: paid.into_iter().cloned().collect(),
+///             anchor: None,
 ///         }]
 ///     } else {
 ///         Vec::new()
@@ -317,20 +328,21 @@ impl KindRule {
             })
     }
 
-    fn firing(&self, timestamp: i64, triggers: Vec<Collected>) -> Firing {
+    fn firing(&self, timestamp: i64, triggers: Vec<Collected>, anchor: &str) -> Firing {
         Firing {
             rule: self.name.clone(),
             event_type: self.emit.clone(),
             timestamp,
             triggers,
+            anchor: Some(anchor.to_owned()),
         }
     }
 
-    /// Whether `then` follows `a` within the window in `set`.
+    /// Whether `then` follows `a` within the window in `set`: at the same millisecond or
+    /// later (two events of one millisecond are in either order; their ids say nothing).
     fn followed(&self, set: &[Collected], a: &Collected, then: &str, within: i64) -> bool {
-        set.iter().any(|b| {
-            self.counts(b, then) && b.order() > a.order() && b.timestamp <= a.timestamp + within
-        })
+        set.iter()
+            .any(|b| self.counts(b, then) && b.id != a.id && within_after(a, b, within))
     }
 }
 
@@ -354,7 +366,7 @@ impl Rule for KindRule {
                         triggers.sort_by(|a, b| a.order().cmp(&b.order()));
                         triggers.dedup_by(|a, b| a.id == b.id);
                         let at = triggers.last().map_or(added.timestamp, |t| t.timestamp);
-                        vec![self.firing(at, triggers)]
+                        vec![self.firing(at, triggers, "")]
                     }
                     None => Vec::new(),
                 }
@@ -371,14 +383,13 @@ impl Rule for KindRule {
                     let a = set
                         .iter()
                         .filter(|a| {
-                            self.counts(a, first)
-                                && a.order() < b.order()
-                                && b.timestamp <= a.timestamp + within
+                            self.counts(a, first) && a.id != b.id && within_after(a, b, *within)
                         })
                         .max_by(|x, y| x.order().cmp(&y.order()));
                     if let Some(a) = a {
                         if a.id == added.id || b.id == added.id {
-                            out.push(self.firing(b.timestamp, vec![a.clone(), b.clone()]));
+                            let triggers = vec![a.clone(), b.clone()];
+                            out.push(self.firing(b.timestamp, triggers, &b.id));
                         }
                     }
                 }
@@ -395,7 +406,11 @@ impl Rule for KindRule {
                 for (i, end) in of.iter().enumerate() {
                     let window: Vec<&Collected> = of[..=i]
                         .iter()
-                        .filter(|c| c.timestamp > end.timestamp - within)
+                        .filter(|c| {
+                            // Wide: no overflow at the ends of time.
+                            i128::from(c.timestamp)
+                                > i128::from(end.timestamp) - i128::from(*within)
+                        })
                         .copied()
                         .collect();
                     if window.len() >= *count {
@@ -404,7 +419,7 @@ impl Rule for KindRule {
                             .map(|c| (*c).clone())
                             .collect();
                         if triggers.iter().any(|t| t.id == added.id) {
-                            out.push(self.firing(end.timestamp, triggers));
+                            out.push(self.firing(end.timestamp, triggers, &end.id));
                         }
                     }
                 }
@@ -442,9 +457,14 @@ impl Rule for KindRule {
         };
         match then {
             Some(then) if self.followed(set, a, then, *within) => Vec::new(),
-            _ => vec![self.firing(timer.due, vec![a.clone()])],
+            _ => vec![self.firing(timer.due, vec![a.clone()], &a.id)],
         }
     }
+}
+
+/// Whether `b` is at `a`'s time or after it, by `within` at most.
+fn within_after(a: &Collected, b: &Collected, within: i64) -> bool {
+    b.timestamp >= a.timestamp && b.timestamp <= a.timestamp.saturating_add(within)
 }
 
 /// Sorts a set into event-time order (ties by id), the order rules see it in.
@@ -511,6 +531,111 @@ mod tests {
         let e = f.to_event("p", "o1");
         assert_eq!(e.event_type(), "order-ready");
         assert_eq!(e.field("triggers").unwrap()[1]["id"], "b");
+    }
+
+    #[test]
+    fn a_late_event_makes_no_second_firing() {
+        // An earlier event arriving after a later one changes which events a rule picks as
+        // triggers, but not whether it fired: each kind emits as often as in time order.
+        let all = KindRule::new(
+            "ready",
+            RuleKind::All {
+                types: vec!["order-submitted".into(), "payment-captured".into()],
+            },
+            "order-ready",
+        );
+        let (a, b, c) = (
+            ev("a", "order-submitted", 1),
+            ev("b", "payment-captured", 2),
+            ev("c", "payment-captured", 3),
+        );
+        assert_eq!(run(&all, &[a.clone(), c.clone(), b.clone()]).len(), 1);
+        let sequence = KindRule::new(
+            "seq",
+            RuleKind::Sequence {
+                first: "a".into(),
+                then: "b".into(),
+                within: 10,
+            },
+            "ab",
+        );
+        let (a1, a2, b) = (ev("1", "a", 100), ev("2", "a", 102), ev("3", "b", 105));
+        assert_eq!(
+            run(&sequence, &[a1.clone(), b.clone(), a2.clone()]).len(),
+            run(&sequence, &[a1, a2, b]).len()
+        );
+        let threshold = KindRule::new(
+            "twice",
+            RuleKind::Threshold {
+                event_type: "e".into(),
+                count: 2,
+                within: 100,
+            },
+            "twice",
+        );
+        let (e1, e2, e3) = (ev("e1", "e", 0), ev("e2", "e", 20), ev("e3", "e", 50));
+        let in_order = run(&threshold, &[e1.clone(), e2.clone(), e3.clone()]);
+        assert_eq!(in_order.len(), 2);
+        assert_eq!(run(&threshold, &[e1, e3, e2]), in_order);
+    }
+
+    #[test]
+    fn events_of_one_millisecond_follow_each_other_whatever_their_ids() {
+        // The payment's id sorts before the order's: it still follows it.
+        let (order, paid) = (
+            ev("z", "order-submitted", 1_000),
+            ev("a", "payment-captured", 1_000),
+        );
+        let absence = KindRule::new(
+            "expired",
+            RuleKind::Absence {
+                first: "order-submitted".into(),
+                then: Some("payment-captured".into()),
+                within: 60_000,
+            },
+            "order-expired",
+        );
+        let timer = absence.timers(&order).remove(0);
+        let set = [paid.clone(), order.clone()];
+        assert!(absence.fire(&set, &timer).is_empty());
+        let sequence = KindRule::new(
+            "paid",
+            RuleKind::Sequence {
+                first: "order-submitted".into(),
+                then: "payment-captured".into(),
+                within: 10,
+            },
+            "order-paid",
+        );
+        assert_eq!(run(&sequence, &[order, paid]).len(), 1);
+    }
+
+    #[test]
+    fn windows_at_the_ends_of_time_do_not_overflow() {
+        let absence = KindRule::new(
+            "expired",
+            RuleKind::Absence {
+                first: "a".into(),
+                then: Some("b".into()),
+                within: 60_000,
+            },
+            "x",
+        );
+        let a = ev("a", "a", i64::MAX - 10);
+        let b = ev("b", "b", i64::MAX);
+        let timer = absence.timers(&a).remove(0);
+        assert!(absence.fire(&[a, b], &timer).is_empty(), "b follows a");
+        let threshold = KindRule::new(
+            "t",
+            RuleKind::Threshold {
+                event_type: "e".into(),
+                count: 2,
+                within: 100,
+            },
+            "t",
+        );
+        let (e1, e2) = (ev("e1", "e", i64::MIN), ev("e2", "e", i64::MIN + 5));
+        assert_eq!(run(&threshold, &[e1, e2]).len(), 1);
     }
 
     #[test]
