@@ -267,12 +267,20 @@ impl NatsHub {
         let (next, first) = chains(events);
         // Acks are awaited in the order sent, so the keys with more events to come are
         // acknowledged first and their next events sent early, while the rest is in flight.
-        let mut pending = std::collections::VecDeque::with_capacity(first.len());
-        for i in first {
-            pending.push_back((i, send(i).await?));
-        }
+        // At most `ACKS_IN_FLIGHT` at once: the client lets a few thousand acks wait (shared
+        // by every publisher of the connection) and then holds the next send until one is
+        // awaited, which a call holding them all would never do.
+        let mut first = first.into_iter();
+        let mut pending = std::collections::VecDeque::with_capacity(ACKS_IN_FLIGHT);
         let mut receipt = PublishReceipt::default();
-        while let Some((i, ack)) = pending.pop_front() {
+        loop {
+            while pending.len() < ACKS_IN_FLIGHT {
+                let Some(i) = first.next() else { break };
+                pending.push_back((i, send(i).await?));
+            }
+            let Some((i, ack)) = pending.pop_front() else {
+                break;
+            };
             let ack = ack.await.map_err(|e| NatsError::js("publish", e))?;
             if ack.duplicate {
                 receipt.duplicates += 1;
@@ -813,6 +821,9 @@ async fn read_to(
     }
     Ok(out)
 }
+
+/// Acks one publish call awaits at once at most (see [`NatsHub::publish`]).
+const ACKS_IN_FLIGHT: usize = 1024;
 
 /// `url` with the user name and password it may carry (`nats://user:pass@host`) replaced by
 /// `***`: the servers are shown in messages, stats and the console.

@@ -291,6 +291,21 @@ async fn publishing_is_partitioned_and_idempotent() {
     assert!(err.contains("has 4 partitions"), "{err}");
 }
 
+/// One call with more distinct keys than the client lets acks wait (5,000 by default): it
+/// holds that many unawaited and would then wait for a free slot for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_of_more_keys_than_acks_may_wait_finishes() {
+    let (_server, hub) = hub_on_new_server().await;
+    let events: Vec<Event> = (0..6_000)
+        .map(|i| Event::builder("thing-noted", format!("k-{i}")).build())
+        .collect();
+    let receipt = tokio::time::timeout(Duration::from_secs(60), hub.publish(&events))
+        .await
+        .expect("the publish finishes")
+        .unwrap();
+    assert_eq!((receipt.stored, receipt.duplicates), (6_000, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_classes_end_to_end() {
     let (_server, hub) = hub_on_new_server().await;
