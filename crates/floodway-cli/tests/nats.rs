@@ -195,6 +195,49 @@ fn control_services_run_on_nats() {
     }
 }
 
+/// An event the outbox takes (up to 1 MiB) but the NATS server does not (its `max_payload`,
+/// 1 MiB by default, less room for the subject and headers): the relay fails, naming it,
+/// rather than try again for ever with every later change waiting behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_fails_on_an_event_the_hub_refuses() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    let server = NatsServer::start();
+    let options = floodway_nats::NatsHubOptions {
+        servers: vec![server.url()],
+        stream: "LARGE".into(),
+        subject: "large".into(),
+        partitions: Some(1),
+        ..Default::default()
+    };
+    let nats = floodway_nats::NatsHub::connect(&options).await.unwrap();
+    let target: floodway::SharedHub =
+        Arc::new(floodway_nats::NatsEventHub::new(nats, Default::default()));
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        floodway_embedded::Hub::open(dir.path().join("stores.db"), Default::default()).unwrap();
+    let big = floodway::Event::builder("order-noted", "o-1")
+        .field("note", "x".repeat((1 << 20) - 300))
+        .build();
+    assert!(big.encoded_len() <= 1 << 20 && big.encoded_len() > (1 << 20) - 512);
+    let rows = store.rows("orders").unwrap().with_outbox();
+    rows.transaction(|tx| {
+        tx.emit(big.clone());
+        Ok::<_, floodway_embedded::HubError>(())
+    })
+    .unwrap();
+    let relay = floodway_embedded::OutboxRelay::new(&store).unwrap();
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(30),
+        relay.run(target, std::future::pending()),
+    )
+    .await
+    .expect("the relay stops");
+    let err = stopped.unwrap_err().to_string();
+    assert!(err.contains("refuses") && err.contains(big.id()), "{err}");
+    assert_eq!(store.outbox().unwrap().stats().unwrap().pending(), 1);
+}
+
 /// A timer that falls due while its target is down: what it emits waits in the outbox, the
 /// relay tries again, and once the server is back the expiry is published, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use floodway::event::{now_millis, DEFAULT_MAX_EVENT_SIZE};
-use floodway::{Event, SharedHub};
+use floodway::{ErrorClass, Event, SharedHub};
 use rusqlite::{Connection, Transaction};
 
 use crate::error::HubError;
@@ -372,6 +372,17 @@ impl OutboxRelay {
                     metrics::counter!("floodway_outbox_published_total")
                         .increment(events.len() as u64);
                     backoff = Duration::from_millis(50);
+                }
+                // The hub refuses an event, or is set up wrongly (a NATS server whose
+                // `max_payload` is below what the outbox takes): retrying would stop the
+                // relay here for good, silently. It fails, and `floodway run` with it,
+                // naming the event.
+                Err(e) if matches!(e.class(), ErrorClass::Poison | ErrorClass::Fatal) => {
+                    return Err(HubError::Invalid(format!(
+                        "the hub refuses the outbox's events from {} on ({e}): they stay in \
+                         the outbox, and every change after them waits behind them",
+                        events.first().map_or("?", Event::id)
+                    )));
                 }
                 Err(e) => {
                     report.retries += 1;
