@@ -15,6 +15,15 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// A boxed error from user code or a client library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// A store's failure as an [`Error`]: one of its own keeps its class (a DynamoDB validation
+/// error is poison, not something to retry); any other is transient, named `name`.
+pub(crate) fn keeping_class(error: BoxError, name: &'static str) -> Error {
+    match error.downcast::<Error>() {
+        Ok(e) => *e,
+        Err(e) => Error::transient_msg(name, e.to_string()),
+    }
+}
+
 /// What kind of failure an error is, which decides what happens to the unit of work.
 ///
 /// See `DESIGN.md` section 3: the distinction between [`Poison`](ErrorClass::Poison) and

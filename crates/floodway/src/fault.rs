@@ -117,10 +117,13 @@ fn scrub<'m>(message: &'m str, event: &Event, paths: &[String]) -> std::borrow::
     out
 }
 
-/// `message` with every one of `texts` (but empty ones) replaced by the placeholder.
+/// `message` with every one of `texts` (but empty ones) replaced by the placeholder: the
+/// longest first, so that a secret containing another (`ann@x.com` and `ann`) goes whole.
 pub(crate) fn scrub_texts<'m>(message: &'m str, texts: &[String]) -> std::borrow::Cow<'m, str> {
     let mut out = std::borrow::Cow::Borrowed(message);
-    for text in texts.iter().filter(|t| !t.is_empty()) {
+    let mut texts: Vec<&String> = texts.iter().filter(|t| !t.is_empty()).collect();
+    texts.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    for text in texts {
         if out.contains(text.as_str()) {
             out = std::borrow::Cow::Owned(out.replace(text.as_str(), REDACTED));
         }
@@ -782,14 +785,19 @@ mod tests {
 
     #[test]
     fn a_redacted_field_in_an_array_or_the_envelope_appears_nowhere_either() {
-        let data = r#"{"id":"e1","type":"t","timestamp":1,"partitionKey":"cust-ann","lines":[{"card":"4111-1111","n":1},{"card":"5500-0000","n":2}]}"#;
+        let data = r#"{"id":"e1","type":"t","timestamp":1,"partitionKey":"cust-ann","alias":"ann","lines":[{"card":"4111-1111","n":1},{"card":"5500-0000","n":2}]}"#;
         let record = Record::new("memory", "0", 7, data.to_owned());
         let event = Event::decode(data.as_bytes()).unwrap();
         let err = Error::poison_msg("Declined", "card 5500-0000 of cust-ann was declined");
-        let redacted = ["lines.card".to_owned(), "partitionKey".to_owned()];
+        let redacted = [
+            "partitionKey".to_owned(),
+            "lines.card".to_owned(),
+            "alias".to_owned(),
+        ];
         let fault = fault_event(ORIGIN, &record, 0, Some(&event), &err, &redacted);
         let text = fault.to_json();
-        for secret in ["4111-1111", "5500-0000", "cust-ann"] {
+        // `ann` is inside `cust-ann`: redacted first, it would leave `cust-` in the message.
+        for secret in ["4111-1111", "5500-0000", "cust-", "ann"] {
             assert!(!text.contains(secret), "{secret} in {text}");
         }
         let details: FaultDetails = fault.payload().unwrap();

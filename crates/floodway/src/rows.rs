@@ -972,16 +972,11 @@ impl RowSink {
                 Err(err) => delivery.fail(i, err),
             }
         }
-        // A store's own error keeps its class (a DynamoDB validation error is poison, not
-        // something to retry); any other failure of the store is transient.
-        let outcomes =
-            self.rows
-                .update(&updates)
-                .await
-                .map_err(|e| match e.downcast::<Error>() {
-                    Ok(e) => *e,
-                    Err(e) => Error::transient_msg("RowUpdate", e.to_string()),
-                })?;
+        let outcomes = self
+            .rows
+            .update(&updates)
+            .await
+            .map_err(|e| crate::error::keeping_class(e, "RowUpdate"))?;
         let mut failed = std::collections::HashSet::new();
         for (outcome, i) in outcomes.into_iter().zip(owners) {
             if let Outcome::Faulted(why) = outcome {

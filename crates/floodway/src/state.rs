@@ -261,7 +261,7 @@ impl StateSink {
         self.state
             .apply(&writes)
             .await
-            .map_err(|e| Error::transient_msg("StateWrite", e.to_string()))?;
+            .map_err(|e| crate::error::keeping_class(e, "StateWrite"))?;
         Ok(delivery)
     }
 }
@@ -310,7 +310,11 @@ impl KeyedState for MemoryState {
             let mut inner = self.lock();
             let mut applied = Applied::default();
             for w in writes {
-                if !inner.inbox.insert(w.version.id.clone()) {
+                // By event and key: one event may write several keys.
+                if !inner
+                    .inbox
+                    .insert(format!("{}\u{0}{}", w.version.id, w.key))
+                {
                     applied.duplicates += 1;
                     continue;
                 }
@@ -413,5 +417,26 @@ mod tests {
             prop_assert_eq!(newest.len() + superseded.stale + superseded.duplicates, writes.len());
             prop_assert_eq!(superseded.written, 0);
         }
+    }
+    #[tokio::test]
+    async fn one_event_may_write_several_keys() {
+        let state = MemoryState::new("s");
+        let v = Version {
+            timestamp: 1,
+            id: "e1".into(),
+        };
+        let writes = [
+            StateWrite::new("a", v.clone(), Value::from(1)),
+            StateWrite::new("b", v.clone(), Value::from(2)),
+        ];
+        let applied = state.apply(&writes).await.unwrap();
+        assert_eq!(applied.duplicates, 0);
+        assert!(
+            state.get("b").await.unwrap().is_some(),
+            "not taken for a repeat"
+        );
+        // The same event again: a repeat, both keys.
+        let again = state.apply(&writes).await.unwrap();
+        assert_eq!(again.duplicates, 2);
     }
 }
