@@ -215,6 +215,8 @@ pub async fn encrypt_event(
     event: &Event,
     fields: &[String],
 ) -> Result<Event, Error> {
+    // A payload that does not read would be published as an envelope alone.
+    event.check_payload()?;
     let key = keys.data_key().await.map_err(provider_error)?;
     let names = names(fields);
     let mut value = event.to_value();
@@ -257,6 +259,8 @@ pub struct Decrypted {
 /// A poison error when the metadata or a value is malformed or does not decrypt, or the
 /// provider's error when it cannot give the data key.
 pub async fn decrypt_event(keys: &dyn KeyProvider, event: &Event) -> Result<Decrypted, Error> {
+    // A payload that does not read would show no `eem`, and pass on encrypted.
+    event.check_payload()?;
     let Some(eem) = event.field(EEM_FIELD) else {
         return Ok(Decrypted {
             event: event.clone(),

@@ -82,7 +82,10 @@ enum Repr {
         /// so an event passed on unread is never searched for them.
         compressed: OnceLock<bool>,
         tags: OnceLock<Map<String, Value>>,
-        fields: OnceLock<Map<String, Value>>,
+        /// The payload, or why the text does not parse into one (decoding checks the
+        /// envelope and leaves the payload's values to their first reader: a number out of
+        /// range, a lone surrogate or nesting deeper than serde_json reads are found then).
+        fields: OnceLock<Result<Map<String, Value>, String>>,
         /// Where the top-level members are, when decoding found them: [`Event::payload`]
         /// reads only the members its type takes.
         members: crate::envelope::Members,
@@ -684,20 +687,49 @@ impl Event {
                 fields,
                 compressed,
                 ..
-            } => fields.get_or_init(|| {
-                let mut map: Map<String, Value> = serde_json::from_str(text).unwrap_or_default();
-                for key in ENVELOPE_FIELDS {
-                    map.remove(key);
-                }
-                if holds_compressed(text, compressed) {
-                    // A value that cannot be revived stays as it is: `payload` reports it.
-                    for member in map.values_mut() {
-                        crate::compression::revive_all("", member);
+            } => fields
+                .get_or_init(|| {
+                    let mut map: Map<String, Value> =
+                        serde_json::from_str(text).map_err(|e| e.to_string())?;
+                    for key in ENVELOPE_FIELDS {
+                        map.remove(key);
                     }
-                }
-                map
-            }),
+                    if holds_compressed(text, compressed) {
+                        // A value that cannot be revived stays as it is: `payload` reports it.
+                        for member in map.values_mut() {
+                            crate::compression::revive_all("", member);
+                        }
+                    }
+                    Ok(map)
+                })
+                .as_ref()
+                .unwrap_or_else(|_| {
+                    static NONE: std::sync::LazyLock<Map<String, Value>> =
+                        std::sync::LazyLock::new(Map::new);
+                    &NONE
+                }),
             Repr::Owned { fields, .. } => fields,
+        }
+    }
+
+    /// Whether the payload reads as JSON values: `Ok` for every event built in code, and for a
+    /// decoded one whose every value serde_json reads. [`Event::fields`] of one that does not
+    /// is empty; a step that must see every field (decryption, encryption, redaction) checks
+    /// first, so that such an event is poison rather than passed on as if it had none.
+    ///
+    /// # Errors
+    /// A poison error saying what does not read.
+    pub fn check_payload(&self) -> Result<(), Error> {
+        self.fields();
+        match &self.repr {
+            Repr::Raw { fields, .. } => match fields.get() {
+                Some(Err(why)) => Err(Error::poison_msg(
+                    "UnreadablePayload",
+                    format!("event {}: the payload does not read: {why}", self.id()),
+                )),
+                _ => Ok(()),
+            },
+            Repr::Owned { .. } => Ok(()),
         }
     }
 
@@ -1375,6 +1407,31 @@ mod tests {
     use serde_json::json;
 
     const GOOD: &str = r#"{"id":"1","type":"thing-created","timestamp":1600000000000,"partitionKey":"k","tags":{"source":"s"},"thing":{"name":"a\"b","n":[1,2]}}"#;
+
+    #[test]
+    fn a_payload_that_does_not_read_is_poison_where_every_field_counts() {
+        // Decoding checks the envelope; these values serde_json reads only as ignored ones.
+        let mut decoded = 0;
+        for payload in [r#""x":1e400"#, r#""x":"\ud800""#] {
+            let text = format!(
+                r#"{{"id":"1","type":"t","timestamp":1,"partitionKey":"k",{payload},"eem":{{"dataKeys":{{}}}}}}"#
+            );
+            let Ok(e) = Event::decode(text.as_bytes()) else {
+                continue; // refused outright: as good
+            };
+            decoded += 1;
+            assert!(e.fields().is_empty(), "{payload}");
+            let err = e.check_payload().unwrap_err();
+            assert_eq!(err.class(), crate::ErrorClass::Poison, "{payload}");
+            assert!(err.to_string().contains("does not read"), "{err}");
+        }
+        assert!(decoded > 0, "the case this guards against");
+        assert!(Event::decode(GOOD.as_bytes())
+            .unwrap()
+            .check_payload()
+            .is_ok());
+        assert!(Event::builder("t", "k").build().check_payload().is_ok());
+    }
 
     #[derive(Serialize, Deserialize, Debug, PartialEq)]
     struct Confirmed {

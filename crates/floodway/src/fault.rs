@@ -587,6 +587,10 @@ pub(crate) fn fault_event(
         ),
     };
     let message = match event {
+        // Nothing to look for the redacted values by: the message may quote them.
+        Some(e) if redacting && e.check_payload().is_err() => std::borrow::Cow::Borrowed(
+            "(withheld: fields are redacted and the event's payload does not read)",
+        ),
         Some(e) if redacting => scrub(err.message(), e, redacted),
         _ => std::borrow::Cow::Borrowed(err.message()),
     };

@@ -381,6 +381,8 @@ impl PipelineBuilder {
         self.then(move |mut uow: Uow| {
             let keys = keys.clone();
             async move {
+                // A payload that does not read would show no `eem`, and pass on encrypted.
+                uow.event().check_payload()?;
                 if uow.event().field(crate::encryption::EEM_FIELD).is_none() {
                     return Ok(uow);
                 }
