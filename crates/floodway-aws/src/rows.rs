@@ -180,8 +180,15 @@ impl DynamoDbRows {
                 let merged = merge_with(row.as_ref(), &update, now_millis(), false);
                 let outcome = merged.outcome.clone();
                 // A fault, or a repeat (of the update, or of the fallback it wrote before),
-                // is what the update did, whichever row said so.
-                if matches!(outcome, Outcome::Faulted(_) | Outcome::Duplicate) {
+                // is what the update did, whichever row said so; but an update applied and
+                // overwritten since reads as stale, and its inbox item tells the repeat.
+                if let Outcome::Faulted(_) = outcome {
+                    if self.inboxed(&update).await? {
+                        return Ok(Outcome::Duplicate);
+                    }
+                    return Ok(outcome);
+                }
+                if outcome == Outcome::Duplicate {
                     return Ok(outcome);
                 }
                 if let Some(next) = &merged.row {
@@ -208,6 +215,24 @@ impl DynamoDbRows {
                 ),
             ));
         }
+    }
+
+    /// Whether `u` put its inbox item (it was applied; see [`Self::put`]).
+    async fn inboxed(&self, u: &Update) -> Result<bool, Error> {
+        let item = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(format!("inbox#{}", u.key.pk)))
+            .key(
+                "sk",
+                AttributeValue::S(format!("{}#{}", u.key.sk, u.version.id)),
+            )
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(item.item().is_some())
     }
 
     async fn put(&self, u: &Update, row: &Row, seen: Option<&str>) -> Result<Put2, Error> {

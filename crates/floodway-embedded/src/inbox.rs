@@ -92,6 +92,13 @@ impl Turn<'_> {
             && !(self.look_back && self.seen_before.exists((self.previous, name, id))?))
     }
 
+    /// Whether `id` was applied (in the inbox's windows), without recording it.
+    pub(crate) fn seen(&mut self, id: &str) -> rusqlite::Result<bool> {
+        let name = &*self.inbox.name;
+        Ok(self.seen_before.exists((self.current, name, id))?
+            || (self.look_back && self.seen_before.exists((self.previous, name, id))?))
+    }
+
     /// Deletes, once there may be some, the windows before the previous one: a bounded batch,
     /// larger than the `added` ids (so the inbox stays bounded), in key order from the start of
     /// the table. Returns what to pass to [`Pruned::commit`] once `tx` commits.

@@ -223,7 +223,11 @@ impl RowTable {
                 let mut merged = merge_with(writer.read(&u.key)?.as_ref(), u, now, self.outbox);
                 let outcome = merged.outcome.clone();
                 if matches!(outcome, Outcome::Faulted(_)) {
-                    outcomes.push(outcome);
+                    // An update applied before and overwritten since reads as stale: the
+                    // inbox knows it for a repeat (looked up only: a resubmission after a
+                    // fix must still be applied).
+                    let repeat = inbox.seen(&u.inbox_id())?;
+                    outcomes.push(if repeat { Outcome::Duplicate } else { outcome });
                     continue;
                 }
                 if !inbox.first_time(&u.inbox_id())? {

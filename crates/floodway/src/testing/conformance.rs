@@ -1007,6 +1007,19 @@ pub async fn rows_apply_the_stale_policy(rows: SharedRows) {
         rows.update(&[fixed]).await.unwrap(),
         [Outcome::Written { changed: true }]
     );
+    // An update applied, overwritten since, and delivered again (a crash before the
+    // checkpoint, a replay): a repeat, not a stale update to fault.
+    let again = RowKey::new("p", "again");
+    let first = Update::new(again.clone(), version(20, "g"))
+        .set("status", "paid")
+        .latest(Latest::Row)
+        .on_stale(Stale::Fault);
+    let later = Update::new(again, version(30, "h"))
+        .set("status", "shipped")
+        .latest(Latest::Row);
+    rows.update(std::slice::from_ref(&first)).await.unwrap();
+    rows.update(&[later]).await.unwrap();
+    assert_eq!(rows.update(&[first]).await.unwrap(), [Outcome::Duplicate]);
 }
 
 /// Generates one `#[tokio::test]` per row store scenario; `$fresh` is an async function
