@@ -395,8 +395,16 @@ impl NatsHub {
     /// # Errors
     /// When the server does not take one (a server older than 2.12 has no schedules).
     pub async fn schedule(&self, timers: &[(String, u32, Bytes, i64)]) -> Result<(), NatsError> {
-        let mut acks = Vec::with_capacity(timers.len());
+        let mut acks = std::collections::VecDeque::with_capacity(ACKS_IN_FLIGHT);
+        let now = floodway::event::now_millis();
         for (id, partition, payload, at) in timers {
+            // As `publish`: a bounded number of acks waiting.
+            if acks.len() >= ACKS_IN_FLIGHT {
+                if let Some(ack) = acks.pop_front() {
+                    let ack: jetstream::context::PublishAckFuture = ack;
+                    ack.await.map_err(|e| NatsError::js("schedule", e))?;
+                }
+            }
             let token: String = id
                 .chars()
                 .map(|c| {
@@ -407,7 +415,13 @@ impl NatsHub {
                     }
                 })
                 .collect();
-            let when = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(*at) * 1_000_000)
+            // A time RFC 3339 cannot write (an event stamped in microseconds is in the year
+            // 56,000) would refuse the whole chunk, and every later batch with it; and
+            // nats-server fires at once a schedule further ahead than its clock's durations
+            // reach (about 290 years). Before 1970 is due now; more than a century ahead is
+            // a century ahead.
+            let at = (*at).clamp(0, now.saturating_add(LONGEST_SCHEDULE_MS));
+            let when = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000)
                 .map_err(|e| NatsError::Config(format!("schedule time {at}: {e}")))?
                 .format(&time::format_description::well_known::Rfc3339)
                 .map_err(|e| NatsError::Config(format!("schedule time {at}: {e}")))?;
@@ -418,7 +432,7 @@ impl NatsHub {
                 self.partition_subject(*partition).as_str(),
             );
             let subject = format!("{}.schedule-{token}", self.inner.subject);
-            acks.push(
+            acks.push_back(
                 self.inner
                     .js
                     .publish_with_headers(subject, headers, payload.clone())
@@ -492,6 +506,12 @@ impl NatsHub {
             })
             .await
             .map_err(|e| NatsError::js("create consumer", e))?;
+        // Nothing there (a quiet partition, nothing since `since`): a read would wait for
+        // what never comes, and fail.
+        if consumer.cached_info().num_pending == 0 {
+            let _ = stream.delete_consumer(&consumer.cached_info().name).await;
+            return Ok(Vec::new());
+        }
         let read = read_to(&self.inner.client, &consumer, partition, before).await;
         // Gone anyway once idle for the inactive threshold.
         let _ = stream.delete_consumer(&consumer.cached_info().name).await;
@@ -824,6 +844,10 @@ async fn read_to(
 
 /// Acks one publish call awaits at once at most (see [`NatsHub::publish`]).
 const ACKS_IN_FLIGHT: usize = 1024;
+
+/// How far ahead a message schedule is set at most: a century, in ms (see
+/// [`NatsHub::schedule`]).
+const LONGEST_SCHEDULE_MS: i64 = 100 * 365 * 24 * 3600 * 1000;
 
 /// `url` with the user name and password it may carry (`nats://user:pass@host`) replaced by
 /// `***`: the servers are shown in messages, stats and the console.

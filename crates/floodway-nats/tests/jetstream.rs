@@ -1545,6 +1545,25 @@ async fn the_stream_keeps_timers_and_gives_what_a_partition_missed() {
         .await
         .unwrap()
         .is_empty());
+    // Nothing since a time after the last message (a quiet partition older than a cep
+    // processor's ttl): nothing, at once, not a read that waits and fails.
+    let quiet = tokio::time::timeout(
+        Duration::from_secs(3),
+        hub.missed(p, None, u64::MAX, floodway::event::now_millis() + 60_000),
+    )
+    .await
+    .expect("at once")
+    .unwrap();
+    assert!(quiet.is_empty());
+    // Timers at times a schedule cannot name (after the year 9999) or the server's clock
+    // cannot reach are taken, a century ahead, not refused with their chunk or fired at
+    // once (the deliveries counted below would show them).
+    let timers: Vec<(String, u32, bytes::Bytes, i64)> = [253_402_300_800_000, i64::MAX]
+        .iter()
+        .enumerate()
+        .map(|(i, at)| (format!("odd-{i}"), p, bytes::Bytes::from_static(b"{}"), *at))
+        .collect();
+    hub.schedule(&timers).await.unwrap();
 
     // A timer scheduled twice (the second replaces the first), due in 1.5 s.
     let timer = floodway::cep::Timer {
