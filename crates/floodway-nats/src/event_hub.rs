@@ -141,9 +141,15 @@ impl EventHub for NatsEventHub {
         })
     }
 
-    /// A stream sequence names the record on its own; the partition is not needed.
-    fn record_at<'a>(&'a self, _partition: &'a str, offset: u64) -> HubFuture<'a, Option<Vec<u8>>> {
-        Box::pin(async move { Ok(self.hub.record_at(offset).await?.map(|b| b.to_vec())) })
+    /// A stream sequence names the record, checked to be in the partition it was read from.
+    fn record_at<'a>(&'a self, partition: &'a str, offset: u64) -> HubFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move {
+            let record = match partition.parse::<u32>() {
+                Ok(p) => self.hub.record_in(p, offset).await?,
+                Err(_) => self.hub.record_at(offset).await?,
+            };
+            Ok(record.map(|b| b.to_vec()))
+        })
     }
 
     fn schedules(&self) -> bool {

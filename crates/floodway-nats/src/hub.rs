@@ -372,8 +372,32 @@ impl NatsHub {
     /// # Errors
     /// When the server does not answer.
     pub async fn record_at(&self, sequence: u64) -> Result<Option<Bytes>, NatsError> {
+        self.record_where(sequence, None).await
+    }
+
+    /// The message at stream sequence `sequence` if it is in `partition`; `None` when there
+    /// is none, or another subject's (a stream made again numbers its messages from 1 again:
+    /// a fault's position may now name another partition's event, a fault or a schedule).
+    ///
+    /// # Errors
+    /// When the server does not answer.
+    pub async fn record_in(
+        &self,
+        partition: u32,
+        sequence: u64,
+    ) -> Result<Option<Bytes>, NatsError> {
+        let subject = self.partition_subject(partition);
+        self.record_where(sequence, Some(&subject)).await
+    }
+
+    async fn record_where(
+        &self,
+        sequence: u64,
+        subject: Option<&str>,
+    ) -> Result<Option<Bytes>, NatsError> {
         let stream = self.stream_handle().await?;
         match stream.get_raw_message(sequence).await {
+            Ok(message) if subject.is_some_and(|s| message.subject.as_str() != s) => Ok(None),
             Ok(message) => Ok(Some(message.payload)),
             Err(e)
                 if e.kind()

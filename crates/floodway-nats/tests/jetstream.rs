@@ -1530,6 +1530,10 @@ async fn the_stream_keeps_timers_and_gives_what_a_partition_missed() {
         .collect();
     assert_eq!(ids, ["e0", "e1", "e2", "e3", "e4"]);
     let seq: Vec<u64> = all.iter().map(|(s, _)| *s).collect();
+    // Read back by position, in its partition only.
+    assert!(hub.record_in(p, seq[0]).await.unwrap().is_some());
+    let other = (p + 1) % hub.partitions();
+    assert!(hub.record_in(other, seq[0]).await.unwrap().is_none());
     let between = hub.missed(p, Some(seq[1]), seq[4], 0).await.unwrap();
     assert_eq!(
         between.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
