@@ -352,31 +352,42 @@ async fn tail(
         }
     };
     let mut stdout = std::io::stdout();
+    // Following, the reader starts before the newest are read, so that nothing published in
+    // between is missed; what both see is shown once (by id).
+    let mut reader = match follow {
+        true => {
+            let name = format!("tail-{}", std::process::id());
+            // A transient reader that never commits: the tail leaves no subscription behind.
+            let options = ReadOptions {
+                start: StartAt::End,
+                transient: true,
+                ..ReadOptions::default()
+            };
+            let sub = hub
+                .subscribe(&name, options)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Some(sub.reader)
+        }
+        false => None,
+    };
     let newest = hub
         .newest(lines, &|d: &[u8]| keep(d).is_some())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut shown = std::collections::HashSet::new();
     for data in newest {
         if let Some(line) = keep(&data) {
             writeln!(stdout, "{line}")?;
+            if let Ok(event) = Event::decode(&data) {
+                shown.insert(event.id().to_owned());
+            }
         }
     }
     stdout.flush()?;
-    if !follow {
+    let Some(reader) = reader.as_mut() else {
         return Ok(());
-    }
-    let name = format!("tail-{}", std::process::id());
-    // A transient reader that never commits: the tail leaves no subscription behind.
-    let options = ReadOptions {
-        start: StartAt::End,
-        transient: true,
-        ..ReadOptions::default()
     };
-    let mut reader = hub
-        .subscribe(&name, options)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .reader;
     loop {
         let batch = tokio::select! {
             batch = reader.next_batch(500) => batch?,
@@ -385,7 +396,11 @@ async fn tail(
         let Some(records) = batch else { return Ok(()) };
         for r in records {
             if let Some(line) = keep(&r.data) {
-                writeln!(stdout, "{line}")?;
+                let repeat =
+                    !shown.is_empty() && Event::decode(&r.data).is_ok_and(|e| shown.remove(e.id()));
+                if !repeat {
+                    writeln!(stdout, "{line}")?;
+                }
             }
         }
         stdout.flush()?;

@@ -77,8 +77,8 @@ where
 /// # Errors
 /// A hub failure, or a rule that does not build.
 pub fn start_background(hubs: &Hubs, config: &Config) -> Result<Background, SetupError> {
-    let hub_err = |source| SetupError::Hub {
-        name: "outbox".into(),
+    let hub_err = |source| SetupError::Beside {
+        what: "the outbox relay".into(),
         source,
     };
     let outboxed = config.processors.iter().any(|p| {

@@ -78,6 +78,23 @@ pub enum SetupError {
         #[source]
         source: HubError,
     },
+    /// The configuration's hubs could not be opened (`[hub]`, `[hub.nats]`, `[encryption]`):
+    /// no processor's fault.
+    #[error("the hub: {source}")]
+    Hubs {
+        /// Why.
+        #[source]
+        source: HubsError,
+    },
+    /// What runs beside the processors (the outbox's relay) could not start.
+    #[error("{what}: {source}")]
+    Beside {
+        /// What.
+        what: String,
+        /// Why.
+        #[source]
+        source: HubError,
+    },
     /// A setting needs another.
     #[error("processor `{name}`: {message}")]
     Config {
@@ -1287,10 +1304,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
 pub async fn build_all(config: &Config) -> Result<(Hubs, Vec<Processor>), SetupError> {
     let hubs = Hubs::for_config(config)
         .await
-        .map_err(|source| SetupError::Nats {
-            name: "hub".into(),
-            source,
-        })?;
+        .map_err(|source| SetupError::Hubs { source })?;
     let mut processors = Vec::with_capacity(config.processors.len());
     for p in &config.processors {
         processors.push(from_config(&hubs, p).await?);
