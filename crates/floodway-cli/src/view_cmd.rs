@@ -1,6 +1,6 @@
 //! `floodway view`: the views in the hub's store, read through the keyed-state contract.
 
-use anyhow::bail;
+use anyhow::{bail, Context as _};
 use floodway::state::{Scan, StateRow, StateStore as _};
 
 use crate::util::{show_time, HubArgs};
@@ -137,10 +137,21 @@ pub(crate) async fn run(command: ViewCommand) -> anyhow::Result<()> {
                         bail!("--prefix selects sort keys of one partition: give --pk too")
                     }
                     None => {
-                        let after = after.as_deref().map(|a| {
-                            let (pk, sk) = a.split_once('/').unwrap_or((a, ""));
-                            floodway::rows::RowKey::new(pk, sk)
-                        });
+                        // `pk/sk`, or `["pk","sk"]` where the partition key holds a `/`.
+                        let after = match after.as_deref() {
+                            Some(a) if a.starts_with('[') => {
+                                let (pk, sk): (String, String) = serde_json::from_str(a)
+                                    .with_context(|| {
+                                        format!("--after `{a}` is not [\"pk\", \"sk\"]")
+                                    })?;
+                                Some(floodway::rows::RowKey::new(pk, sk))
+                            }
+                            Some(a) => {
+                                let (pk, sk) = a.split_once('/').unwrap_or((a, ""));
+                                Some(floodway::rows::RowKey::new(pk, sk))
+                            }
+                            None => None,
+                        };
                         table.scan(after.as_ref(), limit)?
                     }
                 };
@@ -163,6 +174,10 @@ pub(crate) async fn run(command: ViewCommand) -> anyhow::Result<()> {
                 if rows.len() == limit {
                     let last = rows.last().map(|r| match &pk {
                         Some(_) => r.key.sk.clone(),
+                        // A `/` in the partition key would be read as the separator.
+                        None if r.key.pk.contains('/') => {
+                            serde_json::to_string(&(&r.key.pk, &r.key.sk)).unwrap_or_default()
+                        }
                         None => r.key.to_string(),
                     });
                     eprintln!(
