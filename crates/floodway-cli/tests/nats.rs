@@ -195,27 +195,40 @@ fn control_services_run_on_nats() {
     }
 }
 
-/// An event the outbox takes (up to 1 MiB) but the NATS server does not (its `max_payload`,
-/// 1 MiB by default, less room for the subject and headers): the relay fails, naming it,
-/// rather than try again for ever with every later change waiting behind it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_relay_fails_on_an_event_the_hub_refuses() {
-    use std::sync::Arc;
-    use std::time::Duration;
-    let server = NatsServer::start();
+/// A one-partition stream named after `subject` on `server`, as a relay's target, and a local
+/// store (in a directory of its own) whose outbox it is.
+async fn relay_setup(
+    server: &NatsServer,
+    subject: &str,
+) -> (
+    floodway::SharedHub,
+    tempfile::TempDir,
+    floodway_embedded::Hub,
+) {
     let options = floodway_nats::NatsHubOptions {
         servers: vec![server.url()],
-        stream: "LARGE".into(),
-        subject: "large".into(),
+        stream: subject.to_uppercase(),
+        subject: subject.into(),
         partitions: Some(1),
         ..Default::default()
     };
     let nats = floodway_nats::NatsHub::connect(&options).await.unwrap();
     let target: floodway::SharedHub =
-        Arc::new(floodway_nats::NatsEventHub::new(nats, Default::default()));
+        std::sync::Arc::new(floodway_nats::NatsEventHub::new(nats, Default::default()));
     let dir = tempfile::tempdir().unwrap();
     let store =
         floodway_embedded::Hub::open(dir.path().join("stores.db"), Default::default()).unwrap();
+    (target, dir, store)
+}
+
+/// An event the outbox takes (up to 1 MiB) but the NATS server does not (its `max_payload`,
+/// 1 MiB by default, less room for the subject and headers): the relay fails, naming it,
+/// rather than try again for ever with every later change waiting behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_fails_on_an_event_the_hub_refuses() {
+    use std::time::Duration;
+    let server = NatsServer::start();
+    let (target, _dir, store) = relay_setup(&server, "large").await;
     let big = floodway::Event::builder("order-noted", "o-1")
         .field("note", "x".repeat((1 << 20) - 300))
         .build();
@@ -248,19 +261,7 @@ async fn a_timer_due_during_an_outage_of_the_target_is_published_once_it_is_back
     use std::sync::Arc;
     use std::time::Duration;
     let mut server = NatsServer::start();
-    let options = floodway_nats::NatsHubOptions {
-        servers: vec![server.url()],
-        stream: "TIMERS".into(),
-        subject: "timers".into(),
-        partitions: Some(1),
-        ..Default::default()
-    };
-    let nats = floodway_nats::NatsHub::connect(&options).await.unwrap();
-    let target: floodway::SharedHub =
-        Arc::new(floodway_nats::NatsEventHub::new(nats, Default::default()));
-    let dir = tempfile::tempdir().unwrap();
-    let store =
-        floodway_embedded::Hub::open(dir.path().join("stores.db"), Default::default()).unwrap();
+    let (target, _dir, store) = relay_setup(&server, "timers").await;
     let table = store.cep("orders-cep").unwrap();
     let rules: Vec<SharedRule> = vec![Arc::new(KindRule::new(
         "expired",

@@ -508,15 +508,59 @@ mod tests {
         emitted
     }
 
-    #[test]
-    fn all_of_fires_once_whatever_the_order_and_repeats() {
-        let rule = KindRule::new(
+    /// `order-ready` once an order is submitted and its payment captured.
+    fn ready() -> KindRule {
+        KindRule::new(
             "ready",
             RuleKind::All {
                 types: vec!["order-submitted".into(), "payment-captured".into()],
             },
             "order-ready",
-        );
+        )
+    }
+
+    /// `ab`: an `a` followed by a `b` within 10 ms.
+    fn a_then_b() -> KindRule {
+        KindRule::new(
+            "seq",
+            RuleKind::Sequence {
+                first: "a".into(),
+                then: "b".into(),
+                within: 10,
+            },
+            "ab",
+        )
+    }
+
+    /// `count` events `e` within `within` ms.
+    fn threshold(count: usize, within: i64) -> KindRule {
+        KindRule::new(
+            "t",
+            RuleKind::Threshold {
+                event_type: "e".into(),
+                count,
+                within,
+            },
+            "t",
+        )
+    }
+
+    /// `order-expired` when no payment follows an order within `within` ms.
+    fn expired(within: i64) -> KindRule {
+        KindRule::new(
+            "expired",
+            RuleKind::Absence {
+                first: "order-submitted".into(),
+                then: Some("payment-captured".into()),
+                within,
+            },
+            "order-expired",
+        )
+    }
+
+    #[test]
+    fn all_of_fires_once_whatever_the_order_and_repeats() {
+        let rule = ready();
         let a = ev("a", "order-submitted", 1);
         let b = ev("b", "payment-captured", 2);
         let c = ev("c", "payment-captured", 3);
@@ -537,46 +581,21 @@ mod tests {
     fn a_late_event_makes_no_second_firing() {
         // An earlier event arriving after a later one changes which events a rule picks as
         // triggers, but not whether it fired: each kind emits as often as in time order.
-        let all = KindRule::new(
-            "ready",
-            RuleKind::All {
-                types: vec!["order-submitted".into(), "payment-captured".into()],
-            },
-            "order-ready",
-        );
         let (a, b, c) = (
             ev("a", "order-submitted", 1),
             ev("b", "payment-captured", 2),
             ev("c", "payment-captured", 3),
         );
-        assert_eq!(run(&all, &[a.clone(), c.clone(), b.clone()]).len(), 1);
-        let sequence = KindRule::new(
-            "seq",
-            RuleKind::Sequence {
-                first: "a".into(),
-                then: "b".into(),
-                within: 10,
-            },
-            "ab",
-        );
+        assert_eq!(run(&ready(), &[a.clone(), c.clone(), b.clone()]).len(), 1);
         let (a1, a2, b) = (ev("1", "a", 100), ev("2", "a", 102), ev("3", "b", 105));
         assert_eq!(
-            run(&sequence, &[a1.clone(), b.clone(), a2.clone()]).len(),
-            run(&sequence, &[a1, a2, b]).len()
-        );
-        let threshold = KindRule::new(
-            "twice",
-            RuleKind::Threshold {
-                event_type: "e".into(),
-                count: 2,
-                within: 100,
-            },
-            "twice",
+            run(&a_then_b(), &[a1.clone(), b.clone(), a2.clone()]).len(),
+            run(&a_then_b(), &[a1, a2, b]).len()
         );
         let (e1, e2, e3) = (ev("e1", "e", 0), ev("e2", "e", 20), ev("e3", "e", 50));
-        let in_order = run(&threshold, &[e1.clone(), e2.clone(), e3.clone()]);
+        let in_order = run(&threshold(2, 100), &[e1.clone(), e2.clone(), e3.clone()]);
         assert_eq!(in_order.len(), 2);
-        assert_eq!(run(&threshold, &[e1, e3, e2]), in_order);
+        assert_eq!(run(&threshold(2, 100), &[e1, e3, e2]), in_order);
     }
 
     #[test]
@@ -586,15 +605,7 @@ mod tests {
             ev("z", "order-submitted", 1_000),
             ev("a", "payment-captured", 1_000),
         );
-        let absence = KindRule::new(
-            "expired",
-            RuleKind::Absence {
-                first: "order-submitted".into(),
-                then: Some("payment-captured".into()),
-                within: 60_000,
-            },
-            "order-expired",
-        );
+        let absence = expired(60_000);
         let timer = absence.timers(&order).remove(0);
         let set = [paid.clone(), order.clone()];
         assert!(absence.fire(&set, &timer).is_empty());
@@ -612,43 +623,18 @@ mod tests {
 
     #[test]
     fn windows_at_the_ends_of_time_do_not_overflow() {
-        let absence = KindRule::new(
-            "expired",
-            RuleKind::Absence {
-                first: "a".into(),
-                then: Some("b".into()),
-                within: 60_000,
-            },
-            "x",
-        );
-        let a = ev("a", "a", i64::MAX - 10);
-        let b = ev("b", "b", i64::MAX);
+        let absence = expired(60_000);
+        let a = ev("a", "order-submitted", i64::MAX - 10);
+        let b = ev("b", "payment-captured", i64::MAX);
         let timer = absence.timers(&a).remove(0);
         assert!(absence.fire(&[a, b], &timer).is_empty(), "b follows a");
-        let threshold = KindRule::new(
-            "t",
-            RuleKind::Threshold {
-                event_type: "e".into(),
-                count: 2,
-                within: 100,
-            },
-            "t",
-        );
         let (e1, e2) = (ev("e1", "e", i64::MIN), ev("e2", "e", i64::MIN + 5));
-        assert_eq!(run(&threshold, &[e1, e2]).len(), 1);
+        assert_eq!(run(&threshold(2, 100), &[e1, e2]).len(), 1);
     }
 
     #[test]
     fn sequences_pair_within_the_window_in_event_time() {
-        let rule = KindRule::new(
-            "seq",
-            RuleKind::Sequence {
-                first: "a".into(),
-                then: "b".into(),
-                within: 10,
-            },
-            "ab",
-        );
+        let rule = a_then_b();
         let (a, b, late) = (ev("1", "a", 100), ev("2", "b", 105), ev("3", "b", 200));
         let fired = run(&rule, &[b.clone(), late.clone(), a.clone()]);
         assert_eq!(fired, run(&rule, &[a, b, late]));
@@ -685,15 +671,7 @@ mod tests {
 
     #[test]
     fn absence_fires_when_nothing_followed_in_time() {
-        let rule = KindRule::new(
-            "expired",
-            RuleKind::Absence {
-                first: "order-submitted".into(),
-                then: Some("payment-captured".into()),
-                within: 900,
-            },
-            "order-expired",
-        );
+        let rule = expired(900);
         let a = ev("a", "order-submitted", 1_000);
         let timers = rule.timers(&a);
         assert_eq!(timers[0].due, 1_900);
