@@ -785,6 +785,10 @@ pub struct CepTimers {
     rules: Vec<SharedRule>,
     ttl: Option<Duration>,
     poll: Duration,
+    /// The subscription of the processor whose timers these are, when it reads this file's
+    /// log: a timer fires only once it has read every event published before the timer's
+    /// time (see [`CepTimers::following`]).
+    follows: Option<String>,
 }
 
 impl std::fmt::Debug for CepTimers {
@@ -809,7 +813,31 @@ impl CepTimers {
             rules,
             ttl,
             poll: Duration::from_millis(100),
+            follows: None,
         }
+    }
+
+    /// Fires a timer only once subscription `name` (the processor's, reading this file's
+    /// log) has read every event published before the timer's time: a processor behind (a
+    /// backlog, a restart after downtime) would otherwise fire an absence whose awaited event
+    /// is already in the log, unread. On NATS the stream keeps the timers and delivers each
+    /// into its partition in the stream's order, which holds the same by construction.
+    #[must_use]
+    pub fn following(mut self, name: impl Into<String>) -> Self {
+        self.follows = Some(name.into());
+        self
+    }
+
+    /// The time up to which timers may fire at `now`: `now`, or just before the oldest
+    /// event the followed subscription has not read (looked up through `conn`).
+    fn fire_until(&self, conn: Option<&rusqlite::Connection>, now: i64) -> Result<i64, HubError> {
+        let (Some(name), Some(conn)) = (&self.follows, conn) else {
+            return Ok(now);
+        };
+        Ok(match crate::log::first_unread_published(conn, name)? {
+            Some(published) => now.min(published.saturating_sub(1)),
+            None => now,
+        })
     }
 
     /// Fires due timers until `stop` completes. It first takes the processor's timer lease,
@@ -823,6 +851,10 @@ impl CepTimers {
     ) -> Result<CepReport, HubError> {
         let mut stop = std::pin::pin!(stop);
         let mut total = CepReport::default();
+        let follower = match self.follows {
+            Some(_) => Some(crate::blocking(|| self.store.connect())?),
+            None => None,
+        };
         let name = format!("cep:{}", self.table.name);
         let lease = loop {
             match crate::blocking(|| crate::lease::Lease::acquire(&self.store, &name)) {
@@ -841,11 +873,12 @@ impl CepTimers {
                 return Err(lease.lost_error(reason));
             }
             let now = now_millis();
+            let until = crate::blocking(|| self.fire_until(follower.as_ref(), now))?;
             let table = self.table.clone();
             let rules = self.rules.clone();
             let ttl = self.ttl;
             let report =
-                tokio::task::spawn_blocking(move || table.fire_due(now, &rules, ttl, 1_000))
+                tokio::task::spawn_blocking(move || table.fire_due(until, &rules, ttl, 1_000))
                     .await
                     .map_err(|e| HubError::Invalid(format!("the timer task failed: {e}")))??;
             total.timers_fired += report.timers_fired;
@@ -854,8 +887,14 @@ impl CepTimers {
                 continue; // more are due
             }
             let next = crate::blocking(|| self.table.next_due())?;
+            // A timer already due but held back (the processor is behind) is looked at again
+            // after a poll, not at once.
             let wait = next.map_or(self.poll, |at| {
-                Duration::from_millis(u64::try_from(at - now_millis()).unwrap_or(0)).min(self.poll)
+                match u64::try_from(at.saturating_sub(now_millis())) {
+                    Ok(ms) if ms > 0 => Duration::from_millis(ms).min(self.poll),
+                    _ if until < now => self.poll,
+                    _ => Duration::ZERO,
+                }
             });
             tokio::select! {
                 () = &mut stop => return Ok(total),

@@ -360,6 +360,48 @@ impl Writer {
     }
 }
 
+/// When the oldest event subscription `name` has not read was published (ms since the
+/// epoch): `None` when it has read every event held (or has no checkpoint in this file).
+/// Index seeks: a partition's segment holding the first offset after its checkpoint.
+pub(crate) fn first_unread_published(
+    conn: &Connection,
+    name: &str,
+) -> rusqlite::Result<Option<i64>> {
+    let read: Vec<(u32, i64)> = {
+        let mut statement =
+            conn.prepare_cached("SELECT partition, offset FROM subscriptions WHERE name = ?1")?;
+        let rows = statement.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut oldest: Option<i64> = None;
+    for (partition, done) in read {
+        let next = done.saturating_add(1);
+        // The segment holding `next`, else the first one after it (retention may have cut
+        // below it).
+        let holding: Option<(i64, i64)> = conn
+            .prepare_cached(
+                "SELECT last, published FROM events WHERE partition = ?1 AND offset <= ?2 \
+                 ORDER BY offset DESC LIMIT 1",
+            )?
+            .query_row((partition, next), |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let published = match holding {
+            Some((last, published)) if last >= next => Some(published),
+            _ => conn
+                .prepare_cached(
+                    "SELECT published FROM events WHERE partition = ?1 AND offset > ?2 \
+                     ORDER BY offset LIMIT 1",
+                )?
+                .query_row((partition, next), |r| r.get(0))
+                .optional()?,
+        };
+        if let Some(published) = published {
+            oldest = Some(oldest.map_or(published, |o: i64| o.min(published)));
+        }
+    }
+    Ok(oldest)
+}
+
 /// The last offset published before `time` in a partition (0 if none; just below the first
 /// offset held if every event held is at or after `time`).
 pub(crate) fn offset_before(conn: &Connection, partition: u32, time: i64) -> rusqlite::Result<u64> {

@@ -180,6 +180,70 @@ async fn the_timer_task_fires_within_its_poll_of_the_due_time() {
     assert_eq!(task.await.unwrap().unwrap().timers_fired, 1);
 }
 
+/// A processor behind (a backlog, a restart after downtime): an order's expiry waits until
+/// the processor has read what was published before the expiry's time, here the payment
+/// that would have stopped it; once read past it, the timer fires (the payment was not
+/// collected here, so it expires).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_waits_for_its_processor_to_read_what_came_before_it() {
+    use floodway::Checkpointer as _;
+    let dir = tempfile::tempdir().unwrap();
+    let options = HubOptions {
+        partitions: Some(1),
+        ..HubOptions::default()
+    };
+    let hub = Hub::open(dir.path().join("cep.db"), options).unwrap();
+    let table = hub.cep("orders").unwrap();
+    let rule: Vec<SharedRule> = vec![Arc::new(KindRule::new(
+        "expired",
+        RuleKind::Absence {
+            first: "order-submitted".into(),
+            then: Some("payment-captured".into()),
+            within: 300,
+        },
+        "order-expired",
+    ))];
+    let now = floodway::event::now_millis();
+    let (keys, order) = event("s1", "order-submitted", "o1", now);
+    let (_, paid) = event("p1", "payment-captured", "o1", now + 50);
+    hub.publish(&[order.clone()]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    hub.publish(&[paid]).await.unwrap();
+    // The processor has read and collected the order, not yet the payment.
+    let (_reader, mut read) = hub.subscribe("orders", Default::default()).unwrap().split();
+    let through = |offset| {
+        [floodway::Checkpoint {
+            partition: "0".into(),
+            offset,
+        }]
+    };
+    read.commit(&through(1)).await.unwrap();
+    table.collect(&[(keys, order)], &rule, None).unwrap();
+    let timers =
+        floodway_embedded::CepTimers::new(&hub, table.clone(), rule, None).following("orders");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(timers.run(async move {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(emitted(&hub).is_empty(), "held while the payment is unread");
+    read.commit(&through(2)).await.unwrap();
+    let started = std::time::Instant::now();
+    while emitted(&hub).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "fires once read"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        emitted(&hub),
+        [("order-expired".to_owned(), "o1".to_owned())]
+    );
+    let _ = stop.send(());
+    assert_eq!(task.await.unwrap().unwrap().timers_fired, 1);
+}
+
 /// With the hub keeping the timers (NATS): the timers a batch sets wait to be handed over,
 /// fire when delivered (once, however often), and how far each partition was read is kept
 /// with the sets.

@@ -912,7 +912,9 @@ pub fn cep_timers(hubs: &Hubs, config: &Config) -> Result<Vec<(String, CepTimers
             let ttl = ttl.map_or(DEFAULT_CEP_TTL, HumanDuration::get);
             timers.push((
                 name.clone(),
-                CepTimers::new(&hubs.store, table, rules, Some(ttl)),
+                // Its timers wait for the processor to read what was published before
+                // them (the hub's own log; a subscription kept elsewhere is not seen).
+                CepTimers::new(&hubs.store, table, rules, Some(ttl)).following(name.clone()),
             ));
         }
     }
