@@ -206,7 +206,7 @@ async fn a_timer_waits_for_its_processor_to_read_what_came_before_it() {
     let now = floodway::event::now_millis();
     let (keys, order) = event("s1", "order-submitted", "o1", now);
     let (_, paid) = event("p1", "payment-captured", "o1", now + 50);
-    hub.publish(&[order.clone()]).await.unwrap();
+    hub.publish(std::slice::from_ref(&order)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(5)).await;
     hub.publish(&[paid]).await.unwrap();
     // The processor has read and collected the order, not yet the payment.
