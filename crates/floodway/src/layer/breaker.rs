@@ -118,6 +118,10 @@ struct Inner {
     reopenings: u32,
     new_waiters: usize,
     opens: u64,
+    /// The last admission number when the breaker last opened: a success of a call let
+    /// through before then (slow, answering during the outage) says nothing of the target
+    /// now, and does not close it.
+    opened_at: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +175,7 @@ impl CircuitBreaker {
                     reopenings: 0,
                     new_waiters: 0,
                     opens: 0,
+                    opened_at: 0,
                 }),
                 notify: Notify::new(),
                 admitted: AtomicU64::new(0),
@@ -254,13 +259,16 @@ impl Shared {
         if admission == Admission::Normal && self.closed.load(Ordering::Acquire) {
             return;
         }
-        self.close(admission);
+        self.close(admission, number);
     }
 
-    /// Closes the breaker after a success (or proof that the target is healthy).
-    fn close(&self, admission: Admission) {
+    /// Closes the breaker after a success (or proof that the target is healthy) of the call
+    /// admitted as number `number`: a probe, or a call admitted since the breaker opened.
+    fn close(&self, admission: Admission, number: u64) {
         let mut inner = self.state.lock().unwrap();
-        if admission == Admission::Probe || inner.mode != BreakerState::Closed {
+        if admission == Admission::Probe
+            || (inner.mode != BreakerState::Closed && number > inner.opened_at)
+        {
             if inner.mode != BreakerState::Closed {
                 tracing::info!(sink = %self.label, "circuit breaker closed: target recovered");
             }
@@ -280,6 +288,7 @@ impl Shared {
             .min(self.config.open_max);
         inner.reopenings += 1;
         inner.opens += 1;
+        inner.opened_at = self.admitted.load(Ordering::SeqCst);
         metrics::counter!("floodway_breaker_opens_total", "sink" => self.label.to_string())
             .increment(1);
         tracing::warn!(sink = %self.label, ?period, "circuit breaker open: target looks down");
@@ -354,7 +363,7 @@ impl Policy for CircuitBreaker {
                     tracing::debug!(sink = %shared.label, error = %err, "throttled call held again");
                     failed_at = Some(shared.admitted.load(Ordering::SeqCst));
                     if admission == Admission::Probe {
-                        shared.close(admission);
+                        shared.close(admission, number);
                     }
                     // Sent again after what the target asked for, or a backoff that grows
                     // with each time, never at once: the retries below have given up (their
@@ -370,7 +379,7 @@ impl Policy for CircuitBreaker {
                 Some(at) if shared.healthy_since(at) => {
                     // Later calls get through: this call is the problem, not the target.
                     if admission == Admission::Probe {
-                        shared.close(admission);
+                        shared.close(admission, number);
                     }
                     return Err(err);
                 }
@@ -385,6 +394,11 @@ impl Policy for CircuitBreaker {
                     failed_at = Some(shared.admitted.load(Ordering::SeqCst));
                     if admission == Admission::Probe {
                         shared.on_outage_suspected(admission);
+                    }
+                    // What the target asked for is waited, before the call goes again (a
+                    // `Retry-After` longer than the retries' time gave them up at once).
+                    if let Some(wait) = err.retry_after() {
+                        tokio::time::sleep(wait).await;
                     }
                 }
             }
@@ -506,6 +520,71 @@ mod tests {
             assert!(
                 (3..=25).contains(&calls),
                 "{calls} calls of the throttled one"
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_of_a_call_let_through_before_the_outage_does_not_close_it() {
+        bounded(async {
+            // Call 1 reaches the target before it goes down and answers 2 s later; every
+            // call after it fails: the breaker opens, and call 1's success says nothing of
+            // the target now.
+            let svc = service_fn(|x: u32| async move {
+                if x == 1 {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    Ok(x)
+                } else {
+                    Err(Error::transient_msg("Down", "connection refused"))
+                }
+            });
+            let (breaker, svc) = guarded(svc);
+            let slow = tokio::spawn(svc.clone().oneshot(1));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let _failing = tokio::spawn(svc.clone().oneshot(2));
+            tokio::time::sleep(Duration::from_millis(1_890)).await;
+            assert!(matches!(breaker.state(), BreakerState::Open { .. }));
+            let opens = breaker.opens();
+            assert_eq!(slow.await.unwrap().unwrap(), 1);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Closed by it, the breaker would let the held call through at once, which
+            // fails and opens it again with its pause back at the shortest.
+            assert!(matches!(breaker.state(), BreakerState::Open { .. }));
+            assert_eq!(breaker.opens(), opens, "not closed and opened again");
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_call_waits_what_the_target_asked_for() {
+        bounded(async {
+            // Call 13 is throttled for a minute with `Retry-After: 60`, longer than the
+            // retries' time: it goes again after 60 s, not at once.
+            let start = Instant::now();
+            let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let seen = times.clone();
+            let svc = service_fn(move |x: u32| {
+                let seen = seen.clone();
+                async move {
+                    if x == 13 {
+                        seen.lock().unwrap().push(start.elapsed());
+                        if start.elapsed() < Duration::from_secs(60) {
+                            return Err(Error::throttled_msg("HttpStatus", "429")
+                                .with_retry_after(Duration::from_secs(60)));
+                        }
+                    }
+                    Ok(x)
+                }
+            });
+            let (_breaker, svc) = guarded(svc);
+            assert_eq!(svc.clone().oneshot(13).await.unwrap(), 13);
+            let times = times.lock().unwrap().clone();
+            assert!(times.len() >= 2, "{times:?}");
+            assert!(
+                times[1] - times[0] >= Duration::from_secs(60),
+                "went again after {:?}",
+                times[1] - times[0]
             );
         })
         .await;
