@@ -679,17 +679,32 @@ impl HttpSink {
         else {
             return Ok(());
         };
+        // Without the secrets a server may echo (a request's headers, sent back): the event
+        // goes to the hub, and from there anywhere.
+        let secret = !self.config.secrets.is_empty();
+        let body = match secret {
+            true => Bytes::from(self.config.scrub(String::from_utf8_lossy(body).into())),
+            false => body.clone(),
+        };
         let response = if body.is_empty() {
             serde_json::Value::Null
         } else {
-            serde_json::from_slice(body)
-                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into()))
+            serde_json::from_slice(&body).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&body).into())
+            })
         };
         let mut derived = event
             .derive(event_type.clone())
             .field("response", response)
             .field("status", status.as_u16());
-        if let Some(headers) = headers {
+        if let Some(mut headers) = headers {
+            if let (true, Some(map)) = (secret, headers.as_object_mut()) {
+                for value in map.values_mut() {
+                    if let Some(text) = value.as_str() {
+                        *value = self.config.scrub(text.to_owned()).into();
+                    }
+                }
+            }
             derived = derived.field("headers", headers);
         }
         publisher.clone().oneshot(derived.build()).await

@@ -97,6 +97,21 @@ impl Template {
                 Part::Field(pointer) => {
                     let value = scalar_at(event, pointer)?;
                     match escape {
+                        // In the path, a field that is empty, `.` or `..` would name another
+                        // resource (`/orders/../cancel` is `/cancel` once a server or a proxy
+                        // tidies it): the event cannot be sent as configured.
+                        Escape::Url
+                            if !out.contains('?') && matches!(value.as_str(), "" | "." | "..") =>
+                        {
+                            return Err(Error::poison_msg(
+                                "InvalidField",
+                                format!(
+                                    "{pointer} of event {} is `{value}`, which would change the \
+                                     URL's path",
+                                    event.id()
+                                ),
+                            ));
+                        }
                         Escape::Url => percent_encode(&value, &mut out),
                         Escape::None => out.push_str(&value),
                     }
@@ -172,6 +187,31 @@ mod tests {
         assert!(t.is_constant());
         assert_eq!(t.render(&event(), Escape::None).unwrap(), r#"{"a":1}"#);
         assert!(Template::parse("x{/a").is_err());
+    }
+
+    #[test]
+    fn a_field_that_would_change_the_path_is_poison() {
+        let t = Template::parse("https://api/orders/{/order}/cancel?note={/note}").unwrap();
+        let with = |order: &str, note: &str| {
+            let text = format!(
+                r#"{{"id":"e","type":"t","timestamp":1,"partitionKey":"k","order":"{order}","note":"{note}"}}"#
+            );
+            t.render(&Event::decode(text.as_bytes()).unwrap(), Escape::Url)
+                .map(|u| u.into_owned())
+        };
+        for id in ["..", ".", ""] {
+            let err = with(id, "x").unwrap_err();
+            assert_eq!(err.class(), floodway::ErrorClass::Poison, "{id:?}");
+            assert_eq!(err.name(), "InvalidField");
+        }
+        assert_eq!(
+            with("a.b", "").unwrap(),
+            "https://api/orders/a.b/cancel?note="
+        );
+        assert_eq!(
+            with("o-1", "..").unwrap(),
+            "https://api/orders/o-1/cancel?note=.."
+        );
     }
 
     #[test]

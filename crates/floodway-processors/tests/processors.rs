@@ -446,7 +446,10 @@ async fn serve_https(
                 reply(StatusCode::CONFLICT, "{}")
             } else {
                 log.lock().unwrap().push(path.clone());
-                let mut response = reply(StatusCode::OK, "{}");
+                // An API that echoes the request's headers: the token must not reach the hub
+                // through the response event either.
+                let echo = serde_json::json!({ "authorization": auth }).to_string();
+                let mut response = reply(StatusCode::OK, echo);
                 response
                     .headers_mut()
                     .insert("etag", "\"v1\"".parse().unwrap());
@@ -546,6 +549,7 @@ name = "faults"
             statuses.push(e.field("status").unwrap().as_u64().unwrap());
             if e.field("status") == Some(&Value::from(200)) {
                 assert_eq!(e.field("headers").unwrap()["etag"], "\"v1\"");
+                assert_eq!(e.field("response").unwrap()["authorization"], "[secret]");
             }
         }
     }
