@@ -1081,6 +1081,13 @@ fn dynamodb(
     let source = format!("dynamodb:{table}");
     let event_id = loose(r.event_id).unwrap_or_else(|| format!("{table}-{i}"));
     let sequence = loose(r.dynamodb.sequence.as_deref()).unwrap_or_else(|| i.to_string());
+    // A record read this far is named as the stream names it, malformed or not: were its
+    // fault not stored, it is reported by its sequence number, in its place in the stream.
+    let malformed = |source: String, i, raw, name, why| {
+        let mut record = malformed(source, i, raw, name, why);
+        record.partition = "stream".into();
+        record.with_sequence(sequence.clone())
+    };
     let image = |which: &str, item: &Option<Value>| match item {
         None => Ok(Value::Null),
         Some(item) => unmarshall(item).map_err(|e| format!("dynamodb.{which}: {e}")),

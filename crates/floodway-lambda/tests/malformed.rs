@@ -443,3 +443,37 @@ async fn unreadable_records_of_two_invocations_are_two_faults() {
     assert_eq!(ids.len(), 2);
     assert_ne!(ids[0], ids[1], "two records, two faults");
 }
+
+/// A DynamoDB record that is malformed past its envelope, whose fault cannot be stored: the
+/// answer names it by its sequence number (an identifier not in the batch would fail the
+/// whole batch, done records included), and the good record before it is not reported.
+#[tokio::test]
+async fn a_malformed_change_whose_fault_is_not_stored_is_reported_by_its_sequence_number() {
+    let processor = Processor::builder("p")
+        .fault_sink(floodway::sink::fault_sink_fn(|_fault| async {
+            Err(floodway::Error::fatal_msg(
+                "FaultsDown",
+                "the fault store is gone",
+            ))
+        }))
+        .pipeline(Pipeline::builder("all").sink(MemorySink::new()).unwrap())
+        .build()
+        .unwrap();
+    let bad = json!({
+        "Keys": { "pk": { "S": "2" } },
+        "NewImage": { "n": { "N": 5 } },
+        "SequenceNumber": "700",
+    });
+    let invocation = json!({ "Records": [
+        dynamodb(0, "INSERT", good_row()),
+        dynamodb(1, "INSERT", bad),
+    ]});
+    let answer = Handler::new(processor)
+        .handle(invocation, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        json!({ "batchItemFailures": [{ "itemIdentifier": "700" }] })
+    );
+}
