@@ -291,7 +291,7 @@ impl CepTable {
                         }
                     } else if event.tag("source") == Some(source.as_str()) {
                         let expires =
-                            ttl.map(|t| event.timestamp().saturating_add(t.as_millis() as i64));
+                            ttl.map(|t| event.timestamp().saturating_add(crate::log::millis(t)));
                         fired.execute((event.partition_key(), event.id(), expires))?;
                     }
                 }
@@ -488,7 +488,7 @@ impl CepTable {
             ))?;
             let mut sets: HashMap<&str, Vec<Collected>> = HashMap::new();
             for (keys, event) in entries {
-                let expires = ttl.map(|t| event.timestamp().saturating_add(t.as_millis() as i64));
+                let expires = ttl.map(|t| event.timestamp().saturating_add(crate::log::millis(t)));
                 if expires.is_some_and(|at| at <= now) {
                     // Past its time to live already: it would join no set.
                     continue;
@@ -731,7 +731,7 @@ fn firings(
     rule.fire(set, timer)
         .into_iter()
         .map(|firing| {
-            let expires = ttl.map(|t| firing.timestamp.saturating_add(t.as_millis() as i64));
+            let expires = ttl.map(|t| firing.timestamp.saturating_add(crate::log::millis(t)));
             (key.to_owned(), firing, expires)
         })
         .collect()

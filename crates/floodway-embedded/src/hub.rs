@@ -111,7 +111,7 @@ impl Hub {
             requests: rx,
             published: inner.published.clone(),
             max_commit: inner.store.options.max_commit,
-            dedupe_window_ms: inner.store.options.dedupe_window.as_millis() as i64,
+            dedupe_window_ms: crate::log::millis(inner.store.options.dedupe_window),
             busy_retry: inner.store.options.busy_retry,
             next_prune: 0,
         };
@@ -339,7 +339,7 @@ impl Hub {
             }
         }
         // Idempotency keys past the window (publishing forgets them too, as it goes).
-        let window = self.inner.store.options.dedupe_window.as_millis() as i64;
+        let window = crate::log::millis(self.inner.store.options.dedupe_window);
         loop {
             let (forgotten, _) = crate::busy::retry("retention", limit, || {
                 let _turn = self.inner.store.gate.enter();

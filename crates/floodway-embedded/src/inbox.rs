@@ -42,7 +42,7 @@ impl Inbox {
     pub(crate) fn new(name: &str, window: std::time::Duration) -> Self {
         Inbox {
             name: name.into(),
-            window_ms: (window.as_millis() as i64).max(1),
+            window_ms: crate::log::millis(window).max(1),
             next_prune: Arc::new(AtomicI64::new(0)),
             empty_window: Arc::new(AtomicI64::new(i64::MIN)),
         }

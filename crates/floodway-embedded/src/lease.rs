@@ -239,7 +239,7 @@ impl Lease {
                     me.pid,
                     &me.process,
                     now,
-                    now + lease.as_millis() as i64,
+                    now.saturating_add(crate::log::millis(lease)),
                 ),
             )?;
             tx.commit()?;
@@ -351,7 +351,7 @@ impl Shared {
             let changed = conn.execute(
                 "UPDATE leases SET expires = ?1 WHERE name = ?2 AND holder = ?3",
                 (
-                    now_millis() + self.lease.as_millis() as i64,
+                    now_millis().saturating_add(crate::log::millis(self.lease)),
                     &self.name,
                     &self.id,
                 ),

@@ -51,6 +51,12 @@ pub(crate) struct WriteRequest {
 pub(crate) const RETENTION_SEGMENTS: usize = 256;
 pub(crate) const RETENTION_BYTES: i64 = 32 << 20;
 
+/// A duration in whole milliseconds, `i64::MAX` for one too long to count (a setting of
+/// `Duration::MAX` means "never", not a negative time).
+pub(crate) fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// The last offset of partition `p` that `retention`'s limits ask to delete (the last event
 /// of a segment), if any. Reads only what it deletes: offsets and publish times grow together.
 pub(crate) fn retention_cut(
@@ -60,7 +66,7 @@ pub(crate) fn retention_cut(
 ) -> Result<Option<i64>, HubError> {
     let mut through: Option<i64> = None;
     if let Some(age) = retention.max_age {
-        let cutoff = now_millis() - age.as_millis() as i64;
+        let cutoff = now_millis().saturating_sub(millis(age));
         let before = offset_before(conn, p, cutoff)? as i64;
         through = (before > 0).then_some(before);
     }
@@ -70,7 +76,7 @@ pub(crate) fn retention_cut(
             [p],
             |r| r.get(0),
         )?;
-        let mut excess = held - max_bytes as i64;
+        let mut excess = held.saturating_sub(i64::try_from(max_bytes).unwrap_or(i64::MAX));
         if excess > 0 {
             // Whole segments, oldest first.
             let mut stmt = conn.prepare_cached(

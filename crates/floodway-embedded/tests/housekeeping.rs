@@ -296,6 +296,15 @@ async fn retention_deletes_unread_events_when_told_to() {
     let dir = tempfile::tempdir().unwrap();
     let (hub, size) = ten_segments(&dir).await;
     commit(&hub, "slow", 35).await;
+    // Limits too large to count mean "no limit", not a negative one that deletes everything.
+    let none = hub
+        .apply_retention(&Retention {
+            max_bytes_per_partition: Some(u64::MAX),
+            max_age: Some(Duration::MAX),
+            keep_unread: false,
+        })
+        .unwrap();
+    assert_eq!(none.deleted, 0, "{none:?}");
     let report = hub
         .apply_retention(&Retention {
             max_bytes_per_partition: Some(size / 4),
