@@ -217,15 +217,32 @@ fn dynamodb_payload(records: &[StreamRecord]) -> Value {
     json!({ "Records": records })
 }
 
-/// The first failed identifier of a `batchItemFailures` answer, if any.
-fn first_failure(answer: &Value) -> Option<String> {
-    answer
-        .get("batchItemFailures")
-        .and_then(Value::as_array)?
+/// The identifiers of a `batchItemFailures` answer (an empty list: none failed); `None` when
+/// one is not a non-empty string, which Lambda takes for a failure of the whole batch.
+fn reported_failures(answer: &Value) -> Option<Vec<String>> {
+    let Some(failures) = answer.get("batchItemFailures").and_then(Value::as_array) else {
+        return Some(Vec::new());
+    };
+    failures
         .iter()
-        .filter_map(|f| f.get("itemIdentifier").and_then(Value::as_str))
-        .map(str::to_owned)
-        .min_by_key(|id| id.parse::<u64>().unwrap_or(u64::MAX))
+        .map(|f| {
+            f.get("itemIdentifier")
+                .and_then(Value::as_str)
+                .filter(|id| !id.is_empty())
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// The first failed identifier of a `batchItemFailures` answer, if any; `""` (in no batch)
+/// when the answer is not one Lambda takes.
+fn first_failure(answer: &Value) -> Option<String> {
+    match reported_failures(answer) {
+        Some(ids) => ids
+            .into_iter()
+            .min_by_key(|id| id.parse::<u64>().unwrap_or(u64::MAX)),
+        None => Some(String::new()),
+    }
 }
 
 impl StreamMapping {
@@ -335,9 +352,11 @@ impl StreamMapping {
             }
             tokio::time::sleep(self.retry_delay.max(Duration::from_millis(1))).await;
             if answer.is_err() && self.bisect_on_error && end - done > 1 {
+                // Splitting a batch does not count towards the retry quota (as Lambda's
+                // bisection): only retries of a span that is not split do.
                 let mid = done + (end - done) / 2;
-                spans.push_front((mid, end, retries + 1));
-                spans.push_front((done, mid, retries + 1));
+                spans.push_front((mid, end, retries));
+                spans.push_front((done, mid, retries));
             } else {
                 spans.push_front((done, end, retries + 1));
             }
@@ -450,19 +469,12 @@ impl QueueMapping {
             let failed: Vec<String> = match &answer {
                 Err(_) => visible.iter().map(|i| queue[*i].0.id.clone()).collect(),
                 Ok(a) if self.report_batch_item_failures => {
-                    let reported: Vec<String> = a
-                        .get("batchItemFailures")
-                        .and_then(Value::as_array)
-                        .map(|f| {
-                            f.iter()
-                                .filter_map(|x| x.get("itemIdentifier").and_then(Value::as_str))
-                                .map(str::to_owned)
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let reported = reported_failures(a);
                     let in_batch: Vec<String> =
                         visible.iter().map(|i| queue[*i].0.id.clone()).collect();
-                    // An identifier not in the batch fails all of it, as Lambda does.
+                    // An identifier missing, empty or not in the batch fails all of it, as
+                    // Lambda does.
+                    let reported = reported.unwrap_or_else(|| vec![String::new()]);
                     if reported.iter().any(|id| !in_batch.contains(id)) {
                         in_batch
                     } else {
@@ -486,5 +498,38 @@ impl QueueMapping {
             queue = keep;
         }
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_lambda_would_not_take_fails_the_whole_batch() {
+        let answer = |failures: Value| json!({ "batchItemFailures": failures });
+        assert_eq!(first_failure(&json!({})), None);
+        assert_eq!(first_failure(&answer(json!([]))), None);
+        assert_eq!(
+            first_failure(&answer(
+                json!([{ "itemIdentifier": "9" }, { "itemIdentifier": "4" }])
+            )),
+            Some("4".to_owned())
+        );
+        // Null, missing, empty or not a string: in no batch, so the whole batch failed.
+        for bad in [
+            json!([{ "itemIdentifier": null }]),
+            json!([{}]),
+            json!([{ "itemIdentifier": "" }]),
+            json!([{ "itemIdentifier": 4 }]),
+            json!([{ "itemIdentifier": "4" }, { "itemIdentifier": null }]),
+        ] {
+            assert_eq!(
+                first_failure(&answer(bad.clone())),
+                Some(String::new()),
+                "{bad}"
+            );
+            assert_eq!(reported_failures(&answer(bad.clone())), None, "{bad}");
+        }
     }
 }
