@@ -221,19 +221,25 @@ fn keys_of(
 
 /// A processor of one pipeline whose faults are published to the hub as `fault` events.
 fn publishing_faults(hubs: &Hubs, name: &str, pipeline: Pipeline) -> Result<Processor, SetupError> {
-    publishing_faults_holding(hubs, name, pipeline, None)
+    publishing_faults_holding(hubs, name, pipeline, None, None)
 }
 
-/// [`publishing_faults`], holding up to `in_flight` records when set (the default otherwise).
+/// [`publishing_faults`], holding up to `in_flight` records when set (the default otherwise),
+/// committing its checkpoints every `commit` when set (the default otherwise).
 fn publishing_faults_holding(
     hubs: &Hubs,
     name: &str,
     pipeline: Pipeline,
     in_flight: Option<usize>,
+    commit: Option<std::time::Duration>,
 ) -> Result<Processor, SetupError> {
     let builder = Processor::builder(name);
     let builder = match in_flight {
         Some(n) => builder.max_in_flight(n),
+        None => builder,
+    };
+    let builder = match commit {
+        Some(every) => builder.commit_interval(every),
         None => builder,
     };
     builder
@@ -328,7 +334,7 @@ pub fn materialize(
     let batching = BatchConfig::count(batch)
         .max_bytes(VIEW_BATCH_BYTES)
         .max_wait(wait);
-    batched(hubs, name, types, protect, batching, sink)
+    batched(hubs, name, types, protect, batching, sink, None)
 }
 
 /// A processor whose sink writes transactions as `batching` says, with room for two in
@@ -340,6 +346,7 @@ fn batched<S: floodway::Sink>(
     protect: &Protect,
     batching: BatchConfig,
     sink: S,
+    commit: Option<std::time::Duration>,
 ) -> Result<Processor, SetupError> {
     let batch = batching.max_count;
     let pipeline = start(hubs, name, types, protect)?
@@ -350,7 +357,7 @@ fn batched<S: floodway::Sink>(
             source,
         })?;
     let in_flight = (2 * batch).max(floodway::runtime::ProcessorConfig::default().max_in_flight);
-    publishing_faults_holding(hubs, name, pipeline, Some(in_flight))
+    publishing_faults_holding(hubs, name, pipeline, Some(in_flight), commit)
 }
 
 /// How a *materialize* processor with a row key makes each event's update.
@@ -514,7 +521,7 @@ pub fn materialize_rows(
     let sink = RowSink::new(Arc::new(table), move |e| {
         Ok(vec![target.update(e, &deletes)?])
     });
-    batched(hubs, name, types, protect, batching, sink)
+    batched(hubs, name, types, protect, batching, sink, None)
 }
 
 /// Settings of the *cep* processor.
@@ -626,7 +633,10 @@ pub fn cep(
         async move { state.write(batch).await }
     });
     let batching = BatchConfig::count(batch).max_wait(SHORT_BATCH_WAIT);
-    batched(hubs, name, &read, protect, batching, sink)
+    // Its timers fire once it has read what was published before them, as its checkpoint
+    // says (`CepTimers::following`): stored often, so that an expiry is not held a second.
+    let commit = Some(std::time::Duration::from_millis(100));
+    batched(hubs, name, &read, protect, batching, sink, commit)
 }
 
 /// What a *cep* processor's sink works with.

@@ -505,11 +505,12 @@ async fn an_entry_failing_transiently_for_good_is_faulted_alone_once_its_retries
         .unwrap();
     run_pipeline(&kit, pipeline, &events(8, 4)).await.unwrap();
     assert_eq!(kit.faults().len(), 1);
+    let err = kit.faults()[0].payload::<FaultDetails>().unwrap().err;
     assert_eq!(
-        kit.faults()[0].payload::<FaultDetails>().unwrap().err.name,
-        "InternalFailure",
+        err.name, "InternalFailure",
         "the entry's own error, not the call's summary"
     );
+    assert_eq!(err.attempts, 3, "with the attempts made for it");
     assert_eq!(delivered.len(), 7);
     assert_eq!(
         sink.calls(),

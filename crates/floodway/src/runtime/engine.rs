@@ -402,7 +402,13 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         if moved.is_empty() {
             return Ok(());
         }
-        self.checkpointer.commit(&moved).await?;
+        let committed = self.checkpointer.commit(&moved).await;
+        if committed.is_err() {
+            // Not stored: the next commit takes them again (their records would be
+            // processed again after a restart, not lost, but needlessly).
+            self.ledger.moved_again(&moved);
+        }
+        committed?;
         for cp in moved {
             self.committed.insert(cp.partition, cp.offset);
         }

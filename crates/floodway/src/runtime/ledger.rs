@@ -164,6 +164,16 @@ impl Ledger {
         out
     }
 
+    /// Marks the partitions of `checkpoints` as moved again: taken for a commit that failed,
+    /// they go with the next one (the final commit, when the run stops on that failure).
+    pub(crate) fn moved_again(&mut self, checkpoints: &[Checkpoint]) {
+        for part in &mut self.partitions {
+            if checkpoints.iter().any(|cp| cp.partition == part.name) {
+                part.dirty = true;
+            }
+        }
+    }
+
     /// Records delivered and not done.
     pub(crate) fn undone(&self) -> usize {
         self.undone
@@ -180,6 +190,20 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn checkpoints_of_a_failed_commit_go_with_the_next_one() {
+        let mut ledger = Ledger::default();
+        for (p, offset) in [("0", 1), ("1", 1)] {
+            let t = ledger.admit(Arc::new(Record::new("t", p, offset, "")), 1);
+            ledger.finish(t, false);
+        }
+        let taken = ledger.take_checkpoints();
+        assert_eq!(taken.len(), 2);
+        assert!(ledger.take_checkpoints().is_empty(), "taken once");
+        ledger.moved_again(&taken);
+        assert_eq!(ledger.take_checkpoints(), taken);
+    }
 
     proptest! {
         /// Pieces finish in any order; at every moment each partition's checkpoint is an

@@ -200,12 +200,22 @@ async fn send(
                     // The target is down: hold what is pending, never fault it.
                     let backoff =
                         Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30));
-                    Box::pin(tokio::time::sleep(backoff.ceiling(outage_wait))).await;
+                    // Half the pause and a random half more: the units held this way do not
+                    // go again together, in waves.
+                    let ceiling = backoff.ceiling(outage_wait);
+                    let pause = ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0);
+                    Box::pin(tokio::time::sleep(pause)).await;
                     outage_wait += 1;
                     continue;
                 }
                 Err(err) => match attempt.unresolved() {
-                    Unresolved::Entries(entries) => failed.extend(entries),
+                    // Each entry's own error, with the attempts the stack made for it.
+                    Unresolved::Entries(entries) => {
+                        failed.extend(entries.into_iter().map(|(uow, e)| {
+                            let attempts = e.attempts().max(err.attempts());
+                            (uow, e.with_attempts(attempts))
+                        }));
+                    }
                     Unresolved::Whole(batch) if batch.len() > 1 => {
                         tracing::debug!(pipeline = %core.name, size = batch.len(), error = %err, "bisecting failed batch");
                         let (left, right) = batch.split();
