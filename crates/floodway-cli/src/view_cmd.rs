@@ -174,8 +174,9 @@ pub(crate) async fn run(command: ViewCommand) -> anyhow::Result<()> {
                 if rows.len() == limit {
                     let last = rows.last().map(|r| match &pk {
                         Some(_) => r.key.sk.clone(),
-                        // A `/` in the partition key would be read as the separator.
-                        None if r.key.pk.contains('/') => {
+                        // A `/` in the partition key would be read as the separator, a
+                        // leading `[` as the start of the other form.
+                        None if r.key.pk.contains('/') || r.key.pk.starts_with('[') => {
                             serde_json::to_string(&(&r.key.pk, &r.key.sk)).unwrap_or_default()
                         }
                         None => r.key.to_string(),

@@ -492,7 +492,10 @@ impl HttpSinkConfig {
 
     /// `text` with every secret value replaced.
     fn scrub(&self, text: String) -> String {
-        self.secrets.iter().fold(text, |text, secret| {
+        // The longest first: a secret inside another does not leave part of it.
+        let mut secrets: Vec<&String> = self.secrets.iter().collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.into_iter().fold(text, |text, secret| {
             if text.contains(secret.as_str()) {
                 text.replace(secret.as_str(), "[secret]")
             } else {

@@ -81,7 +81,9 @@ impl Template {
     ///
     /// # Errors
     /// A [poison](floodway::ErrorClass::Poison) error named `MissingField` when a field is
-    /// absent, null, an object or an array: the event cannot be sent as configured.
+    /// absent, null, an object or an array, or `InvalidField` when a URL's fields make its
+    /// path name another resource (a `.` or `..` segment, an empty one): the event cannot be
+    /// sent as configured.
     pub(crate) fn render<'a>(
         &'a self,
         event: &Event,
@@ -97,29 +99,45 @@ impl Template {
                 Part::Field(pointer) => {
                     let value = scalar_at(event, pointer)?;
                     match escape {
-                        // In the path, a field that is empty, `.` or `..` would name another
-                        // resource (`/orders/../cancel` is `/cancel` once a server or a proxy
-                        // tidies it): the event cannot be sent as configured.
-                        Escape::Url
-                            if !out.contains('?') && matches!(value.as_str(), "" | "." | "..") =>
-                        {
-                            return Err(Error::poison_msg(
-                                "InvalidField",
-                                format!(
-                                    "{pointer} of event {} is `{value}`, which would change the \
-                                     URL's path",
-                                    event.id()
-                                ),
-                            ));
-                        }
                         Escape::Url => percent_encode(&value, &mut out),
                         Escape::None => out.push_str(&value),
                     }
                 }
             }
         }
+        if escape == Escape::Url {
+            if let Some(segment) = moved_segment(&out) {
+                // `/orders/../cancel` is `/cancel` once a server or a proxy tidies it: the
+                // event cannot be sent as configured.
+                return Err(Error::poison_msg(
+                    "InvalidField",
+                    format!(
+                        "event {} makes the URL's path segment `{segment}` ({out}), which \
+                         names another resource",
+                        event.id()
+                    ),
+                ));
+            }
+        }
         Ok(Cow::Owned(out))
     }
+}
+
+/// A segment of `url`'s path that moves it elsewhere once tidied: `.`, `..`, or an empty
+/// one between two others (`/orders//cancel`).
+fn moved_segment(url: &str) -> Option<&str> {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let path_start = after_scheme + url[after_scheme..].find('/')?;
+    let path_end = url[path_start..]
+        .find(['?', '#'])
+        .map_or(url.len(), |i| path_start + i);
+    let segments: Vec<&str> = url[path_start + 1..path_end].split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    segments
+        .iter()
+        .enumerate()
+        .find(|(i, s)| matches!(**s, "." | "..") || (s.is_empty() && *i < last))
+        .map(|(_, s)| *s)
 }
 
 /// The text of a string, number or boolean at `pointer`.
@@ -211,6 +229,25 @@ mod tests {
         assert_eq!(
             with("o-1", "..").unwrap(),
             "https://api/orders/o-1/cancel?note=.."
+        );
+        // The rendered segment counts, not the field alone.
+        let part = |template: &str, value: &str| {
+            let text = format!(
+                r#"{{"id":"e","type":"t","timestamp":1,"partitionKey":"k","v":"{value}"}}"#
+            );
+            Template::parse(template)
+                .unwrap()
+                .render(&Event::decode(text.as_bytes()).unwrap(), Escape::Url)
+                .map(|u| u.into_owned())
+        };
+        assert!(part("https://api/items/.{/v}", ".").is_err(), "makes `..`");
+        assert_eq!(
+            part("https://api/items/sku{/v}/", "").unwrap(),
+            "https://api/items/sku/"
+        );
+        assert_eq!(
+            part("https://api/x#{/v}", "..").unwrap(),
+            "https://api/x#.."
         );
     }
 

@@ -145,7 +145,13 @@ impl NatsHub {
                 message: format!("{e} (is nats-server running with -js?)"),
             })?;
         // No domain: pull requests are sent to the default API prefix (`pull.rs`).
-        let mut js = jetstream::new(client.clone());
+        // When the connection's unawaited acks are all taken (5,000, shared by every
+        // publisher of the hub: sinks, fault sinks, the relay, schedules), a publish fails at
+        // once, transient, and is retried: waiting instead would hang every publisher that
+        // holds acks of its own while it waits.
+        let mut js = jetstream::ContextBuilder::new()
+            .backpressure_on_inflight(false)
+            .build(client.clone());
         js.set_timeout(options.request_timeout);
         // Message schedules (timers kept by the stream) need NATS 2.12: an older server is
         // not asked for them.
@@ -224,8 +230,9 @@ impl NatsHub {
     /// the stream's replicas).
     ///
     /// Publishes are pipelined in a way that keeps each partition key's order in the stream:
-    /// the first event of every key is sent at once (those of keys with more events first),
-    /// and each later event of a key as soon as the one before it is acknowledged. A later
+    /// the first event of every key is sent without waiting (those of keys with more events
+    /// first; at most 1,024 unacknowledged at once), and each later event of a key as soon
+    /// as the one before it is acknowledged. A later
     /// event of a key is sent only after the earlier one is stored, so a message lost on the
     /// way (its ack never comes) cannot be overtaken by the next one of its key; the retry
     /// then stores it, and what follows, in order. A batch of distinct keys is fully
@@ -233,7 +240,8 @@ impl NatsHub {
     /// acknowledged.
     ///
     /// # Errors
-    /// When an acknowledgement does not come (retrying is safe: duplicates are skipped, and
+    /// When an acknowledgement does not come, or the connection's unawaited acknowledgements
+    /// are all taken by other publishers (retrying is safe: duplicates are skipped, and
     /// nothing after the first failure of a key was sent).
     pub async fn publish(&self, events: &[Event]) -> Result<PublishReceipt, NatsError> {
         // Room for the subject and headers below the server's limit.
@@ -414,7 +422,10 @@ impl NatsHub {
     /// `id`: the schedule's own message is stored under `{subject}.schedule-{id}` (one per
     /// subject: scheduling `id` again replaces it), and at its time the server publishes the
     /// payload to the partition, where whichever instance reads the partition then receives
-    /// it. All are sent before any acknowledgement is awaited.
+    /// it. Up to 1,024 are sent before the oldest acknowledgement is awaited. A time before
+    /// 1970 is due at once; one more than a century ahead is set a century ahead (RFC 3339
+    /// cannot write years after 9999, and the server fires at once what its clock's
+    /// durations cannot reach).
     ///
     /// # Errors
     /// When the server does not take one (a server older than 2.12 has no schedules).

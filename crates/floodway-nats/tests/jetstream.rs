@@ -304,6 +304,36 @@ async fn a_publish_of_more_keys_than_acks_may_wait_finishes() {
         .expect("the publish finishes")
         .unwrap();
     assert_eq!((receipt.stored, receipt.duplicates), (6_000, 0));
+
+    // Eight calls at once, each holding up to 1,024 acks: more than the connection lets wait.
+    // None hangs: a call that finds them all taken fails (transient), and its retry stores
+    // what it has to.
+    let batches: Vec<Vec<Event>> = (0..8)
+        .map(|b| {
+            (0..1_500)
+                .map(|i| Event::builder("thing-noted", format!("b{b}-{i}")).build())
+                .collect()
+        })
+        .collect();
+    let calls = batches.iter().map(|batch| {
+        let hub = hub.clone();
+        async move {
+            for _ in 0..50 {
+                match hub.publish(batch).await {
+                    Ok(receipt) => return receipt.stored + receipt.duplicates,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+            panic!("never published");
+        }
+    });
+    let published = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("no publish hangs");
+    assert_eq!(published.iter().sum::<usize>(), 8 * 1_500);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

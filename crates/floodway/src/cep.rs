@@ -383,7 +383,14 @@ impl Rule for KindRule {
                     let a = set
                         .iter()
                         .filter(|a| {
-                            self.counts(a, first) && a.id != b.id && within_after(a, b, *within)
+                            self.counts(a, first)
+                                && a.id != b.id
+                                && within_after(a, b, *within)
+                                // Two of one type in one millisecond pair once, not each
+                                // with the other: by id, as the set is ordered.
+                                && !(first == then
+                                    && a.timestamp == b.timestamp
+                                    && a.order() > b.order())
                         })
                         .max_by(|x, y| x.order().cmp(&y.order()));
                     if let Some(a) = a {
@@ -619,6 +626,20 @@ mod tests {
             "order-paid",
         );
         assert_eq!(run(&sequence, &[order, paid]).len(), 1);
+    }
+
+    #[test]
+    fn two_of_one_type_in_one_millisecond_pair_once() {
+        let twice = KindRule::new(
+            "twice",
+            RuleKind::Sequence {
+                first: "a".into(),
+                then: "a".into(),
+                within: 10,
+            },
+            "aa",
+        );
+        assert_eq!(run(&twice, &[ev("1", "a", 5), ev("2", "a", 5)]).len(), 1);
     }
 
     #[test]

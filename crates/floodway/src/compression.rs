@@ -78,6 +78,26 @@ pub fn revive_all(path: &str, value: &mut Value) -> Vec<ReviveError> {
     revive_within(path, value, MAX_REVIVED)
 }
 
+/// [`revive_all`] over each member of `map` (an event's payload, its tags), with one budget
+/// for them all: [`MAX_REVIVED`] bytes per event, not per member. `prefix` names the map in
+/// the errors.
+pub fn revive_members(prefix: &str, map: &mut Map<String, Value>) -> Vec<ReviveError> {
+    members_within(prefix, map, MAX_REVIVED)
+}
+
+/// [`revive_members`] with `budget` bytes of revived JSON in all.
+fn members_within(
+    prefix: &str,
+    map: &mut Map<String, Value>,
+    mut budget: usize,
+) -> Vec<ReviveError> {
+    let mut failed = Vec::new();
+    for (name, member) in map.iter_mut() {
+        revive_into(&join(prefix, name), member, &mut budget, &mut failed);
+    }
+    failed
+}
+
 /// [`revive_all`] with `budget` bytes of revived JSON in all.
 fn revive_within(path: &str, value: &mut Value, mut budget: usize) -> Vec<ReviveError> {
     let mut failed = Vec::new();
@@ -214,6 +234,23 @@ mod tests {
         assert_eq!(failed.len(), 1, "{failed:?}");
         assert_eq!(failed[0].path, "two");
         assert!(failed[0].why.contains("more than"), "{}", failed[0]);
+    }
+
+    #[test]
+    fn the_members_of_an_event_share_one_budget() {
+        // Five fields of 300 KiB each against a budget of 1 MiB: three revive, not five.
+        let packed = zip(&json!("a".repeat(300 * 1024)));
+        let mut map = Map::new();
+        for i in 0..5 {
+            map.insert(format!("f{i}"), Value::String(packed.clone()));
+        }
+        let failed = members_within("", &mut map, 1 << 20);
+        let revived = map
+            .values()
+            .filter(|v| !v.as_str().unwrap().starts_with(MARKER));
+        assert_eq!(revived.count(), 3, "{failed:?}");
+        assert_eq!(failed.len(), 2);
+        assert_eq!(failed[0].path, "f3");
     }
 
     #[test]

@@ -662,9 +662,7 @@ impl Event {
                         .unwrap_or_default();
                     if compressed {
                         // A value that cannot be revived stays as it is (see `payload`).
-                        for (name, tag) in tags.iter_mut() {
-                            crate::compression::revive_all(&format!("tags.{name}"), tag);
-                        }
+                        crate::compression::revive_members("tags", &mut tags);
                     }
                     tags
                 }))
@@ -696,9 +694,7 @@ impl Event {
                     }
                     if holds_compressed(text, compressed) {
                         // A value that cannot be revived stays as it is: `payload` reports it.
-                        for member in map.values_mut() {
-                            crate::compression::revive_all("", member);
-                        }
+                        crate::compression::revive_members("", &mut map);
                     }
                     Ok(map)
                 })

@@ -540,10 +540,11 @@ pub(crate) fn fault_event(
     // The bytes also tell apart records read from an invocation that could not say where
     // they came from, which share a source, a partition and a position (their index in the
     // batch), and must not share a fault.
-    // A resubmitted record that fails again raises the fault it was resubmitted for.
+    // A resubmitted record that fails again raises the fault it was resubmitted for; a part
+    // of it (a split) is named as ever: its own fault, whatever the one resubmitted.
     let id = match &record.resubmits {
-        Some(id) => id.to_string(),
-        None => stable_id(&[
+        Some(id) if part == 0 => id.to_string(),
+        _ => stable_id(&[
             &record.source,
             &record.partition,
             &position,
