@@ -178,6 +178,10 @@ struct Shared {
 struct State {
     /// When the last successful renewal (or the taking) started.
     renewed: Instant,
+    /// The expiry that renewal wrote, at the latest (ms since the epoch): what another
+    /// process reads to take over. The monotonic clock above stops while a machine sleeps,
+    /// the wall clock does not; the lease stands by both.
+    expires: i64,
     lost: Option<String>,
 }
 
@@ -207,6 +211,7 @@ impl Lease {
         let me = me();
         let id = format!("{}/{}/{:016x}", me.host, me.pid, crate::schema::random());
         let started = Instant::now();
+        let expires = now_millis().saturating_add(crate::log::millis(lease));
         let taken = crate::busy::retry("lease", options.busy_retry, || {
             // A look first, without the write lock: refusing costs a read.
             let now = now_millis();
@@ -257,6 +262,7 @@ impl Lease {
             gate: store.gate.clone(),
             state: Mutex::new(State {
                 renewed: started,
+                expires,
                 lost: None,
             }),
         });
@@ -287,7 +293,9 @@ impl Lease {
         let state = self.shared.state();
         match &state.lost {
             Some(reason) => Standing::Lost(reason.clone()),
-            None if state.renewed.elapsed() < self.shared.lease => Standing::Held,
+            None if state.renewed.elapsed() < self.shared.lease && now_millis() < state.expires => {
+                Standing::Held
+            }
             None => Standing::Unsure,
         }
     }
@@ -345,6 +353,7 @@ impl Shared {
     /// Renews the lease; false once it is lost.
     fn renew(&self) -> bool {
         let started = Instant::now();
+        let expires = now_millis().saturating_add(crate::log::millis(self.lease));
         let renewed = (|| -> Result<Option<Option<LeaseHolder>>, HubError> {
             let conn = self.conn.lock().map_err(|_| HubError::Closed)?;
             let _turn = self.gate.enter();
@@ -364,7 +373,9 @@ impl Shared {
         })();
         match renewed {
             Ok(None) => {
-                self.state().renewed = started;
+                let mut state = self.state();
+                state.renewed = started;
+                state.expires = expires;
                 true
             }
             Ok(Some(other)) => {
@@ -402,6 +413,18 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_past_the_expiry_it_wrote_is_not_held_whatever_the_monotonic_clock_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = crate::Hub::open(dir.path().join("hub.db"), Default::default()).unwrap();
+        let lease = Lease::acquire(hub.store(), "s").unwrap();
+        assert!(matches!(lease.standing(), Standing::Held));
+        // The machine slept: the monotonic clock stood still, the wall clock went past the
+        // expiry another process reads to take over.
+        lease.shared.state().expires = now_millis() - 1;
+        assert!(matches!(lease.standing(), Standing::Unsure));
+    }
 
     #[test]
     fn this_process_is_alive_and_a_finished_one_is_gone() {
