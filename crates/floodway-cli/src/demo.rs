@@ -198,7 +198,7 @@ fn config(hub: PathBuf, addr: std::net::SocketAddr, rate: u32, key: &str) -> Con
                 url: format!("http://{addr}/notify"),
                 method: HttpMethod::Post,
                 rate_limit: Some(rate),
-                burst: (rate / 100).max(1),
+                burst: Some((rate / 100).max(1)),
                 concurrency: ConcurrencyConfig::Adaptive,
                 timeout_ms: 2_000,
                 max_attempts: 5,

@@ -473,9 +473,8 @@ pub enum ProcessorConfig {
         response_headers: Vec<String>,
         /// Calls per second at most.
         rate_limit: Option<u32>,
-        /// Calls allowed at once after a quiet period (default 1).
-        #[serde(default = "default_burst")]
-        burst: u32,
+        /// Calls allowed at once after a quiet period (default 1); only with `rate_limit`.
+        burst: Option<u32>,
         /// `"adaptive"` (default) or a fixed number of calls at once.
         #[serde(default)]
         concurrency: ConcurrencyConfig,
@@ -763,9 +762,6 @@ pub enum StalePolicy {
 }
 fn default_cep_batch() -> usize {
     1_000
-}
-fn default_burst() -> u32 {
-    1
 }
 fn default_timeout() -> u64 {
     10_000
@@ -1134,6 +1130,13 @@ fn check_entry(p: &ProcessorConfig) -> Result<(), String> {
             return Err("timeout_ms must be at least 1: every call would time out".into());
         }
         ProcessorConfig::Http {
+            rate_limit: None,
+            burst: Some(_),
+            ..
+        } => {
+            return Err("`burst` shapes a `rate_limit`, and none is given".into());
+        }
+        ProcessorConfig::Http {
             respond_as: Some(response),
             ..
         } => {
@@ -1374,6 +1377,11 @@ name = "faults"
         assert!(err.contains("method `FETCH`"), "{err}");
         assert!(with("client_cert = \"c.pem\"").contains("client_key"));
         assert!(with("timeout_ms = 0").contains("timeout_ms must be at least 1"));
+        let err = Config::parse(&FULL.replace("rate_limit = 500\n", "burst = 10\n"))
+            .unwrap()
+            .check()
+            .unwrap_err();
+        assert!(err.contains("`burst` shapes a `rate_limit`"), "{err}");
         // Its responses would come back to it, each calling the API again.
         let err = with("respond_as = \"order-paid\"");
         assert!(

@@ -1215,7 +1215,7 @@ pub async fn from_config(hubs: &Hubs, config: &ProcessorConfig) -> Result<Proces
             }
             let gateway = HttpGateway {
                 config: sink,
-                rate_limit: rate_limit.map(|r| (r, *burst)),
+                rate_limit: rate_limit.map(|r| (r, burst.unwrap_or(1))),
                 fixed_concurrency: match concurrency {
                     ConcurrencyConfig::Fixed(n) => Some(*n),
                     ConcurrencyConfig::Adaptive => None,
