@@ -369,7 +369,13 @@ pub(crate) async fn resubmit_faults(
         planned.faults.len(),
         planned.skipped.len()
     );
-    let processors = planned.processors(hubs, config).await?;
+    // A dry run builds no processor: building one can create a hub file or connect to a
+    // server, and a dry run does nothing.
+    let processors = if dry_run {
+        HashMap::new()
+    } else {
+        planned.processors(hubs, config).await?
+    };
     let (store, events, processors) = (&*store, &*hubs.events, &processors);
     resubmit_plan(&planned.faults, rate, dry_run, |fault| {
         Box::pin(resubmit_one(store, events, processors, fault))
@@ -476,9 +482,17 @@ async fn resubmit_plan<'a>(
     let bar = progress(plan.len() as u64, "resubmitting");
     for fault in plan {
         limiter.acquire().await;
-        let (result, detail) = resubmit(fault)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot record a resubmission of {}: {e}", fault.id))?;
+        let (result, detail) = resubmit(fault).await.map_err(|e| {
+            bar.finish_and_clear();
+            anyhow::anyhow!(
+                "cannot record a resubmission of {}: {e} (stopped after {} resubmitted: {} \
+                 succeeded, {} failed)",
+                fault.id,
+                outcome.succeeded + outcome.failed,
+                outcome.succeeded,
+                outcome.failed
+            )
+        })?;
         match result {
             ResubmitOutcome::Succeeded => outcome.succeeded += 1,
             ResubmitOutcome::Failed => {

@@ -377,6 +377,53 @@ fn fields_are_encrypted_on_the_way_to_another_hub_and_decrypted_into_a_view_ther
     says(&out, "`decrypt` needs keys: add `[encryption] key_file");
 }
 
+/// A dry run of `faults resubmit` builds none of the processors it would send to: a forward
+/// processor's hub file is not created by it.
+#[test]
+fn a_dry_run_resubmission_builds_no_processor() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("floodway.key"),
+        "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n",
+    )
+    .unwrap();
+    let forward = "[encryption]\nkey_file = \"floodway.key\"\n\n[[processors]]\nkind = \"forward\"\nname = \"archive\"\ntypes = [\"customer-*\"]\nto = \"archive.db\"\nencrypt = [\"email\"]\n";
+    std::fs::write(
+        d.join("floodway.toml"),
+        common::embedded(2, forward, common::FAULT_MONITOR),
+    )
+    .unwrap();
+    // An email that does not read (a lone surrogate) cannot be encrypted: a fault of `archive`.
+    let lines = [
+        r#"{"id":"c-1","type":"customer-created","timestamp":1,"partitionKey":"c-1","customer":{"email":"\ud800"}}"#.to_owned(),
+    ];
+    publish(d, "customers.jsonl", &lines);
+    let faulted = || {
+        let out = floodway(d, &["faults", "list", "--config", "floodway.toml"]);
+        text(&out).contains("archive/archive/encrypt: UnreadablePayload")
+    };
+    run_until(d, "floodway.toml", faulted);
+    std::fs::remove_file(d.join("archive.db")).unwrap();
+
+    let out = floodway(
+        d,
+        &[
+            "faults",
+            "resubmit",
+            "--config",
+            "floodway.toml",
+            "--dry-run",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    says(&out, "would resubmit");
+    assert!(
+        !d.join("archive.db").exists(),
+        "the dry run made the forward processor's hub"
+    );
+}
+
 /// `hub publish` streams its input: a file of several chunks is stored whole, a bad line is
 /// reported by its number; `--atomic` stores nothing when a line is bad, from a file or from
 /// standard input.

@@ -19,10 +19,10 @@
 //!   "id": "51aa...", "faultId": "9f0c...",
 //!   "type": "fault", "timestamp": 1700000000000, "partitionKey": "o-1",
 //!   "tags": {"processor": "orders", "pipeline": "materialize", "step": "validate-2",
-//!            "source": "sqlite:hub"},
+//!            "source": "hub:floodway.db"},
 //!   "err": {"name": "InvalidPayload", "message": "...", "class": "poison", "attempts": 1},
 //!   "uow": {
-//!     "record": {"source": "sqlite:hub", "partition": "3", "offset": 1042, "attempt": 1,
+//!     "record": {"source": "hub:floodway.db", "partition": "3", "offset": 1042, "attempt": 1,
 //!                "encoding": "utf8", "data": "{\"id\":...}"},
 //!     "event": {"id": "...", "type": "order-submitted", "customer": {"email": "[REDACTED]"}}
 //!   }
@@ -559,7 +559,10 @@ pub(crate) fn fault_event(
     // A raise is named by the fault, the time and a random part: two raises in one
     // millisecond, from two processes, still differ.
     let raise = stable_id(&[&id, &timestamp.to_string(), &fastrand::u64(..).to_string()]);
-    let event_out = event.map(|e| {
+    // An event whose payload does not read (a lone surrogate, a number out of range) is left
+    // out: embedded, it would make the fault itself unreadable, and stop the fault monitor.
+    // The record's bytes carry it, escaped.
+    let event_out = event.filter(|e| e.check_payload().is_ok()).map(|e| {
         let raw = e
             .source_text()
             .filter(|_| redacted.is_empty())
@@ -715,6 +718,22 @@ mod tests {
         assert_ne!(fault_id(&a), fault_id(&d));
         // Without redaction the record is carried verbatim.
         let details: FaultDetails = other.payload().unwrap();
+        assert_eq!(details.uow.record.bytes().unwrap(), data.as_bytes());
+    }
+
+    /// A fault of an event whose payload does not read is itself readable: the event is left
+    /// out, the record's bytes carry it.
+    #[test]
+    fn a_fault_of_an_unreadable_payload_reads() {
+        let data = r#"{"id":"c-1","type":"t","timestamp":1,"partitionKey":"k","email":"\ud800"}"#;
+        let record = Record::new("hub:h", "0", 1, data);
+        let event = Event::decode(data.as_bytes()).unwrap();
+        assert!(event.check_payload().is_err());
+        let err = Error::poison_msg("UnreadablePayload", "the payload does not read");
+        let fault = fault_event(ORIGIN, &record, 0, Some(&event), &err, &[]);
+        let again = Event::decode(fault.to_json().as_bytes()).unwrap();
+        let details: FaultDetails = again.payload().expect("a fault that reads");
+        assert!(details.uow.event.is_none());
         assert_eq!(details.uow.record.bytes().unwrap(), data.as_bytes());
     }
 
