@@ -800,7 +800,8 @@ fn treated(
 
 impl HttpSink {
     /// Sends a batch's events one after another, so that a key's events reach the service in
-    /// order; the first that fails stops the batch (see [`deliver_in_order`]).
+    /// order; the first that fails, unless it is poison, stops the batch (see
+    /// [`deliver_in_order`]).
     async fn write(&self, batch: Batch) -> Result<Delivery, Error> {
         deliver_in_order(&batch, |uow| self.send(uow.event())).await
     }

@@ -85,6 +85,8 @@ struct Inner {
     message: String,
     retry_after: Option<Duration>,
     attempts: u32,
+    /// The call that failed delivered part of its batch: the target is up.
+    partial: bool,
     source: Option<BoxError>,
 }
 
@@ -108,6 +110,7 @@ impl Error {
             message: cause.to_string(),
             retry_after: None,
             attempts: 1,
+            partial: false,
             source: Some(Box::new(cause)),
         }))
     }
@@ -126,6 +129,7 @@ impl Error {
             message: message.into(),
             retry_after: None,
             attempts: 1,
+            partial: false,
             source: None,
         }))
     }
@@ -222,6 +226,7 @@ impl Error {
             message,
             retry_after: self.0.retry_after,
             attempts: self.0.attempts,
+            partial: self.0.partial,
             source: None,
         }))
     }
@@ -231,6 +236,18 @@ impl Error {
     #[must_use]
     pub fn copied(&self) -> Self {
         self.echo(self.0.message.clone())
+    }
+
+    /// Marks the error of a call that delivered part of its batch: proof the target is up,
+    /// whatever happened to the rest.
+    pub(crate) fn delivered_part(mut self) -> Self {
+        self.0.partial = true;
+        self
+    }
+
+    /// Whether the call that failed delivered part of its batch.
+    pub(crate) fn is_partial(&self) -> bool {
+        self.0.partial
     }
 
     pub(crate) fn with_attempts(mut self, attempts: u32) -> Self {

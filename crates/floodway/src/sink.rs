@@ -242,13 +242,14 @@ where
 }
 
 /// Delivers the entries of a batch one after another, in order, and stops at the first that
-/// fails: it is reported with its error and every entry after it as not sent (transient), so
-/// that a retry sends them again in order: the body of a sink whose target takes one event per
-/// call and must see a key's events in order.
+/// fails to be tried again: it is reported with its error and every entry after it as not sent
+/// (transient), so that a retry sends them again in order: the body of a sink whose target
+/// takes one event per call and must see a key's events in order. A poison entry does not
+/// stop it: it is faulted, never sent again, so the entries after it cannot overtake it.
 ///
 /// # Errors
-/// A failure of the first entry fails the call as a whole (nothing was delivered), as does a
-/// fatal one.
+/// A failure of the first entry that is not poison fails the call as a whole (nothing was
+/// delivered), as does a fatal one.
 pub async fn deliver_in_order<'a, F, Fut>(batch: &'a Batch, mut f: F) -> Result<Delivery, Error>
 where
     F: FnMut(&'a Uow) -> Fut,
@@ -257,8 +258,14 @@ where
     let mut delivery = Delivery::complete();
     for (i, uow) in batch.items().iter().enumerate() {
         let Err(error) = f(uow).await else { continue };
-        if i == 0 || error.class() == crate::ErrorClass::Fatal {
-            return Err(error);
+        match error.class() {
+            crate::ErrorClass::Fatal => return Err(error),
+            crate::ErrorClass::Poison => {
+                delivery.fail(i, error);
+                continue;
+            }
+            _ if i == 0 => return Err(error),
+            _ => {}
         }
         delivery.fail(i, error);
         for later in i + 1..batch.len() {
@@ -471,6 +478,9 @@ impl Attempt {
             None => (i < self.batch.len()).then_some(i),
             Some(p) => p.get(i).copied(),
         };
+        // Some entry of this call delivered: the target is up (a sink whose failing entries
+        // are always the same ones must not look like one that is down).
+        let delivered = delivery.failed().len() < sent.count;
         let mut progress = self.lock();
         self.shared.partial.store(true, Ordering::Release);
         let mut pending = Vec::new();
@@ -493,12 +503,17 @@ impl Attempt {
             .or_else(|| last.iter().find(|(_, e)| e.is_throttle()))
             .or_else(|| last.first())
             .map(|(_, e)| {
-                e.echo(format!(
+                let error = e.echo(format!(
                     "{} of {} entries failed; the first: {}",
                     last.len(),
                     sent.count,
                     e.message()
-                ))
+                ));
+                if delivered {
+                    error.delivered_part()
+                } else {
+                    error
+                }
             });
         progress.pending = pending;
         progress.last = last;
@@ -699,6 +714,33 @@ mod tests {
             first.is_err(),
             "nothing delivered: the call failed as a whole"
         );
+    }
+
+    /// A poison entry is faulted, never sent again: the entries after it are sent, and only
+    /// the poison ones are reported (none taken for not sent and faulted with them).
+    #[tokio::test]
+    async fn in_order_delivery_goes_past_poison_entries() {
+        let b = batch(5);
+        let mut sent = Vec::new();
+        let delivery = deliver_in_order(&b, |uow| {
+            sent.push(uow.event().id().to_owned());
+            let poison = ["e0", "e1", "e3"].contains(&uow.event().id());
+            async move {
+                if poison {
+                    Err(Error::poison_msg("Rejected", "404"))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(sent, ["e0", "e1", "e2", "e3", "e4"]);
+        assert_eq!(positions(&delivery), vec![0, 1, 3]);
+        assert!(delivery
+            .failed()
+            .iter()
+            .all(|(_, e)| e.class() == crate::ErrorClass::Poison));
     }
 
     #[test]

@@ -519,6 +519,47 @@ async fn an_entry_failing_transiently_for_good_is_faulted_alone_once_its_retries
     );
 }
 
+/// Behind the breaker, with a failing entry in every batch: each call delivers the rest, so
+/// the target is up, and the entries that fail while it is up are faulted; the breaker does
+/// not take a target that takes most of every batch for one that is down.
+#[tokio::test(start_paused = true)]
+async fn entries_failing_for_good_in_every_batch_are_faulted_behind_the_breaker() {
+    let kit = TestKit::new();
+    let sink = failing_entries(
+        &["e-5", "e-13", "e-21"],
+        |_| true,
+        || Error::transient_msg("InternalFailure", "500 for this payload"),
+    );
+    let breaker = CircuitBreaker::new(BreakerConfig::default(), "target");
+    let pipeline = Pipeline::builder("batched")
+        .batch(BatchConfig::count(8))
+        .resilience(Resilience::default().shared_breaker(breaker.clone()))
+        .sink(sink.clone())
+        .unwrap();
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(3600),
+        run_pipeline(&kit, pipeline, &events(24, 4)),
+    )
+    .await
+    .expect("the run ends: the failing entries are faulted, not held for ever")
+    .unwrap();
+    let mut faulted: Vec<String> = kit
+        .faults()
+        .iter()
+        .map(|f| f.payload::<FaultDetails>().unwrap().uow.event.unwrap()["id"].to_string())
+        .collect();
+    faulted.sort();
+    assert_eq!(faulted, ["\"e-13\"", "\"e-21\"", "\"e-5\""]);
+    assert_eq!(sink.delivered().len(), 21);
+    assert_eq!(breaker.opens(), 0, "the target was never down");
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_entry_reported_in_an_outage_is_held_until_the_target_is_back() {
     let sink = failing_entries(

@@ -301,9 +301,11 @@ impl Shared {
     }
 
     /// Whether a call let through after a failure that happened at admission number
-    /// `failed_at` has succeeded.
+    /// `failed_at` has succeeded, and since the breaker last opened: a success from before
+    /// an opening says nothing of the target since.
     fn healthy_since(&self, failed_at: u64) -> bool {
-        self.succeeded.load(Ordering::SeqCst) > failed_at
+        let opened_at = self.state.lock().unwrap().opened_at;
+        self.succeeded.load(Ordering::SeqCst) > failed_at.max(opened_at)
     }
 
     /// A held call failed again with no sign of health since its first failure, or a probe
@@ -340,6 +342,13 @@ impl Policy for CircuitBreaker {
                 }
                 Err(err) => err,
             };
+            // Part of the batch was delivered: the target is up. What failed is held once
+            // more, as any call's first failure, and then judged by that success: entries
+            // that fail for good in every batch are faulted, not taken for an outage.
+            let partial = err.is_partial();
+            if partial {
+                shared.on_success(admission, number);
+            }
             match err.class() {
                 // A poison answer still proves the target is up.
                 ErrorClass::Poison => {
@@ -391,8 +400,13 @@ impl Policy for CircuitBreaker {
                     metrics::counter!("floodway_breaker_held_total", "sink" => shared.label.to_string())
                         .increment(1);
                     tracing::debug!(sink = %shared.label, error = %err, "call held by the breaker");
-                    failed_at = Some(shared.admitted.load(Ordering::SeqCst));
-                    if admission == Admission::Probe {
+                    failed_at = Some(if partial {
+                        // Failed after a success of its own.
+                        number - 1
+                    } else {
+                        shared.admitted.load(Ordering::SeqCst)
+                    });
+                    if admission == Admission::Probe && !partial {
                         shared.on_outage_suspected(admission);
                     }
                     // What the target asked for is waited, before the call goes again (a

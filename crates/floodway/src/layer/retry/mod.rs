@@ -101,12 +101,17 @@ impl Policy for Retrying {
         }
         let started = Instant::now();
         let mut attempt = 1;
+        // Whether an attempt delivered part of its batch: said with the error given up on,
+        // though later attempts sent only what was left (the breaker reads it).
+        let mut partial = false;
         loop {
             // The future owns its service: every attempt calls it, none clones it.
             let err = match inner.call().await {
                 Ok(response) => return Ok(response),
                 Err(err) => err,
             };
+            partial |= err.is_partial();
+            let err = if partial { err.delivered_part() } else { err };
             if err.class() != ErrorClass::Transient || attempt >= policy.max_attempts {
                 return Err(err.with_attempts(attempt));
             }
