@@ -231,15 +231,21 @@ impl Update {
     /// Poison, naming the field.
     pub fn check(&self) -> Result<(), Error> {
         let bad = |why: String| Err(Error::poison_msg("InvalidUpdate", why));
-        // Every update is checked on its way to a store: a few names, compared without
-        // allocating.
+        // Every update is checked on its way to a store: a few names are compared without
+        // allocating, many through a set (a whole event copied field by field may have a
+        // hundred thousand).
         let names = || {
             self.set
                 .iter()
                 .map(|(f, _)| f)
                 .chain(&self.remove)
                 .chain(self.add.iter().map(|(f, _)| f))
+                .chain(self.delete.iter().map(|(f, _)| f))
         };
+        let mut seen = names()
+            .nth(16)
+            .is_some()
+            .then(std::collections::HashSet::<&str>::new);
         for (i, field) in names().enumerate() {
             if field.is_empty() {
                 return bad("a field has no name".into());
@@ -247,7 +253,11 @@ impl Update {
             if RESERVED.contains(&field.as_str()) {
                 return bad(format!("{field} is the row's own; it cannot be written"));
             }
-            if names().take(i).any(|f| f == field) {
+            let twice = match &mut seen {
+                Some(seen) => !seen.insert(field),
+                None => names().take(i).any(|f| f == field),
+            };
+            if twice {
                 return bad(format!("{field} is written twice by one update"));
             }
         }
@@ -259,9 +269,6 @@ impl Update {
             }
         }
         for (field, value) in &self.delete {
-            if RESERVED.contains(&field.as_str()) {
-                return bad(format!("{field} is the row's own; it cannot be written"));
-            }
             if !value.is_array() {
                 return bad(format!("delete from {field}: {value} is not a set"));
             }
@@ -848,8 +855,13 @@ fn add_numbers(a: &serde_json::Number, b: Option<&serde_json::Number>) -> Value 
     };
     match (a.as_i64(), b.as_i64()) {
         (Some(x), Some(y)) if x.checked_add(y).is_some() => Value::from(x + y),
-        _ => serde_json::Number::from_f64(a.as_f64().unwrap_or(0.0) + b.as_f64().unwrap_or(0.0))
-            .map_or(Value::Null, Value::Number),
+        // Past what a double holds, the count stays at its greatest (not null, which the
+        // next add would take for no count and start again from).
+        _ => {
+            let sum = a.as_f64().unwrap_or(0.0) + b.as_f64().unwrap_or(0.0);
+            serde_json::Number::from_f64(sum.clamp(f64::MIN, f64::MAX))
+                .map_or(Value::Null, Value::Number)
+        }
     }
 }
 
@@ -1026,7 +1038,8 @@ impl Debug for Lookup {
     }
 }
 
-/// Rows a partition query of [`Lookup`] reads at most.
+/// Rows a partition query of [`Lookup`] reads at most: a partition holding more is a poison
+/// error for the event that asked, not an array cut short.
 pub const LOOKUP_QUERY_LIMIT: usize = 1_000;
 
 impl Lookup {
@@ -1077,7 +1090,9 @@ impl Lookup {
             read()
                 .await
                 .map(Arc::new)
-                .map_err(|e| Error::transient_msg("RowRead", e.to_string()))
+                // A store's own class kept: a fatal read (a damaged file) stops the
+                // processor, a poison one (a key the store cannot hold) faults the event.
+                .map_err(|e| crate::error::keeping_class(e, "RowRead"))
         })
         .await
         .cloned()
@@ -1086,7 +1101,7 @@ impl Lookup {
     /// The row at `key`, unless absent.
     ///
     /// # Errors
-    /// A failed read, transient.
+    /// A failed read, of the store's class (a read that failed otherwise is transient).
     pub async fn get(&self, key: &RowKey) -> Result<Option<Row>, Error> {
         let rows = self
             .cached(CacheKey::Get(key.clone()), || async {
@@ -1096,16 +1111,33 @@ impl Lookup {
         Ok(rows.first().cloned())
     }
 
-    /// The rows of partition `pk` whose sort keys start with `sk_prefix`, in order (at most
-    /// [`LOOKUP_QUERY_LIMIT`]).
+    /// The rows of partition `pk` whose sort keys start with `sk_prefix`, in order.
     ///
     /// # Errors
-    /// A failed read, transient.
+    /// A failed read, of the store's class; poison when there are more than
+    /// [`LOOKUP_QUERY_LIMIT`] such rows (an enrichment is not cut short without a word).
     pub async fn query(&self, pk: &str, sk_prefix: &str) -> Result<Arc<Vec<Row>>, Error> {
         let key = CacheKey::Query(pk.to_owned(), sk_prefix.to_owned());
         self.cached(key, || async {
-            let query = RowQuery::partition(pk, LOOKUP_QUERY_LIMIT).sk_prefix(sk_prefix);
-            self.rows.query(&query).await
+            let query = RowQuery::partition(pk, LOOKUP_QUERY_LIMIT + 1).sk_prefix(sk_prefix);
+            let rows = self.rows.query(&query).await?;
+            if rows.len() > LOOKUP_QUERY_LIMIT {
+                return Err(Error::poison_msg(
+                    "LookupTooLarge",
+                    format!(
+                        "partition {pk} of {} holds more than {LOOKUP_QUERY_LIMIT} rows{}: \
+                         too many to read into one event",
+                        self.rows.name(),
+                        if sk_prefix.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" under {sk_prefix}")
+                        }
+                    ),
+                )
+                .into());
+            }
+            Ok(rows)
         })
         .await
     }
@@ -1480,6 +1512,88 @@ mod tests {
             "read again later"
         );
         assert_eq!(lookup.query("c1", "").await.unwrap().len(), 1);
+    }
+
+    /// A lookup keeps the class of what its store failed with, and refuses to hand out part
+    /// of a partition.
+    #[tokio::test]
+    async fn lookups_keep_the_stores_error_class_and_never_cut_a_partition_short() {
+        #[derive(Debug)]
+        struct Failing(crate::error::ErrorClass);
+        impl RowStore for Failing {
+            fn name(&self) -> &str {
+                "failing"
+            }
+            fn update<'a>(&'a self, _: &'a [Update]) -> HubFuture<'a, Vec<Outcome>> {
+                Box::pin(async { Ok(Vec::new()) })
+            }
+            fn get<'a>(&'a self, _: &'a RowKey) -> HubFuture<'a, Option<Row>> {
+                let class = self.0;
+                Box::pin(async move {
+                    Err(Error::fatal_msg("Broken", "the store failed")
+                        .with_class(class)
+                        .into())
+                })
+            }
+            fn query<'a>(&'a self, _: &'a RowQuery) -> HubFuture<'a, Vec<Row>> {
+                Box::pin(async { Err("no connection".into()) })
+            }
+        }
+        use crate::error::ErrorClass;
+        for class in [ErrorClass::Fatal, ErrorClass::Poison, ErrorClass::Outage] {
+            let lookup = Lookup::new(Arc::new(Failing(class)));
+            let err = lookup.get(&key()).await.unwrap_err();
+            assert_eq!(err.class(), class, "{err}");
+        }
+        let lookup = Lookup::new(Arc::new(Failing(ErrorClass::Fatal)));
+        let err = lookup.query("o1", "").await.unwrap_err();
+        assert_eq!(
+            err.class(),
+            ErrorClass::Transient,
+            "an error of no class: {err}"
+        );
+
+        let store = Arc::new(MemoryRows::new("t"));
+        let rows: Vec<Update> = (0..=LOOKUP_QUERY_LIMIT)
+            .map(|i| Update::new(RowKey::new("big", format!("line-{i:05}")), v(1, "a")).set("n", i))
+            .collect();
+        store.update(&rows).await.unwrap();
+        let lookup = Lookup::new(store.clone());
+        let err = lookup.query("big", "").await.unwrap_err();
+        assert_eq!(
+            (err.class(), err.name()),
+            (ErrorClass::Poison, "LookupTooLarge"),
+            "{err}"
+        );
+        let under = lookup.query("big", "line-000").await.unwrap();
+        assert_eq!(under.len(), 100, "a prefix under the limit reads whole");
+    }
+
+    #[test]
+    fn an_update_names_each_field_once_whatever_it_does_to_it() {
+        let twice = Update::new(key(), v(1, "a"))
+            .set("tags", json!(["a"]))
+            .delete("tags", json!(["b"]));
+        let err = twice.check().unwrap_err();
+        assert!(err.to_string().contains("tags is written twice"), "{err}");
+        // Many fields are checked through a set, in linear time.
+        let mut many = Update::new(key(), v(1, "a"));
+        for i in 0..100_000 {
+            many = many.set(format!("f{i}"), i);
+        }
+        let started = std::time::Instant::now();
+        many.check().unwrap();
+        let err = many.clone().add("f99999", 1).check().unwrap_err();
+        assert!(err.to_string().contains("f99999 is written twice"), "{err}");
+        // Generous: the quadratic check took minutes here.
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    }
+
+    #[test]
+    fn a_count_past_what_a_double_holds_stays_a_number() {
+        let add = |id: &str| Update::new(key(), v(1, id)).add("n", 1e308);
+        let row = run(&[add("a"), add("b"), add("c")]).unwrap();
+        assert_eq!(row.fields["n"], json!(f64::MAX), "{:?}", row.fields);
     }
 
     #[test]
