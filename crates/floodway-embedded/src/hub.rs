@@ -174,6 +174,20 @@ impl Hub {
         if events.is_empty() {
             return Ok(PublishReceipt::default());
         }
+        // An event without an id or a type is refused, not stored: no processor could read
+        // it, and with the empty id as the idempotency key every such event after the first
+        // would be taken for a repeat of it and dropped without a word.
+        if let Some(e) = events
+            .iter()
+            .find(|e| e.id().is_empty() || e.event_type().is_empty())
+        {
+            return Err(HubError::Invalid(format!(
+                "an event needs an id and a type (id `{}`, type `{}`, partition key `{}`)",
+                e.id(),
+                e.event_type(),
+                e.partition_key()
+            )));
+        }
         let rows = events
             .iter()
             .map(|e| Row {

@@ -227,7 +227,12 @@ pub(crate) fn prune_dedupe(
     let oldest: Option<i64> = tx
         .prepare_cached("SELECT min(published) FROM dedupe")?
         .query_row([], |r| r.get(0))?;
-    Ok((deleted, oldest.map_or(now, |t| t.max(cutoff)) + window_ms))
+    Ok((
+        deleted,
+        oldest
+            .map_or(now, |t| t.max(cutoff))
+            .saturating_add(window_ms),
+    ))
 }
 
 impl Writer {
@@ -408,8 +413,9 @@ pub(crate) fn first_unread_published(
     Ok(oldest)
 }
 
-/// The last offset published before `time` in a partition (0 if none; just below the first
-/// offset held if every event held is at or after `time`).
+/// The last offset published before `time` in a partition (just below the first offset held
+/// if every event held is at or after `time`; the partition's last offset when retention
+/// has deleted all it held, 0 when nothing was ever published to it).
 pub(crate) fn offset_before(conn: &Connection, partition: u32, time: i64) -> rusqlite::Result<u64> {
     // Segments are published in offset order and every event of one shares its publish time:
     // binary search over the segments' first offsets, by point lookups.
@@ -419,7 +425,16 @@ pub(crate) fn offset_before(conn: &Connection, partition: u32, time: i64) -> rus
         |r| Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?)),
     )?;
     let Some((mut lo, mut hi)) = bounds else {
-        return Ok(0);
+        // Nothing held: whatever was published is gone, and there is nothing before `time`
+        // left to read (starting at 0 would count it all as lag, then as lost).
+        let last: Option<i64> = conn
+            .query_row(
+                "SELECT last_offset FROM partitions WHERE partition = ?1",
+                [partition],
+                |r| r.get(0),
+            )
+            .optional()?;
+        return Ok(last.map_or(0, |l| l.max(0) as u64));
     };
     // The first segment starting at or after `offset`: (its first offset, last offset, time).
     let segment = |offset: i64| -> rusqlite::Result<Option<(i64, i64, i64)>> {

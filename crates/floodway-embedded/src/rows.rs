@@ -9,7 +9,7 @@ use floodway::hub::HubFuture;
 use floodway::idempotence::Version;
 use floodway::rows::{merge_with, Outcome, Row, RowKey, RowMeta, RowQuery, RowStore, Update};
 use floodway::Event;
-use rusqlite::{Connection, Transaction};
+use rusqlite::{Connection, OptionalExtension as _, Transaction};
 
 use crate::error::HubError;
 use crate::inbox::Inbox;
@@ -105,9 +105,23 @@ impl RowTable {
                  disc TEXT, time INTEGER NOT NULL, event TEXT NOT NULL, fields TEXT NOT NULL, \
                  meta TEXT NOT NULL, expires INTEGER, live INTEGER NOT NULL, \
                  PRIMARY KEY (pk, sk)) WITHOUT ROWID; \
-                 CREATE INDEX IF NOT EXISTS {table}_expires ON {table} (expires) \
+                 CREATE INDEX IF NOT EXISTS \"{table}.expires\" ON {table} (expires) \
                  WHERE expires IS NOT NULL;"
             ))?;
+            // The index's name has a character no table name has: tables and indexes share
+            // one namespace, and `{table}_expires`, its name in files made by earlier
+            // builds, is the table of the row table `{name}_expires`.
+            let earlier: Option<String> = conn
+                .query_row(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND name = ?1 \
+                     AND tbl_name = ?2",
+                    (format!("{table}_expires"), &table),
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(index) = earlier {
+                conn.execute_batch(&format!("DROP INDEX \"{index}\""))?;
+            }
             outbox::create(&conn)?;
             Ok(())
         })?;

@@ -103,11 +103,12 @@ impl Segment {
 
     /// The next event and its offset; `None` after the last.
     pub(crate) fn next_event(&mut self) -> Result<Option<(u64, Bytes)>, HubError> {
+        // The bounds come from the file: a damaged one is an error, never an overflow.
         if self.at == self.data.len() {
-            if self.next != self.last + 1 {
+            if self.last.checked_add(1) != Some(self.next) {
                 return Err(corrupt(format!(
                     "segment ends at offset {} instead of {}",
-                    self.next - 1,
+                    self.next.saturating_sub(1),
                     self.last
                 )));
             }
@@ -127,8 +128,9 @@ impl Segment {
         }
         let event = self.data.slice(start..start + len);
         self.at = start + len;
-        self.next += 1;
-        Ok(Some((self.next - 1, event)))
+        let offset = self.next;
+        self.next = offset.saturating_add(1);
+        Ok(Some((offset, event)))
     }
 
     /// Whether every event has been read.
@@ -138,7 +140,10 @@ impl Segment {
 
     /// Every event left, with its offset.
     pub(crate) fn events(mut self) -> Result<Vec<(u64, Bytes)>, HubError> {
-        let mut out = Vec::with_capacity((self.last + 1).saturating_sub(self.next) as usize);
+        // At most one event per four bytes, whatever the stored bounds say.
+        let count = self.last.saturating_add(1).saturating_sub(self.next);
+        let mut out =
+            Vec::with_capacity(usize::try_from(count).map_or(0, |c| c.min(self.data.len() / 4)));
         while let Some(event) = self.next_event()? {
             out.push(event);
         }
@@ -156,6 +161,22 @@ fn corrupt(detail: String) -> HubError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bounds a damaged file gives a segment are an error, not an allocation of terabytes or
+    /// an overflow.
+    #[test]
+    fn damaged_bounds_are_corrupt_not_a_crash() {
+        let mut filling = Filling::after(0);
+        filling.push(b"{}");
+        let (_, _, data) = filling.take().unwrap();
+        for (first, last) in [(1, 1 << 40), (0, u64::MAX), (5, 2)] {
+            let read = Segment::new(first, last, Bytes::from(data.clone())).events();
+            assert!(
+                matches!(read, Err(HubError::Corrupt { .. })),
+                "{first}..={last}: {read:?}"
+            );
+        }
+    }
 
     #[test]
     fn events_come_back_with_their_offsets() {

@@ -248,7 +248,11 @@ impl Hub {
         options: SubscriptionOptions,
     ) -> Result<Subscription, HubError> {
         let wait = self.inner.store.options.lease_wait;
-        let deadline = tokio::time::Instant::now() + wait;
+        // A wait too long for the clock to count (`Duration::MAX`) is a wait of a century.
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(wait)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         let mut told = false;
         loop {
             let attempt = {

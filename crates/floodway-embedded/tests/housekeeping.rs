@@ -289,6 +289,15 @@ async fn retention_keeps_what_a_subscription_has_not_read() {
     let report = hub.apply_retention(&by_age).unwrap();
     assert_eq!(report.kept_unread, 0, "{report:?}");
     assert_eq!(hub.stats().unwrap().partitions[0].events, 0, "all deleted");
+    // A subscription from a time, on the partition emptied: nothing before it left to read,
+    // so it starts at the end, not at 0 (100 events of lag, then 100 taken for lost).
+    let from_now = floodway_embedded::SubscriptionOptions {
+        start: floodway::hub::StartAt::Time(floodway::event::now_millis()),
+        ..bounded()
+    };
+    let (mut reader, _) = hub.subscribe("late", from_now).unwrap().split();
+    assert_eq!(hub.lag("late").unwrap(), 0);
+    assert!(reader.next_batch(100).await.unwrap().is_none());
 }
 
 #[tokio::test]

@@ -83,6 +83,40 @@ async fn idempotent_publish_stores_a_duplicate_once() {
     // A plain publish does not deduplicate.
     hub.publish(&events[..1]).await.unwrap();
     assert_eq!(read_all(&hub, "t", bounded()).await.len(), 11);
+    // Events without an id are refused (poison), not stored once and then taken for repeats.
+    let no_id = |key: &str| Event::builder("order-paid", key).id("").build();
+    let refused = hub
+        .publish_idempotent(&[no_id("k1"), no_id("k2")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, floodway_embedded::HubError::Invalid(_)),
+        "{refused}"
+    );
+    assert!(hub.publish(&[no_id("k3")]).await.is_err());
+    assert_eq!(read_all(&hub, "u", bounded()).await.len(), 11);
+}
+
+/// A dedupe window too long to count is "for ever", not an overflow that stops the writer.
+#[tokio::test]
+async fn a_dedupe_window_of_no_end_remembers_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open_with(
+        dir.path(),
+        HubOptions {
+            dedupe_window: Duration::MAX,
+            lease_wait: Duration::MAX,
+            ..HubOptions::default()
+        },
+    );
+    let events = generate::orders(3, 2);
+    hub.publish_idempotent(&events).await.unwrap();
+    let again = hub.publish_idempotent(&events).await.unwrap();
+    assert_eq!((again.stored(), again.duplicates), (0, 3));
+    let subscription = hub
+        .subscribe_waiting("s", SubscriptionOptions::default())
+        .await;
+    assert!(subscription.is_ok());
 }
 
 #[tokio::test]

@@ -189,3 +189,32 @@ fn the_outbox_holds_each_change_with_its_row() {
     let pending = hub.outbox().unwrap().pending(100).unwrap();
     assert_eq!(pending.len(), 6, "the five before and o5's creation");
 }
+
+/// Row tables `x` and `x_expires` live side by side (tables and indexes share SQLite's names),
+/// also in a file made by a build that named the first one's index `rows_x_expires`.
+#[test]
+fn a_row_table_named_like_anothers_index_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rows.db");
+    let hub = Hub::open(&path, HubOptions::default()).unwrap();
+    hub.rows("x").unwrap();
+    let earlier = rusqlite::Connection::open(&path).unwrap();
+    earlier
+        .execute_batch("CREATE INDEX rows_x_expires ON rows_x (expires) WHERE expires IS NOT NULL")
+        .unwrap();
+    hub.rows("x").unwrap();
+    let expiring = hub.rows("x_expires").unwrap();
+    let count = |name: &str| -> i64 {
+        earlier
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(count("rows_x_expires"), 1, "the table, no longer the index");
+    assert_eq!(count("rows_x.expires"), 1);
+    assert_eq!(count("rows_x_expires.expires"), 1);
+    drop(expiring);
+}
