@@ -198,6 +198,8 @@ async fn resubmit_from_the_console(d: &Path, moto: &Moto, runtime: &LocalRuntime
         .args([
             "--function",
             "orders-view",
+            "--processor",
+            "orders-view",
             "--lambda-endpoint",
             &runtime.endpoint(),
         ])

@@ -342,6 +342,13 @@ async fn the_console_api_guards_and_records_every_action() {
     assert_eq!(http(port, "GET", "/api/faults", &evil, None).await.0, 421);
     let (_, list) = http(port, "GET", "/api/faults?status=open", &[], None).await;
     assert_eq!(list["total"], json!(faults_among(100)), "{list}");
+    let (_, any) = http(port, "GET", "/api/faults?status=any", &[], None).await;
+    assert_eq!(any["total"], list["total"], "{any}");
+    let (status, unknown) = http(port, "GET", "/api/faults?status=all", &[], None).await;
+    assert_eq!(
+        status, 400,
+        "a status it does not know is refused: {unknown}"
+    );
     let ids: Vec<&str> = list["faults"]
         .as_array()
         .unwrap()
@@ -410,6 +417,18 @@ async fn the_console_api_guards_and_records_every_action() {
     assert_eq!(
         (job["state"].clone(), job["done"].clone()),
         (json!("done"), json!(events))
+    );
+    // The orders the view takes, the same faults again, and the rest (the fault events the
+    // log holds beside them) skipped: not counted as succeeded.
+    let faulted = u64::try_from(faults_among(100)).unwrap();
+    assert_eq!(
+        (
+            job["succeeded"].clone(),
+            job["failed"].clone(),
+            job["skipped"].clone()
+        ),
+        (json!(100 - faulted), json!(faulted), json!(events - 100)),
+        "{job}"
     );
 
     // A fault resolved between the dry run and its confirmation (here by the command, after

@@ -447,8 +447,11 @@ impl Console {
         };
         let mut j = job.lock().unwrap();
         j.done = report.received;
+        // As `floodway replay` counts: what the processor's sinks took, what it faulted, and
+        // the rest, the events none of its pipelines takes.
         j.failed = report.faults();
-        j.succeeded = report.received.saturating_sub(j.failed);
+        j.succeeded = report.pipelines.iter().map(|p| p.delivered).sum();
+        j.skipped = report.received.saturating_sub(j.succeeded + j.failed);
         Ok(())
     }
 }

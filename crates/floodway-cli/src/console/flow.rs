@@ -44,25 +44,31 @@ impl Metrics {
     }
 }
 
-/// GETs a Prometheus endpoint (plain HTTP; it is meant for a process on this machine).
+/// The most of a metrics page the console reads (a process's page is some kilobytes).
+const SCRAPE_LIMIT: usize = 8 << 20;
+
+/// GETs a Prometheus endpoint (plain HTTP; it is meant for a process on this machine). The
+/// whole exchange, body included, has 2 s: an endpoint that stalls half way through its
+/// answer must not hold up the sampling every page reads.
 async fn scrape(url: &str) -> Result<String, String> {
     use http_body_util::BodyExt as _;
     let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let response = tokio::time::timeout(Duration::from_secs(2), client.get(uri))
+    let exchange = async {
+        let response = client.get(uri).await.map_err(|e| format!("{url}: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("{url}: {}", response.status()));
+        }
+        let body = http_body_util::Limited::new(response.into_body(), SCRAPE_LIMIT)
+            .collect()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        String::from_utf8(body.to_bytes().to_vec()).map_err(|e| format!("{url}: {e}"))
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
         .await
-        .map_err(|_| format!("{url}: no answer within 2 s"))?
-        .map_err(|e| format!("{url}: {e}"))?;
-    if !response.status().is_success() {
-        return Err(format!("{url}: {}", response.status()));
-    }
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    String::from_utf8(body.to_bytes().to_vec()).map_err(|e| format!("{url}: {e}"))
+        .map_err(|_| format!("{url}: no whole answer within 2 s"))?
 }
 
 /// One metric line: its name, labels and value.
@@ -450,6 +456,34 @@ mod tests {
         assert_eq!(lines[0].value, 12.0);
         assert_eq!(lines[1].name, "floodway_rate_limit_wait_seconds_sum");
         assert!(lines[2].value.is_infinite());
+    }
+
+    /// A metrics endpoint that sends its headers and then holds the connection: the scrape
+    /// fails within its 2 s instead of waiting for the body for ever.
+    #[tokio::test]
+    async fn a_metrics_endpoint_stalling_in_its_body_fails_the_scrape_in_time() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await.unwrap();
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nfloodway_")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(socket);
+        });
+        let started = std::time::Instant::now();
+        let scraped = tokio::time::timeout(Duration::from_secs(10), scrape(&url))
+            .await
+            .expect("the scrape gives up by itself");
+        let err = scraped.expect_err("no whole answer");
+        assert!(err.contains("within 2 s"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        server.abort();
     }
 
     fn metrics(taken: u32, faulted: u32, throttles: u32, waits: (u32, f64)) -> String {

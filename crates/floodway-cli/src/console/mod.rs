@@ -56,6 +56,10 @@ pub(crate) struct ConsoleArgs {
     /// Another endpoint for Lambda only (such as a local Runtime API), with --function.
     #[arg(long, value_name = "URL", requires = "function")]
     lambda_endpoint: Option<String>,
+    /// With --function: the processor whose faults go to it (a table may hold several
+    /// processors' faults; without it, a resubmission of faults of more than one is refused).
+    #[arg(long, value_name = "NAME", requires = "function")]
+    processor: Option<String>,
     /// Where to serve the console.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7878")]
     listen: SocketAddr,
@@ -114,6 +118,8 @@ pub(crate) enum Scope {
     Lambda {
         table: String,
         function: Option<(String, Invoke)>,
+        /// The processor whose faults go to the function.
+        processor: Option<String>,
     },
 }
 
@@ -195,6 +201,7 @@ async fn lambda_scope(
     let scope = Scope::Lambda {
         table: table.to_owned(),
         function,
+        processor: args.processor.clone(),
     };
     Ok((scope, faults))
 }
@@ -202,6 +209,53 @@ async fn lambda_scope(
 #[cfg(not(feature = "aws"))]
 async fn lambda_scope(_: &ConsoleArgs, _: &str) -> anyhow::Result<(Scope, Arc<dyn FaultStore>)> {
     Err(crate::faults_cmd::without_aws())
+}
+
+/// Sorts `faults` into what a resubmission to the Lambda function `function` sends and what
+/// it cannot: a table may hold the faults of several functions, and each goes back to its own
+/// only, so the faults of another processor than `processor`, or of several when none is
+/// named, are not sent.
+fn lambda_plan(
+    function: Option<&str>,
+    processor: Option<&str>,
+    faults: Vec<StoredFault>,
+) -> crate::faults_cmd::Planned {
+    let open: std::collections::BTreeSet<&str> = faults
+        .iter()
+        .filter(|f| f.status != FaultStatus::Resolved)
+        .map(|f| f.processor.as_str())
+        .collect();
+    let several = (processor.is_none() && open.len() > 1).then(|| {
+        format!(
+            "the faults are of {} processors ({}): start the console with --processor to say \
+             which one's go to the function",
+            open.len(),
+            open.iter().copied().collect::<Vec<_>>().join(", ")
+        )
+    });
+    let mut planned = crate::faults_cmd::Planned {
+        faults: Vec::new(),
+        skipped: Vec::new(),
+    };
+    for fault in faults {
+        let why = if fault.status == FaultStatus::Resolved {
+            "resolved already".to_owned()
+        } else if function.is_none() {
+            "no function to resubmit to: start the console with --function".to_owned()
+        } else if let Some(p) = processor.filter(|p| *p != fault.processor) {
+            format!(
+                "a fault of processor `{}`: this console resubmits `{p}`'s",
+                fault.processor
+            )
+        } else if let Some(why) = &several {
+            why.clone()
+        } else {
+            planned.faults.push(fault);
+            continue;
+        };
+        planned.skipped.push((fault, why));
+    }
+    planned
 }
 
 /// Builds the console and starts serving it at `listen`; the server's task.
@@ -343,23 +397,15 @@ impl Console {
     fn plan(&self, faults: Vec<StoredFault>) -> crate::faults_cmd::Planned {
         match &self.scope {
             Scope::Hub { config, .. } => crate::faults_cmd::Planned::of(config, faults),
-            Scope::Lambda { function, .. } => {
-                let mut planned = crate::faults_cmd::Planned {
-                    faults: Vec::new(),
-                    skipped: Vec::new(),
-                };
-                for fault in faults {
-                    if fault.status == FaultStatus::Resolved {
-                        planned.skipped.push((fault, "resolved already".into()));
-                    } else if function.is_none() {
-                        let why = "no function to resubmit to: start the console with --function";
-                        planned.skipped.push((fault, why.into()));
-                    } else {
-                        planned.faults.push(fault);
-                    }
-                }
-                planned
-            }
+            Scope::Lambda {
+                function,
+                processor,
+                ..
+            } => lambda_plan(
+                function.as_ref().map(|(name, _)| name.as_str()),
+                processor.as_deref(),
+                faults,
+            ),
         }
     }
 
@@ -790,7 +836,17 @@ impl FaultQuery {
             error: given(&self.error),
             since: time(&self.since)?,
             until: time(&self.until)?,
-            status: given(&self.status).map(|s| FaultStatus::parse(&s)),
+            status: match given(&self.status).as_deref() {
+                None | Some("any") => None,
+                Some("open") => Some(FaultStatus::Open),
+                Some("resolved") => Some(FaultStatus::Resolved),
+                Some(other) => {
+                    return Err(refused(
+                        StatusCode::BAD_REQUEST,
+                        format!("status `{other}`: open, resolved or any"),
+                    ))
+                }
+            },
             // The class and step are filtered here, so the store's limit would cut too early.
             limit: None,
         })
@@ -1236,6 +1292,44 @@ mod tests {
             status,
             fault: floodway::Event::builder("fault", "p").build(),
         }
+    }
+
+    /// A table may hold several functions' faults: each goes back to its own processor only.
+    #[test]
+    fn a_lambda_resubmission_sends_one_processors_faults_only() {
+        let of = |id: &str, processor: &str| StoredFault {
+            processor: processor.into(),
+            ..stored(id, "MissingKey", (1, 2), FaultStatus::Open)
+        };
+        let faults = || vec![of("a", "orders"), of("b", "billing"), of("c", "orders")];
+        let ids = |f: &[StoredFault]| f.iter().map(|f| f.id.clone()).collect::<Vec<_>>();
+
+        let named = lambda_plan(Some("orders-fn"), Some("orders"), faults());
+        assert_eq!(ids(&named.faults), ["a", "c"]);
+        assert_eq!(named.skipped.len(), 1);
+        assert!(
+            named.skipped[0].1.contains("processor `billing`"),
+            "{:?}",
+            named.skipped
+        );
+
+        let unnamed = lambda_plan(Some("orders-fn"), None, faults());
+        assert!(unnamed.faults.is_empty());
+        assert_eq!(unnamed.skipped.len(), 3);
+        assert!(
+            unnamed.skipped[0].1.contains("--processor"),
+            "{:?}",
+            unnamed.skipped
+        );
+
+        let one = lambda_plan(Some("orders-fn"), None, vec![of("a", "orders")]);
+        assert_eq!(
+            ids(&one.faults),
+            ["a"],
+            "one processor's faults need no name"
+        );
+        let nowhere = lambda_plan(None, None, vec![of("a", "orders")]);
+        assert!(nowhere.skipped[0].1.contains("--function"));
     }
 
     #[test]
