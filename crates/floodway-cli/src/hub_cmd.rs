@@ -1,6 +1,6 @@
 //! `floodway hub`: publish, tail, generate, retain, unsubscribe, stats, upgrade.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read as _, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
@@ -282,8 +282,10 @@ impl Lines {
     fn next_event(&mut self) -> anyhow::Result<Option<Event>> {
         loop {
             self.line.clear();
-            let read = self
-                .reader
+            // At most an event's size and its line end in memory: a longer line (a file
+            // with no line ends, given by mistake) is skipped through, not held whole.
+            let read = (&mut self.reader)
+                .take(LINE_LIMIT as u64)
                 .read_until(b'\n', &mut self.line)
                 .with_context(|| format!("reading line {}", self.number + 1))?;
             if read == 0 {
@@ -291,6 +293,21 @@ impl Lines {
             }
             self.number += 1;
             self.bar.inc(read as u64);
+            if read == LINE_LIMIT && self.line.last() != Some(&b'\n') {
+                let rest = skip_line(&mut self.reader)
+                    .with_context(|| format!("reading line {}", self.number))?;
+                self.bar.inc(rest);
+                self.rejected += 1;
+                let size = (read as u64).saturating_add(rest);
+                let limit = floodway::event::DEFAULT_MAX_EVENT_SIZE;
+                self.bar.suspend(|| {
+                    eprintln!(
+                        "line {}: event is {size} bytes, over the limit of {limit} bytes",
+                        self.number
+                    );
+                });
+                continue;
+            }
             let mut text = self.line.as_slice();
             while let [rest @ .., b'\n' | b'\r'] = text {
                 text = rest;
@@ -309,6 +326,33 @@ impl Lines {
                         .suspend(|| eprintln!("line {}: {err}", self.number));
                 }
             }
+        }
+    }
+}
+
+/// The longest line `hub publish` reads: the largest event and a `\r\n`.
+const LINE_LIMIT: usize = floodway::event::DEFAULT_MAX_EVENT_SIZE + 2;
+
+/// Reads through the rest of a line, its `\n` included, without keeping it; the bytes read.
+fn skip_line(reader: &mut dyn BufRead) -> std::io::Result<u64> {
+    let mut skipped = 0u64;
+    loop {
+        let buf = match reader.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            return Ok(skipped);
+        }
+        let (used, end) = match buf.iter().position(|&b| b == b'\n') {
+            Some(at) => (at + 1, true),
+            None => (buf.len(), false),
+        };
+        reader.consume(used);
+        skipped += used as u64;
+        if end {
+            return Ok(skipped);
         }
     }
 }
@@ -556,4 +600,39 @@ async fn upgrade(args: HubArgs, force: bool) -> anyhow::Result<()> {
         other => say!("{}: {other:?}", path.display()),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line far longer than any event (a file without line ends) is one rejected line read
+    /// through in bounded memory; the events after it are read.
+    #[test]
+    fn a_line_longer_than_any_event_is_rejected_without_being_held() {
+        let mut input = vec![b'a'; 8 << 20];
+        input.extend_from_slice(
+            b"\n{\"id\":\"e-1\",\"type\":\"t\",\"timestamp\":1,\"partitionKey\":\"k\"}\n",
+        );
+        let mut lines = Lines {
+            reader: Box::new(std::io::Cursor::new(input)),
+            line: Vec::new(),
+            number: 0,
+            events: 0,
+            rejected: 0,
+            bar: indicatif::ProgressBar::hidden(),
+        };
+        let event = lines
+            .next_event()
+            .unwrap()
+            .expect("the event after the long line");
+        assert_eq!(event.id(), "e-1");
+        assert!(lines.next_event().unwrap().is_none());
+        assert_eq!((lines.rejected, lines.events, lines.number), (1, 1, 2));
+        assert!(
+            lines.line.capacity() <= 2 * LINE_LIMIT,
+            "{} bytes held for one line",
+            lines.line.capacity()
+        );
+    }
 }
