@@ -535,6 +535,7 @@ type CorrelateFn = Arc<dyn Fn(&Event) -> Result<Vec<String>, Error> + Send + Syn
 /// let publish = EventBridgeSink::new(&config, "bus", "orders-cep");
 /// let ttl = Duration::from_secs(86_400);
 /// let processor = Processor::builder("orders-cep")
+///     .fault_sink(publish.clone())
 ///     .pipeline(
 ///         Pipeline::builder("collect")
 ///             .event_type("order-submitted")

@@ -187,7 +187,7 @@ pub struct HubConfig {
     /// machine).
     pub lease: Option<HumanDuration>,
     /// How long `floodway run` waits for a subscription that another process holds before it
-    /// gives up with an error naming that process (default `15s`).
+    /// gives up with an error naming that process (default `15s`, or 1.5 times a longer `lease`).
     pub lease_wait: Option<HumanDuration>,
     /// The hub is a NATS JetStream stream; `path` is then the local store of views and faults.
     pub nats: Option<NatsConfig>,

@@ -1,6 +1,6 @@
 //! Faults as people read them: the table of `faults list` and the page of `faults show`, the
 //! same whichever store holds them (`floodway faults` for the embedded hub and NATS,
-//! `floodway-aws faults` for DynamoDB).
+//! `floodway faults --dynamodb-table` for DynamoDB, in a build with the `aws` feature).
 
 use std::fmt::Write as _;
 
