@@ -185,8 +185,9 @@ impl Invoker {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let id = format!("invocation-{n}");
         let (answer, answered) = oneshot::channel();
-        let deadline_ms = u64::try_from(floodway::event::now_millis()).unwrap_or(0)
-            + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let deadline_ms = u64::try_from(floodway::event::now_millis())
+            .unwrap_or(0)
+            .saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
         let invocation = Invocation {
             id: id.clone(),
             payload,

@@ -52,8 +52,9 @@ pub struct InProcess(pub Handler);
 
 impl Function for InProcess {
     async fn invoke(&mut self, payload: Value, timeout: Duration) -> Result<Value, InvokeError> {
-        let deadline_ms = u64::try_from(floodway::event::now_millis()).unwrap_or(0)
-            + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let deadline_ms = u64::try_from(floodway::event::now_millis())
+            .unwrap_or(0)
+            .saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
         match tokio::time::timeout(timeout, self.0.handle(payload, Some(deadline_ms))).await {
             Ok(Ok(answer)) => Ok(answer),
             // The body a function process posts, as the Runtime API would report it.
@@ -449,7 +450,12 @@ impl QueueMapping {
             let mut records = Vec::new();
             for &i in &visible {
                 queue[i].1 += 1;
-                queue[i].2 = now + self.visibility_timeout;
+                // At least a millisecond: a message failing at once, with no visibility
+                // timeout, would otherwise be received again without time passing, for ever.
+                let hidden = self.visibility_timeout.max(Duration::from_millis(1));
+                queue[i].2 = now
+                    .checked_add(hidden)
+                    .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
                 let (m, receives, _) = &queue[i];
                 records.push(json!({
                     "messageId": m.id,

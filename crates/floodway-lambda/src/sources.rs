@@ -1056,6 +1056,18 @@ fn truthy(value: Option<&Value>) -> bool {
     matches!(value, Some(Value::Bool(true)))
 }
 
+/// Whether JavaScript would take `value` for true, as aws-lambda-stream's `outLatched` reads
+/// `latched`: a latch another writer set as `1` or `"true"` holds as well.
+fn js_truthy(value: Option<&Value>) -> bool {
+    match value {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_f64().is_some_and(|f| f != 0.0),
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Array(_) | Value::Object(_)) => true,
+    }
+}
+
 fn text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
@@ -1135,7 +1147,7 @@ fn dynamodb(
         return Err((sequence, Skipped::TtlDelete(event_id)));
     }
     let row = if new.is_null() { &old } else { &new };
-    if options.skip_latched && truthy(row.get("latched")) {
+    if options.skip_latched && js_truthy(row.get("latched")) {
         return Err((sequence, Skipped::Latched(event_id)));
     }
     if r.event_name == "MODIFY" && options.skip_unchanged {
@@ -1145,7 +1157,10 @@ fn dynamodb(
         // aws-lambda-stream's `outGlobalTableExtraModify`: the replica marker written after
         // the row.
         let bookkeeping = marked(&new) && !old.is_null() && !marked(&old);
-        if new == old || bookkeeping {
+        // Unchanged only when both images say so: a stream without images (KEYS_ONLY)
+        // carries none, and its every change must go through.
+        let same = !new.is_null() && new == old;
+        if same || bookkeeping {
             return Err((sequence, Skipped::Unchanged(event_id)));
         }
     }
@@ -1167,6 +1182,8 @@ fn dynamodb(
         None => row
             .get(&options.discriminator)
             .or_else(|| row.get(&options.sort_key))
+            // Without images (KEYS_ONLY), the sort key is in the keys.
+            .or_else(|| keys.get(&options.sort_key))
             .map(text)
             .unwrap_or_else(|| "row".into())
             .to_lowercase(),
@@ -1436,6 +1453,43 @@ mod tests {
         let (all, skipped) = types(records, &keep_all);
         assert_eq!((all.len(), skipped), (5, 0));
         assert!(all.iter().all(|t| t.starts_with("widget-")), "{all:?}");
+    }
+
+    /// A stream without images (KEYS_ONLY): every change goes through, named by the sort key
+    /// in its keys; and a latch set as another writer sets it (`1`, `"true"`) holds.
+    #[test]
+    fn changes_without_images_go_through_and_latches_are_read_as_javascript_does() {
+        let keys_only = |name: &str| {
+            let mut record = change(name, None, None);
+            record["dynamodb"]["Keys"]["sk"] = json!({ "S": "Thing" });
+            record
+        };
+        let records = vec![
+            keys_only("INSERT"),
+            keys_only("MODIFY"),
+            keys_only("REMOVE"),
+        ];
+        assert_eq!(
+            types(records, &CdcOptions::default()),
+            (
+                vec![
+                    "thing-created".into(),
+                    "thing-updated".into(),
+                    "thing-deleted".into()
+                ],
+                0
+            )
+        );
+        let latched = |latch: Value| change("INSERT", Some(row(json!({ "latched": latch }))), None);
+        let records = vec![
+            latched(json!({ "N": "1" })),
+            latched(json!({ "S": "true" })),
+            latched(json!({ "NULL": true })),
+            latched(json!({ "BOOL": false })),
+            latched(json!({ "N": "0" })),
+        ];
+        let (kept, skipped) = types(records, &CdcOptions::default());
+        assert_eq!((kept.len(), skipped), (3, 2), "{kept:?}");
     }
 
     mod base64_decoding {

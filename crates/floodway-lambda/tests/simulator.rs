@@ -283,6 +283,19 @@ async fn sqs_redelivers_what_failed_and_dead_letters_what_keeps_failing() {
     .await;
     assert_eq!(report.dead_letters.len(), 3);
     assert!(report.dead_letters.iter().all(|(_, n)| *n == 5));
+
+    // No visibility timeout and no dead-letter queue: received again and again as time
+    // passes, until the queue's retention ends it (not for ever, on a clock that stands).
+    let report = QueueMapping {
+        visibility_timeout: Duration::ZERO,
+        max_receive_count: None,
+        message_retention: Duration::from_secs(60),
+        function_timeout: Duration::MAX,
+        ..QueueMapping::default()
+    }
+    .run("arn", messages[..1].to_vec(), &mut AlwaysCrashing)
+    .await;
+    assert_eq!(report.expired.len(), 1, "{report:?}");
 }
 
 fn ddb_record(seq: u64, name: &str, new: Option<Value>, old: Option<Value>, extra: Value) -> Value {
