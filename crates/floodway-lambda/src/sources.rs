@@ -230,14 +230,49 @@ fn parse<'a, T: Deserialize<'a>>(
     what: &str,
 ) -> Result<T, Box<Record>> {
     serde_json::from_str(raw.get()).map_err(|e| {
-        Box::new(malformed(
+        let record = malformed(
             format!("{source}:unknown"),
             i,
             raw,
             name,
             format!("not {what}: {e}"),
-        ))
+        );
+        // Named in an answer by what names it to Lambda, where the record still says it:
+        // an index in the batch is no identifier Lambda knows (it would fail the batch).
+        Box::new(match identity(raw) {
+            Some(id) => record.with_sequence(id),
+            None => record,
+        })
     })
+}
+
+/// What names a record to Lambda, read as loosely as can be from one that did not parse: its
+/// sequence number (Kinesis, DynamoDB Streams) or message id (SQS).
+fn identity(raw: &RawValue) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Outer<'a> {
+        #[serde(rename = "messageId", borrow, default)]
+        message_id: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        kinesis: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        dynamodb: Option<&'a RawValue>,
+    }
+    #[derive(Deserialize)]
+    struct Inner<'a> {
+        #[serde(rename = "sequenceNumber", borrow, default)]
+        kinesis: Option<&'a RawValue>,
+        #[serde(rename = "SequenceNumber", borrow, default)]
+        dynamodb: Option<&'a RawValue>,
+    }
+    let outer: Outer<'_> = serde_json::from_str(raw.get()).ok()?;
+    let sequence = |part: Option<&RawValue>| {
+        let inner: Inner<'_> = serde_json::from_str(part?.get()).ok()?;
+        loose(inner.kinesis.or(inner.dynamodb))
+    };
+    sequence(outer.kinesis)
+        .or_else(|| sequence(outer.dynamodb))
+        .or_else(|| loose(outer.message_id))
 }
 
 /// A record that could not be read: its JSON as it came, faulted with `name` and `why`.

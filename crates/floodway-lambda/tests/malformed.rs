@@ -477,3 +477,39 @@ async fn a_malformed_change_whose_fault_is_not_stored_is_reported_by_its_sequenc
         json!({ "batchItemFailures": [{ "itemIdentifier": "700" }] })
     );
 }
+
+/// Records that do not even parse as their kind, whose faults cannot be stored: named by the
+/// sequence number or message id they still carry, not by their index in the batch (which
+/// Lambda knows as no record of it, and fails the whole batch for).
+#[tokio::test]
+async fn an_unparsable_record_whose_fault_is_not_stored_is_reported_by_what_it_still_says() {
+    let handler = || {
+        let processor = Processor::builder("p")
+            .fault_sink(floodway::sink::fault_sink_fn(|_fault| async {
+                Err(floodway::Error::fatal_msg(
+                    "FaultsDown",
+                    "the fault store is gone",
+                ))
+            }))
+            .pipeline(Pipeline::builder("all").sink(MemorySink::new()).unwrap())
+            .build()
+            .unwrap();
+        Handler::new(processor)
+    };
+    let kinesis = json!({ "Records": [{
+        "eventSource": "aws:kinesis",
+        "eventID": "shardId-000000000001:49590338271490256608559692538361571095921575989136588898",
+        "kinesis": { "sequenceNumber": "49590338271490256608559692538361571095921575989136588898", "data": 5 },
+    }]});
+    let answer = handler().handle(kinesis, None).await.unwrap();
+    assert_eq!(
+        answer["batchItemFailures"],
+        json!([{ "itemIdentifier": "49590338271490256608559692538361571095921575989136588898" }])
+    );
+    let sqs = json!({ "Records": [{ "eventSource": "aws:sqs", "messageId": "m-7", "body": null }]});
+    let answer = handler().handle(sqs, None).await.unwrap();
+    assert_eq!(
+        answer["batchItemFailures"],
+        json!([{ "itemIdentifier": "m-7" }])
+    );
+}
