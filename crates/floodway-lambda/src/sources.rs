@@ -1267,7 +1267,13 @@ fn dynamodb(
         .field("raw", Value::Object(raw_images))
         .field("keys", keys)
         .build();
-    Ok(Record::new(source, "stream", i, Bytes::from(event.to_json())).with_sequence(sequence))
+    // Two images of up to 400 KB each, with their JSON, may pass the 1 MiB an event may
+    // have; the invocation's own limit bounds them (aws-lambda-stream takes them too).
+    Ok(
+        Record::new(source, "stream", i, Bytes::from(event.to_json()))
+            .with_sequence(sequence)
+            .assembled(),
+    )
 }
 
 #[cfg(test)]

@@ -478,6 +478,39 @@ async fn a_malformed_change_whose_fault_is_not_stored_is_reported_by_its_sequenc
     );
 }
 
+/// A change of a large item (two images of about 400 KB, over the 1 MiB an event may have
+/// once together) is a change event like any other, as aws-lambda-stream takes it: not a
+/// fault that could not be resubmitted.
+#[tokio::test]
+async fn a_change_of_a_large_item_is_processed_not_faulted() {
+    let faults = MemoryFaultSink::new();
+    let sink = MemorySink::new();
+    let processor = Processor::builder("p")
+        .fault_sink(faults.clone())
+        .pipeline(Pipeline::builder("all").sink(sink.clone()).unwrap())
+        .build()
+        .unwrap();
+    let blob = |byte: u8| json!({ "B": b64(&vec![byte; 399_000]) });
+    let image =
+        |byte: u8| json!({ "pk": { "S": "1" }, "sk": { "S": "thing" }, "blob": blob(byte) });
+    let change = json!({
+        "Keys": { "pk": { "S": "1" }, "sk": { "S": "thing" } },
+        "NewImage": image(1),
+        "OldImage": image(2),
+        "SequenceNumber": "900",
+    });
+    let invocation = json!({ "Records": [dynamodb(0, "MODIFY", change)] });
+    let answer = Handler::new(processor)
+        .handle(invocation, None)
+        .await
+        .unwrap();
+    assert!(faults.faults().is_empty(), "{answer}");
+    let delivered = sink.events();
+    assert_eq!(delivered.len(), 1);
+    assert!(delivered[0].encoded_len() > 1 << 20);
+    assert_eq!(delivered[0].event_type(), "thing-updated");
+}
+
 /// Records that do not even parse as their kind, whose faults cannot be stored: named by the
 /// sequence number or message id they still carry, not by their index in the batch (which
 /// Lambda knows as no record of it, and fails the whole batch for).

@@ -44,6 +44,10 @@ pub struct Record {
     /// again, whatever the record's source and position now read (a resubmission rebuilds
     /// the record, and may reshape it).
     pub resubmits: Option<Arc<str>>,
+    /// The source assembled the record from its own data within a limit it keeps (a Lambda
+    /// reader's DynamoDB change event, holding two item images, within its invocation's
+    /// size): the processor's `max_event_size` does not apply to it.
+    pub assembled: bool,
 }
 
 /// What is wrong with a record its source could not read; see [`Record::malformed`].
@@ -74,6 +78,7 @@ impl Record {
             order_key: None,
             malformed: None,
             resubmits: None,
+            assembled: false,
         }
     }
 
@@ -92,6 +97,13 @@ impl Record {
             name: name.into(),
             message: message.into(),
         }));
+        self
+    }
+
+    /// Marks the record as assembled by its source (see [`Record::assembled`]).
+    #[must_use]
+    pub fn assembled(mut self) -> Self {
+        self.assembled = true;
         self
     }
 

@@ -425,6 +425,9 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             let record = Arc::new(record);
             let decoded = match &record.malformed {
                 Some(m) => Err(Error::poison_msg(m.name.clone(), m.message.clone())),
+                None if record.assembled => {
+                    Event::decode_bytes(record.data.clone(), usize::MAX).map_err(Error::from)
+                }
                 None => Event::decode_bytes(record.data.clone(), max_size).map_err(Error::from),
             };
             let event = match decoded {
