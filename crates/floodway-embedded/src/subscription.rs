@@ -158,29 +158,33 @@ impl Hub {
         };
         let read = self.connect()?;
         let partitions = self.partitions();
-        let mut cursors = Vec::with_capacity(partitions as usize);
-        for p in 0..partitions {
-            let stored: Option<i64> = read
-                .query_row(
-                    "SELECT offset FROM subscriptions WHERE name = ?1 AND partition = ?2",
-                    (name, p),
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let cursor = match (options.reset, stored) {
-                (false, Some(offset)) => offset as u64,
-                _ => match options.start {
-                    StartAt::Beginning => 0,
-                    StartAt::End => read.query_row(
-                        "SELECT last_offset FROM partitions WHERE partition = ?1",
-                        [p],
-                        |r| r.get::<_, i64>(0),
-                    )? as u64,
-                    StartAt::Time(t) => crate::log::offset_before(&read, p, t)?,
-                },
-            };
-            cursors.push(cursor);
-        }
+        // Where each partition starts: its stored checkpoint, or where `options` says.
+        let starts = |conn: &rusqlite::Connection| -> Result<Vec<u64>, HubError> {
+            let mut cursors = Vec::with_capacity(partitions as usize);
+            for p in 0..partitions {
+                let stored: Option<i64> = conn
+                    .query_row(
+                        "SELECT offset FROM subscriptions WHERE name = ?1 AND partition = ?2",
+                        (name, p),
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let cursor = match (options.reset, stored) {
+                    (false, Some(offset)) => offset as u64,
+                    _ => match options.start {
+                        StartAt::Beginning => 0,
+                        StartAt::End => conn.query_row(
+                            "SELECT last_offset FROM partitions WHERE partition = ?1",
+                            [p],
+                            |r| r.get::<_, i64>(0),
+                        )? as u64,
+                        StartAt::Time(t) => crate::log::offset_before(conn, p, t)?,
+                    },
+                };
+                cursors.push(cursor);
+            }
+            Ok(cursors)
+        };
         let file = self
             .path()
             .file_name()
@@ -195,24 +199,34 @@ impl Hub {
                 busy_retry: self.inner.store.options.busy_retry,
             }),
         };
-        if !options.transient {
-            let checkpoints: Vec<Checkpoint> = cursors
-                .iter()
-                .enumerate()
-                .map(|(p, o)| Checkpoint {
-                    partition: p.to_string().into(),
-                    offset: *o,
-                })
-                .collect();
+        let cursors = if options.transient {
+            starts(&read)?
+        } else {
             // A reset is a decision that replaces what was stored; a first start only fills in
-            // the partitions that have no checkpoint yet.
+            // the partitions that have no checkpoint yet. Worked out in the transaction that
+            // stores them: retention, which keeps what the lowest checkpoint has not read,
+            // cannot delete between the reading of where to start and its storing.
             let how = if options.reset {
                 Store::Reset
             } else {
                 Store::Start
             };
-            checkpointer.inner.store(&checkpoints, how)?;
-        }
+            checkpointer
+                .inner
+                .store_with(how, |tx| {
+                    Ok(starts(tx)?
+                        .iter()
+                        .enumerate()
+                        .map(|(p, o)| Checkpoint {
+                            partition: p.to_string().into(),
+                            offset: *o,
+                        })
+                        .collect())
+                })?
+                .iter()
+                .map(|cp| cp.offset)
+                .collect()
+        };
         Ok(Subscription {
             reader: SubscriptionReader {
                 hub: self.clone(),
@@ -478,26 +492,38 @@ impl Source for SubscriptionReader {
 
 impl CheckpointerInner {
     fn store(&self, checkpoints: &[Checkpoint], how: Store) -> Result<(), HubError> {
+        self.store_with(how, |_| Ok(checkpoints.to_vec())).map(drop)
+    }
+
+    /// Stores the checkpoints `checkpoints` works out in the storing transaction (holding the
+    /// file's write lock), and returns them.
+    fn store_with(
+        &self,
+        how: Store,
+        checkpoints: impl Fn(&rusqlite::Connection) -> Result<Vec<Checkpoint>, HubError>,
+    ) -> Result<Vec<Checkpoint>, HubError> {
         let Some(lease) = &self.lease else {
             // A transient subscription leaves no trace.
-            return Ok(());
+            let conn = self.conn.lock().map_err(|_| HubError::Closed)?;
+            return checkpoints(&conn);
         };
-        let mut rows = Vec::with_capacity(checkpoints.len());
-        for cp in checkpoints {
-            let partition: u32 = cp.partition.parse().map_err(|_| {
-                HubError::Invalid(format!(
-                    "partition `{}` is not a hub partition",
-                    cp.partition
-                ))
-            })?;
-            rows.push((partition, cp.offset as i64));
-        }
         crate::busy::retry("checkpoint", self.busy_retry, || {
             let mut conn = self.conn.lock().map_err(|_| HubError::Closed)?;
             let _turn = self.gate.enter();
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             // Only the owner writes checkpoints, checked in the transaction that writes them.
             lease.check(&tx)?;
+            let checkpoints = checkpoints(&tx)?;
+            let mut rows = Vec::with_capacity(checkpoints.len());
+            for cp in &checkpoints {
+                let partition: u32 = cp.partition.parse().map_err(|_| {
+                    HubError::Invalid(format!(
+                        "partition `{}` is not a hub partition",
+                        cp.partition
+                    ))
+                })?;
+                rows.push((partition, cp.offset as i64));
+            }
             {
                 let mut upsert = tx.prepare_cached(match how {
                     Store::Start => {
@@ -523,7 +549,7 @@ impl CheckpointerInner {
                 }
             }
             tx.commit()?;
-            Ok(())
+            Ok(checkpoints)
         })
     }
 }
