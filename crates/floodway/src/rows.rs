@@ -216,8 +216,19 @@ impl Update {
     }
 
     /// The inbox's name for this update: its event and its row, so one event may update
-    /// several rows.
+    /// several rows. The three are joined by U+001F; where one of them holds that character
+    /// itself, each is written with its length first, so that two rows never share a name
+    /// (`a\u{1f}b`, `c` and `a`, `b\u{1f}c` would), while every other name stays as stored.
     pub fn inbox_id(&self) -> String {
+        let parts = [&*self.version.id, &*self.key.pk, &*self.key.sk];
+        if parts.iter().any(|p| p.contains('\u{1f}')) {
+            // Two separators first: no name of the plain form starts so and holds a third.
+            let mut id = String::from("\u{1f}\u{1f}");
+            for part in parts {
+                id.push_str(&format!("{}:{part}", part.len()));
+            }
+            return id;
+        }
         format!(
             "{}\u{1f}{}\u{1f}{}",
             self.version.id, self.key.pk, self.key.sk
@@ -1594,6 +1605,17 @@ mod tests {
         let add = |id: &str| Update::new(key(), v(1, id)).add("n", 1e308);
         let row = run(&[add("a"), add("b"), add("c")]).unwrap();
         assert_eq!(row.fields["n"], json!(f64::MAX), "{:?}", row.fields);
+    }
+
+    #[test]
+    fn inbox_ids_of_two_rows_differ_whatever_their_keys_hold() {
+        let id = |pk: &str, sk: &str| Update::new(RowKey::new(pk, sk), v(1, "e1")).inbox_id();
+        assert_ne!(id("a\u{1f}b", "c"), id("a", "b\u{1f}c"));
+        assert_eq!(
+            id("o1", "order"),
+            "e1\u{1f}o1\u{1f}order",
+            "as stored before"
+        );
     }
 
     #[test]
