@@ -64,7 +64,9 @@ const FATAL: &[&str] = &[
     "KMS.DisabledException",
     "KMS.NotFoundException",
     "KMS.InvalidStateException",
-    "NotAuthorized",
+    // S3 addressed in the wrong region.
+    "AuthorizationHeaderMalformed",
+    "PermanentRedirect",
 ];
 
 /// The class of an error code returned by a service, for entries of a batch call.
@@ -74,7 +76,13 @@ pub(crate) fn classify_code(code: &str, message: &str) -> Error {
         Error::throttled_msg("AwsThrottled", text)
     } else if TRANSIENT.contains(&code) || code.contains("Internal") {
         Error::transient_msg("AwsUnavailable", text)
-    } else if FATAL.contains(&code) || code.starts_with("KMS") || code.contains("AccessDenied") {
+    } else if FATAL.contains(&code)
+        || code.starts_with("KMS")
+        || code.contains("AccessDenied")
+        // EventBridge's NotAuthorizedForSourceException and NotAuthorizedForDetailType...:
+        // permissions, for every event alike.
+        || code.starts_with("NotAuthorized")
+    {
         Error::fatal_msg("AwsConfiguration", text)
     } else {
         Error::poison_msg("AwsRejected", text)
@@ -102,7 +110,8 @@ where
                 match status {
                     429 => return Error::throttled_msg("AwsThrottled", text),
                     500..=599 => return Error::transient_msg("AwsUnavailable", text),
-                    401 | 403 => return Error::fatal_msg("AwsConfiguration", text),
+                    // A redirect: the wrong region or endpoint.
+                    300..=399 | 401 | 403 => return Error::fatal_msg("AwsConfiguration", text),
                     _ => {}
                 }
             }
@@ -201,6 +210,10 @@ mod tests {
             "ExpiredToken",
             "AccessDeniedException",
             "ResourceNotFoundException",
+            "NotAuthorizedForSourceException",
+            "NotAuthorizedForDetailTypeException",
+            "PermanentRedirect",
+            "AuthorizationHeaderMalformed",
         ] {
             assert_eq!(class(fatal).0, ErrorClass::Fatal, "{fatal}");
         }

@@ -105,7 +105,12 @@ floodway::impl_sink!(SqsSink, write);
 /// unknown code that SQS calls the sender's fault is the message's (poison).
 fn entry_error(code: &str, message: &str, sender_fault: bool) -> Error {
     let by_code = classify_code(code, message);
-    if sender_fault && by_code.class() == floodway::ErrorClass::Transient && !by_code.is_throttle()
+    // KMS's own transient codes stay transient, whatever SQS blames (its key is briefly
+    // unavailable to SQS, not the message's fault).
+    if sender_fault
+        && by_code.class() == floodway::ErrorClass::Transient
+        && !by_code.is_throttle()
+        && !code.starts_with("KMS")
     {
         Error::poison_msg("AwsRejected", format!("{code}: {message}"))
     } else {
@@ -128,5 +133,7 @@ mod tests {
         assert_eq!(e.class(), ErrorClass::Transient);
         let e = entry_error("InvalidMessageContents", "bad", true);
         assert_eq!(e.class(), ErrorClass::Poison);
+        let e = entry_error("KMS.KeyUnavailableException", "key unavailable", true);
+        assert_eq!(e.class(), ErrorClass::Transient);
     }
 }

@@ -93,12 +93,36 @@ impl Template {
             return Ok(Cow::Borrowed(t));
         }
         let mut out = String::new();
-        for part in &self.parts {
+        for (i, part) in self.parts.iter().enumerate() {
             match part {
                 Part::Text(t) => out.push_str(t),
                 Part::Field(pointer) => {
                     let value = scalar_at(event, pointer)?;
+                    // What follows the field: the path's end, or more of it.
+                    let ends_path = match self.parts.get(i + 1) {
+                        None => true,
+                        Some(Part::Text(t)) => t.starts_with(['?', '#']),
+                        Some(Part::Field(_)) => false,
+                    };
                     match escape {
+                        // An empty field that is the path's whole last segment names the
+                        // collection, not one of it (`/orders/` for `/orders/{id}`); one
+                        // between two others makes `//`, found below.
+                        Escape::Url
+                            if value.is_empty()
+                                && ends_path
+                                && out.ends_with('/')
+                                && in_path(&out) =>
+                        {
+                            return Err(Error::poison_msg(
+                                "InvalidField",
+                                format!(
+                                    "{pointer} is empty in event {}, in the URL's path: it \
+                                     would name another resource",
+                                    event.id()
+                                ),
+                            ));
+                        }
                         Escape::Url => percent_encode(&value, &mut out),
                         Escape::None => out.push_str(&value),
                     }
@@ -121,6 +145,12 @@ impl Template {
         }
         Ok(Cow::Owned(out))
     }
+}
+
+/// Whether what follows `url` so far is in its path (past the host, before a query).
+fn in_path(url: &str) -> bool {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    url[after_scheme..].contains('/') && !url.contains(['?', '#'])
 }
 
 /// A segment of `url`'s path that moves it elsewhere once tidied: `.`, `..`, or an empty
@@ -219,6 +249,18 @@ mod tests {
         };
         for id in ["..", ".", ""] {
             let err = with(id, "x").unwrap_err();
+            assert_eq!(err.class(), floodway::ErrorClass::Poison, "{id:?}");
+            assert_eq!(err.name(), "InvalidField");
+        }
+        // The last segment too: `/orders/` is the collection.
+        let last = Template::parse("https://api/orders/{/order}?note={/note}").unwrap();
+        for id in ["..", ".", ""] {
+            let text = format!(
+                r#"{{"id":"e","type":"t","timestamp":1,"partitionKey":"k","order":"{id}","note":""}}"#
+            );
+            let err = last
+                .render(&Event::decode(text.as_bytes()).unwrap(), Escape::Url)
+                .unwrap_err();
             assert_eq!(err.class(), floodway::ErrorClass::Poison, "{id:?}");
             assert_eq!(err.name(), "InvalidField");
         }
