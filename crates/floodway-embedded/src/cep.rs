@@ -125,6 +125,8 @@ impl CepTable {
                  CREATE TABLE IF NOT EXISTS cep_{name}_timers (due INTEGER NOT NULL, \
                  key TEXT NOT NULL, rule TEXT NOT NULL, trigger TEXT NOT NULL, \
                  PRIMARY KEY (due, key, rule, trigger)) WITHOUT ROWID; \
+                 CREATE INDEX IF NOT EXISTS \"cep_{name}_timers.key\" \
+                 ON cep_{name}_timers (key); \
                  CREATE TABLE IF NOT EXISTS cep_{name}_fired (key TEXT NOT NULL, \
                  id TEXT NOT NULL, expires INTEGER, PRIMARY KEY (key, id)) WITHOUT ROWID; \
                  CREATE TABLE IF NOT EXISTS cep_{name}_schedule (key TEXT NOT NULL, \
@@ -691,20 +693,31 @@ impl CepTable {
     }
 
     /// Deletes the events and emitted ids past their time to live at `now`; returns how many.
+    /// The events of a key with a pending timer stay until the timer fires: its firing reads
+    /// the set as it was (a processor behind, or started after a stop, fires timers due long
+    /// ago; an absence rule whose answer was deleted would fire wrongly).
     ///
     /// # Errors
     /// A storage failure.
     pub fn expire(&self, now: i64) -> Result<u64, HubError> {
+        let name = &self.name;
         crate::busy::retry("cep", self.busy_retry, || {
             let conn = self.conn()?;
             let _turn = self.gate.enter();
-            let mut n = 0;
-            for table in ["events", "fired"] {
-                n += conn.execute(
-                    &format!("DELETE FROM cep_{}_{table} WHERE expires <= ?1", self.name),
-                    [now],
-                )?;
-            }
+            let mut n = conn.execute(
+                &format!(
+                    "DELETE FROM cep_{name}_events WHERE expires <= ?1 \
+                     AND NOT EXISTS (SELECT 1 FROM cep_{name}_timers t \
+                       WHERE t.key = cep_{name}_events.key) \
+                     AND NOT EXISTS (SELECT 1 FROM cep_{name}_schedule s \
+                       WHERE s.key = cep_{name}_events.key)"
+                ),
+                [now],
+            )?;
+            n += conn.execute(
+                &format!("DELETE FROM cep_{name}_fired WHERE expires <= ?1"),
+                [now],
+            )?;
             Ok(n as u64)
         })
     }

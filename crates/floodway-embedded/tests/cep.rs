@@ -145,6 +145,54 @@ fn a_timer_due_while_nothing_ran_fires_once_at_the_next_look() {
     assert!(!kinds.contains(&("order-expired".into(), "o7".into())));
 }
 
+/// Expiry keeps the events of a key with a pending timer: the timer, firing late (a processor
+/// started after a stop longer than the time to live), reads the set as it was: the order
+/// not paid expires, the order paid does not.
+#[test]
+fn expiry_keeps_the_set_of_a_key_with_a_pending_timer() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::open(dir.path().join("cep.db"), HubOptions::default()).unwrap();
+    let table = hub.cep("orders-cep").unwrap();
+    let now = floodway::event::now_millis();
+    // The time to live is the rule's window: the trigger expires when its timer is due.
+    let ttl = Some(Duration::from_secs(15 * 60));
+    let t0 = now - 1_000;
+    let orders = [
+        event("s1", "order-submitted", "o1", t0),
+        event("s2", "order-submitted", "o2", t0),
+    ];
+    table.collect(&orders, &rules(), ttl).unwrap();
+    table
+        .collect(
+            &[event("p2", "payment-captured", "o2", t0 + 1)],
+            &rules(),
+            ttl,
+        )
+        .unwrap();
+    // The expiry runs first, long after everything's time to live.
+    let now = now + 16 * 60_000;
+    table.expire(now).unwrap();
+    assert_eq!(
+        table.show("o1").unwrap().events.len(),
+        1,
+        "the trigger stays"
+    );
+    assert_eq!(table.show("o2").unwrap().events.len(), 2, "and the answer");
+    let fired = table.fire_due(now, &rules(), ttl, 100).unwrap();
+    assert_eq!((fired.timers_fired, fired.emitted), (2, 1));
+    assert_eq!(
+        emitted(&hub)
+            .into_iter()
+            .filter(|(t, _)| t == "order-expired")
+            .collect::<Vec<_>>(),
+        [("order-expired".to_owned(), "o1".to_owned())]
+    );
+    // Fired, the timers no longer keep them.
+    table.expire(now).unwrap();
+    assert!(table.show("o1").unwrap().events.is_empty());
+    assert!(table.show("o2").unwrap().events.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_timer_task_fires_within_its_poll_of_the_due_time() {
     let dir = tempfile::tempdir().unwrap();
