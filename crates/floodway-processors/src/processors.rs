@@ -710,10 +710,13 @@ impl CepState {
             + 'static,
     {
         let (table, rules) = (self.table.clone(), self.rules.clone());
-        tokio::task::spawn_blocking(move || f(table, rules))
-            .await
-            .map_err(|e| Error::transient_msg("CepTask", e.to_string()))?
-            .map_err(Error::from)
+        match tokio::task::spawn_blocking(move || f(table, rules)).await {
+            Ok(done) => done.map_err(Error::from),
+            // A rule that panics on what it was given: poison (the batch is bisected down
+            // to the event), not a call to try again.
+            Err(e) if e.is_panic() => Err(Error::panicked(&*e.into_panic())),
+            Err(e) => Err(Error::transient_msg("CepTask", e.to_string())),
+        }
     }
 
     /// Whether this processor collects events of type `ty`.
@@ -1559,6 +1562,39 @@ mod tests {
         assert!(key("/order/missing")
             .unwrap_err()
             .contains("has no /order/missing"));
+    }
+
+    /// A rule that panics on what it was given is poison (the batch is bisected down to the
+    /// event), not a call to try again.
+    #[tokio::test]
+    async fn a_cep_rule_that_panics_is_poison() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub =
+            floodway_embedded::Hub::open(dir.path().join("hub.db"), Default::default()).unwrap();
+        let hubs = super::Hubs::from(hub.clone());
+        let state = super::CepState {
+            name: "p".into(),
+            table: hub.cep("p").unwrap(),
+            hub: hubs.events.clone(),
+            correlate: Vec::new(),
+            filters: Vec::new(),
+            rules: Vec::new(),
+            ttl: std::time::Duration::from_secs(60),
+            decrypt: None,
+            read: std::sync::Mutex::default(),
+            delivered: std::sync::Mutex::default(),
+        };
+        let err = state
+            .blocking(|_, _| -> Result<(), floodway_embedded::HubError> {
+                panic!("rule broke on e-7")
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.class(), err.name()),
+            (floodway::ErrorClass::Poison, "Panic")
+        );
+        assert!(err.message().contains("rule broke on e-7"), "{err}");
     }
 
     fn span(deliveries: &[u64]) -> Span {

@@ -238,6 +238,18 @@ impl Error {
         self.echo(self.0.message.clone())
     }
 
+    /// The poison error of a caught panic (from `catch_unwind`, or a task's `JoinError`),
+    /// named `Panic`, with the panic's message: user code that panics on an event cannot
+    /// succeed with it.
+    pub fn panicked(payload: &(dyn std::any::Any + Send)) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic with a non-string payload".to_owned());
+        Error::poison_msg("Panic", message)
+    }
+
     /// Marks the error of a call that delivered part of its batch: proof the target is up,
     /// whatever happened to the rest.
     pub(crate) fn delivered_part(mut self) -> Self {

@@ -151,12 +151,7 @@ pub(crate) struct StepFailure {
 
 /// The message of a caught panic.
 pub(crate) fn panic_error(payload: &(dyn std::any::Any + Send)) -> Error {
-    let message = payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic with a non-string payload".to_owned());
-    Error::poison_msg("Panic", message)
+    Error::panicked(payload)
 }
 
 /// Runs an async call, turning a panic into a poison error.
