@@ -854,8 +854,28 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         let mut states = std::collections::HashMap::new();
+        // Row tables by the outbox setting of the first processor writing each.
+        let mut outboxes: std::collections::HashMap<&str, (&str, bool)> =
+            std::collections::HashMap::new();
         for p in &self.processors {
             let name = p.name();
+            if let ProcessorConfig::Materialize {
+                view,
+                key: ViewKey::Row { .. },
+                outbox,
+                ..
+            } = p
+            {
+                if let Some((other, theirs)) = outboxes.insert(view, (name, *outbox)) {
+                    if theirs != *outbox {
+                        return Err(format!(
+                            "processors `{other}` and `{name}` write the row table `{view}`, \
+                             one with `outbox = true` and one without: the other's changes \
+                             would not be published; set it alike on both"
+                        ));
+                    }
+                }
+            }
             if !names.insert(name) {
                 return Err(format!(
                     "two processors are named `{name}`: names must be unique"
@@ -879,6 +899,22 @@ impl Config {
                 _ => &[],
             };
             for e in enrich {
+                row_key_part("enrich pk", &e.pk).map_err(|m| format!("processor `{name}`: {m}"))?;
+                if let Some(sk) = &e.sk {
+                    row_key_part("enrich sk", sk)
+                        .map_err(|m| format!("processor `{name}`: {m}"))?;
+                }
+                if e.into.is_empty()
+                    || e.into.contains('/')
+                    || floodway::event::ENVELOPE_FIELDS.contains(&e.into.as_str())
+                {
+                    return Err(format!(
+                        "processor `{name}`: enrich `into = \"{}\"` must name a field of the \
+                         event's payload: not empty, no `/`, none of {}",
+                        e.into,
+                        floodway::event::ENVELOPE_FIELDS.join(", ")
+                    ));
+                }
                 let known = self.processors.iter().any(|q| {
                     matches!(q, ProcessorConfig::Materialize { view, key: ViewKey::Row { .. }, .. }
                         if *view == e.view)
@@ -922,6 +958,39 @@ impl Config {
                     let mut seen = std::collections::HashSet::new();
                     for r in rules {
                         r.rule().map_err(|e| format!("processor `{name}`: {e}"))?;
+                        // The types a rule reads are exact, and ones the processor collects:
+                        // otherwise never in a set (an absence rule would fire for every
+                        // first event).
+                        let read = r
+                            .types
+                            .iter()
+                            .chain(&r.first)
+                            .chain(&r.then)
+                            .chain(&r.event_type);
+                        for t in read {
+                            if t.contains('*') {
+                                return Err(format!(
+                                    "processor `{name}`: rule `{}` names `{t}`: a rule reads \
+                                     exact types, not patterns",
+                                    r.name
+                                ));
+                            }
+                            if !filters.is_empty() && !filters.iter().any(|f| f.matches(t)) {
+                                return Err(format!(
+                                    "processor `{name}`: rule `{}` reads `{t}` events, which \
+                                     its types do not collect: add it to `types`",
+                                    r.name
+                                ));
+                            }
+                        }
+                        if let Some(key) = r.conditions.keys().find(|k| !k.starts_with('/')) {
+                            return Err(format!(
+                                "processor `{name}`: rule `{}`: where `{key}` is not a JSON \
+                                 pointer (`/{}`)",
+                                r.name,
+                                key.replace('.', "/")
+                            ));
+                        }
                         if !seen.insert(&r.name) {
                             return Err(format!(
                                 "processor `{name}`: two rules are named `{}`",
@@ -1103,12 +1172,70 @@ fn check_entry(p: &ProcessorConfig) -> Result<(), String> {
             key: view_key,
             value,
             set,
+            remove,
             add,
             delete,
+            delete_on,
             ..
         } => {
-            if let ViewKey::Single(spec) = view_key {
-                key("key", spec)?;
+            match view_key {
+                ViewKey::Single(spec) => key("key", spec)?,
+                ViewKey::Row { pk, sk } => {
+                    row_key_part("key.pk", pk)?;
+                    row_key_part("key.sk", sk)?;
+                }
+            }
+            // What every event's update would be refused for (each event a fault).
+            let mut named = std::collections::HashSet::new();
+            let names = set
+                .keys()
+                .chain(remove)
+                .chain(add.keys())
+                .chain(delete.keys());
+            for field in names {
+                if floodway::rows::RESERVED.contains(&field.as_str()) {
+                    return Err(format!(
+                        "`{field}` is a row's own; set, remove, add and delete cannot write it"
+                    ));
+                }
+                if !named.insert(field) {
+                    return Err(format!(
+                        "`{field}` is written twice (by two of set, remove, add and delete)"
+                    ));
+                }
+            }
+            for (what, fields, set_ok) in [("add", add, true), ("delete", delete, false)] {
+                for (field, v) in fields {
+                    let fits = match v {
+                        FieldValue::Pointer(_) => true,
+                        FieldValue::Integer(_) | FieldValue::Float(_) => set_ok,
+                        FieldValue::Bool(_) => false,
+                        FieldValue::Value { value } => {
+                            value.is_array() || (set_ok && value.is_number())
+                        }
+                    };
+                    if !fits {
+                        return Err(format!(
+                            "{what}.{field}: {} takes {}",
+                            what,
+                            if set_ok {
+                                "a number or an array of elements"
+                            } else {
+                                "an array of elements"
+                            }
+                        ));
+                    }
+                }
+            }
+            // A row is deleted by an event it takes.
+            let filters = filters().map_err(|e| e.to_string())?;
+            for t in delete_on {
+                if !filters.is_empty() && !t.contains('*') && !filters.iter().any(|f| f.matches(t))
+                {
+                    return Err(format!(
+                        "delete_on `{t}` is none of its types: such events never reach it"
+                    ));
+                }
             }
             if let Some(value) = value {
                 pointer("value", value)?;
@@ -1149,6 +1276,20 @@ fn check_entry(p: &ProcessorConfig) -> Result<(), String> {
             }
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// A row key's part, or an enrichment's: `partitionKey`, `id`, a JSON pointer, or text; text
+/// that looks like a path (`order.id`, `order/id`) is a pointer mistyped, which would put
+/// every event in one row.
+fn row_key_part(what: &str, spec: &str) -> Result<(), String> {
+    if !spec.starts_with('/') && spec.contains(['.', '/']) {
+        return Err(format!(
+            "{what} `{spec}` looks like a path but is text (every event would go to the row \
+             `{spec}`): a JSON pointer starts with /, as `/{}`",
+            spec.replace('.', "/")
+        ));
     }
     Ok(())
 }
@@ -1473,6 +1614,71 @@ name = "faults"
         };
         let err = rule.rule().unwrap_err();
         assert!(err.contains("(all) takes no `within`"), "{err}");
+    }
+
+    /// Settings with which every event would be a fault, merged into one row, or lost from
+    /// what they promise, are errors naming them.
+    #[test]
+    fn settings_that_would_fault_or_merge_every_event_are_errors() {
+        let rows = |extra: &str| {
+            let config = format!(
+                "[hub]\npath = \"x.db\"\n\n[[processors]]\nkind = \"materialize\"\n\
+                 name = \"orders\"\ntypes = [\"order-*\"]\nview = \"orders\"\n{extra}\n"
+            );
+            Config::parse(&config).unwrap().check()
+        };
+        let key = "key = { pk = \"/order/id\", sk = \"order\" }";
+        rows(key).unwrap();
+        let err = rows("key = { pk = \"order.id\", sk = \"order\" }").unwrap_err();
+        assert!(err.contains("`/order/id`"), "{err}");
+        for (extra, says) in [
+            (
+                "set = { status = \"/s\" }\nremove = [\"status\"]",
+                "`status` is written twice",
+            ),
+            ("set = { deleted = \"/d\" }", "`deleted` is a row's own"),
+            ("add = { n = true }", "add.n: add takes a number"),
+            (
+                "delete = { tags = 1 }",
+                "delete.tags: delete takes an array",
+            ),
+            (
+                "delete_on = [\"invoice-voided\"]",
+                "delete_on `invoice-voided` is none of its types",
+            ),
+        ] {
+            let err = rows(&format!("{key}\n{extra}")).unwrap_err();
+            assert!(err.contains(says), "{extra}: {err}");
+        }
+        rows(&format!("{key}\ndelete_on = [\"order-cancelled\"]")).unwrap();
+        // Two processors writing one table must agree on its outbox.
+        let two = format!(
+            "{FULL}\n[[processors]]\nkind = \"materialize\"\nname = \"a\"\n\
+             types = [\"order-submitted\"]\nview = \"t\"\n{key}\noutbox = true\n\
+             \n[[processors]]\nkind = \"materialize\"\nname = \"b\"\n\
+             types = [\"order-paid\"]\nview = \"t\"\n{key}\n"
+        );
+        let err = Config::parse(&two).unwrap().check().unwrap_err();
+        assert!(err.contains("`a` and `b` write the row table `t`"), "{err}");
+        // A cep rule reads exact types its processor collects, and pointers.
+        let cep = |rule: &str| {
+            Config::parse(&format!(
+                "{FULL}\n[[processors]]\nkind = \"cep\"\nname = \"c\"\n\
+                 types = [\"order-submitted\", \"payment-completed\"]\n\
+                 [[processors.rules]]\nname = \"late\"\nkind = \"absence\"\n\
+                 first = \"order-submitted\"\nwithin = \"15m\"\nemit = \"late\"\n{rule}\n"
+            ))
+            .unwrap()
+            .check()
+        };
+        cep("then = \"payment-completed\"").unwrap();
+        let err = cep("then = \"payment-captured\"").unwrap_err();
+        assert!(err.contains("which its types do not collect"), "{err}");
+        let err = cep("then = \"payment-*\"").unwrap_err();
+        assert!(err.contains("not patterns"), "{err}");
+        let err =
+            cep("then = \"payment-completed\"\nwhere = { \"order.amount\" = 1 }").unwrap_err();
+        assert!(err.contains("`/order/amount`"), "{err}");
     }
 
     #[test]

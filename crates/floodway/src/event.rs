@@ -31,7 +31,8 @@ pub const DEFAULT_MAX_EVENT_SIZE: usize = 1024 * 1024;
 /// The event type reserved for fault events.
 pub const FAULT_EVENT_TYPE: &str = "fault";
 
-const ENVELOPE_FIELDS: [&str; 5] = ["id", "type", "timestamp", "partitionKey", "tags"];
+/// The envelope's own fields: no field of the payload is named so.
+pub const ENVELOPE_FIELDS: [&str; 5] = ["id", "type", "timestamp", "partitionKey", "tags"];
 
 /// An immutable fact, in the envelope of `DESIGN.md` section 2.
 ///
