@@ -335,7 +335,10 @@ async fn shutdown_drains_in_flight_work_and_commits() {
         Processor::builder("p")
             .fault_sink(floodway::memory::MemoryFaultSink::new())
             .max_in_flight(100)
-            .pull_batch(20),
+            .pull_batch(20)
+            // Drain fully, and commit only at the end: no limit, not an overflow.
+            .drain_timeout(Duration::MAX)
+            .commit_interval(Duration::MAX),
         Pipeline::builder("slow").parallelism(4).sink(slow).unwrap(),
     );
     let source = CountingSource::new(&events(1_000, 10), true, &pulled);

@@ -275,7 +275,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         tokio::pin!(shutdown);
         let mut source_done = false;
         let mut stopping: Option<Instant> = None;
-        let mut next_commit = Instant::now() + config.commit_interval;
+        let mut next_commit = after(config.commit_interval);
         let far = || Instant::now() + std::time::Duration::from_secs(86_400 * 365);
 
         loop {
@@ -351,7 +351,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 }
                 () = &mut shutdown, if stopping.is_none() => {
                     tracing::info!(processor = %self.proc.name, "stopping: draining in-flight work");
-                    stopping = Some(Instant::now() + config.drain_timeout);
+                    stopping = Some(after(config.drain_timeout));
                     rx.close();
                 }
                 () = tokio::time::sleep_until(batch_deadline.unwrap_or_else(far)), if batch_deadline.is_some() => {
@@ -359,7 +359,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 }
                 () = tokio::time::sleep_until(next_commit) => {
                     self.commit().await?;
-                    next_commit = Instant::now() + config.commit_interval;
+                    next_commit = after(config.commit_interval);
                 }
                 pulled = rx.recv(), if can_pull => match pulled {
                     Some(Ok(Some(records))) => self.dispatch(records)?,
@@ -811,6 +811,14 @@ impl Checkpointer for SettlementCollector {
             }
         }
     }
+}
+
+/// The instant `wait` from now; a wait too long for the clock (`Duration::MAX`: "drain
+/// fully", "never on a timer") is a century.
+fn after(wait: std::time::Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 86_400))
 }
 
 #[cfg(test)]

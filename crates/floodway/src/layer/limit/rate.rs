@@ -55,7 +55,11 @@ fn advance(
 ) -> Instant {
     let t = tat.map_or(now, |t| t.max(now));
     let allowed = t.checked_sub(tolerance).map_or(now, |a| a.max(now));
-    *tat = Some(t + interval);
+    // An interval too long for the clock (a period of `Duration::MAX`) is a century.
+    *tat = Some(
+        t.checked_add(interval)
+            .unwrap_or_else(|| t + Duration::from_secs(100 * 365 * 86_400)),
+    );
     allowed
 }
 
@@ -102,7 +106,10 @@ impl RateLimiter {
         }
         {
             let mut state = self.state.lock().unwrap();
-            state.tolerance = state.interval * (burst - 1);
+            state.tolerance = state
+                .interval
+                .checked_mul(burst - 1)
+                .unwrap_or(Duration::MAX);
         }
         Ok(self)
     }
@@ -137,16 +144,39 @@ impl RateLimiter {
         Ok(())
     }
 
-    /// Waits until a call may start, and admits it.
+    /// Gives back a slot reserved by a caller that went away before it was admitted (a unit
+    /// cut off at a deadline): the next caller may have it, rather than every later one
+    /// waiting an interval more, for good.
+    fn give_back(&self) {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap();
+        let interval = state.interval;
+        if let Some(t) = state.reserved {
+            state.reserved = Some(t.checked_sub(interval).map_or(now, |back| back.max(now)));
+        }
+    }
+
+    /// Waits until a call may start, and admits it. Cancelled before it is admitted, it
+    /// gives its slot back.
     pub async fn acquire(&self) {
+        struct Slot<'a>(&'a RateLimiter, bool);
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.give_back();
+                }
+            }
+        }
         let started = Instant::now();
         let at = self.reserve();
+        let mut slot = Slot(self, false);
         if at > started {
             tokio::time::sleep_until(at).await;
         }
         while let Err(at) = self.try_admit() {
             tokio::time::sleep_until(at).await;
         }
+        slot.1 = true;
         let waited = started.elapsed();
         if !waited.is_zero() {
             metrics::histogram!("floodway_rate_limit_wait_seconds").record(waited.as_secs_f64());
@@ -164,6 +194,46 @@ impl Policy for RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Callers cut off while they wait give their slots back: the next caller waits for its
+    /// own turn, not for theirs as well (a processor reused across Lambda invocations cut
+    /// at their deadlines made no call at all).
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_cancelled_while_waiting_gives_its_slot_back() {
+        let limiter = RateLimiter::per_second(1).unwrap();
+        limiter.acquire().await;
+        for _ in 0..9 {
+            let cut = tokio::time::timeout(Duration::from_millis(10), limiter.acquire()).await;
+            assert!(cut.is_err());
+        }
+        let started = Instant::now();
+        limiter.acquire().await;
+        assert!(
+            started.elapsed() <= Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        // And the limit holds: the next one a second after.
+        let started = Instant::now();
+        limiter.acquire().await;
+        assert!(started.elapsed() >= Duration::from_millis(990));
+    }
+
+    /// A period too long for the clock is a very slow limit, not a panic.
+    #[tokio::test(start_paused = true)]
+    async fn a_period_of_no_end_does_not_overflow() {
+        let limiter = RateLimiter::new(1, Duration::MAX).unwrap();
+        limiter.acquire().await;
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3600), limiter.acquire())
+                .await
+                .is_err()
+        );
+        assert!(RateLimiter::new(1, Duration::MAX)
+            .unwrap()
+            .with_burst(3)
+            .is_ok());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn spaces_calls_and_allows_bursts() {
