@@ -45,9 +45,10 @@ pub(crate) struct Pull {
     batch: usize,
     expires: Duration,
     heartbeat: Duration,
-    /// The priority group of pinned sharing, and the pin this client holds in it.
-    group: Option<&'static str>,
-    pin: Option<String>,
+    /// The priority group of pinned sharing, and the pin this client holds in it: kept by the
+    /// reader from one pull to the next (a request without it, while the pin stands, is
+    /// passed over by the server until the pin's time to live runs out).
+    group: Option<(&'static str, PinCell)>,
     /// Messages asked for that the server has neither delivered nor given up on.
     owed: usize,
     /// The client's connection count when `owed` was last counted: a server restarted, or
@@ -62,6 +63,9 @@ pub(crate) struct Pull {
     timer: Pin<Box<Sleep>>,
 }
 
+/// The pin a reader holds in its consumer's priority group, shared by its pulls.
+pub(crate) type PinCell = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
 impl Pull {
     /// Subscribes an inbox for `consumer`'s deliveries; requests go out as they are needed,
     /// `batch` messages each, waiting at the server up to `expires` with a heartbeat every
@@ -72,7 +76,7 @@ impl Pull {
         batch: usize,
         expires: Duration,
         heartbeat: Duration,
-        group: Option<&'static str>,
+        group: Option<(&'static str, PinCell)>,
     ) -> Result<Pull, NatsError> {
         let inbox = Subject::from(client.new_inbox());
         let subscriber = client
@@ -94,7 +98,6 @@ impl Pull {
             expires,
             heartbeat,
             group,
-            pin: None,
             owed: 0,
             connects: client.statistics().connects.load(Ordering::Relaxed),
             statistics: client.statistics(),
@@ -148,14 +151,15 @@ impl Pull {
             match message.status {
                 None | Some(StatusCode::OK) => {
                     self.owed = self.owed.saturating_sub(1);
-                    if self.group.is_some() {
+                    if let Some((_, held)) = &self.group {
                         if let Some(pin) = message
                             .headers
                             .as_ref()
                             .and_then(|h| h.get_last(async_nats::header::NATS_PIN_ID))
                         {
-                            if self.pin.as_deref() != Some(pin.as_str()) {
-                                self.pin = Some(pin.as_str().to_owned());
+                            let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+                            if held.as_deref() != Some(pin.as_str()) {
+                                *held = Some(pin.as_str().to_owned());
                             }
                         }
                     }
@@ -178,7 +182,9 @@ impl Pull {
                         return Err(NatsError::js("pull", description));
                     }
                     if status == StatusCode::PIN_ID_MISMATCH {
-                        self.pin = None;
+                        if let Some((_, held)) = &self.group {
+                            *held.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        }
                     }
                     let left = message
                         .headers
@@ -209,10 +215,10 @@ impl Pull {
             "expires": u64::try_from(self.expires.as_nanos()).unwrap_or(u64::MAX),
             "idle_heartbeat": u64::try_from(self.heartbeat.as_nanos()).unwrap_or(u64::MAX),
         });
-        if let Some(group) = self.group {
-            request["group"] = group.into();
-            if let Some(pin) = &self.pin {
-                request["id"] = pin.as_str().into();
+        if let Some((group, held)) = &self.group {
+            request["group"] = (*group).into();
+            if let Some(pin) = held.lock().unwrap_or_else(|p| p.into_inner()).as_deref() {
+                request["id"] = pin.into();
             }
         }
         self.client

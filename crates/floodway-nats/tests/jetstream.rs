@@ -669,6 +669,70 @@ async fn pinned_sharing_fails_over_to_the_standby_instance() {
     }
 }
 
+/// A pinned reader whose pull ended (its heartbeats missed while the connection stalled)
+/// asks again with its pin: the server passes over a request without it while the pin
+/// stands, so the partition stood still until the pin's time to live ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_reader_keeps_its_pin_from_one_pull_to_the_next() {
+    let server = NatsServer::start();
+    let proxy = Arc::new(floodway_nats::testing::Proxy::start(server.port()).await);
+    let hub = NatsHub::connect(&options(vec![proxy.url()])).await.unwrap();
+    let pinned = SubscriptionOptions {
+        sharing: Sharing::Pinned {
+            ttl: Duration::from_secs(20),
+        },
+        ..Default::default()
+    };
+    let (processor, sink) = collecting("pinned");
+    let sub = hub.subscribe("pinned", pinned).await.unwrap();
+    let late = Arc::new(Mutex::new(None::<Duration>));
+    let dance = {
+        let (hub, proxy, sink, late) = (hub.clone(), proxy.clone(), sink.clone(), late.clone());
+        tokio::spawn(async move {
+            let has = |id: &str| sink.events().iter().any(|e| e.id() == id);
+            let wait_for = |id: &'static str| {
+                let has = &has;
+                async move {
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while !has(id) && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            };
+            let event = |id: &str| Event::builder("step", "pinned-key").id(id).build();
+            hub.publish(&[event("before")]).await.unwrap();
+            wait_for("before").await;
+            // The connection stalls past two heartbeats (1.25 s apart): the pull ends, and a
+            // new one starts.
+            proxy.set_delay(Duration::from_secs(4));
+            tokio::time::sleep(Duration::from_millis(4500)).await;
+            proxy.set_delay(Duration::ZERO);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let published = Instant::now();
+            // Its ack may come late, behind what the stall held back: tried again, a
+            // repeat is stored once.
+            let after = [event("after")];
+            retry(
+                "publishing",
+                Duration::from_secs(30),
+                Duration::from_millis(100),
+                || hub.publish(&after),
+            )
+            .await;
+            wait_for("after").await;
+            *late.lock().unwrap() = Some(published.elapsed());
+        })
+    };
+    let done = late.clone();
+    run_until(&processor, sub, move || done.lock().unwrap().is_some()).await;
+    dance.await.unwrap();
+    let late = late.lock().unwrap().unwrap();
+    assert!(
+        late < Duration::from_secs(10),
+        "the next record came {late:?} after it was published (the pin's time to live is 20 s)"
+    );
+}
+
 /// Whether every key has every step.
 fn complete(seen: &Seen, keys: usize, per_key: usize) -> bool {
     let seen = seen.lock().unwrap();

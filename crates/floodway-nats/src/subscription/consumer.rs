@@ -142,10 +142,21 @@ pub(super) async fn open_consumer(
             ack_policy: current.ack_policy,
             ..config.clone()
         };
-        return stream
-            .update_consumer(update)
-            .await
-            .map_err(|e| NatsError::Config(format!("cannot update consumer `{name}`: {e}")));
+        // A setting refused is a configuration error; a timeout or an answer lost (a
+        // leader election) is tried again like any other.
+        return stream.update_consumer(update).await.map_err(|e| {
+            use async_nats::jetstream::stream::ConsumerUpdateErrorKind as Kind;
+            let code = match e.kind() {
+                Kind::JetStream(js) => Some(js.error_code().0),
+                _ => None,
+            };
+            if permanent(code) || matches!(e.kind(), Kind::InvalidConsumerType | Kind::InvalidName)
+            {
+                NatsError::Config(format!("cannot update consumer `{name}`: {e}"))
+            } else {
+                NatsError::js("update consumer", e)
+            }
+        });
     }
     Ok(consumer)
 }

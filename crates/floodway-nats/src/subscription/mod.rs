@@ -366,6 +366,7 @@ impl NatsHub {
                 remake: false,
                 acks: ops.downgrade(),
                 budget: budget.clone(),
+                pin: crate::pull::PinCell::default(),
                 consumer: Some(consumer),
             };
             tasks.spawn(reader.run());

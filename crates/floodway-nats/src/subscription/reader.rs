@@ -46,6 +46,8 @@ pub(super) struct PartitionReader {
     pub(super) acks: mpsc::WeakUnboundedSender<AckOp>,
     /// A transient read's room for records handed over and not yet taken.
     pub(super) budget: Budget,
+    /// With pinned sharing, the pin this reader holds, kept from one pull to the next.
+    pub(super) pin: crate::pull::PinCell,
 }
 
 impl PartitionReader {
@@ -237,7 +239,7 @@ impl PartitionReader {
             if !self.options.transient {
                 // Pulls well inside the pin's time to live, or the pin is lost between them.
                 expires = (ttl / 3).clamp(Duration::from_millis(500), PULL_EXPIRES);
-                group = Some(GROUP);
+                group = Some((GROUP, self.pin.clone()));
             }
         }
         let mut messages = Pull::start(
