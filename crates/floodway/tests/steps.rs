@@ -407,3 +407,30 @@ async fn a_synchronous_step_retried_before_a_batch_keeps_its_keys_order() {
     assert_eq!(per_key(&sink.events()), per_key(&input));
     assert_eq!(kit.checkpoint("0"), Some(1_000));
 }
+
+/// A filter after an async step counts what it drops as filtered, batched or not: what the
+/// type filter took is filtered, delivered or faulted, nothing vanishes from the report.
+#[tokio::test(start_paused = true)]
+async fn a_filter_after_an_async_step_counts_what_it_drops() {
+    for batched in [false, true] {
+        let kit = TestKit::new();
+        let sink = MemorySink::new();
+        let pipeline = Pipeline::builder("late-filter")
+            .then(|uow| async move { Ok(uow) })
+            .filter(|uow| uow.event().id().ends_with('0'));
+        let pipeline = if batched {
+            pipeline.batch(BatchConfig::count(4))
+        } else {
+            pipeline
+        };
+        let pipeline = pipeline.sink(sink.clone()).unwrap();
+        let report = run_pipeline(&kit, pipeline, &events(20, 4)).await.unwrap();
+        let p = report.pipeline("late-filter").unwrap();
+        assert_eq!(
+            (p.taken, p.delivered, p.filtered),
+            (20, 2, 18),
+            "batched: {batched}"
+        );
+        assert_eq!(sink.len(), 2);
+    }
+}

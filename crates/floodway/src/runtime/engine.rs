@@ -677,6 +677,9 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 }
             }
             pipe.tally.delivered(outcome.delivered);
+            for _ in 0..outcome.filtered {
+                pipe.tally.filtered();
+            }
             if slot.is_some() {
                 pipe.tally.faulted(outcome.faults);
             }

@@ -66,6 +66,9 @@ pub(crate) struct Outcome {
     pub(crate) delivered: u64,
     /// Fault events published.
     pub(crate) faults: u64,
+    /// Units of work a filter after an async step dropped (those before it are counted at
+    /// dispatch).
+    pub(crate) filtered: u64,
     /// Whether this was pre-batch work.
     pub(crate) pre: bool,
 }
@@ -260,6 +263,7 @@ async fn run_steps(
 ) -> Result<Outcome, RunError> {
     let ticket = uow.ticket;
     let out = steps(core, &timers.steps, uow, from).await;
+    let filtered = u64::from(out.ready.is_empty() && out.failed.is_empty());
     // Faults are rare: their futures are boxed, to keep every unit's future small (it is
     // moved onto the heap once per unit).
     let mut faults = if out.failed.is_empty() {
@@ -272,6 +276,7 @@ async fn run_steps(
         children: Vec::new(),
         delivered: 0,
         faults: 0,
+        filtered,
         pre,
     };
     if pre {
@@ -337,6 +342,7 @@ async fn run_batch(
         children: Vec::new(),
         delivered: (flushed.items.len() - failed.len()) as u64,
         faults: failed.len() as u64,
+        filtered: 0,
         pre: false,
     })
 }
@@ -409,6 +415,7 @@ pub(crate) fn fault_now(
                 children: Vec::new(),
                 delivered: 0,
                 faults: 1,
+                filtered: 0,
                 pre: false,
             })
         };
