@@ -55,16 +55,30 @@ pub(crate) fn attribute(value: &Value) -> AttributeValue {
     }
 }
 
-/// A DynamoDB attribute as a JSON value (numbers that fit neither `i64` nor `f64` become
-/// strings; binary and sets become arrays).
+/// A DynamoDB number as JSON, exactly as stored where JSON can hold it: an integer of up to
+/// 64 bits (signed or not) as one, a larger integer as its text (a double would round it),
+/// a fraction as a double.
+fn number(n: &str) -> Value {
+    if let Ok(i) = n.parse::<i64>() {
+        return Value::from(i);
+    }
+    if let Ok(u) = n.parse::<u64>() {
+        return Value::from(u);
+    }
+    let integer = n.bytes().all(|b| b.is_ascii_digit() || b == b'-');
+    n.parse::<f64>()
+        .ok()
+        .filter(|_| !integer)
+        .and_then(serde_json::Number::from_f64)
+        .map_or_else(|| Value::String(n.to_owned()), Value::Number)
+}
+
+/// A DynamoDB attribute as a JSON value (numbers as [`number`] reads them; binary and sets
+/// become arrays).
 pub(crate) fn json_of(attribute: &AttributeValue) -> Value {
     match attribute {
         AttributeValue::S(s) => Value::String(s.clone()),
-        AttributeValue::N(n) => n
-            .parse::<i64>()
-            .map(Value::from)
-            .or_else(|_| n.parse::<f64>().map(Value::from))
-            .unwrap_or_else(|_| Value::String(n.clone())),
+        AttributeValue::N(n) => number(n),
         AttributeValue::Bool(b) => Value::Bool(*b),
         AttributeValue::L(items) => Value::Array(items.iter().map(json_of).collect()),
         AttributeValue::M(map) => {
@@ -352,3 +366,22 @@ impl DynamoDbView {
 const CONCURRENCY: usize = 32;
 
 floodway::impl_sink!(DynamoDbView, write_all);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Numbers come back as they were stored: 64-bit integers of either sign exactly, larger
+    /// ones as their text, fractions as doubles.
+    #[test]
+    fn numbers_read_back_exactly_where_json_can_hold_them() {
+        let n = |text: &str| json_of(&AttributeValue::N(text.into()));
+        assert_eq!(n("-12"), serde_json::json!(-12));
+        assert_eq!(n("18446744073709551615"), serde_json::json!(u64::MAX));
+        assert_eq!(
+            n("123456789012345678901234567890"),
+            serde_json::json!("123456789012345678901234567890")
+        );
+        assert_eq!(n("2.5"), serde_json::json!(2.5));
+    }
+}
