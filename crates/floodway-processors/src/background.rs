@@ -23,7 +23,18 @@ pub struct Background {
     failed: tokio::sync::watch::Receiver<Option<String>>,
     relay: Option<Task<RelayReport>>,
     timers: Vec<(String, Task<CepReport>)>,
-    expiry: Option<JoinHandle<()>>,
+    expiry: Option<Aborted>,
+}
+
+/// A task that ends with its handle: the expiry stops when [`Background`] is stopped, even
+/// on an early return with an error, or dropped without being stopped.
+#[derive(Debug)]
+struct Aborted(JoinHandle<()>);
+
+impl Drop for Aborted {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What the tasks did.
@@ -123,7 +134,7 @@ pub fn start_background(hubs: &Hubs, config: &Config) -> Result<Background, Setu
     }
     let expiry = (!expiring_rows.is_empty() || !expiring_cep.is_empty()).then(|| {
         let store = hubs.store.clone();
-        tokio::spawn(async move {
+        Aborted(tokio::spawn(async move {
             // Expired rows and events are not read; this only takes them out of the file,
             // without a change event (DynamoDB's TTL deletions are stream records, which
             // change data capture skips by default).
@@ -151,7 +162,7 @@ pub fn start_background(hubs: &Hubs, config: &Config) -> Result<Background, Setu
                     Err(err) => tracing::warn!(error = %err, "deleting expired rows failed"),
                 }
             }
-        })
+        }))
     });
     Ok(Background {
         hubs: hubs.clone(),
@@ -214,9 +225,7 @@ impl Background {
             }
             report.relay = Some(finish(relay).await.map_err(relay_err)?);
         }
-        if let Some(expiry) = self.expiry {
-            expiry.abort();
-        }
+        drop(self.expiry);
         Ok(report)
     }
 }
