@@ -248,8 +248,8 @@ where
 /// stop it: it is faulted, never sent again, so the entries after it cannot overtake it.
 ///
 /// # Errors
-/// A failure of the first entry that is not poison fails the call as a whole (nothing was
-/// delivered), as does a fatal one.
+/// A failure of the first entry that is not poison, or of a batch's only entry, fails the
+/// call as a whole (nothing was delivered), as does a fatal one.
 pub async fn deliver_in_order<'a, F, Fut>(batch: &'a Batch, mut f: F) -> Result<Delivery, Error>
 where
     F: FnMut(&'a Uow) -> Fut,
@@ -260,6 +260,8 @@ where
         let Err(error) = f(uow).await else { continue };
         match error.class() {
             crate::ErrorClass::Fatal => return Err(error),
+            // A batch of one fails as a whole, as `each_fn`'s does.
+            _ if batch.len() == 1 => return Err(error),
             crate::ErrorClass::Poison => {
                 delivery.fail(i, error);
                 continue;
