@@ -733,6 +733,29 @@ async fn a_pinned_reader_keeps_its_pin_from_one_pull_to_the_next() {
     );
 }
 
+/// A transient read (a replay, `hub tail`) takes no acks, so the server forgets what it sent:
+/// a delivery lost on the way is noticed by its consumer sequence, and the read goes on from
+/// it with a consumer made again, not without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_read_gets_a_delivery_lost_on_the_way() {
+    let server = NatsServer::start();
+    let proxy = floodway_nats::testing::Proxy::start(server.port()).await;
+    let hub = NatsHub::connect(&options(vec![proxy.url()])).await.unwrap();
+    let partition = hub.partition_of("k0");
+    let events = of_partition(&hub, partition, "lost", 0..1_600);
+    hub.publish(&events).await.unwrap();
+    proxy.drop_next_delivery_containing(events[events.len() / 2].id().as_bytes());
+    let read = read_all(&hub, Partitions::All).await;
+    assert_eq!(proxy.dropped(), 1);
+    let ids: HashSet<&str> = read.iter().map(Event::id).collect();
+    let missing: Vec<&str> = events
+        .iter()
+        .map(Event::id)
+        .filter(|id| !ids.contains(id))
+        .collect();
+    assert!(missing.is_empty(), "never read: {missing:?}");
+}
+
 /// Whether every key has every step.
 fn complete(seen: &Seen, keys: usize, per_key: usize) -> bool {
     let seen = seen.lock().unwrap();

@@ -275,11 +275,15 @@ impl PartitionReader {
                 u32::try_from(info.delivered).unwrap_or(u32::MAX),
                 info.consumer_sequence,
             );
-            if self.cumulative {
+            // With cumulative acks, or a consumer of its own (an ephemeral one: a transient
+            // read, which takes no acks, so the server forgets what it sent), every delivery
+            // comes to this reader, the next one after the last.
+            if self.cumulative || self.config.durable_name.is_none() {
                 if delivery != self.delivered + 1 {
                     // A delivery never reached this reader (lost with a connection, or with a
-                    // pull given up): an ack of this one would cover it. The consumer starts
-                    // over where this reader stands, as an ordered consumer does.
+                    // pull given up): an ack of this one would cover it, and a transient read
+                    // would go on without it. The consumer starts over where this reader
+                    // stands, as an ordered consumer does.
                     tracing::warn!(
                         partition = %self.partition,
                         expected = self.delivered + 1,
