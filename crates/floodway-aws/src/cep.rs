@@ -232,12 +232,20 @@ impl DynamoDbCep {
         ttl: Duration,
     ) -> Result<Vec<(String, Event)>, Error> {
         let mut out = Vec::new();
+        let now = floodway::event::now_millis();
         for (keys, event) in entries {
             let added = Collected::of(event);
             let expires = event.timestamp().saturating_add(ttl.as_millis() as i64);
+            if expires <= now {
+                // Past its time to live already: it would join no set (as on the embedded
+                // hub).
+                continue;
+            }
             for key in keys {
                 self.put_correlated(key, event, expires).await?;
-                let set = self.set(key).await?;
+                // What the table's time to live has not deleted yet (it may take two days)
+                // but is past it is left out, as the embedded hub leaves it.
+                let set = self.set_live_at(key, Some(now)).await?;
                 for rule in rules {
                     for firing in rule.evaluate(&set, &added) {
                         out.push((key.clone(), firing.to_event(&self.source(), key)));
@@ -381,6 +389,12 @@ impl DynamoDbCep {
     /// # Errors
     /// A DynamoDB failure, classified.
     pub async fn set(&self, key: &str) -> Result<Vec<Collected>, Error> {
+        self.set_live_at(key, None).await
+    }
+
+    /// The events of `key`'s set, in time order; with `now` (ms), only those whose time to
+    /// live (the item's `ttl`, in seconds) has not passed.
+    async fn set_live_at(&self, key: &str, now: Option<i64>) -> Result<Vec<Collected>, Error> {
         let mut set = Vec::new();
         let mut start = None;
         loop {
@@ -401,6 +415,15 @@ impl DynamoDbCep {
                 let Some(event) = item.get("event").filter(|_| correlated) else {
                     continue;
                 };
+                let expired = match (now, item.get("ttl")) {
+                    (Some(now), Some(AttributeValue::N(ttl))) => ttl
+                        .parse::<i64>()
+                        .is_ok_and(|s| s.saturating_mul(1000) <= now),
+                    _ => false,
+                };
+                if expired {
+                    continue;
+                }
                 match Event::from_value(json_of(event)) {
                     Ok(event) => set.push(Collected::of(&event)),
                     Err(e) => {

@@ -1031,7 +1031,8 @@ async fn control_services_keep_their_sets_in_the_correlation_store() {
             Event::builder(ty, order).id(id).timestamp(t).build(),
         )
     };
-    let t0 = 1_700_000_000_000;
+    // Within the time to live: events past it join no set.
+    let t0 = floodway::event::now_millis() - 60_000;
     // o-1 paid (the payment first), o-2 not paid; o-3's order a Node correlate wrote.
     let entries = [
         e("payment-captured", "p1", "o-1", t0 + 10),
@@ -1063,7 +1064,7 @@ async fn control_services_keep_their_sets_in_the_correlation_store() {
         .item("sk", A::S("s3".into()))
         .item("discriminator", A::S("CORREL".into()))
         .item("timestamp", A::N(t0.to_string()))
-        .item("ttl", A::N("1800000000".into()))
+        .item("ttl", A::N((t0 / 1000 + 3600).to_string()))
         .item("ruleId", A::S("node-correlate".into()))
         .item("event", floodway_aws_attribute(&node_event))
         .send()
@@ -1074,6 +1075,31 @@ async fn control_services_keep_their_sets_in_the_correlation_store() {
         .await
         .unwrap();
     assert_eq!(paid.len(), 1, "o-3's set holds the Node-written order");
+    // An item past its time to live that the table has not deleted yet (DynamoDB takes up
+    // to two days) is in no set: o-4's order expired, its payment makes nothing ready.
+    dynamo
+        .put_item()
+        .table_name("events")
+        .item("pk", A::S("o-4".into()))
+        .item("sk", A::S("s4".into()))
+        .item("discriminator", A::S("CORREL".into()))
+        .item("timestamp", A::N(t0.to_string()))
+        .item("ttl", A::N((t0 / 1000 - 10).to_string()))
+        .item("ruleId", A::S("node-correlate".into()))
+        .item(
+            "event",
+            floodway_aws_attribute(
+                &json!({"id": "s4", "type": "order-submitted", "timestamp": t0, "partitionKey": "o-4"}),
+            ),
+        )
+        .send()
+        .await
+        .unwrap();
+    let late = cep
+        .collect(&[e("payment-captured", "p4", "o-4", t0 + 5)], &rules, ttl)
+        .await
+        .unwrap();
+    assert!(late.is_empty(), "{late:?}");
     let item = dynamo
         .get_item()
         .table_name("events")
