@@ -343,8 +343,12 @@ impl Policy for CircuitBreaker {
                 Err(err) => err,
             };
             // Part of the batch was delivered: the target is up. What failed is held once
-            // more, as any call's first failure, and then judged by that success: entries
-            // that fail for good in every batch are faulted, not taken for an outage.
+            // more, as any call's first failure, and then judged by that success, its own
+            // included: when every call in flight has entries that fail for good, no other
+            // call can be let through to show the target up, and waiting for one stalled the
+            // pipeline. The price: entries failing because an outage began in the middle of
+            // their batch are faulted (resubmittable) unless another call shows the outage
+            // first (it opens the breaker, and a success from before that no longer counts).
             let partial = err.is_partial();
             if partial {
                 shared.on_success(admission, number);
