@@ -18,8 +18,9 @@ use crate::store::{Store, WriteGate};
 /// One processor's collected events, timers and emitted events in the hub file:
 ///
 /// - `cep_{name}_events`: each event under each of its correlation keys, once (by id), until
-///   its time to live (from its own time) has passed; a set is read by key and put in
-///   event-time order as it is read;
+///   its time to live (from its own time) has passed and no pending timer of its key needs
+///   it ([`CepTable::expire`]); a set is read by key and put in event-time order as it is
+///   read;
 /// - `cep_{name}_timers`: by due time, so the due ones are a range at the start of the index
 ///   however many are pending;
 /// - `cep_{name}_fired`: the ids of the events emitted per key, so a set evaluated again emits
@@ -201,7 +202,13 @@ impl CepTable {
     }
 
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, HubError> {
-        self.conn.lock().map_err(|_| HubError::Closed)
+        // A rule that panicked inside a transaction left the lock poisoned; the transaction
+        // rolled back as it unwound, so the connection is as good as before (the panic is
+        // the event's fault, not the processor's end).
+        Ok(self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// Runs `work` in one write transaction, taken at once and in turn with the store's other
@@ -693,9 +700,10 @@ impl CepTable {
     }
 
     /// Deletes the events and emitted ids past their time to live at `now`; returns how many.
-    /// The events of a key with a pending timer stay until the timer fires: its firing reads
-    /// the set as it was (a processor behind, or started after a stop, fires timers due long
-    /// ago; an absence rule whose answer was deleted would fire wrongly).
+    /// What a pending timer of the key will read stays until it fires (a processor behind,
+    /// or started after a stop, fires timers due long ago; an absence rule whose answer was
+    /// deleted would fire wrongly): the events expiring at or after the key's earliest due
+    /// time. Older ones go, whatever timers come later.
     ///
     /// # Errors
     /// A storage failure.
@@ -704,15 +712,18 @@ impl CepTable {
         crate::busy::retry("cep", self.busy_retry, || {
             let conn = self.conn()?;
             let _turn = self.gate.enter();
+            // A timer due at `d` reads its trigger (at `d - within`) and what followed it,
+            // all expiring at `d` or later (the time to live is at least the window): an
+            // event expiring before its key's earliest pending timer is needed by none.
             let mut n = conn.execute(
                 &format!(
                     "DELETE FROM cep_{name}_events WHERE expires <= ?1 \
-                     AND NOT EXISTS (SELECT 1 FROM cep_{name}_timers t \
-                       WHERE t.key = cep_{name}_events.key) \
-                     AND NOT EXISTS (SELECT 1 FROM cep_{name}_schedule s \
-                       WHERE s.key = cep_{name}_events.key)"
+                     AND expires < coalesce((SELECT min(due) FROM cep_{name}_timers t \
+                       WHERE t.key = cep_{name}_events.key), ?2) \
+                     AND expires < coalesce((SELECT min(due) FROM cep_{name}_schedule s \
+                       WHERE s.key = cep_{name}_events.key), ?2)"
                 ),
-                [now],
+                [now, i64::MAX],
             )?;
             n += conn.execute(
                 &format!("DELETE FROM cep_{name}_fired WHERE expires <= ?1"),

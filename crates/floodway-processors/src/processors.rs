@@ -1565,36 +1565,43 @@ mod tests {
     }
 
     /// A rule that panics on what it was given is poison (the batch is bisected down to the
-    /// event), not a call to try again.
+    /// event), not a call to try again; the table goes on working for the next events.
     #[tokio::test]
     async fn a_cep_rule_that_panics_is_poison() {
         let dir = tempfile::tempdir().unwrap();
         let hub =
             floodway_embedded::Hub::open(dir.path().join("hub.db"), Default::default()).unwrap();
         let hubs = super::Hubs::from(hub.clone());
+        let broken = floodway::cep::rule_fn("broken", |_, added| {
+            assert!(added.id != "e-7", "rule broke on e-7");
+            Vec::new()
+        });
         let state = super::CepState {
             name: "p".into(),
             table: hub.cep("p").unwrap(),
             hub: hubs.events.clone(),
             correlate: Vec::new(),
             filters: Vec::new(),
-            rules: Vec::new(),
+            rules: vec![broken],
             ttl: std::time::Duration::from_secs(60),
             decrypt: None,
             read: std::sync::Mutex::default(),
             delivered: std::sync::Mutex::default(),
         };
-        let err = state
-            .blocking(|_, _| -> Result<(), floodway_embedded::HubError> {
-                panic!("rule broke on e-7")
-            })
-            .await
-            .unwrap_err();
+        let collect = |id: &'static str| {
+            let event = floodway::Event::builder("t", "k").id(id).build();
+            move |table: floodway_embedded::CepTable, rules: Vec<floodway::cep::SharedRule>| {
+                table.collect(&[(vec!["k".to_owned()], event)], &rules, None)
+            }
+        };
+        let err = state.blocking(collect("e-7")).await.unwrap_err();
         assert_eq!(
             (err.class(), err.name()),
             (floodway::ErrorClass::Poison, "Panic")
         );
         assert!(err.message().contains("rule broke on e-7"), "{err}");
+        let next = state.blocking(collect("e-8")).await.unwrap();
+        assert_eq!(next.collected, 1, "the table works on after the panic");
     }
 
     fn span(deliveries: &[u64]) -> Span {
