@@ -100,6 +100,19 @@ impl RowTable {
         let table = format!("{TABLE_PREFIX}{name}");
         crate::busy::retry("rows", store.options.busy_retry, || {
             let _turn = store.gate.enter();
+            // In a file made by an earlier build, this table's name may be another row
+            // table's index (`rows_x_expires`, of `rows_x`): that index goes, and its table
+            // makes it again under its new name when it is opened.
+            let index: Option<String> = conn
+                .query_row(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND name = ?1",
+                    [&table],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(index) = index {
+                conn.execute_batch(&format!("DROP INDEX \"{index}\""))?;
+            }
             conn.execute_batch(&format!(
                 "CREATE TABLE IF NOT EXISTS {table} (pk TEXT NOT NULL, sk TEXT NOT NULL, \
                  disc TEXT, time INTEGER NOT NULL, event TEXT NOT NULL, fields TEXT NOT NULL, \

@@ -1187,11 +1187,12 @@ fn check_entry(p: &ProcessorConfig) -> Result<(), String> {
             }
             // What every event's update would be refused for (each event a fault).
             let mut named = std::collections::HashSet::new();
+            // A set's elements may be added and deleted by one update.
             let names = set
                 .keys()
                 .chain(remove)
                 .chain(add.keys())
-                .chain(delete.keys());
+                .chain(delete.keys().filter(|f| !add.contains_key(*f)));
             for field in names {
                 if floodway::rows::RESERVED.contains(&field.as_str()) {
                     return Err(format!(
@@ -1284,7 +1285,13 @@ fn check_entry(p: &ProcessorConfig) -> Result<(), String> {
 /// that looks like a path (`order.id`, `order/id`) is a pointer mistyped, which would put
 /// every event in one row.
 fn row_key_part(what: &str, spec: &str) -> Result<(), String> {
-    if !spec.starts_with('/') && spec.contains(['.', '/']) {
+    // Words of letters joined by `.` or `/`; text with digits (`v1.2`, `2024/01`) is text.
+    let words: Vec<&str> = spec.split(['.', '/']).collect();
+    let path = words.len() > 1
+        && words
+            .iter()
+            .all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphabetic() || c == '_'));
+    if !spec.starts_with('/') && path {
         return Err(format!(
             "{what} `{spec}` looks like a path but is text (every event would go to the row \
              `{spec}`): a JSON pointer starts with /, as `/{}`",
@@ -1631,6 +1638,12 @@ name = "faults"
         rows(key).unwrap();
         let err = rows("key = { pk = \"order.id\", sk = \"order\" }").unwrap_err();
         assert!(err.contains("`/order/id`"), "{err}");
+        rows("key = { pk = \"/order/id\", sk = \"v1.2\" }").unwrap();
+        // A set's elements added and deleted by one update (docs/rows.md).
+        rows(&format!(
+            "{key}\nadd = {{ tags = \"/order/tags\" }}\ndelete = {{ tags = \"/order/removedTags\" }}"
+        ))
+        .unwrap();
         for (extra, says) in [
             (
                 "set = { status = \"/s\" }\nremove = [\"status\"]",
