@@ -418,7 +418,9 @@ impl DynamoDbCep {
                 let expired = match (now, item.get("ttl")) {
                     (Some(now), Some(AttributeValue::N(ttl))) => ttl
                         .parse::<i64>()
-                        .is_ok_and(|s| s.saturating_mul(1000) <= now),
+                        // Stored in whole seconds, rounded down: gone once the next second
+                        // has begun.
+                        .is_ok_and(|s| s.saturating_add(1).saturating_mul(1000) <= now),
                     _ => false,
                 };
                 if expired {

@@ -216,7 +216,12 @@ async fn publish(
     });
     let (mut stored, mut duplicates) = (0, 0);
     while let Some(chunk) = rx.recv().await {
-        let receipt = hub.publish(&chunk?, !no_dedupe).await?;
+        // Cut short, the error says what is stored already.
+        let chunk = chunk.with_context(|| stored_so_far(stored, no_dedupe))?;
+        let receipt = hub
+            .publish(&chunk, !no_dedupe)
+            .await
+            .with_context(|| stored_so_far(stored, no_dedupe))?;
         stored += receipt.stored;
         duplicates += receipt.duplicates;
         bar.set_message(format!("{stored} events stored"));
@@ -234,6 +239,19 @@ async fn publish(
         bail!("{rejected} lines were rejected (see above)");
     }
     Ok(())
+}
+
+/// What a publish cut short had stored: publishing the input again is safe within the hub's
+/// dedupe window (unless deduplication is off).
+fn stored_so_far(stored: impl std::fmt::Display, no_dedupe: bool) -> String {
+    format!(
+        "stopped after {stored} events stored{}",
+        if no_dedupe {
+            ""
+        } else {
+            "; publishing the input again skips them within the dedupe window"
+        }
+    )
 }
 
 /// The events of a JSON-lines input, read one line at a time into one buffer.

@@ -10,7 +10,6 @@
 //! | 2xx | success (the response can be published as a new event) |
 //! | 429, 503 | throttled: retried, and adaptive concurrency backs off (`Retry-After` in seconds or as an HTTP date is honoured) |
 //! | 408, 423, 425, other 5xx | transient: retried; the breaker tells an outage from a bad request |
-//! | 401 | fatal: the credentials are wrong (the processor stops and says so, rather than fault every event) |
 //! | other 4xx | poison: the event is faulted |
 //! | 3xx | fatal: the URL is wrong (the processor stops and says so) |
 //! | connection refused, reset, timed out, a TLS handshake cut short | transient |
@@ -769,11 +768,6 @@ pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
         429 | 503 => Error::throttled_msg("HttpStatus", message),
         // Timed out, locked, too early: the same request may succeed later.
         408 | 423 | 425 | 500..=599 => Error::transient_msg("HttpStatus", message),
-        // Who we are is refused, for every event alike: the credentials need fixing.
-        401 => Error::fatal_msg(
-            "HttpStatus",
-            format!("{message} (unauthorized: fix the credentials)"),
-        ),
         // A redirect for an API call means the URL is wrong: a configuration error.
         300..=399 => Error::fatal_msg("HttpStatus", format!("{message} (redirected: fix the URL)")),
         _ => Error::poison_msg("HttpStatus", message),
@@ -836,12 +830,9 @@ mod tests {
         assert_eq!(class(301), (ErrorClass::Fatal, false));
         assert_eq!(class(425), (ErrorClass::Transient, false));
         assert_eq!(class(423), (ErrorClass::Transient, false));
-        assert_eq!(class(401), (ErrorClass::Fatal, false));
-        assert_eq!(
-            class(403),
-            (ErrorClass::Poison, false),
-            "a resource refused to us"
-        );
+        // Credentials may come from the event (a tenant's token): `treat_as` makes a 401
+        // fatal where they do not.
+        assert_eq!(class(401), (ErrorClass::Poison, false));
         let err = classify(
             StatusCode::TOO_MANY_REQUESTS,
             Some(Duration::from_secs(2)),
