@@ -47,8 +47,14 @@ pub struct ReviveError {
 }
 
 /// Bytes of JSON the compressed values of one event may revive to, all together: gzip packs
-/// a run of one byte a thousand times over, so a 1 MiB event could otherwise hold gigabytes.
-pub const MAX_REVIVED: usize = 64 << 20;
+/// a run of one byte a thousand times over, so a 1 MiB event could otherwise hold gigabytes
+/// (and parsed, JSON takes up to some sixteen times its text: `[0,0,...]`).
+pub const MAX_REVIVED: usize = 16 << 20;
+
+/// How deep revived values may nest, counting through every compressed layer: each layer's
+/// JSON is parsed to at most 128 levels, but compressed values inside compressed values
+/// chain them, and the walk that revives them would run out of stack.
+pub const MAX_REVIVED_DEPTH: usize = 512;
 
 /// The value a compressed string holds (without its marker): base64, gzip, JSON; no more
 /// than `budget` bytes of JSON, taken from it.
@@ -93,7 +99,7 @@ fn members_within(
 ) -> Vec<ReviveError> {
     let mut failed = Vec::new();
     for (name, member) in map.iter_mut() {
-        revive_into(&join(prefix, name), member, &mut budget, &mut failed);
+        revive_into(&join(prefix, name), member, &mut budget, &mut failed, 0);
     }
     failed
 }
@@ -101,15 +107,34 @@ fn members_within(
 /// [`revive_all`] with `budget` bytes of revived JSON in all.
 fn revive_within(path: &str, value: &mut Value, mut budget: usize) -> Vec<ReviveError> {
     let mut failed = Vec::new();
-    revive_into(path, value, &mut budget, &mut failed);
+    revive_into(path, value, &mut budget, &mut failed, 0);
     failed
 }
 
-fn revive_into(path: &str, value: &mut Value, budget: &mut usize, failed: &mut Vec<ReviveError>) {
+/// Revives the compressed values in `value`, `depth` levels down from its member; a value
+/// too deep is left as it is, with an error (and the walk goes no deeper).
+fn revive_into(
+    path: &str,
+    value: &mut Value,
+    budget: &mut usize,
+    failed: &mut Vec<ReviveError>,
+    depth: usize,
+) {
+    if depth > MAX_REVIVED_DEPTH {
+        if matches!(value, Value::String(s) if s.starts_with(MARKER))
+            || matches!(value, Value::Object(_) | Value::Array(_))
+        {
+            failed.push(ReviveError {
+                path: path.to_owned(),
+                why: format!("nests deeper than the {MAX_REVIVED_DEPTH} levels revived values may"),
+            });
+        }
+        return;
+    }
     match value {
         Value::String(s) if s.starts_with(MARKER) => match unzip(&s[MARKER.len()..], budget) {
             Ok(mut inner) => {
-                revive_into(path, &mut inner, budget, failed);
+                revive_into(path, &mut inner, budget, failed, depth + 1);
                 *value = inner;
             }
             Err(why) => failed.push(ReviveError {
@@ -119,12 +144,12 @@ fn revive_into(path: &str, value: &mut Value, budget: &mut usize, failed: &mut V
         },
         Value::Object(map) => {
             for (name, member) in map.iter_mut() {
-                revive_into(&join(path, name), member, budget, failed);
+                revive_into(&join(path, name), member, budget, failed, depth + 1);
             }
         }
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                revive_into(&format!("{path}[{i}]"), item, budget, failed);
+                revive_into(&format!("{path}[{i}]"), item, budget, failed, depth + 1);
             }
         }
         _ => {}
@@ -206,6 +231,31 @@ fn compress_within(value: &mut Value, threshold: usize, ignore: &[&str]) -> usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Compressed values nested in compressed values, each layer a hundred arrays deep: the
+    /// walk stops at its depth limit with an error, on a small stack, instead of overflowing
+    /// it (a stack overflow aborts the process, and redelivery repeats it).
+    #[test]
+    fn a_chain_of_compressed_layers_stops_at_the_depth_limit() {
+        let mut value = Value::from(1);
+        for _ in 0..200 {
+            for _ in 0..100 {
+                value = Value::Array(vec![value]);
+            }
+            value = Value::String(zip(&value));
+        }
+        let failed = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let mut value = value;
+                revive_all("deep", &mut value)
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(failed[0].why.contains("nests deeper"), "{failed:?}");
+    }
     use serde_json::json;
 
     #[test]
