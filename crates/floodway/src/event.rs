@@ -1023,6 +1023,11 @@ impl Serialize for Event {
             map.serialize_entry("tags", tags)?;
         }
         for (k, v) in fields {
+            // A payload field named as the envelope's (put there through `fields_mut`) would
+            // write the key twice: the envelope's wins, as when the event is read.
+            if ENVELOPE_FIELDS.contains(&k.as_str()) {
+                continue;
+            }
             map.serialize_entry(k, v)?;
         }
         map.end()
@@ -1401,6 +1406,18 @@ mod erased {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A payload field put through `fields_mut` under an envelope name is not written: the
+    /// event reads back, with its own id.
+    #[test]
+    fn a_payload_field_named_as_the_envelope_is_not_written_twice() {
+        let mut e = Event::builder("t", "k").id("e1").build();
+        e.fields_mut().insert("id".into(), "x".into());
+        e.fields_mut().insert("n".into(), 1.into());
+        let back = Event::decode(&e.to_bytes()).expect("no duplicate key");
+        assert_eq!(back.id(), "e1");
+        assert_eq!(back.field("n"), Some(&Value::from(1)));
+    }
     use serde_json::json;
 
     const GOOD: &str = r#"{"id":"1","type":"thing-created","timestamp":1600000000000,"partitionKey":"k","tags":{"source":"s"},"thing":{"name":"a\"b","n":[1,2]}}"#;
