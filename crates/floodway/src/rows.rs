@@ -1194,6 +1194,9 @@ impl Lookup {
                             .collect(),
                     ),
                 };
+                // Changed, the event is written again from its fields: one whose payload does
+                // not read would go on as its envelope and this field alone.
+                uow.event().check_payload()?;
                 uow.event_mut().fields_mut().insert(into.to_string(), value);
                 Ok(uow)
             })

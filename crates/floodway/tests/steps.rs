@@ -434,3 +434,34 @@ async fn a_filter_after_an_async_step_counts_what_it_drops() {
         assert_eq!(sink.len(), 2);
     }
 }
+
+/// A step that changes an event whose payload does not read (a lone surrogate) faults it:
+/// written again from its fields, it would go on as its envelope alone.
+#[tokio::test(start_paused = true)]
+async fn tagging_an_event_whose_payload_does_not_read_faults_it() {
+    let kit = TestKit::new();
+    let sink = MemorySink::new();
+    let tags = floodway::pipeline::StandardTags {
+        source: Some("orders".into()),
+        ..Default::default()
+    };
+    let pipeline = Pipeline::builder("tagged")
+        .standard_tags(tags)
+        .sink(sink.clone())
+        .unwrap();
+    let processor = processor(&kit, pipeline);
+    let lines = concat!(
+        r#"{"id":"e1","type":"t","timestamp":1,"partitionKey":"k","order":{"id":"o","note":"\ud800"}}"#,
+        "\n",
+        r#"{"id":"e2","type":"t","timestamp":2,"partitionKey":"k","order":{"id":"p"}}"#,
+    );
+    kit.run_jsonl(&processor, lines).await.unwrap();
+    let faults = kit.faults();
+    assert_eq!(faults.len(), 1);
+    let details: floodway::fault::FaultDetails = faults[0].payload().unwrap();
+    assert_eq!(details.err.name, "UnreadablePayload");
+    let delivered = sink.events();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].field("order").unwrap()["id"], "p");
+    assert_eq!(delivered[0].tags().unwrap()["source"], "orders");
+}

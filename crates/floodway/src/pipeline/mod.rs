@@ -341,6 +341,9 @@ impl PipelineBuilder {
                     .filter(|(k, _)| uow.event().tags().is_none_or(|t| !t.contains_key(*k)))
                     .collect();
                 if !missing.is_empty() {
+                    // Changed, the event is written again from its fields: one whose payload
+                    // does not read would go on as its envelope alone.
+                    uow.event().check_payload()?;
                     let event = uow.event_mut();
                     for (k, v) in missing {
                         event.set_tag(k, v);
