@@ -295,16 +295,21 @@ fn faults_raised_by_aws_lambda_stream_are_stored_and_shown_beside_floodways() {
     assert!(shown.contains("seen 2 times"), "{shown}");
 }
 
-#[test]
-fn fields_are_encrypted_on_the_way_to_another_hub_and_decrypted_into_a_view_there() {
-    use floodway_embedded::{Hub, HubOptions};
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// Writes `floodway.key` in `d`: the data key `[encryption] key_file` names.
+fn write_key_file(d: &Path) {
     std::fs::write(
         d.join("floodway.key"),
         "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n",
     )
     .unwrap();
+}
+
+#[test]
+fn fields_are_encrypted_on_the_way_to_another_hub_and_decrypted_into_a_view_there() {
+    use floodway_embedded::{Hub, HubOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_key_file(d);
     let encryption = "[encryption]\nkey_file = \"floodway.key\"\n";
     std::fs::write(
         d.join("floodway.toml"),
@@ -383,11 +388,7 @@ fn fields_are_encrypted_on_the_way_to_another_hub_and_decrypted_into_a_view_ther
 fn a_dry_run_resubmission_builds_no_processor() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(
-        d.join("floodway.key"),
-        "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n",
-    )
-    .unwrap();
+    write_key_file(d);
     let forward = "[encryption]\nkey_file = \"floodway.key\"\n\n[[processors]]\nkind = \"forward\"\nname = \"archive\"\ntypes = [\"customer-*\"]\nto = \"archive.db\"\nencrypt = [\"email\"]\n";
     std::fs::write(
         d.join("floodway.toml"),

@@ -444,11 +444,9 @@ async fn unreadable_records_of_two_invocations_are_two_faults() {
     assert_ne!(ids[0], ids[1], "two records, two faults");
 }
 
-/// A DynamoDB record that is malformed past its envelope, whose fault cannot be stored: the
-/// answer names it by its sequence number (an identifier not in the batch would fail the
-/// whole batch, done records included), and the good record before it is not reported.
-#[tokio::test]
-async fn a_malformed_change_whose_fault_is_not_stored_is_reported_by_its_sequence_number() {
+/// A handler whose fault store is gone: a record that cannot be read stays unfinished, and
+/// the answer must name it.
+fn faults_down() -> Handler {
     let processor = Processor::builder("p")
         .fault_sink(floodway::sink::fault_sink_fn(|_fault| async {
             Err(floodway::Error::fatal_msg(
@@ -459,6 +457,14 @@ async fn a_malformed_change_whose_fault_is_not_stored_is_reported_by_its_sequenc
         .pipeline(Pipeline::builder("all").sink(MemorySink::new()).unwrap())
         .build()
         .unwrap();
+    Handler::new(processor)
+}
+
+/// A DynamoDB record that is malformed past its envelope, whose fault cannot be stored: the
+/// answer names it by its sequence number (an identifier not in the batch would fail the
+/// whole batch, done records included), and the good record before it is not reported.
+#[tokio::test]
+async fn a_malformed_change_whose_fault_is_not_stored_is_reported_by_its_sequence_number() {
     let bad = json!({
         "Keys": { "pk": { "S": "2" } },
         "NewImage": { "n": { "N": 5 } },
@@ -468,10 +474,7 @@ async fn a_malformed_change_whose_fault_is_not_stored_is_reported_by_its_sequenc
         dynamodb(0, "INSERT", good_row()),
         dynamodb(1, "INSERT", bad),
     ]});
-    let answer = Handler::new(processor)
-        .handle(invocation, None)
-        .await
-        .unwrap();
+    let answer = faults_down().handle(invocation, None).await.unwrap();
     assert_eq!(
         answer,
         json!({ "batchItemFailures": [{ "itemIdentifier": "700" }] })
@@ -516,31 +519,18 @@ async fn a_change_of_a_large_item_is_processed_not_faulted() {
 /// Lambda knows as no record of it, and fails the whole batch for).
 #[tokio::test]
 async fn an_unparsable_record_whose_fault_is_not_stored_is_reported_by_what_it_still_says() {
-    let handler = || {
-        let processor = Processor::builder("p")
-            .fault_sink(floodway::sink::fault_sink_fn(|_fault| async {
-                Err(floodway::Error::fatal_msg(
-                    "FaultsDown",
-                    "the fault store is gone",
-                ))
-            }))
-            .pipeline(Pipeline::builder("all").sink(MemorySink::new()).unwrap())
-            .build()
-            .unwrap();
-        Handler::new(processor)
-    };
     let kinesis = json!({ "Records": [{
         "eventSource": "aws:kinesis",
         "eventID": "shardId-000000000001:49590338271490256608559692538361571095921575989136588898",
         "kinesis": { "sequenceNumber": "49590338271490256608559692538361571095921575989136588898", "data": 5 },
     }]});
-    let answer = handler().handle(kinesis, None).await.unwrap();
+    let answer = faults_down().handle(kinesis, None).await.unwrap();
     assert_eq!(
         answer["batchItemFailures"],
         json!([{ "itemIdentifier": "49590338271490256608559692538361571095921575989136588898" }])
     );
     let sqs = json!({ "Records": [{ "eventSource": "aws:sqs", "messageId": "m-7", "body": null }]});
-    let answer = handler().handle(sqs, None).await.unwrap();
+    let answer = faults_down().handle(sqs, None).await.unwrap();
     assert_eq!(
         answer["batchItemFailures"],
         json!([{ "itemIdentifier": "m-7" }])
