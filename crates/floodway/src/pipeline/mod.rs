@@ -406,12 +406,29 @@ impl PipelineBuilder {
     /// as aws-kms-ee matches them: `customer.email` names every member `email`) with a data
     /// key from `keys`, and adds the metadata Node and Rust readers decrypt it with (`eem`).
     /// Put it last, after the steps that read those fields.
-    pub fn encrypt<I, S>(self, keys: Arc<dyn crate::encryption::KeyProvider>, fields: I) -> Self
+    pub fn encrypt<I, S>(mut self, keys: Arc<dyn crate::encryption::KeyProvider>, fields: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
         let fields: Arc<[String]> = fields.into_iter().map(Into::into).collect();
+        // Named at any depth, as aws-kms-ee names them: an envelope field's name would also
+        // encrypt the envelope's own (a new random id at every attempt, a key no order
+        // keeps, a timestamp no reader takes).
+        let last = |f: &str| f.rsplit('.').next().unwrap_or(f).to_owned();
+        if let Some(f) = fields
+            .iter()
+            .find(|f| crate::event::ENVELOPE_FIELDS.contains(&last(f).as_str()))
+        {
+            self.error = self.error.or(Some(BuildError::InvalidSetting {
+                setting: "encrypt",
+                problem: format!(
+                    "`{f}` names every member `{}`, the envelope's own too (fields are named \
+                     at any depth): encrypt a field of another name",
+                    last(f)
+                ),
+            }));
+        }
         self.then(move |mut uow: Uow| {
             let (keys, fields) = (keys.clone(), fields.clone());
             async move {
@@ -636,6 +653,25 @@ mod tests {
             .collect();
         processor.process_batch(records, None).await;
         sink.events()
+    }
+
+    /// Fields are named at any depth, the envelope's too: encrypting `customer.id` would
+    /// also encrypt the event's id (a new random one at every attempt).
+    #[test]
+    fn encrypting_a_field_named_as_the_envelope_is_refused() {
+        let keys: Arc<dyn crate::encryption::KeyProvider> =
+            Arc::new(crate::encryption::KeyFile::new("k", &[7; 32]).unwrap());
+        for fields in [["customer.id"], ["partitionKey"]] {
+            let err = Pipeline::builder("p")
+                .encrypt(keys.clone(), fields)
+                .sink(MemorySink::new())
+                .unwrap_err();
+            assert!(err.to_string().contains("the envelope's own"), "{err}");
+        }
+        Pipeline::builder("p")
+            .encrypt(keys, ["customer.email"])
+            .sink(MemorySink::new())
+            .unwrap();
     }
 
     #[tokio::test]
