@@ -322,9 +322,21 @@ pub(crate) struct Undecrypted {
 pub struct KeyFile {
     name: String,
     master: Arc<[u8]>,
-    current: Mutex<Option<DataKey>>,
+    /// The data key in use, and how many events it has encrypted.
+    current: Mutex<Option<(DataKey, u32)>>,
     unwrapped: Mutex<HashMap<String, Arc<[u8]>>>,
 }
+
+/// Events a key file's data key encrypts before another is made: each value's key and IV
+/// come from the data key and a random 8-byte salt, and two values of one data key drawing
+/// the same salt would share them (by the birthday bound, about a billion values of one key
+/// make that a few per cent likely; a million events, with a few fields each, one in a
+/// million).
+const KEY_FILE_USES: u32 = 1 << 20;
+
+/// Data keys a key file keeps unwrapped for reading, at most (a long reader sees a new one
+/// every [`KEY_FILE_USES`] events of each writer).
+const KEY_FILE_UNWRAPPED: usize = 1_024;
 
 impl Debug for KeyFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -389,8 +401,11 @@ impl KeyFile {
 impl KeyProvider for KeyFile {
     fn data_key(&self) -> HubFuture<'_, DataKey> {
         Box::pin(async move {
-            if let Some(key) = self.current.lock().unwrap().clone() {
-                return Ok(key);
+            if let Some((key, uses)) = self.current.lock().unwrap().as_mut() {
+                if *uses < KEY_FILE_USES {
+                    *uses += 1;
+                    return Ok(key.clone());
+                }
             }
             let mut plain = [0u8; 32];
             getrandom::fill(&mut plain)
@@ -404,7 +419,7 @@ impl KeyProvider for KeyFile {
                 data_keys,
                 master_key_alias: self.alias(),
             };
-            *self.current.lock().unwrap() = Some(key.clone());
+            *self.current.lock().unwrap() = Some((key.clone(), 1));
             Ok(key)
         })
     }
@@ -434,10 +449,12 @@ impl KeyProvider for KeyFile {
                 .and_then(|t| base64::engine::general_purpose::STANDARD.decode(t).ok())
                 .map(Arc::from)
                 .ok_or_else(|| Error::poison_msg("DecryptionError", "the data key is malformed"))?;
-            self.unwrapped
-                .lock()
-                .unwrap()
-                .insert(wrapped.to_owned(), key.clone());
+            let mut unwrapped = self.unwrapped.lock().unwrap();
+            if unwrapped.len() >= KEY_FILE_UNWRAPPED {
+                // Unwrapped again when met again: cheap, and memory stays bounded.
+                unwrapped.clear();
+            }
+            unwrapped.insert(wrapped.to_owned(), key.clone());
             Ok(key)
         })
     }
@@ -519,6 +536,30 @@ mod tests {
         assert_eq!(err.name(), "DecryptionError");
         assert!(decrypt_value(&key, "not base64!").is_err());
         assert!(decrypt_value(&key, "aGVsbG8gd29ybGQgaGVsbG8gd29ybGQgaGVsbG8=").is_err());
+    }
+
+    /// A key file's data key is replaced after its uses, and what the old one encrypted
+    /// still reads.
+    #[tokio::test]
+    async fn a_key_files_data_key_is_replaced_after_its_uses() {
+        let keys = KeyFile::new("k", &[7; 32]).unwrap();
+        let first = keys.data_key().await.unwrap();
+        for _ in 1..KEY_FILE_USES {
+            let again = keys.data_key().await.unwrap();
+            assert_eq!(again.plaintext, first.plaintext);
+        }
+        let next = keys.data_key().await.unwrap();
+        assert_ne!(next.plaintext, first.plaintext, "a new data key");
+        let eem = |key: &DataKey| Eem {
+            data_keys: key.data_keys.clone(),
+            master_key_alias: key.master_key_alias.clone(),
+            fields: Vec::new(),
+        };
+        assert_eq!(
+            keys.decrypt_key(&eem(&first)).await.unwrap(),
+            first.plaintext
+        );
+        assert_eq!(keys.decrypt_key(&eem(&next)).await.unwrap(), next.plaintext);
     }
 
     #[tokio::test]
