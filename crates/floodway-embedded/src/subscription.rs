@@ -263,10 +263,7 @@ impl Hub {
     ) -> Result<Subscription, HubError> {
         let wait = self.inner.store.options.lease_wait;
         // A wait too long for the clock to count (`Duration::MAX`) is a wait of a century.
-        let now = tokio::time::Instant::now();
-        let deadline = now
-            .checked_add(wait)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+        let deadline = floodway::clock::later(tokio::time::Instant::now(), wait);
         let mut told = false;
         loop {
             let attempt = {

@@ -453,9 +453,7 @@ impl QueueMapping {
                 // At least a millisecond: a message failing at once, with no visibility
                 // timeout, would otherwise be received again without time passing, for ever.
                 let hidden = self.visibility_timeout.max(Duration::from_millis(1));
-                queue[i].2 = now
-                    .checked_add(hidden)
-                    .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+                queue[i].2 = floodway::clock::later(now, hidden);
                 let (m, receives, _) = &queue[i];
                 records.push(json!({
                     "messageId": m.id,

@@ -1205,21 +1205,21 @@ fn check_entry(p: &ProcessorConfig) -> Result<(), String> {
                     ));
                 }
             }
-            for (what, fields, set_ok) in [("add", add, true), ("delete", delete, false)] {
+            // `add` takes numbers (counters) and arrays (set elements); `delete`, arrays.
+            for (what, fields, counts) in [("add", add, true), ("delete", delete, false)] {
                 for (field, v) in fields {
                     let fits = match v {
                         FieldValue::Pointer(_) => true,
-                        FieldValue::Integer(_) | FieldValue::Float(_) => set_ok,
+                        FieldValue::Integer(_) | FieldValue::Float(_) => counts,
                         FieldValue::Bool(_) => false,
                         FieldValue::Value { value } => {
-                            value.is_array() || (set_ok && value.is_number())
+                            value.is_array() || (counts && value.is_number())
                         }
                     };
                     if !fits {
                         return Err(format!(
-                            "{what}.{field}: {} takes {}",
-                            what,
-                            if set_ok {
+                            "{what}.{field}: {what} takes {}",
+                            if counts {
                                 "a number or an array of elements"
                             } else {
                                 "an array of elements"

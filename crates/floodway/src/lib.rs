@@ -60,6 +60,7 @@
 //! logs through `tracing`. See `ARCHITECTURE.md` in the repository for how a record flows.
 
 pub mod cep;
+pub mod clock;
 pub mod compression;
 pub mod encryption;
 mod envelope;

@@ -83,9 +83,9 @@ impl Tally {
         self.taken.increment(1);
     }
 
-    fn filtered(&mut self) {
-        self.report.filtered += 1;
-        self.filtered.increment(1);
+    fn filtered(&mut self, n: u64) {
+        self.report.filtered += n;
+        self.filtered.increment(n);
     }
 
     fn delivered(&mut self, n: u64) {
@@ -473,7 +473,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     ) -> Result<(), RunError> {
         let pipe = &mut self.pipes[index];
         if !pipe.pipeline.accepts(event) {
-            pipe.tally.filtered();
+            pipe.tally.filtered(1);
             self.finish(ticket, false);
             return Ok(());
         }
@@ -482,7 +482,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         let out = run_sync(&pipe.core.steps, uow, 0);
         let pieces = (out.ready.len() + out.failed.len()) as u32;
         if pieces == 0 {
-            pipe.tally.filtered();
+            pipe.tally.filtered(1);
             self.finish(ticket, false);
             return Ok(());
         }
@@ -677,9 +677,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 }
             }
             pipe.tally.delivered(outcome.delivered);
-            for _ in 0..outcome.filtered {
-                pipe.tally.filtered();
-            }
+            pipe.tally.filtered(outcome.filtered);
             if slot.is_some() {
                 pipe.tally.faulted(outcome.faults);
             }
@@ -816,12 +814,9 @@ impl Checkpointer for SettlementCollector {
     }
 }
 
-/// The instant `wait` from now; a wait too long for the clock (`Duration::MAX`: "drain
-/// fully", "never on a timer") is a century.
+/// The instant `wait` from now ("drain fully", "never on a timer": `Duration::MAX`).
 fn after(wait: std::time::Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(wait)
-        .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 86_400))
+    crate::clock::later(Instant::now(), wait)
 }
 
 #[cfg(test)]
