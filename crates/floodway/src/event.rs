@@ -1000,9 +1000,25 @@ impl Event {
 
     /// Starts a new event derived from this one: its id is a stable hash of this event's id and
     /// the new type (so deriving twice gives the same id), with the same partition key and time.
+    ///
+    /// One event of a type per event: a step deriving several of one type from one event
+    /// (an order's line items, in a [`flat_map`](crate::Pipeline::flat_map)) gives each its own
+    /// id with [`derive_part`](Self::derive_part).
     pub fn derive(&self, event_type: impl Into<String>) -> EventBuilder {
         let ty = event_type.into();
         let id = stable_id(&[self.id(), &ty]);
+        Event::builder(ty, self.partition_key())
+            .id(id)
+            .timestamp(self.timestamp)
+    }
+
+    /// Starts the new event derived from this one for `part` (a line item's id or place): as
+    /// [`derive`](Self::derive), with `part` in the stable id, so that each of several events
+    /// of one type derived from one event has an id of its own (a hub keeps only the first of
+    /// events with one id), and deriving again gives the same ids.
+    pub fn derive_part(&self, event_type: impl Into<String>, part: &str) -> EventBuilder {
+        let ty = event_type.into();
+        let id = stable_id(&[self.id(), &ty, part]);
         Event::builder(ty, self.partition_key())
             .id(id)
             .timestamp(self.timestamp)
@@ -1833,6 +1849,15 @@ mod tests {
         assert_eq!(a.id(), b.id());
         assert_ne!(a.id(), e.derive("other").build().id());
         assert_eq!(a.partition_key(), "k");
+        let one = e.derive_part("line-shipped", "1").build();
+        assert_eq!(one.id(), e.derive_part("line-shipped", "1").build().id());
+        assert_ne!(one.id(), e.derive_part("line-shipped", "2").build().id());
+        assert_ne!(one.id(), e.derive("line-shipped").build().id());
+        // The parts are hashed apart: ("a", "b1") is not ("ab", "1").
+        assert_ne!(
+            e.derive_part("a", "b1").build().id(),
+            e.derive_part("ab", "1").build().id()
+        );
     }
 
     #[test]

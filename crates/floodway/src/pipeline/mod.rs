@@ -655,6 +655,54 @@ mod tests {
         sink.events()
     }
 
+    /// Events of one type derived from one event share an id under `derive`: a split giving
+    /// two different events one id is poison (a hub would keep only the first), and
+    /// `derive_part` gives each its own.
+    #[tokio::test]
+    async fn a_split_giving_different_events_one_id_is_poison() {
+        let order = r#"{"id":"o1","type":"order-placed","timestamp":1,"partitionKey":"k","lines":[1,2,3]}"#;
+        let run = |lines: usize, by_part: bool| async move {
+            let sink = MemorySink::new();
+            let faults = MemoryFaultSink::new();
+            let pipeline = Pipeline::builder("lines")
+                .flat_map(move |uow| {
+                    Ok((0..lines)
+                        .map(|line| {
+                            let event = match by_part {
+                                true => uow.event().derive_part("line-placed", &line.to_string()),
+                                false => uow.event().derive("line-placed"),
+                            };
+                            uow.with_event(event.field("line", line).build())
+                        })
+                        .collect())
+                })
+                .sink(sink.clone())
+                .unwrap();
+            let processor = Processor::builder("p")
+                .fault_sink(faults.clone())
+                .pipeline(pipeline)
+                .build()
+                .unwrap();
+            let record = Record::new("memory", "0", 0, order.to_string());
+            processor.process_batch(vec![record], None).await;
+            (sink.events(), faults.faults())
+        };
+        for lines in [3, 40] {
+            let (events, faults) = run(lines, false).await;
+            assert!(events.is_empty());
+            assert_eq!(faults.len(), 1);
+            let text = faults[0].to_json();
+            assert!(text.contains("DuplicateEventId"), "{text}");
+            let (events, faults) = run(lines, true).await;
+            assert!(faults.is_empty());
+            let ids: std::collections::HashSet<_> = events.iter().map(|e| e.id()).collect();
+            assert_eq!(ids.len(), lines);
+        }
+        // One event sent on twice is no clash.
+        let twice = Pipeline::builder("twice").flat_map(|uow| Ok(vec![uow.clone(), uow]));
+        assert_eq!(through(twice, &[order]).await.len(), 2);
+    }
+
     /// Fields are named at any depth, the envelope's too: encrypting `customer.id` would
     /// also encrypt the event's id (a new random one at every attempt).
     #[test]

@@ -174,11 +174,12 @@ pub(crate) struct StepOutput {
 fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<Outputs, Error> {
     let result = catch_unwind(AssertUnwindSafe(|| match kind {
         StepKind::Map(f) => f(uow.clone()).map(|u| smallvec::smallvec![u]),
-        StepKind::FlatMap(f) => f(uow.clone()).map(|mut parts| {
+        StepKind::FlatMap(f) => f(uow.clone()).and_then(|mut parts| {
+            ids_apart(&parts)?;
             for (place, part) in parts.iter_mut().enumerate() {
                 part.part = uow.part_at(place);
             }
-            SmallVec::from_vec(parts)
+            Ok(SmallVec::from_vec(parts))
         }),
         StepKind::Filter(f) => Ok(if f(uow) {
             smallvec::smallvec![uow.clone()]
@@ -188,6 +189,38 @@ fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<Outputs, Error> {
         StepKind::Async(_) => Ok(smallvec::smallvec![uow.clone()]),
     }));
     result.unwrap_or_else(|payload| Err(panic_error(&*payload)))
+}
+
+/// Refuses a split that gave two different events one id: a hub keeps the first of events
+/// with one id and drops the rest as repeats, and a sink keyed by id writes one over the other
+/// (events of one type derived from one event with [`Event::derive`](crate::Event::derive)).
+/// Parts carrying equal events (one event sent on by several units of work) pass.
+fn ids_apart(parts: &[Uow]) -> Result<(), Error> {
+    let clash = |a: &Uow, b: &Uow| a.event().id() == b.event().id() && a.event() != b.event();
+    let found = if parts.len() <= 16 {
+        parts
+            .iter()
+            .enumerate()
+            .find_map(|(i, a)| parts[i + 1..].iter().find(|b| clash(a, b)).map(|_| a))
+    } else {
+        let mut seen = std::collections::HashMap::with_capacity(parts.len());
+        parts.iter().find(|part| {
+            let first = *seen.entry(part.event().id()).or_insert(*part);
+            !std::ptr::eq(first, *part) && clash(first, part)
+        })
+    };
+    match found {
+        None => Ok(()),
+        Some(part) => Err(Error::poison_msg(
+            "DuplicateEventId",
+            format!(
+                "a split gave two different events the id {} (type {}): a hub keeps only the \
+                 first; derive each with Event::derive_part",
+                part.event().id(),
+                part.event().event_type()
+            ),
+        )),
+    }
 }
 
 /// What a step does with a unit of work without awaiting anything.
