@@ -41,16 +41,26 @@ pub enum HandlerError {
         /// This processor.
         processor: String,
     },
+    /// A resubmission to a pipeline that would not run it (disabled, or no longer taking the
+    /// event's type): nothing would be done, yet it would count as done.
+    #[error("resubmission to pipeline `{pipeline}` not run: {why}")]
+    NotTaken {
+        /// The pipeline named.
+        pipeline: String,
+        /// Why it would not run.
+        why: &'static str,
+    },
 }
 
 impl HandlerError {
-    /// The error's type as Lambda reports it: `UnrecognizedEvent`, `EventNotFinished` or
-    /// `UnknownPipeline`.
+    /// The error's type as Lambda reports it: `UnrecognizedEvent`, `EventNotFinished`,
+    /// `UnknownPipeline` or `ResubmissionNotTaken`.
     pub fn error_type(&self) -> &'static str {
         match self {
             HandlerError::Unrecognized(_) => "UnrecognizedEvent",
             HandlerError::Unfinished(_) => "EventNotFinished",
             HandlerError::UnknownPipeline { .. } => "UnknownPipeline",
+            HandlerError::NotTaken { .. } => "ResubmissionNotTaken",
         }
     }
 
@@ -210,9 +220,16 @@ impl Handler {
             .processor
             .only(&pipeline)
             .ok_or_else(|| HandlerError::UnknownPipeline {
-                pipeline,
+                pipeline: pipeline.clone(),
                 processor: self.processor.name().to_owned(),
             })?;
+        // A record the pipeline would not take counts as done: the resubmitter would close
+        // the fault with nothing run.
+        for record in &invocation.records {
+            if let Err(why) = self.processor.only_taking(&pipeline, record) {
+                return Err(HandlerError::NotTaken { pipeline, why });
+            }
+        }
         let mut records = invocation.records;
         if let Some(fault) = fault {
             // Failing again, it raises that fault again, not one named by the reshaped record.

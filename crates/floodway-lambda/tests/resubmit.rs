@@ -65,3 +65,65 @@ async fn a_resubmission_that_fails_again_raises_the_same_fault() {
         assert_eq!(fault_id(&again), fault_id(&first), "{what}");
     }
 }
+
+/// A resubmission to a pipeline that would not run the record (disabled since, or no longer
+/// taking its type) fails, instead of answering that nothing faulted: the resubmitter would
+/// close the fault with nothing run.
+#[tokio::test]
+async fn a_resubmission_that_no_pipeline_would_run_is_refused() {
+    let event = r#"{"id":"e1","type":"thing-created","timestamp":1,"partitionKey":"k"}"#;
+    let kinesis = json!({ "Records": [{
+        "eventSource": "aws:kinesis",
+        "eventSourceARN": "arn:aws:kinesis:us-east-1:1:stream/s",
+        "eventID": "shardId-000000000000:1",
+        "kinesis": {
+            "partitionKey": "k",
+            "sequenceNumber": "1",
+            "data": base64_of(event),
+            "approximateArrivalTimestamp": 1.0,
+        },
+    }]});
+    let handler_with = |pipeline: floodway::pipeline::PipelineBuilder, faults: &MemoryFaultSink| {
+        let processor = Processor::builder("things")
+            .fault_sink(faults.clone())
+            .pipeline(
+                pipeline
+                    .validate(|_| Err(Error::poison_msg("Rejected", "not yet")))
+                    .sink(MemorySink::new())
+                    .unwrap(),
+            )
+            .pipeline(Pipeline::builder("audit").sink(MemorySink::new()).unwrap())
+            .build()
+            .unwrap();
+        Handler::new(processor)
+    };
+    let faults = MemoryFaultSink::new();
+    handler_with(Pipeline::builder("strict"), &faults)
+        .handle(kinesis, None)
+        .await
+        .unwrap();
+    let payload = resubmission_payload(&faults.faults()[0]).unwrap();
+    for (changed, why) in [
+        (Pipeline::builder("strict").enabled(false), "disabled"),
+        (
+            Pipeline::builder("strict").event_type("other"),
+            "no longer takes",
+        ),
+    ] {
+        let handler = handler_with(changed, &MemoryFaultSink::new());
+        let err = handler.handle(payload.clone(), None).await.unwrap_err();
+        assert_eq!(err.error_type(), "ResubmissionNotTaken");
+        assert!(err.to_string().contains(why), "{err}");
+    }
+    // Still taken: it runs (and fails again, as before).
+    let answer = handler_with(Pipeline::builder("strict"), &MemoryFaultSink::new())
+        .handle(payload, None)
+        .await
+        .unwrap();
+    assert_eq!(answer["floodway"]["faulted"], 1);
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}

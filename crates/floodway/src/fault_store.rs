@@ -360,20 +360,7 @@ async fn attempt(
     let record = crate::uow::Record::new(r.source.clone(), r.partition.clone(), r.offset, data)
         .with_attempt(r.attempt + 1)
         .resubmitting(fault.id.as_str());
-    let Some(only) = processor.only(&fault.pipeline) else {
-        return Err("the pipeline is no longer configured".into());
-    };
-    // The pipeline must still take the event, or "done" would only mean "filtered out".
-    let pipeline = only.pipelines().iter().find(|p| p.name() == fault.pipeline);
-    if pipeline.is_some_and(|p| !p.is_enabled()) {
-        // It would take nothing, and the record would count as done.
-        return Err("the pipeline is disabled".into());
-    }
-    let taken =
-        Event::decode(&record.data).is_ok_and(|event| pipeline.is_some_and(|p| p.accepts(&event)));
-    if !taken {
-        return Err("the pipeline no longer takes this event's type".into());
-    }
+    let only = processor.only_taking(&fault.pipeline, &record)?;
     let deadline = tokio::time::Instant::now() + within;
     let report = only.process_batch(vec![record], Some(deadline)).await;
     match (

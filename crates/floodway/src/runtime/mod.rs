@@ -146,6 +146,31 @@ impl Processor {
         })
     }
 
+    /// This processor with only the pipeline `name` enabled ([`only`](Self::only)), when that
+    /// pipeline would take `record`; else why not: it is not configured, is disabled, or no
+    /// longer takes the event's type. A resubmission checks this first, since a record no
+    /// pipeline takes counts as done, and "done" would only mean "filtered out".
+    ///
+    /// # Errors
+    /// The reason, for the resubmitter.
+    pub fn only_taking(&self, name: &str, record: &Record) -> Result<Processor, &'static str> {
+        let only = self.only(name).ok_or("the pipeline is no longer configured")?;
+        let pipeline = self.inner.pipelines.iter().find(|p| p.name() == name);
+        if pipeline.is_some_and(|p| !p.is_enabled()) {
+            return Err("the pipeline is disabled");
+        }
+        let max = match record.assembled {
+            true => usize::MAX,
+            false => self.inner.config.max_event_size,
+        };
+        let taken = Event::decode_bytes(record.data.clone(), max)
+            .is_ok_and(|event| pipeline.is_some_and(|p| p.accepts(&event)));
+        if !taken {
+            return Err("the pipeline no longer takes this event's type");
+        }
+        Ok(only)
+    }
+
     /// The settings.
     pub fn config(&self) -> &ProcessorConfig {
         &self.inner.config
