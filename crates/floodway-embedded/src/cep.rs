@@ -530,6 +530,8 @@ impl CepTable {
                     };
                     for rule in rules {
                         for firing in rule.evaluate(set, &added) {
+                            // Its last trigger may be later than the event just collected.
+                            let expires = remembered_until(&firing, ttl);
                             emitted.push((key.clone(), firing, expires));
                         }
                         for t in rule.timers(&added) {
@@ -755,10 +757,16 @@ fn firings(
     rule.fire(set, timer)
         .into_iter()
         .map(|firing| {
-            let expires = ttl.map(|t| firing.timestamp.saturating_add(crate::log::millis(t)));
+            let expires = remembered_until(&firing, ttl);
             (key.to_owned(), firing, expires)
         })
         .collect()
+}
+
+/// Until when what `firing` emitted is remembered: as long as its events may make it again
+/// (its time, the last trigger's, plus the time to live).
+fn remembered_until(firing: &Firing, ttl: Option<Duration>) -> Option<i64> {
+    ttl.map(|t| firing.timestamp.saturating_add(crate::log::millis(t)))
 }
 
 /// The set of `key`: its events unexpired at `now`, in time order.

@@ -193,6 +193,35 @@ fn expiry_keeps_the_set_of_a_key_with_a_pending_timer() {
     assert!(table.show("o2").unwrap().events.is_empty());
 }
 
+/// What a set emitted is kept as long as the firing's time to live, not the time to live of
+/// the event whose arrival made it: an early event arriving late makes the firing, expires
+/// first, and the firing is not made again from what stays.
+#[test]
+fn an_emission_is_remembered_for_the_firing_time_to_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::open(dir.path().join("cep.db"), HubOptions::default()).unwrap();
+    let table = hub.cep("orders-cep").unwrap();
+    let now = floodway::event::now_millis();
+    let ttl = Some(Duration::from_secs(3600));
+    let ready = &rules()[..1];
+    let minute = 60_000;
+    table
+        .collect(&[event("o", "order-submitted", "o1", now - 30 * minute)], ready, ttl)
+        .unwrap();
+    // An earlier payment, arriving after the order: the set fires.
+    let report = table
+        .collect(&[event("p1", "payment-captured", "o1", now - 50 * minute)], ready, ttl)
+        .unwrap();
+    assert_eq!(report.emitted, 1);
+    // The payment expires, the order stays; a second payment makes no second firing.
+    table.expire(now + 15 * minute).unwrap();
+    let report = table
+        .collect(&[event("p2", "payment-captured", "o1", now - 5 * minute)], ready, ttl)
+        .unwrap();
+    assert_eq!(report.emitted, 0);
+    assert_eq!(emitted(&hub).len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_timer_task_fires_within_its_poll_of_the_due_time() {
     let dir = tempfile::tempdir().unwrap();
