@@ -950,6 +950,14 @@ impl Config {
                     types, rules, ttl, ..
                 } => {
                     let ttl = ttl.map_or(DEFAULT_CEP_TTL, HumanDuration::get);
+                    if types.is_empty() {
+                        // Elsewhere no types means all of them; a cep processor keeps what it
+                        // collects, so it names it (it would collect nothing).
+                        return Err(format!(
+                            "processor `{name}`: a cep processor collects the `types` it \
+                             names: name the types its rules read"
+                        ));
+                    }
                     let filters = types
                         .iter()
                         .map(|t| floodway::pipeline::TypeFilter::parse(t))
@@ -975,7 +983,7 @@ impl Config {
                                     r.name
                                 ));
                             }
-                            if !filters.is_empty() && !filters.iter().any(|f| f.matches(t)) {
+                            if !filters.iter().any(|f| f.matches(t)) {
                                 return Err(format!(
                                     "processor `{name}`: rule `{}` reads `{t}` events, which \
                                      its types do not collect: add it to `types`",
@@ -1692,6 +1700,16 @@ name = "faults"
         let err =
             cep("then = \"payment-completed\"\nwhere = { \"order.amount\" = 1 }").unwrap_err();
         assert!(err.contains("`/order/amount`"), "{err}");
+        // No types: it would collect nothing.
+        let err = Config::parse(&format!(
+            "{FULL}\n[[processors]]\nkind = \"cep\"\nname = \"c\"\ntypes = []\n\
+             [[processors.rules]]\nname = \"ready\"\nkind = \"all\"\n\
+             types = [\"order-submitted\"]\nemit = \"ready\"\n"
+        ))
+        .unwrap()
+        .check()
+        .unwrap_err();
+        assert!(err.contains("collects the `types` it names"), "{err}");
     }
 
     #[test]
