@@ -49,6 +49,16 @@ pub struct DynamoDbCep {
     schedules: Option<TimerSchedules>,
 }
 
+/// What a timer fired: the events to publish (with their keys), then to
+/// [mark](DynamoDbCep::mark_emitted), and the timer to [retire](DynamoDbCep::retire) after.
+#[derive(Debug, Default)]
+pub struct Fired {
+    /// What the timer's rule emits and was not emitted before.
+    pub emitted: Vec<(String, Event)>,
+    /// The timer (with its key), deleted with its schedule once `emitted` is marked.
+    retire: Option<(String, Timer)>,
+}
+
 /// The type of the event a timer's schedule delivers (the `detail-type` of its EventBridge
 /// envelope, and the type of the event in its `detail`: [`Timer::to_event`]).
 pub use floodway::cep::TIMER_DUE;
@@ -260,19 +270,15 @@ impl DynamoDbCep {
     }
 
     /// Fires a timer whose item the table's time to live removed: `old` is the item's old
-    /// image as change data capture gives it (`raw.old`). Returns what its rule emits and was
-    /// not emitted before; nothing for an item that is not a timer.
+    /// image as change data capture gives it (`raw.old`). What its rule emits and was not
+    /// emitted before; nothing for an item that is not a timer.
     ///
     /// # Errors
     /// A DynamoDB failure, classified.
-    pub async fn fire_removed(
-        &self,
-        old: &Value,
-        rules: &[SharedRule],
-    ) -> Result<Vec<(String, Event)>, Error> {
+    pub async fn fire_removed(&self, old: &Value, rules: &[SharedRule]) -> Result<Fired, Error> {
         let text = |name: &str| old.get(name).and_then(Value::as_str);
         if text("discriminator") != Some(TIMER) {
-            return Ok(Vec::new());
+            return Ok(Fired::default());
         }
         let (Some(pk), Some(sk), Some(due)) = (
             text("pk"),
@@ -295,7 +301,9 @@ impl DynamoDbCep {
     }
 
     /// Fires `timer` of `key` now: what its rule makes of the key's set and was not emitted
-    /// before. The timer's item is deleted.
+    /// before. The timer stays until [`retire`](Self::retire)d: once what it emitted is
+    /// published and [marked](Self::mark_emitted), so that the deletion's `REMOVE` record,
+    /// firing it again, finds the emission marked.
     ///
     /// # Errors
     /// A DynamoDB failure, classified.
@@ -304,10 +312,14 @@ impl DynamoDbCep {
         key: &str,
         timer: &Timer,
         rules: &[SharedRule],
-    ) -> Result<Vec<(String, Event)>, Error> {
+    ) -> Result<Fired, Error> {
+        let retire = Some((key.to_owned(), timer.clone()));
         let Some(rule) = rules.iter().find(|r| r.name() == timer.rule) else {
             tracing::warn!(rule = %timer.rule, key, "a timer of a rule no longer configured: dropped");
-            return Ok(Vec::new());
+            return Ok(Fired {
+                emitted: Vec::new(),
+                retire,
+            });
         };
         let set = self.set(key).await?;
         let out: Vec<(String, Event)> = rule
@@ -315,6 +327,21 @@ impl DynamoDbCep {
             .into_iter()
             .map(|f| (key.to_owned(), f.to_event(&self.source(), key)))
             .collect();
+        Ok(Fired {
+            emitted: self.unmarked(out).await?,
+            retire,
+        })
+    }
+
+    /// Deletes the timer `fired` came from, and its schedule: once what it emitted is
+    /// published and marked.
+    ///
+    /// # Errors
+    /// A DynamoDB or EventBridge Scheduler failure, classified.
+    pub async fn retire(&self, fired: &Fired) -> Result<(), Error> {
+        let Some((key, timer)) = &fired.retire else {
+            return Ok(());
+        };
         self.client
             .delete_item()
             .table_name(&self.table)
@@ -329,12 +356,12 @@ impl DynamoDbCep {
         if let Some(schedules) = &self.schedules {
             schedules.delete(&self.processor, key, timer).await?;
         }
-        self.unmarked(out).await
+        Ok(())
     }
 
     /// Fires the timer a schedule delivered: `event` is the [`TIMER_DUE`] event of its
-    /// EventBridge invocation (see [`TimerSchedules`]). Returns what its rule emits and was
-    /// not emitted before; nothing for another processor's timer.
+    /// EventBridge invocation (see [`TimerSchedules`]). What its rule emits and was not
+    /// emitted before; nothing for another processor's timer.
     ///
     /// # Errors
     /// A DynamoDB failure, classified; a poison error for an event that names no timer.
@@ -342,7 +369,7 @@ impl DynamoDbCep {
         &self,
         event: &Event,
         rules: &[SharedRule],
-    ) -> Result<Vec<(String, Event)>, Error> {
+    ) -> Result<Fired, Error> {
         let Some((processor, key, timer)) = Timer::of_event(event) else {
             return Err(Error::poison_msg(
                 "MalformedTimer",
@@ -350,7 +377,7 @@ impl DynamoDbCep {
             ));
         };
         if processor != self.processor {
-            return Ok(Vec::new());
+            return Ok(Fired::default());
         }
         self.fire(&key, &timer, rules).await
     }
@@ -642,6 +669,7 @@ impl CepSink {
 
     async fn write(&self, batch: Batch) -> Result<Delivery, Error> {
         let mut delivery = Delivery::complete();
+        let mut retire = Vec::new();
         let emitted = if self.timers {
             let mut emitted = Vec::new();
             for (i, event) in batch.events().enumerate() {
@@ -653,7 +681,10 @@ impl CepSink {
                     continue;
                 };
                 match fired {
-                    Ok(fired) => emitted.extend(fired),
+                    Ok(mut fired) => {
+                        emitted.append(&mut fired.emitted);
+                        retire.push(fired);
+                    }
                     // A malformed timer is that entry's fault, not the batch's.
                     Err(err) if err.class() == floodway::ErrorClass::Poison && batch.len() > 1 => {
                         delivery.fail(i, err);
@@ -686,6 +717,11 @@ impl CepSink {
                 return Err(error);
             }
             self.cep.mark_emitted(&emitted, self.ttl).await?;
+        }
+        // Only now: a timer's deletion makes a `REMOVE` record that fires it again, and
+        // that finds what it emitted marked.
+        for fired in &retire {
+            self.cep.retire(fired).await?;
         }
         Ok(delivery)
     }

@@ -40,7 +40,7 @@ mod sqs;
 pub mod testing;
 
 pub use aws_config::SdkConfig;
-pub use cep::{CepSink, DynamoDbCep, TimerSchedules, TIMER_DUE};
+pub use cep::{CepSink, DynamoDbCep, Fired, TimerSchedules, TIMER_DUE};
 pub use claim::ClaimCheck;
 pub use classify::classify;
 pub use dynamodb::{DynamoDbState, DynamoDbView};

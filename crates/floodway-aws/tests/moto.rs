@@ -1132,7 +1132,8 @@ async fn control_services_keep_their_sets_in_the_correlation_store() {
         expired.extend(
             cep.fire_removed(&r.field("raw").unwrap()["old"], &rules)
                 .await
-                .unwrap(),
+                .unwrap()
+                .emitted,
         );
     }
     let fired: Vec<(&str, &str)> = expired
@@ -1141,6 +1142,33 @@ async fn control_services_keep_their_sets_in_the_correlation_store() {
         .collect();
     assert_eq!(fired, [("o-2", "order-expired")], "o-1 was paid in time");
     assert_eq!(expired[0].1.timestamp(), t0 + 900_000);
+}
+
+/// Publishes into `published`, checking first that the timer each event fired is still in
+/// the table: deleted before its emission is marked, its `REMOVE` record would fire it again
+/// and publish it twice.
+fn timer_kept(config: &aws_config::SdkConfig, published: MemorySink) -> impl floodway::Sink {
+    use aws_sdk_dynamodb::types::AttributeValue as A;
+    let dynamo = aws_sdk_dynamodb::Client::new(config);
+    floodway::sink_fn(move |batch: floodway::Batch| {
+        let (dynamo, published) = (dynamo.clone(), published.clone());
+        async move {
+            for event in batch.events() {
+                let trigger = event.field("triggers").unwrap()[0]["id"].as_str().unwrap();
+                let item = dynamo
+                    .get_item()
+                    .table_name("events")
+                    .key("pk", A::S(format!("timer#{}", event.partition_key())))
+                    .key("sk", A::S(format!("expired#{trigger}")))
+                    .consistent_read(true)
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(item.item().is_some(), "timer of {} deleted", event.id());
+            }
+            tower::ServiceExt::oneshot(published, batch).await
+        }
+    })
 }
 
 /// A JSON value as a DynamoDB attribute, as the Node library's marshall writes it.
@@ -1353,7 +1381,7 @@ async fn timers_fire_from_eventbridge_scheduler() {
                     cep.clone(),
                     rules.clone(),
                     ttl,
-                    published.clone(),
+                    timer_kept(&config, published.clone()),
                 ))
                 .unwrap(),
         )

@@ -206,17 +206,29 @@ fn an_emission_is_remembered_for_the_firing_time_to_live() {
     let ready = &rules()[..1];
     let minute = 60_000;
     table
-        .collect(&[event("o", "order-submitted", "o1", now - 30 * minute)], ready, ttl)
+        .collect(
+            &[event("o", "order-submitted", "o1", now - 30 * minute)],
+            ready,
+            ttl,
+        )
         .unwrap();
     // An earlier payment, arriving after the order: the set fires.
     let report = table
-        .collect(&[event("p1", "payment-captured", "o1", now - 50 * minute)], ready, ttl)
+        .collect(
+            &[event("p1", "payment-captured", "o1", now - 50 * minute)],
+            ready,
+            ttl,
+        )
         .unwrap();
     assert_eq!(report.emitted, 1);
     // The payment expires, the order stays; a second payment makes no second firing.
     table.expire(now + 15 * minute).unwrap();
     let report = table
-        .collect(&[event("p2", "payment-captured", "o1", now - 5 * minute)], ready, ttl)
+        .collect(
+            &[event("p2", "payment-captured", "o1", now - 5 * minute)],
+            ready,
+            ttl,
+        )
         .unwrap();
     assert_eq!(report.emitted, 0);
     assert_eq!(emitted(&hub).len(), 1);

@@ -660,7 +660,8 @@ mod tests {
     /// `derive_part` gives each its own.
     #[tokio::test]
     async fn a_split_giving_different_events_one_id_is_poison() {
-        let order = r#"{"id":"o1","type":"order-placed","timestamp":1,"partitionKey":"k","lines":[1,2,3]}"#;
+        let order =
+            r#"{"id":"o1","type":"order-placed","timestamp":1,"partitionKey":"k","lines":[1,2,3]}"#;
         let run = |lines: usize, by_part: bool| async move {
             let sink = MemorySink::new();
             let faults = MemoryFaultSink::new();

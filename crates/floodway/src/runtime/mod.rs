@@ -154,7 +154,9 @@ impl Processor {
     /// # Errors
     /// The reason, for the resubmitter.
     pub fn only_taking(&self, name: &str, record: &Record) -> Result<Processor, &'static str> {
-        let only = self.only(name).ok_or("the pipeline is no longer configured")?;
+        let only = self
+            .only(name)
+            .ok_or("the pipeline is no longer configured")?;
         let pipeline = self.inner.pipelines.iter().find(|p| p.name() == name);
         if pipeline.is_some_and(|p| !p.is_enabled()) {
             return Err("the pipeline is disabled");
