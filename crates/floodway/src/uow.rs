@@ -161,6 +161,11 @@ pub struct Uow {
     /// (a step passing on several units of work) from the part split and the output's place,
     /// so that a part's fault is the same fault however often its record runs.
     pub(crate) part: u64,
+    /// The hash of the key it is ordered by, as its record came: the record's
+    /// [order key](Record::order_key), else the partition key its event had then. A step
+    /// changing the partition key does not move it, so a later record of the source's key
+    /// never overtakes this one (which may still be retrying in an earlier step).
+    pub(crate) order: u64,
     extensions: Option<Extensions>,
 }
 
@@ -181,11 +186,18 @@ impl std::fmt::Debug for Uow {
 
 impl Uow {
     pub(crate) fn new(record: Arc<Record>, event: Arc<Event>, ticket: Ticket) -> Self {
+        let order = crate::event::key_hash(
+            record
+                .order_key
+                .as_deref()
+                .unwrap_or_else(|| event.partition_key()),
+        );
         Uow {
             record,
             event,
             ticket,
             part: 0,
+            order,
             extensions: None,
         }
     }
@@ -206,15 +218,6 @@ impl Uow {
             Arc::new(event),
             0,
         )
-    }
-
-    /// The key this unit of work is ordered by: its record's
-    /// [order key](Record::order_key), else its event's partition key.
-    pub fn order_key(&self) -> &str {
-        self.record
-            .order_key
-            .as_deref()
-            .unwrap_or_else(|| self.event.partition_key())
     }
 
     /// The source record this unit of work came from.

@@ -333,37 +333,45 @@ async fn a_pipeline_compresses_what_it_sends_over_its_threshold_and_nothing_else
 
 #[tokio::test(start_paused = true)]
 async fn a_step_that_changes_the_key_lets_no_later_event_pass_a_retried_one() {
-    // The first event of key k fails its check once and waits out a retry; the second
-    // passes at once. A later step gives both the key k2: the second must still wait for
-    // the first, whichever key it is looked at by.
-    let kit = TestKit::new();
-    let sink = MemorySink::new();
-    let failed = Arc::new(AtomicU32::new(0));
-    let count = failed.clone();
-    let pipeline = Pipeline::builder("rekey")
-        .validate(move |e| {
-            if e.id() == "first" && count.fetch_add(1, Ordering::SeqCst) == 0 {
-                Err(Error::transient_msg("Blip", "try again"))
-            } else {
-                Ok(())
-            }
-        })
-        .map(|mut uow| {
-            uow.event_mut().set_partition_key("k2");
-            Ok(uow)
-        })
-        .step_resilience(Resilience::default().retry(RetryPolicy::default().max_attempts(5)))
-        .batch(BatchConfig::count(1).max_wait(Duration::from_millis(5)))
-        .sink(sink.clone())
-        .unwrap();
-    let input: Vec<Event> = ["first", "second"]
-        .iter()
-        .map(|id| Event::builder("thing-noted", "k").id(*id).build())
-        .collect();
-    run_pipeline(&kit, pipeline, &input).await.unwrap();
-    assert_eq!(failed.load(Ordering::SeqCst), 2, "failed once, then passed");
-    let order: Vec<String> = sink.events().iter().map(|e| e.id().to_owned()).collect();
-    assert_eq!(order, ["first", "second"]);
+    // The first event of key k fails its check three times and waits out retries; the
+    // second passes at once. A later step gives both the key k2: the second must still wait
+    // for the first, whichever key it is looked at by, batched or not.
+    for batched in [false, true] {
+        let kit = TestKit::new();
+        let sink = MemorySink::new();
+        let failed = Arc::new(AtomicU32::new(0));
+        let count = failed.clone();
+        let pipeline = Pipeline::builder("rekey")
+            .validate(move |e| {
+                if e.id() == "first" && count.fetch_add(1, Ordering::SeqCst) < 3 {
+                    Err(Error::transient_msg("Blip", "try again"))
+                } else {
+                    Ok(())
+                }
+            })
+            .map(|mut uow| {
+                uow.event_mut().set_partition_key("k2");
+                Ok(uow)
+            })
+            .step_resilience(Resilience::default().retry(RetryPolicy::default().max_attempts(5)));
+        let pipeline = match batched {
+            true => pipeline.batch(BatchConfig::count(1).max_wait(Duration::from_millis(5))),
+            false => pipeline,
+        };
+        let pipeline = pipeline.sink(sink.clone()).unwrap();
+        let input: Vec<Event> = ["first", "second"]
+            .iter()
+            .map(|id| Event::builder("thing-noted", "k").id(*id).build())
+            .collect();
+        run_pipeline(&kit, pipeline, &input).await.unwrap();
+        assert_eq!(
+            failed.load(Ordering::SeqCst),
+            4,
+            "failed three times, then passed"
+        );
+        let order: Vec<String> = sink.events().iter().map(|e| e.id().to_owned()).collect();
+        assert_eq!(order, ["first", "second"], "batched: {batched}");
+    }
 }
 
 #[tokio::test(start_paused = true)]

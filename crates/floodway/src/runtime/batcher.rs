@@ -146,11 +146,11 @@ fn keyed(
 fn group_in_order(keyed: Vec<(String, Uow)>) -> Vec<Vec<Uow>> {
     let mut groups: Vec<Vec<Uow>> = Vec::new();
     let mut latest_of_group: HashMap<String, usize> = HashMap::new();
-    let mut last_of_partition_key: HashMap<String, usize> = HashMap::new();
+    let mut last_of_partition_key: HashMap<u64, usize> = HashMap::new();
     for (group, uow) in keyed {
         // The key the source orders by (an SQS FIFO group), which is the partition key for
         // most sources.
-        let pk = uow.order_key().to_owned();
+        let pk = uow.order;
         let floor = last_of_partition_key.get(&pk).copied();
         let index = match latest_of_group.get(&group) {
             Some(&g) if floor.is_none_or(|f| g >= f) => g,
@@ -214,9 +214,9 @@ mod tests {
         // order key (an SQS FIFO message group): e2 must not be overtaken by e3.
         let mut b = two_groups();
         for id in ["1", "2", "3"] {
-            let mut u = uow(&format!("key-{id}"), 1, id);
-            u.record = Arc::new(Record::new("sqs", "g", 0, "").with_order_key("g"));
-            b.push(u);
+            let event = Event::builder("t", format!("key-{id}")).id(id).timestamp(1);
+            let record = Arc::new(Record::new("sqs", "g", 0, "").with_order_key("g"));
+            b.push(Uow::new(record, Arc::new(event.build()), 0));
         }
         let order: Vec<Vec<String>> = b.flush().batches.iter().map(ids).collect();
         assert_eq!(order, vec![vec!["1"], vec!["2"], vec!["3"]]);

@@ -20,7 +20,7 @@ use crate::event::{now_millis, Event};
 use crate::pipeline::step::{run_sync, StepFailure};
 use crate::pipeline::{Pipeline, PipelineCore};
 use crate::runtime::batcher::{Batcher, Flush};
-use crate::runtime::scheduler::{key_hash, FxMap, IdMap, Keys, Scheduler};
+use crate::runtime::scheduler::{FxMap, IdMap, Keys, Scheduler};
 use crate::runtime::unit::{
     fault_now, scheduled, BoxUnit, PipeEnv, Timers, UnitCtx, UnitOutput, Work,
 };
@@ -135,7 +135,7 @@ impl Drop for AbortOnDrop {
 }
 
 fn keys_of(members: &[Uow]) -> Keys {
-    let mut keys: Vec<u64> = members.iter().map(|u| key_hash(u.order_key())).collect();
+    let mut keys: Vec<u64> = members.iter().map(|u| u.order).collect();
     keys.sort_unstable();
     keys.dedup();
     if keys.len() == 1 {
@@ -537,19 +537,19 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 if done_with_steps
                     && (turn
                         || pipe.escalated.is_empty()
-                        || !pipe.escalated.contains_key(&key_hash(uow.order_key()))) =>
+                        || !pipe.escalated.contains_key(&uow.order)) =>
             {
                 let flush = batcher.push(uow);
                 return self.submit(index, flush);
             }
             Some(_) => {
                 pipe.upstream += 1;
-                let hash = key_hash(uow.order_key());
+                let hash = uow.order;
                 *pipe.escalated.entry(hash).or_default() += 1;
                 self.schedule(index, Keys::One(hash), Work::Pre { uow, from })?;
             }
             None => {
-                let key = Keys::One(key_hash(uow.order_key()));
+                let key = Keys::One(uow.order);
                 self.schedule(index, key, Work::Single { uow, from })?;
             }
         }

@@ -31,8 +31,6 @@ impl Keys {
     }
 }
 
-pub(crate) use crate::event::key_hash;
-
 /// The keys are hashes already.
 #[derive(Default)]
 pub(crate) struct IdentityHasher(u64);
