@@ -26,7 +26,9 @@
 //! window its mean is compared with a moving average of past windows (EWMA) and their mean
 //! deviation: above the average by more than [`Aimd::deviation_scale`] deviations, the target
 //! is slowing down under load and the limit shrinks. The average then takes the window in,
-//! so a target that became slower for good is soon judged against its new self.
+//! so a target that became slower for good is soon judged against its new self. A trend is
+//! acted on only while the limit is in use (at least half of it busy), as growth is: calls
+//! further apart than a round make windows of one call, whose jitter is no trend.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -367,7 +369,13 @@ impl Permit {
         if let Some(aimd) = shared.adaptive {
             let now = Instant::now();
             let latency = now - self.started;
-            let trend = signal == Signal::Success && state.latency_trends_up(now, latency, aimd);
+            // A latency trend counts only while the limit is in use: calls further apart than
+            // a round each make a window of one, and one slow call in a dozen would shrink
+            // a limit nothing tested (light traffic drained it, and the next burst grew
+            // back one call a round).
+            let trend = signal == Signal::Success
+                && state.latency_trends_up(now, latency, aimd)
+                && saturated;
             let before = state.limit.floor();
             let explicit = signal == Signal::Overload;
             if explicit || trend {
@@ -560,6 +568,28 @@ mod tests {
                 assert!(run.throttled <= 0.03, "capacity {capacity}: {run:?}");
             }
         }
+    }
+
+    /// Light traffic (one call a second, each alone in its latency window) does not drain a
+    /// limit it does not use: single slow calls are jitter, not a trend.
+    #[tokio::test(start_paused = true)]
+    async fn light_traffic_keeps_the_limit() {
+        let limiter = ConcurrencyLimiter::adaptive(Aimd::default(), "t").unwrap();
+        for _ in 0..30 {
+            round(&limiter, 256).await;
+        }
+        let grown = limiter.limit();
+        assert!(grown >= 64, "{grown}");
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..300 {
+            let permit = limiter.acquire().await;
+            let (u1, u2) = (rng.f64().max(1e-12), rng.f64());
+            let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            tokio::time::sleep(Duration::from_secs_f64(0.020 * (0.5 * z).exp())).await;
+            permit.finish(Signal::Success);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(limiter.limit() >= grown / 2, "{} of {grown}", limiter.limit());
     }
 
     #[tokio::test(start_paused = true)]
