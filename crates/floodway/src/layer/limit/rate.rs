@@ -72,9 +72,19 @@ impl RateLimiter {
                 problem: "needs at least one call in a non-zero period".into(),
             });
         }
+        // An interval of zero would be no limit at all.
+        let interval = period / calls;
+        if interval.is_zero() {
+            return Err(BuildError::InvalidSetting {
+                setting: "rate_limit",
+                problem: format!("{calls} calls in {period:?} is more than one a nanosecond"),
+            });
+        }
         Ok(RateLimiter {
             state: Arc::new(Mutex::new(Gcra {
-                interval: period / calls,
+                // A period too long to count in (`Duration::MAX`) is a century a call: the
+                // tolerance of a burst is then counted in centuries too, never "no limit".
+                interval: interval.min(crate::clock::FOREVER),
                 tolerance: Duration::ZERO,
                 reserved: None,
                 admitted: None,
@@ -103,10 +113,9 @@ impl RateLimiter {
         }
         {
             let mut state = self.state.lock().unwrap();
-            state.tolerance = state
-                .interval
-                .checked_mul(burst - 1)
-                .unwrap_or(Duration::MAX);
+            // At most a century a call, so at most about 4 * 10^11 years: the clock can
+            // subtract it, and a tolerance the clock cannot subtract would admit every call.
+            state.tolerance = state.interval * (burst - 1);
         }
         Ok(self)
     }
@@ -226,10 +235,26 @@ mod tests {
                 .await
                 .is_err()
         );
-        assert!(RateLimiter::new(1, Duration::MAX)
+        // With a burst: the burst goes at once, and the limit still holds after it.
+        let limiter = RateLimiter::new(1, Duration::MAX)
             .unwrap()
             .with_burst(3)
-            .is_ok());
+            .unwrap();
+        for _ in 0..3 {
+            tokio::time::timeout(Duration::from_secs(1), limiter.acquire())
+                .await
+                .unwrap();
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3600), limiter.acquire())
+                .await
+                .is_err()
+        );
+        // A rate the clock cannot space (an interval under a nanosecond) is refused, not
+        // taken for no limit.
+        let err = RateLimiter::per_second(2_000_000_000).unwrap_err();
+        assert!(err.to_string().contains("more than one a nanosecond"), "{err}");
+        RateLimiter::per_second(1_000_000_000).unwrap();
     }
 
     #[tokio::test(start_paused = true)]
