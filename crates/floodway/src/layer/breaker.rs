@@ -328,6 +328,9 @@ impl Policy for CircuitBreaker {
         let mut failed_at: Option<u64> = None;
         // Times this call was throttled while others got through.
         let mut throttled = 0;
+        // Attempts made in the rounds before this one (each round its retries' attempts):
+        // what a fault of this call says it took.
+        let mut attempts = 0u32;
         loop {
             let held = failed_at.is_some();
             let (admission, number) = shared.admit(held).await;
@@ -340,7 +343,11 @@ impl Policy for CircuitBreaker {
                     shared.on_success(admission, number);
                     return Ok(response);
                 }
-                Err(err) => err,
+                Err(err) => {
+                    let made = attempts.saturating_add(err.attempts());
+                    attempts = made;
+                    err.with_attempts(made)
+                }
             };
             // Part of the batch was delivered: the target is up. What failed is held once
             // more, as any call's first failure, and then judged by that success, its own
@@ -414,10 +421,12 @@ impl Policy for CircuitBreaker {
                         shared.on_outage_suspected(admission);
                     }
                     // What the target asked for is waited, before the call goes again (a
-                    // `Retry-After` longer than the retries' time gave them up at once).
-                    if let Some(wait) = err.retry_after() {
-                        tokio::time::sleep(wait).await;
-                    }
+                    // `Retry-After` longer than the retries' time gave them up at once);
+                    // else a short jittered pause, so that a call the retries gave up on
+                    // (their attempts, time or budget spent) does not go again the same
+                    // instant, and calls let through after it have a moment to answer.
+                    let pause = Backoff::exponential(HELD_BACKOFF, HELD_BACKOFF_MAX).delay(0);
+                    tokio::time::sleep(err.retry_after().unwrap_or(pause)).await;
                 }
             }
         }
@@ -498,6 +507,37 @@ mod tests {
             let err = bad.await.unwrap().unwrap_err();
             assert_eq!(err.class(), ErrorClass::Transient);
             assert_eq!(breaker.state(), BreakerState::Closed);
+        })
+        .await;
+    }
+
+    /// A call returned after being held says every attempt it made, the rounds before the
+    /// last included.
+    #[tokio::test(start_paused = true)]
+    async fn a_returned_call_counts_the_attempts_of_every_round() {
+        bounded(async {
+            let calls = Arc::new(AtomicU64::new(0));
+            let counted = calls.clone();
+            let svc = service_fn(move |x: u32| {
+                let counted = counted.clone();
+                async move {
+                    if x == 13 {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        // As the retry layer gives up: after its attempts.
+                        Err(Error::transient_msg("Fails", "always").with_attempts(5))
+                    } else {
+                        Ok(x)
+                    }
+                }
+            });
+            let (_, svc) = guarded(svc);
+            let bad = tokio::spawn(svc.clone().oneshot(13));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            svc.clone().oneshot(1).await.unwrap();
+            let err = bad.await.unwrap().unwrap_err();
+            let rounds = calls.load(Ordering::SeqCst);
+            assert!(rounds >= 2, "held once: {rounds}");
+            assert_eq!(u64::from(err.attempts()), rounds * 5);
         })
         .await;
     }

@@ -589,7 +589,11 @@ mod tests {
             permit.finish(Signal::Success);
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        assert!(limiter.limit() >= grown / 2, "{} of {grown}", limiter.limit());
+        assert!(
+            limiter.limit() >= grown / 2,
+            "{} of {grown}",
+            limiter.limit()
+        );
     }
 
     #[tokio::test(start_paused = true)]

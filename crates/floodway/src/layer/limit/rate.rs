@@ -253,7 +253,10 @@ mod tests {
         // A rate the clock cannot space (an interval under a nanosecond) is refused, not
         // taken for no limit.
         let err = RateLimiter::per_second(2_000_000_000).unwrap_err();
-        assert!(err.to_string().contains("more than one a nanosecond"), "{err}");
+        assert!(
+            err.to_string().contains("more than one a nanosecond"),
+            "{err}"
+        );
         RateLimiter::per_second(1_000_000_000).unwrap();
     }
 
