@@ -22,7 +22,7 @@ use crate::pipeline::{Pipeline, PipelineCore};
 use crate::runtime::batcher::{Batcher, Flush};
 use crate::runtime::scheduler::{FxMap, IdMap, Keys, Scheduler};
 use crate::runtime::unit::{
-    fault_now, scheduled, BoxUnit, PipeEnv, Timers, UnitCtx, UnitOutput, Work,
+    fault_now, faulted_now, scheduled, BoxUnit, PipeEnv, Timers, UnitCtx, UnitOutput, Work,
 };
 use crate::runtime::{PipelineReport, ProcessorInner, RunReport, Stopped};
 use crate::source::{Checkpoint, Checkpointer, Settlement, Source};
@@ -502,13 +502,8 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         for failure in failed {
             pipe.tally.faulted(1);
             let ticket = failure.uow.ticket;
-            let item = (
-                failure.uow.record.clone(),
-                failure.uow.part,
-                Some(failure.uow.event.clone()),
-                failure.step,
-                failure.error,
-            );
+            // Shown as any fault of a step: as it was before decryption, the error scrubbed.
+            let item = faulted_now(failure);
             self.faults_due.push(fault_now(
                 self.ctx.clone(),
                 index,

@@ -128,13 +128,31 @@ async fn publish_fault(
 /// The event and error a fault of `uow` shows: the event as it was before a step decrypted
 /// it, and the error with the decrypted values scrubbed from its message (`None`: the error
 /// as it is).
-fn as_faulted<'a>(uow: &'a Uow, err: &Error) -> (&'a Event, Option<Error>) {
+fn as_faulted<'a>(uow: &'a Uow, err: &Error) -> (&'a Arc<Event>, Option<Error>) {
     let Some(before) = uow.get::<crate::encryption::Undecrypted>() else {
         return (&uow.event, None);
     };
     let message = crate::fault::scrub_texts(err.message(), &before.secrets).into_owned();
     (&before.event, Some(err.echo(message)))
 }
+
+/// A failure outside a scheduled unit (a batch's key function) as [`fault_now`] takes it,
+/// shown as [`as_faulted`] shows it.
+pub(crate) fn faulted_now(failure: StepFailure) -> FailureItem {
+    let (event, error) = as_faulted(&failure.uow, &failure.error);
+    let (event, error) = (event.clone(), error.unwrap_or(failure.error));
+    (
+        failure.uow.record.clone(),
+        failure.uow.part,
+        Some(event),
+        failure.step,
+        error,
+    )
+}
+
+/// What [`fault_now`] faults: the record, the part of it, the event as shown, the step and
+/// the error.
+pub(crate) type FailureItem = (Arc<Record>, u64, Option<Arc<Event>>, Arc<str>, Error);
 
 /// Publishes the faults of step failures; a fatal step error stops the processor.
 async fn fault_failures(
@@ -384,7 +402,7 @@ pub(crate) fn fault_now(
     ctx: Arc<UnitCtx>,
     pipeline: usize,
     core: Option<Arc<PipelineCore>>,
-    failure: (Arc<Record>, u64, Option<Arc<Event>>, Arc<str>, Error),
+    failure: FailureItem,
     ticket: Ticket,
 ) -> BoxUnit {
     Box::pin(async move {
