@@ -443,6 +443,23 @@ async fn a_filter_after_an_async_step_counts_what_it_drops() {
     }
 }
 
+/// Events compacted away (a later one of their key went in their stead) count as filtered:
+/// every event the type filter took is filtered, delivered or faulted.
+#[tokio::test(start_paused = true)]
+async fn compacted_events_count_as_filtered() {
+    let kit = TestKit::new();
+    let sink = MemorySink::new();
+    let pipeline = Pipeline::builder("latest")
+        .batch(BatchConfig::count(20))
+        .compact(|uow| uow.event().partition_key().to_owned())
+        .sink(sink.clone())
+        .unwrap();
+    let report = run_pipeline(&kit, pipeline, &events(20, 4)).await.unwrap();
+    let p = report.pipeline("latest").unwrap();
+    assert_eq!(sink.len(), 4);
+    assert_eq!((p.taken, p.delivered, p.filtered, p.faults), (20, 4, 16, 0));
+}
+
 /// A step that changes an event whose payload does not read (a lone surrogate) faults it:
 /// written again from its fields, it would go on as its envelope alone.
 #[tokio::test(start_paused = true)]

@@ -400,7 +400,7 @@ pub struct PipelineReport {
     pub name: String,
     /// Events its type filter took.
     pub taken: u64,
-    /// Events filtered out (by type or content).
+    /// Events filtered out (by type or content), or compacted away in a batch.
     pub filtered: u64,
     /// Units of work its sink accepted.
     pub delivered: u64,

@@ -360,7 +360,8 @@ async fn run_batch(
         children: Vec::new(),
         delivered: (flushed.items.len() - failed.len()) as u64,
         faults: failed.len() as u64,
-        filtered: 0,
+        // Compacted away: a later event of their key went in their stead.
+        filtered: (flushed.members().len() - flushed.items.len()) as u64,
         pre: false,
     })
 }
