@@ -17,15 +17,17 @@ pub enum NatsError {
         /// Why.
         message: String,
     },
-    /// An event larger than the server takes (its `max_payload`).
-    #[error("event {id} is {size} bytes, more than the server takes ({max}): raise max_payload or keep large data elsewhere (a claim check)")]
+    /// An event larger than the stream takes: the server's `max_payload`, or the stream's own
+    /// `max_msg_size`, with room for the headers.
+    #[error("event {id} is {size} bytes, more than the stream takes{}: raise the server's max_payload or the stream's max_msg_size, or keep large data elsewhere (a claim check)", max.map(|m| format!(" ({m})")).unwrap_or_default())]
     TooLarge {
         /// The event.
         id: String,
         /// Its size.
         size: usize,
-        /// The limit.
-        max: usize,
+        /// The limit, when known (the server may refuse by a limit set since the hub
+        /// connected).
+        max: Option<usize>,
     },
     /// A JetStream request (stream, consumer, publish, ack) failed; worth trying again.
     #[error("JetStream {action}: {message}")]

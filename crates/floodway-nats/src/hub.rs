@@ -85,6 +85,9 @@ pub(crate) struct Inner {
     pub(crate) partitions: u32,
     /// Whether the stream takes message schedules (NATS 2.12 or newer).
     pub(crate) schedules: bool,
+    /// The most a message may be, headers and payload: the server's `max_payload`, or the
+    /// stream's own `max_msg_size` when lower (as it was at connect).
+    pub(crate) max_message: usize,
     pub(crate) servers: String,
     /// `{subject}.{partition}`, built once.
     pub(crate) partition_subjects: Vec<async_nats::Subject>,
@@ -156,7 +159,17 @@ impl NatsHub {
         // Message schedules (timers kept by the stream) need NATS 2.12: an older server is
         // not asked for them.
         let schedules = at_least(&client.server_info().version, (2, 12));
-        let (partitions, schedules) = ensure_stream(&js, options, schedules).await?;
+        let StreamFacts {
+            partitions,
+            schedules,
+            max_message_size,
+        } = ensure_stream(&js, options, schedules).await?;
+        // The server's limit on a message, or the stream's own when it is lower.
+        let max_payload = client.server_info().max_payload;
+        let max_message = match usize::try_from(max_message_size) {
+            Ok(stream_max) if stream_max > 0 => stream_max.min(max_payload),
+            _ => max_payload,
+        };
         Ok(NatsHub {
             inner: std::sync::Arc::new(Inner {
                 client,
@@ -165,6 +178,7 @@ impl NatsHub {
                 subject: options.subject.clone(),
                 partitions,
                 schedules,
+                max_message,
                 servers,
                 partition_subjects: (0..partitions)
                     .map(|p| format!("{}.{p}", options.subject).into())
@@ -244,22 +258,20 @@ impl NatsHub {
     /// are all taken by other publishers (retrying is safe: duplicates are skipped, and
     /// nothing after the first failure of a key was sent).
     pub async fn publish(&self, events: &[Event]) -> Result<PublishReceipt, NatsError> {
-        // Room for the subject and headers below the server's limit.
-        let max = self
-            .inner
-            .client
-            .server_info()
-            .max_payload
-            .saturating_sub(512);
         let mut payloads = Vec::with_capacity(events.len());
         for event in events {
+            // Room for the headers (the id among them) below the limit.
+            let max = self
+                .inner
+                .max_message
+                .saturating_sub(HEADER_ROOM + event.id().len());
             let mut payload = event.to_bytes();
             if payload.len() > max {
                 if !event.is_fault() {
                     return Err(NatsError::TooLarge {
                         id: event.id().to_owned(),
                         size: payload.len(),
-                        max,
+                        max: Some(max),
                     });
                 }
                 // A fault of a large record: stored without the record's bytes and the
@@ -289,7 +301,7 @@ impl NatsHub {
             let Some((i, ack)) = pending.pop_front() else {
                 break;
             };
-            let ack = ack.await.map_err(|e| NatsError::js("publish", e))?;
+            let ack = ack.await.map_err(|e| refused(&events[i], e))?;
             if ack.duplicate {
                 receipt.duplicates += 1;
             } else {
@@ -690,13 +702,21 @@ fn stream_config(options: &NatsHubOptions, partitions: u32, schedules: bool) -> 
     }
 }
 
-/// Creates the stream or checks the existing one; returns its partition count and whether
-/// it takes message schedules (a server older than 2.12 leaves the setting out).
+/// What the hub keeps of its stream's settings.
+struct StreamFacts {
+    partitions: u32,
+    /// Whether it takes message schedules (a server older than 2.12 leaves the setting out).
+    schedules: bool,
+    /// Its own limit on a message (headers and payload), if it has one (`-1` or `0`: none).
+    max_message_size: i32,
+}
+
+/// Creates the stream or checks the existing one.
 async fn ensure_stream(
     js: &jetstream::Context,
     options: &NatsHubOptions,
     schedules: bool,
-) -> Result<(u32, bool), NatsError> {
+) -> Result<StreamFacts, NatsError> {
     let existing = match js.get_stream(&options.stream).await {
         Ok(mut stream) => Some(
             stream
@@ -721,10 +741,11 @@ async fn ensure_stream(
             .create_stream(stream_config(options, partitions, schedules))
             .await
         {
-            Ok(stream) => Ok((
+            Ok(stream) => Ok(StreamFacts {
                 partitions,
-                stream.cached_info().config.allow_message_schedules,
-            )),
+                schedules: stream.cached_info().config.allow_message_schedules,
+                max_message_size: stream.cached_info().config.max_message_size,
+            }),
             Err(e) => match e.kind() {
                 // Another process created it first: check theirs instead.
                 jetstream::context::CreateStreamErrorKind::JetStream(inner)
@@ -808,7 +829,34 @@ async fn ensure_stream(
             ),
         }
     }
-    Ok((stored, has_schedules))
+    Ok(StreamFacts {
+        partitions: stored,
+        schedules: has_schedules,
+        max_message_size: update.max_message_size,
+    })
+}
+
+/// Room left for a message's headers beside its id (`NATS/1.0`, `Nats-Msg-Id: `, line ends).
+const HEADER_ROOM: usize = 64;
+
+/// The error of a publish the server refused: an event over the stream's own message limit
+/// (lowered since the hub connected) is poison, as one over the limit known at connect is;
+/// anything else may pass.
+fn refused(event: &Event, error: jetstream::context::PublishError) -> NatsError {
+    let too_large = error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
+        || std::error::Error::source(&error)
+            .and_then(|s| s.downcast_ref::<jetstream::Error>())
+            .is_some_and(|e| {
+                e.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+            });
+    if too_large {
+        return NatsError::TooLarge {
+            id: event.id().to_owned(),
+            size: event.encoded_len(),
+            max: None,
+        };
+    }
+    NatsError::js("publish", error)
 }
 
 /// Each key's events as a chain: for every event, the index of the next event of its partition

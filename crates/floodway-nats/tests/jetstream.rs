@@ -1078,6 +1078,63 @@ async fn a_fatal_stop_acks_nothing_unfinished_and_a_restart_resumes() {
     assert_eq!(faults.faults()[0].tag("pipeline"), Some("p"));
 }
 
+/// A stream's own message limit below the server's (set by hand): an event over it is
+/// poison whether the hub read the limit when it connected or learns it from the server's
+/// refusal, the headers count (a long id), and a fault that large is stored, trimmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_over_the_streams_own_limit_are_poison() {
+    let (server, before) = hub_on_new_server().await;
+    let js = async_nats::jetstream::new(before.client().clone());
+    let mut stream = js.get_stream("ORDERS").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_message_size = 64 * 1024;
+    js.update_stream(&config).await.unwrap();
+    let after = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    let big = Event::builder("blob", "k")
+        .field("data", "x".repeat(100 * 1024))
+        .build();
+    for hub in [&before, &after] {
+        let err = hub.publish(std::slice::from_ref(&big)).await.unwrap_err();
+        assert!(
+            err.to_string().contains("more than the stream takes"),
+            "{err}"
+        );
+        assert_eq!(Error::from(err).class(), floodway::ErrorClass::Poison);
+    }
+    // Under the limit alone, over it with its id in the headers.
+    let long_id = Event::builder("blob", "k")
+        .id("i".repeat(1_000))
+        .field("data", "x".repeat(64 * 1024 - 1_400))
+        .build();
+    assert!(long_id.encoded_len() < 64 * 1024);
+    let err = after.publish(&[long_id]).await.unwrap_err();
+    assert_eq!(Error::from(err).class(), floodway::ErrorClass::Poison);
+
+    // A step making an event that large: faulted, and the fault stored, trimmed.
+    let processor = hub_processor(
+        &after,
+        "grow",
+        Pipeline::builder("grow")
+            .map(|mut uow| {
+                uow.event_mut()
+                    .fields_mut()
+                    .insert("data".into(), "x".repeat(100 * 1024).into());
+                Ok(uow)
+            })
+            .sink(after.publisher())
+            .unwrap(),
+    );
+    let small = Event::builder("blob", "k").id("small").build();
+    let record = floodway::Record::new("nats", "0", 1, small.to_json());
+    let report = processor.process_batch(vec![record], None).await;
+    assert!(report.fatal.is_none(), "{report:?}");
+    let faults = read_all(&after, Partitions::Faults).await;
+    assert_eq!(faults.len(), 1);
+    assert!(faults[0].encoded_len() < 64 * 1024);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_that_cannot_work_are_refused_by_name() {
     let (server, hub) = hub_on_new_server().await;
@@ -1088,7 +1145,7 @@ async fn settings_that_cannot_work_are_refused_by_name() {
         .build();
     let err = hub.publish(&[huge]).await.unwrap_err();
     assert!(
-        err.to_string().contains("more than the server takes"),
+        err.to_string().contains("more than the stream takes"),
         "{err}"
     );
     assert_eq!(Error::from(err).class(), floodway::ErrorClass::Poison);
