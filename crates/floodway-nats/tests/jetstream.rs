@@ -1292,6 +1292,51 @@ async fn a_restarted_instance_keeps_per_key_order_for_what_its_predecessor_left_
     );
 }
 
+/// A subscription dropped (a shutdown) while it starts a consumer over at its ack floor, once
+/// the consumer is deleted and before it is made again: the consumer is still made again
+/// where it stood, not left deleted for the next start to make from the settings' start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_dropped_while_starting_a_consumer_over_loses_no_place() {
+    use futures_util::StreamExt;
+    let (_server, hub) = hub_on_new_server().await;
+    let step = |i: u32| Event::builder("step", "k").id(format!("k-e{i}")).build();
+    hub.publish(&[step(1), step(2), step(3)]).await.unwrap();
+    let opts = SubscriptionOptions {
+        ack_wait: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let (processor, blocked) = hanging_processor(&hub, "steps", |batch| {
+        batch.events().any(|e| e.id() == "k-e2")
+    });
+    let sub = hub.subscribe("steps", opts.clone()).await.unwrap();
+    run_until(&processor, sub, move || blocked.load(Ordering::SeqCst) > 0).await;
+    hub.publish(&[step(4)]).await.unwrap();
+
+    // The next start deletes the consumer to make it again at e2; it is dropped the moment
+    // the delete goes out.
+    let mut deletes = hub
+        .client()
+        .subscribe("$JS.API.CONSUMER.DELETE.ORDERS.>")
+        .await
+        .unwrap();
+    hub.client().flush().await.unwrap();
+    tokio::select! {
+        made = hub.subscribe("steps", opts.clone()) => panic!("no delete: {:?}", made.is_ok()),
+        _ = deletes.next() => {}
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let sink = MemorySink::new();
+    let processor = hub_processor(&hub, "steps", into(sink.clone()));
+    let sub = hub.subscribe("steps", opts).await.unwrap();
+    let delivered = sink.clone();
+    run_until(&processor, sub, move || {
+        delivered.events().iter().any(|e| e.id() == "k-e4")
+    })
+    .await;
+    assert_eq!(ids(&sink.events()), ["k-e2", "k-e3", "k-e4"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_deleted_under_a_reader_is_made_again_where_it_stood() {
     let (_server, hub) = hub_on_new_server().await;

@@ -67,15 +67,31 @@ pub(super) fn code_of(error: &async_nats::jetstream::stream::ConsumerError) -> O
     }
 }
 
-/// Errors that trying again does not fix: the stream is gone, access is denied, or the
-/// request is invalid.
+/// Errors that trying again does not fix: the stream is gone, or the server refuses the
+/// settings (its answers of HTTP class 400 about a consumer's configuration). Its 500s
+/// (10012 and 10104, a consumer's store failing; 10119, offline) and the races of instances
+/// making one consumer (10148 already exists, 10149 does not exist) are tried again.
 pub(super) fn permanent(code: Option<u64>) -> bool {
-    // 10059 stream not found, 10100 / 10101 consumer config invalid / name in use with
-    // another config, 10012 / 10013 consumer setting not allowed, 10148 / 10149 priority
-    // groups.
+    // 10059 stream not found; 10013 name in use; 10026 maximum consumers reached; 10082 to
+    // 10103 and 10112 to 10116 settings refused; 10121 max ack pending over the server's
+    // limit; 10125 max request batch over its limit; 10126 replicas; 10127 name with path
+    // separators; 10131 to 10139 filters; 10153 inactive threshold over the limit; 10159 to
+    // 10162 and 10178 to 10197 priority groups and policies.
     matches!(
         code,
-        Some(10059 | 10012 | 10013 | 10100 | 10101 | 10148 | 10149 | 10150)
+        Some(
+            10013
+            | 10026
+            | 10059
+            | 10082..=10103
+            | 10112..=10116
+            | 10121
+            | 10125..=10127
+            | 10131..=10139
+            | 10153
+            | 10159..=10162
+            | 10178..=10197,
+        )
     )
 }
 
@@ -250,17 +266,44 @@ async fn read_elsewhere(
 const LIVE_READER_LOOK: Duration = Duration::from_millis(150);
 
 /// Deletes the consumer (if it is there) and makes it again, delivering from `start`.
+///
+/// In a task of its own: between the delete and the create the consumer's position lives only
+/// here, and a caller dropped meanwhile (a subscription given up at a shutdown) must not cut
+/// that short, or the next start would make the consumer from the settings' start.
 pub(super) async fn remake(
     stream: &async_nats::jetstream::stream::Stream,
     name: &str,
     start: u64,
     config: &pull::Config,
 ) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
-    match stream.delete_consumer(name).await {
-        Ok(_) => {}
-        // 10014: consumer not found.
-        Err(e) if code_of(&e) == Some(10014) => {}
-        Err(e) => return Err(NatsError::js("delete consumer", e)),
+    let (stream, name, config) = (stream.clone(), name.to_owned(), config.clone());
+    tokio::spawn(async move { remake_now(&stream, &name, start, &config).await })
+        .await
+        .map_err(|e| NatsError::js("make the consumer again", e))?
+}
+
+/// [`remake`], in the caller's task.
+async fn remake_now(
+    stream: &async_nats::jetstream::stream::Stream,
+    name: &str,
+    start: u64,
+    config: &pull::Config,
+) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
+    // A delete whose answer is lost may have been done: asked again until the answer says
+    // done or not found (10014), so that the create below does not wait on a consumer that
+    // is there, nor is skipped for one that is gone.
+    let mut pause = Duration::from_millis(100);
+    for tries in 0.. {
+        match stream.delete_consumer(name).await {
+            Ok(_) => break,
+            Err(e) if code_of(&e) == Some(10014) => break,
+            Err(e) if tries < 20 => {
+                tracing::warn!(consumer = %name, error = %e, "deleting the consumer to start it over failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(NatsError::js("delete consumer", e)),
+        }
     }
     let config = pull::Config {
         deliver_policy: DeliverPolicy::ByStartSequence {

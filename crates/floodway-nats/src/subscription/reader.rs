@@ -133,14 +133,8 @@ impl PartitionReader {
             }
             let consumer = match (&self.config.durable_name, start) {
                 (Some(name), Some(start)) if self.remake => {
-                    // In a task of its own: between the delete and the create the consumer's
-                    // position lives only here, and dropping the reader must not cut that
-                    // short.
-                    let (stream, name, config) =
-                        (self.stream.clone(), name.clone(), self.config.clone());
-                    tokio::spawn(async move { remake(&stream, &name, start, &config).await })
-                        .await
-                        .map_err(|e| NatsError::js("make the consumer again", e))??
+                    // Not cut short if the reader is dropped meanwhile (`remake`).
+                    remake(&self.stream, name, start, &self.config).await?
                 }
                 _ => open_consumer(&self.stream, &self.config).await?,
             };
