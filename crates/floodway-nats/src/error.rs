@@ -29,6 +29,11 @@ pub enum NatsError {
         /// connected).
         max: Option<usize>,
     },
+    /// Every acknowledgement the connection lets wait is taken (by this publisher's other
+    /// calls, or by acks of messages sent before the connection broke, held until they time
+    /// out): the connection is busy, as a throttled target is.
+    #[error("JetStream publish: the connection's publish acknowledgements are all taken; try again later")]
+    Busy,
     /// A JetStream request (stream, consumer, publish, ack) failed; worth trying again.
     #[error("JetStream {action}: {message}")]
     JetStream {
@@ -53,6 +58,7 @@ impl From<NatsError> for Error {
         match error {
             NatsError::Config(_) => Error::fatal(error),
             NatsError::TooLarge { .. } => Error::poison(error),
+            NatsError::Busy => Error::throttled(error),
             NatsError::Connect { .. } | NatsError::JetStream { .. } => Error::transient(error),
         }
     }

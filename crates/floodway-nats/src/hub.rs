@@ -150,10 +150,14 @@ impl NatsHub {
         // No domain: pull requests are sent to the default API prefix (`pull.rs`).
         // When the connection's unawaited acks are all taken (5,000, shared by every
         // publisher of the hub: sinks, fault sinks, the relay, schedules), a publish fails at
-        // once, transient, and is retried: waiting instead would hang every publisher that
-        // holds acks of its own while it waits.
+        // once, a throttle (held while others get through, never faulted), and is tried again:
+        // waiting instead would hang every publisher that holds acks of its own while it waits.
+        // An ack not awaited (a publish given up half way) keeps its place among those the
+        // connection lets wait until it comes or times out: within the request timeout, not
+        // async-nats's 30 s, so that after a connection broke the places come back soon.
         let mut js = jetstream::ContextBuilder::new()
             .backpressure_on_inflight(false)
+            .ack_timeout(options.request_timeout)
             .build(client.clone());
         js.set_timeout(options.request_timeout);
         // Message schedules (timers kept by the stream) need NATS 2.12: an older server is
@@ -327,7 +331,10 @@ impl NatsHub {
             .js
             .publish_with_headers(subject, headers, payload)
             .await
-            .map_err(|e| NatsError::js("publish", e))
+            .map_err(|e| match e.kind() {
+                jetstream::context::PublishErrorKind::MaxAckPending => NatsError::Busy,
+                _ => NatsError::js("publish", e),
+            })
     }
 
     /// The newest messages that `keep` accepts, oldest first, with their publish times (ms):

@@ -306,8 +306,8 @@ async fn a_publish_of_more_keys_than_acks_may_wait_finishes() {
     assert_eq!((receipt.stored, receipt.duplicates), (6_000, 0));
 
     // Eight calls at once, each holding up to 1,024 acks: more than the connection lets wait.
-    // None hangs: a call that finds them all taken fails (transient), and its retry stores
-    // what it has to.
+    // None hangs: a call that finds them all taken fails (a throttle: the connection is
+    // busy), and its retry stores what it has to.
     let batches: Vec<Vec<Event>> = (0..8)
         .map(|b| {
             (0..1_500)
@@ -321,7 +321,10 @@ async fn a_publish_of_more_keys_than_acks_may_wait_finishes() {
             for _ in 0..50 {
                 match hub.publish(batch).await {
                     Ok(receipt) => return receipt.stored + receipt.duplicates,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(err) => {
+                        assert!(Error::from(err).is_throttle());
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
             }
             panic!("never published");
@@ -334,6 +337,51 @@ async fn a_publish_of_more_keys_than_acks_may_wait_finishes() {
     .await
     .expect("no publish hangs");
     assert_eq!(published.iter().sum::<usize>(), 8 * 1_500);
+}
+
+/// Publishes finding every ack the connection lets wait taken (a slow link: acks come late)
+/// fail as throttles, held rather than faulted, and go through when tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_finding_every_ack_taken_is_a_throttle() {
+    let server = NatsServer::start();
+    let proxy = floodway_nats::testing::Proxy::start(server.port()).await;
+    let hub = NatsHub::connect(&options(vec![proxy.url()])).await.unwrap();
+    proxy.set_delay(Duration::from_millis(20));
+    let batches: Vec<Vec<Event>> = (0..6)
+        .map(|b| {
+            (0..1_024)
+                .map(|i| Event::builder("thing-noted", format!("b{b}-{i}")).build())
+                .collect()
+        })
+        .collect();
+    let busy = Arc::new(AtomicUsize::new(0));
+    let calls = batches.iter().map(|batch| {
+        let (hub, busy) = (hub.clone(), busy.clone());
+        async move {
+            loop {
+                match hub.publish(batch).await {
+                    Ok(receipt) => return receipt.stored + receipt.duplicates,
+                    Err(err) => {
+                        let err = Error::from(err);
+                        assert!(err.is_throttle(), "{err}");
+                        busy.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50 + fastrand::u64(..200))).await;
+                    }
+                }
+            }
+        }
+    });
+    let published = tokio::time::timeout(
+        Duration::from_secs(120),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("no publish hangs");
+    assert_eq!(published.iter().sum::<usize>(), 6 * 1_024);
+    assert!(
+        busy.load(Ordering::SeqCst) > 0,
+        "no call found the acks taken"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
