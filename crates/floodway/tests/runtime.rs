@@ -603,6 +603,76 @@ async fn one_slow_key_delays_only_its_own_events() {
     );
 }
 
+/// The same with the slow calls before a batch: a batch holding a hot event waits for the
+/// hot key's call under way, not for its whole backlog of calls (submitted before the batch
+/// only because the batch waited to fill), and neither do the cold events batched with it.
+#[tokio::test(start_paused = true)]
+async fn one_slow_key_before_a_batch_delays_it_by_one_call_not_its_backlog() {
+    let start = Instant::now();
+    let input: Vec<Event> = (0..2_000u32)
+        .map(|i| {
+            let key = if i % 4 == 0 {
+                "hot".to_owned()
+            } else {
+                format!("cold-{}", i % 50)
+            };
+            Event::builder("thing-happened", key)
+                .id(format!("e-{i}"))
+                .timestamp(i64::from(i))
+                .build()
+        })
+        .collect();
+    let source = PacedSource {
+        records: (0..2_000u64)
+            .map(|i| start + Duration::from_millis(i * 5))
+            .zip(records(&input))
+            .collect(),
+    };
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let sink = {
+        let latencies = latencies.clone();
+        sink_fn(move |batch: Batch| {
+            let latencies = latencies.clone();
+            async move {
+                for event in batch.events().filter(|e| e.partition_key() != "hot") {
+                    let arrived = start + Duration::from_millis(event.timestamp() as u64 * 5);
+                    latencies.lock().unwrap().push(arrived.elapsed());
+                }
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let kit = TestKit::new();
+    let processor = build(
+        kit.processor("p")
+            .max_in_flight(100)
+            .max_buffered(4_000)
+            .pull_batch(10),
+        Pipeline::builder("calls")
+            .parallelism(16)
+            .then(|uow| async move {
+                let hot = uow.event().partition_key() == "hot";
+                tokio::time::sleep(Duration::from_millis(if hot { 100 } else { 1 })).await;
+                Ok(uow)
+            })
+            .batch(floodway::BatchConfig::count(8).max_wait(Duration::from_millis(10)))
+            .sink(sink)
+            .unwrap(),
+    );
+    let report = run_source(&kit, &processor, source).await.unwrap();
+    assert_eq!(report.done, 2_000);
+    let mut cold = latencies.lock().unwrap().clone();
+    assert_eq!(cold.len(), 1_500);
+    cold.sort();
+    let p99 = cold[cold.len() * 99 / 100];
+    // One hot call (100 ms) and the batch's wait, not seconds of backlog.
+    assert!(
+        p99 < Duration::from_millis(250),
+        "cold keys waited for the hot one's backlog: p99 {p99:?}, max {:?}",
+        cold.last().unwrap()
+    );
+}
+
 /// A batch larger than `max_in_flight` (a Lambda invocation of 10,000 records on a processor
 /// allowed 512) runs through without waiting on any timer: each pull is taken as soon as the
 /// records before it are done, whatever the bound and the pipelines' batch sizes.

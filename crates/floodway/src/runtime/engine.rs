@@ -567,6 +567,13 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         let sched = &mut self.pipes[index].sched;
         match sched.try_start(&keys) {
             Some(id) => self.start(index, id, keys, work, true),
+            None if matches!(work, Work::Batch(_)) => {
+                // Its members' keys may have pre-batch work of later records waiting: the
+                // batch goes before that, or a key slow before the batch would hold up every
+                // key batched with it for as long as its backlog.
+                sched.submit_ahead(keys, work, |w| matches!(w, Work::Pre { .. }));
+                Ok(())
+            }
             None => {
                 sched.submit(keys, work);
                 Ok(())
