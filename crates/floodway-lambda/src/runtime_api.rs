@@ -52,8 +52,13 @@ struct Invocation {
 struct State {
     waiting: HashMap<String, oneshot::Sender<Result<Value, InvokeError>>>,
     init_error: Option<String>,
-    requests: Vec<RuntimeRequest>,
+    /// The latest requests, at most [`REQUESTS_KEPT`]: a replay through `floodway lambda run`
+    /// makes two for every invocation.
+    requests: std::collections::VecDeque<RuntimeRequest>,
 }
+
+/// How many of the latest requests [`LocalRuntime::requests`] keeps.
+const REQUESTS_KEPT: usize = 1_000;
 
 /// A request the function made to the Runtime API, as [`LocalRuntime::requests`] gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,13 +149,13 @@ impl LocalRuntime {
         self.addr.to_string()
     }
 
-    /// The requests the function made to the Runtime API so far, in order: to check what a
-    /// function posts (its answers, their headers) as Lambda would receive them.
+    /// The requests the function made to the Runtime API, in order (the latest thousand): to
+    /// check what a function posts (its answers, their headers) as Lambda would receive them.
     pub fn requests(&self) -> Vec<RuntimeRequest> {
         self.invoker
             .state
             .lock()
-            .map(|s| s.requests.clone())
+            .map(|s| s.requests.iter().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -270,7 +275,10 @@ async fn route(
         return reply(StatusCode::NOT_FOUND, "not a runtime API path");
     };
     if let Ok(mut s) = state.lock() {
-        s.requests.push(RuntimeRequest {
+        if s.requests.len() == REQUESTS_KEPT {
+            s.requests.pop_front();
+        }
+        s.requests.push_back(RuntimeRequest {
             method: parts.method.to_string(),
             path: path.clone(),
             headers: parts
@@ -331,7 +339,15 @@ async fn route(
                 return reply(StatusCode::BAD_REQUEST, "unknown or finished invocation");
             };
             let outcome = match kind {
-                "response" => Ok(serde_json::from_slice(&body).unwrap_or(Value::Null)),
+                // As Lambda reads it: nothing is null (all succeeded), and an answer that is
+                // not JSON fails the whole batch.
+                "response" if body.is_empty() => Ok(Value::Null),
+                "response" => serde_json::from_slice(&body).map_err(|e| {
+                    InvokeError::Function(format!(
+                        "the function's answer is not JSON ({e}): {}",
+                        String::from_utf8_lossy(&body)
+                    ))
+                }),
                 "error" => Err(InvokeError::Function(
                     String::from_utf8_lossy(&body).into_owned(),
                 )),

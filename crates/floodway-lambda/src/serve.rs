@@ -181,10 +181,19 @@ impl Api {
         }
     }
 
-    fn request(&self, method: Method, path: &str, body: Bytes) -> Request<Full<Bytes>> {
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, ServeError> {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = method;
-        *request.uri_mut() = path.parse().unwrap_or_default();
+        // A path that does not parse (a request id the API should never give) is an error,
+        // not a request to `/` that leaves the invocation to time out.
+        *request.uri_mut() = path
+            .parse()
+            .map_err(|e| self.error(format!("cannot request {path:?}: {e}")))?;
         let headers = request.headers_mut();
         if let Ok(host) = http::HeaderValue::from_str(&self.address) {
             headers.insert(http::header::HOST, host);
@@ -193,12 +202,12 @@ impl Api {
             http::header::USER_AGENT,
             http::HeaderValue::from_static(concat!("floodway-lambda/", env!("CARGO_PKG_VERSION"))),
         );
-        request
+        Ok(request)
     }
 
     /// The next invocation; waits as long as Lambda has none.
     async fn next(&mut self) -> Result<Next, ServeError> {
-        let request = self.request(Method::GET, &format!("{API}/invocation/next"), Bytes::new());
+        let request = self.request(Method::GET, &format!("{API}/invocation/next"), Bytes::new())?;
         let response = self.send(request).await?;
         let (parts, mut incoming) = response.into_parts();
         let header = |name: &str| {
@@ -245,7 +254,7 @@ impl Api {
             Method::POST,
             &format!("{API}/invocation/{id}/{kind}"),
             Bytes::from(bytes),
-        );
+        )?;
         request.headers_mut().insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
@@ -264,6 +273,13 @@ impl Api {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
+        if status == http::StatusCode::INTERNAL_SERVER_ERROR {
+            // The API's word for a state it cannot recover from: the runtime exits at once.
+            return Err(self.error(format!(
+                "answered the invocation's {kind} with 500 (non-recoverable): {}",
+                String::from_utf8_lossy(&text)
+            )));
+        }
         if !status.is_success() {
             // Lambda refuses an answer larger than its limit (413): the invocation fails, and
             // the function goes on with the next.
@@ -315,5 +331,139 @@ mod tests {
         assert_eq!(answer, json!({ "got": { "a": 1 }, "deadline": true }));
         assert!(!served.is_finished());
         served.abort();
+    }
+
+    /// One HTTP/1.1 request read from `stream`: its request line and body.
+    async fn read_request(stream: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+        use tokio::io::AsyncReadExt;
+        let mut bytes = Vec::new();
+        let end = loop {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the connection closed");
+            bytes.extend_from_slice(&chunk[..n]);
+            if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&bytes[..end]).into_owned();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        let mut body = bytes[end..].to_vec();
+        while body.len() < length {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            body.extend_from_slice(&chunk[..n]);
+        }
+        (head.lines().next().unwrap_or_default().to_owned(), body)
+    }
+
+    /// A Runtime API answering an invocation's answer with 500 (non-recoverable, says the
+    /// API's contract): the runtime stops with an error instead of asking for the next.
+    #[tokio::test]
+    async fn a_500_from_the_runtime_api_stops_the_runtime() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let api = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let (line, _) = read_request(&mut stream).await;
+            assert!(
+                line.starts_with("GET /2018-06-01/runtime/invocation/next"),
+                "{line}"
+            );
+            let body = b"{}";
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nlambda-runtime-aws-request-id: r-1\r\n\
+                 lambda-runtime-deadline-ms: 99999999999999\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            stream.write_all(body).await.unwrap();
+            let (line, _) = read_request(&mut stream).await;
+            assert!(
+                line.starts_with("POST /2018-06-01/runtime/invocation/r-1/response"),
+                "{line}"
+            );
+            let refusal = b"{\"errorType\":\"Container\"}";
+            let head = format!(
+                "HTTP/1.1 500 Internal Server Error\r\ncontent-length: {}\r\n\r\n",
+                refusal.len()
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            stream.write_all(refusal).await.unwrap();
+            stream
+        });
+        let served = tokio::time::timeout(
+            Duration::from_secs(10),
+            serve_at(address, |_, _| async { Ok(json!({})) }),
+        )
+        .await
+        .expect("the runtime stopped");
+        let err = served.unwrap_err();
+        assert!(err.to_string().contains("500"), "{err}");
+        drop(api.await.unwrap());
+    }
+
+    /// An answer that is not JSON fails its invocation, as Lambda takes it (an event source
+    /// mapping retries the whole batch); an empty one is null, all succeeded.
+    #[tokio::test]
+    async fn an_answer_that_is_not_json_fails_the_invocation() {
+        use tokio::io::AsyncWriteExt;
+        let runtime = LocalRuntime::start().await.unwrap();
+        let address = runtime.address();
+        let function = tokio::spawn(async move {
+            for answer in ["not json", ""] {
+                let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+                stream
+                    .write_all(
+                        b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nhost: x\r\n\r\n",
+                    )
+                    .await
+                    .unwrap();
+                let id = {
+                    use tokio::io::AsyncReadExt;
+                    let mut bytes = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        let n = stream.read(&mut chunk).await.unwrap();
+                        bytes.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
+                        if let Some(at) = text.find("lambda-runtime-aws-request-id: ") {
+                            let rest = &text[at + 31..];
+                            if let Some(end) = rest.find("\r\n") {
+                                break rest[..end].to_owned();
+                            }
+                        }
+                    }
+                };
+                let mut post = tokio::net::TcpStream::connect(&address).await.unwrap();
+                let request = format!(
+                    "POST /2018-06-01/runtime/invocation/{id}/response HTTP/1.1\r\nhost: x\r\n\
+                     content-length: {}\r\n\r\n{answer}",
+                    answer.len()
+                );
+                post.write_all(request.as_bytes()).await.unwrap();
+                let (line, _) = read_request(&mut post).await;
+                assert!(line.contains("202"), "{line}");
+            }
+        });
+        let timeout = Duration::from_secs(10);
+        let err = runtime.invoke(&json!({}), timeout).await.unwrap_err();
+        assert!(
+            matches!(&err, InvokeError::Function(m) if m.contains("not JSON")),
+            "{err:?}"
+        );
+        assert_eq!(
+            runtime.invoke(&json!({}), timeout).await.unwrap(),
+            Value::Null
+        );
+        function.await.unwrap();
     }
 }
