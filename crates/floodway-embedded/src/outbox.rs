@@ -163,25 +163,38 @@ impl Outbox {
     /// # Errors
     /// A storage failure, or a stored event that does not parse.
     pub fn pending(&self, limit: usize) -> Result<Vec<Pending>, HubError> {
+        self.pending_within(limit, usize::MAX)
+    }
+
+    /// The oldest pending events, in order, at most `limit` and, past the first, at most
+    /// `max_bytes` of their text in all: what a relay holds at once (row changes carry both
+    /// images of a row, up to 1 MiB an event).
+    ///
+    /// # Errors
+    /// A storage failure, or a stored event that does not parse.
+    pub fn pending_within(&self, limit: usize, max_bytes: usize) -> Result<Vec<Pending>, HubError> {
         let conn = self.conn()?;
         let mut stmt =
             conn.prepare_cached("SELECT seq, source, event FROM outbox ORDER BY seq LIMIT ?1")?;
-        let rows = stmt.query_map([limit as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
-        rows.map(|r| {
-            let (seq, source, text) = r?;
+        let mut rows = stmt.query([limit as i64])?;
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        while let Some(row) = rows.next()? {
+            let text = row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?;
+            bytes = bytes.saturating_add(text.len());
+            if bytes > max_bytes && !out.is_empty() {
+                break;
+            }
             let event = Event::decode(text.as_bytes()).map_err(|e| HubError::Corrupt {
                 what: "outbox event",
                 detail: e.to_string(),
             })?;
-            Ok(Pending { seq, source, event })
-        })
-        .collect()
+            out.push(Pending {
+                seq: row.get(0)?,
+                source: row.get(1)?,
+                event,
+            });
+        }
+        Ok(out)
     }
 
     /// Marks `published` (a prefix of what [`Outbox::pending`] gave) as published: deletes it
@@ -283,12 +296,16 @@ pub struct RelayReport {
 pub struct OutboxRelay {
     outbox: Outbox,
     batch: usize,
+    max_bytes: usize,
     poll: Duration,
 }
 
+/// The most of events' text a relay takes from the outbox at once, past the first event.
+const RELAY_BYTES: usize = 8 << 20;
+
 impl OutboxRelay {
-    /// A relay of the outbox of `hub` (the hub file), publishing 500 events at a time and
-    /// looking for more every 20 ms when there were none.
+    /// A relay of the outbox of `hub` (the hub file), publishing 500 events (and at most
+    /// 8 MiB of them) at a time and looking for more every 20 ms when there were none.
     ///
     /// # Errors
     /// A storage failure.
@@ -296,6 +313,7 @@ impl OutboxRelay {
         Ok(OutboxRelay {
             outbox: hub.outbox()?,
             batch: 500,
+            max_bytes: RELAY_BYTES,
             poll: Duration::from_millis(20),
         })
     }
@@ -356,7 +374,8 @@ impl OutboxRelay {
                 }
                 Standing::Held => {}
             }
-            let pending = crate::blocking(|| self.outbox.pending(self.batch))?;
+            let pending =
+                crate::blocking(|| self.outbox.pending_within(self.batch, self.max_bytes))?;
             if pending.is_empty() {
                 tokio::select! {
                     () = &mut stop => return Ok(report),
@@ -403,5 +422,39 @@ impl OutboxRelay {
                 return Ok(report);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a relay takes at once is bounded by bytes as well as by count, and always holds
+    /// the first event however large.
+    #[test]
+    fn pending_events_are_taken_within_a_byte_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub =
+            crate::Hub::open(dir.path().join("hub.db"), crate::HubOptions::default()).unwrap();
+        let outbox = hub.outbox().unwrap();
+        let events: Vec<Event> = (0..20)
+            .map(|i| {
+                Event::builder("row-updated", "k")
+                    .id(format!("e{i}"))
+                    .field("image", "x".repeat(900 << 10))
+                    .build()
+            })
+            .collect();
+        {
+            let mut conn = outbox.conn().unwrap();
+            let tx = conn.transaction().unwrap();
+            add(&tx, "test", events.iter(), 1).unwrap();
+            tx.commit().unwrap();
+        }
+        let taken = outbox.pending_within(500, RELAY_BYTES).unwrap();
+        assert_eq!(taken.len(), 9, "8 MiB of 900 KiB events");
+        let one = outbox.pending_within(500, 1).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(outbox.pending(500).unwrap().len(), 20);
     }
 }
