@@ -35,9 +35,9 @@ const CONCURRENCY: usize = 32;
 /// the row is as it was read (its `floodway` attribute, or absent), retrying on a concurrent
 /// write: the per-field rule needs the versions the row keeps, which an update expression
 /// cannot compare field by field. An update that adds to a counter, the one write a repeat
-/// would apply twice, also puts an inbox item (`pk = inbox#{pk}`, `sk = {sk}#{event id}`,
-/// expiring after 7 days) in the same transaction; every other write is idempotent by the
-/// versions alone.
+/// would apply twice, also puts an inbox item (`pk = inbox#{pk}`, `sk = {sk}#{event id}`
+/// with `\\` and `#` in `sk` escaped, expiring after 7 days) in the same transaction; every
+/// other write is idempotent by the versions alone.
 ///
 /// Items carry what DynamoDB Streams change data capture needs, so the table's stream is its
 /// outbox ([`floodway_lambda`'s `CdcOptions`]): `discriminator`, `timestamp` (ms), `ttl`
@@ -224,10 +224,7 @@ impl DynamoDbRows {
             .get_item()
             .table_name(&self.table)
             .key("pk", AttributeValue::S(format!("inbox#{}", u.key.pk)))
-            .key(
-                "sk",
-                AttributeValue::S(format!("{}#{}", u.key.sk, u.version.id)),
-            )
+            .key("sk", AttributeValue::S(inbox_sk(&u.key.sk, &u.version.id)))
             .consistent_read(true)
             .send()
             .await
@@ -284,10 +281,7 @@ impl DynamoDbRows {
         let inbox = Put::builder()
             .table_name(&self.table)
             .item("pk", AttributeValue::S(format!("inbox#{}", u.key.pk)))
-            .item(
-                "sk",
-                AttributeValue::S(format!("{}#{}", u.key.sk, u.version.id)),
-            )
+            .item("sk", AttributeValue::S(inbox_sk(&u.key.sk, &u.version.id)))
             .item("discriminator", AttributeValue::S("inbox".into()))
             .item("latched", AttributeValue::Bool(true))
             .item(
@@ -477,4 +471,21 @@ impl RowStore for DynamoDbRows {
             Ok(rows)
         })
     }
+}
+
+/// The inbox item's sort key of the update of row `sk` by event `id`: `{sk}#{id}`, with `\`
+/// and `#` in `sk` escaped (`\\`, `\#`), so that the first bare `#` ends the row's key and two
+/// updates apart never share an item (`a#b` by `c` and `a` by `b#c` did). Keys without either
+/// are written as before.
+fn inbox_sk(sk: &str, id: &str) -> String {
+    let mut out = String::with_capacity(sk.len() + id.len() + 1);
+    for c in sk.chars() {
+        if c == '\\' || c == '#' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('#');
+    out.push_str(id);
+    out
 }

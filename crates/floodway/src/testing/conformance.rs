@@ -1022,6 +1022,29 @@ pub async fn rows_apply_the_stale_policy(rows: SharedRows) {
     assert_eq!(rows.update(&[first]).await.unwrap(), [Outcome::Duplicate]);
 }
 
+/// The inbox remembers an event per row, whatever the row's keys and the event's id hold:
+/// counts of two rows whose sort key and event id join to the same text (`a#b` by `c`, `a` by
+/// `b#c`) both apply, and a repeat of either does not.
+pub async fn rows_keep_the_inbox_entries_of_two_rows_apart(rows: SharedRows) {
+    let count = |sk: &str, id: &str| Update::new(RowKey::new("p", sk), version(1, id)).add("n", 1);
+    for (sk, id) in [("a#b", "c"), ("a", "b#c"), ("a\\#b", "c"), ("a\\", "#b#c")] {
+        let applied = rows.update(&[count(sk, id)]).await.unwrap();
+        assert_eq!(
+            applied,
+            [Outcome::Written { changed: true }],
+            "{sk} by {id}"
+        );
+    }
+    for (sk, id) in [("a#b", "c"), ("a", "b#c")] {
+        assert_eq!(
+            rows.update(&[count(sk, id)]).await.unwrap(),
+            [Outcome::Duplicate]
+        );
+        let row = rows.get(&RowKey::new("p", sk)).await.unwrap().unwrap();
+        assert_eq!(row.fields["n"], 1, "{sk}");
+    }
+}
+
 /// Generates one `#[tokio::test]` per row store scenario; `$fresh` is an async function
 /// returning `(SharedRows, guard)`: a fresh, empty store, and what must live as long as it.
 #[macro_export]
@@ -1031,7 +1054,8 @@ macro_rules! row_store_conformance_tests {
             $fresh,
             rows_land_the_same_in_any_order,
             rows_are_read_by_key_and_partition,
-            rows_apply_the_stale_policy
+            rows_apply_the_stale_policy,
+            rows_keep_the_inbox_entries_of_two_rows_apart
         );
     };
 }
