@@ -857,15 +857,35 @@ impl Config {
         // Row tables by the outbox setting of the first processor writing each.
         let mut outboxes: std::collections::HashMap<&str, (&str, bool)> =
             std::collections::HashMap::new();
+        // The processors writing row tables: table, key, types.
+        let mut writers: Vec<(&str, &str, &ViewKey, &[String])> = Vec::new();
         for p in &self.processors {
             let name = p.name();
             if let ProcessorConfig::Materialize {
                 view,
-                key: ViewKey::Row { .. },
+                key: key @ ViewKey::Row { .. },
                 outbox,
+                types,
                 ..
             } = p
             {
+                // A row takes one update per event (its inbox): two processors updating the
+                // same rows from the same events would have the second dropped as a repeat.
+                for (other, table, their_key, theirs) in &writers {
+                    if *table != view || *their_key != key {
+                        continue;
+                    }
+                    let shared = overlap(theirs, types);
+                    if let Some(shared) = shared {
+                        return Err(format!(
+                            "processors `{other}` and `{name}` update the same rows of `{view}` \
+                             (the same key) from the same events ({shared}): a row takes one \
+                             update per event, and the second would be dropped as a repeat; \
+                             update them from one processor"
+                        ));
+                    }
+                }
+                writers.push((name, view, key, types));
                 if let Some((other, theirs)) = outboxes.insert(view, (name, *outbox)) {
                     if theirs != *outbox {
                         return Err(format!(
@@ -1395,6 +1415,24 @@ fn name_the_key(text: &str, err: &toml::de::Error) -> Option<String> {
     ))
 }
 
+/// A type two processors' `types` both take, if any (no types takes every type).
+fn overlap(a: &[String], b: &[String]) -> Option<String> {
+    let takes = |types: &[String], t: &str| {
+        types.is_empty()
+            || types
+                .iter()
+                .any(|p| floodway::pipeline::TypeFilter::parse(p).is_ok_and(|f| f.matches(t)))
+    };
+    match (a.is_empty(), b.is_empty()) {
+        (true, true) => Some("every type".into()),
+        _ => a
+            .iter()
+            .chain(b)
+            .find(|t| takes(a, t) && takes(b, t))
+            .map(|t| format!("`{t}`")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1681,6 +1719,26 @@ name = "faults"
         );
         let err = Config::parse(&two).unwrap().check().unwrap_err();
         assert!(err.contains("`a` and `b` write the row table `t`"), "{err}");
+        // Nor update the same rows from the same events.
+        let two = |types_b: &str, key_b: &str| {
+            Config::parse(&format!(
+                "{FULL}\n[[processors]]\nkind = \"materialize\"\nname = \"a\"\n\
+                 types = [\"order-*\"]\nview = \"t\"\n{key}\nset = {{ s = \"/s\" }}\n\
+                 \n[[processors]]\nkind = \"materialize\"\nname = \"b\"\n\
+                 types = {types_b}\nview = \"t\"\n{key_b}\nadd = {{ n = 1 }}\n"
+            ))
+            .unwrap()
+            .check()
+        };
+        let err = two("[\"order-paid\"]", key).unwrap_err();
+        assert!(err.contains("the same rows of `t`"), "{err}");
+        assert!(err.contains("`order-paid`"), "{err}");
+        two("[\"payment-made\"]", key).unwrap();
+        two(
+            "[\"order-paid\"]",
+            "key = { pk = \"/customer/id\", sk = \"customer\" }",
+        )
+        .unwrap();
         // A cep rule reads exact types its processor collects, and pointers.
         let cep = |rule: &str| {
             Config::parse(&format!(
