@@ -111,6 +111,29 @@ async fn retries_exhausted_while_the_target_is_healthy_fault_that_event_only() {
     assert_eq!(delivered.len(), 399);
 }
 
+/// A synchronous step throttled for one event while it works for the others (what it calls
+/// is busy for that event's key, say) holds that event until it goes through: never faulted
+/// for being throttled, as a sink's throttled call is not.
+#[tokio::test(start_paused = true)]
+async fn a_step_throttled_for_one_event_while_others_pass_holds_it_and_faults_nothing() {
+    let kit = TestKit::new();
+    let sink = MemorySink::new();
+    let start = Instant::now();
+    let pipeline = Pipeline::builder("enrich")
+        .map(move |uow| {
+            if uow.event().id() == "e-3" && start.elapsed() < Duration::from_secs(5) {
+                return Err(Error::throttled_msg("Busy", "slow down"));
+            }
+            Ok(uow)
+        })
+        .sink(sink.clone())
+        .unwrap();
+    run_pipeline(&kit, pipeline, &events(50, 5)).await.unwrap();
+    assert!(kit.faults().is_empty(), "{:?}", kit.faults());
+    assert_eq!(sink.len(), 50);
+    assert!(sink.events().iter().any(|e| e.id() == "e-3"));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_full_outage_opens_the_breaker_faults_nothing_loses_nothing_and_recovers() {
     let kit = TestKit::new();

@@ -98,7 +98,9 @@ impl Step {
     /// decided. An outage the stack passes on is held here, never faulted. For a synchronous
     /// step whose retries are spent: if the step has succeeded for other units of work since
     /// this one first failed, the step works and this unit is the problem (the error goes on,
-    /// to be faulted); if not, it is held like an outage and tried again.
+    /// to be faulted), unless it was throttled (what the step calls is busy, and would take
+    /// it another time: held, as the breaker holds a throttled call); if not, it is held like
+    /// an outage and tried again.
     async fn call_guarded(&self, uow: Uow) -> Result<Outputs, Error> {
         let Some(guard) = &self.guard else {
             // Steps are always guarded once built; a bare call keeps the step's own answer.
@@ -114,8 +116,12 @@ impl Step {
             match guarded(guard.call.clone().oneshot(uow.clone())).await {
                 Err(err) if err.class() == ErrorClass::Outage => {}
                 Err(err) if judged && err.class() == ErrorClass::Transient => {
-                    if guard.successes.load(Ordering::Relaxed) > before {
+                    if guard.successes.load(Ordering::Relaxed) > before && !err.is_throttle() {
                         return Err(err);
+                    }
+                    if let Some(asked) = err.retry_after() {
+                        // What the target asked for, before the wait below.
+                        tokio::time::sleep(asked).await;
                     }
                 }
                 result => return result,
