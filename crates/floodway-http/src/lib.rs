@@ -9,7 +9,8 @@
 //! |---|---|
 //! | 2xx | success (the response can be published as a new event) |
 //! | 429, 503 | throttled: retried, and adaptive concurrency backs off (`Retry-After` in seconds or as an HTTP date is honoured) |
-//! | 408, 423, 425, other 5xx | transient: retried; the breaker tells an outage from a bad request |
+//! | 504 | transient, a timeout: retried, and adaptive concurrency backs off (the service behind a gateway did not answer in time) |
+//! | 408, 423, 425, other 5xx | transient: retried; the breaker tells an outage from a bad request (with `Retry-After`, adaptive concurrency backs off too) |
 //! | other 4xx | poison: the event is faulted |
 //! | 3xx | fatal: the URL is wrong (the processor stops and says so) |
 //! | connection refused, reset, timed out, a TLS handshake cut short | transient |
@@ -766,6 +767,9 @@ pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
     let message = format!("{status}: {snippet}");
     let err = match status.as_u16() {
         429 | 503 => Error::throttled_msg("HttpStatus", message),
+        // The service behind a gateway did not answer in time: a sign of overload, as a
+        // timeout of the call itself is.
+        504 => Error::transient_msg("HttpStatus", message).with_timeout(),
         // Timed out, locked, too early: the same request may succeed later.
         408 | 423 | 425 | 500..=599 => Error::transient_msg("HttpStatus", message),
         // A redirect for an API call means the URL is wrong: a configuration error.
@@ -830,6 +834,10 @@ mod tests {
         assert_eq!(class(301), (ErrorClass::Fatal, false));
         assert_eq!(class(425), (ErrorClass::Transient, false));
         assert_eq!(class(423), (ErrorClass::Transient, false));
+        // A gateway's service did not answer in time: overload, as a timeout.
+        let gateway = classify(StatusCode::GATEWAY_TIMEOUT, None, b"");
+        assert!(gateway.is_timeout() && !gateway.is_throttle());
+        assert!(!classify(StatusCode::BAD_GATEWAY, None, b"").is_timeout());
         // Credentials may come from the event (a tenant's token): `treat_as` makes a 401
         // fatal where they do not.
         assert_eq!(class(401), (ErrorClass::Poison, false));

@@ -208,6 +208,15 @@ impl Error {
         self
     }
 
+    /// Marks the error as a timeout ([`Error::is_timeout`]): no answer came in time, as a
+    /// gateway answering 504 says of the service behind it. Adaptive concurrency reads it
+    /// as overload.
+    #[must_use]
+    pub fn with_timeout(mut self) -> Self {
+        self.0.timeout = true;
+        self
+    }
+
     /// Changes the class.
     #[must_use]
     pub fn with_class(mut self, class: ErrorClass) -> Self {

@@ -36,7 +36,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::error::{BuildError, Error};
+use crate::error::{BuildError, Error, ErrorClass};
 use crate::layer::{Call, Policy};
 pub use crate::layer::{ConcurrencyLimit, ConcurrencyLimitLayer};
 
@@ -146,8 +146,12 @@ impl Signal {
     /// is neutral. Not a success: a poison answer's or a refused connection's latency (fast,
     /// and nothing like the work's) would pull the average down and grow the limit, even
     /// while the target is down.
+    ///
+    /// A transient answer asking to be called again later (`Retry-After`, on a 502 say) is
+    /// back-pressure too, whatever its status: the target says it is busy.
     pub fn of(err: &Error) -> Signal {
-        if err.is_throttle() || err.is_timeout() {
+        let asks_later = err.retry_after().is_some() && err.class() == ErrorClass::Transient;
+        if err.is_throttle() || err.is_timeout() || asks_later {
             Signal::Overload
         } else {
             Signal::Neutral
@@ -426,14 +430,18 @@ impl Policy for ConcurrencyLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ErrorClass;
 
     #[test]
     fn only_throttles_and_timeouts_speak_of_load_and_no_error_counts_as_a_success() {
-        assert_eq!(
-            Signal::of(&Error::throttled_msg("Http", "429")),
-            Signal::Overload
-        );
+        for err in [
+            Error::throttled_msg("Http", "429"),
+            Error::timed_out(Duration::from_secs(1)),
+            Error::transient_msg("Http", "504").with_timeout(),
+            // A 502 asking to be called again later.
+            Error::transient_msg("Http", "502").with_retry_after(Duration::from_secs(1)),
+        ] {
+            assert_eq!(Signal::of(&err), Signal::Overload, "{err}");
+        }
         for err in [
             Error::transient_msg("Http", "500"),
             Error::poison_msg("Http", "400"),
