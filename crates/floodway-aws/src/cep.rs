@@ -59,6 +59,9 @@ pub struct Fired {
     retire: Option<(String, Timer)>,
 }
 
+/// How far ahead a timer already due is scheduled.
+const SCHEDULE_AHEAD_MS: i64 = 5_000;
+
 /// The type of the event a timer's schedule delivers (the `detail-type` of its EventBridge
 /// envelope, and the type of the event in its `detail`: [`Timer::to_event`]).
 pub use floodway::cep::TIMER_DUE;
@@ -112,9 +115,14 @@ impl TimerSchedules {
     }
 
     /// The schedule expression of a time (ms since the epoch): `at(...)` in UTC, to the next
-    /// whole second.
+    /// whole second; a time past the year 9999 (a timestamp in microseconds, say) is its last
+    /// second, as the expression cannot name a later one.
     pub fn expression(due: i64) -> String {
-        let seconds = u64::try_from(due.max(0)).unwrap_or(0).div_ceil(1000);
+        const LAST: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+        let seconds = u64::try_from(due.max(0))
+            .unwrap_or(0)
+            .div_ceil(1000)
+            .min(LAST);
         let at = std::time::UNIX_EPOCH + Duration::from_secs(seconds);
         let text = humantime::format_rfc3339_seconds(at).to_string();
         format!("at({})", text.trim_end_matches('Z'))
@@ -136,12 +144,18 @@ impl TimerSchedules {
         let invalid = |e: aws_sdk_scheduler::error::BuildError| {
             Error::poison_msg("InvalidSchedule", e.to_string())
         };
+        // A timer already due (a backlog caught up, a batch retried after its time) is
+        // scheduled a little ahead, not in the past: a one-time schedule names a time to
+        // come, and its run follows within the minute either way.
+        let at = timer
+            .due
+            .max(floodway::event::now_millis().saturating_add(SCHEDULE_AHEAD_MS));
         let result = self
             .client
             .create_schedule()
             .name(&name)
             .set_group_name(self.group.clone())
-            .schedule_expression(Self::expression(timer.due))
+            .schedule_expression(Self::expression(at))
             .schedule_expression_timezone("UTC")
             .flexible_time_window(
                 FlexibleTimeWindow::builder()

@@ -1479,4 +1479,45 @@ async fn timers_fire_from_eventbridge_scheduler() {
         "at(2023-11-14T22:13:21)",
         "UTC, to the next whole second"
     );
+    assert_eq!(
+        TimerSchedules::expression(i64::MAX),
+        "at(9999-12-31T23:59:59)",
+        "the last second an expression names"
+    );
+
+    // An order collected after its timer's time (a backlog caught up): scheduled ahead of
+    // now, not in the past.
+    let late = t0 - 20 * 60_000;
+    let order = Event::builder("order-submitted", "o-3")
+        .id("s3")
+        .timestamp(late)
+        .build();
+    let before = floodway::event::now_millis();
+    let report = StreamMapping::default()
+        .run_shard(
+            &StreamKind::Kinesis {
+                stream: "orders".into(),
+            },
+            "shard",
+            &lambda::shard_from(10, &[order]),
+            &mut InProcess(handler.clone()),
+        )
+        .await;
+    assert!(report.given_up.is_empty(), "{report:?}");
+    let timer = Timer {
+        due: late + 900_000,
+        rule: "expired".into(),
+        trigger: "s3".into(),
+    };
+    let schedule = scheduler
+        .get_schedule()
+        .name(TimerSchedules::name("orders-cep", "o-3", &timer))
+        .send()
+        .await
+        .unwrap();
+    let expression = schedule.schedule_expression().unwrap();
+    assert!(
+        expression >= TimerSchedules::expression(before).as_str(),
+        "{expression} is in the past"
+    );
 }
