@@ -20,8 +20,12 @@
 //!
 //! **Scenarios**: capacities 4, 16 and 64 with each distribution, each run with the adaptive
 //! limiter (`ConcurrencyLimiter::adaptive(Aimd::default(), ..)`) and, as the reference, with a
-//! fixed limit equal to the capacity: a warm-up, then a measured window. And a capacity change:
-//! capacity 16 with log-normal sigma 0.5, halved to 8, then restored to 16.
+//! fixed limit equal to the capacity: a warm-up, then a measured window. A capacity change:
+//! capacity 16 with log-normal sigma 0.5, halved to 8, then restored to 16. And a service
+//! that queues: the same server, but a request arriving while `capacity` are in flight waits
+//! for a slot (first come, first served) instead of being refused, as a database or most HTTP
+//! servers do, saying nothing of its load but by its latency (capacities 4, 16 and 64,
+//! log-normal sigma 0.25 and 0.5).
 //!
 //! **Runtimes**: the client runs on a multi-thread tokio runtime with two workers (the
 //! machine's two cores), as a deployed processor would. The server runs on a current-thread
@@ -41,8 +45,8 @@
 //! - `FLOODWAY_BENCH_TRACE`: when set, print each run's 500 ms windows to stderr (limit,
 //!   goodput, throttled share, service latency), to see how the limit moves.
 //!
-//! Prints two markdown tables (steady scenarios, capacity change) with the goals beside the
-//! results; progress goes to stderr.
+//! Prints three markdown tables (steady scenarios, capacity change, a queueing service) with
+//! the goals beside the results; progress goes to stderr.
 
 #[path = "../../floodway/benches/common/mod.rs"]
 #[macro_use]
@@ -95,6 +99,8 @@ struct Slot {
     client: Vec<f64>,
     /// Samples of the limiter's limit.
     limits: Vec<usize>,
+    /// How long each request waited for a slot at a queueing server (seconds).
+    queued: Vec<f64>,
 }
 
 /// Slots from a common start, shared by the server, the client and the sampler.
@@ -135,6 +141,7 @@ struct Totals {
     service: Vec<f64>,
     client: Vec<f64>,
     limits: Vec<usize>,
+    queued: Vec<f64>,
 }
 
 impl Totals {
@@ -147,6 +154,7 @@ impl Totals {
             t.service.extend(&s.service);
             t.client.extend(&s.client);
             t.limits.extend(&s.limits);
+            t.queued.extend(&s.queued);
         }
         t
     }
@@ -255,6 +263,8 @@ impl Dist {
 struct ServerState {
     capacity: Arc<AtomicUsize>,
     in_flight: AtomicUsize,
+    /// Slots a request waits for, when the server queues rather than refuses.
+    queue: Option<tokio::sync::Semaphore>,
     dist: Dist,
     recorder: Arc<Recorder>,
 }
@@ -281,8 +291,15 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     // Read the request as a real service would (and so that the connection can be reused).
     let _ = request.into_body().collect().await;
+    let mut slot = None;
+    if let Some(queue) = &state.queue {
+        let arrived = Instant::now();
+        slot = Some(queue.acquire().await.expect("the queue is never closed"));
+        let waited = arrived.elapsed().as_secs_f64();
+        state.recorder.record(|s| s.queued.push(waited));
+    }
     let capacity = state.capacity.load(Ordering::SeqCst);
-    if state.in_flight.fetch_add(1, Ordering::SeqCst) >= capacity {
+    if state.in_flight.fetch_add(1, Ordering::SeqCst) >= capacity && slot.is_none() {
         state.in_flight.fetch_sub(1, Ordering::SeqCst);
         state.recorder.record(|s| s.throttled += 1);
         return Ok(response(StatusCode::TOO_MANY_REQUESTS, b"over capacity"));
@@ -292,6 +309,7 @@ async fn handle(
     tokio::time::sleep(latency).await;
     let held = started.elapsed().as_secs_f64();
     drop(admitted);
+    drop(slot);
     state.recorder.record(|s| {
         s.ok += 1;
         s.service.push(held);
@@ -308,11 +326,16 @@ struct Server {
 }
 
 impl Server {
-    fn start(capacity: usize, dist: Dist, recorder: Arc<Recorder>, seed: u64) -> Server {
-        let capacity = Arc::new(AtomicUsize::new(capacity));
+    fn start(plan: &Plan, recorder: Arc<Recorder>) -> Server {
+        let (dist, seed) = (plan.dist, plan.seed);
+        let queue = plan
+            .queueing
+            .then(|| tokio::sync::Semaphore::new(plan.capacity));
+        let capacity = Arc::new(AtomicUsize::new(plan.capacity));
         let state = Arc::new(ServerState {
             capacity: capacity.clone(),
             in_flight: AtomicUsize::new(0),
+            queue,
             dist,
             recorder,
         });
@@ -469,6 +492,8 @@ struct Plan {
     changes: Vec<(Duration, usize)>,
     length: Duration,
     seed: u64,
+    /// The server queues requests over its capacity instead of refusing them.
+    queueing: bool,
 }
 
 /// What a run recorded.
@@ -479,7 +504,7 @@ struct Run {
 
 fn run(rt: &tokio::runtime::Runtime, plan: &Plan, limiter: Limiter) -> Run {
     let recorder = Recorder::new();
-    let server = Server::start(plan.capacity, plan.dist, recorder.clone(), plan.seed);
+    let server = Server::start(plan, recorder.clone());
     let url = format!("http://{}/calls", server.addr);
     let limiter = limiter.build(plan.capacity);
     let sink = Timed {
@@ -678,6 +703,108 @@ fn print_steady(rows: &[SteadyRow], warmup: Duration, measure: Duration) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A service that queues
+
+/// Goal of a queueing service: goodput at least this share of capacity throughput...
+const QUEUE_GOODPUT: f64 = 0.90;
+/// ...with the median request waiting at the server no longer than this share of the
+/// service's median latency.
+const QUEUE_WAIT: f64 = 1.0;
+
+struct QueueRow {
+    scenario: String,
+    limiter: String,
+    goodput: f64,
+    capacity_throughput: f64,
+    queued: (f64, f64),
+    client: (f64, f64),
+    service: (f64, f64),
+    mean_limit: f64,
+    faults: u64,
+}
+
+impl QueueRow {
+    fn fraction(&self) -> f64 {
+        self.goodput / self.capacity_throughput
+    }
+
+    fn met(&self) -> bool {
+        self.fraction() >= QUEUE_GOODPUT && self.queued.0 <= QUEUE_WAIT * self.service.0
+    }
+}
+
+/// Runs `plan` against a queueing server with `limiter`.
+fn queued(
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    plan: &Plan,
+    limiter: Limiter,
+    warmup: Duration,
+    measure: Duration,
+) -> QueueRow {
+    let run = run(rt, plan, limiter);
+    let from = slots_in(warmup);
+    let mut t = Totals::of(&run.slots, from..from + slots_in(measure));
+    QueueRow {
+        scenario: name.into(),
+        limiter: limiter.name(plan.capacity),
+        goodput: t.ok as f64 / measure.as_secs_f64(),
+        capacity_throughput: plan.capacity as f64 / t.mean_service(),
+        queued: (quantile(&mut t.queued, 0.5), quantile(&mut t.queued, 0.99)),
+        client: (quantile(&mut t.client, 0.5), quantile(&mut t.client, 0.99)),
+        service: (
+            quantile(&mut t.service, 0.5),
+            quantile(&mut t.service, 0.99),
+        ),
+        mean_limit: t.mean_limit(),
+        faults: run.faults,
+    }
+}
+
+fn print_queued(rows: &[QueueRow], warmup: Duration, measure: Duration) {
+    out!(
+        "## A service that queues\n\n\
+         The server takes `capacity` requests at once and queues the rest (first come, first \
+         served), refusing none: only its latency says it is loaded. The pipeline lets four \
+         times the capacity (at least 64) call at once, so without a limit that reads latency \
+         the queue holds the difference. Warm-up {:.1} s, then {:.1} s measured. Queued: how \
+         long a request waited at the server for a slot; client latency includes it.\n\n\
+         Goals: goodput >= {:.0}% of capacity throughput, and the median request queued no \
+         longer than the median service latency. The fixed limit at the capacity is the \
+         reference.\n",
+        warmup.as_secs_f64(),
+        measure.as_secs_f64(),
+        QUEUE_GOODPUT * 100.0,
+    );
+    out!(
+        "| scenario | limiter | goodput | of capacity | queued p50 / p99 | client p50 / p99 | \
+         service p50 / p99 | mean limit | faults | met |"
+    );
+    out!("|---|---|---|---|---|---|---|---|---|---|");
+    let ms = |s: f64| s * 1000.0;
+    for r in rows {
+        out!(
+            "| {} | {} | {:.0}/s | {:.1}% | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms \
+             | {:.1} | {} | {} |",
+            r.scenario,
+            r.limiter,
+            r.goodput,
+            r.fraction() * 100.0,
+            ms(r.queued.0),
+            ms(r.queued.1),
+            ms(r.client.0),
+            ms(r.client.1),
+            ms(r.service.0),
+            ms(r.service.1),
+            r.mean_limit,
+            r.faults,
+            if r.met() { "met" } else { "**missed**" },
+        );
+    }
+    out!();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Capacity change
 
 /// Goals of the capacity change: follow a halving within 5 s, a restoration within 10 s.
@@ -714,6 +841,7 @@ fn capacity_change(rt: &tokio::runtime::Runtime, phase: Duration, limiter: Limit
         changes: vec![(phase, half), (phase * 2, full)],
         length: phase * 3,
         seed: 99,
+        queueing: false,
     };
     let run = run(rt, &plan, limiter);
     let p = slots_in(phase);
@@ -915,8 +1043,31 @@ fn main() {
                     changes: Vec::new(),
                     length: warmup + measure,
                     seed,
+                    queueing: false,
                 };
                 steady_rows.push(steady(&rt, &name, &plan, limiter, warmup, measure));
+            }
+        }
+    }
+    let mut queue_rows = Vec::new();
+    for capacity in [4usize, 16, 64] {
+        for dist in [Dist::LogNormal(0.25), Dist::LogNormal(0.5)] {
+            let name = format!("queue-c{capacity}-{}", dist.name());
+            if !wanted(&name) {
+                continue;
+            }
+            for limiter in [Limiter::Adaptive, Limiter::Fixed] {
+                eprintln!("{name}, {}...", limiter.name(capacity));
+                seed += 1;
+                let plan = Plan {
+                    capacity,
+                    dist,
+                    changes: Vec::new(),
+                    length: warmup + measure,
+                    seed,
+                    queueing: true,
+                };
+                queue_rows.push(queued(&rt, &name, &plan, limiter, warmup, measure));
             }
         }
     }
@@ -932,6 +1083,9 @@ fn main() {
     }
     if !change_rows.is_empty() {
         print_change(&change_rows, phase);
+    }
+    if !queue_rows.is_empty() {
+        print_queued(&queue_rows, warmup, measure);
     }
     if only.is_empty() {
         common::chart::save_table("gateway");
