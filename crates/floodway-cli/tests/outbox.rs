@@ -301,6 +301,55 @@ fn a_run_whose_relay_fails_stops_and_says_so() {
     assert!(stopped.elapsed() < Duration::from_secs(30));
 }
 
+/// Events left in the outbox by a processor since taken out of the configuration (or by a
+/// service's own transaction) are published by the next run, whose processors write no
+/// outbox: nothing else would ever publish them.
+#[test]
+fn events_left_in_the_outbox_are_relayed_whatever_the_configuration() {
+    use floodway::idempotence::Version;
+    use floodway::rows::Update;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hub = floodway_embedded::Hub::open(d.join("hub.db"), Default::default()).unwrap();
+    let table = hub.rows("order_rows").unwrap().with_outbox();
+    let updates: Vec<Update> = (0..3)
+        .map(|i| {
+            let version = Version {
+                timestamp: i + 1,
+                id: format!("e{i}"),
+            };
+            Update::new(RowKey::new(format!("o{i}"), "order"), version)
+                .set("status", "placed")
+                .discriminator("orderrow")
+        })
+        .collect();
+    table.apply(&updates).unwrap();
+    drop(table);
+    drop(hub);
+    let without_outbox = common::orders_view("[\"order-*\"]", "partitionKey");
+    std::fs::write(
+        d.join("floodway.toml"),
+        common::embedded(8, "", &without_outbox),
+    )
+    .unwrap();
+    assert_eq!(outbox_stats(d)["pending"], 3);
+    let mut run = start(d, &["run", "floodway.toml"], Stdio::null(), Stdio::piped());
+    let started = Instant::now();
+    while outbox_stats(d)["pending"] != 0 {
+        if started.elapsed() > Duration::from_secs(30) || run.try_wait().unwrap().is_some() {
+            let _ = run.kill();
+            let out = run.wait_with_output().unwrap();
+            panic!("still pending: {}\n{}", outbox_stats(d), text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    kill_after(run, Duration::ZERO);
+    let published = open_hub(d).newest(10, |bytes| {
+        Event::decode(bytes).is_ok_and(|e| e.event_type() == "orderrow-created")
+    });
+    assert_eq!(published.unwrap().len(), 3);
+}
+
 /// A forward processor reads each order's customer row into the event on the way.
 #[test]
 fn forwarded_events_are_enriched_with_rows() {

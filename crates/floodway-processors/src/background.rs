@@ -82,8 +82,9 @@ where
 }
 
 /// Starts what `config`'s processors need beside them: the outbox's relay when a processor
-/// writes to the outbox (a cep processor always does), each cep processor's timers (each under
-/// its lease), and once a minute the deletion of rows and CEP events past their time to live.
+/// writes to the outbox (a cep processor always does) or the outbox holds events, each cep
+/// processor's timers (each under its lease), and once a minute the deletion of rows and CEP
+/// events past their time to live.
 ///
 /// # Errors
 /// A hub failure, or a rule that does not build.
@@ -98,6 +99,19 @@ pub fn start_background(hubs: &Hubs, config: &Config) -> Result<Background, Setu
             ProcessorConfig::Materialize { outbox: true, .. } | ProcessorConfig::Cep { .. }
         )
     });
+    // Events left in the outbox by a processor no longer configured (or written by a
+    // service's own transaction) are relayed too: else nothing would ever publish them.
+    let left = !outboxed
+        && !hubs
+            .store
+            .outbox()
+            .and_then(|outbox| outbox.pending(1))
+            .map_err(hub_err)?
+            .is_empty();
+    if left {
+        tracing::info!("the outbox holds events no configured processor writes: relaying them");
+    }
+    let outboxed = outboxed || left;
     let (failing, failed) = tokio::sync::watch::channel(None);
     let relay = match outboxed {
         true => {
