@@ -68,29 +68,36 @@ pub(super) fn code_of(error: &async_nats::jetstream::stream::ConsumerError) -> O
 }
 
 /// Errors that trying again does not fix: the stream is gone, or the server refuses the
-/// settings (its answers of HTTP class 400 about a consumer's configuration). Its 500s
-/// (10012 and 10104, a consumer's store failing; 10119, offline) and the races of instances
+/// settings (its answers of HTTP class 400 about a consumer's configuration, listed one by
+/// one). Its 500s (10012 and 10104, a consumer's store failing; 10096, 10119, 10194 and
+/// 10195, a stream or consumer offline or not valid for now) and the races of instances
 /// making one consumer (10148 already exists, 10149 does not exist) are tried again.
 pub(super) fn permanent(code: Option<u64>) -> bool {
     // 10059 stream not found; 10013 name in use; 10026 maximum consumers reached; 10082 to
-    // 10103 and 10112 to 10116 settings refused; 10121 max ack pending over the server's
-    // limit; 10125 max request batch over its limit; 10126 replicas; 10127 name with path
-    // separators; 10131 to 10139 filters; 10153 inactive threshold over the limit; 10159 to
-    // 10162 and 10178 to 10197 priority groups and policies.
+    // 10095, 10098 to 10103, 10105 to 10108 and 10112 to 10116 settings refused; 10121 max
+    // ack pending over the server's limit; 10125 max request batch over its limit; 10126
+    // replicas; 10127 name with path separators; 10131 to 10139 filters; 10153 inactive
+    // threshold over the limit; 10159 to 10162, 10178, 10196 and 10197 priority groups and
+    // policies; 10181 to 10184 ack, replay and backoff settings.
     matches!(
         code,
         Some(
             10013
-            | 10026
-            | 10059
-            | 10082..=10103
-            | 10112..=10116
-            | 10121
-            | 10125..=10127
-            | 10131..=10139
-            | 10153
-            | 10159..=10162
-            | 10178..=10197,
+                | 10026
+                | 10059
+                | 10082..=10095
+                | 10098..=10103
+                | 10105..=10108
+                | 10112..=10116
+                | 10121
+                | 10125..=10127
+                | 10131..=10139
+                | 10153
+                | 10159..=10162
+                | 10178
+                | 10181..=10184
+                | 10196
+                | 10197
         )
     )
 }
@@ -318,7 +325,9 @@ async fn remake_now(
     loop {
         match open_consumer(stream, &config).await {
             Ok(consumer) => return Ok(consumer),
-            Err(e) if tries < 20 && !matches!(e, NatsError::Config(_)) => {
+            // A configuration error too: the consumer is gone, and its position with it, if
+            // it is not made again (a cluster's passing refusals can look like settings).
+            Err(e) if tries < 20 => {
                 tracing::warn!(consumer = %name, start, error = %e, "making the consumer again failed; trying again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
