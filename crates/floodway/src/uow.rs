@@ -164,7 +164,8 @@ pub struct Uow {
     /// The hash of the key it is ordered by, as its record came: the record's
     /// [order key](Record::order_key), else the partition key its event had then. A step
     /// changing the partition key does not move it, so a later record of the source's key
-    /// never overtakes this one (which may still be retrying in an earlier step).
+    /// never overtakes this one (which may still be retrying in an earlier step); the new key
+    /// orders it as well ([`rekeyed`](Self::rekeyed)).
     pub(crate) order: u64,
     extensions: Option<Extensions>,
 }
@@ -200,6 +201,18 @@ impl Uow {
             order,
             extensions: None,
         }
+    }
+
+    /// The hash of the event's partition key as it is now, when it orders this unit of work
+    /// besides [`order`](Self::order): a step gave the event another key (the record has no
+    /// order key of the source's own). Units of work of that key then also run in turn, as
+    /// they did before the step.
+    pub(crate) fn rekeyed(&self) -> Option<u64> {
+        if self.record.order_key.is_some() {
+            return None;
+        }
+        let now = crate::event::key_hash(self.event.partition_key());
+        (now != self.order).then_some(now)
     }
 
     /// The part of a split unit of work at `place` among the outputs of splitting this one.

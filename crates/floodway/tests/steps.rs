@@ -374,6 +374,42 @@ async fn a_step_that_changes_the_key_lets_no_later_event_pass_a_retried_one() {
     }
 }
 
+/// Events of different source keys that a step gives one key (orders re-keyed by customer)
+/// reach the sink in turn for that key, as well as for their own.
+#[tokio::test(start_paused = true)]
+async fn events_a_step_gives_one_key_run_in_turn_for_it() {
+    let kit = TestKit::new();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = {
+        let seen = seen.clone();
+        floodway::sink_fn(move |batch: floodway::Batch| {
+            let seen = seen.clone();
+            async move {
+                let id = batch.events().next().unwrap().id().to_owned();
+                if id == "placed" {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                seen.lock().unwrap().push(id);
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let pipeline = Pipeline::builder("by-customer")
+        .parallelism(4)
+        .map(|mut uow| {
+            uow.event_mut().set_partition_key("customer-1");
+            Ok(uow)
+        })
+        .sink(sink)
+        .unwrap();
+    let input: Vec<Event> = [("placed", "order-1"), ("cancelled", "order-2")]
+        .iter()
+        .map(|(id, key)| Event::builder("order-noted", *key).id(*id).build())
+        .collect();
+    run_pipeline(&kit, pipeline, &input).await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), ["placed", "cancelled"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_synchronous_step_retried_before_a_batch_keeps_its_keys_order() {
     // A map step fails every seventh event until 50 ms after its first call for it (a

@@ -149,9 +149,13 @@ fn group_in_order(keyed: Vec<(String, Uow)>) -> Vec<Vec<Uow>> {
     let mut last_of_partition_key: HashMap<u64, usize> = HashMap::new();
     for (group, uow) in keyed {
         // The key the source orders by (an SQS FIFO group), which is the partition key for
-        // most sources.
-        let pk = uow.order;
-        let floor = last_of_partition_key.get(&pk).copied();
+        // most sources, and the partition key a step gave the event.
+        let keys = [Some(uow.order), uow.rekeyed()];
+        let floor = keys
+            .iter()
+            .flatten()
+            .filter_map(|k| last_of_partition_key.get(k).copied())
+            .max();
         let index = match latest_of_group.get(&group) {
             Some(&g) if floor.is_none_or(|f| g >= f) => g,
             _ => {
@@ -162,7 +166,9 @@ fn group_in_order(keyed: Vec<(String, Uow)>) -> Vec<Vec<Uow>> {
             }
         };
         groups[index].push(uow);
-        last_of_partition_key.insert(pk, index);
+        for k in keys.into_iter().flatten() {
+            last_of_partition_key.insert(k, index);
+        }
     }
     groups
 }

@@ -135,7 +135,10 @@ impl Drop for AbortOnDrop {
 }
 
 fn keys_of(members: &[Uow]) -> Keys {
-    let mut keys: Vec<u64> = members.iter().map(|u| u.order).collect();
+    let mut keys: Vec<u64> = members
+        .iter()
+        .flat_map(|u| std::iter::once(u.order).chain(u.rekeyed()))
+        .collect();
     keys.sort_unstable();
     keys.dedup();
     if keys.len() == 1 {
@@ -544,7 +547,10 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 self.schedule(index, Keys::One(hash), Work::Pre { uow, from })?;
             }
             None => {
-                let key = Keys::One(uow.order);
+                let key = match uow.rekeyed() {
+                    None => Keys::One(uow.order),
+                    Some(now) => Keys::Many(vec![uow.order.min(now), uow.order.max(now)]),
+                };
                 self.schedule(index, key, Work::Single { uow, from })?;
             }
         }
