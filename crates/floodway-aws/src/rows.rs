@@ -35,9 +35,9 @@ const CONCURRENCY: usize = 32;
 /// the row is as it was read (its `floodway` attribute, or absent), retrying on a concurrent
 /// write: the per-field rule needs the versions the row keeps, which an update expression
 /// cannot compare field by field. An update that adds to a counter, the one write a repeat
-/// would apply twice, also puts an inbox item (`pk = inbox#{pk}`, `sk = {sk}#{event id}`
-/// with `\\` and `#` in `sk` escaped, expiring after 7 days) in the same transaction; every
-/// other write is idempotent by the versions alone.
+/// would apply twice, also puts an inbox item (`pk = inbox#{pk}`, `sk = {sk}#{event id}`; for
+/// an event id holding `#` or `\`, `pk = inboxesc#{pk}` and both escaped; expiring after 7
+/// days) in the same transaction; every other write is idempotent by the versions alone.
 ///
 /// Items carry what DynamoDB Streams change data capture needs, so the table's stream is its
 /// outbox ([`floodway_lambda`'s `CdcOptions`]): `discriminator`, `timestamp` (ms), `ttl`
@@ -223,8 +223,8 @@ impl DynamoDbRows {
             .client
             .get_item()
             .table_name(&self.table)
-            .key("pk", AttributeValue::S(format!("inbox#{}", u.key.pk)))
-            .key("sk", AttributeValue::S(inbox_sk(&u.key.sk, &u.version.id)))
+            .key("pk", AttributeValue::S(inbox_pk(u)))
+            .key("sk", AttributeValue::S(inbox_sk(u)))
             .consistent_read(true)
             .send()
             .await
@@ -280,8 +280,8 @@ impl DynamoDbRows {
         let now = now_millis();
         let inbox = Put::builder()
             .table_name(&self.table)
-            .item("pk", AttributeValue::S(format!("inbox#{}", u.key.pk)))
-            .item("sk", AttributeValue::S(inbox_sk(&u.key.sk, &u.version.id)))
+            .item("pk", AttributeValue::S(inbox_pk(u)))
+            .item("sk", AttributeValue::S(inbox_sk(u)))
             .item("discriminator", AttributeValue::S("inbox".into()))
             .item("latched", AttributeValue::Bool(true))
             .item(
@@ -473,19 +473,71 @@ impl RowStore for DynamoDbRows {
     }
 }
 
-/// The inbox item's sort key of the update of row `sk` by event `id`: `{sk}#{id}`, with `\`
-/// and `#` in `sk` escaped (`\\`, `\#`), so that the first bare `#` ends the row's key and two
-/// updates apart never share an item (`a#b` by `c` and `a` by `b#c` did). Keys without either
-/// are written as before.
-fn inbox_sk(sk: &str, id: &str) -> String {
-    let mut out = String::with_capacity(sk.len() + id.len() + 1);
-    for c in sk.chars() {
-        if c == '\\' || c == '#' {
-            out.push('\\');
-        }
-        out.push(c);
+/// Whether an update's event id holds a character that can make two inbox items' keys one:
+/// `#` (or `\`). Such ids are kept apart from the others (see [`inbox_pk`]).
+fn odd_id(u: &Update) -> bool {
+    u.version.id.contains(['#', '\\'])
+}
+
+/// The inbox item's partition key: `inbox#{pk}`, or `inboxesc#{pk}` for an event id holding
+/// `#` or `\` ([`inbox_sk`]).
+fn inbox_pk(u: &Update) -> String {
+    match odd_id(u) {
+        false => format!("inbox#{}", u.key.pk),
+        true => format!("inboxesc#{}", u.key.pk),
     }
+}
+
+/// The inbox item's sort key: `{sk}#{event id}`, where the last `#` ends the row's key since
+/// the id holds none; with an id that does, the two are escaped (`\` and `#` preceded by `\`),
+/// so the first bare `#` ends the row's key, under a partition key of their own. Keys of ids
+/// without either (nearly all) are as they always were: an item written before is found.
+fn inbox_sk(u: &Update) -> String {
+    let (sk, id) = (u.key.sk.as_str(), u.version.id.as_str());
+    if !odd_id(u) {
+        return format!("{sk}#{id}");
+    }
+    let mut out = String::with_capacity(sk.len() + id.len() + 8);
+    let escape = |out: &mut String, text: &str| {
+        for c in text.chars() {
+            if c == '\\' || c == '#' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+    };
+    escape(&mut out, sk);
     out.push('#');
-    out.push_str(id);
+    escape(&mut out, id);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use floodway::idempotence::Version;
+    use floodway::rows::RowKey;
+
+    /// Inbox items of ids without `#` or `\` keep the keys they always had (an item written
+    /// before an upgrade is found after it); the others are escaped, under keys of their own.
+    #[test]
+    fn inbox_keys_are_as_before_for_plain_ids() {
+        let update = |sk: &str, id: &str| {
+            let version = Version {
+                timestamp: 1,
+                id: id.into(),
+            };
+            Update::new(RowKey::new("p", sk), version)
+        };
+        let plain = update("item#1", "e-1");
+        assert_eq!(
+            (inbox_pk(&plain), inbox_sk(&plain)),
+            ("inbox#p".into(), "item#1#e-1".into())
+        );
+        let odd = update("a#b", "c#d");
+        assert_eq!(
+            (inbox_pk(&odd), inbox_sk(&odd)),
+            ("inboxesc#p".into(), "a\\#b#c\\#d".into())
+        );
+    }
 }
