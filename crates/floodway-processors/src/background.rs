@@ -99,15 +99,17 @@ pub fn start_background(hubs: &Hubs, config: &Config) -> Result<Background, Setu
             ProcessorConfig::Materialize { outbox: true, .. } | ProcessorConfig::Cep { .. }
         )
     });
-    // Events left in the outbox by a processor no longer configured (or written by a
-    // service's own transaction) are relayed too: else nothing would ever publish them.
+    // Events left in the outbox at the start (by a processor since taken out of the
+    // configuration, or a service's own transaction) are relayed too: else nothing would ever
+    // publish them. Counted, not read: a damaged one fails the relay, not the start.
     let left = !outboxed
-        && !hubs
+        && hubs
             .store
             .outbox()
-            .and_then(|outbox| outbox.pending(1))
+            .and_then(|outbox| outbox.stats())
             .map_err(hub_err)?
-            .is_empty();
+            .pending()
+            > 0;
     if left {
         tracing::info!("the outbox holds events no configured processor writes: relaying them");
     }

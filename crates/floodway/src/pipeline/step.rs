@@ -119,16 +119,16 @@ impl Step {
                     if guard.successes.load(Ordering::Relaxed) > before && !err.is_throttle() {
                         return Err(err);
                     }
-                    if let Some(asked) = err.retry_after() {
-                        // What the target asked for, before the wait below.
-                        tokio::time::sleep(asked).await;
-                    }
+                    // Held: what the target asked for, or the backoff if longer.
+                    let asked = err.retry_after().unwrap_or_default();
+                    tokio::time::sleep(held_wait(waits).max(asked)).await;
+                    waits += 1;
+                    continue;
                 }
                 result => return result,
             }
             // Held: wait, then try again.
-            let backoff = Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30));
-            tokio::time::sleep(backoff.ceiling(waits)).await;
+            tokio::time::sleep(held_wait(waits)).await;
             waits += 1;
         }
     }
@@ -140,6 +140,11 @@ impl Step {
             guard.successes.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// How long a held unit of work waits before its `waits`-th try again: 1 s, doubling up to 30 s.
+fn held_wait(waits: u32) -> Duration {
+    Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30)).ceiling(waits)
 }
 
 /// Whether a synchronous step's error goes to its resilience stack rather than straight to
@@ -202,14 +207,21 @@ fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<Outputs, Error> {
 /// (events of one type derived from one event with [`Event::derive`](crate::Event::derive)).
 /// Parts carrying equal events (one event sent on by several units of work) pass.
 fn ids_apart(parts: &[Uow]) -> Result<(), Error> {
-    let clash = |a: &Uow, b: &Uow| a.event().id() == b.event().id() && a.event() != b.event();
+    // One event shared by several parts (an `Arc` cloned) is no clash, and is not compared
+    // field by field.
+    let clash = |a: &Uow, b: &Uow| {
+        !Arc::ptr_eq(&a.event, &b.event)
+            && a.event().id() == b.event().id()
+            && a.event() != b.event()
+    };
     let found = if parts.len() <= 16 {
         parts
             .iter()
             .enumerate()
             .find_map(|(i, a)| parts[i + 1..].iter().find(|b| clash(a, b)).map(|_| a))
     } else {
-        let mut seen = std::collections::HashMap::with_capacity(parts.len());
+        let mut seen = crate::runtime::scheduler::FxMap::default();
+        seen.reserve(parts.len());
         parts.iter().find(|part| {
             let first = *seen.entry(part.event().id()).or_insert(*part);
             !std::ptr::eq(first, *part) && clash(first, part)
