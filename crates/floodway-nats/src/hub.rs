@@ -87,7 +87,7 @@ pub(crate) struct Inner {
     pub(crate) schedules: bool,
     /// The most a message may be, headers and payload: the server's `max_payload`, or the
     /// stream's own `max_msg_size` when lower (as it was at connect).
-    pub(crate) max_message: usize,
+    pub(crate) max_message: std::sync::atomic::AtomicUsize,
     pub(crate) servers: String,
     /// `{subject}.{partition}`, built once.
     pub(crate) partition_subjects: Vec<async_nats::Subject>,
@@ -182,7 +182,7 @@ impl NatsHub {
                 subject: options.subject.clone(),
                 partitions,
                 schedules,
-                max_message,
+                max_message: max_message.into(),
                 servers,
                 partition_subjects: (0..partitions)
                     .map(|p| format!("{}.{p}", options.subject).into())
@@ -268,6 +268,7 @@ impl NatsHub {
             let max = self
                 .inner
                 .max_message
+                .load(std::sync::atomic::Ordering::Relaxed)
                 .saturating_sub(HEADER_ROOM + event.id().len());
             let mut payload = event.to_bytes();
             if payload.len() > max {
@@ -305,7 +306,10 @@ impl NatsHub {
             let Some((i, ack)) = pending.pop_front() else {
                 break;
             };
-            let ack = ack.await.map_err(|e| refused(&events[i], e))?;
+            let ack = match ack.await {
+                Ok(ack) => ack,
+                Err(e) => return Err(self.refused(&events[i], e).await),
+            };
             if ack.duplicate {
                 receipt.duplicates += 1;
             } else {
@@ -846,24 +850,48 @@ async fn ensure_stream(
 /// Room left for a message's headers beside its id (`NATS/1.0`, `Nats-Msg-Id: `, line ends).
 const HEADER_ROOM: usize = 64;
 
-/// The error of a publish the server refused: an event over the stream's own message limit
-/// (lowered since the hub connected) is poison, as one over the limit known at connect is;
-/// anything else may pass.
-fn refused(event: &Event, error: jetstream::context::PublishError) -> NatsError {
-    let too_large = error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
-        || std::error::Error::source(&error)
-            .and_then(|s| s.downcast_ref::<jetstream::Error>())
-            .is_some_and(|e| {
-                e.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
-            });
-    if too_large {
-        return NatsError::TooLarge {
+impl NatsHub {
+    /// The error of a publish the server refused. An event over the stream's own message
+    /// limit, lowered since the hub read it: the limit is read again, and the event is poison
+    /// as one over the limit known before is; a fault event, which is trimmed to fit, is tried
+    /// again (transient), within the new limit. Anything else may pass.
+    async fn refused(&self, event: &Event, error: jetstream::context::PublishError) -> NatsError {
+        let too_large = error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
+            || std::error::Error::source(&error)
+                .and_then(|s| s.downcast_ref::<jetstream::Error>())
+                .is_some_and(|e| {
+                    e.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                });
+        if !too_large {
+            return NatsError::js("publish", error);
+        }
+        let limit = match self.stream_handle().await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => usize::try_from(info.config.max_message_size)
+                    .ok()
+                    .filter(|m| *m > 0),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        if let Some(limit) = limit {
+            self.inner.max_message.store(
+                limit.min(self.inner.client.server_info().max_payload),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        if event.is_fault() {
+            return NatsError::js(
+                "publish",
+                "a fault over the stream's message limit, lowered since: tried again within it",
+            );
+        }
+        NatsError::TooLarge {
             id: event.id().to_owned(),
             size: event.encoded_len(),
-            max: None,
-        };
+            max: limit,
+        }
     }
-    NatsError::js("publish", error)
 }
 
 /// Each key's events as a chain: for every event, the index of the next event of its partition

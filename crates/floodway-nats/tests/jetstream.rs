@@ -1160,27 +1160,30 @@ async fn events_over_the_streams_own_limit_are_poison() {
     let err = after.publish(&[long_id]).await.unwrap_err();
     assert_eq!(Error::from(err).class(), floodway::ErrorClass::Poison);
 
-    // A step making an event that large: faulted, and the fault stored, trimmed.
-    let processor = hub_processor(
-        &after,
-        "grow",
-        Pipeline::builder("grow")
-            .map(|mut uow| {
-                uow.event_mut()
-                    .fields_mut()
-                    .insert("data".into(), "x".repeat(100 * 1024).into());
-                Ok(uow)
-            })
-            .sink(after.publisher())
-            .unwrap(),
-    );
-    let small = Event::builder("blob", "k").id("small").build();
-    let record = floodway::Record::new("nats", "0", 1, small.to_json());
-    let report = processor.process_batch(vec![record], None).await;
-    assert!(report.fatal.is_none(), "{report:?}");
-    let faults = read_all(&after, Partitions::Faults).await;
-    assert_eq!(faults.len(), 1);
-    assert!(faults[0].encoded_len() < 64 * 1024);
+    // A step making an event that large: faulted, and the fault stored, trimmed, whether the
+    // hub read the limit at connect or learns it from the refusal of the fault itself.
+    for (i, hub) in [&after, &before].into_iter().enumerate() {
+        let processor = hub_processor(
+            hub,
+            "grow",
+            Pipeline::builder("grow")
+                .map(|mut uow| {
+                    uow.event_mut()
+                        .fields_mut()
+                        .insert("data".into(), "x".repeat(100 * 1024).into());
+                    Ok(uow)
+                })
+                .sink(hub.publisher())
+                .unwrap(),
+        );
+        let small = Event::builder("blob", "k").id(format!("small-{i}")).build();
+        let record = floodway::Record::new("nats", "0", i as u64 + 1, small.to_json());
+        let report = processor.process_batch(vec![record], None).await;
+        assert!(report.fatal.is_none(), "{report:?}");
+        let faults = read_all(hub, Partitions::Faults).await;
+        assert_eq!(faults.len(), i + 1);
+        assert!(faults.iter().all(|f| f.encoded_len() < 64 * 1024));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
