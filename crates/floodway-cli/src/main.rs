@@ -106,9 +106,23 @@ fn main() {
             std::process::exit(0);
         }
         // The chain of causes, without a backtrace: this is for people, not debuggers.
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", causes(&err));
         std::process::exit(1);
     }
+}
+
+/// An error and its causes, each once: a cause its error's message already quotes (most
+/// do, so that they read whole when logged) is not repeated.
+fn causes(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -137,4 +151,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Console(args) => console::run(args).await,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cause quoted by its error's message is said once; one that is not is added.
+    #[test]
+    fn causes_are_said_once() {
+        let inner = std::io::Error::other("hub.db has 4 partitions, not 8");
+        let quoted = anyhow::Error::new(inner).context("the hub: hub.db has 4 partitions, not 8");
+        assert_eq!(causes(&quoted), "the hub: hub.db has 4 partitions, not 8");
+        let plain = anyhow::Error::new(std::io::Error::other("disk full")).context("saving");
+        assert_eq!(causes(&plain), "saving: disk full");
+    }
 }
