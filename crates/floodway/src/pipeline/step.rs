@@ -220,11 +220,17 @@ fn ids_apart(parts: &[Uow]) -> Result<(), Error> {
             .enumerate()
             .find_map(|(i, a)| parts[i + 1..].iter().find(|b| clash(a, b)).map(|_| a))
     } else {
-        let mut seen = crate::runtime::scheduler::FxMap::default();
-        seen.reserve(parts.len());
-        parts.iter().find(|part| {
-            let first = *seen.entry(part.event().id()).or_insert(*part);
-            !std::ptr::eq(first, *part) && clash(first, part)
+        // Sorted by id, the parts of one id are side by side: each is checked against the
+        // first of its run.
+        let mut by_id: Vec<&Uow> = parts.iter().collect();
+        by_id.sort_unstable_by(|a, b| a.event().id().cmp(b.event().id()));
+        let mut first = by_id[0];
+        by_id[1..].iter().copied().find(|part| {
+            if part.event().id() != first.event().id() {
+                first = part;
+                return false;
+            }
+            clash(first, part)
         })
     };
     match found {
