@@ -631,6 +631,7 @@ fn steady(
     measure: Duration,
 ) -> SteadyRow {
     let (capacity, dist) = (plan.capacity, plan.dist);
+    eprintln!("{name}, {}...", limiter.name(plan.capacity));
     let run = run(rt, plan, limiter);
     let from = slots_in(warmup);
     let mut t = Totals::of(&run.slots, from..from + slots_in(measure));
@@ -742,6 +743,7 @@ fn queued(
     warmup: Duration,
     measure: Duration,
 ) -> QueueRow {
+    eprintln!("{name}, {}...", limiter.name(plan.capacity));
     let run = run(rt, plan, limiter);
     let from = slots_in(warmup);
     let mut t = Totals::of(&run.slots, from..from + slots_in(measure));
@@ -1000,6 +1002,41 @@ fn print_change(rows: &[ChangeRow], phase: Duration) {
 
 // ---------------------------------------------------------------------------------------------
 
+/// The steady scenarios wanted (`{prefix}c{capacity}-{distribution}`, capacities 4, 16 and
+/// 64), each with the adaptive limit and the fixed one, as they will run: a name, a plan of
+/// `length` (its seed the next of `seed`), a limiter. Says each as it comes.
+fn scenarios(
+    prefix: &str,
+    dists: &[Dist],
+    queueing: bool,
+    length: Duration,
+    seed: &mut u64,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Vec<(String, Plan, Limiter)> {
+    let mut out = Vec::new();
+    for capacity in [4usize, 16, 64] {
+        for &dist in dists {
+            let name = format!("{prefix}c{capacity}-{}", dist.name());
+            if !wanted(&name) {
+                continue;
+            }
+            for limiter in [Limiter::Adaptive, Limiter::Fixed] {
+                *seed += 1;
+                let plan = Plan {
+                    capacity,
+                    dist,
+                    changes: Vec::new(),
+                    length,
+                    seed: *seed,
+                    queueing,
+                };
+                out.push((name.clone(), plan, limiter));
+            }
+        }
+    }
+    out
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; ignore arguments.
     let measure: f64 = std::env::var("FLOODWAY_BENCH_SECONDS")
@@ -1026,51 +1063,24 @@ fn main() {
         Dist::LogNormal(1.0),
         Dist::Bimodal,
     ];
-    let mut steady_rows = Vec::new();
     let mut seed = 1u64;
-    for capacity in [4usize, 16, 64] {
-        for dist in dists {
-            let name = format!("c{capacity}-{}", dist.name());
-            if !wanted(&name) {
-                continue;
-            }
-            for limiter in [Limiter::Adaptive, Limiter::Fixed] {
-                eprintln!("{name}, {}...", limiter.name(capacity));
-                seed += 1;
-                let plan = Plan {
-                    capacity,
-                    dist,
-                    changes: Vec::new(),
-                    length: warmup + measure,
-                    seed,
-                    queueing: false,
-                };
-                steady_rows.push(steady(&rt, &name, &plan, limiter, warmup, measure));
-            }
-        }
-    }
-    let mut queue_rows = Vec::new();
-    for capacity in [4usize, 16, 64] {
-        for dist in [Dist::LogNormal(0.25), Dist::LogNormal(0.5)] {
-            let name = format!("queue-c{capacity}-{}", dist.name());
-            if !wanted(&name) {
-                continue;
-            }
-            for limiter in [Limiter::Adaptive, Limiter::Fixed] {
-                eprintln!("{name}, {}...", limiter.name(capacity));
-                seed += 1;
-                let plan = Plan {
-                    capacity,
-                    dist,
-                    changes: Vec::new(),
-                    length: warmup + measure,
-                    seed,
-                    queueing: true,
-                };
-                queue_rows.push(queued(&rt, &name, &plan, limiter, warmup, measure));
-            }
-        }
-    }
+    let steady_rows: Vec<SteadyRow> =
+        scenarios("", &dists, false, warmup + measure, &mut seed, &wanted)
+            .into_iter()
+            .map(|(name, plan, limiter)| steady(&rt, &name, &plan, limiter, warmup, measure))
+            .collect();
+    let queueing = [Dist::LogNormal(0.25), Dist::LogNormal(0.5)];
+    let queue_rows: Vec<QueueRow> = scenarios(
+        "queue-",
+        &queueing,
+        true,
+        warmup + measure,
+        &mut seed,
+        &wanted,
+    )
+    .into_iter()
+    .map(|(name, plan, limiter)| queued(&rt, &name, &plan, limiter, warmup, measure))
+    .collect();
     let mut change_rows = Vec::new();
     if wanted("change-c16-lognormal0.5") {
         for limiter in [Limiter::Adaptive, Limiter::Fixed] {

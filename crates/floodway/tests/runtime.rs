@@ -532,82 +532,12 @@ impl Source for PacedSource {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn one_slow_key_delays_only_its_own_events() {
-    // 200 events a second for 10 s; every fourth is of the hot key, whose calls take 100 ms,
-    // so its backlog grows by 40 events a second, far past the 100 records in flight. The
-    // cold keys' calls take 1 ms.
-    let start = Instant::now();
-    let arrivals: Vec<Instant> = (0..2_000u64)
-        .map(|i| start + Duration::from_millis(i * 5))
-        .collect();
-    let input: Vec<Event> = (0..2_000u32)
-        .map(|i| {
-            let key = if i % 4 == 0 {
-                "hot".to_owned()
-            } else {
-                format!("cold-{}", i % 50)
-            };
-            Event::builder("thing-happened", key)
-                .id(format!("e-{i}"))
-                .timestamp(i64::from(i))
-                .build()
-        })
-        .collect();
-    let source = PacedSource {
-        records: arrivals
-            .iter()
-            .zip(records(&input))
-            .map(|(at, r)| (*at, r))
-            .collect(),
-    };
-    let latencies = Arc::new(Mutex::new(Vec::new()));
-    let sink = {
-        let latencies = latencies.clone();
-        sink_fn(move |batch: Batch| {
-            let latencies = latencies.clone();
-            async move {
-                let event = batch.events().next().unwrap().clone();
-                let hot = event.partition_key() == "hot";
-                let pause = if hot { 100 } else { 1 };
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-                if !hot {
-                    let arrived = start + Duration::from_millis(event.timestamp() as u64 * 5);
-                    latencies.lock().unwrap().push(arrived.elapsed());
-                }
-                Ok::<_, Error>(())
-            }
-        })
-    };
-    let kit = TestKit::new();
-    let processor = build(
-        kit.processor("p")
-            .max_in_flight(100)
-            .max_buffered(4_000)
-            .pull_batch(10),
-        Pipeline::builder("calls")
-            .parallelism(16)
-            .sink(sink)
-            .unwrap(),
-    );
-    let report = run_source(&kit, &processor, source).await.unwrap();
-    assert_eq!(report.done, 2_000);
-    let mut cold = latencies.lock().unwrap().clone();
-    assert_eq!(cold.len(), 1_500);
-    cold.sort();
-    let p99 = cold[cold.len() * 99 / 100];
-    assert!(
-        p99 < Duration::from_millis(50),
-        "cold keys waited for the hot one: p99 {p99:?}, max {:?}",
-        cold.last().unwrap()
-    );
-}
-
-/// The same with the slow calls before a batch: a batch holding a hot event waits for the
-/// hot key's call under way, not for its whole backlog of calls (submitted before the batch
-/// only because the batch waited to fill), and neither do the cold events batched with it.
-#[tokio::test(start_paused = true)]
-async fn one_slow_key_before_a_batch_delays_it_by_one_call_not_its_backlog() {
+/// 200 events a second for 10 s; every fourth is of the hot key, whose calls take 100 ms, so
+/// its backlog grows by 40 events a second, far past the 100 records in flight; the cold keys'
+/// calls take 1 ms. The calls are the sink's, or (`batched`) an async step's before a batch of
+/// 8 (or 10 ms). Answers the cold events' p99 latency from their arrival to the sink, and the
+/// longest.
+async fn hot_and_cold(batched: bool) -> (Duration, Duration) {
     let start = Instant::now();
     let input: Vec<Event> = (0..2_000u32)
         .map(|i| {
@@ -628,12 +558,19 @@ async fn one_slow_key_before_a_batch_delays_it_by_one_call_not_its_backlog() {
             .zip(records(&input))
             .collect(),
     };
+    async fn call(event: &Event) {
+        let hot = event.partition_key() == "hot";
+        tokio::time::sleep(Duration::from_millis(if hot { 100 } else { 1 })).await;
+    }
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let sink = {
         let latencies = latencies.clone();
         sink_fn(move |batch: Batch| {
             let latencies = latencies.clone();
             async move {
+                if !batched {
+                    call(batch.events().next().unwrap()).await;
+                }
                 for event in batch.events().filter(|e| e.partition_key() != "hot") {
                     let arrived = start + Duration::from_millis(event.timestamp() as u64 * 5);
                     latencies.lock().unwrap().push(arrived.elapsed());
@@ -642,34 +579,51 @@ async fn one_slow_key_before_a_batch_delays_it_by_one_call_not_its_backlog() {
             }
         })
     };
+    let pipeline = Pipeline::builder("calls").parallelism(16);
+    let pipeline = match batched {
+        false => pipeline,
+        true => pipeline
+            .then(|uow| async move {
+                call(uow.event()).await;
+                Ok(uow)
+            })
+            .batch(floodway::BatchConfig::count(8).max_wait(Duration::from_millis(10))),
+    };
     let kit = TestKit::new();
     let processor = build(
         kit.processor("p")
             .max_in_flight(100)
             .max_buffered(4_000)
             .pull_batch(10),
-        Pipeline::builder("calls")
-            .parallelism(16)
-            .then(|uow| async move {
-                let hot = uow.event().partition_key() == "hot";
-                tokio::time::sleep(Duration::from_millis(if hot { 100 } else { 1 })).await;
-                Ok(uow)
-            })
-            .batch(floodway::BatchConfig::count(8).max_wait(Duration::from_millis(10)))
-            .sink(sink)
-            .unwrap(),
+        pipeline.sink(sink).unwrap(),
     );
     let report = run_source(&kit, &processor, source).await.unwrap();
     assert_eq!(report.done, 2_000);
     let mut cold = latencies.lock().unwrap().clone();
     assert_eq!(cold.len(), 1_500);
     cold.sort();
-    let p99 = cold[cold.len() * 99 / 100];
+    (cold[cold.len() * 99 / 100], *cold.last().unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_slow_key_delays_only_its_own_events() {
+    let (p99, max) = hot_and_cold(false).await;
+    assert!(
+        p99 < Duration::from_millis(50),
+        "cold keys waited for the hot one: p99 {p99:?}, max {max:?}"
+    );
+}
+
+/// The same with the slow calls before a batch: a batch holding a hot event waits for the
+/// hot key's call under way, not for its whole backlog of calls (submitted before the batch
+/// only because the batch waited to fill), and neither do the cold events batched with it.
+#[tokio::test(start_paused = true)]
+async fn one_slow_key_before_a_batch_delays_it_by_one_call_not_its_backlog() {
+    let (p99, max) = hot_and_cold(true).await;
     // One hot call (100 ms) and the batch's wait, not seconds of backlog.
     assert!(
         p99 < Duration::from_millis(250),
-        "cold keys waited for the hot one's backlog: p99 {p99:?}, max {:?}",
-        cold.last().unwrap()
+        "cold keys waited for the hot one's backlog: p99 {p99:?}, max {max:?}"
     );
 }
 

@@ -130,35 +130,7 @@ impl<T> Scheduler<T> {
 
     /// Submits an item; `keys` must not repeat a key.
     pub(crate) fn submit(&mut self, keys: Keys, item: T) {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut blockers = 0;
-        for key in keys.as_slice() {
-            match self.keys.entry(*key) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(KeyQueue {
-                        head: id,
-                        rest: VecDeque::new(),
-                    });
-                }
-                std::collections::hash_map::Entry::Occupied(mut o) => {
-                    o.get_mut().rest.push_back(id);
-                    blockers += 1;
-                }
-            }
-        }
-        if blockers == 0 {
-            self.ready.push_back((id, keys, item));
-        } else {
-            self.waiting.insert(
-                id,
-                Waiting {
-                    item,
-                    keys,
-                    blockers,
-                },
-            );
-        }
+        self.enqueue(keys, item, None::<fn(&T) -> bool>);
     }
 
     /// Submits an item ahead of the items waiting at the end of each of its key queues that
@@ -167,6 +139,12 @@ impl<T> Scheduler<T> {
     /// before it only because the batch waited to fill. Items `behind` picks must hold one
     /// key each: then no two items wait for each other in different orders in two queues.
     pub(crate) fn submit_ahead(&mut self, keys: Keys, item: T, behind: impl Fn(&T) -> bool) {
+        self.enqueue(keys, item, Some(behind));
+    }
+
+    /// Queues an item for each of its keys: last, or ahead of the waiting items at the end
+    /// that `behind` picks.
+    fn enqueue(&mut self, keys: Keys, item: T, behind: Option<impl Fn(&T) -> bool>) {
         let id = self.next_id;
         self.next_id += 1;
         let mut blockers = 0;
@@ -181,13 +159,15 @@ impl<T> Scheduler<T> {
                 std::collections::hash_map::Entry::Occupied(mut o) => {
                     let rest = &mut o.get_mut().rest;
                     let mut at = rest.len();
-                    while at > 0
-                        && self
-                            .waiting
-                            .get(&rest[at - 1])
-                            .is_some_and(|w| behind(&w.item))
-                    {
-                        at -= 1;
+                    if let Some(behind) = &behind {
+                        while at > 0
+                            && self
+                                .waiting
+                                .get(&rest[at - 1])
+                                .is_some_and(|w| behind(&w.item))
+                        {
+                            at -= 1;
+                        }
                     }
                     rest.insert(at, id);
                     blockers += 1;
