@@ -630,27 +630,43 @@ fn steady(
     warmup: Duration,
     measure: Duration,
 ) -> SteadyRow {
-    let (capacity, dist) = (plan.capacity, plan.dist);
+    let (mut t, faults) = measured(rt, name, plan, limiter, warmup, measure);
+    SteadyRow {
+        scenario: name.into(),
+        limiter: limiter.name(plan.capacity),
+        goodput: t.ok as f64 / measure.as_secs_f64(),
+        capacity_throughput: plan.capacity as f64 / t.mean_service(),
+        throttled: t.throttled_share(),
+        client: p50_p99(&mut t.client),
+        service: p50_p99(&mut t.service),
+        mean_limit: t.mean_limit(),
+        faults,
+        goal: plan.dist.goal(),
+    }
+}
+
+/// Runs `plan` with `limiter`, saying so, and takes its measured window together: the totals
+/// and the faults of the run.
+fn measured(
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    plan: &Plan,
+    limiter: Limiter,
+    warmup: Duration,
+    measure: Duration,
+) -> (Totals, u64) {
     eprintln!("{name}, {}...", limiter.name(plan.capacity));
     let run = run(rt, plan, limiter);
     let from = slots_in(warmup);
-    let mut t = Totals::of(&run.slots, from..from + slots_in(measure));
-    let secs = measure.as_secs_f64();
-    SteadyRow {
-        scenario: name.into(),
-        limiter: limiter.name(capacity),
-        goodput: t.ok as f64 / secs,
-        capacity_throughput: capacity as f64 / t.mean_service(),
-        throttled: t.throttled_share(),
-        client: (quantile(&mut t.client, 0.5), quantile(&mut t.client, 0.99)),
-        service: (
-            quantile(&mut t.service, 0.5),
-            quantile(&mut t.service, 0.99),
-        ),
-        mean_limit: t.mean_limit(),
-        faults: run.faults,
-        goal: dist.goal(),
-    }
+    (
+        Totals::of(&run.slots, from..from + slots_in(measure)),
+        run.faults,
+    )
+}
+
+/// The median and the 99th percentile of `values`, sorting them.
+fn p50_p99(values: &mut [f64]) -> (f64, f64) {
+    (quantile(values, 0.5), quantile(values, 0.99))
 }
 
 fn print_steady(rows: &[SteadyRow], warmup: Duration, measure: Duration) {
@@ -743,23 +759,17 @@ fn queued(
     warmup: Duration,
     measure: Duration,
 ) -> QueueRow {
-    eprintln!("{name}, {}...", limiter.name(plan.capacity));
-    let run = run(rt, plan, limiter);
-    let from = slots_in(warmup);
-    let mut t = Totals::of(&run.slots, from..from + slots_in(measure));
+    let (mut t, faults) = measured(rt, name, plan, limiter, warmup, measure);
     QueueRow {
         scenario: name.into(),
         limiter: limiter.name(plan.capacity),
         goodput: t.ok as f64 / measure.as_secs_f64(),
         capacity_throughput: plan.capacity as f64 / t.mean_service(),
-        queued: (quantile(&mut t.queued, 0.5), quantile(&mut t.queued, 0.99)),
-        client: (quantile(&mut t.client, 0.5), quantile(&mut t.client, 0.99)),
-        service: (
-            quantile(&mut t.service, 0.5),
-            quantile(&mut t.service, 0.99),
-        ),
+        queued: p50_p99(&mut t.queued),
+        client: p50_p99(&mut t.client),
+        service: p50_p99(&mut t.service),
         mean_limit: t.mean_limit(),
-        faults: run.faults,
+        faults,
     }
 }
 

@@ -1305,9 +1305,9 @@ async fn a_publish_lost_on_the_way_is_retried_without_breaking_its_keys_order() 
     assert_eq!(stored.len(), 8, "each stored once");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_instance_keeps_per_key_order_for_what_its_predecessor_left_unfinished() {
-    let (_server, hub) = hub_on_new_server().await;
+/// Subscription `steps` with a minute's ack wait, left with e2 and e3 of key `k` unfinished
+/// by an instance whose sink hung on e2; a newer e4 of the key then published. Its options.
+async fn steps_left_unfinished(hub: &NatsHub) -> SubscriptionOptions {
     let step = |i: u32| {
         Event::builder("step", "k")
             .id(format!("k-e{i}"))
@@ -1319,25 +1319,36 @@ async fn a_restarted_instance_keeps_per_key_order_for_what_its_predecessor_left_
         ack_wait: Duration::from_secs(60),
         ..Default::default()
     };
-    // The first instance's sink hangs on e2: at its stop, e2 and e3 are unfinished.
-    let (processor, blocked) = hanging_processor(&hub, "steps", |batch| {
+    let (processor, blocked) = hanging_processor(hub, "steps", |batch| {
         batch.events().any(|e| e.id() == "k-e2")
     });
     let sub = hub.subscribe("steps", opts.clone()).await.unwrap();
     run_until(&processor, sub, move || blocked.load(Ordering::SeqCst) > 0).await;
-
-    // A newer event of the key arrives, and a new instance starts at once.
     hub.publish(&[step(4)]).await.unwrap();
+    opts
+}
+
+/// What a new instance of `steps` delivers until e4.
+async fn steps_read_to_e4(hub: &NatsHub, opts: SubscriptionOptions) -> Vec<String> {
     let sink = MemorySink::new();
-    let processor = hub_processor(&hub, "steps", into(sink.clone()));
+    let processor = hub_processor(hub, "steps", into(sink.clone()));
     let sub = hub.subscribe("steps", opts).await.unwrap();
     let delivered = sink.clone();
     run_until(&processor, sub, move || {
         delivered.events().iter().any(|e| e.id() == "k-e4")
     })
     .await;
+    ids(&sink.events())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_instance_keeps_per_key_order_for_what_its_predecessor_left_unfinished() {
+    let (_server, hub) = hub_on_new_server().await;
+    // The first instance's sink hangs on e2: at its stop, e2 and e3 are unfinished; a newer
+    // event of the key arrives, and a new instance starts at once.
+    let opts = steps_left_unfinished(&hub).await;
     assert_eq!(
-        ids(&sink.events()),
+        steps_read_to_e4(&hub, opts).await,
         ["k-e2", "k-e3", "k-e4"],
         "the key's order"
     );
@@ -1350,19 +1361,7 @@ async fn a_restarted_instance_keeps_per_key_order_for_what_its_predecessor_left_
 async fn a_subscription_dropped_while_starting_a_consumer_over_loses_no_place() {
     use futures_util::StreamExt;
     let (_server, hub) = hub_on_new_server().await;
-    let step = |i: u32| Event::builder("step", "k").id(format!("k-e{i}")).build();
-    hub.publish(&[step(1), step(2), step(3)]).await.unwrap();
-    let opts = SubscriptionOptions {
-        ack_wait: Duration::from_secs(60),
-        ..Default::default()
-    };
-    let (processor, blocked) = hanging_processor(&hub, "steps", |batch| {
-        batch.events().any(|e| e.id() == "k-e2")
-    });
-    let sub = hub.subscribe("steps", opts.clone()).await.unwrap();
-    run_until(&processor, sub, move || blocked.load(Ordering::SeqCst) > 0).await;
-    hub.publish(&[step(4)]).await.unwrap();
-
+    let opts = steps_left_unfinished(&hub).await;
     // The next start deletes the consumer to make it again at e2; it is dropped the moment
     // the delete goes out.
     let mut deletes = hub
@@ -1376,16 +1375,7 @@ async fn a_subscription_dropped_while_starting_a_consumer_over_loses_no_place() 
         _ = deletes.next() => {}
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-
-    let sink = MemorySink::new();
-    let processor = hub_processor(&hub, "steps", into(sink.clone()));
-    let sub = hub.subscribe("steps", opts).await.unwrap();
-    let delivered = sink.clone();
-    run_until(&processor, sub, move || {
-        delivered.events().iter().any(|e| e.id() == "k-e4")
-    })
-    .await;
-    assert_eq!(ids(&sink.events()), ["k-e2", "k-e3", "k-e4"]);
+    assert_eq!(steps_read_to_e4(&hub, opts).await, ["k-e2", "k-e3", "k-e4"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -154,11 +154,10 @@ impl Processor {
     /// # Errors
     /// The reason, for the resubmitter.
     pub fn only_taking(&self, name: &str, record: &Record) -> Result<Processor, &'static str> {
-        let only = self
-            .only(name)
-            .ok_or("the pipeline is no longer configured")?;
+        let gone = "the pipeline is no longer configured";
         let pipeline = self.inner.pipelines.iter().find(|p| p.name() == name);
-        if pipeline.is_some_and(|p| !p.is_enabled()) {
+        let pipeline = pipeline.ok_or(gone)?;
+        if !pipeline.is_enabled() {
             return Err("the pipeline is disabled");
         }
         let max = match record.assembled {
@@ -166,11 +165,11 @@ impl Processor {
             false => self.inner.config.max_event_size,
         };
         let taken = Event::decode_bytes(record.data.clone(), max)
-            .is_ok_and(|event| pipeline.is_some_and(|p| p.accepts(&event)));
+            .is_ok_and(|event| pipeline.accepts(&event));
         if !taken {
             return Err("the pipeline no longer takes this event's type");
         }
-        Ok(only)
+        self.only(name).ok_or(gone)
     }
 
     /// The settings.
