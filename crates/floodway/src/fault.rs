@@ -117,11 +117,62 @@ fn scrub<'m>(message: &'m str, event: &Event, paths: &[String]) -> std::borrow::
     out
 }
 
-/// `message` with every one of `texts` (but empty ones) replaced by the placeholder: the
-/// longest first, so that a secret containing another (`ann@x.com` and `ann`) goes whole.
+/// Appends `value` with everything but unreserved characters (RFC 3986) percent-encoded: as
+/// the HTTP sink writes a field into a URL, and as a server echoing the URL shows it.
+pub fn percent_encode(value: &str, out: &mut String) {
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+}
+
+/// The forms a text can be echoed in by a service it was sent to: as it is, percent-encoded
+/// (a URL's path, echoed by a 404 page), and as JSON strings write it: with `\u` escapes for
+/// what is not ASCII (Python's and Django's answers), and with `/` as `\/` (PHP's).
+pub fn echoed_forms(text: &str) -> Vec<String> {
+    let mut forms = vec![text.to_string()];
+    let mut encoded = String::new();
+    percent_encode(text, &mut encoded);
+    let json = Value::from(text).to_string();
+    let json = &json[1..json.len() - 1];
+    let mut ascii = String::new();
+    for c in json.chars() {
+        match c.is_ascii() {
+            true => ascii.push(c),
+            false => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    ascii.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+    }
+    let slashed = [json.replace('/', "\\/"), ascii.replace('/', "\\/")];
+    for form in [encoded, json.to_string(), ascii]
+        .into_iter()
+        .chain(slashed)
+    {
+        if !forms.contains(&form) {
+            forms.push(form);
+        }
+    }
+    forms
+}
+
+/// `message` with every one of `texts` (but empty ones) replaced by the placeholder, in every
+/// form a service may echo it in ([`echoed_forms`]): the longest first, so that a secret
+/// containing another (`ann@x.com` and `ann`) goes whole.
 pub(crate) fn scrub_texts<'m>(message: &'m str, texts: &[String]) -> std::borrow::Cow<'m, str> {
     let mut out = std::borrow::Cow::Borrowed(message);
-    let mut texts: Vec<&String> = texts.iter().filter(|t| !t.is_empty()).collect();
+    let forms: Vec<String> = texts
+        .iter()
+        .filter(|t| !t.is_empty())
+        .flat_map(|t| echoed_forms(t))
+        .collect();
+    let mut texts: Vec<&String> = forms.iter().collect();
     texts.sort_by_key(|t| std::cmp::Reverse(t.len()));
     for text in texts {
         if out.contains(text.as_str()) {
@@ -805,6 +856,28 @@ mod tests {
         let err = details.uow.record.bytes().unwrap_err();
         assert_eq!(err.name(), "RecordRedacted");
         assert_eq!(details.uow.event.unwrap()["customer"]["name"], "Ann");
+    }
+
+    #[test]
+    fn a_redacted_value_echoed_encoded_by_a_service_appears_nowhere_either() {
+        // A 404 page echoing the path the HTTP sink made, and a JSON answer with its own escapes.
+        let data = r#"{"id":"e1","type":"t","timestamp":1,"partitionKey":"k","customer":{"email":"ann@x.com","name":"Zoë/Ann"}}"#;
+        let record = Record::new("memory", "0", 7, data.to_owned());
+        let event = Event::decode(data.as_bytes()).unwrap();
+        let err = Error::poison_msg(
+            "HttpStatus",
+            r#"404 Not Found: Cannot POST /customers/ann%40x.com {"name":"Zo\u00eb\/Ann","n":"Zoë/Ann","p":"Zo%C3%AB%2FAnn"}"#,
+        );
+        let redacted = ["customer.email".to_owned(), "customer.name".to_owned()];
+        let fault = fault_event(ORIGIN, &record, 0, Some(&event), &err, &redacted);
+        let details: FaultDetails = fault.payload().unwrap();
+        assert_eq!(
+            details.err.message,
+            r#"404 Not Found: Cannot POST /customers/[REDACTED] {"name":"[REDACTED]","n":"[REDACTED]","p":"[REDACTED]"}"#
+        );
+        let mut encoded = String::new();
+        percent_encode("a b/ë~", &mut encoded);
+        assert_eq!(encoded, "a%20b%2F%C3%AB~");
     }
 
     #[test]
