@@ -11,15 +11,18 @@
 //! | 429, 503 | throttled: retried, and adaptive concurrency backs off (`Retry-After` in seconds or as an HTTP date is honoured) |
 //! | 504 | transient, a timeout: retried, and adaptive concurrency backs off (the service behind a gateway did not answer in time) |
 //! | 408, 423, 425, other 5xx | transient: retried; the breaker tells an outage from a bad request (with `Retry-After`, adaptive concurrency backs off too) |
+//! | 401, 403 | transient: an expired or revoked credential refuses every call, and the breaker holds the stream as in an outage until it is renewed; a credential taken from one event, refused while other calls succeed, is faulted |
 //! | other 4xx | poison: the event is faulted |
-//! | 3xx | fatal: the URL is wrong (the processor stops and says so) |
-//! | connection refused, reset, timed out, a TLS handshake cut short | transient |
+//! | 3xx, 501, 505 | fatal for a URL written out whole: it is wrong, or the service does not take the method (the processor stops and says so); transient for a URL filled from the event, so that the breaker faults the one event whose URL is moved while other calls succeed |
+//! | connection refused, reset, timed out, a TLS handshake cut short | transient (a connection timed out also counts as overload for adaptive concurrency, as a call timed out does) |
 //! | a certificate the client does not trust, or the server refuses the client's | fatal: the certificates need fixing |
 //! | a field the URL, a header or the body needs is missing | poison |
 //!
 //! Of an answer's body, 1 MiB at most is read: a longer one is cut and judged by its status
 //! as any other (a 2xx is a success), except that a 2xx too long to publish as a response
-//! event is poison; a body cut short by the connection is transient.
+//! event is poison; a body cut short by the connection is transient when the answer is not a
+//! success or its body is to become a response event (a 2xx whose unused body is cut short was
+//! taken by the service: it is not sent again).
 //!
 //! [`HttpSinkConfig::treat_as`] overrides the class of chosen statuses (a `409 Conflict` that
 //! means "already done" is a success; a `404` that means "no such order" is poison).
@@ -28,17 +31,26 @@
 //! templates over the event: `https://api.example.com/orders/{/order/id}` puts the value at
 //! that JSON pointer in place (percent-encoded in the URL). The body is the whole event (the
 //! default for POST, PUT and PATCH), the value at a JSON pointer, or nothing (the default for
-//! GET and DELETE). Every request carries `Idempotency-Key: <event id>`, so a target that
-//! honours it applies a redelivered event once.
+//! GET and DELETE). Every request carries an `Idempotency-Key`, so a target that honours it
+//! applies a redelivered event once: a stable id of the event's id, the method and the URL
+//! template, the same for every delivery of the event to this endpoint and different for
+//! another endpoint (an API that keeps keys per account, not per endpoint, refuses a key sent
+//! again with other parameters). A header configured with one of the sink's own names
+//! (`Idempotency-Key`, `Content-Type`) replaces the sink's.
 //!
 //! **Secrets.** A header can come from the environment or a file
 //! ([`HttpSinkConfig::secret_header`]). Its value is marked sensitive, and is scrubbed from
-//! every error message the sink makes (a server echoing the token in a 400 does not put it
-//! into a fault event, a log line or a metric).
+//! every error message the sink makes and every response event (a server echoing the token in
+//! a 400 does not put it into a fault event, a log line or a metric): the whole value and
+//! the credentials after a scheme (`Bearer`, `Basic`), as they are, percent-encoded or as a
+//! JSON string writes them.
+//! Error messages name the URL template, never the URL made from an event (whose fields may be
+//! redacted).
 //!
 //! **Connections.** `http://` and `https://` (rustls with ring's cryptography, no OpenSSL):
 //! the system's root certificates unless [`HttpSinkConfig::ca_file`] names others, a client
-//! certificate for mTLS with [`HttpSinkConfig::client_identity`], HTTP/2 when the server
+//! certificate for mTLS with [`HttpSinkConfig::client_identity`] (both refused for an
+//! `http://` URL, which would send in the clear what they were meant to protect), HTTP/2 when the server
 //! offers it (ALPN), HTTP/1.1 otherwise. Connections are pooled and reused; at most
 //! [`HttpSinkConfig::max_idle_connections`] idle ones are kept per host, and the concurrency
 //! limit bounds the busy ones.
@@ -64,6 +76,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use floodway::event::stable_id;
 use floodway::sink::deliver_in_order;
 use floodway::{Batch, Delivery, Error, Event};
 use http::{header, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
@@ -379,7 +392,7 @@ impl HttpSinkConfig {
         let mut header = HeaderValue::try_from(value.as_str())
             .map_err(|_| invalid(format!("{secret:?} is not a valid header value")))?;
         header.set_sensitive(true);
-        self.secrets.push(value);
+        self.secrets.extend(secret_forms(&value));
         self.headers.push((n, HeaderSource::Fixed(header)));
         Ok(self)
     }
@@ -438,6 +451,7 @@ impl HttpSinkConfig {
     /// # Errors
     /// When the file cannot be read or holds no certificate.
     pub fn ca_file(mut self, path: impl AsRef<Path>) -> Result<Self, HttpConfigError> {
+        self.needs_https("ca_file")?;
         self.tls.set_ca_file(path.as_ref())?;
         Ok(self)
     }
@@ -452,8 +466,26 @@ impl HttpSinkConfig {
         cert: impl AsRef<Path>,
         key: impl AsRef<Path>,
     ) -> Result<Self, HttpConfigError> {
+        self.needs_https("client_identity")?;
         self.tls.set_identity(cert.as_ref(), key.as_ref())?;
         Ok(self)
+    }
+
+    /// Refuses a TLS setting for an `http://` URL: it would be ignored, and what it was meant
+    /// to protect (a token, the client's identity) sent in the clear.
+    fn needs_https(&self, setting: &str) -> Result<(), HttpConfigError> {
+        match self.https {
+            true => Ok(()),
+            false => Err(HttpConfigError::Tls(format!(
+                "{setting} is set for {}, which is not https://",
+                self.url_text
+            ))),
+        }
+    }
+
+    /// Whether a header of this name is configured (it then replaces the sink's own).
+    fn configures(&self, name: &HeaderName) -> bool {
+        self.headers.iter().any(|(n, _)| n == name)
     }
 
     /// Idle connections kept per host for reuse (default 32).
@@ -504,6 +536,30 @@ impl HttpSinkConfig {
             }
         })
     }
+}
+
+/// The texts a secret header value can be echoed as: whole, and the credentials after a
+/// scheme (`Bearer abc` echoed as `abc`), each in every form a service may echo it in
+/// ([`floodway::fault::echoed_forms`]: percent-encoded, JSON-escaped).
+fn secret_forms(value: &str) -> Vec<String> {
+    let mut texts = vec![value];
+    if let Some((scheme, credentials)) = value.trim().split_once(' ') {
+        let credentials = credentials.trim();
+        if scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !credentials.is_empty()
+        {
+            texts.push(credentials);
+        }
+    }
+    let mut forms: Vec<String> = Vec::new();
+    for form in texts.into_iter().flat_map(floodway::fault::echoed_forms) {
+        if !forms.contains(&form) {
+            forms.push(form);
+        }
+    }
+    forms
 }
 
 /// Where response events go: any service that publishes an event.
@@ -561,8 +617,17 @@ impl HttpSink {
     fn request(&self, event: &Event) -> Result<Request<Full<Bytes>>, Error> {
         let config = &self.config;
         let url = config.url.render(event, Escape::Url)?;
+        // The message names the template: the URL made from the event may hold redacted
+        // values, percent-encoded where scrubbing would not find them.
         let uri: Uri = url.parse().map_err(|e: http::uri::InvalidUri| {
-            Error::poison_msg("InvalidUrl", format!("{url}: {e}"))
+            Error::poison_msg(
+                "InvalidUrl",
+                format!(
+                    "{} made from event {} is not a valid URL: {e}",
+                    config.url_text,
+                    event.id()
+                ),
+            )
         })?;
         let body = match &self.body {
             Body::Event => event.to_bytes(),
@@ -577,18 +642,14 @@ impl HttpSink {
             }
             Body::Empty => Bytes::new(),
         };
-        // An id that cannot be a header value (a control character) is this event's problem.
-        let key = HeaderValue::from_str(event.id()).map_err(|_| {
-            Error::poison_msg(
-                "InvalidIdempotencyKey",
-                format!("event id {:?} cannot be sent as a header", event.id()),
-            )
-        })?;
-        let mut request = Request::builder()
-            .method(config.method.clone())
-            .uri(uri)
-            .header("idempotency-key", key);
-        if !body.is_empty() {
+        let mut request = Request::builder().method(config.method.clone()).uri(uri);
+        // The sink's own headers, unless configured: then the configured value replaces them.
+        if !config.configures(&IDEMPOTENCY_KEY) {
+            let key = stable_id(&[config.method.as_str(), &config.url_text, event.id()]);
+            let key = HeaderValue::try_from(key).expect("a stable id is hex");
+            request = request.header(IDEMPOTENCY_KEY, key);
+        }
+        if !body.is_empty() && !config.configures(&header::CONTENT_TYPE) {
             request = request.header(header::CONTENT_TYPE, "application/json");
         }
         for (name, source) in &config.headers {
@@ -613,10 +674,14 @@ impl HttpSink {
 
     async fn send(&self, event: &Event) -> Result<(), Error> {
         let request = self.request(event)?;
-        let uri = request.uri().clone();
         let response = self.client.request(request).await.map_err(|e| {
-            let message = self.config.scrub(format!("{uri}: {}", error_chain(&e)));
-            tls::classify_connect(&e, message)
+            let message = format!(
+                "{} {}: {}",
+                self.config.method,
+                self.config.url_text,
+                error_chain(&e)
+            );
+            tls::classify_connect(&e, self.config.scrub(message))
         })?;
         let status = response.status();
         let retry_after = response
@@ -625,13 +690,19 @@ impl HttpSink {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry_after(v, std::time::SystemTime::now()));
         let headers = self.chosen_headers(response.headers());
+        let outcome = self.config.outcome(status);
+        let success =
+            outcome == Some(Outcome::Success) || (outcome.is_none() && status.is_success());
         // At most 1 MiB of answer is kept: a target must not exhaust the processor's memory.
         // A longer one is cut, not an error: the status says what happened.
-        let (body, whole) = read_at_most(response.into_body(), MAX_RESPONSE_BODY)
-            .await
-            .map_err(|e| Error::transient_msg("ResponseBody", e))?;
-        let outcome = self.config.outcome(status);
-        if outcome == Some(Outcome::Success) || (outcome.is_none() && status.is_success()) {
+        let (body, whole) = match read_at_most(response.into_body(), MAX_RESPONSE_BODY).await {
+            Ok(read) => read,
+            // Taken by the service, and its answer not needed: sending it again would do it
+            // twice wherever the service does not keep idempotency keys.
+            Err(_) if success && self.config.response_type.is_none() => return Ok(()),
+            Err(e) => return Err(Error::transient_msg("ResponseBody", e)),
+        };
+        if success {
             if !whole && self.config.response_type.is_some() {
                 // Taken by the target, and too long to be published as a response event:
                 // sending it again would not change that.
@@ -652,7 +723,7 @@ impl HttpSink {
         };
         Err(match outcome {
             Some(outcome) => treated(outcome, status, retry_after, &body),
-            None => classify(status, retry_after, &body),
+            None => classify(status, retry_after, &body, !self.config.url.is_constant()),
         })
     }
 
@@ -715,6 +786,9 @@ impl HttpSink {
     }
 }
 
+/// The header that lets a service apply a request sent again once.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
 /// The most of an answer's body that is read.
 const MAX_RESPONSE_BODY: usize = 1024 * 1024;
 
@@ -761,8 +835,15 @@ pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> 
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// What a non-2xx answer means.
-pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Error {
+/// What a non-2xx answer means; `url_from_event` says whether the URL was filled from the
+/// event (then an answer saying the URL is wrong is about this event's URL, not the
+/// configuration).
+pub fn classify(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+    url_from_event: bool,
+) -> Error {
     let snippet: String = String::from_utf8_lossy(body).chars().take(200).collect();
     let message = format!("{status}: {snippet}");
     let err = match status.as_u16() {
@@ -770,10 +851,24 @@ pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
         // The service behind a gateway did not answer in time: a sign of overload, as a
         // timeout of the call itself is.
         504 => Error::transient_msg("HttpStatus", message).with_timeout(),
+        // A redirect, a method or HTTP version the service does not implement: for a URL made
+        // from the event, this event's resource may have moved (the breaker faults it while
+        // other calls succeed); for a URL written out whole, the configuration is wrong.
+        300..=399 | 501 | 505 if url_from_event => Error::transient_msg(
+            "HttpStatus",
+            format!("{message} (for the URL made from this event)"),
+        ),
+        300..=399 => Error::fatal_msg("HttpStatus", format!("{message} (redirected: fix the URL)")),
+        501 | 505 => Error::fatal_msg(
+            "HttpStatus",
+            format!("{message} (the service does not take this request: fix the method)"),
+        ),
         // Timed out, locked, too early: the same request may succeed later.
         408 | 423 | 425 | 500..=599 => Error::transient_msg("HttpStatus", message),
-        // A redirect for an API call means the URL is wrong: a configuration error.
-        300..=399 => Error::fatal_msg("HttpStatus", format!("{message} (redirected: fix the URL)")),
+        // Credentials refused: an expired or revoked one refuses every call, which the breaker
+        // holds as an outage until it is renewed (not every event faulted); one taken from
+        // this event, refused while other calls succeed, is faulted.
+        401 | 403 => Error::transient_msg("HttpStatus", message),
         _ => Error::poison_msg("HttpStatus", message),
     };
     match retry_after {
@@ -822,7 +917,7 @@ mod tests {
     #[test]
     fn answers_are_classified() {
         let class = |code: u16| {
-            let err = classify(StatusCode::from_u16(code).unwrap(), None, b"");
+            let err = classify(StatusCode::from_u16(code).unwrap(), None, b"", false);
             (err.class(), err.is_throttle())
         };
         assert_eq!(class(429), (ErrorClass::Transient, true));
@@ -832,22 +927,53 @@ mod tests {
         assert_eq!(class(400), (ErrorClass::Poison, false));
         assert_eq!(class(404), (ErrorClass::Poison, false));
         assert_eq!(class(301), (ErrorClass::Fatal, false));
+        assert_eq!(class(501), (ErrorClass::Fatal, false));
+        assert_eq!(class(505), (ErrorClass::Fatal, false));
         assert_eq!(class(425), (ErrorClass::Transient, false));
         assert_eq!(class(423), (ErrorClass::Transient, false));
         // A gateway's service did not answer in time: overload, as a timeout.
-        let gateway = classify(StatusCode::GATEWAY_TIMEOUT, None, b"");
+        let gateway = classify(StatusCode::GATEWAY_TIMEOUT, None, b"", false);
         assert!(gateway.is_timeout() && !gateway.is_throttle());
-        assert!(!classify(StatusCode::BAD_GATEWAY, None, b"").is_timeout());
-        // Credentials may come from the event (a tenant's token): `treat_as` makes a 401
-        // fatal where they do not.
-        assert_eq!(class(401), (ErrorClass::Poison, false));
+        assert!(!classify(StatusCode::BAD_GATEWAY, None, b"", false).is_timeout());
+        // A credential refused: an expired one holds the stream (the breaker sees every call
+        // fail); one from the event is faulted once other calls succeed.
+        assert_eq!(class(401), (ErrorClass::Transient, false));
+        assert_eq!(class(403), (ErrorClass::Transient, false));
+        // For a URL made from the event, a redirect or an unimplemented request is about this
+        // event's resource: the breaker judges it, the processor does not stop.
+        for code in [301, 308, 501, 505] {
+            let err = classify(StatusCode::from_u16(code).unwrap(), None, b"", true);
+            assert_eq!(err.class(), ErrorClass::Transient, "{code}");
+        }
+        assert_eq!(
+            classify(StatusCode::NOT_FOUND, None, b"", true).class(),
+            ErrorClass::Poison
+        );
         let err = classify(
             StatusCode::TOO_MANY_REQUESTS,
             Some(Duration::from_secs(2)),
             b"slow",
+            false,
         );
         assert_eq!(err.retry_after(), Some(Duration::from_secs(2)));
         assert!(err.message().contains("slow"));
+    }
+
+    #[test]
+    fn a_secret_is_known_in_the_forms_a_server_echoes_it() {
+        let forms = secret_forms("Bearer tok/en+1");
+        for form in [
+            "Bearer tok/en+1",
+            "tok/en+1",
+            "tok\\/en+1",
+            "tok%2Fen%2B1",
+            "Bearer%20tok%2Fen%2B1",
+        ] {
+            assert!(forms.iter().any(|f| f == form), "{form} in {forms:?}");
+        }
+        // A value whose first word is not a scheme is kept whole only.
+        assert!(!secret_forms("k=v rest").contains(&"rest".to_string()));
+        assert!(secret_forms("abc-key-1").iter().all(|f| f.contains("abc")));
     }
 
     #[test]
@@ -890,5 +1016,11 @@ mod tests {
             .unwrap()
             .header("bad name", "v")
             .is_err());
+        // TLS settings for a plain URL would be ignored, and the token sent in the clear.
+        let plain = HttpSinkConfig::post("http://x/orders").unwrap();
+        let err = plain.clone().ca_file("/no/such/ca.pem").unwrap_err();
+        assert!(err.to_string().contains("not https://"), "{err}");
+        let err = plain.client_identity("/c.pem", "/k.pem").unwrap_err();
+        assert!(err.to_string().contains("not https://"), "{err}");
     }
 }

@@ -123,7 +123,7 @@ impl Template {
                                 ),
                             ));
                         }
-                        Escape::Url => percent_encode(&value, &mut out),
+                        Escape::Url => floodway::fault::percent_encode(&value, &mut out),
                         Escape::None => out.push_str(&value),
                     }
                 }
@@ -136,8 +136,8 @@ impl Template {
                 return Err(Error::poison_msg(
                     "InvalidField",
                     format!(
-                        "event {} makes the URL's path segment `{segment}` ({out}), which \
-                         names another resource",
+                        "event {} makes a path segment `{segment}` of the URL, which names \
+                         another resource (the URL is not quoted: it may hold redacted values)",
                         event.id()
                     ),
                 ));
@@ -188,17 +188,6 @@ pub(crate) fn scalar_at(event: &Event, pointer: &str) -> Result<String, Error> {
         Some(b'[') => Err(missing("an array, not a value")),
         _ if raw == "null" => Err(missing("null")),
         _ => Ok(raw.to_string()),
-    }
-}
-
-/// Appends `value` with everything but unreserved characters (RFC 3986) percent-encoded.
-fn percent_encode(value: &str, out: &mut String) {
-    for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
     }
 }
 

@@ -191,6 +191,20 @@ fn stringified_fatal_alert(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether the chain holds an I/O error that timed out (hyper's connect timeout).
+fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// What a failed connection means: a certificate one side does not accept will not fix
 /// itself (fatal: the configuration or the server's certificate is wrong), anything else
 /// (refused, reset, a handshake cut short) is transient.
@@ -198,11 +212,52 @@ pub(crate) fn classify_connect(err: &(dyn std::error::Error + 'static), message:
     let fatal = match find_tls_error(err) {
         Some(tls) => fatal_tls_error(tls),
         None if stringified_fatal_alert(err) => true,
+        // A connection not made in time (the service's accept queue full) is overload, as a
+        // call timed out is: adaptive concurrency backs off.
+        None if timed_out(err) => {
+            return Error::transient_msg("ConnectionError", message).with_timeout()
+        }
         None => return Error::transient_msg("ConnectionError", message),
     };
     if fatal {
         Error::fatal_msg("TlsError", format!("{message} (fix the certificates)"))
     } else {
         Error::transient_msg("TlsError", message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("tcp connect error")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_connection_not_made_in_time_is_a_timeout() {
+        // As hyper's connector reports its connect timeout: an I/O error timed out, wrapped.
+        let timed_out = Wrapped(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        ));
+        let err = classify_connect(&timed_out, "m".into());
+        assert!(err.is_timeout());
+        assert_eq!(err.class(), floodway::ErrorClass::Transient);
+        let refused = Wrapped(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let err = classify_connect(&refused, "m".into());
+        assert!(!err.is_timeout());
+        assert_eq!(err.class(), floodway::ErrorClass::Transient);
     }
 }

@@ -204,7 +204,9 @@ async fn every_method_with_templates_over_the_event() {
         assert_eq!(s.uri, "/tenants/acme/orders/o%201%2F2?total=12.5");
         assert_eq!(s.headers["x-order"], "order o 1/2");
         assert_eq!(s.headers["x-static"], "fixed");
-        assert_eq!(s.headers["idempotency-key"], "e-o 1/2");
+        // The event's id with the method and URL template: stable, and this endpoint's own.
+        let key = floodway::event::stable_id(&[method, &url, "e-o 1/2"]);
+        assert_eq!(s.headers["idempotency-key"], key.as_str());
         if method == "GET" || method == "DELETE" {
             assert_eq!(s.body, "", "{method} sends no body by default");
             assert!(s.headers.get("content-type").is_none());
@@ -271,6 +273,12 @@ async fn secrets_are_sent_but_never_printed() {
                 seen.headers.get("authorization"),
                 seen.headers.get("x-api-key")
             );
+            // The token alone too, JSON-escaped, as an error document quoting it would.
+            let token = format!("{:?}", seen.headers.get("authorization"));
+            let token = token
+                .trim_start_matches("Some(\"Bearer ")
+                .trim_end_matches("\")");
+            let echo = format!("{echo} {{\"token\":\"{}\"}}", token.replace('/', "\\/"));
             status(if seen.uri.contains("retry") { 500 } else { 400 }, echo)
         }),
         None,
@@ -280,7 +288,7 @@ async fn secrets_are_sent_but_never_printed() {
     let key_file = dir.path().join("api-key");
     std::fs::write(&key_file, "file-secret-5f1e\n").unwrap();
     // SAFETY-free: the variable is unique to this test and set before any thread reads it.
-    std::env::set_var("FLOODWAY_TEST_TOKEN", "Bearer env-secret-9c2a");
+    std::env::set_var("FLOODWAY_TEST_TOKEN", "Bearer env-secret/9c2a");
     for path in ["/orders", "/retry"] {
         let config = HttpSinkConfig::post(&format!("http://{}{path}", server.addr))
             .unwrap()
@@ -293,13 +301,13 @@ async fn secrets_are_sent_but_never_printed() {
             .await
             .unwrap_err();
         for text in [printed, err.to_string(), format!("{err:?}")] {
-            assert!(!text.contains("env-secret-9c2a"), "{text}");
+            assert!(!text.contains("9c2a"), "{text}");
             assert!(!text.contains("file-secret-5f1e"), "{text}");
         }
         assert!(err.message().contains("[secret]"), "{}", err.message());
     }
     let seen = server.seen();
-    assert_eq!(seen[0].headers["authorization"], "Bearer env-secret-9c2a");
+    assert_eq!(seen[0].headers["authorization"], "Bearer env-secret/9c2a");
     assert_eq!(seen[0].headers["x-api-key"], "file-secret-5f1e");
     // A secret that is not there is a configuration error naming where it was looked for.
     let err = HttpSinkConfig::post("http://127.0.0.1:1/x")
@@ -615,4 +623,125 @@ async fn an_answer_over_the_body_limit_is_judged_by_its_status() {
     assert_eq!(err.class(), ErrorClass::Poison, "{err}");
     assert!(err.to_string().contains("ResponseTooLarge"), "{err}");
     assert_eq!(server.seen().len(), 3, "each sent once");
+}
+
+#[tokio::test]
+async fn configured_headers_replace_the_sinks_own() {
+    let server = serve(ok(), None).await;
+    let url = format!("http://{}/orders/{{/order/id}}", server.addr);
+    let config = HttpSinkConfig::new(&url, "PATCH")
+        .unwrap()
+        .header("Content-Type", "application/merge-patch+json")
+        .unwrap()
+        .header("Idempotency-Key", "order-{/order/id}")
+        .unwrap();
+    send(&HttpSink::new(config), order("o-1")).await.unwrap();
+    // Without them, each endpoint has keys of its own for the same event.
+    for path in ["customers", "payments"] {
+        let url = format!("http://{}/{path}", server.addr);
+        send(
+            &HttpSink::new(HttpSinkConfig::post(&url).unwrap()),
+            order("o-1"),
+        )
+        .await
+        .unwrap();
+    }
+    let seen = server.seen();
+    let values = |name: &str| -> Vec<String> {
+        seen[0]
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(values("content-type"), ["application/merge-patch+json"]);
+    assert_eq!(values("idempotency-key"), ["order-o-1"]);
+    assert_ne!(
+        seen[1].headers["idempotency-key"],
+        seen[2].headers["idempotency-key"]
+    );
+}
+
+#[tokio::test]
+async fn a_redirect_stops_the_processor_only_for_a_url_written_out_whole() {
+    let server = serve(
+        Arc::new(|seen, _| match seen.uri.as_str() {
+            "/orders/old" | "/fixed" => {
+                let mut moved = status(308, String::new());
+                moved
+                    .headers_mut()
+                    .insert("location", "/elsewhere".parse().unwrap());
+                moved
+            }
+            _ => status(200, "{}".into()),
+        }),
+        None,
+    )
+    .await;
+    let templated = HttpSink::new(
+        HttpSinkConfig::post(&format!("http://{}/orders/{{/order/id}}", server.addr)).unwrap(),
+    );
+    // One event's resource moved: transient, for the breaker to fault it while others pass.
+    let err = send(&templated, order("old")).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Transient, "{err}");
+    send(&templated, order("new")).await.unwrap();
+    let fixed =
+        HttpSink::new(HttpSinkConfig::post(&format!("http://{}/fixed", server.addr)).unwrap());
+    let err = send(&fixed, order("new")).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Fatal, "{err}");
+}
+
+#[tokio::test]
+async fn a_success_whose_unused_answer_is_cut_short_is_not_sent_again() {
+    // A raw server: 201 with a body shorter than it announced, then the connection closed.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicU64::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut read = Vec::new();
+            // The request's head and its body (Content-Length), then the cut answer.
+            loop {
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                read.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&read).to_lowercase();
+                let done = text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    body.len() >= length
+                });
+                if n == 0 || done {
+                    break;
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 201 Created\r\ncontent-length: 100\r\n\r\n0123456789")
+                .await;
+        }
+    });
+    let url = format!("http://{addr}/orders");
+    send(
+        &HttpSink::new(HttpSinkConfig::post(&url).unwrap()),
+        order("o-1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+    // Its answer wanted as a response event, the cut is transient: it is all there is of it.
+    let wanted = HttpSinkConfig::post(&url)
+        .unwrap()
+        .publish_response_as("order-noted");
+    let err = send(&HttpSink::new(wanted), order("o-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Transient);
+    assert_eq!(err.name(), "ResponseBody");
 }
