@@ -117,11 +117,57 @@ where
             }
             by_code
         }
+        // Before a request is sent, the SDK finds its credentials and its endpoint: a failure
+        // there comes as a dispatch failure, but no retry fixes a missing region or
+        // credentials that are not there.
+        SdkError::DispatchFailure(_) if unsendable(&error) => {
+            Error::fatal_msg("AwsConfiguration", format!("{error:?}"))
+        }
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             Error::transient_msg("AwsUnreachable", format!("{error:?}"))
         }
         _ => Error::poison_msg("AwsRequest", format!("{error:?}")),
     }
+}
+
+/// Whether `error` says that the request could not be made for want of configuration: no
+/// credentials found (none configured, an invalid profile, a role refused or a session
+/// expired), or no region (no endpoint, nothing to sign for). A credentials provider that timed out or failed
+/// for another reason (the instance metadata service unreachable) may answer later.
+fn unsendable(error: &(dyn std::error::Error + 'static)) -> bool {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut next = error.source();
+    while let Some(e) = next {
+        if let Some(credentials) = e.downcast_ref::<CredentialsError>() {
+            return match credentials {
+                CredentialsError::CredentialsNotLoaded(_)
+                | CredentialsError::InvalidConfiguration(_) => true,
+                CredentialsError::ProviderError(_) => {
+                    let text = format!("{credentials:?}");
+                    [
+                        "AccessDenied",
+                        "ExpiredToken",
+                        "InvalidClientTokenId",
+                        "UnauthorizedSSOToken",
+                        "InvalidGrant",
+                    ]
+                    .iter()
+                    .any(|code| text.contains(code))
+                }
+                _ => false,
+            };
+        }
+        // No region: no endpoint to resolve, or (with an endpoint given) none to sign for,
+        // which the SDK's private signing error says only in words.
+        if e.downcast_ref::<aws_smithy_http::endpoint::ResolveEndpointError>()
+            .is_some()
+            || e.to_string().starts_with("missing signing region")
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// The reasons a DynamoDB transaction was cancelled, one per item in the order given
@@ -183,6 +229,7 @@ pub(crate) fn failed_entries<'a>(
 mod tests {
     use super::*;
     use floodway::ErrorClass;
+    use std::time::Duration;
 
     #[test]
     fn codes_are_classed_as_the_services_mean_them() {
@@ -238,5 +285,83 @@ mod tests {
             "{rejected}"
         );
         assert_eq!(cancellation(&[None, None]).class(), ErrorClass::Transient);
+    }
+
+    /// A client of a closed loopback port: nothing answers, so an error that is not a
+    /// connection refused comes from before the request was sent.
+    fn client(
+        region: Option<&str>,
+        credentials: impl aws_credential_types::provider::ProvideCredentials + 'static,
+    ) -> aws_sdk_sqs::Client {
+        let mut config = aws_sdk_sqs::Config::builder()
+            .behavior_version_latest()
+            .endpoint_url("http://127.0.0.1:1")
+            .credentials_provider(credentials);
+        if let Some(region) = region {
+            config = config.region(aws_sdk_sqs::config::Region::new(region.to_owned()));
+        }
+        aws_sdk_sqs::Client::from_conf(config.build())
+    }
+
+    async fn sent(client: aws_sdk_sqs::Client) -> Error {
+        classify(
+            client
+                .send_message()
+                .queue_url("http://127.0.0.1:1/000000000000/q")
+                .message_body("m")
+                .send()
+                .await
+                .unwrap_err(),
+        )
+    }
+
+    #[tokio::test]
+    async fn missing_credentials_or_region_are_configuration_errors_not_outages() {
+        use aws_credential_types::provider::error::CredentialsError;
+        use aws_credential_types::provider::future::ProvideCredentials as Future;
+        use aws_credential_types::Credentials;
+
+        #[derive(Debug)]
+        struct Failing(fn() -> CredentialsError);
+        impl aws_credential_types::provider::ProvideCredentials for Failing {
+            fn provide_credentials<'a>(&'a self) -> Future<'a>
+            where
+                Self: 'a,
+            {
+                Future::ready(Err((self.0)()))
+            }
+        }
+        let valid = Credentials::new("testing", "testing", None, None, "test");
+        let not_loaded = || CredentialsError::not_loaded("no credentials in the chain");
+        let refused = || {
+            CredentialsError::provider_error(
+                "AccessDenied: not authorized to perform sts:AssumeRole",
+            )
+        };
+        let timed_out = || CredentialsError::provider_timed_out(Duration::from_secs(5));
+        for (what, err) in [
+            (
+                "no credentials",
+                sent(client(Some("us-east-1"), Failing(not_loaded))).await,
+            ),
+            (
+                "a role refused",
+                sent(client(Some("us-east-1"), Failing(refused))).await,
+            ),
+            ("no region", sent(client(None, valid.clone())).await),
+        ] {
+            assert_eq!(err.class(), ErrorClass::Fatal, "{what}: {err}");
+        }
+        // A provider that may answer later, and an endpoint that does not answer now, are
+        // not configuration errors.
+        for (what, err) in [
+            (
+                "timed out",
+                sent(client(Some("us-east-1"), Failing(timed_out))).await,
+            ),
+            ("refused", sent(client(Some("us-east-1"), valid)).await),
+        ] {
+            assert_eq!(err.class(), ErrorClass::Transient, "{what}: {err}");
+        }
     }
 }
