@@ -30,8 +30,10 @@ pub enum HandlerError {
     /// The payload is no event source this handler knows.
     #[error("unrecognized event: {0}")]
     Unrecognized(String),
-    /// An SNS or EventBridge event was not finished: Lambda retries it.
-    #[error("event not finished before the deadline ({0})")]
+    /// An SNS or EventBridge event was not finished (before the deadline, or with a fatal
+    /// error), or a batch's record was not and the mapping does not report batch item
+    /// failures ([`Handler::item_failures`]): Lambda retries the invocation.
+    #[error("record {0} not finished: the invocation fails so that Lambda retries it")]
     Unfinished(String),
     /// A resubmission names a pipeline this processor does not have.
     #[error("resubmission to pipeline `{pipeline}`, which processor `{processor}` does not have")]
@@ -76,17 +78,39 @@ pub struct Handler {
     processor: Arc<Processor>,
     margin: Duration,
     cdc: CdcOptions,
+    item_failures: bool,
 }
 
 impl Handler {
     /// A handler running `processor` (its fault sink stores the faults: EventBridge, Kinesis,
-    /// a hub).
+    /// a hub). It answers Kinesis, DynamoDB and SQS batches with `batchItemFailures` unless
+    /// the environment says the mapping does not take them: `FLOODWAY_BATCH_ITEM_FAILURES`
+    /// set to `false` (see [`Handler::item_failures`]).
     pub fn new(processor: Processor) -> Handler {
+        let item_failures = !matches!(
+            std::env::var("FLOODWAY_BATCH_ITEM_FAILURES")
+                .unwrap_or_default()
+                .to_ascii_lowercase()
+                .as_str(),
+            "false" | "0" | "off" | "no"
+        );
         Handler {
             processor: Arc::new(processor),
             margin: Duration::from_millis(1_000),
             cdc: CdcOptions::default(),
+            item_failures,
         }
+    }
+
+    /// Whether the event-source mapping reports batch item failures (`FunctionResponseTypes`
+    /// holding `ReportBatchItemFailures`; default true). Without it Lambda ignores the
+    /// answer's `batchItemFailures` and takes the whole batch as done, so a batch with any
+    /// record unfinished fails the invocation instead, and Lambda retries all of it (records
+    /// done are done again: the sinks are idempotent).
+    #[must_use]
+    pub fn item_failures(mut self, reported: bool) -> Handler {
+        self.item_failures = reported;
+        self
     }
 
     /// Stop this long before the invocation's deadline (default 1 s) to answer in time.
@@ -211,7 +235,13 @@ impl Handler {
             let report = self
                 .run(&self.processor, invocation.records, deadline_ms)
                 .await;
-            return answer(kind, &report);
+            let answer = answer(kind, &report)?;
+            if !self.item_failures {
+                if let Some(first) = answer["batchItemFailures"][0]["itemIdentifier"].as_str() {
+                    return Err(HandlerError::Unfinished(first.to_owned()));
+                }
+            }
+            return Ok(answer);
         };
         // A resubmitted fault: only the pipeline that failed it runs, and the resubmitter is
         // told whether the record faulted again (the answer of a direct invocation is ours

@@ -536,3 +536,33 @@ async fn an_unparsable_record_whose_fault_is_not_stored_is_reported_by_what_it_s
         json!([{ "itemIdentifier": "m-7" }])
     );
 }
+
+/// A mapping without `ReportBatchItemFailures` ignores `batchItemFailures` and takes the
+/// whole batch as done: told so, the handler fails the invocation instead, so that Lambda
+/// retries it and the unfinished record is not lost; a batch finished whole answers as before.
+#[tokio::test]
+async fn without_reported_item_failures_an_unfinished_record_fails_the_invocation() {
+    let bad = json!({
+        "Keys": { "pk": { "S": "2" } },
+        "NewImage": { "n": { "N": 5 } },
+        "SequenceNumber": "700",
+    });
+    let invocation = json!({ "Records": [
+        dynamodb(0, "INSERT", good_row()),
+        dynamodb(1, "INSERT", bad),
+    ]});
+    let err = faults_down()
+        .item_failures(false)
+        .handle(invocation, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.error_type(), "EventNotFinished");
+    assert!(err.to_string().contains("700"), "{err}");
+    let done = json!({ "Records": [dynamodb(0, "INSERT", good_row())] });
+    let answer = faults_down()
+        .item_failures(false)
+        .handle(done, None)
+        .await
+        .unwrap();
+    assert_eq!(answer, json!({ "batchItemFailures": [] }));
+}
