@@ -876,13 +876,14 @@ fn eventbridge(payload: &[u8]) -> Record {
     match serde_json::from_slice::<EventBridgeEnvelope<'_>>(payload) {
         Ok(e) if e.detail.get().starts_with('{') => {
             let source = e.source.as_deref().unwrap_or("unknown");
+            let sequence = loose(e.id).unwrap_or_default();
             Record::new(
                 format!("eventbridge:{source}"),
                 source.to_owned(),
                 0,
-                Bytes::copy_from_slice(e.detail.get().as_bytes()),
+                detail_with_id(e.detail.get(), e.id),
             )
-            .with_sequence(loose(e.id).unwrap_or_default())
+            .with_sequence(sequence)
         }
         Ok(_) => Record::new("eventbridge:unknown", "malformed", 0, payload.to_vec())
             .with_malformed("MalformedEventBridgeEvent", "detail is not a JSON object"),
@@ -891,6 +892,28 @@ fn eventbridge(payload: &[u8]) -> Record {
                 "MalformedEventBridgeEvent",
                 format!("not an EventBridge event: {e}"),
             ),
+    }
+}
+
+/// An EventBridge event's detail, given the envelope's `id` when it has none of its own (as
+/// aws-lambda-stream reads `detail.id || id`: an event put by another producer has an
+/// envelope id only).
+fn detail_with_id(detail: &str, envelope_id: Option<&RawValue>) -> Bytes {
+    #[derive(Deserialize)]
+    struct Id<'a> {
+        #[serde(borrow, default)]
+        id: Option<&'a RawValue>,
+    }
+    let has_id = serde_json::from_str::<Id<'_>>(detail).map_or(true, |d| d.id.is_some());
+    let envelope_id = envelope_id.filter(|id| id.get().starts_with('"'));
+    match (has_id, envelope_id) {
+        (false, Some(id)) => {
+            // `{"id":<envelope id>,` before the detail's own members.
+            let rest = detail[1..].trim_start();
+            let comma = if rest.starts_with('}') { "" } else { "," };
+            Bytes::from(format!("{{\"id\":{}{comma}{rest}", id.get()))
+        }
+        _ => Bytes::copy_from_slice(detail.as_bytes()),
     }
 }
 
@@ -1190,8 +1213,17 @@ fn dynamodb(
             row.get("awsregion").is_some() || row.get("aws:rep:updateregion").is_some()
         };
         // aws-lambda-stream's `outGlobalTableExtraModify`: the replica marker written after
-        // the row.
-        let bookkeeping = marked(&new) && !old.is_null() && !marked(&old);
+        // the row, and nothing else changed (a row written before without the marker and
+        // updated now by the service, which adds it, is a change).
+        let unmarked = |row: &Value| {
+            let mut row = row.clone();
+            if let Some(map) = row.as_object_mut() {
+                map.retain(|k, _| k != "awsregion" && !k.starts_with("aws:rep:"));
+            }
+            row
+        };
+        let bookkeeping =
+            marked(&new) && !old.is_null() && !marked(&old) && unmarked(&new) == unmarked(&old);
         // Unchanged only when both images say so: a stream without images (KEYS_ONLY)
         // carries none, and its every change must go through.
         let same = !new.is_null() && new == old;
@@ -1478,12 +1510,27 @@ mod tests {
                 Some(row(json!({ "name": { "S": "m" } }))),
                 Some(row(json!({}))),
             ),
+            // A row written without the marker, updated by the service that adds it: a change.
+            change(
+                "MODIFY",
+                Some(row(
+                    json!({ "name": { "S": "m" }, "awsregion": { "S": "us-west-2" } }),
+                )),
+                Some(row(json!({}))),
+            ),
         ];
         // The sort key names the type when there is no discriminator; a latched row, a write
         // that changed nothing and a global table's bookkeeping write are skipped.
         assert_eq!(
             types(records.clone(), &options),
-            (vec!["thing-created".into(), "thing-updated".into()], 3)
+            (
+                vec![
+                    "thing-created".into(),
+                    "thing-updated".into(),
+                    "thing-updated".into()
+                ],
+                3
+            )
         );
         let keep_all = CdcOptions {
             skip_latched: false,
@@ -1492,7 +1539,7 @@ mod tests {
             ..options
         };
         let (all, skipped) = types(records, &keep_all);
-        assert_eq!((all.len(), skipped), (5, 0));
+        assert_eq!((all.len(), skipped), (6, 0));
         assert!(all.iter().all(|t| t.starts_with("widget-")), "{all:?}");
     }
 

@@ -293,6 +293,41 @@ async fn a_malformed_eventbridge_event_is_faulted_and_the_invocation_succeeds() 
     }
 }
 
+/// An event put on the bus by another producer, its detail without an `id`: read with the
+/// envelope's id, as aws-lambda-stream reads `detail.id || id`, not faulted.
+#[tokio::test]
+async fn an_eventbridge_detail_without_an_id_takes_the_envelopes() {
+    let detail = json!({ "type": "thing-created", "timestamp": 1, "partitionKey": "k", "n": 1 });
+    let invocation =
+        json!({ "id": "eb-1", "detail-type": "thing-created", "source": "svc", "detail": detail });
+    let (answer, delivered, faults) = run(invocation).await;
+    assert_eq!((answer, delivered), (Value::Null, 1), "{faults:?}");
+    assert!(faults.is_empty(), "{faults:?}");
+    // The record's event carries that id; a detail with its own keeps it.
+    let payload = |detail: Value| {
+        serde_json::to_vec(
+            &json!({ "id": "eb-2", "detail-type": "t", "source": "svc", "detail": detail }),
+        )
+        .unwrap()
+    };
+    let read = |detail: Value| {
+        let invocation =
+            floodway_lambda::sources::read(&payload(detail), &Default::default()).unwrap();
+        floodway::Event::decode(&invocation.records[0].data)
+            .unwrap()
+            .id()
+            .to_owned()
+    };
+    assert_eq!(
+        read(json!({ "type": "t", "timestamp": 1, "partitionKey": "k" })),
+        "eb-2"
+    );
+    assert_eq!(
+        read(json!({ "id": "own", "type": "t", "timestamp": 1, "partitionKey": "k" })),
+        "own"
+    );
+}
+
 #[tokio::test]
 async fn an_invocation_of_no_known_source_fails_with_a_readable_error_type() {
     let processor = Processor::builder("p")
