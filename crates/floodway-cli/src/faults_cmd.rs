@@ -29,7 +29,7 @@ pub(crate) struct FilterArgs {
     /// Only errors of this name (e.g. HttpStatus, DecodeEventError).
     #[arg(long)]
     error: Option<String>,
-    /// Only faults last seen since this time (ms, RFC 3339, or a duration ago like 1h).
+    /// Only faults last seen since this time (ms, RFC 3339 with its zone, or a duration ago like 1h).
     #[arg(long, value_name = "TIME")]
     since: Option<String>,
     /// Only faults last seen before this time.
@@ -149,7 +149,11 @@ pub(crate) async fn run(command: FaultsCommand) -> anyhow::Result<()> {
             aws,
             filter,
             limit,
-        } => list(&open_store(&hub, &aws).await?, filter, limit).await,
+        } => {
+            // The filter's mistakes are said before a store is looked for.
+            let filter = filter.filter(Some(limit))?;
+            list(&open_store(&hub, &aws).await?, filter).await
+        }
         FaultsCommand::Show { hub, aws, id } => show(&open_store(&hub, &aws).await?, id).await,
         FaultsCommand::Resubmit {
             config,
@@ -206,11 +210,8 @@ async fn open_store(hub: &HubArgs, aws: &AwsArgs) -> anyhow::Result<Arc<dyn Faul
     }
 }
 
-async fn list(store: &Arc<dyn FaultStore>, filter: FilterArgs, limit: usize) -> anyhow::Result<()> {
-    let faults = store
-        .list_faults(&filter.filter(Some(limit))?)
-        .await
-        .map_err(unreadable)?;
+async fn list(store: &Arc<dyn FaultStore>, filter: FaultFilter) -> anyhow::Result<()> {
+    let faults = store.list_faults(&filter).await.map_err(unreadable)?;
     say!("{}", floodway::fault_report::table(&faults).trim_end());
     Ok(())
 }

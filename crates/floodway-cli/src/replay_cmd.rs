@@ -22,7 +22,7 @@ pub(crate) struct ReplayArgs {
     /// The processor to re-deliver to.
     #[arg(long)]
     processor: String,
-    /// Events published from this time (ms, RFC 3339, or a duration ago like 2h).
+    /// Events published from this time (ms, RFC 3339 with its zone, or a duration ago like 2h).
     #[arg(long, value_name = "TIME")]
     from: String,
     /// Up to this time (default: now).

@@ -6,7 +6,7 @@ use floodway::hub::SharedHub;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context as _};
+use anyhow::{anyhow, bail, Context as _};
 use floodway_embedded::{Hub, HubOptions};
 use floodway_processors::Config;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -121,14 +121,17 @@ impl HubArgs {
     }
 }
 
-/// Milliseconds since the epoch from: a number of milliseconds, an RFC 3339 time
-/// (`2026-11-26T10:00:00Z`), or a duration ago (`15m`, `2h`, `1d`).
+/// Milliseconds since the epoch from: a number of milliseconds, an RFC 3339 time with its
+/// zone (`2026-11-26T10:00:00Z`, `2026-11-26 11:00:00.250+01:00`; seconds and a fraction
+/// optional), or a duration ago (`15m`, `2h`, `1d`). A time without a zone is refused: read
+/// as UTC, a local time copied from elsewhere would name another moment.
 pub(crate) fn parse_time(text: &str) -> anyhow::Result<i64> {
+    let text = text.trim();
     if let Ok(ms) = text.parse::<i64>() {
         return Ok(ms);
     }
-    if let Ok(time) = humantime::parse_rfc3339_weak(text) {
-        return Ok(millis(time));
+    if text.len() >= 16 && text.as_bytes()[4] == b'-' && text.as_bytes()[7] == b'-' {
+        return parse_datetime(text);
     }
     if let Ok(ago) = humantime::parse_duration(text) {
         let time = SystemTime::now()
@@ -137,6 +140,55 @@ pub(crate) fn parse_time(text: &str) -> anyhow::Result<i64> {
         return Ok(millis(time));
     }
     bail!("`{text}` is not a time: use milliseconds since the epoch, 2026-11-26T10:00:00Z, or a duration ago like 15m")
+}
+
+/// An RFC 3339 date and time with its zone: `Z`, `UTC` or an offset (`+01:00`, `-0500`,
+/// `+01`), after the time or a space.
+fn parse_datetime(text: &str) -> anyhow::Result<i64> {
+    let no_zone = || {
+        anyhow!(
+            "`{text}` has no zone: add Z for UTC or the offset of its zone (e.g. \
+             {}+01:00)",
+            text.trim_end()
+        )
+    };
+    let (clock, offset_minutes) = if let Some(clock) = text
+        .strip_suffix(['Z', 'z'])
+        .or_else(|| text.strip_suffix("UTC"))
+    {
+        (clock, 0)
+    } else {
+        // An offset's sign comes after the date's own dashes.
+        let sign_at = text[10..]
+            .rfind(['+', '-'])
+            .map(|i| i + 10)
+            .ok_or_else(no_zone)?;
+        let digits: String = text[sign_at + 1..].chars().filter(|c| *c != ':').collect();
+        let (hours, minutes) = match digits.len() {
+            2 => (&digits[..2], "00"),
+            4 => (&digits[..2], &digits[2..]),
+            _ => return Err(no_zone()),
+        };
+        let (Ok(hours), Ok(minutes)) = (hours.parse::<i64>(), minutes.parse::<i64>()) else {
+            return Err(no_zone());
+        };
+        if hours > 23 || minutes > 59 {
+            bail!("`{text}`: an offset is at most 23:59");
+        }
+        let sign = if text.as_bytes()[sign_at] == b'-' {
+            -1
+        } else {
+            1
+        };
+        (&text[..sign_at], sign * (hours * 60 + minutes))
+    };
+    let mut clock = clock.trim_end().replacen(' ', "T", 1);
+    if clock.len() == 16 {
+        clock.push_str(":00");
+    }
+    let time = humantime::parse_rfc3339_weak(&format!("{clock}Z"))
+        .map_err(|e| anyhow!("`{text}` is not a time: {e}"))?;
+    Ok(millis(time) - offset_minutes * 60_000)
 }
 
 fn millis(time: SystemTime) -> i64 {
@@ -257,6 +309,29 @@ mod tests {
             parse_time("2023-11-14T22:13:20Z").unwrap(),
             1_700_000_000_000
         );
+        // Offsets are the zone's: every form of one moment is that moment.
+        for form in [
+            "2023-11-14T23:13:20.000+01:00",
+            "2023-11-14 23:13:20+01:00",
+            "2023-11-14 23:13:20 +0100",
+            "2023-11-14T23:13:20+01",
+            "2023-11-14T17:13:20-05:00",
+            "2023-11-14T22:13:20.000Z",
+            "2023-11-14 22:13:20 UTC",
+        ] {
+            assert_eq!(parse_time(form).unwrap(), 1_700_000_000_000, "{form}");
+        }
+        assert_eq!(parse_time("2023-11-14T22:13Z").unwrap(), 1_699_999_980_000);
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20.250-00:30").unwrap(),
+            1_700_001_800_250
+        );
+        // A time without its zone names no moment.
+        for zoneless in ["2023-11-14 22:13:20", "2023-11-14T22:13:20.5"] {
+            let err = parse_time(zoneless).unwrap_err().to_string();
+            assert!(err.contains("no zone"), "{zoneless}: {err}");
+        }
+        assert!(parse_time("2023-11-14T22:13:20+25:00").is_err());
         let ago = parse_time("1h").unwrap();
         let now = millis(SystemTime::now());
         assert!((now - ago - 3_600_000).abs() < 5_000);

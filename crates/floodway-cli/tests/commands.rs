@@ -182,6 +182,19 @@ fn mistakes_get_errors_that_say_what_to_do() {
         &["faults", "list", "--hub", "x.db", "--since", "last tuesday"],
     );
     assert!(!out.status.success());
+    // A time without its zone names no moment: refused, not read as UTC.
+    let out = floodway(
+        d,
+        &[
+            "faults",
+            "list",
+            "--hub",
+            "x.db",
+            "--since",
+            "2026-11-26 10:00:00",
+        ],
+    );
+    says(&out, "has no zone");
 }
 
 #[test]

@@ -19,11 +19,16 @@ const $ = (sel, root = document) => root.querySelector(sel);
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) =>
   ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 const pad = (n) => String(n).padStart(2, "0");
+// Local time with its zone's offset: pasted into a form (replay from, faults since), it names
+// the same moment.
 function time(ms) {
   if (!ms) return "";
   const d = new Date(ms);
+  const off = -d.getTimezoneOffset();
+  const zone = off === 0 ? "Z"
+    : `${off < 0 ? "-" : "+"}${pad(Math.floor(Math.abs(off) / 60))}:${pad(Math.abs(off) % 60)}`;
   return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
-    `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+    `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}${zone}`;
 }
 function num(v, digits = 0) {
   if (v === null || v === undefined) return "–";
@@ -413,7 +418,7 @@ function renderActions() {
     ${s.read_only ? `<p class="muted">This console is read-only.</p>` : !s.can_replay ? "" : `<section class="card"><h2>Replay a time range</h2>
     <p class="muted">Re-deliver the events published in a range to one processor, without moving its subscription (an idempotent processor applies nothing twice).</p>
     <form class="filters" id="replay"><label>processor<select name="processor">${s.processors.map(opt).join("")}</select></label>
-    <label>from<input name="from" placeholder="e.g. 2h or 2026-11-30T10:00:00Z" size="24" required></label>
+    <label>from<input name="from" placeholder="e.g. 2h or 2026-11-30 10:00:00+01:00" size="24" required></label>
     <label>to<input name="to" placeholder="now" size="24"></label><button class="primary" type="submit">Dry run</button></form></section>`}
     <h3>Jobs</h3><div id="jobs"></div><h3>Audit log</h3><div id="audit"></div>`;
   const form = $("#replay");
