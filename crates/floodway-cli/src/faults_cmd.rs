@@ -134,7 +134,7 @@ pub(crate) enum FaultsCommand {
         filter: FilterArgs,
         /// Resubmissions per second at most [default: 100 for a hub, 5 for Lambda, where
         /// each is an invocation].
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         rate: Option<u32>,
         /// Say what would be resubmitted, and do nothing.
         #[arg(long)]
@@ -242,6 +242,17 @@ async fn resubmit_configured(
     dry_run: bool,
 ) -> anyhow::Result<Resubmitted> {
     let config = Config::load(&config_path)?;
+    // A processor named wrong would match no fault, and "0 resubmitted" read as done.
+    if let Some(name) = &filter.processor {
+        let names: Vec<&str> = config.processors.iter().map(|p| p.name()).collect();
+        if !names.contains(&name.as_str()) {
+            bail!(
+                "no processor `{name}` in {}: its processors are {}",
+                config_path.display(),
+                names.join(", ")
+            );
+        }
+    }
     if !config.hub.path.exists() {
         bail!(
             "{} does not exist: no faults were stored there yet",
@@ -479,7 +490,7 @@ async fn resubmit_plan<'a>(
         }
         return Ok(outcome);
     }
-    let limiter = RateLimiter::per_second(rate.max(1))?;
+    let limiter = RateLimiter::per_second(rate)?;
     let bar = progress(plan.len() as u64, "resubmitting");
     for fault in plan {
         limiter.acquire().await;

@@ -115,7 +115,8 @@ pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         // Cut short (Ctrl-C): a script must not go on as if the range was replayed.
         bail!(
             "replay to `{}` stopped ({:?}) before the end of the range: {} events read, {} \
-             delivered, {} faults; run it again for the rest",
+             delivered, {} faults; running it again replays the whole range (the events \
+             replayed already are delivered again, which idempotent sinks apply once)",
             args.processor,
             report.stopped,
             report.received,

@@ -195,6 +195,32 @@ fn mistakes_get_errors_that_say_what_to_do() {
         ],
     );
     says(&out, "has no zone");
+    // A processor named wrong matches no fault: said, not reported as nothing to do.
+    configure(d, |c| c);
+    let out = floodway(
+        d,
+        &[
+            "faults",
+            "resubmit",
+            "--config",
+            "floodway.toml",
+            "--processor",
+            "ordres",
+        ],
+    );
+    says(&out, "no processor `ordres`");
+    let out = floodway(
+        d,
+        &[
+            "faults",
+            "resubmit",
+            "--config",
+            "floodway.toml",
+            "--rate",
+            "0",
+        ],
+    );
+    assert!(!out.status.success());
 }
 
 #[test]

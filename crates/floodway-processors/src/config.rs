@@ -346,7 +346,7 @@ pub enum DurabilityConfig {
 /// A header of the *http* processor: a value, or a secret read from the environment or a
 /// file (never written to logs or faults).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum HeaderConfig {
     /// A value, a template over the event.
     Value(String),
@@ -573,7 +573,7 @@ pub const DEFAULT_CEP_TTL: std::time::Duration = std::time::Duration::from_secs(
 
 /// The key of a *materialize* processor's view.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum ViewKey {
     /// One value per key: `partitionKey`, `id`, or a JSON pointer.
     Single(String),
@@ -601,7 +601,7 @@ impl From<&str> for ViewKey {
 
 /// A field's value in an update: from the event, or given.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum FieldValue {
     /// A JSON pointer into the event.
     Pointer(String),
@@ -1565,6 +1565,16 @@ name = "faults"
             err.contains("line 19: `timeout`") && err.contains("unknown field"),
             "{err}"
         );
+        // An inline table of the wrong shape (a key mistyped or one too many) is refused,
+        // not read without it.
+        let err = unparsed("headers = { Authorization = { env = \"T\", file = \"t\" } }");
+        assert!(err.contains("line 19") && err.contains("headers"), "{err}");
+        assert!(unparsed("headers = { Authorization = { evn = \"T\" } }").contains("line 19"));
+        let headers = "headers = { Authorization = { env = \"T\" }, X = \"{/id}\" }";
+        Config::parse(&FULL.replace("concurrency = 8", headers)).unwrap();
+        let row = "key = { pk = \"/order/id\", sk = \"order\", discriminator = \"order\" }";
+        let err = Config::parse(&FULL.replace("value = \"/order\"", row)).unwrap_err();
+        assert!(err.contains("`key`"), "{err}");
         let err = unparsed("treat_as = { \"409\" = \"fine\" }");
         assert!(err.contains("treat_as") && err.contains("`fine`"), "{err}");
         let err = unparsed("method = \"FETCH\"");

@@ -349,7 +349,21 @@ impl Console {
             };
             let (outcome, detail) = match done {
                 Ok(done) => done,
-                Err(e) => (ResubmitOutcome::Failed, format!("not recorded: {e}")),
+                // Its outcome not recorded, the fault stays open though its record may have
+                // been applied: the job stops, as the command does, rather than apply every
+                // other fault unrecorded.
+                Err(e) => {
+                    let (succeeded, failed) = {
+                        let j = job.lock().unwrap();
+                        (j.succeeded, j.failed)
+                    };
+                    anyhow::bail!(
+                        "cannot record a resubmission of {}: {e} (stopped after {} \
+                         resubmitted: {succeeded} succeeded, {failed} failed)",
+                        fault.id,
+                        succeeded + failed
+                    );
+                }
             };
             {
                 let mut j = job.lock().unwrap();
