@@ -17,7 +17,7 @@ use floodway::layer::limit::rate::RateLimiter;
 use floodway::Processor;
 use floodway_processors::{from_config, Config, Hubs};
 
-use crate::util::{parse_time, progress, HubArgs};
+use crate::util::{parse_time, printable, progress, HubArgs};
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct FilterArgs {
     /// Only faults of this processor.
@@ -374,7 +374,7 @@ pub(crate) async fn resubmit_faults(
     let faults = store.list_faults(&filter).await.map_err(unreadable)?;
     let planned = Planned::of(config, faults);
     for (fault, why) in &planned.skipped {
-        eprintln!("fault {}: {why}; skipped", fault.id);
+        eprintln!("fault {}: {}; skipped", fault.id, printable(why));
     }
     say!(
         "{} faults to resubmit ({} skipped: undecodable records or unknown processors)",
@@ -509,7 +509,7 @@ async fn resubmit_plan<'a>(
             ResubmitOutcome::Succeeded => outcome.succeeded += 1,
             ResubmitOutcome::Failed => {
                 outcome.failed += 1;
-                bar.suspend(|| eprintln!("fault {}: {detail}", fault.id));
+                bar.suspend(|| eprintln!("fault {}: {}", fault.id, printable(&detail)));
             }
         }
         bar.inc(1);

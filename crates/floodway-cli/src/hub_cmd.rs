@@ -405,11 +405,13 @@ async fn tail(
     let filter = pattern.as_deref().map(TypeFilter::parse).transpose()?;
     let keep = |data: &[u8]| -> Option<String> {
         let text = std::str::from_utf8(data).ok()?;
+        // A record that is not JSON may hold control characters a terminal would obey.
+        let shown = || crate::util::printable(text).into_owned();
         match &filter {
-            None => Some(text.to_owned()),
+            None => Some(shown()),
             Some(f) => {
                 let event = Event::decode(data).ok()?;
-                f.matches(event.event_type()).then(|| text.to_owned())
+                f.matches(event.event_type()).then(shown)
             }
         }
     };

@@ -255,14 +255,36 @@ pub(crate) async fn shutdown_signal() {
 /// with the error rather than succeed with part of the output.
 pub(crate) fn say(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
+    let text = args.to_string();
     let mut out = std::io::stdout().lock();
-    if let Err(err) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+    if let Err(err) = out
+        .write_all(printable(&text).as_bytes())
+        .and_then(|()| out.write_all(b"\n"))
+    {
         if err.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
         eprintln!("error: cannot write the output: {err}");
         std::process::exit(1);
     }
+}
+
+/// `text` with its control characters but newlines and tabs escaped (`\u{1b}`): what the
+/// command prints can quote events and their faults, and a terminal obeys an escape sequence
+/// in them (rewriting lines, setting the title, writing the clipboard).
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match unsafe_char(c) {
+            true => out.extend(c.escape_default()),
+            false => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Where a demo keeps its hub `file`: in `dir` (made if missing) or in a temporary directory
@@ -332,6 +354,15 @@ mod tests {
             assert!(err.contains("no zone"), "{zoneless}: {err}");
         }
         assert!(parse_time("2023-11-14T22:13:20+25:00").is_err());
+    }
+
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        assert_eq!(printable("a\tb\nc"), "a\tb\nc");
+        assert_eq!(
+            printable("e-1\u{1b}]52;c;aGk=\u{7}\r\u{9b}x"),
+            "e-1\\u{1b}]52;c;aGk=\\u{7}\\r\\u{9b}x"
+        );
         let ago = parse_time("1h").unwrap();
         let now = millis(SystemTime::now());
         assert!((now - ago - 3_600_000).abs() < 5_000);

@@ -668,3 +668,34 @@ fn upgrade_moves_an_earlier_hubs_views_into_their_own_file_once_nothing_runs() {
     assert!(out.status.success(), "{}", text(&out));
     says(&out, "nothing to do");
 }
+
+/// A fault's message quotes its event's id, which can hold any character: printed, its
+/// control characters are escaped, never sent to the terminal to obey.
+#[test]
+fn what_a_fault_quotes_is_printed_without_its_control_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    configure(d, |c| c);
+    let mut lines = orders(3, 1, "");
+    lines[1] = lines[1].replace(r#""id":"e-1""#, r#""id":"e-1\u001b]0;pwned\u0007""#);
+    publish_and_run(d, &lines, 1);
+    let listed = floodway(d, &["faults", "list", "--config", "floodway.toml"]);
+    let listed = text(&listed);
+    assert!(listed.contains(r"e-1\u{1b}]0;pwned\u{7}"), "{listed}");
+    let id = listed
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let shown = floodway(d, &["faults", "show", "--config", "floodway.toml", id]);
+    for out in [listed.as_bytes(), &shown.stdout] {
+        let controls: Vec<u8> = out
+            .iter()
+            .copied()
+            .filter(|b| *b < 0x20 && *b != b'\n' && *b != b'\t')
+            .collect();
+        assert!(controls.is_empty(), "{controls:?}");
+    }
+}
