@@ -21,7 +21,8 @@ fn tag(fault: &Event, name: &str) -> String {
 
 /// Stores fault events in a DynamoDB table (partition key `pk`, a string): one item per fault
 /// (its fault id) with processor, pipeline, step, the latest error, the fault event, first and
-/// last seen, how many times it was raised and its resubmissions; and one small item per raise
+/// last seen, how many times it was raised and its latest 30 resubmissions (each detail cut to
+/// 1 KiB, so that the item stays under DynamoDB's 400 KB); and one small item per raise
 /// (`raise#<event id>`, with an `expiresAt` time in seconds for the table's TTL) so that a
 /// raise stored twice counts once. A raise is stored in one transaction with its fault. The
 /// sink of a fault monitor's pipeline, and a [`FaultStore`].
@@ -36,6 +37,10 @@ const RAISE_MEMORY_SECS: i64 = 24 * 3600;
 
 /// The key prefix of raise items.
 const RAISE_PREFIX: &str = "raise#";
+
+/// The resubmissions a fault's item keeps, the latest (each entry's detail at most 1 KiB):
+/// with a fault fitted to 350 KiB, the item stays under DynamoDB's 400 KB.
+const RESUBMISSIONS_KEPT: usize = 30;
 
 fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
@@ -198,7 +203,12 @@ impl DynamoDbFaults {
     }
 
     async fn scan(&self, filter: &FaultFilter) -> Result<Vec<StoredFault>, Error> {
-        let request = self.client.scan().table_name(&self.table);
+        // Read strongly: a fault stored a moment ago is listed, and resubmitted.
+        let request = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .consistent_read(true);
         let mut out: Vec<StoredFault> = crate::scan_items(request)
             .await?
             .iter()
@@ -224,34 +234,72 @@ impl DynamoDbFaults {
     }
 
     async fn record(&self, id: &str, outcome: ResubmitOutcome, detail: &str) -> Result<(), Error> {
-        // Two resubmissions in one millisecond keep their order.
-        let last = self.resubmissions(id).await?.last().map_or(0, |r| r.at + 1);
-        let now = floodway::event::now_millis().max(last);
-        let entry = AttributeValue::M(HashMap::from([
-            ("at".to_owned(), n(now)),
-            ("outcome".to_owned(), s(outcome.as_str())),
-            ("detail".to_owned(), s(detail)),
-        ]));
-        let mut update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(id))
-            .expression_attribute_values(":e", AttributeValue::L(vec![entry]))
-            .expression_attribute_values(":empty", AttributeValue::L(Vec::new()));
-        update = if outcome == ResubmitOutcome::Succeeded {
-            update
-                .update_expression(
-                    "SET resubmissions = list_append(if_not_exists(resubmissions, :empty), :e), resolvedAt = :now",
-                )
-                .expression_attribute_values(":now", n(now))
-        } else {
-            update.update_expression(
-                "SET resubmissions = list_append(if_not_exists(resubmissions, :empty), :e)",
-            )
+        // The fault's item holds its history, and an item is at most 400 KB: each entry's
+        // detail is clipped and the latest RESUBMISSIONS_KEPT kept, so that a long history
+        // never keeps the fault from being raised again (its update would be refused).
+        let detail = floodway::fault::clipped(detail, 1024);
+        let entry = |at: i64| {
+            AttributeValue::M(HashMap::from([
+                ("at".to_owned(), n(at)),
+                ("outcome".to_owned(), s(outcome.as_str())),
+                ("detail".to_owned(), s(detail.as_ref())),
+            ]))
         };
-        update.send().await.map_err(classify)?;
-        Ok(())
+        // A history read, then written whole on the condition that no entry came since: two
+        // recordings at once do not lose one.
+        for _ in 0..5 {
+            let history = self.resubmissions(id).await?;
+            // Two resubmissions in one millisecond keep their order.
+            let last = history.last().map_or(0, |r| r.at + 1);
+            let now = floodway::event::now_millis().max(last);
+            let mut update = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", s(id));
+            let mut set = if history.len() < RESUBMISSIONS_KEPT {
+                update = update
+                    .expression_attribute_values(":e", AttributeValue::L(vec![entry(now)]))
+                    .expression_attribute_values(":empty", AttributeValue::L(Vec::new()));
+                "SET resubmissions = list_append(if_not_exists(resubmissions, :empty), :e)"
+                    .to_owned()
+            } else {
+                let kept = history[history.len() + 1 - RESUBMISSIONS_KEPT..]
+                    .iter()
+                    .map(|r| {
+                        AttributeValue::M(HashMap::from([
+                            ("at".to_owned(), n(r.at)),
+                            ("outcome".to_owned(), s(&r.outcome)),
+                            ("detail".to_owned(), s(&r.detail)),
+                        ]))
+                    })
+                    .chain([entry(now)])
+                    .collect();
+                update = update
+                    .expression_attribute_values(":all", AttributeValue::L(kept))
+                    .expression_attribute_values(":len", n(history.len() as i64))
+                    .condition_expression("size(resubmissions) = :len");
+                "SET resubmissions = :all".to_owned()
+            };
+            if outcome == ResubmitOutcome::Succeeded {
+                set.push_str(", resolvedAt = :now");
+                update = update.expression_attribute_values(":now", n(now));
+            }
+            match update.update_expression(set).send().await {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(classify(e)),
+            }
+        }
+        Err(Error::transient_msg(
+            "AwsUnavailable",
+            format!("the resubmissions of fault {id} kept changing while one was recorded"),
+        ))
     }
 
     async fn resubmissions(&self, id: &str) -> Result<Vec<Resubmission>, Error> {

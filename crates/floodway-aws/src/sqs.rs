@@ -102,9 +102,13 @@ floodway::impl_sink!(SqsSink, write);
 /// The class of an entry SQS did not take: by its code first (a sender fault such as a KMS
 /// key it cannot use is the configuration's, not the message's; a throttle, such as
 /// `KMS.ThrottlingException` on an encrypted queue, is a throttle whoever SQS blames); an
-/// unknown code that SQS calls the sender's fault is the message's (poison).
+/// unknown code that SQS calls the sender's fault is the message's (poison), one it does not
+/// is its own (transient).
 fn entry_error(code: &str, message: &str, sender_fault: bool) -> Error {
     let by_code = classify_code(code, message);
+    if !sender_fault && by_code.class() == floodway::ErrorClass::Poison {
+        return Error::transient_msg("AwsUnavailable", format!("{code}: {message}"));
+    }
     // KMS's own transient codes stay transient, whatever SQS blames (its key is briefly
     // unavailable to SQS, not the message's fault).
     if sender_fault
@@ -133,6 +137,9 @@ mod tests {
         assert_eq!(e.class(), ErrorClass::Transient);
         let e = entry_error("InvalidMessageContents", "bad", true);
         assert_eq!(e.class(), ErrorClass::Poison);
+        // A code not known here that SQS says is not the sender's: sent again, not faulted.
+        let e = entry_error("SomethingNewServerSide", "oops", false);
+        assert_eq!(e.class(), ErrorClass::Transient);
         let e = entry_error("KMS.KeyUnavailableException", "key unavailable", true);
         assert_eq!(e.class(), ErrorClass::Transient);
     }

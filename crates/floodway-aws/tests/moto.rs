@@ -609,6 +609,33 @@ async fn s3_lake_claim_checks_and_fault_stores() {
         store.fault(&id).await.unwrap().unwrap().status,
         FaultStatus::Open
     );
+
+    // A long history of failed resubmissions with long answers fits the item (400 KB at
+    // most): details clipped, the latest thirty kept, the newest last.
+    let long = "x".repeat(60 * 1024);
+    for i in 0..60 {
+        store
+            .record_resubmission_of(&id, ResubmitOutcome::Failed, &format!("{i} {long}"))
+            .await
+            .unwrap_or_else(|e| panic!("{i}: {e}"));
+    }
+    let history = store.resubmissions_of(&id).await.unwrap();
+    assert_eq!(history.len(), 30);
+    assert!(
+        history[29].detail.starts_with("59 x"),
+        "{}",
+        &history[29].detail[..8]
+    );
+    assert!(history[29].detail.len() <= 1024 + 8);
+    assert!(history.windows(2).all(|w| w[0].at < w[1].at));
+    // And raising it again still updates it.
+    send(store.clone(), std::slice::from_ref(&again))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.fault(&id).await.unwrap().unwrap().status,
+        FaultStatus::Open
+    );
     send(
         S3Faults::new(&config, "lake", "faults"),
         &[fault.clone(), fault.clone()],

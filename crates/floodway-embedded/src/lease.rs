@@ -101,10 +101,13 @@ fn gone(holder: &LeaseHolder, process: &str) -> bool {
 }
 
 /// Whether `kill -0 pid` says there is no such process (an existing process that may not be
-/// signalled is alive).
+/// signalled is alive). Its message is read in the C locale: translated, it would say nothing
+/// here, and a dead holder would be waited out.
 fn no_such_process(pid: u32) -> bool {
     match std::process::Command::new("kill")
         .args(["-0", &pid.to_string()])
+        .env("LC_ALL", "C")
+        .env_remove("LANGUAGE")
         .output()
     {
         Ok(out) if out.status.success() => false,
