@@ -9,7 +9,8 @@ use crate::classify::{classify, failed_entries};
 use crate::{deliver_in_chunks, KINESIS};
 
 /// Publishes events to a stream, 500 records and 5 MiB per call, each with the event's
-/// partition key (so a key keeps its order within its shard). The records the service failed
+/// partition key (so a key keeps its order within its shard; a key over Kinesis' 256
+/// characters is sent as a stable id of it, the event's id when it is empty). The records the service failed
 /// (throughput exceeded, internal) are reported, each with the records of its key that came
 /// after it and the records of later calls, so that only those are sent again and a key's
 /// order holds (a later record may be stored twice; readers are idempotent). A record over
@@ -34,7 +35,12 @@ impl KinesisSink {
         let mut entries = Vec::with_capacity(batch.len());
         for (i, e) in batch.events().enumerate() {
             let data = e.to_bytes();
-            if data.len() + e.partition_key().len() > KINESIS.entry {
+            let key = record_key(if e.partition_key().is_empty() {
+                e.id()
+            } else {
+                e.partition_key()
+            });
+            if data.len() + key.len() > KINESIS.entry {
                 delivery.fail(
                     i,
                     Error::poison_msg(
@@ -48,11 +54,6 @@ impl KinesisSink {
                 );
                 continue;
             }
-            let key = if e.partition_key().is_empty() {
-                e.id()
-            } else {
-                e.partition_key()
-            };
             let entry = PutRecordsRequestEntry::builder()
                 .partition_key(key)
                 .data(Blob::new(data))
@@ -95,6 +96,16 @@ impl KinesisSink {
             },
         )
         .await
+    }
+}
+
+/// The partition key of a record: the event's, or, over Kinesis' 256 characters, a stable id
+/// of it (the same key always maps to the same one, so its records stay in one shard, in
+/// order; readers take the key from the event, not the record).
+fn record_key(key: &str) -> String {
+    match key.chars().count() > 256 {
+        true => floodway::event::stable_id(&[key]),
+        false => key.to_owned(),
     }
 }
 

@@ -10,7 +10,9 @@ use crate::{deliver_in_chunks, SQS};
 /// Sends events to a queue, 10 messages and 256 KiB per call, and reports the messages the
 /// service failed: through no fault of theirs, they are retried alone; a message the service
 /// rejects as the sender's fault, or over 256 KiB, is poison. On a FIFO queue the partition
-/// key is the message group and the event id the deduplication id.
+/// key is the message group and the event id the deduplication id (each sent as a stable id of
+/// it when SQS would not take it: empty, over 128 characters, or with characters other than
+/// letters, digits and ASCII punctuation).
 #[derive(Debug, Clone)]
 pub struct SqsSink {
     client: Client,
@@ -53,8 +55,8 @@ impl SqsSink {
                 .message_body(body);
             if self.fifo {
                 entry = entry
-                    .message_group_id(e.partition_key())
-                    .message_deduplication_id(e.id());
+                    .message_group_id(fifo_token(e.partition_key()))
+                    .message_deduplication_id(fifo_token(e.id()));
             }
             match entry.build() {
                 Ok(entry) => entries.push((i, entry)),
@@ -98,6 +100,21 @@ impl SqsSink {
 }
 
 floodway::impl_sink!(SqsSink, write);
+
+/// A message group or deduplication id for `value`: itself when SQS takes it (1 to 128
+/// characters, letters, digits and ASCII punctuation), else a stable id of it, so that one key
+/// is always one group (in order) and one event id one deduplication id. An empty partition
+/// key is a group of its own.
+fn fifo_token(value: &str) -> String {
+    let taken = (1..=128).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b.is_ascii_punctuation());
+    match taken {
+        true => value.to_owned(),
+        false => floodway::event::stable_id(&[value]),
+    }
+}
 
 /// The class of an entry SQS did not take: by its code first (a sender fault such as a KMS
 /// key it cannot use is the configuration's, not the message's; a throttle, such as

@@ -128,8 +128,12 @@ async fn kinesis_sink_and_stream_through_the_simulator_and_a_real_handler() {
         .send()
         .await
         .unwrap();
-    // 600 events: two calls (500 + 100).
-    let events = generate::orders(600, 21);
+    // 600 events: two calls (500 + 100); one keyed by more than Kinesis' 256 characters.
+    let mut events = generate::orders(600, 21);
+    events[550] = Event::builder("order-noted", "k".repeat(300))
+        .id("e-long-key")
+        .timestamp(events[550].timestamp())
+        .build();
     send(KinesisSink::new(&config, "orders"), &events)
         .await
         .unwrap();
@@ -228,6 +232,26 @@ async fn eventbridge_and_sqs_sinks_deliver_every_event() {
     let bodies = receive(&sqs, &queue, 25, str::to_owned).await;
     let sent: HashSet<String> = events.iter().map(Event::to_json).collect();
     assert_eq!(bodies, sent);
+
+    // A FIFO queue takes groups and deduplication ids of letters, digits and punctuation, 1
+    // to 128 of them: keys and ids it would refuse are sent as stable ids of themselves.
+    let fifo = sqs
+        .create_queue()
+        .queue_name("orders.fifo")
+        .attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    let odd: Vec<Event> = [("", "e-1"), ("o 1", "e 2"), (&"k".repeat(200)[..], "e-3")]
+        .iter()
+        .map(|(key, id)| Event::builder("order-noted", *key).id(*id).build())
+        .collect();
+    send(SqsSink::new(&config, &fifo), &odd).await.unwrap();
+    let bodies = receive(&sqs, &fifo, 3, str::to_owned).await;
+    assert_eq!(bodies, odd.iter().map(Event::to_json).collect());
 
     // EventBridge to a queue through a rule: every event arrives as an entry's detail.
     let events_client = aws_sdk_eventbridge::Client::new(&config);
