@@ -66,7 +66,7 @@ impl EventBridgeSink {
             }
         }
         let limits = (EVENTBRIDGE.entries, EVENTBRIDGE.bytes - 1);
-        deliver_in_chunks(delivery, entries, limits, size, false, |entries| {
+        deliver_in_chunks(delivery, entries, limits, size, None, |entries| {
             let client = self.client.clone();
             async move {
                 let out = client

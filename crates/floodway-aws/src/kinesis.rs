@@ -66,12 +66,13 @@ impl KinesisSink {
         let size = |e: &PutRecordsRequestEntry| {
             e.data().as_ref().len() + e.partition_key().map_or(0, str::len)
         };
+        let key = |e: &PutRecordsRequestEntry| e.partition_key().unwrap_or_default().to_owned();
         deliver_in_chunks(
             delivery,
             entries,
             (KINESIS.entries, KINESIS.bytes),
             size,
-            true,
+            Some(&key),
             |records| {
                 let (client, stream) = (self.client.clone(), self.stream.clone());
                 async move {

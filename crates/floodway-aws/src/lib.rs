@@ -112,15 +112,17 @@ pub(crate) const SQS: CallLimits = CallLimits {
 /// A first chunk that fails as a whole fails the call (nothing was delivered: the stack
 /// retries it, or bisects it to find a poison entry), as does a poison or fatal failure of a
 /// later one. A later chunk failing for another reason fails its entries and every entry after
-/// it, which are not sent: the stack sends again only those. With `ordered`, a chunk with any
-/// failed entry also stops the chunks after it, so that no entry overtakes an earlier one of
-/// its key.
+/// it, which are not sent: the stack sends again only those. With a `key` (the entries'
+/// order key: a partition key, a message group), an entry failed in a chunk also holds back
+/// the later entries of its key, not sent, so that none overtakes it; the other keys' entries
+/// go on (held back for a key they do not share, they would wait on it, and be faulted with
+/// it when its retries give up, never sent).
 pub(crate) async fn deliver_in_chunks<T, F, Fut>(
     mut delivery: Delivery,
     entries: Vec<(usize, T)>,
     (count, bytes): (usize, usize),
     size: impl Fn(&T) -> usize,
-    ordered: bool,
+    key: Option<&(dyn Fn(&T) -> String + Sync)>,
     mut send: F,
 ) -> Result<Delivery, floodway::Error>
 where
@@ -129,8 +131,25 @@ where
 {
     let mut chunks = chunks(entries, count, bytes, |(_, t)| size(t)).into_iter();
     let mut sent = false;
+    // The keys with an entry failed: their later entries are held back.
+    let mut held: std::collections::HashSet<String> = std::collections::HashSet::new();
     while let Some(chunk) = chunks.next() {
-        let (positions, items): (Vec<usize>, Vec<T>) = chunk.into_iter().unzip();
+        let mut keys = Vec::with_capacity(chunk.len());
+        let mut kept = Vec::with_capacity(chunk.len());
+        for (p, item) in chunk {
+            let k = key.map(|key| key(&item));
+            match k {
+                Some(k) if held.contains(&k) => delivery.fail(p, not_sent()),
+                _ => {
+                    keys.push(k);
+                    kept.push((p, item));
+                }
+            }
+        }
+        if kept.is_empty() {
+            continue;
+        }
+        let (positions, items): (Vec<usize>, Vec<T>) = kept.into_iter().unzip();
         let failed = match send(items).await {
             Ok(failed) => failed,
             Err(e)
@@ -153,26 +172,24 @@ where
             }
         };
         sent = true;
-        let stop = ordered && !failed.is_empty();
         for (i, e) in failed {
             if let Some(&p) = positions.get(i) {
                 delivery.fail(p, e);
+                if let Some(Some(k)) = keys.get(i) {
+                    held.insert(k.clone());
+                }
             }
-        }
-        if stop {
-            for (p, _) in chunks.flatten() {
-                delivery.fail(
-                    p,
-                    floodway::Error::transient_msg(
-                        "NotSent",
-                        "an earlier record of the batch failed; sent again after it",
-                    ),
-                );
-            }
-            break;
         }
     }
     Ok(delivery)
+}
+
+/// The failure of an entry held back behind an earlier failed entry of its key.
+fn not_sent() -> floodway::Error {
+    floodway::Error::transient_msg(
+        "NotSent",
+        "an earlier record of its key failed; sent again after it",
+    )
 }
 
 /// Every item a DynamoDB scan returns, all pages.
@@ -233,12 +250,14 @@ mod tests {
     ) -> (Result<Delivery, Error>, Vec<Vec<usize>>) {
         let mut calls = Vec::new();
         let entries = (0..n).map(|i| (i, i)).collect();
+        // Ordered, the entries alternate between two keys: even and odd.
+        let key = |i: &usize| (i % 2).to_string();
         let outcome = deliver_in_chunks(
             Delivery::complete(),
             entries,
             (2, usize::MAX),
             |_| 1,
-            ordered,
+            ordered.then_some(&key as &(dyn Fn(&usize) -> String + Sync)),
             |items: Vec<usize>| {
                 calls.push(items.clone());
                 let answer = script(calls.len(), &items);
@@ -304,14 +323,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn ordered_chunks_stop_at_the_first_failure() {
+    async fn ordered_chunks_hold_back_the_later_entries_of_a_failed_key_only() {
+        // Entry 0 (key "even") is throttled: entries 2 and 4 of its key are held back, not
+        // sent; the odd key's go on.
         let (delivery, calls) = deliver(6, true, |call, _| match call {
             1 => Ok(vec![(0, Error::throttled_msg("Throttled", "slow down"))]),
             _ => Ok(Vec::new()),
         })
         .await;
-        assert_eq!(calls.len(), 1);
-        assert_eq!(failed_positions(&delivery.unwrap()), vec![0, 2, 3, 4, 5]);
+        assert_eq!(calls, vec![vec![0, 1], vec![3], vec![5]]);
+        let delivery = delivery.unwrap();
+        assert_eq!(failed_positions(&delivery), vec![0, 2, 4]);
+        let held: Vec<&str> = delivery.failed().iter().map(|(_, e)| e.name()).collect();
+        assert_eq!(held.iter().filter(|n| **n == "NotSent").count(), 2);
     }
 
     #[test]

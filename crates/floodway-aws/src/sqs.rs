@@ -65,13 +65,15 @@ impl SqsSink {
         }
         let size = |e: &SendMessageBatchRequestEntry| e.message_body().len();
         // A FIFO queue keeps a group's order only if no message overtakes a failed one.
-        let ordered = self.fifo;
+        let group =
+            |m: &SendMessageBatchRequestEntry| m.message_group_id().unwrap_or_default().to_owned();
         deliver_in_chunks(
             delivery,
             entries,
             (SQS.entries, SQS.bytes),
             size,
-            ordered,
+            self.fifo
+                .then_some(&group as &(dyn Fn(&SendMessageBatchRequestEntry) -> String + Sync)),
             |messages| {
                 let (client, url) = (self.client.clone(), self.queue_url.clone());
                 async move {
