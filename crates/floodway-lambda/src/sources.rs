@@ -1020,9 +1020,25 @@ struct Change {
     sequence: Option<Box<RawValue>>,
 }
 
+/// Whether the double `f` read from the decimal `text` is the same number: the significant
+/// digits of the text (those a double always keeps, up to 15, or the ones it prints back).
+fn holds_exactly(text: &str, f: f64) -> bool {
+    fn significant(text: &str) -> String {
+        let mantissa = text.split(['e', 'E']).next().unwrap_or_default();
+        let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+        digits
+            .trim_start_matches('0')
+            .trim_end_matches('0')
+            .to_owned()
+    }
+    let digits = significant(text);
+    digits.len() <= 15 || digits == significant(&format!("{f:e}"))
+}
+
 /// A DynamoDB item (attribute name to typed value, as streams deliver it) as plain JSON, the
 /// way `@aws-sdk/util-dynamodb`'s `unmarshall` reads it: numbers as numbers (an integer too
-/// large for 64 bits as its text, where `unmarshall` refuses it, rather than rounded), sets and
+/// large for 64 bits, or a decimal with more digits than a double keeps, as its text, where
+/// `unmarshall` refuses it, rather than rounded), sets and
 /// lists as arrays, binary as base64 text.
 ///
 /// # Errors
@@ -1047,10 +1063,12 @@ pub fn unmarshall(item: &Value) -> Result<Value, String> {
                 return Ok(Value::from(n));
             }
             let integer = text.bytes().all(|b| b.is_ascii_digit() || b == b'-');
+            // A decimal with more digits than a double holds (DynamoDB keeps 38) stays text,
+            // as an integer too large does: rounded, it would be another number, unsaid.
             Ok(text
                 .parse::<f64>()
                 .ok()
-                .filter(|_| !integer)
+                .filter(|f| !integer && holds_exactly(text, *f))
                 .and_then(serde_json::Number::from_f64)
                 .map_or_else(|| Value::String(text.to_owned()), Value::Number))
         };
@@ -1425,6 +1443,7 @@ mod tests {
     fn items_unmarshall_as_util_dynamodb_reads_them() {
         let item = json!({
             "pk": {"S": "a"}, "n": {"N": "5"}, "f": {"N": "1.5"}, "big": {"N": "123456789012345678901234567890"},
+            "fine": {"N": "-0.000123456789012345e-3"}, "precise": {"N": "12345678901234567890.5"},
             "ok": {"BOOL": true}, "none": {"NULL": true}, "ss": {"SS": ["x", "y"]}, "ns": {"NS": ["1", "2"]},
             "l": {"L": [{"S": "v"}, {"N": "3"}]}, "m": {"M": {"inner": {"S": "w"}}}, "b": {"B": "AAE="}
         });
@@ -1432,6 +1451,7 @@ mod tests {
             unmarshall(&item).unwrap(),
             json!({
                 "pk": "a", "n": 5, "f": 1.5, "big": "123456789012345678901234567890", "ok": true, "none": null,
+                "fine": -0.000000123456789012345, "precise": "12345678901234567890.5",
                 "ss": ["x", "y"], "ns": [1, 2], "l": ["v", 3], "m": {"inner": "w"}, "b": "AAE="
             })
         );
