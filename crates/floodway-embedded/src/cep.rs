@@ -912,7 +912,7 @@ impl CepTimers {
             let report =
                 tokio::task::spawn_blocking(move || table.fire_due(until, &rules, ttl, 1_000))
                     .await
-                    .map_err(|e| HubError::Invalid(format!("the timer task failed: {e}")))??;
+                    .map_err(|e| HubError::Task(format!("the timer task failed: {e}")))??;
             total.timers_fired += report.timers_fired;
             total.emitted += report.emitted;
             if report.timers_fired == 1_000 {

@@ -93,6 +93,10 @@ pub enum HubError {
     /// The hub's writer has stopped (the hub is closing).
     #[error("the hub's writer has stopped")]
     Closed,
+    /// A task or thread of the hub's own failed (a panic, a thread that could not start):
+    /// fatal, not a fault of the event at hand.
+    #[error("{0}")]
+    Task(String),
     /// SQLite failed.
     #[error("hub storage: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -203,5 +207,24 @@ pub struct LeaseHolder {
 impl std::fmt::Display for LeaseHolder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "process {} on host {}", self.pid, self.host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_have_the_runtimes_classes() {
+        // A task of the hub's own failing is not the event's fault: fatal, never poison.
+        let task = HubError::Task("commit task: panicked".into());
+        assert_eq!(task.class(), ErrorClass::Fatal);
+        assert_eq!(Error::from(task).class(), ErrorClass::Fatal);
+        assert_eq!(HubError::Invalid("x".into()).class(), ErrorClass::Poison);
+        let busy = HubError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        ));
+        assert_eq!(busy.class(), ErrorClass::Transient);
     }
 }

@@ -284,7 +284,7 @@ impl Lease {
                     _ => return,
                 }
             })
-            .map_err(|e| HubError::Invalid(format!("cannot start the lease thread: {e}")))?;
+            .map_err(|e| HubError::Task(format!("cannot start the lease thread: {e}")))?;
         Ok(Lease {
             shared,
             _stop: stop,

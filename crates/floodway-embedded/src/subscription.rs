@@ -272,7 +272,7 @@ impl Hub {
                 match tokio::runtime::Handle::try_current() {
                     Ok(_) => tokio::task::spawn_blocking(open)
                         .await
-                        .map_err(|e| HubError::Invalid(format!("opening the subscription: {e}")))?,
+                        .map_err(|e| HubError::Task(format!("opening the subscription: {e}")))?,
                     Err(_) => open(),
                 }
             };
@@ -560,7 +560,7 @@ impl Checkpointer for SubscriptionCheckpointer {
         let stored = match tokio::runtime::Handle::try_current() {
             Ok(_) => tokio::task::spawn_blocking(store)
                 .await
-                .unwrap_or_else(|e| Err(HubError::Invalid(format!("commit task: {e}")))),
+                .unwrap_or_else(|e| Err(HubError::Task(format!("commit task: {e}")))),
             Err(_) => store(),
         };
         stored.map_err(|e| CommitError { cause: Box::new(e) })
