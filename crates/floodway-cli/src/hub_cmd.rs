@@ -32,6 +32,10 @@ pub(crate) enum HubCommand {
         /// Store every event even if its id was published recently.
         #[arg(long)]
         no_dedupe: bool,
+        /// Start at this line of the input (1 is the first): to go on from where a publish
+        /// that stopped says it got to.
+        #[arg(long, value_name = "LINE", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        from_line: u64,
     },
     /// Print events as JSON lines: the last few, then new ones with `--follow`.
     ///
@@ -127,7 +131,8 @@ pub(crate) async fn run(command: HubCommand) -> anyhow::Result<()> {
             input,
             atomic,
             no_dedupe,
-        } => publish(hub, input, atomic, no_dedupe).await,
+            from_line,
+        } => publish(hub, input, atomic, no_dedupe, from_line).await,
         HubCommand::Tail {
             hub,
             event_type,
@@ -157,12 +162,15 @@ const PUBLISH_CHUNK: usize = 1_000;
 /// Publishes a file of JSON lines as it reads it: memory stays flat whatever the file's size
 /// (one chunk of events at a time), and a bar shows the bytes read. Bad lines are reported as
 /// they are met. With `--atomic`, every line is checked in a first pass before anything is
-/// stored (standard input is first copied to a temporary file for that).
+/// stored (standard input is first copied to a temporary file for that). Stopped (an error,
+/// Ctrl-C, SIGTERM), it says the line the events stored go through, to go on with
+/// `--from-line`; a chunk being committed is committed first.
 async fn publish(
     args: HubArgs,
     input: PathBuf,
     atomic: bool,
     no_dedupe: bool,
+    from_line: u64,
 ) -> anyhow::Result<()> {
     let mut spool = None;
     let path = if input.as_os_str() != "-" {
@@ -177,6 +185,7 @@ async fn publish(
     };
     if atomic {
         let mut lines = Lines::open(path.as_deref(), &input, "checking")?;
+        lines.skip_to(from_line)?;
         while lines.next_event()?.is_some() {}
         lines.bar.finish_and_clear();
         if lines.rejected > 0 {
@@ -189,10 +198,13 @@ async fn publish(
     }
     let hub = args.open_events(true).await?;
     let mut lines = Lines::open(path.as_deref(), &input, "publishing")?;
+    lines.skip_to(from_line)?;
     let bar = lines.bar.clone();
     // Lines are read and decoded on a thread of their own while the previous chunk is being
-    // committed; the channel holds two chunks, so memory stays flat.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Vec<Event>>>(2);
+    // committed; the channel holds two chunks, so memory stays flat. Each chunk comes with
+    // the number of the last line it read.
+    type Chunk = anyhow::Result<(Vec<Event>, u64)>;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(2);
     let reader = std::thread::spawn(move || loop {
         let mut chunk = Vec::with_capacity(PUBLISH_CHUNK);
         while chunk.len() < PUBLISH_CHUNK {
@@ -201,29 +213,44 @@ async fn publish(
                 Ok(None) => break,
                 Err(err) => {
                     // What was read before the failure is published first.
-                    if !chunk.is_empty() {
-                        let _ = tx.blocking_send(Ok(std::mem::take(&mut chunk)));
-                    }
+                    let _ = tx.blocking_send(Ok((std::mem::take(&mut chunk), lines.number)));
                     let _ = tx.blocking_send(Err(err));
                     return lines;
                 }
             }
         }
         let last = chunk.len() < PUBLISH_CHUNK;
-        if (!chunk.is_empty() && tx.blocking_send(Ok(chunk)).is_err()) || last {
+        if tx.blocking_send(Ok((chunk, lines.number))).is_err() || last {
             return lines;
         }
     });
     let (mut stored, mut duplicates) = (0, 0);
-    while let Some(chunk) = rx.recv().await {
+    // The line the events stored go through.
+    let mut through = from_line - 1;
+    let stopped = |stored: u64, through: u64| Stopped {
+        stored,
+        through,
+        no_dedupe,
+    };
+    let mut interrupted = std::pin::pin!(crate::util::shutdown_signal());
+    loop {
+        let chunk = tokio::select! {
+            chunk = rx.recv() => chunk,
+            () = &mut interrupted => {
+                bar.finish_and_clear();
+                bail!("interrupted: {}", stopped(stored, through));
+            }
+        };
+        let Some(chunk) = chunk else { break };
         // Cut short, the error says what is stored already.
-        let chunk = chunk.with_context(|| stored_so_far(stored, no_dedupe))?;
+        let (chunk, last_line) = chunk.with_context(|| stopped(stored, through))?;
         let receipt = hub
             .publish(&chunk, !no_dedupe)
             .await
-            .with_context(|| stored_so_far(stored, no_dedupe))?;
-        stored += receipt.stored;
+            .with_context(|| stopped(stored, through))?;
+        stored += receipt.stored as u64;
         duplicates += receipt.duplicates;
+        through = last_line;
         bar.set_message(format!("{stored} events stored"));
     }
     let lines = reader
@@ -241,17 +268,30 @@ async fn publish(
     Ok(())
 }
 
-/// What a publish cut short had stored: publishing the input again is safe within the hub's
-/// dedupe window (unless deduplication is off).
-fn stored_so_far(stored: impl std::fmt::Display, no_dedupe: bool) -> String {
-    format!(
-        "stopped after {stored} events stored{}",
-        if no_dedupe {
-            ""
-        } else {
-            "; publishing the input again skips them within the dedupe window"
+/// What a publish cut short had stored, and how to go on: from the line after it (publishing
+/// the whole input again also skips what is stored, within the hub's dedupe window, unless
+/// deduplication is off).
+struct Stopped {
+    stored: u64,
+    through: u64,
+    no_dedupe: bool,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} events stored, from the input's lines through line {}; go on with \
+             --from-line {}",
+            self.stored,
+            self.through,
+            self.through + 1
+        )?;
+        if !self.no_dedupe {
+            f.write_str(" (publishing the whole input again skips what is stored, within the hub's dedupe window)")?;
         }
-    )
+        Ok(())
+    }
 }
 
 /// The events of a JSON-lines input, read one line at a time into one buffer.
@@ -260,7 +300,7 @@ struct Lines {
     /// Bytes, not text: a line that is not UTF-8 is a line that is not an event, not a
     /// failure of the whole input.
     line: Vec<u8>,
-    number: usize,
+    number: u64,
     events: u64,
     rejected: u64,
     bar: indicatif::ProgressBar,
@@ -293,6 +333,23 @@ impl Lines {
             rejected: 0,
             bar: bytes_progress(size, what),
         })
+    }
+
+    /// Reads through the lines before line `first` (1 is the first), without decoding them.
+    fn skip_to(&mut self, first: u64) -> anyhow::Result<()> {
+        while self.number + 1 < first {
+            let read = skip_line(&mut self.reader)
+                .with_context(|| format!("reading line {}", self.number + 1))?;
+            if read == 0 {
+                bail!(
+                    "the input has {} lines, none from line {first}",
+                    self.number
+                );
+            }
+            self.number += 1;
+            self.bar.inc(read);
+        }
+        Ok(())
     }
 
     /// The next event, or `None` at the end; a line that is no event is reported on standard

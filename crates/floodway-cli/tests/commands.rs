@@ -552,6 +552,83 @@ fn publish_streams_its_input_and_atomic_is_all_or_nothing_from_a_file_or_standar
     says(&full, "cannot write the output");
 }
 
+/// A publish interrupted midway says the line the events stored go through, and
+/// `--from-line` goes on from the next: every event stored once, with deduplication off.
+#[test]
+fn an_interrupted_publish_says_where_to_go_on_from() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lines: Vec<String> = (0..2_500u32)
+        .map(|i| order_line(i, "submitted", i.into(), i, "", r#"{"id":"o"}"#))
+        .collect();
+    let count = || {
+        let out = floodway(d, &["hub", "stats", "--hub", "hub.db"]);
+        text(&out)
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("all")?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Standard input held open after 1,500 lines: the first chunk (1,000) is stored, and
+    // the publish waits for more when it is interrupted.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_floodway"))
+        .current_dir(d)
+        .args(["hub", "publish", "--hub", "hub.db", "--no-dedupe", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for line in &lines[..1_500] {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    stdin.flush().unwrap();
+    let started = std::time::Instant::now();
+    while count() < 1_000 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "nothing stored"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    common::signal(&child, "-INT");
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert!(!out.status.success(), "{}", text(&out));
+    says(&out, "interrupted: 1000 events stored");
+    says(&out, "through line 1000; go on with --from-line 1001");
+    std::fs::write(d.join("orders.jsonl"), lines.join("\n")).unwrap();
+    let out = floodway(
+        d,
+        &[
+            "hub",
+            "publish",
+            "--hub",
+            "hub.db",
+            "--no-dedupe",
+            "--from-line",
+            "1001",
+            "orders.jsonl",
+        ],
+    );
+    says(&out, "published 1500 events");
+    assert_eq!(count(), 2_500, "every event once");
+    let out = floodway(
+        d,
+        &[
+            "hub",
+            "publish",
+            "--hub",
+            "hub.db",
+            "--from-line",
+            "9999",
+            "orders.jsonl",
+        ],
+    );
+    says(&out, "the input has 2500 lines, none from line 9999");
+}
+
 /// Turns the hub `hub.db` in `d` back into what an earlier build made (format version 2):
 /// its views in the hub file, no views file.
 fn as_made_before(d: &Path) {
