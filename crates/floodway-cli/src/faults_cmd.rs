@@ -492,8 +492,25 @@ async fn resubmit_plan<'a>(
     }
     let limiter = RateLimiter::per_second(rate)?;
     let bar = progress(plan.len() as u64, "resubmitting");
+    // Ctrl-C or SIGTERM stops it between two faults: the one being resubmitted is finished
+    // and its outcome recorded (stopped in between, its record could be applied and the
+    // fault left open, to be sent again).
+    let mut interrupted = std::pin::pin!(crate::util::shutdown_signal());
     for fault in plan {
-        limiter.acquire().await;
+        tokio::select! {
+            biased;
+            () = &mut interrupted => {
+                bar.finish_and_clear();
+                bail!(
+                    "interrupted: stopped after {} resubmitted ({} succeeded, {} failed); \
+                     the rest are still open",
+                    outcome.succeeded + outcome.failed,
+                    outcome.succeeded,
+                    outcome.failed
+                );
+            }
+            () = limiter.acquire() => {}
+        }
         let (result, detail) = resubmit(fault).await.map_err(|e| {
             bar.finish_and_clear();
             anyhow::anyhow!(

@@ -776,3 +776,52 @@ fn what_a_fault_quotes_is_printed_without_its_control_characters() {
         assert!(controls.is_empty(), "{controls:?}");
     }
 }
+
+/// `faults resubmit` interrupted finishes the fault it is sending and records it, says how
+/// many it resubmitted, and leaves the rest open: what it says is what the store holds.
+#[test]
+fn an_interrupted_resubmission_records_what_it_did_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = configure(d, |c| c);
+    // Forty orders without a ref: forty faults, resubmitted at five a second once fixed.
+    let lines: Vec<String> = (0..40u32)
+        .map(|i| {
+            order_line(
+                i,
+                "submitted",
+                i.into(),
+                i,
+                "",
+                &format!(r#"{{"id":"o-{i}"}}"#),
+            )
+        })
+        .collect();
+    publish_and_run(d, &lines, 40);
+    std::fs::write(d.join("floodway.toml"), fixed(&config)).unwrap();
+    let child = common::start(
+        d,
+        &[
+            "faults",
+            "resubmit",
+            "--config",
+            "floodway.toml",
+            "--rate",
+            "5",
+        ],
+        Stdio::piped(),
+        Stdio::piped(),
+    );
+    std::thread::sleep(Duration::from_millis(1_500));
+    common::signal(&child, "-INT");
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    let done: usize = said
+        .split("interrupted: stopped after ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!((1..40).contains(&done), "{said}");
+    assert_eq!(open_faults(d), 40 - done, "{said}");
+}
