@@ -285,6 +285,8 @@ impl DynamoDbFaults {
                 set.push_str(", resolvedAt = :now");
                 update = update.expression_attribute_values(":now", n(now));
             }
+            // Recorded, the resubmission's claim is released.
+            set.push_str(" REMOVE claimBy, claimUntil");
             match update.update_expression(set).send().await {
                 Ok(_) => return Ok(()),
                 Err(e)
@@ -355,6 +357,47 @@ impl FaultStore for DynamoDbFaults {
 
     fn resubmissions_of<'a>(&'a self, id: &'a str) -> HubFuture<'a, Vec<Resubmission>> {
         Box::pin(async move { Ok(self.resubmissions(id).await?) })
+    }
+
+    fn claim_resubmission<'a>(
+        &'a self,
+        id: &'a str,
+        claimant: &'a str,
+        lease: std::time::Duration,
+    ) -> HubFuture<'a, bool> {
+        Box::pin(async move {
+            let now = floodway::event::now_millis();
+            let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+            // Open (never resolved, or raised since), and not claimed by another unless that
+            // claim has expired: one conditional write decides.
+            let claimed = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", s(id))
+                .update_expression("SET claimBy = :by, claimUntil = :until")
+                .condition_expression(
+                    "attribute_exists(fault) \
+                     AND (attribute_not_exists(resolvedAt) OR lastRaised > resolvedAt) \
+                     AND (attribute_not_exists(claimUntil) OR claimUntil <= :now \
+                          OR claimBy = :by)",
+                )
+                .expression_attribute_values(":by", s(claimant))
+                .expression_attribute_values(":until", n(until))
+                .expression_attribute_values(":now", n(now))
+                .send()
+                .await;
+            match claimed {
+                Ok(_) => Ok(true),
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(classify(e).into()),
+            }
+        })
     }
 }
 

@@ -669,6 +669,19 @@ async fn s3_lake_claim_checks_and_fault_stores() {
     assert_eq!(objects_in_lake(&s3, "faults/shop/strict/").await, 1);
 }
 
+/// The DynamoDB fault store claims a fault for one resubmitter at a time, as every store does
+/// (the conformance scenario, against moto).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dynamodb_fault_store_claims_a_fault_for_one_resubmitter() {
+    let (_moto, config) = Moto::configured().await;
+    table(&config, "claims", false).await;
+    let store = DynamoDbFaults::new(&config, "claims");
+    floodway::testing::conformance::a_fault_is_claimed_by_one_resubmitter_at_a_time(Arc::new(
+        store,
+    ))
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubmission_invokes_the_function_with_only_the_failing_pipeline() {
     // The function: two pipelines; `strict` rejects orders until the fix is in.

@@ -12,7 +12,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
-use floodway::fault_store::{FaultFilter, FaultStatus, FaultStore, ResubmitOutcome, StoredFault};
+use floodway::fault_store::{
+    claimant, FaultFilter, FaultStatus, FaultStore, ResubmitOutcome, StoredFault, CLAIM_LEASE,
+};
 use floodway::layer::limit::rate::RateLimiter;
 use floodway::Processor;
 use floodway_processors::{from_config, Config, Hubs};
@@ -183,9 +185,13 @@ pub(crate) async fn run(command: FaultsCommand) -> anyhow::Result<()> {
             };
             if !dry_run {
                 say!(
-                    "resubmitted: {} succeeded, {} failed",
+                    "resubmitted: {} succeeded, {} failed{}",
                     outcome.succeeded,
-                    outcome.failed
+                    outcome.failed,
+                    match outcome.skipped {
+                        0 => String::new(),
+                        n => format!(", {n} skipped (resolved since, or resubmitted elsewhere)"),
+                    }
                 );
                 // A script must see that a fix did not take.
                 if outcome.failed > 0 {
@@ -316,7 +322,7 @@ async fn resubmit_to_lambda(
     }
     say!("{} open faults to resubmit to {}", plan.len(), to.function);
     let lambda = floodway_aws::LambdaResubmitter::new(&config, to.endpoint.as_deref(), to.function);
-    resubmit_plan(&plan, rate, dry_run, |fault| {
+    resubmit_plan(&store, &plan, rate, dry_run, |fault| {
         Box::pin(lambda.resubmit(&store, fault))
     })
     .await
@@ -352,6 +358,8 @@ const RESUBMIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30
 pub(crate) struct Resubmitted {
     pub(crate) succeeded: u64,
     pub(crate) failed: u64,
+    /// Resolved since the list was read, or being resubmitted by another process.
+    pub(crate) skipped: u64,
 }
 
 /// Resubmits one fault and records how it went; the outcome and its detail.
@@ -389,7 +397,7 @@ pub(crate) async fn resubmit_faults(
         planned.processors(hubs, config).await?
     };
     let (store, events, processors) = (&*store, &*hubs.events, &processors);
-    resubmit_plan(&planned.faults, rate, dry_run, |fault| {
+    resubmit_plan(store, &planned.faults, rate, dry_run, |fault| {
         Box::pin(resubmit_one(store, events, processors, fault))
     })
     .await
@@ -466,8 +474,11 @@ pub(crate) async fn resubmit_one(
 }
 
 /// Resubmits each fault of `plan` with `resubmit`, at most `rate` per second, with progress;
-/// or, for a dry run, says what it would resubmit.
+/// or, for a dry run, says what it would resubmit. Each fault is claimed in `store` first, so
+/// that one resolved since the plan was read, or being resubmitted by another process (a
+/// console, the command run twice), is skipped rather than sent again.
 async fn resubmit_plan<'a>(
+    store: &dyn FaultStore,
     plan: &'a [StoredFault],
     rate: u32,
     dry_run: bool,
@@ -476,6 +487,7 @@ async fn resubmit_plan<'a>(
     let mut outcome = Resubmitted {
         succeeded: 0,
         failed: 0,
+        skipped: 0,
     };
     if dry_run {
         for f in plan {
@@ -510,6 +522,21 @@ async fn resubmit_plan<'a>(
                 );
             }
             () = limiter.acquire() => {}
+        }
+        let claimed = store
+            .claim_resubmission(&fault.id, claimant(), CLAIM_LEASE)
+            .await
+            .map_err(unreadable)?;
+        if !claimed {
+            outcome.skipped += 1;
+            bar.suspend(|| {
+                eprintln!(
+                    "fault {}: resolved since, or being resubmitted elsewhere; skipped",
+                    fault.id
+                )
+            });
+            bar.inc(1);
+            continue;
         }
         let (result, detail) = resubmit(fault).await.map_err(|e| {
             bar.finish_and_clear();

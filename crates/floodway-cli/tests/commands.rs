@@ -825,3 +825,58 @@ fn an_interrupted_resubmission_records_what_it_did_and_says_so() {
     assert!((1..40).contains(&done), "{said}");
     assert_eq!(open_faults(d), 40 - done, "{said}");
 }
+
+/// Two `faults resubmit` at once over the same faults: each fault is claimed by one of them,
+/// resubmitted once and recorded once; the other skips it and says so.
+#[test]
+fn two_resubmissions_at_once_send_each_fault_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = configure(d, |c| c);
+    let lines: Vec<String> = (0..12u32)
+        .map(|i| {
+            order_line(
+                i,
+                "submitted",
+                i.into(),
+                i,
+                "",
+                &format!(r#"{{"id":"o-{i}"}}"#),
+            )
+        })
+        .collect();
+    publish_and_run(d, &lines, 12);
+    std::fs::write(d.join("floodway.toml"), fixed(&config)).unwrap();
+    let args = [
+        "faults",
+        "resubmit",
+        "--config",
+        "floodway.toml",
+        "--rate",
+        "20",
+    ];
+    let (a, b) = (
+        common::start(d, &args, Stdio::piped(), Stdio::piped()),
+        common::start(d, &args, Stdio::piped(), Stdio::piped()),
+    );
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let said = format!("{}\n{}", text(&a), text(&b));
+    assert!(a.status.success() && b.status.success(), "{said}");
+    let succeeded: u64 = [&a, &b]
+        .iter()
+        .map(|out| {
+            text(out)
+                .split("resubmitted: ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{said}"))
+        })
+        .sum();
+    assert_eq!(succeeded, 12, "{said}");
+    let store = open_hub(d).fault_store().unwrap();
+    for fault in store.list(&Default::default()).unwrap() {
+        let history = store.resubmissions(&fault.id).unwrap();
+        assert_eq!(history.len(), 1, "fault {}: {history:?}\n{said}", fault.id);
+    }
+    assert_eq!(open_faults(d), 0);
+}

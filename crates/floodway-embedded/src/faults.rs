@@ -317,8 +317,47 @@ impl FaultStore {
         if outcome == "succeeded" {
             tx.execute("UPDATE faults SET status = 'resolved' WHERE id = ?1", [id])?;
         }
+        tx.execute("DELETE FROM fault_claims WHERE fault = ?1", [id])?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Claims fault `id` for a resubmission by `claimant` until `lease` from now: true when
+    /// it is open and no other claimant's claim is live (see
+    /// [`FaultStore::claim_resubmission`](floodway::fault_store::FaultStore::claim_resubmission)).
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn claim_resubmission(
+        &self,
+        id: &str,
+        claimant: &str,
+        lease: std::time::Duration,
+    ) -> Result<bool, HubError> {
+        let mut conn = self.conn()?;
+        let lease = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        crate::busy::retry("fault store", self.busy_retry, || {
+            let _turn = self.gate.enter();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let open: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM faults WHERE id = ?1 AND status = 'open')",
+                [id],
+                |r| r.get(0),
+            )?;
+            if !open {
+                return Ok(false);
+            }
+            let now = now_millis();
+            let claimed = tx.execute(
+                "INSERT INTO fault_claims (fault, claimant, until) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (fault) DO UPDATE SET claimant = excluded.claimant, \
+                 until = excluded.until \
+                 WHERE fault_claims.until <= ?4 OR fault_claims.claimant = excluded.claimant",
+                (id, claimant, now.saturating_add(lease), now),
+            )? == 1;
+            tx.commit()?;
+            Ok(claimed)
+        })
     }
 
     /// A fault's resubmissions, oldest first.
@@ -388,5 +427,18 @@ impl floodway::fault_store::FaultStore for FaultStore {
 
     fn resubmissions_of<'a>(&'a self, id: &'a str) -> HubFuture<'a, Vec<Resubmission>> {
         Box::pin(async move { Ok(crate::blocking(|| self.resubmissions(id))?) })
+    }
+
+    fn claim_resubmission<'a>(
+        &'a self,
+        id: &'a str,
+        claimant: &'a str,
+        lease: std::time::Duration,
+    ) -> HubFuture<'a, bool> {
+        Box::pin(async move {
+            Ok(crate::blocking(|| {
+                FaultStore::claim_resubmission(self, id, claimant, lease)
+            })?)
+        })
     }
 }

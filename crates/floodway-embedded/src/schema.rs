@@ -108,6 +108,13 @@ CREATE TABLE IF NOT EXISTS leases (
     expires INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedupe_by_time ON dedupe (published);
+-- Resubmissions under way: one claimant per fault until its resubmission is recorded or
+-- `until` (ms since the epoch) passes (`crate::faults`).
+CREATE TABLE IF NOT EXISTS fault_claims (
+    fault TEXT PRIMARY KEY,
+    claimant TEXT NOT NULL,
+    until INTEGER NOT NULL
+) WITHOUT ROWID;
 ";
 
 /// Brings a hub file of this format up to what this build writes.

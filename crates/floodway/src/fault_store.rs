@@ -153,7 +153,35 @@ pub trait FaultStore: Send + Sync + Debug + 'static {
 
     /// A fault's resubmissions, oldest first.
     fn resubmissions_of<'a>(&'a self, id: &'a str) -> HubFuture<'a, Vec<Resubmission>>;
+
+    /// Claims fault `id` for one resubmission by `claimant` (see [`claimant`]) for `lease`,
+    /// the longest the resubmission may take: true when the fault is open and no other
+    /// claimant holds a claim on it that has not expired. Recording the resubmission
+    /// ([`record_resubmission_of`](Self::record_resubmission_of)) releases the claim, so that
+    /// two resubmitters (two consoles, a console and the command) never send one fault at
+    /// once, and neither sends a fault the other has just resolved. A store that cannot claim
+    /// answers true, as this default does.
+    fn claim_resubmission<'a>(
+        &'a self,
+        id: &'a str,
+        claimant: &'a str,
+        lease: std::time::Duration,
+    ) -> HubFuture<'a, bool> {
+        let _ = (id, claimant, lease);
+        Box::pin(async { Ok(true) })
+    }
 }
+
+/// This process's name as a claimant of resubmissions ([`FaultStore::claim_resubmission`]):
+/// its pid and a random number, the same for the life of the process.
+pub fn claimant() -> &'static str {
+    static CLAIMANT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CLAIMANT.get_or_init(|| format!("{}-{:016x}", std::process::id(), fastrand::u64(..)))
+}
+
+/// How long a claim on a fault's resubmission lasts unless its resubmission is recorded first:
+/// longer than any resubmission takes (a Lambda function runs up to 15 minutes).
+pub const CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(16 * 60);
 
 impl FaultFilter {
     /// Whether `fault` passes this filter (all but `limit`).
@@ -179,6 +207,8 @@ struct MemoryFaults {
     faults: HashMap<String, StoredFault>,
     raises: HashSet<String>,
     resubmissions: HashMap<String, Vec<Resubmission>>,
+    /// Fault id to claimant and until when (ms since the epoch).
+    claims: HashMap<String, (String, i64)>,
 }
 
 impl MemoryFaultStore {
@@ -292,7 +322,36 @@ impl FaultStore for MemoryFaultStore {
                     fault.status = FaultStatus::Resolved;
                 }
             }
+            state.claims.remove(id);
             Ok(())
+        })
+    }
+
+    fn claim_resubmission<'a>(
+        &'a self,
+        id: &'a str,
+        claimant: &'a str,
+        lease: std::time::Duration,
+    ) -> HubFuture<'a, bool> {
+        Box::pin(async move {
+            let mut state = self.state.lock().unwrap();
+            let open = state
+                .faults
+                .get(id)
+                .is_some_and(|f| f.status == FaultStatus::Open);
+            let now = now_millis();
+            let free = state
+                .claims
+                .get(id)
+                .is_none_or(|(by, until)| by == claimant || *until <= now);
+            if !(open && free) {
+                return Ok(false);
+            }
+            let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+            state
+                .claims
+                .insert(id.to_owned(), (claimant.to_owned(), until));
+            Ok(true)
         })
     }
 

@@ -316,6 +316,31 @@ impl Console {
                 skip(job, &planned.id, "being resubmitted by another job".into());
                 continue;
             };
+            // And by no other process (another console, the command): claimed in the store.
+            let claimed = self
+                .faults
+                .claim_resubmission(
+                    &planned.id,
+                    floodway::fault_store::claimant(),
+                    floodway::fault_store::CLAIM_LEASE,
+                )
+                .await;
+            match claimed {
+                Ok(true) => {}
+                Ok(false) => {
+                    let why = "resolved since the dry run, or being resubmitted elsewhere";
+                    skip(job, &planned.id, why.into());
+                    continue;
+                }
+                Err(e) => {
+                    skip(
+                        job,
+                        &planned.id,
+                        format!("cannot read the fault store: {e}"),
+                    );
+                    continue;
+                }
+            }
             // The fault as it is now: another job or the command may have resolved it since
             // the dry run, and a resolved fault is not applied again.
             let fault = match self.faults.fault(&planned.id).await {

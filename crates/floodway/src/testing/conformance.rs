@@ -669,6 +669,40 @@ pub async fn a_fault_store_resolves_and_reopens(store: SharedFaultStore) {
     assert_eq!(stored.message, "bad again", "with its latest error");
 }
 
+/// One resubmitter at a time claims an open fault: another claimant is refused until the
+/// resubmission is recorded (or the claim expires); a resolved fault is claimed by nobody.
+pub async fn a_fault_is_claimed_by_one_resubmitter_at_a_time(store: SharedFaultStore) {
+    let first = raise("notify", 11, &poison("bad"));
+    store
+        .store_faults(std::slice::from_ref(&first))
+        .await
+        .unwrap();
+    let id = crate::fault::fault_id(&first).to_owned();
+    let lease = Duration::from_secs(60);
+    let claim = |by: &'static str, lease: Duration| {
+        let (store, id) = (store.clone(), id.clone());
+        async move { store.claim_resubmission(&id, by, lease).await.unwrap() }
+    };
+    assert!(claim("a", lease).await, "an open fault is claimed");
+    assert!(!claim("b", lease).await, "by one claimant at a time");
+    assert!(claim("a", lease).await, "its claimant may claim it again");
+    // Recorded, the claim is released: failed, it is open for anyone.
+    resubmitted(&*store, &id, ResubmitOutcome::Failed, "still bad").await;
+    assert!(claim("b", Duration::from_millis(1)).await);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(claim("a", lease).await, "an expired claim is no claim");
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    resubmitted(&*store, &id, ResubmitOutcome::Succeeded, "fixed").await;
+    assert!(
+        !claim("b", lease).await,
+        "a resolved fault is not sent again"
+    );
+    assert!(!store
+        .claim_resubmission("no-such-fault", "a", lease)
+        .await
+        .unwrap());
+}
+
 /// Generates one `#[tokio::test]` per fault store scenario; `$fresh` is an async function
 /// returning `(SharedFaultStore, guard)`: a fresh, empty store, and what must live as long
 /// as it.
@@ -679,7 +713,8 @@ macro_rules! fault_store_conformance_tests {
             $fresh,
             a_fault_store_counts_each_raise_once,
             a_fault_store_filters,
-            a_fault_store_resolves_and_reopens
+            a_fault_store_resolves_and_reopens,
+            a_fault_is_claimed_by_one_resubmitter_at_a_time
         );
     };
 }
