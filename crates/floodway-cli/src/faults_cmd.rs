@@ -529,12 +529,11 @@ async fn resubmit_plan<'a>(
             .map_err(unreadable)?;
         if !claimed {
             outcome.skipped += 1;
-            bar.suspend(|| {
-                eprintln!(
-                    "fault {}: resolved since, or being resubmitted elsewhere; skipped",
-                    fault.id
-                )
-            });
+            let why = match store.fault(&fault.id).await {
+                Ok(Some(f)) if f.status == FaultStatus::Resolved => "resolved since it was listed",
+                _ => "being resubmitted elsewhere (a console, another run)",
+            };
+            bar.suspend(|| eprintln!("fault {}: {why}; skipped", fault.id));
             bar.inc(1);
             continue;
         }

@@ -552,6 +552,24 @@ impl CheckpointerInner {
 }
 
 impl Checkpointer for SubscriptionCheckpointer {
+    async fn owned(&mut self) -> Result<(), CommitError> {
+        let Some(lease) = &self.inner.lease else {
+            return Ok(());
+        };
+        loop {
+            match lease.standing() {
+                Standing::Held => return Ok(()),
+                // Not renewed for a lease time: the next renewal says whose it is.
+                Standing::Unsure => tokio::time::sleep(Duration::from_millis(20)).await,
+                Standing::Lost(reason) => {
+                    return Err(CommitError {
+                        cause: Box::new(lease.lost_error(reason)),
+                    })
+                }
+            }
+        }
+    }
+
     async fn commit(&mut self, checkpoints: &[Checkpoint]) -> Result<(), CommitError> {
         let inner = self.inner.clone();
         let checkpoints = checkpoints.to_vec();

@@ -371,6 +371,7 @@ type CommitFuture<'a> = Pin<Box<dyn Future<Output = Result<(), CommitError>> + S
 trait DynCheckpointer: Send {
     fn commit_boxed<'a>(&'a mut self, checkpoints: &'a [Checkpoint]) -> CommitFuture<'a>;
     fn settle_dyn(&mut self, record: &Record, settlement: Settlement);
+    fn owned_boxed(&mut self) -> CommitFuture<'_>;
 }
 
 impl<C: Checkpointer> DynCheckpointer for C {
@@ -379,6 +380,9 @@ impl<C: Checkpointer> DynCheckpointer for C {
     }
     fn settle_dyn(&mut self, record: &Record, settlement: Settlement) {
         self.settle(record, settlement);
+    }
+    fn owned_boxed(&mut self) -> CommitFuture<'_> {
+        Box::pin(self.owned())
     }
 }
 
@@ -405,5 +409,9 @@ impl Checkpointer for BoxCheckpointer {
 
     fn settle(&mut self, record: &Record, settlement: Settlement) {
         self.0.settle_dyn(record, settlement);
+    }
+
+    async fn owned(&mut self) -> Result<(), CommitError> {
+        self.0.owned_boxed().await
     }
 }

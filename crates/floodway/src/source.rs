@@ -65,4 +65,14 @@ pub trait Checkpointer: Send {
     fn settle(&mut self, record: &Record, settlement: Settlement) {
         let _ = (record, settlement);
     }
+
+    /// Waits until this process may act on the records it has read: at once for most
+    /// checkpointers. One whose ownership of what it reads can pass to another process (a
+    /// leased subscription) waits while that is in doubt (its lease not renewed for a lease
+    /// time: a process frozen, a machine suspended) and fails once another process holds it,
+    /// so that records read before, waiting to be dispatched, are left to the new owner
+    /// instead of being processed by both. The processor asks before it dispatches each batch.
+    fn owned(&mut self) -> impl Future<Output = Result<(), CommitError>> + Send {
+        std::future::ready(Ok(()))
+    }
 }

@@ -328,7 +328,13 @@ impl Console {
             match claimed {
                 Ok(true) => {}
                 Ok(false) => {
-                    let why = "resolved since the dry run, or being resubmitted elsewhere";
+                    let why = match self.faults.fault(&planned.id).await {
+                        Ok(Some(f)) if f.status == FaultStatus::Resolved => {
+                            "resolved since the dry run"
+                        }
+                        Ok(None) => "no longer in the store",
+                        _ => "being resubmitted elsewhere (another console, the command)",
+                    };
                     skip(job, &planned.id, why.into());
                     continue;
                 }

@@ -365,7 +365,12 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     next_commit = after(config.commit_interval);
                 }
                 pulled = rx.recv(), if can_pull => match pulled {
-                    Some(Ok(Some(records))) => self.dispatch(records)?,
+                    Some(Ok(Some(records))) => {
+                        // Read while this process owned its subscription: acted on only
+                        // while it still does (a batch can wait here through a takeover).
+                        self.checkpointer.owned().await?;
+                        self.dispatch(records)?;
+                    }
                     Some(Ok(None)) => source_done = true,
                     None => {
                         return Err(RunError::Source(SourceError {
