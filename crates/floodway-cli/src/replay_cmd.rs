@@ -81,6 +81,20 @@ pub(crate) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     if to < from {
         bail!("--to is before --from");
     }
+    // On NATS, an instance reads its share of the partitions, and so does its replay.
+    if let Some(instance) = config.hub.nats.as_ref().and_then(|n| n.instance) {
+        let (i, n) = (instance.index, instance.count);
+        if matches!(entry, ProcessorConfig::FaultMonitor { .. }) && i != 0 {
+            bail!(
+                "instance {i}/{n} does not read fault events (instance 0 does): replay the \
+                 fault monitor with instance 0's configuration"
+            );
+        }
+        eprintln!(
+            "replaying the partitions of instance {i}/{n} (p % {n} == {i}): replay with each \
+             instance's configuration for every partition"
+        );
+    }
     let (hubs, _) = build_all(&Config {
         processors: Vec::new(),
         ..config.clone()

@@ -78,6 +78,37 @@ fn the_command_runs_on_nats() {
     let out = floodway(d, &["hub", "stats", "--nats", "nats://127.0.0.1:1"]);
     assert!(!out.status.success());
     says(&out, "cannot connect to NATS at nats://127.0.0.1:1");
+
+    // An instance replays its share of the partitions, and says so; one that reads no
+    // fault events refuses to replay the fault monitor.
+    let config = std::fs::read_to_string(d.join("floodway.toml")).unwrap();
+    let second = config.replace(
+        "subject = \"shop\"\n",
+        "subject = \"shop\"\ninstance = \"1/2\"\n",
+    );
+    assert_ne!(second, config);
+    std::fs::write(d.join("second.toml"), second).unwrap();
+    let replay = |processor: &str| {
+        let args = [
+            "replay",
+            "--config",
+            "second.toml",
+            "--processor",
+            processor,
+            "--from",
+            "1d",
+        ];
+        floodway(d, &args)
+    };
+    let out = replay("orders-view");
+    assert!(out.status.success(), "{}", text(&out));
+    says(
+        &out,
+        "replaying the partitions of instance 1/2 (p % 2 == 1)",
+    );
+    let out = replay("faults");
+    assert!(!out.status.success());
+    says(&out, "instance 1/2 does not read fault events");
 }
 
 /// Rows and the outbox on NATS: the rows and the outbox live in the local store, the relay
