@@ -231,7 +231,10 @@ impl Handler {
             );
         }
         let kind = invocation.kind;
-        let Some(Resubmission { pipeline, fault }) = invocation.resubmit_to else {
+        let Some(Resubmission {
+            pipeline, fault, ..
+        }) = invocation.resubmit_to
+        else {
             let report = self
                 .run(&self.processor, invocation.records, deadline_ms)
                 .await;

@@ -4,18 +4,22 @@
 //! A payload carries `"floodway": {"pipeline": "<name>"}` beside the source's fields; the
 //! [`Handler`](crate::Handler) then runs only that pipeline. Records from Kinesis come back
 //! as a Kinesis event and from SQS as an SQS event; others (DynamoDB change events,
-//! EventBridge) as an EventBridge event whose detail is the event the pipeline saw.
+//! EventBridge) as an EventBridge event whose detail is the event the pipeline saw, its text
+//! as it was (numbers beyond a double, escapes and all), read again without the event size
+//! limit when the source had put it together (a change of two large images).
 
 use base64::Engine as _;
 use floodway::fault::FaultDetails;
 use floodway::{Error, Event};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-/// The invocation payload that resubmits `fault`.
+/// The invocation payload that resubmits `fault`, as JSON text (an event's text is carried as
+/// it is, never read into a JSON tree and written again).
 ///
 /// # Errors
 /// A fault event without its details or its record's bytes (a truncated fault).
-pub fn resubmission_payload(fault: &Event) -> Result<Value, Error> {
+pub fn resubmission_payload(fault: &Event) -> Result<Box<RawValue>, Error> {
     let details: FaultDetails = fault.payload()?;
     let pipeline = fault.tag("pipeline").unwrap_or_default().to_owned();
     if pipeline == floodway::fault::DECODE_PIPELINE {
@@ -26,16 +30,20 @@ pub fn resubmission_payload(fault: &Event) -> Result<Value, Error> {
     }
     let record = &details.uow.record;
     let data = record.bytes()?;
-    let marker = json!({ "pipeline": pipeline, "faultId": floodway::fault::fault_id(fault) });
     let (kind, name) = record
         .source
         .split_once(':')
         .unwrap_or((record.source.as_str(), ""));
+    let marker = json!({
+        "pipeline": pipeline,
+        "faultId": floodway::fault::fault_id(fault),
+        "assembled": kind == "dynamodb",
+    });
     let position = record
         .sequence
         .clone()
         .unwrap_or_else(|| record.offset.to_string());
-    Ok(match kind {
+    let payload = match kind {
         "kinesis" => json!({
             "floodway": marker,
             "Records": [{
@@ -65,19 +73,42 @@ pub fn resubmission_payload(fault: &Event) -> Result<Value, Error> {
             }],
         }),
         _ => {
-            let detail: Value = serde_json::from_slice(&data)
+            #[derive(serde::Serialize)]
+            struct Envelope<'a> {
+                floodway: Value,
+                version: &'static str,
+                id: String,
+                #[serde(rename = "detail-type")]
+                detail_type: Option<&'a RawValue>,
+                source: &'a str,
+                time: &'static str,
+                resources: [(); 0],
+                detail: &'a RawValue,
+            }
+            #[derive(serde::Deserialize)]
+            struct Typed<'a> {
+                #[serde(borrow, rename = "type")]
+                event_type: Option<&'a RawValue>,
+            }
+            let text = std::str::from_utf8(&data)
                 .map_err(|e| Error::poison_msg("UndecodableRecord", e.to_string()))?;
-            let event_type = detail.get("type").cloned().unwrap_or(Value::Null);
-            json!({
-                "floodway": marker,
-                "version": "0",
-                "id": format!("resubmit-{}", floodway::fault::fault_id(fault)),
-                "detail-type": event_type,
-                "source": record.source,
-                "time": "1970-01-01T00:00:00Z",
-                "resources": [],
-                "detail": detail,
+            let detail: &RawValue = serde_json::from_str(text)
+                .map_err(|e| Error::poison_msg("UndecodableRecord", e.to_string()))?;
+            let typed: Typed<'_> = serde_json::from_str(detail.get())
+                .map_err(|e| Error::poison_msg("UndecodableRecord", e.to_string()))?;
+            return serde_json::value::to_raw_value(&Envelope {
+                floodway: marker,
+                version: "0",
+                id: format!("resubmit-{}", floodway::fault::fault_id(fault)),
+                detail_type: typed.event_type,
+                source: &record.source,
+                time: "1970-01-01T00:00:00Z",
+                resources: [],
+                detail,
             })
+            .map_err(|e| Error::poison_msg("UndecodableRecord", e.to_string()));
         }
-    })
+    };
+    serde_json::value::to_raw_value(&payload)
+        .map_err(|e| Error::poison_msg("UndecodableRecord", e.to_string()))
 }

@@ -83,6 +83,11 @@ pub struct Resubmission {
     /// position and bytes may read otherwise, reshaped into an invocation).
     #[serde(default, rename = "faultId")]
     pub fault: Option<String>,
+    /// The record was put together by the source from what no event limit bounds (a
+    /// DynamoDB change of two large images): read again without `max_event_size`, as it was
+    /// the first time.
+    #[serde(default)]
+    pub assembled: bool,
 }
 
 #[derive(Deserialize)]
@@ -207,9 +212,13 @@ fn read_each(payload: &[u8], cdc: &CdcOptions) -> Result<Invocation, Unrecognize
         return Ok(invocation);
     }
     if top.detail_type.is_some() {
+        let mut record = eventbridge(payload);
+        if resubmit_to.as_ref().is_some_and(|r| r.assembled) {
+            record = record.assembled();
+        }
         return Ok(Invocation {
             kind: SourceKind::EventBridge,
-            records: vec![eventbridge(payload)],
+            records: vec![record],
             skipped: Vec::new(),
             resubmit_to,
         });

@@ -58,7 +58,10 @@ async fn a_resubmission_that_fails_again_raises_the_same_fault() {
         handler.handle(invocation, None).await.unwrap();
         let first = faults.faults().pop().expect(&what);
         let payload = resubmission_payload(&first).unwrap();
-        let answer = handler.handle(payload, None).await.unwrap();
+        let answer = handler
+            .handle_bytes(payload.get().as_bytes(), None)
+            .await
+            .unwrap();
         assert_eq!(answer["floodway"]["faulted"], 1, "{what}");
         let again = faults.faults().pop().unwrap();
         assert_ne!(again.id(), first.id(), "a raise of its own");
@@ -111,13 +114,16 @@ async fn a_resubmission_that_no_pipeline_would_run_is_refused() {
         ),
     ] {
         let handler = handler_with(changed, &MemoryFaultSink::new());
-        let err = handler.handle(payload.clone(), None).await.unwrap_err();
+        let err = handler
+            .handle_bytes(payload.get().as_bytes(), None)
+            .await
+            .unwrap_err();
         assert_eq!(err.error_type(), "ResubmissionNotTaken");
         assert!(err.to_string().contains(why), "{err}");
     }
     // Still taken: it runs (and fails again, as before).
     let answer = handler_with(Pipeline::builder("strict"), &MemoryFaultSink::new())
-        .handle(payload, None)
+        .handle_bytes(payload.get().as_bytes(), None)
         .await
         .unwrap();
     assert_eq!(answer["floodway"]["faulted"], 1);
@@ -126,4 +132,106 @@ async fn a_resubmission_that_no_pipeline_would_run_is_refused() {
 fn base64_of(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// An EventBridge event's text goes back as it was: a number beyond a double and an escape
+/// a JSON tree would not keep come back byte for byte, and are processed.
+#[tokio::test]
+async fn a_resubmitted_event_keeps_its_text() {
+    let faults = MemoryFaultSink::new();
+    let sink = MemorySink::new();
+    let fixed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = fixed.clone();
+    let processor = Processor::builder("things")
+        .fault_sink(faults.clone())
+        .pipeline(
+            Pipeline::builder("strict")
+                .validate(
+                    move |_| match gate.load(std::sync::atomic::Ordering::SeqCst) {
+                        true => Ok(()),
+                        false => Err(Error::poison_msg("Rejected", "not yet")),
+                    },
+                )
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let handler = Handler::new(processor);
+    let detail = r#"{"id":"e1","type":"thing-created","timestamp":1,"partitionKey":"k","n":123456789012345678901234,"x":"\ud800"}"#;
+    let invocation = format!(
+        r#"{{"version":"0","id":"eb-1","detail-type":"thing-created","source":"custom.things","detail":{detail}}}"#
+    );
+    handler
+        .handle_bytes(invocation.as_bytes(), None)
+        .await
+        .unwrap();
+    let payload = resubmission_payload(&faults.faults()[0]).unwrap();
+    assert!(
+        payload.get().contains(r#""n":123456789012345678901234"#),
+        "{payload}"
+    );
+    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answer = handler
+        .handle_bytes(payload.get().as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(answer["floodway"]["faulted"], 0, "{answer}");
+    assert_eq!(sink.events().len(), 1);
+    assert!(sink.events()[0]
+        .to_json()
+        .contains("123456789012345678901234"));
+}
+
+/// A faulted change of a large item (two images of about 400 KB: over the 1 MiB an event may
+/// have) is resubmitted as it was first read: without the event size limit.
+#[tokio::test]
+async fn a_faulted_change_of_a_large_item_can_be_resubmitted() {
+    let faults = MemoryFaultSink::new();
+    let sink = MemorySink::new();
+    let fixed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = fixed.clone();
+    let processor = Processor::builder("things")
+        .fault_sink(faults.clone())
+        .pipeline(
+            Pipeline::builder("strict")
+                .validate(
+                    move |_| match gate.load(std::sync::atomic::Ordering::SeqCst) {
+                        true => Ok(()),
+                        false => Err(Error::poison_msg("Rejected", "not yet")),
+                    },
+                )
+                .sink(sink.clone())
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let handler = Handler::new(processor);
+    use base64::Engine as _;
+    let blob = |byte: u8| json!({ "B": base64::engine::general_purpose::STANDARD.encode(vec![byte; 399_000]) });
+    let image =
+        |byte: u8| json!({ "pk": { "S": "1" }, "sk": { "S": "thing" }, "blob": blob(byte) });
+    let invocation = json!({ "Records": [{
+        "eventSource": "aws:dynamodb",
+        "eventSourceARN": "arn:aws:dynamodb:us-east-1:1:table/things/stream/x",
+        "eventID": "d-1",
+        "eventName": "MODIFY",
+        "dynamodb": {
+            "Keys": { "pk": { "S": "1" }, "sk": { "S": "thing" } },
+            "NewImage": image(1),
+            "OldImage": image(2),
+            "SequenceNumber": "900",
+        },
+    }]});
+    handler.handle(invocation, None).await.unwrap();
+    let payload = resubmission_payload(&faults.faults()[0]).unwrap();
+    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answer = handler
+        .handle_bytes(payload.get().as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(answer["floodway"]["faulted"], 0, "{answer}");
+    let delivered = sink.events();
+    assert_eq!(delivered.len(), 1);
+    assert!(delivered[0].encoded_len() > 1 << 20);
 }
