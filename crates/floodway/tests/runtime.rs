@@ -665,3 +665,92 @@ async fn batch_mode_runs_a_batch_larger_than_the_in_flight_bound_without_waiting
         );
     }
 }
+
+/// A checkpointer whose ownership falls in doubt after the first batch, and stays there.
+#[derive(Clone, Default)]
+struct InDoubt {
+    asked: Arc<AtomicUsize>,
+    committed: Arc<Mutex<Vec<floodway::Checkpoint>>>,
+}
+
+impl floodway::Checkpointer for InDoubt {
+    async fn commit(
+        &mut self,
+        checkpoints: &[floodway::Checkpoint],
+    ) -> Result<(), floodway::error::CommitError> {
+        self.committed
+            .lock()
+            .unwrap()
+            .extend_from_slice(checkpoints);
+        Ok(())
+    }
+
+    async fn owned(&mut self) -> Result<(), floodway::error::CommitError> {
+        if self.asked.fetch_add(1, Ordering::SeqCst) > 0 {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+/// While the processor waits to know whether it still owns what it read, the work under way
+/// goes on (its sink calls finish, its checkpoints are committed) and a shutdown is heard: the
+/// wait holds up only the batch it is about.
+#[tokio::test(start_paused = true)]
+async fn a_batch_waiting_for_ownership_holds_up_nothing_else() {
+    let sunk = Arc::new(AtomicU64::new(0));
+    let slow = {
+        let sunk = sunk.clone();
+        sink_fn(move |batch: Batch| {
+            let sunk = sunk.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                sunk.fetch_add(batch.len() as u64, Ordering::SeqCst);
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let processor = build(
+        Processor::builder("p")
+            .fault_sink(floodway::memory::MemoryFaultSink::new())
+            .max_in_flight(20)
+            .pull_batch(20),
+        Pipeline::builder("slow")
+            .parallelism(20)
+            .sink(slow)
+            .unwrap(),
+    );
+    let source = CountingSource::new(&events(100, 10), true, &Arc::new(AtomicU64::new(0)));
+    let checkpointer = InDoubt::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn({
+        let checkpointer = checkpointer.clone();
+        async move {
+            processor
+                .run(source, checkpointer, async {
+                    stopped.await.ok();
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The first batch was done and committed while the second waited.
+    assert_eq!(sunk.load(Ordering::SeqCst), 20);
+    assert_eq!(
+        checkpointer
+            .committed
+            .lock()
+            .unwrap()
+            .last()
+            .map(|c| c.offset),
+        Some(20)
+    );
+    stop.send(()).unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the shutdown was heard")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.stopped, Stopped::Shutdown);
+    assert_eq!(report.done, 20);
+}

@@ -278,6 +278,10 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         tokio::pin!(shutdown);
         let mut source_done = false;
         let mut stopping: Option<Instant> = None;
+        // A pulled batch waiting for the checkpointer to say this process still owns what
+        // it read (`Checkpointer::owned`): asked beside everything else the loop waits on, so
+        // that a wait for it holds up nothing under way.
+        let mut awaiting: Option<Vec<Record>> = None;
         let mut next_commit = after(config.commit_interval);
         let far = || Instant::now() + std::time::Duration::from_secs(86_400 * 365);
 
@@ -312,12 +316,18 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             let pull = config.pull_batch.min(config.max_in_flight);
             let can_pull = !source_done
                 && stopping.is_none()
+                && awaiting.is_none()
                 && active + pull <= config.max_in_flight
                 && self.ledger.held() + pull
                     <= config
                         .max_buffered
                         .max(config.max_in_flight.saturating_mul(4));
-            if !can_pull && !source_done && stopping.is_none() && self.is_idle_but_batches() {
+            if !can_pull
+                && awaiting.is_none()
+                && !source_done
+                && stopping.is_none()
+                && self.is_idle_but_batches()
+            {
                 // Pulling stopped at the in-flight bound and nothing runs that could make room:
                 // the open batches hold every record in flight. Send them now rather than wait
                 // for a time limit that may be long, or none.
@@ -364,13 +374,17 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     self.commit().await?;
                     next_commit = after(config.commit_interval);
                 }
-                pulled = rx.recv(), if can_pull => match pulled {
-                    Some(Ok(Some(records))) => {
-                        // Read while this process owned its subscription: acted on only
-                        // while it still does (a batch can wait here through a takeover).
-                        self.checkpointer.owned().await?;
+                owned = self.checkpointer.owned(), if awaiting.is_some() && stopping.is_none() => {
+                    owned?;
+                    if let Some(records) = awaiting.take() {
                         self.dispatch(records)?;
                     }
+                }
+                pulled = rx.recv(), if can_pull => match pulled {
+                    // Read while this process owned its subscription: acted on only while it
+                    // still does (a batch can wait through a takeover, and is then left to
+                    // the new owner).
+                    Some(Ok(Some(records))) => awaiting = Some(records),
                     Some(Ok(None)) => source_done = true,
                     None => {
                         return Err(RunError::Source(SourceError {
