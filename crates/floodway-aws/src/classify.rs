@@ -132,8 +132,12 @@ where
 
 /// Whether `error` says that the request could not be made for want of configuration: no
 /// credentials found (none configured, an invalid profile, a role refused or a session
-/// expired), or no region (no endpoint, nothing to sign for). A credentials provider that timed out or failed
-/// for another reason (the instance metadata service unreachable) may answer later.
+/// expired), or no region (no endpoint, nothing to sign for). A credentials provider that
+/// timed out, or failed for a reason other than a refusal, may answer later. The SDK's chain
+/// says "not loaded" also when its last provider, the instance metadata service, could not be
+/// reached: on a machine without credentials that is the configuration, on an instance a
+/// passing failure; it is taken as the configuration (the processor stops and says so, and a
+/// supervisor starting it again retries), not retried for ever.
 fn unsendable(error: &(dyn std::error::Error + 'static)) -> bool {
     use aws_credential_types::provider::error::CredentialsError;
     let mut next = error.source();

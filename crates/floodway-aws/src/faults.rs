@@ -42,6 +42,9 @@ const RAISE_PREFIX: &str = "raise#";
 /// with a fault fitted to 350 KiB, the item stays under DynamoDB's 400 KB.
 const RESUBMISSIONS_KEPT: usize = 30;
 
+/// The most of a resubmission's detail a fault's item keeps.
+const DETAIL_KEPT: usize = 1024;
+
 fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
@@ -237,7 +240,7 @@ impl DynamoDbFaults {
         // The fault's item holds its history, and an item is at most 400 KB: each entry's
         // detail is clipped and the latest RESUBMISSIONS_KEPT kept, so that a long history
         // never keeps the fault from being raised again (its update would be refused).
-        let detail = floodway::fault::clipped(detail, 1024);
+        let detail = floodway::fault::clipped(detail, DETAIL_KEPT);
         let entry = |at: i64| {
             AttributeValue::M(HashMap::from([
                 ("at".to_owned(), n(at)),
@@ -257,28 +260,41 @@ impl DynamoDbFaults {
                 .update_item()
                 .table_name(&self.table)
                 .key("pk", s(id));
-            let mut set = if history.len() < RESUBMISSIONS_KEPT {
+            // Entries kept from before details were clipped are clipped when it is rewritten.
+            let clipped = |r: &Resubmission| r.detail.len() <= DETAIL_KEPT + " [cut]".len();
+            let mut set = if history.len() < RESUBMISSIONS_KEPT && history.iter().all(clipped) {
                 update = update
                     .expression_attribute_values(":e", AttributeValue::L(vec![entry(now)]))
                     .expression_attribute_values(":empty", AttributeValue::L(Vec::new()));
                 "SET resubmissions = list_append(if_not_exists(resubmissions, :empty), :e)"
                     .to_owned()
             } else {
-                let kept = history[history.len() + 1 - RESUBMISSIONS_KEPT..]
+                let from = (history.len() + 1).saturating_sub(RESUBMISSIONS_KEPT);
+                let kept = history[from..]
                     .iter()
                     .map(|r| {
                         AttributeValue::M(HashMap::from([
                             ("at".to_owned(), n(r.at)),
                             ("outcome".to_owned(), s(&r.outcome)),
-                            ("detail".to_owned(), s(&r.detail)),
+                            (
+                                "detail".to_owned(),
+                                s(floodway::fault::clipped(&r.detail, DETAIL_KEPT).as_ref()),
+                            ),
                         ]))
                     })
                     .chain([entry(now)])
                     .collect();
+                // Unchanged since it was read: as long, and with the same last entry (at the
+                // cap, every rewrite is as long as the one before).
+                let newest = history.len().saturating_sub(1);
                 update = update
                     .expression_attribute_values(":all", AttributeValue::L(kept))
                     .expression_attribute_values(":len", n(history.len() as i64))
-                    .condition_expression("size(resubmissions) = :len");
+                    .expression_attribute_values(":last", n(history.last().map_or(0, |r| r.at)))
+                    .expression_attribute_names("#at", "at")
+                    .condition_expression(format!(
+                        "size(resubmissions) = :len AND resubmissions[{newest}].#at = :last"
+                    ));
                 "SET resubmissions = :all".to_owned()
             };
             if outcome == ResubmitOutcome::Succeeded {

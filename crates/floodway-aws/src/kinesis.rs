@@ -12,8 +12,8 @@ use crate::{deliver_in_chunks, KINESIS};
 /// partition key (so a key keeps its order within its shard; a key over Kinesis' 256
 /// characters is sent as a stable id of it, the event's id when it is empty). The records the service failed
 /// (throughput exceeded, internal) are reported, each with the records of its key that came
-/// after it and the records of later calls, so that only those are sent again and a key's
-/// order holds (a later record may be stored twice; readers are idempotent). A record over
+/// after it (in its call, and held back from later calls), so that only those are sent again
+/// and a key's order holds (a later record may be stored twice; readers are idempotent). A record over
 /// 1 MiB is poison (use a claim check). Also a fault sink.
 #[derive(Debug, Clone)]
 pub struct KinesisSink {

@@ -652,6 +652,18 @@ async fn s3_lake_claim_checks_and_fault_stores() {
     );
     assert!(history[29].detail.len() <= 1024 + 8);
     assert!(history.windows(2).all(|w| w[0].at < w[1].at));
+    // Two recorded at once, at the cap: both kept (a rewrite checks the history's last entry,
+    // not only its length, which the cap keeps the same).
+    let (a, b) = tokio::join!(
+        store.record_resubmission_of(&id, ResubmitOutcome::Failed, "from a"),
+        store.record_resubmission_of(&id, ResubmitOutcome::Failed, "from b"),
+    );
+    a.unwrap();
+    b.unwrap();
+    let history = store.resubmissions_of(&id).await.unwrap();
+    let mut last_two: Vec<&str> = history[28..].iter().map(|r| r.detail.as_str()).collect();
+    last_two.sort_unstable();
+    assert_eq!((history.len(), last_two), (30, vec!["from a", "from b"]));
     // And raising it again still updates it.
     send(store.clone(), std::slice::from_ref(&again))
         .await
