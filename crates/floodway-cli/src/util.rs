@@ -130,7 +130,8 @@ pub(crate) fn parse_time(text: &str) -> anyhow::Result<i64> {
     if let Ok(ms) = text.parse::<i64>() {
         return Ok(ms);
     }
-    if text.len() >= 16 && text.as_bytes()[4] == b'-' && text.as_bytes()[7] == b'-' {
+    let dated = text.len() >= 16 && text.as_bytes()[4] == b'-' && text.as_bytes()[7] == b'-';
+    if dated && text.is_ascii() {
         return parse_datetime(text);
     }
     if let Ok(ago) = humantime::parse_duration(text) {
@@ -163,15 +164,18 @@ fn parse_datetime(text: &str) -> anyhow::Result<i64> {
             .rfind(['+', '-'])
             .map(|i| i + 10)
             .ok_or_else(no_zone)?;
-        let digits: String = text[sign_at + 1..].chars().filter(|c| *c != ':').collect();
-        let (hours, minutes) = match digits.len() {
-            2 => (&digits[..2], "00"),
-            4 => (&digits[..2], &digits[2..]),
+        let offset = &text.as_bytes()[sign_at + 1..];
+        let digit = |i: usize| offset.get(i).filter(|b| b.is_ascii_digit()).is_some();
+        // `HH`, `HHMM` or `HH:MM`.
+        let minutes_at = match offset.len() {
+            2 if digit(0) && digit(1) => None,
+            4 if (0..4).all(digit) => Some(2),
+            5 if digit(0) && digit(1) && offset[2] == b':' && digit(3) && digit(4) => Some(3),
             _ => return Err(no_zone()),
         };
-        let (Ok(hours), Ok(minutes)) = (hours.parse::<i64>(), minutes.parse::<i64>()) else {
-            return Err(no_zone());
-        };
+        let number =
+            |at: usize| i64::from(offset[at] - b'0') * 10 + i64::from(offset[at + 1] - b'0');
+        let (hours, minutes) = (number(0), minutes_at.map_or(0, number));
         if hours > 23 || minutes > 59 {
             bail!("`{text}`: an offset is at most 23:59");
         }
@@ -269,9 +273,10 @@ pub(crate) fn say(args: std::fmt::Arguments<'_>) {
     }
 }
 
-/// `text` with its control characters but newlines and tabs escaped (`\u{1b}`): what the
-/// command prints can quote events and their faults, and a terminal obeys an escape sequence
-/// in them (rewriting lines, setting the title, writing the clipboard).
+/// `text` with its control characters but newlines and tabs escaped as JSON escapes them
+/// (`\u001b`): what the command prints can quote events and their faults, and a terminal obeys
+/// an escape sequence in them (rewriting lines, setting the title, writing the clipboard). In
+/// a JSON string the escape is the same character, so JSON printed stays JSON.
 pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
     if !text.chars().any(unsafe_char) {
@@ -280,7 +285,7 @@ pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
         match unsafe_char(c) {
-            true => out.extend(c.escape_default()),
+            true => out.push_str(&format!("\\u{:04x}", u32::from(c))),
             false => out.push(c),
         }
     }
@@ -354,6 +359,15 @@ mod tests {
             assert!(err.contains("no zone"), "{zoneless}: {err}");
         }
         assert!(parse_time("2023-11-14T22:13:20+25:00").is_err());
+        // Not ASCII, or an offset of another shape: refused, never a panic.
+        for odd in [
+            "2023-11-1é 10:00:00+01:00",
+            "2023-11-14T22:13:20+0é0",
+            "2023-11-14T22:13:20+0:100",
+            "2023-11-14T22:13:20+1",
+        ] {
+            assert!(parse_time(odd).is_err(), "{odd}");
+        }
     }
 
     #[test]
@@ -361,7 +375,14 @@ mod tests {
         assert_eq!(printable("a\tb\nc"), "a\tb\nc");
         assert_eq!(
             printable("e-1\u{1b}]52;c;aGk=\u{7}\r\u{9b}x"),
-            "e-1\\u{1b}]52;c;aGk=\\u{7}\\r\\u{9b}x"
+            "e-1\\u001b]52;c;aGk=\\u0007\\u000d\\u009bx"
+        );
+        // JSON stays JSON, with the same value: a C1 character JSON allows as it is.
+        let json = "{\"n\":\"it\u{92}s\"}";
+        let shown: serde_json::Value = serde_json::from_str(&printable(json)).unwrap();
+        assert_eq!(
+            shown,
+            serde_json::from_str::<serde_json::Value>(json).unwrap()
         );
         let ago = parse_time("1h").unwrap();
         let now = millis(SystemTime::now());

@@ -758,7 +758,7 @@ fn what_a_fault_quotes_is_printed_without_its_control_characters() {
     publish_and_run(d, &lines, 1);
     let listed = floodway(d, &["faults", "list", "--config", "floodway.toml"]);
     let listed = text(&listed);
-    assert!(listed.contains(r"e-1\u{1b}]0;pwned\u{7}"), "{listed}");
+    assert!(listed.contains(r"e-1\u001b]0;pwned\u0007"), "{listed}");
     let id = listed
         .lines()
         .nth(1)
