@@ -11,7 +11,7 @@
 //! | 429, 503 | throttled: retried, and adaptive concurrency backs off (`Retry-After` in seconds or as an HTTP date is honoured) |
 //! | 504 | transient, a timeout: retried, and adaptive concurrency backs off (the service behind a gateway did not answer in time) |
 //! | 408, 423, 425, other 5xx | transient: retried; the breaker tells an outage from a bad request (with `Retry-After`, adaptive concurrency backs off too) |
-//! | 401, 403 | transient: an expired or revoked credential refuses every call, and the breaker holds the stream as in an outage until it is renewed; a credential taken from one event, refused while other calls succeed, is faulted |
+//! | 401, 403 | transient when the credentials are configured: an expired or revoked one refuses every call, and the breaker holds the stream as in an outage until it is renewed; poison when a header is filled from the event (a tenant's token: the event's own credentials) |
 //! | other 4xx | poison: the event is faulted |
 //! | 3xx, 501, 505 | fatal for a URL written out whole: it is wrong, or the service does not take the method (the processor stops and says so); transient for a URL filled from the event, so that the breaker faults the one event whose URL is moved while other calls succeed |
 //! | connection refused, reset, timed out, a TLS handshake cut short | transient (a connection timed out also counts as overload for adaptive concurrency, as a call timed out does) |
@@ -483,6 +483,17 @@ impl HttpSinkConfig {
         }
     }
 
+    /// What of each request is filled from the event.
+    fn filled_from_event(&self) -> FromEvent {
+        FromEvent {
+            url: !self.url.is_constant(),
+            headers: self
+                .headers
+                .iter()
+                .any(|(_, source)| matches!(source, HeaderSource::Template(_))),
+        }
+    }
+
     /// Whether a header of this name is configured (it then replaces the sink's own).
     fn configures(&self, name: &HeaderName) -> bool {
         self.headers.iter().any(|(n, _)| n == name)
@@ -723,7 +734,7 @@ impl HttpSink {
         };
         Err(match outcome {
             Some(outcome) => treated(outcome, status, retry_after, &body),
-            None => classify(status, retry_after, &body, !self.config.url.is_constant()),
+            None => classify(status, retry_after, &body, self.config.filled_from_event()),
         })
     }
 
@@ -835,14 +846,22 @@ pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> 
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// What a non-2xx answer means; `url_from_event` says whether the URL was filled from the
-/// event (then an answer saying the URL is wrong is about this event's URL, not the
-/// configuration).
+/// What of a request is filled from the event, which decides whether some answers are about
+/// the event or the configuration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FromEvent {
+    /// The URL: a redirect, 501 or 505 is about this event's resource.
+    pub url: bool,
+    /// A header (a tenant's token, say): a 401 or 403 is about this event's credentials.
+    pub headers: bool,
+}
+
+/// What a non-2xx answer means, given what of the request came `from` the event.
 pub fn classify(
     status: StatusCode,
     retry_after: Option<Duration>,
     body: &[u8],
-    url_from_event: bool,
+    from: FromEvent,
 ) -> Error {
     let snippet: String = String::from_utf8_lossy(body).chars().take(200).collect();
     let message = format!("{status}: {snippet}");
@@ -854,7 +873,7 @@ pub fn classify(
         // A redirect, a method or HTTP version the service does not implement: for a URL made
         // from the event, this event's resource may have moved (the breaker faults it while
         // other calls succeed); for a URL written out whole, the configuration is wrong.
-        300..=399 | 501 | 505 if url_from_event => Error::transient_msg(
+        300..=399 | 501 | 505 if from.url => Error::transient_msg(
             "HttpStatus",
             format!("{message} (for the URL made from this event)"),
         ),
@@ -865,10 +884,11 @@ pub fn classify(
         ),
         // Timed out, locked, too early: the same request may succeed later.
         408 | 423 | 425 | 500..=599 => Error::transient_msg("HttpStatus", message),
-        // Credentials refused: an expired or revoked one refuses every call, which the breaker
-        // holds as an outage until it is renewed (not every event faulted); one taken from
-        // this event, refused while other calls succeed, is faulted.
-        401 | 403 => Error::transient_msg("HttpStatus", message),
+        // Credentials refused. Taken from the event (a header filled from it), they are this
+        // event's: poison, as any other 4xx. Configured, an expired or revoked one refuses
+        // every call, which the breaker holds as an outage until it is renewed, rather than
+        // every event faulted.
+        401 | 403 if !from.headers => Error::transient_msg("HttpStatus", message),
         _ => Error::poison_msg("HttpStatus", message),
     };
     match retry_after {
@@ -917,7 +937,12 @@ mod tests {
     #[test]
     fn answers_are_classified() {
         let class = |code: u16| {
-            let err = classify(StatusCode::from_u16(code).unwrap(), None, b"", false);
+            let err = classify(
+                StatusCode::from_u16(code).unwrap(),
+                None,
+                b"",
+                FromEvent::default(),
+            );
             (err.class(), err.is_throttle())
         };
         assert_eq!(class(429), (ErrorClass::Transient, true));
@@ -932,28 +957,42 @@ mod tests {
         assert_eq!(class(425), (ErrorClass::Transient, false));
         assert_eq!(class(423), (ErrorClass::Transient, false));
         // A gateway's service did not answer in time: overload, as a timeout.
-        let gateway = classify(StatusCode::GATEWAY_TIMEOUT, None, b"", false);
+        let fixed = FromEvent::default();
+        let gateway = classify(StatusCode::GATEWAY_TIMEOUT, None, b"", fixed);
         assert!(gateway.is_timeout() && !gateway.is_throttle());
-        assert!(!classify(StatusCode::BAD_GATEWAY, None, b"", false).is_timeout());
-        // A credential refused: an expired one holds the stream (the breaker sees every call
-        // fail); one from the event is faulted once other calls succeed.
+        assert!(!classify(StatusCode::BAD_GATEWAY, None, b"", fixed).is_timeout());
+        // A configured credential refused: an expired one holds the stream (the breaker sees
+        // every call fail) rather than fault every event; one filled from the event is the
+        // event's, poison.
         assert_eq!(class(401), (ErrorClass::Transient, false));
         assert_eq!(class(403), (ErrorClass::Transient, false));
+        let headers = FromEvent {
+            headers: true,
+            ..FromEvent::default()
+        };
+        for code in [401, 403] {
+            let err = classify(StatusCode::from_u16(code).unwrap(), None, b"", headers);
+            assert_eq!(err.class(), ErrorClass::Poison, "{code}");
+        }
         // For a URL made from the event, a redirect or an unimplemented request is about this
         // event's resource: the breaker judges it, the processor does not stop.
+        let url = FromEvent {
+            url: true,
+            ..FromEvent::default()
+        };
         for code in [301, 308, 501, 505] {
-            let err = classify(StatusCode::from_u16(code).unwrap(), None, b"", true);
+            let err = classify(StatusCode::from_u16(code).unwrap(), None, b"", url);
             assert_eq!(err.class(), ErrorClass::Transient, "{code}");
         }
         assert_eq!(
-            classify(StatusCode::NOT_FOUND, None, b"", true).class(),
+            classify(StatusCode::NOT_FOUND, None, b"", url).class(),
             ErrorClass::Poison
         );
         let err = classify(
             StatusCode::TOO_MANY_REQUESTS,
             Some(Duration::from_secs(2)),
             b"slow",
-            false,
+            FromEvent::default(),
         );
         assert_eq!(err.retry_after(), Some(Duration::from_secs(2)));
         assert!(err.message().contains("slow"));
