@@ -301,10 +301,8 @@ impl DynamoDbFaults {
                 set.push_str(", resolvedAt = :now");
                 update = update.expression_attribute_values(":now", n(now));
             }
-            // Recorded, the resubmission's claim is released.
-            set.push_str(" REMOVE claimBy, claimUntil");
             match update.update_expression(set).send().await {
-                Ok(_) => return Ok(()),
+                Ok(_) => return self.release(id).await,
                 Err(e)
                     if e.as_service_error()
                         .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
@@ -318,6 +316,31 @@ impl DynamoDbFaults {
             "AwsUnavailable",
             format!("the resubmissions of fault {id} kept changing while one was recorded"),
         ))
+    }
+
+    /// Releases this process's claim on fault `id`'s resubmission, if it still holds it (not
+    /// one another process took after this one's expired).
+    async fn release(&self, id: &str) -> Result<(), Error> {
+        let released = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(id))
+            .update_expression("REMOVE claimBy, claimUntil")
+            .condition_expression("claimBy = :me")
+            .expression_attribute_values(":me", s(floodway::fault_store::claimant()))
+            .send()
+            .await;
+        match released {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(classify(e)),
+        }
     }
 
     async fn resubmissions(&self, id: &str) -> Result<Vec<Resubmission>, Error> {

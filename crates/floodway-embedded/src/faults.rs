@@ -317,7 +317,11 @@ impl FaultStore {
         if outcome == "succeeded" {
             tx.execute("UPDATE faults SET status = 'resolved' WHERE id = ?1", [id])?;
         }
-        tx.execute("DELETE FROM fault_claims WHERE fault = ?1", [id])?;
+        // This process's claim, not another's taken since this one's expired.
+        tx.execute(
+            "DELETE FROM fault_claims WHERE fault = ?1 AND claimant = ?2",
+            (id, floodway::fault_store::claimant()),
+        )?;
         tx.commit()?;
         Ok(())
     }

@@ -157,7 +157,8 @@ pub trait FaultStore: Send + Sync + Debug + 'static {
     /// Claims fault `id` for one resubmission by `claimant` (see [`claimant`]) for `lease`,
     /// the longest the resubmission may take: true when the fault is open and no other
     /// claimant holds a claim on it that has not expired. Recording the resubmission
-    /// ([`record_resubmission_of`](Self::record_resubmission_of)) releases the claim, so that
+    /// ([`record_resubmission_of`](Self::record_resubmission_of)) releases this process's
+    /// claim ([`claimant`]; not one another took after this one's expired), so that
     /// two resubmitters (two consoles, a console and the command) never send one fault at
     /// once, and neither sends a fault the other has just resolved. A store that cannot claim
     /// answers true, as this default does.
@@ -322,7 +323,10 @@ impl FaultStore for MemoryFaultStore {
                     fault.status = FaultStatus::Resolved;
                 }
             }
-            state.claims.remove(id);
+            // This process's claim, not another's taken since this one's expired.
+            if state.claims.get(id).is_some_and(|(by, _)| by == claimant()) {
+                state.claims.remove(id);
+            }
             Ok(())
         })
     }

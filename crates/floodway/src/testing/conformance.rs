@@ -670,7 +670,9 @@ pub async fn a_fault_store_resolves_and_reopens(store: SharedFaultStore) {
 }
 
 /// One resubmitter at a time claims an open fault: another claimant is refused until the
-/// resubmission is recorded (or the claim expires); a resolved fault is claimed by nobody.
+/// resubmission is recorded by the claiming process (or the claim expires); recording
+/// releases only this process's claim ([`claimant`](crate::fault_store::claimant)); a
+/// resolved fault is claimed by nobody.
 pub async fn a_fault_is_claimed_by_one_resubmitter_at_a_time(store: SharedFaultStore) {
     let first = raise("notify", 11, &poison("bad"));
     store
@@ -679,26 +681,33 @@ pub async fn a_fault_is_claimed_by_one_resubmitter_at_a_time(store: SharedFaultS
         .unwrap();
     let id = crate::fault::fault_id(&first).to_owned();
     let lease = Duration::from_secs(60);
+    let me = crate::fault_store::claimant();
     let claim = |by: &'static str, lease: Duration| {
         let (store, id) = (store.clone(), id.clone());
         async move { store.claim_resubmission(&id, by, lease).await.unwrap() }
     };
-    assert!(claim("a", lease).await, "an open fault is claimed");
-    assert!(!claim("b", lease).await, "by one claimant at a time");
-    assert!(claim("a", lease).await, "its claimant may claim it again");
-    // Recorded, the claim is released: failed, it is open for anyone.
+    assert!(claim(me, lease).await, "an open fault is claimed");
+    assert!(!claim("another", lease).await, "by one claimant at a time");
+    assert!(claim(me, lease).await, "its claimant may claim it again");
+    // Recorded, this process's claim is released: failed, the fault is open for anyone.
     resubmitted(&*store, &id, ResubmitOutcome::Failed, "still bad").await;
-    assert!(claim("b", Duration::from_millis(1)).await);
+    assert!(claim("another", Duration::from_millis(1)).await);
     tokio::time::sleep(Duration::from_millis(5)).await;
-    assert!(claim("a", lease).await, "an expired claim is no claim");
+    assert!(claim(me, lease).await, "an expired claim is no claim");
+    resubmitted(&*store, &id, ResubmitOutcome::Failed, "still bad").await;
+    // Another's claim is not released by this process's recording.
+    assert!(claim("another", lease).await);
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    resubmitted(&*store, &id, ResubmitOutcome::Failed, "late").await;
+    assert!(!claim(me, lease).await, "another's claim holds");
     tokio::time::sleep(Duration::from_millis(3)).await;
     resubmitted(&*store, &id, ResubmitOutcome::Succeeded, "fixed").await;
     assert!(
-        !claim("b", lease).await,
+        !claim("another", lease).await,
         "a resolved fault is not sent again"
     );
     assert!(!store
-        .claim_resubmission("no-such-fault", "a", lease)
+        .claim_resubmission("no-such-fault", me, lease)
         .await
         .unwrap());
 }
