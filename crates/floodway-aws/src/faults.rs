@@ -15,6 +15,28 @@ use serde_json::Value;
 
 use crate::classify::{cancellation, cancellation_reasons, classify};
 
+/// Whether a conditional update applied: `Ok(false)` when its condition did not hold.
+fn applied(
+    result: Result<
+        aws_sdk_dynamodb::operation::update_item::UpdateItemOutput,
+        aws_sdk_dynamodb::error::SdkError<
+            aws_sdk_dynamodb::operation::update_item::UpdateItemError,
+            aws_sdk_dynamodb::config::http::HttpResponse,
+        >,
+    >,
+) -> Result<bool, Error> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(classify(e)),
+    }
+}
+
 fn tag(fault: &Event, name: &str) -> String {
     fault.tag(name).unwrap_or("unknown").to_owned()
 }
@@ -150,16 +172,7 @@ impl DynamoDbFaults {
             .expression_attribute_values(":f", s(fault.to_json()))
             .send()
             .await;
-        match latest {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(classify(e)),
-        }
+        applied(latest).map(drop)
     }
 
     fn stored(item: &HashMap<String, AttributeValue>) -> Option<StoredFault> {
@@ -301,15 +314,8 @@ impl DynamoDbFaults {
                 set.push_str(", resolvedAt = :now");
                 update = update.expression_attribute_values(":now", n(now));
             }
-            match update.update_expression(set).send().await {
-                Ok(_) => return self.release(id).await,
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-                {
-                    continue
-                }
-                Err(e) => return Err(classify(e)),
+            if applied(update.update_expression(set).send().await)? {
+                return self.release(id).await;
             }
         }
         Err(Error::transient_msg(
@@ -331,16 +337,7 @@ impl DynamoDbFaults {
             .expression_attribute_values(":me", s(floodway::fault_store::claimant()))
             .send()
             .await;
-        match released {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(classify(e)),
-        }
+        applied(released).map(drop)
     }
 
     async fn resubmissions(&self, id: &str) -> Result<Vec<Resubmission>, Error> {
@@ -426,16 +423,7 @@ impl FaultStore for DynamoDbFaults {
                 .expression_attribute_values(":now", n(now))
                 .send()
                 .await;
-            match claimed {
-                Ok(_) => Ok(true),
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-                {
-                    Ok(false)
-                }
-                Err(e) => Err(classify(e).into()),
-            }
+            Ok(applied(claimed)?)
         })
     }
 }

@@ -777,15 +777,11 @@ fn what_a_fault_quotes_is_printed_without_its_control_characters() {
     }
 }
 
-/// `faults resubmit` interrupted finishes the fault it is sending and records it, says how
-/// many it resubmitted, and leaves the rest open: what it says is what the store holds.
-#[test]
-fn an_interrupted_resubmission_records_what_it_did_and_says_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// `n` orders without a ref published and run into `n` faults, then the configuration fixed
+/// (the view keyed by the order id): every fault ready to be resubmitted.
+fn faults_then_fix(d: &Path, n: u32) {
     let config = configure(d, |c| c);
-    // Forty orders without a ref: forty faults, resubmitted at five a second once fixed.
-    let lines: Vec<String> = (0..40u32)
+    let lines: Vec<String> = (0..n)
         .map(|i| {
             order_line(
                 i,
@@ -797,8 +793,18 @@ fn an_interrupted_resubmission_records_what_it_did_and_says_so() {
             )
         })
         .collect();
-    publish_and_run(d, &lines, 40);
+    publish_and_run(d, &lines, n as usize);
     std::fs::write(d.join("floodway.toml"), fixed(&config)).unwrap();
+}
+
+/// `faults resubmit` interrupted finishes the fault it is sending and records it, says how
+/// many it resubmitted, and leaves the rest open: what it says is what the store holds.
+#[test]
+fn an_interrupted_resubmission_records_what_it_did_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Forty orders without a ref: forty faults, resubmitted at five a second.
+    faults_then_fix(d, 40);
     let child = common::start(
         d,
         &[
@@ -832,21 +838,7 @@ fn an_interrupted_resubmission_records_what_it_did_and_says_so() {
 fn two_resubmissions_at_once_send_each_fault_once() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let config = configure(d, |c| c);
-    let lines: Vec<String> = (0..12u32)
-        .map(|i| {
-            order_line(
-                i,
-                "submitted",
-                i.into(),
-                i,
-                "",
-                &format!(r#"{{"id":"o-{i}"}}"#),
-            )
-        })
-        .collect();
-    publish_and_run(d, &lines, 12);
-    std::fs::write(d.join("floodway.toml"), fixed(&config)).unwrap();
+    faults_then_fix(d, 12);
     let args = [
         "faults",
         "resubmit",

@@ -495,20 +495,23 @@ fn faults_down() -> Handler {
     Handler::new(processor)
 }
 
-/// A DynamoDB record that is malformed past its envelope, whose fault cannot be stored: the
-/// answer names it by its sequence number (an identifier not in the batch would fail the
-/// whole batch, done records included), and the good record before it is not reported.
-#[tokio::test]
-async fn a_malformed_change_whose_fault_is_not_stored_is_reported_by_its_sequence_number() {
+/// A good DynamoDB change, then one malformed past its envelope (a number that is not text),
+/// sequence number 700.
+fn good_then_malformed_change() -> Value {
     let bad = json!({
         "Keys": { "pk": { "S": "2" } },
         "NewImage": { "n": { "N": 5 } },
         "SequenceNumber": "700",
     });
-    let invocation = json!({ "Records": [
-        dynamodb(0, "INSERT", good_row()),
-        dynamodb(1, "INSERT", bad),
-    ]});
+    json!({ "Records": [dynamodb(0, "INSERT", good_row()), dynamodb(1, "INSERT", bad)]})
+}
+
+/// A DynamoDB record that is malformed past its envelope, whose fault cannot be stored: the
+/// answer names it by its sequence number (an identifier not in the batch would fail the
+/// whole batch, done records included), and the good record before it is not reported.
+#[tokio::test]
+async fn a_malformed_change_whose_fault_is_not_stored_is_reported_by_its_sequence_number() {
+    let invocation = good_then_malformed_change();
     let answer = faults_down().handle(invocation, None).await.unwrap();
     assert_eq!(
         answer,
@@ -577,15 +580,7 @@ async fn an_unparsable_record_whose_fault_is_not_stored_is_reported_by_what_it_s
 /// retries it and the unfinished record is not lost; a batch finished whole answers as before.
 #[tokio::test]
 async fn without_reported_item_failures_an_unfinished_record_fails_the_invocation() {
-    let bad = json!({
-        "Keys": { "pk": { "S": "2" } },
-        "NewImage": { "n": { "N": 5 } },
-        "SequenceNumber": "700",
-    });
-    let invocation = json!({ "Records": [
-        dynamodb(0, "INSERT", good_row()),
-        dynamodb(1, "INSERT", bad),
-    ]});
+    let invocation = good_then_malformed_change();
     let err = faults_down()
         .item_failures(false)
         .handle(invocation, None)

@@ -134,30 +134,53 @@ fn base64_of(text: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(text)
 }
 
+/// A handler whose pipeline `strict` rejects every event until `fixed` is set.
+struct Fixable {
+    handler: Handler,
+    faults: MemoryFaultSink,
+    sink: MemorySink,
+    fixed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Fixable {
+    fn new() -> Fixable {
+        let (faults, sink) = (MemoryFaultSink::new(), MemorySink::new());
+        let fixed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gate = fixed.clone();
+        let processor = Processor::builder("things")
+            .fault_sink(faults.clone())
+            .pipeline(
+                Pipeline::builder("strict")
+                    .validate(
+                        move |_| match gate.load(std::sync::atomic::Ordering::SeqCst) {
+                            true => Ok(()),
+                            false => Err(Error::poison_msg("Rejected", "not yet")),
+                        },
+                    )
+                    .sink(sink.clone())
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        Fixable {
+            handler: Handler::new(processor),
+            faults,
+            sink,
+            fixed,
+        }
+    }
+}
+
 /// An EventBridge event's text goes back as it was: a number beyond a double and an escape
 /// a JSON tree would not keep come back byte for byte, and are processed.
 #[tokio::test]
 async fn a_resubmitted_event_keeps_its_text() {
-    let faults = MemoryFaultSink::new();
-    let sink = MemorySink::new();
-    let fixed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let gate = fixed.clone();
-    let processor = Processor::builder("things")
-        .fault_sink(faults.clone())
-        .pipeline(
-            Pipeline::builder("strict")
-                .validate(
-                    move |_| match gate.load(std::sync::atomic::Ordering::SeqCst) {
-                        true => Ok(()),
-                        false => Err(Error::poison_msg("Rejected", "not yet")),
-                    },
-                )
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    let handler = Handler::new(processor);
+    let Fixable {
+        handler,
+        faults,
+        sink,
+        fixed,
+    } = Fixable::new();
     let detail = r#"{"id":"e1","type":"thing-created","timestamp":1,"partitionKey":"k","n":123456789012345678901234,"x":"\ud800"}"#;
     let invocation = format!(
         r#"{{"version":"0","id":"eb-1","detail-type":"thing-created","source":"custom.things","detail":{detail}}}"#
@@ -187,26 +210,12 @@ async fn a_resubmitted_event_keeps_its_text() {
 /// have) is resubmitted as it was first read: without the event size limit.
 #[tokio::test]
 async fn a_faulted_change_of_a_large_item_can_be_resubmitted() {
-    let faults = MemoryFaultSink::new();
-    let sink = MemorySink::new();
-    let fixed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let gate = fixed.clone();
-    let processor = Processor::builder("things")
-        .fault_sink(faults.clone())
-        .pipeline(
-            Pipeline::builder("strict")
-                .validate(
-                    move |_| match gate.load(std::sync::atomic::Ordering::SeqCst) {
-                        true => Ok(()),
-                        false => Err(Error::poison_msg("Rejected", "not yet")),
-                    },
-                )
-                .sink(sink.clone())
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
-    let handler = Handler::new(processor);
+    let Fixable {
+        handler,
+        faults,
+        sink,
+        fixed,
+    } = Fixable::new();
     use base64::Engine as _;
     let blob = |byte: u8| json!({ "B": base64::engine::general_purpose::STANDARD.encode(vec![byte; 399_000]) });
     let image =

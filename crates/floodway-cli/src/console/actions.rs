@@ -325,46 +325,25 @@ impl Console {
                     floodway::fault_store::CLAIM_LEASE,
                 )
                 .await;
-            match claimed {
-                Ok(true) => {}
-                Ok(false) => {
-                    let why = match self.faults.fault(&planned.id).await {
-                        Ok(Some(f)) if f.status == FaultStatus::Resolved => {
-                            "resolved since the dry run"
-                        }
-                        Ok(None) => "no longer in the store",
-                        _ => "being resubmitted elsewhere (another console, the command)",
-                    };
-                    skip(job, &planned.id, why.into());
-                    continue;
+            // The fault as it is now, read after the claim: another job, console or the
+            // command may have resolved it since the dry run, and a resolved fault is not
+            // applied again.
+            let now = self.faults.fault(&planned.id).await;
+            let fault = match (claimed, now) {
+                (Err(e), _) | (_, Err(e)) => Err(format!("cannot read the fault store: {e}")),
+                (_, Ok(None)) => Err("no longer in the store".into()),
+                (_, Ok(Some(f))) if f.status == FaultStatus::Resolved => {
+                    Err("resolved since the dry run".into())
                 }
-                Err(e) => {
-                    skip(
-                        job,
-                        &planned.id,
-                        format!("cannot read the fault store: {e}"),
-                    );
-                    continue;
+                (Ok(false), _) => {
+                    Err("being resubmitted elsewhere (another console, the command)".into())
                 }
-            }
-            // The fault as it is now: another job or the command may have resolved it since
-            // the dry run, and a resolved fault is not applied again.
-            let fault = match self.faults.fault(&planned.id).await {
-                Ok(Some(f)) if f.status == FaultStatus::Open => f,
-                Ok(Some(_)) => {
-                    skip(job, &planned.id, "resolved since the dry run".into());
-                    continue;
-                }
-                Ok(None) => {
-                    skip(job, &planned.id, "no longer in the store".into());
-                    continue;
-                }
-                Err(e) => {
-                    skip(
-                        job,
-                        &planned.id,
-                        format!("cannot read the fault store: {e}"),
-                    );
+                (Ok(true), Ok(Some(f))) => Ok(f),
+            };
+            let fault = match fault {
+                Ok(fault) => fault,
+                Err(why) => {
+                    skip(job, &planned.id, why);
                     continue;
                 }
             };
