@@ -39,6 +39,22 @@ fn orders(n: u32, missing: u32, fields: &str) -> Vec<String> {
         .collect()
 }
 
+/// `n` order lines, none with a `ref` (each a fault for the view keyed by the ref).
+fn refless_orders(n: u32) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            order_line(
+                i,
+                "submitted",
+                i.into(),
+                i,
+                "",
+                &format!(r#"{{"id":"o-{i}"}}"#),
+            )
+        })
+        .collect()
+}
+
 /// Publishes `lines` as `orders.jsonl` and runs until every event is read and `faults`
 /// faults are open.
 fn publish_and_run(d: &Path, lines: &[String], faults: usize) {
@@ -471,18 +487,7 @@ fn a_dry_run_resubmission_builds_no_processor() {
 fn publish_streams_its_input_and_atomic_is_all_or_nothing_from_a_file_or_standard_input() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut lines: Vec<String> = (0..2_500u32)
-        .map(|i| {
-            order_line(
-                i,
-                "submitted",
-                i.into(),
-                i,
-                "",
-                &format!(r#"{{"id":"o-{i}"}}"#),
-            )
-        })
-        .collect();
+    let mut lines = refless_orders(2_500);
     lines[2_399] = "{not an event".into();
     // And a line that is not even UTF-8: one more line that is not an event, not the end of
     // the input (before, it stopped the publish and dropped the lines read with it).
@@ -781,19 +786,7 @@ fn what_a_fault_quotes_is_printed_without_its_control_characters() {
 /// (the view keyed by the order id): every fault ready to be resubmitted.
 fn faults_then_fix(d: &Path, n: u32) {
     let config = configure(d, |c| c);
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
-            order_line(
-                i,
-                "submitted",
-                i.into(),
-                i,
-                "",
-                &format!(r#"{{"id":"o-{i}"}}"#),
-            )
-        })
-        .collect();
-    publish_and_run(d, &lines, n as usize);
+    publish_and_run(d, &refless_orders(n), n as usize);
     std::fs::write(d.join("floodway.toml"), fixed(&config)).unwrap();
 }
 
