@@ -97,6 +97,7 @@ impl Hub {
             options.durability,
             options.busy_timeout,
             options.page_cache_kib,
+            options.dedupe_window,
         )?;
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(HubInner {
@@ -359,8 +360,7 @@ impl Hub {
                 let _turn = self.inner.store.gate.enter();
                 let tx =
                     conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                let now = now_millis();
-                let done = prune_dedupe(&tx, now - window, 5_000, window, now)?;
+                let done = prune_dedupe(&tx, window, 5_000, now_millis())?;
                 tx.commit()?;
                 Ok(done)
             })?;

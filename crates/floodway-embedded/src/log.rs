@@ -205,16 +205,25 @@ pub(crate) struct Writer {
     pub(crate) next_prune: i64,
 }
 
-/// Deletes up to `limit` idempotency keys published before `cutoff`, in a transaction of the
+/// Deletes up to `limit` idempotency keys older than the hub's longest window (this
+/// process's, or a longer one another process opened the hub with), in a transaction of the
 /// caller's; returns the keys deleted and when the oldest key left expires (`now + window` if
 /// none is left), or `now` if there may be more to delete.
 pub(crate) fn prune_dedupe(
     tx: &Connection,
-    cutoff: i64,
+    own_window_ms: i64,
     limit: usize,
-    window_ms: i64,
     now: i64,
 ) -> rusqlite::Result<(usize, i64)> {
+    // Another process may keep keys longer (`schema::DEDUPE_WINDOW_KEY`).
+    let longest: Option<String> = tx
+        .prepare_cached("SELECT value FROM floodway_meta WHERE key = ?1")?
+        .query_row([crate::schema::DEDUPE_WINDOW_KEY], |r| r.get(0))
+        .optional()?;
+    let window_ms = longest
+        .and_then(|v| v.parse::<i64>().ok())
+        .map_or(own_window_ms, |l| l.max(own_window_ms));
+    let cutoff = now - window_ms;
     let deleted = tx
         .prepare_cached(
             "DELETE FROM dedupe WHERE id IN \
@@ -357,13 +366,8 @@ impl Writer {
                 .filter(|r| r.dedupe)
                 .map(|r| r.rows.len())
                 .sum();
-            (_, next_prune) = prune_dedupe(
-                &tx,
-                now - self.dedupe_window_ms,
-                2 * added + PRUNE_BATCH,
-                self.dedupe_window_ms,
-                now,
-            )?;
+            (_, next_prune) =
+                prune_dedupe(&tx, self.dedupe_window_ms, 2 * added + PRUNE_BATCH, now)?;
         }
         tx.commit()?;
         self.next_prune = next_prune;

@@ -307,6 +307,9 @@ pub(crate) struct Opened {
     pub(crate) views: Option<(std::path::PathBuf, WalCheckpoints)>,
 }
 
+/// The `floodway_meta` key of the longest idempotency window (ms) the hub was opened with.
+pub(crate) const DEDUPE_WINDOW_KEY: &str = "dedupe_window_ms";
+
 /// Opens (creating it if asked) a hub file, and the file of its views when it has one.
 pub(crate) fn open(
     path: &Path,
@@ -315,6 +318,7 @@ pub(crate) fn open(
     durability: Durability,
     busy_timeout: Duration,
     page_cache_kib: u32,
+    dedupe_window: Duration,
 ) -> Result<Opened, OpenError> {
     if !path.exists() && !create {
         return Err(OpenError::NotFound {
@@ -435,6 +439,18 @@ pub(crate) fn open(
         (count, true)
     };
     add_missing(&tx).map_err(err)?;
+    // The longest idempotency window any process opened the hub with: every process prunes
+    // keys by it, so that one with a shorter window does not forget another's keys early.
+    tx.execute(
+        "INSERT INTO floodway_meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE \
+         SET value = excluded.value \
+         WHERE CAST(floodway_meta.value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+        (
+            DEDUPE_WINDOW_KEY,
+            crate::log::millis(dedupe_window).to_string(),
+        ),
+    )
+    .map_err(err)?;
     tx.commit().map_err(err)?;
     // The file is a hub: start checkpointing it, and let the writing connection take part.
     let checkpoints = WalCheckpoints::start(path)?;
@@ -627,9 +643,18 @@ mod tests {
     /// The connection `open` gives for the file at `path`.
     fn reopen(path: &Path, create: bool) -> Connection {
         let busy = Duration::from_secs(10);
-        open(path, create, None, Durability::Immediate, busy, 2048)
-            .unwrap()
-            .conn
+        let window = Duration::from_secs(600);
+        open(
+            path,
+            create,
+            None,
+            Durability::Immediate,
+            busy,
+            2048,
+            window,
+        )
+        .unwrap()
+        .conn
     }
 
     #[test]
@@ -699,7 +724,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
         let busy = Duration::from_secs(10);
-        let checkpoints = open(&path, true, None, Durability::Immediate, busy, 2048)
+        let window = Duration::from_secs(600);
+        let checkpoints = open(&path, true, None, Durability::Immediate, busy, 2048, window)
             .unwrap()
             .checkpoints;
         for (durability, expected) in [(Durability::Immediate, 2), (Durability::Relaxed, 1)] {

@@ -119,6 +119,33 @@ async fn a_dedupe_window_of_no_end_remembers_ids() {
     assert!(subscription.is_ok());
 }
 
+/// Two processes with different idempotency windows: the one with the shorter window does
+/// not forget the other's keys before the other's window is over (its publishing and its
+/// retention prune by the longest window the hub was opened with).
+#[tokio::test]
+async fn a_shorter_dedupe_window_does_not_forget_a_longer_ones_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_window = |window: Duration| HubOptions {
+        dedupe_window: window,
+        ..HubOptions::default()
+    };
+    let long = open_with(dir.path(), with_window(Duration::from_secs(3_600)));
+    let short = open_with(dir.path(), with_window(Duration::from_millis(1)));
+    let events = generate::orders(3, 2);
+    long.publish_idempotent(&events).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The short window's publishing and retention both prune.
+    short
+        .publish_idempotent(&generate::orders(3, 9))
+        .await
+        .unwrap();
+    short
+        .apply_retention(&floodway_embedded::Retention::default())
+        .unwrap();
+    let again = long.publish_idempotent(&events).await.unwrap();
+    assert_eq!((again.stored(), again.duplicates), (0, 3));
+}
+
 #[tokio::test]
 async fn concurrent_publishers_are_group_committed() {
     let dir = tempfile::tempdir().unwrap();
