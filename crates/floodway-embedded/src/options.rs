@@ -26,8 +26,8 @@ pub struct HubOptions {
     pub partitions: Option<u32>,
     /// When a publish is durable (default [`Durability::Immediate`]).
     pub durability: Durability,
-    /// How long an idempotency key is remembered (default 10 minutes). A publish repeats
-    /// an id within this window of its first is stored once. The hub remembers the longest
+    /// How long an idempotency key is remembered (default 10 minutes): an id published again
+    /// within this window of its first publish is stored once. The hub remembers the longest
     /// window it was opened with, and every process keeps keys at least that long, so that one
     /// with a shorter window (`floodway hub publish` with the defaults, say) does not forget
     /// another's keys early.
