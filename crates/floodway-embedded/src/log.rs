@@ -215,7 +215,7 @@ pub(crate) fn prune_dedupe(
     limit: usize,
     now: i64,
 ) -> rusqlite::Result<(usize, i64)> {
-    // Another process may keep keys longer (`schema::DEDUPE_WINDOW_KEY`).
+    // Another process may keep keys longer.
     let longest: Option<String> = tx
         .prepare_cached("SELECT value FROM floodway_meta WHERE key = ?1")?
         .query_row([crate::schema::DEDUPE_WINDOW_KEY], |r| r.get(0))

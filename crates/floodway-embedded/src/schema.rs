@@ -307,7 +307,8 @@ pub(crate) struct Opened {
     pub(crate) views: Option<(std::path::PathBuf, WalCheckpoints)>,
 }
 
-/// The `floodway_meta` key of the longest idempotency window (ms) the hub was opened with.
+/// The `floodway_meta` key of the longest idempotency window (ms) the hub was opened with
+/// (written when it is opened; the log prunes its keys by it).
 pub(crate) const DEDUPE_WINDOW_KEY: &str = "dedupe_window_ms";
 
 /// Opens (creating it if asked) a hub file, and the file of its views when it has one.
@@ -447,7 +448,9 @@ pub(crate) fn open(
          WHERE CAST(floodway_meta.value AS INTEGER) < CAST(excluded.value AS INTEGER)",
         (
             DEDUPE_WINDOW_KEY,
-            crate::log::millis(dedupe_window).to_string(),
+            i64::try_from(dedupe_window.as_millis())
+                .unwrap_or(i64::MAX)
+                .to_string(),
         ),
     )
     .map_err(err)?;
