@@ -244,12 +244,15 @@ async fn publish(
         let Some(chunk) = chunk else { break };
         // Cut short, the error says what is stored already.
         let (chunk, last_line) = chunk.with_context(|| stopped(stored, through))?;
-        let receipt = hub
-            .publish(&chunk, !no_dedupe)
-            .await
-            .with_context(|| stopped(stored, through))?;
-        stored += receipt.stored as u64;
-        duplicates += receipt.duplicates;
+        // Lines with no event to store (the end, bad lines) move the line only.
+        if !chunk.is_empty() {
+            let receipt = hub
+                .publish(&chunk, !no_dedupe)
+                .await
+                .with_context(|| stopped(stored, through))?;
+            stored += receipt.stored as u64;
+            duplicates += receipt.duplicates;
+        }
         through = last_line;
         bar.set_message(format!("{stored} events stored"));
     }
