@@ -597,27 +597,34 @@ fn trace(slots: &[Slot]) {
 // ---------------------------------------------------------------------------------------------
 // Steady scenarios
 
-struct SteadyRow {
+/// What every steady run measures, whatever its server does over its capacity.
+struct Measured {
     scenario: String,
     limiter: String,
     goodput: f64,
     capacity_throughput: f64,
-    throttled: f64,
     client: (f64, f64),
     service: (f64, f64),
     mean_limit: f64,
     faults: u64,
+}
+
+impl Measured {
+    fn fraction(&self) -> f64 {
+        self.goodput / self.capacity_throughput
+    }
+}
+
+struct SteadyRow {
+    m: Measured,
+    throttled: f64,
     goal: (f64, Option<f64>),
 }
 
 impl SteadyRow {
-    fn fraction(&self) -> f64 {
-        self.goodput / self.capacity_throughput
-    }
-
     fn met(&self) -> bool {
         let (least, most_throttled) = self.goal;
-        self.fraction() >= least && most_throttled.is_none_or(|m| self.throttled <= m)
+        self.m.fraction() >= least && most_throttled.is_none_or(|m| self.throttled <= m)
     }
 }
 
@@ -630,17 +637,10 @@ fn steady(
     warmup: Duration,
     measure: Duration,
 ) -> SteadyRow {
-    let (mut t, faults) = measured(rt, name, plan, limiter, warmup, measure);
+    let (m, t) = measured(rt, name, plan, limiter, warmup, measure);
     SteadyRow {
-        scenario: name.into(),
-        limiter: limiter.name(plan.capacity),
-        goodput: t.ok as f64 / measure.as_secs_f64(),
-        capacity_throughput: plan.capacity as f64 / t.mean_service(),
+        m,
         throttled: t.throttled_share(),
-        client: p50_p99(&mut t.client),
-        service: p50_p99(&mut t.service),
-        mean_limit: t.mean_limit(),
-        faults,
         goal: plan.dist.goal(),
     }
 }
@@ -654,14 +654,22 @@ fn measured(
     limiter: Limiter,
     warmup: Duration,
     measure: Duration,
-) -> (Totals, u64) {
+) -> (Measured, Totals) {
     eprintln!("{name}, {}...", limiter.name(plan.capacity));
     let run = run(rt, plan, limiter);
     let from = slots_in(warmup);
-    (
-        Totals::of(&run.slots, from..from + slots_in(measure)),
-        run.faults,
-    )
+    let mut t = Totals::of(&run.slots, from..from + slots_in(measure));
+    let m = Measured {
+        scenario: name.into(),
+        limiter: limiter.name(plan.capacity),
+        goodput: t.ok as f64 / measure.as_secs_f64(),
+        capacity_throughput: plan.capacity as f64 / t.mean_service(),
+        client: p50_p99(&mut t.client),
+        service: p50_p99(&mut t.service),
+        mean_limit: t.mean_limit(),
+        faults: run.faults,
+    };
+    (m, t)
 }
 
 /// The median and the 99th percentile of `values`, sorting them.
@@ -700,18 +708,18 @@ fn print_steady(rows: &[SteadyRow], warmup: Duration, measure: Duration) {
         out!(
             "| {} | {} | {:.0}/s | {:.0}/s | {:.1}% | {:.2}% | {:.1} / {:.1} ms | {:.1} / {:.1} ms \
              | {:.1} | {} | {} | {} |",
-            r.scenario,
-            r.limiter,
-            r.goodput,
-            r.capacity_throughput,
-            r.fraction() * 100.0,
+            r.m.scenario,
+            r.m.limiter,
+            r.m.goodput,
+            r.m.capacity_throughput,
+            r.m.fraction() * 100.0,
             r.throttled * 100.0,
-            ms(r.client.0),
-            ms(r.client.1),
-            ms(r.service.0),
-            ms(r.service.1),
-            r.mean_limit,
-            r.faults,
+            ms(r.m.client.0),
+            ms(r.m.client.1),
+            ms(r.m.service.0),
+            ms(r.m.service.1),
+            r.m.mean_limit,
+            r.m.faults,
             goal,
             if r.met() { "met" } else { "**missed**" },
         );
@@ -729,24 +737,13 @@ const QUEUE_GOODPUT: f64 = 0.90;
 const QUEUE_WAIT: f64 = 1.0;
 
 struct QueueRow {
-    scenario: String,
-    limiter: String,
-    goodput: f64,
-    capacity_throughput: f64,
+    m: Measured,
     queued: (f64, f64),
-    client: (f64, f64),
-    service: (f64, f64),
-    mean_limit: f64,
-    faults: u64,
 }
 
 impl QueueRow {
-    fn fraction(&self) -> f64 {
-        self.goodput / self.capacity_throughput
-    }
-
     fn met(&self) -> bool {
-        self.fraction() >= QUEUE_GOODPUT && self.queued.0 <= QUEUE_WAIT * self.service.0
+        self.m.fraction() >= QUEUE_GOODPUT && self.queued.0 <= QUEUE_WAIT * self.m.service.0
     }
 }
 
@@ -759,17 +756,10 @@ fn queued(
     warmup: Duration,
     measure: Duration,
 ) -> QueueRow {
-    let (mut t, faults) = measured(rt, name, plan, limiter, warmup, measure);
+    let (m, mut t) = measured(rt, name, plan, limiter, warmup, measure);
     QueueRow {
-        scenario: name.into(),
-        limiter: limiter.name(plan.capacity),
-        goodput: t.ok as f64 / measure.as_secs_f64(),
-        capacity_throughput: plan.capacity as f64 / t.mean_service(),
+        m,
         queued: p50_p99(&mut t.queued),
-        client: p50_p99(&mut t.client),
-        service: p50_p99(&mut t.service),
-        mean_limit: t.mean_limit(),
-        faults,
     }
 }
 
@@ -798,18 +788,18 @@ fn print_queued(rows: &[QueueRow], warmup: Duration, measure: Duration) {
         out!(
             "| {} | {} | {:.0}/s | {:.1}% | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms \
              | {:.1} | {} | {} |",
-            r.scenario,
-            r.limiter,
-            r.goodput,
-            r.fraction() * 100.0,
+            r.m.scenario,
+            r.m.limiter,
+            r.m.goodput,
+            r.m.fraction() * 100.0,
             ms(r.queued.0),
             ms(r.queued.1),
-            ms(r.client.0),
-            ms(r.client.1),
-            ms(r.service.0),
-            ms(r.service.1),
-            r.mean_limit,
-            r.faults,
+            ms(r.m.client.0),
+            ms(r.m.client.1),
+            ms(r.m.service.0),
+            ms(r.m.service.1),
+            r.m.mean_limit,
+            r.m.faults,
             if r.met() { "met" } else { "**missed**" },
         );
     }
