@@ -174,6 +174,29 @@ fn unsendable(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether a conditional DynamoDB update applied: `Ok(false)` when its condition did not
+/// hold (an older event, a claim held, a history changed since it was read).
+pub(crate) fn applied(
+    result: Result<
+        aws_sdk_dynamodb::operation::update_item::UpdateItemOutput,
+        SdkError<
+            aws_sdk_dynamodb::operation::update_item::UpdateItemError,
+            aws_sdk_dynamodb::config::http::HttpResponse,
+        >,
+    >,
+) -> Result<bool, Error> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(classify(e)),
+    }
+}
+
 /// The reasons a DynamoDB transaction was cancelled, one per item in the order given
 /// (`None` or `"None"` for an item that was not the cause); `None` when `error` is not a
 /// cancellation.

@@ -14,7 +14,7 @@ use floodway::{Batch, BoxError, Delivery, Error, Event};
 use futures_util::stream::{self, StreamExt};
 use serde_json::Value;
 
-use crate::classify::classify;
+use crate::classify::{applied, classify};
 
 type KeyFn = Arc<dyn Fn(&Event) -> Result<String, Error> + Send + Sync>;
 type ValueFn = Arc<dyn Fn(&Event) -> Result<Value, Error> + Send + Sync>;
@@ -173,17 +173,8 @@ impl DynamoDbState {
             }
         };
         let expression = format!("SET {}{remove}", set.join(", "));
-        match request.update_expression(expression).send().await {
-            Ok(_) => Ok(true),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-            {
-                // An older or the same event: latest-wins says nothing changes.
-                Ok(false)
-            }
-            Err(e) => Err(classify(e)),
-        }
+        // Not applied: an older or the same event, and latest-wins says nothing changes.
+        applied(request.update_expression(expression).send().await)
     }
 
     /// Every row the scan's filter admits, all pages.

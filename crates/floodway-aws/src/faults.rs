@@ -13,29 +13,7 @@ use floodway::sink::deliver_each;
 use floodway::{Batch, Delivery, Error, Event};
 use serde_json::Value;
 
-use crate::classify::{cancellation, cancellation_reasons, classify};
-
-/// Whether a conditional update applied: `Ok(false)` when its condition did not hold.
-fn applied(
-    result: Result<
-        aws_sdk_dynamodb::operation::update_item::UpdateItemOutput,
-        aws_sdk_dynamodb::error::SdkError<
-            aws_sdk_dynamodb::operation::update_item::UpdateItemError,
-            aws_sdk_dynamodb::config::http::HttpResponse,
-        >,
-    >,
-) -> Result<bool, Error> {
-    match result {
-        Ok(_) => Ok(true),
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-        {
-            Ok(false)
-        }
-        Err(e) => Err(classify(e)),
-    }
-}
+use crate::classify::{applied, cancellation, cancellation_reasons, classify};
 
 fn tag(fault: &Event, name: &str) -> String {
     fault.tag(name).unwrap_or("unknown").to_owned()
