@@ -31,6 +31,27 @@ async fn run_source(
         .await
 }
 
+/// Runs `processor` in a task of its own until the sender is used (or dropped): the sender
+/// and the run's task.
+fn spawn_run(
+    processor: Processor,
+    source: impl Source,
+    checkpointer: impl floodway::Checkpointer + 'static,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<RunReport, RunError>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(async move {
+        processor
+            .run(source, checkpointer, async {
+                stopped.await.ok();
+            })
+            .await
+    });
+    (stop, run)
+}
+
 /// Delivers its records, then (if `live`) waits forever like an idle stream; counts pulls.
 struct CountingSource {
     records: VecDeque<Record>,
@@ -342,17 +363,7 @@ async fn shutdown_drains_in_flight_work_and_commits() {
         Pipeline::builder("slow").parallelism(4).sink(slow).unwrap(),
     );
     let source = CountingSource::new(&events(1_000, 10), true, &pulled);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn({
-        let checkpointer = checkpointer.clone();
-        async move {
-            processor
-                .run(source, checkpointer, async {
-                    stopped.await.ok();
-                })
-                .await
-        }
-    });
+    let (stop, run) = spawn_run(processor, source, checkpointer.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.send(()).unwrap();
     let report = run.await.unwrap().unwrap();
@@ -722,17 +733,7 @@ async fn a_batch_waiting_for_ownership_holds_up_nothing_else() {
     );
     let source = CountingSource::new(&events(100, 10), true, &Arc::new(AtomicU64::new(0)));
     let checkpointer = InDoubt::default();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn({
-        let checkpointer = checkpointer.clone();
-        async move {
-            processor
-                .run(source, checkpointer, async {
-                    stopped.await.ok();
-                })
-                .await
-        }
-    });
+    let (stop, run) = spawn_run(processor, source, checkpointer.clone());
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The first batch was done and committed while the second waited.
     assert_eq!(sunk.load(Ordering::SeqCst), 20);
