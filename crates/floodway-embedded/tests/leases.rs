@@ -27,6 +27,15 @@ fn options(lease: Duration, wait: Duration) -> HubOptions {
     }
 }
 
+/// A runtime of two worker threads, as a process holding a subscription runs.
+fn two_threads() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn checkpoint(partition: u32, offset: u64) -> Checkpoint {
     Checkpoint {
         partition: partition.to_string().into(),
@@ -43,11 +52,7 @@ fn lease_holder_process() {
         return;
     };
     let lease: u64 = std::env::var(CHILD_LEASE_MS).unwrap().parse().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = two_threads();
     runtime.block_on(async move {
         let hub = Hub::open(&path, options(Duration::from_millis(lease), Duration::ZERO)).unwrap();
         let live = SubscriptionOptions {
@@ -231,11 +236,7 @@ fn a_frozen_holder_is_taken_over_when_its_lease_expires_and_then_stops() {
     let lease = Duration::from_millis(1_500);
     drop(Hub::open(&path, HubOptions::default()).unwrap());
     let (mut child, mut out) = spawn_holder(&path, lease);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = two_threads();
     let hub = Hub::open(&path, options(lease, Duration::from_secs(30))).unwrap();
     runtime.block_on(async {
         // The holder reads and commits while it runs.
@@ -308,11 +309,7 @@ fn processor_holder_process() {
     let Ok(path) = std::env::var(CHILD_PROCESSOR_HUB) else {
         return;
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = two_threads();
     runtime.block_on(async move {
         let lease = Duration::from_millis(1_500);
         let hub = Hub::open(&path, options(lease, Duration::ZERO)).unwrap();
@@ -358,11 +355,7 @@ fn a_processor_taken_over_while_frozen_dispatches_nothing_it_read_before() {
     let path = dir.path().join("hub.db");
     let lease = Duration::from_millis(1_500);
     let hub = Hub::open(&path, options(lease, Duration::from_secs(30))).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = two_threads();
     runtime
         .block_on(hub.publish(&generate::orders(3_000, 5)))
         .unwrap();
