@@ -94,12 +94,29 @@ fn lease_holder_process() {
 
 /// Starts a holding process on the hub at `path` and waits until it holds `orders`; the
 /// caller waits for it.
-#[allow(clippy::zombie_processes)]
 fn spawn_holder(path: &std::path::Path, lease: Duration) -> (Child, BufReader<ChildStdout>) {
+    let lease = lease.as_millis().to_string();
+    spawn_child(
+        "lease_holder_process",
+        &[
+            (CHILD_HUB, path.as_os_str()),
+            (CHILD_LEASE_MS, lease.as_ref()),
+        ],
+        "holding",
+    )
+}
+
+/// Runs this test binary again as a child running only `test`, with `env`, and waits until
+/// it prints a line starting with `ready`; its output from there. The caller waits for it.
+#[allow(clippy::zombie_processes)]
+fn spawn_child(
+    test: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+    ready: &str,
+) -> (Child, BufReader<ChildStdout>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "lease_holder_process", "--nocapture"])
-        .env(CHILD_HUB, path)
-        .env(CHILD_LEASE_MS, lease.as_millis().to_string())
+        .args(["--exact", test, "--nocapture"])
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -110,9 +127,9 @@ fn spawn_holder(path: &std::path::Path, lease: Duration) -> (Child, BufReader<Ch
         line.clear();
         if out.read_line(&mut line).unwrap_or(0) == 0 {
             let _ = child.kill();
-            panic!("the holder ended before holding");
+            panic!("{test} ended before it printed `{ready}`");
         }
-        if line.trim() == "holding" {
+        if line.starts_with(ready) {
             return (child, out);
         }
     }
@@ -359,23 +376,12 @@ fn a_processor_taken_over_while_frozen_dispatches_nothing_it_read_before() {
     runtime
         .block_on(hub.publish(&generate::orders(3_000, 5)))
         .unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "processor_holder_process", "--nocapture"])
-        .env(CHILD_PROCESSOR_HUB, &path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
     // Under way: its sink has been called, and its source has read ahead.
-    while !line.starts_with("sink call") {
-        line.clear();
-        if out.read_line(&mut line).unwrap_or(0) == 0 {
-            let _ = child.kill();
-            panic!("the processor ended before processing");
-        }
-    }
+    let (mut child, mut out) = spawn_child(
+        "processor_holder_process",
+        &[(CHILD_PROCESSOR_HUB, path.as_os_str())],
+        "sink call",
+    );
     std::thread::sleep(Duration::from_millis(300));
     signal(&child, "-STOP");
     let sub = runtime
