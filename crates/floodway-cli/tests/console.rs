@@ -183,6 +183,27 @@ async fn the_console_shows_the_flow_live_pauses_filters_faults_and_resubmits_a_g
         .eval("document.querySelector('[data-testid=fault-event]').textContent")
         .await;
     assert!(event.as_str().unwrap().contains(r#""id": "o-"#), "{event}");
+    // A time as the page shows it, with the browser's offset, is a filter the console
+    // takes: copied into "since", it lists the fault it was shown for.
+    let shown = browser
+        .eval(
+            "[...document.querySelectorAll('dt')].find(d => d.textContent === 'last seen')\
+             .nextElementSibling.textContent",
+        )
+        .await;
+    let shown = shown.as_str().unwrap().to_owned();
+    assert!(
+        shown.ends_with("-05:00") || shown.ends_with("-04:00"),
+        "New York's offset: {shown}"
+    );
+    let listed = browser
+        .eval(&format!(
+            "fetch('/api/faults?since=' + encodeURIComponent({shown:?}))\
+             .then(r => r.json()).then(j => j.faults.map(f => f.id))\
+             .then(ids => ids.includes(location.hash.split('/').pop()))"
+        ))
+        .await;
+    assert_eq!(listed, json!(true), "since {shown}");
     browser.screenshot("fault").await;
     // Away from the page before its server stops, so that its stream is not cut.
     browser.goto("about:blank").await;

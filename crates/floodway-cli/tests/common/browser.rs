@@ -48,7 +48,8 @@ fn chromium() -> PathBuf {
 }
 
 impl Browser {
-    /// Starts Chromium, headless, with a fresh profile and a 1400x1000 window.
+    /// Starts Chromium, headless, with a fresh profile and a 1400x1000 window, in New York's
+    /// time zone (so that the pages show times with an offset other than the machine's).
     pub(crate) async fn start() -> Browser {
         let profile = tempfile::tempdir().unwrap();
         let child = Command::new(chromium())
@@ -68,6 +69,7 @@ impl Browser {
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
+            .env("TZ", "America/New_York")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
