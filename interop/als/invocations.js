@@ -18,9 +18,14 @@ const read = (stream) => new Promise((resolve, reject) => stream
   const dynamodb = als.toDynamodbRecords(input.rows);
   const sns = als.toSnsRecords(input.events.map((e) => ({ msg: JSON.stringify(e) })));
   const eventbridge = [];
+  // And as another producer puts them on the bus: the id only on the envelope.
+  const eventbridgeWithoutId = [];
   for (const e of input.events) {
     const invocation = als.toEventBridgeRecord(e);
     eventbridge.push({ invocation, events: await read(als.fromEventBridge(invocation)) });
+    const { id, ...detail } = e;
+    const bare = { ...als.toEventBridgeRecord(detail), id: `eb-${id}` };
+    eventbridgeWithoutId.push({ invocation: bare, events: await read(als.fromEventBridge(bare)) });
   }
   const out = {
     kinesis: { invocation: kinesis, events: await read(als.fromKinesis(kinesis)) },
@@ -28,6 +33,7 @@ const read = (stream) => new Promise((resolve, reject) => stream
     dynamodb: { invocation: dynamodb, events: await read(als.fromDynamodb(dynamodb)) },
     sns: { invocation: sns },
     eventbridge,
+    eventbridge_without_id: eventbridgeWithoutId,
   };
   process.stdout.write(JSON.stringify(out));
 })().catch((err) => {

@@ -145,11 +145,18 @@ async fn floodway_reads_the_events_aws_lambda_stream_reads_from_its_own_test_inv
     // SNS (aws-lambda-stream reads no events from SNS): the events published.
     let ours = floodway_reads(&als["sns"]["invocation"]).await;
     assert_eq!(ours, by_id(&Value::Array(events.clone())), "sns");
-    // EventBridge: one invocation per event.
-    for one in als["eventbridge"].as_array().unwrap() {
-        let ours = floodway_reads(&one["invocation"]).await;
-        assert_eq!(Value::Array(ours), one["events"], "eventbridge");
+    // EventBridge: one invocation per event; and with the id on the envelope only, as
+    // another producer puts events on the bus (both read `detail.id || id`).
+    for source in ["eventbridge", "eventbridge_without_id"] {
+        for one in als[source].as_array().unwrap() {
+            let ours = floodway_reads(&one["invocation"]).await;
+            assert_eq!(Value::Array(ours), one["events"], "{source}");
+        }
     }
+    assert!(als["eventbridge_without_id"][0]["events"][0]["id"]
+        .as_str()
+        .unwrap()
+        .starts_with("eb-"));
 }
 
 #[tokio::test]
