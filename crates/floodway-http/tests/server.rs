@@ -745,3 +745,30 @@ async fn a_success_whose_unused_answer_is_cut_short_is_not_sent_again() {
     assert_eq!(err.class(), ErrorClass::Transient);
     assert_eq!(err.name(), "ResponseBody");
 }
+
+/// A service whose accept queue is full: the connection is not made within the sink's connect
+/// timeout (5 s), which counts as a timeout (overload) for adaptive concurrency.
+#[tokio::test]
+async fn a_connection_not_made_in_time_is_a_timeout() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    // Never accepted: a backlog of one fills with the first connections.
+    let _listener = socket.listen(1).unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(c)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            held.push(c);
+        }
+    }
+    let sink = HttpSink::new(HttpSinkConfig::post(&format!("http://{addr}/x")).unwrap());
+    let started = std::time::Instant::now();
+    let err = send(&sink, order("o-1")).await.unwrap_err();
+    assert!(err.is_timeout(), "{err} after {:?}", started.elapsed());
+    assert_eq!(err.class(), ErrorClass::Transient);
+}
