@@ -55,16 +55,28 @@ const MAX_MEMBERS: usize = 12;
 /// the text to serde_json (which skips what it does not read at any depth).
 const MEMBER_DEPTH: u32 = 126;
 
+/// The most containers nested in members whose places an event keeps.
+const MAX_SPANS: usize = 8;
+
 /// Where the keys of an event's top-level members start (their opening quotes), noted as the
 /// scanner read the envelope, so that the payload is read without scanning the text again
 /// ([`payload`]). Unknown for a text the scanner did not answer for, one of more than
 /// `MAX_MEMBERS` members, or one with a member starting past its first 64 KiB (the places are
 /// kept small: an event carries them).
+///
+/// Also where the first containers nested in the members' values end (an order's items, its
+/// address), so that a typed read passes over one it does not take at once instead of
+/// counting its brackets ([`scan::skip_checked`]): up to `MAX_SPANS`, in the order they
+/// close, those ending within the first 64 KiB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Members {
     starts: [u16; MAX_MEMBERS],
     /// How many of `starts` hold a place; `UNKNOWN` when they are not known.
     len: u8,
+    /// How many of `spans` hold a container.
+    spans_len: u8,
+    /// Where a nested container starts (its opening bracket), and the position after it.
+    spans: [(u16, u16); MAX_SPANS],
 }
 
 const UNKNOWN: u8 = u8::MAX;
@@ -73,11 +85,15 @@ impl Members {
     pub(crate) const UNKNOWN: Members = Members {
         starts: [0; MAX_MEMBERS],
         len: UNKNOWN,
+        spans_len: 0,
+        spans: [(0, 0); MAX_SPANS],
     };
 
     const NONE: Members = Members {
         starts: [0; MAX_MEMBERS],
         len: 0,
+        spans_len: 0,
+        spans: [(0, 0); MAX_SPANS],
     };
 
     fn push(&mut self, at: usize) {
@@ -96,6 +112,31 @@ impl Members {
     fn known(&self) -> Option<&[u16]> {
         (self.len != UNKNOWN).then(|| &self.starts[..usize::from(self.len)])
     }
+
+    /// Notes the nested container from `start` to `end`, if there is room for it.
+    fn span(&mut self, start: usize, end: usize) {
+        let (Ok(start), Ok(end)) = (u16::try_from(start), u16::try_from(end)) else {
+            return;
+        };
+        if let Some(slot) = self.spans.get_mut(usize::from(self.spans_len)) {
+            *slot = (start, end);
+            self.spans_len += 1;
+        }
+    }
+
+    fn spans(&self) -> &[(u16, u16)] {
+        &self.spans[..usize::from(self.spans_len)]
+    }
+}
+
+/// The position after the container starting at `at`, when `spans` holds it.
+#[inline]
+fn span_end(spans: &[(u16, u16)], at: usize) -> Option<usize> {
+    let at = u16::try_from(at).ok()?;
+    spans
+        .iter()
+        .find(|&&(start, _)| start == at)
+        .map(|&(_, end)| usize::from(end))
 }
 
 /// The envelope of `text`, and where its members are when the scanner answered: from the
@@ -141,7 +182,12 @@ fn indexed(text: &str) -> Option<(Envelope<'_>, Members)> {
     let end = scan::object(b, scan::ws(b, 0), |key, start| {
         // The key is a slice of the text just after its opening quote.
         members.push(key.as_ptr() as usize - b.as_ptr() as usize - 1);
-        let end = scan::skip_value_within(b, start, MEMBER_DEPTH)?;
+        let end = scan::skip_value_noting(b, start, MEMBER_DEPTH, |depth, start, end| {
+            // The member's own value is passed over through `starts`.
+            if depth > 1 {
+                members.span(start, end);
+            }
+        })?;
         let slot = match key {
             b"id" => &mut env.id,
             b"type" => &mut env.ty,
@@ -170,6 +216,7 @@ pub(crate) fn payload<'t, T: Deserialize<'t>>(text: &'t str, members: &'t Member
     let value = T::deserialize(Object {
         text,
         starts,
+        spans: members.spans(),
         failed: &failed,
     })
     .ok()?;
@@ -208,6 +255,7 @@ fn refused<T>() -> serde_json::Result<T> {
 struct Object<'t, 'f> {
     text: &'t str,
     starts: &'t [u16],
+    spans: &'t [(u16, u16)],
     failed: &'f Cell<bool>,
 }
 
@@ -218,6 +266,7 @@ impl<'de> Object<'de, '_> {
         let mut walk = Walk {
             text: self.text,
             starts: self.starts.iter(),
+            spans: self.spans,
             value: None,
             failed: self.failed,
         };
@@ -285,6 +334,8 @@ impl<'de> Deserializer<'de> for Object<'de, '_> {
 struct Walk<'t, 'f> {
     text: &'t str,
     starts: std::slice::Iter<'t, u16>,
+    /// As [`Members::spans`].
+    spans: &'t [(u16, u16)],
     /// Where the value of the member whose key was last given starts, until it is read.
     value: Option<usize>,
     /// Set by any error in the read, which then ends every walk (a visitor that passes over
@@ -338,6 +389,7 @@ impl<'de> MapAccess<'de> for Walk<'de, '_> {
         };
         let value = seed.deserialize(Checked {
             text: self.text,
+            spans: self.spans,
             at: value,
             end: None,
             failed: self.failed,
@@ -357,6 +409,8 @@ impl<'de> MapAccess<'de> for Walk<'de, '_> {
 /// which saves the container that holds it from skipping the value again.
 struct Checked<'t, 'e> {
     text: &'t str,
+    /// As [`Members::spans`].
+    spans: &'t [(u16, u16)],
     at: usize,
     end: Option<&'e Cell<Option<usize>>>,
     failed: &'e Cell<bool>,
@@ -384,6 +438,7 @@ impl<'de> Checked<'de, '_> {
     fn walk<V: Visitor<'de>>(self, visitor: V, object: bool) -> serde_json::Result<V::Value> {
         let mut walk = Items {
             text: self.text,
+            spans: self.spans,
             at: self.at + 1,
             close: if object { b'}' } else { b']' },
             started: false,
@@ -516,6 +571,8 @@ impl<'de> Deserializer<'de> for Checked<'de, '_> {
 /// The members of a checked object, or the elements of a checked array, in turn.
 struct Items<'t, 'f> {
     text: &'t str,
+    /// As [`Members::spans`].
+    spans: &'t [(u16, u16)],
     /// Where the next member or element is looked for: after the opening bracket, or after
     /// the last value read.
     at: usize,
@@ -564,14 +621,17 @@ impl<'de> Items<'de, '_> {
         let value = noted(
             seed.deserialize(Checked {
                 text: self.text,
+                spans: self.spans,
                 at,
                 end: Some(&end),
                 failed: self.failed,
             }),
             self.failed,
         )?;
+        // A value read says where it ends; a container passed over may be among the spans.
         self.at = end
             .get()
+            .or_else(|| span_end(self.spans, at))
             .unwrap_or_else(|| scan::skip_checked(self.text.as_bytes(), at));
         Ok(value)
     }
@@ -1082,6 +1142,32 @@ mod tests {
     }
 
     #[test]
+    fn notes_where_the_first_nested_containers_end() {
+        let text = r#"{"id":"e1","type":"t","tags":{"a":1},"order":{"items":[{"n":1},{}],"to":{"c":"x"}}}"#;
+        let (_, members) = indexed(text).unwrap();
+        let noted: Vec<&str> = members
+            .spans()
+            .iter()
+            .map(|&(s, e)| &text[usize::from(s)..usize::from(e)])
+            .collect();
+        // Inner ones close first; the members' own values and empty containers are not noted.
+        assert_eq!(noted, [r#"{"n":1}"#, r#"[{"n":1},{}]"#, r#"{"c":"x"}"#]);
+
+        // Only the first few are kept; the rest are found by counting brackets.
+        let many = format!(
+            r#"{{"id":"e1","type":"t","list":[{}]}}"#,
+            vec!["[1]"; MAX_SPANS + 3].join(",")
+        );
+        let (_, members) = indexed(&many).unwrap();
+        assert_eq!(members.spans().len(), MAX_SPANS);
+        #[derive(serde::Deserialize, PartialEq, Debug)]
+        struct Lists {
+            list: Vec<Vec<u8>>,
+        }
+        reads_alike::<Lists>(&many);
+    }
+
+    #[test]
     fn finds_a_member_named_once() {
         let text = r#"{"id":"e1","a":{"b":1},"d":1,"d":2}"#;
         let (_, members) = indexed(text).unwrap();
@@ -1315,6 +1401,18 @@ mod tests {
             let b = text.as_bytes();
             if let Some(end) = scan::skip_value(b, 0) {
                 prop_assert_eq!(scan::skip_checked(b, 0), end, "{}", text);
+            }
+        }
+
+        #[test]
+        fn notes_nested_containers_where_they_end(text in object()) {
+            if let Some((_, members)) = indexed(&text) {
+                let b = text.as_bytes();
+                for &(start, end) in members.spans() {
+                    let (start, end) = (usize::from(start), usize::from(end));
+                    prop_assert!(matches!(b[start], b'{' | b'['), "{}", text);
+                    prop_assert_eq!(scan::skip_checked(b, start), end, "{}", text);
+                }
             }
         }
 

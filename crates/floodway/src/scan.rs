@@ -201,10 +201,28 @@ pub fn skip_value(b: &[u8], i: usize) -> Option<usize> {
 
 /// [`skip_value`], refusing containers nested deeper than `max_depth` (at most 128), the
 /// value itself counted when it is one.
-pub fn skip_value_within(b: &[u8], mut i: usize, max_depth: u32) -> Option<usize> {
+pub fn skip_value_within(b: &[u8], i: usize, max_depth: u32) -> Option<usize> {
+    skip_value_noting(b, i, max_depth, |_, _, _| {})
+}
+
+/// How deep [`skip_value_noting`] notes containers.
+pub const NOTED_DEPTH: u32 = 8;
+
+/// [`skip_value_within`], calling `note(depth, start, end)` for each container that is not
+/// empty, nested at most [`NOTED_DEPTH`] deep (the value itself, when it is one, at depth 1),
+/// as it closes: where its opening bracket is and the position after its closing one. A
+/// reader of the text can then pass over such a container at once.
+#[inline(always)]
+pub fn skip_value_noting(
+    b: &[u8],
+    mut i: usize,
+    max_depth: u32,
+    mut note: impl FnMut(u32, usize, usize),
+) -> Option<usize> {
     let max_depth = max_depth.min(MAX_DEPTH);
     let mut open: u128 = 0;
     let mut depth = 0u32;
+    let mut starts = [0usize; NOTED_DEPTH as usize];
     loop {
         // At the start of a value.
         match *b.get(i)? {
@@ -215,10 +233,14 @@ pub fn skip_value_within(b: &[u8], mut i: usize, max_depth: u32) -> Option<usize
                     return None;
                 }
                 let close = if c == b'{' { b'}' } else { b']' };
+                let start = i;
                 i = ws(b, i + 1);
                 if b.get(i) == Some(&close) {
                     i += 1;
                 } else {
+                    if let Some(slot) = starts.get_mut(depth as usize) {
+                        *slot = start;
+                    }
                     open = open << 1 | u128::from(c == b'{');
                     depth += 1;
                     if c == b'{' {
@@ -252,6 +274,9 @@ pub fn skip_value_within(b: &[u8], mut i: usize, max_depth: u32) -> Option<usize
                 _ => return None,
             }
             i += 1;
+            if let Some(&start) = starts.get(depth as usize - 1) {
+                note(depth, start, i);
+            }
             open >>= 1;
             depth -= 1;
         }
