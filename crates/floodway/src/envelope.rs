@@ -1156,7 +1156,7 @@ mod tests {
         // Only the first few are kept; the rest are found by counting brackets.
         let many = format!(
             r#"{{"id":"e1","type":"t","list":[{}]}}"#,
-            vec!["[1]"; MAX_SPANS + 3].join(",")
+            ["[1]"; MAX_SPANS + 3].join(",")
         );
         let (_, members) = indexed(&many).unwrap();
         assert_eq!(members.spans().len(), MAX_SPANS);
