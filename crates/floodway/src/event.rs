@@ -11,6 +11,7 @@
 //! it was decoded from.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use bytes::Bytes;
@@ -81,7 +82,7 @@ enum Repr {
         /// Whether the text may hold compressed values ([`crate::compression`]), revived on
         /// first use: looked for when the payload or tags are first read, not at decoding,
         /// so an event passed on unread is never searched for them.
-        compressed: OnceLock<bool>,
+        compressed: Compressed,
         tags: OnceLock<Map<String, Value>>,
         /// The payload, or why the text does not parse into one (decoding checks the
         /// envelope and leaves the payload's values to their first reader: a number out of
@@ -332,8 +333,47 @@ fn string_field(
 }
 
 /// Whether an event's text may hold compressed values, searched for once.
-fn holds_compressed(text: &str, compressed: &OnceLock<bool>) -> bool {
-    *compressed.get_or_init(|| crate::compression::may_hold(text.as_bytes()))
+fn holds_compressed(text: &str, compressed: &Compressed) -> bool {
+    compressed.get(text)
+}
+
+/// Whether an event's text may hold compressed values: unknown until first asked, then kept.
+/// An atomic rather than a `OnceLock`: two threads asking at once find the same answer, so
+/// either may keep it, and a `OnceLock` goes through its `Once` to be set, even when made
+/// with its value (a cost every decoded and every built event paid).
+struct Compressed(AtomicU8);
+
+impl Compressed {
+    const UNKNOWN: u8 = 0;
+    const NO: u8 = 1;
+    const YES: u8 = 2;
+
+    fn unknown() -> Compressed {
+        Compressed(AtomicU8::new(Self::UNKNOWN))
+    }
+
+    fn known(holds: bool) -> Compressed {
+        Compressed(AtomicU8::new(if holds { Self::YES } else { Self::NO }))
+    }
+
+    fn get(&self, text: &str) -> bool {
+        match self.0.load(Ordering::Relaxed) {
+            Self::NO => false,
+            Self::YES => true,
+            _ => {
+                let holds = crate::compression::may_hold(text.as_bytes());
+                let kept = if holds { Self::YES } else { Self::NO };
+                self.0.store(kept, Ordering::Relaxed);
+                holds
+            }
+        }
+    }
+}
+
+impl Clone for Compressed {
+    fn clone(&self) -> Compressed {
+        Compressed(AtomicU8::new(self.0.load(Ordering::Relaxed)))
+    }
 }
 
 fn timestamp_field(raw: Option<&str>) -> Result<i64, DecodeEventError> {
@@ -525,7 +565,7 @@ impl Event {
             timestamp,
             partition_key,
             repr: Repr::Raw {
-                compressed: OnceLock::new(),
+                compressed: Compressed::unknown(),
                 text: source,
                 has_tags,
                 tags: OnceLock::new(),
@@ -1208,7 +1248,7 @@ impl EventBuilder {
                     text: ByteString::try_from(out).unwrap_or_default(),
                     has_tags: self.tags.is_some(),
                     // Values set in code are never taken for compressed ones.
-                    compressed: OnceLock::from(false),
+                    compressed: Compressed::known(false),
                     tags: self.tags.map(OnceLock::from).unwrap_or_default(),
                     fields: OnceLock::new(),
                     members: crate::envelope::Members::UNKNOWN,
