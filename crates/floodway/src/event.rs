@@ -83,11 +83,11 @@ enum Repr {
         /// first use: looked for when the payload or tags are first read, not at decoding,
         /// so an event passed on unread is never searched for them.
         compressed: Compressed,
-        tags: OnceLock<Map<String, Value>>,
+        tags: OnceLock<Box<Map<String, Value>>>,
         /// The payload, or why the text does not parse into one (decoding checks the
         /// envelope and leaves the payload's values to their first reader: a number out of
         /// range, a lone surrogate or nesting deeper than serde_json reads are found then).
-        fields: OnceLock<Result<Map<String, Value>, String>>,
+        fields: OnceLock<Box<Result<Map<String, Value>, String>>>,
         /// Where the top-level members are, when decoding found them: [`Event::payload`]
         /// reads only the members its type takes.
         members: crate::envelope::Members,
@@ -330,6 +330,20 @@ fn string_field(
         });
     }
     Ok(Text::Owned(value))
+}
+
+/// The payload fields of an event's text (every member but the envelope's), compressed values
+/// revived; or why the text does not read as a tree.
+fn payload_fields(text: &str, compressed: &Compressed) -> Result<Map<String, Value>, String> {
+    let mut map: Map<String, Value> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    for key in ENVELOPE_FIELDS {
+        map.remove(key);
+    }
+    if holds_compressed(text, compressed) {
+        // A value that cannot be revived stays as it is: `payload` reports it.
+        crate::compression::revive_members("", &mut map);
+    }
+    Ok(map)
 }
 
 /// Whether an event's text may hold compressed values, searched for once.
@@ -705,7 +719,7 @@ impl Event {
                         // A value that cannot be revived stays as it is (see `payload`).
                         crate::compression::revive_members("tags", &mut tags);
                     }
-                    tags
+                    Box::new(tags)
                 }))
             }
             Repr::Owned { tags, .. } => tags.as_ref(),
@@ -727,18 +741,8 @@ impl Event {
                 compressed,
                 ..
             } => fields
-                .get_or_init(|| {
-                    let mut map: Map<String, Value> =
-                        serde_json::from_str(text).map_err(|e| e.to_string())?;
-                    for key in ENVELOPE_FIELDS {
-                        map.remove(key);
-                    }
-                    if holds_compressed(text, compressed) {
-                        // A value that cannot be revived stays as it is: `payload` reports it.
-                        crate::compression::revive_members("", &mut map);
-                    }
-                    Ok(map)
-                })
+                .get_or_init(|| Box::new(payload_fields(text, compressed)))
+                .as_ref()
                 .as_ref()
                 .unwrap_or_else(|_| {
                     static NONE: std::sync::LazyLock<Map<String, Value>> =
@@ -759,7 +763,7 @@ impl Event {
     pub fn check_payload(&self) -> Result<(), Error> {
         self.fields();
         match &self.repr {
-            Repr::Raw { fields, .. } => match fields.get() {
+            Repr::Raw { fields, .. } => match fields.get().map(|f| f.as_ref()) {
                 Some(Err(why)) => Err(Error::poison_msg(
                     "UnreadablePayload",
                     format!("event {}: the payload does not read: {why}", self.id()),
@@ -1249,7 +1253,10 @@ impl EventBuilder {
                     has_tags: self.tags.is_some(),
                     // Values set in code are never taken for compressed ones.
                     compressed: Compressed::known(false),
-                    tags: self.tags.map(OnceLock::from).unwrap_or_default(),
+                    tags: self
+                        .tags
+                        .map(|tags| OnceLock::from(Box::new(tags)))
+                        .unwrap_or_default(),
                     fields: OnceLock::new(),
                     members: crate::envelope::Members::UNKNOWN,
                 }

@@ -447,13 +447,21 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             let record = Arc::new(record);
             let decoded = match &record.malformed {
                 Some(m) => Err(Error::poison_msg(m.name.clone(), m.message.clone())),
-                None if record.assembled => {
-                    Event::decode_bytes(record.data.clone(), usize::MAX).map_err(Error::from)
+                None => {
+                    let limit = if record.assembled {
+                        usize::MAX
+                    } else {
+                        max_size
+                    };
+                    // Shared as soon as it is decoded: an event is large, and each move of
+                    // it (into another `Result`, say) copies it.
+                    Event::decode_bytes(record.data.clone(), limit)
+                        .map(Arc::new)
+                        .map_err(Error::from)
                 }
-                None => Event::decode_bytes(record.data.clone(), max_size).map_err(Error::from),
             };
             let event = match decoded {
-                Ok(event) => Arc::new(event),
+                Ok(event) => event,
                 Err(err) => {
                     let ticket = self.ledger.admit(record.clone(), 1);
                     self.report.decode_faults += 1;
