@@ -15,7 +15,9 @@
 //! the reader checks that no delivery went missing on the way, which such an ack would cover.
 //! While records are held (in the processor, retrying in place or held by an open breaker, or
 //! settled behind one that is), in-progress acks (`+WPI`) keep JetStream from redelivering
-//! them. Records the processor lets go of unfinished (it stopped: drained, timed out, or
+//! them; a subscription that went longer than the ack wait without them while it held records
+//! has lapsed (JetStream hands such records to another reader), and its checkpointer then
+//! fails the processor's check before each dispatch (`acks::KeptAlive`). Records the processor lets go of unfinished (it stopped: drained, timed out, or
 //! failed) are nak'd with a delay that grows with their delivery count, never an immediate
 //! nak that would burn `max_deliver` in milliseconds; with cumulative acks, settled records
 //! held behind them are nak'd too, and come again.
@@ -37,7 +39,7 @@ mod consumer;
 mod options;
 mod reader;
 
-use acks::acker;
+use acks::{acker, KeptAlive};
 use consumer::{consumer_config, cumulative, open_consumer, restart_at_ack_floor};
 pub use options::{Acks, Partitions, Sharing, StartAt, SubscriptionOptions};
 use reader::PartitionReader;
@@ -207,6 +209,9 @@ type Budget = Option<Arc<Semaphore>>;
 #[derive(Debug)]
 pub struct NatsCheckpointer {
     ops: Option<mpsc::UnboundedSender<AckOp>>,
+    /// Whether what it holds is still its own; `None` for a transient read, which holds
+    /// nothing of anyone's.
+    alive: Option<Arc<KeptAlive>>,
 }
 
 impl std::fmt::Debug for Item {
@@ -372,11 +377,13 @@ impl NatsHub {
             tasks.spawn(reader.run());
         }
         let (closed_tx, closed) = watch::channel(false);
+        let alive = (!options.transient).then(|| Arc::new(KeptAlive::new(options.ack_wait)));
         tokio::spawn(acker(
             self.inner.client.clone(),
             ops_rx,
             outstanding,
             options.clone(),
+            alive.clone(),
             closed_tx,
         ));
         Ok(NatsSubscription {
@@ -388,7 +395,10 @@ impl NatsHub {
                 budget,
                 _tasks: tasks,
             },
-            checkpointer: NatsCheckpointer { ops: Some(ops) },
+            checkpointer: NatsCheckpointer {
+                ops: Some(ops),
+                alive,
+            },
             closed,
         })
     }

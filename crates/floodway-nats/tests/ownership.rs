@@ -1,0 +1,210 @@
+//! What a JetStream reader holds is its own until the ack wait runs out without an ack or an
+//! in-progress ack; then JetStream hands it to another reader of the consumer. A process that
+//! kept nothing alive for that long (frozen, suspended) must not go on to process what it read
+//! before: the other reader is processing it too (invariant 7).
+//!
+//! The frozen process is this test binary run again as a child (`frozen_reader_process`) and
+//! stopped with SIGSTOP, against a real `nats-server` on loopback.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use floodway::memory::MemoryFaultSink;
+use floodway::testing::generate;
+use floodway::{sink_fn, Batch, Error, Pipeline, Processor};
+use floodway_nats::testing::NatsServer;
+use floodway_nats::{NatsHub, NatsHubOptions, Sharing, SubscriptionOptions};
+
+const CHILD_URL: &str = "FLOODWAY_TEST_FROZEN_READER_URL";
+
+fn hub_options(url: String) -> NatsHubOptions {
+    NatsHubOptions {
+        servers: vec![url],
+        stream: "ORDERS".into(),
+        subject: "orders".into(),
+        partitions: Some(2),
+        ..NatsHubOptions::default()
+    }
+}
+
+/// Both instances share the partitions through pins: a silent instance loses its pins after
+/// 1 s, and what it holds unacked comes back to the other after the 2 s ack wait.
+fn shared() -> SubscriptionOptions {
+    SubscriptionOptions {
+        sharing: Sharing::Pinned {
+            ttl: Duration::from_secs(1),
+        },
+        ack_wait: Duration::from_secs(2),
+        ..Default::default()
+    }
+}
+
+/// A runtime of two worker threads, as a process holding a subscription runs.
+fn two_threads() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Not a test of its own: a processor reading the subscription `orders`, whose sink takes
+/// 100 ms a call and prints the wall-clock time each call starts, so that its reader reads far
+/// ahead of it; when its run ends it prints why and exits with status 3.
+#[test]
+fn frozen_reader_process() {
+    let Ok(url) = std::env::var(CHILD_URL) else {
+        return;
+    };
+    two_threads().block_on(async move {
+        let hub = NatsHub::connect(&hub_options(url)).await.unwrap();
+        let (reader, checkpointer) = hub.subscribe("orders", shared()).await.unwrap().split();
+        let sink = sink_fn(|batch: Batch| async move {
+            let at = floodway::event::now_millis();
+            println!("sink call at {at} with {}", batch.len());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, Error>(())
+        });
+        let processor = Processor::builder("frozen")
+            .fault_sink(MemoryFaultSink::new())
+            .max_in_flight(20)
+            .pull_batch(20)
+            .pipeline(Pipeline::builder("all").sink(sink).unwrap())
+            .build()
+            .unwrap();
+        let ended = processor
+            .run(reader, checkpointer, std::future::pending())
+            .await;
+        match ended {
+            Ok(report) => println!("run ended: {report:?}"),
+            Err(err) => println!("run ended: {err}"),
+        }
+        std::process::exit(3);
+    });
+}
+
+/// Runs this test binary again as a child running only `frozen_reader_process` against the
+/// server at `url`, and waits until its sink has been called; its output from there.
+#[allow(clippy::zombie_processes)]
+fn spawn_reader(url: &str) -> (Child, BufReader<ChildStdout>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "frozen_reader_process", "--nocapture"])
+        .env(CHILD_URL, url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if out.read_line(&mut line).unwrap_or(0) == 0 {
+            let _ = child.kill();
+            panic!("the reader process ended before its sink was called");
+        }
+        if line.starts_with("sink call") {
+            return (child, out);
+        }
+    }
+}
+
+fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The child's exit status, or `None` when it was still running after `limit` (then killed).
+fn wait_for(child: &mut Child, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A processor frozen past its ack wait, its records handed meanwhile to another instance,
+/// does not process once thawed what it had read and not yet dispatched: only what was under
+/// way finishes, and its run ends saying why.
+#[test]
+fn a_reader_frozen_past_its_ack_wait_dispatches_nothing_it_read_before() {
+    let server = NatsServer::start();
+    let runtime = two_threads();
+    let hub = runtime
+        .block_on(NatsHub::connect(&hub_options(server.url())))
+        .unwrap();
+    runtime
+        .block_on(hub.publish(&generate::orders(2_000, 5)))
+        .unwrap();
+    let (mut child, mut out) = spawn_reader(&server.url());
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, "-STOP");
+
+    // Another instance: it takes the pins once they lapse, and what the frozen one held once
+    // its ack wait runs out.
+    let taken = Arc::new(AtomicUsize::new(0));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let other = {
+        let taken = taken.clone();
+        let sink = sink_fn(move |batch: Batch| {
+            taken.fetch_add(batch.len(), Ordering::Relaxed);
+            std::future::ready(Ok::<_, Error>(()))
+        });
+        let processor = Processor::builder("other")
+            .fault_sink(MemoryFaultSink::new())
+            .pipeline(Pipeline::builder("all").sink(sink).unwrap())
+            .build()
+            .unwrap();
+        let hub = hub.clone();
+        runtime.spawn(async move {
+            let (reader, checkpointer) = hub.subscribe("orders", shared()).await.unwrap().split();
+            processor
+                .run(reader, checkpointer, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        })
+    };
+    // Past the ack wait, with room for the redelivered records to reach the other instance.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    std::thread::sleep(Duration::from_millis(3_500));
+    while taken.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        taken.load(Ordering::Relaxed) > 0,
+        "nothing came to the other instance"
+    );
+
+    let thawed = floodway::event::now_millis();
+    signal(&child, "-CONT");
+    let status = wait_for(&mut child, Duration::from_secs(10));
+    let _ = stop.send(());
+    runtime.block_on(other).unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let after: usize = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("sink call at "))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<i64>().ok())
+        .filter(|at| *at >= thawed)
+        .count();
+    // What was dispatched before the freeze may still start its call (at most the 20 in
+    // flight); nothing read and not yet dispatched does.
+    assert!(after < 20, "{after} sink calls after the thaw:\n{rest}");
+    assert_eq!(status, Some(3), "its run ended: {rest}");
+    assert!(rest.contains("ack wait"), "{rest}");
+}
