@@ -109,9 +109,9 @@ impl KeptAlive {
 }
 
 impl Checkpointer for NatsCheckpointer {
-    /// Fails once the subscription has lapsed (it went longer than its ack wait without keeping what it holds alive): the records read before and not
-    /// yet dispatched are left to JetStream, which has given them, or will give them, to
-    /// whichever reader asks.
+    /// Fails once the subscription has lapsed (it went longer than its ack wait without
+    /// keeping what it holds alive): the records read before and not yet dispatched are left
+    /// to JetStream, which has given them, or will give them, to whichever reader asks.
     async fn owned(&mut self) -> Result<(), CommitError> {
         match &self.alive {
             Some(alive) => match alive.lapse() {
