@@ -19,12 +19,13 @@ const OPS_AT_ONCE: usize = 1024;
 
 /// Whether what this process holds is still its own. JetStream hands a record to another
 /// reader of the consumer once its ack wait runs out with no ack and no in-progress ack; the
-/// acker sends those for every record held, a third of the ack wait apart. A process that let
-/// more than that pass without a round of them (frozen, suspended, its runtime starved) may
-/// hold records another reader is processing now: it has lapsed, for good.
+/// acker sends those for every record held, a third of the ack wait apart. A record held
+/// longer than that without one (the process frozen, suspended, its runtime starved) may be
+/// another reader's by now: the subscription has lapsed, for good.
 #[derive(Debug)]
 pub(super) struct KeptAlive {
     ack_wait: Duration,
+    outstanding: Outstanding,
     state: Mutex<Rounds>,
 }
 
@@ -32,20 +33,33 @@ pub(super) struct KeptAlive {
 struct Rounds {
     /// When the last round of in-progress acks started (or the subscription, before any).
     last: Instant,
-    /// Whether it held records then.
-    held: bool,
-    /// The wait between two rounds that was past the limit, once there was one.
-    lapsed: Option<Duration>,
+    lapse: Option<Lapse>,
+}
+
+/// A lapse: the wait that went past the limit, and which records it may have cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Lapse {
+    waited: Duration,
+    /// Records received before this went unkept past the limit; later ones are this
+    /// process's still.
+    stale_before: Instant,
+}
+
+impl Lapse {
+    /// Whether a record received at `received` may be another reader's.
+    pub(super) fn covers(&self, received: Instant) -> bool {
+        received < self.stale_before
+    }
 }
 
 impl KeptAlive {
-    pub(super) fn new(ack_wait: Duration) -> KeptAlive {
+    pub(super) fn new(ack_wait: Duration, outstanding: Outstanding) -> KeptAlive {
         KeptAlive {
             ack_wait,
+            outstanding,
             state: Mutex::new(Rounds {
                 last: Instant::now(),
-                held: false,
-                lapsed: None,
+                lapse: None,
             }),
         }
     }
@@ -60,47 +74,62 @@ impl KeptAlive {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A round of in-progress acks starts, for records if it `held` any: answers the lapse, if
-    /// the wait since the last round (or an earlier wait) was past the limit while it held
-    /// records. A process that held none through a long wait (an idle one, suspended) has
-    /// nothing another reader could have been given.
-    fn round(&self, held: bool) -> Option<Duration> {
-        self.round_at(Instant::now(), held)
-    }
-
-    fn round_at(&self, now: Instant, held: bool) -> Option<Duration> {
-        let limit = self.limit();
-        let mut rounds = self.rounds();
-        let gap = now.saturating_duration_since(rounds.last);
-        if gap > limit && (held || rounds.held) && rounds.lapsed.is_none() {
-            rounds.lapsed = Some(gap);
+    /// Notes a lapse if a record received at `oldest` (the earliest of those held at `now`)
+    /// has gone unkept past the limit: the last round was longer ago than that, and so was
+    /// its receipt. A record received during a long wait is young, and a process that held
+    /// nothing through one (idle, suspended) lost nothing.
+    fn note(&self, rounds: &mut Rounds, now: Instant, oldest: Option<Instant>) {
+        if rounds.lapse.is_some() {
+            return;
         }
+        let Some(stale_before) = now.checked_sub(self.limit()) else {
+            return;
+        };
+        if rounds.last < stale_before && oldest.is_some_and(|at| at < stale_before) {
+            rounds.lapse = Some(Lapse {
+                waited: now.saturating_duration_since(rounds.last),
+                stale_before,
+            });
+        }
+    }
+
+    /// A round of in-progress acks starts at `now` for the records held, the earliest
+    /// received at `oldest`: answers the lapse, this round's or an earlier one's.
+    pub(super) fn round(&self, now: Instant, oldest: Option<Instant>) -> Option<Lapse> {
+        let mut rounds = self.rounds();
+        self.note(&mut rounds, now, oldest);
         rounds.last = now;
-        rounds.held = held;
-        rounds.lapsed
+        rounds.lapse
     }
 
-    /// The lapse, if there was one: noted by a round, or under way (a thawed process asks,
-    /// holding the batch it asks for, before its acker has run again).
-    fn lapse(&self) -> Option<Duration> {
-        self.lapse_at(Instant::now())
+    /// The lapse noted by a round, if any.
+    pub(super) fn lapsed(&self) -> Option<Lapse> {
+        self.rounds().lapse
     }
 
-    fn lapse_at(&self, now: Instant) -> Option<Duration> {
-        let rounds = self.rounds();
-        rounds.lapsed.or_else(|| {
-            let gap = now.saturating_duration_since(rounds.last);
-            (gap > self.limit()).then_some(gap)
-        })
+    /// The lapse, noted by a round or under way at `now`: a thawed process may ask before its
+    /// acker has run again. The records held are looked at only when a round is overdue.
+    fn lapse_at(&self, now: Instant) -> Option<Lapse> {
+        {
+            let rounds = self.rounds();
+            if rounds.lapse.is_some() || now.saturating_duration_since(rounds.last) <= self.limit()
+            {
+                return rounds.lapse;
+            }
+        }
+        let oldest = held_since(&self.outstanding).1;
+        let mut rounds = self.rounds();
+        self.note(&mut rounds, now, oldest);
+        rounds.lapse
     }
 
-    fn lapsed_error(&self, gap: Duration) -> CommitError {
+    fn lapsed_error(&self, lapse: Lapse) -> CommitError {
         CommitError {
             cause: format!(
-                "this process sent JetStream no in-progress ack for {:.1} s, past the ack wait \
-                 of {:.1} s (frozen or starved?): what it read may be another reader's now, so \
-                 it stops rather than process that twice",
-                gap.as_secs_f64(),
+                "this process held records {:.1} s without an in-progress ack, past the ack \
+                 wait of {:.1} s (frozen or starved?): what it read may be another reader's \
+                 now, so it stops rather than process that twice",
+                lapse.waited.as_secs_f64(),
                 self.ack_wait.as_secs_f64()
             )
             .into(),
@@ -108,14 +137,26 @@ impl KeptAlive {
     }
 }
 
+/// The reply subjects of the records held, and when the earliest of them was received.
+fn held_since(outstanding: &Outstanding) -> (Vec<Subject>, Option<Instant>) {
+    match outstanding.lock().ok().as_deref() {
+        Some(Some(lanes)) => {
+            let held = lanes.values().flat_map(|lane| lane.records.values());
+            let oldest = held.clone().map(|p| p.received).min();
+            (held.map(|p| p.reply.clone()).collect(), oldest)
+        }
+        _ => (Vec::new(), None),
+    }
+}
+
 impl Checkpointer for NatsCheckpointer {
-    /// Fails once the subscription has lapsed (it went longer than its ack wait without
-    /// keeping what it holds alive): the records read before and not yet dispatched are left
+    /// Fails once the subscription has lapsed (a record it held went longer than the ack wait
+    /// without an in-progress ack): the records read before and not yet dispatched are left
     /// to JetStream, which has given them, or will give them, to whichever reader asks.
     async fn owned(&mut self) -> Result<(), CommitError> {
         match &self.alive {
-            Some(alive) => match alive.lapse() {
-                Some(gap) => Err(alive.lapsed_error(gap)),
+            Some(alive) => match alive.lapse_at(Instant::now()) {
+                Some(lapse) => Err(alive.lapsed_error(lapse)),
                 None => Ok(()),
             },
             None => Ok(()),
@@ -186,28 +227,23 @@ pub(super) async fn acker(
                 }
             },
             _ = progress.tick() => {
-                let replies: Vec<Subject> = match outstanding.lock().ok().as_deref() {
-                    Some(Some(lanes)) => lanes
-                        .values()
-                        .flat_map(|lane| lane.records.values().map(|p| p.reply.clone()))
-                        .collect(),
-                    _ => Vec::new(),
-                };
-                let held = !replies.is_empty();
-                if let Some(gap) = alive.as_ref().and_then(|alive| alive.round(held)) {
-                    // What it holds may be another reader's now: keeping it alive would hold
-                    // that reader's delivery up, not this one's.
-                    if !lapse_told {
-                        lapse_told = true;
-                        tracing::warn!(
-                            waited_ms = gap.as_millis() as u64,
-                            ack_wait_ms = options.ack_wait.as_millis() as u64,
-                            "no in-progress acks for longer than the ack wait: the records read \
-                             may be another reader's now, and are left to JetStream"
-                        );
-                    }
-                    continue;
+                let (replies, oldest) = held_since(&outstanding);
+                let lapse = alive
+                    .as_ref()
+                    .and_then(|alive| alive.round(std::time::Instant::now(), oldest));
+                if let (Some(lapse), false) = (lapse, lapse_told) {
+                    lapse_told = true;
+                    tracing::warn!(
+                        waited_ms = lapse.waited.as_millis() as u64,
+                        ack_wait_ms = options.ack_wait.as_millis() as u64,
+                        "records held without in-progress acks for longer than the ack wait: \
+                         they may be another reader's now, and the processor stops"
+                    );
                 }
+                // Every record held is kept alive, a lapse or not: those being worked on, or
+                // received since, are this process's still; for one another reader holds now,
+                // this only holds that reader's delivery a little longer, while the processor
+                // stops.
                 for reply in replies {
                     send(&client, reply, AckKind::Progress).await;
                 }
@@ -221,18 +257,24 @@ pub(super) async fn acker(
         .ok()
         .and_then(|mut o| o.take())
         .unwrap_or_default();
-    let left: usize = lanes.values().map(|lane| lane.records.len()).sum();
-    if alive.as_ref().is_some_and(|alive| alive.lapse().is_some()) {
-        // Their ack wait has run out: JetStream gives them to whoever asks, without a nak, and
-        // a nak now could reach another reader's delivery of them.
-        let _ = client.flush().await;
-        let _ = closed.send(true);
-        return;
-    }
+    // After a lapse, the records it may have cost are left as they are: JetStream gives them
+    // to whoever asks without a nak (their ack wait has run out), and a nak could reach
+    // another reader's delivery of them, which would then come a second time.
+    let lapse = alive.as_ref().and_then(|alive| alive.lapsed());
+    let lanes: Vec<Lane> = lanes
+        .into_values()
+        .map(|mut lane| {
+            if let Some(lapse) = lapse {
+                lane.records.retain(|_, p| !lapse.covers(p.received));
+            }
+            lane
+        })
+        .collect();
+    let left: usize = lanes.iter().map(|lane| lane.records.len()).sum();
     if left > 0 {
         tracing::info!(records = left, "returning unfinished records to JetStream");
     }
-    for lane in lanes.into_values() {
+    for lane in lanes {
         let delivered = lane
             .records
             .values()
@@ -309,49 +351,78 @@ pub(super) async fn send(client: &async_nats::Client, reply: Subject, kind: AckK
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use super::super::Pending;
     use super::*;
 
+    /// An ack wait of 3 s: a record may go 2.7 s without an in-progress ack.
     const WAIT: Duration = Duration::from_secs(3);
 
-    /// Rounds a third of the ack wait apart keep what is held alive; a round late by more than
-    /// the limit while records were held is a lapse, for good; a long wait holding nothing
-    /// (an idle process, suspended) is not.
-    #[test]
-    fn a_subscription_lapses_only_when_it_held_records_past_the_ack_wait() {
-        let alive = KeptAlive::new(WAIT);
-        let start = alive.rounds().last;
-        let at = |ms: u64| start + Duration::from_millis(ms);
-        assert_eq!(alive.round_at(at(1_000), true), None);
-        assert_eq!(alive.round_at(at(2_000), true), None);
-        // The last round held records; a round 2.8 s later (past 0.9 of the wait) finds none
-        // held any more, but they went unkept that long.
-        assert_eq!(alive.lapse_at(at(4_500)), None);
-        assert_eq!(
-            alive.round_at(at(4_800), false),
-            Some(Duration::from_millis(2_800))
-        );
-        assert_eq!(
-            alive.round_at(at(5_000), false),
-            Some(Duration::from_millis(2_800))
-        );
-        assert_eq!(
-            alive.lapse_at(at(5_100)),
-            Some(Duration::from_millis(2_800))
-        );
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
 
-        let idle = KeptAlive::new(WAIT);
-        let start = idle.rounds().last;
-        let at = |ms: u64| start + Duration::from_millis(ms);
-        assert_eq!(idle.round_at(at(1_000), false), None);
-        // Suspended an hour holding nothing: its first round after is due at once, before a
-        // pull (a round trip to the server) brings records.
-        assert_eq!(idle.round_at(at(3_601_000), false), None);
-        assert_eq!(idle.round_at(at(3_602_000), true), None);
-        assert_eq!(idle.lapse_at(at(3_602_500)), None);
-        // Asked before a round after a long wait: the batch asked for is held.
-        assert_eq!(
-            idle.lapse_at(at(3_605_000)),
-            Some(Duration::from_millis(3_000))
-        );
+    /// One partition holding a record received at each of `received`.
+    fn holding(received: &[Instant]) -> Outstanding {
+        let mut lane = Lane::new(false);
+        for (i, at) in (1..).zip(received) {
+            let pending = Pending {
+                reply: format!("reply.{i}").into(),
+                delivered: 1,
+                delivery: i,
+                settled: false,
+                behind: false,
+                received: *at,
+            };
+            lane.hold(i, pending);
+        }
+        Arc::new(Mutex::new(Some(HashMap::from([(Arc::from("0"), lane)]))))
+    }
+
+    /// Rounds a third of the ack wait apart keep what is held alive; a round later than the
+    /// limit while a record received before the wait is held is a lapse, for good, covering
+    /// the records received before the limit; a long wait holding only records received
+    /// during it, or nothing (an idle process, suspended), is not.
+    #[test]
+    fn a_subscription_lapses_only_when_a_record_went_unkept_past_the_ack_wait() {
+        let alive = KeptAlive::new(WAIT, holding(&[]));
+        let start = alive.rounds().last;
+        let at = |n| start + ms(n);
+        assert_eq!(alive.round(at(1_000), Some(at(500))), None);
+        assert_eq!(alive.round(at(2_000), Some(at(500))), None);
+        let lapse = alive.round(at(4_800), Some(at(500))).expect("a lapse");
+        assert_eq!(lapse.waited, ms(2_800));
+        assert!(lapse.covers(at(2_000)) && !lapse.covers(at(2_200)));
+        assert_eq!(alive.round(at(5_000), None), Some(lapse));
+        assert_eq!(alive.lapsed(), Some(lapse));
+
+        let young = KeptAlive::new(WAIT, holding(&[]));
+        let start = young.rounds().last;
+        let at = |n| start + ms(n);
+        assert_eq!(young.round(at(1_000), None), None);
+        // Suspended an hour holding nothing; records read as it resumes are young.
+        assert_eq!(young.round(at(3_601_000), Some(at(3_600_900))), None);
+        assert_eq!(young.round(at(3_602_000), Some(at(3_600_900))), None);
+        assert_eq!(young.lapsed(), None);
+    }
+
+    /// Asked before its acker's next round (a thawed process), the subscription looks at the
+    /// records it holds: one held since before the limit is a lapse, noted for good; a young
+    /// one is not, and a round on time is not looked at.
+    #[test]
+    fn a_lapse_under_way_is_seen_before_the_next_round() {
+        let then = Instant::now();
+        let alive = KeptAlive::new(WAIT, holding(&[then]));
+        let start = alive.rounds().last;
+        assert_eq!(alive.lapse_at(start + ms(2_000)), None);
+        let lapse = alive.lapse_at(start + ms(3_000)).expect("a lapse");
+        assert_eq!(lapse.waited, ms(3_000));
+        assert_eq!(alive.lapsed(), Some(lapse));
+
+        let young = KeptAlive::new(WAIT, holding(&[then + ms(10_000)]));
+        let start = young.rounds().last;
+        assert_eq!(young.lapse_at(start + ms(11_000)), None);
+        assert_eq!(young.lapsed(), None);
     }
 }

@@ -15,9 +15,9 @@
 //! the reader checks that no delivery went missing on the way, which such an ack would cover.
 //! While records are held (in the processor, retrying in place or held by an open breaker, or
 //! settled behind one that is), in-progress acks (`+WPI`) keep JetStream from redelivering
-//! them; a subscription that went longer than the ack wait without them while it held records
-//! has lapsed (JetStream hands such records to another reader), and its checkpointer then
-//! fails the processor's check before each dispatch (`acks::KeptAlive`). Records the processor lets go of unfinished (it stopped: drained, timed out, or
+//! them; a subscription that held a record longer than the ack wait without one has lapsed
+//! (JetStream hands such records to another reader), and its checkpointer then fails the
+//! processor's check before each dispatch (`acks::KeptAlive`). Records the processor lets go of unfinished (it stopped: drained, timed out, or
 //! failed) are nak'd with a delay that grows with their delivery count, never an immediate
 //! nak that would burn `max_deliver` in milliseconds; with cumulative acks, settled records
 //! held behind them are nak'd too, and come again.
@@ -56,6 +56,8 @@ struct Pending {
     settled: bool,
     /// Delivered after a record that comes after it in the stream (a redelivery).
     behind: bool,
+    /// When it arrived: held unkept past the ack wait from then, it may be another reader's.
+    received: std::time::Instant,
 }
 
 /// What the subscription holds of one partition's consumer.
@@ -377,7 +379,8 @@ impl NatsHub {
             tasks.spawn(reader.run());
         }
         let (closed_tx, closed) = watch::channel(false);
-        let alive = (!options.transient).then(|| Arc::new(KeptAlive::new(options.ack_wait)));
+        let alive = (!options.transient)
+            .then(|| Arc::new(KeptAlive::new(options.ack_wait, outstanding.clone())));
         tokio::spawn(acker(
             self.inner.client.clone(),
             ops_rx,
@@ -422,6 +425,7 @@ mod tests {
             delivery,
             settled: false,
             behind: false,
+            received: std::time::Instant::now(),
         }
     }
 

@@ -318,6 +318,7 @@ impl PartitionReader {
                     delivery,
                     settled: false,
                     behind: false,
+                    received: std::time::Instant::now(),
                 };
                 let refused = match self.outstanding.lock().ok().as_deref_mut() {
                     Some(Some(lanes)) => match lanes.get_mut(&self.partition) {
