@@ -72,8 +72,8 @@ pub trait Checkpointer: Send {
     /// time: a process frozen, a machine suspended) and fails once another process holds it,
     /// so that records read before, waiting to be dispatched, are left to the new owner
     /// instead of being processed by both; a JetStream subscription fails once a record it
-    /// held went longer than the ack wait without an in-progress ack. The processor asks before it
-    /// dispatches each batch.
+    /// held went longer than the ack wait without an in-progress ack. The processor asks
+    /// before it dispatches each batch.
     fn owned(&mut self) -> impl Future<Output = Result<(), CommitError>> + Send {
         std::future::ready(Ok(()))
     }
