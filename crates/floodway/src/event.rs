@@ -1247,6 +1247,10 @@ impl EventBuilder {
                     out.extend_from_slice(&payload[1..payload.len() - 1]);
                 }
                 out.push(b'}');
+                // Exactly as long as it holds: `Bytes` takes such a buffer as it is, and
+                // another one needs a shared header allocated beside it (shrinking in place
+                // is cheaper than that allocation and its free).
+                out.shrink_to_fit();
                 Repr::Raw {
                     // serde_json writes UTF-8, and so does everything else written here.
                     text: ByteString::try_from(out).unwrap_or_default(),
