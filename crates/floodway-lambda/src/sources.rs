@@ -669,7 +669,10 @@ impl Names {
     /// The shard named by a record's event id (`shardId-000000000000:4954...`).
     fn shard(&mut self, event_id: Option<&str>) -> std::sync::Arc<str> {
         if let (Some(kept), Some(id)) = (&self.shard, event_id) {
-            if id.strip_prefix(&**kept).is_some_and(|rest| rest.starts_with(':')) {
+            if id
+                .strip_prefix(&**kept)
+                .is_some_and(|rest| rest.starts_with(':'))
+            {
                 return kept.clone();
             }
         }
