@@ -5,11 +5,12 @@
 //! The holders in the tests of other processes are this test binary run again as a child
 //! (`lease_holder_process`), frozen with SIGSTOP or killed with SIGKILL.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::io::BufReader;
+use std::process::{Child, ChildStdout};
 use std::time::{Duration, Instant};
 
 use floodway::testing::generate;
+use floodway::testing::processes::{signal, spawn_test, wait_for};
 use floodway::{Checkpoint, Checkpointer, Source};
 use floodway_embedded::{Hub, HubError, HubOptions, SubscriptionOptions};
 
@@ -96,7 +97,7 @@ fn lease_holder_process() {
 /// caller waits for it.
 fn spawn_holder(path: &std::path::Path, lease: Duration) -> (Child, BufReader<ChildStdout>) {
     let lease = lease.as_millis().to_string();
-    spawn_child(
+    spawn_test(
         "lease_holder_process",
         &[
             (CHILD_HUB, path.as_os_str()),
@@ -104,43 +105,6 @@ fn spawn_holder(path: &std::path::Path, lease: Duration) -> (Child, BufReader<Ch
         ],
         "holding",
     )
-}
-
-/// Runs this test binary again as a child running only `test`, with `env`, and waits until
-/// it prints a line starting with `ready`; its output from there. The caller waits for it.
-#[allow(clippy::zombie_processes)]
-fn spawn_child(
-    test: &str,
-    env: &[(&str, &std::ffi::OsStr)],
-    ready: &str,
-) -> (Child, BufReader<ChildStdout>) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture"])
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if out.read_line(&mut line).unwrap_or(0) == 0 {
-            let _ = child.kill();
-            panic!("{test} ended before it printed `{ready}`");
-        }
-        if line.starts_with(ready) {
-            return (child, out);
-        }
-    }
-}
-
-fn signal(child: &Child, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 #[tokio::test]
@@ -377,7 +341,7 @@ fn a_processor_taken_over_while_frozen_dispatches_nothing_it_read_before() {
         .block_on(hub.publish(&generate::orders(3_000, 5)))
         .unwrap();
     // Under way: its sink has been called, and its source has read ahead.
-    let (mut child, mut out) = spawn_child(
+    let (mut child, mut out) = spawn_test(
         "processor_holder_process",
         &[(CHILD_PROCESSOR_HUB, path.as_os_str())],
         "sink call",
@@ -404,21 +368,6 @@ fn a_processor_taken_over_while_frozen_dispatches_nothing_it_read_before() {
     // What was dispatched before the freeze may still start its call (at most the 50 in
     // flight); nothing read and not yet dispatched does.
     assert!(after < 50, "{after} sink calls after the takeover:\n{rest}");
-}
-
-fn wait_for(child: &mut Child, limit: Duration) -> Option<i32> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[tokio::test]

@@ -6,14 +6,14 @@
 //! The frozen process is this test binary run again as a child (`frozen_reader_process`) and
 //! stopped with SIGSTOP, against a real `nats-server` on loopback.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::io::Read;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use floodway::memory::MemoryFaultSink;
 use floodway::testing::generate;
+use floodway::testing::processes::{signal, spawn_test, wait_for};
 use floodway::{sink_fn, Batch, Error, Pipeline, Processor};
 use floodway_nats::testing::NatsServer;
 use floodway_nats::{NatsHub, NatsHubOptions, Sharing, SubscriptionOptions};
@@ -86,55 +86,6 @@ fn frozen_reader_process() {
     });
 }
 
-/// Runs this test binary again as a child running only `frozen_reader_process` against the
-/// server at `url`, and waits until its sink has been called; its output from there.
-#[allow(clippy::zombie_processes)]
-fn spawn_reader(url: &str) -> (Child, BufReader<ChildStdout>) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "frozen_reader_process", "--nocapture"])
-        .env(CHILD_URL, url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if out.read_line(&mut line).unwrap_or(0) == 0 {
-            let _ = child.kill();
-            panic!("the reader process ended before its sink was called");
-        }
-        if line.starts_with("sink call") {
-            return (child, out);
-        }
-    }
-}
-
-fn signal(child: &Child, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-/// The child's exit status, or `None` when it was still running after `limit` (then killed).
-fn wait_for(child: &mut Child, limit: Duration) -> Option<i32> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A processor frozen past its ack wait, its records handed meanwhile to another instance,
 /// does not process once thawed what it had read and not yet dispatched: only what was under
 /// way finishes, and its run ends saying why.
@@ -148,7 +99,12 @@ fn a_reader_frozen_past_its_ack_wait_dispatches_nothing_it_read_before() {
     runtime
         .block_on(hub.publish(&generate::orders(2_000, 5)))
         .unwrap();
-    let (mut child, mut out) = spawn_reader(&server.url());
+    let url = server.url();
+    let (mut child, mut out) = spawn_test(
+        "frozen_reader_process",
+        &[(CHILD_URL, url.as_ref())],
+        "sink call",
+    );
     std::thread::sleep(Duration::from_millis(300));
     signal(&child, "-STOP");
 

@@ -34,6 +34,82 @@
 
 pub mod conformance;
 
+/// Other processes, for tests of what befalls one frozen, killed or left behind: the test
+/// binary run again as a child that runs one test (which does its part when the environment
+/// tells it to, and nothing otherwise).
+pub mod processes {
+    use std::ffi::OsStr;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, ChildStdout, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// Runs this test binary again as a child running only the test `test`, with `env`, and
+    /// waits until it prints a line starting with `ready`; its output from there. The caller
+    /// waits for it ([`wait_for`]).
+    ///
+    /// # Panics
+    /// When the child cannot be started, or ends before it is ready.
+    #[allow(clippy::zombie_processes)]
+    pub fn spawn_test(
+        test: &str,
+        env: &[(&str, &OsStr)],
+        ready: &str,
+    ) -> (Child, BufReader<ChildStdout>) {
+        let mut child = Command::new(std::env::current_exe().expect("the test binary"))
+            .args(["--exact", test, "--nocapture"])
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the test binary runs again");
+        let mut out = BufReader::new(child.stdout.take().expect("its output"));
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if out.read_line(&mut line).unwrap_or(0) == 0 {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{test} ended before it printed `{ready}`");
+            }
+            if line.starts_with(ready) {
+                return (child, out);
+            }
+        }
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`, `-KILL`) to `child`.
+    ///
+    /// # Panics
+    /// When `kill` fails.
+    pub fn signal(child: &Child, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {}", child.id());
+    }
+
+    /// The child's exit status once it exits, or `None` when it still ran after `limit` (it
+    /// is then killed).
+    ///
+    /// # Panics
+    /// When the child's status cannot be read.
+    pub fn wait_for(child: &mut Child, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("the child's status") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
