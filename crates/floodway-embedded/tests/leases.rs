@@ -10,7 +10,9 @@ use std::process::{Child, ChildStdout};
 use std::time::{Duration, Instant};
 
 use floodway::testing::generate;
-use floodway::testing::processes::{signal, spawn_test, wait_for};
+use floodway::testing::processes::{
+    calls_since, run_then_exit, signal, slow_printing_processor, spawn_test, wait_for,
+};
 use floodway::{Checkpoint, Checkpointer, Source};
 use floodway_embedded::{Hub, HubError, HubOptions, SubscriptionOptions};
 
@@ -299,30 +301,8 @@ fn processor_holder_process() {
             ..Default::default()
         };
         let (reader, checkpointer) = hub.subscribe("orders", live).unwrap().split();
-        let sink = floodway::sink_fn(|batch: floodway::Batch| async move {
-            let at = floodway::event::now_millis();
-            println!("sink call at {at} with {}", batch.len());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            Ok::<_, floodway::Error>(())
-        });
-        let processor = floodway::Processor::builder("p")
-            .fault_sink(floodway::memory::MemoryFaultSink::new())
-            .max_in_flight(50)
-            .pull_batch(50)
-            // No commit comes due when it is thawed: its first act is to take more work.
-            .commit_interval(Duration::from_secs(60))
-            .pipeline(floodway::Pipeline::builder("all").sink(sink).unwrap())
-            .build()
-            .unwrap();
         println!("holding");
-        let ended = processor
-            .run(reader, checkpointer, std::future::pending())
-            .await;
-        match ended {
-            Ok(report) => println!("run ended: {report:?}"),
-            Err(err) => println!("run ended: {err}"),
-        }
-        std::process::exit(3);
+        run_then_exit(slow_printing_processor(50), reader, checkpointer).await;
     });
 }
 
@@ -359,12 +339,7 @@ fn a_processor_taken_over_while_frozen_dispatches_nothing_it_read_before() {
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     assert_eq!(status, Some(3), "its run ended: {rest}");
     assert!(rest.contains("no longer owned by this process"), "{rest}");
-    let after: usize = rest
-        .lines()
-        .filter_map(|l| l.strip_prefix("sink call at "))
-        .filter_map(|l| l.split_whitespace().next()?.parse::<i64>().ok())
-        .filter(|at| *at >= thawed)
-        .count();
+    let after = calls_since(&rest, thawed);
     // What was dispatched before the freeze may still start its call (at most the 50 in
     // flight); nothing read and not yet dispatched does.
     assert!(after < 50, "{after} sink calls after the takeover:\n{rest}");

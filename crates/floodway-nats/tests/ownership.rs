@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use floodway::memory::MemoryFaultSink;
 use floodway::testing::generate;
-use floodway::testing::processes::{signal, spawn_test, wait_for};
+use floodway::testing::processes::{
+    calls_since, run_then_exit, signal, slow_printing_processor, spawn_test, wait_for,
+};
 use floodway::{sink_fn, Batch, Error, Pipeline, Processor};
 use floodway_nats::testing::NatsServer;
 use floodway_nats::{NatsHub, NatsHubOptions, Sharing, SubscriptionOptions};
@@ -53,7 +55,8 @@ fn two_threads() -> tokio::runtime::Runtime {
 
 /// Not a test of its own: a processor reading the subscription `orders`, whose sink takes
 /// 100 ms a call and prints the wall-clock time each call starts, so that its reader reads far
-/// ahead of it; when its run ends it prints why and exits with status 3.
+/// ahead of it; when its run ends it prints why and exits with status 3
+/// ([`slow_printing_processor`], [`run_then_exit`]).
 #[test]
 fn frozen_reader_process() {
     let Ok(url) = std::env::var(CHILD_URL) else {
@@ -62,27 +65,7 @@ fn frozen_reader_process() {
     two_threads().block_on(async move {
         let hub = NatsHub::connect(&hub_options(url)).await.unwrap();
         let (reader, checkpointer) = hub.subscribe("orders", shared()).await.unwrap().split();
-        let sink = sink_fn(|batch: Batch| async move {
-            let at = floodway::event::now_millis();
-            println!("sink call at {at} with {}", batch.len());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            Ok::<_, Error>(())
-        });
-        let processor = Processor::builder("frozen")
-            .fault_sink(MemoryFaultSink::new())
-            .max_in_flight(20)
-            .pull_batch(20)
-            .pipeline(Pipeline::builder("all").sink(sink).unwrap())
-            .build()
-            .unwrap();
-        let ended = processor
-            .run(reader, checkpointer, std::future::pending())
-            .await;
-        match ended {
-            Ok(report) => println!("run ended: {report:?}"),
-            Err(err) => println!("run ended: {err}"),
-        }
-        std::process::exit(3);
+        run_then_exit(slow_printing_processor(20), reader, checkpointer).await;
     });
 }
 
@@ -152,12 +135,7 @@ fn a_reader_frozen_past_its_ack_wait_dispatches_nothing_it_read_before() {
     runtime.block_on(other).unwrap();
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
-    let after: usize = rest
-        .lines()
-        .filter_map(|l| l.strip_prefix("sink call at "))
-        .filter_map(|l| l.split_whitespace().next()?.parse::<i64>().ok())
-        .filter(|at| *at >= thawed)
-        .count();
+    let after = calls_since(&rest, thawed);
     // What was dispatched before the freeze may still start its call (at most the 20 in
     // flight); nothing read and not yet dispatched does.
     assert!(after < 20, "{after} sink calls after the thaw:\n{rest}");

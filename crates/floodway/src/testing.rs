@@ -43,6 +43,59 @@ pub mod processes {
     use std::process::{Child, ChildStdout, Command, Stdio};
     use std::time::{Duration, Instant};
 
+    /// The processor of a process to be frozen: its one pipeline's sink takes 100 ms a call
+    /// and prints the wall-clock time each call starts (`sink call at <ms> with <n>`), so
+    /// that its source reads ahead of it, with `in_flight` records at most under way and
+    /// pulled at once, and no commit due for a minute (thawed, its first act is to take more
+    /// work).
+    ///
+    /// # Panics
+    /// Never: the processor is valid.
+    pub fn slow_printing_processor(in_flight: usize) -> crate::Processor {
+        let sink = crate::sink_fn(|batch: crate::Batch| async move {
+            let at = crate::event::now_millis();
+            println!("sink call at {at} with {}", batch.len());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, crate::Error>(())
+        });
+        crate::Processor::builder("frozen")
+            .fault_sink(crate::memory::MemoryFaultSink::new())
+            .max_in_flight(in_flight)
+            .pull_batch(in_flight)
+            .commit_interval(Duration::from_secs(60))
+            .pipeline(crate::Pipeline::builder("all").sink(sink).expect("a sink"))
+            .build()
+            .expect("a valid processor")
+    }
+
+    /// Runs `processor` until its run ends, prints why (`run ended: ...`), and ends the
+    /// process with status 3.
+    pub async fn run_then_exit(
+        processor: crate::Processor,
+        source: impl crate::Source,
+        checkpointer: impl crate::Checkpointer,
+    ) {
+        match processor
+            .run(source, checkpointer, std::future::pending())
+            .await
+        {
+            Ok(report) => println!("run ended: {report:?}"),
+            Err(err) => println!("run ended: {err}"),
+        }
+        std::process::exit(3);
+    }
+
+    /// How many of the sink calls `output` tells of ([`slow_printing_processor`]) started at
+    /// or after `since` (ms since the epoch).
+    pub fn calls_since(output: &str, since: i64) -> usize {
+        output
+            .lines()
+            .filter_map(|l| l.strip_prefix("sink call at "))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<i64>().ok())
+            .filter(|at| *at >= since)
+            .count()
+    }
+
     /// Runs this test binary again as a child running only the test `test`, with `env`, and
     /// waits until it prints a line starting with `ready`; its output from there. The caller
     /// waits for it ([`wait_for`]).
