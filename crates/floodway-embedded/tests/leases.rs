@@ -5,13 +5,11 @@
 //! The holders in the tests of other processes are this test binary run again as a child
 //! (`lease_holder_process`), frozen with SIGSTOP or killed with SIGKILL.
 
-use std::io::BufReader;
-use std::process::{Child, ChildStdout};
 use std::time::{Duration, Instant};
 
 use floodway::testing::generate;
 use floodway::testing::processes::{
-    calls_since, run_then_exit, signal, slow_printing_processor, spawn_test, wait_for,
+    calls_since, run_then_exit, slow_printing_processor, TestProcess,
 };
 use floodway::{Checkpoint, Checkpointer, Source};
 use floodway_embedded::{Hub, HubError, HubOptions, SubscriptionOptions};
@@ -95,11 +93,10 @@ fn lease_holder_process() {
     });
 }
 
-/// Starts a holding process on the hub at `path` and waits until it holds `orders`; the
-/// caller waits for it.
-fn spawn_holder(path: &std::path::Path, lease: Duration) -> (Child, BufReader<ChildStdout>) {
+/// Starts a holding process on the hub at `path` and waits until it holds `orders`.
+fn spawn_holder(path: &std::path::Path, lease: Duration) -> TestProcess {
     let lease = lease.as_millis().to_string();
-    spawn_test(
+    TestProcess::spawn(
         "lease_holder_process",
         &[
             (CHILD_HUB, path.as_os_str()),
@@ -198,15 +195,14 @@ fn a_killed_holder_is_taken_over_at_once_on_its_machine() {
     let path = dir.path().join("hub.db");
     drop(Hub::open(&path, HubOptions::default()).unwrap());
     // A long lease: only seeing that the holder is gone can explain a quick takeover.
-    let (mut child, _out) = spawn_holder(&path, Duration::from_secs(60));
+    let mut child = spawn_holder(&path, Duration::from_secs(60));
     let hub = Hub::open(&path, HubOptions::default()).unwrap();
     let err = hub.subscribe("orders", bounded()).unwrap_err();
     assert!(
         err.to_string().contains(&format!("process {}", child.id())),
         "{err}"
     );
-    child.kill().unwrap(); // SIGKILL: no release
-    child.wait().unwrap();
+    child.kill(); // SIGKILL: no release
     let started = Instant::now();
     drop(hub.subscribe("orders", bounded()).unwrap());
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -218,7 +214,7 @@ fn a_frozen_holder_is_taken_over_when_its_lease_expires_and_then_stops() {
     let path = dir.path().join("hub.db");
     let lease = Duration::from_millis(1_500);
     drop(Hub::open(&path, HubOptions::default()).unwrap());
-    let (mut child, mut out) = spawn_holder(&path, lease);
+    let mut child = spawn_holder(&path, lease);
     let runtime = two_threads();
     let hub = Hub::open(&path, options(lease, Duration::from_secs(30))).unwrap();
     runtime.block_on(async {
@@ -234,7 +230,7 @@ fn a_frozen_holder_is_taken_over_when_its_lease_expires_and_then_stops() {
         }
     });
     // Frozen: alive, but no longer renewing. Until its lease expires it keeps the subscription.
-    signal(&child, "-STOP");
+    child.signal("-STOP");
     let frozen = Instant::now();
     let err = hub.subscribe("orders", bounded()).unwrap_err();
     assert!(matches!(err, HubError::Held { ref holder, .. } if holder.pid == child.id()));
@@ -252,11 +248,14 @@ fn a_frozen_holder_is_taken_over_when_its_lease_expires_and_then_stops() {
     runtime
         .block_on(checkpointer.commit(&[checkpoint(0, 0)]))
         .unwrap();
-    signal(&child, "-CONT");
-    let status = wait_for(&mut child, Duration::from_secs(10));
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-    assert_eq!(status, Some(3), "the old holder stopped: {rest}");
+    child.signal("-CONT");
+    let status = child.wait(Duration::from_secs(10));
+    let rest = child.output();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(3),
+        "the old holder stopped ({status:?}): {rest}"
+    );
     assert!(rest.contains("reader stopped:"), "{rest}");
     assert!(
         rest.contains("subscription `orders` is no longer owned by this process"),
@@ -321,23 +320,26 @@ fn a_processor_taken_over_while_frozen_dispatches_nothing_it_read_before() {
         .block_on(hub.publish(&generate::orders(3_000, 5)))
         .unwrap();
     // Under way: its sink has been called, and its source has read ahead.
-    let (mut child, mut out) = spawn_test(
+    let mut child = TestProcess::spawn(
         "processor_holder_process",
         &[(CHILD_PROCESSOR_HUB, path.as_os_str())],
         "sink call",
     );
     std::thread::sleep(Duration::from_millis(300));
-    signal(&child, "-STOP");
+    child.signal("-STOP");
     let sub = runtime
         .block_on(hub.subscribe_waiting("orders", bounded()))
         .unwrap();
     let thawed = floodway::event::now_millis();
-    signal(&child, "-CONT");
-    let status = wait_for(&mut child, Duration::from_secs(20));
+    child.signal("-CONT");
+    let status = child.wait(Duration::from_secs(20));
     drop(sub);
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-    assert_eq!(status, Some(3), "its run ended: {rest}");
+    let rest = child.output();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(3),
+        "its run ended ({status:?}): {rest}"
+    );
     assert!(rest.contains("no longer owned by this process"), "{rest}");
     let after = calls_since(&rest, thawed);
     // What was dispatched before the freeze may still start its call (at most the 50 in

@@ -6,7 +6,6 @@
 //! The frozen process is this test binary run again as a child (`frozen_reader_process`) and
 //! stopped with SIGSTOP, against a real `nats-server` on loopback.
 
-use std::io::Read;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +13,7 @@ use std::time::{Duration, Instant};
 use floodway::memory::MemoryFaultSink;
 use floodway::testing::generate;
 use floodway::testing::processes::{
-    calls_since, run_then_exit, signal, slow_printing_processor, spawn_test, wait_for,
+    calls_since, run_then_exit, slow_printing_processor, TestProcess,
 };
 use floodway::{sink_fn, Batch, Error, Pipeline, Processor};
 use floodway_nats::testing::NatsServer;
@@ -83,13 +82,13 @@ fn a_reader_frozen_past_its_ack_wait_dispatches_nothing_it_read_before() {
         .block_on(hub.publish(&generate::orders(2_000, 5)))
         .unwrap();
     let url = server.url();
-    let (mut child, mut out) = spawn_test(
+    let mut child = TestProcess::spawn(
         "frozen_reader_process",
         &[(CHILD_URL, url.as_ref())],
         "sink call",
     );
     std::thread::sleep(Duration::from_millis(300));
-    signal(&child, "-STOP");
+    child.signal("-STOP");
 
     // Another instance: it takes the pins once they lapse, and what the frozen one held once
     // its ack wait runs out.
@@ -129,16 +128,19 @@ fn a_reader_frozen_past_its_ack_wait_dispatches_nothing_it_read_before() {
     );
 
     let thawed = floodway::event::now_millis();
-    signal(&child, "-CONT");
-    let status = wait_for(&mut child, Duration::from_secs(10));
+    child.signal("-CONT");
+    let status = child.wait(Duration::from_secs(10));
     let _ = stop.send(());
     runtime.block_on(other).unwrap();
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
+    let rest = child.output();
     let after = calls_since(&rest, thawed);
     // What was dispatched before the freeze may still start its call (at most the 20 in
     // flight); nothing read and not yet dispatched does.
     assert!(after < 20, "{after} sink calls after the thaw:\n{rest}");
-    assert_eq!(status, Some(3), "its run ended: {rest}");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(3),
+        "its run ended ({status:?}): {rest}"
+    );
     assert!(rest.contains("ack wait"), "{rest}");
 }

@@ -39,9 +39,135 @@ pub mod conformance;
 /// tells it to, and nothing otherwise).
 pub mod processes {
     use std::ffi::OsStr;
-    use std::io::{BufRead, BufReader};
-    use std::process::{Child, ChildStdout, Command, Stdio};
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Child, Command, ExitStatus, Stdio};
+    use std::sync::mpsc;
     use std::time::{Duration, Instant};
+
+    /// How long a child may take to say it is ready, and its output to end once it exited.
+    const PATIENCE: Duration = Duration::from_secs(60);
+
+    /// A child running one test of this test binary. Dropped, it is killed (a frozen one
+    /// too) and reaped: a failing test leaves nothing running.
+    pub struct TestProcess {
+        child: Child,
+        /// Its lines, standard error's marked `stderr: `, read by a thread for each stream.
+        lines: mpsc::Receiver<String>,
+    }
+
+    impl TestProcess {
+        /// Runs this test binary again as a child running only the test `test`, with `env`,
+        /// and waits until it prints a line holding `ready`.
+        ///
+        /// # Panics
+        /// When the child cannot be started, or is not ready within a minute (saying what it
+        /// printed).
+        pub fn spawn(test: &str, env: &[(&str, &OsStr)], ready: &str) -> TestProcess {
+            let mut child = Command::new(std::env::current_exe().expect("the test binary"))
+                // More than one test thread whatever the environment says: with one, the
+                // harness writes the test's name on the line its first output goes to.
+                .args(["--exact", test, "--nocapture", "--test-threads=2"])
+                .envs(env.iter().copied())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("the test binary runs again");
+            let (tx, lines) = mpsc::channel();
+            let stdout = child.stdout.take().expect("its output");
+            let stderr = child.stderr.take().expect("its errors");
+            forward(stdout, "", tx.clone());
+            forward(stderr, "stderr: ", tx);
+            let process = TestProcess { child, lines };
+            let deadline = Instant::now() + PATIENCE;
+            let mut seen = String::new();
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match process.lines.recv_timeout(left) {
+                    Ok(line) if line.contains(ready) => return process,
+                    Ok(line) => {
+                        seen.push_str(&line);
+                        seen.push('\n');
+                    }
+                    Err(_) => panic!("{test} did not print `{ready}`; it printed:\n{seen}"),
+                }
+            }
+        }
+
+        /// Its process id.
+        pub fn id(&self) -> u32 {
+            self.child.id()
+        }
+
+        /// Sends it `signal` (`-STOP`, `-CONT`).
+        ///
+        /// # Panics
+        /// When `kill` fails.
+        pub fn signal(&self, signal: &str) {
+            let status = Command::new("kill")
+                .args([signal, &self.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill {signal} {}", self.id());
+        }
+
+        /// Kills it with SIGKILL (it releases nothing) and reaps it.
+        pub fn kill(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+
+        /// How it ended, once it ends; `None` when it still ran after `limit` (it is then
+        /// killed).
+        ///
+        /// # Panics
+        /// When its status cannot be read.
+        pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+            let deadline = Instant::now() + limit;
+            loop {
+                if let Some(status) = self.child.try_wait().expect("the child's status") {
+                    return Some(status);
+                }
+                if Instant::now() > deadline {
+                    self.kill();
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+
+        /// What it printed after it was ready, up to the end of its output (it ended, or
+        /// was killed): at most a minute's wait for that end.
+        pub fn output(&mut self) -> String {
+            let deadline = Instant::now() + PATIENCE;
+            let mut out = String::new();
+            while let Ok(line) = self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                out.push_str(&line);
+                out.push('\n');
+            }
+            out
+        }
+    }
+
+    impl Drop for TestProcess {
+        fn drop(&mut self) {
+            self.kill();
+        }
+    }
+
+    /// Sends each line of `stream`, marked with `mark`, until it ends or nobody listens.
+    fn forward(stream: impl Read + Send + 'static, mark: &'static str, tx: mpsc::Sender<String>) {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(format!("{mark}{line}")).is_err() {
+                    break;
+                }
+            }
+        });
+    }
 
     /// The processor of a process to be frozen: its one pipeline's sink takes 100 ms a call
     /// and prints the wall-clock time each call starts (`sink call at <ms> with <n>`), so
@@ -90,76 +216,10 @@ pub mod processes {
     pub fn calls_since(output: &str, since: i64) -> usize {
         output
             .lines()
-            .filter_map(|l| l.strip_prefix("sink call at "))
+            .filter_map(|l| Some(&l[l.find("sink call at ")? + "sink call at ".len()..]))
             .filter_map(|l| l.split_whitespace().next()?.parse::<i64>().ok())
             .filter(|at| *at >= since)
             .count()
-    }
-
-    /// Runs this test binary again as a child running only the test `test`, with `env`, and
-    /// waits until it prints a line starting with `ready`; its output from there. The caller
-    /// waits for it ([`wait_for`]).
-    ///
-    /// # Panics
-    /// When the child cannot be started, or ends before it is ready.
-    #[allow(clippy::zombie_processes)]
-    pub fn spawn_test(
-        test: &str,
-        env: &[(&str, &OsStr)],
-        ready: &str,
-    ) -> (Child, BufReader<ChildStdout>) {
-        let mut child = Command::new(std::env::current_exe().expect("the test binary"))
-            .args(["--exact", test, "--nocapture"])
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the test binary runs again");
-        let mut out = BufReader::new(child.stdout.take().expect("its output"));
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if out.read_line(&mut line).unwrap_or(0) == 0 {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{test} ended before it printed `{ready}`");
-            }
-            if line.starts_with(ready) {
-                return (child, out);
-            }
-        }
-    }
-
-    /// Sends `signal` (`-STOP`, `-CONT`, `-KILL`) to `child`.
-    ///
-    /// # Panics
-    /// When `kill` fails.
-    pub fn signal(child: &Child, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill {signal} {}", child.id());
-    }
-
-    /// The child's exit status once it exits, or `None` when it still ran after `limit` (it
-    /// is then killed).
-    ///
-    /// # Panics
-    /// When the child's status cannot be read.
-    pub fn wait_for(child: &mut Child, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().expect("the child's status") {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 }
 
