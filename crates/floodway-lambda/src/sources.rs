@@ -430,6 +430,11 @@ impl<'a> KinesisBatch<'a> {
             }
             batch.resubmit_to = top.floodway;
         }
+        // The records are the invocation's while it runs: room made for several times as many
+        // (records far larger than Lambda's smallest) is given back.
+        if batch.records.capacity() > 2 * batch.records.len() {
+            batch.records.shrink_to_fit();
+        }
         (!batch.records.is_empty()).then_some(batch)
     }
 
