@@ -886,7 +886,15 @@ mod tests {
         );
         std::fs::rename(dir.path().join("elsewhere"), &a_views).unwrap();
         assert!(Hub::open(&a, HubOptions::default()).is_ok());
-        // A new hub where an earlier one left its views file: nothing is overwritten.
+        // A new hub where an earlier one left its views file: nothing is overwritten. The
+        // hub of `b` was dropped, but its threads close their connections as they end, and the
+        // last to close deletes the write-ahead log: a hub made on the path before then met
+        // that log being deleted under its own connections (a disk I/O error, seen once).
+        let wal = dir.path().join("b.db-wal");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while wal.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         std::fs::remove_file(&b).unwrap();
         let (_, left) = problem(&b, true);
         assert!(left.starts_with("a file holding views"), "{left}");
