@@ -85,11 +85,15 @@ impl KeptAlive {
         let Some(stale_before) = now.checked_sub(self.limit()) else {
             return;
         };
-        if rounds.last < stale_before && oldest.is_some_and(|at| at < stale_before) {
-            rounds.lapse = Some(Lapse {
-                waited: now.saturating_duration_since(rounds.last),
-                stale_before,
-            });
+        match oldest {
+            Some(oldest) if rounds.last < stale_before && oldest < stale_before => {
+                rounds.lapse = Some(Lapse {
+                    // How long the earliest record held went without one.
+                    waited: now.saturating_duration_since(rounds.last.max(oldest)),
+                    stale_before,
+                });
+            }
+            _ => {}
         }
     }
 
@@ -405,6 +409,15 @@ mod tests {
         assert_eq!(young.round(at(3_601_000), Some(at(3_600_900))), None);
         assert_eq!(young.round(at(3_602_000), Some(at(3_600_900))), None);
         assert_eq!(young.lapsed(), None);
+
+        // A record received after a round, and held past the limit before the next: the
+        // lapse says how long it went without one.
+        let late = KeptAlive::new(WAIT, holding(&[]));
+        let start = late.rounds().last;
+        let at = |n| start + ms(n);
+        assert_eq!(late.round(at(1_000), None), None);
+        let lapse = late.round(at(5_000), Some(at(1_500))).expect("a lapse");
+        assert_eq!(lapse.waited, ms(3_500));
     }
 
     /// Asked before its acker's next round (a thawed process), the subscription looks at the
