@@ -224,7 +224,9 @@ pub struct NatsConfig {
     /// `each` (default) or `cumulative`.
     #[serde(default)]
     pub acks: AcksConfig,
-    /// How long JetStream waits for an ack before redelivering (default `30s`).
+    /// How long JetStream waits for an ack before redelivering (default `30s`); a processor
+    /// that held a record longer than that without an in-progress ack (frozen, suspended)
+    /// stops rather than process what another reader may have been given.
     #[serde(default = "default_ack_wait")]
     pub ack_wait: HumanDuration,
     /// Per partition, records delivered and not acked at most (default 1000).

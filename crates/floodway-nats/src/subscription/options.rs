@@ -88,7 +88,8 @@ pub struct SubscriptionOptions {
     /// transient read, which acks nothing, records read and not yet taken by the processor.
     pub max_ack_pending: i64,
     /// How long JetStream waits for an ack before redelivering (in-progress acks are sent
-    /// every third of it).
+    /// every third of it). A record held longer than that without one has lapsed: the
+    /// checkpointer then fails, and the processor stops.
     pub ack_wait: Duration,
     /// Records per pull request.
     pub fetch: usize,
