@@ -169,39 +169,42 @@ impl Fixable {
             fixed,
         }
     }
+
+    /// Fixes the handler and resubmits the first fault through it: nothing faults again.
+    async fn resubmitted_fixed(&self) {
+        let payload = resubmission_payload(&self.faults.faults()[0]).unwrap();
+        self.fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let answer = self
+            .handler
+            .handle_bytes(payload.get().as_bytes(), None)
+            .await
+            .unwrap();
+        assert_eq!(answer["floodway"]["faulted"], 0, "{answer}");
+    }
 }
 
 /// An EventBridge event's text goes back as it was: a number beyond a double and an escape
 /// a JSON tree would not keep come back byte for byte, and are processed.
 #[tokio::test]
 async fn a_resubmitted_event_keeps_its_text() {
-    let Fixable {
-        handler,
-        faults,
-        sink,
-        fixed,
-    } = Fixable::new();
+    let things = Fixable::new();
     let detail = r#"{"id":"e1","type":"thing-created","timestamp":1,"partitionKey":"k","n":123456789012345678901234,"x":"\ud800"}"#;
     let invocation = format!(
         r#"{{"version":"0","id":"eb-1","detail-type":"thing-created","source":"custom.things","detail":{detail}}}"#
     );
-    handler
+    things
+        .handler
         .handle_bytes(invocation.as_bytes(), None)
         .await
         .unwrap();
-    let payload = resubmission_payload(&faults.faults()[0]).unwrap();
+    let payload = resubmission_payload(&things.faults.faults()[0]).unwrap();
     assert!(
         payload.get().contains(r#""n":123456789012345678901234"#),
         "{payload}"
     );
-    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
-    let answer = handler
-        .handle_bytes(payload.get().as_bytes(), None)
-        .await
-        .unwrap();
-    assert_eq!(answer["floodway"]["faulted"], 0, "{answer}");
-    assert_eq!(sink.events().len(), 1);
-    assert!(sink.events()[0]
+    things.resubmitted_fixed().await;
+    assert_eq!(things.sink.events().len(), 1);
+    assert!(things.sink.events()[0]
         .to_json()
         .contains("123456789012345678901234"));
 }
@@ -210,12 +213,7 @@ async fn a_resubmitted_event_keeps_its_text() {
 /// have) is resubmitted as it was first read: without the event size limit.
 #[tokio::test]
 async fn a_faulted_change_of_a_large_item_can_be_resubmitted() {
-    let Fixable {
-        handler,
-        faults,
-        sink,
-        fixed,
-    } = Fixable::new();
+    let things = Fixable::new();
     use base64::Engine as _;
     let blob = |byte: u8| json!({ "B": base64::engine::general_purpose::STANDARD.encode(vec![byte; 399_000]) });
     let image =
@@ -232,15 +230,9 @@ async fn a_faulted_change_of_a_large_item_can_be_resubmitted() {
             "SequenceNumber": "900",
         },
     }]});
-    handler.handle(invocation, None).await.unwrap();
-    let payload = resubmission_payload(&faults.faults()[0]).unwrap();
-    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
-    let answer = handler
-        .handle_bytes(payload.get().as_bytes(), None)
-        .await
-        .unwrap();
-    assert_eq!(answer["floodway"]["faulted"], 0, "{answer}");
-    let delivered = sink.events();
+    things.handler.handle(invocation, None).await.unwrap();
+    things.resubmitted_fixed().await;
+    let delivered = things.sink.events();
     assert_eq!(delivered.len(), 1);
     assert!(delivered[0].encoded_len() > 1 << 20);
 }
