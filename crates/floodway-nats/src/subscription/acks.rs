@@ -121,7 +121,7 @@ impl KeptAlive {
                 return rounds.lapse;
             }
         }
-        let oldest = held_since(&self.outstanding).1;
+        let oldest = oldest_held(&self.outstanding);
         let mut rounds = self.rounds();
         self.note(&mut rounds, now, oldest);
         rounds.lapse
@@ -141,15 +141,26 @@ impl KeptAlive {
     }
 }
 
-/// The reply subjects of the records held, and when the earliest of them was received.
-fn held_since(outstanding: &Outstanding) -> (Vec<Subject>, Option<Instant>) {
+/// The reply subjects of the records held.
+fn held_replies(outstanding: &Outstanding) -> Vec<Subject> {
     match outstanding.lock().ok().as_deref() {
-        Some(Some(lanes)) => {
-            let held = lanes.values().flat_map(|lane| lane.records.values());
-            let oldest = held.clone().map(|p| p.received).min();
-            (held.map(|p| p.reply.clone()).collect(), oldest)
-        }
-        _ => (Vec::new(), None),
+        Some(Some(lanes)) => lanes
+            .values()
+            .flat_map(|lane| lane.records.values().map(|p| p.reply.clone()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// When the earliest record held was received.
+fn oldest_held(outstanding: &Outstanding) -> Option<Instant> {
+    match outstanding.lock().ok().as_deref() {
+        Some(Some(lanes)) => lanes
+            .values()
+            .flat_map(|lane| lane.records.values())
+            .map(|p| p.received)
+            .min(),
+        _ => None,
     }
 }
 
@@ -231,7 +242,7 @@ pub(super) async fn acker(
                 }
             },
             _ = progress.tick() => {
-                let (replies, oldest) = held_since(&outstanding);
+                let (replies, oldest) = (held_replies(&outstanding), oldest_held(&outstanding));
                 let lapse = alive
                     .as_ref()
                     .and_then(|alive| alive.round(std::time::Instant::now(), oldest));
