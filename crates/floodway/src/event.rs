@@ -339,16 +339,11 @@ fn payload_fields(text: &str, compressed: &Compressed) -> Result<Map<String, Val
     for key in ENVELOPE_FIELDS {
         map.remove(key);
     }
-    if holds_compressed(text, compressed) {
+    if compressed.get(text) {
         // A value that cannot be revived stays as it is: `payload` reports it.
         crate::compression::revive_members("", &mut map);
     }
     Ok(map)
-}
-
-/// Whether an event's text may hold compressed values, searched for once.
-fn holds_compressed(text: &str, compressed: &Compressed) -> bool {
-    compressed.get(text)
 }
 
 /// Whether an event's text may hold compressed values: unknown until first asked, then kept.
@@ -370,6 +365,7 @@ impl Compressed {
         Compressed(AtomicU8::new(if holds { Self::YES } else { Self::NO }))
     }
 
+    /// Whether `text`, the event's, may hold compressed values: searched for once.
     fn get(&self, text: &str) -> bool {
         match self.0.load(Ordering::Relaxed) {
             Self::NO => false,
@@ -705,7 +701,7 @@ impl Event {
                 if !has_tags {
                     return None;
                 }
-                let compressed = holds_compressed(text, compressed);
+                let compressed = compressed.get(text);
                 Some(tags.get_or_init(|| {
                     #[derive(Deserialize)]
                     struct Tags {
@@ -801,7 +797,7 @@ impl Event {
                 compressed,
                 members,
                 ..
-            } if !holds_compressed(text, compressed) => (text, members),
+            } if !compressed.get(text) => (text, members),
             _ => {
                 return self
                     .to_value()
@@ -871,7 +867,7 @@ impl Event {
                 compressed,
                 members,
                 ..
-            } if !holds_compressed(text, compressed) => {
+            } if !compressed.get(text) => {
                 let text: &'a str = text;
                 match crate::envelope::payload(text, members) {
                     Some(value) => Ok(value),
