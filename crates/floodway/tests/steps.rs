@@ -190,6 +190,51 @@ async fn a_step_failing_on_one_event_only_faults_that_event_after_its_retries() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn synchronous_steps_down_for_every_event_hold_them_and_fault_nothing() {
+    // A check of each event and a map of it fail transiently for every event for 20 s (what
+    // they read from is down): no event's retries are spent while another passes, so none is
+    // poison; all are held until the steps work again, then delivered in order.
+    for down_at in ["validate", "map"] {
+        let kit = TestKit::new();
+        let sink = MemorySink::new();
+        let back = Instant::now() + Duration::from_secs(20);
+        let failing = move |step: &str| {
+            if step == down_at && Instant::now() < back {
+                Err(Error::transient_msg("Unavailable", "the lookup is down"))
+            } else {
+                Ok(())
+            }
+        };
+        let pipeline = Pipeline::builder("enrich")
+            .validate(move |_| failing("validate"))
+            .map_event(move |e| {
+                failing("map")?;
+                Ok(e.derive("order-enriched").build())
+            })
+            .step_resilience(Resilience::default().retry(RetryPolicy::default().max_attempts(3)))
+            .sink(sink.clone())
+            .unwrap();
+        let input = events(200, 5);
+        let report = run_pipeline(&kit, pipeline, &input).await.unwrap();
+        assert!(
+            kit.faults().is_empty(),
+            "{down_at}: {} faults",
+            kit.faults().len()
+        );
+        assert!(
+            Instant::now() >= back,
+            "{down_at}: the outage was waited out"
+        );
+        assert_eq!(report.pipeline("enrich").unwrap().delivered, 200);
+        let derived: Vec<Event> = input
+            .iter()
+            .map(|e| e.derive("order-enriched").build())
+            .collect();
+        assert_eq!(per_key(&sink.events()), per_key(&derived), "{down_at}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_poison_error_from_a_step_is_faulted_at_once_and_a_fatal_one_stops() {
     let kit = TestKit::new();
     let calls = Arc::new(AtomicU32::new(0));

@@ -231,14 +231,7 @@ impl PipelineBuilder {
     where
         F: Fn(&Event) -> Result<Event, Error> + Send + Sync + 'static,
     {
-        self.step(
-            "map",
-            StepKind::Map(Arc::new(move |mut uow: Uow| {
-                let event = f(uow.event())?;
-                uow.set_event(event);
-                Ok(uow)
-            })),
-        )
+        self.step("map", StepKind::MapEvent(Arc::new(f)))
     }
 
     /// Compresses each event's payload fields over `threshold` bytes as aws-lambda-stream
@@ -271,13 +264,7 @@ impl PipelineBuilder {
     where
         F: Fn(&Event) -> Result<(), Error> + Send + Sync + 'static,
     {
-        self.step(
-            "validate",
-            StepKind::Map(Arc::new(move |uow: Uow| {
-                check(uow.event())?;
-                Ok(uow)
-            })),
-        )
+        self.step("validate", StepKind::Check(Arc::new(check)))
     }
 
     /// Checks that each event deserializes into `T` and attaches the typed value to the unit of

@@ -15,8 +15,11 @@ use crate::error::{BuildError, Error, ErrorClass};
 use crate::layer::retry::Backoff;
 use crate::layer::{BoxFuture, Resilience};
 use crate::uow::Uow;
+use crate::Event;
 
 pub(crate) type MapFn = Arc<dyn Fn(Uow) -> Result<Uow, Error> + Send + Sync>;
+pub(crate) type MapEventFn = Arc<dyn Fn(&Event) -> Result<Event, Error> + Send + Sync>;
+pub(crate) type CheckFn = Arc<dyn Fn(&Event) -> Result<(), Error> + Send + Sync>;
 pub(crate) type FlatMapFn = Arc<dyn Fn(Uow) -> Result<Vec<Uow>, Error> + Send + Sync>;
 pub(crate) type PredicateFn = Arc<dyn Fn(&Uow) -> bool + Send + Sync>;
 pub(crate) type AsyncFn = Arc<dyn Fn(Uow) -> BoxFuture<Uow> + Send + Sync>;
@@ -24,6 +27,11 @@ pub(crate) type AsyncFn = Arc<dyn Fn(Uow) -> BoxFuture<Uow> + Send + Sync>;
 #[derive(Clone)]
 pub(crate) enum StepKind {
     Map(MapFn),
+    /// A map that reads the event and makes a new one: the unit of work is not handed over,
+    /// so it goes on without being copied.
+    MapEvent(MapEventFn),
+    /// A check of the event that passes the unit of work on as it is, or fails it.
+    Check(CheckFn),
     FlatMap(FlatMapFn),
     Filter(PredicateFn),
     Async(AsyncFn),
@@ -31,6 +39,37 @@ pub(crate) enum StepKind {
 
 /// What a step passes on: none (filtered out), one, or several (split).
 pub(crate) type Outputs = SmallVec<[Uow; 1]>;
+
+/// What a synchronous step made of a unit of work. A step that keeps the unit of work (a
+/// filter that holds, a check that passes, a map of its event) says so rather than give back
+/// a copy: the walk moves the unit of work on, where a copy would take a reference to its
+/// record and its event and give both back (atomic counts, a few nanoseconds each, per event
+/// and step).
+enum Passed {
+    /// The unit of work itself, unchanged.
+    Same,
+    /// The unit of work carrying this new event.
+    Event(Event),
+    /// Other units of work: a map's, a split's, or none (filtered out).
+    Outputs(Outputs),
+}
+
+impl Passed {
+    /// What passes on from `uow`, as units of work.
+    fn into_outputs(self, uow: Uow) -> Outputs {
+        match self {
+            Passed::Same => smallvec::smallvec![uow],
+            Passed::Event(event) => smallvec::smallvec![with_event(uow, event)],
+            Passed::Outputs(outputs) => outputs,
+        }
+    }
+}
+
+/// `uow` carrying `event` in place of its own.
+fn with_event(mut uow: Uow, event: Event) -> Uow {
+    uow.set_event(event);
+    uow
+}
 
 /// A step's call wrapped in its resilience stack.
 type Guarded = BoxCloneSyncService<Uow, Outputs, Error>;
@@ -49,7 +88,48 @@ pub(crate) struct Step {
 #[derive(Clone)]
 struct Guard {
     call: Guarded,
-    successes: Arc<AtomicU64>,
+    successes: Arc<Successes>,
+}
+
+/// The successes of a synchronous step's fast path, counted only while some unit of work whose
+/// retries may be spent watches them: every event passes the fast path, and an atomic add per
+/// event and step costs more than the step's bookkeeping besides.
+#[derive(Default)]
+struct Successes {
+    /// Units of work in [`Step::call_guarded`], judged by the successes counted meanwhile.
+    watching: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Successes {
+    /// Counts a success, if anyone watches. A success that finds nobody watching came, in the
+    /// one order of sequentially consistent operations, before a watcher registered and read
+    /// its starting count: it could not have counted for that watcher anyway.
+    fn note(&self) {
+        if self.watching.load(Ordering::SeqCst) != 0 {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts watching: the count now, and the watch, which ends when dropped.
+    fn watch(&self) -> (u64, Watch<'_>) {
+        self.watching.fetch_add(1, Ordering::SeqCst);
+        (self.count.load(Ordering::SeqCst), Watch(self))
+    }
+
+    fn now(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// A watch of a step's successes, ended when dropped (the unit of work decided, or its future
+/// dropped).
+struct Watch<'a>(&'a Successes);
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        self.0.watching.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Step {
@@ -82,7 +162,7 @@ impl Step {
                     Box::pin(async move { fut.await.map(|u| smallvec::smallvec![u]) })
                 }
                 sync => {
-                    let result = apply_sync(sync, &uow);
+                    let result = apply_sync(sync, &uow).map(|passed| passed.into_outputs(uow));
                     Box::pin(async move { result })
                 }
             }
@@ -106,17 +186,17 @@ impl Step {
             // Steps are always guarded once built; a bare call keeps the step's own answer.
             return match &self.kind {
                 StepKind::Async(f) => guarded(f(uow)).await.map(|u| smallvec::smallvec![u]),
-                sync => apply_sync(sync, &uow),
+                sync => apply_sync(sync, &uow).map(|passed| passed.into_outputs(uow)),
             };
         };
         let judged = !matches!(self.kind, StepKind::Async(_));
-        let before = guard.successes.load(Ordering::Relaxed);
+        let (before, _watch) = guard.successes.watch();
         let mut waits = 0;
         loop {
             match guarded(guard.call.clone().oneshot(uow.clone())).await {
                 Err(err) if err.class() == ErrorClass::Outage => {}
                 Err(err) if judged && err.class() == ErrorClass::Transient => {
-                    if guard.successes.load(Ordering::Relaxed) > before && !err.is_throttle() {
+                    if guard.successes.now() > before && !err.is_throttle() {
                         return Err(err);
                     }
                     // Held: what the target asked for, or the backoff if longer.
@@ -137,7 +217,7 @@ impl Step {
     /// whose retries are spent, that the step works.
     fn note_success(&self) {
         if let Some(guard) = &self.guard {
-            guard.successes.fetch_add(1, Ordering::Relaxed);
+            guard.successes.note();
         }
     }
 }
@@ -181,23 +261,25 @@ pub(crate) struct StepOutput {
     pub(crate) failed: Vec<StepFailure>,
 }
 
-/// Applies one synchronous step: the units of work it passes on (none when filtered out).
-fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<Outputs, Error> {
+/// Applies one synchronous step: what it passes on (nothing when filtered out).
+fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<Passed, Error> {
     let result = catch_unwind(AssertUnwindSafe(|| match kind {
-        StepKind::Map(f) => f(uow.clone()).map(|u| smallvec::smallvec![u]),
+        StepKind::Map(f) => f(uow.clone()).map(|u| Passed::Outputs(smallvec::smallvec![u])),
+        StepKind::MapEvent(f) => f(uow.event()).map(Passed::Event),
+        StepKind::Check(f) => f(uow.event()).map(|()| Passed::Same),
         StepKind::FlatMap(f) => f(uow.clone()).and_then(|mut parts| {
             ids_apart(&parts)?;
             for (place, part) in parts.iter_mut().enumerate() {
                 part.part = uow.part_at(place);
             }
-            Ok(SmallVec::from_vec(parts))
+            Ok(Passed::Outputs(SmallVec::from_vec(parts)))
         }),
         StepKind::Filter(f) => Ok(if f(uow) {
-            smallvec::smallvec![uow.clone()]
+            Passed::Same
         } else {
-            SmallVec::new()
+            Passed::Outputs(SmallVec::new())
         }),
-        StepKind::Async(_) => Ok(smallvec::smallvec![uow.clone()]),
+        StepKind::Async(_) => Ok(Passed::Same),
     }));
     result.unwrap_or_else(|payload| Err(panic_error(&*payload)))
 }
@@ -247,26 +329,19 @@ fn ids_apart(parts: &[Uow]) -> Result<(), Error> {
     }
 }
 
-/// What a step does with a unit of work without awaiting anything.
-enum Applied {
-    /// Its outputs, or its error.
-    Done(Result<Outputs, Error>),
-    /// The step must be called through its resilience stack: an async step, or a synchronous
-    /// one that failed transiently (its retries wait).
-    Guarded,
-}
-
-/// Applies a step synchronously where it can.
-fn apply(step: &Step, uow: &Uow) -> Applied {
+/// Applies a step synchronously where it can: what it passed on, or its error; `None` when the
+/// step must be called through its resilience stack (an async step, or a synchronous one that
+/// failed transiently: its retries wait).
+fn apply(step: &Step, uow: &Uow) -> Option<Result<Passed, Error>> {
     match &step.kind {
-        StepKind::Async(_) => Applied::Guarded,
+        StepKind::Async(_) => None,
         kind => match apply_sync(kind, uow) {
             Ok(next) => {
                 step.note_success();
-                Applied::Done(Ok(next))
+                Some(Ok(next))
             }
-            Err(err) if escalates(&err) => Applied::Guarded,
-            Err(err) => Applied::Done(Err(err)),
+            Err(err) if escalates(&err) => None,
+            Err(err) => Some(Err(err)),
         },
     }
 }
@@ -308,9 +383,11 @@ impl<'s> Walk<'s> {
 
     /// Goes on after step `i` gave `result` for `uow`: its outputs onto the stack, or its
     /// failure into the output.
-    fn follow(&mut self, (uow, i, step): (Uow, usize, &Step), result: Result<Outputs, Error>) {
+    fn follow(&mut self, (uow, i, step): (Uow, usize, &Step), result: Result<Passed, Error>) {
         match result {
-            Ok(next) => self.stack.extend(next.into_iter().rev().map(|mut u| {
+            Ok(Passed::Same) => self.stack.push((uow, i + 1)),
+            Ok(Passed::Event(event)) => self.stack.push((with_event(uow, event), i + 1)),
+            Ok(Passed::Outputs(next)) => self.stack.extend(next.into_iter().rev().map(|mut u| {
                 // Whatever a step returns stays accountable to the record it came from.
                 if u.ticket != uow.ticket || !Arc::ptr_eq(&u.record, &uow.record) {
                     u.ticket = uow.ticket;
@@ -334,8 +411,8 @@ pub(crate) fn run_sync(steps: &[Step], uow: Uow, from: usize) -> StepOutput {
     let mut walk = Walk::new(steps, uow, from);
     while let Some((uow, i, step)) = walk.next() {
         match apply(step, &uow) {
-            Applied::Done(result) => walk.follow((uow, i, step), result),
-            Applied::Guarded => walk.park(uow, i),
+            Some(result) => walk.follow((uow, i, step), result),
+            None => walk.park(uow, i),
         }
     }
     walk.out
@@ -346,8 +423,8 @@ pub(crate) async fn run_all(steps: &[Step], uow: Uow, from: usize) -> StepOutput
     let mut walk = Walk::new(steps, uow, from);
     while let Some((uow, i, step)) = walk.next() {
         let result = match apply(step, &uow) {
-            Applied::Done(result) => result,
-            Applied::Guarded => step.call_guarded(uow.clone()).await,
+            Some(result) => result,
+            None => step.call_guarded(uow.clone()).await.map(Passed::Outputs),
         };
         walk.follow((uow, i, step), result);
     }

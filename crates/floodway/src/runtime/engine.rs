@@ -4,6 +4,7 @@
 //! units of work run as futures polled by it (a `FuturesUnordered`), and the source pulls in a
 //! task of its own behind a channel of one batch, so pulling never blocks completions.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -483,9 +484,14 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 self.finish(ticket, false);
                 continue;
             }
-            for index in 0..self.pipes.len() {
-                self.dispatch_to(index, &record, &event, ticket)?;
+            // The last pipeline takes the record and event for its unit of work, the others
+            // a reference each: one atomic count fewer on each, per record, than copying
+            // them for every pipeline and dropping the originals here.
+            let last = self.pipes.len() - 1;
+            for index in 0..last {
+                self.dispatch_to(index, Cow::Borrowed(&record), Cow::Borrowed(&event), ticket)?;
             }
+            self.dispatch_to(last, Cow::Owned(record), Cow::Owned(event), ticket)?;
         }
         if let Some(ts) = newest {
             self.lag_seconds
@@ -494,21 +500,23 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         Ok(())
     }
 
+    /// Hands a decoded record to pipeline `index`: a unit of work if the pipeline takes its
+    /// event, which takes `record` and `event` (a copy of each reference, when borrowed).
     fn dispatch_to(
         &mut self,
         index: usize,
-        record: &Arc<Record>,
-        event: &Arc<Event>,
+        record: Cow<'_, Arc<Record>>,
+        event: Cow<'_, Arc<Event>>,
         ticket: Ticket,
     ) -> Result<(), RunError> {
         let pipe = &mut self.pipes[index];
-        if !pipe.pipeline.accepts(event) {
+        if !pipe.pipeline.accepts(&event) {
             pipe.tally.filtered(1);
             self.finish(ticket, false);
             return Ok(());
         }
         pipe.tally.taken();
-        let uow = Uow::new(record.clone(), event.clone(), ticket);
+        let uow = Uow::new(record.into_owned(), event.into_owned(), ticket);
         let out = run_sync(&pipe.core.steps, uow, 0);
         let pieces = (out.ready.len() + out.failed.len()) as u32;
         if pieces == 0 {
