@@ -4,7 +4,8 @@
 //! same run. Throughput runs on one core (a current-thread runtime). Set
 //! `FLOODWAY_BENCH_EVENTS` to change the number of events per throughput run;
 //! `FLOODWAY_BENCH_ONLY=throughput` for the throughput rows only, `=adaptive` for the simulated
-//! adaptive-concurrency row only.
+//! adaptive-concurrency row only, `=stages` for what each stage of an event's work costs
+//! without the run loop (nanoseconds an event, beside the plain per-event work).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -624,6 +625,10 @@ fn main() {
         print_table(vec![adaptive_row()]);
         return;
     }
+    if std::env::var("FLOODWAY_BENCH_ONLY").as_deref() == Ok("stages") {
+        stages(&lines);
+        return;
+    }
     if let Ok(profile) = std::env::var("FLOODWAY_BENCH_PROFILE") {
         // For profilers: one case only, many times.
         let (shape, records, resilience) = match profile.as_str() {
@@ -777,6 +782,77 @@ fn main() {
     rows.push(adaptive_row());
     print_table(rows);
     common::chart::save_table("core");
+}
+
+/// What each stage of the order workload's per-event work costs, in nanoseconds an event, with
+/// no run loop around it: decoding, then the map step's typed read, then the derived event
+/// (the whole map step); and the plain reference's per-event work (a typed parse of the
+/// event, and the new event serialized). Each over every event, the best of several passes,
+/// once over events streamed from memory (all of them) and once over two thousand taken across
+/// them, which stay in the cache. The run loop's own cost is what the processor's time an event has beyond
+/// the third stage.
+fn stages(lines: &[String]) {
+    use bytes::Bytes;
+    fn time(data: &[Bytes], passes: usize, mut work: impl FnMut(&Bytes) -> usize) -> f64 {
+        let mut best = f64::MAX;
+        let mut kept = 0;
+        for _ in 0..passes {
+            let started = Instant::now();
+            for d in data {
+                kept += work(d);
+            }
+            best = best.min(started.elapsed().as_nanos() as f64 / data.len() as f64);
+        }
+        std::hint::black_box(kept);
+        best
+    }
+    let limit = 1 << 20;
+    let all: Vec<Bytes> = lines.iter().map(|l| Bytes::from(l.clone())).collect();
+    // Taken across the whole set, so that its mix of types is the set's.
+    let cached: Vec<Bytes> = all
+        .iter()
+        .step_by((all.len() / 2_000).max(1))
+        .cloned()
+        .collect();
+    let decode = |d: &Bytes| Event::decode_bytes(d.clone(), limit).unwrap();
+    type Stage<'a> = (&'a str, Box<dyn Fn(&Bytes) -> usize + 'a>);
+    let rows: [Stage<'_>; 4] = [
+        ("decode", Box::new(|d| decode(d).event_type().len())),
+        (
+            "decode, typed read",
+            Box::new(|d| {
+                let e = decode(d);
+                match orders::derived_type(e.event_type()) {
+                    Some(_) => orders::read_order(&e).unwrap(),
+                    None => 0,
+                }
+            }),
+        ),
+        (
+            "decode, typed read, derived event (the map step)",
+            Box::new(|d| {
+                let e = decode(d);
+                match orders::derived_type(e.event_type()) {
+                    Some(to) => orders::confirm(&e, to).unwrap().id().len(),
+                    None => 0,
+                }
+            }),
+        ),
+        (
+            "plain: typed parse, new event serialized",
+            Box::new({
+                let plain = std::cell::RefCell::new(orders::Plain::default());
+                move |d| plain.borrow_mut().event(d).unwrap_or(0)
+            }),
+        ),
+    ];
+    out!("| stage | streamed from memory | in cache |");
+    out!("|---|---|---|");
+    for (name, work) in &rows {
+        let streamed = time(&all, 5, work);
+        let in_cache = time(&cached, 500, work);
+        out!("| {name} | {streamed:.0} ns | {in_cache:.0} ns |");
+    }
 }
 
 fn print_table(rows: Vec<Row>) {

@@ -58,7 +58,7 @@ struct OrderIn<'a> {
 }
 
 /// The map step of both pipelines: the new event carries the order's id, customer and total.
-fn confirm(event: &Event, new_type: &str) -> Result<Event, Error> {
+pub(crate) fn confirm(event: &Event, new_type: &str) -> Result<Event, Error> {
     let Submitted { order } = event.payload()?;
     Ok(event
         .derive(new_type)
@@ -91,6 +91,17 @@ pub(crate) fn processor(counts: &Arc<Counts>, resilience: &Resilience) -> Proces
         );
     }
     builder.build().unwrap()
+}
+
+/// The type the pipeline taking `ty` derives, if one takes it.
+pub(crate) fn derived_type(ty: &str) -> Option<&'static str> {
+    PIPELINES.iter().find(|p| p.1 == ty).map(|p| p.2)
+}
+
+/// The typed read of the map step alone: the order's id length, to keep the read.
+pub(crate) fn read_order(event: &Event) -> Result<usize, Error> {
+    let Submitted { order } = event.payload()?;
+    Ok(order.id.len())
 }
 
 // ---- the same work in plain Rust ----
