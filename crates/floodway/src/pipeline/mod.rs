@@ -226,7 +226,9 @@ impl PipelineBuilder {
         self.step("map", StepKind::Map(Arc::new(f)))
     }
 
-    /// Replaces each event with the one `f` returns.
+    /// Replaces each event with the one `f` returns. The unit of work goes on as it is, its
+    /// event replaced, without being copied: prefer it to [`map`](Self::map) when only the
+    /// event changes.
     pub fn map_event<F>(self, f: F) -> Self
     where
         F: Fn(&Event) -> Result<Event, Error> + Send + Sync + 'static,
