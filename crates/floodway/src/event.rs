@@ -1042,7 +1042,7 @@ impl Event {
     /// the new type (so deriving twice gives the same id), with the same partition key and time.
     ///
     /// One event of a type per event: a step deriving several of one type from one event
-    /// (an order's line items, in a [`flat_map`](crate::Pipeline::flat_map)) gives each its own
+    /// (an order's line items, in a [`flat_map`](crate::pipeline::PipelineBuilder::flat_map)) gives each its own
     /// id with [`derive_part`](Self::derive_part).
     pub fn derive(&self, event_type: impl Into<String>) -> EventBuilder {
         let ty = event_type.into();
