@@ -785,12 +785,14 @@ fn main() {
 }
 
 /// What each stage of the order workload's per-event work costs, in nanoseconds an event, with
-/// no run loop around it: decoding, then the map step's typed read, then the derived event
-/// (the whole map step); and the plain reference's per-event work (a typed parse of the
-/// event, and the new event serialized). Each over every event, the best of several passes,
-/// once over events streamed from memory (all of them) and once over two thousand taken across
-/// them, which stay in the cache. The run loop's own cost is what the processor's time an event has beyond
-/// the third stage.
+/// no run loop around it: decoding (from a shared copy of the bytes, as the engine decodes),
+/// then the map step's typed read, then the derived event (the whole map step); and the plain
+/// reference's per-event work (a typed parse of the event, the new event with its stable id
+/// serialized and batched). Each over every event, the best of several passes, once over
+/// events streamed from memory (all of them) and once over two thousand taken across them,
+/// which stay in the cache. What the processor spends an event beyond the third stage is,
+/// roughly, the run loop's (and the framework's objects around the event: sharing it, the
+/// derived event's shared copy, the type filters).
 fn stages(lines: &[String]) {
     use bytes::Bytes;
     fn time(data: &[Bytes], passes: usize, mut work: impl FnMut(&Bytes) -> usize) -> f64 {

@@ -190,6 +190,52 @@ async fn a_step_failing_on_one_event_only_faults_that_event_after_its_retries() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_check_or_a_map_of_the_event_failing_for_one_event_only_faults_that_event() {
+    // As a `map` above, for the step kinds that read the event by reference: their retries
+    // for e-7 are spent while they pass the events that keep coming, so e-7 is poison.
+    for down_at in ["validate", "map"] {
+        let kit = TestKit::new();
+        let sink = floodway::testing::ScriptedSink::new(|_| Ok(()))
+            .with_latency(Duration::from_millis(50));
+        let failing = move |step: &str, e: &Event| {
+            if step == down_at && e.id() == "e-7" {
+                Err(Error::transient_msg("LookupFailed", "no answer for e-7"))
+            } else {
+                Ok(())
+            }
+        };
+        let pipeline = Pipeline::builder("lookup")
+            .validate(move |e| failing("validate", e))
+            .map_event(move |e| {
+                failing("map", e)?;
+                Ok(e.clone())
+            })
+            .step_resilience(Resilience::default().retry(RetryPolicy::default().max_attempts(3)))
+            .sink(sink.clone())
+            .unwrap();
+        let processor = build(
+            kit.processor("p").max_in_flight(50).pull_batch(10),
+            pipeline,
+        );
+        let report = run(&kit, &processor, &events(1_000, 10)).await.unwrap();
+        let faults = kit.faults();
+        assert_eq!(faults.len(), 1, "{down_at}");
+        let step = if down_at == "validate" {
+            "validate-1"
+        } else {
+            "map-2"
+        };
+        assert_eq!(faults[0].tag("step"), Some(step));
+        assert_eq!(
+            report.pipeline("lookup").unwrap().delivered,
+            999,
+            "{down_at}"
+        );
+        assert_eq!(kit.checkpoint("0"), Some(1_000), "{down_at}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn synchronous_steps_down_for_every_event_hold_them_and_fault_nothing() {
     // A check of each event and a map of it fail transiently for every event for 20 s (what
     // they read from is down): no event's retries are spent while another passes, so none is

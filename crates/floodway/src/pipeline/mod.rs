@@ -227,8 +227,8 @@ impl PipelineBuilder {
     }
 
     /// Replaces each event with the one `f` returns. The unit of work goes on as it is, its
-    /// event replaced, without being copied: prefer it to [`map`](Self::map) when only the
-    /// event changes.
+    /// event replaced, without being copied (but for a call retried through the step's
+    /// resilience stack): prefer it to [`map`](Self::map) when only the event changes.
     pub fn map_event<F>(self, f: F) -> Self
     where
         F: Fn(&Event) -> Result<Event, Error> + Send + Sync + 'static,

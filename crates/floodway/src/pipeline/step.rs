@@ -96,7 +96,8 @@ struct Guard {
 /// event and step costs more than the step's bookkeeping besides.
 #[derive(Default)]
 struct Successes {
-    /// Units of work in [`Step::call_guarded`], judged by the successes counted meanwhile.
+    /// Units of work of a synchronous step in [`Step::call_guarded`], judged by the successes
+    /// counted meanwhile.
     watching: AtomicU64,
     count: AtomicU64,
 }
@@ -190,7 +191,10 @@ impl Step {
             };
         };
         let judged = !matches!(self.kind, StepKind::Async(_));
-        let (before, _watch) = guard.successes.watch();
+        // Only a synchronous step is judged by its fast path's successes (an async step's
+        // calls all go through its stack, breaker included).
+        let watch = judged.then(|| guard.successes.watch());
+        let before = watch.as_ref().map_or(0, |(count, _)| *count);
         let mut waits = 0;
         loop {
             match guarded(guard.call.clone().oneshot(uow.clone())).await {
