@@ -13,6 +13,7 @@ use std::task::{Context, Poll, Waker};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -441,11 +442,9 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     /// Decodes and dispatches pulled records; work that can start at once starts here.
     fn dispatch(&mut self, records: Vec<Record>) -> Result<(), RunError> {
         let max_size = self.proc.config.max_event_size;
-        let pipelines = self.pipes.len() as u32;
         self.report.received += records.len() as u64;
         let mut newest: Option<i64> = None;
         for record in records {
-            let record = Arc::new(record);
             let decoded = match &record.malformed {
                 Some(m) => Err(Error::poison_msg(m.name.clone(), m.message.clone())),
                 None => {
@@ -454,16 +453,13 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                     } else {
                         max_size
                     };
-                    // Shared as soon as it is decoded: an event is large, and each move of
-                    // it (into another `Result`, say) copies it.
-                    Event::decode_bytes(record.data.clone(), limit)
-                        .map(Arc::new)
-                        .map_err(Error::from)
+                    Event::decode_bytes(record.data.clone(), limit).map_err(Error::from)
                 }
             };
             let event = match decoded {
                 Ok(event) => event,
                 Err(err) => {
+                    let record = Arc::new(record);
                     let ticket = self.ledger.admit(record.clone(), 1);
                     self.report.decode_faults += 1;
                     let failure = (record, 0, None, Arc::from("decode"), err);
@@ -478,17 +474,29 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 }
             };
             newest = Some(event.timestamp());
-            // With no pipeline enabled, a record is done as soon as it is seen.
-            let ticket = self.ledger.admit(record.clone(), pipelines.max(1));
-            if pipelines == 0 {
-                self.finish(ticket, false);
-                continue;
+            // The pipelines that do not take the event count it filtered now. A record no
+            // pipeline takes (most of a hub's events, for most processors) is done as it is
+            // seen, and never shared.
+            let mut takers: SmallVec<[usize; 4]> = SmallVec::new();
+            for (index, pipe) in self.pipes.iter_mut().enumerate() {
+                if pipe.pipeline.accepts(&event) {
+                    takers.push(index);
+                } else {
+                    pipe.tally.filtered(1);
+                }
             }
+            let Some((&last, others)) = takers.split_last() else {
+                self.ledger.admit_done(&record);
+                self.report.done += 1;
+                self.checkpointer.settle(&record, Settlement::Done);
+                continue;
+            };
+            let (record, event) = (Arc::new(record), Arc::new(event));
+            let ticket = self.ledger.admit(record.clone(), takers.len() as u32);
             // The last pipeline takes the record and event for its unit of work, the others
             // a reference each: one atomic count fewer on each, per record, than copying
             // them for every pipeline and dropping the originals here.
-            let last = self.pipes.len() - 1;
-            for index in 0..last {
+            for &index in others {
                 self.dispatch_to(index, Cow::Borrowed(&record), Cow::Borrowed(&event), ticket)?;
             }
             self.dispatch_to(last, Cow::Owned(record), Cow::Owned(event), ticket)?;
@@ -500,8 +508,8 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         Ok(())
     }
 
-    /// Hands a decoded record to pipeline `index`: a unit of work if the pipeline takes its
-    /// event, which takes `record` and `event` (a copy of each reference, when borrowed).
+    /// Hands a decoded record to pipeline `index`, which takes its event: a unit of work of
+    /// `record` and `event` (a copy of each reference, when borrowed).
     fn dispatch_to(
         &mut self,
         index: usize,
@@ -510,11 +518,6 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         ticket: Ticket,
     ) -> Result<(), RunError> {
         let pipe = &mut self.pipes[index];
-        if !pipe.pipeline.accepts(&event) {
-            pipe.tally.filtered(1);
-            self.finish(ticket, false);
-            return Ok(());
-        }
         pipe.tally.taken();
         let uow = Uow::new(record.into_owned(), event.into_owned(), ticket);
         let out = run_sync(&pipe.core.steps, uow, 0);
