@@ -250,7 +250,12 @@ impl Uow {
 
     /// Replaces the event (a map step that emits a different event).
     pub fn set_event(&mut self, event: Event) {
-        self.event = Arc::new(event);
+        // In the old event's place when nothing else holds it (the common case: one
+        // pipeline took the event), saving an allocation and its free.
+        match Arc::get_mut(&mut self.event) {
+            Some(held) => *held = event,
+            None => self.event = Arc::new(event),
+        }
     }
 
     /// The same unit of work carrying another event (used by splitting steps).
