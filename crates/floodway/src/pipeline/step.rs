@@ -41,15 +41,13 @@ pub(crate) enum StepKind {
 pub(crate) type Outputs = SmallVec<[Uow; 1]>;
 
 /// What a synchronous step made of a unit of work. A step that keeps the unit of work (a
-/// filter that holds, a check that passes, a map of its event) says so rather than give back
-/// a copy: the walk moves the unit of work on, where a copy would take a reference to its
-/// record and its event and give both back (atomic counts, a few nanoseconds each, per event
-/// and step).
+/// filter that holds, a check that passes, a map of its event, which replaced the event in
+/// place) says so rather than give back a copy: the walk moves the unit of work on, where a
+/// copy would take a reference to its record and its event and give both back (atomic counts,
+/// a few nanoseconds each, per event and step).
 enum Passed {
-    /// The unit of work itself, unchanged.
+    /// The unit of work itself.
     Same,
-    /// The unit of work carrying this new event.
-    Event(Event),
     /// Other units of work: a map's, a split's, or none (filtered out).
     Outputs(Outputs),
 }
@@ -59,16 +57,9 @@ impl Passed {
     fn into_outputs(self, uow: Uow) -> Outputs {
         match self {
             Passed::Same => smallvec::smallvec![uow],
-            Passed::Event(event) => smallvec::smallvec![with_event(uow, event)],
             Passed::Outputs(outputs) => outputs,
         }
     }
-}
-
-/// `uow` carrying `event` in place of its own.
-fn with_event(mut uow: Uow, event: Event) -> Uow {
-    uow.set_event(event);
-    uow
 }
 
 /// A step's call wrapped in its resilience stack.
@@ -156,14 +147,15 @@ impl Step {
             _ => self.resilience.clone().no_breaker(),
         };
         let kind = self.kind.clone();
-        let call = tower::service_fn(move |uow: Uow| -> BoxFuture<Outputs> {
+        let call = tower::service_fn(move |mut uow: Uow| -> BoxFuture<Outputs> {
             match &kind {
                 StepKind::Async(f) => {
                     let fut = f(uow);
                     Box::pin(async move { fut.await.map(|u| smallvec::smallvec![u]) })
                 }
                 sync => {
-                    let result = apply_sync(sync, &uow).map(|passed| passed.into_outputs(uow));
+                    let result =
+                        apply_sync(sync, &mut uow).map(|passed| passed.into_outputs(uow));
                     Box::pin(async move { result })
                 }
             }
@@ -182,12 +174,12 @@ impl Step {
     /// to be faulted), unless it was throttled (what the step calls is busy, and would take
     /// it another time: held, as the breaker holds a throttled call); if not, it is held like
     /// an outage and tried again.
-    async fn call_guarded(&self, uow: Uow) -> Result<Outputs, Error> {
+    async fn call_guarded(&self, mut uow: Uow) -> Result<Outputs, Error> {
         let Some(guard) = &self.guard else {
             // Steps are always guarded once built; a bare call keeps the step's own answer.
             return match &self.kind {
                 StepKind::Async(f) => guarded(f(uow)).await.map(|u| smallvec::smallvec![u]),
-                sync => apply_sync(sync, &uow).map(|passed| passed.into_outputs(uow)),
+                sync => apply_sync(sync, &mut uow).map(|passed| passed.into_outputs(uow)),
             };
         };
         let judged = !matches!(self.kind, StepKind::Async(_));
@@ -265,11 +257,16 @@ pub(crate) struct StepOutput {
     pub(crate) failed: Vec<StepFailure>,
 }
 
-/// Applies one synchronous step: what it passes on (nothing when filtered out).
-fn apply_sync(kind: &StepKind, uow: &Uow) -> Result<Passed, Error> {
+/// Applies one synchronous step: what it passes on (nothing when filtered out). A map of the
+/// event replaces `uow`'s event once it has the new one (the new event is moved once, into
+/// the place of the old); on an error or a panic `uow` is as it was.
+fn apply_sync(kind: &StepKind, uow: &mut Uow) -> Result<Passed, Error> {
     let result = catch_unwind(AssertUnwindSafe(|| match kind {
         StepKind::Map(f) => f(uow.clone()).map(|u| Passed::Outputs(smallvec::smallvec![u])),
-        StepKind::MapEvent(f) => f(uow.event()).map(Passed::Event),
+        StepKind::MapEvent(f) => f(uow.event()).map(|event| {
+            uow.set_event(event);
+            Passed::Same
+        }),
         StepKind::Check(f) => f(uow.event()).map(|()| Passed::Same),
         StepKind::FlatMap(f) => f(uow.clone()).and_then(|mut parts| {
             ids_apart(&parts)?;
@@ -336,7 +333,7 @@ fn ids_apart(parts: &[Uow]) -> Result<(), Error> {
 /// Applies a step synchronously where it can: what it passed on, or its error; `None` when the
 /// step must be called through its resilience stack (an async step, or a synchronous one that
 /// failed transiently: its retries wait).
-fn apply(step: &Step, uow: &Uow) -> Option<Result<Passed, Error>> {
+fn apply(step: &Step, uow: &mut Uow) -> Option<Result<Passed, Error>> {
     match &step.kind {
         StepKind::Async(_) => None,
         kind => match apply_sync(kind, uow) {
@@ -390,7 +387,6 @@ impl<'s> Walk<'s> {
     fn follow(&mut self, (uow, i, step): (Uow, usize, &Step), result: Result<Passed, Error>) {
         match result {
             Ok(Passed::Same) => self.stack.push((uow, i + 1)),
-            Ok(Passed::Event(event)) => self.stack.push((with_event(uow, event), i + 1)),
             Ok(Passed::Outputs(next)) => self.stack.extend(next.into_iter().rev().map(|mut u| {
                 // Whatever a step returns stays accountable to the record it came from.
                 if u.ticket != uow.ticket || !Arc::ptr_eq(&u.record, &uow.record) {
@@ -413,8 +409,8 @@ impl<'s> Walk<'s> {
 /// to resume from, to run as scheduled work. Nothing here awaits, so nothing here is a future.
 pub(crate) fn run_sync(steps: &[Step], uow: Uow, from: usize) -> StepOutput {
     let mut walk = Walk::new(steps, uow, from);
-    while let Some((uow, i, step)) = walk.next() {
-        match apply(step, &uow) {
+    while let Some((mut uow, i, step)) = walk.next() {
+        match apply(step, &mut uow) {
             Some(result) => walk.follow((uow, i, step), result),
             None => walk.park(uow, i),
         }
@@ -425,8 +421,8 @@ pub(crate) fn run_sync(steps: &[Step], uow: Uow, from: usize) -> StepOutput {
 /// Runs every step from `from`, async ones included, to the end.
 pub(crate) async fn run_all(steps: &[Step], uow: Uow, from: usize) -> StepOutput {
     let mut walk = Walk::new(steps, uow, from);
-    while let Some((uow, i, step)) = walk.next() {
-        let result = match apply(step, &uow) {
+    while let Some((mut uow, i, step)) = walk.next() {
+        let result = match apply(step, &mut uow) {
             Some(result) => result,
             None => step.call_guarded(uow.clone()).await.map(Passed::Outputs),
         };
