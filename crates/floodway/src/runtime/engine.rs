@@ -445,33 +445,25 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         self.report.received += records.len() as u64;
         let mut newest: Option<i64> = None;
         for record in records {
-            let decoded = match &record.malformed {
-                Some(m) => Err(Error::poison_msg(m.name.clone(), m.message.clone())),
-                None => {
-                    let limit = if record.assembled {
-                        usize::MAX
-                    } else {
-                        max_size
-                    };
-                    Event::decode_bytes(record.data.clone(), limit).map_err(Error::from)
-                }
+            let limit = if record.assembled {
+                usize::MAX
+            } else {
+                max_size
             };
-            let event = match decoded {
-                Ok(event) => event,
-                Err(err) => {
-                    let record = Arc::new(record);
-                    let ticket = self.ledger.admit(record.clone(), 1);
-                    self.report.decode_faults += 1;
-                    let failure = (record, 0, None, Arc::from("decode"), err);
-                    self.faults_due.push(fault_now(
-                        self.ctx.clone(),
-                        usize::MAX,
-                        None,
-                        failure,
-                        ticket,
-                    ));
+            // Matched as it comes: an event is large, and mapping the result would copy it.
+            let event = match &record.malformed {
+                Some(m) => {
+                    let err = Error::poison_msg(m.name.clone(), m.message.clone());
+                    self.decode_fault(record, err);
                     continue;
                 }
+                None => match Event::decode_bytes(record.data.clone(), limit) {
+                    Ok(event) => event,
+                    Err(err) => {
+                        self.decode_fault(record, err.into());
+                        continue;
+                    }
+                },
             };
             newest = Some(event.timestamp());
             // The pipelines that do not take the event count it filtered now. A record no
@@ -506,6 +498,21 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 .set((now_millis() - ts).max(0) as f64 / 1000.0);
         }
         Ok(())
+    }
+
+    /// Faults a record that could not be read (`err`), before any pipeline sees it.
+    fn decode_fault(&mut self, record: Record, err: Error) {
+        let record = Arc::new(record);
+        let ticket = self.ledger.admit(record.clone(), 1);
+        self.report.decode_faults += 1;
+        let failure = (record, 0, None, Arc::from("decode"), err);
+        self.faults_due.push(fault_now(
+            self.ctx.clone(),
+            usize::MAX,
+            None,
+            failure,
+            ticket,
+        ));
     }
 
     /// Hands a decoded record to pipeline `index`, which takes its event: a unit of work of
