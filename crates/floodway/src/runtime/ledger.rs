@@ -1,9 +1,9 @@
 //! Accounting of records in flight, and the checkpoint per partition.
 //!
-//! A record is split into *pieces*: one per enabled pipeline at first; a pipeline that splits
-//! it into several units of work adds pieces, one that filters it out removes its piece. When
-//! the last piece is finished (succeeded, filtered, or its fault durably written) the record
-//! is done. Per partition, the checkpoint is the offset of the last record such that it and
+//! A record is split into *pieces*: one per pipeline that takes its event at first (a record
+//! none takes is done as it is admitted); a pipeline that splits it into several units of work
+//! adds pieces, one of whose steps filters it out finishes its piece. When the last piece is
+//! finished (succeeded, filtered, or its fault durably written) the record is done. Per partition, the checkpoint is the offset of the last record such that it and
 //! every record delivered before it are done: it never passes an unfinished record, whatever
 //! order pieces finish in (invariant 1).
 
