@@ -154,8 +154,7 @@ impl Step {
                     Box::pin(async move { fut.await.map(|u| smallvec::smallvec![u]) })
                 }
                 sync => {
-                    let result =
-                        apply_sync(sync, &mut uow).map(|passed| passed.into_outputs(uow));
+                    let result = apply_sync(sync, &mut uow).map(|passed| passed.into_outputs(uow));
                     Box::pin(async move { result })
                 }
             }
