@@ -158,58 +158,30 @@ async fn a_step_failing_on_one_event_only_faults_that_event_after_its_retries() 
     // A synchronous step that fails transiently for one event, always: its retries are spent
     // while the step succeeds for the events that keep coming, so it is poison, not an
     // outage. (The sink's latency and the in-flight bound spread the stream over time, as a
-    // live stream is.)
-    let kit = TestKit::new();
-    let sink =
-        floodway::testing::ScriptedSink::new(|_| Ok(())).with_latency(Duration::from_millis(50));
-    let pipeline = Pipeline::builder("lookup")
-        .map(|uow| {
-            if uow.event().id() == "e-7" {
-                Err(Error::transient_msg("LookupFailed", "no answer for e-7"))
-            } else {
-                Ok(uow)
-            }
-        })
-        .step_resilience(Resilience::default().retry(RetryPolicy::default().max_attempts(3)))
-        .sink(sink.clone())
-        .unwrap();
-    let processor = build(
-        kit.processor("p").max_in_flight(50).pull_batch(10),
-        pipeline,
-    );
-    let report = run(&kit, &processor, &events(1_000, 10)).await.unwrap();
-    let faults = kit.faults();
-    assert_eq!(faults.len(), 1);
-    let details: floodway::fault::FaultDetails = faults[0].payload().unwrap();
-    assert_eq!(details.err.class, "transient");
-    assert_eq!(details.err.attempts, 3);
-    assert_eq!(faults[0].tag("step"), Some("map-1"));
-    assert_eq!(report.pipeline("lookup").unwrap().delivered, 999);
-    assert_eq!(sink.delivered().len(), 999);
-    assert_eq!(kit.checkpoint("0"), Some(1_000));
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_check_or_a_map_of_the_event_failing_for_one_event_only_faults_that_event() {
-    // As a `map` above, for the step kinds that read the event by reference: their retries
-    // for e-7 are spent while they pass the events that keep coming, so e-7 is poison.
-    for down_at in ["validate", "map"] {
+    // live stream is.) A map of the unit of work, a check of the event and a map of the event
+    // (the last two read the event by reference) are judged alike.
+    let lookup = |e: &Event| {
+        if e.id() == "e-7" {
+            Err(Error::transient_msg("LookupFailed", "no answer for e-7"))
+        } else {
+            Ok(())
+        }
+    };
+    for (kind, step) in [
+        ("map", "map-1"),
+        ("validate", "validate-1"),
+        ("map_event", "map-1"),
+    ] {
         let kit = TestKit::new();
         let sink = floodway::testing::ScriptedSink::new(|_| Ok(()))
             .with_latency(Duration::from_millis(50));
-        let failing = move |step: &str, e: &Event| {
-            if step == down_at && e.id() == "e-7" {
-                Err(Error::transient_msg("LookupFailed", "no answer for e-7"))
-            } else {
-                Ok(())
-            }
+        let builder = Pipeline::builder("lookup");
+        let builder = match kind {
+            "map" => builder.map(move |uow| lookup(uow.event()).map(|()| uow)),
+            "validate" => builder.validate(lookup),
+            _ => builder.map_event(move |e| lookup(e).map(|()| e.clone())),
         };
-        let pipeline = Pipeline::builder("lookup")
-            .validate(move |e| failing("validate", e))
-            .map_event(move |e| {
-                failing("map", e)?;
-                Ok(e.clone())
-            })
+        let pipeline = builder
             .step_resilience(Resilience::default().retry(RetryPolicy::default().max_attempts(3)))
             .sink(sink.clone())
             .unwrap();
@@ -219,19 +191,14 @@ async fn a_check_or_a_map_of_the_event_failing_for_one_event_only_faults_that_ev
         );
         let report = run(&kit, &processor, &events(1_000, 10)).await.unwrap();
         let faults = kit.faults();
-        assert_eq!(faults.len(), 1, "{down_at}");
-        let step = if down_at == "validate" {
-            "validate-1"
-        } else {
-            "map-2"
-        };
+        assert_eq!(faults.len(), 1, "{kind}");
+        let details: floodway::fault::FaultDetails = faults[0].payload().unwrap();
+        assert_eq!(details.err.class, "transient");
+        assert_eq!(details.err.attempts, 3);
         assert_eq!(faults[0].tag("step"), Some(step));
-        assert_eq!(
-            report.pipeline("lookup").unwrap().delivered,
-            999,
-            "{down_at}"
-        );
-        assert_eq!(kit.checkpoint("0"), Some(1_000), "{down_at}");
+        assert_eq!(report.pipeline("lookup").unwrap().delivered, 999, "{kind}");
+        assert_eq!(sink.delivered().len(), 999, "{kind}");
+        assert_eq!(kit.checkpoint("0"), Some(1_000), "{kind}");
     }
 }
 

@@ -469,7 +469,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             // The pipelines that do not take the event count it filtered now. A record no
             // pipeline takes (most of a hub's events, for most processors) is done as it is
             // seen, and never shared.
-            let mut takers: SmallVec<[usize; 4]> = SmallVec::new();
+            let mut takers: SmallVec<[usize; 16]> = SmallVec::new();
             for (index, pipe) in self.pipes.iter_mut().enumerate() {
                 if pipe.pipeline.accepts(&event) {
                     takers.push(index);

@@ -2,8 +2,9 @@
 //!
 //! A record is split into *pieces*: one per pipeline that takes its event at first (a record
 //! none takes is done as it is admitted); a pipeline that splits it into several units of work
-//! adds pieces, one of whose steps filters it out finishes its piece. When the last piece is
-//! finished (succeeded, filtered, or its fault durably written) the record is done. Per partition, the checkpoint is the offset of the last record such that it and
+//! adds pieces, and a pipeline whose step filters a unit of work out finishes that piece. When
+//! the last piece is finished (succeeded, filtered, or its fault durably written) the record
+//! is done. Per partition, the checkpoint is the offset of the last record such that it and
 //! every record delivered before it are done: it never passes an unfinished record, whatever
 //! order pieces finish in (invariant 1).
 
@@ -16,8 +17,8 @@ use crate::source::{Checkpoint, Settlement};
 use crate::uow::{Record, Ticket};
 
 struct Slot {
-    /// Dropped when the record is done, so done records cost no memory while they wait for
-    /// earlier ones.
+    /// Dropped when the record is done, so a done record costs only its slot while it waits
+    /// for earlier ones.
     record: Option<Arc<Record>>,
     offset: u64,
     partition: usize,
@@ -59,9 +60,10 @@ impl Ledger {
         self.push(partition, record.offset, Some(record), pieces)
     }
 
-    /// Registers a delivered record that is done as it is seen (no pipeline takes it): it
-    /// holds a slot only until the records delivered before it in its partition are done, and
-    /// the ledger keeps no reference to it.
+    /// Registers a delivered record that is done as it is seen (no pipeline takes it): the
+    /// ledger keeps no reference to it, only its slot (the checkpoint of its partition passes
+    /// it once the records delivered before it there are done; the slot goes once every slot
+    /// before it has).
     pub(crate) fn admit_done(&mut self, record: &Record) {
         let partition = self.index(&record.partition);
         self.push(partition, record.offset, None, 0);
