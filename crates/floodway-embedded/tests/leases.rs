@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use floodway::testing::generate;
 use floodway::testing::processes::{
-    calls_since, run_then_exit, slow_printing_processor, TestProcess,
+    calls_since, run_then_exit, slow_printing_processor, two_threads, TestProcess,
 };
 use floodway::{Checkpoint, Checkpointer, Source};
 use floodway_embedded::{Hub, HubError, HubOptions, SubscriptionOptions};
@@ -26,15 +26,6 @@ fn options(lease: Duration, wait: Duration) -> HubOptions {
         lease_wait: wait,
         ..HubOptions::default()
     }
-}
-
-/// A runtime of two worker threads, as a process holding a subscription runs.
-fn two_threads() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn checkpoint(partition: u32, offset: u64) -> Checkpoint {

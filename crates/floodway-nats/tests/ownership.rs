@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use floodway::memory::MemoryFaultSink;
 use floodway::testing::generate;
 use floodway::testing::processes::{
-    calls_since, run_then_exit, slow_printing_processor, TestProcess,
+    calls_since, run_then_exit, slow_printing_processor, two_threads, TestProcess,
 };
 use floodway::{sink_fn, Batch, Error, Pipeline, Processor};
 use floodway_nats::testing::NatsServer;
@@ -41,15 +41,6 @@ fn shared() -> SubscriptionOptions {
         ack_wait: Duration::from_secs(2),
         ..Default::default()
     }
-}
-
-/// A runtime of two worker threads, as a process holding a subscription runs.
-fn two_threads() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// Not a test of its own: a processor reading the subscription `orders`, whose sink takes

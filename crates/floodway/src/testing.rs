@@ -211,6 +211,18 @@ pub mod processes {
         std::process::exit(3);
     }
 
+    /// A runtime of two worker threads, as a process holding a subscription runs.
+    ///
+    /// # Panics
+    /// When the runtime cannot be built.
+    pub fn two_threads() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    }
+
     /// How many of the sink calls `output` tells of ([`slow_printing_processor`]) started at
     /// or after `since` (ms since the epoch).
     pub fn calls_since(output: &str, since: i64) -> usize {

@@ -109,6 +109,7 @@ impl Successes {
         (self.count.load(Ordering::SeqCst), Watch(self))
     }
 
+    /// The count now, to compare with a watch's starting count.
     fn now(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
