@@ -250,7 +250,12 @@ async fn floodway_consume(hub: &NatsHub, name: &str, n: usize, acks: Acks) -> f6
     let (reader, checkpointer) = sub.split();
     let started = Instant::now();
     let stop = async move { reached.notified().await };
-    processor.run(reader, checkpointer, stop).await.unwrap();
+    // On the runtime's workers, as the `floodway` command runs its processors (and as the raw
+    // loops run their consumers): not on the thread that blocks on the benchmark.
+    tokio::spawn(async move { processor.run(reader, checkpointer, stop).await })
+        .await
+        .unwrap()
+        .unwrap();
     let rate = n as f64 / started.elapsed().as_secs_f64();
     closed.await;
     rate

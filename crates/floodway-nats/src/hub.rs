@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use async_nats::{ConnectOptions, HeaderMap};
 use bytes::Bytes;
-use floodway::event::partition_for;
+use floodway::event::{key_hash, partition_for, partition_of_hash};
 use floodway::Event;
 use futures_util::StreamExt;
 
@@ -233,12 +233,13 @@ impl NatsHub {
         &self.inner.client
     }
 
-    /// The subject an event goes to: its partition's, or the fault subject for `fault` events.
-    fn subject_of(&self, event: &Event) -> async_nats::Subject {
+    /// The subject an event goes to: its partition's (by `hash`, its partition key's
+    /// [`key_hash`]), or the fault subject for `fault` events.
+    fn subject_of(&self, event: &Event, hash: u64) -> async_nats::Subject {
         if event.is_fault() {
             self.inner.fault_subject.clone()
         } else {
-            let partition = self.partition_of(event.partition_key()) as usize;
+            let partition = partition_of_hash(hash, self.inner.partitions) as usize;
             self.inner.partition_subjects[partition].clone()
         }
     }
@@ -285,11 +286,17 @@ impl NatsHub {
             }
             payloads.push(payload);
         }
+        // Each key hashed once: for its partition, and to chain its events.
+        let hashes: Vec<u64> = events.iter().map(|e| key_hash(e.partition_key())).collect();
         let send = |i: usize| {
             let event = &events[i];
-            self.publish_raw(self.subject_of(event), event.id(), payloads[i].clone())
+            self.publish_raw(
+                self.subject_of(event, hashes[i]),
+                event.id(),
+                payloads[i].clone(),
+            )
         };
-        let (next, first) = chains(events);
+        let (next, first) = chains(&hashes);
         // Acks are awaited in the order sent, so the keys with more events to come are
         // acknowledged first and their next events sent early, while the rest is in flight.
         // At most `ACKS_IN_FLIGHT` at once: the client lets a few thousand acks wait (shared
@@ -894,23 +901,46 @@ impl NatsHub {
     }
 }
 
-/// Each key's events as a chain: for every event, the index of the next event of its partition
-/// key in the batch; and the first event of every key, those of keys with more events first,
-/// each group in batch order.
-fn chains(events: &[Event]) -> (Vec<Option<usize>>, Vec<usize>) {
-    let mut last: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    let mut next = vec![None; events.len()];
-    let mut later = vec![false; events.len()];
-    for (i, event) in events.iter().enumerate() {
-        if let Some(before) = last.insert(event.partition_key(), i) {
+/// Each key's events as a chain, the keys given by their [`key_hash`]es: for every event, the
+/// index of the next event of its partition key in the batch; and the first event of every
+/// key, those of keys with more events first, each group in batch order. Two keys of the same
+/// hash share a chain: the later event waits for the earlier, which keeps both keys' orders.
+fn chains(hashes: &[u64]) -> (Vec<Option<usize>>, Vec<usize>) {
+    let mut last: HashMap<u64, usize, std::hash::BuildHasherDefault<Prehashed>> =
+        HashMap::with_capacity_and_hasher(hashes.len(), Default::default());
+    let mut next = vec![None; hashes.len()];
+    let mut later = vec![false; hashes.len()];
+    for (i, hash) in hashes.iter().enumerate() {
+        if let Some(before) = last.insert(*hash, i) {
             next[before] = Some(i);
             later[i] = true;
         }
     }
-    let heads = (0..events.len()).filter(|&i| !later[i]);
+    let heads = (0..hashes.len()).filter(|&i| !later[i]);
     let (mut first, alone): (Vec<usize>, Vec<usize>) = heads.partition(|&i| next[i].is_some());
     first.extend(alone);
     (next, first)
+}
+
+/// The hasher of a map whose keys are hashes already ([`key_hash`]es): each is its own hash.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here (`write_u64`); any other input still hashes.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// The messages `consumer` delivers before stream sequence `before` (or up to the partition's
@@ -1012,12 +1042,17 @@ mod tests {
             .iter()
             .map(|k| Event::builder("t", *k).build())
             .collect();
-        let (next, first) = chains(&events);
+        let hashes: Vec<u64> = events.iter().map(|e| key_hash(e.partition_key())).collect();
+        let (next, first) = chains(&hashes);
         assert_eq!(
             next,
             [Some(2), Some(5), Some(4), None, None, None, None],
             "a: 0 -> 2 -> 4; b: 1 -> 5"
         );
         assert_eq!(first, [0, 1, 3, 6], "a and b go on, so they go first");
+        // Keys are told apart by their hashes: two keys of one hash form one chain.
+        let (next, first) = chains(&[7, 9, 7]);
+        assert_eq!(next, [Some(2), None, None]);
+        assert_eq!(first, [0, 1]);
     }
 }

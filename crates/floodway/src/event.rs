@@ -479,7 +479,13 @@ pub fn key_hash(key: &str) -> u64 {
 /// assert!(partition_for("order-1", 8) < 8);
 /// ```
 pub fn partition_for(partition_key: &str, partitions: u32) -> u32 {
-    (key_hash(partition_key) % u64::from(partitions.max(1))) as u32
+    partition_of_hash(key_hash(partition_key), partitions)
+}
+
+/// The partition, among `partitions`, of a partition key whose [`key_hash`] is `hash`: for a
+/// caller that needs the hash for more than the partition.
+pub fn partition_of_hash(hash: u64, partitions: u32) -> u32 {
+    (hash % u64::from(partitions.max(1))) as u32
 }
 
 fn random_id() -> String {
