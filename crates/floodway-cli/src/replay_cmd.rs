@@ -47,6 +47,10 @@ impl<F: Fn(u64) + Send + 'static> Source for Counted<F> {
         }
         Ok(batch)
     }
+
+    fn buffered(&self) -> bool {
+        self.reader.buffered()
+    }
 }
 
 /// A replay does not move the processor's subscription.

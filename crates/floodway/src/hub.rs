@@ -335,11 +335,16 @@ type BatchFuture<'a> =
 /// [`Source`] as an object-safe trait (implemented for every source).
 trait DynSource: Send {
     fn next_batch_boxed(&mut self, max: usize) -> BatchFuture<'_>;
+    fn buffered_dyn(&self) -> bool;
 }
 
 impl<S: Source> DynSource for S {
     fn next_batch_boxed(&mut self, max: usize) -> BatchFuture<'_> {
         Box::pin(self.next_batch(max))
+    }
+
+    fn buffered_dyn(&self) -> bool {
+        self.buffered()
     }
 }
 
@@ -362,6 +367,10 @@ impl Debug for BoxSource {
 impl Source for BoxSource {
     async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, SourceError> {
         self.0.next_batch_boxed(max).await
+    }
+
+    fn buffered(&self) -> bool {
+        self.0.buffered_dyn()
     }
 }
 

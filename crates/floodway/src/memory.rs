@@ -87,6 +87,11 @@ impl Source for MemorySource {
         let n = max.min(self.records.len());
         Ok(Some(self.records.drain(..n).collect()))
     }
+
+    /// Everything is in memory, and a pull is taken whole or not at all.
+    fn buffered(&self) -> bool {
+        true
+    }
 }
 
 /// Remembers committed checkpoints and settlements; clones share them.

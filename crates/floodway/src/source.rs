@@ -15,7 +15,8 @@ pub trait Source: Send + 'static {
     /// The next records, at most `max`; `Ok(None)` when the source has ended (a bounded input),
     /// never for a live stream that is merely idle: that one waits.
     ///
-    /// The processor calls this from a task of its own, so it need not be cancel-safe.
+    /// Unless the source is [`buffered`](Self::buffered), the processor calls this from a
+    /// task of its own, so it need not be cancel-safe.
     ///
     /// Checkpoints assume a partition's records come in increasing offset order: a
     /// checkpoint is the offset of the last record done with every record delivered before
@@ -27,6 +28,16 @@ pub trait Source: Send + 'static {
         &mut self,
         max: usize,
     ) -> impl Future<Output = Result<Option<Vec<Record>>, SourceError>> + Send;
+
+    /// Whether [`next_batch`](Self::next_batch) only takes records the source already holds,
+    /// or waits for the next to arrive, and is cancel-safe (dropped before it is ready, it
+    /// has taken nothing). The processor then calls it from its own loop, when it has room,
+    /// instead of from a task that reads ahead: no task, and no hand-over from one task to
+    /// another, per batch. A source that reads inside `next_batch` (a query, a request) is
+    /// not buffered, the default: its task reads the next batch while the processor works.
+    fn buffered(&self) -> bool {
+        false
+    }
 }
 
 /// The position in a partition through which every record is done.

@@ -57,6 +57,8 @@ struct CountingSource {
     records: VecDeque<Record>,
     live: bool,
     pulled: Arc<AtomicU64>,
+    /// Says it is [`Source::buffered`] (it is: its records are in memory).
+    buffered: bool,
 }
 
 impl Source for CountingSource {
@@ -71,6 +73,10 @@ impl Source for CountingSource {
         self.pulled.fetch_add(n as u64, Ordering::SeqCst);
         Ok(Some(self.records.drain(..n).collect()))
     }
+
+    fn buffered(&self) -> bool {
+        self.buffered
+    }
 }
 
 impl CountingSource {
@@ -79,6 +85,7 @@ impl CountingSource {
             records: records(events),
             live,
             pulled: pulled.clone(),
+            buffered: false,
         }
     }
 }
@@ -239,9 +246,9 @@ async fn order_holds_when_some_calls_answer_at_once() {
     batches.assert_in_order(600, 7);
 }
 
-/// Runs 2,000 events through a slow sink with these bounds; answers the most records that
-/// were pulled and not yet delivered at any time.
-async fn pulled_not_delivered(max_in_flight: usize, pull_batch: usize) -> u64 {
+/// Runs 2,000 events from a source ([`Source::buffered`] or not) through a slow sink with
+/// these bounds; answers the most records that were pulled and not yet delivered at any time.
+async fn pulled_not_delivered(max_in_flight: usize, pull_batch: usize, buffered: bool) -> u64 {
     let kit = TestKit::new();
     let pulled = Arc::new(AtomicU64::new(0));
     let max_gap = Arc::new(AtomicU64::new(0));
@@ -265,7 +272,10 @@ async fn pulled_not_delivered(max_in_flight: usize, pull_batch: usize) -> u64 {
             .pull_batch(pull_batch),
         pipeline,
     );
-    let source = CountingSource::new(&events(2_000, 50), false, &pulled);
+    let source = CountingSource {
+        buffered,
+        ..CountingSource::new(&events(2_000, 50), false, &pulled)
+    };
     let report = run_source(&kit, &processor, source).await.unwrap();
     assert_eq!(report.done, 2_000);
     max_gap.load(Ordering::SeqCst)
@@ -273,7 +283,7 @@ async fn pulled_not_delivered(max_in_flight: usize, pull_batch: usize) -> u64 {
 
 #[tokio::test(start_paused = true)]
 async fn a_slow_sink_slows_the_source_and_in_flight_work_stays_bounded() {
-    let gap = pulled_not_delivered(100, 10).await;
+    let gap = pulled_not_delivered(100, 10, false).await;
     // In flight, plus one pulled batch waiting in the channel and one being handed over.
     assert!(
         gap <= 100 + 2 * 10,
@@ -283,9 +293,20 @@ async fn a_slow_sink_slows_the_source_and_in_flight_work_stays_bounded() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_buffered_source_is_pulled_by_the_loop_only_when_the_work_fits() {
+    // No task reads ahead: what is pulled is in flight, and never more than allowed.
+    let gap = pulled_not_delivered(100, 10, true).await;
+    assert!(gap <= 100, "{gap} records pulled and not delivered");
+    assert!(gap >= 50, "the limit was reached: {gap}");
+    // Read ahead by a task, the same source goes past it.
+    let ahead = pulled_not_delivered(100, 10, false).await;
+    assert!(ahead > 100, "{ahead} records pulled and not delivered");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_pull_larger_than_the_work_in_flight_allowed_asks_for_no_more_than_that() {
     // The default pull of 512 against 50 in flight: each pull asks for 50.
-    let gap = pulled_not_delivered(50, 512).await;
+    let gap = pulled_not_delivered(50, 512, false).await;
     assert!(gap <= 50 + 2 * 50, "{gap} records pulled and not delivered");
     assert!(gap >= 25, "the limit was reached: {gap}");
 }
@@ -455,8 +476,8 @@ async fn disabled_pipelines_see_nothing_and_filters_route_by_type() {
     assert_eq!(total, 2_000, "every partition checkpointed to its end");
 }
 
-/// Panics on its second pull.
-struct PanickingSource(u32);
+/// Panics on its second pull; says it is buffered if `.1`.
+struct PanickingSource(u32, bool);
 
 impl Source for PanickingSource {
     async fn next_batch(&mut self, _max: usize) -> Result<Option<Vec<Record>>, SourceError> {
@@ -464,20 +485,27 @@ impl Source for PanickingSource {
         assert!(self.0 < 2, "source bug");
         Ok(Some(records(&events(5, 1)).into_iter().collect()))
     }
+
+    fn buffered(&self) -> bool {
+        self.1
+    }
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_source_that_panics_is_an_error_not_the_end_of_the_stream() {
-    let kit = TestKit::new();
-    let processor = processor(
-        &kit,
-        Pipeline::builder("all").sink(MemorySink::new()).unwrap(),
-    );
-    let err = run_source(&kit, &processor, PanickingSource(0))
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("did it panic"), "{err}");
-    assert_eq!(kit.checkpoint("0"), Some(5), "what was done is kept");
+    // Pulled by a task of its own, or by the processor's loop.
+    for buffered in [false, true] {
+        let kit = TestKit::new();
+        let processor = processor(
+            &kit,
+            Pipeline::builder("all").sink(MemorySink::new()).unwrap(),
+        );
+        let err = run_source(&kit, &processor, PanickingSource(0, buffered))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("did it panic"), "{err}");
+        assert_eq!(kit.checkpoint("0"), Some(5), "what was done is kept");
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -415,4 +415,10 @@ impl Source for NatsReader {
         }
         Ok(Some(batch))
     }
+
+    /// The partitions' readers pull into the channel this drains; it waits only for the
+    /// first item, and a wait dropped has taken nothing.
+    fn buffered(&self) -> bool {
+        true
+    }
 }

@@ -121,6 +121,57 @@ pub(crate) struct Engine<'p, C> {
 /// Aborts the source task when the run ends, however it ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
+/// What a pull of the source gave.
+type Pulled = Result<Option<Vec<Record>>, SourceError>;
+
+/// Where the run loop takes the source's batches from.
+enum Feed<S> {
+    /// A task of its own reads the next batch ahead and hands it over.
+    Task(mpsc::Receiver<Pulled>, AbortOnDrop),
+    /// The loop pulls the source itself ([`Source::buffered`]); `None` once stopped.
+    Inline(Option<S>),
+}
+
+impl<S: Source> Feed<S> {
+    /// The next batch; `None` when the source is gone without ending its stream (it
+    /// panicked, in its task or here).
+    async fn next(&mut self, max: usize) -> Option<Pulled> {
+        match self {
+            Feed::Task(rx, _) => rx.recv().await,
+            Feed::Inline(slot) => {
+                let source = slot.as_mut()?;
+                match std::panic::AssertUnwindSafe(source.next_batch(max))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(pulled) => Some(pulled),
+                    Err(_) => {
+                        // As a task that panicked: the source is dropped, and the run ends.
+                        *slot = None;
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads no further ahead (the loop is draining).
+    fn close(&mut self) {
+        if let Feed::Task(rx, _) = self {
+            rx.close();
+        }
+    }
+
+    /// Drops the source (and whatever it holds: a subscription's lease, a connection), once
+    /// its task, if it has one, is gone.
+    async fn stop(&mut self) {
+        match self {
+            Feed::Task(_, task) => task.stop().await,
+            Feed::Inline(source) => drop(source.take()),
+        }
+    }
+}
+
 impl AbortOnDrop {
     /// Aborts the task and waits until it is gone, so that the source (and whatever it holds:
     /// a subscription's lease, a connection) is dropped before the run returns.
@@ -220,31 +271,36 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         deadline: Option<Instant>,
     ) -> Result<(RunReport, C), RunError> {
         let config = self.proc.config;
-        let (tx, mut rx) = mpsc::channel::<Result<Option<Vec<Record>>, SourceError>>(1);
         // A pulled batch is dispatched whole: one larger than the work allowed in flight
         // would overrun it.
         let pull = config.pull_batch.min(config.max_in_flight);
-        let mut source_task = AbortOnDrop(tokio::spawn(async move {
-            loop {
-                let batch = source.next_batch(pull).await;
-                let more = matches!(batch, Ok(Some(_)));
-                if tx.send(batch).await.is_err() || !more {
-                    break;
+        let mut feed = if source.buffered() {
+            Feed::Inline(Some(source))
+        } else {
+            let (tx, rx) = mpsc::channel::<Pulled>(1);
+            let task = AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    let batch = source.next_batch(pull).await;
+                    let more = matches!(batch, Ok(Some(_)));
+                    if tx.send(batch).await.is_err() || !more {
+                        break;
+                    }
                 }
-            }
-        }));
-        let stopped = match self.drive(&mut rx, shutdown, deadline).await {
+            }));
+            Feed::Task(rx, task)
+        };
+        let stopped = match self.drive(&mut feed, shutdown, deadline).await {
             Ok(stopped) => stopped,
             Err(err) => {
                 // Keep what is done: the checkpoint cannot pass the record that failed.
                 if let Err(commit) = self.commit().await {
                     tracing::warn!(processor = %self.proc.name, error = %commit, "final commit failed");
                 }
-                source_task.stop().await;
+                feed.stop().await;
                 return Err(err);
             }
         };
-        source_task.stop().await;
+        feed.stop().await;
         self.commit().await?;
         self.report.stopped = stopped;
         self.report.pipelines = self.pipes.iter().map(|p| p.tally.report.clone()).collect();
@@ -270,9 +326,9 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     }
 
     /// The run loop; returns why it ended, or the error that stopped it.
-    async fn drive(
+    async fn drive<S: Source>(
         &mut self,
-        rx: &mut mpsc::Receiver<Result<Option<Vec<Record>>, SourceError>>,
+        feed: &mut Feed<S>,
         shutdown: impl Future<Output = ()> + Send,
         deadline: Option<Instant>,
     ) -> Result<Stopped, RunError> {
@@ -367,7 +423,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 () = &mut shutdown, if stopping.is_none() => {
                     tracing::info!(processor = %self.proc.name, "stopping: draining in-flight work");
                     stopping = Some(after(config.drain_timeout));
-                    rx.close();
+                    feed.close();
                 }
                 () = tokio::time::sleep_until(batch_deadline.unwrap_or_else(far)), if batch_deadline.is_some() => {
                     self.flush_batchers(true)?;
@@ -382,7 +438,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                         self.dispatch(records)?;
                     }
                 }
-                pulled = rx.recv(), if can_pull => match pulled {
+                pulled = feed.next(pull), if can_pull => match pulled {
                     // Read while this process owned its subscription: acted on only while it
                     // still does (a batch can wait through a takeover, and is then left to
                     // the new owner).
@@ -781,6 +837,11 @@ impl Source for VecSource {
         let batch = rest[..max.clamp(1, rest.len())].to_vec();
         self.next += batch.len();
         Ok(Some(batch))
+    }
+
+    /// Everything is in memory, and a pull is taken whole or not at all.
+    fn buffered(&self) -> bool {
+        true
     }
 }
 

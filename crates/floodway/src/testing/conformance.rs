@@ -188,6 +188,47 @@ pub async fn a_subscription_can_start_at_the_end(hub: SharedHub) {
     assert_eq!(sorted(ids(&got)), sorted(ids(&later)));
 }
 
+/// A reader that says it is [`buffered`](Source::buffered) is pulled from the processor's own
+/// loop, which drops a pull that waits when something else is ready: such a pull, dropped
+/// while it waits or as records arrive, takes nothing with it. Reads are cut short every
+/// millisecond while events are published: each comes once, in its order per key. (A reader
+/// that is not buffered is pulled from a task of its own, and never dropped mid-pull.)
+pub async fn a_buffered_reader_loses_nothing_to_a_pull_dropped(hub: SharedHub) {
+    let mut sub = subscribe(&hub, "dropped-pulls", ReadOptions::default()).await;
+    if !sub.reader.buffered() {
+        return;
+    }
+    let input = events("d", 90, 4);
+    let publishing = {
+        let (hub, input) = (hub.clone(), input.clone());
+        tokio::spawn(async move {
+            for chunk in input.chunks(10) {
+                hub.publish(chunk, true).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let mut got = Vec::new();
+    let (mut dropped, deadline) = (0, tokio::time::Instant::now() + Duration::from_secs(20));
+    while got.len() < input.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {} records within 20 s",
+            got.len(),
+            input.len()
+        );
+        match tokio::time::timeout(Duration::from_millis(1), sub.reader.next_batch(7)).await {
+            Ok(batch) => got.extend(batch.expect("read").expect("a following read")),
+            Err(_) => dropped += 1,
+        }
+    }
+    publishing.await.unwrap();
+    assert!(dropped > 0, "no pull was dropped");
+    let got = decoded(&got);
+    assert_eq!(sorted(ids(&got)), sorted(ids(&input)), "each once");
+    assert_per_key_order(&got);
+}
+
 /// A subscription can start at a time, and a read can end at one (a replay of a range).
 pub async fn reads_start_and_end_at_a_time(hub: SharedHub) {
     let before = events("g", 10, 2);
@@ -521,7 +562,8 @@ macro_rules! hub_conformance_tests {
             a_fault_is_resubmitted_once_after_the_fix,
             poison_becomes_one_fault_and_transient_is_retried,
             a_fatal_stop_resumes_after_the_fix,
-            stats_count_events_and_subscriptions
+            stats_count_events_and_subscriptions,
+            a_buffered_reader_loses_nothing_to_a_pull_dropped
         );
     };
 }
