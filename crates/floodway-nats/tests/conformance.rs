@@ -21,3 +21,16 @@ async fn fresh() -> (SharedHub, NatsServer) {
 }
 
 floodway::hub_conformance_tests!(fresh);
+
+/// JetStream's reader is buffered, so the scenario of a buffered reader's dropped pulls runs
+/// here rather than passing over it.
+#[tokio::test]
+async fn the_reader_is_buffered() {
+    use floodway::Source;
+    let (hub, _server) = fresh().await;
+    let sub = hub
+        .subscribe("buffered", floodway::ReadOptions::default())
+        .await
+        .unwrap();
+    assert!(sub.reader.buffered());
+}

@@ -1397,23 +1397,32 @@ impl Pauses {
     }
 }
 
+/// What a pull of a source gave.
+type Pulled = Result<Option<Vec<floodway::Record>>, floodway::error::SourceError>;
+
 /// A source that hands out nothing while its processor is paused.
 struct Pausable<S> {
     source: S,
     paused: tokio::sync::watch::Receiver<bool>,
+    /// What a pull read while the processor was paused, held here until it resumes: a pull
+    /// dropped while it waits for that loses nothing, so a buffered source stays one.
+    held: Option<Pulled>,
 }
 
 impl<S: floodway::Source> floodway::Source for Pausable<S> {
-    async fn next_batch(
-        &mut self,
-        max: usize,
-    ) -> Result<Option<Vec<floodway::Record>>, floodway::error::SourceError> {
+    async fn next_batch(&mut self, max: usize) -> Pulled {
         // The sender lives as long as the `Pauses`; without it, run on.
         let _ = self.paused.wait_for(|paused| !*paused).await;
-        let batch = self.source.next_batch(max).await;
+        if self.held.is_none() {
+            self.held = Some(self.source.next_batch(max).await);
+        }
         // Paused while this waited for records: they are held, not handed on, until resumed.
         let _ = self.paused.wait_for(|paused| !*paused).await;
-        batch
+        self.held.take().unwrap_or(Ok(Some(Vec::new())))
+    }
+
+    fn buffered(&self) -> bool {
+        self.source.buffered()
     }
 }
 
@@ -1479,6 +1488,7 @@ where
             let reader = Pausable {
                 source: sub.reader,
                 paused,
+                held: None,
             };
             let result = processor.run(reader, sub.checkpointer, stopped).await;
             if let Some(closed) = sub.closed {
@@ -1525,6 +1535,51 @@ where
 #[cfg(test)]
 mod tests {
     use super::Span;
+
+    /// Records as they are sent; buffered.
+    struct Channel(tokio::sync::mpsc::UnboundedReceiver<floodway::Record>);
+
+    impl floodway::Source for Channel {
+        async fn next_batch(&mut self, _max: usize) -> super::Pulled {
+            Ok(self.0.recv().await.map(|record| vec![record]))
+        }
+
+        fn buffered(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pull_dropped_while_paused_keeps_what_it_read_for_the_next() {
+        use floodway::Source;
+        use std::time::Duration;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (pause, paused) = tokio::sync::watch::channel(false);
+        let mut reader = super::Pausable {
+            source: Channel(rx),
+            paused,
+            held: None,
+        };
+        assert!(reader.buffered(), "a buffered source stays one");
+        {
+            let pull = reader.next_batch(10);
+            tokio::pin!(pull);
+            let wait = Duration::from_millis(5);
+            assert!(tokio::time::timeout(wait, &mut pull).await.is_err());
+            // Paused while the pull waits for records: it reads them, and holds them.
+            pause.send(true).unwrap();
+            tx.send(floodway::Record::new("s", "0", 1, "{}")).unwrap();
+            assert!(tokio::time::timeout(wait, &mut pull).await.is_err());
+        }
+        // The pull was dropped; resumed, the next one hands on what it read.
+        pause.send(false).unwrap();
+        let batch = tokio::time::timeout(Duration::from_secs(1), reader.next_batch(10))
+            .await
+            .expect("the batch read while paused")
+            .unwrap()
+            .unwrap();
+        assert_eq!(batch.iter().map(|r| r.offset).collect::<Vec<_>>(), [1]);
+    }
 
     #[test]
     fn a_transaction_waits_briefly_where_the_hub_holds_back_a_batchs_worth() {

@@ -303,6 +303,134 @@ async fn a_buffered_source_is_pulled_by_the_loop_only_when_the_work_fits() {
     assert!(ahead > 100, "{ahead} records pulled and not delivered");
 }
 
+/// A live, buffered source: records as they are sent, ending when the sender is dropped.
+/// Counts the pulls dropped while they waited, and says when it is dropped itself.
+struct ChannelSource {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Record>,
+    dropped_pulls: Arc<AtomicU64>,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Counts a pull dropped before it was ready.
+struct PullGuard<'a>(&'a AtomicU64, bool);
+
+impl Drop for PullGuard<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Source for ChannelSource {
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, SourceError> {
+        let mut guard = PullGuard(&self.dropped_pulls, false);
+        let first = self.rx.recv().await;
+        guard.1 = true;
+        let Some(first) = first else {
+            return Ok(None);
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match self.rx.try_recv() {
+                Ok(record) => batch.push(record),
+                Err(_) => break,
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    fn buffered(&self) -> bool {
+        true
+    }
+}
+
+impl Drop for ChannelSource {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+impl ChannelSource {
+    fn new() -> (Self, tokio::sync::mpsc::UnboundedSender<Record>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let source = ChannelSource {
+            rx,
+            dropped_pulls: Arc::default(),
+            dropped: Arc::default(),
+        };
+        (source, tx)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_buffered_source_pulled_while_work_completes_loses_nothing_to_pulls_dropped() {
+    // Records arrive a few at a time while calls of varied length complete: the loop drops
+    // its pull whenever a completion comes first.
+    let kit = TestKit::new();
+    let sink = MixedSink::default();
+    let processor = build(
+        kit.processor("p"),
+        Pipeline::builder("mixed")
+            .parallelism(4)
+            .sink(sink.sink())
+            .unwrap(),
+    );
+    let (source, tx) = ChannelSource::new();
+    let dropped_pulls = source.dropped_pulls.clone();
+    let feeding = tokio::spawn(async move {
+        for (i, record) in records(&events(600, 7)).into_iter().enumerate() {
+            tx.send(record).unwrap();
+            if i % 5 == 4 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    let report = run_source(&kit, &processor, source).await.unwrap();
+    feeding.await.unwrap();
+    assert_eq!(report.stopped, Stopped::SourceEnded);
+    assert_eq!(report.done, 600);
+    sink.assert_in_order(600, 7);
+    assert!(
+        dropped_pulls.load(Ordering::SeqCst) > 0,
+        "no pull was dropped: the race was not run"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_buffered_source_is_dropped_when_the_drain_begins() {
+    // As a source's task ends at shutdown: a JetStream reader stops pulling what the
+    // draining processor would not take.
+    let sink = sink_fn(|_batch: Batch| async {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Ok::<_, Error>(())
+    });
+    let processor = build(
+        Processor::builder("p")
+            .fault_sink(floodway::memory::MemoryFaultSink::new())
+            .drain_timeout(Duration::MAX),
+        Pipeline::builder("slow").sink(sink).unwrap(),
+    );
+    let (source, tx) = ChannelSource::new();
+    let dropped = source.dropped.clone();
+    for record in records(&events(5, 1)) {
+        tx.send(record).unwrap();
+    }
+    let (stop, run) = spawn_run(processor, source, MemoryCheckpointer::default());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!dropped.load(Ordering::SeqCst));
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(!run.is_finished(), "the drain waits for the sink");
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the source is dropped as the drain begins"
+    );
+    let report = run.await.unwrap().unwrap();
+    assert_eq!((report.stopped, report.done), (Stopped::Shutdown, 5));
+    drop(tx);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_pull_larger_than_the_work_in_flight_allowed_asks_for_no_more_than_that() {
     // The default pull of 512 against 50 in flight: each pull asks for 50.

@@ -155,10 +155,13 @@ impl<S: Source> Feed<S> {
         }
     }
 
-    /// Reads no further ahead (the loop is draining).
+    /// Reads nothing more (the loop is draining): the source's task ends at its next hand-over,
+    /// and a source the loop pulls is dropped now, as that task would drop it (a JetStream
+    /// reader stops pulling what the draining processor would not take).
     fn close(&mut self) {
-        if let Feed::Task(rx, _) = self {
-            rx.close();
+        match self {
+            Feed::Task(rx, _) => rx.close(),
+            Feed::Inline(source) => drop(source.take()),
         }
     }
 
