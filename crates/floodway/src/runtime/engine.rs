@@ -121,6 +121,21 @@ pub(crate) struct Engine<'p, C> {
 /// Aborts the source task when the run ends, however it ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
+impl AbortOnDrop {
+    /// Aborts the task and waits until it is gone, so that the source (and whatever it holds:
+    /// a subscription's lease, a connection) is dropped before the run returns.
+    async fn stop(&mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What a pull of the source gave.
 type Pulled = Result<Option<Vec<Record>>, SourceError>;
 
@@ -155,9 +170,9 @@ impl<S: Source> Feed<S> {
         }
     }
 
-    /// Reads nothing more (the loop is draining): the source's task ends at its next hand-over,
-    /// and a source the loop pulls is dropped now, as that task would drop it (a JetStream
-    /// reader stops pulling what the draining processor would not take).
+    /// Reads nothing more (the loop is draining): the source's task ends, dropping the source,
+    /// at its next hand-over; a source the loop pulls is dropped now (a JetStream reader stops
+    /// pulling what the draining processor would not take).
     fn close(&mut self) {
         match self {
             Feed::Task(rx, _) => rx.close(),
@@ -172,21 +187,6 @@ impl<S: Source> Feed<S> {
             Feed::Task(_, task) => task.stop().await,
             Feed::Inline(source) => drop(source.take()),
         }
-    }
-}
-
-impl AbortOnDrop {
-    /// Aborts the task and waits until it is gone, so that the source (and whatever it holds:
-    /// a subscription's lease, a connection) is dropped before the run returns.
-    async fn stop(&mut self) {
-        self.0.abort();
-        let _ = (&mut self.0).await;
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
