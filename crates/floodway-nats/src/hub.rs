@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use async_nats::{ConnectOptions, HeaderMap};
 use bytes::Bytes;
-use floodway::event::{key_hash, partition_for, partition_of_hash};
+use floodway::event::{key_hash, partition_for, partition_of_hash, KeyHashMap};
 use floodway::Event;
 use futures_util::StreamExt;
 
@@ -906,8 +906,8 @@ impl NatsHub {
 /// key, those of keys with more events first, each group in batch order. Two keys of the same
 /// hash share a chain: the later event waits for the earlier, which keeps both keys' orders.
 fn chains(hashes: &[u64]) -> (Vec<Option<usize>>, Vec<usize>) {
-    let mut last: HashMap<u64, usize, std::hash::BuildHasherDefault<Prehashed>> =
-        HashMap::with_capacity_and_hasher(hashes.len(), Default::default());
+    let mut last: KeyHashMap<usize> =
+        KeyHashMap::with_capacity_and_hasher(hashes.len(), Default::default());
     let mut next = vec![None; hashes.len()];
     let mut later = vec![false; hashes.len()];
     for (i, hash) in hashes.iter().enumerate() {
@@ -920,27 +920,6 @@ fn chains(hashes: &[u64]) -> (Vec<Option<usize>>, Vec<usize>) {
     let (mut first, alone): (Vec<usize>, Vec<usize>) = heads.partition(|&i| next[i].is_some());
     first.extend(alone);
     (next, first)
-}
-
-/// The hasher of a map whose keys are hashes already ([`key_hash`]es): each is its own hash.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl std::hash::Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys are hashed here (`write_u64`); any other input still hashes.
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
 }
 
 /// The messages `consumer` delivers before stream sequence `before` (or up to the partition's

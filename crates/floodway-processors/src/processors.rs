@@ -1418,7 +1418,7 @@ impl<S: floodway::Source> floodway::Source for Pausable<S> {
         }
         // Paused while this waited for records: they are held, not handed on, until resumed.
         let _ = self.paused.wait_for(|paused| !*paused).await;
-        self.held.take().unwrap_or(Ok(Some(Vec::new())))
+        self.held.take().expect("held above, and taken only here")
     }
 
     fn buffered(&self) -> bool {

@@ -192,10 +192,10 @@ struct Envelope<'a> {
     partition_key: std::borrow::Cow<'a, str>,
 }
 
-/// The same work as the processor of `shape`, written by hand on tokio with no framework: a
-/// source task sends batches of 512 records over a channel (as the processor's source task
-/// does); the consumer does the shape's work on each record, awaits a counting sink for each
-/// batch it fills, and keeps the offset to commit after the sinks. No retries, timeouts,
+/// The same work as the processor of `shape`, written by hand on tokio with no framework: the
+/// loop takes batches of 512 records from the front of the input (as the processor pulls its
+/// in-memory source, in its own loop), does the shape's work on each record, awaits a counting
+/// sink for each batch it fills, and keeps the offset to commit after the sinks. No retries, timeouts,
 /// per-key order, faults or metrics: the limit for this work. Returns events per second and
 /// what it counted, as [`floodway_run`].
 fn plain_rate(rt: &tokio::runtime::Runtime, shape: Shape, records: &[Record]) -> (f64, [u64; 3]) {
@@ -208,21 +208,16 @@ fn plain_rate(rt: &tokio::runtime::Runtime, shape: Shape, records: &[Record]) ->
     let total = records.len();
     let started = Instant::now();
     let (counts, committed) = rt.block_on(async move {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Record>>(1);
-        let producer = tokio::spawn(async move {
-            while !records.is_empty() {
-                let n = records.len().min(512);
-                if tx.send(records.drain(..n).collect()).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let mut pull = move || -> Option<Vec<Record>> {
+            let n = records.len().min(512);
+            (n > 0).then(|| records.drain(..n).collect())
+        };
         let counted = AtomicU64::new(0);
         let mut committed = 0u64;
         let counts = match shape {
             Shape::Orders => {
                 let mut plain = orders::Plain::default();
-                while let Some(chunk) = rx.recv().await {
+                while let Some(chunk) = pull() {
                     for record in chunk {
                         if let Some(n) = plain.event(&record.data) {
                             sink(&counted, n).await;
@@ -238,7 +233,7 @@ fn plain_rate(rt: &tokio::runtime::Runtime, shape: Shape, records: &[Record]) ->
             Shape::Each => {
                 let (mut each, mut faults) = (0u64, 0u64);
                 let mut batch: Vec<Record> = Vec::with_capacity(25);
-                while let Some(chunk) = rx.recv().await {
+                while let Some(chunk) = pull() {
                     for record in chunk {
                         let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(&record.data)
                         else {
@@ -264,7 +259,6 @@ fn plain_rate(rt: &tokio::runtime::Runtime, shape: Shape, records: &[Record]) ->
                 [counted.load(Ordering::Relaxed), 0, faults]
             }
         };
-        producer.await.unwrap();
         (counts, committed)
     });
     std::hint::black_box(committed);

@@ -488,6 +488,33 @@ pub fn partition_of_hash(hash: u64, partitions: u32) -> u32 {
     (hash % u64::from(partitions.max(1))) as u32
 }
 
+/// A map keyed by [`key_hash`]es: a key is its own hash, folded so that the low bits, which
+/// pick a bucket, depend on all of its bits (FNV-1a's low bits depend only on the low bits of
+/// each byte). Keys that are ids or counters hash to themselves.
+pub type KeyHashMap<V> =
+    std::collections::HashMap<u64, V, std::hash::BuildHasherDefault<KeyHashHasher>>;
+
+/// The hasher of a [`KeyHashMap`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KeyHashHasher(u64);
+
+impl std::hash::Hasher for KeyHashHasher {
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 32)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Keys of other types than `u64` still hash, if slowly.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 fn random_id() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }

@@ -604,11 +604,15 @@ async fn disabled_pipelines_see_nothing_and_filters_route_by_type() {
     assert_eq!(total, 2_000, "every partition checkpointed to its end");
 }
 
-/// Panics on its second pull; says it is buffered if `.1`.
-struct PanickingSource(u32, bool);
+/// Panics on its second pull; says it is buffered if `.1`; notes whether it was pulled from a
+/// task of its own (`.2`).
+struct PanickingSource(u32, bool, Arc<std::sync::atomic::AtomicBool>);
 
 impl Source for PanickingSource {
     async fn next_batch(&mut self, _max: usize) -> Result<Option<Vec<Record>>, SourceError> {
+        // The run below is not in a task: only a source task has an id.
+        self.2
+            .store(tokio::task::try_id().is_some(), Ordering::SeqCst);
         self.0 += 1;
         assert!(self.0 < 2, "source bug");
         Ok(Some(records(&events(5, 1)).into_iter().collect()))
@@ -628,9 +632,14 @@ async fn a_source_that_panics_is_an_error_not_the_end_of_the_stream() {
             &kit,
             Pipeline::builder("all").sink(MemorySink::new()).unwrap(),
         );
-        let err = run_source(&kit, &processor, PanickingSource(0, buffered))
-            .await
-            .unwrap_err();
+        let in_task = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let source = PanickingSource(0, buffered, in_task.clone());
+        let err = run_source(&kit, &processor, source).await.unwrap_err();
+        assert_eq!(
+            in_task.load(Ordering::SeqCst),
+            !buffered,
+            "a buffered source is pulled by the processor's loop"
+        );
         assert!(err.to_string().contains("did it panic"), "{err}");
         assert_eq!(kit.checkpoint("0"), Some(5), "what was done is kept");
     }

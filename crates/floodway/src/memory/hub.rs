@@ -376,6 +376,12 @@ impl Source for Reader {
             published.await;
         }
     }
+
+    /// The hub's logs are in memory: a pull takes what is there at once, or waits for a
+    /// publish with nothing taken.
+    fn buffered(&self) -> bool {
+        true
+    }
 }
 
 /// A subscription's checkpoints, kept by the hub.

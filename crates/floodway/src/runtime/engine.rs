@@ -1,8 +1,10 @@
 //! The run loop: one task that pulls, dispatches, completes and commits.
 //!
 //! Everything that touches run state happens in this one task, so the state needs no locks;
-//! units of work run as futures polled by it (a `FuturesUnordered`), and the source pulls in a
-//! task of its own behind a channel of one batch, so pulling never blocks completions.
+//! units of work run as futures polled by it (a `FuturesUnordered`). A source pulls in a task
+//! of its own behind a channel of one batch, so pulling never blocks completions; a buffered
+//! source ([`Source::buffered`](crate::Source::buffered)) is pulled by the loop itself, raced
+//! with completions and dropped whenever one comes first.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

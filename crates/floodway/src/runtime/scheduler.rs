@@ -31,25 +31,8 @@ impl Keys {
     }
 }
 
-/// The keys are hashes already.
-#[derive(Default)]
-pub(crate) struct IdentityHasher(u64);
-
-impl Hasher for IdentityHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8) | u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
+/// Keyed by key hashes.
+pub(crate) type IdMap<V> = crate::event::KeyHashMap<V>;
 
 /// A fast hasher for the run loop's small keys (partition names, offsets), after the one in
 /// rustc (`FxHasher`): a multiply and a rotate per word. Not for keys an attacker picks; the run
