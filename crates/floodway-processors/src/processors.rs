@@ -1397,20 +1397,17 @@ impl Pauses {
     }
 }
 
-/// What a pull of a source gave.
-type Pulled = Result<Option<Vec<floodway::Record>>, floodway::error::SourceError>;
-
 /// A source that hands out nothing while its processor is paused.
 struct Pausable<S> {
     source: S,
     paused: tokio::sync::watch::Receiver<bool>,
     /// What a pull read while the processor was paused, held here until it resumes: a pull
     /// dropped while it waits for that loses nothing, so a buffered source stays one.
-    held: Option<Pulled>,
+    held: Option<floodway::source::Pulled>,
 }
 
 impl<S: floodway::Source> floodway::Source for Pausable<S> {
-    async fn next_batch(&mut self, max: usize) -> Pulled {
+    async fn next_batch(&mut self, max: usize) -> floodway::source::Pulled {
         // The sender lives as long as the `Pauses`; without it, run on.
         let _ = self.paused.wait_for(|paused| !*paused).await;
         if self.held.is_none() {
@@ -1540,7 +1537,7 @@ mod tests {
     struct Channel(tokio::sync::mpsc::UnboundedReceiver<floodway::Record>);
 
     impl floodway::Source for Channel {
-        async fn next_batch(&mut self, _max: usize) -> super::Pulled {
+        async fn next_batch(&mut self, _max: usize) -> floodway::source::Pulled {
             Ok(self.0.recv().await.map(|record| vec![record]))
         }
 

@@ -195,9 +195,9 @@ struct Envelope<'a> {
 /// The same work as the processor of `shape`, written by hand on tokio with no framework: the
 /// loop takes batches of 512 records from the front of the input (as the processor pulls its
 /// in-memory source, in its own loop), does the shape's work on each record, awaits a counting
-/// sink for each batch it fills, and keeps the offset to commit after the sinks. No retries, timeouts,
-/// per-key order, faults or metrics: the limit for this work. Returns events per second and
-/// what it counted, as [`floodway_run`].
+/// sink for each batch it fills, and keeps the offset to commit after the sinks. No retries,
+/// timeouts, per-key order, faults or metrics: the limit for this work. Returns events per
+/// second and what it counted, as [`floodway_run`].
 fn plain_rate(rt: &tokio::runtime::Runtime, shape: Shape, records: &[Record]) -> (f64, [u64; 3]) {
     async fn sink(counted: &AtomicU64, n: usize) {
         counted.fetch_add(n as u64, Ordering::Relaxed);

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::error::{BoxError, CommitError, Error, SourceError};
 use crate::event::Event;
-use crate::source::{Checkpoint, Checkpointer, Settlement, Source};
+use crate::source::{Checkpoint, Checkpointer, Pulled, Settlement, Source};
 use crate::uow::Record;
 
 /// Partitions of a new hub, when nobody says.
@@ -329,8 +329,7 @@ impl Debug for HubSubscription {
     }
 }
 
-type BatchFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Option<Vec<Record>>, SourceError>> + Send + 'a>>;
+type BatchFuture<'a> = Pin<Box<dyn Future<Output = Pulled> + Send + 'a>>;
 
 /// [`Source`] as an object-safe trait (implemented for every source).
 trait DynSource: Send {

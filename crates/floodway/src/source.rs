@@ -10,6 +10,10 @@ use std::sync::Arc;
 use crate::error::{CommitError, SourceError};
 use crate::uow::Record;
 
+/// What a pull of a [`Source`] gives: records, `None` when the source has ended, or why it
+/// failed.
+pub type Pulled = Result<Option<Vec<Record>>, SourceError>;
+
 /// Delivers records.
 pub trait Source: Send + 'static {
     /// The next records, at most `max`; `Ok(None)` when the source has ended (a bounded input),
@@ -24,10 +28,7 @@ pub trait Source: Send + 'static {
     /// acknowledges per record ([`Checkpointer::settle`]) and ignores checkpoints. After an
     /// error the processor stops and drops the source: a batch the error cut short is not
     /// read again from the same source.
-    fn next_batch(
-        &mut self,
-        max: usize,
-    ) -> impl Future<Output = Result<Option<Vec<Record>>, SourceError>> + Send;
+    fn next_batch(&mut self, max: usize) -> impl Future<Output = Pulled> + Send;
 
     /// Whether [`next_batch`](Self::next_batch) only takes records the source already holds,
     /// or waits for the next to arrive, and is cancel-safe (dropped before it is ready, it

@@ -20,16 +20,17 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::error::{CommitError, Error, RunError, SourceError};
+use crate::event::KeyHashMap;
 use crate::event::{now_millis, Event};
 use crate::pipeline::step::{run_sync, StepFailure};
 use crate::pipeline::{Pipeline, PipelineCore};
 use crate::runtime::batcher::{Batcher, Flush};
-use crate::runtime::scheduler::{FxMap, IdMap, Keys, Scheduler};
+use crate::runtime::scheduler::{FxMap, Keys, Scheduler};
 use crate::runtime::unit::{
     fault_now, faulted_now, scheduled, BoxUnit, PipeEnv, Timers, UnitCtx, UnitOutput, Work,
 };
 use crate::runtime::{PipelineReport, ProcessorInner, RunReport, Stopped};
-use crate::source::{Checkpoint, Checkpointer, Settlement, Source};
+use crate::source::{Checkpoint, Checkpointer, Pulled, Settlement, Source};
 use crate::uow::{Record, Ticket, Uow};
 
 use super::ledger::Ledger;
@@ -45,7 +46,7 @@ struct Pipe {
     /// steps whose key has some waits its turn behind it in the scheduler rather than go
     /// into the batcher ahead of it (a synchronous step's retry makes such work while the
     /// same key's next events pass the step at once).
-    escalated: IdMap<u32>,
+    escalated: KeyHashMap<u32>,
     /// Shared with every unit of the pipeline: one reference to clone per unit.
     env: Arc<PipeEnv>,
     tally: Tally,
@@ -137,9 +138,6 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
-
-/// What a pull of the source gave.
-type Pulled = Result<Option<Vec<Record>>, SourceError>;
 
 /// Where the run loop takes the source's batches from.
 enum Feed<S> {
@@ -233,7 +231,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 sched: Scheduler::new(p.core.parallelism),
                 batcher: p.core.batching.clone().map(Batcher::new),
                 upstream: 0,
-                escalated: IdMap::default(),
+                escalated: KeyHashMap::default(),
                 env: Arc::new(PipeEnv {
                     ctx: ctx.clone(),
                     core: p.core.clone(),

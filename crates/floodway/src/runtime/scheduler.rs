@@ -12,6 +12,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
+use crate::event::KeyHashMap;
+
 /// A hash of a partition key.
 pub(crate) type KeyHash = u64;
 
@@ -30,9 +32,6 @@ impl Keys {
         }
     }
 }
-
-/// Keyed by key hashes.
-pub(crate) type IdMap<V> = crate::event::KeyHashMap<V>;
 
 /// A fast hasher for the run loop's small keys (partition names, offsets), after the one in
 /// rustc (`FxHasher`): a multiply and a rotate per word. Not for keys an attacker picks; the run
@@ -94,8 +93,8 @@ pub(crate) struct Scheduler<T> {
     parallelism: usize,
     running: usize,
     next_id: u64,
-    keys: IdMap<KeyQueue>,
-    waiting: IdMap<Waiting<T>>,
+    keys: KeyHashMap<KeyQueue>,
+    waiting: KeyHashMap<Waiting<T>>,
     ready: VecDeque<(u64, Keys, T)>,
 }
 
@@ -105,8 +104,8 @@ impl<T> Scheduler<T> {
             parallelism: parallelism.max(1),
             running: 0,
             next_id: 0,
-            keys: IdMap::default(),
-            waiting: IdMap::default(),
+            keys: KeyHashMap::default(),
+            waiting: KeyHashMap::default(),
             ready: VecDeque::new(),
         }
     }
