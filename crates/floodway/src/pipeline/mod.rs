@@ -693,6 +693,93 @@ mod tests {
         assert_eq!(through(twice, &[order]).await.len(), 2);
     }
 
+    /// Steps that pass a unit of work on as it is run in a plain loop, and the walk takes over
+    /// at the first step that splits, filters out or fails: every way through both gives what
+    /// the steps say, in source order, each failure at its own step.
+    #[tokio::test]
+    async fn steps_run_the_same_through_the_loop_and_the_walk() {
+        let events: Vec<String> = (0..4)
+            .map(|i| {
+                format!(r#"{{"id":"e{i}","type":"t","timestamp":1,"partitionKey":"k{i}","n":{i}}}"#)
+            })
+            .collect();
+        let lines: Vec<&str> = events.iter().map(String::as_str).collect();
+        let n = |e: &Event| {
+            e.field("n")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(99)
+        };
+        let mark = |step: &'static str| {
+            move |e: &Event| -> Result<Event, Error> {
+                let seen = e.field("seen").and_then(|v| v.as_str()).unwrap_or("");
+                let mut next = e.clone();
+                next.fields_mut()
+                    .insert("seen".into(), format!("{seen}{step}").into());
+                Ok(next)
+            }
+        };
+        let sink = MemorySink::new();
+        let faults = MemoryFaultSink::new();
+        let pipeline = Pipeline::builder("p")
+            .map_event(mark("a"))
+            // A map that hands back a unit of work of its own.
+            .map(move |uow| {
+                let event = mark("m")(uow.event())?;
+                Ok(uow.with_event(event))
+            })
+            // Event 3 fails here, after steps of the loop.
+            .validate(move |e| match n(e) {
+                3 => Err(Error::poison_msg("Three", "no threes")),
+                _ => Ok(()),
+            })
+            .map_event(mark("b"))
+            // Event 2 splits in two: the walk from here on.
+            .flat_map(move |uow| {
+                let event = uow.event();
+                Ok(match n(event) {
+                    2 => vec![
+                        uow.with_event(event.derive_part("t", "x").field("n", 20).build()),
+                        uow.with_event(event.derive_part("t", "y").field("n", 21).build()),
+                    ],
+                    _ => vec![uow],
+                })
+            })
+            // Event 1 and the split's second part are filtered out.
+            .filter(move |uow| !matches!(n(uow.event()), 1 | 21))
+            .map_event(mark("c"))
+            .sink(sink.clone())
+            .unwrap();
+        let processor = Processor::builder("p")
+            .fault_sink(faults.clone())
+            .pipeline(pipeline)
+            .build()
+            .unwrap();
+        let records = lines
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Record::new("memory", "0", i as u64 + 1, e.to_string()))
+            .collect();
+        processor.process_batch(records, None).await;
+        let seen: Vec<(u64, String)> = sink
+            .events()
+            .iter()
+            .map(|e| {
+                (
+                    n(e),
+                    e.field("seen")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("")
+                        .to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(seen, [(0, "ambc".to_owned()), (20, "c".to_owned())]);
+        let faults = faults.faults();
+        assert_eq!(faults.len(), 1);
+        let text = faults[0].to_json();
+        assert!(text.contains("no threes") && text.contains("e3"), "{text}");
+    }
+
     /// Fields are named at any depth, the envelope's too: encrypting `customer.id` would
     /// also encrypt the event's id (a new random one at every attempt).
     #[test]

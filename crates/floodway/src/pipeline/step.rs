@@ -347,6 +347,16 @@ fn apply(step: &Step, uow: &mut Uow) -> Option<Result<Passed, Error>> {
     }
 }
 
+/// `output`, a unit of work a step returned for `from`, kept accountable to the record `from`
+/// came from, whatever the step did to it.
+fn accountable(mut output: Uow, from: &Uow) -> Uow {
+    if output.ticket != from.ticket || !Arc::ptr_eq(&output.record, &from.record) {
+        output.ticket = from.ticket;
+        output.record = from.record.clone();
+    }
+    output
+}
+
 /// A depth-first walk of units of work through steps: outputs go on the stack in reverse, so
 /// they keep source order.
 struct Walk<'s> {
@@ -387,14 +397,11 @@ impl<'s> Walk<'s> {
     fn follow(&mut self, (uow, i, step): (Uow, usize, &Step), result: Result<Passed, Error>) {
         match result {
             Ok(Passed::Same) => self.stack.push((uow, i + 1)),
-            Ok(Passed::Outputs(next)) => self.stack.extend(next.into_iter().rev().map(|mut u| {
-                // Whatever a step returns stays accountable to the record it came from.
-                if u.ticket != uow.ticket || !Arc::ptr_eq(&u.record, &uow.record) {
-                    u.ticket = uow.ticket;
-                    u.record = uow.record.clone();
-                }
-                (u, i + 1)
-            })),
+            Ok(Passed::Outputs(next)) => self.stack.extend(
+                next.into_iter()
+                    .rev()
+                    .map(|u| (accountable(u, &uow), i + 1)),
+            ),
             Err(error) => self.out.failed.push(StepFailure {
                 uow,
                 step: step.name.clone(),
@@ -407,8 +414,42 @@ impl<'s> Walk<'s> {
 /// Runs the synchronous steps from `from` until the end, the first async step, or a
 /// synchronous step that failed transiently: those units of work are returned with the index
 /// to resume from, to run as scheduled work. Nothing here awaits, so nothing here is a future.
-pub(crate) fn run_sync(steps: &[Step], uow: Uow, from: usize) -> StepOutput {
-    let mut walk = Walk::new(steps, uow, from);
+pub(crate) fn run_sync(steps: &[Step], mut uow: Uow, from: usize) -> StepOutput {
+    // Most steps pass one unit of work on (a map, a check, a filter that holds): those are
+    // run in a plain loop, and the walk's stack taken up only by a step that splits, filters
+    // out, fails or must wait.
+    let mut i = from;
+    while let Some(step) = steps.get(i) {
+        let result = match apply(step, &mut uow) {
+            Some(Ok(Passed::Same)) => {
+                i += 1;
+                continue;
+            }
+            None => break,
+            Some(Ok(Passed::Outputs(next))) => match next.into_inner() {
+                Ok([one]) => {
+                    uow = accountable(one, &uow);
+                    i += 1;
+                    continue;
+                }
+                Err(next) => Ok(Passed::Outputs(next)),
+            },
+            Some(Err(error)) => Err(error),
+        };
+        let mut walk = Walk {
+            steps,
+            out: StepOutput::default(),
+            stack: SmallVec::new(),
+        };
+        walk.follow((uow, i, step), result);
+        return walk_sync(walk);
+    }
+    let mut out = StepOutput::default();
+    out.ready.push((uow, i));
+    out
+}
+
+fn walk_sync(mut walk: Walk<'_>) -> StepOutput {
     while let Some((mut uow, i, step)) = walk.next() {
         match apply(step, &mut uow) {
             Some(result) => walk.follow((uow, i, step), result),
