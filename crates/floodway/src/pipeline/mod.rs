@@ -693,31 +693,39 @@ mod tests {
         assert_eq!(through(twice, &[order]).await.len(), 2);
     }
 
-    /// Steps that pass a unit of work on as it is run in a plain loop, and the walk takes over
-    /// at the first step that splits, filters out or fails: every way through both gives what
-    /// the steps say, in source order, each failure at its own step.
+    /// Steps that pass one unit of work on run in a plain loop, and the walk takes over at the
+    /// first step that splits, filters out or fails, with that step's result: each step runs
+    /// once per unit of work that reaches it, what reaches the sink keeps source order and
+    /// every step's changes, and a failure is the failing step's.
     #[tokio::test]
     async fn steps_run_the_same_through_the_loop_and_the_walk() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let events: Vec<String> = (0..4)
             .map(|i| {
                 format!(r#"{{"id":"e{i}","type":"t","timestamp":1,"partitionKey":"k{i}","n":{i}}}"#)
             })
             .collect();
-        let lines: Vec<&str> = events.iter().map(String::as_str).collect();
         let n = |e: &Event| {
             e.field("n")
                 .and_then(serde_json::Value::as_u64)
                 .unwrap_or(99)
         };
-        let mark = |step: &'static str| {
+        let seen = |e: &Event| {
+            e.field("seen")
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let mark = move |step: &'static str| {
             move |e: &Event| -> Result<Event, Error> {
-                let seen = e.field("seen").and_then(|v| v.as_str()).unwrap_or("");
                 let mut next = e.clone();
                 next.fields_mut()
-                    .insert("seen".into(), format!("{seen}{step}").into());
+                    .insert("seen".into(), format!("{}{step}", seen(e)).into());
                 Ok(next)
             }
         };
+        // Calls of the steps after the loop's first ones: the check, the split, the filter.
+        let calls: Arc<[AtomicUsize; 3]> = Arc::default();
         let sink = MemorySink::new();
         let faults = MemoryFaultSink::new();
         let pipeline = Pipeline::builder("p")
@@ -728,24 +736,49 @@ mod tests {
                 Ok(uow.with_event(event))
             })
             // Event 3 fails here, after steps of the loop.
-            .validate(move |e| match n(e) {
-                3 => Err(Error::poison_msg("Three", "no threes")),
-                _ => Ok(()),
+            .validate({
+                let calls = calls.clone();
+                move |e| {
+                    calls[0].fetch_add(1, Ordering::Relaxed);
+                    match n(e) {
+                        3 => Err(Error::poison_msg("Three", "no threes")),
+                        _ => Ok(()),
+                    }
+                }
             })
+            .named("no-threes")
             .map_event(mark("b"))
-            // Event 2 splits in two: the walk from here on.
-            .flat_map(move |uow| {
-                let event = uow.event();
-                Ok(match n(event) {
-                    2 => vec![
-                        uow.with_event(event.derive_part("t", "x").field("n", 20).build()),
-                        uow.with_event(event.derive_part("t", "y").field("n", 21).build()),
-                    ],
-                    _ => vec![uow],
-                })
+            // Event 2 splits in two, its parts keeping what the loop did: the walk from here.
+            .flat_map({
+                let calls = calls.clone();
+                move |uow| {
+                    calls[1].fetch_add(1, Ordering::Relaxed);
+                    let event = uow.event();
+                    Ok(match n(event) {
+                        2 => ["x", "y"]
+                            .into_iter()
+                            .zip([20, 21])
+                            .map(|(part, n)| {
+                                let part = event
+                                    .derive_part("t", part)
+                                    .field("n", n)
+                                    .field("seen", seen(event))
+                                    .build();
+                                uow.with_event(part)
+                            })
+                            .collect(),
+                        _ => vec![uow],
+                    })
+                }
             })
             // Event 1 and the split's second part are filtered out.
-            .filter(move |uow| !matches!(n(uow.event()), 1 | 21))
+            .filter({
+                let calls = calls.clone();
+                move |uow| {
+                    calls[2].fetch_add(1, Ordering::Relaxed);
+                    !matches!(n(uow.event()), 1 | 21)
+                }
+            })
             .map_event(mark("c"))
             .sink(sink.clone())
             .unwrap();
@@ -754,30 +787,27 @@ mod tests {
             .pipeline(pipeline)
             .build()
             .unwrap();
-        let records = lines
+        let records = events
             .iter()
             .enumerate()
-            .map(|(i, e)| Record::new("memory", "0", i as u64 + 1, e.to_string()))
+            .map(|(i, e)| Record::new("memory", "0", i as u64 + 1, e.clone()))
             .collect();
-        processor.process_batch(records, None).await;
-        let seen: Vec<(u64, String)> = sink
-            .events()
-            .iter()
-            .map(|e| {
-                (
-                    n(e),
-                    e.field("seen")
-                        .and_then(|v| v.as_str())
-                        .unwrap_or("")
-                        .to_owned(),
-                )
-            })
-            .collect();
-        assert_eq!(seen, [(0, "ambc".to_owned()), (20, "c".to_owned())]);
+        let report = processor.process_batch(records, None).await;
+        let sunk: Vec<(u64, String)> = sink.events().iter().map(|e| (n(e), seen(e))).collect();
+        assert_eq!(sunk, [(0, "ambc".to_owned()), (20, "ambc".to_owned())]);
+        let calls: Vec<usize> = calls.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        assert_eq!(
+            calls,
+            [4, 3, 4],
+            "check, split, filter: once per unit reaching each"
+        );
         let faults = faults.faults();
         assert_eq!(faults.len(), 1);
+        assert_eq!(faults[0].tag("step"), Some("no-threes"));
         let text = faults[0].to_json();
         assert!(text.contains("no threes") && text.contains("e3"), "{text}");
+        assert_eq!(report.unfinished().count(), 0, "every record settled");
+        assert_eq!(report.report.done, 4);
     }
 
     /// Fields are named at any depth, the envelope's too: encrypting `customer.id` would

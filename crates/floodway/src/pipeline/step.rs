@@ -416,8 +416,8 @@ impl<'s> Walk<'s> {
 /// to resume from, to run as scheduled work. Nothing here awaits, so nothing here is a future.
 pub(crate) fn run_sync(steps: &[Step], mut uow: Uow, from: usize) -> StepOutput {
     // Most steps pass one unit of work on (a map, a check, a filter that holds): those are
-    // run in a plain loop, and the walk's stack taken up only by a step that splits, filters
-    // out, fails or must wait.
+    // run in a plain loop. The walk's stack is taken up only when a step passes on anything
+    // else (a split, none) or fails; a step that must wait parks the unit where it is.
     let mut i = from;
     while let Some(step) = steps.get(i) {
         let result = match apply(step, &mut uow) {
@@ -449,6 +449,7 @@ pub(crate) fn run_sync(steps: &[Step], mut uow: Uow, from: usize) -> StepOutput 
     out
 }
 
+/// Runs `walk` to its end over synchronous steps, parking what must wait.
 fn walk_sync(mut walk: Walk<'_>) -> StepOutput {
     while let Some((mut uow, i, step)) = walk.next() {
         match apply(step, &mut uow) {
