@@ -628,13 +628,21 @@ mod tests {
     use crate::memory::{MemoryFaultSink, MemorySink};
     use crate::{Processor, Record};
 
+    /// A processor of the one `pipeline`, its faults into `faults`.
+    fn processor(pipeline: Pipeline, faults: &MemoryFaultSink) -> Processor {
+        Processor::builder("p")
+            .fault_sink(faults.clone())
+            .pipeline(pipeline)
+            .build()
+            .unwrap()
+    }
+
     async fn through(pipeline: PipelineBuilder, events: &[&str]) -> Vec<Event> {
         let sink = MemorySink::new();
-        let processor = Processor::builder("p")
-            .fault_sink(MemoryFaultSink::new())
-            .pipeline(pipeline.sink(sink.clone()).unwrap())
-            .build()
-            .unwrap();
+        let processor = processor(
+            pipeline.sink(sink.clone()).unwrap(),
+            &MemoryFaultSink::new(),
+        );
         let records = events
             .iter()
             .enumerate()
@@ -668,11 +676,7 @@ mod tests {
                 })
                 .sink(sink.clone())
                 .unwrap();
-            let processor = Processor::builder("p")
-                .fault_sink(faults.clone())
-                .pipeline(pipeline)
-                .build()
-                .unwrap();
+            let processor = processor(pipeline, &faults);
             let record = Record::new("memory", "0", 0, order.to_string());
             processor.process_batch(vec![record], None).await;
             (sink.events(), faults.faults())
@@ -782,11 +786,7 @@ mod tests {
             .map_event(mark("c"))
             .sink(sink.clone())
             .unwrap();
-        let processor = Processor::builder("p")
-            .fault_sink(faults.clone())
-            .pipeline(pipeline)
-            .build()
-            .unwrap();
+        let processor = processor(pipeline, &faults);
         let records = events
             .iter()
             .enumerate()
