@@ -367,12 +367,18 @@ struct Walk<'s> {
 
 impl<'s> Walk<'s> {
     fn new(steps: &'s [Step], uow: Uow, from: usize) -> Self {
-        let mut stack = SmallVec::new();
-        stack.push((uow, from));
+        let mut walk = Walk::empty(steps);
+        walk.stack.push((uow, from));
+        walk
+    }
+
+    /// A walk with nothing on it yet, for a unit of work whose step has already run
+    /// ([`follow`](Self::follow) puts what the step passed on).
+    fn empty(steps: &'s [Step]) -> Self {
         Walk {
             steps,
             out: StepOutput::default(),
-            stack,
+            stack: SmallVec::new(),
         }
     }
 
@@ -436,11 +442,7 @@ pub(crate) fn run_sync(steps: &[Step], mut uow: Uow, from: usize) -> StepOutput 
             },
             Some(Err(error)) => Err(error),
         };
-        let mut walk = Walk {
-            steps,
-            out: StepOutput::default(),
-            stack: SmallVec::new(),
-        };
+        let mut walk = Walk::empty(steps);
         walk.follow((uow, i, step), result);
         return walk_sync(walk);
     }
