@@ -186,10 +186,10 @@ fn limit(invocations: &[Vec<u8>], records: usize) -> (f64, [u64; 3]) {
     let mut data = Vec::with_capacity(1024);
     for bytes in invocations {
         let invocation: KinesisEvent<'_> = serde_json::from_slice(bytes).unwrap();
-        for record in &invocation.records {
+        for (i, record) in invocation.records.iter().enumerate() {
             data.clear();
             b64.decode_append(record.kinesis.data, &mut data).unwrap();
-            plain.event(&data);
+            plain.event(i as u64, &data);
         }
         plain.flush();
         std::hint::black_box(br#"{"batchItemFailures":[]}"#.to_vec());

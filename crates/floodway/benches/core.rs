@@ -195,7 +195,8 @@ struct Envelope<'a> {
 /// The same work as the processor of `shape`, written by hand on tokio with no framework: the
 /// loop takes batches of 512 records from the front of the input (as the processor pulls its
 /// in-memory source, in its own loop), does the shape's work on each record, awaits a counting
-/// sink for each batch it fills, and keeps the offset to commit after the sinks. No retries,
+/// sink for each batch it fills, and keeps the offset to commit after each pull (just before
+/// the first record of a batch not yet sunk, as at-least-once delivery needs). No retries,
 /// timeouts, per-key order, faults or metrics: the limit for this work. Returns events per
 /// second and what it counted, as [`floodway_run`].
 fn plain_rate(rt: &tokio::runtime::Runtime, shape: Shape, records: &[Record]) -> (f64, [u64; 3]) {
@@ -218,12 +219,14 @@ fn plain_rate(rt: &tokio::runtime::Runtime, shape: Shape, records: &[Record]) ->
             Shape::Orders => {
                 let mut plain = orders::Plain::default();
                 while let Some(chunk) = pull() {
+                    let mut last = committed;
                     for record in chunk {
-                        if let Some(n) = plain.event(&record.data) {
+                        if let Some(n) = plain.event(record.offset, &record.data) {
                             sink(&counted, n).await;
                         }
-                        committed = record.offset;
+                        last = record.offset;
                     }
+                    committed = plain.committable(last);
                 }
                 for n in plain.flush() {
                     sink(&counted, n).await;
@@ -233,6 +236,7 @@ fn plain_rate(rt: &tokio::runtime::Runtime, shape: Shape, records: &[Record]) ->
             Shape::Each => {
                 let (mut each, mut faults) = (0u64, 0u64);
                 let mut batch: Vec<Record> = Vec::with_capacity(25);
+                let mut last = 0;
                 while let Some(chunk) = pull() {
                     for record in chunk {
                         let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(&record.data)
@@ -246,13 +250,14 @@ fn plain_rate(rt: &tokio::runtime::Runtime, shape: Shape, records: &[Record]) ->
                             sink(&counted, 1).await;
                             each += 1;
                         }
-                        committed = record.offset;
+                        last = record.offset;
                         batch.push(record);
                         if batch.len() == 25 {
                             sink(&counted, batch.len()).await;
                             batch.clear();
                         }
                     }
+                    committed = batch.first().map_or(last, |r| r.offset - 1);
                 }
                 sink(&counted, batch.len()).await;
                 std::hint::black_box(each);
@@ -842,7 +847,7 @@ fn stages(lines: &[String]) {
             "plain: typed parse, new event serialized",
             Box::new({
                 let plain = std::cell::RefCell::new(orders::Plain::default());
-                move |d| plain.borrow_mut().event(d).unwrap_or(0)
+                move |d| plain.borrow_mut().event(0, d).unwrap_or(0)
             }),
         ),
     ];

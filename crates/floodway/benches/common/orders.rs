@@ -143,14 +143,16 @@ struct Outgoing<'a> {
 #[derive(Default)]
 pub(crate) struct Plain {
     batches: [Vec<Vec<u8>>; 2],
+    /// The offset of the first record in each batch not yet sunk.
+    since: [Option<u64>; 2],
     /// `[first sink, second sink, faults]`, as [`Counts::get`].
     pub(crate) counts: [u64; 3],
 }
 
 impl Plain {
-    /// Takes one event's bytes; returns the size of the batch it filled, if it filled one, for
-    /// the caller to sink.
-    pub(crate) fn event(&mut self, data: &[u8]) -> Option<usize> {
+    /// Takes the bytes of the event at `offset`; returns the size of the batch it filled, if it
+    /// filled one, for the caller to sink.
+    pub(crate) fn event(&mut self, offset: u64, data: &[u8]) -> Option<usize> {
         let Ok(event) = serde_json::from_slice::<Incoming<'_>>(data) else {
             self.counts[2] += 1;
             return None;
@@ -169,13 +171,27 @@ impl Plain {
             order,
         };
         let batch = &mut self.batches[slot];
+        if batch.is_empty() {
+            self.since[slot] = Some(offset);
+        }
         batch.push(serde_json::to_vec(&out).unwrap());
         if batch.len() < size {
             return None;
         }
         self.counts[slot] += size as u64;
         batch.clear();
+        self.since[slot] = None;
         Some(size)
+    }
+
+    /// The offset to commit once the batches filled so far are sunk, `last` being the offset
+    /// of the last event taken: just before the first event of a batch not yet sunk, if any.
+    pub(crate) fn committable(&self, last: u64) -> u64 {
+        self.since
+            .iter()
+            .flatten()
+            .min()
+            .map_or(last, |first| first - 1)
     }
 
     /// Counts the batches not yet full as sunk, as a flush at the end does; returns their sizes.
@@ -185,6 +201,7 @@ impl Plain {
             sizes[slot] = batch.len();
             self.counts[slot] += batch.len() as u64;
             batch.clear();
+            self.since[slot] = None;
         }
         sizes
     }
