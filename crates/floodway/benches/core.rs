@@ -3,6 +3,9 @@
 //! Prints a table of what was measured on this machine, with the baselines measured in the
 //! same run. Throughput runs on one core (a current-thread runtime). Set
 //! `FLOODWAY_BENCH_EVENTS` to change the number of events per throughput run;
+//! `FLOODWAY_BENCH_ALIGNED=1` to save the throughput rows as the table of a build with its code
+//! aligned (`scripts/bench` builds one beside the usual build; see BENCHMARKS.md, "The layout
+//! of a build, measured"), without the chart;
 //! `FLOODWAY_BENCH_ONLY=throughput` for the throughput rows only, `=adaptive` for the simulated
 //! adaptive-concurrency row only, `=stages` for what each stage of an event's work costs
 //! without the run loop (nanoseconds an event, beside the plain per-event work).
@@ -737,6 +740,19 @@ fn main() {
         ratio_note(7, 6),
         "-",
     ));
+    // A build with its code aligned (scripts/bench's second core run) reports its table apart
+    // and leaves the chart to the build laid out as released.
+    let aligned = std::env::var_os("FLOODWAY_BENCH_ALIGNED").is_some();
+    if aligned {
+        out!(
+            "built with every function aligned to 64 bytes and every block not reached by \
+             falling through to 32 (`-C llvm-args=-align-all-functions=6 \
+             -C llvm-args=-align-all-nofallthru-blocks=5`), the same code as the table above\n"
+        );
+        print_table(rows);
+        common::chart::save_table("core-aligned");
+        return;
+    }
     common::chart::bars(
         "core",
         "Core processor, one core: Floodway beside a plain tokio pipeline",
