@@ -309,6 +309,13 @@ impl Batch {
         }
     }
 
+    /// A batch of the units of work `items` yields, in one allocation when it knows how many.
+    pub(crate) fn collect(items: impl Iterator<Item = Uow>) -> Self {
+        Batch {
+            items: items.collect(),
+        }
+    }
+
     /// The units of work.
     pub fn items(&self) -> &[Uow] {
         &self.items

@@ -75,11 +75,20 @@ impl Batcher {
     pub(crate) fn flush(&mut self) -> Flush {
         self.deadline = None;
         self.bytes = 0;
-        let items = std::mem::take(&mut self.items);
         let mut out = Flush::default();
-        if items.is_empty() {
+        if self.items.is_empty() {
             return out;
         }
+        if self.batching.group.is_none() && self.batching.compact.is_none() {
+            // The batch as it came, moved out in one allocation: the open batch's vector
+            // keeps its room for the next one.
+            out.batches.push(Flushed {
+                compacted: None,
+                items: Batch::collect(self.items.drain(..)),
+            });
+            return out;
+        }
+        let items = std::mem::take(&mut self.items);
         let groups = match &self.batching.group {
             None => vec![items],
             Some(key) => {

@@ -191,10 +191,11 @@ impl<S: Source> Feed<S> {
 }
 
 fn keys_of(members: &[Uow]) -> Keys {
-    let mut keys: Vec<u64> = members
-        .iter()
-        .flat_map(|u| std::iter::once(u.order).chain(u.rekeyed()))
-        .collect();
+    let mut keys: Vec<u64> = Vec::with_capacity(members.len());
+    for member in members {
+        keys.push(member.order);
+        keys.extend(member.rekeyed());
+    }
     keys.sort_unstable();
     keys.dedup();
     if keys.len() == 1 {

@@ -218,6 +218,10 @@ impl<T> Scheduler<T> {
     /// item started by [`Self::try_start`] and never claimed holds none).
     pub(crate) fn complete(&mut self, id: u64, keys: &Keys) {
         self.running -= 1;
+        if self.keys.is_empty() {
+            // No key is held: nothing waits for one.
+            return;
+        }
         for key in keys.as_slice() {
             let Some(queue) = self.keys.get_mut(key) else {
                 continue;
