@@ -185,7 +185,7 @@ impl Plain {
     }
 
     /// The offset to commit once the batches filled so far are sunk, `last` being the offset
-    /// of the last event taken: just before the first event of a batch not yet sunk, if any.
+    /// of the last event read: just before the first event of a batch not yet sunk, if any.
     pub(crate) fn committable(&self, last: u64) -> u64 {
         self.since
             .iter()
