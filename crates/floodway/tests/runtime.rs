@@ -920,3 +920,110 @@ async fn a_batch_waiting_for_ownership_holds_up_nothing_else() {
     assert_eq!(report.stopped, Stopped::Shutdown);
     assert_eq!(report.done, 20);
 }
+
+/// Record data that counts how many copies of it are alive.
+struct Counted(Vec<u8>, Arc<AtomicUsize>);
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.1.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Makes its records as they are pulled (none waits in it), each one's data counted alive.
+struct CountedSource {
+    events: VecDeque<Event>,
+    pulled: Arc<AtomicUsize>,
+    alive: Arc<AtomicUsize>,
+}
+
+impl Source for CountedSource {
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, SourceError> {
+        if self.events.is_empty() {
+            std::future::pending::<()>().await;
+        }
+        let n = max.min(self.events.len());
+        let pull = self
+            .events
+            .drain(..n)
+            .map(|e| {
+                let offset = self.pulled.fetch_add(1, Ordering::SeqCst) as u64 + 1;
+                self.alive.fetch_add(1, Ordering::SeqCst);
+                let data =
+                    bytes::Bytes::from_owner(Counted(e.to_bytes().to_vec(), self.alive.clone()));
+                Record::new("test", "0", offset, data)
+            })
+            .collect();
+        Ok(Some(pull))
+    }
+}
+
+/// Records stay in the pull they came in: a record that never finishes holds its own pull's
+/// records, and no other's, while the processor pulls on up to its memory bound behind it.
+#[tokio::test(start_paused = true)]
+async fn a_stuck_record_holds_its_own_pull_and_no_other() {
+    let kit = TestKit::new();
+    let alive = Arc::new(AtomicUsize::new(0));
+    let input: Vec<Event> = (0..1_000u32)
+        .map(|i| {
+            let key = if i == 3 {
+                "stuck".to_owned()
+            } else {
+                format!("k-{i}")
+            };
+            Event::builder("thing-happened", key)
+                .id(format!("e-{i}"))
+                .timestamp(1)
+                .build()
+        })
+        .collect();
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let source = CountedSource {
+        events: input.into(),
+        pulled: pulled.clone(),
+        alive: alive.clone(),
+    };
+    let sunk = Arc::new(AtomicUsize::new(0));
+    let sink = {
+        let sunk = sunk.clone();
+        sink_fn(move |batch: Batch| {
+            let stuck = batch.events().any(|e| e.partition_key() == "stuck");
+            let sunk = sunk.clone();
+            async move {
+                if stuck {
+                    std::future::pending::<()>().await;
+                }
+                sunk.fetch_add(batch.len(), Ordering::SeqCst);
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let pipeline = Pipeline::builder("p")
+        .resilience(Resilience::none())
+        .sink(sink)
+        .unwrap();
+    let processor = build(
+        kit.processor("p")
+            .max_in_flight(50)
+            .max_buffered(200)
+            .pull_batch(10),
+        pipeline,
+    );
+    let (stop, run) = spawn_run(processor, source, kit.checkpointer().clone());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Pulled up to the bound of records held behind the stuck one (the fourth), every other
+    // record taken in done.
+    let sunk = sunk.load(Ordering::SeqCst);
+    assert!((190..=200).contains(&sunk), "{sunk} records done");
+    // Alive: the pulls read but not yet taken in, and the stuck record's pull of 10.
+    let read_ahead = pulled.load(Ordering::SeqCst) - sunk - 1;
+    assert_eq!(alive.load(Ordering::SeqCst), read_ahead + 10);
+    stop.send(()).unwrap();
+    run.abort();
+}

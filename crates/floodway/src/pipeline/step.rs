@@ -350,7 +350,7 @@ fn apply(step: &Step, uow: &mut Uow) -> Option<Result<Passed, Error>> {
 /// `output`, a unit of work a step returned for `from`, kept accountable to the record `from`
 /// came from, whatever the step did to it.
 fn accountable(mut output: Uow, from: &Uow) -> Uow {
-    if output.ticket != from.ticket || !Arc::ptr_eq(&output.record, &from.record) {
+    if output.ticket != from.ticket || !output.record.same(&from.record) {
         output.ticket = from.ticket;
         output.record = from.record.clone();
     }

@@ -206,7 +206,7 @@ mod tests {
     use super::*;
     use crate::event::Event;
     use crate::pipeline::BatchConfig;
-    use crate::uow::Record;
+    use crate::uow::{Delivered, Record};
     use std::sync::Arc;
 
     fn uow(key: &str, ts: i64, id: &str) -> Uow {
@@ -230,7 +230,7 @@ mod tests {
         let mut b = two_groups();
         for id in ["1", "2", "3"] {
             let event = Event::builder("t", format!("key-{id}")).id(id).timestamp(1);
-            let record = Arc::new(Record::new("sqs", "g", 0, "").with_order_key("g"));
+            let record = Delivered::alone(Record::new("sqs", "g", 0, "").with_order_key("g"));
             b.push(Uow::new(record, Arc::new(event.build()), 0));
         }
         let order: Vec<Vec<String>> = b.flush().batches.iter().map(ids).collect();

@@ -31,7 +31,7 @@ use crate::runtime::unit::{
 };
 use crate::runtime::{PipelineReport, ProcessorInner, RunReport, Stopped};
 use crate::source::{Checkpoint, Checkpointer, Pulled, Settlement, Source};
-use crate::uow::{Record, Ticket, Uow};
+use crate::uow::{Delivered, Record, Ticket, Uow};
 
 use super::ledger::Ledger;
 
@@ -504,7 +504,9 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         let max_size = self.proc.config.max_event_size;
         self.report.received += records.len() as u64;
         let mut newest: Option<i64> = None;
-        for record in records {
+        // Shared as pulled: a unit of work holds its record's place in the batch.
+        let batch = Arc::new(records);
+        for (at, record) in batch.iter().enumerate() {
             let limit = if record.assembled {
                 usize::MAX
             } else {
@@ -514,13 +516,13 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             let event = match &record.malformed {
                 Some(m) => {
                     let err = Error::poison_msg(m.name.clone(), m.message.clone());
-                    self.decode_fault(record, err);
+                    self.decode_fault(Delivered::new(&batch, at), err);
                     continue;
                 }
                 None => match Event::decode_bytes(record.data.clone(), limit) {
                     Ok(event) => event,
                     Err(err) => {
-                        self.decode_fault(record, err.into());
+                        self.decode_fault(Delivered::new(&batch, at), err.into());
                         continue;
                     }
                 },
@@ -538,12 +540,12 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
                 }
             }
             let Some((&last, others)) = takers.split_last() else {
-                self.ledger.admit_done(&record);
+                self.ledger.admit_done(record);
                 self.report.done += 1;
-                self.checkpointer.settle(&record, Settlement::Done);
+                self.checkpointer.settle(record, Settlement::Done);
                 continue;
             };
-            let (record, event) = (Arc::new(record), Arc::new(event));
+            let (record, event) = (Delivered::new(&batch, at), Arc::new(event));
             let ticket = self.ledger.admit(record.clone(), takers.len() as u32);
             // The last pipeline takes the record and event for its unit of work, the others
             // a reference each: one atomic count fewer on each, per record, than copying
@@ -561,8 +563,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     }
 
     /// Faults a record that could not be read (`err`), before any pipeline sees it.
-    fn decode_fault(&mut self, record: Record, err: Error) {
-        let record = Arc::new(record);
+    fn decode_fault(&mut self, record: Delivered, err: Error) {
         let ticket = self.ledger.admit(record.clone(), 1);
         self.report.decode_faults += 1;
         let failure = (record, 0, None, Arc::from("decode"), err);
@@ -580,7 +581,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     fn dispatch_to(
         &mut self,
         index: usize,
-        record: Cow<'_, Arc<Record>>,
+        record: Cow<'_, Delivered>,
         event: Cow<'_, Arc<Event>>,
         ticket: Ticket,
     ) -> Result<(), RunError> {

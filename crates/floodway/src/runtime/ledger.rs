@@ -14,12 +14,12 @@ use std::sync::Arc;
 use super::scheduler::FxMap;
 
 use crate::source::{Checkpoint, Settlement};
-use crate::uow::{Record, Ticket};
+use crate::uow::{Delivered, Record, Ticket};
 
 struct Slot {
     /// Dropped when the record is done, so a done record costs only its slot while it waits
     /// for earlier ones.
-    record: Option<Arc<Record>>,
+    record: Option<Delivered>,
     offset: u64,
     partition: usize,
     pending: u32,
@@ -36,7 +36,7 @@ struct Partition {
 
 /// A record that just finished.
 pub(crate) struct Finished {
-    pub(crate) record: Arc<Record>,
+    pub(crate) record: Delivered,
     pub(crate) settlement: Settlement,
 }
 
@@ -54,7 +54,7 @@ pub(crate) struct Ledger {
 
 impl Ledger {
     /// Registers a delivered record with `pieces` pieces; returns its ticket.
-    pub(crate) fn admit(&mut self, record: Arc<Record>, pieces: u32) -> Ticket {
+    pub(crate) fn admit(&mut self, record: Delivered, pieces: u32) -> Ticket {
         self.undone += 1;
         let partition = self.index(&record.partition);
         self.push(partition, record.offset, Some(record), pieces)
@@ -76,7 +76,7 @@ impl Ledger {
         &mut self,
         partition: usize,
         offset: u64,
-        record: Option<Arc<Record>>,
+        record: Option<Delivered>,
         pending: u32,
     ) -> Ticket {
         let ticket = self.base + self.slots.len() as u64;
@@ -224,7 +224,7 @@ mod tests {
     fn checkpoints_of_a_failed_commit_go_with_the_next_one() {
         let mut ledger = Ledger::default();
         for (p, offset) in [("0", 1), ("1", 1)] {
-            let t = ledger.admit(Arc::new(Record::new("t", p, offset, "")), 1);
+            let t = ledger.admit(Delivered::alone(Record::new("t", p, offset, "")), 1);
             ledger.finish(t, false);
         }
         let taken = ledger.take_checkpoints();
@@ -277,7 +277,7 @@ mod tests {
             let mut done: Vec<(u8, u64)> = Vec::new();
             for (i, p) in partitions.iter().enumerate() {
                 offsets[*p as usize] += 10;
-                let rec = Arc::new(Record::new("t", p.to_string(), offsets[*p as usize], ""));
+                let rec = Delivered::alone(Record::new("t", p.to_string(), offsets[*p as usize], ""));
                 if pieces[i] == 0 {
                     ledger.admit_done(&rec);
                     done.push((*p, offsets[*p as usize]));

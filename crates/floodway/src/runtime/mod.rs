@@ -37,6 +37,8 @@ pub struct ProcessorConfig {
     /// the checkpoint can pass them. This is the memory bound: a slow key delays only the
     /// records that share it until the records held reach it; then the processor stops
     /// pulling. It is at least four times `max_in_flight` (a lower value counts as that).
+    /// Records are kept in the pulls they came in, and a pull goes with its last record: up
+    /// to one pull's records more than this can be held.
     pub max_buffered: usize,
     /// Records asked of the source per pull (default 512; at most `max_in_flight`).
     pub pull_batch: usize,

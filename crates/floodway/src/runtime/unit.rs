@@ -21,7 +21,7 @@ use crate::runtime::batcher::Flushed;
 use crate::runtime::scheduler::Keys;
 use crate::runtime::FaultSink;
 use crate::sink::{Attempt, Unresolved};
-use crate::uow::{Batch, Record, Ticket, Uow};
+use crate::uow::{Batch, Delivered, Record, Ticket, Uow};
 
 /// Work waiting in a pipeline's scheduler.
 pub(crate) enum Work {
@@ -152,7 +152,7 @@ pub(crate) fn faulted_now(failure: StepFailure) -> FailureItem {
 
 /// What [`fault_now`] faults: the record, the part of it, the event as shown, the step and
 /// the error.
-pub(crate) type FailureItem = (Arc<Record>, u64, Option<Arc<Event>>, Arc<str>, Error);
+pub(crate) type FailureItem = (Delivered, u64, Option<Arc<Event>>, Arc<str>, Error);
 
 /// Publishes the faults of step failures; a fatal step error stops the processor.
 async fn fault_failures(
