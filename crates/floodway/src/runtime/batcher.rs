@@ -21,6 +21,11 @@ impl Flushed {
     pub(crate) fn members(&self) -> &[Uow] {
         self.compacted.as_deref().unwrap_or(self.items.items())
     }
+
+    /// The members as a shared batch, when they are the items (no compaction).
+    pub(crate) fn shared_members(&self) -> Option<Batch> {
+        self.compacted.is_none().then(|| self.items.clone())
+    }
 }
 
 pub(crate) struct Batcher {

@@ -24,14 +24,14 @@ use crate::event::KeyHashMap;
 use crate::event::{now_millis, Event};
 use crate::pipeline::step::{run_sync, StepFailure};
 use crate::pipeline::{Pipeline, PipelineCore};
-use crate::runtime::batcher::{Batcher, Flush};
+use crate::runtime::batcher::{Batcher, Flush, Flushed};
 use crate::runtime::scheduler::{FxMap, Keys, Scheduler};
 use crate::runtime::unit::{
     fault_now, faulted_now, scheduled, BoxUnit, PipeEnv, Timers, UnitCtx, UnitOutput, Work,
 };
 use crate::runtime::{PipelineReport, ProcessorInner, RunReport, Stopped};
 use crate::source::{Checkpoint, Checkpointer, Pulled, Settlement, Source};
-use crate::uow::{Delivered, Record, Ticket, Uow};
+use crate::uow::{Batch, Delivered, Record, Ticket, Uow};
 
 use super::ledger::Ledger;
 
@@ -190,12 +190,18 @@ impl<S: Source> Feed<S> {
     }
 }
 
+/// The keys of a batch's members, with repeats: each one's order key, and the key its event
+/// has now when a step changed it.
+fn member_keys(members: &[Uow]) -> impl Iterator<Item = u64> + '_ {
+    members
+        .iter()
+        .flat_map(|m| std::iter::once(m.order).chain(m.rekeyed()))
+}
+
+/// The keys of a batch's members, without repeats.
 fn keys_of(members: &[Uow]) -> Keys {
     let mut keys: Vec<u64> = Vec::with_capacity(members.len());
-    for member in members {
-        keys.push(member.order);
-        keys.extend(member.rekeyed());
-    }
+    keys.extend(member_keys(members));
     keys.sort_unstable();
     keys.dedup();
     if keys.len() == 1 {
@@ -203,6 +209,13 @@ fn keys_of(members: &[Uow]) -> Keys {
     } else {
         Keys::Many(keys)
     }
+}
+
+/// The keys a unit started without taking them takes if it does not finish at once: its
+/// keys, or the members of a batch started without working them out ([`Keys::Kept`]).
+enum Claim {
+    Keys(Keys),
+    Members(Batch),
 }
 
 impl<'p, C: Checkpointer> Engine<'p, C> {
@@ -666,10 +679,30 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     /// Schedules flushed batches with the keys of their members.
     fn submit(&mut self, index: usize, flush: Flush) -> Result<Vec<StepFailure>, RunError> {
         for flushed in flush.batches {
-            let keys = keys_of(flushed.members());
-            self.schedule(index, keys, Work::Batch(flushed))?;
+            self.schedule_batch(index, flushed)?;
         }
         Ok(flush.failed)
+    }
+
+    /// Schedules a flushed batch. One that may start at once starts without its set of keys
+    /// ([`Keys::Kept`]): the set (every member's key, sorted, without repeats: an allocation
+    /// and a sort per batch) is made only if the batch does not finish at once, so a sink
+    /// answering synchronously never needs it while no key is held.
+    fn schedule_batch(&mut self, index: usize, flushed: Flushed) -> Result<(), RunError> {
+        if let Some(members) = flushed.shared_members() {
+            let sched = &mut self.pipes[index].sched;
+            if let Some(id) = sched.try_start_with(|| member_keys(members.items())) {
+                let unit = scheduled(
+                    self.pipes[index].env.clone(),
+                    id,
+                    Keys::Kept,
+                    Work::Batch(flushed),
+                );
+                return self.launch(unit, Some((index, id, Claim::Members(members))));
+            }
+        }
+        let keys = keys_of(flushed.members());
+        self.schedule(index, keys, Work::Batch(flushed))
     }
 
     /// Hands work to pipeline `index`'s scheduler; work that may start at once (a free slot,
@@ -742,7 +775,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         unclaimed: bool,
     ) -> Result<(), RunError> {
         // Cheap to clone: one hash, or a batch's few.
-        let claim = unclaimed.then(|| (index, id, keys.clone()));
+        let claim = unclaimed.then(|| (index, id, Claim::Keys(keys.clone())));
         let unit = scheduled(self.pipes[index].env.clone(), id, keys, work);
         self.launch(unit, claim)
     }
@@ -753,14 +786,21 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     fn launch(
         &mut self,
         mut unit: BoxUnit,
-        claim: Option<(usize, u64, Keys)>,
+        claim: Option<(usize, u64, Claim)>,
     ) -> Result<(), RunError> {
         let mut cx = Context::from_waker(Waker::noop());
         match unit.as_mut().poll(&mut cx) {
             Poll::Ready(output) => self.complete(output),
             Poll::Pending => {
-                if let Some((index, id, keys)) = claim {
-                    self.pipes[index].sched.claim(id, &keys);
+                match claim {
+                    Some((index, id, Claim::Keys(keys))) => {
+                        self.pipes[index].sched.claim(id, &keys)
+                    }
+                    Some((index, id, Claim::Members(members))) => {
+                        let keys = keys_of(members.items());
+                        self.pipes[index].sched.claim_kept(id, keys);
+                    }
+                    None => {}
                 }
                 self.units.push(unit);
                 Ok(())

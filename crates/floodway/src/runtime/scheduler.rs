@@ -22,6 +22,10 @@ pub(crate) type KeyHash = u64;
 pub(crate) enum Keys {
     One(KeyHash),
     Many(Vec<KeyHash>),
+    /// Kept by the scheduler, not carried with the item: an item started by
+    /// [`Scheduler::try_start_with`] before its keys were worked out, which took them with
+    /// [`Scheduler::claim_kept`] if it did not finish at once.
+    Kept,
 }
 
 impl Keys {
@@ -29,6 +33,7 @@ impl Keys {
         match self {
             Keys::One(k) => std::slice::from_ref(k),
             Keys::Many(ks) => ks,
+            Keys::Kept => &[],
         }
     }
 }
@@ -96,6 +101,8 @@ pub(crate) struct Scheduler<T> {
     keys: KeyHashMap<KeyQueue>,
     waiting: KeyHashMap<Waiting<T>>,
     ready: VecDeque<(u64, Keys, T)>,
+    /// The keys of running items started without them ([`Keys::Kept`]) and claimed.
+    kept: KeyHashMap<Keys>,
 }
 
 impl<T> Scheduler<T> {
@@ -107,6 +114,7 @@ impl<T> Scheduler<T> {
             keys: KeyHashMap::default(),
             waiting: KeyHashMap::default(),
             ready: VecDeque::new(),
+            kept: KeyHashMap::default(),
         }
     }
 
@@ -178,10 +186,19 @@ impl<T> Scheduler<T> {
     /// sink answering synchronously) never touches the key table. One that does not finish at
     /// once must be [`Self::claim`]ed before the next submission.
     pub(crate) fn try_start(&mut self, keys: &Keys) -> Option<u64> {
+        self.try_start_with(|| keys.as_slice().iter().copied())
+    }
+
+    /// As [`Self::try_start`], with the keys (repeats allowed) worked out by `keys` only when
+    /// some key is held.
+    pub(crate) fn try_start_with<I: IntoIterator<Item = KeyHash>>(
+        &mut self,
+        keys: impl FnOnce() -> I,
+    ) -> Option<u64> {
         if self.running >= self.parallelism || !self.ready.is_empty() {
             return None;
         }
-        if !self.keys.is_empty() && keys.as_slice().iter().any(|k| self.keys.contains_key(k)) {
+        if !self.keys.is_empty() && keys().into_iter().any(|k| self.keys.contains_key(&k)) {
             return None;
         }
         let id = self.next_id;
@@ -204,6 +221,13 @@ impl<T> Scheduler<T> {
         }
     }
 
+    /// Takes `keys` (without repeats) for an item started under `id` with [`Keys::Kept`] that
+    /// did not finish at once, and keeps them until it completes.
+    pub(crate) fn claim_kept(&mut self, id: u64, keys: Keys) {
+        self.claim(id, &keys);
+        self.kept.insert(id, keys);
+    }
+
     /// The next item that may start, if any; it counts as running until [`Self::complete`].
     pub(crate) fn next(&mut self) -> Option<(u64, Keys, T)> {
         if self.running >= self.parallelism {
@@ -219,10 +243,24 @@ impl<T> Scheduler<T> {
     pub(crate) fn complete(&mut self, id: u64, keys: &Keys) {
         self.running -= 1;
         if self.keys.is_empty() {
-            // No key is held: nothing waits for one.
+            // No key is held: nothing waits for one (and no item keeps any).
+            debug_assert!(self.kept.is_empty());
             return;
         }
-        for key in keys.as_slice() {
+        match keys {
+            Keys::Kept => {
+                // Started without its keys: it holds those it was claimed with, if it was.
+                if let Some(kept) = self.kept.remove(&id) {
+                    self.release(id, kept.as_slice());
+                }
+            }
+            _ => self.release(id, keys.as_slice()),
+        }
+    }
+
+    /// Releases the `keys` item `id` holds to the items waiting for them.
+    fn release(&mut self, id: u64, keys: &[KeyHash]) {
+        for key in keys {
             let Some(queue) = self.keys.get_mut(key) else {
                 continue;
             };
@@ -283,6 +321,31 @@ mod tests {
         assert!(s.next().is_none(), "a2 waits for a1");
         s.complete(ida1, &ka1);
         assert_eq!(s.next().unwrap().2, "a2");
+    }
+
+    /// An item started without its keys takes them only if it does not finish at once, and
+    /// then holds every one of them until it completes; one that finishes at once holds none.
+    #[test]
+    fn an_item_started_without_its_keys_holds_them_once_claimed() {
+        let mut s: Scheduler<&str> = Scheduler::new(10);
+        let never_asked = || -> Vec<KeyHash> { panic!("no key is held: none is looked at") };
+        let quick = s.try_start_with(never_asked).unwrap();
+        s.complete(quick, &Keys::Kept);
+        assert!(s.is_empty());
+
+        // A batch of keys 1, 2 and 1 again, started and not finished at once.
+        let batch = s.try_start_with(|| [1, 2, 1]).unwrap();
+        s.claim_kept(batch, Keys::Many(vec![1, 2]));
+        assert!(s.try_start_with(|| [2, 3]).is_none(), "key 2 is held");
+        let started = s.try_start_with(|| [3]).unwrap();
+        s.submit(Keys::One(2), "after the batch");
+        assert!(s.next().is_none(), "it waits for the batch");
+        // One started without its keys and finished at once, while keys are held: it
+        // releases none of them.
+        s.complete(started, &Keys::Kept);
+        assert!(s.next().is_none(), "still waiting for the batch");
+        s.complete(batch, &Keys::Kept);
+        assert_eq!(s.next().unwrap().2, "after the batch");
     }
 
     #[test]
