@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
@@ -139,35 +140,81 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Records pulled together: `range` of `records`, shared by the units of work made of them
+/// ([`Delivered`]).
+struct Pull {
+    records: Arc<Vec<Record>>,
+    range: Range<usize>,
+}
+
+impl From<Vec<Record>> for Pull {
+    fn from(records: Vec<Record>) -> Self {
+        let range = 0..records.len();
+        Pull {
+            records: Arc::new(records),
+            range,
+        }
+    }
+}
+
 /// Where the run loop takes the source's batches from.
 enum Feed<S> {
     /// A task of its own reads the next batch ahead and hands it over.
     Task(mpsc::Receiver<Pulled>, AbortOnDrop),
     /// The loop pulls the source itself ([`Source::buffered`]); `None` once stopped.
     Inline(Option<S>),
+    /// Records the caller holds (batch mode): pulled as ranges of them, each record shared
+    /// where it is rather than copied out (`None` once stopped).
+    Shared(Option<(Arc<Vec<Record>>, usize)>),
+}
+
+/// A source that never exists: the type of a feed of shared records, which has none.
+enum NoSource {}
+
+impl Source for NoSource {
+    async fn next_batch(&mut self, _max: usize) -> Pulled {
+        match *self {}
+    }
 }
 
 impl<S: Source> Feed<S> {
     /// The next batch; `None` when the source is gone without ending its stream (it
     /// panicked, in its task or here).
-    async fn next(&mut self, max: usize) -> Option<Pulled> {
-        match self {
-            Feed::Task(rx, _) => rx.recv().await,
+    async fn next(&mut self, max: usize) -> Option<Result<Option<Pull>, SourceError>> {
+        let pulled = match self {
+            Feed::Task(rx, _) => rx.recv().await?,
             Feed::Inline(slot) => {
                 let source = slot.as_mut()?;
                 match std::panic::AssertUnwindSafe(source.next_batch(max))
                     .catch_unwind()
                     .await
                 {
-                    Ok(pulled) => Some(pulled),
+                    Ok(pulled) => pulled,
                     Err(_) => {
                         // As a task that panicked: the source is dropped, and the run ends.
                         *slot = None;
-                        None
+                        return None;
                     }
                 }
             }
-        }
+            Feed::Shared(shared) => {
+                let (records, next) = shared.as_mut()?;
+                let rest = records.len() - *next;
+                if rest == 0 {
+                    return Some(Ok(None));
+                }
+                // `max` at a time, as any source gives them: a batch of 10,000 records is
+                // worked on `max_in_flight` at a time, not all at once, which bounds the
+                // memory of a Lambda invocation and keeps what is worked on in the caches.
+                let range = *next..*next + max.clamp(1, rest);
+                *next = range.end;
+                return Some(Ok(Some(Pull {
+                    records: records.clone(),
+                    range,
+                })));
+            }
+        };
+        Some(pulled.map(|records| records.map(Pull::from)))
     }
 
     /// Reads nothing more (the loop is draining): the source's task ends, dropping the source,
@@ -177,6 +224,7 @@ impl<S: Source> Feed<S> {
         match self {
             Feed::Task(rx, _) => rx.close(),
             Feed::Inline(source) => drop(source.take()),
+            Feed::Shared(shared) => drop(shared.take()),
         }
     }
 
@@ -186,6 +234,7 @@ impl<S: Source> Feed<S> {
         match self {
             Feed::Task(_, task) => task.stop().await,
             Feed::Inline(source) => drop(source.take()),
+            Feed::Shared(shared) => drop(shared.take()),
         }
     }
 }
@@ -282,7 +331,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     }
 
     pub(crate) async fn run<S: Source>(
-        mut self,
+        self,
         mut source: S,
         shutdown: impl Future<Output = ()> + Send,
         deadline: Option<Instant>,
@@ -291,7 +340,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         // A pulled batch is dispatched whole: one larger than the work allowed in flight
         // would overrun it.
         let pull = config.pull_batch.min(config.max_in_flight);
-        let mut feed = if source.buffered() {
+        let feed = if source.buffered() {
             Feed::Inline(Some(source))
         } else {
             let (tx, rx) = mpsc::channel::<Pulled>(1);
@@ -306,6 +355,26 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             }));
             Feed::Task(rx, task)
         };
+        self.run_feed(feed, shutdown, deadline).await
+    }
+
+    /// Runs over `records` the caller holds (batch mode), each record shared where it is.
+    pub(crate) async fn run_shared(
+        self,
+        records: Arc<Vec<Record>>,
+        shutdown: impl Future<Output = ()> + Send,
+        deadline: Option<Instant>,
+    ) -> Result<(RunReport, C), RunError> {
+        let feed = Feed::<NoSource>::Shared(Some((records, 0)));
+        self.run_feed(feed, shutdown, deadline).await
+    }
+
+    async fn run_feed<S: Source>(
+        mut self,
+        mut feed: Feed<S>,
+        shutdown: impl Future<Output = ()> + Send,
+        deadline: Option<Instant>,
+    ) -> Result<(RunReport, C), RunError> {
         let stopped = match self.drive(&mut feed, shutdown, deadline).await {
             Ok(stopped) => stopped,
             Err(err) => {
@@ -356,7 +425,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         // A pulled batch waiting for the checkpointer to say this process still owns what
         // it read (`Checkpointer::owned`): asked beside everything else the loop waits on, so
         // that a wait for it holds up nothing under way.
-        let mut awaiting: Option<Vec<Record>> = None;
+        let mut awaiting: Option<Pull> = None;
         let mut next_commit = after(config.commit_interval);
         let far = || Instant::now() + std::time::Duration::from_secs(86_400 * 365);
 
@@ -513,13 +582,17 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     }
 
     /// Decodes and dispatches pulled records; work that can start at once starts here.
-    fn dispatch(&mut self, records: Vec<Record>) -> Result<(), RunError> {
+    fn dispatch(&mut self, pull: Pull) -> Result<(), RunError> {
         let max_size = self.proc.config.max_event_size;
-        self.report.received += records.len() as u64;
+        self.report.received += pull.range.len() as u64;
         let mut newest: Option<i64> = None;
-        // Shared as pulled: a unit of work holds its record's place in the batch.
-        let batch = Arc::new(records);
-        for (at, record) in batch.iter().enumerate() {
+        // Shared as pulled: a unit of work holds its record's place in the pull.
+        let Pull {
+            records: batch,
+            range,
+        } = pull;
+        for at in range {
+            let record = &batch[at];
             let limit = if record.assembled {
                 usize::MAX
             } else {
@@ -854,39 +927,6 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
             self.report.done += 1;
             self.checkpointer.settle(&done.record, done.settlement);
         }
-    }
-}
-
-/// A source over a fixed list of records (batch mode).
-pub(crate) struct VecSource {
-    records: Arc<Vec<Record>>,
-    next: usize,
-}
-
-impl VecSource {
-    /// The records, shared with the caller, who reports on them afterwards.
-    pub(crate) fn new(records: Arc<Vec<Record>>) -> Self {
-        VecSource { records, next: 0 }
-    }
-}
-
-impl Source for VecSource {
-    /// The records `max` at a time, as any source gives them: a batch of 10,000 records is
-    /// worked on `max_in_flight` at a time, not all at once, which bounds the memory of a
-    /// Lambda invocation and keeps what is worked on in the processor's caches.
-    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, SourceError> {
-        let rest = self.records.get(self.next..).unwrap_or_default();
-        if rest.is_empty() {
-            return Ok(None);
-        }
-        let batch = rest[..max.clamp(1, rest.len())].to_vec();
-        self.next += batch.len();
-        Ok(Some(batch))
-    }
-
-    /// Everything is in memory, and a pull is taken whole or not at all.
-    fn buffered(&self) -> bool {
-        true
     }
 }
 

@@ -212,9 +212,8 @@ impl Processor {
     ) -> BatchReport {
         let records = Arc::new(records);
         let collector = engine::SettlementCollector::new(records.clone());
-        let source = engine::VecSource::new(records.clone());
         let result = engine::Engine::new(&self.inner, collector.clone())
-            .run(source, std::future::pending(), deadline)
+            .run_shared(records.clone(), std::future::pending(), deadline)
             .await
             .map(|(report, _)| report);
         let settled = collector.take();
