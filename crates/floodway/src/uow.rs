@@ -147,12 +147,13 @@ impl Record {
 /// The identity of a record inside one processor run, used to account for its pieces.
 pub(crate) type Ticket = u64;
 
-/// A record as the processor holds it: its place in the batch its source delivered, the batch
-/// shared by every unit of work made from it. Sharing the batch costs one allocation per pull
-/// rather than one per record, and no record is moved out of its batch to be shared: a
-/// record is 152 bytes, and moving it and allocating for it were a measurable part of the
-/// processor's work per event (see BENCHMARKS.md). A batch lives while any of its records
-/// does; the ledger keeps the records in flight within its window, and so the batches too.
+/// A record as the processor holds it: its place in the batch it was pulled from (a source's
+/// pull, or in batch mode the caller's records), the batch shared by every unit of work made
+/// from it. Sharing the batch costs one allocation per pull rather than one per record, and
+/// no record is moved or copied out of its batch to be shared: a record is 152 bytes, and
+/// moving it and allocating for it were a measurable part of the processor's work per event
+/// (see BENCHMARKS.md). A batch lives while any of its records does: a pull goes with its
+/// last record done.
 #[derive(Clone)]
 pub(crate) struct Delivered {
     batch: Arc<Vec<Record>>,
