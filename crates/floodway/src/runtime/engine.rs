@@ -260,6 +260,13 @@ fn keys_of(members: &[Uow]) -> Keys {
     }
 }
 
+/// Queues a batch that cannot start at once. Its members' keys may have pre-batch work of
+/// later records waiting: the batch goes before that, or a key slow before the batch would
+/// hold up every key batched with it for as long as its backlog.
+fn submit_batch(sched: &mut Scheduler<Work>, keys: Keys, batch: Work) {
+    sched.submit_ahead(keys, batch, |w| matches!(w, Work::Pre { .. }));
+}
+
 /// The keys a unit started without taking them takes if it does not finish at once: its
 /// keys, or the members of a batch started without working them out ([`Keys::Kept`]).
 enum Claim {
@@ -762,20 +769,22 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
     /// and a sort per batch) is made only if the batch does not finish at once, so a sink
     /// answering synchronously never needs it while no key is held.
     fn schedule_batch(&mut self, index: usize, flushed: Flushed) -> Result<(), RunError> {
-        if let Some(members) = flushed.shared_members() {
-            let sched = &mut self.pipes[index].sched;
-            if let Some(id) = sched.try_start_with(|| member_keys(members.items())) {
-                let unit = scheduled(
-                    self.pipes[index].env.clone(),
-                    id,
-                    Keys::Kept,
-                    Work::Batch(flushed),
-                );
-                return self.launch(unit, Some((index, id, Claim::Members(members))));
+        let Some(members) = flushed.shared_members() else {
+            let keys = keys_of(flushed.members());
+            return self.schedule(index, keys, Work::Batch(flushed));
+        };
+        let sched = &mut self.pipes[index].sched;
+        match sched.try_start_with(|| member_keys(members.items())) {
+            Some(id) => {
+                let env = self.pipes[index].env.clone();
+                let unit = scheduled(env, id, Keys::Kept, Work::Batch(flushed));
+                self.launch(unit, Some((index, id, Claim::Members(members))))
+            }
+            None => {
+                submit_batch(sched, keys_of(members.items()), Work::Batch(flushed));
+                Ok(())
             }
         }
-        let keys = keys_of(flushed.members());
-        self.schedule(index, keys, Work::Batch(flushed))
     }
 
     /// Hands work to pipeline `index`'s scheduler; work that may start at once (a free slot,
@@ -786,10 +795,7 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         match sched.try_start(&keys) {
             Some(id) => self.start(index, id, keys, work, true),
             None if matches!(work, Work::Batch(_)) => {
-                // Its members' keys may have pre-batch work of later records waiting: the
-                // batch goes before that, or a key slow before the batch would hold up every
-                // key batched with it for as long as its backlog.
-                sched.submit_ahead(keys, work, |w| matches!(w, Work::Pre { .. }));
+                submit_batch(sched, keys, work);
                 Ok(())
             }
             None => {

@@ -17,8 +17,8 @@ use crate::source::{Checkpoint, Settlement};
 use crate::uow::{Delivered, Record, Ticket};
 
 struct Slot {
-    /// Dropped when the record is done, so a done record costs only its slot while it waits
-    /// for earlier ones.
+    /// Dropped when the record is done, so that a done record waiting for earlier ones holds
+    /// only its slot, and its pull goes once the pull's other records are done too.
     record: Option<Delivered>,
     offset: u64,
     partition: usize,
