@@ -643,9 +643,10 @@ fn main() {
             "plain" => Case::Plain(shape, records),
             _ => Case::Floodway(shape, records, &resilience),
         };
-        let (rates, _) = rounds(&[case], 10);
+        let (rates, counted) = rounds(&[case], 10);
         let rate = best(&rates[0]);
-        out!("{profile}: {rate:.0} ev/s");
+        let [first, second, faults] = counted[0];
+        out!("{profile}: {rate:.0} ev/s (sunk {first} and {second}, {faults} faults)");
         return;
     }
     eprintln!(
