@@ -59,7 +59,7 @@ pub enum Acks {
     Each,
     /// Cumulatively (JetStream's `all` ack policy), as a Kafka offset or the embedded hub's
     /// checkpoint: one ack covers a partition's run of settled records (consuming ran at
-    /// 1.5-1.9x the rate of per-record acks in the benchmark, BENCHMARKS.md). For exclusive
+    /// 1.4-1.9x the rate of per-record acks in the benchmark, BENCHMARKS.md). For exclusive
     /// sharing only, and only where a partition truly has one reader at a time: an ack of one
     /// reader would cover records another still holds, so two instances given the same
     /// partitions (a rolling deploy that starts the new process before the old one stops) can
