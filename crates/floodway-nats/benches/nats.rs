@@ -17,7 +17,8 @@
 //! `FLOODWAY_BENCH_EVENTS` sets the message count (default 100,000); each measurement runs
 //! seven times ([`RUNS`]) and the median is reported. For profilers,
 //! `FLOODWAY_BENCH_PROFILE=consume` (`=consume-cumulative` with cumulative acks; or `=raw`,
-//! or `=cumulative` for raw consumers per partition acking cumulatively) runs only
+//! `=raw-partitions` for raw consumers per partition acking every message, or `=cumulative`
+//! for raw consumers per partition acking cumulatively) runs only
 //! Floodway's (or raw async-nats's) consuming, on 4 partitions (`FLOODWAY_BENCH_PARTITIONS`
 //! to change), ten times; `=publish`, raw and Floodway publishing (4 partitions) taking
 //! turns, ten times each.
@@ -446,6 +447,12 @@ fn main() {
                 let mut spent = Spent::default();
                 let rate = spent.run(&server, n, async { match profile.as_str() {
                     "raw" => raw_consume(&source, &format!("raw{run}"), n).await,
+                    "raw-partitions" => {
+                        let subjects: Vec<Option<String>> =
+                            (0..partitions).map(|p| Some(source.partition_subject(p))).collect();
+                        raw_consume_from(&source, &format!("rawp{run}"), n, &subjects, Acks::Each)
+                            .await
+                    }
                     "consume-cumulative" => {
                         floodway_consume(&source, &format!("floodwayc{run}"), n, Acks::Cumulative)
                             .await
