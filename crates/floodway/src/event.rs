@@ -291,7 +291,45 @@ fn found(raw: &str) -> String {
     s
 }
 
+/// The string member `field` of the envelope: a span of `text` when it is a non-empty string
+/// with no escapes (the common case, inlined into decoding), else read by
+/// [`owned_string_field`].
+#[inline(always)]
 fn string_field(
+    text: &str,
+    raw: Option<&str>,
+    field: &'static str,
+    non_empty: bool,
+) -> Result<Text, DecodeEventError> {
+    match raw {
+        Some(raw) if raw.len() > 2 => match plain_span(text, raw) {
+            Some(span) => Ok(span),
+            None => owned_string_field(text, Some(raw), field, non_empty),
+        },
+        _ => owned_string_field(text, raw, field, non_empty),
+    }
+}
+
+/// The span of the content of `raw`, a slice of `text`, when `raw` is a string with no escapes
+/// (and the span fits in `u32`s).
+#[inline(always)]
+fn plain_span(text: &str, raw: &str) -> Option<Text> {
+    if raw.len() < 2 || !raw.starts_with('"') || raw.contains('\\') {
+        return None;
+    }
+    let start = raw.as_ptr() as usize - text.as_ptr() as usize + 1;
+    let end = start + raw.len() - 2;
+    Some(Text::Span(
+        u32::try_from(start).ok()?,
+        u32::try_from(end).ok()?,
+    ))
+}
+
+/// [`string_field`] for what its fast path does not take: absent, `null`, empty, escaped, or
+/// not a string.
+#[cold]
+#[inline(never)]
+fn owned_string_field(
     text: &str,
     raw: Option<&str>,
     field: &'static str,
@@ -300,20 +338,15 @@ fn string_field(
     let raw = raw
         .filter(|r| *r != "null")
         .ok_or(DecodeEventError::MissingField { field })?;
-    if raw.len() >= 2 && raw.starts_with('"') && !raw.contains('\\') {
-        if non_empty && raw.len() == 2 {
-            return Err(DecodeEventError::InvalidField {
-                field,
-                expected: "a non-empty string",
-                found: "\"\"".into(),
-            });
-        }
-        // `raw` borrows from `text`: its offset there is the span.
-        let start = raw.as_ptr() as usize - text.as_ptr() as usize + 1;
-        let end = start + raw.len() - 2;
-        if let (Ok(start), Ok(end)) = (u32::try_from(start), u32::try_from(end)) {
-            return Ok(Text::Span(start, end));
-        }
+    if non_empty && raw == "\"\"" {
+        return Err(DecodeEventError::InvalidField {
+            field,
+            expected: "a non-empty string",
+            found: "\"\"".into(),
+        });
+    }
+    if let Some(span) = plain_span(text, raw) {
+        return Ok(span);
     }
     let value = {
         serde_json::from_str::<String>(raw).map_err(|_| DecodeEventError::InvalidField {
@@ -386,6 +419,7 @@ impl Clone for Compressed {
     }
 }
 
+#[inline]
 fn timestamp_field(raw: Option<&str>) -> Result<i64, DecodeEventError> {
     let raw = raw
         .filter(|r| *r != "null")
@@ -1817,6 +1851,23 @@ mod tests {
         assert_eq!(e.id(), "aA");
         assert_eq!(e.partition_key(), "k\n");
         assert!(e.tags().is_none());
+    }
+
+    #[test]
+    fn an_empty_partition_key_is_read_as_it_is() {
+        // The fast path takes non-empty strings only; the rest is read the long way.
+        let e = Event::decode(br#"{"id":"1","type":"t","timestamp":1,"partitionKey":""}"#).unwrap();
+        assert_eq!(e.partition_key(), "");
+        let e =
+            Event::decode(br#"{"id":"1","type":"t","timestamp":1,"partitionKey":"k"}"#).unwrap();
+        assert_eq!((e.id(), e.event_type(), e.partition_key()), ("1", "t", "k"));
+        assert_eq!(
+            Event::decode(br#"{"id":"1","type":"t","timestamp":1,"partitionKey":null}"#)
+                .unwrap_err(),
+            DecodeEventError::MissingField {
+                field: "partitionKey"
+            }
+        );
     }
 
     #[test]

@@ -928,6 +928,9 @@ impl<'p, C: Checkpointer> Engine<'p, C> {
         Ok(())
     }
 
+    /// Finishes a piece of the record of `ticket`, settling the record if that was its last
+    /// (inlined with the ledger's calls: see [`Ledger`]).
+    #[inline(always)]
     fn finish(&mut self, ticket: Ticket, faulted: bool) {
         if let Some(done) = self.ledger.finish(ticket, faulted) {
             self.report.done += 1;
