@@ -419,7 +419,6 @@ impl Clone for Compressed {
     }
 }
 
-#[inline]
 fn timestamp_field(raw: Option<&str>) -> Result<i64, DecodeEventError> {
     let raw = raw
         .filter(|r| *r != "null")
