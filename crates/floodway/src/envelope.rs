@@ -421,6 +421,43 @@ impl<'de> Checked<'de, '_> {
         self.text.as_bytes().get(self.at).copied()
     }
 
+    /// The value at `at` when it is a string with no escapes nor control characters (serde_json
+    /// gives such a string to the visitor borrowed), and the position after it.
+    #[inline]
+    fn plain_str(&self) -> Option<(&'de str, usize)> {
+        let (content, after) = scan::plain_string(self.text.as_bytes(), self.at)?;
+        let start = self.at + 1;
+        Some((&self.text[start..start + content.len()], after))
+    }
+
+    /// The value at `at` when it is an integer of at most 19 digits with no sign, fraction or
+    /// exponent (serde_json gives such a number to the visitor as a `u64`, whatever type is
+    /// asked for), and the position after it.
+    #[inline]
+    fn plain_u64(&self) -> Option<(u64, usize)> {
+        let b = self.text.as_bytes();
+        let mut n = 0u64;
+        let mut i = self.at;
+        while let Some(&c @ b'0'..=b'9') = b.get(i) {
+            // Wraps past 19 digits, where the number goes to serde_json instead.
+            n = n.wrapping_mul(10).wrapping_add(u64::from(c - b'0'));
+            i += 1;
+        }
+        let digits = i - self.at;
+        let integer = (1..=19).contains(&digits) && !matches!(b.get(i), Some(b'.' | b'e' | b'E'));
+        integer.then_some((n, i))
+    }
+
+    /// A value read here, without serde_json: the container holding it learns where it ends
+    /// rather than skipping it again.
+    #[inline]
+    fn read_here<T>(&self, value: serde_json::Result<T>, end: usize) -> serde_json::Result<T> {
+        if let Some(cell) = self.end {
+            cell.set(Some(end));
+        }
+        noted(value, self.failed)
+    }
+
     /// Has serde_json read the value, noting an error (a visitor may pass over it).
     fn by_serde_json<T>(
         &self,
@@ -474,6 +511,30 @@ impl<'de> Checked<'de, '_> {
         }
         Ok(value)
     }
+}
+
+/// Strings read as [`Checked::plain_str`] reads them, the rest by serde_json.
+macro_rules! plain_str_or_serde_json {
+    ($($method:ident)*) => {$(
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+            match self.plain_str() {
+                Some((text, end)) => self.read_here(visitor.visit_borrowed_str(text), end),
+                None => self.by_serde_json(|de| de.$method(visitor)),
+            }
+        }
+    )*};
+}
+
+/// Integers read as [`Checked::plain_u64`] reads them, the rest by serde_json.
+macro_rules! plain_u64_or_serde_json {
+    ($($method:ident)*) => {$(
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+            match self.plain_u64() {
+                Some((n, end)) => self.read_here(visitor.visit_u64(n), end),
+                None => self.by_serde_json(|de| de.$method(visitor)),
+            }
+        }
+    )*};
 }
 
 macro_rules! by_serde_json {
@@ -556,12 +617,19 @@ impl<'de> Deserializer<'de> for Checked<'de, '_> {
         }
     }
 
+    plain_str_or_serde_json! {
+        deserialize_str deserialize_string deserialize_identifier
+    }
+
+    plain_u64_or_serde_json! {
+        deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64
+        deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64
+    }
+
     by_serde_json! {
-        deserialize_bool() deserialize_i8() deserialize_i16() deserialize_i32()
-        deserialize_i64() deserialize_i128() deserialize_u8() deserialize_u16()
-        deserialize_u32() deserialize_u64() deserialize_u128() deserialize_f32()
-        deserialize_f64() deserialize_char() deserialize_str() deserialize_string()
-        deserialize_bytes() deserialize_byte_buf() deserialize_unit() deserialize_identifier()
+        deserialize_bool() deserialize_i128() deserialize_u128() deserialize_f32()
+        deserialize_f64() deserialize_char()
+        deserialize_bytes() deserialize_byte_buf() deserialize_unit()
         deserialize_unit_struct(name: &'static str)
         deserialize_newtype_struct(name: &'static str)
         deserialize_enum(name: &'static str, variants: &'static [&'static str])
@@ -898,6 +966,87 @@ mod tests {
                 assert_eq!(Some(ours), theirs, "{text:?}");
             }
         }
+    }
+
+    #[test]
+    fn reads_scalars_as_serde_json_does() {
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        struct Small {
+            n: u8,
+        }
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        struct Signed {
+            n: i8,
+        }
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        struct Wide {
+            n: u64,
+        }
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        struct Float {
+            n: f64,
+        }
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        struct Named {
+            n: String,
+        }
+        /// Reads as serde_json does, and reads for itself whatever serde_json reads.
+        fn both<T: serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(text: &str) {
+            reads_alike::<T>(text);
+            let (_, members) = indexed(text).unwrap();
+            let ours = payload::<T>(text, &members);
+            let theirs = serde_json::from_str::<T>(text).ok();
+            assert_eq!(ours, theirs, "{text:?}");
+        }
+        let numbers = [
+            "0",
+            "7",
+            "127",
+            "128",
+            "255",
+            "256",
+            "-1",
+            "-128",
+            "-129",
+            "9999999999999999999",
+            "18446744073709551615",
+            "18446744073709551616",
+            "1.0",
+            "1e3",
+            "2E2",
+            "\"5\"",
+        ];
+        for n in numbers {
+            let text = format!(r#"{{"id":"e","type":"t","n":{n},"after":[1]}}"#);
+            both::<Small>(&text);
+            both::<Signed>(&text);
+            both::<Wide>(&text);
+            both::<Float>(&text);
+            both::<Named>(&text);
+            both::<serde_json::Value>(&text);
+        }
+        for s in [
+            r#""""#,
+            r#""plain""#,
+            r#""a\"b""#,
+            r#""\u00e9t\u00e9""#,
+            r#""été""#,
+            "7",
+        ] {
+            let text = format!(r#"{{"id":"e","type":"t","n":{s},"after":[1]}}"#);
+            both::<Named>(&text);
+            both::<serde_json::Value>(&text);
+        }
+        // A plain string is lent from the text, as serde_json lends it.
+        #[derive(serde::Deserialize)]
+        struct Lent<'a> {
+            #[serde(borrow)]
+            n: std::borrow::Cow<'a, str>,
+        }
+        let text = r#"{"id":"e","type":"t","n":"o-1"}"#;
+        let (_, members) = indexed(text).unwrap();
+        let lent: Lent<'_> = payload(text, &members).unwrap();
+        assert!(matches!(lent.n, std::borrow::Cow::Borrowed("o-1")));
     }
 
     #[test]
