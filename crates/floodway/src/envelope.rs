@@ -404,9 +404,11 @@ impl<'de> MapAccess<'de> for Walk<'de, '_> {
 
 /// A value of a text the scanner has accepted, at `at`. Objects and arrays are walked here, so
 /// that a member the type does not take is skipped without being parsed again
-/// ([`scan::skip_checked`]); everything else is read by serde_json, from the value's start
-/// (it stops at the value's end). A walk that finds where its value ends says so in `end`,
-/// which saves the container that holds it from skipping the value again.
+/// ([`scan::skip_checked`]). A string with no escapes and an integer with no sign, fraction or
+/// exponent are read here too, as serde_json reads them; everything else is read by
+/// serde_json, from the value's start (it stops at the value's end). A value read here says
+/// where it ends in `end`, which saves the container that holds it from skipping the value
+/// again.
 struct Checked<'t, 'e> {
     text: &'t str,
     /// As [`Members::spans`].
