@@ -515,24 +515,13 @@ impl<'de> Checked<'de, '_> {
     }
 }
 
-/// Strings read as [`Checked::plain_str`] reads them, the rest by serde_json.
-macro_rules! plain_str_or_serde_json {
-    ($($method:ident)*) => {$(
+/// Values read here when `$plain` finds one of its kind (given to the visitor with `$visit`,
+/// as serde_json gives it), the rest by serde_json.
+macro_rules! read_here_or_by_serde_json {
+    ($plain:ident => $visit:ident: $($method:ident)*) => {$(
         fn $method<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
-            match self.plain_str() {
-                Some((text, end)) => self.read_here(visitor.visit_borrowed_str(text), end),
-                None => self.by_serde_json(|de| de.$method(visitor)),
-            }
-        }
-    )*};
-}
-
-/// Integers read as [`Checked::plain_u64`] reads them, the rest by serde_json.
-macro_rules! plain_u64_or_serde_json {
-    ($($method:ident)*) => {$(
-        fn $method<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
-            match self.plain_u64() {
-                Some((n, end)) => self.read_here(visitor.visit_u64(n), end),
+            match self.$plain() {
+                Some((value, end)) => self.read_here(visitor.$visit(value), end),
                 None => self.by_serde_json(|de| de.$method(visitor)),
             }
         }
@@ -619,11 +608,12 @@ impl<'de> Deserializer<'de> for Checked<'de, '_> {
         }
     }
 
-    plain_str_or_serde_json! {
-        deserialize_str deserialize_string deserialize_identifier
+    read_here_or_by_serde_json! {
+        plain_str => visit_borrowed_str: deserialize_str deserialize_string deserialize_identifier
     }
 
-    plain_u64_or_serde_json! {
+    read_here_or_by_serde_json! {
+        plain_u64 => visit_u64:
         deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64
         deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64
     }
