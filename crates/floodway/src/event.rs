@@ -301,12 +301,12 @@ fn string_field(
     field: &'static str,
     non_empty: bool,
 ) -> Result<Text, DecodeEventError> {
-    match raw {
-        Some(raw) if raw.len() > 2 => match plain_span(text, raw) {
-            Some(span) => Ok(span),
-            None => owned_string_field(text, Some(raw), field, non_empty),
-        },
-        _ => owned_string_field(text, raw, field, non_empty),
+    match raw
+        .filter(|raw| raw.len() > 2)
+        .and_then(|raw| plain_span(text, raw))
+    {
+        Some(span) => Ok(span),
+        None => owned_string_field(text, raw, field, non_empty),
     }
 }
 
