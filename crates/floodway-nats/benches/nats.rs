@@ -7,7 +7,8 @@
 //!   pipeline into a counting sink, acking each record (the default) or cumulatively;
 //! - publish: raw async-nats publishes with `Nats-Msg-Id`, pipelined 1,000 at a time and all
 //!   acked, to one subject (and to each event's partition subject of a stream of as many
-//!   partitions, as Floodway publishes), against Floodway's publisher doing the same.
+//!   partitions, as Floodway publishes), against Floodway publishing the same as a sink does
+//!   (fast-ingest batches, one ack a batch) and with a receipt (each message acked).
 //!
 //! A second table gives each case's CPU per message, the client's (this process) and the
 //! server's, and how many cores the two kept busy: the throughput rows say how fast, this one
@@ -21,7 +22,9 @@
 //! for raw consumers per partition acking cumulatively) runs only
 //! Floodway's (or raw async-nats's) consuming, on 4 partitions (`FLOODWAY_BENCH_PARTITIONS`
 //! to change), ten times; `=publish`, raw and Floodway publishing (4 partitions) taking
-//! turns, ten times each.
+//! turns, ten times each; `=fast-ingest`, raw async-nats publishing each message acked
+//! against raw fast-ingest batches of 1,000 (nats-server 2.14+) to the partition subjects
+//! of a 4-partition stream, taking turns, ten times.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -290,7 +293,90 @@ async fn raw_publish_to(hub: &NatsHub, subjects: &[String], events: &[(String, B
     events.len() as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Lets the hub's stream take fast-ingest batches (`allow_batched`, nats-server 2.14+), which
+/// async-nats's stream settings do not name: its settings as the server holds them, updated.
+async fn allow_batched(hub: &NatsHub) {
+    let client = hub.client();
+    let info = client
+        .request(
+            format!("$JS.API.STREAM.INFO.{}", hub.stream()),
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    let mut info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    let mut config = info["config"].take();
+    config["allow_batched"] = true.into();
+    let updated = client
+        .request(
+            format!("$JS.API.STREAM.UPDATE.{}", hub.stream()),
+            config.to_string().into(),
+        )
+        .await
+        .unwrap();
+    let updated: serde_json::Value = serde_json::from_slice(&updated.payload).unwrap();
+    assert_eq!(updated["config"]["allow_batched"], true, "{updated}");
+}
+
+/// Raw async-nats publishing with ids in JetStream's fast-ingest batches (nats-server 2.14+):
+/// each 1,000 messages one batch, sent without waiting, its commit's ack awaited; the server
+/// stores each message as it comes and acks the batch once (with flow-control acks on the
+/// way, which this reads past). The protocol lives in the reply subject,
+/// `<prefix>.<batch>.<flow>.<gap mode>.<sequence>.<operation>.$FI`.
+async fn raw_fast_ingest(hub: &NatsHub, subjects: &[String], events: &[(String, Bytes)]) -> f64 {
+    let client = hub.client();
+    let started = Instant::now();
+    for (chunk, subjects) in events.chunks(1_000).zip(subjects.chunks(1_000)) {
+        let inbox = client.new_inbox();
+        let batch = inbox.rsplit('.').next().unwrap();
+        let prefix = format!("_FI.{batch}");
+        let mut answers = client.subscribe(format!("{prefix}.>")).await.unwrap();
+        for (i, ((id, payload), subject)) in chunk.iter().zip(subjects).enumerate() {
+            let sequence = i + 1;
+            // 0 starts the batch, 1 adds to it, 2 commits it.
+            let operation = if sequence == chunk.len() {
+                2
+            } else {
+                usize::from(sequence > 1)
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            client
+                .publish_with_reply_and_headers(
+                    subject.clone(),
+                    format!("{prefix}.500.fail.{sequence}.{operation}.$FI"),
+                    headers,
+                    payload.clone(),
+                )
+                .await
+                .unwrap();
+        }
+        loop {
+            let answer = answers.next().await.unwrap();
+            let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+            assert!(answer.get("error").is_none(), "{answer}");
+            if answer.get("batch").is_some() {
+                assert_eq!(answer["count"], chunk.len(), "{answer}");
+                break;
+            }
+        }
+    }
+    events.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Floodway publishing as a sink does (`NatsHub::publish_fast`: fast-ingest batches), 1,000
+/// events a call.
 async fn floodway_publish(hub: &NatsHub, events: &[Event]) -> f64 {
+    let started = Instant::now();
+    for chunk in events.chunks(1_000) {
+        hub.publish_fast(chunk).await.unwrap();
+    }
+    events.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Floodway publishing with a receipt (`NatsHub::publish`: message by message, each acked,
+/// as `floodway hub publish` does to count repeats), 1,000 events a call.
+async fn floodway_publish_receipted(hub: &NatsHub, events: &[Event]) -> f64 {
     let started = Instant::now();
     for chunk in events.chunks(1_000) {
         hub.publish(chunk).await.unwrap();
@@ -436,6 +522,45 @@ fn main() {
             }
             return;
         }
+        if std::env::var("FLOODWAY_BENCH_PROFILE").as_deref() == Ok("fast-ingest") {
+            let payloads: Vec<(String, Bytes)> = events
+                .iter()
+                .map(|e| (e.id().to_owned(), e.source_bytes().unwrap().clone()))
+                .collect();
+            for run in 0..10 {
+                let (mut each, mut batched) = (Spent::default(), Spent::default());
+                let mut rates = [0.0; 2];
+                // Taking turns going first, each into a fresh stream of 4 partitions.
+                for k in [run % 2, 1 - run % 2] {
+                    let hub = hub(&server, &format!("FAST{run}x{k}"), 4).await;
+                    let subjects: Vec<String> = events
+                        .iter()
+                        .map(|e| hub.partition_subject(hub.partition_of(e.partition_key())))
+                        .collect();
+                    rates[k] = if k == 0 {
+                        each.run(&server, n, raw_publish_to(&hub, &subjects, &payloads))
+                            .await
+                    } else {
+                        allow_batched(&hub).await;
+                        batched
+                            .run(&server, n, raw_fast_ingest(&hub, &subjects, &payloads))
+                            .await
+                    };
+                }
+                out!(
+                    "fast-ingest: each acked {:.0} msg/s, batches of 1,000 {:.0} msg/s ({:.2}); \
+                     CPU per message: client {:.2} µs and {:.2} µs, server {:.2} µs and {:.2} µs",
+                    rates[0],
+                    rates[1],
+                    rates[1] / rates[0],
+                    Spent::micros(each.client_ms, each.messages),
+                    Spent::micros(batched.client_ms, batched.messages),
+                    Spent::micros(each.server_ms, each.messages),
+                    Spent::micros(batched.server_ms, batched.messages)
+                );
+            }
+            return;
+        }
         if let Ok(profile) = std::env::var("FLOODWAY_BENCH_PROFILE") {
             let partitions = std::env::var("FLOODWAY_BENCH_PARTITIONS")
                 .ok()
@@ -491,14 +616,16 @@ fn main() {
         let mut groups = Vec::new();
         let mut cpu = Vec::new();
         for partitions in [1u32, 4, 16] {
-            let mut rates: [Vec<f64>; 3] = Default::default();
-            let mut spent: [Spent; 3] = Default::default();
+            let mut rates: [Vec<f64>; 4] = Default::default();
+            let mut spent: [Spent; 4] = Default::default();
             // The cases take turns going first: the server's state (its page cache, the
             // streams made so far) must not favour one of them.
             for run in 0..RUNS {
                 let raw_hub = hub(&server, &format!("RAWPUB{partitions}x{run}"), 1).await;
                 let raw_split = hub(&server, &format!("RAWPUBP{partitions}x{run}"), partitions).await;
                 let our_hub = hub(&server, &format!("PUB{partitions}x{run}"), partitions).await;
+                let receipted =
+                    hub(&server, &format!("PUBR{partitions}x{run}"), partitions).await;
                 // What Floodway's publishing does, by hand: each event to its partition's
                 // subject of a stream of as many partitions.
                 let subjects: Vec<String> = events
@@ -509,8 +636,8 @@ fn main() {
                     .iter()
                     .map(|e| our_hub.partition_subject(our_hub.partition_of(e.partition_key())))
                     .collect();
-                for case in 0..3 {
-                    let k = (case + run) % 3;
+                for case in 0..4 {
+                    let k = (case + run) % 4;
                     let rate = spent[k]
                         .run(&server, n, async {
                             match k {
@@ -519,22 +646,26 @@ fn main() {
                                         .await
                                 }
                                 1 => raw_publish_to(&raw_split, &subjects, &payloads).await,
-                                _ if same => raw_publish_to(&our_hub, &ours, &payloads).await,
-                                _ => floodway_publish(&our_hub, &events).await,
+                                2 if same => raw_publish_to(&our_hub, &ours, &payloads).await,
+                                2 => floodway_publish(&our_hub, &events).await,
+                                _ => floodway_publish_receipted(&receipted, &events).await,
                             }
                         })
                         .await;
                     rates[k].push(rate);
                 }
             }
-            let [raw, per_partition, ours] = rates;
+            let [raw, per_partition, ours, with_receipts] = rates;
             cpu.push(spent[2].row(
                 &format!("publish, {partitions} partition(s)"),
                 &spent[1],
                 "raw publishing to the partition subjects",
             ));
             row(
-                &format!("publish, acked, with ids, {partitions} partition(s)"),
+                &format!(
+                    "publish as a sink does (fast-ingest batches), acked, with ids, \
+                     {partitions} partition(s)"
+                ),
                 &ours,
                 &raw,
                 "ratio >= 1.0",
@@ -548,10 +679,23 @@ fn main() {
                 &per_partition,
                 "ratio >= 1.0",
             );
+            row(
+                &format!(
+                    "same, with a receipt (`NatsHub::publish`: each message acked, as `hub \
+                     publish` counts repeats), against raw to the partition subjects ({partitions})"
+                ),
+                &with_receipts,
+                &per_partition,
+                "-",
+            );
             groups.push(common::chart::Group {
                 label: format!("publish, {partitions} partition(s)"),
                 bars: vec![
                     ("Floodway".into(), common::median(ours)),
+                    (
+                        "Floodway, with a receipt".into(),
+                        common::median(with_receipts),
+                    ),
                     ("raw async-nats".into(), common::median(raw)),
                     (
                         "raw, to the partition subjects".into(),

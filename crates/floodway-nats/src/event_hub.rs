@@ -108,6 +108,20 @@ impl EventHub for NatsEventHub {
         })
     }
 
+    /// In fast-ingest batches where the stream takes them ([`NatsHub::publish_fast`]).
+    fn publish_without_receipt<'a>(
+        &'a self,
+        events: &'a [Event],
+        dedupe: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Error>> + Send + 'a>> {
+        Box::pin(async move {
+            if !dedupe {
+                return self.publish(events, dedupe).await.map(|_| ());
+            }
+            Ok(self.hub.publish_fast(events).await?)
+        })
+    }
+
     /// A reset is refused: a durable consumer's position lives on the server, and moving it
     /// back is not done behind the operator's back.
     fn subscribe<'a>(

@@ -48,6 +48,10 @@ pub struct NatsHubOptions {
     pub memory: bool,
     /// How long a request (publish ack, stream info) may take (default 10 s).
     pub request_timeout: Duration,
+    /// Let sinks publish in JetStream's fast-ingest batches (default on): one ack a batch
+    /// instead of one a message, on servers 2.14 or newer, which then get `allow_batched` set
+    /// on the stream. Off, or on an older server, every publish is acked message by message.
+    pub fast_ingest: bool,
 }
 
 impl Default for NatsHubOptions {
@@ -63,6 +67,7 @@ impl Default for NatsHubOptions {
             duplicate_window: None,
             memory: false,
             request_timeout: Duration::from_secs(10),
+            fast_ingest: true,
         }
     }
 }
@@ -93,6 +98,11 @@ pub(crate) struct Inner {
     pub(crate) partition_subjects: Vec<async_nats::Subject>,
     /// `{subject}.faults`.
     pub(crate) fault_subject: async_nats::Subject,
+    /// Whether the stream takes fast-ingest batches (`fast_ingest.rs`); cleared when the
+    /// server says it no longer does.
+    pub(crate) fast_ingest: std::sync::atomic::AtomicBool,
+    /// How long a publish may wait for its ack.
+    pub(crate) request_timeout: Duration,
 }
 
 /// A name usable as a stream, consumer or subject token.
@@ -168,6 +178,9 @@ impl NatsHub {
             schedules,
             max_message_size,
         } = ensure_stream(&js, options, schedules).await?;
+        let fast_ingest = options.fast_ingest
+            && at_least(&client.server_info().version, (2, 14))
+            && allow_batched(&client, &options.stream).await;
         // The server's limit on a message, or the stream's own when it is lower.
         let max_payload = client.server_info().max_payload;
         let max_message = match usize::try_from(max_message_size) {
@@ -188,6 +201,8 @@ impl NatsHub {
                     .map(|p| format!("{}.{p}", options.subject).into())
                     .collect(),
                 fault_subject: format!("{}.faults", options.subject).into(),
+                fast_ingest: fast_ingest.into(),
+                request_timeout: options.request_timeout,
             }),
         })
     }
@@ -235,7 +250,7 @@ impl NatsHub {
 
     /// The subject an event goes to: its partition's (by `hash`, its partition key's
     /// [`key_hash`]), or the fault subject for `fault` events.
-    fn subject_of(&self, event: &Event, hash: u64) -> async_nats::Subject {
+    pub(crate) fn subject_of(&self, event: &Event, hash: u64) -> async_nats::Subject {
         if event.is_fault() {
             self.inner.fault_subject.clone()
         } else {
@@ -258,11 +273,24 @@ impl NatsHub {
     /// pipelined; the later events of a key ride along while the rest of the batch is
     /// acknowledged.
     ///
+    /// Without the need for a receipt, [`NatsHub::publish_fast`] stores the same with one
+    /// ack a batch.
+    ///
     /// # Errors
     /// When an acknowledgement does not come, or the connection's unawaited acknowledgements
     /// are all taken by other publishers (retrying is safe: duplicates are skipped, and
     /// nothing after the first failure of a key was sent).
     pub async fn publish(&self, events: &[Event]) -> Result<PublishReceipt, NatsError> {
+        let payloads = self.payloads(events)?;
+        self.publish_each(events, &payloads).await
+    }
+
+    /// The encoded events, each within the stream's message limit (a fault too large is
+    /// stored without its record's bytes).
+    ///
+    /// # Errors
+    /// An event that is not a fault over the limit.
+    pub(crate) fn payloads(&self, events: &[Event]) -> Result<Vec<Bytes>, NatsError> {
         let mut payloads = Vec::with_capacity(events.len());
         for event in events {
             // Room for the headers (the id among them) below the limit.
@@ -286,6 +314,16 @@ impl NatsHub {
             }
             payloads.push(payload);
         }
+        Ok(payloads)
+    }
+
+    /// Publishes `events` (encoded as `payloads`) message by message, each acked: see
+    /// [`NatsHub::publish`].
+    async fn publish_each(
+        &self,
+        events: &[Event],
+        payloads: &[Bytes],
+    ) -> Result<PublishReceipt, NatsError> {
         // Each key hashed once: for its partition, and to chain its events.
         let hashes: Vec<u64> = events.iter().map(|e| key_hash(e.partition_key())).collect();
         let send = |i: usize| {
@@ -697,6 +735,54 @@ fn at_least(version: &str, wanted: (u64, u64)) -> bool {
     let major = parts.next().unwrap_or(0);
     let minor = parts.next().unwrap_or(0);
     (major, minor) >= wanted
+}
+
+/// Makes sure `stream` takes fast-ingest batches, setting `allow_batched` on it when it does
+/// not (async-nats's stream settings do not name it, so the settings go as the server holds
+/// them). Answers whether it does; a stream that cannot be changed (permissions, a mirror) is
+/// published to message by message.
+async fn allow_batched(client: &async_nats::Client, stream: &str) -> bool {
+    let result: Result<bool, String> = async {
+        let info = client
+            .request(format!("$JS.API.STREAM.INFO.{stream}"), Bytes::new())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut info: serde_json::Value =
+            serde_json::from_slice(&info.payload).map_err(|e| e.to_string())?;
+        if let Some(error) = info.get("error") {
+            return Err(error.to_string());
+        }
+        let mut config = info["config"].take();
+        if config["allow_batched"] == true {
+            return Ok(true);
+        }
+        config["allow_batched"] = true.into();
+        let updated = client
+            .request(
+                format!("$JS.API.STREAM.UPDATE.{stream}"),
+                config.to_string().into(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let updated: serde_json::Value =
+            serde_json::from_slice(&updated.payload).map_err(|e| e.to_string())?;
+        if let Some(error) = updated.get("error") {
+            return Err(error.to_string());
+        }
+        Ok(updated["config"]["allow_batched"] == true)
+    }
+    .await;
+    match result {
+        Ok(allowed) => allowed,
+        Err(error) => {
+            tracing::warn!(
+                stream,
+                %error,
+                "the stream does not take fast-ingest batches: publishing message by message"
+            );
+            false
+        }
+    }
 }
 
 fn stream_config(options: &NatsHubOptions, partitions: u32, schedules: bool) -> stream::Config {

@@ -6,7 +6,8 @@
 //! - [`NatsHub`]: one JetStream stream with a subject per partition (`{subject}.{n}`, the
 //!   partition chosen from `partitionKey` exactly as the embedded hub does) and a fault subject
 //!   (`{subject}.faults`); publishing is pipelined, with the event id as `Nats-Msg-Id` so a
-//!   re-publish inside the duplicate window is stored once.
+//!   re-publish inside the duplicate window is stored once. Sinks publish in JetStream's
+//!   fast-ingest batches, one ack a batch ([`NatsHub::publish_fast`], nats-server 2.14+).
 //! - [`NatsSubscription`]: a durable pull consumer per partition; a record is acked when every
 //!   pipeline is done with it, terminated once its fault is stored, kept alive with in-progress
 //!   acks while it is worked on, and nak'd with a growing delay when the processor lets go of
@@ -33,6 +34,7 @@
 
 mod error;
 mod event_hub;
+mod fast_ingest;
 mod hub;
 mod publisher;
 mod pull;

@@ -1873,3 +1873,139 @@ async fn the_stream_keeps_timers_and_gives_what_a_partition_missed() {
         "once, and the replaced schedule never"
     );
 }
+
+/// Whether the hub's stream takes fast-ingest batches, as the server holds its settings.
+async fn allows_batches(hub: &NatsHub) -> bool {
+    let info = hub
+        .client()
+        .request(
+            format!("$JS.API.STREAM.INFO.{}", hub.stream()),
+            bytes::Bytes::new(),
+        )
+        .await
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    info["config"]["allow_batched"] == true
+}
+
+/// `n` events of 50 keys, `e-{i}` with field `n` = i, in that order.
+fn numbered_events(n: usize) -> Vec<Event> {
+    (0..n)
+        .map(|i| {
+            Event::builder("thing-happened", format!("k-{}", i % 50))
+                .id(format!("e-{i}"))
+                .field("n", i as u64)
+                .build()
+        })
+        .collect()
+}
+
+/// Reads the whole stream and checks that it holds `n` events of [`numbered_events`], each
+/// once, and every key's in the order published.
+async fn holds_each_once_in_order(hub: &NatsHub, n: usize) {
+    let stored = read_all(hub, Partitions::All).await;
+    let ids: HashSet<&str> = stored.iter().map(Event::id).collect();
+    assert_eq!((stored.len(), ids.len()), (n, n), "each stored once");
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    for event in &stored {
+        let number = event
+            .field("n")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap();
+        if let Some(before) = last.insert(event.partition_key(), number) {
+            assert!(before < number, "{} after {before}", event.id());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_ingest_batches_store_every_event_once_and_in_order() {
+    let (_server, hub) = hub_on_new_server().await;
+    assert!(allows_batches(&hub).await, "set on the stream at connect");
+    let events = numbered_events(2_500);
+    // Three batches: 1,000, 1,000 and 500.
+    hub.publish_fast(&events).await.unwrap();
+    assert_eq!(hub.stats().await.unwrap().messages, 2_500);
+    // Repeats inside the duplicate window are skipped, in a batch as message by message; the
+    // ids went with the batch.
+    hub.publish_fast(&events[..1_200]).await.unwrap();
+    let again = hub.publish(&events[2_000..]).await.unwrap();
+    assert_eq!((again.stored, again.duplicates), (0, 500));
+    // Through the contract, as a sink publishes; a handful goes message by message.
+    let contract = floodway_nats::NatsEventHub::new(hub.clone(), Default::default());
+    floodway::hub::EventHub::publish_without_receipt(&contract, &events[..3], true)
+        .await
+        .unwrap();
+    assert_eq!(hub.stats().await.unwrap().messages, 2_500);
+    holds_each_once_in_order(&hub, 2_500).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_ingest_batch_that_loses_a_message_is_finished_message_by_message() {
+    let server = NatsServer::start();
+    let proxy = floodway_nats::testing::Proxy::start(server.port()).await;
+    let hub = NatsHub::connect(&options(vec![proxy.url()])).await.unwrap();
+    let events = numbered_events(1_500);
+    // The 501st message of the first batch is lost on the way: the server stores the 500
+    // before it and ends the batch there; the rest, the lost one first, goes message by
+    // message.
+    proxy.drop_next_publish_containing(b"\"e-500\"");
+    let started = Instant::now();
+    hub.publish_fast(&events).await.unwrap();
+    assert_eq!(proxy.dropped(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "no wait for silence"
+    );
+    holds_each_once_in_order(&hub, 1_500).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_ingest_batch_that_loses_its_last_message_is_asked_where_it_stands() {
+    let server = NatsServer::start();
+    let proxy = floodway_nats::testing::Proxy::start(server.port()).await;
+    let hub = NatsHub::connect(&options(vec![proxy.url()])).await.unwrap();
+    let events = numbered_events(1_200);
+    // The commit is lost: no ack comes. After a second of silence the server is asked, ends
+    // the batch before the lost message and acks the 999 stored.
+    proxy.drop_next_publish_containing(b"\"e-999\"");
+    let started = Instant::now();
+    hub.publish_fast(&events).await.unwrap();
+    assert_eq!(proxy.dropped(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "within the request timeout: {:?}",
+        started.elapsed()
+    );
+    holds_each_once_in_order(&hub, 1_200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_fast_ingest_every_publish_goes_message_by_message() {
+    let server = NatsServer::start();
+    let hub = NatsHub::connect(&NatsHubOptions {
+        fast_ingest: false,
+        ..options(vec![server.url()])
+    })
+    .await
+    .unwrap();
+    assert!(!allows_batches(&hub).await, "the stream left as it was");
+    let events = numbered_events(1_100);
+    hub.publish_fast(&events[..600]).await.unwrap();
+
+    // A hub that set it, on a stream another client then takes it off: the server refuses
+    // the batch, and the events go message by message (this time and from then on).
+    let fast = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    assert!(allows_batches(&fast).await);
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let mut stream = js.get_stream("ORDERS").await.unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    // async-nats's settings do not name `allow_batched`: an update with them clears it.
+    js.update_stream(config).await.unwrap();
+    assert!(!allows_batches(&fast).await);
+    fast.publish_fast(&events[600..]).await.unwrap();
+    fast.publish_fast(&events).await.unwrap();
+    holds_each_once_in_order(&fast, 1_100).await;
+}

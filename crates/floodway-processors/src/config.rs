@@ -92,6 +92,7 @@
 //! acks = "each"               # or "cumulative": one ack per run of settled records (exclusive only)
 //! ack_wait = "30s"
 //! max_ack_pending = 1000      # per partition
+//! fast_ingest = true          # sinks publish in fast-ingest batches (nats-server 2.14+)
 //! ```
 //!
 //! A *forward* processor writes to another embedded hub (`to = "other.db"`) or to a NATS
@@ -232,6 +233,10 @@ pub struct NatsConfig {
     /// Per partition, records delivered and not acked at most (default 1000).
     #[serde(default = "default_max_ack_pending")]
     pub max_ack_pending: i64,
+    /// Sinks publish in JetStream's fast-ingest batches, one ack a batch (default `true`; on
+    /// nats-server 2.14 or newer, which then get `allow_batched` set on the stream).
+    #[serde(default = "default_true")]
+    pub fast_ingest: bool,
 }
 
 /// How instances share partitions on NATS.

@@ -50,6 +50,7 @@ impl NatsConfig {
             partitions: self.partitions,
             replicas: self.replicas,
             duplicate_window: self.duplicate_window.map(HumanDuration::get),
+            fast_ingest: self.fast_ingest,
             ..NatsHubOptions::default()
         };
         if let Some(hub) = hub {

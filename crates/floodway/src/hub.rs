@@ -208,6 +208,18 @@ pub trait EventHub: Send + Sync + Debug + 'static {
     /// hub cannot take is poison).
     fn publish<'a>(&'a self, events: &'a [Event], dedupe: bool) -> PublishFuture<'a>;
 
+    /// Stores `events` as [`publish`](Self::publish) does, for a caller that needs to know
+    /// only that every one is stored, not which were repeats (a sink). A hub with a faster
+    /// way that cannot tell the two apart takes it (JetStream's fast-ingest batches); the
+    /// others publish.
+    fn publish_without_receipt<'a>(
+        &'a self,
+        events: &'a [Event],
+        dedupe: bool,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>> {
+        Box::pin(async move { self.publish(events, dedupe).await.map(|_| ()) })
+    }
+
     /// Opens the subscription `name`.
     fn subscribe<'a>(
         &'a self,

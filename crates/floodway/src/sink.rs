@@ -384,7 +384,7 @@ impl Publisher {
 
     async fn publish(&self, batch: Batch) -> Result<(), Error> {
         let events: Vec<Event> = batch.events().cloned().collect();
-        self.hub.publish(&events, true).await.map(|_| ())
+        self.hub.publish_without_receipt(&events, true).await
     }
 }
 
