@@ -8,7 +8,8 @@
 //! - publish: raw async-nats publishes with `Nats-Msg-Id`, pipelined 1,000 at a time and all
 //!   acked, to one subject (and to each event's partition subject of a stream of as many
 //!   partitions, as Floodway publishes), against Floodway publishing the same as a sink does
-//!   (fast-ingest batches, one ack a batch) and with a receipt (each message acked).
+//!   (fast-ingest batches, one ack a batch) and with a receipt (each message acked), and
+//!   against raw async-nats in fast-ingest batches (the limit).
 //!
 //! A second table gives each case's CPU per message, the client's (this process) and the
 //! server's, and how many cores the two kept busy: the throughput rows say how fast, this one
@@ -293,32 +294,8 @@ async fn raw_publish_to(hub: &NatsHub, subjects: &[String], events: &[(String, B
     events.len() as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Lets the hub's stream take fast-ingest batches (`allow_batched`, nats-server 2.14+), which
-/// async-nats's stream settings do not name: its settings as the server holds them, updated.
-async fn allow_batched(hub: &NatsHub) {
-    let client = hub.client();
-    let info = client
-        .request(
-            format!("$JS.API.STREAM.INFO.{}", hub.stream()),
-            Bytes::new(),
-        )
-        .await
-        .unwrap();
-    let mut info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
-    let mut config = info["config"].take();
-    config["allow_batched"] = true.into();
-    let updated = client
-        .request(
-            format!("$JS.API.STREAM.UPDATE.{}", hub.stream()),
-            config.to_string().into(),
-        )
-        .await
-        .unwrap();
-    let updated: serde_json::Value = serde_json::from_slice(&updated.payload).unwrap();
-    assert_eq!(updated["config"]["allow_batched"], true, "{updated}");
-}
-
-/// Raw async-nats publishing with ids in JetStream's fast-ingest batches (nats-server 2.14+):
+/// Raw async-nats publishing with ids in JetStream's fast-ingest batches (nats-server 2.14+,
+/// a stream with `allow_batched`, which the hub sets at connect):
 /// each 1,000 messages one batch, sent without waiting, its commit's ack awaited; the server
 /// stores each message as it comes and acks the batch once (with flow-control acks on the
 /// way, which this reads past). The protocol lives in the reply subject,
@@ -541,7 +518,6 @@ fn main() {
                         each.run(&server, n, raw_publish_to(&hub, &subjects, &payloads))
                             .await
                     } else {
-                        allow_batched(&hub).await;
                         batched
                             .run(&server, n, raw_fast_ingest(&hub, &subjects, &payloads))
                             .await
@@ -616,8 +592,8 @@ fn main() {
         let mut groups = Vec::new();
         let mut cpu = Vec::new();
         for partitions in [1u32, 4, 16] {
-            let mut rates: [Vec<f64>; 4] = Default::default();
-            let mut spent: [Spent; 4] = Default::default();
+            let mut rates: [Vec<f64>; 5] = Default::default();
+            let mut spent: [Spent; 5] = Default::default();
             // The cases take turns going first: the server's state (its page cache, the
             // streams made so far) must not favour one of them.
             for run in 0..RUNS {
@@ -626,6 +602,7 @@ fn main() {
                 let our_hub = hub(&server, &format!("PUB{partitions}x{run}"), partitions).await;
                 let receipted =
                     hub(&server, &format!("PUBR{partitions}x{run}"), partitions).await;
+                let raw_fast = hub(&server, &format!("RAWFI{partitions}x{run}"), partitions).await;
                 // What Floodway's publishing does, by hand: each event to its partition's
                 // subject of a stream of as many partitions.
                 let subjects: Vec<String> = events
@@ -636,8 +613,12 @@ fn main() {
                     .iter()
                     .map(|e| our_hub.partition_subject(our_hub.partition_of(e.partition_key())))
                     .collect();
-                for case in 0..4 {
-                    let k = (case + run) % 4;
+                let fast: Vec<String> = events
+                    .iter()
+                    .map(|e| raw_fast.partition_subject(raw_fast.partition_of(e.partition_key())))
+                    .collect();
+                for case in 0..5 {
+                    let k = (case + run) % 5;
                     let rate = spent[k]
                         .run(&server, n, async {
                             match k {
@@ -648,18 +629,24 @@ fn main() {
                                 1 => raw_publish_to(&raw_split, &subjects, &payloads).await,
                                 2 if same => raw_publish_to(&our_hub, &ours, &payloads).await,
                                 2 => floodway_publish(&our_hub, &events).await,
-                                _ => floodway_publish_receipted(&receipted, &events).await,
+                                3 => floodway_publish_receipted(&receipted, &events).await,
+                                _ => raw_fast_ingest(&raw_fast, &fast, &payloads).await,
                             }
                         })
                         .await;
                     rates[k].push(rate);
                 }
             }
-            let [raw, per_partition, ours, with_receipts] = rates;
+            let [raw, per_partition, ours, with_receipts, raw_batches] = rates;
             cpu.push(spent[2].row(
                 &format!("publish, {partitions} partition(s)"),
                 &spent[1],
                 "raw publishing to the partition subjects",
+            ));
+            cpu.push(spent[2].row(
+                &format!("publish, {partitions} partition(s)"),
+                &spent[4],
+                "raw in fast-ingest batches to the partition subjects",
             ));
             row(
                 &format!(
@@ -688,6 +675,15 @@ fn main() {
                 &per_partition,
                 "-",
             );
+            row(
+                &format!(
+                    "publish as a sink does, against raw async-nats in fast-ingest batches of \
+                     1,000 to the partition subjects ({partitions})"
+                ),
+                &ours,
+                &raw_batches,
+                "the limit",
+            );
             groups.push(common::chart::Group {
                 label: format!("publish, {partitions} partition(s)"),
                 bars: vec![
@@ -700,6 +696,10 @@ fn main() {
                     (
                         "raw, to the partition subjects".into(),
                         common::median(per_partition),
+                    ),
+                    (
+                        "raw, fast-ingest batches".into(),
+                        common::median(raw_batches),
                     ),
                 ],
             });

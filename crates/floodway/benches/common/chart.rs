@@ -6,9 +6,12 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 const WIDTH: f64 = 760.0;
-const COLORS: [&str; 6] = [
-    "#2f6fbf", "#e07b28", "#3a9a5b", "#b8404a", "#7d5ab5", "#8a8a8a",
+const COLORS: [&str; 10] = [
+    "#2f6fbf", "#e07b28", "#3a9a5b", "#b8404a", "#7d5ab5", "#8a8a8a", "#c9a227", "#2aa1b3",
+    "#d66fa7", "#6b4a35",
 ];
+/// A legend row's height: a legend wider than the chart goes on in rows below.
+const LEGEND_ROW: f64 = 16.0;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -107,7 +110,13 @@ pub(crate) fn bars(name: &str, title: &str, unit: &str, groups: &[Group]) {
     let bar_h = 16.0;
     let gap = 14.0;
     let rows: usize = groups.iter().map(|g| g.bars.len()).sum();
-    let plot_top = 44.0;
+    let mut names: Vec<&str> = Vec::new();
+    for (bar, _) in groups.iter().flat_map(|g| &g.bars) {
+        if !names.contains(&bar.as_str()) {
+            names.push(bar);
+        }
+    }
+    let plot_top = 44.0 + (legend_rows(&names) - 1) as f64 * LEGEND_ROW;
     let height = plot_top + rows as f64 * bar_h + groups.len() as f64 * gap + 48.0;
     let max = groups
         .iter()
@@ -138,7 +147,6 @@ pub(crate) fn bars(name: &str, title: &str, unit: &str, groups: &[Group]) {
         escape(unit)
     );
     let mut y = plot_top + gap / 2.0;
-    let mut names: Vec<&str> = Vec::new();
     for group in groups {
         let group_h = group.bars.len() as f64 * bar_h;
         let _ = writeln!(
@@ -149,13 +157,8 @@ pub(crate) fn bars(name: &str, title: &str, unit: &str, groups: &[Group]) {
             escape(&group.label)
         );
         for (bar, value) in &group.bars {
-            let color = match names.iter().position(|n| n == bar) {
-                Some(i) => COLORS[i % COLORS.len()],
-                None => {
-                    names.push(bar);
-                    COLORS[(names.len() - 1) % COLORS.len()]
-                }
-            };
+            let i = names.iter().position(|n| n == bar).unwrap_or(0);
+            let color = COLORS[i % COLORS.len()];
             let _ = writeln!(
                 s,
                 r##"<rect x="{left}" y="{y}" width="{:.1}" height="{:.1}" fill="{color}"/><text x="{:.1}" y="{:.1}" fill="#333">{}</text>"##,
@@ -174,9 +177,30 @@ pub(crate) fn bars(name: &str, title: &str, unit: &str, groups: &[Group]) {
     save_svg(name, &s);
 }
 
-fn legend(s: &mut String, names: &[&str], y: f64) {
-    let mut x = 12.0;
-    for (i, name) in names.iter().enumerate() {
+/// Where each legend entry goes, left to right and in rows below when the chart's width is
+/// used up: (x, row).
+fn legend_places(names: &[&str]) -> Vec<(f64, usize)> {
+    let mut places = Vec::with_capacity(names.len());
+    let (mut x, mut row) = (12.0, 0);
+    for name in names {
+        let wide = 24.0 + 7.0 * name.len() as f64;
+        if x > 12.0 && x + wide > WIDTH {
+            (x, row) = (12.0, row + 1);
+        }
+        places.push((x, row));
+        x += wide;
+    }
+    places
+}
+
+/// The rows the legend of `names` takes.
+fn legend_rows(names: &[&str]) -> usize {
+    legend_places(names).last().map_or(1, |p| p.1 + 1)
+}
+
+fn legend(s: &mut String, names: &[&str], top: f64) {
+    for (i, (name, (x, row))) in names.iter().zip(legend_places(names)).enumerate() {
+        let y = top + row as f64 * LEGEND_ROW;
         let _ = write!(
             s,
             r##"<rect x="{x}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{y}" fill="#333">{}</text>"##,
@@ -185,7 +209,6 @@ fn legend(s: &mut String, names: &[&str], y: f64) {
             x + 14.0,
             escape(name)
         );
-        x += 24.0 + 7.0 * name.len() as f64;
     }
     s.push('\n');
 }
@@ -200,7 +223,9 @@ pub(crate) struct Series {
 
 /// Lines over a shared x axis: memory over a run, a limit and goodput over time, lag.
 pub(crate) fn lines(name: &str, title: &str, x_unit: &str, y_unit: &str, series: &[Series]) {
-    let (left, right, top, height) = (70.0, WIDTH - 20.0, 50.0, 330.0);
+    let names: Vec<&str> = series.iter().map(|s| s.name.as_str()).collect();
+    let extra = (legend_rows(&names) - 1) as f64 * LEGEND_ROW;
+    let (left, right, top, height) = (70.0, WIDTH - 20.0, 50.0 + extra, 330.0 + extra);
     let bottom = height - 50.0;
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let ys = series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
@@ -266,7 +291,6 @@ pub(crate) fn lines(name: &str, title: &str, x_unit: &str, y_unit: &str, series:
             points.join(" ")
         );
     }
-    let names: Vec<&str> = series.iter().map(|s| s.name.as_str()).collect();
     legend(&mut s, &names, 40.0);
     s.push_str("</svg>\n");
     save_svg(name, &s);
