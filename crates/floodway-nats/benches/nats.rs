@@ -469,11 +469,12 @@ fn main() {
             bytes / n,
             RUNS
         );
+        // Each event's id and bytes, as raw async-nats publishes them.
+        let payloads: Vec<(String, Bytes)> = events
+            .iter()
+            .map(|e| (e.id().to_owned(), e.source_bytes().unwrap().clone()))
+            .collect();
         if std::env::var("FLOODWAY_BENCH_PROFILE").as_deref() == Ok("publish") {
-            let payloads: Vec<(String, Bytes)> = events
-                .iter()
-                .map(|e| (e.id().to_owned(), e.source_bytes().unwrap().clone()))
-                .collect();
             for run in 0..10 {
                 let (mut theirs, mut mine) = (Spent::default(), Spent::default());
                 let raw_hub = hub(&server, &format!("RAWPUBP{run}"), 1).await;
@@ -500,10 +501,6 @@ fn main() {
             return;
         }
         if std::env::var("FLOODWAY_BENCH_PROFILE").as_deref() == Ok("fast-ingest") {
-            let payloads: Vec<(String, Bytes)> = events
-                .iter()
-                .map(|e| (e.id().to_owned(), e.source_bytes().unwrap().clone()))
-                .collect();
             for run in 0..10 {
                 let (mut each, mut batched) = (Spent::default(), Spent::default());
                 let mut rates = [0.0; 2];
@@ -585,10 +582,6 @@ fn main() {
 
         // For each partition count: publishing, each run into fresh streams so ids are never
         // duplicates; then consuming the same stored messages with fresh consumers each run.
-        let payloads: Vec<(String, Bytes)> = events
-            .iter()
-            .map(|e| (e.id().to_owned(), e.source_bytes().unwrap().clone()))
-            .collect();
         let mut groups = Vec::new();
         let mut cpu = Vec::new();
         for partitions in [1u32, 4, 16] {
