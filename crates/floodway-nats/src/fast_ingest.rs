@@ -4,14 +4,15 @@
 //!
 //! The protocol lives in each message's reply subject,
 //! `<inbox>.<flow>.fail.<sequence>.<operation>.$FI` (the inbox's last token is the batch's
-//! id): the server answers on it with a flow ack every `<flow>` messages stored, and with the
-//! batch's ack when the commit (the last message) is stored. In the `fail` gap mode a message
+//! id): the server answers on it with a flow ack at least every `<flow>` messages stored, and
+//! with the batch's ack when the commit (the last message) is stored. In the `fail` gap mode a message
 //! missing on the way, or one the stream refuses, ends the batch there: the ack then counts
 //! the messages before it, and nothing after it is stored. So the batch's ack, or failing
 //! that the last flow ack, names a prefix of the batch that is stored (repeats of an id
-//! inside the duplicate window are skipped, as on a plain publish), and the rest is sent
-//! again message by message, each acked ([`NatsHub::publish`]): the ids skip anything of it
-//! that was stored after all, and each key's events stay in their order.
+//! inside the duplicate window are skipped, as on a plain publish), and the rest of the batch
+//! is sent again message by message, each acked ([`NatsHub::publish`]), before the next batch
+//! goes: the ids skip anything of it that was stored after all, and each key's events stay in
+//! their order.
 //!
 //! What a batch cannot say is how many of its messages were repeats: a publish that must
 //! tell (the contract's receipt, `floodway hub publish`'s count) goes message by message.
@@ -28,13 +29,15 @@ use futures_util::StreamExt;
 use crate::error::NatsError;
 use crate::hub::NatsHub;
 
-/// Messages in one batch at most; a longer publish is sent as several, one after another.
+/// Messages in one batch at most; a longer publish is sent as several of about equal size,
+/// one after another.
 const BATCH: usize = 1_000;
 /// Fewer events than this are published message by message: a batch costs a subscription of
 /// its own and a few answers, which a handful of per-message acks do not outweigh.
 const FEWEST: usize = 8;
-/// A flow ack is asked for every this many messages: how much of a batch is known stored if
-/// its ack never comes.
+/// A flow ack is asked for at least every this many messages (the server sends them more
+/// often while several batches are open): how much of a batch is known stored if its ack
+/// never comes.
 const FLOW: usize = 100;
 /// After this long without an answer, the server is asked where the batch stands (a ping).
 const SILENCE: Duration = Duration::from_secs(1);
@@ -61,22 +64,24 @@ impl NatsHub {
             return self.publish(events).await.map(|_| ());
         }
         let payloads = self.payloads(events)?;
-        let mut start = 0;
-        while start < events.len() {
-            let end = (start + BATCH).min(events.len());
-            let stored = self
-                .fast_batch(&events[start..end], &payloads[start..end])
-                .await;
-            if stored < end - start {
-                let rest = start + stored;
+        // Batches of about equal size, so that none is a handful.
+        let size = events.len().div_ceil(events.len().div_ceil(BATCH));
+        for (events, payloads) in events.chunks(size).zip(payloads.chunks(size)) {
+            let stored = if self.inner.fast_ingest.load(Ordering::Relaxed) {
+                self.fast_batch(events, payloads).await
+            } else {
+                0
+            };
+            if stored < events.len() {
+                // The rest of this batch, before the next batch goes: each key's events stay
+                // in order.
                 tracing::debug!(
                     stream = %self.inner.stream,
-                    unconfirmed = events.len() - rest,
+                    unconfirmed = events.len() - stored,
                     "a fast-ingest batch ended early: the rest published message by message"
                 );
-                return self.publish(&events[rest..]).await.map(|_| ());
+                self.publish(&events[stored..]).await?;
             }
-            start = end;
         }
         Ok(())
     }
@@ -90,7 +95,13 @@ impl NatsHub {
             return 0;
         };
         let last = events.len();
-        let mut ping_subject = None;
+        // Where a ping goes: any subject of the stream.
+        let Some(ping_subject) = events
+            .first()
+            .map(|e| self.subject_of(e, key_hash(e.partition_key())))
+        else {
+            return 0;
+        };
         for (i, (event, payload)) in events.iter().zip(payloads).enumerate() {
             let sequence = i + 1;
             let operation = match sequence {
@@ -99,9 +110,6 @@ impl NatsHub {
                 _ => APPEND,
             };
             let subject = self.subject_of(event, key_hash(event.partition_key()));
-            if ping_subject.is_none() {
-                ping_subject = Some(subject.clone());
-            }
             let mut headers = HeaderMap::new();
             headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id());
             let sent = client
@@ -146,12 +154,9 @@ impl NatsHub {
                 // Silence: ask where the batch stands. A batch short of its last message is
                 // then ended where it is (and acked); a finished one answers again.
                 Err(_) => {
-                    let Some(subject) = ping_subject.clone() else {
-                        return stored;
-                    };
                     let asked = client
                         .publish_with_reply(
-                            subject,
+                            ping_subject.clone(),
                             format!("{inbox}.{FLOW}.fail.{last}.{PING}.$FI"),
                             Bytes::new(),
                         )

@@ -50,7 +50,9 @@ pub struct NatsHubOptions {
     pub request_timeout: Duration,
     /// Let sinks publish in JetStream's fast-ingest batches (default on): one ack a batch
     /// instead of one a message, on servers 2.14 or newer, which then get `allow_batched` set
-    /// on the stream. Off, or on an older server, every publish is acked message by message.
+    /// on the stream. Such a stream needs 2.14 or newer on every server that holds it (the
+    /// server marks it so): no going back to an older server. Off, or on an older server,
+    /// every publish is acked message by message, and the stream is left as it is.
     pub fast_ingest: bool,
 }
 
@@ -173,14 +175,14 @@ impl NatsHub {
         // Message schedules (timers kept by the stream) need NATS 2.12: an older server is
         // not asked for them.
         let schedules = at_least(&client.server_info().version, (2, 12));
+        // Fast-ingest batches need NATS 2.14.
+        let batched = options.fast_ingest && at_least(&client.server_info().version, (2, 14));
         let StreamFacts {
             partitions,
             schedules,
+            batched,
             max_message_size,
-        } = ensure_stream(&js, options, schedules).await?;
-        let fast_ingest = options.fast_ingest
-            && at_least(&client.server_info().version, (2, 14))
-            && allow_batched(&client, &options.stream).await;
+        } = ensure_stream(&js, options, schedules, batched).await?;
         // The server's limit on a message, or the stream's own when it is lower.
         let max_payload = client.server_info().max_payload;
         let max_message = match usize::try_from(max_message_size) {
@@ -201,7 +203,7 @@ impl NatsHub {
                     .map(|p| format!("{}.{p}", options.subject).into())
                     .collect(),
                 fault_subject: format!("{}.faults", options.subject).into(),
-                fast_ingest: fast_ingest.into(),
+                fast_ingest: batched.into(),
                 request_timeout: options.request_timeout,
             }),
         })
@@ -737,55 +739,12 @@ fn at_least(version: &str, wanted: (u64, u64)) -> bool {
     (major, minor) >= wanted
 }
 
-/// Makes sure `stream` takes fast-ingest batches, setting `allow_batched` on it when it does
-/// not (async-nats's stream settings do not name it, so the settings go as the server holds
-/// them). Answers whether it does; a stream that cannot be changed (permissions, a mirror) is
-/// published to message by message.
-async fn allow_batched(client: &async_nats::Client, stream: &str) -> bool {
-    let result: Result<bool, String> = async {
-        let info = client
-            .request(format!("$JS.API.STREAM.INFO.{stream}"), Bytes::new())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut info: serde_json::Value =
-            serde_json::from_slice(&info.payload).map_err(|e| e.to_string())?;
-        if let Some(error) = info.get("error") {
-            return Err(error.to_string());
-        }
-        let mut config = info["config"].take();
-        if config["allow_batched"] == true {
-            return Ok(true);
-        }
-        config["allow_batched"] = true.into();
-        let updated = client
-            .request(
-                format!("$JS.API.STREAM.UPDATE.{stream}"),
-                config.to_string().into(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let updated: serde_json::Value =
-            serde_json::from_slice(&updated.payload).map_err(|e| e.to_string())?;
-        if let Some(error) = updated.get("error") {
-            return Err(error.to_string());
-        }
-        Ok(updated["config"]["allow_batched"] == true)
-    }
-    .await;
-    match result {
-        Ok(allowed) => allowed,
-        Err(error) => {
-            tracing::warn!(
-                stream,
-                %error,
-                "the stream does not take fast-ingest batches: publishing message by message"
-            );
-            false
-        }
-    }
-}
-
-fn stream_config(options: &NatsHubOptions, partitions: u32, schedules: bool) -> stream::Config {
+fn stream_config(
+    options: &NatsHubOptions,
+    partitions: u32,
+    schedules: bool,
+    batched: bool,
+) -> stream::Config {
     stream::Config {
         name: options.stream.clone(),
         subjects: vec![format!("{}.*", options.subject)],
@@ -802,6 +761,8 @@ fn stream_config(options: &NatsHubOptions, partitions: u32, schedules: bool) -> 
         description: Some("Floodway event hub".into()),
         // Timers kept by the hub (`schedule`): NATS 2.12 or newer.
         allow_message_schedules: schedules,
+        // Fast-ingest batches (`fast_ingest.rs`): NATS 2.14 or newer.
+        allow_batch_publish: batched,
         ..Default::default()
     }
 }
@@ -811,6 +772,8 @@ struct StreamFacts {
     partitions: u32,
     /// Whether it takes message schedules (a server older than 2.12 leaves the setting out).
     schedules: bool,
+    /// Whether it takes fast-ingest batches (`allow_batched`, 2.14 and newer).
+    batched: bool,
     /// Its own limit on a message (headers and payload), if it has one (`-1` or `0`: none).
     max_message_size: i32,
 }
@@ -820,6 +783,7 @@ async fn ensure_stream(
     js: &jetstream::Context,
     options: &NatsHubOptions,
     schedules: bool,
+    batched: bool,
 ) -> Result<StreamFacts, NatsError> {
     let existing = match js.get_stream(&options.stream).await {
         Ok(mut stream) => Some(
@@ -842,12 +806,13 @@ async fn ensure_stream(
     let Some(current) = existing else {
         let partitions = options.partitions.unwrap_or(DEFAULT_PARTITIONS);
         return match js
-            .create_stream(stream_config(options, partitions, schedules))
+            .create_stream(stream_config(options, partitions, schedules, batched))
             .await
         {
             Ok(stream) => Ok(StreamFacts {
                 partitions,
                 schedules: stream.cached_info().config.allow_message_schedules,
+                batched: stream.cached_info().config.allow_batch_publish,
                 max_message_size: stream.cached_info().config.max_message_size,
             }),
             Err(e) => match e.kind() {
@@ -855,7 +820,7 @@ async fn ensure_stream(
                 jetstream::context::CreateStreamErrorKind::JetStream(inner)
                     if inner.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST =>
                 {
-                    Box::pin(ensure_stream(js, options, schedules)).await
+                    Box::pin(ensure_stream(js, options, schedules, batched)).await
                 }
                 // The server refused the settings (a subject another stream holds, a
                 // duplicate window longer than the max age, too many replicas).
@@ -910,33 +875,42 @@ async fn ensure_stream(
     if let Some(window) = options.duplicate_window {
         update.duplicate_window = window;
     }
-    let mut has_schedules = current.allow_message_schedules;
+    // As the server holds it.
+    let mut held = current.clone();
     if update != current {
-        let info = js.update_stream(&update).await.map_err(|e| {
-            NatsError::Config(format!("cannot update stream `{}`: {e}", options.stream))
-        })?;
-        has_schedules = info.config.allow_message_schedules;
+        held = js
+            .update_stream(&update)
+            .await
+            .map_err(|e| {
+                NatsError::Config(format!("cannot update stream `{}`: {e}", options.stream))
+            })?
+            .config;
     }
-    if schedules && !has_schedules {
-        // A stream made before timers were kept in it: they are allowed now. Refused (no
-        // right to change the stream), timers stay in each instance's store.
-        let enabled = stream::Config {
-            allow_message_schedules: true,
-            ..update
-        };
-        match js.update_stream(&enabled).await {
-            Ok(info) => has_schedules = info.config.allow_message_schedules,
+    // What the hub would use and a stream made before it did lacks (timers kept in the
+    // stream, fast-ingest batches) is allowed now. Refused (no right to change the stream),
+    // the hub goes without: timers stay in each instance's store, sinks publish message by
+    // message.
+    let wanted = stream::Config {
+        allow_message_schedules: held.allow_message_schedules || schedules,
+        allow_batch_publish: held.allow_batch_publish || batched,
+        ..held.clone()
+    };
+    if wanted != held {
+        match js.update_stream(&wanted).await {
+            Ok(info) => held = info.config,
             Err(e) => tracing::warn!(
                 stream = %options.stream,
                 error = %e,
-                "the stream cannot take message schedules: timers stay in each instance's store"
+                "the stream cannot take message schedules or fast-ingest batches: timers stay \
+                 in each instance's store, sinks publish message by message"
             ),
         }
     }
     Ok(StreamFacts {
         partitions: stored,
-        schedules: has_schedules,
-        max_message_size: update.max_message_size,
+        schedules: held.allow_message_schedules,
+        batched: held.allow_batch_publish,
+        max_message_size: held.max_message_size,
     })
 }
 

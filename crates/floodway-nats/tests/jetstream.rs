@@ -1876,16 +1876,9 @@ async fn the_stream_keeps_timers_and_gives_what_a_partition_missed() {
 
 /// Whether the hub's stream takes fast-ingest batches, as the server holds its settings.
 async fn allows_batches(hub: &NatsHub) -> bool {
-    let info = hub
-        .client()
-        .request(
-            format!("$JS.API.STREAM.INFO.{}", hub.stream()),
-            bytes::Bytes::new(),
-        )
-        .await
-        .unwrap();
-    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
-    info["config"]["allow_batched"] == true
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let mut stream = js.get_stream(hub.stream()).await.unwrap();
+    stream.info().await.unwrap().config.allow_batch_publish
 }
 
 /// `n` events of 50 keys, `e-{i}` with field `n` = i, in that order.
@@ -1923,7 +1916,7 @@ async fn fast_ingest_batches_store_every_event_once_and_in_order() {
     let (_server, hub) = hub_on_new_server().await;
     assert!(allows_batches(&hub).await, "set on the stream at connect");
     let events = numbered_events(2_500);
-    // Three batches: 1,000, 1,000 and 500.
+    // Three batches of about 833.
     hub.publish_fast(&events).await.unwrap();
     assert_eq!(hub.stats().await.unwrap().messages, 2_500);
     // Repeats inside the duplicate window are skipped, in a batch as message by message; the
@@ -1965,17 +1958,22 @@ async fn fast_ingest_losing(n: usize, lost: usize) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_ingest_batch_that_loses_a_message_is_finished_message_by_message() {
-    // The 501st message of the first batch: the server stores the 500 before it and ends the
-    // batch there; the rest, the lost one first, goes message by message.
+    // The 501st message of the first of two batches of 750: the server stores the 500 before
+    // it and ends the batch there; the rest of it, the lost one first, goes message by
+    // message, and then the second batch.
     fast_ingest_losing(1_500, 500).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_ingest_batch_that_loses_its_last_message_is_asked_where_it_stands() {
-    // The commit: no ack comes. After a second of silence the server is asked, ends the
-    // batch before the lost message and acks the 999 stored; without asking, the publish
-    // would wait out the 10 s request timeout first.
-    let took = fast_ingest_losing(1_200, 999).await;
+    // Two batches of 600; the first one's commit: no ack comes. After a second of silence
+    // the server is asked, ends the batch before the lost message and acks the 599 stored;
+    // without asking, the publish would wait out the 10 s request timeout first.
+    let took = fast_ingest_losing(1_200, 599).await;
+    assert!(
+        took >= Duration::from_secs(1),
+        "a second of silence: {took:?}"
+    );
     assert!(
         took < Duration::from_secs(8),
         "asked, not timed out: {took:?}"
@@ -1995,17 +1993,37 @@ async fn without_fast_ingest_every_publish_goes_message_by_message() {
     let events = numbered_events(1_100);
     hub.publish_fast(&events[..600]).await.unwrap();
 
-    // A hub that set it, on a stream another client then takes it off: the server refuses
-    // the batch, and the events go message by message (this time and from then on).
+    // A hub that set it, on a stream someone then takes it off: the server refuses the
+    // batch, and the events go message by message (this time and from then on).
     let fast = NatsHub::connect(&options(vec![server.url()]))
         .await
         .unwrap();
-    assert!(allows_batches(&fast).await);
+    assert!(
+        allows_batches(&fast).await,
+        "set on a stream made without it"
+    );
+    // An instance with other settings updates the stream, and the setting stays.
+    NatsHub::connect(&NatsHubOptions {
+        duplicate_window: Some(Duration::from_secs(180)),
+        fast_ingest: false,
+        ..options(vec![server.url()])
+    })
+    .await
+    .unwrap();
+    assert!(
+        allows_batches(&fast).await,
+        "kept by another instance's update"
+    );
+    // An operator takes it off.
     let js = async_nats::jetstream::new(hub.client().clone());
     let mut stream = js.get_stream("ORDERS").await.unwrap();
     let config = stream.info().await.unwrap().config.clone();
-    // async-nats's settings do not name `allow_batched`: an update with them clears it.
-    js.update_stream(config).await.unwrap();
+    js.update_stream(async_nats::jetstream::stream::Config {
+        allow_batch_publish: false,
+        ..config
+    })
+    .await
+    .unwrap();
     assert!(!allows_batches(&fast).await);
     fast.publish_fast(&events[600..]).await.unwrap();
     fast.publish_fast(&events).await.unwrap();

@@ -234,7 +234,8 @@ pub struct NatsConfig {
     #[serde(default = "default_max_ack_pending")]
     pub max_ack_pending: i64,
     /// Sinks publish in JetStream's fast-ingest batches, one ack a batch (default `true`; on
-    /// nats-server 2.14 or newer, which then get `allow_batched` set on the stream).
+    /// nats-server 2.14 or newer, which then get `allow_batched` set on the stream, and the
+    /// stream needs 2.14 or newer from then on).
     #[serde(default = "default_true")]
     pub fast_ingest: bool,
 }
