@@ -180,7 +180,7 @@ impl NatsHub {
         let StreamFacts {
             partitions,
             schedules,
-            batched,
+            batched: takes_batches,
             max_message_size,
         } = ensure_stream(&js, options, schedules, batched).await?;
         // The server's limit on a message, or the stream's own when it is lower.
@@ -203,7 +203,8 @@ impl NatsHub {
                     .map(|p| format!("{}.{p}", options.subject).into())
                     .collect(),
                 fault_subject: format!("{}.faults", options.subject).into(),
-                fast_ingest: batched.into(),
+                // Another instance may have set it: this one's settings decide.
+                fast_ingest: (batched && takes_batches).into(),
                 request_timeout: options.request_timeout,
             }),
         })
@@ -223,6 +224,14 @@ impl NatsHub {
     /// newer, which takes message schedules.
     pub fn keeps_timers(&self) -> bool {
         self.inner.schedules
+    }
+
+    /// Whether sinks publish in fast-ingest batches ([`NatsHub::publish_fast`]): the settings
+    /// ask for it, and the stream takes them (until the server says it no longer does).
+    pub fn publishes_in_batches(&self) -> bool {
+        self.inner
+            .fast_ingest
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The servers this hub connects to, as shown: without user names and passwords.
@@ -739,6 +748,26 @@ fn at_least(version: &str, wanted: (u64, u64)) -> bool {
     (major, minor) >= wanted
 }
 
+/// The stream's settings `held` with `allow` applied, as the server holds them after the
+/// update; refused (no right to change the stream, a setting it cannot have), `held` as it
+/// was, with a warning that it goes `without` what it would have allowed.
+async fn allow_on_stream(
+    js: &jetstream::Context,
+    held: stream::Config,
+    without: &str,
+    allow: impl FnOnce(&mut stream::Config),
+) -> stream::Config {
+    let mut wanted = held.clone();
+    allow(&mut wanted);
+    match js.update_stream(&wanted).await {
+        Ok(info) => info.config,
+        Err(e) => {
+            tracing::warn!(stream = %held.name, error = %e, "the stream cannot take {without}");
+            held
+        }
+    }
+}
+
 fn stream_config(
     options: &NatsHubOptions,
     partitions: u32,
@@ -886,25 +915,31 @@ async fn ensure_stream(
             })?
             .config;
     }
-    // What the hub would use and a stream made before it did lacks (timers kept in the
-    // stream, fast-ingest batches) is allowed now. Refused (no right to change the stream),
-    // the hub goes without: timers stay in each instance's store, sinks publish message by
-    // message.
-    let wanted = stream::Config {
-        allow_message_schedules: held.allow_message_schedules || schedules,
-        allow_batch_publish: held.allow_batch_publish || batched,
-        ..held.clone()
-    };
-    if wanted != held {
-        match js.update_stream(&wanted).await {
-            Ok(info) => held = info.config,
-            Err(e) => tracing::warn!(
-                stream = %options.stream,
-                error = %e,
-                "the stream cannot take message schedules or fast-ingest batches: timers stay \
-                 in each instance's store, sinks publish message by message"
-            ),
-        }
+    // What the hub would use and a stream made before it did lacks is allowed now, each on
+    // its own: a stream may refuse one and take the other (message schedules cannot go with
+    // `discard: new` or `deny_purge`). Like the update above, each writes back the settings
+    // as read: JetStream has no compare-and-set for a stream's settings.
+    if schedules && !held.allow_message_schedules {
+        held = allow_on_stream(
+            js,
+            held,
+            "message schedules: timers stay in each instance's store",
+            |c| {
+                c.allow_message_schedules = true;
+            },
+        )
+        .await;
+    }
+    if batched && !held.allow_batch_publish {
+        held = allow_on_stream(
+            js,
+            held,
+            "fast-ingest batches: sinks publish message by message",
+            |c| {
+                c.allow_batch_publish = true;
+            },
+        )
+        .await;
     }
     Ok(StreamFacts {
         partitions: stored,

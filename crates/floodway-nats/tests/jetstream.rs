@@ -1990,6 +1990,7 @@ async fn without_fast_ingest_every_publish_goes_message_by_message() {
     .await
     .unwrap();
     assert!(!allows_batches(&hub).await, "the stream left as it was");
+    assert!(!hub.publishes_in_batches());
     let events = numbered_events(1_100);
     hub.publish_fast(&events[..600]).await.unwrap();
 
@@ -2014,6 +2015,11 @@ async fn without_fast_ingest_every_publish_goes_message_by_message() {
         allows_batches(&fast).await,
         "kept by another instance's update"
     );
+    assert!(fast.publishes_in_batches());
+    assert!(
+        !hub.publishes_in_batches(),
+        "its own settings decide, not the stream's"
+    );
     // An operator takes it off.
     let js = async_nats::jetstream::new(hub.client().clone());
     let mut stream = js.get_stream("ORDERS").await.unwrap();
@@ -2026,6 +2032,35 @@ async fn without_fast_ingest_every_publish_goes_message_by_message() {
     .unwrap();
     assert!(!allows_batches(&fast).await);
     fast.publish_fast(&events[600..]).await.unwrap();
+    assert!(
+        !fast.publishes_in_batches(),
+        "the server said it no longer takes them"
+    );
     fast.publish_fast(&events).await.unwrap();
     holds_each_once_in_order(&fast, 1_100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_refuses_timers_still_takes_fast_ingest_batches() {
+    let server = NatsServer::start();
+    // A hub's stream as an operator made it, denying purges: the server refuses message
+    // schedules on it, and takes batches.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    async_nats::jetstream::new(client)
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.*".into()],
+            metadata: HashMap::from([("floodway.partitions".to_owned(), "4".to_owned())]),
+            deny_purge: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    assert!(!hub.keeps_timers());
+    assert!(hub.publishes_in_batches());
+    hub.publish_fast(&numbered_events(100)).await.unwrap();
+    holds_each_once_in_order(&hub, 100).await;
 }

@@ -92,7 +92,7 @@
 //! acks = "each"               # or "cumulative": one ack per run of settled records (exclusive only)
 //! ack_wait = "30s"
 //! max_ack_pending = 1000      # per partition
-//! fast_ingest = true          # sinks publish in fast-ingest batches (nats-server 2.14+)
+//! fast_ingest = true          # sinks publish in fast-ingest batches (sets allow_batched: 2.14+ servers only from then on)
 //! ```
 //!
 //! A *forward* processor writes to another embedded hub (`to = "other.db"`) or to a NATS
