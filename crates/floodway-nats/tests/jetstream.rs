@@ -2064,3 +2064,40 @@ async fn a_stream_that_refuses_timers_still_takes_fast_ingest_batches() {
     hub.publish_fast(&numbered_events(100)).await.unwrap();
     holds_each_once_in_order(&hub, 100).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_go_in_fast_ingest_batches_and_each_fires_once() {
+    let (_server, hub) = hub_on_new_server().await;
+    assert!(hub.publishes_in_batches() && hub.keeps_timers());
+    // Twenty timers in one call (a batch), due in 1.5 s; then the same again, which replaces
+    // each (one schedule per id).
+    let due = floodway::event::now_millis() + 1_500;
+    let timers: Vec<(String, u32, bytes::Bytes, i64)> = (0..20)
+        .map(|i| {
+            let payload = format!("{{\"timer\":{i}}}");
+            (format!("t-{i}"), i % 4, bytes::Bytes::from(payload), due)
+        })
+        .collect();
+    hub.schedule(&timers).await.unwrap();
+    hub.schedule(&timers).await.unwrap();
+    let fired = || async {
+        let mut fired = Vec::new();
+        for p in 0..4 {
+            fired.extend(hub.missed(p, None, u64::MAX, 0).await.unwrap());
+        }
+        fired
+    };
+    while fired().await.len() < 20 && floodway::event::now_millis() < due + 5_000 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let mut payloads: Vec<String> = fired()
+        .await
+        .iter()
+        .map(|(_, bytes)| String::from_utf8_lossy(bytes).into_owned())
+        .collect();
+    payloads.sort();
+    let mut expected: Vec<String> = (0..20).map(|i| format!("{{\"timer\":{i}}}")).collect();
+    expected.sort();
+    assert_eq!(payloads, expected, "each fired once, into its partition");
+}
