@@ -51,9 +51,6 @@ const PING: u8 = 4;
 /// The server's error code for a stream that does not (or no longer) take batches.
 const DISABLED: u64 = 10205;
 
-/// A message of a batch: its subject, its headers and its payload.
-pub(crate) type Message = (async_nats::Subject, HeaderMap, Bytes);
-
 impl NatsHub {
     /// Publishes `events` as [`NatsHub::publish`] does (ids as `Nats-Msg-Id`, every event
     /// stored when this returns, each key's events in order), in fast-ingest batches where
@@ -63,94 +60,68 @@ impl NatsHub {
     /// # Errors
     /// As [`NatsHub::publish`]'s, from the part sent message by message.
     pub async fn publish_fast(&self, events: &[Event]) -> Result<(), NatsError> {
-        let payloads = self.payloads(events)?;
-        let message = |i: usize| {
-            let event = &events[i];
-            let mut headers = HeaderMap::new();
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id());
-            (
-                self.subject_of(event, key_hash(event.partition_key())),
-                headers,
-                payloads[i].clone(),
-            )
-        };
-        self.in_batches(events.len(), message, |rest| {
-            let (events, payloads) = (&events[rest.clone()], &payloads[rest]);
-            async move { self.publish_each(events, payloads).await.map(|_| ()) }
-        })
-        .await
-    }
-
-    /// Sends messages `0..count` (`message(i)` builds the `i`th) in fast-ingest batches of
-    /// about equal size, one after another. What a batch leaves unconfirmed goes to `each`
-    /// (which sends it message by message, each acked) before the next batch: whatever is
-    /// sent in order stays in order. Fewer than [`FEWEST`] messages, or a stream that takes
-    /// no batches, go to `each` whole.
-    ///
-    /// # Errors
-    /// The first error of `each`.
-    pub(crate) async fn in_batches<F, Fut>(
-        &self,
-        count: usize,
-        message: impl Fn(usize) -> Message,
-        each: F,
-    ) -> Result<(), NatsError>
-    where
-        F: Fn(std::ops::Range<usize>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), NatsError>>,
-    {
-        if count < FEWEST || !self.publishes_in_batches() {
-            return each(0..count).await;
+        if events.len() < FEWEST || !self.inner.fast_ingest.load(Ordering::Relaxed) {
+            return self.publish(events).await.map(|_| ());
         }
+        let payloads = self.payloads(events)?;
         // Batches of about equal size, so that none is a handful.
-        let size = count.div_ceil(count.div_ceil(BATCH));
-        let mut start = 0;
-        while start < count {
-            let end = (start + size).min(count);
-            let stored = if self.publishes_in_batches() {
-                self.fast_batch((start..end).map(&message)).await
+        let size = events.len().div_ceil(events.len().div_ceil(BATCH));
+        for (events, payloads) in events.chunks(size).zip(payloads.chunks(size)) {
+            let stored = if self.inner.fast_ingest.load(Ordering::Relaxed) {
+                self.fast_batch(events, payloads).await
             } else {
                 0
             };
-            if start + stored < end {
+            if stored < events.len() {
+                // The rest of this batch, before the next batch goes: each key's events stay
+                // in order.
                 tracing::debug!(
                     stream = %self.inner.stream,
-                    unconfirmed = end - start - stored,
-                    "a fast-ingest batch ended early: the rest sent message by message"
+                    unconfirmed = events.len() - stored,
+                    "a fast-ingest batch ended early: the rest published message by message"
                 );
-                each(start + stored..end).await?;
+                self.publish(&events[stored..]).await?;
             }
-            start = end;
         }
         Ok(())
     }
 
-    /// Sends `messages` as one batch and answers how many of its first messages are known
-    /// stored (all of them when the batch's ack says so).
-    async fn fast_batch(&self, messages: impl ExactSizeIterator<Item = Message>) -> usize {
+    /// Sends one batch and answers how many of its first messages are known stored (all of
+    /// them when the batch's ack says so).
+    async fn fast_batch(&self, events: &[Event], payloads: &[Bytes]) -> usize {
         let client = &self.inner.client;
         let inbox = client.new_inbox();
         let Ok(mut answers) = client.subscribe(format!("{inbox}.>")).await else {
             return 0;
         };
-        let last = messages.len();
-        for (i, (subject, headers, payload)) in messages.enumerate() {
+        let last = events.len();
+        // Where a ping goes: any subject of the stream.
+        let Some(ping_subject) = events
+            .first()
+            .map(|e| self.subject_of(e, key_hash(e.partition_key())))
+        else {
+            return 0;
+        };
+        for (i, (event, payload)) in events.iter().zip(payloads).enumerate() {
             let sequence = i + 1;
             let operation = match sequence {
                 s if s == last => COMMIT,
                 1 => START,
                 _ => APPEND,
             };
+            let subject = self.subject_of(event, key_hash(event.partition_key()));
+            let mut headers = HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id());
             let sent = client
                 .publish_with_reply_and_headers(
                     subject,
                     format!("{inbox}.{FLOW}.fail.{sequence}.{operation}.$FI"),
                     headers,
-                    payload,
+                    payload.clone(),
                 )
                 .await;
             if sent.is_err() {
-                // What went before may be stored: it is sent again, and stored once.
+                // What went before may be stored; the ids skip it when it is sent again.
                 return 0;
             }
         }
@@ -180,13 +151,12 @@ impl NatsHub {
                     }
                 },
                 Ok(None) => return stored,
-                // Silence: ask where the batch stands, on any subject of the stream. A batch
-                // short of its last message is then ended where it is (and acked); a
-                // finished one answers again.
+                // Silence: ask where the batch stands. A batch short of its last message is
+                // then ended where it is (and acked); a finished one answers again.
                 Err(_) => {
                     let asked = client
                         .publish_with_reply(
-                            self.inner.partition_subjects[0].clone(),
+                            ping_subject.clone(),
                             format!("{inbox}.{FLOW}.fail.{last}.{PING}.$FI"),
                             Bytes::new(),
                         )

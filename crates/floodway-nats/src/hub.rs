@@ -330,7 +330,7 @@ impl NatsHub {
 
     /// Publishes `events` (encoded as `payloads`) message by message, each acked: see
     /// [`NatsHub::publish`].
-    pub(crate) async fn publish_each(
+    async fn publish_each(
         &self,
         events: &[Event],
         payloads: &[Bytes],
@@ -501,9 +501,7 @@ impl NatsHub {
     /// `id`: the schedule's own message is stored under `{subject}.schedule-{id}` (one per
     /// subject: scheduling `id` again replaces it), and at its time the server publishes the
     /// payload to the partition, where whichever instance reads the partition then receives
-    /// it. They go in fast-ingest batches where the stream takes them (one ack a batch, as
-    /// [`NatsHub::publish_fast`]), else up to 1,024 before the oldest acknowledgement is
-    /// awaited. A time before
+    /// it. Up to 1,024 are sent before the oldest acknowledgement is awaited. A time before
     /// 1970 is due at once; one more than a century ahead is set a century ahead (RFC 3339
     /// cannot write years after 9999, and the server fires at once what its clock's
     /// durations cannot reach).
@@ -511,80 +509,47 @@ impl NatsHub {
     /// # Errors
     /// When the server does not take one (a server older than 2.12 has no schedules).
     pub async fn schedule(&self, timers: &[(String, u32, Bytes, i64)]) -> Result<(), NatsError> {
-        let now = floodway::event::now_millis();
-        let messages = timers
-            .iter()
-            .map(|(id, partition, payload, at)| {
-                self.schedule_message(id, *partition, payload, *at, now)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        // In fast-ingest batches where the stream takes them: a schedule sent again replaces
-        // itself, so what a batch leaves unconfirmed is simply sent again.
-        self.in_batches(
-            messages.len(),
-            |i| messages[i].clone(),
-            |rest| self.schedule_each(&messages[rest]),
-        )
-        .await
-    }
-
-    /// The message that schedules `payload` into `partition` at `at`, named by `id`.
-    fn schedule_message(
-        &self,
-        id: &str,
-        partition: u32,
-        payload: &Bytes,
-        at: i64,
-        now: i64,
-    ) -> Result<crate::fast_ingest::Message, NatsError> {
-        let token: String = id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        // A time RFC 3339 cannot write (an event stamped in microseconds is in the year
-        // 56,000) would refuse the whole chunk, and every later batch with it; and
-        // nats-server fires at once a schedule further ahead than its clock's durations
-        // reach (about 290 years). Before 1970 is due now; more than a century ahead is
-        // a century ahead.
-        let at = at.clamp(0, now.saturating_add(LONGEST_SCHEDULE_MS));
-        let when = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000)
-            .map_err(|e| NatsError::Config(format!("schedule time {at}: {e}")))?
-            .format(&time::format_description::well_known::Rfc3339)
-            .map_err(|e| NatsError::Config(format!("schedule time {at}: {e}")))?;
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Schedule", format!("@at {when}").as_str());
-        headers.insert(
-            "Nats-Schedule-Target",
-            self.partition_subject(partition).as_str(),
-        );
-        let subject = format!("{}.schedule-{token}", self.inner.subject);
-        Ok((subject.into(), headers, payload.clone()))
-    }
-
-    /// Sends schedule messages one by one, up to 1,024 before the oldest acknowledgement is
-    /// awaited (as [`NatsHub::publish`] bounds the acks waiting).
-    async fn schedule_each(
-        &self,
-        messages: &[crate::fast_ingest::Message],
-    ) -> Result<(), NatsError> {
         let mut acks = std::collections::VecDeque::with_capacity(ACKS_IN_FLIGHT);
-        for (subject, headers, payload) in messages {
+        let now = floodway::event::now_millis();
+        for (id, partition, payload, at) in timers {
+            // As `publish`: a bounded number of acks waiting.
             if acks.len() >= ACKS_IN_FLIGHT {
                 if let Some(ack) = acks.pop_front() {
                     let ack: jetstream::context::PublishAckFuture = ack;
                     ack.await.map_err(|e| NatsError::js("schedule", e))?;
                 }
             }
+            let token: String = id
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            // A time RFC 3339 cannot write (an event stamped in microseconds is in the year
+            // 56,000) would refuse the whole chunk, and every later batch with it; and
+            // nats-server fires at once a schedule further ahead than its clock's durations
+            // reach (about 290 years). Before 1970 is due now; more than a century ahead is
+            // a century ahead.
+            let at = (*at).clamp(0, now.saturating_add(LONGEST_SCHEDULE_MS));
+            let when = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000)
+                .map_err(|e| NatsError::Config(format!("schedule time {at}: {e}")))?
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(|e| NatsError::Config(format!("schedule time {at}: {e}")))?;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Schedule", format!("@at {when}").as_str());
+            headers.insert(
+                "Nats-Schedule-Target",
+                self.partition_subject(*partition).as_str(),
+            );
+            let subject = format!("{}.schedule-{token}", self.inner.subject);
             acks.push_back(
                 self.inner
                     .js
-                    .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                    .publish_with_headers(subject, headers, payload.clone())
                     .await
                     .map_err(|e| NatsError::js("schedule", e))?,
             );
