@@ -60,14 +60,14 @@ impl NatsHub {
     /// # Errors
     /// As [`NatsHub::publish`]'s, from the part sent message by message.
     pub async fn publish_fast(&self, events: &[Event]) -> Result<(), NatsError> {
-        if events.len() < FEWEST || !self.inner.fast_ingest.load(Ordering::Relaxed) {
+        if events.len() < FEWEST || !self.publishes_in_batches() {
             return self.publish(events).await.map(|_| ());
         }
         let payloads = self.payloads(events)?;
         // Batches of about equal size, so that none is a handful.
         let size = events.len().div_ceil(events.len().div_ceil(BATCH));
         for (events, payloads) in events.chunks(size).zip(payloads.chunks(size)) {
-            let stored = if self.inner.fast_ingest.load(Ordering::Relaxed) {
+            let stored = if self.publishes_in_batches() {
                 self.fast_batch(events, payloads).await
             } else {
                 0
@@ -80,7 +80,8 @@ impl NatsHub {
                     unconfirmed = events.len() - stored,
                     "a fast-ingest batch ended early: the rest published message by message"
                 );
-                self.publish(&events[stored..]).await?;
+                self.publish_each(&events[stored..], &payloads[stored..])
+                    .await?;
             }
         }
         Ok(())
@@ -95,13 +96,6 @@ impl NatsHub {
             return 0;
         };
         let last = events.len();
-        // Where a ping goes: any subject of the stream.
-        let Some(ping_subject) = events
-            .first()
-            .map(|e| self.subject_of(e, key_hash(e.partition_key())))
-        else {
-            return 0;
-        };
         for (i, (event, payload)) in events.iter().zip(payloads).enumerate() {
             let sequence = i + 1;
             let operation = match sequence {
@@ -151,12 +145,13 @@ impl NatsHub {
                     }
                 },
                 Ok(None) => return stored,
-                // Silence: ask where the batch stands. A batch short of its last message is
-                // then ended where it is (and acked); a finished one answers again.
+                // Silence: ask where the batch stands, on any subject of the stream. A batch
+                // short of its last message is then ended where it is (and acked); a
+                // finished one answers again.
                 Err(_) => {
                     let asked = client
                         .publish_with_reply(
-                            ping_subject.clone(),
+                            self.inner.partition_subjects[0].clone(),
                             format!("{inbox}.{FLOW}.fail.{last}.{PING}.$FI"),
                             Bytes::new(),
                         )

@@ -100,8 +100,8 @@ pub(crate) struct Inner {
     pub(crate) partition_subjects: Vec<async_nats::Subject>,
     /// `{subject}.faults`.
     pub(crate) fault_subject: async_nats::Subject,
-    /// Whether the stream takes fast-ingest batches (`fast_ingest.rs`); cleared when the
-    /// server says it no longer does.
+    /// Whether sinks publish in fast-ingest batches (`fast_ingest.rs`): the settings ask for
+    /// it and the stream takes them; cleared when the server says it no longer does.
     pub(crate) fast_ingest: std::sync::atomic::AtomicBool,
     /// How long a publish may wait for its ack.
     pub(crate) request_timeout: Duration,
@@ -330,7 +330,7 @@ impl NatsHub {
 
     /// Publishes `events` (encoded as `payloads`) message by message, each acked: see
     /// [`NatsHub::publish`].
-    async fn publish_each(
+    pub(crate) async fn publish_each(
         &self,
         events: &[Event],
         payloads: &[Bytes],
