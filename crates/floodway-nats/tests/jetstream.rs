@@ -464,6 +464,15 @@ async fn consumers_made(hub: &NatsHub, name: &str) -> Vec<time::OffsetDateTime> 
     made
 }
 
+/// When consumer `name` was made.
+async fn consumer_made(hub: &NatsHub, name: &str) -> time::OffsetDateTime {
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let stream = js.get_stream(hub.stream()).await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(name).await.unwrap();
+    consumer.info().await.unwrap().created
+}
+
 /// Two instances given the same partitions (exclusive sharing, a rolling deploy) share each
 /// partition's consumer: the second to subscribe finds messages the first holds
 /// unacknowledged and, the first pulling still, leaves the consumer as it is instead of
@@ -1740,6 +1749,163 @@ async fn consumers_acked_per_record_are_made_again_to_ack_cumulatively() {
         );
         assert_eq!(info.num_ack_pending, 0, "partition {p}");
     }
+}
+
+/// Calls `check` every 50 ms until it holds, for 20 s at the most.
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    retry(
+        what,
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || {
+            let held = check();
+            async move {
+                if held {
+                    Ok(())
+                } else {
+                    Err("not yet")
+                }
+            }
+        },
+    )
+    .await;
+}
+
+/// With cumulative acks a partition has one reader at a time: a second instance given the
+/// same partition (a rolling deploy that starts the new process before the old one stops)
+/// reads nothing while the first pulls, and takes over once the first is gone, from the ack
+/// floor, so what the first held unacknowledged comes to it. Sharing the consumer, the
+/// second's cumulative acks would cover what the first holds, and the first's crash would
+/// lose it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_cumulative_acks_a_second_instance_waits_for_the_first_to_go() {
+    let server = NatsServer::start();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    let events = of_partition(&hub, 1, "w", 0..80);
+    hub.publish(&events).await.unwrap();
+
+    // The first instance, on a connection of its own (its process), holds what it reads.
+    let first_hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    let (processor, hung) = hanging_processor(&first_hub, "twin", |_| true);
+    let sub = first_hub.subscribe("twin", cumulative_on(1)).await.unwrap();
+    let first = tokio::spawn(async move {
+        let (reader, checkpointer) = sub.split();
+        processor
+            .run(reader, checkpointer, std::future::pending())
+            .await
+    });
+    eventually("the first instance holds records", || {
+        hung.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let made = consumer_made(&hub, "twin_1").await;
+
+    // The second subscribes, and waits.
+    let (second, sink) = collecting("twin");
+    let sub = hub.subscribe("twin", cumulative_on(1)).await.unwrap();
+    let delivered = sink.clone();
+    let n = events.len();
+    let run =
+        tokio::spawn(async move { run_until(&second, sub, move || delivered.len() >= n).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(sink.len(), 0, "nothing read while the first instance pulls");
+    assert_eq!(
+        consumer_made(&hub, "twin_1").await,
+        made,
+        "its consumer left as it is"
+    );
+
+    // The first instance's process dies, holding records it never settled.
+    first.abort();
+    let _ = first.await;
+    drop(first_hub);
+    run.await.unwrap();
+    assert_eq!(
+        ids(&sink.events()),
+        ids(&events),
+        "every record once, in order"
+    );
+    assert_ne!(
+        consumer_made(&hub, "twin_1").await,
+        made,
+        "made again at its ack floor"
+    );
+    assert_eq!(settled_consumer(&hub, "twin_1").await.num_ack_pending, 0);
+}
+
+/// A reader acking cumulatively whose consumer another instance made again does not read the
+/// new one while that instance pulls from it (it would ack past what the other holds): it
+/// waits, and once the other is gone makes the consumer again at its ack floor, getting what
+/// the other held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_whose_consumer_another_made_again_waits_for_it_to_go() {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    use futures_util::StreamExt;
+
+    let (_server, hub) = hub_on_new_server().await;
+    let early = of_partition(&hub, 2, "a", 0..40);
+    hub.publish(&early).await.unwrap();
+    let (processor, sink) = collecting("taken");
+    let sub = hub.subscribe("taken", cumulative_on(2)).await.unwrap();
+    let delivered = sink.clone();
+    let late = of_partition(&hub, 2, "b", 40..80);
+    let n = 2 * early.len() + late.len();
+    let run =
+        tokio::spawn(async move { run_until(&processor, sub, move || delivered.len() >= n).await });
+    let read = sink.clone();
+    eventually("the reader has the early events", || {
+        read.len() == early.len()
+    })
+    .await;
+
+    // Another instance makes the consumer again from the start, and reads without acking.
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    stream.delete_consumer("taken_2").await.unwrap();
+    let other = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("taken_2".into()),
+            name: Some("taken_2".into()),
+            filter_subject: "orders.2".into(),
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: 1 },
+            ack_policy: AckPolicy::All,
+            ack_wait: Duration::from_secs(60),
+            max_deliver: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = other.messages().await.unwrap();
+    for _ in 0..early.len() {
+        messages.next().await.unwrap().unwrap();
+    }
+    hub.publish(&late).await.unwrap();
+    for _ in 0..late.len() {
+        messages.next().await.unwrap().unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sink.len(),
+        early.len(),
+        "nothing read from the consumer while the other instance pulls"
+    );
+
+    // The other instance stops, leaving everything unacknowledged.
+    drop(messages);
+    run.await.unwrap();
+    let got = ids(&sink.events());
+    let mut want = ids(&early);
+    want.extend(ids(&early));
+    want.extend(ids(&late));
+    assert_eq!(
+        got, want,
+        "the early events again, then the late ones, in order"
+    );
+    assert_eq!(settled_consumer(&hub, "taken_2").await.num_ack_pending, 0);
 }
 
 /// A delivery lost on the way while reading what a partition missed is an error (the caller

@@ -190,8 +190,9 @@ pub(super) async fn open_consumer(
 /// the new owner before those. Made again at the first unacknowledged sequence, the consumer
 /// delivers in stream order; messages a consumer acked per record above its floor come again,
 /// as duplicates, which at-least-once processing and idempotent sinks absorb. Only for
-/// exclusive sharing, and, with per-record acks, only when no live reader pulls from the
-/// consumer ([`read_elsewhere`]): two instances given the same partitions share it instead.
+/// exclusive sharing, and only when no live reader pulls from the consumer
+/// ([`read_elsewhere`]): with per-record acks two instances given the same partitions share
+/// it instead; with cumulative acks this one waits for the other to stop (`None`, [`claim`]).
 ///
 /// A consumer whose ack policy is not the settings' (acks switched between each and
 /// cumulative) is made again the same way, since JetStream cannot change it in place.
@@ -199,10 +200,32 @@ pub(super) async fn restart_at_ack_floor(
     stream: &async_nats::jetstream::stream::Stream,
     mut consumer: async_nats::jetstream::consumer::Consumer<pull::Config>,
     config: &pull::Config,
-) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
+) -> Result<Option<async_nats::jetstream::consumer::Consumer<pull::Config>>, NatsError> {
     let Some(name) = &config.durable_name else {
-        return Ok(consumer);
+        return Ok(Some(consumer));
     };
+    if config.ack_policy == AckPolicy::All {
+        return match claim(&mut consumer, config).await? {
+            Claim::Free => Ok(Some(consumer)),
+            Claim::Remake { start, pending } => {
+                tracing::info!(
+                    consumer = %name,
+                    unacked = pending,
+                    start,
+                    "making the consumer again at its first unacknowledged message"
+                );
+                Ok(Some(remake(stream, name, start, config).await?))
+            }
+            Claim::Held => {
+                tracing::info!(
+                    consumer = %name,
+                    "another reader is pulling from the consumer; with cumulative acks a \
+                     partition has one reader at a time, so this one waits to take over"
+                );
+                Ok(None)
+            }
+        };
+    }
     let info = consumer
         .info()
         .await
@@ -210,12 +233,9 @@ pub(super) async fn restart_at_ack_floor(
         .clone();
     let policy_changes = info.config.ack_policy != config.ack_policy;
     if info.num_ack_pending == 0 && !policy_changes {
-        return Ok(consumer);
+        return Ok(Some(consumer));
     }
-    // With cumulative acks a partition has one reader by the settings' own terms (another's
-    // ack would cover what this one holds): such a consumer is started over as before.
-    let per_record = config.ack_policy == AckPolicy::Explicit;
-    if !policy_changes && per_record && read_elsewhere(&mut consumer, &info).await? {
+    if !policy_changes && read_elsewhere(&mut consumer, &info).await? {
         // Its unacknowledged messages are another live reader's (two instances given the
         // same partitions): starting the consumer over would take it from under that
         // reader and deliver what it holds a second time.
@@ -224,7 +244,7 @@ pub(super) async fn restart_at_ack_floor(
             unacked = info.num_ack_pending,
             "another reader is pulling from the consumer; not starting it over"
         );
-        return Ok(consumer);
+        return Ok(Some(consumer));
     }
     let start = if info.num_ack_pending == 0 {
         // Nothing held: it goes on where it would have delivered next.
@@ -243,7 +263,65 @@ pub(super) async fn restart_at_ack_floor(
             "restarting the consumer at its first unacknowledged message, to keep per-key order"
         }
     );
-    remake(stream, name, start, config).await
+    Ok(Some(remake(stream, name, start, config).await?))
+}
+
+/// What a reader acking cumulatively may do with a durable consumer it did not make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Claim {
+    /// Read it as it is: no one pulls from it, and nothing it delivered is unacknowledged.
+    Free,
+    /// Make it again from `start`: its ack floor + 1 when a reader that is gone left
+    /// `pending` messages unacknowledged (they come again, in order), or where it would have
+    /// delivered next when only its ack policy is not the settings'.
+    Remake {
+        /// The stream sequence it starts at.
+        start: u64,
+        /// Its messages delivered and not acknowledged.
+        pending: usize,
+    },
+    /// Another live reader pulls from it: look again later.
+    Held,
+}
+
+/// Whether this reader may take a durable consumer for cumulative acks. One reader's
+/// cumulative ack covers every record before it, so a partition must have one reader at a
+/// time: an ack of a reader that took a consumer another was reading would cover what the
+/// other still holds, and that other's crash would lose it. So a reader takes a consumer only
+/// when no one pulls from it ([`read_elsewhere`]; a live reader always has a request waiting,
+/// as it polls without pause), and one that holds unacknowledged messages (its reader gone)
+/// only by making it again at its ack floor, so that this reader is delivered all of them
+/// and its acks cover only what it settled itself.
+pub(super) async fn claim(
+    consumer: &mut async_nats::jetstream::consumer::Consumer<pull::Config>,
+    config: &pull::Config,
+) -> Result<Claim, NatsError> {
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| NatsError::js("consumer info", e))?
+        .clone();
+    let held = if info.num_ack_pending > 0 {
+        read_elsewhere(consumer, &info).await?
+    } else {
+        info.num_waiting > 0
+    };
+    if held {
+        return Ok(Claim::Held);
+    }
+    let policy_changes = info.config.ack_policy != config.ack_policy;
+    if info.num_ack_pending == 0 && !policy_changes {
+        return Ok(Claim::Free);
+    }
+    let start = if info.num_ack_pending == 0 {
+        info.delivered.stream_sequence + 1
+    } else {
+        info.ack_floor.stream_sequence + 1
+    };
+    Ok(Claim::Remake {
+        start,
+        pending: info.num_ack_pending,
+    })
 }
 
 /// Whether a live reader pulls from the consumer: it has pull requests waiting at the server,

@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::AckPolicy;
 use async_nats::Subject;
 use floodway::Record;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -306,10 +307,13 @@ impl NatsHub {
             let (stream, options) = (&stream, &options);
             async move {
                 let config = consumer_config(name, &partition, subject.clone(), options)?;
-                let mut consumer = open_consumer(stream, &config).await?;
-                if !options.transient && options.sharing == Sharing::Exclusive {
-                    consumer = restart_at_ack_floor(stream, consumer, &config).await?;
-                }
+                let consumer = open_consumer(stream, &config).await?;
+                let consumer = if !options.transient && options.sharing == Sharing::Exclusive {
+                    // `None`: another reader holds it, and this one waits to take it over.
+                    restart_at_ack_floor(stream, consumer, &config).await?
+                } else {
+                    Some(consumer)
+                };
                 Ok::<_, NatsError>((partition, subject, config, consumer))
             }
         });
@@ -319,11 +323,12 @@ impl NatsHub {
             .collect::<Result<Vec<_>, _>>()?;
         let lanes = consumers
             .iter()
-            .map(|(partition, _, _, consumer)| {
-                (
-                    Arc::from(partition.as_str()),
-                    Lane::new(cumulative(consumer)),
-                )
+            .map(|(partition, _, config, consumer)| {
+                let cumulative = match consumer {
+                    Some(consumer) => cumulative(consumer),
+                    None => config.ack_policy == AckPolicy::All,
+                };
+                (Arc::from(partition.as_str()), Lane::new(cumulative))
             })
             .collect();
         let outstanding: Outstanding = Arc::new(Mutex::new(Some(lanes)));
@@ -350,10 +355,13 @@ impl NatsHub {
         for (partition, subject, config, consumer) in consumers {
             // Where this consumer stands: what it holds is below its ack floor, so a consumer
             // recreated later (after someone deleted it) goes on from there.
-            let last = if config.durable_name.is_some() {
-                consumer.cached_info().ack_floor.stream_sequence
-            } else {
-                0
+            let info = consumer.as_ref().map(|c| c.cached_info());
+            let cumulative = consumer
+                .as_ref()
+                .map_or(config.ack_policy == AckPolicy::All, cumulative);
+            let last = match (&config.durable_name, info) {
+                (Some(_), Some(info)) => info.ack_floor.stream_sequence,
+                _ => 0,
             };
             let reader = PartitionReader {
                 client: self.inner.client.clone(),
@@ -367,14 +375,17 @@ impl NatsHub {
                 tx: tx.clone(),
                 last,
                 target: None,
-                made: consumer.cached_info().created,
-                cumulative: cumulative(&consumer),
-                delivered: consumer.cached_info().delivered.consumer_sequence,
+                // A consumer held by another reader is looked at again at the first pull, as
+                // one this reader did not make.
+                made: info.map_or(time::OffsetDateTime::UNIX_EPOCH, |info| info.created),
+                cumulative,
+                delivered: info.map_or(0, |info| info.delivered.consumer_sequence),
                 remake: false,
+                resume_at: None,
                 acks: ops.downgrade(),
                 budget: budget.clone(),
                 pin: crate::pull::PinCell::default(),
-                consumer: Some(consumer),
+                consumer,
             };
             tasks.spawn(reader.run());
         }

@@ -3,14 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::AckKind;
 use floodway::error::SourceError;
 use floodway::{Record, Source};
 use tokio::sync::{mpsc, oneshot};
 
 use super::acks::send;
-use super::consumer::{cumulative, open_consumer, remake};
+use super::consumer::{claim, cumulative, open_consumer, remake, Claim};
 use super::options::{Sharing, SubscriptionOptions, GROUP, PULL_EXPIRES};
 use super::{AckOp, Budget, Item, NatsReader, Outstanding, Pending};
 use crate::error::NatsError;
@@ -42,6 +42,9 @@ pub(super) struct PartitionReader {
     pub(super) delivered: u64,
     /// The next pull starts by making the consumer again (a delivery was lost).
     pub(super) remake: bool,
+    /// Where the consumer is made again, when not where this reader stands: a consumer taken
+    /// over for cumulative acks from a reader that is gone starts at its ack floor + 1.
+    pub(super) resume_at: Option<u64>,
     /// The acker, to pause and resume the partition's acks.
     pub(super) acks: mpsc::WeakUnboundedSender<AckOp>,
     /// A transient read's room for records handed over and not yet taken.
@@ -64,6 +67,9 @@ impl PartitionReader {
                     let _ = self.tx.send(Item::Failed(e));
                     return;
                 }
+                // The subscription closed while the reader waited (for a consumer another
+                // reader held, or a server): nothing to report.
+                Err(_) if self.tx.is_closed() => return,
                 Err(e) => {
                     failures += 1;
                     metrics::counter!("floodway_nats_pull_errors_total").increment(1);
@@ -109,6 +115,7 @@ impl PartitionReader {
         // ack worked out for the consumer that was would reach one made in its place, where
         // its delivery sequence would move the ack floor past the new deliveries'.
         self.pause(true).await;
+        let mut waiting = false;
         loop {
             let mut start = None;
             if self.config.durable_name.is_some() || self.last > 0 {
@@ -125,19 +132,64 @@ impl PartitionReader {
                         .first_key_value()
                         .map(|(sequence, _)| *sequence)
                 });
-                let from = held.map_or(self.last + 1, |h| h.min(self.last + 1));
+                let from = match self.resume_at {
+                    Some(floor) if self.remake => floor,
+                    _ => held.map_or(self.last + 1, |h| h.min(self.last + 1)),
+                };
                 self.config.deliver_policy = DeliverPolicy::ByStartSequence {
                     start_sequence: from,
                 };
                 start = Some(from);
             }
-            let consumer = match (&self.config.durable_name, start) {
+            let (mut consumer, made_here) = match (&self.config.durable_name, start) {
                 (Some(name), Some(start)) if self.remake => {
                     // Not cut short if the reader is dropped meanwhile (`remake`).
-                    remake(&self.stream, name, start, &self.config).await?
+                    let consumer = remake(&self.stream, name, start, &self.config).await?;
+                    self.resume_at = None;
+                    (consumer, true)
                 }
-                _ => open_consumer(&self.stream, &self.config).await?,
+                _ => (open_consumer(&self.stream, &self.config).await?, false),
             };
+            if !made_here
+                && self.config.durable_name.is_some()
+                && self.config.ack_policy == AckPolicy::All
+                && consumer.cached_info().created != self.made
+            {
+                // A consumer this reader did not make (another instance made it again, or
+                // this one has not read it yet): taken for cumulative acks only when no one
+                // else reads it (`claim`).
+                match claim(&mut consumer, &self.config).await? {
+                    Claim::Free => {}
+                    Claim::Remake { start, pending } => {
+                        tracing::info!(
+                            partition = %self.partition,
+                            unacked = pending,
+                            start,
+                            "taking the consumer over: making it again at its first \
+                             unacknowledged message"
+                        );
+                        self.resume_at = Some(start);
+                        self.remake = true;
+                        continue;
+                    }
+                    Claim::Held => {
+                        if !waiting {
+                            tracing::info!(
+                                partition = %self.partition,
+                                "another reader is pulling from the partition's consumer; with \
+                                 cumulative acks a partition has one reader at a time, so this \
+                                 one waits to take over"
+                            );
+                            waiting = true;
+                        }
+                        if self.tx.is_closed() {
+                            return Err(NatsError::js("pull", "the subscription closed"));
+                        }
+                        tokio::time::sleep(TAKEOVER_LOOK).await;
+                        continue;
+                    }
+                }
+            }
             let info = consumer.cached_info();
             if info.created != self.made {
                 // A consumer made anew (by this reader, or after someone deleted it).
@@ -149,14 +201,16 @@ impl PartitionReader {
                     // the new one delivers it again from `start`, and takes cumulative acks
                     // only for its own deliveries. The reader stands before `start` now, so
                     // that a consumer made again once more starts there too (what the
-                    // processor still holds from before has no other way back).
+                    // processor still holds from before has no other way back), or at the
+                    // consumer's ack floor when that is further (one taken over from another
+                    // reader: what it acked, that reader settled).
                     if let Some(Some(lanes)) = self.outstanding.lock().ok().as_deref_mut() {
                         if let Some(lane) = lanes.get_mut(&self.partition) {
                             lane.clear(cumulative);
                         }
                     }
                     if let Some(start) = start {
-                        self.last = start - 1;
+                        self.last = (start - 1).max(info.ack_floor.stream_sequence);
                     }
                 }
                 self.cumulative = cumulative;
@@ -370,6 +424,9 @@ impl PartitionReader {
         }
     }
 }
+
+/// How often a reader waiting to take over a consumer another reader holds looks at it again.
+const TAKEOVER_LOOK: Duration = Duration::from_secs(1);
 
 /// Errors that trying again does not fix.
 pub(super) fn is_fatal(error: &NatsError) -> bool {
