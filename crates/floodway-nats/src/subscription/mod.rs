@@ -8,11 +8,14 @@
 //! `max_ack_pending`.
 //!
 //! Acknowledgement follows the core's settlements ([`Checkpointer::settle`](floodway::Checkpointer::settle)).
-//! By default each record is acked on its own, and a record whose fault event is stored is
-//! terminated (`+TERM`), so JetStream never redelivers it, poison included. With
-//! [`Acks::Cumulative`] (exclusive sharing only) a consumer acks as a checkpoint moves: when a
-//! record and every record before it in its partition are settled, one ack covers them all;
-//! the reader checks that no delivery went missing on the way, which such an ack would cover.
+//! With exclusive sharing (the default, [`Acks::Auto`]) a consumer acks as a checkpoint
+//! moves: when a record and every record before it in its partition are settled, one ack
+//! covers them all (a faulted record once its fault event is stored); the reader checks that
+//! no delivery went missing on the way, which such an ack would cover, and a partition has
+//! one reader at a time: an instance waits while another pulls from a consumer it would read
+//! (`consumer::claim`). With pinned sharing, or [`Acks::Each`], each record is acked on its
+//! own, and a record whose fault event is stored is terminated (`+TERM`), so JetStream never
+//! redelivers it, poison included.
 //! While records are held (in the processor, retrying in place or held by an open breaker, or
 //! settled behind one that is), in-progress acks (`+WPI`) keep JetStream from redelivering
 //! them; a subscription that held a record longer than the ack wait without one has lapsed
@@ -268,7 +271,8 @@ impl NatsHub {
             if options.acks == Acks::Cumulative && !options.transient {
                 return Err(NatsError::Config(
                     "cumulative acks need exclusive sharing: instances sharing a pinned \
-                     consumer would ack what another holds"
+                     consumer would ack what another holds (leave acks to `Acks::Auto`, or \
+                     set `Acks::Each`)"
                         .into(),
                 ));
             }
