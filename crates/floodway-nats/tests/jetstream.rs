@@ -1779,6 +1779,22 @@ async fn eventually(what: &str, check: impl Fn() -> bool) {
 /// lose it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_cumulative_acks_a_second_instance_waits_for_the_first_to_go() {
+    second_instance_waits(cumulative_on(1)).await;
+}
+
+/// The same with a second instance acking per record (its settings changed, or an older
+/// release rolled back to): its per-record acks on the first's consumer would be cumulative
+/// ones, so it waits too, and then makes the consumer again with its own ack policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_acking_per_record_waits_for_a_cumulative_first() {
+    second_instance_waits(SubscriptionOptions {
+        acks: Acks::Each,
+        ..cumulative_on(1)
+    })
+    .await;
+}
+
+async fn second_instance_waits(second_options: SubscriptionOptions) {
     let server = NatsServer::start();
     let hub = NatsHub::connect(&options(vec![server.url()]))
         .await
@@ -1806,7 +1822,7 @@ async fn with_cumulative_acks_a_second_instance_waits_for_the_first_to_go() {
 
     // The second subscribes, and waits.
     let (second, sink) = collecting("twin");
-    let sub = hub.subscribe("twin", cumulative_on(1)).await.unwrap();
+    let sub = hub.subscribe("twin", second_options).await.unwrap();
     let delivered = sink.clone();
     let n = events.len();
     let run =

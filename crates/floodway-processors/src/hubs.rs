@@ -78,7 +78,6 @@ impl NatsConfig {
                 },
             },
             acks: match self.acks {
-                AcksConfig::Auto => Acks::Auto,
                 AcksConfig::Each => Acks::Each,
                 AcksConfig::Cumulative => Acks::Cumulative,
             },

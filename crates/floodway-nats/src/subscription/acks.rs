@@ -276,7 +276,7 @@ pub(super) async fn acker(
     // to whoever asks without a nak (their ack wait has run out), and a nak could reach
     // another reader's delivery of them, which would then come a second time.
     let lapse = alive.as_ref().and_then(|alive| alive.lapsed());
-    let lanes: Vec<Lane> = lanes
+    let mut lanes: Vec<Lane> = lanes
         .into_values()
         .map(|mut lane| {
             if let Some(lapse) = lapse {
@@ -285,6 +285,11 @@ pub(super) async fn acker(
             lane
         })
         .collect();
+    if lapse.is_none() {
+        for lane in &mut lanes {
+            last_ack(&client, lane).await;
+        }
+    }
     let left: usize = lanes.iter().map(|lane| lane.records.len()).sum();
     if left > 0 {
         tracing::info!(records = left, "returning unfinished records to JetStream");
@@ -303,6 +308,35 @@ pub(super) async fn acker(
     }
     let _ = client.flush().await;
     let _ = closed.send(true);
+}
+
+/// An orphaned lane's one cumulative ack, at close, for what was settled after its reader
+/// went: sent only if its consumer is still the one its records came from (another instance
+/// may have made it again meanwhile; `Lane::orphaned`). What it does not cover is nak'd.
+async fn last_ack(client: &async_nats::Client, lane: &mut Lane) {
+    if !lane.cumulative || !lane.orphaned || lane.paused || !lane.has_settled_front() {
+        return;
+    }
+    let Some(mut consumer) = lane.consumer.clone() else {
+        return;
+    };
+    let made = consumer.cached_info().created;
+    let same = matches!(
+        tokio::time::timeout(Duration::from_secs(2), consumer.info()).await,
+        Ok(Ok(info)) if info.created == made
+    );
+    if !same {
+        tracing::info!(
+            records = lane.records.len(),
+            "the consumer was made again since its reader went: what the processor settled \
+             since is returned, not acked"
+        );
+        return;
+    }
+    lane.orphaned = false;
+    if let Some(reply) = lane.advance() {
+        send(client, reply, AckKind::Ack).await;
+    }
 }
 
 /// Applies settlements taken together: acks and terms to send go to `sends`, a partition's

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PriorityPolicy};
 
-use super::options::{Sharing, StartAt, SubscriptionOptions, GROUP};
+use super::options::{Acks, Sharing, StartAt, SubscriptionOptions, GROUP};
 use crate::error::NatsError;
 
 pub(super) fn consumer_config(
@@ -36,10 +36,9 @@ pub(super) fn consumer_config(
         let consumer = format!("{name}_{partition}");
         config.durable_name = Some(consumer.clone());
         config.name = Some(consumer);
-        config.ack_policy = if options.acks.cumulative(options.sharing) {
-            AckPolicy::All
-        } else {
-            AckPolicy::Explicit
+        config.ack_policy = match options.acks {
+            Acks::Each => AckPolicy::Explicit,
+            Acks::Cumulative => AckPolicy::All,
         };
         config.ack_wait = options.ack_wait;
         config.max_ack_pending = options.max_ack_pending;
@@ -101,6 +100,25 @@ pub(super) fn permanent(code: Option<u64>) -> bool {
             | 10197,
         )
     )
+}
+
+/// Finds a durable consumer as it is, or creates it from `config` when it is missing: a look
+/// at one another reader may hold, whose settings are not touched.
+pub(super) async fn find_consumer(
+    stream: &async_nats::jetstream::stream::Stream,
+    config: &pull::Config,
+) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    stream
+        .get_or_create_consumer(&name, config.clone())
+        .await
+        .map_err(|e| {
+            if permanent(code_of(&e)) {
+                NatsError::Config(format!("consumer `{name}`: {e}"))
+            } else {
+                NatsError::js("create consumer", e)
+            }
+        })
 }
 
 /// Creates a consumer, or finds a durable one and brings its changeable settings (ack wait,
@@ -185,6 +203,19 @@ pub(super) async fn open_consumer(
     Ok(consumer)
 }
 
+/// What a subscription does with a partition's consumer once it is open.
+#[derive(Debug)]
+pub(super) enum Opened {
+    /// Read it.
+    Ready(Box<async_nats::jetstream::consumer::Consumer<pull::Config>>),
+    /// Leave it to the reader to take, once no one else reads it ([`claim`]): acks are or would
+    /// be cumulative, and another reader may hold it. `floor` is where its acks stand.
+    Claim {
+        /// The stream sequence of its ack floor.
+        floor: u64,
+    },
+}
+
 /// Starts a durable consumer over from its ack floor when it holds messages delivered and
 /// not acknowledged: an earlier owner stopped (its naks carry a delay) or died (its messages
 /// wait out the ack wait), and JetStream would deliver newer messages of the same keys to
@@ -193,7 +224,8 @@ pub(super) async fn open_consumer(
 /// as duplicates, which at-least-once processing and idempotent sinks absorb. Only for
 /// exclusive sharing, and only when no live reader pulls from the consumer
 /// ([`read_elsewhere`]): with per-record acks two instances given the same partitions share
-/// it instead; with cumulative acks this one waits for the other to stop (`None`, [`claim`]).
+/// it instead. Where acks are or would be cumulative (the settings', or the consumer's as it
+/// stands), the reader takes it ([`Opened::Claim`]) unless it is free to read as it is.
 ///
 /// A consumer whose ack policy is not the settings' (acks switched between each and
 /// cumulative) is made again the same way, since JetStream cannot change it in place.
@@ -201,40 +233,26 @@ pub(super) async fn restart_at_ack_floor(
     stream: &async_nats::jetstream::stream::Stream,
     mut consumer: async_nats::jetstream::consumer::Consumer<pull::Config>,
     config: &pull::Config,
-) -> Result<Option<async_nats::jetstream::consumer::Consumer<pull::Config>>, NatsError> {
+) -> Result<Opened, NatsError> {
     let Some(name) = &config.durable_name else {
-        return Ok(Some(consumer));
+        return Ok(Opened::Ready(Box::new(consumer)));
     };
-    if config.ack_policy == AckPolicy::All {
-        return match claim(&mut consumer, config).await? {
-            Claim::Free => Ok(Some(consumer)),
-            Claim::Remake { start, pending } => {
-                tracing::info!(
-                    consumer = %name,
-                    unacked = pending,
-                    start,
-                    "making the consumer again at its first unacknowledged message"
-                );
-                Ok(Some(remake(stream, name, start, config).await?))
-            }
-            Claim::Held => {
-                tracing::info!(
-                    consumer = %name,
-                    "another reader is pulling from the consumer; with cumulative acks a \
-                     partition has one reader at a time, so this one waits to take over"
-                );
-                Ok(None)
-            }
-        };
-    }
     let info = consumer
         .info()
         .await
         .map_err(|e| NatsError::js("consumer info", e))?
         .clone();
+    if config.ack_policy == AckPolicy::All || info.config.ack_policy == AckPolicy::All {
+        return Ok(match judge(&mut consumer, &info, config).await? {
+            Claim::Free => Opened::Ready(Box::new(consumer)),
+            Claim::Remake { .. } | Claim::Held => Opened::Claim {
+                floor: info.ack_floor.stream_sequence,
+            },
+        });
+    }
     let policy_changes = info.config.ack_policy != config.ack_policy;
     if info.num_ack_pending == 0 && !policy_changes {
-        return Ok(Some(consumer));
+        return Ok(Opened::Ready(Box::new(consumer)));
     }
     if !policy_changes && read_elsewhere(&mut consumer, &info).await? {
         // Its unacknowledged messages are another live reader's (two instances given the
@@ -245,7 +263,7 @@ pub(super) async fn restart_at_ack_floor(
             unacked = info.num_ack_pending,
             "another reader is pulling from the consumer; not starting it over"
         );
-        return Ok(Some(consumer));
+        return Ok(Opened::Ready(Box::new(consumer)));
     }
     let start = if info.num_ack_pending == 0 {
         // Nothing held: it goes on where it would have delivered next.
@@ -264,7 +282,9 @@ pub(super) async fn restart_at_ack_floor(
             "restarting the consumer at its first unacknowledged message, to keep per-key order"
         }
     );
-    Ok(Some(remake(stream, name, start, config).await?))
+    Ok(Opened::Ready(Box::new(
+        remake(stream, name, start, config).await?,
+    )))
 }
 
 /// What a reader acking cumulatively may do with a durable consumer it did not make.
@@ -285,14 +305,16 @@ pub(super) enum Claim {
     Held,
 }
 
-/// Whether this reader may take a durable consumer for cumulative acks. One reader's
-/// cumulative ack covers every record before it, so a partition must have one reader at a
-/// time: an ack of a reader that took a consumer another was reading would cover what the
-/// other still holds, and that other's crash would lose it. So a reader takes a consumer only
-/// when no one pulls from it ([`read_elsewhere`]; a live reader always has a request waiting,
-/// as it polls without pause), and one that holds unacknowledged messages (its reader gone)
-/// only by making it again at its ack floor, so that this reader is delivered all of them
-/// and its acks cover only what it settled itself.
+/// Whether this reader may take a durable consumer where acks are or would be cumulative
+/// (the settings' ack policy or the consumer's is `all`). One reader's cumulative ack covers
+/// every record before it, so a partition must have one reader at a time: an ack of a reader
+/// that took a consumer another was reading would cover what the other still holds, and that
+/// other's crash would lose it. So a reader takes a consumer only when no one pulls from it
+/// ([`read_elsewhere`]; a live reader always has a request waiting, as it polls without
+/// pause), and one that holds unacknowledged messages (its reader gone), or is acked another
+/// way, only by making it again (at its ack floor + 1), so that this reader is delivered all
+/// of them and its acks cover only what it settled itself. The caller makes it again only
+/// once it has found no one there for a while ([`TAKEOVER_ABSENCE`]).
 pub(super) async fn claim(
     consumer: &mut async_nats::jetstream::consumer::Consumer<pull::Config>,
     config: &pull::Config,
@@ -302,8 +324,17 @@ pub(super) async fn claim(
         .await
         .map_err(|e| NatsError::js("consumer info", e))?
         .clone();
+    judge(consumer, &info, config).await
+}
+
+/// [`claim`], from a look already taken.
+async fn judge(
+    consumer: &mut async_nats::jetstream::consumer::Consumer<pull::Config>,
+    info: &async_nats::jetstream::consumer::Info,
+    config: &pull::Config,
+) -> Result<Claim, NatsError> {
     let held = if info.num_ack_pending > 0 {
-        read_elsewhere(consumer, &info).await?
+        read_elsewhere(consumer, info).await?
     } else {
         info.num_waiting > 0
     };
@@ -324,6 +355,12 @@ pub(super) async fn claim(
         pending: info.num_ack_pending,
     })
 }
+
+/// How long a consumer must be found with no one reading it, look after look, before a reader
+/// makes it again to take it over: longer than a live reader goes without a pull request
+/// waiting at the server (its pause after a failed pull, at most 3.2 s, is covered by its own
+/// pause of acks; two missed heartbeats, 2.5 s, after a request lost with a server).
+pub(super) const TAKEOVER_ABSENCE: Duration = Duration::from_secs(3);
 
 /// Whether a live reader pulls from the consumer: it has pull requests waiting at the server,
 /// or, looked at again after a moment (a busy reader can have none waiting while it works

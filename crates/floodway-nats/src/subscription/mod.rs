@@ -8,14 +8,13 @@
 //! `max_ack_pending`.
 //!
 //! Acknowledgement follows the core's settlements ([`Checkpointer::settle`](floodway::Checkpointer::settle)).
-//! With exclusive sharing (the default, [`Acks::Auto`]) a consumer acks as a checkpoint
-//! moves: when a record and every record before it in its partition are settled, one ack
-//! covers them all (a faulted record once its fault event is stored); the reader checks that
-//! no delivery went missing on the way, which such an ack would cover, and a partition has
-//! one reader at a time: an instance waits while another pulls from a consumer it would read
-//! (`consumer::claim`). With pinned sharing, or [`Acks::Each`], each record is acked on its
-//! own, and a record whose fault event is stored is terminated (`+TERM`), so JetStream never
-//! redelivers it, poison included.
+//! By default each record is acked on its own, and a record whose fault event is stored is
+//! terminated (`+TERM`), so JetStream never redelivers it, poison included. With
+//! [`Acks::Cumulative`] (exclusive sharing only) a consumer acks as a checkpoint moves: when a
+//! record and every record before it in its partition are settled, one ack covers them all;
+//! the reader checks that no delivery went missing on the way, which such an ack would cover,
+//! and a partition has one reader at a time: an instance waits while another pulls from a
+//! consumer it would read (`consumer::claim`).
 //! While records are held (in the processor, retrying in place or held by an open breaker, or
 //! settled behind one that is), in-progress acks (`+WPI`) keep JetStream from redelivering
 //! them; a subscription that held a record longer than the ack wait without one has lapsed
@@ -29,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::AckPolicy;
+use async_nats::jetstream::consumer::{pull, AckPolicy};
 use async_nats::Subject;
 use floodway::Record;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -44,7 +43,7 @@ mod options;
 mod reader;
 
 use acks::{acker, KeptAlive};
-use consumer::{consumer_config, cumulative, open_consumer, restart_at_ack_floor};
+use consumer::{consumer_config, cumulative, open_consumer, restart_at_ack_floor, Opened};
 pub use options::{Acks, Partitions, Sharing, StartAt, SubscriptionOptions};
 use reader::PartitionReader;
 
@@ -76,6 +75,15 @@ struct Lane {
     /// No acks now: the reader is finding its consumer again, and an ack worked out for the
     /// consumer that was must not reach one made in its place.
     paused: bool,
+    /// The reader is gone (the processor dropped its source and drains what it holds): no
+    /// cumulative acks until the subscription closes, and then one, only if the consumer is
+    /// still the one these records came from. With its reader gone, the consumer has no pull
+    /// request waiting, so another instance may take it over and make it again meanwhile,
+    /// where an ack of a delivery of the old one would move the new one's ack floor past its
+    /// own deliveries, and the server would ignore that reader's acks from then on.
+    orphaned: bool,
+    /// The consumer these records came from, to look at before that last ack.
+    consumer: Option<async_nats::jetstream::consumer::Consumer<pull::Config>>,
 }
 
 impl Lane {
@@ -83,6 +91,14 @@ impl Lane {
         Lane {
             cumulative,
             ..Lane::default()
+        }
+    }
+
+    /// The lane of a consumer being read.
+    fn reading(consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>) -> Lane {
+        Lane {
+            consumer: Some(consumer.clone()),
+            ..Lane::new(consumer::cumulative(consumer))
         }
     }
 
@@ -115,8 +131,14 @@ impl Lane {
     fn clear(&mut self, cumulative: bool) {
         *self = Lane {
             paused: self.paused,
+            orphaned: self.orphaned,
             ..Lane::new(cumulative)
         };
+    }
+
+    /// Whether the first record held is settled (an ack can move the floor).
+    fn has_settled_front(&self) -> bool {
+        self.records.values().next().is_some_and(|p| p.settled)
     }
 
     /// With cumulative acks: lets go of the settled records at the front that one ack can
@@ -131,7 +153,7 @@ impl Lane {
     /// it start its consumer over), so while no record is `behind`, delivery follows stream
     /// order and that is the last settled record of the run.
     fn advance(&mut self) -> Option<Subject> {
-        if self.paused {
+        if self.paused || self.orphaned {
             return None;
         }
         let run = self.records.values().take_while(|p| p.settled).count();
@@ -202,7 +224,21 @@ pub struct NatsReader {
     source: String,
     /// A transient read's room for records read and not yet taken (see [`Budget`]).
     budget: Budget,
+    /// The lanes, to mark orphaned when the reader goes.
+    outstanding: Outstanding,
     _tasks: JoinSet<()>,
+}
+
+impl Drop for NatsReader {
+    /// The partitions' readers stop with it (their pull requests go), while the processor may
+    /// still be settling what it holds: the lanes are orphaned ([`Lane::orphaned`]).
+    fn drop(&mut self) {
+        if let Some(Some(lanes)) = self.outstanding.lock().ok().as_deref_mut() {
+            for lane in lanes.values_mut() {
+                lane.orphaned = true;
+            }
+        }
+    }
 }
 
 /// How many records a transient read's partition readers may hand over that the processor has
@@ -271,8 +307,7 @@ impl NatsHub {
             if options.acks == Acks::Cumulative && !options.transient {
                 return Err(NatsError::Config(
                     "cumulative acks need exclusive sharing: instances sharing a pinned \
-                     consumer would ack what another holds (leave acks to `Acks::Auto`, or \
-                     set `Acks::Each`)"
+                     consumer would ack what another holds"
                         .into(),
                 ));
             }
@@ -313,10 +348,9 @@ impl NatsHub {
                 let config = consumer_config(name, &partition, subject.clone(), options)?;
                 let consumer = open_consumer(stream, &config).await?;
                 let consumer = if !options.transient && options.sharing == Sharing::Exclusive {
-                    // `None`: another reader holds it, and this one waits to take it over.
                     restart_at_ack_floor(stream, consumer, &config).await?
                 } else {
-                    Some(consumer)
+                    Opened::Ready(Box::new(consumer))
                 };
                 Ok::<_, NatsError>((partition, subject, config, consumer))
             }
@@ -328,11 +362,11 @@ impl NatsHub {
         let lanes = consumers
             .iter()
             .map(|(partition, _, config, consumer)| {
-                let cumulative = match consumer {
-                    Some(consumer) => cumulative(consumer),
-                    None => config.ack_policy == AckPolicy::All,
+                let lane = match consumer {
+                    Opened::Ready(consumer) => Lane::reading(consumer),
+                    Opened::Claim { .. } => Lane::new(config.ack_policy == AckPolicy::All),
                 };
-                (Arc::from(partition.as_str()), Lane::new(cumulative))
+                (Arc::from(partition.as_str()), lane)
             })
             .collect();
         let outstanding: Outstanding = Arc::new(Mutex::new(Some(lanes)));
@@ -359,12 +393,17 @@ impl NatsHub {
         for (partition, subject, config, consumer) in consumers {
             // Where this consumer stands: what it holds is below its ack floor, so a consumer
             // recreated later (after someone deleted it) goes on from there.
+            let (consumer, floor) = match consumer {
+                Opened::Ready(consumer) => (Some(*consumer), None),
+                Opened::Claim { floor } => (None, Some(floor)),
+            };
             let info = consumer.as_ref().map(|c| c.cached_info());
             let cumulative = consumer
                 .as_ref()
                 .map_or(config.ack_policy == AckPolicy::All, cumulative);
-            let last = match (&config.durable_name, info) {
-                (Some(_), Some(info)) => info.ack_floor.stream_sequence,
+            let last = match (&config.durable_name, info, floor) {
+                (_, _, Some(floor)) => floor,
+                (Some(_), Some(info), _) => info.ack_floor.stream_sequence,
                 _ => 0,
             };
             let reader = PartitionReader {
@@ -385,6 +424,7 @@ impl NatsHub {
                 cumulative,
                 delivered: info.map_or(0, |info| info.delivered.consumer_sequence),
                 remake: false,
+                opened: consumer.is_some(),
                 resume_at: None,
                 acks: ops.downgrade(),
                 budget: budget.clone(),
@@ -399,7 +439,7 @@ impl NatsHub {
         tokio::spawn(acker(
             self.inner.client.clone(),
             ops_rx,
-            outstanding,
+            outstanding.clone(),
             options.clone(),
             alive.clone(),
             closed_tx,
@@ -411,6 +451,7 @@ impl NatsHub {
                 follow: options.follow,
                 source,
                 budget,
+                outstanding,
                 _tasks: tasks,
             },
             checkpointer: NatsCheckpointer {

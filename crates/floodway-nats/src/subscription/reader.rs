@@ -10,7 +10,9 @@ use floodway::{Record, Source};
 use tokio::sync::{mpsc, oneshot};
 
 use super::acks::send;
-use super::consumer::{claim, cumulative, open_consumer, remake, Claim};
+use super::consumer::{
+    claim, cumulative, find_consumer, open_consumer, remake, Claim, TAKEOVER_ABSENCE,
+};
 use super::options::{Sharing, SubscriptionOptions, GROUP, PULL_EXPIRES};
 use super::{AckOp, Budget, Item, NatsReader, Outstanding, Pending};
 use crate::error::NatsError;
@@ -42,6 +44,8 @@ pub(super) struct PartitionReader {
     pub(super) delivered: u64,
     /// The next pull starts by making the consumer again (a delivery was lost).
     pub(super) remake: bool,
+    /// The consumer is the one the subscription opened, not looked at since.
+    pub(super) opened: bool,
     /// Where the consumer is made again, when not where this reader stands: a consumer taken
     /// over for cumulative acks from a reader that is gone starts at its ack floor + 1.
     pub(super) resume_at: Option<u64>,
@@ -71,6 +75,10 @@ impl PartitionReader {
                 // reader held, or a server): nothing to report.
                 Err(_) if self.tx.is_closed() => return,
                 Err(e) => {
+                    // No acks until the consumer is found again: while this reader pauses,
+                    // it has no pull request waiting, and another instance may take the
+                    // consumer over and make it again (`claim`).
+                    self.pause(true).await;
                     failures += 1;
                     metrics::counter!("floodway_nats_pull_errors_total").increment(1);
                     tracing::warn!(
@@ -107,7 +115,8 @@ impl PartitionReader {
     }
 
     /// Finds this partition's consumer again after a failed pull, or makes it again where
-    /// this reader stands when it is gone or lost a delivery.
+    /// this reader stands when it is gone or lost a delivery; one another reader may hold
+    /// (where acks are or would be cumulative) is taken only as [`claim`] allows.
     async fn reopen(
         &mut self,
     ) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, NatsError> {
@@ -115,7 +124,9 @@ impl PartitionReader {
         // ack worked out for the consumer that was would reach one made in its place, where
         // its delivery sequence would move the ack floor past the new deliveries'.
         self.pause(true).await;
-        let mut waiting = false;
+        let mut told = false;
+        let mut absent_since: Option<tokio::time::Instant> = None;
+        let mut wait = TAKEOVER_LOOK;
         loop {
             let mut start = None;
             if self.config.durable_name.is_some() || self.last > 0 {
@@ -124,7 +135,8 @@ impl PartitionReader {
                 // skip what was published meanwhile): at the first record it still holds
                 // unsettled, whose acks went to the old consumer and would be lost with this
                 // process, else after the last record read. What it holds comes again, as
-                // duplicates.
+                // duplicates. One taken over from a reader that is gone starts at its ack
+                // floor + 1 instead.
                 let held = self.outstanding.lock().ok().and_then(|o| {
                     o.as_ref()?
                         .get(&self.partition)?
@@ -144,51 +156,83 @@ impl PartitionReader {
             let (mut consumer, made_here) = match (&self.config.durable_name, start) {
                 (Some(name), Some(start)) if self.remake => {
                     // Not cut short if the reader is dropped meanwhile (`remake`).
-                    let consumer = remake(&self.stream, name, start, &self.config).await?;
-                    self.resume_at = None;
-                    (consumer, true)
-                }
-                _ => (open_consumer(&self.stream, &self.config).await?, false),
-            };
-            if !made_here
-                && self.config.durable_name.is_some()
-                && self.config.ack_policy == AckPolicy::All
-                && consumer.cached_info().created != self.made
-            {
-                // A consumer this reader did not make (another instance made it again, or
-                // this one has not read it yet): taken for cumulative acks only when no one
-                // else reads it (`claim`).
-                match claim(&mut consumer, &self.config).await? {
-                    Claim::Free => {}
-                    Claim::Remake { start, pending } => {
-                        tracing::info!(
-                            partition = %self.partition,
-                            unacked = pending,
-                            start,
-                            "taking the consumer over: making it again at its first \
-                             unacknowledged message"
-                        );
-                        self.resume_at = Some(start);
-                        self.remake = true;
-                        continue;
-                    }
-                    Claim::Held => {
-                        if !waiting {
-                            tracing::info!(
-                                partition = %self.partition,
-                                "another reader is pulling from the partition's consumer; with \
-                                 cumulative acks a partition has one reader at a time, so this \
-                                 one waits to take over"
-                            );
-                            waiting = true;
+                    let consumer = match remake(&self.stream, name, start, &self.config).await {
+                        Ok(consumer) => consumer,
+                        Err(e) => {
+                            // A takeover is judged afresh: someone may have taken the consumer
+                            // meanwhile.
+                            if self.resume_at.take().is_some() {
+                                self.remake = false;
+                            }
+                            return Err(e);
                         }
+                    };
+                    self.resume_at = None;
+                    // Another instance may have made it between the delete and the create,
+                    // and the create then found theirs.
+                    let ours = matches!(
+                        consumer.cached_info().config.deliver_policy,
+                        DeliverPolicy::ByStartSequence { start_sequence } if start_sequence == start
+                    );
+                    (consumer, ours)
+                }
+                (Some(_), _) => (find_consumer(&self.stream, &self.config).await?, false),
+                (None, _) => (open_consumer(&self.stream, &self.config).await?, false),
+            };
+            if !made_here && self.config.durable_name.is_some() {
+                let found = consumer.cached_info();
+                if found.created != self.made
+                    && (self.config.ack_policy == AckPolicy::All
+                        || found.config.ack_policy == AckPolicy::All)
+                {
+                    // A consumer this reader did not make (another instance made it again,
+                    // or this one has not read it yet), where acks are or would be
+                    // cumulative: taken only when no one else reads it (`claim`).
+                    let pause = match claim(&mut consumer, &self.config).await? {
+                        Claim::Free => None,
+                        Claim::Remake { start, pending } => {
+                            let since = *absent_since.get_or_insert_with(tokio::time::Instant::now);
+                            if since.elapsed() >= TAKEOVER_ABSENCE {
+                                tracing::info!(
+                                    partition = %self.partition,
+                                    unacked = pending,
+                                    start,
+                                    "taking the consumer over: no one has read it for {:?}; \
+                                     making it again at its first unacknowledged message",
+                                    TAKEOVER_ABSENCE
+                                );
+                                self.resume_at = Some(start);
+                                self.remake = true;
+                                continue;
+                            }
+                            Some(TAKEOVER_LOOK)
+                        }
+                        Claim::Held => {
+                            absent_since = None;
+                            if !told {
+                                tracing::info!(
+                                    partition = %self.partition,
+                                    "another reader is pulling from the partition's consumer; \
+                                     with cumulative acks a partition has one reader at a \
+                                     time, so this one waits to take over"
+                                );
+                                told = true;
+                            }
+                            let now = wait;
+                            wait = (wait * 2).min(TAKEOVER_LOOK_MAX);
+                            Some(now)
+                        }
+                    };
+                    if let Some(pause) = pause {
                         if self.tx.is_closed() {
                             return Err(NatsError::js("pull", "the subscription closed"));
                         }
-                        tokio::time::sleep(TAKEOVER_LOOK).await;
+                        tokio::time::sleep(pause).await;
                         continue;
                     }
                 }
+                // Taken: its changeable settings brought in line, and the settings checked.
+                consumer = open_consumer(&self.stream, &self.config).await?;
             }
             let info = consumer.cached_info();
             if info.created != self.made {
@@ -228,6 +272,11 @@ impl PartitionReader {
                 continue;
             }
             self.remake = false;
+            if let Some(Some(lanes)) = self.outstanding.lock().ok().as_deref_mut() {
+                if let Some(lane) = lanes.get_mut(&self.partition) {
+                    lane.consumer = Some(consumer.clone());
+                }
+            }
             self.pause(false).await;
             return Ok(consumer);
         }
@@ -264,6 +313,23 @@ impl PartitionReader {
             }
         }
         let mut consumer = match self.consumer.take() {
+            Some(mut c) if self.opened && self.config.durable_name.is_some() => {
+                // The consumer as the subscription opened it: where acks are or would be
+                // cumulative, another instance may have made it again since (taking it over),
+                // and this reader must not read that one unclaimed.
+                self.opened = false;
+                let info = c
+                    .info()
+                    .await
+                    .map_err(|e| NatsError::js("consumer info", e))?;
+                let cumulative = self.config.ack_policy == AckPolicy::All
+                    || info.config.ack_policy == AckPolicy::All;
+                if cumulative && info.created != self.made {
+                    self.reopen().await?
+                } else {
+                    c
+                }
+            }
             Some(c) => c,
             None => self.reopen().await?,
         };
@@ -425,8 +491,13 @@ impl PartitionReader {
     }
 }
 
-/// How often a reader waiting to take over a consumer another reader holds looks at it again.
+/// How often a reader waiting to take over a consumer looks at it again: at first, and while
+/// it finds no one there.
 const TAKEOVER_LOOK: Duration = Duration::from_secs(1);
+
+/// The longest pause between looks while another reader holds the consumer (each look is a
+/// request or two to the server, per partition).
+const TAKEOVER_LOOK_MAX: Duration = Duration::from_secs(5);
 
 /// Errors that trying again does not fix.
 pub(super) fn is_fatal(error: &NatsError) -> bool {
