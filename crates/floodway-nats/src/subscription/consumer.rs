@@ -136,16 +136,7 @@ pub(super) async fn open_consumer(
             }
         });
     };
-    let consumer = stream
-        .get_or_create_consumer(name, config.clone())
-        .await
-        .map_err(|e| {
-            if permanent(code_of(&e)) {
-                NatsError::Config(format!("consumer `{name}`: {e}"))
-            } else {
-                NatsError::js("create consumer", e)
-            }
-        })?;
+    let consumer = find_consumer(stream, config).await?;
     let current = consumer.cached_info().config.clone();
     if current.priority_policy != config.priority_policy
         || current.priority_groups != config.priority_groups
