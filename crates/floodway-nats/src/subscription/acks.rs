@@ -286,9 +286,7 @@ pub(super) async fn acker(
         })
         .collect();
     if lapse.is_none() {
-        for lane in &mut lanes {
-            last_ack(&client, lane).await;
-        }
+        futures_util::future::join_all(lanes.iter_mut().map(|lane| last_ack(&client, lane))).await;
     }
     let left: usize = lanes.iter().map(|lane| lane.records.len()).sum();
     if left > 0 {

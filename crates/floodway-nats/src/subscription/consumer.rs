@@ -235,7 +235,7 @@ pub(super) async fn restart_at_ack_floor(
         .clone();
     if config.ack_policy == AckPolicy::All || info.config.ack_policy == AckPolicy::All {
         return Ok(match judge(&mut consumer, &info, config).await? {
-            Claim::Free => Opened::Ready(Box::new(consumer)),
+            Claim::Free { .. } => Opened::Ready(Box::new(consumer)),
             Claim::Remake { .. } | Claim::Held => Opened::Claim {
                 floor: info.ack_floor.stream_sequence,
             },
@@ -282,7 +282,10 @@ pub(super) async fn restart_at_ack_floor(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Claim {
     /// Read it as it is: no one pulls from it, and nothing it delivered is unacknowledged.
-    Free,
+    Free {
+        /// The consumer sequence of its last delivery, as judged.
+        delivered: u64,
+    },
     /// Make it again from `start`: its ack floor + 1 when a reader that is gone left
     /// `pending` messages unacknowledged (they come again, in order), or where it would have
     /// delivered next when only its ack policy is not the settings'.
@@ -334,7 +337,9 @@ async fn judge(
     }
     let policy_changes = info.config.ack_policy != config.ack_policy;
     if info.num_ack_pending == 0 && !policy_changes {
-        return Ok(Claim::Free);
+        return Ok(Claim::Free {
+            delivered: info.delivered.consumer_sequence,
+        });
     }
     let start = if info.num_ack_pending == 0 {
         info.delivered.stream_sequence + 1
@@ -372,7 +377,8 @@ async fn read_elsewhere(
         .map_err(|e| NatsError::js("consumer info", e))?;
     Ok(again.num_waiting > 0
         || again.delivered.consumer_sequence != first.delivered.consumer_sequence
-        || again.ack_floor.consumer_sequence != first.ack_floor.consumer_sequence)
+        || again.ack_floor.consumer_sequence != first.ack_floor.consumer_sequence
+        || again.num_ack_pending != first.num_ack_pending)
 }
 
 /// How long after the first look at a consumer holding unacknowledged messages the second

@@ -77,8 +77,11 @@ impl PartitionReader {
                 Err(e) => {
                     // No acks until the consumer is found again: while this reader pauses,
                     // it has no pull request waiting, and another instance may take the
-                    // consumer over and make it again (`claim`).
-                    self.pause(true).await;
+                    // consumer over and make it again (`claim`). (A failure before the pull
+                    // kept its consumer, which the next pull reads without finding it again.)
+                    if self.consumer.is_none() {
+                        self.pause(true).await;
+                    }
                     failures += 1;
                     metrics::counter!("floodway_nats_pull_errors_total").increment(1);
                     tracing::warn!(
@@ -126,6 +129,7 @@ impl PartitionReader {
         self.pause(true).await;
         let mut told = false;
         let mut absent_since: Option<tokio::time::Instant> = None;
+        let mut judged: Option<u64> = None;
         let mut wait = TAKEOVER_LOOK;
         loop {
             let mut start = None;
@@ -168,12 +172,16 @@ impl PartitionReader {
                         }
                     };
                     self.resume_at = None;
+                    absent_since = None;
                     // Another instance may have made it between the delete and the create,
-                    // and the create then found theirs.
+                    // and the create then found theirs: then it is claimed as any other.
                     let ours = matches!(
                         consumer.cached_info().config.deliver_policy,
                         DeliverPolicy::ByStartSequence { start_sequence } if start_sequence == start
                     );
+                    if !ours {
+                        self.remake = false;
+                    }
                     (consumer, ours)
                 }
                 (Some(_), _) => (find_consumer(&self.stream, &self.config).await?, false),
@@ -189,7 +197,18 @@ impl PartitionReader {
                     // or this one has not read it yet), where acks are or would be
                     // cumulative: taken only when no one else reads it (`claim`).
                     let pause = match claim(&mut consumer, &self.config).await? {
-                        Claim::Free => None,
+                        // Read as it is only after no one was seen for a while either: a live
+                        // reader holding nothing has no request waiting while it pauses after
+                        // a failed pull.
+                        Claim::Free { delivered } => {
+                            let since = *absent_since.get_or_insert_with(tokio::time::Instant::now);
+                            if since.elapsed() >= TAKEOVER_ABSENCE {
+                                judged = Some(delivered);
+                                None
+                            } else {
+                                Some(TAKEOVER_LOOK)
+                            }
+                        }
                         Claim::Remake { start, pending } => {
                             let since = *absent_since.get_or_insert_with(tokio::time::Instant::now);
                             if since.elapsed() >= TAKEOVER_ABSENCE {
@@ -233,6 +252,15 @@ impl PartitionReader {
                 }
                 // Taken: its changeable settings brought in line, and the settings checked.
                 consumer = open_consumer(&self.stream, &self.config).await?;
+                if let Some(judged) = judged.take() {
+                    // Read from the count judged on: a reader that came back meanwhile (and
+                    // had deliveries this one would not see as a gap) sends it round again.
+                    let now = consumer.cached_info();
+                    if now.num_ack_pending > 0 || now.delivered.consumer_sequence != judged {
+                        absent_since = None;
+                        continue;
+                    }
+                }
             }
             let info = consumer.cached_info();
             if info.created != self.made {
