@@ -1924,6 +1924,95 @@ async fn a_reader_whose_consumer_another_made_again_waits_for_it_to_go() {
     assert_eq!(settled_consumer(&hub, "taken_2").await.num_ack_pending, 0);
 }
 
+/// A processor stopping with cumulative acks drains what it holds after its reader is gone,
+/// and its pull requests with it: another instance may make the consumer again meanwhile.
+/// The acks of what it settles then are not sent to the new consumer, where the old one's
+/// delivery sequences would move the ack floor past the new reader's own deliveries (and the
+/// server would ignore that reader's acks from then on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_reader_does_not_ack_into_a_consumer_made_again() {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    use futures_util::StreamExt;
+
+    let (_server, hub) = hub_on_new_server().await;
+    let events = of_partition(&hub, 3, "d", 0..40);
+    hub.publish(&events).await.unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let called = Arc::new(AtomicUsize::new(0));
+    let sink = {
+        let (gate, called) = (gate.clone(), called.clone());
+        sink_fn(move |_batch: Batch| {
+            let (gate, called) = (gate.clone(), called.clone());
+            async move {
+                called.fetch_add(1, Ordering::SeqCst);
+                let _permit = gate.acquire().await;
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let processor = Processor::builder("draining")
+        .fault_sink(MemoryFaultSink::new())
+        .drain_timeout(Duration::from_secs(30))
+        .pipeline(into(sink))
+        .build()
+        .unwrap();
+    let sub = hub.subscribe("draining", cumulative_on(3)).await.unwrap();
+    let closed = sub.closed();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(async move {
+        let (reader, checkpointer) = sub.split();
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        processor.run(reader, checkpointer, stopped).await
+    });
+    let seen = called.clone();
+    eventually("the sink holds a batch", move || {
+        seen.load(Ordering::SeqCst) > 0
+    })
+    .await;
+
+    // The processor stops: its reader goes, and it drains the batch the sink holds.
+    let _ = stop.send(());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Another instance makes the consumer again and reads everything, acking nothing yet.
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    stream.delete_consumer("draining_3").await.unwrap();
+    let other = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("draining_3".into()),
+            name: Some("draining_3".into()),
+            filter_subject: "orders.3".into(),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::All,
+            ack_wait: Duration::from_secs(60),
+            max_deliver: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = other.messages().await.unwrap();
+    for _ in 0..events.len() {
+        messages.next().await.unwrap().unwrap();
+    }
+
+    // The drained batch settles, and the subscription closes.
+    gate.add_permits(1_000);
+    run.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("the subscription closed");
+    hub.client().flush().await.unwrap();
+    let mut other = other;
+    let info = other.info().await.unwrap();
+    assert_eq!(
+        (info.ack_floor.consumer_sequence, info.num_ack_pending),
+        (0, events.len()),
+        "no ack of the old consumer's deliveries reached the new one"
+    );
+}
+
 /// A delivery lost on the way while reading what a partition missed is an error (the caller
 /// tries again), not a gap in what it hands back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
