@@ -1853,13 +1853,38 @@ async fn second_instance_waits(second_options: SubscriptionOptions) {
     assert_eq!(settled_consumer(&hub, "twin_1").await.num_ack_pending, 0);
 }
 
+/// What another instance does to take consumer `name` of `partition` over: deletes it and
+/// makes it again from the stream's start, acking cumulatively; returns the new consumer.
+async fn made_again_by_another(
+    hub: &NatsHub,
+    name: &str,
+    partition: u32,
+) -> async_nats::jetstream::consumer::PullConsumer {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let stream = js.get_stream(hub.stream()).await.unwrap();
+    stream.delete_consumer(name).await.unwrap();
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.into()),
+            name: Some(name.into()),
+            filter_subject: hub.partition_subject(partition),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::All,
+            ack_wait: Duration::from_secs(60),
+            max_deliver: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
 /// A reader acking cumulatively whose consumer another instance made again does not read the
 /// new one while that instance pulls from it (it would ack past what the other holds): it
 /// waits, and once the other is gone makes the consumer again at its ack floor, getting what
 /// the other held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_whose_consumer_another_made_again_waits_for_it_to_go() {
-    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
     use futures_util::StreamExt;
 
     let (_server, hub) = hub_on_new_server().await;
@@ -1879,22 +1904,7 @@ async fn a_reader_whose_consumer_another_made_again_waits_for_it_to_go() {
     .await;
 
     // Another instance makes the consumer again from the start, and reads without acking.
-    let js = async_nats::jetstream::new(hub.client().clone());
-    let stream = js.get_stream("ORDERS").await.unwrap();
-    stream.delete_consumer("taken_2").await.unwrap();
-    let other = stream
-        .create_consumer(pull::Config {
-            durable_name: Some("taken_2".into()),
-            name: Some("taken_2".into()),
-            filter_subject: "orders.2".into(),
-            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: 1 },
-            ack_policy: AckPolicy::All,
-            ack_wait: Duration::from_secs(60),
-            max_deliver: -1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let other = made_again_by_another(&hub, "taken_2", 2).await;
     let mut messages = other.messages().await.unwrap();
     for _ in 0..early.len() {
         messages.next().await.unwrap().unwrap();
@@ -1931,7 +1941,6 @@ async fn a_reader_whose_consumer_another_made_again_waits_for_it_to_go() {
 /// server would ignore that reader's acks from then on).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_reader_does_not_ack_into_a_consumer_made_again() {
-    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
     use futures_util::StreamExt;
 
     let (_server, hub) = hub_on_new_server().await;
@@ -1976,22 +1985,7 @@ async fn a_draining_reader_does_not_ack_into_a_consumer_made_again() {
     let _ = stop.send(());
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Another instance makes the consumer again and reads everything, acking nothing yet.
-    let js = async_nats::jetstream::new(hub.client().clone());
-    let stream = js.get_stream("ORDERS").await.unwrap();
-    stream.delete_consumer("draining_3").await.unwrap();
-    let other = stream
-        .create_consumer(pull::Config {
-            durable_name: Some("draining_3".into()),
-            name: Some("draining_3".into()),
-            filter_subject: "orders.3".into(),
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::All,
-            ack_wait: Duration::from_secs(60),
-            max_deliver: -1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let other = made_again_by_another(&hub, "draining_3", 3).await;
     let mut messages = other.messages().await.unwrap();
     for _ in 0..events.len() {
         messages.next().await.unwrap().unwrap();
