@@ -4,7 +4,8 @@
 //! - consume: a raw async-nats pull consumer acking every ~400-byte message (and raw consumers
 //!   one per partition, as Floodway reads; and those acking cumulatively, one ack per 100
 //!   messages), against a Floodway processor consuming the same messages through one
-//!   pipeline into a counting sink, acking each record (the default) or cumulatively;
+//!   pipeline into a counting sink, acking cumulatively (the default with exclusive sharing)
+//!   or each record on its own (`acks = "each"`, as with pinned sharing);
 //! - publish: raw async-nats publishes with `Nats-Msg-Id`, pipelined 1,000 at a time and all
 //!   acked, to one subject (and to each event's partition subject of a stream of as many
 //!   partitions, as Floodway publishes), against Floodway publishing the same as a sink does
@@ -18,7 +19,7 @@
 //!
 //! `FLOODWAY_BENCH_EVENTS` sets the message count (default 100,000); each measurement runs
 //! seven times ([`RUNS`]) and the median is reported. For profilers,
-//! `FLOODWAY_BENCH_PROFILE=consume` (`=consume-cumulative` with cumulative acks; or `=raw`,
+//! `FLOODWAY_BENCH_PROFILE=consume` (`=consume-each` with per-record acks; or `=raw`,
 //! `=raw-partitions` for raw consumers per partition acking every message, or `=cumulative`
 //! for raw consumers per partition acking cumulatively) runs only
 //! Floodway's (or raw async-nats's) consuming, on 4 partitions (`FLOODWAY_BENCH_PARTITIONS`
@@ -38,7 +39,7 @@ use floodway::memory::MemoryFaultSink;
 use floodway::testing::generate;
 use floodway::{sink_fn, Batch, Error, Event, Pipeline, Processor};
 use floodway_nats::testing::NatsServer;
-use floodway_nats::{Acks, NatsHub, NatsHubOptions, Partitions, SubscriptionOptions};
+use floodway_nats::{Acks, NatsHub, NatsHubOptions, Partitions, Sharing, SubscriptionOptions};
 use futures_util::StreamExt;
 
 /// The allocator the `floodway` command uses (and BENCHMARKS.md recommends for services); raw
@@ -146,6 +147,7 @@ async fn raw_consume_from(
     acks: Acks,
 ) -> f64 {
     use async_nats::jetstream::consumer::AckPolicy;
+    let cumulative = acks.cumulative(Sharing::Exclusive);
     let js = async_nats::jetstream::new(hub.client().clone());
     let stream = js.get_stream(hub.stream()).await.unwrap();
     let mut consumers = Vec::new();
@@ -154,9 +156,10 @@ async fn raw_consume_from(
             stream
                 .create_consumer(pull::Config {
                     durable_name: Some(format!("{name}-{i}")),
-                    ack_policy: match acks {
-                        Acks::Each => AckPolicy::Explicit,
-                        Acks::Cumulative => AckPolicy::All,
+                    ack_policy: if cumulative {
+                        AckPolicy::All
+                    } else {
+                        AckPolicy::Explicit
                     },
                     max_ack_pending: 4000,
                     filter_subject: subject.clone().unwrap_or_default(),
@@ -192,7 +195,7 @@ async fn raw_consume_from(
                 let message = message.unwrap();
                 std::hint::black_box(&message.payload);
                 mine += 1;
-                if acks == Acks::Each || mine.is_multiple_of(100) {
+                if !cumulative || mine.is_multiple_of(100) {
                     message.ack().await.unwrap();
                 }
                 if seen.fetch_add(1, Ordering::Relaxed) + 1 == n as u64 {
@@ -551,9 +554,8 @@ fn main() {
                         raw_consume_from(&source, &format!("rawp{run}"), n, &subjects, Acks::Each)
                             .await
                     }
-                    "consume-cumulative" => {
-                        floodway_consume(&source, &format!("floodwayc{run}"), n, Acks::Cumulative)
-                            .await
+                    "consume-each" => {
+                        floodway_consume(&source, &format!("floodwaye{run}"), n, Acks::Each).await
                     }
                     "cumulative" => {
                         let subjects: Vec<Option<String>> =
@@ -567,7 +569,7 @@ fn main() {
                         )
                         .await
                     }
-                    _ => floodway_consume(&source, &format!("floodway{run}"), n, Acks::Each).await,
+                    _ => floodway_consume(&source, &format!("floodway{run}"), n, Acks::Auto).await,
                 }}).await;
                 out!(
                     "{profile}: {rate:.0} msg/s, CPU per message: client {:.2} µs, server {:.2} µs",
@@ -744,9 +746,9 @@ fn main() {
                                 3 => {
                                     floodway_consume(
                                         source,
-                                        &format!("floodwayc{run}"),
+                                        &format!("floodway{run}"),
                                         n,
-                                        Acks::Cumulative,
+                                        Acks::Auto,
                                     )
                                     .await
                                 }
@@ -763,7 +765,7 @@ fn main() {
                                 _ => {
                                     floodway_consume(
                                         source,
-                                        &format!("floodway{run}"),
+                                        &format!("floodwaye{run}"),
                                         n,
                                         Acks::Each,
                                     )
@@ -775,19 +777,22 @@ fn main() {
                     rates[k].push(rate);
                 }
             }
-            let [raw, per_partition, cumulative, ours_cumulative, ours] = rates;
-            cpu.push(spent[4].row(
-                &format!("consume + ack, {partitions} partition(s)"),
-                &spent[1],
-                "raw, a consumer per partition",
-            ));
+            let [raw, per_partition, cumulative, ours, ours_each] = rates;
             cpu.push(spent[3].row(
-                &format!("consume, cumulative acks, {partitions} partition(s)"),
+                &format!("consume + ack, {partitions} partition(s)"),
                 &spent[2],
                 "raw, a consumer per partition acking cumulatively",
             ));
+            cpu.push(spent[4].row(
+                &format!("consume, per-record acks, {partitions} partition(s)"),
+                &spent[1],
+                "raw, a consumer per partition",
+            ));
             row(
-                &format!("consume + ack, {partitions} partition(s), one pipeline"),
+                &format!(
+                    "consume + ack (cumulative acks, the default), {partitions} partition(s), \
+                     one pipeline"
+                ),
                 &ours,
                 &raw,
                 "ratio >= 1.0",
@@ -803,21 +808,30 @@ fn main() {
             );
             row(
                 &format!(
-                    "consume with cumulative acks (`acks = \"cumulative\"`), {partitions} \
-                     partition(s), against raw async-nats acking every message"
-                ),
-                &ours_cumulative,
-                &raw,
-                "ratio >= 1.0",
-            );
-            row(
-                &format!(
                     "same, against raw async-nats with a consumer per partition acking \
                      cumulatively, one ack per 100 messages ({partitions})"
                 ),
-                &ours_cumulative,
+                &ours,
                 &cumulative,
                 "the limit",
+            );
+            row(
+                &format!(
+                    "consume with per-record acks (`acks = \"each\"`, as with pinned sharing), \
+                     {partitions} partition(s), against raw async-nats acking every message"
+                ),
+                &ours_each,
+                &raw,
+                "-",
+            );
+            row(
+                &format!(
+                    "same, against raw async-nats with one consumer per partition as Floodway \
+                     ({partitions})"
+                ),
+                &ours_each,
+                &per_partition,
+                "-",
             );
             groups.push(common::chart::Group {
                 label: format!("consume, {partitions} partition(s)"),
@@ -829,12 +843,12 @@ fn main() {
                         common::median(per_partition),
                     ),
                     (
-                        "Floodway, cumulative acks".into(),
-                        common::median(ours_cumulative),
-                    ),
-                    (
                         "raw, per partition, acking cumulatively".into(),
                         common::median(cumulative),
+                    ),
+                    (
+                        "Floodway, per-record acks".into(),
+                        common::median(ours_each),
                     ),
                 ],
             });

@@ -36,7 +36,7 @@ impl Default for InstanceReads {
         InstanceReads {
             partitions: Partitions::All,
             sharing: Sharing::Exclusive,
-            acks: Acks::Each,
+            acks: Acks::Auto,
             ack_wait: None,
             max_ack_pending: None,
             reads_faults: true,

@@ -11,9 +11,10 @@
 //! - [`NatsSubscription`]: a durable pull consumer per partition; a record is acked when every
 //!   pipeline is done with it, terminated once its fault is stored, kept alive with in-progress
 //!   acks while it is worked on, and nak'd with a growing delay when the processor lets go of
-//!   it unfinished. `max_ack_pending` and the fetch size bound the work in flight.
-//!   [`Acks::Cumulative`] acks as a checkpoint moves instead, one ack per run of settled
-//!   records, where each partition has one reader at a time for real.
+//!   it unfinished. `max_ack_pending` and the fetch size bound the work in flight. With
+//!   exclusive sharing (the default) acks are cumulative, as a checkpoint moves: one ack per
+//!   run of settled records, each partition read by one instance at a time; with pinned
+//!   sharing, or [`Acks::Each`], each record is acked on its own.
 //! - Per-key order across instances: partitions are assigned statically
 //!   ([`Partitions::instance`]) or shared through consumer priority groups with a pinned
 //!   client ([`Sharing::Pinned`]); see ARCHITECTURE.md for the trade-offs.

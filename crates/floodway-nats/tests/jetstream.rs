@@ -1316,7 +1316,7 @@ async fn a_publish_lost_on_the_way_is_retried_without_breaking_its_keys_order() 
 
 /// Subscription `steps` with a minute's ack wait, left with e2 and e3 of key `k` unfinished
 /// by an instance whose sink hung on e2; a newer e4 of the key then published. Its options.
-async fn steps_left_unfinished(hub: &NatsHub) -> SubscriptionOptions {
+async fn steps_left_unfinished(hub: &NatsHub, acks: Acks) -> SubscriptionOptions {
     let step = |i: u32| {
         Event::builder("step", "k")
             .id(format!("k-e{i}"))
@@ -1326,6 +1326,7 @@ async fn steps_left_unfinished(hub: &NatsHub) -> SubscriptionOptions {
     hub.publish(&[step(1), step(2), step(3)]).await.unwrap();
     let opts = SubscriptionOptions {
         ack_wait: Duration::from_secs(60),
+        acks,
         ..Default::default()
     };
     let (processor, blocked) = hanging_processor(hub, "steps", |batch| {
@@ -1355,7 +1356,7 @@ async fn a_restarted_instance_keeps_per_key_order_for_what_its_predecessor_left_
     let (_server, hub) = hub_on_new_server().await;
     // The first instance's sink hangs on e2: at its stop, e2 and e3 are unfinished; a newer
     // event of the key arrives, and a new instance starts at once.
-    let opts = steps_left_unfinished(&hub).await;
+    let opts = steps_left_unfinished(&hub, Acks::Auto).await;
     assert_eq!(
         steps_read_to_e4(&hub, opts).await,
         ["k-e2", "k-e3", "k-e4"],
@@ -1366,11 +1367,12 @@ async fn a_restarted_instance_keeps_per_key_order_for_what_its_predecessor_left_
 /// A subscription dropped (a shutdown) while it starts a consumer over at its ack floor, once
 /// the consumer is deleted and before it is made again: the consumer is still made again
 /// where it stood, not left deleted for the next start to make from the settings' start.
+/// With per-record acks the subscription starts it over as it opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_dropped_while_starting_a_consumer_over_loses_no_place() {
     use futures_util::StreamExt;
     let (_server, hub) = hub_on_new_server().await;
-    let opts = steps_left_unfinished(&hub).await;
+    let opts = steps_left_unfinished(&hub, Acks::Each).await;
     // The next start deletes the consumer to make it again at e2; it is dropped the moment
     // the delete goes out.
     let mut deletes = hub
@@ -1383,6 +1385,28 @@ async fn a_subscription_dropped_while_starting_a_consumer_over_loses_no_place() 
         made = hub.subscribe("steps", opts.clone()) => panic!("no delete: {:?}", made.is_ok()),
         _ = deletes.next() => {}
     }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(steps_read_to_e4(&hub, opts).await, ["k-e2", "k-e3", "k-e4"]);
+}
+
+/// The same with cumulative acks, where the partition's reader starts the consumer over once
+/// it has found no one reading it for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_dropped_while_starting_a_consumer_over_loses_no_place() {
+    use futures_util::StreamExt;
+    let (_server, hub) = hub_on_new_server().await;
+    let opts = steps_left_unfinished(&hub, Acks::Auto).await;
+    let mut deletes = hub
+        .client()
+        .subscribe("$JS.API.CONSUMER.DELETE.ORDERS.>")
+        .await
+        .unwrap();
+    hub.client().flush().await.unwrap();
+    let sub = hub.subscribe("steps", opts.clone()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), deletes.next())
+        .await
+        .expect("the reader starts the consumer over");
+    drop(sub);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(steps_read_to_e4(&hub, opts).await, ["k-e2", "k-e3", "k-e4"]);
 }
@@ -1851,6 +1875,164 @@ async fn second_instance_waits(second_options: SubscriptionOptions) {
         "made again at its ack floor"
     );
     assert_eq!(settled_consumer(&hub, "twin_1").await.num_ack_pending, 0);
+}
+
+/// Two instances of a service started at the same moment, acking cumulatively (the default):
+/// each finds every consumer with no one reading it, and without more both would read. The
+/// partitions' leases let one instance read each partition: every record is delivered once,
+/// round after round, and the leases are let go when the instances close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_starting_at_once_read_each_record_once() {
+    let server = NatsServer::start();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    let events: Vec<Event> = (0..400)
+        .map(|i| {
+            Event::builder("step", format!("k{}", i % 40))
+                .id(format!("e-{i:04}"))
+                .build()
+        })
+        .collect();
+    hub.publish(&events).await.unwrap();
+    let twins = [
+        NatsHub::connect(&options(vec![server.url()]))
+            .await
+            .unwrap(),
+        NatsHub::connect(&options(vec![server.url()]))
+            .await
+            .unwrap(),
+    ];
+    let js = async_nats::jetstream::new(hub.client().clone());
+    for round in 0..4 {
+        let name = format!("twins{round}");
+        let sinks = [MemorySink::new(), MemorySink::new()];
+        let (a, b) = tokio::join!(
+            twins[0].subscribe(&name, SubscriptionOptions::default()),
+            twins[1].subscribe(&name, SubscriptionOptions::default()),
+        );
+        let runs = [a.unwrap(), b.unwrap()]
+            .into_iter()
+            .zip(&sinks)
+            .map(|(sub, sink)| {
+                let processor = Processor::builder(&name)
+                    .fault_sink(MemoryFaultSink::new())
+                    .pipeline(into(sink.clone()))
+                    .build()
+                    .unwrap();
+                let sinks = sinks.clone();
+                tokio::spawn(async move {
+                    // Run a while past the last record: a duplicate would come meanwhile.
+                    let done = move || sinks.iter().map(MemorySink::len).sum::<usize>() >= 400;
+                    let stop = async move {
+                        while !done() {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    };
+                    let closed = sub.closed();
+                    let (reader, checkpointer) = sub.split();
+                    processor.run(reader, checkpointer, stop).await.unwrap();
+                    closed.await;
+                })
+            })
+            .collect::<Vec<_>>();
+        for run in runs {
+            tokio::time::timeout(Duration::from_secs(60), run)
+                .await
+                .expect("both instances finish")
+                .unwrap();
+        }
+        let mut got: Vec<String> = sinks.iter().flat_map(|s| ids(&s.events())).collect();
+        got.sort();
+        assert_eq!(got, ids(&events), "round {round}: every record once");
+        // Each partition read by one of them.
+        for partition in 0..4 {
+            let readers = sinks
+                .iter()
+                .filter(|s| {
+                    s.events()
+                        .iter()
+                        .any(|e| hub.partition_of(e.partition_key()) == partition)
+                })
+                .count();
+            assert_eq!(readers, 1, "round {round}: partition {partition}");
+        }
+        // The leases were let go at close.
+        let leases = js.get_key_value("floodway_readers").await.unwrap();
+        for partition in 0..4 {
+            let entry = leases
+                .entry(format!("ORDERS.{name}.{partition}"))
+                .await
+                .unwrap();
+            assert!(
+                entry.is_none_or(|e| e.operation != async_nats::jetstream::kv::Operation::Put),
+                "round {round}: partition {partition}'s lease let go"
+            );
+        }
+    }
+}
+
+/// A reader whose lease another instance took (its own ran out while it could not reach
+/// the server) stops reading the partition and acks nothing more of it; once that lease runs
+/// out in turn, unwritten, it takes the lease back and reads on, every record in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_whose_lease_another_took_stops_until_it_runs_out() {
+    let server = NatsServer::start();
+    let hub = NatsHub::connect(&options(vec![server.url()]))
+        .await
+        .unwrap();
+    let first = of_partition(&hub, 1, "a", 0..40);
+    hub.publish(&first).await.unwrap();
+    let (processor, sink) = collecting("leased");
+    let sub = hub.subscribe("leased", cumulative_on(1)).await.unwrap();
+    let delivered = sink.clone();
+    let later = of_partition(&hub, 1, "b", 40..80);
+    let n = first.len() + later.len();
+    let run =
+        tokio::spawn(async move { run_until(&processor, sub, move || delivered.len() >= n).await });
+    eventually("the first records are read", || sink.len() == first.len()).await;
+    let floor = settled_consumer(&hub, "leased_1")
+        .await
+        .ack_floor
+        .stream_sequence;
+
+    // Another instance holds the lease now.
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let leases = js.get_key_value("floodway_readers").await.unwrap();
+    let taken = Instant::now();
+    leases
+        .put("ORDERS.leased.1", "another".into())
+        .await
+        .unwrap();
+    // Past the reader's next renewal, which finds the lease another's.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    hub.publish(&later).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sink.len(), first.len(), "nothing read without the lease");
+    let info = hub_consumer_info(&hub, "leased_1").await;
+    assert_eq!(info.num_waiting, 0, "no pull request waiting");
+    assert_eq!(info.delivered.stream_sequence, floor, "nothing delivered");
+
+    // The other instance's lease runs out unwritten (6 s): the reader takes it back.
+    run.await.unwrap();
+    assert!(
+        taken.elapsed() >= Duration::from_secs(6),
+        "not before the other's lease ran out"
+    );
+    let mut expected = ids(&first);
+    expected.extend(ids(&later));
+    assert_eq!(ids(&sink.events()), expected, "every record once, in order");
+    assert_eq!(settled_consumer(&hub, "leased_1").await.num_ack_pending, 0);
+}
+
+/// Consumer `name` as the server has it now.
+async fn hub_consumer_info(hub: &NatsHub, name: &str) -> async_nats::jetstream::consumer::Info {
+    let js = async_nats::jetstream::new(hub.client().clone());
+    let stream = js.get_stream(hub.stream()).await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(name).await.unwrap();
+    consumer.info().await.unwrap().clone()
 }
 
 /// What another instance does to take consumer `name` of `partition` over: deletes it and

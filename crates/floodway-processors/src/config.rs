@@ -89,7 +89,7 @@
 //! instance = "0/2"            # static assignment: this process reads partitions p % 2 == 0
 //! sharing = "exclusive"       # or "pinned": all instances pull, the server pins one per partition
 //! pinned_ttl = "10s"          # how long a silent pinned instance keeps its partitions
-//! acks = "each"               # or "cumulative": one ack per run of settled records (exclusive only)
+//! acks = "auto"               # cumulative (one ack per run of settled records) with exclusive sharing, each with pinned; or "each", "cumulative"
 //! ack_wait = "30s"
 //! max_ack_pending = 1000      # per partition
 //! fast_ingest = true          # sinks publish in fast-ingest batches (sets allow_batched: 2.14+ servers only from then on)
@@ -222,7 +222,8 @@ pub struct NatsConfig {
     /// How long a silent pinned instance keeps its partitions (default `10s`).
     #[serde(default = "default_pinned_ttl")]
     pub pinned_ttl: HumanDuration,
-    /// `each` (default) or `cumulative`.
+    /// `auto` (default: `cumulative` with exclusive sharing, `each` with pinned), `each` or
+    /// `cumulative`.
     #[serde(default)]
     pub acks: AcksConfig,
     /// How long JetStream waits for an ack before redelivering (default `30s`); a processor
@@ -255,11 +256,13 @@ pub enum SharingConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AcksConfig {
-    /// Each record on its own.
+    /// Cumulative with exclusive sharing, each record on its own with pinned sharing.
     #[default]
+    Auto,
+    /// Each record on its own; instances given the same partitions read side by side.
     Each,
     /// One ack per run of settled records of a partition; exclusive sharing only, with one
-    /// reader per partition at a time.
+    /// reader per partition at a time (an instance waits while another reads its partitions).
     Cumulative,
 }
 

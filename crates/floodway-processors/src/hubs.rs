@@ -78,6 +78,7 @@ impl NatsConfig {
                 },
             },
             acks: match self.acks {
+                AcksConfig::Auto => Acks::Auto,
                 AcksConfig::Each => Acks::Each,
                 AcksConfig::Cumulative => Acks::Cumulative,
             },

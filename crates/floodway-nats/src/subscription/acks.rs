@@ -5,8 +5,10 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::lease::{Held, Leases, Renewal, RENEW_EVERY};
 use super::options::SubscriptionOptions;
 use super::{AckOp, Lane, NatsCheckpointer, Outstanding};
+use crate::error::NatsError;
 use async_nats::jetstream::AckKind;
 use async_nats::Subject;
 use floodway::error::CommitError;
@@ -214,6 +216,7 @@ pub(super) async fn acker(
     outstanding: Outstanding,
     options: Arc<SubscriptionOptions>,
     alive: Option<Arc<KeptAlive>>,
+    leases: Option<Leases>,
     closed: watch::Sender<bool>,
 ) {
     // A transient read's ack wait is not checked (it takes no acks): kept above zero here.
@@ -224,8 +227,18 @@ pub(super) async fn acker(
     let mut taken = Vec::with_capacity(OPS_AT_ONCE);
     let mut sends: Vec<(Subject, AckKind)> = Vec::new();
     let mut lapse_told = false;
+    // Leases are written again from here, not by the readers: they are kept while the
+    // processor drains after its reader went, until the last acks at close.
+    let mut renew = tokio::time::interval(RENEW_EVERY);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    renew.tick().await;
     loop {
         tokio::select! {
+            _ = renew.tick(), if leases.is_some() => {
+                if let Some(leases) = &leases {
+                    renew_leases(leases, &outstanding).await;
+                }
+            },
             n = ops.recv_many(&mut taken, OPS_AT_ONCE) => {
                 if n == 0 {
                     break;
@@ -272,6 +285,10 @@ pub(super) async fn acker(
         .ok()
         .and_then(|mut o| o.take())
         .unwrap_or_default();
+    let held: Vec<(Arc<str>, Held)> = lanes
+        .iter()
+        .filter_map(|(partition, lane)| Some((partition.clone(), lane.lease.clone()?)))
+        .collect();
     // After a lapse, the records it may have cost are left as they are: JetStream gives them
     // to whoever asks without a nak (their ack wait has run out), and a nak could reach
     // another reader's delivery of them, which would then come a second time.
@@ -305,7 +322,78 @@ pub(super) async fn acker(
         }
     }
     let _ = client.flush().await;
+    // The last acks sent: the next instance may take the partitions now.
+    if let Some(leases) = &leases {
+        let releases = held
+            .iter()
+            .map(|(partition, held)| leases.release(partition, held));
+        futures_util::future::join_all(releases).await;
+    }
     let _ = closed.send(true);
+}
+
+/// Writes the leases held again; a lease found another's, or not written again before it
+/// runs out, is let go, and the partition's reader told.
+async fn renew_leases(leases: &Leases, outstanding: &Outstanding) {
+    let held: Vec<(Arc<str>, Held)> = match outstanding.lock().ok().as_deref() {
+        Some(Some(lanes)) => lanes
+            .iter()
+            .filter_map(|(partition, lane)| Some((partition.clone(), lane.lease.clone()?)))
+            .collect(),
+        _ => return,
+    };
+    let renewals = held.iter().map(|(partition, held)| async move {
+        tokio::time::timeout(RENEW_EVERY, leases.renew(partition, held))
+            .await
+            .unwrap_or_else(|_| Renewal::Failed(NatsError::js("renew a lease", "timed out")))
+    });
+    let renewals = futures_util::future::join_all(renewals).await;
+    let now = std::time::Instant::now();
+    let Ok(mut guard) = outstanding.lock() else {
+        return;
+    };
+    let Some(lanes) = guard.as_mut() else {
+        return;
+    };
+    for ((partition, before), renewal) in held.iter().zip(renewals) {
+        let Some(lane) = lanes.get_mut(partition) else {
+            continue;
+        };
+        if lane.lease.as_ref().map(|h| h.revision) != Some(before.revision) {
+            continue;
+        }
+        let lost = match renewal {
+            Renewal::Renewed(held) => {
+                lane.lease = Some(held);
+                false
+            }
+            Renewal::Lost => {
+                tracing::warn!(
+                    partition = %partition,
+                    "the partition's lease is another instance's now (this one's ran out): \
+                     letting the partition go"
+                );
+                true
+            }
+            Renewal::Failed(e) if !before.valid(now) => {
+                tracing::warn!(
+                    partition = %partition,
+                    error = %e,
+                    "the partition's lease could not be renewed before it ran out: letting \
+                     the partition go"
+                );
+                true
+            }
+            Renewal::Failed(e) => {
+                tracing::debug!(partition = %partition, error = %e, "renewing a lease failed");
+                false
+            }
+        };
+        if lost {
+            lane.lease = None;
+            lane.lost.notify_one();
+        }
+    }
 }
 
 /// An orphaned lane's one cumulative ack, at close, for what was settled after its reader

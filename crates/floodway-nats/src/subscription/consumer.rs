@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PriorityPolicy};
 
-use super::options::{Acks, Sharing, StartAt, SubscriptionOptions, GROUP};
+use super::options::{Sharing, StartAt, SubscriptionOptions, GROUP};
 use crate::error::NatsError;
 
 pub(super) fn consumer_config(
@@ -36,9 +36,10 @@ pub(super) fn consumer_config(
         let consumer = format!("{name}_{partition}");
         config.durable_name = Some(consumer.clone());
         config.name = Some(consumer);
-        config.ack_policy = match options.acks {
-            Acks::Each => AckPolicy::Explicit,
-            Acks::Cumulative => AckPolicy::All,
+        config.ack_policy = if options.acks.cumulative(options.sharing) {
+            AckPolicy::All
+        } else {
+            AckPolicy::Explicit
         };
         config.ack_wait = options.ack_wait;
         config.max_ack_pending = options.max_ack_pending;

@@ -8,13 +8,14 @@
 //! `max_ack_pending`.
 //!
 //! Acknowledgement follows the core's settlements ([`Checkpointer::settle`](floodway::Checkpointer::settle)).
-//! By default each record is acked on its own, and a record whose fault event is stored is
-//! terminated (`+TERM`), so JetStream never redelivers it, poison included. With
-//! [`Acks::Cumulative`] (exclusive sharing only) a consumer acks as a checkpoint moves: when a
-//! record and every record before it in its partition are settled, one ack covers them all;
-//! the reader checks that no delivery went missing on the way, which such an ack would cover,
-//! and a partition has one reader at a time: an instance waits while another pulls from a
-//! consumer it would read (`consumer::claim`).
+//! With exclusive sharing (the default, [`Acks::Auto`]) a consumer acks as a checkpoint
+//! moves: when a record and every record before it in its partition are settled, one ack
+//! covers them all (a faulted record once its fault event is stored); the reader checks that
+//! no delivery went missing on the way, which such an ack would cover, and a partition has
+//! one reader at a time: the holder of its lease (`lease.rs`), which also waits while another
+//! pulls from the consumer (`consumer::claim`). With pinned sharing, or [`Acks::Each`], each
+//! record is acked on its own, and a record whose fault event is stored is terminated
+//! (`+TERM`), so JetStream never redelivers it, poison included.
 //! While records are held (in the processor, retrying in place or held by an open breaker, or
 //! settled behind one that is), in-progress acks (`+WPI`) keep JetStream from redelivering
 //! them; a subscription that held a record longer than the ack wait without one has lapsed
@@ -39,6 +40,7 @@ use crate::hub::{check_name, NatsHub};
 
 mod acks;
 mod consumer;
+mod lease;
 mod options;
 mod reader;
 
@@ -84,6 +86,13 @@ struct Lane {
     orphaned: bool,
     /// The consumer these records came from, to look at before that last ack.
     consumer: Option<async_nats::jetstream::consumer::Consumer<pull::Config>>,
+    /// Acks wait for the partition's lease (cumulative acks): without one held and valid,
+    /// another instance may be reading the partition (`lease.rs`).
+    leased: bool,
+    /// The partition's lease, while this subscription holds it.
+    lease: Option<lease::Held>,
+    /// Told when the acker finds the lease lost, for the reader to let the partition go.
+    lost: Arc<tokio::sync::Notify>,
 }
 
 impl Lane {
@@ -132,8 +141,21 @@ impl Lane {
         *self = Lane {
             paused: self.paused,
             orphaned: self.orphaned,
+            leased: self.leased,
+            lease: self.lease.take(),
+            lost: self.lost.clone(),
             ..Lane::new(cumulative)
         };
+    }
+
+    /// Whether this subscription may ack the partition cumulatively now: it needs no lease,
+    /// or holds one still valid by its own clock.
+    fn may_ack(&self) -> bool {
+        !self.leased
+            || self
+                .lease
+                .as_ref()
+                .is_some_and(|held| held.valid(std::time::Instant::now()))
     }
 
     /// Whether the first record held is settled (an ack can move the floor).
@@ -153,7 +175,7 @@ impl Lane {
     /// it start its consumer over), so while no record is `behind`, delivery follows stream
     /// order and that is the last settled record of the run.
     fn advance(&mut self) -> Option<Subject> {
-        if self.paused || self.orphaned {
+        if self.paused || self.orphaned || !self.may_ack() {
             return None;
         }
         let run = self.records.values().take_while(|p| p.settled).count();
@@ -307,7 +329,8 @@ impl NatsHub {
             if options.acks == Acks::Cumulative && !options.transient {
                 return Err(NatsError::Config(
                     "cumulative acks need exclusive sharing: instances sharing a pinned \
-                     consumer would ack what another holds"
+                     consumer would ack what another holds (leave acks to `Acks::Auto`, or \
+                     set `Acks::Each`)"
                         .into(),
                 ));
             }
@@ -337,35 +360,93 @@ impl NatsHub {
         let stream = self.stream_handle().await?;
         let source = format!("nats:{}", self.inner.stream);
         let options = Arc::new(options);
+        // A partition acked cumulatively is read by the holder of its lease (`lease.rs`).
+        let leases = if !options.transient && options.acks.cumulative(options.sharing) {
+            Some(
+                lease::Leases::open(
+                    &self.inner.js,
+                    &self.inner.stream,
+                    name,
+                    stream.cached_info().config.num_replicas,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         // Every consumer first, so that bad settings fail here before anything is pulled, and
         // a start at the end means the end as of this call. The partitions' consumers are
         // opened at once (a round trip or two each, and a second look where a predecessor
         // left messages unacknowledged), each to its end: one made again is never cut short
         // between its delete and its create by another's failure.
+        // A partition whose lease another instance holds is left to its reader, which waits
+        // for the lease.
         let opened = partitions.into_iter().map(|(partition, subject)| {
-            let (stream, options) = (&stream, &options);
+            let (stream, options, leases) = (&stream, &options, &leases);
             async move {
-                let config = consumer_config(name, &partition, subject.clone(), options)?;
-                let consumer = open_consumer(stream, &config).await?;
-                let consumer = if !options.transient && options.sharing == Sharing::Exclusive {
-                    restart_at_ack_floor(stream, consumer, &config).await?
-                } else {
-                    Opened::Ready(Box::new(consumer))
+                let config = consumer_config(name, &partition, subject.clone(), options)
+                    .map_err(|e| (e, None))?;
+                let held = match leases {
+                    Some(leases) => leases.take(&partition).await.map_err(|e| (e, None))?,
+                    None => None,
                 };
-                Ok::<_, NatsError>((partition, subject, config, consumer))
+                let opening = async {
+                    let consumer = open_consumer(stream, &config).await?;
+                    Ok::<_, NatsError>(if leases.is_some() && held.is_none() {
+                        Opened::Claim {
+                            floor: consumer.cached_info().ack_floor.stream_sequence,
+                        }
+                    } else if !options.transient && options.sharing == Sharing::Exclusive {
+                        restart_at_ack_floor(stream, consumer, &config).await?
+                    } else {
+                        Opened::Ready(Box::new(consumer))
+                    })
+                };
+                match opening.await {
+                    Ok(consumer) => Ok((partition, subject, config, consumer, held)),
+                    Err(e) => Err((e, held.map(|held| (partition, held)))),
+                }
             }
         });
-        let consumers = futures_util::future::join_all(opened)
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
-        let lanes = consumers
+        let mut consumers = Vec::new();
+        let mut failed = None;
+        let mut taken = Vec::new();
+        for outcome in futures_util::future::join_all(opened).await {
+            match outcome {
+                Ok(opened) => {
+                    if let Some(held) = &opened.4 {
+                        taken.push((opened.0.clone(), held.clone()));
+                    }
+                    consumers.push(opened);
+                }
+                Err((e, held)) => {
+                    taken.extend(held);
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            // The leases taken go at once, not when they run out.
+            if let Some(leases) = &leases {
+                let releases = taken.iter().map(|(p, held)| leases.release(p, held));
+                futures_util::future::join_all(releases).await;
+            }
+            return Err(e);
+        }
+        let lost: HashMap<String, Arc<tokio::sync::Notify>> = consumers
             .iter()
-            .map(|(partition, _, config, consumer)| {
-                let lane = match consumer {
+            .map(|(partition, ..)| (partition.clone(), Arc::default()))
+            .collect();
+        let lanes = consumers
+            .iter_mut()
+            .map(|(partition, _, config, consumer, held)| {
+                let mut lane = match consumer {
                     Opened::Ready(consumer) => Lane::reading(consumer),
                     Opened::Claim { .. } => Lane::new(config.ack_policy == AckPolicy::All),
                 };
+                lane.leased = leases.is_some();
+                lane.lease = held.take();
+                lane.lost = lost[partition.as_str()].clone();
                 (Arc::from(partition.as_str()), lane)
             })
             .collect();
@@ -390,7 +471,7 @@ impl NatsHub {
                 .min(Semaphore::MAX_PERMITS);
             Arc::new(Semaphore::new(permits))
         });
-        for (partition, subject, config, consumer) in consumers {
+        for (partition, subject, config, consumer, _) in consumers {
             // Where this consumer stands: what it holds is below its ack floor, so a consumer
             // recreated later (after someone deleted it) goes on from there.
             let (consumer, floor) = match consumer {
@@ -429,6 +510,8 @@ impl NatsHub {
                 acks: ops.downgrade(),
                 budget: budget.clone(),
                 pin: crate::pull::PinCell::default(),
+                leases: leases.clone(),
+                lost: lost[partition.as_str()].clone(),
                 consumer,
             };
             tasks.spawn(reader.run());
@@ -442,6 +525,7 @@ impl NatsHub {
             outstanding.clone(),
             options.clone(),
             alive.clone(),
+            leases,
             closed_tx,
         ));
         Ok(NatsSubscription {

@@ -53,19 +53,34 @@ pub enum Sharing {
 /// How a subscription acknowledges what it settles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Acks {
+    /// Cumulatively with exclusive sharing, each record on its own with pinned sharing, where
+    /// instances share a consumer.
+    #[default]
+    Auto,
     /// Each record on its own (JetStream's `explicit` ack policy): a record settled is acked
     /// at once, whatever is still open before it. Two instances given the same partitions
     /// (a rolling deploy) share their consumers and read side by side.
-    #[default]
     Each,
     /// Cumulatively (JetStream's `all` ack policy), as a Kafka offset or the embedded hub's
     /// checkpoint: one ack covers a partition's run of settled records (consuming ran at
     /// 1.4-1.9x the rate of per-record acks in the benchmark, BENCHMARKS.md). For exclusive
     /// sharing only: a partition then has one reader at a time, and an instance given
     /// partitions another live instance reads (a rolling deploy) waits for it to stop before
-    /// it reads them. Two instances that start at the same moment may both read for a moment
-    /// (duplicates), and a slow record holds its partition's `max_ack_pending` window.
+    /// it reads them: each partition has a lease, which one instance holds at a time (a key
+    /// in the JetStream bucket `floodway_readers`, written again every 2 s and let go after
+    /// 6 s without). A slow record holds its partition's `max_ack_pending` window.
     Cumulative,
+}
+
+impl Acks {
+    /// Whether a subscription shared so acks cumulatively.
+    pub fn cumulative(self, sharing: Sharing) -> bool {
+        match self {
+            Acks::Auto => sharing == Sharing::Exclusive,
+            Acks::Each => false,
+            Acks::Cumulative => true,
+        }
+    }
 }
 
 /// How a subscription reads.
@@ -110,7 +125,7 @@ impl Default for SubscriptionOptions {
             transient: false,
             partitions: Partitions::All,
             sharing: Sharing::Exclusive,
-            acks: Acks::Each,
+            acks: Acks::Auto,
             max_ack_pending: 1000,
             ack_wait: Duration::from_secs(30),
             fetch: 200,

@@ -7,12 +7,14 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::AckKind;
 use floodway::error::SourceError;
 use floodway::{Record, Source};
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::acks::send;
 use super::consumer::{
     claim, cumulative, find_consumer, open_consumer, remake, Claim, TAKEOVER_ABSENCE,
 };
+use super::lease::{Leases, LEASE_LOOK};
 use super::options::{Sharing, SubscriptionOptions, GROUP, PULL_EXPIRES};
 use super::{AckOp, Budget, Item, NatsReader, Outstanding, Pending};
 use crate::error::NatsError;
@@ -55,6 +57,11 @@ pub(super) struct PartitionReader {
     pub(super) budget: Budget,
     /// With pinned sharing, the pin this reader holds, kept from one pull to the next.
     pub(super) pin: crate::pull::PinCell,
+    /// With cumulative acks, the subscription's leases: the partition is read only while
+    /// its lease is held (`lease.rs`).
+    pub(super) leases: Option<Leases>,
+    /// Told when the partition's lease is found lost.
+    pub(super) lost: Arc<tokio::sync::Notify>,
 }
 
 impl PartitionReader {
@@ -132,6 +139,10 @@ impl PartitionReader {
         let mut judged: Option<u64> = None;
         let mut wait = TAKEOVER_LOOK;
         loop {
+            if self.leases.is_some() && !self.leased() {
+                // Lost while this reader waited: the partition is another's for now.
+                return Err(self.let_go().await);
+            }
             let mut start = None;
             if self.config.durable_name.is_some() || self.last > 0 {
                 // A consumer made again (ephemeral, or a durable one someone deleted) goes on
@@ -331,6 +342,64 @@ impl PartitionReader {
         }
     }
 
+    /// Whether the subscription holds the partition's lease.
+    fn leased(&self) -> bool {
+        matches!(
+            self.outstanding.lock().ok().as_deref(),
+            Some(Some(lanes)) if lanes.get(&self.partition).is_some_and(|lane| lane.lease.is_some())
+        )
+    }
+
+    /// Waits for the partition's lease and takes it. The consumer is then looked at afresh,
+    /// as one this reader did not make: another instance may have read it meanwhile.
+    async fn take_lease(&mut self, leases: &Leases) -> Result<(), NatsError> {
+        let mut told = false;
+        loop {
+            if let Some(held) = leases.take(&self.partition).await? {
+                // A loss told before is of a lease that was: not this one's.
+                let _ = self.lost.notified().now_or_never();
+                let kept = match self.outstanding.lock().ok().as_deref_mut() {
+                    Some(Some(lanes)) => lanes.get_mut(&self.partition).map(|lane| {
+                        lane.lease = Some(held.clone());
+                    }),
+                    _ => None,
+                };
+                if kept.is_none() {
+                    // The subscription closed meanwhile.
+                    leases.release(&self.partition, &held).await;
+                    return Err(NatsError::js("pull", "the subscription closed"));
+                }
+                if told {
+                    tracing::info!(partition = %self.partition, "took the partition's lease");
+                }
+                self.consumer = None;
+                self.made = time::OffsetDateTime::UNIX_EPOCH;
+                return Ok(());
+            }
+            if !told {
+                tracing::info!(
+                    partition = %self.partition,
+                    "another instance holds the partition's lease; with cumulative acks a \
+                     partition has one reader at a time, so this one waits to take over"
+                );
+                told = true;
+            }
+            if self.tx.is_closed() {
+                return Err(NatsError::js("pull", "the subscription closed"));
+            }
+            tokio::time::sleep(LEASE_LOOK).await;
+        }
+    }
+
+    /// Lets the partition go after its lease was found lost: no acks, and the consumer is
+    /// found again, once the lease is taken again, as one this reader did not make.
+    async fn let_go(&mut self) -> NatsError {
+        self.pause(true).await;
+        self.consumer = None;
+        self.made = time::OffsetDateTime::UNIX_EPOCH;
+        NatsError::js("pull", "the partition's lease was lost")
+    }
+
     /// Pulls until the pull ends (an error: missed heartbeats, the consumer deleted) or a
     /// bounded read has nothing more for a while; `Ok(true)` when a bounded read is complete.
     async fn pull(&mut self) -> Result<bool, NatsError> {
@@ -338,6 +407,11 @@ impl PartitionReader {
             match self.last_sequence().await? {
                 Some(last) => self.target = Some(last),
                 None => return Ok(true),
+            }
+        }
+        if let Some(leases) = self.leases.clone() {
+            if !self.leased() {
+                self.take_lease(&leases).await?;
             }
         }
         let mut consumer = match self.consumer.take() {
@@ -395,6 +469,9 @@ impl PartitionReader {
         .await?;
         // Polled without pause: the channel is unbounded, so pulls (and a pin) keep flowing
         // while the processor is slow, and every message is registered as it arrives.
+        let lost = self.lost.clone();
+        let lost = self.leases.as_ref().map(|_| lost.notified());
+        tokio::pin!(lost);
         loop {
             let next = if self.target.is_some() {
                 match tokio::time::timeout(expires, messages.next()).await {
@@ -405,6 +482,15 @@ impl PartitionReader {
                         drop(messages);
                         self.consumer = Some(consumer);
                         return Ok(false);
+                    }
+                }
+            } else if let Some(lost) = lost.as_mut().as_pin_mut() {
+                tokio::select! {
+                    biased;
+                    next = messages.next() => next,
+                    () = lost => {
+                        drop(messages);
+                        return Err(self.let_go().await);
                     }
                 }
             } else {
