@@ -13,8 +13,9 @@
 //!   acks while it is worked on, and nak'd with a growing delay when the processor lets go of
 //!   it unfinished. `max_ack_pending` and the fetch size bound the work in flight. With
 //!   exclusive sharing (the default) acks are cumulative, as a checkpoint moves: one ack per
-//!   run of settled records, each partition read by one instance at a time; with pinned
-//!   sharing, or [`Acks::Each`], each record is acked on its own.
+//!   run of settled records, each partition read by one instance at a time (the holder of
+//!   its lease, a key in the JetStream bucket `floodway_readers`); with pinned sharing, with
+//!   [`Acks::Each`], or on a consumer made so before, each record is acked on its own.
 //! - Per-key order across instances: partitions are assigned statically
 //!   ([`Partitions::instance`]) or shared through consumer priority groups with a pinned
 //!   client ([`Sharing::Pinned`]); see ARCHITECTURE.md for the trade-offs.

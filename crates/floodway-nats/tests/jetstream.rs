@@ -2026,6 +2026,60 @@ async fn a_reader_whose_lease_another_took_stops_until_it_runs_out() {
     assert_eq!(settled_consumer(&hub, "leased_1").await.num_ack_pending, 0);
 }
 
+/// A consumer made acking each record on its own (an earlier release's default) keeps doing
+/// so under the default settings: switching makes the consumer again, which is safe only with
+/// the instances acking per record stopped, so it takes `Acks::Cumulative`. A subscription
+/// made anew acks cumulatively.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_acking_per_record_keeps_doing_so_by_default() {
+    use async_nats::jetstream::consumer::AckPolicy;
+    let (_server, hub) = hub_on_new_server().await;
+    let events = of_partition(&hub, 1, "p", 0..40);
+    hub.publish(&events).await.unwrap();
+    let on_one = |acks| SubscriptionOptions {
+        partitions: Partitions::Only(vec![1]),
+        follow: false,
+        acks,
+        ..Default::default()
+    };
+    let (processor, sink) = collecting("kept");
+    run_to_end(
+        &processor,
+        hub.subscribe("kept", on_one(Acks::Each)).await.unwrap(),
+    )
+    .await;
+    assert_eq!(sink.len(), events.len());
+    let more = of_partition(&hub, 1, "q", 40..80);
+    hub.publish(&more).await.unwrap();
+    run_to_end(
+        &processor,
+        hub.subscribe("kept", on_one(Acks::Auto)).await.unwrap(),
+    )
+    .await;
+    let policy = hub_consumer_info(&hub, "kept_1").await.config.ack_policy;
+    assert_eq!(policy, AckPolicy::Explicit, "kept acking per record");
+    run_to_end(
+        &processor,
+        hub.subscribe("fresh", on_one(Acks::Auto)).await.unwrap(),
+    )
+    .await;
+    let policy = hub_consumer_info(&hub, "fresh_1").await.config.ack_policy;
+    assert_eq!(
+        policy,
+        AckPolicy::All,
+        "a new subscription acks cumulatively"
+    );
+    let mut expected = ids(&events);
+    expected.extend(ids(&more));
+    expected.extend(ids(&events));
+    expected.extend(ids(&more));
+    assert_eq!(
+        ids(&sink.events()),
+        expected,
+        "each subscription reads every record once"
+    );
+}
+
 /// Consumer `name` as the server has it now.
 async fn hub_consumer_info(hub: &NatsHub, name: &str) -> async_nats::jetstream::consumer::Info {
     let js = async_nats::jetstream::new(hub.client().clone());

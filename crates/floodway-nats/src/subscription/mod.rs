@@ -362,15 +362,25 @@ impl NatsHub {
         let options = Arc::new(options);
         // A partition acked cumulatively is read by the holder of its lease (`lease.rs`).
         let leases = if !options.transient && options.acks.cumulative(options.sharing) {
-            Some(
-                lease::Leases::open(
-                    &self.inner.js,
-                    &self.inner.stream,
-                    name,
-                    stream.cached_info().config.num_replicas,
-                )
-                .await?,
+            let opened = lease::Leases::open(
+                &self.inner.js,
+                &self.inner.stream,
+                name,
+                stream.cached_info().config.num_replicas,
             )
+            .await;
+            match opened {
+                Ok(leases) => Some(leases),
+                Err(e) if options.acks == Acks::Auto => {
+                    tracing::warn!(
+                        subscription = name,
+                        error = %e,
+                        "no bucket for the partitions' leases: acking each record on its own"
+                    );
+                    None
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             None
         };
@@ -384,15 +394,23 @@ impl NatsHub {
         let opened = partitions.into_iter().map(|(partition, subject)| {
             let (stream, options, leases) = (&stream, &options, &leases);
             async move {
-                let config = consumer_config(name, &partition, subject.clone(), options)
+                let mut config = consumer_config(name, &partition, subject.clone(), options)
                     .map_err(|e| (e, None))?;
+                if options.acks == Acks::Auto && config.ack_policy == AckPolicy::All {
+                    config.ack_policy = auto_policy(stream, &config, leases.is_some())
+                        .await
+                        .map_err(|e| (e, None))?;
+                }
+                let leased = leases.is_some() && config.ack_policy == AckPolicy::All;
                 let held = match leases {
-                    Some(leases) => leases.take(&partition).await.map_err(|e| (e, None))?,
-                    None => None,
+                    Some(leases) if leased => {
+                        leases.take(&partition).await.map_err(|e| (e, None))?
+                    }
+                    _ => None,
                 };
                 let opening = async {
                     let consumer = open_consumer(stream, &config).await?;
-                    Ok::<_, NatsError>(if leases.is_some() && held.is_none() {
+                    Ok::<_, NatsError>(if leased && held.is_none() {
                         Opened::Claim {
                             floor: consumer.cached_info().ack_floor.stream_sequence,
                         }
@@ -444,7 +462,7 @@ impl NatsHub {
                     Opened::Ready(consumer) => Lane::reading(consumer),
                     Opened::Claim { .. } => Lane::new(config.ack_policy == AckPolicy::All),
                 };
-                lane.leased = leases.is_some();
+                lane.leased = leases.is_some() && config.ack_policy == AckPolicy::All;
                 lane.lease = held.take();
                 lane.lost = lost[partition.as_str()].clone();
                 (Arc::from(partition.as_str()), lane)
@@ -487,6 +505,7 @@ impl NatsHub {
                 (Some(_), Some(info), _) => info.ack_floor.stream_sequence,
                 _ => 0,
             };
+            let leased = leases.is_some() && config.ack_policy == AckPolicy::All;
             let reader = PartitionReader {
                 client: self.inner.client.clone(),
                 stream: stream.clone(),
@@ -510,7 +529,7 @@ impl NatsHub {
                 acks: ops.downgrade(),
                 budget: budget.clone(),
                 pin: crate::pull::PinCell::default(),
-                leases: leases.clone(),
+                leases: leases.clone().filter(|_| leased),
                 lost: lost[partition.as_str()].clone(),
                 consumer,
             };
@@ -544,6 +563,41 @@ impl NatsHub {
             },
             closed,
         })
+    }
+}
+
+/// The ack policy of a partition's consumer when acks are left to [`Acks::Auto`] with
+/// exclusive sharing: cumulative, unless the consumer was made acking per record (by an
+/// earlier release, whose default that was, or by settings since changed back). Switching
+/// makes the consumer again, which is safe only with the instances acking the other way
+/// stopped (their late acks would reach the consumer made in its place), so it is left to a
+/// setting of `Acks::Cumulative`; a consumer made anew acks cumulatively. Without a bucket
+/// for the leases, per record.
+async fn auto_policy(
+    stream: &async_nats::jetstream::stream::Stream,
+    config: &pull::Config,
+    leases: bool,
+) -> Result<AckPolicy, NatsError> {
+    let Some(name) = &config.durable_name else {
+        return Ok(config.ack_policy);
+    };
+    if !leases {
+        return Ok(AckPolicy::Explicit);
+    }
+    match stream.consumer_info(name).await {
+        Ok(info) if info.config.ack_policy == AckPolicy::Explicit => {
+            tracing::info!(
+                consumer = %name,
+                "the consumer acks each record on its own, as it was made: kept so (set acks \
+                 to cumulative, with the instances of the subscription stopped, to switch)"
+            );
+            Ok(AckPolicy::Explicit)
+        }
+        Ok(_) => Ok(AckPolicy::All),
+        Err(e) if e.kind() == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound => {
+            Ok(AckPolicy::All)
+        }
+        Err(e) => Err(NatsError::js("consumer info", e)),
     }
 }
 
