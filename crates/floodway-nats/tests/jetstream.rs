@@ -2080,6 +2080,104 @@ async fn a_consumer_acking_per_record_keeps_doing_so_by_default() {
     );
 }
 
+/// A bucket of leases made with another term (a key that never expired would keep its
+/// partition from every reader) is refused by name, and cumulative acks with it; acks per
+/// record take no lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_of_leases_with_another_term_is_refused() {
+    let (_server, hub) = hub_on_new_server().await;
+    let js = async_nats::jetstream::new(hub.client().clone());
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: "floodway_readers".into(),
+        history: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let refused = hub
+        .subscribe("termless", SubscriptionOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("floodway_readers") && refused.contains("nats kv rm"),
+        "{refused}"
+    );
+    let each = SubscriptionOptions {
+        acks: Acks::Each,
+        ..Default::default()
+    };
+    hub.subscribe("termless", each).await.unwrap();
+}
+
+/// A bounded read waiting for a partition's lease ends once the holder has acked the
+/// partition to the read's target, without the lease: two instances of one bounded read that
+/// split the partitions between them would otherwise each wait for the other's to close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_read_ends_on_a_partition_another_holds_once_it_is_acked_to_the_end() {
+    use async_nats::jetstream::consumer::PullConsumer;
+    use futures_util::StreamExt;
+    let (_server, hub) = hub_on_new_server().await;
+    let zero = of_partition(&hub, 0, "z", 0..60);
+    let one = of_partition(&hub, 1, "o", 0..60);
+    hub.publish(&zero).await.unwrap();
+    hub.publish(&one).await.unwrap();
+    // Another instance holds partition 1's lease.
+    let js = async_nats::jetstream::new(hub.client().clone());
+    drop(
+        hub.subscribe("warm", SubscriptionOptions::default())
+            .await
+            .unwrap(),
+    );
+    let leases = js.get_key_value("floodway_readers").await.unwrap();
+    leases
+        .put("ORDERS.bounded.1", "another".into())
+        .await
+        .unwrap();
+    let (processor, sink) = collecting("bounded");
+    let bounded = SubscriptionOptions {
+        partitions: Partitions::Only(vec![0, 1]),
+        follow: false,
+        ..Default::default()
+    };
+    let sub = hub.subscribe("bounded", bounded).await.unwrap();
+    let run = tokio::spawn(async move { run_to_end(&processor, sub).await });
+    eventually("partition 0 is read", || sink.len() == zero.len()).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(!run.is_finished(), "partition 1 is not read to its end yet");
+    // The other instance reads partition 1 to its end and acks it.
+    leases
+        .put("ORDERS.bounded.1", "another".into())
+        .await
+        .unwrap();
+    let stream = js.get_stream(hub.stream()).await.unwrap();
+    let consumer: PullConsumer = stream.get_consumer("bounded_1").await.unwrap();
+    let mut got = consumer
+        .fetch()
+        .max_messages(one.len())
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .unwrap();
+    let mut last = None;
+    while let Some(message) = got.next().await {
+        last = Some(message.unwrap());
+    }
+    let last = last.expect("partition 1's records");
+    last.double_ack().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(4), run)
+        .await
+        .expect("the bounded read ends before the other's lease runs out")
+        .unwrap();
+    assert_eq!(
+        ids(&sink.events()),
+        ids(&zero),
+        "partition 1 read by the other"
+    );
+    let entry = leases.entry("ORDERS.bounded.1").await.unwrap().unwrap();
+    assert_eq!(&entry.value[..], b"another", "its lease left as it is");
+}
+
 /// Consumer `name` as the server has it now.
 async fn hub_consumer_info(hub: &NatsHub, name: &str) -> async_nats::jetstream::consumer::Info {
     let js = async_nats::jetstream::new(hub.client().clone());

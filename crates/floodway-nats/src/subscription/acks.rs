@@ -148,10 +148,31 @@ fn held_replies(outstanding: &Outstanding) -> Vec<Subject> {
     match outstanding.lock().ok().as_deref() {
         Some(Some(lanes)) => lanes
             .values()
+            // A lane whose lease is gone keeps nothing alive: another instance may hold the
+            // same records by now.
+            .filter(|lane| lane.may_ack())
             .flat_map(|lane| lane.records.values().map(|p| p.reply.clone()))
             .collect(),
         _ => Vec::new(),
     }
+}
+
+/// The cumulative acks every lane can send now.
+fn advance_all(outstanding: &Outstanding) -> Vec<Subject> {
+    match outstanding.lock().ok().as_deref_mut() {
+        Some(Some(lanes)) => lanes
+            .values_mut()
+            .filter(|lane| lane.cumulative && lane.has_settled_front())
+            .filter_map(Lane::advance)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Whether the connection is up: a cumulative ack worked out while it is down would wait in
+/// the client until it is back, when the partition may be another instance's.
+fn connected(client: &async_nats::Client) -> bool {
+    client.connection_state() == async_nats::connection::State::Connected
 }
 
 /// When the earliest record held was received.
@@ -227,23 +248,13 @@ pub(super) async fn acker(
     let mut taken = Vec::with_capacity(OPS_AT_ONCE);
     let mut sends: Vec<(Subject, AckKind)> = Vec::new();
     let mut lapse_told = false;
-    // Leases are written again from here, not by the readers: they are kept while the
-    // processor drains after its reader went, until the last acks at close.
-    let mut renew = tokio::time::interval(RENEW_EVERY);
-    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    renew.tick().await;
     loop {
         tokio::select! {
-            _ = renew.tick(), if leases.is_some() => {
-                if let Some(leases) = &leases {
-                    renew_leases(leases, &outstanding).await;
-                }
-            },
             n = ops.recv_many(&mut taken, OPS_AT_ONCE) => {
                 if n == 0 {
                     break;
                 }
-                let answers = settle(&outstanding, &mut taken, &mut sends);
+                let answers = settle(&outstanding, &mut taken, &mut sends, connected(&client));
                 for (reply, kind) in sends.drain(..) {
                     send(&client, reply, kind).await;
                 }
@@ -275,6 +286,13 @@ pub(super) async fn acker(
                 for reply in replies {
                     send(&client, reply, AckKind::Progress).await;
                 }
+                // Cumulative acks held back (the connection was down, or a lease lapsed and
+                // was taken again) go now.
+                if connected(&client) {
+                    for reply in advance_all(&outstanding) {
+                        send(&client, reply, AckKind::Ack).await;
+                    }
+                }
             }
         }
     }
@@ -289,6 +307,11 @@ pub(super) async fn acker(
         .iter()
         .filter_map(|(partition, lane)| Some((partition.clone(), lane.lease.clone()?)))
         .collect();
+    // Readers still pulling (a reader kept after its checkpointer went) let go of their
+    // partitions: the leases go below.
+    for lane in lanes.values() {
+        lane.lost.notify_one();
+    }
     // After a lapse, the records it may have cost are left as they are: JetStream gives them
     // to whoever asks without a nak (their ack wait has run out), and a nak could reach
     // another reader's delivery of them, which would then come a second time.
@@ -298,6 +321,11 @@ pub(super) async fn acker(
         .map(|mut lane| {
             if let Some(lapse) = lapse {
                 lane.records.retain(|_, p| !lapse.covers(p.received));
+            }
+            if !lane.may_ack() {
+                // Its lease is gone: another instance may be reading the partition, and a
+                // nak could reach its delivery of a record. The new holder has them all.
+                lane.records.clear();
             }
             lane
         })
@@ -332,6 +360,19 @@ pub(super) async fn acker(
     let _ = closed.send(true);
 }
 
+/// Keeps a subscription's leases until it closes (the acker takes its lanes), writing them
+/// again every [`RENEW_EVERY`] from the start: in a task of its own, so that neither a slow
+/// bucket holds acks back nor a blocked connection write holds renewals back.
+pub(super) async fn keep_leases(leases: Leases, outstanding: Outstanding) {
+    loop {
+        if !matches!(outstanding.lock().ok().as_deref(), Some(Some(_))) {
+            return;
+        }
+        renew_leases(&leases, &outstanding).await;
+        tokio::time::sleep(RENEW_EVERY).await;
+    }
+}
+
 /// Writes the leases held again; a lease found another's, or not written again before it
 /// runs out, is let go, and the partition's reader told.
 async fn renew_leases(leases: &Leases, outstanding: &Outstanding) {
@@ -343,7 +384,7 @@ async fn renew_leases(leases: &Leases, outstanding: &Outstanding) {
         _ => return,
     };
     let renewals = held.iter().map(|(partition, held)| async move {
-        tokio::time::timeout(RENEW_EVERY, leases.renew(partition, held))
+        tokio::time::timeout(RENEW_EVERY / 2, leases.renew(partition, held))
             .await
             .unwrap_or_else(|_| Renewal::Failed(NatsError::js("renew a lease", "timed out")))
     });
@@ -432,6 +473,7 @@ fn settle(
     outstanding: &Outstanding,
     taken: &mut Vec<AckOp>,
     sends: &mut Vec<(Subject, AckKind)>,
+    connected: bool,
 ) -> Vec<(oneshot::Sender<()>, bool)> {
     let mut answers = Vec::new();
     let mut guard = outstanding.lock().ok();
@@ -467,7 +509,7 @@ fn settle(
             sends.push((p.reply, kind));
         }
     }
-    if let Some(lanes) = lanes {
+    if let (Some(lanes), true) = (lanes, connected) {
         for partition in &moved {
             if let Some(reply) = lanes.get_mut(partition).and_then(Lane::advance) {
                 sends.push((reply, AckKind::Ack));

@@ -101,7 +101,8 @@ impl Leases {
     ///
     /// # Errors
     /// When the bucket can be neither found nor made (an account without the right to make
-    /// streams: acks per record take no leases).
+    /// streams: acks per record take no leases), or was made with another term or history
+    /// than these (a key that never expires would keep a partition from every reader).
     pub(super) async fn open(
         js: &async_nats::jetstream::Context,
         stream: &str,
@@ -125,16 +126,33 @@ impl Leases {
                 .await
             {
                 Ok(kv) => kv,
-                // Another instance made it meanwhile (with settings of its own, perhaps).
+                // Another instance made it meanwhile.
                 Err(made) => js.get_key_value(BUCKET).await.map_err(|e| {
-                    NatsError::Config(format!(
-                        "cumulative acks keep a lease per partition in the bucket \
-                         `{BUCKET}`, which could not be made ({made}) nor found ({e}): allow \
-                         the account to make it, or ack per record (`acks = \"each\"`)"
-                    ))
+                    NatsError::js(
+                        "make the bucket of leases",
+                        format!(
+                            "cumulative acks keep a lease per partition in the bucket \
+                             `{BUCKET}`, which could not be made ({made}) nor found ({e}): \
+                             allow the account to make it, or ack per record (`acks = \
+                             \"each\"`)"
+                        ),
+                    )
                 })?,
             },
         };
+        let status = kv
+            .status()
+            .await
+            .map_err(|e| NatsError::js("read the bucket of leases", e))?;
+        let config = &status.info.config;
+        if config.max_age != LEASE_TTL || config.max_messages_per_subject != 1 {
+            return Err(NatsError::Config(format!(
+                "the bucket `{BUCKET}` keeps values for {:?} with a history of {}, where the \
+                 leases of cumulative acks need {LEASE_TTL:?} and 1: delete it (`nats kv rm \
+                 {BUCKET}`), and it is made again",
+                config.max_age, config.max_messages_per_subject
+            )));
+        }
         let mark = std::collections::hash_map::RandomState::new().hash_one((
             std::process::id(),
             std::time::SystemTime::now(),
@@ -202,12 +220,18 @@ impl Leases {
                     Ok(Some(entry))
                         if entry.operation == kv::Operation::Put && entry.value == self.holder =>
                     {
-                        let revision = self
+                        match self
                             .kv
                             .update(key, self.holder.clone(), entry.revision)
                             .await
-                            .map_err(|e| NatsError::js("renew a lease", e))?;
-                        Ok(Renewal::Renewed(Held::from(revision, asked)))
+                        {
+                            Ok(revision) => Ok(Renewal::Renewed(Held::from(revision, asked))),
+                            // Read from a replica behind the leader, or written meanwhile.
+                            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                                Ok(Renewal::Lost)
+                            }
+                            Err(e) => Err(NatsError::js("renew a lease", e)),
+                        }
                     }
                     Ok(_) => Ok(Renewal::Lost),
                     Err(e) => Err(NatsError::js("read a lease", e)),
@@ -217,15 +241,33 @@ impl Leases {
         }
     }
 
-    /// Lets `partition`'s lease go (when it is still this holder's).
+    /// Lets `partition`'s lease go (when it is still this holder's: at the revision it
+    /// knows, or at a later one of a write whose answer was lost).
     pub(super) async fn release(&self, partition: &str, held: &Held) {
         let key = self.key(partition);
-        if let Err(e) = self
-            .kv
-            .delete_expect_revision(&key, Some(held.revision))
-            .await
-        {
-            tracing::debug!(partition, error = %e, "letting a lease go failed; it runs out");
+        let mut revision = held.revision;
+        for _ in 0..2 {
+            match self.kv.delete_expect_revision(&key, Some(revision)).await {
+                Ok(()) => return,
+                Err(e) => {
+                    let ours = match self.kv.entry(&key).await {
+                        Ok(Some(entry))
+                            if entry.operation == kv::Operation::Put
+                                && entry.value == self.holder =>
+                        {
+                            Some(entry.revision)
+                        }
+                        _ => None,
+                    };
+                    match ours {
+                        Some(later) if later != revision => revision = later,
+                        _ => {
+                            tracing::debug!(partition, error = %e, "letting a lease go failed; it runs out");
+                            return;
+                        }
+                    }
+                }
+            }
         }
     }
 }

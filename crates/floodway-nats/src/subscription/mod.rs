@@ -362,25 +362,15 @@ impl NatsHub {
         let options = Arc::new(options);
         // A partition acked cumulatively is read by the holder of its lease (`lease.rs`).
         let leases = if !options.transient && options.acks.cumulative(options.sharing) {
-            let opened = lease::Leases::open(
-                &self.inner.js,
-                &self.inner.stream,
-                name,
-                stream.cached_info().config.num_replicas,
+            Some(
+                lease::Leases::open(
+                    &self.inner.js,
+                    &self.inner.stream,
+                    name,
+                    stream.cached_info().config.num_replicas,
+                )
+                .await?,
             )
-            .await;
-            match opened {
-                Ok(leases) => Some(leases),
-                Err(e) if options.acks == Acks::Auto => {
-                    tracing::warn!(
-                        subscription = name,
-                        error = %e,
-                        "no bucket for the partitions' leases: acking each record on its own"
-                    );
-                    None
-                }
-                Err(e) => return Err(e),
-            }
         } else {
             None
         };
@@ -397,14 +387,18 @@ impl NatsHub {
                 let mut config = consumer_config(name, &partition, subject.clone(), options)
                     .map_err(|e| (e, None))?;
                 if options.acks == Acks::Auto && config.ack_policy == AckPolicy::All {
-                    config.ack_policy = auto_policy(stream, &config, leases.is_some())
-                        .await
-                        .map_err(|e| (e, None))?;
+                    config.ack_policy =
+                        auto_policy(stream, &config).await.map_err(|e| (e, None))?;
                 }
                 let leased = leases.is_some() && config.ack_policy == AckPolicy::All;
+                // A lease not taken for a failure is left to the reader to take, as one
+                // another holds.
                 let held = match leases {
                     Some(leases) if leased => {
-                        leases.take(&partition).await.map_err(|e| (e, None))?
+                        leases.take(&partition).await.unwrap_or_else(|e| {
+                            tracing::warn!(partition, error = %e, "taking the partition's lease failed; trying again");
+                            None
+                        })
                     }
                     _ => None,
                 };
@@ -450,6 +444,19 @@ impl NatsHub {
                 futures_util::future::join_all(releases).await;
             }
             return Err(e);
+        }
+        // A lease that ran out while the consumers opened (a slow server) may be another's
+        // now: its partition is left to the reader, to take again and look at afresh.
+        let now = std::time::Instant::now();
+        for (_, _, _, consumer, held) in &mut consumers {
+            if held.as_ref().is_some_and(|held| !held.valid(now)) {
+                *held = None;
+                if let Opened::Ready(ready) = consumer {
+                    *consumer = Opened::Claim {
+                        floor: ready.cached_info().ack_floor.stream_sequence,
+                    };
+                }
+            }
         }
         let lost: HashMap<String, Arc<tokio::sync::Notify>> = consumers
             .iter()
@@ -538,6 +545,9 @@ impl NatsHub {
         let (closed_tx, closed) = watch::channel(false);
         let alive = (!options.transient)
             .then(|| Arc::new(KeptAlive::new(options.ack_wait, outstanding.clone())));
+        if let Some(leases) = &leases {
+            tokio::spawn(acks::keep_leases(leases.clone(), outstanding.clone()));
+        }
         tokio::spawn(acker(
             self.inner.client.clone(),
             ops_rx,
@@ -571,19 +581,14 @@ impl NatsHub {
 /// earlier release, whose default that was, or by settings since changed back). Switching
 /// makes the consumer again, which is safe only with the instances acking the other way
 /// stopped (their late acks would reach the consumer made in its place), so it is left to a
-/// setting of `Acks::Cumulative`; a consumer made anew acks cumulatively. Without a bucket
-/// for the leases, per record.
+/// setting of `Acks::Cumulative`; a consumer made anew acks cumulatively.
 async fn auto_policy(
     stream: &async_nats::jetstream::stream::Stream,
     config: &pull::Config,
-    leases: bool,
 ) -> Result<AckPolicy, NatsError> {
     let Some(name) = &config.durable_name else {
         return Ok(config.ack_policy);
     };
-    if !leases {
-        return Ok(AckPolicy::Explicit);
-    }
     match stream.consumer_info(name).await {
         Ok(info) if info.config.ack_policy == AckPolicy::Explicit => {
             tracing::info!(

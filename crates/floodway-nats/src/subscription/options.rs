@@ -56,8 +56,7 @@ pub enum Acks {
     /// Cumulatively with exclusive sharing, each record on its own with pinned sharing, where
     /// instances share a consumer. A consumer made acking each record (the default of earlier
     /// releases) keeps acking so: switching makes it again, which is safe only with the
-    /// instances acking per record stopped, so it takes [`Acks::Cumulative`]. Without the
-    /// right to make the bucket of leases, each record on its own (with a warning).
+    /// instances acking per record stopped, so it takes [`Acks::Cumulative`].
     #[default]
     Auto,
     /// Each record on its own (JetStream's `explicit` ack policy): a record settled is acked

@@ -79,8 +79,8 @@ impl PartitionReader {
                     return;
                 }
                 // The subscription closed while the reader waited (for a consumer another
-                // reader held, or a server): nothing to report.
-                Err(_) if self.tx.is_closed() => return,
+                // reader held, a lease, or a server): nothing to report.
+                Err(_) if self.tx.is_closed() || self.closed() => return,
                 Err(e) => {
                     // No acks until the consumer is found again: while this reader pauses,
                     // it has no pull request waiting, and another instance may take the
@@ -342,25 +342,50 @@ impl PartitionReader {
         }
     }
 
-    /// Whether the subscription holds the partition's lease.
+    /// Whether the subscription holds the partition's lease, still valid.
     fn leased(&self) -> bool {
+        let now = std::time::Instant::now();
         matches!(
             self.outstanding.lock().ok().as_deref(),
-            Some(Some(lanes)) if lanes.get(&self.partition).is_some_and(|lane| lane.lease.is_some())
+            Some(Some(lanes)) if lanes
+                .get(&self.partition)
+                .and_then(|lane| lane.lease.as_ref())
+                .is_some_and(|held| held.valid(now))
         )
+    }
+
+    /// Whether the subscription has closed (its acker took the lanes).
+    fn closed(&self) -> bool {
+        !matches!(self.outstanding.lock().ok().as_deref(), Some(Some(_)))
     }
 
     /// Waits for the partition's lease and takes it. The consumer is then looked at afresh,
     /// as one this reader did not make: another instance may have read it meanwhile.
-    async fn take_lease(&mut self, leases: &Leases) -> Result<(), NatsError> {
+    /// `Ok(true)` when a bounded read is complete meanwhile: the holder read and acked the
+    /// partition to its target (and keeps its lease until its own read ends, which may wait
+    /// for partitions this one holds).
+    async fn take_lease(&mut self, leases: &Leases) -> Result<bool, NatsError> {
         let mut told = false;
         loop {
+            if let (Some(target), Some(name)) = (self.target, &self.config.durable_name) {
+                let info = self
+                    .stream
+                    .consumer_info(name)
+                    .await
+                    .map_err(|e| NatsError::js("consumer info", e))?;
+                if info.ack_floor.stream_sequence >= target {
+                    return Ok(true);
+                }
+            }
             if let Some(held) = leases.take(&self.partition).await? {
                 // A loss told before is of a lease that was: not this one's.
                 let _ = self.lost.notified().now_or_never();
+                // Held paused until the consumer is judged (`reopen`): another instance may
+                // have made it again meanwhile.
                 let kept = match self.outstanding.lock().ok().as_deref_mut() {
                     Some(Some(lanes)) => lanes.get_mut(&self.partition).map(|lane| {
                         lane.lease = Some(held.clone());
+                        lane.paused = true;
                     }),
                     _ => None,
                 };
@@ -374,7 +399,7 @@ impl PartitionReader {
                 }
                 self.consumer = None;
                 self.made = time::OffsetDateTime::UNIX_EPOCH;
-                return Ok(());
+                return Ok(false);
             }
             if !told {
                 tracing::info!(
@@ -397,6 +422,9 @@ impl PartitionReader {
         self.pause(true).await;
         self.consumer = None;
         self.made = time::OffsetDateTime::UNIX_EPOCH;
+        // What was decided for the consumer (made again, at a start) is decided afresh.
+        self.remake = false;
+        self.resume_at = None;
         NatsError::js("pull", "the partition's lease was lost")
     }
 
@@ -410,8 +438,8 @@ impl PartitionReader {
             }
         }
         if let Some(leases) = self.leases.clone() {
-            if !self.leased() {
-                self.take_lease(&leases).await?;
+            if !self.leased() && self.take_lease(&leases).await? {
+                return Ok(true);
             }
         }
         let mut consumer = match self.consumer.take() {
@@ -474,7 +502,19 @@ impl PartitionReader {
         tokio::pin!(lost);
         loop {
             let next = if self.target.is_some() {
-                match tokio::time::timeout(expires, messages.next()).await {
+                let bounded = tokio::time::timeout(expires, messages.next());
+                let next = match lost.as_mut().as_pin_mut() {
+                    Some(lost) => tokio::select! {
+                        biased;
+                        next = bounded => next,
+                        () = lost => {
+                            drop(messages);
+                            return Err(self.let_go().await);
+                        }
+                    },
+                    None => bounded.await,
+                };
+                match next {
                     Ok(next) => next,
                     // Nothing for a while: see whether the read is complete (another reader
                     // of the subscription may have taken the rest).
