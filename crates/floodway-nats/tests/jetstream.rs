@@ -2178,6 +2178,118 @@ async fn a_bounded_read_ends_on_a_partition_another_holds_once_it_is_acked_to_th
     assert_eq!(&entry.value[..], b"another", "its lease left as it is");
 }
 
+/// A late ack of an instance that read the partition before (held in its client through a
+/// long outage, and sent once it is back) lands on the consumer made again since under the
+/// same name, and moves its ack floor past this reader's deliveries: the server would
+/// ignore this reader's acks from then on. The reader sees the floor pass its deliveries and
+/// makes the consumer again where it stands; every record is read and acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_of_another_past_the_readers_deliveries_makes_the_consumer_again() {
+    let (_server, hub) = hub_on_new_server().await;
+    let first = of_partition(&hub, 1, "f", 0..40);
+    hub.publish(&first).await.unwrap();
+    // A sink that holds every batch until the gate opens.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let got = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = {
+        let (gate, got) = (gate.clone(), got.clone());
+        sink_fn(move |batch: Batch| {
+            let (gate, got) = (gate.clone(), got.clone());
+            let ids: Vec<String> = batch.events().map(|e| e.id().to_owned()).collect();
+            async move {
+                gate.acquire().await.unwrap().forget();
+                got.lock().unwrap().extend(ids);
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let processor = Processor::builder("foreign")
+        .fault_sink(MemoryFaultSink::new())
+        .pipeline(into(sink))
+        .build()
+        .unwrap();
+    let sub = hub.subscribe("foreign", cumulative_on(1)).await.unwrap();
+    let later = of_partition(&hub, 1, "g", 40..80);
+    let n = first.len() + later.len();
+    let done = got.clone();
+    let run = tokio::spawn(async move {
+        run_until(&processor, sub, move || done.lock().unwrap().len() >= n).await
+    });
+    let holding = retry(
+        "the reader holds the first records",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            let info = hub_consumer_info(&hub, "foreign_1").await;
+            if info.num_ack_pending == first.len() {
+                Ok(info)
+            } else {
+                Err("not yet")
+            }
+        },
+    )
+    .await;
+    // The late ack: of a delivery of the consumer that was, far past this one's.
+    let ack = format!(
+        "$JS.ACK.ORDERS.foreign_1.1.{}.1000000.0.0",
+        holding.delivered.stream_sequence
+    );
+    hub.client().publish(ack, "+ACK".into()).await.unwrap();
+    hub.client().flush().await.unwrap();
+    retry(
+        "the server takes the late ack",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async {
+            let info = hub_consumer_info(&hub, "foreign_1").await;
+            if info.ack_floor.consumer_sequence == 1_000_000 {
+                Ok(())
+            } else {
+                Err("not yet")
+            }
+        },
+    )
+    .await;
+    gate.add_permits(1 << 20);
+    retry(
+        "the consumer made again",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            let js = async_nats::jetstream::new(hub.client().clone());
+            let stream = js
+                .get_stream(hub.stream())
+                .await
+                .map_err(|e| e.to_string())?;
+            let info = stream
+                .consumer_info("foreign_1")
+                .await
+                .map_err(|e| e.to_string())?;
+            if info.created == holding.created {
+                Err("not yet".to_string())
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    hub.publish(&later).await.unwrap();
+    run.await.unwrap();
+    let mut expected = ids(&first);
+    expected.extend(ids(&later));
+    assert_eq!(
+        *got.lock().unwrap(),
+        expected,
+        "every record once, in order"
+    );
+    let settled = settled_consumer(&hub, "foreign_1").await;
+    assert_eq!(
+        settled.num_ack_pending, 0,
+        "this reader's acks are taken again"
+    );
+    assert!(settled.ack_floor.consumer_sequence < 1_000_000);
+}
+
 /// Consumer `name` as the server has it now.
 async fn hub_consumer_info(hub: &NatsHub, name: &str) -> async_nats::jetstream::consumer::Info {
     let js = async_nats::jetstream::new(hub.client().clone());

@@ -363,13 +363,84 @@ pub(super) async fn acker(
 /// Keeps a subscription's leases until it closes (the acker takes its lanes), writing them
 /// again every [`RENEW_EVERY`] from the start: in a task of its own, so that neither a slow
 /// bucket holds acks back nor a blocked connection write holds renewals back.
+///
+/// Every [`FLOOR_CHECK_EVERY`] renewals it also looks at each partition's ack floor
+/// ([`check_floors`]).
 pub(super) async fn keep_leases(leases: Leases, outstanding: Outstanding) {
-    loop {
+    for round in 1u32.. {
         if !matches!(outstanding.lock().ok().as_deref(), Some(Some(_))) {
             return;
         }
         renew_leases(&leases, &outstanding).await;
+        if round.is_multiple_of(FLOOR_CHECK_EVERY) {
+            check_floors(&outstanding).await;
+        }
         tokio::time::sleep(RENEW_EVERY).await;
+    }
+}
+
+/// How many renewals apart the ack floors are looked at (10 s).
+const FLOOR_CHECK_EVERY: u32 = 5;
+
+/// Looks at the ack floor of each consumer read cumulatively: only this subscription's acks
+/// move it, and they cover only what its reader read, so a floor past the reader's last
+/// delivery is another's ack. That is a late ack of an instance that read the partition
+/// before (its connection or host was down past its lease's term, and the ack waited in its
+/// client), landing on the consumer made again since under the same name. The server then
+/// ignores this reader's acks until its deliveries pass that floor, and counts what it
+/// holds below it as acked; the partition's reader is told to make the consumer again where
+/// it stands.
+async fn check_floors(outstanding: &Outstanding) {
+    let looks: Vec<(Arc<str>, async_nats::jetstream::consumer::PullConsumer)> =
+        match outstanding.lock().ok().as_deref() {
+            Some(Some(lanes)) => lanes
+                .iter()
+                .filter(|(_, lane)| lane.cumulative && !lane.paused && !lane.orphaned)
+                .filter_map(|(partition, lane)| Some((partition.clone(), lane.consumer.clone()?)))
+                .collect(),
+            _ => return,
+        };
+    let infos = looks
+        .into_iter()
+        .map(|(partition, mut consumer)| async move {
+            let made = consumer.cached_info().created;
+            let info = tokio::time::timeout(RENEW_EVERY / 2, consumer.info()).await;
+            match info {
+                Ok(Ok(info)) if info.created == made => {
+                    Some((partition, made, info.ack_floor.consumer_sequence))
+                }
+                _ => None,
+            }
+        });
+    let floors = futures_util::future::join_all(infos).await;
+    let Ok(mut guard) = outstanding.lock() else {
+        return;
+    };
+    let Some(lanes) = guard.as_mut() else {
+        return;
+    };
+    for (partition, made, floor) in floors.into_iter().flatten() {
+        let Some(lane) = lanes.get_mut(&partition) else {
+            continue;
+        };
+        // Read after the look: the reader's deliveries only grow while the consumer is the
+        // same, and every ack it sent was of one of them.
+        let same = lane
+            .consumer
+            .as_ref()
+            .is_some_and(|c| c.cached_info().created == made);
+        if same && !lane.paused && floor > lane.delivered {
+            tracing::warn!(
+                partition = %partition,
+                floor,
+                delivered = lane.delivered,
+                "another's ack moved the consumer's ack floor past this reader's deliveries; \
+                 making the consumer again where the reader stands"
+            );
+            lane.foreign = true;
+            lane.paused = true;
+            lane.lost.notify_one();
+        }
     }
 }
 

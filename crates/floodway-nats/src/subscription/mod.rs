@@ -91,8 +91,16 @@ struct Lane {
     leased: bool,
     /// The partition's lease, while this subscription holds it.
     lease: Option<lease::Held>,
-    /// Told when the acker finds the lease lost, for the reader to let the partition go.
+    /// Told when the lease is found lost, for the reader to let the partition go, or when
+    /// `foreign` is set.
     lost: Arc<tokio::sync::Notify>,
+    /// The consumer sequence of the last delivery of `consumer` its reader read: the ack
+    /// floor, which only this reader's acks move, cannot pass it.
+    delivered: u64,
+    /// Someone else's ack moved the consumer's ack floor past this reader's deliveries (a
+    /// late ack of an instance that read the partition before): the reader makes the
+    /// consumer again where it stands.
+    foreign: bool,
 }
 
 impl Lane {
@@ -107,12 +115,14 @@ impl Lane {
     fn reading(consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>) -> Lane {
         Lane {
             consumer: Some(consumer.clone()),
+            delivered: consumer.cached_info().delivered.consumer_sequence,
             ..Lane::new(consumer::cumulative(consumer))
         }
     }
 
     /// Holds a record just delivered (in place of an earlier delivery of it).
     fn hold(&mut self, sequence: u64, mut pending: Pending) {
+        self.delivered = self.delivered.max(pending.delivery);
         pending.behind = self
             .records
             .last_key_value()

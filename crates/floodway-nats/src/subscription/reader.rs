@@ -314,6 +314,8 @@ impl PartitionReader {
             if let Some(Some(lanes)) = self.outstanding.lock().ok().as_deref_mut() {
                 if let Some(lane) = lanes.get_mut(&self.partition) {
                     lane.consumer = Some(consumer.clone());
+                    lane.delivered = self.delivered;
+                    lane.foreign = false;
                 }
             }
             self.pause(false).await;
@@ -416,6 +418,33 @@ impl PartitionReader {
         }
     }
 
+    /// What the partition's notification says: its lease was lost (the reader lets the
+    /// partition go), or another's ack moved its consumer's ack floor past this reader's
+    /// deliveries (the consumer is made again where the reader stands, as after a delivery
+    /// lost on the way: the server would ignore this reader's acks until its deliveries pass
+    /// that floor, and counts what it holds below the floor as acked). `None`: nothing, a
+    /// notification of before this pull.
+    async fn told(&mut self) -> Option<NatsError> {
+        if !self.leased() {
+            return Some(self.let_go().await);
+        }
+        let foreign = match self.outstanding.lock().ok().as_deref_mut() {
+            Some(Some(lanes)) => lanes
+                .get_mut(&self.partition)
+                .is_some_and(|lane| std::mem::take(&mut lane.foreign)),
+            _ => false,
+        };
+        if !foreign {
+            return None;
+        }
+        metrics::counter!("floodway_nats_foreign_acks_total").increment(1);
+        self.remake = true;
+        Some(NatsError::js(
+            "pull",
+            "another's ack moved the consumer's ack floor past this reader's deliveries",
+        ))
+    }
+
     /// Lets the partition go after its lease was found lost: no acks, and the consumer is
     /// found again, once the lease is taken again, as one this reader did not make.
     async fn let_go(&mut self) -> NatsError {
@@ -497,20 +526,23 @@ impl PartitionReader {
         .await?;
         // Polled without pause: the channel is unbounded, so pulls (and a pin) keep flowing
         // while the processor is slow, and every message is registered as it arrives.
-        let lost = self.lost.clone();
-        let lost = self.leases.as_ref().map(|_| lost.notified());
+        let notify = self.lost.clone();
+        let lost = self.leases.as_ref().map(|_| notify.notified());
         tokio::pin!(lost);
         loop {
             let next = if self.target.is_some() {
                 let bounded = tokio::time::timeout(expires, messages.next());
                 let next = match lost.as_mut().as_pin_mut() {
-                    Some(lost) => tokio::select! {
+                    Some(told) => tokio::select! {
                         biased;
                         next = bounded => next,
-                        () = lost => {
-                            drop(messages);
-                            return Err(self.let_go().await);
-                        }
+                        () = told => match self.told().await {
+                            Some(e) => return Err(e),
+                            None => {
+                                lost.set(Some(notify.notified()));
+                                continue;
+                            }
+                        },
                     },
                     None => bounded.await,
                 };
@@ -524,14 +556,17 @@ impl PartitionReader {
                         return Ok(false);
                     }
                 }
-            } else if let Some(lost) = lost.as_mut().as_pin_mut() {
+            } else if let Some(told) = lost.as_mut().as_pin_mut() {
                 tokio::select! {
                     biased;
                     next = messages.next() => next,
-                    () = lost => {
-                        drop(messages);
-                        return Err(self.let_go().await);
-                    }
+                    () = told => match self.told().await {
+                        Some(e) => return Err(e),
+                        None => {
+                            lost.set(Some(notify.notified()));
+                            continue;
+                        }
+                    },
                 }
             } else {
                 messages.next().await
