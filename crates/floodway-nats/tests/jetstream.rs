@@ -178,6 +178,11 @@ fn ids(events: &[Event]) -> Vec<String> {
     events.iter().map(|e| e.id().to_owned()).collect()
 }
 
+/// The ids of `runs` of events, one run after the other.
+fn ids_of(runs: &[&[Event]]) -> Vec<String> {
+    runs.iter().flat_map(|run| ids(run)).collect()
+}
+
 /// Runs a processor over a subscription until `done` says so (or 60 s pass), then waits for
 /// the subscription to let go of what is left.
 async fn run_until<F>(processor: &Processor, sub: NatsSubscription, done: F) -> RunReport
@@ -2020,9 +2025,11 @@ async fn a_reader_whose_lease_another_took_stops_until_it_runs_out() {
         taken.elapsed() >= Duration::from_secs(6),
         "not before the other's lease ran out"
     );
-    let mut expected = ids(&first);
-    expected.extend(ids(&later));
-    assert_eq!(ids(&sink.events()), expected, "every record once, in order");
+    assert_eq!(
+        ids(&sink.events()),
+        ids_of(&[&first, &later]),
+        "every record once, in order"
+    );
     assert_eq!(settled_consumer(&hub, "leased_1").await.num_ack_pending, 0);
 }
 
@@ -2069,10 +2076,7 @@ async fn a_consumer_acking_per_record_keeps_doing_so_by_default() {
         AckPolicy::All,
         "a new subscription acks cumulatively"
     );
-    let mut expected = ids(&events);
-    expected.extend(ids(&more));
-    expected.extend(ids(&events));
-    expected.extend(ids(&more));
+    let expected = ids_of(&[&events, &more, &events, &more]);
     assert_eq!(
         ids(&sink.events()),
         expected,
@@ -2275,11 +2279,9 @@ async fn an_ack_of_another_past_the_readers_deliveries_makes_the_consumer_again(
     .await;
     hub.publish(&later).await.unwrap();
     run.await.unwrap();
-    let mut expected = ids(&first);
-    expected.extend(ids(&later));
     assert_eq!(
         *got.lock().unwrap(),
-        expected,
+        ids_of(&[&first, &later]),
         "every record once, in order"
     );
     let settled = settled_consumer(&hub, "foreign_1").await;
@@ -2369,12 +2371,9 @@ async fn a_reader_whose_consumer_another_made_again_waits_for_it_to_go() {
     // The other instance stops, leaving everything unacknowledged.
     drop(messages);
     run.await.unwrap();
-    let got = ids(&sink.events());
-    let mut want = ids(&early);
-    want.extend(ids(&early));
-    want.extend(ids(&late));
     assert_eq!(
-        got, want,
+        ids(&sink.events()),
+        ids_of(&[&early, &early, &late]),
         "the early events again, then the late ones, in order"
     );
     assert_eq!(settled_consumer(&hub, "taken_2").await.num_ack_pending, 0);
