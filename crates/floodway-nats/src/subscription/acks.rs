@@ -1,7 +1,7 @@
 //! Acknowledging: settlements become acks (cumulative where the consumer takes them) and
 //! terminations; what is let go unfinished is nak'd with a delay.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -160,11 +160,8 @@ fn held_replies(outstanding: &Outstanding) -> Vec<Subject> {
 /// The cumulative acks every lane can send now.
 fn advance_all(outstanding: &Outstanding) -> Vec<Subject> {
     match outstanding.lock().ok().as_deref_mut() {
-        Some(Some(lanes)) => lanes
-            .values_mut()
-            .filter(|lane| lane.cumulative && lane.has_settled_front())
-            .filter_map(Lane::advance)
-            .collect(),
+        // A lane acking per record has nothing settled held: it acks each record at once.
+        Some(Some(lanes)) => lanes.values_mut().filter_map(Lane::advance).collect(),
         _ => Vec::new(),
     }
 }
@@ -303,10 +300,7 @@ pub(super) async fn acker(
         .ok()
         .and_then(|mut o| o.take())
         .unwrap_or_default();
-    let held: Vec<(Arc<str>, Held)> = lanes
-        .iter()
-        .filter_map(|(partition, lane)| Some((partition.clone(), lane.lease.clone()?)))
-        .collect();
+    let held = leases_held(&lanes);
     // Readers still pulling (a reader kept after its checkpointer went) let go of their
     // partitions: the leases go below.
     for lane in lanes.values() {
@@ -444,14 +438,19 @@ async fn check_floors(outstanding: &Outstanding) {
     }
 }
 
+/// The leases the lanes hold, by partition.
+fn leases_held(lanes: &HashMap<Arc<str>, Lane>) -> Vec<(Arc<str>, Held)> {
+    lanes
+        .iter()
+        .filter_map(|(partition, lane)| Some((partition.clone(), lane.lease.clone()?)))
+        .collect()
+}
+
 /// Writes the leases held again; a lease found another's, or not written again before it
 /// runs out, is let go, and the partition's reader told.
 async fn renew_leases(leases: &Leases, outstanding: &Outstanding) {
-    let held: Vec<(Arc<str>, Held)> = match outstanding.lock().ok().as_deref() {
-        Some(Some(lanes)) => lanes
-            .iter()
-            .filter_map(|(partition, lane)| Some((partition.clone(), lane.lease.clone()?)))
-            .collect(),
+    let held = match outstanding.lock().ok().as_deref() {
+        Some(Some(lanes)) => leases_held(lanes),
         _ => return,
     };
     let renewals = held.iter().map(|(partition, held)| async move {

@@ -5,8 +5,8 @@
 //! that start at the same moment: each finds no one reading and both read. So a reader first
 //! takes the partition's lease, a key in the JetStream bucket `floodway_readers` made with
 //! the server's compare-and-set (a create that fails when the key is there), which only one
-//! instance wins. The bucket's `max_age` is the lease's time to live: the holder's acker
-//! writes the key again every [`RENEW_EVERY`], and a key not written for [`LEASE_TTL`] (its
+//! instance wins. The bucket's `max_age` is the lease's time to live: a task of the holder's
+//! subscription writes the key again every [`RENEW_EVERY`], and a key not written for [`LEASE_TTL`] (its
 //! holder died, or lost the server) expires, and another instance takes it. The holder acks
 //! only while its lease is valid by its own clock (from when it asked for the last renewal,
 //! which the server applied later), and lets go of the partition when a renewal finds the key
@@ -179,21 +179,14 @@ impl Leases {
         let asked = Instant::now();
         match self.kv.create(&key, self.holder.clone()).await {
             Ok(revision) => Ok(Some(Held::from(revision, asked))),
+            // This holder's own (a write whose answer was lost) is taken back.
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                // This holder's own (a write whose answer was lost) is taken back.
-                match self.kv.entry(&key).await {
-                    Ok(Some(entry))
-                        if entry.operation == kv::Operation::Put && entry.value == self.holder =>
-                    {
-                        self.renew_from(&key, entry.revision)
-                            .await
-                            .map(|r| match r {
-                                Renewal::Renewed(held) => Some(held),
-                                _ => None,
-                            })
-                    }
-                    Ok(_) => Ok(None),
-                    Err(e) => Err(NatsError::js("read a lease", e)),
+                match self.ours(&key).await? {
+                    Some(revision) => match self.renew_from(&key, revision).await? {
+                        Renewal::Renewed(held) => Ok(Some(held)),
+                        _ => Ok(None),
+                    },
+                    None => Ok(None),
                 }
             }
             Err(e) => Err(NatsError::js("take a lease", e)),
@@ -209,36 +202,24 @@ impl Leases {
         }
     }
 
-    async fn renew_from(&self, key: &str, revision: u64) -> Result<Renewal, NatsError> {
+    /// Writes `key` again over `revision`, or over a later one of a write whose answer was
+    /// lost (the value is still this holder's mark).
+    async fn renew_from(&self, key: &str, mut revision: u64) -> Result<Renewal, NatsError> {
         let asked = Instant::now();
-        match self.kv.update(key, self.holder.clone(), revision).await {
-            Ok(revision) => Ok(Renewal::Renewed(Held::from(revision, asked))),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                // A write whose answer was lost moved the revision on: still this holder's if
-                // the value is its mark.
-                match self.kv.entry(key).await {
-                    Ok(Some(entry))
-                        if entry.operation == kv::Operation::Put && entry.value == self.holder =>
-                    {
-                        match self
-                            .kv
-                            .update(key, self.holder.clone(), entry.revision)
-                            .await
-                        {
-                            Ok(revision) => Ok(Renewal::Renewed(Held::from(revision, asked))),
-                            // Read from a replica behind the leader, or written meanwhile.
-                            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                                Ok(Renewal::Lost)
-                            }
-                            Err(e) => Err(NatsError::js("renew a lease", e)),
-                        }
+        for _ in 0..2 {
+            match self.kv.update(key, self.holder.clone(), revision).await {
+                Ok(revision) => return Ok(Renewal::Renewed(Held::from(revision, asked))),
+                // Another's, or (the same revision read again) from a replica behind.
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    match self.ours(key).await? {
+                        Some(later) if later != revision => revision = later,
+                        _ => return Ok(Renewal::Lost),
                     }
-                    Ok(_) => Ok(Renewal::Lost),
-                    Err(e) => Err(NatsError::js("read a lease", e)),
                 }
+                Err(e) => return Err(NatsError::js("renew a lease", e)),
             }
-            Err(e) => Err(NatsError::js("renew a lease", e)),
         }
+        Ok(Renewal::Lost)
     }
 
     /// Lets `partition`'s lease go (when it is still this holder's: at the revision it
@@ -247,27 +228,29 @@ impl Leases {
         let key = self.key(partition);
         let mut revision = held.revision;
         for _ in 0..2 {
-            match self.kv.delete_expect_revision(&key, Some(revision)).await {
-                Ok(()) => return,
-                Err(e) => {
-                    let ours = match self.kv.entry(&key).await {
-                        Ok(Some(entry))
-                            if entry.operation == kv::Operation::Put
-                                && entry.value == self.holder =>
-                        {
-                            Some(entry.revision)
-                        }
-                        _ => None,
-                    };
-                    match ours {
-                        Some(later) if later != revision => revision = later,
-                        _ => {
-                            tracing::debug!(partition, error = %e, "letting a lease go failed; it runs out");
-                            return;
-                        }
-                    }
+            let Err(e) = self.kv.delete_expect_revision(&key, Some(revision)).await else {
+                return;
+            };
+            match self.ours(&key).await {
+                Ok(Some(later)) if later != revision => revision = later,
+                _ => {
+                    tracing::debug!(partition, error = %e, "letting a lease go failed; it runs out");
+                    return;
                 }
             }
+        }
+    }
+
+    /// The revision of `key` when its value is this holder's mark.
+    async fn ours(&self, key: &str) -> Result<Option<u64>, NatsError> {
+        match self.kv.entry(key).await {
+            Ok(Some(entry))
+                if entry.operation == kv::Operation::Put && entry.value == self.holder =>
+            {
+                Ok(Some(entry.revision))
+            }
+            Ok(_) => Ok(None),
+            Err(e) => Err(NatsError::js("read a lease", e)),
         }
     }
 }

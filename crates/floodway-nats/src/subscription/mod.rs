@@ -400,7 +400,7 @@ impl NatsHub {
                     config.ack_policy =
                         auto_policy(stream, &config).await.map_err(|e| (e, None))?;
                 }
-                let leased = leases.is_some() && config.ack_policy == AckPolicy::All;
+                let leased = takes_lease(leases.as_ref(), &config);
                 // A lease not taken for a failure is left to the reader to take, as one
                 // another holds.
                 let held = match leases {
@@ -479,7 +479,7 @@ impl NatsHub {
                     Opened::Ready(consumer) => Lane::reading(consumer),
                     Opened::Claim { .. } => Lane::new(config.ack_policy == AckPolicy::All),
                 };
-                lane.leased = leases.is_some() && config.ack_policy == AckPolicy::All;
+                lane.leased = takes_lease(leases.as_ref(), config);
                 lane.lease = held.take();
                 lane.lost = lost[partition.as_str()].clone();
                 (Arc::from(partition.as_str()), lane)
@@ -522,7 +522,7 @@ impl NatsHub {
                 (Some(_), Some(info), _) => info.ack_floor.stream_sequence,
                 _ => 0,
             };
-            let leased = leases.is_some() && config.ack_policy == AckPolicy::All;
+            let leased = takes_lease(leases.as_ref(), &config);
             let reader = PartitionReader {
                 client: self.inner.client.clone(),
                 stream: stream.clone(),
@@ -584,6 +584,12 @@ impl NatsHub {
             closed,
         })
     }
+}
+
+/// Whether a partition's reader holds a lease to read: its consumer acks cumulatively, and
+/// the subscription keeps leases.
+fn takes_lease(leases: Option<&lease::Leases>, config: &pull::Config) -> bool {
+    leases.is_some() && config.ack_policy == AckPolicy::All
 }
 
 /// The ack policy of a partition's consumer when acks are left to [`Acks::Auto`] with
